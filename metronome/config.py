@@ -1,0 +1,126 @@
+"""Frozen configuration records, resolved once and passed down the pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3 style frequency scaling ("llama3"), or linear position interpolation ("linear")."""
+
+    kind: str = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a decoder-only transformer, as read from a GGUF file or an HF config.json.
+
+    `arch` is the family: "llama" (also SmolLM2, Mistral), "qwen2" (qkv bias), "qwen3" (QK-norm), "gemma3".
+    """
+
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    tie_embeddings: bool = True
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    activation: str = "silu"  # "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    # Gemma 3 specifics
+    sliding_window: int | None = None  # window of the local layers
+    sliding_window_pattern: int = 0  # every Nth layer is global (0: all layers global)
+    rope_local_theta: float | None = None  # rope base of the local layers
+    query_pre_attn_scalar: float | None = None  # attention scale is this ** -0.5 (default head_dim)
+    embed_scale: float = 1.0  # Gemma multiplies embeddings by sqrt(hidden_size)
+    norm_offset: float = 0.0  # Gemma's RMSNorm scales by (1 + w)
+    sandwich_norms: bool = False  # Gemma: post-attention and post-MLP norms
+    final_logit_softcap: float | None = None
+    name: str = ""
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def is_sliding(self, layer: int) -> bool:
+        """True where layer `layer` attends only to the last `sliding_window` positions."""
+        if self.sliding_window is None or self.sliding_window_pattern <= 0:
+            return False
+        return (layer + 1) % self.sliding_window_pattern != 0
+
+    def num_parameters(self) -> int:
+        """Weights count (embedding counted once when tied)."""
+        d, f, L = self.hidden_size, self.intermediate_size, self.num_layers
+        attn = d * self.q_size + 2 * d * self.kv_size + self.q_size * d
+        if self.qkv_bias:
+            attn += self.q_size + 2 * self.kv_size
+        mlp = 3 * d * f
+        norms = (4 if self.sandwich_norms else 2) * d + (2 * self.head_dim if self.qk_norm else 0)
+        emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return L * (attn + mlp + norms) + emb + d
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks its tokens. Validated by `validate()`; defaults are greedy."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    seed: int | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+    json_mode: bool = False
+
+    def validate(self) -> None:
+        """Raise ValueError naming the parameter if a value is out of range."""
+        checks = [
+            ("max_tokens", self.max_tokens >= 1, "must be at least 1"),
+            ("temperature", 0.0 <= self.temperature <= 2.0, "must be in [0, 2]"),
+            ("top_k", self.top_k >= 0, "must be 0 (off) or positive"),
+            ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
+            ("min_p", 0.0 <= self.min_p <= 1.0, "must be in [0, 1]"),
+            ("repetition_penalty", 0.0 < self.repetition_penalty <= 10.0, "must be in (0, 10]"),
+            ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "must be in [-2, 2]"),
+            ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be in [-2, 2]"),
+            ("top_logprobs", 0 <= self.top_logprobs <= 20, "must be in [0, 20]"),
+        ]
+        for name, ok, what in checks:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} {what}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The static plan's settings: fixed for the life of an engine."""
+
+    slots: int = 8  # request slots decoded together (an LPU-style small batch)
+    ctx: int = 2048  # context length every slot's KV cache holds (prompt + output)
+    device: str = "cpu"
+    weights: str = "auto"  # "auto" | "f32" | "bf16" | "int4" (weight-only, where the file's blocks allow)
+    threads: int | None = None  # torch CPU threads (None: leave torch's default)
+    extra: dict = field(default_factory=dict, compare=False, hash=False)

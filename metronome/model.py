@@ -1,0 +1,249 @@
+"""The network: a decoder-only transformer (Llama family, Qwen2/3, Gemma 3) in plain PyTorch.
+
+Pure: no serving logic, no quantization or compilation flags. Those are functions applied to a built
+model (`quant.py`, `plan.py`). The model reads and writes a preallocated `KVCache` and is told which
+rows of the batch to attend for (`Rows`): each row's attention runs over exactly its own positions,
+so a row's result never depends on what else shares the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metronome.config import ModelConfig
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every slot at every position: allocated once, written in place."""
+
+    k: torch.Tensor  # (layers, slots, kv_heads, ctx, head_dim)
+    v: torch.Tensor  # (layers, slots, kv_heads, ctx, head_dim)
+
+    @classmethod
+    def allocate(cls, cfg: ModelConfig, slots: int, ctx: int, dtype: torch.dtype, device: str | torch.device) -> "KVCache":
+        shape = (cfg.num_layers, slots, cfg.num_kv_heads, ctx, cfg.head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def ctx(self) -> int:
+        return self.k.shape[3]
+
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Which batch rows attend, in which cache slot, from which first position (Python ints: no syncs).
+
+    Row b's T queries sit at positions start..start+T-1 of slot `slot`. Rows not listed are padding
+    (a fixed-shape step): their projections run, their attention output is zero, their writes land in
+    their own free slot."""
+
+    row: tuple[int, ...]
+    slot: tuple[int, ...]
+    start: tuple[int, ...]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in float32 whatever the activation dtype (as the reference implementations do).
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+def rope_frequencies(cfg: ModelConfig, theta: float, apply_scaling: bool) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,), with Llama 3 or linear scaling when configured."""
+    half = cfg.head_dim // 2
+    inv = 1.0 / (theta ** (torch.arange(0, half, dtype=torch.float64) * 2 / cfg.head_dim))
+    s = cfg.rope_scaling
+    if s is None or not apply_scaling:
+        return inv.float()
+    if s.kind == "linear":
+        return (inv / s.factor).float()
+    # llama3: long wavelengths slowed by `factor`, short ones kept, a smooth blend between.
+    low_wavelen = s.original_max_position / s.low_freq_factor
+    high_wavelen = s.original_max_position / s.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    blended = (1 - smooth) * inv / s.factor + smooth * inv
+    out = torch.where(wavelen > low_wavelen, inv / s.factor, inv)
+    out = torch.where((wavelen >= high_wavelen) & (wavelen <= low_wavelen), blended, out)
+    return out.float()
+
+
+class Rope(nn.Module):
+    """cos/sin tables for positions 0..ctx-1, rotate-half layout."""
+
+    def __init__(self, cfg: ModelConfig, theta: float, ctx: int, apply_scaling: bool = True) -> None:
+        super().__init__()
+        inv = rope_frequencies(cfg, theta, apply_scaling)
+        angles = torch.outer(torch.arange(ctx, dtype=torch.float32), inv)  # (ctx, head_dim/2)
+        angles = torch.cat([angles, angles], dim=-1)  # (ctx, head_dim)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # x: (B, H, T, Dh), positions: (B, T)
+        cos = self.cos[positions].unsqueeze(1).to(x.dtype)  # (B, 1, T, Dh)
+        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.hidden_size, cfg.q_size, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.window = cfg.sliding_window if cfg.is_sliding(layer) else None
+        self.scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: Rope, cache: KVCache, rows: Rows,
+                slot_index: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = rope(q.transpose(1, 2), positions)  # (B, H, T, Dh)
+        k = rope(k.transpose(1, 2), positions)  # (B, Hkv, T, Dh)
+        v = v.transpose(1, 2)
+        ck, cv = cache.k[self.layer], cache.v[self.layer]  # (S, Hkv, ctx, Dh)
+        # Write this step's keys/values in place: row b -> (slot_index[b], positions[b, t]).
+        ck[slot_index[:, None], :, positions] = k.transpose(1, 2).to(ck.dtype)
+        cv[slot_index[:, None], :, positions] = v.transpose(1, 2).to(cv.dtype)
+        out = torch.zeros_like(q)
+        for b, slot, start in zip(rows.row, rows.slot, rows.start):
+            end = start + T
+            first = 0 if self.window is None else max(0, end - T - self.window + 1)
+            keys = ck[slot : slot + 1, :, first:end]  # (1, Hkv, L, Dh)
+            values = cv[slot : slot + 1, :, first:end]
+            mask = None
+            if T > 1:  # prefill: causal (and windowed) inside the new block
+                qpos = torch.arange(start, end, device=x.device)[:, None]
+                kpos = torch.arange(first, end, device=x.device)[None, :]
+                mask = kpos <= qpos
+                if self.window is not None:
+                    mask &= kpos > qpos - self.window
+            out[b : b + 1] = F.scaled_dot_product_attention(
+                q[b : b + 1], keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, scale=self.scale, enable_gqa=True
+            )
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.w_gate = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.w_up = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.w_down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gelu = cfg.activation == "gelu_tanh"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.w_gate(x)
+        gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return self.w_down(gate * self.w_up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if cfg.sandwich_norms else None
+        self.post_mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if cfg.sandwich_norms else None
+
+    def forward(self, x, positions, rope, cache, rows, slot_index):
+        h = self.attn(self.attn_norm(x), positions, rope, cache, rows, slot_index)
+        if self.post_attn_norm is not None:
+            h = self.post_attn_norm(h)
+        x = x + h
+        h = self.mlp(self.mlp_norm(x))
+        if self.post_mlp_norm is not None:
+            h = self.post_mlp_norm(h)
+        return x + h
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, ctx: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.rope = Rope(cfg, cfg.rope_theta, ctx)
+        # Gemma's local layers use their own base and no scaling.
+        self.rope_local = Rope(cfg, cfg.rope_local_theta, ctx, apply_scaling=False) if cfg.rope_local_theta else None
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: Rows,
+                slot_index: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """tokens, positions: (B, T); slot_index: (B,) cache slot of each row.
+        Returns logits (B, V) of each row's last position, or (B, T, V) with all_logits."""
+        x = self.embed(tokens)  # (B, T, D)
+        if self.cfg.embed_scale != 1.0:
+            x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
+        for i, layer in enumerate(self.layers):
+            rope = self.rope_local if (self.rope_local is not None and self.cfg.is_sliding(i)) else self.rope
+            x = layer(x, positions, rope, cache, rows, slot_index)
+        x = self.norm(x if all_logits else x[:, -1])
+        logits = self.head(x).float()
+        if self.cfg.final_logit_softcap:
+            logits = torch.tanh(logits / self.cfg.final_logit_softcap) * self.cfg.final_logit_softcap
+        return logits
+
+
+def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], ctx: int, dtype: torch.dtype,
+                device: str | torch.device = "cpu") -> Transformer:
+    """A model with `weights` (metronome names, float tensors) copied in, in `dtype` on `device`."""
+    with torch.device("meta"):
+        model = Transformer(cfg, ctx)
+    model = model.to_empty(device=device)
+    model.rope = Rope(cfg, cfg.rope_theta, ctx).to(device)
+    if cfg.rope_local_theta:
+        model.rope_local = Rope(cfg, cfg.rope_local_theta, ctx, apply_scaling=False).to(device)
+    params = dict(model.named_parameters())
+    for name, p in params.items():
+        if name == "head.weight" and cfg.tie_embeddings:
+            continue
+        src = weights[_weight_name(name)]
+        with torch.no_grad():
+            p.copy_(src.to(torch.float32).reshape(p.shape))
+    model = model.to(dtype)
+    if cfg.tie_embeddings:
+        model.head.weight = model.embed.weight
+    for norm in [m for m in model.modules() if isinstance(m, RMSNorm)]:
+        norm.weight.data = norm.weight.data.float()  # norm weights stay float32 (tiny; exact Gemma scales)
+    return model.eval().requires_grad_(False)
+
+
+def _weight_name(param: str) -> str:
+    """Module path -> metronome weight name ("layers.0.attn.wq.weight" -> "layers.0.wq.weight")."""
+    return param.replace(".attn.", ".").replace(".mlp.w_", ".w_")

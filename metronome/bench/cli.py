@@ -1,0 +1,206 @@
+"""The `bench` subcommand: `add_cli(subparsers)` for `metronome bench`, `main()` for `python -m metronome.bench`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import httpx
+from rich.console import Console
+
+from metronome.bench.client import Api, discover_model, normalize_base_url
+from metronome.bench.peers import PeerStartError, PeerUnavailable, parse_peers, running_peers
+from metronome.bench.progress import SweepProgress
+from metronome.bench.report import Environment, build_report, render_markdown, write_report
+from metronome.bench.runner import SweepConfig, Target, run_sweep
+from metronome.bench.workloads import (
+    PRESETS,
+    CharEstimate,
+    PromptBuilder,
+    TokenCounter,
+    TokenizerFileCounter,
+    load_corpus,
+    resolve_workload,
+)
+
+_EXIT_INTERRUPTED = 130
+
+
+def _levels(text: str) -> tuple[int, ...]:
+    try:
+        levels = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        levels = ()
+    if not levels or any(level < 1 for level in levels):
+        raise argparse.ArgumentTypeError(f"want comma-separated integers of at least 1, like 1,2,4,8 (got {text!r})")
+    return tuple(sorted(set(levels)))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The bench's options (shared by `metronome bench` and `python -m metronome.bench`)."""
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="measure a running OpenAI-compatible server, e.g. http://127.0.0.1:8000")
+    where.add_argument("--model", type=Path, help="a GGUF file (or model folder): start the server(s) on it")
+    parser.add_argument(
+        "--compare",
+        default="metronome",
+        help="with --model: peers to start and compare, from metronome, llama.cpp, transformers "
+        "(default: metronome alone)",
+    )
+    parser.add_argument("--name", default="server", help="label of the --url target in the report")
+    parser.add_argument("--served-model", help="model id to send (default: the first id of GET /v1/models)")
+    parser.add_argument("--workload", default="short", choices=tuple(PRESETS), help="preset (default short)")
+    parser.add_argument("--scale", type=float, default=1.0, help="shrink the preset's token counts (e.g. 0.2)")
+    parser.add_argument("--input-tokens", type=int, help="custom prompt length (overrides the preset)")
+    parser.add_argument("--output-tokens", type=int, help="custom output length (overrides the preset)")
+    parser.add_argument("--concurrency", type=_levels, default=(1, 2, 4, 8), help="levels, e.g. 1,2,4,8")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per level (default 3)")
+    parser.add_argument("--requests-per-user", type=int, default=2, help="requests each user sends per round")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured requests before each measurement")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompt generator")
+    parser.add_argument("--api", choices=[api.value for api in Api], default=Api.CHAT.value)
+    parser.add_argument("--temperature", type=float, default=0.0, help="sent with every request (default 0)")
+    parser.add_argument(
+        "--no-ignore-eos", action="store_true", help="do not send ignore_eos (outputs may end early)"
+    )
+    parser.add_argument("--tokenizer", type=Path, help="tokenizer.json for exact prompt lengths (else ~4 chars/token)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for every started peer")
+    parser.add_argument(
+        "--hf-dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="transformers peer dtype"
+    )
+    parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds a peer may take to be ready")
+    parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds one request may take")
+    parser.add_argument("--out", type=Path, help="output folder (default bench-results/<date-time>)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Add `bench` to the `metronome` command's subparsers."""
+    parser = subparsers.add_parser(
+        "bench",
+        help="measure TTFT, speed and throughput of OpenAI-compatible servers",
+        description="Artificial-Analysis-style load generator: workloads, a concurrency sweep, peers side by side.",
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m metronome.bench", description="metronome's load generator")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+@dataclass(frozen=True)
+class _Plan:
+    config: SweepConfig
+    counter: TokenCounter
+    out_dir: Path
+
+
+def _plan(args: argparse.Namespace) -> _Plan:
+    """Check the options and resolve them; ValueError names the bad option."""
+    workload = resolve_workload(args.workload, args.scale, args.input_tokens, args.output_tokens)
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be 0 or more (got {args.temperature})")
+    if args.threads < 1:
+        raise ValueError(f"--threads must be at least 1 (got {args.threads})")
+    if args.startup_timeout <= 0:
+        raise ValueError(f"--startup-timeout must be positive (got {args.startup_timeout})")
+    if args.url is not None:
+        normalize_base_url(args.url)
+        if args.compare != "metronome":
+            raise ValueError("--compare starts servers and needs --model; with --url one server is measured")
+    else:
+        parse_peers(args.compare)
+    config = SweepConfig(
+        workload=workload,
+        concurrency=tuple(args.concurrency),
+        rounds=args.rounds,
+        requests_per_user=args.requests_per_user,
+        warmup=args.warmup,
+        seed=args.seed,
+        api=Api(args.api),
+        ignore_eos=not args.no_ignore_eos,
+        temperature=args.temperature,
+        request_timeout_s=args.request_timeout,
+    )
+    counter: TokenCounter = TokenizerFileCounter(args.tokenizer) if args.tokenizer else CharEstimate()
+    out_dir = args.out if args.out is not None else Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")
+    return _Plan(config=config, counter=counter, out_dir=out_dir)
+
+
+async def _target(name: str, base_url: str, served_model: str | None, command: tuple[str, ...]) -> Target:
+    async with httpx.AsyncClient(timeout=30.0) as http:
+        found = await discover_model(http, base_url)
+    if served_model is not None:
+        return Target(name=name, base_url=base_url, model=served_model, model_found_by="--served-model", command=command)
+    return Target(name=name, base_url=base_url, model=found.model, model_found_by=found.how, command=command)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the bench described by `args`; 0 on success, 1 on failure, 2 on bad options, 130 on Ctrl-C."""
+    console = Console(stderr=True)
+    try:
+        plan = _plan(args)
+    except ValueError as exc:
+        console.print(f"metronome bench: error: {exc}", markup=False)
+        return 2
+    started = time.time()
+    try:
+        with contextlib.ExitStack() as stack:
+            if args.url is not None:
+                targets = [asyncio.run(_target(args.name, normalize_base_url(args.url), args.served_model, ()))]
+            else:
+                peers = stack.enter_context(
+                    running_peers(
+                        parse_peers(args.compare),
+                        args.model,
+                        args.threads,
+                        args.hf_dtype,
+                        plan.out_dir,
+                        args.startup_timeout,
+                        lambda line: console.print(line, markup=False),
+                    )
+                )
+                targets = [
+                    asyncio.run(_target(p.peer.value, p.base_url, args.served_model, p.argv)) for p in peers
+                ]
+            for target in targets:
+                console.print(f"{target.name}: {target.base_url}, model {target.model!r} ({target.model_found_by})")
+            builder = PromptBuilder(load_corpus(), plan.config.seed, plan.counter)
+            planned = plan.config.planned_requests(len(targets))
+            with SweepProgress(planned, plan.config.rounds, console, enabled=not args.no_progress) as progress:
+                outcome = run_sweep(targets, plan.config, builder, progress)
+            report = build_report(
+                outcome,
+                plan.config,
+                targets,
+                Environment.here(args.threads if args.model is not None else None),
+                plan.counter.method,
+                started,
+                time.time(),
+            )
+            files = write_report(report, plan.out_dir)
+    except (PeerUnavailable, PeerStartError, FileNotFoundError, ConnectionError) as exc:
+        console.print(f"metronome bench: error: {exc}", markup=False)
+        return 1
+    except KeyboardInterrupt:
+        console.print("metronome bench: interrupted before any measurement; nothing written")
+        return _EXIT_INTERRUPTED
+    sys.stdout.write(render_markdown(report))
+    console.print(f"wrote {files.json}, {files.markdown}, " + ", ".join(str(p) for p in files.plots))
+    if outcome.interrupted:
+        console.print("metronome bench: interrupted; the files hold the measurements finished so far")
+        return _EXIT_INTERRUPTED
+    if not any(s.ok for s in report.summaries):
+        console.print("metronome bench: every request failed; see the errors in the table")
+        return 1
+    return 0

@@ -1,0 +1,366 @@
+"""The engine plays the plan: requests take fixed slots, every step is schedule -> run plan -> sample -> emit.
+
+Thread model: `submit`/`cancel` may be called from any thread; `step` runs on one thread (the caller's,
+or the engine's own after `start()`). Each request's events go to its `on_event` callback, called on
+the stepping thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from metronome.config import EngineConfig, SamplingParams
+from metronome.loader import LoadedModel, load
+from metronome.plan import Plan, compile_plan
+from metronome.sampler import Choice, RequestSampler
+from metronome.scheduler import Scheduler
+from metronome.tokenizer import StreamDecoder, Tokenizer
+
+_SENTENCE_END = re.compile(r"[.!?\u3002\uff01\uff1f](\s)")
+
+
+class RequestError(ValueError):
+    """A request the engine refuses up front; `param` names the offending parameter."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class QueueFullError(RuntimeError):
+    """Every slot is busy and the waiting queue is at its limit: retry later."""
+
+
+@dataclass
+class Timings:
+    """perf_counter() stamps of one request's life (None until reached)."""
+
+    submitted: float
+    admitted: float | None = None  # got a slot (queue time ends)
+    first_token: float | None = None  # prefill done, first token sampled
+    first_sentence: float | None = None
+    finished: float | None = None
+
+    def as_usage(self) -> dict[str, float | None]:
+        """Groq-style seconds: queue_time, prompt_time, completion_time, total_time, ttft, time to first sentence."""
+        def span(a: float | None, b: float | None) -> float | None:
+            return None if a is None or b is None else round(b - a, 6)
+
+        return {
+            "queue_time": span(self.submitted, self.admitted),
+            "prompt_time": span(self.admitted, self.first_token),
+            "completion_time": span(self.first_token, self.finished),
+            "total_time": span(self.submitted, self.finished),
+            "time_to_first_token": span(self.submitted, self.first_token),
+            "time_to_first_sentence": span(self.submitted, self.first_sentence),
+        }
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What one step produced for one request: new text, the tokens behind it, and the end if reached."""
+
+    request_id: str
+    text: str
+    choices: tuple[Choice, ...]  # sampled tokens with their logprobs (stop/EOS tokens included)
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    choices: tuple[Choice, ...]
+    finish_reason: str
+    prompt_tokens: int
+    timings: Timings
+    seed: int
+
+
+class Constraint:
+    """Restricts which tokens a request may take next (constrained decoding). Interface only in spirit:
+    any object with these three methods works; see `constrain.JsonConstraint`."""
+
+    def allowed(self, logits: torch.Tensor) -> torch.Tensor | None: ...  # noqa: E704
+    def accept(self, token: int) -> None: ...  # noqa: E704
+    def finished(self) -> bool: ...  # noqa: E704
+
+
+@dataclass(eq=False)
+class Request:
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    sampler: RequestSampler
+    decoder: StreamDecoder
+    on_event: Callable[[Delta], None]
+    timings: Timings
+    constraint: Constraint | None = None
+    slot: int | None = None
+    cancelled: bool = False
+    output_ids: list[int] = field(default_factory=list)
+    choices: list[Choice] = field(default_factory=list)
+    text: str = ""  # emitted so far
+    held: str = ""  # decoded but held back (could start a stop string)
+    finish_reason: str | None = None
+
+    @property
+    def position(self) -> int:
+        """Position of the last sampled token, the one the next decode step feeds."""
+        return len(self.prompt_ids) + len(self.output_ids) - 1
+
+
+class Engine:
+    def __init__(self, plan: Plan, tokenizer: Tokenizer, model_name: str = "", max_queue: int | None = None) -> None:
+        self.plan = plan
+        self.tokenizer = tokenizer
+        self.config: EngineConfig = plan.config
+        self.model_name = model_name
+        self.scheduler: Scheduler[Request] = Scheduler(self.config.slots, max_queue)
+        self._lock = threading.Condition()
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.steps = 0
+
+    @classmethod
+    def from_model(cls, path: str | None = None, config: EngineConfig | None = None, calibrate: bool = False,
+                   max_queue: int | None = None, loaded: LoadedModel | None = None,
+                   progress: Callable[[str], None] | None = None) -> "Engine":
+        """Load a GGUF file or HF folder (default: the embedded SmolLM2) and compile its plan."""
+        config = config or EngineConfig()
+        loaded = loaded or load(path)
+        plan = compile_plan(loaded, config, calibrate=calibrate, progress=progress)
+        return cls(plan, Tokenizer(loaded.tokenizer), loaded.config.name or loaded.path.stem, max_queue)
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
+               on_event: Callable[[Delta], None] | None = None, constraint: Constraint | None = None,
+               request_id: str | None = None) -> Request:
+        """Queue a request; refused at once (RequestError) if it cannot fit its slot."""
+        try:
+            params.validate()
+        except ValueError as exc:
+            raise RequestError(str(exc), param=str(exc).split("=")[0]) from None
+        prompt = list(prompt_ids)
+        ctx = self.config.ctx
+        if not prompt:
+            raise RequestError("the prompt is empty: send at least one token of text", param="prompt")
+        if len(prompt) + params.max_tokens > ctx:
+            raise RequestError(
+                f"the prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) exceeds the context "
+                f"of {ctx} tokens; shorten the prompt or lower max_tokens (or serve with a larger --ctx)",
+                param="max_tokens" if len(prompt) < ctx else "messages",
+            )
+        req = Request(
+            id=request_id or f"req-{next(self._ids)}",
+            prompt_ids=prompt,
+            params=params,
+            sampler=RequestSampler(params, prompt, self.plan.cfg.vocab_size),
+            decoder=self.tokenizer.stream_decoder(prompt),
+            on_event=on_event or (lambda _d: None),
+            timings=Timings(time.perf_counter()),
+            constraint=constraint,
+        )
+        with self._lock:
+            if self.scheduler.queue_full:
+                raise QueueFullError(f"all {self.config.slots} slots are busy and {len(self.scheduler.waiting)} requests wait")
+            self.scheduler.add(req)
+            self._lock.notify()
+        return req
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request; its slot is free after the next step."""
+        with self._lock:
+            request.cancelled = True
+            self._lock.notify()
+
+    # -- the step --------------------------------------------------------------------------------
+
+    def step(self) -> int:
+        """One step of the score: schedule -> run plan -> sample -> emit. Returns the live requests decoded."""
+        with self._lock:
+            batch = self.scheduler.schedule()
+        for r in batch.cancelled:
+            self._finish(r, "cancelled")
+        for r in batch.admitted:  # a new request is prefilled and samples its first token now ...
+            r.timings.admitted = time.perf_counter()
+            self._advance(r, self.plan.prefill(r.prompt_ids, r.slot))
+        live = [r for r in batch.running if r.finish_reason is None]  # ... and joins this step's decode
+        if live:
+            logits = self.plan.decode([r.slot for r in live], [r.output_ids[-1] for r in live], [r.position for r in live])
+            for r, row in zip(live, logits):
+                self._advance(r, row)
+        self.steps += 1
+        return len(live)
+
+    def _advance(self, r: Request, logits: torch.Tensor) -> None:
+        """Sample one token for `r` from its logits row and emit what it makes final."""
+        allowed = r.constraint.allowed(logits) if r.constraint is not None else None
+        choice = r.sampler.choose(logits, allowed)
+        r.sampler.observe(choice.token)
+        if r.constraint is not None:
+            r.constraint.accept(choice.token)
+        r.output_ids.append(choice.token)
+        r.choices.append(choice)
+        now = time.perf_counter()
+        if r.timings.first_token is None:
+            r.timings.first_token = now
+        p = r.params
+        stop_token = choice.token in p.stop_token_ids or (not p.ignore_eos and choice.token in self.tokenizer.eos_ids)
+        finish = None
+        if stop_token or (r.constraint is not None and r.constraint.finished()):
+            finish = "stop"
+        else:
+            r.held += r.decoder.push(choice.token)
+        if len(r.output_ids) >= p.max_tokens and finish is None:
+            finish = "length"
+        text, hit = self._release_text(r, final=finish is not None)
+        if hit:
+            finish = "stop"
+        if r.timings.first_sentence is None and (_SENTENCE_END.search(r.text + text) or (finish and (r.text + text).strip())):
+            r.timings.first_sentence = now
+        r.text += text
+        if finish is not None:
+            self._finish(r, finish, text, (choice,))
+        else:
+            r.on_event(Delta(r.id, text, (choice,)))
+
+    def _release_text(self, r: Request, final: bool) -> tuple[str, bool]:
+        """Text safe to emit now: cut at a stop string (hit=True), else hold back a possible stop prefix.
+
+        Emitted text never ends with the start of a stop string, so a stop can only begin in `held`."""
+        if final:
+            r.held += r.decoder.flush()
+        stops = r.params.stop
+        cut = min((i for i in (r.held.find(s) for s in stops) if i >= 0), default=-1)
+        if cut >= 0:
+            out, r.held = r.held[:cut], ""
+            return out, True
+        keep = 0 if final else max(
+            (k for s in stops for k in range(len(s) - 1, 0, -1) if r.held.endswith(s[:k])), default=0
+        )
+        out, r.held = r.held[: len(r.held) - keep], r.held[len(r.held) - keep :]
+        return out, False
+
+    def _finish(self, r: Request, reason: str, text: str = "", choices: tuple[Choice, ...] = (), error: str | None = None) -> None:
+        r.finish_reason = reason
+        r.timings.finished = time.perf_counter()
+        with self._lock:
+            self.scheduler.release(r)
+        r.on_event(Delta(r.id, text, choices, reason, error))
+
+    # -- running -----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Step on a background thread whenever there is work."""
+        if self._thread is not None:
+            return
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="metronome-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while self.scheduler.idle and not self._stop:
+                    self._lock.wait()
+                if self._stop:
+                    return
+            try:
+                self.step()
+            except Exception as exc:  # a failed step fails its requests, reported to each; the engine goes on
+                self._fail_running(exc)
+
+    def _fail_running(self, exc: Exception) -> None:
+        with self._lock:
+            running = list(self.scheduler.by_slot.values())
+        for r in running:
+            if r.finish_reason is None:
+                self._finish(r, "error", error=f"{type(exc).__name__}: {exc}")
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    # -- the Python API ------------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str | list[dict], chat: bool = True) -> list[int]:
+        """A string through the chat template (when the model has one and `chat`), or raw; or a message list."""
+        if isinstance(prompt, list):
+            return self.tokenizer.encode_chat(prompt)
+        if chat and self.tokenizer.has_chat_template:
+            return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+        return self.tokenizer.encode(prompt)
+
+    def stream(self, prompt: str | list[dict] | Sequence[int], params: SamplingParams | None = None,
+               chat: bool = True) -> Iterator[Delta]:
+        """Generate for one prompt, yielding a Delta per token (text may be '' while bytes are pending)."""
+        import queue
+
+        ids = prompt if _is_ids(prompt) else self.encode_prompt(prompt, chat)
+        events: "queue.Queue[Delta]" = queue.Queue()
+        req = self.submit(ids, params or SamplingParams(), events.put)
+        try:
+            while True:
+                if not self.running and events.empty():
+                    self.step()
+                    continue
+                delta = events.get()
+                yield delta
+                if delta.finish_reason is not None:
+                    return
+        finally:
+            if req.finish_reason is None:
+                self.cancel(req)
+
+    def generate(self, prompts: str | list[dict] | Sequence[int] | Sequence[str | list[dict] | Sequence[int]],
+                 params: SamplingParams | None = None, chat: bool = True) -> Completion | list[Completion]:
+        """Blocking generation for one prompt (returns a Completion) or many (a list, run together)."""
+        single = isinstance(prompts, str) or _is_ids(prompts) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
+        batch = [prompts] if single else list(prompts)
+        encoded = [p if _is_ids(p) else self.encode_prompt(p, chat) for p in batch]
+        done = threading.Event()
+        remaining = [len(encoded)]
+
+        def on_event(d: Delta) -> None:
+            if d.finish_reason is not None:
+                remaining[0] -= 1
+                if remaining[0] == 0:
+                    done.set()
+
+        reqs = [self.submit(ids, params or SamplingParams(), on_event) for ids in encoded]
+        while not done.is_set():
+            if self.running:
+                done.wait()
+            else:
+                self.step()
+        out = [_completion(r) for r in reqs]
+        return out[0] if single else out
+
+
+def _is_ids(x) -> bool:
+    return isinstance(x, (list, tuple)) and len(x) > 0 and isinstance(x[0], int)
+
+
+def _completion(r: Request) -> Completion:
+    return Completion(r.id, r.text, tuple(r.output_ids), tuple(r.choices), r.finish_reason or "error",
+                      len(r.prompt_ids), r.timings, r.sampler.seed)

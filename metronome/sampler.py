@@ -1,0 +1,82 @@
+"""Choosing the next token of one request: penalties, temperature, top-k/top-p/min-p, a per-request
+seeded generator, and logprobs. Each request is sampled on its own row, so its choice depends only on
+its own logits, history and generator, never on its batch neighbours."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from metronome.config import SamplingParams
+
+
+@dataclass(frozen=True)
+class Choice:
+    token: int
+    logprob: float  # log-probability of `token` under the model's (penalized) distribution
+    top: tuple[tuple[int, float], ...]  # the top_logprobs alternatives, best first
+
+
+class RequestSampler:
+    """Sampling state of one request: its generator and the counts its penalties need."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int) -> None:
+        self.params = params
+        self.seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.vocab_size = vocab_size
+        self._counts = torch.zeros(vocab_size, dtype=torch.float32)  # generated tokens only
+        self._seen = torch.zeros(vocab_size, dtype=torch.bool)  # prompt + generated (repetition penalty)
+        if params.repetition_penalty != 1.0 and prompt_ids:
+            self._seen[torch.tensor([t for t in prompt_ids if t < vocab_size], dtype=torch.long)] = True
+
+    def observe(self, token: int) -> None:
+        """Record a token that was emitted (for penalties)."""
+        self._counts[token] += 1
+        self._seen[token] = True
+
+    def penalize(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits (V,) float32 after repetition/presence/frequency penalties (OpenAI and HF semantics)."""
+        p = self.params
+        if p.repetition_penalty != 1.0:
+            scaled = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
+            logits = torch.where(self._seen, scaled, logits)
+        if p.presence_penalty or p.frequency_penalty:
+            logits = logits - p.frequency_penalty * self._counts - p.presence_penalty * (self._counts > 0).float()
+        return logits
+
+    def choose(self, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> Choice:
+        """Pick the next token from one row of logits (V,). `allowed` (bool, V) restricts the choice
+        (constrained decoding); logprobs are reported from the unrestricted distribution."""
+        p = self.params
+        logits = self.penalize(logits[: self.vocab_size].float())
+        logprobs = torch.log_softmax(logits, dim=-1)
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        if p.temperature == 0.0:
+            token = int(torch.argmax(logits))
+        else:
+            token = int(torch.multinomial(self._truncated_probs(logits), 1, generator=self.generator))
+        top: tuple[tuple[int, float], ...] = ()
+        if p.top_logprobs:
+            values, ids = torch.topk(logprobs, p.top_logprobs)
+            top = tuple(zip(ids.tolist(), values.tolist()))
+        return Choice(token, float(logprobs[token]), top)
+
+    def _truncated_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        logits = logits / p.temperature
+        if p.top_k and p.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, p.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if p.min_p > 0.0:
+            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+        if p.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass strictly above each token
+            sorted_probs = sorted_probs.masked_fill(before >= p.top_p * sorted_probs.sum(), 0.0)
+            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+        return probs

@@ -72,6 +72,8 @@ class Delta:
     choices: tuple[Choice, ...]  # sampled tokens with their logprobs (stop/EOS tokens included)
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     error: str | None = None
+    timings: Timings | None = None  # set on the final delta
+    completion_tokens: int = 0  # set on the final delta
 
 
 @dataclass(frozen=True)
@@ -258,7 +260,7 @@ class Engine:
         r.timings.finished = time.perf_counter()
         with self._lock:
             self.scheduler.release(r)
-        r.on_event(Delta(r.id, text, choices, reason, error))
+        r.on_event(Delta(r.id, text, choices, reason, error, r.timings, len(r.output_ids)))
 
     # -- running -----------------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from metronome import gguf_file
 from metronome.config import ModelConfig, RopeScaling
 
 
@@ -42,7 +43,7 @@ class QuantTensor:
 
         kind = gguf.GGMLQuantizationType[self.qtype]
         values = gguf.quants.dequantize(self.raw, kind)
-        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(self.shape))
+        return torch.from_numpy(np.array(values, dtype=np.float32).reshape(self.shape))  # a writable copy
 
     def take_rows(self, order: torch.Tensor) -> "QuantTensor":
         """The same tensor with its rows reordered (blocks run along rows, so no requantizing)."""
@@ -133,8 +134,8 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     p = Path(path)
     if p.is_dir():
         return _hf_config(_read_json(p / "config.json"), p)
-    reader = _open_gguf(p)
-    return _gguf_config(_gguf_meta(reader), p, {t.name: t for t in reader.tensors})
+    f = _open_gguf(p)
+    return _gguf_config(f.metadata, p, f.tensors)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,9 +160,7 @@ _GGUF_LAYER_NAMES = {
 }
 
 
-def _open_gguf(path: Path):
-    import gguf
-
+def _open_gguf(path: Path) -> gguf_file.GGUFFile:
     with open(path, "rb") as fh:
         magic = fh.read(4)
     if magic != b"GGUF":
@@ -170,30 +169,17 @@ def _open_gguf(path: Path):
             "pass a .gguf file or a Hugging Face model folder"
         )
     try:
-        reader = gguf.GGUFReader(path, "r")
-    except Exception as exc:  # the reader raises many types on damaged files; report them as one
-        raise ModelFileError(
-            f"{path}: damaged or truncated GGUF file ({type(exc).__name__}: {exc}); re-download or re-export it"
-        ) from exc
+        f = gguf_file.read(path)
+    except gguf_file.GGUFFormatError as exc:
+        raise ModelFileError(f"{path}: damaged or truncated GGUF file: {exc}; re-download or re-export it") from exc
     size = path.stat().st_size
-    for t in reader.tensors:
-        if int(t.data_offset) + int(t.n_bytes) > size:
+    for t in f.tensors.values():
+        if t.offset + t.nbytes > size:
             raise ModelFileError(
-                f"{path}: truncated GGUF file: tensor {t.name!r} ends at byte {int(t.data_offset) + int(t.n_bytes)} "
+                f"{path}: truncated GGUF file: tensor {t.name!r} ends at byte {t.offset + t.nbytes} "
                 f"but the file has {size} bytes; re-download or re-export it"
             )
-    return reader
-
-
-def _gguf_meta(reader) -> dict:
-    meta = {}
-    for key, f in reader.fields.items():
-        if key.startswith("tokenizer.ggml.") and key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges",
-                                                          "tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
-            meta[key] = f  # large arrays: decoded lazily in _gguf_tokenizer
-            continue
-        meta[key] = f.contents()
-    return meta
+    return f
 
 
 def _gguf_config(meta: dict, path: Path, tensors: dict) -> ModelConfig:
@@ -215,7 +201,7 @@ def _gguf_config(meta: dict, path: Path, tensors: dict) -> ModelConfig:
     vocab = key("vocab_size")
     if vocab is None:
         tok = meta.get("tokenizer.ggml.tokens")
-        vocab = len(tok.data) if tok is not None else tensors["token_embd.weight"].shape[-1]
+        vocab = len(tok) if tok is not None else tensors["token_embd.weight"].shape[0]
     rope_scaling = None
     if key("rope.scaling.type") == "llama3" or "rope_freqs.weight" in tensors and arch == "llama":
         rope_scaling = RopeScaling(
@@ -259,17 +245,15 @@ def _gguf_config(meta: dict, path: Path, tensors: dict) -> ModelConfig:
 
 
 def _load_gguf(path: Path, progress: Callable[[int, int], None] | None) -> LoadedModel:
-    reader = _open_gguf(path)
-    meta = _gguf_meta(reader)
-    tensors = {t.name: t for t in reader.tensors}
+    f = _open_gguf(path)
+    meta, tensors = f.metadata, f.tensors
     cfg = _gguf_config(meta, path, tensors)
 
     def tensor(name: str) -> QuantTensor:
         t = tensors.get(name)
         if t is None:
             raise ModelFileError(f"{path}: tensor {name!r} is missing; the file is incomplete or of another model")
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        return QuantTensor(np.asarray(t.data), t.tensor_type.name, shape)
+        return QuantTensor(f.array(t), t.qtype, t.shape)
 
     weights: dict[str, Weight] = {}
     weights["embed.weight"] = tensor("token_embd.weight")
@@ -295,8 +279,8 @@ def _load_gguf(path: Path, progress: Callable[[int, int], None] | None) -> Loade
         progress(cfg.num_layers, cfg.num_layers)
     check_shapes(cfg, weights, path)
     counts: dict[str, int] = {}
-    for t in reader.tensors:
-        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    for t in tensors.values():
+        counts[t.qtype] = counts.get(t.qtype, 0) + 1
     file_type = "GGUF " + ", ".join(f"{k} ({v})" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
     return LoadedModel(cfg, weights, _gguf_tokenizer(meta, path), path, file_type, path.stat().st_size)
 
@@ -309,13 +293,6 @@ def _unpermute_rows(w: Weight, n_heads: int, head_dim: int) -> Weight:
     return w[order]
 
 
-def _array_field(f, kind: type) -> list:
-    """A GGUF array field's values (strings decoded)."""
-    if kind is str:
-        return [bytes(f.parts[i]).decode("utf-8", errors="replace") for i in f.data]
-    return [kind(f.parts[i][0]) for i in f.data]
-
-
 def _gguf_tokenizer(meta: dict, path: Path) -> TokenizerData:
     model = meta.get("tokenizer.ggml.model")
     if "tokenizer.ggml.tokens" not in meta or model not in ("gpt2", "llama"):
@@ -323,10 +300,10 @@ def _gguf_tokenizer(meta: dict, path: Path) -> TokenizerData:
             f"{path}: tokenizer {model!r} is not supported (metronome reads 'gpt2' byte-level BPE and "
             "'llama' sentencepiece vocabularies)"
         )
-    tokens = _array_field(meta["tokenizer.ggml.tokens"], str)
-    types = _array_field(meta["tokenizer.ggml.token_type"], int) if "tokenizer.ggml.token_type" in meta else None
-    scores = _array_field(meta["tokenizer.ggml.scores"], float) if "tokenizer.ggml.scores" in meta else None
-    merges = _array_field(meta["tokenizer.ggml.merges"], str) if "tokenizer.ggml.merges" in meta else None
+    tokens = meta["tokenizer.ggml.tokens"]
+    types = meta.get("tokenizer.ggml.token_type")
+    scores = meta.get("tokenizer.ggml.scores")
+    merges = meta.get("tokenizer.ggml.merges")
     bos = meta.get("tokenizer.ggml.bos_token_id")
     eos_ids = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
     arch = meta.get("general.architecture")

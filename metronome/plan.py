@@ -19,8 +19,10 @@ import torch
 from metronome.config import EngineConfig, ModelConfig
 from metronome.loader import LoadedModel, QuantTensor
 from metronome.model import KVCache, Rows, Transformer, build_model
+from metronome.quant import Int4Linear, Int8Linear, quantize
 
-_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
+# Run-time weight formats -> activation dtype. int4/int8 are weight-only (quant.py) with bf16 activations.
+_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16, "int4": torch.bfloat16}
 
 
 class PlanError(ValueError):
@@ -97,11 +99,19 @@ class Plan:
 
 
 def resolve_weights(loaded: LoadedModel, config: EngineConfig) -> str:
+    """auto: bf16 on GPU; on CPU int4 when the file's matrices are Q4_0/Q4_1 blocks (exact), else int8."""
     if config.weights not in ("auto", *(_DTYPES)):
-        raise PlanError(f"weights={config.weights!r}: choose auto, f32 or bf16")
+        raise PlanError(f"weights={config.weights!r}: choose one of auto, {', '.join(_DTYPES)}")
+    cuda = config.device.startswith("cuda")
+    if cuda and config.weights in ("int4", "int8"):
+        raise PlanError(f"weights={config.weights!r} runs on CPU only for now; use --weights bf16 on cuda")
     if config.weights != "auto":
         return config.weights
-    return "bf16" if config.device.startswith("cuda") else "f32"
+    if cuda:
+        return "bf16"
+    q4 = sum(isinstance(w, QuantTensor) and w.qtype in ("Q4_0", "Q4_1") for w in loaded.weights.values())
+    matrices = sum(len(w.shape) == 2 for w in loaded.weights.values())
+    return "int4" if q4 * 2 > matrices else "int8"
 
 
 def compile_plan(loaded: LoadedModel, config: EngineConfig, calibrate: bool = True,
@@ -125,6 +135,9 @@ def compile_plan(loaded: LoadedModel, config: EngineConfig, calibrate: bool = Tr
     dense = {k: (v.dequantize() if isinstance(v, QuantTensor) else v) for k, v in loaded.weights.items()}
     model = build_model(cfg, dense, config.ctx, dtype, config.device)
     del dense
+    if weights in ("int4", "int8"):
+        say(f"packing {weights} weights")
+        quantize(model, loaded.weights, weights)
     plan = Plan(model, cfg, config, weights, dtype)
     say("checking batch invariance of the decode step")
     plan.decode_mode, invariance = _choose_decode_mode(plan)
@@ -184,7 +197,9 @@ def _weight_bytes_per_step(model: Transformer) -> int:
     total = 0
     seen: set[int] = set()
     for m in model.modules():
-        if isinstance(m, torch.nn.Linear) and id(m.weight) not in seen:
+        if isinstance(m, (Int4Linear, Int8Linear)):
+            total += m.nbytes
+        elif isinstance(m, torch.nn.Linear) and id(m.weight) not in seen:
             seen.add(id(m.weight))
             total += m.weight.nbytes + (m.bias.nbytes if m.bias is not None else 0)
     emb = model.embed.weight

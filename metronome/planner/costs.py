@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from metronome.planner.lpu import LpuPlan
 
 SECONDS_PER_HOUR = 3600.0
 
@@ -46,6 +50,7 @@ class Candidate:
     power_w: float
     usd_per_hour: float
     cost_per_mtok: float  # US dollars per million output tokens, prefill of their prompts included
+    lpu_plan: LpuPlan | None = field(default=None, compare=False, repr=False)  # for traces
 
 
 def cost_per_million(parts: list[tuple[float, float]], output_tokens: int) -> float:

@@ -38,15 +38,21 @@ def prefill_gpu_decode_lpu(decode: LpuPlan, prefill: GpuPlan, handoff: Handoff, 
         lpu_chips=decode.chips, gpus=prefill.gpus, batch=decode.options.batch,
         per_user_tokens_per_s=decode.per_user_tokens_per_s, aggregate_tokens_per_s=decode.aggregate_tokens_per_s,
         ttft_s=ttft, power_w=decode.power_w + prefill.power_w, usd_per_hour=gpu_rate + lpu_rate,
-        cost_per_mtok=cost_per_million([(gpu_rate, gpu_s), (lpu_rate, lpu_s)], workload.output),
+        cost_per_mtok=cost_per_million([(gpu_rate, gpu_s), (lpu_rate, lpu_s)], workload.output), lpu_plan=decode,
     )
+
+
+def attention_options(opts: LpuOptions, gpu: Hardware, gpus: int, cal: GpuCalibration,
+                      handoff: Handoff) -> LpuOptions:
+    """`opts` with the attention core (and the KV cache) moved to `gpus` GPUs; SRAM then holds weights only."""
+    ga = GpuAttention(gpu, gpus, cal.bandwidth_efficiency, handoff.bandwidth, handoff.latency_s)
+    return replace(opts, attention=ga)
 
 
 def attention_gpu_plan(shape: ModelShape, lpu: Hardware, part: Partition, opts: LpuOptions, gpu: Hardware,
                        gpus: int, cal: GpuCalibration, handoff: Handoff) -> LpuPlan:
-    """LPU plan whose attention core (and KV cache) runs on `gpus` GPUs; SRAM holds weights only."""
-    ga = GpuAttention(gpu, gpus, cal.bandwidth_efficiency, handoff.bandwidth, handoff.latency_s)
-    return plan_partition(shape, lpu, part, replace(opts, attention=ga))
+    """LPU plan whose attention core (and KV cache) runs on `gpus` GPUs."""
+    return plan_partition(shape, lpu, part, attention_options(opts, gpu, gpus, cal, handoff))
 
 
 def attention_candidate(plan: LpuPlan, workload: Workload, lpu_price: float, gpu_price: float) -> Candidate:
@@ -61,7 +67,7 @@ def attention_candidate(plan: LpuPlan, workload: Workload, lpu_price: float, gpu
         lpu_chips=plan.chips, gpus=ga.gpus, batch=plan.options.batch,
         per_user_tokens_per_s=plan.per_user_tokens_per_s, aggregate_tokens_per_s=plan.aggregate_tokens_per_s,
         ttft_s=plan.ttft_s, power_w=plan.power_w + ga.gpus * ga.hardware.power_w, usd_per_hour=rate,
-        cost_per_mtok=cost_per_million([(rate, seconds)], workload.output),
+        cost_per_mtok=cost_per_million([(rate, seconds)], workload.output), lpu_plan=plan,
     )
 
 

@@ -97,6 +97,7 @@ class LpuPlan:
     micro_batches: int  # in flight in the pipeline
     ttft_s: float
     prefill_tokens_per_s: float
+    shared_busy_s: float = 0.0  # hybrid: GPU-side time per micro-batch step, shared by every stage
 
     @property
     def chips(self) -> int:
@@ -104,8 +105,10 @@ class LpuPlan:
 
     @property
     def period_s(self) -> float:
-        """Time between two tokens of one sequence with the pipeline as full as planned."""
-        return max(self.decode.total_s, self.micro_batches * self.decode.interval_s)
+        """Time between two tokens of one sequence with the pipeline as full as planned: the step itself,
+        or the pipeline beat times the micro-batches in flight, or the shared GPU side (hybrid), if longer."""
+        m = self.micro_batches
+        return max(self.decode.total_s, m * self.decode.interval_s, m * self.shared_busy_s)
 
     @property
     def per_user_tokens_per_s(self) -> float:
@@ -156,12 +159,15 @@ def _exchange_phases(ex: Exchange, hw: Hardware, opts: LpuOptions, tp: int, p: _
     return [(direct, 1)] if direct <= 2 * split else [(split, tp), (split, tp)]
 
 
-def _offload_times(off: Offload, opts: LpuOptions, p: _Pass) -> tuple[float, float, float]:
+def _offload_times(off: Offload, opts: LpuOptions, p: _Pass, lanes: int) -> tuple[float, float, float]:
+    """(send, GPU, receive) seconds of one attention offload. Every LPU chip and every GPU has its own PCIe
+    port, so a transfer spreads over `lanes` links in parallel."""
     ga = opts.attention
     if ga is None:
         raise ValueError("an attention offload step needs LpuOptions.attention (the GPU side)")
-    send = ga.link_latency_s + off.send_elems * p.rows * opts.act_bytes / ga.link_bandwidth
-    recv = ga.link_latency_s + off.recv_elems * p.rows * opts.act_bytes / ga.link_bandwidth
+    bw = ga.link_bandwidth * lanes
+    send = ga.link_latency_s + off.send_elems * p.rows * opts.act_bytes / bw
+    recv = ga.link_latency_s + off.recv_elems * p.rows * opts.act_bytes / bw
     kv = off.kv_reads * p.positions * p.seqs * opts.kv_bits / 8
     g = ga.hardware
     gpu = max(kv / (ga.gpus * g.memory_bandwidth * ga.bandwidth_efficiency),
@@ -182,7 +188,8 @@ def run_steps(b: ScheduleBuilder, steps: tuple[Step, ...], chips: range, hw: Har
             for dur, _ in _exchange_phases(step, hw, opts, tp, p):
                 b.transfers(step.name, pairs, dur)
         else:
-            b.offload(step.name, chips, *_offload_times(step, opts, p))
+            lanes = min(tp, opts.attention.gpus) if opts.attention else 1
+            b.offload(step.name, chips, *_offload_times(step, opts, p, lanes))
 
 
 class Piece(enum.Enum):
@@ -343,10 +350,26 @@ def plan_partition(shape: ModelShape, hw: Hardware, part: Partition, opts: LpuOp
         raise ValueError(f"{shape.name} with {part.stages} stages x {part.tp} chips does not fit a batch of "
                          f"{opts.batch} at {opts.context} tokens in {hw.name} SRAM; use more chips or a smaller "
                          f"--context / batch")
-    decode = step_timing(shape, hw, part, opts, _Pass(opts.batch, opts.batch, opts.context))
+    p = _Pass(opts.batch, opts.batch, opts.context)
+    decode = step_timing(shape, hw, part, opts, p)
     micro = max(1, min(part.stages, users // opts.batch))
     ttft, prefill_rate = _prefill(shape, hw, part, opts)
-    return LpuPlan(hw, shape, opts, part, decode, users, micro, ttft, prefill_rate)
+    return LpuPlan(hw, shape, opts, part, decode, users, micro, ttft, prefill_rate, _shared_busy(shape, opts, p))
+
+
+def _shared_busy(shape: ModelShape, opts: LpuOptions, p: _Pass) -> float:
+    """Hybrid only: one GPU group serves every layer of every stage; per micro-batch step its GPUs are busy
+    with the attention, and their PCIe ports with the bytes (latencies overlap across micro-batches)."""
+    ga = opts.attention
+    if ga is None:
+        return 0.0
+    off = next(s for s in layer_program(shape, offload_attention=True) if isinstance(s, Offload))
+    total = 0.0
+    for i in range(shape.config.num_layers):
+        pi = _Pass(p.rows, p.seqs, shape.kv_positions(i, p.positions))
+        send, gpu, recv = _offload_times(off, opts, pi, ga.gpus)
+        total += gpu + send + recv - 2 * ga.link_latency_s
+    return total
 
 
 def compile_lpu(shape: ModelShape, hw: Hardware, opts: LpuOptions, chips: int | None = None,

@@ -80,7 +80,8 @@ def _attention(shape: ModelShape, offload: bool) -> list[Step]:
                   Op("softmax.exp_sum", Unit.VXM, kv_flops=3 * c.num_heads),
                   Op("softmax.normalize", Unit.VXM, kv_flops=c.num_heads),
                   Op("attn_v", Unit.MXM, kv_reads=kv, kv_flops=2 * q)]
-    steps += [Op("o_proj", Unit.MXM, weights=q * d, flops=2 * q * d), Exchange("o_proj.allreduce", Pattern.ALLREDUCE, d)]
+    steps += [Op("o_proj", Unit.MXM, weights=q * d, flops=2 * q * d),
+              Exchange("o_proj.allreduce", Pattern.ALLREDUCE, d)]
     if c.sandwich_norms:
         steps += _norm("post_attn_norm", d)
     steps.append(Op("attn_residual", Unit.VXM, flops=d, replicated=True))

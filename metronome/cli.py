@@ -1,0 +1,204 @@
+"""`metronome generate | chat | info | serve | compile | bench | plan`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from metronome.config import EngineConfig, SamplingParams
+
+
+def _model_args(p: argparse.ArgumentParser, slots: int) -> None:
+    p.add_argument("--model", default=None, help="a .gguf file or an HF model folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--slots", type=int, default=slots, help=f"request slots in the plan (default {slots})")
+    p.add_argument("--ctx", type=int, default=2048, help="context length of every slot (default 2048)")
+    p.add_argument("--weights", default="auto", choices=["auto", "f32", "bf16", "int4"], help="run-time weight format")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+
+
+def _params(args: argparse.Namespace) -> SamplingParams:
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=tuple(args.stop),
+    )
+    params.validate()
+    return params
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(slots=args.slots, ctx=args.ctx, device=args.device, weights=args.weights, threads=args.threads)
+
+
+@contextmanager
+def loading_progress(enabled: bool) -> Iterator[Callable[[str], None]]:
+    """A spinner with the current loading stage on a terminal; silent when piped."""
+    if not enabled:
+        yield lambda _msg: None
+        return
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    with console.status("loading model") as status:
+        yield lambda msg: status.update(msg)
+
+
+def load_engine(args: argparse.Namespace, calibrate: bool = False):
+    from metronome.engine import Engine
+    from metronome.loader import load
+
+    with loading_progress(sys.stderr.isatty()) as say:
+        say("reading model file")
+        loaded = load(args.model)
+        return Engine.from_model(config=engine_config(args), loaded=loaded, calibrate=calibrate, progress=say)
+
+
+def _stats(n_tokens: int, usage: dict) -> str:
+    ttft = usage["time_to_first_token"] or 0.0
+    decode = usage["completion_time"] or 0.0
+    rate = (n_tokens - 1) / decode if n_tokens > 1 and decode > 0 else float("nan")
+    return f"[{n_tokens} tokens · TTFT {ttft * 1000:.0f} ms · {rate:.1f} tokens/s]"
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    params = _params(args)
+    engine = load_engine(args)
+    for delta in engine.stream(args.prompt, params, chat=not args.raw):
+        sys.stdout.write(delta.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if delta.error:
+        print(f"metronome: error: {delta.error}", file=sys.stderr)
+        return 1
+    print(_stats(delta.completion_tokens, delta.timings.as_usage()), file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    params = _params(args)
+    engine = load_engine(args)
+    if not engine.tokenizer.has_chat_template:
+        print("this model has no chat template (a base model): use `metronome generate --raw`", file=sys.stderr)
+        return 2
+    messages: list[dict] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    print(f"metronome chat · {engine.model_name} · /reset clears the conversation, /exit or Ctrl-D quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        reply, delta = [], None
+        try:
+            for delta in engine.stream(messages, params):
+                sys.stdout.write(delta.text)
+                sys.stdout.flush()
+                reply.append(delta.text)
+        except KeyboardInterrupt:
+            print("\n[interrupted]", file=sys.stderr)
+        except ValueError as exc:  # e.g. the conversation outgrew the context
+            messages.pop()
+            print(f"\nerror: {exc}", file=sys.stderr)
+            continue
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+        if delta is not None and delta.timings is not None:
+            print(_stats(delta.completion_tokens, delta.timings.as_usage()), file=sys.stderr)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from metronome.loader import load
+
+    m = load(args.model_path or args.model)
+    c = m.config
+    rows = [
+        ("file", str(m.path)),
+        ("name", c.name),
+        ("architecture", c.arch),
+        ("parameters", f"{c.num_parameters() / 1e6:.1f} M"),
+        ("file size", f"{m.file_bytes / 1e6:.1f} MB"),
+        ("quantization", m.file_type),
+        ("layers", str(c.num_layers)),
+        ("hidden / ffn", f"{c.hidden_size} / {c.intermediate_size}"),
+        ("heads (q / kv) x dim", f"{c.num_heads} / {c.num_kv_heads} x {c.head_dim}"),
+        ("vocabulary", str(c.vocab_size)),
+        ("context length", str(c.max_position)),
+        ("rope base", f"{c.rope_theta:g}" + (f" (local {c.rope_local_theta:g})" if c.rope_local_theta else "")),
+        ("sliding window", f"{c.sliding_window} (every {c.sliding_window_pattern}th layer global)" if c.sliding_window else "none"),
+        ("tied embeddings", str(c.tie_embeddings)),
+        ("chat template", "yes" if m.tokenizer.chat_template else "no (base model: use --raw)"),
+        ("fingerprint", m.fingerprint()),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metronome", description="Deterministic, statically planned LLM inference.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="stream a completion for one prompt to stdout")
+    g.add_argument("prompt")
+    g.add_argument("--raw", action="store_true", help="no chat template: plain completion")
+    _model_args(g, slots=1)
+    _sampling_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="an interactive conversation in the terminal")
+    c.add_argument("--system", default=None, help="a system message")
+    _model_args(c, slots=1)
+    _sampling_args(c)
+    c.set_defaults(func=cmd_chat)
+
+    i = sub.add_parser("info", help="architecture, sizes, quantization and context of a model")
+    i.add_argument("model_path", nargs="?", default=None)
+    i.add_argument("--model", default=None)
+    i.set_defaults(func=cmd_info)
+
+    from metronome.planner.cli import add_cli as add_plan
+
+    add_plan(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from metronome.loader import ModelFileError
+    from metronome.plan import PlanError
+    from metronome.tokenizer import ChatTemplateError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ModelFileError, PlanError, ChatTemplateError, ValueError) as exc:
+        print(f"metronome: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Weight-only quantized linear layers, applied to a built model (the model itself never knows).
+
+- int4: GGUF Q4_0/Q4_1 blocks (32 weights: x = d*q + m, or d*(q-8)) map exactly onto torch's int4pack
+  groups (x = (q-8)*scale + zero) with scale = d, zero = m + 8d (Q4_0: zero = 0). Nothing is requantized;
+  only the scales are rounded to bf16, the kernel's scale format.
+- int8: per-output-channel symmetric int8 (torch's int8pack kernel), for matrices stored in other formats.
+
+Both kernels take bf16 activations; the plan runs the rest of the network in bf16 too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from metronome.loader import QuantTensor
+
+GROUP = 32  # GGUF's block size, used as the int4 group size
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W.T (+ b) with W held as packed 4-bit groups of 32 along the input dimension."""
+
+    def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, out_features: int, in_features: int,
+                 bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_zeros", scales_zeros)  # (in/32, out, 2) bf16
+        self.register_buffer("bias", bias)
+        self.out_features, self.in_features = out_features, in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.packed,
+                                                      GROUP, self.scales_zeros)
+        y = y.reshape(*shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.scales_zeros.nbytes
+
+
+class Int8Linear(nn.Module):
+    """y = x @ W.T (+ b) with W as int8 rows and one bf16 scale per output channel."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("weight_int8", weight)  # (out, in) int8
+        self.register_buffer("scales", scales)  # (out,) bf16
+        self.register_buffer("bias", bias)
+        self.out_features, self.in_features = weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight_int8, self.scales)
+        y = y.reshape(*shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight_int8.nbytes + self.scales.nbytes
+
+
+def q4_blocks(t: QuantTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes (N, K) int32 in [0, 16), scales d and zeros (N, K/32) float32 with x = (q-8)*d + zero."""
+    n, k = t.shape
+    width = 20 if t.qtype == "Q4_1" else 18
+    raw = np.ascontiguousarray(t.raw).reshape(n, k // GROUP, width)
+    d = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    if t.qtype == "Q4_1":
+        m = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        zero = m + 8.0 * d
+        qs = raw[..., 4:20]
+    else:
+        zero = np.zeros_like(d)
+        qs = raw[..., 2:18]
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(n, k).astype(np.int32)  # low nibbles first
+    return torch.from_numpy(codes), torch.from_numpy(d), torch.from_numpy(zero)
+
+
+def int4_linear(t: QuantTensor, bias: torch.Tensor | None) -> Int4Linear:
+    n, k = t.shape
+    codes, d, zero = q4_blocks(t)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+    scales_zeros = torch.stack([d, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # (K/32, N, 2)
+    return Int4Linear(packed, scales_zeros, n, k, None if bias is None else bias.to(torch.bfloat16))
+
+
+def int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
+    w = weight.float()
+    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return Int8Linear(q, scales.to(torch.bfloat16), None if bias is None else bias.to(torch.bfloat16))
+
+
+def quantize(model: nn.Module, weights: dict[str, QuantTensor | torch.Tensor], mode: str) -> nn.Module:
+    """Replace every nn.Linear in `model` (in place): int4 where the file holds Q4_0/Q4_1 blocks and
+    mode is "int4", int8 per channel otherwise. `weights` are the loader's (possibly quantized) tensors."""
+    from metronome.model import _weight_name
+
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Linear):
+                continue
+            full = f"{parent_name}.{child_name}" if parent_name else child_name
+            key = _weight_name(f"{full}.weight")
+            source = weights.get(key, weights.get("embed.weight") if key == "head.weight" else None)
+            bias = child.bias.detach() if child.bias is not None else None
+            if mode == "int4" and isinstance(source, QuantTensor) and source.qtype in ("Q4_0", "Q4_1"):
+                new: nn.Module = int4_linear(source, bias)
+            else:
+                new = int8_linear(child.weight.detach(), bias)
+            setattr(parent, child_name, new)
+    return model

@@ -181,8 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--model", default=None)
     i.set_defaults(func=cmd_info)
 
+    from metronome.bench.cli import add_cli as add_bench
     from metronome.planner.cli import add_cli as add_plan
 
+    add_bench(sub)
     add_plan(sub)
     return parser
 

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """Llama 3 style frequency scaling ("llama3"), or linear position interpolation ("linear")."""
+    """Llama 3 style frequency scaling ("llama3"), linear position interpolation ("linear"), or explicit
+    per-frequency divisors as GGUF files store them ("factors")."""
 
     kind: str = "llama3"
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position: int = 8192
+    factors: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,6 @@ class ModelConfig:
     rope_local_theta: float | None = None  # rope base of the local layers
     query_pre_attn_scalar: float | None = None  # attention scale is this ** -0.5 (default head_dim)
     embed_scale: float = 1.0  # Gemma multiplies embeddings by sqrt(hidden_size)
-    norm_offset: float = 0.0  # Gemma's RMSNorm scales by (1 + w)
     sandwich_norms: bool = False  # Gemma: post-attention and post-MLP norms
     final_logit_softcap: float | None = None
     name: str = ""
@@ -123,4 +124,3 @@ class EngineConfig:
     device: str = "cpu"
     weights: str = "auto"  # "auto" | "f32" | "bf16" | "int4" (weight-only, where the file's blocks allow)
     threads: int | None = None  # torch CPU threads (None: leave torch's default)
-    extra: dict = field(default_factory=dict, compare=False, hash=False)

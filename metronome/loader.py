@@ -182,7 +182,7 @@ def _open_gguf(path: Path) -> gguf_file.GGUFFile:
     return f
 
 
-def _gguf_config(meta: dict, path: Path, tensors: dict) -> ModelConfig:
+def _gguf_config(meta: dict, path: Path, tensors: dict, rope_freqs: tuple[float, ...] = ()) -> ModelConfig:
     arch = meta.get("general.architecture")
     if arch not in _GGUF_ARCHS:
         raise ModelFileError(
@@ -203,12 +203,8 @@ def _gguf_config(meta: dict, path: Path, tensors: dict) -> ModelConfig:
         tok = meta.get("tokenizer.ggml.tokens")
         vocab = len(tok) if tok is not None else tensors["token_embd.weight"].shape[0]
     rope_scaling = None
-    if key("rope.scaling.type") == "llama3" or "rope_freqs.weight" in tensors and arch == "llama":
-        rope_scaling = RopeScaling(
-            kind="llama3",
-            factor=float(key("rope.scaling.factor", 8.0)),
-            original_max_position=int(key("rope.scaling.original_context_length", 8192)),
-        )
+    if rope_freqs:  # Llama 3.x: llama.cpp stores the scaled frequencies' divisors as a tensor
+        rope_scaling = RopeScaling(kind="factors", factors=rope_freqs)
     elif key("rope.scaling.type") == "linear" and arch == "gemma3":
         rope_scaling = RopeScaling(kind="linear", factor=float(key("rope.scaling.factor", 1.0)))
     common = dict(
@@ -247,7 +243,8 @@ def _gguf_config(meta: dict, path: Path, tensors: dict) -> ModelConfig:
 def _load_gguf(path: Path, progress: Callable[[int, int], None] | None) -> LoadedModel:
     f = _open_gguf(path)
     meta, tensors = f.metadata, f.tensors
-    cfg = _gguf_config(meta, path, tensors)
+    freqs = tensors.get("rope_freqs.weight")
+    cfg = _gguf_config(meta, path, tensors, tuple(f.array(freqs).tolist()) if freqs is not None else ())
 
     def tensor(name: str) -> QuantTensor:
         t = tensors.get(name)
@@ -373,10 +370,15 @@ def _hf_config(c: dict, path: Path) -> ModelConfig:
     c = c.get("text_config", c)
     heads = int(c["num_attention_heads"])
     head_dim = int(c.get("head_dim") or c["hidden_size"] // heads)
-    rs = c.get("rope_scaling") or (c.get("rope_parameters") if isinstance(c.get("rope_parameters"), dict) else None)
-    rope_theta = float(c.get("rope_theta") or (rs or {}).get("rope_theta") or 10000.0)
+    # transformers 5 writes "rope_parameters" (per layer type for Gemma 3); older files "rope_scaling" + "rope_theta".
+    rope = c.get("rope_parameters") or {}
+    local_rope = rope.get("sliding_attention") if isinstance(rope.get("sliding_attention"), dict) else None
+    rope = rope.get("full_attention", rope) if isinstance(rope.get("full_attention"), dict) else rope
+    rs = c.get("rope_scaling") or rope
+    rope_theta = float(c.get("rope_theta") or rope.get("rope_theta") or 10000.0)
+    kind = (rs or {}).get("rope_type", (rs or {}).get("type"))
     scaling = None
-    if rs and rs.get("rope_type", rs.get("type")) == "llama3":
+    if kind == "llama3":
         scaling = RopeScaling(
             kind="llama3",
             factor=float(rs["factor"]),
@@ -384,6 +386,10 @@ def _hf_config(c: dict, path: Path) -> ModelConfig:
             high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
             original_max_position=int(rs.get("original_max_position_embeddings", 8192)),
         )
+    elif kind == "linear":
+        scaling = RopeScaling(kind="linear", factor=float(rs["factor"]))
+    elif kind not in (None, "default"):
+        raise ModelFileError(f"{path / 'config.json'}: rope type {kind!r} is not supported (default, linear, llama3)")
     common = dict(
         arch=arch,
         name=path.name,
@@ -407,7 +413,12 @@ def _hf_config(c: dict, path: Path) -> ModelConfig:
         pattern = int(c.get("sliding_window_pattern") or 6)
         if types and "full_attention" in types:
             pattern = types.index("full_attention") + 1
-        local = c.get("rope_local_base_freq", 10000.0)
+            expected = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(len(types))]
+            if types != expected:
+                raise ModelFileError(
+                    f"{path / 'config.json'}: layer_types must repeat (local x{pattern - 1}, global); got {types}"
+                )
+        local = c.get("rope_local_base_freq") or (local_rope or {}).get("rope_theta") or 10000.0
         common.update(
             activation="gelu_tanh",
             sliding_window=int(c.get("sliding_window") or 512),
@@ -418,8 +429,6 @@ def _hf_config(c: dict, path: Path) -> ModelConfig:
             sandwich_norms=True,
             final_logit_softcap=c.get("final_logit_softcapping"),
         )
-        if rs and rs.get("rope_type", rs.get("type")) == "linear":
-            common["rope_scaling"] = RopeScaling(kind="linear", factor=float(rs["factor"]))
     return ModelConfig(**common)
 
 
@@ -459,6 +468,8 @@ def _load_hf_folder(path: Path, progress: Callable[[int, int], None] | None) -> 
     needed = _layer_names(cfg)
     for i in range(cfg.num_layers):
         for hname, mname in _HF_LAYER_NAMES.items():
+            if not gemma and hname == "pre_feedforward_layernorm":
+                continue  # Llama-style blocks have one norm before the MLP: "post_attention_layernorm"
             if not gemma and hname == "post_attention_layernorm":
                 mname = "mlp_norm"
             if mname not in needed:

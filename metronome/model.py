@@ -75,6 +75,8 @@ def rope_frequencies(cfg: ModelConfig, theta: float, apply_scaling: bool) -> tor
         return inv.float()
     if s.kind == "linear":
         return (inv / s.factor).float()
+    if s.kind == "factors":
+        return (inv / torch.tensor(s.factors, dtype=torch.float64)).float()
     # llama3: long wavelengths slowed by `factor`, short ones kept, a smooth blend between.
     low_wavelen = s.original_max_position / s.low_freq_factor
     high_wavelen = s.original_max_position / s.high_freq_factor

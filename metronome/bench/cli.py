@@ -1,4 +1,8 @@
-"""The `bench` subcommand: `add_cli(subparsers)` for `metronome bench`, `main()` for `python -m metronome.bench`."""
+"""The `bench` subcommand: `add_cli(subparsers)` for `metronome bench`, `main()` for `python -m metronome.bench`.
+
+Only the standard library and `workloads` are imported up front, so that adding the subcommand
+costs the `metronome` command nothing; httpx, rich and matplotlib load when `run` is called.
+"""
 
 from __future__ import annotations
 
@@ -8,27 +12,18 @@ import contextlib
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import httpx
-from rich.console import Console
+from metronome.bench.workloads import PRESETS
 
-from metronome.bench.client import Api, discover_model, normalize_base_url
-from metronome.bench.peers import PeerStartError, PeerUnavailable, parse_peers, running_peers
-from metronome.bench.progress import SweepProgress
-from metronome.bench.report import Environment, build_report, render_markdown, write_report
-from metronome.bench.runner import SweepConfig, Target, run_sweep
-from metronome.bench.workloads import (
-    PRESETS,
-    CharEstimate,
-    PromptBuilder,
-    TokenCounter,
-    TokenizerFileCounter,
-    load_corpus,
-    resolve_workload,
-)
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from metronome.bench.runner import SweepConfig, Target
+    from metronome.bench.workloads import TokenCounter
+
+_API_CHOICES = ("chat", "completions")  # the values of client.Api
 
 _EXIT_INTERRUPTED = 130
 
@@ -65,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests-per-user", type=int, default=2, help="requests each user sends per round")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured requests before each measurement")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt generator")
-    parser.add_argument("--api", choices=[api.value for api in Api], default=Api.CHAT.value)
+    parser.add_argument("--api", choices=_API_CHOICES, default="chat", help="endpoint (default chat)")
     parser.add_argument("--temperature", type=float, default=0.0, help="sent with every request (default 0)")
     parser.add_argument(
         "--no-ignore-eos", action="store_true", help="do not send ignore_eos (outputs may end early)"
@@ -98,15 +93,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run(parser.parse_args(argv))
 
 
-@dataclass(frozen=True)
-class _Plan:
-    config: SweepConfig
-    counter: TokenCounter
-    out_dir: Path
-
-
-def _plan(args: argparse.Namespace) -> _Plan:
+def _plan(args: argparse.Namespace) -> tuple[SweepConfig, TokenCounter, Path]:
     """Check the options and resolve them; ValueError names the bad option."""
+    from metronome.bench.client import Api, normalize_base_url
+    from metronome.bench.peers import parse_peers
+    from metronome.bench.runner import SweepConfig
+    from metronome.bench.workloads import CharEstimate, TokenizerFileCounter, resolve_workload
+
     workload = resolve_workload(args.workload, args.scale, args.input_tokens, args.output_tokens)
     if args.temperature < 0:
         raise ValueError(f"--temperature must be 0 or more (got {args.temperature})")
@@ -134,10 +127,15 @@ def _plan(args: argparse.Namespace) -> _Plan:
     )
     counter: TokenCounter = TokenizerFileCounter(args.tokenizer) if args.tokenizer else CharEstimate()
     out_dir = args.out if args.out is not None else Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")
-    return _Plan(config=config, counter=counter, out_dir=out_dir)
+    return config, counter, out_dir
 
 
 async def _target(name: str, base_url: str, served_model: str | None, command: tuple[str, ...]) -> Target:
+    import httpx
+
+    from metronome.bench.client import discover_model
+    from metronome.bench.runner import Target
+
     async with httpx.AsyncClient(timeout=30.0) as http:
         found = await discover_model(http, base_url)
     if served_model is not None:
@@ -145,50 +143,59 @@ async def _target(name: str, base_url: str, served_model: str | None, command: t
     return Target(name=name, base_url=base_url, model=found.model, model_found_by=found.how, command=command)
 
 
+def _start_targets(
+    args: argparse.Namespace, config: SweepConfig, out_dir: Path, stack: contextlib.ExitStack, console: Console
+) -> list[Target]:
+    """The --url server, or the --compare peers started on --model (stopped when `stack` closes)."""
+    from metronome.bench.client import normalize_base_url
+    from metronome.bench.peers import context_for, parse_peers, running_peers
+
+    if args.url is not None:
+        return [asyncio.run(_target(args.name, normalize_base_url(args.url), args.served_model, ()))]
+    started = stack.enter_context(
+        running_peers(
+            parse_peers(args.compare),
+            args.model,
+            args.threads,
+            args.hf_dtype,
+            context_for(config.workload),
+            out_dir,
+            args.startup_timeout,
+            lambda line: console.print(line, markup=False),
+        )
+    )
+    return [asyncio.run(_target(p.peer.value, p.base_url, args.served_model, p.argv)) for p in started]
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the bench described by `args`; 0 on success, 1 on failure, 2 on bad options, 130 on Ctrl-C."""
+    from rich.console import Console
+
+    from metronome.bench.peers import PeerStartError, PeerUnavailable
+    from metronome.bench.progress import SweepProgress
+    from metronome.bench.report import Environment, build_report, render_markdown, write_report
+    from metronome.bench.runner import run_sweep
+    from metronome.bench.workloads import PromptBuilder, load_corpus
+
     console = Console(stderr=True)
     try:
-        plan = _plan(args)
+        config, counter, out_dir = _plan(args)
     except ValueError as exc:
         console.print(f"metronome bench: error: {exc}", markup=False)
         return 2
     started = time.time()
     try:
         with contextlib.ExitStack() as stack:
-            if args.url is not None:
-                targets = [asyncio.run(_target(args.name, normalize_base_url(args.url), args.served_model, ()))]
-            else:
-                peers = stack.enter_context(
-                    running_peers(
-                        parse_peers(args.compare),
-                        args.model,
-                        args.threads,
-                        args.hf_dtype,
-                        plan.out_dir,
-                        args.startup_timeout,
-                        lambda line: console.print(line, markup=False),
-                    )
-                )
-                targets = [
-                    asyncio.run(_target(p.peer.value, p.base_url, args.served_model, p.argv)) for p in peers
-                ]
+            targets = _start_targets(args, config, out_dir, stack, console)
             for target in targets:
                 console.print(f"{target.name}: {target.base_url}, model {target.model!r} ({target.model_found_by})")
-            builder = PromptBuilder(load_corpus(), plan.config.seed, plan.counter)
-            planned = plan.config.planned_requests(len(targets))
-            with SweepProgress(planned, plan.config.rounds, console, enabled=not args.no_progress) as progress:
-                outcome = run_sweep(targets, plan.config, builder, progress)
-            report = build_report(
-                outcome,
-                plan.config,
-                targets,
-                Environment.here(args.threads if args.model is not None else None),
-                plan.counter.method,
-                started,
-                time.time(),
-            )
-            files = write_report(report, plan.out_dir)
+            builder = PromptBuilder(load_corpus(), config.seed, counter)
+            planned = config.planned_requests(len(targets))
+            with SweepProgress(planned, config.rounds, console, enabled=not args.no_progress) as progress:
+                outcome = run_sweep(targets, config, builder, progress)
+            environment = Environment.here(args.threads if args.model is not None else None)
+            report = build_report(outcome, config, targets, environment, counter.method, started, time.time())
+            files = write_report(report, out_dir)  # before the peers stop, so a slow stop loses nothing
     except (PeerUnavailable, PeerStartError, FileNotFoundError, ConnectionError) as exc:
         console.print(f"metronome bench: error: {exc}", markup=False)
         return 1

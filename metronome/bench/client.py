@@ -107,14 +107,25 @@ def _content_texts(event: dict) -> list[str]:
 
 
 class _Trace:
-    """Accumulates one stream's observations; `freeze` makes the immutable StreamTrace."""
+    """Accumulates one stream's observations; `freeze` makes the immutable StreamTrace.
+
+    `sent` starts as the time the request was handed to httpx and is moved to the moment httpcore
+    starts writing the request headers (its "trace" extension), so that the client library's own
+    overhead (pool, encoding: 0.5-5 ms, 30+ ms on a fresh connection) is not charged to the server.
+    """
 
     def __init__(self, sent: float) -> None:
         self.sent = sent
+        self.on_wire = False
         self.times: list[float] = []
         self.texts: list[str] = []
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
+
+    async def httpcore_event(self, name: str, info: dict) -> None:
+        if not self.on_wire and name.endswith("send_request_headers.started"):
+            self.sent = time.perf_counter()
+            self.on_wire = True
 
     def freeze(self, error_kind: str | None = None, error: str | None = None) -> StreamTrace:
         return StreamTrace(
@@ -174,7 +185,8 @@ async def stream_request(
     trace = _Trace(time.perf_counter())
     try:
         async with asyncio.timeout(timeout_s):
-            async with http.stream("POST", f"{base_url}{api.path}", json=body) as response:
+            extensions = {"trace": trace.httpcore_event}
+            async with http.stream("POST", f"{base_url}{api.path}", json=body, extensions=extensions) as response:
                 if response.status_code != 200:
                     detail = (await response.aread()).decode("utf-8", "replace")[:300]
                     return trace.freeze(f"http_{response.status_code}", f"HTTP {response.status_code}: {detail}")

@@ -359,14 +359,8 @@ def build_app(backend: Backend) -> FastAPI:
     return app
 
 
-def load_backend(path: Path, dtype: str) -> Backend:
-    """Load a GGUF file (dequantized by transformers) or an HF folder."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(dtypes)}")
+def load_backend(path: Path, dtype: str, threads: int | None = None) -> Backend:
+    """Load a GGUF file (dequantized by transformers) or an HF folder; `threads` sets torch's threads."""
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"--model {path}: give a .gguf file or a Hugging Face model folder")
@@ -375,6 +369,14 @@ def load_backend(path: Path, dtype: str) -> Backend:
         folder, extra = path, {}
     else:
         raise FileNotFoundError(f"--model {path}: no such file or folder")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(dtypes)}")
+    if threads is not None:
+        torch.set_num_threads(threads)
     tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtypes[dtype], **extra)
     model.eval()
@@ -391,18 +393,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--dtype", default="float32", choices=_DTYPES)
     args = parser.parse_args(argv)
-    import torch
-    import uvicorn
-
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"--threads must be at least 1 (got {args.threads})")
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1 (got {args.threads})")
     try:
-        backend = load_backend(args.model, args.dtype)
+        backend = load_backend(args.model, args.dtype, args.threads)
     except (ValueError, FileNotFoundError) as exc:
         print(f"hf_server: {exc}", file=sys.stderr)
         return 2
+    import uvicorn
+
     print(f"hf_server: {args.model.name} loaded ({args.dtype}); serving on http://{args.host}:{args.port}", flush=True)
     try:
         uvicorn.run(build_app(backend), host=args.host, port=args.port, log_level="warning")

@@ -1,6 +1,6 @@
 """Figures per request (from a stream's timestamps) and per measurement (percentiles, rates).
 
-Definitions (all times from the moment the request is sent):
+Definitions (all times from the moment the request is sent, i.e. its first byte is written):
 - TTFT: until the first chunk carrying content text.
 - output speed: (output tokens - 1) / (time of last content chunk - time of first).
 - time to first sentence: until the chunk holding the first ". ", "! " or "? " (any whitespace after

@@ -7,7 +7,8 @@ target at a time while the others sit idle. Keeping them up is what makes interl
 transformers, a plan compile for metronome) per round and measure cold caches. The cost is memory
 for every model at once, which the small models this is meant for can afford; an idle peer uses
 no CPU. Every peer gets the same thread count (`OMP_NUM_THREADS`, and the peer's own flag where it
-has one).
+has one), and metronome and llama.cpp the same context length, sized to the workload by
+`context_for` (a prompt counted at ~4 chars/token may run longer in the model's tokens).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import httpx
+
+from metronome.bench.workloads import Workload
 
 LLAMA_CPP_INSTALL = 'pip install "llama-cpp-python[server]==0.3.36"'
 
@@ -70,17 +73,25 @@ def _metronome_command() -> list[str]:
     return [found]
 
 
-def launch_spec(peer: Peer, model: Path, port: int, threads: int, hf_dtype: str) -> PeerLaunch:
+def context_for(workload: Workload) -> int:
+    """Context tokens per request for `workload`: the prompt with a 50 % margin (tokenizers differ
+    from the 4 chars/token estimate, and chat templates add tokens), the output, rounded up to 256."""
+    needed = workload.input_tokens * 3 // 2 + workload.output_tokens + 64
+    return -(-needed // 256) * 256
+
+
+def launch_spec(peer: Peer, model: Path, port: int, threads: int, hf_dtype: str, context: int) -> PeerLaunch:
     """The command line of `peer` serving `model` on 127.0.0.1:`port`."""
     host = ["--host", "127.0.0.1", "--port", str(port)]
     match peer:
         case Peer.METRONOME:
-            argv = [*_metronome_command(), "serve", "--model", str(model), *host]
+            options = ["--threads", str(threads), "--ctx", str(context)]
+            argv = [*_metronome_command(), "serve", "--model", str(model), *options, *host]
             ready = "/health"
         case Peer.LLAMA_CPP:
             threading = ["--n_threads", str(threads), "--n_threads_batch", str(threads)]
-            context = ["--n_ctx", "0"]  # the model's trained context, so that long workloads fit
-            argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), *threading, *context, *host]
+            options = [*threading, "--n_ctx", str(context)]
+            argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), *options, *host]
             ready = "/v1/models"
         case Peer.TRANSFORMERS:
             options = ["--threads", str(threads), "--dtype", hf_dtype]
@@ -182,6 +193,7 @@ def running_peers(
     model: Path,
     threads: int,
     hf_dtype: str,
+    context: int,
     log_dir: Path,
     startup_timeout_s: float,
     notify: Callable[[str], None],
@@ -196,7 +208,7 @@ def running_peers(
     with contextlib.ExitStack() as stack:
         started: list[RunningPeer] = []
         for peer in peers:
-            launch = launch_spec(peer, model, free_port(), threads, hf_dtype)
+            launch = launch_spec(peer, model, free_port(), threads, hf_dtype, context)
             log_path = log_dir / f"peer-{peer.value}.log"
             log = stack.enter_context(open(log_path, "w", encoding="utf-8"))
             notify(f"starting {peer.value}: {' '.join(launch.argv)}")

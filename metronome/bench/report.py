@@ -27,6 +27,8 @@ SCHEMA_ID = "metronome-bench/1"
 
 @dataclass(frozen=True)
 class Environment:
+    """Where the run happened."""
+
     platform: str
     python: str
     cpu_count: int
@@ -46,6 +48,8 @@ class Environment:
 
 @dataclass(frozen=True)
 class BenchReport:
+    """Everything a run produced: settings, raw measurements and their per-(target, concurrency) summaries."""
+
     started_at: float
     finished_at: float
     interrupted: bool
@@ -299,6 +303,8 @@ def plot_ttft(report: BenchReport, path: Path) -> Path:
 
 @dataclass(frozen=True)
 class WrittenFiles:
+    """Paths of the files `write_report` wrote."""
+
     json: Path
     markdown: Path
     plots: tuple[Path, ...]

@@ -38,6 +38,8 @@ class Target:
 
 @dataclass(frozen=True)
 class SweepConfig:
+    """What to send and how often; checked on construction (errors name the CLI option)."""
+
     workload: Workload
     concurrency: tuple[int, ...]
     rounds: int
@@ -83,6 +85,8 @@ class Measurement:
 
 @dataclass(frozen=True)
 class SweepOutcome:
+    """Every finished measurement in sweep order; `interrupted` when Ctrl-C cut the sweep short."""
+
     measurements: tuple[Measurement, ...]
     interrupted: bool
 

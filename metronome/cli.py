@@ -183,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from metronome.bench.cli import add_cli as add_bench
     from metronome.planner.cli import add_cli as add_plan
+    from metronome.serve_cli import add_cli as add_serve
 
+    add_serve(sub)
     add_bench(sub)
     add_plan(sub)
     return parser

@@ -220,10 +220,8 @@ class Engine:
             r.timings.first_token = now
         p = r.params
         stop_token = choice.token in p.stop_token_ids or (not p.ignore_eos and choice.token in self.tokenizer.eos_ids)
-        finish = None
-        if stop_token or (r.constraint is not None and r.constraint.finished()):
-            finish = "stop"
-        else:
+        finish = "stop" if stop_token or (r.constraint is not None and r.constraint.finished()) else None
+        if not stop_token:  # a stop/EOS token is not text; a constraint's last token is
             r.held += r.decoder.push(choice.token)
         if len(r.output_ids) >= p.max_tokens and finish is None:
             finish = "length"

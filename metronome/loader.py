@@ -45,6 +45,16 @@ class QuantTensor:
         values = gguf.quants.dequantize(self.raw, kind)
         return torch.from_numpy(np.array(values, dtype=np.float32).reshape(self.shape))  # a writable copy
 
+    @staticmethod
+    def stack(parts: list["Weight"]) -> "QuantTensor | None":
+        """Several matrices' rows stacked, when all are stored in the same block type (else None)."""
+        if not all(isinstance(p, QuantTensor) for p in parts) or len({p.qtype for p in parts}) != 1:
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        rows = sum(p.shape[0] for p in parts)
+        return QuantTensor(np.concatenate([p.raw for p in parts]), parts[0].qtype, (rows, parts[0].shape[1]))
+
     def take_rows(self, order: torch.Tensor) -> "QuantTensor":
         """The same tensor with its rows reordered (blocks run along rows, so no requantizing)."""
         return QuantTensor(self.raw[order.numpy()], self.qtype, self.shape)

@@ -99,13 +99,16 @@ class Rope(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # x: (B, H, T, Dh), positions: (B, T)
-        cos = self.cos[positions].unsqueeze(1).to(x.dtype)  # (B, 1, T, Dh)
-        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+    def table(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for `positions` (B, T): each (B, T, 1, Dh), broadcast over heads. Once per step."""
+        return self.cos[positions].unsqueeze(2).to(dtype), self.sin[positions].unsqueeze(2).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE. x: (B, T, H, Dh); cos, sin: (B, T, 1, Dh)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
 
 
 class Attention(nn.Module):
@@ -113,31 +116,27 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.hidden_size, cfg.q_size, bias=cfg.qkv_bias)
-        self.wk = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias)
-        self.wv = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias)
+        self.wqkv = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.qkv_bias)  # q, k, v stacked
         self.wo = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.window = cfg.sliding_window if cfg.is_sliding(layer) else None
         self.scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: Rope, cache: KVCache, rows: Rows,
-                slot_index: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache,
+                rows: Rows, slot_index: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv, self.head_dim)
+        H, Hkv, Dh = self.n_heads, self.n_kv, self.head_dim
+        q, k, v = self.wqkv(x).view(B, T, H + 2 * Hkv, Dh).split([H, Hkv, Hkv], dim=2)  # (B, T, h, Dh) each
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = rope(q.transpose(1, 2), positions)  # (B, H, T, Dh)
-        k = rope(k.transpose(1, 2), positions)  # (B, Hkv, T, Dh)
-        v = v.transpose(1, 2)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         ck, cv = cache.k[self.layer], cache.v[self.layer]  # (S, Hkv, ctx, Dh)
         # Write this step's keys/values in place: row b -> (slot_index[b], positions[b, t]).
-        ck[slot_index[:, None], :, positions] = k.transpose(1, 2).to(ck.dtype)
-        cv[slot_index[:, None], :, positions] = v.transpose(1, 2).to(cv.dtype)
-        out = torch.zeros_like(q)
+        ck[slot_index[:, None], :, positions] = k.to(ck.dtype)
+        cv[slot_index[:, None], :, positions] = v.to(cv.dtype)
+        q = q.transpose(1, 2)  # (B, H, T, Dh)
+        out = torch.zeros_like(q) if len(rows.row) < B else torch.empty_like(q)
         for b, slot, start in zip(rows.row, rows.slot, rows.start):
             end = start + T
             first = 0 if self.window is None else max(0, end - T - self.window + 1)
@@ -159,15 +158,14 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.w_gate = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.w_up = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.w_gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # gate, up stacked
         self.w_down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.gelu = cfg.activation == "gelu_tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.w_gate(x)
+        gate, up = self.w_gate_up(x).chunk(2, dim=-1)
         gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
-        return self.w_down(gate * self.w_up(x))
+        return self.w_down(gate * up)
 
 
 class Block(nn.Module):
@@ -212,9 +210,10 @@ class Transformer(nn.Module):
         x = self.embed(tokens)  # (B, T, D)
         if self.cfg.embed_scale != 1.0:
             x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
+        rope = self.rope.table(positions, x.dtype)
+        rope_local = self.rope_local.table(positions, x.dtype) if self.rope_local is not None else rope
         for i, layer in enumerate(self.layers):
-            rope = self.rope_local if (self.rope_local is not None and self.cfg.is_sliding(i)) else self.rope
-            x = layer(x, positions, rope, cache, rows, slot_index)
+            x = layer(x, positions, rope_local if self.cfg.is_sliding(i) else rope, cache, rows, slot_index)
         x = self.norm(x if all_logits else x[:, -1])
         logits = self.head(x).float()
         if self.cfg.final_logit_softcap:
@@ -235,9 +234,9 @@ def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], ctx: int, dt
     for name, p in params.items():
         if name == "head.weight" and cfg.tie_embeddings:
             continue
-        src = weights[_weight_name(name)]
+        src = torch.cat([weights[n].to(torch.float32) for n in weight_sources(name)])
         with torch.no_grad():
-            p.copy_(src.to(torch.float32).reshape(p.shape))
+            p.copy_(src.reshape(p.shape))
     model = model.to(dtype)
     if cfg.tie_embeddings:
         model.head.weight = model.embed.weight
@@ -246,6 +245,15 @@ def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], ctx: int, dt
     return model.eval().requires_grad_(False)
 
 
-def _weight_name(param: str) -> str:
-    """Module path -> metronome weight name ("layers.0.attn.wq.weight" -> "layers.0.wq.weight")."""
-    return param.replace(".attn.", ".").replace(".mlp.w_", ".w_")
+# Fused projections: one matmul reads the rows of several file tensors, stacked.
+FUSED = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
+
+
+def weight_sources(param: str) -> list[str]:
+    """Module parameter -> the loader's weight names it is stacked from
+    ("layers.0.attn.wqkv.weight" -> ["layers.0.wq.weight", "layers.0.wk.weight", "layers.0.wv.weight"])."""
+    name = param.replace(".attn.", ".").replace(".mlp.w_", ".w_")
+    for fused, parts in FUSED.items():
+        if f".{fused}." in name:
+            return [name.replace(f".{fused}.", f".{part}.") for part in parts]
+    return [name]

@@ -98,17 +98,19 @@ def int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
 def quantize(model: nn.Module, weights: dict[str, QuantTensor | torch.Tensor], mode: str) -> nn.Module:
     """Replace every nn.Linear in `model` (in place): int4 where the file holds Q4_0/Q4_1 blocks and
     mode is "int4", int8 per channel otherwise. `weights` are the loader's (possibly quantized) tensors."""
-    from metronome.model import _weight_name
+    from metronome.model import weight_sources
 
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             if not isinstance(child, nn.Linear):
                 continue
             full = f"{parent_name}.{child_name}" if parent_name else child_name
-            key = _weight_name(f"{full}.weight")
-            source = weights.get(key, weights.get("embed.weight") if key == "head.weight" else None)
+            names = weight_sources(f"{full}.weight")
+            if names == ["head.weight"] and "head.weight" not in weights:
+                names = ["embed.weight"]  # tied
+            source = QuantTensor.stack([weights[n] for n in names])
             bias = child.bias.detach() if child.bias is not None else None
-            if mode == "int4" and isinstance(source, QuantTensor) and source.qtype in ("Q4_0", "Q4_1"):
+            if mode == "int4" and source is not None and source.qtype in ("Q4_0", "Q4_1"):
                 new: nn.Module = int4_linear(source, bias)
             else:
                 new = int8_linear(child.weight.detach(), bias)

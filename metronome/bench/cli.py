@@ -40,7 +40,7 @@ def _levels(text: str) -> tuple[int, ...]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The bench's options (shared by `metronome bench` and `python -m metronome.bench`)."""
-    where = parser.add_mutually_exclusive_group(required=True)
+    where = parser.add_mutually_exclusive_group()
     where.add_argument("--url", help="measure a running OpenAI-compatible server, e.g. http://127.0.0.1:8000")
     where.add_argument("--model", type=Path, help="a GGUF file (or model folder): start the server(s) on it")
     parser.add_argument(
@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --model: peers to start and compare, from metronome, llama.cpp, transformers "
         "(default: metronome alone)",
     )
+    parser.add_argument("--decode-only", action="store_true",
+                        help="single-stream decode tokens/s in process (default model unless --model), beside the "
+                             "memory-bandwidth bound; --output-tokens tokens, --rounds runs")
     parser.add_argument("--name", default="server", help="label of the --url target in the report")
     parser.add_argument("--served-model", help="model id to send (default: the first id of GET /v1/models)")
     parser.add_argument("--workload", default="short", choices=tuple(PRESETS), help="preset (default short)")
@@ -178,6 +181,11 @@ def run(args: argparse.Namespace) -> int:
     from metronome.bench.workloads import PromptBuilder, load_corpus
 
     console = Console(stderr=True)
+    if args.decode_only:
+        return _run_decode_only(args, console)
+    if args.url is None and args.model is None:
+        console.print("metronome bench: error: give --url URL or --model PATH (or --decode-only)", markup=False)
+        return 2
     try:
         config, counter, out_dir = _plan(args)
     except ValueError as exc:
@@ -210,4 +218,19 @@ def run(args: argparse.Namespace) -> int:
     if not any(s.ok for s in report.summaries):
         console.print("metronome bench: every request failed; see the errors in the table")
         return 1
+    return 0
+
+
+def _run_decode_only(args: argparse.Namespace, console) -> int:
+    from metronome.bench.decode import measure_decode
+
+    if args.url is not None:
+        console.print("metronome bench: error: --decode-only runs in process: use --model, not --url", markup=False)
+        return 2
+    try:
+        result = measure_decode(args.model, args.threads, tokens=args.output_tokens or 128, runs=args.rounds)
+    except ValueError as exc:
+        console.print(f"metronome bench: error: {exc}", markup=False)
+        return 2
+    print(result.markdown())
     return 0

@@ -1,0 +1,157 @@
+"""OpenAI request bodies as strict pydantic models, and the parameter a validation error points at.
+
+Strict: a wrong JSON type is an error (no "0.5" for 0.5), never a silent coercion. Unknown fields are
+accepted and ignored, as OpenAI does; an explicit null means "the default"."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MAX_STOPS = 4
+MAX_TOP_LOGPROBS = 20
+MAX_N = 16
+_INT64 = 2**63
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False, frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object"]
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] = ""
+    name: str | None = None
+
+    def as_template_message(self) -> dict[str, str]:
+        """The {role, content} dict a chat template reads ("developer" is OpenAI's newer "system")."""
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class SamplingBody(_Body):
+    """The fields chat and text completions share."""
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    stop: str | list[str] = Field(default_factory=list)
+    seed: int | None = Field(None, ge=-_INT64, lt=_INT64)
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    user: str | None = None
+    ignore_eos: bool = False  # extension: keep generating past the end-of-sequence token (benchmarks)
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, v: str | list[str]) -> str | list[str]:
+        stops = [v] if isinstance(v, str) else v
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop sequences are allowed, got {len(stops)}")
+        if any(s == "" for s in stops):
+            raise ValueError("stop sequences must not be empty strings")
+        return v
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def json_mode(self) -> bool:
+        return self.response_format is not None and self.response_format.type == "json_object"
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class ChatBody(SamplingBody):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @property
+    def token_budget(self) -> tuple[int | None, str]:
+        """The requested output length and the field it came from (max_completion_tokens wins)."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
+
+
+class CompletionBody(SamplingBody):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # legacy: how many alternatives per token
+
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, v: str | list) -> str | list:
+        if isinstance(v, list) and not v:
+            raise ValueError("the prompt list is empty: send a string, a list of strings or token ids")
+        return v
+
+    @property
+    def token_budget(self) -> tuple[int | None, str]:
+        return self.max_tokens, "max_tokens"
+
+
+_MODELS = (StreamOptions, ResponseFormat, TextPart, Message, SamplingBody, ChatBody, CompletionBody)
+_FIELDS = frozenset(name for m in _MODELS for name in m.model_fields)  # parameter names, for error locations
+
+
+def _main_error(exc: ValidationError) -> dict:
+    """The most specific error: for a union, the member that got furthest into the value."""
+    return max(exc.errors(), key=lambda e: len(e["loc"]))
+
+
+def error_param(exc: ValidationError) -> str | None:
+    """The parameter the error is about, e.g. "temperature" or "messages[1].role"."""
+    loc = _main_error(exc)["loc"]
+    param = ""
+    for part in loc:
+        if isinstance(part, int):
+            param += f"[{part}]"
+        elif part in _FIELDS:
+            param += f".{part}" if param else part
+        # other parts name a member of a union ("str", "list[int]"): not a parameter
+    return param or None
+
+
+def error_message(exc: ValidationError) -> str:
+    first = _main_error(exc)
+    where = error_param(exc)
+    text = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "missing":
+        return f"{where} is required"
+    got = first.get("input")
+    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    return f"{where}: {text}{shown}" if where else text

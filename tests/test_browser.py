@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 
@@ -32,8 +33,12 @@ def chat_url(smollm):
 
 @pytest.fixture(scope="module")
 def page(chat_url):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the browser is Debian's)")
+    from playwright import sync_api  # a test dependency (pyproject [test]); the browser is Debian's
+
     if not shutil.which(CHROMIUM):
+        # .ci/run installs it; on a developer machine without it, say how to get it rather than fail obscurely.
+        if os.environ.get("CI"):
+            pytest.fail("no chromium in CI: .ci/run should have run `apt-get install -y chromium`")
         pytest.skip("no chromium: apt-get install -y chromium")
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)

@@ -15,7 +15,7 @@ def _model_args(p: argparse.ArgumentParser, slots: int) -> None:
     p.add_argument("--model", default=None, help="a .gguf file or an HF model folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--slots", type=int, default=slots, help=f"request slots in the plan (default {slots})")
     p.add_argument("--ctx", type=int, default=2048, help="context length of every slot (default 2048)")
-    p.add_argument("--weights", default="auto", choices=["auto", "f32", "bf16", "int4"], help="run-time weight format")
+    p.add_argument("--weights", default="auto", choices=["auto", "f32", "bf16", "int8", "int4"], help="run-time weight format")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
 
@@ -159,6 +159,29 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compile(args: argparse.Namespace) -> int:
+    """Compile a plan and print what it fixed and what it predicts."""
+    from metronome.planner.machine import measure_machine
+
+    args.model = args.model_path or args.model
+    started = time.perf_counter()
+    engine = load_engine(args, calibrate=True)
+    seconds = time.perf_counter() - started
+    r = engine.plan.report
+    bandwidth = measure_machine().bandwidth
+    bound = bandwidth / r.weight_bytes
+    print(f"plan for {engine.model_name}: {r.weights} weights on {r.device}, {r.slots} slots x {r.ctx} tokens "
+          f"(compiled in {seconds:.1f} s)")
+    print(f"  decode shape        {r.decode_mode}: {r.invariance}")
+    print(f"  weights read/token  {r.weight_bytes / 1e6:.1f} MB")
+    print(f"  KV cache            {r.kv_cache_bytes / 1e6:.1f} MB (allocated once)")
+    print(f"  memory bound        {bound:.0f} tokens/s at {bandwidth / 1e9:.1f} GB/s measured read bandwidth")
+    print("  live slots   step ms   tokens/s per user   aggregate tokens/s   fraction of bound")
+    for live, ms in sorted(r.step_ms.items()):
+        print(f"  {live:>10}   {ms:7.2f}   {1000 / ms:17.1f}   {live * 1000 / ms:18.1f}   {1000 / ms / bound:17.0%}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metronome", description="Deterministic, statically planned LLM inference.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -180,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model_path", nargs="?", default=None)
     i.add_argument("--model", default=None)
     i.set_defaults(func=cmd_info)
+
+    k = sub.add_parser("compile", help="compile a plan; print its memory layout and predicted step latency")
+    k.add_argument("model_path", nargs="?", default=None)
+    _model_args(k, slots=8)
+    k.set_defaults(func=cmd_compile)
 
     from metronome.bench.cli import add_cli as add_bench
     from metronome.planner.cli import add_cli as add_plan

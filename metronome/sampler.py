@@ -75,8 +75,20 @@ class RequestSampler:
         if p.min_p > 0.0:
             probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
         if p.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass strictly above each token
-            sorted_probs = sorted_probs.masked_fill(before >= p.top_p * sorted_probs.sum(), 0.0)
-            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+            probs = _top_p(probs, p.top_p)
         return probs
+
+
+def _top_p(probs: torch.Tensor, top_p: float, candidates: int = 1024) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose mass reaches top_p (of the total).
+
+    Sorting the whole vocabulary is the slow part; the top `candidates` usually hold the mass already, and
+    then every token outside them is dropped anyway, so the result equals the full sort's."""
+    total = probs.sum()
+    k = min(candidates, probs.shape[-1])
+    sorted_probs, order = torch.topk(probs, k)  # descending
+    if k < probs.shape[-1] and sorted_probs.sum() < top_p * total:
+        sorted_probs, order = torch.sort(probs, descending=True)
+    before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass strictly above each token
+    kept = sorted_probs.masked_fill(before >= top_p * total, 0.0)
+    return torch.zeros_like(probs).scatter(0, order, kept)

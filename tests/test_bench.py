@@ -169,7 +169,7 @@ def test_percentiles() -> None:
 
 
 def test_figures_match_the_stub_within_5_percent() -> None:
-    ttft, interval, tokens = 0.2, 0.005, 120  # 200 tokens/s
+    ttft, interval, tokens = 0.5, 0.01, 120  # 100 tokens/s; a time base long enough that scheduling noise on a busy 2-core machine stays under 5 %
     with stub_server("--ttft", str(ttft), "--interval", str(interval)) as url:
         target = Target("stub", url, "stub-model")
         config = sweep_config(concurrency=(1, 3))
@@ -194,7 +194,7 @@ def test_figures_match_the_stub_within_5_percent() -> None:
 
 
 def test_counts_without_usage_and_with_multi_token_chunks() -> None:
-    ttft, interval = 0.2, 0.002  # a time base long enough that a few ms of scheduling noise stay under 5 %
+    ttft, interval = 0.5, 0.01  # a time base long enough that scheduling noise on a busy machine stays under 5 %
     with stub_server("--ttft", str(ttft), "--interval", str(interval), "--no-usage") as url:
         plain = run_sweep([Target("s", url, "m")], sweep_config(warmup=0, requests_per_user=1), builder(), Recorder())
     result = plain.measurements[0].requests[0]
@@ -248,8 +248,8 @@ def test_unreachable_server_is_counted() -> None:
 
 
 def test_two_targets_interleave_and_ratios_validate(tmp_path: Path) -> None:
-    with stub_server("--ttft", "0.1", "--interval", "0.004") as fast, stub_server(
-        "--ttft", "0.2", "--interval", "0.008"
+    with stub_server("--ttft", "0.4", "--interval", "0.01") as fast, stub_server(
+        "--ttft", "0.8", "--interval", "0.02"
     ) as slow:
         targets = [Target("metronome", fast, "m"), Target("other", slow, "m")]
         config = sweep_config(rounds=2, requests_per_user=1, warmup=0, workload=resolve_workload("short", 0.2))
@@ -309,13 +309,13 @@ def test_interrupt_from_a_hook_keeps_partial_results(tmp_path: Path) -> None:
 
 def test_ctrl_c_signal_writes_partial_results(tmp_path: Path) -> None:
     out = tmp_path / "partial"
-    with stub_server("--ttft", "0.05", "--interval", "0.005") as url:
-        timer = threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGINT))
+    with stub_server("--ttft", "0.05", "--interval", "0.03") as url:  # ~1.9 s a request: ~2 done of 15 at 4 s
+        timer = threading.Timer(4.0, os.kill, (os.getpid(), signal.SIGINT))
         timer.start()
         try:
             code = cli.main(
                 ["--url", url, "--input-tokens", "20", "--output-tokens", "60", "--concurrency", "1"]
-                + ["--rounds", "5", "--requests-per-user", "3", "--out", str(out), "--no-progress"]
+                + ["--rounds", "5", "--requests-per-user", "3", "--warmup", "0", "--out", str(out), "--no-progress"]
             )
         finally:
             timer.cancel()

@@ -228,3 +228,14 @@ def test_background_thread_serves_concurrent_streams(smollm):
         assert len(set(results.values())) == 1 and len(results) == 6
     finally:
         engine.stop()
+
+
+def test_top_p_shortcut_equals_the_full_sort():
+    from metronome.sampler import _top_p
+
+    g = torch.Generator().manual_seed(0)
+    for temperature in (0.3, 1.0, 5.0):  # peaked to flat distributions: shortcut taken and not
+        probs = torch.softmax(torch.randn(49152, generator=g) * 4 / temperature, -1)
+        for top_p in (0.1, 0.5, 0.9, 0.99):
+            full = _top_p(probs, top_p, candidates=probs.shape[-1])
+            assert torch.equal(_top_p(probs, top_p), full)

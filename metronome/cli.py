@@ -8,13 +8,13 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-from metronome.config import EngineConfig, SamplingParams
+from metronome.config import EngineConfig, ModelConfig, SamplingParams
 
 
 def _model_args(p: argparse.ArgumentParser, slots: int) -> None:
     p.add_argument("--model", default=None, help="a .gguf file or an HF model folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--slots", type=int, default=slots, help=f"request slots in the plan (default {slots})")
-    p.add_argument("--ctx", type=int, default=2048, help="context length of every slot (default 2048)")
+    p.add_argument("--ctx", type=int, default=None, help="context length of every slot (default 2048, or the model's if shorter)")
     p.add_argument("--weights", default="auto", choices=["auto", "f32", "bf16", "int8", "int4"], help="run-time weight format")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
@@ -40,8 +40,11 @@ def _params(args: argparse.Namespace) -> SamplingParams:
     return params
 
 
-def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(slots=args.slots, ctx=args.ctx, device=args.device, weights=args.weights, threads=args.threads)
+def engine_config(args: argparse.Namespace, model: ModelConfig) -> EngineConfig:
+    from metronome.plan import default_ctx
+
+    return EngineConfig(slots=args.slots, ctx=default_ctx(model, args.ctx), device=args.device, weights=args.weights,
+                        threads=args.threads)
 
 
 @contextmanager
@@ -64,7 +67,8 @@ def load_engine(args: argparse.Namespace, calibrate: bool = False):
     with loading_progress(sys.stderr.isatty()) as say:
         say("reading model file")
         loaded = load(args.model)
-        return Engine.from_model(config=engine_config(args), loaded=loaded, calibrate=calibrate, progress=say)
+        return Engine.from_model(config=engine_config(args, loaded.config), loaded=loaded, calibrate=calibrate,
+                                 progress=say)
 
 
 def _stats(n_tokens: int, usage: dict) -> str:

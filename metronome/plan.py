@@ -98,6 +98,14 @@ class Plan:
 # ---------------------------------------------------------------------------------------------
 
 
+DEFAULT_CTX = 2048
+
+
+def default_ctx(cfg: ModelConfig, requested: int | None) -> int:
+    """The context a plan holds: as requested, else 2048 or the model's own context if that is shorter."""
+    return requested if requested is not None else min(DEFAULT_CTX, cfg.max_position)
+
+
 def resolve_weights(loaded: LoadedModel, config: EngineConfig) -> str:
     """auto: bf16 on GPU; on CPU int4 when the file's matrices are Q4_0/Q4_1 blocks (exact), else int8."""
     if config.weights not in ("auto", *(_DTYPES)):

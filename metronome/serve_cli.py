@@ -18,7 +18,7 @@ import uvicorn
 from metronome.config import EngineConfig
 from metronome.engine import Engine
 from metronome.loader import ModelFileError, load
-from metronome.plan import PlanError
+from metronome.plan import PlanError, default_ctx
 from metronome.server import ModelIdentity, ServerSettings, ServerState, create_app
 
 API_KEY_ENV = "METRONOME_API_KEY"
@@ -29,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port to bind (0: any free port)")
     p.add_argument("--slots", type=int, default=8, help="requests decoded together (default 8)")
-    p.add_argument("--ctx", type=int, default=2048, help="context tokens per slot, prompt + output (default 2048)")
+    p.add_argument("--ctx", type=int, default=None,
+                   help="context tokens per slot, prompt + output (default 2048, or the model's if shorter)")
     p.add_argument("--max-queue", type=int, default=None,
                    help="requests that may wait for a slot before new ones get 429 (default: no limit)")
     p.add_argument("--api-key", default=None,
@@ -73,7 +74,8 @@ class ModelLoader(threading.Thread):
         a = self.args
         try:
             loaded = load(a.model)
-            config = EngineConfig(slots=a.slots, ctx=a.ctx, device=a.device, weights=a.weights, threads=a.threads)
+            config = EngineConfig(slots=a.slots, ctx=default_ctx(loaded.config, a.ctx), device=a.device,
+                                  weights=a.weights, threads=a.threads)
             self.engine = Engine.from_model(config=config, max_queue=a.max_queue, loaded=loaded)
             self.state.attach(self.engine, ModelIdentity.of(loaded))
             print(f"metronome: {self.state.served.identity.id} ready ({self.state.served.fingerprint})", flush=True)

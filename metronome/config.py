@@ -124,3 +124,4 @@ class EngineConfig:
     device: str = "cpu"
     weights: str = "auto"  # "auto" | "f32" | "bf16" | "int4" (weight-only, where the file's blocks allow)
     threads: int | None = None  # torch CPU threads (None: leave torch's default)
+    kernels: str = "auto"  # "auto" (C++ kernels on CPU when they build, else torch), "cpp" (required), "torch"

@@ -35,6 +35,7 @@ SOURCE = Path(__file__).parent / "csrc" / "kernels.cpp"
 # extension then shares torch's own libgomp (same soname, already loaded) and its thread count.
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
+REQUIRED_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "f16c"})  # as /proc/cpuinfo names them
 Q8_0_BLOCK, Q8_0_BYTES = 32, 34  # weights per block, bytes per block (fp16 scale + 32 int8)
 
 
@@ -166,9 +167,12 @@ def _cpu_flags() -> str:
 
 
 def build_directory() -> Path:
-    """Where this source, torch, Python and CPU combination is built (created by load_kernels)."""
+    """Where this source, torch, Python and CPU combination is built (created by load_kernels). The torch
+    install path is part of the key: two environments sharing one cache would otherwise rebuild each
+    other's build (the compile command names the include paths)."""
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), sys.version.encode(), platform.machine().encode(),
+    for part in (SOURCE.read_bytes(), torch.__version__.encode(), str(Path(torch.__file__).parent).encode(),
+                 sys.version.encode(), platform.machine().encode(),
                  _cpu_flags().encode(), " ".join(CFLAGS + LDFLAGS).encode(), os.environ.get("CXX", "c++").encode()):
         key.update(part)
         key.update(b"\0")
@@ -185,11 +189,16 @@ def load_kernels(verbose: bool = False) -> CppOps:
     with _lock:
         if _loaded is not None:
             return _loaded
+        flags = set(_cpu_flags().split())
         capability = torch.backends.cpu.get_cpu_capability()
-        has_avx512 = "avx512f" in _cpu_flags().split() or capability.startswith(("AVX512", "AMX"))
-        if platform.machine().lower() not in ("x86_64", "amd64") or not has_avx512:
-            raise KernelBuildError(f"metronome's C++ kernels need an x86-64 CPU with AVX-512 (this one: "
-                                   f"{platform.machine()}, torch capability {capability}); use TorchOps")
+        if "sse2" in flags:  # x86 flags from /proc/cpuinfo
+            missing = sorted(REQUIRED_CPU_FLAGS - flags)
+        else:  # no flags to read: trust torch's own dispatch level
+            missing = [] if capability.startswith(("AVX512", "AMX")) else ["avx512"]
+        if platform.machine().lower() not in ("x86_64", "amd64") or missing:
+            raise KernelBuildError(f"metronome's C++ kernels need an x86-64 CPU with AVX-512 (F, BW, VL) and F16C; "
+                                   f"this one is {platform.machine()} (torch capability {capability}, missing "
+                                   f"{', '.join(missing) or 'nothing'}); use TorchOps")
         from torch.utils import cpp_extension
 
         if not cpp_extension.is_ninja_available():
@@ -199,8 +208,8 @@ def load_kernels(verbose: bool = False) -> CppOps:
         directory = build_directory()
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            module = cpp_extension.load(name="metronome_kernels", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
-                                        build_directory=str(directory), verbose=verbose)
+            module = cpp_extension.load(name="metronome_kernels", sources=[str(SOURCE)], extra_cflags=CFLAGS,
+                                        extra_ldflags=LDFLAGS, build_directory=str(directory), verbose=verbose)
         except (RuntimeError, OSError, ImportError) as e:
             raise KernelBuildError(f"could not build/load {SOURCE} in {directory}: {e}") from e
         _loaded = CppOps(module)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metronome.config import ModelConfig
+from metronome.kernels import Ops, TorchOps
 
 
 @dataclass
@@ -55,15 +56,29 @@ class Rows:
     start: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class Step:
+    """Everything one forward pass shares across layers, computed once."""
+
+    positions: torch.Tensor  # (B, T)
+    rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin (B, T, Dh) of the global layers
+    rope_local: tuple[torch.Tensor, torch.Tensor]  # ... of the sliding-window layers
+    cache: KVCache
+    rows: Rows
+    slot_index: torch.Tensor  # (B,) cache slot of each row
+    ends: torch.Tensor  # (B,) one past each row's last position
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.ops: Ops = TorchOps()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Statistics in float32 whatever the activation dtype (as the reference implementations do).
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+        return self.ops.rms_norm(x, self.weight, self.eps)
 
 
 def rope_frequencies(cfg: ModelConfig, theta: float, apply_scaling: bool) -> torch.Tensor:
@@ -99,16 +114,9 @@ class Rope(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def table(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for `positions` (B, T): each (B, T, 1, Dh), broadcast over heads. Once per step."""
-        return self.cos[positions].unsqueeze(2).to(dtype), self.sin[positions].unsqueeze(2).to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE. x: (B, T, H, Dh); cos, sin: (B, T, 1, Dh)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    def table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (float32) for `positions` (B, T): each (B, T, Dh). Once per step."""
+        return self.cos[positions], self.sin[positions]
 
 
 class Attention(nn.Module):
@@ -122,19 +130,24 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.window = cfg.sliding_window if cfg.is_sliding(layer) else None
         self.scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
+        self.ops: Ops = TorchOps()
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache,
-                rows: Rows, slot_index: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, Dh = self.n_heads, self.n_kv, self.head_dim
         q, k, v = self.wqkv(x).view(B, T, H + 2 * Hkv, Dh).split([H, Hkv, Hkv], dim=2)  # (B, T, h, Dh) each
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        ck, cv = cache.k[self.layer], cache.v[self.layer]  # (S, Hkv, ctx, Dh)
+        cos, sin = step.rope_local if self.window is not None else step.rope
+        q, k = self.ops.rope(q, cos, sin), self.ops.rope(k, cos, sin)
+        ck, cv = step.cache.k[self.layer], step.cache.v[self.layer]  # (S, Hkv, ctx, Dh)
         # Write this step's keys/values in place: row b -> (slot_index[b], positions[b, t]).
-        ck[slot_index[:, None], :, positions] = k.to(ck.dtype)
-        cv[slot_index[:, None], :, positions] = v.to(cv.dtype)
+        ck[step.slot_index[:, None], :, step.positions] = k.to(ck.dtype)
+        cv[step.slot_index[:, None], :, step.positions] = v.to(cv.dtype)
+        if T == 1:  # decode: every row over its own span; idle rows of a fixed shape are computed and ignored
+            out = self.ops.decode_attention(q[:, 0], ck, cv, step.slot_index, step.ends, self.window or 0, self.scale)
+            return self.wo(out.reshape(B, 1, H * Dh))
+        rows = step.rows
         q = q.transpose(1, 2)  # (B, H, T, Dh)
         out = torch.zeros_like(q) if len(rows.row) < B else torch.empty_like(q)
         for b, slot, start in zip(rows.row, rows.slot, rows.start):
@@ -142,13 +155,12 @@ class Attention(nn.Module):
             first = 0 if self.window is None else max(0, end - T - self.window + 1)
             keys = ck[slot : slot + 1, :, first:end]  # (1, Hkv, L, Dh)
             values = cv[slot : slot + 1, :, first:end]
-            mask = None
-            if T > 1:  # prefill: causal (and windowed) inside the new block
-                qpos = torch.arange(start, end, device=x.device)[:, None]
-                kpos = torch.arange(first, end, device=x.device)[None, :]
-                mask = kpos <= qpos
-                if self.window is not None:
-                    mask &= kpos > qpos - self.window
+            # prefill: causal (and windowed) inside the new block
+            qpos = torch.arange(start, end, device=x.device)[:, None]
+            kpos = torch.arange(first, end, device=x.device)[None, :]
+            mask = kpos <= qpos
+            if self.window is not None:
+                mask &= kpos > qpos - self.window
             out[b : b + 1] = F.scaled_dot_product_attention(
                 q[b : b + 1], keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, scale=self.scale, enable_gqa=True
             )
@@ -161,11 +173,11 @@ class MLP(nn.Module):
         self.w_gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # gate, up stacked
         self.w_down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.gelu = cfg.activation == "gelu_tanh"
+        self.ops: Ops = TorchOps()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w_gate_up(x).chunk(2, dim=-1)
-        gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
-        return self.w_down(gate * up)
+        gate_up = self.w_gate_up(x)
+        return self.w_down(self.ops.gelu_tanh_mul(gate_up) if self.gelu else self.ops.silu_mul(gate_up))
 
 
 class Block(nn.Module):
@@ -178,8 +190,8 @@ class Block(nn.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if cfg.sandwich_norms else None
         self.post_mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if cfg.sandwich_norms else None
 
-    def forward(self, x, positions, rope, cache, rows, slot_index):
-        h = self.attn(self.attn_norm(x), positions, rope, cache, rows, slot_index)
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        h = self.attn(self.attn_norm(x), step)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
         x = x + h
@@ -210,15 +222,24 @@ class Transformer(nn.Module):
         x = self.embed(tokens)  # (B, T, D)
         if self.cfg.embed_scale != 1.0:
             x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
-        rope = self.rope.table(positions, x.dtype)
-        rope_local = self.rope_local.table(positions, x.dtype) if self.rope_local is not None else rope
-        for i, layer in enumerate(self.layers):
-            x = layer(x, positions, rope_local if self.cfg.is_sliding(i) else rope, cache, rows, slot_index)
+        rope = self.rope.table(positions)
+        rope_local = self.rope_local.table(positions) if self.rope_local is not None else rope
+        step = Step(positions, rope, rope_local, cache, rows, slot_index, positions[:, -1] + 1)
+        for layer in self.layers:
+            x = layer(x, step)
         x = self.norm(x if all_logits else x[:, -1])
         logits = self.head(x).float()
         if self.cfg.final_logit_softcap:
             logits = torch.tanh(logits / self.cfg.final_logit_softcap) * self.cfg.final_logit_softcap
         return logits
+
+
+def use_ops(model: Transformer, ops: Ops) -> Transformer:
+    """Run `model`'s norms, RoPE, attention and activations with `ops` (e.g. compiled kernels)."""
+    for m in model.modules():
+        if isinstance(m, (RMSNorm, Attention, MLP)):
+            m.ops = ops
+    return model
 
 
 def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], ctx: int, dtype: torch.dtype,
@@ -227,9 +248,6 @@ def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], ctx: int, dt
     with torch.device("meta"):
         model = Transformer(cfg, ctx)
     model = model.to_empty(device=device)
-    model.rope = Rope(cfg, cfg.rope_theta, ctx).to(device)
-    if cfg.rope_local_theta:
-        model.rope_local = Rope(cfg, cfg.rope_local_theta, ctx, apply_scaling=False).to(device)
     params = dict(model.named_parameters())
     for name, p in params.items():
         if name == "head.weight" and cfg.tie_embeddings:
@@ -238,6 +256,10 @@ def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], ctx: int, dt
         with torch.no_grad():
             p.copy_(src.reshape(p.shape))
     model = model.to(dtype)
+    # RoPE tables stay float32 (rounded once, where they are applied).
+    model.rope = Rope(cfg, cfg.rope_theta, ctx).to(device)
+    if cfg.rope_local_theta:
+        model.rope_local = Rope(cfg, cfg.rope_local_theta, ctx, apply_scaling=False).to(device)
     if cfg.tie_embeddings:
         model.head.weight = model.embed.weight
     for norm in [m for m in model.modules() if isinstance(m, RMSNorm)]:

@@ -19,7 +19,9 @@ import torch
 from metronome.config import EngineConfig, ModelConfig
 from metronome.loader import LoadedModel, QuantTensor
 from metronome.model import KVCache, Rows, Transformer, build_model
-from metronome.quant import Int4Linear, Int8Linear, quantize
+from metronome.kernels import CppOps, KernelBuildError, Ops, TorchOps, load_kernels
+from metronome.model import use_ops
+from metronome.quant import Int4Linear, Int8Linear, Q8Linear, quantize
 
 # Run-time weight formats -> activation dtype. int4/int8 are weight-only (quant.py) with bf16 activations.
 _DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16, "int4": torch.bfloat16}
@@ -40,6 +42,7 @@ class PlanReport:
     kv_cache_bytes: int
     step_ms: dict[int, float] = field(default_factory=dict)  # measured median step latency by live rows
     invariance: str = ""
+    kernels: str = ""  # which ops run the glue (and why, when the C++ kernels were not used)
 
     def tokens_per_s(self, live: int) -> float:
         return 1000.0 / self.step_ms[live] if live in self.step_ms else float("nan")
@@ -143,9 +146,11 @@ def compile_plan(loaded: LoadedModel, config: EngineConfig, calibrate: bool = Tr
     dense = {k: (v.dequantize() if isinstance(v, QuantTensor) else v) for k, v in loaded.weights.items()}
     model = build_model(cfg, dense, config.ctx, dtype, config.device)
     del dense
+    ops, kernels = _choose_ops(config, say)
+    use_ops(model, ops)
     if weights in ("int4", "int8"):
         say(f"packing {weights} weights")
-        quantize(model, loaded.weights, weights)
+        quantize(model, loaded.weights, weights, q8_ops=ops if isinstance(ops, CppOps) else None)
     plan = Plan(model, cfg, config, weights, dtype)
     say("checking batch invariance of the decode step")
     plan.decode_mode, invariance = _choose_decode_mode(plan)
@@ -160,8 +165,24 @@ def compile_plan(loaded: LoadedModel, config: EngineConfig, calibrate: bool = Tr
         kv_cache_bytes=plan.cache.nbytes(),
         step_ms=step_ms,
         invariance=invariance,
+        kernels=kernels,
     )
     return plan
+
+
+def _choose_ops(config: EngineConfig, say: Callable[[str], None]) -> tuple[Ops, str]:
+    """The C++ kernels on CPU when they build (config.kernels auto/cpp), else the torch reference ops."""
+    if config.kernels not in ("auto", "cpp", "torch"):
+        raise PlanError(f"kernels={config.kernels!r}: choose auto, cpp or torch")
+    if config.kernels == "torch" or config.device != "cpu":
+        return TorchOps(), "torch"
+    say("building C++ kernels (once per machine)")
+    try:
+        return load_kernels(), "cpp"
+    except KernelBuildError as exc:
+        if config.kernels == "cpp":
+            raise PlanError(f"kernels='cpp' but they cannot be used here: {exc}") from exc
+        return TorchOps(), f"torch (C++ kernels unavailable: {exc})"
 
 
 def _choose_decode_mode(plan: Plan) -> tuple[str, str]:
@@ -205,7 +226,7 @@ def _weight_bytes_per_step(model: Transformer) -> int:
     total = 0
     seen: set[int] = set()
     for m in model.modules():
-        if isinstance(m, (Int4Linear, Int8Linear)):
+        if isinstance(m, (Int4Linear, Int8Linear, Q8Linear)):
             total += m.nbytes
         elif isinstance(m, torch.nn.Linear) and id(m.weight) not in seen:
             seen.add(id(m.weight))

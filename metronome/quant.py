@@ -63,6 +63,26 @@ class Int8Linear(nn.Module):
         return self.weight_int8.nbytes + self.scales.nbytes
 
 
+class Q8Linear(nn.Module):
+    """y = x @ W.T with W kept as the file's Q8_0 blocks (an fp16 scale per 32 int8 weights), read by a
+    fused kernel: the LM head of most GGUF files, at its stored precision."""
+
+    def __init__(self, blocks: torch.Tensor, out_features: int, in_features: int, ops) -> None:
+        super().__init__()
+        self.register_buffer("blocks", blocks)  # (out, in/32*34) uint8
+        self.out_features, self.in_features = out_features, in_features
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self.ops.q8_0_linear(x.reshape(-1, shape[-1]), self.blocks)  # float32
+        return y.reshape(*shape[:-1], self.out_features)
+
+    @property
+    def nbytes(self) -> int:
+        return self.blocks.nbytes
+
+
 def q4_blocks(t: QuantTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes (N, K) int32 in [0, 16), scales d and zeros (N, K/32) float32 with x = (q-8)*d + zero."""
     n, k = t.shape
@@ -95,9 +115,10 @@ def int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
     return Int8Linear(q, scales.to(torch.bfloat16), None if bias is None else bias.to(torch.bfloat16))
 
 
-def quantize(model: nn.Module, weights: dict[str, QuantTensor | torch.Tensor], mode: str) -> nn.Module:
+def quantize(model: nn.Module, weights: dict[str, QuantTensor | torch.Tensor], mode: str, q8_ops=None) -> nn.Module:
     """Replace every nn.Linear in `model` (in place): int4 where the file holds Q4_0/Q4_1 blocks and
-    mode is "int4", int8 per channel otherwise. `weights` are the loader's (possibly quantized) tensors."""
+    mode is "int4"; the file's own Q8_0 blocks where `q8_ops` (ops with a fast `q8_0_linear`) is given;
+    int8 per channel otherwise. `weights` are the loader's (possibly quantized) tensors."""
     from metronome.model import weight_sources
 
     for parent_name, parent in list(model.named_modules()):
@@ -112,6 +133,9 @@ def quantize(model: nn.Module, weights: dict[str, QuantTensor | torch.Tensor], m
             bias = child.bias.detach() if child.bias is not None else None
             if mode == "int4" and source is not None and source.qtype in ("Q4_0", "Q4_1"):
                 new: nn.Module = int4_linear(source, bias)
+            elif q8_ops is not None and bias is None and source is not None and source.qtype == "Q8_0":
+                blocks = torch.from_numpy(np.array(source.raw)).reshape(source.shape[0], -1)  # a writable copy
+                new = Q8Linear(blocks, source.shape[0], source.shape[1], q8_ops)
             else:
                 new = int8_linear(child.weight.detach(), bias)
             setattr(parent, child_name, new)

@@ -161,7 +161,8 @@ def test_gated_activation_extremes(cpp: CppOps) -> None:
     gu = torch.cat([g, torch.ones_like(g)])[None]
     # same values as torch, including inf -> inf, -inf -> nan (-inf / inf) and the sign of zero
     torch.testing.assert_close(cpp.silu_mul(gu)[0], F.silu(g), rtol=1e-6, atol=0, equal_nan=True)
-    torch.testing.assert_close(cpp.gelu_tanh_mul(gu)[0], F.gelu(g, approximate="tanh"), rtol=1e-6, atol=0, equal_nan=True)
+    torch.testing.assert_close(cpp.gelu_tanh_mul(gu)[0], F.gelu(g, approximate="tanh"), rtol=1e-6, atol=0,
+                               equal_nan=True)
     assert torch.equal(cpp.silu_mul(gu)[0].signbit(), F.silu(g).signbit())
     assert cpp.silu_mul(torch.tensor([[float("nan"), 1.0]])).isnan().all()
 
@@ -329,7 +330,7 @@ def test_batch_invariance(cpp: CppOps, dtype: torch.dtype) -> None:
         for m in range(1, 9):
             batch = fn(torch.arange(m))
             for i in range(m):
-                assert torch.equal(batch[i: i + 1], alone[i]), f"{name}: row {i} of an {m}-row call differs from it alone"
+                assert torch.equal(batch[i: i + 1], alone[i]), f"{name}: row {i} of {m} rows differs from it alone"
         # a row's result does not depend on its neighbours' values either
         rev = fn(torch.arange(7, -1, -1))
         for i in range(8):

@@ -15,7 +15,7 @@ from metronome.config import SamplingParams
 @dataclass(frozen=True)
 class Choice:
     token: int
-    logprob: float  # log-probability of `token` under the model's (penalized) distribution
+    logprob: float | None  # log-probability of `token` under the model's (penalized) distribution; None unless asked
     top: tuple[tuple[int, float], ...]  # the top_logprobs alternatives, best first
 
 
@@ -52,13 +52,15 @@ class RequestSampler:
         (constrained decoding); logprobs are reported from the unrestricted distribution."""
         p = self.params
         logits = self.penalize(logits[: self.vocab_size].float())
-        logprobs = torch.log_softmax(logits, dim=-1)
+        logprobs = torch.log_softmax(logits, dim=-1) if p.logprobs or p.top_logprobs else None
         if allowed is not None:
             logits = logits.masked_fill(~allowed, float("-inf"))
         if p.temperature == 0.0:
             token = int(torch.argmax(logits))
         else:
             token = int(torch.multinomial(self._truncated_probs(logits), 1, generator=self.generator))
+        if logprobs is None:
+            return Choice(token, None, ())
         top: tuple[tuple[int, float], ...] = ()
         if p.top_logprobs:
             values, ids = torch.topk(logprobs, p.top_logprobs)

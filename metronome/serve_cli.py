@@ -39,7 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"larger request bodies get 413 (default {ServerSettings.max_body_bytes})")
     p.add_argument("--weights", default="auto",
                    help="run-time weight format: auto, f32, bf16, or int8/int4 on CPU (the plan checks the choice)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: one less than the cores, so the HTTP event loop keeps a core: "
+                        "with 2 cores, 2 compute threads streamed 20-25 tokens/s and 1 thread 48)")
     p.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N")
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn's log level (info logs every request)")
@@ -74,8 +76,9 @@ class ModelLoader(threading.Thread):
         a = self.args
         try:
             loaded = load(a.model)
+            threads = a.threads if a.threads is not None else max(1, (os.cpu_count() or 2) - 1)
             config = EngineConfig(slots=a.slots, ctx=default_ctx(loaded.config, a.ctx), device=a.device,
-                                  weights=a.weights, threads=a.threads)
+                                  weights=a.weights, threads=threads)
             self.engine = Engine.from_model(config=config, max_queue=a.max_queue, loaded=loaded)
             self.state.attach(self.engine, ModelIdentity.of(loaded))
             print(f"metronome: {self.state.served.identity.id} ready ({self.state.served.fingerprint})", flush=True)

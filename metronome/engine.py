@@ -12,7 +12,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 
@@ -88,13 +88,17 @@ class Completion:
     seed: int
 
 
-class Constraint:
-    """Restricts which tokens a request may take next (constrained decoding). Interface only in spirit:
-    any object with these three methods works; see `constrain.JsonConstraint`."""
+class Constraint(Protocol):
+    """What the engine asks of a decoding constraint (e.g. `constrain.JsonConstraint`)."""
 
-    def allowed(self, logits: torch.Tensor) -> torch.Tensor | None: ...  # noqa: E704
-    def accept(self, token: int) -> None: ...  # noqa: E704
-    def finished(self) -> bool: ...  # noqa: E704
+    def allowed(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """A bool mask (V,) of the tokens that may come next, or None for no restriction."""
+
+    def accept(self, token: int) -> None:
+        """Advance past the token that was chosen."""
+
+    def finished(self) -> bool:
+        """True once the constrained output is complete (the request then stops)."""
 
 
 @dataclass(eq=False)

@@ -309,6 +309,9 @@ def test_interrupt_from_a_hook_keeps_partial_results(tmp_path: Path) -> None:
 
 def test_ctrl_c_signal_writes_partial_results(tmp_path: Path) -> None:
     out = tmp_path / "partial"
+    # A process started in the background by a non-interactive shell (as CI may be) ignores SIGINT from birth;
+    # this test is about what Ctrl-C does, so it gives the process Python's own SIGINT handler while it runs.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     with stub_server("--ttft", "0.05", "--interval", "0.03") as url:  # ~1.9 s a request: ~2 done of 15 at 4 s
         timer = threading.Timer(4.0, os.kill, (os.getpid(), signal.SIGINT))
         timer.start()
@@ -319,6 +322,7 @@ def test_ctrl_c_signal_writes_partial_results(tmp_path: Path) -> None:
             )
         finally:
             timer.cancel()
+            signal.signal(signal.SIGINT, previous)
     assert code == 130
     document = json.loads((out / "results.json").read_text())
     jsonschema.validate(document, load_schema())

@@ -232,7 +232,9 @@ class Engine:
         text, hit = self._release_text(r, final=finish is not None)
         if hit:
             finish = "stop"
-        if r.timings.first_sentence is None and (_SENTENCE_END.search(r.text + text) or (finish and (r.text + text).strip())):
+        # A sentence end is punctuation then whitespace: only the last emitted character can pair with the new text.
+        ended = _SENTENCE_END.search(r.text[-1:] + text) or (finish and (r.text.strip() or text.strip()))
+        if r.timings.first_sentence is None and ended:
             r.timings.first_sentence = now
         r.text += text
         if finish is not None:

@@ -18,6 +18,10 @@ def _model_args(p: argparse.ArgumentParser, slots: int) -> None:
     p.add_argument("--weights", default="auto", choices=["auto", "f32", "bf16", "int8", "int4"], help="run-time weight format")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--kernels", default="auto", choices=["auto", "cpp", "torch"], help="C++ kernels (auto: when they build)")
+    p.add_argument("--spec-tokens", type=int, default=4,
+                   help="speculative decoding: most tokens drafted per step while one request runs (0: off)")
+    p.add_argument("--draft", default=None, help="a draft model (same vocabulary) for speculation (default: prompt lookup)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -44,7 +48,7 @@ def engine_config(args: argparse.Namespace, model: ModelConfig) -> EngineConfig:
     from metronome.plan import default_ctx
 
     return EngineConfig(slots=args.slots, ctx=default_ctx(model, args.ctx), device=args.device, weights=args.weights,
-                        threads=args.threads)
+                        threads=args.threads, kernels=args.kernels, spec_tokens=args.spec_tokens, draft=args.draft)
 
 
 @contextmanager
@@ -174,8 +178,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
     r = engine.plan.report
     bandwidth = measure_machine().bandwidth
     bound = bandwidth / r.weight_bytes
+    how = "read from the plan cache" if r.cached else "compiled"
     print(f"plan for {engine.model_name}: {r.weights} weights on {r.device}, {r.slots} slots x {r.ctx} tokens "
-          f"(compiled in {seconds:.1f} s)")
+          f"({how} in {seconds:.1f} s)")
+    print(f"  kernels             {r.kernels}")
     print(f"  decode shape        {r.decode_mode}: {r.invariance}")
     print(f"  weights read/token  {r.weight_bytes / 1e6:.1f} MB")
     print(f"  KV cache            {r.kv_cache_bytes / 1e6:.1f} MB (allocated once)")

@@ -125,3 +125,5 @@ class EngineConfig:
     weights: str = "auto"  # "auto" | "f32" | "bf16" | "int4" (weight-only, where the file's blocks allow)
     threads: int | None = None  # torch CPU threads (None: leave torch's default)
     kernels: str = "auto"  # "auto" (C++ kernels on CPU when they build, else torch), "cpp" (required), "torch"
+    spec_tokens: int = 4  # speculative decoding: most tokens drafted per step while one request runs (0: off)
+    draft: str | None = None  # a draft model (same vocabulary) to speculate with; default: prompt lookup

@@ -21,6 +21,7 @@ from metronome.loader import LoadedModel, load
 from metronome.plan import Plan, compile_plan
 from metronome.sampler import Choice, RequestSampler
 from metronome.scheduler import Scheduler
+from metronome.speculate import Drafter, ModelDrafter, NgramDrafter
 from metronome.tokenizer import StreamDecoder, Tokenizer
 
 _SENTENCE_END = re.compile(r"[.!?\u3002\uff01\uff1f](\s)")
@@ -118,6 +119,7 @@ class Request:
     text: str = ""  # emitted so far
     held: str = ""  # decoded but held back (could start a stop string)
     finish_reason: str | None = None
+    draft_k: int = 0  # tokens to draft next step (adapts to how many were accepted)
 
     @property
     def position(self) -> int:
@@ -125,9 +127,26 @@ class Request:
         return len(self.prompt_ids) + len(self.output_ids) - 1
 
 
+@dataclass
+class SpecStats:
+    """Speculative decoding so far: verification steps, tokens drafted, drafts accepted."""
+
+    steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
 class Engine:
-    def __init__(self, plan: Plan, tokenizer: Tokenizer, model_name: str = "", max_queue: int | None = None) -> None:
+    def __init__(self, plan: Plan, tokenizer: Tokenizer, model_name: str = "", max_queue: int | None = None,
+                 drafter: Drafter | None = None) -> None:
         self.plan = plan
+        # Speculation needs rows of one slot in a step: the fused plan's row-independent decoder.
+        self.drafter = (drafter or NgramDrafter()) if plan.fused is not None and plan.config.spec_tokens > 0 else None
+        self.spec = SpecStats()
         self.tokenizer = tokenizer
         self.config: EngineConfig = plan.config
         self.model_name = model_name
@@ -146,7 +165,16 @@ class Engine:
         config = config or EngineConfig()
         loaded = loaded or load(path)
         plan = compile_plan(loaded, config, calibrate=calibrate, progress=progress)
-        return cls(plan, Tokenizer(loaded.tokenizer), loaded.config.name or loaded.path.stem, max_queue)
+        drafter = None
+        if config.draft is not None and config.spec_tokens > 0:
+            draft_config = EngineConfig(slots=config.slots, ctx=config.ctx, device=config.device, weights=config.weights,
+                                        threads=config.threads, kernels=config.kernels, spec_tokens=0)
+            draft_plan = compile_plan(load(config.draft), draft_config, calibrate=False, progress=progress)
+            try:
+                drafter = ModelDrafter(draft_plan, plan.cfg.vocab_size)
+            except ValueError as exc:
+                raise ValueError(f"draft={config.draft!r}: {exc}") from None
+        return cls(plan, Tokenizer(loaded.tokenizer), loaded.config.name or loaded.path.stem, max_queue, drafter)
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -201,17 +229,50 @@ class Engine:
             self._finish(r, "cancelled")
         for r in batch.admitted:  # a new request is prefilled and samples its first token now ...
             r.timings.admitted = time.perf_counter()
+            r.draft_k = self.config.spec_tokens
+            if self.drafter is not None:
+                self.drafter.reset(r.slot)
             self._advance(r, self.plan.prefill(r.prompt_ids, r.slot))
         live = [r for r in batch.running if r.finish_reason is None]  # ... and joins this step's decode
         if live:
-            logits = self.plan.decode([r.slot for r in live], [r.output_ids[-1] for r in live], [r.position for r in live])
-            for r, row in zip(live, logits):
-                self._advance(r, row)
+            drafts = self._drafts(live)
+            rows = [(r.slot, token, r.position + j) for r, d in zip(live, drafts) for j, token in enumerate([r.output_ids[-1], *d])]
+            slots, tokens, positions = (list(x) for x in zip(*rows))
+            logits = self.plan.decode(slots, tokens, positions)  # one row per live request, plus its drafts
+            first = 0
+            for r, d in zip(live, drafts):
+                self._verify(r, d, logits[first: first + 1 + len(d)])
+                first += 1 + len(d)
         self.steps += 1
         return len(live)
 
-    def _advance(self, r: Request, logits: torch.Tensor) -> None:
-        """Sample one token for `r` from its logits row and emit what it makes final."""
+    def _drafts(self, live: list[Request]) -> list[list[int]]:
+        """Draft tokens for each live request: only while one request runs (a lone user's step is memory-
+        bound, so extra rows are nearly free; a full batch is not), within max_tokens and the context."""
+        if self.drafter is None or len(live) != 1:
+            return [[] for _ in live]
+        r = live[0]
+        room = min(r.draft_k, r.params.max_tokens - len(r.output_ids) - 1, self.config.ctx - 1 - r.position)
+        return [self.drafter.propose(r.slot, r.prompt_ids + r.output_ids, room) if room > 0 else []]
+
+    def _verify(self, r: Request, drafts: list[int], logits: torch.Tensor) -> None:
+        """Sample from row 0, then from row j+1 while the token sampled from row j equals draft j."""
+        accepted = 0
+        for j, row in enumerate(logits):
+            token = self._advance(r, row)
+            if r.finish_reason is not None or j == len(drafts) or token != drafts[j]:
+                break
+            accepted += 1
+        if drafts:
+            self.spec.steps += 1
+            self.spec.drafted += len(drafts)
+            self.spec.accepted += accepted
+            # all right: draft one more next time; none right: halve (a wrong guess costs extra rows)
+            k = self.config.spec_tokens
+            r.draft_k = min(k, r.draft_k + 1) if accepted == len(drafts) else max(1, r.draft_k // 2) if accepted == 0 else r.draft_k
+
+    def _advance(self, r: Request, logits: torch.Tensor) -> int:
+        """Sample one token for `r` from its logits row and emit what it makes final; returns the token."""
         allowed = r.constraint.allowed(logits) if r.constraint is not None else None
         choice = r.sampler.choose(logits, allowed)
         r.sampler.observe(choice.token)
@@ -241,6 +302,7 @@ class Engine:
             self._finish(r, finish, text, (choice,))
         else:
             r.on_event(Delta(r.id, text, (choice,)))
+        return choice.token
 
     def _release_text(self, r: Request, final: bool) -> tuple[str, bool]:
         """Text safe to emit now: cut at a stop string (hit=True), else hold back a possible stop prefix.

@@ -28,14 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["CppOps", "KernelBuildError", "Ops", "TorchOps", "dequantize_q8_0", "load_kernels"]
+__all__ = ["CppOps", "KernelBuildError", "Ops", "StaticOps", "TorchOps", "dequantize_q8_0", "load_kernels"]
 
 SOURCE = Path(__file__).parent / "csrc" / "kernels.cpp"
-# -fopenmp: at::parallel_for is OpenMP in torch's CPU wheel and silently runs serially without it; the
-# extension then shares torch's own libgomp (same soname, already loaded) and its thread count.
-CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
-LDFLAGS = ["-fopenmp"]
-REQUIRED_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "f16c"})  # as /proc/cpuinfo names them
+# No OpenMP: the kernels run their parallel loops on their own thread pool (see Pool in kernels.cpp).
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-pthread"]
+LDFLAGS = ["-pthread"]
+REQUIRED_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c"})  # as /proc/cpuinfo names them
 Q8_0_BLOCK, Q8_0_BYTES = 32, 34  # weights per block, bytes per block (fp16 scale + 32 int8)
 
 
@@ -121,6 +120,28 @@ class TorchOps:
         return x.float() @ dequantize_q8_0(blocks).T
 
 
+@dataclass(frozen=True)
+class StaticOps(TorchOps):
+    """TorchOps with a decode attention that has no host round-trip and fixed shapes, so that a decode
+    step can be captured as a CUDA graph: every row attends over its slot's whole cache with a mask
+    (positions [first, end)), where TorchOps slices each row's span on the host."""
+
+    name: str = "torch-static"
+
+    def decode_attention(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, ends: Tensor,
+                         window: int, scale: float) -> Tensor:
+        C = k_cache.shape[2]
+        pos = torch.arange(C, device=q.device)[None, :]  # (1, C)
+        mask = pos < ends[:, None]  # (B, C)
+        if window > 0:
+            mask &= pos >= (ends[:, None] - window)
+        keys = k_cache.index_select(0, slots).to(q.dtype)  # (B, Hkv, C, Dh)
+        values = v_cache.index_select(0, slots).to(q.dtype)
+        out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask[:, None, None, :], scale=scale,
+                                             enable_gqa=True)[:, :, 0]  # (B, H, Dh)
+        return torch.where((ends > 0)[:, None, None], out, torch.zeros_like(out))  # an empty span gives zeros
+
+
 class CppOps:
     """The compiled kernels (see csrc/kernels.cpp); same methods and meaning as TorchOps."""
 
@@ -150,6 +171,21 @@ class CppOps:
 
     def q8_0_linear(self, x: Tensor, blocks: Tensor) -> Tensor:
         return self._m.q8_0_linear(x, blocks)
+
+    def set_threads(self, n: int) -> None:
+        """Threads of the kernels' own pool (shared by every plan in this process)."""
+        self._m.set_threads(n)
+
+    # The fused decoder's pieces (C++ only; see plan.FusedModel).
+
+    def block_linear(self, x: Tensor, blocks: Tensor, kind: int, rows: int, bias: Tensor | None = None) -> Tensor:
+        """x (M, K) -> (M, rows) float32, W as Q8_0 rows (kind 0) or packed Q4 groups (kind 1, quant.pack_q4)."""
+        return self._m.block_linear(x, blocks, kind, rows, bias)
+
+    def decoder(self, hidden: int, heads: int, kv_heads: int, head_dim: int, intermediate: int, eps: float,
+                scale: float, gelu: bool, k_cache: Tensor, v_cache: Tensor):
+        """A C++ Decoder over these caches: add_layer(...) once per layer, then forward(...) per step."""
+        return self._m.Decoder(hidden, heads, kv_heads, head_dim, intermediate, eps, scale, gelu, k_cache, v_cache)
 
 
 _lock = threading.Lock()
@@ -196,7 +232,7 @@ def load_kernels(verbose: bool = False) -> CppOps:
         else:  # no flags to read: trust torch's own dispatch level
             missing = [] if capability.startswith(("AVX512", "AMX")) else ["avx512"]
         if platform.machine().lower() not in ("x86_64", "amd64") or missing:
-            raise KernelBuildError(f"metronome's C++ kernels need an x86-64 CPU with AVX-512 (F, BW, VL) and F16C; "
+            raise KernelBuildError(f"metronome's C++ kernels need an x86-64 CPU with AVX-512 (F, BW, VL, VNNI) and F16C; "
                                    f"this one is {platform.machine()} (torch capability {capability}, missing "
                                    f"{', '.join(missing) or 'nothing'}); use TorchOps")
         from torch.utils import cpp_extension

@@ -140,3 +140,68 @@ def quantize(model: nn.Module, weights: dict[str, QuantTensor | torch.Tensor], m
                 new = int8_linear(child.weight.detach(), bias)
             setattr(parent, child_name, new)
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Block formats of the fused CPU decoder (csrc/kernels.cpp, block_linear_rows)
+
+Q8_0_KIND, Q4X4_KIND = 0, 1  # BlockKind in kernels.cpp
+Q4X4_BYTES = 80  # per 4 rows x 1 block: 8 fp16 (d0..d3, m0..m3) then 4 x 16 code bytes
+
+
+def pack_q4(t: QuantTensor) -> torch.Tensor:
+    """GGUF Q4_0/Q4_1 rows (N, K) -> the decoder's packed groups (ceil(N/4), K/32*80) uint8: four rows
+    side by side per block. Exact: the file's fp16 d, m and codes are moved, not recomputed (Q4_0's
+    m = -8d is exact in fp16). Missing rows of the last group are zeros (d = m = 0)."""
+    n, k = t.shape
+    width = 20 if t.qtype == "Q4_1" else 18
+    nb = k // GROUP
+    raw = np.ascontiguousarray(t.raw).reshape(n, nb, width)
+    d = raw[..., 0:2].copy().view(np.float16)[..., 0]  # (N, nb)
+    if t.qtype == "Q4_1":
+        m, qs = raw[..., 2:4].copy().view(np.float16)[..., 0], raw[..., 4:20]
+    else:
+        m, qs = (d.astype(np.float32) * -8.0).astype(np.float16), raw[..., 2:18]
+    groups = (n + 3) // 4
+    pad = groups * 4 - n
+    if pad:
+        d, m = np.pad(d, ((0, pad), (0, 0))), np.pad(m, ((0, pad), (0, 0)))
+        qs = np.pad(qs, ((0, pad), (0, 0), (0, 0)))
+    d = d.reshape(groups, 4, nb).transpose(0, 2, 1)  # (G, nb, 4)
+    m = m.reshape(groups, 4, nb).transpose(0, 2, 1)
+    dm = np.ascontiguousarray(np.concatenate([d, m], axis=-1).astype(np.float16)).view(np.uint8)  # (G, nb, 16)
+    codes = qs.reshape(groups, 4, nb, 16).transpose(0, 2, 1, 3).reshape(groups, nb, 64)
+    return torch.from_numpy(np.ascontiguousarray(np.concatenate([dm, codes], axis=-1)).reshape(groups, nb * Q4X4_BYTES))
+
+
+def quantize_q8_0(w: torch.Tensor) -> torch.Tensor:
+    """Dense (N, K) weights -> GGUF Q8_0 rows (N, K/32*34) uint8: per 32 weights an fp16 d = max|w|/127
+    and round(w/d) as int8 (the file format's own rule)."""
+    n, k = w.shape
+    if k % GROUP:
+        raise ValueError(f"Q8_0 needs the input dimension to be a multiple of {GROUP}, got {k}")
+    blocks = w.float().reshape(n, k // GROUP, GROUP)
+    d = blocks.abs().amax(dim=-1, keepdim=True) / 127.0
+    d16 = d.to(torch.float16)
+    inv = torch.where(d16 > 0, 1.0 / d16.float(), torch.zeros_like(d))
+    q = torch.round(blocks * inv).clamp(-127, 127).to(torch.int8)
+    out = torch.cat([d16.view(torch.uint8).reshape(n, -1, 2), q.view(torch.uint8)], dim=-1)  # (N, nb, 34)
+    return out.reshape(n, -1).contiguous()
+
+
+def dense(w: QuantTensor | torch.Tensor) -> torch.Tensor:
+    """A loader weight as a float32 tensor."""
+    return w.dequantize() if isinstance(w, QuantTensor) else w.float()
+
+
+def block_matrix(parts: list[QuantTensor | torch.Tensor], mode: str) -> tuple[torch.Tensor, int, int]:
+    """The rows of `parts` stacked, in the fused decoder's format: (blocks, kind, rows). The file's Q4_0/Q4_1
+    blocks packed as they are when mode is "int4"; the file's Q8_0 rows as they are; anything else
+    quantized to Q8_0 (32-weight blocks, finer than per-channel int8)."""
+    source = QuantTensor.stack(parts)
+    rows = sum(p.shape[0] for p in parts)
+    if mode == "int4" and source is not None and source.qtype in ("Q4_0", "Q4_1"):
+        return pack_q4(source), Q4X4_KIND, rows
+    if source is not None and source.qtype == "Q8_0":
+        return torch.from_numpy(np.array(source.raw)).reshape(rows, -1), Q8_0_KIND, rows
+    return quantize_q8_0(torch.cat([dense(p) for p in parts])), Q8_0_KIND, rows

@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch CPU threads (default: one less than the cores, so the HTTP event loop keeps a core: "
                         "with 2 cores, 2 compute threads streamed 20-25 tokens/s and 1 thread 48)")
     p.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N")
+    p.add_argument("--spec-tokens", type=int, default=EngineConfig.spec_tokens,
+                   help="speculative decoding: most tokens drafted per step while one request runs (0: off)")
+    p.add_argument("--draft", default=None, help="a draft model (same vocabulary) for speculation (default: prompt lookup)")
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn's log level (info logs every request)")
 
@@ -78,8 +81,9 @@ class ModelLoader(threading.Thread):
             loaded = load(a.model)
             threads = a.threads if a.threads is not None else max(1, (os.cpu_count() or 2) - 1)
             config = EngineConfig(slots=a.slots, ctx=default_ctx(loaded.config, a.ctx), device=a.device,
-                                  weights=a.weights, threads=threads)
-            self.engine = Engine.from_model(config=config, max_queue=a.max_queue, loaded=loaded)
+                                  weights=a.weights, threads=threads, spec_tokens=a.spec_tokens, draft=a.draft)
+            # calibrated (and cached on disk: the next start with the same settings skips it)
+            self.engine = Engine.from_model(config=config, max_queue=a.max_queue, loaded=loaded, calibrate=True)
             self.state.attach(self.engine, ModelIdentity.of(loaded))
             print(f"metronome: {self.state.served.identity.id} ready ({self.state.served.fingerprint})", flush=True)
         except BaseException as exc:  # reported by `run` once the server has stopped

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -14,6 +16,8 @@ from metronome.engine import Engine
 from metronome.loader import default_model_path, load
 
 torch.set_num_threads(2)
+# Plans compiled by tests are cached in a directory of their own, never read from the user's cache.
+os.environ["METRONOME_PLAN_CACHE"] = tempfile.mkdtemp(prefix="metronome-test-plans-")
 
 TINY_VOCAB = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"] + [
     w for w in "the a of and to in is it you that he was for on are with as his they at be this from have or by one had "

@@ -54,15 +54,27 @@ def _run_crowded(engine: Engine, prompt: list[int], params: SamplingParams, othe
     return _trace(engine, req)
 
 
-@pytest.fixture(scope="module", params=["int4", "f32"])
+# Every execution path of a CPU plan: (weights, kernels) -> (fused decoder?, decode shape)
+PATHS = {
+    "int4-fused": ("int4", "auto", True, "compact"),  # the default: packed Q4 blocks, int8 activations
+    "int8-fused": ("int8", "auto", True, "compact"),  # Q8_0 blocks, float32 activations
+    "int4-torch": ("int4", "torch", False, "compact"),  # torch's int4pack kernel (row-count invariant)
+    "f32-torch": ("f32", "auto", False, "fixed"),  # MKL float32: not row-count invariant, so a fixed shape
+}
+
+
+@pytest.fixture(scope="module", params=list(PATHS))
 def engine(request, smollm):
-    """int4 (the default CPU plan, compact rows) and f32 (kernels not row-count invariant: fixed shape)."""
-    return Engine.from_model(config=EngineConfig(slots=8, ctx=256, weights=request.param), loaded=smollm)
+    weights, kernels, _, _ = PATHS[request.param]
+    e = Engine.from_model(config=EngineConfig(slots=8, ctx=256, weights=weights, kernels=kernels), loaded=smollm)
+    e.path = request.param
+    return e
 
 
-def test_decode_mode_is_chosen_by_the_invariance_probe(engine):
-    expected = "compact" if engine.plan.weights == "int4" else "fixed"
-    assert engine.plan.decode_mode == expected, engine.plan.report.invariance
+def test_each_path_is_what_it_claims(engine):
+    _, _, fused, mode = PATHS[engine.path]
+    assert (engine.plan.fused is not None) == fused, engine.plan.report.kernels
+    assert engine.plan.decode_mode == mode, engine.plan.report.invariance
 
 
 def test_determinism_contract(engine):

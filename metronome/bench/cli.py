@@ -52,6 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-only", action="store_true",
                         help="single-stream decode tokens/s in process (default model unless --model), beside the "
                              "memory-bandwidth bound; --output-tokens tokens, --rounds runs")
+    parser.add_argument("--speculation", action="store_true",
+                        help="in process: greedy decode with speculation off and on, on a prompt the answer quotes "
+                             "and on free writing (--spec-tokens, default 4; --draft MODEL for a draft model)")
+    parser.add_argument("--draft", default=None, help="with --speculation: a draft model instead of prompt lookup")
     parser.add_argument("--name", default="server", help="label of the --url target in the report")
     parser.add_argument("--served-model", help="model id to send (default: the first id of GET /v1/models)")
     parser.add_argument("--workload", default="short", choices=tuple(PRESETS), help="preset (default short)")
@@ -70,6 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tokenizer", type=Path, help="tokenizer.json for exact prompt lengths (else ~4 chars/token)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for every started peer")
+    parser.add_argument("--spec-tokens", type=int, default=None,
+                        help="metronome peer: speculative decoding tokens per step (default: the server's; 0: off)")
     parser.add_argument(
         "--hf-dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="transformers peer dtype"
     )
@@ -165,6 +171,7 @@ def _start_targets(
             out_dir,
             args.startup_timeout,
             lambda line: console.print(line, markup=False),
+            args.spec_tokens,
         )
     )
     return [asyncio.run(_target(p.peer.value, p.base_url, args.served_model, p.argv)) for p in started]
@@ -183,6 +190,8 @@ def run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     if args.decode_only:
         return _run_decode_only(args, console)
+    if args.speculation:
+        return _run_speculation(args, console)
     if args.url is None and args.model is None:
         console.print("metronome bench: error: give --url URL or --model PATH (or --decode-only)", markup=False)
         return 2
@@ -233,4 +242,21 @@ def _run_decode_only(args: argparse.Namespace, console) -> int:
         console.print(f"metronome bench: error: {exc}", markup=False)
         return 2
     print(result.markdown())
+    return 0
+
+
+def _run_speculation(args: argparse.Namespace, console) -> int:
+    from metronome.bench.decode import measure_speculation, speculation_markdown
+
+    if args.url is not None:
+        console.print("metronome bench: error: --speculation runs in process: use --model, not --url", markup=False)
+        return 2
+    k = args.spec_tokens if args.spec_tokens is not None else 4
+    try:
+        results = measure_speculation(args.model, args.threads, tokens=args.output_tokens or 128, runs=args.rounds,
+                                      spec_tokens=k, draft=args.draft)
+    except ValueError as exc:
+        console.print(f"metronome bench: error: {exc}", markup=False)
+        return 2
+    print(speculation_markdown(results, k, f"draft model {args.draft}" if args.draft else "prompt lookup"))
     return 0

@@ -21,14 +21,20 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <thread>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <vector>
 
-#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VL__) || !defined(__F16C__)
-#error "metronome kernels need an x86-64 CPU with AVX-512 F/BW/VL and F16C (built with -march=native)"
+#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VL__) || !defined(__AVX512VNNI__) || !defined(__F16C__)
+#error "metronome kernels need an x86-64 CPU with AVX-512 F/BW/VL/VNNI and F16C (built with -march=native)"
 #endif
 
 namespace {
@@ -104,6 +110,131 @@ inline __m512 vexp(__m512 x) {
 }
 
 // ---------------------------------------------------------------------------------------------------
+// The kernels' own thread pool. Not OpenMP: libgomp keeps one worker team per calling thread and, as
+// soon as its threads outnumber the cores (a server's engine thread next to the main thread's team),
+// stops spinning and puts workers to sleep after every parallel region; a decode step has ~150 regions,
+// so each paid a futex wake-up (measured: a step took 9.6 ms from a second thread vs 4.0 ms from the
+// main thread). These workers spin for a while after each job (a step's ops follow each other within
+// microseconds), then sleep until the next job; any thread may submit, one job at a time.
+//
+// parallel_for(begin, end, grain, f) splits [begin, end) into at most `threads` contiguous chunks of at
+// least `grain` items; chunk 0 runs on the caller. Which thread runs which chunk never changes results:
+// every kernel here is row-independent.
+
+class Pool {
+ public:
+  static Pool& get() {
+    static Pool pool;
+    return pool;
+  }
+
+  int64_t threads() {
+    if (threads_ == 0) resize(std::max(1, at::get_num_threads()));
+    return threads_;
+  }
+
+  void resize(int64_t n) {
+    std::lock_guard<std::mutex> job(job_mutex_);
+    n = std::max<int64_t>(1, n);
+    if (n == threads_) return;
+    stop_workers();
+    threads_ = n;
+    for (int64_t id = 1; id < n; ++id) workers_.emplace_back([this, id] { work(id); });
+  }
+
+  template <typename F>
+  void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+    const int64_t n = end - begin;
+    if (n <= 0) return;
+    const int64_t tasks = std::min<int64_t>(threads(), (n + std::max<int64_t>(1, grain) - 1) / std::max<int64_t>(1, grain));
+    if (tasks <= 1 || in_worker_) {
+      f(begin, end);
+      return;
+    }
+    std::lock_guard<std::mutex> job(job_mutex_);
+    const int64_t chunk = (n + tasks - 1) / tasks;
+    std::function<void(int64_t)> task = [&](int64_t t) {
+      const int64_t lo = begin + t * chunk, hi = std::min(end, lo + chunk);
+      if (lo < hi) f(lo, hi);
+    };
+    task_ = &task;
+    tasks_ = tasks;
+    remaining_.store(threads_ - 1);  // every worker checks in, busy or not: none can lag into the next job
+    generation_.fetch_add(1);
+    if (sleepers_.load() > 0) {
+      std::lock_guard<std::mutex> lock(sleep_mutex_);
+      wake_.notify_all();
+    }
+    in_worker_ = true;
+    task(0);
+    in_worker_ = false;
+    while (remaining_.load(std::memory_order_acquire) != 0) _mm_pause();
+  }
+
+  ~Pool() { stop_workers(); }
+
+ private:
+  static constexpr int64_t kSpins = 1 << 15;  // ~0.5 ms of pause instructions before sleeping
+
+  void work(int64_t id) {
+    in_worker_ = true;
+    uint64_t seen = generation_.load();
+    while (true) {
+      for (int64_t spin = 0; generation_.load(std::memory_order_acquire) == seen; ++spin) {
+        if (spin < kSpins) {
+          _mm_pause();
+          continue;
+        }
+        std::unique_lock<std::mutex> lock(sleep_mutex_);
+        sleepers_.fetch_add(1);
+        wake_.wait(lock, [&] { return generation_.load() != seen; });
+        sleepers_.fetch_sub(1);
+      }
+      seen = generation_.load();
+      if (stop_.load()) return;
+      if (id < tasks_) (*task_)(id);
+      remaining_.fetch_sub(1, std::memory_order_release);
+    }
+  }
+
+  void stop_workers() {
+    if (workers_.empty()) return;
+    stop_.store(true);
+    generation_.fetch_add(1);
+    {
+      std::lock_guard<std::mutex> lock(sleep_mutex_);
+      wake_.notify_all();
+    }
+    for (auto& w : workers_) w.join();
+    workers_.clear();
+    stop_.store(false);
+  }
+
+  int64_t threads_ = 0;
+  std::vector<std::thread> workers_;
+  std::mutex job_mutex_, sleep_mutex_;
+  std::condition_variable wake_;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int64_t> remaining_{0}, sleepers_{0};
+  std::atomic<bool> stop_{false};
+  std::function<void(int64_t)>* task_ = nullptr;
+  int64_t tasks_ = 0;
+  static thread_local bool in_worker_;
+};
+
+thread_local bool Pool::in_worker_ = false;
+
+template <typename F>
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  Pool::get().parallel_for(begin, end, grain, f);
+}
+
+void set_threads(int64_t n) {
+  TORCH_CHECK(n >= 1, "set_threads: need at least 1 thread, got ", n);
+  Pool::get().resize(n);
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Argument checks (messages name the op and the offending argument).
 
 void check_float_dtype(const char* op, const char* arg, const Tensor& t) {
@@ -166,7 +297,7 @@ inline float rstd_of(float sum_sq, int64_t D, float eps) { return 1.0f / std::sq
 
 template <typename T>
 void rms_norm_rows(const T* x, const float* w, T* y, int64_t rows, int64_t D, float eps) {
-  at::parallel_for(0, rows, grain_for(D, kMinParallelElems), [&](int64_t lo, int64_t hi) {
+  parallel_for(0, rows, grain_for(D, kMinParallelElems), [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) scale_row(x + r * D, w, rstd_of(sum_squares(x + r * D, D), D, eps), y + r * D, D);
   });
 }
@@ -174,7 +305,7 @@ void rms_norm_rows(const T* x, const float* w, T* y, int64_t rows, int64_t D, fl
 // new_residual = x + residual (rounded to T); y = rms_norm(new_residual).
 template <typename T>
 void add_rms_norm_rows(const T* x, const T* res, const float* w, T* y, T* new_res, int64_t rows, int64_t D, float eps) {
-  at::parallel_for(0, rows, grain_for(D, kMinParallelElems), [&](int64_t lo, int64_t hi) {
+  parallel_for(0, rows, grain_for(D, kMinParallelElems), [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
       const T* xr = x + r * D;
       const T* rr = res + r * D;
@@ -240,26 +371,25 @@ std::tuple<Tensor, Tensor> add_rms_norm(const Tensor& x_in, const Tensor& res_in
 // Rotate-half RoPE: out = x*cos + rotate_half(x)*sin, rotate_half(x) = [-x2, x1] (two products, one sum,
 // each rounded: the reference's order). cos/sin rows (Dh,) are shared by the H heads of a (b, t).
 
+// One head's row; y may be x (each step reads its two inputs before writing them).
 template <typename T>
-void rope_rows(const T* x, const float* cs, const float* sn, T* y, int64_t BT, int64_t H, int64_t Dh) {
+inline void rope_row(const T* xr, const float* c, const float* s, T* yr, int64_t Dh) {
   const int64_t half = Dh / 2;
   const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(0x80000000u)));
-  at::parallel_for(0, BT * H, grain_for(Dh, kMinParallelElems), [&](int64_t lo, int64_t hi) {
-    for (int64_t r = lo; r < hi; ++r) {
-      const int64_t bt = r / H;
-      const T* xr = x + r * Dh;
-      T* yr = y + r * Dh;
-      const float* c = cs + bt * Dh;
-      const float* s = sn + bt * Dh;
-      for (int64_t i = 0; i < half; i += 16) {
-        const __mmask16 m = tail_mask(half - i);
-        __m512 x1 = load16(xr + i, m), x2 = load16(xr + half + i, m);
-        __m512 lo_out = _mm512_add_ps(_mm512_mul_ps(x1, load16(c + i, m)), _mm512_mul_ps(_mm512_xor_ps(x2, sign), load16(s + i, m)));
-        __m512 hi_out = _mm512_add_ps(_mm512_mul_ps(x2, load16(c + half + i, m)), _mm512_mul_ps(x1, load16(s + half + i, m)));
-        store16(yr + i, lo_out, m);
-        store16(yr + half + i, hi_out, m);
-      }
-    }
+  for (int64_t i = 0; i < half; i += 16) {
+    const __mmask16 m = tail_mask(half - i);
+    __m512 x1 = load16(xr + i, m), x2 = load16(xr + half + i, m);
+    __m512 lo_out = _mm512_add_ps(_mm512_mul_ps(x1, load16(c + i, m)), _mm512_mul_ps(_mm512_xor_ps(x2, sign), load16(s + i, m)));
+    __m512 hi_out = _mm512_add_ps(_mm512_mul_ps(x2, load16(c + half + i, m)), _mm512_mul_ps(x1, load16(s + half + i, m)));
+    store16(yr + i, lo_out, m);
+    store16(yr + half + i, hi_out, m);
+  }
+}
+
+template <typename T>
+void rope_rows(const T* x, const float* cs, const float* sn, T* y, int64_t BT, int64_t H, int64_t Dh) {
+  parallel_for(0, BT * H, grain_for(Dh, kMinParallelElems), [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) rope_row(x + r * Dh, cs + (r / H) * Dh, sn + (r / H) * Dh, y + r * Dh, Dh);
   });
 }
 
@@ -305,7 +435,7 @@ void gated_rows(const T* x, T* y, int64_t rows, int64_t F) {
     }
     return _mm512_div_ps(g, _mm512_add_ps(one, vexp(arg)));
   };
-  at::parallel_for(0, rows, grain_for(F, kMinParallelElems), [&](int64_t lo, int64_t hi) {
+  parallel_for(0, rows, grain_for(F, kMinParallelElems), [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
       const T* g = x + r * 2 * F;
       const T* u = g + F;
@@ -420,7 +550,7 @@ void attention_rows(const TQ* q, TQ* out, const TC* kc, const TC* vc, const int6
   const int64_t ngroups = (group + kMaxGroup - 1) / kMaxGroup;
   const int64_t units = B * Hkv * ngroups;
   const int64_t unit_work = std::max<int64_t>(1, total_keys / std::max<int64_t>(1, B)) * Dh * 2 * std::min<int64_t>(group, kMaxGroup);
-  at::parallel_for(0, units, grain_for(unit_work, 4 * kMinParallelElems), [&](int64_t lo, int64_t hi) {
+  parallel_for(0, units, grain_for(unit_work, 4 * kMinParallelElems), [&](int64_t lo, int64_t hi) {
     std::vector<float> qf(kMaxGroup * Dh), of(kMaxGroup * Dh), scores;
     for (int64_t u = lo; u < hi; ++u) {
       const int64_t b = u / (Hkv * ngroups), kvh = (u / ngroups) % Hkv, gi = u % ngroups;
@@ -597,12 +727,365 @@ Tensor q8_0_linear(const Tensor& x_in, const Tensor& blocks_in) {
   // Fixed chunks of 64 columns (a multiple of every tile width) so tiles never straddle chunks.
   constexpr int64_t kChunk = 64;
   const int64_t nchunks = (N + kChunk - 1) / kChunk;
-  at::parallel_for(0, nchunks, grain_for(kChunk * K * std::max<int64_t>(M, 1), 1 << 17), [&](int64_t lo, int64_t hi) {
+  parallel_for(0, nchunks, grain_for(kChunk * K * std::max<int64_t>(M, 1), 1 << 17), [&](int64_t lo, int64_t hi) {
     const int64_t n_lo = lo * kChunk, n_hi = std::min(N, hi * kChunk);
     for (int64_t m0 = 0; m0 < M; m0 += 8) q8_columns_any(std::min<int64_t>(8, M - m0), wq, row_bytes, xp, K, yp, N, n_lo, n_hi, m0);
   });
   return y;
 }
+
+// ---------------------------------------------------------------------------------------------------
+// Q4 linear on packed weights. GGUF Q4_0 / Q4_1 blocks (32 weights, w = d*q + m with q in [0, 16);
+// Q4_0's m = -8d) are repacked once, at compile time (quant.py, pack_q4), four output rows side by side:
+// per group of 4 rows and per block, 80 bytes = 8 fp16 (d0..d3, m0..m3) then each row's 16 code bytes
+// (byte j: weight j in the low nibble, weight j+16 in the high one). A thread's rows are then one
+// sequential stream.
+//
+// x is quantized per block of 32 to int8 (dx = max|x| / 127, x8 = round(x / dx)), as llama.cpp does,
+// and sx = dx * sum_j x8_j, the sum of the quantized x (the exact float sum would pair a quantized q-term
+// with an exact m-term: the errors then no longer cancel and grow ~4x). For row n and block b:
+//   sum_j w_j x_j ~= sum_j (d q_j + m) dx x8_j = d * dx * sum_j q_j x8_j + m * sx
+// One 512-bit VNNI multiply-add covers 4 rows x 16 weights: lane 4r+i holds row r's products for
+// weights 4i..4i+3 (low nibbles against x8[0..16), then high nibbles against x8[16..32)). Per block
+// the 16 int32 lanes are scaled (d_r * dx) into a float accumulator, m_r * sx lands in lane 4r; at the
+// end row r = (l0 + l1) + (l2 + l3) of its four lanes. The order depends only on (row, block): the same
+// whatever M, the tile or the thread split.
+
+enum BlockKind : int64_t { kQ8_0 = 0, kQ4x4 = 1 };
+
+constexpr int64_t kQ4Block = 32;
+constexpr int64_t kQ4x4Bytes = 80;  // per 4 rows x 1 block
+
+// x (M, K) -> x8 (M, K) int8, dx and sx (M, K/32).
+void quantize_blocks(const float* x, int64_t M, int64_t K, int8_t* x8, float* dx, float* sx) {
+  const int64_t nb = K / kQ4Block;
+  const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  for (int64_t i = 0; i < M * nb; ++i) {
+    const __m512 v0 = _mm512_loadu_ps(x + i * 32), v1 = _mm512_loadu_ps(x + i * 32 + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(v0, sign), _mm512_and_ps(v1, sign)));
+    const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+    const __m512 s = _mm512_set1_ps(id);
+    const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, s)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, s));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(x8 + i * 32), _mm512_cvtsepi32_epi8(q0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(x8 + i * 32 + 16), _mm512_cvtsepi32_epi8(q1));
+    dx[i] = amax / 127.0f;
+    sx[i] = dx[i] * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));  // exact integer sum
+  }
+}
+
+// 4 output rows (one packed group, starting at row n0) x MT rows of x (from m0).
+template <int MT>
+void q4x4_tile(const uint8_t* w, int64_t nb, const int8_t* x8, const float* dx, const float* sx, int64_t K, float* y,
+               int64_t N, int64_t n0, int64_t m0) {
+  const __m512i idx_d = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  const __m512i idx_m = _mm512_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7);
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  __m512 acc[MT];
+  for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* p = w + b * kQ4x4Bytes;
+    const __m512 dm = _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+    const __m512 dv = _mm512_permutexvar_ps(idx_d, dm);
+    const __m512 mv = _mm512_maskz_permutexvar_ps(0x1111, idx_m, dm);  // m_r in lane 4r only
+    const __m512i q = _mm512_loadu_si512(p + 16);
+    const __m512i lo = _mm512_and_si512(q, low4), hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), low4);
+    for (int m = 0; m < MT; ++m) {
+      const int64_t row = (m0 + m);
+      const int8_t* xb = x8 + row * K + b * kQ4Block;
+      const __m512i xl = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xb)));
+      const __m512i xh = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + 16)));
+      const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xl), hi, xh);
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dv, _mm512_set1_ps(dx[row * nb + b])), acc[m]);
+      acc[m] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sx[row * nb + b]), acc[m]);
+    }
+  }
+  for (int m = 0; m < MT; ++m) {
+    alignas(64) float l[16];
+    _mm512_store_ps(l, acc[m]);
+    for (int r = 0; r < 4 && n0 + r < N; ++r) y[(m0 + m) * N + n0 + r] = (l[4 * r] + l[4 * r + 1]) + (l[4 * r + 2] + l[4 * r + 3]);
+  }
+}
+
+void q4x4_rows(int64_t mt, const uint8_t* w, int64_t nb, const int8_t* x8, const float* dx, const float* sx, int64_t K,
+               float* y, int64_t N, int64_t n0, int64_t m0) {
+  switch (mt) {
+    case 1: q4x4_tile<1>(w, nb, x8, dx, sx, K, y, N, n0, m0); break;
+    case 2: q4x4_tile<2>(w, nb, x8, dx, sx, K, y, N, n0, m0); break;
+    case 3: q4x4_tile<3>(w, nb, x8, dx, sx, K, y, N, n0, m0); break;
+    case 4: q4x4_tile<4>(w, nb, x8, dx, sx, K, y, N, n0, m0); break;
+    case 5: q4x4_tile<5>(w, nb, x8, dx, sx, K, y, N, n0, m0); break;
+    case 6: q4x4_tile<6>(w, nb, x8, dx, sx, K, y, N, n0, m0); break;
+    case 7: q4x4_tile<7>(w, nb, x8, dx, sx, K, y, N, n0, m0); break;
+    default: q4x4_tile<8>(w, nb, x8, dx, sx, K, y, N, n0, m0); break;
+  }
+}
+
+// A matrix for block_linear_rows: GGUF Q8_0 rows (N, K/32*34) or packed Q4 groups (ceil(N/4), K/32*80).
+struct BlockMatrix {
+  const uint8_t* w;
+  int64_t kind, N, K;
+  const float* bias;
+};
+
+// Scratch a matmul needs for M rows of input (bytes): the int8 copy of x, dx and sx.
+int64_t scratch_bytes(int64_t M, int64_t K) { return M * K + 2 * M * (K / kQ4Block) * static_cast<int64_t>(sizeof(float)); }
+
+// y (M, N) = x (M, K) @ W.T (+ bias), float32. Output columns in fixed chunks of 16 (4 groups of 4) are
+// the unit of parallel work; a thread walks its columns once per block of 64 rows of x, so its share
+// of W and that block of x stay in L2.
+void block_linear_rows(const BlockMatrix& W, const float* x, int64_t M, float* y, uint8_t* scratch) {
+  const int64_t nb = W.K / kQ4Block;
+  int8_t* x8 = reinterpret_cast<int8_t*>(scratch);
+  float* dx = reinterpret_cast<float*>(scratch + ((M * W.K + 63) / 64) * 64);
+  float* sx = dx + M * nb;
+  if (W.kind == kQ4x4) quantize_blocks(x, M, W.K, x8, dx, sx);
+  constexpr int64_t kChunk = 16, kRowBlock = 64;
+  const int64_t nchunks = (W.N + kChunk - 1) / kChunk;
+  parallel_for(0, nchunks, grain_for(kChunk * W.K * std::max<int64_t>(M, 1), 1 << 16), [&](int64_t lo, int64_t hi) {
+    const int64_t n_lo = lo * kChunk, n_hi = std::min(W.N, hi * kChunk);
+    for (int64_t mb = 0; mb < M; mb += kRowBlock) {
+      const int64_t mb_hi = std::min(M, mb + kRowBlock);
+      if (W.kind == kQ8_0) {
+        const int64_t row_bytes = nb * kQ8Bytes;
+        for (int64_t m0 = mb; m0 < mb_hi; m0 += 8) q8_columns_any(std::min<int64_t>(8, mb_hi - m0), W.w, row_bytes, x, W.K, y, W.N, n_lo, n_hi, m0);
+      } else {
+        for (int64_t n0 = n_lo; n0 < n_hi; n0 += 4)
+          for (int64_t m0 = mb; m0 < mb_hi; m0 += 8)
+            q4x4_rows(std::min<int64_t>(8, mb_hi - m0), W.w + (n0 / 4) * nb * kQ4x4Bytes, nb, x8, dx, sx, W.K, y, W.N, n0, m0);
+      }
+    }
+    if (W.bias != nullptr)
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = n_lo; n < n_hi; ++n) y[m * W.N + n] += W.bias[n];
+  });
+}
+
+// w: Q8_0 rows (N, K/32*34), or packed Q4 groups (ceil(N/4), K/32*80) with `rows` = N.
+BlockMatrix check_blocks(const char* op, const Tensor& w, int64_t kind, int64_t rows, int64_t K, const Tensor* bias) {
+  check_cpu(op, "w", w);
+  TORCH_CHECK(kind == kQ8_0 || kind == kQ4x4, op, ": kind must be 0 (Q8_0 rows) or 1 (packed Q4), got ", kind);
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous(), op,
+              ": w must be a contiguous 2-D uint8 tensor of blocks, got ", w.scalar_type(), " ", w.sizes());
+  TORCH_CHECK(K > 0 && K % kQ4Block == 0, op, ": K = ", K, " must be a positive multiple of 32 (the block size)");
+  const int64_t N = kind == kQ8_0 ? w.size(0) : rows;
+  const int64_t want_rows = kind == kQ8_0 ? N : (N + 3) / 4;
+  const int64_t want_bytes = K / kQ4Block * (kind == kQ8_0 ? kQ8Bytes : kQ4x4Bytes);
+  TORCH_CHECK(w.size(0) == want_rows && w.size(1) == want_bytes, op, ": w must be (", want_rows, ", ", want_bytes,
+              ") for N = ", N, ", K = ", K, ", got ", w.sizes());
+  const float* b = nullptr;
+  if (bias != nullptr && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous(), op,
+                ": bias must be a contiguous float32 (", N, ",) tensor, got ", bias->scalar_type(), " ", bias->sizes());
+    b = bias->data_ptr<float>();
+  }
+  return BlockMatrix{w.data_ptr<uint8_t>(), kind, N, K, b};
+}
+
+Tensor block_linear(const Tensor& x_in, const Tensor& w, int64_t kind, int64_t rows, const std::optional<Tensor>& bias) {
+  const char* op = "block_linear";
+  check_cpu(op, "x", x_in);
+  check_float_dtype(op, "x", x_in);
+  TORCH_CHECK(x_in.dim() == 2, op, ": x must be (M, K), got shape ", x_in.sizes());
+  const int64_t M = x_in.size(0), K = x_in.size(1);
+  const BlockMatrix W = check_blocks(op, w, kind, rows, K, bias.has_value() ? &*bias : nullptr);
+  Tensor x = weight_f32(x_in);
+  Tensor y = at::empty({M, W.N}, x.options());
+  std::vector<uint8_t> scratch(static_cast<size_t>(scratch_bytes(M, K) + 64));
+  block_linear_rows(W, x.data_ptr<float>(), M, y.data_ptr<float>(), scratch.data());
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The fused decoder: every transformer layer of a plan in one call, for M token rows.
+//
+// Row r is one token: its cache slot, its position p; it writes its key/value at p and attends over
+// [first, p] of its slot (first from the layer's window). All rows' keys and values are written before
+// any row attends, so rows of one slot at consecutive positions (a prompt, or a drafted continuation
+// being verified) see each other causally. Every op is row-independent (see above), so a row's result
+// never depends on the other rows: prefill, decode and verification are the same computation.
+//
+// Per layer (the model's Block, model.py):
+//   h = norm(x); q,k,v = h @ Wqkv (+b); [q,k = per-head norm]; rope; cache <- k,v; a = attend(q);
+//   o = a @ Wo; [o = post_norm(o)]; x += o; h = norm(x); g = act(h @ Wgu); d = g @ Wdown;
+//   [d = post_norm(d)]; x += d
+// Activations and the residual stream are float32 throughout; the cache keeps its own dtype.
+
+struct DecoderLayer {
+  BlockMatrix qkv, o, gate_up, down;
+  Tensor attn_norm, mlp_norm, post_attn_norm, post_mlp_norm, q_norm, k_norm;  // float32; the last four optional
+  std::vector<Tensor> keep;  // the weight tensors, held alive
+  int64_t window;  // 0: global attention
+  bool local_rope;  // use the local (sliding-window) RoPE table
+};
+
+class Decoder {
+ public:
+  Decoder(int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate, double eps,
+          double scale, bool gelu, Tensor k_cache, Tensor v_cache)
+      : D_(hidden), H_(heads), Hkv_(kv_heads), Dh_(head_dim), F_(intermediate), eps_(static_cast<float>(eps)),
+        scale_(static_cast<float>(scale)), gelu_(gelu), kc_(std::move(k_cache)), vc_(std::move(v_cache)) {
+    const char* op = "Decoder";
+    TORCH_CHECK(kc_.dim() == 5 && kc_.sizes() == vc_.sizes() && kc_.scalar_type() == vc_.scalar_type(), op,
+                ": k_cache and v_cache must be equal (layers, slots, kv_heads, ctx, head_dim) tensors, got ", kc_.sizes(),
+                " and ", vc_.sizes());
+    check_float_dtype(op, "k_cache", kc_);
+    TORCH_CHECK(kc_.is_contiguous() && vc_.is_contiguous(), op, ": caches must be contiguous");
+    TORCH_CHECK(kc_.size(2) == Hkv_ && kc_.size(4) == Dh_, op, ": cache shape ", kc_.sizes(), " does not match kv_heads ",
+                Hkv_, " and head_dim ", Dh_);
+    TORCH_CHECK(Dh_ % 16 == 0 && H_ % Hkv_ == 0, op, ": head_dim must be a multiple of 16 and heads a multiple of kv_heads");
+  }
+
+  void add_layer(const Tensor& qkv, int64_t qkv_kind, const std::optional<Tensor>& qkv_bias, const Tensor& o, int64_t o_kind,
+                 const Tensor& gate_up, int64_t gate_up_kind, const Tensor& down, int64_t down_kind, const Tensor& attn_norm,
+                 const Tensor& mlp_norm, const std::optional<Tensor>& post_attn_norm, const std::optional<Tensor>& post_mlp_norm,
+                 const std::optional<Tensor>& q_norm, const std::optional<Tensor>& k_norm, int64_t window, bool local_rope) {
+    const char* op = "Decoder.add_layer";
+    TORCH_CHECK(static_cast<int64_t>(layers_.size()) < kc_.size(0), op, ": the cache holds ", kc_.size(0), " layers");
+    DecoderLayer L;
+    L.qkv = check_blocks(op, qkv, qkv_kind, (H_ + 2 * Hkv_) * Dh_, D_, qkv_bias.has_value() ? &*qkv_bias : nullptr);
+    L.o = check_blocks(op, o, o_kind, D_, H_ * Dh_, nullptr);
+    L.gate_up = check_blocks(op, gate_up, gate_up_kind, 2 * F_, D_, nullptr);
+    L.down = check_blocks(op, down, down_kind, D_, F_, nullptr);
+    TORCH_CHECK(L.qkv.N == (H_ + 2 * Hkv_) * Dh_ && L.o.N == D_ && L.gate_up.N == 2 * F_ && L.down.N == D_, op,
+                ": matrix shapes do not match the decoder's dimensions");
+    auto norm = [&](const Tensor& t, int64_t n, const char* name) {
+      TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == n && t.is_contiguous(), op, ": ", name,
+                  " must be a contiguous float32 (", n, ",) tensor");
+      return t;
+    };
+    L.attn_norm = norm(attn_norm, D_, "attn_norm");
+    L.mlp_norm = norm(mlp_norm, D_, "mlp_norm");
+    if (post_attn_norm) L.post_attn_norm = norm(*post_attn_norm, D_, "post_attn_norm");
+    if (post_mlp_norm) L.post_mlp_norm = norm(*post_mlp_norm, D_, "post_mlp_norm");
+    if (q_norm) L.q_norm = norm(*q_norm, Dh_, "q_norm");
+    if (k_norm) L.k_norm = norm(*k_norm, Dh_, "k_norm");
+    L.keep = {qkv, o, gate_up, down};
+    if (qkv_bias) L.keep.push_back(*qkv_bias);
+    L.window = window;
+    L.local_rope = local_rope;
+    layers_.push_back(std::move(L));
+  }
+
+  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+  // x (M, D) float32, updated in place; slots, positions (M,) int64; cos/sin (M, Dh) float32 per row for
+  // the global layers, cos_local/sin_local for the sliding-window ones.
+  void forward(const Tensor& x, const Tensor& slots, const Tensor& positions, const Tensor& cos, const Tensor& sin,
+               const Tensor& cos_local, const Tensor& sin_local) {
+    const char* op = "Decoder.forward";
+    TORCH_CHECK(num_layers() == kc_.size(0), op, ": ", num_layers(), " layers added, the cache holds ", kc_.size(0));
+    TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == D_ && x.is_contiguous(), op,
+                ": x must be a contiguous float32 (M, ", D_, ") tensor, got ", x.scalar_type(), " ", x.sizes());
+    const int64_t M = x.size(0);
+    for (auto [name, t] : {std::pair<const char*, const Tensor*>{"slots", &slots}, {"positions", &positions}})
+      TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1 && t->size(0) == M && t->is_contiguous(), op, ": ", name,
+                  " must be a contiguous int64 (", M, ",) tensor");
+    for (auto [name, t] : {std::pair<const char*, const Tensor*>{"cos", &cos}, {"sin", &sin}, {"cos_local", &cos_local},
+                           {"sin_local", &sin_local}})
+      TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(0) == M && t->size(1) == Dh_ && t->is_contiguous(),
+                  op, ": ", name, " must be a contiguous float32 (", M, ", ", Dh_, ") tensor");
+    const int64_t S = kc_.size(1), C = kc_.size(3);
+    const int64_t* sp = slots.data_ptr<int64_t>();
+    const int64_t* pp = positions.data_ptr<int64_t>();
+    std::vector<int64_t> ends(static_cast<size_t>(M));
+    for (int64_t r = 0; r < M; ++r) {
+      TORCH_CHECK(sp[r] >= 0 && sp[r] < S, op, ": slots[", r, "] = ", sp[r], " is out of range [0, ", S, ")");
+      TORCH_CHECK(pp[r] >= 0 && pp[r] < C, op, ": positions[", r, "] = ", pp[r], " is out of range [0, ", C, ")");
+      ends[r] = pp[r] + 1;
+    }
+    if (M == 0) return;
+    if (kc_.scalar_type() == at::kFloat) run<float>(x.data_ptr<float>(), M, sp, pp, ends.data(), cos, sin, cos_local, sin_local);
+    else run<BFloat16>(x.data_ptr<float>(), M, sp, pp, ends.data(), cos, sin, cos_local, sin_local);
+  }
+
+ private:
+  template <typename TC>
+  void run(float* x, int64_t M, const int64_t* sp, const int64_t* pp, const int64_t* ends, const Tensor& cos,
+           const Tensor& sin, const Tensor& cos_local, const Tensor& sin_local) {
+    const int64_t Q = H_ * Dh_, KV = Hkv_ * Dh_, QKV = Q + 2 * KV;
+    // Scratch for M rows, reused by every layer (grown, never shrunk).
+    const int64_t widest = std::max({QKV, 2 * F_, D_});
+    const int64_t floats = M * (D_ + QKV + 2 * Q + 3 * F_ + D_);
+    const int64_t need = floats * 4 + scratch_bytes(M, std::max(D_, F_)) + 64;
+    if (scratch_.numel() < need) scratch_ = at::empty({need}, at::kByte);
+    float* h = reinterpret_cast<float*>(scratch_.data_ptr<uint8_t>());  // (M, D) normed input of a matmul
+    float* qkv = h + M * D_;                 // (M, QKV)
+    float* qb = qkv + M * QKV;               // (M, H, Dh) queries, contiguous for the attention kernel
+    float* att = qb + M * Q;                 // (M, H, Dh) attention output
+    float* gu = att + M * Q;                 // (M, 2F)
+    float* act = gu + M * 2 * F_;            // (M, F)
+    float* out = act + M * F_;               // (M, D) a sublayer's output
+    uint8_t* sx = reinterpret_cast<uint8_t*>(out + M * D_);  // a matmul's quantized input
+    const int64_t ks[3] = {kc_.stride(1), kc_.stride(2), kc_.stride(3)};
+    int64_t total_keys = 0;
+    for (int64_t r = 0; r < M; ++r) total_keys += ends[r];
+    const int64_t grain = grain_for(D_, kMinParallelElems);
+    for (int64_t l = 0; l < num_layers(); ++l) {
+      const DecoderLayer& L = layers_[l];
+      const float* cs = (L.local_rope ? cos_local : cos).data_ptr<float>();
+      const float* sn = (L.local_rope ? sin_local : sin).data_ptr<float>();
+      TC* kc = kc_.data_ptr<TC>() + l * kc_.stride(0);
+      TC* vc = vc_.data_ptr<TC>() + l * vc_.stride(0);
+      rms_norm_rows(x, L.attn_norm.data_ptr<float>(), h, M, D_, eps_);
+      block_linear_rows(L.qkv, h, M, qkv, sx);
+      parallel_for(0, M, grain, [&](int64_t lo, int64_t hi) {
+        for (int64_t r = lo; r < hi; ++r) {
+          float* qr = qkv + r * QKV;
+          float* kr = qr + Q;
+          const float* vr = kr + KV;
+          if (L.q_norm.defined()) {
+            for (int64_t i = 0; i < H_; ++i) scale_row(qr + i * Dh_, L.q_norm.data_ptr<float>(), rstd_of(sum_squares(qr + i * Dh_, Dh_), Dh_, eps_), qr + i * Dh_, Dh_);
+            for (int64_t i = 0; i < Hkv_; ++i) scale_row(kr + i * Dh_, L.k_norm.data_ptr<float>(), rstd_of(sum_squares(kr + i * Dh_, Dh_), Dh_, eps_), kr + i * Dh_, Dh_);
+          }
+          for (int64_t i = 0; i < H_; ++i) rope_row(qr + i * Dh_, cs + r * Dh_, sn + r * Dh_, qr + i * Dh_, Dh_);
+          for (int64_t i = 0; i < Hkv_; ++i) {
+            rope_row(kr + i * Dh_, cs + r * Dh_, sn + r * Dh_, kr + i * Dh_, Dh_);
+            TC* kd = kc + sp[r] * ks[0] + i * ks[1] + pp[r] * ks[2];
+            TC* vd = vc + sp[r] * ks[0] + i * ks[1] + pp[r] * ks[2];
+            for (int64_t j = 0; j < Dh_; j += 16) {
+              store16(kd + j, _mm512_loadu_ps(kr + i * Dh_ + j));
+              store16(vd + j, _mm512_loadu_ps(vr + i * Dh_ + j));
+            }
+          }
+          std::memcpy(qb + r * Q, qr, static_cast<size_t>(Q) * sizeof(float));
+        }
+      });
+      attention_rows<float, TC>(qb, att, kc, vc, ks, ks, sp, ends, M, H_, Hkv_, Dh_, L.window, scale_, total_keys);
+      block_linear_rows(L.o, att, M, out, sx);
+      residual_add(x, out, M, L.post_attn_norm);
+      rms_norm_rows(x, L.mlp_norm.data_ptr<float>(), h, M, D_, eps_);
+      block_linear_rows(L.gate_up, h, M, gu, sx);
+      if (gelu_) gated_rows<true>(gu, act, M, F_);
+      else gated_rows<false>(gu, act, M, F_);
+      block_linear_rows(L.down, act, M, out, sx);
+      residual_add(x, out, M, L.post_mlp_norm);
+    }
+  }
+
+  // x += post_norm ? norm(y) : y
+  void residual_add(float* x, float* y, int64_t M, const Tensor& post_norm) {
+    if (post_norm.defined()) rms_norm_rows(y, post_norm.data_ptr<float>(), y, M, D_, eps_);
+    parallel_for(0, M, grain_for(D_, kMinParallelElems), [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) {
+        float* xr = x + r * D_;
+        const float* yr = y + r * D_;
+        int64_t i = 0;
+        for (; i + 16 <= D_; i += 16) _mm512_storeu_ps(xr + i, _mm512_add_ps(_mm512_loadu_ps(xr + i), _mm512_loadu_ps(yr + i)));
+        if (i < D_) {
+          const __mmask16 m = tail_mask(D_ - i);
+          _mm512_mask_storeu_ps(xr + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, xr + i), _mm512_maskz_loadu_ps(m, yr + i)));
+        }
+      }
+    });
+  }
+
+  int64_t D_, H_, Hkv_, Dh_, F_;
+  float eps_, scale_;
+  bool gelu_;
+  Tensor kc_, vc_;
+  std::vector<DecoderLayer> layers_;
+  Tensor scratch_;
+};
 
 }  // namespace
 
@@ -619,4 +1102,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("scale"), py::call_guard<py::gil_scoped_release>());
   m.def("q8_0_linear", &q8_0_linear, "y = x @ dequant(blocks).T in f32 (GGUF Q8_0 weights)", py::arg("x"), py::arg("blocks"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("set_threads", &set_threads, "threads of the kernels' own pool (default: torch's thread count at first use)",
+        py::arg("n"));
+  m.def("block_linear", &block_linear, "y = x @ W.T (+ bias) in f32, W as Q8_0 rows (kind 0) or packed Q4 (kind 1) of `rows` rows",
+        py::arg("x"), py::arg("w"), py::arg("kind"), py::arg("rows"), py::arg("bias") = py::none(), py::call_guard<py::gil_scoped_release>());
+  py::class_<Decoder>(m, "Decoder", "every layer of a plan, fused: forward(x, slots, positions, cos, sin, cos_local, sin_local)")
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, double, bool, Tensor, Tensor>(), py::arg("hidden"),
+           py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("intermediate"), py::arg("eps"),
+           py::arg("scale"), py::arg("gelu"), py::arg("k_cache"), py::arg("v_cache"))
+      .def("add_layer", &Decoder::add_layer, py::arg("qkv"), py::arg("qkv_kind"), py::arg("qkv_bias"), py::arg("o"),
+           py::arg("o_kind"), py::arg("gate_up"), py::arg("gate_up_kind"), py::arg("down"), py::arg("down_kind"),
+           py::arg("attn_norm"), py::arg("mlp_norm"), py::arg("post_attn_norm"), py::arg("post_mlp_norm"),
+           py::arg("q_norm"), py::arg("k_norm"), py::arg("window"), py::arg("local_rope"))
+      .def_property_readonly("num_layers", &Decoder::num_layers)
+      .def("forward", &Decoder::forward, py::arg("x"), py::arg("slots"), py::arg("positions"), py::arg("cos"), py::arg("sin"),
+           py::arg("cos_local"), py::arg("sin_local"), py::call_guard<py::gil_scoped_release>());
 }

@@ -176,7 +176,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     engine = load_engine(args, calibrate=True)
     seconds = time.perf_counter() - started
     r = engine.plan.report
-    bandwidth = measure_machine().bandwidth
+    from metronome.plan import available_cores
+
+    bandwidth = measure_machine(threads=engine.config.threads or available_cores()).bandwidth  # the plan's threads
     bound = bandwidth / r.weight_bytes
     how = "read from the plan cache" if r.cached else "compiled"
     print(f"plan for {engine.model_name}: {r.weights} weights on {r.device}, {r.slots} slots x {r.ctx} tokens "

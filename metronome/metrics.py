@@ -43,9 +43,19 @@ class ServerMetrics:
         Gauge("metronome_requests_running", "Requests holding a slot.", registry=r).set_function(self.running)
         Gauge("metronome_requests_waiting", "Requests queued for a slot.", registry=r).set_function(self.waiting)
         Gauge("metronome_slot_occupancy", "Fraction of slots in use.", registry=r).set_function(self.occupancy)
+        Gauge("metronome_spec_drafted_tokens", "Tokens drafted for speculative decoding since start (cumulative).",
+              registry=r).set_function(lambda: float(self._engine.spec.drafted) if self._engine is not None else 0.0)
+        Gauge("metronome_spec_accepted_tokens", "Drafted tokens that were accepted since start (cumulative).",
+              registry=r).set_function(lambda: float(self._engine.spec.accepted) if self._engine is not None else 0.0)
+        self.predicted_step = Gauge("metronome_plan_step_seconds",
+                                    "The plan's calibrated decode-step latency, by number of live slots.",
+                                    ("live_slots",), registry=r)
 
     def bind(self, engine: Engine) -> None:
         self._engine = engine
+        report = engine.plan.report
+        for live, ms in (report.step_ms.items() if report is not None else ()):
+            self.predicted_step.labels(str(live)).set(ms / 1000.0)
 
     def running(self) -> float:
         return float(len(self._engine.scheduler.by_slot)) if self._engine is not None else 0.0

@@ -270,6 +270,11 @@ def default_ctx(cfg: ModelConfig, requested: int | None) -> int:
     return requested if requested is not None else min(DEFAULT_CTX, cfg.max_position)
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask): the fused decoder's default thread count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def resolve_weights(loaded: LoadedModel, config: EngineConfig) -> str:
     """auto: bf16 on GPU; on CPU int4 when the file's matrices are Q4_0/Q4_1 blocks (exact), else int8."""
     if config.weights not in ("auto", *(_DTYPES)):
@@ -308,9 +313,14 @@ def compile_plan(loaded: LoadedModel, config: EngineConfig, calibrate: bool = Tr
     dtype = _DTYPES[weights]
     say = progress or (lambda _msg: None)
     ops, kernels = _choose_ops(config, say)
-    if isinstance(ops, CppOps):
-        ops.set_threads(config.threads or torch.get_num_threads())
     why_not = _why_not_fused(cfg, config, weights, ops)
+    if why_not is None:
+        # The decoder computes on its own pool; torch keeps one thread for the small glue around it. Its OpenMP
+        # team would otherwise spin between steps on the same cores (measured: 5 live rows took 16 ms, not 6.6).
+        ops.set_threads(config.threads or available_cores())
+        torch.set_num_threads(1)
+    elif isinstance(ops, CppOps):
+        ops.set_threads(config.threads or torch.get_num_threads())
     cache_path = plan_cache_path(loaded, config, weights, ops) if cache else None
     saved = _read_plan_cache(cache_path, say) if cache_path is not None else None
     if why_not is None:

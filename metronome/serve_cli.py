@@ -18,7 +18,7 @@ import uvicorn
 from metronome.config import EngineConfig
 from metronome.engine import Engine
 from metronome.loader import ModelFileError, load
-from metronome.plan import PlanError, default_ctx
+from metronome.plan import PlanError, available_cores, default_ctx
 from metronome.server import ModelIdentity, ServerSettings, ServerState, create_app
 
 API_KEY_ENV = "METRONOME_API_KEY"
@@ -40,8 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default="auto",
                    help="run-time weight format: auto, f32, bf16, or int8/int4 on CPU (the plan checks the choice)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: one less than the cores, so the HTTP event loop keeps a core: "
-                        "with 2 cores, 2 compute threads streamed 20-25 tokens/s and 1 thread 48)")
+                   help="compute threads (default: every core this process may use; on 2 cores a streamed "
+                        "request ran at 157 tokens/s with 2 and 110 with 1)")
     p.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N")
     p.add_argument("--spec-tokens", type=int, default=EngineConfig.spec_tokens,
                    help="speculative decoding: most tokens drafted per step while one request runs (0: off)")
@@ -79,7 +79,7 @@ class ModelLoader(threading.Thread):
         a = self.args
         try:
             loaded = load(a.model)
-            threads = a.threads if a.threads is not None else max(1, (os.cpu_count() or 2) - 1)
+            threads = a.threads if a.threads is not None else available_cores()
             config = EngineConfig(slots=a.slots, ctx=default_ctx(loaded.config, a.ctx), device=a.device,
                                   weights=a.weights, threads=threads, spec_tokens=a.spec_tokens, draft=a.draft)
             # calibrated (and cached on disk: the next start with the same settings skips it)

@@ -350,6 +350,8 @@ def test_metrics_expose_histograms_counters_and_gauges(smol_url):
     text = httpx.get(f"{smol_url}/metrics", timeout=30).text
     for gauge in ("metronome_requests_running", "metronome_requests_waiting", "metronome_slot_occupancy"):
         assert re.search(rf"^{gauge} 0\.0$", text, re.M), gauge  # idle now
+    for gauge in ("metronome_spec_drafted_tokens", "metronome_spec_accepted_tokens"):
+        assert re.search(rf"^{gauge} \d+\.0$", text, re.M), gauge
 
 
 def test_chat_page_is_served(smol_url):

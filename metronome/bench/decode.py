@@ -79,7 +79,7 @@ def measure_decode(model: Path | None, threads: int, tokens: int = 128, runs: in
         rates.append((len(c.token_ids) - 1) / usage["completion_time"])
         ttfts.append(usage["time_to_first_token"])
     report = engine.plan.report
-    machine = measure_machine()
+    machine = measure_machine(threads=threads)
     return DecodeResult(engine.model_name, report.weights, report.decode_mode, threads, tokens, tuple(rates),
                         tuple(ttfts), report.step_ms[1], report.weight_bytes, machine.bandwidth)
 

@@ -174,7 +174,7 @@ class Pool {
   ~Pool() { stop_workers(); }
 
  private:
-  static constexpr int64_t kSpins = 1 << 15;  // ~0.5 ms of pause instructions before sleeping
+  static constexpr int64_t kSpins = 1 << 20;  // ~0.5 ms of pause instructions before sleeping
 
   void work(int64_t id) {
     in_worker_ = true;

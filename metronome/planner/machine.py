@@ -30,22 +30,31 @@ def _best_seconds(fn, repeats: int) -> float:
     return best
 
 
-def measure_machine(size_mib: int = 512, matmul_n: int = 1024, repeats: int = 3) -> MachineMeasurement:
-    """Bandwidth from summing a `size_mib` MiB tensor, FLOP/s from an n x n matmul; about a second at 512 MiB."""
+def measure_machine(size_mib: int = 512, matmul_n: int = 1024, repeats: int = 3,
+                    threads: int | None = None) -> MachineMeasurement:
+    """Bandwidth from summing a `size_mib` MiB tensor, FLOP/s from an n x n matmul; about a second at 512 MiB.
+    `threads`: torch threads to measure with (default: torch's current setting), restored afterwards."""
     if size_mib < 1 or matmul_n < 16 or repeats < 1:
         raise ValueError("measure_machine needs size_mib >= 1, matmul_n >= 16 and repeats >= 1")
     import torch  # local: planning without measuring never needs torch
 
-    x = torch.ones(size_mib * 2**20 // 4, dtype=torch.float32)
-    seconds = _best_seconds(lambda: float(x.sum()), repeats)
-    bandwidth = x.numel() * 4 / seconds
-    del x
-    a = torch.randn(matmul_n, matmul_n)
-    b = torch.randn(matmul_n, matmul_n)
-    seconds = _best_seconds(lambda: torch.mm(a, b), repeats)
-    flops = 2 * matmul_n**3 / seconds
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        x = torch.ones(size_mib * 2**20 // 4, dtype=torch.float32)
+        seconds = _best_seconds(lambda: float(x.sum()), repeats)
+        bandwidth = x.numel() * 4 / seconds
+        del x
+        a = torch.randn(matmul_n, matmul_n)
+        b = torch.randn(matmul_n, matmul_n)
+        seconds = _best_seconds(lambda: torch.mm(a, b), repeats)
+        flops = 2 * matmul_n**3 / seconds
+        measured_threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return MachineMeasurement(bandwidth, flops, float(ram), torch.get_num_threads())
+    return MachineMeasurement(bandwidth, flops, float(ram), measured_threads)
 
 
 def machine_hardware(m: MachineMeasurement, price_per_hour_usd: float = 0.05, power_w: float = 65.0) -> Hardware:

@@ -396,7 +396,7 @@ def _read_plan_cache(path: Path, say: Callable[[str], None]) -> dict | None:
     if not path.is_file():
         return None
     try:
-        saved = torch.load(path, weights_only=True)
+        saved = torch.load(path, weights_only=True, mmap=True)  # pages come in as the decoder first reads them
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:  # damaged: compile afresh
         say(f"ignoring an unreadable cached plan {path}: {exc}")
         return None

@@ -163,6 +163,9 @@ class FusedModel:
         return logits
 
 
+PREFILL_CHUNK = 256  # prompt rows per fused call (a later chunk attends to the earlier ones through the cache)
+
+
 class Plan:
     """The compiled model: `prefill` one request into its slot, `decode` one token for the live slots."""
 
@@ -190,9 +193,14 @@ class Plan:
     def prefill(self, ids: list[int], slot: int, all_logits: bool = False) -> torch.Tensor:
         """Run a prompt into `slot` from position 0; logits of its last position (V,) float32."""
         T = len(ids)
-        if self.fused is not None:
-            x = self.fused.hidden(torch.tensor(ids), torch.full((T,), slot), torch.arange(T))
-            return self.fused.logits(x) if all_logits else self.fused.logits(x[-1:])[0]
+        if self.fused is not None:  # in chunks of rows: bounded scratch, and (rows being independent) the same bits
+            outs = []
+            for lo in range(0, T, PREFILL_CHUNK):
+                hi = min(T, lo + PREFILL_CHUNK)
+                x = self.fused.hidden(torch.tensor(ids[lo:hi]), torch.full((hi - lo,), slot), torch.arange(lo, hi))
+                if all_logits:
+                    outs.append(self.fused.logits(x))
+            return torch.cat(outs) if all_logits else self.fused.logits(x[-1:])[0]
         tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
         positions = torch.arange(T, device=self.device)[None]
         rows = Rows((0,), (slot,), (0,))

@@ -121,12 +121,16 @@ def test_default_plan_is_fused_int4(smollm_fused):
     assert 90e6 < report.weight_bytes < 100e6
 
 
-def test_prefill_decode_and_verification_rows_are_one_computation(smollm_fused):
-    """Logits of token i: from a prompt's rows, from one-token decode steps, and from a multi-row verify
-    step sharing the batch with another slot: bitwise equal."""
+def test_prefill_decode_and_verification_rows_are_one_computation(smollm_fused, monkeypatch):
+    """Logits of token i: from a prompt's rows (whole, or in chunks), from one-token decode steps, and from
+    a multi-row verify step sharing the batch with another slot: bitwise equal."""
+    from metronome import plan as plan_module
+
     plan = smollm_fused.plan
     ids = smollm_fused.encode_prompt("The quick brown fox jumps over the lazy dog.")
     prompt_rows = plan.prefill(ids, 0, all_logits=True)  # (T, V)
+    monkeypatch.setattr(plan_module, "PREFILL_CHUNK", 3)  # a prompt in chunks of 3 rows: the same bits
+    assert torch.equal(plan.prefill(ids, 0, all_logits=True), prompt_rows)
     plan.prefill(ids[:1], 1)
     stepwise = torch.stack([plan.decode([1], [t], [i])[0] for i, t in enumerate(ids)])
     assert torch.equal(stepwise, prompt_rows)

@@ -7,6 +7,7 @@ the stepping thread.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 import threading
@@ -167,8 +168,7 @@ class Engine:
         plan = compile_plan(loaded, config, calibrate=calibrate, progress=progress)
         drafter = None
         if config.draft is not None and config.spec_tokens > 0:
-            draft_config = EngineConfig(slots=config.slots, ctx=config.ctx, device=config.device, weights=config.weights,
-                                        threads=config.threads, kernels=config.kernels, spec_tokens=0)
+            draft_config = dataclasses.replace(config, spec_tokens=0, draft=None)
             draft_plan = compile_plan(load(config.draft), draft_config, calibrate=False, progress=progress)
             try:
                 drafter = ModelDrafter(draft_plan, plan.cfg.vocab_size)
@@ -268,8 +268,10 @@ class Engine:
             self.spec.drafted += len(drafts)
             self.spec.accepted += accepted
             # all right: draft one more next time; none right: halve (a wrong guess costs extra rows)
-            k = self.config.spec_tokens
-            r.draft_k = min(k, r.draft_k + 1) if accepted == len(drafts) else max(1, r.draft_k // 2) if accepted == 0 else r.draft_k
+            if accepted == len(drafts):
+                r.draft_k = min(self.config.spec_tokens, r.draft_k + 1)
+            elif accepted == 0:
+                r.draft_k = max(1, r.draft_k // 2)
 
     def _advance(self, r: Request, logits: torch.Tensor) -> int:
         """Sample one token for `r` from its logits row and emit what it makes final; returns the token."""

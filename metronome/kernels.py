@@ -170,7 +170,7 @@ class CppOps:
         return self._m.gelu_tanh_mul(gate_up)
 
     def q8_0_linear(self, x: Tensor, blocks: Tensor) -> Tensor:
-        return self._m.q8_0_linear(x, blocks)
+        return self._m.block_linear(x, blocks, 0, blocks.shape[0], None)  # kind 0: Q8_0 rows
 
     def set_threads(self, n: int) -> None:
         """Threads of the kernels' own pool (shared by every plan in this process)."""

@@ -68,6 +68,9 @@ class PlanReport:
         return 1000.0 / self.step_ms[live] if live in self.step_ms else float("nan")
 
 
+PREFILL_CHUNK = 256  # token rows per call of the fused decoder
+
+
 class FusedModel:
     """The model compiled for the CPU: every layer of a step in one call to the C++ `Decoder`
     (csrc/kernels.cpp), weights in block formats (quant.block_matrix), activations in float32.
@@ -147,11 +150,16 @@ class FusedModel:
         return x.contiguous()
 
     def hidden(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """tokens, slots, positions (M,) int64 -> the last layer's output (M, D) float32; writes the cache."""
+        """tokens, slots, positions (M,) int64 -> the last layer's output (M, D) float32; writes the cache.
+        Many rows (a prompt) run in chunks of PREFILL_CHUNK: bounded scratch, and the same bits (rows are
+        independent; a later chunk attends to the earlier ones through the cache)."""
         x = self._embed_rows(tokens)  # (M, D)
-        cos, sin = self.rope.cos[positions], self.rope.sin[positions]  # (M, Dh) each
-        cos_l, sin_l = (self.rope_local.cos[positions], self.rope_local.sin[positions]) if self.rope_local is not self.rope else (cos, sin)
-        self.decoder.forward(x, slots, positions, cos, sin, cos_l, sin_l)
+        for lo in range(0, len(tokens), PREFILL_CHUNK):
+            rows = slice(lo, lo + PREFILL_CHUNK)
+            pos = positions[rows]
+            cos, sin = self.rope.cos[pos], self.rope.sin[pos]  # (m, Dh) each
+            cos_l, sin_l = (self.rope_local.cos[pos], self.rope_local.sin[pos]) if self.rope_local is not self.rope else (cos, sin)
+            self.decoder.forward(x[rows], slots[rows], pos, cos, sin, cos_l, sin_l)  # row slices: contiguous views
         return x
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,9 +169,6 @@ class FusedModel:
         if self.cfg.final_logit_softcap:
             logits = torch.tanh(logits / self.cfg.final_logit_softcap) * self.cfg.final_logit_softcap
         return logits
-
-
-PREFILL_CHUNK = 256  # prompt rows per fused call (a later chunk attends to the earlier ones through the cache)
 
 
 class Plan:
@@ -193,14 +198,9 @@ class Plan:
     def prefill(self, ids: list[int], slot: int, all_logits: bool = False) -> torch.Tensor:
         """Run a prompt into `slot` from position 0; logits of its last position (V,) float32."""
         T = len(ids)
-        if self.fused is not None:  # in chunks of rows: bounded scratch, and (rows being independent) the same bits
-            outs = []
-            for lo in range(0, T, PREFILL_CHUNK):
-                hi = min(T, lo + PREFILL_CHUNK)
-                x = self.fused.hidden(torch.tensor(ids[lo:hi]), torch.full((hi - lo,), slot), torch.arange(lo, hi))
-                if all_logits:
-                    outs.append(self.fused.logits(x))
-            return torch.cat(outs) if all_logits else self.fused.logits(x[-1:])[0]
+        if self.fused is not None:
+            x = self.fused.hidden(torch.tensor(ids), torch.full((T,), slot), torch.arange(T))
+            return self.fused.logits(x) if all_logits else self.fused.logits(x[-1:])[0]
         tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
         positions = torch.arange(T, device=self.device)[None]
         rows = Rows((0,), (slot,), (0,))

@@ -83,19 +83,24 @@ class Q8Linear(nn.Module):
         return self.blocks.nbytes
 
 
-def q4_blocks(t: QuantTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Codes (N, K) int32 in [0, 16), scales d and zeros (N, K/32) float32 with x = (q-8)*d + zero."""
+def q4_fields(t: QuantTensor) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """A GGUF Q4_0/Q4_1 matrix's blocks as stored: d (N, K/32) fp16, m (N, K/32) fp16 (None for Q4_0,
+    whose m is -8d), and the 16 code bytes of each block (N, K/32, 16)."""
     n, k = t.shape
     width = 20 if t.qtype == "Q4_1" else 18
     raw = np.ascontiguousarray(t.raw).reshape(n, k // GROUP, width)
-    d = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    d = raw[..., 0:2].copy().view(np.float16)[..., 0]
     if t.qtype == "Q4_1":
-        m = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-        zero = m + 8.0 * d
-        qs = raw[..., 4:20]
-    else:
-        zero = np.zeros_like(d)
-        qs = raw[..., 2:18]
+        return d, raw[..., 2:4].copy().view(np.float16)[..., 0], raw[..., 4:20]
+    return d, None, raw[..., 2:18]
+
+
+def q4_blocks(t: QuantTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes (N, K) int32 in [0, 16), scales d and zeros (N, K/32) float32 with x = (q-8)*d + zero."""
+    n, k = t.shape
+    d16, m16, qs = q4_fields(t)
+    d = d16.astype(np.float32)
+    zero = m16.astype(np.float32) + 8.0 * d if m16 is not None else np.zeros_like(d)
     codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(n, k).astype(np.int32)  # low nibbles first
     return torch.from_numpy(codes), torch.from_numpy(d), torch.from_numpy(zero)
 
@@ -154,14 +159,10 @@ def pack_q4(t: QuantTensor) -> torch.Tensor:
     side by side per block. Exact: the file's fp16 d, m and codes are moved, not recomputed (Q4_0's
     m = -8d is exact in fp16). Missing rows of the last group are zeros (d = m = 0)."""
     n, k = t.shape
-    width = 20 if t.qtype == "Q4_1" else 18
     nb = k // GROUP
-    raw = np.ascontiguousarray(t.raw).reshape(n, nb, width)
-    d = raw[..., 0:2].copy().view(np.float16)[..., 0]  # (N, nb)
-    if t.qtype == "Q4_1":
-        m, qs = raw[..., 2:4].copy().view(np.float16)[..., 0], raw[..., 4:20]
-    else:
-        m, qs = (d.astype(np.float32) * -8.0).astype(np.float16), raw[..., 2:18]
+    d, m, qs = q4_fields(t)  # (N, nb), (N, nb), (N, nb, 16)
+    if m is None:
+        m = (d.astype(np.float32) * -8.0).astype(np.float16)
     groups = (n + 3) // 4
     pad = groups * 4 - n
     if pad:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Protocol, Sequence
 
+import numpy as np
 import torch
 
 from metronome.plan import Plan
@@ -46,16 +47,17 @@ class NgramDrafter:
         pass
 
     def propose(self, slot: int, ids: Sequence[int], k: int) -> list[int]:
-        ids = list(ids[-self.window:])
-        n_ids = len(ids)
-        for n in range(min(self.max_n, n_ids - 1), self.min_n - 1, -1):
-            tail = ids[n_ids - n:]
-            # latest start i < n_ids - n with ids[i:i+n] == tail, scanning backwards
-            for i in range(n_ids - n - 1, -1, -1):
-                if ids[i:i + n] == tail:
-                    follow = ids[i + n: i + n + k]
-                    if follow:
-                        return follow
+        a = np.asarray(ids[-self.window:], dtype=np.int64)
+        N = len(a)
+        for n in range(min(self.max_n, N - 1), self.min_n - 1, -1):
+            # starts i < N - n (not the tail itself) where a[i:i+n] equals the last n tokens
+            hit = np.ones(N - n, dtype=bool)
+            for j in range(n):
+                hit &= a[j:N - n + j] == a[N - n + j]
+            starts = np.flatnonzero(hit)
+            if len(starts):  # the latest one; what followed it is never empty (i + n < N)
+                i = int(starts[-1])
+                return a[i + n: i + n + k].tolist()
         return []
 
 

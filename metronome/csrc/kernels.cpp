@@ -705,35 +705,6 @@ void q8_columns_any(int64_t mt, const uint8_t* wq, int64_t row_bytes, const floa
   }
 }
 
-Tensor q8_0_linear(const Tensor& x_in, const Tensor& blocks_in) {
-  const char* op = "q8_0_linear";
-  check_cpu(op, "x", x_in);
-  check_cpu(op, "blocks", blocks_in);
-  check_float_dtype(op, "x", x_in);
-  TORCH_CHECK(blocks_in.scalar_type() == at::kByte, op, ": blocks must be uint8 (raw GGUF Q8_0 bytes), got ", blocks_in.scalar_type());
-  TORCH_CHECK(x_in.dim() == 2, op, ": x must be (M, K), got shape ", x_in.sizes());
-  TORCH_CHECK(blocks_in.dim() == 2, op, ": blocks must be (N, K/32*34), got shape ", blocks_in.sizes());
-  const int64_t M = x_in.size(0), K = x_in.size(1), N = blocks_in.size(0);
-  TORCH_CHECK(K % kQ8Block == 0, op, ": K = ", K, " must be a multiple of 32 (the Q8_0 block)");
-  const int64_t row_bytes = K / kQ8Block * kQ8Bytes;
-  TORCH_CHECK(blocks_in.size(1) == row_bytes, op, ": blocks must have ", row_bytes, " bytes per row for K = ", K, ", got ",
-              blocks_in.size(1));
-  Tensor blocks = blocks_in.contiguous();
-  Tensor xf = weight_f32(x_in);
-  Tensor y = at::empty({M, N}, x_in.options().dtype(at::kFloat));
-  const uint8_t* wq = blocks.data_ptr<uint8_t>();
-  const float* xp = xf.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  // Fixed chunks of 64 columns (a multiple of every tile width) so tiles never straddle chunks.
-  constexpr int64_t kChunk = 64;
-  const int64_t nchunks = (N + kChunk - 1) / kChunk;
-  parallel_for(0, nchunks, grain_for(kChunk * K * std::max<int64_t>(M, 1), 1 << 17), [&](int64_t lo, int64_t hi) {
-    const int64_t n_lo = lo * kChunk, n_hi = std::min(N, hi * kChunk);
-    for (int64_t m0 = 0; m0 < M; m0 += 8) q8_columns_any(std::min<int64_t>(8, M - m0), wq, row_bytes, xp, K, yp, N, n_lo, n_hi, m0);
-  });
-  return y;
-}
-
 // ---------------------------------------------------------------------------------------------------
 // Q4 linear on packed weights. GGUF Q4_0 / Q4_1 blocks (32 weights, w = d*q + m with q in [0, 16);
 // Q4_0's m = -8d) are repacked once, at compile time (quant.py, pack_q4), four output rows side by side:
@@ -870,8 +841,8 @@ BlockMatrix check_blocks(const char* op, const Tensor& w, int64_t kind, int64_t 
   const int64_t N = kind == kQ8_0 ? w.size(0) : rows;
   const int64_t want_rows = kind == kQ8_0 ? N : (N + 3) / 4;
   const int64_t want_bytes = K / kQ4Block * (kind == kQ8_0 ? kQ8Bytes : kQ4x4Bytes);
-  TORCH_CHECK(w.size(0) == want_rows && w.size(1) == want_bytes, op, ": w must be (", want_rows, ", ", want_bytes,
-              ") for N = ", N, ", K = ", K, ", got ", w.sizes());
+  TORCH_CHECK(w.size(0) == want_rows && w.size(1) == want_bytes, op, ": w must have ", want_bytes, " bytes per row for K = ",
+              K, " (", want_rows, " rows for N = ", N, "), got ", w.sizes());
   const float* b = nullptr;
   if (bias != nullptr && bias->defined()) {
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous(), op,
@@ -1100,8 +1071,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "one-query attention per (row, head) over its own cache span",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"), py::arg("ends"), py::arg("window"),
         py::arg("scale"), py::call_guard<py::gil_scoped_release>());
-  m.def("q8_0_linear", &q8_0_linear, "y = x @ dequant(blocks).T in f32 (GGUF Q8_0 weights)", py::arg("x"), py::arg("blocks"),
-        py::call_guard<py::gil_scoped_release>());
   m.def("set_threads", &set_threads, "threads of the kernels' own pool (default: torch's thread count at first use)",
         py::arg("n"));
   m.def("block_linear", &block_linear, "y = x @ W.T (+ bias) in f32, W as Q8_0 rows (kind 0) or packed Q4 (kind 1) of `rows` rows",

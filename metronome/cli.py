@@ -8,6 +8,7 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+from metronome.serve.usage import groq_timings
 from metronome.config import EngineConfig, ModelConfig, SamplingParams
 
 
@@ -45,7 +46,7 @@ def _params(args: argparse.Namespace) -> SamplingParams:
 
 
 def engine_config(args: argparse.Namespace, model: ModelConfig) -> EngineConfig:
-    from metronome.plan import default_ctx
+    from metronome.compile import default_ctx
 
     return EngineConfig(slots=args.slots, ctx=default_ctx(model, args.ctx), device=args.device, weights=args.weights,
                         threads=args.threads, kernels=args.kernels, spec_tokens=args.spec_tokens, draft=args.draft)
@@ -66,7 +67,7 @@ def loading_progress(enabled: bool) -> Iterator[Callable[[str], None]]:
 
 def load_engine(args: argparse.Namespace, calibrate: bool = False):
     from metronome.engine import Engine
-    from metronome.loader import load
+    from metronome.model.loader import load
 
     with loading_progress(sys.stderr.isatty()) as say:
         say("reading model file")
@@ -92,7 +93,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if delta.error:
         print(f"metronome: error: {delta.error}", file=sys.stderr)
         return 1
-    print(_stats(delta.completion_tokens, delta.timings.as_usage()), file=sys.stderr)
+    print(_stats(delta.completion_tokens, groq_timings(delta.timings)), file=sys.stderr)
     return 0
 
 
@@ -135,11 +136,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
         print()
         messages.append({"role": "assistant", "content": "".join(reply)})
         if delta is not None and delta.timings is not None:
-            print(_stats(delta.completion_tokens, delta.timings.as_usage()), file=sys.stderr)
+            print(_stats(delta.completion_tokens, groq_timings(delta.timings)), file=sys.stderr)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from metronome.loader import load
+    from metronome.model.loader import load
 
     m = load(args.model_path or args.model)
     c = m.config
@@ -169,14 +170,14 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     """Compile a plan and print what it fixed and what it predicts."""
-    from metronome.planner.machine import measure_machine
+    from metronome.fleet.machine import measure_machine
 
     args.model = args.model_path or args.model
     started = time.perf_counter()
     engine = load_engine(args, calibrate=True)
     seconds = time.perf_counter() - started
     r = engine.plan.report
-    from metronome.plan import available_cores
+    from metronome.compile import available_cores
 
     bandwidth = measure_machine(threads=engine.config.threads or available_cores()).bandwidth  # the plan's threads
     bound = bandwidth / r.weight_bytes
@@ -222,8 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(func=cmd_compile)
 
     from metronome.bench.cli import add_cli as add_bench
-    from metronome.planner.cli import add_cli as add_plan
-    from metronome.serve_cli import add_cli as add_serve
+    from metronome.fleet.cli import add_cli as add_plan
+    from metronome.serve.cli import add_cli as add_serve
 
     add_serve(sub)
     add_bench(sub)
@@ -232,9 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from metronome.loader import ModelFileError
-    from metronome.plan import PlanError
-    from metronome.tokenizer import ChatTemplateError
+    from metronome.model.loader import ModelFileError
+    from metronome.compile import PlanError
+    from metronome.model.tokenizer import ChatTemplateError
 
     args = build_parser().parse_args(argv)
     try:

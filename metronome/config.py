@@ -5,6 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+class ParamError(ValueError):
+    """A setting or request parameter out of range; `param` names it (for a CLI flag or an API 400)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """Llama 3 style frequency scaling ("llama3"), linear position interpolation ("linear"), or explicit
@@ -112,7 +120,7 @@ class SamplingParams:
         ]
         for name, ok, what in checks:
             if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} {what}")
+                raise ParamError(name, f"{name}={getattr(self, name)!r} {what}")
 
 
 @dataclass(frozen=True)
@@ -127,3 +135,16 @@ class EngineConfig:
     kernels: str = "auto"  # "auto" (C++ kernels on CPU when they build, else torch), "cpp" (required), "torch"
     spec_tokens: int = 4  # speculative decoding: most tokens drafted per step while one request runs (0: off)
     draft: str | None = None  # a draft model (same vocabulary) to speculate with; default: prompt lookup
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("slots", self.slots >= 1, "need at least 1 request slot"),
+            ("ctx", self.ctx >= 16, "the context must hold at least 16 tokens"),
+            ("weights", self.weights in ("auto", "f32", "bf16", "int8", "int4"), "choose one of auto, f32, bf16, int8, int4"),
+            ("kernels", self.kernels in ("auto", "cpp", "torch"), "choose auto, cpp or torch"),
+            ("threads", self.threads is None or self.threads >= 1, "must be at least 1 (or None: every core)"),
+            ("spec_tokens", self.spec_tokens >= 0, "must be 0 (off) or positive"),
+        ]
+        for name, ok, what in checks:
+            if not ok:
+                raise ParamError(name, f"{name}={getattr(self, name)!r}: {what}")

@@ -13,7 +13,7 @@ import torch
 
 from metronome.config import EngineConfig
 from metronome.engine import Engine
-from metronome.loader import default_model_path, load
+from metronome.model.loader import default_model_path, load
 
 torch.set_num_threads(2)
 # Plans compiled by tests are cached in a directory of their own, never read from the user's cache.

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from metronome.kernels import CppOps, TorchOps, dequantize_q8_0, load_kernels
+from metronome.kernels.ops import CppOps, TorchOps, dequantize_q8_0, load_kernels
 
 D, H, HKV, DH, FF, VOCAB = 576, 9, 3, 64, 1536, 49152
 

@@ -17,10 +17,11 @@ import time
 import torch
 
 from metronome.config import EngineConfig, ModelConfig
-from metronome.model import KVCache, Transformer
-from metronome.plan import Plan, _calibrate, _choose_decode_mode, _weight_bytes_per_step, compile_plan
-from metronome.kernels import StaticOps
-from metronome.model import use_ops
+from metronome.compile import Plan, PlanReport, compile_plan
+from metronome.compile.probe import calibrate, choose_decode_mode
+from metronome.compile.runner import TorchRunner
+from metronome.kernels.ops import StaticOps
+from metronome.model.transformer import KVCache, Transformer, use_ops
 
 LLAMA_8B = ModelConfig(arch="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
                        num_heads=32, num_kv_heads=8, head_dim=128, max_position=8192, rms_norm_eps=1e-5,
@@ -38,16 +39,17 @@ def random_plan(cfg: ModelConfig, ctx: int) -> Plan:
         model.rope = type(model.rope)(cfg, cfg.rope_theta, ctx).cuda()
     use_ops(model.eval().requires_grad_(False), StaticOps())
     config = EngineConfig(slots=1, ctx=ctx, device="cuda", weights="bf16")
-    plan = Plan(model, cfg, config, "bf16", torch.bfloat16,
-                cache=KVCache.allocate(cfg, 1, ctx, torch.bfloat16, "cuda"))
-    plan.decode_mode, _ = _choose_decode_mode(plan)
-    plan.capture_graphs()
-    return plan
+    cache = KVCache.allocate(cfg, 1, ctx, torch.bfloat16, "cuda")
+    runner = TorchRunner(model, cache, config)
+    mode, invariance = choose_decode_mode(runner, cfg, config.slots)
+    runner.capture_graphs()
+    report = PlanReport("bf16", "cuda", 1, ctx, mode, runner.weight_bytes, cache.nbytes(), invariance=invariance)
+    return Plan(runner, cfg, config, "bf16", cache, report)
 
 
 def decode_rate(plan: Plan, tokens: int) -> tuple[float, float]:
     """(tokens/s median of 3 runs, calibrated step ms) for greedy batch-1 decode after a 16-token prompt."""
-    predicted = _calibrate(plan)[1]
+    predicted = calibrate(plan.runner, 1, plan.config.ctx, plan.device)[1]
     rates = []
     for _ in range(3):
         logits = plan.prefill(list(range(1, 17)), 0)
@@ -66,16 +68,16 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=256)
     args = ap.parse_args()
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    from metronome.loader import load
+    from metronome.model.loader import load
 
     default = compile_plan(load(), EngineConfig(slots=1, ctx=1024, device="cuda", weights="bf16"), cache=False)
     big = random_plan(LLAMA_8B, ctx=1024)
     for name, plan in [("SmolLM2-135M (default model)", default), (LLAMA_8B.name, big)]:
         rate, step_ms = decode_rate(plan, args.tokens)
-        bytes_per_token = _weight_bytes_per_step(plan.model)
+        bytes_per_token = plan.report.weight_bytes
         bound = args.bandwidth_gbs * 1e9 / bytes_per_token
         print(f"| {name} | {plan.decode_mode} | {bytes_per_token / 1e9:.2f} GB | {rate:,.0f} tok/s | "
-              f"{bound:,.0f} tok/s | {rate / bound:.0%} | predicted {step_ms:.3f} ms vs measured {1000 / rate:.3f} ms |")
+              f"{bound:,.0f} tok/s | {rate / bound:.0%} | calibrated step {step_ms:.3f} ms vs measured {1000 / rate:.3f} ms |")
 
 
 if __name__ == "__main__":

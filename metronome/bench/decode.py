@@ -9,6 +9,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from metronome.serve.usage import groq_timings
 from metronome.config import EngineConfig, SamplingParams
 
 
@@ -60,7 +61,7 @@ def measure_decode(model: Path | None, threads: int, tokens: int = 128, runs: in
     import torch
 
     from metronome.engine import Engine
-    from metronome.planner.machine import measure_machine
+    from metronome.fleet.machine import measure_machine
 
     if tokens < 2 or runs < 1:
         raise ValueError("--decode-only needs --output-tokens >= 2 and --rounds >= 1")
@@ -75,7 +76,7 @@ def measure_decode(model: Path | None, threads: int, tokens: int = 128, runs: in
     engine.generate(prompt, SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
     for _ in range(runs):
         c = engine.generate(prompt, params)
-        usage = c.timings.as_usage()
+        usage = groq_timings(c.timings)
         rates.append((len(c.token_ids) - 1) / usage["completion_time"])
         ttfts.append(usage["time_to_first_token"])
     report = engine.plan.report
@@ -122,7 +123,7 @@ def measure_speculation(model: Path | None, threads: int, tokens: int = 128, run
     import torch
 
     from metronome.engine import Engine
-    from metronome.loader import load
+    from metronome.model.loader import load
 
     if tokens < 2 or runs < 1 or spec_tokens < 1:
         raise ValueError("--speculation needs --output-tokens >= 2, --rounds >= 1 and --spec-tokens >= 1")
@@ -144,7 +145,7 @@ def measure_speculation(model: Path | None, threads: int, tokens: int = 128, run
         for _ in range(runs):
             for k, e in engines.items():
                 c = e.generate(messages, params)
-                rates[k].append((len(c.token_ids) - 1) / c.timings.as_usage()["completion_time"])
+                rates[k].append((len(c.token_ids) - 1) / groq_timings(c.timings)["completion_time"])
                 outputs[k] = c.token_ids
                 lengths.append(len(c.token_ids))
         per_step = (spec.accepted + spec.steps) / spec.steps if spec.steps else 1.0

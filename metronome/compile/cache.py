@@ -1,0 +1,58 @@
+"""The plan cache: a calibrated plan saved on disk and read back by the next compile of the same file with
+the same settings on the same machine and code (packed weights, decode shape, latencies)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import platform
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from metronome.config import EngineConfig
+from metronome.kernels.ops import CppOps, Ops, build_directory
+from metronome.model.loader import LoadedModel
+
+PLAN_CACHE_VERSION = 2  # 2: the compile package (runner/fused/stages) replaced plan.py
+
+
+def plan_cache_path(loaded: LoadedModel, config: EngineConfig, weights: str, ops: Ops, threads: int) -> Path:
+    """Where a plan is cached: $METRONOME_PLAN_CACHE/<key>.pt (default ~/.cache/metronome/plans).
+    The key covers the model file (size, head and tail hash), every setting, the resolved weight format and
+    thread count, the code that packs and runs weights (every module of this package) and the kernel build
+    (its sources, torch, Python and this CPU; calibrated latencies belong to a machine, so its name too)."""
+    key = hashlib.sha256()
+    kernel_build = build_directory().name if isinstance(ops, CppOps) else "torch-ops"
+    code = b"".join(p.read_bytes() for p in sorted(Path(__file__).parent.glob("*.py")))
+    for part in (PLAN_CACHE_VERSION, loaded.fingerprint(), repr(config), weights, kernel_build, threads, torch.__version__,
+                 platform.node(), hashlib.sha256(code).hexdigest()):
+        key.update(str(part).encode())
+        key.update(b"\0")
+    root = Path(os.environ.get("METRONOME_PLAN_CACHE") or Path.home() / ".cache" / "metronome" / "plans")
+    return root / f"{key.hexdigest()[:24]}.pt"
+
+
+def read_plan_cache(path: Path, say: Callable[[str], None]) -> dict | None:
+    """The saved plan at `path`, or None (absent, damaged or of another version: compile afresh)."""
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, weights_only=True, mmap=True)  # pages come in as the decoder first reads them
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        say(f"ignoring an unreadable cached plan {path}: {exc}")
+        return None
+    return saved if isinstance(saved, dict) and saved.get("version") == PLAN_CACHE_VERSION else None
+
+
+def write_plan_cache(path: Path, decode_mode: str, invariance: str, step_ms: dict[int, float],
+                     matrices: list[tuple[torch.Tensor, int]] | None) -> None:
+    """Atomically (write, then rename): a concurrent reader sees the old file or the new one."""
+    saved = {"version": PLAN_CACHE_VERSION, "decode_mode": decode_mode, "invariance": invariance,
+             "step_ms": step_ms, "matrices": matrices}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(saved, tmp)
+    os.replace(tmp, path)

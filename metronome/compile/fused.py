@@ -1,0 +1,128 @@
+"""The fused CPU runner: every layer of a step in one call to the C++ `Decoder` (kernels/csrc), weights
+in block formats (quant.block_matrix: packed Q4 / Q8_0), activations in float32.
+
+It works on token rows: row r is one token of slot slots[r] at position positions[r]. A decode step is one
+row per live slot, a prompt is its tokens as rows of one slot, a drafted continuation being verified is
+several rows of one slot. Every row's result is independent of the others (the kernels are row-independent),
+so all three give bitwise the same values for the same token, and a step runs exactly the live rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from metronome.compile.quant import block_matrix, dense
+from metronome.config import ModelConfig
+from metronome.kernels.ops import CppOps, dequantize_q8_0
+from metronome.model.loader import QuantTensor, Weight
+from metronome.model.transformer import FUSED, KVCache, Rope
+
+PREFILL_CHUNK = 256  # token rows per call of the fused decoder
+
+
+class FusedRunner:
+    """The model compiled for the CPU's fused decoder (see the module docstring); a `Runner`."""
+
+    def __init__(self, cfg: ModelConfig, weights: dict[str, Weight], cache: KVCache, mode: str, ops: CppOps,
+                 packed: list[tuple[torch.Tensor, int]] | None = None) -> None:
+        """`packed`: the block matrices of an earlier build of the same model and mode (the plan cache)."""
+        self.cfg, self.ops = cfg, ops
+        self.matrices: list[tuple[torch.Tensor, int]] = []  # every block matrix, in build order
+        attn_scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
+        self.decoder = ops.decoder(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
+                                   cfg.rms_norm_eps, attn_scale, cfg.activation == "gelu_tanh", cache.k, cache.v)
+        self.weight_bytes = 0
+
+        def matrix(*names: str) -> tuple[torch.Tensor, int]:
+            if packed is not None:
+                blocks, kind = packed[len(self.matrices)]
+            else:
+                blocks, kind, _rows = block_matrix([weights[n] for n in names], mode)
+            self.weight_bytes += blocks.nbytes
+            self.matrices.append((blocks, kind))
+            return blocks, kind
+
+        def vector(name: str) -> torch.Tensor | None:
+            if name not in weights:
+                return None
+            return dense(weights[name]).contiguous()  # the decoder holds a reference to what it is given
+
+        for i in range(cfg.num_layers):
+            p = f"layers.{i}."
+            qkv = matrix(*(p + f"{n}.weight" for n in FUSED["wqkv"]))
+            bias = torch.cat([dense(weights[p + f"{n}.bias"]) for n in FUSED["wqkv"]]) if cfg.qkv_bias else None
+            if bias is not None:
+                self.weight_bytes += bias.nbytes
+            window = cfg.sliding_window if cfg.is_sliding(i) else None
+            self.decoder.add_layer(
+                *qkv, bias, *matrix(p + "wo.weight"), *matrix(*(p + f"{n}.weight" for n in FUSED["w_gate_up"])),
+                *matrix(p + "w_down.weight"), vector(p + "attn_norm.weight"), vector(p + "mlp_norm.weight"),
+                vector(p + "post_attn_norm.weight"), vector(p + "post_mlp_norm.weight"), vector(p + "q_norm.weight"),
+                vector(p + "k_norm.weight"), window or 0, window is not None and cfg.rope_local_theta is not None)
+        self.norm = vector("norm.weight")
+        head = "head.weight" if "head.weight" in weights else "embed.weight"  # tied
+        self.head, self.head_kind = matrix(head)
+        self.embed = weights["embed.weight"]
+        if isinstance(self.embed, QuantTensor) and self.embed.qtype == "Q8_0":
+            self._embed_q8 = torch.from_numpy(np.array(self.embed.raw)).reshape(cfg.vocab_size, -1)
+        elif isinstance(self.embed, QuantTensor):
+            self._embed_q8 = None
+        else:
+            self._embed_q8, self.embed = None, self.embed.float()
+        self.weight_bytes += self._embed_row_bytes()
+        self.rope = Rope(cfg, cfg.rope_theta, cache.ctx)
+        self.rope_local = Rope(cfg, cfg.rope_local_theta, cache.ctx, apply_scaling=False) if cfg.rope_local_theta else self.rope
+
+    def _embed_row_bytes(self) -> int:
+        e = self.embed
+        if isinstance(e, QuantTensor):
+            return int(np.asarray(e.raw).nbytes // self.cfg.vocab_size)
+        return e[0].nbytes
+
+    def _embed_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(M,) token ids -> (M, D) float32 embeddings, dequantized exactly from the file's rows."""
+        if self._embed_q8 is not None:
+            x = dequantize_q8_0(self._embed_q8[tokens])
+        elif isinstance(self.embed, QuantTensor):
+            rows = np.asarray(self.embed.raw)[tokens.numpy()]
+            x = QuantTensor(rows, self.embed.qtype, (len(tokens), self.cfg.hidden_size)).dequantize()
+        else:
+            x = self.embed[tokens]
+        if self.cfg.embed_scale != 1.0:
+            x = x * self.cfg.embed_scale
+        return x.contiguous()
+
+    def hidden(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """tokens, slots, positions (M,) int64 -> the last layer's output (M, D) float32; writes the cache.
+        Many rows (a prompt) run in chunks of PREFILL_CHUNK: bounded scratch, and the same bits (rows are
+        independent; a later chunk attends to the earlier ones through the cache)."""
+        x = self._embed_rows(tokens)  # (M, D)
+        for lo in range(0, len(tokens), PREFILL_CHUNK):
+            rows = slice(lo, lo + PREFILL_CHUNK)
+            pos = positions[rows]
+            cos, sin = self.rope.cos[pos], self.rope.sin[pos]  # (m, Dh) each
+            cos_l, sin_l = (self.rope_local.cos[pos], self.rope_local.sin[pos]) if self.rope_local is not self.rope else (cos, sin)
+            self.decoder.forward(x[rows], slots[rows], pos, cos, sin, cos_l, sin_l)  # row slices: contiguous views
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(M, D) hidden rows -> (M, V) float32 logits."""
+        h = self.ops.rms_norm(x, self.norm, self.cfg.rms_norm_eps)
+        logits = self.ops.block_linear(h, self.head, self.head_kind, self.cfg.vocab_size)
+        if self.cfg.final_logit_softcap:
+            logits = torch.tanh(logits / self.cfg.final_logit_softcap) * self.cfg.final_logit_softcap
+        return logits
+
+    # -- the Runner interface (runner.py) --------------------------------------------------------
+
+    any_rows = True  # rows are independent by construction: drafts and prompt tokens are rows like any other
+    decode_mode = "compact"  # live rows only; the plan's probe confirms it on the real weights
+
+    def prefill(self, ids: list[int], slot: int, all_logits: bool = False) -> torch.Tensor:
+        T = len(ids)
+        x = self.hidden(torch.tensor(ids), torch.full((T,), slot), torch.arange(T))
+        return self.logits(x) if all_logits else self.logits(x[-1:])[0]
+
+    def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
+        return self.logits(self.hidden(torch.tensor(tokens), torch.tensor(slots), torch.tensor(positions)))

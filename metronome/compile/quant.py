@@ -1,0 +1,208 @@
+"""Weight-only quantized linear layers, applied to a built model (the model itself never knows).
+
+- int4: GGUF Q4_0/Q4_1 blocks (32 weights: x = d*q + m, or d*(q-8)) map exactly onto torch's int4pack
+  groups (x = (q-8)*scale + zero) with scale = d, zero = m + 8d (Q4_0: zero = 0). Nothing is requantized;
+  only the scales are rounded to bf16, the kernel's scale format.
+- int8: per-output-channel symmetric int8 (torch's int8pack kernel), for matrices stored in other formats.
+
+Both kernels take bf16 activations; the plan runs the rest of the network in bf16 too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from metronome.model.loader import QuantTensor
+
+GROUP = 32  # GGUF's block size, used as the int4 group size
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W.T (+ b) with W held as packed 4-bit groups of 32 along the input dimension."""
+
+    def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, out_features: int, in_features: int,
+                 bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_zeros", scales_zeros)  # (in/32, out, 2) bf16
+        self.register_buffer("bias", bias)
+        self.out_features, self.in_features = out_features, in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.packed,
+                                                      GROUP, self.scales_zeros)
+        y = y.reshape(*shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.scales_zeros.nbytes
+
+
+class Int8Linear(nn.Module):
+    """y = x @ W.T (+ b) with W as int8 rows and one bf16 scale per output channel."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("weight_int8", weight)  # (out, in) int8
+        self.register_buffer("scales", scales)  # (out,) bf16
+        self.register_buffer("bias", bias)
+        self.out_features, self.in_features = weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight_int8, self.scales)
+        y = y.reshape(*shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight_int8.nbytes + self.scales.nbytes
+
+
+class Q8Linear(nn.Module):
+    """y = x @ W.T with W kept as the file's Q8_0 blocks (an fp16 scale per 32 int8 weights), read by a
+    fused kernel: the LM head of most GGUF files, at its stored precision."""
+
+    def __init__(self, blocks: torch.Tensor, out_features: int, in_features: int, ops) -> None:
+        super().__init__()
+        self.register_buffer("blocks", blocks)  # (out, in/32*34) uint8
+        self.out_features, self.in_features = out_features, in_features
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self.ops.q8_0_linear(x.reshape(-1, shape[-1]), self.blocks)  # float32
+        return y.reshape(*shape[:-1], self.out_features)
+
+    @property
+    def nbytes(self) -> int:
+        return self.blocks.nbytes
+
+
+def q4_fields(t: QuantTensor) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """A GGUF Q4_0/Q4_1 matrix's blocks as stored: d (N, K/32) fp16, m (N, K/32) fp16 (None for Q4_0,
+    whose m is -8d), and the 16 code bytes of each block (N, K/32, 16)."""
+    n, k = t.shape
+    width = 20 if t.qtype == "Q4_1" else 18
+    raw = np.ascontiguousarray(t.raw).reshape(n, k // GROUP, width)
+    d = raw[..., 0:2].copy().view(np.float16)[..., 0]
+    if t.qtype == "Q4_1":
+        return d, raw[..., 2:4].copy().view(np.float16)[..., 0], raw[..., 4:20]
+    return d, None, raw[..., 2:18]
+
+
+def q4_blocks(t: QuantTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes (N, K) int32 in [0, 16), scales d and zeros (N, K/32) float32 with x = (q-8)*d + zero."""
+    n, k = t.shape
+    d16, m16, qs = q4_fields(t)
+    d = d16.astype(np.float32)
+    zero = m16.astype(np.float32) + 8.0 * d if m16 is not None else np.zeros_like(d)
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(n, k).astype(np.int32)  # low nibbles first
+    return torch.from_numpy(codes), torch.from_numpy(d), torch.from_numpy(zero)
+
+
+def int4_linear(t: QuantTensor, bias: torch.Tensor | None) -> Int4Linear:
+    n, k = t.shape
+    codes, d, zero = q4_blocks(t)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+    scales_zeros = torch.stack([d, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # (K/32, N, 2)
+    return Int4Linear(packed, scales_zeros, n, k, None if bias is None else bias.to(torch.bfloat16))
+
+
+def int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
+    w = weight.float()
+    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return Int8Linear(q, scales.to(torch.bfloat16), None if bias is None else bias.to(torch.bfloat16))
+
+
+def quantize(model: nn.Module, weights: dict[str, QuantTensor | torch.Tensor], mode: str, q8_ops=None) -> nn.Module:
+    """Replace every nn.Linear in `model` (in place): int4 where the file holds Q4_0/Q4_1 blocks and
+    mode is "int4"; the file's own Q8_0 blocks where `q8_ops` (ops with a fast `q8_0_linear`) is given;
+    int8 per channel otherwise. `weights` are the loader's (possibly quantized) tensors."""
+    from metronome.model.transformer import weight_sources
+
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Linear):
+                continue
+            full = f"{parent_name}.{child_name}" if parent_name else child_name
+            names = weight_sources(f"{full}.weight")
+            if names == ["head.weight"] and "head.weight" not in weights:
+                names = ["embed.weight"]  # tied
+            source = QuantTensor.stack([weights[n] for n in names])
+            bias = child.bias.detach() if child.bias is not None else None
+            if mode == "int4" and source is not None and source.qtype in ("Q4_0", "Q4_1"):
+                new: nn.Module = int4_linear(source, bias)
+            elif q8_ops is not None and bias is None and source is not None and source.qtype == "Q8_0":
+                blocks = torch.from_numpy(np.array(source.raw)).reshape(source.shape[0], -1)  # a writable copy
+                new = Q8Linear(blocks, source.shape[0], source.shape[1], q8_ops)
+            else:
+                new = int8_linear(child.weight.detach(), bias)
+            setattr(parent, child_name, new)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Block formats of the fused CPU decoder (csrc/kernels.cpp, block_linear_rows)
+
+Q8_0_KIND, Q4X4_KIND = 0, 1  # BlockKind in kernels.cpp
+Q4X4_BYTES = 80  # per 4 rows x 1 block: 8 fp16 (d0..d3, m0..m3) then 4 x 16 code bytes
+
+
+def pack_q4(t: QuantTensor) -> torch.Tensor:
+    """GGUF Q4_0/Q4_1 rows (N, K) -> the decoder's packed groups (ceil(N/4), K/32*80) uint8: four rows
+    side by side per block. Exact: the file's fp16 d, m and codes are moved, not recomputed (Q4_0's
+    m = -8d is exact in fp16). Missing rows of the last group are zeros (d = m = 0)."""
+    n, k = t.shape
+    nb = k // GROUP
+    d, m, qs = q4_fields(t)  # (N, nb), (N, nb), (N, nb, 16)
+    if m is None:
+        m = (d.astype(np.float32) * -8.0).astype(np.float16)
+    groups = (n + 3) // 4
+    pad = groups * 4 - n
+    if pad:
+        d, m = np.pad(d, ((0, pad), (0, 0))), np.pad(m, ((0, pad), (0, 0)))
+        qs = np.pad(qs, ((0, pad), (0, 0), (0, 0)))
+    d = d.reshape(groups, 4, nb).transpose(0, 2, 1)  # (G, nb, 4)
+    m = m.reshape(groups, 4, nb).transpose(0, 2, 1)
+    dm = np.ascontiguousarray(np.concatenate([d, m], axis=-1).astype(np.float16)).view(np.uint8)  # (G, nb, 16)
+    codes = qs.reshape(groups, 4, nb, 16).transpose(0, 2, 1, 3).reshape(groups, nb, 64)
+    return torch.from_numpy(np.ascontiguousarray(np.concatenate([dm, codes], axis=-1)).reshape(groups, nb * Q4X4_BYTES))
+
+
+def quantize_q8_0(w: torch.Tensor) -> torch.Tensor:
+    """Dense (N, K) weights -> GGUF Q8_0 rows (N, K/32*34) uint8: per 32 weights an fp16 d = max|w|/127
+    and round(w/d) as int8 (the file format's own rule)."""
+    n, k = w.shape
+    if k % GROUP:
+        raise ValueError(f"Q8_0 needs the input dimension to be a multiple of {GROUP}, got {k}")
+    blocks = w.float().reshape(n, k // GROUP, GROUP)
+    d = blocks.abs().amax(dim=-1, keepdim=True) / 127.0
+    d16 = d.to(torch.float16)
+    inv = torch.where(d16 > 0, 1.0 / d16.float(), torch.zeros_like(d))
+    q = torch.round(blocks * inv).clamp(-127, 127).to(torch.int8)
+    out = torch.cat([d16.view(torch.uint8).reshape(n, -1, 2), q.view(torch.uint8)], dim=-1)  # (N, nb, 34)
+    return out.reshape(n, -1).contiguous()
+
+
+def dense(w: QuantTensor | torch.Tensor) -> torch.Tensor:
+    """A loader weight as a float32 tensor."""
+    return w.dequantize() if isinstance(w, QuantTensor) else w.float()
+
+
+def block_matrix(parts: list[QuantTensor | torch.Tensor], mode: str) -> tuple[torch.Tensor, int, int]:
+    """The rows of `parts` stacked, in the fused decoder's format: (blocks, kind, rows). The file's Q4_0/Q4_1
+    blocks packed as they are when mode is "int4"; the file's Q8_0 rows as they are; anything else
+    quantized to Q8_0 (32-weight blocks, finer than per-channel int8)."""
+    source = QuantTensor.stack(parts)
+    rows = sum(p.shape[0] for p in parts)
+    if mode == "int4" and source is not None and source.qtype in ("Q4_0", "Q4_1"):
+        return pack_q4(source), Q4X4_KIND, rows
+    if source is not None and source.qtype == "Q8_0":
+        return torch.from_numpy(np.array(source.raw)).reshape(rows, -1), Q8_0_KIND, rows
+    return quantize_q8_0(torch.cat([dense(p) for p in parts])), Q8_0_KIND, rows

@@ -1,0 +1,182 @@
+"""Compile a loaded model into a static plan, in named stages:
+
+    resolve    settings -> weight format, ops (C++ or torch), runner kind, threads   (checks every setting)
+    build      weights in their run-time format, the KV cache of every slot allocated once
+    probe      the decode shape: compact rows where every row is bitwise batch-invariant, else fixed
+    calibrate  the median step latency at each number of live slots
+    cache      a calibrated plan is saved on disk; the next compile reads it back and skips build work,
+               probe and calibration (cache.py)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from metronome.compile.cache import plan_cache_path, read_plan_cache, write_plan_cache
+from metronome.compile.fused import FusedRunner
+from metronome.compile.plan import Plan, PlanError, PlanReport
+from metronome.compile.probe import calibrate as calibrate_steps
+from metronome.compile.probe import choose_decode_mode
+from metronome.compile.quant import dense, quantize
+from metronome.compile.runner import Runner, TorchRunner
+from metronome.config import EngineConfig, ModelConfig
+from metronome.kernels.ops import CppOps, KernelBuildError, Ops, StaticOps, TorchOps, load_kernels
+from metronome.model.loader import LoadedModel, QuantTensor
+from metronome.model.transformer import KVCache, build_model, use_ops
+
+# Run-time weight formats -> activation and KV-cache dtype. int4/int8 are weight-only (quant.py) with bf16
+# activations on the torch path; the fused decoder keeps activations in float32 and the cache in this dtype.
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16, "int4": torch.bfloat16}
+
+DEFAULT_CTX = 2048
+
+Say = Callable[[str], None]
+
+
+def default_ctx(cfg: ModelConfig, requested: int | None) -> int:
+    """The context a plan holds: as requested, else 2048 or the model's own context if that is shorter."""
+    return requested if requested is not None else min(DEFAULT_CTX, cfg.max_position)
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask): the default compute thread count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What the resolve stage decided: everything the later stages need to know about the settings."""
+
+    weights: str  # "f32" | "bf16" | "int8" | "int4"
+    ops: Ops
+    fused: bool  # run on the fused C++ decoder
+    kernels: str  # a sentence for the report: which ops, and why not fused when not
+    threads: int  # compute threads of the plan
+
+
+def compile_plan(loaded: LoadedModel, config: EngineConfig, calibrate: bool = True,
+                 progress: Say | None = None, cache: bool = True) -> Plan:
+    """Build the model in its run-time format, allocate everything, choose the decode shape, time it.
+
+    With `cache`, a calibrated plan is saved on disk (see `cache.plan_cache_path`) and a later compile of
+    the same model file with the same settings on the same machine and code reads it back."""
+    say = progress or (lambda _msg: None)
+    r = resolve(loaded, config, say)
+    path = plan_cache_path(loaded, config, r.weights, r.ops, r.threads) if cache else None
+    saved = read_plan_cache(path, say) if path is not None else None
+    kv = KVCache.allocate(loaded.config, config.slots, config.ctx, DTYPES[r.weights], config.device)
+    runner = build(loaded, config, r, kv, saved, say)
+    if saved is not None:
+        runner.decode_mode, invariance, step_ms = saved["decode_mode"], saved["invariance"], saved["step_ms"]
+    else:
+        say("checking batch invariance of the decode step")
+        _, invariance = choose_decode_mode(runner, loaded.config, config.slots)
+        if runner.any_rows and runner.decode_mode != "compact":  # the decoder's rows are independent by design
+            raise RuntimeError(f"fused decoder failed its batch-invariance probe ({invariance}): a kernel bug, please report it")
+    if isinstance(runner, TorchRunner) and runner.device.type == "cuda":
+        say("capturing the decode step as CUDA graphs")
+        runner.capture_graphs()
+    if saved is None:
+        step_ms = calibrate_steps(runner, config.slots, config.ctx, torch.device(config.device)) if calibrate else {}
+        if path is not None and calibrate:
+            write_plan_cache(path, runner.decode_mode, invariance, step_ms,
+                             runner.matrices if isinstance(runner, FusedRunner) else None)
+    report = PlanReport(weights=r.weights, device=config.device, slots=config.slots, ctx=config.ctx,
+                        decode_mode=runner.decode_mode, weight_bytes=runner.weight_bytes, kv_cache_bytes=kv.nbytes(),
+                        step_ms=step_ms, invariance=invariance, kernels=r.kernels, cached=saved is not None)
+    return Plan(runner, loaded.config, config, r.weights, kv, report)
+
+
+# -- resolve -------------------------------------------------------------------------------------------
+
+
+def resolve(loaded: LoadedModel, config: EngineConfig, say: Say) -> Resolved:
+    """Check the settings against the model and this machine; choose weights, ops and threads."""
+    cfg = loaded.config
+    if config.ctx > cfg.max_position:
+        raise PlanError(f"ctx={config.ctx} is longer than the model's context ({cfg.max_position}); lower --ctx", "ctx")
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise PlanError(f"device={config.device!r} but no CUDA GPU is visible to torch; use --device cpu", "device")
+    weights = resolve_weights(loaded, config)
+    ops, kernels = _choose_ops(config, say)
+    why_not = _why_not_fused(cfg, weights, ops)
+    threads = config.threads or available_cores()
+    if why_not is None:
+        # The decoder computes on its own pool; torch keeps one thread for the small glue around it. Its OpenMP
+        # team would otherwise spin between steps on the same cores (docs/performance.md).
+        ops.set_threads(threads)
+        torch.set_num_threads(1)
+        kernels = "cpp, fused decoder (every layer in one call)"
+    else:
+        torch.set_num_threads(threads)
+        if isinstance(ops, CppOps):
+            ops.set_threads(threads)
+            kernels += f" ({why_not})"
+    return Resolved(weights, ops, why_not is None, kernels, threads)
+
+
+def resolve_weights(loaded: LoadedModel, config: EngineConfig) -> str:
+    """auto: bf16 on GPU; on CPU int4 when the file's matrices are Q4_0/Q4_1 blocks (exact), else int8."""
+    cuda = config.device.startswith("cuda")
+    if cuda and config.weights in ("int4", "int8"):
+        raise PlanError(f"weights={config.weights!r} runs on CPU only for now; use --weights bf16 on cuda", "weights")
+    if config.weights != "auto":
+        return str(config.weights)
+    if cuda:
+        return "bf16"
+    q4 = sum(isinstance(w, QuantTensor) and w.qtype in ("Q4_0", "Q4_1") for w in loaded.weights.values())
+    matrices = sum(len(w.shape) == 2 for w in loaded.weights.values())
+    return "int4" if q4 * 2 > matrices else "int8"
+
+
+def _why_not_fused(cfg: ModelConfig, weights: str, ops: Ops) -> str | None:
+    """None when the fused C++ decoder can run this plan, else the reason (shown in the report)."""
+    if not isinstance(ops, CppOps):
+        return "the fused decoder needs the C++ kernels"
+    if weights not in ("int4", "int8"):
+        return f"the fused decoder runs block-quantized weights (int4/int8), not {weights}"
+    dims = {"hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size, "q_size": cfg.q_size}
+    odd = [f"{k}={v}" for k, v in dims.items() if v % 32]
+    if odd or cfg.head_dim % 16:
+        return f"the fused decoder needs multiples of 32 (blocks) and a head_dim multiple of 16: {', '.join(odd) or cfg.head_dim}"
+    return None
+
+
+def _choose_ops(config: EngineConfig, say: Say) -> tuple[Ops, str]:
+    """The C++ kernels on CPU when they build (config.kernels auto/cpp), else the torch reference ops."""
+    if config.device != "cpu":
+        return StaticOps(), "torch, static shapes (CUDA graphs)"
+    if config.kernels == "torch":
+        return TorchOps(), "torch"
+    say("building C++ kernels (once per machine)")
+    try:
+        return load_kernels(), "cpp"
+    except KernelBuildError as exc:
+        if config.kernels == "cpp":
+            raise PlanError(f"kernels='cpp' but they cannot be used here: {exc}", "kernels") from exc
+        return TorchOps(), f"torch (C++ kernels unavailable: {exc})"
+
+
+# -- build ---------------------------------------------------------------------------------------------
+
+
+def build(loaded: LoadedModel, config: EngineConfig, r: Resolved, kv: KVCache, saved: dict | None, say: Say) -> Runner:
+    """The runner with its weights in their run-time format, over the allocated cache."""
+    cfg = loaded.config
+    if r.fused:
+        say(f"packing {r.weights} weights for the fused decoder" if saved is None else "reading the cached plan")
+        assert isinstance(r.ops, CppOps)
+        return FusedRunner(cfg, loaded.weights, kv, r.weights, r.ops, packed=saved["matrices"] if saved else None)
+    say(f"building {cfg.arch} with {r.weights} weights")
+    dense_weights = {k: dense(v) for k, v in loaded.weights.items()}
+    model = build_model(cfg, dense_weights, config.ctx, DTYPES[r.weights], config.device)
+    del dense_weights
+    use_ops(model, r.ops)
+    if r.weights in ("int4", "int8"):
+        say(f"packing {r.weights} weights")
+        quantize(model, loaded.weights, r.weights, q8_ops=r.ops if isinstance(r.ops, CppOps) else None)
+    return TorchRunner(model, kv, config)

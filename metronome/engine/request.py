@@ -1,0 +1,111 @@
+"""A request as the engine holds it, and what the engine hands back: events (`Delta`), the final
+`Completion`, the life stamps (`Timings`), and the two refusals (`RequestError`, `QueueFullError`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+
+from metronome.config import SamplingParams
+from metronome.engine.sampler import Choice, RequestSampler
+from metronome.engine.text import TextStream
+
+
+class RequestError(ValueError):
+    """A request the engine refuses up front; `param` names the offending parameter."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class QueueFullError(RuntimeError):
+    """Every slot is busy and the waiting queue is at its limit: retry later."""
+
+
+@dataclass
+class Timings:
+    """perf_counter() stamps of one request's life (None until reached). The serving layer shapes them
+    into the API's usage fields (serve/usage.py)."""
+
+    submitted: float
+    admitted: float | None = None  # got a slot (queue time ends)
+    first_token: float | None = None  # prefill done, first token sampled
+    first_sentence: float | None = None
+    finished: float | None = None
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What one step produced for one request: new text, the tokens behind it, and the end if reached."""
+
+    request_id: str
+    text: str
+    choices: tuple[Choice, ...]  # sampled tokens with their logprobs (stop/EOS tokens included)
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None
+    timings: Timings | None = None  # set on the final delta
+    completion_tokens: int = 0  # set on the final delta
+
+
+@dataclass(frozen=True)
+class Completion:
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    choices: tuple[Choice, ...]
+    finish_reason: str
+    prompt_tokens: int
+    timings: Timings
+    seed: int
+
+
+class Constraint(Protocol):
+    """What the engine asks of a decoding constraint (e.g. `constrain.JsonConstraint`)."""
+
+    def allowed(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """A bool mask (V,) of the tokens that may come next, or None for no restriction."""
+
+    def accept(self, token: int) -> None:
+        """Advance past the token that was chosen."""
+
+    def finished(self) -> bool:
+        """True once the constrained output is complete (the request then stops)."""
+
+
+@dataclass(eq=False)
+class Request:
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    sampler: RequestSampler
+    text: TextStream
+    on_event: Callable[[Delta], None]
+    timings: Timings
+    constraint: Constraint | None = None
+    slot: int | None = None
+    cancelled: bool = False
+    output_ids: list[int] = field(default_factory=list)
+    choices: list[Choice] = field(default_factory=list)
+    finish_reason: str | None = None
+    draft_k: int = 0  # tokens to draft next step (adapts to how many were accepted)
+
+    @property
+    def position(self) -> int:
+        """Position of the last sampled token, the one the next decode step feeds."""
+        return len(self.prompt_ids) + len(self.output_ids) - 1
+
+
+@dataclass
+class SpecStats:
+    """Speculative decoding so far: verification steps, tokens drafted, drafts accepted."""
+
+    steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0

@@ -1,0 +1,66 @@
+"""A request's output text, in one place: token ids -> text pieces a client may see.
+
+`TextStream` owns every rule between a sampled token and emitted text:
+- detokenization without broken UTF-8 or lost spaces (the tokenizer's `StreamDecoder`);
+- EOS and stop-token filtering: those tokens end the request and are not text;
+- stop strings: emitted text is cut at the first stop string, and text that could be the start of one is
+  held back until it cannot (so a stop string is never half-emitted);
+- the first-sentence stamp: when the emitted text first ends a sentence (punctuation then whitespace,
+  or the end of a non-empty output), the time a voice pipeline could start speaking.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from metronome.model.tokenizer import StreamDecoder
+
+_SENTENCE_END = re.compile(r"[.!?\u3002\uff01\uff1f](\s)")
+
+
+@dataclass(frozen=True)
+class Piece:
+    """What one token made final: `text` to emit now, and whether a stop string ended the output."""
+
+    text: str
+    stopped: bool = False
+
+
+class TextStream:
+    def __init__(self, decoder: StreamDecoder, stop: tuple[str, ...] = (), stop_ids: frozenset[int] = frozenset()) -> None:
+        self.decoder = decoder
+        self.stop = stop
+        self.stop_ids = stop_ids  # EOS (unless ignore_eos) and the request's stop_token_ids
+        self.text = ""  # emitted so far
+        self.held = ""  # decoded but held back (could start a stop string)
+        self.first_sentence_at: float | None = None
+
+    def is_stop_token(self, token: int) -> bool:
+        return token in self.stop_ids
+
+    def push(self, token: int, now: float, final: bool = False) -> Piece:
+        """Take one sampled token (`final`: the request ends with it). A stop token adds no text."""
+        if not self.is_stop_token(token):
+            self.held += self.decoder.push(token)
+        out, stopped = self._release(final)
+        ended = _SENTENCE_END.search(self.text[-1:] + out) or ((final or stopped) and (self.text + out).strip())
+        if self.first_sentence_at is None and ended:
+            self.first_sentence_at = now
+        self.text += out
+        return Piece(out, stopped)
+
+    def _release(self, final: bool) -> tuple[str, bool]:
+        """Text safe to emit now: cut at a stop string (True), else hold back a possible stop prefix.
+        Emitted text never ends with the start of a stop string, so a stop can only begin in `held`."""
+        if final:
+            self.held += self.decoder.flush()
+        cut = min((i for i in (self.held.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            out, self.held = self.held[:cut], ""
+            return out, True
+        keep = 0 if final else max(
+            (k for s in self.stop for k in range(len(s) - 1, 0, -1) if self.held.endswith(s[:k])), default=0
+        )
+        out, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
+        return out, False

@@ -1,0 +1,18 @@
+"""Fleet planner: compile a model onto LPU, GPU and hybrid fleets and predict speed and cost (docs/planner.md).
+
+Modules: catalog (hardware data files), shapes (model sizes), ops (the layer dataflow program), schedule
+(static per-chip timelines, link-contention invariant, Chrome trace), lpu (partition + schedule compiler),
+gpu (roofline), hybrid (GPU+LPU fleets), frontier (sweeps, Pareto, plot), validation, machine, cli.
+"""
+
+from metronome.fleet.catalog import Hardware, HardwareKind, load_hardware
+from metronome.fleet.costs import Candidate, Kind, Workload
+from metronome.fleet.lpu import LpuOptions, LpuPlan, build_schedule, chrome_trace, compile_lpu, min_chips
+from metronome.fleet.machine import measure_machine, predict_decode_tokens_per_s
+from metronome.fleet.shapes import ModelShape, builtin_shapes, load_shape
+
+__all__ = [
+    "Candidate", "Hardware", "HardwareKind", "Kind", "LpuOptions", "LpuPlan", "ModelShape", "Workload",
+    "build_schedule", "builtin_shapes", "chrome_trace", "compile_lpu", "load_hardware", "load_shape",
+    "measure_machine", "min_chips", "predict_decode_tokens_per_s",
+]

@@ -1,0 +1,171 @@
+"""`metronome plan`: compile a model onto LPU, GPU and hybrid fleets; print the cheapest of each kind."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from metronome.fleet.catalog import (Hardware, hourly_price, load_calibration, load_cost_model,
+                                       load_hardware, load_published, with_prices)
+from metronome.fleet.costs import Candidate, Kind, Workload
+from metronome.fleet.frontier import SweepSpec, cheapest_meeting, markdown_table, pareto, plot_frontier, sweep
+from metronome.fleet.gpu import calibration_from_table
+from metronome.fleet.hybrid import Handoff
+from metronome.fleet.lpu import chrome_trace
+from metronome.fleet.machine import (THIS_MACHINE, machine_hardware, measure_machine,
+                                       predict_decode_tokens_per_s)
+from metronome.fleet.shapes import ModelShape, load_shape
+from metronome.fleet.validation import validation_rows, validation_table
+
+DEFAULT_TARGETS = ("tsp-v1", "h100-sxm")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", help="built-in name (e.g. llama-2-70b), a .gguf file or an HF model folder")
+    p.add_argument("--tokens-per-s", type=float, help="decode speed each user must get (tokens/s)")
+    p.add_argument("--prompt", type=int, default=1000, help="prompt tokens per request (default 1000)")
+    p.add_argument("--output", type=int, default=1000, help="output tokens per request (default 1000)")
+    p.add_argument("--target", action="append", metavar="HW",
+                   help=f"hardware to plan for, repeatable: tsp-v1, lp30, h100-sxm, h200, {THIS_MACHINE} "
+                        f"(default: {' + '.join(DEFAULT_TARGETS)})")
+    p.add_argument("--chips", type=int, help="LPU chip budget (default: up to the system maximum)")
+    p.add_argument("--weight-bits", type=int, help="LPU weight storage bits (default: the chip's, 8 on tsp-v1)")
+    p.add_argument("--gpu-weight-bits", type=int, help="GPU weight bits (default 16; 8 only if 16 fits nowhere)")
+    p.add_argument("--price-per-hour", action="append", default=[], metavar="HW=USD",
+                   help="override a chip's hourly price (default: purchase price amortized + power)")
+    p.add_argument("--price-per-chip", action="append", default=[], metavar="HW=USD",
+                   help="override a chip's purchase price (cited defaults in the catalog)")
+    p.add_argument("--trace", type=Path, metavar="OUT.json", help="write the LPU decode-step schedule (Perfetto)")
+    p.add_argument("--plot", type=Path, metavar="OUT.png", help="write the cost vs speed Pareto plot")
+    p.add_argument("--table", type=Path, metavar="OUT.md", help="write the frontier as a Markdown table")
+    p.add_argument("--calibrate", action="store_true",
+                   help="measure this machine (torch) and predict metronome's own decode speed for MODEL")
+    p.add_argument("--validate", action="store_true", help="print predicted vs published speeds and exit")
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Register `plan` on the main CLI's subparsers."""
+    p = subparsers.add_parser("plan", help="plan LPU / GPU / hybrid fleets for a model and a speed target",
+                              description=__doc__)
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def _prices(flag: str, items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[name] = float(value)
+        except ValueError:
+            raise ValueError(f"{flag} {item!r}: write it as HW=USD, e.g. {flag} tsp-v1=0.9") from None
+    return out
+
+
+def _hardware(args: argparse.Namespace, catalog: dict[str, Hardware]) -> list[Hardware]:
+    names = args.target or list(DEFAULT_TARGETS)
+    known = sorted(catalog) + [THIS_MACHINE]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"--target {', '.join(unknown)}: unknown; choose from {', '.join(known)}")
+    return [catalog[n] for n in names]
+
+
+def _fmt(c: Candidate) -> str:
+    return (f"{c.layout:<58} batch {c.batch:>3}  {c.per_user_tokens_per_s:8,.1f} tok/s/user  "
+            f"${c.cost_per_mtok:9,.4f}/M tok  {c.power_w / 1e3:7,.1f} kW  TTFT {c.ttft_s * 1e3:7,.1f} ms  "
+            f"({c.lpu_chips} LPU chips, {c.gpus} GPUs)")
+
+
+def _calibrate(shape: ModelShape | None, out) -> None:
+    m = measure_machine()
+    print(f"this machine: {m.bandwidth / 1e9:.1f} GB/s (torch sum over 512 MiB), "
+          f"{m.matmul_flops / 1e9:.1f} GFLOP/s (1024^3 fp32 matmul), {m.threads} threads", file=out)
+    if shape is not None:
+        bytes_per_token = shape.decode_bytes_per_token(16)
+        tps = predict_decode_tokens_per_s(shape.config, bytes_per_token, m)
+        print(f"{shape.name}: bf16 batch-1 bound {tps:,.1f} tokens/s ({bytes_per_token / 1e6:,.1f} MB per token); "
+              "engine calibration pending (predict_decode_tokens_per_s is the hook)", file=out)
+
+
+def _plan(args: argparse.Namespace, out) -> int:
+    if args.model is None or args.tokens_per_s is None:
+        raise ValueError("give MODEL and --tokens-per-s (or use --validate / --calibrate)")
+    if args.tokens_per_s <= 0:
+        raise ValueError(f"--tokens-per-s={args.tokens_per_s} must be positive")
+    if args.chips is not None and args.chips < 1:
+        raise ValueError(f"--chips={args.chips} must be at least 1")
+    shape = load_shape(args.model)
+    catalog = load_hardware()
+    if THIS_MACHINE in (args.target or []):
+        catalog[THIS_MACHINE] = machine_hardware(measure_machine())
+    catalog = with_prices(catalog, _prices("--price-per-hour", args.price_per_hour),
+                          _prices("--price-per-chip", args.price_per_chip))
+    hardware = _hardware(args, catalog)
+    cost = load_cost_model()
+    table = load_calibration()
+    cal = calibration_from_table(table)
+    handoff = Handoff(table["handoff"]["bandwidth"], table["handoff"]["latency_s"])
+    workload = Workload(args.prompt, args.output)
+    spec = SweepSpec(workload, lpu_weight_bits=args.weight_bits, gpu_weight_bits=args.gpu_weight_bits,
+                     lpu_chips=args.chips)
+    prices = {h.name: hourly_price(h, cost) for h in hardware}
+    cands = sweep(shape, hardware, prices, cal, handoff, spec)
+    best = cheapest_meeting(cands, args.tokens_per_s)
+    print(f"metronome plan: {shape.name} ({shape.total_params() / 1e9:.2f} B params), "
+          f"{args.tokens_per_s:g} tok/s per user, prompt {workload.prompt} + output {workload.output}", file=out)
+    print("prices $/chip-hour: " + ", ".join(f"{n} {p:.3f}" for n, p in prices.items()), file=out)
+    for kind in Kind:
+        mine = [c for c in cands if c.kind is kind]
+        if not mine:
+            continue
+        c = best[kind]
+        if c is None:
+            fastest = max(c.per_user_tokens_per_s for c in mine)
+            print(f"{kind.value:<30} none reaches {args.tokens_per_s:g} tok/s (fastest {fastest:,.1f})", file=out)
+        else:
+            print(f"{kind.value:<30} {_fmt(c)}", file=out)
+    winners = [c for c in best.values() if c is not None]
+    if winners:
+        w = min(winners, key=lambda c: c.cost_per_mtok)
+        print(f"winner: {w.kind.value} at ${w.cost_per_mtok:,.4f} per million output tokens", file=out)
+    title = f"{shape.name}: prompt {workload.prompt}, output {workload.output}"
+    if args.plot:
+        plot_frontier(cands, args.plot, title)
+        print(f"wrote {args.plot}", file=out)
+    if args.table:
+        args.table.write_text(f"# {title}\n\n" + markdown_table(pareto(cands)))
+        print(f"wrote {args.table}", file=out)
+    if args.trace:
+        _write_trace(args.trace, winners, cands, out)
+    return 0 if winners else 1
+
+
+def _write_trace(path: Path, winners: list[Candidate], cands: list[Candidate], out) -> None:
+    with_lpu = [c for c in winners if c.lpu_plan is not None]
+    pool = with_lpu or [c for c in cands if c.lpu_plan is not None]
+    if not pool:
+        raise ValueError("--trace needs an LPU target (e.g. --target tsp-v1)")
+    pick = min(pool, key=lambda c: c.cost_per_mtok) if with_lpu else max(pool, key=lambda c: c.per_user_tokens_per_s)
+    path.write_text(json.dumps(chrome_trace(pick.lpu_plan)))
+    print(f"wrote {path} ({pick.layout}, batch {pick.batch}; open in https://ui.perfetto.dev)", file=out)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of `metronome plan`; returns the exit code (2: bad input, 1: no configuration is fast enough)."""
+    out = sys.stdout
+    try:
+        if args.validate:
+            print(validation_table(validation_rows(load_hardware(), load_published())), file=out, end="")
+            return 0
+        if args.calibrate:
+            _calibrate(load_shape(args.model) if args.model else None, out)
+            return 0
+        return _plan(args, out)
+    except ValueError as e:
+        print(f"metronome plan: error: {e}", file=sys.stderr)
+        return 2

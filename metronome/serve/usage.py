@@ -1,0 +1,22 @@
+"""The API's timing fields (Groq's `usage` shape), made from the engine's `Timings` stamps."""
+
+from __future__ import annotations
+
+from metronome.engine.request import Timings
+
+
+def groq_timings(t: Timings) -> dict[str, float | None]:
+    """Groq-style seconds: queue_time, prompt_time, completion_time, total_time, plus time_to_first_token
+    and time_to_first_sentence (None where the request never got there)."""
+
+    def span(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else round(b - a, 6)
+
+    return {
+        "queue_time": span(t.submitted, t.admitted),
+        "prompt_time": span(t.admitted, t.first_token),
+        "completion_time": span(t.first_token, t.finished),
+        "total_time": span(t.submitted, t.finished),
+        "time_to_first_token": span(t.submitted, t.first_token),
+        "time_to_first_sentence": span(t.submitted, t.first_sentence),
+    }

@@ -1,0 +1,496 @@
+"""Tests of `metronome bench` against a stub server with a known TTFT and rate, and of the HF peer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import jsonschema
+import pytest
+
+from metronome.bench import cli, peers
+from metronome.bench.client import Api, RequestSpec, normalize_base_url, stream_request
+from metronome.bench.metrics import RequestResult, describe, first_sentence_chunk, token_chunk
+from metronome.bench.report import Environment, build_report, load_schema, report_json, write_report
+from metronome.bench.runner import SweepConfig, SweepOutcome, Target, run_sweep
+from metronome.bench.workloads import (
+    CharEstimate,
+    PromptBuilder,
+    TokenizerFileCounter,
+    load_corpus,
+    resolve_workload,
+    split_sentences,
+)
+
+STUB = Path(__file__).parents[1] / "helpers" / "bench_stub.py"
+
+
+@contextlib.contextmanager
+def stub_server(*options: str) -> Iterator[str]:
+    """The stub in its own process (so its timing is not disturbed by the client); yields its URL."""
+    process = subprocess.Popen(
+        [sys.executable, str(STUB), *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("PORT "), f"stub did not start: {line!r} {process.stderr.read()}"
+        yield f"http://127.0.0.1:{int(line.split()[1])}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+class Recorder:
+    """A SweepObserver that records calls and can raise KeyboardInterrupt after n requests."""
+
+    def __init__(self, interrupt_after: int | None = None) -> None:
+        self.started: list[tuple[str, int, int]] = []
+        self.done: list[RequestResult] = []
+        self.interrupt_after = interrupt_after
+
+    def measurement_started(self, target: Target, concurrency: int, round_index: int) -> None:
+        self.started.append((target.name, concurrency, round_index))
+
+    def request_done(self, target: Target, result: RequestResult) -> None:
+        self.done.append(result)
+        if self.interrupt_after is not None and len(self.done) >= self.interrupt_after:
+            raise KeyboardInterrupt
+
+
+def sweep_config(**overrides: object) -> SweepConfig:
+    values: dict = dict(
+        workload=resolve_workload("short", input_tokens=40, output_tokens=120),
+        concurrency=(1,),
+        rounds=1,
+        requests_per_user=2,
+        warmup=1,
+        seed=0,
+        api=Api.COMPLETIONS,
+        ignore_eos=True,
+        temperature=0.0,
+        request_timeout_s=30.0,
+    )
+    values.update(overrides)
+    return SweepConfig(**values)
+
+
+def builder() -> PromptBuilder:
+    return PromptBuilder(load_corpus(), seed=0, counter=CharEstimate())
+
+
+def report_of(outcome: SweepOutcome, config: SweepConfig, targets: list[Target]):
+    return build_report(outcome, config, targets, Environment.here(None), "estimate", time.time(), time.time())
+
+
+def close_to(value: float | None, expected: float, tolerance: float = 0.05) -> bool:
+    return value is not None and abs(value - expected) <= tolerance * expected
+
+
+# --- workloads and prompts -------------------------------------------------------------------
+
+
+def test_workload_presets_scale_and_custom() -> None:
+    assert (resolve_workload("short").input_tokens, resolve_workload("short").output_tokens) == (100, 300)
+    assert (resolve_workload("long").input_tokens, resolve_workload("long").output_tokens) == (10000, 1500)
+    small = resolve_workload("medium", scale=0.2)
+    assert (small.name, small.input_tokens, small.output_tokens, small.scale) == ("medium", 200, 200, 0.2)
+    custom = resolve_workload("short", output_tokens=42)
+    assert (custom.name, custom.input_tokens, custom.output_tokens) == ("custom", 100, 42)
+    with pytest.raises(ValueError, match="--scale"):
+        resolve_workload("short", scale=0)
+    with pytest.raises(ValueError, match="--workload"):
+        resolve_workload("huge")
+    with pytest.raises(ValueError, match="--input-tokens"):
+        resolve_workload("short", input_tokens=0)
+
+
+def test_prompts_are_unique_deterministic_and_real_text() -> None:
+    corpus_words = set(load_corpus().replace("\n", " ").split())
+    assert len(split_sentences(load_corpus())) > 150
+    prompts = [builder().build(f"0.4.{u}.{s}", 100) for u in range(10) for s in range(20)]
+    assert len({p.text for p in prompts}) == len(prompts)
+    bodies = [p.text.split("\n", 1)[1] for p in prompts]
+    assert len({b[:80] for b in bodies}) > 150  # not one text behind different headers
+    assert builder().build("0.4.3.7", 100) == prompts[3 * 20 + 7]
+    other_seed = PromptBuilder(load_corpus(), seed=1, counter=CharEstimate()).build("0.4.3.7", 100)
+    assert other_seed.text != prompts[3 * 20 + 7].text
+    for prompt in prompts[:20]:
+        assert 360 <= len(prompt.text) <= 400 and prompt.input_tokens <= 100
+        words = prompt.text.split("\n", 1)[1].split()
+        assert all(w in corpus_words for w in words[:-1])  # the last word may be cut short
+    long = builder().build("x", 10_000)
+    assert 39_000 < len(long.text) <= 40_000
+
+
+def test_prompt_lengths_with_a_tokenizer(tiny_llama: Path) -> None:
+    counter = TokenizerFileCounter(tiny_llama / "tokenizer.json")
+    made = PromptBuilder(load_corpus(), seed=0, counter=counter)
+    for tokens in (60, 300, 2000):
+        prompt = made.build(f"k{tokens}", tokens)
+        assert prompt.counted_by == "tokenizer"
+        assert tokens - 2 <= prompt.input_tokens <= tokens
+    with pytest.raises(ValueError, match="--tokenizer"):
+        TokenizerFileCounter(tiny_llama / "missing.json")
+
+
+# --- per-request figures ---------------------------------------------------------------------
+
+
+def test_first_sentence_and_token_placement() -> None:
+    assert first_sentence_chunk(["Hello", " world", ".", " Next"]) == 2
+    assert first_sentence_chunk(["Hello world.\nMore"]) == 0
+    assert first_sentence_chunk(["It", " ends!"]) == 1  # the mark ends the whole text
+    assert first_sentence_chunk(["pi is 3.14", " or so"]) is None
+    assert first_sentence_chunk(["no end", " here"]) is None
+    assert [token_chunk(k, 6, 6) for k in (1, 6)] == [0, 5]
+    assert [token_chunk(k, 120, 30) for k in (1, 4, 5, 100, 120)] == [0, 0, 1, 24, 29]
+
+
+def test_percentiles() -> None:
+    stat = describe(float(v) for v in range(1, 101))
+    assert (stat.n, stat.mean, stat.p50) == (100, 50.5, 50.5)
+    assert stat.p90 == pytest.approx(90.1) and stat.p99 == pytest.approx(99.01)
+    assert describe([None, None]).p50 is None
+    assert describe([3.0]).p99 == 3.0
+
+
+# --- the harness against the stub: known TTFT and rate ----------------------------------------
+
+
+def test_figures_match_the_stub_within_5_percent() -> None:
+    ttft, interval, tokens = 0.5, 0.01, 120  # 100 tokens/s; a time base long enough that scheduling noise on a busy 2-core machine stays under 5 %
+    with stub_server("--ttft", str(ttft), "--interval", str(interval)) as url:
+        target = Target("stub", url, "stub-model")
+        config = sweep_config(concurrency=(1, 3))
+        recorder = Recorder()
+        outcome = run_sweep([target], config, builder(), recorder)
+    assert not outcome.interrupted and recorder.started == [("stub", 1, 0), ("stub", 3, 0)]
+    per_request = ttft + (tokens - 1) * interval
+    for summary in report_of(outcome, config, [target]).summaries:
+        c = summary.concurrency
+        assert summary.errors == 0 and summary.ok == 2 * c
+        stats = summary.stats
+        assert stats.output_tokens.p50 == tokens
+        assert close_to(stats.ttft_s.p50, ttft), stats.ttft_s
+        assert close_to(stats.output_speed_tps.p50, 1 / interval), stats.output_speed_tps
+        assert close_to(stats.first_sentence_s.p50, ttft + 7 * interval), stats.first_sentence_s
+        assert close_to(stats.e2e_100_s.p50, ttft + 99 * interval), stats.e2e_100_s
+        assert close_to(stats.total_s.p50, per_request), stats.total_s
+        assert close_to(summary.output_tokens_per_s, c * tokens / per_request), summary.output_tokens_per_s
+        assert close_to(summary.requests_per_s, c / per_request), summary.requests_per_s
+    record = outcome.measurements[0].requests[0]
+    assert (record.output_tokens_source, record.input_tokens_source, record.input_tokens) == ("usage", "usage", 11)
+
+
+def test_counts_without_usage_and_with_multi_token_chunks() -> None:
+    ttft, interval = 0.5, 0.01  # a time base long enough that scheduling noise on a busy machine stays under 5 %
+    with stub_server("--ttft", str(ttft), "--interval", str(interval), "--no-usage") as url:
+        plain = run_sweep([Target("s", url, "m")], sweep_config(warmup=0, requests_per_user=1), builder(), Recorder())
+    result = plain.measurements[0].requests[0]
+    assert (result.output_tokens, result.output_tokens_source, result.chunks) == (120, "chunks", 120)
+    assert result.input_tokens_source == "estimate" and result.input_tokens == 40
+    with stub_server("--ttft", str(ttft), "--interval", str(interval), "--tokens-per-chunk", "4") as url:
+        grouped = run_sweep([Target("s", url, "m")], sweep_config(requests_per_user=1), builder(), Recorder())
+    result = grouped.measurements[0].requests[0]
+    assert (result.output_tokens, result.output_tokens_source, result.chunks) == (120, "usage", 30)
+    assert close_to(result.e2e_100_s, ttft + 99 * interval)  # token 100 rides in chunk 25
+    assert close_to(result.ttft_s, ttft + 3 * interval)  # the first chunk carries tokens 1-4
+
+
+def test_server_errors_are_counted_not_fatal() -> None:
+    with stub_server("--ttft", "0.02", "--interval", "0.001", "--fail-every", "3", "--drop-every", "4") as url:
+        target = Target("stub", url, "m")
+        config = sweep_config(concurrency=(2,), requests_per_user=6, warmup=0, api=Api.CHAT)
+        outcome = run_sweep([target], config, builder(), Recorder())
+    (summary,) = report_of(outcome, config, [target]).summaries
+    kinds = {kind: count for kind, count, _ in summary.error_kinds}
+    assert kinds == {"http_500": 4, "dropped": 2}  # requests 3, 6, 9, 12 fail; 4 and 8 are cut off
+    assert (summary.requests, summary.ok, summary.errors) == (12, 6, 6)
+    assert summary.stats.ttft_s.n == 6 and summary.output_tokens_per_s > 0
+    dropped = [r for m in outcome.measurements for r in m.requests if r.error_kind == "dropped"]
+    assert all(r.chunks == 60 and r.ttft_s is None for r in dropped)
+
+
+def test_ignore_eos_is_sent_and_short_outputs_are_reported() -> None:
+    with stub_server("--ttft", "0.02", "--interval", "0.001", "--eos-after", "10") as url:
+        target = Target("stub", url, "m")
+        forced = run_sweep([target], sweep_config(warmup=0), builder(), Recorder())
+        free_config = sweep_config(warmup=0, ignore_eos=False)
+        free = run_sweep([target], free_config, builder(), Recorder())
+    assert {r.output_tokens for r in forced.measurements[0].requests} == {120}
+    (summary,) = report_of(free, free_config, [target]).summaries
+    assert summary.stats.output_tokens.p50 == 10 and summary.short_outputs == 2
+    assert summary.e2e_100_projected == 2 and summary.stats.e2e_100_s.p50 is not None
+
+
+def test_unreachable_server_is_counted() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    outcome = run_sweep([Target("gone", f"http://127.0.0.1:{port}", "m")], sweep_config(warmup=1), builder(), Recorder())
+    (measurement,) = outcome.measurements
+    assert len(measurement.warmup_errors) == 1
+    assert [r.error_kind for r in measurement.requests] == ["transport", "transport"]
+
+
+# --- peers side by side, the report, the schema -------------------------------------------------
+
+
+def test_two_targets_interleave_and_ratios_validate(tmp_path: Path) -> None:
+    with stub_server("--ttft", "0.4", "--interval", "0.01") as fast, stub_server(
+        "--ttft", "0.8", "--interval", "0.02"
+    ) as slow:
+        targets = [Target("metronome", fast, "m"), Target("other", slow, "m")]
+        config = sweep_config(rounds=2, requests_per_user=1, warmup=0, workload=resolve_workload("short", 0.2))
+        recorder = Recorder()
+        outcome = run_sweep(targets, config, builder(), recorder)
+    assert recorder.started == [("metronome", 1, 0), ("other", 1, 0), ("metronome", 1, 1), ("other", 1, 1)]
+    report = report_of(outcome, config, targets)
+    document = report_json(report)
+    jsonschema.validate(document, load_schema())
+    assert document["baseline"] == "metronome"
+    other = next(s for s in document["summaries"] if s["target"] == "other")
+    assert close_to(other["ratio_to_baseline"]["ttft_s.p50"], 2.0)
+    assert close_to(other["ratio_to_baseline"]["output_speed_tps.p50"], 0.5)
+    files = write_report(report, tmp_path)
+    assert "(2.0" in files.markdown.read_text() or "(1.9" in files.markdown.read_text()
+    broken = json.loads(files.json.read_text())
+    broken["summaries"][0]["metrics"]["ttft_s"]["p50"] = "fast"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, load_schema())
+    del broken["measurements"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, load_schema())
+
+
+def test_cli_writes_json_markdown_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    with stub_server("--ttft", "0.02", "--interval", "0.002", "--fail-every", "7") as url:
+        code = cli.main(
+            ["--url", url + "/v1/", "--workload", "short", "--scale", "0.2", "--concurrency", "1,2"]
+            + ["--rounds", "2", "--out", str(out), "--no-progress"]
+        )
+    assert code == 0
+    document = json.loads((out / "results.json").read_text())
+    jsonschema.validate(document, load_schema())
+    assert document["config"]["workload"] == {"name": "short", "input_tokens": 20, "output_tokens": 60, "scale": 0.2}
+    assert document["targets"][0]["model"] == "stub-model"
+    assert sum(s["errors"] for s in document["summaries"]) >= 1
+    assert "| 2 | server |" in (out / "results.md").read_text()
+    assert "| 1 | server |" in capsys.readouterr().out
+    for name in ("speed_vs_throughput.png", "ttft_vs_concurrency.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_interrupt_from_a_hook_keeps_partial_results(tmp_path: Path) -> None:
+    with stub_server("--ttft", "0.01", "--interval", "0.001") as url:
+        target = Target("stub", url, "m")
+        config = sweep_config(rounds=2, requests_per_user=5, warmup=0)
+        outcome = run_sweep([target], config, builder(), Recorder(interrupt_after=3))
+    assert outcome.interrupted
+    (partial,) = outcome.measurements
+    assert not partial.complete and len(partial.requests) == 3
+    document = report_json(report_of(outcome, config, [target]))
+    jsonschema.validate(document, load_schema())
+    assert document["interrupted"] and document["summaries"][0]["ok"] == 3
+
+
+def test_ctrl_c_signal_writes_partial_results(tmp_path: Path) -> None:
+    out = tmp_path / "partial"
+    # A process started in the background by a non-interactive shell (as CI may be) ignores SIGINT from birth;
+    # this test is about what Ctrl-C does, so it gives the process Python's own SIGINT handler while it runs.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    with stub_server("--ttft", "0.05", "--interval", "0.03") as url:  # ~1.9 s a request: ~2 done of 15 at 4 s
+        timer = threading.Timer(4.0, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        try:
+            code = cli.main(
+                ["--url", url, "--input-tokens", "20", "--output-tokens", "60", "--concurrency", "1"]
+                + ["--rounds", "5", "--requests-per-user", "3", "--warmup", "0", "--out", str(out), "--no-progress"]
+            )
+        finally:
+            timer.cancel()
+            signal.signal(signal.SIGINT, previous)
+    assert code == 130
+    document = json.loads((out / "results.json").read_text())
+    jsonschema.validate(document, load_schema())
+    assert document["interrupted"]
+    done = sum(len(m["requests"]) for m in document["measurements"])
+    assert 1 <= done < 15
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--url", "ftp://x"], "--url"),
+        (["--url", "http://127.0.0.1:9", "--scale", "-1"], "--scale"),
+        (["--model", "m.gguf", "--compare", "metronome,vllm"], "--compare"),
+        (["--url", "http://127.0.0.1:9", "--compare", "transformers"], "--compare"),
+        (["--url", "http://127.0.0.1:9", "--rounds", "0"], "--rounds"),
+    ],
+)
+def test_cli_rejects_bad_options(argv: list[str], needle: str, capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(argv) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_cli_names_an_unreachable_url(capsys: pytest.CaptureFixture) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert cli.main(["--url", f"http://127.0.0.1:{port}", "--no-progress"]) == 1
+    assert "cannot reach" in capsys.readouterr().err
+
+
+def test_url_normalization() -> None:
+    assert normalize_base_url("http://127.0.0.1:8000/v1/") == "http://127.0.0.1:8000"
+    assert normalize_base_url("https://h/api/v1") == "https://h/api"
+    with pytest.raises(ValueError, match="--url"):
+        normalize_base_url("127.0.0.1:8000")
+
+
+def test_peer_names_commands_and_llama_cpp_absence(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert peers.parse_peers("metronome, llama.cpp,transformers") == tuple(peers.Peer)
+    for bad in ("vllm", "metronome,metronome", ""):
+        with pytest.raises(ValueError, match="--compare"):
+            peers.parse_peers(bad)
+    assert peers.context_for(resolve_workload("short")) == 768  # 150 + 300 + 64, rounded up
+    assert peers.context_for(resolve_workload("long")) >= 15_000 + 1500
+    llama = peers.launch_spec(peers.Peer.LLAMA_CPP, Path("m.gguf"), 1234, 2, "float32", 512)
+    assert llama.argv[1:3] == ("-m", "llama_cpp.server") and ("--n_threads", "2") == llama.argv[5:7]
+    assert llama.argv[llama.argv.index("--n_ctx") + 1] == "512"
+    assert ("--host", "127.0.0.1") == llama.argv[-4:-2] and llama.argv[-1] == "1234"
+    hf = peers.launch_spec(peers.Peer.TRANSFORMERS, Path("m.gguf"), 1234, 3, "bfloat16", 512)
+    assert "metronome.bench.hf_server" in hf.argv and hf.argv[hf.argv.index("--threads") + 1] == "3"
+    real_find_spec = peers.importlib.util.find_spec
+    monkeypatch.setattr(
+        peers.importlib.util, "find_spec", lambda name: None if name == "llama_cpp" else real_find_spec(name)
+    )
+    with pytest.raises(peers.PeerUnavailable, match=r"llama-cpp-python\[server\]==0.3.36"):
+        peers.check_available(peers.Peer.LLAMA_CPP)
+
+
+# --- the transformers baseline server ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer Llama (hidden 64) with a BPE tokenizer trained here on the bench corpus."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator([load_corpus()], trainer)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")
+    fast.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    fast.save_pretrained(folder)
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=0,
+        eos_token_id=1,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@contextlib.contextmanager
+def served(app: object) -> Iterator[str]:
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def test_hf_server_streams_counts_and_refuses_clearly(tiny_llama: Path) -> None:
+    from metronome.bench.hf_server import build_app, load_backend
+
+    backend = load_backend(tiny_llama, "float32")
+    try:
+        with served(build_app(backend)) as url:
+
+            async def talk() -> list:
+                async with httpx.AsyncClient(timeout=30) as http:
+                    spec = RequestSpec("The river town woke slowly.", 12, True, 0.0)
+                    completion = await stream_request(http, url, Api.COMPLETIONS, "x", spec, 30)
+                    chat = await stream_request(http, url, Api.CHAT, "x", RequestSpec("Hello there.", 8, True, 0.7), 30)
+                    whole = await http.post(f"{url}/v1/completions", json={"prompt": "Bread is", "max_tokens": 5})
+                    two = await http.post(f"{url}/v1/completions", json={"prompt": "a", "n": 2})
+                    huge = await http.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 999})
+                    bad = await http.post(f"{url}/v1/chat/completions", json={"messages": []})
+                    listed = await http.get(f"{url}/v1/models")
+                    return [completion, chat, whole, two, huge, bad, listed]
+
+            completion, chat, whole, two, huge, bad, listed = asyncio.run(talk())
+            target = Target("transformers", url, tiny_llama.name)
+            config = sweep_config(
+                concurrency=(2,), requests_per_user=1, warmup=0, workload=resolve_workload("short", 0.1)
+            )
+            outcome = run_sweep([target], config, builder(), Recorder())
+    finally:
+        backend.close()
+    assert completion.error is None and completion.usage_completion_tokens == 12 and completion.chunk_times
+    assert completion.usage_prompt_tokens > 3
+    assert chat.error is None and chat.usage_completion_tokens == 8
+    assert whole.status_code == 200 and whole.json()["usage"]["completion_tokens"] <= 5
+    assert two.status_code == 400 and two.json()["error"]["param"] == "n"
+    assert huge.status_code == 400 and "max_tokens" in huge.json()["error"]["message"]
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
+    assert listed.json()["data"][0]["id"] == tiny_llama.name
+    results = outcome.measurements[0].requests
+    assert [r.ok for r in results] == [True, True] and {r.output_tokens for r in results} == {30}
+
+
+def test_transformers_peer_starts_serves_and_stops(tiny_llama: Path, tmp_path: Path) -> None:
+    notes: list[str] = []
+    with peers.running_peers([peers.Peer.TRANSFORMERS], tiny_llama, 1, "float32", 256, tmp_path, 120, notes.append) as up:
+        (peer,) = up
+        listed = httpx.get(f"{peer.base_url}/v1/models", timeout=10).json()
+        assert listed["data"][0]["id"] == tiny_llama.name
+    assert any("ready" in note for note in notes)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{peer.base_url}/health", timeout=5)
+    bad_model = tmp_path / "weights.txt"
+    bad_model.write_text("not a model")
+    with pytest.raises(peers.PeerStartError, match="give a .gguf file"):
+        with peers.running_peers([peers.Peer.TRANSFORMERS], bad_model, 1, "float32", 256, tmp_path, 60, notes.append):
+            pass

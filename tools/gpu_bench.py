@@ -16,16 +16,28 @@ import time
 
 import torch
 
-from metronome.config import EngineConfig, ModelConfig
 from metronome.compile import Plan, PlanReport, compile_plan
 from metronome.compile.probe import calibrate, choose_decode_mode
 from metronome.compile.runner import TorchRunner
+from metronome.config import EngineConfig, ModelConfig
 from metronome.kernels.ops import StaticOps
 from metronome.model.transformer import KVCache, Transformer, use_ops
 
-LLAMA_8B = ModelConfig(arch="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
-                       num_heads=32, num_kv_heads=8, head_dim=128, max_position=8192, rms_norm_eps=1e-5,
-                       rope_theta=500000.0, tie_embeddings=False, name="Llama-3.1-8B shape (random)")
+LLAMA_8B = ModelConfig(
+    arch="llama",
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    max_position=8192,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    tie_embeddings=False,
+    name="Llama-3.1-8B shape (random)",
+)
 
 
 def random_plan(cfg: ModelConfig, ctx: int) -> Plan:
@@ -76,8 +88,10 @@ def main() -> None:
         rate, step_ms = decode_rate(plan, args.tokens)
         bytes_per_token = plan.report.weight_bytes
         bound = args.bandwidth_gbs * 1e9 / bytes_per_token
-        print(f"| {name} | {plan.decode_mode} | {bytes_per_token / 1e9:.2f} GB | {rate:,.0f} tok/s | "
-              f"{bound:,.0f} tok/s | {rate / bound:.0%} | calibrated step {step_ms:.3f} ms vs measured {1000 / rate:.3f} ms |")
+        print(
+            f"| {name} | {plan.decode_mode} | {bytes_per_token / 1e9:.2f} GB | {rate:,.0f} tok/s | "
+            f"{bound:,.0f} tok/s | {rate / bound:.0%} | calibrated step {step_ms:.3f} ms vs measured {1000 / rate:.3f} ms |"
+        )
 
 
 if __name__ == "__main__":

@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from metronome.args import add_engine_args, engine_config
 from metronome.bench.workloads import PRESETS
 
 if TYPE_CHECKING:
@@ -38,6 +38,16 @@ def _levels(text: str) -> tuple[int, ...]:
     return tuple(sorted(set(levels)))
 
 
+def _threads(args: argparse.Namespace) -> int:
+    """--threads, or the engine's default: every core this process may use."""
+    engine_config(args)  # ParamError (a ValueError naming the flag's field) for a value out of range
+    if args.threads is not None:
+        return args.threads
+    from metronome.compile import available_cores  # torch: only when a peer or an engine starts here
+
+    return available_cores()
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The bench's options (shared by `metronome bench` and `python -m metronome.bench`)."""
     where = parser.add_mutually_exclusive_group()
@@ -49,13 +59,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --model: peers to start and compare, from metronome, llama.cpp, transformers "
         "(default: metronome alone)",
     )
-    parser.add_argument("--decode-only", action="store_true",
-                        help="single-stream decode tokens/s in process (default model unless --model), beside the "
-                             "memory-bandwidth bound; --output-tokens tokens, --rounds runs")
-    parser.add_argument("--speculation", action="store_true",
-                        help="in process: greedy decode with speculation off and on, on a prompt the answer quotes "
-                             "and on free writing (--spec-tokens, default 4; --draft MODEL for a draft model)")
-    parser.add_argument("--draft", default=None, help="with --speculation: a draft model instead of prompt lookup")
+    parser.add_argument(
+        "--decode-only",
+        action="store_true",
+        help="single-stream decode tokens/s in process (default model unless --model), beside the "
+        "memory-bandwidth bound; --output-tokens tokens, --rounds runs",
+    )
+    parser.add_argument(
+        "--speculation",
+        action="store_true",
+        help="in process: speculation off and on, greedy and sampled, on chat prompts whose answers "
+        "copy a passage (edit, quote, summarize) and on free-form questions; outputs end on EOS "
+        "within --output-tokens (default 384); --rounds rounds (--spec-tokens; --draft MODEL for "
+        "a draft model)",
+    )
     parser.add_argument("--name", default="server", help="label of the --url target in the report")
     parser.add_argument("--served-model", help="model id to send (default: the first id of GET /v1/models)")
     parser.add_argument("--workload", default="short", choices=tuple(PRESETS), help="preset (default short)")
@@ -69,13 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt generator")
     parser.add_argument("--api", choices=_API_CHOICES, default="chat", help="endpoint (default chat)")
     parser.add_argument("--temperature", type=float, default=0.0, help="sent with every request (default 0)")
-    parser.add_argument(
-        "--no-ignore-eos", action="store_true", help="do not send ignore_eos (outputs may end early)"
-    )
+    parser.add_argument("--no-ignore-eos", action="store_true", help="do not send ignore_eos (outputs may end early)")
     parser.add_argument("--tokenizer", type=Path, help="tokenizer.json for exact prompt lengths (else ~4 chars/token)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for every started peer")
-    parser.add_argument("--spec-tokens", type=int, default=None,
-                        help="metronome peer: speculative decoding tokens per step (default: the server's; 0: off)")
     parser.add_argument(
         "--hf-dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="transformers peer dtype"
     )
@@ -83,6 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds one request may take")
     parser.add_argument("--out", type=Path, help="output folder (default bench-results/<date-time>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # the engine's flags, as `metronome serve` has them: --threads is every started peer's thread count
+    # (llama.cpp and transformers too), --spec-tokens and --draft go to the metronome peer and the in-process runs
+    add_engine_args(parser, only=("threads", "spec_tokens", "draft"))
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -112,7 +127,7 @@ def _plan(args: argparse.Namespace) -> tuple[SweepConfig, TokenCounter, Path]:
     workload = resolve_workload(args.workload, args.scale, args.input_tokens, args.output_tokens)
     if args.temperature < 0:
         raise ValueError(f"--temperature must be 0 or more (got {args.temperature})")
-    if args.threads < 1:
+    if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1 (got {args.threads})")
     if args.startup_timeout <= 0:
         raise ValueError(f"--startup-timeout must be positive (got {args.startup_timeout})")
@@ -148,7 +163,9 @@ async def _target(name: str, base_url: str, served_model: str | None, command: t
     async with httpx.AsyncClient(timeout=30.0) as http:
         found = await discover_model(http, base_url)
     if served_model is not None:
-        return Target(name=name, base_url=base_url, model=served_model, model_found_by="--served-model", command=command)
+        return Target(
+            name=name, base_url=base_url, model=served_model, model_found_by="--served-model", command=command
+        )
     return Target(name=name, base_url=base_url, model=found.model, model_found_by=found.how, command=command)
 
 
@@ -165,7 +182,7 @@ def _start_targets(
         running_peers(
             parse_peers(args.compare),
             args.model,
-            args.threads,
+            _threads(args),
             args.hf_dtype,
             context_for(config.workload),
             out_dir,
@@ -210,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
             planned = config.planned_requests(len(targets))
             with SweepProgress(planned, config.rounds, console, enabled=not args.no_progress) as progress:
                 outcome = run_sweep(targets, config, builder, progress)
-            environment = Environment.here(args.threads if args.model is not None else None)
+            environment = Environment.here(_threads(args) if args.model is not None else None)
             report = build_report(outcome, config, targets, environment, counter.method, started, time.time())
             files = write_report(report, out_dir)  # before the peers stop, so a slow stop loses nothing
     except (PeerUnavailable, PeerStartError, FileNotFoundError, ConnectionError) as exc:
@@ -237,7 +254,7 @@ def _run_decode_only(args: argparse.Namespace, console) -> int:
         console.print("metronome bench: error: --decode-only runs in process: use --model, not --url", markup=False)
         return 2
     try:
-        result = measure_decode(args.model, args.threads, tokens=args.output_tokens or 128, runs=args.rounds)
+        result = measure_decode(args.model, _threads(args), tokens=args.output_tokens or 128, runs=args.rounds)
     except ValueError as exc:
         console.print(f"metronome bench: error: {exc}", markup=False)
         return 2
@@ -251,10 +268,16 @@ def _run_speculation(args: argparse.Namespace, console) -> int:
     if args.url is not None:
         console.print("metronome bench: error: --speculation runs in process: use --model, not --url", markup=False)
         return 2
-    k = args.spec_tokens if args.spec_tokens is not None else 4
+    k = args.spec_tokens
     try:
-        results = measure_speculation(args.model, args.threads, tokens=args.output_tokens or 128, runs=args.rounds,
-                                      spec_tokens=k, draft=args.draft)
+        results = measure_speculation(
+            args.model,
+            _threads(args),
+            tokens=args.output_tokens or 384,
+            runs=args.rounds,
+            spec_tokens=k,
+            draft=args.draft,
+        )
     except ValueError as exc:
         console.print(f"metronome bench: error: {exc}", markup=False)
         return 2

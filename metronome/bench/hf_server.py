@@ -289,7 +289,9 @@ async def _serve(backend: Backend, job: Generation, body: _Common, chat: bool) -
                     yield _sse(responder.chunk(text, None))
         except Exception as exc:
             _LOG.exception("generation failed")
-            yield _sse({"error": {"message": f"generation failed: {type(exc).__name__}: {exc}", "type": "server_error"}})
+            yield _sse(
+                {"error": {"message": f"generation failed: {type(exc).__name__}: {exc}", "type": "server_error"}}
+            )
             return
         yield _sse(responder.chunk("", "length" if generated >= job.max_tokens else "stop"))
         if include_usage:

@@ -80,8 +80,9 @@ def context_for(workload: Workload) -> int:
     return -(-needed // 256) * 256
 
 
-def launch_spec(peer: Peer, model: Path, port: int, threads: int, hf_dtype: str, context: int,
-                spec_tokens: int | None = None) -> PeerLaunch:
+def launch_spec(
+    peer: Peer, model: Path, port: int, threads: int, hf_dtype: str, context: int, spec_tokens: int | None = None
+) -> PeerLaunch:
     """The command line of `peer` serving `model` on 127.0.0.1:`port` (`spec_tokens`: metronome's
     speculative decoding setting; None keeps the server's default)."""
     host = ["--host", "127.0.0.1", "--port", str(port)]
@@ -111,7 +112,9 @@ class PeerUnavailable(RuntimeError):
 def check_available(peer: Peer) -> None:
     """Raise PeerUnavailable (with the install command) when `peer`'s software is missing."""
     if peer is Peer.LLAMA_CPP:
-        missing = [m for m in ("llama_cpp", "sse_starlette", "starlette_context") if importlib.util.find_spec(m) is None]
+        missing = [
+            m for m in ("llama_cpp", "sse_starlette", "starlette_context") if importlib.util.find_spec(m) is None
+        ]
         if missing:
             raise PeerUnavailable(
                 f"the llama.cpp peer needs llama-cpp-python's server (missing: {', '.join(missing)}); "

@@ -27,8 +27,17 @@ def plan_cache_path(loaded: LoadedModel, config: EngineConfig, weights: str, ops
     key = hashlib.sha256()
     kernel_build = build_directory().name if isinstance(ops, CppOps) else "torch-ops"
     code = b"".join(p.read_bytes() for p in sorted(Path(__file__).parent.glob("*.py")))
-    for part in (PLAN_CACHE_VERSION, loaded.fingerprint(), repr(config), weights, kernel_build, threads, torch.__version__,
-                 platform.node(), hashlib.sha256(code).hexdigest()):
+    for part in (
+        PLAN_CACHE_VERSION,
+        loaded.fingerprint(),
+        repr(config),
+        weights,
+        kernel_build,
+        threads,
+        torch.__version__,
+        platform.node(),
+        hashlib.sha256(code).hexdigest(),
+    ):
         key.update(str(part).encode())
         key.update(b"\0")
     root = Path(os.environ.get("METRONOME_PLAN_CACHE") or Path.home() / ".cache" / "metronome" / "plans")
@@ -47,11 +56,21 @@ def read_plan_cache(path: Path, say: Callable[[str], None]) -> dict | None:
     return saved if isinstance(saved, dict) and saved.get("version") == PLAN_CACHE_VERSION else None
 
 
-def write_plan_cache(path: Path, decode_mode: str, invariance: str, step_ms: dict[int, float],
-                     matrices: list[tuple[torch.Tensor, int]] | None) -> None:
+def write_plan_cache(
+    path: Path,
+    decode_mode: str,
+    invariance: str,
+    step_ms: dict[int, float],
+    matrices: list[tuple[torch.Tensor, int]] | None,
+) -> None:
     """Atomically (write, then rename): a concurrent reader sees the old file or the new one."""
-    saved = {"version": PLAN_CACHE_VERSION, "decode_mode": decode_mode, "invariance": invariance,
-             "step_ms": step_ms, "matrices": matrices}
+    saved = {
+        "version": PLAN_CACHE_VERSION,
+        "decode_mode": decode_mode,
+        "invariance": invariance,
+        "step_ms": step_ms,
+        "matrices": matrices,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     torch.save(saved, tmp)

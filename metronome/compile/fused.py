@@ -14,7 +14,7 @@ import torch
 
 from metronome.compile.quant import block_matrix, dense
 from metronome.config import ModelConfig
-from metronome.kernels.ops import CppOps, dequantize_q8_0
+from metronome.kernels.ops import CppOps, LayerWeights, dequantize_q8_0
 from metronome.model.loader import QuantTensor, Weight
 from metronome.model.transformer import FUSED, KVCache, Rope
 
@@ -24,14 +24,31 @@ PREFILL_CHUNK = 256  # token rows per call of the fused decoder
 class FusedRunner:
     """The model compiled for the CPU's fused decoder (see the module docstring); a `Runner`."""
 
-    def __init__(self, cfg: ModelConfig, weights: dict[str, Weight], cache: KVCache, mode: str, ops: CppOps,
-                 packed: list[tuple[torch.Tensor, int]] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        weights: dict[str, Weight],
+        cache: KVCache,
+        mode: str,
+        ops: CppOps,
+        packed: list[tuple[torch.Tensor, int]] | None = None,
+    ) -> None:
         """`packed`: the block matrices of an earlier build of the same model and mode (the plan cache)."""
         self.cfg, self.ops = cfg, ops
         self.matrices: list[tuple[torch.Tensor, int]] = []  # every block matrix, in build order
         attn_scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
-        self.decoder = ops.decoder(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
-                                   cfg.rms_norm_eps, attn_scale, cfg.activation == "gelu_tanh", cache.k, cache.v)
+        self.decoder = ops.decoder(
+            hidden=cfg.hidden_size,
+            heads=cfg.num_heads,
+            kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim,
+            intermediate=cfg.intermediate_size,
+            eps=cfg.rms_norm_eps,
+            scale=attn_scale,
+            gelu=cfg.activation == "gelu_tanh",
+            k_cache=cache.k,
+            v_cache=cache.v,
+        )
         self.weight_bytes = 0
 
         def matrix(*names: str) -> tuple[torch.Tensor, int]:
@@ -50,16 +67,34 @@ class FusedRunner:
 
         for i in range(cfg.num_layers):
             p = f"layers.{i}."
-            qkv = matrix(*(p + f"{n}.weight" for n in FUSED["wqkv"]))
+            qkv, qkv_kind = matrix(*(p + f"{n}.weight" for n in FUSED["wqkv"]))
             bias = torch.cat([dense(weights[p + f"{n}.bias"]) for n in FUSED["wqkv"]]) if cfg.qkv_bias else None
             if bias is not None:
                 self.weight_bytes += bias.nbytes
             window = cfg.sliding_window if cfg.is_sliding(i) else None
-            self.decoder.add_layer(
-                *qkv, bias, *matrix(p + "wo.weight"), *matrix(*(p + f"{n}.weight" for n in FUSED["w_gate_up"])),
-                *matrix(p + "w_down.weight"), vector(p + "attn_norm.weight"), vector(p + "mlp_norm.weight"),
-                vector(p + "post_attn_norm.weight"), vector(p + "post_mlp_norm.weight"), vector(p + "q_norm.weight"),
-                vector(p + "k_norm.weight"), window or 0, window is not None and cfg.rope_local_theta is not None)
+            o, o_kind = matrix(p + "wo.weight")  # build order (qkv, o, gate_up, down): the plan cache's order
+            gate_up, gate_up_kind = matrix(*(p + f"{n}.weight" for n in FUSED["w_gate_up"]))
+            down, down_kind = matrix(p + "w_down.weight")
+            layer = LayerWeights(
+                qkv=qkv,
+                qkv_kind=qkv_kind,
+                qkv_bias=bias,
+                o=o,
+                o_kind=o_kind,
+                gate_up=gate_up,
+                gate_up_kind=gate_up_kind,
+                down=down,
+                down_kind=down_kind,
+                attn_norm=vector(p + "attn_norm.weight"),
+                mlp_norm=vector(p + "mlp_norm.weight"),
+                post_attn_norm=vector(p + "post_attn_norm.weight"),
+                post_mlp_norm=vector(p + "post_mlp_norm.weight"),
+                q_norm=vector(p + "q_norm.weight"),
+                k_norm=vector(p + "k_norm.weight"),
+                window=window or 0,
+                local_rope=window is not None and cfg.rope_local_theta is not None,
+            )
+            self.decoder.add_layer(**layer.kwargs())
         self.norm = vector("norm.weight")
         head = "head.weight" if "head.weight" in weights else "embed.weight"  # tied
         self.head, self.head_kind = matrix(head)
@@ -72,7 +107,9 @@ class FusedRunner:
             self._embed_q8, self.embed = None, self.embed.float()
         self.weight_bytes += self._embed_row_bytes()
         self.rope = Rope(cfg, cfg.rope_theta, cache.ctx)
-        self.rope_local = Rope(cfg, cfg.rope_local_theta, cache.ctx, apply_scaling=False) if cfg.rope_local_theta else self.rope
+        self.rope_local = (
+            Rope(cfg, cfg.rope_local_theta, cache.ctx, apply_scaling=False) if cfg.rope_local_theta else self.rope
+        )
 
     def _embed_row_bytes(self) -> int:
         e = self.embed
@@ -102,7 +139,9 @@ class FusedRunner:
             rows = slice(lo, lo + PREFILL_CHUNK)
             pos = positions[rows]
             cos, sin = self.rope.cos[pos], self.rope.sin[pos]  # (m, Dh) each
-            cos_l, sin_l = (self.rope_local.cos[pos], self.rope_local.sin[pos]) if self.rope_local is not self.rope else (cos, sin)
+            cos_l, sin_l = (
+                (self.rope_local.cos[pos], self.rope_local.sin[pos]) if self.rope_local is not self.rope else (cos, sin)
+            )
             self.decoder.forward(x[rows], slots[rows], pos, cos, sin, cos_l, sin_l)  # row slices: contiguous views
         return x
 

@@ -41,8 +41,9 @@ class PlanReport:
 class Plan:
     """The compiled model: `prefill` one request into its slot, `decode` one token for the live slots."""
 
-    def __init__(self, runner: Runner, cfg: ModelConfig, config: EngineConfig, weights: str, cache: KVCache,
-                 report: PlanReport) -> None:
+    def __init__(
+        self, runner: Runner, cfg: ModelConfig, config: EngineConfig, weights: str, cache: KVCache, report: PlanReport
+    ) -> None:
         self.runner, self.cfg, self.config = runner, cfg, config
         self.weights, self.cache, self.report = weights, cache, report
         self.device = torch.device(config.device)

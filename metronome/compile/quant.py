@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from metronome.kernels.blocks import Q4X4_BYTES, Q4X4_KIND, Q8_0_KIND
 from metronome.model.loader import QuantTensor
 
 GROUP = 32  # GGUF's block size, used as the int4 group size
@@ -22,8 +23,14 @@ GROUP = 32  # GGUF's block size, used as the int4 group size
 class Int4Linear(nn.Module):
     """y = x @ W.T (+ b) with W held as packed 4-bit groups of 32 along the input dimension."""
 
-    def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, out_features: int, in_features: int,
-                 bias: torch.Tensor | None) -> None:
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        scales_zeros: torch.Tensor,
+        out_features: int,
+        in_features: int,
+        bias: torch.Tensor | None,
+    ) -> None:
         super().__init__()
         self.register_buffer("packed", packed)
         self.register_buffer("scales_zeros", scales_zeros)  # (in/32, out, 2) bf16
@@ -32,8 +39,9 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.packed,
-                                                      GROUP, self.scales_zeros)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.reshape(-1, shape[-1]).to(torch.bfloat16), self.packed, GROUP, self.scales_zeros
+        )
         y = y.reshape(*shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 
@@ -54,7 +62,9 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight_int8, self.scales)
+        y = torch.ops.aten._weight_int8pack_mm(
+            x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight_int8, self.scales
+        )
         y = y.reshape(*shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 
@@ -148,10 +158,8 @@ def quantize(model: nn.Module, weights: dict[str, QuantTensor | torch.Tensor], m
 
 
 # ---------------------------------------------------------------------------------------------
-# Block formats of the fused CPU decoder (csrc/kernels.cpp, block_linear_rows)
-
-Q8_0_KIND, Q4X4_KIND = 0, 1  # BlockKind in kernels.cpp
-Q4X4_BYTES = 80  # per 4 rows x 1 block: 8 fp16 (d0..d3, m0..m3) then 4 x 16 code bytes
+# Block formats of the fused CPU decoder (csrc/blocks.h, block_linear_rows): the kind codes and sizes
+# are kernels.blocks' (Q8_0_KIND, Q4X4_KIND, Q4X4_BYTES), checked there against the C++ export.
 
 
 def pack_q4(t: QuantTensor) -> torch.Tensor:

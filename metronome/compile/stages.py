@@ -1,11 +1,11 @@
 """Compile a loaded model into a static plan, in named stages:
 
-    resolve    settings -> weight format, ops (C++ or torch), runner kind, threads   (checks every setting)
-    build      weights in their run-time format, the KV cache of every slot allocated once
-    probe      the decode shape: compact rows where every row is bitwise batch-invariant, else fixed
-    calibrate  the median step latency at each number of live slots
-    cache      a calibrated plan is saved on disk; the next compile reads it back and skips build work,
-               probe and calibration (cache.py)
+resolve    settings -> weight format, ops (C++ or torch), runner kind, threads   (checks every setting)
+build      weights in their run-time format, the KV cache of every slot allocated once
+probe      the decode shape: compact rows where every row is bitwise batch-invariant, else fixed
+calibrate  the median step latency at each number of live slots
+cache      a calibrated plan is saved on disk; the next compile reads it back and skips build work,
+           probe and calibration (cache.py)
 """
 
 from __future__ import annotations
@@ -58,8 +58,9 @@ class Resolved:
     threads: int  # compute threads of the plan
 
 
-def compile_plan(loaded: LoadedModel, config: EngineConfig, calibrate: bool = True,
-                 progress: Say | None = None, cache: bool = True) -> Plan:
+def compile_plan(
+    loaded: LoadedModel, config: EngineConfig, calibrate: bool = True, progress: Say | None = None, cache: bool = True
+) -> Plan:
     """Build the model in its run-time format, allocate everything, choose the decode shape, time it.
 
     With `cache`, a calibrated plan is saved on disk (see `cache.plan_cache_path`) and a later compile of
@@ -76,18 +77,35 @@ def compile_plan(loaded: LoadedModel, config: EngineConfig, calibrate: bool = Tr
         say("checking batch invariance of the decode step")
         _, invariance = choose_decode_mode(runner, loaded.config, config.slots)
         if runner.any_rows and runner.decode_mode != "compact":  # the decoder's rows are independent by design
-            raise RuntimeError(f"fused decoder failed its batch-invariance probe ({invariance}): a kernel bug, please report it")
+            raise RuntimeError(
+                f"fused decoder failed its batch-invariance probe ({invariance}): a kernel bug, please report it"
+            )
     if isinstance(runner, TorchRunner) and runner.device.type == "cuda":
         say("capturing the decode step as CUDA graphs")
         runner.capture_graphs()
     if saved is None:
         step_ms = calibrate_steps(runner, config.slots, config.ctx, torch.device(config.device)) if calibrate else {}
         if path is not None and calibrate:
-            write_plan_cache(path, runner.decode_mode, invariance, step_ms,
-                             runner.matrices if isinstance(runner, FusedRunner) else None)
-    report = PlanReport(weights=r.weights, device=config.device, slots=config.slots, ctx=config.ctx,
-                        decode_mode=runner.decode_mode, weight_bytes=runner.weight_bytes, kv_cache_bytes=kv.nbytes(),
-                        step_ms=step_ms, invariance=invariance, kernels=r.kernels, cached=saved is not None)
+            write_plan_cache(
+                path,
+                runner.decode_mode,
+                invariance,
+                step_ms,
+                runner.matrices if isinstance(runner, FusedRunner) else None,
+            )
+    report = PlanReport(
+        weights=r.weights,
+        device=config.device,
+        slots=config.slots,
+        ctx=config.ctx,
+        decode_mode=runner.decode_mode,
+        weight_bytes=runner.weight_bytes,
+        kv_cache_bytes=kv.nbytes(),
+        step_ms=step_ms,
+        invariance=invariance,
+        kernels=r.kernels,
+        cached=saved is not None,
+    )
     return Plan(runner, loaded.config, config, r.weights, kv, report)
 
 

@@ -230,8 +230,9 @@ class JsonConstraint:
 
     min_tokens = len(completion(State()))  # the smallest budget that can hold an object: "{}"
 
-    def __init__(self, vocabulary: JsonVocabulary, max_tokens: int | None = None, width: int = 64,
-                 scan: int = 4096) -> None:
+    def __init__(
+        self, vocabulary: JsonVocabulary, max_tokens: int | None = None, width: int = 64, scan: int = 4096
+    ) -> None:
         if max_tokens is not None and max_tokens < self.min_tokens:
             raise ValueError(f"max_tokens={max_tokens}: a JSON object needs at least {self.min_tokens} tokens")
         if width < 1 or scan < width:

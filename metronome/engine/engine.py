@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import queue
 import threading
 import time
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from metronome.compile import Plan, compile_plan
 from metronome.config import EngineConfig, ParamError, SamplingParams
-from metronome.engine.request import (Completion, Constraint, Delta, QueueFullError, Request, RequestError, SpecStats,
-                                      Timings)
+from metronome.engine.api import PythonAPI
+from metronome.engine.request import Constraint, Delta, QueueFullError, Request, RequestError, SpecStats, Timings
 from metronome.engine.sampler import Choice, RequestSampler
 from metronome.engine.scheduler import Batch, Scheduler
 from metronome.engine.speculate import Drafter, ModelDrafter, NgramDrafter
@@ -27,9 +26,18 @@ from metronome.engine.text import TextStream
 from metronome.model.loader import LoadedModel, load
 from metronome.model.tokenizer import Tokenizer
 
-class Engine:
-    def __init__(self, plan: Plan, tokenizer: Tokenizer, model_name: str = "", max_queue: int | None = None,
-                 drafter: Drafter | None = None) -> None:
+IDLE_WAKEUP_S = 1.0  # the stepping thread's longest sleep without work (bounds every wait)
+
+
+class Engine(PythonAPI):
+    def __init__(
+        self,
+        plan: Plan,
+        tokenizer: Tokenizer,
+        model_name: str = "",
+        max_queue: int | None = None,
+        drafter: Drafter | None = None,
+    ) -> None:
         self.plan = plan
         # Speculation needs rows of one slot in a step: the fused plan's row-independent decoder.
         self.drafter = (drafter or NgramDrafter()) if plan.runner.any_rows and plan.config.spec_tokens > 0 else None
@@ -45,9 +53,15 @@ class Engine:
         self.steps = 0
 
     @classmethod
-    def from_model(cls, path: str | None = None, config: EngineConfig | None = None, calibrate: bool = False,
-                   max_queue: int | None = None, loaded: LoadedModel | None = None,
-                   progress: Callable[[str], None] | None = None) -> "Engine":
+    def from_model(
+        cls,
+        path: str | None = None,
+        config: EngineConfig | None = None,
+        calibrate: bool = False,
+        max_queue: int | None = None,
+        loaded: LoadedModel | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> "Engine":
         """Load a GGUF file or HF folder (default: the embedded SmolLM2) and compile its plan."""
         config = config or EngineConfig()
         loaded = loaded or load(path)
@@ -64,9 +78,14 @@ class Engine:
 
     # -- requests --------------------------------------------------------------------------------
 
-    def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
-               on_event: Callable[[Delta], None] | None = None, constraint: Constraint | None = None,
-               request_id: str | None = None) -> Request:
+    def submit(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        on_event: Callable[[Delta], None] | None = None,
+        constraint: Constraint | None = None,
+        request_id: str | None = None,
+    ) -> Request:
         """Queue a request; refused at once (RequestError) if it cannot fit its slot."""
         try:
             params.validate()
@@ -87,15 +106,21 @@ class Engine:
             prompt_ids=prompt,
             params=params,
             sampler=RequestSampler(params, prompt, self.plan.cfg.vocab_size),
-            text=TextStream(self.tokenizer.stream_decoder(prompt), params.stop, frozenset(params.stop_token_ids)
-                            | (frozenset() if params.ignore_eos else frozenset(self.tokenizer.eos_ids))),
+            text=TextStream(
+                self.tokenizer.stream_decoder(prompt),
+                params.stop,
+                frozenset(params.stop_token_ids)
+                | (frozenset() if params.ignore_eos else frozenset(self.tokenizer.eos_ids)),
+            ),
             on_event=on_event or (lambda _d: None),
             timings=Timings(time.perf_counter()),
             constraint=constraint,
         )
         with self._lock:
             if self.scheduler.queue_full:
-                raise QueueFullError(f"all {self.config.slots} slots are busy and {len(self.scheduler.waiting)} requests wait")
+                raise QueueFullError(
+                    f"all {self.config.slots} slots are busy and {len(self.scheduler.waiting)} requests wait"
+                )
             self.scheduler.add(req)
             self._lock.notify()
         return req
@@ -139,7 +164,11 @@ class Engine:
 
     def _run(self, live: list[Request], drafts: list[list[int]]) -> torch.Tensor:
         """The plan's decode step: one row per live request (its last token), plus a row per draft."""
-        rows = [(r.slot, token, r.position + j) for r, d in zip(live, drafts) for j, token in enumerate([r.output_ids[-1], *d])]
+        rows = [
+            (r.slot, token, r.position + j)
+            for r, d in zip(live, drafts)
+            for j, token in enumerate([r.output_ids[-1], *d])
+        ]
         slots, tokens, positions = (list(x) for x in zip(*rows))
         return self.plan.decode(slots, tokens, positions)
 
@@ -206,7 +235,9 @@ class Engine:
             r.on_event(Delta(r.id, piece.text, (choice,)))
         return choice.token
 
-    def _finish(self, r: Request, reason: str, text: str = "", choices: tuple[Choice, ...] = (), error: str | None = None) -> None:
+    def _finish(
+        self, r: Request, reason: str, text: str = "", choices: tuple[Choice, ...] = (), error: str | None = None
+    ) -> None:
         r.finish_reason = reason
         r.timings.finished = time.perf_counter()
         with self._lock:
@@ -223,19 +254,22 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="metronome-engine", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop stepping after the current step (waits up to `timeout` seconds for it)."""
         with self._lock:
             self._stop = True
             self._lock.notify()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise TimeoutError(f"the engine thread did not stop within {timeout} s (a step is still running)")
             self._thread = None
 
     def _loop(self) -> None:
         while True:
             with self._lock:
                 while self.scheduler.idle and not self._stop:
-                    self._lock.wait()
+                    self._lock.wait(timeout=IDLE_WAKEUP_S)  # notified on submit/cancel/stop; the timeout only bounds it
                 if self._stop:
                     return
             try:
@@ -254,64 +288,7 @@ class Engine:
     def running(self) -> bool:
         return self._thread is not None
 
-    # -- the Python API ------------------------------------------------------------------------------
-
-    def encode_prompt(self, prompt: str | list[dict], chat: bool = True) -> list[int]:
-        """A string through the chat template (when the model has one and `chat`), or raw; or a message list."""
-        if isinstance(prompt, list):
-            return self.tokenizer.encode_chat(prompt)
-        if chat and self.tokenizer.has_chat_template:
-            return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
-        return self.tokenizer.encode(prompt)
-
-    def stream(self, prompt: str | list[dict] | Sequence[int], params: SamplingParams | None = None,
-               chat: bool = True) -> Iterator[Delta]:
-        """Generate for one prompt, yielding a Delta per token (text may be '' while bytes are pending)."""
-        ids = prompt if _is_ids(prompt) else self.encode_prompt(prompt, chat)
-        events: "queue.Queue[Delta]" = queue.Queue()
-        req = self.submit(ids, params or SamplingParams(), events.put)
-        try:
-            while True:
-                if not self.running and events.empty():
-                    self.step()
-                    continue
-                delta = events.get()
-                yield delta
-                if delta.finish_reason is not None:
-                    return
-        finally:
-            if req.finish_reason is None:
-                self.cancel(req)
-
-    def generate(self, prompts: str | list[dict] | Sequence[int] | Sequence[str | list[dict] | Sequence[int]],
-                 params: SamplingParams | None = None, chat: bool = True) -> Completion | list[Completion]:
-        """Blocking generation for one prompt (returns a Completion) or many (a list, run together)."""
-        single = isinstance(prompts, str) or _is_ids(prompts) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
-        batch = [prompts] if single else list(prompts)
-        encoded = [p if _is_ids(p) else self.encode_prompt(p, chat) for p in batch]
-        done = threading.Event()
-        remaining = [len(encoded)]
-
-        def on_event(d: Delta) -> None:
-            if d.finish_reason is not None:
-                remaining[0] -= 1
-                if remaining[0] == 0:
-                    done.set()
-
-        reqs = [self.submit(ids, params or SamplingParams(), on_event) for ids in encoded]
-        while not done.is_set():
-            if self.running:
-                done.wait()
-            else:
-                self.step()
-        out = [_completion(r) for r in reqs]
-        return out[0] if single else out
-
-
-def _is_ids(x) -> bool:
-    return isinstance(x, (list, tuple)) and len(x) > 0 and isinstance(x[0], int)
-
-
-def _completion(r: Request) -> Completion:
-    return Completion(r.id, r.text.text, tuple(r.output_ids), tuple(r.choices), r.finish_reason or "error",
-                      len(r.prompt_ids), r.timings, r.sampler.seed)
+    def check_alive(self) -> None:
+        """Raise if `start()` was called but the stepping thread is gone (waiters would wait forever)."""
+        if self._thread is not None and not self._thread.is_alive():
+            raise RuntimeError("the engine thread has stopped; no more steps will run")

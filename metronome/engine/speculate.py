@@ -47,17 +47,17 @@ class NgramDrafter:
         pass
 
     def propose(self, slot: int, ids: Sequence[int], k: int) -> list[int]:
-        a = np.asarray(ids[-self.window:], dtype=np.int64)
+        a = np.asarray(ids[-self.window :], dtype=np.int64)
         N = len(a)
         for n in range(min(self.max_n, N - 1), self.min_n - 1, -1):
             # starts i < N - n (not the tail itself) where a[i:i+n] equals the last n tokens
             hit = np.ones(N - n, dtype=bool)
             for j in range(n):
-                hit &= a[j:N - n + j] == a[N - n + j]
+                hit &= a[j : N - n + j] == a[N - n + j]
             starts = np.flatnonzero(hit)
             if len(starts):  # the latest one; what followed it is never empty (i + n < N)
                 i = int(starts[-1])
-                return a[i + n: i + n + k].tolist()
+                return a[i + n : i + n + k].tolist()
         return []
 
 
@@ -70,8 +70,10 @@ class ModelDrafter:
         if not plan.runner.any_rows:
             raise ValueError("the draft model needs a fused plan (int4/int8 weights with the C++ kernels on CPU)")
         if plan.cfg.vocab_size != vocab_size:
-            raise ValueError(f"the draft model's vocabulary ({plan.cfg.vocab_size} tokens) differs from the model's "
-                             f"({vocab_size}); a draft model must share the tokenizer")
+            raise ValueError(
+                f"the draft model's vocabulary ({plan.cfg.vocab_size} tokens) differs from the model's "
+                f"({vocab_size}); a draft model must share the tokenizer"
+            )
         self.plan = plan
         self.valid = [0] * plan.config.slots  # tokens of the slot's text whose keys/values are in the cache
         self.fed: list[list[int]] = [[] for _ in range(plan.config.slots)]  # drafts written after them

@@ -28,7 +28,9 @@ class Piece:
 
 
 class TextStream:
-    def __init__(self, decoder: StreamDecoder, stop: tuple[str, ...] = (), stop_ids: frozenset[int] = frozenset()) -> None:
+    def __init__(
+        self, decoder: StreamDecoder, stop: tuple[str, ...] = (), stop_ids: frozenset[int] = frozenset()
+    ) -> None:
         self.decoder = decoder
         self.stop = stop
         self.stop_ids = stop_ids  # EOS (unless ignore_eos) and the request's stop_token_ids
@@ -59,8 +61,10 @@ class TextStream:
         if cut >= 0:
             out, self.held = self.held[:cut], ""
             return out, True
-        keep = 0 if final else max(
-            (k for s in self.stop for k in range(len(s) - 1, 0, -1) if self.held.endswith(s[:k])), default=0
+        keep = (
+            0
+            if final
+            else max((k for s in self.stop for k in range(len(s) - 1, 0, -1) if self.held.endswith(s[:k])), default=0)
         )
         out, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
         return out, False

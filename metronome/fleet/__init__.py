@@ -12,7 +12,21 @@ from metronome.fleet.machine import measure_machine, predict_decode_tokens_per_s
 from metronome.fleet.shapes import ModelShape, builtin_shapes, load_shape
 
 __all__ = [
-    "Candidate", "Hardware", "HardwareKind", "Kind", "LpuOptions", "LpuPlan", "ModelShape", "Workload",
-    "build_schedule", "builtin_shapes", "chrome_trace", "compile_lpu", "load_hardware", "load_shape",
-    "measure_machine", "min_chips", "predict_decode_tokens_per_s",
+    "Candidate",
+    "Hardware",
+    "HardwareKind",
+    "Kind",
+    "LpuOptions",
+    "LpuPlan",
+    "ModelShape",
+    "Workload",
+    "build_schedule",
+    "builtin_shapes",
+    "chrome_trace",
+    "compile_lpu",
+    "load_hardware",
+    "load_shape",
+    "measure_machine",
+    "min_chips",
+    "predict_decode_tokens_per_s",
 ]

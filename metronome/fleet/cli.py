@@ -7,15 +7,21 @@ import json
 import sys
 from pathlib import Path
 
-from metronome.fleet.catalog import (Hardware, hourly_price, load_calibration, load_cost_model,
-                                       load_hardware, load_published, with_prices)
+from metronome.fleet.catalog import (
+    Hardware,
+    hourly_price,
+    load_calibration,
+    load_cost_model,
+    load_hardware,
+    load_published,
+    with_prices,
+)
 from metronome.fleet.costs import Candidate, Kind, Workload
 from metronome.fleet.frontier import SweepSpec, cheapest_meeting, markdown_table, pareto, plot_frontier, sweep
 from metronome.fleet.gpu import calibration_from_table
 from metronome.fleet.hybrid import Handoff
 from metronome.fleet.lpu import chrome_trace
-from metronome.fleet.machine import (THIS_MACHINE, machine_hardware, measure_machine,
-                                       predict_decode_tokens_per_s)
+from metronome.fleet.machine import THIS_MACHINE, machine_hardware, measure_machine, predict_decode_tokens_per_s
 from metronome.fleet.shapes import ModelShape, load_shape
 from metronome.fleet.validation import validation_rows, validation_table
 
@@ -27,28 +33,46 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens-per-s", type=float, help="decode speed each user must get (tokens/s)")
     p.add_argument("--prompt", type=int, default=1000, help="prompt tokens per request (default 1000)")
     p.add_argument("--output", type=int, default=1000, help="output tokens per request (default 1000)")
-    p.add_argument("--target", action="append", metavar="HW",
-                   help=f"hardware to plan for, repeatable: tsp-v1, lp30, h100-sxm, h200, {THIS_MACHINE} "
-                        f"(default: {' + '.join(DEFAULT_TARGETS)})")
+    p.add_argument(
+        "--target",
+        action="append",
+        metavar="HW",
+        help=f"hardware to plan for, repeatable: tsp-v1, lp30, h100-sxm, h200, {THIS_MACHINE} "
+        f"(default: {' + '.join(DEFAULT_TARGETS)})",
+    )
     p.add_argument("--chips", type=int, help="LPU chip budget (default: up to the system maximum)")
     p.add_argument("--weight-bits", type=int, help="LPU weight storage bits (default: the chip's, 8 on tsp-v1)")
     p.add_argument("--gpu-weight-bits", type=int, help="GPU weight bits (default 16; 8 only if 16 fits nowhere)")
-    p.add_argument("--price-per-hour", action="append", default=[], metavar="HW=USD",
-                   help="override a chip's hourly price (default: purchase price amortized + power)")
-    p.add_argument("--price-per-chip", action="append", default=[], metavar="HW=USD",
-                   help="override a chip's purchase price (cited defaults in the catalog)")
+    p.add_argument(
+        "--price-per-hour",
+        action="append",
+        default=[],
+        metavar="HW=USD",
+        help="override a chip's hourly price (default: purchase price amortized + power)",
+    )
+    p.add_argument(
+        "--price-per-chip",
+        action="append",
+        default=[],
+        metavar="HW=USD",
+        help="override a chip's purchase price (cited defaults in the catalog)",
+    )
     p.add_argument("--trace", type=Path, metavar="OUT.json", help="write the LPU decode-step schedule (Perfetto)")
     p.add_argument("--plot", type=Path, metavar="OUT.png", help="write the cost vs speed Pareto plot")
     p.add_argument("--table", type=Path, metavar="OUT.md", help="write the frontier as a Markdown table")
-    p.add_argument("--calibrate", action="store_true",
-                   help="measure this machine (torch) and predict metronome's own decode speed for MODEL")
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="measure this machine (torch) and predict metronome's own decode speed for MODEL",
+    )
     p.add_argument("--validate", action="store_true", help="print predicted vs published speeds and exit")
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     """Register `plan` on the main CLI's subparsers."""
-    p = subparsers.add_parser("plan", help="plan LPU / GPU / hybrid fleets for a model and a speed target",
-                              description=__doc__)
+    p = subparsers.add_parser(
+        "plan", help="plan LPU / GPU / hybrid fleets for a model and a speed target", description=__doc__
+    )
     add_arguments(p)
     p.set_defaults(func=run)
 
@@ -76,20 +100,28 @@ def _hardware(args: argparse.Namespace, catalog: dict[str, Hardware]) -> list[Ha
 
 
 def _fmt(c: Candidate) -> str:
-    return (f"{c.layout:<58} batch {c.batch:>3}  {c.per_user_tokens_per_s:8,.1f} tok/s/user  "
-            f"${c.cost_per_mtok:9,.4f}/M tok  {c.power_w / 1e3:7,.1f} kW  TTFT {c.ttft_s * 1e3:7,.1f} ms  "
-            f"({c.lpu_chips} LPU chips, {c.gpus} GPUs)")
+    return (
+        f"{c.layout:<58} batch {c.batch:>3}  {c.per_user_tokens_per_s:8,.1f} tok/s/user  "
+        f"${c.cost_per_mtok:9,.4f}/M tok  {c.power_w / 1e3:7,.1f} kW  TTFT {c.ttft_s * 1e3:7,.1f} ms  "
+        f"({c.lpu_chips} LPU chips, {c.gpus} GPUs)"
+    )
 
 
 def _calibrate(shape: ModelShape | None, out) -> None:
     m = measure_machine()
-    print(f"this machine: {m.bandwidth / 1e9:.1f} GB/s (torch sum over 512 MiB), "
-          f"{m.matmul_flops / 1e9:.1f} GFLOP/s (1024^3 fp32 matmul), {m.threads} threads", file=out)
+    print(
+        f"this machine: {m.bandwidth / 1e9:.1f} GB/s (torch sum over 512 MiB), "
+        f"{m.matmul_flops / 1e9:.1f} GFLOP/s (1024^3 fp32 matmul), {m.threads} threads",
+        file=out,
+    )
     if shape is not None:
         bytes_per_token = shape.decode_bytes_per_token(16)
         tps = predict_decode_tokens_per_s(shape.config, bytes_per_token, m)
-        print(f"{shape.name}: bf16 batch-1 bound {tps:,.1f} tokens/s ({bytes_per_token / 1e6:,.1f} MB per token); "
-              "engine calibration pending (predict_decode_tokens_per_s is the hook)", file=out)
+        print(
+            f"{shape.name}: bf16 batch-1 bound {tps:,.1f} tokens/s ({bytes_per_token / 1e6:,.1f} MB per token); "
+            "engine calibration pending (predict_decode_tokens_per_s is the hook)",
+            file=out,
+        )
 
 
 def _plan(args: argparse.Namespace, out) -> int:
@@ -103,21 +135,26 @@ def _plan(args: argparse.Namespace, out) -> int:
     catalog = load_hardware()
     if THIS_MACHINE in (args.target or []):
         catalog[THIS_MACHINE] = machine_hardware(measure_machine())
-    catalog = with_prices(catalog, _prices("--price-per-hour", args.price_per_hour),
-                          _prices("--price-per-chip", args.price_per_chip))
+    catalog = with_prices(
+        catalog, _prices("--price-per-hour", args.price_per_hour), _prices("--price-per-chip", args.price_per_chip)
+    )
     hardware = _hardware(args, catalog)
     cost = load_cost_model()
     table = load_calibration()
     cal = calibration_from_table(table)
     handoff = Handoff(table["handoff"]["bandwidth"], table["handoff"]["latency_s"])
     workload = Workload(args.prompt, args.output)
-    spec = SweepSpec(workload, lpu_weight_bits=args.weight_bits, gpu_weight_bits=args.gpu_weight_bits,
-                     lpu_chips=args.chips)
+    spec = SweepSpec(
+        workload, lpu_weight_bits=args.weight_bits, gpu_weight_bits=args.gpu_weight_bits, lpu_chips=args.chips
+    )
     prices = {h.name: hourly_price(h, cost) for h in hardware}
     cands = sweep(shape, hardware, prices, cal, handoff, spec)
     best = cheapest_meeting(cands, args.tokens_per_s)
-    print(f"metronome plan: {shape.name} ({shape.total_params() / 1e9:.2f} B params), "
-          f"{args.tokens_per_s:g} tok/s per user, prompt {workload.prompt} + output {workload.output}", file=out)
+    print(
+        f"metronome plan: {shape.name} ({shape.total_params() / 1e9:.2f} B params), "
+        f"{args.tokens_per_s:g} tok/s per user, prompt {workload.prompt} + output {workload.output}",
+        file=out,
+    )
     print("prices $/chip-hour: " + ", ".join(f"{n} {p:.3f}" for n, p in prices.items()), file=out)
     for kind in Kind:
         mine = [c for c in cands if c.kind is kind]

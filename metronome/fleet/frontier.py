@@ -44,22 +44,48 @@ def lpu_candidate(plan: LpuPlan, workload: Workload, price: float) -> Candidate:
     rate = plan.chips * price
     seconds = workload.prompt / plan.prefill_tokens_per_s + workload.output / plan.aggregate_tokens_per_s
     p = plan.partition
-    return Candidate(Kind.LPU, f"{plan.hardware.name} x{plan.chips} (tp{p.tp} x {p.stages} stages)", plan.chips, 0,
-                     plan.options.batch, plan.per_user_tokens_per_s, plan.aggregate_tokens_per_s, plan.ttft_s,
-                     plan.power_w, rate, cost_per_million([(rate, seconds)], workload.output), plan)
+    return Candidate(
+        Kind.LPU,
+        f"{plan.hardware.name} x{plan.chips} (tp{p.tp} x {p.stages} stages)",
+        plan.chips,
+        0,
+        plan.options.batch,
+        plan.per_user_tokens_per_s,
+        plan.aggregate_tokens_per_s,
+        plan.ttft_s,
+        plan.power_w,
+        rate,
+        cost_per_million([(rate, seconds)], workload.output),
+        plan,
+    )
 
 
 def gpu_candidate(plan: GpuPlan, workload: Workload, price: float) -> Candidate:
     rate = plan.gpus * price
     seconds = workload.prompt / plan.prefill_tokens_per_s + workload.output / plan.aggregate_tokens_per_s
-    return Candidate(Kind.GPU, f"{plan.hardware.name} x{plan.gpus} ({plan.weight_bits}-bit)", 0, plan.gpus,
-                     plan.batch, plan.per_user_tokens_per_s, plan.aggregate_tokens_per_s, plan.ttft_s,
-                     plan.power_w, rate, cost_per_million([(rate, seconds)], workload.output))
+    return Candidate(
+        Kind.GPU,
+        f"{plan.hardware.name} x{plan.gpus} ({plan.weight_bits}-bit)",
+        0,
+        plan.gpus,
+        plan.batch,
+        plan.per_user_tokens_per_s,
+        plan.aggregate_tokens_per_s,
+        plan.ttft_s,
+        plan.power_w,
+        rate,
+        cost_per_million([(rate, seconds)], workload.output),
+    )
 
 
 def _lpu_options(hw: Hardware, spec: SweepSpec, batch: int) -> LpuOptions:
-    return LpuOptions(weight_bits=spec.lpu_weight_bits or hw.default_weight_bits, kv_bits=spec.kv_bits,
-                      context=spec.workload.context, batch=batch, prompt=spec.workload.prompt)
+    return LpuOptions(
+        weight_bits=spec.lpu_weight_bits or hw.default_weight_bits,
+        kv_bits=spec.kv_bits,
+        context=spec.workload.context,
+        batch=batch,
+        prompt=spec.workload.prompt,
+    )
 
 
 def sweep_lpu(shape: ModelShape, hw: Hardware, spec: SweepSpec) -> list[LpuPlan]:
@@ -87,8 +113,14 @@ def sweep_gpu(shape: ModelShape, hw: Hardware, cal: GpuCalibration, spec: SweepS
     return plans
 
 
-def sweep(shape: ModelShape, hardware: list[Hardware], prices: dict[str, float], cal: GpuCalibration,
-          handoff: Handoff, spec: SweepSpec) -> list[Candidate]:
+def sweep(
+    shape: ModelShape,
+    hardware: list[Hardware],
+    prices: dict[str, float],
+    cal: GpuCalibration,
+    handoff: Handoff,
+    spec: SweepSpec,
+) -> list[Candidate]:
     """Every candidate of every kind the chosen hardware allows (hybrids need one LPU and one GPU kind)."""
     lpus = [h for h in hardware if h.kind is HardwareKind.LPU]
     gpus = [h for h in hardware if h.kind is not HardwareKind.LPU]
@@ -105,16 +137,25 @@ def sweep(shape: ModelShape, hardware: list[Hardware], prices: dict[str, float],
     return out
 
 
-def _hybrids(shape: ModelShape, lpu: Hardware, gpu: Hardware, lpu_plans: list[LpuPlan], prices: dict[str, float],
-             cal: GpuCalibration, handoff: Handoff, spec: SweepSpec) -> list[Candidate]:
+def _hybrids(
+    shape: ModelShape,
+    lpu: Hardware,
+    gpu: Hardware,
+    lpu_plans: list[LpuPlan],
+    prices: dict[str, float],
+    cal: GpuCalibration,
+    handoff: Handoff,
+    spec: SweepSpec,
+) -> list[Candidate]:
     wl, out = spec.workload, []
     bits = spec.gpu_weight_bits or gpu.default_weight_bits
     g_prefill = min_gpus(shape, gpu, cal, wl.context, bits)
     if g_prefill is not None:
         prefill = plan_gpu(shape, gpu, cal, g_prefill, 1, wl.context, wl.prompt, bits)
         if prefill is not None:
-            out += [prefill_gpu_decode_lpu(p, prefill, handoff, wl, prices[lpu.name], prices[gpu.name])
-                    for p in lpu_plans]
+            out += [
+                prefill_gpu_decode_lpu(p, prefill, handoff, wl, prices[lpu.name], prices[gpu.name]) for p in lpu_plans
+            ]
     for batch in spec.batches:
         opts = _lpu_options(lpu, spec, batch)
         g = 1
@@ -152,8 +193,12 @@ def cheapest_meeting(cands: list[Candidate], tokens_per_s: float) -> dict[Kind, 
     return out
 
 
-_COLORS = {Kind.GPU: "tab:green", Kind.LPU: "tab:orange", Kind.PREFILL_GPU_DECODE_LPU: "tab:blue",
-           Kind.ATTENTION_GPU_PROJECTIONS_LPU: "tab:purple"}
+_COLORS = {
+    Kind.GPU: "tab:green",
+    Kind.LPU: "tab:orange",
+    Kind.PREFILL_GPU_DECODE_LPU: "tab:blue",
+    Kind.ATTENTION_GPU_PROJECTIONS_LPU: "tab:purple",
+}
 
 
 def plot_frontier(cands: list[Candidate], path: Path, title: str) -> None:
@@ -170,14 +215,30 @@ def plot_frontier(cands: list[Candidate], path: Path, title: str) -> None:
         mine = [c for c in cands if c.kind is kind]
         if not mine:
             continue
-        ax.scatter([c.per_user_tokens_per_s for c in mine], [c.cost_per_mtok for c in mine], s=6, alpha=0.15,
-                   color=_COLORS[kind])
+        ax.scatter(
+            [c.per_user_tokens_per_s for c in mine],
+            [c.cost_per_mtok for c in mine],
+            s=6,
+            alpha=0.15,
+            color=_COLORS[kind],
+        )
         front = pareto(mine)
-        ax.plot([c.per_user_tokens_per_s for c in front], [c.cost_per_mtok for c in front], marker="o", ms=3,
-                color=_COLORS[kind], label=kind.value)
+        ax.plot(
+            [c.per_user_tokens_per_s for c in front],
+            [c.cost_per_mtok for c in front],
+            marker="o",
+            ms=3,
+            color=_COLORS[kind],
+            label=kind.value,
+        )
     union = pareto(cands)
-    ax.plot([c.per_user_tokens_per_s for c in union], [c.cost_per_mtok for c in union], "k--", lw=1.5,
-            label="union frontier")
+    ax.plot(
+        [c.per_user_tokens_per_s for c in union],
+        [c.cost_per_mtok for c in union],
+        "k--",
+        lw=1.5,
+        label="union frontier",
+    )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("decode tokens/s per user")
@@ -192,10 +253,14 @@ def plot_frontier(cands: list[Candidate], path: Path, title: str) -> None:
 
 def markdown_table(cands: list[Candidate]) -> str:
     """Markdown table of `cands` (e.g. a frontier)."""
-    rows = ["| kind | layout | batch | tok/s/user | aggregate tok/s | TTFT ms | $/M tok | kW |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = [
+        "| kind | layout | batch | tok/s/user | aggregate tok/s | TTFT ms | $/M tok | kW |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for c in cands:
-        rows.append(f"| {c.kind.value} | {c.layout} | {c.batch} | {c.per_user_tokens_per_s:,.1f} | "
-                    f"{c.aggregate_tokens_per_s:,.0f} | {c.ttft_s * 1e3:,.1f} | {c.cost_per_mtok:,.4f} | "
-                    f"{c.power_w / 1e3:,.1f} |")
+        rows.append(
+            f"| {c.kind.value} | {c.layout} | {c.batch} | {c.per_user_tokens_per_s:,.1f} | "
+            f"{c.aggregate_tokens_per_s:,.0f} | {c.ttft_s * 1e3:,.1f} | {c.cost_per_mtok:,.4f} | "
+            f"{c.power_w / 1e3:,.1f} |"
+        )
     return "\n".join(rows) + "\n"

@@ -31,8 +31,9 @@ class GpuCalibration:
 BOUND = GpuCalibration(1.0, 1.0, 0.0, 0.0, 1.0)  # the pure roofline: datasheet peaks, free collectives
 
 
-def fit_allreduce_latency(shape: ModelShape, single_tokens_per_s: float,
-                          runs: list[tuple[int, float]]) -> tuple[float, float]:
+def fit_allreduce_latency(
+    shape: ModelShape, single_tokens_per_s: float, runs: list[tuple[int, float]]
+) -> tuple[float, float]:
     """Least-squares (base, per_doubling) seconds from tensor-parallel runs [(gpus, tokens/s)] of `shape`
     whose 1-GPU speed is `single_tokens_per_s`: overhead(g) = 1/tps(g) - 1/(g * tps(1)), per all-reduce."""
     if len(runs) < 2:
@@ -49,11 +50,15 @@ def calibration_from_table(table: dict) -> GpuCalibration:
     """Build the calibration from catalog/calibration.toml's [gpu] table (fits done here, not by hand)."""
     g = table["gpu"]
     shape = builtin_shapes()[g["calibration_model"]]
-    base, slope = fit_allreduce_latency(shape, g["single_gpu_tokens_per_s"],
-                                        [(r["gpus"], r["tokens_per_s"]) for r in g["tp_runs"]])
-    return GpuCalibration(bandwidth_efficiency=g["achieved_bandwidth"] / g["peak_bandwidth"],
-                          flops_efficiency=g["flops_efficiency"], allreduce_base_s=base,
-                          allreduce_per_doubling_s=slope)
+    base, slope = fit_allreduce_latency(
+        shape, g["single_gpu_tokens_per_s"], [(r["gpus"], r["tokens_per_s"]) for r in g["tp_runs"]]
+    )
+    return GpuCalibration(
+        bandwidth_efficiency=g["achieved_bandwidth"] / g["peak_bandwidth"],
+        flops_efficiency=g["flops_efficiency"],
+        allreduce_base_s=base,
+        allreduce_per_doubling_s=slope,
+    )
 
 
 @dataclass(frozen=True)
@@ -92,14 +97,31 @@ def _check(hw: Hardware, gpus: int, batch: int) -> None:
         raise ValueError(f"gpus={gpus} and batch={batch} must both be at least 1")
 
 
-def fits(shape: ModelShape, hw: Hardware, cal: GpuCalibration, gpus: int, batch: int, context: int,
-         weight_bits: int, kv_bits: int = 16) -> bool:
+def fits(
+    shape: ModelShape,
+    hw: Hardware,
+    cal: GpuCalibration,
+    gpus: int,
+    batch: int,
+    context: int,
+    weight_bits: int,
+    kv_bits: int = 16,
+) -> bool:
     weights = shape.total_params() * weight_bits / 8
     return weights + batch * shape.kv_bytes(context, kv_bits) <= gpus * hw.memory_bytes * cal.memory_fraction
 
 
-def step_time(shape: ModelShape, hw: Hardware, cal: GpuCalibration, gpus: int, rows: int, seqs: int,
-              positions: int, weight_bits: int, kv_bits: int = 16) -> float:
+def step_time(
+    shape: ModelShape,
+    hw: Hardware,
+    cal: GpuCalibration,
+    gpus: int,
+    rows: int,
+    seqs: int,
+    positions: int,
+    weight_bits: int,
+    kv_bits: int = 16,
+) -> float:
     """One forward step of `rows` token rows from `seqs` sequences attending to `positions` cached tokens."""
     _check(hw, gpus, rows)
     c = shape.config
@@ -111,8 +133,16 @@ def step_time(shape: ModelShape, hw: Hardware, cal: GpuCalibration, gpus: int, r
     return max(memory_s, compute_s) + 2 * c.num_layers * cal.allreduce_s(gpus)
 
 
-def plan_gpu(shape: ModelShape, hw: Hardware, cal: GpuCalibration, gpus: int, batch: int, context: int,
-             prompt: int, weight_bits: int | None = None) -> GpuPlan | None:
+def plan_gpu(
+    shape: ModelShape,
+    hw: Hardware,
+    cal: GpuCalibration,
+    gpus: int,
+    batch: int,
+    context: int,
+    prompt: int,
+    weight_bits: int | None = None,
+) -> GpuPlan | None:
     """Decode at `batch` on `gpus` GPUs (tensor parallel), or None when weights + KV do not fit."""
     _check(hw, gpus, batch)
     bits = weight_bits or hw.default_weight_bits

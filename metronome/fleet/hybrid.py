@@ -23,8 +23,9 @@ class Handoff:
         return self.latency_s + nbytes / self.bandwidth
 
 
-def prefill_gpu_decode_lpu(decode: LpuPlan, prefill: GpuPlan, handoff: Handoff, workload: Workload,
-                           lpu_price: float, gpu_price: float) -> Candidate:
+def prefill_gpu_decode_lpu(
+    decode: LpuPlan, prefill: GpuPlan, handoff: Handoff, workload: Workload, lpu_price: float, gpu_price: float
+) -> Candidate:
     """The GPU group computes the prompt (TTFT) and ships its KV cache to the LPU pipeline, which decodes.
     Each fleet is charged for the time it spends on the request."""
     kv = decode.shape.kv_bytes(workload.prompt, decode.options.kv_bits)
@@ -35,22 +36,35 @@ def prefill_gpu_decode_lpu(decode: LpuPlan, prefill: GpuPlan, handoff: Handoff, 
     return Candidate(
         kind=Kind.PREFILL_GPU_DECODE_LPU,
         layout=f"{prefill.hardware.name} x{prefill.gpus} prefill -> {_lpu_layout(decode)}",
-        lpu_chips=decode.chips, gpus=prefill.gpus, batch=decode.options.batch,
-        per_user_tokens_per_s=decode.per_user_tokens_per_s, aggregate_tokens_per_s=decode.aggregate_tokens_per_s,
-        ttft_s=ttft, power_w=decode.power_w + prefill.power_w, usd_per_hour=gpu_rate + lpu_rate,
-        cost_per_mtok=cost_per_million([(gpu_rate, gpu_s), (lpu_rate, lpu_s)], workload.output), lpu_plan=decode,
+        lpu_chips=decode.chips,
+        gpus=prefill.gpus,
+        batch=decode.options.batch,
+        per_user_tokens_per_s=decode.per_user_tokens_per_s,
+        aggregate_tokens_per_s=decode.aggregate_tokens_per_s,
+        ttft_s=ttft,
+        power_w=decode.power_w + prefill.power_w,
+        usd_per_hour=gpu_rate + lpu_rate,
+        cost_per_mtok=cost_per_million([(gpu_rate, gpu_s), (lpu_rate, lpu_s)], workload.output),
+        lpu_plan=decode,
     )
 
 
-def attention_options(opts: LpuOptions, gpu: Hardware, gpus: int, cal: GpuCalibration,
-                      handoff: Handoff) -> LpuOptions:
+def attention_options(opts: LpuOptions, gpu: Hardware, gpus: int, cal: GpuCalibration, handoff: Handoff) -> LpuOptions:
     """`opts` with the attention core (and the KV cache) moved to `gpus` GPUs; SRAM then holds weights only."""
     ga = GpuAttention(gpu, gpus, cal.bandwidth_efficiency, handoff.bandwidth, handoff.latency_s)
     return replace(opts, attention=ga)
 
 
-def attention_gpu_plan(shape: ModelShape, lpu: Hardware, part: Partition, opts: LpuOptions, gpu: Hardware,
-                       gpus: int, cal: GpuCalibration, handoff: Handoff) -> LpuPlan:
+def attention_gpu_plan(
+    shape: ModelShape,
+    lpu: Hardware,
+    part: Partition,
+    opts: LpuOptions,
+    gpu: Hardware,
+    gpus: int,
+    cal: GpuCalibration,
+    handoff: Handoff,
+) -> LpuPlan:
     """LPU plan whose attention core (and KV cache) runs on `gpus` GPUs."""
     return plan_partition(shape, lpu, part, attention_options(opts, gpu, gpus, cal, handoff))
 
@@ -64,10 +78,16 @@ def attention_candidate(plan: LpuPlan, workload: Workload, lpu_price: float, gpu
     return Candidate(
         kind=Kind.ATTENTION_GPU_PROJECTIONS_LPU,
         layout=f"{_lpu_layout(plan)} + {ga.hardware.name} x{ga.gpus} attention",
-        lpu_chips=plan.chips, gpus=ga.gpus, batch=plan.options.batch,
-        per_user_tokens_per_s=plan.per_user_tokens_per_s, aggregate_tokens_per_s=plan.aggregate_tokens_per_s,
-        ttft_s=plan.ttft_s, power_w=plan.power_w + ga.gpus * ga.hardware.power_w, usd_per_hour=rate,
-        cost_per_mtok=cost_per_million([(rate, seconds)], workload.output), lpu_plan=plan,
+        lpu_chips=plan.chips,
+        gpus=ga.gpus,
+        batch=plan.options.batch,
+        per_user_tokens_per_s=plan.per_user_tokens_per_s,
+        aggregate_tokens_per_s=plan.aggregate_tokens_per_s,
+        ttft_s=plan.ttft_s,
+        power_w=plan.power_w + ga.gpus * ga.hardware.power_w,
+        usd_per_hour=rate,
+        cost_per_mtok=cost_per_million([(rate, seconds)], workload.output),
+        lpu_plan=plan,
     )
 
 

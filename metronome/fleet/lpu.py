@@ -170,13 +170,16 @@ def _offload_times(off: Offload, opts: LpuOptions, p: _Pass, lanes: int) -> tupl
     recv = ga.link_latency_s + off.recv_elems * p.rows * opts.act_bytes / bw
     kv = off.kv_reads * p.positions * p.seqs * opts.kv_bits / 8
     g = ga.hardware
-    gpu = max(kv / (ga.gpus * g.memory_bandwidth * ga.bandwidth_efficiency),
-              off.kv_flops * p.positions * p.rows / (ga.gpus * g.matmul_flops * ga.bandwidth_efficiency))
+    gpu = max(
+        kv / (ga.gpus * g.memory_bandwidth * ga.bandwidth_efficiency),
+        off.kv_flops * p.positions * p.rows / (ga.gpus * g.matmul_flops * ga.bandwidth_efficiency),
+    )
     return send, gpu, recv
 
 
-def run_steps(b: ScheduleBuilder, steps: tuple[Step, ...], chips: range, hw: Hardware, opts: LpuOptions,
-              p: _Pass) -> None:
+def run_steps(
+    b: ScheduleBuilder, steps: tuple[Step, ...], chips: range, hw: Hardware, opts: LpuOptions, p: _Pass
+) -> None:
     """Lay `steps` out on the group `chips` (consecutive chips of one node)."""
     tp = len(chips)
     for step in steps:
@@ -231,7 +234,7 @@ def step_timing(shape: ModelShape, hw: Hardware, part: Partition, opts: LpuOptio
     head = _group_time(shape, Piece.HEAD, hw, opts, part.tp, p)
     stages, start = [], 0
     for s, n in enumerate(part.layers):
-        t = sum(per_layer[start:start + n]) + (embed if s == 0 else 0.0) + (head if s == part.stages - 1 else 0.0)
+        t = sum(per_layer[start : start + n]) + (embed if s == 0 else 0.0) + (head if s == part.stages - 1 else 0.0)
         stages.append(t)
         start += n
     hop = _hop_time(hw, shape.config.hidden_size * p.rows * opts.act_bytes)
@@ -267,8 +270,9 @@ def max_users(shape: ModelShape, hw: Hardware, part: Partition, opts: LpuOptions
     return users
 
 
-def distribute_layers(shape: ModelShape, stages: int, tp: int, embed_alone: bool = False,
-                      head_alone: bool = False) -> Partition:
+def distribute_layers(
+    shape: ModelShape, stages: int, tp: int, embed_alone: bool = False, head_alone: bool = False
+) -> Partition:
     """`stages` stages; the layer stages get floor or ceil(L / layer stages) layers, the longer ones in the
     middle so the ends keep room for the embedding and head tables. `embed_alone` / `head_alone` give those
     tables a stage of their own (for models whose first layer plus table overflows a group's SRAM)."""
@@ -292,8 +296,9 @@ def tp_degrees(hw: Hardware) -> list[int]:
     return sorted(set(out + [hw.node_size]))
 
 
-def partitions(shape: ModelShape, hw: Hardware, opts: LpuOptions, max_chips: int | None = None,
-               tp: int | None = None) -> list[Partition]:
+def partitions(
+    shape: ModelShape, hw: Hardware, opts: LpuOptions, max_chips: int | None = None, tp: int | None = None
+) -> list[Partition]:
     """Every (tp, stages) layout within `max_chips` that holds the weights plus one micro-batch's KV."""
     cap = min(max_chips or hw.max_chips, hw.max_chips)
     out = []
@@ -317,8 +322,10 @@ def min_chips(shape: ModelShape, hw: Hardware, opts: LpuOptions) -> int:
     _check(hw, opts)
     fits = partitions(shape, hw, opts)
     if not fits:
-        raise ValueError(f"{shape.name} does not fit in {hw.max_chips} {hw.name} chips at {opts.weight_bits}-bit "
-                         f"weights and {opts.context} tokens of context; lower --weight-bits or --context")
+        raise ValueError(
+            f"{shape.name} does not fit in {hw.max_chips} {hw.name} chips at {opts.weight_bits}-bit "
+            f"weights and {opts.context} tokens of context; lower --weight-bits or --context"
+        )
     return min(p.chips for p in fits)
 
 
@@ -347,9 +354,11 @@ def plan_partition(shape: ModelShape, hw: Hardware, part: Partition, opts: LpuOp
     _check(hw, opts)
     users = max_users(shape, hw, part, opts)
     if users < opts.batch:
-        raise ValueError(f"{shape.name} with {part.stages} stages x {part.tp} chips does not fit a batch of "
-                         f"{opts.batch} at {opts.context} tokens in {hw.name} SRAM; use more chips or a smaller "
-                         f"--context / batch")
+        raise ValueError(
+            f"{shape.name} with {part.stages} stages x {part.tp} chips does not fit a batch of "
+            f"{opts.batch} at {opts.context} tokens in {hw.name} SRAM; use more chips or a smaller "
+            f"--context / batch"
+        )
     p = _Pass(opts.batch, opts.batch, opts.context)
     decode = step_timing(shape, hw, part, opts, p)
     micro = max(1, min(part.stages, users // opts.batch))
@@ -372,17 +381,21 @@ def _shared_busy(shape: ModelShape, opts: LpuOptions, p: _Pass) -> float:
     return total
 
 
-def compile_lpu(shape: ModelShape, hw: Hardware, opts: LpuOptions, chips: int | None = None,
-                tp: int | None = None) -> LpuPlan:
+def compile_lpu(
+    shape: ModelShape, hw: Hardware, opts: LpuOptions, chips: int | None = None, tp: int | None = None
+) -> LpuPlan:
     """The layout within `chips` (default: any) with the fastest decode step; ties go to fewer chips."""
     _check(hw, opts)
     fits = partitions(shape, hw, opts, chips, tp)
     if not fits:
         need = min_chips(shape, hw, opts)
-        raise ValueError(f"{shape.name} needs at least {need} {hw.name} chips at {opts.weight_bits}-bit weights "
-                         f"and {opts.context} tokens of context; pass --chips {need} or more")
-    timed = [(step_timing(shape, hw, p, opts, _Pass(opts.batch, opts.batch, opts.context)).total_s, p.chips, p)
-             for p in fits]
+        raise ValueError(
+            f"{shape.name} needs at least {need} {hw.name} chips at {opts.weight_bits}-bit weights "
+            f"and {opts.context} tokens of context; pass --chips {need} or more"
+        )
+    timed = [
+        (step_timing(shape, hw, p, opts, _Pass(opts.batch, opts.batch, opts.context)).total_s, p.chips, p) for p in fits
+    ]
     return plan_partition(shape, hw, min(timed, key=lambda x: (x[0], x[1]))[2], opts)
 
 

@@ -30,8 +30,9 @@ def _best_seconds(fn, repeats: int) -> float:
     return best
 
 
-def measure_machine(size_mib: int = 512, matmul_n: int = 1024, repeats: int = 3,
-                    threads: int | None = None) -> MachineMeasurement:
+def measure_machine(
+    size_mib: int = 512, matmul_n: int = 1024, repeats: int = 3, threads: int | None = None
+) -> MachineMeasurement:
     """Bandwidth from summing a `size_mib` MiB tensor, FLOP/s from an n x n matmul; about a second at 512 MiB.
     `threads`: torch threads to measure with (default: torch's current setting), restored afterwards."""
     if size_mib < 1 or matmul_n < 16 or repeats < 1:
@@ -43,7 +44,7 @@ def measure_machine(size_mib: int = 512, matmul_n: int = 1024, repeats: int = 3,
         torch.set_num_threads(threads)
     try:
         x = torch.ones(size_mib * 2**20 // 4, dtype=torch.float32)
-        seconds = _best_seconds(lambda: float(x.sum()), repeats)
+        seconds = _best_seconds(lambda: float(x.sum()), repeats)  # noqa: F821 (x is deleted only after timing)
         bandwidth = x.numel() * 4 / seconds
         del x
         a = torch.randn(matmul_n, matmul_n)
@@ -60,16 +61,31 @@ def measure_machine(size_mib: int = 512, matmul_n: int = 1024, repeats: int = 3,
 def machine_hardware(m: MachineMeasurement, price_per_hour_usd: float = 0.05, power_w: float = 65.0) -> Hardware:
     """The measured machine as a catalog entry (price and power are assumptions: a small cloud VM)."""
     return Hardware(
-        name=THIS_MACHINE, kind=HardwareKind.CPU, description=f"this machine ({m.threads} torch threads, measured)",
-        memory_bytes=m.memory_bytes, memory_bandwidth=m.bandwidth, flops_fp16=m.matmul_flops,
-        flops_int8=m.matmul_flops, flops_fp8=0.0, clock_hz=0.0, links=0, link_bandwidth=0.0, link_latency_s=0.0,
-        node_size=1, max_chips=1, power_w=power_w, price_per_chip_usd=0.0, compute_dtype="fp16",
-        default_weight_bits=16, price_per_hour_usd=price_per_hour_usd,
+        name=THIS_MACHINE,
+        kind=HardwareKind.CPU,
+        description=f"this machine ({m.threads} torch threads, measured)",
+        memory_bytes=m.memory_bytes,
+        memory_bandwidth=m.bandwidth,
+        flops_fp16=m.matmul_flops,
+        flops_int8=m.matmul_flops,
+        flops_fp8=0.0,
+        clock_hz=0.0,
+        links=0,
+        link_bandwidth=0.0,
+        link_latency_s=0.0,
+        node_size=1,
+        max_chips=1,
+        power_w=power_w,
+        price_per_chip_usd=0.0,
+        compute_dtype="fp16",
+        default_weight_bits=16,
+        price_per_hour_usd=price_per_hour_usd,
     )
 
 
-def predict_decode_tokens_per_s(model_config: ModelConfig, bytes_per_token: float, machine: MachineMeasurement,
-                                efficiency: float = 1.0) -> float:
+def predict_decode_tokens_per_s(
+    model_config: ModelConfig, bytes_per_token: float, machine: MachineMeasurement, efficiency: float = 1.0
+) -> float:
     """Roofline prediction of metronome's own batch-1 decode speed on this machine.
 
     `bytes_per_token` is what one decode step reads (weights in their stored format plus the KV cache); the

@@ -58,8 +58,10 @@ Step = Op | Exchange | Offload
 
 
 def _norm(prefix: str, d: int) -> list[Step]:
-    return [Op(f"{prefix}.sumsq", Unit.VXM, flops=2 * d, replicated=True),
-            Op(f"{prefix}.scale", Unit.VXM, weights=d, flops=2 * d, replicated=True)]
+    return [
+        Op(f"{prefix}.sumsq", Unit.VXM, flops=2 * d, replicated=True),
+        Op(f"{prefix}.scale", Unit.VXM, weights=d, flops=2 * d, replicated=True),
+    ]
 
 
 def _attention(shape: ModelShape, offload: bool) -> list[Step]:
@@ -72,16 +74,19 @@ def _attention(shape: ModelShape, offload: bool) -> list[Step]:
         steps.append(Op("qk_norm", Unit.VXM, weights=2 * c.head_dim, flops=4 * (q + kv)))
     steps.append(Op("rope", Unit.VXM, flops=3 * (q + kv)))
     if offload:
-        steps.append(Offload("attention@gpu", send_elems=q + 2 * kv, recv_elems=q, kv_reads=2 * kv,
-                             kv_flops=4 * q))
+        steps.append(Offload("attention@gpu", send_elems=q + 2 * kv, recv_elems=q, kv_reads=2 * kv, kv_flops=4 * q))
     else:
-        steps += [Op("scores", Unit.MXM, kv_reads=kv, kv_flops=2 * q),
-                  Op("softmax.max", Unit.VXM, kv_flops=c.num_heads),
-                  Op("softmax.exp_sum", Unit.VXM, kv_flops=3 * c.num_heads),
-                  Op("softmax.normalize", Unit.VXM, kv_flops=c.num_heads),
-                  Op("attn_v", Unit.MXM, kv_reads=kv, kv_flops=2 * q)]
-    steps += [Op("o_proj", Unit.MXM, weights=q * d, flops=2 * q * d),
-              Exchange("o_proj.allreduce", Pattern.ALLREDUCE, d)]
+        steps += [
+            Op("scores", Unit.MXM, kv_reads=kv, kv_flops=2 * q),
+            Op("softmax.max", Unit.VXM, kv_flops=c.num_heads),
+            Op("softmax.exp_sum", Unit.VXM, kv_flops=3 * c.num_heads),
+            Op("softmax.normalize", Unit.VXM, kv_flops=c.num_heads),
+            Op("attn_v", Unit.MXM, kv_reads=kv, kv_flops=2 * q),
+        ]
+    steps += [
+        Op("o_proj", Unit.MXM, weights=q * d, flops=2 * q * d),
+        Exchange("o_proj.allreduce", Pattern.ALLREDUCE, d),
+    ]
     if c.sandwich_norms:
         steps += _norm("post_attn_norm", d)
     steps.append(Op("attn_residual", Unit.VXM, flops=d, replicated=True))
@@ -98,17 +103,23 @@ def _mlp(shape: ModelShape) -> list[Step]:
         e, k = shape.num_experts, shape.experts_per_token
         steps.append(Op("router", Unit.MXM, weights=d * e, flops=2 * d * e, replicated=True))
         for i in range(k):
-            steps += [Op(f"topk{i}.max", Unit.VXM, flops=e, replicated=True),
-                      Op(f"topk{i}.mask", Unit.VXM, flops=e, replicated=True)]
-        steps += [Op("gate_softmax.max", Unit.VXM, flops=k, replicated=True),
-                  Op("gate_softmax.exp_sum", Unit.VXM, flops=3 * k, replicated=True),
-                  Op("gate_softmax.normalize", Unit.VXM, flops=k, replicated=True)]
+            steps += [
+                Op(f"topk{i}.max", Unit.VXM, flops=e, replicated=True),
+                Op(f"topk{i}.mask", Unit.VXM, flops=e, replicated=True),
+            ]
+        steps += [
+            Op("gate_softmax.max", Unit.VXM, flops=k, replicated=True),
+            Op("gate_softmax.exp_sum", Unit.VXM, flops=3 * k, replicated=True),
+            Op("gate_softmax.normalize", Unit.VXM, flops=k, replicated=True),
+        ]
         mult = k
     else:
         mult = 1
-    steps += [Op("gate_up", Unit.MXM, weights=mult * 2 * d * f, flops=mult * 4 * d * f),
-              Op("act", Unit.VXM, flops=mult * 4 * f),
-              Op("down", Unit.MXM, weights=mult * f * d, flops=mult * 2 * f * d)]
+    steps += [
+        Op("gate_up", Unit.MXM, weights=mult * 2 * d * f, flops=mult * 4 * d * f),
+        Op("act", Unit.VXM, flops=mult * 4 * f),
+        Op("down", Unit.MXM, weights=mult * f * d, flops=mult * 2 * f * d),
+    ]
     if shape.is_moe:
         steps.append(Op("expert_combine", Unit.VXM, flops=2 * shape.experts_per_token * d))
     steps.append(Exchange("down.allreduce", Pattern.ALLREDUCE, d))
@@ -133,9 +144,13 @@ def head_program(shape: ModelShape) -> tuple[Step, ...]:
     """Final norm, output projection (vocabulary split over the group) and greedy argmax."""
     c = shape.config
     v, d = c.vocab_size, c.hidden_size
-    return (*_norm("final_norm", d), Op("lm_head", Unit.MXM, weights=v * d, flops=2 * v * d),
-            Op("argmax.local", Unit.VXM, flops=v), Exchange("argmax.allreduce", Pattern.ALLREDUCE, 2),
-            Op("argmax.final", Unit.VXM, flops=2, replicated=True))
+    return (
+        *_norm("final_norm", d),
+        Op("lm_head", Unit.MXM, weights=v * d, flops=2 * v * d),
+        Op("argmax.local", Unit.VXM, flops=v),
+        Exchange("argmax.allreduce", Pattern.ALLREDUCE, 2),
+        Op("argmax.final", Unit.VXM, flops=2, replicated=True),
+    )
 
 
 def dependent_ops(steps: tuple[Step, ...]) -> int:

@@ -127,8 +127,18 @@ def to_chrome_trace(events: list[Event], chip_labels: dict[int, str]) -> dict:
     for e in events:
         if (e.chip, e.track) not in seen:
             seen.add((e.chip, e.track))
-            out.append({"ph": "M", "name": "thread_name", "pid": e.chip, "tid": _tid(e.track),
-                        "args": {"name": e.track}})
-        out.append({"ph": "X", "name": e.name, "cat": e.category, "pid": e.chip, "tid": _tid(e.track),
-                    "ts": e.start_s * 1e6, "dur": e.dur_s * 1e6})
+            out.append(
+                {"ph": "M", "name": "thread_name", "pid": e.chip, "tid": _tid(e.track), "args": {"name": e.track}}
+            )
+        out.append(
+            {
+                "ph": "X",
+                "name": e.name,
+                "cat": e.category,
+                "pid": e.chip,
+                "tid": _tid(e.track),
+                "ts": e.start_s * 1e6,
+                "dur": e.dur_s * 1e6,
+            }
+        )
     return {"traceEvents": out, "displayTimeUnit": "ns"}

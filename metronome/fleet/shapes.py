@@ -99,28 +99,110 @@ def builtin_shapes() -> dict[str, ModelShape]:
     """Shapes from each model's published config.json (Hugging Face model cards)."""
     llama = dict(arch="llama", head_dim=128)
     return {
-        "llama-2-7b": ModelShape(_cfg(name="llama-2-7b", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                                      num_layers=32, num_heads=32, num_kv_heads=32, **llama)),
-        "llama-2-70b": ModelShape(_cfg(name="llama-2-70b", vocab_size=32000, hidden_size=8192,
-                                       intermediate_size=28672, num_layers=80, num_heads=64, num_kv_heads=8, **llama)),
-        "llama-3.1-8b": ModelShape(_cfg(name="llama-3.1-8b", vocab_size=128256, hidden_size=4096,
-                                        intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
-                                        max_position=131072, rope_theta=500000.0, **llama)),
-        "llama-3.1-70b": ModelShape(_cfg(name="llama-3.1-70b", vocab_size=128256, hidden_size=8192,
-                                         intermediate_size=28672, num_layers=80, num_heads=64, num_kv_heads=8,
-                                         max_position=131072, rope_theta=500000.0, **llama)),
-        "mixtral-8x7b": ModelShape(_cfg(name="mixtral-8x7b", vocab_size=32000, hidden_size=4096,
-                                        intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
-                                        max_position=32768, rope_theta=1e6, **llama),
-                                   num_experts=8, experts_per_token=2),
-        "smollm2-135m": ModelShape(_cfg(name="smollm2-135m", arch="llama", vocab_size=49152, hidden_size=576,
-                                        intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
-                                        head_dim=64, max_position=8192, rope_theta=100000.0, tie_embeddings=True)),
-        "gemma-3-270m": ModelShape(_cfg(name="gemma-3-270m", arch="gemma3", vocab_size=262144, hidden_size=640,
-                                        intermediate_size=2048, num_layers=18, num_heads=4, num_kv_heads=1,
-                                        head_dim=256, max_position=32768, tie_embeddings=True, qk_norm=True,
-                                        sandwich_norms=True, activation="gelu_tanh", sliding_window=512,
-                                        sliding_window_pattern=6)),
+        "llama-2-7b": ModelShape(
+            _cfg(
+                name="llama-2-7b",
+                vocab_size=32000,
+                hidden_size=4096,
+                intermediate_size=11008,
+                num_layers=32,
+                num_heads=32,
+                num_kv_heads=32,
+                **llama,
+            )
+        ),
+        "llama-2-70b": ModelShape(
+            _cfg(
+                name="llama-2-70b",
+                vocab_size=32000,
+                hidden_size=8192,
+                intermediate_size=28672,
+                num_layers=80,
+                num_heads=64,
+                num_kv_heads=8,
+                **llama,
+            )
+        ),
+        "llama-3.1-8b": ModelShape(
+            _cfg(
+                name="llama-3.1-8b",
+                vocab_size=128256,
+                hidden_size=4096,
+                intermediate_size=14336,
+                num_layers=32,
+                num_heads=32,
+                num_kv_heads=8,
+                max_position=131072,
+                rope_theta=500000.0,
+                **llama,
+            )
+        ),
+        "llama-3.1-70b": ModelShape(
+            _cfg(
+                name="llama-3.1-70b",
+                vocab_size=128256,
+                hidden_size=8192,
+                intermediate_size=28672,
+                num_layers=80,
+                num_heads=64,
+                num_kv_heads=8,
+                max_position=131072,
+                rope_theta=500000.0,
+                **llama,
+            )
+        ),
+        "mixtral-8x7b": ModelShape(
+            _cfg(
+                name="mixtral-8x7b",
+                vocab_size=32000,
+                hidden_size=4096,
+                intermediate_size=14336,
+                num_layers=32,
+                num_heads=32,
+                num_kv_heads=8,
+                max_position=32768,
+                rope_theta=1e6,
+                **llama,
+            ),
+            num_experts=8,
+            experts_per_token=2,
+        ),
+        "smollm2-135m": ModelShape(
+            _cfg(
+                name="smollm2-135m",
+                arch="llama",
+                vocab_size=49152,
+                hidden_size=576,
+                intermediate_size=1536,
+                num_layers=30,
+                num_heads=9,
+                num_kv_heads=3,
+                head_dim=64,
+                max_position=8192,
+                rope_theta=100000.0,
+                tie_embeddings=True,
+            )
+        ),
+        "gemma-3-270m": ModelShape(
+            _cfg(
+                name="gemma-3-270m",
+                arch="gemma3",
+                vocab_size=262144,
+                hidden_size=640,
+                intermediate_size=2048,
+                num_layers=18,
+                num_heads=4,
+                num_kv_heads=1,
+                head_dim=256,
+                max_position=32768,
+                tie_embeddings=True,
+                qk_norm=True,
+                sandwich_norms=True,
+                activation="gelu_tanh",
+                sliding_window=512,
+                sliding_window_pattern=6,
+            )
+        ),
     }
 
 
@@ -151,9 +233,14 @@ def _gguf_shape(path: Path) -> ModelShape:
     tensor_names = {t.name for t in reader.tensors}
     window = get(f"{arch}.attention.sliding_window")
     cfg = ModelConfig(
-        arch=str(arch), name=str(get("general.name", path.stem)), vocab_size=vocab, hidden_size=d,
-        intermediate_size=int(get(f"{arch}.feed_forward_length")), num_layers=int(get(f"{arch}.block_count")),
-        num_heads=heads, num_kv_heads=int(get(f"{arch}.attention.head_count_kv", heads)),
+        arch=str(arch),
+        name=str(get("general.name", path.stem)),
+        vocab_size=vocab,
+        hidden_size=d,
+        intermediate_size=int(get(f"{arch}.feed_forward_length")),
+        num_layers=int(get(f"{arch}.block_count")),
+        num_heads=heads,
+        num_kv_heads=int(get(f"{arch}.attention.head_count_kv", heads)),
         head_dim=int(get(f"{arch}.attention.key_length", d // heads)),
         max_position=int(get(f"{arch}.context_length", 2048)),
         rope_theta=float(get(f"{arch}.rope.freq_base", 10000.0)),
@@ -176,10 +263,14 @@ def _hf_shape(path: Path) -> ModelShape:
     try:
         d, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
         cfg = ModelConfig(
-            arch=str(raw.get("model_type", top.get("model_type", "llama"))), name=path.name,
-            vocab_size=int(raw.get("vocab_size", top.get("vocab_size", 0))), hidden_size=d,
-            intermediate_size=int(raw["intermediate_size"]), num_layers=int(raw["num_hidden_layers"]),
-            num_heads=heads, num_kv_heads=int(raw.get("num_key_value_heads", heads)),
+            arch=str(raw.get("model_type", top.get("model_type", "llama"))),
+            name=path.name,
+            vocab_size=int(raw.get("vocab_size", top.get("vocab_size", 0))),
+            hidden_size=d,
+            intermediate_size=int(raw["intermediate_size"]),
+            num_layers=int(raw["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(raw.get("num_key_value_heads", heads)),
             head_dim=int(raw.get("head_dim") or d // heads),
             max_position=int(raw.get("max_position_embeddings", 2048)),
             rope_theta=float(raw.get("rope_theta", 10000.0)),

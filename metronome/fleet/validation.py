@@ -65,16 +65,22 @@ def validation_rows(hardware: dict[str, Hardware], published: list[dict]) -> lis
         else:
             t = step_time(shape, hw, BOUND, e["chips"], 1, 1, e["context"], e["weight_bits"])
             layout, predicted = f"{e['chips']} GPU, {e['weight_bits']}-bit, bound", 1.0 / t
-        rows.append(ValidationRow(e["model"], e["hardware"], layout, predicted, e["tokens_per_s_low"],
-                                  e["tokens_per_s_high"]))
+        rows.append(
+            ValidationRow(e["model"], e["hardware"], layout, predicted, e["tokens_per_s_low"], e["tokens_per_s_high"])
+        )
     return rows
 
 
 def validation_table(rows: list[ValidationRow]) -> str:
-    lines = ["| model | hardware | layout | predicted tok/s | published tok/s | ratio |",
-             "| --- | --- | --- | ---: | ---: | ---: |"]
+    lines = [
+        "| model | hardware | layout | predicted tok/s | published tok/s | ratio |",
+        "| --- | --- | --- | ---: | ---: | ---: |",
+    ]
     for r in rows:
-        pub = f"{r.published_low:g}" if r.published_low == r.published_high else \
-            f"{r.published_low:g}-{r.published_high:g}"
+        pub = (
+            f"{r.published_low:g}"
+            if r.published_low == r.published_high
+            else f"{r.published_low:g}-{r.published_high:g}"
+        )
         lines.append(f"| {r.model} | {r.hardware} | {r.layout} | {r.predicted:,.0f} | {pub} | {r.ratio:.2f} |")
     return "\n".join(lines) + "\n"

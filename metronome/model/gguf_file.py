@@ -14,10 +14,17 @@ import gguf
 import numpy as np
 
 _SCALARS = {
-    gguf.GGUFValueType.UINT8: "<B", gguf.GGUFValueType.INT8: "<b", gguf.GGUFValueType.UINT16: "<H",
-    gguf.GGUFValueType.INT16: "<h", gguf.GGUFValueType.UINT32: "<I", gguf.GGUFValueType.INT32: "<i",
-    gguf.GGUFValueType.FLOAT32: "<f", gguf.GGUFValueType.BOOL: "<?", gguf.GGUFValueType.UINT64: "<Q",
-    gguf.GGUFValueType.INT64: "<q", gguf.GGUFValueType.FLOAT64: "<d",
+    gguf.GGUFValueType.UINT8: "<B",
+    gguf.GGUFValueType.INT8: "<b",
+    gguf.GGUFValueType.UINT16: "<H",
+    gguf.GGUFValueType.INT16: "<h",
+    gguf.GGUFValueType.UINT32: "<I",
+    gguf.GGUFValueType.INT32: "<i",
+    gguf.GGUFValueType.FLOAT32: "<f",
+    gguf.GGUFValueType.BOOL: "<?",
+    gguf.GGUFValueType.UINT64: "<Q",
+    gguf.GGUFValueType.INT64: "<q",
+    gguf.GGUFValueType.FLOAT64: "<d",
 }
 
 
@@ -126,6 +133,7 @@ def read(path: Path) -> GGUFFile:
             raise GGUFFormatError(f"tensor {name!r} has unknown type {qtype}") from None
         block, type_size = gguf.GGML_QUANT_SIZES[kind]
         n = int(np.prod(dims)) if dims else 1
-        tensors[name] = TensorRecord(name, tuple(int(d) for d in reversed(dims)), kind.name, start + offset,
-                                     n // block * type_size)
+        tensors[name] = TensorRecord(
+            name, tuple(int(d) for d in reversed(dims)), kind.name, start + offset, n // block * type_size
+        )
     return GGUFFile(path, metadata, tensors, data)

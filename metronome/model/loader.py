@@ -22,8 +22,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from metronome.model import gguf_file
 from metronome.config import ModelConfig, RopeScaling
+from metronome.model import gguf_file
 
 
 class ModelFileError(ValueError):
@@ -195,9 +195,7 @@ def _open_gguf(path: Path) -> gguf_file.GGUFFile:
 def _gguf_config(meta: dict, path: Path, tensors: dict, rope_freqs: tuple[float, ...] = ()) -> ModelConfig:
     arch = meta.get("general.architecture")
     if arch not in _GGUF_ARCHS:
-        raise ModelFileError(
-            f"{path}: unsupported architecture {arch!r}; metronome runs {', '.join(_GGUF_ARCHS)}"
-        )
+        raise ModelFileError(f"{path}: unsupported architecture {arch!r}; metronome runs {', '.join(_GGUF_ARCHS)}")
 
     def key(name: str, default=None, required: bool = False):
         value = meta.get(f"{arch}.{name}", default)

@@ -7,7 +7,8 @@ import json
 from datetime import datetime
 from typing import Iterable, Sequence
 
-from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
 
 from metronome.model.loader import TokenizerData
 
@@ -32,13 +33,17 @@ class ChatTemplateError(ValueError):
 def _byte_level_pretokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
     if pre in _SPLITS:
         return pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
-             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+            [
+                pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
         )
     if pre == "smollm":  # SmolLM's own tokenizer.json: every digit alone, then GPT-2's split
         return pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True),
-             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
         )
     return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
 
@@ -137,7 +142,9 @@ class Tokenizer:
                 "this model has no chat template (a base model); send a plain completion instead "
                 "(/v1/completions, or --raw on the command line)"
             )
-        return _render(self.data.chat_template, messages, add_generation_prompt, self.data.bos_token, self.data.eos_token)
+        return _render(
+            self.data.chat_template, messages, add_generation_prompt, self.data.bos_token, self.data.eos_token
+        )
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         return self.encode(self.render_chat(messages, add_generation_prompt))
@@ -154,7 +161,9 @@ def _render(template: str, messages: list[dict], add_generation_prompt: bool, bo
         raise ChatTemplateError(f"the chat template rejected the conversation: {message}")
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent, ensure_ascii=ensure_ascii)
+    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(
+        x, indent=indent, ensure_ascii=ensure_ascii
+    )
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:

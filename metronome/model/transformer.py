@@ -27,7 +27,9 @@ class KVCache:
     v: torch.Tensor  # (layers, slots, kv_heads, ctx, head_dim)
 
     @classmethod
-    def allocate(cls, cfg: ModelConfig, slots: int, ctx: int, dtype: torch.dtype, device: str | torch.device) -> "KVCache":
+    def allocate(
+        cls, cfg: ModelConfig, slots: int, ctx: int, dtype: torch.dtype, device: str | torch.device
+    ) -> "KVCache":
         shape = (cfg.num_layers, slots, cfg.num_kv_heads, ctx, cfg.head_dim)
         return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
@@ -215,8 +217,15 @@ class Transformer(nn.Module):
         # Gemma's local layers use their own base and no scaling.
         self.rope_local = Rope(cfg, cfg.rope_local_theta, ctx, apply_scaling=False) if cfg.rope_local_theta else None
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: Rows,
-                slot_index: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        rows: Rows,
+        slot_index: torch.Tensor,
+        all_logits: bool = False,
+    ) -> torch.Tensor:
         """tokens, positions: (B, T); slot_index: (B,) cache slot of each row.
         Returns logits (B, V) of each row's last position, or (B, T, V) with all_logits."""
         x = self.embed(tokens)  # (B, T, D)
@@ -242,8 +251,9 @@ def use_ops(model: Transformer, ops: Ops) -> Transformer:
     return model
 
 
-def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], ctx: int, dtype: torch.dtype,
-                device: str | torch.device = "cpu") -> Transformer:
+def build_model(
+    cfg: ModelConfig, weights: dict[str, torch.Tensor], ctx: int, dtype: torch.dtype, device: str | torch.device = "cpu"
+) -> Transformer:
     """A model with `weights` (metronome names, float tensors) copied in, in `dtype` on `device`."""
     with torch.device("meta"):
         model = Transformer(cfg, ctx)

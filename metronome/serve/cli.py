@@ -15,44 +15,53 @@ import threading
 
 import uvicorn
 
-from metronome.config import EngineConfig
+from metronome.args import add_engine_args, add_model_arg, engine_config, param_message
+from metronome.compile import PlanError
+from metronome.config import ParamError
 from metronome.engine import Engine
 from metronome.model.loader import ModelFileError, load
-from metronome.compile import PlanError, available_cores, default_ctx
 from metronome.serve.server import ModelIdentity, ServerSettings, ServerState, create_app
 
 API_KEY_ENV = "METRONOME_API_KEY"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="a .gguf file or an HF model folder (default: the embedded SmolLM2-135M)")
+    add_model_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port to bind (0: any free port)")
-    p.add_argument("--slots", type=int, default=8, help="requests decoded together (default 8)")
-    p.add_argument("--ctx", type=int, default=None,
-                   help="context tokens per slot, prompt + output (default 2048, or the model's if shorter)")
-    p.add_argument("--max-queue", type=int, default=None,
-                   help="requests that may wait for a slot before new ones get 429 (default: no limit)")
-    p.add_argument("--api-key", default=None,
-                   help=f"require 'Authorization: Bearer KEY' on every endpoint but /health (or set {API_KEY_ENV})")
-    p.add_argument("--max-body-bytes", type=int, default=ServerSettings.max_body_bytes,
-                   help=f"larger request bodies get 413 (default {ServerSettings.max_body_bytes})")
-    p.add_argument("--weights", default="auto",
-                   help="run-time weight format: auto, f32, bf16, or int8/int4 on CPU (the plan checks the choice)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="compute threads (default: every core this process may use; on 2 cores a streamed "
-                        "request ran at 157 tokens/s with 2 and 110 with 1)")
-    p.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N")
-    p.add_argument("--spec-tokens", type=int, default=EngineConfig.spec_tokens,
-                   help="speculative decoding: most tokens drafted per step while one request runs (0: off)")
-    p.add_argument("--draft", default=None, help="a draft model (same vocabulary) for speculation (default: prompt lookup)")
-    p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
-                   help="uvicorn's log level (info logs every request)")
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=None,
+        help="requests that may wait for a slot before new ones get 429 (default: no limit)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help=f"require 'Authorization: Bearer KEY' on every endpoint but /health (or set {API_KEY_ENV})",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=ServerSettings.max_body_bytes,
+        help=f"larger request bodies get 413 (default {ServerSettings.max_body_bytes})",
+    )
+    p.add_argument(
+        "--log-level",
+        default="warning",
+        choices=("critical", "error", "warning", "info", "debug"),
+        help="uvicorn's log level (info logs every request)",
+    )
+    add_engine_args(p)
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("serve", help="serve an OpenAI-compatible API and a chat page",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "serve",
+        help="serve an OpenAI-compatible API and a chat page",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(p)
     p.set_defaults(func=run)
 
@@ -79,9 +88,7 @@ class ModelLoader(threading.Thread):
         a = self.args
         try:
             loaded = load(a.model)
-            threads = a.threads if a.threads is not None else available_cores()
-            config = EngineConfig(slots=a.slots, ctx=default_ctx(loaded.config, a.ctx), device=a.device,
-                                  weights=a.weights, threads=threads, spec_tokens=a.spec_tokens, draft=a.draft)
+            config = engine_config(a, loaded.config)  # threads None: every core this process may use
             # calibrated (and cached on disk: the next start with the same settings skips it)
             self.engine = Engine.from_model(config=config, max_queue=a.max_queue, loaded=loaded, calibrate=True)
             self.state.attach(self.engine, ModelIdentity.of(loaded))
@@ -104,13 +111,19 @@ def _bind(host: str, port: int) -> socket.socket:
 def run(args: argparse.Namespace) -> int:
     try:
         settings = settings_from(args)
+        engine_config(args)  # the engine flags, checked before the port opens (the model's context: once it loads)
+    except ParamError as exc:
+        print(f"metronome serve: {param_message(exc)}", file=sys.stderr)
+        return 2
     except ValueError as exc:
         print(f"metronome serve: {exc}", file=sys.stderr)
         return 2
     try:
         sock = _bind(args.host, args.port)
     except OSError as exc:
-        print(f"metronome serve: cannot listen on {args.host}:{args.port} ({exc}); pick another --port", file=sys.stderr)
+        print(
+            f"metronome serve: cannot listen on {args.host}:{args.port} ({exc}); pick another --port", file=sys.stderr
+        )
         return 2
     host, port = sock.getsockname()[:2]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
@@ -129,6 +142,9 @@ def run(args: argparse.Namespace) -> int:
             loader.engine.stop()
         sock.close()
     if loader.error is not None:
+        if isinstance(loader.error, ParamError):
+            print(f"metronome serve: {param_message(loader.error)}", file=sys.stderr)
+            return 2
         if isinstance(loader.error, (ModelFileError, PlanError)):
             print(f"metronome serve: {loader.error}", file=sys.stderr)
             return 2
@@ -137,8 +153,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="metronome serve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="metronome serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -11,14 +11,23 @@ from typing import AsyncIterator, Callable
 
 from starlette.types import Receive
 
-from metronome.serve.usage import groq_timings
 from metronome.config import SamplingParams
-from metronome.engine.constrain import JsonConstraint, JsonVocabulary
 from metronome.engine import Delta, Engine, QueueFullError, Request, RequestError, Timings
-from metronome.serve.prometheus import ServerMetrics
+from metronome.engine.constrain import JsonConstraint, JsonVocabulary
 from metronome.engine.sampler import Choice
+from metronome.serve.prometheus import ServerMetrics
+from metronome.serve.usage import groq_timings
 
 # Valid JSON candidates kept per step when sampling (greedy keeps the best one).
+#
+# This TRUNCATES the sampled distribution: with response_format json_object and temperature > 0 (or any
+# penalty), each step samples among the 64 highest-scoring tokens that keep the text valid JSON (plus the
+# next character of the shortest closing), renormalized, not among all valid tokens. It acts like an
+# extra top-k of 64 applied after the JSON mask; top_k/top_p/min_p then apply within those 64. Logprobs
+# are still reported from the model's full, unconstrained distribution. Sampling from every valid token
+# would need the whole vocabulary walked in Python each step (several times the cost: docs/performance.md),
+# so the truncation stays until the constraint can mask the vocabulary without a Python walk (a grammar
+# engine with precomputed token masks). tests/engine/test_constrain.py pins this behaviour.
 _JSON_SAMPLING_WIDTH = 64
 
 
@@ -57,8 +66,11 @@ class ChoiceRun:
             if self.last_token_at is not None:
                 self.token_gaps.append(stamp - self.last_token_at)
             self.last_token_at = stamp
-        reported = [c for i, c in enumerate(delta.choices)
-                    if not (delta.finish_reason == "stop" and i == len(delta.choices) - 1 and c.token in eos_ids)]
+        reported = [
+            c
+            for i, c in enumerate(delta.choices)
+            if not (delta.finish_reason == "stop" and i == len(delta.choices) - 1 and c.token in eos_ids)
+        ]
         self.text += delta.text
         self.tokens += reported
         if delta.finish_reason is not None:
@@ -70,8 +82,9 @@ class ChoiceRun:
 class Job:
     """The engine requests behind one API request. Create and consume it on the event loop."""
 
-    def __init__(self, engine: Engine, spec: JobSpec, metrics: ServerMetrics, json_vocab: JsonVocabulary | None,
-                 request_id: str) -> None:
+    def __init__(
+        self, engine: Engine, spec: JobSpec, metrics: ServerMetrics, json_vocab: JsonVocabulary | None, request_id: str
+    ) -> None:
         self.engine = engine
         self.spec = spec
         self.metrics = metrics
@@ -89,8 +102,13 @@ class Job:
                 for _ in range(n):
                     index = len(self.runs)
                     params = p if p.seed is None else replace(p, seed=p.seed + index)
-                    req = self.engine.submit(prompt, params, self._deliver(index), self._constraint(params),
-                                             request_id=f"{self.request_id}-{index}")
+                    req = self.engine.submit(
+                        prompt,
+                        params,
+                        self._deliver(index),
+                        self._constraint(params),
+                        request_id=f"{self.request_id}-{index}",
+                    )
                     self.runs.append(ChoiceRun(index, req))
         except QueueFullError as exc:
             self.cancel_unfinished()
@@ -102,7 +120,7 @@ class Job:
     def _constraint(self, params: SamplingParams) -> JsonConstraint | None:
         if not params.json_mode or self.json_vocab is None:
             return None
-        neutral = (params.repetition_penalty == 1.0 and not params.presence_penalty and not params.frequency_penalty)
+        neutral = params.repetition_penalty == 1.0 and not params.presence_penalty and not params.frequency_penalty
         width = 1 if params.temperature == 0.0 and neutral else _JSON_SAMPLING_WIDTH
         return JsonConstraint(self.json_vocab, params.max_tokens, width=width)
 
@@ -127,8 +145,9 @@ class Job:
             if delta.finish_reason is not None:
                 open_runs -= 1
                 req = run.request
-                self.metrics.observe_request(req.timings, len(req.prompt_ids), len(req.output_ids), run.token_gaps,
-                                             delta.finish_reason)
+                self.metrics.observe_request(
+                    req.timings, len(req.prompt_ids), len(req.output_ids), run.token_gaps, delta.finish_reason
+                )
             yield run, delta, reported
 
     @property
@@ -151,12 +170,17 @@ class Job:
         reqs = [r.request for r in self.runs]
         prompt = sum(len(p) for p in self.spec.prompts)
         completion = sum(len(r.output_ids) for r in reqs)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                **groq_timings(merge_timings([r.timings for r in reqs]))}
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            **groq_timings(merge_timings([r.timings for r in reqs])),
+        }
 
 
 def merge_timings(all_timings: list[Timings]) -> Timings:
     """One request's timings from its choices': the earliest start and first token, the latest admission and end."""
+
     def first(values: list[float | None]) -> float | None:
         known = [v for v in values if v is not None]
         return min(known) if known else None

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from metronome.engine import Engine, Timings
 
@@ -21,40 +20,67 @@ class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.ttft = Histogram("metronome_time_to_first_token_seconds", "Request received to its first token.",
-                              buckets=_REQUEST_BUCKETS, registry=r)
-        self.ttfs = Histogram("metronome_time_to_first_sentence_seconds", "Request received to the end of its first sentence.",
-                              buckets=_REQUEST_BUCKETS, registry=r)
-        self.itl = Histogram("metronome_inter_token_latency_seconds", "Time between two tokens of one request.",
-                             buckets=_TOKEN_BUCKETS, registry=r)
-        self.queue_time = Histogram("metronome_queue_time_seconds", "Time a request waited for a slot.",
-                                    buckets=_REQUEST_BUCKETS, registry=r)
-        self.e2e = Histogram("metronome_e2e_latency_seconds", "Request received to its last token.",
-                             buckets=_REQUEST_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "metronome_time_to_first_token_seconds",
+            "Request received to its first token.",
+            buckets=_REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.ttfs = Histogram(
+            "metronome_time_to_first_sentence_seconds",
+            "Request received to the end of its first sentence.",
+            buckets=_REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "metronome_inter_token_latency_seconds",
+            "Time between two tokens of one request.",
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "metronome_queue_time_seconds", "Time a request waited for a slot.", buckets=_REQUEST_BUCKETS, registry=r
+        )
+        self.e2e = Histogram(
+            "metronome_e2e_latency_seconds", "Request received to its last token.", buckets=_REQUEST_BUCKETS, registry=r
+        )
         self.prompt_tokens = Counter("metronome_prompt_tokens", "Prompt tokens of admitted requests.", registry=r)
         self.generated_tokens = Counter("metronome_generation_tokens", "Tokens generated.", registry=r)
-        self.requests = Counter("metronome_requests", "HTTP requests answered, by endpoint and status code.",
-                                ("endpoint", "status"), registry=r)
-        self.finished = Counter("metronome_engine_requests_finished", "Engine requests ended, by finish reason.",
-                                ("reason",), registry=r)
-        self.engine_errors = Counter("metronome_engine_errors", "Engine requests that failed inside the engine.",
-                                     registry=r)
+        self.requests = Counter(
+            "metronome_requests",
+            "HTTP requests answered, by endpoint and status code.",
+            ("endpoint", "status"),
+            registry=r,
+        )
+        self.finished = Counter(
+            "metronome_engine_requests_finished", "Engine requests ended, by finish reason.", ("reason",), registry=r
+        )
+        self.engine_errors = Counter(
+            "metronome_engine_errors", "Engine requests that failed inside the engine.", registry=r
+        )
         self._engine: Engine | None = None  # read at scrape time; zeros until one is bound
         Gauge("metronome_requests_running", "Requests holding a slot.", registry=r).set_function(self.running)
         Gauge("metronome_requests_waiting", "Requests queued for a slot.", registry=r).set_function(self.waiting)
         Gauge("metronome_slot_occupancy", "Fraction of slots in use.", registry=r).set_function(self.occupancy)
-        Gauge("metronome_spec_drafted_tokens", "Tokens drafted for speculative decoding since start (cumulative).",
-              registry=r).set_function(lambda: float(self._engine.spec.drafted) if self._engine is not None else 0.0)
-        Gauge("metronome_spec_accepted_tokens", "Drafted tokens that were accepted since start (cumulative).",
-              registry=r).set_function(lambda: float(self._engine.spec.accepted) if self._engine is not None else 0.0)
-        self.predicted_step = Gauge("metronome_plan_step_seconds",
-                                    "The plan's calibrated decode-step latency, by number of live slots.",
-                                    ("live_slots",), registry=r)
+        Gauge(
+            "metronome_spec_drafted_tokens",
+            "Tokens drafted for speculative decoding since start (cumulative).",
+            registry=r,
+        ).set_function(lambda: float(self._engine.spec.drafted) if self._engine is not None else 0.0)
+        Gauge(
+            "metronome_spec_accepted_tokens", "Drafted tokens that were accepted since start (cumulative).", registry=r
+        ).set_function(lambda: float(self._engine.spec.accepted) if self._engine is not None else 0.0)
+        self.predicted_step = Gauge(
+            "metronome_plan_step_seconds",
+            "The plan's calibrated decode-step latency, by number of live slots.",
+            ("live_slots",),
+            registry=r,
+        )
 
     def bind(self, engine: Engine) -> None:
         self._engine = engine
         report = engine.plan.report
-        for live, ms in (report.step_ms.items() if report is not None else ()):
+        for live, ms in report.step_ms.items() if report is not None else ():
             self.predicted_step.labels(str(live)).set(ms / 1000.0)
 
     def running(self) -> float:
@@ -66,8 +92,9 @@ class ServerMetrics:
     def occupancy(self) -> float:
         return self.running() / self._engine.config.slots if self._engine is not None else 0.0
 
-    def observe_request(self, timings: Timings, prompt_tokens: int, generated: int, token_gaps: Sequence[float],
-                        reason: str) -> None:
+    def observe_request(
+        self, timings: Timings, prompt_tokens: int, generated: int, token_gaps: Sequence[float], reason: str
+    ) -> None:
         """Record one engine request that ended."""
         self.finished.labels(reason).inc()
         if reason == "error":

@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from metronome.serve.jobs import ChoiceRun
 from metronome.engine.sampler import Choice
 from metronome.model.tokenizer import Tokenizer
+from metronome.serve.jobs import ChoiceRun
 
 Body = dict[str, Any]
 
@@ -38,8 +38,13 @@ class ResponseShape:
     def _start(self, chunk: bool) -> Body:
         kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
         h = self.head
-        return {"id": h.id, "object": kind, "created": h.created, "model": h.model,
-                "system_fingerprint": h.system_fingerprint}
+        return {
+            "id": h.id,
+            "object": kind,
+            "created": h.created,
+            "model": h.model,
+            "system_fingerprint": h.system_fingerprint,
+        }
 
     # -- whole responses -------------------------------------------------------------------------
 
@@ -52,8 +57,12 @@ class ResponseShape:
     def _whole_choice(self, run: ChoiceRun) -> Body:
         lp = self._logprobs(run.index, run.tokens)
         if self.chat:
-            return {"index": run.index, "message": {"role": "assistant", "content": run.text}, "logprobs": lp,
-                    "finish_reason": run.finish_reason}
+            return {
+                "index": run.index,
+                "message": {"role": "assistant", "content": run.text},
+                "logprobs": lp,
+                "finish_reason": run.finish_reason,
+            }
         return {"index": run.index, "text": run.text, "logprobs": lp, "finish_reason": run.finish_reason}
 
     # -- stream chunks ---------------------------------------------------------------------------
@@ -61,8 +70,9 @@ class ResponseShape:
     def role_chunk(self, index: int) -> Body:
         """Chat streams open each choice with the assistant role."""
         body = self._start(chunk=True)
-        body["choices"] = [{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                            "finish_reason": None}]
+        body["choices"] = [
+            {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        ]
         return body
 
     def delta_chunk(self, index: int, text: str, tokens: Sequence[Choice], finish_reason: str | None) -> Body:
@@ -109,6 +119,8 @@ class ResponseShape:
         return {
             "tokens": texts,
             "token_logprobs": [c.logprob for c in tokens],
-            "top_logprobs": [{self.tokenizer.token_text(t): lp for t, lp in c.top[: self.top_logprobs]} for c in tokens],
+            "top_logprobs": [
+                {self.tokenizer.token_text(t): lp for t, lp in c.top[: self.top_logprobs]} for c in tokens
+            ],
             "text_offset": offsets,
         }

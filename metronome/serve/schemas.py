@@ -31,6 +31,10 @@ class StreamOptions(_Body):
 
 
 class ResponseFormat(_Body):
+    """`json_object`: the reply is constrained to a JSON object, closed within max_tokens. When sampling
+    (temperature > 0 or a penalty), each token is drawn from the 64 most likely tokens that keep the text
+    valid JSON, not from every valid token: a top-k of 64 on top of the request's own filters."""
+
     type: Literal["text", "json_object"]
 
 

@@ -24,15 +24,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import metronome
-from metronome.config import SamplingParams
-from metronome.engine.constrain import JsonConstraint, JsonVocabulary
+from metronome.config import ParamError, SamplingParams
 from metronome.engine import Engine
-from metronome.serve.jobs import Job, JobRefused, JobSpec, cancel_on_disconnect
+from metronome.engine.constrain import JsonConstraint, JsonVocabulary
 from metronome.model.loader import LoadedModel
+from metronome.model.tokenizer import ChatTemplateError
+from metronome.serve.jobs import Job, JobRefused, JobSpec, cancel_on_disconnect
 from metronome.serve.prometheus import CONTENT_TYPE, ServerMetrics
 from metronome.serve.responses import ResponseHead, ResponseShape
 from metronome.serve.schemas import ChatBody, CompletionBody, SamplingBody, error_message, error_param
-from metronome.model.tokenizer import ChatTemplateError
 
 _PUBLIC_PATHS = frozenset({"/health", "/"})  # no API key needed: readiness, and the static chat page
 _ENDPOINTS = frozenset({"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"})
@@ -67,8 +67,15 @@ def system_fingerprint(identity: ModelIdentity, engine: Engine) -> str:
 class ApiError(Exception):
     """An error answered to the client in OpenAI's shape."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, type: str = "invalid_request_error",
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
         self.headers = headers or {}
@@ -122,9 +129,13 @@ class ServerState:
 
     def require(self) -> Served:
         if self.served is None:
-            raise ApiError(503, "the model is still loading; retry shortly (GET /health answers 200 once ready)",
-                           type="service_unavailable", code="model_loading",
-                           headers={"Retry-After": str(self.settings.retry_after_s)})
+            raise ApiError(
+                503,
+                "the model is still loading; retry shortly (GET /health answers 200 once ready)",
+                type="service_unavailable",
+                code="model_loading",
+                headers={"Retry-After": str(self.settings.retry_after_s)},
+            )
         return self.served
 
 
@@ -153,9 +164,13 @@ class GateMiddleware:
 
         key = self.state.settings.api_key
         if key is not None and path not in _PUBLIC_PATHS and not _key_matches(scope, key):
-            error = ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                             type="authentication_error", code="invalid_api_key",
-                             headers={"WWW-Authenticate": "Bearer"})
+            error = ApiError(
+                401,
+                "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                type="authentication_error",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
             await error.response()(scope, receive, counting_send)
             return
         await self.app(scope, receive, counting_send)
@@ -171,8 +186,9 @@ def _key_matches(scope: Scope, key: str) -> bool:
 
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length", "")
-    too_big = ApiError(413, f"the request body is larger than {limit} bytes; send a smaller request",
-                       code="request_too_large")
+    too_big = ApiError(
+        413, f"the request body is larger than {limit} bytes; send a smaller request", code="request_too_large"
+    )
     if declared.isdigit() and int(declared) > limit:
         raise too_big
     chunks, size = [], 0
@@ -196,8 +212,13 @@ async def _parse(request: Request, state: ServerState, model: type[SamplingBody]
 
 def _check_model(body: SamplingBody, served: Served, alias: str) -> None:
     if body.model is not None and body.model not in (served.identity.id, alias):
-        raise ApiError(404, f"the model {body.model!r} does not exist here; this server serves "
-                            f"{served.identity.id!r} (also called {alias!r})", param="model", code="model_not_found")
+        raise ApiError(
+            404,
+            f"the model {body.model!r} does not exist here; this server serves "
+            f"{served.identity.id!r} (also called {alias!r})",
+            param="model",
+            code="model_not_found",
+        )
 
 
 # -- turning a body into engine work ---------------------------------------------------------------
@@ -228,59 +249,100 @@ def _completion_prompts(body: CompletionBody, served: Served) -> list[tuple[int,
     return [tuple(ids) for ids in lists]
 
 
-def _sampling(body: SamplingBody, prompts: list[tuple[int, ...]], served: Served, prompt_param: str,
-              logprobs: bool, top_logprobs: int) -> SamplingParams:
+def _sampling(
+    body: SamplingBody,
+    prompts: list[tuple[int, ...]],
+    served: Served,
+    prompt_param: str,
+    logprobs: bool,
+    top_logprobs: int,
+) -> SamplingParams:
     """SamplingParams for the request, with its length checked against the context."""
     ctx = served.engine.config.ctx
     longest = max(len(p) for p in prompts)
     if longest >= ctx:
-        raise ApiError(400, f"the prompt is {longest} tokens but the context holds {ctx}; shorten it "
-                            f"(or serve with a larger --ctx)", param=prompt_param, code="context_length_exceeded")
+        raise ApiError(
+            400,
+            f"the prompt is {longest} tokens but the context holds {ctx}; shorten it (or serve with a larger --ctx)",
+            param=prompt_param,
+            code="context_length_exceeded",
+        )
     budget, budget_param = body.token_budget
     if budget is not None and longest + budget > ctx:
-        raise ApiError(400, f"the prompt ({longest} tokens) plus {budget_param}={budget} exceeds the context of "
-                            f"{ctx} tokens; lower {budget_param} to at most {ctx - longest}",
-                       param=budget_param, code="context_length_exceeded")
+        raise ApiError(
+            400,
+            f"the prompt ({longest} tokens) plus {budget_param}={budget} exceeds the context of "
+            f"{ctx} tokens; lower {budget_param} to at most {ctx - longest}",
+            param=budget_param,
+            code="context_length_exceeded",
+        )
     max_tokens = budget if budget is not None else ctx - longest
     if body.json_mode:
         if served.json_vocab is None:
-            raise ApiError(400, f"response_format json_object is not available for this model: {served.json_refusal}",
-                           param="response_format")
+            raise ApiError(
+                400,
+                f"response_format json_object is not available for this model: {served.json_refusal}",
+                param="response_format",
+            )
         if max_tokens < JsonConstraint.min_tokens:
-            raise ApiError(400, f"{budget_param}={max_tokens}: a JSON object needs at least "
-                                f"{JsonConstraint.min_tokens} tokens", param=budget_param)
-    params = SamplingParams(
-        max_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
-        repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty, stop=body.stops, ignore_eos=body.ignore_eos, seed=body.seed,
-        logprobs=logprobs, top_logprobs=top_logprobs, json_mode=body.json_mode,
-    )
-    try:
-        params.validate()
-    except ValueError as exc:
-        raise ApiError(400, str(exc), param=str(exc).split("=")[0]) from None
-    return params
+            raise ApiError(
+                400,
+                f"{budget_param}={max_tokens}: a JSON object needs at least {JsonConstraint.min_tokens} tokens",
+                param=budget_param,
+            )
+    try:  # SamplingParams checks its fields when built
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=body.temperature,
+            top_k=body.top_k,
+            top_p=body.top_p,
+            min_p=body.min_p,
+            repetition_penalty=body.repetition_penalty,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            stop=body.stops,
+            ignore_eos=body.ignore_eos,
+            seed=body.seed,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+            json_mode=body.json_mode,
+        )
+    except ParamError as exc:
+        raise ApiError(400, str(exc), param=exc.param) from None
 
 
 def _submit(state: ServerState, served: Served, spec: JobSpec) -> Job:
     if len(spec.prompts) * spec.n > state.settings.max_choices:
-        raise ApiError(400, f"{len(spec.prompts)} prompts x n={spec.n} would start more than "
-                            f"{state.settings.max_choices} generations; send fewer", param="n")
+        raise ApiError(
+            400,
+            f"{len(spec.prompts)} prompts x n={spec.n} would start more than "
+            f"{state.settings.max_choices} generations; send fewer",
+            param="n",
+        )
     job = Job(served.engine, spec, state.metrics, served.json_vocab, f"req-{uuid.uuid4().hex[:12]}")
     try:
         job.submit()
     except JobRefused as exc:
         state.release(job)  # the choices queued before the refusal were cancelled: count them as they end
         if exc.queue_full:
-            raise ApiError(429, str(exc), type="rate_limit_error", code="queue_full",
-                           headers={"Retry-After": str(state.settings.retry_after_s)}) from None
+            raise ApiError(
+                429,
+                str(exc),
+                type="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": str(state.settings.retry_after_s)},
+            ) from None
         raise ApiError(400, str(exc), param=exc.param) from None
     return job
 
 
 def _engine_failure(message: str | None) -> ApiError:
-    return ApiError(500, f"the engine failed while generating this request ({message}); the server goes on "
-                         f"serving: retry it", type="server_error", code="engine_error")
+    return ApiError(
+        500,
+        f"the engine failed while generating this request ({message}); the server goes on serving: retry it",
+        type="server_error",
+        code="engine_error",
+    )
 
 
 # -- answering ---------------------------------------------------------------------------------------
@@ -290,14 +352,18 @@ def _sse(body: dict[str, Any]) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
-async def _answer(request: Request, state: ServerState, job: Job, shape: ResponseShape, stream: bool,
-                  include_usage: bool) -> Response:
+async def _answer(
+    request: Request, state: ServerState, job: Job, shape: ResponseShape, stream: bool, include_usage: bool
+) -> Response:
     if stream:
-        return StreamingResponse(_stream(request, state, job, shape, include_usage), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            _stream(request, state, job, shape, include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     watcher = _watch(request, job)
     try:
-        async for run, delta, _tokens in job.deltas():
+        async for _run, delta, _tokens in job.deltas():
             if delta.finish_reason == "error":
                 raise _engine_failure(delta.error)
     finally:
@@ -310,8 +376,9 @@ def _watch(request: Request, job: Job) -> "asyncio.Task[None]":
     return asyncio.create_task(cancel_on_disconnect(request.receive, job))
 
 
-async def _stream(request: Request, state: ServerState, job: Job, shape: ResponseShape,
-                  include_usage: bool) -> AsyncIterator[str]:
+async def _stream(
+    request: Request, state: ServerState, job: Job, shape: ResponseShape, include_usage: bool
+) -> AsyncIterator[str]:
     """SSE events; a client that goes away cancels the job's engine requests (the finally below)."""
     watcher = _watch(request, job)
     try:
@@ -429,8 +496,13 @@ def create_app(engine: Engine | None, settings: ServerSettings, identity: ModelI
 
 
 def _model_card(served: Served) -> dict[str, Any]:
-    return {"id": served.identity.id, "object": "model", "created": served.created, "owned_by": "metronome",
-            "system_fingerprint": served.fingerprint}
+    return {
+        "id": served.identity.id,
+        "object": "model",
+        "created": served.created,
+        "owned_by": "metronome",
+        "system_fingerprint": served.fingerprint,
+    }
 
 
 def _head(served: Served, prefix: str) -> ResponseHead:

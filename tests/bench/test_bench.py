@@ -169,7 +169,11 @@ def test_percentiles() -> None:
 
 
 def test_figures_match_the_stub_within_5_percent() -> None:
-    ttft, interval, tokens = 0.5, 0.01, 120  # 100 tokens/s; a time base long enough that scheduling noise on a busy 2-core machine stays under 5 %
+    ttft, interval, tokens = (
+        0.5,
+        0.01,
+        120,
+    )  # 100 tokens/s; a time base long enough that scheduling noise on a busy 2-core machine stays under 5 %
     with stub_server("--ttft", str(ttft), "--interval", str(interval)) as url:
         target = Target("stub", url, "stub-model")
         config = sweep_config(concurrency=(1, 3))
@@ -238,7 +242,9 @@ def test_unreachable_server_is_counted() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    outcome = run_sweep([Target("gone", f"http://127.0.0.1:{port}", "m")], sweep_config(warmup=1), builder(), Recorder())
+    outcome = run_sweep(
+        [Target("gone", f"http://127.0.0.1:{port}", "m")], sweep_config(warmup=1), builder(), Recorder()
+    )
     (measurement,) = outcome.measurements
     assert len(measurement.warmup_errors) == 1
     assert [r.error_kind for r in measurement.requests] == ["transport", "transport"]
@@ -248,9 +254,10 @@ def test_unreachable_server_is_counted() -> None:
 
 
 def test_two_targets_interleave_and_ratios_validate(tmp_path: Path) -> None:
-    with stub_server("--ttft", "0.4", "--interval", "0.01") as fast, stub_server(
-        "--ttft", "0.8", "--interval", "0.02"
-    ) as slow:
+    with (
+        stub_server("--ttft", "0.4", "--interval", "0.01") as fast,
+        stub_server("--ttft", "0.8", "--interval", "0.02") as slow,
+    ):
         targets = [Target("metronome", fast, "m"), Target("other", slow, "m")]
         config = sweep_config(rounds=2, requests_per_user=1, warmup=0, workload=resolve_workload("short", 0.2))
         recorder = Recorder()
@@ -482,7 +489,9 @@ def test_hf_server_streams_counts_and_refuses_clearly(tiny_llama: Path) -> None:
 
 def test_transformers_peer_starts_serves_and_stops(tiny_llama: Path, tmp_path: Path) -> None:
     notes: list[str] = []
-    with peers.running_peers([peers.Peer.TRANSFORMERS], tiny_llama, 1, "float32", 256, tmp_path, 120, notes.append) as up:
+    with peers.running_peers(
+        [peers.Peer.TRANSFORMERS], tiny_llama, 1, "float32", 256, tmp_path, 120, notes.append
+    ) as up:
         (peer,) = up
         listed = httpx.get(f"{peer.base_url}/v1/models", timeout=10).json()
         assert listed["data"][0]["id"] == tiny_llama.name
@@ -494,3 +503,102 @@ def test_transformers_peer_starts_serves_and_stops(tiny_llama: Path, tmp_path: P
     with pytest.raises(peers.PeerStartError, match="give a .gguf file"):
         with peers.running_peers([peers.Peer.TRANSFORMERS], bad_model, 1, "float32", 256, tmp_path, 60, notes.append):
             pass
+
+
+def test_speculation_rows_carry_loop_metric_and_verdict() -> None:
+    """`bench --speculation` on stub engines: the repeated-8-gram metric, the row fields, the computed verdict."""
+    from types import SimpleNamespace
+
+    from metronome.bench.decode import measure_speculation, repeated_ngram_fraction, speculation_markdown
+    from metronome.engine.request import SpecStats, Timings
+
+    assert repeated_ngram_fraction(list(range(50))) == 0.0
+    assert repeated_ngram_fraction([1, 2, 3] * 10) == pytest.approx(20 / 23)  # 23 8-grams, the first 3 new
+    assert repeated_ngram_fraction([5] * 7) == 0.0  # shorter than one 8-gram
+
+    class StubEngine:
+        def __init__(self, seconds: float, drafts: bool) -> None:
+            self.seconds, self.drafts, self.spec, self.seen = seconds, drafts, SpecStats(), []
+
+        def generate(self, messages: list, params: object) -> SimpleNamespace:
+            self.seen.append(params)
+            ids = (1, 2, 3) * 20 if "loop" in messages[0]["content"] else tuple(range(40))
+            if self.drafts:
+                self.spec.steps, self.spec.drafted, self.spec.accepted = (
+                    self.spec.steps + 10,
+                    self.spec.drafted + 40,
+                    self.spec.accepted + 20,
+                )
+            return SimpleNamespace(
+                token_ids=ids, finish_reason="stop", timings=Timings(0.0, 0.0, 1.0, None, 1.0 + self.seconds)
+            )
+
+    plain, spec = StubEngine(0.2, False), StubEngine(0.1, True)
+    workloads = (("copy", "copy this", True), ("loop", "a loop", False))
+    results = measure_speculation(
+        None, 1, tokens=100, runs=2, spec_tokens=4, workloads=workloads, engines={0: plain, 4: spec}
+    )
+    assert [(r.workload, r.sampling) for r in results] == [
+        ("copy", "greedy"),
+        ("copy", "T=0.8, seeded"),
+        ("loop", "greedy"),
+        ("loop", "T=0.8, seeded"),
+    ]
+    row = results[0].row()
+    assert {
+        "plain_tokens_per_s",
+        "spec_tokens_per_s",
+        "speedup",
+        "acceptance",
+        "tokens_per_step",
+        "mean_tokens",
+        "identical",
+        "repeated_8grams",
+    } <= set(row)
+    assert row["speedup"] == pytest.approx(2.0) and row["acceptance"] == pytest.approx(0.5)
+    assert row["tokens_per_step"] == pytest.approx(3.0) and row["mean_tokens"] == 40 and row["identical"]
+    assert row["repeated_8grams"] == 0.0 and results[2].repeated_8grams == pytest.approx(50 / 53)
+    assert not any(p.ignore_eos for p in plain.seen)  # outputs end on their own
+    sampled = [p for p in plain.seen if p.temperature > 0]
+    assert (
+        sampled and all(p.seed is not None for p in sampled) and all(p.max_tokens == 100 for p in plain.seen[1:])
+    )  # [0]: warm-up
+    table = speculation_markdown(results, 4, "prompt lookup")
+    assert "repeated 8-grams" in table and "| copy | greedy | yes | 40 | 2/2 |" in table
+    assert "Speculation paid (>= 1.05x) on 4 of 4 rows" in table and "Loops (> 50% repeated 8-grams)" in table
+
+
+def _sweep_against_peer(peer: peers.Peer, model: Path, tmp_path: Path, context: int) -> tuple[list, list[str]]:
+    """Start `peer` for real on 127.0.0.1, run 2 short streamed requests through the bench runner, stop it."""
+    notes: list[str] = []
+    with peers.running_peers([peer], model, 1, "float32", context, tmp_path, 180, notes.append) as up:
+        (running,) = up
+        target = Target(peer.value, running.base_url, model.name)
+        config = sweep_config(concurrency=(2,), requests_per_user=1, warmup=0, workload=resolve_workload("short", 0.1))
+        outcome = run_sweep([target], config, builder(), Recorder())
+    with pytest.raises(httpx.ConnectError):  # stopped on exit
+        httpx.get(f"{running.base_url}/v1/models", timeout=5)
+    return outcome.measurements[0].requests, notes
+
+
+def _assert_sane(results: list) -> None:
+    assert len(results) == 2
+    for r in results:
+        assert r.ok, r.error
+        assert r.output_tokens == r.requested_output_tokens == 30 and r.output_tokens_source == "usage"
+        assert r.input_tokens > 0 and r.chunks >= 2
+        assert 0 < r.ttft_s < r.total_s and r.output_speed_tps > 0
+
+
+def test_metronome_peer_serves_a_real_sweep(tiny_llama: Path, tmp_path: Path) -> None:
+    results, notes = _sweep_against_peer(peers.Peer.METRONOME, tiny_llama, tmp_path, 256)
+    assert any("metronome ready" in note for note in notes)
+    _assert_sane(results)
+
+
+def test_llama_cpp_peer_serves_a_real_sweep(smollm_path: Path, tmp_path: Path) -> None:
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is not installed")
+    results, notes = _sweep_against_peer(peers.Peer.LLAMA_CPP, smollm_path, tmp_path, 512)
+    assert any("llama.cpp ready" in note for note in notes)
+    _assert_sane(results)

@@ -8,16 +8,16 @@ import pytest
 import torch
 
 from metronome.config import EngineConfig, SamplingParams
-from metronome.engine.constrain import JsonConstraint, JsonVocabulary, Mode, State, completion, feed
 from metronome.engine import Engine
+from metronome.engine.constrain import JsonConstraint, JsonVocabulary, Mode, State, completion, feed
 from metronome.model.tokenizer import Tokenizer
 
 DOCUMENTS = [
     {},
     {"a": 1},
-    {"name": "Ada \"Lovelace\"", "born": 1815, "tags": ["math", "poet\\ry"], "alive": False, "spouse": None},
+    {"name": 'Ada "Lovelace"', "born": 1815, "tags": ["math", "poet\\ry"], "alive": False, "spouse": None},
     {"x": -0.5e-3, "y": [[], {}, [1, [2, {"z": True}]]], "s": "caf\u00e9 \u2603 \n\t"},
-    {"deep": {"deeper": {"deepest": [0, 10, -7, 3.25, 1E+9]}}},
+    {"deep": {"deeper": {"deepest": [0, 10, -7, 3.25, 1e9]}}},
 ]
 
 
@@ -45,11 +45,36 @@ def test_every_prefix_of_a_json_object_is_accepted_and_completes(doc):
         assert feed(State(), text).mode == Mode.DONE
 
 
-@pytest.mark.parametrize("bad", [
-    "[1]", "1", '"s"', "{1:2}", '{"a" 1}', '{"a":01}', '{"a":1,}', '{"a":.5}', '{"a":1.}', '{"a":-}', '{"a":tru}',
-    '{"a":truth}', '{"a":nul1}', '{"a":"\x01"}', '{"a":"\\x"}', '{"a":"\\u12g4"}', '{"a":[1 2]}', '{"a":[1,]}',
-    '{"a":1]', '{"a":[1}', '{}}', '{} x', '{"a":1e}', '{"a":+1}', "{'a':1}",
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "[1]",
+        "1",
+        '"s"',
+        "{1:2}",
+        '{"a" 1}',
+        '{"a":01}',
+        '{"a":1,}',
+        '{"a":.5}',
+        '{"a":1.}',
+        '{"a":-}',
+        '{"a":tru}',
+        '{"a":truth}',
+        '{"a":nul1}',
+        '{"a":"\x01"}',
+        '{"a":"\\x"}',
+        '{"a":"\\u12g4"}',
+        '{"a":[1 2]}',
+        '{"a":[1,]}',
+        '{"a":1]',
+        '{"a":[1}',
+        "{}}",
+        "{} x",
+        '{"a":1e}',
+        '{"a":+1}',
+        "{'a':1}",
+    ],
+)
 def test_invalid_json_is_refused_at_the_first_bad_character(bad):
     assert feed(State(), bad) is None
 
@@ -71,8 +96,9 @@ def test_whitespace_runs_outside_strings_are_capped_inside_strings_free():
     assert feed(State(), '{"a": "' + " " * 200 + '"}').mode == Mode.DONE
 
 
-def _run(constraint: JsonConstraint, tokenizer: Tokenizer, logits_for, budget: int, sample: bool,
-         g: torch.Generator) -> list[int]:
+def _run(
+    constraint: JsonConstraint, tokenizer: Tokenizer, logits_for, budget: int, sample: bool, g: torch.Generator
+) -> list[int]:
     out: list[int] = []
     for _ in range(budget):
         logits = logits_for(len(out))
@@ -105,9 +131,10 @@ def test_random_logits_always_give_parseable_json_within_the_budget(vocab, smoll
 def test_logits_that_want_to_nest_forever_are_closed_by_the_budget(vocab, smollm_tokenizer):
     """An adversary that always prefers opening a new container still ends with a complete object."""
     V = smollm_tokenizer.vocab_size
-    openers = [i for i, t in enumerate(vocab.texts) if t.strip() in ('{"', '[', '{"a":[', '[[', '{', '":[')]
+    openers = [i for i, t in enumerate(vocab.texts) if t.strip() in ('{"', "[", '{"a":[', "[[", "{", '":[')]
     g = torch.Generator().manual_seed(3)
     for budget in (2, 3, 7, 20, 41):
+
         def logits_for(_i: int) -> torch.Tensor:
             logits = torch.randn(V, generator=g)
             logits[openers] += 50.0
@@ -163,8 +190,45 @@ def test_the_engine_returns_parseable_json_with_its_closing_brace(smollm, vocab)
     prompt = engine.encode_prompt("Describe a cat as a JSON object with name and age.")
     for budget, temperature in ((6, 0.0), (20, 0.0), (12, 0.8)):
         params = SamplingParams(max_tokens=budget, temperature=temperature, seed=1, json_mode=True)
-        req = engine.submit(prompt, params, constraint=JsonConstraint(vocab, budget, width=1 if not temperature else 64))
+        req = engine.submit(
+            prompt, params, constraint=JsonConstraint(vocab, budget, width=1 if not temperature else 64)
+        )
         while req.finish_reason is None:
             engine.step()
         assert isinstance(json.loads(req.text.text), dict), req.text.text
         assert req.finish_reason in ("stop", "length") and len(req.output_ids) <= budget
+
+
+def test_sampling_in_json_mode_keeps_only_the_best_64_valid_tokens(vocab, smollm_tokenizer):
+    """The documented truncation (metronome/serve/jobs.py, _JSON_SAMPLING_WIDTH): the server's constraint
+    for a sampled request allows exactly the 64 highest-scoring valid tokens plus the next closing
+    character, and a greedy request only the best valid one."""
+    from types import SimpleNamespace
+
+    from metronome.serve.jobs import _JSON_SAMPLING_WIDTH, Job
+
+    assert _JSON_SAMPLING_WIDTH == 64
+    server = SimpleNamespace(json_vocab=vocab)
+    sampled = Job._constraint(server, SamplingParams(max_tokens=50, temperature=0.8, json_mode=True))
+    penalized = Job._constraint(server, SamplingParams(max_tokens=50, frequency_penalty=0.5, json_mode=True))
+    greedy = Job._constraint(server, SamplingParams(max_tokens=50, json_mode=True))
+    assert (sampled.width, penalized.width, greedy.width) == (64, 64, 1)
+    assert Job._constraint(server, SamplingParams(max_tokens=50, temperature=0.8)) is None
+
+    for t in smollm_tokenizer.encode('{"name": "Ada'):  # inside a string: almost every token is valid
+        sampled.accept(t)
+    V = smollm_tokenizer.vocab_size
+    logits = torch.randn(V, generator=torch.Generator().manual_seed(8))
+    valid = [
+        t
+        for t in range(V)
+        if vocab.texts[t]
+        and feed(sampled.state, vocab.texts[t]) is not None
+        and len(completion(feed(sampled.state, vocab.texts[t])))
+        <= 50 - len(smollm_tokenizer.encode('{"name": "Ada')) - 1
+    ]
+    assert len(valid) > 10_000
+    best = set(sorted(valid, key=lambda t: -logits[t].item())[:64])
+    closing = vocab.char_tokens[completion(sampled.state)[0]]
+    allowed = set(torch.nonzero(sampled.allowed(logits)).flatten().tolist())
+    assert allowed == best | {closing}

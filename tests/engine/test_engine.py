@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import random
+import shutil
+
 import pytest
 import torch
 
 from metronome.compile.fused import FusedRunner
-from metronome.config import EngineConfig, SamplingParams
+from metronome.config import EngineConfig, ParamError, SamplingParams
 from metronome.engine import Engine, RequestError
 
-SAMPLED = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, top_k=50, seed=1234, logprobs=True,
-                         top_logprobs=3, ignore_eos=True)
+SAMPLED = SamplingParams(
+    max_tokens=12, temperature=0.9, top_p=0.95, top_k=50, seed=1234, logprobs=True, top_logprobs=3, ignore_eos=True
+)
 OTHERS = [
     SamplingParams(max_tokens=n, temperature=t, seed=s, ignore_eos=True, frequency_penalty=0.3)
     for n, t, s in [(5, 0.0, 1), (9, 1.0, 2), (3, 0.7, 3), (14, 1.3, 4), (7, 0.0, 5), (11, 0.5, 6), (4, 1.0, 7)]
@@ -36,8 +40,13 @@ def _run_alone(engine: Engine, prompt: list[int], params: SamplingParams, slot_f
     return req.slot, _trace(engine, req)
 
 
-def _run_crowded(engine: Engine, prompt: list[int], params: SamplingParams, others: list[tuple[list[int], SamplingParams]],
-                 arrivals: list[int]) -> tuple:
+def _run_crowded(
+    engine: Engine,
+    prompt: list[int],
+    params: SamplingParams,
+    others: list[tuple[list[int], SamplingParams]],
+    arrivals: list[int],
+) -> tuple:
     """Run `prompt` while the others arrive at the given steps and leave when done."""
     req = None
     pending = sorted(zip(arrivals, range(len(others))))
@@ -72,17 +81,140 @@ def engine(request, smollm):
     return e
 
 
+# The remaining CPU paths, on tiny random models (SmolLM2 in torch int8 takes long to pack):
+# (model, weights, kernels) -> (fused decoder?, kernels named in the report)
+TINY_PATHS = {
+    "bf16-torch": ("llama", "bf16", "torch", False, "torch"),
+    "int8-torch": ("llama", "int8", "torch", False, "torch"),
+    "bf16-cpp": ("llama", "bf16", "auto", False, "cpp (the fused decoder runs block-quantized weights"),
+    # hidden 48 (not a multiple of 32): the fused decoder refuses it, so the C++ ops run the Q8 matrices unfused
+    "int8-cpp-unfused": ("odd", "int8", "cpp", False, "cpp (the fused decoder needs multiples of 32"),
+}
+
+
+@pytest.fixture(scope="module")
+def odd_llama(tiny_hf, tmp_path_factory):
+    """A tiny llama whose sizes the fused decoder cannot take (hidden 48: not whole 32-blocks; head_dim 16)."""
+    import transformers as T
+
+    base = tiny_hf("llama")
+    config = T.LlamaConfig(
+        vocab_size=T.AutoConfig.from_pretrained(base).vocab_size,
+        hidden_size=48,
+        intermediate_size=96,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        num_hidden_layers=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(99)
+    folder = tmp_path_factory.mktemp("tiny-odd")
+    T.LlamaForCausalLM(config).eval().save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(base / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module", params=list(TINY_PATHS))
+def tiny_engine(request, tiny_hf, odd_llama):
+    from metronome.model.loader import load
+
+    arch, weights, kernels, _, _ = TINY_PATHS[request.param]
+    loaded = load(odd_llama if arch == "odd" else tiny_hf(arch))
+    e = Engine.from_model(config=EngineConfig(slots=8, ctx=256, weights=weights, kernels=kernels), loaded=loaded)
+    e.path = request.param
+    return e
+
+
 def test_each_path_is_what_it_claims(engine):
     _, _, fused, mode = PATHS[engine.path]
     assert (isinstance(engine.plan.runner, FusedRunner)) == fused, engine.plan.report.kernels
     assert engine.plan.decode_mode == mode, engine.plan.report.invariance
 
 
+def test_each_tiny_path_is_what_it_claims(tiny_engine):
+    _, weights, _, fused, kernels = TINY_PATHS[tiny_engine.path]
+    assert isinstance(tiny_engine.plan.runner, FusedRunner) == fused
+    assert tiny_engine.plan.report.kernels.startswith(kernels), tiny_engine.plan.report.kernels
+    assert tiny_engine.plan.report.weights == weights
+
+
+def test_determinism_contract_on_the_other_paths(tiny_engine):
+    engine = tiny_engine
+    prompt = engine.encode_prompt("tell me about the sun and the moon")
+    others = [
+        (engine.encode_prompt(t), p)
+        for t, p in zip(["hello", "the cat", "red green blue", "a dog", "one two", "why", "yes"], OTHERS)
+    ]
+    _, first = _run_alone(engine, prompt, SAMPLED)
+    assert len(first) == SAMPLED.max_tokens
+    assert _run_crowded(engine, prompt, SAMPLED, others, arrivals=[0, 0, 1, 3, 4, 6, 9]) == first
+    for k in (3, 7):
+        slot, trace = _run_alone(engine, prompt, SAMPLED, slot_fillers=k)
+        assert slot == k and trace == first, f"slot {k}"
+
+
+def _random_params(rng: random.Random) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=rng.randint(1, 12),
+        temperature=rng.choice([0.0, 0.5, 1.0, 1.7]),
+        seed=rng.randrange(2**31),
+        top_k=rng.choice([0, 0, 5, 40]),
+        top_p=rng.choice([1.0, 0.9, 0.5]),
+        min_p=rng.choice([0.0, 0.0, 0.05]),
+        frequency_penalty=rng.choice([0.0, 0.4]),
+        presence_penalty=rng.choice([0.0, -0.3]),
+        repetition_penalty=rng.choice([1.0, 1.3]),
+        logprobs=True,
+        top_logprobs=rng.randint(0, 4),
+        ignore_eos=True,
+    )
+
+
+def test_random_scenarios_equal_each_request_run_alone(tiny_hf):
+    """Property: whatever arrives when, each request's tokens and logprobs are those it gets alone."""
+    from metronome.model.loader import load
+
+    engine = Engine.from_model(config=EngineConfig(slots=4, ctx=128), loaded=load(tiny_hf("llama")))
+    rng = random.Random(20240611)
+    vocab = engine.tokenizer.vocab_size
+    for scenario in range(8):
+        n = rng.randint(2, 8)
+        reqs = [
+            (
+                [1] + [rng.randrange(3, vocab) for _ in range(rng.randint(1, 24))],
+                _random_params(rng),
+                rng.randint(0, 10),
+            )
+            for _ in range(n)
+        ]
+        submitted, step = {}, 0
+        while len(submitted) < n or not engine.scheduler.idle:
+            for i, (prompt, params, at) in enumerate(reqs):
+                if at == step:
+                    submitted[i] = engine.submit(prompt, params)
+            engine.step()
+            step += 1
+        for i, (prompt, params, _) in enumerate(reqs):
+            alone = engine.submit(prompt, params)
+            while alone.finish_reason is None:
+                engine.step()
+            assert _trace(engine, submitted[i]) == _trace(engine, alone), f"scenario {scenario}, request {i}"
+            assert len(alone.choices) == params.max_tokens
+
+
 def test_determinism_contract(engine):
     tok = engine.tokenizer
     prompt = engine.encode_prompt("Tell me a short story about a lighthouse.")
-    others = [(engine.encode_prompt(t), p) for t, p in zip(
-        ["Hi", "Count to ten.", "What is 2+2?", "Name a fruit.", "Describe rain.", "Why?", "Say yes."], OTHERS)]
+    others = [
+        (engine.encode_prompt(t), p)
+        for t, p in zip(
+            ["Hi", "Count to ten.", "What is 2+2?", "Name a fruit.", "Describe rain.", "Why?", "Say yes."], OTHERS
+        )
+    ]
     # (a) the same request twice
     slot_a, first = _run_alone(engine, prompt, SAMPLED)
     _, second = _run_alone(engine, prompt, SAMPLED)
@@ -142,8 +274,8 @@ def test_requests_that_cannot_fit_are_refused_up_front(smollm_engine):
     assert err.value.param == "max_tokens"
     with pytest.raises(RequestError, match="empty"):
         engine.submit([], SamplingParams())
-    with pytest.raises(RequestError, match="temperature"):
-        engine.submit([1], SamplingParams(temperature=3.0))
+    with pytest.raises(ParamError, match="temperature"):  # out-of-range sampling: refused when built
+        SamplingParams(temperature=3.0)
     assert engine.scheduler.idle
 
 
@@ -154,8 +286,9 @@ def test_max_tokens_stop_strings_and_stop_ids(smollm_engine):
     cut = engine.generate("Count from 1 to 20, separated by commas.", SamplingParams(max_tokens=40, stop=("5",)))
     assert cut.finish_reason == "stop" and cut.text == base.text[: base.text.index("5")]
     first = base.token_ids[3]
-    by_id = engine.generate("Count from 1 to 20, separated by commas.",
-                            SamplingParams(max_tokens=40, stop_token_ids=(first,)))
+    by_id = engine.generate(
+        "Count from 1 to 20, separated by commas.", SamplingParams(max_tokens=40, stop_token_ids=(first,))
+    )
     assert by_id.token_ids == base.token_ids[: base.token_ids.index(first) + 1] and by_id.finish_reason == "stop"
     short = engine.generate("Count from 1 to 20.", SamplingParams(max_tokens=3, ignore_eos=True))
     assert len(short.token_ids) == 3 and short.finish_reason == "length"
@@ -207,7 +340,10 @@ def test_sampling_filters(smollm_engine):
         assert tok in keep
     best = int(logits.argmax())
     for seed in range(4):  # a tiny top_p keeps only the best token
-        assert engine.generate(ids, SamplingParams(max_tokens=1, temperature=1.0, top_p=1e-6, seed=seed)).token_ids[0] == best
+        assert (
+            engine.generate(ids, SamplingParams(max_tokens=1, temperature=1.0, top_p=1e-6, seed=seed)).token_ids[0]
+            == best
+        )
     seeds = {engine.generate(ids, SamplingParams(max_tokens=6, temperature=1.5, seed=s)).text for s in range(5)}
     assert len(seeds) > 1  # different seeds, different samples
 

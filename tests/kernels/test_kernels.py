@@ -40,7 +40,7 @@ def randn(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0, scale:
 
 def bf16_ulp(v: torch.Tensor) -> torch.Tensor:
     """Spacing of bfloat16 numbers at |v| (float64), 2^(e-7); the smallest normal spacing below 2^-126."""
-    e = torch.floor(torch.log2(v.double().abs().clamp_min(2.0 ** -126)))
+    e = torch.floor(torch.log2(v.double().abs().clamp_min(2.0**-126)))
     return torch.pow(2.0, e - 7)
 
 
@@ -63,6 +63,7 @@ def q8_blocks(n: int, k: int, seed: int = 0) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------ rms_norm
 
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", [576, 64, 100, 2048])
 def test_rms_norm_matches_torch(cpp: CppOps, dtype: torch.dtype, d: int) -> None:
@@ -74,7 +75,7 @@ def test_rms_norm_matches_torch(cpp: CppOps, dtype: torch.dtype, d: int) -> None
         # Only the sum of squares' order differs (16-lane partial sums vs torch's): a relative difference
         # of a few float32 ulps in rstd, far below 1e-6.
         torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
-        truth = (x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5) * w.double())
+        truth = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5) * w.double()
         torch.testing.assert_close(got.double(), truth, rtol=1e-6, atol=0)
     else:
         assert_within_bf16_ulp(got, want)
@@ -104,6 +105,7 @@ def test_add_rms_norm(cpp: CppOps, dtype: torch.dtype) -> None:
 
 # ------------------------------------------------------------------------------------------ rope
 
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dh", [64, 128, 80])
 def test_rope_equals_torch_bitwise(cpp: CppOps, dtype: torch.dtype, dh: int) -> None:
@@ -121,9 +123,10 @@ def test_rope_equals_torch_bitwise(cpp: CppOps, dtype: torch.dtype, dh: int) -> 
 
 # ------------------------------------------------------------------------------------------ gated MLP
 
+
 def _gelu_tanh_f64(g: torch.Tensor) -> torch.Tensor:
     # 0.5*g*(1 + tanh(u)) == g / (1 + exp(-2u)); the second form has no cancellation for negative g
-    u = math.sqrt(2 / math.pi) * (g + 0.044715 * g ** 3)
+    u = math.sqrt(2 / math.pi) * (g + 0.044715 * g**3)
     return g / (1 + torch.exp(-2 * u))
 
 
@@ -143,8 +146,8 @@ def test_gated_activation(cpp: CppOps, dtype: torch.dtype, act: str) -> None:
         # error of a few ulps times |2u|: bound (4|2u| + 8) * 2^-24 relative (|2u| reaches ~100 here, for
         # outputs below 1e-30; it is < 10 wherever the output exceeds 1e-3). Below 1e-36 (e^-2u near float32
         # underflow, where we and torch return 0) only an absolute floor applies.
-        two_u = 2 * math.sqrt(2 / math.pi) * (g + 0.044715 * g ** 3).abs()
-        rel = 8 * 2.0 ** -24 if act == "silu" else (4 * two_u + 8) * 2.0 ** -24
+        two_u = 2 * math.sqrt(2 / math.pi) * (g + 0.044715 * g**3).abs()
+        rel = 8 * 2.0**-24 if act == "silu" else (4 * two_u + 8) * 2.0**-24
         err = (got.double() - truth).abs()
         assert (err <= rel * truth.abs() + 1e-36).all(), f"max relative error {(err / truth.abs()).max():.3g}"
         # torch's own gelu_tanh computes 1 + tanh(u), which cancels for negative g: compare it with an
@@ -161,13 +164,15 @@ def test_gated_activation_extremes(cpp: CppOps) -> None:
     gu = torch.cat([g, torch.ones_like(g)])[None]
     # same values as torch, including inf -> inf, -inf -> nan (-inf / inf) and the sign of zero
     torch.testing.assert_close(cpp.silu_mul(gu)[0], F.silu(g), rtol=1e-6, atol=0, equal_nan=True)
-    torch.testing.assert_close(cpp.gelu_tanh_mul(gu)[0], F.gelu(g, approximate="tanh"), rtol=1e-6, atol=0,
-                               equal_nan=True)
+    torch.testing.assert_close(
+        cpp.gelu_tanh_mul(gu)[0], F.gelu(g, approximate="tanh"), rtol=1e-6, atol=0, equal_nan=True
+    )
     assert torch.equal(cpp.silu_mul(gu)[0].signbit(), F.silu(g).signbit())
     assert cpp.silu_mul(torch.tensor([[float("nan"), 1.0]])).isnan().all()
 
 
 # ------------------------------------------------------------------------------------------ attention
+
 
 def _attention_f64(q, k_cache, v_cache, slots, ends, window, scale):
     b_, h, dh = q.shape
@@ -196,7 +201,7 @@ def test_decode_attention_matches_sdpa(cpp: CppOps, dtype: torch.dtype, ratio: i
     q = randn(6, h, dh, dtype=dtype, seed=3, scale=2.0)
     slots = torch.tensor([4, 0, 2, 1, 3, 0])
     ends = torch.tensor([160, 1, 37, 0, 16, 100])  # full, one key, odd, empty (zeros), = window, mid
-    scale = dh ** -0.5
+    scale = dh**-0.5
     got = cpp.decode_attention(q, kc, vc, slots, ends, window, scale)
     want = REF.decode_attention(q, kc, vc, slots, ends, window, scale)
     truth = _attention_f64(q, kc, vc, slots, ends, window, scale)
@@ -226,8 +231,10 @@ def test_decode_attention_mixed_dtypes_and_strided_cache(cpp: CppOps) -> None:
     torch.testing.assert_close(got.double(), _attention_f64(q, kc, vc, slots, ends, 0, 0.125), rtol=0, atol=2e-6)
     # a non-contiguous cache view (slots sliced with a step) gives the same as its contiguous copy
     kv, vv = full_k[0, ::2], full_v[0, ::2]
-    assert torch.equal(cpp.decode_attention(q, kv, vv, torch.tensor([1, 0]), ends, 0, 0.125),
-                       cpp.decode_attention(q, kv.contiguous(), vv.contiguous(), torch.tensor([1, 0]), ends, 0, 0.125))
+    assert torch.equal(
+        cpp.decode_attention(q, kv, vv, torch.tensor([1, 0]), ends, 0, 0.125),
+        cpp.decode_attention(q, kv.contiguous(), vv.contiguous(), torch.tensor([1, 0]), ends, 0, 0.125),
+    )
 
 
 def test_decode_attention_heads_are_independent(cpp: CppOps) -> None:
@@ -248,8 +255,12 @@ def test_decode_attention_head_dims(cpp: CppOps) -> None:
         kc, vc = randn(2, 2, 40, dh, seed=1), randn(2, 2, 40, dh, seed=2)
         q = randn(2, 4, dh, seed=3)
         slots, ends = torch.tensor([1, 0]), torch.tensor([40, 7])
-        torch.testing.assert_close(cpp.decode_attention(q, kc, vc, slots, ends, 0, dh ** -0.5).double(),
-                                   _attention_f64(q, kc, vc, slots, ends, 0, dh ** -0.5), rtol=0, atol=2e-6)
+        torch.testing.assert_close(
+            cpp.decode_attention(q, kc, vc, slots, ends, 0, dh**-0.5).double(),
+            _attention_f64(q, kc, vc, slots, ends, 0, dh**-0.5),
+            rtol=0,
+            atol=2e-6,
+        )
 
 
 def test_decode_attention_rejects_bad_inputs(cpp: CppOps) -> None:
@@ -267,6 +278,7 @@ def test_decode_attention_rejects_bad_inputs(cpp: CppOps) -> None:
 
 # ------------------------------------------------------------------------------------------ Q8_0 head
 
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 3, 8, 11])
 def test_q8_0_linear_vs_float64(cpp: CppOps, dtype: torch.dtype, m: int) -> None:
@@ -280,11 +292,11 @@ def test_q8_0_linear_vs_float64(cpp: CppOps, dtype: torch.dtype, m: int) -> None
     # d*q is exact in float32, so the only error is float32 accumulation: each of 16 lanes sums K/16
     # products with FMA, then 4 tree levels; the classic bound is (K/16 + 4) * 2^-24 * sum |w x|.
     magnitude = x.double().abs() @ w.abs().T
-    assert ((got.double() - truth).abs() <= (k / 16 + 4) * 2.0 ** -24 * magnitude).all()
+    assert ((got.double() - truth).abs() <= (k / 16 + 4) * 2.0**-24 * magnitude).all()
     # torch's float32 matmul obeys the any-order bound (K + 1) * 2^-24 * sum |w x|; the two differ by
     # at most the sum of both bounds (results near zero cancel, so no relative tolerance would do).
     want = REF.q8_0_linear(x, blocks)
-    assert ((got.double() - want.double()).abs() <= (k + k / 16 + 5) * 2.0 ** -24 * magnitude).all()
+    assert ((got.double() - want.double()).abs() <= (k + k / 16 + 5) * 2.0**-24 * magnitude).all()
 
 
 def test_q8_0_linear_rejects_bad_blocks(cpp: CppOps) -> None:
@@ -297,6 +309,7 @@ def test_q8_0_linear_rejects_bad_blocks(cpp: CppOps) -> None:
 
 
 # ------------------------------------------------------------------------------------------ invariance
+
 
 def _row_ops(cpp: CppOps, dtype: torch.dtype):
     """(name, fn(rows) -> output whose first dim is the row) for each op, on SmolLM2 shapes."""
@@ -330,11 +343,11 @@ def test_batch_invariance(cpp: CppOps, dtype: torch.dtype) -> None:
         for m in range(1, 9):
             batch = fn(torch.arange(m))
             for i in range(m):
-                assert torch.equal(batch[i: i + 1], alone[i]), f"{name}: row {i} of {m} rows differs from it alone"
+                assert torch.equal(batch[i : i + 1], alone[i]), f"{name}: row {i} of {m} rows differs from it alone"
         # a row's result does not depend on its neighbours' values either
         rev = fn(torch.arange(7, -1, -1))
         for i in range(8):
-            assert torch.equal(rev[7 - i: 8 - i], alone[i]), f"{name}: row {i} differs when rows are reversed"
+            assert torch.equal(rev[7 - i : 8 - i], alone[i]), f"{name}: row {i} differs when rows are reversed"
 
 
 def test_thread_count_invariance(cpp: CppOps) -> None:
@@ -375,3 +388,35 @@ def test_torch_ops_is_the_default_reference() -> None:
     w = torch.ones(576)
     assert REF.rms_norm(x, w, 1e-5).dtype == torch.bfloat16
     assert REF.name == "torch"
+
+
+def test_block_formats_match_the_cpp_export(cpp: CppOps) -> None:
+    # kernels.blocks is the one Python copy of the block kinds (quant.py and ops.py use it); the C++ module
+    # exports the real ones (csrc/blocks.h), and load_kernels refuses a build whose export differs.
+    from metronome.compile import quant
+    from metronome.kernels import blocks
+
+    m = cpp._m
+    assert dict(m.BLOCK_KINDS) == blocks.BLOCK_KINDS == {"Q8_0": blocks.Q8_0_KIND, "Q4X4": blocks.Q4X4_KIND}
+    assert dict(m.BLOCK_BYTES) == blocks.BLOCK_BYTES == {"Q8_0": blocks.Q8_0_BYTES, "Q4X4": blocks.Q4X4_BYTES}
+    assert m.BLOCK_WEIGHTS == blocks.BLOCK_WEIGHTS == quant.GROUP
+    assert (quant.Q8_0_KIND, quant.Q4X4_KIND, quant.Q4X4_BYTES) == (
+        blocks.Q8_0_KIND,
+        blocks.Q4X4_KIND,
+        blocks.Q4X4_BYTES,
+    )
+    blocks.check_exports(m)
+
+
+def test_build_is_keyed_on_every_source_file(tmp_path, monkeypatch) -> None:
+    # Needs no compiler: the build directory's name changes with any file of csrc/, headers included.
+    from metronome.kernels import build
+
+    names = {p.name for p in build.source_files()}
+    assert {"bindings.cpp", "simd.h", "decoder.cpp"} <= names
+    for f in build.source_files():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    monkeypatch.setattr(build, "SOURCE_DIR", tmp_path)
+    first = build.build_directory()
+    (tmp_path / "simd.h").write_bytes((tmp_path / "simd.h").read_bytes() + b"\n")
+    assert build.build_directory() != first

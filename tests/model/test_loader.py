@@ -22,7 +22,14 @@ TEXTS = [
 
 def test_smollm2_config_from_metadata(smollm_path):
     c = read_config(smollm_path)
-    assert (c.arch, c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim) == ("llama", 30, 576, 9, 3, 64)
+    assert (c.arch, c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim) == (
+        "llama",
+        30,
+        576,
+        9,
+        3,
+        64,
+    )
     assert (c.vocab_size, c.max_position, c.rope_theta, c.tie_embeddings) == (49152, 8192, 100000.0, True)
     assert 134e6 < c.num_parameters() < 136e6
 
@@ -31,7 +38,7 @@ def test_gemma3_config_from_metadata(gemma_path):
     c = read_config(gemma_path)
     assert (c.arch, c.num_layers, c.head_dim, c.sliding_window, c.activation) == ("gemma3", 18, 256, 512, "gelu_tanh")
     assert [i for i in range(c.num_layers) if not c.is_sliding(i)] == [5, 11, 17]
-    assert c.embed_scale == pytest.approx(640 ** 0.5)
+    assert c.embed_scale == pytest.approx(640**0.5)
 
 
 # -- tensor types ---------------------------------------------------------------------------------
@@ -59,8 +66,10 @@ def test_block_types_match_an_independent_dequantizer(qtype):
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("qtype,tol", [("F32", 0), ("F16", 1e-3), ("BF16", 1e-2), ("Q8_0", 2e-2), ("Q5_0", 0.15),
-                                       ("Q4_0", 0.3), ("Q4_1", 0.3)])
+@pytest.mark.parametrize(
+    "qtype,tol",
+    [("F32", 0), ("F16", 1e-3), ("BF16", 1e-2), ("Q8_0", 2e-2), ("Q5_0", 0.15), ("Q4_0", 0.3), ("Q4_1", 0.3)],
+)
 def test_types_round_trip_through_a_written_gguf(tmp_path, qtype, tol):
     """Write a tensor with the gguf package, read it back through metronome's reader and dequantizer."""
     from metronome.model import gguf_file
@@ -111,8 +120,12 @@ def test_chat_template_matches_transformers(smollm, smollm_path):
 
     ours = Tokenizer(smollm.tokenizer)
     theirs = AutoTokenizer.from_pretrained(str(smollm_path.parent), gguf_file=smollm_path.name)
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"},
-                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye?"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi!"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Bye?"},
+    ]
     for msgs in (messages, messages[1:2]):
         assert ours.render_chat(msgs) == theirs.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
@@ -152,10 +165,19 @@ def _tiny_gguf(path: Path, arch: str = "llama", skip: str | None = None, bad_sha
     w.add_token_merges(["a b"])
     w.add_bos_token_id(0)
     w.add_eos_token_id(1)
-    shapes = {"token_embd.weight": (vocab, d), "output_norm.weight": (d,), "blk.0.attn_norm.weight": (d,),
-              "blk.0.attn_q.weight": (d, d), "blk.0.attn_k.weight": (8, d), "blk.0.attn_v.weight": (8, d),
-              "blk.0.attn_output.weight": (d, d), "blk.0.ffn_norm.weight": (d,), "blk.0.ffn_gate.weight": (f, d),
-              "blk.0.ffn_up.weight": (f, d), "blk.0.ffn_down.weight": (d, f)}
+    shapes = {
+        "token_embd.weight": (vocab, d),
+        "output_norm.weight": (d,),
+        "blk.0.attn_norm.weight": (d,),
+        "blk.0.attn_q.weight": (d, d),
+        "blk.0.attn_k.weight": (8, d),
+        "blk.0.attn_v.weight": (8, d),
+        "blk.0.attn_output.weight": (d, d),
+        "blk.0.ffn_norm.weight": (d,),
+        "blk.0.ffn_gate.weight": (f, d),
+        "blk.0.ffn_up.weight": (f, d),
+        "blk.0.ffn_down.weight": (d, f),
+    }
     for name, shape in shapes.items():
         if name == skip:
             continue
@@ -174,14 +196,20 @@ def test_a_valid_tiny_gguf_loads(tmp_path):
     assert m.config.num_layers == 1 and m.weights["layers.0.w_down.weight"].shape == (16, 32)
 
 
-@pytest.mark.parametrize("case,match", [
-    ("arch", "unsupported architecture 'bert'"),
-    ("missing", "tensor 'blk.0.ffn_up.weight' is missing"),
-    ("shape", "has shape \\(17, 16\\), expected \\(16, 16\\)"),
-])
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("arch", "unsupported architecture 'bert'"),
+        ("missing", "tensor 'blk.0.ffn_up.weight' is missing"),
+        ("shape", "has shape \\(17, 16\\), expected \\(16, 16\\)"),
+    ],
+)
 def test_bad_gguf_contents_get_one_clear_error(tmp_path, case, match):
-    kwargs = {"arch": {"arch": "bert"}, "missing": {"skip": "blk.0.ffn_up.weight"},
-              "shape": {"bad_shape": "blk.0.attn_q.weight"}}[case]
+    kwargs = {
+        "arch": {"arch": "bert"},
+        "missing": {"skip": "blk.0.ffn_up.weight"},
+        "shape": {"bad_shape": "blk.0.attn_q.weight"},
+    }[case]
     path = _tiny_gguf(tmp_path / f"{case}.gguf", **kwargs)
     with pytest.raises(ModelFileError, match=match) as err:
         load(path)
@@ -190,7 +218,7 @@ def test_bad_gguf_contents_get_one_clear_error(tmp_path, case, match):
 
 def test_truncated_gguf(tmp_path, smollm_path):
     cut = tmp_path / "cut.gguf"
-    cut.write_bytes(smollm_path.read_bytes()[: 50_000_000])
+    cut.write_bytes(smollm_path.read_bytes()[:50_000_000])
     with pytest.raises(ModelFileError, match="truncated GGUF file: tensor .* ends at byte"):
         load(cut)
     head = tmp_path / "head.gguf"

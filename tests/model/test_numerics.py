@@ -37,9 +37,15 @@ def _hf_gguf(path):
 
 def _hf_greedy(hf, ids: list[int], n: int, eos: tuple[int, ...]) -> list[int]:
     with torch.no_grad():
-        out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=list(eos),
-                          pad_token_id=eos[0], attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-    return out[0, len(ids):].tolist()
+        out = hf.generate(
+            torch.tensor([ids]),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=list(eos),
+            pad_token_id=eos[0],
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        )
+    return out[0, len(ids) :].tolist()
 
 
 def _compare(engine: Engine, hf, prompts_ids: list[list[int]], label: str) -> None:
@@ -59,7 +65,8 @@ def _compare(engine: Engine, hf, prompts_ids: list[list[int]], label: str) -> No
         ours = engine.generate(ids, SamplingParams(max_tokens=GREEDY_TOKENS)).token_ids
         assert list(ours) == theirs[: len(ours)] and len(ours) == len(theirs), (
             f"{label}: greedy continuations diverge:\n ours   {engine.tokenizer.decode(ours)!r}\n theirs "
-            f"{engine.tokenizer.decode(theirs)!r}")
+            f"{engine.tokenizer.decode(theirs)!r}"
+        )
 
 
 @pytest.mark.slow
@@ -96,8 +103,13 @@ def test_tiny_hf_folders_match_transformers(tiny_hf, arch):
         assert (ours - ref).abs().max().item() <= 1e-4 * max(1.0, (ref.max() - ref.min()).item()), arch
         params = SamplingParams(max_tokens=24, ignore_eos=True)
         with torch.no_grad():
-            theirs = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=None,
-                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
+            theirs = hf.generate(
+                torch.tensor([ids]),
+                max_new_tokens=24,
+                do_sample=False,
+                eos_token_id=None,
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            )[0, len(ids) :].tolist()
         assert list(engine.generate(ids, params).token_ids) == theirs, arch
 
 

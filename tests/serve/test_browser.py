@@ -7,8 +7,8 @@ import shutil
 import time
 
 import pytest
-
 from helpers.live_server import LiveServer
+
 from metronome.config import EngineConfig
 from metronome.engine import Engine
 from metronome.serve.server import ModelIdentity, ServerSettings, create_app
@@ -59,7 +59,8 @@ def _ask(page, prompt: str) -> list[str]:
     for _ in range(3000):  # bounded: at most a few minutes on a loaded machine
         state = page.evaluate(
             "() => { const a = document.querySelector('.turn .answer');"
-            " return a ? [a.textContent, a.classList.contains('pending')] : ['', true]; }")
+            " return a ? [a.textContent, a.classList.contains('pending')] : ['', true]; }"
+        )
         if not state[1]:
             break
         if state[0]:

@@ -22,16 +22,22 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-
 from helpers.live_server import LiveServer
+
 from metronome.config import EngineConfig
 from metronome.engine import Engine
 from metronome.model.loader import load
 from metronome.serve.server import ModelIdentity, ServerSettings, create_app
 
 MAX_BODY = 64 * 1024
-TIMING_FIELDS = ("queue_time", "prompt_time", "completion_time", "total_time", "time_to_first_token",
-                 "time_to_first_sentence")
+TIMING_FIELDS = (
+    "queue_time",
+    "prompt_time",
+    "completion_time",
+    "total_time",
+    "time_to_first_token",
+    "time_to_first_sentence",
+)
 HI = [{"role": "user", "content": "Name three colors."}]
 
 
@@ -92,8 +98,16 @@ def test_chat_completion_with_usage_timings_and_fingerprint(client, smollm, mode
 
 def test_stream_with_include_usage_matches_the_whole_response(client):
     whole = client.chat.completions.create(model="metronome", messages=HI, max_tokens=10, temperature=0)
-    chunks = list(client.chat.completions.create(model="metronome", messages=HI, max_tokens=10, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="metronome",
+            messages=HI,
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text == whole.choices[0].message.content
@@ -125,8 +139,11 @@ def test_seed_reproducibility_and_seeds_matter(client):
 
 
 def test_streamed_n_choices_carry_their_index(client):
-    chunks = list(client.chat.completions.create(model="metronome", messages=HI, max_tokens=6, temperature=1.0,
-                                                 seed=5, n=2, stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model="metronome", messages=HI, max_tokens=6, temperature=1.0, seed=5, n=2, stream=True
+        )
+    )
     texts = {0: "", 1: ""}
     for ch in chunks:
         for c in ch.choices:
@@ -136,8 +153,15 @@ def test_streamed_n_choices_carry_their_index(client):
 
 
 def test_chat_logprobs_in_openai_shape(client):
-    r = client.chat.completions.create(model="metronome", messages=HI, max_tokens=6, temperature=0, logprobs=True,
-                                       top_logprobs=3, extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(
+        model="metronome",
+        messages=HI,
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+        extra_body={"ignore_eos": True},
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == 6 == r.usage.completion_tokens
     assert "".join(e.token for e in content) == r.choices[0].message.content
@@ -150,8 +174,9 @@ def test_chat_logprobs_in_openai_shape(client):
 
 
 def test_completions_legacy_logprobs(client):
-    r = client.completions.create(model="metronome", prompt="The sky is", max_tokens=5, temperature=0, logprobs=2,
-                                  extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model="metronome", prompt="The sky is", max_tokens=5, temperature=0, logprobs=2, extra_body={"ignore_eos": True}
+    )
     c = r.choices[0]
     assert r.object == "text_completion"
     lp = c.logprobs
@@ -167,8 +192,9 @@ def test_stop_sequences_cut_the_text(client):
     words = text.split()
     assert len(words) >= 3, text
     stop = words[2]
-    cut = client.chat.completions.create(model="metronome", messages=HI, max_tokens=12, temperature=0,
-                                         stop=["NEVER-SEEN", stop])
+    cut = client.chat.completions.create(
+        model="metronome", messages=HI, max_tokens=12, temperature=0, stop=["NEVER-SEEN", stop]
+    )
     assert cut.choices[0].finish_reason == "stop"
     assert cut.choices[0].message.content == text[: text.index(stop)]
 
@@ -176,11 +202,23 @@ def test_stop_sequences_cut_the_text(client):
 def test_json_object_output_parses(client):
     messages = [{"role": "user", "content": "Describe a dog as JSON with keys name and age."}]
     for temperature, max_tokens in ((0, 40), (0.9, 20), (0, 3)):
-        r = client.chat.completions.create(model="metronome", messages=messages, max_tokens=max_tokens,
-                                           temperature=temperature, seed=9, response_format={"type": "json_object"})
+        r = client.chat.completions.create(
+            model="metronome",
+            messages=messages,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            seed=9,
+            response_format={"type": "json_object"},
+        )
         assert isinstance(json.loads(r.choices[0].message.content), dict)
-    chunks = client.chat.completions.create(model="metronome", messages=messages, max_tokens=16, temperature=0,
-                                            response_format={"type": "json_object"}, stream=True)
+    chunks = client.chat.completions.create(
+        model="metronome",
+        messages=messages,
+        max_tokens=16,
+        temperature=0,
+        response_format={"type": "json_object"},
+        stream=True,
+    )
     assert isinstance(json.loads("".join(c.choices[0].delta.content or "" for c in chunks if c.choices)), dict)
 
 
@@ -204,47 +242,114 @@ BAD = [  # (what, path, body: dict | raw str, status, param)
     ("messages missing", "/v1/chat/completions", {"max_tokens": 2}, 400, "messages"),
     ("messages empty", "/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("messages not a list", "/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
-    ("unknown role", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
-    ("content wrong type", "/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400,
-     "messages[0].content"),
-    ("image part", "/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
-     "messages[0].content[0].type"),
+    (
+        "unknown role",
+        "/v1/chat/completions",
+        {"messages": [{"role": "wizard", "content": "x"}]},
+        400,
+        "messages[0].role",
+    ),
+    (
+        "content wrong type",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": 5}]},
+        400,
+        "messages[0].content",
+    ),
+    (
+        "image part",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+        400,
+        "messages[0].content[0].type",
+    ),
     ("temperature > 2", "/v1/chat/completions", {"messages": MSG, "temperature": 2.5}, 400, "temperature"),
     ("temperature < 0", "/v1/chat/completions", {"messages": MSG, "temperature": -0.1}, 400, "temperature"),
     ("temperature a string", "/v1/chat/completions", {"messages": MSG, "temperature": "hot"}, 400, "temperature"),
-    ("temperature NaN", "/v1/chat/completions", '{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}',
-     400, "temperature"),
+    (
+        "temperature NaN",
+        "/v1/chat/completions",
+        '{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}',
+        400,
+        "temperature",
+    ),
     ("top_p = 0", "/v1/chat/completions", {"messages": MSG, "top_p": 0}, 400, "top_p"),
     ("top_p > 1", "/v1/chat/completions", {"messages": MSG, "top_p": 1.5}, 400, "top_p"),
     ("n = 0", "/v1/chat/completions", {"messages": MSG, "n": 0}, 400, "n"),
     ("n = 17", "/v1/chat/completions", {"messages": MSG, "n": 17}, 400, "n"),
     ("n fractional", "/v1/chat/completions", {"messages": MSG, "n": 1.5}, 400, "n"),
     ("max_tokens = 0", "/v1/chat/completions", {"messages": MSG, "max_tokens": 0}, 400, "max_tokens"),
-    ("max_completion_tokens = 0", "/v1/chat/completions", {"messages": MSG, "max_completion_tokens": 0}, 400,
-     "max_completion_tokens"),
-    ("top_logprobs = 21", "/v1/chat/completions", {"messages": MSG, "logprobs": True, "top_logprobs": 21}, 400,
-     "top_logprobs"),
-    ("top_logprobs without logprobs", "/v1/chat/completions", {"messages": MSG, "top_logprobs": 2}, 400, "top_logprobs"),
+    (
+        "max_completion_tokens = 0",
+        "/v1/chat/completions",
+        {"messages": MSG, "max_completion_tokens": 0},
+        400,
+        "max_completion_tokens",
+    ),
+    (
+        "top_logprobs = 21",
+        "/v1/chat/completions",
+        {"messages": MSG, "logprobs": True, "top_logprobs": 21},
+        400,
+        "top_logprobs",
+    ),
+    (
+        "top_logprobs without logprobs",
+        "/v1/chat/completions",
+        {"messages": MSG, "top_logprobs": 2},
+        400,
+        "top_logprobs",
+    ),
     ("five stops", "/v1/chat/completions", {"messages": MSG, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ("stop not a string", "/v1/chat/completions", {"messages": MSG, "stop": [1]}, 400, "stop[0]"),
     ("empty stop", "/v1/chat/completions", {"messages": MSG, "stop": ""}, 400, "stop"),
     ("max_tokens beyond context", "/v1/chat/completions", {"messages": MSG, "max_tokens": 600}, 400, "max_tokens"),
-    ("max_completion_tokens beyond context", "/v1/chat/completions", {"messages": MSG, "max_completion_tokens": 600},
-     400, "max_completion_tokens"),
-    ("prompt beyond context", "/v1/chat/completions", {"messages": [{"role": "user", "content": LONG_PROMPT}]}, 400,
-     "messages"),
+    (
+        "max_completion_tokens beyond context",
+        "/v1/chat/completions",
+        {"messages": MSG, "max_completion_tokens": 600},
+        400,
+        "max_completion_tokens",
+    ),
+    (
+        "prompt beyond context",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": LONG_PROMPT}]},
+        400,
+        "messages",
+    ),
     ("unknown model", "/v1/chat/completions", {"messages": MSG, "model": "gpt-4o"}, 404, "model"),
-    ("json_schema format", "/v1/chat/completions", {"messages": MSG, "response_format": {"type": "json_schema"}}, 400,
-     "response_format.type"),
-    ("json_object in 1 token", "/v1/chat/completions",
-     {"messages": MSG, "max_tokens": 1, "response_format": {"type": "json_object"}}, 400, "max_tokens"),
+    (
+        "json_schema format",
+        "/v1/chat/completions",
+        {"messages": MSG, "response_format": {"type": "json_schema"}},
+        400,
+        "response_format.type",
+    ),
+    (
+        "json_object in 1 token",
+        "/v1/chat/completions",
+        {"messages": MSG, "max_tokens": 1, "response_format": {"type": "json_object"}},
+        400,
+        "max_tokens",
+    ),
     ("seed a string", "/v1/chat/completions", {"messages": MSG, "seed": "abc"}, 400, "seed"),
     ("stream a string", "/v1/chat/completions", {"messages": MSG, "stream": "yes"}, 400, "stream"),
     ("presence_penalty 3", "/v1/chat/completions", {"messages": MSG, "presence_penalty": 3}, 400, "presence_penalty"),
-    ("frequency_penalty -3", "/v1/chat/completions", {"messages": MSG, "frequency_penalty": -3}, 400,
-     "frequency_penalty"),
-    ("repetition_penalty 0", "/v1/chat/completions", {"messages": MSG, "repetition_penalty": 0}, 400,
-     "repetition_penalty"),
+    (
+        "frequency_penalty -3",
+        "/v1/chat/completions",
+        {"messages": MSG, "frequency_penalty": -3},
+        400,
+        "frequency_penalty",
+    ),
+    (
+        "repetition_penalty 0",
+        "/v1/chat/completions",
+        {"messages": MSG, "repetition_penalty": 0},
+        400,
+        "repetition_penalty",
+    ),
     ("min_p 2", "/v1/chat/completions", {"messages": MSG, "min_p": 2}, 400, "min_p"),
     ("top_k -1", "/v1/chat/completions", {"messages": MSG, "top_k": -1}, 400, "top_k"),
     ("ignore_eos a string", "/v1/chat/completions", {"messages": MSG, "ignore_eos": "true"}, 400, "ignore_eos"),
@@ -254,8 +359,13 @@ BAD = [  # (what, path, body: dict | raw str, status, param)
     ("completions: logprobs 21", "/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
     ("completions: prompt beyond context", "/v1/completions", {"prompt": LONG_PROMPT}, 400, "prompt"),
     ("completions: unknown model", "/v1/completions", {"prompt": "x", "model": "nope"}, 404, "model"),
-    ("body over the size limit", "/v1/chat/completions",
-     {"messages": [{"role": "user", "content": "x" * (MAX_BODY + 10)}]}, 413, None),
+    (
+        "body over the size limit",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x" * (MAX_BODY + 10)}]},
+        413,
+        None,
+    ),
 ]
 
 
@@ -277,7 +387,9 @@ def test_bad_inputs_get_openai_errors_and_the_server_keeps_serving(smol_url):
         assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]
         assert http.get("/health").status_code == 200
     for status in ("400", "404", "413"):
-        assert _metric(smol_url, "metronome_requests_total", f'{{endpoint="/v1/chat/completions",status="{status}"}}') > 0
+        assert (
+            _metric(smol_url, "metronome_requests_total", f'{{endpoint="/v1/chat/completions",status="{status}"}}') > 0
+        )
 
 
 def test_unknown_fields_are_ignored_and_null_means_default(smol_url):
@@ -290,8 +402,13 @@ def test_unknown_fields_are_ignored_and_null_means_default(smol_url):
 
 
 def test_32_concurrent_identical_greedy_requests_give_one_output(smol_url):
-    body = {"messages": [{"role": "user", "content": "Write a line about the sea."}], "max_tokens": 8,
-            "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    body = {
+        "messages": [{"role": "user", "content": "Write a line about the sea."}],
+        "max_tokens": 8,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
 
     async def run() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=smol_url, timeout=300) as http:
@@ -332,19 +449,30 @@ def test_metrics_expose_histograms_counters_and_gauges(smol_url):
     def count(name: str) -> float:
         return _metric(smol_url, name)
 
-    names = ("metronome_e2e_latency_seconds_count", "metronome_time_to_first_token_seconds_count",
-             "metronome_time_to_first_sentence_seconds_count", "metronome_queue_time_seconds_count",
-             "metronome_inter_token_latency_seconds_count", "metronome_prompt_tokens_total",
-             "metronome_generation_tokens_total")
+    names = (
+        "metronome_e2e_latency_seconds_count",
+        "metronome_time_to_first_token_seconds_count",
+        "metronome_time_to_first_sentence_seconds_count",
+        "metronome_queue_time_seconds_count",
+        "metronome_inter_token_latency_seconds_count",
+        "metronome_prompt_tokens_total",
+        "metronome_generation_tokens_total",
+    )
     before = {n: count(n) for n in names}
     ok_before = _metric(smol_url, "metronome_requests_total", '{endpoint="/v1/completions",status="200"}')
-    r = httpx.post(f"{smol_url}/v1/completions", json={"prompt": "One, two,", "max_tokens": 5, "ignore_eos": True},
-                   timeout=60).json()
+    r = httpx.post(
+        f"{smol_url}/v1/completions", json={"prompt": "One, two,", "max_tokens": 5, "ignore_eos": True}, timeout=60
+    ).json()
     after = {n: count(n) for n in names}
     for n in names[:4]:
         assert after[n] == before[n] + 1, n
-    assert after["metronome_inter_token_latency_seconds_count"] == before["metronome_inter_token_latency_seconds_count"] + 4
-    assert after["metronome_prompt_tokens_total"] == before["metronome_prompt_tokens_total"] + r["usage"]["prompt_tokens"]
+    assert (
+        after["metronome_inter_token_latency_seconds_count"]
+        == before["metronome_inter_token_latency_seconds_count"] + 4
+    )
+    assert (
+        after["metronome_prompt_tokens_total"] == before["metronome_prompt_tokens_total"] + r["usage"]["prompt_tokens"]
+    )
     assert after["metronome_generation_tokens_total"] == before["metronome_generation_tokens_total"] + 5
     assert _metric(smol_url, "metronome_requests_total", '{endpoint="/v1/completions",status="200"}') == ok_before + 1
     text = httpx.get(f"{smol_url}/metrics", timeout=30).text
@@ -406,6 +534,7 @@ def test_a_full_queue_answers_429_with_retry_after(tiny):
     body = {"messages": MSG, "max_tokens": 4, "temperature": 0}
     try:
         with LiveServer(app) as url:
+
             async def run() -> tuple[list[httpx.Response], httpx.Response]:
                 async with httpx.AsyncClient(base_url=url, timeout=120) as http:
                     first = asyncio.create_task(http.post("/v1/chat/completions", json=body))
@@ -451,8 +580,11 @@ def test_an_engine_failure_answers_that_client_and_counts(tiny):
             assert r.status_code == 500, r.text
             err = r.json()["error"]
             assert err["type"] == "server_error" and err["code"] == "engine_error" and "simulated" in err["message"]
-            lines = [ln for ln in http.post("/v1/chat/completions", json={**body, "stream": True}).text.splitlines()
-                     if ln.startswith("data:")]
+            lines = [
+                ln
+                for ln in http.post("/v1/chat/completions", json={**body, "stream": True}).text.splitlines()
+                if ln.startswith("data:")
+            ]
             assert json.loads(lines[-2][5:])["error"]["code"] == "engine_error" and lines[-1] == "data: [DONE]"
             assert _metric(url, "metronome_engine_errors_total") == 2
             ok = http.post("/v1/chat/completions", json=body)
@@ -474,10 +606,24 @@ def test_serve_cli_with_api_key(tiny_hf):
     port = _free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("METRONOME_API_KEY", None)
-    cmd = [sys.executable, "-m", "metronome.serve.cli", "--model", str(tiny_hf("llama")), "--port", str(port),
-           "--slots", "2", "--ctx", "64", "--api-key", "s3cret"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            cwd=Path(__file__).parent)
+    cmd = [
+        sys.executable,
+        "-m",
+        "metronome.serve.cli",
+        "--model",
+        str(tiny_hf("llama")),
+        "--port",
+        str(port),
+        "--slots",
+        "2",
+        "--ctx",
+        "64",
+        "--api-key",
+        "s3cret",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=Path(__file__).parent
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(1200):  # until the model is loaded (bounded: ~2 minutes)
@@ -510,15 +656,20 @@ def test_serve_cli_with_api_key(tiny_hf):
 
 def test_serve_cli_reports_a_missing_model_and_exits(tmp_path):
     missing = tmp_path / "nothing.gguf"
-    proc = subprocess.run([sys.executable, "-m", "metronome.serve.cli", "--model", str(missing), "--port", "0"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "metronome.serve.cli", "--model", str(missing), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and str(missing) in proc.stderr and "--model" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
 
 
 def test_api_key_comes_from_the_flag_or_the_environment(monkeypatch):
-    from metronome.serve.cli import add_arguments, settings_from
     import argparse
+
+    from metronome.serve.cli import add_arguments, settings_from
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

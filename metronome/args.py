@@ -1,0 +1,185 @@
+"""The command-line flags of every command that builds an engine, in one place.
+
+`generate`, `chat`, `compile`, `serve` and the in-process benches (`bench --decode-only / --speculation`)
+add their engine flags with `add_engine_args`, their sampling flags with `add_sampling_args`, and turn the
+parsed flags into records with `engine_config` and `sampling_params`. A flag's default is the record's
+field default (`EngineConfig.slots`, `SamplingParams.max_tokens`, ...), so the CLI, the server and the
+Python API (`Engine.from_model(config=EngineConfig())`) agree; a flag's help text is written here only.
+
+Only the standard library and `metronome.config` are imported, so that adding flags costs a command nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+from metronome.config import EngineConfig, Kernels, ParamError, SamplingParams, Weights
+
+if TYPE_CHECKING:
+    from metronome.config import ModelConfig
+
+_E = EngineConfig()
+_S = SamplingParams()
+
+MODEL_HELP = "a .gguf file or an HF model folder (default: the embedded SmolLM2-135M-Instruct)"
+
+# dest -> (flag, add_argument keywords); the order is the --help order
+ENGINE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "slots": (
+        "--slots",
+        dict(type=int, default=_E.slots, metavar="N", help=f"request slots decoded together (default {_E.slots})"),
+    ),
+    "ctx": (
+        "--ctx",
+        dict(
+            type=int,
+            default=None,
+            metavar="TOKENS",
+            help=f"context tokens per slot, prompt + output (default {_E.ctx}, or the model's if shorter)",
+        ),
+    ),
+    "weights": (
+        "--weights",
+        dict(
+            default=_E.weights.value,
+            choices=Weights.choices(),
+            help="run-time weight format: int8/int4 are weight-only and CPU only; auto: bf16 "
+            "on cuda, on CPU int4 for Q4 files, else int8 (the plan checks the choice; "
+            f"default {_E.weights})",
+        ),
+    ),
+    "device": ("--device", dict(default=_E.device, help=f"cpu, or cuda / cuda:N (default {_E.device})")),
+    "threads": (
+        "--threads",
+        dict(
+            type=int, default=_E.threads, metavar="N", help="compute threads (default: every core this process may use)"
+        ),
+    ),
+    "kernels": (
+        "--kernels",
+        dict(
+            default=_E.kernels.value,
+            choices=Kernels.choices(),
+            help="cpp: the C++ kernels (required); torch: the torch reference ops; auto: the "
+            f"C++ kernels on CPU when they build, else torch (default {_E.kernels})",
+        ),
+    ),
+    "spec_tokens": (
+        "--spec-tokens",
+        dict(
+            type=int,
+            default=_E.spec_tokens,
+            metavar="K",
+            help="speculative decoding: most tokens drafted per step while one "
+            f"request runs (0: off; default {_E.spec_tokens})",
+        ),
+    ),
+    "draft": (
+        "--draft",
+        dict(
+            default=_E.draft,
+            metavar="MODEL",
+            help="a draft model (same vocabulary) for speculation (default: prompt lookup)",
+        ),
+    ),
+}
+
+# dest -> (flag, add_argument keywords)
+SAMPLING_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "max_tokens": (
+        "--max-tokens",
+        dict(type=int, default=_S.max_tokens, metavar="N", help=f"most tokens to generate (default {_S.max_tokens})"),
+    ),
+    "temperature": (
+        "--temperature",
+        dict(type=float, default=_S.temperature, help=f"0 is greedy, up to 2 (default {_S.temperature:g})"),
+    ),
+    "top_p": (
+        "--top-p",
+        dict(type=float, default=_S.top_p, help=f"nucleus sampling, in (0, 1] (default {_S.top_p:g})"),
+    ),
+    "top_k": (
+        "--top-k",
+        dict(type=int, default=_S.top_k, help=f"sample from the k likeliest tokens (default {_S.top_k}: off)"),
+    ),
+    "min_p": (
+        "--min-p",
+        dict(
+            type=float,
+            default=_S.min_p,
+            help=f"drop tokens below this fraction of the likeliest (default {_S.min_p:g})",
+        ),
+    ),
+    "repetition_penalty": (
+        "--repetition-penalty",
+        dict(type=float, default=_S.repetition_penalty, help=f"in (0, 10] (default {_S.repetition_penalty:g}: off)"),
+    ),
+    "presence_penalty": (
+        "--presence-penalty",
+        dict(type=float, default=_S.presence_penalty, help=f"in [-2, 2] (default {_S.presence_penalty:g})"),
+    ),
+    "frequency_penalty": (
+        "--frequency-penalty",
+        dict(type=float, default=_S.frequency_penalty, help=f"in [-2, 2] (default {_S.frequency_penalty:g})"),
+    ),
+    "seed": ("--seed", dict(type=int, default=_S.seed, help="seed of the sampler (default: none)")),
+    "stop": ("--stop", dict(action="append", default=None, metavar="TEXT", help="a stop string (repeatable)")),
+}
+
+FLAGS = {dest: flag for dest, (flag, _) in {**ENGINE_FLAGS, **SAMPLING_FLAGS}.items()}  # "spec_tokens": "--spec-tokens"
+
+
+def flag_of(param: str) -> str | None:
+    """The command-line flag of an EngineConfig or SamplingParams field ("spec_tokens" -> "--spec-tokens")."""
+    return FLAGS.get(param)
+
+
+def param_message(exc: ParamError) -> str:
+    """A ParamError for a person at a terminal: the message, and the flag that sets the field."""
+    flag = flag_of(exc.param)
+    return f"{exc}" + (f" (check {flag})" if flag else "")
+
+
+def add_model_arg(p: argparse.ArgumentParser | argparse._ActionsContainer, **overrides: Any) -> None:
+    p.add_argument("--model", **{"default": None, "help": MODEL_HELP, **overrides})
+
+
+def add_engine_args(p: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    """Add the engine flags (or the named subset `only`, as EngineConfig field names) to `p`."""
+    group = p.add_argument_group("engine")
+    for dest, (flag, kwargs) in ENGINE_FLAGS.items():
+        if only is None or dest in only:
+            group.add_argument(flag, dest=dest, **kwargs)
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("sampling")
+    for dest, (flag, kwargs) in SAMPLING_FLAGS.items():
+        group.add_argument(flag, dest=dest, **kwargs)
+
+
+def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The EngineConfig fields the parsed flags set (`ctx` still None where the model decides it)."""
+    return {dest: getattr(args, dest) for dest in ENGINE_FLAGS if hasattr(args, dest)}
+
+
+def engine_config(args: argparse.Namespace, model: ModelConfig | None = None) -> EngineConfig:
+    """The EngineConfig of the parsed engine flags; without --ctx the context is the default, or the model's
+    own if that is shorter. Raises ParamError (a ValueError naming the field) for a value out of range."""
+    settings = engine_settings(args)
+    if settings.get("ctx") is None:
+        if model is not None:
+            from metronome.compile import default_ctx  # torch: imported only once an engine is built
+
+            settings["ctx"] = default_ctx(model, None)
+        else:
+            settings.pop("ctx", None)
+    return EngineConfig(**settings)
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    """The SamplingParams of the parsed sampling flags; ParamError (a ValueError) for a value out of range."""
+    settings = {dest: getattr(args, dest) for dest in SAMPLING_FLAGS if hasattr(args, dest)}
+    settings["stop"] = tuple(settings.get("stop") or ())
+    return SamplingParams(**settings)

@@ -1,0 +1,102 @@
+"""The engine's Python API: `generate` (blocking, one prompt or many run together) and `stream` (a token
+stream), over `submit` and `step`. Without `start()` the caller's thread drives the steps; with it, the
+engine's own thread does and the caller waits (never without a bound: a dead engine thread is reported)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+from metronome.config import SamplingParams
+from metronome.engine.request import Completion, Delta, Request
+
+if TYPE_CHECKING:
+    from metronome.engine.engine import Engine
+
+WAIT_SLICE_S = 0.5  # how long a waiter sleeps before checking the engine thread is still alive
+
+Prompt = str | list[dict] | Sequence[int]
+
+
+class PythonAPI:
+    """Mixed into `Engine`."""
+
+    def encode_prompt(self: "Engine", prompt: str | list[dict], chat: bool = True) -> list[int]:
+        """A string through the chat template (when the model has one and `chat`), or raw; or a message list."""
+        if isinstance(prompt, list):
+            return self.tokenizer.encode_chat(prompt)
+        if chat and self.tokenizer.has_chat_template:
+            return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+        return self.tokenizer.encode(prompt)
+
+    def stream(
+        self: "Engine", prompt: Prompt, params: SamplingParams | None = None, chat: bool = True
+    ) -> Iterator[Delta]:
+        """Generate for one prompt, yielding a Delta per token (text may be '' while bytes are pending)."""
+        ids = prompt if _is_ids(prompt) else self.encode_prompt(prompt, chat)
+        events: "queue.Queue[Delta]" = queue.Queue()
+        req = self.submit(ids, params or SamplingParams(), events.put)
+        try:
+            while True:
+                if not self.running and events.empty():
+                    self.step()
+                    continue
+                try:
+                    delta = events.get(timeout=WAIT_SLICE_S)
+                except queue.Empty:
+                    self.check_alive()
+                    continue
+                yield delta
+                if delta.finish_reason is not None:
+                    return
+        finally:
+            if req.finish_reason is None:
+                self.cancel(req)
+
+    def generate(
+        self: "Engine", prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None, chat: bool = True
+    ) -> Completion | list[Completion]:
+        """Blocking generation for one prompt (returns a Completion) or many (a list, run together)."""
+        single = (
+            isinstance(prompts, str)
+            or _is_ids(prompts)
+            or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
+        )
+        batch = [prompts] if single else list(prompts)
+        encoded = [p if _is_ids(p) else self.encode_prompt(p, chat) for p in batch]
+        done = threading.Event()
+        remaining = [len(encoded)]
+
+        def on_event(d: Delta) -> None:
+            if d.finish_reason is not None:
+                remaining[0] -= 1
+                if remaining[0] == 0:
+                    done.set()
+
+        reqs = [self.submit(ids, params or SamplingParams(), on_event) for ids in encoded]
+        while not done.is_set():
+            if self.running:
+                if not done.wait(WAIT_SLICE_S):
+                    self.check_alive()
+            else:
+                self.step()
+        out = [_completion(r) for r in reqs]
+        return out[0] if single else out
+
+
+def _is_ids(x) -> bool:
+    return isinstance(x, (list, tuple)) and len(x) > 0 and isinstance(x[0], int)
+
+
+def _completion(r: Request) -> Completion:
+    return Completion(
+        r.id,
+        r.text.text,
+        tuple(r.output_ids),
+        tuple(r.choices),
+        r.finish_reason or "error",
+        len(r.prompt_ids),
+        r.timings,
+        r.sampler.seed,
+    )

@@ -1,0 +1,43 @@
+"""The block formats of the fused CPU decoder's matmuls (csrc/blocks.h): the kind codes passed to
+`block_linear` and `Decoder.add_layer`, and their sizes.
+
+The C++ extension exports the same values (BLOCK_KINDS, BLOCK_BYTES, BLOCK_WEIGHTS); this is the one
+Python copy, for code that runs without the extension (packing weights, the torch path). `check_exports`
+compares the two: build.load_module runs it on every load, and tests/kernels/test_kernels.py checks it.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+__all__ = [
+    "BLOCK_BYTES",
+    "BLOCK_KINDS",
+    "BLOCK_WEIGHTS",
+    "Q4X4_BYTES",
+    "Q4X4_KIND",
+    "Q8_0_BYTES",
+    "Q8_0_KIND",
+    "check_exports",
+]
+
+Q8_0_KIND = 0  # GGUF Q8_0 rows (N, K/32*34): per 32 weights an fp16 scale then 32 int8
+Q4X4_KIND = 1  # packed Q4 groups (ceil(N/4), K/32*80): four rows side by side (compile/quant.py, pack_q4)
+BLOCK_KINDS = {"Q8_0": Q8_0_KIND, "Q4X4": Q4X4_KIND}
+
+BLOCK_WEIGHTS = 32  # weights per block, every kind
+Q8_0_BYTES = 34  # per row and block: fp16 scale + 32 int8
+Q4X4_BYTES = 80  # per 4 rows x 1 block: 8 fp16 (d0..d3, m0..m3) then 4 x 16 code bytes
+BLOCK_BYTES = {"Q8_0": Q8_0_BYTES, "Q4X4": Q4X4_BYTES}
+
+
+def check_exports(module: ModuleType) -> None:
+    """Raise ValueError unless the extension's exported block formats equal this module's."""
+    exported = {
+        "BLOCK_KINDS": dict(module.BLOCK_KINDS),
+        "BLOCK_BYTES": dict(module.BLOCK_BYTES),
+        "BLOCK_WEIGHTS": int(module.BLOCK_WEIGHTS),
+    }
+    here = {"BLOCK_KINDS": BLOCK_KINDS, "BLOCK_BYTES": BLOCK_BYTES, "BLOCK_WEIGHTS": BLOCK_WEIGHTS}
+    if exported != here:
+        raise ValueError(f"the C++ kernels' block formats {exported} differ from metronome/kernels/blocks.py's {here}")

@@ -1,0 +1,134 @@
+"""Compile and load the C++ kernels (csrc/).
+
+`load_module()` compiles every csrc/*.cpp on first use (gcc, `-O3 -march=native`, IEEE math: no
+-ffast-math, no FMA contraction) into ~/.cache/metronome/kernels-<hash>/ (override the parent with
+METRONOME_CACHE_DIR), keyed by every file in csrc/ (sources and headers), the torch and Python versions
+and the CPU's flags, then loads it. Needs an x86-64 CPU with AVX-512 and the `ninja` package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from metronome.kernels import blocks
+
+__all__ = ["CFLAGS", "KernelBuildError", "LDFLAGS", "SOURCE_DIR", "build_directory", "load_module", "source_files"]
+
+SOURCE_DIR = Path(__file__).parent / "csrc"
+# No OpenMP: the kernels run their parallel loops on their own thread pool (csrc/pool.h).
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-pthread"]
+LDFLAGS = ["-pthread"]
+REQUIRED_CPU_FLAGS = frozenset(
+    {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c"}
+)  # as /proc/cpuinfo names them
+EXTENSION_NAME = "metronome_kernels"
+
+
+class KernelBuildError(RuntimeError):
+    """The C++ kernels could not be built or loaded here (message says why: compiler output, missing tool, CPU)."""
+
+
+def source_files() -> list[Path]:
+    """Every file of csrc/ (sources and headers), sorted by name: what the build is keyed on."""
+    return sorted(p for p in SOURCE_DIR.iterdir() if p.is_file() and p.suffix in (".cpp", ".h"))
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build_directory() -> Path:
+    """Where this source, torch, Python and CPU combination is built (created by load_module). Every csrc/
+    file is part of the key (by name and content), and so is the torch install path: two environments
+    sharing one cache would otherwise rebuild each other's build (the compile command names the include
+    paths)."""
+    key = hashlib.sha256()
+    for path in source_files():
+        key.update(path.name.encode())
+        key.update(b"\0")
+        key.update(path.read_bytes())
+        key.update(b"\0")
+    for part in (
+        torch.__version__.encode(),
+        str(Path(torch.__file__).parent).encode(),
+        sys.version.encode(),
+        platform.machine().encode(),
+        _cpu_flags().encode(),
+        " ".join(CFLAGS + LDFLAGS).encode(),
+        os.environ.get("CXX", "c++").encode(),
+    ):
+        key.update(part)
+        key.update(b"\0")
+    root = Path(os.environ.get("METRONOME_CACHE_DIR") or Path.home() / ".cache" / "metronome")
+    return root / f"kernels-{key.hexdigest()[:16]}"
+
+
+_lock = threading.Lock()
+_module: ModuleType | None = None
+
+
+def _check_cpu() -> None:
+    flags = set(_cpu_flags().split())
+    capability = torch.backends.cpu.get_cpu_capability()
+    if "sse2" in flags:  # x86 flags from /proc/cpuinfo
+        missing = sorted(REQUIRED_CPU_FLAGS - flags)
+    else:  # no flags to read: trust torch's own dispatch level
+        missing = [] if capability.startswith(("AVX512", "AMX")) else ["avx512"]
+    if platform.machine().lower() not in ("x86_64", "amd64") or missing:
+        raise KernelBuildError(
+            f"metronome's C++ kernels need an x86-64 CPU with AVX-512 (F, BW, VL, VNNI) and F16C; "
+            f"this one is {platform.machine()} (torch capability {capability}, missing "
+            f"{', '.join(missing) or 'nothing'}); use TorchOps"
+        )
+
+
+def load_module(verbose: bool = False) -> ModuleType:
+    """Build (once per machine and source version) and load the C++ extension module.
+
+    Raises KernelBuildError when this machine cannot build or run it: not x86-64 with AVX-512, no
+    `ninja` (pip install ninja), or a compiler error (its output is in the message)."""
+    global _module
+    with _lock:
+        if _module is not None:
+            return _module
+        _check_cpu()
+        from torch.utils import cpp_extension
+
+        if not cpp_extension.is_ninja_available():
+            raise KernelBuildError("building metronome's C++ kernels needs ninja: pip install ninja")
+        sources = [p for p in source_files() if p.suffix == ".cpp"]
+        if not sources:
+            raise KernelBuildError(f"{SOURCE_DIR} has no C++ sources: this metronome install lacks its package data")
+        directory = build_directory()
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            module = cpp_extension.load(
+                name=EXTENSION_NAME,
+                sources=[str(p) for p in sources],
+                extra_cflags=CFLAGS,
+                extra_ldflags=LDFLAGS,
+                build_directory=str(directory),
+                verbose=verbose,
+            )
+        except (RuntimeError, OSError, ImportError) as e:
+            raise KernelBuildError(f"could not build/load {SOURCE_DIR} in {directory}: {e}") from e
+        try:
+            blocks.check_exports(module)
+        except (AttributeError, ValueError) as e:
+            raise KernelBuildError(f"{directory}: {e}") from e
+        _module = module
+        return _module

@@ -1,0 +1,61 @@
+// The Python module: a plain pybind11 module (functions take and return torch.Tensor). The only file that
+// knows about pybind11 and the torch extension's registration; metronome/kernels/build.py compiles it
+// with the other .cpp files of this directory.
+
+#include <torch/csrc/utils/pybind.h>
+
+#include "blocks.h"
+#include "decoder.h"
+#include "ops.h"
+#include "pool.h"
+
+using metronome::Decoder;
+using metronome::Tensor;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "metronome's fused, row-independent CPU kernels (AVX-512)";
+  m.def("rms_norm", &metronome::rms_norm, "y = x * rsqrt(mean(x^2) + eps) * weight, f32 math", py::arg("x"),
+        py::arg("weight"), py::arg("eps"));
+  m.def("add_rms_norm", &metronome::add_rms_norm, "(rms_norm(x + residual), x + residual)", py::arg("x"),
+        py::arg("residual"), py::arg("weight"), py::arg("eps"));
+  m.def("rope", &metronome::rope, "rotate-half RoPE of (B, T, H, Dh) with cos/sin (B, T, Dh)", py::arg("x"),
+        py::arg("cos"), py::arg("sin"));
+  m.def("silu_mul", &metronome::silu_mul, "silu(gate) * up for gate_up = [gate, up] along the last dim",
+        py::arg("gate_up"));
+  m.def("gelu_tanh_mul", &metronome::gelu_tanh_mul, "gelu_tanh(gate) * up for gate_up = [gate, up]",
+        py::arg("gate_up"));
+  m.def("decode_attention", &metronome::decode_attention, "one-query attention per (row, head) over its own cache span",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"), py::arg("ends"), py::arg("window"),
+        py::arg("scale"), py::call_guard<py::gil_scoped_release>());
+  m.def("set_threads", &metronome::set_threads,
+        "threads of the kernels' own pool (default: torch's thread count at first use)", py::arg("n"));
+
+  // The block formats of block_linear and Decoder.add_layer (blocks.h), for metronome/kernels/blocks.py.
+  py::dict kinds, bytes;
+  kinds["Q8_0"] = static_cast<int64_t>(metronome::kQ8_0);
+  kinds["Q4X4"] = static_cast<int64_t>(metronome::kQ4x4);
+  bytes["Q8_0"] = metronome::kQ8Bytes;    // per row and block
+  bytes["Q4X4"] = metronome::kQ4x4Bytes;  // per group of 4 rows and block
+  m.attr("BLOCK_KINDS") = kinds;
+  m.attr("BLOCK_BYTES") = bytes;
+  m.attr("BLOCK_WEIGHTS") = metronome::kQ8Block;  // weights per block (Q8_0 and Q4 alike)
+  static_assert(metronome::kQ8Block == metronome::kQ4Block, "one block size for every kind");
+
+  m.def("block_linear", &metronome::block_linear,
+        "y = x @ W.T (+ bias) in f32, W as Q8_0 rows (kind BLOCK_KINDS['Q8_0']) or packed Q4 (kind "
+        "BLOCK_KINDS['Q4X4']) of `rows` rows",
+        py::arg("x"), py::arg("w"), py::arg("kind"), py::arg("rows"), py::arg("bias") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
+  py::class_<Decoder>(m, "Decoder",
+                      "every layer of a plan, fused: forward(x, slots, positions, cos, sin, cos_local, sin_local)")
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, double, bool, Tensor, Tensor>(), py::kw_only(),
+           py::arg("hidden"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("intermediate"),
+           py::arg("eps"), py::arg("scale"), py::arg("gelu"), py::arg("k_cache"), py::arg("v_cache"))
+      .def("add_layer", &Decoder::add_layer, py::kw_only(), py::arg("qkv"), py::arg("qkv_kind"), py::arg("qkv_bias"),
+           py::arg("o"), py::arg("o_kind"), py::arg("gate_up"), py::arg("gate_up_kind"), py::arg("down"),
+           py::arg("down_kind"), py::arg("attn_norm"), py::arg("mlp_norm"), py::arg("post_attn_norm"),
+           py::arg("post_mlp_norm"), py::arg("q_norm"), py::arg("k_norm"), py::arg("window"), py::arg("local_rope"))
+      .def_property_readonly("num_layers", &Decoder::num_layers)
+      .def("forward", &Decoder::forward, py::arg("x"), py::arg("slots"), py::arg("positions"), py::arg("cos"),
+           py::arg("sin"), py::arg("cos_local"), py::arg("sin_local"), py::call_guard<py::gil_scoped_release>());
+}

@@ -1,0 +1,196 @@
+// The fused decoder (see decoder.h).
+
+#include "decoder.h"
+
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <cstring>
+#include <utility>
+
+#include "checks.h"
+#include "ops.h"
+#include "pool.h"
+#include "simd.h"
+
+namespace metronome {
+
+Decoder::Decoder(int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate, double eps,
+                 double scale, bool gelu, Tensor k_cache, Tensor v_cache)
+    : D_(hidden),
+      H_(heads),
+      Hkv_(kv_heads),
+      Dh_(head_dim),
+      F_(intermediate),
+      eps_(static_cast<float>(eps)),
+      scale_(static_cast<float>(scale)),
+      gelu_(gelu),
+      kc_(std::move(k_cache)),
+      vc_(std::move(v_cache)) {
+  const char* op = "Decoder";
+  TORCH_CHECK(kc_.dim() == 5 && kc_.sizes() == vc_.sizes() && kc_.scalar_type() == vc_.scalar_type(), op,
+              ": k_cache and v_cache must be equal (layers, slots, kv_heads, ctx, head_dim) tensors, got ", kc_.sizes(),
+              " and ", vc_.sizes());
+  check_float_dtype(op, "k_cache", kc_);
+  TORCH_CHECK(kc_.is_contiguous() && vc_.is_contiguous(), op, ": caches must be contiguous");
+  TORCH_CHECK(kc_.size(2) == Hkv_ && kc_.size(4) == Dh_, op, ": cache shape ", kc_.sizes(), " does not match kv_heads ",
+              Hkv_, " and head_dim ", Dh_);
+  TORCH_CHECK(Dh_ % 16 == 0 && H_ % Hkv_ == 0, op,
+              ": head_dim must be a multiple of 16 and heads a multiple of kv_heads");
+}
+
+void Decoder::add_layer(const Tensor& qkv, int64_t qkv_kind, const std::optional<Tensor>& qkv_bias, const Tensor& o,
+                        int64_t o_kind, const Tensor& gate_up, int64_t gate_up_kind, const Tensor& down,
+                        int64_t down_kind, const Tensor& attn_norm, const Tensor& mlp_norm,
+                        const std::optional<Tensor>& post_attn_norm, const std::optional<Tensor>& post_mlp_norm,
+                        const std::optional<Tensor>& q_norm, const std::optional<Tensor>& k_norm, int64_t window,
+                        bool local_rope) {
+  const char* op = "Decoder.add_layer";
+  TORCH_CHECK(static_cast<int64_t>(layers_.size()) < kc_.size(0), op, ": the cache holds ", kc_.size(0), " layers");
+  DecoderLayer L;
+  L.qkv = check_blocks(op, qkv, qkv_kind, (H_ + 2 * Hkv_) * Dh_, D_, qkv_bias.has_value() ? &*qkv_bias : nullptr);
+  L.o = check_blocks(op, o, o_kind, D_, H_ * Dh_, nullptr);
+  L.gate_up = check_blocks(op, gate_up, gate_up_kind, 2 * F_, D_, nullptr);
+  L.down = check_blocks(op, down, down_kind, D_, F_, nullptr);
+  TORCH_CHECK(L.qkv.N == (H_ + 2 * Hkv_) * Dh_ && L.o.N == D_ && L.gate_up.N == 2 * F_ && L.down.N == D_, op,
+              ": matrix shapes do not match the decoder's dimensions");
+  auto norm = [&](const Tensor& t, int64_t n, const char* name) {
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == n && t.is_contiguous(), op, ": ", name,
+                " must be a contiguous float32 (", n, ",) tensor");
+    return t;
+  };
+  L.attn_norm = norm(attn_norm, D_, "attn_norm");
+  L.mlp_norm = norm(mlp_norm, D_, "mlp_norm");
+  if (post_attn_norm) L.post_attn_norm = norm(*post_attn_norm, D_, "post_attn_norm");
+  if (post_mlp_norm) L.post_mlp_norm = norm(*post_mlp_norm, D_, "post_mlp_norm");
+  if (q_norm) L.q_norm = norm(*q_norm, Dh_, "q_norm");
+  if (k_norm) L.k_norm = norm(*k_norm, Dh_, "k_norm");
+  L.keep = {qkv, o, gate_up, down};
+  if (qkv_bias) L.keep.push_back(*qkv_bias);
+  L.window = window;
+  L.local_rope = local_rope;
+  layers_.push_back(std::move(L));
+}
+
+template <typename TC>
+void Decoder::run(float* x, int64_t M, const int64_t* sp, const int64_t* pp, const int64_t* ends, const Tensor& cos,
+                  const Tensor& sin, const Tensor& cos_local, const Tensor& sin_local) {
+  const int64_t Q = H_ * Dh_, KV = Hkv_ * Dh_, QKV = Q + 2 * KV;
+  // Scratch for M rows, reused by every layer (grown, never shrunk).
+  const int64_t widest = std::max({QKV, 2 * F_, D_});
+  const int64_t floats = M * (D_ + QKV + 2 * Q + 3 * F_ + D_);
+  const int64_t need = floats * 4 + scratch_bytes(M, std::max(D_, F_)) + 64;
+  if (scratch_.numel() < need) scratch_ = at::empty({need}, at::kByte);
+  // h (M, D): the normed input of a matmul.
+  float* h = reinterpret_cast<float*>(scratch_.data_ptr<uint8_t>());
+  float* qkv = h + M * D_;                                 // (M, QKV)
+  float* qb = qkv + M * QKV;                               // (M, H, Dh) queries, contiguous for the attention kernel
+  float* att = qb + M * Q;                                 // (M, H, Dh) attention output
+  float* gu = att + M * Q;                                 // (M, 2F)
+  float* act = gu + M * 2 * F_;                            // (M, F)
+  float* out = act + M * F_;                               // (M, D) a sublayer's output
+  uint8_t* sx = reinterpret_cast<uint8_t*>(out + M * D_);  // a matmul's quantized input
+  const int64_t ks[3] = {kc_.stride(1), kc_.stride(2), kc_.stride(3)};
+  int64_t total_keys = 0;
+  for (int64_t r = 0; r < M; ++r) total_keys += ends[r];
+  const int64_t grain = grain_for(D_, kMinParallelElems);
+  for (int64_t l = 0; l < num_layers(); ++l) {
+    const DecoderLayer& L = layers_[l];
+    const float* cs = (L.local_rope ? cos_local : cos).data_ptr<float>();
+    const float* sn = (L.local_rope ? sin_local : sin).data_ptr<float>();
+    TC* kc = kc_.data_ptr<TC>() + l * kc_.stride(0);
+    TC* vc = vc_.data_ptr<TC>() + l * vc_.stride(0);
+    rms_norm_rows(x, L.attn_norm.data_ptr<float>(), h, M, D_, eps_);
+    block_linear_rows(L.qkv, h, M, qkv, sx);
+    parallel_for(0, M, grain, [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) {
+        float* qr = qkv + r * QKV;
+        float* kr = qr + Q;
+        const float* vr = kr + KV;
+        if (L.q_norm.defined()) {
+          for (int64_t i = 0; i < H_; ++i)
+            scale_row(qr + i * Dh_, L.q_norm.data_ptr<float>(), rstd_of(sum_squares(qr + i * Dh_, Dh_), Dh_, eps_),
+                      qr + i * Dh_, Dh_);
+          for (int64_t i = 0; i < Hkv_; ++i)
+            scale_row(kr + i * Dh_, L.k_norm.data_ptr<float>(), rstd_of(sum_squares(kr + i * Dh_, Dh_), Dh_, eps_),
+                      kr + i * Dh_, Dh_);
+        }
+        for (int64_t i = 0; i < H_; ++i) rope_row(qr + i * Dh_, cs + r * Dh_, sn + r * Dh_, qr + i * Dh_, Dh_);
+        for (int64_t i = 0; i < Hkv_; ++i) {
+          rope_row(kr + i * Dh_, cs + r * Dh_, sn + r * Dh_, kr + i * Dh_, Dh_);
+          TC* kd = kc + sp[r] * ks[0] + i * ks[1] + pp[r] * ks[2];
+          TC* vd = vc + sp[r] * ks[0] + i * ks[1] + pp[r] * ks[2];
+          for (int64_t j = 0; j < Dh_; j += 16) {
+            store16(kd + j, _mm512_loadu_ps(kr + i * Dh_ + j));
+            store16(vd + j, _mm512_loadu_ps(vr + i * Dh_ + j));
+          }
+        }
+        std::memcpy(qb + r * Q, qr, static_cast<size_t>(Q) * sizeof(float));
+      }
+    });
+    attention_rows<float, TC>(qb, att, kc, vc, ks, ks, sp, ends, M, H_, Hkv_, Dh_, L.window, scale_, total_keys);
+    block_linear_rows(L.o, att, M, out, sx);
+    residual_add(x, out, M, L.post_attn_norm);
+    rms_norm_rows(x, L.mlp_norm.data_ptr<float>(), h, M, D_, eps_);
+    block_linear_rows(L.gate_up, h, M, gu, sx);
+    if (gelu_)
+      gated_rows<true>(gu, act, M, F_);
+    else
+      gated_rows<false>(gu, act, M, F_);
+    block_linear_rows(L.down, act, M, out, sx);
+    residual_add(x, out, M, L.post_mlp_norm);
+  }
+}
+
+void Decoder::residual_add(float* x, float* y, int64_t M, const Tensor& post_norm) {
+  if (post_norm.defined()) rms_norm_rows(y, post_norm.data_ptr<float>(), y, M, D_, eps_);
+  parallel_for(0, M, grain_for(D_, kMinParallelElems), [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      float* xr = x + r * D_;
+      const float* yr = y + r * D_;
+      int64_t i = 0;
+      for (; i + 16 <= D_; i += 16)
+        _mm512_storeu_ps(xr + i, _mm512_add_ps(_mm512_loadu_ps(xr + i), _mm512_loadu_ps(yr + i)));
+      if (i < D_) {
+        const __mmask16 m = tail_mask(D_ - i);
+        _mm512_mask_storeu_ps(xr + i, m,
+                              _mm512_add_ps(_mm512_maskz_loadu_ps(m, xr + i), _mm512_maskz_loadu_ps(m, yr + i)));
+      }
+    }
+  });
+}
+
+void Decoder::forward(const Tensor& x, const Tensor& slots, const Tensor& positions, const Tensor& cos,
+                      const Tensor& sin, const Tensor& cos_local, const Tensor& sin_local) {
+  const char* op = "Decoder.forward";
+  TORCH_CHECK(num_layers() == kc_.size(0), op, ": ", num_layers(), " layers added, the cache holds ", kc_.size(0));
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == D_ && x.is_contiguous(), op,
+              ": x must be a contiguous float32 (M, ", D_, ") tensor, got ", x.scalar_type(), " ", x.sizes());
+  const int64_t M = x.size(0);
+  for (auto [name, t] : {std::pair<const char*, const Tensor*>{"slots", &slots}, {"positions", &positions}})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1 && t->size(0) == M && t->is_contiguous(), op, ": ", name,
+                " must be a contiguous int64 (", M, ",) tensor");
+  for (auto [name, t] : {std::pair<const char*, const Tensor*>{"cos", &cos},
+                         {"sin", &sin},
+                         {"cos_local", &cos_local},
+                         {"sin_local", &sin_local}})
+    TORCH_CHECK(
+        t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(0) == M && t->size(1) == Dh_ && t->is_contiguous(),
+        op, ": ", name, " must be a contiguous float32 (", M, ", ", Dh_, ") tensor");
+  const int64_t S = kc_.size(1), C = kc_.size(3);
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t* pp = positions.data_ptr<int64_t>();
+  std::vector<int64_t> ends(static_cast<size_t>(M));
+  for (int64_t r = 0; r < M; ++r) {
+    TORCH_CHECK(sp[r] >= 0 && sp[r] < S, op, ": slots[", r, "] = ", sp[r], " is out of range [0, ", S, ")");
+    TORCH_CHECK(pp[r] >= 0 && pp[r] < C, op, ": positions[", r, "] = ", pp[r], " is out of range [0, ", C, ")");
+    ends[r] = pp[r] + 1;
+  }
+  if (M == 0) return;
+  if (kc_.scalar_type() == at::kFloat)
+    run<float>(x.data_ptr<float>(), M, sp, pp, ends.data(), cos, sin, cos_local, sin_local);
+  else
+    run<BFloat16>(x.data_ptr<float>(), M, sp, pp, ends.data(), cos, sin, cos_local, sin_local);
+}
+
+}  // namespace metronome

@@ -1,0 +1,73 @@
+// The fused decoder: every transformer layer of a plan in one call, for M token rows.
+//
+// Row r is one token: its cache slot, its position p; it writes its key/value at p and attends over
+// [first, p] of its slot (first from the layer's window). All rows' keys and values are written before
+// any row attends, so rows of one slot at consecutive positions (a prompt, or a drafted continuation
+// being verified) see each other causally. Every op is row-independent (see simd.h), so a row's result
+// never depends on the other rows: prefill, decode and verification are the same computation.
+//
+// Per layer (the model's Block, model.py):
+//   h = norm(x); q,k,v = h @ Wqkv (+b); [q,k = per-head norm]; rope; cache <- k,v; a = attend(q);
+//   o = a @ Wo; [o = post_norm(o)]; x += o; h = norm(x); g = act(h @ Wgu); d = g @ Wdown;
+//   [d = post_norm(d)]; x += d
+// Activations and the residual stream are float32 throughout; the cache keeps its own dtype.
+
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "blocks.h"
+
+namespace metronome {
+
+using at::Tensor;
+
+struct DecoderLayer {
+  BlockMatrix qkv, o, gate_up, down;
+  Tensor attn_norm, mlp_norm, post_attn_norm, post_mlp_norm, q_norm, k_norm;  // float32; the last four optional
+  std::vector<Tensor> keep;                                                   // the weight tensors, held alive
+  int64_t window;                                                             // 0: global attention
+  bool local_rope;  // use the local (sliding-window) RoPE table
+};
+
+class Decoder {
+ public:
+  // k_cache, v_cache: (layers, slots, kv_heads, ctx, head_dim), float32 or bfloat16, contiguous.
+  Decoder(int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate, double eps,
+          double scale, bool gelu, Tensor k_cache, Tensor v_cache);
+
+  // One layer's weights, in order: each matrix with its block kind (blocks.h), float32 norms.
+  void add_layer(const Tensor& qkv, int64_t qkv_kind, const std::optional<Tensor>& qkv_bias, const Tensor& o,
+                 int64_t o_kind, const Tensor& gate_up, int64_t gate_up_kind, const Tensor& down, int64_t down_kind,
+                 const Tensor& attn_norm, const Tensor& mlp_norm, const std::optional<Tensor>& post_attn_norm,
+                 const std::optional<Tensor>& post_mlp_norm, const std::optional<Tensor>& q_norm,
+                 const std::optional<Tensor>& k_norm, int64_t window, bool local_rope);
+
+  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+  // x (M, D) float32, updated in place; slots, positions (M,) int64; cos/sin (M, Dh) float32 per row for
+  // the global layers, cos_local/sin_local for the sliding-window ones.
+  void forward(const Tensor& x, const Tensor& slots, const Tensor& positions, const Tensor& cos, const Tensor& sin,
+               const Tensor& cos_local, const Tensor& sin_local);
+
+ private:
+  template <typename TC>
+  void run(float* x, int64_t M, const int64_t* sp, const int64_t* pp, const int64_t* ends, const Tensor& cos,
+           const Tensor& sin, const Tensor& cos_local, const Tensor& sin_local);
+
+  // x += post_norm ? norm(y) : y
+  void residual_add(float* x, float* y, int64_t M, const Tensor& post_norm);
+
+  int64_t D_, H_, Hkv_, Dh_, F_;
+  float eps_, scale_;
+  bool gelu_;
+  Tensor kc_, vc_;
+  std::vector<DecoderLayer> layers_;
+  Tensor scratch_;
+};
+
+}  // namespace metronome

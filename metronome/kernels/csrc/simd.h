@@ -1,0 +1,109 @@
+// metronome's fused CPU kernels for the decode step (AVX-512, x86-64): the SIMD helpers every kernel uses.
+//
+// Determinism contract: every output row is produced by one fixed code path with a fixed reduction
+// order that depends only on that row's own shape (its length D, K, or attention span), never on the
+// batch size, on other rows, or on how work is split between threads. Rows (or (row, head) pairs, or
+// output columns) are the unit of parallel work: each is computed entirely by one thread.
+//
+// Numerics: all math in float32, inputs widened exactly (bf16 -> f32, int8 * fp16 scale -> f32), results
+// rounded once to the output dtype with round-to-nearest-even (torch's rule). Built without -ffast-math
+// and with -ffp-contract=off, so the only fused multiply-adds are the explicit ones (in reductions);
+// elementwise formulas are evaluated in the same order as the pure-torch reference
+// (metronome/kernels/ops.py, TorchOps).
+//
+// The sources, by concern:
+//   simd.h                  loads/stores of 16 lanes (bf16 <-> f32), lane sums, e^x (this file)
+//   pool.h, pool.cpp        the kernels' own thread pool and parallel_for
+//   checks.h                argument checks of the tensor-level ops
+//   ops.h, ops.cpp          norms, RoPE, gated activations, decode attention
+//   blocks.h, blocks.cpp    block matmuls: GGUF Q8_0 rows and packed Q4 groups (the block kinds)
+//   decoder.h, decoder.cpp  the fused decoder: every layer of a plan in one call
+//   bindings.cpp            the Python module (pybind11; functions take and return torch.Tensor)
+
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+
+#include <cstdint>
+
+#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VL__) || !defined(__AVX512VNNI__) || \
+    !defined(__F16C__)
+#error "metronome kernels need an x86-64 CPU with AVX-512 F/BW/VL/VNNI and F16C (built with -march=native)"
+#endif
+
+namespace metronome {
+
+using c10::BFloat16;
+
+// ---------------------------------------------------------------------------------------------------
+// Loads and stores of 16 lanes, widened to / rounded from float32.
+
+inline __mmask16 tail_mask(int64_t n) {  // lanes [0, n), n in [0, 16]
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
+}
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const BFloat16* p) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const BFloat16* p, __mmask16 m) {
+  __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// float32 -> bfloat16 bits, round to nearest even; NaN -> 0x7FC0 (as c10::BFloat16 does).
+inline __m256i to_bf16(__m512 v) {
+  __m512i u = _mm512_castps_si512(v);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  __mmask16 ordered = _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q);
+  r = _mm512_mask_blend_epi32(ordered, _mm512_set1_epi32(0x7FC0), r);
+  return _mm512_cvtepi32_epi16(r);
+}
+// The float32 value a bf16 store of v would hold (round, then widen back).
+inline __m512 round_like(__m512 v, const BFloat16*) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(v)), 16));
+}
+inline __m512 round_like(__m512 v, const float*) { return v; }
+
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(BFloat16* p, __m512 v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16(v)); }
+inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+inline void store16(BFloat16* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, to_bf16(v)); }
+
+// One fp16 value (its bits) widened exactly to float32.
+inline float fp16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
+
+// Horizontal sum of 16 lanes in a fixed tree order (8+8, 4+4, 2+2, 1+1).
+inline float hsum(__m512 v) {
+  __m256 a = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+  __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  b = _mm_add_ps(b, _mm_movehl_ps(b, b));
+  b = _mm_add_ss(b, _mm_movehdup_ps(b));
+  return _mm_cvtss_f32(b);
+}
+
+// e^x for 16 lanes: x = n*ln2 + r with |r| <= ln2/2, e^r by its degree-7 Taylor polynomial (truncation
+// error < 6e-9 relative), scaled by 2^n. About 1 ulp. Overflows to +inf, underflows to 0, keeps NaN.
+inline __m512 vexp(__m512 x) {
+  x = _mm512_min_ps(_mm512_set1_ps(89.0f), x);  // operand order keeps a NaN x (min/max return the 2nd)
+  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 high part (exact n*hi)
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);     // ln2 low part
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+}  // namespace metronome

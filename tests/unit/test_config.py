@@ -1,0 +1,223 @@
+"""Settings records and the flags that build them: no model needed."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+
+from metronome.args import ENGINE_FLAGS, SAMPLING_FLAGS, engine_config, sampling_params
+from metronome.config import EngineConfig, Kernels, ModelConfig, ParamError, SamplingParams, Weights
+
+BAD_ENGINE = {
+    "slots": [0, -1],
+    "ctx": [15, 0],
+    "weights": ["int3", "", "F32"],
+    "kernels": ["cuda", ""],
+    "threads": [0, -4],
+    "spec_tokens": [-1],
+}
+
+BAD_SAMPLING = {
+    "max_tokens": [0, -1],
+    "temperature": [-0.1, 2.01],
+    "top_k": [-1],
+    "top_p": [0.0, 1.5],
+    "min_p": [-0.1, 1.1],
+    "repetition_penalty": [0.0, 10.5],
+    "presence_penalty": [-2.1, 2.1],
+    "frequency_penalty": [-2.1, 2.1],
+    "top_logprobs": [-1, 21],
+}
+
+
+@pytest.mark.parametrize(("field", "value"), [(f, v) for f, vs in BAD_ENGINE.items() for v in vs])
+def test_engine_config_names_the_bad_field(field, value):
+    with pytest.raises(ParamError) as err:
+        EngineConfig(**{field: value})
+    assert err.value.param == field and field in str(err.value)
+    assert isinstance(err.value, ValueError)
+
+
+@pytest.mark.parametrize(("field", "value"), [(f, v) for f, vs in BAD_SAMPLING.items() for v in vs])
+def test_sampling_params_names_the_bad_field(field, value):
+    with pytest.raises(ParamError) as err:
+        SamplingParams(**{field: value})
+    assert err.value.param == field and field in str(err.value)
+
+
+def test_every_checked_field_is_covered():
+    # a field added with a check but not to the tables above would go untested
+    for cls, bad in ((EngineConfig, BAD_ENGINE), (SamplingParams, BAD_SAMPLING)):
+        assert set(bad) <= {f.name for f in dataclasses.fields(cls)}
+
+
+def test_validate_still_checks_and_replace_rechecks():
+    params = SamplingParams(temperature=0.7, stop=["x"])  # a list is kept as a tuple
+    params.validate()
+    assert params.stop == ("x",) and hash(params)
+    with pytest.raises(ParamError) as err:
+        dataclasses.replace(params, top_p=0.0)
+    assert err.value.param == "top_p"
+    with pytest.raises(ParamError) as err:
+        dataclasses.replace(EngineConfig(), slots=0)
+    assert err.value.param == "slots"
+
+
+def test_weights_and_kernels_are_string_enums():
+    config = EngineConfig(weights="int4", kernels="cpp")
+    assert config.weights is Weights.INT4 and config.kernels is Kernels.CPP
+    assert config.weights == "int4" and config.weights in ("int4", "int8") and config.kernels != "torch"
+    assert str(config.weights) == "int4" and f"{config.weights}" == "int4"
+    assert config == EngineConfig(weights=Weights.INT4, kernels=Kernels.CPP)
+    assert hash(config) == hash(EngineConfig(weights=Weights.INT4, kernels=Kernels.CPP))
+    # the repr (part of the plan cache key) reads as it did when the fields were plain strings
+    assert "weights='int4'" in repr(config) and "kernels='cpp'" in repr(config)
+    assert Weights.choices() == ("auto", "f32", "bf16", "int8", "int4")
+    assert Kernels.choices() == ("auto", "cpp", "torch")
+
+
+def _model(max_position: int = 8192) -> ModelConfig:
+    return ModelConfig(
+        arch="llama",
+        vocab_size=100,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        max_position=max_position,
+    )
+
+
+def _parsers() -> dict[str, argparse.ArgumentParser]:
+    from metronome.cli import build_parser
+    from metronome.serve.cli import add_arguments
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    serve = argparse.ArgumentParser()
+    add_arguments(serve)  # `python -m metronome.serve.cli`
+    return {
+        "generate": sub.choices["generate"],
+        "chat": sub.choices["chat"],
+        "compile": sub.choices["compile"],
+        "serve": sub.choices["serve"],
+        "serve.cli": serve,
+    }
+
+
+def _parse(command: str, flags: list[str]) -> argparse.Namespace:
+    lead = ["a prompt"] if command == "generate" else []
+    return _parsers()[command].parse_args(lead + flags)
+
+
+ENGINE_COMMANDS = ["generate", "chat", "compile", "serve", "serve.cli"]
+
+
+@pytest.mark.parametrize("command", ENGINE_COMMANDS)
+def test_no_flags_give_the_python_defaults(command):
+    args = _parse(command, [])
+    assert engine_config(args, _model()) == EngineConfig()
+    assert engine_config(args) == EngineConfig()
+    assert engine_config(args, _model(max_position=512)) == EngineConfig(ctx=512)  # the model's shorter context
+
+
+FLAGS = [
+    "--slots",
+    "3",
+    "--ctx",
+    "256",
+    "--weights",
+    "int8",
+    "--device",
+    "cpu",
+    "--threads",
+    "2",
+    "--kernels",
+    "torch",
+    "--spec-tokens",
+    "0",
+    "--draft",
+    "d.gguf",
+]
+
+
+def test_the_same_flags_give_the_same_config_everywhere():
+    expected = EngineConfig(slots=3, ctx=256, weights="int8", threads=2, kernels="torch", spec_tokens=0, draft="d.gguf")
+    for command in ENGINE_COMMANDS:
+        assert engine_config(_parse(command, FLAGS), _model()) == expected, command
+
+
+def test_every_engine_command_has_every_engine_flag():
+    every = {flag for flag, _ in ENGINE_FLAGS.values()}
+    assert {f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(EngineConfig)} == every
+    for command, parser in _parsers().items():
+        group = next(g for g in parser._action_groups if g.title == "engine")
+        have = {s for a in group._group_actions for s in a.option_strings}
+        assert have == every, f"{command}: {sorted(have ^ every)}"
+
+
+def test_flag_defaults_and_choices_come_from_the_records():
+    parser = _parsers()["serve"]
+    by_flag = {s: a for a in parser._actions for s in a.option_strings}
+    defaults = EngineConfig()
+    for dest, (flag, _) in ENGINE_FLAGS.items():
+        if dest != "ctx":  # resolved against the model
+            assert by_flag[flag].default == getattr(defaults, dest), flag
+    assert tuple(by_flag["--weights"].choices) == Weights.choices()
+    assert tuple(by_flag["--kernels"].choices) == Kernels.choices()
+
+
+def test_sampling_flags_build_sampling_params():
+    assert sampling_params(_parse("generate", [])) == SamplingParams()
+    args = _parse(
+        "generate",
+        [
+            "--max-tokens",
+            "9",
+            "--temperature",
+            "0.5",
+            "--top-p",
+            "0.9",
+            "--top-k",
+            "4",
+            "--min-p",
+            "0.1",
+            "--repetition-penalty",
+            "1.1",
+            "--seed",
+            "3",
+            "--stop",
+            "a",
+            "--stop",
+            "b",
+        ],
+    )
+    assert sampling_params(args) == SamplingParams(
+        max_tokens=9, temperature=0.5, top_p=0.9, top_k=4, min_p=0.1, repetition_penalty=1.1, seed=3, stop=("a", "b")
+    )
+    for dest in SAMPLING_FLAGS:
+        assert hasattr(SamplingParams(), dest)
+    with pytest.raises(ParamError) as err:
+        sampling_params(_parse("chat", ["--top-p", "0"]))
+    assert err.value.param == "top_p"
+
+
+def test_the_cli_reports_a_bad_flag_in_one_line(capsys):
+    from metronome.cli import main
+
+    assert main(["generate", "hi", "--temperature", "9"]) == 2
+    err = capsys.readouterr().err
+    assert "temperature=9.0" in err and "--temperature" in err and "Traceback" not in err
+    assert main(["compile", "--threads", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "threads=0" in err and "--threads" in err
+
+
+def test_serve_refuses_a_bad_engine_flag_before_it_listens(capsys):
+    from metronome.serve.cli import main
+
+    assert main(["--port", "0", "--slots", "0"]) == 2
+    assert "slots=0" in capsys.readouterr().err

@@ -1,0 +1,137 @@
+"""The per-request sampler alone, on hand-made logits: greedy, seeding, the truncation filters, the
+penalties and the logprobs. No model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from metronome.config import SamplingParams
+from metronome.engine.sampler import RequestSampler
+
+V = 16
+
+
+def _sampler(prompt: list[int] | None = None, **kw) -> RequestSampler:
+    return RequestSampler(SamplingParams(**kw), prompt or [], V)
+
+
+def _logits(seed: int = 0) -> torch.Tensor:
+    return torch.randn(V, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+def _support(logits: torch.Tensor, n: int = 400, **kw) -> set[int]:
+    s = _sampler(**kw)
+    return {s.choose(logits).token for _ in range(n)}
+
+
+def test_greedy_is_the_argmax():
+    for seed in range(5):
+        logits = _logits(seed)
+        assert _sampler().choose(logits).token == int(logits.argmax())
+    # extra (padded) logits beyond the vocabulary are never chosen
+    padded = torch.cat([_logits(1), torch.full((4,), 100.0)])
+    assert _sampler().choose(padded).token == int(_logits(1).argmax())
+
+
+def test_a_seed_gives_the_same_draws_and_another_seed_other_draws():
+    def draws(seed: int) -> list[int]:
+        s = _sampler(temperature=1.0, seed=seed)
+        return [s.choose(torch.zeros(V)).token for _ in range(30)]  # uniform: all up to the generator
+
+    assert draws(7) == draws(7)
+    assert draws(7) != draws(8)
+
+
+def test_unfiltered_sampling_reaches_the_whole_vocabulary():
+    assert _support(torch.zeros(V), temperature=1.0, seed=0) == set(range(V))
+
+
+def test_top_k_keeps_the_k_best():
+    logits = torch.arange(V, dtype=torch.float32) * 0.1  # nearly flat, so every kept token shows up
+    assert _support(logits, temperature=1.0, top_k=3, seed=1) == {V - 1, V - 2, V - 3}
+
+
+def test_top_p_keeps_the_smallest_set_reaching_the_mass():
+    probs = torch.tensor([0.4, 0.3, 0.2, 0.1] + [0.0] * (V - 4))
+    logits = torch.log(probs.clamp_min(1e-12))
+    # 0.4 < 0.65 so token 1 is needed; 0.4 + 0.3 >= 0.65, so tokens 2 and 3 are not
+    assert _support(logits, temperature=1.0, top_p=0.65, seed=2) == {0, 1}
+    assert _support(logits, temperature=1.0, top_p=0.75, seed=2) == {0, 1, 2}
+
+
+def test_min_p_drops_tokens_below_the_fraction_of_the_best():
+    probs = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.1] + [0.0] * (V - 5))
+    logits = torch.log(probs.clamp_min(1e-12))
+    assert _support(logits, temperature=1.0, min_p=0.3, seed=3) == {0, 1, 2}  # 0.15 >= 0.3 * 0.4 > 0.1
+
+
+def test_allowed_mask_restricts_the_choice_but_not_the_logprobs():
+    logits = _logits(4)
+    allowed = torch.zeros(V, dtype=torch.bool)
+    allowed[[2, 5]] = True
+    s = _sampler(temperature=1.0, seed=4, logprobs=True)
+    for _ in range(100):
+        c = s.choose(logits, allowed)
+        assert c.token in (2, 5)
+        assert c.logprob == torch.log_softmax(logits, -1)[c.token].item()
+    best_allowed = 2 if logits[2] > logits[5] else 5
+    assert _sampler().choose(logits, allowed).token == best_allowed
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_seen_logits():
+    logits = torch.tensor([2.0, -2.0, 3.0, -1.0] + [0.5] * (V - 4))
+    s = _sampler(prompt=[0, 1], repetition_penalty=2.0)
+    s.observe(5)
+    out = s.penalize(logits)
+    expected = logits.clone()
+    expected[0], expected[1], expected[5] = 1.0, -4.0, 0.25
+    assert torch.equal(out, expected)
+
+
+def test_presence_and_frequency_penalties_follow_the_generated_counts():
+    logits = torch.zeros(V)
+    s = _sampler(prompt=[7], presence_penalty=0.5, frequency_penalty=0.25)
+    for t in (3, 3, 3, 9):
+        s.observe(t)
+    out = s.penalize(logits)
+    expected = torch.zeros(V)
+    expected[3] = -(0.5 + 3 * 0.25)
+    expected[9] = -(0.5 + 0.25)
+    assert torch.equal(out, expected)  # the prompt token 7 is not penalized by these two
+    assert torch.equal(_sampler(prompt=[7]).penalize(logits), logits)  # defaults: no change
+
+
+def test_penalties_decide_the_greedy_choice():
+    logits = torch.zeros(V)
+    logits[4], logits[6] = 1.0, 0.9
+    s = _sampler(frequency_penalty=0.2)
+    assert s.choose(logits).token == 4
+    s.observe(4)
+    assert s.choose(logits).token == 6
+
+
+def test_logprobs_are_the_log_softmax_of_the_penalized_logits():
+    logits = _logits(5)
+    s = _sampler(temperature=0.7, seed=5, logprobs=True, top_logprobs=4, presence_penalty=1.0)
+    s.observe(int(logits.argmax()))
+    expected = torch.log_softmax(s.penalize(logits), -1)
+    c = s.choose(logits)
+    assert c.logprob == expected[c.token].item()
+    values, ids = torch.topk(expected, 4)
+    assert c.top == tuple(zip(ids.tolist(), values.tolist()))
+    assert math.isclose(sum(math.exp(v) for v in expected.tolist()), 1.0, rel_tol=1e-5)
+    assert _sampler().choose(logits).logprob is None and _sampler().choose(logits).top == ()
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.5])
+def test_temperature_scales_the_sampling_distribution(temperature):
+    # two tokens with logits 0 and 1: P(second) = sigmoid(1 / T)
+    logits = torch.full((V,), -1e9)
+    logits[0], logits[1] = 0.0, 1.0
+    s = _sampler(temperature=temperature, seed=6)
+    n = 4000
+    share = sum(s.choose(logits).token == 1 for _ in range(n)) / n
+    assert share == pytest.approx(1 / (1 + math.exp(-1 / temperature)), abs=0.03)

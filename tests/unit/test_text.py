@@ -1,0 +1,73 @@
+"""TextStream, model-free: a fake decoder maps token ids to fixed strings."""
+
+from __future__ import annotations
+
+from metronome.engine.text import TextStream
+
+PIECES = {1: "Hello", 2: " wor", 3: "ld", 4: ".", 5: " Next", 6: " END", 7: "E", 8: "ND", 9: "!", 10: "\n", 0: ""}
+EOS = 99
+
+
+class FakeDecoder:
+    """Each token decodes to PIECES[token]; token 0 holds its text back until flush (half a character)."""
+
+    def __init__(self) -> None:
+        self.pending = ""
+
+    def push(self, token: int) -> str:
+        if token == 0:
+            self.pending += "é"
+            return ""
+        out, self.pending = self.pending + PIECES[token], ""
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def run(
+    tokens: list[int], stop: tuple[str, ...] = (), final_at: int | None = None
+) -> tuple[list[str], TextStream, bool]:
+    ts = TextStream(FakeDecoder(), stop, frozenset({EOS}))
+    out, stopped = [], False
+    for i, t in enumerate(tokens):
+        piece = ts.push(t, now=float(i), final=(i == final_at) or ts.is_stop_token(t))
+        out.append(piece.text)
+        if piece.stopped:
+            stopped = True
+            break
+    return out, ts, stopped
+
+
+def test_text_is_emitted_as_decoded_and_eos_is_not_text():
+    out, ts, stopped = run([1, 2, 3, EOS])
+    assert out == ["Hello", " wor", "ld", ""] and ts.text == "Hello world" and not stopped
+
+
+def test_a_stop_string_is_cut_and_never_half_emitted():
+    # "END" arrives split as "E" + "ND" after " Next": the held "E" could start the stop string
+    out, ts, stopped = run([1, 5, 7, 8, 1], stop=("END",))
+    assert stopped and ts.text == "Hello Next" and "".join(out) == "Hello Next"
+    assert out[2] == ""  # "E" held back: it could begin the stop string
+
+
+def test_held_prefix_is_released_when_it_cannot_be_a_stop():
+    out, ts, stopped = run([5, 7, 9], stop=("END",))
+    assert not stopped and out == [" Next", "", "E!"] and ts.text == " NextE!"
+
+
+def test_held_text_comes_out_at_the_end():
+    out, ts, _ = run([5, 7], stop=("END",), final_at=1)
+    assert ts.text == " NextE" and out[-1] == "E"
+    out, ts, _ = run([1, 0], final_at=1)  # a pending half character is flushed on the last token
+    assert ts.text == "Helloé"
+
+
+def test_first_sentence_is_stamped_when_punctuation_meets_whitespace():
+    _, ts, _ = run([1, 4, 5, 9])
+    assert ts.first_sentence_at == 2.0  # "." at step 1 is only an end once " Next" follows at step 2
+    _, ts, _ = run([1, 2, 3], final_at=2)
+    assert ts.first_sentence_at == 2.0  # the end of a non-empty output ends its sentence
+    _, ts, _ = run([EOS])
+    assert ts.first_sentence_at is None  # nothing was said

@@ -32,7 +32,7 @@ from metronome.model.transformer import KVCache, build_model, use_ops
 # activations on the torch path; the fused decoder keeps activations in float32 and the cache in this dtype.
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16, "int4": torch.bfloat16}
 
-DEFAULT_CTX = 2048
+DEFAULT_CTX = EngineConfig.ctx  # the record's default, capped by the model's own context
 
 Say = Callable[[str], None]
 

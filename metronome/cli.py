@@ -1,4 +1,4 @@
-"""`metronome generate | chat | info | serve | compile | bench | plan`."""
+"""`metronome generate | chat | transcribe | info | serve | compile | bench | plan | models`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 from metronome.args import (
+    SPEECH_MODEL_HELP,
     add_engine_args,
     add_model_arg,
     add_sampling_args,
@@ -43,9 +44,7 @@ def load_engine(args: argparse.Namespace, calibrate: bool = False):
     with loading_progress(sys.stderr.isatty()) as say:
         say("reading model file")
         loaded = load(args.model)
-        return Engine.from_model(
-            config=engine_config(args, loaded.config), loaded=loaded, calibrate=calibrate, progress=say
-        )
+        return Engine.from_model(config=engine_config(args), loaded=loaded, calibrate=calibrate, progress=say)
 
 
 def _stats(n_tokens: int, usage: dict) -> str:
@@ -113,6 +112,41 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(_stats(delta.completion_tokens, groq_timings(delta.timings)), file=sys.stderr)
 
 
+def cmd_transcribe(args: argparse.Namespace) -> int:
+    """Transcribe (or translate to English) one audio file; the result in --format on stdout."""
+    import json
+    from pathlib import Path
+
+    from metronome.audio.decode import decode_audio
+    from metronome.audio.formats import ResponseFormat, render
+    from metronome.audio.transcribe import Transcriber
+
+    path = Path(args.file)
+    if not path.is_file():
+        print(f"metronome transcribe: {path}: no such file", file=sys.stderr)
+        return 2
+    audio = decode_audio(path.read_bytes())  # AudioError (a ValueError) names what is wrong with the file
+    with loading_progress(sys.stderr.isatty()) as say:
+        say("loading the speech model")
+        transcriber = Transcriber.load(args.model)
+    transcript = transcriber.transcribe(
+        audio.samples,
+        language=args.language,
+        prompt=args.prompt,
+        temperature=args.temperature,
+        task="translate" if args.translate else "transcribe",
+    )
+    body = render(transcript, ResponseFormat(args.format))
+    sys.stdout.write(body if isinstance(body, str) else json.dumps(body, ensure_ascii=False, indent=2) + "\n")
+    t = transcript.timings
+    print(
+        f"[{t.audio_s:.1f} s of audio ({audio.codec}) · transcribed in {t.total_ms / 1000:.2f} s · "
+        f"{t.audio_s / max(t.total_ms / 1000, 1e-9):.1f}x real time]",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from metronome.model.loader import load
 
@@ -154,9 +188,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     engine = load_engine(args, calibrate=True)
     seconds = time.perf_counter() - started
     r = engine.plan.report
-    from metronome.compile import available_cores
-
-    bandwidth = measure_machine(threads=engine.config.threads or available_cores()).bandwidth  # the plan's threads
+    bandwidth = measure_machine(threads=engine.config.threads).bandwidth  # the plan's threads (resolved)
     bound = bandwidth / r.weight_bytes
     how = "read from the plan cache" if r.cached else "compiled"
     print(
@@ -193,6 +225,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(c)
     c.set_defaults(func=cmd_chat)
 
+    t = sub.add_parser("transcribe", help="speech to text: transcribe an audio file with Whisper")
+    t.add_argument("file", help="an audio file: wav, flac, mp3, ogg, webm...")
+    from metronome.audio.formats import ResponseFormat  # the response formats of the API, as text
+
+    t.add_argument("--format", default="text", choices=ResponseFormat.choices(), help="output (default text)")
+    add_model_arg(t, help=SPEECH_MODEL_HELP)
+    t.add_argument("--language", default=None, help="the spoken language, e.g. en (default: detected)")
+    t.add_argument("--prompt", default=None, help="text that precedes the audio: names, spelling, style")
+    t.add_argument("--temperature", type=float, default=0.0, help="0: greedy, with Whisper's fallback (default 0)")
+    t.add_argument("--translate", action="store_true", help="translate to English (a multilingual model)")
+    t.set_defaults(func=cmd_transcribe)
+
     i = sub.add_parser("info", help="architecture, sizes, quantization and context of a model")
     i.add_argument("model_path", nargs="?", default=None)
     add_model_arg(i)
@@ -206,11 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from metronome.bench.cli import add_cli as add_bench
     from metronome.fleet.cli import add_cli as add_plan
+    from metronome.model.cli import add_cli as add_models
     from metronome.serve.cli import add_cli as add_serve
 
     add_serve(sub)
     add_bench(sub)
     add_plan(sub)
+    add_models(sub)
     return parser
 
 

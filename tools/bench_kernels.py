@@ -1,6 +1,7 @@
 """Side-by-side timings of metronome's kernels: TorchOps (reference) vs CppOps, SmolLM2-135M shapes.
 
     python tools/bench_kernels.py [--rows 1 8] [--threads 2] [--reps 15]
+    python tools/bench_kernels.py --formats [--rows 1 4] [--threads 2]   # block formats, GB/s of weight bytes
 
 Each case alternates the implementations in one process (so machine load hits both alike) and reports
 the median microseconds per call over `reps` rounds, and the ratio torch / cpp. Wall-clock times: on a
@@ -54,12 +55,53 @@ def q8_blocks(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
     return torch.cat([d, q], dim=-1).reshape(n, k // 32 * 34)
 
 
+def format_blocks(name: str, n: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, int]:
+    """A random (n, k) matrix in block kind `name` (timing only: valid layouts, random codes and scales)."""
+    from metronome.kernels.blocks import BLOCK_BYTES, BLOCK_KINDS, BLOCK_WEIGHTS
+
+    rows = (n + 3) // 4 if name == "Q4X4" else n
+    raw = torch.randint(0, 256, (rows, k // BLOCK_WEIGHTS[name], BLOCK_BYTES[name]), generator=gen, dtype=torch.uint8)
+    scale = (torch.rand(rows, k // BLOCK_WEIGHTS[name], 4, generator=gen) * 0.01).half().view(torch.uint8)
+    if name == "Q6_K":
+        raw[..., 208:210] = scale[..., :2]
+    elif name == "Q4X4":
+        raw[..., :16] = torch.cat([scale, scale], -1)
+    else:
+        raw[..., :4] = scale[..., :4] if name != "Q8_0" and name != "Q8_0_X8" else raw[..., :4]
+        raw[..., :2] = scale[..., :2]
+    return raw.reshape(rows, -1), BLOCK_KINDS[name]
+
+
+def bench_formats(cpp: CppOps, rows: list[int], reps: int) -> None:
+    """block_linear per block kind on a matrix larger than the caches: GB/s of the weight bytes read."""
+    from metronome.kernels.blocks import BLOCK_KINDS
+
+    gen = torch.Generator().manual_seed(0)
+    n, k = 32768, 2048  # 64M weights: 36 MB (Q4_K) to 71 MB (Q8_0), beyond the L3
+    for name in BLOCK_KINDS:
+        w, kind = format_blocks(name, n, k, gen)
+        for m in rows:
+            x = torch.randn(m, k, generator=gen)
+            cpp.block_linear(x, w, kind, n)  # warm up: pages, pool
+            times = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                cpp.block_linear(x, w, kind, n)
+                times.append(time.perf_counter() - t)
+            med = statistics.median(times)
+            print(
+                f"{name:8s} M={m}: {med * 1e3:7.2f} ms  {w.nbytes / med / 1e9:6.2f} GB/s of weights "
+                f"({w.nbytes / 1e6:.0f} MB, {w.nbytes * 8 / (n * k):.2f} bits/weight)"
+            )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    ap.add_argument("--formats", action="store_true", help="time block_linear per block kind instead")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -68,6 +110,9 @@ def main() -> None:
         f"load_kernels: {time.perf_counter() - t0:.1f} s (build cached after the first run); "
         f"{args.threads} threads, {args.dtype}, median us per call over {args.reps} rounds"
     )
+    if args.formats:
+        bench_formats(cpp, args.rows, args.reps)
+        return
     ref = TorchOps()
     dt = getattr(torch, args.dtype)
     gen = torch.Generator().manual_seed(0)

@@ -52,7 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The bench's options (shared by `metronome bench` and `python -m metronome.bench`)."""
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--url", help="measure a running OpenAI-compatible server, e.g. http://127.0.0.1:8000")
-    where.add_argument("--model", type=Path, help="a GGUF file (or model folder): start the server(s) on it")
+    where.add_argument(
+        "--model",
+        type=Path,
+        help="a GGUF file, model folder or registered model name (`metronome models`): start the server(s) on it",
+    )
     parser.add_argument(
         "--compare",
         default="metronome",
@@ -66,6 +70,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "memory-bandwidth bound; --output-tokens tokens, --rounds runs",
     )
     parser.add_argument(
+        "--load",
+        type=_levels,
+        metavar="USERS",
+        help="the plan's promise under load: for each number of concurrent users (e.g. 1,4,8), greedy "
+        "ignore_eos requests of --output-tokens (default 200) in process and served, per-user speed and TTFT "
+        "against the plan's calibrated step and TTFT prediction, with the engine's step profile",
+    )
+    parser.add_argument(
+        "--stall",
+        action="store_true",
+        help="with --load: also the longest gap of a streaming user while a 1.3k-token prompt arrives",
+    )
+    parser.add_argument("--in-process-only", action="store_true", help="with --load: skip the served levels")
+    parser.add_argument(
         "--speculation",
         action="store_true",
         help="in process: speculation off and on, greedy and sampled, on chat prompts whose answers "
@@ -73,6 +91,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "within --output-tokens (default 384); --rounds rounds (--spec-tokens; --draft MODEL for "
         "a draft model)",
     )
+    parser.add_argument(
+        "--voice",
+        action="store_true",
+        help="the voice loop: --audio to /v1/audio/transcriptions, the transcript as a streamed chat prompt, "
+        "until the answer's first sentence; --concurrency speakers, --rounds loops each, --output-tokens "
+        "(default 64); on --url, or a metronome server started on --model (default: the embedded model)",
+    )
+    parser.add_argument("--audio", type=Path, help="with --voice: the recording (default: beckett.wav, 10 s)")
+    parser.add_argument(
+        "--soak",
+        metavar="DURATION",
+        help="reliability under load for DURATION (45s, 10m, 1h): --users clients (2 x slots), prompts "
+        "of 10-1,500 tokens, streamed and whole, dropped streams and cancellations; fails on a lost or hung "
+        "request, server memory growing over 5 %% after warm-up, or /metrics that do not add up; on --url, "
+        "or a `metronome serve` started here (--model, --threads)",
+    )
+    parser.add_argument(
+        "--fuzz",
+        type=int,
+        metavar="CASES",
+        help="fuzz the HTTP API from its OpenAPI schema with schemathesis (pip install -e '.[test]'), up to CASES "
+        "cases per endpoint; fails on a 5xx, a hang or an answer outside the schema; on --url or a `metronome "
+        "serve` started here",
+    )
+    parser.add_argument("--users", type=int, help="with --soak: concurrent clients (default: 2 x the server's slots)")
+    parser.add_argument("--server-pid", type=int, help="with --soak --url: the server's process, for its memory")
     parser.add_argument("--name", default="server", help="label of the --url target in the report")
     parser.add_argument("--served-model", help="model id to send (default: the first id of GET /v1/models)")
     parser.add_argument("--workload", default="short", choices=tuple(PRESETS), help="preset (default short)")
@@ -96,8 +140,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="output folder (default bench-results/<date-time>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     # the engine's flags, as `metronome serve` has them: --threads is every started peer's thread count
-    # (llama.cpp and transformers too), --spec-tokens and --draft go to the metronome peer and the in-process runs
-    add_engine_args(parser, only=("threads", "spec_tokens", "draft"))
+    # (llama.cpp and transformers too), --spec-tokens and --draft go to the metronome peer and the in-process runs;
+    # --slots and --prefill-chunk to --load's engine and server
+    add_engine_args(parser, only=("threads", "spec_tokens", "draft", "slots", "prefill_chunk"))
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -175,13 +220,14 @@ def _start_targets(
     """The --url server, or the --compare peers started on --model (stopped when `stack` closes)."""
     from metronome.bench.client import normalize_base_url
     from metronome.bench.peers import context_for, parse_peers, running_peers
+    from metronome.model.registry import resolve
 
     if args.url is not None:
         return [asyncio.run(_target(args.name, normalize_base_url(args.url), args.served_model, ()))]
     started = stack.enter_context(
         running_peers(
             parse_peers(args.compare),
-            args.model,
+            resolve(args.model),  # a registered name becomes its file: every peer is given the same GGUF
             _threads(args),
             args.hf_dtype,
             context_for(config.workload),
@@ -209,6 +255,20 @@ def run(args: argparse.Namespace) -> int:
         return _run_decode_only(args, console)
     if args.speculation:
         return _run_speculation(args, console)
+    if args.load is not None:
+        from metronome.bench.load import main as run_load
+
+        try:
+            config = engine_config(args)
+        except ValueError as exc:
+            console.print(f"metronome bench: error: {exc}", markup=False)
+            return 2
+        model = str(args.model) if args.model is not None else None
+        return run_load(model, config, args.load, args.output_tokens or 200, not args.in_process_only, args.stall)
+    if args.voice:
+        return _run_voice(args, console)
+    if args.soak is not None or args.fuzz is not None:
+        return _run_soak(args, console)
     if args.url is None and args.model is None:
         console.print("metronome bench: error: give --url URL or --model PATH (or --decode-only)", markup=False)
         return 2
@@ -283,3 +343,125 @@ def _run_speculation(args: argparse.Namespace, console) -> int:
         return 2
     print(speculation_markdown(results, k, f"draft model {args.draft}" if args.draft else "prompt lookup"))
     return 0
+
+
+def _run_voice(args: argparse.Namespace, console) -> int:
+    """`--voice`: the voice loop on --url, or on a metronome server started here (stopped at the end)."""
+    import json
+
+    from metronome.bench.client import normalize_base_url
+    from metronome.bench.peers import Peer, PeerStartError, PeerUnavailable, running_peers
+    from metronome.bench.voice import default_audio, levels_json, measure_voice, voice_markdown
+
+    max_tokens = args.output_tokens or 64
+    try:
+        audio = args.audio if args.audio is not None else default_audio()
+        if not audio.is_file():
+            raise FileNotFoundError(f"--audio {audio}: no such file")
+        if args.rounds < 1 or max_tokens < 1:
+            raise ValueError("--rounds and --output-tokens must be at least 1")
+        out_dir = args.out if args.out is not None else Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")
+        with contextlib.ExitStack() as stack:
+            if args.url is not None:
+                base_url = normalize_base_url(args.url)
+            else:
+                from metronome.model.loader import default_model_path
+
+                model = args.model if args.model is not None else default_model_path()
+                peers = running_peers(
+                    [Peer.METRONOME],
+                    model,
+                    _threads(args),
+                    args.hf_dtype,
+                    2048,
+                    out_dir,
+                    args.startup_timeout,
+                    lambda line: console.print(line, markup=False),
+                )
+                base_url = stack.enter_context(peers)[0].base_url
+            levels = measure_voice(
+                base_url, audio, tuple(args.concurrency), args.rounds, max_tokens, args.request_timeout
+            )
+    except (ValueError, FileNotFoundError) as exc:
+        console.print(f"metronome bench: error: {exc}", markup=False)
+        return 2
+    except (PeerUnavailable, PeerStartError, ConnectionError) as exc:
+        console.print(f"metronome bench: error: {exc}", markup=False)
+        return 1
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "voice.json").write_text(json.dumps(levels_json(levels), indent=2))
+    text = voice_markdown(levels, audio, max_tokens)
+    (out_dir / "voice.md").write_text(text)
+    sys.stdout.write(text)
+    console.print(f"wrote {out_dir / 'voice.json'}, {out_dir / 'voice.md'}", markup=False)
+    return 0 if all(lv.ok for lv in levels) else 1
+
+
+def _run_soak(args: argparse.Namespace, console) -> int:
+    """`--soak DURATION` / `--fuzz CASES`: on --url, or on a `metronome serve` started here with its defaults
+    (stopped at the end)."""
+    import subprocess
+
+    from metronome.bench.client import normalize_base_url
+    from metronome.bench.peers import PeerStartError, PeerUnavailable, _metronome_command, _stop, free_port, wait_ready
+    from metronome.bench.soak import SoakConfig, parse_duration, rss_of, server_slots, soak
+    from metronome.bench.workloads import CharEstimate, TokenizerFileCounter
+
+    try:
+        duration = parse_duration(args.soak) if args.soak is not None else 0.0
+        counter = TokenizerFileCounter(args.tokenizer) if args.tokenizer else CharEstimate()
+        out_dir = args.out if args.out is not None else Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")
+        with contextlib.ExitStack() as stack:
+            pid = args.server_pid
+            if args.url is not None:
+                url = normalize_base_url(args.url)
+            else:
+                port = free_port()
+                argv = [*_metronome_command(), "serve", "--host", "127.0.0.1", "--port", str(port)]
+                if args.fuzz is not None:  # a body without max_tokens generates to the end of the context
+                    argv += ["--ctx", "256"]
+                if args.model is not None:
+                    argv += ["--model", str(args.model)]
+                for flag, value in (("--threads", args.threads), ("--spec-tokens", args.spec_tokens)):
+                    if value is not None:
+                        argv += [flag, str(value)]
+                out_dir.mkdir(parents=True, exist_ok=True)
+                log_path = out_dir / "soak-server.log"
+                log = stack.enter_context(open(log_path, "w", encoding="utf-8"))
+                console.print(f"starting: {' '.join(argv)} (log: {log_path})", markup=False)
+                process = subprocess.Popen(
+                    argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+                )
+                stack.callback(_stop, process)
+                url = f"http://127.0.0.1:{port}"
+                wait_ready(process, f"{url}/health", args.startup_timeout, log_path, "metronome")
+                pid = process.pid
+            if args.fuzz is not None:
+                from metronome.bench.fuzz import run_fuzz
+
+                console.print(f"fuzz: up to {args.fuzz} cases per endpoint on {url}", markup=False)
+                fuzzed = run_fuzz(url, args.fuzz, out_dir / "fuzz", seed=args.seed)
+                print(fuzzed.output)
+                print(fuzzed.summary())
+                return 0 if fuzzed.passed else 1
+            users = args.users if args.users is not None else 2 * server_slots(url)
+            config = SoakConfig(
+                duration_s=duration,
+                users=users,
+                max_output_tokens=args.output_tokens or SoakConfig.max_output_tokens,
+                request_timeout_s=args.request_timeout,
+                seed=args.seed,
+            )
+            console.print(
+                f"soak: {duration:g} s on {url}, {users} users"
+                + (f", server memory from pid {pid}" if pid else ", server memory not watched (no --server-pid)"),
+                markup=False,
+            )
+            result = asyncio.run(
+                soak(url, config, rss_of(pid) if pid else None, counter, lambda m: console.print(m, markup=False))
+            )
+    except (ValueError, FileNotFoundError, PeerUnavailable, PeerStartError, ConnectionError, RuntimeError) as exc:
+        console.print(f"metronome bench: error: {exc}", markup=False)
+        return 2
+    print(result.summary())
+    return 0 if result.passed else 1

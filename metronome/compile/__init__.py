@@ -4,6 +4,6 @@
 model; fused.py: the C++ decoder)."""
 
 from metronome.compile.plan import Plan, PlanError, PlanReport
-from metronome.compile.stages import available_cores, compile_plan, default_ctx
+from metronome.compile.stages import available_cores, compile_plan, default_ctx, resolve_settings
 
-__all__ = ["Plan", "PlanError", "PlanReport", "available_cores", "compile_plan", "default_ctx"]
+__all__ = ["Plan", "PlanError", "PlanReport", "available_cores", "compile_plan", "default_ctx", "resolve_settings"]

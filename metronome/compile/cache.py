@@ -16,7 +16,9 @@ from metronome.config import EngineConfig
 from metronome.kernels.ops import CppOps, Ops, build_directory
 from metronome.model.loader import LoadedModel
 
-PLAN_CACHE_VERSION = 2  # 2: the compile package (runner/fused/stages) replaced plan.py
+PLAN_CACHE_VERSION = (
+    4  # 2: the compile package (runner/fused/stages) replaced plan.py; 3: matrices as segments; 4: prompt_row_ms
+)
 
 
 def plan_cache_path(loaded: LoadedModel, config: EngineConfig, weights: str, ops: Ops, threads: int) -> Path:
@@ -61,7 +63,9 @@ def write_plan_cache(
     decode_mode: str,
     invariance: str,
     step_ms: dict[int, float],
-    matrices: list[tuple[torch.Tensor, int]] | None,
+    prompt_row_ms: tuple[float, float],
+    step_ms_far: dict[int, float],
+    matrices: list[list] | None,
 ) -> None:
     """Atomically (write, then rename): a concurrent reader sees the old file or the new one."""
     saved = {
@@ -69,6 +73,8 @@ def write_plan_cache(
         "decode_mode": decode_mode,
         "invariance": invariance,
         "step_ms": step_ms,
+        "prompt_row_ms": prompt_row_ms,
+        "step_ms_far": step_ms_far,
         "matrices": matrices,
     }
     path.parent.mkdir(parents=True, exist_ok=True)

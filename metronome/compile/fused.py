@@ -1,5 +1,5 @@
 """The fused CPU runner: every layer of a step in one call to the C++ `Decoder` (kernels/csrc), weights
-in block formats (quant.block_matrix: packed Q4 / Q8_0), activations in float32.
+in block formats (quant.block_matrix: the file's own blocks in place, packed Q4, Q8_0), activations in float32.
 
 It works on token rows: row r is one token of slot slots[r] at position positions[r]. A decode step is one
 row per live slot, a prompt is its tokens as rows of one slot, a drafted continuation being verified is
@@ -12,10 +12,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from metronome.compile.quant import block_matrix, dense
+from metronome.compile.moe import fused_moe_layer
+from metronome.compile.quant import block_matrix, cacheable, dense, file_view
 from metronome.config import ModelConfig
+from metronome.kernels.decoder import BlockPart
 from metronome.kernels.ops import CppOps, LayerWeights, dequantize_q8_0
 from metronome.model.loader import QuantTensor, Weight
+from metronome.model.moe import active_weight_bytes
 from metronome.model.transformer import FUSED, KVCache, Rope
 
 PREFILL_CHUNK = 256  # token rows per call of the fused decoder
@@ -31,11 +34,11 @@ class FusedRunner:
         cache: KVCache,
         mode: str,
         ops: CppOps,
-        packed: list[tuple[torch.Tensor, int]] | None = None,
+        packed: list[list] | None = None,
     ) -> None:
         """`packed`: the block matrices of an earlier build of the same model and mode (the plan cache)."""
         self.cfg, self.ops = cfg, ops
-        self.matrices: list[tuple[torch.Tensor, int]] = []  # every block matrix, in build order
+        self.matrices: list[list] = []  # every block matrix in build order, as the plan cache keeps it
         attn_scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
         self.decoder = ops.decoder(
             hidden=cfg.hidden_size,
@@ -51,40 +54,44 @@ class FusedRunner:
         )
         self.weight_bytes = 0
 
-        def matrix(*names: str) -> tuple[torch.Tensor, int]:
-            if packed is not None:
-                blocks, kind = packed[len(self.matrices)]
-            else:
-                blocks, kind, _rows = block_matrix([weights[n] for n in names], mode)
-            self.weight_bytes += blocks.nbytes
-            self.matrices.append((blocks, kind))
-            return blocks, kind
+        def matrix(*names: str) -> list[BlockPart]:
+            cached = packed[len(self.matrices)] if packed is not None else None
+            segments = block_matrix([weights[n] for n in names], mode, cached)
+            self.weight_bytes += sum(blocks.nbytes for blocks, _kind, _rows in segments)
+            self.matrices.append(cacheable(segments))
+            return segments
 
         def vector(name: str) -> torch.Tensor | None:
             if name not in weights:
                 return None
             return dense(weights[name]).contiguous()  # the decoder holds a reference to what it is given
 
+        expert_bytes = 0
+        self.moe_layers: list = []  # the C++ MoeLayer of each MoE layer (their timings: bench/moe.py)
         for i in range(cfg.num_layers):
             p = f"layers.{i}."
-            qkv, qkv_kind = matrix(*(p + f"{n}.weight" for n in FUSED["wqkv"]))
+            qkv = matrix(*(p + f"{n}.weight" for n in FUSED["wqkv"]))
             bias = torch.cat([dense(weights[p + f"{n}.bias"]) for n in FUSED["wqkv"]]) if cfg.qkv_bias else None
             if bias is not None:
                 self.weight_bytes += bias.nbytes
             window = cfg.sliding_window if cfg.is_sliding(i) else None
-            o, o_kind = matrix(p + "wo.weight")  # build order (qkv, o, gate_up, down): the plan cache's order
-            gate_up, gate_up_kind = matrix(*(p + f"{n}.weight" for n in FUSED["w_gate_up"]))
-            down, down_kind = matrix(p + "w_down.weight")
+            o = matrix(p + "wo.weight")  # build order (qkv, o, gate_up, down): the plan cache's order
+            moe = None
+            if cfg.is_moe:  # experts in place of the MLP (compile/moe.py)
+                moe, experts, floats = fused_moe_layer(ops, cfg, weights, i, matrix)
+                self.moe_layers.append(moe)
+                expert_bytes += experts
+                self.weight_bytes += floats
+                gate_up, down = [], []
+            else:
+                gate_up = matrix(*(p + f"{n}.weight" for n in FUSED["w_gate_up"]))
+                down = matrix(p + "w_down.weight")
             layer = LayerWeights(
                 qkv=qkv,
-                qkv_kind=qkv_kind,
                 qkv_bias=bias,
                 o=o,
-                o_kind=o_kind,
                 gate_up=gate_up,
-                gate_up_kind=gate_up_kind,
                 down=down,
-                down_kind=down_kind,
                 attn_norm=vector(p + "attn_norm.weight"),
                 mlp_norm=vector(p + "mlp_norm.weight"),
                 post_attn_norm=vector(p + "post_attn_norm.weight"),
@@ -93,19 +100,21 @@ class FusedRunner:
                 k_norm=vector(p + "k_norm.weight"),
                 window=window or 0,
                 local_rope=window is not None and cfg.rope_local_theta is not None,
+                moe=moe,
             )
             self.decoder.add_layer(**layer.kwargs())
         self.norm = vector("norm.weight")
         head = "head.weight" if "head.weight" in weights else "embed.weight"  # tied
-        self.head, self.head_kind = matrix(head)
+        [(self.head, self.head_kind, _rows)] = matrix(head)
         self.embed = weights["embed.weight"]
         if isinstance(self.embed, QuantTensor) and self.embed.qtype == "Q8_0":
-            self._embed_q8 = torch.from_numpy(np.array(self.embed.raw)).reshape(cfg.vocab_size, -1)
+            self._embed_q8 = file_view(self.embed.raw, cfg.vocab_size)  # rows are copied out as tokens need them
         elif isinstance(self.embed, QuantTensor):
             self._embed_q8 = None
         else:
             self._embed_q8, self.embed = None, self.embed.float()
-        self.weight_bytes += self._embed_row_bytes()
+        # a token reads only its active experts' blocks (model/moe.py: the one accounting of that)
+        self.weight_bytes = active_weight_bytes(self.weight_bytes, expert_bytes, cfg) + self._embed_row_bytes()
         self.rope = Rope(cfg, cfg.rope_theta, cache.ctx)
         self.rope_local = (
             Rope(cfg, cfg.rope_local_theta, cache.ctx, apply_scaling=False) if cfg.rope_local_theta else self.rope
@@ -163,5 +172,10 @@ class FusedRunner:
         x = self.hidden(torch.tensor(ids), torch.full((T,), slot), torch.arange(T))
         return self.logits(x) if all_logits else self.logits(x[-1:])[0]
 
-    def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
-        return self.logits(self.hidden(torch.tensor(tokens), torch.tensor(slots), torch.tensor(positions)))
+    def decode(
+        self, slots: list[int], tokens: list[int], positions: list[int], logit_rows: list[int] | None = None
+    ) -> torch.Tensor:
+        x = self.hidden(torch.tensor(tokens), torch.tensor(slots), torch.tensor(positions))
+        if logit_rows is not None and len(logit_rows) != len(slots):
+            x = x[logit_rows]  # the head is the largest matrix: run it only on the rows that sample
+        return self.logits(x)

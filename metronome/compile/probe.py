@@ -1,16 +1,20 @@
 """Two measurements a plan takes of itself at compile time, on the real weights:
 - the batch-invariance probe, which decides the decode shape ("compact" or "fixed");
-- calibration, the median step latency at each number of live slots (what the server promises)."""
+- calibration, the median step latency at each number of live slots (what the server promises), and the
+  cost of a prompt row run beside them (chunked prefill: what a new prompt adds to everyone's step)."""
 
 from __future__ import annotations
 
 import time
 from statistics import median
+from typing import Callable
 
 import torch
 
 from metronome.compile.runner import Runner
 from metronome.config import ModelConfig
+
+NEAR_POSITION = 64  # where step_ms is calibrated (a short conversation)
 
 
 def choose_decode_mode(runner: Runner, cfg: ModelConfig, slots: int) -> tuple[str, str]:
@@ -33,20 +37,68 @@ def choose_decode_mode(runner: Runner, cfg: ModelConfig, slots: int) -> tuple[st
     return "compact", f"bitwise identical for 1 and {slots} live slots: compact rows"
 
 
-def calibrate(runner: Runner, slots: int, ctx: int, device: torch.device, steps: int = 5) -> dict[int, float]:
-    """Median decode-step latency (ms) at each number of live slots, from `steps` timed steps after a warm-up."""
-    pos = min(64, ctx - 1)
+def calibrate(
+    runner: Runner, slots: int, ctx: int, device: torch.device, steps: int = 5, position: int = NEAR_POSITION
+) -> dict[int, float]:
+    """Median decode-step latency (ms) at each number of live slots, every row at `position` (attention
+    reads that many cached tokens), from `steps` timed steps after a warm-up.
+
+    Every row count is run once before any is timed: the first calls touch the weights' pages and the
+    scratch buffers, and timing 1 slot first charged that to it (a 1-row step came out slower than 2)."""
+    pos = min(position, ctx - 1)
     out = {}
+
+    def run(live: int) -> None:
+        rows = list(range(live))
+        runner.decode(rows, [1] * live, [pos] * live)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     with torch.inference_mode():
+        for live in range(slots, 0, -1):  # warm-up
+            run(live)
         for live in range(1, slots + 1):
-            rows = list(range(live))
-            runner.decode(rows, [1] * live, [pos] * live)  # warm-up
-            times = []
-            for _ in range(steps):
-                t0 = time.perf_counter()
-                runner.decode(rows, [1] * live, [pos] * live)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append((time.perf_counter() - t0) * 1000)
-            out[live] = median(times)
+            out[live] = _median_ms(lambda live=live: run(live), steps)
     return out
+
+
+def far_position(ctx: int) -> int:
+    """The second calibration position: a long conversation, within the context."""
+    return max(NEAR_POSITION + 1, min(1024, ctx - 1))
+
+
+def calibrate_prompt_rows(runner: Runner, slots: int, ctx: int, chunk: int, steps: int = 3) -> tuple[float, float]:
+    """Median cost (ms) of one prompt row (a) beside a full batch of decode rows: the slope between a step of
+    `slots - 1` decode rows and the same step with `chunk` prompt rows of another slot added (chunked
+    prefill), and (b) alone, in a whole PREFILL_CHUNK of one prompt (nobody decoding). Runners that cannot
+    mix rows run prompts apart: (NaN, alone)."""
+    alone_rows = min(256, ctx - 1)
+    with torch.inference_mode():
+        ids = [1] * alone_rows
+        runner.prefill(ids, 0)  # warm-up
+        alone = _median_ms(lambda: runner.prefill(ids, 0), steps) / alone_rows
+    if not runner.any_rows or slots < 2:
+        return float("nan"), alone
+    pos = min(64, ctx - 1)
+    first = min(256, max(0, ctx - chunk - 1))  # a prompt chunk partway in: its rows attend to earlier ones
+    decode = list(range(slots - 1))
+    prompt_slot = slots - 1
+    rows = decode + [prompt_slot] * chunk
+    tokens = [1] * len(rows)
+    positions = [pos] * len(decode) + list(range(first, first + chunk))
+    logit_rows = list(range(len(decode)))
+    with torch.inference_mode():
+        runner.decode(decode, [1] * len(decode), [pos] * len(decode))  # warm-up
+        runner.decode(rows, tokens, positions, logit_rows)
+        base = _median_ms(lambda: runner.decode(decode, [1] * len(decode), [pos] * len(decode)), steps)
+        mixed = _median_ms(lambda: runner.decode(rows, tokens, positions, logit_rows), steps)
+    return max(0.0, mixed - base) / chunk, alone
+
+
+def _median_ms(fn: Callable[[], object], steps: int) -> float:
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    return median(times)

@@ -10,11 +10,14 @@ Both kernels take bf16 activations; the plan runs the rest of the network in bf1
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from torch import nn
 
-from metronome.kernels.blocks import Q4X4_BYTES, Q4X4_KIND, Q8_0_KIND
+from metronome.kernels.blocks import FILE_KINDS, Q4X4_BYTES, Q4X4_KIND, Q8_0_KIND
+from metronome.kernels.decoder import BlockPart
 from metronome.model.loader import QuantTensor
 
 GROUP = 32  # GGUF's block size, used as the int4 group size
@@ -159,7 +162,7 @@ def quantize(model: nn.Module, weights: dict[str, QuantTensor | torch.Tensor], m
 
 # ---------------------------------------------------------------------------------------------
 # Block formats of the fused CPU decoder (csrc/blocks.h, block_linear_rows): the kind codes and sizes
-# are kernels.blocks' (Q8_0_KIND, Q4X4_KIND, Q4X4_BYTES), checked there against the C++ export.
+# are kernels.blocks' (Q8_0_KIND, Q4X4_KIND, Q4X4_BYTES, FILE_KINDS), checked there against the C++ export.
 
 
 def pack_q4(t: QuantTensor) -> torch.Tensor:
@@ -203,14 +206,41 @@ def dense(w: QuantTensor | torch.Tensor) -> torch.Tensor:
     return w.dequantize() if isinstance(w, QuantTensor) else w.float()
 
 
-def block_matrix(parts: list[QuantTensor | torch.Tensor], mode: str) -> tuple[torch.Tensor, int, int]:
-    """The rows of `parts` stacked, in the fused decoder's format: (blocks, kind, rows). The file's Q4_0/Q4_1
-    blocks packed as they are when mode is "int4"; the file's Q8_0 rows as they are; anything else
-    quantized to Q8_0 (32-weight blocks, finer than per-channel int8)."""
-    source = QuantTensor.stack(parts)
-    rows = sum(p.shape[0] for p in parts)
-    if mode == "int4" and source is not None and source.qtype in ("Q4_0", "Q4_1"):
-        return pack_q4(source), Q4X4_KIND, rows
-    if source is not None and source.qtype == "Q8_0":
-        return torch.from_numpy(np.array(source.raw)).reshape(rows, -1), Q8_0_KIND, rows
-    return quantize_q8_0(torch.cat([dense(p) for p in parts])), Q8_0_KIND, rows
+def file_view(raw: np.ndarray, rows: int) -> torch.Tensor:
+    """A GGUF tensor's stored blocks as a (rows, bytes per row) uint8 tensor sharing the loader's memory:
+    for a GGUF file, its read-only map (no copy; pages come in as the kernels first read them)."""
+    arr = np.asarray(raw).reshape(rows, -1)
+    with warnings.catch_warnings():
+        # torch warns that writing through a read-only array is undefined; the kernels only read it.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(arr)
+
+
+def block_matrix(
+    parts: list[QuantTensor | torch.Tensor], mode: str, cached: list[BlockPart] | None = None
+) -> list[BlockPart]:
+    """The rows of `parts` stacked, in the fused decoder's formats: one (blocks, kind, rows) segment per
+    part. Blocks the kernels read as the file stores them (Q8_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) stay views
+    of the file; Q4_0/Q4_1 blocks are packed as they are when mode is "int4"; anything else is quantized
+    to Q8_0 (32-weight blocks, finer than per-channel int8). `cached`: the same matrix from the plan
+    cache (`cacheable`), whose packed segments are taken instead of packing again."""
+    segments: list[BlockPart] = []
+    for i, part in enumerate(parts):
+        rows = part.shape[0]
+        saved = cached[i] if cached is not None else None
+        if isinstance(part, QuantTensor) and part.qtype in FILE_KINDS:
+            segments.append((file_view(part.raw, rows), FILE_KINDS[part.qtype], rows))
+        elif saved is not None and saved[0] is not None:
+            segments.append(saved)
+        elif mode == "int4" and isinstance(part, QuantTensor) and part.qtype in ("Q4_0", "Q4_1"):
+            segments.append((pack_q4(part), Q4X4_KIND, rows))
+        else:
+            segments.append((quantize_q8_0(dense(part)), Q8_0_KIND, rows))
+    return segments
+
+
+def cacheable(segments: list[BlockPart]) -> list[tuple[torch.Tensor | None, int, int]]:
+    """A matrix as the plan cache keeps it: packed segments as they are, views of the file as None
+    (block_matrix takes them from the file again, at no cost; the cache stays the size of what was packed)."""
+    file_kinds = set(FILE_KINDS.values())
+    return [(None if kind in file_kinds else blocks, kind, rows) for blocks, kind, rows in segments]

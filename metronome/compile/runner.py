@@ -17,6 +17,7 @@ import torch
 
 from metronome.compile.quant import Int4Linear, Int8Linear, Q8Linear
 from metronome.config import EngineConfig
+from metronome.model.moe import MoE, Router, active_weight_bytes
 from metronome.model.transformer import KVCache, Rows, Transformer
 
 
@@ -30,8 +31,11 @@ class Runner(Protocol):
     def prefill(self, ids: list[int], slot: int, all_logits: bool = False) -> torch.Tensor:
         """Run a prompt into `slot` from position 0: logits of its last position (V,), or of all (T, V)."""
 
-    def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
-        """One row per entry (slot, token, position): logits (rows, V) float32 in the same order."""
+    def decode(
+        self, slots: list[int], tokens: list[int], positions: list[int], logit_rows: list[int] | None = None
+    ) -> torch.Tensor:
+        """One row per entry (slot, token, position): logits (rows, V) float32 in the same order, or only
+        of the rows listed in `logit_rows` (a prompt chunk's rows need none but the prompt's last)."""
 
 
 class TorchRunner:
@@ -58,7 +62,13 @@ class TorchRunner:
         logits = self.model(tokens, positions, self.cache, rows, self._slot_ids[slot : slot + 1], all_logits=all_logits)
         return logits[0]
 
-    def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
+    def decode(
+        self, slots: list[int], tokens: list[int], positions: list[int], logit_rows: list[int] | None = None
+    ) -> torch.Tensor:
+        logits = self._decode(slots, tokens, positions)
+        return logits if logit_rows is None or len(logit_rows) == len(slots) else logits[logit_rows]
+
+    def _decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
         n = len(slots)
         if self.decode_mode == "compact":
             self._tokens[:n, 0] = torch.tensor(tokens)
@@ -114,7 +124,8 @@ class CudaGraph:
 
 
 def _weight_bytes_per_step(model: Transformer) -> int:
-    """Bytes of weights one decode step reads: every linear layer's matrix, plus one embedding row."""
+    """Bytes of weights one token's decode step reads: every linear layer's matrix, plus one embedding row;
+    of an MoE model's routed experts only the `experts_per_token` active ones (moe.active_weight_bytes)."""
     total = 0
     seen: set[int] = set()
     for m in model.modules():
@@ -123,5 +134,17 @@ def _weight_bytes_per_step(model: Transformer) -> int:
         elif isinstance(m, torch.nn.Linear) and id(m.weight) not in seen:
             seen.add(id(m.weight))
             total += m.weight.nbytes + (m.bias.nbytes if m.bias is not None else 0)
+        elif isinstance(m, Router):  # MoE routers and shared-expert gates (float32, always read)
+            total += m.weight.nbytes
+    experts = sum(_linear_bytes(e) for m in model.modules() if isinstance(m, MoE) for e in m.experts)
     emb = model.embed.weight
-    return total + emb[0].nbytes
+    return active_weight_bytes(total, experts, model.cfg) + emb[0].nbytes
+
+
+def _linear_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the linear layers inside `module` (an expert)."""
+    return sum(
+        m.nbytes if isinstance(m, (Int4Linear, Int8Linear, Q8Linear)) else m.weight.nbytes
+        for m in module.modules()
+        if isinstance(m, (Int4Linear, Int8Linear, Q8Linear, torch.nn.Linear))
+    )

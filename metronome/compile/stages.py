@@ -10,6 +10,7 @@ cache      a calibrated plan is saved on disk; the next compile reads it back an
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -20,19 +21,19 @@ from metronome.compile.cache import plan_cache_path, read_plan_cache, write_plan
 from metronome.compile.fused import FusedRunner
 from metronome.compile.plan import Plan, PlanError, PlanReport
 from metronome.compile.probe import calibrate as calibrate_steps
-from metronome.compile.probe import choose_decode_mode
+from metronome.compile.probe import calibrate_prompt_rows, choose_decode_mode, far_position
 from metronome.compile.quant import dense, quantize
 from metronome.compile.runner import Runner, TorchRunner
-from metronome.config import EngineConfig, ModelConfig
+from metronome.config import DEFAULT_CTX, EngineConfig, ModelConfig
 from metronome.kernels.ops import CppOps, KernelBuildError, Ops, StaticOps, TorchOps, load_kernels
 from metronome.model.loader import LoadedModel, QuantTensor
+from metronome.model.moe import use_dense_dispatch
 from metronome.model.transformer import KVCache, build_model, use_ops
 
 # Run-time weight formats -> activation and KV-cache dtype. int4/int8 are weight-only (quant.py) with bf16
 # activations on the torch path; the fused decoder keeps activations in float32 and the cache in this dtype.
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16, "int4": torch.bfloat16}
 
-DEFAULT_CTX = EngineConfig.ctx  # the record's default, capped by the model's own context
 
 Say = Callable[[str], None]
 
@@ -40,6 +41,13 @@ Say = Callable[[str], None]
 def default_ctx(cfg: ModelConfig, requested: int | None) -> int:
     """The context a plan holds: as requested, else 2048 or the model's own context if that is shorter."""
     return requested if requested is not None else min(DEFAULT_CTX, cfg.max_position)
+
+
+def resolve_settings(cfg: ModelConfig, config: EngineConfig) -> EngineConfig:
+    """The settings a plan runs with, whichever entry point built `config` (`Engine.from_model`, the CLI,
+    `serve`): ctx None -> DEFAULT_CTX or the model's own context if shorter; threads None -> every core this
+    process may use. The one place where defaults that depend on the model or the machine are decided."""
+    return dataclasses.replace(config, ctx=default_ctx(cfg, config.ctx), threads=config.threads or available_cores())
 
 
 def available_cores() -> int:
@@ -66,6 +74,7 @@ def compile_plan(
     With `cache`, a calibrated plan is saved on disk (see `cache.plan_cache_path`) and a later compile of
     the same model file with the same settings on the same machine and code reads it back."""
     say = progress or (lambda _msg: None)
+    config = resolve_settings(loaded.config, config)
     r = resolve(loaded, config, say)
     path = plan_cache_path(loaded, config, r.weights, r.ops, r.threads) if cache else None
     saved = read_plan_cache(path, say) if path is not None else None
@@ -73,6 +82,8 @@ def compile_plan(
     runner = build(loaded, config, r, kv, saved, say)
     if saved is not None:
         runner.decode_mode, invariance, step_ms = saved["decode_mode"], saved["invariance"], saved["step_ms"]
+        prompt_row_ms, prefill_row_ms = saved["prompt_row_ms"]
+        step_ms_far = saved["step_ms_far"]
     else:
         say("checking batch invariance of the decode step")
         _, invariance = choose_decode_mode(runner, loaded.config, config.slots)
@@ -80,17 +91,33 @@ def compile_plan(
             raise RuntimeError(
                 f"fused decoder failed its batch-invariance probe ({invariance}): a kernel bug, please report it"
             )
+    if isinstance(runner, TorchRunner) and (runner.decode_mode == "fixed" or runner.device.type == "cuda"):
+        use_dense_dispatch(runner.model)  # MoE blocks at fixed shapes whatever the routing (model/moe.py)
     if isinstance(runner, TorchRunner) and runner.device.type == "cuda":
         say("capturing the decode step as CUDA graphs")
         runner.capture_graphs()
     if saved is None:
-        step_ms = calibrate_steps(runner, config.slots, config.ctx, torch.device(config.device)) if calibrate else {}
+        device = torch.device(config.device)
+        step_ms = calibrate_steps(runner, config.slots, config.ctx, device) if calibrate else {}
+        # the same steps deep into the context: attention's share grows with the position (step_ms_at)
+        step_ms_far = (
+            calibrate_steps(runner, config.slots, config.ctx, device, position=far_position(config.ctx))
+            if calibrate
+            else {}
+        )
+        prompt_row_ms, prefill_row_ms = (
+            calibrate_prompt_rows(runner, config.slots, config.ctx, config.prefill_chunk)
+            if calibrate
+            else (float("nan"), float("nan"))
+        )
         if path is not None and calibrate:
             write_plan_cache(
                 path,
                 runner.decode_mode,
                 invariance,
                 step_ms,
+                (prompt_row_ms, prefill_row_ms),
+                step_ms_far,
                 runner.matrices if isinstance(runner, FusedRunner) else None,
             )
     report = PlanReport(
@@ -102,6 +129,10 @@ def compile_plan(
         weight_bytes=runner.weight_bytes,
         kv_cache_bytes=kv.nbytes(),
         step_ms=step_ms,
+        step_ms_far=step_ms_far,
+        far_position=far_position(config.ctx),
+        prompt_row_ms=prompt_row_ms,
+        prefill_row_ms=prefill_row_ms,
         invariance=invariance,
         kernels=r.kernels,
         cached=saved is not None,
@@ -122,7 +153,7 @@ def resolve(loaded: LoadedModel, config: EngineConfig, say: Say) -> Resolved:
     weights = resolve_weights(loaded, config)
     ops, kernels = _choose_ops(config, say)
     why_not = _why_not_fused(cfg, weights, ops)
-    threads = config.threads or available_cores()
+    threads = config.threads or available_cores()  # resolved already when called from compile_plan
     if why_not is None:
         # The decoder computes on its own pool; torch keeps one thread for the small glue around it. Its OpenMP
         # team would otherwise spin between steps on the same cores (docs/performance.md).
@@ -158,6 +189,8 @@ def _why_not_fused(cfg: ModelConfig, weights: str, ops: Ops) -> str | None:
     if weights not in ("int4", "int8"):
         return f"the fused decoder runs block-quantized weights (int4/int8), not {weights}"
     dims = {"hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size, "q_size": cfg.q_size}
+    if cfg.is_moe:
+        dims |= {"moe_intermediate_size": cfg.moe_intermediate_size, "shared_expert_size": cfg.shared_expert_size}
     odd = [f"{k}={v}" for k, v in dims.items() if v % 32]
     if odd or cfg.head_dim % 16:
         return f"the fused decoder needs multiples of 32 (blocks) and a head_dim multiple of 16: {', '.join(odd) or cfg.head_dim}"

@@ -91,6 +91,8 @@ class Request:
     choices: list[Choice] = field(default_factory=list)
     finish_reason: str | None = None
     draft_k: int = 0  # tokens to draft next step (adapts to how many were accepted)
+    prefilled: int = 0  # prompt tokens already in the KV cache (a prompt runs in chunks, beside decode rows)
+    predicted_ttft_ms: float = float("nan")  # the plan's promise at submit (NaN: uncalibrated, or no free slot)
 
     @property
     def position(self) -> int:

@@ -32,6 +32,19 @@ class RequestSampler:
         if params.repetition_penalty != 1.0 and prompt_ids:
             self._seen[torch.tensor([t for t in prompt_ids if t < vocab_size], dtype=torch.long)] = True
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing to apply but argmax (no penalties, no logprobs): the step may pick the
+        token for this row in one batched argmax over all rows (engine._greedy_tokens)."""
+        p = self.params
+        return (
+            p.temperature == 0.0
+            and not (p.logprobs or p.top_logprobs)
+            and p.repetition_penalty == 1.0
+            and not p.presence_penalty
+            and not p.frequency_penalty
+        )
+
     def observe(self, token: int) -> None:
         """Record a token that was emitted (for penalties)."""
         self._counts[token] += 1

@@ -17,7 +17,8 @@ token follows p restricted to the other tokens.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+import time
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -64,9 +65,15 @@ class NgramDrafter:
 class ModelDrafter:
     """A smaller model with the same vocabulary, decoded greedily in its own fused plan (its own KV cache,
     one slot per engine slot). Keeps each slot's cache in step with the accepted text: only the tokens
-    not yet in its cache are run before drafting."""
+    not yet in its cache are run before drafting.
 
-    def __init__(self, plan: Plan, vocab_size: int) -> None:
+    Greedy drafting is sequential, one draft-model step per token, unless `lookup` (prompt lookup) guesses
+    the continuation: then the guess is checked in one call, as rows of the draft model's slot (rows are
+    independent, so row j gives the logits sequential decoding would after guesses 0..j-1), and the
+    guessed tokens the draft model agrees with are taken at the cost of one step. The drafts are the same
+    tokens as without `lookup`, only cheaper where the answer copies its prompt (a code edit)."""
+
+    def __init__(self, plan: Plan, vocab_size: int, lookup: Drafter | None = None) -> None:
         if not plan.runner.any_rows:
             raise ValueError("the draft model needs a fused plan (int4/int8 weights with the C++ kernels on CPU)")
         if plan.cfg.vocab_size != vocab_size:
@@ -74,12 +81,19 @@ class ModelDrafter:
                 f"the draft model's vocabulary ({plan.cfg.vocab_size} tokens) differs from the model's "
                 f"({vocab_size}); a draft model must share the tokenizer"
             )
-        self.plan = plan
+        self.plan, self.lookup = plan, lookup
         self.valid = [0] * plan.config.slots  # tokens of the slot's text whose keys/values are in the cache
         self.fed: list[list[int]] = [[] for _ in range(plan.config.slots)]  # drafts written after them
+        self.calls = 0  # draft-model decode calls (for tests and measurements)
 
     def reset(self, slot: int) -> None:
         self.valid[slot], self.fed[slot] = 0, []
+        if self.lookup is not None:
+            self.lookup.reset(slot)
+
+    def _decode(self, slot: int, tokens: list[int], first: int) -> torch.Tensor:
+        self.calls += 1
+        return self.plan.decode([slot] * len(tokens), tokens, list(range(first, first + len(tokens))))
 
     def propose(self, slot: int, ids: Sequence[int], k: int) -> list[int]:
         if k <= 0:
@@ -97,10 +111,114 @@ class ModelDrafter:
         k = min(k, ctx - n)
         if k <= 0:
             return []
-        new = list(ids[done:])
-        logits = self.plan.decode([slot] * len(new), new, list(range(done, n)))  # (len(new), V)
+        logits = self._decode(slot, list(ids[done:]), done)  # (n - done, V)
         drafts = [int(torch.argmax(logits[-1]))]
-        for j in range(1, k):
-            drafts.append(int(torch.argmax(self.plan.decode([slot], [drafts[-1]], [n + j - 1])[0])))
+        guess = self.lookup.propose(slot, [*ids, drafts[0]], k - 1) if self.lookup is not None and k > 1 else []
+        if guess:
+            # rows: drafts[0] at n, guess[i] at n + 1 + i; row i predicts the token after it
+            rows = self._decode(slot, [drafts[0], *guess], n)
+            for i, g in enumerate(guess):
+                model = int(torch.argmax(rows[i]))
+                drafts.append(model)
+                if model != g or len(drafts) == k:
+                    break
+            else:
+                if len(drafts) < k:  # every guess agreed: the row after the last gives one more
+                    drafts.append(int(torch.argmax(rows[len(guess)])))
+        for j in range(len(drafts), k):
+            drafts.append(int(torch.argmax(self._decode(slot, [drafts[-1]], n + j - 1)[0])))
         self.valid[slot], self.fed[slot] = n, drafts[:-1]  # the last draft was never run
         return drafts
+
+
+class PayingDrafter:
+    """Drafts only while drafting pays, for a drafter whose drafts cost time (a draft model).
+
+    It times itself: `propose` is called once per engine step while one request runs, so the time from the
+    end of one call to the start of the next is the rest of that step (verification, sampling, emitting),
+    and the call itself is the drafting. Drafting pays when the tokens it emits come faster than plain
+    steps would: over a window of `window` drafting steps, the sum of (1 + accepted) * plain exceeds the sum
+    of draft + step times, with `plain` the step time measured while not drafting (until one is measured:
+    the step itself, speculation's premise being that extra rows of a memory-bound step are nearly free;
+    a short plain probe after `probe_after` drafting steps measures it early). When a window does not pay,
+    drafting pauses for `pause` steps (doubling while it keeps losing, up to `max_pause`), then tries again;
+    the first step after a pause (the draft model catching up on the paused tokens) is not judged.
+    Drafts never change the output (see above), only its speed: timing noise can cost speed, never
+    correctness."""
+
+    def __init__(
+        self,
+        inner: Drafter,
+        window: int = 8,
+        pause: int = 8,
+        max_pause: int = 256,
+        probe_after: int = 4,
+        probe: int = 2,
+        smoothing: float = 0.25,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        if not (window >= 1 and 1 <= pause <= max_pause and probe >= 1 and 0 < smoothing <= 1):
+            raise ValueError(
+                "need window >= 1, 1 <= pause <= max_pause, probe >= 1 and 0 < smoothing <= 1 (got "
+                f"window={window}, pause={pause}, max_pause={max_pause}, probe={probe}, smoothing={smoothing})"
+            )
+        self.inner, self.clock, self.window = inner, clock, window
+        self.min_pause, self.max_pause, self.probe_after, self.probe = pause, max_pause, probe_after, probe
+        self.smoothing = smoothing
+        self.plain_s: float | None = None  # seconds per step without drafts (smoothed); kept across requests
+        self.pause = pause  # the next pause's length
+        self.paused = 0  # steps left without drafting
+        self.drafting_steps = 0  # judged drafting steps, all requests
+        self.pauses = 0  # pauses for not paying (not counting the probe)
+        self._gain = self._cost = 0.0  # this window: (1 + accepted) * plain, and draft + step seconds
+        self._judged = 0  # steps in this window
+        self._resumed = False  # the next drafting step follows a pause (not judged)
+        self._last: tuple[int, int, int, float, float] | None = None  # slot, len(ids), drafts, end, draft s
+
+    def reset(self, slot: int) -> None:
+        self.inner.reset(slot)
+        self._last = None
+
+    def propose(self, slot: int, ids: Sequence[int], k: int) -> list[int]:
+        start = self.clock()
+        self._observe(slot, len(ids), start)
+        if self.paused > 0:
+            self.paused -= 1
+            self._resumed = True
+            self._last = (slot, len(ids), 0, self.clock(), 0.0)
+            return []
+        drafts = self.inner.propose(slot, ids, k)
+        end = self.clock()
+        self._last = (slot, len(ids), len(drafts), end, end - start)
+        return drafts
+
+    def _observe(self, slot: int, n: int, now: float) -> None:
+        """Learn from the step that ran since the last call (only when exactly one step of `slot` ran)."""
+        if self._last is None:
+            return
+        last_slot, last_n, drafted, end, draft_s = self._last
+        emitted = n - last_n  # 1 + the drafts accepted
+        if last_slot != slot or not 1 <= emitted <= drafted + 1:
+            return
+        step_s = now - end
+        if drafted == 0:
+            a = self.smoothing
+            self.plain_s = step_s if self.plain_s is None else (1 - a) * self.plain_s + a * step_s
+            return
+        if self._resumed:
+            self._resumed = False
+            return
+        self._gain += emitted * (self.plain_s if self.plain_s is not None else step_s)
+        self._cost += draft_s + step_s
+        self._judged += 1
+        self.drafting_steps += 1
+        if self.plain_s is None and self.drafting_steps == self.probe_after:
+            self.paused = self.probe  # measure plain steps once, early
+        elif self._judged >= self.window:
+            if self._gain < self._cost:
+                self.paused, self.pause = self.pause, min(self.max_pause, 2 * self.pause)
+                self.pauses += 1
+            else:
+                self.pause = self.min_pause  # paying again: the next pause (if any) starts short
+            self._gain = self._cost = 0.0
+            self._judged = 0

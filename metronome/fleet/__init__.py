@@ -1,8 +1,10 @@
 """Fleet planner: compile a model onto LPU, GPU and hybrid fleets and predict speed and cost (docs/planner.md).
 
 Modules: catalog (hardware data files), shapes (model sizes), ops (the layer dataflow program), schedule
-(static per-chip timelines, link-contention invariant, Chrome trace), lpu (partition + schedule compiler),
-gpu (roofline), hybrid (GPU+LPU fleets), frontier (sweeps, Pareto, plot), validation, machine, cli.
+(list scheduler over units, links and ports; contention; Chrome trace), lpu (partition, per-chip schedule,
+pipeline schedule), gpu (calibrated roofline), hybrid (GPU+LPU fleets, scheduled KV hand-off), frontier
+(sweeps, Pareto, plot), validation (leave-one-out against published figures), calibrate (metronome's own
+speed on this machine), machine (the measured machine as a target), render (trace as SVG), cli.
 """
 
 from metronome.fleet.catalog import Hardware, HardwareKind, load_hardware

@@ -110,9 +110,9 @@ def load_cost_model(directory: Path = CATALOG_DIR) -> CostModel:
     return CostModel(amortization_years=c["amortization_years"], electricity_usd_per_kwh=c["electricity_usd_per_kwh"])
 
 
-def load_published(directory: Path = CATALOG_DIR) -> list[dict]:
-    """Published decode speeds to compare predictions with."""
-    return _read_toml(directory / "published.toml")["result"]
+def load_published(directory: Path = CATALOG_DIR) -> dict[str, list[dict]]:
+    """Published speeds to validate against, by table: "lpu", "speculative", "gpu" (see published.toml)."""
+    return _read_toml(directory / "published.toml")
 
 
 def with_prices(

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from metronome.args import add_engine_args
 from metronome.fleet.catalog import (
     Hardware,
     hourly_price,
@@ -21,9 +22,11 @@ from metronome.fleet.frontier import SweepSpec, cheapest_meeting, markdown_table
 from metronome.fleet.gpu import calibration_from_table
 from metronome.fleet.hybrid import Handoff
 from metronome.fleet.lpu import chrome_trace
-from metronome.fleet.machine import THIS_MACHINE, machine_hardware, measure_machine, predict_decode_tokens_per_s
-from metronome.fleet.shapes import ModelShape, load_shape
-from metronome.fleet.validation import validation_rows, validation_table
+from metronome.fleet.machine import THIS_MACHINE, machine_hardware, measure_machine
+from metronome.fleet.render import trace_svg
+from metronome.fleet.schedule import GPU_PID
+from metronome.fleet.shapes import load_shape
+from metronome.fleet.validation import validation_report
 
 DEFAULT_TARGETS = ("tsp-v1", "h100-sxm")
 
@@ -58,13 +61,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="override a chip's purchase price (cited defaults in the catalog)",
     )
     p.add_argument("--trace", type=Path, metavar="OUT.json", help="write the LPU decode-step schedule (Perfetto)")
+    p.add_argument(
+        "--trace-svg",
+        type=Path,
+        metavar="OUT.svg",
+        help="with --trace: also draw the first 2 chips (and any GPU) over the first --svg-us microseconds",
+    )
+    p.add_argument("--svg-us", type=float, default=100.0, help="time window of --trace-svg (default 100 us)")
     p.add_argument("--plot", type=Path, metavar="OUT.png", help="write the cost vs speed Pareto plot")
     p.add_argument("--table", type=Path, metavar="OUT.md", help="write the frontier as a Markdown table")
     p.add_argument(
         "--calibrate",
         action="store_true",
-        help="measure this machine (torch) and predict metronome's own decode speed for MODEL",
+        help="measure this machine and predict metronome's own decode (1 and 8 live slots) and prefill speed "
+        "for MODEL (a model file or registered name; default SmolLM2)",
     )
+    p.add_argument(
+        "--measure",
+        action="store_true",
+        help="with --calibrate: also run the engine (as `metronome bench --decode-only` does) and compare",
+    )
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="with --calibrate: the device to calibrate")
+    add_engine_args(p, only=("threads",))
     p.add_argument("--validate", action="store_true", help="print predicted vs published speeds and exit")
 
 
@@ -107,21 +125,15 @@ def _fmt(c: Candidate) -> str:
     )
 
 
-def _calibrate(shape: ModelShape | None, out) -> None:
-    m = measure_machine()
-    print(
-        f"this machine: {m.bandwidth / 1e9:.1f} GB/s (torch sum over 512 MiB), "
-        f"{m.matmul_flops / 1e9:.1f} GFLOP/s (1024^3 fp32 matmul), {m.threads} threads",
-        file=out,
-    )
-    if shape is not None:
-        bytes_per_token = shape.decode_bytes_per_token(16)
-        tps = predict_decode_tokens_per_s(shape.config, bytes_per_token, m)
-        print(
-            f"{shape.name}: bf16 batch-1 bound {tps:,.1f} tokens/s ({bytes_per_token / 1e6:,.1f} MB per token); "
-            "engine calibration pending (predict_decode_tokens_per_s is the hook)",
-            file=out,
-        )
+def _calibrate(args: argparse.Namespace, out) -> None:
+    from metronome.compile import available_cores
+    from metronome.fleet.calibrate import calibrate_model, calibration_table
+
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads={args.threads} must be at least 1")
+    threads = args.threads or available_cores()
+    terms, rows = calibrate_model(args.model, threads, measure=args.measure, device=args.device)
+    print(calibration_table(terms, rows), file=out, end="")
 
 
 def _plan(args: argparse.Namespace, out) -> int:
@@ -178,17 +190,25 @@ def _plan(args: argparse.Namespace, out) -> int:
         args.table.write_text(f"# {title}\n\n" + markdown_table(pareto(cands)))
         print(f"wrote {args.table}", file=out)
     if args.trace:
-        _write_trace(args.trace, winners, cands, out)
+        _write_trace(args.trace, winners, cands, out, args.trace_svg, args.svg_us)
     return 0 if winners else 1
 
 
-def _write_trace(path: Path, winners: list[Candidate], cands: list[Candidate], out) -> None:
+def _write_trace(
+    path: Path, winners: list[Candidate], cands: list[Candidate], out, svg: Path | None, svg_us: float
+) -> None:
     with_lpu = [c for c in winners if c.lpu_plan is not None]
     pool = with_lpu or [c for c in cands if c.lpu_plan is not None]
     if not pool:
         raise ValueError("--trace needs an LPU target (e.g. --target tsp-v1)")
     pick = min(pool, key=lambda c: c.cost_per_mtok) if with_lpu else max(pool, key=lambda c: c.per_user_tokens_per_s)
-    path.write_text(json.dumps(chrome_trace(pick.lpu_plan)))
+    trace = chrome_trace(pick.lpu_plan, pick.handoff_events)
+    path.write_text(json.dumps(trace))
+    if svg is not None:
+        chips = [c for c in (0, 1) if c < pick.lpu_plan.chips]
+        start = min((e["ts"] for e in trace["traceEvents"] if e["ph"] == "X" and e["pid"] == 0), default=0.0)
+        svg.write_text(trace_svg(trace, [*chips, GPU_PID], start + svg_us))
+        print(f"wrote {svg}", file=out)
     print(f"wrote {path} ({pick.layout}, batch {pick.batch}; open in https://ui.perfetto.dev)", file=out)
 
 
@@ -197,10 +217,10 @@ def run(args: argparse.Namespace) -> int:
     out = sys.stdout
     try:
         if args.validate:
-            print(validation_table(validation_rows(load_hardware(), load_published())), file=out, end="")
+            print(validation_report(load_hardware(), load_published(), load_calibration()), file=out, end="")
             return 0
         if args.calibrate:
-            _calibrate(load_shape(args.model) if args.model else None, out)
+            _calibrate(args, out)
             return 0
         return _plan(args, out)
     except ValueError as e:

@@ -51,6 +51,8 @@ class Candidate:
     usd_per_hour: float
     cost_per_mtok: float  # US dollars per million output tokens, prefill of their prompts included
     lpu_plan: LpuPlan | None = field(default=None, compare=False, repr=False)  # for traces
+    handoff_s: float = 0.0  # prefill-gpu+decode-lpu: KV cache hand-off after prefill (in TTFT and cost)
+    handoff_events: tuple = field(default=(), compare=False, repr=False)  # its schedule, for traces
 
 
 def cost_per_million(parts: list[tuple[float, float]], output_tokens: int) -> float:

@@ -23,6 +23,7 @@ class GpuCalibration:
     allreduce_base_s: float  # all-reduce latency(g) = base + per_doubling * log2(g)
     allreduce_per_doubling_s: float
     memory_fraction: float = 0.9  # of HBM usable for weights + KV (the rest: activations, workspace)
+    step_overhead_s: float = 0.0  # per forward step, outside the kernels (the serving stack's own time)
 
     def allreduce_s(self, gpus: int) -> float:
         return 0.0 if gpus <= 1 else self.allreduce_base_s + self.allreduce_per_doubling_s * math.log2(gpus)
@@ -130,7 +131,7 @@ def step_time(
     flops = 2 * shape.active_params() * rows + 4 * rows * positions * c.q_size * c.num_layers
     memory_s = (weight_bytes + kv_bytes) / (gpus * hw.memory_bandwidth * cal.bandwidth_efficiency)
     compute_s = flops / (gpus * hw.matmul_flops * cal.flops_efficiency)
-    return max(memory_s, compute_s) + 2 * c.num_layers * cal.allreduce_s(gpus)
+    return max(memory_s, compute_s) + 2 * c.num_layers * cal.allreduce_s(gpus) + cal.step_overhead_s
 
 
 def plan_gpu(

@@ -9,12 +9,14 @@ from metronome.fleet.catalog import Hardware
 from metronome.fleet.costs import Candidate, Kind, Workload, cost_per_million
 from metronome.fleet.gpu import GpuCalibration, GpuPlan
 from metronome.fleet.lpu import GpuAttention, LpuOptions, LpuPlan, Partition, plan_partition
+from metronome.fleet.schedule import GPU_PID, Timeline
 from metronome.fleet.shapes import ModelShape
 
 
 @dataclass(frozen=True)
 class Handoff:
-    """The GPU <-> LPU link (PCIe Gen4 x16 by default; catalog/calibration.toml [handoff])."""
+    """One GPU <-> LPU PCIe link (Gen4 x16 by default; catalog/calibration.toml [handoff]); every GPU and
+    every LPU chip has its own port."""
 
     bandwidth: float
     latency_s: float
@@ -23,15 +25,41 @@ class Handoff:
         return self.latency_s + nbytes / self.bandwidth
 
 
+def kv_handoff(decode: LpuPlan, prefill: GpuPlan, handoff: Handoff, prompt: int) -> Timeline:
+    """The prompt's KV cache from the prefill GPUs to the LPU stages that hold those layers, scheduled over
+    the ports that carry it: GPU g_i's PCIe port and each LPU chip's own (chip j of a stage from GPU
+    j mod g). Each chip receives its 1/tp share of its stage's layers. `makespan_s` is when the last byte
+    lands; the events are the trace's hand-off rows."""
+    tl = Timeline()
+    part, opts = decode.partition, decode.options
+    end = 0.0
+    for s in range(part.stages):
+        share = decode.shape.kv_bytes(prompt, opts.kv_bits, part.stage_layers(s)) / part.tp
+        if share <= 0:
+            continue
+        for j in range(part.tp):
+            chip, port = s * part.tp + j, j % prefill.gpus
+            occupy = share / handoff.bandwidth
+            name = f"KV of stage {s} -> chip {chip}"
+            t = tl.place(name, (("pcie", "gpu-out", port), ("pcie", "lpu-in", chip)), prefill.ttft_s, occupy)
+            tl.event(GPU_PID, f"pcie->{chip}", name, t, occupy, "transfer")
+            end = max(end, t + occupy + handoff.latency_s)
+    tl.event(GPU_PID, "gpu", f"prefill {prompt} tokens", 0.0, prefill.ttft_s, "compute")
+    tl.makespan_s = max(end, prefill.ttft_s)
+    return tl
+
+
 def prefill_gpu_decode_lpu(
     decode: LpuPlan, prefill: GpuPlan, handoff: Handoff, workload: Workload, lpu_price: float, gpu_price: float
 ) -> Candidate:
-    """The GPU group computes the prompt (TTFT) and ships its KV cache to the LPU pipeline, which decodes.
-    Each fleet is charged for the time it spends on the request."""
-    kv = decode.shape.kv_bytes(workload.prompt, decode.options.kv_bits)
-    ttft = prefill.ttft_s + handoff.seconds(kv)
-    gpu_s = workload.prompt / prefill.prefill_tokens_per_s
-    lpu_s = workload.output / decode.aggregate_tokens_per_s
+    """The GPU group computes the prompt and ships its KV cache to the LPU pipeline, which decodes. TTFT is
+    prefill plus the scheduled hand-off. Cost: the GPUs are held through prefill and hand-off; the LPU
+    fleet is charged its share per user of decoding, plus the user's pipeline slot while its KV arrives."""
+    moved = kv_handoff(decode, prefill, handoff, workload.prompt)
+    handoff_s = moved.makespan_s - prefill.ttft_s
+    gpu_s = workload.prompt / prefill.prefill_tokens_per_s + handoff_s
+    users = decode.micro_batches * decode.options.batch
+    lpu_s = workload.output / decode.aggregate_tokens_per_s + handoff_s / users
     gpu_rate, lpu_rate = prefill.gpus * gpu_price, decode.chips * lpu_price
     return Candidate(
         kind=Kind.PREFILL_GPU_DECODE_LPU,
@@ -41,11 +69,13 @@ def prefill_gpu_decode_lpu(
         batch=decode.options.batch,
         per_user_tokens_per_s=decode.per_user_tokens_per_s,
         aggregate_tokens_per_s=decode.aggregate_tokens_per_s,
-        ttft_s=ttft,
+        ttft_s=moved.makespan_s,
         power_w=decode.power_w + prefill.power_w,
         usd_per_hour=gpu_rate + lpu_rate,
         cost_per_mtok=cost_per_million([(gpu_rate, gpu_s), (lpu_rate, lpu_s)], workload.output),
         lpu_plan=decode,
+        handoff_s=handoff_s,
+        handoff_events=tuple(moved.events),
     )
 
 

@@ -1,8 +1,12 @@
-"""The dataflow program of one decode step: the dependent ops and chip-to-chip exchanges of each layer.
+"""The dataflow program of one decode step: the ops and chip-to-chip exchanges of each layer, in order.
 
 Counts are of the whole op before it is split over a tensor-parallel group; the LPU compiler shards them.
-Every op waits for the one before it (batch-1 decode is one long dependency chain), which is why the op
-count, not the byte count, sets the speed of an SRAM machine.
+Each step depends on the step before it, but a step may be *streamed*: split into chunks along an axis
+(attention heads, hidden columns `d`, MLP columns `f`, vocabulary `v`). Chunk j of a streamed step waits
+only for chunk j of the step before it when both stream along the same axis; otherwise it waits for the
+whole previous step. That is where units and links overlap: an all-reduce sends the first columns of
+`o_proj` while the matrix unit computes the next ones. Steps marked `off_path` (the KV-cache write) feed no
+later step of the layer and run beside the chain.
 """
 
 from __future__ import annotations
@@ -14,9 +18,12 @@ from metronome.fleet.shapes import ModelShape
 
 
 class Unit(enum.Enum):
+    """The functional units of one chip (ISCA 2020: MXM, VXM, SXM and MEM slices), each a resource."""
+
     MXM = "mxm"  # matrix unit: weight and KV-cache matmuls
     VXM = "vxm"  # vector unit: norms, softmax, activations, residuals
-    MEM = "mem"  # memory-only op: embedding row gather
+    SXM = "sxm"  # switch unit: shifts and permutes (the half rotation of RoPE)
+    MEM = "mem"  # memory slices as an op: embedding row gather, KV-cache append
 
 
 class Pattern(enum.Enum):
@@ -33,7 +40,10 @@ class Op:
     kv_reads: int = 0  # cache elements read per cached position (per sequence)
     kv_flops: int = 0  # FLOPs per token row per cached position
     gathered: int = 0  # elements gathered per token row (embedding lookup)
+    kv_written: int = 0  # cache elements appended per token row (this token's k and v)
     replicated: bool = False  # every chip does all of it (work on the replicated hidden vector)
+    axis: str | None = None  # streamed along this axis (see the module docstring); None: one piece
+    off_path: bool = False  # nothing later in the layer waits for it
 
 
 @dataclass(frozen=True)
@@ -41,6 +51,7 @@ class Exchange:
     name: str
     pattern: Pattern
     elems: int  # length of the vector being reduced or gathered, per token row
+    axis: str | None = None  # streamed along this axis; None: one piece
 
 
 @dataclass(frozen=True)
@@ -69,27 +80,30 @@ def _attention(shape: ModelShape, offload: bool) -> list[Step]:
     d, q, kv = c.hidden_size, c.q_size, c.kv_size
     bias = (q + 2 * kv) if c.qkv_bias else 0
     qkv_w = d * (q + 2 * kv) + bias
-    steps: list[Step] = [*_norm("attn_norm", d), Op("qkv", Unit.MXM, weights=qkv_w, flops=2 * qkv_w)]
+    heads = "heads"
+    steps: list[Step] = [*_norm("attn_norm", d), Op("qkv", Unit.MXM, weights=qkv_w, flops=2 * qkv_w, axis=heads)]
     if c.qk_norm:
-        steps.append(Op("qk_norm", Unit.VXM, weights=2 * c.head_dim, flops=4 * (q + kv)))
-    steps.append(Op("rope", Unit.VXM, flops=3 * (q + kv)))
+        steps.append(Op("qk_norm", Unit.VXM, weights=2 * c.head_dim, flops=4 * (q + kv), axis=heads))
+    steps.append(Op("rope", Unit.SXM, flops=3 * (q + kv), axis=heads))
     if offload:
         steps.append(Offload("attention@gpu", send_elems=q + 2 * kv, recv_elems=q, kv_reads=2 * kv, kv_flops=4 * q))
     else:
         steps += [
-            Op("scores", Unit.MXM, kv_reads=kv, kv_flops=2 * q),
-            Op("softmax.max", Unit.VXM, kv_flops=c.num_heads),
-            Op("softmax.exp_sum", Unit.VXM, kv_flops=3 * c.num_heads),
-            Op("softmax.normalize", Unit.VXM, kv_flops=c.num_heads),
-            Op("attn_v", Unit.MXM, kv_reads=kv, kv_flops=2 * q),
+            Op("kv_write", Unit.MEM, kv_written=2 * kv, axis=heads, off_path=True),
+            Op("scores", Unit.MXM, kv_reads=kv, kv_flops=2 * q, axis=heads),
+            Op("softmax.max", Unit.VXM, kv_flops=c.num_heads, axis=heads),
+            Op("softmax.exp_sum", Unit.VXM, kv_flops=3 * c.num_heads, axis=heads),
+            Op("softmax.normalize", Unit.VXM, kv_flops=c.num_heads, axis=heads),
+            Op("attn_v", Unit.MXM, kv_reads=kv, kv_flops=2 * q, axis=heads),
         ]
+    # o_proj by output columns: each column block needs every head, and its partial sums leave at once.
     steps += [
-        Op("o_proj", Unit.MXM, weights=q * d, flops=2 * q * d),
-        Exchange("o_proj.allreduce", Pattern.ALLREDUCE, d),
+        Op("o_proj", Unit.MXM, weights=q * d, flops=2 * q * d, axis="d"),
+        Exchange("o_proj.allreduce", Pattern.ALLREDUCE, d, axis="d"),
     ]
     if c.sandwich_norms:
         steps += _norm("post_attn_norm", d)
-    steps.append(Op("attn_residual", Unit.VXM, flops=d, replicated=True))
+    steps.append(Op("attn_residual", Unit.VXM, flops=d, replicated=True, axis="d"))
     return steps
 
 
@@ -115,17 +129,19 @@ def _mlp(shape: ModelShape) -> list[Step]:
         mult = k
     else:
         mult = 1
+    # gate/up, activation and down stream along f (down accumulates its partial sums chunk by chunk); the
+    # all-reduce then streams the finished sums along d into the residual.
     steps += [
-        Op("gate_up", Unit.MXM, weights=mult * 2 * d * f, flops=mult * 4 * d * f),
-        Op("act", Unit.VXM, flops=mult * 4 * f),
-        Op("down", Unit.MXM, weights=mult * f * d, flops=mult * 2 * f * d),
+        Op("gate_up", Unit.MXM, weights=mult * 2 * d * f, flops=mult * 4 * d * f, axis="f"),
+        Op("act", Unit.VXM, flops=mult * 4 * f, axis="f"),
+        Op("down", Unit.MXM, weights=mult * f * d, flops=mult * 2 * f * d, axis="f"),
     ]
     if shape.is_moe:
-        steps.append(Op("expert_combine", Unit.VXM, flops=2 * shape.experts_per_token * d))
-    steps.append(Exchange("down.allreduce", Pattern.ALLREDUCE, d))
+        steps.append(Op("expert_combine", Unit.VXM, flops=2 * shape.experts_per_token * d, axis="d"))
+    steps.append(Exchange("down.allreduce", Pattern.ALLREDUCE, d, axis="d"))
     if c.sandwich_norms:
         steps += _norm("post_mlp_norm", d)
-    steps.append(Op("mlp_residual", Unit.VXM, flops=d, replicated=True))
+    steps.append(Op("mlp_residual", Unit.VXM, flops=d, replicated=True, axis="d"))
     return steps
 
 
@@ -146,13 +162,13 @@ def head_program(shape: ModelShape) -> tuple[Step, ...]:
     v, d = c.vocab_size, c.hidden_size
     return (
         *_norm("final_norm", d),
-        Op("lm_head", Unit.MXM, weights=v * d, flops=2 * v * d),
-        Op("argmax.local", Unit.VXM, flops=v),
+        Op("lm_head", Unit.MXM, weights=v * d, flops=2 * v * d, axis="v"),
+        Op("argmax.local", Unit.VXM, flops=v, axis="v"),
         Exchange("argmax.allreduce", Pattern.ALLREDUCE, 2),
         Op("argmax.final", Unit.VXM, flops=2, replicated=True),
     )
 
 
 def dependent_ops(steps: tuple[Step, ...]) -> int:
-    """On-chip ops on the critical path of `steps` (each pays the fixed op latency once)."""
-    return sum(1 for s in steps if isinstance(s, Op))
+    """On-chip ops on the dependency chain of `steps` (each pays the fixed op latency once)."""
+    return sum(1 for s in steps if isinstance(s, Op) and not s.off_path)

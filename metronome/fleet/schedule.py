@@ -1,8 +1,15 @@
-"""Static schedule: per-chip timelines of compute, SRAM reads and link transfers, with no contended link.
+"""A list scheduler over resources: per-chip functional units, directed chip-to-chip links, PCIe ports, GPUs.
 
-The builder places every transfer itself, at the earliest time its link is free, and checks the invariant
-(no two transfers overlap on one directed link) on every reservation: a violation is a compiler bug and
-raises `LinkContentionError`.
+Every task names the resources it holds, how long it holds them, and the earliest time its inputs are
+ready. `Timeline.place` puts it at the earliest time at or after that when every resource it needs is free
+for its whole duration (gaps left by earlier tasks are filled). Nothing else orders tasks: two ops on
+different units, or an op and a transfer, overlap whenever their dependencies allow.
+
+A transfer holds its link while it serializes (bytes / bandwidth); the hop latency is added to its arrival,
+not to the link's busy time, so back-to-back messages pipeline on one wire. When a transfer's link is busy
+at the time its data is ready, the wait is recorded as `Contention` (the link is over-subscribed there).
+`Timeline.verify` re-checks the finished schedule: no two reservations of one resource overlap (a
+violation is `LinkContentionError` on a link, `ResourceConflictError` on a unit).
 """
 
 from __future__ import annotations
@@ -10,133 +17,150 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-GPU_PID = 100_000  # the GPU of a hybrid fleet, as a trace process id
+GPU_PID = 100_000  # the GPU side of a hybrid fleet, as a trace process id
+PIPELINE_PID = 200_000  # the pipeline view (micro-batches in flight per stage), as a trace process id
+_EPS = 1e-15  # seconds: below this a wait is rounding, not contention
+
+Resource = tuple  # ("unit", chip, "mxm") | ("link", src, dst) | ("pcie", ...) | ("gpu", ...) | ("stage", s)
 
 
-class LinkContentionError(RuntimeError):
-    """Two transfers were placed on one directed link at overlapping times."""
+class ResourceConflictError(RuntimeError):
+    """Two tasks were placed on one resource at overlapping times."""
+
+
+class LinkContentionError(ResourceConflictError):
+    """Two transfers were placed on one directed link (or PCIe port) at overlapping times."""
+
+
+def is_link(resource: Resource) -> bool:
+    return resource[0] in ("link", "pcie")
 
 
 @dataclass(frozen=True)
 class Event:
-    chip: int  # GPU_PID for the GPU side of a hybrid fleet
-    track: str  # "mxm" | "vxm" | "mem" | "sram" | "link->N" | "pcie" | "gpu"
+    chip: int  # trace process: a chip, GPU_PID or PIPELINE_PID
+    track: str  # "mxm" | "vxm" | "sxm" | "mem" | "sram" | "link->N" | "pcie" | "pcie->N" | "gpu" | "stage N"
     name: str
     start_s: float
     dur_s: float
-    category: str  # "compute" | "sram" | "transfer"
+    category: str  # "compute" | "sram" | "transfer" | "pipeline"
+
+
+@dataclass(frozen=True)
+class Contention:
+    """A transfer that found its link busy: its data was ready at `ready_s`, the link freed at `start_s`."""
+
+    resource: Resource
+    task: str
+    ready_s: float
+    start_s: float
+
+    @property
+    def wait_s(self) -> float:
+        return self.start_s - self.ready_s
 
 
 @dataclass
-class ScheduleBuilder:
-    """Lays out dependent steps on `chips` chips; `ready[c]` is when chip c may start its next dependent op."""
+class Timeline:
+    """Reservations per resource, kept sorted; `events` is what the trace shows (only if `record`)."""
 
-    chips: int
-    ready: list[float] = field(init=False)
+    record: bool = True
     events: list[Event] = field(default_factory=list)
-    _busy: dict[tuple[object, object], list[tuple[float, float]]] = field(default_factory=dict)
+    contention: list[Contention] = field(default_factory=list)
+    makespan_s: float = 0.0  # set by whoever lays the schedule out: when its last result lands
+    _busy: dict[Resource, list[tuple[float, float]]] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        self.ready = [0.0] * self.chips
-
-    def reserve(self, link: tuple[object, object], start: float, end: float) -> None:
-        """Claim directed `link` for [start, end); raise LinkContentionError if that overlaps a claim."""
-        spans = self._busy.setdefault(link, [])
+    def reserve(self, resource: Resource, start: float, end: float) -> None:
+        """Claim `resource` for [start, end); raise if that overlaps an earlier claim."""
+        spans = self._busy.setdefault(resource, [])
         i = bisect.bisect_left(spans, (start, end))
         before = spans[i - 1] if i > 0 else None
         after = spans[i] if i < len(spans) else None
-        if (before is not None and before[1] > start) or (after is not None and after[0] < end):
-            raise LinkContentionError(f"link {link} already busy around [{start:.9f}, {end:.9f}) s")
+        if (before is not None and before[1] > start + _EPS) or (after is not None and after[0] < end - _EPS):
+            err = LinkContentionError if is_link(resource) else ResourceConflictError
+            raise err(f"{resource} already busy around [{start:.9f}, {end:.9f}) s")
         spans.insert(i, (start, end))
 
-    def link_free_at(self, link: tuple[object, object]) -> float:
-        spans = self._busy.get(link)
-        return spans[-1][1] if spans else 0.0
+    def _fit(self, resource: Resource, t: float, dur: float) -> float:
+        """Earliest start >= t at which `resource` is free for `dur`."""
+        spans = self._busy.get(resource)
+        if not spans:
+            return t
+        i = max(0, bisect.bisect_right(spans, (t, float("inf"))) - 1)
+        for s, e in spans[i:]:
+            if e <= t + _EPS:
+                continue
+            if s >= t + dur - _EPS:
+                return t
+            t = e
+        return t
 
-    def op(self, chips: range, name: str, track: str, dur_s: float, sram_s: float) -> None:
-        """One op on every chip of `chips`, starting when all of them are ready (they run in lockstep)."""
-        start = max(self.ready[c] for c in chips)
-        for c in chips:
-            if sram_s > 0:
-                self.events.append(Event(c, "sram", name, start, sram_s, "sram"))
-            self.events.append(Event(c, track, name, start, dur_s, "compute"))
-            self.ready[c] = start + dur_s
+    def earliest(self, resources: tuple[Resource, ...], ready: float, dur: float) -> float:
+        """Earliest start >= `ready` at which every resource in `resources` is free for `dur`."""
+        t = ready
+        while True:
+            starts = [self._fit(r, t, dur) for r in resources]
+            latest = max(starts, default=t)
+            if latest <= t + _EPS:
+                return t
+            t = latest
 
-    def transfers(self, name: str, pairs: list[tuple[int, int]], dur_s: float) -> None:
-        """Point-to-point transfers that all start together once every sender is ready; each pair uses its
-        own directed link, placed after any earlier claim on it."""
-        start = max(self.ready[s] for s, _ in pairs)
-        start = max([start] + [self.link_free_at((s, d)) for s, d in pairs])
-        arrive: dict[int, float] = {}
-        for s, d in pairs:
-            self.reserve((s, d), start, start + dur_s)
-            self.events.append(Event(s, f"link->{d}", name, start, dur_s, "transfer"))
-            arrive[d] = start + dur_s
-        for d, t in arrive.items():
-            self.ready[d] = max(self.ready[d], t)
+    def place(self, name: str, resources: tuple[Resource, ...], ready: float, dur: float) -> float:
+        """Reserve every resource for `dur` from the earliest time they are all free; returns the start."""
+        start = self.earliest(resources, ready, dur)
+        if start > ready + _EPS:
+            for r in resources:
+                if is_link(r) and self._fit(r, ready, dur) > ready + _EPS:
+                    self.contention.append(Contention(r, name, ready, start))
+        for r in resources:
+            self.reserve(r, start, start + dur)
+        return start
 
-    def offload(self, name: str, chips: range, send_s: float, gpu_s: float, recv_s: float) -> None:
-        """Each chip sends to the GPU over its own PCIe link, the GPU computes once, results come back."""
-        start = max([self.ready[c] for c in chips] + [self.link_free_at((c, "gpu")) for c in chips])
-        for c in chips:
-            self.reserve((c, "gpu"), start, start + send_s)
-            self.events.append(Event(c, "pcie", f"{name}.send", start, send_s, "transfer"))
-        gpu_start = start + send_s
-        self.events.append(Event(GPU_PID, "gpu", name, gpu_start, gpu_s, "compute"))
-        back = gpu_start + gpu_s
-        for c in chips:
-            self.reserve(("gpu", c), back, back + recv_s)
-            self.events.append(Event(GPU_PID, f"pcie->{c}", f"{name}.recv", back, recv_s, "transfer"))
-            self.ready[c] = back + recv_s
+    def event(self, chip: int, track: str, name: str, start: float, dur: float, category: str) -> None:
+        if self.record:
+            self.events.append(Event(chip, track, name, start, dur, category))
 
-    def makespan(self) -> float:
-        return max(self.ready) if self.ready else 0.0
+    def busy(self, resource: Resource) -> list[tuple[float, float]]:
+        return list(self._busy.get(resource, []))
+
+    def resources(self) -> list[Resource]:
+        return list(self._busy)
+
+    def verify(self) -> None:
+        """Re-check the finished schedule: no resource holds two overlapping reservations."""
+        for resource, spans in self._busy.items():
+            for (s0, e0), (s1, _) in zip(spans, spans[1:]):
+                if s1 < e0 - _EPS:
+                    err = LinkContentionError if is_link(resource) else ResourceConflictError
+                    raise err(f"{resource}: [{s0}, {e0}) overlaps a reservation starting at {s1}")
 
     def links_used(self, chip: int) -> int:
         """Distinct outbound chip-to-chip links chip `chip` uses."""
-        return len({d for s, d in self._busy if s == chip and isinstance(d, int)})
-
-    def assert_no_contention(self) -> None:
-        """Re-check the invariant over the finished schedule (reserve() enforces it as it goes)."""
-        for link, spans in self._busy.items():
-            for (s0, e0), (s1, _) in zip(spans, spans[1:]):
-                if s1 < e0:
-                    raise LinkContentionError(f"link {link}: [{s0}, {e0}) overlaps a transfer starting at {s1}")
+        return len({r[2] for r in self._busy if r[0] == "link" and r[1] == chip})
 
 
-_TRACKS = {"mxm": 1, "vxm": 2, "mem": 3, "sram": 4, "pcie": 5, "gpu": 6}
+_TRACKS = ("mxm", "vxm", "sxm", "mem", "sram", "pcie", "gpu")  # first, in this order; then by first use
 
 
-def _tid(track: str) -> int:
-    if track in _TRACKS:
-        return _TRACKS[track]
-    if track.startswith("link->"):
-        return 100 + int(track.removeprefix("link->"))
-    if track.startswith("pcie->"):
-        return 100 + int(track.removeprefix("pcie->"))
-    raise ValueError(f"unknown schedule track {track!r}")
-
-
-def to_chrome_trace(events: list[Event], chip_labels: dict[int, str]) -> dict:
+def to_chrome_trace(events: list[Event], labels: dict[int, str]) -> dict:
     """Chrome trace JSON (opens in Perfetto / chrome://tracing): one process per chip, one thread per unit
     or outbound link, complete ("X") events in microseconds."""
     out: list[dict] = []
-    for pid, label in sorted(chip_labels.items()):
+    for pid, label in sorted(labels.items()):
         out.append({"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": label}})
-    seen: set[tuple[int, str]] = set()
+    tids: dict[tuple[int, str], int] = {}
     for e in events:
-        if (e.chip, e.track) not in seen:
-            seen.add((e.chip, e.track))
-            out.append(
-                {"ph": "M", "name": "thread_name", "pid": e.chip, "tid": _tid(e.track), "args": {"name": e.track}}
-            )
+        key = (e.chip, e.track)
+        if key not in tids:
+            tids[key] = _TRACKS.index(e.track) + 1 if e.track in _TRACKS else 100 + len(tids)
+            out.append({"ph": "M", "name": "thread_name", "pid": e.chip, "tid": tids[key], "args": {"name": e.track}})
         out.append(
             {
                 "ph": "X",
                 "name": e.name,
                 "cat": e.category,
                 "pid": e.chip,
-                "tid": _tid(e.track),
+                "tid": tids[key],
                 "ts": e.start_s * 1e6,
                 "dur": e.dur_s * 1e6,
             }

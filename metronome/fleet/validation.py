@@ -1,24 +1,40 @@
-"""Predicted vs published decode speeds, and the one fit behind the LPU's per-op latency."""
+"""Predicted vs published speeds. Every free term is fitted on the other rows of its table (leave-one-out),
+so no row is its own fit; each prediction comes with its band: the prediction's range when the free term
+takes each value a single published row (at either end of its published range) would give it.
+
+LPU rows (tsp-v1): the free term is the per-op latency; the step is the compiled schedule, linear in it.
+GPU rows (NeMo latency, batch 1): the free term is the serving stack's per-step overhead; bandwidth
+efficiency and all-reduce latency come from gpt-fast's A100 runs (calibration.toml), whose efficiency is
+uncertain between the datasheet and the empirical peak: the band spans both. Speculative rows are not
+predicted (the draft model and acceptance are not public): they report the acceptance the figure implies.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 
-from metronome.fleet.catalog import Hardware, HardwareKind
-from metronome.fleet.gpu import BOUND, step_time
-from metronome.fleet.lpu import LpuOptions, LpuPlan, compile_lpu, distribute_layers, plan_partition
+from metronome.fleet.catalog import Hardware
+from metronome.fleet.gpu import GpuCalibration, step_time
+from metronome.fleet.lpu import LpuOptions, LpuPlan, Pass, compile_lpu, distribute_layers, plan_partition, step_timing
 from metronome.fleet.shapes import ModelShape, builtin_shapes
+
+PROBE_S = 1e-6  # step time is linear in the free term: evaluate it at 0 and at this value
 
 
 @dataclass(frozen=True)
 class ValidationRow:
+    table: str  # "lpu" | "gpu"
     model: str
     hardware: str
     layout: str
-    predicted: float  # tokens/s per user
+    predicted: float  # tokens/s per user (lpu) or end-to-end tokens/s of the request (gpu)
+    band_low: float  # the prediction across the fit's uncertainty
+    band_high: float
     published_low: float
     published_high: float
+    fitted: str  # the free term's value used for this row, and on what
+    source: str
 
     @property
     def published(self) -> float:
@@ -28,59 +44,207 @@ class ValidationRow:
     def ratio(self) -> float:
         return self.predicted / self.published
 
+    @property
+    def band_ratio(self) -> tuple[float, float]:
+        return self.band_low / self.published, self.band_high / self.published
+
+
+@dataclass(frozen=True)
+class _Linear:
+    """A row's predicted time per token as a + b * x of the free term x, and its published time range."""
+
+    a: float
+    b: float
+    t_low: float  # at the published high speed
+    t_high: float
+
+
+def _fit(rows: list[_Linear]) -> float:
+    """x minimizing the squared relative time error over `rows` (closed form), against each midpoint."""
+    num = den = 0.0
+    for r in rows:
+        t = (r.t_low + r.t_high) / 2
+        num += r.b / t * (1 - r.a / t)
+        den += (r.b / t) ** 2
+    if den <= 0 or num <= 0:
+        raise ValueError("the fit rows do not constrain the free term (hardware terms alone exceed them)")
+    return num / den
+
+
+def _single_fits(rows: list[_Linear]) -> list[float]:
+    """The free term each row alone gives, at either end of its published range (> 0 only)."""
+    return [x for r in rows for x in ((r.t_low - r.a) / r.b, (r.t_high - r.a) / r.b) if x > 0]
+
 
 def lpu_for_published(entry: dict, shape: ModelShape, hw: Hardware) -> LpuPlan:
     """The published layout when Groq gave one (chips, tp), else the planner's fastest layout."""
     opts = LpuOptions(weight_bits=entry["weight_bits"], context=entry["context"])
-    if entry["chips"] and entry["tp"]:
+    if entry.get("chips") and entry.get("tp"):
         part = distribute_layers(shape, entry["chips"] // entry["tp"], entry["tp"])
         return plan_partition(shape, hw, part, opts)
     return compile_lpu(shape, hw, opts)
 
 
-def fit_op_latency(entry: dict, shape: ModelShape, hw: Hardware) -> float:
-    """The per-op latency (seconds) that makes the decode step of `entry`'s layout match the midpoint of its
-    published speed. The step time is linear in it: t(x) = a + n_ops * x."""
-    target = 2.0 / (entry["tokens_per_s_low"] + entry["tokens_per_s_high"])
-    t0 = lpu_for_published(entry, shape, dataclasses.replace(hw, op_latency_s=0.0)).decode.total_s
-    t1 = lpu_for_published(entry, shape, dataclasses.replace(hw, op_latency_s=1e-6)).decode.total_s
-    slope = (t1 - t0) / 1e-6
-    x = (target - t0) / slope
-    if x <= 0:
-        raise ValueError(f"{entry['model']}: hardware terms alone exceed the published time; nothing to fit")
-    return x
+def _lpu_linear(entry: dict, shape: ModelShape, hw: Hardware) -> tuple[_Linear, LpuPlan]:
+    """The step time of `entry`'s layout as a function of the op latency. The layout is chosen (when not
+    published) at the catalog's op latency; the fit moves only the timing."""
+    plan = lpu_for_published(entry, shape, hw)
+    part, opts = plan.partition, plan.options
+    t0 = plan_partition(shape, dataclasses.replace(hw, op_latency_s=0.0), part, opts).decode.total_s
+    t1 = plan_partition(shape, dataclasses.replace(hw, op_latency_s=PROBE_S), part, opts).decode.total_s
+    lin = _Linear(t0, (t1 - t0) / PROBE_S, 1 / entry["tokens_per_s_high"], 1 / entry["tokens_per_s_low"])
+    return lin, plan
 
 
-def validation_rows(hardware: dict[str, Hardware], published: list[dict]) -> list[ValidationRow]:
-    """One row per published result. LPU rows: the compiled decode step at batch 1. GPU rows: the batch-1
-    bandwidth bound (efficiency 1), which is what the published GPU figure is."""
+def fit_op_latency(entries: list[dict], hw: Hardware) -> float:
+    """The per-op latency (seconds) that best matches `entries`' published speeds (least squares on the
+    relative step time)."""
     shapes = builtin_shapes()
+    return _fit([_lpu_linear(e, shapes[e["model"]], hw)[0] for e in entries])
+
+
+def lpu_rows(entries: list[dict], hw: Hardware) -> list[ValidationRow]:
+    shapes = builtin_shapes()
+    lins = [_lpu_linear(e, shapes[e["model"]], hw) for e in entries]
     rows = []
-    for e in published:
-        shape, hw = shapes[e["model"]], hardware[e["hardware"]]
-        if hw.kind is HardwareKind.LPU:
-            plan = lpu_for_published(e, shape, hw)
-            p = plan.partition
-            layout, predicted = f"{plan.chips} chips (tp{p.tp} x {p.stages})", 1.0 / plan.decode.total_s
-        else:
-            t = step_time(shape, hw, BOUND, e["chips"], 1, 1, e["context"], e["weight_bits"])
-            layout, predicted = f"{e['chips']} GPU, {e['weight_bits']}-bit, bound", 1.0 / t
+    for i, e in enumerate(entries):
+        others = [lin for j, (lin, _) in enumerate(lins) if j != i]
+        x = _fit(others)
+        singles = _single_fits(others)
+        (lin, plan) = lins[i]
+        p = plan.partition
+        speed = [1 / (lin.a + lin.b * v) for v in (x, min(singles), max(singles))]
         rows.append(
-            ValidationRow(e["model"], e["hardware"], layout, predicted, e["tokens_per_s_low"], e["tokens_per_s_high"])
+            ValidationRow(
+                "lpu",
+                e["model"],
+                e["hardware"],
+                f"{plan.chips} chips (tp{p.tp} x {p.stages}), {e['weight_bits']}-bit, {e['context']} ctx",
+                speed[0],
+                min(speed),
+                max(speed),
+                e["tokens_per_s_low"],
+                e["tokens_per_s_high"],
+                f"op latency {x * 1e6:.2f} us (fit on the {len(others)} other LPU rows)",
+                e["source"],
+            )
         )
     return rows
 
 
+def _gpu_linear(entry: dict, shape: ModelShape, hw: Hardware, cal: GpuCalibration) -> _Linear:
+    """Request latency = prefill + (output - 1) decode steps, linear in the per-step overhead (output
+    steps in all). Returned per output token so that every table fits the same way."""
+    n, out, g = entry["prompt"], entry["output"], entry["gpus"]
+
+    def latency(overhead: float) -> float:
+        c = dataclasses.replace(cal, step_overhead_s=overhead)
+        prefill = step_time(shape, hw, c, g, n, 1, max(1, n // 2), 16)
+        steps = sum(step_time(shape, hw, c, g, 1, 1, n + k, 16) for k in range(1, out))
+        return (prefill + steps) / out
+
+    a, b = latency(0.0), (latency(PROBE_S) - latency(0.0)) / PROBE_S
+    t = entry["latency_s"] / out
+    return _Linear(a, b, t, t)
+
+
+def gpu_rows(entries: list[dict], hardware: dict[str, Hardware], cal: GpuCalibration, cal_high: GpuCalibration):
+    """NeMo latency rows; `cal` and `cal_high`: the two ends of the bandwidth-efficiency uncertainty."""
+    shapes = builtin_shapes()
+    rows = []
+    lin = {
+        id(c): [_gpu_linear(e, shapes[e["model"]], hardware[e["hardware"]], c) for e in entries]
+        for c in (cal, cal_high)
+    }
+    for i, e in enumerate(entries):
+        speeds = []
+        for c in (cal, cal_high):
+            others = [x for j, x in enumerate(lin[id(c)]) if j != i]
+            x = _fit(others)
+            own = lin[id(c)][i]
+            speeds += [1 / (own.a + own.b * v) for v in (x, min(_single_fits(others)), max(_single_fits(others)))]
+            if c is cal:
+                fitted = f"step overhead {x * 1e3:.2f} ms (fit on the {len(others)} other GPU rows)"
+        rows.append(
+            ValidationRow(
+                "gpu",
+                e["model"],
+                e["hardware"],
+                f"{e['gpus']} GPU, bf16, {e['prompt']} in + {e['output']} out",
+                speeds[0],
+                min(speeds),
+                max(speeds),
+                e["output"] / e["latency_s"],
+                e["output"] / e["latency_s"],
+                fitted,
+                e["source"],
+            )
+        )
+    return rows
+
+
+def implied_acceptance(entry: dict, hw: Hardware, op_latency_s: float) -> tuple[float, float]:
+    """(plain speed, mean tokens per verification) the published speculative speed implies for the target
+    model alone: verification steps of draft_tokens + 1 rows on the planner's layout, drafting not costed
+    (so the implied figure is a lower bound)."""
+    shape = builtin_shapes()[entry["model"]]
+    hw = dataclasses.replace(hw, op_latency_s=op_latency_s)
+    k = entry["draft_tokens"]
+    plain = compile_lpu(shape, hw, LpuOptions(weight_bits=entry["weight_bits"], context=entry["context"]))
+    verify = step_timing(shape, hw, plain.partition, plain.options, Pass(k + 1, 1, entry["context"]))
+    return plain.per_user_tokens_per_s, entry["tokens_per_s"] * verify.total_s
+
+
+def validation_rows(
+    hardware: dict[str, Hardware], published: dict[str, list[dict]], cal: GpuCalibration, cal_high: GpuCalibration
+) -> list[ValidationRow]:
+    lpu = [e for e in published["lpu"]]
+    hw = hardware[lpu[0]["hardware"]]
+    if any(e["hardware"] != hw.name for e in lpu):
+        raise ValueError("published.toml: every [[lpu]] row must be on one chip (one free op latency)")
+    return lpu_rows(lpu, hw) + gpu_rows(published["gpu"], hardware, cal, cal_high)
+
+
 def validation_table(rows: list[ValidationRow]) -> str:
     lines = [
-        "| model | hardware | layout | predicted tok/s | published tok/s | ratio |",
-        "| --- | --- | --- | ---: | ---: | ---: |",
+        "| model | hardware | layout | predicted tok/s (band) | published tok/s | ratio (band) | free term | source |",
+        "| --- | --- | --- | ---: | ---: | ---: | --- | --- |",
     ]
     for r in rows:
         pub = (
-            f"{r.published_low:g}"
+            f"{r.published_low:,.0f}"
             if r.published_low == r.published_high
-            else f"{r.published_low:g}-{r.published_high:g}"
+            else f"{r.published_low:,.0f}-{r.published_high:,.0f}"
         )
-        lines.append(f"| {r.model} | {r.hardware} | {r.layout} | {r.predicted:,.0f} | {pub} | {r.ratio:.2f} |")
+        lo, hi = r.band_ratio
+        lines.append(
+            f"| {r.model} | {r.hardware} | {r.layout} | {r.predicted:,.0f} ({r.band_low:,.0f}-{r.band_high:,.0f}) "
+            f"| {pub} | {r.ratio:.2f} ({lo:.2f}-{hi:.2f}) | {r.fitted} | {r.source} |"
+        )
     return "\n".join(lines) + "\n"
+
+
+def efficiency_band(table: dict, cal: GpuCalibration) -> GpuCalibration:
+    """`cal` at the high end of the bandwidth-efficiency uncertainty (gpt-fast's empirical peak)."""
+    g = table["gpu"]
+    return dataclasses.replace(cal, bandwidth_efficiency=g["achieved_bandwidth"] / g["empirical_peak_bandwidth"])
+
+
+def validation_report(hardware: dict[str, Hardware], published: dict[str, list[dict]], table: dict) -> str:
+    """The `--validate` output: the table, then what the speculative rows imply."""
+    from metronome.fleet.gpu import calibration_from_table
+
+    cal = calibration_from_table(table)
+    rows = validation_rows(hardware, published, cal, efficiency_band(table, cal))
+    lines = [validation_table(rows)]
+    lpu = published["lpu"]
+    x = fit_op_latency(lpu, hardware[lpu[0]["hardware"]])
+    for e in published.get("speculative", []):
+        plain, accepted = implied_acceptance(e, hardware[e["hardware"]], x)
+        lines.append(
+            f"not predicted: {e['model']} on {e['hardware']} with speculative decoding, {e['tokens_per_s']:,.0f} "
+            f"tok/s published ({e['source']}): plain decoding is predicted at {plain:,.0f} tok/s; the figure "
+            f"implies {accepted:.1f} tokens per verification of {e['draft_tokens']} drafts (at most "
+            f"{e['draft_tokens'] + 1}), drafting not costed\n"
+        )
+    return "".join(lines)

@@ -14,6 +14,7 @@ __all__ = [
     "BLOCK_BYTES",
     "BLOCK_KINDS",
     "BLOCK_WEIGHTS",
+    "FILE_KINDS",
     "Q4X4_BYTES",
     "Q4X4_KIND",
     "Q8_0_BYTES",
@@ -21,14 +22,37 @@ __all__ = [
     "check_exports",
 ]
 
-Q8_0_KIND = 0  # GGUF Q8_0 rows (N, K/32*34): per 32 weights an fp16 scale then 32 int8
+Q8_0_KIND = 0  # Q8_0 rows (N, K/32*34) against float32 x: matrices quantized here from dense weights
 Q4X4_KIND = 1  # packed Q4 groups (ceil(N/4), K/32*80): four rows side by side (compile/quant.py, pack_q4)
-BLOCK_KINDS = {"Q8_0": Q8_0_KIND, "Q4X4": Q4X4_KIND}
-
-BLOCK_WEIGHTS = 32  # weights per block, every kind
+# The file's own formats, read as stored (rows of GGUF blocks) against int8-quantized x.
+BLOCK_KINDS = {
+    "Q8_0": Q8_0_KIND,
+    "Q4X4": Q4X4_KIND,
+    "Q8_0_X8": 2,
+    "Q5_0": 3,
+    "Q5_1": 4,
+    "Q4_K": 5,
+    "Q5_K": 6,
+    "Q6_K": 7,
+}
+BLOCK_WEIGHTS = {name: 256 if name.endswith("_K") else 32 for name in BLOCK_KINDS}  # per block along K
 Q8_0_BYTES = 34  # per row and block: fp16 scale + 32 int8
 Q4X4_BYTES = 80  # per 4 rows x 1 block: 8 fp16 (d0..d3, m0..m3) then 4 x 16 code bytes
-BLOCK_BYTES = {"Q8_0": Q8_0_BYTES, "Q4X4": Q4X4_BYTES}
+BLOCK_BYTES = {
+    "Q8_0": Q8_0_BYTES,
+    "Q4X4": Q4X4_BYTES,
+    "Q8_0_X8": 34,
+    "Q5_0": 22,
+    "Q5_1": 24,
+    "Q4_K": 144,
+    "Q5_K": 176,
+    "Q6_K": 210,
+}
+# GGUF tensor type -> the kind that reads its blocks in place.
+FILE_KINDS = {
+    qtype: BLOCK_KINDS["Q8_0_X8" if qtype == "Q8_0" else qtype]
+    for qtype in ("Q8_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+}
 
 
 def check_exports(module: ModuleType) -> None:
@@ -36,7 +60,7 @@ def check_exports(module: ModuleType) -> None:
     exported = {
         "BLOCK_KINDS": dict(module.BLOCK_KINDS),
         "BLOCK_BYTES": dict(module.BLOCK_BYTES),
-        "BLOCK_WEIGHTS": int(module.BLOCK_WEIGHTS),
+        "BLOCK_WEIGHTS": dict(module.BLOCK_WEIGHTS),
     }
     here = {"BLOCK_KINDS": BLOCK_KINDS, "BLOCK_BYTES": BLOCK_BYTES, "BLOCK_WEIGHTS": BLOCK_WEIGHTS}
     if exported != here:

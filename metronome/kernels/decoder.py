@@ -7,24 +7,23 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["LayerWeights"]
+__all__ = ["BlockPart", "LayerWeights"]
+
+BlockPart = tuple[Tensor, int, int]  # (blocks, kind, rows)
 
 
 @dataclass(frozen=True)
 class LayerWeights:
-    """The arguments of `Decoder.add_layer`, by name. Matrices are block tensors with their kind
-    (kernels.blocks: Q8_0 rows or packed Q4 groups); norms are contiguous float32 vectors; the decoder keeps
-    a reference to every tensor it is given."""
+    """The arguments of `Decoder.add_layer`, by name. Each matrix is a list of (blocks, kind, rows) parts
+    whose rows are stacked in order (kernels.blocks: a q/k/v matrix whose parts the file stores in different
+    formats keeps each in its own); norms are contiguous float32 vectors; the decoder keeps a reference to
+    every tensor it is given."""
 
-    qkv: Tensor
-    qkv_kind: int
+    qkv: list[BlockPart]
     qkv_bias: Tensor | None
-    o: Tensor
-    o_kind: int
-    gate_up: Tensor
-    gate_up_kind: int
-    down: Tensor
-    down_kind: int
+    o: list[BlockPart]
+    gate_up: list[BlockPart]
+    down: list[BlockPart]
     attn_norm: Tensor
     mlp_norm: Tensor
     post_attn_norm: Tensor | None = None
@@ -33,6 +32,7 @@ class LayerWeights:
     k_norm: Tensor | None = None
     window: int = 0  # 0: global attention
     local_rope: bool = False  # use the local (sliding-window) RoPE table
+    moe: Any = None  # a C++ MoeLayer (CppOps.moe_layer) in place of the MLP; gate_up and down are then []
 
     def kwargs(self) -> dict[str, Any]:
         """The fields as add_layer's keyword arguments (the tensors themselves, not copies)."""

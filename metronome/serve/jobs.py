@@ -5,9 +5,10 @@ text-completion bodies, whole or as stream chunks."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
 from starlette.types import Receive
 
@@ -15,7 +16,7 @@ from metronome.config import SamplingParams
 from metronome.engine import Delta, Engine, QueueFullError, Request, RequestError, Timings
 from metronome.engine.constrain import JsonConstraint, JsonVocabulary
 from metronome.engine.sampler import Choice
-from metronome.serve.prometheus import ServerMetrics
+from metronome.serve.prometheus import ApiRequest, ServerMetrics, outcome_of
 from metronome.serve.usage import groq_timings
 
 # Valid JSON candidates kept per step when sampling (greedy keeps the best one).
@@ -29,6 +30,34 @@ from metronome.serve.usage import groq_timings
 # so the truncation stays until the constraint can mask the vocabulary without a Python walk (a grammar
 # engine with precomputed token masks). tests/engine/test_constrain.py pins this behaviour.
 _JSON_SAMPLING_WIDTH = 64
+
+
+class Outbox:
+    """Carries events from the engine thread onto one event loop, with one loop wake-up per burst.
+
+    A step ends with an event for each of its requests; waking the loop once per event costs a system call
+    and a loop turn each (call_soon_threadsafe writes the loop's self-pipe). Here the first event of a burst
+    schedules one drain, and the events that follow before it runs ride along."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue, Any]] = []
+
+    def put(self, queue: asyncio.Queue, item: Any) -> None:
+        """Any thread: `queue.put_nowait(item)` on the loop, soon."""
+        with self._lock:
+            self._items.append((queue, item))
+            if len(self._items) > 1:
+                return  # a drain is already scheduled
+        if not self.loop.is_closed():  # a closed loop means the server is gone: nobody is left to tell
+            self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for queue, item in items:
+            queue.put_nowait(item)
 
 
 class JobRefused(Exception):
@@ -63,8 +92,10 @@ class ChoiceRun:
     def absorb(self, delta: Delta, stamp: float, eos_ids: tuple[int, ...]) -> list[Choice]:
         """Take one event; returns the tokens it adds to the logprobs (a final end-of-sequence is left out)."""
         if delta.choices:
-            if self.last_token_at is not None:
-                self.token_gaps.append(stamp - self.last_token_at)
+            # one event per step may carry several tokens (accepted drafts): they arrive together, so the
+            # first waited the whole gap and the rest none, one gap per token as the client sees them
+            gaps = [stamp - self.last_token_at] if self.last_token_at is not None else []
+            self.token_gaps += gaps + [0.0] * (len(delta.choices) - 1)
             self.last_token_at = stamp
         reported = [
             c
@@ -83,7 +114,13 @@ class Job:
     """The engine requests behind one API request. Create and consume it on the event loop."""
 
     def __init__(
-        self, engine: Engine, spec: JobSpec, metrics: ServerMetrics, json_vocab: JsonVocabulary | None, request_id: str
+        self,
+        engine: Engine,
+        spec: JobSpec,
+        metrics: ServerMetrics,
+        json_vocab: JsonVocabulary | None,
+        request_id: str,
+        outbox: Outbox | None = None,
     ) -> None:
         self.engine = engine
         self.spec = spec
@@ -91,8 +128,10 @@ class Job:
         self.json_vocab = json_vocab
         self.request_id = request_id
         self.loop = asyncio.get_running_loop()
+        self.outbox = outbox if outbox is not None else Outbox(self.loop)
         self.events: asyncio.Queue[tuple[int, float, Delta]] = asyncio.Queue()
         self.runs: list[ChoiceRun] = []
+        self.account: ApiRequest | None = None  # the API request's account, ended when its last choice ends
 
     def submit(self) -> None:
         """Queue every choice with the engine; all or none (a refusal cancels those already queued)."""
@@ -110,6 +149,7 @@ class Job:
                         request_id=f"{self.request_id}-{index}",
                     )
                     self.runs.append(ChoiceRun(index, req))
+                    self.metrics.observe_submitted()
         except QueueFullError as exc:
             self.cancel_unfinished()
             raise JobRefused(f"the server is at capacity: {exc}; retry later", None, queue_full=True) from exc
@@ -126,11 +166,10 @@ class Job:
 
     def _deliver(self, index: int) -> Callable[[Delta], None]:
         """The engine-thread callback of choice `index`: stamp the event and hand it to the loop."""
-        loop, events = self.loop, self.events
+        outbox, events = self.outbox, self.events
 
         def deliver(delta: Delta) -> None:
-            if not loop.is_closed():  # a closed loop means the server is gone: nobody is left to tell
-                loop.call_soon_threadsafe(events.put_nowait, (index, time.perf_counter(), delta))
+            outbox.put(events, (index, time.perf_counter(), delta))
 
         return deliver
 
@@ -146,8 +185,15 @@ class Job:
                 open_runs -= 1
                 req = run.request
                 self.metrics.observe_request(
-                    req.timings, len(req.prompt_ids), len(req.output_ids), run.token_gaps, delta.finish_reason
+                    req.timings,
+                    len(req.prompt_ids),
+                    len(req.output_ids),
+                    run.token_gaps,
+                    delta.finish_reason,
+                    predicted_ttft_ms=req.predicted_ttft_ms,
                 )
+                if not open_runs and self.account is not None:
+                    self.account.end(outcome_of(r.finish_reason for r in self.runs))
             yield run, delta, reported
 
     @property

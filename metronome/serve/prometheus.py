@@ -1,8 +1,15 @@
-"""Prometheus metrics of one server, in the app's own registry (never the process-global one)."""
+"""Prometheus metrics of one server, in the app's own registry (never the process-global one).
+
+Two accounts that add up at every scrape:
+- generation requests (POST /v1/chat/completions, /v1/completions): `metronome_api_requests_received_total`
+  = the sum over outcomes of `metronome_api_requests_ended_total` + `metronome_api_requests_in_flight`;
+- engine requests (one per choice): `metronome_engine_requests_submitted_total` = the sum over reasons of
+  `metronome_engine_requests_finished_total` + `metronome_engine_requests_in_flight`.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -14,6 +21,39 @@ _REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+GENERATION_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
+# How a generation request ended: every choice finished (stop, length); the client went away or cancelled;
+# the engine or the server failed it (a 5xx, or an error event mid-stream); refused before it generated
+# anything (a 4xx: a bad body, a full queue, the model still loading).
+OUTCOMES = ("completed", "cancelled", "failed", "rejected")
+
+
+def outcome_of(reasons: Iterable[str | None]) -> str:
+    """The outcome of a request whose choices ended with these finish reasons."""
+    reasons = list(reasons)
+    if "error" in reasons:
+        return "failed"
+    if "cancelled" in reasons or None in reasons:
+        return "cancelled"
+    return "completed"
+
+
+class ApiRequest:
+    """The account of one generation request: received when made, ended exactly once."""
+
+    def __init__(self, metrics: "ServerMetrics", endpoint: str) -> None:
+        self.metrics, self.endpoint = metrics, endpoint
+        self.outcome: str | None = None
+
+    def end(self, outcome: str) -> None:
+        """Record how the request ended; later calls change nothing (the first outcome known wins)."""
+        if self.outcome is not None:
+            return
+        if outcome not in OUTCOMES:
+            raise ValueError(f"outcome {outcome!r} is not one of {OUTCOMES}")
+        self.outcome = outcome
+        self.metrics._api_ended(self.endpoint, outcome)
 
 
 class ServerMetrics:
@@ -58,6 +98,41 @@ class ServerMetrics:
         self.engine_errors = Counter(
             "metronome_engine_errors", "Engine requests that failed inside the engine.", registry=r
         )
+        self.submitted = Counter(
+            "metronome_engine_requests_submitted",
+            "Engine requests accepted by the engine (one per choice).",
+            registry=r,
+        )
+        self.api_received = Counter(
+            "metronome_api_requests_received", "Generation requests received, by endpoint.", ("endpoint",), registry=r
+        )
+        self.api_ended = Counter(
+            "metronome_api_requests_ended",
+            "Generation requests ended, by endpoint and outcome: completed, cancelled (by the client), "
+            "failed (a server or engine error), rejected (a 4xx before generating).",
+            ("endpoint", "outcome"),
+            registry=r,
+        )
+        for endpoint in GENERATION_ENDPOINTS:  # every series exists from the start, at 0
+            self.api_received.labels(endpoint)
+            for outcome in OUTCOMES:
+                self.api_ended.labels(endpoint, outcome)
+        for reason in ("stop", "length", "cancelled", "error"):
+            self.finished.labels(reason)
+        self.max_itl = Histogram(
+            "metronome_request_max_inter_token_latency_seconds",
+            "The longest gap between two tokens of one request's stream (its worst stall).",
+            buckets=_TOKEN_BUCKETS + _REQUEST_BUCKETS[_REQUEST_BUCKETS.index(5.0) :],
+            registry=r,
+        )
+        self._api_in_flight = 0
+        self._engine_in_flight = 0
+        Gauge(
+            "metronome_api_requests_in_flight", "Generation requests received and not ended yet.", registry=r
+        ).set_function(lambda: float(self._api_in_flight))
+        Gauge(
+            "metronome_engine_requests_in_flight", "Engine requests submitted and not finished yet.", registry=r
+        ).set_function(lambda: float(self._engine_in_flight))
         self._engine: Engine | None = None  # read at scrape time; zeros until one is bound
         Gauge("metronome_requests_running", "Requests holding a slot.", registry=r).set_function(self.running)
         Gauge("metronome_requests_waiting", "Requests queued for a slot.", registry=r).set_function(self.waiting)
@@ -70,6 +145,25 @@ class ServerMetrics:
         Gauge(
             "metronome_spec_accepted_tokens", "Drafted tokens that were accepted since start (cumulative).", registry=r
         ).set_function(lambda: float(self._engine.spec.accepted) if self._engine is not None else 0.0)
+        self.slots = Gauge("metronome_slots", "Request slots of the plan (requests decoded together).", registry=r)
+        self.promised_speed = Gauge(
+            "metronome_plan_tokens_per_second",
+            "The plan's promised decode speed per user (1 / calibrated step), by number of live slots.",
+            ("live_slots",),
+            registry=r,
+        )
+        self.decode_speed = Histogram(
+            "metronome_request_decode_tokens_per_second",
+            "Each request's decode speed, first token to last (compare with metronome_plan_tokens_per_second).",
+            buckets=(5, 10, 20, 30, 40, 50, 60, 80, 100, 130, 160, 200, 300, 500),
+            registry=r,
+        )
+        self.ttft_vs_plan = Histogram(
+            "metronome_ttft_over_prediction_ratio",
+            "Each request's measured time to first token over the plan's prediction at submit (1 is on time).",
+            buckets=(0.5, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0),
+            registry=r,
+        )
         self.predicted_step = Gauge(
             "metronome_plan_step_seconds",
             "The plan's calibrated decode-step latency, by number of live slots.",
@@ -79,9 +173,32 @@ class ServerMetrics:
 
     def bind(self, engine: Engine) -> None:
         self._engine = engine
+        self.publish_plan(engine)
+
+    def publish_plan(self, engine: Engine) -> None:
+        """The plan's predictions as gauges (called once an engine is bound): its calibrated step latency and
+        the per-user speed it promises, by live slots. Each request's TTFT is compared with its own
+        prediction as it ends (metronome_ttft_over_prediction_ratio)."""
+        self.slots.set(engine.config.slots)
         report = engine.plan.report
         for live, ms in report.step_ms.items() if report is not None else ():
             self.predicted_step.labels(str(live)).set(ms / 1000.0)
+            self.promised_speed.labels(str(live)).set(1000.0 / ms)
+
+    def received(self, endpoint: str) -> ApiRequest:
+        """Count a generation request as it arrives; end its account once with `ApiRequest.end`."""
+        self.api_received.labels(endpoint).inc()
+        self._api_in_flight += 1
+        return ApiRequest(self, endpoint)
+
+    def _api_ended(self, endpoint: str, outcome: str) -> None:
+        self.api_ended.labels(endpoint, outcome).inc()
+        self._api_in_flight -= 1
+
+    def observe_submitted(self) -> None:
+        """Count one engine request the engine accepted (each is observed again when it finishes)."""
+        self.submitted.inc()
+        self._engine_in_flight += 1
 
     def running(self) -> float:
         return float(len(self._engine.scheduler.by_slot)) if self._engine is not None else 0.0
@@ -93,10 +210,17 @@ class ServerMetrics:
         return self.running() / self._engine.config.slots if self._engine is not None else 0.0
 
     def observe_request(
-        self, timings: Timings, prompt_tokens: int, generated: int, token_gaps: Sequence[float], reason: str
+        self,
+        timings: Timings,
+        prompt_tokens: int,
+        generated: int,
+        token_gaps: Sequence[float],
+        reason: str,
+        predicted_ttft_ms: float = float("nan"),
     ) -> None:
-        """Record one engine request that ended."""
+        """Record one engine request that ended (every submitted one ends: finished, cancelled or failed)."""
         self.finished.labels(reason).inc()
+        self._engine_in_flight -= 1
         if reason == "error":
             self.engine_errors.inc()
         self.generated_tokens.inc(generated)
@@ -105,12 +229,18 @@ class ServerMetrics:
             self.queue_time.observe(timings.admitted - timings.submitted)
         if timings.first_token is not None:
             self.ttft.observe(timings.first_token - timings.submitted)
+            if predicted_ttft_ms > 0:  # NaN (no promise: uncalibrated, or it waited for a slot) is skipped
+                self.ttft_vs_plan.observe((timings.first_token - timings.submitted) * 1000 / predicted_ttft_ms)
+            if timings.finished is not None and generated > 1 and timings.finished > timings.first_token:
+                self.decode_speed.observe((generated - 1) / (timings.finished - timings.first_token))
         if timings.first_sentence is not None:
             self.ttfs.observe(timings.first_sentence - timings.submitted)
         if timings.finished is not None and reason in ("stop", "length"):
             self.e2e.observe(timings.finished - timings.submitted)
         for gap in token_gaps:
             self.itl.observe(gap)
+        if token_gaps:
+            self.max_itl.observe(max(token_gaps))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

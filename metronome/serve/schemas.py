@@ -1,18 +1,51 @@
 """OpenAI request bodies as strict pydantic models, and the parameter a validation error points at.
 
-Strict: a wrong JSON type is an error (no "0.5" for 0.5), never a silent coercion. Unknown fields are
-accepted and ignored, as OpenAI does; an explicit null means "the default"."""
+Strict: a wrong JSON type is an error (no "0.5" for 0.5), never a silent coercion; JSON has one number
+type, so 3.0 is the integer 3 where an integer is asked for (as JSON Schema reads it), and 3.5 an error.
+Unknown fields are accepted and ignored, as OpenAI does; an explicit null means "the default".
+serve/openapi.py publishes these models as the API's OpenAPI schema; the `json_schema_extra` below only
+state there what the validators check."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from metronome.config import MIN_SAMPLING_FLOAT
 
 MAX_STOPS = 4
 MAX_TOP_LOGPROBS = 20
 MAX_N = 16
 _INT64 = 2**63
+
+
+def _integral(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Int = Annotated[int, BeforeValidator(_integral)]  # an integer, written 3 or 3.0
+
+
+def _temperature_schema(schema: dict[str, Any]) -> None:
+    """0 (greedy), or at least MIN_SAMPLING_FLOAT: SamplingParams refuses what lies between (a 400)."""
+    schema.pop("minimum", None)
+    schema["anyOf"] = [{"const": 0}, {"minimum": MIN_SAMPLING_FLOAT}]
+
+
+def _stop_schema(schema: dict[str, Any]) -> None:
+    text = {"type": "string", "minLength": 1}
+    schema["anyOf"] = [text, {"type": "array", "items": text, "maxItems": MAX_STOPS}]
+
+
+def _prompt_schema(schema: dict[str, Any]) -> None:
+    ids = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+    schema["anyOf"] = [
+        {"type": "string"},
+        {"type": "array", "items": {"type": "string"}, "minItems": 1},
+        ids,
+        {"type": "array", "items": ids, "minItems": 1},
+    ]
 
 
 class _Body(BaseModel):
@@ -58,17 +91,17 @@ class SamplingBody(_Body):
     """The fields chat and text completions share."""
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
+    max_tokens: Int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, json_schema_extra=_temperature_schema)
+    top_p: float = Field(1.0, ge=MIN_SAMPLING_FLOAT, le=1.0)
+    top_k: Int = Field(0, ge=0)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
-    stop: str | list[str] = Field(default_factory=list)
-    seed: int | None = Field(None, ge=-_INT64, lt=_INT64)
-    n: int = Field(1, ge=1, le=MAX_N)
+    repetition_penalty: float = Field(1.0, ge=MIN_SAMPLING_FLOAT, le=10.0)
+    stop: str | list[str] = Field(default_factory=list, json_schema_extra=_stop_schema)
+    seed: Int | None = Field(None, ge=-_INT64, lt=_INT64)
+    n: Int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
@@ -100,9 +133,9 @@ class SamplingBody(_Body):
 
 class ChatBody(SamplingBody):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: Int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     @property
     def token_budget(self) -> tuple[int | None, str]:
@@ -113,8 +146,8 @@ class ChatBody(SamplingBody):
 
 
 class CompletionBody(SamplingBody):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # legacy: how many alternatives per token
+    prompt: str | list[str] | list[Int] | list[list[Int]] = Field(json_schema_extra=_prompt_schema)
+    logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # legacy: how many alternatives per token
 
     @field_validator("prompt")
     @classmethod

@@ -13,14 +13,16 @@ import hmac
 import json
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import metronome
@@ -29,13 +31,19 @@ from metronome.engine import Engine
 from metronome.engine.constrain import JsonConstraint, JsonVocabulary
 from metronome.model.loader import LoadedModel
 from metronome.model.tokenizer import ChatTemplateError
-from metronome.serve.jobs import Job, JobRefused, JobSpec, cancel_on_disconnect
-from metronome.serve.prometheus import CONTENT_TYPE, ServerMetrics
+from metronome.serve.audio import TRANSCRIPTIONS, TRANSLATIONS, SpeechService, add_speech_routes, speech_card
+from metronome.serve.errors import ApiError  # re-exported: callers import it from here too
+from metronome.serve.jobs import Job, JobRefused, JobSpec, Outbox, cancel_on_disconnect
+from metronome.serve.openapi import OPENAPI_PATH, openapi_schema
+from metronome.serve.prometheus import CONTENT_TYPE, ApiRequest, ServerMetrics
 from metronome.serve.responses import ResponseHead, ResponseShape
 from metronome.serve.schemas import ChatBody, CompletionBody, SamplingBody, error_message, error_param
 
-_PUBLIC_PATHS = frozenset({"/health", "/"})  # no API key needed: readiness, and the static chat page
-_ENDPOINTS = frozenset({"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"})
+_PUBLIC_PATHS = frozenset({"/health", "/", OPENAPI_PATH})  # no API key: readiness, the chat page, the API's schema
+_ENDPOINTS = frozenset(
+    {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", TRANSCRIPTIONS, TRANSLATIONS}
+    | {OPENAPI_PATH}
+)
 
 
 @dataclass(frozen=True)
@@ -64,29 +72,6 @@ def system_fingerprint(identity: ModelIdentity, engine: Engine) -> str:
     return f"fp_{identity.file_hash}_v{metronome.__version__}_{engine.plan.weights}_s{c.slots}_c{c.ctx}_{mode}"
 
 
-class ApiError(Exception):
-    """An error answered to the client in OpenAI's shape."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        type: str = "invalid_request_error",
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
 @dataclass(frozen=True)
 class Served:
     """A loaded engine and what the API says about it."""
@@ -102,12 +87,21 @@ class Served:
 class ServerState:
     """Everything one app owns: settings, metrics, the page, and the engine once attached."""
 
-    def __init__(self, settings: ServerSettings) -> None:
+    def __init__(self, settings: ServerSettings, speech: SpeechService | None = None) -> None:
         self.settings = settings
+        self.speech = speech  # the speech-to-text model beside the chat model (serve/audio.py), or none
         self.metrics = ServerMetrics()
         self.page = resources.files("metronome.serve").joinpath("static/chat.html").read_text(encoding="utf-8")
         self.served: Served | None = None
         self._settling: set[asyncio.Task[None]] = set()  # strong references until each task ends
+        self._outbox: Outbox | None = None  # engine events onto the serving loop (made on its first request)
+
+    def outbox(self) -> Outbox:
+        """The one Outbox of the running loop: a step's events for every request wake the loop once."""
+        loop = asyncio.get_running_loop()
+        if self._outbox is None or self._outbox.loop is not loop:
+            self._outbox = Outbox(loop)
+        return self._outbox
 
     def attach(self, engine: Engine, identity: ModelIdentity) -> None:
         """Make the app ready: start the engine's stepping thread and serve it."""
@@ -311,7 +305,26 @@ def _sampling(
         raise ApiError(400, str(exc), param=exc.param) from None
 
 
-def _submit(state: ServerState, served: Served, spec: JobSpec) -> Job:
+@contextmanager
+def _accounted(metrics: ServerMetrics, endpoint: str) -> Iterator[ApiRequest]:
+    """One generation request's account (prometheus.ApiRequest): ended by its job once that is submitted
+    (completed, cancelled or failed, as its choices end), or here by what stopped it before: a 4xx is
+    "rejected", a 5xx or an unexpected exception "failed", a client gone while it was prepared "cancelled"."""
+    account = metrics.received(endpoint)
+    try:
+        yield account
+    except ApiError as exc:
+        account.end("rejected" if exc.status < 500 or exc.code == "model_loading" else "failed")
+        raise
+    except (asyncio.CancelledError, ClientDisconnect):
+        account.end("cancelled")
+        raise
+    except BaseException:
+        account.end("failed")
+        raise
+
+
+def _submit(state: ServerState, served: Served, spec: JobSpec, account: ApiRequest) -> Job:
     if len(spec.prompts) * spec.n > state.settings.max_choices:
         raise ApiError(
             400,
@@ -319,7 +332,8 @@ def _submit(state: ServerState, served: Served, spec: JobSpec) -> Job:
             f"{state.settings.max_choices} generations; send fewer",
             param="n",
         )
-    job = Job(served.engine, spec, state.metrics, served.json_vocab, f"req-{uuid.uuid4().hex[:12]}")
+    job = Job(served.engine, spec, state.metrics, served.json_vocab, f"req-{uuid.uuid4().hex[:12]}", state.outbox())
+    job.account = account
     try:
         job.submit()
     except JobRefused as exc:
@@ -411,11 +425,23 @@ def _with_usage(chunk: dict[str, Any], include_usage: bool) -> dict[str, Any]:
 # -- the app -------------------------------------------------------------------------------------------
 
 
-def create_app(engine: Engine | None, settings: ServerSettings, identity: ModelIdentity | None = None) -> FastAPI:
+def create_app(
+    engine: Engine | None,
+    settings: ServerSettings,
+    identity: ModelIdentity | None = None,
+    speech: SpeechService | None = None,
+) -> FastAPI:
     """The app around `engine` (started here), or around none yet: attach one later with
-    `app.state.server.attach(engine, identity)`; until then /health and the API answer 503."""
-    state = ServerState(settings)
-    app = FastAPI(title="metronome", version=metronome.__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    `app.state.server.attach(engine, identity)`; until then /health and the API answer 503.
+    `speech` serves /v1/audio/* (its transcriber may be attached later: 503 until then)."""
+    state = ServerState(settings, speech)
+    app = FastAPI(
+        title="metronome", version=metronome.__version__, docs_url=None, redoc_url=None, openapi_url=OPENAPI_PATH
+    )
+    # what the handlers parse themselves, and the model names served once attached (serve/openapi.py)
+    app.openapi = lambda: openapi_schema(
+        app, () if state.served is None else (state.served.identity.id, settings.model_alias)
+    )
     app.state.server = state
     if engine is not None:
         if identity is None:
@@ -429,7 +455,13 @@ def create_app(engine: Engine | None, settings: ServerSettings, identity: ModelI
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         what = "no such endpoint" if exc.status_code == 404 else str(exc.detail)
-        return ApiError(exc.status_code, f"{what}: {request.method} {request.url.path}").response()
+        # the router's own headers stay (a 405 names the allowed methods in Allow, as RFC 9110 asks)
+        return ApiError(exc.status_code, f"{what}: {request.method} {request.url.path}", headers=exc.headers).response()
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(_request: Request, _exc: ClientDisconnect) -> Response:
+        # the client left while sending its body: nobody reads an answer (499, nginx's "client closed request")
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -455,42 +487,48 @@ def create_app(engine: Engine | None, settings: ServerSettings, identity: ModelI
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         served = state.require()
-        return {"object": "list", "data": [_model_card(served)]}
+        speech = [speech_card(state.speech)] if state.speech is not None and state.speech.ready else []
+        return {"object": "list", "data": [_model_card(served), *speech]}
 
     @app.get("/v1/models/{model_id}")
     async def model(model_id: str) -> dict[str, Any]:
         served = state.require()
+        if state.speech is not None and state.speech.ready and model_id in state.speech.names():
+            return speech_card(state.speech)
         if model_id not in (served.identity.id, settings.model_alias):
             raise ApiError(404, f"the model {model_id!r} does not exist here", param="model", code="model_not_found")
         return _model_card(served)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        served = state.require()
-        body: ChatBody = await _parse(request, state, ChatBody)
-        _check_model(body, served, settings.model_alias)
-        if body.top_logprobs and not body.logprobs:
-            raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-        prompt = await asyncio.to_thread(_chat_prompt, body, served)  # a long prompt must not hold up the loop
-        top = body.top_logprobs or 0
-        params = _sampling(body, [prompt], served, "messages", body.logprobs, top)
-        job = _submit(state, served, JobSpec((prompt,), params, body.n))
-        shape = ResponseShape(_head(served, "chatcmpl"), True, served.engine.tokenizer, body.logprobs, top)
-        return await _answer(request, state, job, shape, body.stream, body.include_usage)
+        with _accounted(state.metrics, "/v1/chat/completions") as account:
+            served = state.require()
+            body: ChatBody = await _parse(request, state, ChatBody)
+            _check_model(body, served, settings.model_alias)
+            if body.top_logprobs and not body.logprobs:
+                raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+            prompt = await asyncio.to_thread(_chat_prompt, body, served)  # a long prompt must not hold up the loop
+            top = body.top_logprobs or 0
+            params = _sampling(body, [prompt], served, "messages", body.logprobs, top)
+            job = _submit(state, served, JobSpec((prompt,), params, body.n), account)
+            shape = ResponseShape(_head(served, "chatcmpl"), True, served.engine.tokenizer, body.logprobs, top)
+            return await _answer(request, state, job, shape, body.stream, body.include_usage)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        served = state.require()
-        body: CompletionBody = await _parse(request, state, CompletionBody)
-        _check_model(body, served, settings.model_alias)
-        prompts = await asyncio.to_thread(_completion_prompts, body, served)
-        logprobs = body.logprobs is not None
-        top = body.logprobs or 0
-        params = _sampling(body, prompts, served, "prompt", logprobs, top)
-        job = _submit(state, served, JobSpec(tuple(prompts), params, body.n))
-        shape = ResponseShape(_head(served, "cmpl"), False, served.engine.tokenizer, logprobs, top)
-        return await _answer(request, state, job, shape, body.stream, body.include_usage)
+        with _accounted(state.metrics, "/v1/completions") as account:
+            served = state.require()
+            body: CompletionBody = await _parse(request, state, CompletionBody)
+            _check_model(body, served, settings.model_alias)
+            prompts = await asyncio.to_thread(_completion_prompts, body, served)
+            logprobs = body.logprobs is not None
+            top = body.logprobs or 0
+            params = _sampling(body, prompts, served, "prompt", logprobs, top)
+            job = _submit(state, served, JobSpec(tuple(prompts), params, body.n), account)
+            shape = ResponseShape(_head(served, "cmpl"), False, served.engine.tokenizer, logprobs, top)
+            return await _answer(request, state, job, shape, body.stream, body.include_usage)
 
+    add_speech_routes(app, state)
     app.add_middleware(GateMiddleware, state=state)
     return app
 

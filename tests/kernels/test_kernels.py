@@ -370,16 +370,18 @@ def test_thread_count_invariance(cpp: CppOps) -> None:
         lambda: cpp.decode_attention(qa, kc, vc, slots, ends, 0, 0.125),
         lambda: cpp.q8_0_linear(x[:8], blocks),
     ]
-    before = torch.get_num_threads()
+    before = cpp.threads()
     try:
-        torch.set_num_threads(1)
-        one = [c() for c in calls]
-        torch.set_num_threads(max(2, before))
-        many = [c() for c in calls]
+        outputs = {}
+        for n in (1, 2, 3):  # the kernels' own pool (torch's thread count plays no part in them)
+            cpp.set_threads(n)
+            assert cpp.threads() == n
+            outputs[n] = [c() for c in calls]
     finally:
-        torch.set_num_threads(before)
-    for i, (a, b) in enumerate(zip(one, many)):
-        assert torch.equal(a, b), f"call {i} depends on the thread count"
+        cpp.set_threads(before)
+    for n in (2, 3):
+        for i, (a, b) in enumerate(zip(outputs[1], outputs[n])):
+            assert torch.equal(a, b), f"call {i} differs with {n} pool threads from 1"
 
 
 def test_torch_ops_is_the_default_reference() -> None:
@@ -397,9 +399,17 @@ def test_block_formats_match_the_cpp_export(cpp: CppOps) -> None:
     from metronome.kernels import blocks
 
     m = cpp._m
-    assert dict(m.BLOCK_KINDS) == blocks.BLOCK_KINDS == {"Q8_0": blocks.Q8_0_KIND, "Q4X4": blocks.Q4X4_KIND}
-    assert dict(m.BLOCK_BYTES) == blocks.BLOCK_BYTES == {"Q8_0": blocks.Q8_0_BYTES, "Q4X4": blocks.Q4X4_BYTES}
-    assert m.BLOCK_WEIGHTS == blocks.BLOCK_WEIGHTS == quant.GROUP
+    assert dict(m.BLOCK_KINDS) == blocks.BLOCK_KINDS
+    assert (blocks.BLOCK_KINDS["Q8_0"], blocks.BLOCK_KINDS["Q4X4"]) == (blocks.Q8_0_KIND, blocks.Q4X4_KIND)
+    assert dict(m.BLOCK_BYTES) == blocks.BLOCK_BYTES and dict(m.BLOCK_WEIGHTS) == blocks.BLOCK_WEIGHTS
+    assert (blocks.BLOCK_BYTES["Q8_0"], blocks.BLOCK_BYTES["Q4X4"]) == (blocks.Q8_0_BYTES, blocks.Q4X4_BYTES)
+    assert blocks.BLOCK_WEIGHTS["Q4X4"] == quant.GROUP
+    import gguf  # the file formats' own sizes, for the kinds that read GGUF blocks in place
+
+    for qtype, kind in blocks.FILE_KINDS.items():
+        name = next(n for n, k in blocks.BLOCK_KINDS.items() if k == kind)
+        want = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+        assert (blocks.BLOCK_WEIGHTS[name], blocks.BLOCK_BYTES[name]) == want, qtype
     assert (quant.Q8_0_KIND, quant.Q4X4_KIND, quant.Q4X4_BYTES) == (
         blocks.Q8_0_KIND,
         blocks.Q4X4_KIND,

@@ -21,7 +21,7 @@ def _in_process(args: tuple[str, ...]):
     """The engine and sampling params the CLI builds from `args`, built here in the test process."""
     ns = build_parser().parse_args(list(args))
     loaded = load(ns.model)
-    return Engine.from_model(config=engine_config(ns, loaded.config), loaded=loaded), sampling_params(ns)
+    return Engine.from_model(config=engine_config(ns), loaded=loaded), sampling_params(ns)
 
 
 def test_generate_prints_the_engines_greedy_text_and_reports_speed(tiny_hf):

@@ -43,7 +43,9 @@ HI = [{"role": "user", "content": "Name three colors."}]
 
 @pytest.fixture(scope="module")
 def smol_engine(smollm):
-    engine = Engine.from_model(config=EngineConfig(slots=4, ctx=512), loaded=smollm)
+    engine = Engine.from_model(
+        config=EngineConfig(slots=4, ctx=512), loaded=smollm, calibrate=True
+    )  # a plan with promises
     yield engine
     engine.stop()
 
@@ -457,6 +459,8 @@ def test_metrics_expose_histograms_counters_and_gauges(smol_url):
         "metronome_inter_token_latency_seconds_count",
         "metronome_prompt_tokens_total",
         "metronome_generation_tokens_total",
+        "metronome_ttft_over_prediction_ratio_count",
+        "metronome_request_decode_tokens_per_second_count",
     )
     before = {n: count(n) for n in names}
     ok_before = _metric(smol_url, "metronome_requests_total", '{endpoint="/v1/completions",status="200"}')
@@ -474,10 +478,13 @@ def test_metrics_expose_histograms_counters_and_gauges(smol_url):
         after["metronome_prompt_tokens_total"] == before["metronome_prompt_tokens_total"] + r["usage"]["prompt_tokens"]
     )
     assert after["metronome_generation_tokens_total"] == before["metronome_generation_tokens_total"] + 5
+    for n in ("metronome_ttft_over_prediction_ratio_count", "metronome_request_decode_tokens_per_second_count"):
+        assert after[n] == before[n] + 1, n  # the plan's promise, checked per request
     assert _metric(smol_url, "metronome_requests_total", '{endpoint="/v1/completions",status="200"}') == ok_before + 1
     text = httpx.get(f"{smol_url}/metrics", timeout=30).text
     for gauge in ("metronome_requests_running", "metronome_requests_waiting", "metronome_slot_occupancy"):
         assert re.search(rf"^{gauge} 0\.0$", text, re.M), gauge  # idle now
+    assert re.search(r'^metronome_plan_tokens_per_second\{live_slots="1"\} \d', text, re.M)
     for gauge in ("metronome_spec_drafted_tokens", "metronome_spec_accepted_tokens"):
         assert re.search(rf"^{gauge} \d+\.0$", text, re.M), gauge
 

@@ -21,11 +21,11 @@ BAD_ENGINE = {
 
 BAD_SAMPLING = {
     "max_tokens": [0, -1],
-    "temperature": [-0.1, 2.01],
+    "temperature": [-0.1, 2.01, 5e-324, 1e-40],  # tiny: below what the float32 sampler can divide by
     "top_k": [-1],
-    "top_p": [0.0, 1.5],
+    "top_p": [0.0, 1.5, 5e-324],
     "min_p": [-0.1, 1.1],
-    "repetition_penalty": [0.0, 10.5],
+    "repetition_penalty": [0.0, 10.5, 5e-324],
     "presence_penalty": [-2.1, 2.1],
     "frequency_penalty": [-2.1, 2.1],
     "top_logprobs": [-1, 21],
@@ -118,10 +118,15 @@ ENGINE_COMMANDS = ["generate", "chat", "compile", "serve", "serve.cli"]
 
 @pytest.mark.parametrize("command", ENGINE_COMMANDS)
 def test_no_flags_give_the_python_defaults(command):
+    from metronome.compile import available_cores, resolve_settings
+
     args = _parse(command, [])
-    assert engine_config(args, _model()) == EngineConfig()
     assert engine_config(args) == EngineConfig()
-    assert engine_config(args, _model(max_position=512)) == EngineConfig(ctx=512)  # the model's shorter context
+    # what the model and the machine decide is decided once, in the compile, for every entry point
+    short = resolve_settings(_model(max_position=512), engine_config(args))
+    assert short == resolve_settings(_model(max_position=512), EngineConfig())
+    assert short.ctx == 512 and short.threads == available_cores()  # the model's shorter context; every core
+    assert resolve_settings(_model(), engine_config(args)).ctx == 2048
 
 
 FLAGS = [
@@ -147,7 +152,7 @@ FLAGS = [
 def test_the_same_flags_give_the_same_config_everywhere():
     expected = EngineConfig(slots=3, ctx=256, weights="int8", threads=2, kernels="torch", spec_tokens=0, draft="d.gguf")
     for command in ENGINE_COMMANDS:
-        assert engine_config(_parse(command, FLAGS), _model()) == expected, command
+        assert engine_config(_parse(command, FLAGS)) == expected, command
 
 
 def test_every_engine_command_has_every_engine_flag():

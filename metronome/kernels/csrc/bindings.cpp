@@ -6,6 +6,7 @@
 
 #include "blocks.h"
 #include "decoder.h"
+#include "moe.h"
 #include "ops.h"
 #include "pool.h"
 
@@ -29,32 +30,48 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("scale"), py::call_guard<py::gil_scoped_release>());
   m.def("set_threads", &metronome::set_threads,
         "threads of the kernels' own pool (default: torch's thread count at first use)", py::arg("n"));
+  m.def("get_threads", &metronome::get_threads, "threads of the kernels' own pool");
 
   // The block formats of block_linear and Decoder.add_layer (blocks.h), for metronome/kernels/blocks.py.
-  py::dict kinds, bytes;
-  kinds["Q8_0"] = static_cast<int64_t>(metronome::kQ8_0);
-  kinds["Q4X4"] = static_cast<int64_t>(metronome::kQ4x4);
-  bytes["Q8_0"] = metronome::kQ8Bytes;    // per row and block
-  bytes["Q4X4"] = metronome::kQ4x4Bytes;  // per group of 4 rows and block
+  py::dict kinds, bytes, weights;
+  for (int64_t k = 0; k < metronome::kNumKinds; ++k) {
+    const metronome::KindInfo& info = metronome::kKinds[k];
+    kinds[info.name] = k;
+    bytes[info.name] = info.bytes;      // per row and block (Q4X4: per group of 4 rows and block)
+    weights[info.name] = info.weights;  // per block along K
+  }
   m.attr("BLOCK_KINDS") = kinds;
   m.attr("BLOCK_BYTES") = bytes;
-  m.attr("BLOCK_WEIGHTS") = metronome::kQ8Block;  // weights per block (Q8_0 and Q4 alike)
-  static_assert(metronome::kQ8Block == metronome::kQ4Block, "one block size for every kind");
+  m.attr("BLOCK_WEIGHTS") = weights;
 
   m.def("block_linear", &metronome::block_linear,
-        "y = x @ W.T (+ bias) in f32, W as Q8_0 rows (kind BLOCK_KINDS['Q8_0']) or packed Q4 (kind "
-        "BLOCK_KINDS['Q4X4']) of `rows` rows",
-        py::arg("x"), py::arg("w"), py::arg("kind"), py::arg("rows"), py::arg("bias") = py::none(),
-        py::call_guard<py::gil_scoped_release>());
+        "y = x @ W.T (+ bias) in f32, W as blocks of one of BLOCK_KINDS, `rows` rows", py::arg("x"), py::arg("w"),
+        py::arg("kind"), py::arg("rows"), py::arg("bias") = py::none(), py::call_guard<py::gil_scoped_release>());
+  py::class_<metronome::MoeLayer, std::shared_ptr<metronome::MoeLayer>>(
+      m, "MoeLayer", "a mixture-of-experts block for Decoder.add_layer(moe=...): static top-k dispatch (moe.h)")
+      .def(py::init<const Tensor&, const std::vector<std::vector<metronome::BlockPart>>&,
+                    const std::vector<std::vector<metronome::BlockPart>>&, int64_t, int64_t, bool,
+                    const std::vector<metronome::BlockPart>&, const std::vector<metronome::BlockPart>&, int64_t,
+                    const std::optional<Tensor>&>(),
+           py::kw_only(), py::arg("router"), py::arg("gate_up"), py::arg("down"), py::arg("width"), py::arg("top_k"),
+           py::arg("normalize"), py::arg("shared_gate_up"), py::arg("shared_down"), py::arg("shared_width"),
+           py::arg("shared_gate"))
+      .def("apply", &metronome::MoeLayer::apply, "h (M, D) -> the block's output (M, D)", py::arg("h"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("timings", &metronome::MoeLayer::timings,
+           "(routing + scatter + gather seconds, expert matmul seconds, calls) since the last reset")
+      .def("reset_timings", &metronome::MoeLayer::reset_timings)
+      .def("route", &metronome::MoeLayer::route, "h (M, D) -> (weights (M, k), expert ids (M, k)), best first",
+           py::arg("h"), py::call_guard<py::gil_scoped_release>());
   py::class_<Decoder>(m, "Decoder",
                       "every layer of a plan, fused: forward(x, slots, positions, cos, sin, cos_local, sin_local)")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, double, bool, Tensor, Tensor>(), py::kw_only(),
            py::arg("hidden"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("intermediate"),
            py::arg("eps"), py::arg("scale"), py::arg("gelu"), py::arg("k_cache"), py::arg("v_cache"))
-      .def("add_layer", &Decoder::add_layer, py::kw_only(), py::arg("qkv"), py::arg("qkv_kind"), py::arg("qkv_bias"),
-           py::arg("o"), py::arg("o_kind"), py::arg("gate_up"), py::arg("gate_up_kind"), py::arg("down"),
-           py::arg("down_kind"), py::arg("attn_norm"), py::arg("mlp_norm"), py::arg("post_attn_norm"),
-           py::arg("post_mlp_norm"), py::arg("q_norm"), py::arg("k_norm"), py::arg("window"), py::arg("local_rope"))
+      .def("add_layer", &Decoder::add_layer, py::kw_only(), py::arg("qkv"), py::arg("qkv_bias"), py::arg("o"),
+           py::arg("gate_up"), py::arg("down"), py::arg("attn_norm"), py::arg("mlp_norm"), py::arg("post_attn_norm"),
+           py::arg("post_mlp_norm"), py::arg("q_norm"), py::arg("k_norm"), py::arg("window"), py::arg("local_rope"),
+           py::arg("moe") = py::none())
       .def_property_readonly("num_layers", &Decoder::num_layers)
       .def("forward", &Decoder::forward, py::arg("x"), py::arg("slots"), py::arg("positions"), py::arg("cos"),
            py::arg("sin"), py::arg("cos_local"), py::arg("sin_local"), py::call_guard<py::gil_scoped_release>());

@@ -1,4 +1,4 @@
-// Block matmuls (see blocks.h): GGUF Q8_0 rows against float32 x, packed Q4 groups against int8 x.
+// Block matmuls (see blocks.h): GGUF Q8_0 rows against float32 x, and every block kind against int8 x.
 
 #include "blocks.h"
 
@@ -34,25 +34,28 @@ inline void q8_block(const uint8_t* p, __m512& w0, __m512& w1) {
       _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 18)))), d);
 }
 
-// NT output columns x MT rows of x, starting at column n0 and row m0.
-// A tile reads NT short rows (K/32*34 bytes each) side by side: too short for the hardware prefetcher
-// to follow, so each block step prefetches its share of the bytes kQ8PrefetchRows rows further on
-// (the matrix is read front to back, tile after tile).
-constexpr int64_t kQ8PrefetchRows = 8;
+// Rows of one segment are read by tiles of NT rows side by side: rows too short for the hardware
+// prefetcher to follow, so each block step prefetches its share of the bytes kPrefetchRows rows further
+// on (the segment is read front to back, tile after tile).
+constexpr int64_t kPrefetchRows = 8;
 
+template <int64_t kBytes>
+inline void prefetch_step(const char* p) {
+  for (int64_t o = 0; o < kBytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+}
+
+// NT output rows (from local row n0, written at y column n0) x MT rows of x, starting at row m0; y has
+// ldy columns.
 template <int NT, int MT>
-void q8_tile(const uint8_t* wq, int64_t row_bytes, const float* xf, int64_t K, float* y, int64_t N, int64_t n0,
+void q8_tile(const uint8_t* wq, int64_t row_bytes, const float* xf, int64_t K, float* y, int64_t ldy, int64_t n0,
              int64_t m0) {
   __m512 acc[NT][MT];
   for (int n = 0; n < NT; ++n)
     for (int m = 0; m < MT; ++m) acc[n][m] = _mm512_setzero_ps();
   const int64_t nblocks = K / kQ8Block;
-  const char* pf = reinterpret_cast<const char*>(wq + (n0 + kQ8PrefetchRows) * row_bytes);
+  const char* pf = reinterpret_cast<const char*>(wq + (n0 + kPrefetchRows) * row_bytes);
   for (int64_t b = 0; b < nblocks; ++b) {
-    const char* p = pf + b * NT * kQ8Bytes;  // NT*34 bytes per step cover the NT rows over the K/32 steps
-    _mm_prefetch(p, _MM_HINT_T0);
-    if constexpr (NT * kQ8Bytes > 64) _mm_prefetch(p + 64, _MM_HINT_T0);
-    if constexpr (NT * kQ8Bytes > 128) _mm_prefetch(p + 128, _MM_HINT_T0);
+    prefetch_step<NT * kQ8Bytes>(pf + b * NT * kQ8Bytes);  // NT*34 bytes per step cover NT rows over K/32 steps
     __m512 w[NT][2];
     for (int n = 0; n < NT; ++n) q8_block(wq + (n0 + n) * row_bytes + b * kQ8Bytes, w[n][0], w[n][1]);
     for (int m = 0; m < MT; ++m) {
@@ -65,29 +68,110 @@ void q8_tile(const uint8_t* wq, int64_t row_bytes, const float* xf, int64_t K, f
     }
   }
   for (int n = 0; n < NT; ++n)
-    for (int m = 0; m < MT; ++m) y[(m0 + m) * N + n0 + n] = hsum(acc[n][m]);
+    for (int m = 0; m < MT; ++m) y[(m0 + m) * ldy + n0 + n] = hsum(acc[n][m]);
 }
 
 template <int MT>
-void q8_columns(const uint8_t* wq, int64_t row_bytes, const float* xf, int64_t K, float* y, int64_t N, int64_t n_lo,
+void q8_columns(const uint8_t* wq, int64_t row_bytes, const float* xf, int64_t K, float* y, int64_t ldy, int64_t n_lo,
                 int64_t n_hi, int64_t m0) {
   constexpr int NT = MT <= 4 ? 4 : 2;  // NT * MT accumulators + 2 * NT weights fit the 32 registers
   int64_t n = n_lo;
-  for (; n + NT <= n_hi; n += NT) q8_tile<NT, MT>(wq, row_bytes, xf, K, y, N, n, m0);
-  for (; n < n_hi; ++n) q8_tile<1, MT>(wq, row_bytes, xf, K, y, N, n, m0);
+  for (; n + NT <= n_hi; n += NT) q8_tile<NT, MT>(wq, row_bytes, xf, K, y, ldy, n, m0);
+  for (; n < n_hi; ++n) q8_tile<1, MT>(wq, row_bytes, xf, K, y, ldy, n, m0);
 }
 
-void q8_columns_any(int64_t mt, const uint8_t* wq, int64_t row_bytes, const float* xf, int64_t K, float* y, int64_t N,
+void q8_columns_any(int64_t mt, const uint8_t* wq, int64_t row_bytes, const float* xf, int64_t K, float* y, int64_t ldy,
                     int64_t n_lo, int64_t n_hi, int64_t m0) {
   switch (mt) {
-    case 1: q8_columns<1>(wq, row_bytes, xf, K, y, N, n_lo, n_hi, m0); break;
-    case 2: q8_columns<2>(wq, row_bytes, xf, K, y, N, n_lo, n_hi, m0); break;
-    case 3: q8_columns<3>(wq, row_bytes, xf, K, y, N, n_lo, n_hi, m0); break;
-    case 4: q8_columns<4>(wq, row_bytes, xf, K, y, N, n_lo, n_hi, m0); break;
-    case 5: q8_columns<5>(wq, row_bytes, xf, K, y, N, n_lo, n_hi, m0); break;
-    case 6: q8_columns<6>(wq, row_bytes, xf, K, y, N, n_lo, n_hi, m0); break;
-    case 7: q8_columns<7>(wq, row_bytes, xf, K, y, N, n_lo, n_hi, m0); break;
-    default: q8_columns<8>(wq, row_bytes, xf, K, y, N, n_lo, n_hi, m0); break;
+    case 1: q8_columns<1>(wq, row_bytes, xf, K, y, ldy, n_lo, n_hi, m0); break;
+    case 2: q8_columns<2>(wq, row_bytes, xf, K, y, ldy, n_lo, n_hi, m0); break;
+    case 3: q8_columns<3>(wq, row_bytes, xf, K, y, ldy, n_lo, n_hi, m0); break;
+    case 4: q8_columns<4>(wq, row_bytes, xf, K, y, ldy, n_lo, n_hi, m0); break;
+    case 5: q8_columns<5>(wq, row_bytes, xf, K, y, ldy, n_lo, n_hi, m0); break;
+    case 6: q8_columns<6>(wq, row_bytes, xf, K, y, ldy, n_lo, n_hi, m0); break;
+    case 7: q8_columns<7>(wq, row_bytes, xf, K, y, ldy, n_lo, n_hi, m0); break;
+    default: q8_columns<8>(wq, row_bytes, xf, K, y, ldy, n_lo, n_hi, m0); break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Activations quantized to int8, as llama.cpp pairs them with each weight format: per block of 32
+// (its Q8_0/Q8_1 activations) for the 32-weight kinds, per block of 256 (its Q8_K) for the K-quants.
+// Per block: dx = max|x| / 127, x8 = round(x / dx); and integer sums of x8 that the formats' offsets
+// and minimums multiply (exact: the offsets then cancel exactly in integers).
+
+struct XQuant {
+  int8_t* x8;     // (M, K) per-32 blocks
+  float* dx;      // (M, K/32)
+  float* sx;      // (M, K/32): dx * sum of the block's x8 (packed Q4's and Q5_1's minimum term)
+  int32_t* bs;    // (M, K/32): sum of the block's x8
+  int8_t* x8k;    // (M, K) per-256 blocks
+  int8_t* x8kp;   // (M, K) the same, 32-value sub-blocks in the order 0, 2, 1, 3, 4, 6, 5, 7 (Q4_K/Q5_K's codes)
+  float* dxk;     // (M, K/256)
+  int32_t* bs32;  // (M, K/32): sums of x8k over 32 (Q4_K/Q5_K minimums)
+  int32_t* bs16;  // (M, K/16): sums of x8k over 16 (Q6_K's offset, per 16-weight scale)
+};
+
+inline uint8_t* align64(uint8_t* p) {
+  return reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(p) + 63) & ~static_cast<uintptr_t>(63));
+}
+
+XQuant carve(uint8_t* scratch, int64_t M, int64_t K) {
+  XQuant q;
+  uint8_t* p = align64(scratch);
+  auto take = [&](int64_t bytes) {
+    uint8_t* r = p;
+    p = align64(p + bytes);
+    return r;
+  };
+  q.x8 = reinterpret_cast<int8_t*>(take(M * K));
+  q.dx = reinterpret_cast<float*>(take(M * (K / 32) * 4));
+  q.sx = reinterpret_cast<float*>(take(M * (K / 32) * 4));
+  q.bs = reinterpret_cast<int32_t*>(take(M * (K / 32) * 4));
+  q.x8k = reinterpret_cast<int8_t*>(take(M * K));
+  q.x8kp = reinterpret_cast<int8_t*>(take(M * K));
+  q.dxk = reinterpret_cast<float*>(take(M * (K / 256) * 4));
+  q.bs32 = reinterpret_cast<int32_t*>(take(M * (K / 32) * 4));
+  q.bs16 = reinterpret_cast<int32_t*>(take(M * (K / 16) * 4));
+  return q;
+}
+
+inline __m512 abs_ps(__m512 v) { return _mm512_and_ps(v, _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF))); }
+
+// x (M, K) -> q.x8, q.dx, q.sx, q.bs.
+void quantize_32(const float* x, int64_t M, int64_t K, const XQuant& q) {
+  const int64_t nb = K / 32;
+  for (int64_t i = 0; i < M * nb; ++i) {
+    const __m512 v0 = _mm512_loadu_ps(x + i * 32), v1 = _mm512_loadu_ps(x + i * 32 + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(abs_ps(v0), abs_ps(v1)));
+    const __m512 s = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+    const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, s)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, s));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q.x8 + i * 32), _mm512_cvtsepi32_epi8(q0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q.x8 + i * 32 + 16), _mm512_cvtsepi32_epi8(q1));
+    q.dx[i] = amax / 127.0f;
+    q.bs[i] = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));  // exact integer sum
+    q.sx[i] = q.dx[i] * static_cast<float>(q.bs[i]);
+  }
+}
+
+// x (M, K) -> q.x8k, q.x8kp, q.dxk, q.bs32, q.bs16 (K a multiple of 256).
+void quantize_256(const float* x, int64_t M, int64_t K, const XQuant& q) {
+  const int64_t nb = K / 256;
+  for (int64_t i = 0; i < M * nb; ++i) {
+    const float* xb = x + i * 256;
+    __m512 mx = _mm512_setzero_ps();
+    for (int j = 0; j < 16; ++j) mx = _mm512_max_ps(mx, abs_ps(_mm512_loadu_ps(xb + 16 * j)));
+    const float amax = _mm512_reduce_max_ps(mx);
+    const __m512 s = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+    q.dxk[i] = amax / 127.0f;
+    for (int j = 0; j < 16; ++j) {
+      const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + 16 * j), s));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q.x8k + i * 256 + 16 * j), _mm512_cvtsepi32_epi8(v));
+      q.bs16[i * 16 + j] = _mm512_reduce_add_epi32(v);
+    }
+    for (int j = 0; j < 8; ++j) q.bs32[i * 8 + j] = q.bs16[i * 16 + 2 * j] + q.bs16[i * 16 + 2 * j + 1];
+    constexpr int kOrder[8] = {0, 2, 1, 3, 4, 6, 5, 7};
+    for (int j = 0; j < 8; ++j) std::memcpy(q.x8kp + i * 256 + 32 * j, q.x8k + i * 256 + 32 * kOrder[j], 32);
   }
 }
 
@@ -98,9 +182,9 @@ void q8_columns_any(int64_t mt, const uint8_t* wq, int64_t row_bytes, const floa
 // (byte j: weight j in the low nibble, weight j+16 in the high one). A thread's rows are then one
 // sequential stream.
 //
-// x is quantized per block of 32 to int8 (dx = max|x| / 127, x8 = round(x / dx)), as llama.cpp does,
-// and sx = dx * sum_j x8_j, the sum of the quantized x (the exact float sum would pair a quantized q-term
-// with an exact m-term: the errors then no longer cancel and grow ~4x). For row n and block b:
+// x is quantized per block of 32 (quantize_32), and sx = dx * sum_j x8_j, the sum of the quantized x (the
+// exact float sum would pair a quantized q-term with an exact m-term: the errors then no longer cancel
+// and grow ~4x). For row n and block b:
 //   sum_j w_j x_j ~= sum_j (d q_j + m) dx x8_j = d * dx * sum_j q_j x8_j + m * sx
 // One 512-bit VNNI multiply-add covers 4 rows x 16 weights: lane 4r+i holds row r's products for
 // weights 4i..4i+3 (low nibbles against x8[0..16), then high nibbles against x8[16..32)). Per block
@@ -108,27 +192,10 @@ void q8_columns_any(int64_t mt, const uint8_t* wq, int64_t row_bytes, const floa
 // end row r = (l0 + l1) + (l2 + l3) of its four lanes. The order depends only on (row, block): the same
 // whatever M, the tile or the thread split.
 
-// x (M, K) -> x8 (M, K) int8, dx and sx (M, K/32).
-void quantize_blocks(const float* x, int64_t M, int64_t K, int8_t* x8, float* dx, float* sx) {
-  const int64_t nb = K / kQ4Block;
-  const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
-  for (int64_t i = 0; i < M * nb; ++i) {
-    const __m512 v0 = _mm512_loadu_ps(x + i * 32), v1 = _mm512_loadu_ps(x + i * 32 + 16);
-    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(v0, sign), _mm512_and_ps(v1, sign)));
-    const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
-    const __m512 s = _mm512_set1_ps(id);
-    const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, s)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, s));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(x8 + i * 32), _mm512_cvtsepi32_epi8(q0));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(x8 + i * 32 + 16), _mm512_cvtsepi32_epi8(q1));
-    dx[i] = amax / 127.0f;
-    sx[i] = dx[i] * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));  // exact integer sum
-  }
-}
-
-// 4 output rows (one packed group, starting at row n0) x MT rows of x (from m0).
+// 4 output rows (one packed group; local row n0 of `rows`, y column n0) x MT rows of x (from m0).
 template <int MT>
-void q4x4_tile(const uint8_t* w, int64_t nb, const int8_t* x8, const float* dx, const float* sx, int64_t K, float* y,
-               int64_t N, int64_t n0, int64_t m0) {
+void q4x4_tile(const uint8_t* w, int64_t nb, const XQuant& xq, int64_t K, float* y, int64_t ldy, int64_t rows,
+               int64_t n0, int64_t m0) {
   const __m512i idx_d = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
   const __m512i idx_m = _mm512_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7);
   const __m512i low4 = _mm512_set1_epi8(0x0F);
@@ -143,90 +210,397 @@ void q4x4_tile(const uint8_t* w, int64_t nb, const int8_t* x8, const float* dx, 
     const __m512i lo = _mm512_and_si512(q, low4), hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), low4);
     for (int m = 0; m < MT; ++m) {
       const int64_t row = (m0 + m);
-      const int8_t* xb = x8 + row * K + b * kQ4Block;
+      const int8_t* xb = xq.x8 + row * K + b * kQ4Block;
       const __m512i xl = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xb)));
       const __m512i xh = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + 16)));
       const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xl), hi, xh);
-      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dv, _mm512_set1_ps(dx[row * nb + b])), acc[m]);
-      acc[m] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sx[row * nb + b]), acc[m]);
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dv, _mm512_set1_ps(xq.dx[row * nb + b])), acc[m]);
+      acc[m] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xq.sx[row * nb + b]), acc[m]);
     }
   }
   for (int m = 0; m < MT; ++m) {
     alignas(64) float l[16];
     _mm512_store_ps(l, acc[m]);
-    for (int r = 0; r < 4 && n0 + r < N; ++r)
-      y[(m0 + m) * N + n0 + r] = (l[4 * r] + l[4 * r + 1]) + (l[4 * r + 2] + l[4 * r + 3]);
+    for (int r = 0; r < 4 && n0 + r < rows; ++r)
+      y[(m0 + m) * ldy + n0 + r] = (l[4 * r] + l[4 * r + 1]) + (l[4 * r + 2] + l[4 * r + 3]);
   }
 }
 
-void q4x4_rows(int64_t mt, const uint8_t* w, int64_t nb, const int8_t* x8, const float* dx, const float* sx, int64_t K,
-               float* y, int64_t N, int64_t n0, int64_t m0) {
+void q4x4_rows(int64_t mt, const uint8_t* w, int64_t nb, const XQuant& xq, int64_t K, float* y, int64_t ldy,
+               int64_t rows, int64_t n0, int64_t m0) {
   switch (mt) {
-    case 1: q4x4_tile<1>(w, nb, x8, dx, sx, K, y, N, n0, m0); break;
-    case 2: q4x4_tile<2>(w, nb, x8, dx, sx, K, y, N, n0, m0); break;
-    case 3: q4x4_tile<3>(w, nb, x8, dx, sx, K, y, N, n0, m0); break;
-    case 4: q4x4_tile<4>(w, nb, x8, dx, sx, K, y, N, n0, m0); break;
-    case 5: q4x4_tile<5>(w, nb, x8, dx, sx, K, y, N, n0, m0); break;
-    case 6: q4x4_tile<6>(w, nb, x8, dx, sx, K, y, N, n0, m0); break;
-    case 7: q4x4_tile<7>(w, nb, x8, dx, sx, K, y, N, n0, m0); break;
-    default: q4x4_tile<8>(w, nb, x8, dx, sx, K, y, N, n0, m0); break;
+    case 1: q4x4_tile<1>(w, nb, xq, K, y, ldy, rows, n0, m0); break;
+    case 2: q4x4_tile<2>(w, nb, xq, K, y, ldy, rows, n0, m0); break;
+    case 3: q4x4_tile<3>(w, nb, xq, K, y, ldy, rows, n0, m0); break;
+    case 4: q4x4_tile<4>(w, nb, xq, K, y, ldy, rows, n0, m0); break;
+    case 5: q4x4_tile<5>(w, nb, xq, K, y, ldy, rows, n0, m0); break;
+    case 6: q4x4_tile<6>(w, nb, xq, K, y, ldy, rows, n0, m0); break;
+    case 7: q4x4_tile<7>(w, nb, xq, K, y, ldy, rows, n0, m0); break;
+    default: q4x4_tile<8>(w, nb, xq, K, y, ldy, rows, n0, m0); break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The file's own formats, read in place (row after row of blocks, as the GGUF file stores them: the
+// matrix can stay a view of the mapped file). Each kind unpacks a block's codes to unsigned bytes in the
+// weights' natural order and multiplies them with the int8 x by VNNI (vpdpbusd: 4 products per int32
+// lane); every integer sum is exact, so only the float steps below fix the order.
+//
+// 32-weight kinds (x quantized per 32; one 8-lane accumulator per (row, x row)):
+//   Q8_0  w = d*q, q int8:            codes |q|,    against x8 with q's sign
+//   Q5_0  w = d*(q-16), q in [0,32):  codes q,      sum (q-16) x8 = dot - 16 * bs
+//   Q5_1  w = d*q + m:                codes q,      + m * sx
+// per block: acc += (d * dx) * float(dot - offset * bs) (the offset in lane 0), then m * sx into lane 0.
+// A row's result is the fixed-tree sum of its 8 lanes.
+//
+// 256-weight kinds (x quantized per 256; one 16-lane accumulator per (row, x row)): a super-block's 64
+// weights at a time give 16 lanes of 4 products; each lane is multiplied by its sub-block's integer
+// scale and summed over the super-block in int32, then
+//   Q4_K/Q5_K  w = d*sc_j*q - dmin*m_j (8 sub-blocks of 32):  acc += (d*dx) * isum + (-dmin*dx) * sum_j m_j bs32_j
+//   Q6_K       w = d*sc_g*(q-32) (16 groups of 16):             acc += (d*dx) * (isum - 32 * sum_g sc_g bs16_g)
+// The minimum term lands in lanes 0..7. A row's result is the fixed-tree sum of its 16 lanes.
+
+inline float half_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return fp16_to_f32(h);
+}
+
+inline float hsum8(__m256 v) {  // 8 lanes, fixed tree (4+4, 2+2, 1+1)
+  __m128 b = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  b = _mm_add_ps(b, _mm_movehl_ps(b, b));
+  b = _mm_add_ss(b, _mm_movehdup_ps(b));
+  return _mm_cvtss_f32(b);
+}
+
+// 16 code bytes (low nibbles: weights 0..15, high: 16..31) -> 32 bytes in weight order.
+inline __m256i nibbles32(const uint8_t* p) {
+  const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(q, low4)),
+                                 _mm_and_si128(_mm_srli_epi16(q, 4), low4), 1);
+}
+
+inline __m256i fifth_bits(const uint8_t* p) {  // bit j of the little-endian uint32 at p -> 0x10 in byte j
+  uint32_t qh;
+  std::memcpy(&qh, p, 4);
+  return _mm256_maskz_mov_epi8(qh, _mm256_set1_epi8(0x10));
+}
+
+struct Q8_0x8 {
+  static constexpr int64_t kW = 32, kB = 34;
+  using Acc = __m256;
+  template <int MT>
+  static inline void block(const uint8_t* p, const XQuant& xq, int64_t K, int64_t m0, int64_t b, Acc* acc) {
+    // |q| against x with q's sign (AVX2's vpsignb): the same integer dot product, with no offset to remove.
+    const float d = half_at(p);
+    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2));
+    const __m256i codes = _mm256_abs_epi8(q);
+    const int64_t nb = K / 32;
+    for (int m = 0; m < MT; ++m) {
+      const int64_t i = (m0 + m) * nb + b;
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.x8 + (m0 + m) * K + b * 32));
+      const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), codes, _mm256_sign_epi8(x, q));
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d * xq.dx[i]), acc[m]);
+    }
+  }
+  template <int MT, int kShift, bool kMin>
+  static inline void legacy(__m256i codes, float d, float mn, const XQuant& xq, int64_t K, int64_t m0, int64_t b,
+                            Acc* acc) {
+    const int64_t nb = K / 32;
+    for (int m = 0; m < MT; ++m) {
+      const int64_t i = (m0 + m) * nb + b;
+      __m256i dot =
+          _mm256_dpbusd_epi32(_mm256_setzero_si256(), codes,
+                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.x8 + (m0 + m) * K + b * 32)));
+      if constexpr (kShift > 0) dot = _mm256_mask_sub_epi32(dot, 1, dot, _mm256_set1_epi32(xq.bs[i] << kShift));
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d * xq.dx[i]), acc[m]);
+      if constexpr (kMin) acc[m] = _mm256_mask3_fmadd_ps(_mm256_set1_ps(mn), _mm256_set1_ps(xq.sx[i]), acc[m], 1);
+    }
+  }
+};
+
+struct Q5_0 {
+  static constexpr int64_t kW = 32, kB = 22;
+  using Acc = __m256;
+  template <int MT>
+  static inline void block(const uint8_t* p, const XQuant& xq, int64_t K, int64_t m0, int64_t b, Acc* acc) {
+    const __m256i codes = _mm256_or_si256(nibbles32(p + 6), fifth_bits(p + 2));
+    Q8_0x8::legacy<MT, 4, false>(codes, half_at(p), 0.0f, xq, K, m0, b, acc);
+  }
+};
+
+struct Q5_1 {
+  static constexpr int64_t kW = 32, kB = 24;
+  using Acc = __m256;
+  template <int MT>
+  static inline void block(const uint8_t* p, const XQuant& xq, int64_t K, int64_t m0, int64_t b, Acc* acc) {
+    const __m256i codes = _mm256_or_si256(nibbles32(p + 8), fifth_bits(p + 4));
+    Q8_0x8::legacy<MT, 0, true>(codes, half_at(p), half_at(p + 2), xq, K, m0, b, acc);
+  }
+};
+
+// Q4_K/Q5_K's 12 scale bytes (three little-endian words u0, u1, u2) -> 8 six-bit scales then 8 six-bit
+// minimums as 16 int32: sc[0..4) = u0's low 6 bits per byte, mn[0..4) = u1's; sc[4..8) = u2's low
+// nibbles with u0's top 2 bits above them, mn[4..8) = u2's high nibbles with u1's top 2 bits.
+inline __m512i k_scales(const uint8_t* s) {
+  uint32_t u[3];
+  std::memcpy(u, s, 12);
+  const uint32_t six = 0x3F3F3F3F, nib = 0x0F0F0F0F, two = 0x03030303;
+  const uint32_t sc_lo = u[0] & six, mn_lo = u[1] & six;
+  const uint32_t sc_hi = (u[2] & nib) | (((u[0] >> 6) & two) << 4);
+  const uint32_t mn_hi = ((u[2] >> 4) & nib) | (((u[1] >> 6) & two) << 4);
+  return _mm512_cvtepu8_epi32(_mm_setr_epi32(static_cast<int>(sc_lo), static_cast<int>(sc_hi), static_cast<int>(mn_lo),
+                                             static_cast<int>(mn_hi)));
+}
+
+inline __m512i lanes_of(int a, int b) {  // lanes 0..7 = a, 8..15 = b
+  return _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(a), _mm512_set1_epi32(b));
+}
+
+// Q4_K and Q5_K (kHigh): d, dmin (fp16), 12 scale bytes, [32 high-bit bytes,] 128 code bytes; 32 code
+// bytes per 64 weights (low nibbles: sub-block 2j, high: 2j+1). One 64-byte load holds sub-blocks
+// 4p..4p+3: low nibbles (4p, 4p+2), high nibbles (4p+1, 4p+3), which x8kp holds side by side.
+template <bool kHigh>
+struct QK45 {
+  static constexpr int64_t kW = 256, kB = kHigh ? 176 : 144;
+  using Acc = __m512;
+  template <int MT>
+  static inline void block(const uint8_t* p, const XQuant& xq, int64_t K, int64_t m0, int64_t b, Acc* acc) {
+    const __m512i sm = k_scales(p + 4);  // lanes 0..7 scales, 8..15 minimums
+    const __m256i mn = _mm512_extracti64x4_epi64(sm, 1);
+    const uint8_t* qs = p + (kHigh ? 48 : 16);
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    __m512i hb = _mm512_setzero_si512();
+    if constexpr (kHigh) hb = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16)));
+    __m512i isum[MT];
+    for (int m = 0; m < MT; ++m) isum[m] = _mm512_setzero_si512();
+    for (int h = 0; h < 2; ++h) {  // sub-blocks 4h..4h+3
+      const __m512i q = _mm512_loadu_si512(qs + 64 * h);
+      __m512i lo = _mm512_and_si512(q, low4), hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), low4);
+      if constexpr (kHigh) {  // sub-block g's fifth bit is bit g of its byte of qh
+        const __m512i one = _mm512_set1_epi8(1);
+        const int g = 4 * h;
+        const __m512i s_lo = _mm512_setr_epi64(g, g, g, g, g + 2, g + 2, g + 2, g + 2);
+        const __m512i s_hi = _mm512_setr_epi64(g + 1, g + 1, g + 1, g + 1, g + 3, g + 3, g + 3, g + 3);
+        lo = _mm512_or_si512(lo, _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi64(hb, s_lo), one), 4));
+        hi = _mm512_or_si512(hi, _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi64(hb, s_hi), one), 4));
+      }
+      const __m512i sc_lo = _mm512_permutexvar_epi32(lanes_of(4 * h, 4 * h + 2), sm);
+      const __m512i sc_hi = _mm512_permutexvar_epi32(lanes_of(4 * h + 1, 4 * h + 3), sm);
+      for (int m = 0; m < MT; ++m) {
+        const int8_t* x = xq.x8kp + (m0 + m) * K + b * 256 + 128 * h;
+        const __m512i dl = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(x));
+        const __m512i dh = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, _mm512_loadu_si512(x + 64));
+        isum[m] =
+            _mm512_add_epi32(isum[m], _mm512_add_epi32(_mm512_mullo_epi32(dl, sc_lo), _mm512_mullo_epi32(dh, sc_hi)));
+      }
+    }
+    const float d = half_at(p), dmin = half_at(p + 2);
+    const int64_t nb = K / 256;
+    for (int m = 0; m < MT; ++m) {
+      const float dx = xq.dxk[(m0 + m) * nb + b];
+      const __m256i bs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.bs32 + ((m0 + m) * nb + b) * 8));
+      const __m512i imin = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_mullo_epi32(mn, bs), 0);
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[m]), _mm512_set1_ps(d * dx), acc[m]);
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(imin), _mm512_set1_ps(-dmin * dx), acc[m]);
+    }
+  }
+};
+
+// Q6_K: 128 low-nibble bytes, 64 bytes of 2-bit high parts, 16 int8 scales (one per 16 weights), d (fp16).
+struct Q6K {
+  static constexpr int64_t kW = 256, kB = 210;
+  using Acc = __m512;
+  template <int MT>
+  static inline void block(const uint8_t* p, const XQuant& xq, int64_t K, int64_t m0, int64_t b, Acc* acc) {
+    const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 192)));
+    const int64_t nb = K / 256;
+    __m512i isum[MT];
+    for (int m = 0; m < MT; ++m) {
+      const __m512i bs = _mm512_loadu_si512(xq.bs16 + ((m0 + m) * nb + b) * 16);
+      isum[m] = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(_mm512_mullo_epi32(sc, bs), 5));
+    }
+    const __m512i low4 = _mm512_set1_epi8(0x0F), three = _mm512_set1_epi8(3);
+    for (int h = 0; h < 2; ++h) {
+      const __m512i ql = _mm512_loadu_si512(p + 64 * h);
+      const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 128 + 32 * h)));
+      for (int c = 0; c < 2; ++c) {  // weights 128h + 64c + [0, 64)
+        const __m512i lo = c == 0 ? _mm512_and_si512(ql, low4) : _mm512_and_si512(_mm512_srli_epi16(ql, 4), low4);
+        const __m512i shift = _mm512_setr_epi64(4 * c, 4 * c, 4 * c, 4 * c, 4 * c + 2, 4 * c + 2, 4 * c + 2, 4 * c + 2);
+        const __m512i high = _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi64(qh, shift), three), 4);
+        const __m512i codes = _mm512_or_si512(lo, high);
+        const int g = 4 * (2 * h + c);  // the chunk's first 16-weight group
+        const __m512i idx = _mm512_setr_epi32(g, g, g, g, g + 1, g + 1, g + 1, g + 1, g + 2, g + 2, g + 2, g + 2, g + 3,
+                                              g + 3, g + 3, g + 3);
+        const __m512i s = _mm512_permutexvar_epi32(idx, sc);
+        for (int m = 0; m < MT; ++m) {
+          const __m512i x = _mm512_loadu_si512(xq.x8k + (m0 + m) * K + b * 256 + 128 * h + 64 * c);
+          isum[m] =
+              _mm512_add_epi32(isum[m], _mm512_mullo_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, x), s));
+        }
+      }
+    }
+    const float d = half_at(p + 208);
+    for (int m = 0; m < MT; ++m)
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[m]), _mm512_set1_ps(d * xq.dxk[(m0 + m) * nb + b]), acc[m]);
+  }
+};
+
+inline float lane_sum(__m256 v) { return hsum8(v); }
+inline float lane_sum(__m512 v) { return hsum(v); }
+
+template <typename A>
+inline A zero_acc();
+template <>
+inline __m256 zero_acc<__m256>() {
+  return _mm256_setzero_ps();
+}
+template <>
+inline __m512 zero_acc<__m512>() {
+  return _mm512_setzero_ps();
+}
+
+// NT output rows of a segment (local rows n0.., y columns n0..) x MT rows of x (from m0), kind F.
+template <typename F, int NT, int MT>
+void file_tile(const uint8_t* w, const XQuant& xq, int64_t K, float* y, int64_t ldy, int64_t n0, int64_t m0) {
+  const int64_t nb = K / F::kW, row_bytes = nb * F::kB;
+  typename F::Acc acc[NT][MT];
+  for (int n = 0; n < NT; ++n)
+    for (int m = 0; m < MT; ++m) acc[n][m] = zero_acc<typename F::Acc>();
+  const char* pf = reinterpret_cast<const char*>(w + (n0 + kPrefetchRows) * row_bytes);
+  for (int64_t b = 0; b < nb; ++b) {
+    prefetch_step<NT * F::kB>(pf + b * NT * F::kB);
+    for (int n = 0; n < NT; ++n) F::template block<MT>(w + (n0 + n) * row_bytes + b * F::kB, xq, K, m0, b, acc[n]);
+  }
+  for (int n = 0; n < NT; ++n)
+    for (int m = 0; m < MT; ++m) y[(m0 + m) * ldy + n0 + n] = lane_sum(acc[n][m]);
+}
+
+template <typename F, int MT>
+void file_rows(const uint8_t* w, const XQuant& xq, int64_t K, float* y, int64_t ldy, int64_t n_lo, int64_t n_hi,
+               int64_t m0) {
+  int64_t n = n_lo;
+  for (; n + 4 <= n_hi; n += 4) file_tile<F, 4, MT>(w, xq, K, y, ldy, n, m0);
+  for (; n < n_hi; ++n) file_tile<F, 1, MT>(w, xq, K, y, ldy, n, m0);
+}
+
+template <typename F>
+void file_rows_any(int64_t mt, const uint8_t* w, const XQuant& xq, int64_t K, float* y, int64_t ldy, int64_t n_lo,
+                   int64_t n_hi, int64_t m0) {
+  switch (mt) {
+    case 1: file_rows<F, 1>(w, xq, K, y, ldy, n_lo, n_hi, m0); break;
+    case 2: file_rows<F, 2>(w, xq, K, y, ldy, n_lo, n_hi, m0); break;
+    case 3: file_rows<F, 3>(w, xq, K, y, ldy, n_lo, n_hi, m0); break;
+    default: file_rows<F, 4>(w, xq, K, y, ldy, n_lo, n_hi, m0); break;
+  }
+}
+
+// Rows [n_lo, n_hi) of segment s (local) for x rows [m_lo, m_hi), written at y columns s.row0 + n.
+void segment_rows(const BlockSegment& s, const float* x, const XQuant& xq, int64_t K, float* y, int64_t ldy,
+                  int64_t n_lo, int64_t n_hi, int64_t m_lo, int64_t m_hi) {
+  float* ys = y + s.row0;
+  if (s.kind == kQ8_0) {
+    for (int64_t m0 = m_lo; m0 < m_hi; m0 += 8)
+      q8_columns_any(std::min<int64_t>(8, m_hi - m0), s.w, K / 32 * kQ8Bytes, x, K, ys, ldy, n_lo, n_hi, m0);
+    return;
+  }
+  if (s.kind == kQ4x4) {
+    const int64_t nb = K / 32;
+    for (int64_t n0 = n_lo; n0 < n_hi; n0 += 4)
+      for (int64_t m0 = m_lo; m0 < m_hi; m0 += 8)
+        q4x4_rows(std::min<int64_t>(8, m_hi - m0), s.w + (n0 / 4) * nb * kQ4x4Bytes, nb, xq, K, ys, ldy, s.rows, n0,
+                  m0);
+    return;
+  }
+  for (int64_t m0 = m_lo; m0 < m_hi; m0 += 4) {
+    const int64_t mt = std::min<int64_t>(4, m_hi - m0);
+    switch (s.kind) {
+      case kQ8_0x8: file_rows_any<Q8_0x8>(mt, s.w, xq, K, ys, ldy, n_lo, n_hi, m0); break;
+      case kQ5_0: file_rows_any<Q5_0>(mt, s.w, xq, K, ys, ldy, n_lo, n_hi, m0); break;
+      case kQ5_1: file_rows_any<Q5_1>(mt, s.w, xq, K, ys, ldy, n_lo, n_hi, m0); break;
+      case kQ4_K: file_rows_any<QK45<false>>(mt, s.w, xq, K, ys, ldy, n_lo, n_hi, m0); break;
+      case kQ5_K: file_rows_any<QK45<true>>(mt, s.w, xq, K, ys, ldy, n_lo, n_hi, m0); break;
+      default: file_rows_any<Q6K>(mt, s.w, xq, K, ys, ldy, n_lo, n_hi, m0); break;
+    }
   }
 }
 
 }  // namespace
 
-// y (M, N) = x (M, K) @ W.T (+ bias), float32. Output columns in fixed chunks of 16 (4 groups of 4) are
-// the unit of parallel work; a thread walks its columns once per block of 64 rows of x, so its share
-// of W and that block of x stay in L2.
+// y (M, N) = x (M, K) @ W.T (+ bias), float32. Chunks of 16 rows of a segment (4 groups of 4) are the
+// unit of parallel work; a thread walks its rows once per block of 64 rows of x, so its share of W and
+// that block of x stay in L2.
 void block_linear_rows(const BlockMatrix& W, const float* x, int64_t M, float* y, uint8_t* scratch) {
-  const int64_t nb = W.K / kQ4Block;
-  int8_t* x8 = reinterpret_cast<int8_t*>(scratch);
-  float* dx = reinterpret_cast<float*>(scratch + ((M * W.K + 63) / 64) * 64);
-  float* sx = dx + M * nb;
-  if (W.kind == kQ4x4) quantize_blocks(x, M, W.K, x8, dx, sx);
+  const XQuant xq = carve(scratch, M, W.K);
+  bool per32 = false, per256 = false;
+  for (int64_t s = 0; s < W.nseg; ++s) {
+    const int64_t k = W.seg[s].kind;
+    per32 = per32 || (k != kQ8_0 && kKinds[k].weights == 32);
+    per256 = per256 || kKinds[k].weights == 256;
+  }
+  if (per32) quantize_32(x, M, W.K, xq);
+  if (per256) quantize_256(x, M, W.K, xq);
   constexpr int64_t kChunk = 16, kRowBlock = 64;
-  const int64_t nchunks = (W.N + kChunk - 1) / kChunk;
-  parallel_for(0, nchunks, grain_for(kChunk * W.K * std::max<int64_t>(M, 1), 1 << 16), [&](int64_t lo, int64_t hi) {
-    const int64_t n_lo = lo * kChunk, n_hi = std::min(W.N, hi * kChunk);
-    for (int64_t mb = 0; mb < M; mb += kRowBlock) {
-      const int64_t mb_hi = std::min(M, mb + kRowBlock);
-      if (W.kind == kQ8_0) {
-        const int64_t row_bytes = nb * kQ8Bytes;
-        for (int64_t m0 = mb; m0 < mb_hi; m0 += 8)
-          q8_columns_any(std::min<int64_t>(8, mb_hi - m0), W.w, row_bytes, x, W.K, y, W.N, n_lo, n_hi, m0);
-      } else {
-        for (int64_t n0 = n_lo; n0 < n_hi; n0 += 4)
-          for (int64_t m0 = mb; m0 < mb_hi; m0 += 8)
-            q4x4_rows(std::min<int64_t>(8, mb_hi - m0), W.w + (n0 / 4) * nb * kQ4x4Bytes, nb, x8, dx, sx, W.K, y, W.N,
-                      n0, m0);
-      }
-    }
-    if (W.bias != nullptr)
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t n = n_lo; n < n_hi; ++n) y[m * W.N + n] += W.bias[n];
-  });
+  int64_t first[kMaxSegments + 1] = {0};  // chunk index where each segment starts
+  for (int64_t s = 0; s < W.nseg; ++s) first[s + 1] = first[s] + (W.seg[s].rows + kChunk - 1) / kChunk;
+  parallel_for(
+      0, first[W.nseg], grain_for(kChunk * W.K * std::max<int64_t>(M, 1), 1 << 16), [&](int64_t lo, int64_t hi) {
+        for (int64_t s = 0; s < W.nseg; ++s) {
+          const int64_t c_lo = std::max(lo, first[s]), c_hi = std::min(hi, first[s + 1]);
+          if (c_lo >= c_hi) continue;
+          const BlockSegment& seg = W.seg[s];
+          const int64_t n_lo = (c_lo - first[s]) * kChunk, n_hi = std::min(seg.rows, (c_hi - first[s]) * kChunk);
+          for (int64_t mb = 0; mb < M; mb += kRowBlock)
+            segment_rows(seg, x, xq, W.K, y, W.N, n_lo, n_hi, mb, std::min(M, mb + kRowBlock));
+          if (W.bias != nullptr)
+            for (int64_t m = 0; m < M; ++m)
+              for (int64_t n = seg.row0 + n_lo; n < seg.row0 + n_hi; ++n) y[m * W.N + n] += W.bias[n];
+        }
+      });
 }
 
-// w: Q8_0 rows (N, K/32*34), or packed Q4 groups (ceil(N/4), K/32*80) with `rows` = N.
-BlockMatrix check_blocks(const char* op, const Tensor& w, int64_t kind, int64_t rows, int64_t K, const Tensor* bias) {
-  check_cpu(op, "w", w);
-  TORCH_CHECK(kind == kQ8_0 || kind == kQ4x4, op, ": kind must be 0 (Q8_0 rows) or 1 (packed Q4), got ", kind);
-  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous(), op,
-              ": w must be a contiguous 2-D uint8 tensor of blocks, got ", w.scalar_type(), " ", w.sizes());
-  TORCH_CHECK(K > 0 && K % kQ4Block == 0, op, ": K = ", K, " must be a positive multiple of 32 (the block size)");
-  const int64_t N = kind == kQ8_0 ? w.size(0) : rows;
-  const int64_t want_rows = kind == kQ8_0 ? N : (N + 3) / 4;
-  const int64_t want_bytes = K / kQ4Block * (kind == kQ8_0 ? kQ8Bytes : kQ4x4Bytes);
-  TORCH_CHECK(w.size(0) == want_rows && w.size(1) == want_bytes, op, ": w must have ", want_bytes,
-              " bytes per row for K = ", K, " (", want_rows, " rows for N = ", N, "), got ", w.sizes());
-  const float* b = nullptr;
-  if (bias != nullptr && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous(),
-                op, ": bias must be a contiguous float32 (", N, ",) tensor, got ", bias->scalar_type(), " ",
-                bias->sizes());
-    b = bias->data_ptr<float>();
+BlockMatrix check_segments(const char* op, const std::vector<BlockPart>& parts, int64_t N, int64_t K,
+                           const Tensor* bias) {
+  TORCH_CHECK(!parts.empty() && static_cast<int64_t>(parts.size()) <= kMaxSegments, op, ": a matrix takes 1 to ",
+              kMaxSegments, " (blocks, kind, rows) parts, got ", parts.size());
+  BlockMatrix W{};
+  W.nseg = static_cast<int64_t>(parts.size());
+  W.K = K;
+  int64_t row0 = 0;
+  for (int64_t s = 0; s < W.nseg; ++s) {
+    const auto& [w, kind, rows] = parts[static_cast<size_t>(s)];
+    check_cpu(op, "w", w);
+    TORCH_CHECK(kind >= 0 && kind < kNumKinds, op, ": kind must be one of BLOCK_KINDS (0..", kNumKinds - 1, "), got ",
+                kind);
+    const KindInfo& info = kKinds[kind];
+    TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous(), op,
+                ": w must be a contiguous 2-D uint8 tensor of blocks, got ", w.scalar_type(), " ", w.sizes());
+    TORCH_CHECK(K > 0 && K % info.weights == 0, op, ": K = ", K, " must be a positive multiple of ", info.weights,
+                " (the block size of ", info.name, ")");
+    TORCH_CHECK(rows > 0, op, ": a part must have rows, got ", rows);
+    const int64_t want_rows = kind == kQ4x4 ? (rows + 3) / 4 : rows;
+    const int64_t want_bytes = K / info.weights * info.bytes;
+    TORCH_CHECK(w.size(0) == want_rows && w.size(1) == want_bytes, op, ": ", info.name, " blocks must have ",
+                want_bytes, " bytes per row for K = ", K, " (", want_rows, " rows for ", rows, " rows), got ",
+                w.sizes());
+    W.seg[s] = BlockSegment{w.data_ptr<uint8_t>(), kind, rows, row0};
+    row0 += rows;
   }
-  return BlockMatrix{w.data_ptr<uint8_t>(), kind, N, K, b};
+  TORCH_CHECK(N < 0 || row0 == N, op, ": the parts hold ", row0, " rows, expected ", N);
+  W.N = row0;
+  W.bias = nullptr;
+  if (bias != nullptr && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == W.N && bias->is_contiguous(),
+                op, ": bias must be a contiguous float32 (", W.N, ",) tensor, got ", bias->scalar_type(), " ",
+                bias->sizes());
+    W.bias = bias->data_ptr<float>();
+  }
+  return W;
+}
+
+BlockMatrix check_blocks(const char* op, const Tensor& w, int64_t kind, int64_t rows, int64_t K, const Tensor* bias) {
+  return check_segments(op, {BlockPart{w, kind, rows}}, rows, K, bias);
 }
 
 Tensor block_linear(const Tensor& x_in, const Tensor& w, int64_t kind, int64_t rows,

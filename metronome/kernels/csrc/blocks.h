@@ -1,8 +1,10 @@
-// Block matmuls: y = x @ W.T with W in one of two block formats (the block kinds), read by
-// block_linear_rows (blocks.cpp has the formats' layout and the kernels' reduction order).
+// Block matmuls: y = x @ W.T with W in block formats (the block kinds), read by block_linear_rows
+// (blocks.cpp has the formats' layout and the kernels' reduction order).
 //
-// The kind codes are part of the Python interface: bindings.cpp exports them (BLOCK_KINDS, BLOCK_BYTES,
-// BLOCK_WEIGHTS) and metronome/kernels/blocks.py holds the Python copy that a test checks against them.
+// A matrix is one or more row segments stacked (a fused q/k/v or gate/up matrix whose parts the file
+// stores in different formats), each in its own kind. The kind codes are part of the Python interface:
+// bindings.cpp exports them (BLOCK_KINDS, BLOCK_BYTES, BLOCK_WEIGHTS) and metronome/kernels/blocks.py
+// holds the Python copy that a test checks against them.
 
 #pragma once
 
@@ -10,38 +12,68 @@
 
 #include <cstdint>
 #include <optional>
+#include <tuple>
+#include <vector>
 
 namespace metronome {
 
 using at::Tensor;
 
 enum BlockKind : int64_t {
-  kQ8_0 = 0,  // GGUF Q8_0 rows (N, K/32*34): per 32 weights an fp16 d then 32 int8 q
-  kQ4x4 = 1,  // packed Q4 groups (ceil(N/4), K/32*80): four rows side by side (metronome/compile/quant.py, pack_q4)
+  kQ8_0 = 0,    // Q8_0 rows (N, K/32*34) against float32 x: matrices quantized here from dense weights
+  kQ4x4 = 1,    // packed Q4 groups (ceil(N/4), K/32*80): four rows side by side (compile/quant.py, pack_q4)
+  kQ8_0x8 = 2,  // GGUF Q8_0 rows as stored, against int8 x (per-32 activation blocks)
+  kQ5_0 = 3,    // GGUF Q5_0 rows as stored (22 bytes per 32 weights), int8 x per 32
+  kQ5_1 = 4,    // GGUF Q5_1 rows as stored (24 bytes per 32 weights), int8 x per 32
+  kQ4_K = 5,    // GGUF Q4_K rows as stored (144 bytes per 256 weights), int8 x per 256
+  kQ5_K = 6,    // GGUF Q5_K rows as stored (176 bytes per 256 weights), int8 x per 256
+  kQ6_K = 7,    // GGUF Q6_K rows as stored (210 bytes per 256 weights), int8 x per 256
+};
+constexpr int64_t kNumKinds = 8;
+
+struct KindInfo {
+  const char* name;
+  int64_t weights;  // per block along K
+  int64_t bytes;    // per block and row (kQ4x4: per block and group of 4 rows)
+};
+inline constexpr KindInfo kKinds[kNumKinds] = {
+    {"Q8_0", 32, 34}, {"Q4X4", 32, 80},   {"Q8_0_X8", 32, 34}, {"Q5_0", 32, 22},
+    {"Q5_1", 32, 24}, {"Q4_K", 256, 144}, {"Q5_K", 256, 176},  {"Q6_K", 256, 210},
 };
 
 constexpr int64_t kQ8Block = 32;    // weights per Q8_0 block
 constexpr int64_t kQ8Bytes = 34;    // bytes per Q8_0 block
 constexpr int64_t kQ4Block = 32;    // weights per Q4 block
 constexpr int64_t kQ4x4Bytes = 80;  // per 4 rows x 1 block
+constexpr int64_t kSuperBlock = 256;
+constexpr int kMaxSegments = 4;
 
-// A matrix for block_linear_rows: GGUF Q8_0 rows (N, K/32*34) or packed Q4 groups (ceil(N/4), K/32*80).
-struct BlockMatrix {
+// Rows [row0, row0 + rows) of a matrix, in one kind: rows (rows, K/w*b) bytes, kQ4x4 (ceil(rows/4), K/32*80).
+struct BlockSegment {
   const uint8_t* w;
-  int64_t kind, N, K;
+  int64_t kind, rows, row0;
+};
+
+struct BlockMatrix {
+  BlockSegment seg[kMaxSegments];
+  int64_t nseg, N, K;
   const float* bias;
 };
 
-// Scratch a matmul needs for M rows of input (bytes): the int8 copy of x, dx and sx.
-inline int64_t scratch_bytes(int64_t M, int64_t K) {
-  return M * K + 2 * M * (K / kQ4Block) * static_cast<int64_t>(sizeof(float));
-}
+// Scratch a matmul needs for M rows of input (bytes): x quantized to int8 per 32 and per 256, with the
+// blocks' scales and sums.
+inline int64_t scratch_bytes(int64_t M, int64_t K) { return M * K * 6 + 1024; }
 
 // y (M, N) = x (M, K) @ W.T (+ bias), float32; scratch holds scratch_bytes(M, K) + 64 bytes.
 void block_linear_rows(const BlockMatrix& W, const float* x, int64_t M, float* y, uint8_t* scratch);
 
-// w: Q8_0 rows (N, K/32*34), or packed Q4 groups (ceil(N/4), K/32*80) with `rows` = N. Checks w (and the
-// optional float32 bias) and returns the matrix view; `op` names the caller in error messages.
+// One segment per (blocks, kind, rows) part, stacked in order; the rows must add up to N. Checks every
+// part (and the optional float32 bias) and returns the matrix view; `op` names the caller in errors.
+using BlockPart = std::tuple<Tensor, int64_t, int64_t>;
+BlockMatrix check_segments(const char* op, const std::vector<BlockPart>& parts, int64_t N, int64_t K,
+                           const Tensor* bias);
+
+// A single-segment matrix of `rows` rows (check_segments with one part).
 BlockMatrix check_blocks(const char* op, const Tensor& w, int64_t kind, int64_t rows, int64_t K, const Tensor* bias);
 
 // The tensor-level op: x (M, K) float32/bfloat16 -> (M, rows) float32.

@@ -39,33 +39,39 @@ Decoder::Decoder(int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_d
               ": head_dim must be a multiple of 16 and heads a multiple of kv_heads");
 }
 
-void Decoder::add_layer(const Tensor& qkv, int64_t qkv_kind, const std::optional<Tensor>& qkv_bias, const Tensor& o,
-                        int64_t o_kind, const Tensor& gate_up, int64_t gate_up_kind, const Tensor& down,
-                        int64_t down_kind, const Tensor& attn_norm, const Tensor& mlp_norm,
+void Decoder::add_layer(const std::vector<BlockPart>& qkv, const std::optional<Tensor>& qkv_bias,
+                        const std::vector<BlockPart>& o, const std::vector<BlockPart>& gate_up,
+                        const std::vector<BlockPart>& down, const Tensor& attn_norm, const Tensor& mlp_norm,
                         const std::optional<Tensor>& post_attn_norm, const std::optional<Tensor>& post_mlp_norm,
                         const std::optional<Tensor>& q_norm, const std::optional<Tensor>& k_norm, int64_t window,
-                        bool local_rope) {
+                        bool local_rope, const std::shared_ptr<MoeLayer>& moe) {
   const char* op = "Decoder.add_layer";
   TORCH_CHECK(static_cast<int64_t>(layers_.size()) < kc_.size(0), op, ": the cache holds ", kc_.size(0), " layers");
   DecoderLayer L;
-  L.qkv = check_blocks(op, qkv, qkv_kind, (H_ + 2 * Hkv_) * Dh_, D_, qkv_bias.has_value() ? &*qkv_bias : nullptr);
-  L.o = check_blocks(op, o, o_kind, D_, H_ * Dh_, nullptr);
-  L.gate_up = check_blocks(op, gate_up, gate_up_kind, 2 * F_, D_, nullptr);
-  L.down = check_blocks(op, down, down_kind, D_, F_, nullptr);
-  TORCH_CHECK(L.qkv.N == (H_ + 2 * Hkv_) * Dh_ && L.o.N == D_ && L.gate_up.N == 2 * F_ && L.down.N == D_, op,
-              ": matrix shapes do not match the decoder's dimensions");
-  auto norm = [&](const Tensor& t, int64_t n, const char* name) {
-    TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == n && t.is_contiguous(), op, ": ", name,
-                " must be a contiguous float32 (", n, ",) tensor");
+  L.qkv = check_segments(op, qkv, (H_ + 2 * Hkv_) * Dh_, D_, qkv_bias.has_value() ? &*qkv_bias : nullptr);
+  L.o = check_segments(op, o, D_, H_ * Dh_, nullptr);
+  if (moe != nullptr) {
+    TORCH_CHECK(gate_up.empty() && down.empty() && moe->hidden() == D_, op,
+                ": an MoE layer takes empty gate_up and down lists and a block of hidden size ", D_);
+    L.moe = moe;
+  } else {
+    L.gate_up = check_segments(op, gate_up, 2 * F_, D_, nullptr);
+    L.down = check_segments(op, down, D_, F_, nullptr);
+  }
+  auto norm = [&](const Tensor& t, int64_t n, const char* name, int64_t or_n = -1) {
+    TORCH_CHECK(
+        t.scalar_type() == at::kFloat && t.dim() == 1 && (t.size(0) == n || t.size(0) == or_n) && t.is_contiguous(), op,
+        ": ", name, " must be a contiguous float32 (", n, ",) tensor");
     return t;
   };
   L.attn_norm = norm(attn_norm, D_, "attn_norm");
   L.mlp_norm = norm(mlp_norm, D_, "mlp_norm");
   if (post_attn_norm) L.post_attn_norm = norm(*post_attn_norm, D_, "post_attn_norm");
   if (post_mlp_norm) L.post_mlp_norm = norm(*post_mlp_norm, D_, "post_mlp_norm");
-  if (q_norm) L.q_norm = norm(*q_norm, Dh_, "q_norm");
-  if (k_norm) L.k_norm = norm(*k_norm, Dh_, "k_norm");
-  L.keep = {qkv, o, gate_up, down};
+  if (q_norm) L.q_norm = norm(*q_norm, Dh_, "q_norm", H_ * Dh_);
+  if (k_norm) L.k_norm = norm(*k_norm, Dh_, "k_norm", Hkv_ * Dh_);
+  for (const auto* parts : {&qkv, &o, &gate_up, &down})
+    for (const BlockPart& p : *parts) L.keep.push_back(std::get<0>(p));
   if (qkv_bias) L.keep.push_back(*qkv_bias);
   L.window = window;
   L.local_rope = local_rope;
@@ -107,13 +113,12 @@ void Decoder::run(float* x, int64_t M, const int64_t* sp, const int64_t* pp, con
         float* qr = qkv + r * QKV;
         float* kr = qr + Q;
         const float* vr = kr + KV;
-        if (L.q_norm.defined()) {
-          for (int64_t i = 0; i < H_; ++i)
-            scale_row(qr + i * Dh_, L.q_norm.data_ptr<float>(), rstd_of(sum_squares(qr + i * Dh_, Dh_), Dh_, eps_),
-                      qr + i * Dh_, Dh_);
-          for (int64_t i = 0; i < Hkv_; ++i)
-            scale_row(kr + i * Dh_, L.k_norm.data_ptr<float>(), rstd_of(sum_squares(kr + i * Dh_, Dh_), Dh_, eps_),
-                      kr + i * Dh_, Dh_);
+        if (L.q_norm.defined()) {  // per head (qn = Dh), or over the whole projection (OLMoE)
+          const int64_t qn = L.q_norm.size(0), kn = L.k_norm.size(0);
+          for (int64_t i = 0; i < Q; i += qn)
+            scale_row(qr + i, L.q_norm.data_ptr<float>(), rstd_of(sum_squares(qr + i, qn), qn, eps_), qr + i, qn);
+          for (int64_t i = 0; i < KV; i += kn)
+            scale_row(kr + i, L.k_norm.data_ptr<float>(), rstd_of(sum_squares(kr + i, kn), kn, eps_), kr + i, kn);
         }
         for (int64_t i = 0; i < H_; ++i) rope_row(qr + i * Dh_, cs + r * Dh_, sn + r * Dh_, qr + i * Dh_, Dh_);
         for (int64_t i = 0; i < Hkv_; ++i) {
@@ -132,12 +137,16 @@ void Decoder::run(float* x, int64_t M, const int64_t* sp, const int64_t* pp, con
     block_linear_rows(L.o, att, M, out, sx);
     residual_add(x, out, M, L.post_attn_norm);
     rms_norm_rows(x, L.mlp_norm.data_ptr<float>(), h, M, D_, eps_);
-    block_linear_rows(L.gate_up, h, M, gu, sx);
-    if (gelu_)
-      gated_rows<true>(gu, act, M, F_);
-    else
-      gated_rows<false>(gu, act, M, F_);
-    block_linear_rows(L.down, act, M, out, sx);
+    if (L.moe != nullptr) {
+      L.moe->forward(h, M, out, moe_scratch_);
+    } else {
+      block_linear_rows(L.gate_up, h, M, gu, sx);
+      if (gelu_)
+        gated_rows<true>(gu, act, M, F_);
+      else
+        gated_rows<false>(gu, act, M, F_);
+      block_linear_rows(L.down, act, M, out, sx);
+    }
     residual_add(x, out, M, L.post_mlp_norm);
   }
 }

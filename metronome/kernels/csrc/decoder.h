@@ -17,21 +17,25 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <vector>
 
 #include "blocks.h"
+#include "moe.h"
 
 namespace metronome {
 
 using at::Tensor;
 
 struct DecoderLayer {
-  BlockMatrix qkv, o, gate_up, down;
-  Tensor attn_norm, mlp_norm, post_attn_norm, post_mlp_norm, q_norm, k_norm;  // float32; the last four optional
-  std::vector<Tensor> keep;                                                   // the weight tensors, held alive
-  int64_t window;                                                             // 0: global attention
-  bool local_rope;  // use the local (sliding-window) RoPE table
+  BlockMatrix qkv, o, gate_up, down;    // gate_up, down: empty where `moe` is the feed-forward block
+  std::shared_ptr<const MoeLayer> moe;  // a mixture-of-experts block (moe.h) in place of the MLP
+  Tensor attn_norm, mlp_norm, post_attn_norm, post_mlp_norm, q_norm,
+      k_norm;                // float32; the last four optional
+  std::vector<Tensor> keep;  // the weight tensors, held alive
+  int64_t window;            // 0: global attention
+  bool local_rope;           // use the local (sliding-window) RoPE table
 };
 
 class Decoder {
@@ -40,12 +44,16 @@ class Decoder {
   Decoder(int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate, double eps,
           double scale, bool gelu, Tensor k_cache, Tensor v_cache);
 
-  // One layer's weights, in order: each matrix with its block kind (blocks.h), float32 norms.
-  void add_layer(const Tensor& qkv, int64_t qkv_kind, const std::optional<Tensor>& qkv_bias, const Tensor& o,
-                 int64_t o_kind, const Tensor& gate_up, int64_t gate_up_kind, const Tensor& down, int64_t down_kind,
-                 const Tensor& attn_norm, const Tensor& mlp_norm, const std::optional<Tensor>& post_attn_norm,
-                 const std::optional<Tensor>& post_mlp_norm, const std::optional<Tensor>& q_norm,
-                 const std::optional<Tensor>& k_norm, int64_t window, bool local_rope);
+  // One layer's weights, in order: each matrix as its (blocks, kind, rows) parts stacked (blocks.h), float32
+  // norms.
+  void add_layer(const std::vector<BlockPart>& qkv, const std::optional<Tensor>& qkv_bias,
+                 const std::vector<BlockPart>& o, const std::vector<BlockPart>& gate_up,
+                 const std::vector<BlockPart>& down, const Tensor& attn_norm, const Tensor& mlp_norm,
+                 const std::optional<Tensor>& post_attn_norm, const std::optional<Tensor>& post_mlp_norm,
+                 const std::optional<Tensor>& q_norm, const std::optional<Tensor>& k_norm, int64_t window,
+                 bool local_rope, const std::shared_ptr<MoeLayer>& moe);
+  // An MoE layer gives `moe` and empty gate_up/down. q_norm/k_norm span one head, or the whole
+  // projection (OLMoE) when they hold heads * head_dim values.
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
 
@@ -68,6 +76,7 @@ class Decoder {
   Tensor kc_, vc_;
   std::vector<DecoderLayer> layers_;
   Tensor scratch_;
+  Tensor moe_scratch_;  // the MoE blocks' dispatch buffers (grown, never shrunk)
 };
 
 }  // namespace metronome

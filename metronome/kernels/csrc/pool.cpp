@@ -4,8 +4,57 @@
 
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
+#include <immintrin.h>
+#include <linux/futex.h>
+#include <sched.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <climits>
 
 namespace metronome {
+
+namespace {
+
+// How long a thread spins on a word before it sleeps: a few times a step's gap between two ops, far
+// below the gap between two steps (figures in docs/performance.md).
+constexpr auto kSpin = std::chrono::microseconds(50);
+// A sleeping thread wakes at least this often to look again (a missed wake-up costs this, never a hang).
+constexpr long kSleepNs = 100'000'000;
+
+static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t), "futex words are plain 32-bit integers");
+
+void futex_wait(std::atomic<uint32_t>& word, uint32_t expected) {
+  const timespec timeout{0, kSleepNs};
+  // Returns at once when the word no longer holds `expected` (the kernel compares atomically).
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(&word), FUTEX_WAIT_PRIVATE, expected, &timeout, nullptr, 0);
+}
+
+void futex_wake_all(std::atomic<uint32_t>& word) {
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(&word), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
+}
+
+// Spins while `busy()` for at most kSpin (not at all without `spin`); true when it stopped being busy.
+template <typename Busy>
+bool spin_while(bool spin, const Busy& busy) {
+  if (!spin) return !busy();
+  const auto until = std::chrono::steady_clock::now() + kSpin;
+  while (busy()) {
+    for (int i = 0; i < 64; ++i) _mm_pause();  // the clock is read once per 64 pauses (~1-2 us)
+    if (std::chrono::steady_clock::now() > until) return !busy();
+  }
+  return true;
+}
+
+int64_t cores() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max<int64_t>(1, std::thread::hardware_concurrency());
+}
+
+}  // namespace
 
 thread_local bool Pool::in_worker_ = false;
 
@@ -15,50 +64,97 @@ Pool& Pool::get() {
 }
 
 int64_t Pool::threads() {
-  if (threads_ == 0) resize(std::max(1, at::get_num_threads()));
-  return threads_;
+  int64_t n = threads_.load(std::memory_order_acquire);
+  if (n == 0) {
+    std::lock_guard<std::mutex> job(job_mutex_);
+    if (threads_.load() == 0) start(std::max(1, at::get_num_threads()));
+    n = threads_.load();
+  }
+  return n;
 }
 
 void Pool::resize(int64_t n) {
   std::lock_guard<std::mutex> job(job_mutex_);
   n = std::max<int64_t>(1, n);
-  if (n == threads_) return;
-  stop_workers();
-  threads_ = n;
-  for (int64_t id = 1; id < n; ++id) workers_.emplace_back([this, id] { work(id); });
+  if (n != threads_.load()) start(n);
 }
 
-Pool::~Pool() { stop_workers(); }
+void Pool::start(int64_t n) {  // under job_mutex_
+  stop_workers();
+  threads_.store(n);
+  spin_ = n <= cores();
+  // Each worker starts from the generation of now, under the job lock: a job submitted before the
+  // worker's thread first runs is still one it has not seen, so it cannot miss it.
+  const uint32_t now = generation_.load();
+  for (int64_t id = 1; id < n; ++id) workers_.emplace_back([this, id, now] { work(id, now); });
+}
 
-void Pool::work(int64_t id) {
+Pool::~Pool() {
+  std::lock_guard<std::mutex> job(job_mutex_);
+  stop_workers();
+}
+
+void Pool::run(int64_t begin, int64_t end, int64_t most, const std::function<void(int64_t, int64_t)>& f) {
+  std::lock_guard<std::mutex> job(job_mutex_);
+  const int64_t threads = threads_.load(), tasks = std::min(threads, most);
+  if (tasks <= 1) {  // the pool shrank since parallel_for looked
+    f(begin, end);
+    return;
+  }
+  f_ = &f;
+  begin_ = begin, end_ = end, tasks_ = tasks;
+  chunk_ = (end - begin + tasks - 1) / tasks;
+  error_ = nullptr;
+  remaining_.store(static_cast<uint32_t>(threads - 1));
+  generation_.fetch_add(1);  // seq_cst, as the load of sleepers_: a worker going to sleep sees one or the other
+  if (sleepers_.load() > 0) futex_wake_all(generation_);
   in_worker_ = true;
-  uint64_t seen = generation_.load();
-  while (true) {
-    for (int64_t spin = 0; generation_.load(std::memory_order_acquire) == seen; ++spin) {
-      if (spin < kSpins) {
-        _mm_pause();
-        continue;
-      }
-      std::unique_lock<std::mutex> lock(sleep_mutex_);
-      sleepers_.fetch_add(1);
-      wake_.wait(lock, [&] { return generation_.load() != seen; });
-      sleepers_.fetch_sub(1);
-    }
-    seen = generation_.load();
-    if (stop_.load()) return;
-    if (id < tasks_) (*task_)(id);
-    remaining_.fetch_sub(1, std::memory_order_release);
+  run_task(0);
+  in_worker_ = false;
+  const auto busy = [this] { return remaining_.load(std::memory_order_acquire) != 0; };
+  if (!spin_while(spin_, busy)) {
+    caller_sleeping_.store(1);
+    for (uint32_t left; (left = remaining_.load()) != 0;) futex_wait(remaining_, left);
+    caller_sleeping_.store(0);
+  }
+  f_ = nullptr;
+  if (error_) std::rethrow_exception(error_);
+}
+
+void Pool::run_task(int64_t id) {
+  if (id >= tasks_) return;
+  const int64_t lo = begin_ + id * chunk_, hi = std::min(end_, lo + chunk_);
+  if (lo >= hi) return;
+  try {
+    (*f_)(lo, hi);
+  } catch (...) {
+    std::lock_guard<std::mutex> lock(error_mutex_);
+    if (!error_) error_ = std::current_exception();
   }
 }
 
-void Pool::stop_workers() {
+void Pool::work(int64_t id, uint32_t seen) {
+  in_worker_ = true;
+  while (true) {
+    const auto idle = [&] { return generation_.load(std::memory_order_acquire) == seen; };
+    if (!spin_while(spin_, idle)) {
+      sleepers_.fetch_add(1);
+      while (generation_.load() == seen) futex_wait(generation_, seen);
+      sleepers_.fetch_sub(1);
+    }
+    seen = generation_.load(std::memory_order_acquire);
+    if (stop_.load()) return;
+    run_task(id);
+    // seq_cst, as the caller's store of caller_sleeping_: the last worker sees it, or the caller sees 0.
+    if (remaining_.fetch_sub(1) == 1 && caller_sleeping_.load()) futex_wake_all(remaining_);
+  }
+}
+
+void Pool::stop_workers() {  // under job_mutex_
   if (workers_.empty()) return;
   stop_.store(true);
   generation_.fetch_add(1);
-  {
-    std::lock_guard<std::mutex> lock(sleep_mutex_);
-    wake_.notify_all();
-  }
+  futex_wake_all(generation_);
   for (auto& w : workers_) w.join();
   workers_.clear();
   stop_.store(false);
@@ -68,5 +164,7 @@ void set_threads(int64_t n) {
   TORCH_CHECK(n >= 1, "set_threads: need at least 1 thread, got ", n);
   Pool::get().resize(n);
 }
+
+int64_t get_threads() { return Pool::get().threads(); }
 
 }  // namespace metronome

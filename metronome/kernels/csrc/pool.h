@@ -1,22 +1,26 @@
 // The kernels' own thread pool. Not OpenMP: libgomp keeps one worker team per calling thread and, as
 // soon as its threads outnumber the cores (a server's engine thread next to the main thread's team),
 // stops spinning and puts workers to sleep after every parallel region; a decode step has ~150 regions,
-// so each paid a futex wake-up (docs/performance.md, "C++ kernels", has the figures). These workers spin
-// for a while after each job (a step's ops follow each other within microseconds), then sleep until the
-// next job; any thread may submit, one job at a time.
+// so each paid a futex wake-up (docs/performance.md, "C++ kernels", has the figures).
+//
+// Waiting, on both sides of a job: a worker that finished spins for a short, time-bounded while (a
+// step's ops follow each other within microseconds, so the next job usually arrives during the spin),
+// then sleeps on a futex until the next job; the thread that submitted a job runs chunk 0 itself, then
+// waits for the workers the same way (spin briefly, then sleep until the last one checks in). With more
+// threads than free cores the spin is skipped: a spinning thread would hold the core that the thread
+// it waits for needs (docs/performance.md, "The kernels' thread pool"). Every sleep has a timeout.
 //
 // parallel_for(begin, end, grain, f) splits [begin, end) into at most `threads` contiguous chunks of at
 // least `grain` items; chunk 0 runs on the caller. Which thread runs which chunk never changes results:
-// every kernel here is row-independent.
+// every kernel here is row-independent. Any thread may submit, one job at a time; a chunk that throws
+// is rethrown on the caller once every worker is done with the job.
 
 #pragma once
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <mutex>
 #include <thread>
@@ -36,49 +40,39 @@ class Pool {
   void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
     const int64_t n = end - begin;
     if (n <= 0) return;
-    const int64_t tasks =
-        std::min<int64_t>(threads(), (n + std::max<int64_t>(1, grain) - 1) / std::max<int64_t>(1, grain));
-    if (tasks <= 1 || in_worker_) {
+    const int64_t most = (n + std::max<int64_t>(1, grain) - 1) / std::max<int64_t>(1, grain);
+    if (most <= 1 || in_worker_ || threads() <= 1) {
       f(begin, end);
       return;
     }
-    std::lock_guard<std::mutex> job(job_mutex_);
-    const int64_t chunk = (n + tasks - 1) / tasks;
-    std::function<void(int64_t)> task = [&](int64_t t) {
-      const int64_t lo = begin + t * chunk, hi = std::min(end, lo + chunk);
-      if (lo < hi) f(lo, hi);
-    };
-    task_ = &task;
-    tasks_ = tasks;
-    remaining_.store(threads_ - 1);  // every worker checks in, busy or not: none can lag into the next job
-    generation_.fetch_add(1);
-    if (sleepers_.load() > 0) {
-      std::lock_guard<std::mutex> lock(sleep_mutex_);
-      wake_.notify_all();
-    }
-    in_worker_ = true;
-    task(0);
-    in_worker_ = false;
-    while (remaining_.load(std::memory_order_acquire) != 0) _mm_pause();
+    std::function<void(int64_t, int64_t)> chunk = [&](int64_t lo, int64_t hi) { f(lo, hi); };
+    run(begin, end, most, chunk);
   }
 
   ~Pool();
 
  private:
-  static constexpr int64_t kSpins = 1 << 20;  // pause instructions before a worker sleeps
-
-  void work(int64_t id);
+  // Splits [begin, end) into min(threads, most) chunks and runs them; takes the job lock.
+  void run(int64_t begin, int64_t end, int64_t most, const std::function<void(int64_t, int64_t)>& f);
+  void start(int64_t n);  // (re)starts n - 1 workers, under job_mutex_
+  void work(int64_t id, uint32_t seen);
+  void run_task(int64_t id);
   void stop_workers();
 
-  int64_t threads_ = 0;
+  std::atomic<int64_t> threads_{0};
+  bool spin_ = true;  // false while the pool has more threads than this process has cores
   std::vector<std::thread> workers_;
-  std::mutex job_mutex_, sleep_mutex_;
-  std::condition_variable wake_;
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int64_t> remaining_{0}, sleepers_{0};
+  std::mutex job_mutex_;  // one job (or resize) at a time
+  // The current job, written by the submitter under job_mutex_ before generation_ is bumped.
+  const std::function<void(int64_t, int64_t)>* f_ = nullptr;
+  int64_t begin_ = 0, end_ = 0, chunk_ = 0, tasks_ = 0;
+  std::exception_ptr error_;  // the first chunk that threw, under error_mutex_
+  std::mutex error_mutex_;
+  // 32-bit: futex words. generation_ counts jobs (a bump wakes the workers), remaining_ the workers yet
+  // to check in for the current job (every worker checks in, busy or not: none can lag into the next one).
+  std::atomic<uint32_t> generation_{0}, remaining_{0};
+  std::atomic<uint32_t> sleepers_{0}, caller_sleeping_{0};
   std::atomic<bool> stop_{false};
-  std::function<void(int64_t)>* task_ = nullptr;
-  int64_t tasks_ = 0;
   static thread_local bool in_worker_;
 };
 
@@ -88,6 +82,7 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
 }
 
 void set_threads(int64_t n);  // resizes the pool (n >= 1)
+int64_t get_threads();        // the pool's size (starting it at torch's thread count if it has not started)
 
 // Rows of work per parallel task so that a task holds at least ~`min_elems` elements: small calls stay
 // on the calling thread (thread hand-off costs more than they do). Grain never changes results.

@@ -1,0 +1,263 @@
+"""The plan's promise under load: `metronome bench --load 1,4,8` (and `--stall`).
+
+For each number of concurrent users, every user sends one greedy `ignore_eos` request of `--output-tokens`
+tokens at the same moment, in process (the Engine's own thread, callbacks on it) and served (a `metronome
+serve` child process on 127.0.0.1, streaming clients in this process). Per-user speed is a user's tokens
+after the first over the time from its first token to its last; the plan's promise is 1000 / step_ms at that
+many live slots (the calibration every plan takes of itself), and its TTFT prediction is the one the engine
+made at submit (`Request.predicted_ttft_ms`). `--stall` streams one user, then sends a long prompt from
+another: the streaming user's longest inter-token gap, and the long prompt's TTFT against the same prompt
+sent alone.
+
+The engine's step profile (engine/profile.py) is printed after each in-process level: where a step's time
+goes (schedule, draft, plan, sample, emit). What the server adds on top is served ÷ in process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+from metronome.config import EngineConfig, SamplingParams
+
+_WAIT_S = 600.0  # the longest any level may take before the bench gives up on it
+
+
+@dataclass(frozen=True)
+class LevelResult:
+    where: str  # "in process" | "served"
+    users: int
+    aggregate_tps: float
+    per_user_tps: float  # median over users
+    predicted_tps: float  # the plan's promise per user at this many live slots
+    ttft_ms: float  # median
+    predicted_ttft_ms: float  # median of the engine's predictions (in process only)
+
+
+_TOPICS = ("the sea", "a city at night", "mountains", "a library", "the first snow", "trains", "a market", "rain")
+
+
+def _texts(n: int) -> list[str]:
+    return [f"Write a long story about {_TOPICS[i % len(_TOPICS)]} ({i})." for i in range(n)]
+
+
+def _prompts(engine, n: int) -> list[list[int]]:
+    return [engine.encode_prompt(t) for t in _texts(n)]
+
+
+def run_in_process(engine, users: int, output_tokens: int) -> tuple[LevelResult, str]:
+    """`users` requests at once on the engine's own thread; returns the level and the step profile."""
+    prompts = _prompts(engine, users)
+    params = SamplingParams(max_tokens=output_tokens, ignore_eos=True)
+    stamps: list[list[float]] = [[] for _ in range(users)]
+    done = threading.Semaphore(0)
+
+    def on_event(i: int):
+        def deliver(delta) -> None:
+            now = time.perf_counter()
+            stamps[i].extend([now] * len(delta.choices))
+            if delta.finish_reason is not None:
+                done.release()
+
+        return deliver
+
+    engine.profile.reset()
+    t0 = time.perf_counter()
+    reqs = [engine.submit(p, params, on_event(i)) for i, p in enumerate(prompts)]
+    for _ in range(users):
+        if not done.acquire(timeout=_WAIT_S):
+            raise TimeoutError(f"in-process level of {users} users did not finish within {_WAIT_S:.0f} s")
+    wall = time.perf_counter() - t0
+    per_user = [(len(s) - 1) / (s[-1] - s[0]) for s in stamps if len(s) > 1 and s[-1] > s[0]]
+    ttft = [1000 * (r.timings.first_token - r.timings.submitted) for r in reqs]
+    mean_position = statistics.mean(len(r.prompt_ids) + output_tokens / 2 for r in reqs)
+    predicted = [r.predicted_ttft_ms for r in reqs]
+    result = LevelResult(
+        "in process",
+        users,
+        sum(len(s) for s in stamps) / wall,
+        statistics.median(per_user),
+        engine.plan.report.tokens_per_s(users, mean_position),
+        statistics.median(ttft),
+        statistics.median(predicted),
+    )
+    return result, engine.profile.snapshot().table()
+
+
+async def _served_level(url: str, prompts: list[str], output_tokens: int) -> list[tuple[list[float], int, float]]:
+    import httpx
+
+    async def one(client: httpx.AsyncClient, prompt: str) -> tuple[list[float], int, float]:
+        body = {
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": output_tokens,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "temperature": 0,
+        }
+        stamps: list[float] = []  # one per chunk that carried text
+        tokens = 0
+        t0 = time.perf_counter()
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                if any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+                    stamps.append(time.perf_counter())
+        return stamps, tokens, 1000 * ((stamps[0] if stamps else t0) - t0)
+
+    async with httpx.AsyncClient(timeout=_WAIT_S) as client:
+        return list(await asyncio.gather(*(one(client, p) for p in prompts)))
+
+
+def run_served(url: str, users: int, output_tokens: int, predicted_tps: float) -> LevelResult:
+    t0 = time.perf_counter()
+    runs = asyncio.run(_served_level(url, _texts(users), output_tokens))
+    wall = time.perf_counter() - t0
+    per_user = [(n - 1) / (s[-1] - s[0]) for s, n, _ in runs if len(s) > 1 and s[-1] > s[0]]
+    return LevelResult(
+        "served",
+        users,
+        sum(n for _, n, _ in runs) / wall,
+        statistics.median(per_user) if per_user else float("nan"),
+        predicted_tps,
+        statistics.median(t for _, _, t in runs),
+        float("nan"),
+    )
+
+
+def measure_stall(engine, long_tokens: int = 1300, output_tokens: int = 200) -> dict[str, float]:
+    """One user streams; a `long_tokens` prompt arrives from another. The stream's longest gap while the
+    prompt runs (and its median gap), and the long prompt's TTFT against the same prompt sent alone."""
+    tok = engine.tokenizer
+    filler = tok.encode(" ".join(["The quick brown fox jumps over the lazy dog."] * (long_tokens // 8)))[:long_tokens]
+    params = SamplingParams(max_tokens=output_tokens, ignore_eos=True)
+    engine.generate(filler, SamplingParams(max_tokens=1), chat=False)  # warm
+    alone = engine.generate(filler, SamplingParams(max_tokens=1), chat=False).timings
+    alone_ttft = alone.first_token - alone.submitted
+    stamps: list[float] = []
+    finished = threading.Event()
+
+    def deliver(delta) -> None:
+        stamps.extend([time.perf_counter()] * len(delta.choices))
+        if delta.finish_reason is not None:
+            finished.set()
+
+    engine.submit(_prompts(engine, 1)[0], params, deliver)
+    deadline = time.perf_counter() + _WAIT_S
+    while len(stamps) < 20 and time.perf_counter() < deadline:
+        time.sleep(0.01)
+    arrived = time.perf_counter()
+    long = engine.generate(filler, SamplingParams(max_tokens=1), chat=False).timings
+    if not finished.wait(_WAIT_S):
+        raise TimeoutError("the streaming user did not finish")
+    during = [b - a for a, b in zip(stamps, stamps[1:]) if b > arrived and a < long.first_token]
+    gaps = [b - a for a, b in zip(stamps, stamps[1:]) if b > a]
+    return {
+        "stream_median_gap_ms": 1000 * statistics.median(gaps),
+        "stream_max_gap_during_prompt_ms": 1000 * max(during, default=0.0),
+        "step_ms_all_slots": engine.plan.report.step_ms.get(engine.config.slots, float("nan")),
+        "long_prompt_tokens": float(len(filler)),
+        "long_ttft_alone_ms": 1000 * alone_ttft,
+        "long_ttft_beside_stream_ms": 1000 * (long.first_token - long.submitted),
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str | None, extra: Sequence[str]) -> tuple[subprocess.Popen, str]:
+    """`metronome serve` in a child process on a free loopback port; waits (bounded) until /health is ok."""
+    import httpx
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "metronome.serve.cli", "--port", str(port), "--speech-model", "none", *extra]
+    if model:
+        cmd += ["--model", model]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + _WAIT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise TimeoutError(f"the server did not become ready within {_WAIT_S:.0f} s")
+
+
+def table(results: list[LevelResult]) -> str:
+    lines = [
+        "| where | users | aggregate tok/s | per user tok/s | plan's promise | per user ÷ promise | TTFT ms | predicted TTFT ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.where} | {r.users} | {r.aggregate_tps:.1f} | {r.per_user_tps:.1f} | {r.predicted_tps:.1f} | "
+            f"{r.per_user_tps / r.predicted_tps:.2f} | {r.ttft_ms:.0f} | {r.predicted_ttft_ms:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(
+    model: str | None, config: EngineConfig, levels: Sequence[int], output_tokens: int, served: bool, stall: bool
+) -> int:
+    from metronome.engine import Engine
+
+    engine = Engine.from_model(model, config=config, calibrate=True)
+    print(f"plan: {engine.plan.report.step_ms} ms per step by live slots; ", end="")
+    print(
+        f"prompt row beside decode {engine.plan.report.prompt_row_ms:.2f} ms, alone {engine.plan.report.prefill_row_ms:.2f} ms"
+    )
+    engine.start()
+    results = []
+    try:
+        for users in levels:
+            result, profile = run_in_process(engine, users, output_tokens)
+            results.append(result)
+            print(f"\nin process, {users} users: step profile\n{profile}")
+        if stall:
+            print("\nstall:", json.dumps(measure_stall(engine), indent=1))
+    finally:
+        engine.stop()
+    if served:
+        extra = [
+            f"--slots={config.slots}",
+            f"--spec-tokens={config.spec_tokens}",
+            f"--prefill-chunk={config.prefill_chunk}",
+        ]
+        if config.threads:
+            extra.append(f"--threads={config.threads}")
+        del engine
+        proc, url = start_server(model, extra)
+        try:
+            inproc = {r.users: r for r in results}
+            for users in levels:
+                results.append(run_served(url, users, output_tokens, inproc[users].predicted_tps))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    print()
+    print(table(results))
+    return 0

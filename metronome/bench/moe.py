@@ -1,0 +1,245 @@
+"""A realistic-shape MoE decode benchmark on random weights (no package ships real MoE weights).
+
+`write_random_moe` writes a GGUF of OLMoE's layout (qk-norm over the projections, 8 of 64 experts per
+token, no shared expert) scaled to this machine: ~1B weights in all, ~0.2B read per token, Q4_0 blocks,
+random codes and scales. `measure_moe` decodes it in process on the fused plan and reports tokens/s beside
+the active-bytes memory bound (the plan's own accounting, model/moe.py) and the share of each step spent
+routing, scattering and gathering (the C++ MoeLayer's own clocks, csrc/moe.h).
+
+    flock /tmp/metronome-bench.lock python -m metronome.bench.moe --out /tmp/moe-1b.gguf --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from metronome.config import EngineConfig
+
+
+@dataclass(frozen=True)
+class MoeShape:
+    """OLMoE-1B-7B's layout at about 1/7 of its size (OLMoE: hidden 2048, 16 layers, 64 experts of 1024)."""
+
+    hidden: int = 1024
+    layers: int = 16
+    heads: int = 16
+    kv_heads: int = 16
+    experts: int = 64
+    experts_per_token: int = 8
+    expert_width: int = 256
+    vocab: int = 32768
+
+    def parameters(self) -> tuple[int, int]:
+        """(total, active per token) weights."""
+        d, L = self.hidden, self.layers
+        attn = 2 * d * d + 2 * d * (d // self.heads * self.kv_heads)
+        expert = 3 * d * self.expert_width
+        fixed = L * (attn + self.experts * d) + 2 * self.vocab * d
+        return fixed + L * self.experts * expert, fixed - self.vocab * d + L * self.experts_per_token * expert
+
+
+def _gpt2_bytes() -> list[str]:
+    """GPT-2's byte-level alphabet: one printable character per byte (so any text encodes)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars, n = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + n)
+            n += 1
+    return [chars[b] for b in range(256)]
+
+
+def _q4_0(rng: np.random.Generator, rows: int, cols: int, scale: float) -> np.ndarray:
+    """Random Q4_0 blocks (rows, cols/32*18) uint8: an fp16 d near `scale`/4.6 and 32 random 4-bit codes,
+    so that the weights' standard deviation is about `scale`."""
+    nb = cols // 32
+    d = (rng.uniform(0.8, 1.2, (rows, nb, 1)) * scale / 4.6).astype(np.float16).view(np.uint8)
+    codes = rng.integers(0, 256, (rows, nb, 16), dtype=np.uint8)
+    return np.concatenate([d, codes], axis=-1).reshape(rows, nb * 18)
+
+
+def write_random_moe(path: Path, shape: MoeShape = MoeShape(), seed: int = 0) -> Path:
+    """The GGUF file (architecture "olmoe"), every matrix in Q4_0, norms and routers float32."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    s, d = shape, shape.hidden
+    head_dim = d // s.heads
+    w = gguf.GGUFWriter(path, "olmoe")
+    w.add_name("random-olmoe-1b")
+    w.add_block_count(s.layers)
+    w.add_context_length(4096)
+    w.add_embedding_length(d)
+    w.add_feed_forward_length(s.expert_width)
+    w.add_expert_feed_forward_length(s.expert_width)
+    w.add_head_count(s.heads)
+    w.add_head_count_kv(s.kv_heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_expert_count(s.experts)
+    w.add_expert_used_count(s.experts_per_token)
+    w.add_tokenizer_model("gpt2")
+    tokens = _gpt2_bytes() + [f"<t{i}>" for i in range(s.vocab - 258)] + ["<s>", "</s>"]
+    w.add_token_list(tokens)
+    w.add_token_types([1] * (s.vocab - 2) + [3, 3])
+    w.add_token_merges([])
+    w.add_bos_token_id(s.vocab - 2)
+    w.add_eos_token_id(s.vocab - 1)
+    q4 = gguf.GGMLQuantizationType.Q4_0
+
+    def matrix(name: str, rows: int, cols: int, count: int = 0) -> None:
+        data = _q4_0(rng, rows * max(count, 1), cols, cols**-0.5)
+        data = data.reshape(count, rows, -1) if count else data
+        w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=q4)
+
+    def vector(name: str, *shape_: int, std: float = 0.0) -> None:
+        w.add_tensor(name, (1.0 + std * rng.standard_normal(shape_)).astype(np.float32))
+
+    matrix("token_embd.weight", s.vocab, d)
+    matrix("output.weight", s.vocab, d)
+    vector("output_norm.weight", d)
+    kv = head_dim * s.kv_heads
+    for i in range(s.layers):
+        b = f"blk.{i}."
+        vector(b + "attn_norm.weight", d)
+        vector(b + "ffn_norm.weight", d)
+        vector(b + "attn_q_norm.weight", d)
+        vector(b + "attn_k_norm.weight", kv)
+        matrix(b + "attn_q.weight", d, d)
+        matrix(b + "attn_k.weight", kv, d)
+        matrix(b + "attn_v.weight", kv, d)
+        matrix(b + "attn_output.weight", d, d)
+        w.add_tensor(b + "ffn_gate_inp.weight", rng.standard_normal((s.experts, d)).astype(np.float32) * d**-0.5)
+        matrix(b + "ffn_gate_exps.weight", s.expert_width, d, s.experts)
+        matrix(b + "ffn_up_exps.weight", s.expert_width, d, s.experts)
+        matrix(b + "ffn_down_exps.weight", d, s.expert_width, s.experts)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@dataclass(frozen=True)
+class MoeResult:
+    total_parameters: int
+    active_parameters: int
+    weight_bytes: int  # read per token (active experts only)
+    file_bytes: int
+    threads: int
+    runs_tokens_per_s: tuple[float, ...]
+    bandwidth: float  # bytes/s, measured here
+    dispatch_fraction: float  # routing + scatter + gather, of the decode step
+    experts_fraction: float  # the experts' matmuls, of the decode step
+    dense_model: str  # the yardstick: the shipped dense model, decoded the same way in the same run
+    dense_tokens_per_s: float
+    dense_weight_bytes: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return statistics.median(self.runs_tokens_per_s)
+
+    @property
+    def bound_tokens_per_s(self) -> float:
+        return self.bandwidth / self.weight_bytes
+
+    def markdown(self) -> str:
+        rows = [
+            ("weights: total / active per token", f"{self.total_parameters / 1e9:.2f} B / {self.active_parameters / 1e9:.3f} B"),
+            ("file (Q4_0)", f"{self.file_bytes / 1e6:.0f} MB"),
+            ("bytes read per token (active experts only)", f"{self.weight_bytes / 1e6:.1f} MB"),
+            ("threads", str(self.threads)),
+            ("decode tokens/s (median)", f"{self.tokens_per_s:.1f} (runs: {', '.join(f'{r:.1f}' for r in self.runs_tokens_per_s)})"),
+            ("measured read bandwidth", f"{self.bandwidth / 1e9:.1f} GB/s"),
+            ("active-bytes memory bound", f"{self.bound_tokens_per_s:.1f} tokens/s"),
+            ("fraction of the bound", f"{self.tokens_per_s / self.bound_tokens_per_s:.0%}"),
+            ("routing + scatter + gather, of the step", f"{self.dispatch_fraction:.1%}"),
+            ("expert matmuls, of the step", f"{self.experts_fraction:.1%}"),
+            (f"yardstick: {self.dense_model} (dense), same loop", f"{self.dense_tokens_per_s:.1f} tokens/s, {self.dense_weight_bytes / 1e6:.1f} MB/token, {self.dense_tokens_per_s * self.dense_weight_bytes / self.bandwidth:.0%} of its bound"),
+        ]  # fmt: skip
+        return "| figure | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+def _fused_engine(path: Path | None, threads: int):
+    from metronome.compile.fused import FusedRunner
+    from metronome.engine import Engine
+
+    engine = Engine.from_model(
+        None if path is None else str(path),
+        EngineConfig(slots=1, ctx=512, weights="int4", threads=threads, spec_tokens=0),
+        calibrate=False,
+    )
+    if not isinstance(engine.plan.runner, FusedRunner):
+        raise RuntimeError(f"the MoE benchmark runs the fused decoder; this plan runs {engine.plan.report.kernels}")
+    return engine
+
+
+def _decode_runs(engine, tokens: int, runs: int) -> tuple[list[float], list[float], list[float]]:
+    """Greedy single-stream decode steps (one row each) after a prompt: per run, tokens/s and the shares of
+    the wall time the MoE blocks spent dispatching and in their experts (0 for a dense model)."""
+    plan, layers = engine.plan, engine.plan.runner.moe_layers
+    prompt = engine.encode_prompt("Write a long story about a lighthouse keeper and the sea.", chat=False)
+    rates, dispatch, experts = [], [], []
+    for run in range(runs + 1):  # the first run warms up
+        token = int(plan.prefill(prompt, 0).argmax())
+        for m in layers:
+            m.reset_timings()
+        t0 = time.perf_counter()
+        for pos in range(len(prompt), len(prompt) + tokens):
+            token = int(plan.decode([0], [token], [pos])[0].argmax())
+        wall = time.perf_counter() - t0
+        if run:
+            spent = [m.timings() for m in layers]
+            rates.append(tokens / wall)
+            dispatch.append(sum(t[0] for t in spent) / wall)
+            experts.append(sum(t[1] for t in spent) / wall)
+    return rates, dispatch, experts
+
+
+def measure_moe(path: Path, threads: int, tokens: int = 64, runs: int = 3) -> MoeResult:
+    """Greedy single-stream decode of `tokens` tokens, `runs` times, on the fused plan (int4); then the
+    shipped dense model the same way, as a yardstick measured under the same conditions."""
+    from metronome.fleet.machine import measure_machine
+
+    engine = _fused_engine(path, threads)
+    rates, dispatch, experts = _decode_runs(engine, tokens, runs)
+    cfg, weight_bytes = engine.plan.cfg, engine.plan.report.weight_bytes
+    del engine
+    dense = _fused_engine(None, threads)
+    dense_rates, _, _ = _decode_runs(dense, tokens, runs)
+    return MoeResult(
+        cfg.num_parameters(),
+        cfg.active_parameters(),
+        weight_bytes,
+        path.stat().st_size,
+        threads,
+        tuple(rates),
+        measure_machine(threads=threads).bandwidth,
+        statistics.median(dispatch),
+        statistics.median(experts),
+        dense.model_name,
+        statistics.median(dense_rates),
+        dense.plan.report.weight_bytes,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m metronome.bench.moe", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="the random-weight GGUF (written if missing)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args(argv)
+    if not args.out.is_file():
+        write_random_moe(args.out)
+    print(measure_moe(args.out, args.threads, args.tokens, args.runs).markdown())
+
+
+if __name__ == "__main__":
+    main()

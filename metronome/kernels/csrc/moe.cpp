@@ -1,0 +1,283 @@
+// The mixture-of-experts block of the fused decoder (see moe.h).
+
+#include "moe.h"
+
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+
+#include "checks.h"
+#include "ops.h"
+#include "pool.h"
+#include "simd.h"
+
+namespace metronome {
+
+namespace {
+
+// a . b over D floats: one 16-lane accumulator, the masked tail, then hsum's fixed tree.
+float dot(const float* a, const float* b, int64_t D) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= D; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  if (i < D) {
+    const __mmask16 m = tail_mask(D - i);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
+  }
+  return hsum(acc);
+}
+
+// y += w * x over D floats (multiply, then add: the reference's order).
+void add_scaled(float* y, const float* x, float w, int64_t D) {
+  const __m512 wv = _mm512_set1_ps(w);
+  int64_t i = 0;
+  for (; i + 16 <= D; i += 16)
+    _mm512_storeu_ps(y + i, _mm512_add_ps(_mm512_loadu_ps(y + i), _mm512_mul_ps(wv, _mm512_loadu_ps(x + i))));
+  if (i < D) {
+    const __mmask16 m = tail_mask(D - i);
+    _mm512_mask_storeu_ps(
+        y + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, y + i), _mm512_mul_ps(wv, _mm512_maskz_loadu_ps(m, x + i))));
+  }
+}
+
+// Regions of one scratch buffer, each 64-byte aligned: measured with base = nullptr, then laid out.
+struct Carver {
+  uint8_t* base;
+  int64_t used = 0;
+  template <typename T>
+  T* take(int64_t count) {
+    T* p = reinterpret_cast<T*>(base + used);
+    used += (count * static_cast<int64_t>(sizeof(T)) + 63) / 64 * 64;
+    return p;
+  }
+};
+
+Tensor float_vector(const char* op, const char* name, const Tensor& t, int64_t n) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n, op, ": ", name,
+              " must be a contiguous float32 tensor of ", n, " values");
+  return t;
+}
+
+}  // namespace
+
+MoeLayer::MoeLayer(const Tensor& router, const std::vector<std::vector<BlockPart>>& gate_up,
+                   const std::vector<std::vector<BlockPart>>& down, int64_t width, int64_t top_k, bool normalize,
+                   const std::vector<BlockPart>& shared_gate_up, const std::vector<BlockPart>& shared_down,
+                   int64_t shared_width, const std::optional<Tensor>& shared_gate)
+    : E_(static_cast<int64_t>(gate_up.size())), I_(width), k_(top_k), S_(shared_width), normalize_(normalize) {
+  const char* op = "MoeLayer";
+  TORCH_CHECK(router.dim() == 2 && router.size(0) == E_, op, ": router must be (experts, hidden) with ", E_,
+              " experts, got ", router.sizes());
+  D_ = router.size(1);
+  router_ = float_vector(op, "router", router, E_ * D_);
+  TORCH_CHECK(static_cast<int64_t>(down.size()) == E_ && E_ >= 1, op, ": give one gate_up and one down per expert");
+  TORCH_CHECK(k_ >= 1 && k_ <= E_, op, ": top_k=", k_, " must be in [1, ", E_, "]");
+  auto hold = [&](const std::vector<BlockPart>& parts) {
+    for (const BlockPart& part : parts) keep_.push_back(std::get<0>(part));
+  };
+  for (int64_t e = 0; e < E_; ++e) {
+    gate_up_.push_back(check_segments(op, gate_up[e], 2 * I_, D_, nullptr));
+    down_.push_back(check_segments(op, down[e], D_, I_, nullptr));
+    hold(gate_up[e]);
+    hold(down[e]);
+  }
+  keep_.push_back(router);
+  TORCH_CHECK((S_ > 0) == shared_gate.has_value(), op, ": a shared expert needs shared_width > 0 and shared_gate");
+  if (S_ > 0) {
+    shared_gate_up_ = check_segments(op, shared_gate_up, 2 * S_, D_, nullptr);
+    shared_down_ = check_segments(op, shared_down, D_, S_, nullptr);
+    shared_gate_ = float_vector(op, "shared_gate", *shared_gate, D_);
+    hold(shared_gate_up);
+    hold(shared_down);
+    keep_.push_back(*shared_gate);
+  }
+}
+
+void MoeLayer::route_rows(const float* h, int64_t M, float* weights, int64_t* ids, float* logits) const {
+  const float* R = router_.data_ptr<float>();
+  parallel_for(0, M, grain_for(E_ * D_, kMinParallelElems), [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      float* lg = logits + r * E_;
+      for (int64_t e = 0; e < E_; ++e) lg[e] = dot(h + r * D_, R + e * D_, D_);
+      // softmax (in place): exp(l - max) / sum, summed in expert order
+      float mx = lg[0];
+      for (int64_t e = 1; e < E_; ++e) mx = std::max(mx, lg[e]);
+      float sum = 0.0f;
+      for (int64_t e = 0; e < E_; ++e) sum += (lg[e] = std::exp(lg[e] - mx));
+      for (int64_t e = 0; e < E_; ++e) lg[e] = lg[e] / sum;
+      // the k best, best first; strictly greater wins, so a tie goes to the lowest expert id
+      float* w = weights + r * k_;
+      int64_t* id = ids + r * k_;
+      float top = 0.0f;
+      for (int64_t j = 0; j < k_; ++j) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < E_; ++e) {
+          if (std::find(id, id + j, e) != id + j) continue;
+          if (best < 0 || lg[e] > lg[best]) best = e;
+        }
+        id[j] = best;
+        w[j] = lg[best];
+        top += w[j];
+      }
+      if (normalize_)
+        for (int64_t j = 0; j < k_; ++j) w[j] = w[j] / top;
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor> MoeLayer::route(const Tensor& h) const {
+  TORCH_CHECK(h.scalar_type() == at::kFloat && h.dim() == 2 && h.size(1) == D_ && h.is_contiguous(),
+              "MoeLayer.route: h must be a contiguous float32 (M, ", D_, ") tensor");
+  const int64_t M = h.size(0);
+  Tensor w = at::empty({M, k_}, at::kFloat), ids = at::empty({M, k_}, at::kLong);
+  Tensor logits = at::empty({M, E_}, at::kFloat);
+  route_rows(h.data_ptr<float>(), M, w.data_ptr<float>(), ids.data_ptr<int64_t>(), logits.data_ptr<float>());
+  return {w, ids};
+}
+
+Tensor MoeLayer::apply(const Tensor& h) const {
+  TORCH_CHECK(h.scalar_type() == at::kFloat && h.dim() == 2 && h.size(1) == D_ && h.is_contiguous(),
+              "MoeLayer.apply: h must be a contiguous float32 (M, ", D_, ") tensor");
+  Tensor out = at::empty({h.size(0), D_}, at::kFloat), scratch;
+  forward(h.data_ptr<float>(), h.size(0), out.data_ptr<float>(), scratch);
+  return out;
+}
+
+void MoeLayer::forward(const float* h, int64_t M, float* out, Tensor& scratch) const {
+  using Clock = std::chrono::steady_clock;
+  const auto t0 = Clock::now();
+  const int64_t P = M * k_;  // (row, expert) pairs: every one has a place, none is dropped
+  const int64_t widest = std::max({D_, I_, S_});
+  auto layout = [&](uint8_t* base) {
+    Carver c{base};
+    struct {
+      float *logits, *weights, *xg, *gu, *act, *yg, *sgu, *sact, *sy;
+      int64_t *ids, *pos, *rows, *offsets, *fill;
+      uint8_t* sx;
+      int64_t used;
+    } s;
+    s.logits = c.take<float>(M * E_);
+    s.weights = c.take<float>(P);
+    s.ids = c.take<int64_t>(P);
+    s.pos = c.take<int64_t>(P);   // pair (r, j) -> its place in the expert-major layout
+    s.rows = c.take<int64_t>(P);  // place -> its row
+    s.offsets = c.take<int64_t>(E_ + 1);
+    s.fill = c.take<int64_t>(E_);
+    s.xg = c.take<float>(P * D_);
+    s.gu = c.take<float>(P * 2 * I_);
+    s.act = c.take<float>(P * I_);
+    s.yg = c.take<float>(P * D_);
+    s.sgu = c.take<float>(M * 2 * S_);
+    s.sact = c.take<float>(M * S_);
+    s.sy = c.take<float>(M * D_);
+    s.sx = c.take<uint8_t>(scratch_bytes(std::max(P, M), widest) + 64);
+    s.used = c.used;
+    return s;
+  };
+  const int64_t need = layout(nullptr).used + 64;
+  if (scratch.numel() < need) scratch = at::empty({need}, at::kByte);
+  uint8_t* base = scratch.data_ptr<uint8_t>();
+  base += (64 - reinterpret_cast<uintptr_t>(base) % 64) % 64;
+  auto s = layout(base);
+
+  route_rows(h, M, s.weights, s.ids, s.logits);
+  // scatter: count per expert, then places in row order inside each expert's segment
+  std::fill(s.offsets, s.offsets + E_ + 1, 0);
+  for (int64_t p = 0; p < P; ++p) ++s.offsets[s.ids[p] + 1];
+  for (int64_t e = 0; e < E_; ++e) s.offsets[e + 1] += s.offsets[e];
+  std::copy(s.offsets, s.offsets + E_, s.fill);
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t place = s.fill[s.ids[p]]++;
+    s.pos[p] = place;
+    s.rows[place] = p / k_;
+  }
+  parallel_for(0, P, grain_for(D_, kMinParallelElems), [&](int64_t lo, int64_t hi) {
+    for (int64_t q = lo; q < hi; ++q)
+      std::memcpy(s.xg + q * D_, h + s.rows[q] * D_, static_cast<size_t>(D_) * sizeof(float));
+  });
+  const auto t1 = Clock::now();
+  // experts: each on its own segment; idle experts are not read
+  if (M == 1) {
+    // One row: its k experts share the input, so their gate_up matrices run as the segments of one matrix
+    // (up to kMaxSegments per call; fewer parallel regions per step). A row's values do not depend on how
+    // rows are grouped into segments (blocks.cpp), so this is bitwise the per-expert path.
+    BlockMatrix G{};
+    G.K = D_;
+    int64_t place = 0;
+    auto flush = [&] {
+      if (G.nseg == 0) return;
+      block_linear_rows(G, h, 1, s.gu + place * 2 * I_, s.sx);
+      place += G.N / (2 * I_);
+      G.nseg = 0;
+      G.N = 0;
+    };
+    for (int64_t e = 0; e < E_; ++e) {
+      if (s.offsets[e + 1] == s.offsets[e]) continue;
+      const BlockMatrix& W = gate_up_[e];
+      if (G.nseg + W.nseg > kMaxSegments) flush();
+      for (int64_t j = 0; j < W.nseg; ++j) {
+        G.seg[G.nseg] = W.seg[j];
+        G.seg[G.nseg++].row0 = G.N + W.seg[j].row0;
+      }
+      G.N += W.N;
+    }
+    flush();
+  } else {
+    for (int64_t e = 0; e < E_; ++e) {
+      const int64_t lo = s.offsets[e], n = s.offsets[e + 1] - lo;
+      if (n) block_linear_rows(gate_up_[e], s.xg + lo * D_, n, s.gu + lo * 2 * I_, s.sx);
+    }
+  }
+  gated_rows<false>(s.gu, s.act, P, I_);
+  for (int64_t e = 0; e < E_; ++e) {
+    const int64_t lo = s.offsets[e], n = s.offsets[e + 1] - lo;
+    if (n) block_linear_rows(down_[e], s.act + lo * I_, n, s.yg + lo * D_, s.sx);
+  }
+  if (S_ > 0) {
+    block_linear_rows(shared_gate_up_, h, M, s.sgu, s.sx);
+    gated_rows<false>(s.sgu, s.sact, M, S_);
+    block_linear_rows(shared_down_, s.sact, M, s.sy, s.sx);
+  }
+  const auto t2 = Clock::now();
+  // gather: per row, its experts' outputs in ascending expert id, then the gated shared expert
+  const float* G = S_ > 0 ? shared_gate_.data_ptr<float>() : nullptr;
+  parallel_for(0, M, grain_for(k_ * D_, kMinParallelElems), [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      float* o = out + r * D_;
+      std::fill(o, o + D_, 0.0f);
+      const int64_t* id = s.ids + r * k_;
+      int64_t prev = -1;
+      for (int64_t j = 0; j < k_; ++j) {  // k is small: pick the next larger id each time
+        int64_t next = -1;
+        for (int64_t t = 0; t < k_; ++t)
+          if (id[t] > prev && (next < 0 || id[t] < id[next])) next = t;
+        add_scaled(o, s.yg + s.pos[r * k_ + next] * D_, s.weights[r * k_ + next], D_);
+        prev = id[next];
+      }
+      if (G != nullptr) {
+        const float g = 1.0f / (1.0f + std::exp(-dot(h + r * D_, G, D_)));
+        add_scaled(o, s.sy + r * D_, g, D_);
+      }
+    }
+  });
+  const auto t3 = Clock::now();
+  auto ns = [](auto d) { return std::chrono::duration_cast<std::chrono::nanoseconds>(d).count(); };
+  dispatch_ns_ += ns(t1 - t0) + ns(t3 - t2);
+  experts_ns_ += ns(t2 - t1);
+  ++calls_;
+}
+
+std::tuple<double, double, int64_t> MoeLayer::timings() const {
+  return {dispatch_ns_.load() * 1e-9, experts_ns_.load() * 1e-9, calls_.load()};
+}
+
+void MoeLayer::reset_timings() {
+  dispatch_ns_ = 0;
+  experts_ns_ = 0;
+  calls_ = 0;
+}
+
+}  // namespace metronome

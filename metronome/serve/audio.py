@@ -1,0 +1,462 @@
+"""Speech to text over HTTP: OpenAI's `POST /v1/audio/transcriptions` and `/v1/audio/translations`.
+
+A `SpeechService` owns the Whisper transcriber and the worker threads that call it (its plan batches the
+decoder rows of concurrent calls), so the event loop never waits on the model. A request is admitted
+first (a bounded count of requests in the speech path: beyond it a 429, before the upload is even read),
+then its multipart form is checked field by field (a 400 naming the field), the file decoded on a thread
+(`audio/decode.py`), and the samples queued for the workers; the handler awaits the transcript with a
+timeout (504). The response is rendered in the requested format (`audio/formats.py`) with the timings in
+`usage` and in a `Server-Timing` header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from metronome.audio.decode import MAX_SECONDS, AudioError, DecodedAudio, decode_audio
+from metronome.audio.formats import LANGUAGE_NAMES, ResponseFormat, render
+from metronome.audio.types import Transcript
+from metronome.config import ParamError
+from metronome.serve.errors import ApiError
+
+if TYPE_CHECKING:
+    from metronome.serve.server import ServerState
+
+SPEECH_ALIAS = "whisper-1"  # OpenAI's name, accepted as the model name too
+TRANSCRIPTIONS, TRANSLATIONS = "/v1/audio/transcriptions", "/v1/audio/translations"
+GRANULARITIES = ("timestamp_granularities[]", "timestamp_granularities")  # the openai client sends the first
+_FORM_SLACK = 1 << 20  # the form's text fields and multipart framing, on top of the file
+
+
+@dataclass(frozen=True)
+class SpeechSettings:
+    max_file_bytes: int = 25 << 20  # OpenAI's upload limit; a larger file gets 413
+    max_seconds: float = MAX_SECONDS  # longer audio gets 400
+    max_pending: int = 16  # requests in the speech path (uploading, decoding, queued, running); then 429
+    # threads calling the transcriber at once: its plan batches their decoder rows in its slots (4 by default)
+    workers: int = 4
+    timeout_s: float = 600.0  # the longest a request waits for its transcript (queue and run) before 504
+    retry_after_s: int = 1
+
+    def __post_init__(self) -> None:
+        for name, ok in (
+            ("max_file_bytes", self.max_file_bytes >= 1),
+            ("max_seconds", self.max_seconds > 0),
+            ("max_pending", self.max_pending >= 1),
+            ("workers", self.workers >= 1),
+            ("timeout_s", self.timeout_s > 0),
+        ):
+            if not ok:
+                raise ParamError(name, f"{name}={getattr(self, name)!r}: must be positive")
+
+
+class Transcribing(Protocol):
+    """What the service needs of `metronome.audio.transcribe.Transcriber`."""
+
+    name: str  # the id the API serves it under
+
+    def close(self) -> None: ...
+
+    def transcribe(
+        self,
+        samples: np.ndarray,
+        *,
+        language: str | None = None,
+        prompt: str | None = None,
+        temperature: float = 0.0,
+        task: str = "transcribe",
+    ) -> Transcript: ...
+
+
+class SpeechBusy(Exception):
+    """Too many requests in the speech path: answered 429."""
+
+
+@dataclass
+class _Job:
+    samples: np.ndarray
+    options: dict[str, Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    queued: float = field(default_factory=time.perf_counter)
+    abandoned: threading.Event = field(default_factory=threading.Event)  # the caller stopped waiting
+
+
+@dataclass(frozen=True)
+class SpeechResult:
+    transcript: Transcript
+    queue_s: float  # from queued to the worker taking it
+    run_s: float  # the transcriber's call
+
+
+class SpeechService:
+    """A transcriber behind `settings.workers` worker threads and a bounded admission count."""
+
+    _IDLE_WAKE_S = 60.0  # the worker's wait for work has a timeout like every wait; it only loops on it
+
+    def __init__(self, settings: SpeechSettings | None = None) -> None:
+        self.model_id = ""  # the transcriber's name, once attached
+        self.settings = settings or SpeechSettings()
+        self.created = int(time.time())
+        self._transcriber: Transcribing | None = None
+        self._queue: queue.Queue[_Job | None] = queue.Queue()  # bounded by the admission count, not here
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._workers: list[threading.Thread] = []
+
+    @property
+    def ready(self) -> bool:
+        return self._transcriber is not None
+
+    @property
+    def pending(self) -> int:
+        """Requests in the speech path now (admitted, not yet answered)."""
+        with self._lock:
+            return self._pending
+
+    def names(self) -> tuple[str, str]:
+        return (self.model_id, SPEECH_ALIAS)
+
+    def attach(self, transcriber: Transcribing) -> None:
+        """Serve `transcriber`: start the workers that call it."""
+        if self._transcriber is not None:
+            raise RuntimeError("SpeechService.attach: a transcriber is already attached")
+        self._transcriber = transcriber
+        self.model_id = transcriber.name
+        self._workers = [
+            threading.Thread(target=self._work, name=f"metronome-speech-{i}", daemon=True)
+            for i in range(self.settings.workers)
+        ]
+        for worker in self._workers:
+            worker.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop the workers once the jobs they run (if any) end, then close the transcriber; queued jobs
+        are dropped (their requests time out)."""
+        if not self._workers:
+            return
+        for _ in self._workers:
+            self._queue.put(None)
+        deadline = time.monotonic() + timeout_s
+        for worker in self._workers:
+            worker.join(timeout=max(0.0, deadline - time.monotonic()))
+        if not any(worker.is_alive() for worker in self._workers):
+            self._transcriber.close()
+        self._workers = []
+
+    def admit(self) -> None:
+        """Count one request into the speech path, or raise SpeechBusy; `release` it when done."""
+        with self._lock:
+            if self._pending >= self.settings.max_pending:
+                raise SpeechBusy(f"{self._pending} speech requests are already in progress")
+            self._pending += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._pending -= 1
+
+    async def transcribe(self, samples: np.ndarray, **options: Any) -> SpeechResult:
+        """The transcript of `samples` (options: language, prompt, temperature, task), run on a worker;
+        TimeoutError after settings.timeout_s."""
+        loop = asyncio.get_running_loop()
+        job = _Job(samples, options, loop, loop.create_future())
+        self._queue.put(job)
+        try:
+            return await asyncio.wait_for(job.future, self.settings.timeout_s)
+        finally:
+            job.abandoned.set()  # a job not started yet is skipped; one running ends and is dropped
+
+    def _work(self) -> None:
+        while True:
+            try:
+                job = self._queue.get(timeout=self._IDLE_WAKE_S)
+            except queue.Empty:
+                continue
+            if job is None:
+                return
+            if job.abandoned.is_set():
+                continue
+            started = time.perf_counter()
+            try:
+                transcript = self._transcriber.transcribe(job.samples, **job.options)
+            except Exception as exc:  # handed to the request that asked: it answers the client with it
+                self._deliver(job, exc, None)
+                continue
+            result = SpeechResult(transcript, started - job.queued, time.perf_counter() - started)
+            self._deliver(job, None, result)
+
+    @staticmethod
+    def _deliver(job: _Job, error: Exception | None, result: SpeechResult | None) -> None:
+        def settle() -> None:
+            if job.future.done():  # the waiter timed out or went away
+                return
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(result)
+
+        if not job.loop.is_closed():
+            job.loop.call_soon_threadsafe(settle)
+
+
+# -- the request -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpeechForm:
+    data: bytes
+    filename: str
+    model: str | None
+    language: str | None
+    prompt: str | None
+    response_format: ResponseFormat
+    temperature: float
+
+
+async def _form(request: Request, settings: SpeechSettings) -> FormData:
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise ApiError(400, "send the audio as multipart/form-data with the recording in the field 'file'", "file")
+    limit = settings.max_file_bytes + _FORM_SLACK
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(settings)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(settings)
+        chunks.append(chunk)
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"".join(chunks)
+
+    parser = MultiPartParser(request.headers, body(), max_files=4, max_fields=16, max_part_size=_FORM_SLACK)
+    try:
+        return await parser.parse()
+    except MultiPartException as exc:
+        raise ApiError(400, f"the multipart form is malformed: {exc.message}") from None
+
+
+def _too_large(settings: SpeechSettings) -> ApiError:
+    mb = settings.max_file_bytes / (1 << 20)
+    return ApiError(
+        413,
+        f"the file is larger than {mb:g} MB; send a shorter or more compressed recording",
+        "file",
+        code="file_too_large",
+    )
+
+
+def _text(form: FormData, name: str) -> str | None:
+    values = form.getlist(name)
+    if not values:
+        return None
+    if len(values) > 1:
+        raise ApiError(400, f"'{name}' is given {len(values)} times; give it once", name)
+    if not isinstance(values[0], str):
+        raise ApiError(400, f"'{name}' must be a text field, not a file", name)
+    return values[0]
+
+
+async def parse_form(request: Request, settings: SpeechSettings) -> SpeechForm:
+    """The request's multipart form, every field checked; ApiError naming the first bad field."""
+    form = await _form(request, settings)
+    try:
+        files = form.getlist("file")
+        if not files:
+            raise ApiError(400, "the form has no 'file' field: attach the recording as 'file'", "file")
+        if len(files) > 1 or not isinstance(files[0], UploadFile):
+            raise ApiError(400, "'file' must be one uploaded file (a form file part, not text)", "file")
+        upload: UploadFile = files[0]
+        data = await upload.read()
+        if len(data) > settings.max_file_bytes:
+            raise _too_large(settings)
+
+        fmt_text = _text(form, "response_format") or ResponseFormat.JSON.value
+        if fmt_text not in ResponseFormat.choices():
+            raise ApiError(
+                400,
+                f"response_format={fmt_text!r}: choose one of {', '.join(ResponseFormat.choices())}",
+                "response_format",
+            )
+        fmt = ResponseFormat(fmt_text)
+
+        temperature = 0.0
+        t_text = _text(form, "temperature")
+        if t_text is not None:
+            try:
+                temperature = float(t_text)
+            except ValueError:
+                raise ApiError(
+                    400, f"temperature={t_text!r} is not a number; give one in [0, 1]", "temperature"
+                ) from None
+            if not (math.isfinite(temperature) and 0.0 <= temperature <= 1.0):
+                raise ApiError(400, f"temperature={t_text}: must be in [0, 1]", "temperature")
+
+        language = _text(form, "language")
+        if language is not None:
+            language = language.strip().lower()
+            if language not in LANGUAGE_NAMES:
+                raise ApiError(
+                    400, f"language={language!r} is not an ISO-639-1 code Whisper knows (e.g. 'en', 'de')", "language"
+                )
+
+        for name in GRANULARITIES:
+            for g in form.getlist(name):
+                if g == "word":
+                    raise ApiError(
+                        400,
+                        "word timestamps are not produced by this server; ask for 'segment' (verbose_json segments)",
+                        name,
+                    )
+                if g != "segment":
+                    raise ApiError(400, f"{name}={g!r}: the only granularity served is 'segment'", name)
+                if fmt is not ResponseFormat.VERBOSE_JSON:
+                    raise ApiError(400, f"{name} needs response_format=verbose_json", name)
+
+        return SpeechForm(
+            data=data,
+            filename=upload.filename or "audio",
+            model=_text(form, "model"),
+            language=language,
+            prompt=_text(form, "prompt"),
+            response_format=fmt,
+            temperature=temperature,
+        )
+    finally:
+        await form.close()
+
+
+# -- the routes ---------------------------------------------------------------------------------------
+
+
+def speech_card(speech: SpeechService) -> dict[str, Any]:
+    # `kind` is metronome's own field: the chat page finds the speech model by it
+    return {
+        "id": speech.model_id,
+        "object": "model",
+        "created": speech.created,
+        "owned_by": "metronome",
+        "kind": "speech-to-text",
+    }
+
+
+def _require(state: ServerState) -> SpeechService:
+    speech = state.speech
+    if speech is None:
+        raise ApiError(
+            404,
+            "this server serves no speech model (started with --speech-model none)",
+            "model",
+            code="model_not_found",
+        )
+    if not speech.ready:
+        raise ApiError(
+            503,
+            "the speech model is still loading; retry shortly",
+            type="service_unavailable",
+            code="model_loading",
+            headers={"Retry-After": str(speech.settings.retry_after_s)},
+        )
+    return speech
+
+
+async def answer(request: Request, state: ServerState, task: str) -> Response:
+    """One transcription or translation request, admission to response."""
+    speech = _require(state)
+    try:
+        speech.admit()
+    except SpeechBusy as exc:
+        raise ApiError(
+            429,
+            f"{exc}; retry shortly",
+            type="rate_limit_error",
+            code="queue_full",
+            headers={"Retry-After": str(speech.settings.retry_after_s)},
+        ) from None
+    try:
+        return await _answer(request, speech, task)
+    finally:
+        speech.release()
+
+
+async def _answer(request: Request, speech: SpeechService, task: str) -> Response:
+    form = await parse_form(request, speech.settings)
+    if form.model is not None and form.model not in speech.names():
+        raise ApiError(
+            404,
+            f"the model {form.model!r} does not transcribe here; this server's speech model is "
+            f"{speech.model_id!r} (also called {SPEECH_ALIAS!r})",
+            "model",
+            code="model_not_found",
+        )
+    started = time.perf_counter()
+    try:
+        audio: DecodedAudio = await asyncio.to_thread(decode_audio, form.data, speech.settings.max_seconds)
+    except AudioError as exc:
+        raise ApiError(400, f"{form.filename}: {exc}", exc.param, code="invalid_audio") from None
+    decoded = time.perf_counter()
+    options = dict(language=form.language, prompt=form.prompt, temperature=form.temperature, task=task)
+    try:
+        result = await speech.transcribe(audio.samples, **options)
+    except TimeoutError:
+        raise ApiError(
+            504,
+            f"the transcription did not finish within {speech.settings.timeout_s:g} s; retry with shorter audio",
+            type="server_error",
+            code="timeout",
+        ) from None
+    except ValueError as exc:  # an option this model cannot honour (translation on an English-only model)
+        param = exc.param if isinstance(exc, ParamError) else None
+        raise ApiError(400, str(exc), param, code="unsupported_option") from None
+    total = time.perf_counter() - started
+    usage = _usage(result, decoded - started, total)
+    body = render(result.transcript, form.response_format, usage)
+    headers = {"Server-Timing": _server_timing(usage)}
+    if isinstance(body, dict):
+        return JSONResponse(body, headers=headers)
+    return PlainTextResponse(body, media_type=form.response_format.media_type, headers=headers)
+
+
+def _usage(result: SpeechResult, audio_s: float, total_s: float) -> dict[str, Any]:
+    """OpenAI's duration usage, plus seconds per stage like the chat API's Groq-style times."""
+    t = result.transcript.timings
+    return {
+        "type": "duration",
+        "seconds": round(result.transcript.duration, 3),
+        "audio_decode_time": round(audio_s, 6),
+        "queue_time": round(result.queue_s, 6),
+        "features_time": round(t.features_ms / 1000, 6),
+        "encode_time": round(t.encode_ms / 1000, 6),
+        "decode_time": round(t.decode_ms / 1000, 6),
+        "transcribe_time": round(result.run_s, 6),
+        "total_time": round(total_s, 6),
+    }
+
+
+def _server_timing(usage: dict[str, Any]) -> str:
+    """The same stages as an HTTP Server-Timing header (milliseconds): browsers' dev tools show it."""
+    stages = ("audio_decode", "queue", "features", "encode", "decode", "total")
+    return ", ".join(f"{s};dur={usage[s + '_time'] * 1000:.1f}" for s in stages)
+
+
+def add_speech_routes(app: FastAPI, state: ServerState) -> None:
+    @app.post(TRANSCRIPTIONS)
+    async def transcriptions(request: Request) -> Response:
+        return await answer(request, state, "transcribe")
+
+    @app.post(TRANSLATIONS)
+    async def translations(request: Request) -> Response:
+        return await answer(request, state, "translate")

@@ -1,0 +1,345 @@
+"""Whisper in metronome against independent references: faster-whisper's front end and transcripts (f32,
+greedy, no VAD) and CTranslate2's encoder, on the Beckett sample (10 s) and a 40-s clip built from it."""
+
+from __future__ import annotations
+
+import struct
+import threading
+import wave
+from importlib import util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from metronome.audio.ct2 import Ct2FormatError, read_model_bin
+from metronome.audio.mel import LogMel, mel_filters, window
+
+SR = 16000
+
+
+def _sample_path() -> Path:
+    spec = util.find_spec("moonshine_onnx")
+    if spec is None:
+        pytest.skip("useful-moonshine-onnx is not installed: pip install --no-deps useful-moonshine-onnx==20251121")
+    return Path(spec.origin).parent / "assets" / "beckett.wav"
+
+
+def _read_wav(path: Path) -> np.ndarray:
+    with wave.open(str(path)) as w:
+        assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (1, 2, SR)
+        return np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32768.0
+
+
+@pytest.fixture(scope="module")
+def beckett() -> np.ndarray:
+    return _read_wav(_sample_path())
+
+
+@pytest.fixture(scope="module")
+def clip40(beckett: np.ndarray) -> np.ndarray:
+    """5 s silence, Beckett, 10 s silence, Beckett, 5 s silence: two windows, the second prompted by the
+    first's text. (Beckett four times in a row makes the reference fall back to sampling, which no two
+    implementations share.)"""
+    z = lambda s: np.zeros(int(s * SR), np.float32)  # noqa: E731
+    return np.concatenate([z(5), beckett, z(10), beckett, z(5)])
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> Path:
+    from metronome.audio.transcribe import resolve_model_dir
+
+    try:
+        return resolve_model_dir(None)
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def transcriber(model_dir: Path):
+    """The default: Q8_0 decoder matrices on the C++ kernels where they build."""
+    from metronome.audio.transcribe import Transcriber
+
+    tr = Transcriber.load(str(model_dir))
+    yield tr
+    tr.close()
+
+
+@pytest.fixture(scope="module")
+def exact(model_dir: Path):
+    """float32 throughout: the checkpoint's fp16 weights widened exactly, as faster-whisper's f32 runs them."""
+    from metronome.audio.transcribe import Transcriber
+
+    tr = Transcriber.load(str(model_dir), weights="f32")
+    yield tr
+    tr.close()
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir: Path):
+    faster_whisper = pytest.importorskip("faster_whisper")
+    model = faster_whisper.WhisperModel(str(model_dir), device="cpu", compute_type="float32", cpu_threads=2)
+
+    def run(audio: np.ndarray) -> list:
+        segments, _ = model.transcribe(audio, beam_size=1, vad_filter=False)
+        return list(segments)
+
+    return run
+
+
+# ---- model.bin reader ------------------------------------------------------------------------------------
+def _string(s: str) -> bytes:
+    raw = s.encode() + b"\0"
+    return struct.pack("<H", len(raw)) + raw
+
+
+def _model_bin(variables: list[tuple[str, np.ndarray, int]], aliases: list[tuple[str, str]]) -> bytes:
+    """A model.bin written from the format's description (version 6): header, variables, aliases."""
+    out = struct.pack("<I", 6) + _string("TestSpec") + struct.pack("<I", 2) + struct.pack("<I", len(variables))
+    for name, arr, type_id in variables:
+        out += _string(name) + struct.pack("<B", arr.ndim) + struct.pack(f"<{arr.ndim}I", *arr.shape)
+        out += struct.pack("<B", type_id) + struct.pack("<I", arr.nbytes) + arr.tobytes()
+    out += struct.pack("<I", len(aliases))
+    for alias, target in aliases:
+        out += _string(alias) + _string(target)
+    return out
+
+
+def test_ct2_reader_round_trip(tmp_path: Path) -> None:
+    w = np.arange(6, dtype=np.float16).reshape(2, 3) / 7
+    b = np.array([1.5, -2.0], dtype=np.float32)
+    heads = np.array(6, dtype=np.int16)
+    path = tmp_path / "model.bin"
+    path.write_bytes(
+        _model_bin([("a/weight", w, 4), ("a/bias", b, 0), ("num_heads", heads, 2)], [("tied", "a/weight")])
+    )
+    m = read_model_bin(path)
+    assert (m.spec, m.revision, m.binary_version) == ("TestSpec", 2, 6)
+    assert m.get("a/weight").dtype == np.float16 and np.array_equal(m.get("a/weight"), w)
+    assert np.array_equal(m.get("a/bias"), b) and int(m.get("num_heads")) == 6
+    assert m.get("tied") is m.get("a/weight") and m.dtypes["tied"] == "float16"
+    path.write_bytes(path.read_bytes()[:-20])
+    with pytest.raises(Ct2FormatError, match="truncated"):
+        read_model_bin(path)
+
+
+def test_ct2_reader_reads_the_shipped_whisper(model_dir: Path) -> None:
+    m = read_model_bin(model_dir / "model.bin")
+    assert m.spec == "WhisperSpec"
+    emb = m.get("decoder/embeddings/weight")
+    assert emb.dtype == np.float16 and emb.shape == (51864, 384)
+    assert np.isfinite(emb.astype(np.float32)).all()
+
+
+# ---- front end -------------------------------------------------------------------------------------------
+def test_mel_matches_faster_whisper(beckett: np.ndarray) -> None:
+    fw = pytest.importorskip("faster_whisper.feature_extractor")
+    ref = fw.FeatureExtractor()
+    np.testing.assert_allclose(mel_filters(), ref.mel_filters, rtol=1e-6, atol=1e-9)
+    ours = LogMel()(beckett).numpy()
+    theirs = ref(beckett)
+    assert ours.shape == theirs.shape == (80, (len(beckett) + 160) // 160)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+# ---- model against CTranslate2 ---------------------------------------------------------------------------
+@pytest.mark.model
+def test_encoder_matches_ctranslate2(model_dir: Path, exact, beckett: np.ndarray) -> None:
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    feats = LogMel()(beckett)
+    mel = window(feats, 0, feats.shape[1] - 1)
+    ours = exact.plan.encode(mel).numpy()
+    ct = ctranslate2.models.Whisper(str(model_dir), device="cpu", compute_type="float32", intra_threads=2)
+    theirs = np.array(ct.encode(ctranslate2.StorageView.from_array(mel[None].numpy().copy())))[0]
+    rms = float(np.sqrt(((ours - theirs) ** 2).mean() / (theirs**2).mean()))
+    assert rms < 1e-4, rms
+
+
+@pytest.mark.model
+def test_decoder_greedy_tokens_and_scores_match_ctranslate2(model_dir: Path, exact, beckett) -> None:
+    """One window through CTranslate2's generate (same rules: suppression, timestamp rules) against ours."""
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    tok = exact.tokens
+    feats = LogMel()(beckett)
+    mel = window(feats, 0, feats.shape[1] - 1)
+    ct = ctranslate2.models.Whisper(str(model_dir), device="cpu", compute_type="float32", intra_threads=2)
+    enc = ct.encode(ctranslate2.StorageView.from_array(mel[None].numpy().copy()))
+    ref = ct.generate(
+        enc,
+        [[tok.sot]],
+        beam_size=1,
+        return_scores=True,
+        return_no_speech_prob=True,
+        suppress_tokens=list(tok.suppressed),
+        max_initial_timestamp_index=50,
+    )[0]
+    audio = exact.plan.encode(mel)
+    slot = exact.plan.acquire()
+    try:
+        ours = exact._decode(slot, audio, [tok.sot], 0.0, seed=0)
+    finally:
+        exact.plan.release(slot)
+    assert ours.tokens == ref.sequences_ids[0]
+    n = len(ours.tokens)
+    assert ours.avg_logprob == pytest.approx(ref.scores[0] * n / (n + 1), abs=1e-4)
+    assert ours.no_speech_prob == pytest.approx(ref.no_speech_prob, abs=1e-4)
+
+
+# ---- transcripts -----------------------------------------------------------------------------------------
+def _same_segments(ours, theirs) -> None:
+    assert "".join(s.text for s in ours).strip() == "".join(s.text for s in theirs).strip()
+    assert [(round(s.start, 2), round(s.end, 2), s.text) for s in ours] == [
+        (round(s.start, 2), round(s.end, 2), s.text) for s in theirs
+    ]
+    assert [list(s.tokens) for s in ours] == [list(s.tokens) for s in theirs]
+
+
+@pytest.fixture(scope="module")
+def ref_beckett(reference, beckett):
+    return reference(beckett)
+
+
+@pytest.fixture(scope="module")
+def ref_clip40(reference, clip40):
+    return reference(clip40)
+
+
+@pytest.mark.model
+def test_exact_transcript_equals_faster_whisper(exact, ref_beckett, beckett: np.ndarray) -> None:
+    """f32: the same segments, tokens, timestamps and scores as faster-whisper f32."""
+    out = exact.transcribe(beckett)
+    _same_segments(out.segments, ref_beckett)
+    assert out.text == "Ever tried, ever failed. No matter, try again. Fail again. Fail better."
+    assert out.language == "en" and out.duration == pytest.approx(len(beckett) / SR)
+    for ours, theirs in zip(out.segments, ref_beckett):
+        assert ours.avg_logprob == pytest.approx(theirs.avg_logprob, abs=1e-3)
+        assert ours.no_speech_prob == pytest.approx(theirs.no_speech_prob, abs=1e-3)
+        assert ours.temperature == theirs.temperature == 0.0
+    t = out.timings
+    assert t.total_ms >= t.features_ms + t.encode_ms + t.decode_ms - 1.0 and t.encode_ms > 0 and t.decode_ms > 0
+
+
+@pytest.mark.model
+def test_exact_long_audio_window_by_window(exact, ref_clip40, clip40: np.ndarray) -> None:
+    out = exact.transcribe(clip40)
+    _same_segments(out.segments, ref_clip40)
+    assert out.segments[-1].end > 30.0  # the second window was decoded
+    assert out.text.count("Ever tried, ever failed.") == 2
+
+
+@pytest.mark.model
+def test_default_transcripts_equal_faster_whisper(transcriber, ref_beckett, ref_clip40, beckett, clip40) -> None:
+    """The default (Q8_0 decoder where the kernels build): the same text and segments; a timestamp may move by
+    a step or two (Q8_0 rounding moves the logits a little)."""
+    for audio, ref in ((beckett, ref_beckett), (clip40, ref_clip40)):
+        out = transcriber.transcribe(audio)
+        assert out.text == "".join(s.text for s in ref).strip()
+        assert [s.text for s in out.segments] == [s.text for s in ref]
+        for ours, theirs in zip(out.segments, ref):
+            assert abs(ours.start - theirs.start) <= 0.1 and abs(ours.end - theirs.end) <= 0.1
+
+
+@pytest.mark.model
+def test_prompt_is_previous_text(transcriber, beckett: np.ndarray) -> None:
+    """A prompt changes the decoder's context (the reference takes it as its initial prompt)."""
+    plain = transcriber.transcribe(beckett)
+    prompted = transcriber.transcribe(beckett, prompt="EVER TRIED. EVER FAILED. NO MATTER.")
+    assert prompted.segments[0].avg_logprob != plain.segments[0].avg_logprob
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("which", ["transcriber", "exact"])
+def test_same_text_alone_or_beside_another_request(which: str, request, beckett, clip40) -> None:
+    """The determinism contract: bitwise the same tokens and scores alone and while another request's rows
+    share the decoder steps (both weight formats)."""
+    transcriber = request.getfixturevalue(which)
+    alone = transcriber.transcribe(beckett)
+    before = transcriber.plan.most_rows
+    results: dict[str, object] = {}
+    start = threading.Barrier(2, timeout=60)
+
+    def run(name: str, audio: np.ndarray) -> None:
+        start.wait()
+        results[name] = transcriber.transcribe(audio)
+
+    threads = [threading.Thread(target=run, args=(n, a)) for n, a in (("a", beckett), ("b", clip40))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=300)
+    assert transcriber.plan.most_rows >= 2 or before >= 2  # the two requests really shared steps
+    beside = results["a"]
+    assert [(s.tokens, s.avg_logprob, s.no_speech_prob, s.start, s.end) for s in beside.segments] == [
+        (s.tokens, s.avg_logprob, s.no_speech_prob, s.start, s.end) for s in alone.segments
+    ]
+
+
+def test_bad_input_names_the_problem(transcriber) -> None:
+    with pytest.raises(ValueError, match="samples"):
+        transcriber.transcribe(np.zeros((2, 100), np.float32))
+    with pytest.raises(ValueError, match="empty"):
+        transcriber.transcribe(np.zeros(0, np.float32))
+    with pytest.raises(ValueError, match="temperature"):
+        transcriber.transcribe(np.zeros(1600, np.float32), temperature=2.0)
+    with pytest.raises(ValueError, match="task"):
+        transcriber.transcribe(np.zeros(1600, np.float32), task="summarize")
+    with pytest.raises(ValueError, match="language"):
+        transcriber.transcribe(np.zeros(1600, np.float32), language="xx")
+
+
+def test_fallback_temperatures() -> None:
+    from metronome.audio.transcribe import DecodeOptions
+
+    assert DecodeOptions().temperatures(0.0) == (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    assert DecodeOptions().temperatures(0.5) == (0.5, 0.7, 0.9)
+    assert DecodeOptions().temperatures(1.0) == (1.0,)
+
+
+def test_plan_rows_of_one_slot_are_causal() -> None:
+    """A tiny random Whisper: a prompt prefilled in one call gives the same last logits as the same tokens
+    stepped one by one (attention within a run is causal), up to float rounding."""
+    from metronome.audio.whisper import Decoder, DecoderCache, WhisperConfig
+
+    cfg = WhisperConfig(
+        n_mels=80, n_audio_ctx=6, n_audio_state=8, n_audio_head=2, n_audio_layer=1,
+        n_vocab=50, n_text_ctx=10, n_text_state=8, n_text_head=2, n_text_layer=2,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    names: dict[str, np.ndarray] = {
+        "decoder/embeddings/weight": torch.randn(50, 8, generator=g).numpy(),
+        "decoder/position_encodings/encodings": torch.randn(10, 8, generator=g).numpy(),
+        "decoder/layer_norm/gamma": np.ones(8, np.float32),
+        "decoder/layer_norm/beta": np.zeros(8, np.float32),
+    }
+    shapes = {"self_attention/linear_0": 24, "self_attention/linear_1": 8, "attention/linear_0": 8}
+    shapes |= {"attention/linear_1": 16, "attention/linear_2": 8, "ffn/linear_0": 32}
+    for layer in range(2):
+        p = f"decoder/layer_{layer}"
+        for name, out in shapes.items():
+            names[f"{p}/{name}/weight"] = (torch.randn(out, 8, generator=g) * 0.3).numpy()
+            names[f"{p}/{name}/bias"] = (torch.randn(out, generator=g) * 0.1).numpy()
+        names[f"{p}/ffn/linear_1/weight"] = (torch.randn(8, 32, generator=g) * 0.3).numpy()
+        names[f"{p}/ffn/linear_1/bias"] = np.zeros(8, np.float32)
+        for norm in ("self_attention", "attention", "ffn"):
+            names[f"{p}/{norm}/layer_norm/gamma"] = np.ones(8, np.float32)
+            names[f"{p}/{norm}/layer_norm/beta"] = np.zeros(8, np.float32)
+
+    class _Fake:
+        variables = names
+
+        def get(self, name: str) -> np.ndarray:
+            return names[name]
+
+    dec = Decoder(_Fake(), cfg)  # type: ignore[arg-type]
+    audio = torch.randn(6, 8, generator=g)
+    tokens = [3, 7, 11, 5]
+    a, b = DecoderCache.allocate(cfg, 2), DecoderCache.allocate(cfg, 2)
+    with torch.inference_mode():
+        dec.set_audio(a, 1, audio)
+        dec.set_audio(b, 0, audio)
+        n = len(tokens)
+        full = dec.logits(dec.hidden(a, torch.full((n,), 1), torch.tensor(tokens), torch.arange(n)))
+        for pos, t in enumerate(tokens):
+            step = dec.logits(dec.hidden(b, torch.tensor([0]), torch.tensor([t]), torch.tensor([pos])))
+            torch.testing.assert_close(step[0], full[pos], rtol=1e-5, atol=1e-5)

@@ -1,0 +1,79 @@
+"""`metronome bench --voice`: the voice loop (audio -> transcript -> streamed chat -> first sentence) against a
+live server with the real Whisper tiny.en and a tiny random chat model, at two levels of speakers."""
+
+from __future__ import annotations
+
+import json
+from importlib import util
+from pathlib import Path
+
+import pytest
+from helpers.live_server import LiveServer
+
+from metronome.audio.decode import decode_audio
+from metronome.bench.voice import measure_voice, voice_markdown
+from metronome.config import EngineConfig
+from metronome.engine import Engine
+from metronome.model.loader import load
+from metronome.serve.audio import SpeechService
+from metronome.serve.server import ModelIdentity, ServerSettings, create_app
+
+pytestmark = pytest.mark.model  # loads Whisper tiny.en
+
+
+@pytest.fixture(scope="module")
+def beckett() -> Path:
+    spec = util.find_spec("moonshine_onnx")
+    if spec is None:
+        pytest.skip("useful-moonshine-onnx is not installed: pip install --no-deps useful-moonshine-onnx==20251121")
+    return Path(spec.origin).parent / "assets" / "beckett.wav"
+
+
+@pytest.fixture(scope="module")
+def transcriber():
+    from metronome.audio.transcribe import Transcriber
+
+    transcriber = Transcriber.load(None)
+    yield transcriber
+    transcriber.close()
+
+
+@pytest.fixture(scope="module")
+def urls(tiny_hf, transcriber):
+    loaded = load(tiny_hf("llama"))
+    engine = Engine.from_model(config=EngineConfig(slots=2, ctx=256), loaded=loaded)
+    speech = SpeechService()
+    speech.attach(transcriber)
+    with_speech = create_app(engine, ServerSettings(), ModelIdentity.of(loaded), speech=speech)
+    without = create_app(engine, ServerSettings(), ModelIdentity.of(loaded))
+    try:
+        with LiveServer(with_speech) as a, LiveServer(without) as b:
+            yield a, b
+    finally:
+        speech.stop()
+        engine.stop()
+
+
+def test_the_loop_at_one_and_two_speakers(urls, beckett, transcriber):
+    expected = transcriber.transcribe(decode_audio(beckett.read_bytes()).samples).text.strip()
+    levels = measure_voice(urls[0], beckett, (1, 2), loops=1, max_tokens=8, timeout_s=300)
+    assert [lv.speakers for lv in levels] == [1, 2] and [lv.ok for lv in levels] == [1, 2]
+    for loop in (loop for lv in levels for loop in lv.loops):
+        assert loop.transcript == expected
+        assert 0 < loop.ttft_s <= loop.first_sentence_s
+        # the loop spans the transcript and the chat request up to its first sentence
+        assert loop.loop_s >= loop.transcript_s + loop.first_sentence_s
+    table = voice_markdown(levels, beckett, 8)
+    assert "| 1 | 1/1 |" in table and "| 2 | 2/2 |" in table and expected in table
+
+
+def test_the_bench_command_writes_its_files_and_fails_without_a_speech_model(urls, beckett, tmp_path, capsys):
+    from metronome.cli import main
+
+    args = ["bench", "--voice", "--concurrency", "1", "--rounds", "1", "--output-tokens", "4"]
+    assert main([*args, "--url", urls[0], "--audio", str(beckett), "--out", str(tmp_path)]) == 0
+    loops = json.loads((tmp_path / "voice.json").read_text())[0]["loops"]
+    assert len(loops) == 1 and loops[0]["ok"] and "| 1 | 1/1 |" in capsys.readouterr().out
+    assert main([*args, "--url", urls[1], "--audio", str(beckett), "--out", str(tmp_path)]) == 1
+    assert "serves no speech model" in capsys.readouterr().err
+    assert main([*args, "--url", urls[0], "--audio", str(tmp_path / "none.wav")]) == 2

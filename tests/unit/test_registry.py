@@ -1,0 +1,215 @@
+"""The model registry: parts found in installed packages, assembled once, verified by size, header and sha256;
+short names resolved where a model path is accepted. Small fake GGUF files in fake packages."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from metronome.cli import main
+from metronome.config import ParamError
+from metronome.model import registry
+from metronome.model.errors import ModelFileError, ModelInstallError, ModelNotFoundError
+from metronome.model.loader import load
+from metronome.model.registry import Assembly, Header, Part, RegisteredModel
+
+HEADER = Header("llama", layers=3, width=8, vocab=16, context=256, chat_template=True)
+
+
+def _gguf_bytes(tmp: Path, layers: int = 3) -> bytes:
+    import gguf
+
+    path = tmp / "fake.gguf"
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_block_count(layers)
+    w.add_embedding_length(8)
+    w.add_context_length(256)
+    w.add_chat_template("{{ messages }}")
+    w.add_tensor("token_embd.weight", np.arange(16 * 8, dtype=np.float32).reshape(16, 8))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path.read_bytes()
+
+
+def _packages(root: Path, data: bytes, n: int, prefix: str) -> tuple[Part, ...]:
+    """`data` split into `n` installed fake packages under `root` (on sys.path), part i in prefix<i>/data/."""
+    cuts = np.linspace(0, len(data), n + 1).astype(int)
+    parts = []
+    for i in range(1, n + 1):
+        pkg = root / f"{prefix}{i}"
+        (pkg / "data").mkdir(parents=True)
+        (pkg / "__init__.py").write_text("raise ImportError('the registry must not import a part package')\n")
+        (pkg / "data" / f"part{i:02d}.bin").write_bytes(data[cuts[i - 1] : cuts[i]])
+        parts.append(Part(f"{prefix.replace('_', '-')}{i}", "1.0", f"{prefix}{i}", f"data/part{i:02d}.bin"))
+    return tuple(parts)
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    """A registered 3-part model whose packages are installed, the registry holding only it, a fresh cache."""
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    data = _gguf_bytes(tmp_path)
+    model = RegisteredModel(
+        name="fake-1b",
+        title="Fake 1B",
+        quant="F32",
+        filename="fake-1b.gguf",
+        parts=_packages(site, data, 3, "fake_model_part"),
+        assembly=Assembly.CONCAT,
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        header=HEADER,
+        license="none",
+    )
+    monkeypatch.setattr(registry, "MODELS", (model,))
+    monkeypatch.setattr(registry, "DEFAULT_MODEL", "fake-1b")
+    monkeypatch.setenv("METRONOME_MODEL_CACHE", str(tmp_path / "cache"))
+    return model, data
+
+
+def test_assembles_once_verified(fake, tmp_path, monkeypatch):
+    model, data = fake
+    path = registry.resolve("fake-1b")
+    assert path == tmp_path / "cache" / "fake-1b.gguf"
+    assert path.read_bytes() == data
+    assert {p.name for p in (tmp_path / "cache").iterdir()} == {"fake-1b.gguf", "fake-1b.gguf.verified"}
+    # the second resolve trusts the stamp: no hashing, no reassembly
+    monkeypatch.setattr(registry, "sha256_file", lambda p: pytest.fail("hashed again"))
+    monkeypatch.setattr(registry, "assemble", lambda *a: pytest.fail("assembled again"))
+    assert registry.resolve("fake-1b") == path
+    assert registry.resolve(None) == path  # the default model goes through the registry too
+
+
+def test_sha256_mismatch_is_refused(fake, tmp_path, monkeypatch):
+    model, data = fake
+    monkeypatch.setattr(registry, "MODELS", (replace(model, sha256="0" * 64),))
+    with pytest.raises(ModelInstallError, match=r"sha256 [0-9a-f]{64}, but 'fake-1b' is pinned to 0{64}; refused"):
+        registry.resolve("fake-1b")
+    assert not (tmp_path / "cache" / "fake-1b.gguf").exists()  # nothing left under the model's name
+    assert not list((tmp_path / "cache").glob("*.partial"))
+
+
+def test_header_mismatch_is_refused(fake, tmp_path, monkeypatch):
+    model, _ = fake
+    monkeypatch.setattr(registry, "MODELS", (replace(model, header=replace(HEADER, layers=24, vocab=151936)),))
+    with pytest.raises(ModelInstallError, match=r"layers 3 \(expected 24\), vocab 16 \(expected 151936\); refused"):
+        registry.resolve("fake-1b")
+    assert not (tmp_path / "cache" / "fake-1b.gguf").exists()
+
+
+def test_a_changed_cached_file_is_refused(fake, tmp_path):
+    path = registry.resolve("fake-1b")
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF  # same size, same header, one byte of tensor data flipped
+    path.write_bytes(bytes(raw))
+    os.utime(path, ns=(1, 1))  # a new modification time: the stamp no longer vouches for it
+    with pytest.raises(ModelInstallError, match="refused"):
+        registry.resolve("fake-1b")
+    path.write_bytes(bytes(raw[:-5]))
+    with pytest.raises(ModelInstallError, match=r"bytes, but 'fake-1b' is \d+ bytes; refused"):
+        registry.resolve("fake-1b")
+
+
+def test_a_changed_part_is_refused(fake, tmp_path):
+    model, _ = fake
+    part = tmp_path / "site" / model.parts[2].module / model.parts[2].file
+    raw = bytearray(part.read_bytes())
+    raw[-1] ^= 1  # tensor data: only the hash can tell
+    part.write_bytes(bytes(raw))
+    with pytest.raises(ModelInstallError, match="the parts of 'fake-1b' as installed: sha256"):
+        registry.resolve("fake-1b")
+    part = tmp_path / "site" / model.parts[0].module / model.parts[0].file
+    raw = bytearray(part.read_bytes())
+    raw[0] ^= 1  # the magic: the header no longer reads
+    part.write_bytes(bytes(raw))
+    with pytest.raises(ModelInstallError, match="not a readable GGUF file"):
+        registry.resolve("fake-1b")
+
+
+def test_missing_part_says_how_to_install(fake, tmp_path):
+    model, _ = fake
+    (tmp_path / "site" / model.parts[2].module / model.parts[2].file).unlink()
+    with pytest.raises(ModelInstallError, match=r"1 of its 3 packages missing.*`metronome models install fake-1b`"):
+        registry.resolve("fake-1b")
+
+
+def test_unknown_name_names_the_parameter(fake):
+    with pytest.raises(ModelNotFoundError, match=r"^draft='no-such-model': no such file or folder.*fake-1b") as err:
+        registry.resolve("no-such-model", param="draft")
+    assert err.value.param == "draft"
+    assert isinstance(err.value, ParamError) and isinstance(err.value, ModelFileError)
+    with pytest.raises(ModelNotFoundError, match=r"^model='qwen9'") as err:
+        load("qwen9")
+    assert err.value.param == "model"
+
+
+def test_existing_paths_pass_through(fake, tmp_path):
+    f = tmp_path / "fake.gguf"  # written by the fixture
+    assert registry.resolve(str(f)) == f
+    assert registry.resolve(tmp_path) == tmp_path
+
+
+def test_install_runs_pip_without_dependencies(fake, tmp_path, monkeypatch):
+    """`install` runs pip with --no-deps and the exact pins, then assembles and verifies."""
+    model, _ = fake
+    log = tmp_path / "pip-args.txt"
+    fake_pip = tmp_path / "fake_pip.py"
+    fake_pip.write_text(
+        textwrap.dedent(f"""
+        import sys
+        open({str(log)!r}, "w").write(" ".join(sys.argv[1:]))
+        """)
+    )
+    path = registry.install(model, pip=(sys.executable, str(fake_pip)))
+    assert log.read_text() == "install --no-deps fake-model-part1==1.0 fake-model-part2==1.0 fake-model-part3==1.0"
+    assert path.is_file()
+    failing = tmp_path / "failing_pip.py"
+    failing.write_text("raise SystemExit(3)\n")
+    with pytest.raises(ModelInstallError, match=r"failed \(exit 3\)"):
+        registry.install(model, pip=(sys.executable, str(failing)))
+
+
+def test_models_command_lists_and_installs(fake, tmp_path, capsys, monkeypatch):
+    model, _ = fake
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "fake-1b (default)" in out and "GGUF F32" in out and "256" in out
+    assert out.splitlines()[1].split()[2] == "yes"  # parts installed: usable (assembled on first use)
+    (tmp_path / "site" / model.parts[0].module / model.parts[0].file).unlink()
+    assert main(["models"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[2] == "no"
+    assert main(["models", "path", "fake-1b"]) == 2  # not installed: the error says how to install
+    assert "metronome models install fake-1b" in capsys.readouterr().err
+
+
+def test_registry_entries_are_consistent():
+    names = registry.names()
+    assert len(set(names)) == len(names)
+    assert registry.DEFAULT_MODEL in names
+    for m in registry.MODELS:
+        assert len({p.package for p in m.parts}) == len(m.parts)
+        assert all("==" in r for r in m.requirements)
+    with pytest.raises(ValueError, match="sha256"):
+        replace(registry.MODELS[0], sha256="abc")
+    with pytest.raises(ValueError, match="exactly one package"):
+        replace(registry.MODELS[0], parts=registry.MODELS[2].parts)
+
+
+def test_ci_models_are_installed_by_make_install():
+    """The models CI tests with are the ones `make install` pins (the Makefile's MODELS list)."""
+    makefile = (Path(__file__).parents[2] / "Makefile").read_text()
+    for m in registry.MODELS:
+        for p in m.parts:
+            pinned = p.requirement in makefile or (p.package.rstrip("0123456789") + "$(i)==" + p.version in makefile)
+            assert pinned == m.ci, f"{p.requirement}: in the Makefile's MODELS list: {pinned}, registry ci={m.ci}"

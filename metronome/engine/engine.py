@@ -284,7 +284,7 @@ class Engine(PythonAPI):
     ) -> list[int] | None:
         """Every row's argmax in one call when some request samples greedily with nothing else to apply
         (the common case): the same token its own sampler would pick, without a per-row Python call."""
-        if not any(r.sampler.plain_greedy and r.constraint is None for r in decoding + [c[0] for c in chunks]):
+        if not any(r.argmax_only for r in decoding + [c[0] for c in chunks]):
             return None
         return logits[:, : self.plan.cfg.vocab_size].argmax(dim=-1).tolist()
 
@@ -302,9 +302,7 @@ class Engine(PythonAPI):
         accepted = 0
         out = _StepOutput()
         for j, row in enumerate(logits):
-            known = (
-                greedy[first + j] if greedy is not None and r.sampler.plain_greedy and r.constraint is None else None
-            )
+            known = greedy[first + j] if greedy is not None and r.argmax_only else None
             choice = self._sample(r, row, known)
             clock.lap("sample")
             token = self._take(r, choice, out)

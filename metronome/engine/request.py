@@ -95,6 +95,11 @@ class Request:
     predicted_ttft_ms: float = float("nan")  # the plan's promise at submit (NaN: uncalibrated, or no free slot)
 
     @property
+    def argmax_only(self) -> bool:
+        """Its next token is its row's argmax: plain greedy and unconstrained (the step's batched argmax)."""
+        return self.constraint is None and self.sampler.plain_greedy
+
+    @property
     def position(self) -> int:
         """Position of the last sampled token, the one the next decode step feeds."""
         return len(self.prompt_ids) + len(self.output_ids) - 1

@@ -27,23 +27,19 @@ class RequestSampler:
         self.seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         self.generator = torch.Generator().manual_seed(self.seed)
         self.vocab_size = vocab_size
+        # greedy with nothing to apply but argmax (no penalties, no logprobs): the step may pick this row's
+        # token in one batched argmax over all rows (engine._greedy_tokens); params are frozen, so once
+        self.plain_greedy = (
+            params.temperature == 0.0
+            and not (params.logprobs or params.top_logprobs)
+            and params.repetition_penalty == 1.0
+            and not params.presence_penalty
+            and not params.frequency_penalty
+        )
         self._counts = torch.zeros(vocab_size, dtype=torch.float32)  # generated tokens only
         self._seen = torch.zeros(vocab_size, dtype=torch.bool)  # prompt + generated (repetition penalty)
         if params.repetition_penalty != 1.0 and prompt_ids:
             self._seen[torch.tensor([t for t in prompt_ids if t < vocab_size], dtype=torch.long)] = True
-
-    @property
-    def plain_greedy(self) -> bool:
-        """Greedy with nothing to apply but argmax (no penalties, no logprobs): the step may pick the
-        token for this row in one batched argmax over all rows (engine._greedy_tokens)."""
-        p = self.params
-        return (
-            p.temperature == 0.0
-            and not (p.logprobs or p.top_logprobs)
-            and p.repetition_penalty == 1.0
-            and not p.presence_penalty
-            and not p.frequency_penalty
-        )
 
     def observe(self, token: int) -> None:
         """Record a token that was emitted (for penalties)."""

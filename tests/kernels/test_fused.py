@@ -48,8 +48,9 @@ def _int8_x_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("M", [1, 3, 9, 70])
 def test_q4_kernel_is_the_int8_x_dot_product(qtype, M):
     t = _q4_tensor(qtype, 30, 96, seed=M)  # 30 rows: the last packed group of 4 is half padding
-    bias = torch.randn(30)
-    x = torch.randn(M, 96)
+    g = torch.Generator().manual_seed(M)  # seeded: the outcome must not depend on which tests ran before
+    bias = torch.randn(30, generator=g)
+    x = torch.randn(M, 96, generator=g)
     y = OPS.block_linear(x, pack_q4(t), Q4X4_KIND, 30, bias)
     ref = _int8_x_reference(x, t.dequantize()) + bias.double()
     assert y.shape == (M, 30)

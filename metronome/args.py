@@ -6,7 +6,8 @@ parsed flags into records with `engine_config` and `sampling_params`. A flag's d
 field default (`EngineConfig.slots`, `SamplingParams.max_tokens`, ...), so the CLI, the server and the
 Python API (`Engine.from_model(config=EngineConfig())`) agree; a flag's help text is written here only.
 
-Only the standard library and `metronome.config` are imported, so that adding flags costs a command nothing.
+Only the standard library, `metronome.config` and `metronome.agents.reflect` (which imports no more at run
+time) are imported, so that adding flags costs a command nothing.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from metronome.config import DEFAULT_CTX, EngineConfig, Kernels, ParamError, SamplingParams, Weights
+from metronome.agents.reflect import ReflectSettings
+from metronome.config import DEFAULT_CTX, EngineConfig, Kernels, Layout, ParamError, SamplingParams, Weights
 
 _E = EngineConfig()
 _S = SamplingParams()
@@ -90,6 +92,47 @@ ENGINE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
             f"smoother, larger gives the new prompt its first token sooner (default {_E.prefill_chunk})",
         ),
     ),
+    "tp": (
+        "--tp",
+        dict(
+            type=int,
+            default=_E.tp,
+            metavar="N",
+            help="tensor-parallel ranks on this host, over torch.distributed (gloo); outputs are the same for "
+            f"every N dividing the model's shards (default {_E.tp})",
+        ),
+    ),
+    "tp_shards": (
+        "--tp-shards",
+        dict(
+            type=int,
+            default=_E.tp_shards,
+            metavar="S",
+            help="chunks each split matrix is cut in, whatever --tp (the determinism across degrees); "
+            "default: the largest power of two up to 8 the model's heads allow",
+        ),
+    ),
+    "layout": (
+        "--layout",
+        dict(
+            default=_E.layout.value,
+            choices=Layout.choices(),
+            help="colocated: prompts run in the engine's steps beside the decode rows; disaggregated: on a "
+            "prefill worker process (half the threads), their KV moved into decode slots "
+            f"(default {_E.layout})",
+        ),
+    ),
+    "prefix_cache_tokens": (
+        "--prefix-cache-tokens",
+        dict(
+            type=int,
+            default=_E.prefix_cache_tokens,
+            metavar="TOKENS",
+            help="prefix cache: KV of this many prompt tokens kept (allocated at start, least recently used "
+            "evicted) so that prompts beginning like earlier ones skip that part; 0: off "
+            f"(default {_E.prefix_cache_tokens})",
+        ),
+    ),
     "draft": (
         "--draft",
         dict(
@@ -143,7 +186,30 @@ SAMPLING_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "stop": ("--stop", dict(action="append", default=None, metavar="TEXT", help="a stop string (repeatable)")),
 }
 
-FLAGS = {dest: flag for dest, (flag, _) in {**ENGINE_FLAGS, **SAMPLING_FLAGS}.items()}  # "spec_tokens": "--spec-tokens"
+_R = ReflectSettings()
+
+# dest -> (flag, add_argument keywords): `metronome reflect` (agents/reflect.py)
+REFLECT_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "rounds": (
+        "--rounds",
+        dict(
+            type=int,
+            default=_R.rounds,
+            metavar="N",
+            help=f"rounds of critique + revision after the first answer (default {_R.rounds})",
+        ),
+    ),
+    "points": (
+        "--points",
+        dict(type=int, default=_R.points, metavar="K", help=f"improvements each critique lists (default {_R.points})"),
+    ),
+    "critique": ("--critique", dict(default=_R.critique, metavar="TEXT", help="the critique instruction ({points})")),
+    "revision": ("--revision", dict(default=_R.revision, metavar="TEXT", help="the revision instruction ({points})")),
+    "system": ("--system", dict(default=_R.system, metavar="TEXT", help="a system message before the task")),
+}
+
+# "spec_tokens": "--spec-tokens"
+FLAGS = {dest: flag for dest, (flag, _) in {**ENGINE_FLAGS, **SAMPLING_FLAGS, **REFLECT_FLAGS}.items()}
 
 
 def flag_of(param: str) -> str | None:
@@ -211,3 +277,14 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
     settings = {dest: getattr(args, dest) for dest in SAMPLING_FLAGS if hasattr(args, dest)}
     settings["stop"] = tuple(settings.get("stop") or ())
     return SamplingParams(**settings)
+
+
+def add_reflect_args(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("reflection")
+    for dest, (flag, kwargs) in REFLECT_FLAGS.items():
+        group.add_argument(flag, dest=dest, **kwargs)
+
+
+def reflect_settings(args: argparse.Namespace) -> ReflectSettings:
+    """The ReflectSettings of the parsed reflection flags; ParamError (a ValueError) for a value out of range."""
+    return ReflectSettings(**{dest: getattr(args, dest) for dest in REFLECT_FLAGS if hasattr(args, dest)})

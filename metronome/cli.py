@@ -12,9 +12,11 @@ from metronome.args import (
     SPEECH_MODEL_HELP,
     add_engine_args,
     add_model_arg,
+    add_reflect_args,
     add_sampling_args,
     engine_config,
     param_message,
+    reflect_settings,
     sampling_params,
 )
 from metronome.config import ParamError
@@ -112,6 +114,37 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(_stats(delta.completion_tokens, groq_timings(delta.timings)), file=sys.stderr)
 
 
+def cmd_reflect(args: argparse.Namespace) -> int:
+    """Answer, then critique and revise for --rounds rounds: each turn streamed, its timings on stderr."""
+    from metronome.agents.reflect import ReflectionDone, TurnDelta, TurnDone, TurnStarted, reflect
+
+    settings, params = reflect_settings(args), sampling_params(args)
+    engine = load_engine(args)
+    # reflect() checks that the loop fits the context before it runs a turn (ParamError naming --rounds)
+    for event in reflect(engine, args.task, settings, params):
+        if isinstance(event, TurnStarted):
+            sys.stdout.write(f"## round {event.round} · {event.kind}\n")
+        elif isinstance(event, TurnDelta):
+            sys.stdout.write(event.text)
+        elif isinstance(event, TurnDone):
+            s = event.stats
+            sys.stdout.write("\n\n")
+            print(
+                f"[{s.kind}: {s.prompt_tokens} prompt tokens ({s.cached_tokens} cached) · TTFT {s.ttft_ms:.0f} ms"
+                f" · {s.completion_tokens} tokens in {s.decode_ms:.0f} ms · {s.tokens_per_s:.1f} tokens/s]",
+                file=sys.stderr,
+            )
+        elif isinstance(event, ReflectionDone):
+            t = event.totals
+            print(
+                f"[{len(event.turns)} turns · {t.completion_tokens} tokens · {t.wall_ms / 1000:.2f} s · "
+                f"outside decoding {t.outside_ms:.0f} ms ({t.outside_share:.1%})]",
+                file=sys.stderr,
+            )
+        sys.stdout.flush()
+    return 0
+
+
 def cmd_transcribe(args: argparse.Namespace) -> int:
     """Transcribe (or translate to English) one audio file; the result in --format on stdout."""
     import json
@@ -199,6 +232,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
     print(f"  decode shape        {r.decode_mode}: {r.invariance}")
     print(f"  weights read/token  {r.weight_bytes / 1e6:.1f} MB")
     print(f"  KV cache            {r.kv_cache_bytes / 1e6:.1f} MB (allocated once)")
+    if r.prefix_cache_bytes:
+        pages = engine.prefix_cache.pages if engine.prefix_cache is not None else 0
+        print(f"  prefix cache        {r.prefix_cache_bytes / 1e6:.1f} MB, {pages} pages (allocated once)")
+    else:
+        print(f"  prefix cache        {r.prefix_cache_note}")
     print(f"  memory bound        {bound:.0f} tokens/s at {bandwidth / 1e9:.1f} GB/s measured read bandwidth")
     print("  live slots   step ms   tokens/s per user   aggregate tokens/s   fraction of bound")
     for live, ms in sorted(r.step_ms.items()):
@@ -224,6 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(c)
     add_sampling_args(c)
     c.set_defaults(func=cmd_chat)
+
+    r = sub.add_parser("reflect", help="answer a task, then critique and revise the answer for N rounds")
+    r.add_argument("task")
+    add_reflect_args(r)
+    add_model_arg(r)
+    add_engine_args(r)
+    add_sampling_args(r)
+    r.set_defaults(func=cmd_reflect)
 
     t = sub.add_parser("transcribe", help="speech to text: transcribe an audio file with Whisper")
     t.add_argument("file", help="an audio file: wav, flac, mp3, ogg, webm...")

@@ -60,6 +60,14 @@ class Kernels(StrChoice):
     TORCH = "torch"
 
 
+class Layout(StrChoice):
+    """Where prompts run: in the engine's own steps (colocated), or on a prefill worker whose KV moves into
+    the engine's decode slots (disaggregated; parallel/disagg.py)."""
+
+    COLOCATED = "colocated"
+    DISAGGREGATED = "disaggregated"
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """Llama 3 style frequency scaling ("llama3"), linear position interpolation ("linear"), or explicit
@@ -193,7 +201,6 @@ class SamplingParams:
     seed: int | None = None
     logprobs: bool = False
     top_logprobs: int = 0
-    json_mode: bool = False
 
     def __post_init__(self) -> None:
         # a list given for a tuple field: stored as a tuple (the record stays hashable)
@@ -246,10 +253,17 @@ class EngineConfig:
     spec_tokens: int = 4  # speculative decoding: most tokens drafted per step while one request runs (0: off)
     draft: str | None = None  # a draft model (same vocabulary) to speculate with; default: prompt lookup
     prefill_chunk: int = 32  # prompt rows per step while other requests decode (bounds their inter-token gap)
+    # the prefix cache's pool (engine/prefix_cache.py): KV of this many prompt tokens kept for later requests
+    # that begin the same way, allocated with the plan; 0: off (and always off where rows cannot run alone)
+    prefix_cache_tokens: int = 8192
+    tp: int = 1  # tensor-parallel ranks on this host (parallel/): 1 is one process
+    tp_shards: int | None = None  # chunks each split matrix is cut in (None: the model's default; parallel/tp.py)
+    layout: Layout = Layout.COLOCATED  # a str is accepted too ("disaggregated"): stored as the member
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weights", Weights.parse("weights", self.weights))
         object.__setattr__(self, "kernels", Kernels.parse("kernels", self.kernels))
+        object.__setattr__(self, "layout", Layout.parse("layout", self.layout))
         _check(
             self,
             [
@@ -258,5 +272,8 @@ class EngineConfig:
                 ("threads", self.threads is None or self.threads >= 1, "must be at least 1 (or None: every core)"),
                 ("spec_tokens", self.spec_tokens >= 0, "must be 0 (off) or positive"),
                 ("prefill_chunk", self.prefill_chunk >= 1, "must be at least 1 prompt row per step"),
+                ("prefix_cache_tokens", self.prefix_cache_tokens >= 0, "must be 0 (off) or a number of tokens"),
+                ("tp", self.tp >= 1, "must be at least 1 rank"),
+                ("tp_shards", self.tp_shards is None or self.tp_shards >= 1, "must be at least 1 (or None)"),
             ],
         )

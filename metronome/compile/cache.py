@@ -3,6 +3,7 @@ the same settings on the same machine and code (packed weights, decode shape, la
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import pickle
@@ -32,7 +33,7 @@ def plan_cache_path(loaded: LoadedModel, config: EngineConfig, weights: str, ops
     for part in (
         PLAN_CACHE_VERSION,
         loaded.fingerprint(),
-        repr(config),
+        repr(dataclasses.replace(config, prefix_cache_tokens=0)),  # the pool is allocated, not calibrated
         weights,
         kernel_build,
         threads,

@@ -35,8 +35,11 @@ class FusedRunner:
         mode: str,
         ops: CppOps,
         packed: list[list] | None = None,
+        row_chunks: dict[str, list[Weight]] | None = None,
     ) -> None:
-        """`packed`: the block matrices of an earlier build of the same model and mode (the plan cache)."""
+        """`packed`: the block matrices of an earlier build of the same model and mode (the plan cache).
+        `row_chunks`: matrices given as K-range chunks, each its own matmul (tensor parallel's row-parallel
+        o and down: parallel/fused_tp.py), by weight name."""
         self.cfg, self.ops = cfg, ops
         self.matrices: list[list] = []  # every block matrix in build order, as the plan cache keeps it
         attn_scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
@@ -54,9 +57,14 @@ class FusedRunner:
         )
         self.weight_bytes = 0
 
+        chunked = row_chunks or {}
+
         def matrix(*names: str) -> list[BlockPart]:
+            return matrix_of([weights[n] for n in names])
+
+        def matrix_of(parts: list[Weight]) -> list[BlockPart]:
             cached = packed[len(self.matrices)] if packed is not None else None
-            segments = block_matrix([weights[n] for n in names], mode, cached)
+            segments = block_matrix(parts, mode, cached)
             self.weight_bytes += sum(blocks.nbytes for blocks, _kind, _rows in segments)
             self.matrices.append(cacheable(segments))
             return segments
@@ -75,17 +83,19 @@ class FusedRunner:
             if bias is not None:
                 self.weight_bytes += bias.nbytes
             window = cfg.sliding_window if cfg.is_sliding(i) else None
-            o = matrix(p + "wo.weight")  # build order (qkv, o, gate_up, down): the plan cache's order
+            o_chunks = [matrix_of([w]) for w in chunked.get(p + "wo.weight", [])]
+            o = [] if o_chunks else matrix(p + "wo.weight")  # build order (qkv, o, gate_up, down): the plan cache's
             moe = None
             if cfg.is_moe:  # experts in place of the MLP (compile/moe.py)
                 moe, experts, floats = fused_moe_layer(ops, cfg, weights, i, matrix)
                 self.moe_layers.append(moe)
                 expert_bytes += experts
                 self.weight_bytes += floats
-                gate_up, down = [], []
+                gate_up, down, down_chunks = [], [], []
             else:
                 gate_up = matrix(*(p + f"{n}.weight" for n in FUSED["w_gate_up"]))
-                down = matrix(p + "w_down.weight")
+                down_chunks = [matrix_of([w]) for w in chunked.get(p + "w_down.weight", [])]
+                down = [] if down_chunks else matrix(p + "w_down.weight")
             layer = LayerWeights(
                 qkv=qkv,
                 qkv_bias=bias,
@@ -101,11 +111,13 @@ class FusedRunner:
                 window=window or 0,
                 local_rope=window is not None and cfg.rope_local_theta is not None,
                 moe=moe,
+                o_chunks=o_chunks,
+                down_chunks=down_chunks,
             )
             self.decoder.add_layer(**layer.kwargs())
         self.norm = vector("norm.weight")
         head = "head.weight" if "head.weight" in weights else "embed.weight"  # tied
-        [(self.head, self.head_kind, _rows)] = matrix(head)
+        [(self.head, self.head_kind, self.head_rows)] = matrix(head)  # tensor parallel: this rank's vocabulary
         self.embed = weights["embed.weight"]
         if isinstance(self.embed, QuantTensor) and self.embed.qtype == "Q8_0":
             self._embed_q8 = file_view(self.embed.raw, cfg.vocab_size)  # rows are copied out as tokens need them
@@ -157,7 +169,7 @@ class FusedRunner:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """(M, D) hidden rows -> (M, V) float32 logits."""
         h = self.ops.rms_norm(x, self.norm, self.cfg.rms_norm_eps)
-        logits = self.ops.block_linear(h, self.head, self.head_kind, self.cfg.vocab_size)
+        logits = self.ops.block_linear(h, self.head, self.head_kind, self.head_rows)
         if self.cfg.final_logit_softcap:
             logits = torch.tanh(logits / self.cfg.final_logit_softcap) * self.cfg.final_logit_softcap
         return logits

@@ -38,6 +38,8 @@ class PlanReport:
     invariance: str = ""
     kernels: str = ""  # which ops run the glue (and why, when the C++ kernels were not used)
     cached: bool = False  # read from the plan cache (no packing, probe or calibration this time)
+    prefix_cache_bytes: int = 0  # the prefix cache's pool (Plan.prefix_pool), allocated once; 0: none
+    prefix_cache_note: str = ""  # why there is none, where it was asked for
 
     def tokens_per_s(self, live: int, position: float | None = None) -> float:
         """Each live request's promised decode speed with `live` requests decoding (no prompt arriving),
@@ -82,14 +84,28 @@ class PlanReport:
         return total
 
 
+# Tokens per page of the prefix cache's pool: a prompt is reused in whole pages. Smaller pages reuse more of
+# a prompt (up to page - 1 tokens are recomputed) and cost more copies per token (docs/prefix-cache.md).
+PREFIX_PAGE_TOKENS = 16
+
+
 class Plan:
-    """The compiled model: `prefill` one request into its slot, `decode` one token for the live slots."""
+    """The compiled model: `prefill` one request into its slot, `decode` one token for the live slots.
+    `prefix_pool`: pages of KV for the engine's prefix cache (engine/prefix_cache.py), or None."""
 
     def __init__(
-        self, runner: Runner, cfg: ModelConfig, config: EngineConfig, weights: str, cache: KVCache, report: PlanReport
+        self,
+        runner: Runner,
+        cfg: ModelConfig,
+        config: EngineConfig,
+        weights: str,
+        cache: KVCache,
+        report: PlanReport,
+        prefix_pool: KVCache | None = None,
     ) -> None:
         self.runner, self.cfg, self.config = runner, cfg, config
         self.weights, self.cache, self.report = weights, cache, report
+        self.prefix_pool = prefix_pool
         self.device = torch.device(config.device)
 
     @property

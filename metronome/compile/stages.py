@@ -19,7 +19,7 @@ import torch
 
 from metronome.compile.cache import plan_cache_path, read_plan_cache, write_plan_cache
 from metronome.compile.fused import FusedRunner
-from metronome.compile.plan import Plan, PlanError, PlanReport
+from metronome.compile.plan import PREFIX_PAGE_TOKENS, Plan, PlanError, PlanReport
 from metronome.compile.probe import calibrate as calibrate_steps
 from metronome.compile.probe import calibrate_prompt_rows, choose_decode_mode, far_position
 from metronome.compile.quant import dense, quantize
@@ -74,6 +74,10 @@ def compile_plan(
     With `cache`, a calibrated plan is saved on disk (see `cache.plan_cache_path`) and a later compile of
     the same model file with the same settings on the same machine and code reads it back."""
     say = progress or (lambda _msg: None)
+    if config.tp > 1 or config.tp_shards is not None:  # ranks in processes of their own (parallel/plan.py)
+        from metronome.parallel.plan import compile_tp_plan
+
+        return compile_tp_plan(loaded, config, calibrate, say)
     config = resolve_settings(loaded.config, config)
     r = resolve(loaded, config, say)
     path = plan_cache_path(loaded, config, r.weights, r.ops, r.threads) if cache else None
@@ -120,6 +124,7 @@ def compile_plan(
                 step_ms_far,
                 runner.matrices if isinstance(runner, FusedRunner) else None,
             )
+    pool, note = prefix_pool(loaded.config, config, runner, kv)
     report = PlanReport(
         weights=r.weights,
         device=config.device,
@@ -136,8 +141,26 @@ def compile_plan(
         invariance=invariance,
         kernels=r.kernels,
         cached=saved is not None,
+        prefix_cache_bytes=pool.nbytes() if pool is not None else 0,
+        prefix_cache_note=note,
     )
-    return Plan(runner, loaded.config, config, r.weights, kv, report)
+    return Plan(runner, loaded.config, config, r.weights, kv, report, prefix_pool=pool)
+
+
+def prefix_pool(cfg: ModelConfig, config: EngineConfig, runner: Runner, kv: KVCache) -> tuple[KVCache | None, str]:
+    """The prefix cache's pool: `config.prefix_cache_tokens` of KV in pages, allocated now (never while
+    serving), or None and the reason. Only a runner whose rows are independent can use it: a row's KV then
+    depends on the tokens before it alone, so a copied prefix has the bits the request would compute
+    (engine/prefix_cache.py). The torch runner prefills a prompt whole, from position 0, in one call (and its
+    float32 path's results depend on the call's shape): it cannot start at a cached position, so it is off."""
+    pages = config.prefix_cache_tokens // PREFIX_PAGE_TOKENS
+    if not config.prefix_cache_tokens:
+        return None, "off"
+    if not pages:
+        return None, f"off: fewer tokens than a page ({PREFIX_PAGE_TOKENS})"
+    if not runner.any_rows:
+        return None, "off: only the fused decoder runs a prompt from a cached position with the same bits"
+    return KVCache.allocate(cfg, pages, PREFIX_PAGE_TOKENS, kv.k.dtype, kv.k.device), ""
 
 
 # -- resolve -------------------------------------------------------------------------------------------

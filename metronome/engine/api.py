@@ -99,4 +99,5 @@ def _completion(r: Request) -> Completion:
         len(r.prompt_ids),
         r.timings,
         r.sampler.seed,
+        r.cached_tokens,
     )

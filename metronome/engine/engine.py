@@ -18,8 +18,10 @@ import torch
 
 from metronome.compile import Plan, compile_plan
 from metronome.compile.fused import PREFILL_CHUNK
-from metronome.config import EngineConfig, SamplingParams
+from metronome.compile.stages import resolve_settings
+from metronome.config import EngineConfig, Layout, SamplingParams
 from metronome.engine.api import PythonAPI
+from metronome.engine.prefix_cache import PrefixCache
 from metronome.engine.profile import PhaseClock, StepProfile
 from metronome.engine.request import Constraint, Delta, QueueFullError, Request, RequestError, SpecStats, Timings
 from metronome.engine.sampler import Choice, RequestSampler
@@ -28,6 +30,7 @@ from metronome.engine.speculate import Drafter, ModelDrafter, NgramDrafter, Payi
 from metronome.engine.text import TextStream
 from metronome.model.loader import LoadedModel, load
 from metronome.model.tokenizer import Tokenizer
+from metronome.parallel.disagg import KVShape, PrefillWorker, install_kv
 
 IDLE_WAKEUP_S = 1.0  # the stepping thread's longest sleep without work (bounds every wait)
 
@@ -82,6 +85,9 @@ class Engine(PythonAPI):
         self._stop = False
         self.steps = 0
         self.profile = StepProfile()  # where the steps' time goes (profile.py)
+        # prompts that begin like earlier ones copy that beginning's KV from the plan's pool (prefix_cache.py)
+        self.prefix_cache = PrefixCache(plan.cache, plan.prefix_pool) if plan.prefix_pool is not None else None
+        self.prefiller: PrefillWorker | None = None  # disaggregated layout: where prompts run (attach_prefiller)
 
     @classmethod
     def from_model(
@@ -96,19 +102,42 @@ class Engine(PythonAPI):
         """Load a GGUF file or HF folder (default: the embedded SmolLM2) and compile its plan."""
         config = config or EngineConfig()
         loaded = loaded or load(path)
+        prefill_threads = 0
+        if config.layout == Layout.DISAGGREGATED:  # the cores shared between the decode engine and the worker
+            cores = resolve_settings(loaded.config, config).threads or 1
+            prefill_threads = max(1, cores // 2)
+            config = dataclasses.replace(config, threads=max(1, cores - prefill_threads))
+        # a bad --draft is reported before the target's compile (seconds to minutes), not after it
+        draft_loaded = load(config.draft, param="draft") if config.draft is not None and config.spec_tokens else None
         plan = compile_plan(loaded, config, calibrate=calibrate, progress=progress)
         drafter = None
-        if config.draft is not None and config.spec_tokens > 0:
-            draft_config = dataclasses.replace(plan.config, spec_tokens=0, draft=None)  # the main plan's ctx
-            draft_plan = compile_plan(
-                load(config.draft, param="draft"), draft_config, calibrate=False, progress=progress
-            )
+        if draft_loaded is not None:
+            # the main plan's ctx; the draft model keeps no prefix pool (it catches up on prompts itself)
+            draft_config = dataclasses.replace(plan.config, spec_tokens=0, draft=None, prefix_cache_tokens=0)
+            draft_plan = compile_plan(draft_loaded, draft_config, calibrate=False, progress=progress)
             try:
                 # prompt lookup's guesses checked in one draft-model call; drafting paused where it does not pay
                 drafter = PayingDrafter(ModelDrafter(draft_plan, plan.cfg.vocab_size, lookup=NgramDrafter()))
             except ValueError as exc:
                 raise ValueError(f"draft={config.draft!r}: {exc}") from None
-        return cls(plan, Tokenizer(loaded.tokenizer), loaded.config.name or loaded.path.stem, max_queue, drafter)
+        engine = cls(plan, Tokenizer(loaded.tokenizer), loaded.config.name or loaded.path.stem, max_queue, drafter)
+        if config.layout == Layout.DISAGGREGATED:
+            engine.attach_prefiller(str(loaded.path), prefill_threads)
+        return engine
+
+    def attach_prefiller(self, path: str, threads: int) -> None:
+        """Run prompts on a prefill worker process (parallel/disagg.py) with `threads` threads; their KV
+        comes back into this engine's slots. The plan must be the fused one (its rows have the same bits
+        wherever they run)."""
+        if not self.plan.runner.any_rows:
+            raise ValueError("layout='disaggregated' needs the fused CPU decoder (int4/int8 weights, C++ kernels)")
+        k = self.plan.cache.k
+        shape = KVShape(k.shape[0], k.shape[2], k.shape[4], self.plan.cfg.vocab_size, k.dtype)
+        self.prefiller = PrefillWorker(path, self.config, shape, self._wake, threads)
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._lock.notify()
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -152,7 +181,8 @@ class Engine(PythonAPI):
                 raise QueueFullError(
                     f"all {self.config.slots} slots are busy and {len(self.scheduler.waiting)} requests wait"
                 )
-            req.predicted_ttft_ms = self._predict_ttft_ms(len(prompt))
+            cached = self.prefix_cache.peek(prompt) if self.prefix_cache is not None else 0
+            req.predicted_ttft_ms = self._predict_ttft_ms(len(prompt) - cached)
             self.scheduler.add(req)
             self._lock.notify()
         return req
@@ -189,6 +219,8 @@ class Engine(PythonAPI):
         clock = PhaseClock(self.profile)
         batch = self._schedule()
         clock.lap("schedule")
+        if self.prefiller is not None:
+            self._install_prefilled(self.prefiller, clock)
         if not self.plan.runner.any_rows:
             for r in batch.admitted:
                 self._prefill_whole(r, clock)
@@ -214,6 +246,8 @@ class Engine(PythonAPI):
             if hi == len(r.prompt_ids):  # the prompt is in the cache: its last row gives the first token
                 self._verify(r, [], logits[first : first + 1], greedy, first, clock)
                 first += 1
+                if self.prefix_cache is not None and r.finish_reason is None:  # after its first token is out:
+                    self.prefix_cache.store(r.prompt_ids, r.slot, hi)  # for requests sharing its beginning
         self.profile.steps += 1
         self.steps += 1
         return len(rows.slots)
@@ -229,6 +263,11 @@ class Engine(PythonAPI):
             r.draft_k = self.config.spec_tokens
             if self.drafter is not None:
                 self.drafter.reset(r.slot)
+            if self.prefix_cache is not None and self.prefiller is None:  # its prefill starts after the copy
+                r.prefilled = r.cached_tokens = self.prefix_cache.load(r.prompt_ids, r.slot)
+            if self.prefiller is not None:
+                r.remote_prefill = True
+                self.prefiller.submit(r, r.prompt_ids)
         return batch
 
     def _prefill_whole(self, r: Request, clock: PhaseClock) -> None:
@@ -239,11 +278,33 @@ class Engine(PythonAPI):
         r.prefilled = len(r.prompt_ids)
         self._verify(r, [], logits[None], None, 0, clock)
 
+    def _install_prefilled(self, prefiller: PrefillWorker, clock: PhaseClock) -> None:
+        """Prompts the prefill worker finished: their KV into their slots, their first token sampled from
+        the worker's logits. A request cancelled meanwhile lost its slot (maybe to another): skip it."""
+        for result in prefiller.take():
+            r: Request = result.key
+            owner = self.scheduler.by_slot.get(r.slot) if r.slot is not None else None
+            if r.finish_reason is not None or owner is not r:
+                continue
+            r.remote_prefill = False
+            if result.error is not None:
+                self._finish(r, "error", error=result.error)
+                continue
+            install_kv(self.plan.cache.k, self.plan.cache.v, r.slot, result.k, result.v)
+            r.prefilled = len(r.prompt_ids)
+            self.profile.prompt_rows += len(r.prompt_ids)
+            clock.lap("plan")
+            self._verify(r, [], result.logits[None], None, 0, clock)
+
     def _prompt_chunks(self, running: list[Request], anyone_decoding: bool) -> list[tuple[Request, int, int]]:
         """The prompt rows of this step, oldest request first: (request, first, end) token ranges."""
         budget = self.config.prefill_chunk if anyone_decoding else PREFILL_CHUNK
         waiting = sorted(
-            (r for r in running if r.finish_reason is None and r.prefilled < len(r.prompt_ids)),
+            (
+                r
+                for r in running
+                if r.finish_reason is None and r.prefilled < len(r.prompt_ids) and not r.remote_prefill
+            ),
             key=lambda r: r.timings.admitted or 0.0,
         )
         chunks = []
@@ -373,6 +434,18 @@ class Engine(PythonAPI):
         with self._lock:
             self.scheduler.release(r)
         r.on_event(Delta(r.id, text, choices, reason, error, r.timings, len(r.output_ids)))
+        if self.prefix_cache is not None and r.slot is not None and reason != "error":
+            self._keep_prefix(r, self.prefix_cache)  # the slot is reused only by the next step's admissions
+
+    def _keep_prefix(self, r: Request, cache: PrefixCache) -> None:
+        """Pool the full pages of what `r`'s slot holds (before another request runs in it): its
+        prompt as far as it ran, and once past the prompt, prompt + output up to the last token sampled
+        (never run, so not in the cache). Positions past that may hold drafts that were not accepted.
+        A cancelled request's slot may already be promised to a newcomer, but nothing runs in it before this."""
+        if r.prefilled < len(r.prompt_ids):
+            cache.store(r.prompt_ids, r.slot, r.prefilled)
+        else:
+            cache.store(r.prompt_ids + r.output_ids, r.slot, r.position)
 
     # -- running -----------------------------------------------------------------------------------
 
@@ -403,9 +476,14 @@ class Engine(PythonAPI):
                 if self._stop:
                     return
             try:
-                self.step()
+                ran = self.step()
             except Exception as exc:  # a failed step fails its requests, reported to each; the engine goes on
                 self._fail_running(exc)
+                continue
+            if not ran and self.prefiller is not None:
+                with self._lock:  # every live prompt is on the prefill worker: sleep until one comes back
+                    if not self.prefiller.has_results and not self._stop:
+                        self._lock.wait(timeout=IDLE_WAKEUP_S)
 
     def _fail_running(self, exc: Exception) -> None:
         with self._lock:

@@ -60,10 +60,11 @@ class Completion:
     prompt_tokens: int
     timings: Timings
     seed: int
+    cached_tokens: int = 0  # prompt tokens copied from the prefix cache instead of computed
 
 
 class Constraint(Protocol):
-    """What the engine asks of a decoding constraint (e.g. `constrain.JsonConstraint`)."""
+    """What the engine asks of a decoding constraint (e.g. `grammar.GrammarConstraint`)."""
 
     def allowed(self, logits: torch.Tensor) -> torch.Tensor | None:
         """A bool mask (V,) of the tokens that may come next, or None for no restriction."""
@@ -92,6 +93,8 @@ class Request:
     finish_reason: str | None = None
     draft_k: int = 0  # tokens to draft next step (adapts to how many were accepted)
     prefilled: int = 0  # prompt tokens already in the KV cache (a prompt runs in chunks, beside decode rows)
+    cached_tokens: int = 0  # prompt tokens copied from the prefix cache at admission instead of computed
+    remote_prefill: bool = False  # its prompt is on the prefill worker (disaggregated layout): no rows here yet
     predicted_ttft_ms: float = float("nan")  # the plan's promise at submit (NaN: uncalibrated, or no free slot)
 
     @property

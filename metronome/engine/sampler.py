@@ -63,10 +63,16 @@ class RequestSampler:
         logits = self.penalize(logits[: self.vocab_size].float())
         logprobs = torch.log_softmax(logits, dim=-1) if p.logprobs or p.top_logprobs else None
         if allowed is not None:
-            logits = logits.masked_fill(~allowed, float("-inf"))
+            allowed = allowed[: self.vocab_size]  # a padded row's mask (the padding is never allowed)
         if p.temperature == 0.0:
-            token = int(torch.argmax(logits))
+            token = _argmax(logits)
+            # masked greedy: the row's argmax when the mask allows it (the masked argmax is then the same
+            # token, ties included), so the full-size masked row is built only when the model strays
+            if allowed is not None and not bool(allowed[token]):
+                token = _argmax(logits.masked_fill(~allowed, float("-inf")))
         else:
+            if allowed is not None:
+                logits = logits.masked_fill(~allowed, float("-inf"))
             token = int(torch.multinomial(self._truncated_probs(logits), 1, generator=self.generator))
         if logprobs is None:
             return Choice(token, None, ())
@@ -88,6 +94,14 @@ class RequestSampler:
         if p.top_p < 1.0:
             probs = _top_p(probs, p.top_p)
         return probs
+
+
+def _argmax(row: torch.Tensor) -> int:
+    """The first index of the row's maximum. On a CPU float32 row, numpy's (SIMD) argmax: over a 49k
+    vocabulary it takes microseconds where torch's one-row argmax takes tens (docs/structured-outputs.md)."""
+    if row.device.type == "cpu" and row.dtype == torch.float32 and not row.requires_grad:
+        return int(row.numpy().argmax())
+    return int(torch.argmax(row))
 
 
 def _top_p(probs: torch.Tensor, top_p: float, candidates: int = 1024) -> torch.Tensor:

@@ -16,6 +16,10 @@ class ModelShape:
     config: ModelConfig
     num_experts: int = 0
     experts_per_token: int = 0
+    expert_width: int = (
+        0  # a routed expert's MLP width (Qwen2/3-MoE, OLMoE: moe_intermediate_size); 0: intermediate_size
+    )
+    shared_width: int = 0  # Qwen2-MoE's always-on shared expert (0: none)
 
     @property
     def name(self) -> str:
@@ -31,14 +35,20 @@ class ModelShape:
         return p + ((c.q_size + 2 * c.kv_size) if c.qkv_bias else 0)
 
     def expert_params(self) -> int:
-        """One gated MLP (gate, up, down); the whole MLP for a dense model."""
-        return 3 * self.config.hidden_size * self.config.intermediate_size
+        """One gated MLP (gate, up, down): a routed expert's, or the whole MLP of a dense model."""
+        width = self.expert_width if self.is_moe and self.expert_width else self.config.intermediate_size
+        return 3 * self.config.hidden_size * width
 
     def router_params(self) -> int:
         return self.config.hidden_size * self.num_experts if self.is_moe else 0
 
+    def shared_params(self) -> int:
+        """The shared expert and its gate, read by every token (Qwen2-MoE)."""
+        d = self.config.hidden_size
+        return 3 * d * self.shared_width + d if self.is_moe and self.shared_width else 0
+
     def mlp_params_total(self) -> int:
-        return self.expert_params() * max(self.num_experts, 1) + self.router_params()
+        return self.expert_params() * max(self.num_experts, 1) + self.router_params() + self.shared_params()
 
     def mlp_params_active(self, batch: int = 1) -> int:
         """MLP weights read by one step of `batch` tokens: the experts those tokens are expected to touch."""
@@ -46,7 +56,7 @@ class ModelShape:
             return self.expert_params()
         e, k = self.num_experts, self.experts_per_token
         touched = e * (1.0 - (1.0 - k / e) ** batch)
-        return round(touched * self.expert_params()) + self.router_params()
+        return round(touched * self.expert_params()) + self.router_params() + self.shared_params()
 
     def layer_params_total(self) -> int:
         return self.attention_params() + self.mlp_params_total()
@@ -249,7 +259,13 @@ def _gguf_shape(path: Path) -> ModelShape:
         sliding_window_pattern=6 if (window is not None and arch == "gemma3") else 0,
     )
     experts = int(get(f"{arch}.expert_count", 0))
-    return ModelShape(cfg, num_experts=experts, experts_per_token=int(get(f"{arch}.expert_used_count", 0)))
+    return ModelShape(
+        cfg,
+        num_experts=experts,
+        experts_per_token=int(get(f"{arch}.expert_used_count", 0)),
+        expert_width=int(get(f"{arch}.expert_feed_forward_length", 0)),
+        shared_width=int(get(f"{arch}.expert_shared_feed_forward_length", 0)),
+    )
 
 
 def _hf_shape(path: Path) -> ModelShape:
@@ -281,7 +297,13 @@ def _hf_shape(path: Path) -> ModelShape:
     except KeyError as e:
         raise ValueError(f"{file}: config.json lacks {e}; the planner needs it to size the model") from e
     experts = int(raw.get("num_local_experts", raw.get("num_experts", 0)) or 0)
-    return ModelShape(cfg, num_experts=experts, experts_per_token=int(raw.get("num_experts_per_tok", 0) or 0))
+    return ModelShape(
+        cfg,
+        num_experts=experts,
+        experts_per_token=int(raw.get("num_experts_per_tok", 0) or 0),
+        expert_width=int(raw.get("moe_intermediate_size", 0) or 0),  # Mixtral's experts are intermediate_size wide
+        shared_width=int(raw.get("shared_expert_intermediate_size", 0) or 0),
+    )
 
 
 def load_shape(spec: str) -> ModelShape:

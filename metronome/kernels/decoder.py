@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from torch import Tensor
@@ -33,6 +33,9 @@ class LayerWeights:
     window: int = 0  # 0: global attention
     local_rope: bool = False  # use the local (sliding-window) RoPE table
     moe: Any = None  # a C++ MoeLayer (CppOps.moe_layer) in place of the MLP; gate_up and down are then []
+    # tensor parallel (parallel/fused_tp.py): o / down as chunks of equal K ranges (then o / down are [])
+    o_chunks: list[list[BlockPart]] = field(default_factory=list)
+    down_chunks: list[list[BlockPart]] = field(default_factory=list)
 
     def kwargs(self) -> dict[str, Any]:
         """The fields as add_layer's keyword arguments (the tensors themselves, not copies)."""

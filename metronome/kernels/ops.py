@@ -100,11 +100,13 @@ class TorchOps:
             first = max(0, end - window) if window > 0 else 0
             if end <= first:
                 continue
-            keys = k_cache[slot : slot + 1, :, first:end].to(q.dtype)  # (1, Hkv, L, Dh)
-            values = v_cache[slot : slot + 1, :, first:end].to(q.dtype)
-            out[b] = F.scaled_dot_product_attention(q[b : b + 1, :, None], keys, values, scale=scale, enable_gqa=True)[
-                0, :, 0
-            ]
+            group = q.shape[1] // k_cache.shape[1]  # query heads per KV head
+            keys = k_cache[slot, :, first:end].to(q.dtype).repeat_interleave(group, dim=0)  # (H, L, Dh)
+            values = v_cache[slot, :, first:end].to(q.dtype).repeat_interleave(group, dim=0)
+            # Written out, not scaled_dot_product_attention: its one-query kernel splits the keys among
+            # threads, so its bits change with the thread count (tensor-parallel ranks run one thread each).
+            weights = torch.softmax((q[b, :, None].float() @ keys.float().transpose(1, 2)) * scale, dim=-1)
+            out[b] = (weights @ values.float())[:, 0].to(q.dtype)
         return out
 
     def silu_mul(self, gate_up: Tensor) -> Tensor:

@@ -131,29 +131,54 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special)
 
+    def tokenizer_json(self) -> str:
+        """The tokenizer as HF tokenizers' JSON (what grammar engines read: engine/grammar.py)."""
+        return self._tok.to_str()
+
     def token_text(self, token_id: int) -> str:
         """The text one token stands for on its own (for logprobs)."""
         return self._tok.decode([token_id], skip_special_tokens=False)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The prompt text for a conversation, through the model's own chat template."""
+    @property
+    def template_reads_tools(self) -> bool:
+        """The chat template renders a `tools` list (Qwen2.5's does; SmolLM2's does not)."""
+        if not self.data.chat_template:
+            return False
+        import jinja2
+        from jinja2 import meta
+
+        try:
+            parsed = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(self.data.chat_template)
+        except jinja2.TemplateError:
+            return False  # rendering reports the broken template
+        return "tools" in meta.find_undeclared_variables(parsed)
+
+    def render_chat(
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
+    ) -> str:
+        """The prompt text for a conversation, through the model's own chat template; `tools`: OpenAI's
+        tool list, for templates that read it (`template_reads_tools`)."""
         if not self.data.chat_template:
             raise ChatTemplateError(
                 "this model has no chat template (a base model); send a plain completion instead "
                 "(/v1/completions, or --raw on the command line)"
             )
         return _render(
-            self.data.chat_template, messages, add_generation_prompt, self.data.bos_token, self.data.eos_token
+            self.data.chat_template, messages, add_generation_prompt, self.data.bos_token, self.data.eos_token, tools
         )
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        return self.encode(self.render_chat(messages, add_generation_prompt))
+    def encode_chat(
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
+    ) -> list[int]:
+        return self.encode(self.render_chat(messages, add_generation_prompt, tools))
 
     def stream_decoder(self, prompt_ids: Sequence[int] = ()) -> "StreamDecoder":
         return StreamDecoder(self, prompt_ids)
 
 
-def _render(template: str, messages: list[dict], add_generation_prompt: bool, bos: str, eos: str) -> str:
+def _render(
+    template: str, messages: list[dict], add_generation_prompt: bool, bos: str, eos: str, tools: list[dict] | None
+) -> str:
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -168,7 +193,7 @@ def _render(template: str, messages: list[dict], add_generation_prompt: bool, bo
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
         return env.from_string(template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos, eos_token=eos, tools=None
+            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos, eos_token=eos, tools=tools
         )
     except jinja2.TemplateError as exc:
         raise ChatTemplateError(f"the model's chat template failed: {exc}") from exc

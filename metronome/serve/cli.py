@@ -106,7 +106,13 @@ class ModelLoader(threading.Thread):
             # calibrated (and cached on disk: the next start with the same settings skips it)
             self.engine = Engine.from_model(config=config, max_queue=a.max_queue, loaded=loaded, calibrate=True)
             self.state.attach(self.engine, ModelIdentity.of(loaded))
-            print(f"metronome: {self.state.served.identity.id} ready ({self.state.served.fingerprint})", flush=True)
+            r = self.engine.plan.report
+            kv = f"KV cache {r.kv_cache_bytes / 1e6:.0f} MB, prefix cache " + (
+                f"{r.prefix_cache_bytes / 1e6:.0f} MB" if r.prefix_cache_bytes else r.prefix_cache_note
+            )
+            print(
+                f"metronome: {self.state.served.identity.id} ready ({self.state.served.fingerprint}; {kv})", flush=True
+            )
         except BaseException as exc:  # reported by `run` once the server has stopped
             self.error = exc
             self.server.should_exit = True

@@ -14,22 +14,12 @@ from starlette.types import Receive
 
 from metronome.config import SamplingParams
 from metronome.engine import Delta, Engine, QueueFullError, Request, RequestError, Timings
-from metronome.engine.constrain import JsonConstraint, JsonVocabulary
+from metronome.engine.grammar import Grammar, Grammars
+from metronome.engine.request import Constraint
 from metronome.engine.sampler import Choice
 from metronome.serve.prometheus import ApiRequest, ServerMetrics, outcome_of
+from metronome.serve.tools import RepeatGuard
 from metronome.serve.usage import groq_timings
-
-# Valid JSON candidates kept per step when sampling (greedy keeps the best one).
-#
-# This TRUNCATES the sampled distribution: with response_format json_object and temperature > 0 (or any
-# penalty), each step samples among the 64 highest-scoring tokens that keep the text valid JSON (plus the
-# next character of the shortest closing), renormalized, not among all valid tokens. It acts like an
-# extra top-k of 64 applied after the JSON mask; top_k/top_p/min_p then apply within those 64. Logprobs
-# are still reported from the model's full, unconstrained distribution. Sampling from every valid token
-# would need the whole vocabulary walked in Python each step (several times the cost: docs/performance.md),
-# so the truncation stays until the constraint can mask the vocabulary without a Python walk (a grammar
-# engine with precomputed token masks). tests/engine/test_constrain.py pins this behaviour.
-_JSON_SAMPLING_WIDTH = 64
 
 
 class Outbox:
@@ -74,6 +64,8 @@ class JobSpec:
     prompts: tuple[tuple[int, ...], ...]  # one per prompt; each gets n choices
     params: SamplingParams  # choice i of a seeded request uses seed + i
     n: int
+    grammar: Grammar | None = None  # what every choice's output is constrained to (tool calls, response_format)
+    tool_calls: bool = False  # the grammar is a tool grammar: a repeated call ends the answer (tools.RepeatGuard)
 
 
 @dataclass
@@ -118,14 +110,14 @@ class Job:
         engine: Engine,
         spec: JobSpec,
         metrics: ServerMetrics,
-        json_vocab: JsonVocabulary | None,
         request_id: str,
         outbox: Outbox | None = None,
+        grammars: Grammars | None = None,
     ) -> None:
         self.engine = engine
+        self.grammars = grammars  # makes the constraint of a spec's grammar
         self.spec = spec
         self.metrics = metrics
-        self.json_vocab = json_vocab
         self.request_id = request_id
         self.loop = asyncio.get_running_loop()
         self.outbox = outbox if outbox is not None else Outbox(self.loop)
@@ -145,7 +137,7 @@ class Job:
                         prompt,
                         params,
                         self._deliver(index),
-                        self._constraint(params),
+                        self._constraint(),
                         request_id=f"{self.request_id}-{index}",
                     )
                     self.runs.append(ChoiceRun(index, req))
@@ -157,12 +149,14 @@ class Job:
             self.cancel_unfinished()
             raise JobRefused(str(exc), exc.param, queue_full=False) from exc
 
-    def _constraint(self, params: SamplingParams) -> JsonConstraint | None:
-        if not params.json_mode or self.json_vocab is None:
+    def _constraint(self) -> Constraint | None:
+        """A new matcher per choice over the spec's grammar (every choice walks its own output)."""
+        if self.spec.grammar is None:
             return None
-        neutral = params.repetition_penalty == 1.0 and not params.presence_penalty and not params.frequency_penalty
-        width = 1 if params.temperature == 0.0 and neutral else _JSON_SAMPLING_WIDTH
-        return JsonConstraint(self.json_vocab, params.max_tokens, width=width)
+        if self.grammars is None:
+            raise RuntimeError("a job with a grammar needs the served Grammars")
+        constraint = self.grammars.constraint(self.spec.grammar)
+        return RepeatGuard(constraint, self.engine.tokenizer) if self.spec.tool_calls else constraint
 
     def _deliver(self, index: int) -> Callable[[Delta], None]:
         """The engine-thread callback of choice `index`: stamp the event and hand it to the loop."""
@@ -191,6 +185,7 @@ class Job:
                     run.token_gaps,
                     delta.finish_reason,
                     predicted_ttft_ms=req.predicted_ttft_ms,
+                    cached_tokens=req.cached_tokens,
                 )
                 if not open_runs and self.account is not None:
                     self.account.end(outcome_of(r.finish_reason for r in self.runs))
@@ -216,10 +211,15 @@ class Job:
         reqs = [r.request for r in self.runs]
         prompt = sum(len(p) for p in self.spec.prompts)
         completion = sum(len(r.output_ids) for r in reqs)
+        n = self.spec.n
+        # each prompt counts once in prompt_tokens, so its cached tokens do too: the most any of its choices
+        # copied from the prefix cache (choices admitted in one step all compute it; later ones may hit)
+        cached = sum(max(r.cached_tokens for r in reqs[i : i + n]) for i in range(0, len(reqs), n))
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
             **groq_timings(merge_timings([r.timings for r in reqs])),
         }
 

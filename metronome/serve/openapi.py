@@ -11,6 +11,8 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from metronome.serve.reflect import ReflectionBody
+from metronome.serve.responses_schemas import ResponsesBody
 from metronome.serve.schemas import ChatBody, CompletionBody
 
 OPENAPI_PATH = "/openapi.json"
@@ -41,6 +43,8 @@ _ANSWERS = {
     "/metrics": ("text/plain",),
     "/v1/chat/completions": ("application/json", "text/event-stream"),
     "/v1/completions": ("application/json", "text/event-stream"),
+    "/v1/responses": ("application/json", "text/event-stream"),
+    "/v1/reflections": ("application/json", "text/event-stream"),
     "/v1/audio/transcriptions": ("application/json", "text/plain", "text/vtt", "application/x-subrip"),
     "/v1/audio/translations": ("application/json", "text/plain", "text/vtt", "application/x-subrip"),
 }
@@ -90,7 +94,8 @@ def openapi_schema(app: FastAPI, models: tuple[str, ...] = ()) -> dict[str, Any]
     doc = get_openapi(title=app.title, version=app.version, routes=app.routes, description=__doc__.split("\n\n")[0])
     components = doc.setdefault("components", {}).setdefault("schemas", {})
     components["Error"] = ERROR_SCHEMA
-    bodies = {"/v1/chat/completions": ChatBody, "/v1/completions": CompletionBody}
+    bodies = {"/v1/chat/completions": ChatBody, "/v1/completions": CompletionBody, "/v1/responses": ResponsesBody}
+    bodies["/v1/reflections"] = ReflectionBody
     for model in bodies.values():
         schema, nested = _body_schema(model)
         components.update(nested)

@@ -9,11 +9,12 @@ Two accounts that add up at every scrape:
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from metronome.engine import Engine, Timings
+from metronome.engine.prefix_cache import PrefixCache
 
 # Bucket edges in seconds: latencies of a request (queue, first token, first sentence, whole request)
 # span milliseconds to minutes on CPU; the gap between two tokens is one engine step.
@@ -22,7 +23,7 @@ _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
-GENERATION_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
+GENERATION_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 # How a generation request ended: every choice finished (stop, length); the client went away or cancelled;
 # the engine or the server failed it (a 5xx, or an error event mid-stream); refused before it generated
 # anything (a 4xx: a bad body, a full queue, the model still loading).
@@ -86,6 +87,11 @@ class ServerMetrics:
         )
         self.prompt_tokens = Counter("metronome_prompt_tokens", "Prompt tokens of admitted requests.", registry=r)
         self.generated_tokens = Counter("metronome_generation_tokens", "Tokens generated.", registry=r)
+        self.cached_tokens = Counter(
+            "metronome_prompt_cached_tokens",
+            "Prompt tokens of admitted requests copied from the prefix cache instead of computed.",
+            registry=r,
+        )
         self.requests = Counter(
             "metronome_requests",
             "HTTP requests answered, by endpoint and status code.",
@@ -145,6 +151,7 @@ class ServerMetrics:
         Gauge(
             "metronome_spec_accepted_tokens", "Drafted tokens that were accepted since start (cumulative).", registry=r
         ).set_function(lambda: float(self._engine.spec.accepted) if self._engine is not None else 0.0)
+        self._prefix_gauges(r)
         self.slots = Gauge("metronome_slots", "Request slots of the plan (requests decoded together).", registry=r)
         self.promised_speed = Gauge(
             "metronome_plan_tokens_per_second",
@@ -170,6 +177,38 @@ class ServerMetrics:
             ("live_slots",),
             registry=r,
         )
+
+    def _prefix_gauges(self, r: CollectorRegistry) -> None:
+        """The prefix cache's pool, read at scrape time (zeros without an engine or a cache)."""
+
+        def stat(read: Callable[[PrefixCache], float]) -> Callable[[], float]:
+            def value() -> float:
+                cache = self._engine.prefix_cache if self._engine is not None else None
+                return float(read(cache)) if cache is not None else 0.0
+
+            return value
+
+        for name, doc, read in (
+            ("pages", "Pages of the prefix cache's pool (allocated at start).", lambda c: c.pages),
+            ("page_tokens", "Tokens per page of the prefix cache.", lambda c: c.page),
+            ("pages_used", "Pages of the prefix cache holding a prompt's KV.", lambda c: c.used_pages),
+            (
+                "evicted_pages",
+                "Pages evicted (least recently used) since start (cumulative).",
+                lambda c: c.stats.evicted_pages,
+            ),
+            (
+                "lookup_tokens",
+                "Prompt tokens looked up in the prefix cache since start (cumulative).",
+                lambda c: c.stats.lookup_tokens,
+            ),
+            (
+                "hit_tokens",
+                "Prompt tokens copied from the prefix cache since start (cumulative).",
+                lambda c: c.stats.hit_tokens,
+            ),
+        ):
+            Gauge(f"metronome_prefix_cache_{name}", doc, registry=r).set_function(stat(read))
 
     def bind(self, engine: Engine) -> None:
         self._engine = engine
@@ -217,6 +256,7 @@ class ServerMetrics:
         token_gaps: Sequence[float],
         reason: str,
         predicted_ttft_ms: float = float("nan"),
+        cached_tokens: int = 0,
     ) -> None:
         """Record one engine request that ended (every submitted one ends: finished, cancelled or failed)."""
         self.finished.labels(reason).inc()
@@ -226,6 +266,7 @@ class ServerMetrics:
         self.generated_tokens.inc(generated)
         if timings.admitted is not None:
             self.prompt_tokens.inc(prompt_tokens)
+            self.cached_tokens.inc(cached_tokens)
             self.queue_time.observe(timings.admitted - timings.submitted)
         if timings.first_token is not None:
             self.ttft.observe(timings.first_token - timings.submitted)

@@ -9,6 +9,7 @@ from typing import Any, Sequence
 from metronome.engine.sampler import Choice
 from metronome.model.tokenizer import Tokenizer
 from metronome.serve.jobs import ChoiceRun
+from metronome.serve.tools import ArgumentsDelta, CallStarted, ContentDelta, ToolCallParser, parse_tool_calls
 
 Body = dict[str, Any]
 
@@ -25,14 +26,25 @@ class ResponseHead:
 
 class ResponseShape:
     """Builds the bodies of one response. `chat`: chat completions, else legacy text completions.
-    `logprobs`: report them; `top_logprobs`: alternatives per token."""
+    `logprobs`: report them; `top_logprobs`: alternatives per token; `tools`: the request has tools, so the
+    text is parsed into content and tool calls (serve/tools.py), whole or as it streams."""
 
-    def __init__(self, head: ResponseHead, chat: bool, tokenizer: Tokenizer, logprobs: bool, top_logprobs: int) -> None:
+    def __init__(
+        self,
+        head: ResponseHead,
+        chat: bool,
+        tokenizer: Tokenizer,
+        logprobs: bool,
+        top_logprobs: int,
+        tools: bool = False,
+    ) -> None:
         self.head = head
         self.chat = chat
         self.tokenizer = tokenizer
         self.logprobs = logprobs
         self.top_logprobs = top_logprobs
+        self.tools = tools
+        self._parsers: dict[int, ToolCallParser] = {}  # streamed choices with tools: their text so far
         self._offsets: dict[int, int] = {}  # text completions: characters of token text reported per choice
 
     def _start(self, chunk: bool) -> Body:
@@ -56,6 +68,14 @@ class ResponseShape:
 
     def _whole_choice(self, run: ChoiceRun) -> Body:
         lp = self._logprobs(run.index, run.tokens)
+        if self.chat and self.tools:
+            parsed = parse_tool_calls(run.text)
+            calls = parsed.calls
+            message: Body = {"role": "assistant", "content": parsed.content or (None if calls else "")}
+            if calls:
+                message["tool_calls"] = [c.openai() for c in calls]
+            finish = _tool_finish(run.finish_reason, bool(calls))
+            return {"index": run.index, "message": message, "logprobs": lp, "finish_reason": finish}
         if self.chat:
             return {
                 "index": run.index,
@@ -84,6 +104,43 @@ class ResponseShape:
         else:
             choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": finish_reason}
         body["choices"] = [choice]
+        return body
+
+    def delta_chunks(self, index: int, text: str, tokens: Sequence[Choice], finish_reason: str | None) -> list[Body]:
+        """The chunks one engine event makes (none when it carries nothing to say). With tools, text goes
+        through the choice's ToolCallParser: content deltas until a call starts, then `tool_calls` deltas
+        (the call's index, id, type and name with empty arguments, then the arguments in pieces), and the
+        last chunk's finish_reason is "tool_calls" when calls were made."""
+        if not (self.chat and self.tools):
+            return [self.delta_chunk(index, text, tokens, finish_reason)] if text or tokens or finish_reason else []
+        parser = self._parsers.setdefault(index, ToolCallParser())
+        events = parser.feed(text) + (parser.close() if finish_reason is not None else [])
+        deltas: list[Body] = []
+        for event in events:
+            if isinstance(event, ContentDelta):
+                if deltas and "content" in deltas[-1]:
+                    deltas[-1]["content"] += event.text
+                else:
+                    deltas.append({"content": event.text})
+            elif isinstance(event, CallStarted):
+                c = event.call
+                call = {"index": c.index, "id": c.id, "type": "function", "function": {"name": c.name, "arguments": ""}}
+                deltas.append({"tool_calls": [call]})
+            elif isinstance(event, ArgumentsDelta):
+                deltas.append({"tool_calls": [{"index": event.index, "function": {"arguments": event.text}}]})
+        if not deltas and (tokens and self.logprobs):
+            deltas.append({})
+        chunks = []
+        for i, delta in enumerate(deltas):
+            lp = self._logprobs(index, tokens) if i == 0 and tokens else None
+            chunks.append(self._chunk(index, delta, lp, None))
+        if finish_reason is not None:
+            chunks.append(self._chunk(index, {}, None, _tool_finish(finish_reason, bool(parser.calls))))
+        return chunks
+
+    def _chunk(self, index: int, delta: Body, logprobs: Body | None, finish_reason: str | None) -> Body:
+        body = self._start(chunk=True)
+        body["choices"] = [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]
         return body
 
     def usage_chunk(self, usage: Body) -> Body:
@@ -124,3 +181,8 @@ class ResponseShape:
             ],
             "text_offset": offsets,
         }
+
+
+def _tool_finish(finish_reason: str | None, called: bool) -> str | None:
+    """OpenAI's finish reason of an answer with tools: "tool_calls" when it ended by making calls."""
+    return "tool_calls" if called and finish_reason == "stop" else finish_reason

@@ -63,12 +63,23 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class ResponseFormat(_Body):
-    """`json_object`: the reply is constrained to a JSON object, closed within max_tokens. When sampling
-    (temperature > 0 or a penalty), each token is drawn from the 64 most likely tokens that keep the text
-    valid JSON, not from every valid token: a top-k of 64 on top of the request's own filters."""
+class JsonSchemaFormat(_Body):
+    """`response_format.json_schema`, OpenAI's shape: the reply is JSON that validates against `schema`
+    (engine/grammar.py; docs/structured-outputs.md lists what a schema may use)."""
 
-    type: Literal["text", "json_object"]
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None  # accepted: the output is always constrained to the schema
+
+
+class ResponseFormat(_Body):
+    """`json_object`: the reply is a JSON object; `json_schema`: JSON that validates against
+    `json_schema.schema`. Both are enforced token by token (engine/grammar.py), sampling included; a reply
+    cut by max_tokens ends with finish_reason "length", as OpenAI's does."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None  # required with type json_schema (checked by the server)
 
 
 class TextPart(_Body):
@@ -76,15 +87,67 @@ class TextPart(_Body):
     text: str
 
 
-class Message(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] = ""
-    name: str | None = None
+class FunctionCall(_Body):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
 
-    def as_template_message(self) -> dict[str, str]:
-        """The {role, content} dict a chat template reads ("developer" is OpenAI's newer "system")."""
+
+class ToolCall(_Body):
+    """A call an assistant message made (serve/tools.py renders it into the prompt)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Message(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] = ""  # null: none (an assistant message that only calls tools)
+    name: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)  # assistant messages only
+    tool_call_id: str | None = None  # tool messages: the call this result answers
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> "Message":
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"tool_calls belong to assistant messages, not {self.role!r} ones")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs tool_call_id: the id of the call it answers")
+        return self
+
+    def as_template_message(self) -> dict[str, Any]:
+        """The dict a chat template reads ("developer" is OpenAI's newer "system"): role and content, and
+        the tool fields when present (serve/tools.py turns those into what the template understands)."""
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None and self.role == "tool":
+            out["name"] = self.name
+        return out
+
+
+class FunctionDefinition(_Body):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of an object; none: no arguments
+    strict: bool | None = None  # accepted: the arguments are always constrained to the schema
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class SamplingBody(_Body):
@@ -123,16 +186,15 @@ class SamplingBody(_Body):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
     @property
-    def json_mode(self) -> bool:
-        return self.response_format is not None and self.response_format.type == "json_object"
-
-    @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
 
 class ChatBody(SamplingBody):
     messages: list[Message] = Field(min_length=1)
+    tools: list[Tool] = Field(default_factory=list, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto with tools
+    parallel_tool_calls: bool = True
     max_completion_tokens: Int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
@@ -161,8 +223,10 @@ class CompletionBody(SamplingBody):
         return self.max_tokens, "max_tokens"
 
 
-_MODELS = (StreamOptions, ResponseFormat, TextPart, Message, SamplingBody, ChatBody, CompletionBody)
-_FIELDS = frozenset(name for m in _MODELS for name in m.model_fields)  # parameter names, for error locations
+_MODELS = (StreamOptions, ResponseFormat, JsonSchemaFormat, TextPart, Message, SamplingBody, ChatBody, CompletionBody)
+_MODELS += (FunctionCall, ToolCall, FunctionDefinition, Tool, FunctionName, NamedToolChoice)
+# parameter names, for error locations (as the client spells them: a field's alias where it has one)
+_FIELDS = frozenset(f.alias or name for m in _MODELS for name, f in m.model_fields.items())
 
 
 def _main_error(exc: ValidationError) -> dict:
@@ -170,22 +234,23 @@ def _main_error(exc: ValidationError) -> dict:
     return max(exc.errors(), key=lambda e: len(e["loc"]))
 
 
-def error_param(exc: ValidationError) -> str | None:
-    """The parameter the error is about, e.g. "temperature" or "messages[1].role"."""
+def error_param(exc: ValidationError, fields: frozenset[str] = _FIELDS) -> str | None:
+    """The parameter the error is about, e.g. "temperature" or "messages[1].role"; `fields`: the body's
+    parameter names (serve/responses_schemas.py passes its own)."""
     loc = _main_error(exc)["loc"]
     param = ""
     for part in loc:
         if isinstance(part, int):
             param += f"[{part}]"
-        elif part in _FIELDS:
+        elif part in fields:
             param += f".{part}" if param else part
         # other parts name a member of a union ("str", "list[int]"): not a parameter
     return param or None
 
 
-def error_message(exc: ValidationError) -> str:
+def error_message(exc: ValidationError, fields: frozenset[str] = _FIELDS) -> str:
     first = _main_error(exc)
-    where = error_param(exc)
+    where = error_param(exc, fields)
     text = first["msg"].removeprefix("Value error, ")
     if first["type"] == "missing":
         return f"{where} is required"

@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import metronome
 from metronome.config import ParamError, SamplingParams
 from metronome.engine import Engine
-from metronome.engine.constrain import JsonConstraint, JsonVocabulary
+from metronome.engine.grammar import Grammar, GrammarError, Grammars
 from metronome.model.loader import LoadedModel
 from metronome.model.tokenizer import ChatTemplateError
 from metronome.serve.audio import TRANSCRIPTIONS, TRANSLATIONS, SpeechService, add_speech_routes, speech_card
@@ -36,13 +36,16 @@ from metronome.serve.errors import ApiError  # re-exported: callers import it fr
 from metronome.serve.jobs import Job, JobRefused, JobSpec, Outbox, cancel_on_disconnect
 from metronome.serve.openapi import OPENAPI_PATH, openapi_schema
 from metronome.serve.prometheus import CONTENT_TYPE, ApiRequest, ServerMetrics
+from metronome.serve.reflect import REFLECTIONS, add_reflect_routes
 from metronome.serve.responses import ResponseHead, ResponseShape
+from metronome.serve.responses_api import RESPONSES, add_responses_routes
 from metronome.serve.schemas import ChatBody, CompletionBody, SamplingBody, error_message, error_param
+from metronome.serve.tools import ToolCalling, ToolError, closed, template_messages, tool_calling, tool_grammar
 
 _PUBLIC_PATHS = frozenset({"/health", "/", OPENAPI_PATH})  # no API key: readiness, the chat page, the API's schema
 _ENDPOINTS = frozenset(
     {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", TRANSCRIPTIONS, TRANSLATIONS}
-    | {OPENAPI_PATH}
+    | {OPENAPI_PATH, RESPONSES, REFLECTIONS}
 )
 
 
@@ -79,9 +82,9 @@ class Served:
     engine: Engine
     identity: ModelIdentity
     fingerprint: str
-    json_vocab: JsonVocabulary | None  # None: the tokenizer cannot close JSON, json_object is refused
-    json_refusal: str
     created: int
+    grammars: Grammars | None = None  # None: the tokenizer cannot be constrained by grammars (grammar_refusal says why)
+    grammar_refusal: str = ""
 
 
 class ServerState:
@@ -106,12 +109,19 @@ class ServerState:
     def attach(self, engine: Engine, identity: ModelIdentity) -> None:
         """Make the app ready: start the engine's stepping thread and serve it."""
         try:
-            vocab, refusal = JsonVocabulary.of(engine.tokenizer), ""
+            grammars, grammar_refusal = Grammars(engine.tokenizer), ""
         except ValueError as exc:
-            vocab, refusal = None, str(exc)
+            grammars, grammar_refusal = None, f"llguidance cannot read this tokenizer: {exc}"
         engine.start()
         self.metrics.bind(engine)
-        self.served = Served(engine, identity, system_fingerprint(identity, engine), vocab, refusal, int(time.time()))
+        self.served = Served(
+            engine,
+            identity,
+            system_fingerprint(identity, engine),
+            int(time.time()),
+            grammars,
+            grammar_refusal,
+        )
 
     def release(self, job: Job) -> None:
         """A job's client is done with it: cancel what still runs and count it as it ends."""
@@ -218,11 +228,85 @@ def _check_model(body: SamplingBody, served: Served, alias: str) -> None:
 # -- turning a body into engine work ---------------------------------------------------------------
 
 
-def _chat_prompt(body: ChatBody, served: Served) -> tuple[int, ...]:
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A chat request made ready for the engine: its prompt, its tools and the grammar its output follows."""
+
+    ids: tuple[int, ...]
+    tools: ToolCalling | None  # None: no tools (the answer is plain content)
+    grammar: Grammar | None  # the tool-call grammar, or else response_format's (None: free text)
+
+    @property
+    def tool_calls(self) -> bool:
+        """The grammar is the tool-call grammar (a repeated call ends the answer: tools.RepeatGuard)."""
+        return self.grammar is not None and self.tools is not None and self.tools.constrained
+
+
+def _chat_request(body: ChatBody, served: Served) -> ChatPrompt:
+    """The prompt through the chat template, with the request's tools rendered (serve/tools.py), and
+    the grammar of the calls it allows. Bad tools, tool_choice or tool history are a 400 naming them."""
+    tok = served.engine.tokenizer
+    choice = body.tool_choice
     try:
-        return tuple(served.engine.tokenizer.encode_chat([m.as_template_message() for m in body.messages]))
+        calling = tool_calling(
+            [t.model_dump() for t in body.tools],
+            choice.model_dump() if choice is not None and not isinstance(choice, str) else choice,
+            body.parallel_tool_calls,
+            served.grammars,
+        )
+        if calling is not None and calling.constrained:
+            if body.response_format is not None and body.response_format.type != "text":
+                raise ToolError(
+                    "response_format cannot be combined with tool calls: send tool_choice 'none' to get "
+                    "formatted text, or leave response_format out",
+                    "response_format",
+                )
+        messages, tools = template_messages(
+            [m.as_template_message() for m in body.messages], calling, tok.template_reads_tools
+        )
+        grammar = tool_grammar(calling, served.grammars) if calling is not None and served.grammars else None
+    except ToolError as exc:
+        raise ApiError(400, str(exc), param=exc.param) from None
+    try:
+        ids = tuple(tok.encode_chat(messages, tools=tools))
     except ChatTemplateError as exc:
         raise ApiError(400, str(exc), param="messages") from None
+    if grammar is None:
+        grammar = format_grammar(body, served)
+    return ChatPrompt(ids, calling, grammar)
+
+
+def format_grammar(body: SamplingBody, served: Served) -> Grammar | None:
+    """The grammar of response_format (None: plain text). A schema constrained decoding cannot enforce
+    exactly (a bad schema, an unsupported keyword) is a 400 naming response_format.json_schema.schema."""
+    fmt = body.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if served.grammars is None:
+        raise ApiError(
+            400,
+            f"response_format {fmt.type} is not available for this model: {served.grammar_refusal}",
+            param="response_format",
+        )
+    try:
+        if fmt.type == "json_object":
+            return served.grammars.json_object()
+        if fmt.json_schema is None:
+            raise ApiError(
+                400,
+                "response_format of type json_schema needs json_schema: {name, schema}",
+                param="response_format.json_schema",
+            )
+        # objects closed to the properties they list, as OpenAI's strict mode has them: anything valid
+        # against the closed schema is valid against the sent one, and a small model adds no stray keys
+        schema = closed(fmt.json_schema.schema_)
+        return served.grammars.json_schema(schema, "response_format.json_schema.schema", fmt.json_schema.name)
+    except GrammarError as exc:
+        raise ApiError(400, str(exc), param=exc.param) from None
+
+
+def _chat_prompt(body: ChatBody, served: Served) -> tuple[int, ...]:
+    return _chat_request(body, served).ids
 
 
 def _completion_prompts(body: CompletionBody, served: Served) -> list[tuple[int, ...]]:
@@ -271,19 +355,6 @@ def _sampling(
             code="context_length_exceeded",
         )
     max_tokens = budget if budget is not None else ctx - longest
-    if body.json_mode:
-        if served.json_vocab is None:
-            raise ApiError(
-                400,
-                f"response_format json_object is not available for this model: {served.json_refusal}",
-                param="response_format",
-            )
-        if max_tokens < JsonConstraint.min_tokens:
-            raise ApiError(
-                400,
-                f"{budget_param}={max_tokens}: a JSON object needs at least {JsonConstraint.min_tokens} tokens",
-                param=budget_param,
-            )
     try:  # SamplingParams checks its fields when built
         return SamplingParams(
             max_tokens=max_tokens,
@@ -299,7 +370,6 @@ def _sampling(
             seed=body.seed,
             logprobs=logprobs,
             top_logprobs=top_logprobs,
-            json_mode=body.json_mode,
         )
     except ParamError as exc:
         raise ApiError(400, str(exc), param=exc.param) from None
@@ -332,7 +402,8 @@ def _submit(state: ServerState, served: Served, spec: JobSpec, account: ApiReque
             f"{state.settings.max_choices} generations; send fewer",
             param="n",
         )
-    job = Job(served.engine, spec, state.metrics, served.json_vocab, f"req-{uuid.uuid4().hex[:12]}", state.outbox())
+    request_id = f"req-{uuid.uuid4().hex[:12]}"
+    job = Job(served.engine, spec, state.metrics, request_id, state.outbox(), served.grammars)
     job.account = account
     try:
         job.submit()
@@ -404,8 +475,8 @@ async def _stream(
                 yield _sse(_engine_failure(delta.error).body())
                 break
             finish = delta.finish_reason if delta.finish_reason != "cancelled" else None
-            if delta.text or tokens or finish:
-                yield _sse(_with_usage(shape.delta_chunk(run.index, delta.text, tokens, finish), include_usage))
+            for chunk in shape.delta_chunks(run.index, delta.text, tokens, finish):
+                yield _sse(_with_usage(chunk, include_usage))
         else:
             if include_usage:
                 yield _sse(shape.usage_chunk(job.usage()))
@@ -507,11 +578,14 @@ def create_app(
             _check_model(body, served, settings.model_alias)
             if body.top_logprobs and not body.logprobs:
                 raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-            prompt = await asyncio.to_thread(_chat_prompt, body, served)  # a long prompt must not hold up the loop
+            chat = await asyncio.to_thread(_chat_request, body, served)  # a long prompt must not hold up the loop
             top = body.top_logprobs or 0
-            params = _sampling(body, [prompt], served, "messages", body.logprobs, top)
-            job = _submit(state, served, JobSpec((prompt,), params, body.n), account)
-            shape = ResponseShape(_head(served, "chatcmpl"), True, served.engine.tokenizer, body.logprobs, top)
+            params = _sampling(body, [chat.ids], served, "messages", body.logprobs, top)
+            spec = JobSpec((chat.ids,), params, body.n, chat.grammar, tool_calls=chat.tool_calls)
+            job = _submit(state, served, spec, account)
+            shape = ResponseShape(
+                _head(served, "chatcmpl"), True, served.engine.tokenizer, body.logprobs, top, chat.tool_calls
+            )
             return await _answer(request, state, job, shape, body.stream, body.include_usage)
 
     @app.post("/v1/completions")
@@ -524,11 +598,14 @@ def create_app(
             logprobs = body.logprobs is not None
             top = body.logprobs or 0
             params = _sampling(body, prompts, served, "prompt", logprobs, top)
-            job = _submit(state, served, JobSpec(tuple(prompts), params, body.n), account)
+            grammar = await asyncio.to_thread(format_grammar, body, served)  # a schema compiles in milliseconds
+            job = _submit(state, served, JobSpec(tuple(prompts), params, body.n, grammar), account)
             shape = ResponseShape(_head(served, "cmpl"), False, served.engine.tokenizer, logprobs, top)
             return await _answer(request, state, job, shape, body.stream, body.include_usage)
 
     add_speech_routes(app, state)
+    add_reflect_routes(app, state)  # POST /v1/reflections (serve/reflect.py)
+    add_responses_routes(app, state)
     app.add_middleware(GateMiddleware, state=state)
     return app
 

@@ -3,6 +3,8 @@ drafts are exactly the draft model's sequential greedy drafts, in fewer calls wh
 
 from __future__ import annotations
 
+import pytest
+
 from metronome.compile import compile_plan
 from metronome.config import EngineConfig, SamplingParams
 from metronome.engine import Engine
@@ -28,3 +30,13 @@ def test_lookup_checked_drafts_are_the_sequential_drafts(tiny_hf):
         for t in range(len(prompt), len(seq) - 1, 3):
             assert looked.propose(0, seq[:t], k) == plain.propose(0, seq[:t], k), (k, t)
     assert looked.calls < plain.calls  # small random models repeat themselves: lookup guessed right
+
+
+def test_a_missing_draft_model_is_refused_before_the_target_compiles(tiny_hf, monkeypatch):
+    import metronome.engine.engine as engine_module
+
+    compiled = []
+    monkeypatch.setattr(engine_module, "compile_plan", lambda *a, **k: compiled.append(a) or pytest.fail("compiled"))
+    with pytest.raises(Exception, match="no-such-draft") as caught:
+        Engine.from_model(str(tiny_hf("llama")), EngineConfig(draft="/no-such-draft.gguf"))
+    assert getattr(caught.value, "param", None) == "draft" and not compiled

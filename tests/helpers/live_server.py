@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 import uvicorn
 from fastapi import FastAPI
@@ -36,3 +38,26 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(timeout=10)
         self.sock.close()
+
+
+@contextmanager
+def serving(loaded, config) -> Iterator[str]:
+    """`with serving(loaded, EngineConfig(...)) as url:` an engine for `loaded`, in the real app, on a live
+    server; the engine is stopped when the block ends."""
+    from metronome.engine import Engine
+    from metronome.serve.server import ModelIdentity, ServerSettings, create_app
+
+    engine = Engine.from_model(config=config, loaded=loaded)
+    app = create_app(engine, ServerSettings(), ModelIdentity.of(loaded))
+    try:
+        with LiveServer(app) as url:
+            yield url
+    finally:
+        engine.stop()
+
+
+def openai_client(url: str):
+    """The `openai` client pointed at a live server (no retries: a failure shows at once)."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)

@@ -159,3 +159,21 @@ def test_active_bytes_count_only_the_routed_experts(moe):
     expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4  # float32 gate, up, down
     assert dense - sparse == cfg.num_layers * (cfg.num_experts - cfg.experts_per_token) * expert
     assert active_weight_bytes(1000, 800, cfg) == 200 + 800 * cfg.experts_per_token // cfg.num_experts
+
+
+@pytest.mark.parametrize("arch", tiny_moe.ARCHS)
+def test_the_fleet_planner_sizes_moe_models_as_the_loader_does(moe, arch):
+    """The planner's shape (fleet/shapes.py) of an MoE folder and GGUF file: expert width, shared expert and
+    the experts a token leaves idle, as the loaded model's own config counts them."""
+    from metronome.fleet.shapes import load_shape
+
+    _hf, flat, _stacked, gguf = moe(arch)
+    cfg = load(flat).config
+    idle = cfg.num_parameters() - cfg.active_parameters()
+    for source in (flat, gguf):
+        shape = load_shape(str(source))
+        assert shape.expert_params() == 3 * cfg.hidden_size * cfg.moe_intermediate_size
+        assert cfg.num_layers * shape.shared_params() == (
+            cfg.num_parameters() - dataclasses.replace(cfg, shared_expert_size=0).num_parameters()
+        )
+        assert cfg.num_layers * (shape.mlp_params_total() - shape.mlp_params_active(1)) == idle

@@ -36,6 +36,7 @@ def tiny_url(tiny_hf):
 def test_the_schema_describes_every_endpoint(tiny_url):
     doc = httpx.get(f"{tiny_url}/openapi.json", timeout=30).json()
     routes = {"/health", "/metrics", "/v1/models", "/v1/models/{model_id}", "/v1/chat/completions", "/v1/completions"}
+    routes |= {"/v1/responses"}
     assert routes <= set(doc["paths"])
     chat = doc["paths"]["/v1/chat/completions"]["post"]
     assert chat["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ChatBody"}

@@ -203,7 +203,7 @@ def test_stop_sequences_cut_the_text(client):
 
 def test_json_object_output_parses(client):
     messages = [{"role": "user", "content": "Describe a dog as JSON with keys name and age."}]
-    for temperature, max_tokens in ((0, 40), (0.9, 20), (0, 3)):
+    for temperature, max_tokens in ((0, 40), (0.9, 60)):
         r = client.chat.completions.create(
             model="metronome",
             messages=messages,
@@ -212,7 +212,13 @@ def test_json_object_output_parses(client):
             seed=9,
             response_format={"type": "json_object"},
         )
+        assert r.choices[0].finish_reason == "stop"  # the object closed, then the grammar ended the reply
         assert isinstance(json.loads(r.choices[0].message.content), dict)
+    # cut by max_tokens: OpenAI's behaviour, an unfinished object with finish_reason "length"
+    r = client.chat.completions.create(
+        model="metronome", messages=messages, max_tokens=3, temperature=0, response_format={"type": "json_object"}
+    )
+    assert r.choices[0].finish_reason == "length" and r.choices[0].message.content.startswith("{")
     chunks = client.chat.completions.create(
         model="metronome",
         messages=messages,
@@ -326,14 +332,17 @@ BAD = [  # (what, path, body: dict | raw str, status, param)
         "/v1/chat/completions",
         {"messages": MSG, "response_format": {"type": "json_schema"}},
         400,
-        "response_format.type",
+        "response_format.json_schema",
     ),
     (
-        "json_object in 1 token",
+        "json_schema with a keyword it cannot enforce",
         "/v1/chat/completions",
-        {"messages": MSG, "max_tokens": 1, "response_format": {"type": "json_object"}},
+        {
+            "messages": MSG,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {}}}},
+        },
         400,
-        "max_tokens",
+        "response_format.json_schema.schema",
     ),
     ("seed a string", "/v1/chat/completions", {"messages": MSG, "seed": "abc"}, 400, "seed"),
     ("stream a string", "/v1/chat/completions", {"messages": MSG, "stream": "yes"}, 400, "stream"),

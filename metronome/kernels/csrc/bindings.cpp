@@ -2,6 +2,7 @@
 // knows about pybind11 and the torch extension's registration; metronome/kernels/build.py compiles it
 // with the other .cpp files of this directory.
 
+#include <pybind11/functional.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include "blocks.h"
@@ -71,7 +72,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_layer", &Decoder::add_layer, py::kw_only(), py::arg("qkv"), py::arg("qkv_bias"), py::arg("o"),
            py::arg("gate_up"), py::arg("down"), py::arg("attn_norm"), py::arg("mlp_norm"), py::arg("post_attn_norm"),
            py::arg("post_mlp_norm"), py::arg("q_norm"), py::arg("k_norm"), py::arg("window"), py::arg("local_rope"),
-           py::arg("moe") = py::none())
+           py::arg("moe") = py::none(), py::arg("o_chunks") = std::vector<std::vector<metronome::BlockPart>>{},
+           py::arg("down_chunks") = std::vector<std::vector<metronome::BlockPart>>{})
+      .def("set_reduce", &Decoder::set_reduce,
+           "reduce(partials (n, M, D), out (M, D)): adds a row-parallel matmul's partial sums (tensor parallel)",
+           py::arg("reduce"))
       .def_property_readonly("num_layers", &Decoder::num_layers)
       .def("forward", &Decoder::forward, py::arg("x"), py::arg("slots"), py::arg("positions"), py::arg("cos"),
            py::arg("sin"), py::arg("cos_local"), py::arg("sin_local"), py::call_guard<py::gil_scoped_release>());

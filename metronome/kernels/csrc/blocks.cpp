@@ -560,6 +560,46 @@ void block_linear_rows(const BlockMatrix& W, const float* x, int64_t M, float* y
       });
 }
 
+void block_linear_rows_chunks(const std::vector<BlockMatrix>& Ws, const float* x, int64_t M, float* y,
+                              uint8_t* scratch) {
+  const int64_t n = static_cast<int64_t>(Ws.size());
+  if (n == 0) return;
+  const int64_t K = Ws[0].K, N = Ws[0].N;
+  const int64_t stride = (scratch_bytes(M, K) + 64 + 63) / 64 * 64;
+  constexpr int64_t kChunk = 16, kRowBlock = 64;
+  std::vector<XQuant> xq(static_cast<size_t>(n));
+  // work units: 16-row groups of every segment of every chunk, chunk after chunk
+  std::vector<int64_t> first(1, 0);
+  for (int64_t j = 0; j < n; ++j) {
+    const BlockMatrix& W = Ws[static_cast<size_t>(j)];
+    xq[static_cast<size_t>(j)] = carve(scratch + j * stride, M, K);
+    bool per32 = false, per256 = false;
+    for (int64_t s = 0; s < W.nseg; ++s) {
+      const int64_t k = W.seg[s].kind;
+      per32 = per32 || (k != kQ8_0 && kKinds[k].weights == 32);
+      per256 = per256 || kKinds[k].weights == 256;
+      first.push_back(first.back() + (W.seg[s].rows + kChunk - 1) / kChunk);
+    }
+    if (per32) quantize_32(x + j * M * K, M, K, xq[static_cast<size_t>(j)]);
+    if (per256) quantize_256(x + j * M * K, M, K, xq[static_cast<size_t>(j)]);
+  }
+  parallel_for(0, first.back(), grain_for(kChunk * K * std::max<int64_t>(M, 1), 1 << 16), [&](int64_t lo, int64_t hi) {
+    int64_t unit = 0;  // index into `first` of (chunk j, segment s)
+    for (int64_t j = 0; j < n; ++j) {
+      const BlockMatrix& W = Ws[static_cast<size_t>(j)];
+      for (int64_t s = 0; s < W.nseg; ++s, ++unit) {
+        const int64_t c_lo = std::max(lo, first[unit]), c_hi = std::min(hi, first[unit + 1]);
+        if (c_lo >= c_hi) continue;
+        const BlockSegment& seg = W.seg[s];
+        const int64_t n_lo = (c_lo - first[unit]) * kChunk, n_hi = std::min(seg.rows, (c_hi - first[unit]) * kChunk);
+        for (int64_t mb = 0; mb < M; mb += kRowBlock)
+          segment_rows(seg, x + j * M * K, xq[static_cast<size_t>(j)], K, y + j * M * N, N, n_lo, n_hi, mb,
+                       std::min(M, mb + kRowBlock));
+      }
+    }
+  });
+}
+
 BlockMatrix check_segments(const char* op, const std::vector<BlockPart>& parts, int64_t N, int64_t K,
                            const Tensor* bias) {
   TORCH_CHECK(!parts.empty() && static_cast<int64_t>(parts.size()) <= kMaxSegments, op, ": a matrix takes 1 to ",

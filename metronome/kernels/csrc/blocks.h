@@ -67,6 +67,13 @@ inline int64_t scratch_bytes(int64_t M, int64_t K) { return M * K * 6 + 1024; }
 // y (M, N) = x (M, K) @ W.T (+ bias), float32; scratch holds scratch_bytes(M, K) + 64 bytes.
 void block_linear_rows(const BlockMatrix& W, const float* x, int64_t M, float* y, uint8_t* scratch);
 
+// y_j (M, N) = x_j (M, K) @ W_j.T for every chunk j in one parallel region (tensor parallel's row-parallel
+// K ranges: each chunk has the same N and K, no bias). x and y hold the chunks one after another (x_j at
+// x + j*M*K, y_j at y + j*M*N); scratch holds n * (scratch_bytes(M, K) + 128) bytes. Each y_j has the bits
+// block_linear_rows gives it alone.
+void block_linear_rows_chunks(const std::vector<BlockMatrix>& Ws, const float* x, int64_t M, float* y,
+                              uint8_t* scratch);
+
 // One segment per (blocks, kind, rows) part, stacked in order; the rows must add up to N. Checks every
 // part (and the optional float32 bias) and returns the matrix view; `op` names the caller in errors.
 using BlockPart = std::tuple<Tensor, int64_t, int64_t>;

@@ -3,6 +3,7 @@
 #include "decoder.h"
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 
 #include <algorithm>
 #include <cstring>
@@ -44,19 +45,43 @@ void Decoder::add_layer(const std::vector<BlockPart>& qkv, const std::optional<T
                         const std::vector<BlockPart>& down, const Tensor& attn_norm, const Tensor& mlp_norm,
                         const std::optional<Tensor>& post_attn_norm, const std::optional<Tensor>& post_mlp_norm,
                         const std::optional<Tensor>& q_norm, const std::optional<Tensor>& k_norm, int64_t window,
-                        bool local_rope, const std::shared_ptr<MoeLayer>& moe) {
+                        bool local_rope, const std::shared_ptr<MoeLayer>& moe,
+                        const std::vector<std::vector<BlockPart>>& o_chunks,
+                        const std::vector<std::vector<BlockPart>>& down_chunks) {
   const char* op = "Decoder.add_layer";
   TORCH_CHECK(static_cast<int64_t>(layers_.size()) < kc_.size(0), op, ": the cache holds ", kc_.size(0), " layers");
   DecoderLayer L;
   L.qkv = check_segments(op, qkv, (H_ + 2 * Hkv_) * Dh_, D_, qkv_bias.has_value() ? &*qkv_bias : nullptr);
-  L.o = check_segments(op, o, D_, H_ * Dh_, nullptr);
+  // a row-parallel matrix: n chunks of K/n columns each, in place of the whole
+  auto chunks = [&](const std::vector<std::vector<BlockPart>>& parts, int64_t K, const char* name) {
+    std::vector<BlockMatrix> out;
+    const int64_t n = static_cast<int64_t>(parts.size());
+    TORCH_CHECK(K % n == 0, op, ": ", name, " has ", n, " chunks, which do not divide its ", K, " columns");
+    for (const auto& part : parts) {
+      out.push_back(check_segments(op, part, D_, K / n, nullptr));
+      for (const BlockPart& p : part) L.keep.push_back(std::get<0>(p));
+    }
+    max_chunks_ = std::max(max_chunks_, n);
+    return out;
+  };
+  if (o_chunks.empty()) {
+    L.o = check_segments(op, o, D_, H_ * Dh_, nullptr);
+  } else {
+    TORCH_CHECK(o.empty(), op, ": give o or o_chunks, not both");
+    L.o_chunks = chunks(o_chunks, H_ * Dh_, "o_chunks");
+  }
   if (moe != nullptr) {
     TORCH_CHECK(gate_up.empty() && down.empty() && moe->hidden() == D_, op,
                 ": an MoE layer takes empty gate_up and down lists and a block of hidden size ", D_);
     L.moe = moe;
   } else {
     L.gate_up = check_segments(op, gate_up, 2 * F_, D_, nullptr);
-    L.down = check_segments(op, down, D_, F_, nullptr);
+    if (down_chunks.empty()) {
+      L.down = check_segments(op, down, D_, F_, nullptr);
+    } else {
+      TORCH_CHECK(down.empty(), op, ": give down or down_chunks, not both");
+      L.down_chunks = chunks(down_chunks, F_, "down_chunks");
+    }
   }
   auto norm = [&](const Tensor& t, int64_t n, const char* name, int64_t or_n = -1) {
     TORCH_CHECK(
@@ -84,18 +109,21 @@ void Decoder::run(float* x, int64_t M, const int64_t* sp, const int64_t* pp, con
   const int64_t Q = H_ * Dh_, KV = Hkv_ * Dh_, QKV = Q + 2 * KV;
   // Scratch for M rows, reused by every layer (grown, never shrunk).
   const int64_t widest = std::max({QKV, 2 * F_, D_});
-  const int64_t floats = M * (D_ + QKV + 2 * Q + 3 * F_ + D_);
-  const int64_t need = floats * 4 + scratch_bytes(M, std::max(D_, F_)) + 64;
+  // + the row-parallel chunks' input columns and partial sums
+  const int64_t floats = M * (D_ + QKV + 2 * Q + 3 * F_ + D_) + M * (std::max(Q, F_) + max_chunks_ * D_);
+  const int64_t need = floats * 4 + scratch_bytes(M, std::max({D_, F_, Q})) + 64 + max_chunks_ * (1024 + 256);
   if (scratch_.numel() < need) scratch_ = at::empty({need}, at::kByte);
   // h (M, D): the normed input of a matmul.
   float* h = reinterpret_cast<float*>(scratch_.data_ptr<uint8_t>());
-  float* qkv = h + M * D_;                                 // (M, QKV)
-  float* qb = qkv + M * QKV;                               // (M, H, Dh) queries, contiguous for the attention kernel
-  float* att = qb + M * Q;                                 // (M, H, Dh) attention output
-  float* gu = att + M * Q;                                 // (M, 2F)
-  float* act = gu + M * 2 * F_;                            // (M, F)
-  float* out = act + M * F_;                               // (M, D) a sublayer's output
-  uint8_t* sx = reinterpret_cast<uint8_t*>(out + M * D_);  // a matmul's quantized input
+  float* qkv = h + M * D_;                      // (M, QKV)
+  float* qb = qkv + M * QKV;                    // (M, H, Dh) queries, contiguous for the attention kernel
+  float* att = qb + M * Q;                      // (M, H, Dh) attention output
+  float* gu = att + M * Q;                      // (M, 2F)
+  float* act = gu + M * 2 * F_;                 // (M, F)
+  float* out = act + M * F_;                    // (M, D) a sublayer's output
+  float* xin = out + M * D_;                    // (M, K/n) a chunk's input columns
+  float* partials = xin + M * std::max(Q, F_);  // (n, M, D) the chunks' partial sums
+  uint8_t* sx = reinterpret_cast<uint8_t*>(partials + M * max_chunks_ * D_);  // a matmul's quantized input
   const int64_t ks[3] = {kc_.stride(1), kc_.stride(2), kc_.stride(3)};
   int64_t total_keys = 0;
   for (int64_t r = 0; r < M; ++r) total_keys += ends[r];
@@ -134,7 +162,10 @@ void Decoder::run(float* x, int64_t M, const int64_t* sp, const int64_t* pp, con
       }
     });
     attention_rows<float, TC>(qb, att, kc, vc, ks, ks, sp, ends, M, H_, Hkv_, Dh_, L.window, scale_, total_keys);
-    block_linear_rows(L.o, att, M, out, sx);
+    if (L.o_chunks.empty())
+      block_linear_rows(L.o, att, M, out, sx);
+    else
+      row_parallel(L.o_chunks, att, M, Q, xin, partials, out, sx);
     residual_add(x, out, M, L.post_attn_norm);
     rms_norm_rows(x, L.mlp_norm.data_ptr<float>(), h, M, D_, eps_);
     if (L.moe != nullptr) {
@@ -145,9 +176,33 @@ void Decoder::run(float* x, int64_t M, const int64_t* sp, const int64_t* pp, con
         gated_rows<true>(gu, act, M, F_);
       else
         gated_rows<false>(gu, act, M, F_);
-      block_linear_rows(L.down, act, M, out, sx);
+      if (L.down_chunks.empty())
+        block_linear_rows(L.down, act, M, out, sx);
+      else
+        row_parallel(L.down_chunks, act, M, F_, xin, partials, out, sx);
     }
     residual_add(x, out, M, L.post_mlp_norm);
+  }
+}
+
+void Decoder::row_parallel(const std::vector<BlockMatrix>& chunks, const float* in, int64_t M, int64_t K, float* xin,
+                           float* partials, float* out, uint8_t* sx) {
+  const int64_t n = static_cast<int64_t>(chunks.size()), Kc = K / n;
+  for (int64_t j = 0; j < n; ++j)  // chunk j's input columns, contiguous: xin + j*M*Kc
+    for (int64_t r = 0; r < M; ++r)
+      std::memcpy(xin + (j * M + r) * Kc, in + r * K + j * Kc, static_cast<size_t>(Kc) * sizeof(float));
+  block_linear_rows_chunks(chunks, xin, M, partials, sx);
+  if (reduce_) {
+    const Tensor p = at::from_blob(partials, {n, M, D_}, at::kFloat);
+    const Tensor o = at::from_blob(out, {M, D_}, at::kFloat);
+    reduce_(p, o);
+    return;
+  }
+  // one process: the chunks' partials added in chunk order (the same adds the hook does across ranks)
+  std::memcpy(out, partials, static_cast<size_t>(M * D_) * sizeof(float));
+  for (int64_t j = 1; j < n; ++j) {
+    const float* pj = partials + j * M * D_;
+    for (int64_t i = 0; i < M * D_; ++i) out[i] = out[i] + pj[i];
   }
 }
 

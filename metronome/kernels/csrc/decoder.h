@@ -17,6 +17,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <vector>
@@ -29,7 +30,10 @@ namespace metronome {
 using at::Tensor;
 
 struct DecoderLayer {
-  BlockMatrix qkv, o, gate_up, down;    // gate_up, down: empty where `moe` is the feed-forward block
+  BlockMatrix qkv, o, gate_up, down;  // gate_up, down: empty where `moe` is the feed-forward block
+  // Row-parallel o and down (tensor parallel): chunks of equal K ranges, each its own matmul; their
+  // partial sums are added by the reduce hook (or here, in chunk order). Empty: `o` / `down` serve.
+  std::vector<BlockMatrix> o_chunks, down_chunks;
   std::shared_ptr<const MoeLayer> moe;  // a mixture-of-experts block (moe.h) in place of the MLP
   Tensor attn_norm, mlp_norm, post_attn_norm, post_mlp_norm, q_norm,
       k_norm;                // float32; the last four optional
@@ -51,9 +55,19 @@ class Decoder {
                  const std::vector<BlockPart>& down, const Tensor& attn_norm, const Tensor& mlp_norm,
                  const std::optional<Tensor>& post_attn_norm, const std::optional<Tensor>& post_mlp_norm,
                  const std::optional<Tensor>& q_norm, const std::optional<Tensor>& k_norm, int64_t window,
-                 bool local_rope, const std::shared_ptr<MoeLayer>& moe);
+                 bool local_rope, const std::shared_ptr<MoeLayer>& moe,
+                 const std::vector<std::vector<BlockPart>>& o_chunks,
+                 const std::vector<std::vector<BlockPart>>& down_chunks);
   // An MoE layer gives `moe` and empty gate_up/down. q_norm/k_norm span one head, or the whole
-  // projection (OLMoE) when they hold heads * head_dim values.
+  // projection (OLMoE) when they hold heads * head_dim values. o_chunks / down_chunks (tensor parallel):
+  // o / down as n matrices of K/n columns each (then o / down are empty).
+
+  // The hook that adds a row-parallel matmul's partial sums: reduce(partials (n, M, D), out (M, D)) must
+  // write into `out` the sum of every rank's partials in chunk order (parallel/fused_tp.py gathers them).
+  // Called on the thread that called forward, with the GIL taken by pybind11. None: the local chunks
+  // are added here, in chunk order.
+  using Reduce = std::function<void(const Tensor&, const Tensor&)>;
+  void set_reduce(Reduce reduce) { reduce_ = std::move(reduce); }
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
 
@@ -70,6 +84,10 @@ class Decoder {
   // x += post_norm ? norm(y) : y
   void residual_add(float* x, float* y, int64_t M, const Tensor& post_norm);
 
+  // out (M, D) = in (M, K) @ [chunks]^T, each chunk's K range alone, partials added in chunk order.
+  void row_parallel(const std::vector<BlockMatrix>& chunks, const float* in, int64_t M, int64_t K, float* xin,
+                    float* partials, float* out, uint8_t* sx);
+
   int64_t D_, H_, Hkv_, Dh_, F_;
   float eps_, scale_;
   bool gelu_;
@@ -77,6 +95,8 @@ class Decoder {
   std::vector<DecoderLayer> layers_;
   Tensor scratch_;
   Tensor moe_scratch_;  // the MoE blocks' dispatch buffers (grown, never shrunk)
+  Reduce reduce_;
+  int64_t max_chunks_ = 0;  // the most row-parallel chunks of any layer (scratch for their partials)
 };
 
 }  // namespace metronome

@@ -1,0 +1,158 @@
+"""The automatic prefix cache: the KV of prompts' shared beginnings, kept in a pool of pages for later requests.
+
+A request whose prompt begins like an earlier one (a system prompt, an earlier turn of a conversation, an
+agent's transcript) copies that beginning's keys and values from the pool into its slot and runs only the
+rest of its prompt.
+
+- **Pages.** The pool is a `KVCache` whose "slots" are pages of `page` tokens (`Plan.prefix_pool`, allocated
+  once with the plan: nothing is allocated while serving). A page is named by its parent page and its own
+  tokens, so page i stands for exactly tokens 0..(i+1)*page of the prompts that share it: a trie with one
+  page per node, compared token for token (no hash can collide).
+- **Bitwise.** Only for a runner whose rows are independent (the fused decoder, `any_rows`): the KV of
+  position p is then a function of tokens 0..p alone, whichever step, chunk or slot computed it, so a
+  prefix copied from the pool holds the very bits the request would have computed itself.
+- **Eviction.** Least recently used first, and only pages no other page continues (a leaf): a page's
+  descendants are unreachable without it, so they leave first.
+- **What is stored.** A prompt's full pages once it has been prefilled (requests running at the same time
+  share a system prompt), and when a request ends, the full pages of its prompt and output whose KV is in
+  its slot (an agent's next turn resends that transcript).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Sequence
+
+from metronome.model.transformer import KVCache
+
+_ROOT = -1  # the parent of a prompt's first page
+
+
+@dataclass
+class PrefixStats:
+    """Counts since the engine started (cumulative; /metrics shows them)."""
+
+    lookups: int = 0  # admitted requests looked up
+    lookup_tokens: int = 0  # their prompt tokens
+    hit_tokens: int = 0  # prompt tokens copied from the pool instead of computed
+    stored_pages: int = 0  # pages copied into the pool
+    evicted_pages: int = 0  # pages dropped to make room
+    load_s: float = 0.0  # seconds the stepping thread spent copying pages into slots (in the requests' TTFT)
+    store_s: float = 0.0  # ... and into the pool (after a request's first token, or its end)
+
+
+class PrefixCache:
+    """Pages of KV keyed by the tokens before them; copies between the pool and the plan's slots.
+
+    Called from the engine's stepping thread only (`peek` excepted: a read that may be stale)."""
+
+    def __init__(self, cache: KVCache, pool: KVCache) -> None:
+        def kind(c: KVCache) -> tuple:  # layers, kv heads, head dim, dtype: what a page and a slot must share
+            return c.k.shape[0], c.k.shape[2], c.k.shape[4], c.k.dtype
+
+        if kind(pool) != kind(cache):
+            raise ValueError(
+                f"the prefix pool's shape {tuple(pool.k.shape)} does not match the KV cache's {tuple(cache.k.shape)}"
+            )
+        self.cache, self.pool = cache, pool
+        self.page = pool.ctx  # tokens per page
+        self.pages = pool.slots
+        self._page_of: dict[tuple[int, tuple[int, ...]], int] = {}  # (parent page, its tokens) -> page
+        self._key: list[tuple[int, tuple[int, ...]] | None] = [None] * self.pages
+        self._children = [0] * self.pages
+        self._lru: OrderedDict[int, None] = OrderedDict()  # pages in use, least recently used first
+        self._free = list(range(self.pages - 1, -1, -1))  # pop() hands out page 0 first
+        self.stats = PrefixStats()
+
+    @property
+    def used_pages(self) -> int:
+        return len(self._lru)
+
+    def _chain(self, ids: Sequence[int], pages: int) -> list[int]:
+        """The pool pages holding the first `pages` full pages of `ids`, as far as they are cached."""
+        chain: list[int] = []
+        parent = _ROOT
+        for i in range(pages):
+            page = self._page_of.get((parent, tuple(ids[i * self.page : (i + 1) * self.page])))
+            if page is None:
+                break
+            chain.append(page)
+            parent = page
+        return chain
+
+    def _reusable_pages(self, prompt_tokens: int) -> int:
+        # the prompt's last token always runs: its row gives the logits of the first output token
+        return (prompt_tokens - 1) // self.page
+
+    def peek(self, prompt: Sequence[int]) -> int:
+        """Tokens of `prompt` a request admitted now would copy from the pool (no copy, no LRU update)."""
+        return len(self._chain(prompt, self._reusable_pages(len(prompt)))) * self.page
+
+    def load(self, prompt: Sequence[int], slot: int) -> int:
+        """Copy the longest cached page-aligned beginning of `prompt` (never its last token) into `slot`'s
+        positions 0.. and return its length in tokens: the request's prefill starts there."""
+        started = time.perf_counter()
+        chain = self._chain(prompt, self._reusable_pages(len(prompt)))
+        for i, page in enumerate(chain):
+            lo = i * self.page
+            self.cache.k[:, slot, :, lo : lo + self.page].copy_(self.pool.k[:, page])
+            self.cache.v[:, slot, :, lo : lo + self.page].copy_(self.pool.v[:, page])
+        self._touch(chain)
+        tokens = len(chain) * self.page
+        self.stats.lookups += 1
+        self.stats.lookup_tokens += len(prompt)
+        self.stats.hit_tokens += tokens
+        self.stats.load_s += time.perf_counter() - started
+        return tokens
+
+    def store(self, ids: Sequence[int], slot: int, valid: int) -> int:
+        """Keep the full pages of `ids[:valid]`, whose KV `slot` holds at positions 0..valid-1, in the pool
+        (pages already there are only marked used). Stops early when no page can be freed. Returns the
+        pages newly stored."""
+        started = time.perf_counter()
+        parent, stored = _ROOT, 0
+        for i in range(min(valid, len(ids)) // self.page):
+            lo = i * self.page
+            key = (parent, tuple(ids[lo : lo + self.page]))
+            page = self._page_of.get(key)
+            if page is None:
+                page = self._take_page(keep=parent)
+                if page is None:
+                    break
+                self.pool.k[:, page].copy_(self.cache.k[:, slot, :, lo : lo + self.page])
+                self.pool.v[:, page].copy_(self.cache.v[:, slot, :, lo : lo + self.page])
+                self._page_of[key], self._key[page] = page, key
+                if parent != _ROOT:
+                    self._children[parent] += 1
+                stored += 1
+            self._lru[page] = None
+            self._lru.move_to_end(page)
+            parent = page
+        self.stats.stored_pages += stored
+        self.stats.store_s += time.perf_counter() - started
+        return stored
+
+    def _touch(self, chain: list[int]) -> None:
+        for page in chain:
+            self._lru.move_to_end(page)
+
+    def _take_page(self, keep: int) -> int | None:
+        """A free page, else the least recently used leaf page (never `keep`, the page being continued)."""
+        if self._free:
+            return self._free.pop()
+        for page in self._lru:
+            if self._children[page] == 0 and page != keep:
+                break
+        else:
+            return None
+        del self._lru[page]
+        key = self._key[page]
+        assert key is not None  # a page in the LRU order always has its key
+        del self._page_of[key]
+        self._key[page] = None
+        if key[0] != _ROOT:
+            self._children[key[0]] -= 1
+        self.stats.evicted_pages += 1
+        return page

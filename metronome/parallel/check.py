@@ -1,0 +1,71 @@
+"""The tensor-parallel determinism check: the same prompt and decode steps on 1, 2, 4 ranks give the same
+logits bit for bit (tests/parallel/test_tp.py; `python -m metronome.parallel.check MODEL --tp 1,2,4`)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import torch
+
+from metronome.compile.quant import dense
+from metronome.compile.runner import TorchRunner
+from metronome.config import EngineConfig
+from metronome.model.loader import load
+from metronome.model.transformer import build_model
+from metronome.parallel.tp import Collective, Solo, TPLayout, allocate_shard_cache, default_shards, shard_model
+
+
+def sharded_runner(
+    path: str | None, group: Collective, shards: int | None, slots: int = 2, ctx: int = 256
+) -> TorchRunner:
+    """A float32 TorchRunner over this rank's cut of the model at `path` (None: the default model)."""
+    loaded = load(path)
+    cfg = loaded.config
+    model = build_model(cfg, {k: dense(v) for k, v in loaded.weights.items()}, ctx, torch.float32)
+    layout = TPLayout(group.world, group.rank, shards or default_shards(cfg))
+    shard_model(model, layout, group)
+    cache = allocate_shard_cache(cfg, layout, slots, ctx, torch.float32, "cpu")
+    return TorchRunner(model, cache, EngineConfig(slots=slots, ctx=ctx, weights="f32", kernels="torch"))
+
+
+def greedy_trace(
+    group: Collective, path: str | None, shards: int | None, prompt: list[int], steps: int
+) -> dict[str, Any]:
+    """Prefill `prompt`, then `steps` greedy decode steps: every step's logits, and the decode time."""
+    runner = sharded_runner(path, group, shards)
+    with torch.inference_mode():
+        logits = [runner.prefill(prompt, 0)]
+        token, pos = int(logits[-1].argmax()), len(prompt)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            logits.append(runner.decode([0], [token], [pos])[0])
+            token, pos = int(logits[-1].argmax()), pos + 1
+        seconds = time.perf_counter() - t0
+    return {"logits": torch.stack(logits), "decode_s": seconds}
+
+
+def main() -> None:
+    from metronome.parallel.group import run_ranks
+
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("model", nargs="?", default=None)
+    p.add_argument("--tp", default="1,2")
+    p.add_argument("--shards", type=int, default=None)
+    p.add_argument("--steps", type=int, default=32)
+    a = p.parse_args()
+    prompt = list(range(1, 33))
+    base = None
+    for tp in [int(x) for x in a.tp.split(",")]:
+        if tp == 1:
+            trace = greedy_trace(Solo(), a.model, a.shards, prompt, a.steps)
+        else:
+            trace = run_ranks(tp, greedy_trace, (a.model, a.shards, prompt, a.steps), timeout_s=600)[0]
+        base = trace if base is None else base
+        same = torch.equal(trace["logits"], base["logits"])
+        print(f"tp={tp}: {a.steps / trace['decode_s']:.1f} tok/s, logits identical to tp={a.tp.split(',')[0]}: {same}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""Disaggregated prefill: prompts run on a prefill worker (its own process and plan), and each prompt's KV
+cache moves into a decode slot of the serving engine, so decode steps never carry prompt rows.
+
+Groq's layout is prefill on GPUs, decode on LPUs; here both are CPU processes on one host, joined in a
+gloo group of two (rank 0: the engine; rank 1: the prefill worker), and the KV moves with
+torch.distributed send/recv over loopback. The worker's plan is the engine's own settings with one slot,
+and the fused decoder's rows are independent, so a prompt's KV (and its last logits) have the same bits
+computed there as in the engine: a disaggregated request gives the same tokens as a colocated one.
+
+Rank 0 talks to the worker on one thread of its own (`_transfer`): it sends a prompt, receives its KV
+and logits, and hands them to the engine (`take`). Every wait is bounded: the group's collective
+timeout on the wire, a slice of `POLL_S` on the job queue. A dead worker fails the prompts it held
+(`PrefillFailed`) and is started again for the next ones.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import multiprocessing as mp
+import queue
+import signal
+import threading
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from metronome.config import EngineConfig
+from metronome.parallel.group import Endpoint, GlooGroup, GroupError, free_port
+
+COLLECTIVE_TIMEOUT_S = 30.0
+POLL_S = 0.5  # the transfer thread's longest sleep without work (bounds every wait)
+_STOP = -1  # header value that tells the worker to end
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """What a prompt's KV looks like on the wire: (layers, kv_heads, T, head_dim) keys and values."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    dtype: torch.dtype
+
+
+@dataclass
+class PrefillResult:
+    """One prompt, prefilled: its KV (keys, values) and the logits of its last position, or the error."""
+
+    key: Any
+    k: torch.Tensor | None
+    v: torch.Tensor | None
+    logits: torch.Tensor | None
+    error: str | None = None
+
+
+def _worker_main(path: str, config: EngineConfig, endpoint: Endpoint, errors: Any) -> None:
+    """The prefill worker (rank 1): compile the plan with one slot, then prefill what rank 0 sends."""
+    from metronome.compile import compile_plan
+    from metronome.model.loader import load
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the engine ends us
+    group = None
+    try:
+        group = GlooGroup(1, 2, endpoint, COLLECTIVE_TIMEOUT_S)
+        plan = compile_plan(load(path), config, calibrate=False, cache=False)
+        header = torch.zeros(1, dtype=torch.int64)
+        while True:
+            dist.recv(header, src=0)
+            T = int(header[0])
+            if T == _STOP:
+                return
+            ids = torch.empty(T, dtype=torch.int64)
+            dist.recv(ids, src=0)
+            logits = plan.prefill(ids.tolist(), 0).float().contiguous()
+            dist.send(plan.cache.k[:, 0, :, :T].contiguous(), dst=0)
+            dist.send(plan.cache.v[:, 0, :, :T].contiguous(), dst=0)
+            dist.send(logits, dst=0)
+    except BaseException as exc:  # told to rank 0, which fails the prompt it was sending and restarts us
+        errors.put(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+    finally:
+        if group is not None:
+            group.close()
+
+
+class PrefillWorker:
+    """Rank 0's handle on the prefill worker: `submit` prompts, `take` their KV when ready."""
+
+    def __init__(
+        self,
+        path: str,
+        config: EngineConfig,
+        shape: KVShape,
+        on_ready: Callable[[], None] | None = None,
+        threads: int = 1,
+    ) -> None:
+        self.path, self.shape = path, shape
+        # the worker's plan: the engine's settings, one slot, no speculation, its own share of the cores
+        self.config = dataclasses.replace(
+            config, slots=1, spec_tokens=0, draft=None, threads=threads, prefix_cache_tokens=0
+        )
+        self.on_ready = on_ready or (lambda: None)
+        self._ctx = mp.get_context("spawn")
+        self._errors = self._ctx.Queue()
+        self._jobs: queue.Queue[tuple[Any, list[int]] | None] = queue.Queue()
+        self._done: queue.Queue[PrefillResult] = queue.Queue()
+        self._group: GlooGroup | None = None
+        self._process: Any = None
+        self.restarts = 0
+        self._broken = False
+        self._start()
+        self._thread = threading.Thread(target=self._transfer, name="metronome-prefill-transfer", daemon=True)
+        self._thread.start()
+        atexit.register(self.close)  # the worker ends with this process
+
+    def _start(self) -> None:
+        endpoint = Endpoint("127.0.0.1", free_port())
+        self._process = self._ctx.Process(
+            target=_worker_main, args=(self.path, self.config, endpoint, self._errors), daemon=True, name="prefill"
+        )
+        self._process.start()
+        try:
+            if self._group is None:
+                self._group = GlooGroup(0, 2, endpoint, COLLECTIVE_TIMEOUT_S)
+            else:
+                self._group.reconnect(endpoint)
+        except Exception as exc:
+            self._process.kill()
+            raise GroupError(f"the prefill worker did not join: {exc}{self._worker_error()}") from exc
+
+    def _worker_error(self) -> str:
+        try:
+            return "\nprefill worker: " + self._errors.get(timeout=0.5)
+        except queue.Empty:
+            return ""
+
+    def submit(self, key: Any, ids: list[int]) -> None:
+        """Queue a prompt; its result comes back through `take` (and `on_ready` is called)."""
+        self._jobs.put((key, list(ids)))
+
+    @property
+    def has_results(self) -> bool:
+        """Some prompt is ready to `take`."""
+        return not self._done.empty()
+
+    def take(self) -> list[PrefillResult]:
+        """The prompts prefilled since the last call (never blocks)."""
+        out = []
+        while True:
+            try:
+                out.append(self._done.get_nowait())
+            except queue.Empty:
+                return out
+
+    def _transfer(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get(timeout=POLL_S)
+            except queue.Empty:
+                continue
+            if job is None:
+                return
+            key, ids = job
+            try:
+                if self._broken:  # the last worker died: a new one for this prompt
+                    self._restart()
+                k, v, logits = self._prefill(ids)
+                result = PrefillResult(key, k, v, logits)
+            except Exception as exc:  # the worker died, timed out, or could not start: fail this prompt
+                self._broken = True
+                result = PrefillResult(key, None, None, None, f"the prefill worker failed: {type(exc).__name__}: {exc}")
+            self._done.put(result)
+            self.on_ready()
+
+    def _prefill(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Send one prompt, receive its KV and last logits (each wait bounded by the group's timeout)."""
+        s, T = self.shape, len(ids)
+        dist.send(torch.tensor([T], dtype=torch.int64), dst=1)
+        dist.send(torch.tensor(ids, dtype=torch.int64), dst=1)
+        k = torch.empty(s.layers, s.kv_heads, T, s.head_dim, dtype=s.dtype)
+        v = torch.empty_like(k)
+        logits = torch.empty(s.vocab, dtype=torch.float32)
+        dist.recv(k, src=1)
+        dist.recv(v, src=1)
+        dist.recv(logits, src=1)
+        return k, v, logits
+
+    def _restart(self) -> None:
+        if self._process.is_alive():
+            self._process.kill()
+        self._process.join(timeout=5.0)
+        self.restarts += 1
+        self._start()
+        self._broken = False
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the worker and the transfer thread."""
+        self._jobs.put(None)
+        self._thread.join(timeout)
+        if self._process.is_alive() and not self._broken:
+            dist.send(torch.tensor([_STOP], dtype=torch.int64), dst=1)
+        self._process.join(timeout)
+        if self._process.is_alive():
+            self._process.kill()
+        if self._group is not None:
+            self._group.close()
+
+
+def install_kv(cache_k: torch.Tensor, cache_v: torch.Tensor, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Write a prompt's KV (layers, kv_heads, T, head_dim) into positions 0..T-1 of `slot`."""
+    T = k.shape[2]
+    cache_k[:, slot, :, :T].copy_(k)
+    cache_v[:, slot, :, :T].copy_(v)

@@ -1,0 +1,290 @@
+"""Compile a tensor-parallel plan: `config.tp` ranks on this host, each holding its cut of the model.
+
+Rank 0 is this process (the engine, the server); ranks 1..tp-1 are processes it starts, which build the
+same plan for their rank and then follow rank 0's calls (runner.py). Every rank builds the model from the
+same file: a file that differs between ranks (another machine's copy) is caught by comparing
+fingerprints before the first step.
+
+The torch path only for now: dense f32/bf16 weights (the fused C++ decoder keeps each layer in one call;
+splitting it needs the collectives inside that call). docs/parallel.md says what it costs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing as mp
+import queue
+import signal
+import traceback
+from typing import Any, Callable
+
+import torch
+
+from metronome.compile.plan import Plan, PlanError, PlanReport
+from metronome.compile.probe import calibrate as calibrate_steps
+from metronome.compile.probe import calibrate_prompt_rows, choose_decode_mode, far_position
+from metronome.compile.quant import dense
+from metronome.compile.runner import Runner, TorchRunner
+from metronome.compile.stages import DTYPES, resolve_settings, resolve_weights
+from metronome.config import EngineConfig
+from metronome.kernels.ops import KernelBuildError, TorchOps, load_kernels
+from metronome.model.loader import LoadedModel, load
+from metronome.model.transformer import build_model, use_ops
+from metronome.parallel.fused_tp import TPFusedRunner, local_cache, rank_weights
+from metronome.parallel.group import Endpoint, GlooGroup, GroupError, env_rank, free_port
+from metronome.parallel.runner import TPRunner, follow
+from metronome.parallel.tp import (
+    Collective,
+    ShardingError,
+    TPLayout,
+    allocate_shard_cache,
+    check_shards,
+    default_shards,
+    shard_model,
+)
+
+COLLECTIVE_TIMEOUT_S = 30.0  # a collective that waits longer fails (a rank is gone or stuck)
+
+
+def tp_settings(loaded: LoadedModel, config: EngineConfig) -> tuple[EngineConfig, TPLayout, str]:
+    """The resolved settings of a TP plan, rank 0's layout, and the weight format; PlanError if unusable.
+    int4/int8 (the CPU default) run on the fused C++ decoder (parallel/fused_tp.py); f32/bf16 on the torch
+    path (parallel/tp.py)."""
+    config = resolve_settings(loaded.config, config)
+    if config.device != "cpu":
+        raise PlanError(f"device={config.device!r}: tensor parallel runs on CPU ranks (gloo) for now", "device")
+    weights = resolve_weights(loaded, config)
+    fused = weights in ("int4", "int8")
+    if fused and config.kernels == "torch":
+        raise PlanError(
+            f"kernels='torch' with weights={weights!r}: tensor parallel runs int4/int8 on the C++ kernels and "
+            "f32/bf16 on torch; use --weights f32 for the torch path",
+            "weights",
+        )
+    try:
+        shards = config.tp_shards or default_shards(loaded.config)
+        if config.tp_shards is None and shards % config.tp:
+            cfg = loaded.config
+            raise ShardingError(
+                f"tp={config.tp}: this model cuts into at most {shards} equal chunk(s) ({cfg.num_heads} attention "
+                f"heads, {cfg.num_kv_heads} KV heads, MLP width {cfg.intermediate_size}); choose a tp dividing {shards}",
+                "tp",
+            )
+        layout = TPLayout(config.tp, 0, shards)
+        check_shards(loaded.config, shards)
+        if fused:  # the file's blocks must cut along K where the chunks do (raises before any rank starts)
+            rank_weights(loaded.config, loaded.weights, layout)
+    except ShardingError as exc:
+        raise PlanError(str(exc), exc.param) from None
+    threads = max(1, (config.threads or 1) // config.tp)  # the machine's cores shared among the ranks
+    kernels = "cpp" if fused else "torch"
+    return dataclasses.replace(config, threads=threads, weights=weights, kernels=kernels), layout, weights
+
+
+def rank_runner(loaded: LoadedModel, config: EngineConfig, layout: TPLayout, group: Collective) -> Runner:
+    """One rank's runner over the rank's KV cache: its cut of the file's blocks on the fused decoder
+    (int4/int8), or the model built dense and cut (f32/bf16, torch)."""
+    cfg = loaded.config
+    dtype = DTYPES[str(config.weights)]
+    if config.kernels == "cpp":
+        try:
+            ops = load_kernels()
+        except KernelBuildError as exc:
+            raise PlanError(
+                f"tensor parallel with weights={config.weights!r} needs the C++ kernels: {exc}", "kernels"
+            ) from exc
+        ops.set_threads(config.threads or 1)
+        torch.set_num_threads(1)  # the decoder computes on its own pool (as compile/stages.py does)
+        cache = local_cache(cfg, layout, config.slots, config.ctx, dtype)
+        return TPFusedRunner(cfg, loaded.weights, cache, str(config.weights), ops, layout, group)
+    model = build_model(cfg, {k: dense(v) for k, v in loaded.weights.items()}, config.ctx, dtype)
+    use_ops(model, TorchOps())
+    shard_model(model, layout, group)
+    cache = allocate_shard_cache(cfg, layout, config.slots, config.ctx, dtype, "cpu")
+    return TorchRunner(model, cache, config)
+
+
+def _worker(rank: int, path: str, config: EngineConfig, layout: TPLayout, endpoint: Endpoint, errors: Any) -> None:
+    """Rank `rank` (>= 1): build, check the file against rank 0's, follow rank 0's calls until Stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: rank 0 ends us (Stop)
+    torch.set_num_threads(config.threads or 1)
+    group = None
+    try:
+        group = GlooGroup(rank, layout.world, endpoint, COLLECTIVE_TIMEOUT_S)
+        loaded = load(path)
+        fingerprints = group.all_gather_objects(loaded.fingerprint())
+        if len(set(fingerprints)) != 1:
+            return  # rank 0 reports it
+        follow(group, rank_runner(loaded, config, dataclasses.replace(layout, rank=rank), group))
+    except BaseException as exc:  # told to the launcher (rank 0), which names this rank
+        errors.put((rank, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+    finally:
+        if group is not None:
+            group.close()
+
+
+class Ranks:
+    """Ranks 1..tp-1 as processes of this one, and this process's (rank 0's) place in their group.
+
+    `form()` starts them and forms the group; `reform()` does it again after a rank died: the survivors
+    are stopped, new processes build their cut of the model again, and rank 0 joins the new group on a
+    new port (its own modules keep their group object, which reconnects)."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        config: EngineConfig,
+        layout: TPLayout,
+        say: Callable[[str], None],
+        path: str | None = None,
+    ) -> None:
+        """`path`: the file the other ranks load (default: rank 0's; on other hosts, their own copy)."""
+        self.loaded, self.config, self.layout, self.say = loaded, config, layout, say
+        self.path = path or str(loaded.path)
+        self._ctx = mp.get_context("spawn")
+        self.errors = self._ctx.Queue()
+        self.workers: list = []
+        self.group: GlooGroup | None = None
+        self.generation = 0  # how many times the group was formed
+
+    def _spawn(self) -> Endpoint:
+        endpoint = Endpoint("127.0.0.1", free_port())
+        self.workers = [
+            self._ctx.Process(
+                target=_worker,
+                args=(r, self.path, self.config, self.layout, endpoint, self.errors),
+                daemon=True,
+                name=f"tp-rank-{r}",
+            )
+            for r in range(1, self.layout.world)
+        ]
+        for w in self.workers:
+            w.start()
+        return endpoint
+
+    def form(self) -> GlooGroup:
+        """Start ranks 1.. and join them (rank 0): the group; GroupError naming what went wrong."""
+        endpoint = self._spawn()
+        self.say(
+            f"tensor parallel: {self.layout.world} ranks on 127.0.0.1:{endpoint.port}, {self.layout.shards} shards"
+        )
+        try:
+            if self.group is None:
+                self.group = GlooGroup(0, self.layout.world, endpoint, COLLECTIVE_TIMEOUT_S)
+            else:
+                self.group.reconnect(endpoint)
+            fingerprints = self.group.all_gather_objects(self.loaded.fingerprint())
+        except Exception as exc:
+            self.stop()
+            raise GroupError(f"the tensor-parallel group did not form: {exc}{self._worker_errors()}") from exc
+        if len(set(fingerprints)) != 1:
+            self.stop()
+            raise GroupError(
+                f"the model file differs between ranks (fingerprints by rank: {fingerprints}): every rank must "
+                "load the same file"
+            )
+        self.generation += 1
+        return self.group
+
+    def reform(self) -> None:
+        """After a failure: stop what is left of the ranks and form the group again."""
+        self.stop()
+        self.form()
+
+    def alive(self) -> bool:
+        """Every rank process is running."""
+        return all(w.is_alive() for w in self.workers)
+
+    def stop(self) -> None:
+        """Stop ranks 1.. (killed if they do not end at once) and leave the group."""
+        if self.group is not None:
+            self.group.close()
+        for w in self.workers:
+            w.join(timeout=0.5)
+            if w.is_alive():
+                w.kill()
+                w.join(timeout=5.0)
+        self.workers = []
+
+    def _worker_errors(self) -> str:
+        found = []
+        while True:
+            try:
+                rank, text = self.errors.get(timeout=0.5)
+            except queue.Empty:
+                return "".join(found)
+            found.append(f"\nrank {rank}: {text}")
+
+
+class Launched:
+    """Ranks started by torchrun, not by us: a rank that dies cannot be started again from here (torchrun's
+    own restart policy relaunches the job), so a failure stays a failure."""
+
+    def __init__(self, group: GlooGroup) -> None:
+        self.group = group
+
+    def reform(self) -> None:
+        raise GroupError("a rank launched by torchrun failed; restart the job (torchrun --max-restarts)")
+
+    def alive(self) -> bool:
+        return True  # not ours to watch: a dead rank shows as a failed collective
+
+    def stop(self) -> None:
+        self.group.close()
+
+
+def compile_tp_plan(
+    loaded: LoadedModel, config: EngineConfig, calibrate: bool = True, say: Callable[[str], None] | None = None
+) -> Plan:
+    say = say or (lambda _msg: None)
+    config, layout, weights = tp_settings(loaded, config)
+    torch.set_num_threads(config.threads or 1)
+    launched = env_rank()
+    if launched is not None and launched[1] > 1:  # torchrun started every rank (one host or many)
+        rank, world, endpoint = launched
+        if world != config.tp:
+            raise PlanError(f"tp={config.tp} but torchrun started {world} ranks (WORLD_SIZE): pass --tp {world}", "tp")
+        group = GlooGroup(rank, world, endpoint, COLLECTIVE_TIMEOUT_S)
+        fingerprints = group.all_gather_objects(loaded.fingerprint())
+        if len(set(fingerprints)) != 1:
+            group.close()
+            raise GroupError(f"the model file differs between ranks (fingerprints by rank: {fingerprints})")
+        if rank > 0:  # a follower never gets a plan of its own: it runs rank 0's calls, then this process ends
+            calls = follow(group, rank_runner(loaded, config, dataclasses.replace(layout, rank=rank), group))
+            group.close()
+            say(f"rank {rank}: rank 0 stopped after {calls} calls")
+            raise SystemExit(0)
+        ranks: Ranks | Launched = Launched(group)
+    else:
+        ranks = Ranks(loaded, config, layout, say)
+        group = ranks.form()
+    runner = rank_runner(loaded, config, layout, group)
+    tp = TPRunner(runner, group, ranks)
+    say("checking batch invariance of the decode step")
+    _, invariance = choose_decode_mode(tp, loaded.config, config.slots)
+    step_ms, step_ms_far, rows = {}, {}, (float("nan"), float("nan"))
+    if calibrate:
+        step_ms = calibrate_steps(tp, config.slots, config.ctx, torch.device("cpu"))
+        step_ms_far = calibrate_steps(
+            tp, config.slots, config.ctx, torch.device("cpu"), position=far_position(config.ctx)
+        )
+        rows = calibrate_prompt_rows(tp, config.slots, config.ctx, config.prefill_chunk)
+    report = PlanReport(
+        weights=weights,
+        device="cpu",
+        slots=config.slots,
+        ctx=config.ctx,
+        decode_mode=tp.decode_mode,
+        weight_bytes=tp.weight_bytes,
+        kv_cache_bytes=runner.cache.nbytes() * layout.world,
+        step_ms=step_ms,
+        step_ms_far=step_ms_far,
+        far_position=far_position(config.ctx),
+        prompt_row_ms=rows[0],
+        prefill_row_ms=rows[1],
+        invariance=invariance,
+        prefix_cache_note="off: not with tensor parallel yet (each rank would keep its own pool)",
+        kernels=f"{'cpp, fused decoder' if config.kernels == 'cpp' else 'torch'}, tensor parallel: "
+        f"tp={layout.world} ranks x {config.threads} threads, {layout.shards} shards",
+    )
+    return Plan(tp, loaded.config, config, weights, runner.cache, report)

@@ -1,0 +1,220 @@
+"""Reflection rounds over HTTP: `POST /v1/reflections` runs agents/reflect.py's loop on the server.
+
+Why a route of its own, and not a loop a client drives through /v1/chat/completions: the loop builds
+each turn's prompt from the previous prompt's token ids and the reply's ids as they were sampled, so the
+prefix cache serves the whole transcript; a client sends text, which the server re-tokenizes (a reply may
+split otherwise than it was sampled, and the cache misses from there on), and it waits a round trip and a
+template render per turn. Events are typed SSE (as the Responses API's: `event:` name, and `type` in the
+JSON) because a reflection is several turns, each with its own timings, which chat completion chunks have
+no place for. docs/reflection.md describes the events.
+
+The loop is blocking code (it waits on engine events), so each reflection runs on a thread of its own,
+and its events reach the event loop through the app's Outbox; at most `max_pending` run at once (429
+beyond). A client that goes away stops its loop at its next event and cancels the running turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import Field, ValidationError
+
+from metronome.agents.reflect import (
+    MAX_ROUNDS,
+    ReflectEvent,
+    ReflectionDone,
+    ReflectSettings,
+    TurnDelta,
+    TurnDone,
+    TurnStarted,
+    TurnStats,
+    check_fits,
+    reflect,
+)
+from metronome.config import MIN_SAMPLING_FLOAT, ParamError, SamplingParams
+from metronome.serve.errors import ApiError
+from metronome.serve.schemas import Int, _Body, error_message, error_param
+
+if TYPE_CHECKING:
+    from metronome.engine import Engine
+    from metronome.serve.server import ServerState
+
+REFLECTIONS = "/v1/reflections"
+MAX_PENDING = 16  # reflections running at once (each holds one engine request at a time); then 429
+EVENT_TIMEOUT_S = 600.0  # the longest the stream waits for the loop's next event before failing the request
+
+_R, _S = ReflectSettings(), SamplingParams()
+
+
+class ReflectionBody(_Body):
+    """The loop's settings and the sampling of every turn; defaults are ReflectSettings' and SamplingParams'
+    (greedy), as for `metronome reflect` and `run_reflection`."""
+
+    model: str | None = None
+    task: str = Field(min_length=1)
+    rounds: Int = Field(_R.rounds, ge=1, le=MAX_ROUNDS)
+    points: Int = _R.points
+    critique: str = _R.critique
+    revision: str = _R.revision
+    system: str | None = None
+    max_tokens: Int = Field(_S.max_tokens, ge=1)  # per turn
+    temperature: float = Field(_S.temperature, ge=0.0, le=2.0)
+    top_p: float = Field(_S.top_p, ge=MIN_SAMPLING_FLOAT, le=1.0)
+    top_k: Int = Field(_S.top_k, ge=0)
+    min_p: float = Field(_S.min_p, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(_S.repetition_penalty, ge=MIN_SAMPLING_FLOAT, le=10.0)
+    seed: Int | None = None
+    stream: bool = False
+
+    def settings(self) -> tuple[ReflectSettings, SamplingParams]:
+        """The records the loop takes; ParamError (-> 400 naming it) for a value they refuse."""
+        return (
+            ReflectSettings(self.rounds, self.points, self.critique, self.revision, self.system),
+            SamplingParams(
+                max_tokens=self.max_tokens,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                top_k=self.top_k,
+                min_p=self.min_p,
+                repetition_penalty=self.repetition_penalty,
+                seed=self.seed,
+            ),
+        )
+
+
+_FIELDS = frozenset(ReflectionBody.model_fields)
+
+
+def event_body(event: ReflectEvent) -> dict[str, Any]:
+    """An event as JSON, with its `type`: turn.started | turn.delta | turn.done | reflection.done."""
+    if isinstance(event, TurnStarted):
+        return {"type": "turn.started", **asdict(event)}
+    if isinstance(event, TurnDelta):
+        return {"type": "turn.delta", **asdict(event)}
+    if isinstance(event, TurnDone):
+        return {"type": "turn.done", "text": event.text, "stats": _turn(event.stats)}
+    if isinstance(event, ReflectionDone):
+        return {"type": "reflection.done", **_summary(event)}
+    raise TypeError(f"not a reflection event: {event!r}")
+
+
+def _turn(s: TurnStats) -> dict[str, Any]:
+    rate = s.tokens_per_s
+    return {**asdict(s), "tokens_per_s": None if rate != rate else rate}  # NaN is no JSON: null
+
+
+def _summary(done: ReflectionDone) -> dict[str, Any]:
+    t = done.totals
+    return {
+        "answer": done.answer,
+        "turns": [{"text": text, "stats": _turn(s)} for s, text in zip(done.turns, done.texts)],
+        "totals": {**asdict(t), "outside_ms": t.outside_ms, "outside_share": t.outside_share},
+    }
+
+
+class _Run:
+    """One reflection on its own thread; events onto the loop's queue, then None (or the exception)."""
+
+    def __init__(self, state: "ServerState", engine: "Engine", task: str, settings, params) -> None:
+        self.events: asyncio.Queue[ReflectEvent | BaseException | None] = asyncio.Queue()
+        self.stop = threading.Event()
+        self._outbox = state.outbox()
+        self._args = (engine, task, settings, params)
+        self.thread = threading.Thread(target=self._main, name="metronome-reflect", daemon=True)
+
+    def _main(self) -> None:
+        loop_events = reflect(*self._args)
+        try:
+            for event in loop_events:
+                self._outbox.put(self.events, event)
+                if self.stop.is_set():
+                    break
+            self._outbox.put(self.events, None)
+        except Exception as exc:  # reported to the client as the stream's last event (or a 500)
+            self._outbox.put(self.events, exc)
+        finally:
+            loop_events.close()  # cancels a turn still running
+
+    async def next(self) -> ReflectEvent | None:
+        try:
+            item = await asyncio.wait_for(self.events.get(), EVENT_TIMEOUT_S)
+        except TimeoutError:
+            raise ApiError(504, f"no reflection event within {EVENT_TIMEOUT_S:.0f} s", type="server_error") from None
+        if isinstance(item, BaseException):
+            raise ApiError(500, f"the reflection failed: {item}", type="server_error", code="engine_error")
+        return item
+
+
+def add_reflect_routes(app: FastAPI, state: "ServerState") -> None:
+    pending = [0]  # reflections running now (event loop only)
+
+    @app.post(REFLECTIONS)
+    async def reflections(request: Request) -> Response:
+        served = state.require()
+        raw = await request.body()
+        if len(raw) > state.settings.max_body_bytes:
+            raise ApiError(413, f"the request body is larger than {state.settings.max_body_bytes} bytes")
+        try:
+            body = ReflectionBody.model_validate_json(raw)
+        except ValidationError as exc:
+            if exc.errors()[0]["type"] == "json_invalid":
+                raise ApiError(400, f"the request body is not valid JSON: {exc.errors()[0]['msg']}") from None
+            raise ApiError(400, error_message(exc, _FIELDS), param=error_param(exc, _FIELDS)) from None
+        if body.model is not None and body.model not in (served.identity.id, state.settings.model_alias):
+            raise ApiError(404, f"the model {body.model!r} does not exist here", param="model", code="model_not_found")
+        try:
+            settings, params = body.settings()
+            await asyncio.to_thread(check_fits, served.engine, body.task, settings, params)
+        except ParamError as exc:
+            raise ApiError(400, str(exc), param=exc.param) from None
+        if pending[0] >= MAX_PENDING:
+            raise ApiError(
+                429,
+                f"{MAX_PENDING} reflections are running; retry later",
+                type="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": str(state.settings.retry_after_s)},
+            )
+        run = _Run(state, served.engine, body.task, settings, params)
+        pending[0] += 1
+        run.thread.start()
+        if body.stream:
+            return StreamingResponse(
+                _stream(run, pending),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        try:
+            while (event := await run.next()) is not None:
+                if isinstance(event, ReflectionDone):
+                    return JSONResponse({"object": "reflection", "model": served.identity.id, **_summary(event)})
+            raise ApiError(500, "the reflection ended without its result", type="server_error")
+        finally:
+            run.stop.set()
+            pending[0] -= 1
+
+
+async def _stream(run: _Run, pending: list[int]) -> AsyncIterator[str]:
+    """SSE: `event: <type>` and `data: <json>` per event, then `data: [DONE]`. A client that leaves closes
+    this generator: the loop stops at its next event."""
+    try:
+        while True:
+            try:
+                event = await run.next()
+            except ApiError as exc:
+                yield f"event: error\ndata: {json.dumps({'type': 'error', **exc.body()})}\n\n"
+                break
+            if event is None:
+                break
+            body = event_body(event)
+            yield f"event: {body['type']}\ndata: {json.dumps(body, ensure_ascii=False)}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        run.stop.set()
+        pending[0] -= 1

@@ -1,0 +1,519 @@
+"""Tool calling (OpenAI's function tools), shared by /v1/chat/completions and /v1/responses.
+
+Three parts, in request order:
+
+- **The request**: `tool_calling(tools, tool_choice, parallel, grammars)` checks the functions and the
+  choice (a 400 names the parameter: "tools[1].function.parameters", "tool_choice.function.name") and
+  returns a `ToolCalling`: every function (all are described to the model), the names the model may call
+  and how many calls it may make.
+- **The prompt**: `template_messages(messages, calling, template_knows_tools)` gives the chat template its
+  messages. A template that reads `tools` (Qwen2.5's) gets OpenAI's tool list and renders tool calls and
+  tool results its own way; any other (SmolLM2's) gets the fallback of docs/tools.md: a system section
+  describing the functions and the call format, assistant calls as text blocks, tool results as user turns.
+- **The output**: `tool_grammar(calling, grammars)` constrains generation to text and/or
+  `<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>` blocks whose arguments follow the
+  function's JSON schema (so they always parse and validate); `ToolCallParser` turns the generated text,
+  whole or piece by piece as it streams, into content and calls.
+
+The call format is Qwen2.5's (Hermes-style): where `<tool_call>` is one special token of the vocabulary the
+grammar names it by id, so free text can never open a call; elsewhere it is text, and the grammar keeps
+the literal string `<tool_call>` out of free text. Either way the generated text parses one way only.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+import torch
+
+from metronome.engine.grammar import JSON_OPTIONS, Grammar, GrammarError, Grammars
+from metronome.engine.request import Constraint
+from metronome.model.tokenizer import Tokenizer
+
+OPEN = "<tool_call>"
+CLOSE = "</tool_call>"
+_CALL_END = "}\n" + CLOSE  # the wrapper object's brace, then the closing tag (compact JSON has no newline)
+_HEADER = re.compile(r'\{"name": "([A-Za-z0-9_.\-]+)", "arguments": ')
+NAME_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
+
+Mode = Literal["none", "auto", "required", "function"]
+
+
+class ToolError(ValueError):
+    """A bad tools / tool_choice / history entry; `param` names the request field."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class Function:
+    """One function tool as the model sees it."""
+
+    name: str
+    description: str | None
+    parameters: dict[str, Any]  # a JSON schema of an object (an empty object schema when none was given)
+
+    def openai(self) -> dict[str, Any]:
+        """OpenAI's tool entry (what chat templates read as `tools`)."""
+        fn: dict[str, Any] = {"name": self.name}
+        if self.description:
+            fn["description"] = self.description
+        fn["parameters"] = self.parameters
+        return {"type": "function", "function": fn}
+
+
+@dataclass(frozen=True)
+class ToolCalling:
+    """The tools of one request and what the model may do with them."""
+
+    functions: tuple[Function, ...]  # all described in the prompt
+    mode: Mode  # none: never call; auto: text or calls; required / function: calls only
+    allowed: tuple[str, ...]  # the names the grammar lets the model call
+    parallel: bool  # more than one call per answer
+
+    @property
+    def constrained(self) -> bool:
+        return self.mode != "none"
+
+
+def tool_calling(
+    tools: Sequence[dict[str, Any]] | None,
+    tool_choice: str | dict[str, Any] | None,
+    parallel: bool,
+    grammars: Grammars | None,
+    param_prefix: str = "",
+) -> ToolCalling | None:
+    """The checked tools of a request (None when it has none). `tools`: OpenAI's chat entries
+    ({"type": "function", "function": {"name", "description", "parameters"}}); `tool_choice`: "none",
+    "auto" (the default), "required" or {"type": "function", "function": {"name": ...}}. Each function's
+    parameters must be a JSON schema of an object that constrained decoding can enforce, else a ToolError
+    naming "tools[i].function.parameters". `grammars` None: the model's tokenizer cannot be constrained."""
+    p = param_prefix
+    if not tools:
+        if tool_choice in (None, "none", "auto"):
+            return None
+        raise ToolError(
+            f"{p}tool_choice {_shown(tool_choice)} needs tools: send the functions in tools", f"{p}tool_choice"
+        )
+    functions: list[Function] = []
+    for i, tool in enumerate(tools):
+        fn = tool["function"]
+        name, where = fn["name"], f"{p}tools[{i}].function"
+        if not re.match(NAME_PATTERN, name):
+            raise ToolError(f"{where}.name {name!r}: use 1 to 64 letters, digits, '_', '.' or '-'", f"{where}.name")
+        if any(f.name == name for f in functions):
+            raise ToolError(f"{where}.name: the function {name!r} is defined twice", f"{where}.name")
+        parameters = _object_schema(fn.get("parameters"), f"{where}.parameters")
+        functions.append(Function(name, fn.get("description"), parameters))
+    names = tuple(f.name for f in functions)
+    if tool_choice is None or tool_choice in ("auto", "none", "required"):
+        mode: Mode = tool_choice or "auto"  # type: ignore[assignment]
+        allowed = names
+    else:
+        wanted = tool_choice["function"]["name"]
+        if wanted not in names:
+            raise ToolError(
+                f"{p}tool_choice.function.name: {wanted!r} is not one of the tools ({', '.join(names)})",
+                f"{p}tool_choice.function.name",
+            )
+        mode, allowed = "function", (wanted,)
+    calling = ToolCalling(tuple(functions), mode, allowed, parallel)
+    if calling.constrained:
+        if grammars is None:
+            raise ToolError(f"{p}tools: tool calls cannot be constrained for this model's tokenizer", f"{p}tools")
+        for i, f in enumerate(functions):
+            try:  # each schema alone, so that a refusal names its tool
+                grammars.json_schema(_with_options(closed(f.parameters)), f"{p}tools[{i}].function.parameters", f.name)
+            except GrammarError as exc:
+                raise ToolError(str(exc), exc.param or f"{p}tools[{i}].function.parameters") from None
+    return calling
+
+
+def _shown(choice: Any) -> str:
+    return repr(choice) if isinstance(choice, str) else json.dumps(choice)
+
+
+def _object_schema(schema: Any, param: str) -> dict[str, Any]:
+    """The arguments' schema: a JSON object schema (OpenAI's rule); none means no arguments."""
+    if schema is None:
+        return {"type": "object", "properties": {}}
+    if not isinstance(schema, dict):
+        raise ToolError(f"{param}: a JSON schema must be an object", param)
+    kind = schema.get("type", "object")
+    if kind != "object":
+        raise ToolError(f"{param}: the arguments' schema must have type 'object' (got {kind!r})", param)
+    return schema
+
+
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
+_SUBSCHEMAS = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
+
+
+def closed(schema: Any) -> Any:
+    """The schema with every object that lists its properties closed to them (additionalProperties false
+    where the schema does not say): what OpenAI's strict mode asks for. Anything that validates against the
+    closed schema validates against the original; without it a small model adds key after key. A schema
+    that wants more keys says so (additionalProperties true or a schema)."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed(s) for s in out[key]]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: closed(s) for name, s in out[key].items()}
+    for key in _SUBSCHEMAS:
+        if isinstance(out.get(key), dict):
+            out[key] = closed(out[key])
+    if "properties" in out and "additionalProperties" not in out and "patternProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+def _with_options(schema: dict[str, Any]) -> dict[str, Any]:
+    return {**schema, "x-guidance": JSON_OPTIONS}
+
+
+def _rebased(node: Any) -> Any:
+    """A schema moved under properties.arguments: references to its root follow it there."""
+    if isinstance(node, dict):
+        out = {k: _rebased(v) for k, v in node.items()}
+        ref = node.get("$ref")
+        if (
+            isinstance(ref, str)
+            and (ref == "#" or ref.startswith("#/"))
+            and not ref.startswith(("#/$defs/", "#/definitions/"))
+        ):
+            out["$ref"] = "#/properties/arguments" + ref[1:]
+        return out
+    if isinstance(node, list):
+        return [_rebased(v) for v in node]
+    return node
+
+
+def call_schema(function: Function) -> dict[str, Any]:
+    """The JSON schema of one call object {"name": <the name>, "arguments": <its parameters>}: the
+    parameters' definitions ($defs, definitions) move to the root, where their references point."""
+    arguments = closed(copy.deepcopy(function.parameters))
+    defs = {k: arguments.pop(k) for k in ("$defs", "definitions") if k in arguments}
+    schema = {
+        "type": "object",
+        "properties": {"name": {"const": function.name}, "arguments": _rebased(arguments)},
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+        **_rebased(defs),
+    }
+    return _with_options(schema)
+
+
+# -- the grammar ---------------------------------------------------------------------------------------
+
+
+def _marker(grammars: Grammars, text: str) -> str:
+    """How the grammar names a tag: by token id where it is one special token, else as a string."""
+    ids = grammars.tokenizer.encode(text, add_bos=False)
+    if len(ids) == 1 and grammars.ll.is_special_token(ids[0]):
+        return f"<[{ids[0]}]>"
+    return json.dumps(text)
+
+
+def tool_grammar(calling: ToolCalling, grammars: Grammars) -> Grammar | None:
+    """The grammar of what the model may answer (None for tool_choice "none": no constraint).
+
+    required / a named function: one call (or, with parallel calls, one or more separated by newlines),
+    then the end. auto: free text (never containing `<tool_call>`) or calls; where the tags are special
+    tokens, text may also come before the calls. Each call is `<tool_call>\\n` + the call object of one
+    allowed function (compact JSON, its arguments under the function's schema) + `\\n</tool_call>`."""
+    if not calling.constrained:
+        return None
+    open_, close = _marker(grammars, OPEN), _marker(grammars, CLOSE)
+    by_name = {f.name: f for f in calling.functions}
+    lines = [f"fn{i}: %json {json.dumps(call_schema(by_name[n]))}" for i, n in enumerate(calling.allowed)]
+    lines.append("fn: " + " | ".join(f"fn{i}" for i in range(len(calling.allowed))))
+    lines.append(f'call: {open_} "\\n" fn "\\n" {close}')
+    lines.append('calls: call ("\\n" call)*' if calling.parallel else "calls: call")
+    if calling.mode == "auto":
+        special = open_.startswith("<[")
+        lines.append("start: TEXT | TEXT? calls" if special else "start: TEXT | calls")
+        lines.append(r"TEXT: /(.|\n)+/ & ~/(.|\n)*<tool_call>(.|\n)*/")
+    else:
+        lines.append("start: calls")
+    try:
+        return grammars.lark("\n".join(lines), "tools", f"tool_choice {calling.mode!r}")
+    except GrammarError as exc:  # each schema compiled alone above; together they should too
+        raise ToolError(f"the tools cannot be combined into one grammar: {exc}", "tools") from None
+
+
+# -- the prompt ----------------------------------------------------------------------------------------
+
+FALLBACK_INTRO = (
+    "# Tools\n\nYou can call functions to help you answer. Their signatures, one JSON object a line:\n<tools>\n"
+)
+FALLBACK_FORMAT = (
+    "\n</tools>\n\n"
+    "To call a function, answer with one block per call and nothing after the blocks:\n"
+    '<tool_call>\n{"name": "<function name>", "arguments": <the arguments as a JSON object>}\n</tool_call>\n'
+    "The results come back in <tool_response></tool_response> blocks."
+)
+
+
+def fallback_section(calling: ToolCalling) -> str:
+    """The system-prompt section that describes the tools to a template that does not read `tools`."""
+    lines = "\n".join(json.dumps(f.openai(), ensure_ascii=False) for f in calling.functions)
+    return FALLBACK_INTRO + lines + FALLBACK_FORMAT
+
+
+def call_block(name: str, arguments: Any) -> str:
+    """One call as the model writes it (the same text the grammar allows and Qwen2.5's template renders)."""
+    return f"{OPEN}\n" + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False) + f"\n{CLOSE}"
+
+
+def _arguments(text: str, param: str) -> Any:
+    try:
+        value = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError as exc:
+        raise ToolError(f"{param}: the arguments are not valid JSON ({exc.msg})", param) from None
+    if not isinstance(value, dict):
+        raise ToolError(f"{param}: the arguments must be a JSON object", param)
+    return value
+
+
+def template_messages(
+    messages: Sequence[dict[str, Any]], calling: ToolCalling | None, template_knows_tools: bool
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """The messages and `tools` a chat template renders. `messages`: OpenAI chat messages as dicts
+    (role, content as text or None, assistant `tool_calls` with `function.arguments` as a JSON string,
+    tool messages with `tool_call_id`). A template that knows tools gets the calls' arguments as objects
+    (as HF templates read them) and OpenAI's tool list; any other gets the fallback (docs/tools.md)."""
+    if template_knows_tools:
+        out = []
+        for i, m in enumerate(messages):
+            m = {**m, "content": m.get("content") or ""}
+            if m.get("tool_calls"):
+                m["tool_calls"] = [
+                    {
+                        "id": c.get("id"),
+                        "type": "function",
+                        "function": {
+                            "name": c["function"]["name"],
+                            "arguments": _arguments(
+                                c["function"]["arguments"], f"messages[{i}].tool_calls[{j}].function.arguments"
+                            ),
+                        },
+                    }
+                    for j, c in enumerate(m["tool_calls"])
+                ]
+            out.append(m)
+        return out, [f.openai() for f in calling.functions] if calling is not None else None
+    out = []
+    for i, m in enumerate(messages):
+        role, content = m["role"], m.get("content") or ""
+        if m.get("tool_calls"):
+            blocks = [
+                call_block(
+                    c["function"]["name"],
+                    _arguments(c["function"]["arguments"], f"messages[{i}].tool_calls[{j}].function.arguments"),
+                )
+                for j, c in enumerate(m["tool_calls"])
+            ]
+            out.append({"role": "assistant", "content": "\n".join(([content] if content else []) + blocks)})
+        elif role == "tool":
+            block = f"<tool_response>\n{content}\n</tool_response>"
+            if out and out[-1].get("tool_results"):  # consecutive results: one user turn
+                out[-1]["content"] += "\n" + block
+            else:
+                out.append({"role": "user", "content": block, "tool_results": True})
+        else:
+            out.append({"role": role, "content": content})
+    for m in out:
+        m.pop("tool_results", None)
+    if calling is not None:
+        section = fallback_section(calling)
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + section}
+        else:
+            out.insert(0, {"role": "system", "content": section})
+    return out, None
+
+
+# -- the output ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class ToolCall:
+    """One parsed call; `arguments` is the JSON text of the arguments (OpenAI sends a string)."""
+
+    index: int
+    id: str
+    name: str
+    arguments: str
+
+    def openai(self) -> dict[str, Any]:
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+@dataclass(frozen=True)
+class ContentDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class CallStarted:
+    call: ToolCall  # its index, id and name (streamed with empty arguments)
+
+
+@dataclass(frozen=True)
+class ArgumentsDelta:
+    index: int
+    text: str
+
+
+@dataclass(frozen=True)
+class CallRepeated:
+    """A call equal to an earlier one of the same answer (same name, same arguments): dropped."""
+
+    name: str
+    arguments: str
+
+
+ToolEvent = ContentDelta | CallStarted | ArgumentsDelta | CallRepeated
+
+
+def _held(buffer: str, tag: str) -> int:
+    """How many characters at the end of `buffer` could be the start of `tag` (held back until known)."""
+    for n in range(min(len(tag) - 1, len(buffer)), 0, -1):
+        if tag.startswith(buffer[-n:]):
+            return n
+    return 0
+
+
+def new_call_id() -> str:
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+@dataclass
+class ToolCallParser:
+    """Generated text -> content and tool calls, fed piece by piece (streaming) or at once.
+
+    `feed(text)` returns the events that text made certain: content (the text before the first call;
+    trailing whitespace is held until more text follows, and dropped when a call follows), and each call
+    once it is complete: its start (index, id, name), then its arguments. A call is reported whole
+    because only then is it known not to repeat an earlier one: a repeated call (same name and arguments,
+    the loop a small model falls into with parallel calls) is dropped, and `RepeatGuard` ends the answer
+    there. `close()` flushes what was held at the end; an unfinished call (max_tokens) is left out. The
+    whole text gives the same `content` and `calls` as its pieces do."""
+
+    content: str = ""
+    calls: list[ToolCall] = field(default_factory=list)
+    _state: Literal["text", "header", "arguments", "between"] = "text"
+    _buffer: str = ""
+    _name: str = ""  # the name of the call being read
+
+    def feed(self, text: str) -> list[ToolEvent]:
+        self._buffer += text
+        events: list[ToolEvent] = []
+        while True:
+            before = (self._state, len(self._buffer))
+            getattr(self, f"_{self._state}")(events)
+            if (self._state, len(self._buffer)) == before:
+                return events
+
+    def close(self) -> list[ToolEvent]:
+        """The end of the output: held text becomes content (outside a call); an open call is left out."""
+        events: list[ToolEvent] = []
+        if self._state == "text" and self._buffer:
+            events.append(self._content(self._buffer))
+            self._buffer = ""
+        return events
+
+    def _content(self, text: str) -> ContentDelta:
+        self.content += text
+        return ContentDelta(text)
+
+    def _text(self, events: list[ToolEvent]) -> None:
+        at = self._buffer.find(OPEN)
+        if at >= 0:
+            head = self._buffer[:at].rstrip()  # the whitespace before a call is not content
+            if head:
+                events.append(self._content(head))
+            self._buffer, self._state = self._buffer[at + len(OPEN) :], "header"
+            return
+        # held: a possible start of the tag, and the whitespace before it (not content if a call follows)
+        ready = self._buffer[: len(self._buffer) - _held(self._buffer, OPEN)].rstrip()
+        if ready:
+            events.append(self._content(ready))
+            self._buffer = self._buffer[len(ready) :]
+
+    def _header(self, events: list[ToolEvent]) -> None:
+        match = _HEADER.match(self._buffer.lstrip("\n"))
+        if match is not None:
+            self._name = match.group(1)
+            self._buffer, self._state = self._buffer.lstrip("\n")[match.end() :], "arguments"
+
+    def _arguments(self, events: list[ToolEvent]) -> None:
+        at = self._buffer.find(_CALL_END)
+        if at < 0:
+            return
+        arguments, self._buffer, self._state = self._buffer[:at], self._buffer[at + len(_CALL_END) :], "between"
+        if any(c.name == self._name and c.arguments == arguments for c in self.calls):
+            events.append(CallRepeated(self._name, arguments))
+            return
+        call = ToolCall(len(self.calls), new_call_id(), self._name, arguments)
+        self.calls.append(call)
+        events += [CallStarted(call), ArgumentsDelta(call.index, arguments)]
+
+    def _between(self, events: list[ToolEvent]) -> None:
+        at = self._buffer.find(OPEN)
+        if at >= 0:
+            self._buffer, self._state = self._buffer[at + len(OPEN) :], "header"
+        elif self._buffer.strip():  # the grammar allows only whitespace between calls; anything else is dropped
+            self._buffer = self._buffer[len(self._buffer) - _held(self._buffer, OPEN) :]
+
+
+def parse_tool_calls(text: str) -> ToolCallParser:
+    """The whole output at once: `.content` (the text before the first call) and `.calls`."""
+    parser = ToolCallParser()
+    parser.feed(text)
+    parser.close()
+    return parser
+
+
+class RepeatGuard:
+    """A tool grammar's constraint that ends the answer at the first repeated call.
+
+    With parallel calls the grammar lets the model add call after call; a small model repeats its last
+    call until max_tokens. Right after a call that repeats an earlier one (same name and arguments, which
+    the parser drops), only the end-of-sequence token is allowed: the grammar allows it there (after a
+    call the answer may end), so the output stays in the grammar and the finish reason is "tool_calls"."""
+
+    def __init__(self, inner: Constraint, tokenizer: Tokenizer) -> None:
+        self.inner = inner
+        self.decoder = tokenizer.stream_decoder()
+        self.parser = ToolCallParser()
+        self.eos = torch.tensor(sorted(tokenizer.eos_ids), dtype=torch.long)
+        self.repeated = False
+
+    def allowed(self, logits: torch.Tensor) -> torch.Tensor | None:
+        mask = self.inner.allowed(logits)
+        if not self.repeated or mask is None:
+            return mask
+        only_end = torch.zeros_like(mask)
+        only_end[self.eos] = mask[self.eos]
+        return only_end if bool(only_end.any()) else mask
+
+    def accept(self, token: int) -> None:
+        self.inner.accept(token)
+        events = self.parser.feed(self.decoder.push(token))
+        self.repeated = self.repeated or any(isinstance(e, CallRepeated) for e in events)
+
+    def finished(self) -> bool:
+        return self.inner.finished()

@@ -1,0 +1,189 @@
+"""The reflection loop (agents/reflect.py): its turns, the prompts that extend each other token for token,
+the prefix cache serving them, the events' order, the timings' sums, and the checks of its settings;
+`metronome reflect` run as a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from metronome.agents.reflect import (
+    ReflectionDone,
+    ReflectSettings,
+    TurnDelta,
+    TurnDone,
+    TurnStarted,
+    check_fits,
+    reflect,
+    run_reflection,
+)
+from metronome.compile.plan import PREFIX_PAGE_TOKENS
+from metronome.config import EngineConfig, ParamError, SamplingParams
+from metronome.engine import Engine
+from metronome.model.loader import load
+
+TASK = "Give one tip for writing clear code."
+PARAMS = SamplingParams(max_tokens=16)
+
+
+@pytest.fixture(scope="module")
+def cached_engine(smollm):
+    return Engine.from_model(config=EngineConfig(slots=2, ctx=512, prefix_cache_tokens=1024), loaded=smollm)
+
+
+@pytest.fixture(scope="module")
+def plain_engine(smollm):
+    return Engine.from_model(config=EngineConfig(slots=2, ctx=512, prefix_cache_tokens=0), loaded=smollm)
+
+
+@pytest.fixture(scope="module")
+def recorded(cached_engine):
+    """Every event of a 2-round reflection, and each turn's engine request (prompt and output ids)."""
+    requests = []
+    submit = cached_engine.submit
+
+    def recording(*args, **kwargs):
+        requests.append(submit(*args, **kwargs))
+        return requests[-1]
+
+    cached_engine.submit = recording
+    try:
+        events = list(reflect(cached_engine, TASK, ReflectSettings(rounds=2), PARAMS))
+    finally:
+        del cached_engine.submit
+    return events, requests
+
+
+def test_turns_come_in_order_with_their_events(recorded):
+    events, requests = recorded
+    settings = ReflectSettings(rounds=2)
+    assert len(requests) == settings.turns == 5
+    kinds = [(e.round, e.kind) for e in events if isinstance(e, TurnStarted)]
+    assert kinds == [(1, "answer"), (1, "critique"), (1, "revision"), (2, "critique"), (2, "revision")]
+    # per turn: started, deltas, done; then one ReflectionDone, last
+    turn, texts = -1, {}
+    for e in events[:-1]:
+        if isinstance(e, TurnStarted):
+            assert e.turn == turn + 1
+            turn = e.turn
+            texts[turn] = ""
+        elif isinstance(e, TurnDelta):
+            assert e.turn == turn
+            texts[turn] += e.text
+        else:
+            assert isinstance(e, TurnDone) and e.stats.turn == turn and e.text == texts[turn]
+    done = events[-1]
+    assert isinstance(done, ReflectionDone) and sum(isinstance(e, ReflectionDone) for e in events) == 1
+    assert list(done.texts) == [texts[i] for i in range(5)] and done.answer == texts[4]
+    assert all(t.strip() for t in done.texts)
+
+
+def test_each_prompt_extends_the_last_and_is_served_from_the_cache(recorded, cached_engine):
+    events, requests = recorded
+    done = events[-1]
+    tok = cached_engine.tokenizer
+    for k in range(1, len(requests)):
+        before = requests[k - 1].prompt_ids + requests[k - 1].output_ids
+        assert requests[k].prompt_ids[: len(before)] == before, f"turn {k} does not extend turn {k - 1}"
+        assert len(requests[k].prompt_ids) > len(before)
+        stats = done.turns[k]
+        assert stats.extends and stats.prompt_tokens == len(requests[k].prompt_ids)
+        # the transcript up to the reply's last token (sampled, never run) is in the pool in full pages
+        assert stats.cached_tokens == (len(before) - 1) // PREFIX_PAGE_TOKENS * PREFIX_PAGE_TOKENS
+    assert done.turns[0].cached_tokens == 0
+    # the ids stand for the conversation the chat template renders, instructions included
+    messages = [{"role": "user", "content": TASK}]
+    for k, (_round, kind) in enumerate(ReflectSettings(rounds=2).kinds()[1:], start=1):
+        messages += [
+            {"role": "assistant", "content": done.texts[k - 1]},
+            {"role": "user", "content": ReflectSettings().instruction(kind)},
+        ]
+        assert tok.decode(requests[k].prompt_ids, skip_special=False) == tok.render_chat(messages)
+
+
+def test_each_turn_gives_what_the_same_prompt_gives_uncached(recorded, plain_engine):
+    events, requests = recorded
+    for r, text in zip(requests, events[-1].texts):
+        alone = plain_engine.generate(r.prompt_ids, PARAMS)
+        assert alone.cached_tokens == 0
+        assert alone.text == text and list(alone.token_ids) == r.output_ids
+
+
+def test_timings_add_up(recorded):
+    events, requests = recorded
+    done = events[-1]
+    t = done.totals
+    assert t.decode_ms == pytest.approx(sum(s.decode_ms for s in done.turns))
+    assert t.completion_tokens == sum(len(r.output_ids) for r in requests)
+    assert t.prompt_tokens == sum(len(r.prompt_ids) for r in requests)
+    assert t.cached_tokens == sum(s.cached_tokens for s in done.turns)
+    # the turns run one after another inside the loop's wall time
+    assert t.wall_ms >= sum(s.ttft_ms + s.decode_ms + s.build_ms for s in done.turns)
+    assert t.outside_ms == pytest.approx(t.wall_ms - t.decode_ms) and 0 < t.outside_share < 1
+    for s, r in zip(done.turns, requests):
+        assert s.completion_tokens == len(r.output_ids) and s.finish_reason == r.finish_reason
+        assert s.ttft_ms == pytest.approx((r.timings.first_token - r.timings.submitted) * 1000)
+        assert s.decode_ms == pytest.approx((r.timings.finished - r.timings.first_token) * 1000)
+
+
+def test_settings_are_checked_naming_the_parameter():
+    for kwargs, param in (
+        (dict(rounds=0), "rounds"),
+        (dict(rounds=33), "rounds"),
+        (dict(points=0), "points"),
+        (dict(critique="  "), "critique"),
+        (dict(revision="apply the {n} points"), "revision"),
+    ):
+        with pytest.raises(ParamError) as info:
+            ReflectSettings(**kwargs)
+        assert info.value.param == param, kwargs
+    assert ReflectSettings(rounds=1).turns == 3 and "5" in ReflectSettings().instruction("critique")
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_hf):
+    return Engine.from_model(
+        config=EngineConfig(slots=1, ctx=128, weights="f32", prefix_cache_tokens=0), loaded=load(tiny_hf("llama"))
+    )
+
+
+def test_a_loop_that_cannot_fit_the_context_is_refused_before_it_runs(tiny_engine):
+    check_fits(tiny_engine, "the cat", ReflectSettings(rounds=1), SamplingParams(max_tokens=8))
+    with pytest.raises(ParamError) as info:
+        check_fits(tiny_engine, "the cat", ReflectSettings(rounds=8), SamplingParams(max_tokens=8))
+    assert info.value.param == "rounds" and "128" in str(info.value)
+    with pytest.raises(ParamError) as info:
+        next(reflect(tiny_engine, "   ", ReflectSettings(rounds=1), SamplingParams(max_tokens=8)))
+    assert info.value.param == "task"
+    assert tiny_engine.steps == 0  # nothing ran
+
+
+def test_a_template_that_renders_replies_otherwise_falls_back_to_its_own_encoding(tiny_engine):
+    # the tiny template writes "<|assistant|> reply </s>", not the reply's ids after "<|assistant|>"
+    done = run_reflection(tiny_engine, "the cat", ReflectSettings(rounds=1), SamplingParams(max_tokens=4))
+    assert [s.extends for s in done.turns] == [True, False, False]
+    assert all(s.completion_tokens >= 1 for s in done.turns)
+
+
+def _metronome(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "metronome.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_metronome_reflect_streams_each_turn_and_reports_timings(tiny_hf):
+    model = str(tiny_hf("llama"))
+    flags = ("--model", model, "--weights", "f32", "--ctx", "128", "--max-tokens", "4", "--rounds", "1")
+    out = _metronome("reflect", "the cat", *flags)
+    assert out.returncode == 0, out.stderr
+    engine = Engine.from_model(config=EngineConfig(ctx=128, weights="f32"), loaded=load(model))
+    done = run_reflection(engine, "the cat", ReflectSettings(rounds=1), SamplingParams(max_tokens=4))
+    expected = "".join(f"## round {s.round} · {s.kind}\n{text}\n\n" for s, text in zip(done.turns, done.texts))
+    assert out.stdout == expected
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 4 and all("TTFT" in line and "cached" in line for line in lines[:3])
+    assert "3 turns" in lines[3] and "outside decoding" in lines[3]
+    bad = _metronome("reflect", "the cat", *flags[:-1], "0")
+    assert bad.returncode == 2 and "--rounds" in bad.stderr and "rounds=0" in bad.stderr
+    too_many = _metronome("reflect", "the cat", *flags[:-2], "--rounds", "20")
+    assert too_many.returncode == 2 and "context" in too_many.stderr and "--rounds" in too_many.stderr

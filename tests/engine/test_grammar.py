@@ -1,0 +1,209 @@
+"""Grammar-constrained decoding through llguidance (engine/grammar.py) on SmolLM2's tokenizer: the masks,
+the mask thread (the same masks and tokens as computing them inline), the engine path (outputs that
+validate against their schema, finish reasons), the masked greedy shortcut, and schemas refused with the
+parameter named."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import llguidance
+import numpy as np
+import pytest
+import torch
+
+from metronome.config import EngineConfig, SamplingParams
+from metronome.engine import Engine
+from metronome.engine.grammar import Grammar, GrammarConstraint, GrammarError, Grammars
+from metronome.engine.sampler import RequestSampler
+from metronome.model.tokenizer import Tokenizer
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 20},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "pets": {"type": "array", "items": {"enum": ["cat", "dog", "fish"]}, "maxItems": 3},
+        "email": {"type": "string", "pattern": "^[a-z]+@[a-z]+\\.com$"},
+    },
+    "required": ["name", "age", "pets"],
+    "additionalProperties": False,
+}
+DOC = {"name": "Ada Lovelace", "age": 36, "pets": ["cat", "dog"], "email": "ada@math.com"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm) -> Tokenizer:
+    return Tokenizer(smollm.tokenizer)
+
+
+@pytest.fixture(scope="module")
+def grammars(tokenizer) -> Grammars:
+    g = Grammars(tokenizer)
+    yield g
+    g.close()
+
+
+@pytest.fixture(scope="module")
+def engine(smollm):
+    engine = Engine.from_model(config=EngineConfig(slots=3, ctx=512, spec_tokens=0), loaded=smollm)
+    yield engine
+    engine.stop()
+
+
+def written(doc) -> str:
+    """A document as the grammar's JSON options write it (", " and ": " separators)."""
+    return json.dumps(doc, separators=(", ", ": "))
+
+
+def inline(grammars: Grammars, grammar: Grammar) -> GrammarConstraint:
+    """A constraint that computes each mask on the caller's thread (no mask thread)."""
+    return GrammarConstraint(llguidance.LLMatcher(grammars.ll, grammar.text), grammars.vocab_size, grammar, None)
+
+
+def test_a_valid_document_passes_token_by_token_and_ends_the_grammar(grammars, tokenizer):
+    grammar = grammars.json_schema(PERSON, "schema", "person")
+    c = grammars.constraint(grammar)
+    ids = tokenizer.encode(written(DOC), add_bos=False)
+    for t in ids:
+        assert not c.finished()
+        mask = c.next_mask()
+        assert mask.dtype == torch.bool and mask.shape == (tokenizer.vocab_size,)
+        assert mask[t], f"token {t} ({tokenizer.decode([t])!r}) of a valid document was masked"
+        c.accept(t)
+    assert c.finished()  # the object is closed: nothing may follow but the end
+    assert set(torch.nonzero(c.next_mask()).flatten().tolist()) <= set(tokenizer.eos_ids)
+
+
+def test_tokens_outside_the_schema_are_masked_and_refused(grammars, tokenizer):
+    c = grammars.constraint(grammars.json_schema(PERSON, "schema"))
+    for t in tokenizer.encode('{"name": "Bo", "age": ', add_bos=False):
+        c.accept(t)
+    mask = c.next_mask()
+    for text in ("-", '"', "true", "}"):  # age is an integer >= 0, and it is required
+        (t,) = tokenizer.encode(text, add_bos=False)
+        assert not mask[t], text
+    (bad,) = tokenizer.encode('"', add_bos=False)
+    with pytest.raises(ValueError, match="not allowed"):
+        c.accept(bad)
+
+
+def test_the_mask_thread_gives_the_masks_computed_inline(grammars, tokenizer):
+    grammar = grammars.json_schema(PERSON, "schema")
+    threaded, here = grammars.constraint(grammar), inline(grammars, grammar)
+    for t in tokenizer.encode(written(DOC), add_bos=False):
+        assert torch.equal(threaded.next_mask(), here.next_mask())
+        threaded.accept(t)
+        here.accept(t)
+    assert threaded.finished() and here.finished()
+
+
+def test_a_padded_logits_row_never_allows_the_padding(grammars, tokenizer):
+    c = grammars.constraint(grammars.json_object())
+    allowed = c.allowed(torch.zeros(tokenizer.vocab_size + 64))
+    assert allowed.shape == (tokenizer.vocab_size + 64,) and not allowed[tokenizer.vocab_size :].any()
+    assert allowed[: tokenizer.vocab_size].equal(c.next_mask())
+
+
+def test_masked_greedy_is_the_argmax_over_the_allowed_tokens():
+    """The sampler's shortcut (the row's argmax when allowed) picks what a full masked argmax picks, ties too."""
+    g = torch.Generator().manual_seed(0)
+    sampler = RequestSampler(SamplingParams(temperature=0.0), [1], 1000)
+    for trial in range(200):
+        logits = torch.randint(0, 8, (1000,), generator=g).float()  # many ties
+        allowed = torch.rand(1000, generator=g) < (0.02 if trial % 2 else 0.9)
+        allowed[int(torch.randint(0, 1000, (1,), generator=g))] = True
+        want = int(torch.argmax(logits.masked_fill(~allowed, float("-inf"))))
+        assert sampler.choose(logits, allowed).token == want
+
+
+# -- the engine path -------------------------------------------------------------------------------
+
+
+def _generate(engine: Engine, grammars: Grammars, grammar: Grammar, params: SamplingParams, prompt: str):
+    req = engine.submit(engine.encode_prompt(prompt), params, None, grammars.constraint(grammar))
+    while req.finish_reason is None:
+        engine.step()
+    return req
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_engine_outputs_validate_and_stop_at_the_closing_brace(engine, grammars, tokenizer, temperature):
+    grammar = grammars.json_schema(PERSON, "schema", "person")
+    for seed, subject in enumerate(("a teacher", "a sailor", "a child")):
+        params = SamplingParams(max_tokens=120, temperature=temperature, seed=seed)
+        req = _generate(engine, grammars, grammar, params, f"Describe {subject} as JSON.")
+        text = tokenizer.decode([t for t in req.output_ids if t not in tokenizer.eos_ids])
+        assert req.finish_reason == "stop", text
+        jsonschema.validate(json.loads(text), PERSON)
+
+
+def test_json_object_gives_an_object(engine, grammars, tokenizer):
+    req = _generate(engine, grammars, grammars.json_object(), SamplingParams(max_tokens=80), "List three fruits.")
+    text = tokenizer.decode([t for t in req.output_ids if t not in tokenizer.eos_ids])
+    assert req.finish_reason == "stop" and isinstance(json.loads(text), dict)
+
+
+def test_the_same_tokens_with_and_without_the_mask_thread(engine, smollm, tokenizer):
+    """Determinism: the overlap changes when a mask is computed, never which; several requests share steps."""
+    outputs = []
+    for mask_thread in (True, False):
+        g = Grammars(tokenizer, mask_thread=mask_thread)
+        grammar = g.json_schema(PERSON, "schema")
+        reqs = [
+            engine.submit(
+                engine.encode_prompt(f"Describe {who} as JSON."),
+                SamplingParams(max_tokens=60, temperature=0.7, seed=3),
+                None,
+                g.constraint(grammar),
+            )
+            for who in ("a pilot", "a cook", "a poet")
+        ]
+        while any(r.finish_reason is None for r in reqs):
+            engine.step()
+        outputs.append([r.output_ids for r in reqs])
+        g.close()
+    assert outputs[0] == outputs[1]
+
+
+def test_a_budget_too_small_ends_with_length_and_a_prefix(engine, grammars, tokenizer):
+    """llguidance does not close a document within max_tokens: the reply is cut, as OpenAI's is."""
+    grammar = grammars.json_schema(PERSON, "schema")
+    req = _generate(engine, grammars, grammar, SamplingParams(max_tokens=4), "Describe a teacher as JSON.")
+    assert req.finish_reason == "length" and len(req.output_ids) == 4
+    c = inline(grammars, grammar)
+    for t in req.output_ids:  # still a prefix the grammar accepts
+        c.accept(t)
+    assert not c.finished()
+
+
+# -- refusals -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "schema, says",
+    [
+        ({"type": "frobnicate"}, "Invalid type"),
+        ({"type": "array", "items": {"type": "string"}, "uniqueItems": True}, "uniqueItems"),
+        ({"not": {"type": "string"}}, "not"),
+        ({"type": "string", "format": "credit-card"}, "format"),
+        ({"type": "string", "pattern": "(unclosed"}, "regex"),
+        ({"$ref": "#/$defs/Missing"}, "does not exist"),
+        ({"type": "integer", "minimum": 5, "maximum": 1}, "Unsatisfiable"),
+        ([1, 2], "must be an object"),
+    ],
+)
+def test_schemas_it_cannot_enforce_are_refused_naming_the_parameter(grammars, schema, says):
+    with pytest.raises(GrammarError, match=says) as err:
+        grammars.json_schema(schema, "response_format.json_schema.schema", "x")
+    assert err.value.param == "response_format.json_schema.schema"
+    assert str(err.value).startswith("response_format.json_schema.schema")
+
+
+def test_the_mask_array_is_little_endian_bits(grammars, tokenizer):
+    """The bool mask unpacks llguidance's words in token order (checked against its own byte mask)."""
+    c = grammars.constraint(grammars.json_object())
+    ref = inline(grammars, grammars.json_object())
+    bias = np.frombuffer(ref.matcher.compute_logit_bias(), dtype=np.uint8)[: tokenizer.vocab_size] > 0
+    assert np.array_equal(c.next_mask().numpy(), bias)

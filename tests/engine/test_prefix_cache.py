@@ -1,0 +1,215 @@
+"""The automatic prefix cache: a prompt served from cached pages gives bitwise the tokens and logprobs of the
+same prompt computed from scratch; pages are evicted least recently used first; a pool too small stays out of
+the way; the cache is off where prompts cannot start at a cached position (the torch runner)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from metronome.compile.plan import PREFIX_PAGE_TOKENS
+from metronome.config import EngineConfig, ModelConfig, ParamError, SamplingParams
+from metronome.engine import Engine
+from metronome.engine.prefix_cache import PrefixCache
+from metronome.model.loader import load
+from metronome.model.transformer import KVCache
+
+GREEDY = SamplingParams(max_tokens=8, ignore_eos=True, logprobs=True, top_logprobs=3)
+SAMPLED = SamplingParams(
+    max_tokens=8, temperature=0.9, top_p=0.95, top_k=40, seed=77, logprobs=True, top_logprobs=3, ignore_eos=True
+)
+P = PREFIX_PAGE_TOKENS
+
+
+def _trace(req) -> tuple:
+    return tuple((c.token, c.logprob, c.top) for c in req.choices)
+
+
+def _run(engine: Engine, prompt: list[int], params: SamplingParams):
+    req = engine.submit(prompt, params)
+    while req.finish_reason is None:
+        engine.step()
+    return req
+
+
+def _prompt(seed: int, n: int, vocab: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return [1] + torch.randint(5, vocab, (n - 1,), generator=g).tolist()
+
+
+# -- the pool's bookkeeping, on bare tensors -----------------------------------------------------------
+
+TINY_SHAPE = ModelConfig("llama", 32, 8, 16, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=4, max_position=64)
+
+
+def _pool(pages: int, page: int = 4) -> tuple[KVCache, PrefixCache]:
+    cache = KVCache.allocate(TINY_SHAPE, 2, 32, torch.float32, "cpu")
+    return cache, PrefixCache(cache, KVCache.allocate(TINY_SHAPE, pages, page, torch.float32, "cpu"))
+
+
+def _fill(cache: KVCache, slot: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    cache.k[:, slot] = torch.randn(cache.k[:, slot].shape, generator=g)
+    cache.v[:, slot] = torch.randn(cache.v[:, slot].shape, generator=g)
+
+
+def test_pages_copy_both_ways_and_only_full_pages_before_the_last_prompt_token():
+    cache, pc = _pool(pages=8)
+    _fill(cache, 0, seed=1)
+    ids = list(range(1, 14))  # 13 tokens: 3 full pages of 4
+    assert pc.store(ids, slot=0, valid=13) == 3
+    assert pc.store(ids, slot=0, valid=13) == 0  # already there: only marked used
+    # a prompt of exactly 12 tokens reuses 2 pages: its last token must run to give the first logits
+    assert pc.peek(ids[:12]) == 8 and pc.peek(ids) == 12 and pc.peek([9, *ids[1:]]) == 0
+    assert pc.load(ids + [99], slot=1) == 12
+    torch.testing.assert_close(cache.k[:, 1, :, :12], cache.k[:, 0, :, :12], rtol=0, atol=0)
+    torch.testing.assert_close(cache.v[:, 1, :, :12], cache.v[:, 0, :, :12], rtol=0, atol=0)
+    assert pc.stats.hit_tokens == 12 and pc.stats.lookup_tokens == 14 and pc.stats.stored_pages == 3
+
+
+def test_a_page_stands_for_every_token_before_it():
+    """The same page of tokens after a different beginning is another page (a trie, not a bag of pages)."""
+    cache, pc = _pool(pages=8)
+    pc.store([1, 2, 3, 4, 5, 6, 7, 8], slot=0, valid=8)
+    assert pc.peek([9, 9, 9, 9, 5, 6, 7, 8, 0]) == 0
+    assert pc.peek([1, 2, 3, 4, 5, 6, 7, 9, 0]) == 4
+
+
+def test_least_recently_used_leaves_are_evicted_first():
+    cache, pc = _pool(pages=3)
+    a, b, c = [1, 1, 1, 1, 2, 2, 2, 2], [3, 3, 3, 3], [4, 4, 4, 4]
+    pc.store(a, 0, 8)  # pages a0 -> a1
+    pc.store(b, 0, 4)  # b0: the pool is full
+    assert pc.load(a + [0], 1) == 8  # a used again: b0 is now the least recently used
+    pc.store(c, 0, 4)
+    assert pc.peek(b + [0]) == 0 and pc.peek(a + [0]) == 8 and pc.peek(c + [0]) == 4
+    assert pc.stats.evicted_pages == 1
+    # a0 is now the least recently used page, but a1 continues it: the leaf a1 goes first
+    pc.load(c + [0], 1)
+    pc.store([5, 5, 5, 5], 0, 4)
+    assert pc.peek(a + [0]) == 4 and pc.peek(c + [0]) == 4
+
+
+def test_a_pool_too_small_for_a_prompt_keeps_its_beginning():
+    cache, pc = _pool(pages=1)
+    assert pc.store(list(range(12)), 0, 12) == 1  # its second page would have to evict its own first
+    assert pc.peek(list(range(12))) == 4 and pc.used_pages == 1
+
+
+def test_prefix_cache_tokens_is_checked():
+    with pytest.raises(ParamError, match="prefix_cache_tokens"):
+        EngineConfig(prefix_cache_tokens=-1)
+
+
+# -- engines on tiny random models: bitwise against no cache --------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma3"])  # gemma3: sliding-window layers (window 8)
+def engines(request, tiny_hf):
+    loaded = load(tiny_hf(request.param))
+    base = dict(slots=4, ctx=256, weights="int8")
+    cached = Engine.from_model(config=EngineConfig(**base, prefix_cache_tokens=1024), loaded=loaded)
+    plain = Engine.from_model(config=EngineConfig(**base, prefix_cache_tokens=0), loaded=loaded)
+    assert cached.prefix_cache is not None and plain.prefix_cache is None
+    return cached, plain, loaded.config.vocab_size
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "seeded"])
+def test_a_prompt_served_from_cache_is_bitwise_the_one_computed(engines, params):
+    cached, plain, vocab = engines
+    prompt = _prompt(seed=len(params.stop) + int(params.temperature * 10), n=77, vocab=vocab)
+    first = _run(cached, prompt, params)
+    again = _run(cached, prompt, params)
+    scratch = _run(plain, prompt, params)
+    assert first.cached_tokens == 0 and again.cached_tokens == (77 - 1) // P * P
+    assert _trace(again) == _trace(scratch) == _trace(first)
+    # the copied KV itself: bit for bit what the plain engine computed in its slot
+    n = again.cached_tokens
+    assert torch.equal(cached.plan.cache.k[:, again.slot, :, :n], plain.plan.cache.k[:, scratch.slot, :, :n])
+
+
+def test_prompts_sharing_a_system_prompt_while_others_decode(engines):
+    """One request computes the shared beginning; the ones arriving while it decodes copy it, their rows
+    running in chunks beside its decode rows; each matches its own run on the plain engine."""
+    cached, plain, vocab = engines
+    system = _prompt(seed=5, n=50, vocab=vocab)
+    prompts = [system + _prompt(seed=10 + i, n=6 + 5 * i, vocab=vocab)[1:] for i in range(4)]
+    params = [SAMPLED if i % 2 else GREEDY for i in range(4)]
+    first = cached.submit(prompts[0], params[0])
+    cached.step()
+    cached.step()  # its prompt is in: the shared pages are pooled
+    rest = [cached.submit(p, s) for p, s in zip(prompts[1:], params[1:])]
+    while not cached.scheduler.idle:
+        cached.step()
+    for req, p, s in zip([first, *rest], prompts, params):
+        assert _trace(req) == _trace(_run(plain, p, s))
+    assert [r.cached_tokens for r in rest] == [48, 48, 48]
+
+
+# (prompt, reply) lengths: 45 + 8 - 1 tokens in the cache fill 3 pages; 40 + 24 = 64 ends on a page boundary,
+# and the reply's last token (sampled, never run) is the one that would complete the 4th page
+@pytest.mark.parametrize("turn1_tokens, reply_tokens", [(45, 8), (40, 24)])
+def test_the_next_turn_reuses_the_transcript_prompt_and_reply(engines, turn1_tokens, reply_tokens):
+    cached, plain, vocab = engines
+    turn1 = _prompt(seed=21, n=turn1_tokens, vocab=vocab)
+    reply = _run(cached, turn1, dataclasses.replace(SAMPLED, max_tokens=reply_tokens))
+    turn2 = turn1 + reply.output_ids + _prompt(seed=22, n=9, vocab=vocab)[1:]
+    second = _run(cached, turn2, GREEDY)
+    # the reply's KV was pooled when it ended: everything up to its last (never run) token, in full pages
+    assert second.cached_tokens == (turn1_tokens + reply_tokens - 1) // P * P > len(turn1)
+    assert _trace(second) == _trace(_run(plain, turn2, GREEDY))
+
+
+def test_predicted_ttft_counts_only_the_rows_that_still_run(engines):
+    cached, _plain, vocab = engines
+    prompt = _prompt(seed=31, n=120, vocab=vocab)
+    _run(cached, prompt, GREEDY)
+    assert cached.prefix_cache.peek(prompt) == 112
+    # an uncalibrated plan predicts NaN: compare the prompt lengths the prediction is given instead
+    seen = []
+    predict = cached._predict_ttft_ms
+    cached._predict_ttft_ms = lambda tokens: seen.append(tokens) or predict(tokens)
+    try:
+        _run(cached, prompt, GREEDY)
+    finally:
+        del cached._predict_ttft_ms
+    assert seen == [120 - 112]
+
+
+def test_a_pool_smaller_than_a_page_is_no_pool(tiny_hf):
+    e = Engine.from_model(
+        config=EngineConfig(slots=2, ctx=64, prefix_cache_tokens=P - 1), loaded=load(tiny_hf("llama"))
+    )
+    assert e.prefix_cache is None and e.plan.report.prefix_cache_bytes == 0
+    assert "fewer tokens than a page" in e.plan.report.prefix_cache_note
+
+
+def test_the_torch_runner_has_no_prefix_cache(tiny_hf):
+    e = Engine.from_model(
+        config=EngineConfig(slots=2, ctx=64, weights="f32", kernels="torch"), loaded=load(tiny_hf("llama"))
+    )
+    assert e.prefix_cache is None and "fused decoder" in e.plan.report.prefix_cache_note
+    req = _run(e, _prompt(seed=1, n=20, vocab=e.plan.cfg.vocab_size), GREEDY)
+    assert req.cached_tokens == 0 and len(req.output_ids) == GREEDY.max_tokens
+
+
+# -- the shipped model, end to end ---------------------------------------------------------------------
+
+
+def test_smollm_chat_turns_from_cache_match_scratch(smollm):
+    base = dict(slots=2, ctx=512)
+    cached = Engine.from_model(config=EngineConfig(**base, prefix_cache_tokens=2048), loaded=smollm)
+    plain = Engine.from_model(config=EngineConfig(**base, prefix_cache_tokens=0), loaded=smollm)
+    tok = cached.tokenizer
+    system = {"role": "system", "content": "You are a careful assistant. " * 12}
+    turn1 = [system, {"role": "user", "content": "Name a color."}]
+    p1 = tok.encode_chat(turn1)
+    reply = _run(cached, p1, SAMPLED)
+    turn2 = [*turn1, {"role": "assistant", "content": tok.decode(reply.output_ids)}]
+    p2 = tok.encode_chat([*turn2, {"role": "user", "content": "Another one?"}])
+    second = _run(cached, p2, SAMPLED)
+    assert second.cached_tokens >= len(p1) // P * P > 0
+    assert _trace(second) == _trace(_run(plain, p2, SAMPLED))
+    assert second.cached_tokens == cached.prefix_cache.stats.hit_tokens

@@ -1,0 +1,181 @@
+"""Tensor parallelism over gloo: tp=1, 2 and 4 give the same logits bit for bit (the fixed-chunk sums of
+parallel/tp.py), and close to the unsplit model."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from metronome.compile.quant import dense
+from metronome.config import EngineConfig, SamplingParams
+from metronome.engine import Engine
+from metronome.model.loader import load
+from metronome.model.transformer import KVCache, Rows, build_model
+from metronome.parallel.check import greedy_trace
+from metronome.parallel.group import GroupError, free_port, run_ranks
+from metronome.parallel.tp import ShardingError, Solo, TPLayout, check_shards, default_shards
+
+PROMPT = [1, 7, 12, 30, 5, 9, 44, 3]
+STEPS = 6
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tp_degrees_are_bit_identical(tiny_hf, arch):
+    path = str(tiny_hf(arch))  # 4 heads, 2 KV heads (copied across chunks at 4 shards), MLP 128
+    assert default_shards(load(path).config) == 4
+    one = greedy_trace(Solo(), path, 4, PROMPT, STEPS)["logits"]
+    two, _ = run_ranks(2, greedy_trace, (path, 4, PROMPT, STEPS), timeout_s=240)
+    four = run_ranks(4, greedy_trace, (path, 4, PROMPT, STEPS), timeout_s=240)
+    assert torch.equal(two["logits"], one)
+    assert all(torch.equal(r["logits"], one) for r in four)  # every rank holds the whole logits
+    # ... and the cut model is the model: close to the unsplit float32 forward
+    loaded = load(path)
+    model = build_model(loaded.config, {k: dense(v) for k, v in loaded.weights.items()}, 64, torch.float32)
+    cache = KVCache.allocate(loaded.config, 1, 64, torch.float32, "cpu")
+    whole = model(
+        torch.tensor([PROMPT]), torch.arange(len(PROMPT))[None], cache, Rows((0,), (0,), (0,)), torch.tensor([0])
+    )
+    torch.testing.assert_close(one[0], whole[0], rtol=1e-4, atol=1e-4)
+
+
+def test_layouts_that_cannot_work_are_refused(tiny_hf):
+    cfg = load(str(tiny_hf("llama"))).config
+    with pytest.raises(ShardingError, match="tp_shards=8.*4 attention heads"):
+        check_shards(cfg, 8)
+    with pytest.raises(ShardingError, match="not a multiple of tp=3"):
+        TPLayout(3, 0, 4)
+
+
+def _fail_on_rank_one(group, *_args):
+    if group.rank == 1:
+        raise ValueError("model file differs")
+    return group.rank
+
+
+def test_a_failing_rank_is_named():
+    with pytest.raises(GroupError, match="rank 1 of 2 failed: ValueError: model file differs"):
+        run_ranks(2, _fail_on_rank_one, timeout_s=60, collective_timeout_s=10)
+
+
+def _engine(path: str, tp: int, weights: str = "f32") -> Engine:
+    """f32: the torch path; int8: the fused C++ decoder (its Q8_0 blocks need K ranges of 32 columns)."""
+    shards = 4
+    config = EngineConfig(slots=2, ctx=128, tp=tp, tp_shards=shards, weights=weights, spec_tokens=0)
+    return Engine.from_model(path, config, calibrate=False)
+
+
+@pytest.fixture(scope="module")
+def wide_llama(tiny_hf, tmp_path_factory) -> str:
+    """The tiny Llama made wide enough for the fused decoder to cut o and down in 4 K ranges of 32+ columns
+    (hidden 128, 4 heads of 32, MLP 256): with 4 chunks the order of the sum matters (with 2 it does not:
+    a + b == b + a)."""
+    import transformers as T
+
+    small = tiny_hf("llama")
+    config = T.LlamaConfig(
+        vocab_size=T.AutoConfig.from_pretrained(small).vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(7)
+    folder = tmp_path_factory.mktemp("wide-llama")
+    T.LlamaForCausalLM(config).eval().save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(small / name, folder / name)
+    return str(folder)
+
+
+def test_fused_decoder_tp2_gives_the_tp1_tokens_and_logprobs(wide_llama):
+    path = wide_llama
+    runs = []
+    for tp in (1, 2, 4):
+        engine = _engine(path, tp, "int8")
+        assert "fused decoder" in engine.plan.report.kernels and engine.plan.runner.any_rows
+        done = engine.generate(["w1 w2 w3", "w7 w5"], GREEDY, chat=False)
+        runs.append([(c.token_ids, [x.logprob for x in c.choices]) for c in done])
+        engine.plan.runner.close()
+    assert runs[0] == runs[1] == runs[2]
+
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0, logprobs=True, ignore_eos=True)
+
+
+def test_engine_tp2_serves_what_tp1_serves_and_survives_a_killed_rank(tiny_hf):
+    path = str(tiny_hf("llama"))
+    one = _engine(path, 1)
+    expected = one.generate("w1 w2 w3", GREEDY, chat=False)
+    one.plan.runner.close()
+    two = _engine(path, 2)
+    runner = two.plan.runner
+    try:
+        got = two.generate("w1 w2 w3", GREEDY, chat=False)
+        assert got.token_ids == expected.token_ids
+        assert [c.logprob for c in got.choices] == [c.logprob for c in expected.choices]
+        # SIGKILL rank 1 while a request runs: it fails with an error naming the rank failure, promptly
+        two.start()
+        events: queue.Queue = queue.Queue()
+        ids = two.encode_prompt("w1 w2 w3", chat=False)
+        request = two.submit(ids, dataclasses.replace(GREEDY, max_tokens=100), events.put)
+        first = events.get(timeout=30)  # it is running
+        assert first.finish_reason is None
+        killed_at = time.monotonic()
+        os.kill(runner.ranks.workers[0].pid, signal.SIGKILL)
+        while (delta := events.get(timeout=10)).finish_reason is None:
+            pass
+        assert delta.finish_reason == "error" and "RankFailure" in delta.error, delta
+        assert time.monotonic() - killed_at < 5.0
+        assert request.finish_reason == "error"
+        # the group is formed again (new processes) and a new request gets the same answer as before
+        again = two.generate("w1 w2 w3", GREEDY, chat=False)
+        assert again.token_ids == expected.token_ids
+        assert runner.rebuilds == 1
+    finally:
+        two.stop()
+        runner.close()
+
+
+def test_a_model_file_that_differs_between_ranks_is_refused(tiny_hf, tmp_path):
+    from metronome.parallel.plan import Ranks, tp_settings
+
+    path = tiny_hf("llama")
+    other = tmp_path / "other"
+    shutil.copytree(path, other)
+    weights = next(other.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")  # another copy of the "same" model
+    loaded = load(str(path))
+    config, layout, _ = tp_settings(loaded, EngineConfig(slots=1, ctx=64, tp=2, tp_shards=4, weights="f32"))
+    with pytest.raises(GroupError, match="the model file differs between ranks"):
+        Ranks(loaded, config, layout, lambda _m: None, path=str(other)).form()
+
+
+def test_torchrun_launch_serves_the_same_tokens(tiny_hf, tmp_path):
+    """Ranks started by torchrun (as on many hosts), bound to loopback: rank 0 prints what tp=1 gives."""
+    path = str(tiny_hf("llama"))
+    want = _engine(path, 1)
+    expected = want.generate("w1 w2 w3", dataclasses.replace(GREEDY, ignore_eos=False), chat=False).text
+    want.plan.runner.close()
+    assert len(expected.split()) >= 3  # a real continuation to find in rank 0's output
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
+    cmd = [*torchrun, "--master-port", str(free_port()), "-m", "metronome.cli", "generate", "--model", path]
+    cmd += ["--tp", "2", "--tp-shards", "4", "--weights", "f32", "--raw", "--max-tokens", "10", "--temperature", "0"]
+    cmd += ["--spec-tokens", "0", "--ctx", "128", "--slots", "2", "w1 w2 w3"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert expected.strip() in done.stdout, (expected, done.stdout)

@@ -1,0 +1,138 @@
+"""`POST /v1/reflections` through a real server on 127.0.0.1: typed SSE events per turn, the whole body,
+the same turns as the Python API, and bad input answered 400 naming the parameter."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+from helpers.live_server import LiveServer
+
+from metronome.agents.reflect import ReflectSettings, run_reflection
+from metronome.config import EngineConfig, SamplingParams
+from metronome.engine import Engine
+from metronome.serve.server import ModelIdentity, ServerSettings, create_app
+
+TASK = "Name one planet and say why it is interesting."
+
+
+@pytest.fixture(scope="module")
+def served(smollm):
+    engine = Engine.from_model(config=EngineConfig(slots=2, ctx=512), loaded=smollm)
+    app = create_app(engine, ServerSettings(), ModelIdentity.of(smollm))
+    with LiveServer(app) as url:
+        yield url, engine
+    engine.stop()
+
+
+def _events(url: str, body: dict) -> list[tuple[str, dict]]:
+    out = []
+    with httpx.stream("POST", f"{url}/v1/reflections", json={**body, "stream": True}, timeout=120) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        name = None
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+            elif line == "data: [DONE]":
+                out.append(("[DONE]", {}))
+            elif line.startswith("data: "):
+                data = json.loads(line.removeprefix("data: "))
+                assert data["type"] == name
+                out.append((name, data))
+    return out
+
+
+def test_streamed_turns_match_the_python_api(served):
+    url, engine = served
+    events = _events(url, {"task": TASK, "rounds": 1, "max_tokens": 12})
+    names = [n for n, _ in events]
+    assert names[-2:] == ["reflection.done", "[DONE]"]
+    starts = [d for n, d in events if n == "turn.started"]
+    assert [(d["round"], d["kind"]) for d in starts] == [(1, "answer"), (1, "critique"), (1, "revision")]
+    texts = {}
+    for name, data in events[:-2]:
+        assert name in ("turn.started", "turn.delta", "turn.done")
+        if name == "turn.started":
+            texts[data["turn"]] = ""
+        elif name == "turn.delta":
+            texts[data["turn"]] += data["text"]
+        else:
+            assert data["text"] == texts[data["stats"]["turn"]]
+    summary = events[-2][1]
+    expected = run_reflection(engine, TASK, ReflectSettings(rounds=1), SamplingParams(max_tokens=12))
+    assert [t["text"] for t in summary["turns"]] == list(expected.texts) == [texts[i] for i in range(3)]
+    assert summary["answer"] == expected.answer
+    stats = [t["stats"] for t in summary["turns"]]
+    assert [s["prompt_tokens"] for s in stats] == [s.prompt_tokens for s in expected.turns]
+    assert all(s["cached_tokens"] > 0 for s in stats[1:]) and all(s["extends"] for s in stats)
+    totals = summary["totals"]
+    assert totals["decode_ms"] == pytest.approx(sum(s["decode_ms"] for s in stats))
+    assert totals["completion_tokens"] == sum(s["completion_tokens"] for s in stats)
+
+
+def test_whole_body(served):
+    url, _ = served
+    r = httpx.post(f"{url}/v1/reflections", json={"task": TASK, "rounds": 1, "max_tokens": 6}, timeout=120)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "reflection" and len(body["turns"]) == 3
+    assert body["answer"] == body["turns"][-1]["text"]
+    assert 0 < body["totals"]["outside_share"] < 1
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"task": TASK, "rounds": 0}, "rounds"),
+        ({"task": TASK, "rounds": 2.5}, "rounds"),
+        ({"task": TASK, "rounds": 3}, "rounds"),  # 7 turns x 256 tokens cannot fit a context of 512
+        ({"task": TASK, "points": 0}, "points"),
+        ({"task": TASK, "critique": "list {n} things"}, "critique"),
+        ({"task": TASK, "max_tokens": 0}, "max_tokens"),
+        ({"task": TASK, "temperature": "hot"}, "temperature"),
+        ({"task": ""}, "task"),
+        ({"task": "   ", "max_tokens": 8, "rounds": 1}, "task"),
+        ({"rounds": 1}, "task"),
+        ({"task": TASK, "model": "gpt-9"}, "model"),
+    ],
+)
+def test_bad_input_is_a_4xx_naming_the_parameter(served, body, param):
+    url, _ = served
+    r = httpx.post(f"{url}/v1/reflections", json=body, timeout=30)
+    assert r.status_code in (400, 404), r.text
+    assert r.json()["error"]["param"] == param, r.text
+
+
+def test_a_body_that_is_not_json_is_a_400(served):
+    url, _ = served
+    r = httpx.post(f"{url}/v1/reflections", content=b"{rounds", timeout=30)
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+
+
+def test_a_client_that_leaves_stops_the_loop(served):
+    url, engine = served
+    submitted = []
+    submit = engine.submit
+
+    def recording(*args, **kwargs):
+        submitted.append(submit(*args, **kwargs))
+        return submitted[-1]
+
+    engine.submit = recording
+    try:
+        body = {"task": TASK, "rounds": 1, "max_tokens": 120, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/reflections", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line == "event: turn.delta":
+                    break  # leave during the first turn
+        time.sleep(2.0)  # three whole turns of 120 tokens would still be running
+        deadline = time.monotonic() + 20
+        while not engine.scheduler.idle and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        del engine.submit
+    assert engine.scheduler.idle
+    assert len(submitted) == 1 and submitted[0].finish_reason == "cancelled"
+    assert len(submitted[0].output_ids) < 120

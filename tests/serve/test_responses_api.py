@@ -1,0 +1,302 @@
+"""The Responses API (`POST /v1/responses`) over real HTTP, with the openai client's `responses.create`.
+
+A Responses request is the chat completion it is equivalent to, so greedy answers are checked against
+`/v1/chat/completions` with the equivalent messages; streams against the whole response; bad bodies
+against the 400 and the parameter they name.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+from helpers.live_server import openai_client, serving
+
+from metronome.config import EngineConfig
+
+GREEDY = {"temperature": 0, "max_output_tokens": 12}
+FN = {"type": "function", "name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}}}
+
+
+@pytest.fixture(scope="module")
+def url(smollm):
+    with serving(smollm, EngineConfig(slots=4, ctx=512)) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def client(url) -> openai.OpenAI:
+    return openai_client(url)
+
+
+def _chat(client: openai.OpenAI, messages: list[dict], max_tokens: int = 12) -> openai.types.chat.ChatCompletion:
+    return client.chat.completions.create(
+        model="metronome", messages=messages, temperature=0, max_completion_tokens=max_tokens
+    )
+
+
+def test_a_string_input_with_instructions_is_the_chat_completion(client):
+    r = client.responses.create(model="metronome", input="Name three colors.", instructions="Be brief.", **GREEDY)
+    chat = _chat(
+        client, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three colors."}]
+    )
+    assert r.object == "response" and r.id.startswith("resp_")
+    assert r.output_text == chat.choices[0].message.content and r.output_text
+    [message] = r.output
+    assert message.type == "message" and message.role == "assistant" and message.content[0].type == "output_text"
+    assert r.usage.input_tokens == chat.usage.prompt_tokens
+    assert r.usage.output_tokens == chat.usage.completion_tokens
+    assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
+    assert r.usage.input_tokens_details.cached_tokens >= 0
+    # the length ran out: incomplete, as OpenAI says it (the Agents SDK raises on it)
+    expected = "incomplete" if chat.choices[0].finish_reason == "length" else "completed"
+    assert r.status == expected
+    assert (r.incomplete_details is not None) == (expected == "incomplete")
+    assert r.instructions == "Be brief." and r.max_output_tokens == GREEDY["max_output_tokens"]
+
+
+def test_input_items_are_the_chat_history(client):
+    items = [
+        {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "Answer in one word."}]},
+        {"role": "user", "content": "What color is the sky?"},
+        {
+            "type": "message",
+            "role": "assistant",
+            "id": "msg_1",
+            "status": "completed",
+            "content": [{"type": "output_text", "text": "Blue.", "annotations": []}],
+        },
+        {"role": "user", "content": [{"type": "input_text", "text": "And "}, {"type": "input_text", "text": "grass?"}]},
+    ]
+    r = client.responses.create(model="metronome", input=items, **GREEDY)
+    chat = _chat(
+        client,
+        [
+            {"role": "system", "content": "Answer in one word."},
+            {"role": "user", "content": "What color is the sky?"},
+            {"role": "assistant", "content": "Blue."},
+            {"role": "user", "content": "And grass?"},
+        ],
+    )
+    assert r.output_text == chat.choices[0].message.content
+    assert r.usage.input_tokens == chat.usage.prompt_tokens
+
+
+def test_the_stream_is_typed_numbered_events_that_add_up_to_the_response(client):
+    whole = client.responses.create(model="metronome", input="Say hello.", **GREEDY)
+    events = list(client.responses.create(model="metronome", input="Say hello.", stream=True, **GREEDY))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        f"response.{whole.status}",
+    ]
+    assert set(kinds[4:-4]) == {"response.output_text.delta"}
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == whole.output_text == events[-4].text == events[-2].item.content[0].text
+    final = events[-1].response
+    assert final.output_text == text and final.usage.output_tokens == whole.usage.output_tokens
+    item_ids = {e.item_id for e in events if hasattr(e, "item_id")} | {events[2].item.id, events[-2].item.id}
+    assert len(item_ids) == 1  # every event names the one message item
+
+
+def test_json_object_format_gives_json(client):
+    r = client.responses.create(
+        model="metronome",
+        input="Give a JSON object with a name and an age.",
+        text={"format": {"type": "json_object"}},
+        temperature=0,
+        max_output_tokens=48,
+    )
+    assert isinstance(json.loads(r.output_text), dict)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({}, "input"),
+        ({"input": []}, "input"),
+        ({"input": 3}, "input"),
+        ({"input": "hi", "previous_response_id": "resp_123"}, "previous_response_id"),
+        ({"input": "hi", "background": True}, "background"),
+        ({"input": "hi", "tools": [{"type": "web_search"}]}, "tools"),
+        ({"input": "hi", "tools": [{"type": "function", "name": "bad name!"}]}, "tools[0].name"),
+        ({"input": "hi", "tool_choice": "required"}, "tool_choice"),
+        ({"input": "hi", "tool_choice": {"type": "function", "name": "f"}}, "tool_choice"),
+        ({"input": "hi", "tools": [FN], "tool_choice": {"type": "function", "name": "g"}}, "tool_choice.name"),
+        ({"input": "hi", "tools": [FN, FN]}, "tools[1].name"),
+        ({"input": "hi", "tools": [{**FN, "parameters": {"type": "array"}}]}, "tools[0].parameters"),
+        ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{"}]}, "input"),
+        ({"input": [{"type": "reasoning", "summary": []}]}, "input[0]"),
+        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0].content[0]"),
+        ({"input": [{"role": "robot", "content": "hi"}]}, "input[0].role"),
+        ({"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]}, "input[0].call_id"),
+        ({"input": [{"type": "function_call_output", "call_id": "c"}]}, "input[0].output"),
+        ({"input": "hi", "temperature": "0.5"}, "temperature"),
+        ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
+        ({"input": "hi", "max_output_tokens": 100_000}, "max_output_tokens"),
+        ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format"),
+        (
+            {"input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nope"}}}},
+            "text.format.schema",
+        ),
+        (
+            {"input": "hi", "tools": [FN], "tool_choice": "required", "text": {"format": {"type": "json_object"}}},
+            "text.format",
+        ),
+        ({"input": "hi", "model": "gpt-4o"}, "model"),
+    ],
+)
+def test_bad_bodies_are_400s_naming_the_parameter(url, body, param):
+    r = httpx.post(f"{url}/v1/responses", json=body, timeout=60)
+    assert r.status_code in (400, 404), r.text
+    assert r.json()["error"]["param"] == param, r.json()
+
+
+def test_fields_the_sdk_sends_are_accepted(client):
+    r = client.responses.create(
+        model="metronome",
+        input="Hi",
+        store=False,
+        include=["message.output_text.logprobs"],
+        truncation="disabled",
+        metadata={"run": "test"},
+        parallel_tool_calls=True,
+        tool_choice="none",
+        **GREEDY,
+    )
+    assert r.metadata == {"run": "test"} and r.output_text
+
+
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The weather in a city.",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+    "strict": True,
+}
+CHAT_WEATHER = {"type": "function", "function": {k: v for k, v in WEATHER.items() if k != "type"}}
+
+
+def test_a_required_tool_call_is_a_function_call_item_like_the_chat_tool_call(client):
+    ask = "What is the weather in Paris?"
+    r = client.responses.create(
+        model="metronome",
+        input=ask,
+        tools=[WEATHER],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        temperature=0,
+        max_output_tokens=100,
+    )
+    chat = client.chat.completions.create(
+        model="metronome",
+        messages=[{"role": "user", "content": ask}],
+        tools=[CHAT_WEATHER],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        temperature=0,
+        max_completion_tokens=100,
+    )
+    calls = [item for item in r.output if item.type == "function_call"]
+    expected = chat.choices[0].message.tool_calls
+    assert [(c.name, c.arguments) for c in calls] == [(c.function.name, c.function.arguments) for c in expected]
+    assert calls and r.status == "completed"
+    for c in calls:
+        assert c.call_id.startswith("call_") and c.id.startswith("fc_") and c.status == "completed"
+        assert set(json.loads(c.arguments)) == {"city"}
+
+
+def test_a_streamed_tool_call_adds_up_to_the_whole_response(client):
+    kwargs = dict(
+        model="metronome",
+        input="Weather in Oslo?",
+        tools=[WEATHER],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        temperature=0,
+        max_output_tokens=100,
+    )
+    whole = client.responses.create(**kwargs)
+    events = list(client.responses.create(stream=True, **kwargs))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    final = events[-1].response
+    assert events[-1].type == "response.completed"
+    assert [(i.type, i.name, i.arguments) for i in final.output] == [
+        (i.type, i.name, i.arguments) for i in whole.output
+    ]
+    for index, item in enumerate(final.output):
+        mine = [e for e in events if getattr(e, "output_index", None) == index]
+        kinds = [e.type for e in mine]
+        assert kinds[0] == "response.output_item.added" and kinds[-1] == "response.output_item.done"
+        assert kinds[-2] == "response.function_call_arguments.done"
+        pieces = "".join(e.delta for e in mine if e.type == "response.function_call_arguments.delta")
+        assert pieces == mine[-2].arguments == item.arguments == mine[-1].item.arguments
+        assert {e.item_id for e in mine if hasattr(e, "item_id")} == {item.id}
+
+
+def test_function_call_items_and_their_outputs_are_the_chat_tool_history(client):
+    items = [
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": "Sunny, 21 degrees."},
+    ]
+    r = client.responses.create(model="metronome", input=items, tools=[WEATHER], tool_choice="none", **GREEDY)
+    chat = client.chat.completions.create(
+        model="metronome",
+        messages=[
+            items[0],
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 degrees."},
+        ],
+        tools=[CHAT_WEATHER],
+        tool_choice="none",
+        temperature=0,
+        max_completion_tokens=GREEDY["max_output_tokens"],
+    )
+    assert r.output_text == chat.choices[0].message.content
+    assert r.usage.input_tokens == chat.usage.prompt_tokens
+
+
+def test_a_json_schema_format_gives_output_that_validates(client):
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    }
+    r = client.responses.create(
+        model="metronome",
+        input="Invent a person.",
+        text={"format": {"type": "json_schema", "name": "person", "schema": schema, "strict": True}},
+        temperature=0,
+        max_output_tokens=60,
+    )
+    assert r.status == "completed" and r.text.format.type == "json_schema"
+    jsonschema.validate(json.loads(r.output_text), schema)

@@ -1,0 +1,394 @@
+"""Tool calling in /v1/chat/completions (serve/tools.py): the parser and the fallback prompt on their own,
+then over HTTP on SmolLM2 (the fallback prompt: its template does not read `tools`) for every tool_choice,
+parallel calls, bad tools, a history with tool results and streaming; then Qwen2.5-Coder-0.5B (its own
+template renders the tools and `<tool_call>` is a special token), skipped when it is not installed.
+
+Every call's arguments are checked with `jsonschema`, an independent validator of the function's schema."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import jsonschema
+import pytest
+from helpers.live_server import LiveServer
+
+from metronome.config import EngineConfig
+from metronome.engine import Engine
+from metronome.model import registry
+from metronome.model.loader import load
+from metronome.serve.server import ModelIdentity, ServerSettings, create_app
+from metronome.serve.tools import (
+    FALLBACK_INTRO,
+    ArgumentsDelta,
+    CallStarted,
+    Function,
+    ToolCallParser,
+    call_block,
+    call_schema,
+    parse_tool_calls,
+    template_messages,
+    tool_calling,
+)
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+ADD = {
+    "type": "function",
+    "function": {
+        "name": "add",
+        "description": "Add two integers.",
+        "parameters": {
+            "type": "object",
+            "properties": {"a": {"type": "integer"}, "b": {"type": "integer", "minimum": 0}},
+            "required": ["a", "b"],
+            "additionalProperties": False,
+        },
+    },
+}
+TOOLS = [WEATHER, ADD]
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+ASK = [{"role": "user", "content": "What is the weather in Paris, in celsius? Also, what is 2 + 3?"}]
+
+
+def _valid_calls(calls: list[dict], names: set[str]) -> list[tuple[str, dict]]:
+    """Each call's name is allowed and its arguments parse and validate against the function's schema."""
+    out = []
+    for call in calls:
+        assert call["type"] == "function" and call["id"].startswith("call_")
+        name = call["function"]["name"]
+        assert name in names
+        arguments = json.loads(call["function"]["arguments"])
+        jsonschema.validate(arguments, SCHEMAS[name])
+        out.append((name, arguments))
+    return out
+
+
+# -- no model: the parser and the fallback prompt -------------------------------------------------------
+
+
+def test_the_parser_gives_the_same_calls_whole_and_piece_by_piece():
+    text = (
+        "Let me check.\n"
+        + call_block("get_weather", {"city": "Paris", "unit": "celsius"})
+        + "\n"
+        + call_block("add", {"a": 2, "b": 3})
+        + "\n"
+        + call_block("add", {"a": 2, "b": 3})  # repeated: dropped
+        + "\n<tool_call>\n"
+        + '{"name": "add", "arguments": {"a": 1'  # cut off by max_tokens: left out
+    )
+    whole = parse_tool_calls(text)
+    assert whole.content == "Let me check."
+    assert [(c.index, c.name, json.loads(c.arguments)) for c in whole.calls] == [
+        (0, "get_weather", {"city": "Paris", "unit": "celsius"}),
+        (1, "add", {"a": 2, "b": 3}),
+    ]
+    pieces = ToolCallParser()
+    events = []
+    for i in range(0, len(text), 3):
+        events += pieces.feed(text[i : i + 3])
+    events += pieces.close()
+    assert pieces.content == whole.content
+    assert [(c.name, c.arguments) for c in pieces.calls] == [(c.name, c.arguments) for c in whole.calls]
+    started = [e.call.name for e in events if isinstance(e, CallStarted)]
+    arguments = "".join(e.text for e in events if isinstance(e, ArgumentsDelta) and e.index == 1)
+    assert started == ["get_weather", "add"] and json.loads(arguments) == {"a": 2, "b": 3}
+
+
+def test_text_that_only_looks_like_a_tag_is_content():
+    parsed = parse_tool_calls("a < b and <tool> is not <tool_call but text  ")
+    assert parsed.calls == [] and parsed.content == "a < b and <tool> is not <tool_call but text  "
+
+
+def test_the_fallback_prompt_describes_the_tools_and_renders_the_history():
+    calling = tool_calling(TOOLS, "none", True, None)  # "none": described, not constrained
+    history = [
+        {"role": "system", "content": "Be brief."},
+        *ASK,
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a":2,"b":3}'}}],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "5"},
+    ]
+    messages, tools = template_messages(history, calling, template_knows_tools=False)
+    assert tools is None
+    assert messages[0]["role"] == "system" and messages[0]["content"].startswith("Be brief.\n\n" + FALLBACK_INTRO)
+    assert json.dumps(WEATHER) in messages[0]["content"]
+    assert messages[2] == {"role": "assistant", "content": call_block("add", {"a": 2, "b": 3})}
+    assert messages[3] == {"role": "user", "content": "<tool_response>\n5\n</tool_response>"}
+    # a template that reads tools gets OpenAI's list, and the calls' arguments as objects
+    messages, tools = template_messages(history, calling, template_knows_tools=True)
+    assert [t["function"]["name"] for t in tools] == ["get_weather", "add"]
+    assert messages[2]["tool_calls"][0]["function"]["arguments"] == {"a": 2, "b": 3}
+
+
+def test_objects_are_closed_and_references_follow_the_arguments():
+    params = {
+        "type": "object",
+        "properties": {
+            "where": {"$ref": "#/$defs/Point"},
+            "again": {"$ref": "#/properties/where"},  # a reference into the arguments' own schema
+            "tags": {"type": "array", "items": {"type": "object", "properties": {"k": {"type": "string"}}}},
+            "extra": {"type": "object", "properties": {}, "additionalProperties": True},
+        },
+        "$defs": {"Point": {"type": "object", "properties": {"x": {"type": "number"}}}},
+    }
+    schema = call_schema(Function("f", None, params))
+    arguments = schema["properties"]["arguments"]
+    assert arguments["additionalProperties"] is False
+    assert arguments["properties"]["tags"]["items"]["additionalProperties"] is False
+    assert arguments["properties"]["extra"]["additionalProperties"] is True  # what the schema says stays
+    assert schema["$defs"]["Point"]["additionalProperties"] is False and "$defs" not in arguments
+    assert arguments["properties"]["again"] == {"$ref": "#/properties/arguments/properties/where"}
+    good = {"name": "f", "arguments": {"where": {"x": 1.5}, "again": {"x": 2}, "tags": [{"k": "a"}], "extra": {"a": 1}}}
+    jsonschema.validate(good, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"name": "f", "arguments": {"where": {"x": 1, "y": 2}}}, schema)
+
+
+# -- SmolLM2 over HTTP ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smol_url(smollm):
+    engine = Engine.from_model(config=EngineConfig(slots=2, ctx=2048), loaded=smollm)
+    app = create_app(engine, ServerSettings(), ModelIdentity.of(smollm))
+    try:
+        with LiveServer(app) as url:
+            yield url
+    finally:
+        engine.stop()
+
+
+def _chat(url: str, **body) -> httpx.Response:
+    body = {"messages": ASK, "tools": TOOLS, "temperature": 0, "max_tokens": 160, **body}
+    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300)
+
+
+def _ok(url: str, **body) -> dict:
+    r = _chat(url, **body)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_required_makes_calls_that_validate(smol_url, parallel):
+    choice = _ok(smol_url, tool_choice="required", parallel_tool_calls=parallel)
+    assert choice["finish_reason"] == "tool_calls"
+    calls = _valid_calls(choice["message"]["tool_calls"], {"get_weather", "add"})
+    assert len(calls) >= 1 and (parallel or len(calls) == 1)
+    assert choice["message"]["content"] is None
+
+
+def test_a_named_function_is_the_one_called(smol_url):
+    for name in ("add", "get_weather"):
+        choice = _ok(smol_url, tool_choice={"type": "function", "function": {"name": name}})
+        assert choice["finish_reason"] == "tool_calls"
+        assert {n for n, _ in _valid_calls(choice["message"]["tool_calls"], {name})} == {name}
+
+
+def test_sampled_calls_validate_too(smol_url):
+    for seed in range(4):
+        choice = _ok(smol_url, tool_choice="required", temperature=1.0, seed=seed)
+        assert choice["finish_reason"] == "tool_calls"
+        _valid_calls(choice["message"]["tool_calls"], {"get_weather", "add"})
+
+
+def test_auto_answers_text_or_calls_and_none_never_calls(smol_url):
+    auto = _ok(smol_url, tool_choice="auto", max_tokens=60)
+    if auto["message"].get("tool_calls"):
+        assert auto["finish_reason"] == "tool_calls"
+        _valid_calls(auto["message"]["tool_calls"], {"get_weather", "add"})
+    else:
+        assert auto["finish_reason"] in ("stop", "length") and "<tool_call>" not in auto["message"]["content"]
+    none = _ok(smol_url, tool_choice="none", max_tokens=60)
+    assert "tool_calls" not in none["message"] and none["finish_reason"] in ("stop", "length")
+
+
+def test_a_history_with_tool_results_renders_and_runs(smol_url):
+    history = [
+        *ASK,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}},
+                {
+                    "id": "call_2",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'},
+                },
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "5"},
+        {"role": "tool", "tool_call_id": "call_2", "content": "Sunny, 21 degrees."},
+    ]
+    answer = _ok(smol_url, messages=history, tool_choice="none", max_tokens=40)
+    assert answer["message"]["content"] and answer["finish_reason"] in ("stop", "length")
+    again = _ok(smol_url, messages=history, tool_choice="required")
+    _valid_calls(again["message"]["tool_calls"], {"get_weather", "add"})
+
+
+def _streamed(url: str, **body) -> tuple[str, list[dict], str | None]:
+    content, calls, finish = "", {}, None
+    body = {"messages": ASK, "tools": TOOLS, "temperature": 0, "max_tokens": 160, "stream": True, **body}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=300) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            choice = json.loads(line[6:])["choices"][0]
+            delta = choice["delta"]
+            content += delta.get("content") or ""
+            for part in delta.get("tool_calls", ()):
+                call = calls.setdefault(part["index"], {"arguments": ""})
+                if "id" in part:
+                    assert part["type"] == "function" and part["function"]["arguments"] == ""
+                    call.update(id=part["id"], name=part["function"]["name"])
+                call["arguments"] += part["function"].get("arguments", "")
+            finish = choice["finish_reason"] or finish
+    as_openai = [
+        {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+        for _, c in sorted(calls.items())
+    ]
+    return content, as_openai, finish
+
+
+@pytest.mark.parametrize(
+    "tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}, "auto"], ids=str
+)
+def test_streamed_deltas_reassemble_to_the_whole_answer(smol_url, tool_choice):
+    whole = _ok(smol_url, tool_choice=tool_choice)
+    content, calls, finish = _streamed(smol_url, tool_choice=tool_choice)
+    assert finish == whole["finish_reason"]
+    assert (content or None) == (whole["message"]["content"] or None)
+    names = {"get_weather", "add"}
+    assert _valid_calls(calls, names) == _valid_calls(whole["message"].get("tool_calls", []), names)
+
+
+BAD = [
+    ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice.function.name"),
+    ({"tool_choice": "required", "tools": []}, "tool_choice"),
+    (
+        {"tools": [WEATHER, {"type": "function", "function": {"name": "add", "parameters": []}}]},
+        "tools[1].function.parameters",
+    ),
+    (
+        {"tools": [WEATHER, {"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]},
+        "tools[1].function.parameters",
+    ),
+    (
+        {
+            "tools": [
+                WEATHER,
+                {
+                    "type": "function",
+                    "function": {
+                        "name": "f",
+                        "parameters": {"type": "object", "properties": {"x": {"format": "nope"}}},
+                    },
+                },
+            ]
+        },
+        "tools[1].function.parameters",
+    ),
+    ({"tools": [WEATHER, WEATHER]}, "tools[1].function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "has space"}}]}, "tools[0].function.name"),
+    ({"tools": [{"type": "retrieval"}]}, "tools[0].type"),
+    ({"tool_choice": "sometimes"}, "tool_choice"),
+    ({"messages": [*ASK, {"role": "tool", "content": "5"}]}, "messages[1]"),
+    (
+        {
+            "messages": [
+                *ASK,
+                {"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "add", "arguments": "{2"}}]},
+            ]
+        },
+        "messages[1].tool_calls[0].function.arguments",
+    ),
+    ({"response_format": {"type": "json_object"}, "tool_choice": "required"}, "response_format"),
+]
+
+
+@pytest.mark.parametrize("body,param", BAD, ids=[p for _, p in BAD])
+def test_bad_tools_are_a_400_naming_the_parameter(smol_url, body, param):
+    r = _chat(smol_url, **body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param, error
+
+
+# -- Qwen2.5-Coder: its own template, special-token tags ----------------------------------------------------
+
+QWEN = registry.find("qwen2.5-coder-0.5b")
+
+
+@pytest.fixture(scope="module")
+def qwen_url():
+    if not registry.is_installed(QWEN):
+        pytest.skip("Qwen2.5-Coder-0.5B is not installed (metronome models install qwen2.5-coder-0.5b)")
+    loaded = load(registry.resolve(QWEN.name))
+    engine = Engine.from_model(config=EngineConfig(slots=2, ctx=2048), loaded=loaded)
+    app = create_app(engine, ServerSettings(), ModelIdentity.of(loaded))
+    try:
+        with LiveServer(app) as url:
+            yield url, engine
+    finally:
+        engine.stop()
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_qwen_renders_tools_with_its_own_template_and_calls_them(qwen_url):
+    url, engine = qwen_url
+    tok = engine.tokenizer
+    assert tok.template_reads_tools
+    prompt = tok.render_chat(ASK, tools=[WEATHER])
+    assert "<tools>" in prompt and json.dumps(WEATHER) in prompt and FALLBACK_INTRO not in prompt
+    choice = _ok(url, tool_choice="required")
+    assert choice["finish_reason"] == "tool_calls"
+    names = {n for n, _ in _valid_calls(choice["message"]["tool_calls"], {"get_weather", "add"})}
+    assert names <= {"get_weather", "add"}
+    content, calls, finish = _streamed(url, tool_choice="required")
+    assert finish == "tool_calls"
+    assert _valid_calls(calls, {"get_weather", "add"}) == _valid_calls(
+        choice["message"]["tool_calls"], {"get_weather", "add"}
+    )
+    history = [
+        *ASK,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "5"},
+    ]
+    rendered = tok.render_chat(
+        [
+            {"role": "user", "content": "x"},
+            {**history[1], "content": "", "tool_calls": [{"function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]},
+            history[2],
+        ],
+        tools=[ADD],
+    )
+    assert '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>' in rendered
+    assert "<tool_response>\n5\n</tool_response>" in rendered
+    answer = _ok(url, messages=history, tool_choice="none", max_tokens=40)
+    assert answer["message"]["content"]

@@ -9,25 +9,20 @@ from typing import Any
 
 import torch
 
-from metronome.compile.quant import dense
 from metronome.compile.runner import TorchRunner
 from metronome.config import EngineConfig
 from metronome.model.loader import load
-from metronome.model.transformer import build_model
-from metronome.parallel.tp import Collective, Solo, TPLayout, allocate_shard_cache, default_shards, shard_model
+from metronome.parallel.plan import rank_runner
+from metronome.parallel.tp import Collective, Solo, TPLayout, default_shards
 
 
 def sharded_runner(
     path: str | None, group: Collective, shards: int | None, slots: int = 2, ctx: int = 256
 ) -> TorchRunner:
-    """A float32 TorchRunner over this rank's cut of the model at `path` (None: the default model)."""
+    """A float32 torch runner over this rank's cut of the model at `path` (None: the default model)."""
     loaded = load(path)
-    cfg = loaded.config
-    model = build_model(cfg, {k: dense(v) for k, v in loaded.weights.items()}, ctx, torch.float32)
-    layout = TPLayout(group.world, group.rank, shards or default_shards(cfg))
-    shard_model(model, layout, group)
-    cache = allocate_shard_cache(cfg, layout, slots, ctx, torch.float32, "cpu")
-    return TorchRunner(model, cache, EngineConfig(slots=slots, ctx=ctx, weights="f32", kernels="torch"))
+    layout = TPLayout(group.world, group.rank, shards or default_shards(loaded.config))
+    return rank_runner(loaded, EngineConfig(slots=slots, ctx=ctx, weights="f32", kernels="torch"), layout, group)
 
 
 def greedy_trace(

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from metronome.compile.fused import FusedRunner
+from metronome.compile.quant import dense
 from metronome.config import ModelConfig
 from metronome.kernels.ops import Q8_0_BLOCK, CppOps
 from metronome.model.loader import QuantTensor, Weight
@@ -42,8 +43,6 @@ def _stack(parts: list[Weight]) -> Weight:
         stacked = QuantTensor.stack(parts)
         if stacked is not None:
             return stacked
-    from metronome.compile.quant import dense
-
     return torch.cat([dense(p) for p in parts])
 
 
@@ -145,9 +144,3 @@ class TPFusedRunner(FusedRunner):
         padded = torch.zeros(mine.shape[0], self.vocab_rows, dtype=mine.dtype)
         padded[:, : mine.shape[1]] = mine  # the last rank's vocabulary may be short
         return torch.cat(self.group.all_gather(padded), dim=-1)[:, : self.full_vocab]
-
-
-def local_cache(cfg: ModelConfig, layout: TPLayout, slots: int, ctx: int, dtype: torch.dtype) -> KVCache:
-    """The KV cache of one rank's fused runner (its KV heads)."""
-    heads = len(kv_heads_of_chunk(cfg, layout.shards, 0)) * layout.per_rank
-    return KVCache.allocate(dataclasses.replace(cfg, num_kv_heads=heads), slots, ctx, dtype, "cpu")

@@ -30,7 +30,7 @@ from metronome.config import EngineConfig
 from metronome.kernels.ops import KernelBuildError, TorchOps, load_kernels
 from metronome.model.loader import LoadedModel, load
 from metronome.model.transformer import build_model, use_ops
-from metronome.parallel.fused_tp import TPFusedRunner, local_cache, rank_weights
+from metronome.parallel.fused_tp import TPFusedRunner, rank_weights
 from metronome.parallel.group import Endpoint, GlooGroup, GroupError, env_rank, free_port
 from metronome.parallel.runner import TPRunner, follow
 from metronome.parallel.tp import (
@@ -95,7 +95,7 @@ def rank_runner(loaded: LoadedModel, config: EngineConfig, layout: TPLayout, gro
             ) from exc
         ops.set_threads(config.threads or 1)
         torch.set_num_threads(1)  # the decoder computes on its own pool (as compile/stages.py does)
-        cache = local_cache(cfg, layout, config.slots, config.ctx, dtype)
+        cache = allocate_shard_cache(cfg, layout, config.slots, config.ctx, dtype, "cpu")
         return TPFusedRunner(cfg, loaded.weights, cache, str(config.weights), ops, layout, group)
     model = build_model(cfg, {k: dense(v) for k, v in loaded.weights.items()}, config.ctx, dtype)
     use_ops(model, TorchOps())

@@ -19,6 +19,7 @@ same tokens and logprobs at tp=1, 2 and 4; the cost is more, smaller matmuls (do
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -291,9 +292,7 @@ def local_kv_heads(cfg: ModelConfig, layout: TPLayout) -> int:
 def allocate_shard_cache(
     cfg: ModelConfig, layout: TPLayout, slots: int, ctx: int, dtype: torch.dtype, device: str
 ) -> KVCache:
-    """The KV cache of one rank: its KV heads only."""
-    import dataclasses
-
+    """The KV cache of one rank: its KV heads only (the torch model's and the fused decoder's alike)."""
     return KVCache.allocate(
         dataclasses.replace(cfg, num_kv_heads=local_kv_heads(cfg, layout)), slots, ctx, dtype, device
     )

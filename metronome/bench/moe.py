@@ -4,9 +4,10 @@
 token, no shared expert) scaled to this machine: ~1B weights in all, ~0.2B read per token, Q4_0 blocks,
 random codes and scales. `measure_moe` decodes it in process on the fused plan and reports tokens/s beside
 the active-bytes memory bound (the plan's own accounting, model/moe.py) and the share of each step spent
-routing, scattering and gathering (the C++ MoeLayer's own clocks, csrc/moe.h).
+routing, scattering and gathering (the C++ MoeLayer's own clocks, csrc/moe.h). `--peer`: llama.cpp
+(llama-cpp-python) decodes the same file from the same prompt ids, its runs alternating with ours.
 
-    flock /tmp/metronome-bench.lock python -m metronome.bench.moe --out /tmp/moe-1b.gguf --threads 2
+    flock /tmp/metronome-bench.lock python -m metronome.bench.moe --out /tmp/moe-1b.gguf --threads 2 [--peer]
 """
 
 from __future__ import annotations
@@ -85,10 +86,12 @@ def write_random_moe(path: Path, shape: MoeShape = MoeShape(), seed: int = 0) ->
     w.add_expert_count(s.experts)
     w.add_expert_used_count(s.experts_per_token)
     w.add_tokenizer_model("gpt2")
-    tokens = _gpt2_bytes() + [f"<t{i}>" for i in range(s.vocab - 258)] + ["<s>", "</s>"]
+    # one merge (" t" -> "Ġt"): llama.cpp refuses a BPE vocabulary without merges ("cannot find tokenizer
+    # merges in model file"), and the gguf writer leaves an empty list out
+    tokens = _gpt2_bytes() + ["Ġt"] + [f"<t{i}>" for i in range(s.vocab - 259)] + ["<s>", "</s>"]
     w.add_token_list(tokens)
     w.add_token_types([1] * (s.vocab - 2) + [3, 3])
-    w.add_token_merges([])
+    w.add_token_merges(["Ġ t"])
     w.add_bos_token_id(s.vocab - 2)
     w.add_eos_token_id(s.vocab - 1)
     q4 = gguf.GGMLQuantizationType.Q4_0
@@ -140,6 +143,8 @@ class MoeResult:
     dense_model: str  # the yardstick: the shipped dense model, decoded the same way in the same run
     dense_tokens_per_s: float
     dense_weight_bytes: int
+    peer_tokens_per_s: tuple[float, ...] = ()  # --peer: llama.cpp on the same file, runs alternating with ours
+    peer_version: str = ""
 
     @property
     def tokens_per_s(self) -> float:
@@ -163,6 +168,12 @@ class MoeResult:
             ("expert matmuls, of the step", f"{self.experts_fraction:.1%}"),
             (f"yardstick: {self.dense_model} (dense), same loop", f"{self.dense_tokens_per_s:.1f} tokens/s, {self.dense_weight_bytes / 1e6:.1f} MB/token, {self.dense_tokens_per_s * self.dense_weight_bytes / self.bandwidth:.0%} of its bound"),
         ]  # fmt: skip
+        if self.peer_tokens_per_s:
+            peer = statistics.median(self.peer_tokens_per_s)
+            rows += [
+                (f"llama.cpp ({self.peer_version}) decode tokens/s, same file and threads, runs alternating", f"{peer:.1f} (runs: {', '.join(f'{r:.1f}' for r in self.peer_tokens_per_s)})"),
+                ("metronome / llama.cpp", f"{self.tokens_per_s / peer:.2f}x"),
+            ]  # fmt: skip
         return "| figure | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
 
 
@@ -180,39 +191,74 @@ def _fused_engine(path: Path | None, threads: int):
     return engine
 
 
-def _decode_runs(engine, tokens: int, runs: int) -> tuple[list[float], list[float], list[float]]:
-    """Greedy single-stream decode steps (one row each) after a prompt: per run, tokens/s and the shares of
-    the wall time the MoE blocks spent dispatching and in their experts (0 for a dense model)."""
+PROMPT = "Write a long story about a lighthouse keeper and the sea."
+
+
+def _decode_run(engine, prompt: list[int], tokens: int) -> tuple[float, float, float]:
+    """Greedy single-stream decode steps (one row each) after the prompt: tokens/s and the shares of the
+    wall time the MoE blocks spent dispatching and in their experts (0 for a dense model)."""
     plan, layers = engine.plan, engine.plan.runner.moe_layers
-    prompt = engine.encode_prompt("Write a long story about a lighthouse keeper and the sea.", chat=False)
-    rates, dispatch, experts = [], [], []
-    for run in range(runs + 1):  # the first run warms up
-        token = int(plan.prefill(prompt, 0).argmax())
-        for m in layers:
-            m.reset_timings()
-        t0 = time.perf_counter()
-        for pos in range(len(prompt), len(prompt) + tokens):
-            token = int(plan.decode([0], [token], [pos])[0].argmax())
-        wall = time.perf_counter() - t0
-        if run:
-            spent = [m.timings() for m in layers]
-            rates.append(tokens / wall)
-            dispatch.append(sum(t[0] for t in spent) / wall)
-            experts.append(sum(t[1] for t in spent) / wall)
-    return rates, dispatch, experts
+    token = int(plan.prefill(prompt, 0).argmax())
+    for m in layers:
+        m.reset_timings()
+    t0 = time.perf_counter()
+    for pos in range(len(prompt), len(prompt) + tokens):
+        token = int(plan.decode([0], [token], [pos])[0].argmax())
+    wall = time.perf_counter() - t0
+    spent = [m.timings() for m in layers]
+    return tokens / wall, sum(t[0] for t in spent) / wall, sum(t[1] for t in spent) / wall
 
 
-def measure_moe(path: Path, threads: int, tokens: int = 64, runs: int = 3) -> MoeResult:
-    """Greedy single-stream decode of `tokens` tokens, `runs` times, on the fused plan (int4); then the
-    shipped dense model the same way, as a yardstick measured under the same conditions."""
+def _llama_cpp_run(llm, prompt: list[int], tokens: int) -> float:
+    """The same loop on llama.cpp (llama-cpp-python): the prompt evaluated, then `tokens` greedy steps of
+    one token each; tokens/s."""
+    import numpy as np
+
+    llm.reset()
+    llm.eval(prompt)
+    t0 = time.perf_counter()
+    for _ in range(tokens):
+        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    return tokens / (time.perf_counter() - t0)
+
+
+def _llama_cpp(path: Path, threads: int):
+    """llama.cpp on the file, or a RuntimeError saying what to install or what llama.cpp said."""
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise RuntimeError("--peer needs llama-cpp-python: pip install 'llama-cpp-python==0.3.36'") from exc
+    try:
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_batch=512, n_threads=threads, verbose=False)
+    except ValueError as exc:  # its message is generic; the reason is in llama.cpp's log (verbose=True)
+        raise RuntimeError(f"llama.cpp refused {path}: {exc} (rerun it with verbose=True for its log)") from exc
+    return llm, llama_cpp.__version__
+
+
+def measure_moe(path: Path, threads: int, tokens: int = 64, runs: int = 3, peer: bool = False) -> MoeResult:
+    """Greedy single-stream decode of `tokens` tokens, `runs` times, on the fused plan (int4); with `peer`,
+    llama.cpp on the same file and prompt ids, its runs alternating with ours; then the shipped dense
+    model the same way, as a yardstick measured under the same conditions."""
     from metronome.fleet.machine import measure_machine
 
     engine = _fused_engine(path, threads)
-    rates, dispatch, experts = _decode_runs(engine, tokens, runs)
+    prompt = engine.encode_prompt(PROMPT, chat=False)
+    llm, version = _llama_cpp(path, threads) if peer else (None, "")
+    rates, dispatch, experts, peer_rates = [], [], [], []
+    for run in range(runs + 1):  # the first run warms up
+        rate, d, e = _decode_run(engine, prompt, tokens)
+        peer_rate = _llama_cpp_run(llm, prompt, tokens) if llm is not None else None
+        if run:
+            rates.append(rate)
+            dispatch.append(d)
+            experts.append(e)
+            if peer_rate is not None:
+                peer_rates.append(peer_rate)
     cfg, weight_bytes = engine.plan.cfg, engine.plan.report.weight_bytes
-    del engine
+    del engine, llm
     dense = _fused_engine(None, threads)
-    dense_rates, _, _ = _decode_runs(dense, tokens, runs)
+    dense_prompt = dense.encode_prompt(PROMPT, chat=False)
+    dense_rates = [_decode_run(dense, dense_prompt, tokens)[0] for _ in range(runs + 1)][1:]
     return MoeResult(
         cfg.num_parameters(),
         cfg.active_parameters(),
@@ -226,6 +272,8 @@ def measure_moe(path: Path, threads: int, tokens: int = 64, runs: int = 3) -> Mo
         dense.model_name,
         statistics.median(dense_rates),
         dense.plan.report.weight_bytes,
+        tuple(peer_rates),
+        version,
     )
 
 
@@ -235,10 +283,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--peer", action="store_true", help="also decode the file with llama.cpp (llama-cpp-python), runs alternating"
+    )
     args = parser.parse_args(argv)
     if not args.out.is_file():
         write_random_moe(args.out)
-    print(measure_moe(args.out, args.threads, args.tokens, args.runs).markdown())
+    print(measure_moe(args.out, args.threads, args.tokens, args.runs, args.peer).markdown())
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from metronome.compile.moe import fused_moe_layer
 from metronome.compile.quant import block_matrix, cacheable, dense, file_view
 from metronome.config import ModelConfig
 from metronome.kernels.decoder import BlockPart
-from metronome.kernels.ops import CppOps, LayerWeights, dequantize_q8_0
+from metronome.kernels.ops import GGUF_ROW_TYPES, CppOps, LayerWeights
 from metronome.model.loader import QuantTensor, Weight
 from metronome.model.moe import active_weight_bytes
 from metronome.model.transformer import FUSED, KVCache, Rope
@@ -42,6 +42,7 @@ class FusedRunner:
         o and down: parallel/fused_tp.py), by weight name."""
         self.cfg, self.ops = cfg, ops
         self.matrices: list[list] = []  # every block matrix in build order, as the plan cache keeps it
+        self.segments: list[list[BlockPart]] = []  # the same matrices as the decoder reads them (fleet/calibrate.py)
         attn_scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
         self.decoder = ops.decoder(
             hidden=cfg.hidden_size,
@@ -67,6 +68,7 @@ class FusedRunner:
             segments = block_matrix(parts, mode, cached)
             self.weight_bytes += sum(blocks.nbytes for blocks, _kind, _rows in segments)
             self.matrices.append(cacheable(segments))
+            self.segments.append(segments)
             return segments
 
         def vector(name: str) -> torch.Tensor | None:
@@ -119,12 +121,13 @@ class FusedRunner:
         head = "head.weight" if "head.weight" in weights else "embed.weight"  # tied
         [(self.head, self.head_kind, self.head_rows)] = matrix(head)  # tensor parallel: this rank's vocabulary
         self.embed = weights["embed.weight"]
-        if isinstance(self.embed, QuantTensor) and self.embed.qtype == "Q8_0":
-            self._embed_q8 = file_view(self.embed.raw, cfg.vocab_size)  # rows are copied out as tokens need them
-        elif isinstance(self.embed, QuantTensor):
-            self._embed_q8 = None
-        else:
-            self._embed_q8, self.embed = None, self.embed.float()
+        # the file's rows, dequantized in C++ as tokens need them: one call a step (a dozen numpy calls on
+        # caches the step just flushed cost a visible share of a small model's decode step, docs/moe.md)
+        self._embed_table = None
+        if isinstance(self.embed, QuantTensor) and self.embed.qtype in GGUF_ROW_TYPES:
+            self._embed_table = file_view(self.embed.raw, cfg.vocab_size)
+        elif not isinstance(self.embed, QuantTensor):
+            self.embed = self.embed.float()
         # a token reads only its active experts' blocks (model/moe.py: the one accounting of that)
         self.weight_bytes = active_weight_bytes(self.weight_bytes, expert_bytes, cfg) + self._embed_row_bytes()
         self.rope = Rope(cfg, cfg.rope_theta, cache.ctx)
@@ -140,8 +143,8 @@ class FusedRunner:
 
     def _embed_rows(self, tokens: torch.Tensor) -> torch.Tensor:
         """(M,) token ids -> (M, D) float32 embeddings, dequantized exactly from the file's rows."""
-        if self._embed_q8 is not None:
-            x = dequantize_q8_0(self._embed_q8[tokens])
+        if self._embed_table is not None:
+            x = self.ops.gguf_rows(self._embed_table, tokens, self.embed.qtype)
         elif isinstance(self.embed, QuantTensor):
             rows = np.asarray(self.embed.raw)[tokens.numpy()]
             x = QuantTensor(rows, self.embed.qtype, (len(tokens), self.cfg.hidden_size)).dequantize()

@@ -1,25 +1,32 @@
 """`metronome plan --calibrate`: metronome's own decode and prefill speed on this machine, predicted from
-terms measured on this machine and the plan's bytes and ops, never from timing the engine itself.
+terms measured on this machine and the plan's matrices and ops, never from timing the engine itself.
 
 Machine terms (`measure_terms`), all on synthetic data, through the same kernels the plan runs:
-- seconds per weight byte of a block matmul at M token rows, per block format, over a matrix larger than
-  the last-level cache (bandwidth at M = 1, matmul throughput as M grows);
+- seconds per call of the block matmul at M token rows for every matrix shape the plan holds (`Matmul`: its
+  block kind, rows and bytes per row; timed on copies of one of the plan's matrices of that shape, cycled
+  through a ring larger than the last-level cache, so every call reads memory as a step does). Small
+  matrices split over the pool less evenly than large ones, so a shape's own timing is what a step gets;
+  a per-format seconds-per-byte over one large synthetic matrix is kept for the report and as a fallback;
 - seconds per (row x cached position x query element) of the attention kernel;
-- the per-op overhead of one small op called from Python, and the extra cost of one parallel region of the
-  kernels' thread pool (waking the workers and joining them).
+- the per-call overhead of Python (one small op called from Python), and the extra cost of one parallel
+  region of the kernels' thread pool (waking the workers and joining them);
+- for tensor parallelism, one exchange of a row's partial sums between two ranks over loopback gloo
+  (`measure_collective`), the operation a tensor-parallel step runs twice per layer.
 
-Plan terms (`plan_cost`): weight bytes per block format (the file's tensors as the plan holds them), the
-parallel regions of one step (per layer: norm, qkv, rope + cache write, attention, o, residual, norm, gate/up,
-activation, down, residual; then the head), and the Python-side ops of one engine step, counted (not timed)
-by running one step under a torch function mode.
+Plan terms (`plan_cost`): the matrices of one step counted by shape, the other parallel regions of a step
+(per layer: norm, rope + cache write, attention, residual, norm, activation, residual ...), and the Python
+calls of one engine step (every Python function and builtin called, counted, not timed, under a profile
+hook). A tensor-parallel rank's plan terms come from rank 0's cut of the model (`tp_plan_cost`).
 
-step(M) = sum over formats (bytes x s_format(M)) + attention + regions x region_s + ops x call_s.
+step(M) = sum over shapes (count x matmul_s(shape, M)) + attention + other regions x region_s
+          + calls x call_s + collectives x collective_s.
 On a CUDA device the same formula runs with the GPU's terms (`measure_terms(device="cuda")`): a bf16 matmul
 per weight byte at M rows, the same attention and per-op terms, no thread pool.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -30,6 +37,45 @@ ROWS = (1, 8, 256)  # token rows measured: single-stream decode, 8 live slots, a
 Q4_FORMATS = ("Q4_0", "Q4_1")  # packed as Q4X4 by the plan; every other quantized format is costed as Q8_0
 STREAM_BYTES = 96 << 20  # synthetic matrix for M <= 8: three times this machine's 32 MiB L3, never cached
 COMPUTE_BYTES = 8 << 20  # for M = 256: compute-bound, reuse makes cache size irrelevant
+RING_COPIES = 1024  # copies of one matrix cycled through (the shipped models' smallest need ~260)
+
+
+Part = tuple[int, int, int]  # (BLOCK_KINDS code, output rows, bytes per stored row: per group of 4 rows for Q4X4)
+
+
+@dataclass(frozen=True)
+class Matmul:
+    """One matrix of a step as the fused decoder reads it, in one parallel region: its stacked parts (a
+    fused q/k/v or gate/up, parts of one format merged). A matmul's time depends on these, not on the
+    values (csrc/blocks.h)."""
+
+    parts: tuple[Part, ...]
+
+    @property
+    def rows(self) -> int:
+        return sum(rows for _kind, rows, _bytes in self.parts)
+
+    @property
+    def k(self) -> int:
+        """Input width: blocks per stored row times weights per block."""
+        from metronome.kernels.blocks import BLOCK_BYTES, BLOCK_KINDS, BLOCK_WEIGHTS
+
+        kind, _rows, row_bytes = self.parts[0]
+        name = next(n for n, code in BLOCK_KINDS.items() if code == kind)
+        return row_bytes // BLOCK_BYTES[name] * BLOCK_WEIGHTS[name]
+
+
+def _interpolate(table: dict[int, float], rows: int, beyond: str) -> float:
+    """`table` (rows -> value) at `rows`: linear between measured row counts; past the last, "linear"
+    scales with rows (work grows with rows once compute-bound), "flat" keeps the last value."""
+    ms = sorted(table)
+    if rows <= ms[0]:
+        return table[ms[0]]
+    for lo, hi in zip(ms, ms[1:]):
+        if rows <= hi:
+            f = (rows - lo) / (hi - lo)
+            return table[lo] * (1 - f) + table[hi] * f
+    return table[ms[-1]] * (rows / ms[-1] if beyond == "linear" else 1.0)
 
 
 @dataclass(frozen=True)
@@ -44,12 +90,20 @@ class Terms:
     region_s: float  # one parallel region of the kernels' pool, beyond the call
     wake_s: float = 0.0  # waking the pool's sleeping workers: the first region after the engine's Python work
     notes: tuple[str, ...] = field(default=())
+    matmul_s: dict[Matmul, dict[int, float]] = field(default_factory=dict)  # shape -> rows -> seconds per call
+    collective_s: float = 0.0  # one exchange of a row's partial sums between two ranks (tensor parallel)
+    logits_s: dict[int, float] = field(default_factory=dict)  # rows -> the work on a step's logits (`_logits_seconds`)
 
     def mean(self, other: Terms) -> Terms:
         """Field-wise mean of two measurements of the same machine (taken before and after the engine ran)."""
         per = {
             f: {m: (v + other.seconds_per_byte[f][m]) / 2 for m, v in table.items()}
             for f, table in self.seconds_per_byte.items()
+        }
+        shapes = {
+            m: {r: (v + other.matmul_s[m][r]) / 2 for r, v in table.items()}
+            for m, table in self.matmul_s.items()
+            if m in other.matmul_s
         }
         return Terms(
             self.device,
@@ -60,30 +114,37 @@ class Terms:
             (self.region_s + other.region_s) / 2,
             (self.wake_s + other.wake_s) / 2,
             ("mean of a measurement before and one after the engine's",),
+            shapes,
+            (self.collective_s + other.collective_s) / 2,
+            {r: (v + other.logits_s.get(r, v)) / 2 for r, v in self.logits_s.items()},
         )
 
     def per_byte(self, fmt: str, rows: int) -> float:
         """Seconds per weight byte at `rows` rows, linear between the measured row counts."""
-        table = self.seconds_per_byte[fmt]
-        ms = sorted(table)
-        if rows <= ms[0]:
-            return table[ms[0]]
-        for lo, hi in zip(ms, ms[1:]):
-            if rows <= hi:
-                f = (rows - lo) / (hi - lo)
-                return table[lo] * (1 - f) + table[hi] * f
-        return table[ms[-1]] * rows / ms[-1]
+        return _interpolate(self.seconds_per_byte[fmt], rows, "linear")
+
+    def logits(self, rows: int) -> float:
+        """Seconds of the work on `rows` rows of logits (0 when not measured)."""
+        return _interpolate(self.logits_s, rows, "linear") if self.logits_s else 0.0
+
+    def matmul(self, shape: Matmul, rows: int) -> float:
+        """Seconds of one matmul of `shape` over `rows` rows, linear between the measured row counts."""
+        return _interpolate(self.matmul_s[shape], rows, "linear")
 
 
-def _mean_s(fn, repeats: int, warm: int = 2) -> float:
-    """Mean seconds per call over `repeats` calls after `warm` (the mean, as a throughput is: a call
-    that waits for a descheduled pool thread counts, as it does in the engine)."""
+def _mean_s(fn, repeats: int, warm: int = 2, batches: int = 3) -> float:
+    """Seconds per call: the mean over `repeats` calls after `warm` (the mean, as a throughput is: a call
+    that waits for a descheduled pool thread counts, as it does in the engine), taken `batches` times and
+    the median batch kept (one batch that another process interrupted does not set the term)."""
     for _ in range(warm):
         fn()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - t0) / repeats
+    means = []
+    for _ in range(batches):
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        means.append((time.perf_counter() - t0) / repeats)
+    return statistics.median(means)
 
 
 def _synthetic_q4(nbytes: int, k: int):
@@ -120,12 +181,17 @@ def measure_terms(
     repeats: int = 5,
     stream_bytes: int = STREAM_BYTES,
     samples: dict | None = None,
+    shapes: dict | None = None,
+    file_pages: np.ndarray | None = None,
 ) -> Terms:
     """The machine terms (a few seconds). CPU: through metronome's C++ kernels with `threads` pool threads.
     `stream_bytes`: the synthetic matrix for few rows (keep it well above the last-level cache).
     `samples`: {format: QuantTensor} for formats the kernels read as the file stores them (Q5_0, Q4_K,
     Q6_K, Q8_0 rows ...): one tensor's blocks, tiled to `stream_bytes`, stand for the format (timing does
-    not depend on the values)."""
+    not depend on the values). `shapes`: {Matmul: (blocks per part, row counts)}, one of the plan's
+    matrices per shape and the row counts to time it at (`plan_matmuls`), for `Terms.matmul_s`.
+    `file_pages`: the model file mapped read-only (uint8); a shape whose blocks the plan reads in place
+    from the file is timed on slices of it (see `_matmul_seconds`)."""
     import torch
 
     if threads < 1 or repeats < 1:
@@ -165,9 +231,114 @@ def measure_terms(
         work_s = tiny.nbytes * per_byte["Q8_0"][1]
         region_s = max(0.0, tiny_s - call_s - work_s)
         wake_s = max(0.0, _after_idle_s(lambda: ops.block_linear(tx, tiny, Q8_0_KIND, tn), 10 * repeats) - tiny_s)
+        matmul_s = {
+            m: _matmul_seconds(ops, m, blocks, counts, stream_bytes, call_s, repeats, file_pages)
+            for m, (blocks, counts) in (shapes or {}).items()
+        }
     finally:
         torch.set_num_threads(previous)
-    return Terms("cpu", threads, per_byte, attention_s, call_s, region_s, wake_s)
+    return Terms("cpu", threads, per_byte, attention_s, call_s, region_s, wake_s, matmul_s=matmul_s)
+
+
+def _matmul_seconds(
+    ops,
+    m: Matmul,
+    blocks: tuple,
+    counts: tuple[int, ...],
+    stream_bytes: int,
+    call_s: float,
+    repeats: int,
+    file_pages: np.ndarray | None = None,
+):
+    """{rows: seconds of one matmul of shape `m`} (`blocks`: one tensor per part), minus the Python calls
+    around it (the decoder calls its matmuls from C++). Copies of the blocks are cycled through a ring of
+    about `stream_bytes` (few rows: every call reads memory) or COMPUTE_BYTES (many rows: compute-bound),
+    at least two copies. A shape the plan reads in place from the model file (`file_pages` given) is timed
+    on slices of the file at offsets cycling through it, not on copies: the file's page-cache pages stream
+    slower than anonymous memory here (Gemma 3's 178 MB head: 5.1 ms a step in the plan, 4.1 ms timed on
+    copies), and timing does not depend on the values the slices hold."""
+    import torch
+
+    from metronome.compile.quant import file_view
+    from metronome.kernels.blocks import FILE_KINDS
+
+    nbytes = sum(b.nbytes for b in blocks)
+    in_file = file_pages is not None and all(kind in FILE_KINDS.values() for kind, _, _ in m.parts)
+    if in_file and len(file_pages) <= nbytes:
+        raise ValueError(f"file_pages: {len(file_pages)} bytes cannot hold a {nbytes}-byte matrix of the plan")
+
+    def copy(i: int) -> tuple:
+        if not in_file:
+            return tuple(b.clone() for b in blocks)
+        offset, parts = i * nbytes % (len(file_pages) - nbytes), []
+        for b in blocks:
+            parts.append(file_view(file_pages[offset : offset + b.nbytes], b.shape[0]))
+            offset += b.nbytes
+        return tuple(parts)
+
+    out = {}
+    for rows in counts:
+        ring_bytes = stream_bytes if rows <= 8 else min(stream_bytes, COMPUTE_BYTES)
+        # at most RING_COPIES: a tiny matrix's timing is its calls' overhead, wherever its bytes come from
+        ring = [copy(i) for i in range(min(RING_COPIES, max(2, -(-ring_bytes // nbytes))))]
+        x = torch.randn(rows, m.k)
+
+        def cycle(ring=ring, x=x) -> None:
+            for copy in ring:
+                for b, (kind, n, _) in zip(copy, m.parts):
+                    ops.block_linear(x, b, kind, n)
+
+        out[rows] = max(0.0, _mean_s(cycle, repeats, warm=1) / len(ring) - call_s * len(m.parts))
+    return out
+
+
+def logits_seconds(
+    vocab: int, softcap: float | None, rows: tuple[int, ...] = (1, 8), repeats: int = 20
+) -> dict[int, float]:
+    """{rows: seconds of what a step does to its logits beyond the head}: the final softcap where the model
+    has one (fused runner's `logits`), then the batched argmax (the engine's plain-greedy pick), on
+    synthetic float32 rows of the model's vocabulary. They scale with the vocabulary, not with the calls
+    (Gemma's 262,144 logits a row: a few hundred microseconds a step), so the call count misses them."""
+    import torch
+
+    out = {}
+    for m in rows:
+        x = torch.randn(m, vocab)
+
+        def work(x=x) -> None:
+            y = torch.tanh(x / softcap) * softcap if softcap else x
+            y[:, :vocab].argmax(dim=-1).tolist()
+
+        out[m] = _mean_s(work, repeats)
+    return out
+
+
+def _gather_latency(group, width: int, calls: int, gap_s: float) -> float:
+    """Mean seconds of one all_gather of a (1, width) float32 row between the group's ranks (run_ranks),
+    each rank busy for `gap_s` before each (as a rank computes its share of a layer between two)."""
+    import torch
+
+    t = torch.randn(1, width)
+    total = 0.0
+    for i in range(calls + 20):  # 20 to warm up
+        end = time.perf_counter() + gap_s
+        while time.perf_counter() < end:  # stands for the rank's compute: the core stays busy
+            pass
+        t0 = time.perf_counter()
+        group.all_gather(t)
+        if i >= 20:
+            total += time.perf_counter() - t0
+    return total / calls
+
+
+def measure_collective(width: int, gap_s: float, world: int = 2, calls: int = 1000) -> float:
+    """Mean seconds of one exchange of a (1, width) row's partial sums among `world` fresh loopback gloo
+    ranks (parallel/group.py, as tensor parallelism runs it), `gap_s` of compute apart: the mean, not the
+    median, as a step pays for the slow exchanges too. The gap matters: on the 2-core machine an exchange
+    right after another took ~770 us, one after 175 us of compute ~1,100 us (docs/planner.md)."""
+    from metronome.parallel.group import run_ranks
+
+    return max(run_ranks(world, _gather_latency, (width, calls, gap_s)))
 
 
 def _after_idle_s(fn, repeats: int, idle_s: float = 0.003) -> float:
@@ -239,10 +410,19 @@ class PlanCost:
     model: str
     weight_bytes: dict[str, int]  # format -> bytes of the layers' matrices, read once per step
     layers: int
-    q_size: int
+    q_size: int  # query elements per row this process computes (a rank's heads under tensor parallelism)
     regions: int  # parallel regions of the kernels' pool per step
-    engine_ops: dict[int, int]  # live slots -> Python-side ops of one engine step (counted)
+    engine_ops: dict[int, int]  # live slots -> Python calls of one engine step (counted)
     head: tuple[str, int] = ("Q8_0", 0)  # the output projection's format and bytes (a prompt runs it on 1 row)
+    matmuls: dict[Matmul, int] = field(default_factory=dict)  # the layers' matrices by shape -> count per step
+    head_matmul: Matmul | None = None
+    collectives: int = 0  # exchanges between ranks per step (tensor parallel)
+
+    @property
+    def matmul_regions(self) -> int:
+        """The regions that are matmuls (timed with their shape, so not priced again as regions): one per
+        matrix of each layer, and the head."""
+        return sum(self.matmuls.values()) + (self.head_matmul is not None)
 
 
 def plan_formats(loaded, mode: str) -> tuple[dict[str, int], dict, tuple[str, int]]:
@@ -276,15 +456,66 @@ def plan_formats(loaded, mode: str) -> tuple[dict[str, int], dict, tuple[str, in
     return out, samples, head_part
 
 
+def plan_matmuls(runner) -> tuple[dict[Matmul, int], Matmul, dict[Matmul, tuple]]:
+    """The layers' matrices of a fused runner counted by shape, the head's shape, and one matrix of each
+    shape (a tensor per part) to time. The head is the runner's last matrix (compile/fused.py builds it
+    last)."""
+    counts: dict[Matmul, int] = {}
+    samples: dict[Matmul, tuple] = {}
+    *layers, head = runner.segments
+    for matrix in layers:
+        m, blocks = _merged(matrix)
+        counts[m] = counts.get(m, 0) + 1
+        samples.setdefault(m, blocks)
+    head_m, blocks = _merged(head)
+    samples.setdefault(head_m, blocks)
+    return counts, head_m, samples
+
+
+def _merged(matrix: list) -> tuple[Matmul, tuple]:
+    """A matrix's segments with neighbours of one format stacked into one part (as one call times them);
+    packed Q4 groups only where the rows fill whole groups of 4."""
+    import torch
+
+    from metronome.kernels.blocks import Q4X4_KIND
+
+    parts: list[list] = []  # [kind, rows, row_bytes, [blocks]]
+    for blocks, kind, rows in matrix:
+        last = parts[-1] if parts else None
+        whole = kind != Q4X4_KIND or (rows % 4 == 0 and last is not None and last[1] % 4 == 0)
+        if last is not None and last[0] == kind and last[2] == blocks.shape[1] and whole:
+            last[1] += rows
+            last[3].append(blocks)
+        else:
+            parts.append([kind, rows, blocks.shape[1], [blocks]])
+    m = Matmul(tuple((kind, rows, row_bytes) for kind, rows, row_bytes, _ in parts))
+    return m, tuple(torch.cat(b) if len(b) > 1 else b[0] for *_, b in parts)
+
+
+def _fused_runner(runner):
+    from metronome.compile.fused import FusedRunner
+
+    if not isinstance(runner, FusedRunner):
+        return None
+    if runner.cfg.is_moe:
+        raise ValueError(
+            "model: calibration does not cover mixture-of-experts plans yet (which experts a step reads depends "
+            "on the routing); `python -m metronome.bench.moe` measures their decode"
+        )
+    return runner
+
+
 def plan_cost(engine, loaded, live: tuple[int, ...] = (1, 8)) -> PlanCost:
-    """The plan's bytes per format and its op counts; runs (and does not time) one engine step per entry
-    of `live` to count its Python-side ops. `loaded`: the model the engine was compiled from."""
+    """The plan's bytes per format, matrices by shape and op counts; runs (and does not time) one engine
+    step per entry of `live` to count its Python calls. `loaded`: the model the engine was compiled from."""
     plan = engine.plan
     cfg = plan.cfg
     if plan.device.type == "cuda":
         by_format, head = {"bf16": plan.report.weight_bytes}, ("bf16", 0)
     else:
         by_format, _, head = plan_formats(loaded, plan.report.weights)
+    fused = _fused_runner(plan.runner)
+    matmuls, head_m = (plan_matmuls(fused)[:2]) if fused is not None else ({}, None)
     per_layer = 11 + 2 * bool(cfg.sandwich_norms)
     return PlanCost(
         engine.model_name,
@@ -294,46 +525,110 @@ def plan_cost(engine, loaded, live: tuple[int, ...] = (1, 8)) -> PlanCost:
         per_layer * cfg.num_layers + 2,
         {n: count_step_ops(engine, n) for n in live},
         head,
+        matmuls,
+        head_m,
     )
 
 
+def tp_plan_cost(loaded, config, tp: int, base: PlanCost):
+    """(rank 0's PlanCost at tensor-parallel degree `tp`, its matrices by shape with their blocks, its
+    threads); None when the model does not cut into `tp` ranks. Rank 0's cut of the model is built here
+    (not run) to read its matrices; the ranks are symmetric. The Python calls are the single process's
+    (`base`: rank 0 runs the scheduler and sampler); the collectives per step: the row-parallel o and
+    down sums of every layer, the logits of every rank's vocabulary, and rank 0's broadcast of the step
+    (parallel/runner.py: its size, then its contents)."""
+    from metronome.compile.stages import PlanError
+    from metronome.parallel.plan import rank_runner, tp_settings
+    from metronome.parallel.tp import Solo, TPLayout
+
+    try:
+        resolved, layout, _ = tp_settings(loaded, dataclasses.replace(config, tp=tp))
+    except PlanError:
+        return None
+    if resolved.kernels != "cpp":
+        return None
+    import torch
+
+    from metronome.kernels.ops import load_kernels
+
+    ops = load_kernels()
+    threads = (torch.get_num_threads(), ops.threads())
+    try:
+        runner = rank_runner(loaded, resolved, TPLayout(tp, 0, layout.shards), Solo())
+    finally:  # a rank's runner sets this process's threads as a rank's; this process is not one
+        torch.set_num_threads(threads[0])
+        ops.set_threads(threads[1])
+    matmuls, head_m, samples = plan_matmuls(runner)
+    cost = dataclasses.replace(
+        base,
+        q_size=runner.cfg.q_size,
+        matmuls=matmuls,
+        head_matmul=head_m,
+        collectives=2 * runner.cfg.num_layers + 1 + 2,
+    )
+    return cost, samples, resolved.threads or 1
+
+
 def count_step_ops(engine, live: int) -> int:
-    """Torch calls of one engine decode step with `live` requests running (counted, not timed)."""
-    from torch.overrides import TorchFunctionMode
+    """Python calls of one engine decode step with `live` requests running: every Python function and
+    builtin (torch and numpy ops among them) called, counted under a profile hook (not timed). The plan's
+    own kernels are one call here; their work is priced by the matmul, attention and region terms."""
+    import sys
 
     from metronome.config import SamplingParams
 
-    class Count(TorchFunctionMode):
-        n = 0
+    calls = 0
 
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            Count.n += 1
-            return func(*args, **(kwargs or {}))
+    def count(frame, event, arg) -> None:
+        nonlocal calls
+        if event in ("call", "c_call"):
+            calls += 1
 
     prompt = engine.encode_prompt("Count the ops of one step.", chat=False)
     reqs = [engine.submit(prompt, SamplingParams(max_tokens=8, ignore_eos=True), lambda d: None) for _ in range(live)]
     engine.step()  # admission and prefill
-    with Count():
+    engine.step()  # the first decode step (its first-token bookkeeping differs)
+    sys.setprofile(count)
+    try:
         engine.step()
+    finally:
+        sys.setprofile(None)
     for r in reqs:
         engine.cancel(r)
     engine.step()  # the cancelled requests leave
-    return Count.n
+    return calls
 
 
 def predict_step_s(
     cost: PlanCost, terms: Terms, rows: int, positions: int, python_ops: int, head_rows: int | None = None
 ) -> float:
     """One plan call over `rows` token rows attending to `positions` cached positions on average, plus
-    `python_ops` small ops around it; the head over `head_rows` rows (default all; a prompt needs one)."""
+    `python_ops` Python calls around it; the head over `head_rows` rows (default all; a prompt needs one).
+    The matrices are priced by their shapes' timings when the terms have them all, else by bytes."""
+    head_m = rows if head_rows is None else head_rows
+    shapes = [*cost.matmuls, *([cost.head_matmul] if cost.head_matmul else [])]
+    if shapes and all(m in terms.matmul_s for m in shapes):
+        matrices = sum(n * terms.matmul(m, rows) for m, n in cost.matmuls.items())
+        matrices += terms.matmul(cost.head_matmul, head_m) if cost.head_matmul else 0.0
+        regions = cost.regions - cost.matmul_regions
+    else:
 
-    def per_byte(fmt: str, m: int) -> float:
-        return terms.per_byte(fmt if fmt in terms.seconds_per_byte else "Q8_0", m)
+        def per_byte(fmt: str, m: int) -> float:
+            return terms.per_byte(fmt if fmt in terms.seconds_per_byte else "Q8_0", m)
 
-    matrices = sum(nbytes * per_byte(fmt, rows) for fmt, nbytes in cost.weight_bytes.items())
-    matrices += cost.head[1] * per_byte(cost.head[0], rows if head_rows is None else head_rows)
+        matrices = sum(nbytes * per_byte(fmt, rows) for fmt, nbytes in cost.weight_bytes.items())
+        matrices += cost.head[1] * per_byte(cost.head[0], head_m)
+        regions = cost.regions
     attention = rows * positions * cost.q_size * cost.layers * terms.attention_s
-    return matrices + attention + cost.regions * terms.region_s + terms.wake_s + python_ops * terms.call_s
+    return (
+        matrices
+        + terms.logits(head_m)
+        + attention
+        + regions * terms.region_s
+        + terms.wake_s
+        + python_ops * terms.call_s
+        + cost.collectives * terms.collective_s
+    )
 
 
 @dataclass(frozen=True)
@@ -358,33 +653,138 @@ def calibrate_model(
     live: tuple[int, ...] = (1, 8),
     measure: bool = False,
     device: str = "cpu",
+    layouts: bool = True,
+    rounds: int = 1,
 ) -> tuple[Terms, list[CalibrationRow]]:
-    """Predict `model`'s decode speed at each number of `live` slots and its prefill speed from `terms`
-    and the compiled plan; with `measure`, also run the engine as `metronome bench --decode-only` does
-    (median of 3 runs of 128 tokens per live request, after a warm-up) and a 256-token prompt."""
+    """Predict `model`'s decode speed at each number of `live` slots and its prefill speed from the machine
+    terms and the compiled plan; with `layouts` (CPU, 2+ threads), also its single-stream decode on the
+    disaggregated layout (the decode engine gets half the threads, parallel/disagg.py) and at tp=2 (two
+    ranks sharing the threads) where the model cuts in two. With `measure`, also run the engine as
+    `metronome bench --decode-only` does (median of 3 runs of 128 tokens per live request, after a
+    warm-up), a 256-token prompt, and each layout the same way. `rounds`: the terms and the engine are
+    measured that many times, alternating, and each row reports the median prediction and the median
+    measurement (this machine's bandwidth drifts by 10-20 % from one minute to the next)."""
     from metronome.config import EngineConfig
     from metronome.engine import Engine
     from metronome.model.loader import load
 
+    if rounds < 1:
+        raise ValueError(f"rounds={rounds} must be at least 1")
     loaded = load(model)
-    config = EngineConfig(slots=max(live), ctx=1024, threads=threads, spec_tokens=0, device=device)
+    ctx = min(1024, loaded.config.max_position)  # a prompt of PREFILL_TOKENS and 128 new tokens fit in either
+    # no prefix cache: every round sends the same prompts, and a hit would skip the prefill being measured
+    config = EngineConfig(
+        slots=max(live), ctx=ctx, threads=threads, spec_tokens=0, device=device, prefix_cache_tokens=0
+    )
     engine = Engine.from_model(model, config, loaded=loaded)
     _, samples, _ = plan_formats(loaded, engine.plan.report.weights)
-    terms = measure_terms(threads, device=device, samples=samples)
     cost = plan_cost(engine, loaded, live)
-    measured = {n: _measure_decode(engine, n) for n in live} if measure else {}
-    prefill = _measure_prefill(engine) if measure else None
-    if measure:
-        terms = terms.mean(measure_terms(threads, device=device, samples=samples))
-    rows = []
-    for n in live:
-        step = predict_step_s(cost, terms, n, DECODE_POSITION, cost.engine_ops[n])
-        rows.append(
-            CalibrationRow(cost.model, f"decode, {n} live slot{'s' if n > 1 else ''}", 1 / step, measured.get(n))
-        )
-    step = predict_step_s(cost, terms, PREFILL_TOKENS, PREFILL_TOKENS // 2, cost.engine_ops[min(live)], head_rows=1)
-    rows.append(CalibrationRow(cost.model, f"prefill, {PREFILL_TOKENS}-token prompt", PREFILL_TOKENS / step, prefill))
+    fused = _fused_runner(engine.plan.runner)
+    shapes = _timed_shapes(*plan_matmuls(fused)) if fused is not None else None
+    cfg = engine.plan.cfg
+    pages = np.memmap(loaded.path, dtype=np.uint8, mode="r") if loaded.path.is_file() else None
+
+    def machine() -> Terms:  # torch's threads as the engine left them: the logits' work runs with those
+        t = measure_terms(threads, device=device, samples=samples, shapes=shapes, file_pages=pages)
+        return dataclasses.replace(t, logits_s=logits_seconds(cfg.vocab_size, cfg.final_logit_softcap, live))
+
+    whats = [f"decode, {n} live slot{'s' if n > 1 else ''}" for n in live] + [f"prefill, {PREFILL_TOKENS}-token prompt"]
+    predicted: list[list[float]] = [[] for _ in whats]
+    measured: list[list[float]] = [[] for _ in whats]
+    for _ in range(rounds):
+        terms = machine()
+        if measure:
+            for i, n in enumerate(live):
+                measured[i].append(_measure_decode(engine, n))
+            measured[-1].append(_measure_prefill(engine))
+            terms = terms.mean(machine())
+        for i, n in enumerate(live):
+            predicted[i].append(1 / predict_step_s(cost, terms, n, DECODE_POSITION, cost.engine_ops[n]))
+        prompt_s = predict_step_s(cost, terms, PREFILL_TOKENS, PREFILL_TOKENS // 2, cost.engine_ops[min(live)], 1)
+        predicted[-1].append(PREFILL_TOKENS / prompt_s)
+    rows = [_median_row(cost.model, w, p, m) for w, p, m in zip(whats, predicted, measured)]
+    if layouts and fused is not None and threads >= 2:
+        del engine  # its KV cache and scratch, before the layouts' engines allocate theirs
+        rows += _layout_rows(model, loaded, config, cost, shapes, terms.logits_s, pages, measure, rounds)
     return terms, rows
+
+
+def _median_row(model: str, what: str, predicted: list[float], measured: list[float]) -> CalibrationRow:
+    return CalibrationRow(model, what, statistics.median(predicted), statistics.median(measured) if measured else None)
+
+
+def _timed_shapes(counts: dict, head: Matmul, samples: dict, rows: tuple[int, ...] = ROWS) -> dict:
+    """{Matmul: (blocks per part, row counts to time)}: every shape at `rows`; the head at the decode row counts
+    only (a prompt runs it on its last row)."""
+    decode_rows = tuple(r for r in rows if r <= 8)
+    return {m: (samples[m], rows if m in counts else decode_rows) for m in samples}
+
+
+def _layout_rows(
+    model,
+    loaded,
+    config,
+    cost: PlanCost,
+    shapes: dict,
+    logits_s: dict[int, float],
+    pages: np.ndarray | None,
+    measure: bool,
+    rounds: int,
+) -> list[CalibrationRow]:
+    """Single-stream decode on the disaggregated layout and at tp=2, predicted (and measured), each the
+    median of `rounds` alternations of terms and engine (each layout's engine built once)."""
+    from metronome.config import Layout
+    from metronome.engine import Engine
+
+    threads = config.threads
+    one_slot = dataclasses.replace(config, slots=1)
+    out = []
+    decode_threads = threads - threads // 2  # as Engine.from_model splits the cores
+    decode_shapes = {m: (b, (1,)) for m, (b, _) in shapes.items()}
+    engine = None
+    if measure:
+        engine = Engine.from_model(model, dataclasses.replace(one_slot, layout=Layout.DISAGGREGATED), loaded=loaded)
+    predicted, measured = [], []
+    try:
+        for _ in range(rounds):
+            terms = measure_terms(decode_threads, shapes=decode_shapes, file_pages=pages)
+            terms = dataclasses.replace(terms, logits_s=logits_s)
+            predicted.append(1 / predict_step_s(cost, terms, 1, DECODE_POSITION, cost.engine_ops[1]))
+            if engine is not None:
+                measured.append(_measure_decode(engine, 1))
+    finally:
+        if engine is not None:
+            engine.prefiller.close()
+    what = f"decode, 1 live slot, disaggregated (decode engine: {decode_threads} thread{'s' * (decode_threads > 1)})"
+    out.append(_median_row(cost.model, what, predicted, measured))
+
+    found = tp_plan_cost(loaded, one_slot, 2, cost)
+    if found is None:
+        return out  # the model does not cut into two ranks (heads, KV heads or MLP width)
+    tp_cost, tp_samples, rank_threads = found
+    tp_shapes = _timed_shapes(tp_cost.matmuls, tp_cost.head_matmul, tp_samples, (1,))
+    engine = Engine.from_model(model, dataclasses.replace(one_slot, tp=2), loaded=loaded) if measure else None
+    predicted, measured, exchanges = [], [], []
+    try:
+        for _ in range(rounds):
+            tp_terms = measure_terms(rank_threads, shapes=tp_shapes, file_pages=pages)
+            tp_terms = dataclasses.replace(tp_terms, logits_s=logits_s)
+            compute_s = predict_step_s(tp_cost, tp_terms, 1, DECODE_POSITION, cost.engine_ops[1])  # no exchange yet
+            gap_s = compute_s / tp_cost.collectives  # a rank's compute between two exchanges
+            exchanges.append(measure_collective(loaded.config.hidden_size, gap_s))
+            tp_terms = dataclasses.replace(tp_terms, collective_s=exchanges[-1])
+            predicted.append(1 / predict_step_s(tp_cost, tp_terms, 1, DECODE_POSITION, cost.engine_ops[1]))
+            if engine is not None:
+                measured.append(_measure_decode(engine, 1))
+    finally:
+        if engine is not None:
+            engine.plan.runner.close()
+    what = (
+        f"decode, 1 live slot, tp=2 ({rank_threads} thread{'s' * (rank_threads > 1)} per rank; "
+        f"{tp_cost.collectives} exchanges a step, {statistics.median(exchanges) * 1e6:,.0f} us each)"
+    )
+    out.append(_median_row(cost.model, what, predicted, measured))
+    return out
 
 
 def _measure_decode(engine, live: int, tokens: int = 128, runs: int = 3) -> float:
@@ -423,7 +823,8 @@ def calibration_table(terms: Terms, rows: list[CalibrationRow]) -> str:
             for fmt, table in terms.seconds_per_byte.items()
         )
         + f"; attention {1 / terms.attention_s / 1e9:.1f} G row-position-elements/s; per-op "
-        f"{terms.call_s * 1e6:.1f} us; pool region {terms.region_s * 1e6:.1f} us; pool wake-up {terms.wake_s * 1e6:.0f} us\n\n"
+        f"{terms.call_s * 1e6:.1f} us; pool region {terms.region_s * 1e6:.1f} us; pool wake-up {terms.wake_s * 1e6:.0f} us; "
+        f"{len(terms.matmul_s)} matrix shapes timed\n\n"
     )
     lines = [
         "| model | step | predicted tok/s | measured tok/s | predicted / measured |",

@@ -82,6 +82,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="with --calibrate: also run the engine (as `metronome bench --decode-only` does) and compare",
     )
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="with --calibrate: the device to calibrate")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="with --calibrate --measure: alternate the machine terms and the engine this many times and report "
+        "medians (default 3; this machine's bandwidth drifts from minute to minute)",
+    )
     add_engine_args(p, only=("threads",))
     p.add_argument("--validate", action="store_true", help="print predicted vs published speeds and exit")
 
@@ -131,8 +138,11 @@ def _calibrate(args: argparse.Namespace, out) -> None:
 
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads={args.threads} must be at least 1")
+    if args.rounds < 1:
+        raise ValueError(f"--rounds={args.rounds} must be at least 1")
     threads = args.threads or available_cores()
-    terms, rows = calibrate_model(args.model, threads, measure=args.measure, device=args.device)
+    rounds = args.rounds if args.measure else 1  # the terms alone: one measurement
+    terms, rows = calibrate_model(args.model, threads, measure=args.measure, device=args.device, rounds=rounds)
     print(calibration_table(terms, rows), file=out, end="")
 
 

@@ -29,6 +29,7 @@ from metronome.kernels.decoder import BlockPart, LayerWeights
 __all__ = [
     "CFLAGS",
     "CppOps",
+    "GGUF_ROW_TYPES",
     "KernelBuildError",
     "LayerWeights",
     "Ops",
@@ -38,6 +39,9 @@ __all__ = [
     "dequantize_q8_0",
     "load_kernels",
 ]
+
+# The GGUF block types whose rows CppOps.gguf_rows dequantizes (an embedding lookup), by GGUF's type codes.
+GGUF_ROW_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
 
 Q8_0_BLOCK = BLOCK_WEIGHTS["Q8_0"]  # weights per Q8_0 block (Q8_0_BYTES bytes: fp16 scale + 32 int8)
 
@@ -196,6 +200,13 @@ class CppOps:
         """x (M, K) -> (M, rows) float32, W as blocks of one of kernels.blocks.BLOCK_KINDS (Q8_0 rows,
         packed Q4 groups from quant.pack_q4, or a GGUF format's rows as stored)."""
         return self._m.block_linear(x, blocks, kind, rows, bias)
+
+    def gguf_rows(self, table: Tensor, ids: Tensor, qtype: str) -> Tensor:
+        """Rows `ids` (M,) int64 of a GGUF table (V, bytes per row) uint8 in `qtype` (one of GGUF_ROW_TYPES)
+        -> (M, K) float32, bitwise the gguf package's dequantization."""
+        if qtype not in GGUF_ROW_TYPES:
+            raise ValueError(f"gguf_rows reads {sorted(GGUF_ROW_TYPES)} rows, got qtype={qtype!r}")
+        return self._m.gguf_rows(table, ids, GGUF_ROW_TYPES[qtype])
 
     def decoder(
         self,

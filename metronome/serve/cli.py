@@ -105,7 +105,7 @@ class ModelLoader(threading.Thread):
             config = engine_config(a)  # ctx, threads None: resolved by the compile, as for Engine.from_model
             # calibrated (and cached on disk: the next start with the same settings skips it)
             self.engine = Engine.from_model(config=config, max_queue=a.max_queue, loaded=loaded, calibrate=True)
-            self.state.attach(self.engine, ModelIdentity.of(loaded))
+            self.state.attach(self.engine, ModelIdentity.of(loaded, a.model))
             r = self.engine.plan.report
             kv = f"KV cache {r.kv_cache_bytes / 1e6:.0f} MB, prefix cache " + (
                 f"{r.prefix_cache_bytes / 1e6:.0f} MB" if r.prefix_cache_bytes else r.prefix_cache_note
@@ -159,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
         print("metronome: stopped", flush=True)
     finally:
         loader.join()
+        app.state.server.detach()
         if loader.engine is not None:
             loader.engine.stop()
         if speech is not None:

@@ -30,6 +30,7 @@ from metronome.config import ParamError, SamplingParams
 from metronome.engine import Engine
 from metronome.engine.grammar import Grammar, GrammarError, Grammars
 from metronome.model.loader import LoadedModel
+from metronome.model.registry import names as registered_names
 from metronome.model.tokenizer import ChatTemplateError
 from metronome.serve.audio import TRANSCRIPTIONS, TRANSLATIONS, SpeechService, add_speech_routes, speech_card
 from metronome.serve.errors import ApiError  # re-exported: callers import it from here too
@@ -60,11 +61,15 @@ class ServerSettings:
 
 @dataclass(frozen=True)
 class ModelIdentity:
-    id: str  # the served model's id: the GGUF file stem or the HF folder name
+    id: str  # the served model's id: its registered short name, else the GGUF file stem or the HF folder name
     file_hash: str  # LoadedModel.fingerprint()
 
     @classmethod
-    def of(cls, loaded: LoadedModel) -> "ModelIdentity":
+    def of(cls, loaded: LoadedModel, requested: str | None = None) -> "ModelIdentity":
+        """`requested`: what the user named the model by (`--model`); a registered short name is the id
+        clients then use, as they typed it (model/registry.py)."""
+        if requested is not None and requested in registered_names():
+            return cls(requested, loaded.fingerprint())
         return cls(loaded.path.name if loaded.path.is_dir() else loaded.path.stem, loaded.fingerprint())
 
 
@@ -122,6 +127,11 @@ class ServerState:
             grammars,
             grammar_refusal,
         )
+
+    def detach(self) -> None:
+        """The server stops: the grammar mask thread ends (the caller stops the engine)."""
+        if self.served is not None and self.served.grammars is not None:
+            self.served.grammars.close()
 
     def release(self, job: Job) -> None:
         """A job's client is done with it: cancel what still runs and count it as it ends."""

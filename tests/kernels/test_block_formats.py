@@ -147,3 +147,17 @@ def test_gemma3_runs_on_the_files_own_blocks(gemma_path) -> None:
     assert torch.equal(a.argmax(-1), b.argmax(-1))
     params = SamplingParams(max_tokens=16)
     assert fused.generate(prompt, params).token_ids == ref.generate(prompt, params).token_ids
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_gguf_rows_are_the_gguf_packages_dequantization(qtype: str) -> None:
+    """The fused runner's embedding lookup (csrc gguf_rows) against gguf.quants.dequantize, bitwise."""
+    n, k = 50, 96
+    raw = gguf.quants.quantize(
+        np.random.default_rng(5).standard_normal((n, k)).astype(np.float32), gguf.GGMLQuantizationType[qtype]
+    ).reshape(n, -1)
+    ids = torch.tensor([3, 0, 49, 3, 17])
+    got = OPS.gguf_rows(torch.from_numpy(raw), ids, qtype)
+    assert torch.equal(got, _dequantized(raw[ids.numpy()], qtype, len(ids), k).float())
+    with pytest.raises(ValueError, match="qtype"):
+        OPS.gguf_rows(torch.from_numpy(raw), ids, "Q6_K")

@@ -4,16 +4,18 @@ the torch model on GGUF files written with the gguf package (Q8_0 and Q4_0 exper
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from helpers import tiny_moe
 
 from metronome.compile.fused import FusedRunner
-from metronome.compile.quant import Q8_0_KIND, dense, quantize_q8_0
+from metronome.compile.quant import Q8_0_KIND, dense, pack_q4, quantize_q8_0
 from metronome.config import EngineConfig, ModelConfig
 from metronome.engine import Engine
+from metronome.kernels.blocks import BLOCK_KINDS, Q4X4_KIND
 from metronome.kernels.ops import KernelBuildError, dequantize_q8_0, load_kernels
-from metronome.model.loader import load
+from metronome.model.loader import QuantTensor, load
 from metronome.model.moe import MoE, route
 
 try:
@@ -109,6 +111,58 @@ def test_rows_are_independent_and_unrouted_experts_are_never_read():
     b = blocks[f"d{busy}"].view(blocks[f"d{busy}"].shape[0], -1, 34)
     b[:, :, 0:2] = torch.tensor([0x00, 0x7E], dtype=torch.uint8)
     assert layer.apply(x)[0].isnan().all()  # and a chosen one is read (the poison shows)
+
+
+def _file_blocks(rng: np.random.Generator, kind: str, rows: int, cols: int) -> tuple[torch.Tensor, int, int]:
+    """A random (rows, cols) matrix as one (blocks, kind, rows) part: Q4_0 packed four rows side by side,
+    GGUF Q8_0 or Q4_K rows as a file stores them (random codes, small random fp16 scales)."""
+    if kind == "Q8_0_X8":
+        w = torch.from_numpy(rng.standard_normal((rows, cols)).astype(np.float32)) * cols**-0.5
+        return quantize_q8_0(w), BLOCK_KINDS[kind], rows
+    block, size, scales = {"Q4X4": (32, 18, 2), "Q4_K": (256, 144, 4)}[kind]
+    raw = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
+    raw[..., :scales] = (
+        (rng.uniform(0.5, 1.0, (rows, cols // block, scales // 2)) * 0.02).astype(np.float16).view(np.uint8)
+    )
+    raw = raw.reshape(rows, -1)
+    if kind == "Q4X4":
+        return pack_q4(QuantTensor(raw, "Q4_0", (rows, cols))), Q4X4_KIND, rows
+    return torch.from_numpy(raw), BLOCK_KINDS[kind], rows
+
+
+@pytest.mark.parametrize("M", [1, 16])
+def test_grouped_experts_are_the_per_expert_matmuls_at_any_thread_count(M):
+    """The block runs all chosen experts' gate_up in one parallel region and all downs in another (the pool's
+    threads split the experts' rows by cost). Each output must be bitwise what each expert's own matmuls
+    give (block_linear per expert, the C++ activation, the weighted sum in ascending expert id), at 1, 2
+    and 3 threads (different splits, one inside an expert). Big enough that the work is split: gate and up
+    in different formats, downs in two formats (int8 per 32 and per 256 activations in one region)."""
+    d, w, e, k = 512, 256, 8, 3
+    rng = np.random.default_rng(7)
+    gate_up = [[_file_blocks(rng, "Q4X4", w, d), _file_blocks(rng, "Q8_0_X8", w, d)] for _ in range(e)]
+    down = [[_file_blocks(rng, "Q4_K" if i % 2 else "Q4X4", d, w)] for i in range(e)]
+    router = torch.from_numpy(rng.standard_normal((e, d)).astype(np.float32))
+    layer = OPS.moe_layer(
+        router=router, gate_up=gate_up, down=down, width=w, top_k=k, normalize=True,
+        shared_gate_up=[], shared_down=[], shared_width=0, shared_gate=None,
+    )  # fmt: skip
+    x = torch.randn(M, d, generator=torch.Generator().manual_seed(8))
+    weights, ids = layer.route(x)
+    want = torch.zeros(M, d)
+    for r in range(M):
+        for j in sorted(range(k), key=lambda j: int(ids[r, j])):
+            ex = int(ids[r, j])
+            xr = x[r : r + 1]
+            gu = torch.cat([OPS.block_linear(xr, *part) for part in gate_up[ex]], dim=1)
+            y = OPS.block_linear(OPS.silu_mul(gu), *down[ex][0])
+            want[r] = want[r] + weights[r, j] * y[0]
+    before = OPS.threads()
+    try:
+        for threads in (1, 2, 3):
+            OPS.set_threads(threads)
+            assert torch.equal(layer.apply(x), want), f"{threads} threads"
+    finally:
+        OPS.set_threads(before)
 
 
 @pytest.fixture(scope="module")

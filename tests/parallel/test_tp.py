@@ -179,3 +179,27 @@ def test_torchrun_launch_serves_the_same_tokens(tiny_hf, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert expected.strip() in done.stdout, (expected, done.stdout)
+
+
+def test_the_calibration_prices_rank_zeros_cut(wide_llama):
+    """`plan --calibrate` predicts tp=2 from rank 0's matrices (half of q/k/v, gate/up and the head; o and
+    down as K chunks) and the exchanges of a step (o and down of each layer, the logits, the broadcast)."""
+    from metronome.fleet.calibrate import PlanCost, plan_matmuls, tp_plan_cost
+
+    loaded = load(wide_llama)
+    config = EngineConfig(slots=1, ctx=128, threads=2, tp_shards=4, weights="int8", spec_tokens=0)
+    base = PlanCost("m", {}, 2, 128, 24, {1: 50})
+    plain = Engine.from_model(wide_llama, EngineConfig(slots=1, ctx=128, weights="int8", spec_tokens=0))
+    full_counts, full_head, _ = plan_matmuls(plain.plan.runner)  # qkv, o, gate_up, down per layer
+    before = torch.get_num_threads()
+    cost, samples, threads = tp_plan_cost(loaded, config, 2, base)
+    assert torch.get_num_threads() == before  # building rank 0's cut leaves this process's threads alone
+    assert threads == 1 and cost.collectives == 2 * 2 + 3 and cost.q_size == 64  # 2 of the 4 heads of 32
+    assert cost.head_matmul.rows == -(-full_head.rows // 4) * 2 and cost.head_matmul.k == full_head.k  # 2 of 4 cuts
+    # per layer: qkv and gate_up with half their rows; o and down as rank 0's 2 of 4 K chunks, a call each
+    assert sum(cost.matmuls.values()) == sum(full_counts.values()) + 2 * 2
+    chunks = {(m.rows, m.k): n for m, n in cost.matmuls.items() if m.rows == 128}
+    assert chunks == {(128, 32): 2 * 2, (128, 64): 2 * 2}  # o: K 128 in 4 chunks of 32; down: 256 in 4 of 64
+    work = [m.rows * m.k * n for m, n in cost.matmuls.items()]
+    assert sum(work) < 0.6 * sum(m.rows * m.k * n for m, n in full_counts.items())
+    assert set(samples) == {*cost.matmuls, cost.head_matmul}

@@ -696,3 +696,35 @@ def test_api_key_comes_from_the_flag_or_the_environment(monkeypatch):
     assert settings_from(parser.parse_args([])).api_key is None
     with pytest.raises(ValueError, match="empty"):
         settings_from(parser.parse_args(["--api-key", " "]))
+
+
+def test_detach_ends_the_grammar_mask_thread(smollm):
+    """`metronome serve` calls detach when it stops: the mask thread must not outlive the server."""
+    from metronome.serve.server import ServerState
+
+    def mask_threads() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith("metronome-mask")}
+
+    others = mask_threads()  # other servers of this module have theirs
+    engine = Engine.from_model(config=EngineConfig(slots=1, ctx=128), loaded=smollm)
+    state = ServerState(ServerSettings())
+    state.attach(engine, ModelIdentity.of(smollm))
+    try:
+        grammars = state.served.grammars
+        grammars.constraint(grammars.json_object())  # its first mask starts the thread
+        ours = mask_threads() - others
+        assert ours
+        state.detach()
+        deadline = time.monotonic() + 10
+        while any(t.is_alive() for t in ours) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(t.is_alive() for t in ours)
+    finally:
+        engine.stop()
+
+
+def test_a_registered_short_name_is_the_served_id(smollm, smollm_path):
+    """`serve --model smollm2-135m` answers to the name the user typed; a path keeps the file's stem."""
+    assert ModelIdentity.of(smollm, "smollm2-135m").id == "smollm2-135m"
+    assert ModelIdentity.of(smollm, str(smollm_path)).id == smollm_path.stem == ModelIdentity.of(smollm).id
+    assert ModelIdentity.of(smollm, "smollm2-135m").file_hash == ModelIdentity.of(smollm).file_hash

@@ -48,6 +48,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("block_linear", &metronome::block_linear,
         "y = x @ W.T (+ bias) in f32, W as blocks of one of BLOCK_KINDS, `rows` rows", py::arg("x"), py::arg("w"),
         py::arg("kind"), py::arg("rows"), py::arg("bias") = py::none(), py::call_guard<py::gil_scoped_release>());
+  m.def("gguf_rows", &metronome::gguf_rows,
+        "rows `ids` of a GGUF Q4_0/Q4_1/Q8_0 table as float32 (the gguf package's dequantization, bitwise)",
+        py::arg("table"), py::arg("ids"), py::arg("ggml_type"));
   py::class_<metronome::MoeLayer, std::shared_ptr<metronome::MoeLayer>>(
       m, "MoeLayer", "a mixture-of-experts block for Decoder.add_layer(moe=...): static top-k dispatch (moe.h)")
       .def(py::init<const Tensor&, const std::vector<std::vector<metronome::BlockPart>>&,

@@ -600,6 +600,88 @@ void block_linear_rows_chunks(const std::vector<BlockMatrix>& Ws, const float* x
   });
 }
 
+namespace {
+
+// x's quantized rows from row r on (carve's layout: every field row-major over K's blocks).
+XQuant rows_from(const XQuant& q, int64_t r, int64_t K) {
+  XQuant o = q;
+  o.x8 += r * K;
+  o.dx += r * (K / 32);
+  o.sx += r * (K / 32);
+  o.bs += r * (K / 32);
+  o.x8k += r * K;
+  o.x8kp += r * K;
+  o.dxk += r * (K / 256);
+  o.bs32 += r * (K / 32);
+  o.bs16 += r * (K / 16);
+  return o;
+}
+
+// One segment of one job in the group's work list: its chunks start at cost `start`, each costs `unit`.
+struct Piece {
+  int64_t job, seg, chunks, start, unit;
+};
+static_assert(sizeof(Piece) <= kGroupPieceBytes, "group_scratch_bytes reserves kGroupPieceBytes per piece");
+
+}  // namespace
+
+void block_linear_rows_group(const BlockJob* jobs, int64_t n, const float* x, int64_t x_rows, float* y,
+                             uint8_t* scratch) {
+  if (n == 0) return;
+  const int64_t N = jobs[0].W->N, K = jobs[0].W->K;
+  constexpr int64_t kChunk = 16, kRowBlock = 64;
+  bool per32 = false, per256 = false;
+  for (int64_t j = 0; j < n; ++j) {
+    const BlockMatrix& W = *jobs[j].W;
+    TORCH_CHECK(W.N == N && W.K == K, "block_linear_rows_group: every matrix must be (", N, ", ", K, "), got (", W.N,
+                ", ", W.K, ")");
+    for (int64_t s = 0; s < W.nseg; ++s) {
+      const int64_t k = W.seg[s].kind;
+      per32 = per32 || (k != kQ8_0 && kKinds[k].weights == 32);
+      per256 = per256 || kKinds[k].weights == 256;
+    }
+  }
+  const XQuant xq = carve(scratch, x_rows, K);
+  if (per32) quantize_32(x, x_rows, K, xq);
+  if (per256) quantize_256(x, x_rows, K, xq);
+  // The work list, priced: a chunk's weight bytes times (its job's rows + 7), a rough time at any rows
+  // (one row reads the bytes; many rows also multiply them). The price only places chunk boundaries
+  // between threads; it never changes what a chunk computes.
+  Piece* pieces = reinterpret_cast<Piece*>(align64(scratch + scratch_bytes(x_rows, K) + 64));
+  int64_t np = 0, total = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const BlockMatrix& W = *jobs[j].W;
+    for (int64_t s = 0; s < W.nseg; ++s) {
+      const KindInfo& info = kKinds[W.seg[s].kind];
+      const int64_t row_bytes = W.seg[s].kind == kQ4x4 ? K / 32 * kQ4x4Bytes / 4 : K / info.weights * info.bytes;
+      const int64_t chunks = (W.seg[s].rows + kChunk - 1) / kChunk;
+      pieces[np++] = Piece{j, s, chunks, total, kChunk * row_bytes * (jobs[j].rows + 7)};
+      total += chunks * pieces[np - 1].unit;
+    }
+  }
+  // a task holds at least ~32 KB of weights at one row (the thread hand-off costs more than less)
+  parallel_for(0, total, int64_t{1} << 18, [&](int64_t lo, int64_t hi) {
+    for (int64_t p = 0; p < np; ++p) {
+      const Piece& pc = pieces[p];
+      // the chunks whose start cost lies in [lo, hi): each chunk belongs to exactly one task
+      const int64_t c_lo = std::clamp<int64_t>((lo - pc.start + pc.unit - 1) / pc.unit, 0, pc.chunks);
+      const int64_t c_hi = std::clamp<int64_t>((hi - pc.start + pc.unit - 1) / pc.unit, 0, pc.chunks);
+      if (c_lo >= c_hi) continue;
+      const BlockJob& job = jobs[pc.job];
+      const BlockSegment& seg = job.W->seg[pc.seg];
+      const float* xj = x + job.x_row * K;
+      const XQuant xqj = rows_from(xq, job.x_row, K);
+      float* yj = y + job.y_row * N;
+      const int64_t n_lo = c_lo * kChunk, n_hi = std::min(seg.rows, c_hi * kChunk);
+      for (int64_t mb = 0; mb < job.rows; mb += kRowBlock)
+        segment_rows(seg, xj, xqj, K, yj, N, n_lo, n_hi, mb, std::min(job.rows, mb + kRowBlock));
+      if (job.W->bias != nullptr)
+        for (int64_t m = 0; m < job.rows; ++m)
+          for (int64_t c = seg.row0 + n_lo; c < seg.row0 + n_hi; ++c) yj[m * N + c] += job.W->bias[c];
+    }
+  });
+}
+
 BlockMatrix check_segments(const char* op, const std::vector<BlockPart>& parts, int64_t N, int64_t K,
                            const Tensor* bias) {
   TORCH_CHECK(!parts.empty() && static_cast<int64_t>(parts.size()) <= kMaxSegments, op, ": a matrix takes 1 to ",
@@ -641,6 +723,47 @@ BlockMatrix check_segments(const char* op, const std::vector<BlockPart>& parts, 
 
 BlockMatrix check_blocks(const char* op, const Tensor& w, int64_t kind, int64_t rows, int64_t K, const Tensor* bias) {
   return check_segments(op, {BlockPart{w, kind, rows}}, rows, K, bias);
+}
+
+Tensor gguf_rows(const Tensor& table, const Tensor& ids, int64_t ggml_type) {
+  const char* op = "gguf_rows";
+  check_cpu(op, "table", table);
+  TORCH_CHECK(ggml_type == 2 || ggml_type == 3 || ggml_type == 8, op,
+              ": ggml_type must be 2 (Q4_0), 3 (Q4_1) or 8 (Q8_0), got ", ggml_type);
+  const int64_t block_bytes = ggml_type == 2 ? 18 : ggml_type == 3 ? 20 : 34;
+  TORCH_CHECK(
+      table.scalar_type() == at::kByte && table.dim() == 2 && table.is_contiguous() && table.size(1) % block_bytes == 0,
+      op, ": table must be a contiguous 2-D uint8 tensor of ", block_bytes, "-byte blocks per row, got ",
+      table.sizes());
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 1 && ids.is_contiguous(), op,
+              ": ids must be a contiguous int64 (M,) tensor");
+  const int64_t V = table.size(0), nb = table.size(1) / block_bytes, M = ids.size(0);
+  Tensor out = at::empty({M, nb * 32}, at::kFloat);
+  const int64_t* id = ids.data_ptr<int64_t>();
+  for (int64_t r = 0; r < M; ++r) {
+    TORCH_CHECK(id[r] >= 0 && id[r] < V, op, ": ids[", r, "] = ", id[r], " is out of range [0, ", V, ")");
+    const uint8_t* row = table.data_ptr<uint8_t>() + id[r] * table.size(1);
+    float* y = out.data_ptr<float>() + r * nb * 32;
+    for (int64_t b = 0; b < nb; ++b, y += 32) {
+      const uint8_t* p = row + b * block_bytes;
+      const float d = half_at(p);
+      if (ggml_type == 8) {
+        for (int j = 0; j < 32; ++j) y[j] = d * static_cast<float>(static_cast<int8_t>(p[2 + j]));
+      } else if (ggml_type == 2) {  // low nibbles are weights 0..15, high nibbles 16..31
+        for (int j = 0; j < 16; ++j) {
+          y[j] = d * static_cast<float>((p[2 + j] & 0x0F) - 8);
+          y[j + 16] = d * static_cast<float>((p[2 + j] >> 4) - 8);
+        }
+      } else {
+        const float m = half_at(p + 2);
+        for (int j = 0; j < 16; ++j) {
+          y[j] = d * static_cast<float>(p[4 + j] & 0x0F) + m;
+          y[j + 16] = d * static_cast<float>(p[4 + j] >> 4) + m;
+        }
+      }
+    }
+  }
+  return out;
 }
 
 Tensor block_linear(const Tensor& x_in, const Tensor& w, int64_t kind, int64_t rows,

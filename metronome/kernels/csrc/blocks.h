@@ -74,6 +74,27 @@ void block_linear_rows(const BlockMatrix& W, const float* x, int64_t M, float* y
 void block_linear_rows_chunks(const std::vector<BlockMatrix>& Ws, const float* x, int64_t M, float* y,
                               uint8_t* scratch);
 
+// One matmul of a group (block_linear_rows_group): rows [x_row, x_row + rows) of the group's x through W,
+// into rows [y_row, y_row + rows) of the group's y.
+struct BlockJob {
+  const BlockMatrix* W;
+  int64_t x_row, y_row, rows;
+};
+
+// Scratch block_linear_rows_group needs (bytes) for `jobs` jobs over x (x_rows, K).
+constexpr int64_t kGroupPieceBytes = 64;  // per segment of a job (its place in the work list)
+inline int64_t group_scratch_bytes(int64_t jobs, int64_t x_rows, int64_t K) {
+  return scratch_bytes(x_rows, K) + 128 + jobs * kMaxSegments * kGroupPieceBytes;
+}
+
+// Every job in one parallel region: y (., N) rows of a job = its x (x_rows, K) rows @ its W.T (+ bias);
+// every W has the same N and K. x is quantized once, row by row. The work list is every job's 16-row
+// chunks, job after job; the pool's threads split it by cost (weight bytes times the job's rows of x),
+// whole chunks each. Each y element has the bits block_linear_rows gives it for that job alone, whatever
+// the split and the thread count. scratch: group_scratch_bytes(n, x_rows, K) bytes.
+void block_linear_rows_group(const BlockJob* jobs, int64_t n, const float* x, int64_t x_rows, float* y,
+                             uint8_t* scratch);
+
 // One segment per (blocks, kind, rows) part, stacked in order; the rows must add up to N. Checks every
 // part (and the optional float32 bias) and returns the matrix view; `op` names the caller in errors.
 using BlockPart = std::tuple<Tensor, int64_t, int64_t>;
@@ -82,6 +103,12 @@ BlockMatrix check_segments(const char* op, const std::vector<BlockPart>& parts, 
 
 // A single-segment matrix of `rows` rows (check_segments with one part).
 BlockMatrix check_blocks(const char* op, const Tensor& w, int64_t kind, int64_t rows, int64_t K, const Tensor* bias);
+
+// Rows of a GGUF table (an embedding) as float32, exactly the gguf package's dequantization: Q8_0 d*q,
+// Q4_0 d*(q-8), Q4_1 d*q + m (each product exact in float32; Q4_1 rounds once, at the add). table (V,
+// K/32*bytes) uint8 in the file's type `ggml_type` (GGUF's codes: 2 Q4_0, 3 Q4_1, 8 Q8_0); ids (M,) int64
+// -> (M, K). One call per step instead of a dozen small numpy ones (docs/moe.md has the figure).
+Tensor gguf_rows(const Tensor& table, const Tensor& ids, int64_t ggml_type);
 
 // The tensor-level op: x (M, K) float32/bfloat16 -> (M, rows) float32.
 Tensor block_linear(const Tensor& x, const Tensor& w, int64_t kind, int64_t rows, const std::optional<Tensor>& bias);

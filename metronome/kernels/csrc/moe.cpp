@@ -98,10 +98,14 @@ MoeLayer::MoeLayer(const Tensor& router, const std::vector<std::vector<BlockPart
 
 void MoeLayer::route_rows(const float* h, int64_t M, float* weights, int64_t* ids, float* logits) const {
   const float* R = router_.data_ptr<float>();
-  parallel_for(0, M, grain_for(E_ * D_, kMinParallelElems), [&](int64_t lo, int64_t hi) {
+  // the M*E router logits, split over (row, expert) pairs: one row's router (E*D floats) is too big a
+  // read for one thread when a step has a single row
+  parallel_for(0, M * E_, grain_for(D_, kMinParallelElems), [&](int64_t lo, int64_t hi) {
+    for (int64_t q = lo; q < hi; ++q) logits[q] = dot(h + q / E_ * D_, R + q % E_ * D_, D_);
+  });
+  parallel_for(0, M, grain_for(E_ * 8, kMinParallelElems), [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
       float* lg = logits + r * E_;
-      for (int64_t e = 0; e < E_; ++e) lg[e] = dot(h + r * D_, R + e * D_, D_);
       // softmax (in place): exp(l - max) / sum, summed in expert order
       float mx = lg[0];
       for (int64_t e = 1; e < E_; ++e) mx = std::max(mx, lg[e]);
@@ -156,6 +160,7 @@ void MoeLayer::forward(const float* h, int64_t M, float* out, Tensor& scratch) c
     struct {
       float *logits, *weights, *xg, *gu, *act, *yg, *sgu, *sact, *sy;
       int64_t *ids, *pos, *rows, *offsets, *fill;
+      BlockJob* jobs;
       uint8_t* sx;
       int64_t used;
     } s;
@@ -166,6 +171,7 @@ void MoeLayer::forward(const float* h, int64_t M, float* out, Tensor& scratch) c
     s.rows = c.take<int64_t>(P);  // place -> its row
     s.offsets = c.take<int64_t>(E_ + 1);
     s.fill = c.take<int64_t>(E_);
+    s.jobs = c.take<BlockJob>(E_);
     s.xg = c.take<float>(P * D_);
     s.gu = c.take<float>(P * 2 * I_);
     s.act = c.take<float>(P * I_);
@@ -173,7 +179,7 @@ void MoeLayer::forward(const float* h, int64_t M, float* out, Tensor& scratch) c
     s.sgu = c.take<float>(M * 2 * S_);
     s.sact = c.take<float>(M * S_);
     s.sy = c.take<float>(M * D_);
-    s.sx = c.take<uint8_t>(scratch_bytes(std::max(P, M), widest) + 64);
+    s.sx = c.take<uint8_t>(std::max(group_scratch_bytes(E_, P, std::max(D_, I_)), scratch_bytes(M, widest)) + 64);
     s.used = c.used;
     return s;
   };
@@ -194,48 +200,29 @@ void MoeLayer::forward(const float* h, int64_t M, float* out, Tensor& scratch) c
     s.pos[p] = place;
     s.rows[place] = p / k_;
   }
-  parallel_for(0, P, grain_for(D_, kMinParallelElems), [&](int64_t lo, int64_t hi) {
-    for (int64_t q = lo; q < hi; ++q)
-      std::memcpy(s.xg + q * D_, h + s.rows[q] * D_, static_cast<size_t>(D_) * sizeof(float));
-  });
+  if (M > 1)  // one row is itself its experts' input (below): no copies
+    parallel_for(0, P, grain_for(D_, kMinParallelElems), [&](int64_t lo, int64_t hi) {
+      for (int64_t q = lo; q < hi; ++q)
+        std::memcpy(s.xg + q * D_, h + s.rows[q] * D_, static_cast<size_t>(D_) * sizeof(float));
+    });
   const auto t1 = Clock::now();
-  // experts: each on its own segment; idle experts are not read
-  if (M == 1) {
-    // One row: its k experts share the input, so their gate_up matrices run as the segments of one matrix
-    // (up to kMaxSegments per call; fewer parallel regions per step). A row's values do not depend on how
-    // rows are grouped into segments (blocks.cpp), so this is bitwise the per-expert path.
-    BlockMatrix G{};
-    G.K = D_;
-    int64_t place = 0;
-    auto flush = [&] {
-      if (G.nseg == 0) return;
-      block_linear_rows(G, h, 1, s.gu + place * 2 * I_, s.sx);
-      place += G.N / (2 * I_);
-      G.nseg = 0;
-      G.N = 0;
-    };
-    for (int64_t e = 0; e < E_; ++e) {
-      if (s.offsets[e + 1] == s.offsets[e]) continue;
-      const BlockMatrix& W = gate_up_[e];
-      if (G.nseg + W.nseg > kMaxSegments) flush();
-      for (int64_t j = 0; j < W.nseg; ++j) {
-        G.seg[G.nseg] = W.seg[j];
-        G.seg[G.nseg++].row0 = G.N + W.seg[j].row0;
-      }
-      G.N += W.N;
-    }
-    flush();
-  } else {
-    for (int64_t e = 0; e < E_; ++e) {
-      const int64_t lo = s.offsets[e], n = s.offsets[e + 1] - lo;
-      if (n) block_linear_rows(gate_up_[e], s.xg + lo * D_, n, s.gu + lo * 2 * I_, s.sx);
-    }
-  }
-  gated_rows<false>(s.gu, s.act, P, I_);
+  // experts: every chosen expert's gate_up in one parallel region (its segment of rows, or with one row
+  // the row itself: the k experts share it), one activation over all M*k rows, then every chosen
+  // expert's down in one region. Idle experts are not read. Few regions per layer: at one row each
+  // expert's matmul is too small to pay a region of its own (docs/moe.md).
+  int64_t J = 0;
   for (int64_t e = 0; e < E_; ++e) {
     const int64_t lo = s.offsets[e], n = s.offsets[e + 1] - lo;
-    if (n) block_linear_rows(down_[e], s.act + lo * I_, n, s.yg + lo * D_, s.sx);
+    if (n) s.jobs[J++] = BlockJob{&gate_up_[e], M == 1 ? 0 : lo, lo, n};
   }
+  block_linear_rows_group(s.jobs, J, M == 1 ? h : s.xg, M == 1 ? 1 : P, s.gu, s.sx);
+  gated_rows<false>(s.gu, s.act, P, I_);
+  J = 0;
+  for (int64_t e = 0; e < E_; ++e) {
+    const int64_t lo = s.offsets[e], n = s.offsets[e + 1] - lo;
+    if (n) s.jobs[J++] = BlockJob{&down_[e], lo, lo, n};
+  }
+  block_linear_rows_group(s.jobs, J, s.act, P, s.yg, s.sx);
   if (S_ > 0) {
     block_linear_rows(shared_gate_up_, h, M, s.sgu, s.sx);
     gated_rows<false>(s.sgu, s.sact, M, S_);

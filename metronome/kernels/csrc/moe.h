@@ -7,7 +7,8 @@
 //             ascending inside an expert's segment): index lists in scratch sized by M*k, so no pair is
 //             ever dropped and a segment's length is the number of rows that chose that expert;
 //   experts   each chosen expert runs its gate_up and down matmuls on its own segment only (the others
-//             are not read), one activation over all M*k rows;
+//             are not read): all chosen gate_ups in one parallel region, one activation over all M*k
+//             rows, all downs in one region (block_linear_rows_group);
 //   gather    per row, its k outputs times their weights added in ascending expert-id order, then the
 //             optional shared expert scaled by sigmoid(x . gate).
 // Every step is row-independent (block_linear_rows, gated_rows and the dots are; a row's sum order is

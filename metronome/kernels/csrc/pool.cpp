@@ -42,7 +42,9 @@ bool spin_while(bool spin, const Busy& busy) {
   if (!spin) return !busy();
   const auto until = std::chrono::steady_clock::now() + kSpin;
   while (busy()) {
-    for (int i = 0; i < 64; ++i) _mm_pause();  // the clock is read once per 64 pauses (~1-2 us)
+    // the word is looked at after every pause (waiting out all 64 before looking delayed every
+    // hand-off of every parallel region by up to 64 pauses, docs/moe.md); the clock, once per 64 pauses
+    for (int i = 0; i < 64 && busy(); ++i) _mm_pause();
     if (std::chrono::steady_clock::now() > until) return !busy();
   }
   return true;

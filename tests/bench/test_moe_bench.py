@@ -1,0 +1,65 @@
+"""bench/moe.py's random OLMoE-layout GGUF, at a tiny shape: metronome's fused plan decodes it, and llama.cpp
+(where llama-cpp-python is installed) loads and decodes the same file, which `--peer` relies on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from metronome.bench.moe import MoeShape, _decode_run, _fused_engine, _llama_cpp, _llama_cpp_run, write_random_moe
+
+TINY = MoeShape(hidden=64, layers=2, heads=4, kv_heads=4, experts=8, experts_per_token=2, expert_width=32, vocab=512)
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_random_moe(tmp_path_factory.mktemp("moe") / "tiny-moe.gguf", TINY)
+
+
+def test_random_moe_decodes_on_the_fused_plan(tiny_gguf: Path) -> None:
+    engine = _fused_engine(tiny_gguf, threads=1)
+    cfg = engine.plan.cfg
+    assert (cfg.num_experts, cfg.experts_per_token, cfg.moe_intermediate_size) == (8, 2, 32)
+    assert len(engine.plan.runner.moe_layers) == TINY.layers
+    rate, dispatch, experts = _decode_run(engine, engine.encode_prompt("a lighthouse", chat=False), tokens=4)
+    assert rate > 0 and 0 < dispatch < 1 and 0 < experts < 1
+
+
+def test_llama_cpp_loads_and_decodes_the_random_moe(tiny_gguf: Path) -> None:
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    llm, version = _llama_cpp(tiny_gguf, threads=1)
+    prompt = llm.tokenize(b"a lighthouse", add_bos=False)
+    assert prompt == list(b"a lighthouse")  # the byte alphabet: token id = byte value
+    assert _llama_cpp_run(llm, prompt, tokens=4) > 0 and version
+
+
+def test_greedy_output_matches_llama_cpp_up_to_a_near_tie(tiny_gguf: Path) -> None:
+    """An independent reference for the MoE GGUF path: llama.cpp's greedy tokens on the same file. The two
+    compute the same Q4_0 x int8 dot products but attention and the cache differently (llama.cpp keeps f16
+    KV), so they may part where the top two logits nearly tie, and only there."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    from metronome.config import SamplingParams
+
+    engine = _fused_engine(tiny_gguf, threads=1)
+    llm, _ = _llama_cpp(tiny_gguf, threads=1)
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=True, top_logprobs=2)
+    agreed = 0
+    for text in ("a lighthouse", "the sea at night", "xyz 123", "keeper of the light"):
+        ids = list(text.encode())
+        ours = engine.generate(ids, params)
+        llm.reset()
+        theirs = []
+        for token in llm.generate(ids, temp=0.0, top_k=1):
+            theirs.append(token)
+            if len(theirs) == len(ours.token_ids):
+                break
+        for j, (choice, token) in enumerate(zip(ours.choices, theirs)):
+            if choice.token != token:
+                (_, best), (_, second) = choice.top
+                assert best - second < 0.05, (
+                    f"{text!r}: parted at token {j} where our top two differ by {best - second}"
+                )
+                break
+            agreed += 1
+    assert agreed >= 32  # most of the 64 tokens compared agree

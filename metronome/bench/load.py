@@ -26,8 +26,11 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Sequence
+from urllib.parse import urlsplit
 
+from metronome.bench.sse import post_events
 from metronome.config import EngineConfig, SamplingParams
+from metronome.engine.profile import PHASES, THREAD_ROLES, cpu_seconds_by_thread
 
 _WAIT_S = 600.0  # the longest any level may take before the bench gives up on it
 
@@ -71,12 +74,18 @@ def run_in_process(engine, users: int, output_tokens: int) -> tuple[LevelResult,
         return deliver
 
     engine.profile.reset()
+    cpu0 = cpu_seconds_by_thread(engine.thread_id)
     t0 = time.perf_counter()
     reqs = [engine.submit(p, params, on_event(i)) for i, p in enumerate(prompts)]
     for _ in range(users):
         if not done.acquire(timeout=_WAIT_S):
             raise TimeoutError(f"in-process level of {users} users did not finish within {_WAIT_S:.0f} s")
     wall = time.perf_counter() - t0
+    cpu = {k: v - cpu0.get(k, 0.0) for k, v in cpu_seconds_by_thread(engine.thread_id).items()}
+    tokens = sum(len(s) for s in stamps)
+    cpu_lines = "\n".join(
+        f"  {role:<22} {1e6 * s / max(1, tokens):9.1f} µs  {s / wall:5.2f} cores" for role, s in cpu.items()
+    )
     per_user = [(len(s) - 1) / (s[-1] - s[0]) for s in stamps if len(s) > 1 and s[-1] > s[0]]
     ttft = [1000 * (r.timings.first_token - r.timings.submitted) for r in reqs]
     mean_position = statistics.mean(len(r.prompt_ids) + output_tokens / 2 for r in reqs)
@@ -90,13 +99,14 @@ def run_in_process(engine, users: int, output_tokens: int) -> tuple[LevelResult,
         statistics.median(ttft),
         statistics.median(predicted),
     )
-    return result, engine.profile.snapshot().table()
+    profile = engine.profile.snapshot().table()
+    return result, f"{profile}\nCPU by thread (µs per token, cores busy over {wall:.2f} s):\n{cpu_lines}"
 
 
 async def _served_level(url: str, prompts: list[str], output_tokens: int) -> list[tuple[list[float], int, float]]:
-    import httpx
+    host, port = urlsplit(url).hostname or "127.0.0.1", urlsplit(url).port or 80
 
-    async def one(client: httpx.AsyncClient, prompt: str) -> tuple[list[float], int, float]:
+    async def one(prompt: str) -> tuple[list[float], int, float]:
         body = {
             "messages": [{"role": "user", "content": prompt}],
             "max_tokens": output_tokens,
@@ -105,31 +115,86 @@ async def _served_level(url: str, prompts: list[str], output_tokens: int) -> lis
             "stream_options": {"include_usage": True},
             "temperature": 0,
         }
-        stamps: list[float] = []  # one per chunk that carried text
+        stamps: list[float] = []  # one per event that carried text
         tokens = 0
         t0 = time.perf_counter()
-        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
-            r.raise_for_status()
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
-                if any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
-                    stamps.append(time.perf_counter())
+        async for data in post_events(host, port, "/v1/chat/completions", body):
+            now = time.perf_counter()
+            chunk = json.loads(data)
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if any(c.get("delta", {}).get("content") for c in chunk.get("choices", ())):
+                stamps.append(now)
         return stamps, tokens, 1000 * ((stamps[0] if stamps else t0) - t0)
 
-    async with httpx.AsyncClient(timeout=_WAIT_S) as client:
-        return list(await asyncio.gather(*(one(client, p) for p in prompts)))
+    async with asyncio.timeout(_WAIT_S):
+        return list(await asyncio.gather(*(one(p) for p in prompts)))
 
 
-def run_served(url: str, users: int, output_tokens: int, predicted_tps: float) -> LevelResult:
+def _run(coro):
+    """Run the client on uvloop where it is installed (it costs the shared cores less), else asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+def _scrape(url: str) -> dict[tuple[str, str], float]:
+    """The server's step profile and CPU-by-thread counters: {(metric, label value): value}."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wanted = {
+        "metronome_engine_step_phase_seconds": "phase",
+        "metronome_engine_steps": "",
+        "metronome_engine_step_rows": "kind",
+        "metronome_thread_cpu_seconds": "thread",
+    }
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    values: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name in wanted:
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    values[(family.name, sample.labels.get(wanted[family.name], ""))] = sample.value
+    return values
+
+
+def served_profile(
+    before: dict[tuple[str, str], float],
+    after: dict[tuple[str, str], float],
+    client_cpu_s: float,
+    wall_s: float,
+    tokens: int,
+) -> str:
+    """Where a served level's time went: the server's engine phases per step (as in process), and CPU
+    seconds by thread, the server's and this client's, per token and as cores busy over the level."""
+    d = {k: after[k] - before.get(k, 0.0) for k in after}
+    steps = max(1.0, d.get(("metronome_engine_steps", ""), 0.0))
+    lines = [f"{'phase':<10} {'ms/step':>9}"]
+    for phase in PHASES:
+        lines.append(f"{phase:<10} {1000 * d.get(('metronome_engine_step_phase_seconds', phase), 0.0) / steps:9.3f}")
+    lines.append(f"{steps:.0f} steps; CPU by thread (µs per token, cores busy over {wall_s:.2f} s):")
+    cpu = {role: d.get(("metronome_thread_cpu_seconds", role), 0.0) for role in THREAD_ROLES}
+    cpu["client (this process)"] = client_cpu_s
+    for role, seconds in cpu.items():
+        lines.append(f"  {role:<22} {1e6 * seconds / max(1, tokens):9.1f} µs  {seconds / wall_s:5.2f} cores")
+    return "\n".join(lines)
+
+
+def run_served(url: str, users: int, output_tokens: int, predicted_tps: float) -> tuple[LevelResult, str]:
+    """`users` streaming clients at once against the server; returns the level and where its time went."""
+    before = _scrape(url)
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
-    runs = asyncio.run(_served_level(url, _texts(users), output_tokens))
+    runs = _run(_served_level(url, _texts(users), output_tokens))
     wall = time.perf_counter() - t0
+    client_cpu = time.process_time() - cpu0
+    profile = served_profile(before, _scrape(url), client_cpu, wall, sum(n for _, n, _ in runs))
     per_user = [(n - 1) / (s[-1] - s[0]) for s, n, _ in runs if len(s) > 1 and s[-1] > s[0]]
-    return LevelResult(
+    level = LevelResult(
         "served",
         users,
         sum(n for _, n, _ in runs) / wall,
@@ -138,16 +203,23 @@ def run_served(url: str, users: int, output_tokens: int, predicted_tps: float) -
         statistics.median(t for _, _, t in runs),
         float("nan"),
     )
+    return level, profile
 
 
 def measure_stall(engine, long_tokens: int = 1300, output_tokens: int = 200) -> dict[str, float]:
     """One user streams; a `long_tokens` prompt arrives from another. The stream's longest gap while the
     prompt runs (and its median gap), and the long prompt's TTFT against the same prompt sent alone."""
     tok = engine.tokenizer
-    filler = tok.encode(" ".join(["The quick brown fox jumps over the lazy dog."] * (long_tokens // 8)))[:long_tokens]
+
+    def filler(opening: str) -> list[int]:
+        """A long prompt whose first words differ per use, so that no prompt is served from another's
+        cached prefix (the prefix cache would make 'alone' and 'beside' a copy, not a prefill)."""
+        text = opening + " " + " ".join(["The quick brown fox jumps over the lazy dog."] * (long_tokens // 8))
+        return tok.encode(text)[:long_tokens]
+
     params = SamplingParams(max_tokens=output_tokens, ignore_eos=True)
-    engine.generate(filler, SamplingParams(max_tokens=1), chat=False)  # warm
-    alone = engine.generate(filler, SamplingParams(max_tokens=1), chat=False).timings
+    engine.generate(filler("A warm-up."), SamplingParams(max_tokens=1), chat=False)
+    alone = engine.generate(filler("Alone, at first."), SamplingParams(max_tokens=1), chat=False).timings
     alone_ttft = alone.first_token - alone.submitted
     stamps: list[float] = []
     finished = threading.Event()
@@ -162,7 +234,8 @@ def measure_stall(engine, long_tokens: int = 1300, output_tokens: int = 200) -> 
     while len(stamps) < 20 and time.perf_counter() < deadline:
         time.sleep(0.01)
     arrived = time.perf_counter()
-    long = engine.generate(filler, SamplingParams(max_tokens=1), chat=False).timings
+    long_prompt = filler("Then beside a stream.")
+    long = engine.generate(long_prompt, SamplingParams(max_tokens=1), chat=False).timings
     if not finished.wait(_WAIT_S):
         raise TimeoutError("the streaming user did not finish")
     during = [b - a for a, b in zip(stamps, stamps[1:]) if b > arrived and a < long.first_token]
@@ -171,7 +244,7 @@ def measure_stall(engine, long_tokens: int = 1300, output_tokens: int = 200) -> 
         "stream_median_gap_ms": 1000 * statistics.median(gaps),
         "stream_max_gap_during_prompt_ms": 1000 * max(during, default=0.0),
         "step_ms_all_slots": engine.plan.report.step_ms.get(engine.config.slots, float("nan")),
-        "long_prompt_tokens": float(len(filler)),
+        "long_prompt_tokens": float(len(long_prompt)),
         "long_ttft_alone_ms": 1000 * alone_ttft,
         "long_ttft_beside_stream_ms": 1000 * (long.first_token - long.submitted),
     }
@@ -207,40 +280,61 @@ def start_server(model: str | None, extra: Sequence[str]) -> tuple[subprocess.Po
     raise TimeoutError(f"the server did not become ready within {_WAIT_S:.0f} s")
 
 
-def table(results: list[LevelResult]) -> str:
+def median_level(runs: list[LevelResult]) -> LevelResult:
+    """One level's rounds as one row: the median of each figure."""
+    med = statistics.median
+    return LevelResult(
+        runs[0].where,
+        runs[0].users,
+        med(r.aggregate_tps for r in runs),
+        med(r.per_user_tps for r in runs),
+        med(r.predicted_tps for r in runs),
+        med(r.ttft_ms for r in runs),
+        med(r.predicted_ttft_ms for r in runs),
+    )
+
+
+def table(results: list[LevelResult], ratios: dict[int, list[float]] | None = None) -> str:
+    """The levels as a markdown table; `ratios`: served ÷ in process per user, per round, by users."""
     lines = [
-        "| where | users | aggregate tok/s | per user tok/s | plan's promise | per user ÷ promise | TTFT ms | predicted TTFT ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| where | users | aggregate tok/s | per user tok/s | plan's promise | per user ÷ promise | TTFT ms "
+        "| predicted TTFT ms | served ÷ in process (rounds) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
+        ratio = ""
+        if ratios and r.where == "served" and ratios.get(r.users):
+            each = ratios[r.users]
+            ratio = f"{statistics.median(each):.2f} ({', '.join(f'{x:.2f}' for x in each)})"
         lines.append(
             f"| {r.where} | {r.users} | {r.aggregate_tps:.1f} | {r.per_user_tps:.1f} | {r.predicted_tps:.1f} | "
-            f"{r.per_user_tps / r.predicted_tps:.2f} | {r.ttft_ms:.0f} | {r.predicted_ttft_ms:.0f} |"
+            f"{r.per_user_tps / r.predicted_tps:.2f} | {r.ttft_ms:.0f} | {r.predicted_ttft_ms:.0f} | {ratio} |"
         )
     return "\n".join(lines)
 
 
 def main(
-    model: str | None, config: EngineConfig, levels: Sequence[int], output_tokens: int, served: bool, stall: bool
+    model: str | None,
+    config: EngineConfig,
+    levels: Sequence[int],
+    output_tokens: int,
+    served: bool,
+    stall: bool,
+    rounds: int = 1,
 ) -> int:
+    """In process and served side by side: each round runs every level in process, then served (the
+    engine idles while the server runs, and the other way round), so slow and fast minutes of a noisy
+    machine fall on both; each row is the median over `rounds`, and served ÷ in process is taken per round."""
     from metronome.engine import Engine
 
+    if rounds < 1:
+        raise ValueError(f"--rounds must be at least 1, got {rounds}")
     engine = Engine.from_model(model, config=config, calibrate=True)
     print(f"plan: {engine.plan.report.step_ms} ms per step by live slots; ", end="")
     print(
         f"prompt row beside decode {engine.plan.report.prompt_row_ms:.2f} ms, alone {engine.plan.report.prefill_row_ms:.2f} ms"
     )
-    engine.start()
-    results = []
-    try:
-        for users in levels:
-            result, profile = run_in_process(engine, users, output_tokens)
-            results.append(result)
-            print(f"\nin process, {users} users: step profile\n{profile}")
-        if stall:
-            print("\nstall:", json.dumps(measure_stall(engine), indent=1))
-    finally:
-        engine.stop()
+    proc, url = None, ""
     if served:
         extra = [
             f"--slots={config.slots}",
@@ -249,15 +343,35 @@ def main(
         ]
         if config.threads:
             extra.append(f"--threads={config.threads}")
-        del engine
         proc, url = start_server(model, extra)
-        try:
-            inproc = {r.users: r for r in results}
+    runs: dict[tuple[str, int], list[LevelResult]] = {}
+    ratios: dict[int, list[float]] = {}
+    engine.start()
+    try:
+        for round_ in range(rounds):
             for users in levels:
-                results.append(run_served(url, users, output_tokens, inproc[users].predicted_tps))
-        finally:
+                result, profile = run_in_process(engine, users, output_tokens)
+                runs.setdefault(("in process", users), []).append(result)
+                print(f"\nround {round_ + 1}, in process, {users} users: step profile\n{profile}")
+                if proc is not None:
+                    level, profile = run_served(url, users, output_tokens, result.predicted_tps)
+                    runs.setdefault(("served", users), []).append(level)
+                    ratios.setdefault(users, []).append(level.per_user_tps / result.per_user_tps)
+                    print(f"\nround {round_ + 1}, served, {users} users: the server's step profile and CPU by thread")
+                    print(profile)
+        if stall:
+            print("\nstall:", json.dumps(measure_stall(engine), indent=1))
+    finally:
+        engine.stop()
+        if proc is not None:
             proc.terminate()
             proc.wait(timeout=30)
-    print()
-    print(table(results))
+    results = [
+        median_level(runs[(where, users)])
+        for where in ("in process", "served")
+        for users in levels
+        if (where, users) in runs
+    ]
+    print(f"\nmedians over {rounds} round(s):")
+    print(table(results, ratios))
     return 0

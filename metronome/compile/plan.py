@@ -4,6 +4,7 @@ latency measured before serving (`PlanReport`). The engine calls `prefill` and `
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
@@ -35,6 +36,8 @@ class PlanReport:
     far_position: int = 1024
     prompt_row_ms: float = float("nan")  # calibrated cost of one prompt row beside the decode rows (chunked prefill)
     prefill_row_ms: float = float("nan")  # ... and of one row of a prompt run alone (a whole chunk, nobody decoding)
+    prompt_row_position: float = 0.0  # the mean position of the rows prompt_row_ms was calibrated on
+    prefill_row_position: float = 0.0  # ... and of prefill_row_ms's
     invariance: str = ""
     kernels: str = ""  # which ops run the glue (and why, when the C++ kernels were not used)
     cached: bool = False  # read from the plan cache (no packing, probe or calibration this time)
@@ -55,31 +58,80 @@ class PlanReport:
             return near
         return near + (far - near) * (position - NEAR_POSITION) / (self.far_position - NEAR_POSITION)
 
-    def step_ms_with(self, live: int, prompt_rows: int) -> float:
-        """Predicted latency of a step of `live` decode rows and `prompt_rows` prompt rows beside them."""
-        if not live:
-            return prompt_rows * self.prefill_row_ms
-        base = self.step_ms.get(live, float("nan"))
-        return base + prompt_rows * self.prompt_row_ms if prompt_rows else base
+    @property
+    def key_ms(self) -> float:
+        """What one more cached token costs one row's attention (ms): the slope between the 1-slot steps
+        calibrated near and far into the context. 0 without the far calibration."""
+        near, far = self.step_ms.get(1, float("nan")), self.step_ms_far.get(1, float("nan"))
+        if near != near or far != far or self.far_position <= NEAR_POSITION:
+            return 0.0
+        return max(0.0, (far - near) / (self.far_position - NEAR_POSITION))
 
-    def ttft_ms(self, prompts: list[int], decoding: int, chunk: int, alone_chunk: int) -> float:
-        """Predicted time to the first token of the last of `prompts` (prompt rows still to run, in the order
-        the engine runs them: the queue ahead, then this request) while `decoding` requests decode: the
-        steps that chunked prefill takes, each priced by `step_ms_with`. A prompt that completes joins the
-        decode rows. NaN without calibration."""
+    def prompt_rows_ms(self, start: int, rows: int, alone: bool = False) -> float:
+        """The cost of rows [start, start + rows) of one prompt: the calibrated cost of a prompt row (beside
+        decode rows, or `alone`), plus what attending to more (or fewer) cached tokens than the calibration's
+        rows did adds. A row 1,300 tokens into a prompt costs about twice a row at its start (SmolLM2 here),
+        which is why a step's prompt budget is priced by position (`take_prompt_rows`)."""
+        base, at = (
+            (self.prefill_row_ms, self.prefill_row_position)
+            if alone
+            else (self.prompt_row_ms, self.prompt_row_position)
+        )
+        if rows <= 0:
+            return 0.0
+        mean = start + (rows - 1) / 2
+        return rows * max(0.1 * base, base + self.key_ms * (mean - at))
+
+    def take_prompt_rows(self, queue: Sequence[tuple[int, int]], budget_rows: int, priced: bool) -> list[int]:
+        """How many rows each prompt of `queue` runs this step: `queue` holds (next position, rows left) per
+        prompt, oldest first, and they take rows in that order. Unpriced (nobody decoding, or no
+        calibration): `budget_rows` rows. Priced: rows worth the time of `budget_rows` prompt rows at position
+        0, so that a prompt's late rows, which attend to more, come in smaller chunks and the decode rows
+        beside them wait no longer; at least one row, so that a prompt always advances."""
+        unit = self.prompt_rows_ms(0, 1)
+        priced = priced and unit == unit  # NaN: not calibrated
+        left_rows, left_ms = budget_rows, budget_rows * unit if priced else 0.0
+        taken: list[int] = []
+        for start, rows in queue:
+            if priced:
+                lo, hi = 0, min(rows, budget_rows)
+                while lo < hi:  # the most rows within the time left (a row's cost grows with its position)
+                    mid = (lo + hi + 1) // 2
+                    if self.prompt_rows_ms(start, mid) <= left_ms * (1 + 1e-9):
+                        lo = mid
+                    else:
+                        hi = mid - 1
+                n = lo if lo or any(taken) else min(1, rows)
+                left_ms -= self.prompt_rows_ms(start, n)
+            else:
+                n = min(rows, left_rows)
+                left_rows -= n
+            taken.append(n)
+            if n < rows:
+                break
+        return taken + [0] * (len(queue) - len(taken))
+
+    def step_ms_with(self, live: int, prompts: Sequence[tuple[int, int]] = ()) -> float:
+        """Predicted latency of a step of `live` decode rows and the prompt rows `prompts` beside them, as
+        (first position, rows) per prompt; with nobody decoding, the prompt rows alone."""
+        if not live:
+            return sum(self.prompt_rows_ms(start, rows, alone=True) for start, rows in prompts)
+        return self.step_ms.get(live, float("nan")) + sum(self.prompt_rows_ms(start, rows) for start, rows in prompts)
+
+    def ttft_ms(self, prompts: list[tuple[int, int]], decoding: int, chunk: int, alone_chunk: int) -> float:
+        """Predicted time to the first token of the last of `prompts` ((next position, rows left) per
+        prompt, in the order the engine runs them: the queue ahead, then this request) while `decoding`
+        requests decode: the steps that chunked prefill takes (`take_prompt_rows`, as the engine takes
+        them), each priced by `step_ms_with`. A prompt that completes joins the decode rows. NaN without
+        calibration."""
         total, live = 0.0, min(decoding, self.slots)
-        remaining = list(prompts)
-        while remaining:
-            budget = chunk if live else alone_chunk
-            taken = finished = 0
-            while remaining and taken < budget:
-                rows = min(remaining[0], budget - taken)
-                taken += rows
-                remaining[0] -= rows
-                if remaining[0] == 0:
-                    remaining.pop(0)
-                    finished += 1
-            total += self.step_ms_with(live, taken)
+        queue = [(start, rows) for start, rows in prompts if rows > 0]
+        while queue:
+            taken = self.take_prompt_rows(queue, chunk if live else alone_chunk, priced=bool(live))
+            total += self.step_ms_with(live, [(start, n) for (start, _), n in zip(queue, taken) if n])
+            queue = [(start + n, rows - n) for (start, rows), n in zip(queue, taken)]
+            finished = sum(1 for _, rows in queue if rows == 0)
+            queue = [q for q in queue if q[1] > 0]
             live = min(self.slots, live + finished)
         return total
 

@@ -72,7 +72,7 @@ def calibrate_prompt_rows(runner: Runner, slots: int, ctx: int, chunk: int, step
     `slots - 1` decode rows and the same step with `chunk` prompt rows of another slot added (chunked
     prefill), and (b) alone, in a whole PREFILL_CHUNK of one prompt (nobody decoding). Runners that cannot
     mix rows run prompts apart: (NaN, alone)."""
-    alone_rows = min(256, ctx - 1)
+    alone_rows = _alone_rows(ctx)
     with torch.inference_mode():
         ids = [1] * alone_rows
         runner.prefill(ids, 0)  # warm-up
@@ -80,7 +80,7 @@ def calibrate_prompt_rows(runner: Runner, slots: int, ctx: int, chunk: int, step
     if not runner.any_rows or slots < 2:
         return float("nan"), alone
     pos = min(64, ctx - 1)
-    first = min(256, max(0, ctx - chunk - 1))  # a prompt chunk partway in: its rows attend to earlier ones
+    first = _first_prompt_row(ctx, chunk)
     decode = list(range(slots - 1))
     prompt_slot = slots - 1
     rows = decode + [prompt_slot] * chunk
@@ -93,6 +93,20 @@ def calibrate_prompt_rows(runner: Runner, slots: int, ctx: int, chunk: int, step
         base = _median_ms(lambda: runner.decode(decode, [1] * len(decode), [pos] * len(decode)), steps)
         mixed = _median_ms(lambda: runner.decode(rows, tokens, positions, logit_rows), steps)
     return max(0.0, mixed - base) / chunk, alone
+
+
+def _alone_rows(ctx: int) -> int:
+    return min(256, ctx - 1)
+
+
+def _first_prompt_row(ctx: int, chunk: int) -> int:
+    return min(256, max(0, ctx - chunk - 1))  # a prompt chunk partway in: its rows attend to earlier ones
+
+
+def prompt_row_positions(ctx: int, chunk: int) -> tuple[float, float]:
+    """The mean positions of the rows `calibrate_prompt_rows` times (beside decode rows, alone): a row's
+    attention grows with its position, so its cost elsewhere is priced from there (PlanReport.prompt_rows_ms)."""
+    return _first_prompt_row(ctx, chunk) + (chunk - 1) / 2, (_alone_rows(ctx) - 1) / 2
 
 
 def _median_ms(fn: Callable[[], object], steps: int) -> float:

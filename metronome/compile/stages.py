@@ -21,7 +21,7 @@ from metronome.compile.cache import plan_cache_path, read_plan_cache, write_plan
 from metronome.compile.fused import FusedRunner
 from metronome.compile.plan import PREFIX_PAGE_TOKENS, Plan, PlanError, PlanReport
 from metronome.compile.probe import calibrate as calibrate_steps
-from metronome.compile.probe import calibrate_prompt_rows, choose_decode_mode, far_position
+from metronome.compile.probe import calibrate_prompt_rows, choose_decode_mode, far_position, prompt_row_positions
 from metronome.compile.quant import dense, quantize
 from metronome.compile.runner import Runner, TorchRunner
 from metronome.config import DEFAULT_CTX, EngineConfig, ModelConfig
@@ -138,6 +138,8 @@ def compile_plan(
         far_position=far_position(config.ctx),
         prompt_row_ms=prompt_row_ms,
         prefill_row_ms=prefill_row_ms,
+        prompt_row_position=prompt_row_positions(config.ctx, config.prefill_chunk)[0],
+        prefill_row_position=prompt_row_positions(config.ctx, config.prefill_chunk)[1],
         invariance=invariance,
         kernels=r.kernels,
         cached=saved is not None,

@@ -7,6 +7,7 @@ the stepping thread.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import threading
@@ -85,6 +86,9 @@ class Engine(PythonAPI):
         self._stop = False
         self.steps = 0
         self.profile = StepProfile()  # where the steps' time goes (profile.py)
+        self.thread_id: int | None = None  # the stepping thread's OS id once it runs
+        # events made by the steps, not yet handed to their callbacks (see _send_events)
+        self._outgoing: collections.deque[tuple[Callable[[Delta], None], Delta]] = collections.deque()
         # prompts that begin like earlier ones copy that beginning's KV from the plan's pool (prefix_cache.py)
         self.prefix_cache = PrefixCache(plan.cache, plan.prefix_pool) if plan.prefix_pool is not None else None
         self.prefiller: PrefillWorker | None = None  # disaggregated layout: where prompts run (attach_prefiller)
@@ -182,12 +186,12 @@ class Engine(PythonAPI):
                     f"all {self.config.slots} slots are busy and {len(self.scheduler.waiting)} requests wait"
                 )
             cached = self.prefix_cache.peek(prompt) if self.prefix_cache is not None else 0
-            req.predicted_ttft_ms = self._predict_ttft_ms(len(prompt) - cached)
+            req.predicted_ttft_ms = self._predict_ttft_ms(cached, len(prompt) - cached)
             self.scheduler.add(req)
             self._lock.notify()
         return req
 
-    def _predict_ttft_ms(self, prompt_tokens: int) -> float:
+    def _predict_ttft_ms(self, cached: int, prompt_tokens: int) -> float:
         """The plan's TTFT for a prompt submitted now (call under the lock): the prompt rows ahead of it
         (admitted prompts not yet in the cache, then the queue), then its own, at the calibrated step costs.
         NaN when it would wait for a slot to free (that depends on how long others run)."""
@@ -195,11 +199,12 @@ class Engine(PythonAPI):
         if len(sched.by_slot) + len(sched.waiting) >= self.config.slots:
             return float("nan")
         running = sorted(sched.by_slot.values(), key=lambda r: r.timings.admitted or 0.0)
-        ahead = [len(r.prompt_ids) - r.prefilled for r in running if r.prefilled < len(r.prompt_ids)]
-        ahead += [len(r.prompt_ids) for r in sched.waiting]
-        decoding = len(running) - sum(1 for r in running if r.prefilled < len(r.prompt_ids))
+        prefilling = [r for r in running if r.prefilled < len(r.prompt_ids)]
+        ahead = [(r.prefilled, len(r.prompt_ids) - r.prefilled) for r in prefilling]
+        ahead += [(0, len(r.prompt_ids)) for r in sched.waiting]
+        decoding = len(running) - len(prefilling)
         chunk = self.config.prefill_chunk if self.plan.runner.any_rows else PREFILL_CHUNK
-        return self.plan.report.ttft_ms([*ahead, prompt_tokens], decoding, chunk, PREFILL_CHUNK)
+        return self.plan.report.ttft_ms([*ahead, (cached, prompt_tokens)], decoding, chunk, PREFILL_CHUNK)
 
     def cancel(self, request: Request) -> None:
         """Stop a request; its slot is free after the next step."""
@@ -211,6 +216,25 @@ class Engine(PythonAPI):
 
     def step(self) -> int:
         """One step of the score: schedule -> run plan -> sample -> emit. Returns the rows the plan ran.
+        Every event of the step has reached its callback when this returns."""
+        ran = self._step()
+        self._send_events()
+        return ran
+
+    def _send_events(self) -> None:
+        """Hand the events made so far to their callbacks, in the order they were made.
+
+        The stepping thread calls this just before its next plan call, not as each request's tokens are
+        sampled: a server's callbacks wake its event loop, whose work then runs while the plan runs in C++
+        without the GIL, instead of taking the GIL from the step's own Python work (sampling, stop checks).
+        An event waits for the next step's scheduling only (microseconds); with no next step to run, the
+        loop sends them at once (_loop). A callback that raises leaves the later events queued."""
+        while self._outgoing:
+            callback, delta = self._outgoing.popleft()
+            callback(delta)
+
+    def _step(self) -> int:
+        """step() without sending its own events (they go before the next plan call, or when idle).
 
         A step's rows are one per decoding request (plus its drafts while it runs alone) and, beside them,
         the next chunk of the waiting prompts: at most `prefill_chunk` prompt rows while anyone decodes, so
@@ -228,6 +252,8 @@ class Engine(PythonAPI):
         chunks = self._prompt_chunks(batch.running, bool(decoding))
         drafts = self._drafts(decoding) if not chunks else [[] for _ in decoding]
         clock.lap("draft")
+        self._send_events()  # the last step's events: the loop that takes them runs beside this plan call
+        clock.lap("emit")
         rows = self._rows(decoding, drafts, chunks)
         if not rows.slots:
             self.steps += 1
@@ -272,6 +298,7 @@ class Engine(PythonAPI):
 
     def _prefill_whole(self, r: Request, clock: PhaseClock) -> None:
         """A new request's whole prompt in one call (runners that cannot mix rows), and its first token."""
+        self._send_events()
         logits = self.plan.prefill(r.prompt_ids, r.slot)
         clock.lap("plan")
         self.profile.prompt_rows += len(r.prompt_ids)
@@ -297,8 +324,10 @@ class Engine(PythonAPI):
             self._verify(r, [], result.logits[None], None, 0, clock)
 
     def _prompt_chunks(self, running: list[Request], anyone_decoding: bool) -> list[tuple[Request, int, int]]:
-        """The prompt rows of this step, oldest request first: (request, first, end) token ranges."""
-        budget = self.config.prefill_chunk if anyone_decoding else PREFILL_CHUNK
+        """The prompt rows of this step, oldest request first: (request, first, end) token ranges. Beside
+        decode rows, the budget is `prefill_chunk` rows' worth of time at a prompt's start, priced by
+        position (PlanReport.take_prompt_rows), so a long prompt's late rows come in smaller chunks and the
+        decoders' gap stays put; with nobody decoding, whole PREFILL_CHUNK-row chunks."""
         waiting = sorted(
             (
                 r
@@ -307,14 +336,10 @@ class Engine(PythonAPI):
             ),
             key=lambda r: r.timings.admitted or 0.0,
         )
-        chunks = []
-        for r in waiting:
-            if budget <= 0:
-                break
-            hi = min(len(r.prompt_ids), r.prefilled + budget)
-            chunks.append((r, r.prefilled, hi))
-            budget -= hi - r.prefilled
-        return chunks
+        budget = self.config.prefill_chunk if anyone_decoding else PREFILL_CHUNK
+        queue = [(r.prefilled, len(r.prompt_ids) - r.prefilled) for r in waiting]
+        taken = self.plan.report.take_prompt_rows(queue, budget, priced=anyone_decoding)
+        return [(r, r.prefilled, r.prefilled + n) for r, n in zip(waiting, taken) if n]
 
     def _rows(
         self, decoding: list[Request], drafts: list[list[int]], chunks: list[tuple[Request, int, int]]
@@ -424,7 +449,7 @@ class Engine(PythonAPI):
         if out.finish is not None:
             self._finish(r, out.finish, "".join(out.text), tuple(out.choices))
         elif out.choices:
-            r.on_event(Delta(r.id, "".join(out.text), tuple(out.choices)))
+            self._outgoing.append((r.on_event, Delta(r.id, "".join(out.text), tuple(out.choices))))
 
     def _finish(
         self, r: Request, reason: str, text: str = "", choices: tuple[Choice, ...] = (), error: str | None = None
@@ -433,7 +458,7 @@ class Engine(PythonAPI):
         r.timings.finished = time.perf_counter()
         with self._lock:
             self.scheduler.release(r)
-        r.on_event(Delta(r.id, text, choices, reason, error, r.timings, len(r.output_ids)))
+        self._outgoing.append((r.on_event, Delta(r.id, text, choices, reason, error, r.timings, len(r.output_ids))))
         if self.prefix_cache is not None and r.slot is not None and reason != "error":
             self._keep_prefix(r, self.prefix_cache)  # the slot is reused only by the next step's admissions
 
@@ -469,21 +494,29 @@ class Engine(PythonAPI):
             self._thread = None
 
     def _loop(self) -> None:
-        while True:
-            with self._lock:
-                while self.scheduler.idle and not self._stop:
-                    self._lock.wait(timeout=IDLE_WAKEUP_S)  # notified on submit/cancel/stop; the timeout only bounds it
-                if self._stop:
-                    return
-            try:
-                ran = self.step()
-            except Exception as exc:  # a failed step fails its requests, reported to each; the engine goes on
-                self._fail_running(exc)
-                continue
-            if not ran and self.prefiller is not None:
-                with self._lock:  # every live prompt is on the prefill worker: sleep until one comes back
-                    if not self.prefiller.has_results and not self._stop:
-                        self._lock.wait(timeout=IDLE_WAKEUP_S)
+        self.thread_id = threading.get_native_id()  # the OS thread, for per-thread CPU accounts (profile.py)
+        try:
+            while True:
+                with self._lock:
+                    while self.scheduler.idle and not self._outgoing and not self._stop:
+                        self._lock.wait(timeout=IDLE_WAKEUP_S)  # notified on submit/cancel/stop; timeout bounds it
+                    if self._stop:
+                        return
+                    idle = self.scheduler.idle
+                try:
+                    if idle:  # no plan call coming to send them before: the last step's events go now
+                        self._send_events()
+                        continue
+                    ran = self._step()
+                    if not ran and self.prefiller is not None:
+                        self._send_events()
+                        with self._lock:  # every live prompt is on the prefill worker: sleep until one comes back
+                            if not self.prefiller.has_results and not self._stop:
+                                self._lock.wait(timeout=IDLE_WAKEUP_S)
+                except Exception as exc:  # a failed step (or callback) fails its requests; the engine goes on
+                    self._fail_running(exc)
+        finally:
+            self._send_events()
 
     def _fail_running(self, exc: Exception) -> None:
         with self._lock:

@@ -83,3 +83,46 @@ class PhaseClock:
         now = time.perf_counter()
         self.profile.add(phase, now - self.last)
         self.last = now
+
+
+# -- CPU time by thread ------------------------------------------------------------------------------
+# A step's phases say where the engine thread's wall time goes; a served step also competes for the cores
+# with the HTTP loop, the kernels' pool and whatever else runs. These read the kernel's own per-thread CPU
+# account (Linux /proc), so the split costs nothing until it is read.
+
+THREAD_ROLES = ("engine", "kernel_pool", "main", "other")
+_POOL_THREAD_NAME = "metronome-pool"  # what csrc/pool.cpp names its workers
+
+
+def cpu_seconds_by_thread(engine_thread: int | None, pid: int | None = None) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each role's threads of process `pid` (this one by
+    default): the engine's stepping thread, the kernels' pool workers, the main thread (a server's event
+    loop), and any other. Empty where /proc is not there."""
+    import os
+
+    pid = os.getpid() if pid is None else pid
+    tick = os.sysconf("SC_CLK_TCK")
+    totals = dict.fromkeys(THREAD_ROLES, 0.0)
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return {}
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:  # the thread ended between the listing and the read
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        seconds = (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14 and 15 of stat)
+        if engine_thread is not None and int(tid) == engine_thread:
+            role = "engine"
+        elif name == _POOL_THREAD_NAME:
+            role = "kernel_pool"
+        elif int(tid) == pid:
+            role = "main"
+        else:
+            role = "other"
+        totals[role] += seconds
+    return totals

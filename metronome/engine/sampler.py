@@ -36,13 +36,17 @@ class RequestSampler:
             and not params.presence_penalty
             and not params.frequency_penalty
         )
+        self._penalized = bool(params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty)
         self._counts = torch.zeros(vocab_size, dtype=torch.float32)  # generated tokens only
         self._seen = torch.zeros(vocab_size, dtype=torch.bool)  # prompt + generated (repetition penalty)
         if params.repetition_penalty != 1.0 and prompt_ids:
             self._seen[torch.tensor([t for t in prompt_ids if t < vocab_size], dtype=torch.long)] = True
 
     def observe(self, token: int) -> None:
-        """Record a token that was emitted (for penalties)."""
+        """Record a token that was emitted (for penalties; nothing to do without them: two tensor writes
+        cost ~45 µs a token, a percent of a 1-user step)."""
+        if not self._penalized:
+            return
         self._counts[token] += 1
         self._seen[token] = True
 

@@ -194,6 +194,12 @@ class CppOps:
         """The size of the kernels' own pool (shared by every plan in this process)."""
         return self._m.get_threads()
 
+    def hold_first_chunk(self, items: int, grain: int, timeout_ms: int) -> tuple[int, int, bool]:
+        """The pool's test of taking over a held thread's work (csrc/pool.h): (items in the held chunk,
+        items the other chunks did, whether the held chunk's wait timed out)."""
+        held, others, timed_out = self._m.hold_first_chunk(items, grain, timeout_ms)
+        return held, others, bool(timed_out)
+
     # The fused decoder's pieces (C++ only; see plan.FusedModel).
 
     def block_linear(self, x: Tensor, blocks: Tensor, kind: int, rows: int, bias: Tensor | None = None) -> Tensor:

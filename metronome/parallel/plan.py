@@ -22,7 +22,7 @@ import torch
 
 from metronome.compile.plan import Plan, PlanError, PlanReport
 from metronome.compile.probe import calibrate as calibrate_steps
-from metronome.compile.probe import calibrate_prompt_rows, choose_decode_mode, far_position
+from metronome.compile.probe import calibrate_prompt_rows, choose_decode_mode, far_position, prompt_row_positions
 from metronome.compile.quant import dense
 from metronome.compile.runner import Runner, TorchRunner
 from metronome.compile.stages import DTYPES, resolve_settings, resolve_weights
@@ -282,6 +282,8 @@ def compile_tp_plan(
         far_position=far_position(config.ctx),
         prompt_row_ms=rows[0],
         prefill_row_ms=rows[1],
+        prompt_row_position=prompt_row_positions(config.ctx, config.prefill_chunk)[0],
+        prefill_row_position=prompt_row_positions(config.ctx, config.prefill_chunk)[1],
         invariance=invariance,
         prefix_cache_note="off: not with tensor parallel yet (each rank would keep its own pool)",
         kernels=f"{'cpp, fused decoder' if config.kernels == 'cpp' else 'torch'}, tensor parallel: "

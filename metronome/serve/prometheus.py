@@ -12,9 +12,11 @@ from __future__ import annotations
 from typing import Callable, Iterable, Sequence
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from metronome.engine import Engine, Timings
 from metronome.engine.prefix_cache import PrefixCache
+from metronome.engine.profile import PHASES, cpu_seconds_by_thread
 
 # Bucket edges in seconds: latencies of a request (queue, first token, first sentence, whole request)
 # span milliseconds to minutes on CPU; the gap between two tokens is one engine step.
@@ -55,6 +57,41 @@ class ApiRequest:
             raise ValueError(f"outcome {outcome!r} is not one of {OUTCOMES}")
         self.outcome = outcome
         self.metrics._api_ended(self.endpoint, outcome)
+
+
+class _StepCollector:
+    """The engine's step profile (engine/profile.py) and this process's CPU time by thread, read at scrape
+    time: a client that scrapes before and after a load sees where the served steps' time went."""
+
+    def __init__(self, metrics: "ServerMetrics") -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        engine = self.metrics._engine
+        phases = CounterMetricFamily(
+            "metronome_engine_step_phase_seconds",
+            "Engine thread time in each phase of a step (schedule, draft, plan, sample, emit) since start.",
+            labels=("phase",),
+        )
+        steps = CounterMetricFamily("metronome_engine_steps", "Engine steps run since start.")
+        rows = CounterMetricFamily(
+            "metronome_engine_step_rows", "Rows run in steps since start, by kind (decode, prompt).", labels=("kind",)
+        )
+        cpu = CounterMetricFamily(
+            "metronome_thread_cpu_seconds",
+            "CPU time of this process's threads by role: the engine's stepping thread, the kernels' pool "
+            "workers, the main thread (the HTTP event loop), other.",
+            labels=("thread",),
+        )
+        profile = engine.profile.snapshot() if engine is not None else None
+        for phase in PHASES:
+            phases.add_metric((phase,), profile.seconds[phase] if profile is not None else 0.0)
+        steps.add_metric((), float(profile.steps) if profile is not None else 0.0)
+        rows.add_metric(("decode",), float(profile.decode_rows) if profile is not None else 0.0)
+        rows.add_metric(("prompt",), float(profile.prompt_rows) if profile is not None else 0.0)
+        for role, seconds in cpu_seconds_by_thread(engine.thread_id if engine is not None else None).items():
+            cpu.add_metric((role,), seconds)
+        return [phases, steps, rows, cpu]
 
 
 class ServerMetrics:
@@ -152,6 +189,7 @@ class ServerMetrics:
             "metronome_spec_accepted_tokens", "Drafted tokens that were accepted since start (cumulative).", registry=r
         ).set_function(lambda: float(self._engine.spec.accepted) if self._engine is not None else 0.0)
         self._prefix_gauges(r)
+        r.register(_StepCollector(self))
         self.slots = Gauge("metronome_slots", "Request slots of the plan (requests decoded together).", registry=r)
         self.promised_speed = Gauge(
             "metronome_plan_tokens_per_second",

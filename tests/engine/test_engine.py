@@ -401,3 +401,57 @@ def test_top_p_shortcut_equals_the_full_sort():
         for top_p in (0.1, 0.5, 0.9, 0.99):
             full = _top_p(probs, top_p, candidates=probs.shape[-1])
             assert torch.equal(_top_p(probs, top_p), full)
+
+
+def test_a_steps_events_go_out_together_before_the_next_plan_call(tiny_hf):
+    """On the stepping thread, a step's events reach their callbacks after every row of the step was
+    sampled and before the next plan call (a server's loop then works beside that call, not in the middle
+    of the step's sampling, where it would take the GIL from it); the last step's events go out as the
+    engine goes idle; nothing is lost or reordered per request."""
+    import threading
+
+    from metronome.model.loader import load
+
+    engine = Engine.from_model(config=EngineConfig(slots=4, ctx=128), loaded=load(tiny_hf("llama")))
+    log: list[tuple[str, object]] = []
+    decode, sample = engine.plan.decode, engine._sample
+
+    def logged_decode(*args, **kwargs):
+        log.append(("plan", -1))
+        return decode(*args, **kwargs)
+
+    def logged_sample(r, *args, **kwargs):
+        log.append(("sample", r.id))
+        return sample(r, *args, **kwargs)
+
+    engine.plan.decode, engine._sample = logged_decode, logged_sample
+    finished = threading.Semaphore(0)
+    tokens: dict[str, list[int]] = {}
+
+    def on_event(delta) -> None:
+        log.append(("event", delta.request_id))
+        tokens.setdefault(delta.request_id, []).extend(c.token for c in delta.choices)
+        if delta.finish_reason is not None:
+            finished.release()
+
+    engine.start()
+    try:
+        params = [SamplingParams(max_tokens=n, temperature=0.8, seed=n, ignore_eos=True) for n in (6, 9, 4)]
+        reqs = [engine.submit([1, 2, 3, 4 + i], p, on_event) for i, p in enumerate(params)]
+        for _ in reqs:
+            assert finished.acquire(timeout=60), "a request's last event never came"
+    finally:
+        engine.stop()
+    segments: list[list[tuple[str, object]]] = [[]]
+    for entry in log:
+        if entry[0] == "plan":
+            segments.append([])
+        else:
+            segments[-1].append(entry)
+    for seg in segments:
+        kinds = [kind for kind, _ in seg]
+        if "event" in kinds:
+            assert "sample" not in kinds[kinds.index("event") :], f"events delivered amid a step's sampling: {seg}"
+    assert sum(kind == "event" for kind, _ in log) >= max(p.max_tokens for p in params)
+    for r in reqs:
+        assert tokens[r.id] == r.output_ids

@@ -170,12 +170,12 @@ def test_predicted_ttft_counts_only_the_rows_that_still_run(engines):
     # an uncalibrated plan predicts NaN: compare the prompt lengths the prediction is given instead
     seen = []
     predict = cached._predict_ttft_ms
-    cached._predict_ttft_ms = lambda tokens: seen.append(tokens) or predict(tokens)
+    cached._predict_ttft_ms = lambda start, tokens: seen.append((start, tokens)) or predict(start, tokens)
     try:
         _run(cached, prompt, GREEDY)
     finally:
         del cached._predict_ttft_ms
-    assert seen == [120 - 112]
+    assert seen == [(112, 120 - 112)]  # the rows still to run, from where the cached ones end
 
 
 def test_a_pool_smaller_than_a_page_is_no_pool(tiny_hf):

@@ -11,14 +11,17 @@ import numpy as np
 import torch
 
 ARCHS = ("mixtral", "qwen2moe", "qwen3moe", "olmoe")
-VOCAB = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(93)]  # 96 tokens
+# 96 tokens. The last two and "w9" make one BPE merge ("w" + "9"): llama.cpp refuses a BPE vocabulary without
+# merges, the gguf writer leaves an empty list out, and a merge must join two tokens into a third.
+VOCAB = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(91)] + ["w", "9"]
+MERGES = ["w 9"]
 GGUF_ARCH = {"mixtral": "llama", "qwen2moe": "qwen2moe", "qwen3moe": "qwen3moe", "olmoe": "olmoe"}
 
 
-def hf_config(arch: str):
-    """(model class, config): 2 layers, hidden 64, 4 heads of 16 (2 KV heads), 8 experts of width 64; top-2
-    for Mixtral (its own k), top-3 for the others (with three experts a row's sum order matters to its bits).
-    Widths are multiples of 32 so that the fused decoder's blocks fit."""
+def hf_config(arch: str, kv_heads: int = 2):
+    """(model class, config): 2 layers, hidden 64, 4 heads of 16 (`kv_heads` KV heads), 8 experts of width 64;
+    top-2 for Mixtral (its own k), top-3 for the others (with three experts a row's sum order matters to its
+    bits). Widths are multiples of 32 so that the fused decoder's blocks fit."""
     import transformers as T
 
     common = dict(
@@ -26,7 +29,7 @@ def hf_config(arch: str):
         hidden_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
-        num_key_value_heads=2,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=256,
         bos_token_id=1,
         eos_token_id=2,
@@ -54,18 +57,23 @@ def hf_config(arch: str):
     raise ValueError(arch)
 
 
-def build(arch: str, seed: int = 1234):
-    """The transformers model (float32, eval), with random norms and a router spread wide enough that top-k
-    choices are not near-ties (so that rounding differences do not flip them)."""
-    cls, config = hf_config(arch)
+def build(arch: str, seed: int = 1234, kv_heads: int = 2, gain: float | None = None, router_std: float = 0.5):
+    """The transformers model (float32, eval), with random norms and routers of std `router_std` (0.5: a
+    spread wide enough that top-k choices are not near-ties at float32 rounding differences). With
+    `gain`, every other matrix is drawn with std gain / sqrt(fan-in) instead of transformers' 0.02, and biases
+    with std 0.1: logits spread over several units, so that greedy choices are rarely near-ties either (a test
+    of greedy tokens against another engine, whose rounding differs, is then meaningful at most steps)."""
+    cls, config = hf_config(arch, kv_heads)
     torch.manual_seed(seed)
     model = cls(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if gain is not None and "norm" not in name and "gate.weight" not in name:
+                p.normal_(0.0, gain * p.shape[-1] ** -0.5 if p.dim() >= 2 else 0.1)
             if "norm" in name:
                 p.normal_(1.0, 0.3)
             elif name.endswith("mlp.gate.weight") or name.endswith("block_sparse_moe.gate.weight"):
-                p.normal_(0.0, 0.5)
+                p.normal_(0.0, router_std)
             elif "shared_expert_gate" in name:
                 p.normal_(0.0, 0.3)
     return model
@@ -128,7 +136,7 @@ def write_gguf(loaded, path: Path, expert_type: str = "Q8_0", matrix_type: str =
     w.add_tokenizer_model("gpt2")
     w.add_token_list(VOCAB)
     w.add_token_types([3, 3, 3] + [1] * (len(VOCAB) - 3))
-    w.add_token_merges([])
+    w.add_token_merges(MERGES)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
 

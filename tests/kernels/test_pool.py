@@ -104,3 +104,16 @@ def test_an_idle_pool_sleeps(cpp: CppOps, pool_size) -> None:
         # a pool that spins ~20 ms per worker after each job burns 200 ms x workers here; the 50 us spin
         # and the wake-ups cost a few ms
         assert burned < 0.05, f"{n} threads burned {burned * 1000:.0f} ms of CPU between 10 jobs in 0.5 s"
+
+
+@pytest.mark.parametrize("threads", (2, 3))
+def test_the_others_take_over_a_held_threads_share(cpp: CppOps, pool_size, threads: int) -> None:
+    """A thread held up inside a job (preempted by the server's event loop, say) holds up one small chunk,
+    not its whole share: the other threads take every other chunk while it waits. With one fixed share per
+    thread (the pool before), the held chunk is half the job at 2 threads."""
+    cpp.set_threads(threads)
+    items = 64
+    held, others, timed_out = cpp.hold_first_chunk(items, grain=1, timeout_ms=5000)
+    assert not timed_out, f"the held chunk of {held} items waited 5 s for the others ({others} done)"
+    assert held + others == items
+    assert held <= items // (2 * threads), f"the held chunk has {held} of {items} items at {threads} threads"

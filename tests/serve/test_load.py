@@ -176,3 +176,52 @@ def test_a_failing_step_under_load_fails_only_its_requests(tiny):
     assert_accounts_add_up(m)
     chat = GENERATION_ENDPOINTS[0]
     assert api(m, chat, "failed") == len(in_failed_step) and api(m, chat, "completed") == 17 - len(in_failed_step)
+
+
+def test_the_lean_sse_client_reads_what_httpx_reads(tiny):
+    """bench/sse.py (the load bench's client) against the real server: the same events as httpx reads,
+    and a refused request raises with its status."""
+    from metronome.bench.sse import SseError, post_events
+
+    engine = Engine.from_model(config=EngineConfig(slots=2, ctx=64, spec_tokens=0), loaded=tiny)
+    app = create_app(engine, ServerSettings(), ModelIdentity.of(tiny))
+    body = {"messages": MSG, "max_tokens": 12, "ignore_eos": True, "stream": True, "temperature": 0}
+    try:
+        with LiveServer(app) as url:
+            port = int(url.rsplit(":", 1)[1])
+
+            async def lean(b: dict) -> list[dict]:
+                return [json.loads(d) async for d in post_events("127.0.0.1", port, "/v1/chat/completions", b)]
+
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+                lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+            reference = [json.loads(d) for d in lines if d != "[DONE]"]
+            got = asyncio.run(asyncio.wait_for(lean(body), 60))
+            assert [c["choices"] for c in got] == [c["choices"] for c in reference]
+            assert len(got) >= 12
+            with pytest.raises(SseError, match="400"):
+                asyncio.run(asyncio.wait_for(lean({**body, "max_tokens": -1}), 60))
+    finally:
+        engine.stop()
+
+
+def test_metrics_expose_the_step_profile(tiny):
+    """/metrics carries the engine's step profile: its counters grow by the steps a request took."""
+    engine = Engine.from_model(config=EngineConfig(slots=2, ctx=64, spec_tokens=0), loaded=tiny)
+    app = create_app(engine, ServerSettings(), ModelIdentity.of(tiny))
+    try:
+        with LiveServer(app) as url:
+            before = metrics(url)
+            r = httpx.post(f"{url}/v1/chat/completions", json={"messages": MSG, "max_tokens": 10, "ignore_eos": True})
+            assert r.status_code == 200
+            after = metrics(url)
+    finally:
+        engine.stop()
+    steps = after["metronome_engine_steps_total"] - before["metronome_engine_steps_total"]
+    assert steps >= 10  # the prompt's step(s), then one per token after the first
+    plan = 'metronome_engine_step_phase_seconds_total{phase="plan"}'
+    assert after[plan] > before[plan]
+    decode_rows = 'metronome_engine_step_rows_total{kind="decode"}'
+    assert after[decode_rows] - before[decode_rows] == 9
+    for role in ("engine", "kernel_pool", "main", "other"):
+        assert f'metronome_thread_cpu_seconds_total{{thread="{role}"}}' in after

@@ -24,35 +24,76 @@ def _report(**kw) -> PlanReport:
 
 def test_step_latency_adds_prompt_rows_to_the_decode_step():
     r = _report()
-    assert r.step_ms_with(2, 0) == 5.0
-    assert r.step_ms_with(2, 16) == 5.0 + 16 * 1.5
-    assert r.step_ms_with(0, 256) == 256 * 1.0  # nobody decoding: a prompt alone, at its own row cost
+    assert r.step_ms_with(2) == 5.0
+    assert r.step_ms_with(2, [(0, 16)]) == 5.0 + 16 * 1.5
+    assert r.step_ms_with(0, [(0, 256)]) == 256 * 1.0  # nobody decoding: a prompt alone, at its own row cost
 
 
 def test_ttft_alone_is_whole_chunks_at_the_alone_cost():
     r = _report()
-    assert r.ttft_ms([300], decoding=0, chunk=16, alone_chunk=256) == 256 * 1.0 + 44 * 1.0
+    assert r.ttft_ms([(0, 300)], decoding=0, chunk=16, alone_chunk=256) == 256 * 1.0 + 44 * 1.0
 
 
 def test_ttft_beside_decoders_is_chunk_sized_steps():
     r = _report()
     # 40 rows in chunks of 16 beside 2 decode rows: steps of 16, 16, 8 rows
-    assert r.ttft_ms([40], decoding=2, chunk=16, alone_chunk=256) == 3 * 5.0 + 40 * 1.5
+    assert r.ttft_ms([(0, 40)], decoding=2, chunk=16, alone_chunk=256) == 3 * 5.0 + 40 * 1.5
 
 
 def test_ttft_counts_the_queue_ahead_and_prompts_that_join_the_decode_rows():
     r = _report()
     # nobody decodes: the first step runs both prompts (10 + 20 rows) whole
-    assert r.ttft_ms([10, 20], decoding=0, chunk=16, alone_chunk=256) == 30 * 1.0
-    t = r.ttft_ms([20, 10], decoding=1, chunk=16, alone_chunk=256)
+    assert r.ttft_ms([(0, 10), (0, 20)], decoding=0, chunk=16, alone_chunk=256) == 30 * 1.0
+    t = r.ttft_ms([(0, 20), (0, 10)], decoding=1, chunk=16, alone_chunk=256)
     # step 1: 16 rows of the first prompt beside 1 decoder; step 2: its last 4 and our 10, still 1 decoder
     assert t == (4.0 + 16 * 1.5) + (4.0 + 14 * 1.5)
     # the first prompt ends in step 1 here, so step 2 has 2 decoders
-    t = r.ttft_ms([16, 10], decoding=1, chunk=16, alone_chunk=256)
+    t = r.ttft_ms([(0, 16), (0, 10)], decoding=1, chunk=16, alone_chunk=256)
     assert t == (4.0 + 16 * 1.5) + (5.0 + 10 * 1.5)
 
 
 def test_without_calibration_there_is_no_promise():
     r = _report(step_ms={}, prompt_row_ms=float("nan"), prefill_row_ms=float("nan"))
-    assert math.isnan(r.ttft_ms([10], decoding=0, chunk=16, alone_chunk=256))
+    assert math.isnan(r.ttft_ms([(0, 10)], decoding=0, chunk=16, alone_chunk=256))
     assert math.isnan(r.tokens_per_s(1))
+
+
+# With a far calibration, a row's attention over more cached tokens costs more: here 1 µs per token.
+FAR = dict(step_ms_far={1: 4.0 + 0.001 * 960, 2: 5.0, 3: 6.0, 4: 7.0}, far_position=1024, prompt_row_position=100.0)
+
+
+def test_a_prompt_row_costs_more_the_further_into_its_prompt():
+    r = _report(**FAR)
+    assert abs(r.key_ms - 0.001) < 1e-12
+    assert abs(r.prompt_rows_ms(100, 1) - 1.5) < 1e-9  # where it was calibrated
+    assert abs(r.prompt_rows_ms(1100, 1) - (1.5 + 1.0)) < 1e-9
+    # rows 0..9: their mean position is 4.5
+    assert abs(r.prompt_rows_ms(0, 10) - 10 * (1.5 + 0.001 * (4.5 - 100))) < 1e-9
+    assert _report().key_ms == 0.0  # no far calibration: no slope
+
+
+def test_a_steps_prompt_budget_is_priced_by_position():
+    r = _report(**FAR)
+    unit = r.prompt_rows_ms(0, 1)
+    # at the start of a prompt, 16 rows' worth is about 16 rows; 1,000 tokens in, far fewer rows
+    early, late = r.take_prompt_rows([(0, 500)], 16, priced=True), r.take_prompt_rows([(1000, 500)], 16, priced=True)
+    assert 15 <= early[0] <= 16 and late[0] < 11
+    for start, (n,) in ((0, early), (1000, late)):
+        assert r.prompt_rows_ms(start, n) <= 16 * unit * (1 + 1e-9) < r.prompt_rows_ms(start, n + 1)
+    assert r.take_prompt_rows([(1000, 500)], 16, priced=False) == [16]  # nobody decoding: rows, unpriced
+    assert r.take_prompt_rows([(5000, 500)], 1, priced=True) == [1]  # always at least one row
+    # the queue's second prompt takes what the first leaves
+    first, second = r.take_prompt_rows([(0, 3), (0, 100)], 16, priced=True)
+    spent = r.prompt_rows_ms(0, 3) + r.prompt_rows_ms(0, second)
+    assert first == 3 and spent <= 16 * unit * (1 + 1e-9) < r.prompt_rows_ms(0, 3) + r.prompt_rows_ms(0, second + 1)
+
+
+def test_ttft_beside_decoders_follows_the_priced_chunks():
+    r = _report(**FAR)
+    queue, steps, total = [(0, 300)], 0, 0.0
+    while queue[0][1]:
+        (n,) = r.take_prompt_rows(queue, 16, priced=True)
+        total += r.step_ms_with(1, [(queue[0][0], n)])
+        queue, steps = [(queue[0][0] + n, queue[0][1] - n)], steps + 1
+    assert steps > 300 / 16 + 1  # late rows come in smaller chunks
+    assert abs(r.ttft_ms([(0, 300)], decoding=1, chunk=16, alone_chunk=256) - total) < 1e-9

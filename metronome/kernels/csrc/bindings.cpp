@@ -32,6 +32,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_threads", &metronome::set_threads,
         "threads of the kernels' own pool (default: torch's thread count at first use)", py::arg("n"));
   m.def("get_threads", &metronome::get_threads, "threads of the kernels' own pool");
+  m.def("hold_first_chunk", &metronome::hold_first_chunk,
+        "pool test: a job whose chunk holding item 0 waits for every other item (pool.h)", py::arg("items"),
+        py::arg("grain"), py::arg("timeout_ms"), py::call_guard<py::gil_scoped_release>());
 
   // The block formats of block_linear and Decoder.add_layer (blocks.h), for metronome/kernels/blocks.py.
   py::dict kinds, bytes, weights;

@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 #include <immintrin.h>
 #include <linux/futex.h>
+#include <pthread.h>
 #include <sched.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -23,6 +24,9 @@ namespace {
 constexpr auto kSpin = std::chrono::microseconds(50);
 // A sleeping thread wakes at least this often to look again (a missed wake-up costs this, never a hang).
 constexpr long kSleepNs = 100'000'000;
+// Chunks per thread in a job, at most (grain permitting): enough that the others can take over most of a
+// preempted thread's share, few enough that taking a chunk (one atomic add) stays negligible.
+constexpr int64_t kChunksPerThread = 4;
 
 static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t), "futex words are plain 32-bit integers");
 
@@ -88,7 +92,7 @@ void Pool::start(int64_t n) {  // under job_mutex_
   // Each worker starts from the generation of now, under the job lock: a job submitted before the
   // worker's thread first runs is still one it has not seen, so it cannot miss it.
   const uint32_t now = generation_.load();
-  for (int64_t id = 1; id < n; ++id) workers_.emplace_back([this, id, now] { work(id, now); });
+  for (int64_t id = 1; id < n; ++id) workers_.emplace_back([this, now] { work(now); });
 }
 
 Pool::~Pool() {
@@ -98,20 +102,22 @@ Pool::~Pool() {
 
 void Pool::run(int64_t begin, int64_t end, int64_t most, const std::function<void(int64_t, int64_t)>& f) {
   std::lock_guard<std::mutex> job(job_mutex_);
-  const int64_t threads = threads_.load(), tasks = std::min(threads, most);
-  if (tasks <= 1) {  // the pool shrank since parallel_for looked
+  const int64_t threads = threads_.load(), tasks = std::min(threads * kChunksPerThread, most);
+  if (threads <= 1 || tasks <= 1) {  // the pool shrank since parallel_for looked
     f(begin, end);
     return;
   }
   f_ = &f;
-  begin_ = begin, end_ = end, tasks_ = tasks;
+  begin_ = begin, end_ = end;
   chunk_ = (end - begin + tasks - 1) / tasks;
+  tasks_ = (end - begin + chunk_ - 1) / chunk_;
+  next_.store(0);  // before the generation bump below, which publishes it with the job
   error_ = nullptr;
   remaining_.store(static_cast<uint32_t>(threads - 1));
   generation_.fetch_add(1);  // seq_cst, as the load of sleepers_: a worker going to sleep sees one or the other
   if (sleepers_.load() > 0) futex_wake_all(generation_);
   in_worker_ = true;
-  run_task(0);
+  take_tasks();
   in_worker_ = false;
   const auto busy = [this] { return remaining_.load(std::memory_order_acquire) != 0; };
   if (!spin_while(spin_, busy)) {
@@ -121,6 +127,10 @@ void Pool::run(int64_t begin, int64_t end, int64_t most, const std::function<voi
   }
   f_ = nullptr;
   if (error_) std::rethrow_exception(error_);
+}
+
+void Pool::take_tasks() {
+  for (int64_t id; (id = next_.fetch_add(1, std::memory_order_relaxed)) < tasks_;) run_task(id);
 }
 
 void Pool::run_task(int64_t id) {
@@ -135,8 +145,10 @@ void Pool::run_task(int64_t id) {
   }
 }
 
-void Pool::work(int64_t id, uint32_t seen) {
+void Pool::work(uint32_t seen) {
   in_worker_ = true;
+  // named so that a per-thread CPU account (/proc/<pid>/task/*/comm) can tell the kernels' workers apart
+  pthread_setname_np(pthread_self(), "metronome-pool");
   while (true) {
     const auto idle = [&] { return generation_.load(std::memory_order_acquire) == seen; };
     if (!spin_while(spin_, idle)) {
@@ -146,7 +158,7 @@ void Pool::work(int64_t id, uint32_t seen) {
     }
     seen = generation_.load(std::memory_order_acquire);
     if (stop_.load()) return;
-    run_task(id);
+    take_tasks();
     // seq_cst, as the caller's store of caller_sleeping_: the last worker sees it, or the caller sees 0.
     if (remaining_.fetch_sub(1) == 1 && caller_sleeping_.load()) futex_wake_all(remaining_);
   }
@@ -168,5 +180,27 @@ void set_threads(int64_t n) {
 }
 
 int64_t get_threads() { return Pool::get().threads(); }
+
+std::tuple<int64_t, int64_t, int64_t> hold_first_chunk(int64_t items, int64_t grain, int64_t timeout_ms) {
+  TORCH_CHECK(items >= 1 && grain >= 1 && timeout_ms >= 0, "hold_first_chunk: items, grain >= 1, timeout_ms >= 0");
+  std::atomic<int64_t> held{0}, others{0};
+  std::atomic<bool> timed_out{false};
+  parallel_for(0, items, grain, [&](int64_t lo, int64_t hi) {
+    if (lo != 0) {
+      others.fetch_add(hi - lo);
+      return;
+    }
+    held.store(hi - lo);
+    const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+    while (others.load() < items - (hi - lo)) {
+      if (std::chrono::steady_clock::now() > until) {
+        timed_out.store(true);
+        return;
+      }
+      std::this_thread::sleep_for(std::chrono::microseconds(100));
+    }
+  });
+  return {held.load(), others.load(), timed_out.load() ? 1 : 0};
+}
 
 }  // namespace metronome

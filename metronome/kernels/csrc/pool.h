@@ -10,10 +10,14 @@
 // threads than free cores the spin is skipped: a spinning thread would hold the core that the thread
 // it waits for needs (docs/performance.md, "The kernels' thread pool"). Every sleep has a timeout.
 //
-// parallel_for(begin, end, grain, f) splits [begin, end) into at most `threads` contiguous chunks of at
-// least `grain` items; chunk 0 runs on the caller. Which thread runs which chunk never changes results:
-// every kernel here is row-independent. Any thread may submit, one job at a time; a chunk that throws
-// is rethrown on the caller once every worker is done with the job.
+// parallel_for(begin, end, grain, f) splits [begin, end) into contiguous chunks of at least `grain` items,
+// up to kChunksPerThread per thread, and every thread of the job (the caller too) takes the next chunk
+// not yet taken until none is left. Not one fixed chunk per thread: a served step shares the cores with
+// the HTTP loop and its clients, and a thread the OS preempts would hold up the whole job with its share
+// while the others wait; with smaller chunks taken in turn, the others do its share instead (figures in
+// docs/performance.md, "Served vs in process": no measured gain yet). Which thread runs which chunk never changes
+// results: every kernel here is row-independent. Any thread may submit, one job at a time; a chunk that throws is
+// rethrown on the caller once every worker is done with the job.
 
 #pragma once
 
@@ -24,6 +28,7 @@
 #include <functional>
 #include <mutex>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 namespace metronome {
@@ -55,8 +60,9 @@ class Pool {
   // Splits [begin, end) into min(threads, most) chunks and runs them; takes the job lock.
   void run(int64_t begin, int64_t end, int64_t most, const std::function<void(int64_t, int64_t)>& f);
   void start(int64_t n);  // (re)starts n - 1 workers, under job_mutex_
-  void work(int64_t id, uint32_t seen);
+  void work(uint32_t seen);
   void run_task(int64_t id);
+  void take_tasks();  // runs the job's next untaken chunk until none is left
   void stop_workers();
 
   std::atomic<int64_t> threads_{0};
@@ -66,7 +72,8 @@ class Pool {
   // The current job, written by the submitter under job_mutex_ before generation_ is bumped.
   const std::function<void(int64_t, int64_t)>* f_ = nullptr;
   int64_t begin_ = 0, end_ = 0, chunk_ = 0, tasks_ = 0;
-  std::exception_ptr error_;  // the first chunk that threw, under error_mutex_
+  std::atomic<int64_t> next_{0};  // the job's next chunk to take
+  std::exception_ptr error_;      // the first chunk that threw, under error_mutex_
   std::mutex error_mutex_;
   // 32-bit: futex words. generation_ counts jobs (a bump wakes the workers), remaining_ the workers yet
   // to check in for the current job (every worker checks in, busy or not: none can lag into the next one).
@@ -82,7 +89,13 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
 }
 
 void set_threads(int64_t n);  // resizes the pool (n >= 1)
-int64_t get_threads();        // the pool's size (starting it at torch's thread count if it has not started)
+
+// For the pool's tests: a job of `items` items in which the chunk holding item 0 waits (up to `timeout_ms`)
+// until every item outside it is done, as a thread the OS preempted would. Returns (items in the held
+// chunk, items the other chunks did, 1 if the wait timed out). With one fixed share per thread, the held
+// share is half the job at 2 threads; with chunks taken in turn it is a few items and the others do the rest.
+std::tuple<int64_t, int64_t, int64_t> hold_first_chunk(int64_t items, int64_t grain, int64_t timeout_ms);
+int64_t get_threads();  // the pool's size (starting it at torch's thread count if it has not started)
 
 // Rows of work per parallel task so that a task holds at least ~`min_elems` elements: small calls stay
 // on the calling thread (thread hand-off costs more than they do). Grain never changes results.

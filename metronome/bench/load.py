@@ -82,10 +82,6 @@ def run_in_process(engine, users: int, output_tokens: int) -> tuple[LevelResult,
             raise TimeoutError(f"in-process level of {users} users did not finish within {_WAIT_S:.0f} s")
     wall = time.perf_counter() - t0
     cpu = {k: v - cpu0.get(k, 0.0) for k, v in cpu_seconds_by_thread(engine.thread_id).items()}
-    tokens = sum(len(s) for s in stamps)
-    cpu_lines = "\n".join(
-        f"  {role:<22} {1e6 * s / max(1, tokens):9.1f} µs  {s / wall:5.2f} cores" for role, s in cpu.items()
-    )
     per_user = [(len(s) - 1) / (s[-1] - s[0]) for s in stamps if len(s) > 1 and s[-1] > s[0]]
     ttft = [1000 * (r.timings.first_token - r.timings.submitted) for r in reqs]
     mean_position = statistics.mean(len(r.prompt_ids) + output_tokens / 2 for r in reqs)
@@ -100,11 +96,12 @@ def run_in_process(engine, users: int, output_tokens: int) -> tuple[LevelResult,
         statistics.median(predicted),
     )
     profile = engine.profile.snapshot().table()
-    return result, f"{profile}\nCPU by thread (µs per token, cores busy over {wall:.2f} s):\n{cpu_lines}"
+    return result, f"{profile}\n{_cpu_table(cpu, sum(len(s) for s in stamps), wall)}"
 
 
 async def _served_level(url: str, prompts: list[str], output_tokens: int) -> list[tuple[list[float], int, float]]:
-    host, port = urlsplit(url).hostname or "127.0.0.1", urlsplit(url).port or 80
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
 
     async def one(prompt: str) -> tuple[list[float], int, float]:
         body = {
@@ -176,9 +173,16 @@ def served_profile(
     lines = [f"{'phase':<10} {'ms/step':>9}"]
     for phase in PHASES:
         lines.append(f"{phase:<10} {1000 * d.get(('metronome_engine_step_phase_seconds', phase), 0.0) / steps:9.3f}")
-    lines.append(f"{steps:.0f} steps; CPU by thread (µs per token, cores busy over {wall_s:.2f} s):")
+    lines.append(f"{steps:.0f} steps")
     cpu = {role: d.get(("metronome_thread_cpu_seconds", role), 0.0) for role in THREAD_ROLES}
     cpu["client (this process)"] = client_cpu_s
+    lines.append(_cpu_table(cpu, tokens, wall_s))
+    return "\n".join(lines)
+
+
+def _cpu_table(cpu: dict[str, float], tokens: int, wall_s: float) -> str:
+    """CPU seconds by thread role, per token and as cores kept busy over the level's wall time."""
+    lines = [f"CPU by thread (µs per token, cores busy over {wall_s:.2f} s):"]
     for role, seconds in cpu.items():
         lines.append(f"  {role:<22} {1e6 * seconds / max(1, tokens):9.1f} µs  {seconds / wall_s:5.2f} cores")
     return "\n".join(lines)

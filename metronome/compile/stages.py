@@ -125,6 +125,7 @@ def compile_plan(
                 runner.matrices if isinstance(runner, FusedRunner) else None,
             )
     pool, note = prefix_pool(loaded.config, config, runner, kv)
+    positions = prompt_row_positions(config.ctx, config.prefill_chunk)  # where prompt rows were calibrated
     report = PlanReport(
         weights=r.weights,
         device=config.device,
@@ -138,8 +139,8 @@ def compile_plan(
         far_position=far_position(config.ctx),
         prompt_row_ms=prompt_row_ms,
         prefill_row_ms=prefill_row_ms,
-        prompt_row_position=prompt_row_positions(config.ctx, config.prefill_chunk)[0],
-        prefill_row_position=prompt_row_positions(config.ctx, config.prefill_chunk)[1],
+        prompt_row_position=positions[0],
+        prefill_row_position=positions[1],
         invariance=invariance,
         kernels=r.kernels,
         cached=saved is not None,

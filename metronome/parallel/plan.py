@@ -269,6 +269,7 @@ def compile_tp_plan(
             tp, config.slots, config.ctx, torch.device("cpu"), position=far_position(config.ctx)
         )
         rows = calibrate_prompt_rows(tp, config.slots, config.ctx, config.prefill_chunk)
+    positions = prompt_row_positions(config.ctx, config.prefill_chunk)  # where prompt rows were calibrated
     report = PlanReport(
         weights=weights,
         device="cpu",
@@ -282,8 +283,8 @@ def compile_tp_plan(
         far_position=far_position(config.ctx),
         prompt_row_ms=rows[0],
         prefill_row_ms=rows[1],
-        prompt_row_position=prompt_row_positions(config.ctx, config.prefill_chunk)[0],
-        prefill_row_position=prompt_row_positions(config.ctx, config.prefill_chunk)[1],
+        prompt_row_position=positions[0],
+        prefill_row_position=positions[1],
         invariance=invariance,
         prefix_cache_note="off: not with tensor parallel yet (each rank would keep its own pool)",
         kernels=f"{'cpp, fused decoder' if config.kernels == 'cpp' else 'torch'}, tensor parallel: "

@@ -32,8 +32,11 @@ models: install
 	$(BIN)/metronome models install $(MODEL_NAMES)
 
 # Opt-in: llama.cpp as a peer for `metronome bench --compare` (builds from source, about 5 minutes).
+# Native, without AMX: these VMs list amx_* in /proc/cpuinfo but trap its instructions (SIGILL in ggml's AMX
+# Q4_0 path, seen 2026-12-01); metronome's kernels do not use AMX either, so both run AVX-512/AVX2 code.
+PEER_NO_AMX ?= -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 bench-peers: install
-	$(BIN)/pip install -q "llama-cpp-python[server]==0.3.36"
+	CFLAGS="$(PEER_NO_AMX)" CXXFLAGS="$(PEER_NO_AMX)" $(BIN)/pip install -q --no-cache-dir "llama-cpp-python[server]==0.3.36"
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

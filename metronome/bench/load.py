@@ -5,7 +5,10 @@ tokens at the same moment, in process (the Engine's own thread, callbacks on it)
 serve` child process on 127.0.0.1, streaming clients in this process). Per-user speed is a user's tokens
 after the first over the time from its first token to its last; the plan's promise is 1000 / step_ms at that
 many live slots (the calibration every plan takes of itself), and its TTFT prediction is the one the engine
-made at submit (`Request.predicted_ttft_ms`). `--stall` streams one user, then sends a long prompt from
+made at submit (`Request.predicted_ttft_ms`). On a machine whose speed drifts (these VMs' 1-row step moved
+between 3.4 and 10 ms from one minute to the next, 2026-12-01), a calibration taken at compile time says
+little about a level run minutes later, so each level is also held to the plan's step timed just before it
+(`step_ms_now`): per user ÷ that promise is what the work outside the plan call costs. `--stall` streams one user, then sends a long prompt from
 another: the streaming user's longest inter-token gap, and the long prompt's TTFT against the same prompt
 sent alone.
 
@@ -41,7 +44,8 @@ class LevelResult:
     users: int
     aggregate_tps: float
     per_user_tps: float  # median over users
-    predicted_tps: float  # the plan's promise per user at this many live slots
+    predicted_tps: float  # the plan's promise per user at this many live slots, its step timed before the level
+    compiled_tps: float  # ... from the plan's own calibration (compile time, or the plan cache)
     ttft_ms: float  # median
     predicted_ttft_ms: float  # median of the engine's predictions (in process only)
 
@@ -57,9 +61,32 @@ def _prompts(engine, n: int) -> list[list[int]]:
     return [engine.encode_prompt(t) for t in _texts(n)]
 
 
+def step_ms_now(engine, live: int, position: int, steps: int = 9) -> float:
+    """The plan's step with `live` decode rows at `position`, timed now: the median of `steps` plan calls on
+    slots 0..live-1 after one warm-up, as the plan's calibration times it (compile/probe.py). Call it only
+    while the engine is idle: the rows write those slots' KV, which the next request overwrites (a prefix it
+    reuses is copied in from the prefix cache's pool, never trusted in a free slot)."""
+    slots, tokens, positions = list(range(live)), [1] * live, [min(position, engine.config.ctx - 1)] * live
+    engine.plan.decode(slots, tokens, positions)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        engine.plan.decode(slots, tokens, positions)
+        times.append(1000 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def _mean_position(prompts: list[list[int]], output_tokens: int) -> int:
+    """The mean position of a level's decode rows (the prompts' and the served ones are the same texts)."""
+    return round(statistics.mean(len(p) + output_tokens / 2 for p in prompts))
+
+
 def run_in_process(engine, users: int, output_tokens: int) -> tuple[LevelResult, str]:
-    """`users` requests at once on the engine's own thread; returns the level and the step profile."""
+    """`users` requests at once on the engine's own thread, held to the plan's step timed just before them;
+    returns the level and the step profile."""
     prompts = _prompts(engine, users)
+    mean_position = _mean_position(prompts, output_tokens)
+    step_now = step_ms_now(engine, users, mean_position)
     params = SamplingParams(max_tokens=output_tokens, ignore_eos=True)
     stamps: list[list[float]] = [[] for _ in range(users)]
     done = threading.Semaphore(0)
@@ -84,13 +111,13 @@ def run_in_process(engine, users: int, output_tokens: int) -> tuple[LevelResult,
     cpu = {k: v - cpu0.get(k, 0.0) for k, v in cpu_seconds_by_thread(engine.thread_id).items()}
     per_user = [(len(s) - 1) / (s[-1] - s[0]) for s in stamps if len(s) > 1 and s[-1] > s[0]]
     ttft = [1000 * (r.timings.first_token - r.timings.submitted) for r in reqs]
-    mean_position = statistics.mean(len(r.prompt_ids) + output_tokens / 2 for r in reqs)
     predicted = [r.predicted_ttft_ms for r in reqs]
     result = LevelResult(
         "in process",
         users,
         sum(len(s) for s in stamps) / wall,
         statistics.median(per_user),
+        1000.0 / step_now,
         engine.plan.report.tokens_per_s(users, mean_position),
         statistics.median(ttft),
         statistics.median(predicted),
@@ -188,8 +215,12 @@ def _cpu_table(cpu: dict[str, float], tokens: int, wall_s: float) -> str:
     return "\n".join(lines)
 
 
-def run_served(url: str, users: int, output_tokens: int, predicted_tps: float) -> tuple[LevelResult, str]:
-    """`users` streaming clients at once against the server; returns the level and where its time went."""
+def run_served(
+    url: str, users: int, output_tokens: int, predicted_tps: float, compiled_tps: float
+) -> tuple[LevelResult, str]:
+    """`users` streaming clients at once against the server; returns the level and where its time went.
+    `predicted_tps`: the promise, from the plan's step timed just before (on the bench's own copy of the
+    plan, idle while the server runs)."""
     before = _scrape(url)
     cpu0 = time.process_time()
     t0 = time.perf_counter()
@@ -204,6 +235,7 @@ def run_served(url: str, users: int, output_tokens: int, predicted_tps: float) -
         sum(n for _, n, _ in runs) / wall,
         statistics.median(per_user) if per_user else float("nan"),
         predicted_tps,
+        compiled_tps,
         statistics.median(t for _, _, t in runs),
         float("nan"),
     )
@@ -215,15 +247,20 @@ def measure_stall(engine, long_tokens: int = 1300, output_tokens: int = 200) -> 
     prompt runs (and its median gap), and the long prompt's TTFT against the same prompt sent alone."""
     tok = engine.tokenizer
 
-    def filler(opening: str) -> list[int]:
-        """A long prompt whose first words differ per use, so that no prompt is served from another's
-        cached prefix (the prefix cache would make 'alone' and 'beside' a copy, not a prefill)."""
-        text = opening + " " + " ".join(["The quick brown fox jumps over the lazy dog."] * (long_tokens // 8))
-        return tok.encode(text)[:long_tokens]
+    vocab = engine.plan.cfg.vocab_size
+
+    def filler(use: int) -> list[int]:
+        """A long prompt whose second token differs per use, so that no prompt is served from another's
+        cached prefix (the prefix cache would make 'alone' and 'beside' a copy, not a prefill). Token ids,
+        not different opening words: a small vocabulary can map those to one unknown id."""
+        text = " ".join(["The quick brown fox jumps over the lazy dog."] * (long_tokens // 8 + 2))
+        ids = tok.encode(text)[:long_tokens]
+        ids[1] = (ids[1] + use) % vocab
+        return ids
 
     params = SamplingParams(max_tokens=output_tokens, ignore_eos=True)
-    engine.generate(filler("A warm-up."), SamplingParams(max_tokens=1), chat=False)
-    alone = engine.generate(filler("Alone, at first."), SamplingParams(max_tokens=1), chat=False).timings
+    engine.generate(filler(1), SamplingParams(max_tokens=1), chat=False)  # warm-up
+    alone = engine.generate(filler(2), SamplingParams(max_tokens=1), chat=False).timings
     alone_ttft = alone.first_token - alone.submitted
     stamps: list[float] = []
     finished = threading.Event()
@@ -238,7 +275,7 @@ def measure_stall(engine, long_tokens: int = 1300, output_tokens: int = 200) -> 
     while len(stamps) < 20 and time.perf_counter() < deadline:
         time.sleep(0.01)
     arrived = time.perf_counter()
-    long_prompt = filler("Then beside a stream.")
+    long_prompt = filler(3)
     long = engine.generate(long_prompt, SamplingParams(max_tokens=1), chat=False).timings
     if not finished.wait(_WAIT_S):
         raise TimeoutError("the streaming user did not finish")
@@ -293,6 +330,7 @@ def median_level(runs: list[LevelResult]) -> LevelResult:
         med(r.aggregate_tps for r in runs),
         med(r.per_user_tps for r in runs),
         med(r.predicted_tps for r in runs),
+        med(r.compiled_tps for r in runs),
         med(r.ttft_ms for r in runs),
         med(r.predicted_ttft_ms for r in runs),
     )
@@ -301,9 +339,9 @@ def median_level(runs: list[LevelResult]) -> LevelResult:
 def table(results: list[LevelResult], ratios: dict[int, list[float]] | None = None) -> str:
     """The levels as a markdown table; `ratios`: served ÷ in process per user, per round, by users."""
     lines = [
-        "| where | users | aggregate tok/s | per user tok/s | plan's promise | per user ÷ promise | TTFT ms "
-        "| predicted TTFT ms | served ÷ in process (rounds) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| where | users | aggregate tok/s | per user tok/s | plan's step timed before → tok/s | per user ÷ that "
+        "| plan's calibration → tok/s | TTFT ms | predicted TTFT ms | served ÷ in process (rounds) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         ratio = ""
@@ -312,7 +350,8 @@ def table(results: list[LevelResult], ratios: dict[int, list[float]] | None = No
             ratio = f"{statistics.median(each):.2f} ({', '.join(f'{x:.2f}' for x in each)})"
         lines.append(
             f"| {r.where} | {r.users} | {r.aggregate_tps:.1f} | {r.per_user_tps:.1f} | {r.predicted_tps:.1f} | "
-            f"{r.per_user_tps / r.predicted_tps:.2f} | {r.ttft_ms:.0f} | {r.predicted_ttft_ms:.0f} | {ratio} |"
+            f"{r.per_user_tps / r.predicted_tps:.2f} | {r.compiled_tps:.1f} | {r.ttft_ms:.0f} | "
+            f"{r.predicted_ttft_ms:.0f} | {ratio} |"
         )
     return "\n".join(lines)
 
@@ -358,7 +397,8 @@ def main(
                 runs.setdefault(("in process", users), []).append(result)
                 print(f"\nround {round_ + 1}, in process, {users} users: step profile\n{profile}")
                 if proc is not None:
-                    level, profile = run_served(url, users, output_tokens, result.predicted_tps)
+                    step_now = step_ms_now(engine, users, _mean_position(_prompts(engine, users), output_tokens))
+                    level, profile = run_served(url, users, output_tokens, 1000.0 / step_now, result.compiled_tps)
                     runs.setdefault(("served", users), []).append(level)
                     ratios.setdefault(users, []).append(level.per_user_tps / result.per_user_tps)
                     print(f"\nround {round_ + 1}, served, {users} users: the server's step profile and CPU by thread")

@@ -25,7 +25,7 @@ from metronome.engine.api import PythonAPI
 from metronome.engine.prefix_cache import PrefixCache
 from metronome.engine.profile import PhaseClock, StepProfile
 from metronome.engine.request import Constraint, Delta, QueueFullError, Request, RequestError, SpecStats, Timings
-from metronome.engine.sampler import Choice, RequestSampler
+from metronome.engine.sampler import Choice, RequestSampler, argmax_rows
 from metronome.engine.scheduler import Batch, Scheduler
 from metronome.engine.speculate import Drafter, ModelDrafter, NgramDrafter, PayingDrafter
 from metronome.engine.text import TextStream
@@ -372,7 +372,7 @@ class Engine(PythonAPI):
         (the common case): the same token its own sampler would pick, without a per-row Python call."""
         if not any(r.argmax_only for r in decoding + [c[0] for c in chunks]):
             return None
-        return logits[:, : self.plan.cfg.vocab_size].argmax(dim=-1).tolist()
+        return argmax_rows(logits[:, : self.plan.cfg.vocab_size])
 
     def _verify(
         self,

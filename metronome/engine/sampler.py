@@ -69,11 +69,11 @@ class RequestSampler:
         if allowed is not None:
             allowed = allowed[: self.vocab_size]  # a padded row's mask (the padding is never allowed)
         if p.temperature == 0.0:
-            token = _argmax(logits)
+            token = argmax_row(logits)
             # masked greedy: the row's argmax when the mask allows it (the masked argmax is then the same
             # token, ties included), so the full-size masked row is built only when the model strays
             if allowed is not None and not bool(allowed[token]):
-                token = _argmax(logits.masked_fill(~allowed, float("-inf")))
+                token = argmax_row(logits.masked_fill(~allowed, float("-inf")))
         else:
             if allowed is not None:
                 logits = logits.masked_fill(~allowed, float("-inf"))
@@ -100,12 +100,20 @@ class RequestSampler:
         return probs
 
 
-def _argmax(row: torch.Tensor) -> int:
+def argmax_row(row: torch.Tensor) -> int:
     """The first index of the row's maximum. On a CPU float32 row, numpy's (SIMD) argmax: over a 49k
     vocabulary it takes microseconds where torch's one-row argmax takes tens (docs/structured-outputs.md)."""
     if row.device.type == "cpu" and row.dtype == torch.float32 and not row.requires_grad:
         return int(row.numpy().argmax())
     return int(torch.argmax(row))
+
+
+def argmax_rows(logits: torch.Tensor) -> list[int]:
+    """Each row's first maximum index, as `argmax_row` picks it: numpy's over a CPU float32 (rows, V) block,
+    where torch's batched argmax took 95 us for one 49k row and 460 us for eight here (2026-12-01)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and not logits.requires_grad:
+        return logits.numpy().argmax(axis=-1).tolist()
+    return logits.argmax(dim=-1).tolist()
 
 
 def _top_p(probs: torch.Tensor, top_p: float, candidates: int = 1024) -> torch.Tensor:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from metronome.compile import Plan
+from metronome.engine.sampler import argmax_row
 
 
 class Drafter(Protocol):
@@ -112,21 +113,21 @@ class ModelDrafter:
         if k <= 0:
             return []
         logits = self._decode(slot, list(ids[done:]), done)  # (n - done, V)
-        drafts = [int(torch.argmax(logits[-1]))]
+        drafts = [argmax_row(logits[-1])]
         guess = self.lookup.propose(slot, [*ids, drafts[0]], k - 1) if self.lookup is not None and k > 1 else []
         if guess:
             # rows: drafts[0] at n, guess[i] at n + 1 + i; row i predicts the token after it
             rows = self._decode(slot, [drafts[0], *guess], n)
             for i, g in enumerate(guess):
-                model = int(torch.argmax(rows[i]))
+                model = argmax_row(rows[i])
                 drafts.append(model)
                 if model != g or len(drafts) == k:
                     break
             else:
                 if len(drafts) < k:  # every guess agreed: the row after the last gives one more
-                    drafts.append(int(torch.argmax(rows[len(guess)])))
+                    drafts.append(argmax_row(rows[len(guess)]))
         for j in range(len(drafts), k):
-            drafts.append(int(torch.argmax(self._decode(slot, [drafts[-1]], n + j - 1)[0])))
+            drafts.append(argmax_row(self._decode(slot, [drafts[-1]], n + j - 1)[0]))
         self.valid[slot], self.fed[slot] = n, drafts[:-1]  # the last draft was never run
         return drafts
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from metronome.config import SamplingParams
-from metronome.engine.sampler import RequestSampler
+from metronome.engine.sampler import RequestSampler, argmax_row, argmax_rows
 
 V = 16
 
@@ -34,6 +34,18 @@ def test_greedy_is_the_argmax():
     # extra (padded) logits beyond the vocabulary are never chosen
     padded = torch.cat([_logits(1), torch.full((4,), 100.0)])
     assert _sampler().choose(padded).token == int(_logits(1).argmax())
+
+
+def test_the_batched_argmax_picks_each_rows_first_maximum_as_the_row_argmax_does():
+    """The step's batched greedy pick (engine._greedy_tokens) must be the token the request's own sampler
+    picks: ties go to the lowest index, over a strided view (the padded logits cut to the vocabulary) too."""
+    logits = torch.randn(6, V + 3, generator=torch.Generator().manual_seed(3))
+    logits[1, [2, 9]] = 50.0  # a tie: index 2 wins
+    logits[4, :] = 0.0  # all equal: index 0
+    logits[5, V:] = 99.0  # padding outside the vocabulary is cut off
+    view = logits[:, :V]
+    assert argmax_rows(view) == [argmax_row(row) for row in view] == torch.argmax(view, dim=-1).tolist()
+    assert argmax_rows(view)[1] == 2 and argmax_rows(view)[4] == 0 and argmax_rows(view)[5] < V
 
 
 def test_a_seed_gives_the_same_draws_and_another_seed_other_draws():

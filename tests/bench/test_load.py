@@ -1,0 +1,51 @@
+"""`metronome bench --load` end to end on a tiny model: the in-process and served levels side by side (a real
+`metronome serve` child process and the bench's own SSE client), the server's step profile scraped from
+/metrics, and the stall measurement's window (the streaming user's gaps while the long prompt runs)."""
+
+from __future__ import annotations
+
+import math
+
+from metronome.bench import load as bench_load
+from metronome.config import EngineConfig
+from metronome.engine import Engine
+from metronome.model.loader import load
+
+
+def test_load_levels_in_process_and_served_side_by_side(tiny_hf, capsys):
+    model = str(tiny_hf("llama"))
+    assert bench_load.main(model, EngineConfig(slots=2, ctx=256), [1, 2], 12, served=True, stall=False, rounds=2) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(("| in process |", "| served |"))]
+    assert [r.split("|")[1:3] for r in rows] == [
+        [" in process ", " 1 "],
+        [" in process ", " 2 "],
+        [" served ", " 1 "],
+        [" served ", " 2 "],
+    ]
+    for row in rows:
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        aggregate, per_user, promise = (float(c) for c in cells[2:5])
+        assert aggregate > 0 and per_user > 0 and promise > 0, row
+    served_2 = [c.strip() for c in rows[3].split("|")[1:-1]]
+    assert len(served_2[-1].split("(")[1].split(",")) == 2, "served ÷ in process: one ratio per round"
+    # the server's own profile, scraped from /metrics around each served level: steps ran, 2 users x 12 tokens
+    assert out.count("the server's step profile and CPU by thread") == 4
+    steps = [int(line.split()[0]) for line in out.splitlines() if line.endswith(" steps")]
+    assert len(steps) == 4 and all(s >= 12 for s in steps), steps
+
+
+def test_stall_measures_the_streams_gaps_while_the_long_prompt_runs(tiny_hf):
+    loaded = load(tiny_hf("llama"))
+    engine = Engine.from_model(config=EngineConfig(slots=2, ctx=512, prefill_chunk=4), loaded=loaded)
+    engine.start()
+    try:
+        stall = bench_load.measure_stall(engine, long_tokens=120, output_tokens=380)
+    finally:
+        engine.stop()
+    assert stall["long_prompt_tokens"] == 120  # (a tiny model's stream of 380 tokens outlasts the prompt)
+    # the window holds gaps: the long prompt ran in chunks beside the stream, whose tokens kept coming
+    assert stall["stream_max_gap_during_prompt_ms"] > 0
+    assert stall["stream_max_gap_during_prompt_ms"] >= stall["stream_median_gap_ms"] * 0.5
+    for key in ("long_ttft_alone_ms", "long_ttft_beside_stream_ms", "stream_median_gap_ms"):
+        assert math.isfinite(stall[key]) and stall[key] > 0, key

@@ -61,7 +61,7 @@ def random_plan(cfg: ModelConfig, ctx: int) -> Plan:
 
 def decode_rate(plan: Plan, tokens: int) -> tuple[float, float]:
     """(tokens/s median of 3 runs, calibrated step ms) for greedy batch-1 decode after a 16-token prompt."""
-    predicted = calibrate(plan.runner, 1, plan.config.ctx, plan.device)[1]
+    predicted = calibrate(plan.runner, 1, plan.config.ctx, plan.device, plan.config.prefill_chunk).step_ms[1]
     rates = []
     for _ in range(3):
         logits = plan.prefill(list(range(1, 17)), 0)

@@ -17,9 +17,9 @@ from metronome.config import EngineConfig
 from metronome.kernels.ops import CppOps, Ops, build_directory
 from metronome.model.loader import LoadedModel
 
-PLAN_CACHE_VERSION = (
-    4  # 2: the compile package (runner/fused/stages) replaced plan.py; 3: matrices as segments; 4: prompt_row_ms
-)
+# 2: the compile package (runner/fused/stages) replaced plan.py; 3: matrices as segments; 4: prompt_row_ms;
+# 5: calibration in interleaved rounds (probe.calibrate; the earlier figures' ratios could be a slow minute's)
+PLAN_CACHE_VERSION = 5
 
 
 def plan_cache_path(loaded: LoadedModel, config: EngineConfig, weights: str, ops: Ops, threads: int) -> Path:

@@ -1,11 +1,13 @@
 """Two measurements a plan takes of itself at compile time, on the real weights:
 - the batch-invariance probe, which decides the decode shape ("compact" or "fixed");
 - calibration, the median step latency at each number of live slots (what the server promises), and the
-  cost of a prompt row run beside them (chunked prefill: what a new prompt adds to everyone's step)."""
+  cost of a prompt row run beside them (chunked prefill: what a new prompt adds to everyone's step), all
+  timed in interleaved rounds (`calibrate`)."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from statistics import median
 from typing import Callable
 
@@ -37,62 +39,80 @@ def choose_decode_mode(runner: Runner, cfg: ModelConfig, slots: int) -> tuple[st
     return "compact", f"bitwise identical for 1 and {slots} live slots: compact rows"
 
 
+CALIBRATION_ROUNDS = 5
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What a plan promises, in ms: its step at each number of live slots near the start of a conversation
+    and deep into it (`far_position`), and one prompt row's cost beside the decode rows and alone."""
+
+    step_ms: dict[int, float]
+    step_ms_far: dict[int, float]
+    prompt_row_ms: float  # NaN for runners that cannot mix prompt and decode rows
+    prefill_row_ms: float
+
+
 def calibrate(
-    runner: Runner, slots: int, ctx: int, device: torch.device, steps: int = 5, position: int = NEAR_POSITION
-) -> dict[int, float]:
-    """Median decode-step latency (ms) at each number of live slots, every row at `position` (attention
-    reads that many cached tokens), from `steps` timed steps after a warm-up.
+    runner: Runner, slots: int, ctx: int, device: torch.device, chunk: int, rounds: int = CALIBRATION_ROUNDS
+) -> Calibration:
+    """Time every figure of the plan's promise, interleaved: each round times one of each (every live-slot
+    count near and far, a step with `chunk` prompt rows beside `slots - 1` decode rows and the same step
+    without them, a whole prompt chunk alone), and each figure is its median over the rounds.
 
-    Every row count is run once before any is timed: the first calls touch the weights' pages and the
-    scratch buffers, and timing 1 slot first charged that to it (a 1-row step came out slower than 2)."""
-    pos = min(position, ctx - 1)
-    out = {}
+    Why interleaved: these VMs' speed drifts by 2-3x from one minute to the next (2026-12-01). Timed one
+    figure after another, a slow minute landed on some figures and not others, and the ratios the engine
+    prices prompt chunks by (a late prompt row against an early one, a prompt row against a decode step)
+    came out wrong; a drift now moves every figure of a round alike. Every figure is run once before any
+    is timed: the first calls touch the weights' pages and the scratch buffers (timing 1 slot first
+    charged that to it, and a 1-row step came out slower than 2)."""
+    near, far = min(NEAR_POSITION, ctx - 1), min(far_position(ctx), ctx - 1)
 
-    def run(live: int) -> None:
+    def step(live: int, position: int) -> Callable[[], object]:
         rows = list(range(live))
-        runner.decode(rows, [1] * live, [pos] * live)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        return lambda: runner.decode(rows, [1] * live, [position] * live)
 
+    figures: dict[tuple[str, int], Callable[[], object]] = {}
+    for live in range(1, slots + 1):
+        figures[("near", live)] = step(live, near)
+        figures[("far", live)] = step(live, far)
+    alone_rows = _alone_rows(ctx)
+    figures[("alone", alone_rows)] = lambda: runner.prefill([1] * alone_rows, 0)
+    mixing = runner.any_rows and slots >= 2
+    if mixing:  # chunked prefill: `chunk` rows of a prompt partway in, beside slots - 1 decode rows
+        pos, first, decode = min(64, ctx - 1), _first_prompt_row(ctx, chunk), list(range(slots - 1))
+        rows = decode + [slots - 1] * chunk
+        positions = [pos] * len(decode) + list(range(first, first + chunk))
+        figures[("base", 0)] = lambda: runner.decode(decode, [1] * len(decode), [pos] * len(decode))
+        figures[("mixed", 0)] = lambda: runner.decode(rows, [1] * len(rows), positions, list(range(len(decode))))
+    times: dict[tuple[str, int], list[float]] = {key: [] for key in figures}
     with torch.inference_mode():
-        for live in range(slots, 0, -1):  # warm-up
-            run(live)
-        for live in range(1, slots + 1):
-            out[live] = _median_ms(lambda live=live: run(live), steps)
-    return out
+        for fn in figures.values():  # warm-up
+            fn()
+        _sync(device)
+        for _ in range(rounds):
+            for key, fn in figures.items():
+                t0 = time.perf_counter()
+                fn()
+                _sync(device)
+                times[key].append((time.perf_counter() - t0) * 1000)
+    ms = {key: median(values) for key, values in times.items()}
+    return Calibration(
+        step_ms={live: ms[("near", live)] for live in range(1, slots + 1)},
+        step_ms_far={live: ms[("far", live)] for live in range(1, slots + 1)},
+        prompt_row_ms=max(0.0, ms[("mixed", 0)] - ms[("base", 0)]) / chunk if mixing else float("nan"),
+        prefill_row_ms=ms[("alone", alone_rows)] / alone_rows,
+    )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def far_position(ctx: int) -> int:
     """The second calibration position: a long conversation, within the context."""
     return max(NEAR_POSITION + 1, min(1024, ctx - 1))
-
-
-def calibrate_prompt_rows(runner: Runner, slots: int, ctx: int, chunk: int, steps: int = 3) -> tuple[float, float]:
-    """Median cost (ms) of one prompt row (a) beside a full batch of decode rows: the slope between a step of
-    `slots - 1` decode rows and the same step with `chunk` prompt rows of another slot added (chunked
-    prefill), and (b) alone, in a whole PREFILL_CHUNK of one prompt (nobody decoding). Runners that cannot
-    mix rows run prompts apart: (NaN, alone)."""
-    alone_rows = _alone_rows(ctx)
-    with torch.inference_mode():
-        ids = [1] * alone_rows
-        runner.prefill(ids, 0)  # warm-up
-        alone = _median_ms(lambda: runner.prefill(ids, 0), steps) / alone_rows
-    if not runner.any_rows or slots < 2:
-        return float("nan"), alone
-    pos = min(64, ctx - 1)
-    first = _first_prompt_row(ctx, chunk)
-    decode = list(range(slots - 1))
-    prompt_slot = slots - 1
-    rows = decode + [prompt_slot] * chunk
-    tokens = [1] * len(rows)
-    positions = [pos] * len(decode) + list(range(first, first + chunk))
-    logit_rows = list(range(len(decode)))
-    with torch.inference_mode():
-        runner.decode(decode, [1] * len(decode), [pos] * len(decode))  # warm-up
-        runner.decode(rows, tokens, positions, logit_rows)
-        base = _median_ms(lambda: runner.decode(decode, [1] * len(decode), [pos] * len(decode)), steps)
-        mixed = _median_ms(lambda: runner.decode(rows, tokens, positions, logit_rows), steps)
-    return max(0.0, mixed - base) / chunk, alone
 
 
 def _alone_rows(ctx: int) -> int:
@@ -107,12 +127,3 @@ def prompt_row_positions(ctx: int, chunk: int) -> tuple[float, float]:
     """The mean positions of the rows `calibrate_prompt_rows` times (beside decode rows, alone): a row's
     attention grows with its position, so its cost elsewhere is priced from there (PlanReport.prompt_rows_ms)."""
     return _first_prompt_row(ctx, chunk) + (chunk - 1) / 2, (_alone_rows(ctx) - 1) / 2
-
-
-def _median_ms(fn: Callable[[], object], steps: int) -> float:
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000)
-    return median(times)

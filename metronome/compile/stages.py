@@ -20,8 +20,8 @@ import torch
 from metronome.compile.cache import plan_cache_path, read_plan_cache, write_plan_cache
 from metronome.compile.fused import FusedRunner
 from metronome.compile.plan import PREFIX_PAGE_TOKENS, Plan, PlanError, PlanReport
-from metronome.compile.probe import calibrate as calibrate_steps
-from metronome.compile.probe import calibrate_prompt_rows, choose_decode_mode, far_position, prompt_row_positions
+from metronome.compile.probe import calibrate as calibrate_plan
+from metronome.compile.probe import choose_decode_mode, far_position, prompt_row_positions
 from metronome.compile.quant import dense, quantize
 from metronome.compile.runner import Runner, TorchRunner
 from metronome.config import DEFAULT_CTX, EngineConfig, ModelConfig
@@ -101,19 +101,15 @@ def compile_plan(
         say("capturing the decode step as CUDA graphs")
         runner.capture_graphs()
     if saved is None:
-        device = torch.device(config.device)
-        step_ms = calibrate_steps(runner, config.slots, config.ctx, device) if calibrate else {}
-        # the same steps deep into the context: attention's share grows with the position (step_ms_at)
-        step_ms_far = (
-            calibrate_steps(runner, config.slots, config.ctx, device, position=far_position(config.ctx))
-            if calibrate
-            else {}
-        )
-        prompt_row_ms, prefill_row_ms = (
-            calibrate_prompt_rows(runner, config.slots, config.ctx, config.prefill_chunk)
-            if calibrate
-            else (float("nan"), float("nan"))
-        )
+        step_ms, step_ms_far, prompt_row_ms, prefill_row_ms = {}, {}, float("nan"), float("nan")
+        if calibrate:
+            c = calibrate_plan(runner, config.slots, config.ctx, torch.device(config.device), config.prefill_chunk)
+            step_ms, step_ms_far, prompt_row_ms, prefill_row_ms = (
+                c.step_ms,
+                c.step_ms_far,
+                c.prompt_row_ms,
+                c.prefill_row_ms,
+            )
         if path is not None and calibrate:
             write_plan_cache(
                 path,

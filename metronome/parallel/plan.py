@@ -21,8 +21,8 @@ from typing import Any, Callable
 import torch
 
 from metronome.compile.plan import Plan, PlanError, PlanReport
-from metronome.compile.probe import calibrate as calibrate_steps
-from metronome.compile.probe import calibrate_prompt_rows, choose_decode_mode, far_position, prompt_row_positions
+from metronome.compile.probe import calibrate as calibrate_plan
+from metronome.compile.probe import choose_decode_mode, far_position, prompt_row_positions
 from metronome.compile.quant import dense
 from metronome.compile.runner import Runner, TorchRunner
 from metronome.compile.stages import DTYPES, resolve_settings, resolve_weights
@@ -264,11 +264,8 @@ def compile_tp_plan(
     _, invariance = choose_decode_mode(tp, loaded.config, config.slots)
     step_ms, step_ms_far, rows = {}, {}, (float("nan"), float("nan"))
     if calibrate:
-        step_ms = calibrate_steps(tp, config.slots, config.ctx, torch.device("cpu"))
-        step_ms_far = calibrate_steps(
-            tp, config.slots, config.ctx, torch.device("cpu"), position=far_position(config.ctx)
-        )
-        rows = calibrate_prompt_rows(tp, config.slots, config.ctx, config.prefill_chunk)
+        c = calibrate_plan(tp, config.slots, config.ctx, torch.device("cpu"), config.prefill_chunk)
+        step_ms, step_ms_far, rows = c.step_ms, c.step_ms_far, (c.prompt_row_ms, c.prefill_row_ms)
     positions = prompt_row_positions(config.ctx, config.prefill_chunk)  # where prompt rows were calibrated
     report = PlanReport(
         weights=weights,

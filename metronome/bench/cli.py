@@ -80,7 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stall",
         action="store_true",
-        help="with --load: also the longest gap of a streaming user while a 1.3k-token prompt arrives",
+        help="with --load: also the longest gap of a streaming user while a 1.3k-token prompt arrives, and that "
+        "prompt's TTFT against the same length alone (--rounds pairs, medians)",
     )
     parser.add_argument("--in-process-only", action="store_true", help="with --load: skip the served levels")
     parser.add_argument(

@@ -64,7 +64,7 @@ def write_plan_cache(
     decode_mode: str,
     invariance: str,
     step_ms: dict[int, float],
-    prompt_row_ms: tuple[float, float],
+    prompt_row_ms: tuple[float, float, float],  # beside decode rows, alone, beside deep into the prompt
     step_ms_far: dict[int, float],
     matrices: list[list] | None,
 ) -> None:

@@ -38,6 +38,8 @@ class PlanReport:
     prefill_row_ms: float = float("nan")  # ... and of one row of a prompt run alone (a whole chunk, nobody decoding)
     prompt_row_position: float = 0.0  # the mean position of the rows prompt_row_ms was calibrated on
     prefill_row_position: float = 0.0  # ... and of prefill_row_ms's
+    prompt_row_ms_far: float = float("nan")  # prompt_row_ms deep into the prompt, its rows' mean position:
+    prompt_row_far_position: float = 0.0
     invariance: str = ""
     kernels: str = ""  # which ops run the glue (and why, when the C++ kernels were not used)
     cached: bool = False  # read from the plan cache (no packing, probe or calibration this time)
@@ -67,10 +69,21 @@ class PlanReport:
             return 0.0
         return max(0.0, (far - near) / (self.far_position - NEAR_POSITION))
 
+    @property
+    def prompt_key_ms(self) -> float:
+        """What one more cached token costs a prompt row (ms): the slope between the prompt rows calibrated
+        near a prompt's start and deep into it. A chunk's rows read the earlier keys together, so this is
+        well below a decode row's `key_ms`, which stands in where the far figure is missing (older plans)."""
+        near, far = self.prompt_row_ms, self.prompt_row_ms_far
+        span = self.prompt_row_far_position - self.prompt_row_position
+        if near != near or far != far or span <= 0:
+            return self.key_ms
+        return max(0.0, (far - near) / span)
+
     def prompt_rows_ms(self, start: int, rows: int, alone: bool = False) -> float:
         """The cost of rows [start, start + rows) of one prompt: the calibrated cost of a prompt row (beside
         decode rows, or `alone`), plus what attending to more (or fewer) cached tokens than the calibration's
-        rows did adds. A row 1,300 tokens into a prompt costs about twice a row at its start (SmolLM2 here),
+        rows did adds (`prompt_key_ms`). A row 1,300 tokens into a prompt costs more than a row at its start,
         which is why a step's prompt budget is priced by position (`take_prompt_rows`)."""
         base, at = (
             (self.prefill_row_ms, self.prefill_row_position)
@@ -80,7 +93,7 @@ class PlanReport:
         if rows <= 0:
             return 0.0
         mean = start + (rows - 1) / 2
-        return rows * max(0.1 * base, base + self.key_ms * (mean - at))
+        return rows * max(0.1 * base, base + self.prompt_key_ms * (mean - at))
 
     def take_prompt_rows(self, queue: Sequence[tuple[int, int]], budget_rows: int, priced: bool) -> list[int]:
         """How many rows each prompt of `queue` runs this step: `queue` holds (next position, rows left) per

@@ -51,14 +51,20 @@ class Calibration:
     step_ms_far: dict[int, float]
     prompt_row_ms: float  # NaN for runners that cannot mix prompt and decode rows
     prefill_row_ms: float
+    prompt_row_ms_far: float  # a prompt row beside decode rows, deep into its prompt (NaN as prompt_row_ms)
 
 
 def calibrate(
     runner: Runner, slots: int, ctx: int, device: torch.device, chunk: int, rounds: int = CALIBRATION_ROUNDS
 ) -> Calibration:
     """Time every figure of the plan's promise, interleaved: each round times one of each (every live-slot
-    count near and far, a step with `chunk` prompt rows beside `slots - 1` decode rows and the same step
-    without them, a whole prompt chunk alone), and each figure is its median over the rounds.
+    count near and far, a step with `chunk` prompt rows beside `slots - 1` decode rows, near a prompt's start
+    and deep into it, the same step without them, a whole prompt chunk alone), and each figure is its median
+    over the rounds.
+
+    Prompt rows get their own far figure: a chunk's rows read the earlier keys together, so a prompt row's
+    cost grows with its position far more slowly than a decode row's (which reads them alone): priced by the
+    decode rows' slope, a SmolLM2 chunk 1,000 tokens in was predicted at 36 ms and took 20 (2026-12-01).
 
     Why interleaved: these VMs' speed drifts by 2-3x from one minute to the next (2026-12-01). Timed one
     figure after another, a slow minute landed on some figures and not others, and the ratios the engine
@@ -80,11 +86,16 @@ def calibrate(
     figures[("alone", alone_rows)] = lambda: runner.prefill([1] * alone_rows, 0)
     mixing = runner.any_rows and slots >= 2
     if mixing:  # chunked prefill: `chunk` rows of a prompt partway in, beside slots - 1 decode rows
-        pos, first, decode = min(64, ctx - 1), _first_prompt_row(ctx, chunk), list(range(slots - 1))
-        rows = decode + [slots - 1] * chunk
-        positions = [pos] * len(decode) + list(range(first, first + chunk))
+        pos, decode = min(64, ctx - 1), list(range(slots - 1))
+        rows, logit_rows = decode + [slots - 1] * chunk, list(range(len(decode)))
+
+        def mixed(first: int) -> Callable[[], object]:
+            positions = [pos] * len(decode) + list(range(first, first + chunk))
+            return lambda: runner.decode(rows, [1] * len(rows), positions, logit_rows)
+
         figures[("base", 0)] = lambda: runner.decode(decode, [1] * len(decode), [pos] * len(decode))
-        figures[("mixed", 0)] = lambda: runner.decode(rows, [1] * len(rows), positions, list(range(len(decode))))
+        figures[("mixed", 0)] = mixed(_first_prompt_row(ctx, chunk))
+        figures[("mixed", 1)] = mixed(_far_prompt_row(ctx, chunk))
     times: dict[tuple[str, int], list[float]] = {key: [] for key in figures}
     with torch.inference_mode():
         for fn in figures.values():  # warm-up
@@ -97,11 +108,16 @@ def calibrate(
                 _sync(device)
                 times[key].append((time.perf_counter() - t0) * 1000)
     ms = {key: median(values) for key, values in times.items()}
+
+    def per_prompt_row(far: int) -> float:
+        return max(0.0, ms[("mixed", far)] - ms[("base", 0)]) / chunk if mixing else float("nan")
+
     return Calibration(
         step_ms={live: ms[("near", live)] for live in range(1, slots + 1)},
         step_ms_far={live: ms[("far", live)] for live in range(1, slots + 1)},
-        prompt_row_ms=max(0.0, ms[("mixed", 0)] - ms[("base", 0)]) / chunk if mixing else float("nan"),
+        prompt_row_ms=per_prompt_row(0),
         prefill_row_ms=ms[("alone", alone_rows)] / alone_rows,
+        prompt_row_ms_far=per_prompt_row(1),
     )
 
 
@@ -123,7 +139,13 @@ def _first_prompt_row(ctx: int, chunk: int) -> int:
     return min(256, max(0, ctx - chunk - 1))  # a prompt chunk partway in: its rows attend to earlier ones
 
 
-def prompt_row_positions(ctx: int, chunk: int) -> tuple[float, float]:
-    """The mean positions of the rows `calibrate_prompt_rows` times (beside decode rows, alone): a row's
-    attention grows with its position, so its cost elsewhere is priced from there (PlanReport.prompt_rows_ms)."""
-    return _first_prompt_row(ctx, chunk) + (chunk - 1) / 2, (_alone_rows(ctx) - 1) / 2
+def _far_prompt_row(ctx: int, chunk: int) -> int:
+    return max(_first_prompt_row(ctx, chunk), min(far_position(ctx), ctx - chunk - 1))
+
+
+def prompt_row_positions(ctx: int, chunk: int) -> tuple[float, float, float]:
+    """The mean positions of the prompt rows `calibrate` times (beside decode rows, alone, beside deep into
+    the prompt): a row's attention grows with its position, so its cost elsewhere is priced from there
+    (PlanReport.prompt_rows_ms)."""
+    half = (chunk - 1) / 2
+    return _first_prompt_row(ctx, chunk) + half, (_alone_rows(ctx) - 1) / 2, _far_prompt_row(ctx, chunk) + half

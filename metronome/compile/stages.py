@@ -86,7 +86,7 @@ def compile_plan(
     runner = build(loaded, config, r, kv, saved, say)
     if saved is not None:
         runner.decode_mode, invariance, step_ms = saved["decode_mode"], saved["invariance"], saved["step_ms"]
-        prompt_row_ms, prefill_row_ms = saved["prompt_row_ms"]
+        prompt_row_ms, prefill_row_ms, prompt_row_ms_far = saved["prompt_row_ms"]
         step_ms_far = saved["step_ms_far"]
     else:
         say("checking batch invariance of the decode step")
@@ -101,22 +101,19 @@ def compile_plan(
         say("capturing the decode step as CUDA graphs")
         runner.capture_graphs()
     if saved is None:
-        step_ms, step_ms_far, prompt_row_ms, prefill_row_ms = {}, {}, float("nan"), float("nan")
+        step_ms, step_ms_far = {}, {}
+        prompt_row_ms = prefill_row_ms = prompt_row_ms_far = float("nan")
         if calibrate:
             c = calibrate_plan(runner, config.slots, config.ctx, torch.device(config.device), config.prefill_chunk)
-            step_ms, step_ms_far, prompt_row_ms, prefill_row_ms = (
-                c.step_ms,
-                c.step_ms_far,
-                c.prompt_row_ms,
-                c.prefill_row_ms,
-            )
+            step_ms, step_ms_far = c.step_ms, c.step_ms_far
+            prompt_row_ms, prefill_row_ms, prompt_row_ms_far = c.prompt_row_ms, c.prefill_row_ms, c.prompt_row_ms_far
         if path is not None and calibrate:
             write_plan_cache(
                 path,
                 runner.decode_mode,
                 invariance,
                 step_ms,
-                (prompt_row_ms, prefill_row_ms),
+                (prompt_row_ms, prefill_row_ms, prompt_row_ms_far),
                 step_ms_far,
                 runner.matrices if isinstance(runner, FusedRunner) else None,
             )
@@ -137,6 +134,8 @@ def compile_plan(
         prefill_row_ms=prefill_row_ms,
         prompt_row_position=positions[0],
         prefill_row_position=positions[1],
+        prompt_row_ms_far=prompt_row_ms_far,
+        prompt_row_far_position=positions[2],
         invariance=invariance,
         kernels=r.kernels,
         cached=saved is not None,

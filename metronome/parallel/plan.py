@@ -262,10 +262,11 @@ def compile_tp_plan(
     tp = TPRunner(runner, group, ranks)
     say("checking batch invariance of the decode step")
     _, invariance = choose_decode_mode(tp, loaded.config, config.slots)
-    step_ms, step_ms_far, rows = {}, {}, (float("nan"), float("nan"))
+    step_ms, step_ms_far, rows = {}, {}, (float("nan"),) * 3
     if calibrate:
         c = calibrate_plan(tp, config.slots, config.ctx, torch.device("cpu"), config.prefill_chunk)
-        step_ms, step_ms_far, rows = c.step_ms, c.step_ms_far, (c.prompt_row_ms, c.prefill_row_ms)
+        step_ms, step_ms_far = c.step_ms, c.step_ms_far
+        rows = (c.prompt_row_ms, c.prefill_row_ms, c.prompt_row_ms_far)
     positions = prompt_row_positions(config.ctx, config.prefill_chunk)  # where prompt rows were calibrated
     report = PlanReport(
         weights=weights,
@@ -282,6 +283,8 @@ def compile_tp_plan(
         prefill_row_ms=rows[1],
         prompt_row_position=positions[0],
         prefill_row_position=positions[1],
+        prompt_row_ms_far=rows[2],
+        prompt_row_far_position=positions[2],
         invariance=invariance,
         prefix_cache_note="off: not with tensor parallel yet (each rank would keep its own pool)",
         kernels=f"{'cpp, fused decoder' if config.kernels == 'cpp' else 'torch'}, tensor parallel: "

@@ -40,12 +40,13 @@ def test_stall_measures_the_streams_gaps_while_the_long_prompt_runs(tiny_hf):
     engine = Engine.from_model(config=EngineConfig(slots=2, ctx=512, prefill_chunk=4), loaded=loaded)
     engine.start()
     try:
-        stall = bench_load.measure_stall(engine, long_tokens=120, output_tokens=380)
+        stall = bench_load.measure_stall(engine, long_tokens=120, output_tokens=380, repeats=2)
     finally:
         engine.stop()
     assert stall["long_prompt_tokens"] == 120  # (a tiny model's stream of 380 tokens outlasts the prompt)
     # the window holds gaps: the long prompt ran in chunks beside the stream, whose tokens kept coming
     assert stall["stream_max_gap_during_prompt_ms"] > 0
     assert stall["stream_max_gap_during_prompt_ms"] >= stall["stream_median_gap_ms"] * 0.5
-    for key in ("long_ttft_alone_ms", "long_ttft_beside_stream_ms", "stream_median_gap_ms"):
+    assert len(stall["stream_max_gap_per_repeat_ms"]) == len(stall["ttft_beside_over_alone_per_repeat"]) == 2
+    for key in ("long_ttft_alone_ms", "long_ttft_beside_stream_ms", "stream_median_gap_ms", "step_ms_all_slots"):
         assert math.isfinite(stall[key]) and stall[key] > 0, key

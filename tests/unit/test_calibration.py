@@ -10,12 +10,11 @@ import torch
 
 from metronome.compile.probe import calibrate, far_position
 
-SLOTS, CTX, CHUNK = 2, 128, 8
-ALONE_ROWS = CTX - 1  # probe._alone_rows
+SLOTS, CTX, CHUNK = 2, 2048, 8
 
 
 class DriftingRunner:
-    """Costs in ms: a decode step 2 + 1 per row + a row's position / 64; a prompt row 0.05 alone. Calls number
+    """Costs in ms: a decode step 2 + 1 per row + a row's position / 1024; a prompt row 0.05 alone. Calls number
     `slow_from` .. `slow_from + slow_calls` take three times as long."""
 
     any_rows = True
@@ -29,18 +28,20 @@ class DriftingRunner:
         time.sleep(ms * factor / 1000)
 
     def decode(self, slots, tokens, positions, logit_rows=None):
-        self._spend(2 + len(slots) + sum(positions) / 64)
+        self._spend(2 + len(slots) + sum(positions) / 1024)
 
     def prefill(self, ids, slot):
         self._spend(0.05 * len(ids))
 
 
 def expected_step(live: int, position: int) -> float:
-    return 2 + live + live * position / 64
+    return 2 + live + live * position / 1024
 
 
 def test_a_slow_minute_does_not_skew_the_calibrations_ratios():
-    figures = 2 * SLOTS + 3  # near and far per live count, the alone prefill, a decode step with and without a chunk
+    figures = (
+        2 * SLOTS + 4
+    )  # near and far per live count, the alone prefill, a step without a chunk, with one near and far
     runner = DriftingRunner(slow_from=figures, slow_calls=2 * figures)  # the first two of five rounds, after warm-up
     c = calibrate(runner, SLOTS, CTX, torch.device("cpu"), CHUNK)
     far = min(far_position(CTX), CTX - 1)
@@ -48,7 +49,8 @@ def test_a_slow_minute_does_not_skew_the_calibrations_ratios():
         assert abs(c.step_ms[live] / expected_step(live, 64) - 1) < 0.25, (live, c.step_ms)
         assert abs(c.step_ms_far[live] / expected_step(live, far) - 1) < 0.25, (live, c.step_ms_far)
     assert abs(c.prefill_row_ms / 0.05 - 1) < 0.25, c.prefill_row_ms
-    # a prompt row beside decode rows: the mixed step's extra cost per chunk row (1 ms + its position / 64)
-    first = CTX - CHUNK - 1  # probe._first_prompt_row
-    per_row = 1 + (first + (CHUNK - 1) / 2) / 64
-    assert abs(c.prompt_row_ms / per_row - 1) < 0.25, c.prompt_row_ms
+    # a prompt row beside decode rows: the mixed step's extra cost per chunk row (1 ms + its position / 1024),
+    # near a prompt's start (rows 256..) and deep into it (rows 1024..)
+    for got, first in ((c.prompt_row_ms, 256), (c.prompt_row_ms_far, 1024)):
+        per_row = 1 + (first + (CHUNK - 1) / 2) / 1024
+        assert abs(got / per_row - 1) < 0.25, (first, got)

@@ -72,6 +72,19 @@ def test_a_prompt_row_costs_more_the_further_into_its_prompt():
     assert _report().key_ms == 0.0  # no far calibration: no slope
 
 
+def test_prompt_rows_are_priced_by_their_own_slope_where_it_was_calibrated():
+    """A chunk's rows read the earlier keys together: their cost grows more slowly with position than a
+    decode row's, and the far prompt-row figure, when calibrated, sets that slope."""
+    r = _report(**FAR, prompt_row_ms_far=1.5 + 0.0002 * 900, prompt_row_far_position=1000.0)
+    assert abs(r.prompt_key_ms - 0.0002) < 1e-12 and abs(r.key_ms - 0.001) < 1e-12
+    assert abs(r.prompt_rows_ms(1100, 1) - (1.5 + 0.0002 * 1000)) < 1e-9
+    # so late rows come in larger chunks than the decode rows' slope would allow
+    assert (
+        r.take_prompt_rows([(1000, 500)], 16, priced=True)[0]
+        > _report(**FAR).take_prompt_rows([(1000, 500)], 16, priced=True)[0]
+    )
+
+
 def test_a_steps_prompt_budget_is_priced_by_position():
     r = _report(**FAR)
     unit = r.prompt_rows_ms(0, 1)

@@ -137,7 +137,7 @@ class MoeResult:
     file_bytes: int
     threads: int
     runs_tokens_per_s: tuple[float, ...]
-    bandwidth: float  # bytes/s, measured here
+    runs_bandwidth: tuple[float, ...]  # bytes/s, read just before each run (fleet/machine.read_bandwidth)
     dispatch_fraction: float  # routing + scatter + gather, of the decode step
     experts_fraction: float  # the experts' matmuls, of the decode step
     dense_model: str  # the yardstick: the shipped dense model, decoded the same way in the same run
@@ -151,19 +151,29 @@ class MoeResult:
         return statistics.median(self.runs_tokens_per_s)
 
     @property
+    def bandwidth(self) -> float:
+        return statistics.median(self.runs_bandwidth)
+
+    @property
     def bound_tokens_per_s(self) -> float:
         return self.bandwidth / self.weight_bytes
 
+    @property
+    def runs_fraction(self) -> tuple[float, ...]:
+        """Each run's speed against the bound at the bandwidth read just before it."""
+        return tuple(r * self.weight_bytes / b for r, b in zip(self.runs_tokens_per_s, self.runs_bandwidth))
+
     def markdown(self) -> str:
+        fractions = self.runs_fraction
         rows = [
             ("weights: total / active per token", f"{self.total_parameters / 1e9:.2f} B / {self.active_parameters / 1e9:.3f} B"),
             ("file (Q4_0)", f"{self.file_bytes / 1e6:.0f} MB"),
             ("bytes read per token (active experts only)", f"{self.weight_bytes / 1e6:.1f} MB"),
             ("threads", str(self.threads)),
             ("decode tokens/s (median)", f"{self.tokens_per_s:.1f} (runs: {', '.join(f'{r:.1f}' for r in self.runs_tokens_per_s)})"),
-            ("measured read bandwidth", f"{self.bandwidth / 1e9:.1f} GB/s"),
-            ("active-bytes memory bound", f"{self.bound_tokens_per_s:.1f} tokens/s"),
-            ("fraction of the bound", f"{self.tokens_per_s / self.bound_tokens_per_s:.0%}"),
+            ("read bandwidth, before each run (median)", f"{self.bandwidth / 1e9:.1f} GB/s (runs: {', '.join(f'{b / 1e9:.1f}' for b in self.runs_bandwidth)})"),
+            ("active-bytes memory bound (median bandwidth)", f"{self.bound_tokens_per_s:.1f} tokens/s"),
+            ("fraction of the bound, each run at its own bandwidth (median)", f"{statistics.median(fractions):.0%} (runs: {', '.join(f'{f:.0%}' for f in fractions)})"),
             ("routing + scatter + gather, of the step", f"{self.dispatch_fraction:.1%}"),
             ("expert matmuls, of the step", f"{self.experts_fraction:.1%}"),
             (f"yardstick: {self.dense_model} (dense), same loop", f"{self.dense_tokens_per_s:.1f} tokens/s, {self.dense_weight_bytes / 1e6:.1f} MB/token, {self.dense_tokens_per_s * self.dense_weight_bytes / self.bandwidth:.0%} of its bound"),
@@ -239,17 +249,19 @@ def measure_moe(path: Path, threads: int, tokens: int = 64, runs: int = 3, peer:
     """Greedy single-stream decode of `tokens` tokens, `runs` times, on the fused plan (int4); with `peer`,
     llama.cpp on the same file and prompt ids, its runs alternating with ours; then the shipped dense
     model the same way, as a yardstick measured under the same conditions."""
-    from metronome.fleet.machine import measure_machine
+    from metronome.fleet.machine import read_bandwidth
 
     engine = _fused_engine(path, threads)
     prompt = engine.encode_prompt(PROMPT, chat=False)
     llm, version = _llama_cpp(path, threads) if peer else (None, "")
-    rates, dispatch, experts, peer_rates = [], [], [], []
+    rates, bandwidths, dispatch, experts, peer_rates = [], [], [], [], []
     for run in range(runs + 1):  # the first run warms up
+        bandwidth = read_bandwidth(threads)
         rate, d, e = _decode_run(engine, prompt, tokens)
         peer_rate = _llama_cpp_run(llm, prompt, tokens) if llm is not None else None
         if run:
             rates.append(rate)
+            bandwidths.append(bandwidth)
             dispatch.append(d)
             experts.append(e)
             if peer_rate is not None:
@@ -266,7 +278,7 @@ def measure_moe(path: Path, threads: int, tokens: int = 64, runs: int = 3, peer:
         path.stat().st_size,
         threads,
         tuple(rates),
-        measure_machine(threads=threads).bandwidth,
+        tuple(bandwidths),
         statistics.median(dispatch),
         statistics.median(experts),
         dense.model_name,

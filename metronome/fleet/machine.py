@@ -30,6 +30,26 @@ def _best_seconds(fn, repeats: int) -> float:
     return best
 
 
+def read_bandwidth(threads: int | None = None, size_mib: int = 256, repeats: int = 3) -> float:
+    """Bytes/s read by a torch sum over a `size_mib` MiB float32 tensor (the best of `repeats`), with
+    `threads` torch threads (default: torch's current setting, restored afterwards). A few tenths of a
+    second: short enough to take before each run of a benchmark, whose fraction of the memory bound is then
+    held to the bandwidth of its own minute (these VMs' read bandwidth moved between 17 and 27 GB/s from one
+    minute to the next, 2026-12-01)."""
+    if size_mib < 1 or repeats < 1:
+        raise ValueError("read_bandwidth needs size_mib >= 1 and repeats >= 1")
+    import torch  # local: planning without measuring never needs torch
+
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        x = torch.ones(size_mib * 2**20 // 4, dtype=torch.float32)
+        return x.numel() * 4 / _best_seconds(lambda: float(x.sum()), repeats)
+    finally:
+        torch.set_num_threads(previous)
+
+
 def measure_machine(
     size_mib: int = 512, matmul_n: int = 1024, repeats: int = 3, threads: int | None = None
 ) -> MachineMeasurement:
@@ -39,14 +59,11 @@ def measure_machine(
         raise ValueError("measure_machine needs size_mib >= 1, matmul_n >= 16 and repeats >= 1")
     import torch  # local: planning without measuring never needs torch
 
+    bandwidth = read_bandwidth(threads, size_mib, repeats)
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        x = torch.ones(size_mib * 2**20 // 4, dtype=torch.float32)
-        seconds = _best_seconds(lambda: float(x.sum()), repeats)  # noqa: F821 (x is deleted only after timing)
-        bandwidth = x.numel() * 4 / seconds
-        del x
         a = torch.randn(matmul_n, matmul_n)
         b = torch.randn(matmul_n, matmul_n)
         seconds = _best_seconds(lambda: torch.mm(a, b), repeats)

@@ -18,7 +18,8 @@ from metronome.kernels.ops import CppOps, Ops, build_directory
 from metronome.model.loader import LoadedModel
 
 # 2: the compile package (runner/fused/stages) replaced plan.py; 3: matrices as segments; 4: prompt_row_ms;
-# 5: calibration in interleaved rounds (probe.calibrate; the earlier figures' ratios could be a slow minute's)
+# 5: calibration in interleaved rounds (probe.calibrate; the earlier figures' ratios could be a slow minute's),
+# with a far prompt-row figure, and a prompt row alone counted beyond the one-row step
 PLAN_CACHE_VERSION = 5
 
 

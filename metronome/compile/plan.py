@@ -35,7 +35,8 @@ class PlanReport:
     step_ms_far: dict[int, float] = field(default_factory=dict)  # the same, every row at `far_position`
     far_position: int = 1024
     prompt_row_ms: float = float("nan")  # calibrated cost of one prompt row beside the decode rows (chunked prefill)
-    prefill_row_ms: float = float("nan")  # ... and of one row of a prompt run alone (a whole chunk, nobody decoding)
+    prefill_row_ms: float = float("nan")  # ... and of one row of a prompt run alone (nobody decoding), beyond the
+    # one-row step (step_ms[1]) that every such call pays: its weights are read whatever the rows
     prompt_row_position: float = 0.0  # the mean position of the rows prompt_row_ms was calibrated on
     prefill_row_position: float = 0.0  # ... and of prefill_row_ms's
     prompt_row_ms_far: float = float("nan")  # prompt_row_ms deep into the prompt, its rows' mean position:
@@ -126,9 +127,14 @@ class PlanReport:
 
     def step_ms_with(self, live: int, prompts: Sequence[tuple[int, int]] = ()) -> float:
         """Predicted latency of a step of `live` decode rows and the prompt rows `prompts` beside them, as
-        (first position, rows) per prompt; with nobody decoding, the prompt rows alone."""
+        (first position, rows) per prompt; with nobody decoding, a one-row step (the weights' read, which a
+        short prompt's rows cannot hide) plus the prompt rows alone."""
         if not live:
-            return sum(self.prompt_rows_ms(start, rows, alone=True) for start, rows in prompts)
+            if not prompts:
+                return 0.0
+            return self.step_ms.get(1, float("nan")) + sum(
+                self.prompt_rows_ms(start, rows, alone=True) for start, rows in prompts
+            )
         return self.step_ms.get(live, float("nan")) + sum(self.prompt_rows_ms(start, rows) for start, rows in prompts)
 
     def ttft_ms(self, prompts: list[tuple[int, int]], decoding: int, chunk: int, alone_chunk: int) -> float:

@@ -50,7 +50,7 @@ class Calibration:
     step_ms: dict[int, float]
     step_ms_far: dict[int, float]
     prompt_row_ms: float  # NaN for runners that cannot mix prompt and decode rows
-    prefill_row_ms: float
+    prefill_row_ms: float  # a prompt row alone, beyond the one-row step (the weights' read) its call pays
     prompt_row_ms_far: float  # a prompt row beside decode rows, deep into its prompt (NaN as prompt_row_ms)
 
 
@@ -116,7 +116,7 @@ def calibrate(
         step_ms={live: ms[("near", live)] for live in range(1, slots + 1)},
         step_ms_far={live: ms[("far", live)] for live in range(1, slots + 1)},
         prompt_row_ms=per_prompt_row(0),
-        prefill_row_ms=ms[("alone", alone_rows)] / alone_rows,
+        prefill_row_ms=max(0.0, ms[("alone", alone_rows)] - ms[("near", 1)]) / alone_rows,
         prompt_row_ms_far=per_prompt_row(1),
     )
 

@@ -186,6 +186,7 @@ class Engine(PythonAPI):
                     f"all {self.config.slots} slots are busy and {len(self.scheduler.waiting)} requests wait"
                 )
             cached = self.prefix_cache.peek(prompt) if self.prefix_cache is not None else 0
+            req.expected_cached = cached
             req.predicted_ttft_ms = self._predict_ttft_ms(cached, len(prompt) - cached)
             self.scheduler.add(req)
             self._lock.notify()
@@ -193,7 +194,8 @@ class Engine(PythonAPI):
 
     def _predict_ttft_ms(self, cached: int, prompt_tokens: int) -> float:
         """The plan's TTFT for a prompt submitted now (call under the lock): the prompt rows ahead of it
-        (admitted prompts not yet in the cache, then the queue), then its own, at the calibrated step costs.
+        (admitted prompts not yet in the cache, then the queue, less what each found in the prefix cache at
+        its submit), then its own, at the calibrated step costs.
         NaN when it would wait for a slot to free (that depends on how long others run)."""
         sched = self.scheduler
         if len(sched.by_slot) + len(sched.waiting) >= self.config.slots:
@@ -201,7 +203,7 @@ class Engine(PythonAPI):
         running = sorted(sched.by_slot.values(), key=lambda r: r.timings.admitted or 0.0)
         prefilling = [r for r in running if r.prefilled < len(r.prompt_ids)]
         ahead = [(r.prefilled, len(r.prompt_ids) - r.prefilled) for r in prefilling]
-        ahead += [(0, len(r.prompt_ids)) for r in sched.waiting]
+        ahead += [(r.expected_cached, len(r.prompt_ids) - r.expected_cached) for r in sched.waiting]
         decoding = len(running) - len(prefilling)
         chunk = self.config.prefill_chunk if self.plan.runner.any_rows else PREFILL_CHUNK
         return self.plan.report.ttft_ms([*ahead, (cached, prompt_tokens)], decoding, chunk, PREFILL_CHUNK)

@@ -94,6 +94,7 @@ class Request:
     draft_k: int = 0  # tokens to draft next step (adapts to how many were accepted)
     prefilled: int = 0  # prompt tokens already in the KV cache (a prompt runs in chunks, beside decode rows)
     cached_tokens: int = 0  # prompt tokens copied from the prefix cache at admission instead of computed
+    expected_cached: int = 0  # the prefix cache's match at submit: what the TTFT predictions behind it assume
     remote_prefill: bool = False  # its prompt is on the prefill worker (disaggregated layout): no rows here yet
     predicted_ttft_ms: float = float("nan")  # the plan's promise at submit (NaN: uncalibrated, or no free slot)
 

@@ -178,6 +178,30 @@ def test_predicted_ttft_counts_only_the_rows_that_still_run(engines):
     assert seen == [(112, 120 - 112)]  # the rows still to run, from where the cached ones end
 
 
+def test_the_queue_ahead_counts_only_its_uncached_rows(engines):
+    """Requests queued ahead found their prompts' beginnings in the prefix cache at submit: a prediction
+    behind them counts only the rows they still run (it counted their whole prompts, and over-predicted
+    users who arrive together with a shared system prompt)."""
+    cached, _plain, vocab = engines
+    prompt = _prompt(seed=33, n=120, vocab=vocab)
+    _run(cached, prompt, GREEDY)
+    seen = []
+
+    class Recorder:  # stands in for the plan's report while the two requests are submitted
+        def ttft_ms(self, prompts, decoding, chunk, alone_chunk):
+            seen.append(list(prompts))
+            return 0.0
+
+    report, cached.plan.report = cached.plan.report, Recorder()
+    try:
+        reqs = [cached.submit(prompt, GREEDY), cached.submit(prompt, GREEDY)]
+    finally:
+        cached.plan.report = report
+    while any(r.finish_reason is None for r in reqs):
+        cached.step()
+    assert seen == [[(112, 8)], [(112, 8), (112, 8)]]
+
+
 def test_a_pool_smaller_than_a_page_is_no_pool(tiny_hf):
     e = Engine.from_model(
         config=EngineConfig(slots=2, ctx=64, prefix_cache_tokens=P - 1), loaded=load(tiny_hf("llama"))

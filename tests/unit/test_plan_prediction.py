@@ -26,12 +26,15 @@ def test_step_latency_adds_prompt_rows_to_the_decode_step():
     r = _report()
     assert r.step_ms_with(2) == 5.0
     assert r.step_ms_with(2, [(0, 16)]) == 5.0 + 16 * 1.5
-    assert r.step_ms_with(0, [(0, 256)]) == 256 * 1.0  # nobody decoding: a prompt alone, at its own row cost
+    # nobody decoding: the one-row step (the weights' read every call pays), then the prompt's rows alone
+    assert r.step_ms_with(0, [(0, 256)]) == 4.0 + 256 * 1.0
+    assert r.step_ms_with(0, [(0, 3)]) == 4.0 + 3 * 1.0  # a short prompt costs about a decode step
+    assert r.step_ms_with(0) == 0.0
 
 
 def test_ttft_alone_is_whole_chunks_at_the_alone_cost():
     r = _report()
-    assert r.ttft_ms([(0, 300)], decoding=0, chunk=16, alone_chunk=256) == 256 * 1.0 + 44 * 1.0
+    assert r.ttft_ms([(0, 300)], decoding=0, chunk=16, alone_chunk=256) == (4.0 + 256 * 1.0) + (4.0 + 44 * 1.0)
 
 
 def test_ttft_beside_decoders_is_chunk_sized_steps():
@@ -43,7 +46,7 @@ def test_ttft_beside_decoders_is_chunk_sized_steps():
 def test_ttft_counts_the_queue_ahead_and_prompts_that_join_the_decode_rows():
     r = _report()
     # nobody decodes: the first step runs both prompts (10 + 20 rows) whole
-    assert r.ttft_ms([(0, 10), (0, 20)], decoding=0, chunk=16, alone_chunk=256) == 30 * 1.0
+    assert r.ttft_ms([(0, 10), (0, 20)], decoding=0, chunk=16, alone_chunk=256) == 4.0 + 30 * 1.0
     t = r.ttft_ms([(0, 20), (0, 10)], decoding=1, chunk=16, alone_chunk=256)
     # step 1: 16 rows of the first prompt beside 1 decoder; step 2: its last 4 and our 10, still 1 decoder
     assert t == (4.0 + 16 * 1.5) + (4.0 + 14 * 1.5)

@@ -8,9 +8,9 @@ many live slots (the calibration every plan takes of itself), and its TTFT predi
 made at submit (`Request.predicted_ttft_ms`). On a machine whose speed drifts (these VMs' 1-row step moved
 between 3.4 and 10 ms from one minute to the next, 2026-12-01), a calibration taken at compile time says
 little about a level run minutes later, so each level is also held to the plan's step timed just before it
-(`step_ms_now`): per user ÷ that promise is what the work outside the plan call costs. `--stall` streams one user, then sends a long prompt from
-another: the streaming user's longest inter-token gap, and the long prompt's TTFT against the same prompt
-sent alone.
+(`step_ms_now`): per user ÷ that promise is what the work outside the plan call costs. `--stall` streams one
+user, then sends a long prompt from another: the streaming user's longest inter-token gap, and the long
+prompt's TTFT against the same-length prompt sent alone.
 
 The engine's step profile (engine/profile.py) is printed after each in-process level: where a step's time
 goes (schedule, draft, plan, sample, emit). What the server adds on top is served ÷ in process.

@@ -244,21 +244,25 @@ void q4x4_rows(int64_t mt, const uint8_t* w, int64_t nb, const XQuant& xq, int64
 // The file's own formats, read in place (row after row of blocks, as the GGUF file stores them: the
 // matrix can stay a view of the mapped file). Each kind unpacks a block's codes to unsigned bytes in the
 // weights' natural order and multiplies them with the int8 x by VNNI (vpdpbusd: 4 products per int32
-// lane); every integer sum is exact, so only the float steps below fix the order.
+// lane); every integer sum is exact, so only the float steps below fix the order. One 16-lane float
+// accumulator per (row, x row); a row's result is the fixed-tree sum of its 16 lanes.
 //
-// 32-weight kinds (x quantized per 32; one 8-lane accumulator per (row, x row)):
-//   Q8_0  w = d*q, q int8:            codes |q|,    against x8 with q's sign
+// 32-weight kinds (x quantized per 32): two blocks per 512-bit step, block b in lanes 0..7 and block
+// b+1 in lanes 8..15 (an odd last block alone, the upper half zero). Codes are unsigned:
+//   Q8_0  w = d*q, q int8:            codes q+128,  sum q x8 = dot - 128 * bs
 //   Q5_0  w = d*(q-16), q in [0,32):  codes q,      sum (q-16) x8 = dot - 16 * bs
 //   Q5_1  w = d*q + m:                codes q,      + m * sx
-// per block: acc += (d * dx) * float(dot - offset * bs) (the offset in lane 0), then m * sx into lane 0.
-// A row's result is the fixed-tree sum of its 8 lanes.
+// The offset term starts the integer sum (in the first lane of its block's half); per step
+// acc += (d * dx) * float(dot), each half with its own block's d * dx, then m * sx into the first
+// lane of each half. (At 256 bits, one block per step, these kinds ran at half the speed: the unpacking
+// and scaling are per instruction, not per weight.)
 //
-// 256-weight kinds (x quantized per 256; one 16-lane accumulator per (row, x row)): a super-block's 64
-// weights at a time give 16 lanes of 4 products; each lane is multiplied by its sub-block's integer
-// scale and summed over the super-block in int32, then
+// 256-weight kinds (x quantized per 256): a super-block's 64 weights at a time; vpmaddubsw gives 32
+// int16 pair sums (at most 2 * 63 * 127, no saturation) and vpdpwssd multiplies each pair by its
+// sub-block's integer scale into int32 lanes (4 products each) summed over the super-block, then
 //   Q4_K/Q5_K  w = d*sc_j*q - dmin*m_j (8 sub-blocks of 32):  acc += (d*dx) * isum + (-dmin*dx) * sum_j m_j bs32_j
 //   Q6_K       w = d*sc_g*(q-32) (16 groups of 16):             acc += (d*dx) * (isum - 32 * sum_g sc_g bs16_g)
-// The minimum term lands in lanes 0..7. A row's result is the fixed-tree sum of its 16 lanes.
+// The minimum term lands in lanes 0..7.
 
 inline float half_at(const uint8_t* p) {
   uint16_t h;
@@ -266,77 +270,91 @@ inline float half_at(const uint8_t* p) {
   return fp16_to_f32(h);
 }
 
-inline float hsum8(__m256 v) {  // 8 lanes, fixed tree (4+4, 2+2, 1+1)
-  __m128 b = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  b = _mm_add_ps(b, _mm_movehl_ps(b, b));
-  b = _mm_add_ss(b, _mm_movehdup_ps(b));
-  return _mm_cvtss_f32(b);
+// The fp16 at p and (kTwo) at p + stride -> [f0, f1 or 0, 0, 0].
+template <bool kTwo>
+inline __m128 two_halves(const uint8_t* p, int64_t stride) {
+  uint16_t h0, h1 = 0;
+  std::memcpy(&h0, p, 2);
+  if constexpr (kTwo) std::memcpy(&h1, p + stride, 2);
+  return _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(h0 | (static_cast<uint32_t>(h1) << 16))));
 }
 
-// 16 code bytes (low nibbles: weights 0..15, high: 16..31) -> 32 bytes in weight order.
-inline __m256i nibbles32(const uint8_t* p) {
-  const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m128i low4 = _mm_set1_epi8(0x0F);
-  return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(q, low4)),
-                                 _mm_and_si128(_mm_srli_epi16(q, 4), low4), 1);
+template <bool kTwo>
+inline __m128 two_floats(const float* p) {  // [p[0], p[1] or 0, 0, 0]
+  if constexpr (kTwo) return _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p)));
+  return _mm_load_ss(p);
 }
 
-inline __m256i fifth_bits(const uint8_t* p) {  // bit j of the little-endian uint32 at p -> 0x10 in byte j
-  uint32_t qh;
-  std::memcpy(&qh, p, 4);
-  return _mm256_maskz_mov_epi8(qh, _mm256_set1_epi8(0x10));
+inline __m512 halves(__m128 s, __mmask16 lanes = 0xFFFF) {  // lanes 0..7 = s[0], 8..15 = s[1] (others 0)
+  const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  return _mm512_maskz_permutexvar_ps(lanes, idx, _mm512_castps128_ps512(s));
+}
+
+// Two blocks' 16 code bytes each (p0, p1) -> 64 bytes in weight order: [low nibbles of p0 (weights
+// 0..15), high nibbles of p0 (16..31), the same of p1]; without kTwo the upper 32 bytes are 0.
+template <bool kTwo>
+inline __m512i nibbles64(const uint8_t* p0, const uint8_t* p1) {
+  const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p0));
+  __m512i q = _mm512_maskz_broadcast_i64x2(0x0F, a);  // [a a . .]
+  if constexpr (kTwo) q = _mm512_mask_broadcast_i64x2(q, 0xF0, _mm_loadu_si128(reinterpret_cast<const __m128i*>(p1)));
+  return _mm512_and_si512(_mm512_srlv_epi64(q, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4)), _mm512_set1_epi8(0x0F));
+}
+
+// Bit j of the little-endian uint32 at p0 (then at p1) -> 0x10 in byte j (32 + j).
+template <bool kTwo>
+inline __m512i fifth_bits64(const uint8_t* p0, const uint8_t* p1) {
+  uint32_t h0, h1 = 0;
+  std::memcpy(&h0, p0, 4);
+  if constexpr (kTwo) std::memcpy(&h1, p1, 4);
+  return _mm512_maskz_mov_epi8(h0 | (static_cast<uint64_t>(h1) << 32), _mm512_set1_epi8(0x10));
+}
+
+// Blocks b (and b+1) of one weight row, their codes unpacked, against MT rows of x.
+template <int MT, int kShift, bool kMin, bool kTwo>
+inline void pair_dot(__m512i codes, __m128 d, __m128 mn, const XQuant& xq, int64_t K, int64_t m0, int64_t b,
+                     __m512* acc) {
+  const int64_t nb = K / 32;
+  for (int m = 0; m < MT; ++m) {
+    const int64_t i = (m0 + m) * nb + b;
+    const __m512i x = _mm512_maskz_loadu_epi8(kTwo ? ~0ULL : 0xFFFFFFFFULL, xq.x8 + (m0 + m) * K + b * 32);
+    __m512i start = _mm512_setzero_si512();
+    if constexpr (kShift > 0) {  // -(offset * bs) in lane 0 (block b) and lane 9 (block b+1)
+      int64_t two = xq.bs[i];
+      if constexpr (kTwo) std::memcpy(&two, xq.bs + i, 8);
+      start = _mm512_maskz_sub_epi32(kTwo ? 0x0201 : 0x0001, start, _mm512_slli_epi32(_mm512_set1_epi64(two), kShift));
+    }
+    const __m512i dot = _mm512_dpbusd_epi32(start, codes, x);
+    acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), halves(_mm_mul_ps(d, two_floats<kTwo>(xq.dx + i))), acc[m]);
+    if constexpr (kMin) acc[m] = _mm512_add_ps(acc[m], halves(_mm_mul_ps(mn, two_floats<kTwo>(xq.sx + i)), 0x0101));
+  }
 }
 
 struct Q8_0x8 {
   static constexpr int64_t kW = 32, kB = 34;
-  using Acc = __m256;
-  template <int MT>
-  static inline void block(const uint8_t* p, const XQuant& xq, int64_t K, int64_t m0, int64_t b, Acc* acc) {
-    // |q| against x with q's sign (AVX2's vpsignb): the same integer dot product, with no offset to remove.
-    const float d = half_at(p);
-    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2));
-    const __m256i codes = _mm256_abs_epi8(q);
-    const int64_t nb = K / 32;
-    for (int m = 0; m < MT; ++m) {
-      const int64_t i = (m0 + m) * nb + b;
-      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.x8 + (m0 + m) * K + b * 32));
-      const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), codes, _mm256_sign_epi8(x, q));
-      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d * xq.dx[i]), acc[m]);
-    }
-  }
-  template <int MT, int kShift, bool kMin>
-  static inline void legacy(__m256i codes, float d, float mn, const XQuant& xq, int64_t K, int64_t m0, int64_t b,
-                            Acc* acc) {
-    const int64_t nb = K / 32;
-    for (int m = 0; m < MT; ++m) {
-      const int64_t i = (m0 + m) * nb + b;
-      __m256i dot =
-          _mm256_dpbusd_epi32(_mm256_setzero_si256(), codes,
-                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.x8 + (m0 + m) * K + b * 32)));
-      if constexpr (kShift > 0) dot = _mm256_mask_sub_epi32(dot, 1, dot, _mm256_set1_epi32(xq.bs[i] << kShift));
-      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d * xq.dx[i]), acc[m]);
-      if constexpr (kMin) acc[m] = _mm256_mask3_fmadd_ps(_mm256_set1_ps(mn), _mm256_set1_ps(xq.sx[i]), acc[m], 1);
-    }
+  template <int MT, bool kTwo>
+  static inline void pair(const uint8_t* p, const XQuant& xq, int64_t K, int64_t m0, int64_t b, __m512* acc) {
+    __m512i q = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2)));
+    if constexpr (kTwo) q = _mm512_inserti64x4(q, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + kB + 2)), 1);
+    const __m512i codes = _mm512_xor_si512(q, _mm512_set1_epi8(static_cast<char>(0x80)));  // q + 128, unsigned
+    pair_dot<MT, 7, false, kTwo>(codes, two_halves<kTwo>(p, kB), _mm_setzero_ps(), xq, K, m0, b, acc);
   }
 };
 
 struct Q5_0 {
   static constexpr int64_t kW = 32, kB = 22;
-  using Acc = __m256;
-  template <int MT>
-  static inline void block(const uint8_t* p, const XQuant& xq, int64_t K, int64_t m0, int64_t b, Acc* acc) {
-    const __m256i codes = _mm256_or_si256(nibbles32(p + 6), fifth_bits(p + 2));
-    Q8_0x8::legacy<MT, 4, false>(codes, half_at(p), 0.0f, xq, K, m0, b, acc);
+  template <int MT, bool kTwo>
+  static inline void pair(const uint8_t* p, const XQuant& xq, int64_t K, int64_t m0, int64_t b, __m512* acc) {
+    const __m512i codes = _mm512_or_si512(nibbles64<kTwo>(p + 6, p + kB + 6), fifth_bits64<kTwo>(p + 2, p + kB + 2));
+    pair_dot<MT, 4, false, kTwo>(codes, two_halves<kTwo>(p, kB), _mm_setzero_ps(), xq, K, m0, b, acc);
   }
 };
 
 struct Q5_1 {
   static constexpr int64_t kW = 32, kB = 24;
-  using Acc = __m256;
-  template <int MT>
-  static inline void block(const uint8_t* p, const XQuant& xq, int64_t K, int64_t m0, int64_t b, Acc* acc) {
-    const __m256i codes = _mm256_or_si256(nibbles32(p + 8), fifth_bits(p + 4));
-    Q8_0x8::legacy<MT, 0, true>(codes, half_at(p), half_at(p + 2), xq, K, m0, b, acc);
+  template <int MT, bool kTwo>
+  static inline void pair(const uint8_t* p, const XQuant& xq, int64_t K, int64_t m0, int64_t b, __m512* acc) {
+    const __m512i codes = _mm512_or_si512(nibbles64<kTwo>(p + 8, p + kB + 8), fifth_bits64<kTwo>(p + 4, p + kB + 4));
+    pair_dot<MT, 0, true, kTwo>(codes, two_halves<kTwo>(p, kB), two_halves<kTwo>(p + 2, kB), xq, K, m0, b, acc);
   }
 };
 
@@ -358,15 +376,25 @@ inline __m512i lanes_of(int a, int b) {  // lanes 0..7 = a, 8..15 = b
   return _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(a), _mm512_set1_epi32(b));
 }
 
+// Int32 lanes holding small scales -> the same scale in both int16 halves of each lane (vpdpwssd's
+// operand): kSigned copies the low 16 bits (a sign-extended int8), otherwise the low byte zero-extended.
+// (vpshufb picks bytes within each 128-bit lane: dword j of a lane is bytes 4j..4j+3.)
+template <bool kSigned>
+inline __m512i scale16(__m512i v) {
+  const __m512i pick = kSigned ? _mm512_set4_epi32(0x0D0C0D0C, 0x09080908, 0x05040504, 0x01000100)
+                               : _mm512_set4_epi32(static_cast<int>(0x800C800C), static_cast<int>(0x80088008),
+                                                   static_cast<int>(0x80048004), static_cast<int>(0x80008000));
+  return _mm512_shuffle_epi8(v, pick);
+}
+
 // Q4_K and Q5_K (kHigh): d, dmin (fp16), 12 scale bytes, [32 high-bit bytes,] 128 code bytes; 32 code
 // bytes per 64 weights (low nibbles: sub-block 2j, high: 2j+1). One 64-byte load holds sub-blocks
 // 4p..4p+3: low nibbles (4p, 4p+2), high nibbles (4p+1, 4p+3), which x8kp holds side by side.
 template <bool kHigh>
 struct QK45 {
   static constexpr int64_t kW = 256, kB = kHigh ? 176 : 144;
-  using Acc = __m512;
   template <int MT>
-  static inline void block(const uint8_t* p, const XQuant& xq, int64_t K, int64_t m0, int64_t b, Acc* acc) {
+  static inline void block(const uint8_t* p, const XQuant& xq, int64_t K, int64_t m0, int64_t b, __m512* acc) {
     const __m512i sm = k_scales(p + 4);  // lanes 0..7 scales, 8..15 minimums
     const __m256i mn = _mm512_extracti64x4_epi64(sm, 1);
     const uint8_t* qs = p + (kHigh ? 48 : 16);
@@ -386,14 +414,12 @@ struct QK45 {
         lo = _mm512_or_si512(lo, _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi64(hb, s_lo), one), 4));
         hi = _mm512_or_si512(hi, _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi64(hb, s_hi), one), 4));
       }
-      const __m512i sc_lo = _mm512_permutexvar_epi32(lanes_of(4 * h, 4 * h + 2), sm);
-      const __m512i sc_hi = _mm512_permutexvar_epi32(lanes_of(4 * h + 1, 4 * h + 3), sm);
+      const __m512i sc_lo = scale16<false>(_mm512_permutexvar_epi32(lanes_of(4 * h, 4 * h + 2), sm));
+      const __m512i sc_hi = scale16<false>(_mm512_permutexvar_epi32(lanes_of(4 * h + 1, 4 * h + 3), sm));
       for (int m = 0; m < MT; ++m) {
         const int8_t* x = xq.x8kp + (m0 + m) * K + b * 256 + 128 * h;
-        const __m512i dl = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(x));
-        const __m512i dh = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, _mm512_loadu_si512(x + 64));
-        isum[m] =
-            _mm512_add_epi32(isum[m], _mm512_add_epi32(_mm512_mullo_epi32(dl, sc_lo), _mm512_mullo_epi32(dh, sc_hi)));
+        isum[m] = _mm512_dpwssd_epi32(isum[m], _mm512_maddubs_epi16(lo, _mm512_loadu_si512(x)), sc_lo);
+        isum[m] = _mm512_dpwssd_epi32(isum[m], _mm512_maddubs_epi16(hi, _mm512_loadu_si512(x + 64)), sc_hi);
       }
     }
     const float d = half_at(p), dmin = half_at(p + 2);
@@ -411,9 +437,8 @@ struct QK45 {
 // Q6_K: 128 low-nibble bytes, 64 bytes of 2-bit high parts, 16 int8 scales (one per 16 weights), d (fp16).
 struct Q6K {
   static constexpr int64_t kW = 256, kB = 210;
-  using Acc = __m512;
   template <int MT>
-  static inline void block(const uint8_t* p, const XQuant& xq, int64_t K, int64_t m0, int64_t b, Acc* acc) {
+  static inline void block(const uint8_t* p, const XQuant& xq, int64_t K, int64_t m0, int64_t b, __m512* acc) {
     const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 192)));
     const int64_t nb = K / 256;
     __m512i isum[MT];
@@ -433,11 +458,10 @@ struct Q6K {
         const int g = 4 * (2 * h + c);  // the chunk's first 16-weight group
         const __m512i idx = _mm512_setr_epi32(g, g, g, g, g + 1, g + 1, g + 1, g + 1, g + 2, g + 2, g + 2, g + 2, g + 3,
                                               g + 3, g + 3, g + 3);
-        const __m512i s = _mm512_permutexvar_epi32(idx, sc);
+        const __m512i s = scale16<true>(_mm512_permutexvar_epi32(idx, sc));
         for (int m = 0; m < MT; ++m) {
           const __m512i x = _mm512_loadu_si512(xq.x8k + (m0 + m) * K + b * 256 + 128 * h + 64 * c);
-          isum[m] =
-              _mm512_add_epi32(isum[m], _mm512_mullo_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, x), s));
+          isum[m] = _mm512_dpwssd_epi32(isum[m], _mm512_maddubs_epi16(codes, x), s);
         }
       }
     }
@@ -447,34 +471,32 @@ struct Q6K {
   }
 };
 
-inline float lane_sum(__m256 v) { return hsum8(v); }
-inline float lane_sum(__m512 v) { return hsum(v); }
-
-template <typename A>
-inline A zero_acc();
-template <>
-inline __m256 zero_acc<__m256>() {
-  return _mm256_setzero_ps();
-}
-template <>
-inline __m512 zero_acc<__m512>() {
-  return _mm512_setzero_ps();
-}
-
 // NT output rows of a segment (local rows n0.., y columns n0..) x MT rows of x (from m0), kind F.
 template <typename F, int NT, int MT>
 void file_tile(const uint8_t* w, const XQuant& xq, int64_t K, float* y, int64_t ldy, int64_t n0, int64_t m0) {
   const int64_t nb = K / F::kW, row_bytes = nb * F::kB;
-  typename F::Acc acc[NT][MT];
+  __m512 acc[NT][MT];
   for (int n = 0; n < NT; ++n)
-    for (int m = 0; m < MT; ++m) acc[n][m] = zero_acc<typename F::Acc>();
+    for (int m = 0; m < MT; ++m) acc[n][m] = _mm512_setzero_ps();
   const char* pf = reinterpret_cast<const char*>(w + (n0 + kPrefetchRows) * row_bytes);
-  for (int64_t b = 0; b < nb; ++b) {
-    prefetch_step<NT * F::kB>(pf + b * NT * F::kB);
-    for (int n = 0; n < NT; ++n) F::template block<MT>(w + (n0 + n) * row_bytes + b * F::kB, xq, K, m0, b, acc[n]);
+  if constexpr (F::kW == 32) {  // two blocks per step, an odd last block alone
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+      prefetch_step<2 * NT * F::kB>(pf + b * NT * F::kB);
+      for (int n = 0; n < NT; ++n)
+        F::template pair<MT, true>(w + (n0 + n) * row_bytes + b * F::kB, xq, K, m0, b, acc[n]);
+    }
+    if (b < nb)
+      for (int n = 0; n < NT; ++n)
+        F::template pair<MT, false>(w + (n0 + n) * row_bytes + b * F::kB, xq, K, m0, b, acc[n]);
+  } else {
+    for (int64_t b = 0; b < nb; ++b) {
+      prefetch_step<NT * F::kB>(pf + b * NT * F::kB);
+      for (int n = 0; n < NT; ++n) F::template block<MT>(w + (n0 + n) * row_bytes + b * F::kB, xq, K, m0, b, acc[n]);
+    }
   }
   for (int n = 0; n < NT; ++n)
-    for (int m = 0; m < MT; ++m) y[(m0 + m) * ldy + n0 + n] = lane_sum(acc[n][m]);
+    for (int m = 0; m < MT; ++m) y[(m0 + m) * ldy + n0 + n] = hsum(acc[n][m]);
 }
 
 template <typename F, int MT>

@@ -5,8 +5,9 @@ GGUF, same thread count, same prompt ids, alternating rounds.
         [--threads 2] [--rounds 3] [--tokens 128] [--prompt-tokens 1000]
 
 Decode: greedy tokens/s after a short prompt, ignoring EOS (both engines run the same number of steps).
-Prefill: seconds from a cold 1,000-token prompt to its first token (metronome: a fresh request's TTFT in
-its one-slot plan; llama.cpp: `eval` of the prompt plus the first sample). Medians over rounds.
+Prefill: seconds from a cold 1,000-token prompt (a different one each round) to its first token
+(metronome: a fresh request's TTFT in its one-slot plan; llama.cpp: `eval` of the prompt plus the first
+sample). Medians over rounds.
 """
 
 from __future__ import annotations
@@ -27,11 +28,15 @@ from metronome.serve.usage import groq_timings
 SHORT = "Write a long story about a lighthouse keeper and the sea."
 
 
-def long_prompt_ids(engine: Engine, n: int) -> list[int]:
+def long_prompt_ids(engine: Engine, n: int, part: int) -> list[int]:
+    """The `part`-th n tokens of Python's help topics: a different prompt each round, so metronome's prefix
+    cache (on by default) cannot serve a later round from an earlier one."""
     from pydoc_data.topics import topics
 
-    text = "\n\n".join(topics[k] for k in sorted(topics))
-    return engine.tokenizer.encode(text)[:n]
+    ids = engine.tokenizer.encode("\n\n".join(topics[k] for k in sorted(topics)))
+    if len(ids) < (part + 1) * n:
+        raise SystemExit(f"--prompt-tokens {n} x rounds is more text than the help topics hold ({len(ids)} tokens)")
+    return ids[part * n : (part + 1) * n]
 
 
 def main() -> None:
@@ -50,7 +55,7 @@ def main() -> None:
     engine = Engine.from_model(config=EngineConfig(slots=1, ctx=ctx, threads=a.threads, spec_tokens=0), loaded=loaded)
     llm = Llama(model_path=str(loaded.path), n_ctx=ctx, n_batch=ctx, n_threads=a.threads, verbose=False)
     short = engine.encode_prompt(SHORT)
-    long = long_prompt_ids(engine, a.prompt_tokens)
+    longs = [long_prompt_ids(engine, a.prompt_tokens, r) for r in range(a.rounds)]
     params = SamplingParams(max_tokens=a.tokens, ignore_eos=True)
     first = SamplingParams(max_tokens=1, ignore_eos=True)
 
@@ -63,7 +68,7 @@ def main() -> None:
             llm.eval([token])
         return (a.tokens - 1) / (time.perf_counter() - started)
 
-    def llama_ttft() -> float:
+    def llama_ttft(long: list[int]) -> float:
         llm.reset()
         started = time.perf_counter()
         llm.eval(long)
@@ -74,23 +79,23 @@ def main() -> None:
         c = engine.generate(short, params)
         return (len(c.token_ids) - 1) / groq_timings(c.timings)["completion_time"]
 
-    def ours_ttft() -> float:
+    def ours_ttft(long: list[int]) -> float:
         c = engine.generate(long, first)
         return groq_timings(c.timings)["time_to_first_token"]
 
     ours_decode(), llama_decode()  # warm-up
     rates: dict[str, list[float]] = {"metronome": [], "llama.cpp": []}
     ttfts: dict[str, list[float]] = {"metronome": [], "llama.cpp": []}
-    for _ in range(a.rounds):
+    for long in longs:
         rates["metronome"].append(ours_decode())
         rates["llama.cpp"].append(llama_decode())
-        ttfts["metronome"].append(ours_ttft())
-        ttfts["llama.cpp"].append(llama_ttft())
+        ttfts["metronome"].append(ours_ttft(long))
+        ttfts["llama.cpp"].append(llama_ttft(long))
     print(
         f"{a.model} ({loaded.file_type}), {a.threads} threads, metronome plan {engine.plan.weights}, "
         f"medians of {a.rounds} rounds"
     )
-    print(f"| engine | decode tok/s (in process) | TTFT of a {len(long)}-token prompt (s) |\n|---|---:|---:|")
+    print(f"| engine | decode tok/s (in process) | TTFT of a {a.prompt_tokens}-token prompt (s) |\n|---|---:|---:|")
     for name in rates:
         print(f"| {name} | {statistics.median(rates[name]):.1f} | {statistics.median(ttfts[name]):.2f} |")
     r = statistics.median(rates["metronome"]) / statistics.median(rates["llama.cpp"])

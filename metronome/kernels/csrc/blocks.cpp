@@ -105,6 +105,8 @@ struct XQuant {
   float* dx;      // (M, K/32)
   float* sx;      // (M, K/32): dx * sum of the block's x8 (packed Q4's and Q5_1's minimum term)
   int32_t* bs;    // (M, K/32): sum of the block's x8
+  int32_t* o16;   // (M, K/32): -16 * bs, Q5_0's offset term (the start of its integer sums)
+  int32_t* o128;  // (M, K/32): -128 * bs, Q8_0's (codes q + 128)
   int8_t* x8k;    // (M, K) per-256 blocks
   int8_t* x8kp;   // (M, K) the same, 32-value sub-blocks in the order 0, 2, 1, 3, 4, 6, 5, 7 (Q4_K/Q5_K's codes)
   float* dxk;     // (M, K/256)
@@ -128,6 +130,8 @@ XQuant carve(uint8_t* scratch, int64_t M, int64_t K) {
   q.dx = reinterpret_cast<float*>(take(M * (K / 32) * 4));
   q.sx = reinterpret_cast<float*>(take(M * (K / 32) * 4));
   q.bs = reinterpret_cast<int32_t*>(take(M * (K / 32) * 4));
+  q.o16 = reinterpret_cast<int32_t*>(take(M * (K / 32) * 4));
+  q.o128 = reinterpret_cast<int32_t*>(take(M * (K / 32) * 4));
   q.x8k = reinterpret_cast<int8_t*>(take(M * K));
   q.x8kp = reinterpret_cast<int8_t*>(take(M * K));
   q.dxk = reinterpret_cast<float*>(take(M * (K / 256) * 4));
@@ -138,7 +142,7 @@ XQuant carve(uint8_t* scratch, int64_t M, int64_t K) {
 
 inline __m512 abs_ps(__m512 v) { return _mm512_and_ps(v, _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF))); }
 
-// x (M, K) -> q.x8, q.dx, q.sx, q.bs.
+// x (M, K) -> q.x8, q.dx, q.sx, q.bs, q.o16, q.o128.
 void quantize_32(const float* x, int64_t M, int64_t K, const XQuant& q) {
   const int64_t nb = K / 32;
   for (int64_t i = 0; i < M * nb; ++i) {
@@ -151,6 +155,8 @@ void quantize_32(const float* x, int64_t M, int64_t K, const XQuant& q) {
     q.dx[i] = amax / 127.0f;
     q.bs[i] = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));  // exact integer sum
     q.sx[i] = q.dx[i] * static_cast<float>(q.bs[i]);
+    q.o16[i] = -16 * q.bs[i];
+    q.o128[i] = -128 * q.bs[i];
   }
 }
 
@@ -309,19 +315,24 @@ inline __m512i fifth_bits64(const uint8_t* p0, const uint8_t* p1) {
   return _mm512_maskz_mov_epi8(h0 | (static_cast<uint64_t>(h1) << 32), _mm512_set1_epi8(0x10));
 }
 
-// Blocks b (and b+1) of one weight row, their codes unpacked, against MT rows of x.
-template <int MT, int kShift, bool kMin, bool kTwo>
+// Blocks b (and b+1) of one weight row, their codes unpacked, against MT rows of x; kOffset: 16 (Q5_0),
+// 128 (Q8_0) or 0.
+template <int MT, int kOffset, bool kMin, bool kTwo>
 inline void pair_dot(__m512i codes, __m128 d, __m128 mn, const XQuant& xq, int64_t K, int64_t m0, int64_t b,
                      __m512* acc) {
   const int64_t nb = K / 32;
+  const int32_t* off = kOffset == 16 ? xq.o16 : xq.o128;
   for (int m = 0; m < MT; ++m) {
     const int64_t i = (m0 + m) * nb + b;
-    const __m512i x = _mm512_maskz_loadu_epi8(kTwo ? ~0ULL : 0xFFFFFFFFULL, xq.x8 + (m0 + m) * K + b * 32);
-    __m512i start = _mm512_setzero_si512();
-    if constexpr (kShift > 0) {  // -(offset * bs) in lane 0 (block b) and lane 9 (block b+1)
-      int64_t two = xq.bs[i];
-      if constexpr (kTwo) std::memcpy(&two, xq.bs + i, 8);
-      start = _mm512_maskz_sub_epi32(kTwo ? 0x0201 : 0x0001, start, _mm512_slli_epi32(_mm512_set1_epi64(two), kShift));
+    const int8_t* xr = xq.x8 + (m0 + m) * K + b * 32;
+    const __m512i x = kTwo ? _mm512_loadu_si512(xr)
+                           : _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr)));
+    __m512i start = _mm512_setzero_si512();  // the offset term, in lane 0 (block b) and lane 9 (block b+1)
+    if constexpr (kOffset > 0) {
+      if constexpr (kTwo)
+        start = _mm512_maskz_broadcast_i32x2(0x0201, _mm_loadl_epi64(reinterpret_cast<const __m128i*>(off + i)));
+      else
+        start = _mm512_zextsi128_si512(_mm_cvtsi32_si128(off[i]));
     }
     const __m512i dot = _mm512_dpbusd_epi32(start, codes, x);
     acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), halves(_mm_mul_ps(d, two_floats<kTwo>(xq.dx + i))), acc[m]);
@@ -336,7 +347,7 @@ struct Q8_0x8 {
     __m512i q = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2)));
     if constexpr (kTwo) q = _mm512_inserti64x4(q, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + kB + 2)), 1);
     const __m512i codes = _mm512_xor_si512(q, _mm512_set1_epi8(static_cast<char>(0x80)));  // q + 128, unsigned
-    pair_dot<MT, 7, false, kTwo>(codes, two_halves<kTwo>(p, kB), _mm_setzero_ps(), xq, K, m0, b, acc);
+    pair_dot<MT, 128, false, kTwo>(codes, two_halves<kTwo>(p, kB), _mm_setzero_ps(), xq, K, m0, b, acc);
   }
 };
 
@@ -345,7 +356,7 @@ struct Q5_0 {
   template <int MT, bool kTwo>
   static inline void pair(const uint8_t* p, const XQuant& xq, int64_t K, int64_t m0, int64_t b, __m512* acc) {
     const __m512i codes = _mm512_or_si512(nibbles64<kTwo>(p + 6, p + kB + 6), fifth_bits64<kTwo>(p + 2, p + kB + 2));
-    pair_dot<MT, 4, false, kTwo>(codes, two_halves<kTwo>(p, kB), _mm_setzero_ps(), xq, K, m0, b, acc);
+    pair_dot<MT, 16, false, kTwo>(codes, two_halves<kTwo>(p, kB), _mm_setzero_ps(), xq, K, m0, b, acc);
   }
 };
 
@@ -502,8 +513,9 @@ void file_tile(const uint8_t* w, const XQuant& xq, int64_t K, float* y, int64_t 
 template <typename F, int MT>
 void file_rows(const uint8_t* w, const XQuant& xq, int64_t K, float* y, int64_t ldy, int64_t n_lo, int64_t n_hi,
                int64_t m0) {
+  constexpr int NT = MT <= 4 ? 4 : 2;  // NT * MT accumulators, NT codes and the temporaries fit 32 registers
   int64_t n = n_lo;
-  for (; n + 4 <= n_hi; n += 4) file_tile<F, 4, MT>(w, xq, K, y, ldy, n, m0);
+  for (; n + NT <= n_hi; n += NT) file_tile<F, NT, MT>(w, xq, K, y, ldy, n, m0);
   for (; n < n_hi; ++n) file_tile<F, 1, MT>(w, xq, K, y, ldy, n, m0);
 }
 
@@ -514,9 +526,23 @@ void file_rows_any(int64_t mt, const uint8_t* w, const XQuant& xq, int64_t K, fl
     case 1: file_rows<F, 1>(w, xq, K, y, ldy, n_lo, n_hi, m0); break;
     case 2: file_rows<F, 2>(w, xq, K, y, ldy, n_lo, n_hi, m0); break;
     case 3: file_rows<F, 3>(w, xq, K, y, ldy, n_lo, n_hi, m0); break;
-    default: file_rows<F, 4>(w, xq, K, y, ldy, n_lo, n_hi, m0); break;
+    case 4: file_rows<F, 4>(w, xq, K, y, ldy, n_lo, n_hi, m0); break;
+    default:
+      if constexpr (F::kW == 32) {  // the 32-weight kinds take up to 8 rows of x per pass (kRowsPerPass)
+        switch (mt) {
+          case 5: file_rows<F, 5>(w, xq, K, y, ldy, n_lo, n_hi, m0); break;
+          case 6: file_rows<F, 6>(w, xq, K, y, ldy, n_lo, n_hi, m0); break;
+          case 7: file_rows<F, 7>(w, xq, K, y, ldy, n_lo, n_hi, m0); break;
+          default: file_rows<F, 8>(w, xq, K, y, ldy, n_lo, n_hi, m0); break;
+        }
+      }
+      break;
   }
 }
+
+// Rows of x per pass over a weight tile: a 32-weight kind's unpacked pair of blocks serves up to 8 (its
+// per-row work is small), a K-quant's up to 4.
+constexpr int64_t rows_per_pass(int64_t kind) { return kKinds[kind].weights == 32 ? 8 : 4; }
 
 // Rows [n_lo, n_hi) of segment s (local) for x rows [m_lo, m_hi), written at y columns s.row0 + n.
 void segment_rows(const BlockSegment& s, const float* x, const XQuant& xq, int64_t K, float* y, int64_t ldy,
@@ -535,8 +561,9 @@ void segment_rows(const BlockSegment& s, const float* x, const XQuant& xq, int64
                   m0);
     return;
   }
-  for (int64_t m0 = m_lo; m0 < m_hi; m0 += 4) {
-    const int64_t mt = std::min<int64_t>(4, m_hi - m0);
+  const int64_t pass = rows_per_pass(s.kind);
+  for (int64_t m0 = m_lo; m0 < m_hi; m0 += pass) {
+    const int64_t mt = std::min<int64_t>(pass, m_hi - m0);
     switch (s.kind) {
       case kQ8_0x8: file_rows_any<Q8_0x8>(mt, s.w, xq, K, ys, ldy, n_lo, n_hi, m0); break;
       case kQ5_0: file_rows_any<Q5_0>(mt, s.w, xq, K, ys, ldy, n_lo, n_hi, m0); break;
@@ -631,6 +658,8 @@ XQuant rows_from(const XQuant& q, int64_t r, int64_t K) {
   o.dx += r * (K / 32);
   o.sx += r * (K / 32);
   o.bs += r * (K / 32);
+  o.o16 += r * (K / 32);
+  o.o128 += r * (K / 32);
   o.x8k += r * K;
   o.x8kp += r * K;
   o.dxk += r * (K / 256);

@@ -112,6 +112,8 @@ struct XQuant {
   float* dxk;     // (M, K/256)
   int32_t* bs32;  // (M, K/32): sums of x8k over 32 (Q4_K/Q5_K minimums)
   int32_t* bs16;  // (M, K/16): sums of x8k over 16 (Q6_K's offset, per 16-weight scale)
+  float* mk;      // (M, K/256, 16): dxk * bs32 in lanes 0..7, 0 in 8..15 (Q4_K/Q5_K's minimum term)
+  float* m6;      // (M, K/16): dxk * bs16 (Q6_K's offset term)
 };
 
 inline uint8_t* align64(uint8_t* p) {
@@ -137,6 +139,8 @@ XQuant carve(uint8_t* scratch, int64_t M, int64_t K) {
   q.dxk = reinterpret_cast<float*>(take(M * (K / 256) * 4));
   q.bs32 = reinterpret_cast<int32_t*>(take(M * (K / 32) * 4));
   q.bs16 = reinterpret_cast<int32_t*>(take(M * (K / 16) * 4));
+  q.mk = reinterpret_cast<float*>(take(M * (K / 256) * 64));
+  q.m6 = reinterpret_cast<float*>(take(M * (K / 16) * 4));
   return q;
 }
 
@@ -160,7 +164,7 @@ void quantize_32(const float* x, int64_t M, int64_t K, const XQuant& q) {
   }
 }
 
-// x (M, K) -> q.x8k, q.x8kp, q.dxk, q.bs32, q.bs16 (K a multiple of 256).
+// x (M, K) -> q.x8k, q.x8kp, q.dxk, q.bs32, q.bs16, q.mk, q.m6 (K a multiple of 256).
 void quantize_256(const float* x, int64_t M, int64_t K, const XQuant& q) {
   const int64_t nb = K / 256;
   for (int64_t i = 0; i < M * nb; ++i) {
@@ -176,6 +180,12 @@ void quantize_256(const float* x, int64_t M, int64_t K, const XQuant& q) {
       q.bs16[i * 16 + j] = _mm512_reduce_add_epi32(v);
     }
     for (int j = 0; j < 8; ++j) q.bs32[i * 8 + j] = q.bs16[i * 16 + 2 * j] + q.bs16[i * 16 + 2 * j + 1];
+    const __m256 mk =
+        _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.bs32 + i * 8))),
+                      _mm256_set1_ps(q.dxk[i]));
+    _mm512_storeu_ps(q.mk + i * 16, _mm512_zextps256_ps512(mk));
+    _mm512_storeu_ps(q.m6 + i * 16,
+                     _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(q.bs16 + i * 16)), _mm512_set1_ps(q.dxk[i])));
     constexpr int kOrder[8] = {0, 2, 1, 3, 4, 6, 5, 7};
     for (int j = 0; j < 8; ++j) std::memcpy(q.x8kp + i * 256 + 32 * j, q.x8k + i * 256 + 32 * kOrder[j], 32);
   }
@@ -260,15 +270,16 @@ void q4x4_rows(int64_t mt, const uint8_t* w, int64_t nb, const XQuant& xq, int64
 //   Q5_1  w = d*q + m:                codes q,      + m * sx
 // The offset term starts the integer sum (in the first lane of its block's half); per step
 // acc += (d * dx) * float(dot), each half with its own block's d * dx, then m * sx into the first
-// lane of each half. (At 256 bits, one block per step, these kinds ran at half the speed: the unpacking
-// and scaling are per instruction, not per weight.)
+// lane of each half. (One block per 256-bit step was slower: unpacking and scaling cost per instruction,
+// not per weight; docs/models.md has the figures.)
 //
 // 256-weight kinds (x quantized per 256): a super-block's 64 weights at a time; vpmaddubsw gives 32
 // int16 pair sums (at most 2 * 63 * 127, no saturation) and vpdpwssd multiplies each pair by its
 // sub-block's integer scale into int32 lanes (4 products each) summed over the super-block, then
-//   Q4_K/Q5_K  w = d*sc_j*q - dmin*m_j (8 sub-blocks of 32):  acc += (d*dx) * isum + (-dmin*dx) * sum_j m_j bs32_j
-//   Q6_K       w = d*sc_g*(q-32) (16 groups of 16):             acc += (d*dx) * (isum - 32 * sum_g sc_g bs16_g)
-// The minimum term lands in lanes 0..7.
+//   Q4_K/Q5_K  w = d*sc_j*q - dmin*m_j (8 sub-blocks of 32):  acc += d * (dx * isum) + sum_j (-dmin*m_j) (dx*bs32_j)
+//   Q6_K       w = d*sc_g*(q-32) (16 groups of 16):             acc += d * (dx * isum) + sum_g (-32*d*sc_g) (dx*bs16_g)
+// The minimum and offset terms are multiply-adds against sums of x computed once per block (q.mk, q.m6),
+// not integer products per weight row; the minimum term lands in lanes 0..7.
 
 inline float half_at(const uint8_t* p) {
   uint16_t h;
@@ -407,7 +418,9 @@ struct QK45 {
   template <int MT>
   static inline void block(const uint8_t* p, const XQuant& xq, int64_t K, int64_t m0, int64_t b, __m512* acc) {
     const __m512i sm = k_scales(p + 4);  // lanes 0..7 scales, 8..15 minimums
-    const __m256i mn = _mm512_extracti64x4_epi64(sm, 1);
+    // -dmin * m_j in lanes 0..7: against x's dx * bs32_j (q.mk), the minimum term in one multiply-add
+    const __m512 mn = _mm512_zextps256_ps512(
+        _mm256_mul_ps(_mm256_cvtepi32_ps(_mm512_extracti64x4_epi64(sm, 1)), _mm256_set1_ps(-half_at(p + 2))));
     const uint8_t* qs = p + (kHigh ? 48 : 16);
     const __m512i low4 = _mm512_set1_epi8(0x0F);
     __m512i hb = _mm512_setzero_si512();
@@ -433,14 +446,12 @@ struct QK45 {
         isum[m] = _mm512_dpwssd_epi32(isum[m], _mm512_maddubs_epi16(hi, _mm512_loadu_si512(x + 64)), sc_hi);
       }
     }
-    const float d = half_at(p), dmin = half_at(p + 2);
+    const __m512 d = _mm512_set1_ps(half_at(p));
     const int64_t nb = K / 256;
     for (int m = 0; m < MT; ++m) {
-      const float dx = xq.dxk[(m0 + m) * nb + b];
-      const __m256i bs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.bs32 + ((m0 + m) * nb + b) * 8));
-      const __m512i imin = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_mullo_epi32(mn, bs), 0);
-      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[m]), _mm512_set1_ps(d * dx), acc[m]);
-      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(imin), _mm512_set1_ps(-dmin * dx), acc[m]);
+      const int64_t i = (m0 + m) * nb + b;
+      acc[m] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(isum[m]), _mm512_set1_ps(xq.dxk[i])), d, acc[m]);
+      acc[m] = _mm512_fmadd_ps(mn, _mm512_loadu_ps(xq.mk + i * 16), acc[m]);
     }
   }
 };
@@ -451,12 +462,11 @@ struct Q6K {
   template <int MT>
   static inline void block(const uint8_t* p, const XQuant& xq, int64_t K, int64_t m0, int64_t b, __m512* acc) {
     const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 192)));
+    const __m512 d = _mm512_set1_ps(half_at(p + 208));
+    const __m512 off = _mm512_mul_ps(_mm512_cvtepi32_ps(sc), _mm512_mul_ps(d, _mm512_set1_ps(-32.0f)));  // -32 d sc_g
     const int64_t nb = K / 256;
     __m512i isum[MT];
-    for (int m = 0; m < MT; ++m) {
-      const __m512i bs = _mm512_loadu_si512(xq.bs16 + ((m0 + m) * nb + b) * 16);
-      isum[m] = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(_mm512_mullo_epi32(sc, bs), 5));
-    }
+    for (int m = 0; m < MT; ++m) isum[m] = _mm512_setzero_si512();
     const __m512i low4 = _mm512_set1_epi8(0x0F), three = _mm512_set1_epi8(3);
     for (int h = 0; h < 2; ++h) {
       const __m512i ql = _mm512_loadu_si512(p + 64 * h);
@@ -476,9 +486,11 @@ struct Q6K {
         }
       }
     }
-    const float d = half_at(p + 208);
-    for (int m = 0; m < MT; ++m)
-      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[m]), _mm512_set1_ps(d * xq.dxk[(m0 + m) * nb + b]), acc[m]);
+    for (int m = 0; m < MT; ++m) {
+      const int64_t i = (m0 + m) * nb + b;
+      acc[m] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(isum[m]), _mm512_set1_ps(xq.dxk[i])), d, acc[m]);
+      acc[m] = _mm512_fmadd_ps(off, _mm512_loadu_ps(xq.m6 + i * 16), acc[m]);
+    }
   }
 };
 
@@ -665,6 +677,8 @@ XQuant rows_from(const XQuant& q, int64_t r, int64_t K) {
   o.dxk += r * (K / 256);
   o.bs32 += r * (K / 32);
   o.bs16 += r * (K / 16);
+  o.mk += r * (K / 256) * 16;
+  o.m6 += r * (K / 16);
   return o;
 }
 

@@ -525,7 +525,8 @@ void file_tile(const uint8_t* w, const XQuant& xq, int64_t K, float* y, int64_t 
 template <typename F, int MT>
 void file_rows(const uint8_t* w, const XQuant& xq, int64_t K, float* y, int64_t ldy, int64_t n_lo, int64_t n_hi,
                int64_t m0) {
-  constexpr int NT = MT <= 4 ? 4 : 2;  // NT * MT accumulators, NT codes and the temporaries fit 32 registers
+  // NT * MT accumulators (and a K-quant's MT integer sums), NT codes and the temporaries fit 32 registers
+  constexpr int NT = MT <= 4 ? 4 : F::kW == 32 ? 2 : 1;
   int64_t n = n_lo;
   for (; n + NT <= n_hi; n += NT) file_tile<F, NT, MT>(w, xq, K, y, ldy, n, m0);
   for (; n < n_hi; ++n) file_tile<F, 1, MT>(w, xq, K, y, ldy, n, m0);
@@ -540,21 +541,18 @@ void file_rows_any(int64_t mt, const uint8_t* w, const XQuant& xq, int64_t K, fl
     case 3: file_rows<F, 3>(w, xq, K, y, ldy, n_lo, n_hi, m0); break;
     case 4: file_rows<F, 4>(w, xq, K, y, ldy, n_lo, n_hi, m0); break;
     default:
-      if constexpr (F::kW == 32) {  // the 32-weight kinds take up to 8 rows of x per pass (kRowsPerPass)
-        switch (mt) {
-          case 5: file_rows<F, 5>(w, xq, K, y, ldy, n_lo, n_hi, m0); break;
-          case 6: file_rows<F, 6>(w, xq, K, y, ldy, n_lo, n_hi, m0); break;
-          case 7: file_rows<F, 7>(w, xq, K, y, ldy, n_lo, n_hi, m0); break;
-          default: file_rows<F, 8>(w, xq, K, y, ldy, n_lo, n_hi, m0); break;
-        }
+      switch (mt) {  // up to 8 rows of x per pass over the weights (rows_per_pass)
+        case 5: file_rows<F, 5>(w, xq, K, y, ldy, n_lo, n_hi, m0); break;
+        case 6: file_rows<F, 6>(w, xq, K, y, ldy, n_lo, n_hi, m0); break;
+        case 7: file_rows<F, 7>(w, xq, K, y, ldy, n_lo, n_hi, m0); break;
+        default: file_rows<F, 8>(w, xq, K, y, ldy, n_lo, n_hi, m0); break;
       }
       break;
   }
 }
 
-// Rows of x per pass over a weight tile: a 32-weight kind's unpacked pair of blocks serves up to 8 (its
-// per-row work is small), a K-quant's up to 4.
-constexpr int64_t rows_per_pass(int64_t kind) { return kKinds[kind].weights == 32 ? 8 : 4; }
+// Rows of x per pass over a weight tile: a block is unpacked once per pass, so more rows share it.
+constexpr int64_t rows_per_pass(int64_t) { return 8; }
 
 // Rows [n_lo, n_hi) of segment s (local) for x rows [m_lo, m_hi), written at y columns s.row0 + n.
 void segment_rows(const BlockSegment& s, const float* x, const XQuant& xq, int64_t K, float* y, int64_t ldy,

@@ -5,8 +5,7 @@
 
 Runs `metronome.bench.decode.measure_speculation` (plain and speculative engines side by side in each round,
 greedy and seeded sampling, outputs compared token for token) on the workloads below and prints its table.
-With --draft the engine drafts by prompt lookup where it finds a continuation and with the draft model where
-it does not, paused where it does not pay (`LookupFirst(NgramDrafter, PayingDrafter(ModelDrafter))`);
+With --draft the engine drafts with the draft model, paused where it does not pay (`PayingDrafter`);
 --drafters measures that and the alternatives in one process (the models compile once).
 """
 
@@ -20,7 +19,7 @@ import torch
 from metronome.bench.decode import measure_speculation, speculation_markdown
 from metronome.config import EngineConfig
 from metronome.engine import Engine
-from metronome.engine.speculate import LookupFirst, NgramDrafter, PayingDrafter
+from metronome.engine.speculate import NgramDrafter, PayingDrafter
 from metronome.model.loader import load
 
 FUNCTION = """def summarize(values):
@@ -90,9 +89,8 @@ def main() -> None:
     p.add_argument(
         "--drafters",
         default="model",
-        help="comma-separated, each measured against plain decoding in turn: model (what --draft builds: prompt "
-        "lookup first, the draft model where it finds nothing, paused where it does not pay), model-only (the draft "
-        "model every step, paused where it does not pay), model-always (never paused), lookup (prompt lookup alone)",
+        help="comma-separated, each measured against plain decoding in turn: model (what --draft builds: the "
+        "draft model, paused where it does not pay), model-always (never paused), lookup (prompt lookup alone)",
     )
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--rounds", type=int, default=2)
@@ -113,15 +111,13 @@ def main() -> None:
     }
     spec = engines[a.spec_tokens]
     built = spec.drafter
-    if not isinstance(built, LookupFirst):
-        raise SystemExit(f"expected LookupFirst(NgramDrafter, PayingDrafter(ModelDrafter)) from --draft, got {built!r}")
-    model = built.model.inner
+    if not isinstance(built, PayingDrafter):
+        raise SystemExit(f"expected PayingDrafter(ModelDrafter) from --draft, got {built!r}")
+    model = built.inner
     for name in a.drafters.split(","):
         paying = PayingDrafter(model)
-        first = LookupFirst(NgramDrafter(), paying)
         spec.drafter = {
-            "model": first,
-            "model-only": paying,
+            "model": paying,
             "model-always": model,
             "lookup": NgramDrafter(),
         }[name]
@@ -129,15 +125,10 @@ def main() -> None:
             None, a.threads, a.tokens, a.rounds, a.ctx, a.spec_tokens, workloads=workloads, engines=engines
         )
         print(speculation_markdown(results, a.spec_tokens, f"{name}, draft model {a.draft}"))
-        if name in ("model", "model-only"):
+        if name == "model":
             print(
                 f"\nPayingDrafter: {paying.pauses} pauses, {paying.drafting_steps} judged drafting steps, plain "
                 f"step {(paying.plain_s or float('nan')) * 1000:.1f} ms"
-                + (
-                    f"; lookup drafted {first.looked} steps, the draft model was asked {first.modelled}"
-                    if name == "model"
-                    else ""
-                )
             )
         print(flush=True)
 

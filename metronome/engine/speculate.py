@@ -180,12 +180,6 @@ class PayingDrafter:
         self.inner.reset(slot)
         self._last = None
 
-    def skip_step(self) -> None:
-        """The step about to run was drafted by someone else (`LookupFirst`'s lookup): it is not ours to time,
-        and our next drafting step (the draft model catching up on the tokens it did not see) is not judged."""
-        self._last = None
-        self._resumed = True
-
     def propose(self, slot: int, ids: Sequence[int], k: int) -> list[int]:
         start = self.clock()
         self._observe(slot, len(ids), start)
@@ -229,30 +223,3 @@ class PayingDrafter:
                 self.pause = self.min_pause  # paying again: the next pause (if any) starts short
             self._gain = self._cost = 0.0
             self._judged = 0
-
-
-class LookupFirst:
-    """Prompt lookup where it finds a continuation; the draft model only where it finds none.
-
-    Lookup's guesses cost nothing, and where the answer copies its prompt (a code edit) most of them are
-    right; a draft model costs one of its own steps per drafted token plus the verify step's extra rows,
-    which on a compute-bound CPU is most of what the accepted drafts save. So each step asks the lookup
-    first and the draft model (paced by its PayingDrafter) only when the lookup has nothing. Measured
-    against the draft model consulted every step: docs/models.md."""
-
-    def __init__(self, lookup: Drafter, model: PayingDrafter) -> None:
-        self.lookup, self.model = lookup, model
-        self.looked = self.modelled = 0  # steps drafted by each (for measurements)
-
-    def reset(self, slot: int) -> None:
-        self.lookup.reset(slot)
-        self.model.reset(slot)
-
-    def propose(self, slot: int, ids: Sequence[int], k: int) -> list[int]:
-        guess = self.lookup.propose(slot, ids, k)
-        if guess:
-            self.looked += 1
-            self.model.skip_step()
-            return guess
-        self.modelled += 1
-        return self.model.propose(slot, ids, k)

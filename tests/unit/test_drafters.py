@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from metronome.engine.speculate import LookupFirst, PayingDrafter
+from metronome.engine.speculate import PayingDrafter
 
 
 class Sim:
@@ -73,44 +73,3 @@ def test_a_gap_of_several_steps_is_not_learned_from():
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="max_pause"):
         PayingDrafter(Sim(0, 1, 1, 0).drafter.inner, pause=10, max_pause=5)
-
-
-class CountingDrafter:
-    """Proposes `answer(ids)` and counts its calls."""
-
-    def __init__(self, answer) -> None:
-        self.answer, self.calls, self.resets = answer, 0, 0
-
-    def reset(self, slot: int) -> None:
-        self.resets += 1
-
-    def propose(self, slot: int, ids, k: int) -> list[int]:
-        self.calls += 1
-        return self.answer(ids)[:k]
-
-
-def test_lookup_first_asks_the_draft_model_only_where_the_lookup_finds_nothing():
-    t = [0.0]
-    lookup = CountingDrafter(lambda ids: [5, 5, 5] if ids[-1] == 5 else [])  # "finds" after a 5
-    model = CountingDrafter(lambda ids: [5, 5])
-    paying = PayingDrafter(model, clock=lambda: t[0])
-    first = LookupFirst(lookup, paying)
-    ids = [1, 2, 3]
-    assert first.propose(0, ids, 4) == [5, 5]  # lookup: nothing; the draft model drafts
-    assert (model.calls, first.modelled, first.looked) == (1, 1, 0)
-    t[0] += 1.0
-    ids = ids + [5, 5, 5]  # both drafts accepted
-    assert first.propose(0, ids, 4) == [5, 5, 5]  # the lookup finds a continuation: the model is not asked
-    assert (model.calls, first.looked) == (1, 1)
-    t[0] += 1.0
-    ids = ids + [5, 5, 5, 9]
-    judged = paying.drafting_steps
-    first.propose(0, ids, 4)  # after a lookup step: the draft model again, its step after that not judged
-    t[0] += 1.0
-    first.propose(0, ids + [5, 5, 9], 4)  # its 2 drafts accepted, then a 9: the lookup finds nothing again
-    assert model.calls == 3 and paying.drafting_steps == judged  # neither the lookup's step nor the catch-up
-    t[0] += 1.0
-    first.propose(0, ids + [5, 5, 9, 5, 5, 9], 4)
-    assert paying.drafting_steps == judged + 1  # a drafting step after a drafting step is judged
-    first.reset(0)
-    assert (lookup.resets, model.resets) == (1, 1)

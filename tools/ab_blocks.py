@@ -1,0 +1,125 @@
+"""A/B of the block matmul kernels: an earlier commit's csrc/blocks.cpp beside the working tree's, in one process.
+
+    flock /tmp/metronome-bench.lock .venv/bin/python tools/ab_blocks.py --base 8d84ff4 \
+        [--kinds Q8_0_X8,Q5_0,Q4_K] [--shape 512 2048] [--threads 1] [--rows 1 4] [--rounds 15]
+
+The base commit's blocks.cpp and pool.cpp (with its headers) are built as a second extension module that
+exports only `block_linear` and `set_threads` (the full module's pybind11 types cannot be registered twice),
+cached under ~/.cache/metronome/ab-<commit>. Calls alternate between the two builds round by round, so a
+machine whose speed drifts from minute to minute slows both alike; each row reports GB/s of weight bytes
+(median), the median and range of the per-round ratios base / new, and the largest output difference
+relative to the output's largest value (0 where the integer sums and the float steps are unchanged).
+Random codes and scales of valid layout (timing only; tests/kernels/test_block_formats.py checks values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+from torch.utils import cpp_extension
+
+from metronome.kernels import build
+from metronome.kernels.blocks import BLOCK_KINDS
+from metronome.kernels.ops import load_kernels
+
+BINDING = """#include <torch/extension.h>
+#include "blocks.h"
+#include "pool.h"
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("set_threads", &metronome::set_threads);
+  m.def("block_linear", &metronome::block_linear);
+}
+"""
+SOURCES = ("blocks.cpp", "blocks.h", "checks.h", "pool.cpp", "pool.h", "simd.h")
+
+
+def base_module(commit: str):
+    """The base commit's block kernels as a module of their own (built once per commit)."""
+    root = Path(subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True).stdout.strip())
+    full = subprocess.run(["git", "rev-parse", commit], capture_output=True, text=True, cwd=root, check=True).stdout
+    directory = Path.home() / ".cache" / "metronome" / f"ab-{full.strip()[:12]}"
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in SOURCES:
+        text = subprocess.run(
+            ["git", "show", f"{commit}:metronome/kernels/csrc/{name}"], capture_output=True, text=True, cwd=root
+        )
+        if text.returncode != 0:
+            raise SystemExit(f"--base {commit}: no metronome/kernels/csrc/{name} there ({text.stderr.strip()})")
+        (directory / name).write_text(text.stdout)
+    (directory / "ab_bindings.cpp").write_text(BINDING)
+    return cpp_extension.load(
+        name=f"metronome_blocks_{full.strip()[:12]}",
+        sources=[str(directory / n) for n in ("blocks.cpp", "pool.cpp", "ab_bindings.cpp")],
+        extra_cflags=build.CFLAGS,
+        extra_ldflags=build.LDFLAGS,
+        extra_include_paths=[str(directory)],
+        build_directory=str(directory),
+    )
+
+
+def random_blocks(name: str, n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """A random (n, k) matrix in block kind `name`: valid layouts, random codes, small fp16 scales."""
+    from metronome.kernels.blocks import BLOCK_BYTES, BLOCK_WEIGHTS
+
+    rows = (n + 3) // 4 if name == "Q4X4" else n
+    raw = torch.randint(0, 256, (rows, k // BLOCK_WEIGHTS[name], BLOCK_BYTES[name]), generator=gen, dtype=torch.uint8)
+    scale = (torch.rand(rows, k // BLOCK_WEIGHTS[name], 8, generator=gen) * 0.01).half().view(torch.uint8)
+    if name == "Q6_K":
+        raw[..., 208:210] = scale[..., :2]
+    elif name == "Q4X4":
+        raw[..., :16] = scale
+    else:  # d (and dmin / m) lead the block
+        raw[..., :4] = scale[..., :4] if name in ("Q5_1", "Q4_K", "Q5_K") else raw[..., :4]
+        raw[..., :2] = scale[..., :2]
+    return raw.reshape(rows, -1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", required=True, help="the commit to compare against (e.g. a tag, a hash, HEAD~3)")
+    p.add_argument("--kinds", default="Q8_0_X8,Q5_0,Q5_1,Q4_K,Q5_K,Q6_K", help=f"from {', '.join(BLOCK_KINDS)}")
+    p.add_argument("--shape", type=int, nargs=2, default=[512, 2048], metavar=("N", "K"))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 4], help="rows of x (M)")
+    p.add_argument("--rounds", type=int, default=15)
+    a = p.parse_args()
+    unknown = [k for k in a.kinds.split(",") if k not in BLOCK_KINDS]
+    if unknown:
+        raise SystemExit(f"--kinds: unknown {unknown}; choose from {', '.join(BLOCK_KINDS)}")
+    base, new = base_module(a.base), load_kernels()
+    for mod in (base, new):
+        mod.set_threads(a.threads)
+    n, k = a.shape
+    gen = torch.Generator().manual_seed(0)
+    print(f"base {a.base} vs the working tree; {n} x {k}, {a.threads} thread(s), {a.rounds} rounds")
+    for name in a.kinds.split(","):
+        w, kind = random_blocks(name, n, k, gen), BLOCK_KINDS[name]
+        for m in a.rows:
+            x = torch.randn(m, k, generator=gen)
+            y_base, y_new = base.block_linear(x, w, kind, n, None), new.block_linear(x, w, kind, n)
+            diff = ((y_base - y_new).abs().max() / y_base.abs().max()).item()
+            calls = max(1, int(2e-3 * 20e9 / w.nbytes))  # ~2 ms per timing at 20 GB/s
+            times: dict[str, list[float]] = {"base": [], "new": []}
+            for r in range(a.rounds):
+                order = (("base", base), ("new", new)) if r % 2 == 0 else (("new", new), ("base", base))
+                for tag, mod in order:
+                    start = time.perf_counter()
+                    for _ in range(calls):
+                        mod.block_linear(x, w, kind, n, None)
+                    times[tag].append((time.perf_counter() - start) / calls)
+            ratios = [b / c for b, c in zip(times["base"], times["new"])]
+            gb = {t: w.nbytes / statistics.median(v) / 1e9 for t, v in times.items()}
+            print(
+                f"{name:8s} M={m:<3d} base {gb['base']:6.1f} GB/s  new {gb['new']:6.1f} GB/s  base/new "
+                f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})  max diff {diff:.1e}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

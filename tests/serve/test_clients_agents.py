@@ -137,7 +137,10 @@ def test_a_planner_calls_a_specialist_agent_as_a_tool(url):
     )
 
     async def run():  # one event loop for the client's connections
-        result = await Runner.run(planner, "The sea.", hooks=Record(), max_turns=3)
+        # The 0.5B's greedy answer can loop inside the call's argument string until max_tokens: for "The sea."
+        # it did after the 2026-12-01 kernel changes moved float rounding (it had not before). A topic it
+        # passes on in a few words keeps this test about the client protocol, not the model's prose.
+        result = await Runner.run(planner, "Autumn leaves.", hooks=Record(), max_turns=3)
         call = result.raw_responses[0].output[-1]
         alone = (
             await Runner.run(specialist, json.loads(call.arguments)["input"]) if call.type == "function_call" else None

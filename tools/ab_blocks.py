@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_kernels import format_blocks  # tools/: random matrices of valid block layout
 from torch.utils import cpp_extension
 
 from metronome.kernels import build
@@ -62,23 +63,6 @@ def base_module(commit: str):
     )
 
 
-def random_blocks(name: str, n: int, k: int, gen: torch.Generator) -> torch.Tensor:
-    """A random (n, k) matrix in block kind `name`: valid layouts, random codes, small fp16 scales."""
-    from metronome.kernels.blocks import BLOCK_BYTES, BLOCK_WEIGHTS
-
-    rows = (n + 3) // 4 if name == "Q4X4" else n
-    raw = torch.randint(0, 256, (rows, k // BLOCK_WEIGHTS[name], BLOCK_BYTES[name]), generator=gen, dtype=torch.uint8)
-    scale = (torch.rand(rows, k // BLOCK_WEIGHTS[name], 8, generator=gen) * 0.01).half().view(torch.uint8)
-    if name == "Q6_K":
-        raw[..., 208:210] = scale[..., :2]
-    elif name == "Q4X4":
-        raw[..., :16] = scale
-    else:  # d (and dmin / m) lead the block
-        raw[..., :4] = scale[..., :4] if name in ("Q5_1", "Q4_K", "Q5_K") else raw[..., :4]
-        raw[..., :2] = scale[..., :2]
-    return raw.reshape(rows, -1)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, help="the commit to compare against (e.g. a tag, a hash, HEAD~3)")
@@ -98,7 +82,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     print(f"base {a.base} vs the working tree; {n} x {k}, {a.threads} thread(s), {a.rounds} rounds")
     for name in a.kinds.split(","):
-        w, kind = random_blocks(name, n, k, gen), BLOCK_KINDS[name]
+        w, kind = format_blocks(name, n, k, gen)
         for m in a.rows:
             x = torch.randn(m, k, generator=gen)
             y_base, y_new = base.block_linear(x, w, kind, n, None), new.block_linear(x, w, kind, n)

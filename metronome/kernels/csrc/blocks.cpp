@@ -540,19 +540,15 @@ void file_rows_any(int64_t mt, const uint8_t* w, const XQuant& xq, int64_t K, fl
     case 2: file_rows<F, 2>(w, xq, K, y, ldy, n_lo, n_hi, m0); break;
     case 3: file_rows<F, 3>(w, xq, K, y, ldy, n_lo, n_hi, m0); break;
     case 4: file_rows<F, 4>(w, xq, K, y, ldy, n_lo, n_hi, m0); break;
-    default:
-      switch (mt) {  // up to 8 rows of x per pass over the weights (rows_per_pass)
-        case 5: file_rows<F, 5>(w, xq, K, y, ldy, n_lo, n_hi, m0); break;
-        case 6: file_rows<F, 6>(w, xq, K, y, ldy, n_lo, n_hi, m0); break;
-        case 7: file_rows<F, 7>(w, xq, K, y, ldy, n_lo, n_hi, m0); break;
-        default: file_rows<F, 8>(w, xq, K, y, ldy, n_lo, n_hi, m0); break;
-      }
-      break;
+    case 5: file_rows<F, 5>(w, xq, K, y, ldy, n_lo, n_hi, m0); break;
+    case 6: file_rows<F, 6>(w, xq, K, y, ldy, n_lo, n_hi, m0); break;
+    case 7: file_rows<F, 7>(w, xq, K, y, ldy, n_lo, n_hi, m0); break;
+    default: file_rows<F, 8>(w, xq, K, y, ldy, n_lo, n_hi, m0); break;
   }
 }
 
 // Rows of x per pass over a weight tile: a block is unpacked once per pass, so more rows share it.
-constexpr int64_t rows_per_pass(int64_t) { return 8; }
+constexpr int64_t kRowsPerPass = 8;
 
 // Rows [n_lo, n_hi) of segment s (local) for x rows [m_lo, m_hi), written at y columns s.row0 + n.
 void segment_rows(const BlockSegment& s, const float* x, const XQuant& xq, int64_t K, float* y, int64_t ldy,
@@ -571,9 +567,8 @@ void segment_rows(const BlockSegment& s, const float* x, const XQuant& xq, int64
                   m0);
     return;
   }
-  const int64_t pass = rows_per_pass(s.kind);
-  for (int64_t m0 = m_lo; m0 < m_hi; m0 += pass) {
-    const int64_t mt = std::min<int64_t>(pass, m_hi - m0);
+  for (int64_t m0 = m_lo; m0 < m_hi; m0 += kRowsPerPass) {
+    const int64_t mt = std::min<int64_t>(kRowsPerPass, m_hi - m0);
     switch (s.kind) {
       case kQ8_0x8: file_rows_any<Q8_0x8>(mt, s.w, xq, K, ys, ldy, n_lo, n_hi, m0); break;
       case kQ5_0: file_rows_any<Q5_0>(mt, s.w, xq, K, ys, ldy, n_lo, n_hi, m0); break;

@@ -208,6 +208,11 @@ void quantize_256(const float* x, int64_t M, int64_t K, const XQuant& q) {
 // end row r = (l0 + l1) + (l2 + l3) of its four lanes. The order depends only on (row, block): the same
 // whatever M, the tile or the thread split.
 
+// A thread's groups are one sequential stream, which the hardware prefetcher here follows poorly (it
+// restarts at every 4 KB page): each block step asks for the bytes kQ4Ahead further on, past a group's end
+// into the next group's blocks. From memory this reads a one-row matmul 1.6x faster (docs/moe.md).
+constexpr int64_t kQ4Ahead = 4096;
+
 // 4 output rows (one packed group; local row n0 of `rows`, y column n0) x MT rows of x (from m0).
 template <int MT>
 void q4x4_tile(const uint8_t* w, int64_t nb, const XQuant& xq, int64_t K, float* y, int64_t ldy, int64_t rows,
@@ -219,6 +224,9 @@ void q4x4_tile(const uint8_t* w, int64_t nb, const XQuant& xq, int64_t K, float*
   for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* p = w + b * kQ4x4Bytes;
+    // +0 and +64 of each 80-byte block: every line of the stream
+    _mm_prefetch(reinterpret_cast<const char*>(p) + kQ4Ahead, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(p) + kQ4Ahead + 64, _MM_HINT_T0);
     const __m512 dm = _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
     const __m512 dv = _mm512_permutexvar_ps(idx_d, dm);
     const __m512 mv = _mm512_maskz_permutexvar_ps(0x1111, idx_m, dm);  // m_r in lane 4r only

@@ -198,7 +198,8 @@ def measure_terms(
         raise ValueError(f"threads={threads} and repeats={repeats} must be at least 1")
     if device == "cuda":
         return _measure_cuda(repeats)
-    from metronome.kernels.blocks import FILE_KINDS, Q4X4_KIND, Q8_0_KIND
+    from metronome.compile.quant import pack_q5_0
+    from metronome.kernels.blocks import FILE_KINDS, Q4X4_KIND, Q5X16_KIND, Q8_0_KIND
     from metronome.kernels.ops import load_kernels
 
     ops = load_kernels()
@@ -220,6 +221,8 @@ def measure_terms(
                 blocks, n, k_in = _tiled(tensor, stream_bytes if rows <= 8 else min(stream_bytes, COMPUTE_BYTES))
                 x = torch.randn(rows, k_in)
                 kind = FILE_KINDS[tensor.qtype]
+                if fmt == "Q5_0X16":  # as the plan holds it
+                    blocks, kind = pack_q5_0(blocks.numpy(), n, k_in), Q5X16_KIND
                 s = _mean_s(lambda x=x, b=blocks, kind=kind, n=n: ops.block_linear(x, b, kind, n), repeats)
                 per_byte[fmt][rows] = s / blocks.nbytes
         attention_s = _attention_seconds(ops, repeats)
@@ -426,8 +429,9 @@ class PlanCost:
 
 
 def plan_formats(loaded, mode: str) -> tuple[dict[str, int], dict, tuple[str, int]]:
-    """Bytes one step reads per block format in the layers, one tensor per format the kernels read in place
-    (to measure), and the head's (format, bytes). As quant.block_matrix decides: file formats stay as stored ("Q6_K (file)"), Q4_0/Q4_1 are
+    """Bytes one step reads per block format in the layers, one tensor per format the kernels read from the
+    file's blocks (to measure), and the head's (format, bytes). As quant.block_matrix decides: Q5_0 is packed
+    16 rows side by side ("Q5_0X16"), the other file formats stay as stored ("Q6_K (file)"), Q4_0/Q4_1 are
     packed ("Q4X4") in int4 mode, the rest is quantized to "Q8_0". The embedding table counts only when it
     is also the head (tied): a step reads one row of it otherwise."""
     from metronome.kernels.blocks import FILE_KINDS
@@ -442,7 +446,7 @@ def plan_formats(loaded, mode: str) -> tuple[dict[str, int], dict, tuple[str, in
             continue
         rows, k = w.shape
         if isinstance(w, QuantTensor) and w.qtype in FILE_KINDS:
-            fmt = f"{w.qtype} (file)"
+            fmt = "Q5_0X16" if w.qtype == "Q5_0" else f"{w.qtype} (file)"
             samples.setdefault(fmt, w)
             nbytes = int(np.asarray(w.raw).nbytes)
         elif mode == "int4" and isinstance(w, QuantTensor) and w.qtype in Q4_FORMATS:
@@ -474,15 +478,17 @@ def plan_matmuls(runner) -> tuple[dict[Matmul, int], Matmul, dict[Matmul, tuple]
 
 def _merged(matrix: list) -> tuple[Matmul, tuple]:
     """A matrix's segments with neighbours of one format stacked into one part (as one call times them);
-    packed Q4 groups only where the rows fill whole groups of 4."""
+    packed groups (Q4 of 4 rows, Q5_0 of 16) only where the rows fill whole groups."""
     import torch
 
-    from metronome.kernels.blocks import Q4X4_KIND
+    from metronome.kernels.blocks import Q4X4_KIND, Q5X16_KIND
 
+    group = {Q4X4_KIND: 4, Q5X16_KIND: 16}
     parts: list[list] = []  # [kind, rows, row_bytes, [blocks]]
     for blocks, kind, rows in matrix:
         last = parts[-1] if parts else None
-        whole = kind != Q4X4_KIND or (rows % 4 == 0 and last is not None and last[1] % 4 == 0)
+        g = group.get(kind, 1)
+        whole = g == 1 or (rows % g == 0 and last is not None and last[1] % g == 0)
         if last is not None and last[0] == kind and last[2] == blocks.shape[1] and whole:
             last[1] += rows
             last[3].append(blocks)
@@ -838,6 +844,6 @@ def calibration_table(terms: Terms, rows: list[CalibrationRow]) -> str:
 
 
 def _weights_per_byte(fmt: str) -> float:
-    bits = {"Q4X4": 5.0, "Q8_0": 8.5, "bf16": 16.0, "Q8_0 (file)": 8.5, "Q5_0 (file)": 5.5, "Q5_1 (file)": 6.0}
+    bits = {"Q4X4": 5.0, "Q8_0": 8.5, "bf16": 16.0, "Q8_0 (file)": 8.5, "Q5_0X16": 5.5, "Q5_1 (file)": 6.0}
     bits |= {"Q4_K (file)": 4.5, "Q5_K (file)": 5.5, "Q6_K (file)": 6.5625}
     return 8 / bits.get(fmt, 8.0)

@@ -17,6 +17,8 @@ __all__ = [
     "FILE_KINDS",
     "Q4X4_BYTES",
     "Q4X4_KIND",
+    "Q5X16_BYTES",
+    "Q5X16_KIND",
     "Q8_0_BYTES",
     "Q8_0_KIND",
     "check_exports",
@@ -34,6 +36,7 @@ BLOCK_KINDS = {
     "Q4_K": 5,
     "Q5_K": 6,
     "Q6_K": 7,
+    "Q5_0X16": 8,  # GGUF Q5_0 repacked 16 rows side by side (ceil(N/16), K/32*352) (compile/quant.py, pack_q5_0)
 }
 BLOCK_WEIGHTS = {name: 256 if name.endswith("_K") else 32 for name in BLOCK_KINDS}  # per block along K
 Q8_0_BYTES = 34  # per row and block: fp16 scale + 32 int8
@@ -47,7 +50,9 @@ BLOCK_BYTES = {
     "Q4_K": 144,
     "Q5_K": 176,
     "Q6_K": 210,
+    "Q5_0X16": 352,  # per 16 rows x 1 block: 16 fp16 d, 8 x 64 fifth bits, 4 x 64 nibble bytes
 }
+Q5X16_KIND, Q5X16_BYTES = BLOCK_KINDS["Q5_0X16"], BLOCK_BYTES["Q5_0X16"]
 # GGUF tensor type -> the kind that reads its blocks in place.
 FILE_KINDS = {
     qtype: BLOCK_KINDS["Q8_0_X8" if qtype == "Q8_0" else qtype]

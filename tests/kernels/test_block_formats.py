@@ -1,6 +1,7 @@
-"""The fused decoder's kernels for the GGUF formats it reads in place (Q8_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K):
-against the `gguf` package's dequantizer (an independent reference), row independence, thread-count
-determinism, and matrices stacked from parts of different formats."""
+"""The fused decoder's kernels for the GGUF formats it reads in place (Q8_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)
+and for Q5_0 repacked 16 rows side by side (Q5_0X16, what the plans run): against the `gguf` package's
+dequantizer (an independent reference), row independence, thread-count determinism, and matrices stacked
+from parts of different formats."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from metronome.kernels.blocks import FILE_KINDS
+from metronome.compile.quant import pack_q5_0
+from metronome.kernels.blocks import FILE_KINDS, Q5X16_KIND
 from metronome.kernels.ops import KernelBuildError, load_kernels
 
 try:
@@ -17,14 +19,16 @@ try:
 except KernelBuildError as exc:  # pragma: no cover - every CI machine has AVX-512
     pytest.skip(f"C++ kernels unavailable: {exc}", allow_module_level=True)
 
-FORMATS = ["Q8_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
+FORMATS = ["Q8_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q5_0X16"]
 QUANTIZABLE = {"Q8_0", "Q5_0", "Q5_1"}  # gguf.quants can quantize these; K-quant blocks are built at random
+STORED = {"Q5_0X16": "Q5_0"}  # a packed kind -> the file format it is packed from
 
 
 def _blocks(qtype: str, n: int, k: int, seed: int) -> np.ndarray:
     """A (n, k) matrix in `qtype` as a GGUF file stores it: gguf's own quantizer where it has one, else
     random bytes (every bit pattern of codes and 6-bit scales is valid) with small random fp16 scales."""
     rng = np.random.default_rng(seed)
+    qtype = STORED.get(qtype, qtype)
     kind = gguf.GGMLQuantizationType[qtype]
     if qtype in QUANTIZABLE:
         w = rng.standard_normal((n, k)).astype(np.float32) * 0.05
@@ -40,7 +44,8 @@ def _blocks(qtype: str, n: int, k: int, seed: int) -> np.ndarray:
 
 
 def _dequantized(raw: np.ndarray, qtype: str, n: int, k: int) -> torch.Tensor:
-    return torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype]).reshape(n, k)).double()
+    kind = gguf.GGMLQuantizationType[STORED.get(qtype, qtype)]
+    return torch.from_numpy(gguf.quants.dequantize(raw, kind).reshape(n, k)).double()
 
 
 def _int8_x(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -53,7 +58,10 @@ def _int8_x(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def _linear(x: torch.Tensor, raw: np.ndarray, qtype: str) -> torch.Tensor:
-    return OPS.block_linear(x, torch.from_numpy(raw), FILE_KINDS[qtype], raw.shape[0])
+    n = raw.shape[0]
+    if qtype == "Q5_0X16":
+        return OPS.block_linear(x, pack_q5_0(raw, n, x.shape[1]), Q5X16_KIND, n)
+    return OPS.block_linear(x, torch.from_numpy(raw), FILE_KINDS[qtype], n)
 
 
 @pytest.mark.parametrize("qtype", FORMATS)
@@ -139,7 +147,7 @@ def test_gemma3_runs_on_the_files_own_blocks(gemma_path) -> None:
     fused = Engine.from_model(config=EngineConfig(slots=2, ctx=256, spec_tokens=0), loaded=loaded)
     ref = Engine.from_model(config=EngineConfig(slots=2, ctx=256, weights="f32", kernels="torch"), loaded=loaded)
     kinds = {kind for segments in fused.plan.runner.matrices for _blocks, kind, _rows in segments}
-    assert kinds == {FILE_KINDS[q] for q in ("Q8_0", "Q5_0", "Q4_K", "Q6_K")}
+    assert kinds == {FILE_KINDS[q] for q in ("Q8_0", "Q4_K", "Q6_K")} | {Q5X16_KIND}  # Q5_0 packed by 16 rows
     assert fused.plan.report.weight_bytes <= loaded.file_bytes  # nothing requantized to a larger format
     prompt = "Name three colors of the rainbow."
     ids = fused.encode_prompt(prompt, True)

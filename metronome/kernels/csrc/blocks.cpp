@@ -265,6 +265,68 @@ void q4x4_rows(int64_t mt, const uint8_t* w, int64_t nb, const XQuant& xq, int64
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Q5_0 repacked, 16 rows side by side (quant.py, pack_q5_0): per group of 16 rows and per block of 32
+// weights, 352 bytes = 16 fp16 d (row r in lane r), then 8 words of 64 fifth bits (word g: bit 4r+j is the
+// fifth bit of row r's weight 4g+j), then 4 x 64 nibble bytes (vector v, byte 4r+j: weight 8v+j of row r in
+// the low nibble, weight 8v+4+j in the high one). Unpacked, a vector holds 4 consecutive weights of each
+// of the 16 rows, one row per int32 lane, which is what vpdpbusd multiplies against 4 bytes of x broadcast
+// to every lane: 8 of them make a block's exact integer sums for 16 rows at once, and a block then costs one
+// conversion and one multiply-add per 16 rows and row of x, not per row (the file layout's kernel above
+// needs a float step per 8 weights of each row).
+//
+// Row r, x row m: acc += float(sum_j q_j x8_j - 16 * bs) * (d_r * dx), block after block; the row's result
+// is its lane of acc. The order depends only on (row, block): the same whatever M, the tile or the split.
+
+// 16 output rows (one packed group; local row n0 of `rows`, y column n0) x MT rows of x (from m0).
+template <int MT>
+void q5x16_tile(const uint8_t* w, int64_t nb, const XQuant& xq, int64_t K, float* y, int64_t ldy, int64_t rows,
+                int64_t n0, int64_t m0) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F), bit4 = _mm512_set1_epi8(0x10);
+  __m512 acc[MT];
+  for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* p = w + b * kQ5x16Bytes;
+    for (int64_t o = 0; o < kQ5x16Bytes; o += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(p) + kQ4Ahead + o, _MM_HINT_T0);
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    __m512i c[8];  // 4 weights of each row per vector, codes in [0, 32)
+    for (int v = 0; v < 4; ++v) {
+      const __m512i nib = _mm512_loadu_si512(p + 96 + 64 * v);
+      uint64_t h0, h1;
+      std::memcpy(&h0, p + 32 + 16 * v, 8);
+      std::memcpy(&h1, p + 40 + 16 * v, 8);
+      c[2 * v] = _mm512_or_si512(_mm512_and_si512(nib, low4), _mm512_maskz_mov_epi8(h0, bit4));
+      c[2 * v + 1] =
+          _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(nib, 4), low4), _mm512_maskz_mov_epi8(h1, bit4));
+    }
+    for (int m = 0; m < MT; ++m) {
+      const int64_t i = (m0 + m) * nb + b;
+      const int32_t* xb = reinterpret_cast<const int32_t*>(xq.x8 + (m0 + m) * K + b * 32);
+      __m512i s = _mm512_set1_epi32(xq.o16[i]);  // the offset term starts every row's sum
+      for (int g = 0; g < 8; ++g) s = _mm512_dpbusd_epi32(s, c[g], _mm512_set1_epi32(xb[g]));
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d, _mm512_set1_ps(xq.dx[i])), acc[m]);
+    }
+  }
+  const int64_t left = std::min<int64_t>(16, rows - n0);
+  const __mmask16 keep = left >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+  for (int m = 0; m < MT; ++m) _mm512_mask_storeu_ps(y + (m0 + m) * ldy + n0, keep, acc[m]);
+}
+
+void q5x16_rows(int64_t mt, const uint8_t* w, int64_t nb, const XQuant& xq, int64_t K, float* y, int64_t ldy,
+                int64_t rows, int64_t n0, int64_t m0) {
+  switch (mt) {
+    case 1: q5x16_tile<1>(w, nb, xq, K, y, ldy, rows, n0, m0); break;
+    case 2: q5x16_tile<2>(w, nb, xq, K, y, ldy, rows, n0, m0); break;
+    case 3: q5x16_tile<3>(w, nb, xq, K, y, ldy, rows, n0, m0); break;
+    case 4: q5x16_tile<4>(w, nb, xq, K, y, ldy, rows, n0, m0); break;
+    case 5: q5x16_tile<5>(w, nb, xq, K, y, ldy, rows, n0, m0); break;
+    case 6: q5x16_tile<6>(w, nb, xq, K, y, ldy, rows, n0, m0); break;
+    case 7: q5x16_tile<7>(w, nb, xq, K, y, ldy, rows, n0, m0); break;
+    default: q5x16_tile<8>(w, nb, xq, K, y, ldy, rows, n0, m0); break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
 // The file's own formats, read in place (row after row of blocks, as the GGUF file stores them: the
 // matrix can stay a view of the mapped file). Each kind unpacks a block's codes to unsigned bytes in the
 // weights' natural order and multiplies them with the int8 x by VNNI (vpdpbusd: 4 products per int32
@@ -575,6 +637,14 @@ void segment_rows(const BlockSegment& s, const float* x, const XQuant& xq, int64
                   m0);
     return;
   }
+  if (s.kind == kQ5_0x16) {  // n_lo is a multiple of 16: chunks are 16 rows
+    const int64_t nb = K / 32;
+    for (int64_t n0 = n_lo; n0 < n_hi; n0 += 16)
+      for (int64_t m0 = m_lo; m0 < m_hi; m0 += kRowsPerPass)
+        q5x16_rows(std::min<int64_t>(kRowsPerPass, m_hi - m0), s.w + (n0 / 16) * nb * kQ5x16Bytes, nb, xq, K, ys, ldy,
+                   s.rows, n0, m0);
+    return;
+  }
   for (int64_t m0 = m_lo; m0 < m_hi; m0 += kRowsPerPass) {
     const int64_t mt = std::min<int64_t>(kRowsPerPass, m_hi - m0);
     switch (s.kind) {
@@ -719,7 +789,10 @@ void block_linear_rows_group(const BlockJob* jobs, int64_t n, const float* x, in
     const BlockMatrix& W = *jobs[j].W;
     for (int64_t s = 0; s < W.nseg; ++s) {
       const KindInfo& info = kKinds[W.seg[s].kind];
-      const int64_t row_bytes = W.seg[s].kind == kQ4x4 ? K / 32 * kQ4x4Bytes / 4 : K / info.weights * info.bytes;
+      const int64_t kind = W.seg[s].kind;
+      const int64_t row_bytes = kind == kQ4x4      ? K / 32 * kQ4x4Bytes / 4
+                                : kind == kQ5_0x16 ? K / 32 * kQ5x16Bytes / 16
+                                                   : K / info.weights * info.bytes;
       const int64_t chunks = (W.seg[s].rows + kChunk - 1) / kChunk;
       pieces[np++] = Piece{j, s, chunks, total, kChunk * row_bytes * (jobs[j].rows + 7)};
       total += chunks * pieces[np - 1].unit;
@@ -767,7 +840,7 @@ BlockMatrix check_segments(const char* op, const std::vector<BlockPart>& parts, 
     TORCH_CHECK(K > 0 && K % info.weights == 0, op, ": K = ", K, " must be a positive multiple of ", info.weights,
                 " (the block size of ", info.name, ")");
     TORCH_CHECK(rows > 0, op, ": a part must have rows, got ", rows);
-    const int64_t want_rows = kind == kQ4x4 ? (rows + 3) / 4 : rows;
+    const int64_t want_rows = kind == kQ4x4 ? (rows + 3) / 4 : kind == kQ5_0x16 ? (rows + 15) / 16 : rows;
     const int64_t want_bytes = K / info.weights * info.bytes;
     TORCH_CHECK(w.size(0) == want_rows && w.size(1) == want_bytes, op, ": ", info.name, " blocks must have ",
                 want_bytes, " bytes per row for K = ", K, " (", want_rows, " rows for ", rows, " rows), got ",

@@ -20,31 +20,33 @@ namespace metronome {
 using at::Tensor;
 
 enum BlockKind : int64_t {
-  kQ8_0 = 0,    // Q8_0 rows (N, K/32*34) against float32 x: matrices quantized here from dense weights
-  kQ4x4 = 1,    // packed Q4 groups (ceil(N/4), K/32*80): four rows side by side (compile/quant.py, pack_q4)
-  kQ8_0x8 = 2,  // GGUF Q8_0 rows as stored, against int8 x (per-32 activation blocks)
-  kQ5_0 = 3,    // GGUF Q5_0 rows as stored (22 bytes per 32 weights), int8 x per 32
-  kQ5_1 = 4,    // GGUF Q5_1 rows as stored (24 bytes per 32 weights), int8 x per 32
-  kQ4_K = 5,    // GGUF Q4_K rows as stored (144 bytes per 256 weights), int8 x per 256
-  kQ5_K = 6,    // GGUF Q5_K rows as stored (176 bytes per 256 weights), int8 x per 256
-  kQ6_K = 7,    // GGUF Q6_K rows as stored (210 bytes per 256 weights), int8 x per 256
+  kQ8_0 = 0,     // Q8_0 rows (N, K/32*34) against float32 x: matrices quantized here from dense weights
+  kQ4x4 = 1,     // packed Q4 groups (ceil(N/4), K/32*80): four rows side by side (compile/quant.py, pack_q4)
+  kQ8_0x8 = 2,   // GGUF Q8_0 rows as stored, against int8 x (per-32 activation blocks)
+  kQ5_0 = 3,     // GGUF Q5_0 rows as stored (22 bytes per 32 weights), int8 x per 32
+  kQ5_1 = 4,     // GGUF Q5_1 rows as stored (24 bytes per 32 weights), int8 x per 32
+  kQ4_K = 5,     // GGUF Q4_K rows as stored (144 bytes per 256 weights), int8 x per 256
+  kQ5_K = 6,     // GGUF Q5_K rows as stored (176 bytes per 256 weights), int8 x per 256
+  kQ6_K = 7,     // GGUF Q6_K rows as stored (210 bytes per 256 weights), int8 x per 256
+  kQ5_0x16 = 8,  // GGUF Q5_0 repacked 16 rows side by side (ceil(N/16), K/32*352) (compile/quant.py, pack_q5_0)
 };
-constexpr int64_t kNumKinds = 8;
+constexpr int64_t kNumKinds = 9;
 
 struct KindInfo {
   const char* name;
   int64_t weights;  // per block along K
-  int64_t bytes;    // per block and row (kQ4x4: per block and group of 4 rows)
+  int64_t bytes;    // per block and row (kQ4x4, kQ5_0x16: per block and group of 4, 16 rows)
 };
 inline constexpr KindInfo kKinds[kNumKinds] = {
-    {"Q8_0", 32, 34}, {"Q4X4", 32, 80},   {"Q8_0_X8", 32, 34}, {"Q5_0", 32, 22},
-    {"Q5_1", 32, 24}, {"Q4_K", 256, 144}, {"Q5_K", 256, 176},  {"Q6_K", 256, 210},
+    {"Q8_0", 32, 34},   {"Q4X4", 32, 80},   {"Q8_0_X8", 32, 34}, {"Q5_0", 32, 22},     {"Q5_1", 32, 24},
+    {"Q4_K", 256, 144}, {"Q5_K", 256, 176}, {"Q6_K", 256, 210},  {"Q5_0X16", 32, 352},
 };
 
-constexpr int64_t kQ8Block = 32;    // weights per Q8_0 block
-constexpr int64_t kQ8Bytes = 34;    // bytes per Q8_0 block
-constexpr int64_t kQ4Block = 32;    // weights per Q4 block
-constexpr int64_t kQ4x4Bytes = 80;  // per 4 rows x 1 block
+constexpr int64_t kQ8Block = 32;      // weights per Q8_0 block
+constexpr int64_t kQ8Bytes = 34;      // bytes per Q8_0 block
+constexpr int64_t kQ4Block = 32;      // weights per Q4 block
+constexpr int64_t kQ4x4Bytes = 80;    // per 4 rows x 1 block
+constexpr int64_t kQ5x16Bytes = 352;  // per 16 rows x 1 block
 constexpr int64_t kSuperBlock = 256;
 constexpr int kMaxSegments = 4;
 

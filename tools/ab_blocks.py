@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import subprocess
-import time
 from pathlib import Path
 
 import torch
-from bench_kernels import format_blocks  # tools/: random matrices of valid block layout
+from bench_kernels import alternating, format_blocks  # tools/: timing, random matrices of valid block layout
 from torch.utils import cpp_extension
 
 from metronome.kernels import build
@@ -87,15 +86,11 @@ def main() -> None:
             x = torch.randn(m, k, generator=gen)
             y_base, y_new = base.block_linear(x, w, kind, n, None), new.block_linear(x, w, kind, n)
             diff = ((y_base - y_new).abs().max() / y_base.abs().max()).item()
-            calls = max(1, int(2e-3 * 20e9 / w.nbytes))  # ~2 ms per timing at 20 GB/s
-            times: dict[str, list[float]] = {"base": [], "new": []}
-            for r in range(a.rounds):
-                order = (("base", base), ("new", new)) if r % 2 == 0 else (("new", new), ("base", base))
-                for tag, mod in order:
-                    start = time.perf_counter()
-                    for _ in range(calls):
-                        mod.block_linear(x, w, kind, n, None)
-                    times[tag].append((time.perf_counter() - start) / calls)
+            calls = {
+                tag: (lambda mod=mod, x=x, w=w, kind=kind: mod.block_linear(x, w, kind, n, None))
+                for tag, mod in (("base", base), ("new", new))
+            }
+            times = alternating(calls, a.rounds, max(1, int(2e-3 * 20e9 / w.nbytes)))  # ~2 ms a timing at 20 GB/s
             ratios = [b / c for b, c in zip(times["base"], times["new"])]
             gb = {t: w.nbytes / statistics.median(v) / 1e9 for t, v in times.items()}
             print(

@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import torch
+from bench_kernels import alternating  # tools/
 from gguf import GGMLQuantizationType, quants
 
 from metronome.compile.quant import pack_q5_0
@@ -45,13 +46,7 @@ def main() -> None:
         start = time.perf_counter()
         calls["file"]()
         repeat = max(1, int(0.02 / max(time.perf_counter() - start, 1e-6)))  # ~20 ms per timing
-        times: dict[str, list[float]] = {name: [] for name in calls}
-        for r in range(a.rounds):
-            for name in calls if r % 2 == 0 else reversed(list(calls)):
-                start = time.perf_counter()
-                for _ in range(repeat):
-                    calls[name]()
-                times[name].append((time.perf_counter() - start) / repeat)
+        times = alternating(calls, a.rounds, repeat)
         ratios = [f / q for f, q in zip(times["file"], times["packed"])]
         gb = {name: stored.nbytes / statistics.median(t) / 1e9 for name, t in times.items()}
         print(

@@ -55,6 +55,19 @@ def q8_blocks(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
     return torch.cat([d, q], dim=-1).reshape(n, k // 32 * 34)
 
 
+def alternating(calls: dict[str, Callable[[], object]], rounds: int, repeat: int) -> dict[str, list[float]]:
+    """Seconds per call of each of `calls`, `rounds` times: each timing runs a call `repeat` times, and the
+    order alternates round by round, so a machine whose speed drifts slows every call alike."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for r in range(rounds):
+        for name in calls if r % 2 == 0 else reversed(list(calls)):
+            start = time.perf_counter()
+            for _ in range(repeat):
+                calls[name]()
+            times[name].append((time.perf_counter() - start) / repeat)
+    return times
+
+
 def format_blocks(name: str, n: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, int]:
     """A random (n, k) matrix in block kind `name` (timing only: valid layouts, random codes and scales)."""
     from metronome.kernels.blocks import BLOCK_BYTES, BLOCK_KINDS, BLOCK_WEIGHTS

@@ -70,17 +70,21 @@ def alternating(calls: dict[str, Callable[[], object]], rounds: int, repeat: int
 
 def format_blocks(name: str, n: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, int]:
     """A random (n, k) matrix in block kind `name` (timing only: valid layouts, random codes and scales)."""
-    from metronome.kernels.blocks import BLOCK_BYTES, BLOCK_KINDS, BLOCK_WEIGHTS
+    from metronome.kernels.blocks import BLOCK_BYTES, BLOCK_GROUPS, BLOCK_KINDS, BLOCK_WEIGHTS
 
-    rows = (n + 3) // 4 if name == "Q4X4" else n
+    rows = -(-n // BLOCK_GROUPS[name])
     raw = torch.randint(0, 256, (rows, k // BLOCK_WEIGHTS[name], BLOCK_BYTES[name]), generator=gen, dtype=torch.uint8)
-    scale = (torch.rand(rows, k // BLOCK_WEIGHTS[name], 4, generator=gen) * 0.01).half().view(torch.uint8)
+    scale = (torch.rand(rows, k // BLOCK_WEIGHTS[name], 32, generator=gen) * 0.01).half().view(torch.uint8)
     if name == "Q6_K":
         raw[..., 208:210] = scale[..., :2]
     elif name == "Q4X4":
-        raw[..., :16] = torch.cat([scale, scale], -1)
+        raw[..., :16] = scale[..., :16]
+    elif name.endswith("X16"):  # 16 fp16 d (and Q4_KX16's 16 dmin) first
+        fp16 = 64 if name == "Q4_KX16" else 32
+        raw[..., :fp16] = scale[..., :fp16]
+    elif name not in ("Q8_0", "Q8_0_X8"):
+        raw[..., :4] = scale[..., :4]
     else:
-        raw[..., :4] = scale[..., :4] if name != "Q8_0" and name != "Q8_0_X8" else raw[..., :4]
         raw[..., :2] = scale[..., :2]
     return raw.reshape(rows, -1), BLOCK_KINDS[name]
 

@@ -35,6 +35,8 @@ import numpy as np
 
 ROWS = (1, 8, 256)  # token rows measured: single-stream decode, 8 live slots, a prefill chunk (PREFILL_CHUNK)
 Q4_FORMATS = ("Q4_0", "Q4_1")  # packed as Q4X4 by the plan; every other quantized format is costed as Q8_0
+# File formats the plan repacks 16 rows side by side (compile/quant.py, block_matrix) -> their block kind
+PACKED = {"Q5_0": "Q5_0X16", "Q4_K": "Q4_KX16", "Q6_K": "Q6_KX16"}
 STREAM_BYTES = 96 << 20  # synthetic matrix for M <= 8: three times this machine's 32 MiB L3, never cached
 COMPUTE_BYTES = 8 << 20  # for M = 256: compute-bound, reuse makes cache size irrelevant
 RING_COPIES = 1024  # copies of one matrix cycled through (the shipped models' smallest need ~260)
@@ -198,9 +200,10 @@ def measure_terms(
         raise ValueError(f"threads={threads} and repeats={repeats} must be at least 1")
     if device == "cuda":
         return _measure_cuda(repeats)
-    from metronome.compile.quant import pack_q5_0
-    from metronome.kernels.blocks import FILE_KINDS, Q4X4_KIND, Q5X16_KIND, Q8_0_KIND
+    from metronome.compile.quant import pack_16_rows
+    from metronome.kernels.blocks import FILE_KINDS, Q4X4_KIND, Q8_0_KIND
     from metronome.kernels.ops import load_kernels
+    from metronome.model.loader import QuantTensor
 
     ops = load_kernels()
     previous = torch.get_num_threads()
@@ -221,8 +224,8 @@ def measure_terms(
                 blocks, n, k_in = _tiled(tensor, stream_bytes if rows <= 8 else min(stream_bytes, COMPUTE_BYTES))
                 x = torch.randn(rows, k_in)
                 kind = FILE_KINDS[tensor.qtype]
-                if fmt == "Q5_0X16":  # as the plan holds it
-                    blocks, kind = pack_q5_0(blocks.numpy(), n, k_in), Q5X16_KIND
+                if fmt == PACKED.get(tensor.qtype):  # as the plan holds it
+                    blocks, kind = pack_16_rows(QuantTensor(blocks.numpy(), tensor.qtype, (n, k_in)))
                 s = _mean_s(lambda x=x, b=blocks, kind=kind, n=n: ops.block_linear(x, b, kind, n), repeats)
                 per_byte[fmt][rows] = s / blocks.nbytes
         attention_s = _attention_seconds(ops, repeats)
@@ -430,11 +433,12 @@ class PlanCost:
 
 def plan_formats(loaded, mode: str) -> tuple[dict[str, int], dict, tuple[str, int]]:
     """Bytes one step reads per block format in the layers, one tensor per format the kernels read from the
-    file's blocks (to measure), and the head's (format, bytes). As quant.block_matrix decides: Q5_0 is packed
-    16 rows side by side ("Q5_0X16"), the other file formats stay as stored ("Q6_K (file)"), Q4_0/Q4_1 are
+    file's blocks (to measure), and the head's (format, bytes). As quant.block_matrix decides: Q5_0, Q4_K and
+    Q6_K are packed 16 rows side by side ("Q5_0X16", PACKED), the other file formats stay as stored
+    ("Q5_1 (file)"), Q4_0/Q4_1 are
     packed ("Q4X4") in int4 mode, the rest is quantized to "Q8_0". The embedding table counts only when it
     is also the head (tied): a step reads one row of it otherwise."""
-    from metronome.kernels.blocks import FILE_KINDS
+    from metronome.kernels.blocks import BLOCK_BYTES, BLOCK_GROUPS, BLOCK_WEIGHTS, FILE_KINDS
     from metronome.model.loader import QuantTensor
 
     head = "head.weight" if "head.weight" in loaded.weights else "embed.weight"
@@ -446,9 +450,12 @@ def plan_formats(loaded, mode: str) -> tuple[dict[str, int], dict, tuple[str, in
             continue
         rows, k = w.shape
         if isinstance(w, QuantTensor) and w.qtype in FILE_KINDS:
-            fmt = "Q5_0X16" if w.qtype == "Q5_0" else f"{w.qtype} (file)"
+            fmt = PACKED.get(w.qtype, f"{w.qtype} (file)")
             samples.setdefault(fmt, w)
             nbytes = int(np.asarray(w.raw).nbytes)
+            if fmt in BLOCK_GROUPS:  # whole groups of 16 rows, and Q4_K's unpacked scales (2368 vs 16 x 144)
+                blocks = k // BLOCK_WEIGHTS[fmt]
+                nbytes = -(-rows // BLOCK_GROUPS[fmt]) * blocks * BLOCK_BYTES[fmt]
         elif mode == "int4" and isinstance(w, QuantTensor) and w.qtype in Q4_FORMATS:
             fmt, nbytes = "Q4X4", int(np.asarray(w.raw).nbytes)  # packing moves the blocks, same size
         else:
@@ -478,12 +485,12 @@ def plan_matmuls(runner) -> tuple[dict[Matmul, int], Matmul, dict[Matmul, tuple]
 
 def _merged(matrix: list) -> tuple[Matmul, tuple]:
     """A matrix's segments with neighbours of one format stacked into one part (as one call times them);
-    packed groups (Q4 of 4 rows, Q5_0 of 16) only where the rows fill whole groups."""
+    packed groups (Q4 of 4 rows, Q5_0/Q4_K/Q6_K of 16) only where the rows fill whole groups."""
     import torch
 
-    from metronome.kernels.blocks import Q4X4_KIND, Q5X16_KIND
+    from metronome.kernels.blocks import BLOCK_GROUPS, BLOCK_KINDS
 
-    group = {Q4X4_KIND: 4, Q5X16_KIND: 16}
+    group = {BLOCK_KINDS[name]: g for name, g in BLOCK_GROUPS.items()}
     parts: list[list] = []  # [kind, rows, row_bytes, [blocks]]
     for blocks, kind, rows in matrix:
         last = parts[-1] if parts else None
@@ -850,5 +857,6 @@ def calibration_table(terms: Terms, rows: list[CalibrationRow]) -> str:
 
 def _weights_per_byte(fmt: str) -> float:
     bits = {"Q4X4": 5.0, "Q8_0": 8.5, "bf16": 16.0, "Q8_0 (file)": 8.5, "Q5_0X16": 5.5, "Q5_1 (file)": 6.0}
+    bits |= {"Q4_KX16": 2368 * 8 / 4096, "Q6_KX16": 6.5625}
     bits |= {"Q4_K (file)": 4.5, "Q5_K (file)": 5.5, "Q6_K (file)": 6.5625}
     return 8 / bits.get(fmt, 8.0)

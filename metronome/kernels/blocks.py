@@ -12,13 +12,16 @@ from types import ModuleType
 
 __all__ = [
     "BLOCK_BYTES",
+    "BLOCK_GROUPS",
     "BLOCK_KINDS",
     "BLOCK_WEIGHTS",
     "FILE_KINDS",
     "Q4X4_BYTES",
     "Q4X4_KIND",
+    "Q4_KX16_KIND",
     "Q5X16_BYTES",
     "Q5X16_KIND",
+    "Q6_KX16_KIND",
     "Q8_0_BYTES",
     "Q8_0_KIND",
     "check_exports",
@@ -36,12 +39,17 @@ BLOCK_KINDS = {
     "Q4_K": 5,
     "Q5_K": 6,
     "Q6_K": 7,
-    "Q5_0X16": 8,  # GGUF Q5_0 repacked 16 rows side by side (ceil(N/16), K/32*352) (compile/quant.py, pack_q5_0)
+    # GGUF blocks repacked 16 rows side by side (compile/quant.py, pack_q5_0, pack_q4_k, pack_q6_k):
+    # (ceil(N/16), K/weights*bytes)
+    "Q5_0X16": 8,
+    "Q4_KX16": 9,
+    "Q6_KX16": 10,
 }
-BLOCK_WEIGHTS = {name: 256 if name.endswith("_K") else 32 for name in BLOCK_KINDS}  # per block along K
+BLOCK_WEIGHTS = {name: 256 if "_K" in name else 32 for name in BLOCK_KINDS}  # per block along K
+BLOCK_GROUPS = {name: 4 if name == "Q4X4" else 16 if name.endswith("X16") else 1 for name in BLOCK_KINDS}
 Q8_0_BYTES = 34  # per row and block: fp16 scale + 32 int8
 Q4X4_BYTES = 80  # per 4 rows x 1 block: 8 fp16 (d0..d3, m0..m3) then 4 x 16 code bytes
-BLOCK_BYTES = {
+BLOCK_BYTES = {  # per block and group of BLOCK_GROUPS rows
     "Q8_0": Q8_0_BYTES,
     "Q4X4": Q4X4_BYTES,
     "Q8_0_X8": 34,
@@ -50,9 +58,12 @@ BLOCK_BYTES = {
     "Q4_K": 144,
     "Q5_K": 176,
     "Q6_K": 210,
-    "Q5_0X16": 352,  # per 16 rows x 1 block: 16 fp16 d, 8 x 64 fifth bits, 4 x 64 nibble bytes
+    "Q5_0X16": 352,  # 16 fp16 d, 8 x 64 fifth bits, 4 x 64 nibble bytes
+    "Q4_KX16": 2368,  # 16 fp16 d, 16 fp16 dmin, 8 x 16 scales, 4 x 32 minimums, 32 x 64 nibble bytes
+    "Q6_KX16": 3360,  # 16 fp16 d, 16 x 16 scales, 8 x (4 x 64 nibble bytes, 2 x 64 top-bit bytes)
 }
 Q5X16_KIND, Q5X16_BYTES = BLOCK_KINDS["Q5_0X16"], BLOCK_BYTES["Q5_0X16"]
+Q4_KX16_KIND, Q6_KX16_KIND = BLOCK_KINDS["Q4_KX16"], BLOCK_KINDS["Q6_KX16"]
 # GGUF tensor type -> the kind that reads its blocks in place.
 FILE_KINDS = {
     qtype: BLOCK_KINDS["Q8_0_X8" if qtype == "Q8_0" else qtype]
@@ -66,7 +77,13 @@ def check_exports(module: ModuleType) -> None:
         "BLOCK_KINDS": dict(module.BLOCK_KINDS),
         "BLOCK_BYTES": dict(module.BLOCK_BYTES),
         "BLOCK_WEIGHTS": dict(module.BLOCK_WEIGHTS),
+        "BLOCK_GROUPS": dict(module.BLOCK_GROUPS),
     }
-    here = {"BLOCK_KINDS": BLOCK_KINDS, "BLOCK_BYTES": BLOCK_BYTES, "BLOCK_WEIGHTS": BLOCK_WEIGHTS}
+    here = {
+        "BLOCK_KINDS": BLOCK_KINDS,
+        "BLOCK_BYTES": BLOCK_BYTES,
+        "BLOCK_WEIGHTS": BLOCK_WEIGHTS,
+        "BLOCK_GROUPS": BLOCK_GROUPS,
+    }
     if exported != here:
         raise ValueError(f"the C++ kernels' block formats {exported} differ from metronome/kernels/blocks.py's {here}")

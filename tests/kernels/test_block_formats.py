@@ -1,5 +1,6 @@
 """The fused decoder's kernels for the GGUF formats it reads in place (Q8_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)
-and for Q5_0 repacked 16 rows side by side (Q5_0X16, what the plans run): against the `gguf` package's
+and for Q5_0, Q4_K and Q6_K repacked 16 rows side by side (Q5_0X16, Q4_KX16, Q6_KX16: what the plans run
+for those formats): against the `gguf` package's
 dequantizer (an independent reference), row independence, thread-count determinism, and matrices stacked
 from parts of different formats."""
 
@@ -10,18 +11,24 @@ import numpy as np
 import pytest
 import torch
 
-from metronome.compile.quant import pack_q5_0
-from metronome.kernels.blocks import FILE_KINDS, Q5X16_KIND
+from metronome.compile.quant import pack_16_rows
+from metronome.kernels.blocks import BLOCK_KINDS, FILE_KINDS
 from metronome.kernels.ops import KernelBuildError, load_kernels
+from metronome.model.loader import QuantTensor
 
 try:
     OPS = load_kernels()
 except KernelBuildError as exc:  # pragma: no cover - every CI machine has AVX-512
     pytest.skip(f"C++ kernels unavailable: {exc}", allow_module_level=True)
 
-FORMATS = ["Q8_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q5_0X16"]
+FORMATS = ["Q8_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q5_0X16", "Q4_KX16", "Q6_KX16"]
 QUANTIZABLE = {"Q8_0", "Q5_0", "Q5_1"}  # gguf.quants can quantize these; K-quant blocks are built at random
-STORED = {"Q5_0X16": "Q5_0"}  # a packed kind -> the file format it is packed from
+STORED = {"Q5_0X16": "Q5_0", "Q4_KX16": "Q4_K", "Q6_KX16": "Q6_K"}  # a packed kind -> the file format it is packed from
+
+
+def _super(qtype: str) -> bool:
+    """Whether `qtype` has 256-weight super-blocks (x quantized per 256)."""
+    return STORED.get(qtype, qtype).endswith("_K")
 
 
 def _blocks(qtype: str, n: int, k: int, seed: int) -> np.ndarray:
@@ -59,8 +66,11 @@ def _int8_x(x: torch.Tensor, block: int) -> torch.Tensor:
 
 def _linear(x: torch.Tensor, raw: np.ndarray, qtype: str) -> torch.Tensor:
     n = raw.shape[0]
-    if qtype == "Q5_0X16":
-        return OPS.block_linear(x, pack_q5_0(raw, n, x.shape[1]), Q5X16_KIND, n)
+    if qtype in STORED:
+        part = QuantTensor(raw=raw, qtype=STORED[qtype], shape=(n, x.shape[1]))
+        blocks, kind = pack_16_rows(part)
+        assert kind == BLOCK_KINDS[qtype]
+        return OPS.block_linear(x, blocks, kind, n)
     return OPS.block_linear(x, torch.from_numpy(raw), FILE_KINDS[qtype], n)
 
 
@@ -69,7 +79,7 @@ def _linear(x: torch.Tensor, raw: np.ndarray, qtype: str) -> torch.Tensor:
 def test_file_format_kernel_vs_dequantized_weights(qtype: str, M: int) -> None:
     # an odd row count (a tile tail); K spans 3 super-blocks, or 25 blocks (32-weight kinds run two
     # blocks per step: the odd last one runs alone)
-    n, k = 37, 768 if qtype.endswith("_K") else 800
+    n, k = 37, 768 if _super(qtype) else 800
     raw = _blocks(qtype, n, k, seed=1)
     w = _dequantized(raw, qtype, n, k)
     x = torch.randn(M, k, generator=torch.Generator().manual_seed(2))
@@ -79,13 +89,13 @@ def test_file_format_kernel_vs_dequantized_weights(qtype: str, M: int) -> None:
     exact = x.double() @ w.T
     assert (y - exact).abs().max().item() <= 4e-3 * scale
     # Against the exact product with x quantized as llama.cpp does for this format: float32 rounding only.
-    block = 256 if qtype.endswith("_K") else 32
+    block = 256 if _super(qtype) else 32
     assert (y - _int8_x(x, block) @ w.T).abs().max().item() <= 1e-6 * scale
 
 
 @pytest.mark.parametrize("qtype", FORMATS)
 def test_file_format_rows_are_independent_and_thread_count_free(qtype: str) -> None:
-    n, k, M = 40, 512 if qtype.endswith("_K") else 544, 7  # 544: 17 blocks, the odd one alone
+    n, k, M = 40, 512 if _super(qtype) else 544, 7  # 544: 17 blocks, the odd one alone
     raw = _blocks(qtype, n, k, seed=3)
     x = torch.randn(M, k, generator=torch.Generator().manual_seed(4))
     try:
@@ -147,7 +157,7 @@ def test_gemma3_runs_on_the_files_own_blocks(gemma_path) -> None:
     fused = Engine.from_model(config=EngineConfig(slots=2, ctx=256, spec_tokens=0), loaded=loaded)
     ref = Engine.from_model(config=EngineConfig(slots=2, ctx=256, weights="f32", kernels="torch"), loaded=loaded)
     kinds = {kind for segments in fused.plan.runner.matrices for _blocks, kind, _rows in segments}
-    assert kinds == {FILE_KINDS[q] for q in ("Q8_0", "Q4_K", "Q6_K")} | {Q5X16_KIND}  # Q5_0 packed by 16 rows
+    assert kinds == {FILE_KINDS["Q8_0"]} | {BLOCK_KINDS[q] for q in ("Q5_0X16", "Q4_KX16", "Q6_KX16")}
     assert fused.plan.report.weight_bytes <= loaded.file_bytes  # nothing requantized to a larger format
     prompt = "Name three colors of the rainbow."
     ids = fused.encode_prompt(prompt, True)

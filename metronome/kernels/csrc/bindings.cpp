@@ -37,16 +37,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grain"), py::arg("timeout_ms"), py::call_guard<py::gil_scoped_release>());
 
   // The block formats of block_linear and Decoder.add_layer (blocks.h), for metronome/kernels/blocks.py.
-  py::dict kinds, bytes, weights;
+  py::dict kinds, bytes, weights, groups;
   for (int64_t k = 0; k < metronome::kNumKinds; ++k) {
     const metronome::KindInfo& info = metronome::kKinds[k];
     kinds[info.name] = k;
-    bytes[info.name] = info.bytes;      // per row and block (Q4X4: per group of 4 rows and block)
+    bytes[info.name] = info.bytes;      // per block and group of rows
     weights[info.name] = info.weights;  // per block along K
+    groups[info.name] = info.group;     // rows side by side (1: the file's rows)
   }
   m.attr("BLOCK_KINDS") = kinds;
   m.attr("BLOCK_BYTES") = bytes;
   m.attr("BLOCK_WEIGHTS") = weights;
+  m.attr("BLOCK_GROUPS") = groups;
 
   m.def("block_linear", &metronome::block_linear,
         "y = x @ W.T (+ bias) in f32, W as blocks of one of BLOCK_KINDS, `rows` rows", py::arg("x"), py::arg("w"),

@@ -101,19 +101,21 @@ void q8_columns_any(int64_t mt, const uint8_t* wq, int64_t row_bytes, const floa
 // and minimums multiply (exact: the offsets then cancel exactly in integers).
 
 struct XQuant {
-  int8_t* x8;     // (M, K) per-32 blocks
-  float* dx;      // (M, K/32)
-  float* sx;      // (M, K/32): dx * sum of the block's x8 (packed Q4's and Q5_1's minimum term)
-  int32_t* bs;    // (M, K/32): sum of the block's x8
-  int32_t* o16;   // (M, K/32): -16 * bs, Q5_0's offset term (the start of its integer sums)
-  int32_t* o128;  // (M, K/32): -128 * bs, Q8_0's (codes q + 128)
-  int8_t* x8k;    // (M, K) per-256 blocks
-  int8_t* x8kp;   // (M, K) the same, 32-value sub-blocks in the order 0, 2, 1, 3, 4, 6, 5, 7 (Q4_K/Q5_K's codes)
-  float* dxk;     // (M, K/256)
-  int32_t* bs32;  // (M, K/32): sums of x8k over 32 (Q4_K/Q5_K minimums)
-  int32_t* bs16;  // (M, K/16): sums of x8k over 16 (Q6_K's offset, per 16-weight scale)
-  float* mk;      // (M, K/256, 16): dxk * bs32 in lanes 0..7, 0 in 8..15 (Q4_K/Q5_K's minimum term)
-  float* m6;      // (M, K/16): dxk * bs16 (Q6_K's offset term)
+  int8_t* x8;      // (M, K) per-32 blocks
+  float* dx;       // (M, K/32)
+  float* sx;       // (M, K/32): dx * sum of the block's x8 (packed Q4's and Q5_1's minimum term)
+  int32_t* bs;     // (M, K/32): sum of the block's x8
+  int32_t* o16;    // (M, K/32): -16 * bs, Q5_0's offset term (the start of its integer sums)
+  int32_t* o128;   // (M, K/32): -128 * bs, Q8_0's (codes q + 128)
+  int8_t* x8k;     // (M, K) per-256 blocks
+  int8_t* x8kp;    // (M, K) the same, 32-value sub-blocks in the order 0, 2, 1, 3, 4, 6, 5, 7 (Q4_K/Q5_K's codes)
+  float* dxk;      // (M, K/256)
+  int32_t* bs32;   // (M, K/32): sums of x8k over 32 (Q4_K/Q5_K minimums)
+  int32_t* bs16;   // (M, K/16): sums of x8k over 16 (Q6_K's offset, per 16-weight scale)
+  int32_t* bs32p;  // (M, K/64): bs32 in int16 pairs, (bs32[2k] low, bs32[2k+1] high) (packed Q4_K's minimums)
+  int32_t* o32;    // (M, K/16): -32 * bs16, packed Q6_K's offset term (the start of its integer sums)
+  float* mk;       // (M, K/256, 16): dxk * bs32 in lanes 0..7, 0 in 8..15 (Q4_K/Q5_K's minimum term)
+  float* m6;       // (M, K/16): dxk * bs16 (Q6_K's offset term)
 };
 
 inline uint8_t* align64(uint8_t* p) {
@@ -139,6 +141,8 @@ XQuant carve(uint8_t* scratch, int64_t M, int64_t K) {
   q.dxk = reinterpret_cast<float*>(take(M * (K / 256) * 4));
   q.bs32 = reinterpret_cast<int32_t*>(take(M * (K / 32) * 4));
   q.bs16 = reinterpret_cast<int32_t*>(take(M * (K / 16) * 4));
+  q.bs32p = reinterpret_cast<int32_t*>(take(M * (K / 64) * 4));
+  q.o32 = reinterpret_cast<int32_t*>(take(M * (K / 16) * 4));
   q.mk = reinterpret_cast<float*>(take(M * (K / 256) * 64));
   q.m6 = reinterpret_cast<float*>(take(M * (K / 16) * 4));
   return q;
@@ -164,7 +168,7 @@ void quantize_32(const float* x, int64_t M, int64_t K, const XQuant& q) {
   }
 }
 
-// x (M, K) -> q.x8k, q.x8kp, q.dxk, q.bs32, q.bs16, q.mk, q.m6 (K a multiple of 256).
+// x (M, K) -> q.x8k, q.x8kp, q.dxk, q.bs32, q.bs16, q.bs32p, q.o32, q.mk, q.m6 (K a multiple of 256).
 void quantize_256(const float* x, int64_t M, int64_t K, const XQuant& q) {
   const int64_t nb = K / 256;
   for (int64_t i = 0; i < M * nb; ++i) {
@@ -180,6 +184,10 @@ void quantize_256(const float* x, int64_t M, int64_t K, const XQuant& q) {
       q.bs16[i * 16 + j] = _mm512_reduce_add_epi32(v);
     }
     for (int j = 0; j < 8; ++j) q.bs32[i * 8 + j] = q.bs16[i * 16 + 2 * j] + q.bs16[i * 16 + 2 * j + 1];
+    for (int j = 0; j < 4; ++j)  // |bs32| <= 32 * 127: an int16 each
+      q.bs32p[i * 4 + j] = static_cast<int32_t>((static_cast<uint32_t>(q.bs32[i * 8 + 2 * j]) & 0xFFFFu) |
+                                                (static_cast<uint32_t>(q.bs32[i * 8 + 2 * j + 1]) << 16));
+    for (int j = 0; j < 16; ++j) q.o32[i * 16 + j] = -32 * q.bs16[i * 16 + j];
     const __m256 mk =
         _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.bs32 + i * 8))),
                       _mm256_set1_ps(q.dxk[i]));
@@ -265,64 +273,211 @@ void q4x4_rows(int64_t mt, const uint8_t* w, int64_t nb, const XQuant& xq, int64
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Q5_0 repacked, 16 rows side by side (quant.py, pack_q5_0): per group of 16 rows and per block of 32
-// weights, 352 bytes = 16 fp16 d (row r in lane r), then 8 words of 64 fifth bits (word g: bit 4r+j is the
-// fifth bit of row r's weight 4g+j), then 4 x 64 nibble bytes (vector v, byte 4r+j: weight 8v+j of row r in
-// the low nibble, weight 8v+4+j in the high one). Unpacked, a vector holds 4 consecutive weights of each
-// of the 16 rows, one row per int32 lane, which is what vpdpbusd multiplies against 4 bytes of x broadcast
-// to every lane: 8 of them make a block's exact integer sums for 16 rows at once, and a block then costs one
-// conversion and one multiply-add per 16 rows and row of x, not per row (the file layout's kernel above
-// needs a float step per 8 weights of each row).
+// GGUF blocks repacked 16 rows side by side (compile/quant.py: pack_q5_0, pack_q4_k, pack_q6_k). In the
+// file each row is its own run of blocks, and a kernel over it needs a float step (a conversion and a
+// multiply-add) per sub-block of each row. Packed, one int32 lane holds one row's 4 consecutive weights
+// per vector, which is what vpdpbusd multiplies against 4 bytes of x broadcast to every lane: a vector of
+// codes adds 4 products to each of 16 rows at once, integer sums stay exact, and the float step is paid
+// once per block for 16 rows. A row's result is its own lane, summed block after block: the order depends
+// only on (row, block), the same whatever M, the tile or the thread split.
 //
-// Row r, x row m: acc += float(sum_j q_j x8_j - 16 * bs) * (d_r * dx), block after block; the row's result
-// is its lane of acc. The order depends only on (row, block): the same whatever M, the tile or the split.
+// Every packed kind stores its codes in the same unit, 64 bytes for 32 weights of 16 rows ("nibble
+// vectors"): byte 4r+i holds row r's weight 8v+i in the low nibble and 8v+4+i in the high one (vector v of
+// a run), so a vector unpacks into the codes of two consecutive quads of weights.
 
-// 16 output rows (one packed group; local row n0 of `rows`, y column n0) x MT rows of x (from m0).
+// Rows of x per pass over a weight tile: a block is unpacked once per pass, so more rows share it.
+constexpr int64_t kRowsPerPass = 8;
+
+// The codes of nibble vector p: c[0] = weights 8v..8v+3 of each row, c[1] = 8v+4..8v+7, in [0, 16).
+inline void nibble_quads(const uint8_t* p, __m512i* c) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F), q = _mm512_loadu_si512(p);
+  c[0] = _mm512_and_si512(q, low4);
+  c[1] = _mm512_and_si512(_mm512_srli_epi16(q, 4), low4);
+}
+
+// Ask for every line of a packed block kQ4Ahead further on (a thread's groups are one sequential stream).
+template <int64_t kBytes>
+inline void prefetch_ahead(const uint8_t* p) {
+  for (int64_t o = 0; o < kBytes; o += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + kQ4Ahead + o, _MM_HINT_T0);
+}
+
+// Row r of a group is lane r of acc[m]: written at y[(m0 + m) * ldy + n0 + r] for the group's rows < rows.
 template <int MT>
-void q5x16_tile(const uint8_t* w, int64_t nb, const XQuant& xq, int64_t K, float* y, int64_t ldy, int64_t rows,
-                int64_t n0, int64_t m0) {
-  const __m512i low4 = _mm512_set1_epi8(0x0F), bit4 = _mm512_set1_epi8(0x10);
-  __m512 acc[MT];
-  for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* p = w + b * kQ5x16Bytes;
-    for (int64_t o = 0; o < kQ5x16Bytes; o += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(p) + kQ4Ahead + o, _MM_HINT_T0);
-    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    __m512i c[8];  // 4 weights of each row per vector, codes in [0, 32)
-    for (int v = 0; v < 4; ++v) {
-      const __m512i nib = _mm512_loadu_si512(p + 96 + 64 * v);
-      uint64_t h0, h1;
-      std::memcpy(&h0, p + 32 + 16 * v, 8);
-      std::memcpy(&h1, p + 40 + 16 * v, 8);
-      c[2 * v] = _mm512_or_si512(_mm512_and_si512(nib, low4), _mm512_maskz_mov_epi8(h0, bit4));
-      c[2 * v + 1] =
-          _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(nib, 4), low4), _mm512_maskz_mov_epi8(h1, bit4));
-    }
-    for (int m = 0; m < MT; ++m) {
-      const int64_t i = (m0 + m) * nb + b;
-      const int32_t* xb = reinterpret_cast<const int32_t*>(xq.x8 + (m0 + m) * K + b * 32);
-      __m512i s = _mm512_set1_epi32(xq.o16[i]);  // the offset term starts every row's sum
-      for (int g = 0; g < 8; ++g) s = _mm512_dpbusd_epi32(s, c[g], _mm512_set1_epi32(xb[g]));
-      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d, _mm512_set1_ps(xq.dx[i])), acc[m]);
-    }
-  }
+inline void store16(const __m512* acc, float* y, int64_t ldy, int64_t rows, int64_t n0, int64_t m0) {
   const int64_t left = std::min<int64_t>(16, rows - n0);
   const __mmask16 keep = left >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
   for (int m = 0; m < MT; ++m) _mm512_mask_storeu_ps(y + (m0 + m) * ldy + n0, keep, acc[m]);
 }
 
-void q5x16_rows(int64_t mt, const uint8_t* w, int64_t nb, const XQuant& xq, int64_t K, float* y, int64_t ldy,
-                int64_t rows, int64_t n0, int64_t m0) {
-  switch (mt) {
-    case 1: q5x16_tile<1>(w, nb, xq, K, y, ldy, rows, n0, m0); break;
-    case 2: q5x16_tile<2>(w, nb, xq, K, y, ldy, rows, n0, m0); break;
-    case 3: q5x16_tile<3>(w, nb, xq, K, y, ldy, rows, n0, m0); break;
-    case 4: q5x16_tile<4>(w, nb, xq, K, y, ldy, rows, n0, m0); break;
-    case 5: q5x16_tile<5>(w, nb, xq, K, y, ldy, rows, n0, m0); break;
-    case 6: q5x16_tile<6>(w, nb, xq, K, y, ldy, rows, n0, m0); break;
-    case 7: q5x16_tile<7>(w, nb, xq, K, y, ldy, rows, n0, m0); break;
-    default: q5x16_tile<8>(w, nb, xq, K, y, ldy, rows, n0, m0); break;
+// Q5_0 (w = d * (q - 16), q in [0, 32)), per group and block of 32 weights, 352 bytes: 16 fp16 d (row r
+// in lane r), 8 words of 64 fifth bits (word g: bit 4r+j is the fifth bit of row r's weight 4g+j), then 4
+// nibble vectors. Row r, x row m: acc += float(sum_j q_j x8_j - 16 * bs) * (d_r * dx), block after block.
+struct Q5_0x16 {
+  static constexpr int64_t kW = 32, kBytes = kQ5x16Bytes;
+  template <int MT>
+  static void tile(const uint8_t* w, int64_t nb, const XQuant& xq, int64_t K, float* y, int64_t ldy, int64_t rows,
+                   int64_t n0, int64_t m0) {
+    const __m512i bit4 = _mm512_set1_epi8(0x10);
+    __m512 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* p = w + b * kBytes;
+      prefetch_ahead<kBytes>(p);
+      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+      __m512i c[8];  // quad g: weights 4g..4g+3 of each row, codes in [0, 32)
+      for (int v = 0; v < 4; ++v) {
+        nibble_quads(p + 96 + 64 * v, c + 2 * v);
+        uint64_t h0, h1;
+        std::memcpy(&h0, p + 32 + 16 * v, 8);
+        std::memcpy(&h1, p + 40 + 16 * v, 8);
+        c[2 * v] = _mm512_or_si512(c[2 * v], _mm512_maskz_mov_epi8(h0, bit4));
+        c[2 * v + 1] = _mm512_or_si512(c[2 * v + 1], _mm512_maskz_mov_epi8(h1, bit4));
+      }
+      for (int m = 0; m < MT; ++m) {
+        const int64_t i = (m0 + m) * nb + b;
+        const int32_t* xb = reinterpret_cast<const int32_t*>(xq.x8 + (m0 + m) * K + b * 32);
+        __m512i s = _mm512_set1_epi32(xq.o16[i]);  // the offset term starts every row's sum
+        for (int g = 0; g < 8; ++g) s = _mm512_dpbusd_epi32(s, c[g], _mm512_set1_epi32(xb[g]));
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d, _mm512_set1_ps(xq.dx[i])), acc[m]);
+      }
+    }
+    store16<MT>(acc, y, ldy, rows, n0, m0);
+  }
+};
+
+// Q4_K (w = d * sc_j * q - dmin * m_j over 8 sub-blocks j of 32, q in [0, 16), 6-bit sc_j and m_j), per
+// group and super-block of 256 weights, 2368 bytes: 16 fp16 d, 16 fp16 dmin, the scales as bytes (sub-block
+// j: 16 bytes, row r's at 16j + r), the minimums as bytes in pairs (pair k: 32 bytes, row r's m_2k and
+// m_2k+1 at 32k + 2r, 32k + 2r + 1), then 32 nibble vectors (sub-block j: vectors 4j..4j+3). x is quantized
+// per 256 (x8k, dxk). Row r, x row m, per super-block:
+//   f    = sum_j float(sum of sub-block j's q x8) * (sc_j * d_r)    vpdpbusd per quad (exact), then one
+//                                                                    conversion and multiply-add per sub-block
+//   imin = sum_j m_j * bs32_j                                        vpdpwssd on (m_2k, m_2k+1) x (bs32_2k, bs32_2k+1)
+//   acc += f * dx - float(imin) * (dmin_r * dx)
+// sc_j * d_r is exact in float32. (An integer multiply per sub-block, vpmulld, was 1.2x slower at 8-64 rows
+// of x: two uops on the port vpdpbusd needs, where the conversion takes one.)
+struct Q4_Kx16 {
+  static constexpr int64_t kW = 256, kBytes = kQ4Kx16Bytes;
+  template <int MT>
+  static void tile(const uint8_t* w, int64_t nb, const XQuant& xq, int64_t K, float* y, int64_t ldy, int64_t rows,
+                   int64_t n0, int64_t m0) {
+    __m512 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* p = w + b * kBytes;
+      prefetch_ahead<kBytes>(p);
+      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+      __m512 fsum[MT];
+      for (int m = 0; m < MT; ++m) fsum[m] = _mm512_setzero_ps();
+      for (int j = 0; j < 8; ++j) {
+        const __m512 sc = _mm512_mul_ps(  // sc_j * d_r, exact (6 bits times 11)
+            _mm512_cvtepi32_ps(
+                _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 64 + 16 * j)))),
+            d);
+        __m512i c[8];
+        for (int v = 0; v < 4; ++v) nibble_quads(p + 320 + 256 * j + 64 * v, c + 2 * v);
+        for (int m = 0; m < MT; ++m) {
+          const int32_t* xb = reinterpret_cast<const int32_t*>(xq.x8k + (m0 + m) * K + b * 256 + 32 * j);
+          // two chains of 4 (vpdpbusd's latency, not its throughput, would bound one chain of 8)
+          __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c[0], _mm512_set1_epi32(xb[0]));
+          __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c[4], _mm512_set1_epi32(xb[4]));
+          for (int g = 1; g < 4; ++g) {
+            s0 = _mm512_dpbusd_epi32(s0, c[g], _mm512_set1_epi32(xb[g]));
+            s1 = _mm512_dpbusd_epi32(s1, c[g + 4], _mm512_set1_epi32(xb[g + 4]));
+          }
+          fsum[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), sc, fsum[m]);
+        }
+      }
+      const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)));
+      __m512i mn[4];  // lane r: row r's (m_2k, m_2k+1) as int16
+      for (int k = 0; k < 4; ++k)
+        mn[k] = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 192 + 32 * k)));
+      for (int m = 0; m < MT; ++m) {
+        const int64_t i = (m0 + m) * nb + b;
+        __m512i imin = _mm512_dpwssd_epi32(_mm512_setzero_si512(), mn[0], _mm512_set1_epi32(xq.bs32p[i * 4]));
+        for (int k = 1; k < 4; ++k) imin = _mm512_dpwssd_epi32(imin, mn[k], _mm512_set1_epi32(xq.bs32p[i * 4 + k]));
+        const __m512 dx = _mm512_set1_ps(xq.dxk[i]);
+        acc[m] = _mm512_fmadd_ps(fsum[m], dx, acc[m]);
+        acc[m] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(imin), _mm512_mul_ps(dmin, dx), acc[m]);
+      }
+    }
+    store16<MT>(acc, y, ldy, rows, n0, m0);
+  }
+};
+
+// Q6_K (w = d * sc_g * (q - 32) over 16 groups g of 16, q in [0, 64), int8 sc_g), per group and super-block,
+// 3360 bytes (the file's 16 x 210): 16 fp16 d, the scales (group g: 16 bytes, row r's at 32 + 16g + r),
+// then per 32 weights t (8 of them, 384 bytes each): 4 nibble vectors, the codes' low 4 bits, then 2
+// vectors of their top 2 bits (vector h, byte 4r+i, bits 2e..2e+1: row r's weight 16h + 4e + i of the 32).
+// Row r, x row m, per super-block:
+//   f    = sum_g float(sum of group g's q x8 - 32 * bs16_g) * (sc_g * d_r)   the offset term starts each
+//                                                                            group's integer sum
+//   acc += f * dx
+struct Q6_Kx16 {
+  static constexpr int64_t kW = 256, kBytes = kQ6Kx16Bytes;
+  template <int MT>
+  static void tile(const uint8_t* w, int64_t nb, const XQuant& xq, int64_t K, float* y, int64_t ldy, int64_t rows,
+                   int64_t n0, int64_t m0) {
+    const __m512i top2 = _mm512_set1_epi8(0x30);
+    __m512 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* p = w + b * kBytes;
+      prefetch_ahead<kBytes>(p);
+      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+      __m512 fsum[MT];
+      for (int m = 0; m < MT; ++m) fsum[m] = _mm512_setzero_ps();
+      for (int t = 0; t < 8; ++t) {
+        const uint8_t* q = p + 288 + 384 * t;
+        __m512i c[8];  // quad e: weights 32t + 4e .. 32t + 4e + 3 of each row, codes in [0, 64)
+        for (int v = 0; v < 4; ++v) nibble_quads(q + 64 * v, c + 2 * v);
+        for (int h = 0; h < 2; ++h) {  // bits 2e..2e+1 of a top-bits byte move to bits 4..5
+          const __m512i hv = _mm512_loadu_si512(q + 256 + 64 * h);
+          c[4 * h] = _mm512_or_si512(c[4 * h], _mm512_and_si512(_mm512_slli_epi16(hv, 4), top2));
+          c[4 * h + 1] = _mm512_or_si512(c[4 * h + 1], _mm512_and_si512(_mm512_slli_epi16(hv, 2), top2));
+          c[4 * h + 2] = _mm512_or_si512(c[4 * h + 2], _mm512_and_si512(hv, top2));
+          c[4 * h + 3] = _mm512_or_si512(c[4 * h + 3], _mm512_and_si512(_mm512_srli_epi16(hv, 2), top2));
+        }
+        for (int h = 0; h < 2; ++h) {  // 16-weight group g = 2t + h: quads 4h..4h+3
+          const int g = 2 * t + h;
+          const __m512 sc = _mm512_mul_ps(  // sc_g * d_r, exact (8 bits times 11)
+              _mm512_cvtepi32_ps(
+                  _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32 + 16 * g)))),
+              d);
+          for (int m = 0; m < MT; ++m) {
+            const int64_t row = m0 + m;
+            const int32_t* xb = reinterpret_cast<const int32_t*>(xq.x8k + row * K + b * 256 + 16 * g);
+            __m512i s = _mm512_set1_epi32(xq.o32[row * (K / 16) + b * 16 + g]);
+            for (int e = 0; e < 4; ++e) s = _mm512_dpbusd_epi32(s, c[4 * h + e], _mm512_set1_epi32(xb[e]));
+            fsum[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, fsum[m]);
+          }
+        }
+      }
+      for (int m = 0; m < MT; ++m) acc[m] = _mm512_fmadd_ps(fsum[m], _mm512_set1_ps(xq.dxk[(m0 + m) * nb + b]), acc[m]);
+    }
+    store16<MT>(acc, y, ldy, rows, n0, m0);
+  }
+};
+
+// Groups [n_lo, n_hi) (local rows, multiples of 16 but the segment's end) x rows [m_lo, m_hi) of x, kind P.
+template <typename P>
+void x16_rows(const uint8_t* w, const XQuant& xq, int64_t K, float* y, int64_t ldy, int64_t rows, int64_t n_lo,
+              int64_t n_hi, int64_t m_lo, int64_t m_hi) {
+  const int64_t nb = K / P::kW;
+  for (int64_t n0 = n_lo; n0 < n_hi; n0 += 16) {
+    const uint8_t* g = w + (n0 / 16) * nb * P::kBytes;
+    for (int64_t m0 = m_lo; m0 < m_hi; m0 += kRowsPerPass) {
+      switch (std::min<int64_t>(kRowsPerPass, m_hi - m0)) {
+        case 1: P::template tile<1>(g, nb, xq, K, y, ldy, rows, n0, m0); break;
+        case 2: P::template tile<2>(g, nb, xq, K, y, ldy, rows, n0, m0); break;
+        case 3: P::template tile<3>(g, nb, xq, K, y, ldy, rows, n0, m0); break;
+        case 4: P::template tile<4>(g, nb, xq, K, y, ldy, rows, n0, m0); break;
+        case 5: P::template tile<5>(g, nb, xq, K, y, ldy, rows, n0, m0); break;
+        case 6: P::template tile<6>(g, nb, xq, K, y, ldy, rows, n0, m0); break;
+        case 7: P::template tile<7>(g, nb, xq, K, y, ldy, rows, n0, m0); break;
+        default: P::template tile<8>(g, nb, xq, K, y, ldy, rows, n0, m0); break;
+      }
+    }
   }
 }
 
@@ -617,9 +772,6 @@ void file_rows_any(int64_t mt, const uint8_t* w, const XQuant& xq, int64_t K, fl
   }
 }
 
-// Rows of x per pass over a weight tile: a block is unpacked once per pass, so more rows share it.
-constexpr int64_t kRowsPerPass = 8;
-
 // Rows [n_lo, n_hi) of segment s (local) for x rows [m_lo, m_hi), written at y columns s.row0 + n.
 void segment_rows(const BlockSegment& s, const float* x, const XQuant& xq, int64_t K, float* y, int64_t ldy,
                   int64_t n_lo, int64_t n_hi, int64_t m_lo, int64_t m_hi) {
@@ -637,13 +789,11 @@ void segment_rows(const BlockSegment& s, const float* x, const XQuant& xq, int64
                   m0);
     return;
   }
-  if (s.kind == kQ5_0x16) {  // n_lo is a multiple of 16: chunks are 16 rows
-    const int64_t nb = K / 32;
-    for (int64_t n0 = n_lo; n0 < n_hi; n0 += 16)
-      for (int64_t m0 = m_lo; m0 < m_hi; m0 += kRowsPerPass)
-        q5x16_rows(std::min<int64_t>(kRowsPerPass, m_hi - m0), s.w + (n0 / 16) * nb * kQ5x16Bytes, nb, xq, K, ys, ldy,
-                   s.rows, n0, m0);
-    return;
+  switch (s.kind) {  // n_lo is a multiple of 16: chunks are 16 rows
+    case kQ5_0x16: x16_rows<Q5_0x16>(s.w, xq, K, ys, ldy, s.rows, n_lo, n_hi, m_lo, m_hi); return;
+    case kQ4_Kx16: x16_rows<Q4_Kx16>(s.w, xq, K, ys, ldy, s.rows, n_lo, n_hi, m_lo, m_hi); return;
+    case kQ6_Kx16: x16_rows<Q6_Kx16>(s.w, xq, K, ys, ldy, s.rows, n_lo, n_hi, m_lo, m_hi); return;
+    default: break;
   }
   for (int64_t m0 = m_lo; m0 < m_hi; m0 += kRowsPerPass) {
     const int64_t mt = std::min<int64_t>(kRowsPerPass, m_hi - m0);
@@ -748,6 +898,8 @@ XQuant rows_from(const XQuant& q, int64_t r, int64_t K) {
   o.dxk += r * (K / 256);
   o.bs32 += r * (K / 32);
   o.bs16 += r * (K / 16);
+  o.bs32p += r * (K / 64);
+  o.o32 += r * (K / 16);
   o.mk += r * (K / 256) * 16;
   o.m6 += r * (K / 16);
   return o;
@@ -788,11 +940,7 @@ void block_linear_rows_group(const BlockJob* jobs, int64_t n, const float* x, in
   for (int64_t j = 0; j < n; ++j) {
     const BlockMatrix& W = *jobs[j].W;
     for (int64_t s = 0; s < W.nseg; ++s) {
-      const KindInfo& info = kKinds[W.seg[s].kind];
-      const int64_t kind = W.seg[s].kind;
-      const int64_t row_bytes = kind == kQ4x4      ? K / 32 * kQ4x4Bytes / 4
-                                : kind == kQ5_0x16 ? K / 32 * kQ5x16Bytes / 16
-                                                   : K / info.weights * info.bytes;
+      const int64_t row_bytes = row_bytes_of(W.seg[s].kind, K);
       const int64_t chunks = (W.seg[s].rows + kChunk - 1) / kChunk;
       pieces[np++] = Piece{j, s, chunks, total, kChunk * row_bytes * (jobs[j].rows + 7)};
       total += chunks * pieces[np - 1].unit;
@@ -840,7 +988,7 @@ BlockMatrix check_segments(const char* op, const std::vector<BlockPart>& parts, 
     TORCH_CHECK(K > 0 && K % info.weights == 0, op, ": K = ", K, " must be a positive multiple of ", info.weights,
                 " (the block size of ", info.name, ")");
     TORCH_CHECK(rows > 0, op, ": a part must have rows, got ", rows);
-    const int64_t want_rows = kind == kQ4x4 ? (rows + 3) / 4 : kind == kQ5_0x16 ? (rows + 15) / 16 : rows;
+    const int64_t want_rows = (rows + info.group - 1) / info.group;
     const int64_t want_bytes = K / info.weights * info.bytes;
     TORCH_CHECK(w.size(0) == want_rows && w.size(1) == want_bytes, op, ": ", info.name, " blocks must have ",
                 want_bytes, " bytes per row for K = ", K, " (", want_rows, " rows for ", rows, " rows), got ",

@@ -20,37 +20,48 @@ namespace metronome {
 using at::Tensor;
 
 enum BlockKind : int64_t {
-  kQ8_0 = 0,     // Q8_0 rows (N, K/32*34) against float32 x: matrices quantized here from dense weights
-  kQ4x4 = 1,     // packed Q4 groups (ceil(N/4), K/32*80): four rows side by side (compile/quant.py, pack_q4)
-  kQ8_0x8 = 2,   // GGUF Q8_0 rows as stored, against int8 x (per-32 activation blocks)
-  kQ5_0 = 3,     // GGUF Q5_0 rows as stored (22 bytes per 32 weights), int8 x per 32
-  kQ5_1 = 4,     // GGUF Q5_1 rows as stored (24 bytes per 32 weights), int8 x per 32
-  kQ4_K = 5,     // GGUF Q4_K rows as stored (144 bytes per 256 weights), int8 x per 256
-  kQ5_K = 6,     // GGUF Q5_K rows as stored (176 bytes per 256 weights), int8 x per 256
-  kQ6_K = 7,     // GGUF Q6_K rows as stored (210 bytes per 256 weights), int8 x per 256
-  kQ5_0x16 = 8,  // GGUF Q5_0 repacked 16 rows side by side (ceil(N/16), K/32*352) (compile/quant.py, pack_q5_0)
+  kQ8_0 = 0,      // Q8_0 rows (N, K/32*34) against float32 x: matrices quantized here from dense weights
+  kQ4x4 = 1,      // packed Q4 groups (ceil(N/4), K/32*80): four rows side by side (compile/quant.py, pack_q4)
+  kQ8_0x8 = 2,    // GGUF Q8_0 rows as stored, against int8 x (per-32 activation blocks)
+  kQ5_0 = 3,      // GGUF Q5_0 rows as stored (22 bytes per 32 weights), int8 x per 32
+  kQ5_1 = 4,      // GGUF Q5_1 rows as stored (24 bytes per 32 weights), int8 x per 32
+  kQ4_K = 5,      // GGUF Q4_K rows as stored (144 bytes per 256 weights), int8 x per 256
+  kQ5_K = 6,      // GGUF Q5_K rows as stored (176 bytes per 256 weights), int8 x per 256
+  kQ6_K = 7,      // GGUF Q6_K rows as stored (210 bytes per 256 weights), int8 x per 256
+  kQ5_0x16 = 8,   // GGUF Q5_0 repacked 16 rows side by side (ceil(N/16), K/32*352) (compile/quant.py, pack_q5_0)
+  kQ4_Kx16 = 9,   // GGUF Q4_K repacked 16 rows side by side (ceil(N/16), K/256*2368) (compile/quant.py, pack_q4_k)
+  kQ6_Kx16 = 10,  // GGUF Q6_K repacked 16 rows side by side (ceil(N/16), K/256*3360) (compile/quant.py, pack_q6_k)
 };
-constexpr int64_t kNumKinds = 9;
+constexpr int64_t kNumKinds = 11;
 
 struct KindInfo {
   const char* name;
   int64_t weights;  // per block along K
-  int64_t bytes;    // per block and row (kQ4x4, kQ5_0x16: per block and group of 4, 16 rows)
+  int64_t bytes;    // per block and group of `group` rows
+  int64_t group;    // rows side by side in a packed kind (1: rows as the file stores them)
 };
 inline constexpr KindInfo kKinds[kNumKinds] = {
-    {"Q8_0", 32, 34},   {"Q4X4", 32, 80},   {"Q8_0_X8", 32, 34}, {"Q5_0", 32, 22},     {"Q5_1", 32, 24},
-    {"Q4_K", 256, 144}, {"Q5_K", 256, 176}, {"Q6_K", 256, 210},  {"Q5_0X16", 32, 352},
+    {"Q8_0", 32, 34, 1},      {"Q4X4", 32, 80, 4},        {"Q8_0_X8", 32, 34, 1},     {"Q5_0", 32, 22, 1},
+    {"Q5_1", 32, 24, 1},      {"Q4_K", 256, 144, 1},      {"Q5_K", 256, 176, 1},      {"Q6_K", 256, 210, 1},
+    {"Q5_0X16", 32, 352, 16}, {"Q4_KX16", 256, 2368, 16}, {"Q6_KX16", 256, 3360, 16},
 };
 
-constexpr int64_t kQ8Block = 32;      // weights per Q8_0 block
-constexpr int64_t kQ8Bytes = 34;      // bytes per Q8_0 block
-constexpr int64_t kQ4Block = 32;      // weights per Q4 block
-constexpr int64_t kQ4x4Bytes = 80;    // per 4 rows x 1 block
-constexpr int64_t kQ5x16Bytes = 352;  // per 16 rows x 1 block
+// Bytes of one row of a (., K) matrix in `kind` (a packed group's bytes shared by its rows).
+inline int64_t row_bytes_of(int64_t kind, int64_t K) {
+  return K / kKinds[kind].weights * kKinds[kind].bytes / kKinds[kind].group;
+}
+
+constexpr int64_t kQ8Block = 32;        // weights per Q8_0 block
+constexpr int64_t kQ8Bytes = 34;        // bytes per Q8_0 block
+constexpr int64_t kQ4Block = 32;        // weights per Q4 block
+constexpr int64_t kQ4x4Bytes = 80;      // per 4 rows x 1 block
+constexpr int64_t kQ5x16Bytes = 352;    // per 16 rows x 1 block
+constexpr int64_t kQ4Kx16Bytes = 2368;  // per 16 rows x 1 super-block
+constexpr int64_t kQ6Kx16Bytes = 3360;  // per 16 rows x 1 super-block
 constexpr int64_t kSuperBlock = 256;
 constexpr int kMaxSegments = 4;
 
-// Rows [row0, row0 + rows) of a matrix, in one kind: rows (rows, K/w*b) bytes, kQ4x4 (ceil(rows/4), K/32*80).
+// Rows [row0, row0 + rows) of a matrix, in one kind: (ceil(rows/group), K/weights*bytes) bytes.
 struct BlockSegment {
   const uint8_t* w;
   int64_t kind, rows, row0;
@@ -63,7 +74,8 @@ struct BlockMatrix {
 };
 
 // Scratch a matmul needs for M rows of input (bytes): x quantized to int8 per 32 and per 256, with the
-// blocks' scales and sums.
+// blocks' scales and sums (blocks.cpp, carve: ~4.9 bytes per x value, and up to 63 bytes of alignment
+// for each of its 15 fields).
 inline int64_t scratch_bytes(int64_t M, int64_t K) { return M * K * 6 + 1024; }
 
 // y (M, N) = x (M, K) @ W.T (+ bias), float32; scratch holds scratch_bytes(M, K) + 64 bytes.

@@ -57,7 +57,7 @@ def main() -> None:
     n, k = a.shape
     raw = blocks(a.format, n, k)
     stored = torch.from_numpy(raw.copy())
-    packed, packed_kind = pack_16_rows(QuantTensor(raw=raw, qtype=a.format, shape=(n, k)))
+    packed, packed_kind = pack_16_rows(QuantTensor(raw=raw, qtype=a.format, shape=(n, k)), ops)
     print(
         f"{a.format}, {n} x {k}, {a.threads} thread(s), {a.rounds} rounds; GB/s of the file's "
         f"{stored.nbytes / 1e6:.1f} MB (packed: {packed.nbytes / 1e6:.1f} MB)"

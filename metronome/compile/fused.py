@@ -65,7 +65,7 @@ class FusedRunner:
 
         def matrix_of(parts: list[Weight]) -> list[BlockPart]:
             cached = packed[len(self.matrices)] if packed is not None else None
-            segments = block_matrix(parts, mode, cached)
+            segments = block_matrix(parts, mode, ops, cached)
             self.weight_bytes += sum(blocks.nbytes for blocks, _kind, _rows in segments)
             self.matrices.append(cacheable(segments))
             self.segments.append(segments)

@@ -225,7 +225,7 @@ def measure_terms(
                 x = torch.randn(rows, k_in)
                 kind = FILE_KINDS[tensor.qtype]
                 if fmt == PACKED.get(tensor.qtype):  # as the plan holds it
-                    blocks, kind = pack_16_rows(QuantTensor(blocks.numpy(), tensor.qtype, (n, k_in)))
+                    blocks, kind = pack_16_rows(QuantTensor(blocks.numpy(), tensor.qtype, (n, k_in)), ops)
                 s = _mean_s(lambda x=x, b=blocks, kind=kind, n=n: ops.block_linear(x, b, kind, n), repeats)
                 per_byte[fmt][rows] = s / blocks.nbytes
         attention_s = _attention_seconds(ops, repeats)

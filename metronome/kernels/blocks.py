@@ -39,7 +39,7 @@ BLOCK_KINDS = {
     "Q4_K": 5,
     "Q5_K": 6,
     "Q6_K": 7,
-    # GGUF blocks repacked 16 rows side by side (compile/quant.py, pack_q5_0, pack_q4_k, pack_q6_k):
+    # GGUF blocks repacked 16 rows side by side (csrc/pack.cpp, compile/quant.py pack_16_rows):
     # (ceil(N/16), K/weights*bytes)
     "Q5_0X16": 8,
     "Q4_KX16": 9,

@@ -207,6 +207,11 @@ class CppOps:
         packed Q4 groups from quant.pack_q4, or a GGUF format's rows as stored)."""
         return self._m.block_linear(x, blocks, kind, rows, bias)
 
+    def pack_x16(self, raw: Tensor, kind: int, rows: int, k: int) -> Tensor:
+        """A GGUF Q5_0/Q4_K/Q6_K matrix's rows (rows, bytes per row) uint8 -> packed kind `kind` (Q5X16_KIND,
+        Q4_KX16_KIND or Q6_KX16_KIND): (ceil(rows/16), K/weights*BLOCK_BYTES) uint8 (csrc/pack.cpp)."""
+        return self._m.pack_x16(raw, kind, rows, k)
+
     def gguf_rows(self, table: Tensor, ids: Tensor, qtype: str) -> Tensor:
         """Rows `ids` (M,) int64 of a GGUF table (V, bytes per row) uint8 in `qtype` (one of GGUF_ROW_TYPES)
         -> (M, K) float32, bitwise the gguf package's dequantization."""

@@ -10,6 +10,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from helpers.x16_packing import pack_q4_k, pack_q5_0, pack_q6_k
 
 from metronome.compile.quant import pack_16_rows
 from metronome.kernels.blocks import BLOCK_KINDS, FILE_KINDS
@@ -68,7 +69,7 @@ def _linear(x: torch.Tensor, raw: np.ndarray, qtype: str) -> torch.Tensor:
     n = raw.shape[0]
     if qtype in STORED:
         part = QuantTensor(raw=raw, qtype=STORED[qtype], shape=(n, x.shape[1]))
-        blocks, kind = pack_16_rows(part)
+        blocks, kind = pack_16_rows(part, OPS)
         assert kind == BLOCK_KINDS[qtype]
         return OPS.block_linear(x, blocks, kind, n)
     return OPS.block_linear(x, torch.from_numpy(raw), FILE_KINDS[qtype], n)
@@ -107,6 +108,20 @@ def test_file_format_rows_are_independent_and_thread_count_free(qtype: str) -> N
     finally:
         OPS.set_threads(torch.get_num_threads())
     assert torch.equal(batch, alone) and torch.equal(batch, one_thread)
+
+
+@pytest.mark.parametrize("qtype", ["Q5_0X16", "Q4_KX16", "Q6_KX16"])
+@pytest.mark.parametrize("n", [16, 37])
+def test_packing_is_the_layouts_numpy_reference(qtype: str, n: int) -> None:
+    """csrc/pack.cpp's bytes against the layouts written again in numpy (tests/helpers/x16_packing.py), a
+    whole group and a partial last one (its missing rows zero)."""
+    k = 512
+    raw = _blocks(qtype, n, k, seed=6)
+    reference = {"Q5_0X16": pack_q5_0, "Q4_KX16": pack_q4_k, "Q6_KX16": pack_q6_k}[qtype](raw, n, k)
+    packed, kind = pack_16_rows(QuantTensor(raw=raw, qtype=STORED[qtype], shape=(n, k)), OPS)
+    assert kind == BLOCK_KINDS[qtype] and torch.equal(packed, reference)
+    with pytest.raises(RuntimeError, match="raw must be the file's contiguous uint8 blocks"):
+        OPS.pack_x16(torch.from_numpy(raw[:, :-1].copy()), kind, n, k)
 
 
 def test_stacked_parts_must_add_up_to_the_matrix() -> None:

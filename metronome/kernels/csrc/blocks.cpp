@@ -273,7 +273,7 @@ void q4x4_rows(int64_t mt, const uint8_t* w, int64_t nb, const XQuant& xq, int64
 }
 
 // ---------------------------------------------------------------------------------------------------
-// GGUF blocks repacked 16 rows side by side (compile/quant.py: pack_q5_0, pack_q4_k, pack_q6_k). In the
+// GGUF blocks repacked 16 rows side by side (pack.cpp, once per plan: compile/quant.py pack_16_rows). In the
 // file each row is its own run of blocks, and a kernel over it needs a float step (a conversion and a
 // multiply-add) per sub-block of each row. Packed, one int32 lane holds one row's 4 consecutive weights
 // per vector, which is what vpdpbusd multiplies against 4 bytes of x broadcast to every lane: a vector of

@@ -28,9 +28,9 @@ enum BlockKind : int64_t {
   kQ4_K = 5,      // GGUF Q4_K rows as stored (144 bytes per 256 weights), int8 x per 256
   kQ5_K = 6,      // GGUF Q5_K rows as stored (176 bytes per 256 weights), int8 x per 256
   kQ6_K = 7,      // GGUF Q6_K rows as stored (210 bytes per 256 weights), int8 x per 256
-  kQ5_0x16 = 8,   // GGUF Q5_0 repacked 16 rows side by side (ceil(N/16), K/32*352) (compile/quant.py, pack_q5_0)
-  kQ4_Kx16 = 9,   // GGUF Q4_K repacked 16 rows side by side (ceil(N/16), K/256*2368) (compile/quant.py, pack_q4_k)
-  kQ6_Kx16 = 10,  // GGUF Q6_K repacked 16 rows side by side (ceil(N/16), K/256*3360) (compile/quant.py, pack_q6_k)
+  kQ5_0x16 = 8,   // GGUF Q5_0 repacked 16 rows side by side (ceil(N/16), K/32*352) (pack.cpp)
+  kQ4_Kx16 = 9,   // GGUF Q4_K repacked 16 rows side by side (ceil(N/16), K/256*2368) (pack.cpp)
+  kQ6_Kx16 = 10,  // GGUF Q6_K repacked 16 rows side by side (ceil(N/16), K/256*3360) (pack.cpp)
 };
 constexpr int64_t kNumKinds = 11;
 
@@ -123,6 +123,11 @@ BlockMatrix check_blocks(const char* op, const Tensor& w, int64_t kind, int64_t 
 // K/32*bytes) uint8 in the file's type `ggml_type` (GGUF's codes: 2 Q4_0, 3 Q4_1, 8 Q8_0); ids (M,) int64
 // -> (M, K). One call per step instead of a dozen small numpy ones (docs/moe.md has the figure).
 Tensor gguf_rows(const Tensor& table, const Tensor& ids, int64_t ggml_type);
+
+// A GGUF matrix's rows (rows, K/w*file bytes) uint8 in Q5_0, Q4_K or Q6_K -> the packed kind `kind`
+// (kQ5_0x16, kQ4_Kx16, kQ6_Kx16): (ceil(rows/16), K/w*bytes) uint8, the missing rows of the last group zero
+// (pack.cpp).
+Tensor pack_x16(const Tensor& raw, int64_t kind, int64_t rows, int64_t K);
 
 // The tensor-level op: x (M, K) float32/bfloat16 -> (M, rows) float32.
 Tensor block_linear(const Tensor& x, const Tensor& w, int64_t kind, int64_t rows, const std::optional<Tensor>& bias);

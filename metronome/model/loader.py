@@ -49,8 +49,8 @@ class QuantTensor:
             return None
         if len(parts) == 1:
             return parts[0]
-        rows = sum(p.shape[0] for p in parts)
-        return QuantTensor(np.concatenate([p.raw for p in parts]), parts[0].qtype, (rows, parts[0].shape[1]))
+        rows = sum(p.shape[0] for p in parts)  # matrices' rows, or vectors' entries (a bias: shape (n,))
+        return QuantTensor(np.concatenate([p.raw for p in parts]), parts[0].qtype, (rows, *parts[0].shape[1:]))
 
     def take_rows(self, order: torch.Tensor) -> "QuantTensor":
         """The same tensor with its rows reordered (blocks run along rows, so no requantizing)."""

@@ -191,6 +191,18 @@ def _tiny_gguf(path: Path, arch: str = "llama", skip: str | None = None, bad_sha
     return path
 
 
+def test_stacking_vectors_and_matrices() -> None:
+    """QuantTensor.stack of matrices stacks rows; of vectors (a qwen2 file's F32 q/k/v biases, which tensor
+    parallel stacks per KV head) it concatenates entries."""
+    a = QuantTensor(np.arange(4, dtype=np.float32), "F32", (4,))
+    b = QuantTensor(np.arange(4, 6, dtype=np.float32), "F32", (2,))
+    v = QuantTensor.stack([a, b])
+    assert v is not None and v.shape == (6,) and np.array_equal(v.raw, np.arange(6, dtype=np.float32))
+    m = QuantTensor(np.zeros((3, 68), dtype=np.uint8), "Q8_0", (3, 64))
+    stacked = QuantTensor.stack([m, m])
+    assert stacked is not None and stacked.shape == (6, 64) and stacked.raw.shape == (6, 68)
+
+
 def test_a_valid_tiny_gguf_loads(tmp_path):
     m = load(_tiny_gguf(tmp_path / "ok.gguf"))
     assert m.config.num_layers == 1 and m.weights["layers.0.w_down.weight"].shape == (16, 32)

@@ -64,10 +64,10 @@ def run_fuzz(
         str(request_timeout_s),
         "--max-response-time",
         str(request_timeout_s),
-        # One worker: with two, schemathesis's threads generate cases at once, and hypothesis describes
-        # lambdas with ast.parse, whose recursion counter CPython 3.11 shares between threads
-        # (python/cpython#106905): a run here failed once with "SystemError: AST constructor recursion
-        # depth mismatch", in the fuzzer, not in the server.
+        # One worker: with two, schemathesis's threads generate cases at once and hypothesis describes
+        # lambdas with ast.parse in both; a run here failed once with "SystemError: AST constructor
+        # recursion depth mismatch" inside the fuzzer (not the server), the error python/cpython#106905
+        # reports from threaded programs on CPython 3.11.
         "--workers",
         "1",
         "--seed",

@@ -238,16 +238,63 @@ def test_decode_attention_mixed_dtypes_and_strided_cache(cpp: CppOps) -> None:
 
 
 def test_decode_attention_heads_are_independent(cpp: CppOps) -> None:
-    # Query heads sharing a kv head are computed together (up to 4 at a time); each head's result must
-    # not depend on that grouping: the same heads asked for one per kv head give the same bits.
+    # Query heads sharing a kv head are computed together (up to 16 query vectors a unit); each head's
+    # result must not depend on that grouping: the same heads asked for one per kv head give the same bits.
     kc = randn(2, 3, 300, 64, dtype=torch.bfloat16, seed=1)
     vc = randn(2, 3, 300, 64, dtype=torch.bfloat16, seed=2)
-    q = randn(2, 18, 64, dtype=torch.bfloat16, seed=3)  # 6 heads per kv head: groups of 4 + 2
+    q = randn(2, 18, 64, dtype=torch.bfloat16, seed=3)  # 6 heads per kv head
     slots, ends = torch.tensor([1, 0]), torch.tensor([300, 123])
     full = cpp.decode_attention(q, kc, vc, slots, ends, 0, 0.125)
     for pick in ([0, 6, 12], [5, 11, 17], [3, 9, 15]):
         one = cpp.decode_attention(q[:, pick], kc, vc, slots, ends, 0, 0.125)
         assert torch.equal(one, full[:, pick])
+
+
+def _attention_cases(cpp: CppOps, tiles: bool):
+    """Outputs of decode_attention over shapes that reach every path: float32 and bf16, head dims 64-256
+    (80: a partial output group), 1 to 20 query heads per kv head (20: two units of heads), spans of 1, 15,
+    16, 17, 31, 33 keys (batches of 16 and their tails), empty spans, windows. With `tiles`, runs of rows
+    of one slot with consecutive ends (a prompt's rows, computed together) beside rows of another slot."""
+    g = torch.Generator().manual_seed(0)
+    shapes = ((3, 1, 64), (2, 6, 128), (1, 4, 256), (2, 3, 80)) + (((1, 20, 64),) if tiles else ())
+    for dtype in (torch.float32, torch.bfloat16):
+        for hkv, ratio, dh in shapes:
+            kc = torch.randn(2 if tiles else 3, hkv, 300, dh, generator=g).to(dtype)
+            vc = torch.randn(2 if tiles else 3, hkv, 300, dh, generator=g).to(dtype)
+            q = (torch.randn(21 if tiles else 9, hkv * ratio, dh, generator=g) * 3).to(dtype)
+            if tiles:
+                slots = torch.tensor([1] * 9 + [0] * 3 + [1] * 9)
+                ends = torch.tensor([*range(240, 249), 3, 0, 17, *range(1, 10)])
+            else:
+                slots = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2])
+                ends = torch.tensor([300, 1, 15, 16, 17, 31, 33, 255, 0])
+            for window in (0, 5, 20) if tiles else (0, 20):
+                yield q, kc, vc, slots, ends, window, dh**-0.5
+
+
+def test_decode_attention_bits_are_pinned(cpp: CppOps) -> None:
+    # The scores are summed 16 keys at a time (hsum16) and a prompt's rows share each key's loads; each
+    # (row, head) must still run the one-query sequence of operations. These digests are the outputs of
+    # that sequence as written before either change (commit f48ed38: one hsum per key, one row at a time).
+    # A change that alters any output bit fails here; if it is meant to, say why and pin the new digests.
+    import hashlib
+
+    for tiles, want in (
+        (False, "cf4ddd885d63e8df55f045c4e3e16dfba7a0d5f22122869ed8580201a7431657"),
+        (True, "39e1a93f8a923a643c8bb6678c39e8e91fe81dc770c8391681d02d046320f93e"),
+    ):
+        digest = hashlib.sha256()
+        for case in _attention_cases(cpp, tiles):
+            digest.update(cpp.decode_attention(*case).float().numpy().tobytes())
+        assert digest.hexdigest() == want, f"tiles={tiles}"
+
+
+def test_decode_attention_rows_in_tiles_equal_rows_alone(cpp: CppOps) -> None:
+    for q, kc, vc, slots, ends, window, scale in _attention_cases(cpp, tiles=True):
+        full = cpp.decode_attention(q, kc, vc, slots, ends, window, scale)
+        for b in (0, 4, 8, 11, 12, 20):
+            one = cpp.decode_attention(q[b : b + 1], kc, vc, slots[b : b + 1], ends[b : b + 1], window, scale)
+            assert torch.equal(one[0], full[b]), (b, window)
 
 
 def test_decode_attention_head_dims(cpp: CppOps) -> None:

@@ -337,7 +337,7 @@ struct Q5_0x16 {
         const int64_t i = (m0 + m) * nb + b;
         const int32_t* xb = reinterpret_cast<const int32_t*>(xq.x8 + (m0 + m) * K + b * 32);
         __m512i s = _mm512_set1_epi32(xq.o16[i]);  // the offset term starts every row's sum
-        for (int g = 0; g < 8; ++g) s = _mm512_dpbusd_epi32(s, c[g], _mm512_set1_epi32(xb[g]));
+        for (int g = 0; g < 8; ++g) s = dpbusd_bcst(s, c[g], xb + g);
         acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d, _mm512_set1_ps(xq.dx[i])), acc[m]);
       }
     }
@@ -350,12 +350,14 @@ struct Q5_0x16 {
 // j: 16 bytes, row r's at 16j + r), the minimums as bytes in pairs (pair k: 32 bytes, row r's m_2k and
 // m_2k+1 at 32k + 2r, 32k + 2r + 1), then 32 nibble vectors (sub-block j: vectors 4j..4j+3). x is quantized
 // per 256 (x8k, dxk). Row r, x row m, per super-block:
-//   f    = sum_j float(sum of sub-block j's q x8) * (sc_j * d_r)    vpdpbusd per quad (exact), then one
-//                                                                    conversion and multiply-add per sub-block
-//   imin = sum_j m_j * bs32_j                                        vpdpwssd on (m_2k, m_2k+1) x (bs32_2k, bs32_2k+1)
-//   acc += f * dx - float(imin) * (dmin_r * dx)
-// sc_j * d_r is exact in float32. (An integer multiply per sub-block, vpmulld, was 1.2x slower at 8-64 rows
-// of x: two uops on the port vpdpbusd needs, where the conversion takes one.)
+//   isum = sum_j sc_j * (sum of sub-block j's q x8)    vpdpbusd per quad (exact) in two chains of 16 weights;
+//                                                     a chain's sum fits an int16 (|s| <= 16 * 15 * 127), so
+//                                                     vpdpwssd against the pair (sc_j, 0) adds sc_j * s exactly
+//   imin = sum_j m_j * bs32_j                         vpdpwssd on (m_2k, m_2k+1) x (bs32_2k, bs32_2k+1)
+//   acc += float(isum) * (d_r * dx) - float(imin) * (dmin_r * dx)
+// |isum| <= 8 * 63 * 2 * 16 * 15 * 127 < 2^31. (A float step per sub-block, a conversion and a multiply-add
+// where vpdpwssd is one instruction, was 1.04-1.10x slower at 8-64 rows of x; an integer multiply per
+// sub-block, vpmulld, slower still: two uops on the ports vpdpbusd needs.)
 struct Q4_Kx16 {
   static constexpr int64_t kW = 256, kBytes = kQ4Kx16Bytes;
   template <int MT>
@@ -366,44 +368,48 @@ struct Q4_Kx16 {
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* p = w + b * kBytes;
       prefetch_ahead<kBytes>(p);
-      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-      __m512 fsum[MT];
-      for (int m = 0; m < MT; ++m) fsum[m] = _mm512_setzero_ps();
+      __m512i isum[MT];
+      for (int m = 0; m < MT; ++m) isum[m] = _mm512_setzero_si512();
       for (int j = 0; j < 8; ++j) {
-        const __m512 sc = _mm512_mul_ps(  // sc_j * d_r, exact (6 bits times 11)
-            _mm512_cvtepi32_ps(
-                _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 64 + 16 * j)))),
-            d);
+        // lane r: sub-block j's scale of row r as the int16 pair (sc_j, 0)
+        const __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 64 + 16 * j)));
         __m512i c[8];
         for (int v = 0; v < 4; ++v) nibble_quads(p + 320 + 256 * j + 64 * v, c + 2 * v);
         for (int m = 0; m < MT; ++m) {
           const int32_t* xb = reinterpret_cast<const int32_t*>(xq.x8k + (m0 + m) * K + b * 256 + 32 * j);
           // two chains of 4 (vpdpbusd's latency, not its throughput, would bound one chain of 8)
-          __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c[0], _mm512_set1_epi32(xb[0]));
-          __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c[4], _mm512_set1_epi32(xb[4]));
+          __m512i s0 = dpbusd_bcst(_mm512_setzero_si512(), c[0], xb);
+          __m512i s1 = dpbusd_bcst(_mm512_setzero_si512(), c[4], xb + 4);
           for (int g = 1; g < 4; ++g) {
-            s0 = _mm512_dpbusd_epi32(s0, c[g], _mm512_set1_epi32(xb[g]));
-            s1 = _mm512_dpbusd_epi32(s1, c[g + 4], _mm512_set1_epi32(xb[g + 4]));
+            s0 = dpbusd_bcst(s0, c[g], xb + g);
+            s1 = dpbusd_bcst(s1, c[g + 4], xb + g + 4);
           }
-          fsum[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), sc, fsum[m]);
+          // each chain sums 16 weights: |s| <= 16 * 15 * 127, an int16 in the low half of its lane and
+          // the sign in the high half, so vpdpwssd against (sc_j, 0) adds s * sc_j exactly
+          isum[m] = _mm512_dpwssd_epi32(isum[m], s0, sc);
+          isum[m] = _mm512_dpwssd_epi32(isum[m], s1, sc);
         }
       }
+      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
       const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)));
       __m512i mn[4];  // lane r: row r's (m_2k, m_2k+1) as int16
       for (int k = 0; k < 4; ++k)
         mn[k] = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 192 + 32 * k)));
       for (int m = 0; m < MT; ++m) {
         const int64_t i = (m0 + m) * nb + b;
-        __m512i imin = _mm512_dpwssd_epi32(_mm512_setzero_si512(), mn[0], _mm512_set1_epi32(xq.bs32p[i * 4]));
-        for (int k = 1; k < 4; ++k) imin = _mm512_dpwssd_epi32(imin, mn[k], _mm512_set1_epi32(xq.bs32p[i * 4 + k]));
+        __m512i imin = dpwssd_bcst(_mm512_setzero_si512(), mn[0], xq.bs32p + i * 4);
+        for (int k = 1; k < 4; ++k) imin = dpwssd_bcst(imin, mn[k], xq.bs32p + i * 4 + k);
         const __m512 dx = _mm512_set1_ps(xq.dxk[i]);
-        acc[m] = _mm512_fmadd_ps(fsum[m], dx, acc[m]);
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[m]), _mm512_mul_ps(d, dx), acc[m]);
         acc[m] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(imin), _mm512_mul_ps(dmin, dx), acc[m]);
       }
     }
     store16<MT>(acc, y, ldy, rows, n0, m0);
   }
 };
+
+// a | (b & mask) in one instruction (vpternlogd: 0xF8 is the truth table of A | (B & C))
+inline __m512i or_and(__m512i a, __m512i b, __m512i mask) { return _mm512_ternarylogic_epi32(a, b, mask, 0xF8); }
 
 // Q6_K (w = d * sc_g * (q - 32) over 16 groups g of 16, q in [0, 64), int8 sc_g), per group and super-block,
 // 3360 bytes (the file's 16 x 210): 16 fp16 d, the scales (group g: 16 bytes, row r's at 32 + 16g + r),
@@ -413,6 +419,9 @@ struct Q4_Kx16 {
 //   f    = sum_g float(sum of group g's q x8 - 32 * bs16_g) * (sc_g * d_r)   the offset term starts each
 //                                                                            group's integer sum
 //   acc += f * dx
+// One group's 4 quads are unpacked at a time (half of two nibble vectors and one top-bits vector), so they
+// stay in registers beside the 8 rows' sums: unpacking 32 weights at once spilled them to the stack and
+// ran 1.16x (8 rows of x) to 1.31x (64) slower.
 struct Q6_Kx16 {
   static constexpr int64_t kW = 256, kBytes = kQ6Kx16Bytes;
   template <int MT>
@@ -427,30 +436,29 @@ struct Q6_Kx16 {
       const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
       __m512 fsum[MT];
       for (int m = 0; m < MT; ++m) fsum[m] = _mm512_setzero_ps();
-      for (int t = 0; t < 8; ++t) {
-        const uint8_t* q = p + 288 + 384 * t;
-        __m512i c[8];  // quad e: weights 32t + 4e .. 32t + 4e + 3 of each row, codes in [0, 64)
-        for (int v = 0; v < 4; ++v) nibble_quads(q + 64 * v, c + 2 * v);
-        for (int h = 0; h < 2; ++h) {  // bits 2e..2e+1 of a top-bits byte move to bits 4..5
+      for (int g = 0; g < 16; ++g) {  // 16-weight group g: quads 4(g%2)..4(g%2)+3 of 32-weight run g/2
+        const uint8_t* q = p + 288 + 384 * (g / 2);
+        const int h = g % 2;
+        __m512i c[4];  // quad e: weights 16g + 4e .. 16g + 4e + 3 of each row, codes in [0, 64)
+        nibble_quads(q + 128 * h, c);
+        nibble_quads(q + 128 * h + 64, c + 2);
+        {  // bits 2e..2e+1 of a top-bits byte move to bits 4..5
           const __m512i hv = _mm512_loadu_si512(q + 256 + 64 * h);
-          c[4 * h] = _mm512_or_si512(c[4 * h], _mm512_and_si512(_mm512_slli_epi16(hv, 4), top2));
-          c[4 * h + 1] = _mm512_or_si512(c[4 * h + 1], _mm512_and_si512(_mm512_slli_epi16(hv, 2), top2));
-          c[4 * h + 2] = _mm512_or_si512(c[4 * h + 2], _mm512_and_si512(hv, top2));
-          c[4 * h + 3] = _mm512_or_si512(c[4 * h + 3], _mm512_and_si512(_mm512_srli_epi16(hv, 2), top2));
+          c[0] = or_and(c[0], _mm512_slli_epi16(hv, 4), top2);
+          c[1] = or_and(c[1], _mm512_slli_epi16(hv, 2), top2);
+          c[2] = or_and(c[2], hv, top2);
+          c[3] = or_and(c[3], _mm512_srli_epi16(hv, 2), top2);
         }
-        for (int h = 0; h < 2; ++h) {  // 16-weight group g = 2t + h: quads 4h..4h+3
-          const int g = 2 * t + h;
-          const __m512 sc = _mm512_mul_ps(  // sc_g * d_r, exact (8 bits times 11)
-              _mm512_cvtepi32_ps(
-                  _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32 + 16 * g)))),
-              d);
-          for (int m = 0; m < MT; ++m) {
-            const int64_t row = m0 + m;
-            const int32_t* xb = reinterpret_cast<const int32_t*>(xq.x8k + row * K + b * 256 + 16 * g);
-            __m512i s = _mm512_set1_epi32(xq.o32[row * (K / 16) + b * 16 + g]);
-            for (int e = 0; e < 4; ++e) s = _mm512_dpbusd_epi32(s, c[4 * h + e], _mm512_set1_epi32(xb[e]));
-            fsum[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, fsum[m]);
-          }
+        const __m512 sc = _mm512_mul_ps(  // sc_g * d_r, exact (8 bits times 11)
+            _mm512_cvtepi32_ps(
+                _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32 + 16 * g)))),
+            d);
+        for (int m = 0; m < MT; ++m) {
+          const int64_t row = m0 + m;
+          const int32_t* xb = reinterpret_cast<const int32_t*>(xq.x8k + row * K + b * 256 + 16 * g);
+          __m512i s = _mm512_set1_epi32(xq.o32[row * (K / 16) + b * 16 + g]);
+          for (int e = 0; e < 4; ++e) s = dpbusd_bcst(s, c[e], xb + e);
+          fsum[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, fsum[m]);
         }
       }
       for (int m = 0; m < MT; ++m) acc[m] = _mm512_fmadd_ps(fsum[m], _mm512_set1_ps(xq.dxk[(m0 + m) * nb + b]), acc[m]);
@@ -460,24 +468,24 @@ struct Q6_Kx16 {
 };
 
 // Groups [n_lo, n_hi) (local rows, multiples of 16 but the segment's end) x rows [m_lo, m_hi) of x, kind P.
+// P::tile<MT> for the n (1..MT) x rows left at m0.
+template <typename P, int MT>
+inline void x16_tile(int64_t n, const uint8_t* g, int64_t nb, const XQuant& xq, int64_t K, float* y, int64_t ldy,
+                     int64_t rows, int64_t n0, int64_t m0) {
+  if constexpr (MT > 1) {
+    if (n < MT) return x16_tile<P, MT - 1>(n, g, nb, xq, K, y, ldy, rows, n0, m0);
+  }
+  P::template tile<MT>(g, nb, xq, K, y, ldy, rows, n0, m0);
+}
+
 template <typename P>
 void x16_rows(const uint8_t* w, const XQuant& xq, int64_t K, float* y, int64_t ldy, int64_t rows, int64_t n_lo,
               int64_t n_hi, int64_t m_lo, int64_t m_hi) {
   const int64_t nb = K / P::kW;
   for (int64_t n0 = n_lo; n0 < n_hi; n0 += 16) {
     const uint8_t* g = w + (n0 / 16) * nb * P::kBytes;
-    for (int64_t m0 = m_lo; m0 < m_hi; m0 += kRowsPerPass) {
-      switch (std::min<int64_t>(kRowsPerPass, m_hi - m0)) {
-        case 1: P::template tile<1>(g, nb, xq, K, y, ldy, rows, n0, m0); break;
-        case 2: P::template tile<2>(g, nb, xq, K, y, ldy, rows, n0, m0); break;
-        case 3: P::template tile<3>(g, nb, xq, K, y, ldy, rows, n0, m0); break;
-        case 4: P::template tile<4>(g, nb, xq, K, y, ldy, rows, n0, m0); break;
-        case 5: P::template tile<5>(g, nb, xq, K, y, ldy, rows, n0, m0); break;
-        case 6: P::template tile<6>(g, nb, xq, K, y, ldy, rows, n0, m0); break;
-        case 7: P::template tile<7>(g, nb, xq, K, y, ldy, rows, n0, m0); break;
-        default: P::template tile<8>(g, nb, xq, K, y, ldy, rows, n0, m0); break;
-      }
-    }
+    for (int64_t m0 = m_lo; m0 < m_hi; m0 += kRowsPerPass)
+      x16_tile<P, kRowsPerPass>(std::min(kRowsPerPass, m_hi - m0), g, nb, xq, K, y, ldy, rows, n0, m0);
   }
 }
 

@@ -5,7 +5,9 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -202,69 +204,123 @@ Tensor gelu_tanh_mul(const Tensor& x) { return gated<true>("gelu_tanh_mul", x); 
 // then out = (sum_j p_j v_j) / sum, accumulated over j in order. Everything depends only on this row's
 // span; an empty span gives zeros.
 //
-// The query heads that share a kv head (GQA) are processed together, up to 4 at a time, so each key and
-// value row is loaded and widened once for all of them; each head still runs exactly the sequence of
-// operations above, so its result does not depend on which heads it was grouped with. The unit of
-// parallel work is (row, kv head, group of <= 4 heads).
+// Queries that read the same keys are computed together, so each key and value row is loaded (from L2 on
+// a long span) and widened once for all of them: the heads that share a kv head (GQA), and the rows of one
+// prompt (same slot and window start; each with its own end), up to 16 query vectors a unit. Each query
+// still runs exactly the sequence of operations above, so its result depends neither on the heads nor on
+// the rows it was computed with. The unit of parallel work is (tile of rows, kv head, heads of the group).
 
 namespace {
 
-constexpr int kMaxGroup = 4;
+constexpr int kMaxQueries = 16;  // query vectors per unit: pass 1 keeps one accumulator for each
 
-template <typename TC, int NG>
-void attend_group(const float* qf, float* of, const TC* kb, const TC* vb, int64_t kstride, int64_t vstride, int64_t L,
-                  int64_t Dh, float scale, std::vector<float>& scores) {
+// NQ query vectors qf (Dh / 16, NQ, 16: chunk-major, 64-byte aligned), query i over keys [0, L[i]) of kb/vb
+// (L[i] >= 1), into of (NQ, Dh).
+template <typename TC, int NQ>
+void attend(const float* qf, float* of, const TC* kb, const TC* vb, int64_t kstride, int64_t vstride, const int64_t* L,
+            int64_t Dh, float scale, std::vector<float>& scores) {
   const int64_t nchunks = Dh / 16;
-  scores.resize(static_cast<size_t>(NG * L));
-  float mx[NG];
-  for (int g = 0; g < NG; ++g) mx[g] = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < L; ++j) {
-    const TC* k = kb + j * kstride;
-    __m512 acc[NG];
-    const __m512 k0 = load16(k);
-    for (int g = 0; g < NG; ++g) acc[g] = _mm512_mul_ps(_mm512_loadu_ps(qf + g * Dh), k0);
-    for (int64_t c = 1; c < nchunks; ++c) {
-      const __m512 kc = load16(k + c * 16);
-      for (int g = 0; g < NG; ++g) acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qf + g * Dh + c * 16), kc, acc[g]);
-    }
-    for (int g = 0; g < NG; ++g) {
-      const float sj = hsum(acc[g]) * scale;
-      scores[g * L + j] = sj;
-      mx[g] = sj > mx[g] ? sj : mx[g];
+  int64_t lmin = L[0], lmax = L[0];
+  for (int i = 1; i < NQ; ++i) lmin = std::min(lmin, L[i]), lmax = std::max(lmax, L[i]);
+  scores.resize(static_cast<size_t>(2 * NQ * lmax));  // query i's scores at i * lmax, then pass 2's pt
+  // Pass 1, keys 16 at a time: every query's (key) accumulator is kept, then hsum16 sums a query's 16 (the
+  // bits hsum gives each one, in a third of the instructions). Keys past a query's end (the tail of a
+  // tile of rows) are computed for all and never stored.
+  alignas(64) float part[NQ][16][16];
+  __m512 vmax[NQ];
+  for (int i = 0; i < NQ; ++i) vmax[i] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t j0 = 0; j0 < lmax; j0 += 16) {
+    const int64_t n = std::min<int64_t>(16, lmax - j0);
+    // KP keys per step: each query chunk loaded feeds KP multiply-adds (KP x NQ accumulators in registers)
+    constexpr int KP = 2 * NQ + 3 <= 32 ? 2 : 1;
+    int64_t jj = 0;
+    auto keys = [&](auto kp) {
+      constexpr int P = decltype(kp)::value;
+      const TC* k[P];
+      for (int e = 0; e < P; ++e) k[e] = kb + (j0 + jj + e) * kstride;
+      __m512 acc[P][NQ];
+      for (int e = 0; e < P; ++e) {
+        const __m512 k0 = load16(k[e]);
+        for (int i = 0; i < NQ; ++i) acc[e][i] = _mm512_mul_ps(_mm512_load_ps(qf + i * 16), k0);
+      }
+      for (int64_t c = 1; c < nchunks; ++c) {
+        __m512 kc[P];
+        for (int e = 0; e < P; ++e) kc[e] = load16(k[e] + c * 16);
+        for (int i = 0; i < NQ; ++i) {
+          const __m512 qc = _mm512_load_ps(qf + (c * NQ + i) * 16);
+          for (int e = 0; e < P; ++e) acc[e][i] = _mm512_fmadd_ps(qc, kc[e], acc[e][i]);
+        }
+      }
+      for (int e = 0; e < P; ++e)
+        for (int i = 0; i < NQ; ++i) _mm512_store_ps(part[i][jj + e], acc[e][i]);
+      jj += P;
+    };
+    while (jj + KP <= n) keys(std::integral_constant<int, KP>{});
+    while (jj < n) keys(std::integral_constant<int, 1>{});
+    for (; jj < 16; ++jj)  // a short last batch: the missing keys' sums are zeros (and never stored)
+      for (int i = 0; i < NQ; ++i) _mm512_store_ps(part[i][jj], _mm512_setzero_ps());
+    for (int i = 0; i < NQ; ++i) {
+      const int64_t valid = std::clamp<int64_t>(L[i] - j0, 0, n);
+      if (valid == 0) continue;
+      const __mmask16 m = tail_mask(valid);
+      const __m512 sj = _mm512_mul_ps(_mm512_permutexvar_ps(hsum16_order(), hsum16(part[i][0])), vscale);
+      _mm512_mask_storeu_ps(scores.data() + i * lmax + j0, m, sj);
+      vmax[i] = _mm512_mask_max_ps(vmax[i], m, sj, vmax[i]);  // a NaN score leaves the maximum as it was
     }
   }
-  __m512 denom[NG];
-  for (int g = 0; g < NG; ++g) {
-    float* sg = scores.data() + g * L;
-    const __m512 vmax = _mm512_set1_ps(mx[g]);
+  // Pass 2: p = e^(s - max) and its sum, per query, written key-major (pt[j * NQ + i]) so pass 3 reads a
+  // key's NQ weights at fixed offsets from one pointer.
+  float* pt = scores.data() + NQ * lmax;
+  const __m512i across = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(NQ));
+  __m512 denom[NQ];
+  for (int i = 0; i < NQ; ++i) {
+    const float* si = scores.data() + i * lmax;
+    const __m512 vm = _mm512_set1_ps(_mm512_reduce_max_ps(vmax[i]));
     __m512 vsum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < L; j += 16) {
-      const __mmask16 m = tail_mask(L - j);
-      __m512 p = _mm512_maskz_mov_ps(m, vexp(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sg + j), vmax)));
-      _mm512_mask_storeu_ps(sg + j, m, p);
+    for (int64_t j = 0; j < L[i]; j += 16) {
+      const __mmask16 m = tail_mask(L[i] - j);
+      __m512 p = _mm512_maskz_mov_ps(m, vexp(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, si + j), vm)));
+      _mm512_mask_i32scatter_ps(pt + j * NQ + i, m, across, p, 4);
       vsum = _mm512_add_ps(vsum, p);
     }
-    denom[g] = _mm512_set1_ps(hsum(vsum));
+    denom[i] = _mm512_set1_ps(hsum(vsum));
   }
-  // Output in groups of up to 4 chunks (64 dims): NG x 4 accumulators in registers.
-  for (int64_t c0 = 0; c0 < nchunks; c0 += 4) {
-    const int64_t nc = std::min<int64_t>(4, nchunks - c0);
-    __m512 a[NG][4];
-    for (int g = 0; g < NG; ++g)
-      for (int c = 0; c < 4; ++c) a[g][c] = _mm512_setzero_ps();
+  // Pass 3: out = sum_j p_j v_j / sum, NC chunks of 16 dims per pass (NQ x NC accumulators in registers).
+  constexpr int NC = std::min(4, std::max(1, kMaxQueries / NQ));
+  for (int64_t c0 = 0; c0 < nchunks; c0 += NC) {
+    const int64_t nc = std::min<int64_t>(NC, nchunks - c0);
+    __m512 a[NQ][NC];
+    for (int i = 0; i < NQ; ++i)
+      for (int c = 0; c < NC; ++c) a[i][c] = _mm512_setzero_ps();
     const TC* v = vb + c0 * 16;
-    for (int64_t j = 0; j < L; ++j, v += vstride) {
-      __m512 vc[4];
-      for (int c = 0; c < 4; ++c) vc[c] = c < nc ? load16(v + c * 16) : _mm512_setzero_ps();
-      for (int g = 0; g < NG; ++g) {
-        const __m512 p = _mm512_set1_ps(scores[g * L + j]);
-        for (int c = 0; c < 4; ++c)
-          if (c < nc) a[g][c] = _mm512_fmadd_ps(p, vc[c], a[g][c]);
+    auto add_key = [&](int64_t j, const TC* vj, bool all) {
+      __m512 vc[NC];
+      for (int c = 0; c < NC; ++c) vc[c] = c < nc ? load16(vj + c * 16) : _mm512_setzero_ps();
+      for (int i = 0; i < NQ; ++i) {
+        if (!all && j >= L[i]) continue;  // past this query's end: its sums stay as they are
+        const __m512 p = _mm512_set1_ps(pt[j * NQ + i]);
+        for (int c = 0; c < NC; ++c)
+          if (c < nc) a[i][c] = _mm512_fmadd_ps(p, vc[c], a[i][c]);
       }
-    }
-    for (int g = 0; g < NG; ++g)
-      for (int c = 0; c < nc; ++c) _mm512_storeu_ps(of + g * Dh + (c0 + c) * 16, _mm512_div_ps(a[g][c], denom[g]));
+    };
+    int64_t j = 0;
+    for (; j < lmin; ++j, v += vstride) add_key(j, v, true);
+    for (; j < lmax; ++j, v += vstride) add_key(j, v, false);
+    for (int i = 0; i < NQ; ++i)
+      for (int c = 0; c < nc; ++c) _mm512_storeu_ps(of + i * Dh + (c0 + c) * 16, _mm512_div_ps(a[i][c], denom[i]));
   }
+}
+
+// attend<TC, NQ> for the nq (1..MQ) queries of a unit.
+template <typename TC, int MQ>
+void attend_n(int64_t nq, const float* qf, float* of, const TC* kb, const TC* vb, int64_t kstride, int64_t vstride,
+              const int64_t* L, int64_t Dh, float scale, std::vector<float>& scores) {
+  if constexpr (MQ > 1) {
+    if (nq < MQ) return attend_n<TC, MQ - 1>(nq, qf, of, kb, vb, kstride, vstride, L, Dh, scale, scores);
+  }
+  attend<TC, MQ>(qf, of, kb, vb, kstride, vstride, L, Dh, scale, scores);
 }
 
 }  // namespace
@@ -274,35 +330,56 @@ void attention_rows(const TQ* q, TQ* out, const TC* kc, const TC* vc, const int6
                     const int64_t* slots, const int64_t* ends, int64_t B, int64_t H, int64_t Hkv, int64_t Dh,
                     int64_t window, float scale, int64_t total_keys) {
   const int64_t group = H / Hkv;
-  const int64_t ngroups = (group + kMaxGroup - 1) / kMaxGroup;
-  const int64_t units = B * Hkv * ngroups;
-  const int64_t unit_work =
-      std::max<int64_t>(1, total_keys / std::max<int64_t>(1, B)) * Dh * 2 * std::min<int64_t>(group, kMaxGroup);
-  parallel_for(0, units, grain_for(unit_work, 4 * kMinParallelElems), [&](int64_t lo, int64_t hi) {
-    std::vector<float> qf(kMaxGroup * Dh), of(kMaxGroup * Dh), scores;
-    for (int64_t u = lo; u < hi; ++u) {
-      const int64_t b = u / (Hkv * ngroups), kvh = (u / ngroups) % Hkv, gi = u % ngroups;
-      const int64_t h0 = kvh * group + gi * kMaxGroup;
-      const int64_t ng = std::min<int64_t>(kMaxGroup, group - gi * kMaxGroup);
-      const int64_t end = ends[b];
-      const int64_t first = window > 0 ? std::max<int64_t>(0, end - window) : 0;
-      const int64_t L = end - first;
-      TQ* o = out + (b * H + h0) * Dh;
-      if (L <= 0) {
-        for (int64_t i = 0; i < ng * Dh; i += 16) store16(o + i, _mm512_setzero_ps());
+  const int64_t heads = std::min<int64_t>(group, kMaxQueries);  // heads per unit
+  const int64_t hsplits = (group + heads - 1) / heads;
+  const int64_t tile_rows = std::max<int64_t>(1, kMaxQueries / heads);
+  auto first_of = [&](int64_t b) { return window > 0 ? std::max<int64_t>(0, ends[b] - window) : 0; };
+  // Tiles [b0, b1): runs of up to tile_rows consecutive rows with the same slot and window start; a row
+  // with an empty span gets zeros and joins no tile.
+  std::vector<std::pair<int64_t, int64_t>> tiles;
+  for (int64_t b = 0; b < B; ++b) {
+    if (ends[b] - first_of(b) <= 0) {
+      for (int64_t i = 0; i < H * Dh; i += 16) store16(out + b * H * Dh + i, _mm512_setzero_ps());
+      continue;
+    }
+    if (!tiles.empty()) {
+      auto& [b0, b1] = tiles.back();
+      if (b1 == b && slots[b] == slots[b0] && first_of(b) == first_of(b0) && b - b0 < tile_rows) {
+        b1 = b + 1;
         continue;
       }
-      const TQ* qg = q + (b * H + h0) * Dh;
-      for (int64_t i = 0; i < ng * Dh; i += 16) _mm512_storeu_ps(qf.data() + i, load16(qg + i));
-      const TC* kb = kc + slots[b] * ks[0] + kvh * ks[1] + first * ks[2];
-      const TC* vb = vc + slots[b] * vs[0] + kvh * vs[1] + first * vs[2];
-      switch (ng) {
-        case 1: attend_group<TC, 1>(qf.data(), of.data(), kb, vb, ks[2], vs[2], L, Dh, scale, scores); break;
-        case 2: attend_group<TC, 2>(qf.data(), of.data(), kb, vb, ks[2], vs[2], L, Dh, scale, scores); break;
-        case 3: attend_group<TC, 3>(qf.data(), of.data(), kb, vb, ks[2], vs[2], L, Dh, scale, scores); break;
-        default: attend_group<TC, 4>(qf.data(), of.data(), kb, vb, ks[2], vs[2], L, Dh, scale, scores); break;
-      }
-      for (int64_t i = 0; i < ng * Dh; i += 16) store16(o + i, _mm512_loadu_ps(of.data() + i));
+    }
+    tiles.emplace_back(b, b + 1);
+  }
+  const int64_t units = static_cast<int64_t>(tiles.size()) * Hkv * hsplits;
+  const int64_t unit_work = std::max<int64_t>(1, total_keys / std::max<int64_t>(1, B)) * Dh * 2 * kMaxQueries;
+  parallel_for(0, units, grain_for(unit_work, 4 * kMinParallelElems), [&](int64_t lo, int64_t hi) {
+    std::vector<float> qbuf(kMaxQueries * Dh + 16), of(kMaxQueries * Dh), scores;
+    float* qf = qbuf.data() + (16 - reinterpret_cast<uintptr_t>(qbuf.data()) / 4 % 16) % 16;  // 64-byte aligned
+    int64_t L[kMaxQueries];
+    for (int64_t u = lo; u < hi; ++u) {
+      const size_t t = static_cast<size_t>(u / (Hkv * hsplits));
+      const int64_t kvh = (u / hsplits) % Hkv, hs = u % hsplits;
+      const int64_t h0 = kvh * group + hs * heads, nh = std::min<int64_t>(heads, group - hs * heads);
+      const auto [b0, b1] = tiles[t];
+      const int64_t first = first_of(b0), nq_all = (b1 - b0) * nh;
+      int64_t nq = 0;
+      for (int64_t b = b0; b < b1; ++b)
+        for (int64_t h = 0; h < nh; ++h, ++nq) {
+          L[nq] = ends[b] - first;
+          const TQ* qh = q + (b * H + h0 + h) * Dh;
+          for (int64_t c = 0; c < Dh / 16; ++c)  // chunk-major: chunk c of query i at (c * nq_all + i) * 16
+            _mm512_store_ps(qf + (c * nq_all + nq) * 16, load16(qh + c * 16));
+        }
+      const TC* kb = kc + slots[b0] * ks[0] + kvh * ks[1] + first * ks[2];
+      const TC* vb = vc + slots[b0] * vs[0] + kvh * vs[1] + first * vs[2];
+      attend_n<TC, kMaxQueries>(nq, qf, of.data(), kb, vb, ks[2], vs[2], L, Dh, scale, scores);
+      nq = 0;
+      for (int64_t b = b0; b < b1; ++b)
+        for (int64_t h = 0; h < nh; ++h, ++nq) {
+          TQ* o = out + (b * H + h0 + h) * Dh;
+          for (int64_t i = 0; i < Dh; i += 16) store16(o + i, _mm512_loadu_ps(of.data() + nq * Dh + i));
+        }
     }
   });
 }

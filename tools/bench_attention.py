@@ -1,0 +1,63 @@
+"""Prefill attention on its own: the fused decoder's attention kernel (`decode_attention`) over the rows of
+one prompt chunk, as the decoder calls it, timed.
+
+    flock /tmp/metronome-bench.lock .venv/bin/python tools/bench_attention.py \
+        [--rows 256] [--span 1000] [--heads 12] [--kv-heads 2] [--head-dim 128] [--threads 2] [--rounds 9]
+
+The default shape is the 1.5B's last chunk of a 1,000-token prompt: 256 rows of one slot at positions
+745..1000, 12 query heads over 2 kv heads of 128 dims, a bf16 cache. Prints the median time of `--rounds`
+calls and the multiply-adds per second (q.k and p.v, counted once). To compare two builds, run it under
+each (e.g. an earlier commit checked out with `git worktree add` and put first on PYTHONPATH, from another
+directory), alternating, and compare medians: one process cannot load two builds of the kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from metronome.kernels.ops import load_kernels
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=256, help="prompt rows in the call (a prefill chunk)")
+    p.add_argument("--span", type=int, default=1000, help="keys the last row attends to")
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=9)
+    a = p.parse_args()
+    if a.rows > a.span or a.heads % a.kv_heads:
+        raise SystemExit("--rows must be at most --span, and --heads a multiple of --kv-heads")
+    ops = load_kernels()
+    ops.set_threads(a.threads)
+    g = torch.Generator().manual_seed(0)
+    shape = (1, a.kv_heads, a.span, a.head_dim)
+    k = torch.randn(*shape, generator=g).to(torch.bfloat16)
+    v = torch.randn(*shape, generator=g).to(torch.bfloat16)
+    q = torch.randn(a.rows, a.heads, a.head_dim, generator=g)
+    slots = torch.zeros(a.rows, dtype=torch.long)
+    ends = torch.arange(a.span - a.rows + 1, a.span + 1)
+    scale = a.head_dim**-0.5
+    for _ in range(2):  # warm-up: the pool's threads, the caches
+        ops.decode_attention(q, k, v, slots, ends, 0, scale)
+    times = []
+    for _ in range(a.rounds):
+        started = time.perf_counter()
+        ops.decode_attention(q, k, v, slots, ends, 0, scale)
+        times.append(time.perf_counter() - started)
+    t = statistics.median(times)
+    macs = 2 * a.heads * a.head_dim * int(ends.sum())
+    print(
+        f"{a.rows} rows, span {a.span}, {a.heads}/{a.kv_heads} heads x {a.head_dim}, {a.threads} threads: "
+        f"median {t * 1e3:.2f} ms of {a.rounds} ({macs / t / 1e9:.1f} G multiply-adds/s)"
+    )
+
+
+if __name__ == "__main__":
+    main()

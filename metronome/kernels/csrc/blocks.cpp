@@ -467,7 +467,6 @@ struct Q6_Kx16 {
   }
 };
 
-// Groups [n_lo, n_hi) (local rows, multiples of 16 but the segment's end) x rows [m_lo, m_hi) of x, kind P.
 // P::tile<MT> for the n (1..MT) x rows left at m0.
 template <typename P, int MT>
 inline void x16_tile(int64_t n, const uint8_t* g, int64_t nb, const XQuant& xq, int64_t K, float* y, int64_t ldy,
@@ -478,6 +477,7 @@ inline void x16_tile(int64_t n, const uint8_t* g, int64_t nb, const XQuant& xq, 
   P::template tile<MT>(g, nb, xq, K, y, ldy, rows, n0, m0);
 }
 
+// Groups [n_lo, n_hi) (local rows, multiples of 16 but the segment's end) x rows [m_lo, m_hi) of x, kind P.
 template <typename P>
 void x16_rows(const uint8_t* w, const XQuant& xq, int64_t K, float* y, int64_t ldy, int64_t rows, int64_t n_lo,
               int64_t n_hi, int64_t m_lo, int64_t m_hi) {

@@ -264,7 +264,7 @@ void attend(const float* qf, float* of, const TC* kb, const TC* vb, int64_t kstr
       const int64_t valid = std::clamp<int64_t>(L[i] - j0, 0, n);
       if (valid == 0) continue;
       const __mmask16 m = tail_mask(valid);
-      const __m512 sj = _mm512_mul_ps(_mm512_permutexvar_ps(hsum16_order(), hsum16(part[i][0])), vscale);
+      const __m512 sj = _mm512_mul_ps(hsum16(part[i][0]), vscale);
       _mm512_mask_storeu_ps(scores.data() + i * lmax + j0, m, sj);
       vmax[i] = _mm512_mask_max_ps(vmax[i], m, sj, vmax[i]);  // a NaN score leaves the maximum as it was
     }

@@ -80,7 +80,7 @@ inline float fp16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
 // acc + u8 . (x4's 4 bytes in every lane), vpdpbusd with x4 as the instruction's own {1to16} memory
 // operand. GCC 12 compiles _mm512_dpbusd_epi32(acc, u8, _mm512_set1_epi32(*x4)) to a separate
 // vpbroadcastd and a register vpdpbusd; on this project's Xeon that pair sustains ~4.0 G vpdpbusd/s per
-// core against ~5.1 G/s for the folded form (docs/models.md, "vpdpbusd with its broadcast folded in").
+// core against ~5.1 G/s for the folded form (docs/models.md, "Two instructions per cycle").
 inline __m512i dpbusd_bcst(__m512i acc, __m512i u8, const int32_t* x4) {
   asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(u8), "m"(*x4));
   return acc;
@@ -100,10 +100,9 @@ inline float hsum(__m512 v) {
   return _mm_cvtss_f32(b);
 }
 
-// hsum of 16 vectors at once: lane 4a + b of the result is hsum(v + 16 * (a + 4b)), bit for bit. Each of
-// the four levels adds, for every vector, the same pairs hsum's tree adds (lanes i and i+8, i and i+4, i and
-// i+2, i and i+1), two vectors' halves side by side, so the 16 sums take 45 instructions where 16 hsums take
-// 128. The caller reorders the lanes (the result is the transpose of the natural order, hsum16_order()).
+// hsum of 16 vectors at once: lane k of the result is hsum(v + 16k), bit for bit. Each of the four levels
+// adds, for every vector, the same pairs hsum's tree adds (lanes i and i+8, i and i+4, i and i+2, i and
+// i+1), two vectors' halves side by side, so the 16 sums take 46 instructions where 16 hsums take 128.
 inline __m512 hsum16(const float* v) {
   __m512 t[8], r[4], z[2];
   for (int p = 0; p < 8; ++p) {  // [A0..7 + A8..15 | B0..7 + B8..15]
@@ -117,11 +116,11 @@ inline __m512 hsum16(const float* v) {
   for (int p = 0; p < 2; ++p)  // i and i+2
     z[p] = _mm512_add_ps(_mm512_shuffle_ps(r[2 * p], r[2 * p + 1], _MM_SHUFFLE(1, 0, 1, 0)),
                          _mm512_shuffle_ps(r[2 * p], r[2 * p + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-  return _mm512_add_ps(_mm512_shuffle_ps(z[0], z[1], _MM_SHUFFLE(2, 0, 2, 0)),  // i and i+1
-                       _mm512_shuffle_ps(z[0], z[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(z[0], z[1], _MM_SHUFFLE(2, 0, 2, 0)),  // i and i+1
+                                    _mm512_shuffle_ps(z[0], z[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  // lane 4a + b of sums holds vector a + 4b's: transpose back to the vectors' order
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), sums);
 }
-// _mm512_permutexvar_ps(hsum16_order(), hsum16(v)): lane k = hsum(v + 16k).
-inline __m512i hsum16_order() { return _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15); }
 
 // e^x for 16 lanes: x = n*ln2 + r with |r| <= ln2/2, e^r by its degree-7 Taylor polynomial (truncation
 // error < 6e-9 relative), scaled by 2^n. About 1 ulp. Overflows to +inf, underflows to 0, keeps NaN.

@@ -10,8 +10,9 @@ Machine terms (`measure_terms`), all on synthetic data, through the same kernels
 - seconds per (row x cached position x query element) of the attention kernel;
 - the per-call overhead of Python (one small op called from Python), and the extra cost of one parallel
   region of the kernels' thread pool (waking the workers and joining them);
-- for tensor parallelism, one exchange of a row's partial sums between two ranks over loopback gloo
-  (`measure_collective`), the operation a tensor-parallel step runs twice per layer.
+- for tensor parallelism, one exchange of a row's partial sums between two ranks of this host, through
+  the transport a tensor-parallel plan uses here (shared memory, else loopback gloo: parallel/host.py;
+  `measure_collective`), the operation a tensor-parallel step runs twice per layer.
 
 Plan terms (`plan_cost`): the matrices of one step counted by shape, the other parallel regions of a step
 (per layer: norm, rope + cache write, attention, residual, norm, activation, residual ...), and the Python
@@ -29,7 +30,9 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 
@@ -319,9 +322,10 @@ def logits_seconds(
     return out
 
 
-def _gather_latency(group, width: int, calls: int, gap_s: float) -> float:
-    """Mean seconds of one all_gather of a (1, width) float32 row between the group's ranks (run_ranks),
-    each rank busy for `gap_s` before each (as a rank computes its share of a layer between two)."""
+def _gather_latency(group, width: int, calls: int, gap_s: float) -> tuple[float, str]:
+    """(mean seconds of one all_gather of a (1, width) float32 row between the group's ranks (run_ranks),
+    each rank busy for `gap_s` before each (as a rank computes its share of a layer between two); the
+    group's transport)."""
     import torch
 
     t = torch.randn(1, width)
@@ -334,17 +338,61 @@ def _gather_latency(group, width: int, calls: int, gap_s: float) -> float:
         group.all_gather(t)
         if i >= 20:
             total += time.perf_counter() - t0
-    return total / calls
+    return total / calls, group.transport
 
 
-def measure_collective(width: int, gap_s: float, world: int = 2, calls: int = 1000) -> float:
-    """Mean seconds of one exchange of a (1, width) row's partial sums among `world` fresh loopback gloo
-    ranks (parallel/group.py, as tensor parallelism runs it), `gap_s` of compute apart: the mean, not the
-    median, as a step pays for the slow exchanges too. The gap matters: on the 2-core machine an exchange
-    right after another took ~770 us, one after 175 us of compute ~1,100 us (docs/planner.md)."""
+def measure_collective(width: int, gap_s: float, world: int = 2, calls: int = 1000) -> tuple[float, str]:
+    """(mean seconds of one exchange of a (1, width) row's partial sums among `world` fresh ranks of this
+    host, `gap_s` of compute apart; the transport: shared memory where it can be made, as tensor
+    parallelism runs it, else loopback gloo). The mean, not the median, as a step pays for the slow
+    exchanges too. The gap matters for gloo: on the 2-core machine a gloo exchange right after another took
+    ~770 us, one after 175 us of compute ~1,100 us (docs/planner.md)."""
     from metronome.parallel.group import run_ranks
 
-    return max(run_ranks(world, _gather_latency, (width, calls, gap_s)))
+    host_bytes = -(-4 * width // 64) * 64
+    results = run_ranks(world, _gather_latency, (width, calls, gap_s), host_bytes=host_bytes)
+    return max(s for s, _ in results), results[0][1]
+
+
+def _stream_like_a_rank(nbytes: int, threads: int, ready, stop) -> None:
+    """Another rank's memory traffic (in its own process): one-row Q8_0 matmuls over `nbytes` of weights,
+    with `threads` pool threads, until `stop` is set."""
+    import torch
+
+    from metronome.kernels.blocks import Q8_0_KIND
+    from metronome.kernels.ops import load_kernels
+
+    ops = load_kernels()
+    ops.set_threads(threads)
+    torch.set_num_threads(threads)
+    blocks, n = _synthetic_q8(nbytes, 1024)
+    x = torch.randn(1, 1024)
+    ready.set()
+    while not stop.is_set():
+        ops.block_linear(x, blocks, Q8_0_KIND, n)
+
+
+@contextmanager
+def other_rank_streaming(nbytes: int, threads: int) -> Iterator[None]:
+    """While the body runs, a second process reads `nbytes` of weights over and over as the other rank of
+    a tp=2 step does: a rank's terms measured alone would give it the whole memory bandwidth, which the two
+    ranks share (Gemma 3 at tp=2 was predicted 1.28x too fast that way once the exchanges stopped hiding it)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    ready, stop = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_stream_like_a_rank, args=(nbytes, threads, ready, stop), daemon=True)
+    proc.start()
+    try:
+        if not ready.wait(timeout=120):
+            raise RuntimeError("the process standing for the other rank did not start within 120 s")
+        yield
+    finally:
+        stop.set()
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=10)
 
 
 def _after_idle_s(fn, repeats: int, idle_s: float = 0.003) -> float:
@@ -543,13 +591,14 @@ def plan_cost(engine, loaded, live: tuple[int, ...] = (1, 8)) -> PlanCost:
     )
 
 
-def tp_plan_cost(loaded, config, tp: int, base: PlanCost):
+def tp_plan_cost(loaded, config, tp: int, base: PlanCost, shared_memory: bool = True):
     """(rank 0's PlanCost at tensor-parallel degree `tp`, its matrices by shape with their blocks, its
     threads); None when the model does not cut into `tp` ranks. Rank 0's cut of the model is built here
     (not run) to read its matrices; the ranks are symmetric. The Python calls are the single process's
     (`base`: rank 0 runs the scheduler and sampler); the collectives per step: the row-parallel o and
     down sums of every layer, the logits of every rank's vocabulary, and rank 0's broadcast of the step
-    (parallel/runner.py: its size, then its contents)."""
+    (parallel/runner.py: one exchange through `shared_memory`, else two gloo collectives, its size and
+    then its contents)."""
     from metronome.compile.stages import PlanError
     from metronome.parallel.plan import rank_runner, tp_settings
     from metronome.parallel.tp import Solo, TPLayout
@@ -577,7 +626,7 @@ def tp_plan_cost(loaded, config, tp: int, base: PlanCost):
         q_size=runner.cfg.q_size,
         matmuls=matmuls,
         head_matmul=head_m,
-        collectives=2 * runner.cfg.num_layers + 1 + 2,
+        collectives=2 * runner.cfg.num_layers + 1 + (1 if shared_memory else 2),
     )
     return cost, samples, resolved.threads or 1
 
@@ -781,15 +830,24 @@ def _layout_rows(
         return out  # the model does not cut into two ranks (heads, KV heads or MLP width)
     tp_cost, tp_samples, rank_threads = found
     tp_shapes = _timed_shapes(tp_cost.matmuls, tp_cost.head_matmul, tp_samples, (1,))
+
+    def nbytes(m: Matmul) -> int:
+        return sum(b.nbytes for b in tp_shapes[m][0])
+
+    rank_bytes = sum(nbytes(m) * count for m, count in tp_cost.matmuls.items()) + nbytes(tp_cost.head_matmul)
     engine = Engine.from_model(model, dataclasses.replace(one_slot, tp=2), loaded=loaded) if measure else None
-    predicted, measured, exchanges = [], [], []
+    predicted, measured, exchanges, transport = [], [], [], ""
     try:
         for _ in range(rounds):
-            tp_terms = measure_terms(rank_threads, shapes=tp_shapes, file_pages=pages)
+            with other_rank_streaming(max(STREAM_BYTES, rank_bytes), rank_threads):
+                tp_terms = measure_terms(rank_threads, shapes=tp_shapes, file_pages=pages)
             tp_terms = dataclasses.replace(tp_terms, logits_s=logits_s)
             compute_s = predict_step_s(tp_cost, tp_terms, 1, DECODE_POSITION, cost.engine_ops[1])  # no exchange yet
             gap_s = compute_s / tp_cost.collectives  # a rank's compute between two exchanges
-            exchanges.append(measure_collective(loaded.config.hidden_size, gap_s))
+            seconds, transport = measure_collective(loaded.config.hidden_size, gap_s)
+            exchanges.append(seconds)
+            if not transport.startswith("shared memory") and len(exchanges) == 1:  # the step's broadcast
+                tp_cost = tp_plan_cost(loaded, one_slot, 2, cost, shared_memory=False)[0]  # is two gloo calls
             tp_terms = dataclasses.replace(tp_terms, collective_s=exchanges[-1])
             predicted.append(1 / predict_step_s(tp_cost, tp_terms, 1, DECODE_POSITION, cost.engine_ops[1]))
             if engine is not None:
@@ -799,7 +857,8 @@ def _layout_rows(
             engine.plan.runner.close()
     what = (
         f"decode, 1 live slot, tp=2 ({rank_threads} thread{'s' * (rank_threads > 1)} per rank; "
-        f"{tp_cost.collectives} exchanges a step, {statistics.median(exchanges) * 1e6:,.0f} us each)"
+        f"{tp_cost.collectives} exchanges a step through {transport.split(' (')[0]}, "
+        f"{statistics.median(exchanges) * 1e6:,.0f} us each)"
     )
     out.append(_median_row(cost.model, what, predicted, measured))
     return out

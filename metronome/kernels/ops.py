@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -218,6 +218,10 @@ class CppOps:
         if qtype not in GGUF_ROW_TYPES:
             raise ValueError(f"gguf_rows reads {sorted(GGUF_ROW_TYPES)} rows, got qtype={qtype!r}")
         return self._m.gguf_rows(table, ids, GGUF_ROW_TYPES[qtype])
+
+    def host_exchange(self) -> Any:
+        """A shared-memory exchange between the ranks of one host, not yet attached (csrc/exchange.h)."""
+        return self._m.HostExchange()
 
     def decoder(
         self,

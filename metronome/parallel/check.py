@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from metronome.compile.runner import TorchRunner
+from metronome.compile.runner import Runner
 from metronome.config import EngineConfig
 from metronome.model.loader import load
 from metronome.parallel.plan import rank_runner
@@ -17,19 +17,22 @@ from metronome.parallel.tp import Collective, Solo, TPLayout, default_shards
 
 
 def sharded_runner(
-    path: str | None, group: Collective, shards: int | None, slots: int = 2, ctx: int = 256
-) -> TorchRunner:
-    """A float32 torch runner over this rank's cut of the model at `path` (None: the default model)."""
+    path: str | None, group: Collective, shards: int | None, slots: int = 2, ctx: int = 256, weights: str = "f32"
+) -> Runner:
+    """This rank's runner over its cut of the model at `path` (None: the default model): float32 on the
+    torch path, or int8/int4 on the fused C++ decoder."""
     loaded = load(path)
     layout = TPLayout(group.world, group.rank, shards or default_shards(loaded.config))
-    return rank_runner(loaded, EngineConfig(slots=slots, ctx=ctx, weights="f32", kernels="torch"), layout, group)
+    kernels = "torch" if weights in ("f32", "bf16") else "cpp"
+    return rank_runner(loaded, EngineConfig(slots=slots, ctx=ctx, weights=weights, kernels=kernels), layout, group)
 
 
 def greedy_trace(
-    group: Collective, path: str | None, shards: int | None, prompt: list[int], steps: int
+    group: Collective, path: str | None, shards: int | None, prompt: list[int], steps: int, weights: str = "f32"
 ) -> dict[str, Any]:
-    """Prefill `prompt`, then `steps` greedy decode steps: every step's logits, and the decode time."""
-    runner = sharded_runner(path, group, shards)
+    """Prefill `prompt`, then `steps` greedy decode steps: every step's logits, the decode time, and how
+    the ranks exchanged."""
+    runner = sharded_runner(path, group, shards, weights=weights)
     with torch.inference_mode():
         logits = [runner.prefill(prompt, 0)]
         token, pos = int(logits[-1].argmax()), len(prompt)
@@ -38,7 +41,7 @@ def greedy_trace(
             logits.append(runner.decode([0], [token], [pos])[0])
             token, pos = int(logits[-1].argmax()), pos + 1
         seconds = time.perf_counter() - t0
-    return {"logits": torch.stack(logits), "decode_s": seconds}
+    return {"logits": torch.stack(logits), "decode_s": seconds, "transport": group.transport}
 
 
 def main() -> None:

@@ -127,7 +127,8 @@ class TPFusedRunner(FusedRunner):
         self.vocab_rows = -(-cfg.vocab_size // layout.shards) * layout.per_rank  # every rank's width, padded
         self.group = group
         if group.world > 1:
-            self.decoder.set_reduce(self._reduce)
+            self.decoder.set_reduce(self._reduce)  # partials larger than the host exchange's slots, or other hosts
+            self.decoder.set_exchange(group.exchange)
 
     def _reduce(self, partials: torch.Tensor, out: torch.Tensor) -> None:
         """out = every rank's partial sums added in chunk order (rank order, then each rank's chunks)."""

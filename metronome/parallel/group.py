@@ -6,6 +6,10 @@ environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) is read as it is (`env_
 
 Nothing waits forever: collectives time out (`timeout_s`, given to the process group), and the launcher
 joins its ranks with a deadline, killing them if it passes.
+
+Ranks that share a host also exchange through shared memory (parallel/host.py): `all_gather` and
+`broadcast_object` use it for whatever fits its slots, and the fused decoder takes `exchange` for its
+row-parallel sums. `transport` says which the group uses, and why.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+
+from metronome.parallel.host import link_host
 
 
 class GroupError(RuntimeError):
@@ -44,12 +50,18 @@ def free_port() -> int:
 
 
 class GlooGroup:
-    """This process's membership of a gloo group: the `Collective` tensor parallelism uses."""
+    """This process's membership of a gloo group: the `Collective` tensor parallelism uses.
 
-    def __init__(self, rank: int, world: int, endpoint: Endpoint, timeout_s: float) -> None:
+    `host_bytes`: the slot size of the shared-memory exchange when every rank runs on this host (0: gloo
+    only)."""
+
+    def __init__(self, rank: int, world: int, endpoint: Endpoint, timeout_s: float, host_bytes: int = 0) -> None:
         if endpoint.addr in ("127.0.0.1", "localhost"):
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one host: never another interface
-        self.rank, self.world, self.timeout_s = rank, world, timeout_s
+        self.rank, self.world, self.timeout_s, self.host_bytes = rank, world, timeout_s, host_bytes
+        self.exchange: Any | None = None  # attached while the ranks share this host
+        self._made: Any | None = None  # the exchange object, kept across reconnects (a decoder holds it)
+        self.transport = "gloo"
         self._join(endpoint)
 
     def _join(self, endpoint: Endpoint) -> None:
@@ -60,6 +72,9 @@ class GlooGroup:
             world_size=self.world,
             timeout=timedelta(seconds=self.timeout_s),
         )
+        link = link_host(self, self._made, self.host_bytes, self.timeout_s)
+        self._made = self._made or link.exchange
+        self.exchange, self.transport = link.exchange, link.transport
 
     def reconnect(self, endpoint: Endpoint) -> None:
         """Leave the current group (a rank of it died) and join a new one at `endpoint`."""
@@ -68,6 +83,8 @@ class GlooGroup:
 
     def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
         t = t.contiguous()
+        if self.exchange is not None and t.nbytes <= self.exchange.capacity:
+            return list(self.exchange.all_gather(t).unbind(0))
         out = [torch.empty_like(t) for _ in range(self.world)]
         dist.all_gather(out, t)
         return out
@@ -79,12 +96,27 @@ class GlooGroup:
         return out
 
     def broadcast_object(self, obj: Any = None) -> Any:
-        """Rank 0's `obj` on every rank."""
+        """Rank 0's `obj` on every rank. Through shared memory when it fits (a first byte of 1), else
+        the shared memory says so (a 0) and the object follows over gloo."""
+        if self.exchange is not None:
+            if self.rank == 0:
+                data = pickle.dumps(obj)
+                if len(data) < self.exchange.capacity:
+                    self.exchange.broadcast(b"\x01" + data)
+                    return obj
+                self.exchange.broadcast(b"\x00")
+            else:
+                got = self.exchange.broadcast(b"")
+                if got[:1] == b"\x01":
+                    return pickle.loads(got[1:])
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
     def close(self) -> None:
+        if self.exchange is not None:
+            self.exchange.detach()
+            self.exchange = None
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -101,12 +133,19 @@ def env_rank() -> tuple[int, int, Endpoint] | None:
 
 
 def _rank_main(
-    target: Callable[..., Any], rank: int, world: int, endpoint: Endpoint, timeout_s: float, args: tuple, out: Any
+    target: Callable[..., Any],
+    rank: int,
+    world: int,
+    endpoint: Endpoint,
+    timeout_s: float,
+    host_bytes: int,
+    args: tuple,
+    out: Any,
 ) -> None:
     torch.set_num_threads(1)
     group = None
     try:
-        group = GlooGroup(rank, world, endpoint, timeout_s)
+        group = GlooGroup(rank, world, endpoint, timeout_s, host_bytes)
         # plain pickle bytes: torch's queue pickling shares tensors by file descriptor, which dies with this process
         out.put((rank, True, pickle.dumps(target(group, *args))))
     except BaseException as exc:  # reported to the launcher, which raises it with the rank named
@@ -122,15 +161,20 @@ def run_ranks(
     args: tuple = (),
     timeout_s: float = 120.0,
     collective_timeout_s: float = 30.0,
+    host_bytes: int = 0,
 ) -> list[Any]:
-    """Run `target(group, *args)` on `world` fresh processes joined in a loopback gloo group; their results
-    in rank order. `target` must be importable (spawned processes import it by name). Raises GroupError
+    """Run `target(group, *args)` on `world` fresh processes joined in a loopback gloo group (with a
+    shared-memory exchange of `host_bytes` slots; 0: none); their results in rank order. `target` must be importable (spawned processes import it by name). Raises GroupError
     naming the first rank that failed, or the ranks still running after `timeout_s` (they are killed)."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     endpoint = Endpoint("127.0.0.1", free_port())
     procs = [
-        ctx.Process(target=_rank_main, args=(target, r, world, endpoint, collective_timeout_s, args, out), daemon=True)
+        ctx.Process(
+            target=_rank_main,
+            args=(target, r, world, endpoint, collective_timeout_s, host_bytes, args, out),
+            daemon=True,
+        )
         for r in range(world)
     ]
     for p in procs:

@@ -32,6 +32,7 @@ from metronome.model.loader import LoadedModel, load
 from metronome.model.transformer import build_model, use_ops
 from metronome.parallel.fused_tp import TPFusedRunner, rank_weights
 from metronome.parallel.group import Endpoint, GlooGroup, GroupError, env_rank, free_port
+from metronome.parallel.host import exchange_bytes
 from metronome.parallel.runner import TPRunner, follow
 from metronome.parallel.tp import (
     Collective,
@@ -110,8 +111,9 @@ def _worker(rank: int, path: str, config: EngineConfig, layout: TPLayout, endpoi
     torch.set_num_threads(config.threads or 1)
     group = None
     try:
-        group = GlooGroup(rank, layout.world, endpoint, COLLECTIVE_TIMEOUT_S)
         loaded = load(path)
+        host_bytes = exchange_bytes(loaded.config, layout, config)
+        group = GlooGroup(rank, layout.world, endpoint, COLLECTIVE_TIMEOUT_S, host_bytes)
         fingerprints = group.all_gather_objects(loaded.fingerprint())
         if len(set(fingerprints)) != 1:
             return  # rank 0 reports it
@@ -170,7 +172,8 @@ class Ranks:
         )
         try:
             if self.group is None:
-                self.group = GlooGroup(0, self.layout.world, endpoint, COLLECTIVE_TIMEOUT_S)
+                host_bytes = exchange_bytes(self.loaded.config, self.layout, self.config)
+                self.group = GlooGroup(0, self.layout.world, endpoint, COLLECTIVE_TIMEOUT_S, host_bytes)
             else:
                 self.group.reconnect(endpoint)
             fingerprints = self.group.all_gather_objects(self.loaded.fingerprint())
@@ -244,7 +247,7 @@ def compile_tp_plan(
         rank, world, endpoint = launched
         if world != config.tp:
             raise PlanError(f"tp={config.tp} but torchrun started {world} ranks (WORLD_SIZE): pass --tp {world}", "tp")
-        group = GlooGroup(rank, world, endpoint, COLLECTIVE_TIMEOUT_S)
+        group = GlooGroup(rank, world, endpoint, COLLECTIVE_TIMEOUT_S, exchange_bytes(loaded.config, layout, config))
         fingerprints = group.all_gather_objects(loaded.fingerprint())
         if len(set(fingerprints)) != 1:
             group.close()
@@ -288,6 +291,6 @@ def compile_tp_plan(
         invariance=invariance,
         prefix_cache_note="off: not with tensor parallel yet (each rank would keep its own pool)",
         kernels=f"{'cpp, fused decoder' if config.kernels == 'cpp' else 'torch'}, tensor parallel: "
-        f"tp={layout.world} ranks x {config.threads} threads, {layout.shards} shards",
+        f"tp={layout.world} ranks x {config.threads} threads, {layout.shards} shards, exchanges: {group.transport}",
     )
     return Plan(tp, loaded.config, config, weights, runner.cache, report)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -35,6 +35,8 @@ class Collective(Protocol):
 
     rank: int
     world: int
+    exchange: Any | None  # the ranks' shared-memory exchange when they share a host (parallel/host.py)
+    transport: str  # how the ranks exchange, in words
 
     def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's `t` (same shape on every rank), in rank order."""
@@ -45,6 +47,8 @@ class Solo:
 
     rank = 0
     world = 1
+    exchange = None
+    transport = "none (one rank)"
 
     def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
         return [t]

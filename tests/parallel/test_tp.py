@@ -73,34 +73,6 @@ def _engine(path: str, tp: int, weights: str = "f32") -> Engine:
     return Engine.from_model(path, config, calibrate=False)
 
 
-@pytest.fixture(scope="module")
-def wide_llama(tiny_hf, tmp_path_factory) -> str:
-    """The tiny Llama made wide enough for the fused decoder to cut o and down in 4 K ranges of 32+ columns
-    (hidden 128, 4 heads of 32, MLP 256): with 4 chunks the order of the sum matters (with 2 it does not:
-    a + b == b + a)."""
-    import transformers as T
-
-    small = tiny_hf("llama")
-    config = T.LlamaConfig(
-        vocab_size=T.AutoConfig.from_pretrained(small).vocab_size,
-        hidden_size=128,
-        intermediate_size=256,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_hidden_layers=2,
-        max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(7)
-    folder = tmp_path_factory.mktemp("wide-llama")
-    T.LlamaForCausalLM(config).eval().save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(small / name, folder / name)
-    return str(folder)
-
-
 def test_fused_decoder_tp2_gives_the_tp1_tokens_and_logprobs(wide_llama):
     path = wide_llama
     runs = []
@@ -194,7 +166,10 @@ def test_the_calibration_prices_rank_zeros_cut(wide_llama):
     before = torch.get_num_threads()
     cost, samples, threads = tp_plan_cost(loaded, config, 2, base)
     assert torch.get_num_threads() == before  # building rank 0's cut leaves this process's threads alone
-    assert threads == 1 and cost.collectives == 2 * 2 + 3 and cost.q_size == 64  # 2 of the 4 heads of 32
+    # o and down of 2 layers, the logits, the step's broadcast (one exchange through shared memory)
+    assert threads == 1 and cost.collectives == 2 * 2 + 1 + 1 and cost.q_size == 64  # 2 of the 4 heads of 32
+    gloo = tp_plan_cost(loaded, config, 2, base, shared_memory=False)[0]
+    assert gloo.collectives == cost.collectives + 1  # over gloo the broadcast sends its size, then its contents
     assert cost.head_matmul.rows == -(-full_head.rows // 4) * 2 and cost.head_matmul.k == full_head.k  # 2 of 4 cuts
     # per layer: qkv and gate_up with half their rows; o and down as rank 0's 2 of 4 K chunks, a call each
     assert sum(cost.matmuls.values()) == sum(full_counts.values()) + 2 * 2

@@ -2,11 +2,13 @@
 // knows about pybind11 and the torch extension's registration; metronome/kernels/build.py compiles it
 // with the other .cpp files of this directory.
 
+#include <ATen/ops/empty.h>
 #include <pybind11/functional.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include "blocks.h"
 #include "decoder.h"
+#include "exchange.h"
 #include "moe.h"
 #include "ops.h"
 #include "pool.h"
@@ -89,7 +91,48 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_reduce", &Decoder::set_reduce,
            "reduce(partials (n, M, D), out (M, D)): adds a row-parallel matmul's partial sums (tensor parallel)",
            py::arg("reduce"))
+      .def("set_exchange", &Decoder::set_exchange,
+           "add the row-parallel partial sums through this host exchange (None: the reduce hook)", py::arg("exchange"))
       .def_property_readonly("num_layers", &Decoder::num_layers)
       .def("forward", &Decoder::forward, py::arg("x"), py::arg("slots"), py::arg("positions"), py::arg("cos"),
            py::arg("sin"), py::arg("cos_local"), py::arg("sin_local"), py::call_guard<py::gil_scoped_release>());
+
+  // Tensor parallel between the processes of one host (exchange.h; parallel/host.py sets it up).
+  using metronome::HostExchange;
+  py::class_<HostExchange, std::shared_ptr<HostExchange>>(
+      m, "HostExchange", "exchanges between the ranks of one host through a shared-memory file (exchange.h)")
+      .def(py::init<>())
+      .def("attach", &HostExchange::attach, py::arg("path"), py::arg("rank"), py::arg("world"), py::arg("capacity"),
+           py::arg("pids"), py::arg("timeout_s"), py::arg("spin_us"))
+      .def("detach", &HostExchange::detach, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("attached", &HostExchange::attached)
+      .def_property_readonly("capacity", &HostExchange::capacity)
+      .def_static("header_bytes", &HostExchange::header_bytes, py::arg("world"))
+      .def(
+          "all_gather",
+          [](HostExchange& self, const Tensor& t) {
+            TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "all_gather: a contiguous CPU tensor");
+            std::vector<int64_t> shape{self.world()};
+            for (int64_t s : t.sizes()) shape.push_back(s);
+            Tensor out = at::empty(shape, t.options());
+            const int64_t n = t.numel() * t.element_size();
+            {
+              py::gil_scoped_release release;
+              self.all_gather(t.data_ptr(), n, out.data_ptr());
+            }
+            return out;
+          },
+          "every rank's tensor (same shape and dtype on every rank) stacked in rank order", py::arg("t"))
+      .def(
+          "broadcast",
+          [](HostExchange& self, const py::bytes& data) {
+            std::string in = data;
+            std::string got;
+            {
+              py::gil_scoped_release release;
+              got = self.broadcast(in);
+            }
+            return py::bytes(got);
+          },
+          "rank 0's bytes on every rank (the others pass b'')", py::arg("data"));
 }

@@ -192,6 +192,11 @@ void Decoder::row_parallel(const std::vector<BlockMatrix>& chunks, const float* 
     for (int64_t r = 0; r < M; ++r)
       std::memcpy(xin + (j * M + r) * Kc, in + r * K + j * Kc, static_cast<size_t>(Kc) * sizeof(float));
   block_linear_rows_chunks(chunks, xin, M, partials, sx);
+  const int64_t bytes = n * M * D_ * static_cast<int64_t>(sizeof(float));
+  if (exchange_ && exchange_->attached() && bytes <= exchange_->capacity()) {
+    exchange_->reduce_chunks(partials, n, M * D_, out);  // every rank's partials, in chunk order
+    return;
+  }
   if (reduce_) {
     const Tensor p = at::from_blob(partials, {n, M, D_}, at::kFloat);
     const Tensor o = at::from_blob(out, {M, D_}, at::kFloat);

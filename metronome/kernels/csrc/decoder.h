@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "blocks.h"
+#include "exchange.h"
 #include "moe.h"
 
 namespace metronome {
@@ -68,6 +69,9 @@ class Decoder {
   // are added here, in chunk order.
   using Reduce = std::function<void(const Tensor&, const Tensor&)>;
   void set_reduce(Reduce reduce) { reduce_ = std::move(reduce); }
+  // Ranks on one host add their partial sums through shared memory instead (exchange.h), without the
+  // GIL or a Python call; a matmul whose partials do not fit the exchange's slot still takes the hook.
+  void set_exchange(std::shared_ptr<HostExchange> exchange) { exchange_ = std::move(exchange); }
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
 
@@ -96,6 +100,7 @@ class Decoder {
   Tensor scratch_;
   Tensor moe_scratch_;  // the MoE blocks' dispatch buffers (grown, never shrunk)
   Reduce reduce_;
+  std::shared_ptr<HostExchange> exchange_;
   int64_t max_chunks_ = 0;  // the most row-parallel chunks of any layer (scratch for their partials)
 };
 

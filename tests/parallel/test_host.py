@@ -1,0 +1,130 @@
+"""The shared-memory exchange between the ranks of one host (kernels/csrc/exchange.h, parallel/host.py):
+what it delivers under back-to-back exchanges, that a dead or silent rank fails a wait promptly instead
+of hanging it, and that the fused decoder gives the same bits through it as over gloo and in one process."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import tempfile
+import time
+
+import pytest
+import torch
+
+from metronome.kernels.ops import load_kernels
+from metronome.parallel.check import greedy_trace
+from metronome.parallel.group import run_ranks
+from metronome.parallel.tp import Solo
+
+PROMPT = [1, 7, 12, 30, 5, 9, 44, 3]
+STEPS = 6
+ROUNDS = 300
+PART = 1 << 20  # bytes a rank sends per exchange: long copies, so a slot rewritten while read shows
+
+
+def _back_to_back(group, rounds: int) -> list[str]:
+    """`rounds` exchanges as fast as they go, three ranks on two cores (so a rank is often preempted
+    between publishing its part and reading the others'); every part checked at its ends and middle.
+    The rank that finishes an exchange first writes the next one at once: with one buffer instead of two,
+    it overwrites a part another rank is still reading."""
+    wrong = []
+    mine = torch.empty(PART // 4)
+    ends = torch.tensor([0, PART // 8, PART // 4 - 1])
+    for i in range(rounds):
+        got = torch.stack([part[ends] for part in group.all_gather(mine.fill_(group.rank * 100_000 + i))])
+        want = (torch.arange(group.world) * 100_000 + i).float()[:, None].expand(-1, 3)
+        if not torch.equal(got, want):
+            wrong.append(f"exchange {i}: {got.tolist()}")
+        call = group.broadcast_object({"i": i, "ids": list(range(i % 40))} if group.rank == 0 else None)
+        if call != {"i": i, "ids": list(range(i % 40))}:
+            wrong.append(f"broadcast {i}: {call}")
+    big = group.broadcast_object(list(range(300_000)) if group.rank == 0 else None)  # larger than a slot: gloo
+    if big != list(range(300_000)):
+        wrong.append("the broadcast larger than a slot")
+    return [group.transport, *wrong]
+
+
+def test_back_to_back_exchanges_deliver_every_part_intact():
+    results = run_ranks(3, _back_to_back, (ROUNDS,), timeout_s=240, collective_timeout_s=10, host_bytes=PART)
+    for transport, *wrong in results:
+        assert transport.startswith("shared memory"), transport
+        assert wrong == []
+
+
+def _peer(path: str, world: int, capacity: int, pids: list[int], ready) -> None:
+    exchange = load_kernels().host_exchange()
+    pids[1] = os.getpid()
+    exchange.attach(path, 1, world, capacity, pids, 30.0, 50.0)
+    ready.put(os.getpid())
+    exchange.all_gather(torch.ones(4))
+    time.sleep(60)  # alive and silent until killed
+
+
+@pytest.fixture
+def linked():
+    """This process as rank 0 and a child as rank 1 of a 2-rank exchange, after one exchange."""
+    made = []
+
+    def link(timeout_s: float):
+        capacity = 1024
+        exchange = load_kernels().host_exchange()
+        fd, path = tempfile.mkstemp(prefix="metronome-test-", dir="/dev/shm")
+        os.posix_fallocate(fd, 0, exchange.header_bytes(2) + 2 * 2 * capacity)
+        os.close(fd)
+        ctx = mp.get_context("spawn")
+        ready = ctx.Queue()
+        child = ctx.Process(target=_peer, args=(path, 2, capacity, [os.getpid(), 0], ready), daemon=True)
+        child.start()
+        made.append((child, path))
+        # the child's pid is known once it runs; rank 0 attaches with it, and exchanges once the child has
+        # attached too (a short timeout_s would not cover the child's start-up)
+        exchange.attach(path, 0, 2, capacity, [os.getpid(), child.pid], timeout_s, 50.0)
+        assert ready.get(timeout=60) == child.pid
+        got = exchange.all_gather(torch.zeros(4))
+        assert torch.equal(got, torch.tensor([[0.0] * 4, [1.0] * 4]))
+        return exchange, child
+
+    yield link
+    for child, path in made:
+        if child.is_alive():
+            child.kill()
+        child.join(timeout=10)
+        os.unlink(path)
+
+
+def test_a_killed_rank_fails_the_wait_at_once(linked):
+    exchange, child = linked(timeout_s=30.0)
+    os.kill(child.pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=rf"rank 1 \(pid {child.pid}\) has exited"):
+        exchange.all_gather(torch.zeros(4))
+    assert time.monotonic() - t0 < 1.0  # the liveness check runs every 50 ms, not at the 30 s timeout
+
+
+def test_a_silent_rank_fails_the_wait_at_the_timeout(linked):
+    exchange, _child = linked(timeout_s=0.3)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"rank 1 .* sent nothing for 0.3 s"):
+        exchange.all_gather(torch.zeros(4))
+    assert 0.3 <= time.monotonic() - t0 < 2.0
+
+
+def test_a_detached_exchange_refuses_work_instead_of_touching_freed_memory(linked):
+    exchange, _child = linked(timeout_s=1.0)
+    exchange.detach()
+    assert not exchange.attached
+    with pytest.raises(RuntimeError, match="not attached"):
+        exchange.all_gather(torch.zeros(4))
+
+
+def test_the_fused_decoder_gives_the_same_bits_through_shared_memory_gloo_and_one_process(wide_llama):
+    """Rank 0 and 1 add the 4 K chunks' partial sums in chunk order, through the decoder's own exchange
+    (no Python) or through its gloo hook; one process adds them itself."""
+    one = greedy_trace(Solo(), wide_llama, 4, PROMPT, STEPS, "int8")
+    shm = run_ranks(2, greedy_trace, (wide_llama, 4, PROMPT, STEPS, "int8"), timeout_s=240, host_bytes=1 << 20)
+    gloo = run_ranks(2, greedy_trace, (wide_llama, 4, PROMPT, STEPS, "int8"), timeout_s=240)
+    assert shm[0]["transport"].startswith("shared memory") and gloo[0]["transport"] == "gloo"
+    for trace in (*shm, *gloo):
+        assert torch.equal(trace["logits"], one["logits"])

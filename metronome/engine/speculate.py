@@ -69,10 +69,11 @@ class ModelDrafter:
     not yet in its cache are run before drafting.
 
     Greedy drafting is sequential, one draft-model step per token, unless `lookup` (prompt lookup) guesses
-    the continuation: then the guess is checked in one call, as rows of the draft model's slot (rows are
-    independent, so row j gives the logits sequential decoding would after guesses 0..j-1), and the
-    guessed tokens the draft model agrees with are taken at the cost of one step. The drafts are the same
-    tokens as without `lookup`, only cheaper where the answer copies its prompt (a code edit)."""
+    the continuation: then the guess rides as extra rows in the call that catches the cache up (rows are
+    independent, so the row of guess j gives the logits sequential decoding would after guesses 0..j-1),
+    and the guessed tokens the draft model agrees with are taken in that one call. The drafts are the same
+    tokens as without `lookup`, only cheaper where the answer copies its prompt (a code edit): one
+    draft-model call a step where the whole guess agrees, instead of one per token."""
 
     def __init__(self, plan: Plan, vocab_size: int, lookup: Drafter | None = None) -> None:
         if not plan.runner.any_rows:
@@ -112,20 +113,19 @@ class ModelDrafter:
         k = min(k, ctx - n)
         if k <= 0:
             return []
-        logits = self._decode(slot, list(ids[done:]), done)  # (n - done, V)
-        drafts = [argmax_row(logits[-1])]
-        guess = self.lookup.propose(slot, [*ids, drafts[0]], k - 1) if self.lookup is not None and k > 1 else []
-        if guess:
-            # rows: drafts[0] at n, guess[i] at n + 1 + i; row i predicts the token after it
-            rows = self._decode(slot, [drafts[0], *guess], n)
-            for i, g in enumerate(guess):
-                model = argmax_row(rows[i])
-                drafts.append(model)
-                if model != g or len(drafts) == k:
-                    break
-            else:
-                if len(drafts) < k:  # every guess agreed: the row after the last gives one more
-                    drafts.append(argmax_row(rows[len(guess)]))
+        # the tokens not yet in the cache (positions done..n-1), then the lookup's guess of the next ones
+        # (positions n..): the row of position n-1+i predicts the token at n+i, as sequential decoding
+        # would while guesses 0..i-1 equal the drafts before it
+        guess = self.lookup.propose(slot, ids, k - 1) if self.lookup is not None and k > 1 else []
+        logits = self._decode(slot, [*ids[done:], *guess], done)  # (n - done + len(guess), V)
+        last = n - 1 - done  # the row of the text's last token
+        drafts = [argmax_row(logits[last])]
+        for i, g in enumerate(guess):
+            if drafts[i] != g or len(drafts) == k:
+                break  # guess i is not what the model drafts: the rows after it are of another text
+            drafts.append(argmax_row(logits[last + 1 + i]))
+        # positions n.. of the cache now hold guesses; the ones that differ from the drafts are rewritten
+        # below, by the sequential steps, before anything reads them
         for j in range(len(drafts), k):
             drafts.append(argmax_row(self._decode(slot, [drafts[-1]], n + j - 1)[0]))
         self.valid[slot], self.fed[slot] = n, drafts[:-1]  # the last draft was never run

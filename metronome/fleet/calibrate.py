@@ -322,10 +322,10 @@ def logits_seconds(
     return out
 
 
-def _gather_latency(group, width: int, calls: int, gap_s: float) -> tuple[float, str]:
+def _gather_latency(group, width: int, calls: int, gap_s: float) -> tuple[float, bool]:
     """(mean seconds of one all_gather of a (1, width) float32 row between the group's ranks (run_ranks),
     each rank busy for `gap_s` before each (as a rank computes its share of a layer between two); the
-    group's transport)."""
+    whether the group exchanges through shared memory)."""
     import torch
 
     t = torch.randn(1, width)
@@ -338,13 +338,13 @@ def _gather_latency(group, width: int, calls: int, gap_s: float) -> tuple[float,
         group.all_gather(t)
         if i >= 20:
             total += time.perf_counter() - t0
-    return total / calls, group.transport
+    return total / calls, group.exchange is not None
 
 
-def measure_collective(width: int, gap_s: float, world: int = 2, calls: int = 1000) -> tuple[float, str]:
+def measure_collective(width: int, gap_s: float, world: int = 2, calls: int = 1000) -> tuple[float, bool]:
     """(mean seconds of one exchange of a (1, width) row's partial sums among `world` fresh ranks of this
-    host, `gap_s` of compute apart; the transport: shared memory where it can be made, as tensor
-    parallelism runs it, else loopback gloo). The mean, not the median, as a step pays for the slow
+    host, `gap_s` of compute apart; whether it went through shared memory, which is used where it can be
+    made, as tensor parallelism does, else loopback gloo). The mean, not the median, as a step pays for the slow
     exchanges too. The gap matters for gloo: on the 2-core machine a gloo exchange right after another took
     ~770 us, one after 175 us of compute ~1,100 us (docs/planner.md)."""
     from metronome.parallel.group import run_ranks
@@ -836,7 +836,7 @@ def _layout_rows(
 
     rank_bytes = sum(nbytes(m) * count for m, count in tp_cost.matmuls.items()) + nbytes(tp_cost.head_matmul)
     engine = Engine.from_model(model, dataclasses.replace(one_slot, tp=2), loaded=loaded) if measure else None
-    predicted, measured, exchanges, transport = [], [], [], ""
+    predicted, measured, exchanges, shared = [], [], [], True
     try:
         for _ in range(rounds):
             with other_rank_streaming(max(STREAM_BYTES, rank_bytes), rank_threads):
@@ -844,9 +844,9 @@ def _layout_rows(
             tp_terms = dataclasses.replace(tp_terms, logits_s=logits_s)
             compute_s = predict_step_s(tp_cost, tp_terms, 1, DECODE_POSITION, cost.engine_ops[1])  # no exchange yet
             gap_s = compute_s / tp_cost.collectives  # a rank's compute between two exchanges
-            seconds, transport = measure_collective(loaded.config.hidden_size, gap_s)
+            seconds, shared = measure_collective(loaded.config.hidden_size, gap_s)
             exchanges.append(seconds)
-            if not transport.startswith("shared memory") and len(exchanges) == 1:  # the step's broadcast
+            if not shared and len(exchanges) == 1:  # the step's broadcast
                 tp_cost = tp_plan_cost(loaded, one_slot, 2, cost, shared_memory=False)[0]  # is two gloo calls
             tp_terms = dataclasses.replace(tp_terms, collective_s=exchanges[-1])
             predicted.append(1 / predict_step_s(tp_cost, tp_terms, 1, DECODE_POSITION, cost.engine_ops[1]))
@@ -857,7 +857,7 @@ def _layout_rows(
             engine.plan.runner.close()
     what = (
         f"decode, 1 live slot, tp=2 ({rank_threads} thread{'s' * (rank_threads > 1)} per rank; "
-        f"{tp_cost.collectives} exchanges a step through {transport.split(' (')[0]}, "
+        f"{tp_cost.collectives} exchanges a step through {'shared memory' if shared else 'gloo'}, "
         f"{statistics.median(exchanges) * 1e6:,.0f} us each)"
     )
     out.append(_median_row(cost.model, what, predicted, measured))

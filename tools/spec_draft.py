@@ -1,12 +1,13 @@
 """Speculation with a draft model on code editing (the answer quotes most of its prompt) and free writing.
 
     flock /tmp/metronome-bench.lock .venv/bin/python tools/spec_draft.py \
-        --model qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b [--drafters lookup+model,model] [--rounds 2]
+        --model qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b [--drafters lookup+model,model] [--rounds 3]
 
 Runs `metronome.bench.decode.measure_speculation` (plain and speculative engines side by side in each round,
 greedy and seeded sampling, outputs compared token for token) on the workloads below and prints its table.
-With --draft the engine drafts with the draft model, paused where it does not pay (`PayingDrafter`);
---drafters measures that and the alternatives in one process (the models compile once).
+With --draft the engine drafts with prompt lookup while the text copies and with the draft model where it
+does not, paused where it does not pay (`LookupOrModel`, `PayingDrafter`); --drafters measures that and the
+alternatives in one process (the models compile once).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from metronome.bench.decode import measure_speculation, speculation_markdown
 from metronome.config import EngineConfig
 from metronome.engine import Engine
-from metronome.engine.speculate import NgramDrafter, PayingDrafter
+from metronome.engine.speculate import LookupOrModel, NgramDrafter, PayingDrafter
 from metronome.model.loader import load
 
 FUNCTION = """def summarize(values):
@@ -88,9 +89,11 @@ def main() -> None:
     p.add_argument("--draft", default="qwen2.5-coder-0.5b")
     p.add_argument(
         "--drafters",
-        default="model",
-        help="comma-separated, each measured against plain decoding in turn: model (what --draft builds: the "
-        "draft model, paused where it does not pay), model-always (never paused), lookup (prompt lookup alone)",
+        default="lookup+model",
+        help="comma-separated, each measured against plain decoding in turn: lookup+model (what --draft builds: "
+        "lookup while the text copies, the draft model where it does not, paused where it does not pay), model "
+        "(the draft model every step, paused where it does not pay), model-always (never paused), lookup "
+        "(prompt lookup alone)",
     )
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--rounds", type=int, default=2)
@@ -111,21 +114,24 @@ def main() -> None:
     }
     spec = engines[a.spec_tokens]
     built = spec.drafter
-    if not isinstance(built, PayingDrafter):
-        raise SystemExit(f"expected PayingDrafter(ModelDrafter) from --draft, got {built!r}")
-    model = built.inner
+    if not isinstance(built, LookupOrModel):
+        raise SystemExit(f"expected LookupOrModel(lookup, PayingDrafter(ModelDrafter)) from --draft, got {built!r}")
+    model = built.model.inner
     for name in a.drafters.split(","):
         paying = PayingDrafter(model)
         spec.drafter = {
             "model": paying,
             "model-always": model,
             "lookup": NgramDrafter(),
+            "lookup+model": LookupOrModel(NgramDrafter(), paying, slots=1),
         }[name]
         results = measure_speculation(
             None, a.threads, a.tokens, a.rounds, a.ctx, a.spec_tokens, workloads=workloads, engines=engines
         )
         print(speculation_markdown(results, a.spec_tokens, f"{name}, draft model {a.draft}"))
-        if name == "model":
+        if isinstance(spec.drafter, LookupOrModel):
+            print(f"\nLookupOrModel: {spec.drafter.switches} switches between lookup and the draft model")
+        if name in ("model", "lookup+model"):
             print(
                 f"\nPayingDrafter: {paying.pauses} pauses, {paying.drafting_steps} judged drafting steps, plain "
                 f"step {(paying.plain_s or float('nan')) * 1000:.1f} ms"

@@ -27,7 +27,7 @@ from metronome.engine.profile import PhaseClock, StepProfile
 from metronome.engine.request import Constraint, Delta, QueueFullError, Request, RequestError, SpecStats, Timings
 from metronome.engine.sampler import Choice, RequestSampler, argmax_rows
 from metronome.engine.scheduler import Batch, Scheduler
-from metronome.engine.speculate import Drafter, ModelDrafter, NgramDrafter, PayingDrafter
+from metronome.engine.speculate import Drafter, LookupOrModel, ModelDrafter, NgramDrafter, PayingDrafter
 from metronome.engine.text import TextStream
 from metronome.model.loader import LoadedModel, load
 from metronome.model.tokenizer import Tokenizer
@@ -120,8 +120,10 @@ class Engine(PythonAPI):
             draft_config = dataclasses.replace(plan.config, spec_tokens=0, draft=None, prefix_cache_tokens=0)
             draft_plan = compile_plan(draft_loaded, draft_config, calibrate=False, progress=progress)
             try:
-                # prompt lookup's guesses checked in one draft-model call; drafting paused where it does not pay
-                drafter = PayingDrafter(ModelDrafter(draft_plan, plan.cfg.vocab_size, lookup=NgramDrafter()))
+                # prompt lookup while the text copies; where it does not, the draft model (lookup's guesses
+                # checked in its one call a step), paused where it does not pay
+                model = PayingDrafter(ModelDrafter(draft_plan, plan.cfg.vocab_size, lookup=NgramDrafter()))
+                drafter = LookupOrModel(NgramDrafter(), model, slots=plan.config.slots)
             except ValueError as exc:
                 raise ValueError(f"draft={config.draft!r}: {exc}") from None
         engine = cls(plan, Tokenizer(loaded.tokenizer), loaded.config.name or loaded.path.stem, max_queue, drafter)

@@ -17,6 +17,8 @@ token follows p restricted to the other tokens.
 
 from __future__ import annotations
 
+import collections
+import statistics
 import time
 from typing import Callable, Protocol, Sequence
 
@@ -141,7 +143,9 @@ class PayingDrafter:
     steps would: over a window of `window` drafting steps, the sum of (1 + accepted) * plain exceeds the sum
     of draft + step times, with `plain` the step time measured while not drafting (until one is measured:
     the step itself, speculation's premise being that extra rows of a memory-bound step are nearly free;
-    a short plain probe after `probe_after` drafting steps measures it early). When a window does not pay,
+    a short plain probe after `probe_after` drafting steps measures it early, and another after every
+    `reprobe_after` drafting steps without a plain one, so that a plain step timed while the caches were
+    cold, or minutes ago, cannot keep drafting on). When a window does not pay,
     drafting pauses for `pause` steps (doubling while it keeps losing, up to `max_pause`), then tries again;
     the first step after a pause (the draft model catching up on the paused tokens) is not judged.
     Drafts never change the output (see above), only its speed: timing noise can cost speed, never
@@ -155,18 +159,23 @@ class PayingDrafter:
         max_pause: int = 256,
         probe_after: int = 4,
         probe: int = 2,
-        smoothing: float = 0.25,
+        reprobe_after: int = 128,
+        plain_steps: int = 15,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        if not (window >= 1 and 1 <= pause <= max_pause and probe >= 1 and 0 < smoothing <= 1):
+        if not (window >= 1 and 1 <= pause <= max_pause and probe >= 1 and plain_steps >= 1 and reprobe_after >= 1):
             raise ValueError(
-                "need window >= 1, 1 <= pause <= max_pause, probe >= 1 and 0 < smoothing <= 1 (got "
-                f"window={window}, pause={pause}, max_pause={max_pause}, probe={probe}, smoothing={smoothing})"
+                "need window >= 1, 1 <= pause <= max_pause, probe >= 1, reprobe_after >= 1 and plain_steps >= 1 "
+                f"(got window={window}, pause={pause}, max_pause={max_pause}, probe={probe}, "
+                f"reprobe_after={reprobe_after}, plain_steps={plain_steps})"
             )
+        self.reprobe_after = reprobe_after
+        self._since_plain = 0  # judged drafting steps since the last plain step was timed
         self.inner, self.clock, self.window = inner, clock, window
         self.min_pause, self.max_pause, self.probe_after, self.probe = pause, max_pause, probe_after, probe
-        self.smoothing = smoothing
-        self.plain_s: float | None = None  # seconds per step without drafts (smoothed); kept across requests
+        # the last plain steps' times, kept across requests; their median is the plain step (a mean was
+        # dragged for hundreds of steps by one step that a collection or another process stretched)
+        self.plain_times: collections.deque[float] = collections.deque(maxlen=plain_steps)
         self.pause = pause  # the next pause's length
         self.paused = 0  # steps left without drafting
         self.drafting_steps = 0  # judged drafting steps, all requests
@@ -179,6 +188,11 @@ class PayingDrafter:
     def reset(self, slot: int) -> None:
         self.inner.reset(slot)
         self._last = None
+
+    @property
+    def plain_s(self) -> float | None:
+        """Seconds per step without drafts: the median of the last `plain_steps` (None before one ran)."""
+        return statistics.median(self.plain_times) if self.plain_times else None
 
     def propose(self, slot: int, ids: Sequence[int], k: int) -> list[int]:
         start = self.clock()
@@ -203,8 +217,8 @@ class PayingDrafter:
             return
         step_s = now - end
         if drafted == 0:
-            a = self.smoothing
-            self.plain_s = step_s if self.plain_s is None else (1 - a) * self.plain_s + a * step_s
+            self.plain_times.append(step_s)
+            self._since_plain = 0
             return
         if self._resumed:
             self._resumed = False
@@ -213,8 +227,9 @@ class PayingDrafter:
         self._cost += draft_s + step_s
         self._judged += 1
         self.drafting_steps += 1
-        if self.plain_s is None and self.drafting_steps == self.probe_after:
-            self.paused = self.probe  # measure plain steps once, early
+        self._since_plain += 1
+        if self._since_plain >= (self.probe_after if self.plain_s is None else self.reprobe_after):
+            self.paused = self.probe  # time plain steps: early, then now and then
         elif self._judged >= self.window:
             if self._gain < self._cost:
                 self.paused, self.pause = self.pause, min(self.max_pause, 2 * self.pause)
@@ -223,3 +238,50 @@ class PayingDrafter:
                 self.pause = self.min_pause  # paying again: the next pause (if any) starts short
             self._gain = self._cost = 0.0
             self._judged = 0
+
+
+class LookupOrModel:
+    """Prompt lookup while the text copies, the draft model where it stops copying.
+
+    Where the answer copies its prompt (a code edit) prompt lookup's guesses are free and nearly as good as
+    the draft model's, while each draft-model step costs a call that reads all its weights (a 0.5B step is
+    about 0.4 of a 1.5B step here) and its first call a pass over the whole prompt (about 1 s for 217
+    tokens). So a slot starts with lookup alone and calls the draft model only after `misses` steps in a
+    row in which lookup's guess was not taken whole (or there was none); it goes back to lookup alone after
+    `hits` steps in a row in which lookup's guess, computed beside the draft model's, agreed with every
+    token the step emitted. The draft model catches up on the tokens it did not see at its next call, as
+    rows of that one call. Drafts differ with the mode; the output does not (verification is exact)."""
+
+    def __init__(self, lookup: Drafter, model: PayingDrafter, slots: int, misses: int = 6, hits: int = 4) -> None:
+        if not (slots >= 1 and misses >= 1 and hits >= 1):
+            raise ValueError(f"need slots, misses and hits >= 1 (got slots={slots}, misses={misses}, hits={hits})")
+        self.lookup, self.model, self.misses, self.hits = lookup, model, misses, hits
+        self.modelled = [False] * slots  # whether the slot drafts with the model now
+        self.streak = [0] * slots  # lookup's misses in a row (lookup mode) or its agreements (model mode)
+        self.guessed: list[tuple[int, list[int]] | None] = [None] * slots  # (len(ids), lookup's last guess)
+        self.switches = 0  # changes of mode (for measurements)
+
+    def reset(self, slot: int) -> None:
+        self.lookup.reset(slot)
+        self.model.reset(slot)
+        self.modelled[slot], self.streak[slot], self.guessed[slot] = False, 0, None
+
+    def propose(self, slot: int, ids: Sequence[int], k: int) -> list[int]:
+        # did the text go on as lookup's previous guess said (every guessed token emitted by that step)?
+        last = self.guessed[slot]
+        whole = last is not None and len(last[1]) > 0 and list(ids[last[0] : last[0] + len(last[1])]) == last[1]
+        guess = self.lookup.propose(slot, ids, k)
+        self.guessed[slot] = (len(ids), guess)
+        if self.modelled[slot]:
+            self.streak[slot] = self.streak[slot] + 1 if whole else 0
+            if self.streak[slot] >= self.hits:
+                self.modelled[slot], self.streak[slot] = False, 0
+                self.switches += 1
+                return guess
+            return self.model.propose(slot, ids, k)
+        self.streak[slot] = 0 if whole else self.streak[slot] + 1
+        if self.streak[slot] >= self.misses:
+            self.modelled[slot], self.streak[slot] = True, 0
+            self.switches += 1
+            return self.model.propose(slot, ids, k)
+        return guess

@@ -39,7 +39,10 @@ def test_qwen_coder_0_5b_drafts_for_itself_exactly():
             "        total += v\n    return total / x\n",
         }
     ]
-    for params in (SamplingParams(max_tokens=40), SamplingParams(max_tokens=40, temperature=0.8, seed=5)):
-        a, b = plain.generate(edit, params), spec.generate(edit, params)
-        assert a.token_ids == b.token_ids
+    poem = [{"role": "user", "content": "Write a short poem about the sea."}]  # lookup finds little: the model drafts
+    for messages in (edit, poem):
+        for params in (SamplingParams(max_tokens=40), SamplingParams(max_tokens=40, temperature=0.8, seed=5)):
+            a, b = plain.generate(messages, params), spec.generate(messages, params)
+            assert a.token_ids == b.token_ids
     assert spec.spec.accepted > 0  # the same model drafts: its greedy drafts are right
+    assert spec.drafter.model.inner.calls > 0  # and it did draft (LookupOrModel: where lookup stopped guessing)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from metronome.engine.speculate import PayingDrafter
+from metronome.engine.speculate import LookupOrModel, PayingDrafter
 
 
 class Sim:
@@ -41,7 +41,8 @@ class Sim:
 def test_drafting_that_pays_goes_on():
     sim = Sim(draft_s=0.05, plain_s=1.0, spec_s=1.05, accept=3).run(400)
     assert sim.drafter.pauses == 0
-    assert sim.steps_with_drafts >= 400 - sim.drafter.probe  # only the early plain probe
+    # only the plain probes: one early, then one every reprobe_after drafting steps
+    assert sim.steps_with_drafts >= 400 - sim.drafter.probe * (1 + 400 // sim.drafter.reprobe_after)
     assert sim.drafter.plain_s == pytest.approx(1.0)
 
 
@@ -60,6 +61,32 @@ def test_judged_against_plain_steps_not_the_verify_step():
     assert sim.steps_with_drafts < 0.25 * 600
 
 
+def test_one_stretched_plain_step_does_not_hide_that_drafting_loses():
+    """A garbage collection or another process can stretch one step 60x. Taken into a mean plain step, it
+    made every drafting window look like a gain, and with no pause there was no plain step to correct it."""
+    sim = Sim(draft_s=0.3, plain_s=1.0, spec_s=1.1, accept=0).run(200)
+    while sim.drafter.paused != 1:
+        sim.run(1)
+    sim.plain_s = 60.0
+    sim.run(1)  # the pause's last step, stretched
+    sim.plain_s = 1.0
+    assert sim.drafter.plain_s == pytest.approx(1.0)
+    before = sim.drafter.pauses
+    sim.run(600)
+    assert sim.drafter.pauses > before
+
+
+def test_a_plain_step_timed_cold_is_timed_again():
+    """The first plain probe ran while the caches were cold (3 s a step); plain steps then take 1 s, and
+    drafting (2 tokens for 2.3 s) loses. Judged against the cold figure it would look like a gain forever:
+    the probes that follow correct it."""
+    sim = Sim(draft_s=0.3, plain_s=3.0, spec_s=1.1, accept=1).run(10)
+    assert sim.drafter.plain_s == pytest.approx(3.0)
+    sim.plain_s = 1.0
+    sim.run(1000)
+    assert sim.drafter.plain_s == pytest.approx(1.0) and sim.drafter.pauses >= 2
+
+
 def test_a_gap_of_several_steps_is_not_learned_from():
     sim = Sim(draft_s=0.05, plain_s=1.0, spec_s=1.05, accept=3).run(20)
     before = sim.drafter.drafting_steps
@@ -73,3 +100,42 @@ def test_a_gap_of_several_steps_is_not_learned_from():
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="max_pause"):
         PayingDrafter(Sim(0, 1, 1, 0).drafter.inner, pause=10, max_pause=5)
+
+
+class Scripted:
+    """A drafter whose guess is `fn(ids, k)`, counting its calls."""
+
+    def __init__(self, fn) -> None:
+        self.fn, self.calls, self.resets = fn, 0, 0
+
+    def reset(self, slot: int) -> None:
+        self.resets += 1
+
+    def propose(self, slot: int, ids, k: int) -> list[int]:
+        self.calls += 1
+        return self.fn(ids, k)
+
+
+def test_lookup_or_model_calls_the_model_only_where_the_text_stops_copying():
+    """Lookup guesses the text right before position 300 and from 600 on, wrong in between (free writing
+    inside a code edit); the draft model is always right. The model is called only in between: after 6
+    steps of wrong guesses, and no longer once lookup's guess has matched the text 4 steps in a row."""
+    text = list(range(2000))
+    lookup = Scripted(lambda ids, k: [9999] * k if 300 <= len(ids) < 600 else text[len(ids) : len(ids) + k])
+    model = Scripted(lambda ids, k: text[len(ids) : len(ids) + k])
+    drafter = LookupOrModel(lookup, model, slots=2)
+    ids, called_at = text[:10], []
+    while len(ids) < 900:
+        before = model.calls
+        drafts = drafter.propose(1, ids, 4)
+        if model.calls > before:
+            called_at.append(len(ids))
+        accepted = 0
+        while accepted < len(drafts) and drafts[accepted] == text[len(ids) + accepted]:
+            accepted += 1
+        ids = text[: len(ids) + accepted + 1]  # the accepted drafts and one more token
+    assert called_at and 300 < called_at[0] <= 306 and called_at[-1] < 600 + 4 * 5
+    assert len(called_at) >= (600 - 306) // 5 - 1  # every step in between, 5 tokens each
+    assert drafter.switches == 2
+    drafter.reset(1)
+    assert lookup.resets == model.resets == 1 and not drafter.modelled[1]

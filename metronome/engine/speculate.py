@@ -244,9 +244,8 @@ class LookupOrModel:
     """Prompt lookup while the text copies, the draft model where it stops copying.
 
     Where the answer copies its prompt (a code edit) prompt lookup's guesses are free and nearly as good as
-    the draft model's, while each draft-model step costs a call that reads all its weights (a 0.5B step is
-    about 0.4 of a 1.5B step here) and its first call a pass over the whole prompt (about 1 s for 217
-    tokens). So a slot starts with lookup alone and calls the draft model only after `misses` steps in a
+    the draft model's, while each draft-model step costs a call that reads all its weights, and its first
+    call a pass over the whole prompt (docs/models.md has the figures). So a slot starts with lookup alone and calls the draft model only after `misses` steps in a
     row in which lookup's guess was not taken whole (or there was none); it goes back to lookup alone after
     `hits` steps in a row in which lookup's guess, computed beside the draft model's, agreed with every
     token the step emitted. The draft model catches up on the tokens it did not see at its next call, as

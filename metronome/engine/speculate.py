@@ -245,10 +245,10 @@ class LookupOrModel:
 
     Where the answer copies its prompt (a code edit) prompt lookup's guesses are free and nearly as good as
     the draft model's, while each draft-model step costs a call that reads all its weights, and its first
-    call a pass over the whole prompt (docs/models.md has the figures). So a slot starts with lookup alone and calls the draft model only after `misses` steps in a
-    row in which lookup's guess was not taken whole (or there was none); it goes back to lookup alone after
-    `hits` steps in a row in which lookup's guess, computed beside the draft model's, agreed with every
-    token the step emitted. The draft model catches up on the tokens it did not see at its next call, as
+    call a pass over the whole prompt (docs/models.md has the figures). So a slot starts with lookup alone
+    and calls the draft model only after `misses` steps in a row in which lookup's guess was not taken
+    whole (or there was none); it goes back to lookup alone after `hits` steps in a row in which lookup's
+    guess, computed beside the draft model's, agreed with every token the step emitted. The draft model catches up on the tokens it did not see at its next call, as
     rows of that one call. Drafts differ with the mode; the output does not (verification is exact)."""
 
     def __init__(self, lookup: Drafter, model: PayingDrafter, slots: int, misses: int = 6, hits: int = 4) -> None:

@@ -95,6 +95,12 @@ def main() -> None:
         "(the draft model every step, paused where it does not pay), model-always (never paused), lookup "
         "(prompt lookup alone)",
     )
+    p.add_argument(
+        "--catch-ups",
+        default=None,
+        help="comma-separated values of the draft model's catch_up (the most tokens one catch-up runs; none: no "
+        "limit), each measured with every drafter; default: what --draft builds",
+    )
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--tokens", type=int, default=320, help="max_tokens (outputs end on EOS before it)")
@@ -117,7 +123,13 @@ def main() -> None:
     if not isinstance(built, LookupOrModel):
         raise SystemExit(f"expected LookupOrModel(lookup, PayingDrafter(ModelDrafter)) from --draft, got {built!r}")
     model = built.model.inner
-    for name in a.drafters.split(","):
+    catch_ups = (
+        [model.catch_up]
+        if a.catch_ups is None
+        else [None if c.strip() == "none" else int(c) for c in a.catch_ups.split(",")]
+    )
+    for catch_up, name in ((c, n) for c in catch_ups for n in a.drafters.split(",")):
+        model.catch_up = catch_up
         paying = PayingDrafter(model)
         spec.drafter = {
             "model": paying,
@@ -128,13 +140,14 @@ def main() -> None:
         results = measure_speculation(
             None, a.threads, a.tokens, a.rounds, a.ctx, a.spec_tokens, workloads=workloads, engines=engines
         )
-        print(speculation_markdown(results, a.spec_tokens, f"{name}, draft model {a.draft}"))
+        print(speculation_markdown(results, a.spec_tokens, f"{name}, draft model {a.draft}, catch_up {catch_up}"))
         if isinstance(spec.drafter, LookupOrModel):
             print(f"\nLookupOrModel: {spec.drafter.switches} switches between lookup and the draft model")
         if name in ("model", "lookup+model"):
             print(
                 f"\nPayingDrafter: {paying.pauses} pauses, {paying.drafting_steps} judged drafting steps, plain "
-                f"step {(paying.plain_s or float('nan')) * 1000:.1f} ms"
+                f"step {(paying.plain_s or float('nan')) * 1000:.1f} ms; the draft model's catch-ups cut to the "
+                f"window so far: {model.cuts}"
             )
         print(flush=True)
 

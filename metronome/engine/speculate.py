@@ -75,9 +75,26 @@ class ModelDrafter:
     independent, so the row of guess j gives the logits sequential decoding would after guesses 0..j-1),
     and the guessed tokens the draft model agrees with are taken in that one call. The drafts are the same
     tokens as without `lookup`, only cheaper where the answer copies its prompt (a code edit): one
-    draft-model call a step where the whole guess agrees, instead of one per token."""
+    draft-model call a step where the whole guess agrees, instead of one per token.
 
-    def __init__(self, plan: Plan, vocab_size: int, lookup: Drafter | None = None) -> None:
+    A catch-up runs at most `catch_up` tokens. Where more are missing (the first call after a long prompt,
+    after prompt lookup drafted a long copied stretch, after a long pause) the slot's cache is started
+    again with the text's first `sink` tokens and its last `catch_up`, at positions 0.. (rotary positions
+    are relative: the window reads as a text of its own). Drafts then see less context, which can only
+    change how many are accepted, not the output; the catch-up costs a fixed few draft steps instead of a
+    pass over the whole text (docs/models.md has the figures). The first tokens are kept because
+    attention leans on them whatever follows (StreamingLLM's "attention sinks"). None: no limit."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        vocab_size: int,
+        lookup: Drafter | None = None,
+        catch_up: int | None = 64,
+        sink: int = 4,
+    ) -> None:
+        if catch_up is not None and catch_up < 1 or sink < 0:
+            raise ValueError(f"need catch_up >= 1 (or None) and sink >= 0 (got catch_up={catch_up}, sink={sink})")
         if not plan.runner.any_rows:
             raise ValueError("the draft model needs a fused plan (int4/int8 weights with the C++ kernels on CPU)")
         if plan.cfg.vocab_size != vocab_size:
@@ -85,30 +102,50 @@ class ModelDrafter:
                 f"the draft model's vocabulary ({plan.cfg.vocab_size} tokens) differs from the model's "
                 f"({vocab_size}); a draft model must share the tokenizer"
             )
-        self.plan, self.lookup = plan, lookup
-        self.valid = [0] * plan.config.slots  # tokens of the slot's text whose keys/values are in the cache
-        self.fed: list[list[int]] = [[] for _ in range(plan.config.slots)]  # drafts written after them
+        self.plan, self.lookup, self.catch_up, self.sink = plan, lookup, catch_up, sink
+        slots = plan.config.slots
+        # what the slot's cache holds is a view of its text: text[:sink] + text[cut:] once a catch-up was cut
+        # (cut 0: the whole text), token i of the view at position i
+        self.cut = [0] * slots
+        self.valid = [0] * slots  # tokens of the view whose keys/values are in the cache
+        self.fed: list[list[int]] = [[] for _ in range(slots)]  # drafts written after them
         self.calls = 0  # draft-model decode calls (for tests and measurements)
+        self.cuts = 0  # catch-ups cut to the window (for tests and measurements)
 
     def reset(self, slot: int) -> None:
-        self.valid[slot], self.fed[slot] = 0, []
+        self.valid[slot], self.fed[slot], self.cut[slot] = 0, [], 0
         if self.lookup is not None:
             self.lookup.reset(slot)
 
-    def _decode(self, slot: int, tokens: list[int], first: int) -> torch.Tensor:
+    def _view(self, slot: int, ids: Sequence[int]) -> Sequence[int]:
+        cut = self.cut[slot]
+        return ids if cut == 0 else [*ids[: self.sink], *ids[cut:]]
+
+    def _decode(self, slot: int, tokens: list[int], first: int, logits_from: int = 0) -> torch.Tensor:
+        """Run `tokens` at positions first.. into the slot's cache; logits of rows logits_from.. only (the
+        head reads a vocabulary-wide matrix per row: most of a long catch-up's time if every row had it)."""
         self.calls += 1
-        return self.plan.decode([slot] * len(tokens), tokens, list(range(first, first + len(tokens))))
+        rows = range(logits_from, len(tokens))
+        return self.plan.decode(
+            [slot] * len(tokens), tokens, list(range(first, first + len(tokens))), logit_rows=list(rows)
+        )
 
     def propose(self, slot: int, ids: Sequence[int], k: int) -> list[int]:
         if k <= 0:
             return []
+        view = self._view(slot, ids)  # the text as the cache holds it: positions below are the view's
         done = self.valid[slot]
         for d in self.fed[slot]:  # drafts that turned out right are valid cache entries
-            if done < len(ids) and ids[done] == d:
+            if done < len(view) and view[done] == d:
                 done += 1
             else:
                 break
-        n = len(ids)
+        if self.catch_up is not None and len(view) - done > self.catch_up and len(ids) - self.catch_up > self.sink:
+            # too far behind: keep the first tokens (the same at positions 0..sink-1 in every view) and
+            # start the rest again from the window
+            self.cut[slot], self.cuts = len(ids) - self.catch_up, self.cuts + 1
+            view, done = self._view(slot, ids), min(done, self.sink)
+        n = len(view)
         if n - done < 1:  # keep at least the last token to run (its logits give the first draft)
             done = n - 1
         ctx = self.plan.config.ctx
@@ -119,13 +156,13 @@ class ModelDrafter:
         # (positions n..): the row of position n-1+i predicts the token at n+i, as sequential decoding
         # would while guesses 0..i-1 equal the drafts before it
         guess = self.lookup.propose(slot, ids, k - 1) if self.lookup is not None and k > 1 else []
-        logits = self._decode(slot, [*ids[done:], *guess], done)  # (n - done + len(guess), V)
-        last = n - 1 - done  # the row of the text's last token
-        drafts = [argmax_row(logits[last])]
+        last = n - 1 - done  # the row of the text's last token: the rows before it only fill the cache
+        logits = self._decode(slot, [*view[done:], *guess], done, logits_from=last)  # (1 + len(guess), V)
+        drafts = [argmax_row(logits[0])]
         for i, g in enumerate(guess):
             if drafts[i] != g or len(drafts) == k:
                 break  # guess i is not what the model drafts: the rows after it are of another text
-            drafts.append(argmax_row(logits[last + 1 + i]))
+            drafts.append(argmax_row(logits[1 + i]))
         # positions n.. of the cache now hold guesses; the ones that differ from the drafts are rewritten
         # below, by the sequential steps, before anything reads them
         for j in range(len(drafts), k):
@@ -245,7 +282,7 @@ class LookupOrModel:
 
     Where the answer copies its prompt (a code edit) prompt lookup's guesses are free and nearly as good as
     the draft model's, while each draft-model step costs a call that reads all its weights, and its first
-    call a pass over the whole prompt (docs/models.md has the figures). So a slot starts with lookup alone
+    call a catch-up on the text so far (docs/models.md has the figures). So a slot starts with lookup alone
     and calls the draft model only after `misses` steps in a row in which lookup's guess was not taken
     whole (or there was none); it goes back to lookup alone after `hits` steps in a row in which lookup's
     guess, computed beside the draft model's, agreed with every token the step emitted. The draft model catches up on the tokens it did not see at its next call, as

@@ -25,6 +25,14 @@ def test_lookup_checked_drafts_are_the_sequential_drafts(tiny_hf):
     vocab = loaded.config.vocab_size
     plain = ModelDrafter(compile_plan(loaded, config, calibrate=False), vocab)
     looked = ModelDrafter(compile_plan(loaded, config, calibrate=False), vocab, lookup=NgramDrafter())
+    calls = []  # (rows run, rows given logits) of each of the looked drafter's calls
+    decode = looked.plan.decode
+
+    def counted(slots, tokens, positions, logit_rows=None):
+        calls.append((len(tokens), len(tokens) if logit_rows is None else len(logit_rows)))
+        return decode(slots, tokens, positions, logit_rows)
+
+    looked.plan.decode = counted
     single = 0  # steps of k >= 4 drafts made in one draft-model call
     for k in (1, 4, 6):
         plain.reset(0)
@@ -35,6 +43,37 @@ def test_lookup_checked_drafts_are_the_sequential_drafts(tiny_hf):
             single += k >= 4 and looked.calls - before == 1
     assert looked.calls < plain.calls  # small random models repeat themselves: lookup guessed right
     assert single > 0  # a right guess rides in the call that catches the cache up: one call for k drafts
+    # catching up on the prompt runs all its rows but asks the head (the largest matrix) for the logits of
+    # the last text row and the guesses only
+    assert max(rows for rows, _ in calls) >= len(prompt) and max(heads for _, heads in calls) <= 6
+
+
+def test_a_long_catch_up_keeps_the_first_tokens_and_a_window(tiny_hf):
+    """Where more than `catch_up` tokens are missing, the drafts are those of the draft model reading the
+    text's first `sink` tokens and its last `catch_up` as a text of their own, and the call runs no more."""
+    path = str(tiny_hf("llama"))
+    loaded = load(path)
+    config = EngineConfig(slots=1, ctx=160, spec_tokens=0)
+    prompt = [(7 * i + 3) % 50 + 2 for i in range(40)]
+    text = Engine.from_model(config=config, loaded=loaded).generate(
+        prompt, SamplingParams(max_tokens=60, ignore_eos=True)
+    )
+    seq = prompt + list(text.token_ids)
+    vocab = loaded.config.vocab_size
+    windowed = ModelDrafter(compile_plan(loaded, config, calibrate=False), vocab, catch_up=8, sink=2)
+    whole = ModelDrafter(compile_plan(loaded, config, calibrate=False), vocab, catch_up=None)
+    rows = []
+    decode = windowed.plan.decode
+    windowed.plan.decode = lambda s, t, p, logit_rows=None: rows.append(len(t)) or decode(s, t, p, logit_rows)
+    cut, k = 0, 4
+    for t in [40, 43, 46, 49, 70, 72, 74, 99]:  # a prompt of 40, short steps, then two long gaps
+        drafts = windowed.propose(0, seq[:t], k)
+        if windowed.cut[0] != cut:  # a new window: the reference reads it from the start
+            cut = windowed.cut[0]
+            whole.reset(0)
+            assert rows[-k] <= 2 + 8  # the catch-up ran the kept tokens only (then k-1 sequential drafts)
+        assert drafts == whole.propose(0, seq[:2] + seq[cut:t], k), t
+    assert windowed.cuts == 3  # at 40 (the prompt), at 70 and at 99
 
 
 def test_a_missing_draft_model_is_refused_before_the_target_compiles(tiny_hf, monkeypatch):

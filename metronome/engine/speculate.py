@@ -93,7 +93,7 @@ class ModelDrafter:
         catch_up: int | None = 64,
         sink: int = 4,
     ) -> None:
-        if catch_up is not None and catch_up < 1 or sink < 0:
+        if (catch_up is not None and catch_up < 1) or sink < 0:
             raise ValueError(f"need catch_up >= 1 (or None) and sink >= 0 (got catch_up={catch_up}, sink={sink})")
         if not plan.runner.any_rows:
             raise ValueError("the draft model needs a fused plan (int4/int8 weights with the C++ kernels on CPU)")

@@ -74,6 +74,8 @@ def test_a_long_catch_up_keeps_the_first_tokens_and_a_window(tiny_hf):
             assert rows[-k] <= 2 + 8  # the catch-up ran the kept tokens only (then k-1 sequential drafts)
         assert drafts == whole.propose(0, seq[:2] + seq[cut:t], k), t
     assert windowed.cuts == 3  # at 40 (the prompt), at 70 and at 99
+    with pytest.raises(ValueError, match="catch_up"):
+        ModelDrafter(whole.plan, vocab, catch_up=0)
 
 
 def test_a_missing_draft_model_is_refused_before_the_target_compiles(tiny_hf, monkeypatch):

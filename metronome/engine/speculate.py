@@ -125,10 +125,8 @@ class ModelDrafter:
         """Run `tokens` at positions first.. into the slot's cache; logits of rows logits_from.. only (the
         head reads a vocabulary-wide matrix per row: most of a long catch-up's time if every row had it)."""
         self.calls += 1
-        rows = range(logits_from, len(tokens))
-        return self.plan.decode(
-            [slot] * len(tokens), tokens, list(range(first, first + len(tokens))), logit_rows=list(rows)
-        )
+        positions = list(range(first, first + len(tokens)))
+        return self.plan.decode([slot] * len(tokens), tokens, positions, list(range(logits_from, len(tokens))))
 
     def propose(self, slot: int, ids: Sequence[int], k: int) -> list[int]:
         if k <= 0:
@@ -285,8 +283,9 @@ class LookupOrModel:
     call a catch-up on the text so far (docs/models.md has the figures). So a slot starts with lookup alone
     and calls the draft model only after `misses` steps in a row in which lookup's guess was not taken
     whole (or there was none); it goes back to lookup alone after `hits` steps in a row in which lookup's
-    guess, computed beside the draft model's, agreed with every token the step emitted. The draft model catches up on the tokens it did not see at its next call, as
-    rows of that one call. Drafts differ with the mode; the output does not (verification is exact)."""
+    guess, computed beside the draft model's, agreed with every token the step emitted. The draft model
+    catches up on the tokens it did not see at its next call, as rows of that one call. Drafts differ with
+    the mode; the output does not (verification is exact)."""
 
     def __init__(self, lookup: Drafter, model: PayingDrafter, slots: int, misses: int = 6, hits: int = 4) -> None:
         if not (slots >= 1 and misses >= 1 and hits >= 1):

@@ -74,7 +74,8 @@ def main() -> None:
     unknown = [k for k in a.kinds.split(",") if k not in BLOCK_KINDS]
     if unknown:
         raise SystemExit(f"--kinds: unknown {unknown}; choose from {', '.join(BLOCK_KINDS)}")
-    base, new = base_module(a.base), load_kernels()
+    new = load_kernels()  # first: loaded after the base module, its static set-up crashed (2026-12-02)
+    base = base_module(a.base)
     for mod in (base, new):
         mod.set_threads(a.threads)
     n, k = a.shape

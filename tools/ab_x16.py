@@ -23,7 +23,7 @@ from bench_kernels import alternating  # tools/
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
 from metronome.compile.quant import pack_16_rows
-from metronome.kernels.blocks import BLOCK_KINDS
+from metronome.kernels.blocks import FILE_KINDS
 from metronome.kernels.ops import load_kernels
 from metronome.model.loader import QuantTensor
 
@@ -32,7 +32,7 @@ def blocks(qtype: str, n: int, k: int) -> np.ndarray:
     """(n, k) weights in `qtype` as the file stores them."""
     rng = np.random.default_rng(0)
     kind = GGMLQuantizationType[qtype]
-    if qtype == "Q5_0":
+    if qtype in ("Q5_0", "Q8_0"):
         return quants.quantize((rng.standard_normal((n, k)) * 0.02).astype(np.float32), kind).reshape(n, -1)
     block, size = GGML_QUANT_SIZES[kind]
     raw = rng.integers(0, 256, size=(n, k // block, size), dtype=np.uint8)
@@ -46,7 +46,7 @@ def blocks(qtype: str, n: int, k: int) -> np.ndarray:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--format", choices=["Q5_0", "Q4_K", "Q6_K"], default="Q5_0")
+    p.add_argument("--format", choices=["Q5_0", "Q4_K", "Q6_K", "Q8_0"], default="Q5_0")
     p.add_argument("--shape", type=int, nargs=2, default=[512, 2048], metavar=("N", "K"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rows", type=int, nargs="+", default=[1, 4, 8, 32], help="rows of x (M)")
@@ -65,7 +65,7 @@ def main() -> None:
     for m in a.rows:
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
         calls = {
-            "file": lambda x=x: ops.block_linear(x, stored, BLOCK_KINDS[a.format], n),
+            "file": lambda x=x: ops.block_linear(x, stored, FILE_KINDS[a.format], n),
             "packed": lambda x=x: ops.block_linear(x, packed, packed_kind, n),
         }
         start = time.perf_counter()

@@ -66,8 +66,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--decode-only",
         action="store_true",
-        help="single-stream decode tokens/s in process (default model unless --model), beside the "
-        "memory-bandwidth bound; --output-tokens tokens, --rounds runs",
+        help="decode tokens/s in process (default model unless --model), beside the memory-bandwidth bound; "
+        "--output-tokens tokens, --rounds runs, --live slot counts",
+    )
+    parser.add_argument(
+        "--live",
+        type=_levels,
+        default=(1,),
+        metavar="SLOTS",
+        help="with --decode-only: numbers of slots decoding together (e.g. 1,2,4,8; default 1), each held to "
+        "the same memory-bound step",
     )
     parser.add_argument(
         "--load",
@@ -311,17 +319,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_decode_only(args: argparse.Namespace, console) -> int:
-    from metronome.bench.decode import measure_decode
+    from metronome.bench.decode import live_markdown, measure_decode
 
     if args.url is not None:
         console.print("metronome bench: error: --decode-only runs in process: use --model, not --url", markup=False)
         return 2
     try:
-        result = measure_decode(args.model, _threads(args), tokens=args.output_tokens or 128, runs=args.rounds)
+        results = measure_decode(
+            args.model, _threads(args), tokens=args.output_tokens or 128, runs=args.rounds, live=args.live
+        )
     except ValueError as exc:
         console.print(f"metronome bench: error: {exc}", markup=False)
         return 2
-    print(result.markdown())
+    print(results[0].markdown() if len(results) == 1 else live_markdown(results))
     return 0
 
 

@@ -1,7 +1,9 @@
-"""`metronome bench --decode-only`: single-stream decode speed in process, beside this machine's memory bound.
+"""`metronome bench --decode-only`: decode speed in process, beside this machine's memory bound.
 
 The bound is the weight bytes one decode step reads divided by the measured read bandwidth: no decoder
-that reads every weight once per token can beat it.
+that reads every weight once per token can beat it. A step reads the weights once however many live slots
+it decodes, so with `--live 1,2,4,8` each level's step (the time between one user's tokens) is held to the
+same bound: where it falls behind, the step's arithmetic on the extra rows, not its reading, is what costs.
 
 `metronome bench --speculation` (below): plain vs speculative decoding on chat workloads whose outputs end on
 their own, greedy and sampled, with the loop check (repeated 8-grams) beside every speed-up."""
@@ -25,9 +27,10 @@ class DecodeResult:
     tokens: int  # generated per run
     runs_tokens_per_s: tuple[float, ...]
     ttft_s: tuple[float, ...]
-    predicted_step_ms: float  # the plan's calibration at one live slot
+    predicted_step_ms: float  # the plan's calibration at `live` slots
     weight_bytes: int
     runs_bandwidth: tuple[float, ...]  # bytes/s, read just before each run (fleet/machine.read_bandwidth)
+    live: int = 1  # slots decoding together; tokens/s are each user's (one token per step)
 
     @property
     def tokens_per_s(self) -> float:
@@ -55,13 +58,14 @@ class DecodeResult:
             ("model", self.model),
             ("weights / decode shape", f"{self.weights} / {self.decode_mode}"),
             ("threads", str(self.threads)),
+            ("live slots decoding together", str(self.live)),
             (
-                "decode tokens/s (median of runs)",
+                "decode tokens/s per user (median of runs)",
                 f"{self.tokens_per_s:.1f}  (runs: {', '.join(f'{r:.1f}' for r in self.runs_tokens_per_s)})",
             ),
             ("TTFT (median)", f"{statistics.median(self.ttft_s) * 1000:.0f} ms"),
             (
-                "step latency: calibrated at compile (1 live slot) / measured in this decode",
+                f"step latency: calibrated at compile ({self.live} live) / measured in this decode",
                 f"{self.predicted_step_ms:.2f} ms / {self.measured_step_ms:.2f} ms "
                 f"({self.predicted_step_ms / self.measured_step_ms - 1:+.0%})",
             ),
@@ -81,9 +85,16 @@ class DecodeResult:
 
 
 def measure_decode(
-    model: Path | None, threads: int, tokens: int = 128, runs: int = 3, ctx: int = 1024, weights: str = "auto"
-) -> DecodeResult:
-    """Decode `tokens` tokens `runs` times from one prompt on a one-slot plan; the machine's bandwidth too."""
+    model: Path | None,
+    threads: int,
+    tokens: int = 128,
+    runs: int = 3,
+    ctx: int = 1024,
+    weights: str = "auto",
+    live: tuple[int, ...] = (1,),
+) -> tuple[DecodeResult, ...]:
+    """At each number of `live` slots, decode `tokens` tokens for that many copies of one prompt together,
+    `runs` times, on one plan of max(live) slots; the machine's read bandwidth just before each run."""
     import torch
 
     from metronome.engine import Engine
@@ -91,36 +102,64 @@ def measure_decode(
 
     if tokens < 2 or runs < 1:
         raise ValueError("--decode-only needs --output-tokens >= 2 and --rounds >= 1")
+    if not live or min(live) < 1:
+        raise ValueError(f"--live {live}: give live slot counts of at least 1, e.g. 1,2,4,8")
     torch.set_num_threads(threads)
     # plain decoding (speculation off): the step the bound is about; `--speculation` measures drafting
     engine = Engine.from_model(
         None if model is None else str(model),
-        EngineConfig(slots=1, ctx=ctx, weights=weights, threads=threads, spec_tokens=0),
+        EngineConfig(slots=max(live), ctx=ctx, weights=weights, threads=threads, spec_tokens=0),
         calibrate=True,
     )
     prompt = engine.encode_prompt("Write a long story about a lighthouse keeper and the sea.", chat=False)
     params = SamplingParams(max_tokens=tokens, ignore_eos=True)
-    rates, ttfts, bandwidths = [], [], []
-    engine.generate(prompt, SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
-    for _ in range(runs):
-        bandwidths.append(read_bandwidth(threads))
-        c = engine.generate(prompt, params)
-        usage = groq_timings(c.timings)
-        rates.append((len(c.token_ids) - 1) / usage["completion_time"])
-        ttfts.append(usage["time_to_first_token"])
     report = engine.plan.report
-    return DecodeResult(
-        engine.model_name,
-        report.weights,
-        report.decode_mode,
-        threads,
-        tokens,
-        tuple(rates),
-        tuple(ttfts),
-        report.step_ms[1],
-        report.weight_bytes,
-        tuple(bandwidths),
+    results = []
+    for n in live:
+        rates, ttfts, bandwidths = [], [], []
+        engine.generate([prompt] * n, SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+        for _ in range(runs):
+            bandwidths.append(read_bandwidth(threads))
+            # the n requests start in one step and decode side by side: each user's rate is the step's
+            done = engine.generate([prompt] * n, params)
+            usages = [groq_timings(c.timings) for c in done]
+            rates.append(statistics.median((len(c.token_ids) - 1) / u["completion_time"] for c, u in zip(done, usages)))
+            ttfts.append(statistics.median(u["time_to_first_token"] for u in usages))
+        results.append(
+            DecodeResult(
+                engine.model_name,
+                report.weights,
+                report.decode_mode,
+                threads,
+                tokens,
+                tuple(rates),
+                tuple(ttfts),
+                report.step_ms.get(n, float("nan")),
+                report.weight_bytes,
+                tuple(bandwidths),
+                n,
+            )
+        )
+    return tuple(results)
+
+
+def live_markdown(results: "tuple[DecodeResult, ...]") -> str:
+    """One row per live slot count: each user's step beside the one memory-bound step every count shares."""
+    first = results[0]
+    head = (
+        f"{first.model}, {first.weights} / {first.decode_mode}, {first.threads} threads, {first.tokens} tokens "
+        f"per user, {len(first.runs_tokens_per_s)} runs per level; {first.weight_bytes / 1e6:.1f} MB of weights "
+        "read per step whatever the rows\n\n"
+        "| live slots | tok/s per user (median) | step ms: measured / calibrated | read GB/s (median) "
+        "| memory-bound step ms | fraction of the bound (median; runs) |\n|---:|---:|---:|---:|---:|---:|\n"
     )
+    rows = [
+        f"| {r.live} | {r.tokens_per_s:.1f} | {r.measured_step_ms:.1f} / {r.predicted_step_ms:.1f} | "
+        f"{r.bandwidth / 1e9:.1f} | {1000.0 / r.bound_tokens_per_s:.1f} | {statistics.median(r.runs_fraction):.0%} "
+        f"({', '.join(f'{f:.0%}' for f in r.runs_fraction)}) |"
+        for r in results
+    ]
+    return head + "\n".join(rows)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from metronome.kernels.blocks import (
     Q5X16_KIND,
     Q6_KX16_KIND,
     Q8_0_KIND,
+    Q8_0X16_KIND,
 )
 from metronome.kernels.decoder import BlockPart
 from metronome.kernels.ops import CppOps
@@ -196,12 +197,12 @@ def pack_q4(t: QuantTensor) -> torch.Tensor:
 
 
 def pack_16_rows(part: QuantTensor, ops: CppOps) -> tuple[torch.Tensor, int]:
-    """A Q5_0, Q4_K or Q6_K tensor's blocks repacked 16 rows side by side (csrc/pack.cpp; the layouts are
-    in csrc/blocks.cpp), with their block kind. Exact: the file's scales, minimums and codes are moved, not
-    recomputed."""
-    kinds = {"Q5_0": Q5X16_KIND, "Q4_K": Q4_KX16_KIND, "Q6_K": Q6_KX16_KIND}
+    """A Q5_0, Q4_K, Q6_K or Q8_0 tensor's blocks repacked 16 rows side by side (csrc/pack.cpp; the layouts
+    are in csrc/blocks.cpp), with their block kind. Exact: the file's scales, minimums and codes are moved,
+    not recomputed."""
+    kinds = {"Q5_0": Q5X16_KIND, "Q4_K": Q4_KX16_KIND, "Q6_K": Q6_KX16_KIND, "Q8_0": Q8_0X16_KIND}
     if part.qtype not in kinds:
-        raise ValueError(f"pack_16_rows packs Q5_0, Q4_K or Q6_K tensors, got {part.qtype}")
+        raise ValueError(f"pack_16_rows packs Q5_0, Q4_K, Q6_K or Q8_0 tensors, got {part.qtype}")
     rows, k = part.shape
     return ops.pack_x16(file_view(part.raw, rows), kinds[part.qtype], rows, k), kinds[part.qtype]
 
@@ -240,9 +241,9 @@ def block_matrix(
     parts: list[QuantTensor | torch.Tensor], mode: str, ops: CppOps, cached: list[BlockPart] | None = None
 ) -> list[BlockPart]:
     """The rows of `parts` stacked, in the fused decoder's formats: one (blocks, kind, rows) segment per
-    part. Q5_0, Q4_K and Q6_K blocks are repacked 16 rows side by side (pack_16_rows: the same bits,
+    part. Q5_0, Q4_K, Q6_K and Q8_0 blocks are repacked 16 rows side by side (pack_16_rows: the same bits,
     faster to multiply than the file's rows); the other blocks the kernels read as the
-    file stores them (Q8_0, Q5_1, Q5_K) stay views of the file; Q4_0/Q4_1 blocks are packed as they are
+    file stores them (Q5_1, Q5_K) stay views of the file; Q4_0/Q4_1 blocks are packed as they are
     when mode is "int4"; anything else is quantized to Q8_0 (32-weight blocks, finer than per-channel
     int8). `cached`: the same matrix from the plan cache (`cacheable`), whose packed segments are taken
     instead of packing again."""
@@ -252,7 +253,7 @@ def block_matrix(
         saved = cached[i] if cached is not None else None
         if saved is not None and saved[0] is not None:
             segments.append(saved)
-        elif isinstance(part, QuantTensor) and part.qtype in ("Q5_0", "Q4_K", "Q6_K"):
+        elif isinstance(part, QuantTensor) and part.qtype in ("Q5_0", "Q4_K", "Q6_K", "Q8_0"):
             segments.append((*pack_16_rows(part, ops), rows))
         elif isinstance(part, QuantTensor) and part.qtype in FILE_KINDS:
             segments.append((file_view(part.raw, rows), FILE_KINDS[part.qtype], rows))

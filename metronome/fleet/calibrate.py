@@ -39,7 +39,7 @@ import numpy as np
 ROWS = (1, 8, 256)  # token rows measured: single-stream decode, 8 live slots, a prefill chunk (PREFILL_CHUNK)
 Q4_FORMATS = ("Q4_0", "Q4_1")  # packed as Q4X4 by the plan; every other quantized format is costed as Q8_0
 # File formats the plan repacks 16 rows side by side (compile/quant.py, block_matrix) -> their block kind
-PACKED = {"Q5_0": "Q5_0X16", "Q4_K": "Q4_KX16", "Q6_K": "Q6_KX16"}
+PACKED = {"Q5_0": "Q5_0X16", "Q4_K": "Q4_KX16", "Q6_K": "Q6_KX16", "Q8_0": "Q8_0X16"}
 STREAM_BYTES = 96 << 20  # synthetic matrix for M <= 8: three times this machine's 32 MiB L3, never cached
 COMPUTE_BYTES = 8 << 20  # for M = 256: compute-bound, reuse makes cache size irrelevant
 RING_COPIES = 1024  # copies of one matrix cycled through (the shipped models' smallest need ~260)
@@ -481,8 +481,8 @@ class PlanCost:
 
 def plan_formats(loaded, mode: str) -> tuple[dict[str, int], dict, tuple[str, int]]:
     """Bytes one step reads per block format in the layers, one tensor per format the kernels read from the
-    file's blocks (to measure), and the head's (format, bytes). As quant.block_matrix decides: Q5_0, Q4_K and
-    Q6_K are packed 16 rows side by side ("Q5_0X16", PACKED), the other file formats stay as stored
+    file's blocks (to measure), and the head's (format, bytes). As quant.block_matrix decides: Q5_0, Q4_K,
+    Q6_K and Q8_0 are packed 16 rows side by side ("Q5_0X16", PACKED), the other file formats stay as stored
     ("Q5_1 (file)"), Q4_0/Q4_1 are
     packed ("Q4X4") in int4 mode, the rest is quantized to "Q8_0". The embedding table counts only when it
     is also the head (tied): a step reads one row of it otherwise."""
@@ -916,6 +916,6 @@ def calibration_table(terms: Terms, rows: list[CalibrationRow]) -> str:
 
 def _weights_per_byte(fmt: str) -> float:
     bits = {"Q4X4": 5.0, "Q8_0": 8.5, "bf16": 16.0, "Q8_0 (file)": 8.5, "Q5_0X16": 5.5, "Q5_1 (file)": 6.0}
-    bits |= {"Q4_KX16": 2368 * 8 / 4096, "Q6_KX16": 6.5625}
+    bits |= {"Q4_KX16": 2368 * 8 / 4096, "Q6_KX16": 6.5625, "Q8_0X16": 8.5}
     bits |= {"Q4_K (file)": 4.5, "Q5_K (file)": 5.5, "Q6_K (file)": 6.5625}
     return 8 / bits.get(fmt, 8.0)

@@ -22,6 +22,7 @@ __all__ = [
     "Q5X16_BYTES",
     "Q5X16_KIND",
     "Q6_KX16_KIND",
+    "Q8_0X16_KIND",
     "Q8_0_BYTES",
     "Q8_0_KIND",
     "check_exports",
@@ -44,6 +45,7 @@ BLOCK_KINDS = {
     "Q5_0X16": 8,
     "Q4_KX16": 9,
     "Q6_KX16": 10,
+    "Q8_0X16": 11,
 }
 BLOCK_WEIGHTS = {name: 256 if "_K" in name else 32 for name in BLOCK_KINDS}  # per block along K
 BLOCK_GROUPS = {name: 4 if name == "Q4X4" else 16 if name.endswith("X16") else 1 for name in BLOCK_KINDS}
@@ -61,9 +63,11 @@ BLOCK_BYTES = {  # per block and group of BLOCK_GROUPS rows
     "Q5_0X16": 352,  # 16 fp16 d, 8 x 64 fifth bits, 4 x 64 nibble bytes
     "Q4_KX16": 2368,  # 16 fp16 d, 16 fp16 dmin, 8 x 16 scales, 4 x 32 minimums, 32 x 64 nibble bytes
     "Q6_KX16": 3360,  # 16 fp16 d, 16 x 16 scales, 8 x (4 x 64 nibble bytes, 2 x 64 top-bit bytes)
+    "Q8_0X16": 544,  # 16 fp16 d, 8 x 64 code bytes (q + 128)
 }
 Q5X16_KIND, Q5X16_BYTES = BLOCK_KINDS["Q5_0X16"], BLOCK_BYTES["Q5_0X16"]
 Q4_KX16_KIND, Q6_KX16_KIND = BLOCK_KINDS["Q4_KX16"], BLOCK_KINDS["Q6_KX16"]
+Q8_0X16_KIND = BLOCK_KINDS["Q8_0X16"]
 # GGUF tensor type -> the kind that reads its blocks in place.
 FILE_KINDS = {
     qtype: BLOCK_KINDS["Q8_0_X8" if qtype == "Q8_0" else qtype]

@@ -1,4 +1,4 @@
-"""The 16-row packed layouts (csrc/blocks.cpp: Q5_0X16, Q4_KX16, Q6_KX16) written a second time, in numpy,
+"""The 16-row packed layouts (csrc/blocks.cpp: Q5_0X16, Q4_KX16, Q6_KX16, Q8_0X16) written a second time, in numpy,
 from the layout comments: the reference tests/kernels/test_block_formats.py holds csrc/pack.cpp's bytes to."""
 
 from __future__ import annotations
@@ -97,3 +97,18 @@ def pack_q6_k(raw: np.ndarray, n: int, k: int) -> torch.Tensor:
     runs = np.concatenate([nibbles, top.reshape(groups, nb, 8, 128)], axis=-1)  # (G, nb, 8, 384)
     out = np.concatenate([d.reshape(groups, nb, -1), scales.reshape(groups, nb, -1), runs.reshape(groups, nb, -1)], -1)
     return torch.from_numpy(np.ascontiguousarray(out, dtype=np.uint8).reshape(groups, nb * BLOCK_BYTES["Q6_KX16"]))
+
+
+def pack_q8_0(raw: np.ndarray, n: int, k: int) -> torch.Tensor:
+    """GGUF Q8_0 rows (N, K/32*34 bytes) -> 16 rows side by side (ceil(N/16), K/32*544) uint8, the layout
+    csrc/blocks.cpp's Q8_0x16 reads: per block, 16 fp16 d, then 8 x 64 code bytes (vector g, byte 4r+i: row
+    r's weight 4g+i as q + 128). Exact: the file's d and codes are moved (the codes offset to unsigned),
+    not recomputed. Missing rows are zeros."""
+    nb = k // 32
+    blocks = np.asarray(raw).reshape(n, nb, 34)
+    d = _by_16_rows(blocks[..., :2], n)  # (G, nb, 16, 2)
+    codes = _by_16_rows(blocks[..., 2:] ^ 0x80, n)  # (G, nb, 16 rows, 32): q + 128 as a byte (missing rows 0)
+    groups = d.shape[0]
+    quads = np.moveaxis(codes.reshape(groups, nb, 16, 8, 4), 2, 3)  # (G, nb, quad g, row r, i)
+    out = np.concatenate([d.reshape(groups, nb, 32), quads.reshape(groups, nb, 512)], axis=-1)
+    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.uint8).reshape(groups, nb * BLOCK_BYTES["Q8_0X16"]))

@@ -1,6 +1,6 @@
 """The fused decoder's kernels for the GGUF formats it reads in place (Q8_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)
-and for Q5_0, Q4_K and Q6_K repacked 16 rows side by side (Q5_0X16, Q4_KX16, Q6_KX16: what the plans run
-for those formats): against the `gguf` package's
+and for Q5_0, Q4_K, Q6_K and Q8_0 repacked 16 rows side by side (Q5_0X16, Q4_KX16, Q6_KX16, Q8_0X16: what
+the plans run for those formats): against the `gguf` package's
 dequantizer (an independent reference), row independence, thread-count determinism, and matrices stacked
 from parts of different formats."""
 
@@ -10,7 +10,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from helpers.x16_packing import pack_q4_k, pack_q5_0, pack_q6_k
+from helpers.x16_packing import pack_q4_k, pack_q5_0, pack_q6_k, pack_q8_0
 
 from metronome.compile.quant import pack_16_rows
 from metronome.kernels.blocks import BLOCK_KINDS, FILE_KINDS
@@ -22,9 +22,10 @@ try:
 except KernelBuildError as exc:  # pragma: no cover - every CI machine has AVX-512
     pytest.skip(f"C++ kernels unavailable: {exc}", allow_module_level=True)
 
-FORMATS = ["Q8_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q5_0X16", "Q4_KX16", "Q6_KX16"]
+FORMATS = ["Q8_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q5_0X16", "Q4_KX16", "Q6_KX16", "Q8_0X16"]
 QUANTIZABLE = {"Q8_0", "Q5_0", "Q5_1"}  # gguf.quants can quantize these; K-quant blocks are built at random
-STORED = {"Q5_0X16": "Q5_0", "Q4_KX16": "Q4_K", "Q6_KX16": "Q6_K"}  # a packed kind -> the file format it is packed from
+# a packed kind -> the file format it is packed from
+STORED = {"Q5_0X16": "Q5_0", "Q4_KX16": "Q4_K", "Q6_KX16": "Q6_K", "Q8_0X16": "Q8_0"}
 
 
 def _super(qtype: str) -> bool:
@@ -110,14 +111,16 @@ def test_file_format_rows_are_independent_and_thread_count_free(qtype: str) -> N
     assert torch.equal(batch, alone) and torch.equal(batch, one_thread)
 
 
-@pytest.mark.parametrize("qtype", ["Q5_0X16", "Q4_KX16", "Q6_KX16"])
+@pytest.mark.parametrize("qtype", ["Q5_0X16", "Q4_KX16", "Q6_KX16", "Q8_0X16"])
 @pytest.mark.parametrize("n", [16, 37])
 def test_packing_is_the_layouts_numpy_reference(qtype: str, n: int) -> None:
     """csrc/pack.cpp's bytes against the layouts written again in numpy (tests/helpers/x16_packing.py), a
     whole group and a partial last one (its missing rows zero)."""
     k = 512
     raw = _blocks(qtype, n, k, seed=6)
-    reference = {"Q5_0X16": pack_q5_0, "Q4_KX16": pack_q4_k, "Q6_KX16": pack_q6_k}[qtype](raw, n, k)
+    reference = {"Q5_0X16": pack_q5_0, "Q4_KX16": pack_q4_k, "Q6_KX16": pack_q6_k, "Q8_0X16": pack_q8_0}[qtype](
+        raw, n, k
+    )
     packed, kind = pack_16_rows(QuantTensor(raw=raw, qtype=STORED[qtype], shape=(n, k)), OPS)
     assert kind == BLOCK_KINDS[qtype] and torch.equal(packed, reference)
     with pytest.raises(RuntimeError, match="raw must be the file's contiguous uint8 blocks"):
@@ -162,8 +165,8 @@ def test_stacked_parts_must_add_up_to_the_matrix() -> None:
 
 def test_gemma3_runs_on_the_files_own_blocks(gemma_path) -> None:
     """Gemma 3 270M's file mixes Q8_0 (tied embedding/head, some v), Q5_0, Q4_K and Q6_K: every matrix is
-    read in its own format (the bytes read per token are the file's), and the fused path's logits and
-    greedy text follow the float32 path's."""
+    read in its own format, packed 16 rows side by side (the bytes read per token are the file's), and the
+    fused path's logits and greedy text follow the float32 path's."""
     from metronome.config import EngineConfig, SamplingParams
     from metronome.engine import Engine
     from metronome.model.loader import load
@@ -172,7 +175,7 @@ def test_gemma3_runs_on_the_files_own_blocks(gemma_path) -> None:
     fused = Engine.from_model(config=EngineConfig(slots=2, ctx=256, spec_tokens=0), loaded=loaded)
     ref = Engine.from_model(config=EngineConfig(slots=2, ctx=256, weights="f32", kernels="torch"), loaded=loaded)
     kinds = {kind for segments in fused.plan.runner.matrices for _blocks, kind, _rows in segments}
-    assert kinds == {FILE_KINDS["Q8_0"]} | {BLOCK_KINDS[q] for q in ("Q5_0X16", "Q4_KX16", "Q6_KX16")}
+    assert kinds == {BLOCK_KINDS[q] for q in ("Q5_0X16", "Q4_KX16", "Q6_KX16", "Q8_0X16")}
     assert fused.plan.report.weight_bytes <= loaded.file_bytes  # nothing requantized to a larger format
     prompt = "Name three colors of the rainbow."
     ids = fused.encode_prompt(prompt, True)

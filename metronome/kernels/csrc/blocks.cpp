@@ -309,34 +309,29 @@ inline void store16(const __m512* acc, float* y, int64_t ldy, int64_t rows, int6
   for (int m = 0; m < MT; ++m) _mm512_mask_storeu_ps(y + (m0 + m) * ldy + n0, keep, acc[m]);
 }
 
-// Q5_0 (w = d * (q - 16), q in [0, 32)), per group and block of 32 weights, 352 bytes: 16 fp16 d (row r
-// in lane r), 8 words of 64 fifth bits (word g: bit 4r+j is the fifth bit of row r's weight 4g+j), then 4
-// nibble vectors. Row r, x row m: acc += float(sum_j q_j x8_j - 16 * bs) * (d_r * dx), block after block.
-struct Q5_0x16 {
-  static constexpr int64_t kW = 32, kBytes = kQ5x16Bytes;
+// The 32-weight packed kinds: per group and block, 16 fp16 d (row r in lane r), then the codes, which
+// Codes::unpack turns into 8 vectors c[g] (byte 4r+i: row r's weight 4g+i, unsigned). Row r, x row m:
+//   acc += float(sum_j c_j x8_j + offset) * (d_r * dx), block after block,
+// where the offset term (-16 or -128 times the block's sum of x8: xq.o16, xq.o128) starts the integer sum.
+template <typename Codes>
+struct X16Block32 {
+  static constexpr int64_t kW = 32, kBytes = Codes::kBytes;
   template <int MT>
   static void tile(const uint8_t* w, int64_t nb, const XQuant& xq, int64_t K, float* y, int64_t ldy, int64_t rows,
                    int64_t n0, int64_t m0) {
-    const __m512i bit4 = _mm512_set1_epi8(0x10);
+    const int32_t* offset = Codes::kOffset == 16 ? xq.o16 : xq.o128;
     __m512 acc[MT];
     for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* p = w + b * kBytes;
       prefetch_ahead<kBytes>(p);
       const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-      __m512i c[8];  // quad g: weights 4g..4g+3 of each row, codes in [0, 32)
-      for (int v = 0; v < 4; ++v) {
-        nibble_quads(p + 96 + 64 * v, c + 2 * v);
-        uint64_t h0, h1;
-        std::memcpy(&h0, p + 32 + 16 * v, 8);
-        std::memcpy(&h1, p + 40 + 16 * v, 8);
-        c[2 * v] = _mm512_or_si512(c[2 * v], _mm512_maskz_mov_epi8(h0, bit4));
-        c[2 * v + 1] = _mm512_or_si512(c[2 * v + 1], _mm512_maskz_mov_epi8(h1, bit4));
-      }
+      __m512i c[8];  // quad g: weights 4g..4g+3 of each row
+      Codes::unpack(p + 32, c);
       for (int m = 0; m < MT; ++m) {
         const int64_t i = (m0 + m) * nb + b;
         const int32_t* xb = reinterpret_cast<const int32_t*>(xq.x8 + (m0 + m) * K + b * 32);
-        __m512i s = _mm512_set1_epi32(xq.o16[i]);  // the offset term starts every row's sum
+        __m512i s = _mm512_set1_epi32(offset[i]);  // the offset term starts every row's sum
         for (int g = 0; g < 8; ++g) s = dpbusd_bcst(s, c[g], xb + g);
         acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d, _mm512_set1_ps(xq.dx[i])), acc[m]);
       }
@@ -344,6 +339,38 @@ struct Q5_0x16 {
     store16<MT>(acc, y, ldy, rows, n0, m0);
   }
 };
+
+// Q5_0 (w = d * (q - 16), q in [0, 32)), 352 bytes: d, then 8 words of 64 fifth bits (word g: bit 4r+j is
+// the fifth bit of row r's weight 4g+j), then 4 nibble vectors; codes q, offset -16 x sum(x8).
+struct Q5_0Codes {
+  static constexpr int64_t kBytes = kQ5x16Bytes;
+  static constexpr int kOffset = 16;
+  static inline void unpack(const uint8_t* p, __m512i* c) {
+    const __m512i bit4 = _mm512_set1_epi8(0x10);
+    for (int v = 0; v < 4; ++v) {
+      nibble_quads(p + 64 + 64 * v, c + 2 * v);
+      uint64_t h0, h1;
+      std::memcpy(&h0, p + 16 * v, 8);
+      std::memcpy(&h1, p + 8 + 16 * v, 8);
+      c[2 * v] = _mm512_or_si512(c[2 * v], _mm512_maskz_mov_epi8(h0, bit4));
+      c[2 * v + 1] = _mm512_or_si512(c[2 * v + 1], _mm512_maskz_mov_epi8(h1, bit4));
+    }
+  }
+};
+using Q5_0x16 = X16Block32<Q5_0Codes>;
+
+// Q8_0 (w = d * q, q int8), 544 bytes (the file's 16 x 34): d, then the 8 code vectors as stored, q + 128
+// (unsigned for vpdpbusd), offset -128 x sum(x8). The file's rows cost a conversion and a multiply-add per
+// block for every (row, x row); here one per block covers 16 rows, which is what several rows of x (live
+// slots, a verification step) spent their time on: a 151,936-row head at 8 rows of x (docs/models.md).
+struct Q8_0Codes {
+  static constexpr int64_t kBytes = kQ8x16Bytes;
+  static constexpr int kOffset = 128;
+  static inline void unpack(const uint8_t* p, __m512i* c) {
+    for (int g = 0; g < 8; ++g) c[g] = _mm512_loadu_si512(p + 64 * g);
+  }
+};
+using Q8_0x16 = X16Block32<Q8_0Codes>;
 
 // Q4_K (w = d * sc_j * q - dmin * m_j over 8 sub-blocks j of 32, q in [0, 16), 6-bit sc_j and m_j), per
 // group and super-block of 256 weights, 2368 bytes: 16 fp16 d, 16 fp16 dmin, the scales as bytes (sub-block
@@ -801,6 +828,7 @@ void segment_rows(const BlockSegment& s, const float* x, const XQuant& xq, int64
     case kQ5_0x16: x16_rows<Q5_0x16>(s.w, xq, K, ys, ldy, s.rows, n_lo, n_hi, m_lo, m_hi); return;
     case kQ4_Kx16: x16_rows<Q4_Kx16>(s.w, xq, K, ys, ldy, s.rows, n_lo, n_hi, m_lo, m_hi); return;
     case kQ6_Kx16: x16_rows<Q6_Kx16>(s.w, xq, K, ys, ldy, s.rows, n_lo, n_hi, m_lo, m_hi); return;
+    case kQ8_0x16: x16_rows<Q8_0x16>(s.w, xq, K, ys, ldy, s.rows, n_lo, n_hi, m_lo, m_hi); return;
     default: break;
   }
   for (int64_t m0 = m_lo; m0 < m_hi; m0 += kRowsPerPass) {

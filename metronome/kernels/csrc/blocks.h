@@ -31,8 +31,9 @@ enum BlockKind : int64_t {
   kQ5_0x16 = 8,   // GGUF Q5_0 repacked 16 rows side by side (ceil(N/16), K/32*352) (pack.cpp)
   kQ4_Kx16 = 9,   // GGUF Q4_K repacked 16 rows side by side (ceil(N/16), K/256*2368) (pack.cpp)
   kQ6_Kx16 = 10,  // GGUF Q6_K repacked 16 rows side by side (ceil(N/16), K/256*3360) (pack.cpp)
+  kQ8_0x16 = 11,  // GGUF Q8_0 repacked 16 rows side by side (ceil(N/16), K/32*544) (pack.cpp)
 };
-constexpr int64_t kNumKinds = 11;
+constexpr int64_t kNumKinds = 12;
 
 struct KindInfo {
   const char* name;
@@ -43,7 +44,7 @@ struct KindInfo {
 inline constexpr KindInfo kKinds[kNumKinds] = {
     {"Q8_0", 32, 34, 1},      {"Q4X4", 32, 80, 4},        {"Q8_0_X8", 32, 34, 1},     {"Q5_0", 32, 22, 1},
     {"Q5_1", 32, 24, 1},      {"Q4_K", 256, 144, 1},      {"Q5_K", 256, 176, 1},      {"Q6_K", 256, 210, 1},
-    {"Q5_0X16", 32, 352, 16}, {"Q4_KX16", 256, 2368, 16}, {"Q6_KX16", 256, 3360, 16},
+    {"Q5_0X16", 32, 352, 16}, {"Q4_KX16", 256, 2368, 16}, {"Q6_KX16", 256, 3360, 16}, {"Q8_0X16", 32, 544, 16},
 };
 
 // Bytes of one row of a (., K) matrix in `kind` (a packed group's bytes shared by its rows).
@@ -58,6 +59,7 @@ constexpr int64_t kQ4x4Bytes = 80;      // per 4 rows x 1 block
 constexpr int64_t kQ5x16Bytes = 352;    // per 16 rows x 1 block
 constexpr int64_t kQ4Kx16Bytes = 2368;  // per 16 rows x 1 super-block
 constexpr int64_t kQ6Kx16Bytes = 3360;  // per 16 rows x 1 super-block
+constexpr int64_t kQ8x16Bytes = 544;    // per 16 rows x 1 block
 constexpr int64_t kSuperBlock = 256;
 constexpr int kMaxSegments = 4;
 
@@ -124,8 +126,8 @@ BlockMatrix check_blocks(const char* op, const Tensor& w, int64_t kind, int64_t 
 // -> (M, K). One call per step instead of a dozen small numpy ones (docs/moe.md has the figure).
 Tensor gguf_rows(const Tensor& table, const Tensor& ids, int64_t ggml_type);
 
-// A GGUF matrix's rows (rows, K/w*file bytes) uint8 in Q5_0, Q4_K or Q6_K -> the packed kind `kind`
-// (kQ5_0x16, kQ4_Kx16, kQ6_Kx16): (ceil(rows/16), K/w*bytes) uint8, the missing rows of the last group zero
+// A GGUF matrix's rows (rows, K/w*file bytes) uint8 in Q5_0, Q4_K, Q6_K or Q8_0 -> the packed kind `kind`
+// (kQ5_0x16, kQ4_Kx16, kQ6_Kx16, kQ8_0x16): (ceil(rows/16), K/w*bytes) uint8, the missing rows of the last group zero
 // (pack.cpp).
 Tensor pack_x16(const Tensor& raw, int64_t kind, int64_t rows, int64_t K);
 

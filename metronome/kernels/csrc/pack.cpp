@@ -1,4 +1,4 @@
-// GGUF rows repacked 16 rows side by side (blocks.h: kQ5_0x16, kQ4_Kx16, kQ6_Kx16; blocks.cpp has each
+// GGUF rows repacked 16 rows side by side (blocks.h: kQ5_0x16, kQ4_Kx16, kQ6_Kx16, kQ8_0x16; blocks.cpp has each
 // layout and the kernels that read it). Packing only moves the file's bits: scales, minimums and codes come
 // out as stored, unpacked to bytes where the kernels want bytes. Each group of 16 rows is independent, so
 // groups are the unit of parallel work (a 1.5B model's ~1 GB packs in about a second, where numpy took 15).
@@ -69,6 +69,10 @@ struct Q6_KBlock {
   }
 };
 
+struct Q8_0Block {
+  static constexpr int64_t kW = 32, kFile = 34, kPacked = kQ8x16Bytes;  // d, 32 int8 codes
+};
+
 // 16 rows' codes (q[r * stride + w]) for weights [w0, w0 + 8n) -> n nibble vectors: vector v, byte 4r+i =
 // row r's weight w0 + 8v + i in the low nibble, w0 + 8v + 4 + i in the high one.
 void nibble_vectors(const uint8_t* q, int64_t stride, int64_t w0, int64_t n, uint8_t* out) {
@@ -135,6 +139,15 @@ void pack_block(const Q6_KBlock&, const uint8_t* const* f, uint8_t* out) {
   }
 }
 
+void pack_block(const Q8_0Block&, const uint8_t* const* f, uint8_t* out) {
+  for (int r = 0; r < 16; ++r) {
+    if (f[r] == nullptr) continue;      // a missing row: d = 0 and codes 0 (its lane is never stored)
+    std::memcpy(out + 2 * r, f[r], 2);  // d
+    for (int g = 0; g < 8; ++g)
+      for (int i = 0; i < 4; ++i) out[32 + 64 * g + 4 * r + i] = static_cast<uint8_t>(f[r][2 + 4 * g + i] ^ 0x80);
+  }
+}
+
 template <typename B>
 void pack_rows(const uint8_t* raw, int64_t rows, int64_t K, uint8_t* out) {
   const int64_t nb = K / B::kW, groups = (rows + 15) / 16;
@@ -154,12 +167,14 @@ void pack_rows(const uint8_t* raw, int64_t rows, int64_t K, uint8_t* out) {
 Tensor pack_x16(const Tensor& raw, int64_t kind, int64_t rows, int64_t K) {
   const char* op = "pack_x16";
   check_cpu(op, "raw", raw);
-  TORCH_CHECK(kind == kQ5_0x16 || kind == kQ4_Kx16 || kind == kQ6_Kx16, op, ": kind must be Q5_0X16 (", kQ5_0x16,
-              "), Q4_KX16 (", kQ4_Kx16, ") or Q6_KX16 (", kQ6_Kx16, "), got ", kind);
+  TORCH_CHECK(kind == kQ5_0x16 || kind == kQ4_Kx16 || kind == kQ6_Kx16 || kind == kQ8_0x16, op,
+              ": kind must be Q5_0X16 (", kQ5_0x16, "), Q4_KX16 (", kQ4_Kx16, "), Q6_KX16 (", kQ6_Kx16,
+              ") or Q8_0X16 (", kQ8_0x16, "), got ", kind);
   const int64_t weights = kKinds[kind].weights;
   const int64_t file_bytes = kind == kQ5_0x16   ? Q5_0Block::kFile
                              : kind == kQ4_Kx16 ? Q4_KBlock::kFile
-                                                : Q6_KBlock::kFile;
+                             : kind == kQ6_Kx16 ? Q6_KBlock::kFile
+                                                : Q8_0Block::kFile;
   TORCH_CHECK(rows > 0 && K > 0 && K % weights == 0, op, ": rows = ", rows, " must be positive and K = ", K,
               " a positive multiple of ", weights);
   TORCH_CHECK(raw.scalar_type() == at::kByte && raw.is_contiguous() && raw.numel() == rows * (K / weights) * file_bytes,
@@ -172,8 +187,10 @@ Tensor pack_x16(const Tensor& raw, int64_t kind, int64_t rows, int64_t K) {
     pack_rows<Q5_0Block>(src, rows, K, dst);
   else if (kind == kQ4_Kx16)
     pack_rows<Q4_KBlock>(src, rows, K, dst);
-  else
+  else if (kind == kQ6_Kx16)
     pack_rows<Q6_KBlock>(src, rows, K, dst);
+  else
+    pack_rows<Q8_0Block>(src, rows, K, dst);
   return out;
 }
 

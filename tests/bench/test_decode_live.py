@@ -1,0 +1,34 @@
+"""`metronome bench --decode-only --live 1,3`: each level decodes that many users side by side in one engine,
+and every level is held to the same memory-bound step (a step reads the weights once, whatever its rows)."""
+
+from __future__ import annotations
+
+import pytest
+
+from metronome.bench.decode import live_markdown, measure_decode
+from metronome.engine import Engine
+
+
+def test_each_level_decodes_its_users_together(tiny_hf, monkeypatch) -> None:
+    batches: list[int] = []
+    generate = Engine.generate
+
+    def counting(self, prompts, params):
+        batches.append(len(prompts) if isinstance(prompts[0], list) else 1)
+        return generate(self, prompts, params)
+
+    monkeypatch.setattr(Engine, "generate", counting)
+    results = measure_decode(tiny_hf("llama"), threads=1, tokens=5, runs=2, ctx=64, live=(1, 3))
+    # per level: a warm-up and `runs` measured calls, every one with that level's number of users
+    assert batches == [1, 1, 1, 3, 3, 3]
+    assert [r.live for r in results] == [1, 3]
+    for r in results:
+        assert len(r.runs_tokens_per_s) == len(r.runs_bandwidth) == 2 and r.tokens_per_s > 0
+        assert r.weight_bytes == results[0].weight_bytes  # one plan: the same bytes per step at every level
+    table = live_markdown(results)
+    assert table.count("\n| 1 | ") == 1 and table.count("\n| 3 | ") == 1
+
+
+def test_live_counts_must_be_positive(tiny_hf) -> None:
+    with pytest.raises(ValueError, match="--live"):
+        measure_decode(tiny_hf("llama"), threads=1, tokens=5, runs=1, ctx=64, live=(0, 2))

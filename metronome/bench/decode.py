@@ -143,7 +143,7 @@ def measure_decode(
     return tuple(results)
 
 
-def live_markdown(results: "tuple[DecodeResult, ...]") -> str:
+def live_markdown(results: tuple[DecodeResult, ...]) -> str:
     """One row per live slot count: each user's step beside the one memory-bound step every count shares."""
     first = results[0]
     head = (

@@ -16,16 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from metronome.kernels.blocks import (
-    FILE_KINDS,
-    Q4_KX16_KIND,
-    Q4X4_BYTES,
-    Q4X4_KIND,
-    Q5X16_KIND,
-    Q6_KX16_KIND,
-    Q8_0_KIND,
-    Q8_0X16_KIND,
-)
+from metronome.kernels.blocks import BLOCK_KINDS, FILE_KINDS, PACKED_KINDS, Q4X4_BYTES, Q4X4_KIND, Q8_0_KIND
 from metronome.kernels.decoder import BlockPart
 from metronome.kernels.ops import CppOps
 from metronome.model.loader import QuantTensor
@@ -200,11 +191,11 @@ def pack_16_rows(part: QuantTensor, ops: CppOps) -> tuple[torch.Tensor, int]:
     """A Q5_0, Q4_K, Q6_K or Q8_0 tensor's blocks repacked 16 rows side by side (csrc/pack.cpp; the layouts
     are in csrc/blocks.cpp), with their block kind. Exact: the file's scales, minimums and codes are moved,
     not recomputed."""
-    kinds = {"Q5_0": Q5X16_KIND, "Q4_K": Q4_KX16_KIND, "Q6_K": Q6_KX16_KIND, "Q8_0": Q8_0X16_KIND}
-    if part.qtype not in kinds:
-        raise ValueError(f"pack_16_rows packs Q5_0, Q4_K, Q6_K or Q8_0 tensors, got {part.qtype}")
+    if part.qtype not in PACKED_KINDS:
+        raise ValueError(f"pack_16_rows packs {', '.join(PACKED_KINDS)} tensors, got {part.qtype}")
     rows, k = part.shape
-    return ops.pack_x16(file_view(part.raw, rows), kinds[part.qtype], rows, k), kinds[part.qtype]
+    kind = BLOCK_KINDS[PACKED_KINDS[part.qtype]]
+    return ops.pack_x16(file_view(part.raw, rows), kind, rows, k), kind
 
 
 def quantize_q8_0(w: torch.Tensor) -> torch.Tensor:
@@ -253,7 +244,7 @@ def block_matrix(
         saved = cached[i] if cached is not None else None
         if saved is not None and saved[0] is not None:
             segments.append(saved)
-        elif isinstance(part, QuantTensor) and part.qtype in ("Q5_0", "Q4_K", "Q6_K", "Q8_0"):
+        elif isinstance(part, QuantTensor) and part.qtype in PACKED_KINDS:
             segments.append((*pack_16_rows(part, ops), rows))
         elif isinstance(part, QuantTensor) and part.qtype in FILE_KINDS:
             segments.append((file_view(part.raw, rows), FILE_KINDS[part.qtype], rows))

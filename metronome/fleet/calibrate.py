@@ -36,10 +36,10 @@ from typing import Iterator
 
 import numpy as np
 
+from metronome.kernels.blocks import PACKED_KINDS
+
 ROWS = (1, 8, 256)  # token rows measured: single-stream decode, 8 live slots, a prefill chunk (PREFILL_CHUNK)
 Q4_FORMATS = ("Q4_0", "Q4_1")  # packed as Q4X4 by the plan; every other quantized format is costed as Q8_0
-# File formats the plan repacks 16 rows side by side (compile/quant.py, block_matrix) -> their block kind
-PACKED = {"Q5_0": "Q5_0X16", "Q4_K": "Q4_KX16", "Q6_K": "Q6_KX16", "Q8_0": "Q8_0X16"}
 STREAM_BYTES = 96 << 20  # synthetic matrix for M <= 8: three times this machine's 32 MiB L3, never cached
 COMPUTE_BYTES = 8 << 20  # for M = 256: compute-bound, reuse makes cache size irrelevant
 RING_COPIES = 1024  # copies of one matrix cycled through (the shipped models' smallest need ~260)
@@ -227,7 +227,7 @@ def measure_terms(
                 blocks, n, k_in = _tiled(tensor, stream_bytes if rows <= 8 else min(stream_bytes, COMPUTE_BYTES))
                 x = torch.randn(rows, k_in)
                 kind = FILE_KINDS[tensor.qtype]
-                if fmt == PACKED.get(tensor.qtype):  # as the plan holds it
+                if fmt == PACKED_KINDS.get(tensor.qtype):  # as the plan holds it
                     blocks, kind = pack_16_rows(QuantTensor(blocks.numpy(), tensor.qtype, (n, k_in)), ops)
                 s = _mean_s(lambda x=x, b=blocks, kind=kind, n=n: ops.block_linear(x, b, kind, n), repeats)
                 per_byte[fmt][rows] = s / blocks.nbytes
@@ -482,7 +482,7 @@ class PlanCost:
 def plan_formats(loaded, mode: str) -> tuple[dict[str, int], dict, tuple[str, int]]:
     """Bytes one step reads per block format in the layers, one tensor per format the kernels read from the
     file's blocks (to measure), and the head's (format, bytes). As quant.block_matrix decides: Q5_0, Q4_K,
-    Q6_K and Q8_0 are packed 16 rows side by side ("Q5_0X16", PACKED), the other file formats stay as stored
+    Q6_K and Q8_0 are packed 16 rows side by side ("Q5_0X16", PACKED_KINDS), the other file formats stay as stored
     ("Q5_1 (file)"), Q4_0/Q4_1 are
     packed ("Q4X4") in int4 mode, the rest is quantized to "Q8_0". The embedding table counts only when it
     is also the head (tied): a step reads one row of it otherwise."""
@@ -498,7 +498,7 @@ def plan_formats(loaded, mode: str) -> tuple[dict[str, int], dict, tuple[str, in
             continue
         rows, k = w.shape
         if isinstance(w, QuantTensor) and w.qtype in FILE_KINDS:
-            fmt = PACKED.get(w.qtype, f"{w.qtype} (file)")
+            fmt = PACKED_KINDS.get(w.qtype, f"{w.qtype} (file)")
             samples.setdefault(fmt, w)
             nbytes = int(np.asarray(w.raw).nbytes)
             if fmt in BLOCK_GROUPS:  # whole groups of 16 rows, and Q4_K's unpacked scales (2368 vs 16 x 144)

@@ -16,13 +16,9 @@ __all__ = [
     "BLOCK_KINDS",
     "BLOCK_WEIGHTS",
     "FILE_KINDS",
+    "PACKED_KINDS",
     "Q4X4_BYTES",
     "Q4X4_KIND",
-    "Q4_KX16_KIND",
-    "Q5X16_BYTES",
-    "Q5X16_KIND",
-    "Q6_KX16_KIND",
-    "Q8_0X16_KIND",
     "Q8_0_BYTES",
     "Q8_0_KIND",
     "check_exports",
@@ -65,9 +61,9 @@ BLOCK_BYTES = {  # per block and group of BLOCK_GROUPS rows
     "Q6_KX16": 3360,  # 16 fp16 d, 16 x 16 scales, 8 x (4 x 64 nibble bytes, 2 x 64 top-bit bytes)
     "Q8_0X16": 544,  # 16 fp16 d, 8 x 64 code bytes (q + 128)
 }
-Q5X16_KIND, Q5X16_BYTES = BLOCK_KINDS["Q5_0X16"], BLOCK_BYTES["Q5_0X16"]
-Q4_KX16_KIND, Q6_KX16_KIND = BLOCK_KINDS["Q4_KX16"], BLOCK_KINDS["Q6_KX16"]
-Q8_0X16_KIND = BLOCK_KINDS["Q8_0X16"]
+# GGUF tensor type -> the kind the plans repack it into, 16 rows side by side (compile/quant.py
+# pack_16_rows; fleet/calibrate.py costs the same choice).
+PACKED_KINDS = {qtype: qtype + "X16" for qtype in ("Q5_0", "Q4_K", "Q6_K", "Q8_0")}
 # GGUF tensor type -> the kind that reads its blocks in place.
 FILE_KINDS = {
     qtype: BLOCK_KINDS["Q8_0_X8" if qtype == "Q8_0" else qtype]

@@ -208,8 +208,8 @@ class CppOps:
         return self._m.block_linear(x, blocks, kind, rows, bias)
 
     def pack_x16(self, raw: Tensor, kind: int, rows: int, k: int) -> Tensor:
-        """A GGUF Q5_0/Q4_K/Q6_K matrix's rows (rows, bytes per row) uint8 -> packed kind `kind` (Q5X16_KIND,
-        Q4_KX16_KIND or Q6_KX16_KIND): (ceil(rows/16), K/weights*BLOCK_BYTES) uint8 (csrc/pack.cpp)."""
+        """A GGUF Q5_0/Q4_K/Q6_K/Q8_0 matrix's rows (rows, bytes per row) uint8 -> packed kind `kind`
+        (BLOCK_KINDS[PACKED_KINDS[qtype]]): (ceil(rows/16), K/weights*BLOCK_BYTES) uint8 (csrc/pack.cpp)."""
         return self._m.pack_x16(raw, kind, rows, k)
 
     def gguf_rows(self, table: Tensor, ids: Tensor, qtype: str) -> Tensor:

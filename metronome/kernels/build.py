@@ -3,7 +3,8 @@
 `load_module()` compiles every csrc/*.cpp on first use (gcc, `-O3 -march=native`, IEEE math: no
 -ffast-math, no FMA contraction) into ~/.cache/metronome/kernels-<hash>/ (override the parent with
 METRONOME_CACHE_DIR), keyed by every file in csrc/ (sources and headers), the torch and Python versions
-and the CPU's flags, then loads it. Needs an x86-64 CPU with AVX-512 and the `ninja` package.
+and the CPU's flags, then loads it. Needs an x86-64 CPU with AVX-512, or AVX2 with FMA (csrc/avx2.h),
+and the `ninja` package.
 """
 
 from __future__ import annotations
@@ -20,15 +21,25 @@ import torch
 
 from metronome.kernels import blocks
 
-__all__ = ["CFLAGS", "KernelBuildError", "LDFLAGS", "SOURCE_DIR", "build_directory", "load_module", "source_files"]
+__all__ = [
+    "CFLAGS",
+    "KernelBuildError",
+    "LDFLAGS",
+    "SOURCE_DIR",
+    "build_directory",
+    "instruction_set",
+    "load_module",
+    "source_files",
+]
 
 SOURCE_DIR = Path(__file__).parent / "csrc"
 # No OpenMP: the kernels run their parallel loops on their own thread pool (csrc/pool.h).
-CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-pthread"]
+# -Wno-psabi: GCC notes that 512-bit values change the calling convention; they never cross this module.
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-pthread", "-Wno-psabi"]
 LDFLAGS = ["-pthread"]
-REQUIRED_CPU_FLAGS = frozenset(
-    {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c"}
-)  # as /proc/cpuinfo names them
+# as /proc/cpuinfo names them: the kernels' native instruction set, and the AVX2 one they also build for
+AVX512_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c"})
+AVX2_CPU_FLAGS = frozenset({"avx2", "fma", "f16c"})
 EXTENSION_NAME = "metronome_kernels"
 
 
@@ -81,31 +92,37 @@ _lock = threading.Lock()
 _module: ModuleType | None = None
 
 
-def _check_cpu() -> None:
+def instruction_set() -> str:
+    """ "avx512" where the CPU has AVX-512 F/BW/VL/VNNI (the kernels' own instructions), "avx2" where it has
+    AVX2, FMA and F16C (the same kernels on pairs of 256-bit registers, csrc/avx2.h). Raises
+    KernelBuildError on any other CPU."""
     flags = set(_cpu_flags().split())
     capability = torch.backends.cpu.get_cpu_capability()
-    if "sse2" in flags:  # x86 flags from /proc/cpuinfo
-        missing = sorted(REQUIRED_CPU_FLAGS - flags)
-    else:  # no flags to read: trust torch's own dispatch level
-        missing = [] if capability.startswith(("AVX512", "AMX")) else ["avx512"]
-    if platform.machine().lower() not in ("x86_64", "amd64") or missing:
-        raise KernelBuildError(
-            f"metronome's C++ kernels need an x86-64 CPU with AVX-512 (F, BW, VL, VNNI) and F16C; "
-            f"this one is {platform.machine()} (torch capability {capability}, missing "
-            f"{', '.join(missing) or 'nothing'}); use TorchOps"
-        )
+    if "sse2" not in flags:  # no x86 flags to read: trust torch's own dispatch level
+        flags = AVX512_CPU_FLAGS if capability.startswith(("AVX512", "AMX")) else set()
+        flags |= AVX2_CPU_FLAGS if capability.startswith(("AVX2", "AVX512", "AMX")) else set()
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        if AVX512_CPU_FLAGS <= flags:
+            return "avx512"
+        if AVX2_CPU_FLAGS <= flags:
+            return "avx2"
+    raise KernelBuildError(
+        f"metronome's C++ kernels need an x86-64 CPU with AVX-512 (F, BW, VL, VNNI) or AVX2 with FMA, and "
+        f"F16C; this one is {platform.machine()} (torch capability {capability}, missing "
+        f"{', '.join(sorted(AVX2_CPU_FLAGS - flags)) or 'nothing'}); use TorchOps"
+    )
 
 
 def load_module(verbose: bool = False) -> ModuleType:
     """Build (once per machine and source version) and load the C++ extension module.
 
-    Raises KernelBuildError when this machine cannot build or run it: not x86-64 with AVX-512, no
+    Raises KernelBuildError when this machine cannot build or run it: not x86-64 with AVX-512 or AVX2, no
     `ninja` (pip install ninja), or a compiler error (its output is in the message)."""
     global _module
     with _lock:
         if _module is not None:
             return _module
-        _check_cpu()
+        instruction_set()  # raises on a CPU the kernels cannot run on
         from torch.utils import cpp_extension
 
         if not cpp_extension.is_ninja_available():

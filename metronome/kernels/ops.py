@@ -7,8 +7,9 @@ whatever else shares the batch (the determinism contract). All math is float32; 
 once to the output dtype.
 
 `load_kernels()` builds and loads the C++ extension (build.py: compiled from csrc/ on first use, cached
-per source, torch, Python and CPU) and wraps it in `CppOps`. Needs an x86-64 CPU with AVX-512 and the
-`ninja` package; elsewhere it raises KernelBuildError and TorchOps is the way.
+per source, torch, Python and CPU) and wraps it in `CppOps`. Needs an x86-64 CPU with AVX-512, or AVX2
+with FMA (csrc/avx2.h), and the `ninja` package; elsewhere it raises KernelBuildError and TorchOps is the
+way.
 """
 
 from __future__ import annotations
@@ -289,7 +290,7 @@ _loaded: CppOps | None = None
 def load_kernels(verbose: bool = False) -> CppOps:
     """Build (once per machine and source version) and load the C++ kernels (build.load_module).
 
-    Raises KernelBuildError when this machine cannot build or run them: not x86-64 with AVX-512, no
+    Raises KernelBuildError when this machine cannot build or run them: not x86-64 with AVX-512 or AVX2, no
     `ninja` (pip install ninja), or a compiler error (its output is in the message)."""
     global _loaded
     with _lock:

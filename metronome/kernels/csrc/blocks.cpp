@@ -245,7 +245,7 @@ void q4x4_tile(const uint8_t* w, int64_t nb, const XQuant& xq, int64_t K, float*
       const int8_t* xb = xq.x8 + row * K + b * kQ4Block;
       const __m512i xl = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xb)));
       const __m512i xh = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + 16)));
-      const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xl), hi, xh);
+      const __m512i s = dpbusd_small(dpbusd_small(_mm512_setzero_si512(), lo, xl), hi, xh);  // nibbles
       acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dv, _mm512_set1_ps(xq.dx[row * nb + b])), acc[m]);
       acc[m] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xq.sx[row * nb + b]), acc[m]);
     }
@@ -332,7 +332,8 @@ struct X16Block32 {
         const int64_t i = (m0 + m) * nb + b;
         const int32_t* xb = reinterpret_cast<const int32_t*>(xq.x8 + (m0 + m) * K + b * 32);
         __m512i s = _mm512_set1_epi32(offset[i]);  // the offset term starts every row's sum
-        for (int g = 0; g < 8; ++g) s = dpbusd_bcst(s, c[g], xb + g);
+        for (int g = 0; g < 8; ++g)
+          s = Codes::kOffset == 16 ? dpbusd_bcst_small(s, c[g], xb + g) : dpbusd_bcst(s, c[g], xb + g);
         acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d, _mm512_set1_ps(xq.dx[i])), acc[m]);
       }
     }
@@ -405,11 +406,11 @@ struct Q4_Kx16 {
         for (int m = 0; m < MT; ++m) {
           const int32_t* xb = reinterpret_cast<const int32_t*>(xq.x8k + (m0 + m) * K + b * 256 + 32 * j);
           // two chains of 4 (vpdpbusd's latency, not its throughput, would bound one chain of 8)
-          __m512i s0 = dpbusd_bcst(_mm512_setzero_si512(), c[0], xb);
-          __m512i s1 = dpbusd_bcst(_mm512_setzero_si512(), c[4], xb + 4);
+          __m512i s0 = dpbusd_bcst_small(_mm512_setzero_si512(), c[0], xb);  // nibbles
+          __m512i s1 = dpbusd_bcst_small(_mm512_setzero_si512(), c[4], xb + 4);
           for (int g = 1; g < 4; ++g) {
-            s0 = dpbusd_bcst(s0, c[g], xb + g);
-            s1 = dpbusd_bcst(s1, c[g + 4], xb + g + 4);
+            s0 = dpbusd_bcst_small(s0, c[g], xb + g);
+            s1 = dpbusd_bcst_small(s1, c[g + 4], xb + g + 4);
           }
           // each chain sums 16 weights: |s| <= 16 * 15 * 127, an int16 in the low half of its lane and
           // the sign in the high half, so vpdpwssd against (sc_j, 0) adds s * sc_j exactly
@@ -484,7 +485,7 @@ struct Q6_Kx16 {
           const int64_t row = m0 + m;
           const int32_t* xb = reinterpret_cast<const int32_t*>(xq.x8k + row * K + b * 256 + 16 * g);
           __m512i s = _mm512_set1_epi32(xq.o32[row * (K / 16) + b * 16 + g]);
-          for (int e = 0; e < 4; ++e) s = dpbusd_bcst(s, c[e], xb + e);
+          for (int e = 0; e < 4; ++e) s = dpbusd_bcst_small(s, c[e], xb + e);  // 6-bit codes
           fsum[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, fsum[m]);
         }
       }
@@ -605,7 +606,8 @@ inline void pair_dot(__m512i codes, __m128 d, __m128 mn, const XQuant& xq, int64
       else
         start = _mm512_zextsi128_si512(_mm_cvtsi32_si128(off[i]));
     }
-    const __m512i dot = _mm512_dpbusd_epi32(start, codes, x);
+    // Q8_0 codes (q + 128) take the exact form for any byte; Q4 and Q5 codes are below 128
+    const __m512i dot = kOffset == 128 ? _mm512_dpbusd_epi32(start, codes, x) : dpbusd_small(start, codes, x);
     acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), halves(_mm_mul_ps(d, two_floats<kTwo>(xq.dx + i))), acc[m]);
     if constexpr (kMin) acc[m] = _mm512_add_ps(acc[m], halves(_mm_mul_ps(mn, two_floats<kTwo>(xq.sx + i)), 0x0101));
   }

@@ -1,4 +1,5 @@
-// metronome's fused CPU kernels for the decode step (AVX-512, x86-64): the SIMD helpers every kernel uses.
+// metronome's fused CPU kernels for the decode step (AVX-512, x86-64; AVX2 through avx2.h): the SIMD
+// helpers every kernel uses.
 //
 // Determinism contract: every output row is produced by one fixed code path with a fixed reduction
 // order that depends only on that row's own shape (its length D, K, or attention span), never on the
@@ -13,6 +14,7 @@
 //
 // The sources, by concern:
 //   simd.h                  loads/stores of 16 lanes (bf16 <-> f32), lane sums, e^x (this file)
+//   avx2.h                  the AVX-512 intrinsics used here, on pairs of AVX2 registers
 //   pool.h, pool.cpp        the kernels' own thread pool and parallel_for
 //   checks.h                argument checks of the tensor-level ops
 //   ops.h, ops.cpp          norms, RoPE, gated activations, decode attention
@@ -23,13 +25,17 @@
 #pragma once
 
 #include <c10/util/BFloat16.h>
-#include <immintrin.h>
 
 #include <cstdint>
 
-#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VL__) || !defined(__AVX512VNNI__) || \
-    !defined(__F16C__)
-#error "metronome kernels need an x86-64 CPU with AVX-512 F/BW/VL/VNNI and F16C (built with -march=native)"
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && \
+    defined(__F16C__)
+#include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define METRONOME_AVX2 1  // the same sources on 256-bit registers, in pairs (avx2.h)
+#include "avx2.h"
+#else
+#error "metronome kernels need an x86-64 CPU with AVX-512 F/BW/VL/VNNI, or AVX2 with FMA, and F16C (-march=native)"
 #endif
 
 namespace metronome {
@@ -81,6 +87,20 @@ inline float fp16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
 // operand. GCC 12 compiles _mm512_dpbusd_epi32(acc, u8, _mm512_set1_epi32(*x4)) to a separate
 // vpbroadcastd and a register vpdpbusd; on this project's Xeon that pair sustains ~4.0 G vpdpbusd/s per
 // core against ~5.1 G/s for the folded form (docs/models.md, "Two instructions per cycle").
+// vpdpbusd where every unsigned byte of u8 is below 128 (4-, 5- and 6-bit codes): the same sums, exact.
+// On AVX2 this is two instructions instead of avx2.h's seven for any byte: vpmaddubsw's int16 pair sums
+// cannot saturate (|127 * -128 * 2| < 32768), and vpmaddwd against ones widens them to the int32 sums.
+#ifndef METRONOME_AVX2
+inline __m512i dpbusd_small(__m512i acc, __m512i u8, __m512i s8) { return _mm512_dpbusd_epi32(acc, u8, s8); }
+#else
+inline __m512i dpbusd_small(__m512i acc, __m512i u8, __m512i s8) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  return {_mm256_add_epi32(acc.lo, _mm256_madd_epi16(_mm256_maddubs_epi16(u8.lo, s8.lo), ones)),
+          _mm256_add_epi32(acc.hi, _mm256_madd_epi16(_mm256_maddubs_epi16(u8.hi, s8.hi), ones))};
+}
+#endif
+
+#ifndef METRONOME_AVX2
 inline __m512i dpbusd_bcst(__m512i acc, __m512i u8, const int32_t* x4) {
   asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(u8), "m"(*x4));
   return acc;
@@ -90,6 +110,18 @@ inline __m512i dpwssd_bcst(__m512i acc, __m512i s16, const int32_t* x2) {
   asm("vpdpwssd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(s16), "m"(*x2));
   return acc;
 }
+inline __m512i dpbusd_bcst_small(__m512i acc, __m512i u8, const int32_t* x4) { return dpbusd_bcst(acc, u8, x4); }
+#else  // no such memory operand (nor instruction) on AVX2: broadcast, then avx2.h's vpdpbusd
+inline __m512i dpbusd_bcst(__m512i acc, __m512i u8, const int32_t* x4) {
+  return _mm512_dpbusd_epi32(acc, u8, _mm512_set1_epi32(*x4));
+}
+inline __m512i dpbusd_bcst_small(__m512i acc, __m512i u8, const int32_t* x4) {
+  return dpbusd_small(acc, u8, _mm512_set1_epi32(*x4));
+}
+inline __m512i dpwssd_bcst(__m512i acc, __m512i s16, const int32_t* x2) {
+  return _mm512_dpwssd_epi32(acc, s16, _mm512_set1_epi32(*x2));
+}
+#endif
 
 // Horizontal sum of 16 lanes in a fixed tree order (8+8, 4+4, 2+2, 1+1).
 inline float hsum(__m512 v) {
@@ -139,7 +171,11 @@ inline __m512 vexp(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+#ifndef METRONOME_AVX2
   return _mm512_scalef_ps(p, n);
+#else
+  return avx2::scale_pow2(p, n);
+#endif
 }
 
 }  // namespace metronome

@@ -83,10 +83,6 @@ inline void store16(BFloat16* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi
 // One fp16 value (its bits) widened exactly to float32.
 inline float fp16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
 
-// acc + u8 . (x4's 4 bytes in every lane), vpdpbusd with x4 as the instruction's own {1to16} memory
-// operand. GCC 12 compiles _mm512_dpbusd_epi32(acc, u8, _mm512_set1_epi32(*x4)) to a separate
-// vpbroadcastd and a register vpdpbusd; on this project's Xeon that pair sustains ~4.0 G vpdpbusd/s per
-// core against ~5.1 G/s for the folded form (docs/models.md, "Two instructions per cycle").
 // vpdpbusd where every unsigned byte of u8 is below 128 (4-, 5- and 6-bit codes): the same sums, exact.
 // On AVX2 this is two instructions instead of avx2.h's seven for any byte: vpmaddubsw's int16 pair sums
 // cannot saturate (|127 * -128 * 2| < 32768), and vpmaddwd against ones widens them to the int32 sums.
@@ -100,6 +96,10 @@ inline __m512i dpbusd_small(__m512i acc, __m512i u8, __m512i s8) {
 }
 #endif
 
+// acc + u8 . (x4's 4 bytes in every lane), vpdpbusd with x4 as the instruction's own {1to16} memory
+// operand. GCC 12 compiles _mm512_dpbusd_epi32(acc, u8, _mm512_set1_epi32(*x4)) to a separate
+// vpbroadcastd and a register vpdpbusd; on this project's Xeon that pair sustains ~4.0 G vpdpbusd/s per
+// core against ~5.1 G/s for the folded form (docs/models.md, "Two instructions per cycle").
 #ifndef METRONOME_AVX2
 inline __m512i dpbusd_bcst(__m512i acc, __m512i u8, const int32_t* x4) {
   asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(u8), "m"(*x4));

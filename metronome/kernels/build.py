@@ -99,8 +99,11 @@ def instruction_set() -> str:
     flags = set(_cpu_flags().split())
     capability = torch.backends.cpu.get_cpu_capability()
     if "sse2" not in flags:  # no x86 flags to read: trust torch's own dispatch level
-        flags = AVX512_CPU_FLAGS if capability.startswith(("AVX512", "AMX")) else set()
-        flags |= AVX2_CPU_FLAGS if capability.startswith(("AVX2", "AVX512", "AMX")) else set()
+        flags = set()
+        if capability.startswith(("AVX512", "AMX")):
+            flags |= AVX512_CPU_FLAGS
+        if capability.startswith(("AVX2", "AVX512", "AMX")):
+            flags |= AVX2_CPU_FLAGS
     if platform.machine().lower() in ("x86_64", "amd64"):
         if AVX512_CPU_FLAGS <= flags:
             return "avx512"

@@ -92,6 +92,7 @@ static void against_native() {
     same("srlv_epi64", _mm512_srlv_epi64(x, shifts), avx2::srlv_epi64(E(x), E(shifts)));
     same("maddubs_epi16", _mm512_maddubs_epi16(x, y), avx2::maddubs_epi16(E(x), E(y)));
     same("shuffle_epi8", _mm512_shuffle_epi8(x, y), avx2::shuffle_epi8(E(x), E(y)));
+    same("abs_epi8", _mm512_abs_epi8(x), avx2::abs_epi8(E(x)));
     same("cvtepi32_ps", _mm512_cvtepi32_ps(x), avx2::cvtepi32_ps(E(x)));
     same("cvtps_epi32", _mm512_cvtps_epi32(a), avx2::cvtps_epi32(E(a)));
     same("slli_epi16", _mm512_slli_epi16(x, 4), avx2::slli_epi16<4>(E(x)));

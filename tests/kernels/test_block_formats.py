@@ -41,7 +41,11 @@ def _blocks(qtype: str, n: int, k: int, seed: int) -> np.ndarray:
     kind = gguf.GGMLQuantizationType[qtype]
     if qtype in QUANTIZABLE:
         w = rng.standard_normal((n, k)).astype(np.float32) * 0.05
-        return gguf.quants.quantize(w, kind).reshape(n, -1)
+        raw = gguf.quants.quantize(w, kind).reshape(n, -1)
+        if qtype == "Q8_0":  # the quantizer's codes stay in [-127, 127]; a file may hold -128 too
+            codes = raw.reshape(n, k // 32, 34)[..., 2:]
+            codes[rng.random(codes.shape) < 0.1] = 0x80
+        return raw
     block, size = gguf.GGML_QUANT_SIZES[kind]
     raw = rng.integers(0, 256, size=(n, k // block, size), dtype=np.uint8)
     scales = (rng.standard_normal((n, k // block, 2)) * 0.01).astype(np.float16).view(np.uint8)

@@ -150,6 +150,7 @@ METRONOME_AVX2_LANEWISE(srlv_epi64, i512, _mm256_srlv_epi64)
 METRONOME_AVX2_LANEWISE(maddubs_epi16, i512, _mm256_maddubs_epi16)  // per 128-bit lane: the same on halves
 METRONOME_AVX2_LANEWISE(shuffle_epi8, i512, _mm256_shuffle_epi8)    // per 128-bit lane
 #undef METRONOME_AVX2_LANEWISE
+inline i512 abs_epi8(i512 a) { return {_mm256_abs_epi8(a.lo), _mm256_abs_epi8(a.hi)}; }
 
 inline f512 fmadd_ps(f512 a, f512 b, f512 c) {
   return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
@@ -391,6 +392,7 @@ inline f512 scale_pow2(f512 p, f512 n) {
 #define _mm512_xor_si512 ::metronome::avx2::xor_si512
 #define _mm512_srlv_epi64 ::metronome::avx2::srlv_epi64
 #define _mm512_maddubs_epi16 ::metronome::avx2::maddubs_epi16
+#define _mm512_abs_epi8 ::metronome::avx2::abs_epi8
 #define _mm512_shuffle_epi8 ::metronome::avx2::shuffle_epi8
 #define _mm512_fmadd_ps ::metronome::avx2::fmadd_ps
 #define _mm512_fnmadd_ps ::metronome::avx2::fnmadd_ps

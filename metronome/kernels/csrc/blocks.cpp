@@ -310,32 +310,69 @@ inline void store16(const __m512* acc, float* y, int64_t ldy, int64_t rows, int6
 }
 
 // The 32-weight packed kinds: per group and block, 16 fp16 d (row r in lane r), then the codes, which
-// Codes::unpack turns into 8 vectors c[g] (byte 4r+i: row r's weight 4g+i, unsigned). Row r, x row m:
+// Codes::unpack_pair turns into vectors c[2v], c[2v + 1] (byte 4r+i: row r's weight 4g+i, unsigned) for v in
+// [0, 4). Row r, x row m:
 //   acc += float(sum_j c_j x8_j + offset) * (d_r * dx), block after block,
 // where the offset term (-16 or -128 times the block's sum of x8: xq.o16, xq.o128) starts the integer sum.
+// Where the CPU has no vpdpbusd, Q8_0's codes go back to q (signed) for dpbssd, which needs no offset.
 template <typename Codes>
 struct X16Block32 {
   static constexpr int64_t kW = 32, kBytes = Codes::kBytes;
+  static constexpr bool kSigned = Codes::kOffset == 128 && kSignedQ8;
+
+  // s[j] += codes of quads 2v, 2v+1 . x row j's, for one code pair
+  template <int R>
+  static inline void add_pair(const __m512i* c, const int32_t* const* xb, int v, __m512i* s) {
+    if constexpr (kSigned) {
+      const __m512i top = _mm512_set1_epi8(static_cast<char>(0x80));
+      const __m512i q0 = _mm512_xor_si512(c[0], top), q1 = _mm512_xor_si512(c[1], top);
+      const __m512i a0 = _mm512_abs_epi8(q0), a1 = _mm512_abs_epi8(q1);
+      for (int j = 0; j < R; ++j)
+        s[j] = dpbssd_bcst(dpbssd_bcst(s[j], q0, a0, xb[j] + 2 * v), q1, a1, xb[j] + 2 * v + 1);
+    } else if constexpr (Codes::kOffset == 16) {
+      for (int j = 0; j < R; ++j)
+        s[j] = dpbusd_bcst_small(dpbusd_bcst_small(s[j], c[0], xb[j] + 2 * v), c[1], xb[j] + 2 * v + 1);
+    } else {
+      for (int j = 0; j < R; ++j) s[j] = dpbusd_bcst(dpbusd_bcst(s[j], c[0], xb[j] + 2 * v), c[1], xb[j] + 2 * v + 1);
+    }
+  }
+
+  // One block's integer sums for R rows of x, code pair by code pair: the codes of a pair are unpacked
+  // once for all R rows.
+  template <int R>
+  static inline void sums(const uint8_t* codes, const int32_t* const* xb, __m512i* s) {
+    for (int v = 0; v < 4; ++v) {
+      __m512i c[2];
+      Codes::unpack_pair(codes, v, c);
+      add_pair<R>(c, xb, v, s);
+    }
+  }
+
   template <int MT>
   static void tile(const uint8_t* w, int64_t nb, const XQuant& xq, int64_t K, float* y, int64_t ldy, int64_t rows,
                    int64_t n0, int64_t m0) {
     const int32_t* offset = Codes::kOffset == 16 ? xq.o16 : xq.o128;
+    // AVX-512's 32 registers hold the 8 rows' sums at once; AVX2's 16 hold 4 rows' sums (8 registers) and
+    // a code pair with its temporaries: 8 at once spills them to the stack (perf annotate, tile<8>).
+    constexpr int kBlock = kSixteenRegisters ? 4 : 8;
     __m512 acc[MT];
     for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* p = w + b * kBytes;
       prefetch_ahead<kBytes>(p);
       const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-      __m512i c[8];  // quad g: weights 4g..4g+3 of each row
-      Codes::unpack(p + 32, c);
+      const int32_t* xb[MT];
+      __m512i s[MT];
       for (int m = 0; m < MT; ++m) {
         const int64_t i = (m0 + m) * nb + b;
-        const int32_t* xb = reinterpret_cast<const int32_t*>(xq.x8 + (m0 + m) * K + b * 32);
-        __m512i s = _mm512_set1_epi32(offset[i]);  // the offset term starts every row's sum
-        for (int g = 0; g < 8; ++g)
-          s = Codes::kOffset == 16 ? dpbusd_bcst_small(s, c[g], xb + g) : dpbusd_bcst(s, c[g], xb + g);
-        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d, _mm512_set1_ps(xq.dx[i])), acc[m]);
+        xb[m] = reinterpret_cast<const int32_t*>(xq.x8 + (m0 + m) * K + b * 32);
+        s[m] = kSigned ? _mm512_setzero_si512() : _mm512_set1_epi32(offset[i]);  // the offset starts the sum
       }
+      sums<std::min(MT, kBlock)>(p + 32, xb, s);
+      if constexpr (MT > kBlock) sums<MT - kBlock>(p + 32, xb + kBlock, s + kBlock);
+      for (int m = 0; m < MT; ++m)
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[m]), _mm512_mul_ps(d, _mm512_set1_ps(xq.dx[(m0 + m) * nb + b])),
+                                 acc[m]);
     }
     store16<MT>(acc, y, ldy, rows, n0, m0);
   }
@@ -346,16 +383,14 @@ struct X16Block32 {
 struct Q5_0Codes {
   static constexpr int64_t kBytes = kQ5x16Bytes;
   static constexpr int kOffset = 16;
-  static inline void unpack(const uint8_t* p, __m512i* c) {
+  static inline void unpack_pair(const uint8_t* p, int v, __m512i* c) {
     const __m512i bit4 = _mm512_set1_epi8(0x10);
-    for (int v = 0; v < 4; ++v) {
-      nibble_quads(p + 64 + 64 * v, c + 2 * v);
-      uint64_t h0, h1;
-      std::memcpy(&h0, p + 16 * v, 8);
-      std::memcpy(&h1, p + 8 + 16 * v, 8);
-      c[2 * v] = _mm512_or_si512(c[2 * v], _mm512_maskz_mov_epi8(h0, bit4));
-      c[2 * v + 1] = _mm512_or_si512(c[2 * v + 1], _mm512_maskz_mov_epi8(h1, bit4));
-    }
+    nibble_quads(p + 64 + 64 * v, c);
+    uint64_t h0, h1;
+    std::memcpy(&h0, p + 16 * v, 8);
+    std::memcpy(&h1, p + 8 + 16 * v, 8);
+    c[0] = _mm512_or_si512(c[0], _mm512_maskz_mov_epi8(h0, bit4));
+    c[1] = _mm512_or_si512(c[1], _mm512_maskz_mov_epi8(h1, bit4));
   }
 };
 using Q5_0x16 = X16Block32<Q5_0Codes>;
@@ -367,8 +402,9 @@ using Q5_0x16 = X16Block32<Q5_0Codes>;
 struct Q8_0Codes {
   static constexpr int64_t kBytes = kQ8x16Bytes;
   static constexpr int kOffset = 128;
-  static inline void unpack(const uint8_t* p, __m512i* c) {
-    for (int g = 0; g < 8; ++g) c[g] = _mm512_loadu_si512(p + 64 * g);
+  static inline void unpack_pair(const uint8_t* p, int v, __m512i* c) {
+    c[0] = _mm512_loadu_si512(p + 128 * v);
+    c[1] = _mm512_loadu_si512(p + 128 * v + 64);
   }
 };
 using Q8_0x16 = X16Block32<Q8_0Codes>;
@@ -599,15 +635,21 @@ inline void pair_dot(__m512i codes, __m128 d, __m128 mn, const XQuant& xq, int64
     const int8_t* xr = xq.x8 + (m0 + m) * K + b * 32;
     const __m512i x = kTwo ? _mm512_loadu_si512(xr)
                            : _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr)));
-    __m512i start = _mm512_setzero_si512();  // the offset term, in lane 0 (block b) and lane 9 (block b+1)
-    if constexpr (kOffset > 0) {
-      if constexpr (kTwo)
-        start = _mm512_maskz_broadcast_i32x2(0x0201, _mm_loadl_epi64(reinterpret_cast<const __m128i*>(off + i)));
-      else
-        start = _mm512_zextsi128_si512(_mm_cvtsi32_si128(off[i]));
+    __m512i dot;
+    if constexpr (kOffset == 128 && kSignedQ8) {  // Q8_0 without vpdpbusd: the codes back to q, no offset
+      const __m512i q = _mm512_xor_si512(codes, _mm512_set1_epi8(static_cast<char>(0x80)));
+      dot = dpbssd(_mm512_setzero_si512(), q, _mm512_abs_epi8(q), x);
+    } else {
+      __m512i start = _mm512_setzero_si512();  // the offset term, in lane 0 (block b) and lane 9 (block b+1)
+      if constexpr (kOffset > 0) {
+        if constexpr (kTwo)
+          start = _mm512_maskz_broadcast_i32x2(0x0201, _mm_loadl_epi64(reinterpret_cast<const __m128i*>(off + i)));
+        else
+          start = _mm512_zextsi128_si512(_mm_cvtsi32_si128(off[i]));
+      }
+      // Q8_0 codes (q + 128) take the exact form for any byte; Q4 and Q5 codes are below 128
+      dot = kOffset == 128 ? _mm512_dpbusd_epi32(start, codes, x) : dpbusd_small(start, codes, x);
     }
-    // Q8_0 codes (q + 128) take the exact form for any byte; Q4 and Q5 codes are below 128
-    const __m512i dot = kOffset == 128 ? _mm512_dpbusd_epi32(start, codes, x) : dpbusd_small(start, codes, x);
     acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), halves(_mm_mul_ps(d, two_floats<kTwo>(xq.dx + i))), acc[m]);
     if constexpr (kMin) acc[m] = _mm512_add_ps(acc[m], halves(_mm_mul_ps(mn, two_floats<kTwo>(xq.sx + i)), 0x0101));
   }

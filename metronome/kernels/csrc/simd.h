@@ -42,6 +42,14 @@ namespace metronome {
 
 using c10::BFloat16;
 
+// How many 512-bit values a kernel can keep in registers: AVX-512 has 32 zmm registers; on AVX2 each
+// __m512 is two of the 16 ymm registers, so 8 at most, and a kernel blocks its loops smaller.
+#ifdef METRONOME_AVX2
+constexpr bool kSixteenRegisters = true;
+#else
+constexpr bool kSixteenRegisters = false;
+#endif
+
 // ---------------------------------------------------------------------------------------------------
 // Loads and stores of 16 lanes, widened to / rounded from float32.
 
@@ -122,6 +130,34 @@ inline __m512i dpwssd_bcst(__m512i acc, __m512i s16, const int32_t* x2) {
   return _mm512_dpwssd_epi32(acc, s16, _mm512_set1_epi32(*x2));
 }
 #endif
+
+// Q8_0's codes against x8, signed by signed: acc + q . x per int32 lane (4 products), exactly, for x in
+// [-127, 127] (quantize's range: round(x * 127 / max|x|)). vpmaddubsw multiplies |q| <= 128 (unsigned) by x
+// with q's sign: its int16 pair sums stay within 2 * 128 * 127 < 32768, and vpmaddwd widens them. abs_q is
+// |q|, which the caller computes once for all the rows of x. On AVX2 that is three instructions where an
+// exact vpdpbusd of the codes q + 128 takes seven (avx2.h), and the sum needs no -128 * sum(x) offset. AVX-512
+// VNNI keeps the codes q + 128 and one vpdpbusd (kSignedQ8 says which form a kernel takes); its definition
+// here is the same arithmetic, for a build that asks for it.
+#ifndef METRONOME_AVX2
+constexpr bool kSignedQ8 = false;
+inline __m512i dpbssd(__m512i acc, __m512i q, __m512i abs_q, __m512i x) {
+  // x negated where q < 0 (where q = 0, |q| = 0 makes the product 0 whatever x is)
+  const __m512i signed_x = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(q), _mm512_setzero_si512(), x);
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(abs_q, signed_x), _mm512_set1_epi16(1)));
+}
+#else
+constexpr bool kSignedQ8 = true;
+inline __m512i dpbssd(__m512i acc, __m512i q, __m512i abs_q, __m512i x) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  return {
+      _mm256_add_epi32(acc.lo, _mm256_madd_epi16(_mm256_maddubs_epi16(abs_q.lo, _mm256_sign_epi8(x.lo, q.lo)), ones)),
+      _mm256_add_epi32(acc.hi, _mm256_madd_epi16(_mm256_maddubs_epi16(abs_q.hi, _mm256_sign_epi8(x.hi, q.hi)), ones))};
+}
+#endif
+// The same against x4's 4 bytes in every lane.
+inline __m512i dpbssd_bcst(__m512i acc, __m512i q, __m512i abs_q, const int32_t* x4) {
+  return dpbssd(acc, q, abs_q, _mm512_set1_epi32(*x4));
+}
 
 // Horizontal sum of 16 lanes in a fixed tree order (8+8, 4+4, 2+2, 1+1).
 inline float hsum(__m512 v) {

@@ -354,7 +354,7 @@ struct X16Block32 {
     const int32_t* offset = Codes::kOffset == 16 ? xq.o16 : xq.o128;
     // AVX-512's 32 registers hold the 8 rows' sums at once; AVX2's 16 hold 4 rows' sums (8 registers) and
     // a code pair with its temporaries: 8 at once spills them to the stack (perf annotate, tile<8>).
-    constexpr int kBlock = kSixteenRegisters ? 4 : 8;
+    constexpr int kBlock = kSixteenRegisters ? 4 : static_cast<int>(kRowsPerPass);
     __m512 acc[MT];
     for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
@@ -624,21 +624,21 @@ inline __m512i fifth_bits64(const uint8_t* p0, const uint8_t* p1) {
 }
 
 // Blocks b (and b+1) of one weight row, their codes unpacked, against MT rows of x; kOffset: 16 (Q5_0),
-// 128 (Q8_0) or 0.
+// 128 (Q8_0: codes q + 128, or q itself where kSignedQ8) or 0.
 template <int MT, int kOffset, bool kMin, bool kTwo>
 inline void pair_dot(__m512i codes, __m128 d, __m128 mn, const XQuant& xq, int64_t K, int64_t m0, int64_t b,
                      __m512* acc) {
   const int64_t nb = K / 32;
   const int32_t* off = kOffset == 16 ? xq.o16 : xq.o128;
+  const __m512i abs_codes = kOffset == 128 && kSignedQ8 ? _mm512_abs_epi8(codes) : codes;  // dpbssd's |q|
   for (int m = 0; m < MT; ++m) {
     const int64_t i = (m0 + m) * nb + b;
     const int8_t* xr = xq.x8 + (m0 + m) * K + b * 32;
     const __m512i x = kTwo ? _mm512_loadu_si512(xr)
                            : _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr)));
     __m512i dot;
-    if constexpr (kOffset == 128 && kSignedQ8) {  // Q8_0 without vpdpbusd: the codes back to q, no offset
-      const __m512i q = _mm512_xor_si512(codes, _mm512_set1_epi8(static_cast<char>(0x80)));
-      dot = dpbssd(_mm512_setzero_si512(), q, _mm512_abs_epi8(q), x);
+    if constexpr (kOffset == 128 && kSignedQ8) {  // Q8_0 without vpdpbusd: codes are q itself, no offset
+      dot = dpbssd(_mm512_setzero_si512(), codes, abs_codes, x);
     } else {
       __m512i start = _mm512_setzero_si512();  // the offset term, in lane 0 (block b) and lane 9 (block b+1)
       if constexpr (kOffset > 0) {
@@ -661,7 +661,8 @@ struct Q8_0x8 {
   static inline void pair(const uint8_t* p, const XQuant& xq, int64_t K, int64_t m0, int64_t b, __m512* acc) {
     __m512i q = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2)));
     if constexpr (kTwo) q = _mm512_inserti64x4(q, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + kB + 2)), 1);
-    const __m512i codes = _mm512_xor_si512(q, _mm512_set1_epi8(static_cast<char>(0x80)));  // q + 128, unsigned
+    // q + 128 (unsigned) for vpdpbusd; without it, q itself for dpbssd
+    const __m512i codes = kSignedQ8 ? q : _mm512_xor_si512(q, _mm512_set1_epi8(static_cast<char>(0x80)));
     pair_dot<MT, 128, false, kTwo>(codes, two_halves<kTwo>(p, kB), _mm_setzero_ps(), xq, K, m0, b, acc);
   }
 };

@@ -135,17 +135,11 @@ inline __m512i dpwssd_bcst(__m512i acc, __m512i s16, const int32_t* x2) {
 // [-127, 127] (quantize's range: round(x * 127 / max|x|)). vpmaddubsw multiplies |q| <= 128 (unsigned) by x
 // with q's sign: its int16 pair sums stay within 2 * 128 * 127 < 32768, and vpmaddwd widens them. abs_q is
 // |q|, which the caller computes once for all the rows of x. On AVX2 that is three instructions where an
-// exact vpdpbusd of the codes q + 128 takes seven (avx2.h), and the sum needs no -128 * sum(x) offset. AVX-512
-// VNNI keeps the codes q + 128 and one vpdpbusd (kSignedQ8 says which form a kernel takes); its definition
-// here is the same arithmetic, for a build that asks for it.
-#ifndef METRONOME_AVX2
-constexpr bool kSignedQ8 = false;
-inline __m512i dpbssd(__m512i acc, __m512i q, __m512i abs_q, __m512i x) {
-  // x negated where q < 0 (where q = 0, |q| = 0 makes the product 0 whatever x is)
-  const __m512i signed_x = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(q), _mm512_setzero_si512(), x);
-  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(abs_q, signed_x), _mm512_set1_epi16(1)));
-}
-#else
+// exact vpdpbusd of the codes q + 128 takes seven (avx2.h), and the sum needs no -128 * sum(x) offset.
+// AVX-512 VNNI keeps the codes q + 128 and one vpdpbusd (kSignedQ8 says which form a kernel takes): there
+// dpbssd is only declared, so that the kernels' discarded `if constexpr` branches compile, and a call
+// would fail to link.
+#ifdef METRONOME_AVX2
 constexpr bool kSignedQ8 = true;
 inline __m512i dpbssd(__m512i acc, __m512i q, __m512i abs_q, __m512i x) {
   const __m256i ones = _mm256_set1_epi16(1);
@@ -153,6 +147,9 @@ inline __m512i dpbssd(__m512i acc, __m512i q, __m512i abs_q, __m512i x) {
       _mm256_add_epi32(acc.lo, _mm256_madd_epi16(_mm256_maddubs_epi16(abs_q.lo, _mm256_sign_epi8(x.lo, q.lo)), ones)),
       _mm256_add_epi32(acc.hi, _mm256_madd_epi16(_mm256_maddubs_epi16(abs_q.hi, _mm256_sign_epi8(x.hi, q.hi)), ones))};
 }
+#else
+constexpr bool kSignedQ8 = false;
+__m512i dpbssd(__m512i acc, __m512i q, __m512i abs_q, __m512i x);
 #endif
 // The same against x4's 4 bytes in every lane.
 inline __m512i dpbssd_bcst(__m512i acc, __m512i q, __m512i abs_q, const int32_t* x4) {

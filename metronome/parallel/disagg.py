@@ -7,6 +7,9 @@ torch.distributed send/recv over loopback. The worker's plan is the engine's own
 and the fused decoder's rows are independent, so a prompt's KV (and its last logits) have the same bits
 computed there as in the engine: a disaggregated request gives the same tokens as a colocated one.
 
+A prompt whose beginning the engine found in its prefix cache goes with that beginning's KV: the worker
+writes it into its slot and runs only the rest, whose KV alone comes back.
+
 Rank 0 talks to the worker on one thread of its own (`_transfer`): it sends a prompt, receives its KV
 and logits, and hands them to the engine (`take`). Every wait is bounded: the group's collective
 timeout on the wire, a slice of `POLL_S` on the job queue. A dead worker fails the prompts it held
@@ -49,13 +52,27 @@ class KVShape:
 
 @dataclass
 class PrefillResult:
-    """One prompt, prefilled: its KV (keys, values) and the logits of its last position, or the error."""
+    """One prompt, prefilled: the KV (keys, values) of its positions `start`.. (those before came with it,
+    from the engine's prefix cache) and the logits of its last position, or the error."""
 
     key: Any
     k: torch.Tensor | None
     v: torch.Tensor | None
     logits: torch.Tensor | None
     error: str | None = None
+    start: int = 0
+
+
+@dataclass
+class PrefillJob:
+    """A prompt for the worker: its tokens, and the KV of its first `cached` positions (from the engine's
+    prefix cache; None when 0), which the worker takes as they are and does not compute."""
+
+    key: Any
+    ids: list[int]
+    cached: int = 0
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
 
 
 def _worker_main(path: str, config: EngineConfig, endpoint: Endpoint, errors: Any) -> None:
@@ -68,18 +85,26 @@ def _worker_main(path: str, config: EngineConfig, endpoint: Endpoint, errors: An
     try:
         group = GlooGroup(1, 2, endpoint, COLLECTIVE_TIMEOUT_S)
         plan = compile_plan(load(path), config, calibrate=False, cache=False)
-        header = torch.zeros(1, dtype=torch.int64)
+        k, v = plan.cache.k[:, 0], plan.cache.v[:, 0]  # the one slot: (layers, kv heads, ctx, head dim)
+        header = torch.zeros(2, dtype=torch.int64)  # prompt tokens T, of which the first `cached` come as KV
         while True:
             dist.recv(header, src=0)
-            T = int(header[0])
+            T, cached = int(header[0]), int(header[1])
             if T == _STOP:
                 return
             ids = torch.empty(T, dtype=torch.int64)
             dist.recv(ids, src=0)
-            logits = plan.prefill(ids.tolist(), 0).float().contiguous()
-            dist.send(plan.cache.k[:, 0, :, :T].contiguous(), dst=0)
-            dist.send(plan.cache.v[:, 0, :, :T].contiguous(), dst=0)
-            dist.send(logits, dst=0)
+            if cached:  # the engine's prefix cache had them: received and written in place, not computed
+                for into in (k, v):
+                    wire = torch.empty(into[:, :, :cached].shape, dtype=into.dtype)  # gloo: contiguous tensors
+                    dist.recv(wire, src=0)
+                    into[:, :, :cached].copy_(wire)
+            # the rest, as the engine's chunked prefill would run it (rows are independent: the same bits)
+            rest = ids[cached:].tolist()
+            logits = plan.decode([0] * len(rest), rest, list(range(cached, T)), [len(rest) - 1])[0]
+            dist.send(k[:, :, cached:T].contiguous(), dst=0)
+            dist.send(v[:, :, cached:T].contiguous(), dst=0)
+            dist.send(logits.float().contiguous(), dst=0)
     except BaseException as exc:  # told to rank 0, which fails the prompt it was sending and restarts us
         errors.put(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
     finally:
@@ -106,11 +131,12 @@ class PrefillWorker:
         self.on_ready = on_ready or (lambda: None)
         self._ctx = mp.get_context("spawn")
         self._errors = self._ctx.Queue()
-        self._jobs: queue.Queue[tuple[Any, list[int]] | None] = queue.Queue()
+        self._jobs: queue.Queue[PrefillJob | None] = queue.Queue()
         self._done: queue.Queue[PrefillResult] = queue.Queue()
         self._group: GlooGroup | None = None
         self._process: Any = None
         self.restarts = 0
+        self.rows = 0  # prompt rows the worker computed (what it received as KV not counted)
         self._broken = False
         self._start()
         self._thread = threading.Thread(target=self._transfer, name="metronome-prefill-transfer", daemon=True)
@@ -138,9 +164,11 @@ class PrefillWorker:
         except queue.Empty:
             return ""
 
-    def submit(self, key: Any, ids: list[int]) -> None:
+    def submit(self, job: PrefillJob) -> None:
         """Queue a prompt; its result comes back through `take` (and `on_ready` is called)."""
-        self._jobs.put((key, list(ids)))
+        if not 0 <= job.cached < len(job.ids):
+            raise ValueError(f"cached={job.cached}: the worker must run at least the prompt's last token")
+        self._jobs.put(job)
 
     @property
     def has_results(self) -> bool:
@@ -164,24 +192,31 @@ class PrefillWorker:
                 continue
             if job is None:
                 return
-            key, ids = job
             try:
                 if self._broken:  # the last worker died: a new one for this prompt
                     self._restart()
-                k, v, logits = self._prefill(ids)
-                result = PrefillResult(key, k, v, logits)
+                k, v, logits = self._prefill(job)
+                self.rows += len(job.ids) - job.cached
+                result = PrefillResult(job.key, k, v, logits, start=job.cached)
             except Exception as exc:  # the worker died, timed out, or could not start: fail this prompt
                 self._broken = True
-                result = PrefillResult(key, None, None, None, f"the prefill worker failed: {type(exc).__name__}: {exc}")
+                why = f"the prefill worker failed: {type(exc).__name__}: {exc}"
+                result = PrefillResult(job.key, None, None, None, why, job.cached)
             self._done.put(result)
             self.on_ready()
 
-    def _prefill(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Send one prompt, receive its KV and last logits (each wait bounded by the group's timeout)."""
-        s, T = self.shape, len(ids)
-        dist.send(torch.tensor([T], dtype=torch.int64), dst=1)
-        dist.send(torch.tensor(ids, dtype=torch.int64), dst=1)
-        k = torch.empty(s.layers, s.kv_heads, T, s.head_dim, dtype=s.dtype)
+    def _prefill(self, job: PrefillJob) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Send one prompt (and its cached beginning's KV), receive the KV of the rest and the last logits
+        (each wait bounded by the group's timeout)."""
+        s, T = self.shape, len(job.ids)
+        dist.send(torch.tensor([T, job.cached], dtype=torch.int64), dst=1)
+        dist.send(torch.tensor(job.ids, dtype=torch.int64), dst=1)
+        if job.cached:
+            if job.k is None or job.v is None or job.k.shape[2] != job.cached or job.v.shape != job.k.shape:
+                raise ValueError(f"a job with cached={job.cached} needs that many positions of keys and values")
+            dist.send(job.k, dst=1)
+            dist.send(job.v, dst=1)
+        k = torch.empty(s.layers, s.kv_heads, T - job.cached, s.head_dim, dtype=s.dtype)
         v = torch.empty_like(k)
         logits = torch.empty(s.vocab, dtype=torch.float32)
         dist.recv(k, src=1)
@@ -202,7 +237,7 @@ class PrefillWorker:
         self._jobs.put(None)
         self._thread.join(timeout)
         if self._process.is_alive() and not self._broken:
-            dist.send(torch.tensor([_STOP], dtype=torch.int64), dst=1)
+            dist.send(torch.tensor([_STOP, 0], dtype=torch.int64), dst=1)
         self._process.join(timeout)
         if self._process.is_alive():
             self._process.kill()
@@ -210,8 +245,10 @@ class PrefillWorker:
             self._group.close()
 
 
-def install_kv(cache_k: torch.Tensor, cache_v: torch.Tensor, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Write a prompt's KV (layers, kv_heads, T, head_dim) into positions 0..T-1 of `slot`."""
-    T = k.shape[2]
-    cache_k[:, slot, :, :T].copy_(k)
-    cache_v[:, slot, :, :T].copy_(v)
+def install_kv(
+    cache_k: torch.Tensor, cache_v: torch.Tensor, slot: int, k: torch.Tensor, v: torch.Tensor, start: int = 0
+) -> None:
+    """Write KV (layers, kv_heads, T, head_dim) into positions start..start+T-1 of `slot`."""
+    end = start + k.shape[2]
+    cache_k[:, slot, :, start:end].copy_(k)
+    cache_v[:, slot, :, start:end].copy_(v)

@@ -3,6 +3,7 @@ slots over gloo. Same tokens and logprobs as colocated; a killed worker fails it
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import signal
@@ -22,6 +23,11 @@ def _engine(path: str, layout: str) -> Engine:
     return Engine.from_model(path, config, calibrate=False)
 
 
+def _same(got, want) -> None:
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert [[x.logprob for x in c.choices] for c in got] == [[x.logprob for x in c.choices] for c in want]
+
+
 @pytest.fixture(scope="module")
 def colocated(tiny_hf):
     return _engine(str(tiny_hf("llama")), "colocated")
@@ -32,9 +38,41 @@ def test_disaggregated_gives_the_colocated_tokens(tiny_hf, colocated):
     try:
         assert engine.prefiller is not None and engine.config.threads == 1  # the cores split between the two
         got = engine.generate(PROMPTS, GREEDY, chat=False)  # 3 prompts, 2 slots: a slot is reused
-        want = colocated.generate(PROMPTS, GREEDY, chat=False)
-        assert [c.token_ids for c in got] == [c.token_ids for c in want]
-        assert [[x.logprob for x in c.choices] for c in got] == [[x.logprob for x in c.choices] for c in want]
+        _same(got, colocated.generate(PROMPTS, GREEDY, chat=False))
+        lengths = [len(engine.encode_prompt(p, chat=False)) for p in PROMPTS]
+        assert engine.prefiller.rows == sum(lengths)  # every prompt ran on the worker
+    finally:
+        engine.prefiller.close()
+
+
+def test_a_cached_beginning_goes_to_the_worker_as_kv_and_only_the_rest_runs_there(tiny_hf):
+    """An agent's turns: each prompt begins with the last one. The engine's prefix cache copies the cached
+    pages into the slot; the worker receives them as KV and runs only the rest. Same tokens and logprobs
+    as colocated (a KV written at the wrong positions, or the rest run from the wrong place, changes them)."""
+    path = str(tiny_hf("llama"))
+    engine, colocated = _engine(path, "disaggregated"), _engine(path, "colocated")
+    try:
+        page = engine.prefix_cache.page
+        base = [1] + [5 + (7 * i) % 100 for i in range(4 * page)]  # <s> and words of the tiny vocabulary
+        turns = [base[: 2 * page + 5], base[: 3 * page + 1], base[: 3 * page + 1] + base[:2], base[: 2 * page]]
+        got = [engine.generate(t, GREEDY) for t in turns]  # one after the other: each finds the last in cache
+        _same(got, [colocated.generate(t, GREEDY) for t in turns])
+        # turn 1: nothing cached; turn 2: its first 2 pages (turn 1's prompt); turn 3: 3 pages (turn 2's);
+        # turn 4: a page, since a prompt's last token always runs
+        assert [c.cached_tokens for c in got] == [0, 2 * page, 3 * page, page]
+        assert engine.prefiller.rows == sum(len(t) - c.cached_tokens for t, c in zip(turns, got))
+
+        # two at once: a prompt the worker ran is pooled as soon as it is installed, not when it ends
+        other = [1] + [5 + (11 * i) % 100 for i in range(3 * page)]
+        running = engine.submit(other[: 2 * page + 5], dataclasses.replace(GREEDY, max_tokens=40))
+        deadline = time.monotonic() + 30
+        while not running.output_ids and time.monotonic() < deadline:  # the worker's round trip
+            engine.step()
+            time.sleep(0.005)
+        assert running.output_ids and running.finish_reason is None
+        beside = engine.generate(other[: 2 * page + 3], GREEDY)
+        assert beside.cached_tokens == 2 * page
+        _same([beside], [colocated.generate(other[: 2 * page + 3], GREEDY)])
     finally:
         engine.prefiller.close()
 

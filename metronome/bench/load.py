@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import socket
 import statistics
@@ -366,10 +367,12 @@ def table(results: list[LevelResult], ratios: dict[int, list[float]] | None = No
         if ratios and r.where == "served" and ratios.get(r.users):
             each = ratios[r.users]
             ratio = f"{statistics.median(each):.2f} ({', '.join(f'{x:.2f}' for x in each)})"
+        # the engine predicts TTFT at submit; a served request's prediction stays in the server (NaN here)
+        predicted_ttft = "-" if math.isnan(r.predicted_ttft_ms) else f"{r.predicted_ttft_ms:.0f}"
         lines.append(
             f"| {r.where} | {r.users} | {r.aggregate_tps:.1f} | {r.per_user_tps:.1f} | {r.predicted_tps:.1f} | "
             f"{r.per_user_tps / r.predicted_tps:.2f} | {r.compiled_tps:.1f} | {r.ttft_ms:.0f} | "
-            f"{r.predicted_ttft_ms:.0f} | {ratio} |"
+            f"{predicted_ttft} | {ratio} |"
         )
     return "\n".join(lines)
 

@@ -28,11 +28,17 @@ def test_load_levels_in_process_and_served_side_by_side(tiny_hf, capsys):
         aggregate, per_user, promise = (float(c) for c in cells[2:5])
         assert aggregate > 0 and per_user > 0 and promise > 0, row
     served_2 = [c.strip() for c in rows[3].split("|")[1:-1]]
+    # TTFT predicted at submit: a number in process, "-" served (the prediction stays in the server)
+    assert float(cells_of(rows[0])[8]) >= 0 and cells_of(rows[2])[8] == "-"
     assert len(served_2[-1].split("(")[1].split(",")) == 2, "served ÷ in process: one ratio per round"
     # the server's own profile, scraped from /metrics around each served level: steps ran, 2 users x 12 tokens
     assert out.count("the server's step profile and CPU by thread") == 4
     steps = [int(line.split()[0]) for line in out.splitlines() if line.endswith(" steps")]
     assert len(steps) == 4 and all(s >= 12 for s in steps), steps
+
+
+def cells_of(row: str) -> list[str]:
+    return [c.strip() for c in row.split("|")[1:-1]]
 
 
 def test_stall_measures_the_streams_gaps_while_the_long_prompt_runs(tiny_hf):

@@ -168,6 +168,10 @@ class PrefillWorker:
         """Queue a prompt; its result comes back through `take` (and `on_ready` is called)."""
         if not 0 <= job.cached < len(job.ids):
             raise ValueError(f"cached={job.cached}: the worker must run at least the prompt's last token")
+        if job.cached and (
+            job.k is None or job.v is None or job.k.shape[2] != job.cached or job.v.shape != job.k.shape
+        ):
+            raise ValueError(f"a job with cached={job.cached} needs the keys and values of that many positions")
         self._jobs.put(job)
 
     @property
@@ -211,9 +215,7 @@ class PrefillWorker:
         s, T = self.shape, len(job.ids)
         dist.send(torch.tensor([T, job.cached], dtype=torch.int64), dst=1)
         dist.send(torch.tensor(job.ids, dtype=torch.int64), dst=1)
-        if job.cached:
-            if job.k is None or job.v is None or job.k.shape[2] != job.cached or job.v.shape != job.k.shape:
-                raise ValueError(f"a job with cached={job.cached} needs that many positions of keys and values")
+        if job.cached:  # submit checked that both are there, `cached` positions long
             dist.send(job.k, dst=1)
             dist.send(job.v, dst=1)
         k = torch.empty(s.layers, s.kv_heads, T - job.cached, s.head_dim, dtype=s.dtype)

@@ -13,6 +13,7 @@ import pytest
 
 from metronome.config import EngineConfig, SamplingParams
 from metronome.engine import Engine
+from metronome.parallel.disagg import PrefillJob
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, logprobs=True, ignore_eos=True)
 PROMPTS = ["w1 w2 w3 w4 w5", "w9 w8", "w3 w3 w3 w7 w1 w2 w5 w6 w9 w10 w11"]
@@ -61,6 +62,10 @@ def test_a_cached_beginning_goes_to_the_worker_as_kv_and_only_the_rest_runs_ther
         # turn 4: a page, since a prompt's last token always runs
         assert [c.cached_tokens for c in got] == [0, 2 * page, 3 * page, page]
         assert engine.prefiller.rows == sum(len(t) - c.cached_tokens for t, c in zip(turns, got))
+        with pytest.raises(ValueError, match="cached=16 needs the keys and values"):  # refused before the wire
+            engine.prefiller.submit(PrefillJob(None, base[:20], 16))
+        with pytest.raises(ValueError, match="last token"):
+            engine.prefiller.submit(PrefillJob(None, base[:16], 16))
 
         # two at once: a prompt the worker ran is pooled as soon as it is installed, not when it ends
         other = [1] + [5 + (11 * i) % 100 for i in range(3 * page)]

@@ -98,6 +98,9 @@ def main() -> None:
     print(f"| engine | decode tok/s (in process) | TTFT of a {a.prompt_tokens}-token prompt (s) |\n|---|---:|---:|")
     for name in rates:
         print(f"| {name} | {statistics.median(rates[name]):.1f} | {statistics.median(ttfts[name]):.2f} |")
+    for name in rates:  # the rounds behind the medians (these machines' speed drifts within minutes)
+        each = ", ".join(f"{x:.1f}" for x in rates[name])
+        print(f"{name} rounds: decode tok/s {each}; TTFT s {', '.join(f'{x:.2f}' for x in ttfts[name])}")
     r = statistics.median(rates["metronome"]) / statistics.median(rates["llama.cpp"])
     t = statistics.median(ttfts["metronome"]) / statistics.median(ttfts["llama.cpp"])
     print(f"| metronome / llama.cpp | {r:.2f}x | {t:.2f}x |")

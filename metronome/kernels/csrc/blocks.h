@@ -76,9 +76,9 @@ struct BlockMatrix {
 };
 
 // Scratch a matmul needs for M rows of input (bytes): x quantized to int8 per 32 and per 256, with the
-// blocks' scales and sums (blocks.cpp, carve: ~4.9 bytes per x value, and up to 63 bytes of alignment
-// for each of its 15 fields).
-inline int64_t scratch_bytes(int64_t M, int64_t K) { return M * K * 6 + 1024; }
+// blocks' scales and sums (blocks.cpp, carve: ~6.4 bytes per x value, and up to 63 bytes of alignment
+// for each of its 16 fields).
+inline int64_t scratch_bytes(int64_t M, int64_t K) { return M * K * 7 + 1024; }
 
 // y (M, N) = x (M, K) @ W.T (+ bias), float32; scratch holds scratch_bytes(M, K) + 64 bytes.
 void block_linear_rows(const BlockMatrix& W, const float* x, int64_t M, float* y, uint8_t* scratch);

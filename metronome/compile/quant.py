@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from metronome.kernels.blocks import BLOCK_KINDS, FILE_KINDS, PACKED_KINDS, Q4X4_BYTES, Q4X4_KIND, Q8_0_KIND
+from metronome.kernels.blocks import BLOCK_KINDS, FILE_KINDS, PACKED_KINDS, Q4_PACKED_KIND, Q4X4_BYTES, Q8_0_KIND
 from metronome.kernels.decoder import BlockPart
 from metronome.kernels.ops import CppOps
 from metronome.model.loader import QuantTensor
@@ -163,7 +163,7 @@ def quantize(model: nn.Module, weights: dict[str, QuantTensor | torch.Tensor], m
 
 # ---------------------------------------------------------------------------------------------
 # Block formats of the fused CPU decoder (csrc/blocks.h, block_linear_rows): the kind codes and sizes
-# are kernels.blocks' (Q8_0_KIND, Q4X4_KIND, Q4X4_BYTES, FILE_KINDS), checked there against the C++ export.
+# are kernels.blocks' (Q8_0_KIND, Q4X4_BYTES, Q4_PACKED_KIND, FILE_KINDS), checked there against the C++ export.
 
 
 def pack_q4(t: QuantTensor) -> torch.Tensor:
@@ -188,13 +188,14 @@ def pack_q4(t: QuantTensor) -> torch.Tensor:
 
 
 def pack_16_rows(part: QuantTensor, ops: CppOps) -> tuple[torch.Tensor, int]:
-    """A Q5_0, Q4_K, Q6_K or Q8_0 tensor's blocks repacked 16 rows side by side (csrc/pack.cpp; the layouts
-    are in csrc/blocks.cpp), with their block kind. Exact: the file's scales, minimums and codes are moved,
-    not recomputed."""
-    if part.qtype not in PACKED_KINDS:
-        raise ValueError(f"pack_16_rows packs {', '.join(PACKED_KINDS)} tensors, got {part.qtype}")
+    """A Q5_0, Q4_K, Q6_K, Q8_0, Q4_0 or Q4_1 tensor's blocks repacked 16 rows side by side (csrc/pack.cpp;
+    the layouts are in csrc/blocks.cpp), with their block kind. Exact: the file's scales, minimums and codes
+    are moved, not recomputed (Q4_0 becomes Q4_1 with m = -8d, exact in fp16)."""
+    packed = {**PACKED_KINDS, "Q4_0": Q4_PACKED_KIND, "Q4_1": Q4_PACKED_KIND}
+    if part.qtype not in packed:
+        raise ValueError(f"pack_16_rows packs {', '.join(packed)} tensors, got {part.qtype}")
     rows, k = part.shape
-    kind = BLOCK_KINDS[PACKED_KINDS[part.qtype]]
+    kind = BLOCK_KINDS[packed[part.qtype]]
     return ops.pack_x16(file_view(part.raw, rows), kind, rows, k), kind
 
 
@@ -234,8 +235,8 @@ def block_matrix(
     """The rows of `parts` stacked, in the fused decoder's formats: one (blocks, kind, rows) segment per
     part. Q5_0, Q4_K, Q6_K and Q8_0 blocks are repacked 16 rows side by side (pack_16_rows: the same bits,
     faster to multiply than the file's rows); the other blocks the kernels read as the
-    file stores them (Q5_1, Q5_K) stay views of the file; Q4_0/Q4_1 blocks are packed as they are
-    when mode is "int4"; anything else is quantized to Q8_0 (32-weight blocks, finer than per-channel
+    file stores them (Q5_1, Q5_K) stay views of the file; Q4_0/Q4_1 blocks are repacked 16 rows side by
+    side when mode is "int4"; anything else is quantized to Q8_0 (32-weight blocks, finer than per-channel
     int8). `cached`: the same matrix from the plan cache (`cacheable`), whose packed segments are taken
     instead of packing again."""
     segments: list[BlockPart] = []
@@ -249,7 +250,7 @@ def block_matrix(
         elif isinstance(part, QuantTensor) and part.qtype in FILE_KINDS:
             segments.append((file_view(part.raw, rows), FILE_KINDS[part.qtype], rows))
         elif mode == "int4" and isinstance(part, QuantTensor) and part.qtype in ("Q4_0", "Q4_1"):
-            segments.append((pack_q4(part), Q4X4_KIND, rows))
+            segments.append((*pack_16_rows(part, ops), rows))
         else:
             segments.append((quantize_q8_0(dense(part)), Q8_0_KIND, rows))
     return segments

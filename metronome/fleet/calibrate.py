@@ -39,13 +39,13 @@ import numpy as np
 from metronome.kernels.blocks import PACKED_KINDS
 
 ROWS = (1, 8, 256)  # token rows measured: single-stream decode, 8 live slots, a prefill chunk (PREFILL_CHUNK)
-Q4_FORMATS = ("Q4_0", "Q4_1")  # packed as Q4X4 by the plan; every other quantized format is costed as Q8_0
+Q4_FORMATS = ("Q4_0", "Q4_1")  # packed as Q4_1X16 by the plan in int4 mode (compile/quant.py block_matrix)
 STREAM_BYTES = 96 << 20  # synthetic matrix for M <= 8: three times this machine's 32 MiB L3, never cached
 COMPUTE_BYTES = 8 << 20  # for M = 256: compute-bound, reuse makes cache size irrelevant
 RING_COPIES = 1024  # copies of one matrix cycled through (the shipped models' smallest need ~260)
 
 
-Part = tuple[int, int, int]  # (BLOCK_KINDS code, output rows, bytes per stored row: per group of 4 rows for Q4X4)
+Part = tuple[int, int, int]  # (BLOCK_KINDS code, output rows, bytes per stored row: per group of rows if packed)
 
 
 @dataclass(frozen=True)
@@ -153,17 +153,18 @@ def _mean_s(fn, repeats: int, warm: int = 2, batches: int = 3) -> float:
 
 
 def _synthetic_q4(nbytes: int, k: int):
-    """Packed Q4X4 groups (kernels.blocks) of about `nbytes`: random codes, fp16 scales of 0.01."""
+    """Packed Q4_1X16 groups (kernels.blocks) of about `nbytes`: random codes, fp16 d and m of 0.01."""
     import torch
 
-    from metronome.kernels.blocks import Q4X4_BYTES
+    from metronome.kernels.blocks import BLOCK_BYTES, Q4_PACKED_KIND
 
+    size = BLOCK_BYTES[Q4_PACKED_KIND]
     nb = k // 32
-    groups = max(1, nbytes // (nb * Q4X4_BYTES))
+    groups = max(1, nbytes // (nb * size))
     rng = np.random.default_rng(0)
-    blocks = rng.integers(0, 256, size=(groups, nb, Q4X4_BYTES), dtype=np.uint8)
-    blocks[:, :, :16] = np.full(8, 0.01, dtype=np.float16).view(np.uint8)
-    return torch.from_numpy(blocks.reshape(groups, nb * Q4X4_BYTES)), groups * 4
+    blocks = rng.integers(0, 256, size=(groups, nb, size), dtype=np.uint8)
+    blocks[:, :, :64] = np.full(32, 0.01, dtype=np.float16).view(np.uint8)  # 16 d, 16 m
+    return torch.from_numpy(blocks.reshape(groups, nb * size)), groups * 16
 
 
 def _synthetic_q8(nbytes: int, k: int):
@@ -204,7 +205,7 @@ def measure_terms(
     if device == "cuda":
         return _measure_cuda(repeats)
     from metronome.compile.quant import pack_16_rows
-    from metronome.kernels.blocks import FILE_KINDS, Q4X4_KIND, Q8_0_KIND
+    from metronome.kernels.blocks import BLOCK_KINDS, FILE_KINDS, Q4_PACKED_KIND, Q8_0_KIND
     from metronome.kernels.ops import load_kernels
     from metronome.model.loader import QuantTensor
 
@@ -214,8 +215,9 @@ def measure_terms(
     ops.set_threads(threads)
     try:
         k = 1024
-        per_byte: dict[str, dict[int, float]] = {"Q4X4": {}, "Q8_0": {}}
-        for fmt, make, kind in (("Q4X4", _synthetic_q4, Q4X4_KIND), ("Q8_0", _synthetic_q8, Q8_0_KIND)):
+        per_byte: dict[str, dict[int, float]] = {Q4_PACKED_KIND: {}, "Q8_0": {}}
+        q4 = (Q4_PACKED_KIND, _synthetic_q4, BLOCK_KINDS[Q4_PACKED_KIND])
+        for fmt, make, kind in (q4, ("Q8_0", _synthetic_q8, Q8_0_KIND)):
             for rows in ROWS:
                 blocks, n = make(stream_bytes if rows <= 8 else min(stream_bytes, COMPUTE_BYTES), k)
                 x = torch.randn(rows, k)
@@ -484,9 +486,9 @@ def plan_formats(loaded, mode: str) -> tuple[dict[str, int], dict, tuple[str, in
     file's blocks (to measure), and the head's (format, bytes). As quant.block_matrix decides: Q5_0, Q4_K,
     Q6_K and Q8_0 are packed 16 rows side by side ("Q5_0X16", PACKED_KINDS), the other file formats stay as stored
     ("Q5_1 (file)"), Q4_0/Q4_1 are
-    packed ("Q4X4") in int4 mode, the rest is quantized to "Q8_0". The embedding table counts only when it
+    packed 16 rows side by side too ("Q4_1X16") in int4 mode, the rest is quantized to "Q8_0". The embedding table counts only when it
     is also the head (tied): a step reads one row of it otherwise."""
-    from metronome.kernels.blocks import BLOCK_BYTES, BLOCK_GROUPS, BLOCK_WEIGHTS, FILE_KINDS
+    from metronome.kernels.blocks import BLOCK_BYTES, BLOCK_GROUPS, BLOCK_WEIGHTS, FILE_KINDS, Q4_PACKED_KIND
     from metronome.model.loader import QuantTensor
 
     head = "head.weight" if "head.weight" in loaded.weights else "embed.weight"
@@ -505,7 +507,8 @@ def plan_formats(loaded, mode: str) -> tuple[dict[str, int], dict, tuple[str, in
                 blocks = k // BLOCK_WEIGHTS[fmt]
                 nbytes = -(-rows // BLOCK_GROUPS[fmt]) * blocks * BLOCK_BYTES[fmt]
         elif mode == "int4" and isinstance(w, QuantTensor) and w.qtype in Q4_FORMATS:
-            fmt, nbytes = "Q4X4", int(np.asarray(w.raw).nbytes)  # packing moves the blocks, same size
+            fmt = Q4_PACKED_KIND  # Q4_1's 20 bytes a block as they are; Q4_0's 18 gain m (20)
+            nbytes = -(-rows // BLOCK_GROUPS[fmt]) * (k // BLOCK_WEIGHTS[fmt]) * BLOCK_BYTES[fmt]
         else:
             fmt, nbytes = "Q8_0", rows * k // 32 * 34
         if name == head:
@@ -915,7 +918,7 @@ def calibration_table(terms: Terms, rows: list[CalibrationRow]) -> str:
 
 
 def _weights_per_byte(fmt: str) -> float:
-    bits = {"Q4X4": 5.0, "Q8_0": 8.5, "bf16": 16.0, "Q8_0 (file)": 8.5, "Q5_0X16": 5.5, "Q5_1 (file)": 6.0}
+    bits = {"Q4_1X16": 5.0, "Q8_0": 8.5, "bf16": 16.0, "Q8_0 (file)": 8.5, "Q5_0X16": 5.5, "Q5_1 (file)": 6.0}
     bits |= {"Q4_KX16": 2368 * 8 / 4096, "Q6_KX16": 6.5625, "Q8_0X16": 8.5}
     bits |= {"Q4_K (file)": 4.5, "Q5_K (file)": 5.5, "Q6_K (file)": 6.5625}
     return 8 / bits.get(fmt, 8.0)

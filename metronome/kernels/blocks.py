@@ -42,6 +42,7 @@ BLOCK_KINDS = {
     "Q4_KX16": 9,
     "Q6_KX16": 10,
     "Q8_0X16": 11,
+    "Q4_1X16": 12,  # Q4_0 (as Q4_1 with m = -8d) or Q4_1
 }
 BLOCK_WEIGHTS = {name: 256 if "_K" in name else 32 for name in BLOCK_KINDS}  # per block along K
 BLOCK_GROUPS = {name: 4 if name == "Q4X4" else 16 if name.endswith("X16") else 1 for name in BLOCK_KINDS}
@@ -60,10 +61,13 @@ BLOCK_BYTES = {  # per block and group of BLOCK_GROUPS rows
     "Q4_KX16": 2368,  # 16 fp16 d, 16 fp16 dmin, 8 x 16 scales, 4 x 32 minimums, 32 x 64 nibble bytes
     "Q6_KX16": 3360,  # 16 fp16 d, 16 x 16 scales, 8 x (4 x 64 nibble bytes, 2 x 64 top-bit bytes)
     "Q8_0X16": 544,  # 16 fp16 d, 8 x 64 code bytes (q + 128)
+    "Q4_1X16": 320,  # 16 fp16 d, 16 fp16 m, 4 x 64 nibble bytes
 }
 # GGUF tensor type -> the kind the plans repack it into, 16 rows side by side (compile/quant.py
 # pack_16_rows; fleet/calibrate.py costs the same choice).
 PACKED_KINDS = {qtype: qtype + "X16" for qtype in ("Q5_0", "Q4_K", "Q6_K", "Q8_0")}
+# Q4_0 and Q4_1 are repacked the same way, but only where the plan keeps 4-bit weights ("int4" mode).
+Q4_PACKED_KIND = "Q4_1X16"
 # GGUF tensor type -> the kind that reads its blocks in place.
 FILE_KINDS = {
     qtype: BLOCK_KINDS["Q8_0_X8" if qtype == "Q8_0" else qtype]

@@ -205,7 +205,8 @@ class CppOps:
 
     def block_linear(self, x: Tensor, blocks: Tensor, kind: int, rows: int, bias: Tensor | None = None) -> Tensor:
         """x (M, K) -> (M, rows) float32, W as blocks of one of kernels.blocks.BLOCK_KINDS (Q8_0 rows,
-        packed Q4 groups from quant.pack_q4, or a GGUF format's rows as stored)."""
+        packed Q4 groups from quant.pack_q4, 16-row groups from quant.pack_16_rows, or a GGUF format's rows as
+        stored)."""
         return self._m.block_linear(x, blocks, kind, rows, bias)
 
     def pack_x16(self, raw: Tensor, kind: int, rows: int, k: int) -> Tensor:

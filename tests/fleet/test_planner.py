@@ -493,7 +493,7 @@ def test_machine_measurement_and_prediction_hook():
 TERMS = Terms(
     "cpu",
     2,
-    {"Q4X4": {1: 1e-10, 8: 2e-10, 256: 4e-9}, "Q8_0": {1: 1.1e-10, 8: 3e-10, 256: 6e-9}},
+    {"Q4_1X16": {1: 1e-10, 8: 2e-10, 256: 4e-9}, "Q8_0": {1: 1.1e-10, 8: 3e-10, 256: 6e-9}},
     attention_s=1e-11,
     call_s=3e-6,
     region_s=2e-6,
@@ -501,9 +501,11 @@ TERMS = Terms(
 
 
 def test_calibration_adds_machine_terms_over_the_plan_bytes_and_ops():
-    assert TERMS.per_byte("Q4X4", 1) == 1e-10 and TERMS.per_byte("Q4X4", 4) == pytest.approx(1e-10 + 3 / 7 * 1e-10)
+    assert TERMS.per_byte("Q4_1X16", 1) == 1e-10 and TERMS.per_byte("Q4_1X16", 4) == pytest.approx(
+        1e-10 + 3 / 7 * 1e-10
+    )
     assert TERMS.per_byte("Q8_0", 512) == pytest.approx(12e-9)  # beyond the last measured rows: linear in rows
-    formats = {"Q4X4": 60_000_000, "Q8_0": 20_000_000, "Q6_K": 1_000_000}
+    formats = {"Q4_1X16": 60_000_000, "Q8_0": 20_000_000, "Q6_K": 1_000_000}
     cost = PlanCost("m", formats, 30, 576, 332, {1: 40, 8: 200}, ("Q8_0", 10_000_000))
     want = 60e6 * 2e-10 + 31e6 * 3e-10 + 8 * 64 * 576 * 30 * 1e-11 + 332 * 2e-6 + 200 * 3e-6
     assert predict_step_s(cost, TERMS, 8, 64, 200) == pytest.approx(want)
@@ -517,7 +519,7 @@ def test_calibration_adds_machine_terms_over_the_plan_bytes_and_ops():
 
 def test_measure_terms_through_the_kernels():
     t = measure_terms(1, repeats=1, stream_bytes=1 << 20)
-    assert set(t.seconds_per_byte) == {"Q4X4", "Q8_0"}
+    assert set(t.seconds_per_byte) == {"Q4_1X16", "Q8_0"}
     for table in t.seconds_per_byte.values():
         assert set(table) == {1, 8, 256} and all(v > 0 for v in table.values())
         assert table[256] > table[1]  # 256 rows do 256x the work per weight byte
@@ -533,7 +535,7 @@ def test_plan_cost_counts_the_shipped_model(smollm_path):
     engine = Engine.from_model(str(smollm_path), EngineConfig(slots=8, ctx=256, threads=1), loaded=loaded)
     cost = plan_cost(engine, loaded)
     assert sum(cost.weight_bytes.values()) + cost.head[1] == pytest.approx(engine.plan.report.weight_bytes, rel=0.01)
-    assert cost.weight_bytes["Q4X4"] > 0.5 * engine.plan.report.weight_bytes  # Q4_1 layers, Q8_0 head
+    assert cost.weight_bytes["Q4_1X16"] > 0.5 * engine.plan.report.weight_bytes  # Q4_1 layers, Q8_0 head
     assert cost.regions == 11 * 30 + 2 and cost.layers == 30
     assert cost.engine_ops[8] > cost.engine_ops[1] > 0  # sampling runs per request
 

@@ -1,4 +1,4 @@
-"""The 16-row packed layouts (csrc/blocks.cpp: Q5_0X16, Q4_KX16, Q6_KX16, Q8_0X16) written a second time, in numpy,
+"""The 16-row packed layouts (csrc/blocks.cpp: Q5_0X16, Q4_KX16, Q6_KX16, Q8_0X16, Q4_1X16) written a second time, in numpy,
 from the layout comments: the reference tests/kernels/test_block_formats.py holds csrc/pack.cpp's bytes to."""
 
 from __future__ import annotations
@@ -112,3 +112,22 @@ def pack_q8_0(raw: np.ndarray, n: int, k: int) -> torch.Tensor:
     quads = np.moveaxis(codes.reshape(groups, nb, 16, 8, 4), 2, 3)  # (G, nb, quad g, row r, i)
     out = np.concatenate([d.reshape(groups, nb, 32), quads.reshape(groups, nb, 512)], axis=-1)
     return torch.from_numpy(np.ascontiguousarray(out, dtype=np.uint8).reshape(groups, nb * BLOCK_BYTES["Q8_0X16"]))
+
+
+def pack_q4_1(raw: np.ndarray, n: int, k: int, has_min: bool = True) -> torch.Tensor:
+    """GGUF Q4_1 rows (N, K/32*20 bytes), or Q4_0 rows (K/32*18, has_min=False: m = -8d in fp16) -> 16 rows
+    side by side (ceil(N/16), K/32*320) uint8, the layout csrc/blocks.cpp's Q4_1Codes reads: per block, 16
+    fp16 d, 16 fp16 m, then 4 nibble vectors. Missing rows are zeros."""
+    nb = k // 32
+    blocks = np.asarray(raw).reshape(n, nb, 20 if has_min else 18)
+    d = blocks[..., :2]
+    if has_min:
+        m, qs = blocks[..., 2:4], blocks[..., 4:]
+    else:
+        m = (d.copy().view(np.float16).astype(np.float32) * -8.0).astype(np.float16).view(np.uint8)
+        qs = blocks[..., 2:]
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # (N, nb, 32): weight j
+    d16, m16 = _by_16_rows(d, n).reshape(-1, nb, 32), _by_16_rows(m, n).reshape(-1, nb, 32)
+    nibbles = _nibble_vectors(_by_16_rows(codes, n)).reshape(-1, nb, 256)
+    out = np.concatenate([d16, m16, nibbles], axis=-1).astype(np.uint8)
+    return torch.from_numpy(np.ascontiguousarray(out).reshape(out.shape[0], nb * BLOCK_BYTES["Q4_1X16"]))

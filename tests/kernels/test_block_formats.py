@@ -10,7 +10,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from helpers.x16_packing import pack_q4_k, pack_q5_0, pack_q6_k, pack_q8_0
+from helpers.x16_packing import pack_q4_1, pack_q4_k, pack_q5_0, pack_q6_k, pack_q8_0
 
 from metronome.compile.quant import pack_16_rows
 from metronome.kernels.blocks import BLOCK_KINDS, FILE_KINDS
@@ -22,10 +22,13 @@ try:
 except KernelBuildError as exc:  # pragma: no cover - every CI machine has AVX-512 or AVX2
     pytest.skip(f"C++ kernels unavailable: {exc}", allow_module_level=True)
 
-FORMATS = ["Q8_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q5_0X16", "Q4_KX16", "Q6_KX16", "Q8_0X16"]
-QUANTIZABLE = {"Q8_0", "Q5_0", "Q5_1"}  # gguf.quants can quantize these; K-quant blocks are built at random
+FORMATS = ["Q8_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q5_0X16", "Q4_KX16", "Q6_KX16", "Q8_0X16", "Q4_1X16"]
+FORMATS += ["Q4_0X16"]  # not a kind: Q4_0 rows packed as Q4_1X16
+QUANTIZABLE = {"Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1"}  # gguf.quants quantizes these; K-quants are random bytes
 # a packed kind -> the file format it is packed from
-STORED = {"Q5_0X16": "Q5_0", "Q4_KX16": "Q4_K", "Q6_KX16": "Q6_K", "Q8_0X16": "Q8_0"}
+STORED = {"Q5_0X16": "Q5_0", "Q4_KX16": "Q4_K", "Q6_KX16": "Q6_K", "Q8_0X16": "Q8_0", "Q4_1X16": "Q4_1"}
+STORED["Q4_0X16"] = "Q4_0"
+KIND = {"Q4_0X16": "Q4_1X16"}  # the block kind a test format runs as, where it is not its own name
 
 
 def _super(qtype: str) -> bool:
@@ -75,7 +78,7 @@ def _linear(x: torch.Tensor, raw: np.ndarray, qtype: str) -> torch.Tensor:
     if qtype in STORED:
         part = QuantTensor(raw=raw, qtype=STORED[qtype], shape=(n, x.shape[1]))
         blocks, kind = pack_16_rows(part, OPS)
-        assert kind == BLOCK_KINDS[qtype]
+        assert kind == BLOCK_KINDS[KIND.get(qtype, qtype)]
         return OPS.block_linear(x, blocks, kind, n)
     return OPS.block_linear(x, torch.from_numpy(raw), FILE_KINDS[qtype], n)
 
@@ -115,18 +118,23 @@ def test_file_format_rows_are_independent_and_thread_count_free(qtype: str) -> N
     assert torch.equal(batch, alone) and torch.equal(batch, one_thread)
 
 
-@pytest.mark.parametrize("qtype", ["Q5_0X16", "Q4_KX16", "Q6_KX16", "Q8_0X16"])
+@pytest.mark.parametrize("qtype", ["Q5_0X16", "Q4_KX16", "Q6_KX16", "Q8_0X16", "Q4_1X16", "Q4_0X16"])
 @pytest.mark.parametrize("n", [16, 37])
 def test_packing_is_the_layouts_numpy_reference(qtype: str, n: int) -> None:
     """csrc/pack.cpp's bytes against the layouts written again in numpy (tests/helpers/x16_packing.py), a
     whole group and a partial last one (its missing rows zero)."""
     k = 512
     raw = _blocks(qtype, n, k, seed=6)
-    reference = {"Q5_0X16": pack_q5_0, "Q4_KX16": pack_q4_k, "Q6_KX16": pack_q6_k, "Q8_0X16": pack_q8_0}[qtype](
-        raw, n, k
-    )
+    reference = {
+        "Q5_0X16": pack_q5_0,
+        "Q4_KX16": pack_q4_k,
+        "Q6_KX16": pack_q6_k,
+        "Q8_0X16": pack_q8_0,
+        "Q4_1X16": pack_q4_1,
+        "Q4_0X16": lambda raw, n, k: pack_q4_1(raw, n, k, has_min=False),
+    }[qtype](raw, n, k)
     packed, kind = pack_16_rows(QuantTensor(raw=raw, qtype=STORED[qtype], shape=(n, k)), OPS)
-    assert kind == BLOCK_KINDS[qtype] and torch.equal(packed, reference)
+    assert kind == BLOCK_KINDS[KIND.get(qtype, qtype)] and torch.equal(packed, reference)
     with pytest.raises(RuntimeError, match="raw must be the file's contiguous uint8 blocks"):
         OPS.pack_x16(torch.from_numpy(raw[:, :-1].copy()), kind, n, k)
 

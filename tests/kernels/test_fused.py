@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from metronome.compile.fused import FusedRunner
-from metronome.compile.quant import Q4X4_KIND, Q8_0_KIND, pack_q4, quantize_q8_0
+from metronome.compile.quant import Q8_0_KIND, pack_q4, quantize_q8_0
 from metronome.config import EngineConfig, SamplingParams
 from metronome.engine import Engine
 from metronome.engine.request import SpecStats
 from metronome.engine.speculate import NgramDrafter
+from metronome.kernels.blocks import Q4X4_KIND
 from metronome.kernels.ops import KernelBuildError, load_kernels
 from metronome.model.loader import QuantTensor, load
 

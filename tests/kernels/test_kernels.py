@@ -457,10 +457,10 @@ def test_block_formats_match_the_cpp_export(cpp: CppOps) -> None:
         name = next(n for n, k in blocks.BLOCK_KINDS.items() if k == kind)
         want = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
         assert (blocks.BLOCK_WEIGHTS[name], blocks.BLOCK_BYTES[name]) == want, qtype
-    assert (quant.Q8_0_KIND, quant.Q4X4_KIND, quant.Q4X4_BYTES) == (
+    assert (quant.Q8_0_KIND, quant.Q4X4_BYTES, quant.Q4_PACKED_KIND) == (
         blocks.Q8_0_KIND,
-        blocks.Q4X4_KIND,
         blocks.Q4X4_BYTES,
+        blocks.Q4_PACKED_KIND,
     )
     blocks.check_exports(m)
 

@@ -56,8 +56,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "y = x @ W.T (+ bias) in f32, W as blocks of one of BLOCK_KINDS, `rows` rows", py::arg("x"), py::arg("w"),
         py::arg("kind"), py::arg("rows"), py::arg("bias") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("pack_x16", &metronome::pack_x16,
-        "a GGUF Q5_0/Q4_K/Q6_K/Q8_0 matrix's rows repacked 16 side by side in block kind `kind` (Q5_0X16, "
-        "Q4_KX16, Q6_KX16, Q8_0X16)",
+        "a GGUF Q5_0/Q4_K/Q6_K/Q8_0/Q4_0/Q4_1 matrix's rows repacked 16 side by side in block kind `kind` (Q5_0X16, "
+        "Q4_KX16, Q6_KX16, Q8_0X16; Q4_1X16 for Q4_0 and Q4_1)",
         py::arg("raw"), py::arg("kind"), py::arg("rows"), py::arg("K"), py::call_guard<py::gil_scoped_release>());
   m.def("gguf_rows", &metronome::gguf_rows,
         "rows `ids` of a GGUF Q4_0/Q4_1/Q8_0 table as float32 (the gguf package's dequantization, bitwise)",

@@ -100,10 +100,10 @@ void q8_columns_any(int64_t mt, const uint8_t* wq, int64_t row_bytes, const floa
 // Per block: dx = max|x| / 127, x8 = round(x / dx); and integer sums of x8 that the formats' offsets
 // and minimums multiply (exact: the offsets then cancel exactly in integers).
 
-// A block of one x row as the 32-weight X16 kinds' tiles read it: its 32 int8 values, then that block's
-// o16, o128 and dx. The records of one block for every row lie side by side (xr is (K/32, M) records), so
-// a tile's 8 rows of a block are at fixed distances from one pointer.
-constexpr int64_t kRecordBytes = 48, kRecordO16 = 32, kRecordO128 = 36, kRecordDx = 40;
+// A block of one x row as the 32-weight packed kinds' tiles read it (X16 and Q4X4): its 32 int8 values, then
+// that block's o16, o128, dx and sx. The records of one block for every row lie side by side (xr is (K/32, M) records),
+// so a tile's 8 rows of a block are at fixed distances from one pointer.
+constexpr int64_t kRecordBytes = 48, kRecordO16 = 32, kRecordO128 = 36, kRecordDx = 40, kRecordSx = 44;
 
 struct XQuant {
   int8_t* x8;        // (M, K) per-32 blocks
@@ -121,7 +121,7 @@ struct XQuant {
   int32_t* o32;      // (M, K/16): -32 * bs16, packed Q6_K's offset term (the start of its integer sums)
   float* mk;         // (M, K/256, 16): dxk * bs32 in lanes 0..7, 0 in 8..15 (Q4_K/Q5_K's minimum term)
   float* m6;         // (M, K/16): dxk * bs16 (Q6_K's offset term)
-  uint8_t* xr;       // (K/32, M) records of kRecordBytes: x8, o16, o128, dx of one block (the X16 kinds' tiles)
+  uint8_t* xr;       // (K/32, M) records of kRecordBytes: x8, o16, o128, dx, sx of one block (packed kinds' tiles)
   int64_t xr_block;  // bytes from a row's record of block b to its record of block b + 1 (M records)
 };
 
@@ -179,6 +179,7 @@ void quantize_32(const float* x, int64_t M, int64_t K, const XQuant& q) {
     std::memcpy(r + kRecordO16, q.o16 + i, 4);
     std::memcpy(r + kRecordO128, q.o128 + i, 4);
     std::memcpy(r + kRecordDx, q.dx + i, 4);
+    std::memcpy(r + kRecordSx, q.sx + i, 4);
   }
 }
 
@@ -244,7 +245,8 @@ void q4x4_tile(const uint8_t* w, int64_t nb, const XQuant& xq, int64_t K, float*
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   __m512 acc[MT];
   for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
+  const uint8_t* rec = xq.xr + m0 * kRecordBytes;  // x row m0 + m's block b: rec + m * kRecordBytes
+  for (int64_t b = 0; b < nb; ++b, rec += xq.xr_block) {
     const uint8_t* p = w + b * kQ4x4Bytes;
     // +0 and +64 of each 80-byte block: every line of the stream
     _mm_prefetch(reinterpret_cast<const char*>(p) + kQ4Ahead, _MM_HINT_T0);
@@ -255,13 +257,14 @@ void q4x4_tile(const uint8_t* w, int64_t nb, const XQuant& xq, int64_t K, float*
     const __m512i q = _mm512_loadu_si512(p + 16);
     const __m512i lo = _mm512_and_si512(q, low4), hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), low4);
     for (int m = 0; m < MT; ++m) {
-      const int64_t row = (m0 + m);
-      const int8_t* xb = xq.x8 + row * K + b * kQ4Block;
+      const uint8_t* xb = rec + m * kRecordBytes;
       const __m512i xl = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xb)));
       const __m512i xh = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + 16)));
       const __m512i s = dpbusd_small(dpbusd_small(_mm512_setzero_si512(), lo, xl), hi, xh);  // nibbles
-      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dv, _mm512_set1_ps(xq.dx[row * nb + b])), acc[m]);
-      acc[m] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xq.sx[row * nb + b]), acc[m]);
+      const float dx = *reinterpret_cast<const float*>(xb + kRecordDx),
+                  sx = *reinterpret_cast<const float*>(xb + kRecordSx);
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dv, _mm512_set1_ps(dx)), acc[m]);
+      acc[m] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sx), acc[m]);
     }
   }
   for (int m = 0; m < MT; ++m) {
@@ -323,11 +326,12 @@ inline void store16(const __m512* acc, float* y, int64_t ldy, int64_t rows, int6
   for (int m = 0; m < MT; ++m) _mm512_mask_storeu_ps(y + (m0 + m) * ldy + n0, keep, acc[m]);
 }
 
-// The 32-weight packed kinds: per group and block, 16 fp16 d (row r in lane r), then the codes, which
-// Codes::unpack_pair turns into vectors c[2v], c[2v + 1] (byte 4r+i: row r's weight 4g+i, unsigned) for v in
-// [0, 4). Row r, x row m:
-//   acc += float(sum_j c_j x8_j + offset) * (d_r * dx), block after block,
-// where the offset term (-16 or -128 times the block's sum of x8: xq.o16, xq.o128) starts the integer sum.
+// The 32-weight packed kinds: per group and block, 16 fp16 d (row r in lane r), for Q4_1 16 fp16 m, then
+// the codes (at Codes::kCodesAt), which Codes::unpack_pair turns into vectors c[2v], c[2v + 1] (byte 4r+i:
+// row r's weight 4g+i, unsigned) for v in [0, 4). Row r, x row m:
+//   acc += float(sum_j c_j x8_j + offset) * (d_r * dx) [+ m_r * sx], block after block,
+// where the offset term (-16 or -128 times the block's sum of x8: xq.o16, xq.o128; none for Q4_1) starts
+// the integer sum, and Q4_1's minimum adds m_r times sx = dx * (the block's sum of x8).
 // Where the CPU has no vpdpbusd, Q8_0's codes go back to q (signed) for dpbssd, which needs no offset.
 template <typename Codes>
 struct X16Block32 {
@@ -343,7 +347,7 @@ struct X16Block32 {
       const __m512i a0 = _mm512_abs_epi8(q0), a1 = _mm512_abs_epi8(q1);
       for (int j = 0; j < R; ++j)
         s[j] = dpbssd_bcst(dpbssd_bcst(s[j], q0, a0, xb[j] + 2 * v), q1, a1, xb[j] + 2 * v + 1);
-    } else if constexpr (Codes::kOffset == 16) {
+    } else if constexpr (Codes::kOffset != 128) {  // codes below 128
       for (int j = 0; j < R; ++j)
         s[j] = dpbusd_bcst_small(dpbusd_bcst_small(s[j], c[0], xb[j] + 2 * v), c[1], xb[j] + 2 * v + 1);
     } else {
@@ -384,16 +388,22 @@ struct X16Block32 {
       for (int m = 0; m < MT; ++m) {
         const uint8_t* r = rec + m * kRecordBytes;
         xb[m] = reinterpret_cast<const int32_t*>(r);
-        s[m] = kSigned ? _mm512_setzero_si512()  // the offset starts the sum
-                       : _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(r + kOffsetAt));
+        s[m] = kSigned || Codes::kOffset == 0 ? _mm512_setzero_si512()  // else the offset starts the sum
+                                              : _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(r + kOffsetAt));
       }
-      sums<std::min(MT, kBlock)>(p + 32, xb, s);
-      if constexpr (MT > kBlock) sums<MT - kBlock>(p + 32, xb + kBlock, s + kBlock);
+      sums<std::min(MT, kBlock)>(p + Codes::kCodesAt, xb, s);
+      if constexpr (MT > kBlock) sums<MT - kBlock>(p + Codes::kCodesAt, xb + kBlock, s + kBlock);
       for (int m = 0; m < MT; ++m)
         acc[m] = _mm512_fmadd_ps(
             _mm512_cvtepi32_ps(s[m]),
             _mm512_mul_ps(d, _mm512_set1_ps(*reinterpret_cast<const float*>(rec + m * kRecordBytes + kRecordDx))),
             acc[m]);
+      if constexpr (Codes::kMin) {
+        const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)));
+        for (int m = 0; m < MT; ++m)
+          acc[m] = _mm512_fmadd_ps(
+              mn, _mm512_set1_ps(*reinterpret_cast<const float*>(rec + m * kRecordBytes + kRecordSx)), acc[m]);
+      }
     }
     store16<MT>(acc, y, ldy, rows, n0, m0);
   }
@@ -402,8 +412,9 @@ struct X16Block32 {
 // Q5_0 (w = d * (q - 16), q in [0, 32)), 352 bytes: d, then 8 words of 64 fifth bits (word g: bit 4r+j is
 // the fifth bit of row r's weight 4g+j), then 4 nibble vectors; codes q, offset -16 x sum(x8).
 struct Q5_0Codes {
-  static constexpr int64_t kBytes = kQ5x16Bytes;
+  static constexpr int64_t kBytes = kQ5x16Bytes, kCodesAt = 32;
   static constexpr int kOffset = 16;
+  static constexpr bool kMin = false;
   static inline void unpack_pair(const uint8_t* p, int v, __m512i* c) {
     const __m512i bit4 = _mm512_set1_epi8(0x10);
     nibble_quads(p + 64 + 64 * v, c);
@@ -421,14 +432,26 @@ using Q5_0x16 = X16Block32<Q5_0Codes>;
 // block for every (row, x row); here one per block covers 16 rows, which is what several rows of x (live
 // slots, a verification step) spent their time on: a 151,936-row head at 8 rows of x (docs/models.md).
 struct Q8_0Codes {
-  static constexpr int64_t kBytes = kQ8x16Bytes;
+  static constexpr int64_t kBytes = kQ8x16Bytes, kCodesAt = 32;
   static constexpr int kOffset = 128;
+  static constexpr bool kMin = false;
   static inline void unpack_pair(const uint8_t* p, int v, __m512i* c) {
     c[0] = _mm512_loadu_si512(p + 128 * v);
     c[1] = _mm512_loadu_si512(p + 128 * v + 64);
   }
 };
 using Q8_0x16 = X16Block32<Q8_0Codes>;
+
+// Q4_1 (w = d * q + m, q in [0, 16)), 320 bytes (the file's 16 x 20): d, m, then 4 nibble vectors; no offset,
+// the minimum term m * sx. Q4_0 (w = d * (q - 8)) is packed as Q4_1 with m = -8d, exact in fp16. Four rows
+// side by side (Q4X4) paid a conversion and two multiply-adds per 2 vpdpbusd; here per 8.
+struct Q4_1Codes {
+  static constexpr int64_t kBytes = kQ41x16Bytes, kCodesAt = 64;
+  static constexpr int kOffset = 0;
+  static constexpr bool kMin = true;
+  static inline void unpack_pair(const uint8_t* p, int v, __m512i* c) { nibble_quads(p + 64 * v, c); }
+};
+using Q4_1x16 = X16Block32<Q4_1Codes>;
 
 // Q4_K (w = d * sc_j * q - dmin * m_j over 8 sub-blocks j of 32, q in [0, 16), 6-bit sc_j and m_j), per
 // group and super-block of 256 weights, 2368 bytes: 16 fp16 d, 16 fp16 dmin, the scales as bytes (sub-block
@@ -895,6 +918,7 @@ void segment_rows(const BlockSegment& s, const float* x, const XQuant& xq, int64
     case kQ4_Kx16: x16_rows<Q4_Kx16>(s.w, xq, K, ys, ldy, s.rows, n_lo, n_hi, m_lo, m_hi); return;
     case kQ6_Kx16: x16_rows<Q6_Kx16>(s.w, xq, K, ys, ldy, s.rows, n_lo, n_hi, m_lo, m_hi); return;
     case kQ8_0x16: x16_rows<Q8_0x16>(s.w, xq, K, ys, ldy, s.rows, n_lo, n_hi, m_lo, m_hi); return;
+    case kQ4_1x16: x16_rows<Q4_1x16>(s.w, xq, K, ys, ldy, s.rows, n_lo, n_hi, m_lo, m_hi); return;
     default: break;
   }
   for (int64_t m0 = m_lo; m0 < m_hi; m0 += kRowsPerPass) {

@@ -32,8 +32,9 @@ enum BlockKind : int64_t {
   kQ4_Kx16 = 9,   // GGUF Q4_K repacked 16 rows side by side (ceil(N/16), K/256*2368) (pack.cpp)
   kQ6_Kx16 = 10,  // GGUF Q6_K repacked 16 rows side by side (ceil(N/16), K/256*3360) (pack.cpp)
   kQ8_0x16 = 11,  // GGUF Q8_0 repacked 16 rows side by side (ceil(N/16), K/32*544) (pack.cpp)
+  kQ4_1x16 = 12,  // GGUF Q4_0 or Q4_1 repacked 16 rows side by side as Q4_1 (ceil(N/16), K/32*320) (pack.cpp)
 };
-constexpr int64_t kNumKinds = 12;
+constexpr int64_t kNumKinds = 13;
 
 struct KindInfo {
   const char* name;
@@ -45,6 +46,7 @@ inline constexpr KindInfo kKinds[kNumKinds] = {
     {"Q8_0", 32, 34, 1},      {"Q4X4", 32, 80, 4},        {"Q8_0_X8", 32, 34, 1},     {"Q5_0", 32, 22, 1},
     {"Q5_1", 32, 24, 1},      {"Q4_K", 256, 144, 1},      {"Q5_K", 256, 176, 1},      {"Q6_K", 256, 210, 1},
     {"Q5_0X16", 32, 352, 16}, {"Q4_KX16", 256, 2368, 16}, {"Q6_KX16", 256, 3360, 16}, {"Q8_0X16", 32, 544, 16},
+    {"Q4_1X16", 32, 320, 16},
 };
 
 // Bytes of one row of a (., K) matrix in `kind` (a packed group's bytes shared by its rows).
@@ -60,6 +62,7 @@ constexpr int64_t kQ5x16Bytes = 352;    // per 16 rows x 1 block
 constexpr int64_t kQ4Kx16Bytes = 2368;  // per 16 rows x 1 super-block
 constexpr int64_t kQ6Kx16Bytes = 3360;  // per 16 rows x 1 super-block
 constexpr int64_t kQ8x16Bytes = 544;    // per 16 rows x 1 block
+constexpr int64_t kQ41x16Bytes = 320;   // per 16 rows x 1 block
 constexpr int64_t kSuperBlock = 256;
 constexpr int kMaxSegments = 4;
 

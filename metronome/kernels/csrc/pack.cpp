@@ -1,9 +1,11 @@
-// GGUF rows repacked 16 rows side by side (blocks.h: kQ5_0x16, kQ4_Kx16, kQ6_Kx16, kQ8_0x16; blocks.cpp has each
-// layout and the kernels that read it). Packing only moves the file's bits: scales, minimums and codes come
-// out as stored, unpacked to bytes where the kernels want bytes. Each group of 16 rows is independent, so
-// groups are the unit of parallel work (a 1.5B model's ~1 GB packs in about a second, where numpy took 15).
+// GGUF rows repacked 16 rows side by side (blocks.h: kQ5_0x16, kQ4_Kx16, kQ6_Kx16, kQ8_0x16, kQ4_1x16; blocks.cpp has
+// each layout and the kernels that read it). Packing only moves the file's bits: scales, minimums and codes come out as
+// stored, unpacked to bytes where the kernels want bytes. Each group of 16 rows is independent, so groups are the unit
+// of parallel work (a 1.5B model's ~1 GB packs in about a second, where numpy took 15).
 
 #include <ATen/ops/zeros.h>
+
+#include <immintrin.h>
 
 #include <cstring>
 
@@ -71,6 +73,25 @@ struct Q6_KBlock {
 
 struct Q8_0Block {
   static constexpr int64_t kW = 32, kFile = 34, kPacked = kQ8x16Bytes;  // d, 32 int8 codes
+};
+
+// Q4_1: d, m, 16 code bytes (byte j: weight j in the low nibble, j + 16 in the high one). Q4_0: d and the 16
+// code bytes; its m = -8d (exact in fp16), so both pack as Q4_1X16.
+template <bool kHasMin>
+struct Q4Block {
+  static constexpr int64_t kW = 32, kFile = kHasMin ? 20 : 18, kPacked = kQ41x16Bytes;
+  static constexpr int64_t kCodes = kHasMin ? 4 : 2;
+  static uint16_t min(const uint8_t* b) {
+    uint16_t m;
+    if constexpr (kHasMin) {
+      std::memcpy(&m, b + 2, 2);
+    } else {
+      uint16_t d;
+      std::memcpy(&d, b, 2);
+      m = _cvtss_sh(-8.0f * _cvtsh_ss(d), _MM_FROUND_TO_NEAREST_INT);  // a power of two: exact
+    }
+    return m;
+  }
 };
 
 // 16 rows' codes (q[r * stride + w]) for weights [w0, w0 + 8n) -> n nibble vectors: vector v, byte 4r+i =
@@ -148,6 +169,22 @@ void pack_block(const Q8_0Block&, const uint8_t* const* f, uint8_t* out) {
   }
 }
 
+template <bool kHasMin>
+void pack_block(const Q4Block<kHasMin>&, const uint8_t* const* f, uint8_t* out) {
+  uint8_t q[16][32] = {};
+  for (int r = 0; r < 16; ++r) {
+    if (f[r] == nullptr) continue;      // a missing row: d = m = 0 and codes 0 (its lane is never stored)
+    std::memcpy(out + 2 * r, f[r], 2);  // d
+    const uint16_t m = Q4Block<kHasMin>::min(f[r]);
+    std::memcpy(out + 32 + 2 * r, &m, 2);
+    for (int j = 0; j < 16; ++j) {
+      q[r][j] = f[r][Q4Block<kHasMin>::kCodes + j] & 0x0F;
+      q[r][j + 16] = f[r][Q4Block<kHasMin>::kCodes + j] >> 4;
+    }
+  }
+  nibble_vectors(&q[0][0], 32, 0, 4, out + 64);
+}
+
 template <typename B>
 void pack_rows(const uint8_t* raw, int64_t rows, int64_t K, uint8_t* out) {
   const int64_t nb = K / B::kW, groups = (rows + 15) / 16;
@@ -167,14 +204,18 @@ void pack_rows(const uint8_t* raw, int64_t rows, int64_t K, uint8_t* out) {
 Tensor pack_x16(const Tensor& raw, int64_t kind, int64_t rows, int64_t K) {
   const char* op = "pack_x16";
   check_cpu(op, "raw", raw);
-  TORCH_CHECK(kind == kQ5_0x16 || kind == kQ4_Kx16 || kind == kQ6_Kx16 || kind == kQ8_0x16, op,
-              ": kind must be Q5_0X16 (", kQ5_0x16, "), Q4_KX16 (", kQ4_Kx16, "), Q6_KX16 (", kQ6_Kx16,
-              ") or Q8_0X16 (", kQ8_0x16, "), got ", kind);
+  TORCH_CHECK(kind == kQ5_0x16 || kind == kQ4_Kx16 || kind == kQ6_Kx16 || kind == kQ8_0x16 || kind == kQ4_1x16, op,
+              ": kind must be Q5_0X16 (", kQ5_0x16, "), Q4_KX16 (", kQ4_Kx16, "), Q6_KX16 (", kQ6_Kx16, "), Q8_0X16 (",
+              kQ8_0x16, ") or Q4_1X16 (", kQ4_1x16, "), got ", kind);
   const int64_t weights = kKinds[kind].weights;
+  // Q4_1X16 takes Q4_0 (18 bytes a block) or Q4_1 (20) rows: told apart by the rows' width
+  const bool q4_0 = kind == kQ4_1x16 && raw.dim() == 2 && raw.size(1) == K / 32 * Q4Block<false>::kFile;
   const int64_t file_bytes = kind == kQ5_0x16   ? Q5_0Block::kFile
                              : kind == kQ4_Kx16 ? Q4_KBlock::kFile
                              : kind == kQ6_Kx16 ? Q6_KBlock::kFile
-                                                : Q8_0Block::kFile;
+                             : kind == kQ8_0x16 ? Q8_0Block::kFile
+                             : q4_0             ? Q4Block<false>::kFile
+                                                : Q4Block<true>::kFile;
   TORCH_CHECK(rows > 0 && K > 0 && K % weights == 0, op, ": rows = ", rows, " must be positive and K = ", K,
               " a positive multiple of ", weights);
   TORCH_CHECK(raw.scalar_type() == at::kByte && raw.is_contiguous() && raw.numel() == rows * (K / weights) * file_bytes,
@@ -189,8 +230,12 @@ Tensor pack_x16(const Tensor& raw, int64_t kind, int64_t rows, int64_t K) {
     pack_rows<Q4_KBlock>(src, rows, K, dst);
   else if (kind == kQ6_Kx16)
     pack_rows<Q6_KBlock>(src, rows, K, dst);
-  else
+  else if (kind == kQ8_0x16)
     pack_rows<Q8_0Block>(src, rows, K, dst);
+  else if (q4_0)
+    pack_rows<Q4Block<false>>(src, rows, K, dst);
+  else
+    pack_rows<Q4Block<true>>(src, rows, K, dst);
   return out;
 }
 

@@ -346,7 +346,7 @@ def test_sampling_filters(smollm_engine):
     for seed in range(6):  # top_k=2 never leaves the two best
         tok = engine.generate(ids, SamplingParams(max_tokens=1, temperature=2.0, top_k=2, seed=seed)).token_ids[0]
         assert tok in top2
-    probs = torch.softmax(logits, -1)
+    probs = torch.softmax(logits / 1.5, -1)  # min_p applies to the tempered distribution, as vLLM's and HF's
     keep = set((probs >= 0.5 * probs.max()).nonzero().flatten().tolist())
     for seed in range(6):  # min_p=0.5 keeps tokens with at least half the top probability
         tok = engine.generate(ids, SamplingParams(max_tokens=1, temperature=1.5, min_p=0.5, seed=seed)).token_ids[0]

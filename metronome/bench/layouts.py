@@ -4,7 +4,9 @@ The same workload runs on each layout, in this process, one after the other (equ
 uses every thread for one engine; disaggregated gives half to the decode engine and half to the prefill
 worker, parallel/disagg.py). Two background users stream long outputs the whole time; every `--gap` seconds a
 burst arrives at once: long prompts and short ones, each asking for `--output-tokens` greedy tokens.
-Reported: TTFT p50/p99 over the burst requests, and the p99 gap between the tokens of every stream.
+Reported: TTFT p50/p99 over the burst requests, the p99 gap between the tokens of every stream, and each
+burst request's TTFT over what the engine predicted for it at submit (`Request.predicted_ttft_ms`; a request
+that had to wait for a slot has no prediction). The plans are calibrated (once; the plan cache keeps it).
 """
 
 from __future__ import annotations
@@ -28,11 +30,19 @@ class LayoutResult:
     gap_p99_ms: float
     tokens: int
     seconds: float
+    ttft_over_predicted: list[float]  # each burst request's measured TTFT / its prediction, where it had one
+    unpredicted: int  # burst requests without a prediction (they waited for a slot)
 
 
 def _pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+def _spread(ratios: list[float]) -> str:
+    if not ratios:
+        return "-"
+    return f"{statistics.median(ratios):.2f} ({_pct(ratios, 0.1):.2f}-{_pct(ratios, 0.9):.2f})"
 
 
 def _corpus_ids(engine: Engine) -> list[int]:
@@ -43,11 +53,12 @@ def _corpus_ids(engine: Engine) -> list[int]:
 def run_layout(
     model: str | None, layout: str, bursts: int, gap_s: float, long_tokens: int, output_tokens: int, slots: int
 ) -> LayoutResult:
-    engine = Engine.from_model(model, EngineConfig(slots=slots, layout=layout, spec_tokens=0), calibrate=False)
+    engine = Engine.from_model(model, EngineConfig(slots=slots, layout=layout, spec_tokens=0), calibrate=True)
     corpus = _corpus_ids(engine)
     events: queue.Queue = queue.Queue()
     stamps: dict[str, list[float]] = {}
     submitted: dict[str, float] = {}
+    predicted: dict[str, float] = {}
     burst_ids: set[str] = set()
 
     def on_event(delta) -> None:
@@ -73,7 +84,7 @@ def run_layout(
             for j, p in enumerate(prompts):
                 rid = f"b{sent}-{j}"
                 burst_ids.add(rid)
-                submit(rid, p, output_tokens)
+                predicted[rid] = submit(rid, p, output_tokens).predicted_ttft_ms
             open_requests += len(prompts)
             bursts_open += len(prompts)
             sent += 1
@@ -102,7 +113,17 @@ def run_layout(
     ttft = [(stamps[r][0] - submitted[r]) * 1000 for r in burst_ids]
     gaps = [(b - a) * 1000 for s in stamps.values() for a, b in zip(s, s[1:])]
     tokens = sum(len(s) for s in stamps.values())
-    return LayoutResult(layout, statistics.median(ttft), _pct(ttft, 0.99), _pct(gaps, 0.99), tokens, seconds)
+    over = [(stamps[r][0] - submitted[r]) * 1000 / predicted[r] for r in burst_ids if predicted[r] > 0]
+    return LayoutResult(
+        layout,
+        statistics.median(ttft),
+        _pct(ttft, 0.99),
+        _pct(gaps, 0.99),
+        tokens,
+        seconds,
+        sorted(over),
+        sum(1 for r in burst_ids if not predicted[r] > 0),
+    )
 
 
 def main() -> None:
@@ -115,12 +136,16 @@ def main() -> None:
     p.add_argument("--slots", type=int, default=8)
     p.add_argument("--layouts", default="colocated,disaggregated")
     a = p.parse_args()
-    print("| layout | TTFT p50 (ms) | TTFT p99 (ms) | inter-token gap p99 (ms) | tokens | seconds |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(
+        "| layout | TTFT p50 (ms) | TTFT p99 (ms) | inter-token gap p99 (ms) | tokens | seconds "
+        "| TTFT / predicted: p50 (p10-p90) | no prediction |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---|---:|")
     for layout in a.layouts.split(","):
         r = run_layout(a.model, layout, a.bursts, a.gap, a.long_tokens, a.output_tokens, a.slots)
         print(
-            f"| {r.layout} | {r.ttft_p50_ms:.0f} | {r.ttft_p99_ms:.0f} | {r.gap_p99_ms:.1f} | {r.tokens} | {r.seconds:.1f} |"
+            f"| {r.layout} | {r.ttft_p50_ms:.0f} | {r.ttft_p99_ms:.0f} | {r.gap_p99_ms:.1f} | {r.tokens} "
+            f"| {r.seconds:.1f} | {_spread(r.ttft_over_predicted)} | {r.unpredicted} |"
         )
 
 

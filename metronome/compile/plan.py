@@ -125,29 +125,38 @@ class PlanReport:
                 break
         return taken + [0] * (len(queue) - len(taken))
 
-    def step_ms_with(self, live: int, prompts: Sequence[tuple[int, int]] = ()) -> float:
+    def step_ms_with(self, live: int, prompts: Sequence[tuple[int, int]] = (), position: float | None = None) -> float:
         """Predicted latency of a step of `live` decode rows and the prompt rows `prompts` beside them, as
         (first position, rows) per prompt; with nobody decoding, a one-row step (the weights' read, which a
-        short prompt's rows cannot hide) plus the prompt rows alone."""
+        short prompt's rows cannot hide) plus the prompt rows alone. `position`: the decode rows' mean
+        position (`step_ms_at`; None: the calibration's near position)."""
         if not live:
             if not prompts:
                 return 0.0
             return self.step_ms.get(1, float("nan")) + sum(
                 self.prompt_rows_ms(start, rows, alone=True) for start, rows in prompts
             )
-        return self.step_ms.get(live, float("nan")) + sum(self.prompt_rows_ms(start, rows) for start, rows in prompts)
+        base = self.step_ms.get(live, float("nan")) if position is None else self.step_ms_at(live, position)
+        return base + sum(self.prompt_rows_ms(start, rows) for start, rows in prompts)
 
-    def ttft_ms(self, prompts: list[tuple[int, int]], decoding: int, chunk: int, alone_chunk: int) -> float:
+    def ttft_ms(
+        self,
+        prompts: list[tuple[int, int]],
+        decoding: int,
+        chunk: int,
+        alone_chunk: int,
+        position: float | None = None,
+    ) -> float:
         """Predicted time to the first token of the last of `prompts` ((next position, rows left) per
         prompt, in the order the engine runs them: the queue ahead, then this request) while `decoding`
-        requests decode: the steps that chunked prefill takes (`take_prompt_rows`, as the engine takes
-        them), each priced by `step_ms_with`. A prompt that completes joins the decode rows. NaN without
-        calibration."""
+        requests decode, their rows at mean `position` (None: the calibration's near position): the steps
+        that chunked prefill takes (`take_prompt_rows`, as the engine takes them), each priced by
+        `step_ms_with`. A prompt that completes joins the decode rows. NaN without calibration."""
         total, live = 0.0, min(decoding, self.slots)
         queue = [(start, rows) for start, rows in prompts if rows > 0]
         while queue:
             taken = self.take_prompt_rows(queue, chunk if live else alone_chunk, priced=bool(live))
-            total += self.step_ms_with(live, [(start, n) for (start, _), n in zip(queue, taken) if n])
+            total += self.step_ms_with(live, [(start, n) for (start, _), n in zip(queue, taken) if n], position)
             queue = [(start + n, rows - n) for (start, rows), n in zip(queue, taken)]
             finished = sum(1 for _, rows in queue if rows == 0)
             queue = [q for q in queue if q[1] > 0]

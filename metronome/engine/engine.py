@@ -197,18 +197,47 @@ class Engine(PythonAPI):
     def _predict_ttft_ms(self, cached: int, prompt_tokens: int) -> float:
         """The plan's TTFT for a prompt submitted now (call under the lock): the prompt rows ahead of it
         (admitted prompts not yet in the cache, then the queue, less what each found in the prefix cache at
-        its submit), then its own, at the calibrated step costs.
+        its submit), then its own, at the calibrated step costs, the decode rows beside them priced at their
+        mean position; in the disaggregated layout, the prefill worker's queue (_predict_remote_ttft_ms).
         NaN when it would wait for a slot to free (that depends on how long others run)."""
         sched = self.scheduler
         if len(sched.by_slot) + len(sched.waiting) >= self.config.slots:
             return float("nan")
         running = sorted(sched.by_slot.values(), key=lambda r: r.timings.admitted or 0.0)
         prefilling = [r for r in running if r.prefilled < len(r.prompt_ids)]
-        ahead = [(r.prefilled, len(r.prompt_ids) - r.prefilled) for r in prefilling]
-        ahead += [(r.expected_cached, len(r.prompt_ids) - r.expected_cached) for r in sched.waiting]
+        waiting = [(r.expected_cached, len(r.prompt_ids) - r.expected_cached) for r in sched.waiting]
         decoding = len(running) - len(prefilling)
+        # the decode rows' attention reads what they have cached: a long conversation's rows cost more
+        positions = [r.position for r in running if r.prefilled == len(r.prompt_ids)]
+        position = sum(positions) / len(positions) if positions else None
+        if self.prefiller is not None:  # admitted prompts are on the worker (its backlog), not in our steps
+            return self._predict_remote_ttft_ms(self.prefiller, [*waiting, (cached, prompt_tokens)], decoding, position)
+        ahead = [(r.prefilled, len(r.prompt_ids) - r.prefilled) for r in prefilling] + waiting
         chunk = self.config.prefill_chunk if self.plan.runner.any_rows else PREFILL_CHUNK
-        return self.plan.report.ttft_ms([*ahead, (cached, prompt_tokens)], decoding, chunk, PREFILL_CHUNK)
+        return self.plan.report.ttft_ms([*ahead, (cached, prompt_tokens)], decoding, chunk, PREFILL_CHUNK, position)
+
+    def _predict_remote_ttft_ms(
+        self, prefiller: PrefillWorker, queued: list[tuple[int, int]], decoding: int, position: float | None = None
+    ) -> float:
+        """The disaggregated layout's TTFT for the last of `queued` ((cached, rows) of the prompts that will
+        be sent to the worker, in order). The worker runs one prompt at a time, in the order they were sent,
+        each in one call of its rows with nothing beside them (`step_ms_with(0, ...)`), at its share of the
+        threads: what is left of the job it runs now, the jobs sent after it, then these, each price times
+        the worker's recent slowdown beside this engine (`Backlog.slowdown`). Around that: the wait for
+        the engine's next step, which sends the prompt, and after the worker, the wait for the step that
+        installs its KV and samples the first token: half a decode step each, on average (none while nobody
+        decodes: the engine then waits for work and wakes at once)."""
+        report, backlog = self.plan.report, prefiller.backlog()
+        share = self._worker_share(prefiller) * backlog.slowdown
+        costs = [share * report.step_ms_with(0, [job]) for job in [*backlog.jobs, *queued]]
+        if backlog.jobs:
+            costs[0] = max(0.0, costs[0] - 1000 * backlog.running_s)
+        return sum(costs) + (report.step_ms_with(decoding, (), position) if decoding else 0.0)
+
+    def _worker_share(self, prefiller: PrefillWorker) -> float:
+        """The worker's prompt rows cost this many of this engine's (the plan was timed with the engine's
+        threads; prompt rows are bound by arithmetic, so their time goes as 1 / threads)."""
+        return (self.config.threads or 1) / (prefiller.config.threads or 1)
 
     def cancel(self, request: Request) -> None:
         """Stop a request; its slot is free after the next step."""
@@ -310,7 +339,9 @@ class Engine(PythonAPI):
         if r.prefilled:
             k = self.plan.cache.k[:, r.slot, :, : r.prefilled].contiguous()
             v = self.plan.cache.v[:, r.slot, :, : r.prefilled].contiguous()
-        prefiller.submit(PrefillJob(r, r.prompt_ids, r.prefilled, k, v))
+        rows = len(r.prompt_ids) - r.prefilled
+        price = self._worker_share(prefiller) * self.plan.report.step_ms_with(0, [(r.prefilled, rows)])
+        prefiller.submit(PrefillJob(r, r.prompt_ids, r.prefilled, k, v, price))
 
     def _prefill_whole(self, r: Request, clock: PhaseClock) -> None:
         """A new request's whole prompt in one call (runners that cannot mix rows), and its first token."""

@@ -19,11 +19,13 @@ timeout on the wire, a slice of `POLL_S` on the job queue. A dead worker fails t
 from __future__ import annotations
 
 import atexit
+import collections
 import dataclasses
 import multiprocessing as mp
 import queue
 import signal
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -73,10 +75,30 @@ class PrefillJob:
     cached: int = 0
     k: torch.Tensor | None = None
     v: torch.Tensor | None = None
+    price_ms: float = float("nan")  # what the engine's plan says the job costs (for `Backlog.slowdown`)
 
 
-def _worker_main(path: str, config: EngineConfig, endpoint: Endpoint, errors: Any) -> None:
-    """The prefill worker (rank 1): compile the plan with one slot, then prefill what rank 0 sends."""
+SLOWDOWN_JOBS = 8  # the finished jobs `Backlog.slowdown` is the median over
+WARM_ROWS = 16  # the rows of the worker's warm-up call
+READY_S = 600.0  # the longest the worker may take to compile its plan and warm up
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """What the worker has yet to do: the prompts not finished, in the order it runs them, as (cached
+    positions, rows to run); how long the first has been running (s; 0 while it waits to be sent); and
+    the median, over the last SLOWDOWN_JOBS jobs that came with a price, of each job's time over its price
+    (1.0 before any). The plan's price is for its engine alone on the machine; the worker runs beside that
+    engine's decode steps, which share the cores' caches and the memory bus with it."""
+
+    jobs: list[tuple[int, int]]
+    running_s: float
+    slowdown: float
+
+
+def _worker_main(path: str, config: EngineConfig, endpoint: Endpoint, errors: Any, ready: Any) -> None:
+    """The prefill worker (rank 1): compile the plan with one slot, warm it up, say so (`ready`), then
+    prefill what rank 0 sends."""
     from metronome.compile import compile_plan
     from metronome.model.loader import load
 
@@ -86,6 +108,11 @@ def _worker_main(path: str, config: EngineConfig, endpoint: Endpoint, errors: An
         group = GlooGroup(1, 2, endpoint, COLLECTIVE_TIMEOUT_S)
         plan = compile_plan(load(path), config, calibrate=False, cache=False)
         k, v = plan.cache.k[:, 0], plan.cache.v[:, 0]  # the one slot: (layers, kv heads, ctx, head dim)
+        # every weight read once before the first prompt, so that it does not pay for the pages coming in
+        # (a cold first job took 10x its price here, and skewed `Backlog.slowdown`)
+        warm = min(WARM_ROWS, plan.config.ctx)
+        plan.decode([0] * warm, [0] * warm, list(range(warm)), [warm - 1])
+        ready.set()
         header = torch.zeros(2, dtype=torch.int64)  # prompt tokens T, of which the first `cached` come as KV
         while True:
             dist.recv(header, src=0)
@@ -133,6 +160,11 @@ class PrefillWorker:
         self._errors = self._ctx.Queue()
         self._jobs: queue.Queue[PrefillJob | None] = queue.Queue()
         self._done: queue.Queue[PrefillResult] = queue.Queue()
+        # what `backlog` reports: the jobs not finished, oldest first, and when the first one started
+        self._backlog_lock = threading.Lock()
+        self._pending: collections.deque[PrefillJob] = collections.deque()
+        self._started: float | None = None
+        self._ratios: collections.deque[float] = collections.deque(maxlen=SLOWDOWN_JOBS)
         self._group: GlooGroup | None = None
         self._process: Any = None
         self.restarts = 0
@@ -144,9 +176,15 @@ class PrefillWorker:
         atexit.register(self.close)  # the worker ends with this process
 
     def _start(self) -> None:
+        """Start the worker and join its group; return once its plan is compiled and warm (a prompt sent
+        earlier would wait for that, and its TTFT with it)."""
         endpoint = Endpoint("127.0.0.1", free_port())
+        ready = self._ctx.Event()
         self._process = self._ctx.Process(
-            target=_worker_main, args=(self.path, self.config, endpoint, self._errors), daemon=True, name="prefill"
+            target=_worker_main,
+            args=(self.path, self.config, endpoint, self._errors, ready),
+            daemon=True,
+            name="prefill",
         )
         self._process.start()
         try:
@@ -154,6 +192,12 @@ class PrefillWorker:
                 self._group = GlooGroup(0, 2, endpoint, COLLECTIVE_TIMEOUT_S)
             else:
                 self._group.reconnect(endpoint)
+            deadline = time.monotonic() + READY_S
+            while not ready.wait(POLL_S):
+                if not self._process.is_alive():
+                    raise GroupError(f"it exited with code {self._process.exitcode} while compiling its plan")
+                if time.monotonic() > deadline:
+                    raise GroupError(f"its plan was not compiled within {READY_S:.0f} s")
         except Exception as exc:
             self._process.kill()
             raise GroupError(f"the prefill worker did not join: {exc}{self._worker_error()}") from exc
@@ -172,7 +216,17 @@ class PrefillWorker:
             job.k is None or job.v is None or job.k.shape[2] != job.cached or job.v.shape != job.k.shape
         ):
             raise ValueError(f"a job with cached={job.cached} needs the keys and values of that many positions")
+        with self._backlog_lock:
+            self._pending.append(job)
         self._jobs.put(job)
+
+    def backlog(self) -> Backlog:
+        """What the worker has yet to do (for the engine's TTFT predictions)."""
+        with self._backlog_lock:
+            jobs = [(job.cached, len(job.ids) - job.cached) for job in self._pending]
+            started, ratios = self._started, sorted(self._ratios)
+        running_s = time.perf_counter() - started if started is not None else 0.0
+        return Backlog(jobs, running_s, ratios[(len(ratios) - 1) // 2] if ratios else 1.0)  # the lower median
 
     @property
     def has_results(self) -> bool:
@@ -199,6 +253,8 @@ class PrefillWorker:
             try:
                 if self._broken:  # the last worker died: a new one for this prompt
                     self._restart()
+                with self._backlog_lock:  # after a restart: its compile is not the job's time
+                    self._started = time.perf_counter()
                 k, v, logits = self._prefill(job)
                 self.rows += len(job.ids) - job.cached
                 result = PrefillResult(job.key, k, v, logits, start=job.cached)
@@ -206,6 +262,11 @@ class PrefillWorker:
                 self._broken = True
                 why = f"the prefill worker failed: {type(exc).__name__}: {exc}"
                 result = PrefillResult(job.key, None, None, None, why, job.cached)
+            with self._backlog_lock:  # the jobs run in the order they were queued: this is the first
+                if result.error is None and job.price_ms > 0 and self._started is not None:
+                    self._ratios.append((time.perf_counter() - self._started) * 1000 / job.price_ms)
+                self._pending.popleft()
+                self._started = None
             self._done.put(result)
             self.on_ready()
 

@@ -188,7 +188,7 @@ def test_the_queue_ahead_counts_only_its_uncached_rows(engines):
     seen = []
 
     class Recorder:  # stands in for the plan's report while the two requests are submitted
-        def ttft_ms(self, prompts, decoding, chunk, alone_chunk):
+        def ttft_ms(self, prompts, decoding, chunk, alone_chunk, position=None):
             seen.append(list(prompts))
             return 0.0
 

@@ -13,7 +13,7 @@ import pytest
 
 from metronome.config import EngineConfig, SamplingParams
 from metronome.engine import Engine
-from metronome.parallel.disagg import PrefillJob
+from metronome.parallel.disagg import Backlog, PrefillJob
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, logprobs=True, ignore_eos=True)
 PROMPTS = ["w1 w2 w3 w4 w5", "w9 w8", "w3 w3 w3 w7 w1 w2 w5 w6 w9 w10 w11"]
@@ -42,6 +42,15 @@ def test_disaggregated_gives_the_colocated_tokens(tiny_hf, colocated):
         _same(got, colocated.generate(PROMPTS, GREEDY, chat=False))
         lengths = [len(engine.encode_prompt(p, chat=False)) for p in PROMPTS]
         assert engine.prefiller.rows == sum(lengths)  # every prompt ran on the worker
+        left = engine.prefiller.backlog()  # nothing is left on the worker (the plan is uncalibrated: no prices)
+        assert left.jobs == [] and left.running_s == 0.0 and left.slowdown == 1.0
+        ids = engine.encode_prompt(PROMPTS[2], chat=False)
+        engine.prefiller.submit(PrefillJob("priced", ids, price_ms=1e-3))  # a microsecond: a real trip is slower
+        deadline = time.monotonic() + 30
+        while not engine.prefiller.has_results and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert [r.key for r in engine.prefiller.take()] == ["priced"]
+        assert engine.prefiller.backlog().slowdown > 100
     finally:
         engine.prefiller.close()
 
@@ -101,3 +110,39 @@ def test_a_killed_prefill_worker_fails_its_prompt_and_is_replaced(tiny_hf, coloc
     finally:
         engine.stop()
         worker.close()
+
+
+def test_a_disaggregated_ttft_prediction_prices_the_workers_queue(colocated):
+    """Where prompts run on the worker, the prediction is the worker's queue: the rest of the job it runs,
+    the jobs sent after it, the prompts waiting for a slot here, then this one, each a call of its own with
+    nothing beside it, at the worker's share of threads and its measured slowdown; then a decode step's
+    waits (one to send the prompt, one to install its KV). It had priced them as colocated chunks beside
+    the engine's decode rows, which never run here."""
+    backlog = Backlog([(0, 50), (16, 30)], running_s=0.020, slowdown=1.5)  # a 50-row job running 20 ms
+
+    class Worker:  # stands in for the prefill worker
+        config = dataclasses.replace(colocated.config, threads=1)
+
+        def backlog(self):
+            return backlog
+
+    report = colocated.plan.report
+    colocated.plan.report = dataclasses.replace(
+        report,
+        step_ms={1: 4.0, 2: 6.0},
+        step_ms_far={},
+        prompt_row_ms=3.0,
+        prefill_row_ms=1.0,
+        prompt_row_ms_far=float("nan"),
+    )
+    colocated.prefiller = Worker()
+    try:
+        share = colocated.config.threads / 1 * 1.5  # the engine's plan was timed with 2 threads, the worker has 1
+        want = share * ((4 + 50) + (4 + 30) + (4 + 100)) - 20
+        assert colocated._predict_ttft_ms(0, 100) == pytest.approx(want)  # nobody decodes: no step to wait for
+        assert colocated._predict_remote_ttft_ms(Worker(), [(0, 100)], decoding=2) == pytest.approx(want + 6)
+        backlog = Backlog([(0, 50)], running_s=10.0, slowdown=1.0)  # running for longer than its price
+        assert colocated._predict_ttft_ms(8, 100) == pytest.approx(2 * (4 + 100))
+    finally:
+        colocated.prefiller = None
+        colocated.plan.report = report

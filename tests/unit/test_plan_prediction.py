@@ -113,3 +113,18 @@ def test_ttft_beside_decoders_follows_the_priced_chunks():
         queue, steps = [(queue[0][0] + n, queue[0][1] - n)], steps + 1
     assert steps > 300 / 16 + 1  # late rows come in smaller chunks
     assert abs(r.ttft_ms([(0, 300)], decoding=1, chunk=16, alone_chunk=256) - total) < 1e-9
+
+
+def test_decode_rows_far_into_their_conversations_make_every_step_dearer():
+    """The decode rows beside a prompt's chunks attend to all they have cached: at their mean position,
+    each step costs what `step_ms_at` says there, not the near calibration (a prompt that arrived while
+    two users were 1,000 tokens into their streams took 1.2x the near-priced TTFT)."""
+    r = _report(**FAR)
+    queue, steps = [(0, 40)], 0
+    while queue[0][1]:
+        (n,) = r.take_prompt_rows(queue, 16, priced=True)
+        queue, steps = [(queue[0][0] + n, queue[0][1] - n)], steps + 1
+    near = r.ttft_ms([(0, 40)], decoding=1, chunk=16, alone_chunk=256)
+    far = r.ttft_ms([(0, 40)], decoding=1, chunk=16, alone_chunk=256, position=1024)
+    assert abs((far - near) - steps * 0.001 * 960) < 1e-9
+    assert r.step_ms_with(1, [], position=1024) == r.step_ms_far[1]

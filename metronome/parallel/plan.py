@@ -56,6 +56,12 @@ def tp_settings(loaded: LoadedModel, config: EngineConfig) -> tuple[EngineConfig
         raise PlanError(f"device={config.device!r}: tensor parallel runs on CPU ranks (gloo) for now", "device")
     weights = resolve_weights(loaded, config)
     fused = weights in ("int4", "int8")
+    if fused and loaded.config.is_moe:
+        raise PlanError(
+            f"weights={weights!r} with tp={config.tp}: a mixture-of-experts model is cut across ranks on the torch "
+            "path only for now (the fused decoder's expert kernels are not split); use --weights f32 or bf16",
+            "weights",
+        )
     if fused and config.kernels == "torch":
         raise PlanError(
             f"kernels='torch' with weights={weights!r}: tensor parallel runs int4/int8 on the C++ kernels and "
@@ -98,6 +104,11 @@ def rank_runner(loaded: LoadedModel, config: EngineConfig, layout: TPLayout, gro
         torch.set_num_threads(1)  # the decoder computes on its own pool (as compile/stages.py does)
         cache = allocate_shard_cache(cfg, layout, config.slots, config.ctx, dtype, "cpu")
         return TPFusedRunner(cfg, loaded.weights, cache, str(config.weights), ops, layout, group)
+    # One torch thread on every rank, tp=1 included: torch's CPU matmul splits some shapes among its
+    # threads, which changes their bits (a 9-row x 64 by 64 x 32 product did, 1 thread against 2), and a
+    # rank of tp=N has 1/N of the cores; the MoE experts' row counts (the rows routed to each) hit such
+    # shapes. The ranks are the parallelism here (docs/parallel.md).
+    torch.set_num_threads(1)
     model = build_model(cfg, {k: dense(v) for k, v in loaded.weights.items()}, config.ctx, dtype)
     use_ops(model, TorchOps())
     shard_model(model, layout, group)

@@ -20,7 +20,8 @@ from typing import Protocol
 
 import torch
 
-from metronome.compile.runner import Runner
+from metronome.compile.runner import Runner, TorchRunner
+from metronome.model.moe import use_dense_dispatch
 from metronome.parallel.group import GlooGroup
 
 HEARTBEAT_S = 2.0  # an idle rank 0 says it is alive this often (well inside the collective timeout)
@@ -68,6 +69,8 @@ def run_call(runner: Runner, call: Call) -> torch.Tensor | None:
             return runner.decode(call.slots, call.tokens, call.positions, call.logit_rows)
     if isinstance(call, SetMode):
         runner.decode_mode = call.decode_mode
+        if call.decode_mode == "fixed" and isinstance(runner, TorchRunner):
+            use_dense_dispatch(runner.model)  # experts at fixed shapes, as compile/stages.py does for one rank
     return None
 
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from metronome.config import ModelConfig
+from metronome.model.moe import MoE, route
 from metronome.model.transformer import MLP, Attention, KVCache, Transformer
 
 
@@ -99,10 +100,13 @@ def check_shards(cfg: ModelConfig, shards: int) -> None:
         problems.append(f"{cfg.num_heads} attention heads")
     if cfg.num_kv_heads % shards and shards % cfg.num_kv_heads:
         problems.append(f"{cfg.num_kv_heads} KV heads (neither a multiple nor a divisor)")
-    if cfg.intermediate_size % shards:
+    if cfg.is_moe:  # every layer's feed-forward is the experts (and the shared expert): their widths are cut
+        if cfg.moe_intermediate_size % shards:
+            problems.append(f"an expert width of {cfg.moe_intermediate_size}")
+        if cfg.shared_expert_size % shards:
+            problems.append(f"a shared expert width of {cfg.shared_expert_size}")
+    elif cfg.intermediate_size % shards:
         problems.append(f"an MLP width of {cfg.intermediate_size}")
-    if cfg.is_moe:
-        problems.append("experts (mixture-of-experts models are not tensor-parallel yet)")
     if cfg.qk_norm_full:
         problems.append("a QK norm over the whole projection (it needs every head's values)")
     if problems:
@@ -206,6 +210,63 @@ class VocabHead(nn.Module):
         return torch.cat(self.group.all_gather(self.columns(x).contiguous()), dim=-1)[..., : self.vocab]
 
 
+class ChunkedMoE(MoE):
+    """The mixture-of-experts block with every expert's width cut in chunks (the shared expert's too): a
+    rank holds its chunks of every expert, so every rank routes every row (the router is whole on each)
+    and runs the same experts on it, each on its own K range. A chunk's partial is the block's own sum
+    over the chunk: the routed experts' partial products weighted and added in expert-id order, then the
+    shared expert's; the chunks' partials are gathered and added in chunk order, as `RowChunks` does. At
+    tp=1 the same chunks run in one process, so every tp dividing the shards gives the same bits."""
+
+    def __init__(self, moe: MoE, layout: TPLayout, group: Collective) -> None:
+        nn.Module.__init__(self)
+        self.k, self.normalize, self.dense = moe.k, moe.normalize, moe.dense
+        self.router, self.shared_gate = moe.router, moe.shared_gate
+        self.group = group
+        self.ops = moe.experts[0].ops
+        # experts[e][x]: the x-th of this rank's chunks of expert e, as (gate/up, down)
+        self.experts = nn.ModuleList(_expert_chunks(e, layout) for e in moe.experts)
+        self.shared = _expert_chunks(moe.shared, layout) if moe.shared is not None else None
+
+    def _run(self, chunk: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+        gate_up, down = chunk
+        return down(self.ops.silu_mul(gate_up(x))).float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        weights, ids = route(self.router(flat), self.k, self.normalize)
+        chunks = len(self.experts[0])
+        partials = torch.zeros((chunks, *flat.shape), dtype=torch.float32, device=x.device)
+        for c in range(chunks):
+            for e, expert in enumerate(self.experts):  # expert-id order, as MoE.forward adds them
+                if self.dense:
+                    w = (weights * (ids == e)).sum(dim=-1, keepdim=True)  # (N, 1): 0 where e was not chosen
+                    partials[c] += self._run(expert[c], flat) * w
+                    continue
+                rows, rank = (ids == e).nonzero(as_tuple=True)
+                if rows.numel():
+                    partials[c].index_add_(0, rows, self._run(expert[c], flat[rows]) * weights[rows, rank, None])
+            if self.shared is not None:
+                partials[c] += torch.sigmoid(self.shared_gate(flat)) * self._run(self.shared[c], flat)
+        total = None
+        for ranks_partials in self.group.all_gather(partials):
+            for p in ranks_partials:
+                total = p.clone() if total is None else total.add_(p)
+        return total.to(x.dtype).reshape(shape)
+
+
+def _expert_chunks(expert: nn.Module, layout: TPLayout) -> nn.ModuleList:
+    """This rank's chunks of one gated expert, each (gate/up, down): the chunk's gate and up rows (output
+    columns) side by side as the expert stacks them, and its down columns (its K range)."""
+    gate, up = expert.w_gate_up.weight.split(expert.w_gate_up.weight.shape[0] // 2)
+    downs = _column_chunks(expert.w_down.weight, layout)
+    return nn.ModuleList(
+        nn.ModuleList([_linear(torch.cat([g, u]), None), _linear(d, None)])
+        for g, u, d in zip(_row_chunks(gate, layout), _row_chunks(up, layout), downs)
+    )
+
+
 # -- cutting a model -------------------------------------------------------------------------------------
 
 
@@ -282,7 +343,10 @@ def shard_model(model: Transformer, layout: TPLayout, group: Collective) -> Tran
     model.head = head
     for block in model.layers:
         _shard_attention(block.attn, cfg, layout, group)
-        _shard_mlp(block.mlp, cfg, layout, group)
+        if isinstance(block.mlp, MoE):
+            block.mlp = ChunkedMoE(block.mlp, layout, group)
+        else:
+            _shard_mlp(block.mlp, cfg, layout, group)
     model.tp_layout = layout
     return model
 

@@ -14,7 +14,9 @@ import time
 
 import pytest
 import torch
+from helpers import tiny_moe
 
+from metronome.compile.plan import PlanError
 from metronome.compile.quant import dense
 from metronome.config import EngineConfig, SamplingParams
 from metronome.engine import Engine
@@ -22,22 +24,22 @@ from metronome.model.loader import load
 from metronome.model.transformer import KVCache, Rows, build_model
 from metronome.parallel.check import greedy_trace
 from metronome.parallel.group import GroupError, free_port, run_ranks
+from metronome.parallel.plan import tp_settings
 from metronome.parallel.tp import ShardingError, Solo, TPLayout, check_shards, default_shards
 
 PROMPT = [1, 7, 12, 30, 5, 9, 44, 3]
 STEPS = 6
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_tp_degrees_are_bit_identical(tiny_hf, arch):
-    path = str(tiny_hf(arch))  # 4 heads, 2 KV heads (copied across chunks at 4 shards), MLP 128
+def _check_degrees(path: str) -> None:
+    """tp=1, 2 and 4 over 4 chunks give the same logits bit for bit (every rank holds the whole logits), and
+    the cut model is the model: close to the unsplit float32 forward."""
     assert default_shards(load(path).config) == 4
     one = greedy_trace(Solo(), path, 4, PROMPT, STEPS)["logits"]
     two, _ = run_ranks(2, greedy_trace, (path, 4, PROMPT, STEPS), timeout_s=240)
     four = run_ranks(4, greedy_trace, (path, 4, PROMPT, STEPS), timeout_s=240)
     assert torch.equal(two["logits"], one)
-    assert all(torch.equal(r["logits"], one) for r in four)  # every rank holds the whole logits
-    # ... and the cut model is the model: close to the unsplit float32 forward
+    assert all(torch.equal(r["logits"], one) for r in four)
     loaded = load(path)
     model = build_model(loaded.config, {k: dense(v) for k, v in loaded.weights.items()}, 64, torch.float32)
     cache = KVCache.allocate(loaded.config, 1, 64, torch.float32, "cpu")
@@ -45,6 +47,42 @@ def test_tp_degrees_are_bit_identical(tiny_hf, arch):
         torch.tensor([PROMPT]), torch.arange(len(PROMPT))[None], cache, Rows((0,), (0,), (0,)), torch.tensor([0])
     )
     torch.testing.assert_close(one[0], whole[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tp_degrees_are_bit_identical(tiny_hf, arch):
+    path = str(tiny_hf(arch))  # 4 heads, 2 KV heads (copied across chunks at 4 shards), MLP 128
+    _check_degrees(path)
+
+
+@pytest.mark.parametrize("arch", ["qwen2moe", "mixtral"])
+def test_moe_tp_degrees_are_bit_identical(tmp_path_factory, arch):
+    """Every expert's width (and the shared expert's) cut in 4 chunks: each rank routes every row and runs
+    its chunks of the chosen experts; the chunks' partials are added in chunk order on every rank. tp=1, 2
+    and 4 give the same logits, close to the uncut model. (Qwen2-MoE: top-3 of 8 experts, weights not
+    renormalized, and a gated shared expert; Mixtral: top-2.)"""
+    path = str(tiny_moe.save_hf(tiny_moe.build(arch), tmp_path_factory.mktemp(arch), stacked=False))
+    _check_degrees(path)
+
+
+def test_a_moe_engine_at_tp2_serves_what_tp1_serves(tmp_path_factory):
+    path = str(tiny_moe.save_hf(tiny_moe.build("qwen2moe"), tmp_path_factory.mktemp("moe-engine"), stacked=False))
+    runs = []
+    for tp in (1, 2):
+        engine = _engine(path, tp)
+        try:
+            done = engine.generate(["w1 w2 w3", "w7 w5 w9 w11"], GREEDY, chat=False)  # two rows at once
+            runs.append([(c.token_ids, [x.logprob for x in c.choices]) for c in done])
+        finally:
+            engine.plan.runner.close()
+    assert runs[0] == runs[1]
+
+
+def test_a_moe_model_on_the_fused_decoder_with_tp_is_refused_naming_the_weights(tmp_path_factory):
+    path = str(tiny_moe.save_hf(tiny_moe.build("mixtral"), tmp_path_factory.mktemp("mixtral-int8"), stacked=False))
+    with pytest.raises(PlanError, match="weights='int8' with tp=2: a mixture-of-experts model") as info:
+        tp_settings(load(path), EngineConfig(tp=2, weights="int8"))
+    assert info.value.param == "weights"
 
 
 def test_layouts_that_cannot_work_are_refused(tiny_hf):

@@ -77,10 +77,8 @@ def format_blocks(name: str, n: int, k: int, gen: torch.Generator) -> tuple[torc
     scale = (torch.rand(rows, k // BLOCK_WEIGHTS[name], 32, generator=gen) * 0.01).half().view(torch.uint8)
     if name == "Q6_K":
         raw[..., 208:210] = scale[..., :2]
-    elif name == "Q4X4":
-        raw[..., :16] = scale[..., :16]
-    elif name.endswith("X16"):  # 16 fp16 d (and Q4_KX16's 16 dmin) first
-        fp16 = 64 if name == "Q4_KX16" else 32
+    elif name.endswith("X16"):  # 16 fp16 d (and Q4_KX16's and Q4_1X16's 16 dmin or m) first
+        fp16 = 64 if name in ("Q4_KX16", "Q4_1X16") else 32
         raw[..., :fp16] = scale[..., :fp16]
     elif name not in ("Q8_0", "Q8_0_X8"):
         raw[..., :4] = scale[..., :4]

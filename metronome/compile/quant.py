@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from metronome.kernels.blocks import BLOCK_KINDS, FILE_KINDS, PACKED_KINDS, Q4_PACKED_KIND, Q4X4_BYTES, Q8_0_KIND
+from metronome.kernels.blocks import BLOCK_KINDS, FILE_KINDS, PACKED_KINDS, Q4_PACKED_KIND, Q8_0_KIND
 from metronome.kernels.decoder import BlockPart
 from metronome.kernels.ops import CppOps
 from metronome.model.loader import QuantTensor
@@ -163,28 +163,7 @@ def quantize(model: nn.Module, weights: dict[str, QuantTensor | torch.Tensor], m
 
 # ---------------------------------------------------------------------------------------------
 # Block formats of the fused CPU decoder (csrc/blocks.h, block_linear_rows): the kind codes and sizes
-# are kernels.blocks' (Q8_0_KIND, Q4X4_BYTES, Q4_PACKED_KIND, FILE_KINDS), checked there against the C++ export.
-
-
-def pack_q4(t: QuantTensor) -> torch.Tensor:
-    """GGUF Q4_0/Q4_1 rows (N, K) -> the decoder's packed groups (ceil(N/4), K/32*80) uint8: four rows
-    side by side per block. Exact: the file's fp16 d, m and codes are moved, not recomputed (Q4_0's
-    m = -8d is exact in fp16). Missing rows of the last group are zeros (d = m = 0)."""
-    n, k = t.shape
-    nb = k // GROUP
-    d, m, qs = q4_fields(t)  # (N, nb), (N, nb), (N, nb, 16)
-    if m is None:
-        m = (d.astype(np.float32) * -8.0).astype(np.float16)
-    groups = (n + 3) // 4
-    pad = groups * 4 - n
-    if pad:
-        d, m = np.pad(d, ((0, pad), (0, 0))), np.pad(m, ((0, pad), (0, 0)))
-        qs = np.pad(qs, ((0, pad), (0, 0), (0, 0)))
-    d = d.reshape(groups, 4, nb).transpose(0, 2, 1)  # (G, nb, 4)
-    m = m.reshape(groups, 4, nb).transpose(0, 2, 1)
-    dm = np.ascontiguousarray(np.concatenate([d, m], axis=-1).astype(np.float16)).view(np.uint8)  # (G, nb, 16)
-    codes = qs.reshape(groups, 4, nb, 16).transpose(0, 2, 1, 3).reshape(groups, nb, 64)
-    return torch.from_numpy(np.ascontiguousarray(np.concatenate([dm, codes], axis=-1)).reshape(groups, nb * Q4X4_BYTES))
+# are kernels.blocks' (Q8_0_KIND, Q4_PACKED_KIND, PACKED_KINDS, FILE_KINDS), checked there against the C++ export.
 
 
 def pack_16_rows(part: QuantTensor, ops: CppOps) -> tuple[torch.Tensor, int]:

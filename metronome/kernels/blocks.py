@@ -17,19 +17,16 @@ __all__ = [
     "BLOCK_WEIGHTS",
     "FILE_KINDS",
     "PACKED_KINDS",
-    "Q4X4_BYTES",
-    "Q4X4_KIND",
     "Q8_0_BYTES",
     "Q8_0_KIND",
     "check_exports",
 ]
 
 Q8_0_KIND = 0  # Q8_0 rows (N, K/32*34) against float32 x: matrices quantized here from dense weights
-Q4X4_KIND = 1  # packed Q4 groups (ceil(N/4), K/32*80): four rows side by side (compile/quant.py, pack_q4)
-# The file's own formats, read as stored (rows of GGUF blocks) against int8-quantized x.
+# The file's own formats, read as stored (rows of GGUF blocks) against int8-quantized x, and repacked.
 BLOCK_KINDS = {
     "Q8_0": Q8_0_KIND,
-    "Q4X4": Q4X4_KIND,
+    "Q4_1X16": 1,  # Q4_0 (as Q4_1 with m = -8d) or Q4_1, repacked 16 rows side by side (below)
     "Q8_0_X8": 2,
     "Q5_0": 3,
     "Q5_1": 4,
@@ -42,15 +39,13 @@ BLOCK_KINDS = {
     "Q4_KX16": 9,
     "Q6_KX16": 10,
     "Q8_0X16": 11,
-    "Q4_1X16": 12,  # Q4_0 (as Q4_1 with m = -8d) or Q4_1
 }
 BLOCK_WEIGHTS = {name: 256 if "_K" in name else 32 for name in BLOCK_KINDS}  # per block along K
-BLOCK_GROUPS = {name: 4 if name == "Q4X4" else 16 if name.endswith("X16") else 1 for name in BLOCK_KINDS}
+BLOCK_GROUPS = {name: 16 if name.endswith("X16") else 1 for name in BLOCK_KINDS}
 Q8_0_BYTES = 34  # per row and block: fp16 scale + 32 int8
-Q4X4_BYTES = 80  # per 4 rows x 1 block: 8 fp16 (d0..d3, m0..m3) then 4 x 16 code bytes
 BLOCK_BYTES = {  # per block and group of BLOCK_GROUPS rows
     "Q8_0": Q8_0_BYTES,
-    "Q4X4": Q4X4_BYTES,
+    "Q4_1X16": 320,  # 16 fp16 d, 16 fp16 m, 4 x 64 nibble bytes
     "Q8_0_X8": 34,
     "Q5_0": 22,
     "Q5_1": 24,
@@ -61,7 +56,6 @@ BLOCK_BYTES = {  # per block and group of BLOCK_GROUPS rows
     "Q4_KX16": 2368,  # 16 fp16 d, 16 fp16 dmin, 8 x 16 scales, 4 x 32 minimums, 32 x 64 nibble bytes
     "Q6_KX16": 3360,  # 16 fp16 d, 16 x 16 scales, 8 x (4 x 64 nibble bytes, 2 x 64 top-bit bytes)
     "Q8_0X16": 544,  # 16 fp16 d, 8 x 64 code bytes (q + 128)
-    "Q4_1X16": 320,  # 16 fp16 d, 16 fp16 m, 4 x 64 nibble bytes
 }
 # GGUF tensor type -> the kind the plans repack it into, 16 rows side by side (compile/quant.py
 # pack_16_rows; fleet/calibrate.py costs the same choice).

@@ -205,12 +205,11 @@ class CppOps:
 
     def block_linear(self, x: Tensor, blocks: Tensor, kind: int, rows: int, bias: Tensor | None = None) -> Tensor:
         """x (M, K) -> (M, rows) float32, W as blocks of one of kernels.blocks.BLOCK_KINDS (Q8_0 rows,
-        packed Q4 groups from quant.pack_q4, 16-row groups from quant.pack_16_rows, or a GGUF format's rows as
-        stored)."""
+        16-row groups from quant.pack_16_rows, or a GGUF format's rows as stored)."""
         return self._m.block_linear(x, blocks, kind, rows, bias)
 
     def pack_x16(self, raw: Tensor, kind: int, rows: int, k: int) -> Tensor:
-        """A GGUF Q5_0/Q4_K/Q6_K/Q8_0 matrix's rows (rows, bytes per row) uint8 -> packed kind `kind`
+        """A GGUF Q5_0/Q4_K/Q6_K/Q8_0/Q4_0/Q4_1 matrix's rows (rows, bytes per row) uint8 -> packed kind `kind`
         (BLOCK_KINDS[PACKED_KINDS[qtype]]): (ceil(rows/16), K/weights*BLOCK_BYTES) uint8 (csrc/pack.cpp)."""
         return self._m.pack_x16(raw, kind, rows, k)
 

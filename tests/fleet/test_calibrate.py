@@ -19,7 +19,7 @@ from metronome.fleet.calibrate import (
 )
 from metronome.kernels.blocks import BLOCK_KINDS
 
-QKV = Matmul(((BLOCK_KINDS["Q4X4"], 960, 18 * 80),))  # 960 rows of K=576 as packed groups of 4 rows
+QKV = Matmul(((BLOCK_KINDS["Q4_1X16"], 960, 18 * 320),))  # 960 rows of K=576 as packed groups of 16 rows
 DOWN = Matmul(((BLOCK_KINDS["Q8_0"], 576, 48 * 34),))  # K=1536 in Q8_0 rows
 HEAD = Matmul(((BLOCK_KINDS["Q8_0_X8"], 1000, 18 * 34),))
 TERMS = Terms(

@@ -8,12 +8,11 @@ import pytest
 import torch
 
 from metronome.compile.fused import FusedRunner
-from metronome.compile.quant import Q8_0_KIND, pack_q4, quantize_q8_0
+from metronome.compile.quant import Q8_0_KIND, pack_16_rows, quantize_q8_0
 from metronome.config import EngineConfig, SamplingParams
 from metronome.engine import Engine
 from metronome.engine.request import SpecStats
 from metronome.engine.speculate import NgramDrafter
-from metronome.kernels.blocks import Q4X4_KIND
 from metronome.kernels.ops import KernelBuildError, load_kernels
 from metronome.model.loader import QuantTensor, load
 
@@ -49,11 +48,11 @@ def _int8_x_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
 @pytest.mark.parametrize("M", [1, 3, 9, 70])
 def test_q4_kernel_is_the_int8_x_dot_product(qtype, M):
-    t = _q4_tensor(qtype, 30, 96, seed=M)  # 30 rows: the last packed group of 4 is half padding
+    t = _q4_tensor(qtype, 30, 96, seed=M)  # 30 rows: the packed group of 16 rows is two short
     g = torch.Generator().manual_seed(M)  # seeded: the outcome must not depend on which tests ran before
     bias = torch.randn(30, generator=g)
     x = torch.randn(M, 96, generator=g)
-    y = OPS.block_linear(x, pack_q4(t), Q4X4_KIND, 30, bias)
+    y = OPS.block_linear(x, *pack_16_rows(t, OPS), 30, bias)
     ref = _int8_x_reference(x, t.dequantize()) + bias.double()
     assert y.shape == (M, 30)
     assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
@@ -79,7 +78,7 @@ def test_block_kernels_are_row_independent(kind):
     if kind == "Q8_0":
         blocks, code = quantize_q8_0(torch.randn(40, 128)), Q8_0_KIND
     else:
-        blocks, code = pack_q4(_q4_tensor("Q4_1", 40, 128, seed=0)), Q4X4_KIND
+        blocks, code = pack_16_rows(_q4_tensor("Q4_1", 40, 128, seed=0), OPS)
     x = torch.randn(37, 128)
     together = OPS.block_linear(x, blocks, code, 40)
     for m in (0, 5, 36):

@@ -447,21 +447,17 @@ def test_block_formats_match_the_cpp_export(cpp: CppOps) -> None:
 
     m = cpp._m
     assert dict(m.BLOCK_KINDS) == blocks.BLOCK_KINDS
-    assert (blocks.BLOCK_KINDS["Q8_0"], blocks.BLOCK_KINDS["Q4X4"]) == (blocks.Q8_0_KIND, blocks.Q4X4_KIND)
+    assert (blocks.BLOCK_KINDS["Q8_0"], blocks.BLOCK_BYTES["Q8_0"]) == (blocks.Q8_0_KIND, blocks.Q8_0_BYTES)
     assert dict(m.BLOCK_BYTES) == blocks.BLOCK_BYTES and dict(m.BLOCK_WEIGHTS) == blocks.BLOCK_WEIGHTS
-    assert (blocks.BLOCK_BYTES["Q8_0"], blocks.BLOCK_BYTES["Q4X4"]) == (blocks.Q8_0_BYTES, blocks.Q4X4_BYTES)
-    assert blocks.BLOCK_WEIGHTS["Q4X4"] == quant.GROUP
+    assert dict(m.BLOCK_GROUPS) == blocks.BLOCK_GROUPS
+    assert blocks.BLOCK_WEIGHTS[blocks.Q4_PACKED_KIND] == quant.GROUP
     import gguf  # the file formats' own sizes, for the kinds that read GGUF blocks in place
 
     for qtype, kind in blocks.FILE_KINDS.items():
         name = next(n for n, k in blocks.BLOCK_KINDS.items() if k == kind)
         want = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
         assert (blocks.BLOCK_WEIGHTS[name], blocks.BLOCK_BYTES[name]) == want, qtype
-    assert (quant.Q8_0_KIND, quant.Q4X4_BYTES, quant.Q4_PACKED_KIND) == (
-        blocks.Q8_0_KIND,
-        blocks.Q4X4_BYTES,
-        blocks.Q4_PACKED_KIND,
-    )
+    assert (quant.Q8_0_KIND, quant.Q4_PACKED_KIND) == (blocks.Q8_0_KIND, blocks.Q4_PACKED_KIND)
     blocks.check_exports(m)
 
 

@@ -10,10 +10,10 @@ import torch
 from helpers import tiny_moe
 
 from metronome.compile.fused import FusedRunner
-from metronome.compile.quant import Q8_0_KIND, dense, pack_q4, quantize_q8_0
+from metronome.compile.quant import Q8_0_KIND, dense, pack_16_rows, quantize_q8_0
 from metronome.config import EngineConfig, ModelConfig
 from metronome.engine import Engine
-from metronome.kernels.blocks import BLOCK_KINDS, Q4X4_KIND
+from metronome.kernels.blocks import BLOCK_KINDS
 from metronome.kernels.ops import KernelBuildError, dequantize_q8_0, load_kernels
 from metronome.model.loader import QuantTensor, load
 from metronome.model.moe import MoE, route
@@ -114,19 +114,19 @@ def test_rows_are_independent_and_unrouted_experts_are_never_read():
 
 
 def _file_blocks(rng: np.random.Generator, kind: str, rows: int, cols: int) -> tuple[torch.Tensor, int, int]:
-    """A random (rows, cols) matrix as one (blocks, kind, rows) part: Q4_0 packed four rows side by side,
+    """A random (rows, cols) matrix as one (blocks, kind, rows) part: Q4_0 packed 16 rows side by side,
     GGUF Q8_0 or Q4_K rows as a file stores them (random codes, small random fp16 scales)."""
     if kind == "Q8_0_X8":
         w = torch.from_numpy(rng.standard_normal((rows, cols)).astype(np.float32)) * cols**-0.5
         return quantize_q8_0(w), BLOCK_KINDS[kind], rows
-    block, size, scales = {"Q4X4": (32, 18, 2), "Q4_K": (256, 144, 4)}[kind]
+    block, size, scales = {"Q4_1X16": (32, 18, 2), "Q4_K": (256, 144, 4)}[kind]
     raw = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
     raw[..., :scales] = (
         (rng.uniform(0.5, 1.0, (rows, cols // block, scales // 2)) * 0.02).astype(np.float16).view(np.uint8)
     )
     raw = raw.reshape(rows, -1)
-    if kind == "Q4X4":
-        return pack_q4(QuantTensor(raw, "Q4_0", (rows, cols))), Q4X4_KIND, rows
+    if kind == "Q4_1X16":
+        return (*pack_16_rows(QuantTensor(raw, "Q4_0", (rows, cols)), OPS), rows)
     return torch.from_numpy(raw), BLOCK_KINDS[kind], rows
 
 
@@ -139,8 +139,8 @@ def test_grouped_experts_are_the_per_expert_matmuls_at_any_thread_count(M):
     in different formats, downs in two formats (int8 per 32 and per 256 activations in one region)."""
     d, w, e, k = 512, 256, 8, 3
     rng = np.random.default_rng(7)
-    gate_up = [[_file_blocks(rng, "Q4X4", w, d), _file_blocks(rng, "Q8_0_X8", w, d)] for _ in range(e)]
-    down = [[_file_blocks(rng, "Q4_K" if i % 2 else "Q4X4", d, w)] for i in range(e)]
+    gate_up = [[_file_blocks(rng, "Q4_1X16", w, d), _file_blocks(rng, "Q8_0_X8", w, d)] for _ in range(e)]
+    down = [[_file_blocks(rng, "Q4_K" if i % 2 else "Q4_1X16", d, w)] for i in range(e)]
     router = torch.from_numpy(rng.standard_normal((e, d)).astype(np.float32))
     layer = OPS.moe_layer(
         router=router, gate_up=gate_up, down=down, width=w, top_k=k, normalize=True,

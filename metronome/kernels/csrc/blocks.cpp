@@ -100,7 +100,7 @@ void q8_columns_any(int64_t mt, const uint8_t* wq, int64_t row_bytes, const floa
 // Per block: dx = max|x| / 127, x8 = round(x / dx); and integer sums of x8 that the formats' offsets
 // and minimums multiply (exact: the offsets then cancel exactly in integers).
 
-// A block of one x row as the 32-weight packed kinds' tiles read it (X16 and Q4X4): its 32 int8 values, then
+// A block of one x row as the 32-weight packed kinds' tiles read it (the X16 kinds): its 32 int8 values, then
 // that block's o16, o128, dx and sx. The records of one block for every row lie side by side (xr is (K/32, M) records),
 // so a tile's 8 rows of a block are at fixed distances from one pointer.
 constexpr int64_t kRecordBytes = 48, kRecordO16 = 32, kRecordO128 = 36, kRecordDx = 40, kRecordSx = 44;
@@ -215,79 +215,10 @@ void quantize_256(const float* x, int64_t M, int64_t K, const XQuant& q) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Q4 linear on packed weights. GGUF Q4_0 / Q4_1 blocks (32 weights, w = d*q + m with q in [0, 16);
-// Q4_0's m = -8d) are repacked once, at compile time (quant.py, pack_q4), four output rows side by side:
-// per group of 4 rows and per block, 80 bytes = 8 fp16 (d0..d3, m0..m3) then each row's 16 code bytes
-// (byte j: weight j in the low nibble, weight j+16 in the high one). A thread's rows are then one
-// sequential stream.
-//
-// x is quantized per block of 32 (quantize_32), and sx = dx * sum_j x8_j, the sum of the quantized x (the
-// exact float sum would pair a quantized q-term with an exact m-term: the errors then no longer cancel
-// and grow ~4x). For row n and block b:
-//   sum_j w_j x_j ~= sum_j (d q_j + m) dx x8_j = d * dx * sum_j q_j x8_j + m * sx
-// One 512-bit VNNI multiply-add covers 4 rows x 16 weights: lane 4r+i holds row r's products for
-// weights 4i..4i+3 (low nibbles against x8[0..16), then high nibbles against x8[16..32)). Per block
-// the 16 int32 lanes are scaled (d_r * dx) into a float accumulator, m_r * sx lands in lane 4r; at the
-// end row r = (l0 + l1) + (l2 + l3) of its four lanes. The order depends only on (row, block): the same
-// whatever M, the tile or the thread split.
-
-// A thread's groups are one sequential stream, which the hardware prefetcher here follows poorly (it
-// restarts at every 4 KB page): each block step asks for the bytes kQ4Ahead further on, past a group's end
-// into the next group's blocks. From memory this reads a one-row matmul 1.6x faster (docs/moe.md).
+// A thread's rows of a packed matrix are one sequential stream, which the hardware prefetcher here follows
+// poorly (it restarts at every 4 KB page): each block step asks for the bytes kQ4Ahead further on. From
+// memory this read a one-row Q4 matmul 1.6x faster (docs/moe.md).
 constexpr int64_t kQ4Ahead = 4096;
-
-// 4 output rows (one packed group; local row n0 of `rows`, y column n0) x MT rows of x (from m0).
-template <int MT>
-void q4x4_tile(const uint8_t* w, int64_t nb, const XQuant& xq, int64_t K, float* y, int64_t ldy, int64_t rows,
-               int64_t n0, int64_t m0) {
-  const __m512i idx_d = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-  const __m512i idx_m = _mm512_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7);
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
-  __m512 acc[MT];
-  for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
-  const uint8_t* rec = xq.xr + m0 * kRecordBytes;  // x row m0 + m's block b: rec + m * kRecordBytes
-  for (int64_t b = 0; b < nb; ++b, rec += xq.xr_block) {
-    const uint8_t* p = w + b * kQ4x4Bytes;
-    // +0 and +64 of each 80-byte block: every line of the stream
-    _mm_prefetch(reinterpret_cast<const char*>(p) + kQ4Ahead, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(p) + kQ4Ahead + 64, _MM_HINT_T0);
-    const __m512 dm = _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-    const __m512 dv = _mm512_permutexvar_ps(idx_d, dm);
-    const __m512 mv = _mm512_maskz_permutexvar_ps(0x1111, idx_m, dm);  // m_r in lane 4r only
-    const __m512i q = _mm512_loadu_si512(p + 16);
-    const __m512i lo = _mm512_and_si512(q, low4), hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), low4);
-    for (int m = 0; m < MT; ++m) {
-      const uint8_t* xb = rec + m * kRecordBytes;
-      const __m512i xl = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xb)));
-      const __m512i xh = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + 16)));
-      const __m512i s = dpbusd_small(dpbusd_small(_mm512_setzero_si512(), lo, xl), hi, xh);  // nibbles
-      const float dx = *reinterpret_cast<const float*>(xb + kRecordDx),
-                  sx = *reinterpret_cast<const float*>(xb + kRecordSx);
-      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dv, _mm512_set1_ps(dx)), acc[m]);
-      acc[m] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sx), acc[m]);
-    }
-  }
-  for (int m = 0; m < MT; ++m) {
-    alignas(64) float l[16];
-    _mm512_store_ps(l, acc[m]);
-    for (int r = 0; r < 4 && n0 + r < rows; ++r)
-      y[(m0 + m) * ldy + n0 + r] = (l[4 * r] + l[4 * r + 1]) + (l[4 * r + 2] + l[4 * r + 3]);
-  }
-}
-
-void q4x4_rows(int64_t mt, const uint8_t* w, int64_t nb, const XQuant& xq, int64_t K, float* y, int64_t ldy,
-               int64_t rows, int64_t n0, int64_t m0) {
-  switch (mt) {
-    case 1: q4x4_tile<1>(w, nb, xq, K, y, ldy, rows, n0, m0); break;
-    case 2: q4x4_tile<2>(w, nb, xq, K, y, ldy, rows, n0, m0); break;
-    case 3: q4x4_tile<3>(w, nb, xq, K, y, ldy, rows, n0, m0); break;
-    case 4: q4x4_tile<4>(w, nb, xq, K, y, ldy, rows, n0, m0); break;
-    case 5: q4x4_tile<5>(w, nb, xq, K, y, ldy, rows, n0, m0); break;
-    case 6: q4x4_tile<6>(w, nb, xq, K, y, ldy, rows, n0, m0); break;
-    case 7: q4x4_tile<7>(w, nb, xq, K, y, ldy, rows, n0, m0); break;
-    default: q4x4_tile<8>(w, nb, xq, K, y, ldy, rows, n0, m0); break;
-  }
-}
 
 // ---------------------------------------------------------------------------------------------------
 // GGUF blocks repacked 16 rows side by side (pack.cpp, once per plan: compile/quant.py pack_16_rows). In the
@@ -443,8 +374,11 @@ struct Q8_0Codes {
 using Q8_0x16 = X16Block32<Q8_0Codes>;
 
 // Q4_1 (w = d * q + m, q in [0, 16)), 320 bytes (the file's 16 x 20): d, m, then 4 nibble vectors; no offset,
-// the minimum term m * sx. Q4_0 (w = d * (q - 8)) is packed as Q4_1 with m = -8d, exact in fp16. Four rows
-// side by side (Q4X4) paid a conversion and two multiply-adds per 2 vpdpbusd; here per 8.
+// the minimum term m * sx. Q4_0 (w = d * (q - 8)) is packed as Q4_1 with m = -8d, exact in fp16. For row n
+// and block b: sum_j w_j x_j ~= d * dx * sum_j q_j x8_j + m * sx, where sx = dx * sum_j x8_j is the sum of
+// the quantized x (the exact float sum would pair a quantized q-term with an exact m-term: the errors then
+// no longer cancel, and grew ~4x). Packed four rows side by side (the Q4X4 kind, removed 2026-12-03) a
+// block paid a conversion and two multiply-adds per 2 vpdpbusd; here per 8.
 struct Q4_1Codes {
   static constexpr int64_t kBytes = kQ41x16Bytes, kCodesAt = 64;
   static constexpr int kOffset = 0;
@@ -903,14 +837,6 @@ void segment_rows(const BlockSegment& s, const float* x, const XQuant& xq, int64
   if (s.kind == kQ8_0) {
     for (int64_t m0 = m_lo; m0 < m_hi; m0 += 8)
       q8_columns_any(std::min<int64_t>(8, m_hi - m0), s.w, K / 32 * kQ8Bytes, x, K, ys, ldy, n_lo, n_hi, m0);
-    return;
-  }
-  if (s.kind == kQ4x4) {
-    const int64_t nb = K / 32;
-    for (int64_t n0 = n_lo; n0 < n_hi; n0 += 4)
-      for (int64_t m0 = m_lo; m0 < m_hi; m0 += 8)
-        q4x4_rows(std::min<int64_t>(8, m_hi - m0), s.w + (n0 / 4) * nb * kQ4x4Bytes, nb, xq, K, ys, ldy, s.rows, n0,
-                  m0);
     return;
   }
   switch (s.kind) {  // n_lo is a multiple of 16: chunks are 16 rows

@@ -21,7 +21,7 @@ using at::Tensor;
 
 enum BlockKind : int64_t {
   kQ8_0 = 0,      // Q8_0 rows (N, K/32*34) against float32 x: matrices quantized here from dense weights
-  kQ4x4 = 1,      // packed Q4 groups (ceil(N/4), K/32*80): four rows side by side (compile/quant.py, pack_q4)
+  kQ4_1x16 = 1,   // GGUF Q4_0 or Q4_1 repacked 16 rows side by side as Q4_1 (ceil(N/16), K/32*320) (pack.cpp)
   kQ8_0x8 = 2,    // GGUF Q8_0 rows as stored, against int8 x (per-32 activation blocks)
   kQ5_0 = 3,      // GGUF Q5_0 rows as stored (22 bytes per 32 weights), int8 x per 32
   kQ5_1 = 4,      // GGUF Q5_1 rows as stored (24 bytes per 32 weights), int8 x per 32
@@ -32,9 +32,8 @@ enum BlockKind : int64_t {
   kQ4_Kx16 = 9,   // GGUF Q4_K repacked 16 rows side by side (ceil(N/16), K/256*2368) (pack.cpp)
   kQ6_Kx16 = 10,  // GGUF Q6_K repacked 16 rows side by side (ceil(N/16), K/256*3360) (pack.cpp)
   kQ8_0x16 = 11,  // GGUF Q8_0 repacked 16 rows side by side (ceil(N/16), K/32*544) (pack.cpp)
-  kQ4_1x16 = 12,  // GGUF Q4_0 or Q4_1 repacked 16 rows side by side as Q4_1 (ceil(N/16), K/32*320) (pack.cpp)
 };
-constexpr int64_t kNumKinds = 13;
+constexpr int64_t kNumKinds = 12;
 
 struct KindInfo {
   const char* name;
@@ -43,10 +42,9 @@ struct KindInfo {
   int64_t group;    // rows side by side in a packed kind (1: rows as the file stores them)
 };
 inline constexpr KindInfo kKinds[kNumKinds] = {
-    {"Q8_0", 32, 34, 1},      {"Q4X4", 32, 80, 4},        {"Q8_0_X8", 32, 34, 1},     {"Q5_0", 32, 22, 1},
+    {"Q8_0", 32, 34, 1},      {"Q4_1X16", 32, 320, 16},   {"Q8_0_X8", 32, 34, 1},     {"Q5_0", 32, 22, 1},
     {"Q5_1", 32, 24, 1},      {"Q4_K", 256, 144, 1},      {"Q5_K", 256, 176, 1},      {"Q6_K", 256, 210, 1},
     {"Q5_0X16", 32, 352, 16}, {"Q4_KX16", 256, 2368, 16}, {"Q6_KX16", 256, 3360, 16}, {"Q8_0X16", 32, 544, 16},
-    {"Q4_1X16", 32, 320, 16},
 };
 
 // Bytes of one row of a (., K) matrix in `kind` (a packed group's bytes shared by its rows).
@@ -56,8 +54,6 @@ inline int64_t row_bytes_of(int64_t kind, int64_t K) {
 
 constexpr int64_t kQ8Block = 32;        // weights per Q8_0 block
 constexpr int64_t kQ8Bytes = 34;        // bytes per Q8_0 block
-constexpr int64_t kQ4Block = 32;        // weights per Q4 block
-constexpr int64_t kQ4x4Bytes = 80;      // per 4 rows x 1 block
 constexpr int64_t kQ5x16Bytes = 352;    // per 16 rows x 1 block
 constexpr int64_t kQ4Kx16Bytes = 2368;  // per 16 rows x 1 super-block
 constexpr int64_t kQ6Kx16Bytes = 3360;  // per 16 rows x 1 super-block

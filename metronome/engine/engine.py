@@ -221,23 +221,25 @@ class Engine(PythonAPI):
     ) -> float:
         """The disaggregated layout's TTFT for the last of `queued` ((cached, rows) of the prompts that will
         be sent to the worker, in order). The worker runs one prompt at a time, in the order they were sent,
-        each in one call of its rows with nothing beside them (`step_ms_with(0, ...)`), at its share of the
-        threads: what is left of the job it runs now, the jobs sent after it, then these, each price times
+        each in one call of its rows with nothing beside them (`_worker_price_ms`; a job sent carries its
+        price): what is left of the job it runs now, the jobs sent after it, then these, each price times
         the worker's recent slowdown beside this engine (`Backlog.slowdown`). Around that: the wait for
         the engine's next step, which sends the prompt, and after the worker, the wait for the step that
         installs its KV and samples the first token: half a decode step each, on average (none while nobody
         decodes: the engine then waits for work and wakes at once)."""
-        report, backlog = self.plan.report, prefiller.backlog()
-        share = self._worker_share(prefiller) * backlog.slowdown
-        costs = [share * report.step_ms_with(0, [job]) for job in [*backlog.jobs, *queued]]
-        if backlog.jobs:
+        backlog = prefiller.backlog()
+        prices = [*backlog.prices, *(self._worker_price_ms(prefiller, cached, rows) for cached, rows in queued)]
+        costs = [backlog.slowdown * price for price in prices]
+        if backlog.prices:
             costs[0] = max(0.0, costs[0] - 1000 * backlog.running_s)
-        return sum(costs) + (report.step_ms_with(decoding, (), position) if decoding else 0.0)
+        return sum(costs) + (self.plan.report.step_ms_with(decoding, (), position) if decoding else 0.0)
 
-    def _worker_share(self, prefiller: PrefillWorker) -> float:
-        """The worker's prompt rows cost this many of this engine's (the plan was timed with the engine's
-        threads; prompt rows are bound by arithmetic, so their time goes as 1 / threads)."""
-        return (self.config.threads or 1) / (prefiller.config.threads or 1)
+    def _worker_price_ms(self, prefiller: PrefillWorker, cached: int, rows: int) -> float:
+        """The plan's price of a prompt's `rows` after `cached` on the worker, in one call with nothing beside
+        them, at its share of the threads (the plan was timed with the engine's; prompt rows are bound by
+        arithmetic, so their time goes as 1 / threads)."""
+        share = (self.config.threads or 1) / (prefiller.config.threads or 1)
+        return share * self.plan.report.step_ms_with(0, [(cached, rows)])
 
     def cancel(self, request: Request) -> None:
         """Stop a request; its slot is free after the next step."""
@@ -339,8 +341,7 @@ class Engine(PythonAPI):
         if r.prefilled:
             k = self.plan.cache.k[:, r.slot, :, : r.prefilled].contiguous()
             v = self.plan.cache.v[:, r.slot, :, : r.prefilled].contiguous()
-        rows = len(r.prompt_ids) - r.prefilled
-        price = self._worker_share(prefiller) * self.plan.report.step_ms_with(0, [(r.prefilled, rows)])
+        price = self._worker_price_ms(prefiller, r.prefilled, len(r.prompt_ids) - r.prefilled)
         prefiller.submit(PrefillJob(r, r.prompt_ids, r.prefilled, k, v, price))
 
     def _prefill_whole(self, r: Request, clock: PhaseClock) -> None:

@@ -14,6 +14,8 @@ is the weighted sum of its experts' outputs, added in expert-id order, so it dep
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -77,17 +79,30 @@ class MoE(nn.Module):
         flat = x.reshape(-1, shape[-1])
         weights, ids = route(self.router(flat), self.k, self.normalize)
         out = torch.zeros(flat.shape, dtype=torch.float32, device=x.device)
-        for e, expert in enumerate(self.experts):
-            if self.dense:
-                w = (weights * (ids == e)).sum(dim=-1, keepdim=True)  # (N, 1): 0 where e was not chosen
-                out += expert(flat).float() * w
-                continue
-            rows, rank = (ids == e).nonzero(as_tuple=True)  # rows ascending
-            if rows.numel():
-                out.index_add_(0, rows, expert(flat[rows]).float() * weights[rows, rank, None])
+        add_experts(out, flat, weights, ids, [lambda r, e=e: e(r).float() for e in self.experts], self.dense)
         if self.shared is not None:
             out = out + torch.sigmoid(self.shared_gate(flat)) * self.shared(flat).float()
         return out.to(x.dtype).reshape(shape)
+
+
+def add_experts(
+    out: torch.Tensor,
+    flat: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    experts: list[Callable[[torch.Tensor], torch.Tensor]],
+    dense: bool,
+) -> None:
+    """Add each routed expert's float32 output, times its routing weight, into `out` (N, D), in expert-id
+    order: on exactly the rows routed to it, or (`dense`) on every row with weight zero where unrouted."""
+    for e, expert in enumerate(experts):
+        if dense:
+            w = (weights * (ids == e)).sum(dim=-1, keepdim=True)  # (N, 1): 0 where e was not chosen
+            out += expert(flat) * w
+            continue
+        rows, rank = (ids == e).nonzero(as_tuple=True)  # rows ascending
+        if rows.numel():
+            out.index_add_(0, rows, expert(flat[rows]) * weights[rows, rank, None])
 
 
 def use_dense_dispatch(model: nn.Module) -> nn.Module:

@@ -85,13 +85,13 @@ READY_S = 600.0  # the longest the worker may take to compile its plan and warm 
 
 @dataclass(frozen=True)
 class Backlog:
-    """What the worker has yet to do: the prompts not finished, in the order it runs them, as (cached
-    positions, rows to run); how long the first has been running (s; 0 while it waits to be sent); and
-    the median, over the last SLOWDOWN_JOBS jobs that came with a price, of each job's time over its price
-    (1.0 before any). The plan's price is for its engine alone on the machine; the worker runs beside that
+    """What the worker has yet to do: the prices (`PrefillJob.price_ms`) of the prompts not finished, in the
+    order it runs them; how long the first has been running (s; 0 while it waits to be sent); and the lower
+    median, over the last SLOWDOWN_JOBS jobs that came with a price, of each job's time over its price (1.0
+    before any). The plan's price is for its engine alone on the machine; the worker runs beside that
     engine's decode steps, which share the cores' caches and the memory bus with it."""
 
-    jobs: list[tuple[int, int]]
+    prices: list[float]
     running_s: float
     slowdown: float
 
@@ -223,10 +223,10 @@ class PrefillWorker:
     def backlog(self) -> Backlog:
         """What the worker has yet to do (for the engine's TTFT predictions)."""
         with self._backlog_lock:
-            jobs = [(job.cached, len(job.ids) - job.cached) for job in self._pending]
+            prices = [job.price_ms for job in self._pending]
             started, ratios = self._started, sorted(self._ratios)
         running_s = time.perf_counter() - started if started is not None else 0.0
-        return Backlog(jobs, running_s, ratios[(len(ratios) - 1) // 2] if ratios else 1.0)  # the lower median
+        return Backlog(prices, running_s, ratios[(len(ratios) - 1) // 2] if ratios else 1.0)  # the lower median
 
     @property
     def has_results(self) -> bool:

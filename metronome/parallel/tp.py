@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from metronome.config import ModelConfig
-from metronome.model.moe import MoE, route
+from metronome.model.moe import MoE, add_experts, route
 from metronome.model.transformer import MLP, Attention, KVCache, Transformer
 
 
@@ -166,11 +166,17 @@ class RowChunks(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         partials = torch.stack([c(x[..., i * self.width : (i + 1) * self.width]) for i, c in enumerate(self.chunks)])
-        total = None
-        for ranks_partials in self.group.all_gather(partials.float()):
-            for p in ranks_partials:
-                total = p.clone() if total is None else total.add_(p)
-        return total.to(x.dtype)
+        return add_in_chunk_order(self.group, partials.float()).to(x.dtype)
+
+
+def add_in_chunk_order(group: Collective, partials: torch.Tensor) -> torch.Tensor:
+    """Every rank's `partials` (this rank's chunks, stacked) gathered and added in chunk order, in their
+    dtype: the same sum on every number of ranks."""
+    total = None
+    for ranks_partials in group.all_gather(partials):
+        for p in ranks_partials:
+            total = p.clone() if total is None else total.add_(p)
+    return total
 
 
 class VocabEmbedding(nn.Module):
@@ -238,22 +244,12 @@ class ChunkedMoE(MoE):
         weights, ids = route(self.router(flat), self.k, self.normalize)
         chunks = len(self.experts[0])
         partials = torch.zeros((chunks, *flat.shape), dtype=torch.float32, device=x.device)
-        for c in range(chunks):
-            for e, expert in enumerate(self.experts):  # expert-id order, as MoE.forward adds them
-                if self.dense:
-                    w = (weights * (ids == e)).sum(dim=-1, keepdim=True)  # (N, 1): 0 where e was not chosen
-                    partials[c] += self._run(expert[c], flat) * w
-                    continue
-                rows, rank = (ids == e).nonzero(as_tuple=True)
-                if rows.numel():
-                    partials[c].index_add_(0, rows, self._run(expert[c], flat[rows]) * weights[rows, rank, None])
+        for c in range(chunks):  # each chunk's partial, as MoE.forward sums the whole experts
+            experts = [lambda r, chunk=e[c]: self._run(chunk, r) for e in self.experts]
+            add_experts(partials[c], flat, weights, ids, experts, self.dense)
             if self.shared is not None:
                 partials[c] += torch.sigmoid(self.shared_gate(flat)) * self._run(self.shared[c], flat)
-        total = None
-        for ranks_partials in self.group.all_gather(partials):
-            for p in ranks_partials:
-                total = p.clone() if total is None else total.add_(p)
-        return total.to(x.dtype).reshape(shape)
+        return add_in_chunk_order(self.group, partials).to(x.dtype).reshape(shape)
 
 
 def _expert_chunks(expert: nn.Module, layout: TPLayout) -> nn.ModuleList:

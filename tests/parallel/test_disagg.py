@@ -43,7 +43,7 @@ def test_disaggregated_gives_the_colocated_tokens(tiny_hf, colocated):
         lengths = [len(engine.encode_prompt(p, chat=False)) for p in PROMPTS]
         assert engine.prefiller.rows == sum(lengths)  # every prompt ran on the worker
         left = engine.prefiller.backlog()  # nothing is left on the worker (the plan is uncalibrated: no prices)
-        assert left.jobs == [] and left.running_s == 0.0 and left.slowdown == 1.0
+        assert left.prices == [] and left.running_s == 0.0 and left.slowdown == 1.0
         ids = engine.encode_prompt(PROMPTS[2], chat=False)
         engine.prefiller.submit(PrefillJob("priced", ids, price_ms=1e-3))  # a microsecond: a real trip is slower
         deadline = time.monotonic() + 30
@@ -118,7 +118,8 @@ def test_a_disaggregated_ttft_prediction_prices_the_workers_queue(colocated):
     nothing beside it, at the worker's share of threads and its measured slowdown; then a decode step's
     waits (one to send the prompt, one to install its KV). It had priced them as colocated chunks beside
     the engine's decode rows, which never run here."""
-    backlog = Backlog([(0, 50), (16, 30)], running_s=0.020, slowdown=1.5)  # a 50-row job running 20 ms
+    # a 50-row job running for 20 ms, a 30-row job after it (priced at the worker's share: 2 of the engine's)
+    backlog = Backlog([2 * (4 + 50), 2 * (4 + 30)], running_s=0.020, slowdown=1.5)
 
     class Worker:  # stands in for the prefill worker
         config = dataclasses.replace(colocated.config, threads=1)
@@ -141,7 +142,7 @@ def test_a_disaggregated_ttft_prediction_prices_the_workers_queue(colocated):
         want = share * ((4 + 50) + (4 + 30) + (4 + 100)) - 20
         assert colocated._predict_ttft_ms(0, 100) == pytest.approx(want)  # nobody decodes: no step to wait for
         assert colocated._predict_remote_ttft_ms(Worker(), [(0, 100)], decoding=2) == pytest.approx(want + 6)
-        backlog = Backlog([(0, 50)], running_s=10.0, slowdown=1.0)  # running for longer than its price
+        backlog = Backlog([2 * (4 + 50)], running_s=10.0, slowdown=1.0)  # running for longer than its price
         assert colocated._predict_ttft_ms(8, 100) == pytest.approx(2 * (4 + 100))
     finally:
         colocated.prefiller = None

@@ -8,6 +8,9 @@ routing, scattering and gathering (the C++ MoeLayer's own clocks, csrc/moe.h). `
 (llama-cpp-python) decodes the same file from the same prompt ids, its runs alternating with ours.
 
     flock /tmp/metronome-bench.lock python -m metronome.bench.moe --out /tmp/moe-1b.gguf --threads 2 [--peer]
+
+`--arch qwen3moe` writes the same shapes with a QK norm per head instead, which tensor parallel can cut:
+`python tools/bench_tp.py --model /tmp/moe-q3.gguf --tp 1,2` times it (docs/parallel.md).
 """
 
 from __future__ import annotations
@@ -65,15 +68,22 @@ def _q4_0(rng: np.random.Generator, rows: int, cols: int, scale: float) -> np.nd
     return np.concatenate([d, codes], axis=-1).reshape(rows, nb * 18)
 
 
-def write_random_moe(path: Path, shape: MoeShape = MoeShape(), seed: int = 0) -> Path:
-    """The GGUF file (architecture "olmoe"), every matrix in Q4_0, norms and routers float32."""
+ARCHS = ("olmoe", "qwen3moe")
+
+
+def write_random_moe(path: Path, shape: MoeShape = MoeShape(), seed: int = 0, arch: str = "olmoe") -> Path:
+    """The GGUF file, every matrix in Q4_0, norms and routers float32. `arch`: "olmoe" (QK norm over the
+    whole projection), or "qwen3moe", the same shapes with a QK norm per head, which tensor parallel can
+    cut (`--tp`: a whole-projection norm needs every head's values)."""
     import gguf
 
+    if arch not in ARCHS:
+        raise ValueError(f"arch={arch!r}: choose one of {', '.join(ARCHS)}")
     rng = np.random.default_rng(seed)
     s, d = shape, shape.hidden
     head_dim = d // s.heads
-    w = gguf.GGUFWriter(path, "olmoe")
-    w.add_name("random-olmoe-1b")
+    w = gguf.GGUFWriter(path, arch)
+    w.add_name(f"random-{arch}-1b")
     w.add_block_count(s.layers)
     w.add_context_length(4096)
     w.add_embedding_length(d)
@@ -81,6 +91,8 @@ def write_random_moe(path: Path, shape: MoeShape = MoeShape(), seed: int = 0) ->
     w.add_expert_feed_forward_length(s.expert_width)
     w.add_head_count(s.heads)
     w.add_head_count_kv(s.kv_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(10000.0)
     w.add_expert_count(s.experts)
@@ -112,8 +124,8 @@ def write_random_moe(path: Path, shape: MoeShape = MoeShape(), seed: int = 0) ->
         b = f"blk.{i}."
         vector(b + "attn_norm.weight", d)
         vector(b + "ffn_norm.weight", d)
-        vector(b + "attn_q_norm.weight", d)
-        vector(b + "attn_k_norm.weight", kv)
+        vector(b + "attn_q_norm.weight", d if arch == "olmoe" else head_dim)
+        vector(b + "attn_k_norm.weight", kv if arch == "olmoe" else head_dim)
         matrix(b + "attn_q.weight", d, d)
         matrix(b + "attn_k.weight", kv, d)
         matrix(b + "attn_v.weight", kv, d)
@@ -292,6 +304,9 @@ def measure_moe(path: Path, threads: int, tokens: int = 64, runs: int = 3, peer:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m metronome.bench.moe", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="the random-weight GGUF (written if missing)")
+    parser.add_argument(
+        "--arch", choices=ARCHS, default="olmoe", help="the file's layout when written (qwen3moe: cuts for --tp)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
@@ -300,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     if not args.out.is_file():
-        write_random_moe(args.out)
+        write_random_moe(args.out, arch=args.arch)
     print(measure_moe(args.out, args.threads, args.tokens, args.runs, args.peer).markdown())
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from metronome.compile.moe import fused_moe_layer
+from metronome.compile.moe import MoeCut, fused_moe_layer
 from metronome.compile.quant import block_matrix, cacheable, dense, file_view
 from metronome.config import ModelConfig
 from metronome.kernels.decoder import BlockPart
@@ -36,10 +36,12 @@ class FusedRunner:
         ops: CppOps,
         packed: list[list] | None = None,
         row_chunks: dict[str, list[Weight]] | None = None,
+        moe_cut: MoeCut | None = None,
     ) -> None:
         """`packed`: the block matrices of an earlier build of the same model and mode (the plan cache).
         `row_chunks`: matrices given as K-range chunks, each its own matmul (tensor parallel's row-parallel
-        o and down: parallel/fused_tp.py), by weight name."""
+        o and down: parallel/fused_tp.py), by weight name; `moe_cut`: the MoE blocks as chunks of every
+        expert's width, in the same way."""
         self.cfg, self.ops = cfg, ops
         self.matrices: list[list] = []  # every block matrix in build order, as the plan cache keeps it
         self.segments: list[list[BlockPart]] = []  # the same matrices as the decoder reads them (fleet/calibrate.py)
@@ -87,8 +89,18 @@ class FusedRunner:
             window = cfg.sliding_window if cfg.is_sliding(i) else None
             o_chunks = [matrix_of([w]) for w in chunked.get(p + "wo.weight", [])]
             o = [] if o_chunks else matrix(p + "wo.weight")  # build order (qkv, o, gate_up, down): the plan cache's
-            moe = None
-            if cfg.is_moe:  # experts in place of the MLP (compile/moe.py)
+            moe, moe_chunks = None, []
+            if cfg.is_moe and moe_cut is not None:  # one block per chunk, each giving a partial sum
+                for w in moe_cut.layers[i]:
+                    block, experts, floats = fused_moe_layer(
+                        ops, moe_cut.cfg, w, i, lambda *names, w=w: matrix_of([w[n] for n in names])
+                    )
+                    moe_chunks.append(block)
+                    expert_bytes += experts
+                    self.weight_bytes += floats
+                self.moe_layers.extend(moe_chunks)
+                gate_up, down, down_chunks = [], [], []
+            elif cfg.is_moe:  # experts in place of the MLP (compile/moe.py)
                 moe, experts, floats = fused_moe_layer(ops, cfg, weights, i, matrix)
                 self.moe_layers.append(moe)
                 expert_bytes += experts
@@ -115,6 +127,7 @@ class FusedRunner:
                 moe=moe,
                 o_chunks=o_chunks,
                 down_chunks=down_chunks,
+                moe_chunks=moe_chunks,
             )
             self.decoder.add_layer(**layer.kwargs())
         self.norm = vector("norm.weight")

@@ -4,6 +4,7 @@ experts' blocks are read (docs/moe.md)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -16,6 +17,18 @@ from metronome.model.loader import Weight
 from metronome.model.transformer import FUSED
 
 Matrix = Callable[..., list[BlockPart]]  # FusedRunner's matrix(*names): the named rows stacked, as block parts
+
+
+@dataclass(frozen=True)
+class MoeCut:
+    """One rank's MoE blocks cut for tensor parallel (parallel/fused_tp.py `rank_weights`): per layer, the
+    weights of each of the rank's chunks under the file's names (every expert's gate and up rows and down
+    columns of one width range, the shared expert's likewise; the router and the shared gate whole), and
+    `cfg`, the model with one chunk's expert widths. Each chunk becomes a block of its own, whose output is
+    one partial sum of the layer's (the decoder adds them in chunk order, as parallel/tp.py `ChunkedMoE`)."""
+
+    cfg: ModelConfig
+    layers: dict[int, list[dict[str, Weight]]]
 
 
 def part_bytes(parts: list[BlockPart]) -> int:

@@ -36,6 +36,7 @@ class LayerWeights:
     # tensor parallel (parallel/fused_tp.py): o / down as chunks of equal K ranges (then o / down are [])
     o_chunks: list[list[BlockPart]] = field(default_factory=list)
     down_chunks: list[list[BlockPart]] = field(default_factory=list)
+    moe_chunks: list[Any] = field(default_factory=list)  # the MoE block as chunks of every expert's width (moe None)
 
     def kwargs(self) -> dict[str, Any]:
         """The fields as add_layer's keyword arguments (the tensors themselves, not copies)."""

@@ -7,7 +7,10 @@ ranks: a rank simply holds the rows of its heads, of its MLP width, of its vocab
 row-parallel matrices (o, down) change the sums: each is cut in `shards` K ranges, each range its own
 matmul (`Decoder.add_layer(o_chunks=..., down_chunks=...)`), and the partial sums of all ranges are
 gathered and added in range order by the decoder's reduce hook, on every rank. With one rank the
-decoder adds its ranges itself, in the same order.
+decoder adds its ranges itself, in the same order. A mixture-of-experts block is cut the same way as
+parallel/tp.py's `ChunkedMoE`: every expert's width (and the shared expert's) in `shards` ranges, each
+range a block of its own that routes every row with the whole router and gives one partial sum
+(`Decoder.add_layer(moe_chunks=...)`), added in range order like down's.
 
 The file's blocks are cut, not requantized: a K range must start on a block boundary (32 weights, 256
 for the K-quants). The embedding stays whole on every rank (a view of the mapped file: it costs no memory).
@@ -16,12 +19,14 @@ for the K-quants). The embedding stays whole on every rank (a view of the mapped
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import gguf
 import numpy as np
 import torch
 
 from metronome.compile.fused import FusedRunner
+from metronome.compile.moe import MoeCut
 from metronome.compile.quant import dense
 from metronome.config import ModelConfig
 from metronome.kernels.ops import Q8_0_BLOCK, CppOps
@@ -64,17 +69,27 @@ def _columns(w: Weight, lo: int, hi: int, name: str) -> Weight:
     return QuantTensor(np.ascontiguousarray(blocks).reshape(w.shape[0], -1), w.qtype, (w.shape[0], hi - lo))
 
 
-def rank_weights(
-    cfg: ModelConfig, weights: dict[str, Weight], layout: TPLayout
-) -> tuple[ModelConfig, dict[str, Weight], dict[str, list[Weight]], int]:
-    """This rank's model: its config (heads, KV heads, MLP width of the rank), its weights (column-parallel
-    rows cut out; `head.weight` is its vocabulary rows), the row-parallel chunks by name, and the first
-    vocabulary id of its head rows."""
+@dataclass(frozen=True)
+class RankWeights:
+    """One rank's cut of the model: its config (heads, KV heads, MLP width of the rank), its weights (column-
+    parallel rows cut out; `head.weight` is its vocabulary rows, from `first_vocab` on), the row-parallel
+    chunks by name, and its MoE blocks' chunks (None for a dense model)."""
+
+    cfg: ModelConfig
+    weights: dict[str, Weight]
+    row_chunks: dict[str, list[Weight]]
+    moe_cut: MoeCut | None
+    first_vocab: int
+
+
+def rank_weights(cfg: ModelConfig, weights: dict[str, Weight], layout: TPLayout) -> RankWeights:
+    """This rank's cut of the file's blocks (ShardingError where a K range would split a block)."""
     check_shards(cfg, layout.shards)
     S, Dh = layout.shards, cfg.head_dim
     hq, F = cfg.num_heads // S, cfg.intermediate_size // S
     out = dict(weights)
     chunks: dict[str, list[Weight]] = {}
+    moe: dict[int, list[dict[str, Weight]]] = {}
     local = layout.chunks
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
@@ -88,12 +103,16 @@ def rank_weights(
                 out[p + f"{name}.{kind}"] = _stack([_rows(w, h * Dh, (h + 1) * Dh) for h in heads])
         q = cfg.q_size // S
         chunks[p + "wo.weight"] = [_columns(weights[p + "wo.weight"], j * q, (j + 1) * q, p + "wo") for j in local]
+        del out[p + "wo.weight"]
+        if cfg.is_moe:
+            moe[i] = [_moe_chunk(cfg, weights, out, p, S, j) for j in local]
+            continue
         for name in ("w_gate", "w_up"):
             out[p + f"{name}.weight"] = _rows(weights[p + f"{name}.weight"], local.start * F, local.stop * F)
         chunks[p + "w_down.weight"] = [
             _columns(weights[p + "w_down.weight"], j * F, (j + 1) * F, p + "w_down") for j in local
         ]
-        del out[p + "wo.weight"], out[p + "w_down.weight"]
+        del out[p + "w_down.weight"]
     vocab_rows = -(-cfg.vocab_size // S)
     first, last = local.start * vocab_rows, min(cfg.vocab_size, local.stop * vocab_rows)
     out["head.weight"] = _rows(weights.get("head.weight", weights["embed.weight"]), first, last)
@@ -101,9 +120,39 @@ def rank_weights(
         cfg,
         num_heads=hq * layout.per_rank,
         num_kv_heads=len(kv_heads_of_chunk(cfg, S, 0)) * layout.per_rank,
-        intermediate_size=F * layout.per_rank,
+        intermediate_size=cfg.intermediate_size if cfg.is_moe else F * layout.per_rank,  # MoE: no dense MLP
     )
-    return local_cfg, out, chunks, first
+    cut = None
+    if cfg.is_moe:
+        chunk_cfg = dataclasses.replace(
+            local_cfg,
+            moe_intermediate_size=cfg.moe_intermediate_size // S,
+            shared_expert_size=cfg.shared_expert_size // S,
+        )
+        cut = MoeCut(chunk_cfg, moe)
+    return RankWeights(local_cfg, out, chunks, cut, first)
+
+
+def _moe_chunk(
+    cfg: ModelConfig, weights: dict[str, Weight], out: dict[str, Weight], p: str, shards: int, j: int
+) -> dict[str, Weight]:
+    """Chunk j of layer `p`'s MoE block: every expert's gate and up rows and down columns of width range j
+    (the shared expert's likewise), the router and shared gate whole. The whole experts leave `out`."""
+    chunk: dict[str, Weight] = {}
+    experts = [f"{p}experts.{e}." for e in range(cfg.num_experts)]
+    for q, width in [(q, cfg.moe_intermediate_size) for q in experts] + [(f"{p}shared.", cfg.shared_expert_size)]:
+        if not width:
+            continue
+        n = width // shards
+        for name in ("w_gate", "w_up"):
+            chunk[q + f"{name}.weight"] = _rows(weights[q + f"{name}.weight"], j * n, (j + 1) * n)
+            out.pop(q + f"{name}.weight", None)
+        chunk[q + "w_down.weight"] = _columns(weights[q + "w_down.weight"], j * n, (j + 1) * n, q + "w_down")
+        out.pop(q + "w_down.weight", None)
+    for name in ("router.weight", "shared_gate.weight"):
+        if p + name in weights:
+            chunk[p + name] = weights[p + name]
+    return chunk
 
 
 class TPFusedRunner(FusedRunner):
@@ -120,8 +169,8 @@ class TPFusedRunner(FusedRunner):
         layout: TPLayout,
         group: Collective,
     ) -> None:
-        local_cfg, local, chunks, _first = rank_weights(cfg, weights, layout)
-        super().__init__(local_cfg, local, cache, mode, ops, row_chunks=chunks)
+        cut = rank_weights(cfg, weights, layout)
+        super().__init__(cut.cfg, cut.weights, cache, mode, ops, row_chunks=cut.row_chunks, moe_cut=cut.moe_cut)
         self.cache = cache
         self.full_vocab = cfg.vocab_size
         self.vocab_rows = -(-cfg.vocab_size // layout.shards) * layout.per_rank  # every rank's width, padded

@@ -5,8 +5,10 @@ same plan for their rank and then follow rank 0's calls (runner.py). Every rank 
 same file: a file that differs between ranks (another machine's copy) is caught by comparing
 fingerprints before the first step.
 
-The torch path only for now: dense f32/bf16 weights (the fused C++ decoder keeps each layer in one call;
-splitting it needs the collectives inside that call). docs/parallel.md says what it costs.
+int4/int8 weights run on the fused C++ decoder, each rank holding its cut of the file's blocks
+(fused_tp.py; its row-parallel sums meet inside the decoder's call, through the host exchange or the
+reduce hook); f32/bf16 on the torch path (tp.py). Mixture-of-experts models on both: every expert's width
+cut in the same chunks. docs/parallel.md says what it costs.
 """
 
 from __future__ import annotations
@@ -56,12 +58,6 @@ def tp_settings(loaded: LoadedModel, config: EngineConfig) -> tuple[EngineConfig
         raise PlanError(f"device={config.device!r}: tensor parallel runs on CPU ranks (gloo) for now", "device")
     weights = resolve_weights(loaded, config)
     fused = weights in ("int4", "int8")
-    if fused and loaded.config.is_moe:
-        raise PlanError(
-            f"weights={weights!r} with tp={config.tp}: a mixture-of-experts model is cut across ranks on the torch "
-            "path only for now (the fused decoder's expert kernels are not split); use --weights f32 or bf16",
-            "weights",
-        )
     if fused and config.kernels == "torch":
         raise PlanError(
             f"kernels='torch' with weights={weights!r}: tensor parallel runs int4/int8 on the C++ kernels and "

@@ -45,3 +45,32 @@ def test_greedy_output_matches_llama_cpp_up_to_a_near_tie(tiny_gguf: Path) -> No
     texts = ("a lighthouse", "the sea at night", "xyz 123", "keeper of the light")
     results = [greedy_against_llama_cpp(engine.plan, llm, list(text.encode()), 16) for text in texts]
     print("\n" + assert_near(results, "random OLMoE-layout Q4_0"))
+
+
+def test_the_qwen3moe_layout_cuts_for_tensor_parallel_and_keeps_its_tokens(tmp_path: Path) -> None:
+    """The same shapes with a QK norm per head (`--arch qwen3moe`): unlike OLMoE's whole-projection norm it
+    cuts into ranks, and the fused decoder at tp=2 (its Q4_0 experts' widths cut in 2 chunks of 32) gives
+    the chunked tp=1 tokens and logprobs, on the file as `python tools/bench_tp.py` times it."""
+    from metronome.config import EngineConfig, SamplingParams
+    from metronome.engine import Engine
+    from metronome.model.loader import load
+    from metronome.parallel.tp import default_shards
+
+    shape = MoeShape(
+        hidden=128, layers=2, heads=4, kv_heads=2, experts=8, experts_per_token=2, expert_width=64, vocab=512
+    )
+    path = write_random_moe(tmp_path / "tiny-qwen3moe.gguf", shape, arch="qwen3moe")
+    cfg = load(str(path)).config
+    assert cfg.arch == "qwen3moe" and cfg.qk_norm and not cfg.qk_norm_full and default_shards(cfg) >= 2
+    params = SamplingParams(max_tokens=6, temperature=0, logprobs=True, ignore_eos=True)
+    runs = []
+    for tp in (1, 2):
+        config = EngineConfig(slots=1, ctx=64, tp=tp, tp_shards=2, threads=tp, spec_tokens=0)
+        engine = Engine.from_model(str(path), config, calibrate=False)
+        try:
+            assert "fused decoder" in engine.plan.report.kernels
+            done = engine.generate("a lighthouse", params, chat=False)
+            runs.append((done.token_ids, [c.logprob for c in done.choices]))
+        finally:
+            engine.plan.runner.close()
+    assert runs[0] == runs[1] and len(runs[0][0]) == 6

@@ -18,15 +18,18 @@ MERGES = ["w 9"]
 GGUF_ARCH = {"mixtral": "llama", "qwen2moe": "qwen2moe", "qwen3moe": "qwen3moe", "olmoe": "olmoe"}
 
 
-def hf_config(arch: str, kv_heads: int = 2):
+def hf_config(arch: str, kv_heads: int = 2, wide: bool = False):
     """(model class, config): 2 layers, hidden 64, 4 heads of 16 (`kv_heads` KV heads), 8 experts of width 64;
     top-2 for Mixtral (its own k), top-3 for the others (with three experts a row's sum order matters to its
-    bits). Widths are multiples of 32 so that the fused decoder's blocks fit."""
+    bits). Widths are multiples of 32 so that the fused decoder's blocks fit. `wide`: every width doubled
+    (hidden 128, heads of 32, experts and the shared expert 128), so that the fused decoder's Q8_0 blocks
+    still fit when o and the experts are cut in 4 chunks (tensor parallel)."""
     import transformers as T
 
+    w = 2 if wide else 1
     common = dict(
         vocab_size=len(VOCAB),
-        hidden_size=64,
+        hidden_size=64 * w,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=kv_heads,
@@ -38,32 +41,46 @@ def hf_config(arch: str, kv_heads: int = 2):
         tie_word_embeddings=False,
     )
     if arch == "mixtral":
-        return T.MixtralForCausalLM, T.MixtralConfig(intermediate_size=64, num_local_experts=8, **common)
+        return T.MixtralForCausalLM, T.MixtralConfig(intermediate_size=64 * w, num_local_experts=8, **common)
     if arch == "qwen2moe":  # shared expert with its sigmoid gate; softmax weights not renormalized
         return T.Qwen2MoeForCausalLM, T.Qwen2MoeConfig(
             intermediate_size=128,
-            moe_intermediate_size=64,
-            shared_expert_intermediate_size=96,
+            moe_intermediate_size=64 * w,
+            shared_expert_intermediate_size=128 if wide else 96,
             num_experts=8,
             norm_topk_prob=False,
             **common,
         )
     if arch == "qwen3moe":  # per-head QK norm, head_dim given, renormalized top-k
         return T.Qwen3MoeForCausalLM, T.Qwen3MoeConfig(
-            intermediate_size=128, moe_intermediate_size=64, num_experts=8, head_dim=16, norm_topk_prob=True, **common
+            intermediate_size=128,
+            moe_intermediate_size=64 * w,
+            num_experts=8,
+            head_dim=16 * w,
+            norm_topk_prob=True,
+            **common,
         )
     if arch == "olmoe":  # QK norm over the whole projection
-        return T.OlmoeForCausalLM, T.OlmoeConfig(intermediate_size=64, num_experts=8, norm_topk_prob=False, **common)
+        return T.OlmoeForCausalLM, T.OlmoeConfig(
+            intermediate_size=64 * w, num_experts=8, norm_topk_prob=False, **common
+        )
     raise ValueError(arch)
 
 
-def build(arch: str, seed: int = 1234, kv_heads: int = 2, gain: float | None = None, router_std: float = 0.5):
+def build(
+    arch: str,
+    seed: int = 1234,
+    kv_heads: int = 2,
+    gain: float | None = None,
+    router_std: float = 0.5,
+    wide: bool = False,
+):
     """The transformers model (float32, eval), with random norms and routers of std `router_std` (0.5: a
     spread wide enough that top-k choices are not near-ties at float32 rounding differences). With
     `gain`, every other matrix is drawn with std gain / sqrt(fan-in) instead of transformers' 0.02, and biases
     with std 0.1: logits spread over several units, so that greedy choices are rarely near-ties either (a test
     of greedy tokens against another engine, whose rounding differs, is then meaningful at most steps)."""
-    cls, config = hf_config(arch, kv_heads)
+    cls, config = hf_config(arch, kv_heads, wide)
     torch.manual_seed(seed)
     model = cls(config).eval()
     with torch.no_grad():

@@ -87,7 +87,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("gate_up"), py::arg("down"), py::arg("attn_norm"), py::arg("mlp_norm"), py::arg("post_attn_norm"),
            py::arg("post_mlp_norm"), py::arg("q_norm"), py::arg("k_norm"), py::arg("window"), py::arg("local_rope"),
            py::arg("moe") = py::none(), py::arg("o_chunks") = std::vector<std::vector<metronome::BlockPart>>{},
-           py::arg("down_chunks") = std::vector<std::vector<metronome::BlockPart>>{})
+           py::arg("down_chunks") = std::vector<std::vector<metronome::BlockPart>>{},
+           py::arg("moe_chunks") = std::vector<std::shared_ptr<metronome::MoeLayer>>{})
       .def("set_reduce", &Decoder::set_reduce,
            "reduce(partials (n, M, D), out (M, D)): adds a row-parallel matmul's partial sums (tensor parallel)",
            py::arg("reduce"))

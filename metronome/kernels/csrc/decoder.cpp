@@ -47,7 +47,8 @@ void Decoder::add_layer(const std::vector<BlockPart>& qkv, const std::optional<T
                         const std::optional<Tensor>& q_norm, const std::optional<Tensor>& k_norm, int64_t window,
                         bool local_rope, const std::shared_ptr<MoeLayer>& moe,
                         const std::vector<std::vector<BlockPart>>& o_chunks,
-                        const std::vector<std::vector<BlockPart>>& down_chunks) {
+                        const std::vector<std::vector<BlockPart>>& down_chunks,
+                        const std::vector<std::shared_ptr<MoeLayer>>& moe_chunks) {
   const char* op = "Decoder.add_layer";
   TORCH_CHECK(static_cast<int64_t>(layers_.size()) < kc_.size(0), op, ": the cache holds ", kc_.size(0), " layers");
   DecoderLayer L;
@@ -70,10 +71,17 @@ void Decoder::add_layer(const std::vector<BlockPart>& qkv, const std::optional<T
     TORCH_CHECK(o.empty(), op, ": give o or o_chunks, not both");
     L.o_chunks = chunks(o_chunks, H_ * Dh_, "o_chunks");
   }
-  if (moe != nullptr) {
-    TORCH_CHECK(gate_up.empty() && down.empty() && moe->hidden() == D_, op,
-                ": an MoE layer takes empty gate_up and down lists and a block of hidden size ", D_);
+  if (moe != nullptr || !moe_chunks.empty()) {
+    TORCH_CHECK(gate_up.empty() && down.empty(), op, ": an MoE layer takes empty gate_up and down lists");
+    TORCH_CHECK(moe == nullptr || moe_chunks.empty(), op, ": give moe or moe_chunks, not both");
+    TORCH_CHECK(moe == nullptr || moe->hidden() == D_, op, ": the MoE block's hidden size is not ", D_);
+    for (const auto& block : moe_chunks)
+      TORCH_CHECK(block != nullptr && block->hidden() == D_ && block->same_routing(*moe_chunks.front()), op,
+                  ": MoE chunks must be blocks of hidden size ", D_,
+                  " with one router, k and shapes (the chunks of one block's expert widths)");
     L.moe = moe;
+    L.moe_chunks.assign(moe_chunks.begin(), moe_chunks.end());
+    max_chunks_ = std::max(max_chunks_, static_cast<int64_t>(moe_chunks.size()));
   } else {
     L.gate_up = check_segments(op, gate_up, 2 * F_, D_, nullptr);
     if (down_chunks.empty()) {
@@ -168,7 +176,10 @@ void Decoder::run(float* x, int64_t M, const int64_t* sp, const int64_t* pp, con
       row_parallel(L.o_chunks, att, M, Q, xin, partials, out, sx);
     residual_add(x, out, M, L.post_attn_norm);
     rms_norm_rows(x, L.mlp_norm.data_ptr<float>(), h, M, D_, eps_);
-    if (L.moe != nullptr) {
+    if (!L.moe_chunks.empty()) {  // each chunk's block gives one partial sum, added as o's and down's are
+      MoeLayer::forward_chunks(L.moe_chunks, h, M, partials, moe_scratch_);
+      add_partials(partials, static_cast<int64_t>(L.moe_chunks.size()), M, out);
+    } else if (L.moe != nullptr) {
       L.moe->forward(h, M, out, moe_scratch_);
     } else {
       block_linear_rows(L.gate_up, h, M, gu, sx);
@@ -192,6 +203,10 @@ void Decoder::row_parallel(const std::vector<BlockMatrix>& chunks, const float* 
     for (int64_t r = 0; r < M; ++r)
       std::memcpy(xin + (j * M + r) * Kc, in + r * K + j * Kc, static_cast<size_t>(Kc) * sizeof(float));
   block_linear_rows_chunks(chunks, xin, M, partials, sx);
+  add_partials(partials, n, M, out);
+}
+
+void Decoder::add_partials(float* partials, int64_t n, int64_t M, float* out) {
   const int64_t bytes = n * M * D_ * static_cast<int64_t>(sizeof(float));
   if (exchange_ && exchange_->attached() && bytes <= exchange_->capacity()) {
     exchange_->reduce_chunks(partials, n, M * D_, out);  // every rank's partials, in chunk order

@@ -36,6 +36,9 @@ struct DecoderLayer {
   // partial sums are added by the reduce hook (or here, in chunk order). Empty: `o` / `down` serve.
   std::vector<BlockMatrix> o_chunks, down_chunks;
   std::shared_ptr<const MoeLayer> moe;  // a mixture-of-experts block (moe.h) in place of the MLP
+  // Tensor parallel: the MoE block as chunks of every expert's width (and the shared expert's), each a
+  // block of its own whose output is one partial sum, added like the row-parallel chunks'. Empty: `moe`.
+  std::vector<std::shared_ptr<const MoeLayer>> moe_chunks;
   Tensor attn_norm, mlp_norm, post_attn_norm, post_mlp_norm, q_norm,
       k_norm;                // float32; the last four optional
   std::vector<Tensor> keep;  // the weight tensors, held alive
@@ -58,10 +61,12 @@ class Decoder {
                  const std::optional<Tensor>& q_norm, const std::optional<Tensor>& k_norm, int64_t window,
                  bool local_rope, const std::shared_ptr<MoeLayer>& moe,
                  const std::vector<std::vector<BlockPart>>& o_chunks,
-                 const std::vector<std::vector<BlockPart>>& down_chunks);
-  // An MoE layer gives `moe` and empty gate_up/down. q_norm/k_norm span one head, or the whole
+                 const std::vector<std::vector<BlockPart>>& down_chunks,
+                 const std::vector<std::shared_ptr<MoeLayer>>& moe_chunks);
+  // An MoE layer gives `moe` (or `moe_chunks`) and empty gate_up/down. q_norm/k_norm span one head, or the whole
   // projection (OLMoE) when they hold heads * head_dim values. o_chunks / down_chunks (tensor parallel):
-  // o / down as n matrices of K/n columns each (then o / down are empty).
+  // o / down as n matrices of K/n columns each (then o / down are empty); moe_chunks: the MoE block as n
+  // blocks of 1/n of every expert's width (then `moe` is None).
 
   // The hook that adds a row-parallel matmul's partial sums: reduce(partials (n, M, D), out (M, D)) must
   // write into `out` the sum of every rank's partials in chunk order (parallel/fused_tp.py gathers them).
@@ -91,6 +96,10 @@ class Decoder {
   // out (M, D) = in (M, K) @ [chunks]^T, each chunk's K range alone, partials added in chunk order.
   void row_parallel(const std::vector<BlockMatrix>& chunks, const float* in, int64_t M, int64_t K, float* xin,
                     float* partials, float* out, uint8_t* sx);
+
+  // out (M, D) = the n partial sums (n, M, D) of every rank added in chunk order: through the host
+  // exchange, the reduce hook, or here (one process).
+  void add_partials(float* partials, int64_t n, int64_t M, float* out);
 
   int64_t D_, H_, Hkv_, Dh_, F_;
   float eps_, scale_;

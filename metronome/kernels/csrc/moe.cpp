@@ -150,20 +150,12 @@ Tensor MoeLayer::apply(const Tensor& h) const {
   return out;
 }
 
-void MoeLayer::forward(const float* h, int64_t M, float* out, Tensor& scratch) const {
-  using Clock = std::chrono::steady_clock;
-  const auto t0 = Clock::now();
+MoeLayer::Scratch MoeLayer::carve(int64_t M, int64_t C, Tensor& scratch) const {
   const int64_t P = M * k_;  // (row, expert) pairs: every one has a place, none is dropped
   const int64_t widest = std::max({D_, I_, S_});
   auto layout = [&](uint8_t* base) {
     Carver c{base};
-    struct {
-      float *logits, *weights, *xg, *gu, *act, *yg, *sgu, *sact, *sy;
-      int64_t *ids, *pos, *rows, *offsets, *fill;
-      BlockJob* jobs;
-      uint8_t* sx;
-      int64_t used;
-    } s;
+    Scratch s;
     s.logits = c.take<float>(M * E_);
     s.weights = c.take<float>(P);
     s.ids = c.take<int64_t>(P);
@@ -171,15 +163,17 @@ void MoeLayer::forward(const float* h, int64_t M, float* out, Tensor& scratch) c
     s.rows = c.take<int64_t>(P);  // place -> its row
     s.offsets = c.take<int64_t>(E_ + 1);
     s.fill = c.take<int64_t>(E_);
-    s.jobs = c.take<BlockJob>(E_);
+    // per chunk (C of them, tensor parallel; 1 otherwise): its pairs' rows, its shared expert's output
+    s.jobs = c.take<BlockJob>(C * E_);
     s.xg = c.take<float>(P * D_);
-    s.gu = c.take<float>(P * 2 * I_);
-    s.act = c.take<float>(P * I_);
-    s.yg = c.take<float>(P * D_);
+    s.gu = c.take<float>(C * P * 2 * I_);
+    s.act = c.take<float>(C * P * I_);
+    s.yg = c.take<float>(C * P * D_);
     s.sgu = c.take<float>(M * 2 * S_);
     s.sact = c.take<float>(M * S_);
-    s.sy = c.take<float>(M * D_);
-    s.sx = c.take<uint8_t>(std::max(group_scratch_bytes(E_, P, std::max(D_, I_)), scratch_bytes(M, widest)) + 64);
+    s.sy = c.take<float>(C * M * D_);
+    s.sx =
+        c.take<uint8_t>(std::max(group_scratch_bytes(C * E_, C * P, std::max(D_, I_)), scratch_bytes(M, widest)) + 64);
     s.used = c.used;
     return s;
   };
@@ -187,8 +181,11 @@ void MoeLayer::forward(const float* h, int64_t M, float* out, Tensor& scratch) c
   if (scratch.numel() < need) scratch = at::empty({need}, at::kByte);
   uint8_t* base = scratch.data_ptr<uint8_t>();
   base += (64 - reinterpret_cast<uintptr_t>(base) % 64) % 64;
-  auto s = layout(base);
+  return layout(base);
+}
 
+void MoeLayer::dispatch(const float* h, int64_t M, const Scratch& s) const {
+  const int64_t P = M * k_;
   route_rows(h, M, s.weights, s.ids, s.logits);
   // scatter: count per expert, then places in row order inside each expert's segment
   std::fill(s.offsets, s.offsets + E_ + 1, 0);
@@ -205,32 +202,44 @@ void MoeLayer::forward(const float* h, int64_t M, float* out, Tensor& scratch) c
       for (int64_t q = lo; q < hi; ++q)
         std::memcpy(s.xg + q * D_, h + s.rows[q] * D_, static_cast<size_t>(D_) * sizeof(float));
     });
-  const auto t1 = Clock::now();
-  // experts: every chosen expert's gate_up in one parallel region (its segment of rows, or with one row
-  // the row itself: the k experts share it), one activation over all M*k rows, then every chosen
-  // expert's down in one region. Idle experts are not read. Few regions per layer: at one row each
-  // expert's matmul is too small to pay a region of its own (docs/moe.md).
+}
+
+void MoeLayer::experts(const MoeLayer* const* blocks, int64_t C, const float* h, int64_t M, const Scratch& s) {
+  // every chosen expert's gate_up in one parallel region (its segment of rows, or with one row the row
+  // itself: the k experts share it), one activation over all M*k rows, then every chosen expert's down in
+  // one region. Idle experts are not read. Few regions per layer: at one row each expert's matmul is too
+  // small to pay a region of its own (docs/moe.md). Chunks of one block (tensor parallel) share the
+  // routing: chunk c's pairs take rows c*P.. of each buffer, and all chunks' jobs run in the same regions.
+  const MoeLayer& f = *blocks[0];
+  const int64_t P = M * f.k_, E = f.E_;
   int64_t J = 0;
-  for (int64_t e = 0; e < E_; ++e) {
-    const int64_t lo = s.offsets[e], n = s.offsets[e + 1] - lo;
-    if (n) s.jobs[J++] = BlockJob{&gate_up_[e], M == 1 ? 0 : lo, lo, n};
-  }
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t lo = s.offsets[e], n = s.offsets[e + 1] - lo;
+      if (n) s.jobs[J++] = BlockJob{&blocks[c]->gate_up_[e], M == 1 ? 0 : lo, c * P + lo, n};
+    }
   block_linear_rows_group(s.jobs, J, M == 1 ? h : s.xg, M == 1 ? 1 : P, s.gu, s.sx);
-  gated_rows<false>(s.gu, s.act, P, I_);
+  gated_rows<false>(s.gu, s.act, C * P, f.I_);
   J = 0;
-  for (int64_t e = 0; e < E_; ++e) {
-    const int64_t lo = s.offsets[e], n = s.offsets[e + 1] - lo;
-    if (n) s.jobs[J++] = BlockJob{&down_[e], lo, lo, n};
-  }
-  block_linear_rows_group(s.jobs, J, s.act, P, s.yg, s.sx);
-  if (S_ > 0) {
-    block_linear_rows(shared_gate_up_, h, M, s.sgu, s.sx);
-    gated_rows<false>(s.sgu, s.sact, M, S_);
-    block_linear_rows(shared_down_, s.sact, M, s.sy, s.sx);
-  }
-  const auto t2 = Clock::now();
-  // gather: per row, its experts' outputs in ascending expert id, then the gated shared expert
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t lo = s.offsets[e], n = s.offsets[e + 1] - lo;
+      if (n) s.jobs[J++] = BlockJob{&blocks[c]->down_[e], c * P + lo, c * P + lo, n};
+    }
+  block_linear_rows_group(s.jobs, J, s.act, C * P, s.yg, s.sx);
+  if (f.S_ > 0)
+    for (int64_t c = 0; c < C; ++c) {
+      block_linear_rows(blocks[c]->shared_gate_up_, h, M, s.sgu, s.sx);
+      gated_rows<false>(s.sgu, s.sact, M, f.S_);
+      block_linear_rows(blocks[c]->shared_down_, s.sact, M, s.sy + c * M * f.D_, s.sx);
+    }
+}
+
+void MoeLayer::gather(const float* h, int64_t M, const Scratch& s, int64_t c, float* out) const {
+  // per row, its experts' outputs in ascending expert id, then the gated shared expert (chunk c's)
   const float* G = S_ > 0 ? shared_gate_.data_ptr<float>() : nullptr;
+  const float* yg = s.yg + c * M * k_ * D_;
+  const float* sy = s.sy + c * M * D_;
   parallel_for(0, M, grain_for(k_ * D_, kMinParallelElems), [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
       float* o = out + r * D_;
@@ -241,20 +250,68 @@ void MoeLayer::forward(const float* h, int64_t M, float* out, Tensor& scratch) c
         int64_t next = -1;
         for (int64_t t = 0; t < k_; ++t)
           if (id[t] > prev && (next < 0 || id[t] < id[next])) next = t;
-        add_scaled(o, s.yg + s.pos[r * k_ + next] * D_, s.weights[r * k_ + next], D_);
+        add_scaled(o, yg + s.pos[r * k_ + next] * D_, s.weights[r * k_ + next], D_);
         prev = id[next];
       }
       if (G != nullptr) {
         const float g = 1.0f / (1.0f + std::exp(-dot(h + r * D_, G, D_)));
-        add_scaled(o, s.sy + r * D_, g, D_);
+        add_scaled(o, sy + r * D_, g, D_);
       }
     }
   });
+}
+
+namespace {
+int64_t ns_between(std::chrono::steady_clock::time_point a, std::chrono::steady_clock::time_point b) {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(b - a).count();
+}
+}  // namespace
+
+void MoeLayer::forward(const float* h, int64_t M, float* out, Tensor& scratch) const {
+  using Clock = std::chrono::steady_clock;
+  const auto t0 = Clock::now();
+  const Scratch s = carve(M, 1, scratch);
+  dispatch(h, M, s);
+  const auto t1 = Clock::now();
+  const MoeLayer* self = this;
+  experts(&self, 1, h, M, s);
+  const auto t2 = Clock::now();
+  gather(h, M, s, 0, out);
   const auto t3 = Clock::now();
-  auto ns = [](auto d) { return std::chrono::duration_cast<std::chrono::nanoseconds>(d).count(); };
-  dispatch_ns_ += ns(t1 - t0) + ns(t3 - t2);
-  experts_ns_ += ns(t2 - t1);
+  dispatch_ns_ += ns_between(t0, t1) + ns_between(t2, t3);
+  experts_ns_ += ns_between(t1, t2);
   ++calls_;
+}
+
+bool MoeLayer::same_routing(const MoeLayer& other) const {
+  return D_ == other.D_ && E_ == other.E_ && I_ == other.I_ && k_ == other.k_ && S_ == other.S_ &&
+         normalize_ == other.normalize_ && router_.equal(other.router_) &&
+         shared_gate_.defined() == other.shared_gate_.defined() &&
+         (!shared_gate_.defined() || shared_gate_.equal(other.shared_gate_));
+}
+
+void MoeLayer::forward_chunks(const std::vector<std::shared_ptr<const MoeLayer>>& chunks, const float* h, int64_t M,
+                              float* partials, Tensor& scratch) {
+  // Every chunk routes with the same router (same_routing, checked when the decoder takes them), so the
+  // first chunk's routing and scatter serve all: the router is read once a step, not once per chunk. All
+  // chunks' experts then run in the same parallel regions, and each chunk gathers its own partial. A
+  // chunk's partial has the bits it has when run alone (forward): the same routing, the same
+  // row-independent matmuls, the same gather. The chunks' clocks: all of it on the first chunk.
+  using Clock = std::chrono::steady_clock;
+  const auto t0 = Clock::now();
+  const MoeLayer& first = *chunks.front();
+  const int64_t C = static_cast<int64_t>(chunks.size());
+  std::vector<const MoeLayer*> blocks(C);
+  for (int64_t c = 0; c < C; ++c) blocks[c] = chunks[c].get();
+  const Scratch s = first.carve(M, C, scratch);
+  first.dispatch(h, M, s);
+  const auto t1 = Clock::now();
+  experts(blocks.data(), C, h, M, s);
+  const auto t2 = Clock::now();
+  for (int64_t c = 0; c < C; ++c) blocks[c]->gather(h, M, s, c, partials + c * M * first.D_);
+  first.dispatch_ns_ += ns_between(t0, t1) + ns_between(t2, Clock::now());
+  first.experts_ns_ += ns_between(t1, t2);
+  ++first.calls_;
 }
 
 std::tuple<double, double, int64_t> MoeLayer::timings() const {

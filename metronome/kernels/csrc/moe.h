@@ -20,6 +20,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -45,6 +46,13 @@ class MoeLayer {
   // out (M, D) = the block applied to h (M, D); `scratch` is grown when too small, never shrunk.
   void forward(const float* h, int64_t M, float* out, Tensor& scratch) const;
 
+  // Tensor parallel: blocks that are chunks of one block's expert widths (same router, k and shapes:
+  // same_routing). partials (n, M, D): chunk c's output at c, each as its own forward would give it, with
+  // the routing done once for all and every chunk's experts in the same parallel regions.
+  static void forward_chunks(const std::vector<std::shared_ptr<const MoeLayer>>& chunks, const float* h, int64_t M,
+                             float* partials, Tensor& scratch);
+  bool same_routing(const MoeLayer& other) const;
+
   // The block as a tensor-level op, for tests: h (M, D) float32 -> (M, D) float32.
   Tensor apply(const Tensor& h) const;
 
@@ -58,6 +66,20 @@ class MoeLayer {
 
  private:
   void route_rows(const float* h, int64_t M, float* weights, int64_t* ids, float* logits) const;
+
+  // forward's buffers for M rows, carved from one scratch tensor, and its three phases over them
+  struct Scratch {
+    float *logits, *weights, *xg, *gu, *act, *yg, *sgu, *sact, *sy;
+    int64_t *ids, *pos, *rows, *offsets, *fill;
+    BlockJob* jobs;
+    uint8_t* sx;
+    int64_t used;
+  };
+  Scratch carve(int64_t M, int64_t C, Tensor& scratch) const;        // C: chunks sharing the routing
+  void dispatch(const float* h, int64_t M, const Scratch& s) const;  // route, scatter, the rows' copies
+  // the chosen experts and the shared one, of C blocks (chunks of one block's widths) in the same regions
+  static void experts(const MoeLayer* const* blocks, int64_t C, const float* h, int64_t M, const Scratch& s);
+  void gather(const float* h, int64_t M, const Scratch& s, int64_t c, float* out) const;  // chunk c's output
 
   int64_t D_, E_, I_, k_, S_;
   bool normalize_;

@@ -275,11 +275,5 @@ class EngineConfig:
                 ("prefix_cache_tokens", self.prefix_cache_tokens >= 0, "must be 0 (off) or a number of tokens"),
                 ("tp", self.tp >= 1, "must be at least 1 rank"),
                 ("tp_shards", self.tp_shards is None or self.tp_shards >= 1, "must be at least 1 (or None)"),
-                (
-                    "layout",
-                    self.layout != Layout.DISAGGREGATED or self.tp == 1,
-                    f"runs with tp=1 for now, got tp={self.tp} (the prefill worker's group and the ranks' would "
-                    "both be this process's one torch.distributed default group); use tp=1, or layout='colocated'",
-                ),
             ],
         )

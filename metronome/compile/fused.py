@@ -42,7 +42,7 @@ class FusedRunner:
         `row_chunks`: matrices given as K-range chunks, each its own matmul (tensor parallel's row-parallel
         o and down: parallel/fused_tp.py), by weight name; `moe_cut`: the MoE blocks as chunks of every
         expert's width, in the same way."""
-        self.cfg, self.ops = cfg, ops
+        self.cfg, self.ops, self.cache = cfg, ops, cache
         self.matrices: list[list] = []  # every block matrix in build order, as the plan cache keeps it
         self.segments: list[list[BlockPart]] = []  # the same matrices as the decoder reads them (fleet/calibrate.py)
         attn_scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
@@ -199,6 +199,11 @@ class FusedRunner:
         T = len(ids)
         x = self.hidden(torch.tensor(ids), torch.full((T,), slot), torch.arange(T))
         return self.logits(x) if all_logits else self.logits(x[-1:])[0]
+
+    def install_kv(self, slot: int, k: torch.Tensor, v: torch.Tensor, start: int = 0) -> None:
+        """A prompt's KV computed by another process (the prefill worker) into `slot` from `start`: its rows
+        have the bits this decoder would give them."""
+        self.cache.write(slot, k, v, start)
 
     def decode(
         self, slots: list[int], tokens: list[int], positions: list[int], logit_rows: list[int] | None = None

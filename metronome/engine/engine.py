@@ -31,7 +31,8 @@ from metronome.engine.speculate import Drafter, LookupOrModel, ModelDrafter, Ngr
 from metronome.engine.text import TextStream
 from metronome.model.loader import LoadedModel, load
 from metronome.model.tokenizer import Tokenizer
-from metronome.parallel.disagg import KVShape, PrefillJob, PrefillWorker, install_kv
+from metronome.parallel.disagg import KVShape, PrefillJob, PrefillWorker
+from metronome.parallel.tp import default_shards
 
 IDLE_WAKEUP_S = 1.0  # the stepping thread's longest sleep without work (bounds every wait)
 
@@ -137,9 +138,13 @@ class Engine(PythonAPI):
         wherever they run)."""
         if not self.plan.runner.any_rows:
             raise ValueError("layout='disaggregated' needs the fused CPU decoder (int4/int8 weights, C++ kernels)")
-        k = self.plan.cache.k
-        shape = KVShape(k.shape[0], k.shape[2], k.shape[4], self.plan.cfg.vocab_size, k.dtype)
-        self.prefiller = PrefillWorker(path, self.config, shape, self._wake, threads)
+        config, k = self.config, self.plan.cache.k  # with tp > 1, rank 0's share of the KV heads
+        heads = k.shape[2]
+        if config.tp > 1:  # the worker runs the ranks' chunks in one process: every rank's heads, the same bits
+            config = dataclasses.replace(config, tp=1, tp_shards=config.tp_shards or default_shards(self.plan.cfg))
+            heads *= self.config.tp
+        shape = KVShape(k.shape[0], heads, k.shape[4], self.plan.cfg.vocab_size, k.dtype)
+        self.prefiller = PrefillWorker(path, config, shape, self._wake, threads)
 
     def _wake(self) -> None:
         with self._lock:
@@ -365,7 +370,7 @@ class Engine(PythonAPI):
             if result.error is not None:
                 self._finish(r, "error", error=result.error)
                 continue
-            install_kv(self.plan.cache.k, self.plan.cache.v, r.slot, result.k, result.v, result.start)
+            self.plan.runner.install_kv(r.slot, result.k, result.v, result.start)  # tp > 1: every rank's heads
             r.prefilled = len(r.prompt_ids)
             self.profile.prompt_rows += len(r.prompt_ids) - result.start
             clock.lap("plan")

@@ -45,6 +45,12 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
+    def write(self, slot: int, k: torch.Tensor, v: torch.Tensor, start: int = 0) -> None:
+        """KV (layers, kv_heads, T, head_dim) computed elsewhere into positions start..start+T-1 of `slot`."""
+        end = start + k.shape[2]
+        self.k[:, slot, :, start:end].copy_(k)
+        self.v[:, slot, :, start:end].copy_(v)
+
 
 @dataclass(frozen=True)
 class Rows:

@@ -2,10 +2,14 @@
 cache moves into a decode slot of the serving engine, so decode steps never carry prompt rows.
 
 Groq's layout is prefill on GPUs, decode on LPUs; here both are CPU processes on one host, joined in a
-gloo group of two (rank 0: the engine; rank 1: the prefill worker), and the KV moves with
-torch.distributed send/recv over loopback. The worker's plan is the engine's own settings with one slot,
+gloo group of two of their own (`PairLink`; rank 0: the engine; rank 1: the prefill worker), and the KV
+moves with its send/recv over loopback. The worker's plan is the engine's own settings with one slot,
 and the fused decoder's rows are independent, so a prompt's KV (and its last logits) have the same bits
 computed there as in the engine: a disaggregated request gives the same tokens as a colocated one.
+
+With tensor parallel (tp > 1) the engine's ranks use torch.distributed's default group, hence the pair's
+own. The worker runs the ranks' chunked plan in one process (tp=1 with the engine's `tp_shards`: the same
+bits, parallel/tp.py), and the engine hands every rank its share of the KV heads (`TPRunner.install_kv`).
 
 A prompt whose beginning the engine found in its prefix cache goes with that beginning's KV: the worker
 writes it into its slot and runs only the rest, whose KV alone comes back.
@@ -31,10 +35,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 
 from metronome.config import EngineConfig
-from metronome.parallel.group import Endpoint, GlooGroup, GroupError, free_port
+from metronome.parallel.group import Endpoint, GroupError, PairLink, free_port
 
 COLLECTIVE_TIMEOUT_S = 30.0
 POLL_S = 0.5  # the transfer thread's longest sleep without work (bounds every wait)
@@ -103,9 +106,9 @@ def _worker_main(path: str, config: EngineConfig, endpoint: Endpoint, errors: An
     from metronome.model.loader import load
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the engine ends us
-    group = None
+    link = None
     try:
-        group = GlooGroup(1, 2, endpoint, COLLECTIVE_TIMEOUT_S)
+        link = PairLink(1, endpoint, COLLECTIVE_TIMEOUT_S)
         plan = compile_plan(load(path), config, calibrate=False, cache=False)
         k, v = plan.cache.k[:, 0], plan.cache.v[:, 0]  # the one slot: (layers, kv heads, ctx, head dim)
         # every weight read once before the first prompt, so that it does not pay for the pages coming in
@@ -115,28 +118,28 @@ def _worker_main(path: str, config: EngineConfig, endpoint: Endpoint, errors: An
         ready.set()
         header = torch.zeros(2, dtype=torch.int64)  # prompt tokens T, of which the first `cached` come as KV
         while True:
-            dist.recv(header, src=0)
+            link.recv(header, src=0)
             T, cached = int(header[0]), int(header[1])
             if T == _STOP:
                 return
             ids = torch.empty(T, dtype=torch.int64)
-            dist.recv(ids, src=0)
+            link.recv(ids, src=0)
             if cached:  # the engine's prefix cache had them: received and written in place, not computed
                 for into in (k, v):
                     wire = torch.empty(into[:, :, :cached].shape, dtype=into.dtype)  # gloo: contiguous tensors
-                    dist.recv(wire, src=0)
+                    link.recv(wire, src=0)
                     into[:, :, :cached].copy_(wire)
             # the rest, as the engine's chunked prefill would run it (rows are independent: the same bits)
             rest = ids[cached:].tolist()
             logits = plan.decode([0] * len(rest), rest, list(range(cached, T)), [len(rest) - 1])[0]
-            dist.send(k[:, :, cached:T].contiguous(), dst=0)
-            dist.send(v[:, :, cached:T].contiguous(), dst=0)
-            dist.send(logits.float().contiguous(), dst=0)
+            link.send(k[:, :, cached:T].contiguous(), dst=0)
+            link.send(v[:, :, cached:T].contiguous(), dst=0)
+            link.send(logits.float().contiguous(), dst=0)
     except BaseException as exc:  # told to rank 0, which fails the prompt it was sending and restarts us
         errors.put(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
     finally:
-        if group is not None:
-            group.close()
+        if link is not None:
+            link.close()
 
 
 class PrefillWorker:
@@ -165,7 +168,7 @@ class PrefillWorker:
         self._pending: collections.deque[PrefillJob] = collections.deque()
         self._started: float | None = None
         self._ratios: collections.deque[float] = collections.deque(maxlen=SLOWDOWN_JOBS)
-        self._group: GlooGroup | None = None
+        self._link: PairLink | None = None
         self._process: Any = None
         self.restarts = 0
         self.rows = 0  # prompt rows the worker computed (what it received as KV not counted)
@@ -188,10 +191,10 @@ class PrefillWorker:
         )
         self._process.start()
         try:
-            if self._group is None:
-                self._group = GlooGroup(0, 2, endpoint, COLLECTIVE_TIMEOUT_S)
+            if self._link is None:
+                self._link = PairLink(0, endpoint, COLLECTIVE_TIMEOUT_S)
             else:
-                self._group.reconnect(endpoint)
+                self._link.reconnect(endpoint)
             deadline = time.monotonic() + READY_S
             while not ready.wait(POLL_S):
                 if not self._process.is_alive():
@@ -273,19 +276,24 @@ class PrefillWorker:
     def _prefill(self, job: PrefillJob) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Send one prompt (and its cached beginning's KV), receive the KV of the rest and the last logits
         (each wait bounded by the group's timeout)."""
-        s, T = self.shape, len(job.ids)
-        dist.send(torch.tensor([T, job.cached], dtype=torch.int64), dst=1)
-        dist.send(torch.tensor(job.ids, dtype=torch.int64), dst=1)
+        s, T, link = self.shape, len(job.ids), self._connected()
+        link.send(torch.tensor([T, job.cached], dtype=torch.int64), dst=1)
+        link.send(torch.tensor(job.ids, dtype=torch.int64), dst=1)
         if job.cached:  # submit checked that both are there, `cached` positions long
-            dist.send(job.k, dst=1)
-            dist.send(job.v, dst=1)
+            link.send(job.k, dst=1)
+            link.send(job.v, dst=1)
         k = torch.empty(s.layers, s.kv_heads, T - job.cached, s.head_dim, dtype=s.dtype)
         v = torch.empty_like(k)
         logits = torch.empty(s.vocab, dtype=torch.float32)
-        dist.recv(k, src=1)
-        dist.recv(v, src=1)
-        dist.recv(logits, src=1)
+        link.recv(k, src=1)
+        link.recv(v, src=1)
+        link.recv(logits, src=1)
         return k, v, logits
+
+    def _connected(self) -> PairLink:
+        if self._link is None:
+            raise GroupError("the prefill worker is not connected")
+        return self._link
 
     def _restart(self) -> None:
         if self._process.is_alive():
@@ -299,19 +307,10 @@ class PrefillWorker:
         """Stop the worker and the transfer thread."""
         self._jobs.put(None)
         self._thread.join(timeout)
-        if self._process.is_alive() and not self._broken:
-            dist.send(torch.tensor([_STOP, 0], dtype=torch.int64), dst=1)
+        if self._process.is_alive() and not self._broken and self._link is not None:
+            self._link.send(torch.tensor([_STOP, 0], dtype=torch.int64), dst=1)
         self._process.join(timeout)
         if self._process.is_alive():
             self._process.kill()
-        if self._group is not None:
-            self._group.close()
-
-
-def install_kv(
-    cache_k: torch.Tensor, cache_v: torch.Tensor, slot: int, k: torch.Tensor, v: torch.Tensor, start: int = 0
-) -> None:
-    """Write KV (layers, kv_heads, T, head_dim) into positions start..start+T-1 of `slot`."""
-    end = start + k.shape[2]
-    cache_k[:, slot, :, start:end].copy_(k)
-    cache_v[:, slot, :, start:end].copy_(v)
+        if self._link is not None:
+            self._link.close()

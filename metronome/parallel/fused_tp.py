@@ -171,13 +171,20 @@ class TPFusedRunner(FusedRunner):
     ) -> None:
         cut = rank_weights(cfg, weights, layout)
         super().__init__(cut.cfg, cut.weights, cache, mode, ops, row_chunks=cut.row_chunks, moe_cut=cut.moe_cut)
-        self.cache = cache
+        self.rank = layout.rank
         self.full_vocab = cfg.vocab_size
         self.vocab_rows = -(-cfg.vocab_size // layout.shards) * layout.per_rank  # every rank's width, padded
         self.group = group
         if group.world > 1:
             self.decoder.set_reduce(self._reduce)  # partials larger than the host exchange's slots, or other hosts
             self.decoder.set_exchange(group.exchange)
+
+    def install_kv(self, slot: int, k: torch.Tensor, v: torch.Tensor, start: int = 0) -> None:
+        """Every chunk's KV heads, as the chunked plan holds them in one process (the disaggregated layout's
+        worker runs tp=1 with these shards): this rank keeps its own, rank by rank in chunk order."""
+        heads = self.cache.k.shape[2]
+        mine = slice(self.rank * heads, (self.rank + 1) * heads)
+        self.cache.write(slot, k[:, mine], v[:, mine], start)
 
     def _reduce(self, partials: torch.Tensor, out: torch.Tensor) -> None:
         """out = every rank's partial sums added in chunk order (rank order, then each rank's chunks)."""

@@ -121,6 +121,46 @@ class GlooGroup:
             dist.destroy_process_group()
 
 
+class PairLink:
+    """Two processes joined by a gloo process group of their own: not torch.distributed's default group,
+    which the tensor-parallel ranks of the same process use (an engine at tp=2 with a prefill worker is in
+    both). Point-to-point only; every send and receive waits at most `timeout_s`."""
+
+    def __init__(self, rank: int, endpoint: Endpoint, timeout_s: float) -> None:
+        if rank not in (0, 1):
+            raise ValueError(f"rank={rank}: a pair has ranks 0 and 1")
+        self.rank, self.timeout = rank, timedelta(seconds=timeout_s)
+        self._group: Any | None = None
+        self._join(endpoint)
+
+    def _join(self, endpoint: Endpoint) -> None:
+        if endpoint.addr in ("127.0.0.1", "localhost"):
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one host: never another interface
+        # rank 0 serves the rendezvous store; the group's constructor waits (bounded) for the other rank
+        store = dist.TCPStore(endpoint.addr, endpoint.port, 2, self.rank == 0, timeout=self.timeout)
+        self._group = dist.ProcessGroupGloo(store, self.rank, 2, self.timeout)
+
+    def _live(self) -> Any:
+        if self._group is None:
+            raise GroupError("the link is closed")
+        return self._group
+
+    def send(self, t: torch.Tensor, dst: int) -> None:
+        self._live().send([t], dst, 0).wait(self.timeout)
+
+    def recv(self, t: torch.Tensor, src: int) -> None:
+        """Into `t` (contiguous, the sender's shape and dtype)."""
+        self._live().recv([t], src, 0).wait(self.timeout)
+
+    def reconnect(self, endpoint: Endpoint) -> None:
+        """Leave this pair (the other process died) and join a new one at `endpoint`."""
+        self.close()
+        self._join(endpoint)
+
+    def close(self) -> None:
+        self._group = None  # its connections close with it
+
+
 def env_rank() -> tuple[int, int, Endpoint] | None:
     """(rank, world, endpoint) from torchrun's environment, or None when not launched by it."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:

@@ -43,6 +43,16 @@ class Decode:
 
 
 @dataclass(frozen=True)
+class InstallKV:
+    """A prompt's KV from the prefill worker, every rank's heads: each rank writes its own."""
+
+    slot: int
+    k: torch.Tensor
+    v: torch.Tensor
+    start: int
+
+
+@dataclass(frozen=True)
 class SetMode:
     decode_mode: str
 
@@ -57,7 +67,7 @@ class Stop:
     pass
 
 
-Call = Prefill | Decode | SetMode | Heartbeat | Stop
+Call = Prefill | Decode | InstallKV | SetMode | Heartbeat | Stop
 
 
 def run_call(runner: Runner, call: Call) -> torch.Tensor | None:
@@ -67,6 +77,9 @@ def run_call(runner: Runner, call: Call) -> torch.Tensor | None:
             return runner.prefill(call.ids, call.slot, call.all_logits)
         if isinstance(call, Decode):
             return runner.decode(call.slots, call.tokens, call.positions, call.logit_rows)
+        if isinstance(call, InstallKV):
+            runner.install_kv(call.slot, call.k, call.v, call.start)
+            return None
     if isinstance(call, SetMode):
         runner.decode_mode = call.decode_mode
         if call.decode_mode == "fixed" and isinstance(runner, TorchRunner):
@@ -166,6 +179,10 @@ class TPRunner:
         self, slots: list[int], tokens: list[int], positions: list[int], logit_rows: list[int] | None = None
     ) -> torch.Tensor:
         return self._call(Decode(list(slots), list(tokens), list(positions), logit_rows))
+
+    def install_kv(self, slot: int, k: torch.Tensor, v: torch.Tensor, start: int = 0) -> None:
+        """Every rank's KV heads of a prompt run elsewhere (the disaggregated layout): each keeps its own."""
+        self._call(InstallKV(slot, k, v, start))
 
     def close(self) -> None:
         """Tell the other ranks to stop (they return from `follow`) and leave the group."""

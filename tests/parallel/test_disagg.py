@@ -147,3 +147,25 @@ def test_a_disaggregated_ttft_prediction_prices_the_workers_queue(colocated):
     finally:
         colocated.prefiller = None
         colocated.plan.report = report
+
+
+def test_tensor_parallel_ranks_take_their_kv_heads_from_the_prefill_worker(wide_llama):
+    """tp=2 with a prefill worker (its own gloo pair beside the ranks' default group; the worker runs the
+    ranks' 4 chunks in one process, and each rank takes its KV heads) gives the tokens and logprobs of tp=1
+    colocated over the same chunks, three prompts of different lengths side by side."""
+    runs = {}
+    for tp, layout in ((1, "colocated"), (2, "disaggregated")):
+        config = EngineConfig(
+            slots=2, ctx=128, weights="int8", spec_tokens=0, tp=tp, tp_shards=4, layout=layout, threads=2
+        )
+        engine = Engine.from_model(wide_llama, config, calibrate=False)
+        try:
+            assert (engine.prefiller is not None) == (layout == "disaggregated")
+            runs[layout] = engine.generate(PROMPTS, GREEDY, chat=False)
+            if engine.prefiller is not None:
+                assert engine.prefiller.rows == sum(len(engine.encode_prompt(p, chat=False)) for p in PROMPTS)
+        finally:
+            if engine.prefiller is not None:
+                engine.prefiller.close()
+            engine.plan.runner.close()  # the ranks (a TPRunner, tp=1 too: the chunked plan)
+    _same(runs["disaggregated"], runs["colocated"])

@@ -47,14 +47,6 @@ def test_sampling_params_names_the_bad_field(field, value):
     assert err.value.param == field and field in str(err.value)
 
 
-def test_the_disaggregated_layout_with_tensor_parallel_is_refused_naming_the_layout():
-    # it failed at start-up with "trying to initialize the default process group twice"
-    with pytest.raises(ParamError, match="layout='disaggregated': runs with tp=1 for now, got tp=2") as err:
-        EngineConfig(tp=2, layout="disaggregated")
-    assert err.value.param == "layout"
-    assert EngineConfig(tp=2).layout == "colocated" and EngineConfig(layout="disaggregated").tp == 1
-
-
 def test_every_checked_field_is_covered():
     # a field added with a check but not to the tables above would go untested
     for cls, bad in ((EngineConfig, BAD_ENGINE), (SamplingParams, BAD_SAMPLING)):

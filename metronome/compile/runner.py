@@ -37,6 +37,10 @@ class Runner(Protocol):
         """One row per entry (slot, token, position): logits (rows, V) float32 in the same order, or only
         of the rows listed in `logit_rows` (a prompt chunk's rows need none but the prompt's last)."""
 
+    def install_kv(self, slot: int, k: torch.Tensor, v: torch.Tensor, start: int = 0) -> None:
+        """KV (layers, kv_heads, T, head_dim) computed by another process (a prefill worker) into `slot`
+        from position `start`: what a prefill of those positions would have written."""
+
 
 class TorchRunner:
     """The torch `Transformer` on static step buffers (filled in place each step; CUDA graphs replay them)."""
@@ -61,6 +65,9 @@ class TorchRunner:
         rows = Rows((0,), (slot,), (0,))
         logits = self.model(tokens, positions, self.cache, rows, self._slot_ids[slot : slot + 1], all_logits=all_logits)
         return logits[0]
+
+    def install_kv(self, slot: int, k: torch.Tensor, v: torch.Tensor, start: int = 0) -> None:
+        self.cache.write(slot, k.to(self.cache.k.device), v.to(self.cache.v.device), start)
 
     def decode(
         self, slots: list[int], tokens: list[int], positions: list[int], logit_rows: list[int] | None = None

@@ -10,6 +10,7 @@ import signal
 import time
 
 import pytest
+import torch
 
 from metronome.config import EngineConfig, SamplingParams
 from metronome.engine import Engine
@@ -169,3 +170,22 @@ def test_tensor_parallel_ranks_take_their_kv_heads_from_the_prefill_worker(wide_
                 engine.prefiller.close()
             engine.plan.runner.close()  # the ranks (a TPRunner, tp=1 too: the chunked plan)
     _same(runs["disaggregated"], runs["colocated"])
+
+
+@pytest.mark.parametrize("weights", ["f32", "int8"])  # the torch runner, the fused decoder
+def test_a_runner_installs_kv_as_its_own_prefill_wrote_it(tiny_hf, weights):
+    """KV taken from one slot and installed into another (from position 0, and past a beginning already
+    there) gives that slot the next decode step's logits of the slot that ran the prompt (both in one step:
+    the torch runner's fixed-shape step runs every slot)."""
+    config = EngineConfig(slots=2, ctx=64, weights=weights, spec_tokens=0, prefix_cache_tokens=0)
+    plan = Engine.from_model(str(tiny_hf("llama")), config, calibrate=False).plan
+    ids = [1, 7, 12, 30, 5, 9]
+    plan.prefill(ids, 0)
+    k, v = plan.cache.k[:, 0, :, : len(ids)].clone(), plan.cache.v[:, 0, :, : len(ids)].clone()
+    plan.runner.install_kv(1, k[:, :, :2], v[:, :, :2])
+    plan.runner.install_kv(1, k[:, :, 2:], v[:, :, 2:], start=2)
+    both = plan.decode([0, 1], [44, 44], [len(ids)] * 2)
+    assert torch.equal(both[1], both[0])
+    plan.runner.install_kv(1, torch.zeros_like(k[:, :, :1]), torch.zeros_like(v[:, :, :1]), start=3)
+    both = plan.decode([0, 1], [44, 44], [len(ids)] * 2)
+    assert not torch.equal(both[1], both[0])  # the KV installed is what the step reads

@@ -91,13 +91,14 @@ class FusedRunner:
             o = [] if o_chunks else matrix(p + "wo.weight")  # build order (qkv, o, gate_up, down): the plan cache's
             moe, moe_chunks = None, []
             if cfg.is_moe and moe_cut is not None:  # one block per chunk, each giving a partial sum
-                for w in moe_cut.layers[i]:
+                for c, w in enumerate(moe_cut.layers[i]):
                     block, experts, floats = fused_moe_layer(
                         ops, moe_cut.cfg, w, i, lambda *names, w=w: matrix_of([w[n] for n in names])
                     )
                     moe_chunks.append(block)
                     expert_bytes += experts
-                    self.weight_bytes += floats
+                    if c == 0:  # the router (and shared gate) a step reads once for all chunks (forward_chunks)
+                        self.weight_bytes += floats
                 self.moe_layers.extend(moe_chunks)
                 gate_up, down, down_chunks = [], [], []
             elif cfg.is_moe:  # experts in place of the MLP (compile/moe.py)

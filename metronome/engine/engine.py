@@ -32,7 +32,6 @@ from metronome.engine.text import TextStream
 from metronome.model.loader import LoadedModel, load
 from metronome.model.tokenizer import Tokenizer
 from metronome.parallel.disagg import KVShape, PrefillJob, PrefillWorker
-from metronome.parallel.tp import default_shards
 
 IDLE_WAKEUP_S = 1.0  # the stepping thread's longest sleep without work (bounds every wait)
 
@@ -140,8 +139,8 @@ class Engine(PythonAPI):
             raise ValueError("layout='disaggregated' needs the fused CPU decoder (int4/int8 weights, C++ kernels)")
         config, k = self.config, self.plan.cache.k  # with tp > 1, rank 0's share of the KV heads
         heads = k.shape[2]
-        if config.tp > 1:  # the worker runs the ranks' chunks in one process: every rank's heads, the same bits
-            config = dataclasses.replace(config, tp=1, tp_shards=config.tp_shards or default_shards(self.plan.cfg))
+        if config.tp > 1:  # the worker runs the ranks' chunks (the plan's tp_shards) in one process: the same bits
+            config = dataclasses.replace(config, tp=1)
             heads *= self.config.tp
         shape = KVShape(k.shape[0], heads, k.shape[4], self.plan.cfg.vocab_size, k.dtype)
         self.prefiller = PrefillWorker(path, config, shape, self._wake, threads)

@@ -72,14 +72,13 @@ def _columns(w: Weight, lo: int, hi: int, name: str) -> Weight:
 @dataclass(frozen=True)
 class RankWeights:
     """One rank's cut of the model: its config (heads, KV heads, MLP width of the rank), its weights (column-
-    parallel rows cut out; `head.weight` is its vocabulary rows, from `first_vocab` on), the row-parallel
-    chunks by name, and its MoE blocks' chunks (None for a dense model)."""
+    parallel rows cut out; `head.weight` is its vocabulary rows), the row-parallel chunks by name, and its
+    MoE blocks' chunks (None for a dense model)."""
 
     cfg: ModelConfig
     weights: dict[str, Weight]
     row_chunks: dict[str, list[Weight]]
     moe_cut: MoeCut | None
-    first_vocab: int
 
 
 def rank_weights(cfg: ModelConfig, weights: dict[str, Weight], layout: TPLayout) -> RankWeights:
@@ -105,7 +104,13 @@ def rank_weights(cfg: ModelConfig, weights: dict[str, Weight], layout: TPLayout)
         chunks[p + "wo.weight"] = [_columns(weights[p + "wo.weight"], j * q, (j + 1) * q, p + "wo") for j in local]
         del out[p + "wo.weight"]
         if cfg.is_moe:
-            moe[i] = [_moe_chunk(cfg, weights, out, p, S, j) for j in local]
+            # the router and shared gate as float32 once: the same tensors in every chunk (which route once)
+            whole = {
+                p + n: dense(weights[p + n]).contiguous()
+                for n in ("router.weight", "shared_gate.weight")
+                if p + n in weights
+            }
+            moe[i] = [_moe_chunk(cfg, weights, out, p, S, j) | whole for j in local]
             continue
         for name in ("w_gate", "w_up"):
             out[p + f"{name}.weight"] = _rows(weights[p + f"{name}.weight"], local.start * F, local.stop * F)
@@ -130,14 +135,14 @@ def rank_weights(cfg: ModelConfig, weights: dict[str, Weight], layout: TPLayout)
             shared_expert_size=cfg.shared_expert_size // S,
         )
         cut = MoeCut(chunk_cfg, moe)
-    return RankWeights(local_cfg, out, chunks, cut, first)
+    return RankWeights(local_cfg, out, chunks, cut)
 
 
 def _moe_chunk(
     cfg: ModelConfig, weights: dict[str, Weight], out: dict[str, Weight], p: str, shards: int, j: int
 ) -> dict[str, Weight]:
     """Chunk j of layer `p`'s MoE block: every expert's gate and up rows and down columns of width range j
-    (the shared expert's likewise), the router and shared gate whole. The whole experts leave `out`."""
+    (the shared expert's likewise). The whole experts leave `out`."""
     chunk: dict[str, Weight] = {}
     experts = [f"{p}experts.{e}." for e in range(cfg.num_experts)]
     for q, width in [(q, cfg.moe_intermediate_size) for q in experts] + [(f"{p}shared.", cfg.shared_expert_size)]:
@@ -149,9 +154,6 @@ def _moe_chunk(
             out.pop(q + f"{name}.weight", None)
         chunk[q + "w_down.weight"] = _columns(weights[q + "w_down.weight"], j * n, (j + 1) * n, q + "w_down")
         out.pop(q + "w_down.weight", None)
-    for name in ("router.weight", "shared_gate.weight"):
-        if p + name in weights:
-            chunk[p + name] = weights[p + name]
     return chunk
 
 

@@ -81,7 +81,8 @@ def tp_settings(loaded: LoadedModel, config: EngineConfig) -> tuple[EngineConfig
         raise PlanError(str(exc), exc.param) from None
     threads = max(1, (config.threads or 1) // config.tp)  # the machine's cores shared among the ranks
     kernels = "cpp" if fused else "torch"
-    return dataclasses.replace(config, threads=threads, weights=weights, kernels=kernels), layout, weights
+    resolved = dataclasses.replace(config, threads=threads, weights=weights, kernels=kernels, tp_shards=shards)
+    return resolved, layout, weights
 
 
 def rank_runner(loaded: LoadedModel, config: EngineConfig, layout: TPLayout, group: Collective) -> Runner:

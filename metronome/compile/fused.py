@@ -206,6 +206,9 @@ class FusedRunner:
         have the bits this decoder would give them."""
         self.cache.write(slot, k, v, start)
 
+    def read_kv(self, slot: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.read(slot, n)
+
     def decode(
         self, slots: list[int], tokens: list[int], positions: list[int], logit_rows: list[int] | None = None
     ) -> torch.Tensor:

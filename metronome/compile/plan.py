@@ -8,6 +8,7 @@ from typing import Sequence
 
 import torch
 
+from metronome.compile.pages import Pages
 from metronome.compile.probe import NEAR_POSITION
 from metronome.compile.runner import Runner
 from metronome.config import EngineConfig, ModelConfig
@@ -44,7 +45,7 @@ class PlanReport:
     invariance: str = ""
     kernels: str = ""  # which ops run the glue (and why, when the C++ kernels were not used)
     cached: bool = False  # read from the plan cache (no packing, probe or calibration this time)
-    prefix_cache_bytes: int = 0  # the prefix cache's pool (Plan.prefix_pool), allocated once; 0: none
+    prefix_cache_bytes: int = 0  # the prefix cache's pool (Plan.pages), allocated once; 0: none
     prefix_cache_note: str = ""  # why there is none, where it was asked for
 
     def tokens_per_s(self, live: int, position: float | None = None) -> float:
@@ -171,7 +172,8 @@ PREFIX_PAGE_TOKENS = 16
 
 class Plan:
     """The compiled model: `prefill` one request into its slot, `decode` one token for the live slots.
-    `prefix_pool`: pages of KV for the engine's prefix cache (engine/prefix_cache.py), or None."""
+    `pages`: the pool of KV pages for the engine's prefix cache (compile/pages.py, engine/prefix_cache.py),
+    or None."""
 
     def __init__(
         self,
@@ -181,11 +183,11 @@ class Plan:
         weights: str,
         cache: KVCache,
         report: PlanReport,
-        prefix_pool: KVCache | None = None,
+        pages: Pages | None = None,
     ) -> None:
         self.runner, self.cfg, self.config = runner, cfg, config
         self.weights, self.cache, self.report = weights, cache, report
-        self.prefix_pool = prefix_pool
+        self.pages = pages
         self.device = torch.device(config.device)
 
     @property

@@ -41,6 +41,10 @@ class Runner(Protocol):
         """KV (layers, kv_heads, T, head_dim) computed by another process (a prefill worker) into `slot`
         from position `start`: what a prefill of those positions would have written."""
 
+    def read_kv(self, slot: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of `slot`'s KV at positions 0..n-1, every KV head (layers, kv_heads, n, head_dim): what
+        `install_kv` takes (the prefix cache's pages for a prefill worker)."""
+
 
 class TorchRunner:
     """The torch `Transformer` on static step buffers (filled in place each step; CUDA graphs replay them)."""
@@ -68,6 +72,9 @@ class TorchRunner:
 
     def install_kv(self, slot: int, k: torch.Tensor, v: torch.Tensor, start: int = 0) -> None:
         self.cache.write(slot, k.to(self.cache.k.device), v.to(self.cache.v.device), start)
+
+    def read_kv(self, slot: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.read(slot, n)
 
     def decode(
         self, slots: list[int], tokens: list[int], positions: list[int], logit_rows: list[int] | None = None

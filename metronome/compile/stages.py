@@ -19,6 +19,7 @@ import torch
 
 from metronome.compile.cache import plan_cache_path, read_plan_cache, write_plan_cache
 from metronome.compile.fused import FusedRunner
+from metronome.compile.pages import PagePool
 from metronome.compile.plan import PREFIX_PAGE_TOKENS, Plan, PlanError, PlanReport
 from metronome.compile.probe import calibrate as calibrate_plan
 from metronome.compile.probe import choose_decode_mode, far_position, prompt_row_positions
@@ -117,7 +118,7 @@ def compile_plan(
                 step_ms_far,
                 runner.matrices if isinstance(runner, FusedRunner) else None,
             )
-    pool, note = prefix_pool(loaded.config, config, runner, kv)
+    pool, note = prefix_pool(config, runner, kv)
     positions = prompt_row_positions(config.ctx, config.prefill_chunk)  # where prompt rows were calibrated
     report = PlanReport(
         weights=r.weights,
@@ -142,12 +143,12 @@ def compile_plan(
         prefix_cache_bytes=pool.nbytes() if pool is not None else 0,
         prefix_cache_note=note,
     )
-    return Plan(runner, loaded.config, config, r.weights, kv, report, prefix_pool=pool)
+    return Plan(runner, loaded.config, config, r.weights, kv, report, pages=pool)
 
 
-def prefix_pool(cfg: ModelConfig, config: EngineConfig, runner: Runner, kv: KVCache) -> tuple[KVCache | None, str]:
-    """The prefix cache's pool: `config.prefix_cache_tokens` of KV in pages, allocated now (never while
-    serving), or None and the reason. Only a runner whose rows are independent can use it: a row's KV then
+def prefix_pool(config: EngineConfig, runner: Runner, kv: KVCache) -> tuple[PagePool | None, str]:
+    """The prefix cache's pool: `config.prefix_cache_tokens` of KV in pages with the heads of `kv` (a
+    rank's own under tensor parallel), allocated now (never while serving), or None and the reason. Only a runner whose rows are independent can use it: a row's KV then
     depends on the tokens before it alone, so a copied prefix has the bits the request would compute
     (engine/prefix_cache.py). The torch runner prefills a prompt whole, from position 0, in one call (and its
     float32 path's results depend on the call's shape): it cannot start at a cached position, so it is off."""
@@ -158,7 +159,7 @@ def prefix_pool(cfg: ModelConfig, config: EngineConfig, runner: Runner, kv: KVCa
         return None, f"off: fewer tokens than a page ({PREFIX_PAGE_TOKENS})"
     if not runner.any_rows:
         return None, "off: only the fused decoder runs a prompt from a cached position with the same bits"
-    return KVCache.allocate(cfg, pages, PREFIX_PAGE_TOKENS, kv.k.dtype, kv.k.device), ""
+    return PagePool.allocate(kv, pages, PREFIX_PAGE_TOKENS), ""
 
 
 # -- resolve -------------------------------------------------------------------------------------------

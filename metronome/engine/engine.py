@@ -90,7 +90,7 @@ class Engine(PythonAPI):
         # events made by the steps, not yet handed to their callbacks (see _send_events)
         self._outgoing: collections.deque[tuple[Callable[[Delta], None], Delta]] = collections.deque()
         # prompts that begin like earlier ones copy that beginning's KV from the plan's pool (prefix_cache.py)
-        self.prefix_cache = PrefixCache(plan.cache, plan.prefix_pool) if plan.prefix_pool is not None else None
+        self.prefix_cache = PrefixCache(plan.pages) if plan.pages is not None else None
         self.prefiller: PrefillWorker | None = None  # disaggregated layout: where prompts run (attach_prefiller)
 
     @classmethod
@@ -342,9 +342,8 @@ class Engine(PythonAPI):
         sooner to its first token, and doubled the streams' p99 gap on a bursty load: docs/parallel.md)."""
         r.remote_prefill = True
         k = v = None
-        if r.prefilled:
-            k = self.plan.cache.k[:, r.slot, :, : r.prefilled].contiguous()
-            v = self.plan.cache.v[:, r.slot, :, : r.prefilled].contiguous()
+        if r.prefilled:  # every rank's heads under tensor parallel
+            k, v = self.plan.runner.read_kv(r.slot, r.prefilled)
         price = self._worker_price_ms(prefiller, r.prefilled, len(r.prompt_ids) - r.prefilled)
         prefiller.submit(PrefillJob(r, r.prompt_ids, r.prefilled, k, v, price))
 

@@ -4,8 +4,8 @@ A request whose prompt begins like an earlier one (a system prompt, an earlier t
 agent's transcript) copies that beginning's keys and values from the pool into its slot and runs only the
 rest of its prompt.
 
-- **Pages.** The pool is a `KVCache` whose "slots" are pages of `page` tokens (`Plan.prefix_pool`, allocated
-  once with the plan: nothing is allocated while serving). A page is named by its parent page and its own
+- **Pages.** The pool holds pages of `page` tokens (`Plan.pages`, compile/pages.py, allocated once with
+  the plan: nothing is allocated while serving; under tensor parallel each rank holds its own heads). A page is named by its parent page and its own
   tokens, so page i stands for exactly tokens 0..(i+1)*page of the prompts that share it: a trie with one
   page per node, compared token for token (no hash can collide).
 - **Bitwise.** Only for a runner whose rows are independent (the fused decoder, `any_rows`): the KV of
@@ -25,7 +25,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
-from metronome.model.transformer import KVCache
+from metronome.compile.pages import Pages
 
 _ROOT = -1  # the parent of a prompt's first page
 
@@ -44,27 +44,31 @@ class PrefixStats:
 
 
 class PrefixCache:
-    """Pages of KV keyed by the tokens before them; copies between the pool and the plan's slots.
+    """Pages of KV keyed by the tokens before them; which page a slot's positions go to or come from.
 
     Called from the engine's stepping thread only (`peek` excepted: a read that may be stale)."""
 
-    def __init__(self, cache: KVCache, pool: KVCache) -> None:
-        def kind(c: KVCache) -> tuple:  # layers, kv heads, head dim, dtype: what a page and a slot must share
-            return c.k.shape[0], c.k.shape[2], c.k.shape[4], c.k.dtype
+    def __init__(self, pages: Pages) -> None:
+        self.pool = pages
+        self.page = pages.page  # tokens per page
+        self.pages = pages.pages
+        self._forget()
+        self.stats = PrefixStats()
 
-        if kind(pool) != kind(cache):
-            raise ValueError(
-                f"the prefix pool's shape {tuple(pool.k.shape)} does not match the KV cache's {tuple(cache.k.shape)}"
-            )
-        self.cache, self.pool = cache, pool
-        self.page = pool.ctx  # tokens per page
-        self.pages = pool.slots
+    def _forget(self) -> None:
+        """No page holds anything (at the start, and after the pool's contents were lost)."""
+        self._generation = self.pool.generation
         self._page_of: dict[tuple[int, tuple[int, ...]], int] = {}  # (parent page, its tokens) -> page
         self._key: list[tuple[int, tuple[int, ...]] | None] = [None] * self.pages
         self._children = [0] * self.pages
         self._lru: OrderedDict[int, None] = OrderedDict()  # pages in use, least recently used first
         self._free = list(range(self.pages - 1, -1, -1))  # pop() hands out page 0 first
-        self.stats = PrefixStats()
+
+    def _check_pool(self) -> None:
+        # A tensor-parallel rank started again has an empty pool: pages copied from it would hold zeros
+        # where the rank's heads were, and the request's tokens would change without an error.
+        if self.pool.generation != self._generation:
+            self._forget()
 
     @property
     def used_pages(self) -> int:
@@ -94,11 +98,12 @@ class PrefixCache:
         """Copy the longest cached page-aligned beginning of `prompt` (never its last token) into `slot`'s
         positions 0.. and return its length in tokens: the request's prefill starts there."""
         started = time.perf_counter()
+        self._check_pool()
         chain = self._chain(prompt, self._reusable_pages(len(prompt)))
-        for i, page in enumerate(chain):
-            lo = i * self.page
-            self.cache.k[:, slot, :, lo : lo + self.page].copy_(self.pool.k[:, page])
-            self.cache.v[:, slot, :, lo : lo + self.page].copy_(self.pool.v[:, page])
+        moves = [(page, i * self.page) for i, page in enumerate(chain)]
+        if moves and not self.pool.copy(slot, moves, into_pool=False, generation=self._generation):
+            self._forget()  # lost since the check above (a rank failed meanwhile): the prompt runs whole
+            chain = []
         self._touch(chain)
         tokens = len(chain) * self.page
         self.stats.lookups += 1
@@ -112,7 +117,8 @@ class PrefixCache:
         (pages already there are only marked used). Stops early when no page can be freed. Returns the
         pages newly stored."""
         started = time.perf_counter()
-        parent, stored = _ROOT, 0
+        self._check_pool()
+        parent, moves = _ROOT, []
         for i in range(min(valid, len(ids)) // self.page):
             lo = i * self.page
             key = (parent, tuple(ids[lo : lo + self.page]))
@@ -121,15 +127,18 @@ class PrefixCache:
                 page = self._take_page(keep=parent)
                 if page is None:
                     break
-                self.pool.k[:, page].copy_(self.cache.k[:, slot, :, lo : lo + self.page])
-                self.pool.v[:, page].copy_(self.cache.v[:, slot, :, lo : lo + self.page])
+                moves.append((page, lo))
                 self._page_of[key], self._key[page] = page, key
                 if parent != _ROOT:
                     self._children[parent] += 1
-                stored += 1
             self._lru[page] = None
             self._lru.move_to_end(page)
             parent = page
+        # one copy for all of them (one call on every rank under tensor parallel)
+        if moves and not self.pool.copy(slot, moves, into_pool=True, generation=self._generation):
+            self._forget()
+            moves = []
+        stored = len(moves)
         self.stats.stored_pages += stored
         self.stats.store_s += time.perf_counter() - started
         return stored

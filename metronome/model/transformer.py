@@ -51,6 +51,10 @@ class KVCache:
         self.k[:, slot, :, start:end].copy_(k)
         self.v[:, slot, :, start:end].copy_(v)
 
+    def read(self, slot: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of `slot`'s KV at positions 0..n-1 (layers, kv_heads, n, head_dim): what `write` takes."""
+        return self.k[:, slot, :, :n].clone(), self.v[:, slot, :, :n].clone()
+
 
 @dataclass(frozen=True)
 class Rows:

@@ -188,6 +188,14 @@ class TPFusedRunner(FusedRunner):
         mine = slice(self.rank * heads, (self.rank + 1) * heads)
         self.cache.write(slot, k[:, mine], v[:, mine], start)
 
+    def read_kv(self, slot: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every rank's KV heads of `slot`'s positions 0..n-1, in rank order (what `install_kv` takes);
+        every rank calls it (a collective)."""
+        k, v = self.cache.read(slot, n)
+        if self.group.world == 1:
+            return k, v
+        return torch.cat(self.group.all_gather(k), dim=1), torch.cat(self.group.all_gather(v), dim=1)
+
     def _reduce(self, partials: torch.Tensor, out: torch.Tensor) -> None:
         """out = every rank's partial sums added in chunk order (rank order, then each rank's chunks)."""
         total = None

@@ -27,7 +27,7 @@ from metronome.compile.probe import calibrate as calibrate_plan
 from metronome.compile.probe import choose_decode_mode, far_position, prompt_row_positions
 from metronome.compile.quant import dense
 from metronome.compile.runner import Runner, TorchRunner
-from metronome.compile.stages import DTYPES, resolve_settings, resolve_weights
+from metronome.compile.stages import DTYPES, prefix_pool, resolve_settings, resolve_weights
 from metronome.config import EngineConfig
 from metronome.kernels.ops import KernelBuildError, TorchOps, load_kernels
 from metronome.model.loader import LoadedModel, load
@@ -113,6 +113,14 @@ def rank_runner(loaded: LoadedModel, config: EngineConfig, layout: TPLayout, gro
     return TorchRunner(model, cache, config)
 
 
+def _follow(loaded: LoadedModel, config: EngineConfig, layout: TPLayout, group: GlooGroup) -> int:
+    """A rank other than 0: build its runner and its prefix cache pool (the same settings as rank 0's, its
+    own KV heads), then run rank 0's calls until told to stop. Returns the calls run."""
+    runner = rank_runner(loaded, config, layout, group)
+    pages, _ = prefix_pool(config, runner, runner.cache)
+    return follow(group, runner, pages)
+
+
 def _worker(rank: int, path: str, config: EngineConfig, layout: TPLayout, endpoint: Endpoint, errors: Any) -> None:
     """Rank `rank` (>= 1): build, check the file against rank 0's, follow rank 0's calls until Stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: rank 0 ends us (Stop)
@@ -125,7 +133,7 @@ def _worker(rank: int, path: str, config: EngineConfig, layout: TPLayout, endpoi
         fingerprints = group.all_gather_objects(loaded.fingerprint())
         if len(set(fingerprints)) != 1:
             return  # rank 0 reports it
-        follow(group, rank_runner(loaded, config, dataclasses.replace(layout, rank=rank), group))
+        _follow(loaded, config, dataclasses.replace(layout, rank=rank), group)
     except BaseException as exc:  # told to the launcher (rank 0), which names this rank
         errors.put((rank, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
     finally:
@@ -261,7 +269,7 @@ def compile_tp_plan(
             group.close()
             raise GroupError(f"the model file differs between ranks (fingerprints by rank: {fingerprints})")
         if rank > 0:  # a follower never gets a plan of its own: it runs rank 0's calls, then this process ends
-            calls = follow(group, rank_runner(loaded, config, dataclasses.replace(layout, rank=rank), group))
+            calls = _follow(loaded, config, dataclasses.replace(layout, rank=rank), group)
             group.close()
             say(f"rank {rank}: rank 0 stopped after {calls} calls")
             raise SystemExit(0)
@@ -270,7 +278,9 @@ def compile_tp_plan(
         ranks = Ranks(loaded, config, layout, say)
         group = ranks.form()
     runner = rank_runner(loaded, config, layout, group)
-    tp = TPRunner(runner, group, ranks)
+    local_pages, prefix_note = prefix_pool(config, runner, runner.cache)  # every rank allocates its own
+    tp = TPRunner(runner, group, ranks, local_pages)
+    pages = tp.pages
     say("checking batch invariance of the decode step")
     _, invariance = choose_decode_mode(tp, loaded.config, config.slots)
     step_ms, step_ms_far, rows = {}, {}, (float("nan"),) * 3
@@ -297,8 +307,9 @@ def compile_tp_plan(
         prompt_row_ms_far=rows[2],
         prompt_row_far_position=positions[2],
         invariance=invariance,
-        prefix_cache_note="off: not with tensor parallel yet (each rank would keep its own pool)",
+        prefix_cache_bytes=pages.nbytes() if pages is not None else 0,
+        prefix_cache_note=prefix_note,
         kernels=f"{'cpp, fused decoder' if config.kernels == 'cpp' else 'torch'}, tensor parallel: "
         f"tp={layout.world} ranks x {config.threads} threads, {layout.shards} shards, exchanges: {group.transport}",
     )
-    return Plan(tp, loaded.config, config, weights, runner.cache, report)
+    return Plan(tp, loaded.config, config, weights, runner.cache, report, pages=pages)

@@ -16,14 +16,16 @@ import atexit
 import threading
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, Sequence
 
 import torch
 
+from metronome.compile.pages import Move, PagePool
 from metronome.compile.runner import Runner, TorchRunner
 from metronome.model.moe import use_dense_dispatch
 from metronome.parallel.group import GlooGroup
 
+_STALE = object()  # a call asked for at a failure count that has passed (TPRunner._call)
 HEARTBEAT_S = 2.0  # an idle rank 0 says it is alive this often (well inside the collective timeout)
 
 
@@ -53,6 +55,23 @@ class InstallKV:
 
 
 @dataclass(frozen=True)
+class ReadKV:
+    """A slot's first n positions of KV, every rank's heads gathered (for the prefill worker)."""
+
+    slot: int
+    n: int
+
+
+@dataclass(frozen=True)
+class CopyPages:
+    """Prefix cache pages to or from a slot (compile/pages.py): each rank copies its own heads."""
+
+    slot: int
+    moves: list[Move]
+    into_pool: bool
+
+
+@dataclass(frozen=True)
 class SetMode:
     decode_mode: str
 
@@ -67,11 +86,11 @@ class Stop:
     pass
 
 
-Call = Prefill | Decode | InstallKV | SetMode | Heartbeat | Stop
+Call = Prefill | Decode | InstallKV | ReadKV | CopyPages | SetMode | Heartbeat | Stop
 
 
-def run_call(runner: Runner, call: Call) -> torch.Tensor | None:
-    """What every rank does with a call (rank 0 keeps the logits)."""
+def run_call(runner: Runner, pages: PagePool | None, call: Call) -> Any:
+    """What every rank does with a call, on its runner and its prefix cache pool (rank 0 keeps the result)."""
     with torch.inference_mode():
         if isinstance(call, Prefill):
             return runner.prefill(call.ids, call.slot, call.all_logits)
@@ -80,6 +99,13 @@ def run_call(runner: Runner, call: Call) -> torch.Tensor | None:
         if isinstance(call, InstallKV):
             runner.install_kv(call.slot, call.k, call.v, call.start)
             return None
+        if isinstance(call, ReadKV):
+            return runner.read_kv(call.slot, call.n)
+        if isinstance(call, CopyPages):
+            if pages is None:  # every rank allocates its pool from the same config: this is a bug, said loudly
+                raise RuntimeError("a prefix cache copy reached a rank without a pool")
+            pages.copy(call.slot, call.moves, call.into_pool)
+            return None
     if isinstance(call, SetMode):
         runner.decode_mode = call.decode_mode
         if call.decode_mode == "fixed" and isinstance(runner, TorchRunner):
@@ -87,14 +113,14 @@ def run_call(runner: Runner, call: Call) -> torch.Tensor | None:
     return None
 
 
-def follow(group: GlooGroup, runner: Runner) -> int:
+def follow(group: GlooGroup, runner: Runner, pages: PagePool | None) -> int:
     """A rank other than 0: run every call rank 0 broadcasts, until Stop. Returns the calls run."""
     calls = 0
     while True:
         call = group.broadcast_object()
         if isinstance(call, Stop):
             return calls
-        run_call(runner, call)
+        run_call(runner, pages, call)
         calls += 1
 
 
@@ -117,13 +143,16 @@ class TPRunner:
 
     When a call fails (a rank died: gloo reports the broken connection at once; or a collective timed
     out), the step raises RankFailure, which the engine reports to that step's requests, and the group is
-    formed again with new processes (by the heartbeat when idle, else before the next call)."""
+    formed again with new processes (by the heartbeat when idle, else before the next call).
 
-    def __init__(self, local: Runner, group: GlooGroup, ranks: Ranks) -> None:
-        self.local, self.group, self.ranks = local, group, ranks
+    `pages`: rank 0's own prefix cache pool (every rank holds one of its heads), or None."""
+
+    def __init__(self, local: Runner, group: GlooGroup, ranks: Ranks, pages: PagePool | None = None) -> None:
+        self.local, self.group, self.ranks, self.local_pages = local, group, ranks, pages
         self.any_rows = local.any_rows  # the fused decoder's rows are independent on every rank too
         self.weight_bytes = local.weight_bytes  # one rank's share of the weights
         self.rebuilds = 0
+        self.failures = 0  # calls that failed: each may have cost ranks their state (a new rank starts empty)
         self._broken: Exception | None = None
         self._lock = threading.Lock()  # one call at a time on the group: the step, or the heartbeat
         self._last_call = time.monotonic()
@@ -132,17 +161,22 @@ class TPRunner:
         self._heartbeat.start()
         atexit.register(self.close)  # the other ranks end with this process (a torchrun job ends cleanly)
 
-    def _call(self, call: Call) -> torch.Tensor | None:
+    def _call(self, call: Call, failures: int | None = None) -> Any:
+        """Run `call` on every rank; with `failures`, only while no call has failed since that count
+        (else nothing runs: _STALE)."""
         with self._lock:
             if self._closed.is_set():
                 raise RuntimeError("the tensor-parallel group is closed")
+            if failures is not None and failures != self.failures:
+                return _STALE
             if self._broken is not None:
                 self._reform()
             try:
                 self.group.broadcast_object(call)
-                out = run_call(self.local, call)
+                out = run_call(self.local, self.local_pages, call)
             except Exception as exc:
                 self._broken = exc
+                self.failures += 1
                 raise RankFailure(
                     f"a tensor-parallel rank failed ({type(exc).__name__}: {exc}); the group is being formed again"
                 ) from exc
@@ -184,6 +218,22 @@ class TPRunner:
         """Every rank's KV heads of a prompt run elsewhere (the disaggregated layout): each keeps its own."""
         self._call(InstallKV(slot, k, v, start))
 
+    def read_kv(self, slot: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every rank's KV heads of `slot`'s positions 0..n-1 (the fused decoder's ranks gather them; the
+        torch path keeps no prefix cache, the one reader)."""
+        if not self.any_rows:
+            raise NotImplementedError("read_kv under tensor parallel needs the fused decoder's ranks")
+        return self._call(ReadKV(slot, n))
+
+    def copy_pages(self, call: CopyPages, failures: int) -> bool:
+        """Prefix cache pages copied on every rank, unless a call failed since `failures` (then False)."""
+        return self._call(call, failures) is not _STALE
+
+    @property
+    def pages(self) -> "TPPages | None":
+        """The prefix cache's pool as one: every rank's own, copied by one call (None: no pool)."""
+        return TPPages(self, self.local_pages) if self.local_pages is not None else None
+
     def close(self) -> None:
         """Tell the other ranks to stop (they return from `follow`) and leave the group."""
         if self._closed.is_set():
@@ -195,3 +245,24 @@ class TPRunner:
             self._closed.set()
             self.group.close()
             self.ranks.stop()
+
+
+class TPPages:
+    """The prefix cache's pool of a tensor-parallel plan (compile/pages.py `Pages`): each rank keeps the
+    pages of its own KV heads, and a copy is a call every rank runs. After a failed call the group may be
+    formed again with new ranks, whose pools are empty: `generation` counts failures, so the prefix cache
+    forgets every page, and a copy asked for at an older generation does nothing."""
+
+    def __init__(self, tp: TPRunner, local: PagePool) -> None:
+        self.tp, self.local = tp, local
+        self.page, self.pages = local.page, local.pages
+
+    @property
+    def generation(self) -> int:
+        return self.tp.failures
+
+    def nbytes(self) -> int:
+        return self.local.nbytes() * self.tp.group.world
+
+    def copy(self, slot: int, moves: Sequence[Move], into_pool: bool, generation: int) -> bool:
+        return self.tp.copy_pages(CopyPages(slot, list(moves), into_pool), generation)

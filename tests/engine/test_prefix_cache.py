@@ -9,6 +9,7 @@ import dataclasses
 import pytest
 import torch
 
+from metronome.compile.pages import PagePool
 from metronome.compile.plan import PREFIX_PAGE_TOKENS
 from metronome.config import EngineConfig, ModelConfig, ParamError, SamplingParams
 from metronome.engine import Engine
@@ -46,7 +47,7 @@ TINY_SHAPE = ModelConfig("llama", 32, 8, 16, num_layers=2, num_heads=2, num_kv_h
 
 def _pool(pages: int, page: int = 4) -> tuple[KVCache, PrefixCache]:
     cache = KVCache.allocate(TINY_SHAPE, 2, 32, torch.float32, "cpu")
-    return cache, PrefixCache(cache, KVCache.allocate(TINY_SHAPE, pages, page, torch.float32, "cpu"))
+    return cache, PrefixCache(PagePool(cache, KVCache.allocate(TINY_SHAPE, pages, page, torch.float32, "cpu")))
 
 
 def _fill(cache: KVCache, slot: int, seed: int) -> None:
@@ -237,3 +238,22 @@ def test_smollm_chat_turns_from_cache_match_scratch(smollm):
     assert second.cached_tokens >= len(p1) // P * P > 0
     assert _trace(second) == _trace(_run(plain, p2, SAMPLED))
     assert second.cached_tokens == cached.prefix_cache.stats.hit_tokens
+
+
+class _LostPool(PagePool):
+    """A pool whose contents are lost as a copy starts (a tensor-parallel rank failed meanwhile)."""
+
+    def copy(self, slot, moves, into_pool, generation=0) -> bool:
+        return into_pool and super().copy(slot, moves, into_pool, generation)
+
+
+def test_a_copy_from_a_lost_pool_forgets_every_page_and_the_prompt_runs_whole():
+    cache = KVCache.allocate(TINY_SHAPE, 2, 32, torch.float32, "cpu")
+    pc = PrefixCache(_LostPool(cache, KVCache.allocate(TINY_SHAPE, 8, 4, torch.float32, "cpu")))
+    _fill(cache, 0, seed=1)
+    ids = list(range(1, 14))
+    assert pc.store(ids, slot=0, valid=13) == 3 and pc.peek(ids) == 12
+    before = cache.k[:, 1].clone()
+    assert pc.load(ids, slot=1) == 0
+    assert pc.peek(ids) == 0 and pc.used_pages == 0 and pc.stats.hit_tokens == 0
+    assert torch.equal(cache.k[:, 1], before)

@@ -233,3 +233,66 @@ def test_the_calibration_prices_rank_zeros_cut(wide_llama):
     work = [m.rows * m.k * n for m, n in cost.matmuls.items()]
     assert sum(work) < 0.6 * sum(m.rows * m.k * n for m, n in full_counts.items())
     assert set(samples) == {*cost.matmuls, cost.head_matmul}
+
+
+def _turns(page: int) -> list[list[int]]:
+    """An agent's turns: each prompt begins with the last one (words of the tiny vocabulary after <s>)."""
+    base = [1] + [5 + (7 * i) % 100 for i in range(4 * page)]
+    return [base[: 2 * page + 5], base[: 3 * page + 1], base[: 3 * page + 1] + base[:2]]
+
+
+def _trace(done) -> list:
+    return [(c.token_ids, [x.logprob for x in c.choices]) for c in done]
+
+
+def test_tensor_parallel_ranks_keep_their_own_prefix_pages(wide_llama):
+    """Every rank pools the pages of its own KV heads, rank 0 deciding which: the agent's turns find their
+    beginnings cached, colocated and with a prefill worker (which gets every rank's heads of the cached
+    pages), and give the tokens and logprobs of tp=1 with no prefix cache over the same 4 chunks."""
+    runs, cached = {}, {}
+    for tp, layout, pool in ((1, "colocated", 0), (2, "colocated", 4096), (2, "disaggregated", 4096)):
+        config = EngineConfig(
+            slots=2, ctx=128, weights="int8", spec_tokens=0, tp=tp, tp_shards=4, layout=layout, threads=2,
+            prefix_cache_tokens=pool,
+        )  # fmt: skip
+        engine = Engine.from_model(wide_llama, config, calibrate=False)
+        try:
+            assert (engine.prefix_cache is not None) == bool(pool), engine.plan.report.prefix_cache_note
+            # one after the other, each finding the last in the pool; between them another prompt runs in
+            # the same slot, so what the slot held before is gone wherever a rank failed to copy its pages
+            other = [1] + [6 + (11 * i) % 90 for i in range(60)]
+            turns = [t for turn in _turns(16) for t in (turn, other)]
+            done = [engine.generate(t, GREEDY) for t in turns]
+            runs[tp, layout], cached[tp, layout] = _trace(done), [c.cached_tokens for c in done]
+        finally:
+            if engine.prefiller is not None:
+                engine.prefiller.close()
+            engine.plan.runner.close()
+    assert runs[2, "colocated"] == runs[1, "colocated"]
+    assert runs[2, "disaggregated"] == runs[1, "colocated"]
+    assert cached[2, "colocated"] == cached[2, "disaggregated"] == [0, 0, 32, 48, 48, 48]
+
+
+def test_a_rank_started_again_comes_with_an_empty_pool_which_the_prefix_cache_forgets(wide_llama):
+    """After a rank is killed and the group formed again, the new rank's pool is empty: the prefix cache
+    forgets every page (copying them would give that rank's heads zeros, and other tokens)."""
+    config = EngineConfig(slots=2, ctx=128, weights="int8", spec_tokens=0, tp=2, tp_shards=4, threads=2)
+    engine = Engine.from_model(wide_llama, config, calibrate=False)
+    runner = engine.plan.runner
+    try:
+        first, second, _ = _turns(16)
+        engine.generate(first, GREEDY)
+        want = engine.generate(second, GREEDY)
+        assert want.cached_tokens == 32
+        os.kill(runner.ranks.workers[0].pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while runner.failures == 0 and time.monotonic() < deadline:  # the heartbeat finds it (2 s)
+            time.sleep(0.05)
+        assert runner.failures == 1
+        again = engine.generate(second, GREEDY)
+        assert again.cached_tokens == 0 and runner.rebuilds == 1
+        assert _trace([again]) == _trace([want])
+        last = engine.generate(second, GREEDY)  # pooled again, on the new ranks too (prompt and reply)
+        assert last.cached_tokens == 48 and _trace([last]) == _trace([want])
+    finally:
+        runner.close()

@@ -33,6 +33,7 @@ from metronome.model.loader import LoadedModel, load
 from metronome.model.tokenizer import Tokenizer
 from metronome.parallel.disagg import KVShape, PrefillJob, PrefillWorker
 
+PROBE_ROWS = 128  # the prompt a new prefill worker runs first, to measure its time against the plan's price
 IDLE_WAKEUP_S = 1.0  # the stepping thread's longest sleep without work (bounds every wait)
 
 
@@ -144,6 +145,10 @@ class Engine(PythonAPI):
             heads *= self.config.tp
         shape = KVShape(k.shape[0], heads, k.shape[4], self.plan.cfg.vocab_size, k.dtype)
         self.prefiller = PrefillWorker(path, config, shape, self._wake, threads)
+        rows = min(PROBE_ROWS, self.config.ctx - 1)
+        price = self._worker_price_ms(self.prefiller, 0, rows)
+        if price > 0:  # a calibrated plan: its prices get the worker's measured slowdown from the start
+            self.prefiller.probe(price, rows)
 
     def _wake(self) -> None:
         with self._lock:
@@ -240,9 +245,9 @@ class Engine(PythonAPI):
 
     def _worker_price_ms(self, prefiller: PrefillWorker, cached: int, rows: int) -> float:
         """The plan's price of a prompt's `rows` after `cached` on the worker, in one call with nothing beside
-        them, at its share of the threads (the plan was timed with the engine's; prompt rows are bound by
-        arithmetic, so their time goes as 1 / threads)."""
-        share = (self.config.threads or 1) / (prefiller.config.threads or 1)
+        them, at its share of the threads (the plan was timed with the engine's: `threads` on each of its `tp`
+        ranks; prompt rows are bound by arithmetic, so their time goes as 1 / threads)."""
+        share = (self.config.threads or 1) * self.config.tp / (prefiller.config.threads or 1)
         return share * self.plan.report.step_ms_with(0, [(cached, rows)])
 
     def cancel(self, request: Request) -> None:

@@ -181,21 +181,6 @@ class TPFusedRunner(FusedRunner):
             self.decoder.set_reduce(self._reduce)  # partials larger than the host exchange's slots, or other hosts
             self.decoder.set_exchange(group.exchange)
 
-    def install_kv(self, slot: int, k: torch.Tensor, v: torch.Tensor, start: int = 0) -> None:
-        """Every chunk's KV heads, as the chunked plan holds them in one process (the disaggregated layout's
-        worker runs tp=1 with these shards): this rank keeps its own, rank by rank in chunk order."""
-        heads = self.cache.k.shape[2]
-        mine = slice(self.rank * heads, (self.rank + 1) * heads)
-        self.cache.write(slot, k[:, mine], v[:, mine], start)
-
-    def read_kv(self, slot: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every rank's KV heads of `slot`'s positions 0..n-1, in rank order (what `install_kv` takes);
-        every rank calls it (a collective)."""
-        k, v = self.cache.read(slot, n)
-        if self.group.world == 1:
-            return k, v
-        return torch.cat(self.group.all_gather(k), dim=1), torch.cat(self.group.all_gather(v), dim=1)
-
     def _reduce(self, partials: torch.Tensor, out: torch.Tensor) -> None:
         """out = every rank's partial sums added in chunk order (rank order, then each rank's chunks)."""
         total = None

@@ -89,6 +89,25 @@ class GlooGroup:
         dist.all_gather(out, t)
         return out
 
+    def scatter(self, parts: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Rank r's piece of rank 0's `parts` (every rank's pieces of `shape` one after the other along
+        dim 1, the KV heads); other ranks pass None."""
+        out = torch.empty(shape, dtype=dtype)
+        pieces = [p.contiguous() for p in parts.chunk(self.world, dim=1)] if parts is not None else None
+        if self.world == 1:
+            return pieces[0] if pieces is not None else out
+        dist.scatter(out, pieces, src=0)
+        return out
+
+    def gather(self, t: torch.Tensor) -> list[torch.Tensor] | None:
+        """Every rank's `t` in rank order, on rank 0 (None elsewhere)."""
+        t = t.contiguous()
+        if self.world == 1:
+            return [t]
+        out = [torch.empty_like(t) for _ in range(self.world)] if self.rank == 0 else None
+        dist.gather(t, out, dst=0)
+        return out
+
     def all_gather_objects(self, obj: Any) -> list[Any]:
         """Every rank's `obj` (picklable), in rank order."""
         out: list[Any] = [None] * self.world

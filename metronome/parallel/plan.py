@@ -35,7 +35,7 @@ from metronome.model.transformer import build_model, use_ops
 from metronome.parallel.fused_tp import TPFusedRunner, rank_weights
 from metronome.parallel.group import Endpoint, GlooGroup, GroupError, env_rank, free_port
 from metronome.parallel.host import exchange_bytes
-from metronome.parallel.runner import TPRunner, follow
+from metronome.parallel.runner import Rank, TPRunner, follow
 from metronome.parallel.tp import (
     Collective,
     ShardingError,
@@ -118,7 +118,7 @@ def _follow(loaded: LoadedModel, config: EngineConfig, layout: TPLayout, group: 
     own KV heads), then run rank 0's calls until told to stop. Returns the calls run."""
     runner = rank_runner(loaded, config, layout, group)
     pages, _ = prefix_pool(config, runner, runner.cache)
-    return follow(group, runner, pages)
+    return follow(Rank(runner, pages, group))
 
 
 def _worker(rank: int, path: str, config: EngineConfig, layout: TPLayout, endpoint: Endpoint, errors: Any) -> None:

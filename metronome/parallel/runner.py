@@ -46,17 +46,19 @@ class Decode:
 
 @dataclass(frozen=True)
 class InstallKV:
-    """A prompt's KV from the prefill worker, every rank's heads: each rank writes its own."""
+    """A prompt's KV from the prefill worker into `slot` from `start`: the call says what comes, and each
+    rank then receives only its own heads, `shape` (layers, heads, T, head dim), straight from rank 0
+    (a scatter: no pickling, and 1/tp of the bytes a broadcast would carry to every rank)."""
 
     slot: int
-    k: torch.Tensor
-    v: torch.Tensor
     start: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
 
 
 @dataclass(frozen=True)
 class ReadKV:
-    """A slot's first n positions of KV, every rank's heads gathered (for the prefill worker)."""
+    """A slot's first n positions of KV, every rank's heads gathered on rank 0 (for the prefill worker)."""
 
     slot: int
     n: int
@@ -89,22 +91,36 @@ class Stop:
 Call = Prefill | Decode | InstallKV | ReadKV | CopyPages | SetMode | Heartbeat | Stop
 
 
-def run_call(runner: Runner, pages: PagePool | None, call: Call) -> Any:
-    """What every rank does with a call, on its runner and its prefix cache pool (rank 0 keeps the result)."""
+@dataclass(frozen=True)
+class Rank:
+    """What one rank runs calls on: its runner, its prefix cache pool, and the group (for the calls that
+    move KV between rank 0 and the others)."""
+
+    runner: Runner
+    pages: PagePool | None
+    group: GlooGroup
+
+
+def run_call(rank: Rank, call: Call, kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> Any:
+    """What every rank does with a call (rank 0 keeps the result). `kv`: on rank 0, an InstallKV's keys and
+    values, every rank's heads in rank order."""
+    runner = rank.runner
     with torch.inference_mode():
         if isinstance(call, Prefill):
             return runner.prefill(call.ids, call.slot, call.all_logits)
         if isinstance(call, Decode):
             return runner.decode(call.slots, call.tokens, call.positions, call.logit_rows)
         if isinstance(call, InstallKV):
-            runner.install_kv(call.slot, call.k, call.v, call.start)
+            k, v = (rank.group.scatter(t, call.shape, call.dtype) for t in (kv or (None, None)))
+            runner.install_kv(call.slot, k, v, call.start)
             return None
         if isinstance(call, ReadKV):
-            return runner.read_kv(call.slot, call.n)
+            heads = [rank.group.gather(t) for t in runner.read_kv(call.slot, call.n)]
+            return None if heads[0] is None else tuple(torch.cat(h, dim=1) for h in heads)
         if isinstance(call, CopyPages):
-            if pages is None:  # every rank allocates its pool from the same config: this is a bug, said loudly
+            if rank.pages is None:  # every rank allocates its pool from the same config: a bug, said loudly
                 raise RuntimeError("a prefix cache copy reached a rank without a pool")
-            pages.copy(call.slot, call.moves, call.into_pool)
+            rank.pages.copy(call.slot, call.moves, call.into_pool)
             return None
     if isinstance(call, SetMode):
         runner.decode_mode = call.decode_mode
@@ -113,14 +129,14 @@ def run_call(runner: Runner, pages: PagePool | None, call: Call) -> Any:
     return None
 
 
-def follow(group: GlooGroup, runner: Runner, pages: PagePool | None) -> int:
+def follow(rank: Rank) -> int:
     """A rank other than 0: run every call rank 0 broadcasts, until Stop. Returns the calls run."""
     calls = 0
     while True:
-        call = group.broadcast_object()
+        call = rank.group.broadcast_object()
         if isinstance(call, Stop):
             return calls
-        run_call(runner, pages, call)
+        run_call(rank, call)
         calls += 1
 
 
@@ -149,6 +165,7 @@ class TPRunner:
 
     def __init__(self, local: Runner, group: GlooGroup, ranks: Ranks, pages: PagePool | None = None) -> None:
         self.local, self.group, self.ranks, self.local_pages = local, group, ranks, pages
+        self._rank = Rank(local, pages, group)
         self.any_rows = local.any_rows  # the fused decoder's rows are independent on every rank too
         self.weight_bytes = local.weight_bytes  # one rank's share of the weights
         self.rebuilds = 0
@@ -161,9 +178,11 @@ class TPRunner:
         self._heartbeat.start()
         atexit.register(self.close)  # the other ranks end with this process (a torchrun job ends cleanly)
 
-    def _call(self, call: Call, failures: int | None = None) -> Any:
+    def _call(
+        self, call: Call, failures: int | None = None, kv: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> Any:
         """Run `call` on every rank; with `failures`, only while no call has failed since that count
-        (else nothing runs: _STALE)."""
+        (else nothing runs: _STALE). `kv`: an InstallKV's tensors (run_call)."""
         with self._lock:
             if self._closed.is_set():
                 raise RuntimeError("the tensor-parallel group is closed")
@@ -173,7 +192,7 @@ class TPRunner:
                 self._reform()
             try:
                 self.group.broadcast_object(call)
-                out = run_call(self.local, self.local_pages, call)
+                out = run_call(self._rank, call, kv)
             except Exception as exc:
                 self._broken = exc
                 self.failures += 1
@@ -215,14 +234,13 @@ class TPRunner:
         return self._call(Decode(list(slots), list(tokens), list(positions), logit_rows))
 
     def install_kv(self, slot: int, k: torch.Tensor, v: torch.Tensor, start: int = 0) -> None:
-        """Every rank's KV heads of a prompt run elsewhere (the disaggregated layout): each keeps its own."""
-        self._call(InstallKV(slot, k, v, start))
+        """Every rank's KV heads of a prompt run elsewhere (the disaggregated layout), in rank order: each
+        rank receives its own."""
+        shape = (k.shape[0], k.shape[1] // self.group.world, *k.shape[2:])
+        self._call(InstallKV(slot, start, shape, k.dtype), kv=(k, v))
 
     def read_kv(self, slot: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every rank's KV heads of `slot`'s positions 0..n-1 (the fused decoder's ranks gather them; the
-        torch path keeps no prefix cache, the one reader)."""
-        if not self.any_rows:
-            raise NotImplementedError("read_kv under tensor parallel needs the fused decoder's ranks")
+        """Every rank's KV heads of `slot`'s positions 0..n-1, in rank order (gathered on rank 0)."""
         return self._call(ReadKV(slot, n))
 
     def copy_pages(self, call: CopyPages, failures: int) -> bool:

@@ -189,3 +189,21 @@ def test_a_runner_installs_kv_as_its_own_prefill_wrote_it(tiny_hf, weights):
     plan.runner.install_kv(1, torch.zeros_like(k[:, :, :1]), torch.zeros_like(v[:, :, :1]), start=3)
     both = plan.decode([0, 1], [44, 44], [len(ids)] * 2)
     assert not torch.equal(both[1], both[0])  # the KV installed is what the step reads
+
+
+def test_a_new_prefill_worker_measures_its_slowdown_before_any_request(tiny_hf):
+    """A calibrated plan's worker runs one prompt before the engine serves: its time over the plan's price
+    is the first slowdown (it was 1.0 until a job finished; the first burst was predicted 1.3-4x off).
+    The probe is not counted in the worker's rows. The price is the worker's share of the threads the plan
+    was timed with: the engine's threads on each of its tp ranks."""
+    config = EngineConfig(slots=2, ctx=128, weights="int8", spec_tokens=0, layout="disaggregated", threads=2)
+    engine = Engine.from_model(str(tiny_hf("llama")), config, calibrate=True)
+    try:
+        backlog = engine.prefiller.backlog()
+        assert backlog.prices == [] and engine.prefiller.rows == 0
+        assert backlog.slowdown != 1.0 and 0 < backlog.slowdown < 100
+        price = engine._worker_price_ms(engine.prefiller, 0, 100)
+        engine.config = dataclasses.replace(engine.config, tp=2)
+        assert engine._worker_price_ms(engine.prefiller, 0, 100) == pytest.approx(2 * price)
+    finally:
+        engine.prefiller.close()

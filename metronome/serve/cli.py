@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import sys
 import threading
@@ -153,11 +154,16 @@ def run(args: argparse.Namespace) -> int:
     loader = ModelLoader(args, app.state.server, server)
     print(f"metronome: chat page at {url}/  (API at {url}/v1; loading the model...)", flush=True)
     loader.start()
+    # uvicorn stops gracefully on SIGINT and SIGTERM, then raises the signal again with the handler it
+    # found: SIGTERM's default would end the process there, skipping the cleanup below (the ranks and
+    # the prefill worker were left to notice by their own timeouts). As Ctrl-C's, it ends the run instead.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         server.run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn shut down gracefully on Ctrl-C, then re-raised it: a normal stop
+    except KeyboardInterrupt:  # uvicorn shut down gracefully on Ctrl-C or SIGTERM, then re-raised it
         print("metronome: stopped", flush=True)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         loader.join()
         app.state.server.detach()
         if loader.engine is not None:
@@ -177,6 +183,10 @@ def run(args: argparse.Namespace) -> int:
             return 2
         raise loader.error
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from contextlib import contextmanager
 from typing import Iterator
 
+import httpx
 import uvicorn
 from fastapi import FastAPI
 
@@ -61,3 +63,21 @@ def openai_client(url: str):
     import openai
 
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def wait_until_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 120.0) -> None:
+    """Wait for a `metronome serve` process at `url` to load its model (/health 200); fail at once if it
+    exits, and after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"the server exited with code {proc.returncode}:\n{proc.stdout.read() if proc.stdout else ''}"
+            )
+        time.sleep(0.1)
+    raise AssertionError(f"the server at {url} was not healthy within {timeout_s:.0f} s")

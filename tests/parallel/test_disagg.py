@@ -7,14 +7,20 @@ import dataclasses
 import os
 import queue
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
+import httpx
 import pytest
 import torch
+from helpers.live_server import wait_until_healthy
 
 from metronome.config import EngineConfig, SamplingParams
 from metronome.engine import Engine
 from metronome.parallel.disagg import Backlog, PrefillJob
+from metronome.parallel.group import free_port
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, logprobs=True, ignore_eos=True)
 PROMPTS = ["w1 w2 w3 w4 w5", "w9 w8", "w3 w3 w3 w7 w1 w2 w5 w6 w9 w10 w11"]
@@ -207,3 +213,52 @@ def test_a_new_prefill_worker_measures_its_slowdown_before_any_request(tiny_hf):
         assert engine._worker_price_ms(engine.prefiller, 0, 100) == pytest.approx(2 * price)
     finally:
         engine.prefiller.close()
+
+
+def _children(pid: int) -> set[int]:
+    """The processes `pid` started (Linux /proc)."""
+    kids: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids |= {int(k) for k in (task / "children").read_text().split()}
+    return kids
+
+
+def test_a_server_stopped_with_sigterm_stops_its_ranks_and_worker_and_leaks_nothing(wide_llama):
+    """SIGTERM (what a supervisor or container runtime sends) stops `metronome serve --tp 2 --layout
+    disaggregated` as Ctrl-C does: exit code 0, its rank and worker processes gone, no semaphore left for
+    multiprocessing's resource tracker to report. uvicorn re-raised SIGTERM with its default action, which
+    ended the process before its cleanup (the children were left to their own timeouts)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "metronome.serve.cli", "--model", wide_llama, "--port", str(port), "--slots", "2"]
+    cmd += ["--ctx", "128", "--weights", "int8", "--tp", "2", "--tp-shards", "4", "--layout", "disaggregated"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(url, proc)
+        body = {"prompt": "w1 w2 w3", "max_tokens": 3}
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200
+        children = _children(proc.pid)
+        assert len(children) >= 2  # rank 1 and the prefill worker (and multiprocessing's resource tracker)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "metronome: stopped" in out, out
+    assert "leaked" not in out and "Traceback" not in out, out
+    deadline = time.monotonic() + 5  # the resource tracker ends once it has read its pipe to the end
+    while (alive := [_command(pid) for pid in children if _running(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive, alive
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    except FileNotFoundError:
+        return f"{pid} (ended)"

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from helpers.live_server import LiveServer
+from helpers.live_server import LiveServer, wait_until_healthy
 
 from metronome.config import EngineConfig
 from metronome.engine import Engine
@@ -643,14 +643,7 @@ def test_serve_cli_with_api_key(tiny_hf):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(1200):  # until the model is loaded (bounded: ~2 minutes)
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.stdout.read()
-            time.sleep(0.1)
+        wait_until_healthy(url, proc)
         good = {"Authorization": "Bearer s3cret"}
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
             for path in ("/v1/models", "/metrics"):

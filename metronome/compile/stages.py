@@ -148,9 +148,9 @@ def compile_plan(
 
 def prefix_pool(config: EngineConfig, runner: Runner, kv: KVCache) -> tuple[PagePool | None, str]:
     """The prefix cache's pool: `config.prefix_cache_tokens` of KV in pages with the heads of `kv` (a
-    rank's own under tensor parallel), allocated now (never while serving), or None and the reason. Only a runner whose rows are independent can use it: a row's KV then
-    depends on the tokens before it alone, so a copied prefix has the bits the request would compute
-    (engine/prefix_cache.py). The torch runner prefills a prompt whole, from position 0, in one call (and its
+    rank's own under tensor parallel), allocated now (never while serving), or None and the reason. Only a
+    runner whose rows are independent can use it: a row's KV then depends on the tokens before it alone,
+    so a copied prefix has the bits the request would compute (engine/prefix_cache.py). The torch runner prefills a prompt whole, from position 0, in one call (and its
     float32 path's results depend on the call's shape): it cannot start at a cached position, so it is off."""
     pages = config.prefix_cache_tokens // PREFIX_PAGE_TOKENS
     if not config.prefix_cache_tokens:

@@ -5,9 +5,10 @@ agent's transcript) copies that beginning's keys and values from the pool into i
 rest of its prompt.
 
 - **Pages.** The pool holds pages of `page` tokens (`Plan.pages`, compile/pages.py, allocated once with
-  the plan: nothing is allocated while serving; under tensor parallel each rank holds its own heads). A page is named by its parent page and its own
-  tokens, so page i stands for exactly tokens 0..(i+1)*page of the prompts that share it: a trie with one
-  page per node, compared token for token (no hash can collide).
+  the plan: nothing is allocated while serving; under tensor parallel each rank holds its own heads). A
+  page is named by its parent page and its own tokens, so page i stands for exactly tokens 0..(i+1)*page
+  of the prompts that share it: a trie with one page per node, compared token for token (no hash can
+  collide).
 - **Bitwise.** Only for a runner whose rows are independent (the fused decoder, `any_rows`): the KV of
   position p is then a function of tokens 0..p alone, whichever step, chunk or slot computed it, so a
   prefix copied from the pool holds the very bits the request would have computed itself.

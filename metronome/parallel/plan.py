@@ -35,7 +35,7 @@ from metronome.model.transformer import build_model, use_ops
 from metronome.parallel.fused_tp import TPFusedRunner, rank_weights
 from metronome.parallel.group import Endpoint, GlooGroup, GroupError, env_rank, free_port
 from metronome.parallel.host import exchange_bytes
-from metronome.parallel.runner import Rank, TPRunner, follow
+from metronome.parallel.runner import Rank, TPPages, TPRunner, follow
 from metronome.parallel.tp import (
     Collective,
     ShardingError,
@@ -285,7 +285,7 @@ def compile_tp_plan(
     runner = rank_runner(loaded, config, layout, group)
     local_pages, prefix_note = prefix_pool(config, runner, runner.cache)  # every rank allocates its own
     tp = TPRunner(runner, group, ranks, local_pages)
-    pages = tp.pages
+    pages = TPPages(tp, local_pages) if local_pages is not None else None  # the ranks' pools, as one
     say("checking batch invariance of the decode step")
     _, invariance = choose_decode_mode(tp, loaded.config, config.slots)
     step_ms, step_ms_far, rows = {}, {}, (float("nan"),) * 3

@@ -164,7 +164,7 @@ class TPRunner:
     `pages`: rank 0's own prefix cache pool (every rank holds one of its heads), or None."""
 
     def __init__(self, local: Runner, group: GlooGroup, ranks: Ranks, pages: PagePool | None = None) -> None:
-        self.local, self.group, self.ranks, self.local_pages = local, group, ranks, pages
+        self.local, self.group, self.ranks = local, group, ranks
         self._rank = Rank(local, pages, group)
         self.any_rows = local.any_rows  # the fused decoder's rows are independent on every rank too
         self.weight_bytes = local.weight_bytes  # one rank's share of the weights
@@ -246,11 +246,6 @@ class TPRunner:
     def copy_pages(self, call: CopyPages, failures: int) -> bool:
         """Prefix cache pages copied on every rank, unless a call failed since `failures` (then False)."""
         return self._call(call, failures) is not _STALE
-
-    @property
-    def pages(self) -> "TPPages | None":
-        """The prefix cache's pool as one: every rank's own, copied by one call (None: no pool)."""
-        return TPPages(self, self.local_pages) if self.local_pages is not None else None
 
     def close(self) -> None:
         """Tell the other ranks to stop (they return from `follow`) and leave the group."""

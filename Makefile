@@ -32,8 +32,9 @@ models: install
 	$(BIN)/metronome models install $(MODEL_NAMES)
 
 # Opt-in: llama.cpp as a peer for `metronome bench --compare` (builds from source, about 5 minutes).
-# Native, without AMX: these VMs list amx_* in /proc/cpuinfo but trap its instructions (SIGILL in ggml's AMX
-# Q4_0 path, seen 2026-12-01); metronome's kernels do not use AMX either, so both run AVX-512/AVX2 code.
+# Native, without AMX: ggml's AMX Q4_0 path died with SIGILL on these Intel VMs (seen 2026-12-01). (Tile
+# instructions do run here once a process asks Linux for the tile state, as metronome's kernels do for
+# prompts: docs/performance.md, "AMX for prompts"; so on an AMX CPU the peer's prompts run AVX-512 code.)
 PEER_NO_AMX ?= -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 bench-peers: install
 	CFLAGS="$(PEER_NO_AMX)" CXXFLAGS="$(PEER_NO_AMX)" $(BIN)/pip install -q --no-cache-dir "llama-cpp-python[server]==0.3.36"

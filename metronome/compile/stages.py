@@ -182,6 +182,8 @@ def resolve(loaded: LoadedModel, config: EngineConfig, say: Say) -> Resolved:
         ops.set_threads(threads)
         torch.set_num_threads(1)
         kernels = "cpp, fused decoder (every layer in one call)"
+        if isinstance(ops, CppOps) and ops.amx():
+            kernels += "; prompts' packed Q4_1/Q5_0/Q8_0 matmuls on AMX"
     else:
         torch.set_num_threads(threads)
         if isinstance(ops, CppOps):

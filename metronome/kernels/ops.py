@@ -195,6 +195,16 @@ class CppOps:
         """The size of the kernels' own pool (shared by every plan in this process)."""
         return self._m.get_threads()
 
+    def set_amx(self, enabled: bool) -> bool:
+        """Whether packed Q4_1/Q5_0/Q8_0 matmuls run on AMX (Intel's tile unit), 16 rows of x at a time, for
+        every plan in this process; returns whether AMX is in use (False where the CPU, the build or Linux lacks
+        it). Both paths give the same bits: this is for tests and benchmarks, on by default."""
+        return bool(self._m.set_amx(enabled))
+
+    def amx(self) -> bool:
+        """Whether packed Q4_1/Q5_0/Q8_0 matmuls run on AMX, 16 rows of x at a time (see `set_amx`)."""
+        return bool(self._m.amx_in_use())
+
     def hold_first_chunk(self, items: int, grain: int, timeout_ms: int) -> tuple[int, int, bool]:
         """The pool's test of taking over a held thread's work (csrc/pool.h): (items in the held chunk,
         items the other chunks did, whether the held chunk's wait timed out)."""

@@ -108,8 +108,8 @@ class ModelLoader(threading.Thread):
             self.engine = Engine.from_model(config=config, max_queue=a.max_queue, loaded=loaded, calibrate=True)
             self.state.attach(self.engine, ModelIdentity.of(loaded, a.model))
             r = self.engine.plan.report
-            kv = f"KV cache {r.kv_cache_bytes / 1e6:.0f} MB, prefix cache " + (
-                f"{r.prefix_cache_bytes / 1e6:.0f} MB" if r.prefix_cache_bytes else r.prefix_cache_note
+            kv = f"KV cache {megabytes(r.kv_cache_bytes)}, prefix cache " + (
+                megabytes(r.prefix_cache_bytes) if r.prefix_cache_bytes else r.prefix_cache_note
             )
             print(
                 f"metronome: {self.state.served.identity.id} ready ({self.state.served.fingerprint}; {kv})", flush=True
@@ -117,6 +117,11 @@ class ModelLoader(threading.Thread):
         except BaseException as exc:  # reported by `run` once the server has stopped
             self.error = exc
             self.server.should_exit = True
+
+
+def megabytes(n: int) -> str:
+    """A size for a person: whole megabytes, with a decimal below 10 MB (a tiny model's KV cache is not "0 MB")."""
+    return f"{n / 1e6:.0f} MB" if n >= 10e6 else f"{n / 1e6:.2g} MB"
 
 
 def _bind(host: str, port: int) -> socket.socket:

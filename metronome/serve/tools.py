@@ -423,7 +423,15 @@ class ToolCallParser:
         events: list[ToolEvent] = []
         while True:
             before = (self._state, len(self._buffer))
-            getattr(self, f"_{self._state}")(events)
+            match self._state:
+                case "text":
+                    self._text(events)
+                case "header":
+                    self._header(events)
+                case "arguments":
+                    self._arguments(events)
+                case "between":
+                    self._between(events)
             if (self._state, len(self._buffer)) == before:
                 return events
 

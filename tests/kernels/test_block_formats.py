@@ -1,8 +1,8 @@
 """The fused decoder's kernels for the GGUF formats it reads in place (Q8_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)
 and for Q5_0, Q4_K, Q6_K and Q8_0 repacked 16 rows side by side (Q5_0X16, Q4_KX16, Q6_KX16, Q8_0X16: what
 the plans run for those formats): against the `gguf` package's
-dequantizer (an independent reference), row independence, thread-count determinism, and matrices stacked
-from parts of different formats."""
+dequantizer (an independent reference), row independence, thread-count determinism, the same bits on AMX
+as on the vector path, and matrices stacked from parts of different formats."""
 
 from __future__ import annotations
 
@@ -84,10 +84,11 @@ def _linear(x: torch.Tensor, raw: np.ndarray, qtype: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("qtype", FORMATS)
-@pytest.mark.parametrize("M", [1, 5])
+@pytest.mark.parametrize("M", [1, 5, 33])
 def test_file_format_kernel_vs_dequantized_weights(qtype: str, M: int) -> None:
     # an odd row count (a tile tail); K spans 3 super-blocks, or 25 blocks (32-weight kinds run two
-    # blocks per step: the odd last one runs alone)
+    # blocks per step: the odd last one runs alone); 33 rows of x: two 16-row AMX tiles where the CPU has
+    # them, and one row on the vector path
     n, k = 37, 768 if _super(qtype) else 800
     raw = _blocks(qtype, n, k, seed=1)
     w = _dequantized(raw, qtype, n, k)
@@ -104,7 +105,8 @@ def test_file_format_kernel_vs_dequantized_weights(qtype: str, M: int) -> None:
 
 @pytest.mark.parametrize("qtype", FORMATS)
 def test_file_format_rows_are_independent_and_thread_count_free(qtype: str) -> None:
-    n, k, M = 40, 512 if _super(qtype) else 544, 7  # 544: 17 blocks, the odd one alone
+    # 544: 17 blocks, the odd one alone; 19 rows of x: a 16-row AMX tile where the CPU has them, 3 on the vector path
+    n, k, M = 40, 512 if _super(qtype) else 544, 19
     raw = _blocks(qtype, n, k, seed=3)
     x = torch.randn(M, k, generator=torch.Generator().manual_seed(4))
     try:
@@ -116,6 +118,26 @@ def test_file_format_rows_are_independent_and_thread_count_free(qtype: str) -> N
     finally:
         OPS.set_threads(torch.get_num_threads())
     assert torch.equal(batch, alone) and torch.equal(batch, one_thread)
+
+
+@pytest.mark.parametrize("qtype", ["Q5_0X16", "Q8_0X16", "Q4_1X16", "Q4_0X16"])
+@pytest.mark.parametrize(("M", "k"), [(16, 32), (16, 544), (48, 800), (37, 576)])
+def test_amx_gives_the_vector_paths_bits(qtype: str, M: int, k: int) -> None:
+    """Where the CPU has AMX, the 32-weight packed kinds run whole tiles of 16 rows of x on it: every bit as
+    the vector path computes them (the same integer sums, then the same float steps in the same order), for
+    one block, odd and even block counts, a group of 16 weight rows cut short (37), and rows past the
+    last whole tile."""
+    if not OPS.set_amx(True):
+        pytest.skip("no AMX here (the CPU, the kernels' build or Linux lacks it)")
+    raw = _blocks(qtype, 37, k, seed=5)
+    x = torch.randn(M, k, generator=torch.Generator().manual_seed(6)) * 3
+    try:
+        with_amx = _linear(x, raw, qtype)
+        OPS.set_amx(False)
+        vector = _linear(x, raw, qtype)
+    finally:
+        OPS.set_amx(True)
+    assert torch.equal(with_amx, vector)
 
 
 @pytest.mark.parametrize("qtype", ["Q5_0X16", "Q4_KX16", "Q6_KX16", "Q8_0X16", "Q4_1X16", "Q4_0X16"])

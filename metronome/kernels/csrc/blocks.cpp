@@ -5,8 +5,12 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <vector>
+
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include "checks.h"
 #include "pool.h"
@@ -266,6 +270,7 @@ inline void store16(const __m512* acc, float* y, int64_t ldy, int64_t rows, int6
 // Where the CPU has no vpdpbusd, Q8_0's codes go back to q (signed) for dpbssd, which needs no offset.
 template <typename Codes>
 struct X16Block32 {
+  using CodesT = Codes;
   static constexpr int64_t kW = 32, kBytes = Codes::kBytes;
   static constexpr bool kSigned = Codes::kOffset == 128 && kSignedQ8;
 
@@ -509,6 +514,151 @@ struct Q6_Kx16 {
   }
 };
 
+// ---------------------------------------------------------------------------------------------------
+// The 32-weight packed kinds by AMX (Intel's tile unit, where the CPU has it and Linux lets this process use
+// it). A packed block is already what a tile multiply takes as its second operand: vector 2v + i of the
+// block's codes (byte 4r + j: row r's weight 4(2v + i) + j) is row 2v + i of an 8 x 64-byte tile, which
+// `tdpbsud` multiplies against a tile of M rows of x8 (32 signed bytes each, read in place from the x
+// records) into M x 16 int32 sums: for every (x row, weight row) the block's sum of products, exactly the
+// integer the vpdpbusd tile (X16Block32::tile) builds. The float step after it is the same instructions in
+// the same order, so a row's result is bit for bit the same by either path (the kernel tests compare them),
+// and which path runs depends only on the CPU and the rows of x, never on what a result holds. Only whole
+// tiles of 16 rows of x take it (prompts, big verification steps): per block the float step is the same
+// work by either path, and below 16 rows the tile unit's fixed costs ate its gain (docs/performance.md).
+#if defined(__AMX_INT8__) && defined(__AMX_TILE__)
+constexpr bool kAmxBuilt = true;
+
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Block p's codes as the tile wants them: Q8_0's as stored, the nibble kinds' unpacked into `unpacked`.
+template <typename Codes>
+inline const uint8_t* amx_codes(const uint8_t* p, uint8_t* unpacked) {
+  if constexpr (Codes::kOffset == 128) {
+    return p + Codes::kCodesAt;
+  } else {
+    for (int v = 0; v < 4; ++v) {
+      __m512i c[2];
+      Codes::unpack_pair(p + Codes::kCodesAt, v, c);
+      _mm512_store_si512(unpacked + 128 * v, c[0]);
+      _mm512_store_si512(unpacked + 128 * v + 64, c[1]);
+    }
+    return unpacked;
+  }
+}
+
+// Loads a block's codes into tile B and its x8 into tile A, and starts its sums in tile C (the tile
+// instructions take their registers as literals).
+#define METRONOME_AMX_START(C, A, B, codes, rec) \
+  do {                                           \
+    _tile_loadd(B, codes, 64);                   \
+    _tile_loadd(A, rec, kRecordBytes);           \
+    _tile_zero(C);                               \
+    _tile_dpbsud(C, A, B);                       \
+  } while (0)
+
+// Block b's float step from its integer sums (MT x 16 int32 at `sums`): X16Block32::tile's, op for op.
+template <typename Codes, int MT>
+inline void amx_finish(const uint8_t* p, const uint8_t* rec, const int32_t* sums, __m512* acc) {
+  constexpr int64_t kOffsetAt = Codes::kOffset == 16 ? kRecordO16 : kRecordO128;
+  const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#pragma GCC unroll 16
+  for (int m = 0; m < MT; ++m) {
+    const uint8_t* r = rec + m * kRecordBytes;
+    __m512i s = _mm512_load_si512(sums + 16 * m);
+    if constexpr (Codes::kOffset != 0)
+      s = _mm512_add_epi32(s, _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(r + kOffsetAt)));
+    acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s),
+                             _mm512_mul_ps(d, _mm512_set1_ps(*reinterpret_cast<const float*>(r + kRecordDx))), acc[m]);
+  }
+  if constexpr (Codes::kMin) {
+    const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)));
+#pragma GCC unroll 16
+    for (int m = 0; m < MT; ++m)
+      acc[m] = _mm512_fmadd_ps(mn, _mm512_set1_ps(*reinterpret_cast<const float*>(rec + m * kRecordBytes + kRecordSx)),
+                               acc[m]);
+  }
+}
+
+// 16 packed rows (from local row n0) x 16 rows of x (from m0), blocks two at a time in two sets of tiles, so
+// that the tile unit multiplies the next block while the vector unit does this one's float step. The nibble
+// kinds' codes are unpacked a block before their tile load (a tile load waits for the vector stores before
+// it to reach the cache: right after them it stalled).
+template <typename Codes>
+inline void amx_tile(const uint8_t* w, int64_t nb, const XQuant& xq, float* y, int64_t ldy, int64_t rows, int64_t n0,
+                     int64_t m0, uint8_t (*unpacked)[512], int32_t* sums) {
+  constexpr int MT = 16;
+  __m512 acc[MT];
+#pragma GCC unroll 16
+  for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+  const uint8_t* rec = xq.xr + m0 * kRecordBytes;
+  const int64_t step = xq.xr_block;
+  auto codes = [&](int64_t b) { return amx_codes<Codes>(w + b * Codes::kBytes, unpacked[b % 3]); };
+  const uint8_t* c0 = codes(0);
+  const uint8_t* c1 = nb > 1 ? codes(1) : nullptr;
+  METRONOME_AMX_START(0, 1, 2, c0, rec);
+  for (int64_t b = 0; b < nb; b += 2) {
+    const uint8_t* p = w + b * Codes::kBytes;
+    prefetch_ahead<2 * Codes::kBytes>(p);
+    if (b + 1 < nb) METRONOME_AMX_START(3, 4, 5, c1, rec + (b + 1) * step);
+    const uint8_t* c2 = b + 2 < nb ? codes(b + 2) : nullptr;
+    _tile_stored(0, sums, 64);
+    amx_finish<Codes, MT>(p, rec + b * step, sums, acc);
+    if (b + 1 >= nb) break;
+    if (b + 2 < nb) METRONOME_AMX_START(0, 1, 2, c2, rec + (b + 2) * step);
+    if (b + 3 < nb) c1 = codes(b + 3);
+    _tile_stored(3, sums + MT * 16, 64);
+    amx_finish<Codes, MT>(p + Codes::kBytes, rec + (b + 1) * step, sums + MT * 16, acc);
+  }
+  store16<MT>(acc, y, ldy, rows, n0, m0);
+}
+
+// Groups [n_lo, n_hi) x rows [m_lo, m_hi) of x (whole tiles of 16 rows) by AMX. The tiles are configured once
+// per call (not once per process: another library in this thread may have set its own since).
+template <typename Codes>
+void amx_rows(const uint8_t* w, int64_t nb, const XQuant& xq, float* y, int64_t ldy, int64_t rows, int64_t n_lo,
+              int64_t n_hi, int64_t m_lo, int64_t m_hi) {
+  TileConfig cfg;
+  for (int t = 0; t < 6; t += 3) {
+    cfg.rows[t] = 16, cfg.colsb[t] = 64;          // the sums, 16 x 16 int32
+    cfg.rows[t + 1] = 16, cfg.colsb[t + 1] = 32;  // x8, 16 rows of the block's 32 bytes
+    cfg.rows[t + 2] = 8, cfg.colsb[t + 2] = 64;   // the codes, 8 rows of 16 weight rows x 4 bytes
+  }
+  _tile_loadconfig(&cfg);
+  alignas(64) uint8_t unpacked[3][512];
+  alignas(64) int32_t sums[2 * 16 * 16];
+  for (int64_t m0 = m_lo; m0 < m_hi; m0 += 16)  // 16 rows' x records stay in L1; the groups stream past
+    for (int64_t n0 = n_lo; n0 < n_hi; n0 += 16)
+      amx_tile<Codes>(w + (n0 / 16) * nb * Codes::kBytes, nb, xq, y, ldy, rows, n0, m0, unpacked, sums);
+  _tile_release();  // the thread's tile state is back to init: a context switch need not save 8 KB of it
+}
+
+// Linux hands a process the tile registers' state only once it asks (arch_prctl); without asking, the first
+// tile instruction is an illegal instruction.
+bool request_amx() {
+  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+#else
+constexpr bool kAmxBuilt = false;
+bool request_amx() { return false; }
+#endif
+
+// AMX runs a packed matmul where the CPU and the build have it, Linux granted it, set_amx has not turned it
+// off (the tests and benchmarks compare both paths), for x's rows in whole tiles of 16.
+std::atomic<bool> amx_wanted{true};
+
+bool amx_granted() {
+  static const bool granted = kAmxBuilt && request_amx();  // asked once per process
+  return granted;
+}
+
+bool amx_enabled() { return amx_wanted.load(std::memory_order_relaxed) && amx_granted(); }
+
 // P::tile<MT> for the n (1..MT) x rows left at m0.
 template <typename P, int MT>
 inline void x16_tile(int64_t n, const uint8_t* g, int64_t nb, const XQuant& xq, int64_t K, float* y, int64_t ldy,
@@ -524,6 +674,18 @@ template <typename P>
 void x16_rows(const uint8_t* w, const XQuant& xq, int64_t K, float* y, int64_t ldy, int64_t rows, int64_t n_lo,
               int64_t n_hi, int64_t m_lo, int64_t m_hi) {
   const int64_t nb = K / P::kW;
+#if defined(__AMX_INT8__) && defined(__AMX_TILE__)
+  if constexpr (P::kW == 32) {
+    if constexpr (!P::kSigned) {                            // (every AMX CPU has vpdpbusd: Q8_0's codes are q + 128)
+      const int64_t full = m_lo + (m_hi - m_lo) / 16 * 16;  // the rows after the last 16 take the vector path
+      if (full > m_lo && amx_enabled()) {
+        amx_rows<typename P::CodesT>(w, nb, xq, y, ldy, rows, n_lo, n_hi, m_lo, full);
+        m_lo = full;
+        if (m_lo == m_hi) return;
+      }
+    }
+  }
+#endif
   for (int64_t n0 = n_lo; n0 < n_hi; n0 += 16) {
     const uint8_t* g = w + (n0 / 16) * nb * P::kBytes;
     for (int64_t m0 = m_lo; m0 < m_hi; m0 += kRowsPerPass)
@@ -893,6 +1055,13 @@ void block_linear_rows(const BlockMatrix& W, const float* x, int64_t M, float* y
         }
       });
 }
+
+bool set_amx(bool enabled) {
+  amx_wanted.store(enabled, std::memory_order_relaxed);
+  return amx_enabled();
+}
+
+bool amx_in_use() { return amx_enabled(); }
 
 void block_linear_rows_chunks(const std::vector<BlockMatrix>& Ws, const float* x, int64_t M, float* y,
                               uint8_t* scratch) {

@@ -163,6 +163,9 @@ class CppOps:
 
     def __init__(self, module: ModuleType) -> None:
         self._m = module
+        # Where the build has AMX, ask Linux for the tile state and try one multiply now, on this thread,
+        # rather than inside the first prompt's matmul on a pool thread (csrc/blocks.cpp, request_amx).
+        module.amx_in_use()
 
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
         return self._m.rms_norm(x, weight, eps)

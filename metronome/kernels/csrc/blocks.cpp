@@ -9,7 +9,9 @@
 #include <cstring>
 #include <vector>
 
+#include <signal.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "checks.h"
@@ -637,11 +639,52 @@ void amx_rows(const uint8_t* w, int64_t nb, const XQuant& xq, float* y, int64_t 
   _tile_release();  // the thread's tile state is back to init: a context switch need not save 8 KB of it
 }
 
+// One 16 x 16 x 32 tile multiply against its sums computed one by one: whether the tile unit works here.
+bool amx_works() {
+  TileConfig cfg;
+  cfg.rows[0] = 16, cfg.colsb[0] = 64;
+  cfg.rows[1] = 16, cfg.colsb[1] = 32;
+  cfg.rows[2] = 8, cfg.colsb[2] = 64;
+  alignas(64) int8_t a[16 * 32];
+  alignas(64) uint8_t b[8 * 64];
+  alignas(64) int32_t c[16 * 16];
+  for (int i = 0; i < 16 * 32; ++i) a[i] = static_cast<int8_t>(i % 7 - 3);
+  for (int i = 0; i < 8 * 64; ++i) b[i] = static_cast<uint8_t>(i % 11 * 23);
+  _tile_loadconfig(&cfg);
+  _tile_loadd(1, a, 32);
+  _tile_loadd(2, b, 64);
+  _tile_zero(0);
+  _tile_dpbsud(0, 1, 2);
+  _tile_stored(0, c, 64);
+  _tile_release();
+  for (int m = 0; m < 16; ++m)
+    for (int n = 0; n < 16; ++n) {
+      int32_t sum = 0;
+      for (int k = 0; k < 32; ++k) sum += a[m * 32 + k] * b[(k / 4) * 64 + n * 4 + k % 4];
+      if (c[m * 16 + n] != sum) return false;
+    }
+  return true;
+}
+
 // Linux hands a process the tile registers' state only once it asks (arch_prctl); without asking, the first
-// tile instruction is an illegal instruction.
+// tile instruction is an illegal instruction. A hypervisor may list AMX and still trap it, so one multiply is
+// tried in a child process first: a trap ends the child, not this process. Called once per process.
 bool request_amx() {
   constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-  return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  if (syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) != 0) return false;
+  const pid_t child = fork();  // the child runs no library code: the multiply, then _exit
+  if (child < 0) return false;
+  if (child == 0) _exit(amx_works() ? 0 : 1);
+  int status = 0;
+  for (int waited_ms = 0; waited_ms < 5000; waited_ms += 5) {  // bounded: a child that hangs is killed
+    const pid_t done = waitpid(child, &status, WNOHANG);
+    if (done == child) return WIFEXITED(status) && WEXITSTATUS(status) == 0;
+    if (done < 0) return false;  // reaped by someone else: not known to work
+    usleep(5000);
+  }
+  kill(child, SIGKILL);
+  waitpid(child, &status, 0);
+  return false;
 }
 #else
 constexpr bool kAmxBuilt = false;

@@ -1,4 +1,4 @@
-"""AMX against the vector path for the 32-weight packed kinds (Q8_0X16, Q5_0X16, Q4_1X16): the same matrices
+"""AMX against the vector path for the packed kinds it runs (Q8_0X16, Q5_0X16, Q4_1X16, Q4_KX16): the same matrices
 and rows of x, alternating in one process (`CppOps.set_amx`), and then a prompt's TTFT in the engine each way
 (docs/performance.md, "AMX for prompts").
 
@@ -6,7 +6,7 @@ and rows of x, alternating in one process (`CppOps.set_amx`), and then a prompt'
         [--rounds 7] [--model qwen2.5-coder-0.5b ... --prompt-tokens 1000 --prompt-rounds 5]
 
 Both paths give the same bits (tests/kernels/test_block_formats.py); this measures only their time. Matrices
-come from gguf's quantizer, packed as the plans pack them. Without AMX (an AMD CPU, a build without it, or
+come from gguf's quantizer (Q4_K: random valid blocks), packed as the plans pack them. Without AMX (an AMD CPU, a build without it, or
 Linux refusing it) the tool says so and stops.
 """
 
@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 import torch
+from ab_x16 import blocks as random_blocks  # tools/
 from bench_kernels import alternating  # tools/
 from gguf import GGMLQuantizationType, quants
 
@@ -25,15 +26,20 @@ from metronome.compile.quant import pack_16_rows
 from metronome.kernels.ops import CppOps, load_kernels
 from metronome.model.loader import QuantTensor
 
-# (format, N, K): SmolLM2's and Qwen2.5-0.5B's shapes, and Gemma 3's head
+# (format, N, K): SmolLM2's and Qwen2.5-0.5B's shapes, a slice of Gemma 3's head, Qwen2.5-1.5B's q and a
+# slice of its gate/up
 SHAPES = [("Q4_1", 1536, 576), ("Q5_0", 4864, 896), ("Q8_0", 896, 896), ("Q8_0", 4096, 640)]
+SHAPES += [("Q4_K", 1536, 1536), ("Q4_K", 4480, 1536)]
 
 
 def kernels(ops: CppOps, rows: list[int], rounds: int) -> None:
     rng = np.random.default_rng(0)
     for qtype, n, k in SHAPES:
-        w = (rng.standard_normal((n, k)) * 0.02).astype(np.float32)
-        raw = quants.quantize(w, GGMLQuantizationType[qtype]).reshape(n, -1)
+        if qtype == "Q4_K":  # gguf has no Q4_K quantizer: valid blocks of random codes and small scales
+            raw = random_blocks(qtype, n, k)
+        else:
+            w = (rng.standard_normal((n, k)) * 0.02).astype(np.float32)
+            raw = quants.quantize(w, GGMLQuantizationType[qtype]).reshape(n, -1)
         packed, kind = pack_16_rows(QuantTensor(raw=raw, qtype=qtype, shape=(n, k)), ops)
         for m in rows:
             x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))

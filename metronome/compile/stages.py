@@ -183,7 +183,7 @@ def resolve(loaded: LoadedModel, config: EngineConfig, say: Say) -> Resolved:
         torch.set_num_threads(1)
         kernels = "cpp, fused decoder (every layer in one call)"
         if isinstance(ops, CppOps) and ops.amx():
-            kernels += "; prompts' packed Q4_1/Q5_0/Q8_0 matmuls on AMX"
+            kernels += "; prompts' packed Q4_1/Q5_0/Q8_0/Q4_K matmuls on AMX"
     else:
         torch.set_num_threads(threads)
         if isinstance(ops, CppOps):

@@ -199,13 +199,13 @@ class CppOps:
         return self._m.get_threads()
 
     def set_amx(self, enabled: bool) -> bool:
-        """Whether packed Q4_1/Q5_0/Q8_0 matmuls run on AMX (Intel's tile unit), 16 rows of x at a time, for
+        """Whether packed Q4_1/Q5_0/Q8_0/Q4_K matmuls run on AMX (Intel's tile unit), 16 rows of x at a time, for
         every plan in this process; returns whether AMX is in use (False where the CPU, the build or Linux lacks
         it). Both paths give the same bits: this is for tests and benchmarks, on by default."""
         return bool(self._m.set_amx(enabled))
 
     def amx(self) -> bool:
-        """Whether packed Q4_1/Q5_0/Q8_0 matmuls run on AMX, 16 rows of x at a time (see `set_amx`)."""
+        """Whether packed Q4_1/Q5_0/Q8_0/Q4_K matmuls run on AMX, 16 rows of x at a time (see `set_amx`)."""
         return bool(self._m.amx_in_use())
 
     def hold_first_chunk(self, items: int, grain: int, timeout_ms: int) -> tuple[int, int, bool]:

@@ -120,15 +120,16 @@ def test_file_format_rows_are_independent_and_thread_count_free(qtype: str) -> N
     assert torch.equal(batch, alone) and torch.equal(batch, one_thread)
 
 
-@pytest.mark.parametrize("qtype", ["Q5_0X16", "Q8_0X16", "Q4_1X16", "Q4_0X16"])
-@pytest.mark.parametrize(("M", "k"), [(16, 32), (16, 544), (48, 800), (37, 576)])
-def test_amx_gives_the_vector_paths_bits(qtype: str, M: int, k: int) -> None:
-    """Where the CPU has AMX, the 32-weight packed kinds run whole tiles of 16 rows of x on it: every bit as
-    the vector path computes them (the same integer sums, then the same float steps in the same order), for
-    one block, odd and even block counts, a group of 16 weight rows cut short (37), and rows past the
-    last whole tile."""
+@pytest.mark.parametrize("qtype", ["Q5_0X16", "Q8_0X16", "Q4_1X16", "Q4_0X16", "Q4_KX16"])
+@pytest.mark.parametrize(("M", "blocks"), [(16, 1), (16, 17), (48, 25), (37, 18)])
+def test_amx_gives_the_vector_paths_bits(qtype: str, M: int, blocks: int) -> None:
+    """Where the CPU has AMX, the packed Q4_1/Q5_0/Q8_0/Q4_K kinds run whole tiles of 16 rows of x on it:
+    every bit as the vector path computes them (the same integer sums, then the same float steps in the same
+    order), for one block, odd and even block counts, a group of 16 weight rows cut short (37), and rows
+    past the last whole tile."""
     if not OPS.set_amx(True):
         pytest.skip("no AMX here (the CPU, the kernels' build or Linux lacks it)")
+    k = blocks * (256 if _super(qtype) else 32)
     raw = _blocks(qtype, 37, k, seed=5)
     x = torch.randn(M, k, generator=torch.Generator().manual_seed(6)) * 3
     try:

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include <signal.h>
@@ -517,16 +518,17 @@ struct Q6_Kx16 {
 };
 
 // ---------------------------------------------------------------------------------------------------
-// The 32-weight packed kinds by AMX (Intel's tile unit, where the CPU has it and Linux lets this process use
-// it). A packed block is already what a tile multiply takes as its second operand: vector 2v + i of the
-// block's codes (byte 4r + j: row r's weight 4(2v + i) + j) is row 2v + i of an 8 x 64-byte tile, which
-// `tdpbsud` multiplies against a tile of M rows of x8 (32 signed bytes each, read in place from the x
-// records) into M x 16 int32 sums: for every (x row, weight row) the block's sum of products, exactly the
-// integer the vpdpbusd tile (X16Block32::tile) builds. The float step after it is the same instructions in
-// the same order, so a row's result is bit for bit the same by either path (the kernel tests compare them),
-// and which path runs depends only on the CPU and the rows of x, never on what a result holds. Only whole
-// tiles of 16 rows of x take it (prompts, big verification steps): per block the float step is the same
-// work by either path, and below 16 rows the tile unit's fixed costs ate its gain (docs/performance.md).
+// The packed kinds by AMX (Intel's tile unit, where the CPU has it and Linux lets this process use it): the
+// 32-weight kinds here, Q4_KX16 below (amx_q4k_rows), Q6_KX16 not (its float step per 16 weights is most of
+// its work, and stays). A packed block is already what a tile multiply takes as its second operand: vector 2v + i of
+// the block's codes (byte 4r + j: row r's weight 4(2v + i) + j) is row 2v + i of an 8 x 64-byte tile, which `tdpbsud`
+// multiplies against a tile of M rows of x8 (32 signed bytes each, read in place from the x records) into M x 16 int32
+// sums: for every (x row, weight row) the block's sum of products, exactly the integer the vpdpbusd tile
+// (X16Block32::tile) builds. The float step after it is the same instructions in the same order, so a row's result is
+// bit for bit the same by either path (the kernel tests compare them), and which path runs depends only on the CPU and
+// the rows of x, never on what a result holds. Only whole tiles of 16 rows of x take it (prompts, big verification
+// steps): per block the float step is the same work by either path, and below 16 rows the tile unit's fixed costs ate
+// its gain (docs/performance.md).
 #if defined(__AMX_INT8__) && defined(__AMX_TILE__)
 constexpr bool kAmxBuilt = true;
 
@@ -555,12 +557,12 @@ inline const uint8_t* amx_codes(const uint8_t* p, uint8_t* unpacked) {
 
 // Loads a block's codes into tile B and its x8 into tile A, and starts its sums in tile C (the tile
 // instructions take their registers as literals).
-#define METRONOME_AMX_START(C, A, B, codes, rec) \
-  do {                                           \
-    _tile_loadd(B, codes, 64);                   \
-    _tile_loadd(A, rec, kRecordBytes);           \
-    _tile_zero(C);                               \
-    _tile_dpbsud(C, A, B);                       \
+#define METRONOME_AMX_START(C, A, B, codes, x, x_stride) \
+  do {                                                   \
+    _tile_loadd(B, codes, 64);                           \
+    _tile_loadd(A, x, x_stride);                         \
+    _tile_zero(C);                                       \
+    _tile_dpbsud(C, A, B);                               \
   } while (0)
 
 // Block b's float step from its integer sums (MT x 16 int32 at `sums`): X16Block32::tile's, op for op.
@@ -602,16 +604,16 @@ inline void amx_tile(const uint8_t* w, int64_t nb, const XQuant& xq, float* y, i
   auto codes = [&](int64_t b) { return amx_codes<Codes>(w + b * Codes::kBytes, unpacked[b % 3]); };
   const uint8_t* c0 = codes(0);
   const uint8_t* c1 = nb > 1 ? codes(1) : nullptr;
-  METRONOME_AMX_START(0, 1, 2, c0, rec);
+  METRONOME_AMX_START(0, 1, 2, c0, rec, kRecordBytes);
   for (int64_t b = 0; b < nb; b += 2) {
     const uint8_t* p = w + b * Codes::kBytes;
     prefetch_ahead<2 * Codes::kBytes>(p);
-    if (b + 1 < nb) METRONOME_AMX_START(3, 4, 5, c1, rec + (b + 1) * step);
+    if (b + 1 < nb) METRONOME_AMX_START(3, 4, 5, c1, rec + (b + 1) * step, kRecordBytes);
     const uint8_t* c2 = b + 2 < nb ? codes(b + 2) : nullptr;
     _tile_stored(0, sums, 64);
     amx_finish<Codes, MT>(p, rec + b * step, sums, acc);
     if (b + 1 >= nb) break;
-    if (b + 2 < nb) METRONOME_AMX_START(0, 1, 2, c2, rec + (b + 2) * step);
+    if (b + 2 < nb) METRONOME_AMX_START(0, 1, 2, c2, rec + (b + 2) * step, kRecordBytes);
     if (b + 3 < nb) c1 = codes(b + 3);
     _tile_stored(3, sums + MT * 16, 64);
     amx_finish<Codes, MT>(p + Codes::kBytes, rec + (b + 1) * step, sums + MT * 16, acc);
@@ -637,6 +639,93 @@ void amx_rows(const uint8_t* w, int64_t nb, const XQuant& xq, float* y, int64_t 
     for (int64_t n0 = n_lo; n0 < n_hi; n0 += 16)
       amx_tile<Codes>(w + (n0 / 16) * nb * Codes::kBytes, nb, xq, y, ldy, rows, n0, m0, unpacked, sums);
   _tile_release();  // the thread's tile state is back to init: a context switch need not save 8 KB of it
+}
+
+// Q4_KX16 (see Q4_Kx16) by AMX: per super-block, one tile multiply per 32-weight sub-block j gives its sum
+// s_j of codes times x8 for 16 rows of x and 16 weight rows, and isum += sc_j * s_j in integers. That is the
+// integer the vector path builds from its two 16-weight chains (vpmulld here: s_j, up to 32 * 15 * 127, does
+// not fit the int16 that vpdpwssd takes). The minimum term and the float step are Q4_Kx16::tile's, op for op,
+// on accumulators kept in memory (acc: 16 rows of x, 16 floats each), so that a super-block's codes are
+// unpacked once for every tile of x rows.
+inline void amx_q4k_block(const uint8_t* p, const uint8_t* unpacked, const XQuant& xq, int64_t K, int64_t nb, int64_t b,
+                          int64_t m0, int32_t* sums, float* acc) {
+  constexpr int MT = 16;
+  const uint8_t* x = reinterpret_cast<const uint8_t*>(xq.x8k) + m0 * K + b * 256;  // sub-block j at x + 32 j
+  __m512i isum[MT];
+#pragma GCC unroll 16
+  for (int m = 0; m < MT; ++m) isum[m] = _mm512_setzero_si512();
+  auto add = [&](int j, const int32_t* s) {
+    const __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 64 + 16 * j)));
+#pragma GCC unroll 16
+    for (int m = 0; m < MT; ++m)
+      isum[m] = _mm512_add_epi32(isum[m], _mm512_mullo_epi32(_mm512_load_si512(s + 16 * m), sc));
+  };
+  METRONOME_AMX_START(0, 1, 2, unpacked, x, K);
+  for (int j = 0; j < 8; j += 2) {  // two sub-blocks in flight, in two sets of tiles
+    METRONOME_AMX_START(3, 4, 5, unpacked + 512 * (j + 1), x + 32 * (j + 1), K);
+    _tile_stored(0, sums, 64);
+    add(j, sums);
+    if (j + 2 < 8) METRONOME_AMX_START(0, 1, 2, unpacked + 512 * (j + 2), x + 32 * (j + 2), K);
+    _tile_stored(3, sums + MT * 16, 64);
+    add(j + 1, sums + MT * 16);
+  }
+  const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)));
+  __m512i mn[4];
+  for (int k = 0; k < 4; ++k)
+    mn[k] = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 192 + 32 * k)));
+#pragma GCC unroll 16
+  for (int m = 0; m < MT; ++m) {
+    const int64_t i = (m0 + m) * nb + b;
+    __m512i imin = dpwssd_bcst(_mm512_setzero_si512(), mn[0], xq.bs32p + i * 4);
+    for (int k = 1; k < 4; ++k) imin = dpwssd_bcst(imin, mn[k], xq.bs32p + i * 4 + k);
+    const __m512 dx = _mm512_set1_ps(xq.dxk[i]);
+    __m512 a = _mm512_load_ps(acc + 16 * m);
+    a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[m]), _mm512_mul_ps(d, dx), a);
+    _mm512_store_ps(acc + 16 * m, _mm512_fnmadd_ps(_mm512_cvtepi32_ps(imin), _mm512_mul_ps(dmin, dx), a));
+  }
+}
+
+// Groups [n_lo, n_hi) x rows [m_lo, m_hi) of x (whole tiles of 16 rows), up to 64 rows of x at a time.
+void amx_q4k_rows(const uint8_t* w, int64_t nb, const XQuant& xq, int64_t K, float* y, int64_t ldy, int64_t rows,
+                  int64_t n_lo, int64_t n_hi, int64_t m_lo, int64_t m_hi) {
+  constexpr int64_t kRows = 64;
+  TileConfig cfg;
+  for (int t = 0; t < 6; t += 3) {
+    cfg.rows[t] = 16, cfg.colsb[t] = 64;          // the sums, 16 x 16 int32
+    cfg.rows[t + 1] = 16, cfg.colsb[t + 1] = 32;  // x8, 16 rows of the sub-block's 32 bytes
+    cfg.rows[t + 2] = 8, cfg.colsb[t + 2] = 64;   // the codes, 8 rows of 16 weight rows x 4 bytes
+  }
+  _tile_loadconfig(&cfg);
+  alignas(64) uint8_t unpacked[8 * 512];
+  alignas(64) int32_t sums[2 * 16 * 16];
+  alignas(64) float acc[kRows * 16];
+  for (int64_t ms = m_lo; ms < m_hi; ms += kRows) {
+    const int64_t me = std::min(m_hi, ms + kRows);
+    for (int64_t n0 = n_lo; n0 < n_hi; n0 += 16) {
+      const uint8_t* g = w + (n0 / 16) * nb * kQ4Kx16Bytes;
+      std::memset(acc, 0, sizeof(float) * 16 * (me - ms));
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* p = g + b * kQ4Kx16Bytes;
+        prefetch_ahead<kQ4Kx16Bytes>(p);
+        for (int j = 0; j < 8; ++j)  // every sub-block's codes before the first tile loads them
+          for (int v = 0; v < 4; ++v) {
+            __m512i c[2];
+            nibble_quads(p + 320 + 256 * j + 64 * v, c);
+            _mm512_store_si512(unpacked + 512 * j + 128 * v, c[0]);
+            _mm512_store_si512(unpacked + 512 * j + 128 * v + 64, c[1]);
+          }
+        for (int64_t m0 = ms; m0 < me; m0 += 16)
+          amx_q4k_block(p, unpacked, xq, K, nb, b, m0, sums, acc + 16 * (m0 - ms));
+      }
+      __m512 out[16];
+      for (int64_t m0 = ms; m0 < me; m0 += 16) {
+        for (int m = 0; m < 16; ++m) out[m] = _mm512_load_ps(acc + 16 * (m0 - ms + m));
+        store16<16>(out, y, ldy, rows, n0, m0);
+      }
+    }
+  }
+  _tile_release();
 }
 
 // One 16 x 16 x 32 tile multiply against its sums computed one by one: whether the tile unit works here.
@@ -718,7 +807,14 @@ void x16_rows(const uint8_t* w, const XQuant& xq, int64_t K, float* y, int64_t l
               int64_t n_hi, int64_t m_lo, int64_t m_hi) {
   const int64_t nb = K / P::kW;
 #if defined(__AMX_INT8__) && defined(__AMX_TILE__)
-  if constexpr (P::kW == 32) {
+  if constexpr (std::is_same_v<P, Q4_Kx16>) {
+    const int64_t full = m_lo + (m_hi - m_lo) / 16 * 16;  // the rows after the last 16 take the vector path
+    if (full > m_lo && amx_enabled()) {
+      amx_q4k_rows(w, nb, xq, K, y, ldy, rows, n_lo, n_hi, m_lo, full);
+      m_lo = full;
+      if (m_lo == m_hi) return;
+    }
+  } else if constexpr (P::kW == 32) {
     if constexpr (!P::kSigned) {                            // (every AMX CPU has vpdpbusd: Q8_0's codes are q + 128)
       const int64_t full = m_lo + (m_hi - m_lo) / 16 * 16;  // the rows after the last 16 take the vector path
       if (full > m_lo && amx_enabled()) {

@@ -82,8 +82,8 @@ inline int64_t scratch_bytes(int64_t M, int64_t K) { return M * K * 7 + 1024; }
 // y (M, N) = x (M, K) @ W.T (+ bias), float32; scratch holds scratch_bytes(M, K) + 64 bytes.
 void block_linear_rows(const BlockMatrix& W, const float* x, int64_t M, float* y, uint8_t* scratch);
 
-// Whether the 32-weight packed kinds (Q4_1X16, Q5_0X16, Q8_0X16) run on AMX, 16 rows of x at a time: asks for it
-// (`enabled`), returns whether it is in use (false where the CPU, the build or Linux lacks it). Both paths
+// Whether the packed kinds Q4_1X16, Q5_0X16, Q8_0X16 and Q4_KX16 run on AMX, 16 rows of x at a time: asks
+// for it (`enabled`), returns whether it is in use (false where the CPU, the build or Linux lacks it). Both paths
 // give the same bits.
 bool set_amx(bool enabled);
 bool amx_in_use();  // what set_amx last returned (asking Linux for the tile state if no one has yet)

@@ -520,15 +520,15 @@ struct Q6_Kx16 {
 // ---------------------------------------------------------------------------------------------------
 // The packed kinds by AMX (Intel's tile unit, where the CPU has it and Linux lets this process use it): the
 // 32-weight kinds here, Q4_KX16 below (amx_q4k_rows), Q6_KX16 not (its float step per 16 weights is most of
-// its work, and stays). A packed block is already what a tile multiply takes as its second operand: vector 2v + i of
-// the block's codes (byte 4r + j: row r's weight 4(2v + i) + j) is row 2v + i of an 8 x 64-byte tile, which `tdpbsud`
-// multiplies against a tile of M rows of x8 (32 signed bytes each, read in place from the x records) into M x 16 int32
-// sums: for every (x row, weight row) the block's sum of products, exactly the integer the vpdpbusd tile
-// (X16Block32::tile) builds. The float step after it is the same instructions in the same order, so a row's result is
-// bit for bit the same by either path (the kernel tests compare them), and which path runs depends only on the CPU and
-// the rows of x, never on what a result holds. Only whole tiles of 16 rows of x take it (prompts, big verification
-// steps): per block the float step is the same work by either path, and below 16 rows the tile unit's fixed costs ate
-// its gain (docs/performance.md).
+// its work, and stays: tried, 0.92-0.98x the vector path). A packed block is already what a tile multiply takes as its
+// second operand: vector 2v + i of the block's codes (byte 4r + j: row r's weight 4(2v + i) + j) is row 2v + i of an 8
+// x 64-byte tile, which `tdpbsud` multiplies against a tile of M rows of x8 (32 signed bytes each, read in place from
+// the x records) into M x 16 int32 sums: for every (x row, weight row) the block's sum of products, exactly the integer
+// the vpdpbusd tile (X16Block32::tile) builds. The float step after it is the same instructions in the same order, so a
+// row's result is bit for bit the same by either path (the kernel tests compare them), and which path runs depends only
+// on the CPU and the rows of x, never on what a result holds. Only whole tiles of 16 rows of x take it (prompts, big
+// verification steps): per block the float step is the same work by either path, and below 16 rows the tile unit's
+// fixed costs ate its gain (docs/performance.md).
 #if defined(__AMX_INT8__) && defined(__AMX_TILE__)
 constexpr bool kAmxBuilt = true;
 

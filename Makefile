@@ -32,9 +32,10 @@ models: install
 	$(BIN)/metronome models install $(MODEL_NAMES)
 
 # Opt-in: llama.cpp as a peer for `metronome bench --compare` (builds from source, about 5 minutes).
-# Native, without AMX: ggml's AMX Q4_0 path died with SIGILL on these Intel VMs (seen 2026-12-01). (Tile
-# instructions do run here once a process asks Linux for the tile state, as metronome's kernels do for
-# prompts: docs/performance.md, "AMX for prompts"; so on an AMX CPU the peer's prompts run AVX-512 code.)
+# Native, without AMX: ggml's AMX path crashes on these Intel VMs (SIGILL seen 2026-12-01; built with AMX on
+# 2026-12-03, SIGSEGV in ggml_backend_amx_mul_mat on the first prompt of Qwen2.5-1.5B and of SmolLM2). Tile
+# instructions do run here, and metronome's kernels use them for prompts (docs/performance.md, "AMX for
+# prompts"), so on an AMX CPU the peer's prompts run AVX-512 code and ours partly AMX.
 PEER_NO_AMX ?= -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 bench-peers: install
 	CFLAGS="$(PEER_NO_AMX)" CXXFLAGS="$(PEER_NO_AMX)" $(BIN)/pip install -q --no-cache-dir "llama-cpp-python[server]==0.3.36"

@@ -110,3 +110,11 @@ def test_errors_are_one_line_for_people(tmp_path):
     assert out.returncode == 2 and "not a GGUF file" in out.stderr and "Traceback" not in out.stderr
     out = _metronome("generate", "hi", "--ctx", "99999")
     assert out.returncode == 2 and "ctx=99999" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_the_ready_line_gives_a_tiny_cache_its_size_not_zero():
+    from metronome.serve.cli import megabytes
+
+    assert megabytes(262_144) == "0.26 MB"  # a tiny model's KV cache printed as "0 MB" before
+    assert megabytes(1_500_000) == "1.5 MB"
+    assert megabytes(377_500_000) == "378 MB"

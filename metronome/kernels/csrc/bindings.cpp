@@ -35,9 +35,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "threads of the kernels' own pool (default: torch's thread count at first use)", py::arg("n"));
   m.def("get_threads", &metronome::get_threads, "threads of the kernels' own pool");
   m.def("set_amx", &metronome::set_amx,
-        "packed Q4_1/Q5_0/Q8_0/Q4_K matmuls on AMX, 16 rows of x at a time (same bits either way); returns whether AMX "
-        "is "
-        "in use",
+        "packed Q4_1/Q5_0/Q8_0/Q4_K matmuls on AMX, 16 rows of x at a time (same bits either way); "
+        "returns whether AMX is in use",
         py::arg("enabled"));
   m.def("amx_in_use", &metronome::amx_in_use, "whether packed Q4_1/Q5_0/Q8_0/Q4_K matmuls run on AMX (see set_amx)");
   m.def("hold_first_chunk", &metronome::hold_first_chunk,

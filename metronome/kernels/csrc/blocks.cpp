@@ -539,6 +539,19 @@ struct TileConfig {
   uint8_t rows[16] = {};
 };
 
+// Two sets of tiles (0-2 and 3-5), each: the sums (16 x 16 int32), x8 (16 rows of a 32-weight block's bytes),
+// the codes (8 rows of 16 weight rows x 4 bytes). Loaded at the start of every AMX call, not once per
+// process: another library in this thread may have set its own since.
+inline void load_tile_config() {
+  TileConfig cfg;
+  for (int t = 0; t < 6; t += 3) {
+    cfg.rows[t] = 16, cfg.colsb[t] = 64;
+    cfg.rows[t + 1] = 16, cfg.colsb[t + 1] = 32;
+    cfg.rows[t + 2] = 8, cfg.colsb[t + 2] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
 // Block p's codes as the tile wants them: Q8_0's as stored, the nibble kinds' unpacked into `unpacked`.
 template <typename Codes>
 inline const uint8_t* amx_codes(const uint8_t* p, uint8_t* unpacked) {
@@ -621,18 +634,11 @@ inline void amx_tile(const uint8_t* w, int64_t nb, const XQuant& xq, float* y, i
   store16<MT>(acc, y, ldy, rows, n0, m0);
 }
 
-// Groups [n_lo, n_hi) x rows [m_lo, m_hi) of x (whole tiles of 16 rows) by AMX. The tiles are configured once
-// per call (not once per process: another library in this thread may have set its own since).
+// Groups [n_lo, n_hi) x rows [m_lo, m_hi) of x (whole tiles of 16 rows) by AMX.
 template <typename Codes>
 void amx_rows(const uint8_t* w, int64_t nb, const XQuant& xq, float* y, int64_t ldy, int64_t rows, int64_t n_lo,
               int64_t n_hi, int64_t m_lo, int64_t m_hi) {
-  TileConfig cfg;
-  for (int t = 0; t < 6; t += 3) {
-    cfg.rows[t] = 16, cfg.colsb[t] = 64;          // the sums, 16 x 16 int32
-    cfg.rows[t + 1] = 16, cfg.colsb[t + 1] = 32;  // x8, 16 rows of the block's 32 bytes
-    cfg.rows[t + 2] = 8, cfg.colsb[t + 2] = 64;   // the codes, 8 rows of 16 weight rows x 4 bytes
-  }
-  _tile_loadconfig(&cfg);
+  load_tile_config();
   alignas(64) uint8_t unpacked[3][512];
   alignas(64) int32_t sums[2 * 16 * 16];
   for (int64_t m0 = m_lo; m0 < m_hi; m0 += 16)  // 16 rows' x records stay in L1; the groups stream past
@@ -690,13 +696,7 @@ inline void amx_q4k_block(const uint8_t* p, const uint8_t* unpacked, const XQuan
 void amx_q4k_rows(const uint8_t* w, int64_t nb, const XQuant& xq, int64_t K, float* y, int64_t ldy, int64_t rows,
                   int64_t n_lo, int64_t n_hi, int64_t m_lo, int64_t m_hi) {
   constexpr int64_t kRows = 64;
-  TileConfig cfg;
-  for (int t = 0; t < 6; t += 3) {
-    cfg.rows[t] = 16, cfg.colsb[t] = 64;          // the sums, 16 x 16 int32
-    cfg.rows[t + 1] = 16, cfg.colsb[t + 1] = 32;  // x8, 16 rows of the sub-block's 32 bytes
-    cfg.rows[t + 2] = 8, cfg.colsb[t + 2] = 64;   // the codes, 8 rows of 16 weight rows x 4 bytes
-  }
-  _tile_loadconfig(&cfg);
+  load_tile_config();
   alignas(64) uint8_t unpacked[8 * 512];
   alignas(64) int32_t sums[2 * 16 * 16];
   alignas(64) float acc[kRows * 16];
@@ -730,16 +730,12 @@ void amx_q4k_rows(const uint8_t* w, int64_t nb, const XQuant& xq, int64_t K, flo
 
 // One 16 x 16 x 32 tile multiply against its sums computed one by one: whether the tile unit works here.
 bool amx_works() {
-  TileConfig cfg;
-  cfg.rows[0] = 16, cfg.colsb[0] = 64;
-  cfg.rows[1] = 16, cfg.colsb[1] = 32;
-  cfg.rows[2] = 8, cfg.colsb[2] = 64;
   alignas(64) int8_t a[16 * 32];
   alignas(64) uint8_t b[8 * 64];
   alignas(64) int32_t c[16 * 16];
   for (int i = 0; i < 16 * 32; ++i) a[i] = static_cast<int8_t>(i % 7 - 3);
   for (int i = 0; i < 8 * 64; ++i) b[i] = static_cast<uint8_t>(i % 11 * 23);
-  _tile_loadconfig(&cfg);
+  load_tile_config();
   _tile_loadd(1, a, 32);
   _tile_loadd(2, b, 64);
   _tile_zero(0);
@@ -791,6 +787,15 @@ bool amx_granted() {
 
 bool amx_enabled() { return amx_wanted.load(std::memory_order_relaxed) && amx_granted(); }
 
+// The packed kinds with an AMX path: the 32-weight kinds where the codes are unsigned (every AMX CPU has
+// vpdpbusd, so Q8_0's are q + 128), and Q4_KX16.
+template <typename P>
+constexpr bool kOnAmx = false;
+template <typename Codes>
+constexpr bool kOnAmx<X16Block32<Codes>> = !X16Block32<Codes>::kSigned;
+template <>
+constexpr bool kOnAmx<Q4_Kx16> = true;
+
 // P::tile<MT> for the n (1..MT) x rows left at m0.
 template <typename P, int MT>
 inline void x16_tile(int64_t n, const uint8_t* g, int64_t nb, const XQuant& xq, int64_t K, float* y, int64_t ldy,
@@ -807,21 +812,15 @@ void x16_rows(const uint8_t* w, const XQuant& xq, int64_t K, float* y, int64_t l
               int64_t n_hi, int64_t m_lo, int64_t m_hi) {
   const int64_t nb = K / P::kW;
 #if defined(__AMX_INT8__) && defined(__AMX_TILE__)
-  if constexpr (std::is_same_v<P, Q4_Kx16>) {
+  if constexpr (kOnAmx<P>) {
     const int64_t full = m_lo + (m_hi - m_lo) / 16 * 16;  // the rows after the last 16 take the vector path
     if (full > m_lo && amx_enabled()) {
-      amx_q4k_rows(w, nb, xq, K, y, ldy, rows, n_lo, n_hi, m_lo, full);
+      if constexpr (std::is_same_v<P, Q4_Kx16>)
+        amx_q4k_rows(w, nb, xq, K, y, ldy, rows, n_lo, n_hi, m_lo, full);
+      else
+        amx_rows<typename P::CodesT>(w, nb, xq, y, ldy, rows, n_lo, n_hi, m_lo, full);
       m_lo = full;
       if (m_lo == m_hi) return;
-    }
-  } else if constexpr (P::kW == 32) {
-    if constexpr (!P::kSigned) {                            // (every AMX CPU has vpdpbusd: Q8_0's codes are q + 128)
-      const int64_t full = m_lo + (m_hi - m_lo) / 16 * 16;  // the rows after the last 16 take the vector path
-      if (full > m_lo && amx_enabled()) {
-        amx_rows<typename P::CodesT>(w, nb, xq, y, ldy, rows, n_lo, n_hi, m_lo, full);
-        m_lo = full;
-        if (m_lo == m_hi) return;
-      }
     }
   }
 #endif

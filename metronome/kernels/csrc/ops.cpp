@@ -222,7 +222,8 @@ void attend(const float* qf, float* of, const TC* kb, const TC* vb, int64_t kstr
   const int64_t nchunks = Dh / 16;
   int64_t lmin = L[0], lmax = L[0];
   for (int i = 1; i < NQ; ++i) lmin = std::min(lmin, L[i]), lmax = std::max(lmax, L[i]);
-  scores.resize(static_cast<size_t>(2 * NQ * lmax));  // query i's scores at i * lmax, then pass 2's pt
+  // query i's scores at i * lmax, then pass 2's p in whole blocks of 16 keys
+  scores.resize(static_cast<size_t>(NQ * lmax + NQ * 16 * ((lmax + 15) / 16)));
   // Pass 1, keys 16 at a time: every query's (key) accumulator is kept, then hsum16 sums a query's 16 (the
   // bits hsum gives each one, in a third of the instructions). Keys past a query's end (the tail of a
   // tile of rows) are computed for all and never stored.
@@ -269,11 +270,12 @@ void attend(const float* qf, float* of, const TC* kb, const TC* vb, int64_t kstr
       vmax[i] = _mm512_mask_max_ps(vmax[i], m, sj, vmax[i]);  // a NaN score leaves the maximum as it was
     }
   }
-  // Pass 2: p = e^(s - max) and its sum, per query, written key-major (pt[j * NQ + i]) so pass 3 reads a
-  // key's NQ weights at fixed offsets from one pointer.
+  // Pass 2: p = e^(s - max) and its sum, per query. p is written a block of 16 keys at a time, query after
+  // query: key j = 16 b + l of query i at pt[(b * NQ + i) * 16 + l]. Each store is one whole vector (a
+  // scatter into key-major order cost a quarter of the kernel), and pass 3 still finds a key's NQ weights
+  // at fixed offsets (64 bytes apart) from one pointer. A query's lanes past its end hold zeros; its blocks
+  // past its end are never written, and pass 3 never reads either.
   float* pt = scores.data() + NQ * lmax;
-  const __m512i across = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                            _mm512_set1_epi32(NQ));
   __m512 denom[NQ];
   for (int i = 0; i < NQ; ++i) {
     const float* si = scores.data() + i * lmax;
@@ -282,12 +284,14 @@ void attend(const float* qf, float* of, const TC* kb, const TC* vb, int64_t kstr
     for (int64_t j = 0; j < L[i]; j += 16) {
       const __mmask16 m = tail_mask(L[i] - j);
       __m512 p = _mm512_maskz_mov_ps(m, vexp(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, si + j), vm)));
-      _mm512_mask_i32scatter_ps(pt + j * NQ + i, m, across, p, 4);
+      _mm512_storeu_ps(pt + (j / 16 * NQ + i) * 16, p);
       vsum = _mm512_add_ps(vsum, p);
     }
     denom[i] = _mm512_set1_ps(hsum(vsum));
   }
   // Pass 3: out = sum_j p_j v_j / sum, NC chunks of 16 dims per pass (NQ x NC accumulators in registers).
+  // The query loop is unrolled by pragma: left to itself, gcc kept the accumulators on the stack and stored
+  // them after every key or two (61 stack stores in attend<float, 15> against 16 with the pragma).
   constexpr int NC = std::min(4, std::max(1, kMaxQueries / NQ));
   for (int64_t c0 = 0; c0 < nchunks; c0 += NC) {
     const int64_t nc = std::min<int64_t>(NC, nchunks - c0);
@@ -295,19 +299,24 @@ void attend(const float* qf, float* of, const TC* kb, const TC* vb, int64_t kstr
     for (int i = 0; i < NQ; ++i)
       for (int c = 0; c < NC; ++c) a[i][c] = _mm512_setzero_ps();
     const TC* v = vb + c0 * 16;
-    auto add_key = [&](int64_t j, const TC* vj, bool all) {
+    auto add_key = [&a, nc, v, vstride, pt, L](int64_t j, bool all) {
+      const float* pj = pt + (j / 16 * NQ) * 16 + j % 16;  // query i's weight at pj[16 i]
+      const TC* vj = v + j * vstride;
       __m512 vc[NC];
+#pragma GCC unroll 4
       for (int c = 0; c < NC; ++c) vc[c] = c < nc ? load16(vj + c * 16) : _mm512_setzero_ps();
+#pragma GCC unroll 16
       for (int i = 0; i < NQ; ++i) {
         if (!all && j >= L[i]) continue;  // past this query's end: its sums stay as they are
-        const __m512 p = _mm512_set1_ps(pt[j * NQ + i]);
+        const __m512 p = _mm512_set1_ps(pj[16 * i]);
+#pragma GCC unroll 4
         for (int c = 0; c < NC; ++c)
           if (c < nc) a[i][c] = _mm512_fmadd_ps(p, vc[c], a[i][c]);
       }
     };
     int64_t j = 0;
-    for (; j < lmin; ++j, v += vstride) add_key(j, v, true);
-    for (; j < lmax; ++j, v += vstride) add_key(j, v, false);
+    for (; j < lmin; ++j) add_key(j, true);
+    for (; j < lmax; ++j) add_key(j, false);
     for (int i = 0; i < NQ; ++i)
       for (int c = 0; c < nc; ++c) _mm512_storeu_ps(of + i * Dh + (c0 + c) * 16, _mm512_div_ps(a[i][c], denom[i]));
   }

@@ -33,6 +33,7 @@ from typing import Sequence
 from urllib.parse import urlsplit
 
 from metronome.bench.sse import post_events
+from metronome.compile.probe import time_warm
 from metronome.config import EngineConfig, SamplingParams
 from metronome.engine.profile import PHASES, THREAD_ROLES, cpu_seconds_by_thread
 
@@ -64,16 +65,11 @@ def _prompts(engine, n: int) -> list[list[int]]:
 
 def step_ms_now(engine, live: int, position: int, steps: int = 9) -> float:
     """The plan's step with `live` decode rows at `position`, timed now: the median of `steps` plan calls on
-    slots 0..live-1 after one warm-up, as the plan's calibration times it (compile/probe.py). Call it only
-    while the engine is idle: the rows write those slots' KV, which the next request overwrites (a prefix it
-    reuses is copied in from the prefix cache's pool, never trusted in a free slot)."""
+    slots 0..live-1, warmed up first as the plan's calibration times them (compile/probe.time_warm). Call it
+    only while the engine is idle: the rows write those slots' KV, which the next request overwrites (a prefix
+    it reuses is copied in from the prefix cache's pool, never trusted in a free slot)."""
     slots, tokens, positions = list(range(live)), [1] * live, [min(position, engine.config.ctx - 1)] * live
-    engine.plan.decode(slots, tokens, positions)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        engine.plan.decode(slots, tokens, positions)
-        times.append(1000 * (time.perf_counter() - t0))
+    times = time_warm(lambda: engine.plan.decode(slots, tokens, positions), engine.plan.device, calls=steps)
     return statistics.median(times)
 
 

@@ -40,6 +40,33 @@ def choose_decode_mode(runner: Runner, cfg: ModelConfig, slots: int) -> tuple[st
 
 
 CALIBRATION_ROUNDS = 5
+# How long a figure runs untimed before one call of it is timed, and the most calls that may take. On the
+# Intel Xeon VMs a 1-row SmolLM2 step took 5.3-6.1 ms right after a 256-row prompt call or a 100 ms sleep,
+# and came down call after call to 2.8 ms over 10-13 calls (40-50 ms); after an 8-row step it took 3.0 ms
+# at once (2026-12-03). A stream's steps run back to back, so the warm figure is the one its user sees; timed
+# cold, as the first figure of each round was, the plan promised 5.0 ms for one live slot and 4.9 for two.
+WARM_MS = 50.0
+WARM_CALLS = 16
+
+
+def time_warm(fn: Callable[[], object], device: torch.device, calls: int = 1) -> list[float]:
+    """The times (ms) of `calls` calls of `fn`, after running it untimed for WARM_MS (at least once, at most
+    WARM_CALLS times): what it costs in a run of calls like it, not right after something else or a pause."""
+    if calls < 1:
+        raise ValueError(f"calls={calls}: time at least one call")
+    until = time.perf_counter() + WARM_MS / 1000
+    for _ in range(WARM_CALLS):
+        fn()
+        _sync(device)
+        if time.perf_counter() >= until:
+            break
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1000)
+    return times
 
 
 @dataclass(frozen=True)
@@ -71,7 +98,8 @@ def calibrate(
     prices prompt chunks by (a late prompt row against an early one, a prompt row against a decode step)
     came out wrong; a drift now moves every figure of a round alike. Every figure is run once before any
     is timed: the first calls touch the weights' pages and the scratch buffers (timing 1 slot first
-    charged that to it, and a 1-row step came out slower than 2)."""
+    charged that to it, and a 1-row step came out slower than 2). And each figure is timed warm (`time_warm`):
+    a short step right after a long call or a pause runs slow for a few calls on these VMs."""
     near, far = min(NEAR_POSITION, ctx - 1), min(far_position(ctx), ctx - 1)
 
     def step(live: int, position: int) -> Callable[[], object]:
@@ -103,10 +131,7 @@ def calibrate(
         _sync(device)
         for _ in range(rounds):
             for key, fn in figures.items():
-                t0 = time.perf_counter()
-                fn()
-                _sync(device)
-                times[key].append((time.perf_counter() - t0) * 1000)
+                times[key] += time_warm(fn, device)
     ms = {key: median(values) for key, values in times.items()}
 
     def per_prompt_row(far: int) -> float:

@@ -64,6 +64,16 @@ class _StepOutput:
     finish: str | None = None
 
 
+@dataclass(frozen=True)
+class _InFlight:
+    """The step the plan is running: when its call began, its price, and where each prompt it carries stands
+    once it ends (by slot). A request submitted meanwhile waits for it before anything of its own runs."""
+
+    started: float  # time.perf_counter()
+    price_ms: float
+    prefilled: dict[int, int]
+
+
 class Engine(PythonAPI):
     def __init__(
         self,
@@ -93,6 +103,7 @@ class Engine(PythonAPI):
         # prompts that begin like earlier ones copy that beginning's KV from the plan's pool (prefix_cache.py)
         self.prefix_cache = PrefixCache(plan.pages) if plan.pages is not None else None
         self.prefiller: PrefillWorker | None = None  # disaggregated layout: where prompts run (attach_prefiller)
+        self._in_flight: _InFlight | None = None  # set by the stepping thread around its plan call
 
     @classmethod
     def from_model(
@@ -213,7 +224,14 @@ class Engine(PythonAPI):
         if len(sched.by_slot) + len(sched.waiting) >= self.config.slots:
             return float("nan")
         running = sorted(sched.by_slot.values(), key=lambda r: r.timings.admitted or 0.0)
-        prefilling = [r for r in running if r.prefilled < len(r.prompt_ids)]
+        # a step in flight has its rows already: the prompts it carries stand where it leaves them, and
+        # what is left of it comes first (requests that arrive together land mostly in such a step's time)
+        flight = self._in_flight
+        wait_ms, after = 0.0, {r.slot: r.prefilled for r in running}
+        if flight is not None and self.prefiller is None:
+            wait_ms = max(0.0, flight.price_ms - 1000 * (time.perf_counter() - flight.started))
+            after.update((slot, at) for slot, at in flight.prefilled.items() if slot in after)
+        prefilling = [r for r in running if after[r.slot] < len(r.prompt_ids)]
         waiting = [(r.expected_cached, len(r.prompt_ids) - r.expected_cached) for r in sched.waiting]
         decoding = len(running) - len(prefilling)
         # the decode rows' attention reads what they have cached: a long conversation's rows cost more
@@ -221,9 +239,10 @@ class Engine(PythonAPI):
         position = sum(positions) / len(positions) if positions else None
         if self.prefiller is not None:  # admitted prompts are on the worker (its backlog), not in our steps
             return self._predict_remote_ttft_ms(self.prefiller, [*waiting, (cached, prompt_tokens)], decoding, position)
-        ahead = [(r.prefilled, len(r.prompt_ids) - r.prefilled) for r in prefilling] + waiting
+        ahead = [(after[r.slot], len(r.prompt_ids) - after[r.slot]) for r in prefilling] + waiting
         chunk = self.config.prefill_chunk if self.plan.runner.any_rows else PREFILL_CHUNK
-        return self.plan.report.ttft_ms([*ahead, (cached, prompt_tokens)], decoding, chunk, PREFILL_CHUNK, position)
+        queue = [*ahead, (cached, prompt_tokens)]
+        return wait_ms + self.plan.report.ttft_ms(queue, decoding, chunk, PREFILL_CHUNK, position)
 
     def _predict_remote_ttft_ms(
         self, prefiller: PrefillWorker, queued: list[tuple[int, int]], decoding: int, position: float | None = None
@@ -302,6 +321,22 @@ class Engine(PythonAPI):
         if not rows.slots:
             self.steps += 1
             return 0
+        self._in_flight = self._flight(decoding, chunks)
+        try:
+            self._run(rows, decoding, drafts, chunks, clock)
+        finally:
+            self._in_flight = None  # every prompt's `prefilled` now says where the step left it
+        return len(rows.slots)
+
+    def _run(
+        self,
+        rows: StepRows,
+        decoding: list[Request],
+        drafts: list[list[int]],
+        chunks: list[tuple[Request, int, int]],
+        clock: PhaseClock,
+    ) -> None:
+        """The step's plan call, then its sampling and events: run plan -> sample -> emit."""
         logits = self.plan.decode(rows.slots, rows.tokens, rows.positions, rows.logit_rows)
         clock.lap("plan")
         self.profile.decode_rows += len(rows.slots) - rows.prompt_rows
@@ -320,7 +355,14 @@ class Engine(PythonAPI):
                     self.prefix_cache.store(r.prompt_ids, r.slot, hi)  # for requests sharing its beginning
         self.profile.steps += 1
         self.steps += 1
-        return len(rows.slots)
+
+    def _flight(self, decoding: list[Request], chunks: list[tuple[Request, int, int]]) -> _InFlight:
+        """The step about to run, as `_predict_ttft_ms` prices what a request submitted during it waits for."""
+        prompts = [(lo, hi - lo) for _r, lo, hi in chunks]
+        positions = [r.position for r in decoding]
+        position = sum(positions) / len(positions) if positions else None
+        price = self.plan.report.step_ms_with(len(decoding), prompts, position)
+        return _InFlight(time.perf_counter(), price if price == price else 0.0, {r.slot: hi for r, _lo, hi in chunks})
 
     def _schedule(self) -> Batch[Request]:
         """Who runs this step: cancelled requests leave, waiting ones take free slots (scheduler.py)."""

@@ -1,0 +1,50 @@
+"""The TTFT a request is promised at submit, on a real engine with a known calibration: requests that
+arrive together mostly arrive while a step runs, and that step's rows are already chosen."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from metronome.config import EngineConfig, SamplingParams
+from metronome.engine import Engine
+from metronome.model.loader import load
+
+ONE = SamplingParams(max_tokens=2, ignore_eos=True)
+
+
+def _prompt(seed: int, n: int, vocab: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return [1] + torch.randint(5, vocab, (n - 1,), generator=g).tolist()
+
+
+def test_a_request_that_arrives_during_a_step_waits_for_it_and_then_runs_beside_its_decode_rows(tiny_hf):
+    engine = Engine.from_model(config=EngineConfig(slots=4, ctx=128, spec_tokens=0), loaded=load(tiny_hf("llama")))
+    assert engine.plan.runner.any_rows, "the fused runner mixes prompt and decode rows"
+    # a known price: a one-row step 4 ms, a prompt row 1.5 ms beside decode rows and 1 ms alone
+    engine.plan.report = dataclasses.replace(
+        engine.plan.report, step_ms={1: 4.0, 2: 5.0, 3: 6.0, 4: 7.0}, prompt_row_ms=1.5, prefill_row_ms=1.0
+    )
+    vocab = engine.plan.cfg.vocab_size
+    first = engine.submit(_prompt(1, 20, vocab), ONE)
+    arrived = []
+    decode = engine.plan.decode
+
+    def arrive_during_the_first_call(*args, **kwargs):
+        if not arrived:
+            arrived.append(engine.submit(_prompt(2, 10, vocab), ONE))
+        return decode(*args, **kwargs)
+
+    engine.plan.decode = arrive_during_the_first_call
+    try:
+        while first.finish_reason is None or arrived[0].finish_reason is None:
+            engine.step()
+    finally:
+        del engine.plan.decode
+    # the step in flight runs the first prompt alone (4 + 20 x 1 ms); then the first request decodes and
+    # the new prompt's 10 rows run beside it (4 + 10 x 1.5 ms). Priced as if it had arrived before that
+    # step, both prompts would share one step alone: 4 + 30 x 1 = 34 ms.
+    expected = (4.0 + 20 * 1.0) + (4.0 + 10 * 1.5)
+    # less the time the step had run when the request arrived (microseconds; a loaded machine may pause)
+    assert expected - 5.0 < arrived[0].predicted_ttft_ms <= expected, arrived[0].predicted_ttft_ms

@@ -3,6 +3,7 @@ latency measured before serving (`PlanReport`). The engine calls `prefill` and `
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -189,6 +190,7 @@ class Plan:
         self.weights, self.cache, self.report = weights, cache, report
         self.pages = pages
         self.device = torch.device(config.device)
+        self.last_call = time.perf_counter()  # when a call last ended: the engine's idle time (Engine._resume_ms)
 
     @property
     def decode_mode(self) -> str:
@@ -197,7 +199,10 @@ class Plan:
     @torch.inference_mode()
     def prefill(self, ids: list[int], slot: int, all_logits: bool = False) -> torch.Tensor:
         """Run a prompt into `slot` from position 0; logits of its last position (V,) float32 (all: (T, V))."""
-        return self.runner.prefill(ids, slot, all_logits)
+        try:
+            return self.runner.prefill(ids, slot, all_logits)
+        finally:
+            self.last_call = time.perf_counter()
 
     @torch.inference_mode()
     def decode(
@@ -206,4 +211,7 @@ class Plan:
         """One token for each row (slot, token, position): logits (rows, V) float32 in that order (only of
         `logit_rows` when given). Rows are one per live slot, ascending; a runner with `any_rows` also takes
         several rows of one slot (drafts) and prompt tokens beside the decode rows (chunked prefill)."""
-        return self.runner.decode(slots, tokens, positions, logit_rows)
+        try:
+            return self.runner.decode(slots, tokens, positions, logit_rows)
+        finally:
+            self.last_call = time.perf_counter()

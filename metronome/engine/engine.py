@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import statistics
 import threading
 import time
 from dataclasses import dataclass, field
@@ -74,6 +75,21 @@ class _InFlight:
     prefilled: dict[int, int]
 
 
+# A request that finds the engine idle waits longer than its price: SmolLM2's new prompts of 10, 40 and 200
+# tokens took under 1 ms more after the engine idled 20 ms, 9-11 ms more after 100 ms and 12-17 ms more after
+# 1 s, about the same whatever the prompt; and the extra moved from 4 to 48 ms between minutes on these VMs
+# (2026-12-03, docs/performance.md). So the engine learns it from such requests (the median of the last
+# RESUME_SAMPLES) and adds it, in part after a short wait and in full from RESUME_FULL_S.
+RESUME_FROM_S = 0.02
+RESUME_FULL_S = 0.1
+RESUME_SAMPLES = 8
+
+
+def resume_share(idle_s: float) -> float:
+    """The share of the learned resume cost a request pays after the engine idled `idle_s` seconds."""
+    return min(1.0, max(0.0, (idle_s - RESUME_FROM_S) / (RESUME_FULL_S - RESUME_FROM_S)))
+
+
 class Engine(PythonAPI):
     def __init__(
         self,
@@ -104,6 +120,8 @@ class Engine(PythonAPI):
         self.prefix_cache = PrefixCache(plan.pages) if plan.pages is not None else None
         self.prefiller: PrefillWorker | None = None  # disaggregated layout: where prompts run (attach_prefiller)
         self._in_flight: _InFlight | None = None  # set by the stepping thread around its plan call
+        # what requests that found the engine idle waited beyond their price (ms; _resume_ms, _learn_resume)
+        self._resume_extras: collections.deque[float] = collections.deque(maxlen=RESUME_SAMPLES)
 
     @classmethod
     def from_model(
@@ -210,6 +228,8 @@ class Engine(PythonAPI):
             cached = self.prefix_cache.peek(prompt) if self.prefix_cache is not None else 0
             req.expected_cached = cached
             req.predicted_ttft_ms = self._predict_ttft_ms(cached, len(prompt) - cached)
+            req.resume_ms = self._resume_ms(req)
+            req.predicted_ttft_ms += req.resume_ms
             self.scheduler.add(req)
             self._lock.notify()
         return req
@@ -243,6 +263,24 @@ class Engine(PythonAPI):
         chunk = self.config.prefill_chunk if self.plan.runner.any_rows else PREFILL_CHUNK
         queue = [*ahead, (cached, prompt_tokens)]
         return wait_ms + self.plan.report.ttft_ms(queue, decoding, chunk, PREFILL_CHUNK, position)
+
+    def _resume_ms(self, req: Request) -> float:
+        """What `req` will wait beyond its price because the engine is idle (call under the lock, before
+        `req` is queued): the learned extra (`_learn_resume`) times `resume_share` of the plan's idle time.
+        Marks `req` as one to learn from when the engine has idled RESUME_FULL_S or more."""
+        sched = self.scheduler
+        if self._in_flight is not None or sched.by_slot or sched.waiting or self.prefiller is not None:
+            return 0.0
+        idle_s = time.perf_counter() - self.plan.last_call
+        req.found_idle = idle_s >= RESUME_FULL_S
+        extras = list(self._resume_extras)
+        return max(0.0, statistics.median(extras)) * resume_share(idle_s) if extras else 0.0
+
+    def _learn_resume(self, r: Request, first_token: float) -> None:
+        """A request that found the engine idle got its first token: keep what it waited beyond its price."""
+        base_ms = r.predicted_ttft_ms - r.resume_ms
+        if r.found_idle and base_ms == base_ms:  # NaN: no price to compare with
+            self._resume_extras.append(1000 * (first_token - r.timings.submitted) - base_ms)
 
     def _predict_remote_ttft_ms(
         self, prefiller: PrefillWorker, queued: list[tuple[int, int]], decoding: int, position: float | None = None
@@ -530,6 +568,7 @@ class Engine(PythonAPI):
         now = time.perf_counter()
         if r.timings.first_token is None:
             r.timings.first_token = now
+            self._learn_resume(r, now)
         stop_token = r.text.is_stop_token(choice.token)
         finish = "stop" if stop_token or (r.constraint is not None and r.constraint.finished()) else None
         if finish is None and len(r.output_ids) >= r.params.max_tokens:

@@ -97,6 +97,8 @@ class Request:
     expected_cached: int = 0  # the prefix cache's match at submit: what the TTFT predictions behind it assume
     remote_prefill: bool = False  # its prompt is on the prefill worker (disaggregated layout): no rows here yet
     predicted_ttft_ms: float = float("nan")  # the plan's promise at submit (NaN: uncalibrated, or no free slot)
+    resume_ms: float = 0.0  # the part of that promise for an engine that had been idle (Engine._resume_ms)
+    found_idle: bool = False  # submitted to an engine idle for RESUME_FULL_S or more: its TTFT teaches resume_ms
 
     @property
     def argmax_only(self) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 
 from metronome.config import EngineConfig, SamplingParams
@@ -48,3 +49,31 @@ def test_a_request_that_arrives_during_a_step_waits_for_it_and_then_runs_beside_
     expected = (4.0 + 20 * 1.0) + (4.0 + 10 * 1.5)
     # less the time the step had run when the request arrived (microseconds; a loaded machine may pause)
     assert expected - 5.0 < arrived[0].predicted_ttft_ms <= expected, arrived[0].predicted_ttft_ms
+
+
+def test_requests_that_find_the_engine_idle_teach_it_what_resuming_costs(tiny_hf):
+    """What a request that found the engine idle waited beyond its price is added to the next such request's
+    promise; a request that arrives right after a plan call adds nothing. The price here is zero, so the
+    first request's whole TTFT is that extra."""
+    engine = Engine.from_model(config=EngineConfig(slots=4, ctx=128, spec_tokens=0), loaded=load(tiny_hf("llama")))
+    engine.plan.report = dataclasses.replace(
+        engine.plan.report, step_ms={1: 0.0, 2: 0.0, 3: 0.0, 4: 0.0}, prefill_row_ms=0.0, prompt_row_ms=0.0
+    )
+    vocab = engine.plan.cfg.vocab_size
+
+    def run(req):
+        while req.finish_reason is None:
+            engine.step()
+        return req
+
+    engine.plan.last_call -= 1.0  # the engine idled for a second
+    first = engine.submit(_prompt(3, 10, vocab), ONE)
+    assert first.found_idle and first.resume_ms == 0.0 and first.predicted_ttft_ms == 0.0  # nothing learned yet
+    waited = 1000 * (run(first).timings.first_token - first.timings.submitted)
+    assert waited > 0.0
+    engine.plan.last_call -= 1.0
+    second = engine.submit(_prompt(4, 10, vocab), ONE)
+    assert second.found_idle and second.resume_ms == second.predicted_ttft_ms == pytest.approx(waited)
+    run(second)
+    third = engine.submit(_prompt(5, 10, vocab), ONE)  # microseconds after the last plan call
+    assert not third.found_idle and third.resume_ms == 0.0

@@ -67,12 +67,20 @@ class _StepOutput:
 
 @dataclass(frozen=True)
 class _InFlight:
-    """The step the plan is running: when its call began, its price, and where each prompt it carries stands
-    once it ends (by slot). A request submitted meanwhile waits for it before anything of its own runs."""
+    """The step the plan is running: when its call began, its rows (priced only when a request is submitted
+    meanwhile, which then waits for it before anything of its own runs), and where each prompt it carries
+    stands once it ends (by slot)."""
 
     started: float  # time.perf_counter()
-    price_ms: float
+    decoding: int
+    prompts: list[tuple[int, int]]  # (first position, rows) of each prompt chunk
+    position: float | None  # the decode rows' mean position
     prefilled: dict[int, int]
+
+
+def _mean_position(requests: Sequence[Request]) -> float | None:
+    """The mean position of the decode rows of `requests` (their attention reads what they have cached)."""
+    return sum(r.position for r in requests) / len(requests) if requests else None
 
 
 # A request that finds the engine idle waits longer than its price: SmolLM2's new prompts of 10, 40 and 200
@@ -249,14 +257,14 @@ class Engine(PythonAPI):
         flight = self._in_flight
         wait_ms, after = 0.0, {r.slot: r.prefilled for r in running}
         if flight is not None and self.prefiller is None:
-            wait_ms = max(0.0, flight.price_ms - 1000 * (time.perf_counter() - flight.started))
+            price = self.plan.report.step_ms_with(flight.decoding, flight.prompts, flight.position)
+            wait_ms = max(0.0, price - 1000 * (time.perf_counter() - flight.started)) if price == price else 0.0
             after.update((slot, at) for slot, at in flight.prefilled.items() if slot in after)
         prefilling = [r for r in running if after[r.slot] < len(r.prompt_ids)]
         waiting = [(r.expected_cached, len(r.prompt_ids) - r.expected_cached) for r in sched.waiting]
         decoding = len(running) - len(prefilling)
         # the decode rows' attention reads what they have cached: a long conversation's rows cost more
-        positions = [r.position for r in running if r.prefilled == len(r.prompt_ids)]
-        position = sum(positions) / len(positions) if positions else None
+        position = _mean_position([r for r in running if r.prefilled == len(r.prompt_ids)])
         if self.prefiller is not None:  # admitted prompts are on the worker (its backlog), not in our steps
             return self._predict_remote_ttft_ms(self.prefiller, [*waiting, (cached, prompt_tokens)], decoding, position)
         ahead = [(after[r.slot], len(r.prompt_ids) - after[r.slot]) for r in prefilling] + waiting
@@ -359,7 +367,9 @@ class Engine(PythonAPI):
         if not rows.slots:
             self.steps += 1
             return 0
-        self._in_flight = self._flight(decoding, chunks)
+        prompts = [(lo, hi - lo) for _r, lo, hi in chunks]
+        prefilled = {r.slot: hi for r, _lo, hi in chunks}
+        self._in_flight = _InFlight(time.perf_counter(), len(decoding), prompts, _mean_position(decoding), prefilled)
         try:
             self._run(rows, decoding, drafts, chunks, clock)
         finally:
@@ -393,14 +403,6 @@ class Engine(PythonAPI):
                     self.prefix_cache.store(r.prompt_ids, r.slot, hi)  # for requests sharing its beginning
         self.profile.steps += 1
         self.steps += 1
-
-    def _flight(self, decoding: list[Request], chunks: list[tuple[Request, int, int]]) -> _InFlight:
-        """The step about to run, as `_predict_ttft_ms` prices what a request submitted during it waits for."""
-        prompts = [(lo, hi - lo) for _r, lo, hi in chunks]
-        positions = [r.position for r in decoding]
-        position = sum(positions) / len(positions) if positions else None
-        price = self.plan.report.step_ms_with(len(decoding), prompts, position)
-        return _InFlight(time.perf_counter(), price if price == price else 0.0, {r.slot: hi for r, _lo, hi in chunks})
 
     def _schedule(self) -> Batch[Request]:
         """Who runs this step: cancelled requests leave, waiting ones take free slots (scheduler.py)."""

@@ -224,8 +224,12 @@ void quantize_256(const float* x, int64_t M, int64_t K, const XQuant& q) {
 // ---------------------------------------------------------------------------------------------------
 // A thread's rows of a packed matrix are one sequential stream, which the hardware prefetcher here follows
 // poorly (it restarts at every 4 KB page): each block step asks for the bytes kQ4Ahead further on. From
-// memory this read a one-row Q4 matmul 1.6x faster (docs/moe.md).
-constexpr int64_t kQ4Ahead = 4096;
+// memory this read a one-row Q4 matmul 1.6x faster (docs/moe.md). Those requests go to L2 (hint T1), and a
+// second one, kNearAhead on, brings the lines into L1 (T0). With T0 alone at kQ4Ahead, one-row Q4_K, Q5_0
+// and Q4_1 matmuls streamed from memory read 1.2-1.4x slower on the Intel Xeon VM; with T1 alone, weights
+// held in L3 (SmolLM2's there) read up to 8 % slower (docs/performance.md, 2026-12-03). A likely reason, not
+// measured: a T0 request holds one of L1's few fill buffers until its line arrives from memory.
+constexpr int64_t kQ4Ahead = 4096, kNearAhead = 1024;
 
 // ---------------------------------------------------------------------------------------------------
 // GGUF blocks repacked 16 rows side by side (pack.cpp, once per plan: compile/quant.py pack_16_rows). In the
@@ -250,10 +254,15 @@ inline void nibble_quads(const uint8_t* p, __m512i* c) {
   c[1] = _mm512_and_si512(_mm512_srli_epi16(q, 4), low4);
 }
 
-// Ask for every line of a packed block kQ4Ahead further on (a thread's groups are one sequential stream).
+// Ask for every line of a packed block kQ4Ahead further on into L2, and kNearAhead on into L1 (a thread's
+// groups are one sequential stream).
 template <int64_t kBytes>
 inline void prefetch_ahead(const uint8_t* p) {
-  for (int64_t o = 0; o < kBytes; o += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + kQ4Ahead + o, _MM_HINT_T0);
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t o = 0; o < kBytes; o += 64) {
+    _mm_prefetch(c + kQ4Ahead + o, _MM_HINT_T1);
+    _mm_prefetch(c + kNearAhead + o, _MM_HINT_T0);
+  }
 }
 
 // Row r of a group is lane r of acc[m]: written at y[(m0 + m) * ldy + n0 + r] for the group's rows < rows.

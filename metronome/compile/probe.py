@@ -101,6 +101,7 @@ def calibrate(
     charged that to it, and a 1-row step came out slower than 2). And each figure is timed warm (`time_warm`):
     a short step right after a long call or a pause runs slow for a few calls on these VMs."""
     near, far = min(NEAR_POSITION, ctx - 1), min(far_position(ctx), ctx - 1)
+    chunk = calibrated_chunk(ctx, chunk)
 
     def step(live: int, position: int) -> Callable[[], object]:
         rows = list(range(live))
@@ -156,6 +157,13 @@ def far_position(ctx: int) -> int:
     return max(NEAR_POSITION + 1, min(1024, ctx - 1))
 
 
+def calibrated_chunk(ctx: int, chunk: int) -> int:
+    """The prompt chunk calibration times: `chunk` rows, or as many as the context holds (a prompt is at
+    most ctx - 1 rows, so no step carries more of it; timing `--prefill-chunk 4096` in a 3,200-token
+    context asked for positions past the cache)."""
+    return max(1, min(chunk, ctx - 1))
+
+
 def _alone_rows(ctx: int) -> int:
     return min(256, ctx - 1)
 
@@ -172,5 +180,6 @@ def prompt_row_positions(ctx: int, chunk: int) -> tuple[float, float, float]:
     """The mean positions of the prompt rows `calibrate` times (beside decode rows, alone, beside deep into
     the prompt): a row's attention grows with its position, so its cost elsewhere is priced from there
     (PlanReport.prompt_rows_ms)."""
+    chunk = calibrated_chunk(ctx, chunk)
     half = (chunk - 1) / 2
     return _first_prompt_row(ctx, chunk) + half, (_alone_rows(ctx) - 1) / 2, _far_prompt_row(ctx, chunk) + half

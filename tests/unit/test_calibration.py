@@ -101,3 +101,32 @@ def test_every_figure_is_timed_warm(monkeypatch: pytest.MonkeyPatch) -> None:
     assert c.step_ms[1] < c.step_ms[2], c.step_ms
     per_row = 1 + (256 + (CHUNK - 1) / 2) / 1024
     assert abs(c.prompt_row_ms / per_row - 1) < 0.1, c.prompt_row_ms
+
+
+class BoundedRunner(DriftingRunner):
+    """A runner whose cache holds `ctx` positions, as a plan's does: a row past it is an error (the real
+    plan's rotary table raised IndexError)."""
+
+    def __init__(self, ctx: int) -> None:
+        super().__init__()
+        self.ctx = ctx
+
+    def decode(self, slots, tokens, positions, logit_rows=None):
+        if max(positions) >= self.ctx:
+            raise IndexError(f"position {max(positions)} past a {self.ctx}-position cache")
+        return super().decode(slots, tokens, positions, logit_rows)
+
+
+@pytest.mark.parametrize("chunk", [63, 64, 4096])
+def test_a_prompt_chunk_larger_than_the_context_is_timed_as_what_fits(
+    monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    # `--prefill-chunk 4096 --ctx 3200` failed at compile: the calibration asked for rows 0..4095
+    ctx = 64
+    runner = BoundedRunner(ctx)
+    monkeypatch.setattr(probe, "time", runner)
+    c = calibrate(runner, SLOTS, ctx, torch.device("cpu"), chunk)
+    assert c.prompt_row_ms > 0
+    first, _, far = probe.prompt_row_positions(ctx, chunk)
+    assert far + (min(chunk, ctx - 1) - 1) / 2 <= ctx - 1  # the rows the price assumes fit the cache too
+    assert first <= far

@@ -362,34 +362,59 @@ void attention_rows(const TQ* q, TQ* out, const TC* kc, const TC* vc, const int6
   }
   const int64_t units = static_cast<int64_t>(tiles.size()) * Hkv * hsplits;
   const int64_t unit_work = std::max<int64_t>(1, total_keys / std::max<int64_t>(1, B)) * Dh * 2 * kMaxQueries;
-  parallel_for(0, units, grain_for(unit_work, 4 * kMinParallelElems), [&](int64_t lo, int64_t hi) {
+  // Units differ in cost by orders of magnitude: a decode row deep into its context beside a prompt's rows
+  // near its start (a chunked prefill step), or slots at different positions. Taken in index order, a
+  // contiguous chunk held one row's kv heads, and one thread ran all of them while the other ran out of
+  // work: one decode row at 1,300 keys beside 32 prompt rows cost 4 ms more than at 10 keys, 3x its cost
+  // in a step of its own (docs/performance.md, "Attention's units dealt by cost"). So the units are sorted
+  // by cost (key rows read, times one more than the queries they serve: a key costs its load and a
+  // multiply-add per query) and dealt round-robin into bins, bin i holding the i-th, (i + bins)-th, ...
+  // costliest, and the bins are the parallel work. Which thread runs a unit never changes its bits.
+  std::vector<int64_t> order(static_cast<size_t>(units)), cost(static_cast<size_t>(units));
+  for (int64_t u = 0; u < units; ++u) {
+    const auto [b0, b1] = tiles[static_cast<size_t>(u / (Hkv * hsplits))];
+    const int64_t hs = u % hsplits, nh = std::min<int64_t>(heads, group - hs * heads);
+    int64_t span = 0;
+    for (int64_t b = b0; b < b1; ++b) span = std::max(span, ends[b] - first_of(b0));
+    cost[static_cast<size_t>(u)] = span * (1 + (b1 - b0) * nh);
+    order[static_cast<size_t>(u)] = u;
+  }
+  std::stable_sort(order.begin(), order.end(), [&cost](int64_t a, int64_t b) {
+    return cost[static_cast<size_t>(a)] > cost[static_cast<size_t>(b)];
+  });
+  const int64_t grain = grain_for(unit_work, 4 * kMinParallelElems);
+  // at most the pool's chunks, so that one chunk is one bin (a chunk of several bins would hold the costliest)
+  const int64_t bins = std::min({units, (units + grain - 1) / grain, get_threads() * kChunksPerThread});
+  parallel_for(0, bins, 1, [&](int64_t bin_lo, int64_t bin_hi) {
     std::vector<float> qbuf(kMaxQueries * Dh + 16), of(kMaxQueries * Dh), scores;
     float* qf = qbuf.data() + (16 - reinterpret_cast<uintptr_t>(qbuf.data()) / 4 % 16) % 16;  // 64-byte aligned
     int64_t L[kMaxQueries];
-    for (int64_t u = lo; u < hi; ++u) {
-      const size_t t = static_cast<size_t>(u / (Hkv * hsplits));
-      const int64_t kvh = (u / hsplits) % Hkv, hs = u % hsplits;
-      const int64_t h0 = kvh * group + hs * heads, nh = std::min<int64_t>(heads, group - hs * heads);
-      const auto [b0, b1] = tiles[t];
-      const int64_t first = first_of(b0), nq_all = (b1 - b0) * nh;
-      int64_t nq = 0;
-      for (int64_t b = b0; b < b1; ++b)
-        for (int64_t h = 0; h < nh; ++h, ++nq) {
-          L[nq] = ends[b] - first;
-          const TQ* qh = q + (b * H + h0 + h) * Dh;
-          for (int64_t c = 0; c < Dh / 16; ++c)  // chunk-major: chunk c of query i at (c * nq_all + i) * 16
-            _mm512_store_ps(qf + (c * nq_all + nq) * 16, load16(qh + c * 16));
-        }
-      const TC* kb = kc + slots[b0] * ks[0] + kvh * ks[1] + first * ks[2];
-      const TC* vb = vc + slots[b0] * vs[0] + kvh * vs[1] + first * vs[2];
-      attend_n<TC, kMaxQueries>(nq, qf, of.data(), kb, vb, ks[2], vs[2], L, Dh, scale, scores);
-      nq = 0;
-      for (int64_t b = b0; b < b1; ++b)
-        for (int64_t h = 0; h < nh; ++h, ++nq) {
-          TQ* o = out + (b * H + h0 + h) * Dh;
-          for (int64_t i = 0; i < Dh; i += 16) store16(o + i, _mm512_loadu_ps(of.data() + nq * Dh + i));
-        }
-    }
+    for (int64_t bin = bin_lo; bin < bin_hi; ++bin)
+      for (int64_t k = bin; k < units; k += bins) {
+        const int64_t u = order[static_cast<size_t>(k)];
+        const size_t t = static_cast<size_t>(u / (Hkv * hsplits));
+        const int64_t kvh = (u / hsplits) % Hkv, hs = u % hsplits;
+        const int64_t h0 = kvh * group + hs * heads, nh = std::min<int64_t>(heads, group - hs * heads);
+        const auto [b0, b1] = tiles[t];
+        const int64_t first = first_of(b0), nq_all = (b1 - b0) * nh;
+        int64_t nq = 0;
+        for (int64_t b = b0; b < b1; ++b)
+          for (int64_t h = 0; h < nh; ++h, ++nq) {
+            L[nq] = ends[b] - first;
+            const TQ* qh = q + (b * H + h0 + h) * Dh;
+            for (int64_t c = 0; c < Dh / 16; ++c)  // chunk-major: chunk c of query i at (c * nq_all + i) * 16
+              _mm512_store_ps(qf + (c * nq_all + nq) * 16, load16(qh + c * 16));
+          }
+        const TC* kb = kc + slots[b0] * ks[0] + kvh * ks[1] + first * ks[2];
+        const TC* vb = vc + slots[b0] * vs[0] + kvh * vs[1] + first * vs[2];
+        attend_n<TC, kMaxQueries>(nq, qf, of.data(), kb, vb, ks[2], vs[2], L, Dh, scale, scores);
+        nq = 0;
+        for (int64_t b = b0; b < b1; ++b)
+          for (int64_t h = 0; h < nh; ++h, ++nq) {
+            TQ* o = out + (b * H + h0 + h) * Dh;
+            for (int64_t i = 0; i < Dh; i += 16) store16(o + i, _mm512_loadu_ps(of.data() + nq * Dh + i));
+          }
+      }
   });
 }
 

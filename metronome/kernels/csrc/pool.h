@@ -33,6 +33,8 @@
 
 namespace metronome {
 
+constexpr int64_t kChunksPerThread = 4;  // a job's most chunks per thread
+
 class Pool {
  public:
   static Pool& get();

@@ -136,3 +136,20 @@ def test_calibrate_model_predicts_and_measures_every_row(tiny_hf):
     assert terms.threads == 1 and terms.logits_s  # one thread: no layout rows (they share 2+ threads)
     with pytest.raises(ValueError, match="rounds"):
         calibrate_model(str(tiny_hf("llama")), 1, rounds=0)
+
+
+def test_the_logits_are_timed_through_the_engines_own_greedy_pick(monkeypatch):
+    """The planner prices the step's pick with the function the engine's step calls (torch's argmax, which the
+    engine no longer uses, costs 4-25x as much on a Gemma-sized row here)."""
+    from metronome.engine import sampler
+
+    rows_seen: list[tuple[int, int]] = []
+    real = sampler.argmax_rows
+
+    def counted(logits):
+        rows_seen.append(tuple(logits.shape))
+        return real(logits)
+
+    monkeypatch.setattr(sampler, "argmax_rows", counted)
+    logits_seconds(4096, None, (1, 8), repeats=2)
+    assert set(rows_seen) == {(1, 4096), (8, 4096)}

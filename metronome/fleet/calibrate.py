@@ -40,7 +40,9 @@ from metronome.kernels.blocks import PACKED_KINDS
 
 ROWS = (1, 8, 256)  # token rows measured: single-stream decode, 8 live slots, a prefill chunk (PREFILL_CHUNK)
 Q4_FORMATS = ("Q4_0", "Q4_1")  # packed as Q4_1X16 by the plan in int4 mode (compile/quant.py block_matrix)
-STREAM_BYTES = 96 << 20  # synthetic matrix for M <= 8: three times this machine's 32 MiB L3, never cached
+# synthetic matrix for M <= 8: three times the EPYC's 32 MiB L3; calibrate_model streams at least the plan's
+# weights (the Intel VM lists a 480 MiB L3, which 96 MiB would sit in)
+STREAM_BYTES = 96 << 20
 COMPUTE_BYTES = 8 << 20  # for M = 256: compute-bound, reuse makes cache size irrelevant
 RING_COPIES = 1024  # copies of one matrix cycled through (the shipped models' smallest need ~260)
 

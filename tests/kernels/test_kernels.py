@@ -297,6 +297,28 @@ def test_decode_attention_rows_in_tiles_equal_rows_alone(cpp: CppOps) -> None:
             assert torch.equal(one[0], full[b]), (b, window)
 
 
+def test_one_rows_heads_split_among_threads_give_the_bits_of_a_batch(cpp: CppOps) -> None:
+    """A row alone, with fewer (kv head) units than threads, has its query heads split among more units; in
+    a batch it is one unit per kv head. Both must give the same bits (Gemma 3's one kv head, SmolLM2's three)."""
+    before = cpp.threads()
+    try:
+        for threads in (2, 4):
+            cpp.set_threads(threads)
+            for hkv, ratio, dh in ((1, 4, 256), (3, 3, 64)):
+                kc, vc = (
+                    randn(4, hkv, 700, dh, seed=1, dtype=torch.bfloat16),
+                    randn(4, hkv, 700, dh, seed=2, dtype=torch.bfloat16),
+                )
+                q = randn(4, hkv * ratio, dh, seed=3)
+                slots, ends = torch.tensor([0, 1, 2, 3]), torch.tensor([650, 300, 700, 5])
+                batch = cpp.decode_attention(q, kc, vc, slots, ends, 0, dh**-0.5)
+                for b in range(3):
+                    one = cpp.decode_attention(q[b : b + 1], kc, vc, slots[b : b + 1], ends[b : b + 1], 0, dh**-0.5)
+                    assert torch.equal(one[0], batch[b]), (threads, hkv, b)
+    finally:
+        cpp.set_threads(before)
+
+
 def test_decode_attention_head_dims(cpp: CppOps) -> None:
     for dh in (32, 80, 128, 256):  # 80: a partial 64-dim output group
         kc, vc = randn(2, 2, 40, dh, seed=1), randn(2, 2, 40, dh, seed=2)

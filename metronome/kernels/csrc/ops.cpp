@@ -339,8 +339,8 @@ void attention_rows(const TQ* q, TQ* out, const TC* kc, const TC* vc, const int6
                     const int64_t* slots, const int64_t* ends, int64_t B, int64_t H, int64_t Hkv, int64_t Dh,
                     int64_t window, float scale, int64_t total_keys) {
   const int64_t group = H / Hkv;
-  const int64_t heads = std::min<int64_t>(group, kMaxQueries);  // heads per unit
-  const int64_t hsplits = (group + heads - 1) / heads;
+  int64_t heads = std::min<int64_t>(group, kMaxQueries);  // heads per unit
+  int64_t hsplits = (group + heads - 1) / heads;
   const int64_t tile_rows = std::max<int64_t>(1, kMaxQueries / heads);
   auto first_of = [&](int64_t b) { return window > 0 ? std::max<int64_t>(0, ends[b] - window) : 0; };
   // Tiles [b0, b1): runs of up to tile_rows consecutive rows with the same slot and window start; a row
@@ -359,6 +359,18 @@ void attention_rows(const TQ* q, TQ* out, const TC* kc, const TC* vc, const int6
       }
     }
     tiles.emplace_back(b, b + 1);
+  }
+  // Fewer units than threads (one row of a model with one or two kv heads: Gemma 3's one row was one unit,
+  // run by one thread while the other waited): a kv head's query heads are split among more units, each
+  // loading the keys again. Only then: where the units already keep every thread busy, loading a key once
+  // for all its heads is what a long span needs (SmolLM2's one row, 3 units on 2 threads, is bound by a
+  // core's loads). A query's bits never depend on the heads it is computed with.
+  const int64_t threads = get_threads(), kv_units = static_cast<int64_t>(tiles.size()) * Hkv;
+  const bool long_spans = total_keys * Dh * 2 * H >= threads * 4 * kMinParallelElems;  // worth a hand-off
+  if (kv_units * hsplits < threads && group > 1 && long_spans) {
+    const int64_t per_kv = std::min(group, (threads + kv_units - 1) / kv_units);
+    heads = (group + per_kv - 1) / per_kv;
+    hsplits = (group + heads - 1) / heads;
   }
   const int64_t units = static_cast<int64_t>(tiles.size()) * Hkv * hsplits;
   const int64_t unit_work = std::max<int64_t>(1, total_keys / std::max<int64_t>(1, B)) * Dh * 2 * kMaxQueries;
@@ -384,7 +396,7 @@ void attention_rows(const TQ* q, TQ* out, const TC* kc, const TC* vc, const int6
   });
   const int64_t grain = grain_for(unit_work, 4 * kMinParallelElems);
   // at most the pool's chunks, so that one chunk is one bin (a chunk of several bins would hold the costliest)
-  const int64_t bins = std::min({units, (units + grain - 1) / grain, get_threads() * kChunksPerThread});
+  const int64_t bins = std::min({units, (units + grain - 1) / grain, threads * kChunksPerThread});
   parallel_for(0, bins, 1, [&](int64_t bin_lo, int64_t bin_hi) {
     std::vector<float> qbuf(kMaxQueries * Dh + 16), of(kMaxQueries * Dh), scores;
     float* qf = qbuf.data() + (16 - reinterpret_cast<uintptr_t>(qbuf.data()) / 4 % 16) % 16;  // 64-byte aligned

@@ -362,9 +362,10 @@ void attention_rows(const TQ* q, TQ* out, const TC* kc, const TC* vc, const int6
   }
   // Fewer units than threads (one row of a model with one or two kv heads: Gemma 3's one row was one unit,
   // run by one thread while the other waited): a kv head's query heads are split among more units, each
-  // loading the keys again. Only then: where the units already keep every thread busy, loading a key once
-  // for all its heads is what a long span needs (SmolLM2's one row, 3 units on 2 threads, is bound by a
-  // core's loads). A query's bits never depend on the heads it is computed with.
+  // loading the keys again. Only then: where the units already keep every thread busy, a key is loaded once
+  // for all its heads (Gemma's one row in 4 units of one head ran slower than in 2 of two, and SmolLM2's one
+  // row, 3 units on 2 threads, gained nothing measurable in 6). A query's bits never depend on the heads it
+  // is computed with.
   const int64_t threads = get_threads(), kv_units = static_cast<int64_t>(tiles.size()) * Hkv;
   const bool long_spans = total_keys * Dh * 2 * H >= threads * 4 * kMinParallelElems;  // worth a hand-off
   if (kv_units * hsplits < threads && group > 1 && long_spans) {

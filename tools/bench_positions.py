@@ -1,0 +1,80 @@
+"""Decode speed where the users sit deep in their contexts: one request per `--contexts` length, all
+decoding together, in process.
+
+    flock /tmp/metronome-bench.lock .venv/bin/python tools/bench_positions.py --model gemma3-270m \
+        --contexts 1500 [--tokens 128] [--rounds 3] [--threads 2]
+    ... --model smollm2-135m --contexts 200 400 600 800 1000 1200 1400 1600
+
+Each round sends new prompts of random tokens of those lengths once for one token, so that the prefix cache
+holds them, then again for `--tokens` greedy tokens each (`ignore_eos`): the second run's prompts come from
+the cache, and its steps are decode steps at the users' own positions. It prints, per round, the median
+plan call of the steps where every user decodes (`plan.decode` timed around the call) and the users'
+median decode rate (tokens after the first over the time after the first). The rates include the step's
+Python; the plan calls do not. To compare two builds, run it under each (an earlier commit checked out with
+`git worktree add` and put first on PYTHONPATH), alternating, and compare the medians: one process cannot
+load two builds of the kernels. docs/performance.md ("Attention's units dealt by cost") has figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+from metronome.config import EngineConfig, SamplingParams
+from metronome.engine import Engine
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--contexts", type=int, nargs="+", required=True, help="prompt tokens, one user each")
+    p.add_argument("--tokens", type=int, default=128, help="greedy tokens each user decodes")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    if a.rounds < 1 or a.tokens < 2 or min(a.contexts) < 1:
+        raise SystemExit("--rounds must be at least 1, --tokens at least 2 and every --contexts length at least 1")
+    slots = max(8, len(a.contexts))
+    engine = Engine.from_model(a.model, EngineConfig(slots=slots, threads=a.threads, spec_tokens=0))
+    if max(a.contexts) + a.tokens > engine.config.ctx:
+        raise SystemExit(f"--contexts plus --tokens must fit the plan's context ({engine.config.ctx} tokens)")
+    plan, vocab = engine.plan, engine.plan.cfg.vocab_size
+    calls: list[tuple[int, float]] = []  # (rows, seconds) of every plan call
+    decode = plan.decode
+
+    def timed_decode(slots, tokens, positions, logit_rows=None):
+        start = time.perf_counter()
+        try:
+            return decode(slots, tokens, positions, logit_rows)
+        finally:
+            calls.append((len(slots), time.perf_counter() - start))
+
+    plan.decode = timed_decode  # an instance attribute: this process's plan only
+    rng = random.Random(a.seed)
+    steps, rates = [], []
+    for r in range(a.rounds):
+        prompts = [[rng.randrange(100, vocab - 100) for _ in range(n)] for n in a.contexts]
+        engine.generate(prompts, SamplingParams(max_tokens=1), chat=False)  # into the prefix cache
+        calls.clear()
+        done = engine.generate(prompts, SamplingParams(max_tokens=a.tokens, ignore_eos=True), chat=False)
+        full = [s for rows, s in calls if rows == len(a.contexts)]
+        step = 1000 * statistics.median(full) if full else float("nan")
+        rate = statistics.median((len(c.token_ids) - 1) / (c.timings.finished - c.timings.first_token) for c in done)
+        steps.append(step)
+        rates.append(rate)
+        print(
+            f"round {r + 1}: {len(full)} steps of {len(a.contexts)} decoding users, plan call median {step:.2f} ms; "
+            f"per user {rate:.1f} tok/s",
+            flush=True,
+        )
+    print(
+        f"{a.model}, contexts {a.contexts}, {a.threads} threads: plan call {statistics.median(steps):.2f} ms, "
+        f"per user {statistics.median(rates):.1f} tok/s (medians of {a.rounds} rounds)"
+    )
+
+
+if __name__ == "__main__":
+    main()

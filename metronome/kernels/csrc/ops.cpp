@@ -360,12 +360,12 @@ void attention_rows(const TQ* q, TQ* out, const TC* kc, const TC* vc, const int6
     }
     tiles.emplace_back(b, b + 1);
   }
-  // Fewer units than threads (one row of a model with one or two kv heads: Gemma 3's one row was one unit,
-  // run by one thread while the other waited): a kv head's query heads are split among more units, each
-  // loading the keys again. Only then: where the units already keep every thread busy, a key is loaded once
-  // for all its heads (Gemma's one row in 4 units of one head ran slower than in 2 of two, and SmolLM2's one
-  // row, 3 units on 2 threads, gained nothing measurable in 6). A query's bits never depend on the heads it
-  // is computed with.
+  // Fewer units than threads (a row or two of a model with fewer kv heads than the pool has threads: Gemma 3's
+  // one row was one unit, run by one thread while the other waited): a kv head's query heads are split among
+  // more units, each loading the keys again. Only then: where the units already keep every thread busy, a key
+  // is loaded once for all its heads (Gemma's one row in 4 units of one head ran slower than in 2 of two, and
+  // SmolLM2's one row, 3 units on 2 threads, gained nothing measurable in 6). A query's bits never depend on
+  // the heads it is computed with.
   const int64_t threads = get_threads(), kv_units = static_cast<int64_t>(tiles.size()) * Hkv;
   const bool long_spans = total_keys * Dh * 2 * H >= threads * 4 * kMinParallelElems;  // worth a hand-off
   if (kv_units * hsplits < threads && group > 1 && long_spans) {
@@ -378,8 +378,8 @@ void attention_rows(const TQ* q, TQ* out, const TC* kc, const TC* vc, const int6
   // Units differ in cost by orders of magnitude: a decode row deep into its context beside a prompt's rows
   // near its start (a chunked prefill step), or slots at different positions. Taken in index order, a
   // contiguous chunk held one row's kv heads, and one thread ran all of them while the other ran out of
-  // work: one decode row at 1,300 keys beside 32 prompt rows cost 4 ms more than at 10 keys, 3x its cost
-  // in a step of its own (docs/performance.md, "Attention's units dealt by cost"). So the units are sorted
+  // work: one decode row at 1,300 keys beside 32 prompt rows cost 4 ms more than at 10 keys, twice what it
+  // cost in a step of its own (docs/performance.md, "Attention's units dealt by cost"). So the units are sorted
   // by cost (key rows read, times one more than the queries they serve: a key costs its load and a
   // multiply-add per query) and dealt round-robin into bins, bin i holding the i-th, (i + bins)-th, ...
   // costliest, and the bins are the parallel work. Which thread runs a unit never changes its bits.

@@ -24,8 +24,6 @@ namespace {
 constexpr auto kSpin = std::chrono::microseconds(50);
 // A sleeping thread wakes at least this often to look again (a missed wake-up costs this, never a hang).
 constexpr long kSleepNs = 100'000'000;
-// Chunks per thread in a job, at most (grain permitting): enough that the others can take over most of a
-// preempted thread's share, few enough that taking a chunk (one atomic add) stays negligible.
 
 static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t), "futex words are plain 32-bit integers");
 

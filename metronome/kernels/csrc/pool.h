@@ -33,7 +33,9 @@
 
 namespace metronome {
 
-constexpr int64_t kChunksPerThread = 4;  // a job's most chunks per thread
+// Chunks per thread in a job, at most (grain permitting): enough that the others can take over most of a
+// preempted thread's share, few enough that taking a chunk (one atomic add) stays negligible.
+constexpr int64_t kChunksPerThread = 4;
 
 class Pool {
  public:

@@ -38,7 +38,11 @@ def main() -> None:
     if a.rounds < 1 or a.tokens < 2 or min(a.contexts) < 1:
         raise SystemExit("--rounds must be at least 1, --tokens at least 2 and every --contexts length at least 1")
     slots = max(8, len(a.contexts))
-    engine = Engine.from_model(a.model, EngineConfig(slots=slots, threads=a.threads, spec_tokens=0))
+    # a prefix cache that holds every prompt (else some run again, beside the others' decode steps)
+    cache = max(EngineConfig.prefix_cache_tokens, sum(a.contexts) + 256 * len(a.contexts))
+    engine = Engine.from_model(
+        a.model, EngineConfig(slots=slots, threads=a.threads, spec_tokens=0, prefix_cache_tokens=cache)
+    )
     if max(a.contexts) + a.tokens > engine.config.ctx:
         raise SystemExit(f"--contexts plus --tokens must fit the plan's context ({engine.config.ctx} tokens)")
     plan, vocab = engine.plan, engine.plan.cfg.vocab_size

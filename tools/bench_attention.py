@@ -8,8 +8,8 @@ The default shape is the 1.5B's last chunk of a 1,000-token prompt: 256 rows of 
 745..1000, 12 query heads over 2 kv heads of 128 dims, a bf16 cache. `--decode-spans 1300 ...` puts one-row
 slots attending that many keys before the prompt's rows, as a step of chunked prefill orders them (with
 `--rows 0`, a decode step alone). `--layers N` times N calls, each on caches of its own, as a step runs its
-layers: their keys then come from memory, not from the caches a single call's repeats keep them in. Prints the median time of `--rounds`
-calls and the multiply-adds per second (q.k and p.v, counted once). To compare two builds, run it under
+layers: their keys then come from memory, not from the caches a single call's repeats keep them in. Prints
+the median time of `--rounds` calls and the multiply-adds per second (q.k and p.v, counted once). To compare two builds, run it under
 each (e.g. an earlier commit checked out with `git worktree add` and put first on PYTHONPATH, from another
 directory), alternating, and compare medians: one process cannot load two builds of the kernels.
 """
@@ -67,7 +67,8 @@ def main() -> None:
     t = statistics.median(times)
     macs = 2 * a.heads * a.head_dim * int(ends.sum()) * a.layers
     print(
-        f"{a.layers} x {a.rows} rows, span {a.span}, decode spans {spans}, {a.heads}/{a.kv_heads} heads x {a.head_dim}, {a.threads} threads: "
+        f"{a.layers} x {a.rows} rows, span {a.span}, decode spans {spans}, "
+        f"{a.heads}/{a.kv_heads} heads x {a.head_dim}, {a.threads} threads: "
         f"median {t * 1e3:.2f} ms of {a.rounds} ({macs / t / 1e9:.1f} G multiply-adds/s)"
     )
 

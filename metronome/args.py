@@ -16,7 +16,16 @@ import argparse
 from typing import Any
 
 from metronome.agents.reflect import ReflectSettings
-from metronome.config import DEFAULT_CTX, EngineConfig, Kernels, Layout, ParamError, SamplingParams, Weights
+from metronome.config import (
+    DEFAULT_CTX,
+    EngineConfig,
+    Kernels,
+    KvCache,
+    Layout,
+    ParamError,
+    SamplingParams,
+    Weights,
+)
 
 _E = EngineConfig()
 _S = SamplingParams()
@@ -120,6 +129,16 @@ ENGINE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
             help="colocated: prompts run in the engine's steps beside the decode rows; disaggregated: on a "
             "prefill worker process (half the threads), their KV moved into decode slots "
             f"(default {_E.layout})",
+        ),
+    ),
+    "kv_cache": (
+        "--kv-cache",
+        dict(
+            default=_E.kv_cache.value,
+            choices=KvCache.choices(),
+            help="the KV cache's format: int8 keeps each key and value row as bytes and a scale, half of "
+            "bfloat16's memory, for many users deep in long contexts (fused CPU decoder only); auto: the "
+            f"plan's activation dtype (default {_E.kv_cache})",
         ),
     ),
     "prefix_cache_tokens": (

@@ -231,7 +231,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     print(f"  kernels             {r.kernels}")
     print(f"  decode shape        {r.decode_mode}: {r.invariance}")
     print(f"  weights read/token  {r.weight_bytes / 1e6:.1f} MB")
-    print(f"  KV cache            {r.kv_cache_bytes / 1e6:.1f} MB (allocated once)")
+    print(f"  KV cache            {r.kv_cache_bytes / 1e6:.1f} MB of {r.kv_cache_format} (allocated once)")
     if r.prefix_cache_bytes:
         pages = engine.prefix_cache.pages if engine.prefix_cache is not None else 0
         print(f"  prefix cache        {r.prefix_cache_bytes / 1e6:.1f} MB, {pages} pages (allocated once)")

@@ -60,6 +60,16 @@ class Kernels(StrChoice):
     TORCH = "torch"
 
 
+class KvCache(StrChoice):
+    """The KV cache's format. auto: the activations' dtype of the plan (bfloat16 with int4/int8 weights);
+    int8: a row of head_dim bytes and its scale (kernels/csrc/simd.h), half of bfloat16's bytes, so that
+    attention deep in long contexts reads half as much, at a small cost in accuracy (docs/performance.md).
+    int8 runs on the fused C++ decoder only."""
+
+    AUTO = "auto"
+    INT8 = "int8"
+
+
 class Layout(StrChoice):
     """Where prompts run: in the engine's own steps (colocated), or on a prefill worker whose KV moves into
     the engine's decode slots (disaggregated; parallel/disagg.py)."""
@@ -259,11 +269,13 @@ class EngineConfig:
     tp: int = 1  # tensor-parallel ranks on this host (parallel/): 1 is one process
     tp_shards: int | None = None  # chunks each split matrix is cut in (None: the model's default; parallel/tp.py)
     layout: Layout = Layout.COLOCATED  # a str is accepted too ("disaggregated"): stored as the member
+    kv_cache: KvCache = KvCache.AUTO  # a str is accepted too ("int8"): stored as the member
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weights", Weights.parse("weights", self.weights))
         object.__setattr__(self, "kernels", Kernels.parse("kernels", self.kernels))
         object.__setattr__(self, "layout", Layout.parse("layout", self.layout))
+        object.__setattr__(self, "kv_cache", KvCache.parse("kv_cache", self.kv_cache))
         _check(
             self,
             [

@@ -1,13 +1,14 @@
 """Perplexity of a model on held-out real text: metronome's plans beside llama.cpp on the same GGUF and token ids.
 
     flock /tmp/metronome-bench.lock .venv/bin/python tools/perplexity.py --model qwen2.5-coder-0.5b \
-        [--weights auto f32] [--windows 8] [--ctx 512] [--threads 2] [--no-llama-cpp]
+        [--weights auto f32] [--kv-cache auto int8] [--windows 8] [--ctx 512] [--threads 2] [--no-llama-cpp]
 
 The text is CPython's own help topics (`pydoc_data.topics`: the language reference's prose, shipped with
 every Python, never used to tune anything here), tokenized once by metronome and given to both engines as
 the same ids. As llama.cpp's perplexity tool does, it is cut into windows of --ctx tokens (the model's BOS
 first when it adds one) and only the second half of each window is scored, so every scored token has at
 least ctx/2 tokens of context. llama.cpp runs in process through llama-cpp-python (`make bench-peers`).
+Each --weights runs with each --kv-cache format its plan allows (int8 only on the fused decoder).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import time
 import numpy as np
 import torch
 
-from metronome.config import EngineConfig
+from metronome.compile.plan import PlanError
+from metronome.config import EngineConfig, KvCache
 from metronome.engine import Engine
 from metronome.model.loader import load
 
@@ -75,6 +77,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="qwen2.5-coder-0.5b")
     p.add_argument("--weights", nargs="+", default=["auto", "f32"])
+    p.add_argument("--kv-cache", nargs="+", default=["auto"], choices=KvCache.choices())
     p.add_argument("--windows", type=int, default=8)
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -85,30 +88,34 @@ def main() -> None:
     tok = None
     rows = []
     for weights in a.weights:
-        engine = Engine.from_model(
-            config=EngineConfig(slots=1, ctx=a.ctx, threads=a.threads, weights=weights), loaded=loaded
-        )
-        tok = engine.tokenizer
-        ids = tok.encode(heldout_text())
-        bos = loaded.tokenizer.bos_id if loaded.tokenizer.add_bos else None
-        wins = windows(ids, a.ctx, a.windows, bos)
-        started = time.perf_counter()
-        scores = metronome_nll(engine, wins, loaded.config.vocab_size)
-        rows.append((f"metronome {engine.plan.weights}", scores, time.perf_counter() - started))
-        del engine
+        for kv in a.kv_cache:
+            config = EngineConfig(slots=1, ctx=a.ctx, threads=a.threads, weights=weights, kv_cache=kv)
+            try:
+                engine = Engine.from_model(config=config, loaded=loaded)
+            except PlanError as exc:  # int8 KV with weights that do not run on the fused decoder
+                print(f"skipped weights={weights} kv_cache={kv}: {exc}")
+                continue
+            tok = engine.tokenizer
+            ids = tok.encode(heldout_text())
+            bos = loaded.tokenizer.bos_id if loaded.tokenizer.add_bos else None
+            wins = windows(ids, a.ctx, a.windows, bos)
+            started = time.perf_counter()
+            scores = metronome_nll(engine, wins, loaded.config.vocab_size)
+            rows.append((f"metronome {engine.plan.weights}, KV {kv}", scores, time.perf_counter() - started))
+            del engine
     if not a.no_llama_cpp:
         started = time.perf_counter()
         scores = llama_cpp_nll(str(loaded.path), wins, a.ctx, a.threads, loaded.config.vocab_size)
         rows.append(("llama.cpp", scores, time.perf_counter() - started))
-    ref = math.exp(float(np.mean(rows[-1][1])))
+    ref, first = (math.exp(float(np.mean(rows[i][1]))) for i in (-1, 0))
     print(
         f"{a.model}: {len(wins)} windows of {a.ctx} tokens, {len(rows[0][1])} scored tokens "
         f"(pydoc_data.topics, {len(ids)} tokens in all)"
     )
-    print("| engine | perplexity | vs last row | seconds |\n|---|---:|---:|---:|")
+    print("| engine | perplexity | vs first row | vs last row | seconds |\n|---|---:|---:|---:|---:|")
     for name, scores, seconds in rows:
         ppl = math.exp(float(np.mean(scores)))
-        print(f"| {name} | {ppl:.4f} | {ppl / ref:.4f}x | {seconds:.1f} |")
+        print(f"| {name} | {ppl:.4f} | {ppl / first:.4f}x | {ppl / ref:.4f}x | {seconds:.1f} |")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ class PlanReport:
     decode_mode: str  # "fixed" or "compact"
     weight_bytes: int  # bytes of weights read by one decode step (every matrix once, plus one embedding row)
     kv_cache_bytes: int
+    kv_cache_format: str = ""  # the cache's dtype: "bfloat16", "float32", or "int8" (rows of bytes and scales)
     step_ms: dict[int, float] = field(default_factory=dict)  # calibrated median step latency by live rows
     step_ms_far: dict[int, float] = field(default_factory=dict)  # the same, every row at `far_position`
     far_position: int = 1024

@@ -25,7 +25,7 @@ from metronome.compile.probe import calibrate as calibrate_plan
 from metronome.compile.probe import choose_decode_mode, far_position, prompt_row_positions
 from metronome.compile.quant import dense, quantize
 from metronome.compile.runner import Runner, TorchRunner
-from metronome.config import DEFAULT_CTX, EngineConfig, ModelConfig
+from metronome.config import DEFAULT_CTX, EngineConfig, KvCache, ModelConfig
 from metronome.kernels.ops import CppOps, KernelBuildError, Ops, StaticOps, TorchOps, load_kernels
 from metronome.model.loader import LoadedModel, QuantTensor
 from metronome.model.moe import use_dense_dispatch
@@ -83,7 +83,9 @@ def compile_plan(
     r = resolve(loaded, config, say)
     path = plan_cache_path(loaded, config, r.weights, r.ops, r.threads) if cache else None
     saved = read_plan_cache(path, say) if path is not None else None
-    kv = KVCache.allocate(loaded.config, config.slots, config.ctx, DTYPES[r.weights], config.device)
+    kv = KVCache.allocate(
+        loaded.config, config.slots, config.ctx, kv_cache_dtype(config, r.weights, r.fused), config.device
+    )
     runner = build(loaded, config, r, kv, saved, say)
     if saved is not None:
         runner.decode_mode, invariance, step_ms = saved["decode_mode"], saved["invariance"], saved["step_ms"]
@@ -128,6 +130,7 @@ def compile_plan(
         decode_mode=runner.decode_mode,
         weight_bytes=runner.weight_bytes,
         kv_cache_bytes=kv.nbytes(),
+        kv_cache_format=str(kv.k.dtype).removeprefix("torch."),
         step_ms=step_ms,
         step_ms_far=step_ms_far,
         far_position=far_position(config.ctx),
@@ -190,6 +193,19 @@ def resolve(loaded: LoadedModel, config: EngineConfig, say: Say) -> Resolved:
             ops.set_threads(threads)
             kernels += f" ({why_not})"
     return Resolved(weights, ops, why_not is None, kernels, threads)
+
+
+def kv_cache_dtype(config: EngineConfig, weights: str, fused: bool) -> torch.dtype:
+    """The KV cache's dtype: the plan's activations' (DTYPES), or int8 rows (config.KvCache) on the fused decoder."""
+    if config.kv_cache == KvCache.INT8:
+        if not fused:
+            raise PlanError(
+                "kv_cache='int8' runs on the fused C++ decoder only (int4/int8 weights on CPU, C++ kernels); "
+                "use --kv-cache auto with these settings",
+                "kv_cache",
+            )
+        return torch.int8
+    return DTYPES[weights]
 
 
 def resolve_weights(loaded: LoadedModel, config: EngineConfig) -> str:

@@ -37,8 +37,11 @@ __all__ = [
     "StaticOps",
     "TorchOps",
     "build_directory",
+    "dequantize_kv_int8",
     "dequantize_q8_0",
+    "kv_int8_row_bytes",
     "load_kernels",
+    "quantize_kv_int8",
 ]
 
 # The GGUF block types whose rows CppOps.gguf_rows dequantizes (an embedding lookup), by GGUF's type codes.
@@ -130,6 +133,40 @@ class TorchOps:
         """x (M, K) bf16/f32, blocks (N, K/32*34) uint8 Q8_0 -> x @ dequant(blocks).T, (M, N) float32.
         Dequantizes on every call: a reference, not a fast path."""
         return x.float() @ dequantize_q8_0(blocks).T
+
+
+KV_INT8_GROUP = 16  # an int8 KV cache row: head_dim int8 values, then a float32 scale for each 16 of them
+
+
+def kv_int8_row_bytes(head_dim: int) -> int:
+    """Bytes of one int8 KV cache row: the values, then one float32 scale for each KV_INT8_GROUP."""
+    return head_dim + head_dim // KV_INT8_GROUP * 4
+
+
+def quantize_kv_int8(x: Tensor) -> Tensor:
+    """(..., Dh) float keys or values -> (..., Dh * 5/4) int8 rows, as the C++ kernels write an int8 KV cache
+    (csrc/simd.h): per 16 values, q = round(x * (127 / max|x|)) to nearest even and d = max|x| / 127, the
+    scales' float32 bytes after the values."""
+    x = x.float()
+    g = x.unflatten(-1, (-1, KV_INT8_GROUP))  # (..., Dh/16, 16)
+    amax = g.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round(g * inv).clamp(-128, 127).to(torch.int8).flatten(-2)
+    d = (amax / 127.0).contiguous().view(torch.int8).flatten(-2)  # (..., Dh/16 * 4): the scales' bytes
+    return torch.cat([q, d], dim=-1)
+
+
+def dequantize_kv_int8(rows: Tensor) -> Tensor:
+    """(..., Dh * 5/4) int8 KV rows -> (..., Dh) float32 values d * q (exact)."""
+    dh = rows.shape[-1] * 4 // 5
+    if rows.dtype != torch.int8 or dh % KV_INT8_GROUP or kv_int8_row_bytes(dh) != rows.shape[-1]:
+        raise ValueError(
+            f"int8 KV rows must be int8 with head_dim * 5/4 bytes a row (head_dim a multiple of {KV_INT8_GROUP}), "
+            f"got {tuple(rows.shape)} {rows.dtype}"
+        )
+    q = rows[..., :dh].float().unflatten(-1, (-1, KV_INT8_GROUP))
+    d = rows[..., dh:].contiguous().view(torch.float32)[..., None]  # (..., Dh/16, 1)
+    return (q * d).flatten(-2)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metronome.config import ModelConfig
-from metronome.kernels.ops import Ops, TorchOps
+from metronome.kernels.ops import Ops, TorchOps, kv_int8_row_bytes
 from metronome.model.moe import Expert, MoE, Router
 
 
@@ -24,14 +24,17 @@ from metronome.model.moe import Expert, MoE, Router
 class KVCache:
     """Keys and values of every slot at every position: allocated once, written in place."""
 
-    k: torch.Tensor  # (layers, slots, kv_heads, ctx, head_dim)
-    v: torch.Tensor  # (layers, slots, kv_heads, ctx, head_dim)
+    k: torch.Tensor  # (layers, slots, kv_heads, ctx, head_dim), or rows of kv_int8_row_bytes(head_dim) when int8
+    v: torch.Tensor  # (layers, slots, kv_heads, ctx, head_dim), the same
 
     @classmethod
     def allocate(
         cls, cfg: ModelConfig, slots: int, ctx: int, dtype: torch.dtype, device: str | torch.device
     ) -> "KVCache":
-        shape = (cfg.num_layers, slots, cfg.num_kv_heads, ctx, cfg.head_dim)
+        """dtype int8: each row head_dim int8 values and their float32 scales (kernels/ops.py, quantize_kv_int8),
+        which only the fused decoder reads and writes."""
+        row = kv_int8_row_bytes(cfg.head_dim) if dtype == torch.int8 else cfg.head_dim
+        shape = (cfg.num_layers, slots, cfg.num_kv_heads, ctx, row)
         return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
     @property
@@ -163,6 +166,8 @@ class Attention(nn.Module):
         cos, sin = step.rope_local if self.window is not None else step.rope
         q, k = self.ops.rope(q, cos, sin), self.ops.rope(k, cos, sin)
         ck, cv = step.cache.k[self.layer], step.cache.v[self.layer]  # (S, Hkv, ctx, Dh)
+        if ck.dtype == torch.int8:  # compile.stages.kv_cache_dtype lets only the fused decoder have one
+            raise ValueError("an int8 KV cache is read and written by the fused C++ decoder only")
         # Write this step's keys/values in place: row b -> (slot_index[b], positions[b, t]).
         ck[step.slot_index[:, None], :, step.positions] = k.to(ck.dtype)
         cv[step.slot_index[:, None], :, step.positions] = v.to(cv.dtype)

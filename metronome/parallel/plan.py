@@ -27,7 +27,7 @@ from metronome.compile.probe import calibrate as calibrate_plan
 from metronome.compile.probe import choose_decode_mode, far_position, prompt_row_positions
 from metronome.compile.quant import dense
 from metronome.compile.runner import Runner, TorchRunner
-from metronome.compile.stages import DTYPES, prefix_pool, resolve_settings, resolve_weights
+from metronome.compile.stages import DTYPES, kv_cache_dtype, prefix_pool, resolve_settings, resolve_weights
 from metronome.config import EngineConfig
 from metronome.kernels.ops import KernelBuildError, TorchOps, load_kernels
 from metronome.model.loader import LoadedModel, load
@@ -64,6 +64,7 @@ def tp_settings(loaded: LoadedModel, config: EngineConfig) -> tuple[EngineConfig
             "f32/bf16 on torch; use --weights f32 for the torch path",
             "weights",
         )
+    kv_cache_dtype(config, weights, fused)  # an int8 KV cache needs the fused decoder: raises here, before any rank
     try:
         shards = config.tp_shards or default_shards(loaded.config)
         if config.tp_shards is None and shards % config.tp:
@@ -99,7 +100,8 @@ def rank_runner(loaded: LoadedModel, config: EngineConfig, layout: TPLayout, gro
             ) from exc
         ops.set_threads(config.threads or 1)
         torch.set_num_threads(1)  # the decoder computes on its own pool (as compile/stages.py does)
-        cache = allocate_shard_cache(cfg, layout, config.slots, config.ctx, dtype, "cpu")
+        kv_dtype = kv_cache_dtype(config, str(config.weights), fused=True)
+        cache = allocate_shard_cache(cfg, layout, config.slots, config.ctx, kv_dtype, "cpu")
         return TPFusedRunner(cfg, loaded.weights, cache, str(config.weights), ops, layout, group)
     # One torch thread on every rank, tp=1 included: torch's CPU matmul splits some shapes among its
     # threads, which changes their bits (a 9-row x 64 by 64 x 32 product did, 1 thread against 2), and a
@@ -302,6 +304,7 @@ def compile_tp_plan(
         decode_mode=tp.decode_mode,
         weight_bytes=tp.weight_bytes,
         kv_cache_bytes=runner.cache.nbytes() * layout.world,
+        kv_cache_format=str(runner.cache.k.dtype).removeprefix("torch."),
         step_ms=step_ms,
         step_ms_far=step_ms_far,
         far_position=far_position(config.ctx),

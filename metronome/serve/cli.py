@@ -108,7 +108,7 @@ class ModelLoader(threading.Thread):
             self.engine = Engine.from_model(config=config, max_queue=a.max_queue, loaded=loaded, calibrate=True)
             self.state.attach(self.engine, ModelIdentity.of(loaded, a.model))
             r = self.engine.plan.report
-            kv = f"KV cache {megabytes(r.kv_cache_bytes)}, prefix cache " + (
+            kv = f"KV cache {megabytes(r.kv_cache_bytes)} of {r.kv_cache_format}, prefix cache " + (
                 megabytes(r.prefix_cache_bytes) if r.prefix_cache_bytes else r.prefix_cache_note
             )
             print(

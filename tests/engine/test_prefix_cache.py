@@ -107,10 +107,12 @@ def test_prefix_cache_tokens_is_checked():
 # -- engines on tiny random models: bitwise against no cache --------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["llama", "gemma3"])  # gemma3: sliding-window layers (window 8)
+# gemma3: sliding-window layers (window 8); int8: the KV cache's rows as bytes and scales, copied as they are
+@pytest.fixture(scope="module", params=[("llama", "auto"), ("gemma3", "auto"), ("llama", "int8")], ids=str)
 def engines(request, tiny_hf):
-    loaded = load(tiny_hf(request.param))
-    base = dict(slots=4, ctx=256, weights="int8")
+    arch, kv = request.param
+    loaded = load(tiny_hf(arch))
+    base = dict(slots=4, ctx=256, weights="int8", kv_cache=kv)
     cached = Engine.from_model(config=EngineConfig(**base, prefix_cache_tokens=1024), loaded=loaded)
     plain = Engine.from_model(config=EngineConfig(**base, prefix_cache_tokens=0), loaded=loaded)
     assert cached.prefix_cache is not None and plain.prefix_cache is None

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from metronome.compile.fused import FusedRunner
+from metronome.compile.plan import PlanError
 from metronome.compile.quant import Q8_0_KIND, pack_16_rows, quantize_q8_0
-from metronome.config import EngineConfig, SamplingParams
+from metronome.config import EngineConfig, ParamError, SamplingParams
 from metronome.engine import Engine
 from metronome.engine.request import SpecStats
 from metronome.engine.speculate import NgramDrafter
-from metronome.kernels.ops import KernelBuildError, load_kernels
+from metronome.kernels.ops import KernelBuildError, dequantize_kv_int8, load_kernels, quantize_kv_int8
 from metronome.model.loader import QuantTensor, load
 
 try:
@@ -109,6 +110,64 @@ def test_fused_decoder_matches_the_torch_model(tiny_hf, arch):
     next_a = fused.plan.decode([1], [9], [len(ids)])
     next_b = ref.plan.decode([1], [9], [len(ids)])
     assert (next_a - next_b).abs().max().item() <= 0.02 * span, arch
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_an_int8_kv_cache_holds_the_keys_and_values_of_the_bf16_one(tiny_hf, arch):
+    """kv_cache='int8': the cache's rows are the bfloat16 cache's keys and values to within half a step of
+    their chunk's scale (layer 0, whose keys and values the cache format cannot change), and the logits stay
+    within 2 % of the logit range of the bfloat16 cache's, prompt and decode."""
+    loaded = load(tiny_hf(arch))
+    base = dict(slots=2, ctx=64, weights="int8", spec_tokens=0, prefix_cache_tokens=0)
+    plans = {
+        kv: Engine.from_model(config=EngineConfig(**base, kv_cache=kv), loaded=loaded).plan for kv in ("auto", "int8")
+    }
+    assert plans["int8"].cache.k.dtype == torch.int8 and plans["auto"].cache.k.dtype == torch.bfloat16
+    assert plans["int8"].report.kv_cache_bytes / plans["auto"].report.kv_cache_bytes == 5 / 8
+    ids = [1] + [5 + (7 * i) % 100 for i in range(20)]  # crosses gemma3's window of 8
+    logits = {kv: plan.prefill(ids, 1, all_logits=True) for kv, plan in plans.items()}
+    n = len(ids)
+    for name in ("k", "v"):
+        rows = getattr(plans["int8"].cache, name)[0, 1, :, :n]
+        want = getattr(plans["auto"].cache, name)[0, 1, :, :n].double()
+        step = dequantize_kv_int8(quantize_kv_int8(want)).sub(want).abs()  # reference quantization's error
+        got = dequantize_kv_int8(rows).double()
+        scale = want.unflatten(-1, (-1, 16)).abs().amax(-1, keepdim=True).expand(*want.shape[:-1], -1, 16)
+        # the cache quantized layer 0's float32 keys, the bf16 cache rounded them: half a step plus bf16's rounding
+        bound = scale.flatten(-2) / 127 / 2 + want.abs() * 2.0**-8 + 1e-7
+        assert ((got - want).abs() <= bound).all(), (arch, name)
+        assert step.max() > 0  # the format does quantize
+    span = (logits["auto"].max() - logits["auto"].min()).item()
+    assert (logits["int8"] - logits["auto"]).abs().max().item() <= 0.02 * span, arch
+    nxt = {kv: plan.decode([1], [9], [n]) for kv, plan in plans.items()}
+    assert (nxt["int8"] - nxt["auto"]).abs().max().item() <= 0.02 * span, arch
+
+
+def test_an_int8_kv_cache_keeps_prefill_decode_and_batch_rows_one_computation(tiny_hf):
+    """With int8 rows too, a token's logits are the same bits from a prompt's rows, from one-token decode
+    steps, and from a step shared with another slot: every row reads the rows as stored."""
+    plan = Engine.from_model(
+        config=EngineConfig(slots=3, ctx=64, weights="int8", spec_tokens=0, kv_cache="int8", prefix_cache_tokens=0),
+        loaded=load(tiny_hf("llama")),
+    ).plan
+    ids = [1] + [3 + (11 * i) % 90 for i in range(17)]
+    prompt_rows = plan.prefill(ids, 0, all_logits=True)
+    plan.prefill(ids[:1], 1)
+    stepwise = torch.stack([plan.decode([1], [t], [i])[0] for i, t in enumerate(ids)])
+    assert torch.equal(stepwise, prompt_rows)
+    plan.prefill([7, 8, 9], 2)
+    shared = plan.decode([1, 2], [ids[-1], 10], [len(ids) - 1, 3])
+    assert torch.equal(shared[0], prompt_rows[-1])
+
+
+def test_an_int8_kv_cache_needs_the_fused_decoder(tiny_hf):
+    with pytest.raises(PlanError, match="kv_cache='int8' runs on the fused C\\+\\+ decoder only") as err:
+        Engine.from_model(
+            config=EngineConfig(slots=1, ctx=32, weights="f32", kv_cache="int8"), loaded=load(tiny_hf("llama"))
+        )
+    assert err.value.param == "kv_cache"
+    with pytest.raises(ParamError, match="kv_cache='int4': choose one of auto, int8"):
+        EngineConfig(kv_cache="int4")
 
 
 @pytest.fixture(scope="module")

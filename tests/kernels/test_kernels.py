@@ -14,7 +14,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metronome.kernels.ops import CppOps, KernelBuildError, TorchOps, dequantize_q8_0, load_kernels
+from metronome.kernels.ops import (
+    CppOps,
+    KernelBuildError,
+    TorchOps,
+    dequantize_kv_int8,
+    dequantize_q8_0,
+    kv_int8_row_bytes,
+    load_kernels,
+    quantize_kv_int8,
+)
 
 DTYPES = [torch.bfloat16, torch.float32]
 REF = TorchOps()
@@ -343,6 +352,71 @@ def test_decode_attention_rejects_bad_inputs(cpp: CppOps) -> None:
         cpp.decode_attention(torch.zeros(1, 8, 64), kc, kc, torch.tensor([0]), torch.tensor([1]), 0, 0.1)
     with pytest.raises(RuntimeError, match="int64"):
         cpp.decode_attention(q, kc, kc, torch.tensor([0], dtype=torch.int32), torch.tensor([1]), 0, 0.1)
+
+
+# ------------------------------------------------------------------------------------------ int8 KV cache
+
+
+def test_int8_kv_rows_round_trip_within_half_a_step() -> None:
+    x = randn(3, 5, 128, seed=4, scale=3.0)
+    x[0, 0, 16:32] = 0.0  # an all-zero chunk: scale 0, values 0
+    x[1, 2, 7] = 40.0  # an outlier: only its own chunk of 16 gets the coarse step
+    rows = quantize_kv_int8(x)
+    assert rows.dtype == torch.int8 and rows.shape == (3, 5, kv_int8_row_bytes(128)) == (3, 5, 160)
+    back = dequantize_kv_int8(rows)
+    step = x.unflatten(-1, (-1, 16)).abs().amax(-1, keepdim=True) / 127  # each chunk's scale
+    assert ((back - x).unflatten(-1, (-1, 16)).abs() <= step / 2 * (1 + 1e-5)).all()
+    assert torch.equal(back[0, 0, 16:32], torch.zeros(16))
+    assert (back[1, 2, 16:] - x[1, 2, 16:]).abs().max() < 0.05  # the outlier's step stays in its chunk
+    with pytest.raises(ValueError, match="head_dim \\* 5/4 bytes"):
+        dequantize_kv_int8(torch.zeros(2, 70, dtype=torch.int8))
+
+
+def _int8_caches(slots: int, hkv: int, ctx: int, dh: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_kv_int8(randn(slots, hkv, ctx, dh, seed=1)), quantize_kv_int8(randn(slots, hkv, ctx, dh, seed=2))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hkv, ratio, dh", [(3, 3, 64), (1, 4, 256), (2, 7, 64), (2, 1, 80)])
+@pytest.mark.parametrize("window", [0, 16])
+def test_decode_attention_on_int8_rows_is_attention_on_their_values(cpp, dtype, hkv, ratio, dh, window) -> None:
+    """An int8 cache (rows of bytes and a scale for each 16) gives the attention of the values it stands
+    for: the float64 reference over the dequantized cache."""
+    kc, vc = _int8_caches(5, hkv, 160, dh)
+    q = randn(6, hkv * ratio, dh, dtype=dtype, seed=3, scale=2.0)
+    slots = torch.tensor([4, 0, 2, 1, 3, 0])
+    ends = torch.tensor([160, 1, 37, 0, 16, 100])
+    got = cpp.decode_attention(q, kc, vc, slots, ends, window, dh**-0.5)
+    truth = _attention_f64(q, dequantize_kv_int8(kc), dequantize_kv_int8(vc), slots, ends, window, dh**-0.5)
+    assert got.dtype == dtype and torch.equal(got[3], torch.zeros_like(got[3]))
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), truth, rtol=0, atol=2e-6)
+    else:  # 1 bf16 ulp, or float32's accumulation error where the output nears zero (seen: 7e-6, off by 2 ulps)
+        assert_within_bf16_ulp(got, truth.to(torch.bfloat16), atol=4e-6)
+
+
+def test_int8_rows_give_the_same_bits_alone_in_tiles_and_split_among_threads(cpp: CppOps) -> None:
+    before = cpp.threads()
+    try:
+        for threads in (2, 4):
+            cpp.set_threads(threads)
+            for hkv, ratio, dh in ((1, 4, 256), (3, 3, 64)):
+                kc, vc = _int8_caches(2, hkv, 300, dh)
+                q = randn(12, hkv * ratio, dh, seed=3)
+                slots = torch.tensor([1] * 9 + [0] * 3)  # a prompt's rows (one tile) beside three decode rows
+                ends = torch.tensor([*range(240, 249), 300, 1, 0])
+                batch = cpp.decode_attention(q, kc, vc, slots, ends, 0, dh**-0.5)
+                for b in (0, 5, 8, 9, 10, 11):
+                    one = cpp.decode_attention(q[b : b + 1], kc, vc, slots[b : b + 1], ends[b : b + 1], 0, dh**-0.5)
+                    assert torch.equal(one[0], batch[b]), (threads, hkv, b)
+    finally:
+        cpp.set_threads(before)
+
+
+def test_decode_attention_names_an_int8_cache_of_the_wrong_row_size(cpp: CppOps) -> None:
+    kc = torch.zeros(2, 3, 8, 68, dtype=torch.int8)  # one scale a row: not the format
+    with pytest.raises(RuntimeError, match="cache rows of 68 must hold q's head dim 64 int8 values"):
+        cpp.decode_attention(torch.zeros(1, 9, 64), kc, kc, torch.tensor([0]), torch.tensor([1]), 0, 0.1)
 
 
 # ------------------------------------------------------------------------------------------ Q8_0 head

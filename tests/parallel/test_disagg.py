@@ -156,18 +156,29 @@ def test_a_disaggregated_ttft_prediction_prices_the_workers_queue(colocated):
         colocated.plan.report = report
 
 
-def test_tensor_parallel_ranks_take_their_kv_heads_from_the_prefill_worker(wide_llama):
+@pytest.mark.parametrize("kv_cache", ["auto", "int8"])
+def test_tensor_parallel_ranks_take_their_kv_heads_from_the_prefill_worker(wide_llama, kv_cache):
     """tp=2 with a prefill worker (its own gloo pair beside the ranks' default group; the worker runs the
     ranks' 4 chunks in one process, and each rank takes its KV heads) gives the tokens and logprobs of tp=1
-    colocated over the same chunks, three prompts of different lengths side by side."""
+    colocated over the same chunks, three prompts of different lengths side by side; with an int8 KV cache
+    too (its rows, bytes and scales, travel as they are)."""
     runs = {}
     for tp, layout in ((1, "colocated"), (2, "disaggregated")):
         config = EngineConfig(
-            slots=2, ctx=128, weights="int8", spec_tokens=0, tp=tp, tp_shards=4, layout=layout, threads=2
+            slots=2,
+            ctx=128,
+            weights="int8",
+            spec_tokens=0,
+            tp=tp,
+            tp_shards=4,
+            layout=layout,
+            threads=2,
+            kv_cache=kv_cache,
         )
         engine = Engine.from_model(wide_llama, config, calibrate=False)
         try:
             assert (engine.prefiller is not None) == (layout == "disaggregated")
+            assert engine.plan.cache.k.dtype == (torch.int8 if kv_cache == "int8" else torch.bfloat16)
             runs[layout] = engine.generate(PROMPTS, GREEDY, chat=False)
             if engine.prefiller is not None:
                 assert engine.prefiller.rows == sum(len(engine.encode_prompt(p, chat=False)) for p in PROMPTS)

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 
 #include "checks.h"
@@ -32,12 +33,15 @@ Decoder::Decoder(int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_d
   TORCH_CHECK(kc_.dim() == 5 && kc_.sizes() == vc_.sizes() && kc_.scalar_type() == vc_.scalar_type(), op,
               ": k_cache and v_cache must be equal (layers, slots, kv_heads, ctx, head_dim) tensors, got ", kc_.sizes(),
               " and ", vc_.sizes());
-  check_float_dtype(op, "k_cache", kc_);
+  const bool int8 = kc_.scalar_type() == at::kChar;  // rows of head_dim bytes and their scales (simd.h)
+  if (!int8) check_float_dtype(op, "k_cache", kc_);
   TORCH_CHECK(kc_.is_contiguous() && vc_.is_contiguous(), op, ": caches must be contiguous");
-  TORCH_CHECK(kc_.size(2) == Hkv_ && kc_.size(4) == Dh_, op, ": cache shape ", kc_.sizes(), " does not match kv_heads ",
-              Hkv_, " and head_dim ", Dh_);
   TORCH_CHECK(Dh_ % 16 == 0 && H_ % Hkv_ == 0, op,
               ": head_dim must be a multiple of 16 and heads a multiple of kv_heads");
+  const int64_t row = int8 ? int8_row_bytes(Dh_) : Dh_;
+  TORCH_CHECK(kc_.size(2) == Hkv_ && kc_.size(4) == row, op, ": cache shape ", kc_.sizes(), " does not match kv_heads ",
+              Hkv_, " and rows of ", row,
+              int8 ? " bytes (head_dim int8 values, a float32 scale for each 16)" : " values");
 }
 
 void Decoder::add_layer(const std::vector<BlockPart>& qkv, const std::optional<Tensor>& qkv_bias,
@@ -161,9 +165,14 @@ void Decoder::run(float* x, int64_t M, const int64_t* sp, const int64_t* pp, con
           rope_row(kr + i * Dh_, cs + r * Dh_, sn + r * Dh_, kr + i * Dh_, Dh_);
           TC* kd = kc + sp[r] * ks[0] + i * ks[1] + pp[r] * ks[2];
           TC* vd = vc + sp[r] * ks[0] + i * ks[1] + pp[r] * ks[2];
-          for (int64_t j = 0; j < Dh_; j += 16) {
-            store16(kd + j, _mm512_loadu_ps(kr + i * Dh_ + j));
-            store16(vd + j, _mm512_loadu_ps(vr + i * Dh_ + j));
+          if constexpr (std::is_same_v<TC, int8_t>) {
+            quantize_int8_row(kr + i * Dh_, kd, Dh_);
+            quantize_int8_row(vr + i * Dh_, vd, Dh_);
+          } else {
+            for (int64_t j = 0; j < Dh_; j += 16) {
+              store16(kd + j, _mm512_loadu_ps(kr + i * Dh_ + j));
+              store16(vd + j, _mm512_loadu_ps(vr + i * Dh_ + j));
+            }
           }
         }
         std::memcpy(qb + r * Q, qr, static_cast<size_t>(Q) * sizeof(float));
@@ -271,7 +280,9 @@ void Decoder::forward(const Tensor& x, const Tensor& slots, const Tensor& positi
     ends[r] = pp[r] + 1;
   }
   if (M == 0) return;
-  if (kc_.scalar_type() == at::kFloat)
+  if (kc_.scalar_type() == at::kChar)
+    run<int8_t>(x.data_ptr<float>(), M, sp, pp, ends.data(), cos, sin, cos_local, sin_local);
+  else if (kc_.scalar_type() == at::kFloat)
     run<float>(x.data_ptr<float>(), M, sp, pp, ends.data(), cos, sin, cos_local, sin_local);
   else
     run<BFloat16>(x.data_ptr<float>(), M, sp, pp, ends.data(), cos, sin, cos_local, sin_local);

@@ -48,7 +48,8 @@ struct DecoderLayer {
 
 class Decoder {
  public:
-  // k_cache, v_cache: (layers, slots, kv_heads, ctx, head_dim), float32 or bfloat16, contiguous.
+  // k_cache, v_cache: (layers, slots, kv_heads, ctx, head_dim), float32 or bfloat16, contiguous; or int8
+  // (layers, slots, kv_heads, ctx, head_dim * 5 / 4): each row head_dim bytes and their float32 scales (simd.h).
   Decoder(int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate, double eps,
           double scale, bool gelu, Tensor k_cache, Tensor v_cache);
 

@@ -209,6 +209,10 @@ Tensor gelu_tanh_mul(const Tensor& x) { return gated<true>("gelu_tanh_mul", x); 
 // prompt (same slot and window start; each with its own end), up to 16 query vectors a unit. Each query
 // still runs exactly the sequence of operations above, so its result depends neither on the heads nor on
 // the rows it was computed with. The unit of parallel work is (tile of rows, kv head, heads of the group).
+//
+// An int8 cache (simd.h: a row of Dh bytes and a scale for each 16) runs the same passes on each chunk
+// of 16 widened to float and multiplied by its scale as it is loaded (load_chunk), from 5/8 of bfloat16's
+// bytes: where many users sit deep in their contexts, attention is bound by the cache's bytes.
 
 namespace {
 
@@ -242,12 +246,12 @@ void attend(const float* qf, float* of, const TC* kb, const TC* vb, int64_t kstr
       for (int e = 0; e < P; ++e) k[e] = kb + (j0 + jj + e) * kstride;
       __m512 acc[P][NQ];
       for (int e = 0; e < P; ++e) {
-        const __m512 k0 = load16(k[e]);
+        const __m512 k0 = load_chunk(k[e], 0, Dh);
         for (int i = 0; i < NQ; ++i) acc[e][i] = _mm512_mul_ps(_mm512_load_ps(qf + i * 16), k0);
       }
       for (int64_t c = 1; c < nchunks; ++c) {
         __m512 kc[P];
-        for (int e = 0; e < P; ++e) kc[e] = load16(k[e] + c * 16);
+        for (int e = 0; e < P; ++e) kc[e] = load_chunk(k[e], c, Dh);
         for (int i = 0; i < NQ; ++i) {
           const __m512 qc = _mm512_load_ps(qf + (c * NQ + i) * 16);
           for (int e = 0; e < P; ++e) acc[e][i] = _mm512_fmadd_ps(qc, kc[e], acc[e][i]);
@@ -298,13 +302,12 @@ void attend(const float* qf, float* of, const TC* kb, const TC* vb, int64_t kstr
     __m512 a[NQ][NC];
     for (int i = 0; i < NQ; ++i)
       for (int c = 0; c < NC; ++c) a[i][c] = _mm512_setzero_ps();
-    const TC* v = vb + c0 * 16;
-    auto add_key = [&a, nc, v, vstride, pt, L](int64_t j, bool all) {
+    auto add_key = [&a, nc, c0, vb, vstride, Dh, pt, L](int64_t j, bool all) {
       const float* pj = pt + (j / 16 * NQ) * 16 + j % 16;  // query i's weight at pj[16 i]
-      const TC* vj = v + j * vstride;
+      const TC* vj = vb + j * vstride;
       __m512 vc[NC];
 #pragma GCC unroll 4
-      for (int c = 0; c < NC; ++c) vc[c] = c < nc ? load16(vj + c * 16) : _mm512_setzero_ps();
+      for (int c = 0; c < NC; ++c) vc[c] = c < nc ? load_chunk(vj, c0 + c, Dh) : _mm512_setzero_ps();
 #pragma GCC unroll 16
       for (int i = 0; i < NQ; ++i) {
         if (!all && j >= L[i]) continue;  // past this query's end: its sums stay as they are
@@ -441,7 +444,8 @@ Tensor decode_attention(const Tensor& q_in, const Tensor& k_cache, const Tensor&
                          {"ends", &ends_in}})
     check_cpu(op, name, *t);
   check_float_dtype(op, "q", q_in);
-  check_float_dtype(op, "k_cache", k_cache);
+  const bool int8 = k_cache.scalar_type() == at::kChar;  // rows of Dh bytes and their scales (simd.h)
+  if (!int8) check_float_dtype(op, "k_cache", k_cache);
   TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), op, ": v_cache dtype ", v_cache.scalar_type(),
               " must equal k_cache's ", k_cache.scalar_type());
   TORCH_CHECK(q_in.dim() == 3, op, ": q must be (B, H, Dh), got shape ", q_in.sizes());
@@ -450,8 +454,10 @@ Tensor decode_attention(const Tensor& q_in, const Tensor& k_cache, const Tensor&
               k_cache.sizes());
   const int64_t B = q_in.size(0), H = q_in.size(1), Dh = q_in.size(2);
   const int64_t S = k_cache.size(0), Hkv = k_cache.size(1), C = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == Dh, op, ": cache head dim ", k_cache.size(3), " must equal q's ", Dh);
   TORCH_CHECK(Dh > 0 && Dh % 16 == 0, op, ": head dim must be a positive multiple of 16, got ", Dh);
+  const int64_t row = int8 ? int8_row_bytes(Dh) : Dh;
+  TORCH_CHECK(k_cache.size(3) == row, op, ": cache rows of ", k_cache.size(3), " must hold q's head dim ", Dh,
+              int8 ? " int8 values and a float32 scale for each 16" : " values");
   TORCH_CHECK(Hkv > 0 && H % Hkv == 0, op, ": query heads ", H, " must be a multiple of kv heads ", Hkv);
   TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.stride(3) == 1, op, ": caches must be contiguous along the head dim");
   TORCH_CHECK(window >= 0, op, ": window must be >= 0 (0 = no window), got ", window);
@@ -474,10 +480,15 @@ Tensor decode_attention(const Tensor& q_in, const Tensor& k_cache, const Tensor&
   const int64_t vs[3] = {v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)};
   const float sc = static_cast<float>(scale);
   const bool q32 = q.scalar_type() == at::kFloat, c32 = k_cache.scalar_type() == at::kFloat;
+  const bool c8 = k_cache.scalar_type() == at::kChar;
 #define METRONOME_ATTN(TQ, TC)                                                                                         \
   attention_rows<TQ, TC>(q.data_ptr<TQ>(), out.data_ptr<TQ>(), k_cache.data_ptr<TC>(), v_cache.data_ptr<TC>(), ks, vs, \
                          sp, ep, B, H, Hkv, Dh, window, sc, total_keys)
-  if (q32 && c32)
+  if (c8 && q32)
+    METRONOME_ATTN(float, int8_t);
+  else if (c8)
+    METRONOME_ATTN(BFloat16, int8_t);
+  else if (q32 && c32)
     METRONOME_ATTN(float, float);
   else if (q32)
     METRONOME_ATTN(float, BFloat16);
@@ -504,6 +515,8 @@ METRONOME_ATTN_INSTANCE(float, float)
 METRONOME_ATTN_INSTANCE(float, BFloat16)
 METRONOME_ATTN_INSTANCE(BFloat16, float)
 METRONOME_ATTN_INSTANCE(BFloat16, BFloat16)
+METRONOME_ATTN_INSTANCE(float, int8_t)
+METRONOME_ATTN_INSTANCE(BFloat16, int8_t)
 #undef METRONOME_ATTN_INSTANCE
 
 }  // namespace metronome

@@ -92,7 +92,7 @@ void gated_rows(const T* x, T* y, int64_t rows, int64_t F);
 // ---------------------------------------------------------------------------------------------------
 // Decode attention (ops.cpp): q (B, H, Dh) -> out (B, H, Dh) over the caches' spans. ks/vs are the
 // caches' strides over (slot, kv head, position); the head dim is contiguous. Instantiated for
-// TQ, TC in {float, BFloat16}.
+// TQ in {float, BFloat16}, TC in {float, BFloat16, int8_t} (int8: rows of Dh bytes and their scales, simd.h).
 template <typename TQ, typename TC>
 void attention_rows(const TQ* q, TQ* out, const TC* kc, const TC* vc, const int64_t* ks, const int64_t* vs,
                     const int64_t* slots, const int64_t* ends, int64_t B, int64_t H, int64_t Hkv, int64_t Dh,

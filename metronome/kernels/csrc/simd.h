@@ -27,6 +27,7 @@
 #include <c10/util/BFloat16.h>
 
 #include <cstdint>
+#include <cstring>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && \
     defined(__F16C__)
@@ -82,6 +83,41 @@ inline __m512 round_like(__m512 v, const BFloat16*) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(v)), 16));
 }
 inline __m512 round_like(__m512 v, const float*) { return v; }
+
+// An int8 KV cache row (the cache's "int8" format): Dh signed bytes q_j, then a float32 scale d_c for each
+// chunk c of 16 (Dh / 4 bytes, unaligned), chunk c standing for d_c * q_j. Symmetric: d_c = max|x| / 127
+// over the chunk and q_j = round(x_j * (127 / max|x|)), to nearest even. A scale per 16 rather than per
+// row: Qwen2.5's keys have a few large channels, and one scale a row cost its perplexity 2.9 % where this
+// costs (docs/performance.md, "An int8 KV cache"). A row depends only on its own values, so it is the same
+// bytes whatever else the step holds; the scales travel inside the row, so copying rows (the prefix cache's
+// pages, a prefill worker's KV) copies them too.
+inline int64_t int8_row_bytes(int64_t Dh) { return Dh + Dh / 16 * 4; }
+inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+// Chunk c (16 values) of a cache row of Dh values, as float32: bfloat16 or float32 as stored, int8 times
+// its chunk's scale.
+template <typename T>
+inline __m512 load_chunk(const T* row, int64_t c, int64_t) {
+  return load16(row + c * 16);
+}
+inline __m512 load_chunk(const int8_t* row, int64_t c, int64_t Dh) {
+  float d;
+  std::memcpy(&d, row + Dh + 4 * c, sizeof d);
+  return _mm512_mul_ps(load16(row + c * 16), _mm512_set1_ps(d));
+}
+// x (Dh floats, Dh a multiple of 16) into the row at `row` (int8_row_bytes(Dh) bytes).
+inline void quantize_int8_row(const float* x, int8_t* row, int64_t Dh) {
+  for (int64_t c = 0; c < Dh / 16; ++c) {
+    const __m512 v = _mm512_loadu_ps(x + c * 16);
+    const float m = _mm512_reduce_max_ps(_mm512_max_ps(v, _mm512_sub_ps(_mm512_setzero_ps(), v)));
+    const float d = m / 127.0f;
+    const __m512 id = _mm512_set1_ps(m > 0.0f ? 127.0f / m : 0.0f);  // cvtps: to nearest even (the default)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(row + c * 16),
+                     _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v, id))));
+    std::memcpy(row + Dh + 4 * c, &d, sizeof d);
+  }
+}
 
 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 inline void store16(BFloat16* p, __m512 v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16(v)); }

@@ -218,11 +218,26 @@ namespace {
 
 constexpr int kMaxQueries = 16;  // query vectors per unit: pass 1 keeps one accumulator for each
 
+// A unit's keys, and then its values, are each one sequential stream of rows, which the hardware prefetcher
+// follows poorly from memory (it restarts at every 4 KB page; blocks.cpp, kQ4Ahead): every block of 16 rows
+// asks for the bytes kAttAhead further on into L2 and kAttNear on into L1, as the weights' kernels do. Only
+// for a decode row's unit with a span of at least kStreamKeys: its keys come from memory (each decode row
+// reads its own slot once a layer), where a prompt's tiles of rows read one slot's keys again and again
+// from cache, and there the requests were pure cost (a 256-row chunk's attention took 1.13x as long).
+constexpr int64_t kAttAhead = 4096, kAttNear = 1024, kStreamKeys = 256;
+inline void prefetch_rows(const void* rows, int64_t bytes) {
+  const char* c = static_cast<const char*>(rows);
+  for (int64_t o = 0; o < bytes; o += 64) {
+    _mm_prefetch(c + kAttAhead + o, _MM_HINT_T1);
+    _mm_prefetch(c + kAttNear + o, _MM_HINT_T0);
+  }
+}
+
 // NQ query vectors qf (Dh / 16, NQ, 16: chunk-major, 64-byte aligned), query i over keys [0, L[i]) of kb/vb
 // (L[i] >= 1), into of (NQ, Dh).
 template <typename TC, int NQ>
 void attend(const float* qf, float* of, const TC* kb, const TC* vb, int64_t kstride, int64_t vstride, const int64_t* L,
-            int64_t Dh, float scale, std::vector<float>& scores) {
+            int64_t Dh, float scale, bool stream, std::vector<float>& scores) {
   const int64_t nchunks = Dh / 16;
   int64_t lmin = L[0], lmax = L[0];
   for (int i = 1; i < NQ; ++i) lmin = std::min(lmin, L[i]), lmax = std::max(lmax, L[i]);
@@ -237,6 +252,7 @@ void attend(const float* qf, float* of, const TC* kb, const TC* vb, int64_t kstr
   const __m512 vscale = _mm512_set1_ps(scale);
   for (int64_t j0 = 0; j0 < lmax; j0 += 16) {
     const int64_t n = std::min<int64_t>(16, lmax - j0);
+    if (stream) prefetch_rows(kb + j0 * kstride, 16 * kstride * static_cast<int64_t>(sizeof(TC)));
     // KP keys per step: each query chunk loaded feeds KP multiply-adds (KP x NQ accumulators in registers)
     constexpr int KP = 2 * NQ + 3 <= 32 ? 2 : 1;
     int64_t jj = 0;
@@ -317,9 +333,17 @@ void attend(const float* qf, float* of, const TC* kb, const TC* vb, int64_t kstr
           if (c < nc) a[i][c] = _mm512_fmadd_ps(p, vc[c], a[i][c]);
       }
     };
+    const int64_t block_bytes = 16 * vstride * static_cast<int64_t>(sizeof(TC));
+    const bool ask = stream && c0 == 0;  // later passes find the values in L2
     int64_t j = 0;
-    for (; j < lmin; ++j) add_key(j, true);
-    for (; j < lmax; ++j) add_key(j, false);
+    for (; j < lmin; ++j) {
+      if (ask && j % 16 == 0) prefetch_rows(vb + j * vstride, block_bytes);
+      add_key(j, true);
+    }
+    for (; j < lmax; ++j) {
+      if (ask && j % 16 == 0) prefetch_rows(vb + j * vstride, block_bytes);
+      add_key(j, false);
+    }
     for (int i = 0; i < NQ; ++i)
       for (int c = 0; c < nc; ++c) _mm512_storeu_ps(of + i * Dh + (c0 + c) * 16, _mm512_div_ps(a[i][c], denom[i]));
   }
@@ -328,11 +352,11 @@ void attend(const float* qf, float* of, const TC* kb, const TC* vb, int64_t kstr
 // attend<TC, NQ> for the nq (1..MQ) queries of a unit.
 template <typename TC, int MQ>
 void attend_n(int64_t nq, const float* qf, float* of, const TC* kb, const TC* vb, int64_t kstride, int64_t vstride,
-              const int64_t* L, int64_t Dh, float scale, std::vector<float>& scores) {
+              const int64_t* L, int64_t Dh, float scale, bool stream, std::vector<float>& scores) {
   if constexpr (MQ > 1) {
-    if (nq < MQ) return attend_n<TC, MQ - 1>(nq, qf, of, kb, vb, kstride, vstride, L, Dh, scale, scores);
+    if (nq < MQ) return attend_n<TC, MQ - 1>(nq, qf, of, kb, vb, kstride, vstride, L, Dh, scale, stream, scores);
   }
-  attend<TC, MQ>(qf, of, kb, vb, kstride, vstride, L, Dh, scale, scores);
+  attend<TC, MQ>(qf, of, kb, vb, kstride, vstride, L, Dh, scale, stream, scores);
 }
 
 }  // namespace
@@ -423,7 +447,8 @@ void attention_rows(const TQ* q, TQ* out, const TC* kc, const TC* vc, const int6
           }
         const TC* kb = kc + slots[b0] * ks[0] + kvh * ks[1] + first * ks[2];
         const TC* vb = vc + slots[b0] * vs[0] + kvh * vs[1] + first * vs[2];
-        attend_n<TC, kMaxQueries>(nq, qf, of.data(), kb, vb, ks[2], vs[2], L, Dh, scale, scores);
+        const bool stream = b1 - b0 == 1 && L[0] >= kStreamKeys;  // a decode row, far into its context
+        attend_n<TC, kMaxQueries>(nq, qf, of.data(), kb, vb, ks[2], vs[2], L, Dh, scale, stream, scores);
         nq = 0;
         for (int64_t b = b0; b < b1; ++b)
           for (int64_t h = 0; h < nh; ++h, ++nq) {

@@ -150,8 +150,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     # the engine's flags, as `metronome serve` has them: --threads is every started peer's thread count
     # (llama.cpp and transformers too), --spec-tokens and --draft go to the metronome peer and the in-process runs;
-    # --slots and --prefill-chunk to --load's engine and server
-    add_engine_args(parser, only=("threads", "spec_tokens", "draft", "slots", "prefill_chunk"))
+    # --slots, --prefill-chunk and --kv-cache to --load's engine and server
+    add_engine_args(parser, only=("threads", "spec_tokens", "draft", "slots", "prefill_chunk", "kv_cache"))
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:

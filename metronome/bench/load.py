@@ -400,6 +400,7 @@ def main(
             f"--slots={config.slots}",
             f"--spec-tokens={config.spec_tokens}",
             f"--prefill-chunk={config.prefill_chunk}",
+            f"--kv-cache={config.kv_cache}",
         ]
         if config.threads:
             extra.append(f"--threads={config.threads}")

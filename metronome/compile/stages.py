@@ -84,7 +84,7 @@ def compile_plan(
     path = plan_cache_path(loaded, config, r.weights, r.ops, r.threads) if cache else None
     saved = read_plan_cache(path, say) if path is not None else None
     kv = KVCache.allocate(
-        loaded.config, config.slots, config.ctx, kv_cache_dtype(config, r.weights, r.fused), config.device
+        loaded.config, config.slots, config.ctx, kv_cache_dtype(config, r.weights, r.fused, r.kernels), config.device
     )
     runner = build(loaded, config, r, kv, saved, say)
     if saved is not None:
@@ -195,13 +195,14 @@ def resolve(loaded: LoadedModel, config: EngineConfig, say: Say) -> Resolved:
     return Resolved(weights, ops, why_not is None, kernels, threads)
 
 
-def kv_cache_dtype(config: EngineConfig, weights: str, fused: bool) -> torch.dtype:
-    """The KV cache's dtype: the plan's activations' (DTYPES), or int8 rows (config.KvCache) on the fused decoder."""
+def kv_cache_dtype(config: EngineConfig, weights: str, fused: bool, kernels: str = "") -> torch.dtype:
+    """The KV cache's dtype: the plan's activations' (DTYPES), or int8 rows (config.KvCache) on the fused decoder.
+    `kernels`: what the plan runs on, and why not the fused decoder (Resolved.kernels), for the error."""
     if config.kv_cache == KvCache.INT8:
         if not fused:
             raise PlanError(
                 "kv_cache='int8' runs on the fused C++ decoder only (int4/int8 weights on CPU, C++ kernels); "
-                "use --kv-cache auto with these settings",
+                f"use --kv-cache auto with these settings{f' (this plan: {kernels})' if kernels else ''}",
                 "kv_cache",
             )
         return torch.int8

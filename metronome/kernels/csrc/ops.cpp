@@ -212,7 +212,7 @@ Tensor gelu_tanh_mul(const Tensor& x) { return gated<true>("gelu_tanh_mul", x); 
 //
 // An int8 cache (simd.h: a row of Dh bytes and a scale for each 16) runs the same passes on each chunk
 // of 16 widened to float and multiplied by its scale as it is loaded (load_chunk), from 5/8 of bfloat16's
-// bytes: where many users sit deep in their contexts, attention is bound by the cache's bytes.
+// bytes: where many users sit deep in their contexts, the cache is most of what a step reads from memory.
 
 namespace {
 

@@ -136,7 +136,7 @@ ENGINE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
         dict(
             default=_E.kv_cache.value,
             choices=KvCache.choices(),
-            help="the KV cache's format: int8 keeps each key and value row as bytes and a scale, half of "
+            help="the KV cache's format: int8 keeps each key and value row as bytes and a scale per 16, 5/8 of "
             "bfloat16's memory, for many users deep in long contexts (fused CPU decoder only); auto: the "
             f"plan's activation dtype (default {_E.kv_cache})",
         ),

@@ -62,9 +62,9 @@ class Kernels(StrChoice):
 
 class KvCache(StrChoice):
     """The KV cache's format. auto: the activations' dtype of the plan (bfloat16 with int4/int8 weights);
-    int8: a row of head_dim bytes and its scale (kernels/csrc/simd.h), half of bfloat16's bytes, so that
-    attention deep in long contexts reads half as much, at a small cost in accuracy (docs/performance.md).
-    int8 runs on the fused C++ decoder only."""
+    int8: a row of head_dim bytes and a float32 scale for each 16 (kernels/csrc/simd.h), 5/8 of bfloat16's
+    bytes, so that attention deep in long contexts reads less, at a small cost in accuracy
+    (docs/performance.md, "An int8 KV cache"). int8 runs on the fused C++ decoder only."""
 
     AUTO = "auto"
     INT8 = "int8"

@@ -318,7 +318,10 @@ void attend(const float* qf, float* of, const TC* kb, const TC* vb, int64_t kstr
     __m512 a[NQ][NC];
     for (int i = 0; i < NQ; ++i)
       for (int c = 0; c < NC; ++c) a[i][c] = _mm512_setzero_ps();
-    auto add_key = [&a, nc, c0, vb, vstride, Dh, pt, L](int64_t j, bool all) {
+    const int64_t block_bytes = 16 * vstride * static_cast<int64_t>(sizeof(TC));
+    const bool ask = stream && c0 == 0;  // later passes find the values in L2
+    auto add_key = [&a, nc, c0, vb, vstride, Dh, pt, L, ask, block_bytes](int64_t j, bool all) {
+      if (ask && j % 16 == 0) prefetch_rows(vb + j * vstride, block_bytes);
       const float* pj = pt + (j / 16 * NQ) * 16 + j % 16;  // query i's weight at pj[16 i]
       const TC* vj = vb + j * vstride;
       __m512 vc[NC];
@@ -333,17 +336,9 @@ void attend(const float* qf, float* of, const TC* kb, const TC* vb, int64_t kstr
           if (c < nc) a[i][c] = _mm512_fmadd_ps(p, vc[c], a[i][c]);
       }
     };
-    const int64_t block_bytes = 16 * vstride * static_cast<int64_t>(sizeof(TC));
-    const bool ask = stream && c0 == 0;  // later passes find the values in L2
     int64_t j = 0;
-    for (; j < lmin; ++j) {
-      if (ask && j % 16 == 0) prefetch_rows(vb + j * vstride, block_bytes);
-      add_key(j, true);
-    }
-    for (; j < lmax; ++j) {
-      if (ask && j % 16 == 0) prefetch_rows(vb + j * vstride, block_bytes);
-      add_key(j, false);
-    }
+    for (; j < lmin; ++j) add_key(j, true);
+    for (; j < lmax; ++j) add_key(j, false);
     for (int i = 0; i < NQ; ++i)
       for (int c = 0; c < nc; ++c) _mm512_storeu_ps(of + i * Dh + (c0 + c) * 16, _mm512_div_ps(a[i][c], denom[i]));
   }
@@ -505,13 +500,12 @@ Tensor decode_attention(const Tensor& q_in, const Tensor& k_cache, const Tensor&
   const int64_t vs[3] = {v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)};
   const float sc = static_cast<float>(scale);
   const bool q32 = q.scalar_type() == at::kFloat, c32 = k_cache.scalar_type() == at::kFloat;
-  const bool c8 = k_cache.scalar_type() == at::kChar;
 #define METRONOME_ATTN(TQ, TC)                                                                                         \
   attention_rows<TQ, TC>(q.data_ptr<TQ>(), out.data_ptr<TQ>(), k_cache.data_ptr<TC>(), v_cache.data_ptr<TC>(), ks, vs, \
                          sp, ep, B, H, Hkv, Dh, window, sc, total_keys)
-  if (c8 && q32)
+  if (int8 && q32)
     METRONOME_ATTN(float, int8_t);
-  else if (c8)
+  else if (int8)
     METRONOME_ATTN(BFloat16, int8_t);
   else if (q32 && c32)
     METRONOME_ATTN(float, float);

@@ -88,7 +88,7 @@ inline __m512 round_like(__m512 v, const float*) { return v; }
 // chunk c of 16 (Dh / 4 bytes, unaligned), chunk c standing for d_c * q_j. Symmetric: d_c = max|x| / 127
 // over the chunk and q_j = round(x_j * (127 / max|x|)), to nearest even. A scale per 16 rather than per
 // row: Qwen2.5's keys have a few large channels, and one scale a row cost its perplexity 2.9 % where this
-// costs (docs/performance.md, "An int8 KV cache"). A row depends only on its own values, so it is the same
+// costs 0.9 % (docs/performance.md, "An int8 KV cache"). A row depends only on its own values, so it is the same
 // bytes whatever else the step holds; the scales travel inside the row, so copying rows (the prefix cache's
 // pages, a prefill worker's KV) copies them too.
 inline int64_t int8_row_bytes(int64_t Dh) { return Dh + Dh / 16 * 4; }

@@ -4,10 +4,11 @@ ranks). Each engine lives in its own process (the kernels' pool size and the TP 
 all built first; then each round runs the request once on each, in turn, so that the machine's drift
 from minute to minute falls on all alike. Prints each engine's median tokens/s, the median of its
 per-round ratios to the plain plan, and whether its tokens and logprobs equal the first degree's
-(chunked tp=1 by default).
+(chunked tp=1 by default). `--threads N`: N threads in all, so tp=2 runs N/2 per rank.
 
     python tools/bench_tp.py --model gemma3-270m --tp 1,2 --tokens 64 --rounds 5              # fused C++ decoder
     python tools/bench_tp.py --model gemma3-270m --weights f32 --tp 1,2 --tokens 48 --rounds 3  # torch path
+    python tools/bench_tp.py --model /tmp/llama-1b.gguf --tp 1,2,4 --threads 16  # metronome.bench.random_gguf
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from metronome.engine import Engine
 PROMPT = "The history of the printing press begins"
 
 
-def build(model: str | None, weights: str, tp: int, shards: int | None) -> Engine:
+def build(model: str | None, weights: str, tp: int, shards: int | None, threads: int | None) -> Engine:
     kernels = "torch" if weights in ("f32", "bf16") else "auto"
-    config = EngineConfig(slots=1, ctx=512, weights=weights, kernels=kernels, tp=tp, tp_shards=shards, spec_tokens=0)
+    config = EngineConfig(
+        slots=1, ctx=512, weights=weights, kernels=kernels, tp=tp, tp_shards=shards, spec_tokens=0, threads=threads
+    )
     return Engine.from_model(model, config, calibrate=False)
 
 
@@ -36,10 +39,12 @@ def once(engine: Engine, tokens: int) -> tuple[float, tuple]:
     return (len(c.token_ids) - 1) / decode_s, (c.token_ids, tuple(ch.logprob for ch in c.choices))
 
 
-def serve_engine(conn, model: str | None, weights: str, tp: int, shards: int | None, tokens: int) -> None:
+def serve_engine(
+    conn, model: str | None, weights: str, tp: int, shards: int | None, threads: int | None, tokens: int
+) -> None:
     """A child process holding one engine: answers "run" with (tokens/s, output) until "stop". One engine
     per process: the kernels' pool size and the TP group are per process."""
-    engine = build(model, weights, tp, shards)
+    engine = build(model, weights, tp, shards, threads)
     try:
         once(engine, 8)  # warm-up: first touch of pages and scratch
         conn.send("ready")
@@ -58,6 +63,9 @@ def main() -> None:
     p.add_argument("--tp", default="1,2")
     p.add_argument("--shards", type=int, default=None, help="default: the model's (parallel/tp.py)")
     p.add_argument("--weights", default="auto", help="auto (int4/int8: the fused C++ decoder) or f32/bf16 (torch)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="compute threads in all, shared among the ranks (default: every core)"
+    )
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=5)
     a = p.parse_args()
@@ -71,7 +79,7 @@ def main() -> None:
     try:
         for _name, tp, cut in runs:  # one at a time: each builds while the others are idle
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=serve_engine, args=(child, a.model, a.weights, tp, cut, a.tokens))
+            proc = ctx.Process(target=serve_engine, args=(child, a.model, a.weights, tp, cut, a.threads, a.tokens))
             proc.start()
             children.append((parent, proc))
             if not parent.poll(600) or parent.recv() != "ready":

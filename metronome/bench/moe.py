@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from metronome.bench.random_gguf import add_byte_vocabulary, random_q4_0
 from metronome.config import EngineConfig
 
 
@@ -46,26 +47,6 @@ class MoeShape:
         expert = 3 * d * self.expert_width
         fixed = L * (attn + self.experts * d) + 2 * self.vocab * d
         return fixed + L * self.experts * expert, fixed - self.vocab * d + L * self.experts_per_token * expert
-
-
-def _gpt2_bytes() -> list[str]:
-    """GPT-2's byte-level alphabet: one printable character per byte (so any text encodes)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    chars, n = {b: chr(b) for b in keep}, 0
-    for b in range(256):
-        if b not in chars:
-            chars[b] = chr(256 + n)
-            n += 1
-    return [chars[b] for b in range(256)]
-
-
-def _q4_0(rng: np.random.Generator, rows: int, cols: int, scale: float) -> np.ndarray:
-    """Random Q4_0 blocks (rows, cols/32*18) uint8: an fp16 d near `scale`/4.6 and 32 random 4-bit codes,
-    so that the weights' standard deviation is about `scale`."""
-    nb = cols // 32
-    d = (rng.uniform(0.8, 1.2, (rows, nb, 1)) * scale / 4.6).astype(np.float16).view(np.uint8)
-    codes = rng.integers(0, 256, (rows, nb, 16), dtype=np.uint8)
-    return np.concatenate([d, codes], axis=-1).reshape(rows, nb * 18)
 
 
 ARCHS = ("olmoe", "qwen3moe")
@@ -97,19 +78,11 @@ def write_random_moe(path: Path, shape: MoeShape = MoeShape(), seed: int = 0, ar
     w.add_rope_freq_base(10000.0)
     w.add_expert_count(s.experts)
     w.add_expert_used_count(s.experts_per_token)
-    w.add_tokenizer_model("gpt2")
-    # one merge (" t" -> "Ġt"): llama.cpp refuses a BPE vocabulary without merges ("cannot find tokenizer
-    # merges in model file"), and the gguf writer leaves an empty list out
-    tokens = _gpt2_bytes() + ["Ġt"] + [f"<t{i}>" for i in range(s.vocab - 259)] + ["<s>", "</s>"]
-    w.add_token_list(tokens)
-    w.add_token_types([1] * (s.vocab - 2) + [3, 3])
-    w.add_token_merges(["Ġ t"])
-    w.add_bos_token_id(s.vocab - 2)
-    w.add_eos_token_id(s.vocab - 1)
+    add_byte_vocabulary(w, s.vocab)
     q4 = gguf.GGMLQuantizationType.Q4_0
 
     def matrix(name: str, rows: int, cols: int, count: int = 0) -> None:
-        data = _q4_0(rng, rows * max(count, 1), cols, cols**-0.5)
+        data = random_q4_0(rng, rows * max(count, 1), cols, cols**-0.5)
         data = data.reshape(count, rows, -1) if count else data
         w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=q4)
 

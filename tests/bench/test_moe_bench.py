@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from helpers.llama_peer import assert_near, greedy_against_llama_cpp, open_llama
+from helpers.tp_outputs import fused_tp_outputs
 
 from metronome.bench.moe import MoeShape, _decode_run, _fused_engine, _llama_cpp, _llama_cpp_run, write_random_moe
 
@@ -51,8 +52,6 @@ def test_the_qwen3moe_layout_cuts_for_tensor_parallel_and_keeps_its_tokens(tmp_p
     """The same shapes with a QK norm per head (`--arch qwen3moe`): unlike OLMoE's whole-projection norm it
     cuts into ranks, and the fused decoder at tp=2 (its Q4_0 experts' widths cut in 2 chunks of 32) gives
     the chunked tp=1 tokens and logprobs, on the file as `python tools/bench_tp.py` times it."""
-    from metronome.config import EngineConfig, SamplingParams
-    from metronome.engine import Engine
     from metronome.model.loader import load
     from metronome.parallel.tp import default_shards
 
@@ -62,15 +61,5 @@ def test_the_qwen3moe_layout_cuts_for_tensor_parallel_and_keeps_its_tokens(tmp_p
     path = write_random_moe(tmp_path / "tiny-qwen3moe.gguf", shape, arch="qwen3moe")
     cfg = load(str(path)).config
     assert cfg.arch == "qwen3moe" and cfg.qk_norm and not cfg.qk_norm_full and default_shards(cfg) >= 2
-    params = SamplingParams(max_tokens=6, temperature=0, logprobs=True, ignore_eos=True)
-    runs = []
-    for tp in (1, 2):
-        config = EngineConfig(slots=1, ctx=64, tp=tp, tp_shards=2, threads=tp, spec_tokens=0)
-        engine = Engine.from_model(str(path), config, calibrate=False)
-        try:
-            assert "fused decoder" in engine.plan.report.kernels
-            done = engine.generate("a lighthouse", params, chat=False)
-            runs.append((done.token_ids, [c.logprob for c in done.choices]))
-        finally:
-            engine.plan.runner.close()
+    runs = fused_tp_outputs(path)
     assert runs[0] == runs[1] and len(runs[0][0]) == 6

@@ -782,7 +782,7 @@ def calibrate_model(
     rows = [_median_row(cost.model, w, p, m) for w, p, m in zip(whats, predicted, measured)]
     if layouts and fused is not None and threads >= 2:
         del engine  # its KV cache and scratch, before the layouts' engines allocate theirs
-        rows += _layout_rows(model, loaded, config, cost, shapes, terms.logits_s, pages, measure, rounds)
+        rows += _layout_rows(model, loaded, config, cost, shapes, terms.logits_s, pages, stream, measure, rounds)
     return terms, rows
 
 
@@ -805,11 +805,16 @@ def _layout_rows(
     shapes: dict,
     logits_s: dict[int, float],
     pages: np.ndarray | None,
+    stream: int,
     measure: bool,
     rounds: int,
 ) -> list[CalibrationRow]:
     """Single-stream decode on the disaggregated layout and at tp=2, predicted (and measured), each the
-    median of `rounds` alternations of terms and engine (each layout's engine built once)."""
+    median of `rounds` alternations of terms and engine (each layout's engine built once). `stream`: the
+    ring the plan's own terms were timed on; a layout's few-row matrices cycle through at least what its
+    step reads, as the plan's do. They were timed on the 96 MiB default, which a 300 MiB last-level cache can
+    hold, and a 16-core Xeon's disaggregated decode engine was predicted 1.39-1.53x too fast (docs/parallel.md;
+    not re-measured there since)."""
     from metronome.config import Layout
     from metronome.engine import Engine
 
@@ -824,7 +829,7 @@ def _layout_rows(
     predicted, measured = [], []
     try:
         for _ in range(rounds):
-            terms = measure_terms(decode_threads, shapes=decode_shapes, file_pages=pages)
+            terms = measure_terms(decode_threads, stream_bytes=stream, shapes=decode_shapes, file_pages=pages)
             terms = dataclasses.replace(terms, logits_s=logits_s)
             predicted.append(1 / predict_step_s(cost, terms, 1, DECODE_POSITION, cost.engine_ops[1]))
             if engine is not None:
@@ -849,8 +854,9 @@ def _layout_rows(
     predicted, measured, exchanges, shared = [], [], [], True
     try:
         for _ in range(rounds):
-            with other_rank_streaming(max(STREAM_BYTES, rank_bytes), rank_threads):
-                tp_terms = measure_terms(rank_threads, shapes=tp_shapes, file_pages=pages)
+            rank_stream = max(STREAM_BYTES, rank_bytes)
+            with other_rank_streaming(rank_stream, rank_threads):
+                tp_terms = measure_terms(rank_threads, stream_bytes=rank_stream, shapes=tp_shapes, file_pages=pages)
             tp_terms = dataclasses.replace(tp_terms, logits_s=logits_s)
             compute_s = predict_step_s(tp_cost, tp_terms, 1, DECODE_POSITION, cost.engine_ops[1])  # no exchange yet
             gap_s = compute_s / tp_cost.collectives  # a rank's compute between two exchanges

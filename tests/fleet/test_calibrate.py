@@ -153,3 +153,38 @@ def test_the_logits_are_timed_through_the_engines_own_greedy_pick(monkeypatch):
     monkeypatch.setattr(sampler, "argmax_rows", counted)
     logits_seconds(4096, None, (1, 8), repeats=2)
     assert set(rows_seen) == {(1, 4096), (8, 4096)}
+
+
+def test_the_layout_rows_time_their_matrices_on_the_plans_ring(tmp_path, monkeypatch):
+    """The disaggregated and tp=2 rows cycle their matrices through at least what their step reads, as the
+    plan's own terms do, not through the 96 MiB default a large last-level cache can hold (a 16-core Xeon's
+    disaggregated row was predicted 1.39-1.53x too fast). Here the floor is 4 KiB, so each ring is the
+    step's own bytes: the whole model for the decode engine, about half of it for a rank."""
+    import inspect
+
+    from metronome.bench.random_gguf import DenseShape, write_random_dense
+    from metronome.fleet import calibrate
+
+    shape = DenseShape("tiny", hidden=128, layers=2, heads=4, kv_heads=2, ffn=256, vocab=512)
+    model = str(write_random_dense(tmp_path / "tiny.gguf", shape))  # cuts into 2 ranks
+
+    monkeypatch.setattr(calibrate, "STREAM_BYTES", 4096)
+    rings: list[tuple[int, int]] = []
+    real = calibrate.measure_terms
+
+    def recorded(*args, **kwargs):
+        bound = inspect.signature(real).bind(*args, **kwargs)
+        bound.apply_defaults()
+        rings.append((bound.arguments["threads"], bound.arguments["stream_bytes"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(calibrate, "measure_terms", recorded)
+    _, rows = calibrate.calibrate_model(model, 2, live=(1,), measure=False)
+    assert [r.what.split(" (")[0] for r in rows[-2:]] == [
+        "decode, 1 live slot, disaggregated",
+        "decode, 1 live slot, tp=2",
+    ]
+    (plan_threads, plan_ring), (decode_threads, decode_ring), (rank_threads, rank_ring) = rings
+    assert (plan_threads, decode_threads, rank_threads) == (2, 1, 1)
+    assert plan_ring == decode_ring > 4096  # the decode engine reads the whole model, as the plan does
+    assert 4096 < rank_ring < plan_ring  # a rank reads its cut

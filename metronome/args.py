@@ -98,7 +98,8 @@ ENGINE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
             default=_E.prefill_chunk,
             metavar="ROWS",
             help="prompt tokens run per step beside other users' decode rows: smaller keeps their streams "
-            f"smoother, larger gives the new prompt its first token sooner (default {_E.prefill_chunk})",
+            "smoother, larger gives the new prompt its first token sooner (default: the plan chooses from its "
+            "calibration, as many as keep such a step within 2.5 all-slots steps)",
         ),
     ),
     "tp": (

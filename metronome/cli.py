@@ -214,6 +214,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     """Compile a plan and print what it fixed and what it predicts."""
+    from metronome.compile.fused import PREFILL_CHUNK
+    from metronome.compile.plan import STALL_STEPS
     from metronome.fleet.machine import measure_machine
 
     args.model = args.model_path or args.model
@@ -238,6 +240,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
     else:
         print(f"  prefix cache        {r.prefix_cache_note}")
     print(f"  memory bound        {bound:.0f} tokens/s at {bandwidth / 1e9:.1f} GB/s measured read bandwidth")
+    if r.slots > 1 and engine.plan.runner.any_rows:  # prompt rows beside decode rows (chunked prefill)
+        chunk = engine.config.prefill_chunk
+        how = f"set to {chunk}" if chunk else f"the plan's choice: a step within {STALL_STEPS:g} all-slots steps"
+        taken = [r.take_step_prompts([(0, r.ctx)], live, chunk, PREFILL_CHUNK)[0] for live in (1, r.slots - 1)]
+        print(f"  prompt rows/step    {taken[0]} beside 1 user decoding, {taken[1]} beside {r.slots - 1} ({how})")
     print("  live slots   step ms   tokens/s per user   aggregate tokens/s   fraction of bound")
     for live, ms in sorted(r.step_ms.items()):
         print(f"  {live:>10}   {ms:7.2f}   {1000 / ms:17.1f}   {live * 1000 / ms:18.1f}   {1000 / ms / bound:17.0%}")

@@ -262,7 +262,9 @@ class EngineConfig:
     kernels: Kernels = Kernels.AUTO  # a str is accepted too ("cpp"): stored as the member
     spec_tokens: int = 4  # speculative decoding: most tokens drafted per step while one request runs (0: off)
     draft: str | None = None  # a draft model (same vocabulary) to speculate with; default: prompt lookup
-    prefill_chunk: int = 32  # prompt rows per step while other requests decode (bounds their inter-token gap)
+    # prompt rows per step while other requests decode (it bounds their inter-token gap); None: the plan
+    # chooses from its calibration, as many as keep such a step within a few all-slots steps (compile/plan.py)
+    prefill_chunk: int | None = None
     # the prefix cache's pool (engine/prefix_cache.py): KV of this many prompt tokens kept for later requests
     # that begin the same way, allocated with the plan; 0: off (and always off where rows cannot run alone)
     prefix_cache_tokens: int = 8192
@@ -283,7 +285,11 @@ class EngineConfig:
                 ("ctx", self.ctx is None or self.ctx >= 16, "the context must hold at least 16 tokens"),
                 ("threads", self.threads is None or self.threads >= 1, "must be at least 1 (or None: every core)"),
                 ("spec_tokens", self.spec_tokens >= 0, "must be 0 (off) or positive"),
-                ("prefill_chunk", self.prefill_chunk >= 1, "must be at least 1 prompt row per step"),
+                (
+                    "prefill_chunk",
+                    self.prefill_chunk is None or self.prefill_chunk >= 1,
+                    "must be at least 1 prompt row per step (or None: the plan chooses)",
+                ),
                 ("prefix_cache_tokens", self.prefix_cache_tokens >= 0, "must be 0 (off) or a number of tokens"),
                 ("tp", self.tp >= 1, "must be at least 1 rank"),
                 ("tp_shards", self.tp_shards is None or self.tp_shards >= 1, "must be at least 1 (or None)"),

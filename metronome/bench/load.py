@@ -291,12 +291,15 @@ def measure_stall(engine, long_tokens: int = 1300, output_tokens: int = 200, rep
         # gaps between events (several tokens of one event share a stamp)
         medians.append(1000 * statistics.median(b - a for a, b in zip(stamps, stamps[1:]) if b > a))
     ratios = [b / a for a, b in zip(alone, beside)]
+    predicted = _predicted_steps_ms(engine, long_tokens, len(stream_prompt) + output_tokens // 4)
     return {
         "repeats": repeats,
         "long_prompt_tokens": long_tokens,
         "stream_max_gap_during_prompt_ms": max(worst),
         "stream_max_gap_per_repeat_ms": [round(g, 1) for g in worst],
         "stream_median_gap_ms": statistics.median(medians),
+        "predicted_max_gap_ms": max(predicted, default=float("nan")),
+        "predicted_prompt_steps": len(predicted),
         "step_ms_all_slots": step_now,
         "step_ms_all_slots_calibrated": engine.plan.report.step_ms.get(engine.config.slots, float("nan")),
         "long_ttft_alone_ms": statistics.median(alone),
@@ -304,6 +307,20 @@ def measure_stall(engine, long_tokens: int = 1300, output_tokens: int = 200, rep
         "ttft_beside_over_alone": statistics.median(ratios),
         "ttft_beside_over_alone_per_repeat": [round(r, 2) for r in ratios],
     }
+
+
+def _predicted_steps_ms(engine, prompt_tokens: int, position: float) -> list[float]:
+    """The plan's price of each step that runs a `prompt_tokens` prompt beside one user decoding at
+    `position`: the chunks the engine takes (PlanReport.take_step_prompts), each priced by step_ms_with."""
+    from metronome.compile.fused import PREFILL_CHUNK
+
+    report, chunk = engine.plan.report, engine.config.prefill_chunk
+    steps, start = [], 0
+    while start < prompt_tokens:
+        (n,) = report.take_step_prompts([(start, prompt_tokens - start)], 1, chunk, PREFILL_CHUNK, position)
+        steps.append(report.step_ms_with(1, [(start, n)], position))
+        start += n
+    return steps
 
 
 def _free_port() -> int:
@@ -399,9 +416,10 @@ def main(
         extra = [
             f"--slots={config.slots}",
             f"--spec-tokens={config.spec_tokens}",
-            f"--prefill-chunk={config.prefill_chunk}",
             f"--kv-cache={config.kv_cache}",
         ]
+        if config.prefill_chunk is not None:
+            extra.append(f"--prefill-chunk={config.prefill_chunk}")
         if config.threads:
             extra.append(f"--threads={config.threads}")
         proc, url = start_server(model, extra)

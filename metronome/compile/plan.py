@@ -10,10 +10,16 @@ from typing import Sequence
 import torch
 
 from metronome.compile.pages import Pages
-from metronome.compile.probe import NEAR_POSITION
+from metronome.compile.probe import DEFAULT_PREFILL_CHUNK, NEAR_POSITION
 from metronome.compile.runner import Runner
 from metronome.config import EngineConfig, ModelConfig
 from metronome.model.transformer import KVCache
+
+# When the plan chooses how many prompt rows run beside decode rows (EngineConfig.prefill_chunk None), a
+# step that carries them is priced at this many all-slots steps: a decoding user's gap while a prompt arrives
+# stays within #11's bound of 3, with half a step of room because these VMs drift: the same mixed steps ran
+# 0.79x to 1.11x their price from one repeat to the next (2026-12-04, docs/performance.md).
+STALL_STEPS = 2.5
 
 
 class PlanError(ValueError):
@@ -99,19 +105,56 @@ class PlanReport:
         mean = start + (rows - 1) / 2
         return rows * max(0.1 * base, base + self.prompt_key_ms * (mean - at))
 
-    def take_prompt_rows(self, queue: Sequence[tuple[int, int]], budget_rows: int, priced: bool) -> list[int]:
+    def prompt_budget_ms(self, live: int, position: float | None = None) -> float:
+        """What the prompt rows of a step beside `live` decode rows may cost when the plan chooses its chunk:
+        the step stays within STALL_STEPS all-slots steps, less what the decode rows cost themselves (both at
+        the decode rows' mean `position`). With fewer users decoding, their own rows cost less and a prompt
+        takes more rows per step. NaN without calibration."""
+        if self.prompt_rows_ms(0, 1) != self.prompt_rows_ms(0, 1):  # NaN: prompt rows not calibrated
+            return float("nan")
+        if position is None:
+            full, own = self.step_ms.get(self.slots, float("nan")), self.step_ms.get(live, float("nan"))
+        else:
+            full, own = self.step_ms_at(self.slots, position), self.step_ms_at(live, position)
+        return STALL_STEPS * full - own
+
+    def take_step_prompts(
+        self,
+        queue: Sequence[tuple[int, int]],
+        live: int,
+        chunk: int | None,
+        alone_chunk: int,
+        position: float | None = None,
+    ) -> list[int]:
+        """The engine's rule for how many rows each prompt of `queue` (as in `take_prompt_rows`) runs in a
+        step beside `live` decode rows at mean `position`. Nobody decoding: whole `alone_chunk`s. A `chunk`:
+        that many rows' worth at a prompt's start. None: the plan's choice, what `prompt_budget_ms` leaves,
+        at most `alone_chunk` rows; DEFAULT_PREFILL_CHUNK rows where the plan was not calibrated."""
+        if not live:
+            return self.take_prompt_rows(queue, alone_chunk, priced=False)
+        budget = self.prompt_budget_ms(live, position) if chunk is None else float("nan")
+        if budget != budget:
+            return self.take_prompt_rows(queue, chunk or DEFAULT_PREFILL_CHUNK, priced=True)
+        return self.take_prompt_rows(queue, alone_chunk, priced=True, budget_ms=budget)
+
+    def take_prompt_rows(
+        self, queue: Sequence[tuple[int, int]], budget_rows: int, priced: bool, budget_ms: float | None = None
+    ) -> list[int]:
         """How many rows each prompt of `queue` runs this step: `queue` holds (next position, rows left) per
-        prompt, oldest first, and they take rows in that order. Unpriced (nobody decoding, or no
-        calibration): `budget_rows` rows. Priced: rows worth the time of `budget_rows` prompt rows at position
-        0, so that a prompt's late rows, which attend to more, come in smaller chunks and the decode rows
-        beside them wait no longer; at least one row, so that a prompt always advances."""
+        prompt, oldest first, and they take rows in that order, at most `budget_rows` in all. Unpriced
+        (nobody decoding, or no calibration): `budget_rows` rows. Priced: rows worth `budget_ms`, or the time
+        of `budget_rows` prompt rows at position 0, so that a prompt's late rows, which attend to more, come
+        in smaller chunks and the decode rows beside them wait no longer; at least one row, so that a prompt
+        always advances."""
         unit = self.prompt_rows_ms(0, 1)
         priced = priced and unit == unit  # NaN: not calibrated
-        left_rows, left_ms = budget_rows, budget_rows * unit if priced else 0.0
+        left_rows, left_ms = budget_rows, 0.0
+        if priced:
+            left_ms = budget_rows * unit if budget_ms is None else budget_ms
         taken: list[int] = []
         for start, rows in queue:
             if priced:
-                lo, hi = 0, min(rows, budget_rows)
+                lo, hi = 0, min(rows, left_rows)
                 while lo < hi:  # the most rows within the time left (a row's cost grows with its position)
                     mid = (lo + hi + 1) // 2
                     if self.prompt_rows_ms(start, mid) <= left_ms * (1 + 1e-9):
@@ -122,7 +165,7 @@ class PlanReport:
                 left_ms -= self.prompt_rows_ms(start, n)
             else:
                 n = min(rows, left_rows)
-                left_rows -= n
+            left_rows -= n
             taken.append(n)
             if n < rows:
                 break
@@ -146,19 +189,19 @@ class PlanReport:
         self,
         prompts: list[tuple[int, int]],
         decoding: int,
-        chunk: int,
+        chunk: int | None,
         alone_chunk: int,
         position: float | None = None,
     ) -> float:
         """Predicted time to the first token of the last of `prompts` ((next position, rows left) per
         prompt, in the order the engine runs them: the queue ahead, then this request) while `decoding`
         requests decode, their rows at mean `position` (None: the calibration's near position): the steps
-        that chunked prefill takes (`take_prompt_rows`, as the engine takes them), each priced by
+        that chunked prefill takes (`take_step_prompts`, as the engine takes them), each priced by
         `step_ms_with`. A prompt that completes joins the decode rows. NaN without calibration."""
         total, live = 0.0, min(decoding, self.slots)
         queue = [(start, rows) for start, rows in prompts if rows > 0]
         while queue:
-            taken = self.take_prompt_rows(queue, chunk if live else alone_chunk, priced=bool(live))
+            taken = self.take_step_prompts(queue, live, chunk, alone_chunk, position)
             total += self.step_ms_with(live, [(start, n) for (start, _), n in zip(queue, taken) if n], position)
             queue = [(start + n, rows - n) for (start, rows), n in zip(queue, taken)]
             finished = sum(1 for _, rows in queue if rows == 0)

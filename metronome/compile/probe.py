@@ -17,6 +17,9 @@ from metronome.compile.runner import Runner
 from metronome.config import ModelConfig
 
 NEAR_POSITION = 64  # where step_ms is calibrated (a short conversation)
+# the prompt rows calibration times beside decode rows when the plan chooses its own chunk
+# (EngineConfig.prefill_chunk None), and the chunk of a plan that was not calibrated
+DEFAULT_PREFILL_CHUNK = 32
 
 
 def choose_decode_mode(runner: Runner, cfg: ModelConfig, slots: int) -> tuple[str, str]:
@@ -82,7 +85,7 @@ class Calibration:
 
 
 def calibrate(
-    runner: Runner, slots: int, ctx: int, device: torch.device, chunk: int, rounds: int = CALIBRATION_ROUNDS
+    runner: Runner, slots: int, ctx: int, device: torch.device, chunk: int | None, rounds: int = CALIBRATION_ROUNDS
 ) -> Calibration:
     """Time every figure of the plan's promise, interleaved: each round times one of each (every live-slot
     count near and far, a step with `chunk` prompt rows beside `slots - 1` decode rows, near a prompt's start
@@ -157,11 +160,11 @@ def far_position(ctx: int) -> int:
     return max(NEAR_POSITION + 1, min(1024, ctx - 1))
 
 
-def calibrated_chunk(ctx: int, chunk: int) -> int:
-    """The prompt chunk calibration times: `chunk` rows, or as many as the context holds (a prompt is at
-    most ctx - 1 rows, so no step carries more of it; timing `--prefill-chunk 4096` in a 3,200-token
-    context asked for positions past the cache)."""
-    return max(1, min(chunk, ctx - 1))
+def calibrated_chunk(ctx: int, chunk: int | None) -> int:
+    """The prompt chunk calibration times: `chunk` rows (None: DEFAULT_PREFILL_CHUNK), or as many as the
+    context holds (a prompt is at most ctx - 1 rows, so no step carries more of it; timing
+    `--prefill-chunk 4096` in a 3,200-token context asked for positions past the cache)."""
+    return max(1, min(DEFAULT_PREFILL_CHUNK if chunk is None else chunk, ctx - 1))
 
 
 def _alone_rows(ctx: int) -> int:
@@ -176,7 +179,7 @@ def _far_prompt_row(ctx: int, chunk: int) -> int:
     return max(_first_prompt_row(ctx, chunk), min(far_position(ctx), ctx - chunk - 1))
 
 
-def prompt_row_positions(ctx: int, chunk: int) -> tuple[float, float, float]:
+def prompt_row_positions(ctx: int, chunk: int | None) -> tuple[float, float, float]:
     """The mean positions of the prompt rows `calibrate` times (beside decode rows, alone, beside deep into
     the prompt): a row's attention grows with its position, so its cost elsewhere is priced from there
     (PlanReport.prompt_rows_ms)."""

@@ -346,8 +346,9 @@ class Engine(PythonAPI):
         """step() without sending its own events (they go before the next plan call, or when idle).
 
         A step's rows are one per decoding request (plus its drafts while it runs alone) and, beside them,
-        the next chunk of the waiting prompts: at most `prefill_chunk` prompt rows while anyone decodes, so
-        no stream stalls for a whole prompt; a whole PREFILL_CHUNK when nobody does. Runners that cannot mix
+        the next chunk of the waiting prompts: while anyone decodes, what keeps the step within STALL_STEPS
+        all-slots steps (or `prefill_chunk` rows), so no stream stalls for a whole prompt; a whole
+        PREFILL_CHUNK when nobody does. Runners that cannot mix
         rows (`any_rows` False) run each new prompt whole, in its own call, before the decode rows."""
         clock = PhaseClock(self.profile)
         batch = self._schedule()
@@ -358,7 +359,7 @@ class Engine(PythonAPI):
             for r in batch.admitted:
                 self._prefill_whole(r, clock)
         decoding = [r for r in batch.running if r.finish_reason is None and r.prefilled == len(r.prompt_ids)]
-        chunks = self._prompt_chunks(batch.running, bool(decoding))
+        chunks = self._prompt_chunks(batch.running, decoding)
         drafts = self._drafts(decoding) if not chunks else [[] for _ in decoding]
         clock.lap("draft")
         self._send_events()  # the last step's events: the loop that takes them runs beside this plan call
@@ -463,11 +464,12 @@ class Engine(PythonAPI):
             if self.prefix_cache is not None and r.finish_reason is None:  # as a prompt that ran here
                 self.prefix_cache.store(r.prompt_ids, r.slot, len(r.prompt_ids))
 
-    def _prompt_chunks(self, running: list[Request], anyone_decoding: bool) -> list[tuple[Request, int, int]]:
+    def _prompt_chunks(self, running: list[Request], decoding: list[Request]) -> list[tuple[Request, int, int]]:
         """The prompt rows of this step, oldest request first: (request, first, end) token ranges. Beside
-        decode rows, the budget is `prefill_chunk` rows' worth of time at a prompt's start, priced by
-        position (PlanReport.take_prompt_rows), so a long prompt's late rows come in smaller chunks and the
-        decoders' gap stays put; with nobody decoding, whole PREFILL_CHUNK-row chunks."""
+        decode rows, the budget is a time: what the plan leaves within STALL_STEPS all-slots steps, or
+        `prefill_chunk` rows' worth at a prompt's start where one is set; either way priced by position
+        (PlanReport.take_step_prompts), so a long prompt's late rows come in smaller chunks and the decoders'
+        gap stays put. With nobody decoding, whole PREFILL_CHUNK-row chunks."""
         waiting = sorted(
             (
                 r
@@ -476,9 +478,10 @@ class Engine(PythonAPI):
             ),
             key=lambda r: r.timings.admitted or 0.0,
         )
-        budget = self.config.prefill_chunk if anyone_decoding else PREFILL_CHUNK
         queue = [(r.prefilled, len(r.prompt_ids) - r.prefilled) for r in waiting]
-        taken = self.plan.report.take_prompt_rows(queue, budget, priced=anyone_decoding)
+        taken = self.plan.report.take_step_prompts(
+            queue, len(decoding), self.config.prefill_chunk, PREFILL_CHUNK, _mean_position(decoding)
+        )
         return [(r, r.prefilled, r.prefilled + n) for r, n in zip(waiting, taken) if n]
 
     def _rows(

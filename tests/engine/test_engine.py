@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import shutil
 
 import pytest
 import torch
 
-from metronome.compile.fused import FusedRunner
+from metronome.compile.fused import PREFILL_CHUNK, FusedRunner
+from metronome.compile.probe import DEFAULT_PREFILL_CHUNK
 from metronome.config import EngineConfig, ParamError, SamplingParams
 from metronome.engine import Engine, RequestError
 
@@ -241,10 +243,12 @@ def test_greedy_batch_is_the_greedy_alone(engine):
 
 
 def test_new_requests_join_the_running_batch(smollm_engine):
-    """A prompt that arrives while another request decodes enters in chunks of `prefill_chunk` rows, one
-    chunk per step beside the decode row, so the running request gains a token every step."""
+    """A prompt that arrives while another request decodes enters in chunks, one chunk per step beside the
+    decode row, so the running request gains a token every step. This plan is not calibrated: with no
+    `prefill_chunk` set, its chunks are DEFAULT_PREFILL_CHUNK rows."""
     engine = smollm_engine
-    chunk = engine.config.prefill_chunk
+    assert engine.config.prefill_chunk is None and engine.plan.report.step_ms == {}
+    chunk = DEFAULT_PREFILL_CHUNK
     a = engine.submit(engine.encode_prompt("Hello"), SamplingParams(max_tokens=12, ignore_eos=True))
     engine.step()  # nobody decodes: a's whole prompt runs in one step and samples its first token
     assert len(a.output_ids) == 1
@@ -264,6 +268,44 @@ def test_new_requests_join_the_running_batch(smollm_engine):
     assert a.finish_reason == b.finish_reason == "length"
     alone = engine.generate(b_prompt, SamplingParams(max_tokens=6, ignore_eos=True), chat=False)
     assert b.output_ids == list(alone.token_ids)  # chunked beside a decode row: the same tokens as alone
+
+
+def test_a_calibrated_plan_chooses_the_chunk_its_stall_bound_allows(smollm):
+    """With no `prefill_chunk` set, each step beside decode rows runs the prompt rows the plan's price
+    allows (PlanReport.take_step_prompts): here a price of about 1 ms a prompt row, 4 ms a one-row step and
+    20 ms an all-slots one gives about 2.5 x 20 - 4 = 46 rows at a prompt's start, fewer further in. A
+    slower all-slots step allows more rows: the engine follows the price it is given, not a fixed chunk."""
+    engine = Engine.from_model(config=EngineConfig(slots=4, ctx=512, prefix_cache_tokens=0), loaded=smollm)
+    firsts = []
+    for full in (20.0, 40.0):
+        engine.plan.report = dataclasses.replace(
+            engine.plan.report,
+            step_ms={1: 4.0, 2: 4.0, 3: 4.0, 4: full},
+            step_ms_far={1: 4.5, 2: 4.5, 3: 4.5, 4: full + 0.5},
+            far_position=256,
+            prompt_row_ms=1.0,
+            prompt_row_position=64.0,
+            prompt_row_ms_far=1.2,
+            prompt_row_far_position=264.0,
+        )
+        a = engine.submit([1, 2, 3], SamplingParams(max_tokens=40, ignore_eos=True))
+        engine.step()
+        b = engine.submit(list(range(5, 405)), SamplingParams(max_tokens=1))
+        taken = []
+        while b.prefilled < 400:
+            before, tokens = b.prefilled, len(a.output_ids)
+            (expected,) = engine.plan.report.take_step_prompts(
+                [(before, 400 - before)], 1, None, PREFILL_CHUNK, a.position
+            )
+            engine.step()
+            assert b.prefilled - before == expected and len(a.output_ids) == tokens + 1
+            taken.append(expected)
+        assert taken[-2] < taken[0]  # late rows cost more (the last chunk is what was left)
+        firsts.append(taken[0])
+        engine.cancel(a)
+        while not engine.scheduler.idle:
+            engine.step()
+    assert 40 <= firsts[0] <= 50 and firsts[1] > 1.8 * firsts[0]
 
 
 def test_cancel_frees_the_slot_at_the_next_step(smollm_engine):

@@ -3,7 +3,8 @@ decode rows, and the TTFT of a prompt behind a queue (chunked prefill)."""
 
 import math
 
-from metronome.compile.plan import PlanReport
+from metronome.compile.plan import STALL_STEPS, PlanReport
+from metronome.compile.probe import DEFAULT_PREFILL_CHUNK
 
 
 def _report(**kw) -> PlanReport:
@@ -128,3 +129,42 @@ def test_decode_rows_far_into_their_conversations_make_every_step_dearer():
     far = r.ttft_ms([(0, 40)], decoding=1, chunk=16, alone_chunk=256, position=1024)
     assert abs((far - near) - steps * 0.001 * 960) < 1e-9
     assert r.step_ms_with(1, [], position=1024) == r.step_ms_far[1]
+
+
+def test_the_plans_own_chunk_keeps_the_step_within_its_stall_bound():
+    """With no `prefill_chunk` set, a step's prompt rows take what STALL_STEPS all-slots steps leave after
+    the decode rows' own cost: more rows beside one user than beside three, never past the bound."""
+    r = _report(**FAR)
+    bound = STALL_STEPS * r.step_ms[4]
+    taken = {}
+    for live in (1, 3):
+        (n,) = r.take_step_prompts([(0, 500)], live, None, 256)
+        assert r.step_ms_with(live, [(0, n)]) <= bound < r.step_ms_with(live, [(0, n + 1)]), live
+        taken[live] = n
+    assert taken[1] > taken[3]
+    # deep into the prompt, its rows cost more: fewer of them, still within the bound
+    (late,) = r.take_step_prompts([(1000, 500)], 1, None, 256)
+    assert late < taken[1] and r.step_ms_with(1, [(1000, late)]) <= bound
+    # the decode rows far into their conversations: both steps are priced there
+    far = r.take_step_prompts([(0, 500)], 1, None, 256, position=1024)[0]
+    assert r.step_ms_with(1, [(0, far)], 1024) <= STALL_STEPS * r.step_ms_at(4, 1024)
+    assert r.take_step_prompts([(0, 500)], 1, None, 8) == [8]  # at most alone_chunk rows a step
+
+
+def test_a_set_chunk_nobody_decoding_and_no_calibration_take_rows_as_before():
+    r = _report(**FAR)
+    assert r.take_step_prompts([(0, 500)], 1, 16, 256) == r.take_prompt_rows([(0, 500)], 16, priced=True)
+    assert r.take_step_prompts([(1000, 500)], 0, None, 256) == [256]  # nobody decoding: whole chunks, unpriced
+    uncalibrated = _report(step_ms={}, prompt_row_ms=float("nan"), prefill_row_ms=float("nan"))
+    assert math.isnan(uncalibrated.prompt_budget_ms(1))
+    assert uncalibrated.take_step_prompts([(0, 500)], 1, None, 256) == [DEFAULT_PREFILL_CHUNK]
+
+
+def test_ttft_follows_the_plans_own_chunks():
+    r = _report(**FAR)
+    queue, total = [(0, 300)], 0.0
+    while queue[0][1]:
+        (n,) = r.take_step_prompts(queue, 2, None, 256)
+        total += r.step_ms_with(2, [(queue[0][0], n)])
+        queue = [(queue[0][0] + n, queue[0][1] - n)]
+    assert abs(r.ttft_ms([(0, 300)], decoding=2, chunk=None, alone_chunk=256) - total) < 1e-9

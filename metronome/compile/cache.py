@@ -21,8 +21,9 @@ from metronome.model.loader import LoadedModel
 # 5: calibration in interleaved rounds (probe.calibrate; the earlier figures' ratios could be a slow minute's),
 # with a far prompt-row figure, and a prompt row alone counted beyond the one-row step; 6: Q5_0 packed 16 rows
 # side by side (quant.pack_q5_0); 7: Q4_K and Q6_K packed the same way (quant.pack_16_rows); 8: Q8_0 too;
-# 9: Q4_0/Q4_1 as Q4_1X16, which took the kind code of the four-row Q4X4 (removed)
-PLAN_CACHE_VERSION = 9
+# 9: Q4_0/Q4_1 as Q4_1X16, which took the kind code of the four-row Q4X4 (removed); 10: Q5_0X16's fifth bits
+# as bit planes
+PLAN_CACHE_VERSION = 10
 
 
 def plan_cache_path(loaded: LoadedModel, config: EngineConfig, weights: str, ops: Ops, threads: int) -> Path:

@@ -52,7 +52,7 @@ BLOCK_BYTES = {  # per block and group of BLOCK_GROUPS rows
     "Q4_K": 144,
     "Q5_K": 176,
     "Q6_K": 210,
-    "Q5_0X16": 352,  # 16 fp16 d, 8 x 64 fifth bits, 4 x 64 nibble bytes
+    "Q5_0X16": 352,  # 16 fp16 d, 64 bytes of fifth-bit planes, 4 x 64 nibble bytes
     "Q4_KX16": 2368,  # 16 fp16 d, 16 fp16 dmin, 8 x 16 scales, 4 x 32 minimums, 32 x 64 nibble bytes
     "Q6_KX16": 3360,  # 16 fp16 d, 16 x 16 scales, 8 x (4 x 64 nibble bytes, 2 x 64 top-bit bytes)
     "Q8_0X16": 544,  # 16 fp16 d, 8 x 64 code bytes (q + 128)

@@ -21,7 +21,10 @@ def _prompt(seed: int, n: int, vocab: int) -> list[int]:
 
 
 def test_a_request_that_arrives_during_a_step_waits_for_it_and_then_runs_beside_its_decode_rows(tiny_hf):
-    engine = Engine.from_model(config=EngineConfig(slots=4, ctx=128, spec_tokens=0), loaded=load(tiny_hf("llama")))
+    # a set chunk of 32 rows: the new prompt's 10 rows run in one step beside the decode row (the plan's own
+    # choice, a step within 2.5 four-row steps here, would take 9 of them)
+    config = EngineConfig(slots=4, ctx=128, spec_tokens=0, prefill_chunk=32)
+    engine = Engine.from_model(config=config, loaded=load(tiny_hf("llama")))
     assert engine.plan.runner.any_rows, "the fused runner mixes prompt and decode rows"
     # a known price: a one-row step 4 ms, a prompt row 1.5 ms beside decode rows and 1 ms alone
     engine.plan.report = dataclasses.replace(

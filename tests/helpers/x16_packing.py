@@ -11,8 +11,8 @@ from metronome.kernels.blocks import BLOCK_BYTES
 
 def pack_q5_0(raw: np.ndarray, n: int, k: int) -> torch.Tensor:
     """GGUF Q5_0 rows (N, K/32*22 bytes) -> 16 rows side by side (ceil(N/16), K/32*352) uint8, the layout
-    csrc/blocks.cpp's q5x16_tile reads: per block, 16 fp16 d, then 8 words of 64 fifth bits (word g, bit
-    4r+j: row r's weight 4g+j), then 4 x 64 nibble bytes (vector v, byte 4r+j: row r's weight 8v+j low,
+    csrc/blocks.cpp's Q5_0Codes reads: per block, 16 fp16 d, then 64 bytes of fifth-bit planes (byte 4r+j,
+    bit g: row r's weight 4g+j), then 4 x 64 nibble bytes (vector v, byte 4r+j: row r's weight 8v+j low,
     8v+4+j high). Exact: the file's d and 5-bit codes are moved, not recomputed. Missing rows are zeros."""
     nb = k // 32
     blocks = np.asarray(raw).reshape(n, nb, 22)
@@ -28,7 +28,8 @@ def pack_q5_0(raw: np.ndarray, n: int, k: int) -> torch.Tensor:
     d = d.reshape(groups, 16, nb, 2).transpose(0, 2, 1, 3).reshape(groups, nb, 32)
     # (G, nb, quad g, row r, j): weight 4g+j of row r
     quads = codes.reshape(groups, 16, nb, 8, 4).transpose(0, 2, 3, 1, 4)
-    bits = np.packbits((quads >> 4).reshape(groups, nb, 8, 64), axis=-1, bitorder="little").reshape(groups, nb, 64)
+    fifth = (quads >> 4).reshape(groups, nb, 8, 64).transpose(0, 1, 3, 2)  # (G, nb, byte 4r+j, quad g)
+    bits = np.packbits(fifth, axis=-1, bitorder="little").reshape(groups, nb, 64)
     low = quads & 0x0F
     nibbles = (low[:, :, 0::2] | (low[:, :, 1::2] << 4)).reshape(groups, nb, 256)  # vector v: quads 2v, 2v+1
     out = np.concatenate([d, bits, nibbles], axis=-1).astype(np.uint8)

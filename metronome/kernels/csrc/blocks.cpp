@@ -274,12 +274,28 @@ inline void store16(const __m512* acc, float* y, int64_t ldy, int64_t rows, int6
 }
 
 // The 32-weight packed kinds: per group and block, 16 fp16 d (row r in lane r), for Q4_1 16 fp16 m, then
-// the codes (at Codes::kCodesAt), which Codes::unpack_pair turns into vectors c[2v], c[2v + 1] (byte 4r+i:
+// the codes (at Codes::kCodesAt), which Codes::unpack_pair<v> turns into vectors c[2v], c[2v + 1] (byte 4r+i:
 // row r's weight 4g+i, unsigned) for v in [0, 4). Row r, x row m:
 //   acc += float(sum_j c_j x8_j + offset) * (d_r * dx) [+ m_r * sx], block after block,
 // where the offset term (-16 or -128 times the block's sum of x8: xq.o16, xq.o128; none for Q4_1) starts
 // the integer sum, and Q4_1's minimum adds m_r times sx = dx * (the block's sum of x8).
 // Where the CPU has no vpdpbusd, Q8_0's codes go back to q (signed) for dpbssd, which needs no offset.
+// a | (b & mask) in one instruction (vpternlogd: 0xF8 is the truth table of A | (B & C))
+inline __m512i or_and(__m512i a, __m512i b, __m512i mask) { return _mm512_ternarylogic_epi32(a, b, mask, 0xF8); }
+
+// Bit G of every byte of v at bit 4 of that byte (the other bits are left for a mask to clear): a 16-bit
+// shift moves both bytes of a lane alike, and bit 4 of each receives a bit of its own byte for G in [0, 8).
+template <int G>
+inline __m512i bit_to_4(__m512i v) {
+  static_assert(G >= 0 && G < 8, "a bit of the byte");
+  if constexpr (G < 4)
+    return _mm512_slli_epi16(v, 4 - G);
+  else if constexpr (G > 4)
+    return _mm512_srli_epi16(v, G - 4);
+  else
+    return v;
+}
+
 template <typename Codes>
 struct X16Block32 {
   using CodesT = Codes;
@@ -295,6 +311,9 @@ struct X16Block32 {
       const __m512i a0 = _mm512_abs_epi8(q0), a1 = _mm512_abs_epi8(q1);
       for (int j = 0; j < R; ++j)
         s[j] = dpbssd_bcst(dpbssd_bcst(s[j], q0, a0, xb[j] + 2 * v), q1, a1, xb[j] + 2 * v + 1);
+    } else if constexpr (Codes::kOffset != 128 && kSums16) {
+      for (int j = 0; j < R; ++j)
+        s[j] = madd16_add(s[j], sums16_bcst<2, Codes::kMaxCode + 1>(c, xb[j] + 2 * v), ones16());
     } else if constexpr (Codes::kOffset != 128) {  // codes below 128
       for (int j = 0; j < R; ++j)
         s[j] = dpbusd_bcst_small(dpbusd_bcst_small(s[j], c[0], xb[j] + 2 * v), c[1], xb[j] + 2 * v + 1);
@@ -303,14 +322,22 @@ struct X16Block32 {
     }
   }
 
-  // One block's integer sums for R rows of x, code pair by code pair: the codes of a pair are unpacked
-  // once for all R rows.
-  template <int R>
+  // One block's integer sums for R rows of x, code pair by code pair (V = 0..3): the codes of a pair are
+  // unpacked once for all R rows. The nibble kinds' unpacking takes V at compile time (Q5_0's shifts), which
+  // unrolls the pairs; Q8_0's codes are loaded as stored, in a loop: unrolled, its signed form on AVX2 ran
+  // 0.90x (tools/ab_x16.py, 8 and 32 rows of x, 2026-12-04).
+  template <int R, int V = 0>
   static inline void sums(const uint8_t* codes, const int32_t* const* xb, __m512i* s) {
-    for (int v = 0; v < 4; ++v) {
-      __m512i c[2];
-      Codes::unpack_pair(codes, v, c);
-      add_pair<R>(c, xb, v, s);
+    __m512i c[2];
+    if constexpr (!Codes::kPairAtCompileTime) {
+      for (int v = 0; v < 4; ++v) {
+        Codes::unpack_pair(codes, v, c);
+        add_pair<R>(c, xb, v, s);
+      }
+    } else {
+      Codes::template unpack_pair<V>(codes, c);
+      add_pair<R>(c, xb, V, s);
+      if constexpr (V < 3) sums<R, V + 1>(codes, xb, s);
     }
   }
 
@@ -357,20 +384,22 @@ struct X16Block32 {
   }
 };
 
-// Q5_0 (w = d * (q - 16), q in [0, 32)), 352 bytes: d, then 8 words of 64 fifth bits (word g: bit 4r+j is
-// the fifth bit of row r's weight 4g+j), then 4 nibble vectors; codes q, offset -16 x sum(x8).
+// Q5_0 (w = d * (q - 16), q in [0, 32)), 352 bytes: d, then the fifth bits as 64 bytes of bit planes (byte
+// 4r+j, bit g: the fifth bit of row r's weight 4g+j), then 4 nibble vectors; codes q, offset -16 x sum(x8).
+// Quad g's fifth bits come out of the planes with a shift and a mask (bit g to bit 4 of every byte). Stored
+// as a 64-bit mask per quad (until 2026-12-04) they took a mask register on AVX-512, and on AVX2 six
+// instructions per 256-bit half to spread the bits to bytes.
 struct Q5_0Codes {
   static constexpr int64_t kBytes = kQ5x16Bytes, kCodesAt = 32;
-  static constexpr int kOffset = 16;
+  static constexpr int kOffset = 16, kMaxCode = 31;
   static constexpr bool kMin = false;
-  static inline void unpack_pair(const uint8_t* p, int v, __m512i* c) {
-    const __m512i bit4 = _mm512_set1_epi8(0x10);
-    nibble_quads(p + 64 + 64 * v, c);
-    uint64_t h0, h1;
-    std::memcpy(&h0, p + 16 * v, 8);
-    std::memcpy(&h1, p + 8 + 16 * v, 8);
-    c[0] = _mm512_or_si512(c[0], _mm512_maskz_mov_epi8(h0, bit4));
-    c[1] = _mm512_or_si512(c[1], _mm512_maskz_mov_epi8(h1, bit4));
+  static constexpr bool kPairAtCompileTime = true;
+  template <int V>
+  static inline void unpack_pair(const uint8_t* p, __m512i* c) {
+    const __m512i bit4 = _mm512_set1_epi8(0x10), planes = _mm512_loadu_si512(p);
+    nibble_quads(p + 64 + 64 * V, c);
+    c[0] = or_and(c[0], bit_to_4<2 * V>(planes), bit4);
+    c[1] = or_and(c[1], bit_to_4<2 * V + 1>(planes), bit4);
   }
 };
 using Q5_0x16 = X16Block32<Q5_0Codes>;
@@ -381,8 +410,9 @@ using Q5_0x16 = X16Block32<Q5_0Codes>;
 // slots, a verification step) spent their time on: a 151,936-row head at 8 rows of x (docs/models.md).
 struct Q8_0Codes {
   static constexpr int64_t kBytes = kQ8x16Bytes, kCodesAt = 32;
-  static constexpr int kOffset = 128;
+  static constexpr int kOffset = 128, kMaxCode = 255;
   static constexpr bool kMin = false;
+  static constexpr bool kPairAtCompileTime = false;
   static inline void unpack_pair(const uint8_t* p, int v, __m512i* c) {
     c[0] = _mm512_loadu_si512(p + 128 * v);
     c[1] = _mm512_loadu_si512(p + 128 * v + 64);
@@ -398,9 +428,13 @@ using Q8_0x16 = X16Block32<Q8_0Codes>;
 // block paid a conversion and two multiply-adds per 2 vpdpbusd; here per 8.
 struct Q4_1Codes {
   static constexpr int64_t kBytes = kQ41x16Bytes, kCodesAt = 64;
-  static constexpr int kOffset = 0;
+  static constexpr int kOffset = 0, kMaxCode = 15;
   static constexpr bool kMin = true;
-  static inline void unpack_pair(const uint8_t* p, int v, __m512i* c) { nibble_quads(p + 64 * v, c); }
+  static constexpr bool kPairAtCompileTime = true;
+  template <int V>
+  static inline void unpack_pair(const uint8_t* p, __m512i* c) {
+    nibble_quads(p + 64 * V, c);
+  }
 };
 using Q4_1x16 = X16Block32<Q4_1Codes>;
 
@@ -434,6 +468,14 @@ struct Q4_Kx16 {
         const __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 64 + 16 * j)));
         __m512i c[8];
         for (int v = 0; v < 4; ++v) nibble_quads(p + 320 + 256 * j + 64 * v, c + 2 * v);
+        if constexpr (kSums16) {  // AVX2: the 32 weights' int16 pair sums, widened against (sc_j, sc_j)
+          const __m512i sc2 = _mm512_or_si512(sc, _mm512_slli_epi32(sc, 16));
+          for (int m = 0; m < MT; ++m) {
+            const int32_t* xb = reinterpret_cast<const int32_t*>(xq.x8k + (m0 + m) * K + b * 256 + 32 * j);
+            isum[m] = madd16_add(isum[m], sums16_bcst<8, 16>(c, xb), sc2);
+          }
+          continue;
+        }
         for (int m = 0; m < MT; ++m) {
           const int32_t* xb = reinterpret_cast<const int32_t*>(xq.x8k + (m0 + m) * K + b * 256 + 32 * j);
           // two chains of 4 (vpdpbusd's latency, not its throughput, would bound one chain of 8)
@@ -466,9 +508,6 @@ struct Q4_Kx16 {
     store16<MT>(acc, y, ldy, rows, n0, m0);
   }
 };
-
-// a | (b & mask) in one instruction (vpternlogd: 0xF8 is the truth table of A | (B & C))
-inline __m512i or_and(__m512i a, __m512i b, __m512i mask) { return _mm512_ternarylogic_epi32(a, b, mask, 0xF8); }
 
 // Q6_K (w = d * sc_g * (q - 32) over 16 groups g of 16, q in [0, 64), int8 sc_g), per group and super-block,
 // 3360 bytes (the file's 16 x 210): 16 fp16 d, the scales (group g: 16 bytes, row r's at 32 + 16g + r),
@@ -516,7 +555,12 @@ struct Q6_Kx16 {
           const int64_t row = m0 + m;
           const int32_t* xb = reinterpret_cast<const int32_t*>(xq.x8k + row * K + b * 256 + 16 * g);
           __m512i s = _mm512_set1_epi32(xq.o32[row * (K / 16) + b * 16 + g]);
-          for (int e = 0; e < 4; ++e) s = dpbusd_bcst_small(s, c[e], xb + e);  // 6-bit codes
+          if constexpr (kSums16) {  // AVX2: two pairs of code vectors, each summed as int16
+            s = madd16_add(s, sums16_bcst<2, 64>(c, xb), ones16());
+            s = madd16_add(s, sums16_bcst<2, 64>(c + 2, xb + 2), ones16());
+          } else {
+            for (int e = 0; e < 4; ++e) s = dpbusd_bcst_small(s, c[e], xb + e);  // 6-bit codes
+          }
           fsum[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, fsum[m]);
         }
       }
@@ -567,12 +611,16 @@ inline const uint8_t* amx_codes(const uint8_t* p, uint8_t* unpacked) {
   if constexpr (Codes::kOffset == 128) {
     return p + Codes::kCodesAt;
   } else {
-    for (int v = 0; v < 4; ++v) {
+    const auto store = [&](auto v) {  // pair v's two code vectors (v: a std::integral_constant)
       __m512i c[2];
-      Codes::unpack_pair(p + Codes::kCodesAt, v, c);
-      _mm512_store_si512(unpacked + 128 * v, c[0]);
-      _mm512_store_si512(unpacked + 128 * v + 64, c[1]);
-    }
+      Codes::template unpack_pair<v()>(p + Codes::kCodesAt, c);
+      _mm512_store_si512(unpacked + 128 * v(), c[0]);
+      _mm512_store_si512(unpacked + 128 * v() + 64, c[1]);
+    };
+    store(std::integral_constant<int, 0>{});
+    store(std::integral_constant<int, 1>{});
+    store(std::integral_constant<int, 2>{});
+    store(std::integral_constant<int, 3>{});
     return unpacked;
   }
 }

@@ -113,12 +113,12 @@ void pack_block(const Q5_0Block&, const uint8_t* const* f, uint8_t* out) {
       std::memcpy(out + 2 * r, f[r], 2);  // d
       Q5_0Block::codes(f[r], q[r]);
     }
-  for (int g = 0; g < 8; ++g) {  // word g: bit 4r+j = the fifth bit of row r's weight 4g+j
-    uint64_t word = 0;
-    for (int r = 0; r < 16; ++r)
-      for (int j = 0; j < 4; ++j) word |= static_cast<uint64_t>(q[r][4 * g + j] >> 4) << (4 * r + j);
-    std::memcpy(out + 32 + 8 * g, &word, 8);
-  }
+  for (int r = 0; r < 16; ++r)  // bit planes: byte 4r+j, bit g = the fifth bit of row r's weight 4g+j
+    for (int j = 0; j < 4; ++j) {
+      uint8_t planes = 0;
+      for (int g = 0; g < 8; ++g) planes |= static_cast<uint8_t>((q[r][4 * g + j] >> 4) << g);
+      out[32 + 4 * r + j] = planes;
+    }
   nibble_vectors(&q[0][0], 32, 0, 4, out + 96);
 }
 

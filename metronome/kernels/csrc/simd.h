@@ -167,6 +167,45 @@ inline __m512i dpwssd_bcst(__m512i acc, __m512i s16, const int32_t* x2) {
 }
 #endif
 
+// Small codes on AVX2, summed as int16 before they are widened. vpmaddubsw leaves each int32 lane's four
+// products as two int16 pair sums. For codes below kBelow (4-, 5- and 6-bit) and x bytes of at most 128 in
+// size, N such results add up as int16 while N * 2 * (kBelow - 1) * 128 < 32768, and one vpmaddwd then
+// widens them: against ones, the dpbusd sums; against a scale in both int16 halves, the scaled sums. Two
+// dpbusd_small cost four multiplies per 256-bit half, two code vectors summed this way three, and Q4_K's
+// eight (the scale folded into the widening) nine where they were twenty. A prompt's rows are bound by those
+// multiplies here: Qwen2.5-0.5B's Q5_0 tile was 56 % of its 1,000-token prefill on a Zen 4 without AVX-512
+// (perf, 2026-12-04). The integer sums are the same numbers, so results are unchanged bit for bit.
+// AVX-512 VNNI keeps vpdpbusd (one instruction per 64 products): there these are only declared, so that
+// the kernels' discarded `if constexpr (kSums16)` branches compile, and a call would fail to link.
+#ifdef METRONOME_AVX2
+constexpr bool kSums16 = true;
+// sum_i u[i] . (x4[i]'s 4 bytes in every lane), i < N, as the int16 pairs described above
+template <int N, int kBelow>
+inline __m512i sums16_bcst(const __m512i* u, const int32_t* x4) {
+  static_assert(N * 2 * (kBelow - 1) * 128 < 32768, "the int16 sums could overflow: fewer vectors per sum");
+  __m256i b = _mm256_set1_epi32(x4[0]);
+  __m512i t = {_mm256_maddubs_epi16(u[0].lo, b), _mm256_maddubs_epi16(u[0].hi, b)};
+  for (int i = 1; i < N; ++i) {
+    b = _mm256_set1_epi32(x4[i]);
+    t.lo = _mm256_add_epi16(t.lo, _mm256_maddubs_epi16(u[i].lo, b));
+    t.hi = _mm256_add_epi16(t.hi, _mm256_maddubs_epi16(u[i].hi, b));
+  }
+  return t;
+}
+// acc + each int32 lane's two int16 of t times w's (vpmaddwd, then vpaddd)
+inline __m512i madd16_add(__m512i acc, __m512i t, __m512i w) {
+  return {_mm256_add_epi32(acc.lo, _mm256_madd_epi16(t.lo, w.lo)),
+          _mm256_add_epi32(acc.hi, _mm256_madd_epi16(t.hi, w.hi))};
+}
+#else
+constexpr bool kSums16 = false;
+template <int N, int kBelow>
+__m512i sums16_bcst(const __m512i* u, const int32_t* x4);
+__m512i madd16_add(__m512i acc, __m512i t, __m512i w);
+#endif
+// int16 ones in every lane: widens sums16_bcst's pairs to their sums
+inline __m512i ones16() { return _mm512_set1_epi32(0x00010001); }
+
 // Q8_0's codes against x8, signed by signed: acc + q . x per int32 lane (4 products), exactly, for x in
 // [-127, 127] (quantize's range: round(x * 127 / max|x|)). vpmaddubsw multiplies |q| <= 128 (unsigned) by x
 // with q's sign: its int16 pair sums stay within 2 * 128 * 127 < 32768, and vpmaddwd widens them. abs_q is

@@ -13,8 +13,7 @@ import signal
 import socket
 import sys
 import threading
-
-import uvicorn
+from typing import TYPE_CHECKING
 
 from metronome.args import (
     add_engine_args,
@@ -24,12 +23,18 @@ from metronome.args import (
     param_message,
     speech_model_path,
 )
-from metronome.compile import PlanError
 from metronome.config import ParamError
-from metronome.engine import Engine
-from metronome.model.loader import ModelFileError, load
-from metronome.serve.audio import SpeechService
-from metronome.serve.server import ModelIdentity, ServerSettings, ServerState, create_app
+from metronome.serve.settings import ServerSettings
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from metronome.engine import Engine
+    from metronome.serve.server import ServerState
+
+# The web framework, the engine and the model loader are imported where the server starts, not here: every
+# `metronome` command builds its parser from this module's flags (`add_cli`), and `metronome plan` or
+# `metronome models` should not need uvicorn or FastAPI to be installed.
 
 API_KEY_ENV = "METRONOME_API_KEY"
 
@@ -95,6 +100,10 @@ class ModelLoader(threading.Thread):
         self.error: BaseException | None = None
 
     def run(self) -> None:
+        from metronome.engine import Engine
+        from metronome.model.loader import load
+        from metronome.serve.server import ModelIdentity
+
         a = self.args
         try:
             speech, speech_path = self.state.speech, speech_model_path(a)[1]
@@ -135,6 +144,13 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from metronome.compile import PlanError
+    from metronome.model.loader import ModelFileError
+    from metronome.serve.audio import SpeechService
+    from metronome.serve.server import create_app
+
     try:
         settings = settings_from(args)
         engine_config(args)  # the engine flags, checked before the port opens (the model's context: once it loads)

@@ -41,6 +41,7 @@ from metronome.serve.reflect import REFLECTIONS, add_reflect_routes
 from metronome.serve.responses import ResponseHead, ResponseShape
 from metronome.serve.responses_api import RESPONSES, add_responses_routes
 from metronome.serve.schemas import ChatBody, CompletionBody, SamplingBody, error_message, error_param
+from metronome.serve.settings import ServerSettings
 from metronome.serve.tools import ToolCalling, ToolError, closed, template_messages, tool_calling, tool_grammar
 
 _PUBLIC_PATHS = frozenset({"/health", "/", OPENAPI_PATH})  # no API key: readiness, the chat page, the API's schema
@@ -48,15 +49,6 @@ _ENDPOINTS = frozenset(
     {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", TRANSCRIPTIONS, TRANSLATIONS}
     | {OPENAPI_PATH, RESPONSES, REFLECTIONS}
 )
-
-
-@dataclass(frozen=True)
-class ServerSettings:
-    api_key: str | None = None  # when set, every endpoint but /health and the page needs "Bearer <key>"
-    max_body_bytes: int = 4 << 20  # larger request bodies get 413
-    retry_after_s: int = 1  # Retry-After of a 429 (queue full) or 503 (loading)
-    model_alias: str = "metronome"  # accepted as the model name besides the served model's own id
-    max_choices: int = 64  # prompts x n engine requests one API request may start
 
 
 @dataclass(frozen=True)

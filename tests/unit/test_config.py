@@ -226,3 +226,22 @@ def test_serve_refuses_a_bad_engine_flag_before_it_listens(capsys):
 
     assert main(["--port", "0", "--slots", "0"]) == 2
     assert "slots=0" in capsys.readouterr().err
+
+
+def test_commands_that_serve_nothing_start_without_the_web_framework():
+    """Every command's parser holds `serve`'s flags, but only `serve` itself needs uvicorn and FastAPI: on a
+    machine without them (the lent GPU machine had neither) `metronome plan` must still start. A fresh
+    interpreter with those modules blocked builds the parser and prints `plan --help`."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "for name in ('uvicorn', 'fastapi', 'starlette'):\n"
+        "    sys.modules[name] = None  # any import of them fails\n"
+        "from metronome.cli import main\n"
+        "sys.exit(main(['plan', '--help']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--calibrate" in done.stdout

@@ -1,0 +1,15 @@
+"""The server's own settings (`metronome serve`'s flags beside the engine's): a record with no imports, so
+that the command line can name their defaults without loading the web framework."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    api_key: str | None = None  # when set, every endpoint but /health and the page needs "Bearer <key>"
+    max_body_bytes: int = 4 << 20  # larger request bodies get 413
+    retry_after_s: int = 1  # Retry-After of a 429 (queue full) or 503 (loading)
+    model_alias: str = "metronome"  # accepted as the model name besides the served model's own id
+    max_choices: int = 64  # prompts x n engine requests one API request may start

@@ -110,7 +110,8 @@ class PlanReport:
         the step stays within STALL_STEPS all-slots steps, less what the decode rows cost themselves (both at
         the decode rows' mean `position`). With fewer users decoding, their own rows cost less and a prompt
         takes more rows per step. NaN without calibration."""
-        if self.prompt_rows_ms(0, 1) != self.prompt_rows_ms(0, 1):  # NaN: prompt rows not calibrated
+        unit = self.prompt_rows_ms(0, 1)
+        if unit != unit:  # NaN: prompt rows not calibrated
             return float("nan")
         if position is None:
             full, own = self.step_ms.get(self.slots, float("nan")), self.step_ms.get(live, float("nan"))

@@ -296,6 +296,24 @@ inline __m512i bit_to_4(__m512i v) {
     return v;
 }
 
+// The nibble at `p` (low or high, as nibble_quads splits a vector) with bit G of every byte of `planes` as
+// its fifth bit. Shifted planes carry their neighbours' bits, so the general form pays a mask: 3 vector
+// ops for the low nibble, 4 for the high. With GFNI, vgf2p8affineqb moves bit G to bit 4 and clears the rest
+// of each byte (output bit 4 is the parity of the input bits that byte 3 of the 8x8 bit matrix selects), so
+// one ternary-logic op merges it: 2 and 3 ops, as many as the 64-bit-mask layout before 2026-12-04 took on
+// AVX-512 (a mask register load, a masked move, a merge).
+template <int G, bool kHigh>
+inline __m512i nibble_with_bit(__m512i q, __m512i planes) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const __m512i nibble = kHigh ? _mm512_srli_epi16(q, 4) : q;
+#if defined(__GFNI__) && !defined(METRONOME_AVX2)
+  const __m512i bit = _mm512_gf2p8affine_epi64_epi8(planes, _mm512_set1_epi64(int64_t{1} << (G + 24)), 0);
+  return or_and(bit, nibble, low4);
+#else
+  return or_and(_mm512_and_si512(nibble, low4), bit_to_4<G>(planes), _mm512_set1_epi8(0x10));
+#endif
+}
+
 template <typename Codes>
 struct X16Block32 {
   using CodesT = Codes;
@@ -396,10 +414,9 @@ struct Q5_0Codes {
   static constexpr bool kPairAtCompileTime = true;
   template <int V>
   static inline void unpack_pair(const uint8_t* p, __m512i* c) {
-    const __m512i bit4 = _mm512_set1_epi8(0x10), planes = _mm512_loadu_si512(p);
-    nibble_quads(p + 64 + 64 * V, c);
-    c[0] = or_and(c[0], bit_to_4<2 * V>(planes), bit4);
-    c[1] = or_and(c[1], bit_to_4<2 * V + 1>(planes), bit4);
+    const __m512i planes = _mm512_loadu_si512(p), q = _mm512_loadu_si512(p + 64 + 64 * V);
+    c[0] = nibble_with_bit<2 * V, false>(q, planes);
+    c[1] = nibble_with_bit<2 * V + 1, true>(q, planes);
   }
 };
 using Q5_0x16 = X16Block32<Q5_0Codes>;

@@ -101,6 +101,15 @@ class Terms:
     collective_s: float = 0.0  # one exchange of a row's partial sums between two ranks (tensor parallel)
     logits_s: dict[int, float] = field(default_factory=dict)  # rows -> the work on a step's logits (`_logits_seconds`)
 
+    def __post_init__(self) -> None:
+        # Terms grow a field now and then; a positional call written before one was added would shift its
+        # values into the wrong fields (CUDA's notes once landed in wake_s and failed only at `mean`).
+        for name in ("attention_s", "call_s", "region_s", "wake_s", "collective_s"):
+            if not isinstance(getattr(self, name), (int, float)):
+                raise TypeError(f"Terms.{name} must be seconds (a float), got {getattr(self, name)!r}")
+        if not all(isinstance(n, str) for n in self.notes):
+            raise TypeError(f"Terms.notes must be a tuple of strings, got {self.notes!r}")
+
     def mean(self, other: Terms) -> Terms:
         """Field-wise mean of two measurements of the same machine (taken before and after the engine ran)."""
         per = {
@@ -463,7 +472,7 @@ def _measure_cuda(repeats: int) -> Terms:
     q = torch.randn(8, 8, 1, 64, device="cuda", dtype=torch.bfloat16)
     kv = torch.randn(8, 8, 4096, 64, device="cuda", dtype=torch.bfloat16)
     att = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, kv, kv)) / (8 * 4096 * 8 * 64)
-    return Terms("cuda", 1, per_byte, att, call_s, 0.0, ("torch bf16 matmul over a 512 MiB matrix",))
+    return Terms("cuda", 1, per_byte, att, call_s, region_s=0.0, notes=("torch bf16 matmul over a 512 MiB matrix",))
 
 
 @dataclass(frozen=True)

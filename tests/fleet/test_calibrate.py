@@ -188,3 +188,13 @@ def test_the_layout_rows_time_their_matrices_on_the_plans_ring(tmp_path, monkeyp
     assert (plan_threads, decode_threads, rank_threads) == (2, 1, 1)
     assert plan_ring == decode_ring > 4096  # the decode engine reads the whole model, as the plan does
     assert 4096 < rank_ring < plan_ring  # a rank reads its cut
+
+
+def test_terms_refuse_a_value_in_the_wrong_field():
+    # the CUDA terms were built positionally before wake_s was added: their notes landed in wake_s and the
+    # planner failed only when it averaged two measurements
+    with pytest.raises(TypeError, match="wake_s"):
+        Terms("cuda", 1, {"bf16": {1: 1e-12}}, 1e-12, 1e-6, 0.0, ("torch bf16 matmul",))
+    with pytest.raises(TypeError, match="notes"):
+        dataclasses.replace(TERMS, notes=(1.0,))
+    assert TERMS.mean(TERMS).wake_s == TERMS.wake_s

@@ -28,6 +28,7 @@ per weight byte at M rows, the same attention and per-op terms, no thread pool.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import statistics
 import time
 from contextlib import contextmanager
@@ -105,7 +106,7 @@ class Terms:
         # Terms grow a field now and then; a positional call written before one was added would shift its
         # values into the wrong fields (CUDA's notes once landed in wake_s and failed only at `mean`).
         for name in ("attention_s", "call_s", "region_s", "wake_s", "collective_s"):
-            if not isinstance(getattr(self, name), (int, float)):
+            if not isinstance(getattr(self, name), numbers.Real):
                 raise TypeError(f"Terms.{name} must be seconds (a float), got {getattr(self, name)!r}")
         if not all(isinstance(n, str) for n in self.notes):
             raise TypeError(f"Terms.notes must be a tuple of strings, got {self.notes!r}")

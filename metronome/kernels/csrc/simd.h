@@ -197,11 +197,34 @@ inline __m512i madd16_add(__m512i acc, __m512i t, __m512i w) {
   return {_mm256_add_epi32(acc.lo, _mm256_madd_epi16(t.lo, w.lo)),
           _mm256_add_epi32(acc.hi, _mm256_madd_epi16(t.hi, w.hi))};
 }
+// acc[m] = madd16_add(acc[m], sums16_bcst<N, kBelow>(u, x4 of row m), w) for MT rows of x (row m's 4-byte
+// groups at x + m * ldx), the same integers, computed one 256-bit half at a time: a half's N code vectors
+// stay in registers across the rows. Both halves at once are 2N registers, which for N = 8 (Q4_K's 32
+// weights) is all sixteen: the compiler reloaded them from the stack for every row, and with the x
+// broadcasts that made the tile wait on loads.
+template <int MT, int N, int kBelow>
+inline void sums16_rows(const __m512i* u, const int32_t* x4, int64_t ldx, __m512i w, __m512i* acc) {
+  static_assert(N * 2 * (kBelow - 1) * 128 < 32768, "the int16 sums could overflow: fewer vectors per sum");
+  for (int h = 0; h < 2; ++h) {
+    __m256i c[N];
+    for (int i = 0; i < N; ++i) c[i] = h ? u[i].hi : u[i].lo;
+    const __m256i wh = h ? w.hi : w.lo;
+    for (int m = 0; m < MT; ++m) {
+      const int32_t* x = x4 + m * ldx;
+      __m256i t = _mm256_maddubs_epi16(c[0], _mm256_set1_epi32(x[0]));
+      for (int i = 1; i < N; ++i) t = _mm256_add_epi16(t, _mm256_maddubs_epi16(c[i], _mm256_set1_epi32(x[i])));
+      __m256i& a = h ? acc[m].hi : acc[m].lo;
+      a = _mm256_add_epi32(a, _mm256_madd_epi16(t, wh));
+    }
+  }
+}
 #else
 constexpr bool kSums16 = false;
 template <int N, int kBelow>
 __m512i sums16_bcst(const __m512i* u, const int32_t* x4);
 __m512i madd16_add(__m512i acc, __m512i t, __m512i w);
+template <int MT, int N, int kBelow>
+void sums16_rows(const __m512i* u, const int32_t* x4, int64_t ldx, __m512i w, __m512i* acc);
 #endif
 // int16 ones in every lane: widens sums16_bcst's pairs to their sums
 inline __m512i ones16() { return _mm512_set1_epi32(0x00010001); }

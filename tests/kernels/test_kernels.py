@@ -9,6 +9,7 @@ same row computed alone, for M = 1..8 (and the thread count does not matter eith
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -569,3 +570,34 @@ def test_build_is_keyed_on_every_source_file(tmp_path, monkeypatch) -> None:
     first = build.build_directory()
     (tmp_path / "simd.h").write_bytes((tmp_path / "simd.h").read_bytes() + b"\n")
     assert build.build_directory() != first
+
+
+def test_a_failed_check_raises_its_message_without_a_cpp_stack(cpp: CppOps) -> None:
+    """A TORCH_CHECK in the kernels raises the Python exception with the check's message, and never asks c10
+    for the C++ stack: symbolizing it ended the process on a lent machine's image. In a child with
+    TORCH_SHOW_CPP_STACKTRACES=1, where torch's own translator would append the symbolized stack."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import torch
+        from metronome.kernels.ops import load_kernels
+        ops = load_kernels()
+        try:
+            ops.pack_x16(torch.zeros(16, 10, dtype=torch.uint8), 8, 16, 32)
+        except RuntimeError as e:
+            print(repr(str(e)))
+        try:
+            ops.rms_norm(torch.zeros(2, 4), torch.zeros(3), 1e-5)
+        except RuntimeError as e:
+            print(repr(str(e)))
+    """)
+    env = {**os.environ, "TORCH_SHOW_CPP_STACKTRACES": "1", "TORCH_DISABLE_ADDR2LINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    messages = out.stdout.splitlines()
+    assert len(messages) == 2, out.stdout + out.stderr[-3000:]
+    assert "raw must be the file's contiguous uint8 blocks" in messages[0]
+    assert "rms_norm: weight must have shape (4,)" in messages[1]
+    assert not any("Exception raised from" in m or "Traceback" in m for m in messages), messages

@@ -18,6 +18,26 @@ using metronome::Tensor;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "metronome's fused, row-independent CPU kernels (AVX-512)";
+  // A failed TORCH_CHECK here (a c10::Error) becomes its Python exception with the check's message only.
+  // Left to pybind11, it is handled by torch's translator where this module shares torch's pybind11
+  // internals, and otherwise by the generic std::exception one, which calls what(): c10 then symbolizes the
+  // C++ stack (addr2line), and on a lent GPU machine's image (torch 2.11+cu130, the module built by g++
+  // 13.3) every such error ended the process with no message (docs/performance.md, "On the lent machine").
+  py::register_local_exception_translator([](std::exception_ptr error) {
+    try {
+      if (error) std::rethrow_exception(error);
+    } catch (const c10::IndexError& e) {
+      PyErr_SetString(PyExc_IndexError, e.what_without_backtrace());
+    } catch (const c10::ValueError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    } catch (const c10::TypeError& e) {
+      PyErr_SetString(PyExc_TypeError, e.what_without_backtrace());
+    } catch (const c10::NotImplementedError& e) {
+      PyErr_SetString(PyExc_NotImplementedError, e.what_without_backtrace());
+    } catch (const c10::Error& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    }
+  });
   m.def("rms_norm", &metronome::rms_norm, "y = x * rsqrt(mean(x^2) + eps) * weight, f32 math", py::arg("x"),
         py::arg("weight"), py::arg("eps"));
   m.def("add_rms_norm", &metronome::add_rms_norm, "(rms_norm(x + residual), x + residual)", py::arg("x"),

@@ -291,7 +291,12 @@ def measure_stall(engine, long_tokens: int = 1300, output_tokens: int = 200, rep
         # gaps between events (several tokens of one event share a stamp)
         medians.append(1000 * statistics.median(b - a for a, b in zip(stamps, stamps[1:]) if b > a))
     ratios = [b / a for a, b in zip(alone, beside)]
-    predicted = _predicted_steps_ms(engine, long_tokens, len(stream_prompt) + output_tokens // 4)
+    from metronome.compile.fused import PREFILL_CHUNK
+
+    # the plan's price of each step that runs the long prompt beside the one user decoding
+    predicted = engine.plan.report.prefill_steps_ms(
+        [(0, long_tokens)], 1, engine.config.prefill_chunk, PREFILL_CHUNK, len(stream_prompt) + output_tokens // 4
+    )
     return {
         "repeats": repeats,
         "long_prompt_tokens": long_tokens,
@@ -307,20 +312,6 @@ def measure_stall(engine, long_tokens: int = 1300, output_tokens: int = 200, rep
         "ttft_beside_over_alone": statistics.median(ratios),
         "ttft_beside_over_alone_per_repeat": [round(r, 2) for r in ratios],
     }
-
-
-def _predicted_steps_ms(engine, prompt_tokens: int, position: float) -> list[float]:
-    """The plan's price of each step that runs a `prompt_tokens` prompt beside one user decoding at
-    `position`: the chunks the engine takes (PlanReport.take_step_prompts), each priced by step_ms_with."""
-    from metronome.compile.fused import PREFILL_CHUNK
-
-    report, chunk = engine.plan.report, engine.config.prefill_chunk
-    steps, start = [], 0
-    while start < prompt_tokens:
-        (n,) = report.take_step_prompts([(start, prompt_tokens - start)], 1, chunk, PREFILL_CHUNK, position)
-        steps.append(report.step_ms_with(1, [(start, n)], position))
-        start += n
-    return steps
 
 
 def _free_port() -> int:

@@ -186,6 +186,30 @@ class PlanReport:
         base = self.step_ms.get(live, float("nan")) if position is None else self.step_ms_at(live, position)
         return base + sum(self.prompt_rows_ms(start, rows) for start, rows in prompts)
 
+    def prefill_steps_ms(
+        self,
+        prompts: list[tuple[int, int]],
+        decoding: int,
+        chunk: int | None,
+        alone_chunk: int,
+        position: float | None = None,
+    ) -> list[float]:
+        """The predicted latency of each step until the last of `prompts` ((next position, rows left) per
+        prompt, in the order the engine runs them: the queue ahead, then this request) is in the cache, while
+        `decoding` requests decode, their rows at mean `position` (None: the calibration's near position):
+        the steps that chunked prefill takes (`take_step_prompts`, as the engine takes them), each priced by
+        `step_ms_with`. A prompt that completes joins the decode rows. NaN prices without calibration."""
+        steps, live = [], min(decoding, self.slots)
+        queue = [(start, rows) for start, rows in prompts if rows > 0]
+        while queue:
+            taken = self.take_step_prompts(queue, live, chunk, alone_chunk, position)
+            steps.append(self.step_ms_with(live, [(start, n) for (start, _), n in zip(queue, taken) if n], position))
+            queue = [(start + n, rows - n) for (start, rows), n in zip(queue, taken)]
+            finished = sum(1 for _, rows in queue if rows == 0)
+            queue = [q for q in queue if q[1] > 0]
+            live = min(self.slots, live + finished)
+        return steps
+
     def ttft_ms(
         self,
         prompts: list[tuple[int, int]],
@@ -194,21 +218,8 @@ class PlanReport:
         alone_chunk: int,
         position: float | None = None,
     ) -> float:
-        """Predicted time to the first token of the last of `prompts` ((next position, rows left) per
-        prompt, in the order the engine runs them: the queue ahead, then this request) while `decoding`
-        requests decode, their rows at mean `position` (None: the calibration's near position): the steps
-        that chunked prefill takes (`take_step_prompts`, as the engine takes them), each priced by
-        `step_ms_with`. A prompt that completes joins the decode rows. NaN without calibration."""
-        total, live = 0.0, min(decoding, self.slots)
-        queue = [(start, rows) for start, rows in prompts if rows > 0]
-        while queue:
-            taken = self.take_step_prompts(queue, live, chunk, alone_chunk, position)
-            total += self.step_ms_with(live, [(start, n) for (start, _), n in zip(queue, taken) if n], position)
-            queue = [(start + n, rows - n) for (start, rows), n in zip(queue, taken)]
-            finished = sum(1 for _, rows in queue if rows == 0)
-            queue = [q for q in queue if q[1] > 0]
-            live = min(self.slots, live + finished)
-        return total
+        """Predicted time to the first token of the last of `prompts`: its `prefill_steps_ms`, summed."""
+        return sum(self.prefill_steps_ms(prompts, decoding, chunk, alone_chunk, position), 0.0)
 
 
 # Tokens per page of the prefix cache's pool: a prompt is reused in whole pages. Smaller pages reuse more of

@@ -488,10 +488,7 @@ struct Q4_Kx16 {
         if constexpr (kSums16) {  // AVX2: the 32 weights' int16 pair sums, widened against (sc_j, sc_j)
           const __m512i sc2 = _mm512_or_si512(sc, _mm512_slli_epi32(sc, 16));
           const int32_t* xb = reinterpret_cast<const int32_t*>(xq.x8k + m0 * K + b * 256 + 32 * j);
-          if constexpr (MT == 1)  // one row of x: nothing to hold the codes across (half by half ran 0.94x)
-            isum[0] = madd16_add(isum[0], sums16_bcst<8, 16>(c, xb), sc2);
-          else
-            sums16_rows<MT, 8, 16>(c, xb, K / 4, sc2, isum);
+          sums16_rows<MT, 8, 16>(c, xb, K / 4, sc2, isum);
           continue;
         }
         for (int m = 0; m < MT; ++m) {

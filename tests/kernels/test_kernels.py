@@ -248,7 +248,7 @@ def test_decode_attention_mixed_dtypes_and_strided_cache(cpp: CppOps) -> None:
 
 
 def test_decode_attention_heads_are_independent(cpp: CppOps) -> None:
-    # Query heads sharing a kv head are computed together (up to 16 query vectors a unit); each head's
+    # Query heads sharing a kv head are computed together (up to 16 query vectors a unit, 6 on AVX2); each head's
     # result must not depend on that grouping: the same heads asked for one per kv head give the same bits.
     kc = randn(2, 3, 300, 64, dtype=torch.bfloat16, seed=1)
     vc = randn(2, 3, 300, 64, dtype=torch.bfloat16, seed=2)

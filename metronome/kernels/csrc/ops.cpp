@@ -206,7 +206,7 @@ Tensor gelu_tanh_mul(const Tensor& x) { return gated<true>("gelu_tanh_mul", x); 
 //
 // Queries that read the same keys are computed together, so each key and value row is loaded (from L2 on
 // a long span) and widened once for all of them: the heads that share a kv head (GQA), and the rows of one
-// prompt (same slot and window start; each with its own end), up to 16 query vectors a unit. Each query
+// prompt (same slot and window start; each with its own end), up to kMaxQueries query vectors a unit. Each query
 // still runs exactly the sequence of operations above, so its result depends neither on the heads nor on
 // the rows it was computed with. The unit of parallel work is (tile of rows, kv head, heads of the group).
 //
@@ -216,7 +216,10 @@ Tensor gelu_tanh_mul(const Tensor& x) { return gated<true>("gelu_tanh_mul", x); 
 
 namespace {
 
-constexpr int kMaxQueries = 16;  // query vectors per unit: pass 1 keeps one accumulator for each
+// Query vectors per unit: pass 1 keeps an accumulator for each, beside a key chunk and a query chunk. With
+// AVX2's 16 ymm registers (8 __m512) 16 queries spilled every accumulator to the stack: 6 ran the 1.5B's
+// prompt attention 1.3x faster and SmolLM2's 1.25x (docs/performance.md).
+constexpr int kMaxQueries = kVectorRegisters == 32 ? 16 : 6;
 
 // A unit's keys, and then its values, are each one sequential stream of rows, which the hardware prefetcher
 // follows poorly from memory (it restarts at every 4 KB page; blocks.cpp, kQ4Ahead): every block of 16 rows
@@ -254,7 +257,7 @@ void attend(const float* qf, float* of, const TC* kb, const TC* vb, int64_t kstr
     const int64_t n = std::min<int64_t>(16, lmax - j0);
     if (stream) prefetch_rows(kb + j0 * kstride, 16 * kstride * static_cast<int64_t>(sizeof(TC)));
     // KP keys per step: each query chunk loaded feeds KP multiply-adds (KP x NQ accumulators in registers)
-    constexpr int KP = 2 * NQ + 3 <= 32 ? 2 : 1;
+    constexpr int KP = 2 * NQ + 3 <= kVectorRegisters ? 2 : 1;
     int64_t jj = 0;
     auto keys = [&](auto kp) {
       constexpr int P = decltype(kp)::value;

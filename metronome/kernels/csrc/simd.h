@@ -231,7 +231,8 @@ inline void sums16_block(const __m512i* u, const int32_t* x4, int64_t ldx, __m51
 // loop above four ways from four spellings of it (1.0x-1.5x apart: it reassociated the int16 sums into a
 // tree of products kept on the stack, or held all 16 code halves and spilled the sums), and a kernel's
 // speed should not hang on that. Per group: the two code halves, then per row one broadcast, two
-// vpmaddubsw and two vpaddw into that row's two int16 sums (from zero), all 8 sums in registers.
+// vpmaddubsw and two vpaddw into that row's two int16 sums (the first group's products start them), all 8
+// sums in registers.
 // clang-format off
 #define METRONOME_Q4K_ROW(xoff, r, t0, t1)                 \
   "vpbroadcastd " xoff "(%[x" r "]), %[b]\n\t"             \
@@ -239,6 +240,10 @@ inline void sums16_block(const __m512i* u, const int32_t* x4, int64_t ldx, __m51
   "vpaddw %[p], %[" t0 "], %[" t0 "]\n\t"                  \
   "vpmaddubsw %[b], %[hi], %[p]\n\t"                       \
   "vpaddw %[p], %[" t1 "], %[" t1 "]\n\t"
+#define METRONOME_Q4K_ROW_FIRST(r, t0, t1)                 \
+  "vpbroadcastd (%[x" r "]), %[b]\n\t"                     \
+  "vpmaddubsw %[b], %[lo], %[" t0 "]\n\t"                  \
+  "vpmaddubsw %[b], %[hi], %[" t1 "]\n\t"
 #define METRONOME_Q4K_GROUP(uoff, hoff, xoff)              \
   "vmovdqu " uoff "(%[u]), %[lo]\n\t"                      \
   "vmovdqu " hoff "(%[u]), %[hi]\n\t"                      \
@@ -248,14 +253,18 @@ inline void sums16_block(const __m512i* u, const int32_t* x4, int64_t ldx, __m51
   METRONOME_Q4K_ROW(xoff, "3", "t6", "t7")
 template <>
 inline void sums16_block<4, 8, 16>(const __m512i* u, const int32_t* x4, int64_t ldx, __m512i w, __m512i* acc) {
-  __m256i t0 = _mm256_setzero_si256(), t1 = t0, t2 = t0, t3 = t0, t4 = t0, t5 = t0, t6 = t0, t7 = t0, lo, hi, b, p;
+  __m256i t0, t1, t2, t3, t4, t5, t6, t7, lo, hi, b, p;
   using Row = const char(*)[32];
-  asm(METRONOME_Q4K_GROUP("0", "32", "0")     METRONOME_Q4K_GROUP("64", "96", "4")
+  asm("vmovdqu (%[u]), %[lo]\n\t"
+      "vmovdqu 32(%[u]), %[hi]\n\t"
+      METRONOME_Q4K_ROW_FIRST("0", "t0", "t1") METRONOME_Q4K_ROW_FIRST("1", "t2", "t3")
+      METRONOME_Q4K_ROW_FIRST("2", "t4", "t5") METRONOME_Q4K_ROW_FIRST("3", "t6", "t7")
+                                              METRONOME_Q4K_GROUP("64", "96", "4")
       METRONOME_Q4K_GROUP("128", "160", "8")  METRONOME_Q4K_GROUP("192", "224", "12")
       METRONOME_Q4K_GROUP("256", "288", "16") METRONOME_Q4K_GROUP("320", "352", "20")
       METRONOME_Q4K_GROUP("384", "416", "24") METRONOME_Q4K_GROUP("448", "480", "28")
-      : [t0] "+x"(t0), [t1] "+x"(t1), [t2] "+x"(t2), [t3] "+x"(t3), [t4] "+x"(t4), [t5] "+x"(t5), [t6] "+x"(t6),
-        [t7] "+x"(t7), [lo] "=&x"(lo), [hi] "=&x"(hi), [b] "=&x"(b), [p] "=&x"(p)
+      : [t0] "=&x"(t0), [t1] "=&x"(t1), [t2] "=&x"(t2), [t3] "=&x"(t3), [t4] "=&x"(t4), [t5] "=&x"(t5),
+        [t6] "=&x"(t6), [t7] "=&x"(t7), [lo] "=&x"(lo), [hi] "=&x"(hi), [b] "=&x"(b), [p] "=&x"(p)
       : [u] "r"(u), [x0] "r"(x4), [x1] "r"(x4 + ldx), [x2] "r"(x4 + 2 * ldx), [x3] "r"(x4 + 3 * ldx),
         // what the instructions read, so that the compiler keeps the stores to it before them
         "m"(*reinterpret_cast<const char(*)[512]>(u)), "m"(*reinterpret_cast<Row>(x4)),
@@ -268,6 +277,7 @@ inline void sums16_block<4, 8, 16>(const __m512i* u, const int32_t* x4, int64_t 
   acc[3] = madd16_add(acc[3], __m512i{t6, t7}, w);
 }
 #undef METRONOME_Q4K_GROUP
+#undef METRONOME_Q4K_ROW_FIRST
 #undef METRONOME_Q4K_ROW
 template <int MT, int N, int kBelow>
 inline void sums16_rows(const __m512i* u, const int32_t* x4, int64_t ldx, __m512i w, __m512i* acc) {

@@ -364,7 +364,7 @@ struct X16Block32 {
                    int64_t n0, int64_t m0) {
     // AVX-512's 32 registers hold the 8 rows' sums at once; AVX2's 16 hold 4 rows' sums (8 registers) and
     // a code pair with its temporaries: 8 at once spills them to the stack (perf annotate, tile<8>).
-    constexpr int kBlock = kSixteenRegisters ? 4 : static_cast<int>(kRowsPerPass);
+    constexpr int kBlock = kVectorRegisters < 32 ? 4 : static_cast<int>(kRowsPerPass);
     __m512 acc[MT];
     for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
     // x row m0 + m's record of block b: rec + m * kRecordBytes, every field at a fixed distance from one

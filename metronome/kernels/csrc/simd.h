@@ -43,20 +43,13 @@ namespace metronome {
 
 using c10::BFloat16;
 
-// Vector registers a kernel can hold __m512 values in: 32 zmm with AVX-512; with AVX2 16 ymm, two to a
-// __m512. Kernels that keep accumulators in registers size their tiles by it.
+// How many 512-bit values a kernel can keep in registers: AVX-512 has 32 zmm registers; on AVX2 each
+// __m512 is two of the 16 ymm registers, so 8 at most, and kernels that keep accumulators in registers
+// block their loops smaller.
 #ifdef METRONOME_AVX2
 constexpr int kVectorRegisters = 8;
 #else
 constexpr int kVectorRegisters = 32;
-#endif
-
-// How many 512-bit values a kernel can keep in registers: AVX-512 has 32 zmm registers; on AVX2 each
-// __m512 is two of the 16 ymm registers, so 8 at most, and a kernel blocks its loops smaller.
-#ifdef METRONOME_AVX2
-constexpr bool kSixteenRegisters = true;
-#else
-constexpr bool kSixteenRegisters = false;
 #endif
 
 // ---------------------------------------------------------------------------------------------------

@@ -254,6 +254,11 @@ inline void nibble_quads(const uint8_t* p, __m512i* c) {
   c[1] = _mm512_and_si512(_mm512_srli_epi16(q, 4), low4);
 }
 
+// 16 fp16 at p as floats (a group's scales: row r's in lane r).
+inline __m512 fp16x16(const uint8_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
 // Ask for every line of a packed block kQ4Ahead further on into L2, and kNearAhead on into L1 (a thread's
 // groups are one sequential stream).
 template <int64_t kBytes>
@@ -375,7 +380,7 @@ struct X16Block32 {
     for (int64_t b = 0; b < nb; ++b, rec += xq.xr_block) {
       const uint8_t* p = w + b * kBytes;
       prefetch_ahead<kBytes>(p);
-      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+      const __m512 d = fp16x16(p);
       const int32_t* xb[MT];
       __m512i s[MT];
       for (int m = 0; m < MT; ++m) {
@@ -392,7 +397,7 @@ struct X16Block32 {
             _mm512_mul_ps(d, _mm512_set1_ps(*reinterpret_cast<const float*>(rec + m * kRecordBytes + kRecordDx))),
             acc[m]);
       if constexpr (Codes::kMin) {
-        const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)));
+        const __m512 mn = fp16x16(p + 32);
         for (int m = 0; m < MT; ++m)
           acc[m] = _mm512_fmadd_ps(
               mn, _mm512_set1_ps(*reinterpret_cast<const float*>(rec + m * kRecordBytes + kRecordSx)), acc[m]);
@@ -455,6 +460,16 @@ struct Q4_1Codes {
 };
 using Q4_1x16 = X16Block32<Q4_1Codes>;
 
+// AVX2 prompts: a pass over a group takes only 8 rows of x, so a prompt of M rows would unpack each
+// super-block's codes, scales and minimums M / 8 times over. Where there is more than one pass, x16_rows
+// unpacks the group once into Q4_KUnpacked records (one per super-block; the thread's own buffer) and every
+// pass reads them: the 4-row block takes its code vectors from memory in either case.
+struct Q4_KUnpacked {
+  __m512i c[8][9];  // sub-block j: its 8 code vectors (Q4_Kx16::codes), then its scales as (sc_j, sc_j)
+  __m512i mn[4];    // lane r: row r's (m_2k, m_2k+1) as int16
+  __m512 d, dmin;
+};
+
 // Q4_K (w = d * sc_j * q - dmin * m_j over 8 sub-blocks j of 32, q in [0, 16), 6-bit sc_j and m_j), per
 // group and super-block of 256 weights, 2368 bytes: 16 fp16 d, 16 fp16 dmin, the scales as bytes (sub-block
 // j: 16 bytes, row r's at 16j + r), the minimums as bytes in pairs (pair k: 32 bytes, row r's m_2k and
@@ -470,27 +485,60 @@ using Q4_1x16 = X16Block32<Q4_1Codes>;
 // sub-block, vpmulld, slower still: two uops on the ports vpdpbusd needs.)
 struct Q4_Kx16 {
   static constexpr int64_t kW = 256, kBytes = kQ4Kx16Bytes;
-  template <int MT>
+  static constexpr bool kUnpacksGroup = kSums16;  // a tile can read Q4_KUnpacked records (the AVX2 form)
+  using Unpacked = Q4_KUnpacked;
+
+  // Sub-block j of the super-block at p: c[0..7] its codes (vectors 4j..4j+3 unpacked), c[8] lane r: row r's
+  // sc_j as the int16 pair (sc_j, sc_j).
+  static inline void codes(const uint8_t* p, int j, __m512i* c) {
+    for (int v = 0; v < 4; ++v) nibble_quads(p + 320 + 256 * j + 64 * v, c + 2 * v);
+    const __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 64 + 16 * j)));
+    c[8] = _mm512_or_si512(sc, _mm512_slli_epi32(sc, 16));
+  }
+  static inline void minimums(const uint8_t* p, __m512i* mn) {
+    for (int k = 0; k < 4; ++k)
+      mn[k] = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 192 + 32 * k)));
+  }
+
+  // The group's nb super-blocks at w into unpacked[0..nb).
+  static void unpack_group(const uint8_t* w, int64_t nb, Unpacked* unpacked) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* p = w + b * kBytes;
+      prefetch_ahead<kBytes>(p);
+      for (int j = 0; j < 8; ++j) codes(p, j, unpacked[b].c[j]);
+      minimums(p, unpacked[b].mn);
+      unpacked[b].d = fp16x16(p);
+      unpacked[b].dmin = fp16x16(p + 32);
+    }
+  }
+
+  // kUnpacked: read the group's records from unpack_group at unpacked, not the packed blocks at w.
+  template <int MT, bool kUnpacked>
   static void tile(const uint8_t* w, int64_t nb, const XQuant& xq, int64_t K, float* y, int64_t ldy, int64_t rows,
-                   int64_t n0, int64_t m0) {
+                   int64_t n0, int64_t m0, const Unpacked* unpacked) {
     __m512 acc[MT];
     for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* p = w + b * kBytes;
-      prefetch_ahead<kBytes>(p);
+      if constexpr (!kUnpacked) prefetch_ahead<kBytes>(p);
       __m512i isum[MT];
       for (int m = 0; m < MT; ++m) isum[m] = _mm512_setzero_si512();
       for (int j = 0; j < 8; ++j) {
+        if constexpr (kSums16) {  // AVX2: the 32 weights' int16 pair sums, widened against (sc_j, sc_j)
+          const int32_t* xb = reinterpret_cast<const int32_t*>(xq.x8k + m0 * K + b * 256 + 32 * j);
+          if constexpr (kUnpacked) {
+            sums16_rows<MT, 8, 16>(unpacked[b].c[j], xb, K / 4, unpacked[b].c[j][8], isum);
+          } else {
+            __m512i c[9];
+            codes(p, j, c);
+            sums16_rows<MT, 8, 16>(c, xb, K / 4, c[8], isum);
+          }
+          continue;
+        }
         // lane r: sub-block j's scale of row r as the int16 pair (sc_j, 0)
         const __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 64 + 16 * j)));
         __m512i c[8];
         for (int v = 0; v < 4; ++v) nibble_quads(p + 320 + 256 * j + 64 * v, c + 2 * v);
-        if constexpr (kSums16) {  // AVX2: the 32 weights' int16 pair sums, widened against (sc_j, sc_j)
-          const __m512i sc2 = _mm512_or_si512(sc, _mm512_slli_epi32(sc, 16));
-          const int32_t* xb = reinterpret_cast<const int32_t*>(xq.x8k + m0 * K + b * 256 + 32 * j);
-          sums16_rows<MT, 8, 16>(c, xb, K / 4, sc2, isum);
-          continue;
-        }
         for (int m = 0; m < MT; ++m) {
           const int32_t* xb = reinterpret_cast<const int32_t*>(xq.x8k + (m0 + m) * K + b * 256 + 32 * j);
           // two chains of 4 (vpdpbusd's latency, not its throughput, would bound one chain of 8)
@@ -506,11 +554,10 @@ struct Q4_Kx16 {
           isum[m] = _mm512_dpwssd_epi32(isum[m], s1, sc);
         }
       }
-      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-      const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)));
-      __m512i mn[4];  // lane r: row r's (m_2k, m_2k+1) as int16
-      for (int k = 0; k < 4; ++k)
-        mn[k] = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 192 + 32 * k)));
+      __m512i own_mn[4];
+      if constexpr (!kUnpacked) minimums(p, own_mn);
+      const __m512i* mn = kUnpacked ? unpacked[b].mn : own_mn;
+      const __m512 d = kUnpacked ? unpacked[b].d : fp16x16(p), dmin = kUnpacked ? unpacked[b].dmin : fp16x16(p + 32);
       for (int m = 0; m < MT; ++m) {
         const int64_t i = (m0 + m) * nb + b;
         __m512i imin = dpwssd_bcst(_mm512_setzero_si512(), mn[0], xq.bs32p + i * 4);
@@ -522,6 +569,11 @@ struct Q4_Kx16 {
     }
     store16<MT>(acc, y, ldy, rows, n0, m0);
   }
+};
+
+struct Q6_KUnpacked {  // a super-block as Q6_Kx16's AVX2 tile uses it, unpacked once per group (as Q4_KUnpacked)
+  __m512i c[16][4];    // group g: its 4 code vectors (Q6_Kx16::codes)
+  __m512 sc[16];       // group g: lane r: sc_g * d_r
 };
 
 // Q6_K (w = d * sc_g * (q - 32) over 16 groups g of 16, q in [0, 64), int8 sc_g), per group and super-block,
@@ -537,35 +589,58 @@ struct Q4_Kx16 {
 // ran 1.16x (8 rows of x) to 1.31x (64) slower.
 struct Q6_Kx16 {
   static constexpr int64_t kW = 256, kBytes = kQ6Kx16Bytes;
-  template <int MT>
-  static void tile(const uint8_t* w, int64_t nb, const XQuant& xq, int64_t K, float* y, int64_t ldy, int64_t rows,
-                   int64_t n0, int64_t m0) {
+  static constexpr bool kUnpacksGroup = kSums16;
+  using Unpacked = Q6_KUnpacked;
+
+  // 16-weight group g of the super-block at p: quad e in c[e], weights 16g + 4e .. 16g + 4e + 3 of each row,
+  // codes in [0, 64) (quads 4(g%2)..4(g%2)+3 of 32-weight run g/2).
+  static inline void codes(const uint8_t* p, int g, __m512i* c) {
     const __m512i top2 = _mm512_set1_epi8(0x30);
+    const uint8_t* q = p + 288 + 384 * (g / 2);
+    const int h = g % 2;
+    nibble_quads(q + 128 * h, c);
+    nibble_quads(q + 128 * h + 64, c + 2);
+    // bits 2e..2e+1 of a top-bits byte move to bits 4..5
+    const __m512i hv = _mm512_loadu_si512(q + 256 + 64 * h);
+    c[0] = or_and(c[0], _mm512_slli_epi16(hv, 4), top2);
+    c[1] = or_and(c[1], _mm512_slli_epi16(hv, 2), top2);
+    c[2] = or_and(c[2], hv, top2);
+    c[3] = or_and(c[3], _mm512_srli_epi16(hv, 2), top2);
+  }
+  static inline __m512 scale(const uint8_t* p, int g, __m512 d) {  // sc_g * d_r, exact (8 bits times 11)
+    return _mm512_mul_ps(
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32 + 16 * g)))),
+        d);
+  }
+
+  static void unpack_group(const uint8_t* w, int64_t nb, Unpacked* unpacked) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* p = w + b * kBytes;
+      prefetch_ahead<kBytes>(p);
+      const __m512 d = fp16x16(p);
+      for (int g = 0; g < 16; ++g) {
+        codes(p, g, unpacked[b].c[g]);
+        unpacked[b].sc[g] = scale(p, g, d);
+      }
+    }
+  }
+
+  template <int MT, bool kUnpacked>  // as Q4_Kx16's
+  static void tile(const uint8_t* w, int64_t nb, const XQuant& xq, int64_t K, float* y, int64_t ldy, int64_t rows,
+                   int64_t n0, int64_t m0, const Unpacked* unpacked) {
     __m512 acc[MT];
     for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* p = w + b * kBytes;
-      prefetch_ahead<kBytes>(p);
-      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+      if constexpr (!kUnpacked) prefetch_ahead<kBytes>(p);
+      const __m512 d = kUnpacked ? _mm512_setzero_ps() : fp16x16(p);  // the records hold sc_g * d_r
       __m512 fsum[MT];
       for (int m = 0; m < MT; ++m) fsum[m] = _mm512_setzero_ps();
-      for (int g = 0; g < 16; ++g) {  // 16-weight group g: quads 4(g%2)..4(g%2)+3 of 32-weight run g/2
-        const uint8_t* q = p + 288 + 384 * (g / 2);
-        const int h = g % 2;
-        __m512i c[4];  // quad e: weights 16g + 4e .. 16g + 4e + 3 of each row, codes in [0, 64)
-        nibble_quads(q + 128 * h, c);
-        nibble_quads(q + 128 * h + 64, c + 2);
-        {  // bits 2e..2e+1 of a top-bits byte move to bits 4..5
-          const __m512i hv = _mm512_loadu_si512(q + 256 + 64 * h);
-          c[0] = or_and(c[0], _mm512_slli_epi16(hv, 4), top2);
-          c[1] = or_and(c[1], _mm512_slli_epi16(hv, 2), top2);
-          c[2] = or_and(c[2], hv, top2);
-          c[3] = or_and(c[3], _mm512_srli_epi16(hv, 2), top2);
-        }
-        const __m512 sc = _mm512_mul_ps(  // sc_g * d_r, exact (8 bits times 11)
-            _mm512_cvtepi32_ps(
-                _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32 + 16 * g)))),
-            d);
+      for (int g = 0; g < 16; ++g) {
+        __m512i own[4];
+        if constexpr (!kUnpacked) codes(p, g, own);
+        const __m512i* c = kUnpacked ? unpacked[b].c[g] : own;
+        const __m512 sc = kUnpacked ? unpacked[b].sc[g] : scale(p, g, d);
         for (int m = 0; m < MT; ++m) {
           const int64_t row = m0 + m;
           const int32_t* xb = reinterpret_cast<const int32_t*>(xq.x8k + row * K + b * 256 + 16 * g);
@@ -654,7 +729,7 @@ inline const uint8_t* amx_codes(const uint8_t* p, uint8_t* unpacked) {
 template <typename Codes, int MT>
 inline void amx_finish(const uint8_t* p, const uint8_t* rec, const int32_t* sums, __m512* acc) {
   constexpr int64_t kOffsetAt = Codes::kOffset == 16 ? kRecordO16 : kRecordO128;
-  const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  const __m512 d = fp16x16(p);
 #pragma GCC unroll 16
   for (int m = 0; m < MT; ++m) {
     const uint8_t* r = rec + m * kRecordBytes;
@@ -665,7 +740,7 @@ inline void amx_finish(const uint8_t* p, const uint8_t* rec, const int32_t* sums
                              _mm512_mul_ps(d, _mm512_set1_ps(*reinterpret_cast<const float*>(r + kRecordDx))), acc[m]);
   }
   if constexpr (Codes::kMin) {
-    const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)));
+    const __m512 mn = fp16x16(p + 32);
 #pragma GCC unroll 16
     for (int m = 0; m < MT; ++m)
       acc[m] = _mm512_fmadd_ps(mn, _mm512_set1_ps(*reinterpret_cast<const float*>(rec + m * kRecordBytes + kRecordSx)),
@@ -747,8 +822,8 @@ inline void amx_q4k_block(const uint8_t* p, const uint8_t* unpacked, const XQuan
     _tile_stored(3, sums + MT * 16, 64);
     add(j + 1, sums + MT * 16);
   }
-  const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)));
+  const __m512 d = fp16x16(p);
+  const __m512 dmin = fp16x16(p + 32);
   __m512i mn[4];
   for (int k = 0; k < 4; ++k)
     mn[k] = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 192 + 32 * k)));
@@ -868,14 +943,31 @@ constexpr bool kOnAmx<X16Block32<Codes>> = !X16Block32<Codes>::kSigned;
 template <>
 constexpr bool kOnAmx<Q4_Kx16> = true;
 
-// P::tile<MT> for the n (1..MT) x rows left at m0.
+// Whether kind P's tile reads records that x16_rows unpacks once per group (P::Unpacked, P::unpack_group).
+template <typename P>
+constexpr bool kUnpacksGroup = false;
+template <>
+constexpr bool kUnpacksGroup<Q4_Kx16> = Q4_Kx16::kUnpacksGroup;
+template <>
+constexpr bool kUnpacksGroup<Q6_Kx16> = Q6_Kx16::kUnpacksGroup;
+
+// P::tile<MT> for the n (1..MT) x rows left at m0 (with the group's Unpacked records, where P reads them).
 template <typename P, int MT>
 inline void x16_tile(int64_t n, const uint8_t* g, int64_t nb, const XQuant& xq, int64_t K, float* y, int64_t ldy,
-                     int64_t rows, int64_t n0, int64_t m0) {
+                     int64_t rows, int64_t n0, int64_t m0, const void* unpacked) {
   if constexpr (MT > 1) {
-    if (n < MT) return x16_tile<P, MT - 1>(n, g, nb, xq, K, y, ldy, rows, n0, m0);
+    if (n < MT) return x16_tile<P, MT - 1>(n, g, nb, xq, K, y, ldy, rows, n0, m0, unpacked);
   }
-  P::template tile<MT>(g, nb, xq, K, y, ldy, rows, n0, m0);
+  if constexpr (requires { typename P::Unpacked; }) {
+    // two instances, so that without records the codes can stay in registers (one row of x ran 0.83x when
+    // they came through a pointer that might be either)
+    const auto* u = static_cast<const typename P::Unpacked*>(unpacked);  // null where kUnpacksGroup<P> is false
+    if (u)
+      P::template tile<MT, true>(g, nb, xq, K, y, ldy, rows, n0, m0, u);
+    else
+      P::template tile<MT, false>(g, nb, xq, K, y, ldy, rows, n0, m0, nullptr);
+  } else
+    P::template tile<MT>(g, nb, xq, K, y, ldy, rows, n0, m0);
 }
 
 // Groups [n_lo, n_hi) (local rows, multiples of 16 but the segment's end) x rows [m_lo, m_hi) of x, kind P.
@@ -896,10 +988,23 @@ void x16_rows(const uint8_t* w, const XQuant& xq, int64_t K, float* y, int64_t l
     }
   }
 #endif
+  void* unpacked = nullptr;
+  if constexpr (kUnpacksGroup<P>) {
+    // grown, never shrunk: the calls of a prompt's layers reuse it (up to 180 KB at K = 8960) rather than
+    // allocate it each time
+    thread_local std::vector<typename P::Unpacked> own;
+    if (m_hi - m_lo > kRowsPerPass) {
+      if (static_cast<int64_t>(own.size()) < nb) own.resize(nb);
+      unpacked = own.data();
+    }
+  }
   for (int64_t n0 = n_lo; n0 < n_hi; n0 += 16) {
     const uint8_t* g = w + (n0 / 16) * nb * P::kBytes;
+    if constexpr (kUnpacksGroup<P>) {
+      if (unpacked) P::unpack_group(g, nb, static_cast<typename P::Unpacked*>(unpacked));
+    }
     for (int64_t m0 = m_lo; m0 < m_hi; m0 += kRowsPerPass)
-      x16_tile<P, kRowsPerPass>(std::min(kRowsPerPass, m_hi - m0), g, nb, xq, K, y, ldy, rows, n0, m0);
+      x16_tile<P, kRowsPerPass>(std::min(kRowsPerPass, m_hi - m0), g, nb, xq, K, y, ldy, rows, n0, m0, unpacked);
   }
 }
 

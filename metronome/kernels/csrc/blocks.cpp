@@ -631,8 +631,8 @@ struct Q6_Kx16 {
     __m512 acc[MT];
     for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
     if constexpr (kUnpacked && kUnpacksGroup) {
-      // Two rows of x at a time through a super-block's 16 groups, which share the groups' loads (at 32 rows
-      // of x, 1.65-1.67 GB/s; a group at a time for all 8 rows, as below, 1.53-1.55; one row 1.61-1.62).
+      // Two rows of x at a time through a super-block's 16 groups, which share the groups' loads: faster than
+      // a group at a time for all 8 rows (the loop below) and than one or four rows (docs/performance.md).
       for (int64_t b = 0; b < nb; ++b) {
         int m = 0;
         for (; m + 2 <= MT; m += 2) rows_unpacked<2>(unpacked[b], xq, K, nb, b, m0 + m, acc + m);
@@ -978,13 +978,15 @@ constexpr bool kOnAmx<X16Block32<Codes>> = !X16Block32<Codes>::kSigned;
 template <>
 constexpr bool kOnAmx<Q4_Kx16> = true;
 
-// Whether kind P's tile reads records that x16_rows unpacks once per group (P::Unpacked, P::unpack_group).
+// Whether kind P's tile reads records that x16_rows unpacks once per group (P::Unpacked, P::unpack_group):
+// the kinds that say so in their kUnpacksGroup.
 template <typename P>
-constexpr bool kUnpacksGroup = false;
-template <>
-constexpr bool kUnpacksGroup<Q4_Kx16> = Q4_Kx16::kUnpacksGroup;
-template <>
-constexpr bool kUnpacksGroup<Q6_Kx16> = Q6_Kx16::kUnpacksGroup;
+constexpr bool unpacks_group() {
+  if constexpr (requires { P::kUnpacksGroup; })
+    return P::kUnpacksGroup;
+  else
+    return false;
+}
 
 // P::tile<MT> for the n (1..MT) x rows left at m0 (with the group's Unpacked records, where P reads them).
 template <typename P, int MT>
@@ -996,7 +998,7 @@ inline void x16_tile(int64_t n, const uint8_t* g, int64_t nb, const XQuant& xq, 
   if constexpr (requires { typename P::Unpacked; }) {
     // two instances, so that without records the codes can stay in registers (one row of x ran 0.83x when
     // they came through a pointer that might be either)
-    const auto* u = static_cast<const typename P::Unpacked*>(unpacked);  // null where kUnpacksGroup<P> is false
+    const auto* u = static_cast<const typename P::Unpacked*>(unpacked);  // null where unpacks_group<P>() is false
     if (u)
       P::template tile<MT, true>(g, nb, xq, K, y, ldy, rows, n0, m0, u);
     else
@@ -1024,7 +1026,7 @@ void x16_rows(const uint8_t* w, const XQuant& xq, int64_t K, float* y, int64_t l
   }
 #endif
   void* unpacked = nullptr;
-  if constexpr (kUnpacksGroup<P>) {
+  if constexpr (unpacks_group<P>()) {
     // grown, never shrunk: the calls of a prompt's layers reuse it (up to 180 KB at K = 8960) rather than
     // allocate it each time
     thread_local std::vector<typename P::Unpacked> own;
@@ -1035,7 +1037,7 @@ void x16_rows(const uint8_t* w, const XQuant& xq, int64_t K, float* y, int64_t l
   }
   for (int64_t n0 = n_lo; n0 < n_hi; n0 += 16) {
     const uint8_t* g = w + (n0 / 16) * nb * P::kBytes;
-    if constexpr (kUnpacksGroup<P>) {
+    if constexpr (unpacks_group<P>()) {
       if (unpacked) P::unpack_group(g, nb, static_cast<typename P::Unpacked*>(unpacked));
     }
     for (int64_t m0 = m_lo; m0 < m_hi; m0 += kRowsPerPass)

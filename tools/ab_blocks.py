@@ -37,7 +37,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("block_linear", &metronome::block_linear);
 }
 """
-SOURCES = ("blocks.cpp", "blocks.h", "checks.h", "pool.cpp", "pool.h", "simd.h")
+SOURCES = ("blocks.cpp", "pool.cpp")  # and every header the commit has (simd.h includes avx2.h since 2026-12-02)
 
 
 def base_module(commit: str):
@@ -46,7 +46,11 @@ def base_module(commit: str):
     full = subprocess.run(["git", "rev-parse", commit], capture_output=True, text=True, cwd=root, check=True).stdout
     directory = Path.home() / ".cache" / "metronome" / f"ab-{full.strip()[:12]}"
     directory.mkdir(parents=True, exist_ok=True)
-    for name in SOURCES:
+    listing = subprocess.run(
+        ["git", "ls-tree", "--name-only", commit, "metronome/kernels/csrc/"], capture_output=True, text=True, cwd=root
+    ).stdout.split()
+    headers = [Path(f).name for f in listing if f.endswith(".h")]
+    for name in (*SOURCES, *headers):
         text = subprocess.run(
             ["git", "show", f"{commit}:metronome/kernels/csrc/{name}"], capture_output=True, text=True, cwd=root
         )

@@ -229,7 +229,12 @@ void quantize_256(const float* x, int64_t M, int64_t K, const XQuant& q) {
 // and Q4_1 matmuls streamed from memory read 1.2-1.4x slower on the Intel Xeon VM; with T1 alone, weights
 // held in L3 (SmolLM2's there) read up to 8 % slower (docs/performance.md, 2026-12-03). A likely reason, not
 // measured: a T0 request holds one of L1's few fill buffers until its line arrives from memory.
-constexpr int64_t kQ4Ahead = 4096, kNearAhead = 1024;
+// The far request is kQ4Ahead on, or one block on where a block is longer (Q4_KX16's 2,304 bytes, Q6_KX16's
+// 3,360), so that a block's lines are asked for before the block before it starts. Nearer is faster on the
+// Zen 4 EPYC: from memory at 2 threads, one row of x, 2 KB (or one block) against 4 KB read Q4_K 1.12-1.26x,
+// Q6_K 1.05-1.07x, Q5_0 1.12x and Q8_0 1.27x faster, and two blocks on (4.6 and 6.7 KB) 0.86-0.90x; on the
+// Intel Xeon VM 2 KB and 4 KB read alike (docs/performance.md, 2026-12-03 and 2026-12-05).
+constexpr int64_t kQ4Ahead = 2048, kNearAhead = 1024;
 
 // ---------------------------------------------------------------------------------------------------
 // GGUF blocks repacked 16 rows side by side (pack.cpp, once per plan: compile/quant.py pack_16_rows). In the
@@ -259,13 +264,14 @@ inline __m512 fp16x16(const uint8_t* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
-// Ask for every line of a packed block kQ4Ahead further on into L2, and kNearAhead on into L1 (a thread's
-// groups are one sequential stream).
+// Ask for every line of a packed block kQ4Ahead (or a block of kBytes, rounded up to a line) further on into
+// L2, and kNearAhead on into L1 (a thread's groups are one sequential stream).
 template <int64_t kBytes>
 inline void prefetch_ahead(const uint8_t* p) {
+  constexpr int64_t kFar = std::max(kQ4Ahead, (kBytes + 63) / 64 * 64);
   const char* c = reinterpret_cast<const char*>(p);
   for (int64_t o = 0; o < kBytes; o += 64) {
-    _mm_prefetch(c + kQ4Ahead + o, _MM_HINT_T1);
+    _mm_prefetch(c + kFar + o, _MM_HINT_T1);
     _mm_prefetch(c + kNearAhead + o, _MM_HINT_T0);
   }
 }

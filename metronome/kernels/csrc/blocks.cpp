@@ -264,13 +264,18 @@ inline __m512 fp16x16(const uint8_t* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
-// Ask for every line of a packed block kQ4Ahead (or a block of kBytes, rounded up to a line) further on into
-// L2, and kNearAhead on into L1 (a thread's groups are one sequential stream).
-template <int64_t kBytes>
-inline void prefetch_ahead(const uint8_t* p) {
+// Ask for the lines of part `part` of kParts of a packed block kQ4Ahead (or a block of kBytes, rounded up to
+// a line) further on into L2, and kNearAhead on into L1 (a thread's groups are one sequential stream). A
+// loop over a block's steps can spread its requests over them: all at the block's start, Q4_KX16's 36 lines
+// and Q6_KX16's 53 ran one row of x from memory 1.03-1.26x and 1.19-1.46x slower (docs/performance.md,
+// 2026-12-05).
+template <int64_t kBytes, int kParts = 1>
+inline void prefetch_ahead(const uint8_t* p, int part = 0) {
   constexpr int64_t kFar = std::max(kQ4Ahead, (kBytes + 63) / 64 * 64);
+  constexpr int64_t kLines = (kBytes + 63) / 64, kPer = (kLines + kParts - 1) / kParts;
   const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t o = 0; o < kBytes; o += 64) {
+  const int64_t hi = std::min<int64_t>(kLines, (part + 1) * kPer) * 64;
+  for (int64_t o = part * kPer * 64; o < hi; o += 64) {
     _mm_prefetch(c + kFar + o, _MM_HINT_T1);
     _mm_prefetch(c + kNearAhead + o, _MM_HINT_T0);
   }
@@ -526,10 +531,12 @@ struct Q4_Kx16 {
     for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* p = w + b * kBytes;
-      if constexpr (!kUnpacked) prefetch_ahead<kBytes>(p);
+      // spread over the sub-blocks up to 4 rows of x; at 8 that ran 0.87-0.89x (tools/ab_blocks.py)
+      if constexpr (!kUnpacked && MT > 4) prefetch_ahead<kBytes>(p);
       __m512i isum[MT];
       for (int m = 0; m < MT; ++m) isum[m] = _mm512_setzero_si512();
       for (int j = 0; j < 8; ++j) {
+        if constexpr (!kUnpacked && MT <= 4) prefetch_ahead<kBytes, 8>(p, j);
         if constexpr (kSums16) {  // AVX2: the 32 weights' int16 pair sums, widened against (sc_j, sc_j)
           const int32_t* xb = reinterpret_cast<const int32_t*>(xq.x8k + m0 * K + b * 256 + 32 * j);
           if constexpr (kUnpacked) {
@@ -649,11 +656,11 @@ struct Q6_Kx16 {
     }
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* p = w + b * kBytes;
-      prefetch_ahead<kBytes>(p);
       const __m512 d = fp16x16(p);
       __m512 fsum[MT];
       for (int m = 0; m < MT; ++m) fsum[m] = _mm512_setzero_ps();
       for (int g = 0; g < 16; ++g) {
+        prefetch_ahead<kBytes, 16>(p, g);
         __m512i c[4];
         codes(p, g, c);
         const __m512 sc = scale(p, g, d);

@@ -230,7 +230,7 @@ void quantize_256(const float* x, int64_t M, int64_t K, const XQuant& q) {
 // held in L3 (SmolLM2's there) read up to 8 % slower (docs/performance.md, 2026-12-03). A likely reason, not
 // measured: a T0 request holds one of L1's few fill buffers until its line arrives from memory.
 // The far request is kQ4Ahead on, or one block on where a block is longer (Q4_KX16's 2,304 bytes, Q6_KX16's
-// 3,360), so that a block's lines are asked for before the block before it starts. Nearer is faster on the
+// 3,360), so that a block's requests reach the whole of the block after it. Nearer is faster on the
 // Zen 4 EPYC: from memory at 2 threads, one row of x, 2 KB (or one block) against 4 KB read Q4_K 1.12-1.26x,
 // Q6_K 1.05-1.07x, Q5_0 1.12x and Q8_0 1.27x faster, and two blocks on (4.6 and 6.7 KB) 0.86-0.90x; on the
 // Intel Xeon VM 2 KB and 4 KB read alike (docs/performance.md, 2026-12-03 and 2026-12-05).
@@ -531,7 +531,8 @@ struct Q4_Kx16 {
     for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* p = w + b * kBytes;
-      // spread over the sub-blocks up to 4 rows of x; at 8 that ran 0.87-0.89x (tools/ab_blocks.py)
+      // spread over the sub-blocks up to 4 rows of x; at 8 that ran 0.87-0.89x (tools/ab_blocks.py), and
+      // so did one call site in the loop for both (j < kParts, 0.90x), hence two
       if constexpr (!kUnpacked && MT > 4) prefetch_ahead<kBytes>(p);
       __m512i isum[MT];
       for (int m = 0; m < MT; ++m) isum[m] = _mm512_setzero_si512();

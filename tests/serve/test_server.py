@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from helpers.gate import Gate
 from helpers.live_server import LiveServer, wait_until_healthy
 
 from metronome.config import EngineConfig
@@ -531,19 +532,6 @@ def test_health_is_503_until_an_engine_is_attached(tiny):
             assert r.status_code == 200 and r.json()["model"] == tiny.path.name
         finally:
             engine.stop()
-
-
-class Gate:
-    """Holds the engine inside its decode step until opened (a stalled model, on cue)."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.opened = threading.Event()
-        self._decode = engine.plan.decode
-        engine.plan.decode = self.decode
-
-    def decode(self, *args, **kwargs):
-        self.opened.wait(timeout=60)
-        return self._decode(*args, **kwargs)
 
 
 def test_a_full_queue_answers_429_with_retry_after(tiny):

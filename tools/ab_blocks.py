@@ -40,6 +40,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 SOURCES = ("blocks.cpp", "pool.cpp")  # and every header the commit has (simd.h includes avx2.h since 2026-12-02)
 
 
+def _write_if_changed(path: Path, text: str) -> None:
+    """Rewritten files are newer than the build, which ninja then compiles again (a minute each run)."""
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+
+
 def base_module(commit: str):
     """The base commit's block kernels as a module of their own (built once per commit)."""
     root = Path(subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True).stdout.strip())
@@ -56,8 +62,8 @@ def base_module(commit: str):
         )
         if text.returncode != 0:
             raise SystemExit(f"--base {commit}: no metronome/kernels/csrc/{name} there ({text.stderr.strip()})")
-        (directory / name).write_text(text.stdout)
-    (directory / "ab_bindings.cpp").write_text(BINDING)
+        _write_if_changed(directory / name, text.stdout)
+    _write_if_changed(directory / "ab_bindings.cpp", BINDING)
     return cpp_extension.load(
         name=f"metronome_blocks_{full.strip()[:12]}",
         sources=[str(directory / n) for n in ("blocks.cpp", "pool.cpp", "ab_bindings.cpp")],

@@ -3,7 +3,8 @@
     flock /tmp/metronome-bench.lock .venv/bin/python tools/ab_blocks.py --base 8d84ff4 \
         [--kinds Q8_0_X8,Q5_0,Q4_K] [--shape 512 2048] [--threads 1] [--rows 1 4] [--rounds 15] [--from-memory GB]
 
-The base commit's blocks.cpp and pool.cpp (with its headers) are built as a second extension module that
+"The working tree" is the one `metronome` is imported from: the editable install's (this checkout), or the
+tree that PYTHONPATH names (a worktree with a change, say). The base commit's blocks.cpp and pool.cpp (with its headers) are built as a second extension module that
 exports only `block_linear` and `set_threads` (the full module's pybind11 types cannot be registered twice),
 cached under ~/.cache/metronome/ab-<commit>. Calls alternate between the two builds round by round, so a
 machine whose speed drifts from minute to minute slows both alike; each row reports GB/s of weight bytes
@@ -25,6 +26,7 @@ import torch
 from bench_kernels import alternating, format_blocks  # tools/: timing, random matrices of valid block layout
 from torch.utils import cpp_extension
 
+import metronome
 from metronome.kernels import build
 from metronome.kernels.blocks import BLOCK_KINDS
 from metronome.kernels.ops import load_kernels
@@ -94,7 +96,9 @@ def main() -> None:
     n, k = a.shape
     gen = torch.Generator().manual_seed(0)
     where = f"sweeps over copies of {a.from_memory:g} GB in all" if a.from_memory else "one matrix"
-    print(f"base {a.base} vs the working tree; {n} x {k} ({where}), {a.threads} thread(s), {a.rounds} rounds")
+    # "new" is the tree `metronome` is imported from: the editable install's, unless PYTHONPATH names another
+    tree = Path(metronome.__file__).resolve().parent.parent
+    print(f"base {a.base} vs the tree at {tree}; {n} x {k} ({where}), {a.threads} thread(s), {a.rounds} rounds")
     for name in a.kinds.split(","):
         w, kind = format_blocks(name, n, k, gen)
         copies = [w] + [w.clone() for _ in range(int(a.from_memory * 1e9 / w.nbytes) - 1)]

@@ -4,15 +4,16 @@
         [--kinds Q8_0_X8,Q5_0,Q4_K] [--shape 512 2048] [--threads 1] [--rows 1 4] [--rounds 15] [--from-memory GB]
 
 "The working tree" is the one `metronome` is imported from: the editable install's (this checkout), or the
-tree that PYTHONPATH names (a worktree with a change, say). The base commit's blocks.cpp and pool.cpp (with its headers) are built as a second extension module that
-exports only `block_linear` and `set_threads` (the full module's pybind11 types cannot be registered twice),
-cached under ~/.cache/metronome/ab-<commit>. Calls alternate between the two builds round by round, so a
-machine whose speed drifts from minute to minute slows both alike; each row reports GB/s of weight bytes
-(median), the median and range of the per-round ratios base / new, and the largest output difference
-relative to the output's largest value (0 where the integer sums and the float steps are unchanged).
-Random codes and scales of valid layout (timing only; tests/kernels/test_block_formats.py checks values).
-A matrix that fits the caches is read from them; `--from-memory GB` times sweeps over copies of it totalling
-GB instead (pick more than the L3: the Intel Xeon VM's is 480 MiB), as a decoder's step reads its weights.
+tree that PYTHONPATH names (a worktree with a change, say). The base commit's blocks.cpp and pool.cpp (with
+its headers) are built as a second extension module that exports only `block_linear` and `set_threads` (the
+full module's pybind11 types cannot be registered twice), cached under ~/.cache/metronome/ab-<commit>. Calls
+alternate between the two builds round by round, so a machine whose speed drifts from minute to minute slows
+both alike; each row reports GB/s of weight bytes (median), the median and range of the per-round ratios
+base/new, and the largest output difference relative to the output's largest value (0 where the integer sums
+and the float steps are unchanged). Random codes and scales of valid layout (timing only;
+tests/kernels/test_block_formats.py checks values). A matrix that fits the caches is read from them;
+`--from-memory GB` times sweeps over copies of it totalling GB instead (pick more than the L3: the Intel Xeon
+VM's is 480 MiB), as a decoder's step reads its weights.
 """
 
 from __future__ import annotations
@@ -96,7 +97,6 @@ def main() -> None:
     n, k = a.shape
     gen = torch.Generator().manual_seed(0)
     where = f"sweeps over copies of {a.from_memory:g} GB in all" if a.from_memory else "one matrix"
-    # "new" is the tree `metronome` is imported from: the editable install's, unless PYTHONPATH names another
     tree = Path(metronome.__file__).resolve().parent.parent
     print(f"base {a.base} vs the tree at {tree}; {n} x {k} ({where}), {a.threads} thread(s), {a.rounds} rounds")
     for name in a.kinds.split(","):

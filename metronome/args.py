@@ -204,6 +204,15 @@ SAMPLING_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "seed": ("--seed", dict(type=int, default=_S.seed, help="seed of the sampler (default: none)")),
     "stop": ("--stop", dict(action="append", default=None, metavar="TEXT", help="a stop string (repeatable)")),
+    "logit_bias": (
+        "--logit-bias",
+        dict(
+            action="append",
+            default=None,
+            metavar="ID=BIAS",
+            help="add BIAS (-100 to 100) to token ID's logit before sampling; -100 bans it (repeatable)",
+        ),
+    ),
 }
 
 _R = ReflectSettings()
@@ -296,7 +305,19 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
     """The SamplingParams of the parsed sampling flags; ParamError (a ValueError) for a value out of range."""
     settings = {dest: getattr(args, dest) for dest in SAMPLING_FLAGS if hasattr(args, dest)}
     settings["stop"] = tuple(settings.get("stop") or ())
+    settings["logit_bias"] = tuple(_bias_flag(text) for text in settings.get("logit_bias") or ())
     return SamplingParams(**settings)
+
+
+def _bias_flag(text: str) -> tuple[int, float]:
+    """One --logit-bias value, "ID=BIAS", as a (token id, bias) pair."""
+    token, sep, bias = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return int(token), float(bias)
+    except ValueError:
+        raise ParamError("logit_bias", f"--logit-bias {text!r}: write it as ID=BIAS, e.g. 13=-100") from None
 
 
 def add_reflect_args(p: argparse.ArgumentParser) -> None:

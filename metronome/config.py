@@ -191,6 +191,7 @@ class ModelConfig:
 # The smallest positive temperature, top_p and repetition penalty: the sampler divides and compares in float32,
 # where much smaller values overflow the logits or round to 0 (5e-324 failed the step; found by fuzzing the API).
 MIN_SAMPLING_FLOAT = 1e-6
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values
 
 
 @dataclass(frozen=True)
@@ -211,12 +212,16 @@ class SamplingParams:
     seed: int | None = None
     logprobs: bool = False
     top_logprobs: int = 0
+    # (token id, bias) pairs added to the logits before anything else (OpenAI's logit_bias): -100 bans a
+    # token, +100 all but forces it; a dict {id: bias} is accepted and stored as pairs sorted by id
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         # a list given for a tuple field: stored as a tuple (the record stays hashable)
         for name in ("stop", "stop_token_ids"):
             if not isinstance(getattr(self, name), tuple):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
+        object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
         self.validate()
 
     def validate(self) -> None:
@@ -241,8 +246,29 @@ class SamplingParams:
                 ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "must be in [-2, 2]"),
                 ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be in [-2, 2]"),
                 ("top_logprobs", 0 <= self.top_logprobs <= 20, "must be in [0, 20]"),
+                (
+                    "logit_bias",
+                    all(t >= 0 and -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS for t, b in self.logit_bias),
+                    f"token ids must be >= 0 and biases in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]",
+                ),
+                ("logit_bias", len({t for t, _ in self.logit_bias}) == len(self.logit_bias), "names a token twice"),
             ],
         )
+
+
+def _bias_pairs(value: object) -> tuple[tuple[int, float], ...]:
+    """SamplingParams.logit_bias as (int id, float bias) pairs sorted by id, from pairs or a dict."""
+
+    def number(x: object) -> bool:  # bool is an int to Python: True is neither a token id nor a bias
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    try:
+        pairs = [(t, b) for t, b in (value.items() if isinstance(value, dict) else value)]  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        pairs = None
+    if pairs is None or not all(number(t) and isinstance(t, int) and number(b) for t, b in pairs):
+        raise ParamError("logit_bias", f"logit_bias={value!r}: must map integer token ids to numbers")
+    return tuple(sorted((t, float(b)) for t, b in pairs))
 
 
 DEFAULT_CTX = 2048  # EngineConfig.ctx when none is given, capped by the model's own context

@@ -207,6 +207,10 @@ class Engine(PythonAPI):
         ctx = self.config.ctx
         if not prompt:
             raise RequestError("the prompt is empty: send at least one token of text", param="prompt")
+        vocab = self.plan.cfg.vocab_size
+        outside = next((t for t, _ in params.logit_bias if t >= vocab), None)
+        if outside is not None:
+            raise RequestError(f"logit_bias names token {outside}, outside the vocabulary [0, {vocab})", "logit_bias")
         if len(prompt) + params.max_tokens > ctx:
             raise RequestError(
                 f"the prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) exceeds the context "

@@ -15,7 +15,9 @@ from metronome.config import SamplingParams
 @dataclass(frozen=True)
 class Choice:
     token: int
-    logprob: float | None  # log-probability of `token` under the model's (penalized) distribution; None unless asked
+    # log-probability of `token` under the distribution it was chosen from (logit_bias and penalties applied);
+    # None unless asked
+    logprob: float | None
     top: tuple[tuple[int, float], ...]  # the top_logprobs alternatives, best first
 
 
@@ -35,7 +37,11 @@ class RequestSampler:
             and params.repetition_penalty == 1.0
             and not params.presence_penalty
             and not params.frequency_penalty
+            and not params.logit_bias
         )
+        # logit_bias as two small tensors, built once: added to a row's few entries, not a vocabulary-wide add
+        self._bias_ids = torch.tensor([t for t, _ in params.logit_bias], dtype=torch.long)
+        self._bias = torch.tensor([b for _, b in params.logit_bias], dtype=torch.float32)
         self._penalized = bool(params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty)
         self._counts = torch.zeros(vocab_size, dtype=torch.float32)  # generated tokens only
         self._seen = torch.zeros(vocab_size, dtype=torch.bool)  # prompt + generated (repetition penalty)
@@ -51,8 +57,11 @@ class RequestSampler:
         self._seen[token] = True
 
     def penalize(self, logits: torch.Tensor) -> torch.Tensor:
-        """Logits (V,) float32 after repetition/presence/frequency penalties (OpenAI and HF semantics)."""
+        """Logits (V,) float32 after logit_bias, then repetition/presence/frequency penalties (OpenAI and HF
+        semantics; the bias first, as llama.cpp's sampler chain adds it). Never writes into `logits`."""
         p = self.params
+        if p.logit_bias:
+            logits = logits.index_add(0, self._bias_ids, self._bias)
         if p.repetition_penalty != 1.0:
             scaled = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
             logits = torch.where(self._seen, scaled, logits)

@@ -10,9 +10,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from metronome.config import MIN_SAMPLING_FLOAT
+from metronome.config import MAX_LOGIT_BIAS, MIN_SAMPLING_FLOAT
 
 MAX_STOPS = 4
 MAX_TOP_LOGPROBS = 20
@@ -25,6 +34,7 @@ def _integral(value: Any) -> Any:
 
 
 Int = Annotated[int, BeforeValidator(_integral)]  # an integer, written 3 or 3.0
+TokenKey = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,9}$")]  # a token id as a JSON object's key
 
 
 def _temperature_schema(schema: dict[str, Any]) -> None:
@@ -170,6 +180,11 @@ class SamplingBody(_Body):
     response_format: ResponseFormat | None = None
     user: str | None = None
     ignore_eos: bool = False  # extension: keep generating past the end-of-sequence token (benchmarks)
+    # token id -> a bias added to its logit before sampling (JSON keys are strings; ids past the vocabulary are
+    # refused by the engine, which knows it)
+    logit_bias: dict[TokenKey, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] = Field(
+        default_factory=dict, json_schema_extra={"additionalProperties": False}
+    )
 
     @field_validator("stop")
     @classmethod
@@ -188,6 +203,10 @@ class SamplingBody(_Body):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(token), bias) for token, bias in self.logit_bias.items())
 
 
 class ChatBody(SamplingBody):

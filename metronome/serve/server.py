@@ -372,6 +372,7 @@ def _sampling(
             seed=body.seed,
             logprobs=logprobs,
             top_logprobs=top_logprobs,
+            logit_bias=body.logit_bias_pairs,
         )
     except ParamError as exc:
         raise ApiError(400, str(exc), param=exc.param) from None

@@ -170,6 +170,7 @@ def _random_params(rng: random.Random) -> SamplingParams:
         frequency_penalty=rng.choice([0.0, 0.4]),
         presence_penalty=rng.choice([0.0, -0.3]),
         repetition_penalty=rng.choice([1.0, 1.3]),
+        logit_bias=rng.choice([(), ((5, -100.0),), ((7, 2.5), (11, -1.0))]),
         logprobs=True,
         top_logprobs=rng.randint(0, 4),
         ignore_eos=True,

@@ -202,6 +202,23 @@ def test_stop_sequences_cut_the_text(client):
     assert cut.choices[0].message.content == text[: text.index(stop)]
 
 
+def test_logit_bias_bans_and_forces_tokens(client, smol_engine):
+    """OpenAI's logit_bias, sent by the openai client: -100 moves the greedy answer off its first token, +100
+    on one token makes it the whole answer, greedy and sampled (the field was once ignored: both fail)."""
+    tok = smol_engine.tokenizer
+    ask = dict(model="metronome", prompt="The sky is", extra_body={"ignore_eos": True})
+    first = client.completions.create(**ask, max_tokens=1, temperature=0).choices[0].text
+    (token,) = tok.encode(first, add_bos=False)  # one token, re-encoded as itself
+    banned = client.completions.create(**ask, max_tokens=1, temperature=0, logit_bias={str(token): -100})
+    assert banned.choices[0].text not in ("", first)
+    forced_id = tok.encode(" banana", add_bos=False)[0]
+    for temperature in (0, 1.0):
+        forced = client.completions.create(
+            **ask, max_tokens=3, temperature=temperature, seed=5, logit_bias={str(forced_id): 100}
+        )
+        assert forced.choices[0].text == tok.decode([forced_id] * 3), temperature
+
+
 def test_json_object_output_parses(client):
     messages = [{"role": "user", "content": "Describe a dog as JSON with keys name and age."}]
     for temperature, max_tokens in ((0, 40), (0.9, 60)):
@@ -371,6 +388,15 @@ BAD = [  # (what, path, body: dict | raw str, status, param)
     ("completions: logprobs 21", "/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
     ("completions: prompt beyond context", "/v1/completions", {"prompt": LONG_PROMPT}, 400, "prompt"),
     ("completions: unknown model", "/v1/completions", {"prompt": "x", "model": "nope"}, 404, "model"),
+    ("logit_bias key not an id", "/v1/chat/completions", {"messages": MSG, "logit_bias": {"x": 1}}, 400, "logit_bias"),
+    ("logit_bias 101", "/v1/chat/completions", {"messages": MSG, "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    (
+        "logit_bias past the vocabulary",
+        "/v1/completions",
+        {"prompt": "x", "logit_bias": {"99999999": -100}},
+        400,
+        "logit_bias",
+    ),
     (
         "body over the size limit",
         "/v1/chat/completions",

@@ -29,6 +29,7 @@ BAD_SAMPLING = {
     "presence_penalty": [-2.1, 2.1],
     "frequency_penalty": [-2.1, 2.1],
     "top_logprobs": [-1, 21],
+    "logit_bias": [{-1: 1.0}, {3: 100.5}, {3: float("nan")}, {"3": 1.0}, {3: "1"}, ((3, 1.0), (3, 2.0)), 7],
 }
 
 
@@ -198,11 +199,26 @@ def test_sampling_flags_build_sampling_params():
             "a",
             "--stop",
             "b",
+            "--logit-bias",
+            "13=-100",
+            "--logit-bias",
+            "2=1.5",
         ],
     )
     assert sampling_params(args) == SamplingParams(
-        max_tokens=9, temperature=0.5, top_p=0.9, top_k=4, min_p=0.1, repetition_penalty=1.1, seed=3, stop=("a", "b")
+        max_tokens=9,
+        temperature=0.5,
+        top_p=0.9,
+        top_k=4,
+        min_p=0.1,
+        repetition_penalty=1.1,
+        seed=3,
+        stop=("a", "b"),
+        logit_bias={2: 1.5, 13: -100},
     )
+    with pytest.raises(ParamError) as err:
+        sampling_params(_parse("generate", ["--logit-bias", "13"]))
+    assert err.value.param == "logit_bias" and "ID=BIAS" in str(err.value)
     for dest in SAMPLING_FLAGS:
         assert hasattr(SamplingParams(), dest)
     with pytest.raises(ParamError) as err:

@@ -116,6 +116,22 @@ def test_presence_and_frequency_penalties_follow_the_generated_counts():
     assert torch.equal(_sampler(prompt=[7]).penalize(logits), logits)  # defaults: no change
 
 
+def test_logit_bias_is_added_first_and_decides_the_choice():
+    logits = torch.zeros(V)
+    logits[4], logits[6] = 1.0, 0.9
+    before = logits.clone()
+    s = _sampler(prompt=[6], logit_bias={6: 0.5, 9: -100}, repetition_penalty=2.0)
+    expected = before.clone()
+    expected[6], expected[9] = (0.9 + 0.5) / 2.0, -100.0  # the bias, then the penalty on the seen token 6
+    assert torch.equal(s.penalize(logits), expected)
+    assert torch.equal(logits, before)  # the step's logits are never written
+    assert not _sampler(logit_bias={9: -100}).plain_greedy  # the batched argmax would skip the bias
+    assert _sampler(logit_bias={4: -100}).choose(logits).token == 6
+    assert _sampler(logit_bias={2: 100}).choose(logits).token == 2
+    sampled = _sampler(temperature=1.0, seed=3, logit_bias={11: 100})
+    assert {sampled.choose(logits).token for _ in range(50)} == {11}
+
+
 def test_penalties_decide_the_greedy_choice():
     logits = torch.zeros(V)
     logits[4], logits[6] = 1.0, 0.9

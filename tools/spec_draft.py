@@ -91,9 +91,10 @@ def main() -> None:
         "--drafters",
         default="lookup+model",
         help="comma-separated, each measured against plain decoding in turn: lookup+model (what --draft builds: "
-        "lookup while the text copies, the draft model where it does not, paused where it does not pay), model "
-        "(the draft model every step, paused where it does not pay), model-always (never paused), lookup "
-        "(prompt lookup alone)",
+        "lookup while the text copies, the draft model where it does not, all of it paused where it does not "
+        "pay), lookup+model-unjudged (only the draft model's steps judged, as before 2026-12-05), model (the "
+        "draft model every step, paused where it does not pay), model-always (never paused), lookup (prompt "
+        "lookup alone, paused where it does not pay: what an engine without --draft builds), lookup-always",
     )
     p.add_argument(
         "--catch-ups",
@@ -120,9 +121,11 @@ def main() -> None:
     }
     spec = engines[a.spec_tokens]
     built = spec.drafter
-    if not isinstance(built, LookupOrModel):
-        raise SystemExit(f"expected LookupOrModel(lookup, PayingDrafter(ModelDrafter)) from --draft, got {built!r}")
-    model = built.model.inner
+    if not (isinstance(built, PayingDrafter) and isinstance(built.inner, LookupOrModel)):
+        raise SystemExit(
+            f"expected PayingDrafter(LookupOrModel(lookup, PayingDrafter(ModelDrafter))) from --draft, got {built!r}"
+        )
+    model = built.inner.model.inner
     catch_ups = (
         [model.catch_up]
         if a.catch_ups is None
@@ -131,19 +134,25 @@ def main() -> None:
     for catch_up, name in ((c, n) for c in catch_ups for n in a.drafters.split(",")):
         model.catch_up = catch_up
         paying = PayingDrafter(model)
+        both = LookupOrModel(NgramDrafter(), paying, slots=1)
         spec.drafter = {
             "model": paying,
             "model-always": model,
-            "lookup": NgramDrafter(),
-            "lookup+model": LookupOrModel(NgramDrafter(), paying, slots=1),
+            "lookup": PayingDrafter(NgramDrafter()),
+            "lookup-always": NgramDrafter(),
+            "lookup+model": PayingDrafter(both),
+            "lookup+model-unjudged": both,
         }[name]
         results = measure_speculation(
             None, a.threads, a.tokens, a.rounds, a.ctx, a.spec_tokens, workloads=workloads, engines=engines
         )
         print(speculation_markdown(results, a.spec_tokens, f"{name}, draft model {a.draft}, catch_up {catch_up}"))
-        if isinstance(spec.drafter, LookupOrModel):
-            print(f"\nLookupOrModel: {spec.drafter.switches} switches between lookup and the draft model")
-        if name in ("model", "lookup+model"):
+        if name.startswith("lookup+model"):
+            print(f"\nLookupOrModel: {both.switches} switches between lookup and the draft model")
+        if isinstance(spec.drafter, PayingDrafter) and spec.drafter is not paying:
+            judge = spec.drafter
+            print(f"\nPayingDrafter (all drafts): {judge.pauses} pauses, {judge.drafting_steps} judged drafting steps")
+        if name in ("model", "lookup+model", "lookup+model-unjudged"):
             print(
                 f"\nPayingDrafter: {paying.pauses} pauses, {paying.drafting_steps} judged drafting steps, plain "
                 f"step {(paying.plain_s or float('nan')) * 1000:.1f} ms; the draft model's catch-ups cut to the "

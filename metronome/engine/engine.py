@@ -108,8 +108,11 @@ class Engine(PythonAPI):
         drafter: Drafter | None = None,
     ) -> None:
         self.plan = plan
-        # Speculation needs rows of one slot in a step: the fused plan's row-independent decoder.
-        self.drafter = (drafter or NgramDrafter()) if plan.runner.any_rows and plan.config.spec_tokens > 0 else None
+        # Speculation needs rows of one slot in a step: the fused plan's row-independent decoder. Prompt lookup's
+        # guesses are free to make but not to check: each is a row of the step, which costs up to half of a
+        # one-row step on an AVX2 CPU (docs/models.md), so drafting is judged and paused where it loses.
+        use = plan.runner.any_rows and plan.config.spec_tokens > 0
+        self.drafter = (drafter or PayingDrafter(NgramDrafter())) if use else None
         self.spec = SpecStats()
         self.tokenizer = tokenizer
         self.config: EngineConfig = plan.config
@@ -160,8 +163,9 @@ class Engine(PythonAPI):
             try:
                 # prompt lookup while the text copies; where it does not, the draft model (lookup's guesses
                 # checked in its one call a step), paused where it does not pay
+                # (the draft model judged on its own steps, and both modes together: lookup's rows cost too)
                 model = PayingDrafter(ModelDrafter(draft_plan, plan.cfg.vocab_size, lookup=NgramDrafter()))
-                drafter = LookupOrModel(NgramDrafter(), model, slots=plan.config.slots)
+                drafter = PayingDrafter(LookupOrModel(NgramDrafter(), model, slots=plan.config.slots))
             except ValueError as exc:
                 raise ValueError(f"draft={config.draft!r}: {exc}") from None
         engine = cls(plan, Tokenizer(loaded.tokenizer), loaded.config.name or loaded.path.stem, max_queue, drafter)

@@ -170,7 +170,9 @@ class ModelDrafter:
 
 
 class PayingDrafter:
-    """Drafts only while drafting pays, for a drafter whose drafts cost time (a draft model).
+    """Drafts only while drafting pays. Every draft costs: a row of the step that checks it (close to free
+    where a one-row step is bound by memory, up to half of that step on an AVX2 CPU bound by its arithmetic
+    at a few rows, docs/models.md), and for a draft model its own time as well.
 
     It times itself: `propose` is called once per engine step while one request runs, so the time from the
     end of one call to the start of the next is the rest of that step (verification, sampling, emitting),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import shutil
+import time
 
 import pytest
 import torch
@@ -498,3 +499,28 @@ def test_a_steps_events_go_out_together_before_the_next_plan_call(tiny_hf):
     assert sum(kind == "event" for kind, _ in log) >= max(p.max_tokens for p in params)
     for r in reqs:
         assert tokens[r.id] == r.output_ids
+
+
+def test_prompt_lookup_pauses_where_its_rows_cost_more_than_they_bring(tiny_hf, monkeypatch):
+    """An engine without --draft judges prompt lookup's guesses: checking one costs a row of the step (up to
+    half a one-row step on an AVX2 CPU), so guesses that are always wrong must pause drafting. A plan whose
+    step takes 4 ms a row and a lookup that always guesses a token the text never holds: unjudged (the bare
+    NgramDrafter), every step drafts."""
+    from metronome.engine.speculate import NgramDrafter
+
+    engine = Engine.from_model(str(tiny_hf("llama")), EngineConfig(slots=1, ctx=256, spec_tokens=4))
+    params = SamplingParams(max_tokens=120, ignore_eos=True)
+    prompt = [1, 5, 9, 12, 30, 31, 7]
+    never = next(t for t in range(3, 500) if t not in engine.generate(prompt, params).token_ids)
+    monkeypatch.setattr(NgramDrafter, "propose", lambda self, slot, ids, k: [never] * k)
+    decode = engine.plan.decode
+
+    def slow_rows(slots, *args, **kwargs):
+        time.sleep(0.004 * len(slots))
+        return decode(slots, *args, **kwargs)
+
+    monkeypatch.setattr(engine.plan, "decode", slow_rows)
+    engine.spec.__init__()
+    engine.generate(prompt, params)
+    assert engine.spec.drafted > 0 and engine.spec.accepted == 0
+    assert engine.spec.steps < 0.4 * params.max_tokens, f"{engine.spec.steps} of {params.max_tokens} steps drafted"

@@ -275,7 +275,7 @@ def test_draft_model_speculation_is_exact(tiny_hf):
     prompt = [1, 5, 9, 12, 30, 31, 7]
     a = plain.generate(prompt, params)
     assert spec.generate(prompt, params).token_ids == a.token_ids  # as --draft builds it: lookup, then the model
-    spec.drafter = spec.drafter.model  # the draft model at every step: its greedy drafts are all right
+    spec.drafter = spec.drafter.inner.model  # the draft model at every step: its greedy drafts are all right
     spec.spec = SpecStats()
     b = spec.generate(prompt, params)
     assert a.token_ids == b.token_ids

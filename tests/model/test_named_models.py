@@ -45,4 +45,4 @@ def test_qwen_coder_0_5b_drafts_for_itself_exactly():
             a, b = plain.generate(messages, params), spec.generate(messages, params)
             assert a.token_ids == b.token_ids
     assert spec.spec.accepted > 0  # the same model drafts: its greedy drafts are right
-    assert spec.drafter.model.inner.calls > 0  # and it did draft (LookupOrModel: where lookup stopped guessing)
+    assert spec.drafter.inner.model.inner.calls > 0  # and it did draft (LookupOrModel: where lookup stopped guessing)

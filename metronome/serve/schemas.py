@@ -17,6 +17,7 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -217,6 +218,23 @@ class ChatBody(SamplingBody):
     max_completion_tokens: Int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    # the deprecated form of tools: accepted where it asks for nothing, refused otherwise (never ignored)
+    functions: list[dict[str, Any]] = Field(default_factory=list)
+    function_call: Literal["none", "auto"] | dict[str, Any] | None = None
+
+    @field_validator("functions")
+    @classmethod
+    def _check_functions(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if v:
+            raise ValueError("functions is the deprecated form of tools: send tools (and tool_choice) instead")
+        return v
+
+    @field_validator("function_call")
+    @classmethod
+    def _check_function_call(cls, v: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        if isinstance(v, dict):
+            raise ValueError("function_call is the deprecated form of tool_choice: send tools and tool_choice instead")
+        return v
 
     @property
     def token_budget(self) -> tuple[int | None, str]:
@@ -229,6 +247,32 @@ class ChatBody(SamplingBody):
 class CompletionBody(SamplingBody):
     prompt: str | list[str] | list[Int] | list[list[Int]] = Field(json_schema_extra=_prompt_schema)
     logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # legacy: how many alternatives per token
+    # legacy fields served only where they change nothing, refused otherwise (never silently ignored)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: Int | None = Field(None, ge=1)
+
+    @field_validator("echo")
+    @classmethod
+    def _check_echo(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("echo is not supported: the response holds the completion only (prepend the prompt)")
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _check_suffix(cls, v: str | None) -> str | None:
+        if v:
+            raise ValueError("suffix (text after an insertion) is not supported: send the text before it as the prompt")
+        return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _check_best_of(cls, v: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n", 1)
+        if v is not None and v != n:
+            raise ValueError(f"best_of={v} with n={n} is not supported: every choice generated is returned; ask for n")
+        return v
 
     @field_validator("prompt")
     @classmethod

@@ -388,6 +388,17 @@ BAD = [  # (what, path, body: dict | raw str, status, param)
     ("completions: logprobs 21", "/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
     ("completions: prompt beyond context", "/v1/completions", {"prompt": LONG_PROMPT}, 400, "prompt"),
     ("completions: unknown model", "/v1/completions", {"prompt": "x", "model": "nope"}, 404, "model"),
+    ("completions: echo", "/v1/completions", {"prompt": "x", "echo": True}, 400, "echo"),
+    ("completions: suffix", "/v1/completions", {"prompt": "x", "suffix": "y"}, 400, "suffix"),
+    ("completions: best_of above n", "/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of"),
+    ("legacy functions", "/v1/chat/completions", {"messages": MSG, "functions": [{"name": "f"}]}, 400, "functions"),
+    (
+        "legacy function_call naming one",
+        "/v1/chat/completions",
+        {"messages": MSG, "function_call": {"name": "f"}},
+        400,
+        "function_call",
+    ),
     ("logit_bias key not an id", "/v1/chat/completions", {"messages": MSG, "logit_bias": {"x": 1}}, 400, "logit_bias"),
     ("logit_bias 101", "/v1/chat/completions", {"messages": MSG, "logit_bias": {"5": 101}}, 400, "logit_bias"),
     (
@@ -434,6 +445,11 @@ def test_unknown_fields_are_ignored_and_null_means_default(smol_url):
     body = {"messages": MSG, "max_tokens": 3, "temperature": None, "tools": [], "frobnicate": {"x": 1}, "user": "u1"}
     r = httpx.post(f"{smol_url}/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 200, r.text
+    # legacy fields where they ask for nothing (some clients send their defaults)
+    body = {"messages": MSG, "max_tokens": 2, "functions": [], "function_call": "auto"}
+    assert httpx.post(f"{smol_url}/v1/chat/completions", json=body, timeout=60).status_code == 200
+    body = {"prompt": "x", "max_tokens": 2, "echo": False, "suffix": "", "best_of": 1, "n": 1}
+    assert httpx.post(f"{smol_url}/v1/completions", json=body, timeout=60).status_code == 200
 
 
 # -- determinism under concurrency, and disconnects -------------------------------------------------

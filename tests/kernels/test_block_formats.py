@@ -84,13 +84,14 @@ def _linear(x: torch.Tensor, raw: np.ndarray, qtype: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("qtype", FORMATS)
-@pytest.mark.parametrize("M", [1, 5, 7, 37])
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 7, 14, 37])
 def test_file_format_kernel_vs_dequantized_weights(qtype: str, M: int) -> None:
     # an odd row count (a tile tail); K spans 3 super-blocks, or 25 blocks (32-weight kinds run two
     # blocks per step: the odd last one runs alone); 37 rows of x: two 16-row AMX tiles where the CPU has
     # them, and five rows on the vector path; with AVX2, passes of 8 rows that read a group's unpacked
-    # records (Q4_K, Q6_K), the last of 5 (Q6_K: two pairs of rows, then one); 5 and 7 rows: AVX2's Q4_K
-    # runs four rows of x at a time, then the one or three left in its generic loop
+    # records (Q4_K, Q6_K), the last of 5 (Q6_K: two pairs of rows, then one); AVX2's Q4_K unpacks the
+    # nibbles in registers for 1, 2, 3 and 5 (3 + 2) rows (q4k_sub_rows), and once for four rows of x
+    # then the rest at 7 (4 + 3), 14 (8 + 4 + 2, from records) and 37's last pass (4 + 1)
     n, k = 37, 768 if _super(qtype) else 800
     raw = _blocks(qtype, n, k, seed=1)
     w = _dequantized(raw, qtype, n, k)

@@ -471,6 +471,187 @@ struct Q4_1Codes {
 };
 using Q4_1x16 = X16Block32<Q4_1Codes>;
 
+// AVX2: a Q4_K sub-block (32 weights of 16 rows) against 1-4 rows of x, as int16 sums widened against the
+// scale pair (sums16_bcst's scheme). Per quad of weights and row of x: one broadcast, two vpmaddubsw and
+// two vpaddw, the rows' int16 sums in registers; four rows of x at a time, since 8 rows' sums with the code
+// halves would need more than the 16 ymm registers (four at a time ran the tile 1.10x faster than holding
+// all 8 code vectors at 8 and 32 rows of x; two at a time in C, 0.73x). Written out as instructions: GCC
+// compiled the C loop four ways from four spellings of it (1.0x-1.5x apart: it reassociated the int16 sums
+// into a tree kept on the stack, or spilled them), and a kernel's speed should not hang on that.
+//
+// The codes come from one of two places. A step of 1-3 rows (decode, a short verification) unpacks the
+// sub-block's 4 nibble vectors in registers: per vector its two halves are loaded, masked into quad 2v's
+// codes, then shifted and masked in place into quad 2v + 1's (at 3 rows: 6 sums, 2 halves, 2 codes, the
+// mask, the broadcast and the product). Before, codes() unpacked all 8 code vectors to the stack for the
+// rows to read back (16 stores and 16 loads per sub-block) and 2 and 3 rows ran the C form: 1.34x and 1.41x
+// slower from the caches (docs/performance.md, "AVX2 Q4_K decode"); 5 and 6 rows run as 3 + 2 and 3 + 3 of
+// these (1.04x). At 4, 7 and 8 rows unpacking twice costs more than the loads (4 rows in registers: 0.96x),
+// so the tile unpacks once (codes(), or the group's records for a prompt) and every four rows read the 8
+// code vectors from memory. The integers are the same either way.
+#ifdef METRONOME_AVX2
+// clang-format off
+#define METRONOME_Q4KF_ROW_FIRST(xoff, r, t0, t1)          \
+  "vpbroadcastd " xoff "(%[x" r "]), %[b]\n\t"             \
+  "vpmaddubsw %[b], %[lo], %[" t0 "]\n\t"                  \
+  "vpmaddubsw %[b], %[hi], %[" t1 "]\n\t"
+#define METRONOME_Q4KF_ROW(xoff, r, t0, t1, lo, hi)        \
+  "vpbroadcastd " xoff "(%[x" r "]), %[b]\n\t"             \
+  "vpmaddubsw %[b], %[" lo "], %[p]\n\t"                   \
+  "vpaddw %[p], %[" t0 "], %[" t0 "]\n\t"                  \
+  "vpmaddubsw %[b], %[" hi "], %[p]\n\t"                   \
+  "vpaddw %[p], %[" t1 "], %[" t1 "]\n\t"
+// quad 2v's rows (lo, hi) and quad 2v + 1's (the halves a, c shifted in place), R = 1..4 rows
+#define METRONOME_Q4KF_FIRST1(xo) METRONOME_Q4KF_ROW_FIRST(xo, "0", "t0", "t1")
+#define METRONOME_Q4KF_FIRST2(xo) METRONOME_Q4KF_FIRST1(xo) METRONOME_Q4KF_ROW_FIRST(xo, "1", "t2", "t3")
+#define METRONOME_Q4KF_FIRST3(xo) METRONOME_Q4KF_FIRST2(xo) METRONOME_Q4KF_ROW_FIRST(xo, "2", "t4", "t5")
+#define METRONOME_Q4KF_FIRST4(xo) METRONOME_Q4KF_FIRST3(xo) METRONOME_Q4KF_ROW_FIRST(xo, "3", "t6", "t7")
+#define METRONOME_Q4KF_ROWS1(xo, lo, hi) METRONOME_Q4KF_ROW(xo, "0", "t0", "t1", lo, hi)
+#define METRONOME_Q4KF_ROWS2(xo, lo, hi) METRONOME_Q4KF_ROWS1(xo, lo, hi) METRONOME_Q4KF_ROW(xo, "1", "t2", "t3", lo, hi)
+#define METRONOME_Q4KF_ROWS3(xo, lo, hi) METRONOME_Q4KF_ROWS2(xo, lo, hi) METRONOME_Q4KF_ROW(xo, "2", "t4", "t5", lo, hi)
+#define METRONOME_Q4KF_ROWS4(xo, lo, hi) METRONOME_Q4KF_ROWS3(xo, lo, hi) METRONOME_Q4KF_ROW(xo, "3", "t6", "t7", lo, hi)
+#define METRONOME_Q4KF_LOAD(off, off32)                    \
+  "vmovdqu " off "(%[q]), %[a]\n\t"                        \
+  "vmovdqu " off32 "(%[q]), %[c]\n\t"                      \
+  "vpand %[a], %[m], %[lo]\n\t"                            \
+  "vpand %[c], %[m], %[hi]\n\t"
+#define METRONOME_Q4KF_SHIFT                               \
+  "vpsrlw $4, %[a], %[a]\n\t"                              \
+  "vpand %[a], %[m], %[a]\n\t"                             \
+  "vpsrlw $4, %[c], %[c]\n\t"                              \
+  "vpand %[c], %[m], %[c]\n\t"
+#define METRONOME_Q4KF_BODY(R)                                                                          \
+  METRONOME_Q4KF_LOAD("0", "32") METRONOME_Q4KF_FIRST##R("0")                                           \
+  METRONOME_Q4KF_SHIFT METRONOME_Q4KF_ROWS##R("4", "a", "c")                                            \
+  METRONOME_Q4KF_LOAD("64", "96") METRONOME_Q4KF_ROWS##R("8", "lo", "hi")                               \
+  METRONOME_Q4KF_SHIFT METRONOME_Q4KF_ROWS##R("12", "a", "c")                                           \
+  METRONOME_Q4KF_LOAD("128", "160") METRONOME_Q4KF_ROWS##R("16", "lo", "hi")                            \
+  METRONOME_Q4KF_SHIFT METRONOME_Q4KF_ROWS##R("20", "a", "c")                                           \
+  METRONOME_Q4KF_LOAD("192", "224") METRONOME_Q4KF_ROWS##R("24", "lo", "hi")                            \
+  METRONOME_Q4KF_SHIFT METRONOME_Q4KF_ROWS##R("28", "a", "c")
+// the same rows from the 8 code vectors unpacked at q (512 bytes, codes()'s c[0..7]): per quad its halves
+#define METRONOME_Q4KF_CODES(off, off32)                   \
+  "vmovdqu " off "(%[q]), %[lo]\n\t"                       \
+  "vmovdqu " off32 "(%[q]), %[hi]\n\t"
+#define METRONOME_Q4KF_BODY_UNPACKED(R)                                                                 \
+  METRONOME_Q4KF_CODES("0", "32") METRONOME_Q4KF_FIRST##R("0")                                          \
+  METRONOME_Q4KF_CODES("64", "96") METRONOME_Q4KF_ROWS##R("4", "lo", "hi")                              \
+  METRONOME_Q4KF_CODES("128", "160") METRONOME_Q4KF_ROWS##R("8", "lo", "hi")                            \
+  METRONOME_Q4KF_CODES("192", "224") METRONOME_Q4KF_ROWS##R("12", "lo", "hi")                           \
+  METRONOME_Q4KF_CODES("256", "288") METRONOME_Q4KF_ROWS##R("16", "lo", "hi")                           \
+  METRONOME_Q4KF_CODES("320", "352") METRONOME_Q4KF_ROWS##R("20", "lo", "hi")                           \
+  METRONOME_Q4KF_CODES("384", "416") METRONOME_Q4KF_ROWS##R("24", "lo", "hi")                           \
+  METRONOME_Q4KF_CODES("448", "480") METRONOME_Q4KF_ROWS##R("28", "lo", "hi")
+#define METRONOME_Q4KF_SCRATCH                                                                          \
+  [a] "=&x"(a), [c] "=&x"(c), [lo] "=&x"(lo), [hi] "=&x"(hi), [b] "=&x"(b), [p] "=&x"(p)
+#define METRONOME_Q4KF_SCRATCH_UNPACKED [lo] "=&x"(lo), [hi] "=&x"(hi), [b] "=&x"(b), [p] "=&x"(p)
+using XRow = const char (*)[32];
+
+#define METRONOME_Q4KF_OUT1 [t0] "=&x"(t0), [t1] "=&x"(t1)
+#define METRONOME_Q4KF_OUT2 METRONOME_Q4KF_OUT1, [t2] "=&x"(t2), [t3] "=&x"(t3)
+#define METRONOME_Q4KF_OUT3 METRONOME_Q4KF_OUT2, [t4] "=&x"(t4), [t5] "=&x"(t5)
+#define METRONOME_Q4KF_OUT4 METRONOME_Q4KF_OUT3, [t6] "=&x"(t6), [t7] "=&x"(t7)
+// row r's pointer, and its 32 bytes as what the instructions read (so the compiler keeps stores before them)
+#define METRONOME_Q4KF_X(r) [x##r] "r"(x4 + r * ldx), "m"(*reinterpret_cast<XRow>(x4 + r * ldx))
+#define METRONOME_Q4KF_IN1 METRONOME_Q4KF_X(0)
+#define METRONOME_Q4KF_IN2 METRONOME_Q4KF_IN1, METRONOME_Q4KF_X(1)
+#define METRONOME_Q4KF_IN3 METRONOME_Q4KF_IN2, METRONOME_Q4KF_X(2)
+#define METRONOME_Q4KF_IN4 METRONOME_Q4KF_IN3, METRONOME_Q4KF_X(3)
+#define METRONOME_Q4KF_ASM(R)                                                                           \
+  asm(METRONOME_Q4KF_BODY(R) : METRONOME_Q4KF_OUT##R, METRONOME_Q4KF_SCRATCH                            \
+      : [q] "r"(q), [m] "x"(_mm256_set1_epi8(0x0F)), "m"(*reinterpret_cast<Codes>(q)), METRONOME_Q4KF_IN##R)
+#define METRONOME_Q4KF_ASM_UNPACKED(R)                                                                  \
+  asm(METRONOME_Q4KF_BODY_UNPACKED(R) : METRONOME_Q4KF_OUT##R, METRONOME_Q4KF_SCRATCH_UNPACKED           \
+      : [q] "r"(q), "m"(*reinterpret_cast<Codes>(q)), METRONOME_Q4KF_IN##R)
+// clang-format on
+
+// acc[r] += (row r's int16 sums of the sub-block's 32 weights against x row r) . w, r < R, row r's 32 bytes
+// of x at x4 + r * ldx. q: the sub-block's 4 nibble vectors (256 bytes), or with kCodes its 8 code vectors
+// as codes() unpacked them (512 bytes).
+template <int R, bool kCodes>
+inline void q4k_sub_rows(const uint8_t* q, const int32_t* x4, int64_t ldx, __m512i w, __m512i* acc) {
+  static_assert(R >= 1 && R <= 4, "1 to 4 rows of x");
+  using Codes = const char (*)[kCodes ? 512 : 256];
+  __m256i t0, t1, t2, t3, t4, t5, t6, t7, a, c, lo, hi, b, p;
+  // clang-format off
+  if constexpr (kCodes) {
+    if constexpr (R == 1) METRONOME_Q4KF_ASM_UNPACKED(1);
+    else if constexpr (R == 2) METRONOME_Q4KF_ASM_UNPACKED(2);
+    else if constexpr (R == 3) METRONOME_Q4KF_ASM_UNPACKED(3);
+    else METRONOME_Q4KF_ASM_UNPACKED(4);
+  } else {
+    if constexpr (R == 1) METRONOME_Q4KF_ASM(1);
+    else if constexpr (R == 2) METRONOME_Q4KF_ASM(2);
+    else if constexpr (R == 3) METRONOME_Q4KF_ASM(3);
+    else METRONOME_Q4KF_ASM(4);
+  }
+  // clang-format on
+  acc[0] = madd16_add(acc[0], __m512i{t0, t1}, w);
+  if constexpr (R > 1) acc[1] = madd16_add(acc[1], __m512i{t2, t3}, w);
+  if constexpr (R > 2) acc[2] = madd16_add(acc[2], __m512i{t4, t5}, w);
+  if constexpr (R > 3) acc[3] = madd16_add(acc[3], __m512i{t6, t7}, w);
+}
+#undef METRONOME_Q4KF_ASM_UNPACKED
+#undef METRONOME_Q4KF_ASM
+#undef METRONOME_Q4KF_SCRATCH_UNPACKED
+#undef METRONOME_Q4KF_IN4
+#undef METRONOME_Q4KF_IN3
+#undef METRONOME_Q4KF_IN2
+#undef METRONOME_Q4KF_IN1
+#undef METRONOME_Q4KF_X
+#undef METRONOME_Q4KF_OUT4
+#undef METRONOME_Q4KF_OUT3
+#undef METRONOME_Q4KF_OUT2
+#undef METRONOME_Q4KF_OUT1
+#undef METRONOME_Q4KF_SCRATCH
+#undef METRONOME_Q4KF_BODY_UNPACKED
+#undef METRONOME_Q4KF_CODES
+#undef METRONOME_Q4KF_BODY
+#undef METRONOME_Q4KF_SHIFT
+#undef METRONOME_Q4KF_LOAD
+#undef METRONOME_Q4KF_ROWS4
+#undef METRONOME_Q4KF_ROWS3
+#undef METRONOME_Q4KF_ROWS2
+#undef METRONOME_Q4KF_ROWS1
+#undef METRONOME_Q4KF_FIRST4
+#undef METRONOME_Q4KF_FIRST3
+#undef METRONOME_Q4KF_FIRST2
+#undef METRONOME_Q4KF_FIRST1
+#undef METRONOME_Q4KF_ROW
+#undef METRONOME_Q4KF_ROW_FIRST
+
+// acc[m] += (row m's int16 sums of the unpacked codes' 32 weights against x row m) . w for MT rows of x,
+// four at a time, then the rest
+template <int MT>
+inline void q4k_codes_rows(const __m512i* codes, const int32_t* x4, int64_t ldx, __m512i w, __m512i* acc) {
+  const uint8_t* u = reinterpret_cast<const uint8_t*>(codes);
+  constexpr int kFull = MT / 4 * 4;
+  for (int m0 = 0; m0 < kFull; m0 += 4) q4k_sub_rows<4, true>(u, x4 + m0 * ldx, ldx, w, acc + m0);
+  if constexpr (MT % 4 != 0) q4k_sub_rows<MT % 4, true>(u, x4 + kFull * ldx, ldx, w, acc + kFull);
+}
+
+// The same for sub-block j of the packed super-block at p (its scale pair w from the block's bytes)
+template <int MT>
+inline void q4k_sub_all_rows(const uint8_t* p, int j, const int32_t* x4, int64_t ldx, __m512i* acc) {
+  const __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 64 + 16 * j)));
+  const __m512i w = _mm512_or_si512(sc, _mm512_slli_epi32(sc, 16));
+  if constexpr (MT <= 3) {
+    q4k_sub_rows<MT, false>(p + 320 + 256 * j, x4, ldx, w, acc);
+  } else if constexpr (MT == 5 || MT == 6) {
+    q4k_sub_rows<3, false>(p + 320 + 256 * j, x4, ldx, w, acc);
+    q4k_sub_rows<MT - 3, false>(p + 320 + 256 * j, x4 + 3 * ldx, ldx, w, acc + 3);
+  } else {
+    __m512i c[8];
+    for (int v = 0; v < 4; ++v) nibble_quads(p + 320 + 256 * j + 64 * v, c + 2 * v);
+    q4k_codes_rows<MT>(c, x4, ldx, w, acc);
+  }
+}
+#else  // AVX2 only: declared so that the AVX-512 build's discarded kSums16 branches compile
+template <int MT>
+void q4k_codes_rows(const __m512i* codes, const int32_t* x4, int64_t ldx, __m512i w, __m512i* acc);
+template <int MT>
+void q4k_sub_all_rows(const uint8_t* p, int j, const int32_t* x4, int64_t ldx, __m512i* acc);
+#endif
+
 // AVX2 prompts: a pass over a group takes only 8 rows of x, so a prompt of M rows would unpack each
 // super-block's codes, scales and minimums M / 8 times over. Where there is more than one pass, x16_rows
 // unpacks the group once into Q4_KUnpacked records (one per super-block; the thread's own buffer) and every
@@ -541,11 +722,9 @@ struct Q4_Kx16 {
         if constexpr (kSums16) {  // AVX2: the 32 weights' int16 pair sums, widened against (sc_j, sc_j)
           const int32_t* xb = reinterpret_cast<const int32_t*>(xq.x8k + m0 * K + b * 256 + 32 * j);
           if constexpr (kUnpacked) {
-            sums16_rows<MT, 8, 16>(unpacked[b].c[j], xb, K / 4, unpacked[b].c[j][8], isum);
+            q4k_codes_rows<MT>(unpacked[b].c[j], xb, K / 4, unpacked[b].c[j][8], isum);
           } else {
-            __m512i c[9];
-            codes(p, j, c);
-            sums16_rows<MT, 8, 16>(c, xb, K / 4, c[8], isum);
+            q4k_sub_all_rows<MT>(p, j, xb, K / 4, isum);
           }
           continue;
         }

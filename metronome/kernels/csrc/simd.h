@@ -198,98 +198,11 @@ inline __m512i madd16_add(__m512i acc, __m512i t, __m512i w) {
   return {_mm256_add_epi32(acc.lo, _mm256_madd_epi16(t.lo, w.lo)),
           _mm256_add_epi32(acc.hi, _mm256_madd_epi16(t.hi, w.hi))};
 }
-// acc[m] = madd16_add(acc[m], sums16_bcst<N, kBelow>(u, x4 of row m), w) for MT rows of x (row m's 4-byte
-// groups at x + m * ldx), the same integers, four rows at a time (sums16_block): per 4-byte group the code
-// vector's two halves are loaded once and each row's broadcast feeds both, 6 loads for 8 vpmaddubsw with
-// the 8 int16 sums in registers. Holding all N = 8 code vectors of Q4_K's 32 weights instead is 16
-// registers, all there are, and the x broadcasts then cost a load per vpmaddubsw: four rows at a time ran
-// Q4_K's tile 1.10x faster at 8 and 32 rows of x; two rows at a time (the C form below) ran it 0.73x
-// (docs/performance.md).
-template <int R, int N, int kBelow>
-inline void sums16_block(const __m512i* u, const int32_t* x4, int64_t ldx, __m512i w, __m512i* acc) {
-  __m256i t[R][2];
-  for (int i = 0; i < N; ++i) {
-    const __m256i lo = u[i].lo, hi = u[i].hi;
-    for (int r = 0; r < R; ++r) {
-      const __m256i b = _mm256_set1_epi32(x4[r * ldx + i]);
-      const __m256i pl = _mm256_maddubs_epi16(lo, b), ph = _mm256_maddubs_epi16(hi, b);
-      t[r][0] = i ? _mm256_add_epi16(t[r][0], pl) : pl;
-      t[r][1] = i ? _mm256_add_epi16(t[r][1], ph) : ph;
-    }
-  }
-  for (int r = 0; r < R; ++r) acc[r] = madd16_add(acc[r], __m512i{t[r][0], t[r][1]}, w);
-}
-
-// The same for 4 rows and 8 code vectors (Q4_K's sub-block), written out as instructions: GCC compiled the
-// loop above four ways from four spellings of it (1.0x-1.5x apart: it reassociated the int16 sums into a
-// tree of products kept on the stack, or held all 16 code halves and spilled the sums), and a kernel's
-// speed should not hang on that. Per group: the two code halves, then per row one broadcast, two
-// vpmaddubsw and two vpaddw into that row's two int16 sums (the first group's products start them), all 8
-// sums in registers.
-// clang-format off
-#define METRONOME_Q4K_ROW(xoff, r, t0, t1)                 \
-  "vpbroadcastd " xoff "(%[x" r "]), %[b]\n\t"             \
-  "vpmaddubsw %[b], %[lo], %[p]\n\t"                       \
-  "vpaddw %[p], %[" t0 "], %[" t0 "]\n\t"                  \
-  "vpmaddubsw %[b], %[hi], %[p]\n\t"                       \
-  "vpaddw %[p], %[" t1 "], %[" t1 "]\n\t"
-#define METRONOME_Q4K_ROW_FIRST(r, t0, t1)                 \
-  "vpbroadcastd (%[x" r "]), %[b]\n\t"                     \
-  "vpmaddubsw %[b], %[lo], %[" t0 "]\n\t"                  \
-  "vpmaddubsw %[b], %[hi], %[" t1 "]\n\t"
-#define METRONOME_Q4K_GROUP(uoff, hoff, xoff)              \
-  "vmovdqu " uoff "(%[u]), %[lo]\n\t"                      \
-  "vmovdqu " hoff "(%[u]), %[hi]\n\t"                      \
-  METRONOME_Q4K_ROW(xoff, "0", "t0", "t1")                 \
-  METRONOME_Q4K_ROW(xoff, "1", "t2", "t3")                 \
-  METRONOME_Q4K_ROW(xoff, "2", "t4", "t5")                 \
-  METRONOME_Q4K_ROW(xoff, "3", "t6", "t7")
-template <>
-inline void sums16_block<4, 8, 16>(const __m512i* u, const int32_t* x4, int64_t ldx, __m512i w, __m512i* acc) {
-  __m256i t0, t1, t2, t3, t4, t5, t6, t7, lo, hi, b, p;
-  using Row = const char(*)[32];
-  asm("vmovdqu (%[u]), %[lo]\n\t"
-      "vmovdqu 32(%[u]), %[hi]\n\t"
-      METRONOME_Q4K_ROW_FIRST("0", "t0", "t1") METRONOME_Q4K_ROW_FIRST("1", "t2", "t3")
-      METRONOME_Q4K_ROW_FIRST("2", "t4", "t5") METRONOME_Q4K_ROW_FIRST("3", "t6", "t7")
-                                              METRONOME_Q4K_GROUP("64", "96", "4")
-      METRONOME_Q4K_GROUP("128", "160", "8")  METRONOME_Q4K_GROUP("192", "224", "12")
-      METRONOME_Q4K_GROUP("256", "288", "16") METRONOME_Q4K_GROUP("320", "352", "20")
-      METRONOME_Q4K_GROUP("384", "416", "24") METRONOME_Q4K_GROUP("448", "480", "28")
-      : [t0] "=&x"(t0), [t1] "=&x"(t1), [t2] "=&x"(t2), [t3] "=&x"(t3), [t4] "=&x"(t4), [t5] "=&x"(t5),
-        [t6] "=&x"(t6), [t7] "=&x"(t7), [lo] "=&x"(lo), [hi] "=&x"(hi), [b] "=&x"(b), [p] "=&x"(p)
-      : [u] "r"(u), [x0] "r"(x4), [x1] "r"(x4 + ldx), [x2] "r"(x4 + 2 * ldx), [x3] "r"(x4 + 3 * ldx),
-        // what the instructions read, so that the compiler keeps the stores to it before them
-        "m"(*reinterpret_cast<const char(*)[512]>(u)), "m"(*reinterpret_cast<Row>(x4)),
-        "m"(*reinterpret_cast<Row>(x4 + ldx)), "m"(*reinterpret_cast<Row>(x4 + 2 * ldx)),
-        "m"(*reinterpret_cast<Row>(x4 + 3 * ldx)));
-  // clang-format on
-  acc[0] = madd16_add(acc[0], __m512i{t0, t1}, w);
-  acc[1] = madd16_add(acc[1], __m512i{t2, t3}, w);
-  acc[2] = madd16_add(acc[2], __m512i{t4, t5}, w);
-  acc[3] = madd16_add(acc[3], __m512i{t6, t7}, w);
-}
-#undef METRONOME_Q4K_GROUP
-#undef METRONOME_Q4K_ROW_FIRST
-#undef METRONOME_Q4K_ROW
-template <int MT, int N, int kBelow>
-inline void sums16_rows(const __m512i* u, const int32_t* x4, int64_t ldx, __m512i w, __m512i* acc) {
-  static_assert(N * 2 * (kBelow - 1) * 128 < 32768, "the int16 sums could overflow: fewer vectors per sum");
-  if constexpr (MT == 1) {  // the old form, kept where there is one row: sums16_block<1> ran it about 0.97x
-    acc[0] = madd16_add(acc[0], sums16_bcst<N, kBelow>(u, x4), w);
-    return;
-  }
-  constexpr int kR = 4, kFull = MT / kR * kR;
-  for (int m0 = 0; m0 < kFull; m0 += kR) sums16_block<kR, N, kBelow>(u, x4 + m0 * ldx, ldx, w, acc + m0);
-  if constexpr (MT % kR != 0) sums16_block<MT % kR, N, kBelow>(u, x4 + kFull * ldx, ldx, w, acc + kFull);
-}
 #else
 constexpr bool kSums16 = false;
 template <int N, int kBelow>
 __m512i sums16_bcst(const __m512i* u, const int32_t* x4);
 __m512i madd16_add(__m512i acc, __m512i t, __m512i w);
-template <int MT, int N, int kBelow>
-void sums16_rows(const __m512i* u, const int32_t* x4, int64_t ldx, __m512i w, __m512i* acc);
 #endif
 // int16 ones in every lane: widens sums16_bcst's pairs to their sums
 inline __m512i ones16() { return _mm512_set1_epi32(0x00010001); }

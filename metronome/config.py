@@ -215,6 +215,10 @@ class SamplingParams:
     # (token id, bias) pairs added to the logits before anything else (OpenAI's logit_bias): -100 bans a
     # token, +100 all but forces it; a dict {id: bias} is accepted and stored as pairs sorted by id
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # the log-probability of each prompt token after the first under the model's raw logits, with
+    # top_logprobs alternatives (what the completions API's echo reports with logprobs): every prompt row
+    # then runs the head, and the prompt skips the prefix cache (cached rows would have no logits)
+    prompt_logprobs: bool = False
 
     def __post_init__(self) -> None:
         # a list given for a tuple field: stored as a tuple (the record stays hashable)

@@ -100,4 +100,5 @@ def _completion(r: Request) -> Completion:
         r.timings,
         r.sampler.seed,
         r.cached_tokens,
+        tuple(r.prompt_choices),
     )

@@ -26,7 +26,7 @@ from metronome.engine.api import PythonAPI
 from metronome.engine.prefix_cache import PrefixCache
 from metronome.engine.profile import PhaseClock, StepProfile
 from metronome.engine.request import Constraint, Delta, QueueFullError, Request, RequestError, SpecStats, Timings
-from metronome.engine.sampler import Choice, RequestSampler, argmax_rows
+from metronome.engine.sampler import Choice, RequestSampler, argmax_rows, scored
 from metronome.engine.scheduler import Batch, Scheduler
 from metronome.engine.speculate import Drafter, LookupOrModel, ModelDrafter, NgramDrafter, PayingDrafter
 from metronome.engine.text import TextStream
@@ -215,6 +215,12 @@ class Engine(PythonAPI):
         outside = next((t for t, _ in params.logit_bias if t >= vocab), None)
         if outside is not None:
             raise RequestError(f"logit_bias names token {outside}, outside the vocabulary [0, {vocab})", "logit_bias")
+        if params.prompt_logprobs and self.prefiller is not None:
+            raise RequestError(
+                "prompt logprobs (echo with logprobs) need the prompt's logits, which the disaggregated "
+                "layout's prefill worker does not return: serve with --layout colocated",
+                param="prompt_logprobs",
+            )
         if len(prompt) + params.max_tokens > ctx:
             raise RequestError(
                 f"the prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) exceeds the context "
@@ -241,7 +247,8 @@ class Engine(PythonAPI):
                 raise QueueFullError(
                     f"all {self.config.slots} slots are busy and {len(self.scheduler.waiting)} requests wait"
                 )
-            cached = self.prefix_cache.peek(prompt) if self.prefix_cache is not None else 0
+            reuse = self.prefix_cache is not None and not params.prompt_logprobs  # as _schedule loads it
+            cached = self.prefix_cache.peek(prompt) if reuse else 0
             req.expected_cached = cached
             req.predicted_ttft_ms = self._predict_ttft_ms(cached, len(prompt) - cached)
             req.resume_ms = self._resume_ms(req)
@@ -403,8 +410,11 @@ class Engine(PythonAPI):
         for r, d in zip(decoding, drafts):
             self._verify(r, d, logits[first : first + 1 + len(d)], greedy, first, clock)
             first += 1 + len(d)
-        for r, _lo, hi in chunks:
+        for r, lo, hi in chunks:
             r.prefilled = hi
+            if r.params.prompt_logprobs:  # every row had logits: row p scores prompt token p + 1
+                self._score_prompt(r, logits[first : first + hi - lo], lo)
+                first += hi - lo - (hi == len(r.prompt_ids))  # up to the last row, which samples
             if hi == len(r.prompt_ids):  # the prompt is in the cache: its last row gives the first token
                 self._verify(r, [], logits[first : first + 1], greedy, first, clock)
                 first += 1
@@ -412,6 +422,14 @@ class Engine(PythonAPI):
                     self.prefix_cache.store(r.prompt_ids, r.slot, hi)  # for requests sharing its beginning
         self.profile.steps += 1
         self.steps += 1
+
+    def _score_prompt(self, r: Request, logits: torch.Tensor, lo: int) -> None:
+        """Prompt logprobs: rows for prompt positions lo.. score the tokens after them (the last prompt
+        row's logits sample the first output token instead)."""
+        tokens = r.prompt_ids[lo + 1 : lo + 1 + len(logits)]
+        if tokens:
+            rows = logits[: len(tokens), : self.plan.cfg.vocab_size]
+            r.prompt_choices += scored(rows, tokens, r.params.top_logprobs)
 
     def _schedule(self) -> Batch[Request]:
         """Who runs this step: cancelled requests leave, waiting ones take free slots (scheduler.py)."""
@@ -424,7 +442,7 @@ class Engine(PythonAPI):
             r.draft_k = self.config.spec_tokens
             if self.drafter is not None:
                 self.drafter.reset(r.slot)
-            if self.prefix_cache is not None:  # its prefill starts after the copy
+            if self.prefix_cache is not None and not r.params.prompt_logprobs:  # prefill starts after the copy
                 r.prefilled = r.cached_tokens = self.prefix_cache.load(r.prompt_ids, r.slot)
             if self.prefiller is not None:
                 self._route_prompt(r, self.prefiller)
@@ -446,10 +464,13 @@ class Engine(PythonAPI):
     def _prefill_whole(self, r: Request, clock: PhaseClock) -> None:
         """A new request's whole prompt in one call (runners that cannot mix rows), and its first token."""
         self._send_events()
-        logits = self.plan.prefill(r.prompt_ids, r.slot)
+        logits = self.plan.prefill(r.prompt_ids, r.slot, all_logits=r.params.prompt_logprobs)
         clock.lap("plan")
         self.profile.prompt_rows += len(r.prompt_ids)
         r.prefilled = len(r.prompt_ids)
+        if r.params.prompt_logprobs:
+            self._score_prompt(r, logits, 0)
+            logits = logits[-1]
         self._verify(r, [], logits[None], None, 0, clock)
 
     def _install_prefilled(self, prefiller: PrefillWorker, clock: PhaseClock) -> None:
@@ -503,7 +524,7 @@ class Engine(PythonAPI):
                 rows.add(r.slot, token, r.position + j, logits=True)
         for r, lo, hi in chunks:
             for p in range(lo, hi):
-                rows.add(r.slot, r.prompt_ids[p], p, logits=p == len(r.prompt_ids) - 1)
+                rows.add(r.slot, r.prompt_ids[p], p, logits=r.params.prompt_logprobs or p == len(r.prompt_ids) - 1)
             rows.prompt_rows += hi - lo
         return rows
 
@@ -601,7 +622,8 @@ class Engine(PythonAPI):
         if out.finish is not None:
             self._finish(r, out.finish, "".join(out.text), tuple(out.choices))
         elif out.choices:
-            self._outgoing.append((r.on_event, Delta(r.id, "".join(out.text), tuple(out.choices))))
+            delta = Delta(r.id, "".join(out.text), tuple(out.choices), prompt_choices=self._prompt_choices(r))
+            self._outgoing.append((r.on_event, delta))
 
     def _finish(
         self, r: Request, reason: str, text: str = "", choices: tuple[Choice, ...] = (), error: str | None = None
@@ -610,9 +632,18 @@ class Engine(PythonAPI):
         r.timings.finished = time.perf_counter()
         with self._lock:
             self.scheduler.release(r)
-        self._outgoing.append((r.on_event, Delta(r.id, text, choices, reason, error, r.timings, len(r.output_ids))))
+        delta = Delta(r.id, text, choices, reason, error, r.timings, len(r.output_ids), self._prompt_choices(r))
+        self._outgoing.append((r.on_event, delta))
         if self.prefix_cache is not None and r.slot is not None and reason != "error":
             self._keep_prefix(r, self.prefix_cache)  # the slot is reused only by the next step's admissions
+
+    @staticmethod
+    def _prompt_choices(r: Request) -> tuple[Choice, ...]:
+        """A request's scored prompt tokens, on its first event only (with prompt_logprobs)."""
+        if r.prompt_choices_sent or not r.params.prompt_logprobs:
+            return ()
+        r.prompt_choices_sent = True
+        return tuple(r.prompt_choices)
 
     def _keep_prefix(self, r: Request, cache: PrefixCache) -> None:
         """Pool the full pages of what `r`'s slot holds (before another request runs in it): its

@@ -48,6 +48,8 @@ class Delta:
     error: str | None = None
     timings: Timings | None = None  # set on the final delta
     completion_tokens: int = 0  # set on the final delta
+    # with prompt_logprobs, on the request's first event: each prompt token after the first, scored
+    prompt_choices: tuple[Choice, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class Completion:
     timings: Timings
     seed: int
     cached_tokens: int = 0  # prompt tokens copied from the prefix cache instead of computed
+    prompt_choices: tuple[Choice, ...] = ()  # with prompt_logprobs: prompt tokens 1.. scored
 
 
 class Constraint(Protocol):
@@ -90,6 +93,8 @@ class Request:
     cancelled: bool = False
     output_ids: list[int] = field(default_factory=list)
     choices: list[Choice] = field(default_factory=list)
+    prompt_choices: list[Choice] = field(default_factory=list)  # with prompt_logprobs: scored as prefilled
+    prompt_choices_sent: bool = False  # they went out on the first event
     finish_reason: str | None = None
     draft_k: int = 0  # tokens to draft next step (adapts to how many were accepted)
     prefilled: int = 0  # prompt tokens already in the KV cache (a prompt runs in chunks, beside decode rows)

@@ -21,6 +21,18 @@ class Choice:
     top: tuple[tuple[int, float], ...]  # the top_logprobs alternatives, best first
 
 
+def scored(logits: torch.Tensor, tokens: list[int], top_logprobs: int) -> list[Choice]:
+    """Tokens that were not sampled (a prompt's), token i scored under row i of raw logits (n, V): its
+    log-probability and the top_logprobs alternatives, one log_softmax over the rows."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    picked = logprobs.gather(1, torch.tensor(tokens, dtype=torch.long)[:, None])[:, 0].tolist()
+    tops: list[tuple[tuple[int, float], ...]] = [()] * len(tokens)
+    if top_logprobs:
+        values, ids = torch.topk(logprobs, top_logprobs, dim=-1)
+        tops = [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    return [Choice(t, lp, top) for t, lp, top in zip(tokens, picked, tops)]
+
+
 class RequestSampler:
     """Sampling state of one request: its generator and the counts its penalties need."""
 

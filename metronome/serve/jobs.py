@@ -76,6 +76,7 @@ class ChoiceRun:
     request: Request
     text: str = ""
     tokens: list[Choice] = field(default_factory=list)  # sampled tokens reported in logprobs
+    prompt_choices: tuple[Choice, ...] = ()  # with prompt logprobs: prompt tokens 1.. scored (first event)
     finish_reason: str | None = None
     error: str | None = None
     last_token_at: float | None = None
@@ -96,6 +97,7 @@ class ChoiceRun:
         ]
         self.text += delta.text
         self.tokens += reported
+        self.prompt_choices += delta.prompt_choices
         if delta.finish_reason is not None:
             self.finish_reason = delta.finish_reason
             self.error = delta.error

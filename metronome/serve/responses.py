@@ -1,5 +1,6 @@
 """OpenAI response bodies: chat.completion / text_completion, their stream chunks, and logprobs in
-each API's shape (chat: logprobs.content[]; completions: the legacy parallel lists)."""
+each API's shape (chat: logprobs.content[]; completions: the legacy parallel lists, the prompt's first
+with echo)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,14 @@ Body = dict[str, Any]
 
 
 @dataclass(frozen=True)
+class Prompt:
+    """A prompt as echo's logprobs report it: its first token (unscored) and the rest scored."""
+
+    first: int
+    scored: Sequence[Choice]
+
+
+@dataclass(frozen=True)
 class ResponseHead:
     """What every body and chunk of one response repeats."""
 
@@ -27,7 +36,9 @@ class ResponseHead:
 class ResponseShape:
     """Builds the bodies of one response. `chat`: chat completions, else legacy text completions.
     `logprobs`: report them; `top_logprobs`: alternatives per token; `tools`: the request has tools, so the
-    text is parsed into content and tool calls (serve/tools.py), whole or as it streams."""
+    text is parsed into content and tool calls (serve/tools.py), whole or as it streams. `echo` (text
+    completions): each prompt's text, put before its choices' text (choice i is prompt i // n's), and with
+    logprobs its tokens before theirs, the first with none (nothing precedes it)."""
 
     def __init__(
         self,
@@ -37,6 +48,8 @@ class ResponseShape:
         logprobs: bool,
         top_logprobs: int,
         tools: bool = False,
+        echo: Sequence[str] | None = None,
+        n: int = 1,
     ) -> None:
         self.head = head
         self.chat = chat
@@ -46,6 +59,9 @@ class ResponseShape:
         self.tools = tools
         self._parsers: dict[int, ToolCallParser] = {}  # streamed choices with tools: their text so far
         self._offsets: dict[int, int] = {}  # text completions: characters of token text reported per choice
+        self.echo = echo
+        self.n = n
+        self._echoed: set[int] = set()  # streamed choices whose prompt went out
 
     def _start(self, chunk: bool) -> Body:
         kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
@@ -67,7 +83,7 @@ class ResponseShape:
         return body
 
     def _whole_choice(self, run: ChoiceRun) -> Body:
-        lp = self._logprobs(run.index, run.tokens)
+        lp = self._logprobs(run.index, run.tokens, self._prompt_of(run))
         if self.chat and self.tools:
             parsed = parse_tool_calls(run.text)
             calls = parsed.calls
@@ -83,7 +99,8 @@ class ResponseShape:
                 "logprobs": lp,
                 "finish_reason": run.finish_reason,
             }
-        return {"index": run.index, "text": run.text, "logprobs": lp, "finish_reason": run.finish_reason}
+        text = self._echo_text(run.index) + run.text
+        return {"index": run.index, "text": text, "logprobs": lp, "finish_reason": run.finish_reason}
 
     # -- stream chunks ---------------------------------------------------------------------------
 
@@ -95,9 +112,11 @@ class ResponseShape:
         ]
         return body
 
-    def delta_chunk(self, index: int, text: str, tokens: Sequence[Choice], finish_reason: str | None) -> Body:
+    def delta_chunk(
+        self, index: int, text: str, tokens: Sequence[Choice], finish_reason: str | None, prompt: Prompt | None = None
+    ) -> Body:
         body = self._start(chunk=True)
-        lp = self._logprobs(index, tokens) if tokens else None
+        lp = self._logprobs(index, tokens, prompt) if tokens or prompt else None
         if self.chat:
             delta = {"content": text} if text or finish_reason is None else {}
             choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
@@ -106,11 +125,18 @@ class ResponseShape:
         body["choices"] = [choice]
         return body
 
-    def delta_chunks(self, index: int, text: str, tokens: Sequence[Choice], finish_reason: str | None) -> list[Body]:
-        """The chunks one engine event makes (none when it carries nothing to say). With tools, text goes
+    def delta_chunks(
+        self, run: ChoiceRun, text: str, tokens: Sequence[Choice], finish_reason: str | None
+    ) -> list[Body]:
+        """The chunks one engine event of `run` makes (none when it carries nothing to say). With echo, the
+        choice's first chunk starts with its prompt (and the prompt's logprobs). With tools, text goes
         through the choice's ToolCallParser: content deltas until a call starts, then `tool_calls` deltas
         (the call's index, id, type and name with empty arguments, then the arguments in pieces), and the
         last chunk's finish_reason is "tool_calls" when calls were made."""
+        index = run.index
+        if self.echo is not None and index not in self._echoed and (text or tokens or finish_reason is not None):
+            self._echoed.add(index)  # the first event with an outcome (a cancel before it echoes nothing)
+            return [self.delta_chunk(index, self._echo_text(index) + text, tokens, finish_reason, self._prompt_of(run))]
         if not (self.chat and self.tools):
             return [self.delta_chunk(index, text, tokens, finish_reason)] if text or tokens or finish_reason else []
         parser = self._parsers.setdefault(index, ToolCallParser())
@@ -151,10 +177,19 @@ class ResponseShape:
 
     # -- logprobs --------------------------------------------------------------------------------
 
-    def _logprobs(self, index: int, tokens: Sequence[Choice]) -> Body | None:
+    def _logprobs(self, index: int, tokens: Sequence[Choice], prompt: Prompt | None = None) -> Body | None:
         if not self.logprobs:
             return None
-        return {"content": [self._chat_entry(c) for c in tokens]} if self.chat else self._legacy(index, tokens)
+        return {"content": [self._chat_entry(c) for c in tokens]} if self.chat else self._legacy(index, tokens, prompt)
+
+    def _echo_text(self, index: int) -> str:
+        return self.echo[index // self.n] if self.echo is not None else ""
+
+    def _prompt_of(self, run: ChoiceRun) -> Prompt | None:
+        """With echo and logprobs: the prompt's first token and the scored rest, for the legacy lists."""
+        return (
+            Prompt(run.request.prompt_ids[0], run.prompt_choices) if self.echo is not None and self.logprobs else None
+        )
 
     def _entry(self, token: int, logprob: float) -> Body:
         text = self.tokenizer.token_text(token)
@@ -165,22 +200,27 @@ class ResponseShape:
         entry["top_logprobs"] = [self._entry(t, lp) for t, lp in c.top[: self.top_logprobs]]
         return entry
 
-    def _legacy(self, index: int, tokens: Sequence[Choice]) -> Body:
+    def _legacy(self, index: int, tokens: Sequence[Choice], prompt: Prompt | None = None) -> Body:
         texts = [self.tokenizer.token_text(c.token) for c in tokens]
+        logprobs: list[float | None] = [c.logprob for c in tokens]
+        tops: list[Body | None] = [
+            {self.tokenizer.token_text(t): lp for t, lp in c.top[: self.top_logprobs]} for c in tokens
+        ]
+        if prompt is not None:  # echo: the prompt's tokens first; nothing scores the first
+            scored = list(prompt.scored)
+            texts = [self.tokenizer.token_text(t) for t in (prompt.first, *(c.token for c in scored))] + texts
+            logprobs = [None, *(c.logprob for c in scored)] + logprobs
+            tops = [
+                None,
+                *({self.tokenizer.token_text(t): lp for t, lp in c.top[: self.top_logprobs]} for c in scored),
+            ] + tops
         offsets = []
         at = self._offsets.get(index, 0)
         for t in texts:
             offsets.append(at)
             at += len(t)
         self._offsets[index] = at
-        return {
-            "tokens": texts,
-            "token_logprobs": [c.logprob for c in tokens],
-            "top_logprobs": [
-                {self.tokenizer.token_text(t): lp for t, lp in c.top[: self.top_logprobs]} for c in tokens
-            ],
-            "text_offset": offsets,
-        }
+        return {"tokens": texts, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
 
 
 def _tool_finish(finish_reason: str | None, called: bool) -> str | None:

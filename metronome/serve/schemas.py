@@ -247,17 +247,12 @@ class ChatBody(SamplingBody):
 class CompletionBody(SamplingBody):
     prompt: str | list[str] | list[Int] | list[list[Int]] = Field(json_schema_extra=_prompt_schema)
     logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # legacy: how many alternatives per token
-    # legacy fields served only where they change nothing, refused otherwise (never silently ignored)
+    # the prompt before the completion's text; with logprobs, its tokens' logprobs before the completion's
+    # (the first token's None), as lm-evaluation-harness scores a continuation
     echo: bool = False
+    # legacy fields served only where they change nothing, refused otherwise (never silently ignored)
     suffix: str | None = None
     best_of: Int | None = Field(None, ge=1)
-
-    @field_validator("echo")
-    @classmethod
-    def _check_echo(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("echo is not supported: the response holds the completion only (prepend the prompt)")
-        return v
 
     @field_validator("suffix")
     @classmethod

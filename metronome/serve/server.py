@@ -14,7 +14,7 @@ import json
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any, AsyncIterator, Iterator
 
@@ -329,6 +329,15 @@ def _completion_prompts(body: CompletionBody, served: Served) -> list[tuple[int,
     return [tuple(ids) for ids in lists]
 
 
+def _echo_texts(body: CompletionBody, prompts: list[tuple[int, ...]], served: Served) -> list[str]:
+    """What echo puts before each prompt's choices: the prompt as sent, or its token ids decoded."""
+    if isinstance(body.prompt, str):
+        return [body.prompt]
+    if all(isinstance(x, str) for x in body.prompt):
+        return list(body.prompt)
+    return [served.engine.tokenizer.decode(list(ids)) for ids in prompts]
+
+
 def _sampling(
     body: SamplingBody,
     prompts: list[tuple[int, ...]],
@@ -478,7 +487,7 @@ async def _stream(
                 yield _sse(_engine_failure(delta.error).body())
                 break
             finish = delta.finish_reason if delta.finish_reason != "cancelled" else None
-            for chunk in shape.delta_chunks(run.index, delta.text, tokens, finish):
+            for chunk in shape.delta_chunks(run, delta.text, tokens, finish):
                 yield _sse(_with_usage(chunk, include_usage))
         else:
             if include_usage:
@@ -601,9 +610,18 @@ def create_app(
             logprobs = body.logprobs is not None
             top = body.logprobs or 0
             params = _sampling(body, prompts, served, "prompt", logprobs, top)
+            if body.echo and logprobs:  # the prompt's tokens scored too
+                if served.engine.prefiller is not None:
+                    raise ApiError(
+                        400, "echo with logprobs needs --layout colocated (the prompt's logits)", param="echo"
+                    )
+                params = replace(params, prompt_logprobs=True)
             grammar = await asyncio.to_thread(format_grammar, body, served)  # a schema compiles in milliseconds
             job = _submit(state, served, JobSpec(tuple(prompts), params, body.n, grammar), account)
-            shape = ResponseShape(_head(served, "cmpl"), False, served.engine.tokenizer, logprobs, top)
+            echo = _echo_texts(body, prompts, served) if body.echo else None
+            shape = ResponseShape(
+                _head(served, "cmpl"), False, served.engine.tokenizer, logprobs, top, echo=echo, n=body.n
+            )
             return await _answer(request, state, job, shape, body.stream, body.include_usage)
 
     add_speech_routes(app, state)

@@ -382,6 +382,34 @@ def test_logprobs_are_the_model_distribution(smollm_engine):
     assert choice.top[0][0] == choice.token  # greedy takes the best
 
 
+def test_prompt_logprobs_are_the_models_on_every_path_and_beside_other_rows(engine):
+    """Each prompt token after the first, scored under the logits of the row before it: the same numbers as
+    the plan's own whole-prompt logits, whether the prompt runs alone or in chunks beside another request's
+    decode rows; the sampled tokens are those of a request that did not ask."""
+    capitals = "The capital of France is Paris. The capital of Italy is Rome. The capital of Spain is Madrid. "
+    ids = engine.encode_prompt(3 * capitals + "The capital of")  # 96 tokens: beside decode rows, several chunks
+    expected = torch.log_softmax(engine.plan.prefill(ids, 0, all_logits=True)[:, : engine.plan.cfg.vocab_size], -1)
+    params = SamplingParams(max_tokens=4, logprobs=True, top_logprobs=3, prompt_logprobs=True, ignore_eos=True)
+    alone = engine.generate(ids, params)
+    other = engine.submit([1, 2, 3, 4], SamplingParams(max_tokens=30, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    crowded = engine.submit(ids, params)
+    while crowded.finish_reason is None:
+        engine.step()
+    while other.finish_reason is None:
+        engine.step()
+    for got in (alone.prompt_choices, tuple(crowded.prompt_choices)):
+        assert [c.token for c in got] == ids[1:]
+        assert [c.logprob for c in got] == pytest.approx(
+            [expected[p, t].item() for p, t in enumerate(ids[1:])], abs=1e-5
+        )
+        assert [[t for t, _ in c.top] for c in got] == torch.topk(expected[:-1], 3).indices.tolist()
+    plain = engine.generate(ids, SamplingParams(max_tokens=4, logprobs=True, top_logprobs=3, ignore_eos=True))
+    assert alone.token_ids == plain.token_ids == tuple(crowded.output_ids)
+    assert plain.prompt_choices == ()
+
+
 def test_sampling_filters(smollm_engine):
     engine = smollm_engine
     ids = engine.encode_prompt("Pick a random animal.")

@@ -133,6 +133,18 @@ def test_a_prompt_served_from_cache_is_bitwise_the_one_computed(engines, params)
     assert torch.equal(cached.plan.cache.k[:, again.slot, :, :n], plain.plan.cache.k[:, scratch.slot, :, :n])
 
 
+def test_a_prompt_that_asks_for_its_logprobs_is_computed_not_copied(engines):
+    """Prompt logprobs need every prompt row's logits: a cached beginning is run again, not copied, and its
+    scores are the uncached engine's."""
+    cached, plain, vocab = engines
+    prompt = _prompt(seed=11, n=77, vocab=vocab)
+    _run(cached, prompt, GREEDY)  # now in the cache
+    scored = dataclasses.replace(GREEDY, prompt_logprobs=True, top_logprobs=2, logprobs=True)
+    again, scratch = _run(cached, prompt, scored), _run(plain, prompt, scored)
+    assert again.cached_tokens == 0 and len(again.prompt_choices) == 76
+    assert again.prompt_choices == scratch.prompt_choices and _trace(again) == _trace(scratch)
+
+
 def test_prompts_sharing_a_system_prompt_while_others_decode(engines):
     """One request computes the shared beginning; the ones arriving while it decodes copy it, their rows
     running in chunks beside its decode rows; each matches its own run on the plain engine."""

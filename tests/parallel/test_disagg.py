@@ -18,7 +18,7 @@ import torch
 from helpers.live_server import wait_until_healthy
 
 from metronome.config import EngineConfig, SamplingParams
-from metronome.engine import Engine
+from metronome.engine import Engine, RequestError
 from metronome.parallel.disagg import Backlog, PrefillJob
 from metronome.parallel.group import free_port
 
@@ -58,6 +58,9 @@ def test_disaggregated_gives_the_colocated_tokens(tiny_hf, colocated):
             time.sleep(0.005)
         assert [r.key for r in engine.prefiller.take()] == ["priced"]
         assert engine.prefiller.backlog().slowdown > 100
+        with pytest.raises(RequestError, match="colocated") as refused:  # the worker returns no prompt logits
+            engine.submit(ids, SamplingParams(max_tokens=1, prompt_logprobs=True))
+        assert refused.value.param == "prompt_logprobs"
     finally:
         engine.prefiller.close()
 

@@ -25,7 +25,7 @@ import pytest
 from helpers.gate import Gate
 from helpers.live_server import LiveServer, wait_until_healthy
 
-from metronome.config import EngineConfig
+from metronome.config import EngineConfig, SamplingParams
 from metronome.engine import Engine
 from metronome.model.loader import load
 from metronome.serve.server import ModelIdentity, ServerSettings, create_app
@@ -187,6 +187,49 @@ def test_completions_legacy_logprobs(client):
     assert "".join(lp.tokens) == c.text
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
     assert all(len(alts) == 2 and lp.tokens[i] in alts for i, alts in enumerate(lp.top_logprobs))
+
+
+def test_completions_echo_gives_the_prompt_and_its_logprobs_as_lm_eval_reads_them(client, smol_engine):
+    ids = smol_engine.tokenizer.encode("The sky over the sea is")
+    ref = smol_engine.generate(
+        list(ids), SamplingParams(max_tokens=1, logprobs=True, top_logprobs=1, prompt_logprobs=True)
+    )
+    # lm-evaluation-harness's loglikelihood request: token ids, one token, logprobs=1, echo; it reads the
+    # context's tokens off the front of the lists and the continuation's after them
+    r = client.completions.create(
+        model="metronome", prompt=list(ids), max_tokens=1, temperature=0, logprobs=1, echo=True
+    )
+    c = r.choices[0]
+    lp = c.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == len(ids) + 1
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing precedes the first token
+    assert lp.token_logprobs[1:-1] == [p.logprob for p in ref.prompt_choices]
+    assert lp.token_logprobs[-1] == ref.choices[0].logprob
+    assert all(len(alts) == 1 for alts in lp.top_logprobs[1:])
+    assert c.text == smol_engine.tokenizer.decode(list(ids)) + ref.text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+
+    # a string prompt comes back as sent, before the completion, whole or streamed
+    common = {"model": "metronome", "prompt": "The sky is", "max_tokens": 5, "temperature": 0}
+    plain = client.completions.create(**common, logprobs=2, extra_body={"ignore_eos": True}).choices[0]
+    whole = client.completions.create(**common, echo=True, logprobs=2, extra_body={"ignore_eos": True}).choices[0]
+    assert whole.text == "The sky is" + plain.text
+    assert whole.logprobs.tokens[-5:] == plain.logprobs.tokens
+    assert whole.logprobs.token_logprobs[-5:] == plain.logprobs.token_logprobs
+    stream = client.completions.create(**common, echo=True, logprobs=2, stream=True, extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].text.startswith("The sky is")
+    assert "".join(ch.choices[0].text for ch in chunks) == whole.text
+    streamed = [ch.choices[0].logprobs for ch in chunks if ch.choices[0].logprobs is not None]
+    assert [t for s in streamed for t in s.tokens] == whole.logprobs.tokens
+    assert [v for s in streamed for v in s.token_logprobs] == whole.logprobs.token_logprobs
+    assert [o for s in streamed for o in s.text_offset] == whole.logprobs.text_offset
+
+    # choice i echoes prompt i // n
+    r = client.completions.create(model="metronome", prompt=["Red", "Blue"], n=2, max_tokens=2, echo=True)
+    assert [ch.text[: len(p)] for ch, p in zip(r.choices, ["Red", "Red", "Blue", "Blue"])] == ["Red", "Red"] + [
+        "Blue"
+    ] * 2
 
 
 def test_stop_sequences_cut_the_text(client):
@@ -388,7 +431,6 @@ BAD = [  # (what, path, body: dict | raw str, status, param)
     ("completions: logprobs 21", "/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
     ("completions: prompt beyond context", "/v1/completions", {"prompt": LONG_PROMPT}, 400, "prompt"),
     ("completions: unknown model", "/v1/completions", {"prompt": "x", "model": "nope"}, 404, "model"),
-    ("completions: echo", "/v1/completions", {"prompt": "x", "echo": True}, 400, "echo"),
     ("completions: suffix", "/v1/completions", {"prompt": "x", "suffix": "y"}, 400, "suffix"),
     ("completions: best_of above n", "/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of"),
     ("legacy functions", "/v1/chat/completions", {"messages": MSG, "functions": [{"name": "f"}]}, 400, "functions"),

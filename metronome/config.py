@@ -198,6 +198,8 @@ MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values
 class SamplingParams:
     """How one request picks its tokens; defaults are greedy. Checked when built (ParamError names the field)."""
 
+    # 0: the prompt only (nothing sampled; the request ends "length" once the prompt is in the cache), what
+    # scoring a text asks for with prompt_logprobs (the completions API's max_tokens 0 with echo)
     max_tokens: int = 256
     temperature: float = 0.0
     top_k: int = 0  # 0: off
@@ -233,7 +235,7 @@ class SamplingParams:
         _check(
             self,
             [
-                ("max_tokens", self.max_tokens >= 1, "must be at least 1"),
+                ("max_tokens", self.max_tokens >= 0, "must be at least 0 (0: run and score the prompt only)"),
                 (
                     "temperature",
                     self.temperature == 0.0 or MIN_SAMPLING_FLOAT <= self.temperature <= 2.0,

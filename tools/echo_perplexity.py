@@ -3,8 +3,8 @@
     flock /tmp/metronome-bench.lock .venv/bin/python tools/echo_perplexity.py [--model NAME] [--windows 4] [--ctx 512]
 
 tools/perplexity.py's windows of its held-out text (the second half of each scored) go to a `metronome serve`
-started here on 127.0.0.1 as token ids, with `echo: true, logprobs: 0, max_tokens: 1`: the answer's
-`token_logprobs` hold every prompt token's log-probability (the first null). The same windows' negative
+started here on 127.0.0.1 as token ids, with `echo: true, logprobs: 0, max_tokens: 0` (the prompt only, as lm-evaluation-harness's GPT-3 model
+asked): the answer's `token_logprobs` hold every prompt token's log-probability (the first null). The same windows' negative
 log-likelihoods from the plan's whole-prompt logits (perplexity.py's `metronome_nll`, float64 log-softmax)
 come first, in this process, and then the server's (float32), so the two figures differ by rounding only.
 """
@@ -32,10 +32,12 @@ HEALTH_WAIT_S = 300
 def served_nll(url: str, wins: list[list[int]]) -> list[float]:
     out: list[float] = []
     for ids in wins:
-        body = {"prompt": ids, "max_tokens": 1, "temperature": 0, "logprobs": 0, "echo": True}
+        body = {"prompt": ids, "max_tokens": 0, "temperature": 0, "logprobs": 0, "echo": True}
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=600)
         r.raise_for_status()
-        logprobs = r.json()["choices"][0]["logprobs"]["token_logprobs"][: len(ids)]
+        logprobs = r.json()["choices"][0]["logprobs"]["token_logprobs"]
+        if len(logprobs) != len(ids):
+            raise RuntimeError(f"the server scored {len(logprobs)} tokens of a {len(ids)}-token window")
         out += [-x for x in logprobs[len(ids) // 2 :]]
     return out
 

@@ -557,6 +557,9 @@ class Engine(PythonAPI):
     ) -> None:
         """Sample from row 0, then from row j+1 while the token sampled from row j equals draft j; the
         request's tokens of this step reach its callback as one event."""
+        if r.params.max_tokens == 0:  # the prompt only (scored, with prompt_logprobs): nothing to sample
+            self._finish(r, "length")
+            return
         accepted = 0
         out = _StepOutput()
         for j, row in enumerate(logits):

@@ -246,6 +246,9 @@ class ChatBody(SamplingBody):
 
 class CompletionBody(SamplingBody):
     prompt: str | list[str] | list[Int] | list[list[Int]] = Field(json_schema_extra=_prompt_schema)
+    # 0: the prompt only, as scoring clients send it with echo and logprobs (the text is the prompt's, the
+    # finish_reason "length")
+    max_tokens: Int | None = Field(None, ge=0)
     logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # legacy: how many alternatives per token
     # the prompt before the completion's text; with logprobs, its tokens' logprobs before the completion's
     # (the first token's None), as lm-evaluation-harness scores a continuation

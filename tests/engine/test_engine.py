@@ -410,6 +410,29 @@ def test_prompt_logprobs_are_the_models_on_every_path_and_beside_other_rows(engi
     assert plain.prompt_choices == ()
 
 
+def test_max_tokens_zero_scores_the_prompt_and_samples_nothing(engine):
+    """Scoring a text (the completions API's max_tokens 0 with echo): the prompt's logprobs as a request that
+    goes on would get them, no token, finish "length", alone or beside another request's decode rows, and
+    the slot is free again for the next request."""
+    ids = engine.encode_prompt("The capital of France is Paris. The capital of Italy is Rome. " * 2)
+    score = SamplingParams(max_tokens=0, logprobs=True, top_logprobs=2, prompt_logprobs=True)
+    going_on = engine.generate(ids, dataclasses.replace(score, max_tokens=1))
+    alone = engine.generate(ids, score)
+    assert (alone.token_ids, alone.text, alone.finish_reason) == ((), "", "length")
+    assert alone.prompt_choices == going_on.prompt_choices and len(alone.prompt_choices) == len(ids) - 1
+    other = engine.submit([1, 2, 3, 4], SamplingParams(max_tokens=12, ignore_eos=True))
+    engine.step()
+    crowded = [engine.submit(ids, score) for _ in range(engine.config.slots)]  # every free slot, and one waits
+    for _ in range(200):
+        if other.finish_reason is not None and all(r.finish_reason is not None for r in crowded):
+            break
+        engine.step()
+    assert all((r.finish_reason, r.output_ids) == ("length", []) for r in crowded)
+    assert all(tuple(r.prompt_choices) == going_on.prompt_choices for r in crowded)
+    assert len(other.output_ids) == 12
+    assert engine.generate([1, 2, 3], SamplingParams(max_tokens=2, ignore_eos=True)).finish_reason == "length"
+
+
 def test_sampling_filters(smollm_engine):
     engine = smollm_engine
     ids = engine.encode_prompt("Pick a random animal.")

@@ -232,6 +232,30 @@ def test_completions_echo_gives_the_prompt_and_its_logprobs_as_lm_eval_reads_the
     ] * 2
 
 
+def test_max_tokens_zero_with_echo_scores_a_text_as_gpt3_era_clients_ask(client, smol_engine):
+    """The old scoring idiom (lm-evaluation-harness's GPT-3 model, scoring scripts): max_tokens 0, echo,
+    logprobs. The prompt comes back with its tokens' logprobs and nothing after it, whole or streamed (it
+    was refused with a 400: max_tokens had to be at least 1)."""
+    text = "The sky over the sea is blue"
+    ids = list(smol_engine.tokenizer.encode(text))
+    ref = smol_engine.generate(ids, SamplingParams(max_tokens=1, logprobs=True, top_logprobs=2, prompt_logprobs=True))
+    score = dict(model="metronome", prompt=ids, max_tokens=0, echo=True, logprobs=2, temperature=0)
+    r = client.completions.create(**score)
+    c = r.choices[0]
+    assert c.text == smol_engine.tokenizer.decode(ids) and c.finish_reason == "length"
+    assert len(c.logprobs.tokens) == len(ids) and c.logprobs.token_logprobs[0] is None
+    assert c.logprobs.token_logprobs[1:] == [p.logprob for p in ref.prompt_choices]
+    assert all(len(alts) == 2 for alts in c.logprobs.top_logprobs[1:])
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), 0)
+    chunks = list(client.completions.create(**score, stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks) == c.text
+    assert chunks[-1].choices[0].finish_reason == "length"
+    streamed = [ch.choices[0].logprobs for ch in chunks if ch.choices[0].logprobs is not None]
+    assert [v for s in streamed for v in s.token_logprobs] == c.logprobs.token_logprobs
+    plain = client.completions.create(model="metronome", prompt=text, max_tokens=0).choices[0]
+    assert (plain.text, plain.finish_reason) == ("", "length")
+
+
 def test_stop_sequences_cut_the_text(client):
     free = client.chat.completions.create(model="metronome", messages=HI, max_tokens=12, temperature=0)
     text = free.choices[0].message.content
@@ -426,6 +450,7 @@ BAD = [  # (what, path, body: dict | raw str, status, param)
     ("top_k -1", "/v1/chat/completions", {"messages": MSG, "top_k": -1}, 400, "top_k"),
     ("ignore_eos a string", "/v1/chat/completions", {"messages": MSG, "ignore_eos": "true"}, 400, "ignore_eos"),
     ("completions: prompt missing", "/v1/completions", {"max_tokens": 2}, 400, "prompt"),
+    ("completions: max_tokens -1", "/v1/completions", {"prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
     ("completions: empty prompt", "/v1/completions", {"prompt": ""}, 400, "prompt"),
     ("completions: token id out of range", "/v1/completions", {"prompt": [99999999]}, 400, "prompt"),
     ("completions: logprobs 21", "/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs"),

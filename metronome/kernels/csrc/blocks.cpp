@@ -281,6 +281,20 @@ inline void prefetch_ahead(const uint8_t* p, int part = 0) {
   }
 }
 
+// Whether a tile spreads its next block's requests over the block's steps (prefetch_ahead's parts) or asks
+// for all of them at the block's start. The two machines measured disagree, from memory at 2 threads, one
+// to four rows of x (tools/ab_blocks.py, the same bits either way): on the Zen 4 EPYC spreading read Q4_KX16
+// 1.03-1.26x and Q6_KX16 1.19-1.47x faster; on the Intel Xeon VM 0.86-0.90x and 0.70-0.74x as fast
+// (docs/performance.md, 2026-12-05). The difference is the cores' memory side, not the instructions the
+// build uses, so the vendor decides, once per process.
+inline bool spread_requests() {
+  static const bool amd = [] {
+    __builtin_cpu_init();  // the CPU model may not be read yet when a library's initializers run
+    return __builtin_cpu_is("amd") != 0;
+  }();
+  return amd;
+}
+
 // Row r of a group is lane r of acc[m]: written at y[(m0 + m) * ldy + n0 + r] for the group's rows < rows.
 template <int MT>
 inline void store16(const __m512* acc, float* y, int64_t ldy, int64_t rows, int64_t n0, int64_t m0) {
@@ -710,15 +724,18 @@ struct Q4_Kx16 {
                    int64_t n0, int64_t m0, const Unpacked* unpacked) {
     __m512 acc[MT];
     for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+    // where requests spread, over the sub-blocks up to 4 rows of x; at 8 that ran 0.87-0.89x
+    // (tools/ab_blocks.py), and so did one call site in the loop for both (j < kParts, 0.90x), hence two
+    const bool spread = MT <= 4 && spread_requests();
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* p = w + b * kBytes;
-      // spread over the sub-blocks up to 4 rows of x; at 8 that ran 0.87-0.89x (tools/ab_blocks.py), and
-      // so did one call site in the loop for both (j < kParts, 0.90x), hence two
-      if constexpr (!kUnpacked && MT > 4) prefetch_ahead<kBytes>(p);
+      if constexpr (!kUnpacked)
+        if (!spread) prefetch_ahead<kBytes>(p);
       __m512i isum[MT];
       for (int m = 0; m < MT; ++m) isum[m] = _mm512_setzero_si512();
       for (int j = 0; j < 8; ++j) {
-        if constexpr (!kUnpacked && MT <= 4) prefetch_ahead<kBytes, 8>(p, j);
+        if constexpr (!kUnpacked && MT <= 4)
+          if (spread) prefetch_ahead<kBytes, 8>(p, j);
         if constexpr (kSums16) {  // AVX2: the 32 weights' int16 pair sums, widened against (sc_j, sc_j)
           const int32_t* xb = reinterpret_cast<const int32_t*>(xq.x8k + m0 * K + b * 256 + 32 * j);
           if constexpr (kUnpacked) {
@@ -834,13 +851,15 @@ struct Q6_Kx16 {
       store16<MT>(acc, y, ldy, rows, n0, m0);
       return;
     }
+    const bool spread = spread_requests();
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* p = w + b * kBytes;
+      if (!spread) prefetch_ahead<kBytes>(p);
       const __m512 d = fp16x16(p);
       __m512 fsum[MT];
       for (int m = 0; m < MT; ++m) fsum[m] = _mm512_setzero_ps();
       for (int g = 0; g < 16; ++g) {
-        prefetch_ahead<kBytes, 16>(p, g);
+        if (spread) prefetch_ahead<kBytes, 16>(p, g);
         __m512i c[4];
         codes(p, g, c);
         const __m512 sc = scale(p, g, d);

@@ -267,8 +267,8 @@ inline __m512 fp16x16(const uint8_t* p) {
 // Ask for the lines of part `part` of kParts of a packed block kQ4Ahead (or a block of kBytes, rounded up to
 // a line) further on into L2, and kNearAhead on into L1 (a thread's groups are one sequential stream). A
 // loop over a block's steps can spread its requests over them: all at the block's start, Q4_KX16's 36 lines
-// and Q6_KX16's 53 ran one row of x from memory 1.03-1.26x and 1.19-1.46x slower (docs/performance.md,
-// 2026-12-05).
+// and Q6_KX16's 53 ran one row of x from memory 1.03-1.26x and 1.19-1.46x slower on the Zen 4 EPYC, and
+// faster on the Intel Xeon VM (spread_requests below decides; docs/performance.md, 2026-12-05).
 template <int64_t kBytes, int kParts = 1>
 inline void prefetch_ahead(const uint8_t* p, int part = 0) {
   constexpr int64_t kFar = std::max(kQ4Ahead, (kBytes + 63) / 64 * 64);

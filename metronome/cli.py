@@ -50,10 +50,16 @@ def load_engine(args: argparse.Namespace, calibrate: bool = False):
 
 
 def _stats(n_tokens: int, usage: dict) -> str:
-    ttft = usage["time_to_first_token"] or 0.0
-    decode = usage["completion_time"] or 0.0
-    rate = (n_tokens - 1) / decode if n_tokens > 1 and decode > 0 else float("nan")
-    return f"[{n_tokens} tokens · TTFT {ttft * 1000:.0f} ms · {rate:.1f} tokens/s]"
+    """The line after a reply: what was timed (no TTFT without a token, no rate from fewer than two)."""
+    parts = [f"{n_tokens} tokens"]
+    ttft, decode, total = usage["time_to_first_token"], usage["completion_time"], usage["total_time"]
+    if ttft is not None:
+        parts.append(f"TTFT {ttft * 1000:.0f} ms")
+    elif total is not None:
+        parts.append(f"{total * 1000:.0f} ms in all")
+    if n_tokens > 1 and decode:
+        parts.append(f"{(n_tokens - 1) / decode:.1f} tokens/s")
+    return "[" + " · ".join(parts) + "]"
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -49,6 +49,14 @@ def test_generate_prints_the_engines_greedy_text_and_reports_speed(tiny_hf):
     assert "loading" not in out.stderr  # piped: quiet
 
 
+def test_generate_with_max_tokens_zero_runs_the_prompt_and_times_only_that(tiny_hf):
+    out = _metronome("generate", "a dog", "--model", str(tiny_hf("llama")), "--max-tokens", "0", "--raw")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "\n"
+    assert "[0 tokens · " in out.stderr and " ms in all]" in out.stderr
+    assert "TTFT" not in out.stderr and "nan" not in out.stderr  # no token, so no time to it and no rate
+
+
 def test_generate_is_reproducible_with_a_seed(tiny_hf):
     args = (
         "generate",

@@ -197,9 +197,15 @@ class FusedRunner:
     decode_mode = "compact"  # live rows only; the plan's probe confirms it on the real weights
 
     def prefill(self, ids: list[int], slot: int, all_logits: bool = False) -> torch.Tensor:
-        T = len(ids)
-        x = self.hidden(torch.tensor(ids), torch.full((T,), slot), torch.arange(T))
+        x = self.prefill_hidden(ids, slot)
         return self.logits(x) if all_logits else self.logits(x[-1:])[0]
+
+    def prefill_hidden(self, ids: list[int], slot: int) -> torch.Tensor:
+        T = len(ids)
+        return self.hidden(torch.tensor(ids), torch.full((T,), slot), torch.arange(T))
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits(x)
 
     def install_kv(self, slot: int, k: torch.Tensor, v: torch.Tensor, start: int = 0) -> None:
         """A prompt's KV computed by another process (the prefill worker) into `slot` from `start`: its rows

@@ -261,6 +261,24 @@ class Plan:
             self.last_call = time.perf_counter()
 
     @torch.inference_mode()
+    def prefill_hidden(self, ids: list[int], slot: int) -> torch.Tensor:
+        """Run a prompt as `prefill` does; the last layer's output at every position (T, D), which `head`
+        turns into logits a few rows at a time (all T rows' logits at once are T x V floats: 1.2 GB for
+        2,000 tokens of a 152k vocabulary)."""
+        try:
+            return self.runner.prefill_hidden(ids, slot)
+        finally:
+            self.last_call = time.perf_counter()
+
+    @torch.inference_mode()
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows of `prefill_hidden`'s output (M, D) -> logits (M, V) float32 (the last row's are `prefill`'s)."""
+        try:
+            return self.runner.head(x)
+        finally:
+            self.last_call = time.perf_counter()
+
+    @torch.inference_mode()
     def decode(
         self, slots: list[int], tokens: list[int], positions: list[int], logit_rows: list[int] | None = None
     ) -> torch.Tensor:

@@ -31,6 +31,13 @@ class Runner(Protocol):
     def prefill(self, ids: list[int], slot: int, all_logits: bool = False) -> torch.Tensor:
         """Run a prompt into `slot` from position 0: logits of its last position (V,), or of all (T, V)."""
 
+    def prefill_hidden(self, ids: list[int], slot: int) -> torch.Tensor:
+        """Run a prompt as `prefill` does: the last layer's output at every position (T, D), for `head`."""
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows of the last layer's output (M, D) -> logits (M, V) float32, each row's bits those `prefill`
+        gives a row (its last row's, for the last position)."""
+
     def decode(
         self, slots: list[int], tokens: list[int], positions: list[int], logit_rows: list[int] | None = None
     ) -> torch.Tensor:
@@ -69,6 +76,15 @@ class TorchRunner:
         rows = Rows((0,), (slot,), (0,))
         logits = self.model(tokens, positions, self.cache, rows, self._slot_ids[slot : slot + 1], all_logits=all_logits)
         return logits[0]
+
+    def prefill_hidden(self, ids: list[int], slot: int) -> torch.Tensor:
+        tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
+        positions = torch.arange(len(ids), device=self.device)[None]
+        rows = Rows((0,), (slot,), (0,))
+        return self.model(tokens, positions, self.cache, rows, self._slot_ids[slot : slot + 1], hidden=True)[0]
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.logits(x)
 
     def install_kv(self, slot: int, k: torch.Tensor, v: torch.Tensor, start: int = 0) -> None:
         self.cache.write(slot, k.to(self.cache.k.device), v.to(self.cache.v.device), start)

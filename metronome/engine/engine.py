@@ -36,6 +36,9 @@ from metronome.parallel.disagg import KVShape, PrefillJob, PrefillWorker
 
 PROBE_ROWS = 128  # the prompt a new prefill worker runs first, to measure its time against the plan's price
 IDLE_WAKEUP_S = 1.0  # the stepping thread's longest sleep without work (bounds every wait)
+# prompt rows whose logits a whole-prompt runner scores at once (prompt_logprobs): 256 x a 152k vocabulary
+# is 156 MB of float32, where all 2,000 rows of a prompt at once were 1.2 GB (and their log-softmax as much)
+SCORE_ROWS = 256
 
 
 @dataclass
@@ -464,14 +467,23 @@ class Engine(PythonAPI):
     def _prefill_whole(self, r: Request, clock: PhaseClock) -> None:
         """A new request's whole prompt in one call (runners that cannot mix rows), and its first token."""
         self._send_events()
-        logits = self.plan.prefill(r.prompt_ids, r.slot, all_logits=r.params.prompt_logprobs)
+        if r.params.prompt_logprobs:
+            logits = self._prefill_scored(r)
+        else:
+            logits = self.plan.prefill(r.prompt_ids, r.slot)
         clock.lap("plan")
         self.profile.prompt_rows += len(r.prompt_ids)
         r.prefilled = len(r.prompt_ids)
-        if r.params.prompt_logprobs:
-            self._score_prompt(r, logits, 0)
-            logits = logits[-1]
         self._verify(r, [], logits[None], None, 0, clock)
+
+    def _prefill_scored(self, r: Request) -> torch.Tensor:
+        """The whole prompt with its tokens scored: the last layer's rows, then the head over SCORE_ROWS of
+        them at a time (every row's logits at once would be prompt x vocabulary floats); the last row's
+        logits, the first token's, as a plain prefill gives them."""
+        hidden = self.plan.prefill_hidden(r.prompt_ids, r.slot)
+        for lo in range(0, len(r.prompt_ids) - 1, SCORE_ROWS):
+            self._score_prompt(r, self.plan.head(hidden[lo : min(lo + SCORE_ROWS, len(r.prompt_ids) - 1)]), lo)
+        return self.plan.head(hidden[-1:])[0]
 
     def _install_prefilled(self, prefiller: PrefillWorker, clock: PhaseClock) -> None:
         """Prompts the prefill worker finished: their KV into their slots, their first token sampled from

@@ -250,9 +250,11 @@ class Transformer(nn.Module):
         rows: Rows,
         slot_index: torch.Tensor,
         all_logits: bool = False,
+        hidden: bool = False,
     ) -> torch.Tensor:
         """tokens, positions: (B, T); slot_index: (B,) cache slot of each row.
-        Returns logits (B, V) of each row's last position, or (B, T, V) with all_logits."""
+        Returns logits (B, V) of each row's last position, or (B, T, V) with all_logits, or with hidden
+        the last layer's output (B, T, D), which `logits` turns into logits a few rows at a time."""
         x = self.embed(tokens)  # (B, T, D)
         if self.cfg.embed_scale != 1.0:
             x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
@@ -261,8 +263,13 @@ class Transformer(nn.Module):
         step = Step(positions, rope, rope_local, cache, rows, slot_index, positions[:, -1] + 1)
         for layer in self.layers:
             x = layer(x, step)
-        x = self.norm(x if all_logits else x[:, -1])
-        logits = self.head(x).float()
+        if hidden:
+            return x
+        return self.logits(x if all_logits else x[:, -1])
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The last layer's output (..., D) -> float32 logits (..., V): the final norm, the head, the softcap."""
+        logits = self.head(self.norm(x)).float()
         if self.cfg.final_logit_softcap:
             logits = torch.tanh(logits / self.cfg.final_logit_softcap) * self.cfg.final_logit_softcap
         return logits

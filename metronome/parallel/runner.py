@@ -34,6 +34,14 @@ class Prefill:
     ids: list[int]
     slot: int
     all_logits: bool
+    hidden: bool = False  # the last layer's output instead of logits (Runner.prefill_hidden)
+
+
+@dataclass(frozen=True)
+class Head:
+    """Logits of rows of the last layer's output: every rank computes its vocabulary chunks of them."""
+
+    x: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -88,7 +96,7 @@ class Stop:
     pass
 
 
-Call = Prefill | Decode | InstallKV | ReadKV | CopyPages | SetMode | Heartbeat | Stop
+Call = Prefill | Head | Decode | InstallKV | ReadKV | CopyPages | SetMode | Heartbeat | Stop
 
 
 @dataclass(frozen=True)
@@ -107,7 +115,11 @@ def run_call(rank: Rank, call: Call, kv: tuple[torch.Tensor, torch.Tensor] | Non
     runner = rank.runner
     with torch.inference_mode():
         if isinstance(call, Prefill):
+            if call.hidden:
+                return runner.prefill_hidden(call.ids, call.slot)
             return runner.prefill(call.ids, call.slot, call.all_logits)
+        if isinstance(call, Head):
+            return runner.head(call.x)
         if isinstance(call, Decode):
             return runner.decode(call.slots, call.tokens, call.positions, call.logit_rows)
         if isinstance(call, InstallKV):
@@ -227,6 +239,12 @@ class TPRunner:
 
     def prefill(self, ids: list[int], slot: int, all_logits: bool = False) -> torch.Tensor:
         return self._call(Prefill(list(ids), slot, all_logits))
+
+    def prefill_hidden(self, ids: list[int], slot: int) -> torch.Tensor:
+        return self._call(Prefill(list(ids), slot, False, hidden=True))
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self._call(Head(x.contiguous()))
 
     def decode(
         self, slots: list[int], tokens: list[int], positions: list[int], logit_rows: list[int] | None = None

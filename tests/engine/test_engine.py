@@ -382,10 +382,12 @@ def test_logprobs_are_the_model_distribution(smollm_engine):
     assert choice.top[0][0] == choice.token  # greedy takes the best
 
 
-def test_prompt_logprobs_are_the_models_on_every_path_and_beside_other_rows(engine):
+def test_prompt_logprobs_are_the_models_on_every_path_and_beside_other_rows(engine, monkeypatch):
     """Each prompt token after the first, scored under the logits of the row before it: the same numbers as
     the plan's own whole-prompt logits, whether the prompt runs alone or in chunks beside another request's
-    decode rows; the sampled tokens are those of a request that did not ask."""
+    decode rows (the torch paths run it whole and score 40 rows at a time); the sampled tokens and their
+    logprobs are those of a request that did not ask, to the bit."""
+    monkeypatch.setattr("metronome.engine.engine.SCORE_ROWS", 40)
     capitals = "The capital of France is Paris. The capital of Italy is Rome. The capital of Spain is Madrid. "
     ids = engine.encode_prompt(3 * capitals + "The capital of")  # 96 tokens: beside decode rows, several chunks
     expected = torch.log_softmax(engine.plan.prefill(ids, 0, all_logits=True)[:, : engine.plan.cfg.vocab_size], -1)
@@ -407,6 +409,7 @@ def test_prompt_logprobs_are_the_models_on_every_path_and_beside_other_rows(engi
         assert [[t for t, _ in c.top] for c in got] == torch.topk(expected[:-1], 3).indices.tolist()
     plain = engine.generate(ids, SamplingParams(max_tokens=4, logprobs=True, top_logprobs=3, ignore_eos=True))
     assert alone.token_ids == plain.token_ids == tuple(crowded.output_ids)
+    assert [c.logprob for c in alone.choices] == [c.logprob for c in plain.choices]
     assert plain.prompt_choices == ()
 
 

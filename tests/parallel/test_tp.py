@@ -147,6 +147,8 @@ def test_engine_tp2_serves_what_tp1_serves_and_survives_a_killed_rank(tiny_hf):
     path = str(tiny_hf("llama"))
     one = _engine(path, 1)
     expected = one.generate("w1 w2 w3", GREEDY, chat=False)
+    expected_scored = one.generate("w1 w2 w3", dataclasses.replace(GREEDY, prompt_logprobs=True), chat=False)
+    assert len(expected_scored.prompt_choices) == len(one.encode_prompt("w1 w2 w3", chat=False)) - 1
     one.plan.runner.close()
     two = _engine(path, 2)
     runner = two.plan.runner
@@ -154,6 +156,10 @@ def test_engine_tp2_serves_what_tp1_serves_and_survives_a_killed_rank(tiny_hf):
         got = two.generate("w1 w2 w3", GREEDY, chat=False)
         assert got.token_ids == expected.token_ids
         assert [c.logprob for c in got.choices] == [c.logprob for c in expected.choices]
+        # a prompt scored (prompt_logprobs): its rows' logits come from every rank's vocabulary chunks
+        scored = two.generate("w1 w2 w3", dataclasses.replace(GREEDY, prompt_logprobs=True), chat=False)
+        assert [c.logprob for c in scored.prompt_choices] == [c.logprob for c in expected_scored.prompt_choices]
+        assert [c.logprob for c in scored.choices] == [c.logprob for c in expected.choices]
         # SIGKILL rank 1 while a request runs: it fails with an error naming the rank failure, promptly
         two.start()
         events: queue.Queue = queue.Queue()

@@ -70,7 +70,7 @@ def base_module(commit: str):
     return cpp_extension.load(
         name=f"metronome_blocks_{full.strip()[:12]}",
         sources=[str(directory / n) for n in ("blocks.cpp", "pool.cpp", "ab_bindings.cpp")],
-        extra_cflags=build.CFLAGS,
+        extra_cflags=build.compile_flags(),
         extra_ldflags=build.LDFLAGS,
         extra_include_paths=[str(directory)],
         build_directory=str(directory),

@@ -230,11 +230,13 @@ void quantize_256(const float* x, int64_t M, int64_t K, const XQuant& q) {
 // held in L3 (SmolLM2's there) read up to 8 % slower (docs/performance.md, 2026-12-03). A likely reason, not
 // measured: a T0 request holds one of L1's few fill buffers until its line arrives from memory.
 // The far request is kQ4Ahead on, or one block on where a block is longer (Q4_KX16's 2,304 bytes, Q6_KX16's
-// 3,360), so that a block's requests reach the whole of the block after it. Nearer is faster on the
-// Zen 4 EPYC: from memory at 2 threads, one row of x, 2 KB (or one block) against 4 KB read Q4_K 1.12-1.26x,
-// Q6_K 1.05-1.07x, Q5_0 1.12x and Q8_0 1.27x faster, and two blocks on (4.6 and 6.7 KB) 0.86-0.90x; on the
-// Intel Xeon VM 2 KB and 4 KB read alike (docs/performance.md, 2026-12-03 and 2026-12-05).
-constexpr int64_t kQ4Ahead = 2048, kNearAhead = 1024;
+// 3,360), so that a block's requests reach the whole of the block after it. On AMD 2 KB: on the Zen 4 EPYC,
+// from memory at 2 threads, one row of x, 2 KB (or one block) against 4 KB read Q4_K 1.12-1.26x, Q6_K
+// 1.05-1.07x, Q5_0 1.12x and Q8_0 1.27x faster, and two blocks on (4.6 and 6.7 KB) 0.86-0.90x. Elsewhere
+// 4 KB: on the Intel Xeon VM 4 KB read the 32-weight kinds 1.04-1.09x faster from memory and SmolLM2's
+// 8-row step (its weights in L3) ran 1.08x faster (docs/performance.md, 2026-12-05).
+constexpr int64_t kQ4Ahead = kAmdCpu ? 2048 : 4096;
+constexpr int64_t kNearAhead = 1024;
 
 // ---------------------------------------------------------------------------------------------------
 // GGUF blocks repacked 16 rows side by side (pack.cpp, once per plan: compile/quant.py pack_16_rows). In the
@@ -268,11 +270,11 @@ inline __m512 fp16x16(const uint8_t* p) {
 // a line) further on into L2, and kNearAhead on into L1 (a thread's groups are one sequential stream). A
 // loop over a block's steps can spread its requests over them: all at the block's start, Q4_KX16's 36 lines
 // and Q6_KX16's 53 ran one row of x from memory 1.03-1.26x and 1.19-1.46x slower on the Zen 4 EPYC, and
-// faster on the Intel Xeon VM (spread_requests below decides; docs/performance.md, 2026-12-05).
+// faster on the Intel Xeon VM (kSpreadRequests below decides; docs/performance.md, 2026-12-05).
 template <int64_t kBytes, int kParts = 1>
 inline void prefetch_ahead(const uint8_t* p, int part = 0) {
-  constexpr int64_t kFar = std::max(kQ4Ahead, (kBytes + 63) / 64 * 64);
   constexpr int64_t kLines = (kBytes + 63) / 64, kPer = (kLines + kParts - 1) / kParts;
+  constexpr int64_t kFar = std::max(kQ4Ahead, kLines * 64);
   const char* c = reinterpret_cast<const char*>(p);
   const int64_t hi = std::min<int64_t>(kLines, (part + 1) * kPer) * 64;
   for (int64_t o = part * kPer * 64; o < hi; o += 64) {
@@ -282,18 +284,11 @@ inline void prefetch_ahead(const uint8_t* p, int part = 0) {
 }
 
 // Whether a tile spreads its next block's requests over the block's steps (prefetch_ahead's parts) or asks
-// for all of them at the block's start. The two machines measured disagree, from memory at 2 threads, one
-// to four rows of x (tools/ab_blocks.py, the same bits either way): on the Zen 4 EPYC spreading read Q4_KX16
-// 1.03-1.26x and Q6_KX16 1.19-1.47x faster; on the Intel Xeon VM 0.86-0.90x and 0.70-0.74x as fast
-// (docs/performance.md, 2026-12-05). The difference is the cores' memory side, not the instructions the
-// build uses, so the vendor decides, once per process.
-inline bool spread_requests() {
-  static const bool amd = [] {
-    __builtin_cpu_init();  // the CPU model may not be read yet when a library's initializers run
-    return __builtin_cpu_is("amd") != 0;
-  }();
-  return amd;
-}
+// for all of them at the block's start: on AMD. The two machines measured disagree, from memory at 2
+// threads, one to four rows of x (tools/ab_blocks.py, the same bits either way): on the Zen 4 EPYC
+// spreading read Q4_KX16 1.03-1.26x and Q6_KX16 1.19-1.47x faster; on the Intel Xeon VM 0.86-0.90x and
+// 0.70-0.74x as fast (docs/performance.md, 2026-12-05).
+constexpr bool kSpreadRequests = kAmdCpu;
 
 // Row r of a group is lane r of acc[m]: written at y[(m0 + m) * ldy + n0 + r] for the group's rows < rows.
 template <int MT>
@@ -726,16 +721,14 @@ struct Q4_Kx16 {
     for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
     // where requests spread, over the sub-blocks up to 4 rows of x; at 8 that ran 0.87-0.89x
     // (tools/ab_blocks.py), and so did one call site in the loop for both (j < kParts, 0.90x), hence two
-    const bool spread = MT <= 4 && spread_requests();
+    constexpr bool spread = MT <= 4 && kSpreadRequests;
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* p = w + b * kBytes;
-      if constexpr (!kUnpacked)
-        if (!spread) prefetch_ahead<kBytes>(p);
+      if constexpr (!kUnpacked && !spread) prefetch_ahead<kBytes>(p);
       __m512i isum[MT];
       for (int m = 0; m < MT; ++m) isum[m] = _mm512_setzero_si512();
       for (int j = 0; j < 8; ++j) {
-        if constexpr (!kUnpacked && MT <= 4)
-          if (spread) prefetch_ahead<kBytes, 8>(p, j);
+        if constexpr (!kUnpacked && spread) prefetch_ahead<kBytes, 8>(p, j);
         if constexpr (kSums16) {  // AVX2: the 32 weights' int16 pair sums, widened against (sc_j, sc_j)
           const int32_t* xb = reinterpret_cast<const int32_t*>(xq.x8k + m0 * K + b * 256 + 32 * j);
           if constexpr (kUnpacked) {
@@ -851,15 +844,15 @@ struct Q6_Kx16 {
       store16<MT>(acc, y, ldy, rows, n0, m0);
       return;
     }
-    const bool spread = spread_requests();
+    constexpr bool spread = kSpreadRequests;
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* p = w + b * kBytes;
-      if (!spread) prefetch_ahead<kBytes>(p);
+      if constexpr (!spread) prefetch_ahead<kBytes>(p);
       const __m512 d = fp16x16(p);
       __m512 fsum[MT];
       for (int m = 0; m < MT; ++m) fsum[m] = _mm512_setzero_ps();
       for (int g = 0; g < 16; ++g) {
-        if (spread) prefetch_ahead<kBytes, 16>(p, g);
+        if constexpr (spread) prefetch_ahead<kBytes, 16>(p, g);
         __m512i c[4];
         codes(p, g, c);
         const __m512 sc = scale(p, g, d);

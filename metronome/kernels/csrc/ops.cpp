@@ -227,10 +227,12 @@ constexpr int kMaxQueries = kVectorRegisters == 32 ? 16 : 6;
 // for a decode row's unit with a span of at least kStreamKeys: its keys come from memory (each decode row
 // reads its own slot once a layer), where a prompt's tiles of rows read one slot's keys again and again
 // from cache, and there the requests were pure cost (a 256-row chunk's attention took 1.13x as long).
-// 2 KB ahead, not 4 (2026-12-05, the Zen 4 EPYC): eight SmolLM2 slots at 1,900 keys over 30 layers took
-// 18.2-18.7 ms against 20.3-20.9 (bf16 cache) and 17.6 against 18.5-19.2 (int8); the 1.5B's shape alike or
-// faster (tools/bench_attention.py, docs/performance.md).
-constexpr int64_t kAttAhead = 2048, kAttNear = 1024, kStreamKeys = 256;
+// On AMD 2 KB ahead, not 4 (2026-12-05, the Zen 4 EPYC): eight SmolLM2 slots at 1,900 keys over 30 layers
+// took 18.2-18.7 ms against 20.3-20.9 (bf16 cache) and 17.6 against 18.5-19.2 (int8); the 1.5B's shape alike
+// or faster (tools/bench_attention.py). Elsewhere 4 KB: on the Intel Xeon VM a stream's longest gap while a
+// 1,300-token prompt arrives was 23.9 ms against 27.7 (medians of 8 runs; docs/performance.md, 2026-12-05).
+constexpr int64_t kAttAhead = kAmdCpu ? 2048 : 4096;
+constexpr int64_t kAttNear = 1024, kStreamKeys = 256;
 inline void prefetch_rows(const void* rows, int64_t bytes) {
   const char* c = static_cast<const char*>(rows);
   for (int64_t o = 0; o < bytes; o += 64) {

@@ -52,6 +52,16 @@ constexpr int kVectorRegisters = 8;
 constexpr int kVectorRegisters = 32;
 #endif
 
+// Whether the build is for an AMD CPU (kernels/build.py passes METRONOME_AMD from /proc/cpuinfo's vendor).
+// How far ahead the kernels ask for the bytes of their streams (weights, a decode row's keys and values),
+// and in what bursts, was measured to suit the two machines at hand in opposite ways: the 2-core Zen 4
+// EPYC and the 2-core Intel Xeon VM (docs/performance.md, 2026-12-05). It is the cores' memory side that
+// differs, not the instructions a build uses (a Zen 4 may show AVX-512), so the vendor chooses.
+#ifndef METRONOME_AMD
+#define METRONOME_AMD 0
+#endif
+constexpr bool kAmdCpu = METRONOME_AMD != 0;
+
 // ---------------------------------------------------------------------------------------------------
 // Loads and stores of 16 lanes, widened to / rounded from float32.
 

@@ -572,6 +572,19 @@ def test_build_is_keyed_on_every_source_file(tmp_path, monkeypatch) -> None:
     assert build.build_directory() != first
 
 
+def test_the_cpu_vendor_is_a_build_constant_and_part_of_the_build_key(monkeypatch) -> None:
+    # the kernels' reads-ahead distances are constants chosen by vendor (csrc/simd.h kAmdCpu): an AMD and an
+    # Intel CPU with the same flags must not share a build
+    from metronome.kernels import build
+
+    monkeypatch.setattr(build, "_cpu_vendor", lambda: "AuthenticAMD")
+    amd = build.build_directory()
+    assert "-DMETRONOME_AMD=1" in build.compile_flags()
+    monkeypatch.setattr(build, "_cpu_vendor", lambda: "GenuineIntel")
+    assert "-DMETRONOME_AMD=0" in build.compile_flags()
+    assert build.build_directory() != amd
+
+
 def test_a_failed_check_raises_its_message_without_a_cpp_stack(cpp: CppOps) -> None:
     """A TORCH_CHECK in the kernels raises the Python exception with the check's message, and never asks c10
     for the C++ stack: symbolizing it ended the process on a lent machine's image. In a child with

@@ -20,7 +20,7 @@ BAD_ENGINE = {
 }
 
 BAD_SAMPLING = {
-    "max_tokens": [0, -1],
+    "max_tokens": [-1, -100],  # 0 is the prompt only (scoring)
     "temperature": [-0.1, 2.01, 5e-324, 1e-40],  # tiny: below what the float32 sampler can divide by
     "top_k": [-1],
     "top_p": [0.0, 1.5, 5e-324],

@@ -53,25 +53,25 @@ def source_files() -> list[Path]:
     return sorted(p for p in SOURCE_DIR.iterdir() if p.is_file() and p.suffix in (".cpp", ".h"))
 
 
-def _cpu_flags() -> str:
+def _cpuinfo(field: str) -> str | None:
+    """The first `field` line's value in /proc/cpuinfo, or None where there is none to read."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor()
+    return None
+
+
+def _cpu_flags() -> str:
+    flags = _cpuinfo("flags")
+    return flags if flags is not None else platform.processor()
 
 
 def _cpu_vendor() -> str:
     """/proc/cpuinfo's vendor_id ("AuthenticAMD", "GenuineIntel"), or "" where there is none to read."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    return _cpuinfo("vendor_id") or ""
 
 
 def compile_flags() -> list[str]:

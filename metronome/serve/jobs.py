@@ -18,7 +18,7 @@ from metronome.engine.grammar import Grammar, Grammars
 from metronome.engine.request import Constraint
 from metronome.engine.sampler import Choice
 from metronome.serve.prometheus import ApiRequest, ServerMetrics, outcome_of
-from metronome.serve.tools import RepeatGuard
+from metronome.serve.tools import LooseCalls, RepeatGuard
 from metronome.serve.usage import groq_timings
 
 
@@ -66,6 +66,7 @@ class JobSpec:
     n: int
     grammar: Grammar | None = None  # what every choice's output is constrained to (tool calls, response_format)
     tool_calls: bool = False  # the grammar is a tool grammar: a repeated call ends the answer (tools.RepeatGuard)
+    loose_calls: LooseCalls | None = None  # what the answer's loose calls may be (tools.LooseCalls)
 
 
 @dataclass
@@ -158,7 +159,9 @@ class Job:
         if self.grammars is None:
             raise RuntimeError("a job with a grammar needs the served Grammars")
         constraint = self.grammars.constraint(self.spec.grammar)
-        return RepeatGuard(constraint, self.engine.tokenizer) if self.spec.tool_calls else constraint
+        if not self.spec.tool_calls:
+            return constraint
+        return RepeatGuard(constraint, self.engine.tokenizer, self.spec.loose_calls)
 
     def _deliver(self, index: int) -> Callable[[Delta], None]:
         """The engine-thread callback of choice `index`: stamp the event and hand it to the loop."""

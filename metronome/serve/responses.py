@@ -10,7 +10,14 @@ from typing import Any, Sequence
 from metronome.engine.sampler import Choice
 from metronome.model.tokenizer import Tokenizer
 from metronome.serve.jobs import ChoiceRun
-from metronome.serve.tools import ArgumentsDelta, CallStarted, ContentDelta, ToolCallParser, parse_tool_calls
+from metronome.serve.tools import (
+    ArgumentsDelta,
+    CallStarted,
+    ContentDelta,
+    LooseCalls,
+    ToolCallParser,
+    parse_tool_calls,
+)
 
 Body = dict[str, Any]
 
@@ -48,6 +55,7 @@ class ResponseShape:
         logprobs: bool,
         top_logprobs: int,
         tools: bool = False,
+        loose_calls: LooseCalls | None = None,
         echo: Sequence[str] | None = None,
         n: int = 1,
     ) -> None:
@@ -57,6 +65,7 @@ class ResponseShape:
         self.logprobs = logprobs
         self.top_logprobs = top_logprobs
         self.tools = tools
+        self.loose_calls = loose_calls  # what the answer's loose calls may be (serve/tools.py, LooseCalls)
         self._parsers: dict[int, ToolCallParser] = {}  # streamed choices with tools: their text so far
         self._offsets: dict[int, int] = {}  # text completions: characters of token text reported per choice
         self.echo = echo
@@ -85,7 +94,7 @@ class ResponseShape:
     def _whole_choice(self, run: ChoiceRun) -> Body:
         lp = self._logprobs(run.index, run.tokens, self._prompt_of(run))
         if self.chat and self.tools:
-            parsed = parse_tool_calls(run.text)
+            parsed = parse_tool_calls(run.text, self.loose_calls)
             calls = parsed.calls
             message: Body = {"role": "assistant", "content": parsed.content or (None if calls else "")}
             if calls:
@@ -139,7 +148,7 @@ class ResponseShape:
             return [self.delta_chunk(index, self._echo_text(index) + text, tokens, finish_reason, self._prompt_of(run))]
         if not (self.chat and self.tools):
             return [self.delta_chunk(index, text, tokens, finish_reason)] if text or tokens or finish_reason else []
-        parser = self._parsers.setdefault(index, ToolCallParser())
+        parser = self._parsers.setdefault(index, ToolCallParser(self.loose_calls))
         events = parser.feed(text) + (parser.close() if finish_reason is not None else [])
         deltas: list[Body] = []
         for event in events:

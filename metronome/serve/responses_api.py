@@ -37,7 +37,7 @@ from metronome.serve.responses_schemas import (
     body_error,
 )
 from metronome.serve.schemas import ChatBody, error_message, error_param
-from metronome.serve.tools import ArgumentsDelta, CallStarted, ContentDelta, ToolCallParser, ToolEvent
+from metronome.serve.tools import ArgumentsDelta, CallStarted, ContentDelta, LooseCalls, ToolCallParser, ToolEvent
 
 if TYPE_CHECKING:
     from metronome.serve.server import ServerState
@@ -186,12 +186,16 @@ class Output:
     events, with their output and content indexes; `items()` is the whole output."""
 
     tools: bool  # parse the text into content and calls (serve/tools.py), else it is all content
+    loose_calls: LooseCalls | None = None  # what the answer's loose calls may be (serve/tools.py)
     items_done: list[Body] = field(default_factory=list)
     text: str = ""
     message_id: str = field(default_factory=lambda: _id("msg"))
-    _parser: ToolCallParser = field(default_factory=ToolCallParser)
+    _parser: ToolCallParser = field(init=False)
     _open: str | None = None  # the item being written: "message", "call", or none
     _call: Body | None = None
+
+    def __post_init__(self) -> None:
+        self._parser = ToolCallParser(self.loose_calls)
 
     def message(self, status: str, text: str) -> Body:
         content = [_text_part(text)] if status != "in_progress" else []
@@ -379,12 +383,19 @@ def add_responses_routes(app: FastAPI, state: ServerState) -> None:
                 prompt = await asyncio.to_thread(chat._chat_request, chat_body, served)
                 params = chat._sampling(chat_body, [prompt.ids], served, "messages", False, 0)
                 # as the chat route builds it: a tool grammar ends the answer at a repeated call
-                spec = JobSpec((prompt.ids,), params, 1, prompt.grammar, tool_calls=prompt.tool_calls)
+                spec = JobSpec(
+                    (prompt.ids,),
+                    params,
+                    1,
+                    prompt.grammar,
+                    tool_calls=prompt.tool_calls,
+                    loose_calls=prompt.loose_calls,
+                )
                 job = chat._submit(state, served, spec, account)
             except ApiError as exc:
                 raise renamed(exc) from None
             shape = ResponseShape(body, served.identity.id)
-            out = Output(tools=prompt.tools is not None)
+            out = Output(tools=prompt.tools is not None, loose_calls=prompt.loose_calls)
             if body.stream:
                 return StreamingResponse(
                     _stream(request, state, job, shape, out),

@@ -16,7 +16,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from importlib import resources
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Iterator, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -41,8 +41,17 @@ from metronome.serve.reflect import REFLECTIONS, add_reflect_routes
 from metronome.serve.responses import ResponseHead, ResponseShape
 from metronome.serve.responses_api import RESPONSES, add_responses_routes
 from metronome.serve.schemas import ChatBody, CompletionBody, SamplingBody, error_message, error_param
+from metronome.serve.schemas import Message as ChatMessage
 from metronome.serve.settings import ServerSettings
-from metronome.serve.tools import ToolCalling, ToolError, closed, template_messages, tool_calling, tool_grammar
+from metronome.serve.tools import (
+    LooseCalls,
+    ToolCalling,
+    ToolError,
+    closed,
+    template_messages,
+    tool_calling,
+    tool_grammar,
+)
 
 _PUBLIC_PATHS = frozenset({"/health", "/", OPENAPI_PATH})  # no API key: readiness, the chat page, the API's schema
 _ENDPOINTS = frozenset(
@@ -243,6 +252,15 @@ class ChatPrompt:
         """The grammar is the tool-call grammar (a repeated call ends the answer: tools.RepeatGuard)."""
         return self.grammar is not None and self.tools is not None and self.tools.constrained
 
+    answered: frozenset[tuple[str, str]] = frozenset()  # the history's tool calls: (name, compact arguments)
+
+    @property
+    def loose_calls(self) -> LooseCalls | None:
+        """What the answer's loose calls (fenced or bare call objects, serve/tools.py) may be."""
+        if not self.tool_calls or self.tools is None or not self.tools.loose:
+            return None
+        return LooseCalls(self.tools.loose, self.answered)
+
 
 def _chat_request(body: ChatBody, served: Served) -> ChatPrompt:
     """The prompt through the chat template, with the request's tools rendered (serve/tools.py), and
@@ -275,7 +293,21 @@ def _chat_request(body: ChatBody, served: Served) -> ChatPrompt:
         raise ApiError(400, str(exc), param="messages") from None
     if grammar is None:
         grammar = format_grammar(body, served)
-    return ChatPrompt(ids, calling, grammar)
+    answered = _answered(body.messages) if calling is not None and calling.loose else frozenset()
+    return ChatPrompt(ids, calling, grammar, answered)
+
+
+def _answered(messages: Sequence[ChatMessage]) -> frozenset[tuple[str, str]]:
+    """The history's tool calls as (name, compact arguments); arguments that are not JSON are left out
+    (no loose call can repeat them)."""
+    out = set()
+    for m in messages:
+        for call in m.tool_calls:
+            try:
+                out.add((call.function.name, LooseCalls.compact(json.loads(call.function.arguments))))
+            except json.JSONDecodeError:
+                continue
+    return frozenset(out)
 
 
 def format_grammar(body: SamplingBody, served: Served) -> Grammar | None:
@@ -593,10 +625,18 @@ def create_app(
             chat = await asyncio.to_thread(_chat_request, body, served)  # a long prompt must not hold up the loop
             top = body.top_logprobs or 0
             params = _sampling(body, [chat.ids], served, "messages", body.logprobs, top)
-            spec = JobSpec((chat.ids,), params, body.n, chat.grammar, tool_calls=chat.tool_calls)
+            spec = JobSpec(
+                (chat.ids,), params, body.n, chat.grammar, tool_calls=chat.tool_calls, loose_calls=chat.loose_calls
+            )
             job = _submit(state, served, spec, account)
             shape = ResponseShape(
-                _head(served, "chatcmpl"), True, served.engine.tokenizer, body.logprobs, top, chat.tool_calls
+                _head(served, "chatcmpl"),
+                True,
+                served.engine.tokenizer,
+                body.logprobs,
+                top,
+                chat.tool_calls,
+                loose_calls=chat.loose_calls,
             )
             return await _answer(request, state, job, shape, body.stream, body.include_usage)
 

@@ -13,7 +13,8 @@ Three parts, in request order:
 - **The output**: `tool_grammar(calling, grammars)` constrains generation to text and/or
   `<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>` blocks whose arguments follow the
   function's JSON schema (so they always parse and validate); `ToolCallParser` turns the generated text,
-  whole or piece by piece as it streams, into content and calls.
+  whole or piece by piece as it streams, into content and calls, including, with "auto", the fenced or
+  bare call objects Qwen2.5-Coder writes instead of tags (see FENCE), checked against the schema.
 
 The call format is Qwen2.5's (Hermes-style): where `<tool_call>` is one special token of the vocabulary the
 grammar names it by id, so free text can never open a call; elsewhere it is text, and the grammar keeps
@@ -27,8 +28,9 @@ import json
 import re
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
+import jsonschema
 import torch
 
 from metronome.engine.grammar import JSON_OPTIONS, Grammar, GrammarError, Grammars
@@ -39,6 +41,16 @@ OPEN = "<tool_call>"
 CLOSE = "</tool_call>"
 _CALL_END = "}\n" + CLOSE  # the wrapper object's brace, then the closing tag (compact JSON has no newline)
 _HEADER = re.compile(r'\{"name": "([A-Za-z0-9_.\-]+)", "arguments": ')
+# Qwen2.5-Coder answers a call as a JSON object in a ```json fence, or bare, pretty-printed, not in the
+# <tool_call> tags its template asks for: its 0.5B and 1.5B do so on most prompts with tool_choice "auto",
+# and vLLM's and ollama's trackers report the same of its 7B-32B. With "auto", an answer that is nothing but
+# such objects ("loose calls"), each {"name": <an allowed function>, "arguments": <valid under its schema>},
+# is read as those calls (ToolCallParser). The grammar cannot hold them to the schema as it holds tagged
+# calls: a grammar whose free text may not open like a call object left llguidance's greedy lexer without
+# the call's path once the text had begun (2026-12-05), so a loose call is checked after it is written, and
+# anything else stays text.
+FENCE = "```json"
+_FENCE_END = "```"
 NAME_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
 
 Mode = Literal["none", "auto", "required", "function"]
@@ -81,6 +93,14 @@ class ToolCalling:
     @property
     def constrained(self) -> bool:
         return self.mode != "none"
+
+    @property
+    def loose(self) -> dict[str, dict[str, Any]]:
+        """What a loose call (a fenced or bare call object, see FENCE) may call, by name: each function's
+        parameters as its tagged calls are held to them (objects closed). With "auto" only."""
+        if self.mode != "auto":
+            return {}
+        return {f.name: closed(copy.deepcopy(f.parameters)) for f in self.functions if f.name in self.allowed}
 
 
 def tool_calling(
@@ -130,7 +150,9 @@ def tool_calling(
             raise ToolError(f"{p}tools: tool calls cannot be constrained for this model's tokenizer", f"{p}tools")
         for i, f in enumerate(functions):
             try:  # each schema alone, so that a refusal names its tool
-                grammars.json_schema(_with_options(closed(f.parameters)), f"{p}tools[{i}].function.parameters", f.name)
+                grammars.json_schema(
+                    {**closed(f.parameters), "x-guidance": JSON_OPTIONS}, f"{p}tools[{i}].function.parameters", f.name
+                )
             except GrammarError as exc:
                 raise ToolError(str(exc), exc.param or f"{p}tools[{i}].function.parameters") from None
     return calling
@@ -179,10 +201,6 @@ def closed(schema: Any) -> Any:
     return out
 
 
-def _with_options(schema: dict[str, Any]) -> dict[str, Any]:
-    return {**schema, "x-guidance": JSON_OPTIONS}
-
-
 def _rebased(node: Any) -> Any:
     """A schema moved under properties.arguments: references to its root follow it there."""
     if isinstance(node, dict):
@@ -212,7 +230,7 @@ def call_schema(function: Function) -> dict[str, Any]:
         "additionalProperties": False,
         **_rebased(defs),
     }
-    return _with_options(schema)
+    return {**schema, "x-guidance": JSON_OPTIONS}
 
 
 # -- the grammar ---------------------------------------------------------------------------------------
@@ -400,6 +418,50 @@ def new_call_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
 
 
+@dataclass(frozen=True)
+class LooseCalls:
+    """What an answer's loose calls may be (see FENCE): calls of these functions, valid under their
+    parameters' schemas, and none that repeats a call the conversation already made and answered (a small
+    model that has its result tends to write the same call again as its answer: read as a call, an agent
+    would run it until its turns ran out)."""
+
+    schemas: Mapping[str, Any]  # function name -> its parameters' schema (objects closed)
+    answered: frozenset[tuple[str, str]] = frozenset()  # (name, compact arguments) of the history's calls
+
+    @staticmethod
+    def compact(arguments: Any) -> str:
+        """Arguments as reported: JSON with ", " and ": " separators (a tagged call's form)."""
+        return json.dumps(arguments, ensure_ascii=False)
+
+
+def _loose_opening(buffer: str, names: Mapping[str, Any]) -> Literal["no", "maybe", "yes"]:
+    """Whether `buffer` opens a loose call (```json, then {"name": "<one of names>", whitespace between
+    them allowed), could still open one as more text comes, or cannot."""
+    i = 0
+    if buffer.startswith(FENCE):
+        i = len(FENCE)
+    elif buffer and FENCE.startswith(buffer):
+        return "maybe"
+
+    def skip(i: int) -> int:
+        while i < len(buffer) and buffer[i] in " \n":
+            i += 1
+        return i
+
+    for literal in ("{", '"name"', ":", '"'):
+        i = skip(i)
+        part = buffer[i : i + len(literal)]
+        if not literal.startswith(part):
+            return "no"
+        if len(part) < len(literal):
+            return "maybe"
+        i += len(literal)
+    end = buffer.find('"', i)
+    if end < 0:
+        return "maybe" if any(n.startswith(buffer[i:]) for n in names) else "no"
+    return "yes" if buffer[i:end] in names else "no"
+
+
 @dataclass
 class ToolCallParser:
     """Generated text -> content and tool calls, fed piece by piece (streaming) or at once.
@@ -412,11 +474,13 @@ class ToolCallParser:
     there. `close()` flushes what was held at the end; an unfinished call (max_tokens) is left out. The
     whole text gives the same `content` and `calls` as its pieces do."""
 
+    loose: LooseCalls | None = None  # what a loose call may be (None: loose calls are not read)
     content: str = ""
     calls: list[ToolCall] = field(default_factory=list)
-    _state: Literal["text", "header", "arguments", "between"] = "text"
+    _state: Literal["text", "header", "arguments", "between", "loose", "loose_between"] = "text"
     _buffer: str = ""
     _name: str = ""  # the name of the call being read
+    _not_loose: bool = False  # an opening that looked like a loose call was not one: the answer is text
 
     def feed(self, text: str) -> list[ToolEvent]:
         self._buffer += text
@@ -432,12 +496,18 @@ class ToolCallParser:
                     self._arguments(events)
                 case "between":
                     self._between(events)
+                case "loose":
+                    self._loose(events, final=False)
+                case "loose_between":
+                    self._loose_between()
             if (self._state, len(self._buffer)) == before:
                 return events
 
     def close(self) -> list[ToolEvent]:
         """The end of the output: held text becomes content (outside a call); an open call is left out."""
         events: list[ToolEvent] = []
+        if self._state == "loose":
+            self._loose(events, final=True)
         if self._state == "text" and self._buffer:
             events.append(self._content(self._buffer))
             self._buffer = ""
@@ -448,6 +518,13 @@ class ToolCallParser:
         return ContentDelta(text)
 
     def _text(self, events: list[ToolEvent]) -> None:
+        if self.loose and not self.content and not self.calls and not self._not_loose:  # whole answers only
+            opening = _loose_opening(self._buffer, self.loose.schemas)
+            if opening == "maybe":
+                return
+            if opening == "yes":
+                self._state = "loose"
+                return
         at = self._buffer.find(OPEN)
         if at >= 0:
             head = self._buffer[:at].rstrip()  # the whitespace before a call is not content
@@ -486,10 +563,63 @@ class ToolCallParser:
         elif self._buffer.strip():  # the grammar allows only whitespace between calls; anything else is dropped
             self._buffer = self._buffer[len(self._buffer) - _held(self._buffer, OPEN) :]
 
+    def _loose(self, events: list[ToolEvent], final: bool) -> None:
+        """A loose call, once its object (and, fenced, the fence's end) is complete, if it is one: the call
+        object of an allowed function whose arguments validate. Its arguments are reported compact, as a
+        tagged call's are. Anything else, and an unfinished object at the end, is text."""
+        fenced = self._buffer.startswith(FENCE)
+        start = self._buffer.find("{")
+        try:
+            call, end = json.JSONDecoder().raw_decode(self._buffer, start)
+        except json.JSONDecodeError:
+            if final:
+                self._as_text()
+            return  # not complete yet
+        if fenced:
+            rest = self._buffer[end:].lstrip(" \n")
+            if not rest.startswith(_FENCE_END):
+                if (rest and not _FENCE_END.startswith(rest)) or final:
+                    self._as_text()  # text after the object inside the fence
+                return
+            end = len(self._buffer) - len(rest) + len(_FENCE_END)
+        if self.loose is None or not _valid_loose(call, self.loose):
+            self._as_text()
+            return
+        name, arguments = call["name"], LooseCalls.compact(call["arguments"])
+        self._buffer, self._state = self._buffer[end:], "loose_between"
+        if any(c.name == name and c.arguments == arguments for c in self.calls):
+            events.append(CallRepeated(name, arguments))
+            return
+        done = ToolCall(len(self.calls), new_call_id(), name, arguments)
+        self.calls.append(done)
+        events += [CallStarted(done), ArgumentsDelta(done.index, arguments)]
 
-def parse_tool_calls(text: str) -> ToolCallParser:
+    def _as_text(self) -> None:
+        self._state, self._not_loose = "text", True
+
+    def _loose_between(self) -> None:
+        """After a loose call: another one, or the end. Text after loose calls is content."""
+        rest = self._buffer.lstrip(" \n")
+        opening = _loose_opening(rest, self.loose.schemas) if rest and self.loose else "maybe"
+        if opening == "yes":
+            self._buffer, self._state = rest, "loose"
+        elif opening == "no":
+            self._buffer, self._state, self._not_loose = rest, "text", True
+
+
+def _valid_loose(call: Any, loose: LooseCalls) -> bool:
+    """A call object {"name", "arguments"} of a function in `loose`, its arguments valid under its schema,
+    not a repeat of a call the conversation already made."""
+    if not isinstance(call, dict) or set(call) != {"name", "arguments"} or call["name"] not in loose.schemas:
+        return False
+    if (call["name"], LooseCalls.compact(call["arguments"])) in loose.answered:
+        return False
+    return not any(jsonschema.Draft202012Validator(loose.schemas[call["name"]]).iter_errors(call["arguments"]))
+
+
+def parse_tool_calls(text: str, loose: LooseCalls | None = None) -> ToolCallParser:
     """The whole output at once: `.content` (the text before the first call) and `.calls`."""
-    parser = ToolCallParser()
+    parser = ToolCallParser(loose)
     parser.feed(text)
     parser.close()
     return parser
@@ -503,10 +633,10 @@ class RepeatGuard:
     the parser drops), only the end-of-sequence token is allowed: the grammar allows it there (after a
     call the answer may end), so the output stays in the grammar and the finish reason is "tool_calls"."""
 
-    def __init__(self, inner: Constraint, tokenizer: Tokenizer) -> None:
+    def __init__(self, inner: Constraint, tokenizer: Tokenizer, loose: LooseCalls | None = None) -> None:
         self.inner = inner
         self.decoder = tokenizer.stream_decoder()
-        self.parser = ToolCallParser()
+        self.parser = ToolCallParser(loose)
         self.eos = torch.tensor(sorted(tokenizer.eos_ids), dtype=torch.long)
         self.repeated = False
 

@@ -7,6 +7,7 @@ Every call's arguments are checked with `jsonschema`, an independent validator o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import httpx
@@ -24,6 +25,8 @@ from metronome.serve.tools import (
     ArgumentsDelta,
     CallStarted,
     Function,
+    LooseCalls,
+    ToolCalling,
     ToolCallParser,
     call_block,
     call_schema,
@@ -106,6 +109,58 @@ def test_the_parser_gives_the_same_calls_whole_and_piece_by_piece():
     started = [e.call.name for e in events if isinstance(e, CallStarted)]
     arguments = "".join(e.text for e in events if isinstance(e, ArgumentsDelta) and e.index == 1)
     assert started == ["get_weather", "add"] and json.loads(arguments) == {"a": 2, "b": 3}
+
+
+def test_loose_calls_are_read_only_as_whole_answers_of_valid_calls():
+    """Qwen2.5-Coder's own call shape (a ```json fence or a bare object, pretty-printed): a call where the
+    whole answer is call objects of allowed functions with valid arguments, the same whole and piece by
+    piece; anything else stays text, as it did before loose calls were read."""
+    functions = tuple(Function(t["function"]["name"], None, t["function"]["parameters"]) for t in TOOLS)
+    calling = ToolCalling(functions, "auto", ("get_weather", "add"), True)
+    loose = LooseCalls(calling.loose)
+    pretty = json.dumps({"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}, indent=2)
+    cases = [
+        (f"```json\n{pretty}\n```", "", [("get_weather", {"city": "Paris", "unit": "celsius"})]),
+        (
+            '{"name": "add", "arguments": {"a": 2, "b": 3}}\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n'
+            + '{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}',  # the repeat is dropped
+            "",
+            [("add", {"a": 2, "b": 3}), ("get_weather", {"city": "Oslo", "unit": "celsius"})],
+        ),
+        (
+            '```json\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n```\nThat adds them.',
+            "That adds them.",
+            [("add", {"a": 2, "b": 3})],
+        ),
+        ('{"name": "cat", "arguments": {"name": "Tom"}}', '{"name": "cat", "arguments": {"name": "Tom"}}', []),
+        ('```json\n{"name": "add", "arguments": {"a": 2, "b": -1}}\n```', None, []),  # b below its minimum
+        ('```json\n{"name": "add", "arguments": {"a": 2}}\n```', None, []),  # b missing
+        ('```json\n{"name": "add", "arguments": {"a": 2, "b": 3}, "why": 1}\n```', None, []),
+        ('```json\n{"name": "add", "arguments": {"a": 2, "b": 3}} and so on\n```', None, []),
+        ('```json\n{"name": "add", "arguments": {"a": 2', None, []),  # cut off by max_tokens
+        ("```python\nprint(1)\n```", None, []),
+        ("Sure: " + f"```json\n{pretty}\n```", None, []),  # after text: an example, not a call
+    ]
+    for text, content, calls in cases:
+        whole = parse_tool_calls(text, loose)
+        assert whole.content == (text if content is None else content), text
+        assert [(c.name, json.loads(c.arguments)) for c in whole.calls] == calls, text
+        assert all(c.arguments == json.dumps(json.loads(c.arguments)) for c in whole.calls)  # compact, as tagged
+        pieces = ToolCallParser(loose)
+        for i in range(0, len(text), 3):
+            pieces.feed(text[i : i + 3])
+        pieces.close()
+        assert (pieces.content, [(c.name, c.arguments) for c in pieces.calls]) == (
+            whole.content,
+            [(c.name, c.arguments) for c in whole.calls],
+        ), text
+        assert parse_tool_calls(text).calls == []  # without auto's functions nothing loose is read
+    assert dataclasses.replace(calling, mode="required").loose == {}
+    # a call the conversation already made and answered, written again as the answer, is the answer's text
+    again = '```json\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n```'
+    answered = LooseCalls(calling.loose, frozenset({("add", '{"a": 2, "b": 3}')}))
+    assert parse_tool_calls(again, answered).calls == [] and parse_tool_calls(again, answered).content == again
+    assert [c.name for c in parse_tool_calls(again.replace("3", "4"), answered).calls] == ["add"]
 
 
 def test_text_that_only_looks_like_a_tag_is_content():
@@ -392,3 +447,28 @@ def test_qwen_renders_tools_with_its_own_template_and_calls_them(qwen_url):
     assert "<tool_response>\n5\n</tool_response>" in rendered
     answer = _ok(url, messages=history, tool_choice="none", max_tokens=40)
     assert answer["message"]["content"]
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_qwen_coder_calls_in_its_own_shape_are_tool_calls(qwen_url):
+    """With tool_choice auto the 0.5B answers the call in a ```json fence, not in its template's tags (as
+    Qwen2.5-Coder does at every size): the API reports it as a tool call, whole, streamed and through
+    /v1/responses, with arguments that validate; an answer without a call stays text."""
+    url, _engine = qwen_url
+    ask = [{"role": "user", "content": "What's the weather in Paris?"}]
+    choice = _ok(url, messages=ask, tools=[WEATHER], tool_choice="auto")
+    assert choice["finish_reason"] == "tool_calls", choice
+    assert _valid_calls(choice["message"]["tool_calls"], {"get_weather"})[0][0] == "get_weather"
+    content, calls, finish = _streamed(url, messages=ask, tools=[WEATHER], tool_choice="auto")
+    assert (content or None, finish) == (None, "tool_calls")
+    assert _valid_calls(calls, {"get_weather"}) == _valid_calls(choice["message"]["tool_calls"], {"get_weather"})
+    tool = {"type": "function", **WEATHER["function"]}
+    r = httpx.post(
+        f"{url}/v1/responses", json={"input": ask[0]["content"], "tools": [tool], "temperature": 0}, timeout=300
+    )
+    assert r.status_code == 200, r.text
+    [item] = [o for o in r.json()["output"] if o["type"] == "function_call"]
+    assert (item["name"], json.loads(item["arguments"])) == _valid_calls(calls, {"get_weather"})[0]
+    haiku = _ok(url, messages=[{"role": "user", "content": "Write a haiku about rain."}], tools=[WEATHER])
+    assert haiku["finish_reason"] == "stop" and haiku["message"]["content"] and "tool_calls" not in haiku["message"]

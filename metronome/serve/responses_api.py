@@ -383,19 +383,20 @@ def add_responses_routes(app: FastAPI, state: ServerState) -> None:
                 prompt = await asyncio.to_thread(chat._chat_request, chat_body, served)
                 params = chat._sampling(chat_body, [prompt.ids], served, "messages", False, 0)
                 # as the chat route builds it: a tool grammar ends the answer at a repeated call
+                loose = prompt.loose_calls
                 spec = JobSpec(
                     (prompt.ids,),
                     params,
                     1,
                     prompt.grammar,
                     tool_calls=prompt.tool_calls,
-                    loose_calls=prompt.loose_calls,
+                    loose_calls=loose,
                 )
                 job = chat._submit(state, served, spec, account)
             except ApiError as exc:
                 raise renamed(exc) from None
             shape = ResponseShape(body, served.identity.id)
-            out = Output(tools=prompt.tools is not None, loose_calls=prompt.loose_calls)
+            out = Output(tools=prompt.tools is not None, loose_calls=loose)
             if body.stream:
                 return StreamingResponse(
                     _stream(request, state, job, shape, out),

@@ -293,7 +293,7 @@ def _chat_request(body: ChatBody, served: Served) -> ChatPrompt:
         raise ApiError(400, str(exc), param="messages") from None
     if grammar is None:
         grammar = format_grammar(body, served)
-    answered = _answered(body.messages) if calling is not None and calling.loose else frozenset()
+    answered = _answered(body.messages) if calling is not None and calling.mode == "auto" else frozenset()
     return ChatPrompt(ids, calling, grammar, answered)
 
 
@@ -625,9 +625,8 @@ def create_app(
             chat = await asyncio.to_thread(_chat_request, body, served)  # a long prompt must not hold up the loop
             top = body.top_logprobs or 0
             params = _sampling(body, [chat.ids], served, "messages", body.logprobs, top)
-            spec = JobSpec(
-                (chat.ids,), params, body.n, chat.grammar, tool_calls=chat.tool_calls, loose_calls=chat.loose_calls
-            )
+            loose = chat.loose_calls
+            spec = JobSpec((chat.ids,), params, body.n, chat.grammar, tool_calls=chat.tool_calls, loose_calls=loose)
             job = _submit(state, served, spec, account)
             shape = ResponseShape(
                 _head(served, "chatcmpl"),
@@ -636,7 +635,7 @@ def create_app(
                 body.logprobs,
                 top,
                 chat.tool_calls,
-                loose_calls=chat.loose_calls,
+                loose_calls=loose,
             )
             return await _answer(request, state, job, shape, body.stream, body.include_usage)
 

@@ -24,6 +24,7 @@ the literal string `<tool_call>` out of free text. Either way the generated text
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 import uuid
@@ -94,7 +95,7 @@ class ToolCalling:
     def constrained(self) -> bool:
         return self.mode != "none"
 
-    @property
+    @functools.cached_property  # a request's closed schemas, built once (its chat route and parsers read them)
     def loose(self) -> dict[str, dict[str, Any]]:
         """What a loose call (a fenced or bare call object, see FENCE) may call, by name: each function's
         parameters as its tagged calls are held to them (objects closed). With "auto" only."""
@@ -150,9 +151,7 @@ def tool_calling(
             raise ToolError(f"{p}tools: tool calls cannot be constrained for this model's tokenizer", f"{p}tools")
         for i, f in enumerate(functions):
             try:  # each schema alone, so that a refusal names its tool
-                grammars.json_schema(
-                    {**closed(f.parameters), "x-guidance": JSON_OPTIONS}, f"{p}tools[{i}].function.parameters", f.name
-                )
+                grammars.json_schema(_with_options(closed(f.parameters)), f"{p}tools[{i}].function.parameters", f.name)
             except GrammarError as exc:
                 raise ToolError(str(exc), exc.param or f"{p}tools[{i}].function.parameters") from None
     return calling
@@ -201,6 +200,10 @@ def closed(schema: Any) -> Any:
     return out
 
 
+def _with_options(schema: dict[str, Any]) -> dict[str, Any]:
+    return {**schema, "x-guidance": JSON_OPTIONS}
+
+
 def _rebased(node: Any) -> Any:
     """A schema moved under properties.arguments: references to its root follow it there."""
     if isinstance(node, dict):
@@ -230,7 +233,7 @@ def call_schema(function: Function) -> dict[str, Any]:
         "additionalProperties": False,
         **_rebased(defs),
     }
-    return {**schema, "x-guidance": JSON_OPTIONS}
+    return _with_options(schema)
 
 
 # -- the grammar ---------------------------------------------------------------------------------------

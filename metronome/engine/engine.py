@@ -248,7 +248,8 @@ class Engine(PythonAPI):
         with self._lock:
             if self.scheduler.queue_full:
                 raise QueueFullError(
-                    f"all {self.config.slots} slots are busy and {len(self.scheduler.waiting)} requests wait"
+                    f"{self.scheduler.holding} requests are in, the most {self.config.slots} slots and a queue of "
+                    f"{self.scheduler.max_queue} hold"
                 )
             reuse = self.prefix_cache is not None and not params.prompt_logprobs  # as _schedule loads it
             cached = self.prefix_cache.peek(prompt) if reuse else 0
@@ -622,7 +623,8 @@ class Engine(PythonAPI):
         finish = "stop" if stop_token or (r.constraint is not None and r.constraint.finished()) else None
         if finish is None and len(r.output_ids) >= r.params.max_tokens:
             finish = "length"
-        piece = r.text.push(choice.token, now, final=finish is not None)
+        stops = r.constraint is None or r.constraint.stops_apply()  # never inside a grammar's JSON or call
+        piece = r.text.push(choice.token, now, final=finish is not None, stops=stops)
         if piece.stopped:
             finish = "stop"
         if r.timings.first_sentence is None and r.text.first_sentence_at is not None:
@@ -722,6 +724,11 @@ class Engine(PythonAPI):
         for r in running:
             if r.finish_reason is None:
                 self._finish(r, "error", error=f"{type(exc).__name__}: {exc}")
+
+    @property
+    def capacity(self) -> int | None:
+        """The most requests in at once, running or queued (slots + max_queue); None: no limit."""
+        return self.scheduler.capacity
 
     @property
     def running(self) -> bool:

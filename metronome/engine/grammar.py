@@ -204,6 +204,10 @@ class GrammarConstraint:
         """The grammar is complete and nothing more may follow (its end token was taken, or none is left)."""
         return self._stopped
 
+    def stops_apply(self) -> bool:
+        """Never: the whole output is the grammar's (a wrapper that knows free text from calls says otherwise)."""
+        return False
+
 
 def schema_json(schema: Any) -> str:
     """A schema as compact JSON text (for prompts that show it to the model)."""

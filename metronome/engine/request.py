@@ -78,6 +78,12 @@ class Constraint(Protocol):
     def finished(self) -> bool:
         """True once the constrained output is complete (the request then stops)."""
 
+    def stops_apply(self) -> bool:
+        """Whether the request's stop strings may end the output here (asked after each token is accepted).
+        In free text they do; inside what the grammar shapes (a JSON answer, a tool call) they do not: the
+        grammar decides where that ends, and a cut would hand the client JSON that does not parse, or drop
+        the call it required."""
+
 
 @dataclass(eq=False)
 class Request:

@@ -33,8 +33,23 @@ class Scheduler(Generic[R]):
         self.by_slot: dict[int, R] = {}
 
     @property
+    def capacity(self) -> int | None:
+        """How many requests may be in at once, running or waiting: the slots and `max_queue` (None: no limit)."""
+        return None if self.max_queue is None else self.slots + self.max_queue
+
+    @property
     def queue_full(self) -> bool:
-        return self.max_queue is not None and len(self.waiting) >= self.max_queue
+        """Whether one more request would wait beyond `max_queue`. A request submitted since the last step
+        waits here until the next one, even for a free slot, so the count is of every request in, running or
+        waiting, against the slots and the queue together (counting `waiting` alone refused requests that a
+        free slot would take at once)."""
+        capacity = self.capacity
+        return capacity is not None and self.holding >= capacity
+
+    @property
+    def holding(self) -> int:
+        """Requests in: those in slots and those waiting for one (not the cancelled, which leave next step)."""
+        return len(self.by_slot) + sum(not r.cancelled for r in self.waiting)
 
     def add(self, request: R) -> None:
         self.waiting.append(request)

@@ -41,22 +41,27 @@ class TextStream:
     def is_stop_token(self, token: int) -> bool:
         return token in self.stop_ids
 
-    def push(self, token: int, now: float, final: bool = False) -> Piece:
-        """Take one sampled token (`final`: the request ends with it). A stop token adds no text."""
+    def push(self, token: int, now: float, final: bool = False, stops: bool = True) -> Piece:
+        """Take one sampled token (`final`: the request ends with it). A stop token adds no text. `stops`
+        False: the stop strings do not apply to this token's text (output a grammar shapes: Constraint.stops_apply)."""
         if not self.is_stop_token(token):
             self.held += self.decoder.push(token)
-        out, stopped = self._release(final)
+        out, stopped = self._release(final, stops)
         ended = _SENTENCE_END.search(self.text[-1:] + out) or ((final or stopped) and (self.text + out).strip())
         if self.first_sentence_at is None and ended:
             self.first_sentence_at = now
         self.text += out
         return Piece(out, stopped)
 
-    def _release(self, final: bool) -> tuple[str, bool]:
+    def _release(self, final: bool, stops: bool = True) -> tuple[str, bool]:
         """Text safe to emit now: cut at a stop string (True), else hold back a possible stop prefix.
-        Emitted text never ends with the start of a stop string, so a stop can only begin in `held`."""
+        Emitted text never ends with the start of a stop string, so a stop can only begin in `held`.
+        Without `stops`, all of it (the stop strings are off here)."""
         if final:
             self.held += self.decoder.flush()
+        if not stops:
+            out, self.held = self.held, ""
+            return out, False
         cut = min((i for i in (self.held.find(s) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
             out, self.held = self.held[:cut], ""

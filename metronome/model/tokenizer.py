@@ -3,7 +3,9 @@ and incremental detokenization for streaming."""
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from datetime import datetime
 from typing import Iterable, Sequence
 
@@ -24,6 +26,21 @@ _QWEN2_SPLIT = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}
+
+
+def _byte_level_table() -> dict[str, int]:
+    """The byte each character of a byte-level (GPT-2 style) vocabulary stands for: the printable bytes are
+    their own characters, and every other byte (controls, space, ...) takes the next character from U+0100
+    on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    table = {chr(b): b for b in printable}
+    others = [b for b in range(256) if b not in set(printable)]
+    table.update({chr(256 + n): b for n, b in enumerate(others)})
+    return table
+
+
+_BYTE_OF = _byte_level_table()
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # sentencepiece's byte-fallback pieces
 
 
 class ChatTemplateError(ValueError):
@@ -138,6 +155,30 @@ class Tokenizer:
     def token_text(self, token_id: int) -> str:
         """The text one token stands for on its own (for logprobs)."""
         return self._tok.decode([token_id], skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (logprobs' `bytes`). A token that holds part of a multi-byte
+        character has those bytes, where its text (`token_text`) can only show U+FFFD; a reply's tokens'
+        bytes joined are its text's UTF-8."""
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if self._byte_level:
+            if all(ch in _BYTE_OF for ch in piece):
+                return bytes(_BYTE_OF[ch] for ch in piece)
+            return piece.encode("utf-8")  # an added token, stored as its text
+        byte = _BYTE_TOKEN.fullmatch(piece)
+        if byte:
+            return bytes([int(byte.group(1), 16)])
+        return piece.replace("\u2581", " ").encode("utf-8")
+
+    @functools.cached_property
+    def _byte_level(self) -> bool:
+        """Whether tokens are spelled in the byte-level alphabet (GPT-2, Llama 3, Qwen2) rather than as text
+        with sentencepiece's U+2581 spaces and <0xNN> byte pieces."""
+        if self.data.kind != "hf-json":
+            return self.data.kind == "gguf-bpe"
+        return "ByteLevel" in json.dumps(json.loads(self._tok.to_str()).get("decoder"))
 
     @property
     def template_reads_tools(self) -> bool:

@@ -48,7 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-queue",
         type=int,
         default=None,
-        help="requests that may wait for a slot before new ones get 429 (default: no limit)",
+        help="requests that may wait for a slot, beyond the slots, before new ones get 429; a request asking "
+        "for more generations (n x prompts) than slots + this can never fit and gets 400 (default: no limit)",
     )
     p.add_argument(
         "--api-key",

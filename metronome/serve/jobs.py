@@ -131,6 +131,14 @@ class Job:
     def submit(self) -> None:
         """Queue every choice with the engine; all or none (a refusal cancels those already queued)."""
         p, n = self.spec.params, self.spec.n
+        total, capacity = len(self.spec.prompts) * n, self.engine.capacity
+        if capacity is not None and total > capacity:  # never admitted, however long it retries: not a 429
+            raise JobRefused(
+                f"this request asks for {total} generations at once ({len(self.spec.prompts)} prompt(s) x n={n}), "
+                f"more than the server ever holds ({capacity}: its slots and --max-queue); ask for fewer",
+                "n" if n > 1 else "prompt",
+                queue_full=False,
+            )
         try:
             for prompt in self.spec.prompts:
                 for _ in range(n):
@@ -230,7 +238,9 @@ class Job:
 
 
 def merge_timings(all_timings: list[Timings]) -> Timings:
-    """One request's timings from its choices': the earliest start and first token, the latest admission and end."""
+    """One request's timings from its choices': the earliest start, admission and first token, the latest end.
+    Each span is then one the request lived through, and they add up to the total (with the latest admission,
+    a choice admitted a step after another's first token made prompt_time negative)."""
 
     def first(values: list[float | None]) -> float | None:
         known = [v for v in values if v is not None]
@@ -241,7 +251,7 @@ def merge_timings(all_timings: list[Timings]) -> Timings:
 
     return Timings(
         submitted=min(t.submitted for t in all_timings),
-        admitted=last([t.admitted for t in all_timings]),
+        admitted=first([t.admitted for t in all_timings]),
         first_token=first([t.first_token for t in all_timings]),
         first_sentence=first([t.first_sentence for t in all_timings]),
         finished=last([t.finished for t in all_timings]),

@@ -202,7 +202,7 @@ class ResponseShape:
 
     def _entry(self, token: int, logprob: float) -> Body:
         text = self.tokenizer.token_text(token)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        return {"token": text, "logprob": logprob, "bytes": list(self.tokenizer.token_bytes(token))}
 
     def _chat_entry(self, c: Choice) -> Body:
         entry = self._entry(c.token, c.logprob)

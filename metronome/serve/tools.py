@@ -308,6 +308,20 @@ def _arguments(text: str, param: str) -> Any:
     return value
 
 
+def _check_tool_results(messages: Sequence[dict[str, Any]]) -> None:
+    """A tool result answers a call that an earlier assistant message made, as OpenAI checks: a result for
+    no call would reach the template as a reply to nothing."""
+    made: set[Any] = set()
+    for i, m in enumerate(messages):
+        made.update(c.get("id") for c in m.get("tool_calls") or ())
+        if m["role"] == "tool" and m.get("tool_call_id") not in made:
+            raise ToolError(
+                f"messages[{i}] is the result of tool call {m.get('tool_call_id')!r}, which no earlier assistant "
+                "message made: send the assistant message with that call in its tool_calls before it",
+                f"messages[{i}].tool_call_id",
+            )
+
+
 def template_messages(
     messages: Sequence[dict[str, Any]], calling: ToolCalling | None, template_knows_tools: bool
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
@@ -315,6 +329,7 @@ def template_messages(
     (role, content as text or None, assistant `tool_calls` with `function.arguments` as a JSON string,
     tool messages with `tool_call_id`). A template that knows tools gets the calls' arguments as objects
     (as HF templates read them) and OpenAI's tool list; any other gets the fallback (docs/tools.md)."""
+    _check_tool_results(messages)
     if template_knows_tools:
         out = []
         for i, m in enumerate(messages):
@@ -506,6 +521,15 @@ class ToolCallParser:
             if (self._state, len(self._buffer)) == before:
                 return events
 
+    @property
+    def in_text(self) -> bool:
+        """Reading free text: no call has begun (nor an opening that may be a loose call's)."""
+        if self._state != "text" or self.calls:
+            return False
+        if self.loose is None or self.content or self._not_loose:  # as _text reads a loose call's opening
+            return True
+        return _loose_opening(self._buffer, self.loose.schemas) == "no"
+
     def close(self) -> list[ToolEvent]:
         """The end of the output: held text becomes content (outside a call); an open call is left out."""
         events: list[ToolEvent] = []
@@ -658,3 +682,7 @@ class RepeatGuard:
 
     def finished(self) -> bool:
         return self.inner.finished()
+
+    def stops_apply(self) -> bool:
+        """In the answer's free text, until a call (tagged, or what may be a loose one) begins."""
+        return self.parser.in_text

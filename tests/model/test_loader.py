@@ -110,6 +110,17 @@ def test_tokenizer_matches_transformers_gguf_tokenizer(which, smollm_path, gemma
         assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("which", ["smollm", "gemma"])
+def test_token_bytes_join_into_the_texts_utf8(which, smollm_path, gemma_path):
+    # logprobs' `bytes`: a token holding part of a character (emoji, CJK) has that part's bytes, not U+FFFD's
+    tok = Tokenizer(load(smollm_path if which == "smollm" else gemma_path).tokenizer)
+    for text in [*TEXTS, "🤘🤩 🇫🇷 𓀀"]:
+        ids = [i for i in tok.encode(text) if i != tok.bos_id]
+        assert b"".join(tok.token_bytes(i) for i in ids) == text.encode("utf-8"), text
+    partial = [i for i in tok.encode("𓀀") if i != tok.bos_id]
+    assert len(partial) > 1 and tok.token_text(partial[0]) == "\ufffd"  # the case the text cannot show
+
+
 def test_smollm_digits_are_split_one_by_one(smollm):
     tok = Tokenizer(smollm.tokenizer)
     assert [tok.decode([i]) for i in tok.encode("2024")] == ["2", "0", "2", "4"]

@@ -677,6 +677,23 @@ def test_a_full_queue_answers_429_with_retry_after(tiny):
         engine.stop()
 
 
+def test_the_queue_limit_counts_free_slots_and_refuses_what_never_fits(tiny):
+    # slots 2 + queue 1: an idle server takes 3 generations at once (n=3 was refused with a 429 when every
+    # request in counted as queued until the next step); 4 can never be in at once: a 400 naming n, not a retry
+    engine = Engine.from_model(config=EngineConfig(slots=2, ctx=64), loaded=tiny, max_queue=1)
+    app = create_app(engine, ServerSettings(), ModelIdentity.of(tiny))
+    body = {"messages": MSG, "max_tokens": 2, "temperature": 0}
+    try:
+        with LiveServer(app) as url:
+            fits = httpx.post(f"{url}/v1/chat/completions", json=body | {"n": 3}, timeout=120)
+            assert fits.status_code == 200 and len(fits.json()["choices"]) == 3
+            never = httpx.post(f"{url}/v1/chat/completions", json=body | {"n": 4}, timeout=120)
+            assert never.status_code == 400 and never.json()["error"]["param"] == "n"
+            assert "more than the server ever holds (3" in never.json()["error"]["message"]
+    finally:
+        engine.stop()
+
+
 def test_an_engine_failure_answers_that_client_and_counts(tiny):
     engine = Engine.from_model(config=EngineConfig(slots=2, ctx=64), loaded=tiny)
     real_decode = engine.plan.decode

@@ -58,6 +58,21 @@ def test_json_schema_replies_validate_greedy_and_sampled_for_every_choice(http):
             jsonschema.validate(json.loads(choice["message"]["content"]), CITY)
 
 
+def test_stop_strings_do_not_cut_a_json_answer(http):
+    """The grammar decides where a JSON answer ends: a stop string inside it (here a key and the comma
+    after every value) used to cut it into JSON that does not parse, with finish_reason "stop"."""
+    whole = chat(http, response_format=fmt(CITY), temperature=0)["choices"][0]
+    stopped = chat(http, response_format=fmt(CITY), temperature=0, stop=[",", '"country"'])["choices"][0]
+    assert stopped == whole
+    jsonschema.validate(json.loads(stopped["message"]["content"]), CITY)
+    free = chat(http, temperature=0, max_tokens=60)["choices"][0]["message"]["content"]
+    word = free.split()[2]
+    cut = chat(http, temperature=0, max_tokens=60, stop=[word])["choices"][0]
+    assert (
+        cut["finish_reason"] == "stop" and cut["message"]["content"] == free[: free.index(word)]
+    )  # free text still stops
+
+
 def test_objects_are_closed_to_their_properties(http):
     """additionalProperties unsaid: the model writes no key the schema does not list (OpenAI's strict)."""
     closed = {**CITY, "required": ["city"]}

@@ -163,6 +163,25 @@ def test_loose_calls_are_read_only_as_whole_answers_of_valid_calls():
     assert [c.name for c in parse_tool_calls(again.replace("3", "4"), answered).calls] == ["add"]
 
 
+def test_stop_strings_apply_only_while_the_parser_reads_free_text():
+    functions = tuple(Function(t["function"]["name"], None, t["function"]["parameters"]) for t in TOOLS)
+    loose = LooseCalls(ToolCalling(functions, "auto", ("get_weather", "add"), True).loose)
+    tagged = ToolCallParser()
+    tagged.feed("Let me check. ")
+    assert tagged.in_text
+    tagged.feed('<tool_call>\n{"name": "add", "arguments": {"a": 2')
+    assert not tagged.in_text
+    tagged.feed(', "b": 3}}\n</tool_call>\nDone')
+    assert not tagged.in_text  # after a call: more calls may follow
+    maybe = ToolCallParser(loose)
+    maybe.feed('```json\n{"name": "get_')  # may open a loose call: not yet text
+    assert not maybe.in_text
+    assert not maybe.feed('weather", "arguments": {') and not maybe.in_text
+    prose = ToolCallParser(loose)
+    prose.feed("Paris is sunny today, ")
+    assert prose.in_text
+
+
 def test_text_that_only_looks_like_a_tag_is_content():
     parsed = parse_tool_calls("a < b and <tool> is not <tool_call but text  ")
     assert parsed.calls == [] and parsed.content == "a < b and <tool> is not <tool_call but text  "
@@ -275,6 +294,17 @@ def test_auto_answers_text_or_calls_and_none_never_calls(smol_url):
     assert "tool_calls" not in none["message"] and none["finish_reason"] in ("stop", "length")
 
 
+def test_stop_strings_never_cut_a_call(smol_url):
+    # the required call's greedy answer, then the same with stop strings found inside it: the call comes
+    # back whole ("tool_calls"), where the stop string used to cut it and the answer came back empty, "stop"
+    choice = _ok(smol_url, tool_choice="required", parallel_tool_calls=False)
+    call = choice["message"]["tool_calls"][0]["function"]
+    inside = [call["name"][:4], call["arguments"][1:5]]
+    again = _ok(smol_url, tool_choice="required", parallel_tool_calls=False, stop=inside)
+    assert again["finish_reason"] == "tool_calls"
+    assert again["message"]["tool_calls"][0]["function"] == call
+
+
 def test_a_history_with_tool_results_renders_and_runs(smol_url):
     history = [
         *ASK,
@@ -367,6 +397,7 @@ BAD = [
     ({"tools": [{"type": "retrieval"}]}, "tools[0].type"),
     ({"tool_choice": "sometimes"}, "tool_choice"),
     ({"messages": [*ASK, {"role": "tool", "content": "5"}]}, "messages[1]"),
+    ({"messages": [*ASK, {"role": "tool", "tool_call_id": "call_9", "content": "5"}]}, "messages[1].tool_call_id"),
     (
         {
             "messages": [

@@ -91,18 +91,24 @@ def test_cancelling_a_waiting_request_removes_it_from_the_queue():
     assert batch.admitted == [c] and c.slot == 0 and b.slot is None
 
 
-def test_queue_full_counts_waiting_requests_only():
-    s = Scheduler(slots=1, max_queue=2)
-    a, b, c = _reqs("a", "b", "c")
-    assert not s.queue_full
+def test_queue_full_counts_every_request_in_against_slots_and_queue():
+    s = Scheduler(slots=2, max_queue=1)
+    a, b, c, d = _reqs("a", "b", "c", "d")
     s.add(a)
-    s.add(b)
-    assert s.queue_full
-    s.schedule()  # a runs, only b waits
-    assert not s.queue_full
+    s.add(b)  # both wait for the next step, with two slots free: not a queue of two
+    assert not s.queue_full and s.capacity == 3
     s.add(c)
     assert s.queue_full
-    assert not Scheduler(slots=1).queue_full  # no limit
+    s.schedule()  # a and b run, c waits
+    assert s.queue_full
+    c.cancelled = True  # leaves at the next step: no longer counted
+    assert not s.queue_full
+    s.add(d)
+    assert s.queue_full
+    s.release(a)
+    s.schedule()  # c leaves, d runs
+    assert not s.queue_full and s.holding == 2
+    assert not Scheduler(slots=1).queue_full and Scheduler(slots=1).capacity is None  # no limit
     unlimited = Scheduler(slots=1)
     for r in _reqs(*"abcdefgh"):
         unlimited.add(r)

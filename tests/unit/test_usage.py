@@ -1,0 +1,23 @@
+"""The API's Groq-style timings for a request of several choices (n > 1, or several prompts)."""
+
+from metronome.engine.request import Timings
+from metronome.serve.jobs import merge_timings
+from metronome.serve.usage import groq_timings
+
+
+def test_choices_timings_merge_into_spans_that_add_up():
+    # choice 1 admitted at once, first token at 2.0; choice 2 admitted a step later (2.5), after it
+    early = Timings(submitted=1.0, admitted=1.1, first_token=2.0, first_sentence=2.4, finished=3.0)
+    late = Timings(submitted=1.0, admitted=2.5, first_token=2.6, first_sentence=None, finished=3.5)
+    usage = groq_timings(merge_timings([early, late]))
+    assert usage["queue_time"] == 0.1 and usage["prompt_time"] == 0.9  # was 2.0 - 2.5 < 0 with the last admission
+    assert usage["completion_time"] == 1.5 and usage["total_time"] == 2.5
+    assert usage["queue_time"] + usage["prompt_time"] + usage["completion_time"] == usage["total_time"]
+    assert usage["time_to_first_token"] == 1.0 and usage["time_to_first_sentence"] == 1.4
+
+
+def test_a_choice_still_running_leaves_the_end_unknown():
+    done = Timings(submitted=0.0, admitted=0.1, first_token=0.2, finished=0.3)
+    running = Timings(submitted=0.0, admitted=0.1, first_token=0.25)
+    usage = groq_timings(merge_timings([done, running]))
+    assert usage["completion_time"] is None and usage["total_time"] is None and usage["prompt_time"] == 0.1

@@ -16,6 +16,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from torch import Tensor
@@ -160,10 +161,13 @@ class Transcriber:
         prompt: str | None = None,
         temperature: float = 0.0,
         task: str = "transcribe",
+        on_segment: Callable[[Segment], None] | None = None,
     ) -> Transcript:
         """samples: float32 mono 16 kHz. language: a Whisper code ("en"); None detects it (multilingual models)
         from the first window. prompt: text that came before (steers spelling and style). temperature: the
-        first decoding temperature; fallback raises it by 0.2 up to 1.0. task: "transcribe" or "translate"."""
+        first decoding temperature; fallback raises it by 0.2 up to 1.0. task: "transcribe" or "translate".
+        on_segment: called with each segment as its 30-s window is decoded (a window's fallback to a higher
+        temperature happens before its segments exist, so none is ever taken back), for streaming."""
         t0 = time.perf_counter()
         samples = self._check(samples, temperature, task)
         if language is not None:
@@ -208,19 +212,20 @@ class Transcriber:
                 if start == end or not text.strip():
                     continue
                 all_tokens.extend(piece)
-                segments.append(
-                    Segment(
-                        id=len(segments),
-                        start=round(start, 3),
-                        end=round(end, 3),
-                        text=text,
-                        tokens=tuple(piece),
-                        avg_logprob=decoded.avg_logprob,
-                        no_speech_prob=decoded.no_speech_prob,
-                        temperature=decoded.temperature,
-                        compression_ratio=decoded.compression_ratio,
-                    )
+                segment = Segment(
+                    id=len(segments),
+                    start=round(start, 3),
+                    end=round(end, 3),
+                    text=text,
+                    tokens=tuple(piece),
+                    avg_logprob=decoded.avg_logprob,
+                    no_speech_prob=decoded.no_speech_prob,
+                    temperature=decoded.temperature,
+                    compression_ratio=decoded.compression_ratio,
                 )
+                segments.append(segment)
+                if on_segment is not None:
+                    on_segment(segment)
             if decoded.temperature > opts.prompt_reset_on_temperature:
                 reset_since = len(all_tokens)
 

@@ -6,28 +6,30 @@ first (a bounded count of requests in the speech path: beyond it a 429, before t
 then its multipart form is checked field by field (a 400 naming the field), the file decoded on a thread
 (`audio/decode.py`), and the samples queued for the workers; the handler awaits the transcript with a
 timeout (504). The response is rendered in the requested format (`audio/formats.py`) with the timings in
-`usage` and in a `Server-Timing` header.
+`usage` and in a `Server-Timing` header; with `stream=true`, as server-sent events, a delta per segment as
+its window is decoded (`_stream`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Protocol
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from metronome.audio.decode import MAX_SECONDS, AudioError, DecodedAudio, decode_audio
 from metronome.audio.formats import LANGUAGE_NAMES, ResponseFormat, render
-from metronome.audio.types import Transcript
+from metronome.audio.types import Segment, Transcript
 from metronome.config import ParamError
 from metronome.serve.errors import ApiError
 
@@ -77,6 +79,7 @@ class Transcribing(Protocol):
         prompt: str | None = None,
         temperature: float = 0.0,
         task: str = "transcribe",
+        on_segment: Callable[[Segment], None] | None = None,
     ) -> Transcript: ...
 
 
@@ -223,6 +226,7 @@ class SpeechForm:
     prompt: str | None
     response_format: ResponseFormat
     temperature: float
+    stream: bool = False  # the text as server-sent events, a delta per segment as it is decoded
 
 
 async def _form(request: Request, settings: SpeechSettings) -> FormData:
@@ -305,6 +309,16 @@ async def parse_form(request: Request, settings: SpeechSettings) -> SpeechForm:
             if not (math.isfinite(temperature) and 0.0 <= temperature <= 1.0):
                 raise ApiError(400, f"temperature={t_text}: must be in [0, 1]", "temperature")
 
+        stream = (_text(form, "stream") or "false").strip().lower()
+        if stream not in ("true", "false"):
+            raise ApiError(400, f"stream={stream!r}: send true or false", "stream")
+        if stream == "true" and fmt not in _STREAMED:
+            raise ApiError(
+                400,
+                f"response_format={fmt.value!r} is not streamed; stream json or text, or leave stream out",
+                "response_format",
+            )
+
         language = _text(form, "language")
         if language is not None:
             language = language.strip().lower()
@@ -334,6 +348,7 @@ async def parse_form(request: Request, settings: SpeechSettings) -> SpeechForm:
             prompt=_text(form, "prompt"),
             response_format=fmt,
             temperature=temperature,
+            stream=stream == "true",
         )
     finally:
         await form.close()
@@ -386,10 +401,14 @@ async def answer(request: Request, state: ServerState, task: str) -> Response:
             code="queue_full",
             headers={"Retry-After": str(speech.settings.retry_after_s)},
         ) from None
+    streaming = False
     try:
-        return await _answer(request, speech, task)
+        response = await _answer(request, speech, task)
+        streaming = isinstance(response, _SpeechStream)  # it releases the admission when it ends
+        return response
     finally:
-        speech.release()
+        if not streaming:
+            speech.release()
 
 
 async def _answer(request: Request, speech: SpeechService, task: str) -> Response:
@@ -409,18 +428,12 @@ async def _answer(request: Request, speech: SpeechService, task: str) -> Respons
         raise ApiError(400, f"{form.filename}: {exc}", exc.param, code="invalid_audio") from None
     decoded = time.perf_counter()
     options = dict(language=form.language, prompt=form.prompt, temperature=form.temperature, task=task)
+    if form.stream:
+        return await _stream(speech, audio, options, decoded - started)
     try:
         result = await speech.transcribe(audio.samples, **options)
-    except TimeoutError:
-        raise ApiError(
-            504,
-            f"the transcription did not finish within {speech.settings.timeout_s:g} s; retry with shorter audio",
-            type="server_error",
-            code="timeout",
-        ) from None
-    except ValueError as exc:  # an option this model cannot honour (translation on an English-only model)
-        param = exc.param if isinstance(exc, ParamError) else None
-        raise ApiError(400, str(exc), param, code="unsupported_option") from None
+    except (TimeoutError, ValueError) as exc:
+        raise _failed(exc, speech) from None
     total = time.perf_counter() - started
     usage = _usage(result, decoded - started, total)
     body = render(result.transcript, form.response_format, usage)
@@ -428,6 +441,105 @@ async def _answer(request: Request, speech: SpeechService, task: str) -> Respons
     if isinstance(body, dict):
         return JSONResponse(body, headers=headers)
     return PlainTextResponse(body, media_type=form.response_format.media_type, headers=headers)
+
+
+def _failed(exc: TimeoutError | ValueError, speech: SpeechService) -> ApiError:
+    """A transcription that did not finish, as the API's error."""
+    if isinstance(exc, TimeoutError):
+        return ApiError(
+            504,
+            f"the transcription did not finish within {speech.settings.timeout_s:g} s; retry with shorter audio",
+            type="server_error",
+            code="timeout",
+        )
+    # an option this model cannot honour (translation on an English-only model)
+    return ApiError(400, str(exc), exc.param if isinstance(exc, ParamError) else None, code="unsupported_option")
+
+
+_STREAMED = (ResponseFormat.JSON, ResponseFormat.TEXT)
+
+
+async def _stream(speech: SpeechService, audio: DecodedAudio, options: dict[str, Any], decode_s: float) -> Response:
+    """OpenAI's streamed transcript: a `transcript.text.delta` event per segment as its window is decoded,
+    then `transcript.text.done` with the whole text and the usage. The response starts with the first
+    segment (or the end), so that a transcription failing before any text is an ordinary error response;
+    one failing later ends the stream with an error event. The response's end, however it comes (done, or
+    the client gone), drops the job if it still runs and releases the admission (_SpeechStream)."""
+    started = time.perf_counter() - decode_s
+    loop = asyncio.get_running_loop()
+    segments: asyncio.Queue[Segment] = asyncio.Queue()
+
+    def on_segment(segment: Segment) -> None:  # on a speech worker
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(segments.put_nowait, segment)
+
+    run = asyncio.ensure_future(speech.transcribe(audio.samples, on_segment=on_segment, **options))
+
+    async def next_segment() -> Segment | None:
+        """The next segment, or None once the run has ended and every segment it made was taken (its worker
+        queues them before the run's result)."""
+        while segments.empty() and not run.done():
+            get = asyncio.ensure_future(segments.get())
+            try:
+                await asyncio.wait({run, get}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not get.done():
+                    get.cancel()
+            if get.done() and not get.cancelled():
+                return get.result()
+        return segments.get_nowait() if not segments.empty() else None
+
+    try:
+        head = await next_segment()
+    except BaseException:
+        run.cancel()
+        raise
+    if head is None and run.exception() is not None:  # failed before any text: an ordinary error response
+        exc = run.exception()
+        if isinstance(exc, (TimeoutError, ValueError)):
+            raise _failed(exc, speech)
+        raise exc
+
+    async def events() -> AsyncIterator[bytes]:
+        text, segment = "", head
+        while segment is not None:
+            delta = segment.text if text else segment.text.lstrip()
+            text += delta
+            yield _event({"type": "transcript.text.delta", "delta": delta})
+            segment = await next_segment()
+        try:
+            result = run.result()
+        except (TimeoutError, ValueError) as exc:
+            yield _event({"type": "error", "error": _failed(exc, speech).body()["error"]})
+            return
+        usage = _usage(result, decode_s, time.perf_counter() - started)
+        yield _event({"type": "transcript.text.done", "text": result.transcript.text, "usage": usage})
+
+    def close() -> None:
+        run.cancel()  # a job still running is dropped (SpeechService.transcribe sets it abandoned)
+        speech.release()
+
+    return _SpeechStream(events(), close)
+
+
+class _SpeechStream(StreamingResponse):
+    """A streamed transcript that calls `close` once when the response ends, however it ends: a stream
+    whose client left before its first byte never starts its body, so the body's own `finally` cannot be
+    what releases the admission."""
+
+    def __init__(self, events: AsyncIterator[bytes], close: Callable[[], None]) -> None:
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._close = close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._close()
+
+
+def _event(body: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
 
 
 def _usage(result: SpeechResult, audio_s: float, total_s: float) -> dict[str, Any]:

@@ -45,8 +45,20 @@ _ANSWERS = {
     "/v1/completions": ("application/json", "text/event-stream"),
     "/v1/responses": ("application/json", "text/event-stream"),
     "/v1/reflections": ("application/json", "text/event-stream"),
-    "/v1/audio/transcriptions": ("application/json", "text/plain", "text/vtt", "application/x-subrip"),
-    "/v1/audio/translations": ("application/json", "text/plain", "text/vtt", "application/x-subrip"),
+    "/v1/audio/transcriptions": (
+        "application/json",
+        "text/plain",
+        "text/vtt",
+        "application/x-subrip",
+        "text/event-stream",
+    ),
+    "/v1/audio/translations": (
+        "application/json",
+        "text/plain",
+        "text/vtt",
+        "application/x-subrip",
+        "text/event-stream",
+    ),
 }
 
 
@@ -82,6 +94,7 @@ def _speech_form() -> dict[str, Any]:
         "prompt": text,
         "response_format": {"type": "string", "enum": list(ResponseFormat.choices())},
         "temperature": {"type": "number", "minimum": 0, "maximum": 1},
+        "stream": {"type": "boolean", "description": "server-sent events: a delta per segment, then the text"},
     }
     for name in GRANULARITIES:
         properties[name] = {"type": "array", "items": {"type": "string", "enum": ["segment", "word"]}}

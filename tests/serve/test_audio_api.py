@@ -121,6 +121,28 @@ def test_json_is_the_transcribers_text_with_timings(client, beckett, reference):
     assert usage["total_time"] >= usage["transcribe_time"] >= usage["encode_time"]
 
 
+def test_a_streamed_transcript_is_its_segments_then_the_whole_text(client, speech, beckett, reference):
+    # stream=true was answered with plain JSON, so the openai client's stream yielded nothing
+    events = list(client.audio.transcriptions.create(model="whisper-1", file=("beckett.wav", beckett), stream=True))
+    deltas = [e.delta for e in events[:-1]]
+    assert [e.type for e in events] == ["transcript.text.delta"] * len(deltas) + ["transcript.text.done"]
+    assert len(deltas) == len(reference.segments) >= 1
+    assert "".join(deltas).strip() == events[-1].text == reference.text.strip()
+    assert events[-1].usage.seconds == pytest.approx(reference.duration, abs=1e-3)
+    assert speech.pending == 0  # the stream's end released its admission
+
+
+def test_segments_reach_the_callback_before_the_transcript_returns(transcriber, beckett):
+    samples = decode_audio(beckett).samples
+    long = np.concatenate([samples, np.zeros(16000, np.float32), samples, np.zeros(16000, np.float32), samples])
+    seen: list[tuple[int, bool]] = []
+    done = [False]
+    transcript = transcriber.transcribe(long, on_segment=lambda s: seen.append((s.id, done[0])))
+    done[0] = True
+    assert [i for i, _ in seen] == [s.id for s in transcript.segments] and len(seen) >= 3
+    assert not any(after for _, after in seen)
+
+
 @pytest.mark.parametrize("fmt", ["text", "srt", "vtt", "verbose_json"])
 def test_every_response_format_renders_the_same_transcript(client, beckett, reference, fmt):
     raw = client.audio.transcriptions.with_raw_response.create(
@@ -209,6 +231,8 @@ def _long_wav(seconds: int) -> bytes:
         ("language unknown", "beckett", {"language": "xx"}, 400, "language", "ISO-639-1"),
         ("bad response_format", "beckett", {"response_format": "csv"}, 400, "response_format", "verbose_json"),
         ("unknown model", "beckett", {"model": "gpt-4o-transcribe"}, 404, "model", "whisper-tiny.en"),
+        ("stream not a boolean", "beckett", {"stream": "yes"}, 400, "stream", "true or false"),
+        ("stream of srt", "beckett", {"stream": "true", "response_format": "srt"}, 400, "response_format", "streamed"),
         (
             "word timestamps",
             "beckett",

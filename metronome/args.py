@@ -13,7 +13,7 @@ time) are imported, so that adding flags costs a command nothing.
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, Sequence
 
 from metronome.agents.reflect import ReflectSettings
 from metronome.config import (
@@ -292,6 +292,25 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The EngineConfig fields the parsed flags set (`ctx`, `threads` None where the model or machine decides)."""
     return {dest: getattr(args, dest) for dest in ENGINE_FLAGS if hasattr(args, dest)}
+
+
+def engine_flags_set(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
+    """The engine flags among `names` (EngineConfig field names) that the parsed `args` set away from their
+    defaults: what a command that uses only some of them must refuse, or hand on to a child process."""
+    return {
+        dest: getattr(args, dest)
+        for dest in names
+        if hasattr(args, dest) and getattr(args, dest) != ENGINE_FLAGS[dest][1].get("default")
+    }
+
+
+def engine_argv(args: argparse.Namespace, names: Sequence[str]) -> list[str]:
+    """Those flags as `metronome serve` takes them on its command line (a server the bench starts gets what
+    the bench was given)."""
+    argv: list[str] = []
+    for dest, value in engine_flags_set(args, names).items():
+        argv += [ENGINE_FLAGS[dest][0], str(value)]
+    return argv
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:

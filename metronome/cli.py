@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -77,6 +78,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    from metronome.engine import RequestError
+
     params = sampling_params(args)
     engine = load_engine(args)
     if not engine.tokenizer.has_chat_template:
@@ -112,7 +115,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print("\n[interrupted]", file=sys.stderr)
         except ValueError as exc:  # e.g. the conversation outgrew the context
             messages.pop()
-            print(f"\nerror: {exc}", file=sys.stderr)
+            hint = "\n(/reset starts a new conversation)" if isinstance(exc, RequestError) else ""  # it will not shrink
+            print(f"\nerror: {exc}{hint}", file=sys.stderr)
             continue
         print()
         messages.append({"role": "assistant", "content": "".join(reply)})
@@ -167,7 +171,11 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     audio = decode_audio(path.read_bytes())  # AudioError (a ValueError) names what is wrong with the file
     with loading_progress(sys.stderr.isatty()) as say:
         say("loading the speech model")
-        transcriber = Transcriber.load(args.model)
+        try:
+            transcriber = Transcriber.load(args.model)
+        except FileNotFoundError as exc:  # the folder, or the package of a named model, is missing
+            print(f"metronome transcribe: --model: {exc}", file=sys.stderr)
+            return 2
     transcript = transcriber.transcribe(
         audio.samples,
         language=args.language,
@@ -333,6 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelFileError, PlanError, ChatTemplateError, ValueError) as exc:
         print(f"metronome: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader left (`| head`): stop quietly, as other command-line tools do
+        # stdout goes to /dev/null so that the interpreter's own flush at exit does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool the pipe ended
 
 
 if __name__ == "__main__":

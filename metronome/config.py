@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import enum
+import math
+import re
 from dataclasses import dataclass
 
 
@@ -223,12 +225,39 @@ class SamplingParams:
     prompt_logprobs: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.stop, str):  # one stop string, as OpenAI takes it (tuple() would split its letters)
+            object.__setattr__(self, "stop", (self.stop,))
         # a list given for a tuple field: stored as a tuple (the record stays hashable)
         for name in ("stop", "stop_token_ids"):
             if not isinstance(getattr(self, name), tuple):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
+        self._check_types()
         self.validate()
+
+    def _check_types(self) -> None:
+        """Each field of the kind it is declared: a top_k of 2.5 or a stop of 7 would otherwise fail inside
+        an engine step, beside other requests, rather than here naming the field."""
+
+        def integer(x: object) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        def number(x: object) -> bool:
+            return (isinstance(x, (int, float)) and not isinstance(x, bool)) and math.isfinite(x)
+
+        kinds = [(integer, "an integer", ("max_tokens", "top_k", "top_logprobs"))]
+        kinds.append((number, "a finite number", _FLOAT_FIELDS))
+        kinds.append((lambda x: isinstance(x, bool), "True or False", ("ignore_eos", "logprobs", "prompt_logprobs")))
+        for ok, kind, names in kinds:
+            for name in names:
+                if not ok(getattr(self, name)):
+                    raise ParamError(name, f"{name}={getattr(self, name)!r}: must be {kind}")
+        if self.seed is not None and not (integer(self.seed) and -(2**63) <= self.seed < 2**63):
+            raise ParamError("seed", f"seed={self.seed!r}: must be an integer in [-2**63, 2**63) or None")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise ParamError("stop", f"stop={self.stop!r}: stop strings must be non-empty strings")
+        if not all(integer(t) and t >= 0 for t in self.stop_token_ids):
+            raise ParamError("stop_token_ids", f"stop_token_ids={self.stop_token_ids!r}: must be token ids (>= 0)")
 
     def validate(self) -> None:
         """Raise ParamError naming the parameter if a value is out of range (also run when built)."""
@@ -260,6 +289,9 @@ class SamplingParams:
                 ("logit_bias", len({t for t, _ in self.logit_bias}) == len(self.logit_bias), "names a token twice"),
             ],
         )
+
+
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
 def _bias_pairs(value: object) -> tuple[tuple[int, float], ...]:
@@ -313,6 +345,11 @@ class EngineConfig:
         _check(
             self,
             [
+                (
+                    "device",
+                    isinstance(self.device, str) and re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
+                    "choose cpu, cuda or cuda:N",
+                ),
                 ("slots", self.slots >= 1, "need at least 1 request slot"),
                 ("ctx", self.ctx is None or self.ctx >= 16, "the context must hold at least 16 tokens"),
                 ("threads", self.threads is None or self.threads >= 1, "must be at least 1 (or None: every core)"),

@@ -174,6 +174,8 @@ def check_fits(engine: "Engine", task: str, settings: ReflectSettings, params: S
     """ParamError naming `rounds` when the loop could outgrow the context (checked before any turn runs)."""
     if not task.strip():
         raise ParamError("task", "task: empty; give the question or job to reflect on")
+    if params.max_tokens < 1:  # the HTTP route's own check (ge=1): a turn of no tokens has nothing to reflect on
+        raise ParamError("max_tokens", f"max_tokens={params.max_tokens}: a turn needs at least 1 token")
     if not engine.tokenizer.has_chat_template:
         raise ParamError("model", "reflection needs a chat model (this one has no chat template)")
     need, ctx = worst_case_tokens(engine, task, settings, params), engine.config.ctx

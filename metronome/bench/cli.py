@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from metronome.args import add_engine_args, engine_config
+from metronome.args import ENGINE_FLAGS, add_engine_args, engine_argv, engine_config, engine_flags_set
 from metronome.bench.workloads import PRESETS
 
 if TYPE_CHECKING:
@@ -151,7 +151,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # the engine's flags, as `metronome serve` has them: --threads is every started peer's thread count
     # (llama.cpp and transformers too), --spec-tokens and --draft go to the metronome peer and the in-process runs;
     # --slots, --prefill-chunk and --kv-cache to --load's engine and server
-    add_engine_args(parser, only=("threads", "spec_tokens", "draft", "slots", "prefill_chunk", "kv_cache"))
+    add_engine_args(parser, only=_ENGINE)
+
+
+_ENGINE = ("threads", "spec_tokens", "draft", "slots", "prefill_chunk", "kv_cache")  # the engine flags bench takes
+_SERVED = ("spec_tokens", "draft", "slots", "prefill_chunk", "kv_cache")  # handed to a metronome server it starts
+
+
+def _unused(args: argparse.Namespace, used: Sequence[str], mode: str) -> str | None:
+    """The error for engine flags set that `mode` would not use (refused rather than silently ignored)."""
+    unused = [ENGINE_FLAGS[d][0] for d in engine_flags_set(args, _ENGINE) if d not in used]
+    return (
+        f"{mode} does not use {', '.join(unused)}; leave {'it' if len(unused) == 1 else 'them'} out" if unused else None
+    )
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -243,7 +255,7 @@ def _start_targets(
             out_dir,
             args.startup_timeout,
             lambda line: console.print(line, markup=False),
-            args.spec_tokens,
+            engine_argv(args, _SERVED),
         )
     )
     return [asyncio.run(_target(p.peer.value, p.base_url, args.served_model, p.argv)) for p in started]
@@ -260,6 +272,11 @@ def run(args: argparse.Namespace) -> int:
     from metronome.bench.workloads import PromptBuilder, load_corpus
 
     console = Console(stderr=True)
+    if args.url is not None and not (args.decode_only or args.speculation):  # those two refuse --url themselves
+        refused = _unused(args, (), "--url (a server already running, with its own settings)")
+        if refused:
+            console.print(f"metronome bench: error: {refused}", markup=False)
+            return 2
     if args.decode_only:
         return _run_decode_only(args, console)
     if args.speculation:
@@ -283,6 +300,7 @@ def run(args: argparse.Namespace) -> int:
     if args.url is None and args.model is None:
         console.print("metronome bench: error: give --url URL or --model PATH (or --decode-only)", markup=False)
         return 2
+
     try:
         config, counter, out_dir = _plan(args)
     except ValueError as exc:
@@ -324,9 +342,19 @@ def _run_decode_only(args: argparse.Namespace, console) -> int:
     if args.url is not None:
         console.print("metronome bench: error: --decode-only runs in process: use --model, not --url", markup=False)
         return 2
+    # its plan has max(--live) slots and decodes plainly (--speculation measures drafting)
+    refused = _unused(args, ("threads", "kv_cache"), "--decode-only")
+    if refused:
+        console.print(f"metronome bench: error: {refused}", markup=False)
+        return 2
     try:
         results = measure_decode(
-            args.model, _threads(args), tokens=args.output_tokens or 128, runs=args.rounds, live=args.live
+            args.model,
+            _threads(args),
+            tokens=args.output_tokens or 128,
+            runs=args.rounds,
+            live=args.live,
+            kv_cache=args.kv_cache,
         )
     except ValueError as exc:
         console.print(f"metronome bench: error: {exc}", markup=False)
@@ -341,6 +369,10 @@ def _run_speculation(args: argparse.Namespace, console) -> int:
     if args.url is not None:
         console.print("metronome bench: error: --speculation runs in process: use --model, not --url", markup=False)
         return 2
+    refused = _unused(args, ("threads", "spec_tokens", "draft", "kv_cache"), "--speculation (one slot)")
+    if refused:
+        console.print(f"metronome bench: error: {refused}", markup=False)
+        return 2
     k = args.spec_tokens
     try:
         results = measure_speculation(
@@ -350,6 +382,7 @@ def _run_speculation(args: argparse.Namespace, console) -> int:
             runs=args.rounds,
             spec_tokens=k,
             draft=args.draft,
+            kv_cache=args.kv_cache,
         )
     except ValueError as exc:
         console.print(f"metronome bench: error: {exc}", markup=False)
@@ -390,6 +423,7 @@ def _run_voice(args: argparse.Namespace, console) -> int:
                     out_dir,
                     args.startup_timeout,
                     lambda line: console.print(line, markup=False),
+                    engine_argv(args, _SERVED),
                 )
                 base_url = stack.enter_context(peers)[0].base_url
             levels = measure_voice(
@@ -435,9 +469,7 @@ def _run_soak(args: argparse.Namespace, console) -> int:
                     argv += ["--ctx", "256"]
                 if args.model is not None:
                     argv += ["--model", str(args.model)]
-                for flag, value in (("--threads", args.threads), ("--spec-tokens", args.spec_tokens)):
-                    if value is not None:
-                        argv += [flag, str(value)]
+                argv += engine_argv(args, _ENGINE)
                 out_dir.mkdir(parents=True, exist_ok=True)
                 log_path = out_dir / "soak-server.log"
                 log = stack.enter_context(open(log_path, "w", encoding="utf-8"))

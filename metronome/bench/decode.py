@@ -92,6 +92,7 @@ def measure_decode(
     ctx: int = 1024,
     weights: str = "auto",
     live: tuple[int, ...] = (1,),
+    kv_cache: str = "auto",
 ) -> tuple[DecodeResult, ...]:
     """At each number of `live` slots, decode `tokens` tokens for that many copies of one prompt together,
     `runs` times, on one plan of max(live) slots; the machine's read bandwidth just before each run."""
@@ -108,10 +109,15 @@ def measure_decode(
     # plain decoding (speculation off): the step the bound is about; `--speculation` measures drafting
     engine = Engine.from_model(
         None if model is None else str(model),
-        EngineConfig(slots=max(live), ctx=ctx, weights=weights, threads=threads, spec_tokens=0),
+        EngineConfig(slots=max(live), ctx=ctx, weights=weights, threads=threads, spec_tokens=0, kv_cache=kv_cache),
         calibrate=True,
     )
     prompt = engine.encode_prompt("Write a long story about a lighthouse keeper and the sea.", chat=False)
+    if len(prompt) + tokens > ctx:  # said in bench's terms (the engine's refusal would name --ctx, not a bench flag)
+        raise ValueError(
+            f"--output-tokens {tokens}: with its {len(prompt)}-token prompt the decode bench's {ctx}-token plan "
+            f"holds at most {ctx - len(prompt)}"
+        )
     params = SamplingParams(max_tokens=tokens, ignore_eos=True)
     report = engine.plan.report
     results = []
@@ -257,6 +263,7 @@ def measure_speculation(
     ctx: int = 1024,
     spec_tokens: int = 4,
     draft: str | None = None,
+    kv_cache: str = "auto",
     workloads: tuple[tuple[str, str, bool], ...] = SPEC_WORKLOADS,
     engines: dict | None = None,
 ) -> list[SpecResult]:
@@ -277,7 +284,9 @@ def measure_speculation(
         loaded = load(None if model is None else str(model))
         engines = {
             k: Engine.from_model(
-                config=EngineConfig(slots=1, ctx=ctx, threads=threads, spec_tokens=k, draft=draft if k else None),
+                config=EngineConfig(
+                    slots=1, ctx=ctx, threads=threads, spec_tokens=k, draft=draft if k else None, kv_cache=kv_cache
+                ),
                 loaded=loaded,
             )
             for k in (0, spec_tokens)

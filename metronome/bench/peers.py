@@ -81,16 +81,20 @@ def context_for(workload: Workload) -> int:
 
 
 def launch_spec(
-    peer: Peer, model: Path, port: int, threads: int, hf_dtype: str, context: int, spec_tokens: int | None = None
+    peer: Peer,
+    model: Path,
+    port: int,
+    threads: int,
+    hf_dtype: str,
+    context: int,
+    metronome_flags: Sequence[str] = (),
 ) -> PeerLaunch:
-    """The command line of `peer` serving `model` on 127.0.0.1:`port` (`spec_tokens`: metronome's
-    speculative decoding setting; None keeps the server's default)."""
+    """The command line of `peer` serving `model` on 127.0.0.1:`port` (`metronome_flags`: more engine flags
+    for metronome's server, as the bench was given them: args.engine_argv)."""
     host = ["--host", "127.0.0.1", "--port", str(port)]
     match peer:
         case Peer.METRONOME:
-            options = ["--threads", str(threads), "--ctx", str(context)]
-            if spec_tokens is not None:
-                options += ["--spec-tokens", str(spec_tokens)]
+            options = ["--threads", str(threads), "--ctx", str(context), *metronome_flags]
             argv = [*_metronome_command(), "serve", "--model", str(model), *options, *host]
             ready = "/health"
         case Peer.LLAMA_CPP:
@@ -204,7 +208,7 @@ def running_peers(
     log_dir: Path,
     startup_timeout_s: float,
     notify: Callable[[str], None],
-    spec_tokens: int | None = None,
+    metronome_flags: Sequence[str] = (),
 ) -> Iterator[list[RunningPeer]]:
     """Start `peers` one after another on free loopback ports; stop them all on exit."""
     for peer in peers:
@@ -216,7 +220,7 @@ def running_peers(
     with contextlib.ExitStack() as stack:
         started: list[RunningPeer] = []
         for peer in peers:
-            launch = launch_spec(peer, model, free_port(), threads, hf_dtype, context, spec_tokens)
+            launch = launch_spec(peer, model, free_port(), threads, hf_dtype, context, metronome_flags)
             log_path = log_dir / f"peer-{peer.value}.log"
             log = stack.enter_context(open(log_path, "w", encoding="utf-8"))
             notify(f"starting {peer.value}: {' '.join(launch.argv)}")

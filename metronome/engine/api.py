@@ -34,6 +34,8 @@ class PythonAPI:
         self: "Engine", prompt: Prompt, params: SamplingParams | None = None, chat: bool = True
     ) -> Iterator[Delta]:
         """Generate for one prompt, yielding a Delta per token (text may be '' while bytes are pending)."""
+        if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], str):
+            raise ValueError("stream takes one prompt (text, a message list or token ids); generate runs many")
         ids = prompt if _is_ids(prompt) else self.encode_prompt(prompt, chat)
         events: "queue.Queue[Delta]" = queue.Queue()
         req = self.submit(ids, params or SamplingParams(), events.put)
@@ -64,6 +66,8 @@ class PythonAPI:
             or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
         )
         batch = [prompts] if single else list(prompts)
+        if not batch:
+            return []
         encoded = [p if _is_ids(p) else self.encode_prompt(p, chat) for p in batch]
         done = threading.Event()
         remaining = [len(encoded)]
@@ -74,13 +78,21 @@ class PythonAPI:
                 if remaining[0] == 0:
                     done.set()
 
-        reqs = [self.submit(ids, params or SamplingParams(), on_event) for ids in encoded]
-        while not done.is_set():
-            if self.running:
-                if not done.wait(WAIT_SLICE_S):
-                    self.check_alive()
-            else:
-                self.step()
+        reqs: list[Request] = []
+        try:
+            for ids in encoded:
+                reqs.append(self.submit(ids, params or SamplingParams(), on_event))
+            while not done.is_set():
+                if self.running:
+                    if not done.wait(WAIT_SLICE_S):
+                        self.check_alive()
+                else:
+                    self.step()
+        except BaseException:  # a refused prompt, a failed step, Ctrl-C: nothing of this call runs on unseen
+            for r in reqs:
+                if r.finish_reason is None:
+                    self.cancel(r)
+            raise
         out = [_completion(r) for r in reqs]
         return out[0] if single else out
 

@@ -215,6 +215,12 @@ class Engine(PythonAPI):
         if not prompt:
             raise RequestError("the prompt is empty: send at least one token of text", param="prompt")
         vocab = self.plan.cfg.vocab_size
+        bad = next((t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:  # caught here, not in a step, where it would fail every request beside it
+            raise RequestError(f"prompt token {bad!r} is not a token id in [0, {vocab})", param="prompt")
+        outside = next((t for t in params.stop_token_ids if t >= vocab), None)
+        if outside is not None:
+            raise RequestError(f"stop_token_ids names {outside}, outside the vocabulary [0, {vocab})", "stop_token_ids")
         outside = next((t for t, _ in params.logit_bias if t >= vocab), None)
         if outside is not None:
             raise RequestError(f"logit_bias names token {outside}, outside the vocabulary [0, {vocab})", "logit_bias")
@@ -227,7 +233,7 @@ class Engine(PythonAPI):
         if len(prompt) + params.max_tokens > ctx:
             raise RequestError(
                 f"the prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) exceeds the context "
-                f"of {ctx} tokens; shorten the prompt or lower max_tokens (or serve with a larger --ctx)",
+                f"of {ctx} tokens; shorten the prompt or lower max_tokens (or use a larger ctx: --ctx)",
                 param="max_tokens" if len(prompt) < ctx else "messages",
             )
         req = Request(
@@ -344,8 +350,15 @@ class Engine(PythonAPI):
 
     def step(self) -> int:
         """One step of the score: schedule -> run plan -> sample -> emit. Returns the rows the plan ran.
-        Every event of the step has reached its callback when this returns."""
-        ran = self._step()
+        Every event of the step has reached its callback when this returns. A step that raises ends the
+        requests it ran with "error" (their slots free, as the engine's own thread does) and re-raises:
+        left in their slots, every later step would have failed on them."""
+        try:
+            ran = self._step()
+        except Exception as exc:
+            self._fail_running(exc)
+            self._send_events()
+            raise
         self._send_events()
         return ran
 

@@ -153,6 +153,11 @@ def _plan(args: argparse.Namespace, out) -> int:
         raise ValueError(f"--tokens-per-s={args.tokens_per_s} must be positive")
     if args.chips is not None and args.chips < 1:
         raise ValueError(f"--chips={args.chips} must be at least 1")
+    for flag, bits in (("--weight-bits", args.weight_bits), ("--gpu-weight-bits", args.gpu_weight_bits)):
+        if bits is not None and not 1 <= bits <= 32:  # 0 was taken as "the default" and 64 fit no chip, unsaid
+            raise ValueError(f"{flag}={bits} must be 1 to 32 (or left out: the chip's own)")
+    if args.trace_svg is not None and args.trace is None:
+        raise ValueError("--trace-svg draws the --trace schedule: give --trace OUT.json too")
     shape = load_shape(args.model)
     catalog = load_hardware()
     if THIS_MACHINE in (args.target or []):
@@ -181,6 +186,10 @@ def _plan(args: argparse.Namespace, out) -> int:
     for kind in Kind:
         mine = [c for c in cands if c.kind is kind]
         if not mine:
+            print(
+                f"{kind.value:<30} no configuration of the targets holds the model (see --chips, --weight-bits)",
+                file=out,
+            )
             continue
         c = best[kind]
         if c is None:
@@ -192,6 +201,10 @@ def _plan(args: argparse.Namespace, out) -> int:
     if winners:
         w = min(winners, key=lambda c: c.cost_per_mtok)
         print(f"winner: {w.kind.value} at ${w.cost_per_mtok:,.4f} per million output tokens", file=out)
+    elif cands:
+        print(f"no configuration reaches {args.tokens_per_s:g} tok/s per user: lower --tokens-per-s", file=out)
+    else:
+        print("no target holds the model: name larger or more hardware (--target, --chips)", file=out)
     title = f"{shape.name}: prompt {workload.prompt}, output {workload.output}"
     if args.plot:
         plot_frontier(cands, args.plot, title)

@@ -28,7 +28,9 @@ class Workload:
 
     def __post_init__(self) -> None:
         if self.prompt < 0 or self.output < 1:
-            raise ValueError(f"--prompt={self.prompt} must be >= 0 and --output={self.output} >= 1")
+            raise ValueError(
+                f"--prompt {self.prompt}, --output {self.output}: the prompt must be >= 0 tokens and the output >= 1"
+            )
 
     @property
     def context(self) -> int:

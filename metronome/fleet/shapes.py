@@ -307,13 +307,21 @@ def _hf_shape(path: Path) -> ModelShape:
 
 
 def load_shape(spec: str) -> ModelShape:
-    """A built-in name (e.g. "llama-2-70b"), a .gguf file, or an HF folder / config.json."""
+    """A built-in name (e.g. "llama-2-70b"), a registered model's name (`metronome models`: its file, assembled
+    from its packages if need be), a .gguf file, or an HF folder / config.json."""
+    from metronome.model.registry import names, resolve
+
     shapes = builtin_shapes()
     if spec.lower() in shapes:
         return shapes[spec.lower()]
     path = Path(spec)
+    if not path.exists() and spec in names():
+        path = resolve(spec)  # a ModelNotFoundError (a ValueError) says how to install it
     if not path.exists():
-        raise ValueError(f"MODEL {spec!r} is neither a built-in name ({', '.join(shapes)}) nor an existing path")
+        raise ValueError(
+            f"MODEL {spec!r} is neither a built-in name ({', '.join(shapes)}), a registered model "
+            f"({', '.join(names())}) nor an existing path"
+        )
     if path.suffix == ".gguf":
         shape = _gguf_shape(path)
     else:

@@ -152,6 +152,14 @@ def run(args: argparse.Namespace) -> int:
     from metronome.serve.audio import SpeechService
     from metronome.serve.server import create_app
 
+    if not 0 <= args.port <= 65535:
+        print(f"metronome serve: --port {args.port}: a port is 0-65535 (0: any free one)", file=sys.stderr)
+        return 2
+    if args.max_queue is not None and args.max_queue < 0:
+        print(
+            f"metronome serve: --max-queue {args.max_queue}: must be 0 or more (or left out: no limit)", file=sys.stderr
+        )
+        return 2
     try:
         settings = settings_from(args)
         engine_config(args)  # the engine flags, checked before the port opens (the model's context: once it loads)

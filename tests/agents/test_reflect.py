@@ -157,6 +157,9 @@ def test_a_loop_that_cannot_fit_the_context_is_refused_before_it_runs(tiny_engin
     with pytest.raises(ParamError) as info:
         next(reflect(tiny_engine, "   ", ReflectSettings(rounds=1), SamplingParams(max_tokens=8)))
     assert info.value.param == "task"
+    with pytest.raises(ParamError) as info:  # as POST /v1/reflections refuses it (it ran three empty turns)
+        next(reflect(tiny_engine, "the cat", ReflectSettings(rounds=1), SamplingParams(max_tokens=0)))
+    assert info.value.param == "max_tokens"
     assert tiny_engine.steps == 0  # nothing ran
 
 

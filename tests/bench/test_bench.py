@@ -389,6 +389,30 @@ def test_peer_names_commands_and_llama_cpp_absence(monkeypatch: pytest.MonkeyPat
         peers.check_available(peers.Peer.LLAMA_CPP)
 
 
+def test_engine_flags_reach_the_server_it_starts_and_unused_ones_are_refused(capsys) -> None:
+    """bench's engine flags went nowhere in some modes (--slots and --kv-cache with --decode-only, every one
+    but --spec-tokens for a metronome peer): a server it starts gets those set, and a mode refuses the ones
+    it would not use."""
+    import argparse
+
+    from metronome.args import engine_argv
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--slots", "3", "--kv-cache", "int8", "--prefill-chunk", "16", "--threads", "2"])
+    flags = engine_argv(args, ("spec_tokens", "draft", "slots", "prefill_chunk", "kv_cache"))
+    assert flags == ["--slots", "3", "--prefill-chunk", "16", "--kv-cache", "int8"]  # defaults are left out
+    spec = peers.launch_spec(peers.Peer.METRONOME, Path("m.gguf"), 1234, 2, "float32", 512, flags)
+    assert spec.argv[spec.argv.index("--slots") + 1] == "3" and spec.argv[spec.argv.index("--kv-cache") + 1] == "int8"
+    for argv, words in (
+        (["--decode-only", "--slots", "3"], "--decode-only does not use --slots"),
+        (["--speculation", "--prefill-chunk", "8"], "does not use --prefill-chunk"),
+        (["--url", "http://127.0.0.1:9", "--slots", "2", "--kv-cache", "int8"], "does not use --slots, --kv-cache"),
+    ):
+        assert cli.main(argv) == 2
+        assert words in capsys.readouterr().err
+
+
 # --- the transformers baseline server ----------------------------------------------------------
 
 

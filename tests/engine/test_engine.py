@@ -336,6 +336,37 @@ def test_requests_that_cannot_fit_are_refused_up_front(smollm_engine):
     assert engine.scheduler.idle
 
 
+def test_bad_input_is_refused_when_given_and_a_failed_step_frees_its_slots(tiny_hf):
+    """The Python API checks what the server checks: a token id outside the vocabulary and a mistyped
+    sampling field are refused when given, naming it. Before, they failed inside a step and stayed in
+    their slots, so every later call failed too. A step that fails anyway ends its requests and the next
+    call works; generate([]) returns [] (it waited forever)."""
+    from metronome.model.loader import load
+
+    engine = Engine.from_model(config=EngineConfig(slots=2, ctx=128), loaded=load(tiny_hf("llama")))
+    vocab = engine.plan.cfg.vocab_size
+    with pytest.raises(RequestError, match="not a token id") as err:
+        engine.generate([5, vocab], SamplingParams(max_tokens=2))
+    assert err.value.param == "prompt"
+    for bad in (dict(top_k=2.5), dict(seed=2**64), dict(stop=("",)), dict(max_tokens=True), dict(top_p="0.5")):
+        with pytest.raises(ParamError) as err:
+            SamplingParams(**bad)
+        assert err.value.param == next(iter(bad))
+    assert SamplingParams(stop="the end").stop == ("the end",)  # one stop string, not its letters
+    good = engine.generate([5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True))
+    real = engine.plan.decode
+    engine.plan.decode = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("simulated kernel failure"))
+    with pytest.raises(RuntimeError, match="simulated"):
+        engine.generate([[5, 6, 7], [8, 9]], SamplingParams(max_tokens=3, ignore_eos=True))
+    engine.plan.decode = real
+    assert engine.scheduler.idle  # the failed step's requests left their slots
+    again = engine.generate([5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True))
+    assert again.token_ids == good.token_ids and again.finish_reason == "length"
+    assert engine.generate([]) == []
+    with pytest.raises(ValueError, match="one prompt"):
+        next(engine.stream(["a", "b"]))
+
+
 def test_max_tokens_stop_strings_and_stop_ids(smollm_engine):
     engine = smollm_engine
     base = engine.generate("Count from 1 to 20, separated by commas.", SamplingParams(max_tokens=40))

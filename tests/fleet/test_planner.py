@@ -117,6 +117,12 @@ def test_moe_batch_touches_more_experts():
     assert mix.mlp_params_active(1) < mix.mlp_params_active(4) < mix.mlp_params_active(64) <= mix.mlp_params_total()
 
 
+def test_a_registered_models_name_is_its_file(gemma_path):
+    # `metronome models`' names work in plan mode as in --calibrate (they were "neither a built-in name ...")
+    by_name, by_file = load_shape("gemma3-270m").config, load_shape(str(gemma_path)).config
+    assert by_name == by_file and by_name.num_layers == 18
+
+
 def test_gguf_metadata_gives_the_shipped_model_shape():
     shape = load_shape(str(SMOLLM_GGUF))
     ref = SHAPES["smollm2-135m"].config
@@ -585,7 +591,17 @@ def test_cli_errors_are_actionable(capsys):
     assert "write it as HW=USD" in capsys.readouterr().err
     assert _run_cli(["llama-2-7b"]) == 2
     assert _run_cli(["smollm2-135m", "--tokens-per-s", "1e9", "--target", "tsp-v1"]) == 1
-    assert "none reaches" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "none reaches" in out and "no configuration reaches" in out
+    # what used to pass unsaid: a kind that holds no configuration (no line), --weight-bits 0 (the default),
+    # --trace-svg without --trace (nothing written)
+    assert _run_cli(["llama-2-70b", "--tokens-per-s", "100", "--target", "tsp-v1", "--chips", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "lpu " in out and "no configuration of the targets holds the model" in out and "no target holds" in out
+    assert _run_cli(["llama-2-7b", "--tokens-per-s", "100", "--weight-bits", "0"]) == 2
+    assert "--weight-bits=0 must be 1 to 32" in capsys.readouterr().err
+    assert _run_cli(["llama-2-7b", "--tokens-per-s", "100", "--trace-svg", "t.svg"]) == 2
+    assert "give --trace" in capsys.readouterr().err
 
 
 def test_cli_validate_and_module_entry_point():

@@ -371,6 +371,8 @@ def test_metronome_transcribe_refuses_a_bad_file(tmp_path, capsys):
     bad.write_text("not a recording " * 30)
     assert main(["transcribe", str(bad)]) == 2
     assert "not audio" in capsys.readouterr().err
+    assert main(["transcribe", str(_beckett_path()), "--model", str(tmp_path)]) == 2  # a traceback before
+    assert "--model: model path" in capsys.readouterr().err
 
 
 def test_serve_refuses_a_missing_speech_model_folder(tmp_path, capsys):

@@ -118,6 +118,16 @@ def test_errors_are_one_line_for_people(tmp_path):
     assert out.returncode == 2 and "not a GGUF file" in out.stderr and "Traceback" not in out.stderr
     out = _metronome("generate", "hi", "--ctx", "99999")
     assert out.returncode == 2 and "ctx=99999" in out.stderr and "Traceback" not in out.stderr
+    # each of these was a traceback (or, for --stop '', an empty answer and exit 0)
+    for args, words in (
+        (("generate", "hi", "--device", "tpu"), "check --device"),
+        (("generate", "hi", "--seed", str(2**64)), "check --seed"),
+        (("generate", "hi", "--stop", ""), "check --stop"),
+        (("serve", "--port", "99999"), "--port 99999"),
+        (("serve", "--max-queue", "-1"), "--max-queue -1"),
+    ):
+        out = _metronome(*args, timeout=120)
+        assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
 
 
 def test_the_ready_line_gives_a_tiny_cache_its_size_not_zero():

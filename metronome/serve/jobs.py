@@ -67,6 +67,7 @@ class JobSpec:
     grammar: Grammar | None = None  # what every choice's output is constrained to (tool calls, response_format)
     tool_calls: bool = False  # the grammar is a tool grammar: a repeated call ends the answer (tools.RepeatGuard)
     loose_calls: LooseCalls | None = None  # what the answer's loose calls may be (tools.LooseCalls)
+    shaped_text: bool = False  # the tool grammar's text is response_format's JSON: no stop string cuts it
 
 
 @dataclass
@@ -169,7 +170,9 @@ class Job:
         constraint = self.grammars.constraint(self.spec.grammar)
         if not self.spec.tool_calls:
             return constraint
-        return RepeatGuard(constraint, self.engine.tokenizer, self.spec.loose_calls)
+        return RepeatGuard(
+            constraint, self.engine.tokenizer, self.spec.loose_calls, free_text=not self.spec.shaped_text
+        )
 
     def _deliver(self, index: int) -> Callable[[Delta], None]:
         """The engine-thread callback of choice `index`: stamp the event and hand it to the loop."""

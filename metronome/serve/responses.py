@@ -114,10 +114,18 @@ class ResponseShape:
     # -- stream chunks ---------------------------------------------------------------------------
 
     def role_chunk(self, index: int) -> Body:
-        """Chat streams open each choice with the assistant role."""
+        """Chat streams open each choice with the assistant role. With tools its content is null, as OpenAI
+        sends it: an answer that is only calls then accumulates (the openai client's stream helper) to the
+        whole answer's null content, not ""."""
         body = self._start(chunk=True)
+        content = None if self.tools else ""
         body["choices"] = [
-            {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            {
+                "index": index,
+                "delta": {"role": "assistant", "content": content},
+                "logprobs": None,
+                "finish_reason": None,
+            }
         ]
         return body
 

@@ -181,9 +181,11 @@ def _status(finish_reason: str | None) -> str:
 
 @dataclass
 class Output:
-    """The output items of one generation, built as its text arrives: an assistant message (the text
-    before any call), then one function_call item per call. Each event it takes becomes the stream's
-    events, with their output and content indexes; `items()` is the whole output."""
+    """The output items of one generation, built as its text arrives, in the order it was written: an
+    assistant message for the text before any call, one function_call item per call, and a message after
+    them for text that follows loose calls (Qwen2.5-Coder's own shape: the call, then a word on it). Each
+    event it takes becomes the stream's events, with their output and content indexes; `items()` is the
+    whole output."""
 
     tools: bool  # parse the text into content and calls (serve/tools.py), else it is all content
     loose_calls: LooseCalls | None = None  # what the answer's loose calls may be (serve/tools.py)

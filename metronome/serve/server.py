@@ -40,7 +40,7 @@ from metronome.serve.prometheus import CONTENT_TYPE, ApiRequest, ServerMetrics
 from metronome.serve.reflect import REFLECTIONS, add_reflect_routes
 from metronome.serve.responses import ResponseHead, ResponseShape
 from metronome.serve.responses_api import RESPONSES, add_responses_routes
-from metronome.serve.schemas import ChatBody, CompletionBody, SamplingBody, error_message, error_param
+from metronome.serve.schemas import ChatBody, CompletionBody, ResponseFormat, SamplingBody, error_message, error_param
 from metronome.serve.schemas import Message as ChatMessage
 from metronome.serve.settings import ServerSettings
 from metronome.serve.tools import (
@@ -253,13 +253,15 @@ class ChatPrompt:
         return self.grammar is not None and self.tools is not None and self.tools.constrained
 
     answered: frozenset[tuple[str, str]] = frozenset()  # the history's tool calls: (name, compact arguments)
+    shaped: bool = False  # the answer's text is response_format's JSON (beside tool_choice auto)
 
     @property
     def loose_calls(self) -> LooseCalls | None:
-        """What the answer's loose calls (fenced or bare call objects, serve/tools.py) may be."""
-        if not self.tool_calls or self.tools is None or not self.tools.loose:
+        """What the answer's loose calls (fenced or bare call objects, serve/tools.py) may be: none where
+        the text is response_format's JSON (an object of the schema is the answer, not a call)."""
+        if not self.tool_calls or self.tools is None or not self.tools.loose or self.shaped:
             return None
-        return LooseCalls(self.tools.loose, self.answered)
+        return LooseCalls(self.tools.loose, self.answered, self.tools.parallel)
 
 
 def _chat_request(body: ChatBody, served: Served) -> ChatPrompt:
@@ -274,17 +276,17 @@ def _chat_request(body: ChatBody, served: Served) -> ChatPrompt:
             body.parallel_tool_calls,
             served.grammars,
         )
-        if calling is not None and calling.constrained:
-            if body.response_format is not None and body.response_format.type != "text":
-                raise ToolError(
-                    "response_format cannot be combined with tool calls: send tool_choice 'none' to get "
-                    "formatted text, or leave response_format out",
-                    "response_format",
-                )
+        # response_format beside tools (an agent with tools and an output type): with auto, the answer is that
+        # JSON or calls; required or named, this turn's answer is calls and the format shapes a later one
+        fmt = body.response_format if calling is not None and calling.constrained else None
+        answer = None
+        if fmt is not None and fmt.type != "text" and calling is not None and calling.mode == "auto":
+            format_grammar(body, served)  # the schema's own refusals, naming response_format (ApiError)
+            answer = answer_schema(fmt)
         messages, tools = template_messages(
             [m.as_template_message() for m in body.messages], calling, tok.template_reads_tools
         )
-        grammar = tool_grammar(calling, served.grammars) if calling is not None and served.grammars else None
+        grammar = tool_grammar(calling, served.grammars, answer) if calling is not None and served.grammars else None
     except ToolError as exc:
         raise ApiError(400, str(exc), param=exc.param) from None
     try:
@@ -294,7 +296,7 @@ def _chat_request(body: ChatBody, served: Served) -> ChatPrompt:
     if grammar is None:
         grammar = format_grammar(body, served)
     answered = _answered(body.messages) if calling is not None and calling.mode == "auto" else frozenset()
-    return ChatPrompt(ids, calling, grammar, answered)
+    return ChatPrompt(ids, calling, grammar, answered, shaped=answer is not None)
 
 
 def _answered(messages: Sequence[ChatMessage]) -> frozenset[tuple[str, str]]:
@@ -308,6 +310,14 @@ def _answered(messages: Sequence[ChatMessage]) -> frozenset[tuple[str, str]]:
             except json.JSONDecodeError:
                 continue
     return frozenset(out)
+
+
+def answer_schema(fmt: ResponseFormat) -> dict[str, Any]:
+    """The JSON schema response_format asks of an answer (json_object: any object), closed as format_grammar
+    closes it."""
+    if fmt.type == "json_schema" and fmt.json_schema is not None:
+        return closed(fmt.json_schema.schema_)
+    return {"type": "object"}
 
 
 def format_grammar(body: SamplingBody, served: Served) -> Grammar | None:
@@ -626,7 +636,15 @@ def create_app(
             top = body.top_logprobs or 0
             params = _sampling(body, [chat.ids], served, "messages", body.logprobs, top)
             loose = chat.loose_calls
-            spec = JobSpec((chat.ids,), params, body.n, chat.grammar, tool_calls=chat.tool_calls, loose_calls=loose)
+            spec = JobSpec(
+                (chat.ids,),
+                params,
+                body.n,
+                chat.grammar,
+                tool_calls=chat.tool_calls,
+                loose_calls=loose,
+                shaped_text=chat.shaped,
+            )
             job = _submit(state, served, spec, account)
             shape = ResponseShape(
                 _head(served, "chatcmpl"),

@@ -247,13 +247,15 @@ def _marker(grammars: Grammars, text: str) -> str:
     return json.dumps(text)
 
 
-def tool_grammar(calling: ToolCalling, grammars: Grammars) -> Grammar | None:
+def tool_grammar(calling: ToolCalling, grammars: Grammars, answer: dict[str, Any] | None = None) -> Grammar | None:
     """The grammar of what the model may answer (None for tool_choice "none": no constraint).
 
     required / a named function: one call (or, with parallel calls, one or more separated by newlines),
     then the end. auto: free text (never containing `<tool_call>`) or calls; where the tags are special
-    tokens, text may also come before the calls. Each call is `<tool_call>\\n` + the call object of one
-    allowed function (compact JSON, its arguments under the function's schema) + `\\n</tool_call>`."""
+    tokens, text may also come before the calls; with `answer` (response_format's schema beside the tools,
+    as an agent with tools and an output type sends), that JSON or calls. Each call is `<tool_call>\\n` +
+    the call object of one allowed function (compact JSON, its arguments under the function's schema) +
+    `\\n</tool_call>`."""
     if not calling.constrained:
         return None
     open_, close = _marker(grammars, OPEN), _marker(grammars, CLOSE)
@@ -262,7 +264,10 @@ def tool_grammar(calling: ToolCalling, grammars: Grammars) -> Grammar | None:
     lines.append("fn: " + " | ".join(f"fn{i}" for i in range(len(calling.allowed))))
     lines.append(f'call: {open_} "\\n" fn "\\n" {close}')
     lines.append('calls: call ("\\n" call)*' if calling.parallel else "calls: call")
-    if calling.mode == "auto":
+    if calling.mode == "auto" and answer is not None:  # a JSON answer starts with "{", a call with its tag
+        lines.append(f"answer: %json {json.dumps(_with_options(answer))}")
+        lines.append("start: answer | calls")
+    elif calling.mode == "auto":
         special = open_.startswith("<[")
         lines.append("start: TEXT | TEXT? calls" if special else "start: TEXT | calls")
         lines.append(r"TEXT: /(.|\n)+/ & ~/(.|\n)*<tool_call>(.|\n)*/")
@@ -415,7 +420,9 @@ class ArgumentsDelta:
 
 @dataclass(frozen=True)
 class CallRepeated:
-    """A call equal to an earlier one of the same answer (same name, same arguments): dropped."""
+    """A call the answer may not add: equal to an earlier one of the same answer (same name, same arguments),
+    or a second loose call where parallel calls are off (the grammar holds tagged calls to one). Dropped, and
+    RepeatGuard ends the answer there."""
 
     name: str
     arguments: str
@@ -445,6 +452,7 @@ class LooseCalls:
 
     schemas: Mapping[str, Any]  # function name -> its parameters' schema (objects closed)
     answered: frozenset[tuple[str, str]] = frozenset()  # (name, compact arguments) of the history's calls
+    parallel: bool = True  # False (parallel_tool_calls false): one call, as the grammar allows one tagged call
 
     @staticmethod
     def compact(arguments: Any) -> str:
@@ -599,7 +607,9 @@ class ToolCallParser:
         try:
             call, end = json.JSONDecoder().raw_decode(self._buffer, start)
         except json.JSONDecodeError:
-            if final:
+            if final and self.calls:  # a later call cut off by max_tokens: left out, as a tagged one is
+                self._buffer, self._state = "", "loose_between"
+            elif final:
                 self._as_text()
             return  # not complete yet
         if fenced:
@@ -614,7 +624,8 @@ class ToolCallParser:
             return
         name, arguments = call["name"], LooseCalls.compact(call["arguments"])
         self._buffer, self._state = self._buffer[end:], "loose_between"
-        if any(c.name == name and c.arguments == arguments for c in self.calls):
+        repeat = any(c.name == name and c.arguments == arguments for c in self.calls)
+        if repeat or (self.calls and not self.loose.parallel):
             events.append(CallRepeated(name, arguments))
             return
         done = ToolCall(len(self.calls), new_call_id(), name, arguments)
@@ -660,8 +671,11 @@ class RepeatGuard:
     the parser drops), only the end-of-sequence token is allowed: the grammar allows it there (after a
     call the answer may end), so the output stays in the grammar and the finish reason is "tool_calls"."""
 
-    def __init__(self, inner: Constraint, tokenizer: Tokenizer, loose: LooseCalls | None = None) -> None:
+    def __init__(
+        self, inner: Constraint, tokenizer: Tokenizer, loose: LooseCalls | None = None, free_text: bool = True
+    ) -> None:
         self.inner = inner
+        self.free_text = free_text  # False: the answer's text is response_format's JSON (tool_grammar's answer)
         self.decoder = tokenizer.stream_decoder()
         self.parser = ToolCallParser(loose)
         self.eos = torch.tensor(sorted(tokenizer.eos_ids), dtype=torch.long)
@@ -685,4 +699,4 @@ class RepeatGuard:
 
     def stops_apply(self) -> bool:
         """In the answer's free text, until a call (tagged, or what may be a loose one) begins."""
-        return self.parser.in_text
+        return self.free_text and self.parser.in_text

@@ -47,10 +47,9 @@ def _model(url: str):
     return OpenAIResponsesModel(model="metronome", openai_client=client)
 
 
-def test_an_agent_calls_its_function_tool_and_answers(url):
-    from agents import Agent, ModelSettings, Runner, function_tool
-
-    calls: list[dict] = []
+def _temperature_tool(calls: list[dict]):
+    """The weather tool the agents call; each call's arguments land in `calls`."""
+    from agents import function_tool
 
     @function_tool
     def get_temperature(city: str) -> str:
@@ -58,6 +57,14 @@ def test_an_agent_calls_its_function_tool_and_answers(url):
         calls.append({"city": city})
         return f"It is 21 degrees in {city}."
 
+    return get_temperature
+
+
+def test_an_agent_calls_its_function_tool_and_answers(url):
+    from agents import Agent, ModelSettings, Runner
+
+    calls: list[dict] = []
+    get_temperature = _temperature_tool(calls)
     agent = Agent(
         name="weather",
         instructions="You answer questions about the weather with the get_temperature tool.",
@@ -73,6 +80,30 @@ def test_an_agent_calls_its_function_tool_and_answers(url):
     assert isinstance(result.final_output, str) and result.final_output
     assert result.context_wrapper.usage.requests == len(requests) >= 2
     assert requests[-1].output[-1].type == "message"  # the answer after the tool's output came back
+
+
+def test_an_agent_with_tools_and_an_output_type_calls_then_answers_in_its_type(url):
+    """The SDK's usual agent: tools and a pydantic output_type, so every model call carries both the tools
+    and the output's JSON schema. The server refused that pair with a 400 on the first call."""
+    from agents import Agent, ModelSettings, Runner
+    from pydantic import BaseModel
+
+    class Report(BaseModel):
+        city: str
+        celsius: int
+
+    calls: list[dict] = []
+    agent = Agent(
+        name="weather",
+        instructions="Find the temperature with the get_temperature tool, then report it.",
+        model=_model(url),
+        tools=[_temperature_tool(calls)],
+        output_type=Report,
+        model_settings=ModelSettings(tool_choice="required", **SETTINGS),
+    )
+    result = asyncio.run(Runner.run(agent, "How warm is it in Paris?", max_turns=4))
+    assert calls and isinstance(result.final_output, Report)  # the SDK parsed the answer into the type
+    assert result.raw_responses[0].output[-1].type == "function_call"
 
 
 def test_a_streamed_agent_run_is_the_plain_run(url):

@@ -23,6 +23,7 @@ from metronome.serve.server import ModelIdentity, ServerSettings, create_app
 from metronome.serve.tools import (
     FALLBACK_INTRO,
     ArgumentsDelta,
+    CallRepeated,
     CallStarted,
     Function,
     LooseCalls,
@@ -161,6 +162,16 @@ def test_loose_calls_are_read_only_as_whole_answers_of_valid_calls():
     answered = LooseCalls(calling.loose, frozenset({("add", '{"a": 2, "b": 3}')}))
     assert parse_tool_calls(again, answered).calls == [] and parse_tool_calls(again, answered).content == again
     assert [c.name for c in parse_tool_calls(again.replace("3", "4"), answered).calls] == ["add"]
+    # parallel_tool_calls false: the first call only (two were returned), and the answer ends there
+    two = '{"name": "add", "arguments": {"a": 2, "b": 3}}\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}'
+    one = ToolCallParser(LooseCalls(calling.loose, parallel=False))
+    events = one.feed(two) + one.close()
+    assert [c.name for c in one.calls] == ["add"] and one.content == ""
+    assert any(isinstance(e, CallRepeated) for e in events)  # what RepeatGuard ends the answer on
+    assert [c.name for c in parse_tool_calls(two, loose).calls] == ["add", "get_weather"]
+    # a second call cut off by max_tokens is left out, as a tagged one is (it came back as content)
+    cut = parse_tool_calls(two[: two.index("Oslo")], loose)
+    assert [c.name for c in cut.calls] == ["add"] and cut.content == ""
 
 
 def test_stop_strings_apply_only_while_the_parser_reads_free_text():
@@ -305,6 +316,30 @@ def test_stop_strings_never_cut_a_call(smol_url):
     assert again["message"]["tool_calls"][0]["function"] == call
 
 
+def test_a_format_beside_tools_gives_that_json_or_calls(smol_url):
+    """An agent with tools and an output type sends response_format with its tools (openai-agents does):
+    with auto the answer is JSON under the format's schema, or calls; with required, calls. It was a 400."""
+    report = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 20}, "celsius": {"type": "integer"}},
+        "required": ["city", "celsius"],
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "report", "schema": report, "strict": True}}
+    ends = set()
+    for seed in range(6):
+        choice = _ok(smol_url, response_format=fmt, temperature=1.0, seed=seed, stop=[","])  # no stop cuts it
+        ends.add(choice["finish_reason"])
+        if choice["finish_reason"] == "tool_calls":
+            _valid_calls(choice["message"]["tool_calls"], {"get_weather", "add"})
+        else:
+            assert choice["finish_reason"] == "stop" and "tool_calls" not in choice["message"], choice
+            jsonschema.validate(json.loads(choice["message"]["content"]), report)
+    assert ends == {"stop", "tool_calls"}  # both ways out were taken (seeds chosen to show it)
+    required = _ok(smol_url, response_format=fmt, tool_choice="required")
+    assert required["finish_reason"] == "tool_calls"
+    _valid_calls(required["message"]["tool_calls"], {"get_weather", "add"})
+
+
 def test_a_history_with_tool_results_renders_and_runs(smol_url):
     history = [
         *ASK,
@@ -366,6 +401,22 @@ def test_streamed_deltas_reassemble_to_the_whole_answer(smol_url, tool_choice):
     assert _valid_calls(calls, names) == _valid_calls(whole["message"].get("tool_calls", []), names)
 
 
+def test_the_openai_stream_helper_gives_the_whole_answers_message(smol_url):
+    """The openai client's stream helper accumulates the deltas into a message: for an answer of calls
+    only, content None as in the whole answer (the role chunk's content "" made it "")."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{smol_url}/v1", api_key="unused", max_retries=0, timeout=300)
+    body = dict(model="metronome", messages=ASK, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=160)
+    whole = client.chat.completions.create(**body).choices[0].message
+    with client.chat.completions.stream(**body) as stream:
+        streamed = stream.get_final_completion().choices[0].message
+    assert whole.content is None and streamed.content is None and whole.tool_calls
+    assert [(c.function.name, c.function.arguments) for c in streamed.tool_calls] == [
+        (c.function.name, c.function.arguments) for c in whole.tool_calls
+    ]
+
+
 BAD = [
     ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice.function.name"),
     ({"tool_choice": "required", "tools": []}, "tool_choice"),
@@ -407,7 +458,10 @@ BAD = [
         },
         "messages[1].tool_calls[0].function.arguments",
     ),
-    ({"response_format": {"type": "json_object"}, "tool_choice": "required"}, "response_format"),
+    (  # a format beside tools is served (the answer or calls); its schema is still checked
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
+        "response_format.json_schema.schema",
+    ),
 ]
 
 

@@ -109,7 +109,8 @@ ENGINE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
             default=_E.tp,
             metavar="N",
             help="tensor-parallel ranks on this host, over torch.distributed (gloo); outputs are the same for "
-            f"every N dividing the model's shards (default {_E.tp})",
+            "every N dividing --tp-shards, and equal a --tp 1 plan given the same --tp-shards (a plain --tp 1 "
+            f"plan is uncut: another sum order) (default {_E.tp})",
         ),
     ),
     "tp_shards": (
@@ -119,7 +120,8 @@ ENGINE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
             default=_E.tp_shards,
             metavar="S",
             help="chunks each split matrix is cut in, whatever --tp (the determinism across degrees); "
-            "default: the largest power of two up to 8 the model's heads allow",
+            "default: with --tp above 1, the largest power of two up to 8 the model's heads allow; with "
+            "--tp 1, none (uncut)",
         ),
     ),
     "layout": (

@@ -194,6 +194,18 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _moe_rows(c) -> list[tuple[str, str]]:
+    """A mixture of experts' own rows for `metronome info` (none for a dense model): its MLP is the experts,
+    so the dense ffn width above may go unused."""
+    if not c.is_moe:
+        return []
+    shared = f", a shared expert of width {c.shared_expert_size}" if c.shared_expert_size else ""
+    return [
+        ("experts", f"{c.num_experts} of width {c.moe_intermediate_size}, {c.experts_per_token} per token{shared}"),
+        ("active parameters", f"{c.active_parameters() / 1e6:.1f} M a token"),
+    ]
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from metronome.model.loader import load
 
@@ -208,6 +220,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("quantization", m.file_type),
         ("layers", str(c.num_layers)),
         ("hidden / ffn", f"{c.hidden_size} / {c.intermediate_size}"),
+        *_moe_rows(c),
         ("heads (q / kv) x dim", f"{c.num_heads} / {c.num_kv_heads} x {c.head_dim}"),
         ("vocabulary", str(c.vocab_size)),
         ("context length", str(c.max_position)),
@@ -341,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelFileError, PlanError, ChatTemplateError, ValueError) as exc:
         print(f"metronome: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the command stops, as a shell tool does, without a traceback
+        print(file=sys.stderr)
+        return 130
     except BrokenPipeError:  # the reader left (`| head`): stop quietly, as other command-line tools do
         # stdout goes to /dev/null so that the interpreter's own flush at exit does not fail again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

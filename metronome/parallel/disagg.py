@@ -267,11 +267,13 @@ class PrefillWorker:
             try:
                 job = self._jobs.get(timeout=POLL_S)
             except queue.Empty:
+                self._replace_if_dead()
                 continue
             if job is None:
                 return
             try:
-                if self._broken:  # the last worker died: a new one for this prompt
+                # the last worker died with a job, or died idle since the last poll: a new one for this prompt
+                if self._broken or not self._process.is_alive():
                     self._restart()
                 with self._backlog_lock:  # after a restart: its compile is not the job's time
                     self._started = time.perf_counter()
@@ -311,6 +313,17 @@ class PrefillWorker:
         if self._link is None:
             raise GroupError("the prefill worker is not connected")
         return self._link
+
+    def _replace_if_dead(self) -> None:
+        """While idle: a worker that died holding no prompt is replaced now, so that the next prompt neither
+        fails on it nor waits for its replacement's compile. A replacement that cannot start leaves the
+        worker broken: the next prompt tries again, and fails with the reason."""
+        if self._broken or self._process.is_alive():
+            return
+        try:
+            self._restart()
+        except Exception:  # noqa: BLE001 - kept as _broken; the next job's own restart reports why
+            self._broken = True
 
     def _restart(self) -> None:
         if self._process.is_alive():

@@ -58,7 +58,8 @@ def _columns(w: Weight, lo: int, hi: int, name: str) -> Weight:
     if lo % block or hi % block:  # dense weights are quantized here, to Q8_0 blocks of 32
         raise ShardingError(
             f"{name} is held in blocks of {block} weights, and its {hi - lo}-column chunks do not start on a "
-            "block; choose fewer tp_shards",
+            "block: choose fewer tp_shards (no fewer than --tp), or cut dense weights on the torch path "
+            "(--weights f32 or bf16)",
             "tp_shards",
         )
     if not isinstance(w, QuantTensor):

@@ -116,6 +116,8 @@ class ModelLoader(threading.Thread):
             config = engine_config(a)  # ctx, threads None: resolved by the compile, as for Engine.from_model
             # calibrated (and cached on disk: the next start with the same settings skips it)
             self.engine = Engine.from_model(config=config, max_queue=a.max_queue, loaded=loaded, calibrate=True)
+            if self.server.should_exit:  # stopped while compiling: never ready (`serve` stops the engine)
+                return
             self.state.attach(self.engine, ModelIdentity.of(loaded, a.model))
             r = self.engine.plan.report
             kv = f"KV cache {megabytes(r.kv_cache_bytes)} of {r.kv_cache_format}, prefix cache " + (
@@ -194,6 +196,8 @@ def run(args: argparse.Namespace) -> int:
         print("metronome: stopped", flush=True)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if loader.is_alive():  # a compile cannot be cut short: its processes (ranks, a worker) end with it
+            print("metronome: waiting for the model's compile to finish before exiting", flush=True)
         loader.join()
         app.state.server.detach()
         if loader.engine is not None:

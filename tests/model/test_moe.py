@@ -177,3 +177,16 @@ def test_the_fleet_planner_sizes_moe_models_as_the_loader_does(moe, arch):
             cfg.num_parameters() - dataclasses.replace(cfg, shared_expert_size=0).num_parameters()
         )
         assert cfg.num_layers * (shape.mlp_params_total() - shape.mlp_params_active(1)) == idle
+
+
+def test_info_describes_the_experts(moe, capsys):
+    """`metronome info` on a mixture of experts: the experts, their width, how many run, the shared expert
+    and the active parameters (it showed only the dense ffn width, which every sparse layer leaves unused)."""
+    from metronome.cli import main
+
+    _hf, flat, _stacked, _gguf = moe("qwen2moe")
+    c = load(flat).config
+    assert main(["info", str(flat)]) == 0
+    out = capsys.readouterr().out
+    assert f"{c.num_experts} of width {c.moe_intermediate_size}, {c.experts_per_token} per token" in out
+    assert f"shared expert of width {c.shared_expert_size}" in out and "active parameters" in out

@@ -102,21 +102,38 @@ def test_a_cached_beginning_goes_to_the_worker_as_kv_and_only_the_rest_runs_ther
 
 
 def test_a_killed_prefill_worker_fails_its_prompt_and_is_replaced(tiny_hf, colocated):
+    """Killed while it holds a prompt: that prompt fails, and a new worker serves the next one. Killed while
+    idle: replaced before any prompt needs it (the next prompt failed on the dead worker)."""
     engine = _engine(str(tiny_hf("llama")), "disaggregated")
     worker = engine.prefiller
-    try:
-        engine.start()
+    want = colocated.generate(PROMPTS[0], GREEDY, chat=False).token_ids
+    real_prefill = worker._prefill
+
+    def killed_while_held(job):
         os.kill(worker._process.pid, signal.SIGKILL)
         worker._process.join(timeout=10)
+        return real_prefill(job)
+
+    try:
+        engine.start()
+        worker._prefill = killed_while_held
         events: queue.Queue = queue.Queue()
         t0 = time.monotonic()
         engine.submit(engine.encode_prompt(PROMPTS[0], chat=False), GREEDY, events.put)
         delta = events.get(timeout=10)
         assert delta.finish_reason == "error" and "prefill worker failed" in delta.error
         assert time.monotonic() - t0 < 5.0
-        again = engine.generate(PROMPTS[0], GREEDY, chat=False)  # a new worker serves the next prompt
-        assert again.token_ids == colocated.generate(PROMPTS[0], GREEDY, chat=False).token_ids
+        worker._prefill = real_prefill
+        assert engine.generate(PROMPTS[0], GREEDY, chat=False).token_ids == want  # a new worker
         assert worker.restarts == 1
+        os.kill(worker._process.pid, signal.SIGKILL)  # idle now
+        worker._process.join(timeout=10)
+        for _ in range(200):  # the transfer thread's poll notices it and starts another
+            if worker.restarts == 2:
+                break
+            time.sleep(0.05)
+        assert worker.restarts == 2
+        assert engine.generate(PROMPTS[0], GREEDY, chat=False).token_ids == want  # no failure on the dead one
     finally:
         engine.stop()
         worker.close()

@@ -245,9 +245,11 @@ class SamplingParams:
         def number(x: object) -> bool:
             return (isinstance(x, (int, float)) and not isinstance(x, bool)) and math.isfinite(x)
 
-        kinds = [(integer, "an integer", ("max_tokens", "top_k", "top_logprobs"))]
-        kinds.append((number, "a finite number", _FLOAT_FIELDS))
-        kinds.append((lambda x: isinstance(x, bool), "True or False", ("ignore_eos", "logprobs", "prompt_logprobs")))
+        kinds = (
+            (integer, "an integer", ("max_tokens", "top_k", "top_logprobs")),
+            (number, "a finite number", _FLOAT_FIELDS),
+            (lambda x: isinstance(x, bool), "True or False", ("ignore_eos", "logprobs", "prompt_logprobs")),
+        )
         for ok, kind, names in kinds:
             for name in names:
                 if not ok(getattr(self, name)):

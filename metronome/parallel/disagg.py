@@ -322,7 +322,7 @@ class PrefillWorker:
             return
         try:
             self._restart()
-        except Exception:  # noqa: BLE001 - kept as _broken; the next job's own restart reports why
+        except Exception:  # kept as _broken: the next job's own restart reports why
             self._broken = True
 
     def _restart(self) -> None:

@@ -429,7 +429,7 @@ async def _answer(request: Request, speech: SpeechService, task: str) -> Respons
     decoded = time.perf_counter()
     options = dict(language=form.language, prompt=form.prompt, temperature=form.temperature, task=task)
     if form.stream:
-        return await _stream(speech, audio, options, decoded - started)
+        return await _stream(speech, audio, options, started, decoded)
     try:
         result = await speech.transcribe(audio.samples, **options)
     except (TimeoutError, ValueError) as exc:
@@ -459,13 +459,14 @@ def _failed(exc: TimeoutError | ValueError, speech: SpeechService) -> ApiError:
 _STREAMED = (ResponseFormat.JSON, ResponseFormat.TEXT)
 
 
-async def _stream(speech: SpeechService, audio: DecodedAudio, options: dict[str, Any], decode_s: float) -> Response:
+async def _stream(
+    speech: SpeechService, audio: DecodedAudio, options: dict[str, Any], started: float, decoded: float
+) -> Response:
     """OpenAI's streamed transcript: a `transcript.text.delta` event per segment as its window is decoded,
     then `transcript.text.done` with the whole text and the usage. The response starts with the first
     segment (or the end), so that a transcription failing before any text is an ordinary error response;
     one failing later ends the stream with an error event. The response's end, however it comes (done, or
     the client gone), drops the job if it still runs and releases the admission (_SpeechStream)."""
-    started = time.perf_counter() - decode_s
     loop = asyncio.get_running_loop()
     segments: asyncio.Queue[Segment] = asyncio.Queue()
 
@@ -512,7 +513,7 @@ async def _stream(speech: SpeechService, audio: DecodedAudio, options: dict[str,
         except (TimeoutError, ValueError) as exc:
             yield _event({"type": "error", "error": _failed(exc, speech).body()["error"]})
             return
-        usage = _usage(result, decode_s, time.perf_counter() - started)
+        usage = _usage(result, decoded - started, time.perf_counter() - started)
         yield _event({"type": "transcript.text.done", "text": result.transcript.text, "usage": usage})
 
     def close() -> None:

@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from metronome.serve.errors import ApiError
-from metronome.serve.jobs import Job, JobSpec
+from metronome.serve.jobs import Job
 from metronome.serve.responses_schemas import (
     FunctionCall,
     FunctionCallOutput,
@@ -384,21 +384,11 @@ def add_responses_routes(app: FastAPI, state: ServerState) -> None:
             try:
                 prompt = await asyncio.to_thread(chat._chat_request, chat_body, served)
                 params = chat._sampling(chat_body, [prompt.ids], served, "messages", False, 0)
-                # as the chat route builds it: a tool grammar ends the answer at a repeated call
-                loose = prompt.loose_calls
-                spec = JobSpec(
-                    (prompt.ids,),
-                    params,
-                    1,
-                    prompt.grammar,
-                    tool_calls=prompt.tool_calls,
-                    loose_calls=loose,
-                )
-                job = chat._submit(state, served, spec, account)
+                job = chat._submit(state, served, prompt.job_spec(params, 1), account)  # as the chat route's
             except ApiError as exc:
                 raise renamed(exc) from None
             shape = ResponseShape(body, served.identity.id)
-            out = Output(tools=prompt.tools is not None, loose_calls=loose)
+            out = Output(tools=prompt.tools is not None, loose_calls=prompt.loose_calls)
             if body.stream:
                 return StreamingResponse(
                     _stream(request, state, job, shape, out),

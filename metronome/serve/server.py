@@ -263,6 +263,19 @@ class ChatPrompt:
             return None
         return LooseCalls(self.tools.loose, self.answered, self.tools.parallel)
 
+    def job_spec(self, params: SamplingParams, n: int) -> JobSpec:
+        """What the engine runs for this prompt (the chat and Responses routes alike): its grammar and, with
+        a tool grammar, what the repeat guard reads (loose calls, and whether the text is shaped)."""
+        return JobSpec(
+            (self.ids,),
+            params,
+            n,
+            self.grammar,
+            tool_calls=self.tool_calls,
+            loose_calls=self.loose_calls,
+            shaped_text=self.shaped,
+        )
+
 
 def _chat_request(body: ChatBody, served: Served) -> ChatPrompt:
     """The prompt through the chat template, with the request's tools rendered (serve/tools.py), and
@@ -278,9 +291,8 @@ def _chat_request(body: ChatBody, served: Served) -> ChatPrompt:
         )
         # response_format beside tools (an agent with tools and an output type): with auto, the answer is that
         # JSON or calls; required or named, this turn's answer is calls and the format shapes a later one
-        fmt = body.response_format if calling is not None and calling.constrained else None
-        answer = None
-        if fmt is not None and fmt.type != "text" and calling is not None and calling.mode == "auto":
+        fmt, answer = body.response_format, None
+        if calling is not None and calling.mode == "auto" and fmt is not None and fmt.type != "text":
             format_grammar(body, served)  # the schema's own refusals, naming response_format (ApiError)
             answer = answer_schema(fmt)
         messages, tools = template_messages(
@@ -635,17 +647,7 @@ def create_app(
             chat = await asyncio.to_thread(_chat_request, body, served)  # a long prompt must not hold up the loop
             top = body.top_logprobs or 0
             params = _sampling(body, [chat.ids], served, "messages", body.logprobs, top)
-            loose = chat.loose_calls
-            spec = JobSpec(
-                (chat.ids,),
-                params,
-                body.n,
-                chat.grammar,
-                tool_calls=chat.tool_calls,
-                loose_calls=loose,
-                shaped_text=chat.shaped,
-            )
-            job = _submit(state, served, spec, account)
+            job = _submit(state, served, chat.job_spec(params, body.n), account)
             shape = ResponseShape(
                 _head(served, "chatcmpl"),
                 True,
@@ -653,7 +655,7 @@ def create_app(
                 body.logprobs,
                 top,
                 chat.tool_calls,
-                loose_calls=loose,
+                loose_calls=chat.loose_calls,
             )
             return await _answer(request, state, job, shape, body.stream, body.include_usage)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import queue
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from metronome.config import ParamError, SamplingParams
 
@@ -33,6 +33,17 @@ DEFAULT_CRITIQUE = (
     "Number them and be brief; do not rewrite the answer yet."
 )
 DEFAULT_REVISION = "Rewrite your answer, applying those {points} improvements. Reply with the improved answer only."
+
+
+@dataclass(frozen=True)
+class TurnWatch:
+    """Told of each turn's engine request as it is submitted and as its turn ends, on the thread running
+    the loop (a server counts them in its metrics, as it counts its chat requests' choices)."""
+
+    submitted: Callable[["Request"], None]
+    # the request, the reason its turn ended ("cancelled" when the loop was closed before the request
+    # finished: the engine ends it at its next step), and the gaps between its tokens (seconds)
+    ended: Callable[["Request", str, list[float]], None]
 
 
 @dataclass(frozen=True)
@@ -189,7 +200,11 @@ def check_fits(engine: "Engine", task: str, settings: ReflectSettings, params: S
 
 
 def reflect(
-    engine: "Engine", task: str, settings: ReflectSettings | None = None, params: SamplingParams | None = None
+    engine: "Engine",
+    task: str,
+    settings: ReflectSettings | None = None,
+    params: SamplingParams | None = None,
+    watch: TurnWatch | None = None,
 ) -> Iterator[ReflectEvent]:
     """Run the loop, yielding events as they come; the last is ReflectionDone. Refused up front (ParamError)
     when it may not fit the context. Closing the generator cancels the running turn."""
@@ -208,12 +223,24 @@ def reflect(
         pieces: list[str] = []
         events: "queue.Queue[Delta]" = queue.Queue()
         request = engine.submit(transcript.ids, params, events.put)
-        for delta in _events(engine, request, events):
-            if delta.text:
-                pieces.append(delta.text)
-                yield TurnDelta(round_, index, delta.text)
-            if delta.finish_reason == "error":
-                raise RuntimeError(f"the engine failed during turn {index} ({kind}): {delta.error}")
+        if watch is not None:
+            watch.submitted(request)
+        gaps: list[float] = []
+        last: float | None = None
+        try:
+            for delta in _events(engine, request, events):
+                if delta.choices:
+                    now = time.perf_counter()
+                    gaps += ([now - last] if last is not None else []) + [0.0] * (len(delta.choices) - 1)
+                    last = now
+                if delta.text:
+                    pieces.append(delta.text)
+                    yield TurnDelta(round_, index, delta.text)
+                if delta.finish_reason == "error":
+                    raise RuntimeError(f"the engine failed during turn {index} ({kind}): {delta.error}")
+        finally:
+            if watch is not None:
+                watch.ended(request, request.finish_reason or "cancelled", gaps)
         text = "".join(pieces)
         stats = _stats(request, round_, index, kind, extends, build_ms)
         turns.append(stats)

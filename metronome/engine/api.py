@@ -9,7 +9,7 @@ import threading
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 from metronome.config import SamplingParams
-from metronome.engine.request import Completion, Delta, Request
+from metronome.engine.request import Completion, Delta, Request, RequestError
 
 if TYPE_CHECKING:
     from metronome.engine.engine import Engine
@@ -24,6 +24,8 @@ class PythonAPI:
 
     def encode_prompt(self: "Engine", prompt: str | list[dict], chat: bool = True) -> list[int]:
         """A string through the chat template (when the model has one and `chat`), or raw; or a message list."""
+        if isinstance(prompt, (list, tuple)) and not prompt:  # the template alone would make a prompt of nothing
+            raise RequestError("the prompt is empty: send text, a message list with a message, or token ids", "prompt")
         if isinstance(prompt, list):
             return self.tokenizer.encode_chat(prompt)
         if chat and self.tokenizer.has_chat_template:

@@ -122,6 +122,10 @@ class Engine(PythonAPI):
         self.model_name = model_name
         self.scheduler: Scheduler[Request] = Scheduler(self.config.slots, max_queue)
         self._lock = threading.Condition()
+        # One step at a time: held by whoever steps (the engine's thread, or callers of `step()`, such as
+        # `generate` from several threads without `start()`): two plan calls at once would run the same
+        # slots' rows together and corrupt their KV and logits.
+        self._step_lock = threading.Lock()
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stop = False
@@ -352,15 +356,17 @@ class Engine(PythonAPI):
         """One step of the score: schedule -> run plan -> sample -> emit. Returns the rows the plan ran.
         Every event of the step has reached its callback when this returns. A step that raises ends the
         requests it ran with "error" (their slots free, as the engine's own thread does) and re-raises:
-        left in their slots, every later step would have failed on them."""
-        try:
-            ran = self._step()
-        except Exception as exc:
-            self._fail_running(exc)
+        left in their slots, every later step would have failed on them. Callers on several threads take
+        turns (each waits for the step running to end)."""
+        with self._step_lock:
+            try:
+                ran = self._step()
+            except Exception as exc:
+                self._fail_running(exc)
+                self._send_events()
+                raise
             self._send_events()
-            raise
-        self._send_events()
-        return ran
+            return ran
 
     def _send_events(self) -> None:
         """Hand the events made so far to their callbacks, in the order they were made.
@@ -718,11 +724,14 @@ class Engine(PythonAPI):
                     idle = self.scheduler.idle
                 try:
                     if idle:  # no plan call coming to send them before: the last step's events go now
-                        self._send_events()
+                        with self._step_lock:
+                            self._send_events()
                         continue
-                    ran = self._step()
+                    with self._step_lock:
+                        ran = self._step()
                     if not ran and self.prefiller is not None:
-                        self._send_events()
+                        with self._step_lock:
+                            self._send_events()
                         with self._lock:  # every live prompt is on the prefill worker: sleep until one comes back
                             if not self.prefiller.has_results and not self._stop:
                                 self._lock.wait(timeout=IDLE_WAKEUP_S)

@@ -1,10 +1,11 @@
 """Prometheus metrics of one server, in the app's own registry (never the process-global one).
 
 Two accounts that add up at every scrape:
-- generation requests (POST /v1/chat/completions, /v1/completions): `metronome_api_requests_received_total`
-  = the sum over outcomes of `metronome_api_requests_ended_total` + `metronome_api_requests_in_flight`;
-- engine requests (one per choice): `metronome_engine_requests_submitted_total` = the sum over reasons of
-  `metronome_engine_requests_finished_total` + `metronome_engine_requests_in_flight`.
+- generation requests (POST /v1/chat/completions, /v1/completions, /v1/responses, /v1/reflections):
+  `metronome_api_requests_received_total` = the sum over outcomes of `metronome_api_requests_ended_total`
+  + `metronome_api_requests_in_flight`;
+- engine requests (one per choice, one per reflection turn): `metronome_engine_requests_submitted_total` = the
+  sum over reasons of `metronome_engine_requests_finished_total` + `metronome_engine_requests_in_flight`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
-GENERATION_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+GENERATION_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/reflections")
 # How a generation request ended: every choice finished (stop, length); the client went away or cancelled;
 # the engine or the server failed it (a 5xx, or an error event mid-stream); refused before it generated
 # anything (a 4xx: a bad body, a full queue, the model still loading).

@@ -34,6 +34,7 @@ from metronome.agents.reflect import (
     TurnDone,
     TurnStarted,
     TurnStats,
+    TurnWatch,
     check_fits,
     reflect,
 )
@@ -42,7 +43,8 @@ from metronome.serve.errors import ApiError
 from metronome.serve.schemas import Int, _Body, error_message, error_param
 
 if TYPE_CHECKING:
-    from metronome.engine import Engine
+    from metronome.engine import Engine, Request
+    from metronome.serve.prometheus import ApiRequest
     from metronome.serve.server import ServerState
 
 REFLECTIONS = "/v1/reflections"
@@ -119,13 +121,31 @@ def _summary(done: ReflectionDone) -> dict[str, Any]:
 
 
 class _Run:
-    """One reflection on its own thread; events onto the loop's queue, then None (or the exception)."""
+    """One reflection on its own thread; events onto the loop's queue, then None (or the exception).
+    Its turns' engine requests are counted in the server's metrics as a chat request's choices are."""
 
     def __init__(self, state: "ServerState", engine: "Engine", task: str, settings, params) -> None:
         self.events: asyncio.Queue[ReflectEvent | BaseException | None] = asyncio.Queue()
         self.stop = threading.Event()
         self._outbox = state.outbox()
-        self._args = (engine, task, settings, params)
+        loop, metrics = self._outbox.loop, state.metrics
+
+        def ended(r: "Request", reason: str, gaps: list[float]) -> None:
+            loop.call_soon_threadsafe(
+                lambda: metrics.observe_request(
+                    r.timings,
+                    len(r.prompt_ids),
+                    len(r.output_ids),
+                    gaps,
+                    reason,
+                    predicted_ttft_ms=r.predicted_ttft_ms,
+                    cached_tokens=r.cached_tokens,
+                )
+            )
+
+        # the metrics' in-flight counts belong to the loop's thread: the callbacks hop onto it
+        watch = TurnWatch(lambda _r: loop.call_soon_threadsafe(metrics.observe_submitted), ended)
+        self._args = (engine, task, settings, params, watch)
         self.thread = threading.Thread(target=self._main, name="metronome-reflect", daemon=True)
 
     def _main(self) -> None:
@@ -156,65 +176,77 @@ def add_reflect_routes(app: FastAPI, state: "ServerState") -> None:
 
     @app.post(REFLECTIONS)
     async def reflections(request: Request) -> Response:
-        served = state.require()
-        raw = await request.body()
-        if len(raw) > state.settings.max_body_bytes:
-            raise ApiError(413, f"the request body is larger than {state.settings.max_body_bytes} bytes")
-        try:
-            body = ReflectionBody.model_validate_json(raw)
-        except ValidationError as exc:
-            if exc.errors()[0]["type"] == "json_invalid":
-                raise ApiError(400, f"the request body is not valid JSON: {exc.errors()[0]['msg']}") from None
-            raise ApiError(400, error_message(exc, _FIELDS), param=error_param(exc, _FIELDS)) from None
-        if body.model is not None and body.model not in (served.identity.id, state.settings.model_alias):
-            raise ApiError(404, f"the model {body.model!r} does not exist here", param="model", code="model_not_found")
-        try:
-            settings, params = body.settings()
-            await asyncio.to_thread(check_fits, served.engine, body.task, settings, params)
-        except ParamError as exc:
-            raise ApiError(400, str(exc), param=exc.param) from None
-        if pending[0] >= MAX_PENDING:
-            raise ApiError(
-                429,
-                f"{MAX_PENDING} reflections are running; retry later",
-                type="rate_limit_error",
-                code="queue_full",
-                headers={"Retry-After": str(state.settings.retry_after_s)},
-            )
-        run = _Run(state, served.engine, body.task, settings, params)
-        pending[0] += 1
-        run.thread.start()
-        if body.stream:
-            return StreamingResponse(
-                _stream(run, pending),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
-        try:
-            while (event := await run.next()) is not None:
-                if isinstance(event, ReflectionDone):
-                    return JSONResponse({"object": "reflection", "model": served.identity.id, **_summary(event)})
-            raise ApiError(500, "the reflection ended without its result", type="server_error")
-        finally:
-            run.stop.set()
-            pending[0] -= 1
+        from metronome.serve import server as chat  # imported here: server.py imports this module
+
+        # counted as the chat routes count their requests: ended by what stops it before it runs (a 4xx is
+        # "rejected"), else by how the loop ends (below, and in _stream)
+        with chat._accounted(state.metrics, REFLECTIONS) as account:
+            served = state.require()
+            raw = await request.body()
+            if len(raw) > state.settings.max_body_bytes:
+                raise ApiError(413, f"the request body is larger than {state.settings.max_body_bytes} bytes")
+            try:
+                body = ReflectionBody.model_validate_json(raw)
+            except ValidationError as exc:
+                if exc.errors()[0]["type"] == "json_invalid":
+                    raise ApiError(400, f"the request body is not valid JSON: {exc.errors()[0]['msg']}") from None
+                raise ApiError(400, error_message(exc, _FIELDS), param=error_param(exc, _FIELDS)) from None
+            if body.model is not None and body.model not in (served.identity.id, state.settings.model_alias):
+                raise ApiError(
+                    404, f"the model {body.model!r} does not exist here", param="model", code="model_not_found"
+                )
+            try:
+                settings, params = body.settings()
+                await asyncio.to_thread(check_fits, served.engine, body.task, settings, params)
+            except ParamError as exc:
+                raise ApiError(400, str(exc), param=exc.param) from None
+            if pending[0] >= MAX_PENDING:
+                raise ApiError(
+                    429,
+                    f"{MAX_PENDING} reflections are running; retry later",
+                    type="rate_limit_error",
+                    code="queue_full",
+                    headers={"Retry-After": str(state.settings.retry_after_s)},
+                )
+            run = _Run(state, served.engine, body.task, settings, params)
+            pending[0] += 1
+            run.thread.start()
+            if body.stream:
+                return StreamingResponse(
+                    _stream(run, pending, account),
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                )
+            try:
+                while (event := await run.next()) is not None:
+                    if isinstance(event, ReflectionDone):
+                        account.end("completed")
+                        return JSONResponse({"object": "reflection", "model": served.identity.id, **_summary(event)})
+                raise ApiError(500, "the reflection ended without its result", type="server_error")
+            finally:
+                run.stop.set()
+                pending[0] -= 1
 
 
-async def _stream(run: _Run, pending: list[int]) -> AsyncIterator[str]:
+async def _stream(run: _Run, pending: list[int], account: "ApiRequest") -> AsyncIterator[str]:
     """SSE: `event: <type>` and `data: <json>` per event, then `data: [DONE]`. A client that leaves closes
-    this generator: the loop stops at its next event."""
+    this generator: the loop stops at its next event (and the request counts as cancelled)."""
     try:
         while True:
             try:
                 event = await run.next()
             except ApiError as exc:
+                account.end("failed")
                 yield f"event: error\ndata: {json.dumps({'type': 'error', **exc.body()})}\n\n"
                 break
             if event is None:
                 break
+            if isinstance(event, ReflectionDone):
+                account.end("completed")
             body = event_body(event)
             yield f"event: {body['type']}\ndata: {json.dumps(body, ensure_ascii=False)}\n\n"
         yield "data: [DONE]\n\n"
     finally:
+        account.end("cancelled")  # a no-op once it ended above
         run.stop.set()
         pending[0] -= 1

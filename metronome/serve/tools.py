@@ -182,22 +182,71 @@ def closed(schema: Any) -> Any:
     """The schema with every object that lists its properties closed to them (additionalProperties false
     where the schema does not say): what OpenAI's strict mode asks for. Anything that validates against the
     closed schema validates against the original; without it a small model adds key after key. A schema
-    that wants more keys says so (additionalProperties true or a schema)."""
+    that wants more keys says so (additionalProperties true or a schema).
+
+    An object described in parts is closed once, where the parts meet: allOf's branches each list some of
+    its keys (closed one by one, each would forbid the others' keys, and a document with the keys that
+    two branches require would be impossible), and so do anyOf/oneOf branches beside properties of the
+    object's own. Those branches stay open, and the object holding them is closed to the keys it and they
+    list. A branch that is a reference to a definition is read as a copy of it, opened the same way."""
+    return _closed(schema, schema, frozenset())
+
+
+def _closed(schema: Any, root: Any, inlined: frozenset[str]) -> Any:
     if not isinstance(schema, dict):
         return schema
     out = dict(schema)
+    parts = [key for key in ("allOf", "anyOf", "oneOf") if isinstance(out.get(key), list)]
+    # the branches that describe parts of this object rather than whole alternatives of it
+    shared = [key for key in parts if key == "allOf" or "properties" in out or "allOf" in parts]
+    keys: dict[str, Any] = {}
+    for key in shared:
+        out[key] = [_open_part(branch, root, keys, inlined) for branch in out[key]]
+    if keys and "additionalProperties" not in out and "patternProperties" not in out:
+        own = out.get("properties", {})  # then the branches' keys (each checked by its branch), in their order
+        out["properties"] = {**own, **{name: rule for name, rule in keys.items() if name not in own}}
     for key in _SUBSCHEMA_LISTS:
-        if isinstance(out.get(key), list):
-            out[key] = [closed(s) for s in out[key]]
+        if key not in shared and isinstance(out.get(key), list):
+            out[key] = [_closed(s, root, inlined) for s in out[key]]
     for key in _SUBSCHEMA_MAPS:
         if isinstance(out.get(key), dict):
-            out[key] = {name: closed(s) for name, s in out[key].items()}
+            out[key] = {name: _closed(s, root, inlined) for name, s in out[key].items()}
     for key in _SUBSCHEMAS:
         if isinstance(out.get(key), dict):
-            out[key] = closed(out[key])
+            out[key] = _closed(out[key], root, inlined)
     if "properties" in out and "additionalProperties" not in out and "patternProperties" not in out:
         out["additionalProperties"] = False
     return out
+
+
+def _open_part(branch: Any, root: Any, keys: dict[str, Any], inlined: frozenset[str]) -> Any:
+    """One branch of an object described in parts: closed inside, left open itself; adds the keys it
+    lists to `keys` (each with the schema {}: the branch checks its value)."""
+    if not isinstance(branch, dict):
+        return branch
+    ref = branch.get("$ref")
+    target = _local_definition(root, ref) if ref not in inlined else None  # (a definition made of itself: once)
+    if target is not None:  # the definition may be closed where it is used whole: this copy is not
+        branch = {**target, **{k: v for k, v in branch.items() if k != "$ref"}}
+        inlined = inlined | {ref}
+    out = _closed(branch, root, inlined)
+    if "additionalProperties" not in branch and "patternProperties" not in branch:
+        out.pop("additionalProperties", None)
+    for name in out.get("properties", {}):
+        keys.setdefault(name, {})
+    return out
+
+
+def _local_definition(root: Any, ref: Any) -> dict[str, Any] | None:
+    """What `ref` ("#/$defs/Name" or "#/definitions/Name") points to in `root`, if it is an object schema."""
+    if not isinstance(ref, str) or not isinstance(root, dict):
+        return None
+    for section in ("$defs", "definitions"):
+        prefix = f"#/{section}/"
+        if ref.startswith(prefix) and isinstance(root.get(section), dict):
+            found = root[section].get(ref[len(prefix) :])
+            return found if isinstance(found, dict) else None
+    return None
 
 
 def _with_options(schema: dict[str, Any]) -> dict[str, Any]:

@@ -340,7 +340,8 @@ def test_bad_input_is_refused_when_given_and_a_failed_step_frees_its_slots(tiny_
     """The Python API checks what the server checks: a token id outside the vocabulary and a mistyped
     sampling field are refused when given, naming it. Before, they failed inside a step and stayed in
     their slots, so every later call failed too. A step that fails anyway ends its requests and the next
-    call works; generate([]) returns [] (it waited forever)."""
+    call works; generate([]) returns [] (it waited forever); an empty message list is refused (the chat
+    template alone made a prompt of it)."""
     from metronome.model.loader import load
 
     engine = Engine.from_model(config=EngineConfig(slots=2, ctx=128), loaded=load(tiny_hf("llama")))
@@ -363,6 +364,10 @@ def test_bad_input_is_refused_when_given_and_a_failed_step_frees_its_slots(tiny_
     again = engine.generate([5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True))
     assert again.token_ids == good.token_ids and again.finish_reason == "length"
     assert engine.generate([]) == []
+    for empty in (lambda: engine.generate([[]]), lambda: next(engine.stream([]))):
+        with pytest.raises(RequestError, match="the prompt is empty") as err:
+            empty()
+        assert err.value.param == "prompt"
     with pytest.raises(ValueError, match="one prompt"):
         next(engine.stream(["a", "b"]))
 
@@ -609,3 +614,32 @@ def test_prompt_lookup_pauses_where_its_rows_cost_more_than_they_bring(tiny_hf, 
     engine.generate(prompt, params)
     assert engine.spec.drafted > 0 and engine.spec.accepted == 0
     assert engine.spec.steps < 0.4 * params.max_tokens, f"{engine.spec.steps} of {params.max_tokens} steps drafted"
+
+
+def test_generate_from_several_threads_without_start_takes_turns(smollm_engine):
+    """Without `start()`, each caller of generate/stream steps the engine itself: callers on several threads
+    must take turns. Two plan calls at once ran the same slots' rows together: greedy outputs came back as
+    token 0 repeated past max_tokens, sampled ones raised on NaN probabilities, once a heap corruption."""
+    import threading
+
+    engine = smollm_engine
+    prompts = ["What is 2+2?", "Name a fruit.", "Say hello.", "Count to three."]
+    params = [SamplingParams(max_tokens=12), SamplingParams(max_tokens=12, temperature=0.9, seed=7)]
+    alone = {(i, j): engine.generate(p, sp).token_ids for i, p in enumerate(prompts) for j, sp in enumerate(params)}
+    for _round in range(3):
+        results: dict[tuple[int, int], tuple[int, ...]] = {}
+        errors: list[BaseException] = []
+
+        def worker(i: int, j: int, results=results, errors=errors) -> None:
+            try:
+                results[i, j] = engine.generate(prompts[i], params[j]).token_ids
+            except BaseException as exc:  # reported below, with the others' results
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=key) for key in alone]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors and not any(t.is_alive() for t in threads)
+        assert results == alone

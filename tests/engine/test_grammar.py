@@ -207,3 +207,57 @@ def test_the_mask_array_is_little_endian_bits(grammars, tokenizer):
     ref = inline(grammars, grammars.json_object())
     bias = np.frombuffer(ref.matcher.compute_logit_bias(), dtype=np.uint8)[: tokenizer.vocab_size] > 0
     assert np.array_equal(c.next_mask().numpy(), bias)
+
+
+def _takes(grammars: Grammars, tokenizer: Tokenizer, schema: dict, doc) -> bool:
+    """Whether the schema's grammar lets `doc` through token by token and ends there."""
+    c = inline(grammars, grammars.json_schema(schema, "schema"))
+    for t in tokenizer.encode(written(doc), add_bos=False):
+        if not c.next_mask()[t]:
+            return False
+        c.accept(t)
+    return c.finished()
+
+
+INT_A = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+BOOL_B = {"type": "object", "properties": {"b": {"type": "boolean"}}, "required": ["b"]}
+
+
+@pytest.mark.parametrize(
+    "schema, good, bad",
+    [
+        (
+            {"allOf": [INT_A, BOOL_B]},
+            [{"a": 1, "b": True}],
+            [{"a": 1}, {"a": 1, "b": True, "c": 1}, {"a": "x", "b": True}],
+        ),
+        (  # a base and a fragment: the object's own properties beside allOf
+            {"type": "object", "allOf": [{"properties": {"a": {"type": "integer"}}, "required": ["a"]}], **BOOL_B},
+            [{"a": 1, "b": True}],
+            [{"b": True}, {"b": True, "a": 1, "z": 0}],
+        ),
+        ({"$defs": {"Base": INT_A}, "allOf": [{"$ref": "#/$defs/Base"}, BOOL_B]}, [{"a": 1, "b": True}], [{"b": True}]),
+        ({"allOf": [{"allOf": [INT_A]}, BOOL_B]}, [{"a": 1, "b": True}], [{"a": 1, "b": True, "c": 1}]),
+        (  # alternatives beside the object's own properties
+            {
+                **{"type": "object", "properties": {"kind": {"const": "k"}}, "required": ["kind"]},
+                "anyOf": [INT_A, BOOL_B],
+            },
+            [{"kind": "k", "a": 1}, {"kind": "k", "b": False}],
+            [{"kind": "k"}, {"kind": "k", "a": 1, "q": 1}],
+        ),
+        ({"anyOf": [INT_A, BOOL_B]}, [{"a": 1}, {"b": False}], [{"a": 1, "c": 1}]),  # whole alternatives: each closed
+    ],
+)
+def test_an_object_described_in_parts_is_closed_where_they_meet(grammars, tokenizer, schema, good, bad):
+    """`closed` (serve/tools.py) closes each object to the keys it lists; one described in parts (allOf, or
+    anyOf beside properties of its own) is closed once, to the keys of all its parts. Closed part by part,
+    each part forbade the others' keys and such schemas were refused as unsatisfiable."""
+    from metronome.serve.tools import closed
+
+    shaped = closed(schema)
+    for doc in good:
+        jsonschema.validate(doc, schema)
+        assert _takes(grammars, tokenizer, shaped, doc), doc
+    for doc in bad:
+        assert not _takes(grammars, tokenizer, shaped, doc), doc

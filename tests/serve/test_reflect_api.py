@@ -4,6 +4,7 @@ the same turns as the Python API, and bad input answered 400 naming the paramete
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import httpx
@@ -136,3 +137,45 @@ def test_a_client_that_leaves_stops_the_loop(served):
     assert engine.scheduler.idle
     assert len(submitted) == 1 and submitted[0].finish_reason == "cancelled"
     assert len(submitted[0].output_ids) < 120
+
+
+def _metrics(url: str) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(\S+) (\S+)$", text, re.M)}
+
+
+def test_reflections_are_counted_in_the_metrics(served):
+    """A reflection is a generation request in /metrics, and each of its turns an engine request, so the
+    accounts add up as for the chat routes (they were absent: a server running reflections looked idle)."""
+    url, _ = served
+    api = 'metronome_api_requests_{}_total{{endpoint="/v1/reflections"{}}}'
+    before = _metrics(url)
+    _events(url, {"task": TASK, "rounds": 1, "max_tokens": 6})  # three turns, to the end
+    r = httpx.post(f"{url}/v1/reflections", json={"task": TASK, "rounds": 1, "max_tokens": 6}, timeout=120)
+    assert r.status_code == 200
+    assert httpx.post(f"{url}/v1/reflections", json={"task": ""}, timeout=30).status_code == 400
+    body = {"task": TASK, "rounds": 1, "max_tokens": 120, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/reflections", json=body, timeout=120) as s:
+        for line in s.iter_lines():
+            if line == "event: turn.delta":
+                break  # leave during the first turn
+    deadline = time.monotonic() + 20
+    while True:
+        after = _metrics(url)
+        if after["metronome_engine_requests_in_flight"] == 0 and after["metronome_api_requests_in_flight"] == 0:
+            break
+        assert time.monotonic() < deadline, after
+        time.sleep(0.05)
+
+    def grew(name: str) -> float:
+        return after[name] - before.get(name, 0.0)
+
+    assert grew(api.format("received", "")) == 4
+    assert grew(api.format("ended", ',outcome="completed"')) == 2
+    assert grew(api.format("ended", ',outcome="rejected"')) == 1
+    assert grew(api.format("ended", ',outcome="cancelled"')) == 1
+    assert grew("metronome_engine_requests_submitted_total") == 7  # 3 + 3 turns, and the one left
+    finished = {k: grew(f'metronome_engine_requests_finished_total{{reason="{k}"}}') for k in ("stop", "length")}
+    assert sum(finished.values()) == 6
+    assert grew('metronome_engine_requests_finished_total{reason="cancelled"}') == 1
+    assert grew("metronome_time_to_first_token_seconds_count") == 7

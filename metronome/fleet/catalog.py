@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,8 +124,8 @@ def with_prices(
         for name, price in table.items():
             if name not in hardware:
                 raise ValueError(f"{flag} {name}={price}: no hardware named {name!r}; known: {sorted(hardware)}")
-            if price < 0:
-                raise ValueError(f"{flag} {name}={price}: a price must be >= 0")
+            if not (math.isfinite(price) and price >= 0):
+                raise ValueError(f"{flag} {name}={price}: a price must be a number >= 0")
     out = dict(hardware)
     for name, price in per_chip.items():
         out[name] = dataclasses.replace(out[name], price_per_chip_usd=price)

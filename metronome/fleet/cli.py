@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 from metronome.args import add_engine_args
 from metronome.fleet.catalog import (
     Hardware,
+    HardwareKind,
     hourly_price,
     load_calibration,
     load_cost_model,
@@ -40,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--target",
         action="append",
         metavar="HW",
-        help=f"hardware to plan for, repeatable: tsp-v1, lp30, h100-sxm, h200, {THIS_MACHINE} "
+        help=f"hardware to plan for, repeatable: {', '.join(sorted(load_hardware()))}, {THIS_MACHINE} "
         f"(default: {' + '.join(DEFAULT_TARGETS)})",
     )
     p.add_argument("--chips", type=int, help="LPU chip budget (default: up to the system maximum)")
@@ -146,11 +148,58 @@ def _calibrate(args: argparse.Namespace, out) -> None:
     print(calibration_table(terms, rows), file=out, end="")
 
 
+# The flags each mode reads besides its own switch; any other given is refused, not silently dropped.
+_PLAN_FLAGS = frozenset(
+    {"model", "tokens_per_s", "prompt", "output", "target", "chips", "weight_bits", "gpu_weight_bits"}
+    | {"price_per_hour", "price_per_chip", "trace", "trace_svg", "svg_us", "plot", "table"}
+)
+_MODE_FLAGS = {
+    "validate": frozenset(),
+    "calibrate": frozenset({"model", "measure", "device", "rounds", "threads"}),
+    "plan": _PLAN_FLAGS,
+}
+
+
+def _refuse_unused(args: argparse.Namespace, mode: str) -> None:
+    """A flag the mode does not read is an error naming it (it used to be ignored without a word)."""
+    defaults = argparse.ArgumentParser()
+    add_arguments(defaults)
+    given = [
+        a for a in defaults._actions if a.dest not in ("help", mode) and getattr(args, a.dest, a.default) != a.default
+    ]
+    unused = [
+        a.option_strings[0] if a.option_strings else a.dest.upper() for a in given if a.dest not in _MODE_FLAGS[mode]
+    ]
+    if unused:
+        what = {"validate": "--validate", "calibrate": "--calibrate", "plan": "planning a fleet"}[mode]
+        raise ValueError(f"{what} does not use {', '.join(unused)}; leave {'it' if len(unused) == 1 else 'them'} out")
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """What the files to write and the drawing window need, checked before the sweep rather than after it."""
+    for flag, path in (
+        ("--table", args.table),
+        ("--trace", args.trace),
+        ("--trace-svg", args.trace_svg),
+        ("--plot", args.plot),
+    ):
+        if path is not None and not path.parent.is_dir():
+            raise ValueError(f"{flag} {path}: the folder {path.parent} does not exist")
+    if args.trace_svg is not None and not (math.isfinite(args.svg_us) and args.svg_us > 0):
+        raise ValueError(f"--svg-us={args.svg_us}: the drawing's window must be a positive number of microseconds")
+    if args.plot is not None:
+        from matplotlib.figure import Figure
+
+        formats = Figure().canvas.get_supported_filetypes()
+        if args.plot.suffix.lstrip(".").lower() not in formats:
+            raise ValueError(f"--plot {args.plot}: name a file ending in one of .{', .'.join(sorted(formats))}")
+
+
 def _plan(args: argparse.Namespace, out) -> int:
     if args.model is None or args.tokens_per_s is None:
         raise ValueError("give MODEL and --tokens-per-s (or use --validate / --calibrate)")
-    if args.tokens_per_s <= 0:
-        raise ValueError(f"--tokens-per-s={args.tokens_per_s} must be positive")
+    if not (math.isfinite(args.tokens_per_s) and args.tokens_per_s > 0):
+        raise ValueError(f"--tokens-per-s={args.tokens_per_s} must be a positive number")
     if args.chips is not None and args.chips < 1:
         raise ValueError(f"--chips={args.chips} must be at least 1")
     for flag, bits in (("--weight-bits", args.weight_bits), ("--gpu-weight-bits", args.gpu_weight_bits)):
@@ -158,6 +207,7 @@ def _plan(args: argparse.Namespace, out) -> int:
             raise ValueError(f"{flag}={bits} must be 1 to 32 (or left out: the chip's own)")
     if args.trace_svg is not None and args.trace is None:
         raise ValueError("--trace-svg draws the --trace schedule: give --trace OUT.json too")
+    _check_outputs(args)
     shape = load_shape(args.model)
     catalog = load_hardware()
     if THIS_MACHINE in (args.target or []):
@@ -171,6 +221,11 @@ def _plan(args: argparse.Namespace, out) -> int:
     cal = calibration_from_table(table)
     handoff = Handoff(table["handoff"]["bandwidth"], table["handoff"]["latency_s"])
     workload = Workload(args.prompt, args.output)
+    if workload.context > shape.config.max_position:
+        raise ValueError(
+            f"--prompt {workload.prompt} + --output {workload.output} = {workload.context} tokens is more than "
+            f"{shape.name}'s context of {shape.config.max_position}; plan a shorter request"
+        )
     spec = SweepSpec(
         workload, lpu_weight_bits=args.weight_bits, gpu_weight_bits=args.gpu_weight_bits, lpu_chips=args.chips
     )
@@ -186,10 +241,7 @@ def _plan(args: argparse.Namespace, out) -> int:
     for kind in Kind:
         mine = [c for c in cands if c.kind is kind]
         if not mine:
-            print(
-                f"{kind.value:<30} no configuration of the targets holds the model (see --chips, --weight-bits)",
-                file=out,
-            )
+            print(f"{kind.value:<30} {_why_none(kind, hardware)}", file=out)
             continue
         c = best[kind]
         if c is None:
@@ -204,7 +256,11 @@ def _plan(args: argparse.Namespace, out) -> int:
     elif cands:
         print(f"no configuration reaches {args.tokens_per_s:g} tok/s per user: lower --tokens-per-s", file=out)
     else:
-        print("no target holds the model: name larger or more hardware (--target, --chips)", file=out)
+        print(
+            "no target holds the model: name larger or more hardware (--target, --chips), fewer weight bits, "
+            "or a shorter request (--prompt, --output: the KV cache)",
+            file=out,
+        )
     title = f"{shape.name}: prompt {workload.prompt}, output {workload.output}"
     if args.plot:
         plot_frontier(cands, args.plot, title)
@@ -215,6 +271,19 @@ def _plan(args: argparse.Namespace, out) -> int:
     if args.trace:
         _write_trace(args.trace, winners, cands, out, args.trace_svg, args.svg_us)
     return 0 if winners else 1
+
+
+def _why_none(kind: Kind, hardware: list[Hardware]) -> str:
+    """Why a kind of fleet has no candidate: none of its hardware among the targets, or none that holds it."""
+    lpu = any(h.kind is HardwareKind.LPU for h in hardware)
+    gpu = any(h.kind is not HardwareKind.LPU for h in hardware)
+    needs = {Kind.LPU: (lpu, "an LPU"), Kind.GPU: (gpu, "a GPU")}.get(kind, (lpu and gpu, "an LPU and a GPU"))
+    if not needs[0]:
+        return f"not planned: needs {needs[1]} among the targets (--target)"
+    return (
+        "no configuration of the targets holds the model (a layer or the KV cache too large for the chips; "
+        "see --chips, --weight-bits, --prompt/--output)"
+    )
 
 
 def _write_trace(
@@ -230,7 +299,7 @@ def _write_trace(
     if svg is not None:
         chips = [c for c in (0, 1) if c < pick.lpu_plan.chips]
         start = min((e["ts"] for e in trace["traceEvents"] if e["ph"] == "X" and e["pid"] == 0), default=0.0)
-        svg.write_text(trace_svg(trace, [*chips, GPU_PID], start + svg_us))
+        svg.write_text(trace_svg(trace, [*chips, GPU_PID], start + svg_us, from_us=start))
         print(f"wrote {svg}", file=out)
     print(f"wrote {path} ({pick.layout}, batch {pick.batch}; open in https://ui.perfetto.dev)", file=out)
 
@@ -239,6 +308,8 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of `metronome plan`; returns the exit code (2: bad input, 1: no configuration is fast enough)."""
     out = sys.stdout
     try:
+        mode = "validate" if args.validate else "calibrate" if args.calibrate else "plan"
+        _refuse_unused(args, mode)
         if args.validate:
             print(validation_report(load_hardware(), load_published(), load_calibration()), file=out, end="")
             return 0
@@ -247,5 +318,8 @@ def run(args: argparse.Namespace) -> int:
             return 0
         return _plan(args, out)
     except ValueError as e:
+        print(f"metronome plan: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file to write that cannot be (a full disk, no permission)
         print(f"metronome plan: error: {e}", file=sys.stderr)
         return 2

@@ -97,10 +97,14 @@ def sweep_lpu(shape: ModelShape, hw: Hardware, spec: SweepSpec) -> list[LpuPlan]
     return plans
 
 
+def _gpu_bits_options(hw: Hardware, spec: SweepSpec) -> list[int]:
+    """The GPU weight widths to try, in turn: the one asked for, else the GPU's own and then 8-bit."""
+    return [spec.gpu_weight_bits] if spec.gpu_weight_bits else [hw.default_weight_bits, 8]
+
+
 def sweep_gpu(shape: ModelShape, hw: Hardware, cal: GpuCalibration, spec: SweepSpec) -> list[GpuPlan]:
     plans = []
-    bits_options = [spec.gpu_weight_bits] if spec.gpu_weight_bits else [hw.default_weight_bits, 8]
-    for bits in bits_options:
+    for bits in _gpu_bits_options(hw, spec):
         for batch in spec.batches:
             g = 1
             while g <= hw.max_chips:
@@ -148,14 +152,14 @@ def _hybrids(
     spec: SweepSpec,
 ) -> list[Candidate]:
     wl, out = spec.workload, []
-    bits = spec.gpu_weight_bits or gpu.default_weight_bits
-    g_prefill = min_gpus(shape, gpu, cal, wl.context, bits)
-    if g_prefill is not None:
-        prefill = plan_gpu(shape, gpu, cal, g_prefill, 1, wl.context, wl.prompt, bits)
+    for bits in _gpu_bits_options(gpu, spec):  # the prefill GPUs drop to 8-bit only where 16 fits nowhere, as above
+        g_prefill = min_gpus(shape, gpu, cal, wl.context, bits)
+        prefill = plan_gpu(shape, gpu, cal, g_prefill, 1, wl.context, wl.prompt, bits) if g_prefill else None
         if prefill is not None:
             out += [
                 prefill_gpu_decode_lpu(p, prefill, handoff, wl, prices[lpu.name], prices[gpu.name]) for p in lpu_plans
             ]
+            break
     for batch in spec.batches:
         opts = _lpu_options(lpu, spec, batch)
         g = 1

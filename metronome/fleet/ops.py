@@ -109,7 +109,7 @@ def _attention(shape: ModelShape, offload: bool) -> list[Step]:
 
 def _mlp(shape: ModelShape) -> list[Step]:
     c = shape.config
-    d, f = c.hidden_size, c.intermediate_size
+    d, f = c.hidden_size, shape.mlp_width()  # a routed expert's width (Qwen-MoE's are narrower than the config's)
     steps: list[Step] = [*_norm("mlp_norm", d)]
     if shape.is_moe:
         # Router, then top-k by k passes of (max, mask), softmax over the k winners. The static schedule
@@ -136,6 +136,15 @@ def _mlp(shape: ModelShape) -> list[Step]:
         Op("act", Unit.VXM, flops=mult * 4 * f, axis="f"),
         Op("down", Unit.MXM, weights=mult * f * d, flops=mult * 2 * f * d, axis="f"),
     ]
+    if shape.is_moe and shape.shared_width:
+        # the shared expert every token runs (Qwen2-MoE), beside the routed ones, and its sigmoid gate
+        sw = shape.shared_width
+        steps += [
+            Op("shared.gate_up", Unit.MXM, weights=2 * d * sw, flops=4 * d * sw, axis="f"),
+            Op("shared.act", Unit.VXM, flops=4 * sw, axis="f"),
+            Op("shared.down", Unit.MXM, weights=sw * d, flops=2 * sw * d, axis="f"),
+            Op("shared.gate", Unit.MXM, weights=d, flops=2 * d + 4, replicated=True),
+        ]
     if shape.is_moe:
         steps.append(Op("expert_combine", Unit.VXM, flops=2 * shape.experts_per_token * d, axis="d"))
     steps.append(Exchange("down.allreduce", Pattern.ALLREDUCE, d, axis="d"))

@@ -9,12 +9,11 @@ COLORS = {"compute": "#4c78a8", "sram": "#bab0ac", "transfer": "#f58518", "pipel
 ROW_H, LABEL_W, PLOT_W = 16, 300, 1100
 
 
-def trace_svg(trace: dict, pids: list[int] | None = None, until_us: float | None = None) -> str:
-    """SVG of `trace`'s complete events for the processes `pids` (default: all), from 0 to `until_us`
+def trace_svg(trace: dict, pids: list[int] | None = None, until_us: float | None = None, from_us: float = 0.0) -> str:
+    """SVG of `trace`'s complete events for the processes `pids` (default: all), from `from_us` to `until_us`
     (default: the last event's end)."""
     events = [e for e in trace["traceEvents"] if e["ph"] == "X" and (pids is None or e["pid"] in pids)]
-    if until_us is not None:
-        events = [e for e in events if e["ts"] < until_us]
+    events = [e for e in events if e["ts"] + e["dur"] > from_us and (until_us is None or e["ts"] < until_us)]
     if not events:
         raise ValueError("nothing to draw: the trace has no complete events for those processes")
     names = {(e["pid"], e["tid"]): e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "thread_name"}
@@ -23,7 +22,7 @@ def trace_svg(trace: dict, pids: list[int] | None = None, until_us: float | None
         {(e["pid"], e["tid"]) for e in events}, key=lambda r: ((pids or []).index(r[0]) if pids else r[0], r[1])
     )
     end = until_us or max(e["ts"] + e["dur"] for e in events)
-    scale = PLOT_W / end
+    scale = PLOT_W / (end - from_us)
     height = ROW_H * (len(rows) + 4)
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{LABEL_W + PLOT_W + 20}" height="{height}" '
@@ -37,10 +36,9 @@ def trace_svg(trace: dict, pids: list[int] | None = None, until_us: float | None
         out.append(f'<line x1="{LABEL_W}" x2="{LABEL_W + PLOT_W}" y1="{y + ROW_H}" y2="{y + ROW_H}" stroke="#eee"/>')
     index = {r: i for i, r in enumerate(rows)}
     for e in events:
-        if e["ts"] > end:
-            continue
-        x = LABEL_W + e["ts"] * scale
-        w = max(0.5, min(e["dur"], end - e["ts"]) * scale)
+        begin = max(e["ts"], from_us)  # a bar that started before the window is drawn from its edge
+        x = LABEL_W + (begin - from_us) * scale
+        w = max(0.5, (min(e["ts"] + e["dur"], end) - begin) * scale)
         y = ROW_H * (index[(e["pid"], e["tid"])] + 1) + 2
         color = COLORS.get(e.get("cat", ""), "#999")
         out.append(
@@ -50,7 +48,7 @@ def trace_svg(trace: dict, pids: list[int] | None = None, until_us: float | None
     y = ROW_H * (len(rows) + 2)
     for k in range(11):
         x = LABEL_W + PLOT_W * k / 10
-        out.append(f'<text x="{x:.0f}" y="{y}" text-anchor="middle">{end * k / 10:.1f} us</text>')
+        out.append(f'<text x="{x:.0f}" y="{y}" text-anchor="middle">{from_us + (end - from_us) * k / 10:.1f} us</text>')
     legend = "  ".join(f"{c}" for c in COLORS)
     out.append(
         f'<text x="4" y="{y}">{escape(legend)}: blue compute, grey SRAM read, orange transfer, green pipeline</text>'

@@ -34,10 +34,13 @@ class ModelShape:
         p = c.hidden_size * c.q_size + 2 * c.hidden_size * c.kv_size + c.q_size * c.hidden_size
         return p + ((c.q_size + 2 * c.kv_size) if c.qkv_bias else 0)
 
+    def mlp_width(self) -> int:
+        """The width of one gated MLP: a routed expert's, or the whole MLP's of a dense model."""
+        return self.expert_width if self.is_moe and self.expert_width else self.config.intermediate_size
+
     def expert_params(self) -> int:
         """One gated MLP (gate, up, down): a routed expert's, or the whole MLP of a dense model."""
-        width = self.expert_width if self.is_moe and self.expert_width else self.config.intermediate_size
-        return 3 * self.config.hidden_size * width
+        return 3 * self.config.hidden_size * self.mlp_width()
 
     def router_params(self) -> int:
         return self.config.hidden_size * self.num_experts if self.is_moe else 0
@@ -276,8 +279,15 @@ def _hf_shape(path: Path) -> ModelShape:
         raise ValueError(f"{file}: cannot read an HF config.json ({e}); pass a model folder or a built-in name") from e
     top = raw
     raw = raw.get("text_config", raw)  # multimodal wrappers (Gemma 3) nest the language model
+    if "n_routed_experts" in raw or "kv_lora_rank" in raw:  # DeepSeek V2/V3: its experts under other names
+        raise ValueError(
+            f"{file}: a DeepSeek-style model (n_routed_experts, multi-head latent attention); the planner models "
+            "Llama-style attention and Mixtral/Qwen-style experts only, and would size this one wrongly"
+        )
     try:
         d, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
+        if d < 1 or heads < 1:
+            raise ValueError(f"{file}: hidden_size {d} and num_attention_heads {heads} must be at least 1")
         cfg = ModelConfig(
             arch=str(raw.get("model_type", top.get("model_type", "llama"))),
             name=path.name,
@@ -326,6 +336,22 @@ def load_shape(spec: str) -> ModelShape:
         shape = _gguf_shape(path)
     else:
         shape = _hf_shape(path)
+    if shape.experts_per_token and not shape.is_moe:
+        raise ValueError(f"{spec}: {shape.experts_per_token} experts per token but no expert count the planner reads")
     if shape.is_moe and not 0 < shape.experts_per_token <= shape.num_experts:
         raise ValueError(f"{spec}: {shape.num_experts} experts but {shape.experts_per_token} per token")
+    c = shape.config
+    sizes = {
+        "hidden size": c.hidden_size,
+        "MLP width": shape.mlp_width(),
+        "layers": c.num_layers,
+        "attention heads": c.num_heads,
+        "KV heads": c.num_kv_heads,
+        "head size": c.head_dim,
+        "vocabulary": c.vocab_size,
+        "context": c.max_position,
+    }
+    bad = {what: n for what, n in sizes.items() if n < 1}
+    if bad:
+        raise ValueError(f"{spec}: " + ", ".join(f"{what} {n}" for what, n in bad.items()) + ": must be at least 1")
     return shape

@@ -174,6 +174,71 @@ def test_model_errors_say_what_to_do(tmp_path):
         load_shape(str(tmp_path))
 
 
+def _config(tmp_path: Path, name: str, **kw) -> str:
+    base = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32}
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**base, "num_attention_heads": 32, **kw}))
+    return str(folder)
+
+
+def test_configs_the_planner_cannot_size_are_refused(tmp_path):
+    """Sized wrongly without a word before: a DeepSeek config read as a 38.6 B dense model (its experts
+    under other names), zero heads a ZeroDivisionError, zero layers planned at thousands of tok/s."""
+    deepseek = _config(tmp_path, "dsv3", n_routed_experts=256, num_experts_per_tok=8, kv_lora_rank=512)
+    with pytest.raises(ValueError, match="DeepSeek-style"):
+        load_shape(deepseek)
+    with pytest.raises(ValueError, match="8 experts per token but no expert count"):
+        load_shape(_config(tmp_path, "routed", num_experts_per_tok=8))
+    with pytest.raises(ValueError, match="num_attention_heads 0 must be at least 1"):
+        load_shape(_config(tmp_path, "heads", num_attention_heads=0))
+    with pytest.raises(ValueError, match="layers 0: must be at least 1"):
+        load_shape(_config(tmp_path, "layers", num_hidden_layers=0))
+
+
+def test_an_moe_step_reads_its_experts_width_not_the_configs_mlp(tmp_path):
+    """Qwen-MoE experts are narrower than the config's intermediate_size; the LPU program used the latter,
+    so two configs differing only in a field the model does not use timed differently."""
+    moe = dict(num_experts=16, num_experts_per_tok=2, moe_intermediate_size=512, shared_expert_intermediate_size=1024)
+    a = load_shape(_config(tmp_path, "a", intermediate_size=6144, **moe))
+    b = load_shape(_config(tmp_path, "b", intermediate_size=512, **moe))
+    assert layer_program(a) == layer_program(b)
+    program = layer_program(a)
+    mlp = sum(op.weights for op in program if op.name in ("gate_up", "down") or op.name.startswith("shared."))
+    d = a.config.hidden_size
+    assert mlp == 2 * a.expert_params() + a.shared_params() and a.expert_params() == 3 * d * 512
+    opts = LpuOptions(context=2048, prompt=512)
+    assert compile_lpu(a, TSP, opts).ttft_s == compile_lpu(b, TSP, opts).ttft_s
+
+
+def test_the_prefill_gpus_of_a_hybrid_drop_to_8_bit_where_16_fits_nowhere(tmp_path):
+    """As the GPU fleets do: a 405B model fits 8 H100s only at 8 bits, and the prefill-on-GPU hybrid said no
+    configuration held the model while the GPU line beside it ran on 8 H100s."""
+    from metronome.fleet.frontier import _hybrids
+
+    big = load_shape(
+        _config(
+            tmp_path,
+            "l405",
+            vocab_size=128256,
+            hidden_size=16384,
+            intermediate_size=53248,
+            num_hidden_layers=126,
+            num_attention_heads=128,
+            num_key_value_heads=8,
+            max_position_embeddings=131072,
+        )
+    )
+    h100, wl = HW["h100-sxm"], Workload(1000, 1000)
+    assert min_gpus(big, h100, CAL, wl.context, 16) is None and min_gpus(big, h100, CAL, wl.context, 8) == 8
+    lpu = compile_lpu(big, TSP, LpuOptions(weight_bits=4, context=wl.context, prompt=wl.prompt))
+    handoff = Handoff(TABLE["handoff"]["bandwidth"], TABLE["handoff"]["latency_s"])
+    spec = SweepSpec(wl, batches=(1,), lpu_weight_bits=4, stage_steps=1)
+    cands = _hybrids(big, TSP, h100, [lpu], {"tsp-v1": 1.0, "h100-sxm": 2.0}, CAL, handoff, spec)
+    prefill = [c for c in cands if c.kind is Kind.PREFILL_GPU_DECODE_LPU]
+    assert len(prefill) == 1 and prefill[0].layout.startswith("h100-sxm x8 prefill")
+
+
 # ---- LPU compiler and schedule -------------------------------------------------------------------------------
 
 
@@ -602,6 +667,26 @@ def test_cli_errors_are_actionable(capsys):
     assert "--weight-bits=0 must be 1 to 32" in capsys.readouterr().err
     assert _run_cli(["llama-2-7b", "--tokens-per-s", "100", "--trace-svg", "t.svg"]) == 2
     assert "give --trace" in capsys.readouterr().err
+    # refused before the sweep, where they ran it and printed $nan, or failed after it with a traceback
+    for argv, says in (
+        (["--tokens-per-s", "nan"], "--tokens-per-s=nan must be a positive number"),
+        (["--tokens-per-s", "100", "--price-per-hour", "tsp-v1=inf"], "a price must be a number >= 0"),
+        (["--tokens-per-s", "100", "--price-per-chip", "h100-sxm=nan"], "a price must be a number >= 0"),
+        (["--tokens-per-s", "100", "--prompt", "100000"], "more than llama-2-7b's context of 4096"),
+        (["--tokens-per-s", "100", "--table", "/nonexistent/x.md"], "--table /nonexistent/x.md: the folder"),
+        (["--tokens-per-s", "100", "--trace", "t.json", "--trace-svg", "t.svg", "--svg-us", "0"], "--svg-us=0.0"),
+        (["--tokens-per-s", "100", "--plot", "x.txt"], "--plot x.txt: name a file ending in one of"),
+        (["--tokens-per-s", "100", "--measure"], "planning a fleet does not use --measure"),
+        (["--tokens-per-s", "100", "--validate", "--target", "nosuch"], "--validate does not use MODEL, --tokens-per"),
+    ):
+        assert _run_cli(["llama-2-7b", *argv]) == 2, argv
+        assert says in capsys.readouterr().err, argv
+    assert _run_cli(["--validate", "--calibrate"]) == 2
+    assert "--validate does not use --calibrate" in capsys.readouterr().err
+    # a kind none of whose hardware is among the targets says so (it said no configuration held the model)
+    assert _run_cli(["llama-2-7b", "--tokens-per-s", "100", "--target", "a100-sxm"]) == 0
+    out = capsys.readouterr().out
+    assert "not planned: needs an LPU among the targets" in out and "not planned: needs an LPU and a GPU" in out
 
 
 def test_cli_validate_and_module_entry_point():
@@ -610,3 +695,29 @@ def test_cli_validate_and_module_entry_point():
     )
     assert proc.returncode == 0, proc.stderr
     assert "llama-2-70b | tsp-v1 | 576 chips" in proc.stdout and "mixtral-8x7b" in proc.stdout
+
+
+def test_the_trace_drawing_shows_its_window_not_the_time_before_it():
+    """`--trace-svg` draws --svg-us microseconds from the decode step's first event; after a hybrid's
+    prefill and KV hand-off that step starts ms in, and the drawing ran from 0, the step a sliver at its end."""
+    from metronome.fleet.render import LABEL_W, PLOT_W, trace_svg
+
+    meta = [{"ph": "M", "name": "process_name", "pid": 0, "args": {"name": "chip 0"}}]
+    meta += [{"ph": "M", "name": "thread_name", "pid": 0, "tid": 1, "args": {"name": "mxm"}}]
+    bars = [
+        {"ph": "X", "name": "prefill", "pid": 0, "tid": 1, "ts": 0.0, "dur": 40_000.0, "cat": "compute"},
+        {"ph": "X", "name": "qkv", "pid": 0, "tid": 1, "ts": 40_010.0, "dur": 50.0, "cat": "compute"},
+    ]
+    svg = trace_svg({"traceEvents": meta + bars}, [0], 40_100.0, from_us=40_000.0)
+    widths = {
+        m.group(2): float(m.group(1))
+        for m in re.finditer(
+            r'width="([\d.]+)" height="\d+" fill="[^"]+" '
+            r'fill-opacity="0.8"><title>(\w+)',
+            svg,
+        )
+    }
+    assert widths["qkv"] == pytest.approx(PLOT_W / 2)  # 50 of the window's 100 us
+    assert "prefill" not in widths  # it ended as the window began
+    assert f'x="{LABEL_W + PLOT_W * 0.1:.2f}"' in svg  # qkv starts 10 us into the window
+    assert ">40000.0 us</text>" in svg and ">40100.0 us</text>" in svg

@@ -49,6 +49,8 @@ def decode_audio(data: bytes, max_seconds: float = MAX_SECONDS) -> DecodedAudio:
         raise AudioError("the file is empty; send a recording (wav, flac, mp3, ogg or webm)")
     try:
         container = av.open(io.BytesIO(data), mode="r")
+    except av.error.EOFError:  # a container's header and nothing after it: what a recorder stopped at once sends
+        raise AudioError("the file ends before its first audio frame: the recording is empty or cut short") from None
     except av.error.FFmpegError as exc:  # the bytes are the caller's: any failure to open them is theirs
         raise AudioError(
             f"the file is not audio FFmpeg can read ({exc.strerror}); send wav, flac, mp3, ogg or webm"

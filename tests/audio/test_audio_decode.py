@@ -139,3 +139,27 @@ def test_a_file_without_audio_is_refused():
         out.mux(stream.encode(None))
     with pytest.raises(AudioError, match="no audio stream"):
         decode_audio(buf.getvalue())
+
+
+def test_a_recording_cut_before_its_first_frame_is_called_empty():
+    """A webm whose recorder stopped at once holds its header and no audio: FFmpeg's end of file on open was
+    reported as "not audio FFmpeg can read", which sent a user after the wrong cause."""
+
+    out = io.BytesIO()
+    with av.open(out, mode="w", format="webm") as container:
+        stream = container.add_stream("libopus", rate=48000)
+        stream.layout = "mono"
+        samples = (_sine(300, 48000, 0.5) * 0.5).astype(np.float32).reshape(1, -1)
+        frame = av.AudioFrame.from_ndarray(samples, format="flt", layout="mono")
+        frame.rate = 48000
+        for packet in stream.encode(frame):
+            container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    data = out.getvalue()
+    whole = decode_audio(data)
+    assert whole.seconds == pytest.approx(0.5, abs=0.05)
+    header = data[: data.find(bytes.fromhex("1F43B675"))]  # up to the first Cluster: no frame at all
+    with pytest.raises(AudioError, match="ends before its first audio frame") as info:
+        decode_audio(header)
+    assert info.value.param == "file"

@@ -77,3 +77,28 @@ def test_the_bench_command_writes_its_files_and_fails_without_a_speech_model(url
     assert main([*args, "--url", urls[1], "--audio", str(beckett), "--out", str(tmp_path)]) == 1
     assert "serves no speech model" in capsys.readouterr().err
     assert main([*args, "--url", urls[0], "--audio", str(tmp_path / "none.wav")]) == 2
+
+
+def test_a_loop_that_hears_nothing_fails_and_an_unreachable_server_is_said_plainly(urls, tmp_path, capsys):
+    """An empty transcript was timed as a loop that worked, its chat answering an empty prompt (the chat page
+    says "heard nothing"); a server that is not there was an httpx traceback, where the other benches say so."""
+    import socket
+    import wave
+
+    import numpy as np
+
+    from metronome.cli import main
+
+    clip = tmp_path / "blip.wav"
+    with wave.open(str(clip), "wb") as w:  # 50 ms of a tone: audible, and no words in it
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes((np.sin(np.arange(800) * 0.3) * 8000).astype(np.int16).tobytes())
+    levels = measure_voice(urls[0], clip, (1,), loops=1, max_tokens=4, timeout_s=120)
+    (loop,) = levels[0].loops
+    assert not loop.ok and "heard nothing" in loop.error and levels[0].ok == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    args = ["bench", "--voice", "--concurrency", "1", "--rounds", "1", "--output-tokens", "4", "--audio", str(clip)]
+    assert main([*args, "--url", f"http://127.0.0.1:{port}"]) == 1
+    assert "check that the server is running" in capsys.readouterr().err

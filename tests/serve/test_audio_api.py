@@ -25,7 +25,7 @@ from helpers.live_server import LiveServer
 
 from metronome.audio.decode import decode_audio
 from metronome.audio.formats import ResponseFormat, render
-from metronome.audio.types import Transcript
+from metronome.audio.types import Transcript, TranscriptionStopped
 from metronome.serve.audio import SpeechService, SpeechSettings
 from metronome.serve.server import ServerSettings, create_app
 
@@ -196,6 +196,7 @@ def test_translations_endpoint(client, beckett, reference):
         r = client.audio.translations.create(model="whisper-1", file=("beckett.wav", beckett))
     except openai.BadRequestError as exc:  # an English-only model refuses to translate: a 400 that says so
         assert exc.body["code"] == "unsupported_option" and "English-only" in exc.body["message"]
+        assert exc.body["param"] == "model"  # it was null
         return
     assert _words(r.text) == _words(reference.text)  # English speech: the translation is the transcript
 
@@ -330,6 +331,56 @@ def test_a_running_transcription_leaves_the_loop_free_and_a_full_queue_answers_4
             assert service.pending == 0
     finally:
         held.gate.set()
+        service.stop()
+
+
+class Recorded(Held):
+    """Held, recording how each call ended: "done", or "stopped" (its stop event was set)."""
+
+    def __init__(self, inner) -> None:
+        super().__init__(inner)
+        self.ends: list[str] = []
+
+    def transcribe(self, samples, **options) -> Transcript:
+        try:
+            out = super().transcribe(samples, **options)
+        except TranscriptionStopped:
+            self.ends.append("stopped")
+            raise
+        self.ends.append("done")
+        return out
+
+
+def test_a_client_that_leaves_frees_its_place_and_stops_its_transcription(transcriber, beckett, reference):
+    """A transcription whose client went away ran to its end for nobody, holding its admission and its place
+    in the queue: clients still there waited behind it or got 429s. Now a queued one is skipped, a running
+    one stops before its next window, and both release their admission as the client leaves."""
+    recorded = Recorded(transcriber)
+    service = SpeechService(SpeechSettings(max_pending=2, workers=1))
+    service.attach(recorded)
+    recorded.gate.clear()
+    try:
+        with LiveServer(create_app(None, ServerSettings(), speech=service)) as live:
+
+            def leave_after_1s() -> None:
+                with pytest.raises(httpx.ReadTimeout):
+                    httpx.post(f"{live}/v1/audio/transcriptions", files={"file": ("b.wav", beckett)}, timeout=1.0)
+
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                running = pool.submit(leave_after_1s)
+                assert recorded.entered.wait(timeout=60)  # in the worker, held at the gate
+                queued = pool.submit(leave_after_1s)  # behind it in the queue
+                running.result(timeout=30), queued.result(timeout=30)
+            deadline = time.monotonic() + 10
+            while service.pending and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert service.pending == 0  # both admissions released while the gate is still shut
+            recorded.gate.set()
+            r = _post(live, beckett)
+            assert r.status_code == 200 and r.json()["text"] == reference.text.strip()
+            assert recorded.ends == ["stopped", "done"]  # the queued one never ran
+    finally:
+        recorded.gate.set()
         service.stop()
 
 

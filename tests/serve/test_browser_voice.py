@@ -106,3 +106,34 @@ def test_speak_transcribe_answer(voice_url, transcriber):
     assert answer and not answer.startswith("Error")
     for stage in ("transcript", "TTFT", "first sentence", "end of speech to first sentence"):
         assert re.search(stage + r" \d+\.\d\d s", timing), (stage, timing)
+
+
+def test_a_slip_of_the_finger_is_not_sent(voice_url):
+    """Speak clicked twice at once stopped the recorder before its first frame: the page sent a webm cut
+    before its audio and showed the server's "not audio FFmpeg can read". It now says the recording was too
+    short and sends nothing; the server calls such a file empty (audio/decode.py). No favicon request 404s."""
+    from playwright import sync_api
+
+    if not shutil.which(CHROMIUM):
+        pytest.skip("no chromium: apt-get install -y chromium")
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--use-fake-ui-for-media-stream"]
+    args.append("--use-fake-device-for-media-stream")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
+        try:
+            page = browser.new_page()
+            posted, missing = [], []
+            page.on("request", lambda r: posted.append(r.url) if "/v1/audio/" in r.url else None)
+            page.on("response", lambda r: missing.append(r.url) if r.status == 404 else None)
+            page.goto(voice_url)
+            page.wait_for_function("document.getElementById('status').textContent === 'ready'", timeout=60_000)
+            page.click("#mic")
+            page.wait_for_function("document.getElementById('status').textContent === 'listening…'", timeout=30_000)
+            page.click("#mic")
+            page.wait_for_function(
+                "document.getElementById('status').textContent.startsWith('too short')", timeout=30_000
+            )
+            time.sleep(0.5)  # a request the page might still send would be seen by now
+        finally:
+            browser.close()
+    assert posted == [] and missing == []

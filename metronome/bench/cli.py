@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import signal
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 _API_CHOICES = ("chat", "completions")  # the values of client.Api
 
 _EXIT_INTERRUPTED = 130
+REQUEST_TIMEOUT_S = 600.0  # one request's longest wait, unless --request-timeout says otherwise
+FUZZ_TIMEOUT_S = 120.0  # the fuzzer's: a request past it is a hang (its cases are small)
 
 
 def _levels(text: str) -> tuple[int, ...]:
@@ -120,9 +123,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--fuzz",
         type=int,
         metavar="CASES",
-        help="fuzz the HTTP API from its OpenAPI schema with schemathesis (pip install -e '.[test]'), up to CASES "
-        "cases per endpoint; fails on a 5xx, a hang or an answer outside the schema; on --url or a `metronome "
-        "serve` started here",
+        help="fuzz the HTTP API from its OpenAPI schema with schemathesis (pip install -e '.[test]'), CASES "
+        "generated cases per endpoint beside its boundary cases (so more requests in all: minutes even at 2); fails "
+        "on a 5xx, a hang (--request-timeout) or an answer outside the schema; on --url or a `metronome serve` "
+        "started here",
     )
     parser.add_argument("--users", type=int, help="with --soak: concurrent clients (default: 2 x the server's slots)")
     parser.add_argument("--server-pid", type=int, help="with --soak --url: the server's process, for its memory")
@@ -145,7 +149,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--hf-dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="transformers peer dtype"
     )
     parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds a peer may take to be ready")
-    parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds one request may take")
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        help=f"seconds one request may take (default {REQUEST_TIMEOUT_S:g}; --fuzz: {FUZZ_TIMEOUT_S:g}, where a "
+        "request past it counts as a hang)",
+    )
     parser.add_argument("--out", type=Path, help="output folder (default bench-results/<date-time>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     # the engine's flags, as `metronome serve` has them: --threads is every started peer's thread count
@@ -213,7 +222,7 @@ def _plan(args: argparse.Namespace) -> tuple[SweepConfig, TokenCounter, Path]:
         api=Api(args.api),
         ignore_eos=not args.no_ignore_eos,
         temperature=args.temperature,
-        request_timeout_s=args.request_timeout,
+        request_timeout_s=_request_timeout(args),
     )
     counter: TokenCounter = TokenizerFileCounter(args.tokenizer) if args.tokenizer else CharEstimate()
     out_dir = args.out if args.out is not None else Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")
@@ -262,7 +271,45 @@ def _start_targets(
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the bench described by `args`; 0 on success, 1 on failure, 2 on bad options, 130 on Ctrl-C."""
+    """Run the bench described by `args`; 0 on success, 1 on failure, 2 on bad options, 130 on Ctrl-C or
+    SIGTERM (both stop the servers the bench started and keep what was measured, where a mode keeps it)."""
+    # SIGTERM (`timeout`, CI, systemd) is taken as Ctrl-C: its default ended the process at once, leaving the
+    # servers it had started (each in its own session) running, orphaned, and the measurements unwritten
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _request_timeout(args: argparse.Namespace) -> float:
+    if args.request_timeout is not None and not args.request_timeout > 0:
+        raise ValueError(f"--request-timeout must be positive (got {args.request_timeout})")
+    return args.request_timeout if args.request_timeout is not None else REQUEST_TIMEOUT_S
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _common_refusal(args: argparse.Namespace) -> str | None:
+    """What every mode refuses alike, before it measures anything."""
+    if args.output_tokens is not None and args.output_tokens < 1:  # two modes took 0 as "the default"
+        return f"--output-tokens must be at least 1 (got {args.output_tokens})"
+    if args.out is not None and args.out.exists() and not args.out.is_dir():  # found after a whole sweep
+        return f"--out {args.out}: a file is there; name a folder"
+    if args.load is not None and args.url is not None:
+        return "--load runs the plan in process and serves it itself: --url is not used"
+    if args.load is not None and args.out is not None:
+        return "--load prints its tables and writes no files: --out is not used"
+    if args.fuzz is not None and args.fuzz < 1:
+        return f"--fuzz must be at least 1 case per endpoint (got {args.fuzz})"
+    if args.fuzz is not None and args.soak is not None:
+        return "--soak and --fuzz are separate runs: give one"
+    return None
+
+
+def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from metronome.bench.peers import PeerStartError, PeerUnavailable
@@ -272,6 +319,10 @@ def run(args: argparse.Namespace) -> int:
     from metronome.bench.workloads import PromptBuilder, load_corpus
 
     console = Console(stderr=True)
+    refused = _common_refusal(args)
+    if refused:
+        console.print(f"metronome bench: error: {refused}", markup=False)
+        return 2
     if args.url is not None and not (args.decode_only or args.speculation):  # those two refuse --url themselves
         refused = _unused(args, (), "--url (a server already running, with its own settings)")
         if refused:
@@ -427,7 +478,7 @@ def _run_voice(args: argparse.Namespace, console) -> int:
                 )
                 base_url = stack.enter_context(peers)[0].base_url
             levels = measure_voice(
-                base_url, audio, tuple(args.concurrency), args.rounds, max_tokens, args.request_timeout
+                base_url, audio, tuple(args.concurrency), args.rounds, max_tokens, _request_timeout(args)
             )
     except (ValueError, FileNotFoundError) as exc:
         console.print(f"metronome bench: error: {exc}", markup=False)
@@ -484,8 +535,12 @@ def _run_soak(args: argparse.Namespace, console) -> int:
             if args.fuzz is not None:
                 from metronome.bench.fuzz import run_fuzz
 
-                console.print(f"fuzz: up to {args.fuzz} cases per endpoint on {url}", markup=False)
-                fuzzed = run_fuzz(url, args.fuzz, out_dir / "fuzz", seed=args.seed)
+                console.print(
+                    f"fuzz: {args.fuzz} generated cases per endpoint, and schemathesis's boundary cases, on {url}",
+                    markup=False,
+                )
+                timeout_s = args.request_timeout if args.request_timeout is not None else FUZZ_TIMEOUT_S
+                fuzzed = run_fuzz(url, args.fuzz, out_dir / "fuzz", request_timeout_s=timeout_s, seed=args.seed)
                 print(fuzzed.output)
                 print(fuzzed.summary())
                 return 0 if fuzzed.passed else 1
@@ -494,7 +549,7 @@ def _run_soak(args: argparse.Namespace, console) -> int:
                 duration_s=duration,
                 users=users,
                 max_output_tokens=args.output_tokens or SoakConfig.max_output_tokens,
-                request_timeout_s=args.request_timeout,
+                request_timeout_s=_request_timeout(args),
                 seed=args.seed,
             )
             console.print(
@@ -508,5 +563,9 @@ def _run_soak(args: argparse.Namespace, console) -> int:
     except (ValueError, FileNotFoundError, PeerUnavailable, PeerStartError, ConnectionError, RuntimeError) as exc:
         console.print(f"metronome bench: error: {exc}", markup=False)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the server started here was stopped on the way out
+        what = "fuzz" if args.fuzz is not None else "soak"
+        console.print(f"metronome bench: {what} interrupted before its end: no verdict", markup=False)
+        return _EXIT_INTERRUPTED
     print(result.summary())
     return 0 if result.passed else 1

@@ -111,7 +111,12 @@ class _OpenMeasurement:
         self.requests: list[RequestResult] = []
 
     def close(self, complete: bool) -> Measurement:
-        end = self.end if self.end is not None else time.perf_counter()
+        end = self.end
+        if end is None and self.requests:  # cut short (Ctrl-C): the window ends with its last finished request,
+            # not at the interrupt, which would count the time the unfinished ones ran against the finished ones
+            end = self.start + max(r.started_s + r.total_s for r in self.requests)
+        elif end is None:
+            end = time.perf_counter()
         return Measurement(
             target=self.target.name,
             concurrency=self.concurrency,

@@ -60,6 +60,41 @@ class ApiRequest:
         self.metrics._api_ended(self.endpoint, outcome)
 
 
+class _EngineTotals:
+    """The engine's own running totals, read at scrape time and exposed as counters (`_total`), so that
+    rate() and increase() read them right: speculation's drafted and accepted tokens, and the prefix cache's
+    lookups, hits and evictions (zeros without an engine or a cache)."""
+
+    def __init__(self, metrics: "ServerMetrics") -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        engine = self.metrics._engine
+        cache = engine.prefix_cache if engine is not None else None
+        for name, doc, value in (
+            ("spec_drafted_tokens", "Tokens drafted for speculative decoding.", engine and engine.spec.drafted),
+            ("spec_accepted_tokens", "Drafted tokens that were accepted.", engine and engine.spec.accepted),
+            (
+                "prefix_cache_lookup_tokens",
+                "Prompt tokens looked up in the prefix cache.",
+                cache and cache.stats.lookup_tokens,
+            ),
+            (
+                "prefix_cache_hit_tokens",
+                "Prompt tokens copied from the prefix cache.",
+                cache and cache.stats.hit_tokens,
+            ),
+            (
+                "prefix_cache_evicted_pages",
+                "Prefix cache pages evicted (least recently used).",
+                cache and cache.stats.evicted_pages,
+            ),
+        ):
+            counter = CounterMetricFamily(f"metronome_{name}", doc + " Since start.")
+            counter.add_metric((), float(value or 0))
+            yield counter
+
+
 class _StepCollector:
     """The engine's step profile (engine/profile.py) and this process's CPU time by thread, read at scrape
     time: a client that scrapes before and after a load sees where the served steps' time went."""
@@ -181,16 +216,9 @@ class ServerMetrics:
         Gauge("metronome_requests_running", "Requests holding a slot.", registry=r).set_function(self.running)
         Gauge("metronome_requests_waiting", "Requests queued for a slot.", registry=r).set_function(self.waiting)
         Gauge("metronome_slot_occupancy", "Fraction of slots in use.", registry=r).set_function(self.occupancy)
-        Gauge(
-            "metronome_spec_drafted_tokens",
-            "Tokens drafted for speculative decoding since start (cumulative).",
-            registry=r,
-        ).set_function(lambda: float(self._engine.spec.drafted) if self._engine is not None else 0.0)
-        Gauge(
-            "metronome_spec_accepted_tokens", "Drafted tokens that were accepted since start (cumulative).", registry=r
-        ).set_function(lambda: float(self._engine.spec.accepted) if self._engine is not None else 0.0)
         self._prefix_gauges(r)
         r.register(_StepCollector(self))
+        r.register(_EngineTotals(self))
         self.slots = Gauge("metronome_slots", "Request slots of the plan (requests decoded together).", registry=r)
         self.promised_speed = Gauge(
             "metronome_plan_tokens_per_second",
@@ -231,21 +259,6 @@ class ServerMetrics:
             ("pages", "Pages of the prefix cache's pool (allocated at start).", lambda c: c.pages),
             ("page_tokens", "Tokens per page of the prefix cache.", lambda c: c.page),
             ("pages_used", "Pages of the prefix cache holding a prompt's KV.", lambda c: c.used_pages),
-            (
-                "evicted_pages",
-                "Pages evicted (least recently used) since start (cumulative).",
-                lambda c: c.stats.evicted_pages,
-            ),
-            (
-                "lookup_tokens",
-                "Prompt tokens looked up in the prefix cache since start (cumulative).",
-                lambda c: c.stats.lookup_tokens,
-            ),
-            (
-                "hit_tokens",
-                "Prompt tokens copied from the prefix cache since start (cumulative).",
-                lambda c: c.stats.hit_tokens,
-            ),
         ):
             Gauge(f"metronome_prefix_cache_{name}", doc, registry=r).set_function(stat(read))
 

@@ -395,14 +395,7 @@ def add_responses_routes(app: FastAPI, state: ServerState) -> None:
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 )
-            watcher = chat._watch(request, job)
-            try:
-                async for _run, delta, _tokens in job.deltas():
-                    if delta.finish_reason == "error":
-                        raise chat._engine_failure(delta.error)
-            finally:
-                watcher.cancel()
-                state.release(job)
+            await chat._run_whole(request, state, job)
             run, quiet = job.runs[0], EventWriter()
             status = _status(run.finish_reason)
             out.feed(run.text, quiet)

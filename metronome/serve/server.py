@@ -512,15 +512,25 @@ async def _answer(
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
+    await _run_whole(request, state, job)
+    return JSONResponse(shape.whole(job.runs, job.usage()))
+
+
+async def _run_whole(request: Request, state: ServerState, job: Job) -> None:
+    """Take a whole (not streamed) answer's events until every choice ended; a client that leaves first
+    cancels them, and the request ends with ClientDisconnect (a 499 in the status counts, where the partial
+    answer nobody would read was counted a 200)."""
     watcher = _watch(request, job)
     try:
         async for _run, delta, _tokens in job.deltas():
             if delta.finish_reason == "error":
                 raise _engine_failure(delta.error)
     finally:
+        gone = watcher.done() and not watcher.cancelled()
         watcher.cancel()
         state.release(job)
-    return JSONResponse(shape.whole(job.runs, job.usage()))
+    if gone:
+        raise ClientDisconnect()
 
 
 def _watch(request: Request, job: Job) -> "asyncio.Task[None]":

@@ -65,6 +65,7 @@ class Recorder:
     def request_done(self, target: Target, result: RequestResult) -> None:
         self.done.append(result)
         if self.interrupt_after is not None and len(self.done) >= self.interrupt_after:
+            time.sleep(0.3)  # the interrupt comes a while after the last request finished, as a person's does
             raise KeyboardInterrupt
 
 
@@ -309,6 +310,8 @@ def test_interrupt_from_a_hook_keeps_partial_results(tmp_path: Path) -> None:
     assert outcome.interrupted
     (partial,) = outcome.measurements
     assert not partial.complete and len(partial.requests) == 3
+    # its window ends with its last finished request, not at the interrupt (which lowered req/s and tok/s)
+    assert partial.wall_s == pytest.approx(max(r.started_s + r.total_s for r in partial.requests))
     document = report_json(report_of(outcome, config, [target]))
     jsonschema.validate(document, load_schema())
     assert document["interrupted"] and document["summaries"][0]["ok"] == 3
@@ -633,3 +636,28 @@ def test_llama_cpp_peer_serves_a_real_sweep(smollm_path: Path, tmp_path: Path) -
     results, notes = _sweep_against_peer(peers.Peer.LLAMA_CPP, smollm_path, tmp_path, 512, users=1)
     assert any("llama.cpp ready" in note for note in notes)
     _assert_sane(results, sources=("usage", "chunks"))  # its streams carry no usage: tokens counted by chunks
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--load", "1", "--output-tokens", "0"], "--output-tokens must be at least 1"),  # it became 200
+        (["--decode-only", "--output-tokens", "0"], "--output-tokens must be at least 1"),  # it became 128
+        (["--load", "1", "--url", "http://127.0.0.1:9"], "--load runs the plan in process"),  # --url was ignored
+        (["--load", "1", "--out", "x"], "--load prints its tables and writes no files"),
+        (["--fuzz", "0"], "--fuzz must be at least 1"),  # schemathesis's own complaint, and exit 1
+        (["--fuzz", "2", "--soak", "10s"], "--soak and --fuzz are separate runs"),  # --soak was dropped
+        (["--url", "http://127.0.0.1:9", "--request-timeout", "0"], "--request-timeout must be positive"),
+    ],
+)
+def test_options_a_mode_cannot_honour_are_refused_before_it_runs(argv, says, capsys) -> None:
+    assert cli.main(argv) == 2
+    assert says in " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+
+
+def test_out_naming_a_file_is_refused_before_the_sweep(tmp_path: Path, capsys) -> None:
+    """It was found after the whole sweep, by a FileExistsError traceback, and every measurement was lost."""
+    taken = tmp_path / "afile"
+    taken.write_text("")
+    assert cli.main(["--url", "http://127.0.0.1:9", "--out", str(taken)]) == 2
+    assert "a file is there; name a folder" in " ".join(capsys.readouterr().err.split())  # rich wraps lines

@@ -86,3 +86,39 @@ def test_the_soak_command_on_the_default_model(tmp_path):
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "PASS" in out.stdout and "/metrics requests add up" in out.stdout
+
+
+def test_sigterm_stops_the_server_the_bench_started(tiny_hf, tmp_path):
+    """`timeout` (SIGTERM) on a bench that started its own server: SIGTERM's default ended the bench at once
+    and left the server (in a session of its own) running, orphaned. Now it stops it, as Ctrl-C does."""
+    import re
+    import signal
+    import socket
+    import time
+
+    argv = [sys.executable, "-m", "metronome.bench", "--soak", "5m", "--model", str(tiny_hf("llama"))]
+    bench = subprocess.Popen(
+        [*argv, "--out", str(tmp_path), "--no-progress"], stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        port = None
+        deadline = time.monotonic() + 120
+        for line in bench.stderr:  # "starting: ... --port N ..." then "soak: ..." once the server answers
+            port = port or (int(m.group(1)) if (m := re.search(r"--port (\d+)", line)) else None)
+            if line.startswith("soak:") or time.monotonic() > deadline:
+                break
+        assert port is not None
+        time.sleep(1.0)  # a few requests in flight
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=60) == 130
+    finally:
+        if bench.poll() is None:
+            os.killpg(bench.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) != 0:
+                break  # nothing listens: the server is gone
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"the bench's server still listens on {port} after the bench ended")

@@ -64,7 +64,7 @@ def test_metrics_count_every_outcome(tiny):
     engine = Engine.from_model(config=EngineConfig(slots=2, ctx=64, spec_tokens=0), loaded=tiny)
     gate = Gate(engine)
     app = create_app(engine, ServerSettings(), ModelIdentity.of(tiny))
-    chat, text, _responses = GENERATION_ENDPOINTS
+    chat, text = GENERATION_ENDPOINTS[:2]
     body = {"messages": MSG, "max_tokens": 4, "temperature": 0}
     try:
         with LiveServer(app) as url, httpx.Client(base_url=url, timeout=60) as http:

@@ -49,7 +49,7 @@ def test_cached_tokens_in_usage_and_metrics(served):
     cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
     assert 0 < cached < again["usage"]["prompt_tokens"] and cached % engine.prefix_cache.page == 0
     assert _metric(url, "metronome_prompt_cached_tokens_total") - hits_before == cached
-    assert _metric(url, "metronome_prefix_cache_hit_tokens") == engine.prefix_cache.stats.hit_tokens >= cached
+    assert _metric(url, "metronome_prefix_cache_hit_tokens_total") == engine.prefix_cache.stats.hit_tokens >= cached
     assert _metric(url, "metronome_prefix_cache_pages_used") == engine.prefix_cache.used_pages > 0
     assert _metric(url, "metronome_prefix_cache_pages") == engine.prefix_cache.pages == 512 // 16
 

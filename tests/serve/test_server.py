@@ -570,6 +570,23 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(smol_url, smol_engi
     assert _metric(smol_url, "metronome_generation_tokens_total") - generated_before < 400
 
 
+def test_a_whole_answer_whose_client_left_is_counted_499_not_200(smol_url, smol_engine):
+    """Not streamed: the client gives up; its choices are cancelled and the request counts as a 499 ("client
+    closed request"), beside its cancelled outcome. It counted as a 200 for the partial answer nobody read."""
+    labels = '{{endpoint="/v1/completions",status="{}"}}'
+    ok, gone = (_metric(smol_url, "metronome_requests_total", labels.format(s)) for s in ("200", "499"))
+    body = {"prompt": "Once upon a time", "max_tokens": 400, "temperature": 1.0, "seed": 3, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{smol_url}/v1/completions", json=body, timeout=0.5)
+    for _ in range(600):
+        if _metric(smol_url, "metronome_requests_total", labels.format("499")) == gone + 1:
+            break
+        time.sleep(0.05)
+    assert _metric(smol_url, "metronome_requests_total", labels.format("499")) == gone + 1
+    assert _metric(smol_url, "metronome_requests_total", labels.format("200")) == ok
+    assert not smol_engine.scheduler.by_slot
+
+
 def test_metrics_expose_histograms_counters_and_gauges(smol_url):
     def count(name: str) -> float:
         return _metric(smol_url, name)
@@ -608,8 +625,15 @@ def test_metrics_expose_histograms_counters_and_gauges(smol_url):
     for gauge in ("metronome_requests_running", "metronome_requests_waiting", "metronome_slot_occupancy"):
         assert re.search(rf"^{gauge} 0\.0$", text, re.M), gauge  # idle now
     assert re.search(r'^metronome_plan_tokens_per_second\{live_slots="1"\} \d', text, re.M)
-    for gauge in ("metronome_spec_drafted_tokens", "metronome_spec_accepted_tokens"):
-        assert re.search(rf"^{gauge} \d+\.0$", text, re.M), gauge
+    # running totals are counters (they were gauges, which rate() and increase() misread)
+    for total in (
+        "spec_drafted_tokens",
+        "spec_accepted_tokens",
+        "prefix_cache_hit_tokens",
+        "prefix_cache_lookup_tokens",
+    ):
+        assert re.search(rf"^# TYPE metronome_{total}_total counter$", text, re.M), total
+        assert re.search(rf"^metronome_{total}_total \d+\.0$", text, re.M), total
 
 
 def test_chat_page_is_served(smol_url):

@@ -8,6 +8,7 @@ command without the `metronome` front end.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import signal
 import socket
@@ -182,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     speech = SpeechService() if speech_model_path(args)[0] else None
     app = create_app(None, settings, speech=speech)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5))
+    server = _server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
     loader = ModelLoader(args, app.state.server, server)
     print(f"metronome: chat page at {url}/  (API at {url}/v1; loading the model...)", flush=True)
     loader.start()
@@ -217,6 +218,29 @@ def run(args: argparse.Namespace) -> int:
             return 2
         raise loader.error
     return 0
+
+
+# Stopping (Ctrl-C, SIGTERM): uvicorn stops accepting connections and waits this long for those open to end,
+# then cancels their handlers. Generations still running when STREAMS_END_S of it have passed are ended by
+# the server first, so their clients get a clean end (ServerState.stop_generating) rather than a cut stream.
+SHUTDOWN_GRACE_S = 5.0
+STREAMS_END_S = 3.5
+
+
+def _server(config: "uvicorn.Config") -> "uvicorn.Server":
+    """uvicorn's server, ending the app's running generations part-way through its graceful shutdown."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            state = self.config.app.state.server
+            ending = asyncio.get_running_loop().call_later(STREAMS_END_S, state.stop_generating)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                ending.cancel()
+
+    return Server(config)
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -50,6 +50,11 @@ class Outbox:
             queue.put_nowait(item)
 
 
+# The error a choice ends with when the server stops before it finished (ServerState.stop_generating):
+# answered 503 server_shutting_down rather than the engine failure an "error" finish otherwise is.
+SHUTTING_DOWN = "the server is shutting down"
+
+
 class JobRefused(Exception):
     """The engine refused the request up front (queue full, or it cannot fit its slot)."""
 
@@ -190,6 +195,8 @@ class Job:
         while open_runs:
             index, stamp, delta = await self.events.get()
             run = self.runs[index]
+            if run.finish_reason is not None:  # ended already (`stop`): the engine's own end that follows
+                continue
             reported = run.absorb(delta, stamp, eos)
             if delta.finish_reason is not None:
                 open_runs -= 1
@@ -216,6 +223,15 @@ class Job:
         that every choice is counted in the metrics."""
         async for _ in self.deltas():
             pass
+
+    def stop(self, reason: str) -> None:
+        """End every unfinished choice now with an error event carrying `reason`, and cancel its engine
+        request (the server is stopping: its clients get a clean end instead of a cut connection)."""
+        for run in self.runs:
+            if run.finish_reason is None and run.request.finish_reason is None:
+                self.engine.cancel(run.request)
+                stamp = time.perf_counter()
+                self.events.put_nowait((run.index, stamp, Delta(run.request.id, "", (), "error", reason)))
 
     def cancel_unfinished(self) -> None:
         for run in self.runs:

@@ -34,7 +34,7 @@ from metronome.model.registry import names as registered_names
 from metronome.model.tokenizer import ChatTemplateError
 from metronome.serve.audio import TRANSCRIPTIONS, TRANSLATIONS, SpeechService, add_speech_routes, speech_card
 from metronome.serve.errors import ApiError  # re-exported: callers import it from here too
-from metronome.serve.jobs import Job, JobRefused, JobSpec, Outbox, cancel_on_disconnect
+from metronome.serve.jobs import SHUTTING_DOWN, Job, JobRefused, JobSpec, Outbox, cancel_on_disconnect
 from metronome.serve.openapi import OPENAPI_PATH, openapi_schema
 from metronome.serve.prometheus import CONTENT_TYPE, ApiRequest, ServerMetrics
 from metronome.serve.reflect import REFLECTIONS, add_reflect_routes
@@ -103,6 +103,7 @@ class ServerState:
         self.page = resources.files("metronome.serve").joinpath("static/chat.html").read_text(encoding="utf-8")
         self.served: Served | None = None
         self._settling: set[asyncio.Task[None]] = set()  # strong references until each task ends
+        self.jobs: set[Job] = set()  # the generation requests submitted and not yet released (event loop only)
         self._outbox: Outbox | None = None  # engine events onto the serving loop (made on its first request)
 
     def outbox(self) -> Outbox:
@@ -136,11 +137,19 @@ class ServerState:
 
     def release(self, job: Job) -> None:
         """A job's client is done with it: cancel what still runs and count it as it ends."""
+        self.jobs.discard(job)
         job.cancel_unfinished()
         if not job.done:
             task = asyncio.get_running_loop().create_task(job.settle())
             self._settling.add(task)
             task.add_done_callback(self._settling.discard)
+
+    def stop_generating(self) -> None:
+        """The server is stopping: every generation still running ends now, a stream with a 503 error event
+        and [DONE], a whole answer with a 503, so that its connection closes within the shutdown's grace
+        period (past it, uvicorn cancels the handlers: cut streams, and their tracebacks in the log)."""
+        for job in list(self.jobs):
+            job.stop(SHUTTING_DOWN)
 
     def require(self) -> Served:
         if self.served is None:
@@ -471,6 +480,7 @@ def _submit(state: ServerState, served: Served, spec: JobSpec, account: ApiReque
     request_id = f"req-{uuid.uuid4().hex[:12]}"
     job = Job(served.engine, spec, state.metrics, request_id, state.outbox(), served.grammars)
     job.account = account
+    state.jobs.add(job)
     try:
         job.submit()
     except JobRefused as exc:
@@ -488,6 +498,13 @@ def _submit(state: ServerState, served: Served, spec: JobSpec, account: ApiReque
 
 
 def _engine_failure(message: str | None) -> ApiError:
+    if message == SHUTTING_DOWN:  # not a failure of this request: the server stopped (ServerState.stop_generating)
+        return ApiError(
+            503,
+            "the server is shutting down; send the request again (to another server, or once this one is back)",
+            type="service_unavailable",
+            code="server_shutting_down",
+        )
     return ApiError(
         500,
         f"the engine failed while generating this request ({message}); the server goes on serving: retry it",

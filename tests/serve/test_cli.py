@@ -136,3 +136,47 @@ def test_the_ready_line_gives_a_tiny_cache_its_size_not_zero():
     assert megabytes(262_144) == "0.26 MB"  # a tiny model's KV cache printed as "0 MB" before
     assert megabytes(1_500_000) == "1.5 MB"
     assert megabytes(377_500_000) == "378 MB"
+
+
+def test_a_stopped_server_ends_its_streams_cleanly(smollm_path):
+    """SIGTERM while a long stream runs: uvicorn waited its 5 s of grace, then cancelled the handler: the
+    stream was cut without [DONE] and the log had CancelledError tracebacks. The server now ends running
+    generations itself part-way through the grace: the stream's last events are a 503 server_shutting_down
+    error and [DONE], and the process exits 0 within the grace, with nothing in its log but its own lines."""
+    import json
+    import signal
+    import time
+
+    import httpx
+    from helpers.live_server import wait_until_healthy
+
+    from metronome.parallel.group import free_port
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "metronome.serve.cli", "--model", str(smollm_path), "--port", str(port)]
+    proc = subprocess.Popen([*cmd, "--spec-tokens", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    lines: list[str] = []
+    try:
+        wait_until_healthy(url, proc)
+        # sampled, so it does not fall into a loop that ends early; 1,900 tokens take several seconds here
+        body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "stream": True}
+        body |= {"max_tokens": 1900, "ignore_eos": True, "temperature": 1.0, "seed": 1}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                lines.append(line)
+                if len(lines) == 8:  # streaming: now stop the server
+                    stopped = time.monotonic()
+                    proc.send_signal(signal.SIGTERM)
+        ended = time.monotonic() - stopped
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        log, _ = proc.communicate(timeout=60)
+    data = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+    assert data[-1] == "[DONE]", data[-3:]
+    error = json.loads(data[-2])["error"]
+    assert error["code"] == "server_shutting_down" and error["type"] == "service_unavailable", error
+    assert ended < 5.0  # within the grace: the server ended it, uvicorn did not cut it
+    assert proc.returncode == 0 and "metronome: stopped" in log, log
+    assert "Traceback" not in log and "CancelledError" not in log, log

@@ -194,6 +194,7 @@ class ModelConfig:
 # where much smaller values overflow the logits or round to 0 (5e-324 failed the step; found by fuzzing the API).
 MIN_SAMPLING_FLOAT = 1e-6
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values
+MAX_STOP_CHARS = 1000  # the longest stop string (a sentence or a code fence; not a document)
 
 
 @dataclass(frozen=True)
@@ -258,6 +259,9 @@ class SamplingParams:
             raise ParamError("seed", f"seed={self.seed!r}: must be an integer in [-2**63, 2**63) or None")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ParamError("stop", f"stop={self.stop!r}: stop strings must be non-empty strings")
+        longest = max((len(s) for s in self.stop), default=0)
+        if longest > MAX_STOP_CHARS:  # each token's text is checked against every stop's prefixes
+            raise ParamError("stop", f"a stop string of {longest} characters: at most {MAX_STOP_CHARS} are allowed")
         if not all(integer(t) and t >= 0 for t in self.stop_token_ids):
             raise ParamError("stop_token_ids", f"stop_token_ids={self.stop_token_ids!r}: must be token ids (>= 0)")
 

@@ -25,7 +25,16 @@ from metronome.config import EngineConfig, Layout, SamplingParams
 from metronome.engine.api import PythonAPI
 from metronome.engine.prefix_cache import PrefixCache
 from metronome.engine.profile import PhaseClock, StepProfile
-from metronome.engine.request import Constraint, Delta, QueueFullError, Request, RequestError, SpecStats, Timings
+from metronome.engine.request import (
+    Constraint,
+    ConstraintError,
+    Delta,
+    QueueFullError,
+    Request,
+    RequestError,
+    SpecStats,
+    Timings,
+)
 from metronome.engine.sampler import Choice, RequestSampler, argmax_rows, scored
 from metronome.engine.scheduler import Batch, Scheduler
 from metronome.engine.speculate import Drafter, LookupOrModel, ModelDrafter, NgramDrafter, PayingDrafter
@@ -594,15 +603,20 @@ class Engine(PythonAPI):
             return
         accepted = 0
         out = _StepOutput()
-        for j, row in enumerate(logits):
-            known = greedy[first + j] if greedy is not None and r.argmax_only else None
-            choice = self._sample(r, row, known)
-            clock.lap("sample")
-            token = self._take(r, choice, out)
-            clock.lap("emit")
-            if r.finish_reason is not None or out.finish is not None or j == len(drafts) or token != drafts[j]:
-                break
-            accepted += 1
+        try:
+            for j, row in enumerate(logits):
+                known = greedy[first + j] if greedy is not None and r.argmax_only else None
+                choice = self._sample(r, row, known)
+                clock.lap("sample")
+                token = self._take(r, choice, out)
+                clock.lap("emit")
+                if r.finish_reason is not None or out.finish is not None or j == len(drafts) or token != drafts[j]:
+                    break
+                accepted += 1
+        except ConstraintError as exc:  # this request's grammar failed: it ends, and the step goes on (raised
+            # further, the step failed every request in it: one client's schema ended everyone's answers)
+            self._finish(r, "error", "".join(out.text), tuple(out.choices), error=str(exc))
+            return
         self._deliver(r, out)
         clock.lap("emit")
         if drafts:

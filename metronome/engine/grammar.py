@@ -18,6 +18,7 @@ mask thread while the engine runs the step. Schemas llguidance would only partly
 from __future__ import annotations
 
 import json
+import threading
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import llguidance
 import numpy as np
 import torch
 
+from metronome.engine.request import ConstraintError
 from metronome.model.tokenizer import Tokenizer
 
 
@@ -49,6 +51,7 @@ class Grammar:
 # The longest wait for a mask from the mask thread. llguidance bounds each mask's work itself (its parser
 # and lexer limits), so this only guards against a thread that is gone; a mask takes microseconds.
 MASK_WAIT_S = 30.0
+STARTED_KEPT = 256
 
 # JSON as a model writes it: compact separators with optional single spaces, never a run of whitespace
 # (a small model can loop on whitespace, which JSON allows anywhere between tokens).
@@ -68,6 +71,10 @@ class Grammars:
         # GrammarConstraint); one is enough: a JSON mask takes tens of microseconds, a step milliseconds
         # (mask_thread False: each mask is computed when the engine asks for it, on its thread)
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="metronome-mask") if mask_thread else None
+        # grammars whose first matcher started and computed a mask (_check), the latest STARTED_KEPT: an agent
+        # sends the same tools and format call after call, and each would pay the trial again
+        self._started: dict[str, None] = {}
+        self._lock = threading.Lock()
 
     # -- what a request may ask for ----------------------------------------------------------------
 
@@ -102,7 +109,26 @@ class Grammars:
             raise GrammarError(
                 f"{param}: the {what} uses what constrained decoding does not enforce: " + "; ".join(messages), param
             )
-        return Grammar(text, what)
+        grammar = Grammar(text, what)
+        with self._lock:
+            if text in self._started:
+                return grammar
+        # Some grammars pass validation and fail only when a matcher starts on them or computes its first mask
+        # (a schema that refers to itself with nothing else, past llguidance's limits on items or rows): found
+        # in the engine, that was a 500 "engine_error" for the client's own schema. So one matcher starts here.
+        try:
+            first = GrammarConstraint(llguidance.LLMatcher(self.ll, text, log_level=0), self.vocab_size, grammar, None)
+            allowed = first.next_mask().any()
+        except RuntimeError as exc:
+            why = " ".join(str(exc).split())
+            raise GrammarError(f"{param}: the {what} cannot be used for constrained decoding: {why}", param) from None
+        if not allowed:
+            raise GrammarError(f"{param}: the {what} allows no output at all", param)
+        with self._lock:
+            self._started[text] = None
+            while len(self._started) > STARTED_KEPT:
+                del self._started[next(iter(self._started))]  # the oldest: dicts keep their insertion order
+        return grammar
 
     # -- per request ---------------------------------------------------------------------------------
 
@@ -143,7 +169,7 @@ class GrammarConstraint:
 
     def _raise_if_error(self) -> None:
         if self.matcher.is_error():
-            raise RuntimeError(f"the {self.grammar.what} constraint failed: {self.matcher.get_error()}")
+            raise ConstraintError(f"the {self.grammar.what} constraint failed: {self.matcher.get_error()}")
 
     def _compute(self) -> torch.Tensor:
         """The next mask, as bools (llguidance drops the GIL while it fills the bits)."""
@@ -171,7 +197,7 @@ class GrammarConstraint:
                 except CancelledError:  # the Grammars closed before the thread took it: compute it here
                     mask = self._compute()
                 except FutureTimeout:
-                    raise RuntimeError(
+                    raise ConstraintError(
                         f"the {self.grammar.what} mask took over {MASK_WAIT_S} s to compute; the grammar is too "
                         "complex for constrained decoding"
                     ) from None
@@ -195,7 +221,7 @@ class GrammarConstraint:
             self.next_mask()
         if not self.matcher.consume_token(token):
             why = next((line for line in self.matcher.get_error().splitlines() if line.startswith("Error:")), "")
-            raise ValueError(f"token {token} is not allowed by the {self.grammar.what} here {why}".rstrip())
+            raise ConstraintError(f"token {token} is not allowed by the {self.grammar.what} here {why}".rstrip())
         self._mask = None
         self._stopped = self.matcher.is_stopped()
         self._start_mask()

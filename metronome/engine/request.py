@@ -66,11 +66,17 @@ class Completion:
     prompt_choices: tuple[Choice, ...] = ()  # with prompt_logprobs: prompt tokens 1.. scored
 
 
+class ConstraintError(RuntimeError):
+    """A request's constraint cannot go on (its grammar failed past its start, or refused the token chosen):
+    that request ends with "error", and the others in its step go on."""
+
+
 class Constraint(Protocol):
     """What the engine asks of a decoding constraint (e.g. `grammar.GrammarConstraint`)."""
 
     def allowed(self, logits: torch.Tensor) -> torch.Tensor | None:
-        """A bool mask (V,) of the tokens that may come next, or None for no restriction."""
+        """A bool mask (V,) of the tokens that may come next, or None for no restriction. It and `accept`
+        raise ConstraintError when the constraint cannot go on."""
 
     def accept(self, token: int) -> None:
         """Advance past the token that was chosen."""

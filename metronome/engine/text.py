@@ -66,10 +66,16 @@ class TextStream:
         if cut >= 0:
             out, self.held = self.held[:cut], ""
             return out, True
-        keep = (
-            0
-            if final
-            else max((k for s in self.stop for k in range(len(s) - 1, 0, -1) if self.held.endswith(s[:k])), default=0)
-        )
+        keep = 0 if final else max((_held_prefix(self.held, s) for s in self.stop), default=0)
         out, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
         return out, False
+
+
+def _held_prefix(held: str, stop: str) -> int:
+    """The longest proper prefix of `stop` that `held` ends with (0: none). Only prefixes no longer than
+    `held` can match: trying every prefix of a long stop string on every token made a request with a
+    200,000-character stop string hold the engine for seconds (every user's step waits on it)."""
+    for k in range(min(len(stop) - 1, len(held)), 0, -1):
+        if held.endswith(stop[:k]):
+            return k
+    return 0

@@ -183,7 +183,16 @@ def run(args: argparse.Namespace) -> int:
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     speech = SpeechService() if speech_model_path(args)[0] else None
     app = create_app(None, settings, speech=speech)
-    server = _server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
+    from metronome.serve.http import BoundedHttpToolsProtocol
+
+    config = uvicorn.Config(
+        app,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+        http=BoundedHttpToolsProtocol,  # headers bounded in size and in time (serve/http.py)
+        limit_concurrency=MAX_CONNECTIONS,
+    )
+    server = _server(config)
     loader = ModelLoader(args, app.state.server, server)
     print(f"metronome: chat page at {url}/  (API at {url}/v1; loading the model...)", flush=True)
     loader.start()
@@ -224,6 +233,9 @@ def run(args: argparse.Namespace) -> int:
 # then cancels their handlers. Generations still running when STREAMS_END_S of it have passed are ended by
 # the server first, so their clients get a clean end (ServerState.stop_generating) rather than a cut stream.
 SHUTDOWN_GRACE_S = 5.0
+# Connections (or requests in progress) beyond this get uvicorn's 503 at once: a server with a few slots has
+# no use for more, and it keeps clear of the usual limit of 1,024 open files per process.
+MAX_CONNECTIONS = 512
 STREAMS_END_S = 3.5
 
 

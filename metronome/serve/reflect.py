@@ -182,9 +182,7 @@ def add_reflect_routes(app: FastAPI, state: "ServerState") -> None:
         # "rejected"), else by how the loop ends (below, and in _stream)
         with chat._accounted(state.metrics, REFLECTIONS) as account:
             served = state.require()
-            raw = await request.body()
-            if len(raw) > state.settings.max_body_bytes:
-                raise ApiError(413, f"the request body is larger than {state.settings.max_body_bytes} bytes")
+            raw = await chat._read_body(request, state.settings.max_body_bytes)  # stops reading at the limit
             try:
                 body = ReflectionBody.model_validate_json(raw)
             except ValidationError as exc:

@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from metronome.config import MAX_LOGIT_BIAS, MIN_SAMPLING_FLOAT
+from metronome.config import MAX_LOGIT_BIAS, MAX_STOP_CHARS, MIN_SAMPLING_FLOAT
 
 MAX_STOPS = 4
 MAX_TOP_LOGPROBS = 20
@@ -45,7 +45,7 @@ def _temperature_schema(schema: dict[str, Any]) -> None:
 
 
 def _stop_schema(schema: dict[str, Any]) -> None:
-    text = {"type": "string", "minLength": 1}
+    text = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
     schema["anyOf"] = [text, {"type": "array", "items": text, "maxItems": MAX_STOPS}]
 
 
@@ -195,6 +195,8 @@ class SamplingBody(_Body):
             raise ValueError(f"at most {MAX_STOPS} stop sequences are allowed, got {len(stops)}")
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must not be empty strings")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop sequence may hold at most {MAX_STOP_CHARS} characters")
         return v
 
     @property

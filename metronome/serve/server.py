@@ -53,6 +53,8 @@ from metronome.serve.tools import (
     tool_grammar,
 )
 
+BODY_TIMEOUT_S = 120.0  # the longest a request body may take to arrive (a JSON body is small)
+PARSE_ON_LOOP_BYTES = 64 * 1024  # bodies up to this size are validated on the event loop (under a millisecond)
 _PUBLIC_PATHS = frozenset({"/health", "/", OPENAPI_PATH})  # no API key: readiness, the chat page, the API's schema
 _ENDPOINTS = frozenset(
     {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", TRANSCRIPTIONS, TRANSLATIONS}
@@ -209,6 +211,8 @@ def _key_matches(scope: Scope, key: str) -> bool:
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
+    """The request's body, refused past `limit` bytes (413) or past BODY_TIMEOUT_S (408: a client sending a
+    byte a second held its connection and handler for as long as it liked)."""
     declared = request.headers.get("content-length", "")
     too_big = ApiError(
         413, f"the request body is larger than {limit} bytes; send a smaller request", code="request_too_large"
@@ -216,17 +220,26 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise too_big
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_big
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_big
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(
+            408, f"the request body did not arrive within {BODY_TIMEOUT_S:g} s", code="request_timeout"
+        ) from None
     return b"".join(chunks)
 
 
 async def _parse(request: Request, state: ServerState, model: type[SamplingBody]) -> Any:
     raw = await _read_body(request, state.settings.max_body_bytes)
     try:
+        if len(raw) > PARSE_ON_LOOP_BYTES:  # seconds of validation for megabytes: off the loop, so the other
+            # users' streams go on meanwhile (on it, a 3 MB body of 100,000 messages stalled them for 2 s)
+            return await asyncio.to_thread(model.model_validate_json, raw)
         return model.model_validate_json(raw)
     except ValidationError as exc:
         if exc.errors()[0]["type"] == "json_invalid":
@@ -328,7 +341,7 @@ def _answered(messages: Sequence[ChatMessage]) -> frozenset[tuple[str, str]]:
         for call in m.tool_calls:
             try:
                 out.add((call.function.name, LooseCalls.compact(json.loads(call.function.arguments))))
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 continue
     return frozenset(out)
 

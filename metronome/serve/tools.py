@@ -357,6 +357,8 @@ def _arguments(text: str, param: str) -> Any:
         value = json.loads(text) if text.strip() else {}
     except json.JSONDecodeError as exc:
         raise ToolError(f"{param}: the arguments are not valid JSON ({exc.msg})", param) from None
+    except RecursionError:  # a 2 KB body of nested brackets was a 500
+        raise ToolError(f"{param}: the arguments are nested too deeply to read", param) from None
     if not isinstance(value, dict):
         raise ToolError(f"{param}: the arguments must be a JSON object", param)
     return value

@@ -16,6 +16,7 @@ import torch
 from metronome.config import EngineConfig, SamplingParams
 from metronome.engine import Engine
 from metronome.engine.grammar import Grammar, GrammarConstraint, GrammarError, Grammars
+from metronome.engine.request import ConstraintError
 from metronome.engine.sampler import RequestSampler
 from metronome.model.tokenizer import Tokenizer
 
@@ -85,7 +86,7 @@ def test_tokens_outside_the_schema_are_masked_and_refused(grammars, tokenizer):
         (t,) = tokenizer.encode(text, add_bos=False)
         assert not mask[t], text
     (bad,) = tokenizer.encode('"', add_bos=False)
-    with pytest.raises(ValueError, match="not allowed"):
+    with pytest.raises(ConstraintError, match="not allowed"):
         c.accept(bad)
 
 
@@ -192,6 +193,7 @@ def test_a_budget_too_small_ends_with_length_and_a_prefix(engine, grammars, toke
         ({"$ref": "#/$defs/Missing"}, "does not exist"),
         ({"type": "integer", "minimum": 5, "maximum": 1}, "Unsatisfiable"),
         ([1, 2], "must be an object"),
+        ({"$ref": "#"}, "constraint failed"),  # passes validation, fails at its first mask: it was a 500
     ],
 )
 def test_schemas_it_cannot_enforce_are_refused_naming_the_parameter(grammars, schema, says):
@@ -261,3 +263,54 @@ def test_an_object_described_in_parts_is_closed_where_they_meet(grammars, tokeni
         assert _takes(grammars, tokenizer, shaped, doc), doc
     for doc in bad:
         assert not _takes(grammars, tokenizer, shaped, doc), doc
+
+
+def test_a_grammar_failing_mid_answer_ends_its_request_alone(engine, grammars, tokenizer):
+    """A constraint that fails after its start (llguidance's limits, met a few tokens in) raised out of the
+    step, and the step failed every request in it: one client's schema ended the answers of all the others.
+    Now that request ends with "error" naming its grammar, and the others run on, as they would alone."""
+    from metronome.engine.request import Delta
+
+    class FailsAtThird:
+        """The real grammar's constraint, failing as llguidance does on its third mask."""
+
+        def __init__(self, inner: GrammarConstraint) -> None:
+            self.inner, self.masks = inner, 0
+
+        def allowed(self, logits):
+            self.masks += 1
+            if self.masks == 3:
+                raise ConstraintError("the json_schema constraint failed: Too many items (limit 50000)")
+            return self.inner.allowed(logits)
+
+        def accept(self, token):
+            self.inner.accept(token)
+
+        def finished(self):
+            return self.inner.finished()
+
+        def stops_apply(self):
+            return False
+
+    prompt = tokenizer.encode_chat([{"role": "user", "content": "Describe a person as JSON."}])
+    plain = SamplingParams(max_tokens=16, ignore_eos=True)
+    alone = engine.generate(tokenizer.encode_chat([{"role": "user", "content": "Say hello."}]), plain)
+    ends: dict[str, Delta] = {}
+    bad = engine.submit(
+        prompt,
+        SamplingParams(max_tokens=16),
+        lambda d: ends.setdefault("bad", d) if d.finish_reason else None,
+        FailsAtThird(grammars.constraint(grammars.json_schema(PERSON, "schema"))),
+    )
+    good = engine.submit(
+        tokenizer.encode_chat([{"role": "user", "content": "Say hello."}]),
+        plain,
+        lambda d: ends.setdefault("good", d) if d.finish_reason else None,
+    )
+    for _ in range(200):
+        if len(ends) == 2:
+            break
+        engine.step()
+    assert ends["bad"].finish_reason == "error" and "Too many items" in ends["bad"].error
+    assert len(bad.output_ids) == 2  # its first two tokens, then the failure
+    assert ends["good"].finish_reason == "length" and good.output_ids == list(alone.token_ids)

@@ -24,7 +24,11 @@ class LiveServer:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+        from metronome.serve.http import BoundedHttpToolsProtocol
+
+        # the HTTP protocol `metronome serve` runs (bounds on headers: serve/http.py)
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2, http=BoundedHttpToolsProtocol)
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> str:

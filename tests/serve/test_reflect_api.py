@@ -179,3 +179,11 @@ def test_reflections_are_counted_in_the_metrics(served):
     assert sum(finished.values()) == 6
     assert grew('metronome_engine_requests_finished_total{reason="cancelled"}') == 1
     assert grew("metronome_time_to_first_token_seconds_count") == 7
+
+
+def test_a_body_over_the_limit_is_refused_as_it_arrives(served):
+    """The route read the whole body before its size check (600 MB were buffered before the 413); it now
+    stops at the limit as the other routes do, with their error code."""
+    url, _ = served
+    r = httpx.post(f"{url}/v1/reflections", content=b"x" * ((4 << 20) + 1), timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"

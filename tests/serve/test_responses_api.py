@@ -137,6 +137,10 @@ def test_json_object_format_gives_json(client):
         ({"input": "hi", "tools": [FN, FN]}, "tools[1].name"),
         ({"input": "hi", "tools": [{**FN, "parameters": {"type": "array"}}]}, "tools[0].parameters"),
         ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{"}]}, "input"),
+        (  # nested too deeply to read: a RecursionError, a 500
+            {"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "[" * 1000 + "]" * 1000}]},
+            "input",
+        ),
         ({"input": [{"type": "reasoning", "summary": []}]}, "input[0]"),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0].content[0]"),
         ({"input": [{"role": "robot", "content": "hi"}]}, "input[0].role"),

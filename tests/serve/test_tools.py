@@ -458,6 +458,19 @@ BAD = [
         },
         "messages[1].tool_calls[0].function.arguments",
     ),
+    (  # 2 KB of nested brackets: a RecursionError, a 500
+        {
+            "messages": [
+                *ASK,
+                {
+                    "role": "assistant",
+                    "tool_calls": [{"id": "c", "function": {"name": "add", "arguments": "[" * 1000 + "]" * 1000}}],
+                },
+                {"role": "tool", "tool_call_id": "c", "content": "x"},
+            ]
+        },
+        "messages[1].tool_calls[0].function.arguments",
+    ),
     (  # a format beside tools is served (the answer or calls); its schema is still checked
         {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
         "response_format.json_schema.schema",

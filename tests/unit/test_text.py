@@ -71,3 +71,28 @@ def test_first_sentence_is_stamped_when_punctuation_meets_whitespace():
     assert ts.first_sentence_at == 2.0  # the end of a non-empty output ends its sentence
     _, ts, _ = run([EOS])
     assert ts.first_sentence_at is None  # nothing was said
+
+
+def test_a_long_stop_string_costs_what_the_held_text_can_match():
+    """Every token tried every prefix of every stop string: a 200,000-character stop held the engine (and so
+    every user) for seconds. Only prefixes as long as the held text can match; longer stops are refused."""
+    import pytest
+
+    from metronome.config import MAX_STOP_CHARS, ParamError, SamplingParams
+
+    class Watched(str):
+        """A stop string that records the prefixes taken of it."""
+
+        def __getitem__(self, key):
+            self.taken.append(key.stop if isinstance(key, slice) else 1)
+            return str.__getitem__(self, key)
+
+    stop = Watched("x" * 5000)
+    stop.taken = []
+    out, ts, stopped = run([1, 2, 3, 5], stop=(stop,))
+    assert not stopped and ts.text == "Hello world Next"
+    assert 0 < max(stop.taken) <= len(" Next")  # never past what is held (it tried 4,999 down to 1 each time)
+    with pytest.raises(ParamError) as err:
+        SamplingParams(stop=("x" * (MAX_STOP_CHARS + 1),))
+    assert err.value.param == "stop"
+    assert SamplingParams(stop=("x" * MAX_STOP_CHARS,)).stop

@@ -1,0 +1,74 @@
+"""uvicorn's HTTP/1.1 protocol (httptools) with bounds on what one client may hold before its request is
+whole: the bytes of its request line and headers, and the time it takes to send them.
+
+Without them, a connection that sends nothing, or headers that never end, stayed open for good (about a
+thousand of them used up the process's file descriptors, and every other client's requests failed), and one
+header of hundreds of megabytes was buffered whole. nginx bounds the same two things (client_header_timeout,
+large_client_header_buffers); uvicorn's h11 protocol bounds the size, its httptools protocol neither.
+Imported where the server starts (serve/cli.py), as uvicorn is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+MAX_HEADER_BYTES = 64 * 1024  # a request line and headers larger than this are refused (431)
+HEADER_TIMEOUT_S = 30.0  # from the connection (or the end of the last response) to a request's last header
+
+
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    """HttpToolsProtocol that answers 431 to headers over MAX_HEADER_BYTES and closes a connection whose
+    request's headers are not complete HEADER_TIMEOUT_S after it opened or its last response ended."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._header_bytes = 0
+        self._in_headers = True  # until the next request's headers are complete
+        self._header_timer: asyncio.TimerHandle | None = self.loop.call_later(HEADER_TIMEOUT_S, self._headers_late)
+
+    def data_received(self, data: bytes) -> None:
+        counting = self._in_headers
+        if counting:
+            self._header_bytes += len(data)  # with the body's first bytes, if they came in the same read
+        super().data_received(data)
+        # checked after the parser had the data: headers that ended within it are not held against it
+        if counting and self._in_headers and self._header_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
+            self._refuse(431, "Request Header Fields Too Large")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_headers = True
+        if self._header_timer is None:  # a request after a response: its own time to send its headers
+            self._header_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._headers_late)
+
+    def on_headers_complete(self) -> None:
+        self._in_headers = False
+        self._header_bytes = 0
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        super().connection_lost(exc)
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if self._in_headers and not self.transport.is_closing():
+            if self._header_bytes:  # something came: say why it ends (nothing came: just close)
+                self._refuse(408, "Request Timeout")
+            else:
+                self.transport.close()
+
+    def _refuse(self, status: int, reason: str) -> None:
+        body = f"{reason}: the request's headers must be complete within {MAX_HEADER_BYTES} bytes and "
+        body += f"{HEADER_TIMEOUT_S:g} s"
+        head = f"HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\n"
+        head += f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        self.transport.write((head + body).encode("ascii"))
+        self.transport.close()

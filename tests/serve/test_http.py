@@ -1,0 +1,118 @@
+"""The HTTP protocol `metronome serve` runs (serve/http.py): a request's headers are bounded in size and in
+the time they take to arrive, so that no client holds a connection, or the server's memory, for as long as
+it likes; ordinary requests, large bodies and keep-alive are untouched. Raw sockets, as such clients are."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import httpx
+import pytest
+from helpers.live_server import LiveServer
+
+from metronome.serve import http
+from metronome.serve.server import ServerSettings, create_app
+
+
+@pytest.fixture
+def url(monkeypatch):
+    monkeypatch.setattr(http, "HEADER_TIMEOUT_S", 1.0)
+    with LiveServer(create_app(None, ServerSettings())) as url:
+        yield url
+
+
+def _connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    return sock
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    """What the server sends until it closes the connection (bounded by the socket's timeout)."""
+    out = b""
+    while chunk := sock.recv(65536):
+        out += chunk
+    return out
+
+
+def test_headers_past_the_size_bound_end_the_connection(url):
+    """One header of hundreds of megabytes was buffered whole (the server's memory grew by its size), and
+    the server waited for more. Now it answers 431 and closes once the headers pass the bound (the answer
+    may be lost to the reset its unread bytes cause: either way the connection ends)."""
+    with _connect(url) as sock:
+        try:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (4 * http.MAX_HEADER_BYTES))
+            answer = _read_all(sock)  # a socket.timeout here: the server still waits for the header's end
+        except (BrokenPipeError, ConnectionResetError):
+            answer = b""
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 431 "), answer[:100]
+
+
+def test_a_connection_that_sends_nothing_or_half_a_request_is_closed(url):
+    """Both stayed open for good: about a thousand of them used up the file descriptors, and every other
+    client's requests failed."""
+    with _connect(url) as idle, _connect(url) as half:
+        half.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # never the blank line
+        started = time.monotonic()
+        assert _read_all(idle) == b""  # closed without a word: nothing was asked
+        assert _read_all(half).startswith(b"HTTP/1.1 408 ")
+        assert time.monotonic() - started < 5.0
+
+
+def test_ordinary_requests_large_bodies_and_keep_alive_are_untouched(url):
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for _ in range(3):  # one connection, kept alive across requests further apart than nothing
+            assert client.get("/metrics").status_code == 200
+        # a body far over the header bound, arriving in the same reads as the headers: not a 431
+        r = client.post("/v1/completions", content=b'{"prompt": "' + b"a" * 300_000 + b'"}')
+        assert r.status_code == 503  # no model attached: the app's answer, not the protocol's
+        time.sleep(1.5)  # past the header bound's time, idle between requests: the keep-alive's business
+        assert client.get("/metrics").status_code == 200
+
+
+def test_a_body_that_trickles_in_is_refused_with_a_408(tiny_hf, monkeypatch):
+    """A client sending its body a byte a second held its connection and its handler for as long as it liked."""
+    from helpers.live_server import serving
+
+    from metronome.config import EngineConfig
+    from metronome.model.loader import load
+    from metronome.serve import server
+
+    monkeypatch.setattr(server, "BODY_TIMEOUT_S", 1.0)
+    with serving(load(tiny_hf("llama")), EngineConfig(slots=1, ctx=64)) as url, _connect(url) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+        sock.sendall(b"Content-Length: 100\r\n\r\n{")  # and nothing more
+        started = time.monotonic()
+        head = sock.recv(65536)
+        assert head.startswith(b"HTTP/1.1 408 ") and b'"code":"request_timeout"' in head.replace(b" ", b"")
+        assert time.monotonic() - started < 5.0
+
+
+def test_a_large_body_is_validated_off_the_event_loop(tiny_hf, monkeypatch):
+    """Validating megabytes of JSON takes seconds; on the event loop that stalled every other user's stream
+    (2 s for 100,000 messages). A small body stays on the loop (a thread hop would cost more than it)."""
+    import threading
+
+    from helpers.live_server import serving
+
+    from metronome.config import EngineConfig
+    from metronome.model.loader import load
+    from metronome.serve.schemas import ChatBody
+
+    seen: list[str] = []
+    real = ChatBody.model_validate_json
+
+    def recording(raw, *args, **kwargs):
+        seen.append(threading.current_thread().name)
+        return real(raw, *args, **kwargs)
+
+    monkeypatch.setattr(ChatBody, "model_validate_json", recording)
+    small = {"messages": [{"role": "user", "content": "w1 w2"}], "max_tokens": 1}
+    large = {"messages": [{"role": "user", "content": "w1"}] * 20_000, "max_tokens": 1}
+    with serving(load(tiny_hf("llama")), EngineConfig(slots=1, ctx=64)) as url:
+        assert httpx.post(f"{url}/v1/chat/completions", json=small, timeout=60).status_code in (200, 400)
+        assert httpx.post(f"{url}/v1/chat/completions", json=large, timeout=60).status_code == 400  # too long
+    on_loop, off_loop = seen
+    assert not on_loop.startswith(("asyncio_", "uvloop_")), seen  # the loop thread (LiveServer runs it)
+    assert off_loop.startswith(("asyncio_", "uvloop_")), seen  # the loop's default executor (to_thread)

@@ -21,7 +21,6 @@ from metronome.args import (
     sampling_params,
 )
 from metronome.config import ParamError
-from metronome.serve.usage import groq_timings
 
 __all__ = ["build_parser", "engine_config", "load_engine", "main"]  # engine_config: see metronome.args
 
@@ -64,6 +63,8 @@ def _stats(n_tokens: int, usage: dict) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from metronome.serve.usage import groq_timings
+
     params = sampling_params(args)
     engine = load_engine(args)
     for delta in engine.stream(args.prompt, params, chat=not args.raw):
@@ -79,6 +80,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from metronome.engine import RequestError
+    from metronome.serve.usage import groq_timings
 
     params = sampling_params(args)
     engine = load_engine(args)

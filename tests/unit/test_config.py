@@ -261,3 +261,14 @@ def test_commands_that_serve_nothing_start_without_the_web_framework():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "--calibrate" in done.stdout
+
+
+def test_the_command_line_starts_without_torch():
+    """`metronome` imported torch before its first line ran (through serve/usage.py's engine import): 1.5 s
+    for `--help`, and a Ctrl-C in that time printed an import traceback instead of ending with 130."""
+    import subprocess
+    import sys
+
+    script = "import sys\nimport metronome.cli\nprint(sorted(m for m in ('torch', 'numpy') if m in sys.modules))\n"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]

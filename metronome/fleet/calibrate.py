@@ -716,7 +716,7 @@ def predict_step_s(
 @dataclass(frozen=True)
 class CalibrationRow:
     model: str
-    what: str  # "decode, 1 live slot" | "decode, 8 live slots" | "prefill, 256-token prompt"
+    what: str  # "decode, 1 live slot" | "decode, 8 live slots (per slot)" | "prefill, 256-token prompt"
     predicted: float  # tokens/s (per slot for decode)
     measured: float | None  # tokens/s from the engine, when asked for
 
@@ -775,7 +775,10 @@ def calibrate_model(
         t = measure_terms(threads, device=device, stream_bytes=stream, samples=samples, shapes=shapes, file_pages=pages)
         return dataclasses.replace(t, logits_s=logits_seconds(cfg.vocab_size, cfg.final_logit_softcap, live))
 
-    whats = [f"decode, {n} live slot{'s' if n > 1 else ''}" for n in live] + [f"prefill, {PREFILL_TOKENS}-token prompt"]
+    # per slot: what each user of a full step gets (a total would read as 8 times faster)
+    whats = [f"decode, {n} live slot" + ("s (per slot)" if n > 1 else "") for n in live] + [
+        f"prefill, {PREFILL_TOKENS}-token prompt"
+    ]
     predicted: list[list[float]] = [[] for _ in whats]
     measured: list[list[float]] = [[] for _ in whats]
     for _ in range(rounds):

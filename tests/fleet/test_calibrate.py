@@ -131,7 +131,11 @@ def test_calibrate_model_predicts_and_measures_every_row(tiny_hf):
     from metronome.fleet.calibrate import calibrate_model
 
     terms, rows = calibrate_model(str(tiny_hf("llama")), 1, live=(1, 2), measure=True, rounds=2)
-    assert [r.what for r in rows] == ["decode, 1 live slot", "decode, 2 live slots", "prefill, 256-token prompt"]
+    assert [r.what for r in rows] == [
+        "decode, 1 live slot",
+        "decode, 2 live slots (per slot)",
+        "prefill, 256-token prompt",
+    ]
     assert all(r.predicted > 0 and r.measured is not None and r.measured > 0 for r in rows)
     assert terms.threads == 1 and terms.logits_s  # one thread: no layout rows (they share 2+ threads)
     with pytest.raises(ValueError, match="rounds"):

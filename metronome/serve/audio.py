@@ -32,7 +32,7 @@ from metronome.audio.decode import MAX_SECONDS, AudioError, DecodedAudio, decode
 from metronome.audio.formats import LANGUAGE_NAMES, ResponseFormat, render
 from metronome.audio.types import Segment, Transcript, TranscriptionStopped
 from metronome.config import ParamError
-from metronome.serve.errors import ApiError
+from metronome.serve.errors import ApiError, busy
 
 if TYPE_CHECKING:
     from metronome.serve.server import ServerState
@@ -400,13 +400,7 @@ async def answer(request: Request, state: ServerState, task: str) -> Response:
     try:
         speech.admit()
     except SpeechBusy as exc:
-        raise ApiError(
-            429,
-            f"{exc}; retry shortly",
-            type="rate_limit_error",
-            code="queue_full",
-            headers={"Retry-After": str(speech.settings.retry_after_s)},
-        ) from None
+        raise busy(f"{exc}; retry shortly", speech.settings.retry_after_s) from None
     streaming = False
     try:
         response = await _answer(request, speech, task)

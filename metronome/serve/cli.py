@@ -233,10 +233,10 @@ def run(args: argparse.Namespace) -> int:
 # then cancels their handlers. Generations still running when STREAMS_END_S of it have passed are ended by
 # the server first, so their clients get a clean end (ServerState.stop_generating) rather than a cut stream.
 SHUTDOWN_GRACE_S = 5.0
+STREAMS_END_S = 3.5
 # Connections (or requests in progress) beyond this get uvicorn's 503 at once: a server with a few slots has
 # no use for more, and it keeps clear of the usual limit of 1,024 open files per process.
 MAX_CONNECTIONS = 512
-STREAMS_END_S = 3.5
 
 
 def _server(config: "uvicorn.Config") -> "uvicorn.Server":

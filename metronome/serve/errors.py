@@ -28,3 +28,10 @@ class ApiError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def busy(message: str, retry_after_s: int) -> ApiError:
+    """A 429 for a request that would fit later (a full queue, too many in progress): clients retry it."""
+    return ApiError(
+        429, message, type="rate_limit_error", code="queue_full", headers={"Retry-After": str(retry_after_s)}
+    )

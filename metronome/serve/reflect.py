@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from metronome.agents.reflect import (
     MAX_ROUNDS,
@@ -39,8 +39,8 @@ from metronome.agents.reflect import (
     reflect,
 )
 from metronome.config import MIN_SAMPLING_FLOAT, ParamError, SamplingParams
-from metronome.serve.errors import ApiError
-from metronome.serve.schemas import Int, _Body, error_message, error_param
+from metronome.serve.errors import ApiError, busy
+from metronome.serve.schemas import Int, _Body
 
 if TYPE_CHECKING:
     from metronome.engine import Engine, Request
@@ -182,13 +182,7 @@ def add_reflect_routes(app: FastAPI, state: "ServerState") -> None:
         # "rejected"), else by how the loop ends (below, and in _stream)
         with chat._accounted(state.metrics, REFLECTIONS) as account:
             served = state.require()
-            raw = await chat._read_body(request, state.settings.max_body_bytes)  # stops reading at the limit
-            try:
-                body = ReflectionBody.model_validate_json(raw)
-            except ValidationError as exc:
-                if exc.errors()[0]["type"] == "json_invalid":
-                    raise ApiError(400, f"the request body is not valid JSON: {exc.errors()[0]['msg']}") from None
-                raise ApiError(400, error_message(exc, _FIELDS), param=error_param(exc, _FIELDS)) from None
+            body = await chat._parse(request, state, ReflectionBody, _FIELDS)
             if body.model is not None and body.model not in (served.identity.id, state.settings.model_alias):
                 raise ApiError(
                     404, f"the model {body.model!r} does not exist here", param="model", code="model_not_found"
@@ -199,13 +193,7 @@ def add_reflect_routes(app: FastAPI, state: "ServerState") -> None:
             except ParamError as exc:
                 raise ApiError(400, str(exc), param=exc.param) from None
             if pending[0] >= MAX_PENDING:
-                raise ApiError(
-                    429,
-                    f"{MAX_PENDING} reflections are running; retry later",
-                    type="rate_limit_error",
-                    code="queue_full",
-                    headers={"Retry-After": str(state.settings.retry_after_s)},
-                )
+                raise busy(f"{MAX_PENDING} reflections are running; retry later", state.settings.retry_after_s)
             run = _Run(state, served.engine, body.task, settings, params)
             pending[0] += 1
             run.thread.start()

@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Iterator, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -33,7 +33,7 @@ from metronome.model.loader import LoadedModel
 from metronome.model.registry import names as registered_names
 from metronome.model.tokenizer import ChatTemplateError
 from metronome.serve.audio import TRANSCRIPTIONS, TRANSLATIONS, SpeechService, add_speech_routes, speech_card
-from metronome.serve.errors import ApiError  # re-exported: callers import it from here too
+from metronome.serve.errors import ApiError, busy  # ApiError re-exported: callers import it from here too
 from metronome.serve.jobs import SHUTTING_DOWN, Job, JobRefused, JobSpec, Outbox, cancel_on_disconnect
 from metronome.serve.openapi import OPENAPI_PATH, openapi_schema
 from metronome.serve.prometheus import CONTENT_TYPE, ApiRequest, ServerMetrics
@@ -234,7 +234,11 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _parse(request: Request, state: ServerState, model: type[SamplingBody]) -> Any:
+async def _parse(
+    request: Request, state: ServerState, model: type[BaseModel], fields: frozenset[str] | None = None
+) -> Any:
+    """The body as `model`, or a 400 naming the bad parameter (`fields`: the body's parameter names, where
+    they are not the chat and completions bodies')."""
     raw = await _read_body(request, state.settings.max_body_bytes)
     try:
         if len(raw) > PARSE_ON_LOOP_BYTES:  # seconds of validation for megabytes: off the loop, so the other
@@ -244,7 +248,8 @@ async def _parse(request: Request, state: ServerState, model: type[SamplingBody]
     except ValidationError as exc:
         if exc.errors()[0]["type"] == "json_invalid":
             raise ApiError(400, f"the request body is not valid JSON: {exc.errors()[0]['msg']}") from None
-        raise ApiError(400, error_message(exc), param=error_param(exc)) from None
+        named = {} if fields is None else {"fields": fields}
+        raise ApiError(400, error_message(exc, **named), param=error_param(exc, **named)) from None
 
 
 def _check_model(body: SamplingBody, served: Served, alias: str) -> None:
@@ -499,13 +504,7 @@ def _submit(state: ServerState, served: Served, spec: JobSpec, account: ApiReque
     except JobRefused as exc:
         state.release(job)  # the choices queued before the refusal were cancelled: count them as they end
         if exc.queue_full:
-            raise ApiError(
-                429,
-                str(exc),
-                type="rate_limit_error",
-                code="queue_full",
-                headers={"Retry-After": str(state.settings.retry_after_s)},
-            ) from None
+            raise busy(str(exc), state.settings.retry_after_s) from None
         raise ApiError(400, str(exc), param=exc.param) from None
     return job
 

@@ -318,7 +318,9 @@ def _run(args: argparse.Namespace) -> int:
     from metronome.bench.runner import run_sweep
     from metronome.bench.workloads import PromptBuilder, load_corpus
 
-    console = Console(stderr=True)
+    # soft_wrap: a line longer than the terminal (or than 80 columns when piped) stays one line, so a path or
+    # a "--port N" in it is never split where a reader or a script looks for it.
+    console = Console(stderr=True, soft_wrap=True)
     refused = _common_refusal(args)
     if refused:
         console.print(f"metronome bench: error: {refused}", markup=False)

@@ -443,8 +443,13 @@ async def _settled(http: httpx.AsyncClient, settle_s: float) -> dict[str, float]
 
 def server_slots(url: str) -> int:
     """The server's slot count, from /metrics (`metronome_slots`)."""
-    with httpx.Client(base_url=url, timeout=30.0) as http:
-        value = parse_metrics(http.get("/metrics").text).get("metronome_slots")
+    try:
+        with httpx.Client(base_url=url, timeout=30.0) as http:
+            value = parse_metrics(http.get("/metrics").text).get("metronome_slots")
+    except httpx.HTTPError as exc:
+        raise ConnectionError(
+            f"cannot reach {url}/metrics ({type(exc).__name__}: {exc}); check that the server is running and --url is right"
+        ) from exc
     if not value:
         raise ValueError(f"{url}/metrics has no metronome_slots: not a metronome server? give --concurrency")
     return int(value)

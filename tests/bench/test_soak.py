@@ -88,6 +88,25 @@ def test_the_soak_command_on_the_default_model(tmp_path):
     assert "PASS" in out.stdout and "/metrics requests add up" in out.stdout
 
 
+def test_soak_on_an_unreachable_url_is_a_clean_error(tmp_path):
+    """--soak --url at a port nothing listens on: exit 2 naming the URL, not an httpx traceback."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed on leaving: nothing listens there
+    out = subprocess.run(
+        [sys.executable, "-m", "metronome.bench", "--soak", "5s", "--url", f"http://127.0.0.1:{port}"]
+        + ["--out", str(tmp_path), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "cannot reach" in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
 def test_sigterm_stops_the_server_the_bench_started(tiny_hf, tmp_path):
     """`timeout` (SIGTERM) on a bench that started its own server: SIGTERM's default ended the bench at once
     and left the server (in a session of its own) running, orphaned. Now it stops it, as Ctrl-C does."""
@@ -97,8 +116,18 @@ def test_sigterm_stops_the_server_the_bench_started(tiny_hf, tmp_path):
     import time
 
     argv = [sys.executable, "-m", "metronome.bench", "--soak", "5m", "--model", str(tiny_hf("llama"))]
+    from metronome.bench.peers import _metronome_command
+
+    # rich wrapped the "starting:" line at the width (80 when piped), and CI's longer checkout path put "--port"
+    # at the end of a line and its number on the next (CI failed on it). COLUMNS ending the line right after
+    # "--port" wraps it so on any path: the console must not wrap.
+    columns = len(f"starting: {' '.join(_metronome_command())} serve --host 127.0.0.1 --port")
     bench = subprocess.Popen(
-        [*argv, "--out", str(tmp_path), "--no-progress"], stderr=subprocess.PIPE, text=True, start_new_session=True
+        [*argv, "--out", str(tmp_path), "--no-progress"],
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "COLUMNS": str(columns)},
     )
     try:
         port = None

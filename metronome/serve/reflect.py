@@ -120,14 +120,16 @@ def _summary(done: ReflectionDone) -> dict[str, Any]:
     }
 
 
-class _Run:
+class ReflectionRun:
     """One reflection on its own thread; events onto the loop's queue, then None (or the exception).
-    Its turns' engine requests are counted in the server's metrics as a chat request's choices are."""
+    Its turns' engine requests are counted in the server's metrics as a chat request's choices are.
+    It is one of the server's running reflections (state.reflections) from construction to close()."""
 
     def __init__(self, state: "ServerState", engine: "Engine", task: str, settings, params) -> None:
         self.events: asyncio.Queue[ReflectEvent | BaseException | None] = asyncio.Queue()
-        self.stop = threading.Event()
-        self._outbox = state.outbox()
+        self.stopping = threading.Event()
+        self._outbox, self._state = state.outbox(), state
+        state.reflections.add(self)
         loop, metrics = self._outbox.loop, state.metrics
 
         def ended(r: "Request", reason: str, gaps: list[float]) -> None:
@@ -153,7 +155,7 @@ class _Run:
         try:
             for event in loop_events:
                 self._outbox.put(self.events, event)
-                if self.stop.is_set():
+                if self.stopping.is_set():
                     break
             self._outbox.put(self.events, None)
         except Exception as exc:  # reported to the client as the stream's last event (or a 500)
@@ -161,19 +163,30 @@ class _Run:
         finally:
             loop_events.close()  # cancels a turn still running
 
+    def halt(self, error: ApiError) -> None:
+        """End the reflection with `error` (the server is stopping): its client reads it next, and the loop's
+        thread stops at its next event, cancelling the turn it runs. Event loop only."""
+        self.stopping.set()
+        self.events.put_nowait(error)
+
+    def close(self) -> None:
+        """The client is done with it (answered, or gone): the thread stops at its next event."""
+        self.stopping.set()
+        self._state.reflections.discard(self)
+
     async def next(self) -> ReflectEvent | None:
         try:
             item = await asyncio.wait_for(self.events.get(), EVENT_TIMEOUT_S)
         except TimeoutError:
             raise ApiError(504, f"no reflection event within {EVENT_TIMEOUT_S:.0f} s", type="server_error") from None
+        if isinstance(item, ApiError):  # halt()
+            raise item
         if isinstance(item, BaseException):
             raise ApiError(500, f"the reflection failed: {item}", type="server_error", code="engine_error")
         return item
 
 
 def add_reflect_routes(app: FastAPI, state: "ServerState") -> None:
-    pending = [0]  # reflections running now (event loop only)
-
     @app.post(REFLECTIONS)
     async def reflections(request: Request) -> Response:
         from metronome.serve import server as chat  # imported here: server.py imports this module
@@ -192,14 +205,13 @@ def add_reflect_routes(app: FastAPI, state: "ServerState") -> None:
                 await asyncio.to_thread(check_fits, served.engine, body.task, settings, params)
             except ParamError as exc:
                 raise ApiError(400, str(exc), param=exc.param) from None
-            if pending[0] >= MAX_PENDING:
+            if len(state.reflections) >= MAX_PENDING:
                 raise busy(f"{MAX_PENDING} reflections are running; retry later", state.settings.retry_after_s)
-            run = _Run(state, served.engine, body.task, settings, params)
-            pending[0] += 1
+            run = ReflectionRun(state, served.engine, body.task, settings, params)
             run.thread.start()
             if body.stream:
                 return StreamingResponse(
-                    _stream(run, pending, account),
+                    _stream(run, account),
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 )
@@ -210,11 +222,10 @@ def add_reflect_routes(app: FastAPI, state: "ServerState") -> None:
                         return JSONResponse({"object": "reflection", "model": served.identity.id, **_summary(event)})
                 raise ApiError(500, "the reflection ended without its result", type="server_error")
             finally:
-                run.stop.set()
-                pending[0] -= 1
+                run.close()
 
 
-async def _stream(run: _Run, pending: list[int], account: "ApiRequest") -> AsyncIterator[str]:
+async def _stream(run: ReflectionRun, account: "ApiRequest") -> AsyncIterator[str]:
     """SSE: `event: <type>` and `data: <json>` per event, then `data: [DONE]`. A client that leaves closes
     this generator: the loop stops at its next event (and the request counts as cancelled)."""
     try:
@@ -234,5 +245,4 @@ async def _stream(run: _Run, pending: list[int], account: "ApiRequest") -> Async
         yield "data: [DONE]\n\n"
     finally:
         account.end("cancelled")  # a no-op once it ended above
-        run.stop.set()
-        pending[0] -= 1
+        run.close()

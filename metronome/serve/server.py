@@ -37,7 +37,7 @@ from metronome.serve.errors import ApiError, busy  # ApiError re-exported: calle
 from metronome.serve.jobs import SHUTTING_DOWN, Job, JobRefused, JobSpec, Outbox, cancel_on_disconnect
 from metronome.serve.openapi import OPENAPI_PATH, openapi_schema
 from metronome.serve.prometheus import CONTENT_TYPE, ApiRequest, ServerMetrics
-from metronome.serve.reflect import REFLECTIONS, add_reflect_routes
+from metronome.serve.reflect import REFLECTIONS, ReflectionRun, add_reflect_routes
 from metronome.serve.responses import ResponseHead, ResponseShape
 from metronome.serve.responses_api import RESPONSES, add_responses_routes
 from metronome.serve.schemas import ChatBody, CompletionBody, ResponseFormat, SamplingBody, error_message, error_param
@@ -106,6 +106,7 @@ class ServerState:
         self.served: Served | None = None
         self._settling: set[asyncio.Task[None]] = set()  # strong references until each task ends
         self.jobs: set[Job] = set()  # the generation requests submitted and not yet released (event loop only)
+        self.reflections: set[ReflectionRun] = set()  # those running (event loop only), ended by stop_generating too
         self._outbox: Outbox | None = None  # engine events onto the serving loop (made on its first request)
 
     def outbox(self) -> Outbox:
@@ -147,11 +148,13 @@ class ServerState:
             task.add_done_callback(self._settling.discard)
 
     def stop_generating(self) -> None:
-        """The server is stopping: every generation still running ends now, a stream with a 503 error event
-        and [DONE], a whole answer with a 503, so that its connection closes within the shutdown's grace
-        period (past it, uvicorn cancels the handlers: cut streams, and their tracebacks in the log)."""
+        """The server is stopping: every generation and reflection still running ends now, a stream with a 503
+        error event and [DONE], a whole answer with a 503, so that its connection closes within the shutdown's
+        grace period (past it, uvicorn cancels the handlers: cut streams, and their tracebacks in the log)."""
         for job in list(self.jobs):
             job.stop(SHUTTING_DOWN)
+        for run in list(self.reflections):
+            run.halt(shutting_down())
 
     def require(self) -> Served:
         if self.served is None:
@@ -509,14 +512,19 @@ def _submit(state: ServerState, served: Served, spec: JobSpec, account: ApiReque
     return job
 
 
+def shutting_down() -> ApiError:
+    """The 503 of a generation the server ended because it is stopping (ServerState.stop_generating)."""
+    return ApiError(
+        503,
+        "the server is shutting down; send the request again (to another server, or once this one is back)",
+        type="service_unavailable",
+        code="server_shutting_down",
+    )
+
+
 def _engine_failure(message: str | None) -> ApiError:
     if message == SHUTTING_DOWN:  # not a failure of this request: the server stopped (ServerState.stop_generating)
-        return ApiError(
-            503,
-            "the server is shutting down; send the request again (to another server, or once this one is back)",
-            type="service_unavailable",
-            code="server_shutting_down",
-        )
+        return shutting_down()
     return ApiError(
         500,
         f"the engine failed while generating this request ({message}); the server goes on serving: retry it",

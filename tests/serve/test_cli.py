@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from metronome.args import engine_config, sampling_params
 from metronome.cli import build_parser
 from metronome.engine import Engine
@@ -138,11 +140,25 @@ def test_the_ready_line_gives_a_tiny_cache_its_size_not_zero():
     assert megabytes(377_500_000) == "378 MB"
 
 
-def test_a_stopped_server_ends_its_streams_cleanly(smollm_path):
+# sampled, so that it does not fall into a loop that ends early; 1,900 tokens take several seconds here
+_LONG = {"stream": True, "max_tokens": 1900, "temperature": 1.0, "seed": 1}
+_STORY = "Tell me a long story."
+
+
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": _STORY}], "ignore_eos": True, **_LONG}),
+        # a reflection's thread was left to uvicorn's cut; 3 turns of up to 500 tokens fit the 2,048 context
+        ("/v1/reflections", {"task": _STORY, "rounds": 1, **_LONG, "max_tokens": 500}),
+    ],
+)
+def test_a_stopped_server_ends_its_streams_cleanly(smollm_path, path, body):
     """SIGTERM while a long stream runs: uvicorn waited its 5 s of grace, then cancelled the handler: the
     stream was cut without [DONE] and the log had CancelledError tracebacks. The server now ends running
-    generations itself part-way through the grace: the stream's last events are a 503 server_shutting_down
-    error and [DONE], and the process exits 0 within the grace, with nothing in its log but its own lines."""
+    generations (and reflections) itself part-way through the grace: the stream's last events are a 503
+    server_shutting_down error and [DONE], and the process exits 0 within the grace, with nothing in its log
+    but its own lines."""
     import json
     import signal
     import time
@@ -159,10 +175,7 @@ def test_a_stopped_server_ends_its_streams_cleanly(smollm_path):
     lines: list[str] = []
     try:
         wait_until_healthy(url, proc)
-        # sampled, so it does not fall into a loop that ends early; 1,900 tokens take several seconds here
-        body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "stream": True}
-        body |= {"max_tokens": 1900, "ignore_eos": True, "temperature": 1.0, "seed": 1}
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+        with httpx.stream("POST", url + path, json=body, timeout=60) as r:
             for line in r.iter_lines():
                 lines.append(line)
                 if len(lines) == 8:  # streaming: now stop the server

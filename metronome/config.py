@@ -136,6 +136,25 @@ class ModelConfig:
     name: str = ""
 
     def __post_init__(self) -> None:
+        # what a network can be built from (a damaged or hostile file's metadata is read into these); the
+        # loaders report a failure as the file's fault (ModelFileError)
+        _check(
+            self,
+            [
+                ("vocab_size", self.vocab_size >= 1, "must be positive"),
+                ("hidden_size", self.hidden_size >= 1, "must be positive"),
+                ("num_layers", self.num_layers >= 1, "must be positive"),
+                ("num_heads", self.num_heads >= 1, "must be positive"),
+                ("num_kv_heads", 1 <= self.num_kv_heads <= self.num_heads, "must be in [1, num_heads]"),
+                ("num_kv_heads", self.num_heads % self.num_kv_heads == 0, "must divide num_heads (grouped queries)"),
+                ("head_dim", self.head_dim >= 2 and self.head_dim % 2 == 0, "must be even and positive (RoPE pairs)"),
+                ("intermediate_size", self.intermediate_size >= (0 if self.num_experts else 1), "must be positive"),
+                ("max_position", self.max_position >= 1, "must be positive"),
+                ("rms_norm_eps", 0.0 < self.rms_norm_eps < 1.0, "must be in (0, 1)"),
+                ("rope_theta", math.isfinite(self.rope_theta) and self.rope_theta > 0, "must be finite and positive"),
+                ("num_experts", self.num_experts >= 0, "must be 0 (dense) or positive"),
+            ],
+        )
         if self.num_experts:
             _check(
                 self,

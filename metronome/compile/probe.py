@@ -22,18 +22,28 @@ NEAR_POSITION = 64  # where step_ms is calibrated (a short conversation)
 DEFAULT_PREFILL_CHUNK = 32
 
 
+class NonFiniteLogits(ValueError):
+    """A model whose logits are NaN or infinite (choose_decode_mode): its file, not the plan, is at fault."""
+
+
 def choose_decode_mode(runner: Runner, cfg: ModelConfig, slots: int) -> tuple[str, str]:
     """'compact' if each row's logits are bitwise the same whether 1 or all slots are live, else 'fixed'.
-    Leaves `runner.decode_mode` at the answer; returns it with a sentence saying why."""
-    if slots == 1:
-        runner.decode_mode = "compact"
-        return "compact", "one slot: nothing shares the batch"
+    Leaves `runner.decode_mode` at the answer; returns it with a sentence saying why. Logits that are not
+    finite are the model's fault (NaN or inf weights, an impossible norm epsilon or rope base): a
+    NonFiniteLogits naming it, where NaN (never equal to itself) read as rows that differ, a kernel bug."""
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (slots,), generator=g).tolist()
     positions = [3 + 2 * s for s in range(slots)]
     runner.decode_mode = "compact"
     with torch.inference_mode():
         together = runner.decode(list(range(slots)), tokens, positions)
+        if not bool(torch.isfinite(together).all()):
+            raise NonFiniteLogits(
+                "the model's logits are NaN or infinite for random tokens: its weights or settings (norm epsilon, "
+                "rope base) are damaged; re-download or re-export the model"
+            )
+        if slots == 1:
+            return "compact", "one slot: nothing shares the batch"
         for s in range(slots):
             alone = runner.decode([s], [tokens[s]], [positions[s]])
             if not torch.equal(alone[0], together[s]):

@@ -177,6 +177,13 @@ def resolve(loaded: LoadedModel, config: EngineConfig, say: Say) -> Resolved:
         raise PlanError(f"device={config.device!r} but no CUDA GPU is visible to torch; use --device cpu", "device")
     weights = resolve_weights(loaded, config)
     ops, kernels = _choose_ops(config, say)
+    if isinstance(ops, CppOps) and cfg.head_dim % 16:  # every C++ attention kernel reads heads 16 floats at a time
+        if config.kernels == "cpp":
+            raise PlanError(
+                f"kernels='cpp' needs a head_dim multiple of 16; this model's is {cfg.head_dim}: use --kernels auto",
+                "kernels",
+            )
+        ops, kernels = TorchOps(), f"torch (the C++ attention needs a head_dim multiple of 16, not {cfg.head_dim})"
     why_not = _why_not_fused(cfg, weights, ops)
     threads = config.threads or available_cores()  # resolved already when called from compile_plan
     if why_not is None:

@@ -163,6 +163,7 @@ class Engine(PythonAPI):
         """Load a GGUF file or HF folder (default: the embedded SmolLM2) and compile its plan."""
         config = config or EngineConfig()
         loaded = loaded or load(path)
+        tokenizer = Tokenizer(loaded.tokenizer)  # a vocabulary it cannot build is reported before the compile
         prefill_threads = 0
         if config.layout == Layout.DISAGGREGATED:  # the cores shared between the decode engine and the worker
             cores = resolve_settings(loaded.config, config).threads or 1
@@ -184,7 +185,7 @@ class Engine(PythonAPI):
                 drafter = PayingDrafter(LookupOrModel(NgramDrafter(), model, slots=plan.config.slots))
             except ValueError as exc:
                 raise ValueError(f"draft={config.draft!r}: {exc}") from None
-        engine = cls(plan, Tokenizer(loaded.tokenizer), loaded.config.name or loaded.path.stem, max_queue, drafter)
+        engine = cls(plan, tokenizer, loaded.config.name or loaded.path.stem, max_queue, drafter)
         if config.layout == Layout.DISAGGREGATED:
             engine.attach_prefiller(str(loaded.path), prefill_threads)
         return engine

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from metronome.config import ModelConfig
+from metronome.config import ModelConfig, ParamError
 
 
 @dataclass(frozen=True)
@@ -332,10 +332,10 @@ def load_shape(spec: str) -> ModelShape:
             f"MODEL {spec!r} is neither a built-in name ({', '.join(shapes)}), a registered model "
             f"({', '.join(names())}) nor an existing path"
         )
-    if path.suffix == ".gguf":
-        shape = _gguf_shape(path)
-    else:
-        shape = _hf_shape(path)
+    try:
+        shape = _gguf_shape(path) if path.suffix == ".gguf" else _hf_shape(path)
+    except ParamError as exc:  # ModelConfig's checks: no network has these sizes
+        raise ValueError(f"{spec}: {exc}") from exc
     if shape.experts_per_token and not shape.is_moe:
         raise ValueError(f"{spec}: {shape.experts_per_token} experts per token but no expert count the planner reads")
     if shape.is_moe and not 0 < shape.experts_per_token <= shape.num_experts:

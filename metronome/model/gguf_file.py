@@ -123,7 +123,9 @@ def read(path: Path) -> GGUFFile:
         dims = [cur.take("<Q") for _ in range(cur.take("<I"))]
         qtype, offset = cur.take("<I"), cur.take("<Q")
         infos.append((name, dims, qtype, offset))
-    align = int(metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT))
+    align = metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
+    if not isinstance(align, int) or align < 1 or align & (align - 1):
+        raise GGUFFormatError(f"general.alignment={align!r}: must be a power of two")
     start = (cur.pos + align - 1) // align * align
     tensors = {}
     for name, dims, qtype, offset in infos:
@@ -133,6 +135,10 @@ def read(path: Path) -> GGUFFile:
             raise GGUFFormatError(f"tensor {name!r} has unknown type {qtype}") from None
         block, type_size = gguf.GGML_QUANT_SIZES[kind]
         n = int(np.prod(dims)) if dims else 1
+        if dims and dims[0] % block:
+            raise GGUFFormatError(
+                f"tensor {name!r}: {dims[0]} values per row is not a whole number of {kind.name} blocks"
+            )
         tensors[name] = TensorRecord(
             name, tuple(int(d) for d in reversed(dims)), kind.name, start + offset, n // block * type_size
         )

@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
-from metronome.config import ModelConfig, RopeScaling
+from metronome.config import ModelConfig, ParamError, RopeScaling
 from metronome.model import gguf_file
 from metronome.model.errors import ModelFileError  # re-exported: raised and caught under this name
 from metronome.model.registry import resolve
@@ -105,7 +107,7 @@ def default_model_path() -> Path:
 
 
 def file_fingerprint(path: Path) -> str:
-    files = sorted(path.glob("*.safetensors")) + [path / "config.json"] if path.is_dir() else [path]
+    files = _safetensors_files(path) + [path / "config.json"] if path.is_dir() else [path]
     h = hashlib.sha256()
     for f in files:
         size = f.stat().st_size
@@ -137,6 +139,26 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
         return _hf_config(_read_json(p / "config.json"), p)
     f = _open_gguf(p)
     return _gguf_config(f.metadata, p, f.tensors)
+
+
+@contextmanager
+def _reading(where: Path) -> Iterator[None]:
+    """Whatever goes wrong reading a file's settings becomes a ModelFileError naming the file: a damaged or
+    hand-made file's metadata can be missing, of the wrong type or impossible anywhere, and a KeyError or
+    a ZeroDivisionError from the middle of the loader tells its user nothing."""
+    try:
+        yield
+    except ModelFileError:
+        raise
+    except ParamError as exc:  # ModelConfig's checks: values no network can be built from
+        raise ModelFileError(f"{where}: {exc}; the file describes no model metronome can build") from exc
+    except KeyError as exc:
+        raise ModelFileError(f"{where}: {exc} is missing; the file is incomplete or of another kind of model") from exc
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError, IndexError, OverflowError) as exc:
+        raise ModelFileError(
+            f"{where}: a setting has a value metronome cannot read ({type(exc).__name__}: {exc}); "
+            "the file is damaged or of another kind of model"
+        ) from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,6 +198,12 @@ def _open_gguf(path: Path) -> gguf_file.GGUFFile:
         f = gguf_file.read(path)
     except gguf_file.GGUFFormatError as exc:
         raise ModelFileError(f"{path}: damaged or truncated GGUF file: {exc}; re-download or re-export it") from exc
+    parts = f.metadata.get("split.count")
+    if isinstance(parts, int) and parts > 1:
+        raise ModelFileError(
+            f"{path}: one part of a model split in {parts} files; join the parts into one file first "
+            "(`llama-gguf-split --merge FIRST-PART OUT.gguf`, or `cat` for parts cut byte-wise)"
+        )
     size = path.stat().st_size
     for t in f.tensors.values():
         if t.offset + t.nbytes > size:
@@ -187,6 +215,11 @@ def _open_gguf(path: Path) -> gguf_file.GGUFFile:
 
 
 def _gguf_config(meta: dict, path: Path, tensors: dict, rope_freqs: tuple[float, ...] = ()) -> ModelConfig:
+    with _reading(path):
+        return _gguf_settings(meta, path, tensors, rope_freqs)
+
+
+def _gguf_settings(meta: dict, path: Path, tensors: dict, rope_freqs: tuple[float, ...]) -> ModelConfig:
     arch = meta.get("general.architecture")
     if arch not in _GGUF_ARCHS:
         raise ModelFileError(f"{path}: unsupported architecture {arch!r}; metronome runs {', '.join(_GGUF_ARCHS)}")
@@ -199,13 +232,18 @@ def _gguf_config(meta: dict, path: Path, tensors: dict, rope_freqs: tuple[float,
 
     hidden = int(key("embedding_length", required=True))
     heads = int(key("attention.head_count", required=True))
-    head_dim = int(key("attention.key_length", 0) or key("rope.dimension_count", 0) or hidden // heads)
+    head_dim = int(key("attention.key_length", 0) or key("rope.dimension_count", 0) or hidden // max(heads, 1))
     vocab = key("vocab_size")
     if vocab is None:
         tok = meta.get("tokenizer.ggml.tokens")
         vocab = len(tok) if tok is not None else tensors["token_embd.weight"].shape[0]
     rope_scaling = None
     if rope_freqs:  # Llama 3.x: llama.cpp stores the scaled frequencies' divisors as a tensor
+        if len(rope_freqs) != head_dim // 2 or not all(math.isfinite(f) and f > 0 for f in rope_freqs):
+            raise ModelFileError(
+                f"{path}: rope_freqs holds {len(rope_freqs)} values; a head of {head_dim} needs {head_dim // 2}, "
+                "finite and positive"
+            )
         rope_scaling = RopeScaling(kind="factors", factors=rope_freqs)
     elif key("rope.scaling.type") == "linear" and arch == "gemma3":
         rope_scaling = RopeScaling(kind="linear", factor=float(key("rope.scaling.factor", 1.0)))
@@ -264,6 +302,9 @@ def _gguf_moe(arch: str, key: Callable, tensors: dict) -> dict:
     )
 
 
+# GGML types that hold integers or activations, not weights (gguf-py cannot dequantize them to a matrix)
+_NOT_WEIGHT_TYPES = frozenset({"I8", "I16", "I32", "I64", "F64", "Q8_1", "Q8_K"})
+
 # GGUF per-layer MoE tensors: stacked experts (E, rows, cols) -> metronome's per-expert names; shared ones.
 _GGUF_EXPERTS = {"ffn_gate_exps": "w_gate", "ffn_up_exps": "w_up", "ffn_down_exps": "w_down"}
 _GGUF_SHARED = {"ffn_gate_shexp": "shared.w_gate", "ffn_up_shexp": "shared.w_up", "ffn_down_shexp": "shared.w_down"}
@@ -279,6 +320,8 @@ def _load_gguf(path: Path, progress: Callable[[int, int], None] | None) -> Loade
         t = tensors.get(name)
         if t is None:
             raise ModelFileError(f"{path}: tensor {name!r} is missing; the file is incomplete or of another model")
+        if t.qtype in _NOT_WEIGHT_TYPES:
+            raise ModelFileError(f"{path}: tensor {name!r} is stored as {t.qtype}, not a weight format metronome reads")
         return QuantTensor(f.array(t), t.qtype, t.shape)
 
     weights: dict[str, Weight] = {}
@@ -308,19 +351,22 @@ def _load_gguf(path: Path, progress: Callable[[int, int], None] | None) -> Loade
                 weights[f"layers.{i}.shared_gate.weight"] = QuantTensor(
                     np.asarray(gate.raw).reshape(1, -1), gate.qtype, (1, cfg.hidden_size)
                 )
-        if cfg.arch in ("llama", "mistral"):
-            # llama.cpp permuted these rows for interleaved RoPE; undo it for rotate-half.
+    if progress:
+        progress(cfg.num_layers, cfg.num_layers)
+    check_shapes(cfg, weights, path)  # before the un-permuting below, which indexes rows the config promises
+    if cfg.arch in ("llama", "mistral"):
+        # llama.cpp permuted these rows for interleaved RoPE; undo it for rotate-half.
+        for i in range(cfg.num_layers):
             for mname, n in (("wq", cfg.num_heads), ("wk", cfg.num_kv_heads)):
                 w = weights[f"layers.{i}.{mname}.weight"]
                 weights[f"layers.{i}.{mname}.weight"] = _unpermute_rows(w, n, cfg.head_dim)
-    if progress:
-        progress(cfg.num_layers, cfg.num_layers)
-    check_shapes(cfg, weights, path)
     counts: dict[str, int] = {}
     for t in tensors.values():
         counts[t.qtype] = counts.get(t.qtype, 0) + 1
     file_type = "GGUF " + ", ".join(f"{k} ({v})" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
-    return LoadedModel(cfg, weights, _gguf_tokenizer(meta, path), path, file_type, path.stat().st_size)
+    with _reading(path):
+        tokenizer = _gguf_tokenizer(meta, path)
+    return LoadedModel(cfg, weights, tokenizer, path, file_type, path.stat().st_size)
 
 
 def _split_experts(t: QuantTensor) -> list[QuantTensor]:
@@ -348,6 +394,8 @@ def _gguf_tokenizer(meta: dict, path: Path) -> TokenizerData:
             "'llama' sentencepiece vocabularies)"
         )
     tokens = meta["tokenizer.ggml.tokens"]
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise ModelFileError(f"{path}: tokenizer.ggml.tokens must be a non-empty list of strings")
     types = meta.get("tokenizer.ggml.token_type")
     scores = meta.get("tokenizer.ggml.scores")
     merges = meta.get("tokenizer.ggml.merges")
@@ -357,6 +405,9 @@ def _gguf_tokenizer(meta: dict, path: Path) -> TokenizerData:
     if arch == "gemma3" and "<end_of_turn>" in tokens:
         eos_ids.append(tokens.index("<end_of_turn>"))
     eos = tuple(dict.fromkeys(int(e) for e in eos_ids if e is not None))
+    for name, ids in (("bos_token_id", () if bos is None else (int(bos),)), ("eos_token_id", eos)):
+        if any(not 0 <= i < len(tokens) for i in ids):
+            raise ModelFileError(f"{path}: tokenizer.ggml.{name} {ids} is outside the {len(tokens)}-token vocabulary")
     return TokenizerData(
         kind="gguf-bpe" if model == "gpt2" else "gguf-spm",
         tokens=tokens,
@@ -409,12 +460,20 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise ModelFileError(f"{path}: missing; an HF model folder needs config.json, *.safetensors and tokenizer.json")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelFileError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(value, dict):
+        raise ModelFileError(f"{path}: a JSON object was expected, not a {type(value).__name__}")
+    return value
 
 
 def _hf_config(c: dict, path: Path) -> ModelConfig:
+    with _reading(path / "config.json"):
+        return _hf_settings(c, path)
+
+
+def _hf_settings(c: dict, path: Path) -> ModelConfig:
     archs = c.get("architectures") or []
     arch = next((_HF_ARCHS[a] for a in archs if a in _HF_ARCHS), None)
     if arch is None:
@@ -423,7 +482,7 @@ def _hf_config(c: dict, path: Path) -> ModelConfig:
         )
     c = c.get("text_config", c)
     heads = int(c["num_attention_heads"])
-    head_dim = int(c.get("head_dim") or c["hidden_size"] // heads)
+    head_dim = int(c.get("head_dim") or c["hidden_size"] // max(heads, 1))  # 0 heads: ModelConfig says so
     # transformers 5 writes "rope_parameters" (per layer type for Gemma 3); older files "rope_scaling" + "rope_theta".
     rope = c.get("rope_parameters") or {}
     local_rope = rope.get("sliding_attention") if isinstance(rope.get("sliding_attention"), dict) else None
@@ -552,11 +611,33 @@ def _hf_moe_weights(cfg: ModelConfig, i: int, raw: dict[str, torch.Tensor], path
     return out
 
 
+_HF_INDEX = "model.safetensors.index.json"
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    """The weight files of an HF folder, as transformers picks them: those its index lists, else
+    model.safetensors, else every *.safetensors (a folder of shards without an index). A stale checkpoint
+    left beside the model is not read."""
+    index = path / _HF_INDEX
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelFileError(f"{index}: no weight_map; the index is damaged")
+        files = [path / str(name) for name in dict.fromkeys(weight_map.values())]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ModelFileError(f"{index}: lists {', '.join(missing)}, not in the folder; download every shard")
+        return files
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    return sorted(path.glob("*.safetensors"))
+
+
 def _load_hf_folder(path: Path, progress: Callable[[int, int], None] | None) -> LoadedModel:
     from safetensors import safe_open
 
     cfg = _hf_config(_read_json(path / "config.json"), path)
-    files = sorted(path.glob("*.safetensors"))
+    files = _safetensors_files(path)
     if not files:
         raise ModelFileError(f"{path}: no *.safetensors files; metronome reads safetensors weights only")
     raw: dict[str, torch.Tensor] = {}
@@ -600,12 +681,28 @@ def _load_hf_folder(path: Path, progress: Callable[[int, int], None] | None) -> 
                 weights[f"layers.{i}.{mname}.bias"] = get(f"layers.{i}.{hname}.bias")
         if cfg.is_moe:
             weights.update(_hf_moe_weights(cfg, i, raw, path))
+    # integer weights are quantized codes (compressed-tensors, GPTQ, AWQ...) whose scales metronome does
+    # not apply: read as they are, they are another network, which generates fluent-looking nonsense
+    coded = sorted(k for k, t in weights.items() if not t.is_floating_point())
+    if coded:
+        raise ModelFileError(
+            f"{path}: tensor {coded[0]!r} is {str(weights[coded[0]].dtype).removeprefix('torch.')} "
+            f"({len(coded)} non-float tensors): a quantized checkpoint whose format metronome does not read; "
+            "use its float (f32/f16/bf16) release or a GGUF export"
+        )
     check_shapes(cfg, weights, path)
+    with _reading(path):
+        tokenizer = _hf_tokenizer(path)
+    size = sum(f.stat().st_size for f in files)
+    return LoadedModel(cfg, weights, tokenizer, path, "safetensors " + "/".join(dtypes), size)
+
+
+def _hf_tokenizer(path: Path) -> TokenizerData:
     tok_file = path / "tokenizer.json"
     if not tok_file.is_file():
         raise ModelFileError(f"{tok_file}: missing; an HF model folder needs tokenizer.json")
     tc = _read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
-    tok_json = json.loads(tok_file.read_text())
+    tok_json = _read_json(tok_file)
     vocab = {a["content"]: a["id"] for a in tok_json.get("added_tokens", [])}
 
     def token_text(v) -> str:
@@ -615,12 +712,15 @@ def _load_hf_folder(path: Path, progress: Callable[[int, int], None] | None) -> 
     template = tc.get("chat_template")
     if template is None and (path / "chat_template.jinja").is_file():
         template = (path / "chat_template.jinja").read_text()
-    gen = _read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else {}
-    eos_ids = gen.get("eos_token_id", [])
-    eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
+    gen_file = path / "generation_config.json"
+    gen = _read_json(gen_file) if gen_file.is_file() else {}
+    eos_ids = gen.get("eos_token_id") if gen.get("eos_token_id") is not None else []
+    eos_ids = [eos_ids] if isinstance(eos_ids, int) else eos_ids
+    if not isinstance(eos_ids, list) or not all(isinstance(e, int) and not isinstance(e, bool) for e in eos_ids):
+        raise ModelFileError(f"{gen_file}: eos_token_id must be a token id or a list of them, not {eos_ids!r}")
     if eos_token in vocab:
         eos_ids.insert(0, vocab[eos_token])
-    tokenizer = TokenizerData(
+    return TokenizerData(
         kind="hf-json",
         tokenizer_json=str(tok_file),
         bos_id=vocab.get(bos_token),
@@ -630,8 +730,6 @@ def _load_hf_folder(path: Path, progress: Callable[[int, int], None] | None) -> 
         bos_token=bos_token,
         eos_token=eos_token,
     )
-    size = sum(f.stat().st_size for f in files)
-    return LoadedModel(cfg, weights, tokenizer, path, "safetensors " + "/".join(dtypes), size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -681,11 +779,18 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def check_shapes(cfg: ModelConfig, weights: dict[str, Weight], path: Path) -> None:
+    if cfg.is_moe:  # first: expected_shapes lists every expert, and a file can claim billions of them
+        held = sum(1 for name in weights if ".experts." in name)
+        if held != 3 * cfg.num_layers * cfg.num_experts:
+            raise ModelFileError(
+                f"{path}: the config says {cfg.num_experts} experts per layer but the file holds "
+                f"{held // max(1, 3 * cfg.num_layers)}; the file's metadata and tensors disagree"
+            )
     shapes = expected_shapes(cfg)
     for name, w in weights.items():
         got = tuple(w.shape)
-        if got != shapes[name]:
+        if got != shapes.get(name):
             raise ModelFileError(
-                f"{path}: tensor {name!r} has shape {got}, expected {shapes[name]} from the model's config; "
+                f"{path}: tensor {name!r} has shape {got}, expected {shapes.get(name)} from the model's config; "
                 "the file's metadata and tensors disagree"
             )

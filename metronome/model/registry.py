@@ -345,10 +345,10 @@ def _read_stamp(m: RegisteredModel, path: Path, cache: Path) -> str | None:
     stamp = _stamp_path(m, cache)
     if not stamp.is_file():
         return None
-    fields = stamp.read_text().split()
+    sha, _, rest = stamp.read_text().rstrip("\n").partition(" ")  # the rest as a whole: the path may hold spaces
     st = path.stat()
-    if fields[1:] == [str(path.resolve()), str(st.st_size), str(st.st_mtime_ns)]:
-        return fields[0]
+    if rest == f"{path.resolve()} {st.st_size} {st.st_mtime_ns}":
+        return sha
     return None
 
 

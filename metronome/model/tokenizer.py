@@ -12,6 +12,7 @@ from typing import Iterable, Sequence
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
+from metronome.model.errors import ModelFileError
 from metronome.model.loader import TokenizerData
 
 _CONTROL, _USER_DEFINED = 3, 4  # GGUF token types
@@ -124,10 +125,16 @@ class Tokenizer:
 
     def __init__(self, data: TokenizerData) -> None:
         self.data = data
-        if data.kind == "hf-json":
-            self._tok = HFTokenizer.from_file(data.tokenizer_json)
-        else:
-            self._tok = _build_from_gguf(data)
+        try:
+            self._tok = HFTokenizer.from_file(data.tokenizer_json) if data.kind == "hf-json" else _build_from_gguf(data)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # BaseException: the library's Rust panics arrive as pyo3's PanicException
+            where = data.tokenizer_json or "the GGUF file's tokenizer.ggml.* keys"
+            raise ModelFileError(
+                f"{where}: the tokenizer cannot be built from it ({type(exc).__name__}: {exc}); "
+                "the model's vocabulary is damaged or in a form metronome does not read"
+            ) from exc
         self.bos_id = data.bos_id
         self.eos_ids = tuple(data.eos_ids)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)

@@ -192,7 +192,7 @@ def test_configs_the_planner_cannot_size_are_refused(tmp_path):
         load_shape(_config(tmp_path, "routed", num_experts_per_tok=8))
     with pytest.raises(ValueError, match="num_attention_heads 0 must be at least 1"):
         load_shape(_config(tmp_path, "heads", num_attention_heads=0))
-    with pytest.raises(ValueError, match="layers 0: must be at least 1"):
+    with pytest.raises(ValueError, match="layers: num_layers=0: must be positive"):
         load_shape(_config(tmp_path, "layers", num_hidden_layers=0))
 
 

@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from metronome.compile.plan import PlanError
+from metronome.config import EngineConfig, SamplingParams
+from metronome.engine import Engine
 from metronome.model.loader import ModelFileError, QuantTensor, load, read_config
 from metronome.model.tokenizer import ChatTemplateError, Tokenizer
 
@@ -159,23 +162,43 @@ def test_stream_decoder_never_splits_characters(smollm):
 # -- bad files ----------------------------------------------------------------------------------------
 
 
-def _tiny_gguf(path: Path, arch: str = "llama", skip: str | None = None, bad_shape: str | None = None) -> Path:
-    """A tiny llama-shaped GGUF written with the gguf package."""
-    d, f, layers, vocab = 16, 32, 1, 8
+def _tiny_gguf(
+    path: Path,
+    arch: str = "llama",
+    skip: str | None = None,
+    bad_shape: str | None = None,
+    meta: dict | None = None,
+    tensors: dict[str, np.ndarray] | None = None,
+) -> Path:
+    """A tiny llama-shaped GGUF written with the gguf package (head_dim 8). `meta` replaces or adds metadata
+    (keys without a dot are the architecture's own), `tensors` replaces or adds tensors."""
+    d, f, vocab = 16, 32, 8
+    settings = {
+        "block_count": 1,
+        "context_length": 64,
+        "embedding_length": d,
+        "feed_forward_length": f,
+        "attention.head_count": 2,
+        "attention.head_count_kv": 1,
+        "attention.layer_norm_rms_epsilon": 1e-5,
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.tokens": [chr(ord("a") + i) for i in range(vocab - 1)] + ["ab"],
+        "tokenizer.ggml.token_type": [1] * vocab,
+        "tokenizer.ggml.merges": ["a b"],
+        "tokenizer.ggml.bos_token_id": 0,
+        "tokenizer.ggml.eos_token_id": 1,
+    } | (meta or {})
     w = gguf.GGUFWriter(path, arch)
-    w.add_block_count(layers)
-    w.add_context_length(64)
-    w.add_embedding_length(d)
-    w.add_feed_forward_length(f)
-    w.add_head_count(2)
-    w.add_head_count_kv(1)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list([chr(ord("a") + i) for i in range(vocab)])
-    w.add_token_types([1] * vocab)
-    w.add_token_merges(["a b"])
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(1)
+    for key, value in settings.items():
+        key = key if key.startswith(("tokenizer.", "split.")) else f"{arch}.{key}"
+        if isinstance(value, list):
+            w.add_array(key, value)
+        elif isinstance(value, str):
+            w.add_string(key, value)
+        elif isinstance(value, float):
+            w.add_float32(key, value)
+        else:
+            w.add_uint32(key, value)
     shapes = {
         "token_embd.weight": (vocab, d),
         "output_norm.weight": (d,),
@@ -189,12 +212,15 @@ def _tiny_gguf(path: Path, arch: str = "llama", skip: str | None = None, bad_sha
         "blk.0.ffn_up.weight": (f, d),
         "blk.0.ffn_down.weight": (d, f),
     }
-    for name, shape in shapes.items():
-        if name == skip:
-            continue
-        if name == bad_shape:
-            shape = (shape[0] + 1,) + shape[1:]
-        w.add_tensor(name, np.ones(shape, dtype=np.float32))
+    values = {
+        name: np.random.default_rng(0).standard_normal(shape).astype(np.float32) * 0.3 for name, shape in shapes.items()
+    }
+    if bad_shape is not None:
+        values[bad_shape] = np.ones((shapes[bad_shape][0] + 1,) + shapes[bad_shape][1:], dtype=np.float32)
+    values |= tensors or {}
+    for name, value in values.items():
+        if name != skip:
+            w.add_tensor(name, value)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -239,6 +265,90 @@ def test_bad_gguf_contents_get_one_clear_error(tmp_path, case, match):
     assert str(path) in str(err.value)
 
 
+_E = 200_000  # experts a hostile file claims while it holds 2: expected_shapes listed 600,000 names first
+
+
+def _moe_tensors() -> dict[str, np.ndarray]:
+    d, f = 16, 32
+    return {
+        "blk.0.ffn_gate_inp.weight": np.zeros((2, d), np.float32),
+        "blk.0.ffn_gate_exps.weight": np.zeros((2, f, d), np.float32),
+        "blk.0.ffn_up_exps.weight": np.zeros((2, f, d), np.float32),
+        "blk.0.ffn_down_exps.weight": np.zeros((2, d, f), np.float32),
+    }
+
+
+@pytest.mark.parametrize(
+    "case, meta, tensors, match",
+    [
+        # each once a traceback (ZeroDivisionError, IndexError, RuntimeError...) or a silent wrong model
+        ("heads0", {"attention.head_count": 0}, {}, "num_heads=0: must be positive"),
+        ("kv3", {"attention.head_count": 4, "attention.head_count_kv": 3}, {}, "num_kv_heads=3: must divide"),
+        ("keylen7", {"attention.key_length": 7}, {}, "head_dim=7: must be even"),
+        ("layers0", {"block_count": 0}, {}, "num_layers=0: must be positive"),
+        ("ctx0", {"context_length": 0}, {}, "max_position=0: must be positive"),
+        ("eps_negative", {"attention.layer_norm_rms_epsilon": -1.0}, {}, "rms_norm_eps=-1.0"),
+        ("bos", {"tokenizer.ggml.bos_token_id": 100}, {}, "bos_token_id \\(100,\\) is outside the 8-token"),
+        ("eos", {"tokenizer.ggml.eos_token_id": 8}, {}, "eos_token_id \\(8,\\) is outside"),
+        ("split", {"split.count": 2}, {}, "one part of a model split in 2 files"),
+        ("i32", {}, {"blk.0.ffn_up.weight": np.zeros((32, 16), np.int32)}, "stored as I32, not a weight format"),
+        ("rope_freqs", {}, {"rope_freqs.weight": np.ones(3, np.float32)}, "rope_freqs holds 3 values; a head of 8"),
+        ("q_rows", {}, {"blk.0.attn_q.weight": np.zeros((8, 16), np.float32)}, "has shape \\(8, 16\\), expected"),
+        (
+            "experts",
+            {"expert_count": _E, "expert_used_count": 2},
+            _moe_tensors(),
+            f"says {_E} experts per layer but the file holds 2",
+        ),
+    ],
+)
+def test_impossible_gguf_settings_are_the_files_fault(tmp_path, case, meta, tensors, match):
+    """Hand-made, damaged or hostile metadata: a ModelFileError naming the file and the setting, before any
+    work (the expert count once built a shape for each claimed expert: gigabytes and minutes)."""
+    skip = {"experts": "blk.0.ffn_gate.weight"}.get(case)
+    path = _tiny_gguf(tmp_path / f"{case}.gguf", meta=meta, tensors=tensors, skip=skip)
+    with pytest.raises(ModelFileError, match=match) as err:
+        load(path)
+    assert str(path) in str(err.value)
+
+
+def test_a_vocabulary_the_tokenizer_cannot_build_is_the_files_fault(tmp_path):
+    """A merge of tokens not in the vocabulary: the tokenizers library raised its own Exception (or a Rust
+    panic, a BaseException) from inside Engine.from_model, after the compile."""
+    path = _tiny_gguf(tmp_path / "merges.gguf", meta={"tokenizer.ggml.merges": ["x y"]})
+    with pytest.raises(ModelFileError, match="the tokenizer cannot be built"):
+        Tokenizer(load(path).tokenizer)
+
+
+def test_nan_weights_are_named_not_blamed_on_the_kernels(tmp_path):
+    """NaN weights: the invariance probe read NaN != NaN as rows that differ and called it a kernel bug
+    (on the torch path they silently generated token 0)."""
+    from metronome.compile.probe import NonFiniteLogits
+
+    nan = np.full((32, 16), np.nan, np.float32)
+    path = _tiny_gguf(tmp_path / "nan.gguf", tensors={"blk.0.ffn_up.weight": nan})
+    for slots in (1, 2):
+        with pytest.raises(NonFiniteLogits, match="NaN or infinite"):
+            Engine.from_model(str(path), EngineConfig(slots=slots, ctx=64, spec_tokens=0))
+
+
+def test_a_head_dim_the_cpp_attention_cannot_read_runs_on_torch(tmp_path):
+    """head_dim 8 (this tiny file's): every C++ attention kernel reads 16 floats at a time, and the plan
+    handed the unfused runner the C++ ops anyway: 'head dim must be a positive multiple of 16' at compile.
+    Now auto kernels take the torch ops, with the same tokens as --kernels torch; cpp is refused by name."""
+    path = str(_tiny_gguf(tmp_path / "hd8.gguf"))
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    runs = {}
+    for kernels in ("auto", "torch"):
+        engine = Engine.from_model(path, EngineConfig(slots=2, ctx=64, spec_tokens=0, kernels=kernels))
+        assert "torch" in engine.plan.report.kernels
+        runs[kernels] = engine.generate("ab", params).token_ids
+    assert runs["auto"] == runs["torch"]
+    with pytest.raises(PlanError, match="head_dim multiple of 16") as err:
+        Engine.from_model(path, EngineConfig(slots=2, ctx=64, kernels="cpp"))
+    assert err.value.param == "kernels"
+
+
 def test_truncated_gguf(tmp_path, smollm_path):
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(smollm_path.read_bytes()[:50_000_000])
@@ -276,4 +386,79 @@ def test_hf_folder_errors(tmp_path, tiny_hf):
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "tokenizer.json").unlink()
     with pytest.raises(ModelFileError, match="tokenizer.json: missing"):
+        load(folder)
+
+
+def test_odd_hf_folders_get_one_clear_error(tmp_path, tiny_hf):
+    """Settings missing, of the wrong type or in the wrong file: each was a KeyError, TypeError or
+    AttributeError traceback, or an error that did not name the file."""
+    import json
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_hf("llama"), folder)
+    config = json.loads((folder / "config.json").read_text())
+
+    def refused(match: str, file: str) -> None:
+        with pytest.raises(ModelFileError, match=match) as err:
+            load(folder)
+        assert str(folder / file) in str(err.value)
+
+    (folder / "config.json").write_text("[]")
+    refused("a JSON object was expected, not a list", "config.json")
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "hidden_size"}))
+    refused("'hidden_size' is missing", "config.json")
+    (folder / "config.json").write_text(json.dumps({**config, "rms_norm_eps": None}))
+    refused("a setting has a value metronome cannot read", "config.json")
+    (folder / "config.json").write_text(json.dumps({**config, "rope_scaling": {"rope_type": "llama3"}}))
+    refused("'factor' is missing", "config.json")
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": "</s>"}))
+    refused("eos_token_id must be a token id or a list of them", "generation_config.json")
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": None}))  # as unset: loads
+    assert load(folder).config.num_layers == config["num_hidden_layers"]
+    tokenizer = (folder / "tokenizer.json").read_text()
+    (folder / "tokenizer.json").write_text("{oops")
+    refused("not valid JSON", "tokenizer.json")
+    (folder / "tokenizer.json").write_text('{"version": "1.0"}')
+    with pytest.raises(ModelFileError, match="the tokenizer cannot be built") as err:
+        Tokenizer(load(folder).tokenizer)
+    assert str(folder / "tokenizer.json") in str(err.value)
+    (folder / "tokenizer.json").write_text(tokenizer)
+
+
+def test_hf_weights_are_the_files_transformers_would_read(tmp_path, tiny_hf):
+    """A stale checkpoint beside model.safetensors replaced its tensors (every *.safetensors was read, in
+    name order); the index's shards are read, and one it lists but the folder lacks is named; integer
+    weights (a quantized checkpoint's codes, their scales unread) are refused, not run as another network."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_hf("llama"), folder)
+    real = load(folder).weights["embed.weight"]
+    tensors = load_file(folder / "model.safetensors")
+    save_file({k: torch.zeros_like(v) for k, v in tensors.items()}, folder / "old-model.safetensors")
+    assert torch.equal(load(folder).weights["embed.weight"], real)
+
+    (folder / "old-model.safetensors").unlink()
+    (folder / "model.safetensors").unlink()
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, part in halves.items():
+        save_file({k: tensors[k] for k in part}, folder / file)
+    weight_map = {k: file for file, part in halves.items() for k in part}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert torch.equal(load(folder).weights["embed.weight"], real)
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(ModelFileError, match="lists model-00002-of-00002.safetensors, not in the folder"):
+        load(folder)
+
+    (folder / "model.safetensors.index.json").unlink()
+    (folder / "model-00001-of-00002.safetensors").unlink()
+    coded = {k: (v * 100).to(torch.int8) if k.endswith("proj.weight") else v for k, v in tensors.items()}
+    save_file(coded, folder / "model.safetensors")
+    with pytest.raises(ModelFileError, match="is int8 .* a quantized checkpoint"):
         load(folder)

@@ -91,6 +91,15 @@ def test_assembles_once_verified(fake, tmp_path, monkeypatch):
     assert registry.resolve(None) == path  # the default model goes through the registry too
 
 
+def test_the_stamp_vouches_for_a_cache_path_with_spaces(fake, tmp_path, monkeypatch):
+    """The stamp's line was split on spaces, so a cache under "My Models/" never matched: every load hashed
+    the whole file again (a second for 0.5 GB)."""
+    monkeypatch.setenv("METRONOME_MODEL_CACHE", str(tmp_path / "my model cache"))
+    path = registry.resolve("fake-1b")
+    monkeypatch.setattr(registry, "sha256_file", lambda p: pytest.fail("hashed again"))
+    assert registry.resolve("fake-1b") == path
+
+
 def test_sha256_mismatch_is_refused(fake, tmp_path, monkeypatch):
     model, data = fake
     monkeypatch.setattr(registry, "MODELS", (replace(model, sha256="0" * 64),))

@@ -208,10 +208,19 @@ def _moe_rows(c) -> list[tuple[str, str]]:
     ]
 
 
+def _positional_model(args: argparse.Namespace) -> str | None:
+    """The model of `info` and `compile`: given as MODEL or --model, once (both was the positional, silently)."""
+    if args.model_path is not None and args.model is not None and args.model_path != args.model:
+        raise ParamError(
+            "model", f"the model is given twice ({args.model_path!r} and --model {args.model!r}); give one"
+        )
+    return args.model_path if args.model_path is not None else args.model
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from metronome.model.loader import load
 
-    m = load(args.model_path or args.model)
+    m = load(_positional_model(args))
     c = m.config
     rows = [
         ("file", str(m.path)),
@@ -247,7 +256,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from metronome.compile.plan import STALL_STEPS
     from metronome.fleet.machine import measure_machine
 
-    args.model = args.model_path or args.model
+    args.model = _positional_model(args)
     started = time.perf_counter()
     engine = load_engine(args, calibrate=True)
     seconds = time.perf_counter() - started
@@ -343,17 +352,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from metronome.compile import PlanError
-    from metronome.model.loader import ModelFileError
-    from metronome.model.tokenizer import ChatTemplateError
-
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except ParamError as exc:  # a flag out of range: name the flag
         print(f"metronome: error: {param_message(exc)}", file=sys.stderr)
         return 2
-    except (ModelFileError, PlanError, ChatTemplateError, ValueError) as exc:
+    # ModelFileError, PlanError, ChatTemplateError... are ValueErrors: named here, their modules (and torch)
+    # would load before the arguments are read, and `--help` would take seconds
+    except ValueError as exc:
         print(f"metronome: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: the command stops, as a shell tool does, without a traceback

@@ -337,6 +337,16 @@ def _bias_pairs(value: object) -> tuple[tuple[int, float], ...]:
 DEFAULT_CTX = 2048  # EngineConfig.ctx when none is given, capped by the model's own context
 
 
+# Bounds past which a setting is a typo, not a plan: beyond them the compile failed in torch's allocator or
+# the thread pool with a traceback (the memory a plan needs is checked against the machine's at compile time).
+MAX_SLOTS = 4096
+MAX_CTX = 1 << 20
+MAX_THREADS = 1024
+MAX_SPEC_TOKENS = 64
+_ENGINE_INTS = ("slots", "spec_tokens", "prefix_cache_tokens", "tp")
+_ENGINE_OPTIONAL_INTS = ("ctx", "threads", "prefill_chunk", "tp_shards")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """The static plan's settings: fixed for the life of an engine."""
@@ -367,6 +377,25 @@ class EngineConfig:
         object.__setattr__(self, "kernels", Kernels.parse("kernels", self.kernels))
         object.__setattr__(self, "layout", Layout.parse("layout", self.layout))
         object.__setattr__(self, "kv_cache", KvCache.parse("kv_cache", self.kv_cache))
+
+        def integer(x: object, optional: bool = False) -> bool:
+            return (optional and x is None) or (isinstance(x, int) and not isinstance(x, bool))
+
+        _check(  # kinds first: a slots of 2.5 or "8" failed deep in the compile (torch.zeros, the thread pool)
+            self,
+            [(name, integer(getattr(self, name)), "must be an integer") for name in _ENGINE_INTS]
+            + [
+                (name, integer(getattr(self, name), True), "must be an integer or None")
+                for name in _ENGINE_OPTIONAL_INTS
+            ]
+            + [
+                (
+                    "draft",
+                    self.draft is None or (isinstance(self.draft, str) and self.draft.strip() != ""),
+                    "must name a model",
+                )
+            ],
+        )
         _check(
             self,
             [
@@ -375,17 +404,26 @@ class EngineConfig:
                     isinstance(self.device, str) and re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
                     "choose cpu, cuda or cuda:N",
                 ),
-                ("slots", self.slots >= 1, "need at least 1 request slot"),
-                ("ctx", self.ctx is None or self.ctx >= 16, "the context must hold at least 16 tokens"),
-                ("threads", self.threads is None or self.threads >= 1, "must be at least 1 (or None: every core)"),
-                ("spec_tokens", self.spec_tokens >= 0, "must be 0 (off) or positive"),
+                ("slots", 1 <= self.slots <= MAX_SLOTS, f"need 1 to {MAX_SLOTS} request slots"),
+                ("ctx", self.ctx is None or 16 <= self.ctx <= MAX_CTX, f"the context must hold 16 to {MAX_CTX} tokens"),
+                (
+                    "threads",
+                    self.threads is None or 1 <= self.threads <= MAX_THREADS,
+                    f"must be 1 to {MAX_THREADS} (or None: every core)",
+                ),
+                ("spec_tokens", 0 <= self.spec_tokens <= MAX_SPEC_TOKENS, f"must be 0 (off) to {MAX_SPEC_TOKENS}"),
+                ("draft", self.draft is None or self.spec_tokens > 0, "drafts only with spec_tokens above 0"),
                 (
                     "prefill_chunk",
                     self.prefill_chunk is None or self.prefill_chunk >= 1,
                     "must be at least 1 prompt row per step (or None: the plan chooses)",
                 ),
-                ("prefix_cache_tokens", self.prefix_cache_tokens >= 0, "must be 0 (off) or a number of tokens"),
-                ("tp", self.tp >= 1, "must be at least 1 rank"),
+                (
+                    "prefix_cache_tokens",
+                    0 <= self.prefix_cache_tokens <= MAX_CTX * MAX_SLOTS,
+                    "must be 0 (off) or a number of tokens",
+                ),
+                ("tp", 1 <= self.tp <= MAX_THREADS, "must be at least 1 rank"),
                 ("tp_shards", self.tp_shards is None or self.tp_shards >= 1, "must be at least 1 (or None)"),
             ],
         )

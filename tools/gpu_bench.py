@@ -56,7 +56,7 @@ def random_plan(cfg: ModelConfig, ctx: int) -> Plan:
     config = EngineConfig(slots=1, ctx=ctx, device="cuda", weights="bf16")
     cache = KVCache.allocate(cfg, 1, ctx, torch.bfloat16, "cuda")
     runner = TorchRunner(model, cache, config)
-    mode, invariance = choose_decode_mode(runner, cfg, config.slots)
+    mode, invariance = choose_decode_mode(runner, cfg, config.slots, config.ctx)
     runner.capture_graphs()
     report = PlanReport("bf16", "cuda", 1, ctx, mode, runner.weight_bytes, cache.nbytes(), invariance=invariance)
     return Plan(runner, cfg, config, "bf16", cache, report)

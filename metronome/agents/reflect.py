@@ -16,6 +16,7 @@ metronome.config at run time, so the CLI's flags cost nothing to build.
 from __future__ import annotations
 
 import queue
+import string
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -62,10 +63,16 @@ class ReflectSettings:
             text = getattr(self, name)
             if not text.strip():
                 raise ParamError(name, f"{name}: the instruction is empty; give the words of the {name} turn")
+            # exactly {points}: {points[0]} or {points.x} failed at format time, and {points:>999999999}
+            # would build a gigabyte of spaces
             try:
-                text.format(points=self.points)
-            except (KeyError, IndexError, ValueError) as exc:
+                fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(text) if f is not None]
+            except ValueError as exc:  # a lone { or }
                 raise ParamError(name, f"{name}: only {{points}} may be used in braces ({exc})") from None
+            odd = [f"{{{f}{'!' + conv if conv else ''}{':' + spec if spec else ''}}}" for f, spec, conv in fields]
+            odd = [o for o in odd if o != "{points}"]
+            if odd:
+                raise ParamError(name, f"{name}: only {{points}} may be used in braces, not {odd[0]}")
         if not 1 <= self.rounds <= MAX_ROUNDS:
             raise ParamError("rounds", f"rounds={self.rounds!r}: must be in [1, {MAX_ROUNDS}]")
         if not 1 <= self.points <= 20:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import signal
 import sys
 import time
@@ -200,12 +201,8 @@ def _plan(args: argparse.Namespace) -> tuple[SweepConfig, TokenCounter, Path]:
     from metronome.bench.workloads import CharEstimate, TokenizerFileCounter, resolve_workload
 
     workload = resolve_workload(args.workload, args.scale, args.input_tokens, args.output_tokens)
-    if args.temperature < 0:
-        raise ValueError(f"--temperature must be 0 or more (got {args.temperature})")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1 (got {args.threads})")
-    if args.startup_timeout <= 0:
-        raise ValueError(f"--startup-timeout must be positive (got {args.startup_timeout})")
     if args.url is not None:
         normalize_base_url(args.url)
         if args.compare != "metronome":
@@ -306,6 +303,13 @@ def _common_refusal(args: argparse.Namespace) -> str | None:
         return f"--fuzz must be at least 1 case per endpoint (got {args.fuzz})"
     if args.fuzz is not None and args.soak is not None:
         return "--soak and --fuzz are separate runs: give one"
+    # not `t <= 0`: NaN passes it (and then waited "nan s"); the temperature's range is the API's own, so a
+    # sweep does not run to its end with every request a 400
+    for flag, value in (("--startup-timeout", args.startup_timeout), ("--request-timeout", args.request_timeout)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            return f"{flag} must be a positive number of seconds (got {value})"
+    if not 0.0 <= args.temperature <= 2.0:
+        return f"--temperature must be in [0, 2], as the API's (got {args.temperature})"
     return None
 
 

@@ -26,14 +26,14 @@ class NonFiniteLogits(ValueError):
     """A model whose logits are NaN or infinite (choose_decode_mode): its file, not the plan, is at fault."""
 
 
-def choose_decode_mode(runner: Runner, cfg: ModelConfig, slots: int) -> tuple[str, str]:
+def choose_decode_mode(runner: Runner, cfg: ModelConfig, slots: int, ctx: int) -> tuple[str, str]:
     """'compact' if each row's logits are bitwise the same whether 1 or all slots are live, else 'fixed'.
     Leaves `runner.decode_mode` at the answer; returns it with a sentence saying why. Logits that are not
     finite are the model's fault (NaN or inf weights, an impossible norm epsilon or rope base): a
     NonFiniteLogits naming it, where NaN (never equal to itself) read as rows that differ, a kernel bug."""
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (slots,), generator=g).tolist()
-    positions = [3 + 2 * s for s in range(slots)]
+    positions = [min(3 + 2 * s, ctx - 1) for s in range(slots)]  # within the context (16 tokens at least)
     runner.decode_mode = "compact"
     with torch.inference_mode():
         together = runner.decode(list(range(slots)), tokens, positions)

@@ -83,9 +83,9 @@ def compile_plan(
     r = resolve(loaded, config, say)
     path = plan_cache_path(loaded, config, r.weights, r.ops, r.threads) if cache else None
     saved = read_plan_cache(path, say) if path is not None else None
-    kv = KVCache.allocate(
-        loaded.config, config.slots, config.ctx, kv_cache_dtype(config, r.weights, r.fused, r.kernels), config.device
-    )
+    kv_dtype = kv_cache_dtype(config, r.weights, r.fused, r.kernels)
+    check_memory(loaded.config, config, kv_dtype)
+    kv = KVCache.allocate(loaded.config, config.slots, config.ctx, kv_dtype, config.device)
     runner = build(loaded, config, r, kv, saved, say)
     if saved is not None:
         runner.decode_mode, invariance, step_ms = saved["decode_mode"], saved["invariance"], saved["step_ms"]
@@ -93,7 +93,7 @@ def compile_plan(
         step_ms_far = saved["step_ms_far"]
     else:
         say("checking batch invariance of the decode step")
-        _, invariance = choose_decode_mode(runner, loaded.config, config.slots)
+        _, invariance = choose_decode_mode(runner, loaded.config, config.slots, config.ctx)
         if runner.any_rows and runner.decode_mode != "compact":  # the decoder's rows are independent by design
             raise RuntimeError(
                 f"fused decoder failed its batch-invariance probe ({invariance}): a kernel bug, please report it"
@@ -147,6 +147,36 @@ def compile_plan(
         prefix_cache_note=note,
     )
     return Plan(runner, loaded.config, config, r.weights, kv, report, pages=pool)
+
+
+def available_memory() -> int | None:
+    """Bytes this machine can still give (Linux's MemAvailable), or None where it does not say."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_memory(cfg: ModelConfig, config: EngineConfig, kv_dtype: torch.dtype) -> None:
+    """Refuse, naming the settings, a KV cache and prefix pool larger than the memory left on a CPU machine:
+    torch's allocator failed with a traceback (100,000 slots: 2.4 TB), or a size that just fit overcommit
+    was filled until the system killed the process."""
+    available = available_memory()
+    if config.device != "cpu" or available is None:
+        return
+    per_token = 2 * cfg.num_layers * cfg.kv_size * torch.empty((), dtype=kv_dtype).element_size()
+    cache, pool = per_token * config.slots * config.ctx, per_token * config.prefix_cache_tokens
+    if cache + pool > available:
+        raise PlanError(
+            f"slots={config.slots} x ctx={config.ctx} tokens of KV cache ({cache / 1e9:.1f} GB) and a prefix cache "
+            f"of {config.prefix_cache_tokens} tokens ({pool / 1e9:.1f} GB) need more than the {available / 1e9:.1f} GB "
+            "of memory left; lower --slots, --ctx or --prefix-cache-tokens",
+            "slots" if cache >= pool else "prefix_cache_tokens",
+        )
 
 
 def prefix_pool(config: EngineConfig, runner: Runner, kv: KVCache) -> tuple[PagePool | None, str]:

@@ -320,6 +320,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"metronome plan: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader left (`| head`): metronome's main ends quietly with 141, as for generate
+        raise
     except OSError as e:  # a file to write that cannot be (a full disk, no permission)
         print(f"metronome plan: error: {e}", file=sys.stderr)
         return 2

@@ -377,6 +377,10 @@ def resolve(spec: str | os.PathLike | None, param: str = "model") -> Path:
     (None) the default model. Anything else is a ModelNotFoundError naming `param`."""
     if spec is None:
         return ensure(find(DEFAULT_MODEL, param))
+    if not str(spec).strip():  # Path("") is the current folder, read as a model folder without a config.json
+        raise ModelNotFoundError(
+            param, f"{param} is empty; name a .gguf file, an HF model folder or a registered model"
+        )
     path = Path(spec)
     if path.exists():
         return path

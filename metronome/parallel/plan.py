@@ -289,7 +289,7 @@ def compile_tp_plan(
     tp = TPRunner(runner, group, ranks, local_pages)
     pages = TPPages(tp, local_pages) if local_pages is not None else None  # the ranks' pools, as one
     say("checking batch invariance of the decode step")
-    _, invariance = choose_decode_mode(tp, loaded.config, config.slots)
+    _, invariance = choose_decode_mode(tp, loaded.config, config.slots, config.ctx)
     step_ms, step_ms_far, rows = {}, {}, (float("nan"),) * 3
     if calibrate:
         c = calibrate_plan(tp, config.slots, config.ctx, torch.device("cpu"), config.prefill_chunk)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import os
 import signal
 import socket
@@ -175,9 +176,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         sock = _bind(args.host, args.port)
     except OSError as exc:
-        print(
-            f"metronome serve: cannot listen on {args.host}:{args.port} ({exc}); pick another --port", file=sys.stderr
+        # a name that does not resolve or an address not on this machine is the host's fault, not the port's
+        fix = (
+            "check --host"
+            if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL
+            else "pick another --port"
         )
+        print(f"metronome serve: cannot listen on {args.host}:{args.port} ({exc}); {fix}", file=sys.stderr)
         return 2
     host, port = sock.getsockname()[:2]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"

@@ -174,7 +174,7 @@ class SamplingBody(_Body):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, ge=MIN_SAMPLING_FLOAT, le=10.0)
     stop: str | list[str] = Field(default_factory=list, json_schema_extra=_stop_schema)
-    seed: Int | None = Field(None, ge=-_INT64, lt=_INT64)
+    seed: Int | None = None  # in [-2**63, 2**63): _check_seed (pydantic's own bound printed 2**63 as a float)
     n: Int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -186,6 +186,13 @@ class SamplingBody(_Body):
     logit_bias: dict[TokenKey, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] = Field(
         default_factory=dict, json_schema_extra={"additionalProperties": False}
     )
+
+    @field_validator("seed")
+    @classmethod
+    def _check_seed(cls, v: int | None) -> int | None:
+        if v is not None and not -_INT64 <= v < _INT64:
+            raise ValueError(f"seed must be an integer in [-2**63, 2**63), got {v}")
+        return v
 
     @field_validator("stop")
     @classmethod

@@ -135,6 +135,10 @@ def test_settings_are_checked_naming_the_parameter():
         (dict(points=0), "points"),
         (dict(critique="  "), "critique"),
         (dict(revision="apply the {n} points"), "revision"),
+        # a TypeError and an AttributeError traceback at format time; a gigabyte of padding
+        (dict(critique="{points[0]}"), "critique"),
+        (dict(critique="{points.x}"), "critique"),
+        (dict(critique="{points:>999999999}"), "critique"),
     ):
         with pytest.raises(ParamError) as info:
             ReflectSettings(**kwargs)

@@ -647,7 +647,10 @@ def test_llama_cpp_peer_serves_a_real_sweep(smollm_path: Path, tmp_path: Path) -
         (["--load", "1", "--out", "x"], "--load prints its tables and writes no files"),
         (["--fuzz", "0"], "--fuzz must be at least 1"),  # schemathesis's own complaint, and exit 1
         (["--fuzz", "2", "--soak", "10s"], "--soak and --fuzz are separate runs"),  # --soak was dropped
-        (["--url", "http://127.0.0.1:9", "--request-timeout", "0"], "--request-timeout must be positive"),
+        (["--url", "http://127.0.0.1:9", "--request-timeout", "0"], "--request-timeout must be a positive number"),
+        (["--soak", "5s", "--startup-timeout", "nan"], "--startup-timeout must be a positive number"),  # "nan s"
+        (["--url", "http://127.0.0.1:9", "--temperature", "nan"], "--temperature must be in [0, 2]"),  # JSON's error
+        (["--url", "http://127.0.0.1:9", "--temperature", "5"], "--temperature must be in [0, 2]"),  # all 400s
     ],
 )
 def test_options_a_mode_cannot_honour_are_refused_before_it_runs(argv, says, capsys) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from metronome.args import engine_config, sampling_params
 from metronome.cli import build_parser
+from metronome.config import EngineConfig, SamplingParams
 from metronome.engine import Engine
 from metronome.model.loader import load
 
@@ -127,6 +128,14 @@ def test_errors_are_one_line_for_people(tmp_path):
         (("generate", "hi", "--stop", ""), "check --stop"),
         (("serve", "--port", "99999"), "--port 99999"),
         (("serve", "--max-queue", "-1"), "--max-queue -1"),
+        # these too: torch's allocator, the thread pool, the current folder read as a model, a host blamed
+        # on the port, a positional model silently preferred to --model
+        (("generate", "hi", "--slots", "100000"), "check --slots"),
+        (("generate", "hi", "--threads", "10000"), "check --threads"),
+        (("generate", "hi", "--model", ""), "model is empty"),
+        (("generate", "hi", "--draft", "nope.gguf", "--spec-tokens", "0"), "check --draft"),
+        (("serve", "--host", "999.1.1.1", "--port", "18999"), "check --host"),
+        (("info", "smollm2-135m", "--model", "gemma3-270m"), "the model is given twice"),
     ):
         out = _metronome(*args, timeout=120)
         assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
@@ -193,3 +202,33 @@ def test_a_stopped_server_ends_its_streams_cleanly(smollm_path, path, body):
     assert ended < 5.0  # within the grace: the server ended it, uvicorn did not cut it
     assert proc.returncode == 0 and "metronome: stopped" in log, log
     assert "Traceback" not in log and "CancelledError" not in log, log
+
+
+def test_a_plan_larger_than_the_memory_left_is_refused_naming_it(tiny_hf, monkeypatch):
+    """A KV cache past the machine's memory was torch's allocator traceback (100,000 slots: 2.4 TB), or a
+    size just within overcommit, filled until the system killed the process."""
+    from metronome.compile import stages
+    from metronome.compile.plan import PlanError
+
+    loaded = load(tiny_hf("llama"))
+    monkeypatch.setattr(stages, "available_memory", lambda: 100_000)  # bytes
+    with pytest.raises(PlanError, match="need more than the 0.0 GB of memory left") as err:
+        Engine.from_model(config=EngineConfig(slots=64, ctx=512, spec_tokens=0), loaded=loaded)
+    assert err.value.param == "slots"
+
+
+def test_the_smallest_context_compiles_with_every_slot(tiny_hf):
+    """ctx 16 (the least allowed) with 8 slots: the invariance probe put slot s at position 3 + 2s, past the
+    context (IndexError: index 17 is out of bounds)."""
+    engine = Engine.from_model(config=EngineConfig(slots=8, ctx=16, spec_tokens=0), loaded=load(tiny_hf("llama")))
+    assert engine.generate("a b", SamplingParams(max_tokens=3, ignore_eos=True)).token_ids
+
+
+def test_plan_output_into_a_closed_pipe_ends_quietly():
+    """`metronome plan --validate | head -1` said 'error: [Errno 32] Broken pipe' and exited 2."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "metronome.cli", "plan", "--validate"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    proc.stdout.close()  # the reader leaves before the first line
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141 and b"error" not in err, err[-2000:]

@@ -49,6 +49,20 @@ def test_headers_past_the_size_bound_end_the_connection(url):
         assert answer == b"" or answer.startswith(b"HTTP/1.1 431 "), answer[:100]
 
 
+@pytest.mark.parametrize("reads", [1, 2])
+def test_headers_past_the_bound_that_end_within_a_read_are_refused_too(url, reads):
+    """70 KB of headers in one read, or 80 KB in two, got a 200: the bound was checked only while the headers
+    were still incomplete after a read, so headers that ended within one were never held to it."""
+    size = http.MAX_HEADER_BYTES + 8 * 1024
+    request = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * size + b"\r\n\r\n"
+    with _connect(url) as sock:
+        cut = len(request) // reads
+        for i in range(reads):
+            sock.sendall(request[i * cut : None if i == reads - 1 else (i + 1) * cut])
+            time.sleep(0.2)  # separate reads on the server
+        assert _read_all(sock).startswith(b"HTTP/1.1 431 ")
+
+
 def test_a_connection_that_sends_nothing_or_half_a_request_is_closed(url):
     """Both stayed open for good: about a thousand of them used up the file descriptors, and every other
     client's requests failed."""

@@ -863,3 +863,16 @@ def test_a_registered_short_name_is_the_served_id(smollm, smollm_path):
     assert ModelIdentity.of(smollm, "smollm2-135m").id == "smollm2-135m"
     assert ModelIdentity.of(smollm, str(smollm_path)).id == smollm_path.stem == ModelIdentity.of(smollm).id
     assert ModelIdentity.of(smollm, "smollm2-135m").file_hash == ModelIdentity.of(smollm).file_hash
+
+
+def test_a_seed_out_of_range_is_told_its_range_exactly():
+    """pydantic's bound printed 2**63 as the float 9223372036854776000: a client reading it sent a seed of
+    9223372036854775999, over the real bound, and got the same error again."""
+    import pydantic
+
+    from metronome.serve.schemas import SamplingBody
+
+    for seed in (2**63, -(2**63) - 1):
+        with pytest.raises(pydantic.ValidationError, match=r"seed must be an integer in \[-2\*\*63, 2\*\*63\)"):
+            SamplingBody(seed=seed)
+    assert SamplingBody(seed=2**63 - 1).seed == 2**63 - 1

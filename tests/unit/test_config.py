@@ -11,12 +11,17 @@ from metronome.args import ENGINE_FLAGS, SAMPLING_FLAGS, engine_config, sampling
 from metronome.config import EngineConfig, Kernels, ModelConfig, ParamError, SamplingParams, Weights
 
 BAD_ENGINE = {
-    "slots": [0, -1],
-    "ctx": [15, 0],
+    # 2.5, "8" and 10**5 slots, 10**4 threads: tracebacks from torch's allocator or the thread pool before
+    "slots": [0, -1, 2.5, "8", True, 100_000],
+    "ctx": [15, 0, 100.5, 1 << 30],
     "weights": ["int3", "", "F32"],
     "kernels": ["cuda", ""],
-    "threads": [0, -4],
-    "spec_tokens": [-1],
+    "threads": [0, -4, 1.5, 10_000],
+    "spec_tokens": [-1, 1.5, 1000],
+    "draft": [5, "", "  "],
+    "prefix_cache_tokens": [-1, 10**20],
+    "prefill_chunk": [0, 2.5],
+    "tp": [0, 1.0],
 }
 
 BAD_SAMPLING = {
@@ -39,6 +44,13 @@ def test_engine_config_names_the_bad_field(field, value):
         EngineConfig(**{field: value})
     assert err.value.param == field and field in str(err.value)
     assert isinstance(err.value, ValueError)
+
+
+def test_a_draft_model_needs_speculation():
+    """--draft with --spec-tokens 0 ran without the draft, silently (even a draft path that does not exist)."""
+    with pytest.raises(ParamError, match="drafts only with spec_tokens above 0") as err:
+        EngineConfig(draft="model.gguf", spec_tokens=0)
+    assert err.value.param == "draft"
 
 
 @pytest.mark.parametrize(("field", "value"), [(f, v) for f, vs in BAD_SAMPLING.items() for v in vs])
@@ -144,14 +156,14 @@ FLAGS = [
     "--kernels",
     "torch",
     "--spec-tokens",
-    "0",
+    "2",
     "--draft",
     "d.gguf",
 ]
 
 
 def test_the_same_flags_give_the_same_config_everywhere():
-    expected = EngineConfig(slots=3, ctx=256, weights="int8", threads=2, kernels="torch", spec_tokens=0, draft="d.gguf")
+    expected = EngineConfig(slots=3, ctx=256, weights="int8", threads=2, kernels="torch", spec_tokens=2, draft="d.gguf")
     for command in ENGINE_COMMANDS:
         assert engine_config(_parse(command, FLAGS)) == expected, command
 
@@ -270,5 +282,15 @@ def test_the_command_line_starts_without_torch():
     import sys
 
     script = "import sys\nimport metronome.cli\nprint(sorted(m for m in ('torch', 'numpy') if m in sys.modules))\n"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]
+    # nor before the arguments are read: main() imported the errors it catches from the compile package
+    script = (
+        "import contextlib, io, sys\nfrom metronome.cli import main\n"
+        "for argv in (['--help'], ['generate', '--help'], ['serve', '--help'], ['models']):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "        main(argv)\n"
+        "print(sorted(m for m in ('torch',) if m in sys.modules))\n"
+    )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]

@@ -32,7 +32,7 @@ from metronome.audio.decode import MAX_SECONDS, AudioError, DecodedAudio, decode
 from metronome.audio.formats import LANGUAGE_NAMES, ResponseFormat, render
 from metronome.audio.types import Segment, Transcript, TranscriptionStopped
 from metronome.config import ParamError
-from metronome.serve.errors import ApiError, busy
+from metronome.serve.errors import ApiError, busy, shutting_down
 
 if TYPE_CHECKING:
     from metronome.serve.server import ServerState
@@ -403,7 +403,7 @@ async def answer(request: Request, state: ServerState, task: str) -> Response:
         raise busy(f"{exc}; retry shortly", speech.settings.retry_after_s) from None
     streaming = False
     try:
-        response = await _answer(request, speech, task)
+        response = await _answer(request, speech, task, state.ending)
         streaming = isinstance(response, _SpeechStream)  # it releases the admission when it ends
         return response
     finally:
@@ -411,7 +411,7 @@ async def answer(request: Request, state: ServerState, task: str) -> Response:
             speech.release()
 
 
-async def _answer(request: Request, speech: SpeechService, task: str) -> Response:
+async def _answer(request: Request, speech: SpeechService, task: str, ending: asyncio.Event) -> Response:
     form = await parse_form(request, speech.settings)
     if form.model is not None and form.model not in speech.names():
         raise ApiError(
@@ -429,9 +429,9 @@ async def _answer(request: Request, speech: SpeechService, task: str) -> Respons
     decoded = time.perf_counter()
     options = dict(language=form.language, prompt=form.prompt, temperature=form.temperature, task=task)
     if form.stream:
-        return await _stream(speech, audio, options, started, decoded)
+        return await _stream(speech, audio, options, started, decoded, ending)
     try:
-        result = await _unless_gone(request, speech.transcribe(audio.samples, **options))
+        result = await _unless_gone(request, speech.transcribe(audio.samples, **options), ending)
     except (TimeoutError, ValueError) as exc:
         raise _failed(exc, speech) from None
     total = time.perf_counter() - started
@@ -443,20 +443,25 @@ async def _answer(request: Request, speech: SpeechService, task: str) -> Respons
     return PlainTextResponse(body, media_type=form.response_format.media_type, headers=headers)
 
 
-async def _unless_gone(request: Request, transcribing: Awaitable[SpeechResult]) -> SpeechResult:
+async def _unless_gone(request: Request, transcribing: Awaitable[SpeechResult], ending: asyncio.Event) -> SpeechResult:
     """`transcribing`'s result, or ClientDisconnect (a 499 nobody reads) as soon as the client goes away: the
     job is then dropped (SpeechService.transcribe), its place in the queue and its admission released, where
-    it used to run to its end for nobody while the clients still there waited behind it or got 429s."""
+    it used to run to its end for nobody while the clients still there waited behind it or got 429s. The
+    server stopping (`ending`) drops it too, with a 503 to the client, where uvicorn cut the connection."""
     run = asyncio.ensure_future(transcribing)
     gone = asyncio.ensure_future(_disconnected(request))
+    stop = asyncio.ensure_future(ending.wait())
     try:
-        await asyncio.wait({run, gone}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({run, gone, stop}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
+        stop.cancel()
         if not run.done():
             run.cancel()
     if run.done() and not run.cancelled():
         return run.result()
+    if ending.is_set():
+        raise shutting_down()
     raise ClientDisconnect()
 
 
@@ -483,13 +488,19 @@ _STREAMED = (ResponseFormat.JSON, ResponseFormat.TEXT)
 
 
 async def _stream(
-    speech: SpeechService, audio: DecodedAudio, options: dict[str, Any], started: float, decoded: float
+    speech: SpeechService,
+    audio: DecodedAudio,
+    options: dict[str, Any],
+    started: float,
+    decoded: float,
+    ending: asyncio.Event,
 ) -> Response:
     """OpenAI's streamed transcript: a `transcript.text.delta` event per segment as its window is decoded,
     then `transcript.text.done` with the whole text and the usage. The response starts with the first
     segment (or the end), so that a transcription failing before any text is an ordinary error response;
-    one failing later ends the stream with an error event. The response's end, however it comes (done, or
-    the client gone), drops the job if it still runs and releases the admission (_SpeechStream)."""
+    one failing later ends the stream with an error event, as does the server stopping (`ending`). The
+    response's end, however it comes (done, or the client gone), drops the job if it still runs and releases
+    the admission (_SpeechStream)."""
     loop = asyncio.get_running_loop()
     segments: asyncio.Queue[Segment] = asyncio.Queue()
 
@@ -501,16 +512,21 @@ async def _stream(
 
     async def next_segment() -> Segment | None:
         """The next segment, or None once the run has ended and every segment it made was taken (its worker
-        queues them before the run's result)."""
+        queues them before the run's result); shutting_down()'s ApiError once the server stops."""
         while segments.empty() and not run.done():
             get = asyncio.ensure_future(segments.get())
+            stop = asyncio.ensure_future(ending.wait())
             try:
-                await asyncio.wait({run, get}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({run, get, stop}, return_when=asyncio.FIRST_COMPLETED)
             finally:
+                stop.cancel()
                 if not get.done():
                     get.cancel()
             if get.done() and not get.cancelled():
                 return get.result()
+            if ending.is_set():
+                run.cancel()  # the job is dropped at its next window
+                raise shutting_down()
         return segments.get_nowait() if not segments.empty() else None
 
     try:
@@ -530,7 +546,11 @@ async def _stream(
             delta = segment.text if text else segment.text.lstrip()
             text += delta
             yield _event({"type": "transcript.text.delta", "delta": delta})
-            segment = await next_segment()
+            try:
+                segment = await next_segment()
+            except ApiError as exc:  # the server stops
+                yield _event({"type": "error", "error": exc.body()["error"]})
+                return
         try:
             result = run.result()
         except (TimeoutError, ValueError) as exc:

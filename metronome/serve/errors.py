@@ -30,6 +30,17 @@ class ApiError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+def shutting_down() -> ApiError:
+    """The 503 of a generation or transcription the server ended because it is stopping
+    (ServerState.stop_generating): not the request's failure; it may be sent again."""
+    return ApiError(
+        503,
+        "the server is shutting down; send the request again (to another server, or once this one is back)",
+        type="service_unavailable",
+        code="server_shutting_down",
+    )
+
+
 def busy(message: str, retry_after_s: int) -> ApiError:
     """A 429 for a request that would fit later (a full queue, too many in progress): clients retry it."""
     return ApiError(

@@ -33,7 +33,11 @@ from metronome.model.loader import LoadedModel
 from metronome.model.registry import names as registered_names
 from metronome.model.tokenizer import ChatTemplateError
 from metronome.serve.audio import TRANSCRIPTIONS, TRANSLATIONS, SpeechService, add_speech_routes, speech_card
-from metronome.serve.errors import ApiError, busy  # ApiError re-exported: callers import it from here too
+from metronome.serve.errors import (  # ApiError re-exported: callers import it from here too
+    ApiError,
+    busy,
+    shutting_down,
+)
 from metronome.serve.jobs import SHUTTING_DOWN, Job, JobRefused, JobSpec, Outbox, cancel_on_disconnect
 from metronome.serve.openapi import OPENAPI_PATH, openapi_schema
 from metronome.serve.prometheus import CONTENT_TYPE, ApiRequest, ServerMetrics
@@ -107,6 +111,7 @@ class ServerState:
         self._settling: set[asyncio.Task[None]] = set()  # strong references until each task ends
         self.jobs: set[Job] = set()  # the generation requests submitted and not yet released (event loop only)
         self.reflections: set[ReflectionRun] = set()  # those running (event loop only), ended by stop_generating too
+        self.ending = asyncio.Event()  # set by stop_generating: transcriptions waiting on a worker end (serve/audio.py)
         self._outbox: Outbox | None = None  # engine events onto the serving loop (made on its first request)
 
     def outbox(self) -> Outbox:
@@ -148,13 +153,15 @@ class ServerState:
             task.add_done_callback(self._settling.discard)
 
     def stop_generating(self) -> None:
-        """The server is stopping: every generation and reflection still running ends now, a stream with a 503
-        error event and [DONE], a whole answer with a 503, so that its connection closes within the shutdown's
-        grace period (past it, uvicorn cancels the handlers: cut streams, and their tracebacks in the log)."""
+        """The server is stopping: every generation, reflection and transcription still running ends now, a
+        stream with a 503 error event (and [DONE]), a whole answer with a 503, so that its connection closes
+        within the shutdown's grace period (past it, uvicorn cancels the handlers: cut streams, and their
+        tracebacks in the log)."""
         for job in list(self.jobs):
             job.stop(SHUTTING_DOWN)
         for run in list(self.reflections):
             run.halt(shutting_down())
+        self.ending.set()
 
     def require(self) -> Served:
         if self.served is None:
@@ -510,16 +517,6 @@ def _submit(state: ServerState, served: Served, spec: JobSpec, account: ApiReque
             raise busy(str(exc), state.settings.retry_after_s) from None
         raise ApiError(400, str(exc), param=exc.param) from None
     return job
-
-
-def shutting_down() -> ApiError:
-    """The 503 of a generation the server ended because it is stopping (ServerState.stop_generating)."""
-    return ApiError(
-        503,
-        "the server is shutting down; send the request again (to another server, or once this one is back)",
-        type="service_unavailable",
-        code="server_shutting_down",
-    )
 
 
 def _engine_failure(message: str | None) -> ApiError:

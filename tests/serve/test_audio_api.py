@@ -334,6 +334,34 @@ def test_a_running_transcription_leaves_the_loop_free_and_a_full_queue_answers_4
         service.stop()
 
 
+def test_a_stopping_server_ends_its_transcriptions_with_a_503(held, beckett):
+    """Stopping the server (Ctrl-C, SIGTERM) left transcriptions running to uvicorn's cut at 5 s of grace: the
+    connections were reset without an answer. Now the server's stop_generating (3.5 s into the grace) ends
+    them itself: a 503 server_shutting_down, whole or streamed, and their jobs dropped."""
+    service = SpeechService(SpeechSettings(max_pending=4))
+    service.attach(held)
+    held.gate.clear()
+    held.entered.clear()
+    app = create_app(None, ServerSettings(), speech=service)
+    server = LiveServer(app)
+    try:
+        with server as live, concurrent.futures.ThreadPoolExecutor(2) as pool:
+            whole = pool.submit(_post, live, beckett)
+            form = {"stream": (None, "true"), "file": ("b.wav", beckett)}
+            streamed = pool.submit(httpx.post, f"{live}/v1/audio/transcriptions", files=form, timeout=120)
+            assert held.entered.wait(timeout=60)  # in a worker, held there until the gate opens
+            time.sleep(0.5)  # the stream's job too
+            loop = server.server.servers[0].get_loop()
+            loop.call_soon_threadsafe(app.state.server.stop_generating)
+            for answer in (whole.result(timeout=20), streamed.result(timeout=20)):
+                assert answer.status_code == 503, answer.text
+                assert answer.json()["error"]["code"] == "server_shutting_down"
+            assert service.pending == 0
+    finally:
+        held.gate.set()
+        service.stop()
+
+
 class Recorded(Held):
     """Held, recording how each call ended: "done", or "stopped" (its stop event was set)."""
 

@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from metronome.args import ENGINE_FLAGS, add_engine_args, engine_argv, engine_config, engine_flags_set
+from metronome.args import ENGINE_FLAGS, add_engine_args, engine_argv, engine_config, engine_flags_set, param_message
 from metronome.bench.workloads import PRESETS
+from metronome.config import ParamError
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -166,6 +167,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 _ENGINE = ("threads", "spec_tokens", "draft", "slots", "prefill_chunk", "kv_cache")  # the engine flags bench takes
 _SERVED = ("spec_tokens", "draft", "slots", "prefill_chunk", "kv_cache")  # handed to a metronome server it starts
+
+
+def _said(exc: BaseException) -> str:
+    """An error for the terminal: a setting's (ParamError) with the flag that sets it."""
+    return param_message(exc) if isinstance(exc, ParamError) else str(exc)
 
 
 def _unused(args: argparse.Namespace, used: Sequence[str], mode: str) -> str | None:
@@ -344,7 +350,7 @@ def _run(args: argparse.Namespace) -> int:
         try:
             config = engine_config(args)
         except ValueError as exc:
-            console.print(f"metronome bench: error: {exc}", markup=False)
+            console.print(f"metronome bench: error: {_said(exc)}", markup=False)
             return 2
         model = str(args.model) if args.model is not None else None
         return run_load(
@@ -361,7 +367,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         config, counter, out_dir = _plan(args)
     except ValueError as exc:
-        console.print(f"metronome bench: error: {exc}", markup=False)
+        console.print(f"metronome bench: error: {_said(exc)}", markup=False)
         return 2
     started = time.time()
     try:
@@ -377,7 +383,7 @@ def _run(args: argparse.Namespace) -> int:
             report = build_report(outcome, config, targets, environment, counter.method, started, time.time())
             files = write_report(report, out_dir)  # before the peers stop, so a slow stop loses nothing
     except (PeerUnavailable, PeerStartError, FileNotFoundError, ConnectionError) as exc:
-        console.print(f"metronome bench: error: {exc}", markup=False)
+        console.print(f"metronome bench: error: {_said(exc)}", markup=False)
         return 1
     except KeyboardInterrupt:
         console.print("metronome bench: interrupted before any measurement; nothing written")
@@ -414,7 +420,7 @@ def _run_decode_only(args: argparse.Namespace, console) -> int:
             kv_cache=args.kv_cache,
         )
     except ValueError as exc:
-        console.print(f"metronome bench: error: {exc}", markup=False)
+        console.print(f"metronome bench: error: {_said(exc)}", markup=False)
         return 2
     print(results[0].markdown() if len(results) == 1 else live_markdown(results))
     return 0
@@ -442,7 +448,7 @@ def _run_speculation(args: argparse.Namespace, console) -> int:
             kv_cache=args.kv_cache,
         )
     except ValueError as exc:
-        console.print(f"metronome bench: error: {exc}", markup=False)
+        console.print(f"metronome bench: error: {_said(exc)}", markup=False)
         return 2
     print(speculation_markdown(results, k, f"draft model {args.draft}" if args.draft else "prompt lookup"))
     return 0
@@ -487,10 +493,10 @@ def _run_voice(args: argparse.Namespace, console) -> int:
                 base_url, audio, tuple(args.concurrency), args.rounds, max_tokens, _request_timeout(args)
             )
     except (ValueError, FileNotFoundError) as exc:
-        console.print(f"metronome bench: error: {exc}", markup=False)
+        console.print(f"metronome bench: error: {_said(exc)}", markup=False)
         return 2
     except (PeerUnavailable, PeerStartError, ConnectionError) as exc:
-        console.print(f"metronome bench: error: {exc}", markup=False)
+        console.print(f"metronome bench: error: {_said(exc)}", markup=False)
         return 1
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "voice.json").write_text(json.dumps(levels_json(levels), indent=2))
@@ -567,7 +573,7 @@ def _run_soak(args: argparse.Namespace, console) -> int:
                 soak(url, config, rss_of(pid) if pid else None, counter, lambda m: console.print(m, markup=False))
             )
     except (ValueError, FileNotFoundError, PeerUnavailable, PeerStartError, ConnectionError, RuntimeError) as exc:
-        console.print(f"metronome bench: error: {exc}", markup=False)
+        console.print(f"metronome bench: error: {_said(exc)}", markup=False)
         return 2
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the server started here was stopped on the way out
         what = "fuzz" if args.fuzz is not None else "soak"

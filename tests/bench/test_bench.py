@@ -651,6 +651,7 @@ def test_llama_cpp_peer_serves_a_real_sweep(smollm_path: Path, tmp_path: Path) -
         (["--soak", "5s", "--startup-timeout", "nan"], "--startup-timeout must be a positive number"),  # "nan s"
         (["--url", "http://127.0.0.1:9", "--temperature", "nan"], "--temperature must be in [0, 2]"),  # JSON's error
         (["--url", "http://127.0.0.1:9", "--temperature", "5"], "--temperature must be in [0, 2]"),  # all 400s
+        (["--decode-only", "--threads", "0"], "(check --threads)"),  # the setting's message without its flag
     ],
 )
 def test_options_a_mode_cannot_honour_are_refused_before_it_runs(argv, says, capsys) -> None:

@@ -423,7 +423,7 @@ class EngineConfig:
                     0 <= self.prefix_cache_tokens <= MAX_CTX * MAX_SLOTS,
                     "must be 0 (off) or a number of tokens",
                 ),
-                ("tp", 1 <= self.tp <= MAX_THREADS, "must be at least 1 rank"),
+                ("tp", 1 <= self.tp <= MAX_THREADS, f"must be 1 to {MAX_THREADS} ranks"),
                 ("tp_shards", self.tp_shards is None or self.tp_shards >= 1, "must be at least 1 (or None)"),
             ],
         )

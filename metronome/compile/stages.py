@@ -165,8 +165,10 @@ def check_memory(cfg: ModelConfig, config: EngineConfig, kv_dtype: torch.dtype) 
     """Refuse, naming the settings, a KV cache and prefix pool larger than the memory left on a CPU machine:
     torch's allocator failed with a traceback (100,000 slots: 2.4 TB), or a size that just fit overcommit
     was filled until the system killed the process."""
+    if config.device != "cpu":
+        return
     available = available_memory()
-    if config.device != "cpu" or available is None:
+    if available is None:
         return
     per_token = 2 * cfg.num_layers * cfg.kv_size * torch.empty((), dtype=kv_dtype).element_size()
     cache, pool = per_token * config.slots * config.ctx, per_token * config.prefix_cache_tokens

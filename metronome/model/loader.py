@@ -80,6 +80,7 @@ class TokenizerData:
     chat_template: str | None = None
     bos_token: str = ""
     eos_token: str = ""
+    source: str = ""  # the file the vocabulary came from, for errors
 
 
 @dataclass(frozen=True)
@@ -422,6 +423,7 @@ def _gguf_tokenizer(meta: dict, path: Path) -> TokenizerData:
         chat_template=meta.get("tokenizer.chat_template"),
         bos_token=tokens[int(bos)] if bos is not None else "",
         eos_token=tokens[eos[0]] if eos else "",
+        source=str(path),
     )
 
 
@@ -729,6 +731,7 @@ def _hf_tokenizer(path: Path) -> TokenizerData:
         chat_template=template,
         bos_token=bos_token,
         eos_token=eos_token,
+        source=str(tok_file),
     )
 
 

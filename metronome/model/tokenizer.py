@@ -130,7 +130,7 @@ class Tokenizer:
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:  # BaseException: the library's Rust panics arrive as pyo3's PanicException
-            where = data.tokenizer_json or "the GGUF file's tokenizer.ggml.* keys"
+            where = data.tokenizer_json or f"{data.source or 'the GGUF file'}: its tokenizer.ggml.* keys"
             raise ModelFileError(
                 f"{where}: the tokenizer cannot be built from it ({type(exc).__name__}: {exc}); "
                 "the model's vocabulary is damaged or in a form metronome does not read"

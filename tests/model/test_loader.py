@@ -314,10 +314,11 @@ def test_impossible_gguf_settings_are_the_files_fault(tmp_path, case, meta, tens
 
 def test_a_vocabulary_the_tokenizer_cannot_build_is_the_files_fault(tmp_path):
     """A merge of tokens not in the vocabulary: the tokenizers library raised its own Exception (or a Rust
-    panic, a BaseException) from inside Engine.from_model, after the compile."""
+    panic, a BaseException) from inside Engine.from_model, after the compile. The error names the file."""
     path = _tiny_gguf(tmp_path / "merges.gguf", meta={"tokenizer.ggml.merges": ["x y"]})
-    with pytest.raises(ModelFileError, match="the tokenizer cannot be built"):
+    with pytest.raises(ModelFileError, match="the tokenizer cannot be built") as err:
         Tokenizer(load(path).tokenizer)
+    assert f"{path}: its tokenizer.ggml.* keys" in str(err.value)
 
 
 def test_nan_weights_are_named_not_blamed_on_the_kernels(tmp_path):

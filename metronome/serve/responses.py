@@ -208,14 +208,8 @@ class ResponseShape:
             Prompt(run.request.prompt_ids[0], run.prompt_choices) if self.echo is not None and self.logprobs else None
         )
 
-    def _entry(self, token: int, logprob: float) -> Body:
-        text = self.tokenizer.token_text(token)
-        return {"token": text, "logprob": logprob, "bytes": list(self.tokenizer.token_bytes(token))}
-
     def _chat_entry(self, c: Choice) -> Body:
-        entry = self._entry(c.token, c.logprob)
-        entry["top_logprobs"] = [self._entry(t, lp) for t, lp in c.top[: self.top_logprobs]]
-        return entry
+        return token_logprob(self.tokenizer, c, self.top_logprobs)
 
     def _legacy(self, index: int, tokens: Sequence[Choice], prompt: Prompt | None = None) -> Body:
         texts = [self.tokenizer.token_text(c.token) for c in tokens]
@@ -243,3 +237,15 @@ class ResponseShape:
 def _tool_finish(finish_reason: str | None, called: bool) -> str | None:
     """OpenAI's finish reason of an answer with tools: "tool_calls" when it ended by making calls."""
     return "tool_calls" if called and finish_reason == "stop" else finish_reason
+
+
+def _entry(tokenizer: Tokenizer, token: int, logprob: float | None) -> Body:
+    return {"token": tokenizer.token_text(token), "logprob": logprob, "bytes": list(tokenizer.token_bytes(token))}
+
+
+def token_logprob(tokenizer: Tokenizer, c: Choice, top_logprobs: int) -> Body:
+    """One sampled token's logprob entry as chat completions and the Responses API both write it: its text,
+    log-probability and bytes, and its `top_logprobs` best alternatives."""
+    entry = _entry(tokenizer, c.token, c.logprob)
+    entry["top_logprobs"] = [_entry(tokenizer, t, lp) for t, lp in c.top[:top_logprobs]]
+    return entry

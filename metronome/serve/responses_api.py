@@ -21,15 +21,18 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
+from metronome.engine.sampler import Choice
 from metronome.serve.errors import ApiError
 from metronome.serve.jobs import Job
+from metronome.serve.responses import token_logprob
 from metronome.serve.responses_schemas import (
+    LOGPROBS,
     FunctionCall,
     FunctionCallOutput,
     InputMessage,
@@ -62,6 +65,16 @@ def refusal(body: ResponsesBody) -> ApiError | None:
         value = getattr(body, name)
         if value not in (None, False):
             return ApiError(400, f"{name}: {why}", param=name)
+    if body.logprobs and body.tools:
+        # the text is parsed into a message and calls, and its tokens' logprobs would not line up with
+        # the message's text
+        name = "include" if LOGPROBS in body.include else "top_logprobs"
+        return ApiError(
+            400,
+            f"{name}: logprobs are not supported with tools here: ask for them without tools, or use chat "
+            "completions, whose logprobs cover every token with tools too",
+            param=name,
+        )
     return None
 
 
@@ -170,8 +183,8 @@ def _id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-def _text_part(text: str) -> Body:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def _text_part(text: str, logprobs: list[Body] | None = None) -> Body:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
 
 
 def _status(finish_reason: str | None) -> str:
@@ -191,6 +204,8 @@ class Output:
     loose_calls: LooseCalls | None = None  # what the answer's loose calls may be (serve/tools.py)
     items_done: list[Body] = field(default_factory=list)
     text: str = ""
+    logprobs: list[Body] = field(default_factory=list)  # the text's tokens' entries (asked for only without tools)
+    _unsent: list[Body] = field(default_factory=list)  # entries no text delta has carried yet (text held back)
     message_id: str = field(default_factory=lambda: _id("msg"))
     _parser: ToolCallParser = field(init=False)
     _open: str | None = None  # the item being written: "message", "call", or none
@@ -200,11 +215,15 @@ class Output:
         self._parser = ToolCallParser(self.loose_calls)
 
     def message(self, status: str, text: str) -> Body:
-        content = [_text_part(text)] if status != "in_progress" else []
+        content = [_text_part(text, self.logprobs)] if status != "in_progress" else []
         return {"id": self.message_id, "type": "message", "role": "assistant", "status": status, "content": content}
 
-    def feed(self, text: str, event: EventWriter) -> list[str]:
-        """The events `text` (the next piece of the generation) makes certain."""
+    def feed(self, text: str, event: EventWriter, logprobs: list[Body] | None = None) -> list[str]:
+        """The events `text` (the next piece of the generation, with its tokens' logprob entries when they
+        were asked for) makes certain. A token whose text is held back (a possible stop string) has its
+        entry sent with the next text delta, and every entry is in the text's done event."""
+        self.logprobs += logprobs or []
+        self._unsent += logprobs or []
         if not self.tools:
             return self._content(text, event) if text else []
         out: list[str] = []
@@ -261,7 +280,8 @@ class Output:
         out = self._open_message(event) if self._open is None else []
         self.text += text
         where = {"item_id": self.message_id, "output_index": self._index, "content_index": 0}
-        return out + [event("response.output_text.delta", **where, delta=text, logprobs=[])]
+        sent, self._unsent = self._unsent, []
+        return out + [event("response.output_text.delta", **where, delta=text, logprobs=sent)]
 
     def _open_message(self, event: EventWriter) -> list[str]:
         self._open = "message"
@@ -277,8 +297,8 @@ class Output:
             where = {"item_id": self.message_id, "output_index": self._index, "content_index": 0}
             item = self.message(status, self.text)
             out += [
-                event("response.output_text.done", **where, text=self.text, logprobs=[]),
-                event("response.content_part.done", **where, part=_text_part(self.text)),
+                event("response.output_text.done", **where, text=self.text, logprobs=self.logprobs),
+                event("response.content_part.done", **where, part=_text_part(self.text, self.logprobs)),
                 event("response.output_item.done", output_index=self._index, item=item),
             ]
         elif self._open == "call" and self._call is not None:
@@ -331,6 +351,7 @@ class ResponseShape:
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": b.instructions,
             "max_output_tokens": b.max_output_tokens,
+            "max_tool_calls": b.max_tool_calls,
             "model": self.model,
             "output": output,
             "parallel_tool_calls": b.parallel_tool_calls,
@@ -341,6 +362,7 @@ class ResponseShape:
             "text": {"format": {k: v for k, v in fmt.items() if v is not None}},
             "tool_choice": choice,
             "tools": [t.model_dump() for t in b.tools],
+            "top_logprobs": b.top_logprobs,
             "top_p": b.top_p,
             "truncation": b.truncation,
             "usage": usage,
@@ -383,22 +405,28 @@ def add_responses_routes(app: FastAPI, state: ServerState) -> None:
             chat_body = as_chat(body)
             try:
                 prompt = await asyncio.to_thread(chat._chat_request, chat_body, served)
-                params = chat._sampling(chat_body, [prompt.ids], served, "messages", False, 0)
+                top = body.top_logprobs or 0
+                params = chat._sampling(chat_body, [prompt.ids], served, "messages", body.logprobs, top)
                 job = chat._submit(state, served, prompt.job_spec(params, 1), account)  # as the chat route's
             except ApiError as exc:
                 raise renamed(exc) from None
             shape = ResponseShape(body, served.identity.id)
             out = Output(tools=prompt.tools is not None, loose_calls=prompt.loose_calls)
+            tokenizer = served.engine.tokenizer
+
+            def entries(tokens: list[Choice]) -> list[Body]:
+                return [token_logprob(tokenizer, c, top) for c in tokens] if body.logprobs else []
+
             if body.stream:
                 return StreamingResponse(
-                    _stream(request, state, job, shape, out),
+                    _stream(request, state, job, shape, out, entries),
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 )
             await chat._run_whole(request, state, job)
             run, quiet = job.runs[0], EventWriter()
             status = _status(run.finish_reason)
-            out.feed(run.text, quiet)
+            out.feed(run.text, quiet, entries(run.tokens))
             out.close(status, quiet)
             return JSONResponse(shape.response(status, out.items(), responses_usage(job.usage())))
 
@@ -414,7 +442,12 @@ def _parse(raw: bytes) -> ResponsesBody:
 
 
 async def _stream(
-    request: Request, state: ServerState, job: Job, shape: ResponseShape, out: Output
+    request: Request,
+    state: ServerState,
+    job: Job,
+    shape: ResponseShape,
+    out: Output,
+    entries: Callable[[list[Choice]], list[Body]],
 ) -> AsyncIterator[str]:
     """The typed events of one response; a client that goes away cancels the generation."""
     from metronome.serve import server as chat
@@ -425,12 +458,12 @@ async def _stream(
     try:
         yield event("response.created", response=shape.response("in_progress", []))
         yield event("response.in_progress", response=shape.response("in_progress", []))
-        async for _run, delta, _tokens in job.deltas():
+        async for _run, delta, tokens in job.deltas():
             if delta.finish_reason == "error":
                 error = {"code": "server_error", "message": chat._engine_failure(delta.error).message}
                 yield event("response.failed", response=shape.response("failed", out.items(), None, error))
                 return
-            for line in out.feed(delta.text, event):
+            for line in out.feed(delta.text, event, entries(tokens)):
                 yield line
             finish = delta.finish_reason or finish
         if finish == "cancelled":

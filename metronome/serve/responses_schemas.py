@@ -5,8 +5,10 @@ serve/schemas.py: a wrong JSON type is a 400 naming the parameter, unknown field
 The subset is what the OpenAI Agents SDK sends by default: `input` as a string or a list of items
 (messages with input_text/output_text parts, `function_call` and `function_call_output` items),
 `instructions`, function `tools`, `tool_choice`, `parallel_tool_calls`, `max_output_tokens`,
-`temperature`, `top_p`, `text.format`, `stream`. Fields that change nothing here are accepted and
-ignored (`store`, `include`, `truncation`, `metadata`, `user`, `reasoning`, the prompt-cache hints:
+`temperature`, `top_p`, `text.format`, `stream`, and the output text's logprobs (`include` with
+"message.output_text.logprobs", `top_logprobs`). Fields that change nothing here are accepted and
+ignored (`store`, `include`'s other values, `truncation`, `metadata`, `user`, `reasoning`,
+`max_tool_calls`, which bounds calls to built-in tools and there are none, the prompt-cache hints:
 `metadata` is echoed back). What cannot be honoured is refused with the parameter named: stored state
 (`previous_response_id`, `conversation`), `background`, prompt templates, tools other than functions,
 images and files in the input.
@@ -19,9 +21,18 @@ from typing import Annotated, Any, Literal
 from pydantic import Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from metronome.config import MIN_SAMPLING_FLOAT
-from metronome.serve.schemas import _INT64, Int, _Body, _temperature_schema, error_message, error_param
+from metronome.serve.schemas import (
+    _INT64,
+    MAX_TOP_LOGPROBS,
+    Int,
+    _Body,
+    _temperature_schema,
+    error_message,
+    error_param,
+)
 
 TEXT_PARTS = ("input_text", "output_text")
+LOGPROBS = "message.output_text.logprobs"  # the `include` value that asks for the output text's logprobs
 
 
 class ContentPart(_Body):
@@ -160,12 +171,14 @@ class ResponsesBody(_Body):
     text: TextConfig | None = None
     stream: bool = False
     seed: Int | None = Field(None, ge=-_INT64, lt=_INT64)  # extension, as in chat completions
+    top_logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # alternatives per token, with LOGPROBS
+    include: list[str] = Field(default_factory=list)  # LOGPROBS is read; the others name what does not exist here
     # accepted and ignored: nothing is stored, no input is dropped, nothing here is a reasoning model
     store: bool = False
-    include: list[str] = Field(default_factory=list)
     truncation: Literal["auto", "disabled"] = "disabled"
     metadata: dict[str, str] = Field(default_factory=dict, max_length=16)
     user: str | None = None
+    max_tool_calls: Int | None = Field(None, ge=1)  # a bound on built-in tools' calls; none exist here
     # refused when set (the handler says why): what needs state or features this server does not have
     previous_response_id: str | None = None
     conversation: str | dict[str, Any] | None = None
@@ -191,6 +204,12 @@ class ResponsesBody(_Body):
                         "(hosted tools such as web_search or file_search are not)"
                     )
         return v
+
+    @property
+    def logprobs(self) -> bool:
+        """Whether the output text's tokens carry their logprobs: OpenAI's opt-in through `include`, or
+        alternatives asked for (a top_logprobs that returned nothing would look like a model with none)."""
+        return LOGPROBS in self.include or bool(self.top_logprobs)
 
     @property
     def format_type(self) -> str:

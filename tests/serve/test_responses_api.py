@@ -15,6 +15,7 @@ import pytest
 from helpers.live_server import openai_client, serving
 
 from metronome.config import EngineConfig
+from metronome.serve.responses_api import Output
 
 GREEDY = {"temperature": 0, "max_output_tokens": 12}
 FN = {"type": "function", "name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}}}
@@ -163,6 +164,10 @@ def test_json_object_format_gives_json(client):
             "text.format.schema",
         ),
         ({"input": "hi", "model": "gpt-4o"}, "model"),
+        ({"input": "hi", "top_logprobs": 21}, "top_logprobs"),
+        ({"input": "hi", "max_tool_calls": 0}, "max_tool_calls"),
+        ({"input": "hi", "tools": [FN], "include": ["message.output_text.logprobs"]}, "include"),
+        ({"input": "hi", "tools": [FN], "top_logprobs": 2}, "top_logprobs"),
     ],
 )
 def test_bad_bodies_are_400s_naming_the_parameter(url, body, param):
@@ -184,6 +189,58 @@ def test_fields_the_sdk_sends_are_accepted(client):
         **GREEDY,
     )
     assert r.metadata == {"run": "test"} and r.output_text
+
+
+def test_logprobs_are_the_chat_completions_and_the_stream_adds_up_to_them(client):
+    """`include` with "message.output_text.logprobs" and `top_logprobs`: the output text's tokens with
+    their logprobs and alternatives, as the equivalent chat completion reports them; streamed, each text
+    delta carries its tokens' entries and the done event all of them. They were silently left empty."""
+    ask = {"input": "Count from one to ten in words.", **GREEDY}
+    logprobs = {"include": ["message.output_text.logprobs"], "top_logprobs": 3}
+    whole = client.responses.create(model="metronome", **ask, **logprobs)
+    chat = client.chat.completions.create(
+        model="metronome",
+        messages=[{"role": "user", "content": ask["input"]}],
+        temperature=0,
+        max_completion_tokens=GREEDY["max_output_tokens"],
+        logprobs=True,
+        top_logprobs=3,
+    )
+    expected = [c.model_dump() for c in chat.choices[0].logprobs.content]
+    got = [lp.model_dump() for lp in whole.output[0].content[0].logprobs]
+    assert got == expected and len(got) == whole.usage.output_tokens
+    assert all(len(e["top_logprobs"]) == 3 for e in got)
+    assert "".join(e["token"] for e in got) == whole.output_text
+    # top_logprobs alone asks for them too; without either there are none
+    alone = client.responses.create(model="metronome", **ask, top_logprobs=1)
+    assert [lp.logprob for lp in alone.output[0].content[0].logprobs] == [e["logprob"] for e in expected]
+    assert client.responses.create(model="metronome", **ask).output[0].content[0].logprobs == []
+    events = list(client.responses.create(model="metronome", stream=True, **ask, **logprobs))
+    deltas = [lp.model_dump() for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
+    [done] = [e for e in events if e.type == "response.output_text.done"]
+    assert deltas == [lp.model_dump() for lp in done.logprobs] == expected
+    assert [lp.model_dump() for lp in events[-1].response.output[0].content[0].logprobs] == expected
+
+
+def test_entries_of_text_held_back_go_out_with_the_next_text():
+    """A token whose text is held back (half of a multi-byte character, or a possible stop) reaches the
+    Output with no text: its entry goes out with the next text delta, and the done event has every one."""
+    events: list[dict] = []
+
+    def event(kind: str, **fields) -> str:
+        events.append({"type": kind, **fields})
+        return kind
+
+    out = Output(tools=False)
+    a, b, c = ({"token": t, "logprob": -1.0, "bytes": [], "top_logprobs": []} for t in "abc")
+    out.feed("", event, [a])
+    out.feed("xy", event, [b])
+    out.feed("z", event, [c])
+    out.close("completed", event)
+    deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+    assert [(e["delta"], e["logprobs"]) for e in deltas] == [("xy", [a, b]), ("z", [c])]
+    [done] = [e for e in events if e["type"] == "response.output_text.done"]
+    assert done["logprobs"] == [a, b, c] and out.items()[0]["content"][0]["logprobs"] == [a, b, c]
 
 
 WEATHER = {

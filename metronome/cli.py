@@ -83,6 +83,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from metronome.serve.usage import groq_timings
 
     params = sampling_params(args)
+    if params.max_tokens < 1:  # as the chat completions route (ge=1): every reply would be empty
+        raise ParamError("max_tokens", f"max_tokens={params.max_tokens}: a reply needs at least 1 token")
     engine = load_engine(args)
     if not engine.tokenizer.has_chat_template:
         print("this model has no chat template (a base model): use `metronome generate --raw`", file=sys.stderr)

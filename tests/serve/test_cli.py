@@ -60,6 +60,12 @@ def test_generate_with_max_tokens_zero_runs_the_prompt_and_times_only_that(tiny_
     assert "TTFT" not in out.stderr and "nan" not in out.stderr  # no token, so no time to it and no rate
 
 
+def test_chat_refuses_max_tokens_zero_before_loading(tmp_path):
+    """Every reply of a chat with --max-tokens 0 was empty, for ever (chat completions refuse it too)."""
+    out = _metronome("chat", "--model", str(tmp_path / "no-such-model"), "--max-tokens", "0", stdin="hi\n")
+    assert out.returncode == 2 and "--max-tokens" in out.stderr and "at least 1 token" in out.stderr, out.stderr
+
+
 def test_generate_is_reproducible_with_a_seed(tiny_hf):
     args = (
         "generate",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import io
+import json
 import re
 import threading
 import time
@@ -25,7 +26,7 @@ from helpers.live_server import LiveServer
 
 from metronome.audio.decode import decode_audio
 from metronome.audio.formats import ResponseFormat, render
-from metronome.audio.types import Transcript, TranscriptionStopped
+from metronome.audio.types import Segment, Transcript, TranscriptionStopped
 from metronome.serve.audio import SpeechService, SpeechSettings
 from metronome.serve.server import ServerSettings, create_app
 
@@ -359,6 +360,46 @@ def test_a_stopping_server_ends_its_transcriptions_with_a_503(held, beckett):
             assert service.pending == 0
     finally:
         held.gate.set()
+        service.stop()
+
+
+class FirstSegmentThenHeld(Held):
+    """Says one segment, then waits at the gate (a long file between two windows)."""
+
+    def transcribe(self, samples, on_segment=None, **options) -> Transcript:
+        if on_segment is not None:
+            on_segment(Segment(0, 0.0, 1.0, " Hello there.", (1, 2), -0.1, 0.0, 0.0, 1.0))
+        return super().transcribe(samples, on_segment=on_segment, **options)
+
+
+def test_a_stopping_server_ends_a_begun_transcript_stream_with_an_error_event(transcriber, beckett):
+    """Once a streamed transcript has sent text, its answer is a 200 already: a stopping server ends it
+    with an error event (server_shutting_down) after the text so far, and drops the job."""
+    first = FirstSegmentThenHeld(transcriber)
+    service = SpeechService(SpeechSettings(max_pending=2))
+    service.attach(first)
+    first.gate.clear()
+    app = create_app(None, ServerSettings(), speech=service)
+    server = LiveServer(app)
+    try:
+        with server as live:
+            form = {"stream": (None, "true"), "file": ("b.wav", beckett)}
+            with httpx.stream("POST", f"{live}/v1/audio/transcriptions", files=form, timeout=30) as r:
+                assert r.status_code == 200
+                lines = (line for line in r.iter_lines() if line.startswith("data: "))
+                assert json.loads(next(lines)[6:]) == {"type": "transcript.text.delta", "delta": "Hello there."}
+                assert first.entered.wait(timeout=30)
+                loop = server.server.servers[0].get_loop()
+                loop.call_soon_threadsafe(app.state.server.stop_generating)
+                rest = [json.loads(line[6:]) for line in lines]
+            assert [e["type"] for e in rest] == ["error"], rest
+            assert rest[0]["error"]["code"] == "server_shutting_down"
+            deadline = time.monotonic() + 10
+            while service.pending and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert service.pending == 0
+    finally:
+        first.gate.set()
         service.stop()
 
 

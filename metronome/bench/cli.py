@@ -182,6 +182,59 @@ def _unused(args: argparse.Namespace, used: Sequence[str], mode: str) -> str | N
     )
 
 
+# What each mode reads besides the engine flags (those are checked by _unused): a flag set that its mode does not
+# read is refused, not silently dropped (`--load 1,4 --workload long` measured the default 200 tokens).
+# --no-progress, a display preference, is accepted everywhere.
+_SWEEP = "a sweep (--url or --model without a mode flag)"
+_READS: dict[str, tuple[str, ...]] = {
+    "--decode-only": tuple("decode_only model live output_tokens rounds".split()),
+    "--speculation": tuple("speculation model output_tokens rounds".split()),
+    "--load": tuple("load model output_tokens rounds in_process_only stall".split()),
+    "--voice": tuple(
+        "voice url model audio concurrency rounds output_tokens request_timeout out startup_timeout".split()
+    ),
+    "--soak": tuple(
+        "soak url model users server_pid output_tokens request_timeout seed tokenizer out startup_timeout".split()
+    ),
+    "--fuzz": tuple("fuzz url model request_timeout seed out startup_timeout".split()),
+    _SWEEP: tuple(
+        "url model compare name served_model workload scale input_tokens output_tokens concurrency rounds "
+        "requests_per_user warmup seed api temperature no_ignore_eos tokenizer startup_timeout request_timeout "
+        "out hf_dtype".split()
+    ),
+}
+
+
+def _mode(args: argparse.Namespace) -> str:
+    """The mode `args` runs, in the order _run dispatches them (a key of _READS)."""
+    for flag, on in (
+        ("--decode-only", args.decode_only),
+        ("--speculation", args.speculation),
+        ("--load", args.load is not None),
+        ("--voice", args.voice),
+        ("--soak", args.soak is not None),
+        ("--fuzz", args.fuzz is not None),
+    ):
+        if on:
+            return flag
+    return _SWEEP
+
+
+def _unread(args: argparse.Namespace) -> str | None:
+    """The error for flags other than the engine's that the mode of `args` would not read."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    mode = _mode(args)
+    unread = [
+        a.option_strings[0]
+        for a in parser._actions
+        if a.dest not in (*_READS[mode], *_ENGINE, "no_progress") and getattr(args, a.dest) != a.default
+    ]
+    if not unread:
+        return None
+    return f"{mode} does not use {', '.join(unread)}; leave {'it' if len(unread) == 1 else 'them'} out"
+
+
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add `bench` to the `metronome` command's subparsers."""
     parser = subparsers.add_parser(
@@ -331,7 +384,7 @@ def _run(args: argparse.Namespace) -> int:
     # soft_wrap: a line longer than the terminal (or than 80 columns when piped) stays one line, so a path or
     # a "--port N" in it is never split where a reader or a script looks for it.
     console = Console(stderr=True, soft_wrap=True)
-    refused = _common_refusal(args)
+    refused = _common_refusal(args) or _unread(args)
     if refused:
         console.print(f"metronome bench: error: {refused}", markup=False)
         return 2

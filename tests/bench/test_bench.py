@@ -416,6 +416,42 @@ def test_engine_flags_reach_the_server_it_starts_and_unused_ones_are_refused(cap
         assert words in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--load", "1,4", "--workload", "long"], "--load does not use --workload"),
+        (["--decode-only", "--concurrency", "1,2"], "--decode-only does not use --concurrency"),
+        (["--decode-only", "--load", "1"], "--decode-only does not use --load"),
+        (["--speculation", "--live", "1,2", "--temperature", "1"], "does not use --live, --temperature"),
+        (["--url", "http://127.0.0.1:9", "--live", "2"], "a sweep (--url or --model without a mode flag)"),
+        (["--url", "http://127.0.0.1:9", "--stall"], "does not use --stall"),
+        (["--voice", "--workload", "long"], "--voice does not use --workload"),
+        (["--soak", "1s", "--concurrency", "2"], "--soak does not use --concurrency"),
+        (["--fuzz", "2", "--users", "3"], "--fuzz does not use --users"),
+    ],
+)
+def test_a_flag_the_mode_does_not_read_is_refused(capsys, argv, words) -> None:
+    """Flags a mode never reads were dropped silently: `--load 1,4 --workload long` measured the default
+    200 tokens, `--decode-only --concurrency 1,2` one slot. Refused before anything starts."""
+    assert cli.main(argv) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_flags_a_mode_reads_are_not_refused() -> None:
+    """The table of what each mode reads: every flag of the mode's own help text ("with --load: ...") is there."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    for action in parser._actions:
+        for mode in cli._READS:
+            if action.help and action.help.startswith(f"with {mode}"):
+                assert action.dest in cli._READS[mode], (action.dest, mode)
+    for flags in (["--load", "1", "--stall", "--in-process-only", "--rounds", "2", "--output-tokens", "8"],):
+        args = parser.parse_args(flags)
+        assert cli._unread(args) is None
+
+
 # --- the transformers baseline server ----------------------------------------------------------
 
 

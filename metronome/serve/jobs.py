@@ -277,10 +277,13 @@ def merge_timings(all_timings: list[Timings]) -> Timings:
     )
 
 
+async def client_gone(receive: Receive) -> None:
+    """Return once the client has gone away (its request body was read already: what comes is the end)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 async def cancel_on_disconnect(receive: Receive, job: Job) -> None:
     """Wait for the client to go away, then cancel the job's engine requests (their slots free next step)."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            job.cancel_unfinished()
-            return
+    await client_gone(receive)
+    job.cancel_unfinished()

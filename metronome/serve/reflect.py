@@ -10,7 +10,10 @@ no place for. docs/reflection.md describes the events.
 
 The loop is blocking code (it waits on engine events), so each reflection runs on a thread of its own,
 and its events reach the event loop through the app's Outbox; at most `max_pending` run at once (429
-beyond). A client that goes away stops its loop at its next event and cancels the running turn.
+beyond). A client that goes away, streamed or not, stops its loop at its next event and cancels the running
+turn. Each turn enters the engine's queue as any request does: a turn the full queue refuses ends the
+reflection with a 429 queue_full (Retry-After), as a chat request would get, whether it is the first turn
+or a later one.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ import asyncio
 import json
 import threading
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import Field
+from starlette.requests import ClientDisconnect
 
 from metronome.agents.reflect import (
     MAX_ROUNDS,
@@ -39,7 +43,9 @@ from metronome.agents.reflect import (
     reflect,
 )
 from metronome.config import MIN_SAMPLING_FLOAT, ParamError, SamplingParams
+from metronome.engine.request import QueueFullError
 from metronome.serve.errors import ApiError, busy
+from metronome.serve.jobs import client_gone
 from metronome.serve.schemas import Int, _Body
 
 if TYPE_CHECKING:
@@ -132,8 +138,12 @@ class ReflectionRun:
         state.reflections.add(self)
         loop, metrics = self._outbox.loop, state.metrics
 
+        def on_loop(call: Callable[[], None]) -> None:
+            if not loop.is_closed():  # closed: the server stopped, and its metrics with it (a reflection ends later)
+                loop.call_soon_threadsafe(call)
+
         def ended(r: "Request", reason: str, gaps: list[float]) -> None:
-            loop.call_soon_threadsafe(
+            on_loop(
                 lambda: metrics.observe_request(
                     r.timings,
                     len(r.prompt_ids),
@@ -146,7 +156,7 @@ class ReflectionRun:
             )
 
         # the metrics' in-flight counts belong to the loop's thread: the callbacks hop onto it
-        watch = TurnWatch(lambda _r: loop.call_soon_threadsafe(metrics.observe_submitted), ended)
+        watch = TurnWatch(lambda _r: on_loop(metrics.observe_submitted), ended)
         self._args = (engine, task, settings, params, watch)
         self.thread = threading.Thread(target=self._main, name="metronome-reflect", daemon=True)
 
@@ -181,9 +191,23 @@ class ReflectionRun:
             raise ApiError(504, f"no reflection event within {EVENT_TIMEOUT_S:.0f} s", type="server_error") from None
         if isinstance(item, ApiError):  # halt()
             raise item
+        if isinstance(item, QueueFullError):  # a turn the engine's queue had no room for: the server is busy
+            raise busy(f"a turn of the reflection found the queue full: {item}", self._state.settings.retry_after_s)
         if isinstance(item, BaseException):
             raise ApiError(500, f"the reflection failed: {item}", type="server_error", code="engine_error")
         return item
+
+    async def next_unless_gone(self, gone: "asyncio.Future[None]") -> ReflectEvent | None:
+        """next(), or ClientDisconnect once `gone` (the client left) is done first."""
+        event = asyncio.ensure_future(self.next())
+        try:
+            await asyncio.wait({event, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not event.done():
+                event.cancel()
+        if not event.done() or event.cancelled():
+            raise ClientDisconnect()
+        return event.result()
 
 
 def add_reflect_routes(app: FastAPI, state: "ServerState") -> None:
@@ -215,13 +239,17 @@ def add_reflect_routes(app: FastAPI, state: "ServerState") -> None:
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 )
+            # a client that leaves stops the loop (close() below) and the request counts as cancelled: it ran
+            # every turn for nobody, holding a slot and one of the MAX_PENDING places
+            gone = asyncio.ensure_future(client_gone(request.receive))
             try:
-                while (event := await run.next()) is not None:
+                while (event := await run.next_unless_gone(gone)) is not None:
                     if isinstance(event, ReflectionDone):
                         account.end("completed")
                         return JSONResponse({"object": "reflection", "model": served.identity.id, **_summary(event)})
                 raise ApiError(500, "the reflection ended without its result", type="server_error")
             finally:
+                gone.cancel()
                 run.close()
 
 
@@ -232,8 +260,8 @@ async def _stream(run: ReflectionRun, account: "ApiRequest") -> AsyncIterator[st
         while True:
             try:
                 event = await run.next()
-            except ApiError as exc:
-                account.end("failed")
+            except ApiError as exc:  # a 4xx (the queue was full) is the client's to retry, not a server failure
+                account.end("rejected" if exc.status < 500 else "failed")
                 yield f"event: error\ndata: {json.dumps({'type': 'error', **exc.body()})}\n\n"
                 break
             if event is None:

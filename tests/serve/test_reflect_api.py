@@ -139,6 +139,101 @@ def test_a_client_that_leaves_stops_the_loop(served):
     assert len(submitted[0].output_ids) < 120
 
 
+def test_a_whole_reflection_whose_client_leaves_stops_the_loop(served):
+    """Not streamed, a reflection whose client had gone ran every turn for nobody (holding a slot and one of
+    the 16 reflection places) and was counted completed; it now stops as a streamed one does."""
+    import socket
+
+    url, engine = served
+    submitted = []
+    submit = engine.submit
+
+    def recording(*args, **kwargs):
+        submitted.append(submit(*args, **kwargs))
+        return submitted[-1]
+
+    engine.submit = recording
+    cancelled = 'metronome_api_requests_ended_total{endpoint="/v1/reflections",outcome="cancelled"}'
+    before = _metrics(url).get(cancelled, 0.0)
+    try:
+        body = json.dumps({"task": TASK, "rounds": 1, "max_tokens": 120}).encode()
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            head = f"POST /v1/reflections HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            sock.sendall(head.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            deadline = time.monotonic() + 60
+            while not (submitted and submitted[0].output_ids) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert submitted and submitted[0].finish_reason is None  # the first turn is generating: leave
+        deadline = time.monotonic() + 20
+        while not engine.scheduler.idle and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)  # a loop still running would submit its next turn now
+    finally:
+        del engine.submit
+    assert engine.scheduler.idle
+    assert len(submitted) == 1 and submitted[0].finish_reason == "cancelled"
+    deadline = time.monotonic() + 10
+    while _metrics(url).get(cancelled, 0.0) < before + 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _metrics(url)[cancelled] == before + 1
+
+
+def test_a_turn_the_full_queue_refuses_is_a_429_not_an_engine_error(served):
+    """The engine's QueueFullError (every slot busy, the queue at its limit) reached the client as a 500
+    engine_error and was counted a server failure; chat requests get a 429 queue_full at the same moment."""
+    from metronome.engine.request import QueueFullError
+
+    url, engine = served
+    submit, calls = engine.submit, []
+
+    def full_from(n: int):
+        def refusing(*args, **kwargs):
+            calls.append(1)
+            if len(calls) >= n:
+                raise QueueFullError("9 requests are in, the most 1 slot and a queue of 8 hold")
+            return submit(*args, **kwargs)
+
+        return refusing
+
+    try:
+        engine.submit = full_from(1)  # the first turn
+        r = httpx.post(f"{url}/v1/reflections", json={"task": TASK, "rounds": 1, "max_tokens": 6}, timeout=120)
+        assert r.status_code == 429 and r.headers["Retry-After"], r.text
+        assert r.json()["error"]["code"] == "queue_full"
+        calls.clear()
+        engine.submit = full_from(2)  # the critique, after the answer streamed
+        events = _events(url, {"task": TASK, "rounds": 1, "max_tokens": 6})
+    finally:
+        del engine.submit
+    names = [n for n, _ in events]
+    assert names[-2:] == ["error", "[DONE]"] and "turn.done" in names, names
+    assert events[-2][1]["error"]["code"] == "queue_full"
+
+
+def test_a_turn_that_ends_after_the_server_loop_closed_is_quiet():
+    """A reflection's thread ending after the server stopped counted its turn on a closed event loop:
+    'Exception in thread metronome-reflect ... RuntimeError: Event loop is closed' in the server's log."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from metronome.serve.jobs import Outbox
+    from metronome.serve.reflect import ReflectionRun
+
+    loop = asyncio.new_event_loop()
+    def never(*_args, **_kwargs) -> None:
+        raise AssertionError("the metrics were counted on a closed loop")
+
+    metrics = SimpleNamespace(observe_submitted=never, observe_request=never)
+    state = SimpleNamespace(outbox=lambda: Outbox(loop), reflections=set(), metrics=metrics)
+    run = ReflectionRun(state, None, TASK, None, None)
+    loop.close()
+    watch = run._args[-1]
+    request = SimpleNamespace(timings=None, prompt_ids=[1], output_ids=[], predicted_ttft_ms=None, cached_tokens=0)
+    watch.submitted(request)
+    watch.ended(request, "cancelled", [])
+
+
 def _metrics(url: str) -> dict[str, float]:
     text = httpx.get(f"{url}/metrics", timeout=30).text
     return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(\S+) (\S+)$", text, re.M)}

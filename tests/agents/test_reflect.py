@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers.submits import recorded_submits
 
 from metronome.agents.reflect import (
     ReflectionDone,
@@ -41,18 +42,8 @@ def plain_engine(smollm):
 @pytest.fixture(scope="module")
 def recorded(cached_engine):
     """Every event of a 2-round reflection, and each turn's engine request (prompt and output ids)."""
-    requests = []
-    submit = cached_engine.submit
-
-    def recording(*args, **kwargs):
-        requests.append(submit(*args, **kwargs))
-        return requests[-1]
-
-    cached_engine.submit = recording
-    try:
+    with recorded_submits(cached_engine) as requests:
         events = list(reflect(cached_engine, TASK, ReflectSettings(rounds=2), PARAMS))
-    finally:
-        del cached_engine.submit
     return events, requests
 
 

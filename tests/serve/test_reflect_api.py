@@ -10,6 +10,7 @@ import time
 import httpx
 import pytest
 from helpers.live_server import LiveServer
+from helpers.submits import recorded_submits
 
 from metronome.agents.reflect import ReflectSettings, run_reflection
 from metronome.config import EngineConfig, SamplingParams
@@ -114,15 +115,7 @@ def test_a_body_that_is_not_json_is_a_400(served):
 
 def test_a_client_that_leaves_stops_the_loop(served):
     url, engine = served
-    submitted = []
-    submit = engine.submit
-
-    def recording(*args, **kwargs):
-        submitted.append(submit(*args, **kwargs))
-        return submitted[-1]
-
-    engine.submit = recording
-    try:
+    with recorded_submits(engine) as submitted:
         body = {"task": TASK, "rounds": 1, "max_tokens": 120, "stream": True}
         with httpx.stream("POST", f"{url}/v1/reflections", json=body, timeout=120) as r:
             for line in r.iter_lines():
@@ -132,8 +125,6 @@ def test_a_client_that_leaves_stops_the_loop(served):
         deadline = time.monotonic() + 20
         while not engine.scheduler.idle and time.monotonic() < deadline:
             time.sleep(0.05)
-    finally:
-        del engine.submit
     assert engine.scheduler.idle
     assert len(submitted) == 1 and submitted[0].finish_reason == "cancelled"
     assert len(submitted[0].output_ids) < 120
@@ -145,17 +136,9 @@ def test_a_whole_reflection_whose_client_leaves_stops_the_loop(served):
     import socket
 
     url, engine = served
-    submitted = []
-    submit = engine.submit
-
-    def recording(*args, **kwargs):
-        submitted.append(submit(*args, **kwargs))
-        return submitted[-1]
-
-    engine.submit = recording
     cancelled = 'metronome_api_requests_ended_total{endpoint="/v1/reflections",outcome="cancelled"}'
     before = _metrics(url).get(cancelled, 0.0)
-    try:
+    with recorded_submits(engine) as submitted:
         body = json.dumps({"task": TASK, "rounds": 1, "max_tokens": 120}).encode()
         host, port = url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=30) as sock:
@@ -169,8 +152,6 @@ def test_a_whole_reflection_whose_client_leaves_stops_the_loop(served):
         while not engine.scheduler.idle and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(1.0)  # a loop still running would submit its next turn now
-    finally:
-        del engine.submit
     assert engine.scheduler.idle
     assert len(submitted) == 1 and submitted[0].finish_reason == "cancelled"
     deadline = time.monotonic() + 10
@@ -221,6 +202,7 @@ def test_a_turn_that_ends_after_the_server_loop_closed_is_quiet():
     from metronome.serve.reflect import ReflectionRun
 
     loop = asyncio.new_event_loop()
+
     def never(*_args, **_kwargs) -> None:
         raise AssertionError("the metrics were counted on a closed loop")
 

@@ -1,5 +1,6 @@
 """uvicorn's HTTP/1.1 protocol (httptools) with bounds on what one client may hold before its request is
-whole: the bytes of its request line and headers, and the time it takes to send them.
+whole: the bytes of its request line and headers, and the time it takes to send them; and a request past
+the connection limit (uvicorn's limit_concurrency) answered in the API's error shape.
 
 Without them, a connection that sends nothing, or headers that never end, stayed open for good (about a
 thousand of them used up the process's file descriptors, and every other client's requests failed), and one
@@ -11,8 +12,12 @@ Imported where the server starts (serve/cli.py), as uvicorn is.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
+from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from metronome.serve.errors import ApiError
 
 MAX_HEADER_BYTES = 64 * 1024  # a request line and headers larger than this are refused (431)
 HEADER_TIMEOUT_S = 30.0  # from the connection (or the end of the last response) to a request's last header
@@ -84,6 +89,21 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._header_timer.cancel()
             self._header_timer = None
         super().connection_lost(exc)
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        # uvicorn hands a request past limit_concurrency to its own app, a text/plain "Service Unavailable";
+        # every other error of this server is OpenAI's JSON shape, which clients parse
+        super()._start_asgi_task(cycle, self._too_many_connections if app is service_unavailable else app)
+
+    async def _too_many_connections(self, scope: Any, receive: Any, send: Any) -> None:
+        error = ApiError(
+            503,
+            f"the server has {self.limit_concurrency} connections or requests open, its most; retry shortly",
+            type="service_unavailable",
+            code="too_many_connections",
+            headers={"Retry-After": "1", "Connection": "close"},
+        )
+        await error.response()(scope, receive, send)
 
     def _headers_late(self) -> None:
         self._header_timer = None

@@ -17,7 +17,7 @@ from fastapi import FastAPI
 class LiveServer:
     """`with LiveServer(app) as url:` serves `app` at `url` (http://127.0.0.1:PORT) until the block ends."""
 
-    def __init__(self, app: FastAPI, start_timeout_s: float = 30.0) -> None:
+    def __init__(self, app: FastAPI, start_timeout_s: float = 30.0, limit_concurrency: int | None = None) -> None:
         self.app = app
         self.start_timeout_s = start_timeout_s
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -27,7 +27,13 @@ class LiveServer:
         from metronome.serve.http import BoundedHttpToolsProtocol
 
         # the HTTP protocol `metronome serve` runs (bounds on headers: serve/http.py)
-        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2, http=BoundedHttpToolsProtocol)
+        config = uvicorn.Config(
+            app,
+            log_level="warning",
+            timeout_graceful_shutdown=2,
+            http=BoundedHttpToolsProtocol,
+            limit_concurrency=limit_concurrency,  # `metronome serve` sets MAX_CONNECTIONS
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 

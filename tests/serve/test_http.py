@@ -130,3 +130,21 @@ def test_a_large_body_is_validated_off_the_event_loop(tiny_hf, monkeypatch):
     on_loop, off_loop = seen
     assert not on_loop.startswith(("asyncio_", "uvloop_")), seen  # the loop thread (LiveServer runs it)
     assert off_loop.startswith(("asyncio_", "uvloop_")), seen  # the loop's default executor (to_thread)
+
+
+def test_a_request_past_the_connection_limit_is_a_503_in_the_api_error_shape():
+    """Past the connection limit (MAX_CONNECTIONS in `metronome serve`) uvicorn answered its own text/plain
+    "Service Unavailable", the one error of the server a client could not parse as OpenAI's."""
+    with LiveServer(create_app(None, ServerSettings()), limit_concurrency=3) as url:
+        idle = [_connect(url) for _ in range(3)]  # open, and silent: each counts
+        try:
+            time.sleep(0.2)
+            r = httpx.get(f"{url}/health", timeout=10)
+        finally:
+            for sock in idle:
+                sock.close()
+        assert r.status_code == 503 and r.headers["content-type"] == "application/json", r.text
+        assert r.json()["error"]["code"] == "too_many_connections" and r.headers["Retry-After"] == "1"
+        time.sleep(0.2)
+        again = httpx.get(f"{url}/health", timeout=10)  # the idle connections are gone: served again
+        assert again.status_code == 200 or again.json()["error"]["code"] != "too_many_connections", again.text

@@ -239,8 +239,9 @@ def run(args: argparse.Namespace) -> int:
 # the server first, so their clients get a clean end (ServerState.stop_generating) rather than a cut stream.
 SHUTDOWN_GRACE_S = 5.0
 STREAMS_END_S = 3.5
-# Connections (or requests in progress) beyond this get a 503 at once (serve/http.py, in the API error shape): a server with a few slots has
-# no use for more, and it keeps clear of the usual limit of 1,024 open files per process.
+# Connections (or requests in progress) beyond this get a 503 at once (serve/http.py, in the API's error
+# shape): a server with a few slots has no use for more, and it keeps clear of the usual limit of 1,024 open
+# files per process.
 MAX_CONNECTIONS = 512
 
 

@@ -84,7 +84,7 @@ def compile_plan(
     path = plan_cache_path(loaded, config, r.weights, r.ops, r.threads) if cache else None
     saved = read_plan_cache(path, say) if path is not None else None
     kv_dtype = kv_cache_dtype(config, r.weights, r.fused, r.kernels)
-    check_memory(loaded.config, config, kv_dtype)
+    check_memory(loaded.config, config, kv_dtype, pooled=r.fused)
     kv = KVCache.allocate(loaded.config, config.slots, config.ctx, kv_dtype, config.device)
     runner = build(loaded, config, r, kv, saved, say)
     if saved is not None:
@@ -161,17 +161,19 @@ def available_memory() -> int | None:
     return None
 
 
-def check_memory(cfg: ModelConfig, config: EngineConfig, kv_dtype: torch.dtype) -> None:
+def check_memory(cfg: ModelConfig, config: EngineConfig, kv_dtype: torch.dtype, pooled: bool) -> None:
     """Refuse, naming the settings, a KV cache and prefix pool larger than the memory left on a CPU machine:
     torch's allocator failed with a traceback (100,000 slots: 2.4 TB), or a size that just fit overcommit
-    was filled until the system killed the process."""
+    was filled until the system killed the process. `pooled`: the plan will have a prefix pool (the fused
+    decoder's; prefix_pool)."""
     if config.device != "cpu":
         return
     available = available_memory()
     if available is None:
         return
-    per_token = 2 * cfg.num_layers * cfg.kv_size * torch.empty((), dtype=kv_dtype).element_size()
-    cache, pool = per_token * config.slots * config.ctx, per_token * config.prefix_cache_tokens
+    per_token = KVCache.token_bytes(cfg, kv_dtype)  # with int8, the rows' scales too
+    pool_tokens = (config.prefix_cache_tokens // PREFIX_PAGE_TOKENS) * PREFIX_PAGE_TOKENS if pooled else 0
+    cache, pool = per_token * config.slots * config.ctx, per_token * pool_tokens
     if cache + pool > available:
         raise PlanError(
             f"slots={config.slots} x ctx={config.ctx} tokens of KV cache ({cache / 1e9:.1f} GB) and a prefix cache "

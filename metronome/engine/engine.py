@@ -468,8 +468,16 @@ class Engine(PythonAPI):
         """Who runs this step: cancelled requests leave, waiting ones take free slots (scheduler.py)."""
         with self._lock:
             batch = self.scheduler.schedule()
+        # each cancelled request ends here (its slot is already free, so a failure of the step would not end
+        # it): one whose pages fail to reach the prefix cache must not leave the others without their end
+        failed: BaseException | None = None
         for r in batch.cancelled:
-            self._finish(r, "cancelled")
+            try:
+                self._finish(r, "cancelled")
+            except Exception as exc:  # raised below, once every cancelled request has ended
+                failed = failed or exc
+        if failed is not None:
+            raise failed
         for r in batch.admitted:
             r.timings.admitted = time.perf_counter()
             r.draft_k = self.config.spec_tokens

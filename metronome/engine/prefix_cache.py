@@ -136,7 +136,12 @@ class PrefixCache:
             self._lru.move_to_end(page)
             parent = page
         # one copy for all of them (one call on every rank under tensor parallel)
-        if moves and not self.pool.copy(slot, moves, into_pool=True, generation=self._generation):
+        try:
+            copied = not moves or self.pool.copy(slot, moves, into_pool=True, generation=self._generation)
+        except BaseException:
+            self._forget()  # the pages recorded above were never written: none may be loaded
+            raise
+        if not copied:
             self._forget()
             moves = []
         stored = len(moves)

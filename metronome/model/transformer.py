@@ -33,9 +33,19 @@ class KVCache:
     ) -> "KVCache":
         """dtype int8: each row head_dim int8 values and their float32 scales (kernels/ops.py, quantize_kv_int8),
         which only the fused decoder reads and writes."""
-        row = kv_int8_row_bytes(cfg.head_dim) if dtype == torch.int8 else cfg.head_dim
-        shape = (cfg.num_layers, slots, cfg.num_kv_heads, ctx, row)
+        shape = (cfg.num_layers, slots, cfg.num_kv_heads, ctx, cls.row_size(cfg, dtype))
         return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    @staticmethod
+    def row_size(cfg: ModelConfig, dtype: torch.dtype) -> int:
+        """Elements of one head's row at one position: head_dim, or with int8 its values' and scales' bytes."""
+        return kv_int8_row_bytes(cfg.head_dim) if dtype == torch.int8 else cfg.head_dim
+
+    @classmethod
+    def token_bytes(cls, cfg: ModelConfig, dtype: torch.dtype) -> int:
+        """Bytes one position of one slot takes, keys and values of every layer (what allocate sizes by)."""
+        element = torch.empty((), dtype=dtype).element_size()
+        return 2 * cfg.num_layers * cfg.num_kv_heads * cls.row_size(cfg, dtype) * element
 
     @property
     def slots(self) -> int:

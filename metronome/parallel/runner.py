@@ -200,9 +200,11 @@ class TPRunner:
                 raise RuntimeError("the tensor-parallel group is closed")
             if failures is not None and failures != self.failures:
                 return _STALE
-            if self._broken is not None:
-                self._reform()
             try:
+                # in the try: a group that fails to form again is a failure too (counted, so that the prefix
+                # cache's pages, which the new ranks do not hold, are forgotten: Pages.generation)
+                if self._broken is not None:
+                    self._reform()
                 self.group.broadcast_object(call)
                 out = run_call(self._rank, call, kv)
             except Exception as exc:

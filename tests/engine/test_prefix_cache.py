@@ -271,3 +271,54 @@ def test_a_copy_from_a_lost_pool_forgets_every_page_and_the_prompt_runs_whole():
     assert pc.load(ids, slot=1) == 0
     assert pc.peek(ids) == 0 and pc.used_pages == 0 and pc.stats.hit_tokens == 0
     assert torch.equal(cache.k[:, 1], before)
+
+
+class _FailingPool(PagePool):
+    """A pool whose next copy into it raises, as a tensor-parallel rank failing mid-copy makes it do."""
+
+    fail_next = False
+
+    def copy(self, slot, moves, into_pool, generation=0) -> bool:
+        if into_pool and self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("a rank failed during the copy")
+        return super().copy(slot, moves, into_pool, generation)
+
+
+def test_a_copy_that_raises_records_no_page():
+    """store() recorded its pages before the copy: a copy that raised left them standing for pages never
+    written, and the next prompt with that beginning loaded garbage (96 cached tokens, other tokens)."""
+    cache = KVCache.allocate(TINY_SHAPE, 2, 32, torch.float32, "cpu")
+    pool = _FailingPool(cache, KVCache.allocate(TINY_SHAPE, 8, 4, torch.float32, "cpu"))
+    pc = PrefixCache(pool)
+    _fill(cache, 0, seed=1)
+    ids = list(range(1, 14))
+    pool.fail_next = True
+    with pytest.raises(RuntimeError, match="rank failed"):
+        pc.store(ids, slot=0, valid=13)
+    assert pc.peek(ids) == 0 and pc.used_pages == 0
+    assert pc.store(ids, slot=0, valid=13) == 3 and pc.peek(ids) == 12  # and the pool works on
+
+
+def test_every_cancelled_request_ends_when_pooling_one_of_them_fails(tiny_hf):
+    """Cancelled requests leave their slots before they end; pooling the first one's pages raised and the
+    others never got their end (a generate() on one waited for ever)."""
+    loaded = load(tiny_hf("llama"))
+    engine = Engine.from_model(
+        config=EngineConfig(slots=3, ctx=256, weights="int8", prefix_cache_tokens=1024), loaded=loaded
+    )
+    pool = engine.prefix_cache.pool
+    pool.__class__ = _FailingPool
+    params = SamplingParams(max_tokens=100, ignore_eos=True)
+    reqs = [engine.submit(_prompt(60 + i, 40, loaded.config.vocab_size), params) for i in range(3)]
+    for _ in range(30):  # past the prompts' pages: each holds new full pages to pool
+        engine.step()
+    assert all(r.finish_reason is None and len(r.output_ids) > 16 for r in reqs)
+    for r in reqs:
+        engine.cancel(r)
+    pool.fail_next = True
+    with pytest.raises(RuntimeError, match="rank failed"):
+        engine.step()
+    assert [r.finish_reason for r in reqs] == ["cancelled"] * 3
+    engine.step()
+    assert engine.scheduler.idle

@@ -281,7 +281,8 @@ def test_tensor_parallel_ranks_keep_their_own_prefix_pages(wide_llama):
 
 def test_a_rank_started_again_comes_with_an_empty_pool_which_the_prefix_cache_forgets(wide_llama):
     """After a rank is killed and the group formed again, the new rank's pool is empty: the prefix cache
-    forgets every page (copying them would give that rank's heads zeros, and other tokens)."""
+    forgets every page (copying them would give that rank's heads zeros, and other tokens). A group that
+    fails to form again counts as a failure too (it was raised uncounted, and the cache's pages outlived it)."""
     config = EngineConfig(slots=2, ctx=128, weights="int8", spec_tokens=0, tp=2, tp_shards=4, threads=2)
     engine = Engine.from_model(wide_llama, config, calibrate=False)
     runner = engine.plan.runner
@@ -290,11 +291,20 @@ def test_a_rank_started_again_comes_with_an_empty_pool_which_the_prefix_cache_fo
         engine.generate(first, GREEDY)
         want = engine.generate(second, GREEDY)
         assert want.cached_tokens == 32
+        reform, tries = runner.ranks.reform, []
+
+        def failing_once() -> None:
+            tries.append(1)
+            if len(tries) == 1:
+                raise GroupError("the new rank did not join (as a rank that cannot start)")
+            reform()
+
+        runner.ranks.reform = failing_once
         os.kill(runner.ranks.workers[0].pid, signal.SIGKILL)
         deadline = time.monotonic() + 30
-        while runner.failures == 0 and time.monotonic() < deadline:  # the heartbeat finds it (2 s)
+        while runner.failures < 2 and time.monotonic() < deadline:  # the heartbeat finds it (2 s), then reforms
             time.sleep(0.05)
-        assert runner.failures == 1
+        assert runner.failures == 2  # the kill, and the group that did not form
         again = engine.generate(second, GREEDY)
         assert again.cached_tokens == 0 and runner.rebuilds == 1
         assert _trace([again]) == _trace([want])

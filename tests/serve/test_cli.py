@@ -223,6 +223,31 @@ def test_a_plan_larger_than_the_memory_left_is_refused_naming_it(tiny_hf, monkey
     assert err.value.param == "slots"
 
 
+def test_the_memory_check_counts_what_the_plan_allocates(tiny_hf, monkeypatch):
+    """The check sized an int8 KV cache at one byte a value (its rows' float32 scales are 20 % more: a size
+    that just passed could exhaust memory), and counted a prefix pool the torch kernels never allocate."""
+    import torch
+
+    from metronome.compile import stages
+    from metronome.compile.plan import PlanError
+    from metronome.model.transformer import KVCache
+
+    cfg = load(tiny_hf("llama")).config
+    config = EngineConfig(slots=4, ctx=256, kv_cache="int8", prefix_cache_tokens=0)
+    allocated = KVCache.allocate(cfg, 4, 256, torch.int8, "cpu").nbytes()
+    monkeypatch.setattr(stages, "available_memory", lambda: allocated - 1)
+    with pytest.raises(PlanError, match="need more than"):
+        stages.check_memory(cfg, config, torch.int8, pooled=True)
+    monkeypatch.setattr(stages, "available_memory", lambda: allocated)
+    stages.check_memory(cfg, config, torch.int8, pooled=True)
+    big_pool = EngineConfig(slots=4, ctx=256, prefix_cache_tokens=1 << 20)
+    monkeypatch.setattr(stages, "available_memory", lambda: KVCache.token_bytes(cfg, torch.float32) * 4 * 256)
+    stages.check_memory(cfg, big_pool, torch.float32, pooled=False)  # no pool is allocated: it fits
+    with pytest.raises(PlanError, match="prefix cache") as err:
+        stages.check_memory(cfg, big_pool, torch.float32, pooled=True)
+    assert err.value.param == "prefix_cache_tokens"
+
+
 def test_the_smallest_context_compiles_with_every_slot(tiny_hf):
     """ctx 16 (the least allowed) with 8 slots: the invariance probe put slot s at position 3 + 2s, past the
     context (IndexError: index 17 is out of bounds)."""

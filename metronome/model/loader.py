@@ -482,6 +482,14 @@ def _hf_settings(c: dict, path: Path) -> ModelConfig:
         raise ModelFileError(
             f"{path / 'config.json'}: unsupported architecture {archs}; metronome runs {', '.join(_HF_ARCHS)}"
         )
+    quant = c.get("quantization_config") or c.get("text_config", {}).get("quantization_config")
+    if quant:
+        # FP8 with block scales, GPTQ, AWQ, bitsandbytes...: weights read without their scales are another network
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+        raise ModelFileError(
+            f"{path / 'config.json'}: a quantized checkpoint (quantization_config, quant_method {method!r}) whose "
+            "format metronome does not read; use its float (f32/f16/bf16) release or a GGUF export"
+        )
     c = c.get("text_config", c)
     heads = int(c["num_attention_heads"])
     head_dim = int(c.get("head_dim") or c["hidden_size"] // max(heads, 1))  # 0 heads: ModelConfig says so
@@ -520,9 +528,24 @@ def _hf_settings(c: dict, path: Path) -> ModelConfig:
         rope_theta=rope_theta,
         rope_scaling=scaling,
         tie_embeddings=bool(c.get("tie_word_embeddings", arch == "gemma3")),
-        qkv_bias=arch in ("qwen2", "qwen2moe") or bool(c.get("attention_bias", False)),
+        # Qwen2's q/k/v have biases (Qwen2-MoE's unless its qkv_bias says not), its o_proj none
+        qkv_bias=arch == "qwen2" or (arch == "qwen2moe" and bool(c.get("qkv_bias", True))),
         qk_norm=arch in ("qwen3", "gemma3", "qwen3moe", "olmoe"),
     )
+    where = path / "config.json"
+    if arch not in ("qwen2", "qwen2moe") and c.get("attention_bias"):
+        # transformers gives these architectures' o_proj a bias with q/k/v's; metronome's attention has none
+        # there (it was dropped silently: other logits)
+        raise ModelFileError(f"{where}: attention_bias=true (biases on q/k/v and o_proj) is not supported for {arch}")
+    act = c.get("hidden_act") if arch != "gemma3" else None  # Gemma 3's is its GeGLU, below
+    if act not in (None, "silu", "swish"):
+        raise ModelFileError(f"{where}: hidden_act={act!r} is not supported for {arch} (its MLP runs SiLU)")
+    window = _hf_sliding_window(arch, c)
+    if window is not None and window < common["max_position"]:
+        # metronome's windowed attention is Gemma 3's layer pattern; up to the window, a windowed layer attends
+        # to every position as a full one does, so the model runs exactly within a context cut to it (it ran
+        # past it without the window: other logits)
+        common["max_position"] = window
     if arch in ("mixtral", "qwen2moe", "qwen3moe", "olmoe"):
         common.update(_hf_moe(arch, c, path))
     if arch == "gemma3":
@@ -549,6 +572,21 @@ def _hf_settings(c: dict, path: Path) -> ModelConfig:
     return ModelConfig(**common)
 
 
+def _hf_sliding_window(arch: str, c: dict) -> int | None:
+    """The window of the layers transformers runs with sliding-window attention (not Gemma 3's), or None
+    when none does: Mistral and Mixtral window every layer when sliding_window is set; the Qwen families
+    only with use_sliding_window, on the layers layer_types marks (when the file lists them)."""
+    window = c.get("sliding_window")
+    if not window or arch in ("gemma3", "llama", "olmoe"):
+        return None
+    if arch in ("mistral", "mixtral"):
+        return int(window)
+    types = c.get("layer_types")
+    if not c.get("use_sliding_window") or (types is not None and "sliding_attention" not in types):
+        return None
+    return int(window)
+
+
 def _hf_moe(arch: str, c: dict, path: Path) -> dict:
     """The MoE fields of an HF config.json; metronome runs models whose every layer is sparse."""
     where = path / "config.json"
@@ -565,8 +603,11 @@ def _hf_moe(arch: str, c: dict, path: Path) -> dict:
             moe_intermediate_size=int(c["intermediate_size"]),
             norm_topk_prob=True,
         )
+    experts = c["num_experts"] if "num_experts" in c else c["num_local_experts"]  # Qwen3-MoE may save the latter
+    if not experts:
+        raise ModelFileError(f"{where}: num_experts=0 (every layer dense) is not supported; metronome runs MoE layers")
     return dict(
-        num_experts=int(c.get("num_experts") or c["num_local_experts"]),  # Qwen3-MoE saves the latter
+        num_experts=int(experts),
         experts_per_token=int(c["num_experts_per_tok"]),
         moe_intermediate_size=int(c.get("moe_intermediate_size") or c["intermediate_size"]),
         norm_topk_prob=bool(c.get("norm_topk_prob", False)),
@@ -685,7 +726,7 @@ def _load_hf_folder(path: Path, progress: Callable[[int, int], None] | None) -> 
             weights.update(_hf_moe_weights(cfg, i, raw, path))
     # integer weights are quantized codes (compressed-tensors, GPTQ, AWQ...) whose scales metronome does
     # not apply: read as they are, they are another network, which generates fluent-looking nonsense
-    coded = sorted(k for k, t in weights.items() if not t.is_floating_point())
+    coded = sorted(k for k, t in weights.items() if not t.is_floating_point() or t.element_size() < 2)  # int, fp8
     if coded:
         raise ModelFileError(
             f"{path}: tensor {coded[0]!r} is {str(weights[coded[0]].dtype).removeprefix('torch.')} "

@@ -463,3 +463,92 @@ def test_hf_weights_are_the_files_transformers_would_read(tmp_path, tiny_hf):
     save_file(coded, folder / "model.safetensors")
     with pytest.raises(ModelFileError, match="is int8 .* a quantized checkpoint"):
         load(folder)
+
+
+def _settings(arch: str, **changes) -> dict:
+    """A config.json of `arch` (transformers' own defaults, tiny sizes) with `changes`."""
+    import transformers as T
+
+    classes = {
+        "llama": T.LlamaConfig,
+        "mistral": T.MistralConfig,
+        "mixtral": T.MixtralConfig,
+        "qwen2": T.Qwen2Config,
+        "qwen2moe": T.Qwen2MoeConfig,
+        "qwen3moe": T.Qwen3MoeConfig,
+        "olmoe": T.OlmoeConfig,
+    }
+    names = {"qwen2moe": "Qwen2MoeForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
+    name = names.get(arch, arch.capitalize() + "ForCausalLM")
+    sizes = dict(vocab_size=32, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    c = classes[arch](**sizes, num_key_value_heads=2, max_position_embeddings=512, **changes).to_dict()
+    return {**c, "architectures": [name], **changes}  # as written, where the class derives another value
+
+
+@pytest.mark.parametrize(
+    ("arch", "changes", "match"),
+    [
+        ("llama", {"hidden_act": "gelu"}, "hidden_act='gelu' is not supported for llama"),
+        ("mixtral", {"hidden_act": "gelu", "sliding_window": None}, "hidden_act='gelu' is not supported for mixtral"),
+        ("llama", {"attention_bias": True}, "attention_bias=true"),
+        ("qwen3moe", {"attention_bias": True}, "attention_bias=true"),
+        ("olmoe", {"attention_bias": True}, "attention_bias=true"),
+        ("qwen3moe", {"quantization_config": {"quant_method": "fp8"}}, "quant_method 'fp8'"),
+        ("qwen2moe", {"num_experts": 0}, "num_experts=0"),
+    ],
+)
+def test_hf_settings_metronome_does_not_run_are_refused_not_dropped(tmp_path, arch, changes, match):
+    """Each loaded and ran as another network (a sweep against transformers: 3 to 14 of 32 greedy tokens
+    alike): an activation other than SiLU, o_proj's bias, FP8 weights without their scales. Qwen2-MoE with
+    no experts said 'num_local_experts' is missing."""
+    from metronome.model.loader import _hf_settings
+
+    with pytest.raises(ModelFileError, match=match):
+        _hf_settings(_settings(arch, **changes), tmp_path)
+
+
+def test_a_sliding_window_outside_gemma3_cuts_the_context_to_it(tmp_path):
+    """Mistral's, Mixtral's and the Qwen families' sliding window was ignored: past it the model attended to
+    every position (0-2 of 32 greedy tokens as transformers'). Within it, windowed attention is full
+    attention: the context is cut to the window, and the model runs exactly there."""
+    from metronome.model.loader import _hf_settings
+
+    assert _hf_settings(_settings("mistral", sliding_window=16), tmp_path).max_position == 16
+    assert _hf_settings(_settings("mixtral", sliding_window=16), tmp_path).max_position == 16
+    assert _hf_settings(_settings("mistral", sliding_window=None), tmp_path).max_position == 512
+    assert _hf_settings(_settings("mistral", sliding_window=4096), tmp_path).max_position == 512
+    used = {"use_sliding_window": True, "sliding_window": 16}
+    assert _hf_settings(_settings("qwen2", **used, max_window_layers=0), tmp_path).max_position == 16
+    # Qwen2 slides the layers from max_window_layers on (28 by default: none of these 2)
+    assert _hf_settings(_settings("qwen2", **used), tmp_path).max_position == 512
+    assert (
+        _hf_settings(_settings("qwen2moe", **used, layer_types=["sliding_attention"] * 2), tmp_path).max_position == 16
+    )
+    assert _hf_settings(_settings("qwen2", sliding_window=16), tmp_path).max_position == 512  # not used
+    full = {**used, "layer_types": ["full_attention"] * 2}
+    assert _hf_settings(_settings("qwen2", **full), tmp_path).max_position == 512
+
+
+def test_qwen2_moe_reads_its_qkv_bias_setting(tmp_path):
+    """qkv_bias=false was read as true: a file without the biases was refused for a missing q_proj.bias."""
+    from metronome.model.loader import _hf_settings
+
+    assert _hf_settings(_settings("qwen2moe"), tmp_path).qkv_bias
+    assert not _hf_settings(_settings("qwen2moe", qkv_bias=False), tmp_path).qkv_bias
+
+
+def test_fp8_weights_are_refused(tmp_path, tiny_hf):
+    """float8 tensors passed the float check and ran without their scales."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_hf("llama"), folder)
+    [file] = folder.glob("*.safetensors")
+    tensors = load_file(file)
+    name = next(k for k in tensors if k.endswith("q_proj.weight"))
+    tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(ModelFileError, match="float8_e4m3fn"):
+        load(folder)

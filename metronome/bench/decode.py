@@ -231,10 +231,11 @@ class SpecResult:
     plain_tokens_per_s: float  # median over rounds, speculation off
     spec_tokens_per_s: float  # median over rounds, speculation on
     speedup: float  # median over rounds of the round's spec / plain ratio (the two runs are side by side)
-    acceptance: float  # drafts accepted / drafted
-    tokens_per_step: float  # emitted tokens per verification step with drafts
+    acceptance: float  # drafts accepted / drafted (0 when nothing was drafted: see `drafted`)
+    tokens_per_step: float  # emitted tokens per verification step with drafts (1 when there was none)
     repeated_8grams: float  # mean over rounds of repeated_ngram_fraction(output, 8)
     identical: bool  # in every round the two outputs are the same tokens
+    drafted: int  # draft tokens proposed in all rounds: 0 is "never drafted" (paused), not "all rejected"
 
     def row(self) -> dict:
         """The row as plain data (for a reader or a JSON dump)."""
@@ -252,6 +253,7 @@ class SpecResult:
             "tokens_per_step": self.tokens_per_step,
             "repeated_8grams": self.repeated_8grams,
             "identical": self.identical,
+            "drafted": self.drafted,
         }
 
 
@@ -341,6 +343,7 @@ def measure_speculation(
                     per_step,
                     statistics.mean(repeats),
                     identical,
+                    stats.drafted,
                 )
             )
     return out
@@ -354,7 +357,7 @@ def speculation_verdict(results: list[SpecResult]) -> str:
     """A sentence computed from the rows: where speculation paid, where it cost, what set them apart."""
 
     def names(rows: list[SpecResult]) -> str:
-        return ", ".join(f"{r.workload} ({r.sampling}, {r.speedup:.2f}x, {r.acceptance:.0%} accepted)" for r in rows)
+        return ", ".join(f"{r.workload} ({r.sampling}, {r.speedup:.2f}x, {_accepted(r)})" for r in rows)
 
     paid = [r for r in results if r.speedup >= PAYS and r.tokens_per_step > 1.0]  # faster needs accepted drafts
     cost = [r for r in results if r.speedup <= 1 / PAYS]
@@ -394,6 +397,12 @@ def speculation_verdict(results: list[SpecResult]) -> str:
     return "\n".join(lines)
 
 
+def _accepted(r: SpecResult) -> str:
+    """The acceptance cell: a share of the drafts, or that none were made (drafting paused throughout: the
+    engine judged them too costly), which a 0 % would read as every draft rejected."""
+    return f"{r.acceptance:.0%} of {r.drafted}" if r.drafted else "none drafted"
+
+
 def speculation_markdown(results: list[SpecResult], spec_tokens: int, drafter: str) -> str:
     rounds = results[0].rounds if results else 0
     head = (
@@ -406,7 +415,8 @@ def speculation_markdown(results: list[SpecResult], spec_tokens: int, drafter: s
     rows = "\n".join(
         f"| {r.workload} | {r.sampling} | {'yes' if r.should_pay else 'no'} | {r.mean_tokens:.0f} | "
         f"{r.ended}/{r.rounds} | {r.plain_tokens_per_s:.1f} | {r.spec_tokens_per_s:.1f} | {r.speedup:.2f}x | "
-        f"{r.acceptance:.0%} | {r.tokens_per_step:.2f} | {r.repeated_8grams:.0%} | {'yes' if r.identical else 'NO'} |"
+        f"{_accepted(r)} | {f'{r.tokens_per_step:.2f}' if r.drafted else '–'} | {r.repeated_8grams:.0%} | "
+        f"{'yes' if r.identical else 'NO'} |"
         for r in results
     )
     return head + rows + "\n\n" + speculation_verdict(results)

@@ -39,6 +39,7 @@ from metronome.engine.sampler import Choice, RequestSampler, argmax_rows, scored
 from metronome.engine.scheduler import Batch, Scheduler
 from metronome.engine.speculate import Drafter, LookupOrModel, ModelDrafter, NgramDrafter, PayingDrafter
 from metronome.engine.text import TextStream
+from metronome.model.errors import ModelFileError, ModelNotFoundError
 from metronome.model.loader import LoadedModel, load
 from metronome.model.tokenizer import Tokenizer
 from metronome.parallel.disagg import KVShape, PrefillJob, PrefillWorker
@@ -110,6 +111,18 @@ def resume_share(idle_s: float) -> float:
     return min(1.0, max(0.0, (idle_s - RESUME_FROM_S) / (RESUME_FULL_S - RESUME_FROM_S)))
 
 
+def _check_draft_tokenizer(draft: str, drafts: Tokenizer, target: Tokenizer) -> None:
+    """A draft model's ids mean the model's tokens only when both tokenizers have the same vocabulary: a
+    vocabulary of the same size but other tokens drafted nothing right (checked before either compile)."""
+    mine, theirs = drafts.vocabulary(), target.vocabulary()
+    if mine != theirs:
+        differ = sum(theirs.get(text) != i for text, i in mine.items()) + max(0, len(theirs) - len(mine))
+        raise ValueError(
+            f"draft={draft!r}: its tokenizer differs from the model's ({len(mine)} tokens against {len(theirs)}, "
+            f"{differ} of them not the same); a draft model must share the model's tokenizer"
+        )
+
+
 class Engine(PythonAPI):
     def __init__(
         self,
@@ -170,7 +183,16 @@ class Engine(PythonAPI):
             prefill_threads = max(1, cores // 2)
             config = dataclasses.replace(config, threads=max(1, cores - prefill_threads))
         # a bad --draft is reported before the target's compile (seconds to minutes), not after it
-        draft_loaded = load(config.draft, param="draft") if config.draft is not None and config.spec_tokens else None
+        draft_loaded = None
+        if config.draft is not None and config.spec_tokens:
+            try:
+                draft_loaded = load(config.draft, param="draft")
+            except ModelNotFoundError:
+                raise  # names `draft` already
+            except ModelFileError as exc:  # the file's own fault: say it is the draft model's
+                raise ModelFileError(f"draft={config.draft!r}: {exc}") from None
+        if draft_loaded is not None:
+            _check_draft_tokenizer(config.draft, Tokenizer(draft_loaded.tokenizer), tokenizer)
         plan = compile_plan(loaded, config, calibrate=calibrate, progress=progress)
         drafter = None
         if draft_loaded is not None:
@@ -619,9 +641,10 @@ class Engine(PythonAPI):
                 clock.lap("sample")
                 token = self._take(r, choice, out)
                 clock.lap("emit")
-                if r.finish_reason is not None or out.finish is not None or j == len(drafts) or token != drafts[j]:
+                right = j < len(drafts) and token == drafts[j]  # the draft's guess for this row was right
+                accepted += right  # a right draft that ends the request (EOS, a stop) counts too
+                if not right or r.finish_reason is not None or out.finish is not None:
                     break
-                accepted += 1
         except ConstraintError as exc:  # this request's grammar failed: it ends, and the step goes on (raised
             # further, the step failed every request in it: one client's schema ended everyone's answers)
             self._finish(r, "error", "".join(out.text), tuple(out.choices), error=str(exc))

@@ -96,7 +96,10 @@ class ModelDrafter:
         if (catch_up is not None and catch_up < 1) or sink < 0:
             raise ValueError(f"need catch_up >= 1 (or None) and sink >= 0 (got catch_up={catch_up}, sink={sink})")
         if not plan.runner.any_rows:
-            raise ValueError("the draft model needs a fused plan (int4/int8 weights with the C++ kernels on CPU)")
+            raise ValueError(
+                "the draft model needs a fused plan (int4/int8 weights with the C++ kernels on CPU), and this "
+                "run's settings give the torch path (it takes the model's --kernels, --weights and --device)"
+            )
         if plan.cfg.vocab_size != vocab_size:
             raise ValueError(
                 f"the draft model's vocabulary ({plan.cfg.vocab_size} tokens) differs from the model's "

@@ -155,6 +155,11 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special)
 
+    def vocabulary(self) -> dict[str, int]:
+        """Every token's text (as the tokenizer stores it) and id, added tokens included: two tokenizers
+        with the same vocabulary turn any text into the same ids (a draft model's must be its model's)."""
+        return self._tok.get_vocab(with_added_tokens=True)
+
     def tokenizer_json(self) -> str:
         """The tokenizer as HF tokenizers' JSON (what grammar engines read: engine/grammar.py)."""
         return self._tok.to_str()

@@ -629,6 +629,18 @@ def test_speculation_rows_carry_loop_metric_and_verdict() -> None:
     table = speculation_markdown(results, 4, "prompt lookup")
     assert "repeated 8-grams" in table and "| copy | greedy | yes | 40 | 2/2 |" in table
     assert "Speculation paid (>= 1.05x) on 4 of 4 rows" in table and "Loops (> 50% repeated 8-grams)" in table
+    assert "| 50% of 80 | 3.00 |" in table
+    # a drafter that never drafted (paused throughout) is not "0% accepted", which reads as all rejected
+    idle = measure_speculation(
+        None,
+        1,
+        tokens=100,
+        runs=2,
+        spec_tokens=4,
+        workloads=workloads[:1],
+        engines={0: plain, 4: StubEngine(0.1, False)},
+    )
+    assert idle[0].drafted == 0 and "| none drafted | – |" in speculation_markdown(idle, 4, "prompt lookup")
 
 
 def _sweep_against_peer(

@@ -3,6 +3,8 @@ contract (prefill = decode = verification, bitwise), and speculative decoding on
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -280,13 +282,53 @@ def test_draft_model_speculation_is_exact(tiny_hf):
     b = spec.generate(prompt, params)
     assert a.token_ids == b.token_ids
     assert spec.spec.drafted > 0 and spec.spec.accepted == spec.spec.drafted
+    # a right draft that ends the request (here a stop token) is accepted too: it was left out of the count
+    varied = [1, 20, 21, 40, 3, 8, 50, 60]  # its text does not loop at once: a token first seen late ends it
+    out = plain.generate(varied, params).token_ids
+    end = next(i for i, t in enumerate(out) if i >= 5 and t not in out[:i])
+    stop = dataclasses.replace(params, stop_token_ids=(out[end],))
+
+    class Oracle:  # drafts the plain text up to its stop token: every draft right, none past the end
+        def reset(self, slot: int) -> None:
+            pass
+
+        def propose(self, slot: int, ids, k: int) -> list[int]:
+            done = len(ids) - len(varied)
+            return list(out[done : min(done + k, end + 1)])
+
+    spec.drafter, spec.spec = Oracle(), SpecStats()
+    ended = spec.generate(varied, stop)
+    assert ended.token_ids == out[: end + 1] and ended.finish_reason == "stop"
+    assert spec.spec.drafted > 0 and spec.spec.accepted == spec.spec.drafted
     sampled = SamplingParams(max_tokens=24, ignore_eos=True, temperature=1.0, seed=3)
     assert plain.generate(prompt, sampled).token_ids == spec.generate(prompt, sampled).token_ids
 
 
-def test_draft_model_must_share_the_vocabulary(tiny_hf, smollm_path):
-    with pytest.raises(ValueError, match="vocabulary"):
+def test_draft_model_must_share_the_tokenizer(tiny_hf, smollm_path, tmp_path, monkeypatch):
+    """Only the vocabularies' sizes were compared, after both compiles: a draft of the same size with other
+    tokens was taken, and drafted nothing right. The tokenizers are compared, before any compile."""
+    import json
+    import shutil
+
+    from metronome.compile import stages
+
+    with pytest.raises(ValueError, match="tokenizer differs"):
         Engine.from_model(str(tiny_hf("llama")), EngineConfig(slots=1, ctx=64, draft=str(smollm_path)))
+    (tmp_path / "empty").mkdir()  # a folder that is no model: the error says it is the draft's
+    with pytest.raises(ValueError, match=r"^draft='.*empty': .*config.json: missing"):
+        Engine.from_model(str(tiny_hf("llama")), EngineConfig(slots=1, ctx=64, draft=str(tmp_path / "empty")))
+    other = tmp_path / "other"
+    shutil.copytree(tiny_hf("llama"), other)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = list(vocab)[10:12]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # the same size, two tokens swapped
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    compiled = []
+    monkeypatch.setattr(stages, "resolve", lambda *a, **k: compiled.append(1))
+    with pytest.raises(ValueError, match=r"tokenizer differs from the model's \(\d+ tokens against \d+, 2 of them"):
+        Engine.from_model(str(tiny_hf("llama")), EngineConfig(slots=1, ctx=64, draft=str(other)))
+    assert not compiled
 
 
 def test_a_calibrated_plan_is_cached_and_read_back(tiny_hf, tmp_path, monkeypatch):

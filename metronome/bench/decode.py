@@ -106,6 +106,9 @@ def measure_decode(
     if not live or min(live) < 1:
         raise ValueError(f"--live {live}: give live slot counts of at least 1, e.g. 1,2,4,8")
     torch.set_num_threads(threads)
+    from metronome.model.loader import default_model_path, read_config
+
+    ctx = min(ctx, read_config(default_model_path() if model is None else model).max_position)  # a short model's own
     # plain decoding (speculation off): the step the bound is about; `--speculation` measures drafting
     engine = Engine.from_model(
         None if model is None else str(model),

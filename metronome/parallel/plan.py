@@ -68,10 +68,14 @@ def tp_settings(loaded: LoadedModel, config: EngineConfig) -> tuple[EngineConfig
     try:
         shards = config.tp_shards or default_shards(loaded.config)
         if config.tp_shards is None and shards % config.tp:
-            cfg = loaded.config
+            try:  # what stops a cut in tp (the heads, the widths, an MoE's experts, a QK norm over them all)
+                check_shards(loaded.config, config.tp)
+                why = f"tp={config.tp} does not divide them"
+            except ShardingError as exc:
+                why = str(exc).rsplit(": ", 1)[-1]
             raise ShardingError(
-                f"tp={config.tp}: this model cuts into at most {shards} equal chunk(s) ({cfg.num_heads} attention "
-                f"heads, {cfg.num_kv_heads} KV heads, MLP width {cfg.intermediate_size}); choose a tp dividing {shards}",
+                f"tp={config.tp}: this model cuts into at most {shards} equal chunk(s) ({why}); "
+                + (f"choose a tp dividing {shards}" if shards > 1 else "it runs at tp=1 only"),
                 "tp",
             )
         layout = TPLayout(config.tp, 0, shards)

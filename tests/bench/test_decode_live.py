@@ -32,3 +32,10 @@ def test_each_level_decodes_its_users_together(tiny_hf, monkeypatch) -> None:
 def test_live_counts_must_be_positive(tiny_hf) -> None:
     with pytest.raises(ValueError, match="--live"):
         measure_decode(tiny_hf("llama"), threads=1, tokens=5, runs=1, ctx=64, live=(0, 2))
+
+
+def test_a_model_shorter_than_the_bench_context_runs_in_its_own(tiny_hf) -> None:
+    """The decode bench's plan asked for 1,024 tokens of context whatever the model's: a 512-token model was
+    refused with 'lower --ctx', a flag bench does not have."""
+    [result] = measure_decode(tiny_hf("llama"), threads=1, tokens=3, runs=1)  # the default ctx, 1,024
+    assert result.tokens_per_s > 0

@@ -110,6 +110,16 @@ def test_layouts_that_cannot_work_are_refused(tiny_hf):
         TPLayout(3, 0, 4)
 
 
+def test_a_model_that_cannot_be_cut_says_what_stops_it(tmp_path):
+    """OLMoE at --tp 2 was refused naming its heads and its dense MLP width (which an MoE has no use for),
+    not the QK norm over every head that stops the cut."""
+    from metronome.compile.plan import PlanError
+
+    loaded = load(str(tiny_moe.save_hf(tiny_moe.build("olmoe"), tmp_path, stacked=False)))
+    with pytest.raises(PlanError, match=r"at most 1 equal chunk\(s\) \(a QK norm over the whole projection.*tp=1 only"):
+        tp_settings(loaded, EngineConfig(slots=1, ctx=64, tp=2, weights="f32"))
+
+
 def _fail_on_rank_one(group, *_args):
     if group.rank == 1:
         raise ValueError("model file differs")

@@ -15,8 +15,9 @@ from metronome.config import SamplingParams
 @dataclass(frozen=True)
 class Choice:
     token: int
-    # log-probability of `token` under the distribution it was chosen from (logit_bias and penalties applied);
-    # None unless asked
+    # log-probability of `token`: the log-softmax of the logits with logit_bias and penalties applied, before
+    # temperature and top-k/top-p/min-p (the model's own view of the token, whatever the sampling); None unless
+    # asked
     logprob: float | None
     top: tuple[tuple[int, float], ...]  # the top_logprobs alternatives, best first
 
@@ -114,10 +115,12 @@ class RequestSampler:
             kth = torch.topk(logits, p.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
-        if p.min_p > 0.0:
-            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+        # top-p, then min-p, as transformers, vLLM and llama.cpp order them: top-p's mass is the whole
+        # distribution's, not what min-p left (min-p's bound, a share of the top token's, is the same after)
         if p.top_p < 1.0:
             probs = _top_p(probs, p.top_p)
+        if p.min_p > 0.0:
+            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
         return probs
 
 

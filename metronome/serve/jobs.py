@@ -21,6 +21,14 @@ from metronome.serve.prometheus import ApiRequest, ServerMetrics, outcome_of
 from metronome.serve.tools import LooseCalls, RepeatGuard
 from metronome.serve.usage import groq_timings
 
+_SEEDS = 1 << 64  # a seed is a signed 64-bit integer: [-2**63, 2**63)
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """Choice `index`'s seed: seed + index, wrapped into the seed's 64-bit range (seed 2**63 - 1 with n=2
+    was a 500, its first choice left generating for nobody)."""
+    return (seed + index + _SEEDS // 2) % _SEEDS - _SEEDS // 2
+
 
 class Outbox:
     """Carries events from the engine thread onto one event loop, with one loop wake-up per burst.
@@ -67,7 +75,7 @@ class JobRefused(Exception):
 @dataclass(frozen=True)
 class JobSpec:
     prompts: tuple[tuple[int, ...], ...]  # one per prompt; each gets n choices
-    params: SamplingParams  # choice i of a seeded request uses seed + i
+    params: SamplingParams  # choice i of a seeded request uses seed + i (choice_seed)
     n: int
     grammar: Grammar | None = None  # what every choice's output is constrained to (tool calls, response_format)
     tool_calls: bool = False  # the grammar is a tool grammar: a repeated call ends the answer (tools.RepeatGuard)
@@ -149,7 +157,7 @@ class Job:
             for prompt in self.spec.prompts:
                 for _ in range(n):
                     index = len(self.runs)
-                    params = p if p.seed is None else replace(p, seed=p.seed + index)
+                    params = p if p.seed is None else replace(p, seed=choice_seed(p.seed, index))
                     req = self.engine.submit(
                         prompt,
                         params,
@@ -165,6 +173,9 @@ class Job:
         except RequestError as exc:
             self.cancel_unfinished()
             raise JobRefused(str(exc), exc.param, queue_full=False) from exc
+        except BaseException:  # whatever else stops it: the choices already queued must not run for nobody
+            self.cancel_unfinished()
+            raise
 
     def _constraint(self) -> Constraint | None:
         """A new matcher per choice over the spec's grammar (every choice walks its own output)."""

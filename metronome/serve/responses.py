@@ -4,6 +4,7 @@ with echo)."""
 
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -67,7 +68,8 @@ class ResponseShape:
         self.tools = tools
         self.loose_calls = loose_calls  # what the answer's loose calls may be (serve/tools.py, LooseCalls)
         self._parsers: dict[int, ToolCallParser] = {}  # streamed choices with tools: their text so far
-        self._offsets: dict[int, int] = {}  # text completions: characters of token text reported per choice
+        # text completions: per choice, the characters its reported tokens' bytes make so far (text_offset)
+        self._offsets: dict[int, _TextOffsets] = {}
         self.echo = echo
         self.n = n
         self._echoed: set[int] = set()  # streamed choices whose prompt went out
@@ -225,12 +227,11 @@ class ResponseShape:
                 None,
                 *({self.tokenizer.token_text(t): lp for t, lp in c.top[: self.top_logprobs]} for c in scored),
             ] + tops
-        offsets = []
-        at = self._offsets.get(index, 0)
-        for t in texts:
-            offsets.append(at)
-            at += len(t)
-        self._offsets[index] = at
+        ids = [c.token for c in tokens]
+        if prompt is not None:
+            ids = [prompt.first, *(c.token for c in prompt.scored), *ids]
+        counter = self._offsets.setdefault(index, _TextOffsets())
+        offsets = [counter.add(self.tokenizer.token_bytes(t)) for t in ids]
         return {"tokens": texts, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
 
 
@@ -249,3 +250,19 @@ def token_logprob(tokenizer: Tokenizer, c: Choice, top_logprobs: int) -> Body:
     entry = _entry(tokenizer, c.token, c.logprob)
     entry["top_logprobs"] = [_entry(tokenizer, t, lp) for t, lp in c.top[:top_logprobs]]
     return entry
+
+
+class _TextOffsets:
+    """Where each token starts in the text (legacy completions' text_offset): the characters its bytes and
+    those before it decode to. A token with part of a multi-byte character starts at that character, and
+    the token with its rest too; counting each token's own text (U+FFFD for a part) drifted past the text."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._chars = 0
+
+    def add(self, token_bytes: bytes) -> int:
+        """The offset of a token whose bytes are `token_bytes`, the next one of the text."""
+        at = self._chars
+        self._chars += len(self._decoder.decode(token_bytes))
+        return at

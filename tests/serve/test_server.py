@@ -132,6 +132,16 @@ def test_n_choices_use_seed_plus_index(client):
     assert [c.message.content for c in again.choices] == [c.message.content for c in two.choices]
 
 
+def test_choice_seeds_wrap_at_the_end_of_the_seed_range(client, smol_url):
+    """seed 2**63 - 1 with n=2: the second choice's seed, 2**63, was a 500 after the first had been queued,
+    and that one generated for nobody. The seeds wrap: choice 1's is -2**63."""
+    top = 2**63 - 1
+    two = client.chat.completions.create(model="metronome", messages=HI, max_tokens=6, temperature=1.0, seed=top, n=2)
+    low = client.chat.completions.create(model="metronome", messages=HI, max_tokens=6, temperature=1.0, seed=-(2**63))
+    assert two.choices[1].message.content == low.choices[0].message.content
+    assert "metronome_requests_running 0.0" in httpx.get(f"{smol_url}/metrics", timeout=30).text
+
+
 def test_seed_reproducibility_and_seeds_matter(client):
     def sample(seed: int) -> str:
         r = client.chat.completions.create(model="metronome", messages=HI, max_tokens=10, temperature=1.5, seed=seed)
@@ -187,6 +197,23 @@ def test_completions_legacy_logprobs(client):
     assert "".join(lp.tokens) == c.text
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
     assert all(len(alts) == 2 and lp.tokens[i] in alts for i, alts in enumerate(lp.top_logprobs))
+
+
+def test_text_offsets_index_the_text_when_tokens_split_characters(client):
+    """A token holding part of a multi-byte character has the text U+FFFD: offsets that added up the tokens'
+    texts ran past the text (an emoji prompt: 35 against 20 characters). Each offset is where its token's
+    bytes start in the text."""
+    prompt = "日本語の文: 🙂🎉 naïve"
+    r = client.completions.create(model="metronome", prompt=prompt, max_tokens=1, temperature=0, logprobs=1, echo=True)
+    c = r.choices[0]
+    offsets, text = c.logprobs.text_offset, c.text
+    assert offsets == sorted(offsets) and offsets[0] == 0 and offsets[-1] <= len(text)
+    assert any(t == "\ufffd" for t in c.logprobs.tokens)  # the case: some token holds part of a character
+    assert text[offsets[1] :].startswith(text[offsets[1]]) and text.startswith(prompt)
+    # every token starting on a whole character starts where its text is found
+    for token, at in zip(c.logprobs.tokens, offsets):
+        if "\ufffd" not in token:
+            assert text[at:].startswith(token), (token, at, text[at : at + 8])
 
 
 def test_completions_echo_gives_the_prompt_and_its_logprobs_as_lm_eval_reads_them(client, smol_engine):

@@ -80,6 +80,13 @@ def test_min_p_drops_tokens_below_the_fraction_of_the_best():
     assert _support(logits, temperature=1.0, min_p=0.3, seed=3) == {0, 1, 2}  # 0.15 >= 0.3 * 0.4 > 0.1
 
 
+def test_top_p_reads_the_whole_distribution_before_min_p():
+    """top-p then min-p, as transformers, vLLM and llama.cpp: min-p first left [.5, .3] of [.5, .3, .2],
+    and top-p=0.6 of that mass kept token 0 alone, where the others keep 0 and 1."""
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.2] + [1e-12] * (V - 3)))
+    assert _support(logits, temperature=1.0, top_p=0.6, min_p=0.5, seed=4) == {0, 1}
+
+
 def test_allowed_mask_restricts_the_choice_but_not_the_logprobs():
     logits = _logits(4)
     allowed = torch.zeros(V, dtype=torch.bool)

@@ -260,23 +260,42 @@ class StreamDecoder:
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = ()) -> None:
         self._tok = tokenizer
-        self._ids: list[int] = list(prompt_ids[-4:])
+        # the prompt's last few ids, from a character's start (a window that began with a character's last
+        # bytes would decode to U+FFFD there)
+        start = max(0, len(prompt_ids) - 4)
+        while start > 0 and len(prompt_ids) - start < 8 and tokenizer.decode(prompt_ids[start:]).startswith("\ufffd"):
+            start -= 1
+        self._ids: list[int] = list(prompt_ids[start:])
         self._prefix = 0
         self._read = len(self._ids)
+        # A prompt that ends partway through a character (token ids cut anywhere) decodes to U+FFFD there,
+        # which the output's first bytes turn into the whole character: that text is not the prompt's, so
+        # it is left out of what the output's text is measured against (it cut real text, a completed emoji
+        # and a space after it, where the lengths no longer lined up).
+        tail = tokenizer.decode(self._ids)
+        self._partial = len(tail) - len(tail.rstrip("\ufffd"))
+
+    def _before(self) -> str:
+        """The window's text already given out (or the prompt's), which the next piece follows."""
+        before = self._tok.decode(self._ids[self._prefix : self._read])
+        if self._prefix == 0 and self._partial:  # still the prompt's window: without its partial character
+            before = before[: len(before) - self._partial]
+        return before
 
     def push(self, token_id: int) -> str:
         """Add one id; return the text that became final (possibly '')."""
         self._ids.append(token_id)
-        before = self._tok.decode(self._ids[self._prefix : self._read])
+        before = self._before()
         after = self._tok.decode(self._ids[self._prefix :])
         if len(after) > len(before) and not after.endswith("\ufffd"):
-            self._prefix, self._read = self._read, len(self._ids)
+            self._prefix, self._read, self._partial = self._read, len(self._ids), 0
             return after[len(before) :]
         return ""
 
     def flush(self) -> str:
         """Whatever is still held back at the end of a stream."""
-        before = self._tok.decode(self._ids[self._prefix : self._read])
+        before = self._before()
         after = self._tok.decode(self._ids[self._prefix :])
         self._prefix = self._read = len(self._ids)
+        self._partial = 0
         return after[len(before) :] if len(after) > len(before) else ""

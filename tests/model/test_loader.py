@@ -159,6 +159,25 @@ def test_stream_decoder_never_splits_characters(smollm):
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
 
 
+def test_an_output_that_completes_the_prompts_last_character_has_it_in_its_text(smollm):
+    """Token-id prompts can end partway through a character. The stream measured the output's text against
+    the prompt's, which ended in U+FFFD: the character the output completed replaced it, and the lengths no
+    longer lined up (18 of the cuts of this text lost characters, a completed emoji among them)."""
+    tok = Tokenizer(smollm.tokenizer)
+    text = "Hi 😀😀 ok 𓏸𓏸 ࿕ done 🧑🏽‍💻 end"
+    ids = tok.encode(text, add_bos=False)
+    cuts = 0
+    for cut in range(1, len(ids)):
+        if not tok.decode(ids[:cut]).endswith("\ufffd"):
+            continue
+        cuts += 1
+        dec = tok.stream_decoder(ids[:cut])
+        out = "".join(dec.push(i) for i in ids[cut:]) + dec.flush()
+        whole = b"".join(tok.token_bytes(i) for i in ids[:cut]).decode("utf-8", "ignore")  # its whole characters
+        assert out == text[len(whole) :], (cut, out)
+    assert cuts >= 10
+
+
 # -- bad files ----------------------------------------------------------------------------------------
 
 

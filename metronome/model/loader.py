@@ -405,6 +405,11 @@ def _gguf_tokenizer(meta: dict, path: Path) -> TokenizerData:
     arch = meta.get("general.architecture")
     if arch == "gemma3" and "<end_of_turn>" in tokens:
         eos_ids.append(tokens.index("<end_of_turn>"))
+    # control tokens that end a turn or a document, as llama.cpp's end-of-generation set has them: the file
+    # names one eos (Qwen2.5's <|im_end|>), and a model that writes <|endoftext|> or, in repository-level
+    # completion, a file separator, went on past it to max_tokens (the token itself dropped from the text)
+    index = {t: i for i, t in enumerate(tokens) if t in _END_TOKENS}
+    eos_ids += [i for t, i in index.items() if types is None or (i < len(types) and types[i] == _CONTROL_TYPE)]
     eos = tuple(dict.fromkeys(int(e) for e in eos_ids if e is not None))
     for name, ids in (("bos_token_id", () if bos is None else (int(bos),)), ("eos_token_id", eos)):
         if any(not 0 <= i < len(tokens) for i in ids):
@@ -468,6 +473,13 @@ def _read_json(path: Path) -> dict:
     if not isinstance(value, dict):
         raise ModelFileError(f"{path}: a JSON object was expected, not a {type(value).__name__}")
     return value
+
+
+_CONTROL_TYPE = 3  # tokenizer.ggml.token_type of a control token
+_END_TOKENS = frozenset(
+    ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<EOT>")
+    + ("<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")  # Qwen2.5-Coder's, between a repository's files
+)
 
 
 def _hf_config(c: dict, path: Path) -> ModelConfig:

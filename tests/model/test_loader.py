@@ -159,6 +159,16 @@ def test_stream_decoder_never_splits_characters(smollm):
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
 
 
+def test_control_tokens_that_end_a_document_end_generation(smollm):
+    """The GGUF names one eos (<|im_end|>); <|endoftext|>, which SmolLM2 and Qwen2.5 write at a document's
+    end, did not stop them (a fill-in-the-middle answer ran on to max_tokens, that token dropped from its
+    text). llama.cpp ends on both."""
+    tok = Tokenizer(smollm.tokenizer)
+    ends = {smollm.tokenizer.tokens[i] for i in tok.eos_ids}
+    assert {"<|im_end|>", "<|endoftext|>"} <= ends and tok.eos_ids[0] == tok.encode("<|im_end|>", add_bos=False)[0]
+    assert "<repo_name>" not in ends and "<|im_start|>" not in ends
+
+
 def test_an_output_that_completes_the_prompts_last_character_has_it_in_its_text(smollm):
     """Token-id prompts can end partway through a character. The stream measured the output's text against
     the prompt's, which ended in U+FFFD: the character the output completed replaced it, and the lengths no

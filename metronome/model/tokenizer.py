@@ -116,7 +116,16 @@ def _build_from_gguf(data: TokenizerData) -> HFTokenizer:
         alphabet = set(pre_tokenizers.ByteLevel.alphabet())
         specials = [s for s in specials if set(s.content) <= alphabet]
     tok.add_special_tokens(specials)
-    tok.add_tokens([AddedToken(t, normalized=False) for t, ty in zip(tokens, types) if ty == _USER_DEFINED])
+    # User-defined tokens match as whole pieces, longest first, before any merge (sentencepiece's rule).
+    # Gemma's are runs of spaces, which the normalizer has turned into '▁' runs: they match the
+    # normalized text (as merges they split runs of 32 spaces or more otherwise than sentencepiece)
+    tok.add_tokens(
+        [
+            AddedToken(t, normalized=data.pre == "gemma" and set(t) == {"\u2581"})
+            for t, ty in zip(tokens, types)
+            if ty == _USER_DEFINED
+        ]
+    )
     return tok
 
 

@@ -159,6 +159,19 @@ def test_stream_decoder_never_splits_characters(smollm):
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
 
 
+def test_gemma_takes_runs_of_spaces_as_its_longest_space_tokens(gemma_path):
+    """Gemma's space-run tokens are user-defined: sentencepiece (and llama.cpp) match them whole, longest
+    first. Built as merges, runs of 32 spaces or more split otherwise (32 spaces: two 16s, not 31 + 1)."""
+    tok = Tokenizer(load(gemma_path).tokenizer)
+    vocab = tok.vocabulary()
+    longest = max(len(t) for t in vocab if t and set(t) == {"\u2581"})
+    run = {n: vocab["\u2581" * n] for n in range(2, longest + 1)}
+    for n in (5, longest, longest + 1, 40, 3 * longest + 2):
+        want = [run[longest]] * (n // longest) + ([run.get(n % longest, vocab["\u2581"])] if n % longest else [])
+        assert tok.encode(" " * n, add_bos=False) == want, n
+        assert tok.decode(tok.encode("x" + " " * n + "y", add_bos=False)) == "x" + " " * n + "y"
+
+
 def test_control_tokens_that_end_a_document_end_generation(smollm):
     """The GGUF names one eos (<|im_end|>); <|endoftext|>, which SmolLM2 and Qwen2.5 write at a document's
     end, did not stop them (a fill-in-the-middle answer ran on to max_tokens, that token dropped from its

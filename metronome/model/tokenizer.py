@@ -247,10 +247,14 @@ def _render(
     def raise_exception(message: str) -> None:
         raise ChatTemplateError(f"the chat template rejected the conversation: {message}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(
-        x, indent=indent, ensure_ascii=ensure_ascii
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", _generation_tag()]
     )
+
+    def tojson(x: object, indent=None, ensure_ascii=False, separators=None, sort_keys=False) -> str:
+        return json.dumps(x, indent=indent, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys)
+
+    env.filters["tojson"] = tojson  # with transformers' arguments (jinja's own escapes HTML)
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
@@ -259,6 +263,29 @@ def _render(
         )
     except jinja2.TemplateError as exc:
         raise ChatTemplateError(f"the model's chat template failed: {exc}") from exc
+    except (ArithmeticError, LookupError, TypeError, ValueError, RecursionError) as exc:
+        # the template's own code failing on this conversation (a None content added to a string, a
+        # division by zero): the template's error, said as such, where it was a 500 "internal error"
+        if isinstance(exc, ChatTemplateError):
+            raise
+        raise ChatTemplateError(f"the model's chat template failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _generation_tag() -> type:
+    """Jinja's extension for `{% generation %}...{% endgeneration %}`, which transformers' templates use to
+    mark the assistant's text (for training masks): here it renders what it holds."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class Generation(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):  # type: ignore[no-untyped-def]
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body).set_lineno(lineno)
+
+    return Generation
 
 
 class StreamDecoder:

@@ -159,6 +159,33 @@ def test_stream_decoder_never_splits_characters(smollm):
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
 
 
+@pytest.mark.parametrize(
+    ("template", "rendered"),
+    [
+        ("{{ messages | tojson(separators=(',', ':'), sort_keys=True) }}", '[{"content":"Hi","role":"user"}]'),
+        ("{% generation %}{{ messages[0].content }}{% endgeneration %}", "Hi"),
+        ("{{ 1 / 0 }}", None),
+        ("{{ 'a' + messages[0].missing }}", None),
+        ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", None),
+        ("{{ raise_exception('no system role') }}", None),
+    ],
+    ids=["tojson-arguments", "generation-tag", "zero-division", "none-added", "recursion", "raise_exception"],
+)
+def test_chat_templates_render_as_transformers_does_or_fail_as_the_templates_error(smollm, template, rendered):
+    """transformers' tojson arguments and {% generation %} tag failed to render (a 500, and a 400 on every
+    request); a template's own failure (a division by zero, a None added to a string, runaway recursion) was
+    a 500 'internal error'. It is the template's error, named as such."""
+    import dataclasses
+
+    tok = Tokenizer(dataclasses.replace(smollm.tokenizer, chat_template=template))
+    messages = [{"role": "user", "content": "Hi"}]
+    if rendered is not None:
+        assert tok.render_chat(messages, add_generation_prompt=False) == rendered
+        return
+    with pytest.raises(ChatTemplateError, match="chat template"):
+        tok.render_chat(messages)
+
+
 def test_gemma_takes_runs_of_spaces_as_its_longest_space_tokens(gemma_path):
     """Gemma's space-run tokens are user-defined: sentencepiece (and llama.cpp) match them whole, longest
     first. Built as merges, runs of 32 spaces or more split otherwise (32 spaces: two 16s, not 31 + 1)."""

@@ -213,20 +213,27 @@ class ResponseShape:
     def _chat_entry(self, c: Choice) -> Body:
         return token_logprob(self.tokenizer, c, self.top_logprobs)
 
+    def _legacy_token(self, token: int) -> str:
+        """A token as the legacy lists name it: its text, or for a token holding part of a character (whose
+        text is U+FFFD) its bytes as OpenAI writes them, "bytes:\\xe6\\x97", so that no two alternatives
+        of top_logprobs (a dict keyed by these) fall on one key."""
+        raw = self.tokenizer.token_bytes(token)
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        return self.tokenizer.token_text(token)
+
     def _legacy(self, index: int, tokens: Sequence[Choice], prompt: Prompt | None = None) -> Body:
-        texts = [self.tokenizer.token_text(c.token) for c in tokens]
+        name = self._legacy_token
+        texts = [name(c.token) for c in tokens]
         logprobs: list[float | None] = [c.logprob for c in tokens]
-        tops: list[Body | None] = [
-            {self.tokenizer.token_text(t): lp for t, lp in c.top[: self.top_logprobs]} for c in tokens
-        ]
+        tops: list[Body | None] = [{name(t): lp for t, lp in c.top[: self.top_logprobs]} for c in tokens]
         if prompt is not None:  # echo: the prompt's tokens first; nothing scores the first
             scored = list(prompt.scored)
-            texts = [self.tokenizer.token_text(t) for t in (prompt.first, *(c.token for c in scored))] + texts
+            texts = [name(t) for t in (prompt.first, *(c.token for c in scored))] + texts
             logprobs = [None, *(c.logprob for c in scored)] + logprobs
-            tops = [
-                None,
-                *({self.tokenizer.token_text(t): lp for t, lp in c.top[: self.top_logprobs]} for c in scored),
-            ] + tops
+            tops = [None, *({name(t): lp for t, lp in c.top[: self.top_logprobs]} for c in scored)] + tops
         ids = [c.token for c in tokens]
         if prompt is not None:
             ids = [prompt.first, *(c.token for c in prompt.scored), *ids]

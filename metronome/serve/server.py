@@ -395,7 +395,7 @@ def format_grammar(body: SamplingBody, served: Served) -> Grammar | None:
         schema = closed(fmt.json_schema.schema_)
         return served.grammars.json_schema(schema, "response_format.json_schema.schema", fmt.json_schema.name)
     except GrammarError as exc:
-        raise ApiError(400, str(exc), param=exc.param) from None
+        raise ApiError(400, str(exc), param=exc.param or "response_format.json_schema.schema") from None
 
 
 def _chat_prompt(body: ChatBody, served: Served) -> tuple[int, ...]:

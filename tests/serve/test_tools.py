@@ -246,6 +246,41 @@ def test_objects_are_closed_and_references_follow_the_arguments():
         jsonschema.validate({"name": "f", "arguments": {"where": {"x": 1, "y": 2}}}, schema)
 
 
+def _doubling(links: int) -> dict:
+    """A chain of definitions, each made of the next one twice: 2**links copies once inlined."""
+    defs = {f"A{i}": {"allOf": [{"$ref": f"#/$defs/A{i + 1}"}, {"$ref": f"#/$defs/A{i + 1}"}]} for i in range(links)}
+    defs[f"A{links}"] = {"type": "object", "properties": {"x": {"type": "integer"}}}
+    return {"type": "object", "properties": {"a": {"$ref": "#/$defs/A0"}}, "$defs": defs}
+
+
+def test_a_schema_whose_copies_double_at_each_link_is_refused_at_once():
+    """A 1.3 KB schema of 16 links grew a server by 700 MB before llguidance said it was too large; at ~22
+    it would have killed it. Closing it stops at MAX_SCHEMA_NODES subschemas."""
+    import tracemalloc
+
+    from metronome.engine.grammar import GrammarError
+    from metronome.serve.tools import closed
+
+    assert closed(_doubling(6))["properties"]["a"] == {"$ref": "#/$defs/A0"}  # small: served as before
+    tracemalloc.start()
+    with pytest.raises(GrammarError, match="more than 20000 subschemas"):
+        closed(_doubling(30))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 100 << 20, peak
+
+
+@pytest.mark.parametrize("properties", [5, "x", [1]])
+def test_a_properties_that_is_not_an_object_is_the_schemas_fault(properties):
+    """`allOf: [{"properties": 5}]` was a TypeError (a 500) while closing the schema; it is left to the
+    grammar, which refuses it (a 400 naming the schema)."""
+    from metronome.serve.tools import closed
+
+    schema = {"type": "object", "allOf": [{"properties": properties}], "properties": properties}
+    out = closed(schema)
+    assert out["properties"] == properties and "additionalProperties" not in out
+
+
 # -- SmolLM2 over HTTP ------------------------------------------------------------------------------------
 
 
@@ -570,3 +605,16 @@ def test_qwen_coder_calls_in_its_own_shape_are_tool_calls(qwen_url):
     assert (item["name"], json.loads(item["arguments"])) == _valid_calls(calls, {"get_weather"})[0]
     haiku = _ok(url, messages=[{"role": "user", "content": "Write a haiku about rain."}], tools=[WEATHER])
     assert haiku["finish_reason"] == "stop" and haiku["message"]["content"] and "tool_calls" not in haiku["message"]
+
+
+def test_schemas_too_large_or_malformed_are_400s_over_http(smol_url):
+    """The doubling schema and a non-object properties were a memory blow-up and a 500."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": _doubling(30)}}
+    r = httpx.post(f"{smol_url}/v1/chat/completions", json={"messages": ASK, "response_format": fmt}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format.json_schema.schema", r.text
+    bad = {
+        "type": "function",
+        "function": {"name": "f", "parameters": {"type": "object", "allOf": [{"properties": 5}]}},
+    }
+    r = _chat(smol_url, tools=[bad], tool_choice="required")
+    assert r.status_code == 400 and r.json()["error"]["param"].startswith("tools[0]"), r.text

@@ -38,6 +38,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._parsed_bytes = 0  # of the request line and headers, as parsed
         self._oversized = False  # parsed headers past the bound: nothing of the request runs; 431 after the read
         self._in_headers = True  # until the next request's headers are complete
+        self._rest_timer: asyncio.TimerHandle | None = None  # an answered request's body: its time to end
         self._header_timer: asyncio.TimerHandle | None = self.loop.call_later(HEADER_TIMEOUT_S, self._headers_late)
 
     def data_received(self, data: bytes) -> None:
@@ -84,10 +85,27 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if not self._oversized:
             super().on_message_complete()
 
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # Answered before its body arrived (a 401, a 404, a 413): uvicorn's keep-alive timer is cancelled by
+        # every read, so a client that sends a byte now and then held the connection for ever (512 of them
+        # shut every other client out, key or no key). The rest of the body gets HEADER_TIMEOUT_S to arrive.
+        cycle = self.cycle
+        if cycle is not None and cycle.more_body and not self.transport.is_closing():
+            self._rest_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._rest_late, cycle)
+
+    def _rest_late(self, cycle: Any) -> None:
+        self._rest_timer = None
+        if cycle is self.cycle and cycle.more_body and not self.transport.is_closing():
+            self.transport.close()
+
     def connection_lost(self, exc: Exception | None) -> None:
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
+        if self._rest_timer is not None:
+            self._rest_timer.cancel()
+            self._rest_timer = None
         super().connection_lost(exc)
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:

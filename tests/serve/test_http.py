@@ -148,3 +148,27 @@ def test_a_request_past_the_connection_limit_is_a_503_in_the_api_error_shape():
         time.sleep(0.2)
         again = httpx.get(f"{url}/health", timeout=10)  # the idle connections are gone: served again
         assert again.status_code == 200 or again.json()["error"]["code"] != "too_many_connections", again.text
+
+
+def test_an_answered_request_whose_body_trickles_in_is_closed(url):
+    """A request answered before its body (here a 404): a byte every few seconds kept the connection for
+    ever, uvicorn's keep-alive timer cancelled by each read; 512 of them shut everyone out. The rest of the
+    body gets HEADER_TIMEOUT_S (1 s here) to arrive."""
+    with _connect(url) as sock:
+        sock.sendall(b"POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n")
+        answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 404 "), answer[:60]
+        started, closed = time.monotonic(), False
+        while time.monotonic() - started < 8:
+            try:
+                sock.sendall(b"x")
+                sock.settimeout(0.3)
+                if sock.recv(1) == b"":
+                    closed = True
+                    break
+            except socket.timeout:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+        assert closed and time.monotonic() - started < 5.0

@@ -242,12 +242,18 @@ async def _form(request: Request, settings: SpeechSettings) -> FormData:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise _too_large(settings)
+    from metronome.serve.server import BODY_TIMEOUT_S  # server.py imports this module
+
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(settings)
-        chunks.append(chunk)
+    try:  # as the JSON routes: an upload trickling in held its handler and one of the speech admissions for ever
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(settings)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(408, f"the upload did not arrive within {BODY_TIMEOUT_S:g} s", code="request_timeout") from None
 
     async def body() -> AsyncIterator[bytes]:
         yield b"".join(chunks)

@@ -520,3 +520,22 @@ def test_speech_model_flag():
     assert speech_model_path(parser.parse_args([])) == (True, None)  # the embedded tiny.en
     assert speech_model_path(parser.parse_args(["--speech-model", "none"])) == (False, None)
     assert speech_model_path(parser.parse_args(["--speech-model", "/m/whisper-small"])) == (True, "/m/whisper-small")
+
+
+def test_an_upload_that_trickles_in_is_refused_with_a_408(url, monkeypatch):
+    """Uploads had no time limit: 16 that stalled held every speech admission (each new one a 429) for as
+    long as their clients liked. They get the JSON routes' BODY_TIMEOUT_S (1 s here)."""
+    import socket
+
+    from metronome.serve import server
+
+    monkeypatch.setattr(server, "BODY_TIMEOUT_S", 1.0)
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        head = "POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\n"
+        head += "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n"
+        sock.sendall(head.encode())  # and nothing more
+        started = time.monotonic()
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"request_timeout" in answer, answer[:200]
+    assert time.monotonic() - started < 5.0

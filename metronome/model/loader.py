@@ -246,7 +246,15 @@ def _gguf_settings(meta: dict, path: Path, tensors: dict, rope_freqs: tuple[floa
                 "finite and positive"
             )
         rope_scaling = RopeScaling(kind="factors", factors=rope_freqs)
-    elif key("rope.scaling.type") == "linear" and arch == "gemma3":
+    elif key("rope.scaling.type") not in (None, "none"):
+        # the other kinds (YaRN, as Qwen2.5's 128k exports carry) were dropped: positions past the trained
+        # context ran unscaled, other logits with no word said
+        kind = key("rope.scaling.type")
+        if kind != "linear":
+            raise ModelFileError(
+                f"{path}: rope scaling {kind!r} is not supported (linear, and Llama 3's rope_freqs); use an "
+                "export without it (the model's trained context)"
+            )
         rope_scaling = RopeScaling(kind="linear", factor=float(key("rope.scaling.factor", 1.0)))
     common = dict(
         arch=arch,

@@ -621,3 +621,17 @@ def test_fp8_weights_are_refused(tmp_path, tiny_hf):
     save_file(tensors, file, metadata={"format": "pt"})
     with pytest.raises(ModelFileError, match="float8_e4m3fn"):
         load(folder)
+
+
+def test_gguf_rope_scaling_is_applied_or_refused(tmp_path):
+    """rope.scaling.type was read for Gemma 3 alone: a Llama or Qwen export with linear scaling ran unscaled,
+    and one with YaRN (Qwen2.5's 128k exports) too, both without a word."""
+    linear = {"rope.scaling.type": "linear", "rope.scaling.factor": 4.0}
+    cfg = load(_tiny_gguf(tmp_path / "linear.gguf", meta=linear)).config
+    assert cfg.rope_scaling is not None and cfg.rope_scaling.kind == "linear" and cfg.rope_scaling.factor == 4.0
+    yarn = {"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0}
+    path = _tiny_gguf(tmp_path / "yarn.gguf", meta=yarn)
+    with pytest.raises(ModelFileError, match="rope scaling 'yarn' is not supported") as err:
+        load(path)
+    assert str(path) in str(err.value)
+    assert load(_tiny_gguf(tmp_path / "none.gguf", meta={"rope.scaling.type": "none"})).config.rope_scaling is None

@@ -133,7 +133,8 @@ class FusedRunner:
             self.decoder.add_layer(**layer.kwargs())
         self.norm = vector("norm.weight")
         head = "head.weight" if "head.weight" in weights else "embed.weight"  # tied
-        [(self.head, self.head_kind, self.head_rows)] = matrix(head)  # tensor parallel: this rank's vocabulary
+        # the head matrix packed (tensor parallel: this rank's vocabulary); `head` is the method that applies it
+        [(self.head_blocks, self.head_kind, self.head_rows)] = matrix(head)
         self.embed = weights["embed.weight"]
         # the file's rows, dequantized in C++ as tokens need them: one call a step (a dozen numpy calls on
         # caches the step just flushed cost a visible share of a small model's decode step, docs/moe.md)
@@ -186,7 +187,7 @@ class FusedRunner:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """(M, D) hidden rows -> (M, V) float32 logits."""
         h = self.ops.rms_norm(x, self.norm, self.cfg.rms_norm_eps)
-        logits = self.ops.block_linear(h, self.head, self.head_kind, self.head_rows)
+        logits = self.ops.block_linear(h, self.head_blocks, self.head_kind, self.head_rows)
         if self.cfg.final_logit_softcap:
             logits = torch.tanh(logits / self.cfg.final_logit_softcap) * self.cfg.final_logit_softcap
         return logits

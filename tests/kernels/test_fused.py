@@ -390,3 +390,13 @@ def test_static_step_plan_decodes_like_the_reference(smollm):
     use_ops(engine.plan.runner.model, StaticOps())
     static = engine.generate("Name three colors.", params)
     assert static.token_ids == ref.token_ids
+
+
+def test_the_fused_plans_head_is_callable(tiny_hf):
+    """The packed head matrix was stored as `head`, hiding the Runner's head(x) method: Plan.head on a fused
+    plan raised "'Tensor' object is not callable" (a tensor-parallel Head call on a fused rank would have)."""
+    engine = Engine.from_model(str(tiny_hf("llama")), EngineConfig(slots=1, ctx=64, spec_tokens=0))
+    hidden = engine.plan.runner.prefill_hidden([1, 5, 9], 0)
+    logits = engine.plan.head(hidden[-1:])
+    assert logits.shape[-1] >= engine.plan.cfg.vocab_size
+    assert torch.equal(logits[0], engine.plan.runner.logits(hidden[-1:])[0])

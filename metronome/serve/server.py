@@ -440,14 +440,16 @@ def _sampling(
     """SamplingParams for the request, with its length checked against the context."""
     ctx = served.engine.config.ctx
     longest = max(len(p) for p in prompts)
-    if longest >= ctx:
+    budget, budget_param = body.token_budget
+    # a prompt scored alone (max_tokens 0, a scoring client's window) may fill the context; one that samples
+    # needs a position left for its first token
+    if longest > ctx or (longest == ctx and budget != 0):
         raise ApiError(
             400,
             f"the prompt is {longest} tokens but the context holds {ctx}; shorten it (or serve with a larger --ctx)",
             param=prompt_param,
             code="context_length_exceeded",
         )
-    budget, budget_param = body.token_budget
     if budget is not None and longest + budget > ctx:
         raise ApiError(
             400,

@@ -284,6 +284,13 @@ def test_max_tokens_zero_with_echo_scores_a_text_as_gpt3_era_clients_ask(client,
     assert [v for s in streamed for v in s.token_logprobs] == c.logprobs.token_logprobs
     plain = client.completions.create(model="metronome", prompt=text, max_tokens=0).choices[0]
     assert (plain.text, plain.finish_reason) == ("", "length")
+    # a window that fills the context is scored too (it was a 400: the prompt had to leave a position free)
+    ctx = smol_engine.config.ctx
+    window = (ids * (ctx // len(ids) + 1))[:ctx]
+    full = client.completions.create(**{**score, "prompt": window, "logprobs": 0})
+    assert full.usage.prompt_tokens == ctx and len(full.choices[0].logprobs.token_logprobs) == ctx
+    with pytest.raises(openai.BadRequestError, match="context holds"):
+        client.completions.create(**{**score, "prompt": window, "max_tokens": 1})
 
 
 def test_stop_sequences_cut_the_text(client):

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import errno
+import ipaddress
 import os
 import signal
 import socket
@@ -56,7 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--api-key",
         default=None,
-        help=f"require 'Authorization: Bearer KEY' on every endpoint but /health (or set {API_KEY_ENV})",
+        help=f"require 'Authorization: Bearer KEY' on every endpoint but /health, the chat page and /openapi.json "
+        f"(better: set {API_KEY_ENV}, which ps does not show)",
     )
     p.add_argument(
         "--max-body-bytes",
@@ -186,6 +189,14 @@ def run(args: argparse.Namespace) -> int:
         return 2
     host, port = sock.getsockname()[:2]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    if ipaddress.ip_address(host).is_loopback:  # only this machine's names reach it
+        settings = dataclasses.replace(settings, allowed_hosts=LOOPBACK_NAMES)
+    elif settings.api_key is None:
+        print(
+            f"metronome serve: warning: listening on {host}, beyond this machine, with no API key: anyone who "
+            f"can reach it may use it (set {API_KEY_ENV})",
+            file=sys.stderr,
+        )
     speech = SpeechService() if speech_model_path(args)[0] else None
     app = create_app(None, settings, speech=speech)
     from metronome.serve.http import BoundedHttpToolsProtocol
@@ -243,6 +254,7 @@ STREAMS_END_S = 3.5
 # shape): a server with a few slots has no use for more, and it keeps clear of the usual limit of 1,024 open
 # files per process.
 MAX_CONNECTIONS = 512
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 def _server(config: "uvicorn.Config") -> "uvicorn.Server":

@@ -186,6 +186,10 @@ class GateMiddleware:
         self.state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        key = self.state.settings.api_key
+        if scope["type"] == "websocket" and key is not None and not _key_matches(scope, key):
+            await send({"type": "websocket.close", "code": 1008})  # none is served; none gets past the key
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -198,7 +202,12 @@ class GateMiddleware:
                 counter.labels(endpoint, str(message["status"])).inc()
             await send(message)
 
-        key = self.state.settings.api_key
+        refused = _foreign(scope, self.state.settings.allowed_hosts)
+        if refused is not None:
+            await ApiError(403, refused, type="permission_error", code="forbidden").response()(
+                scope, receive, counting_send
+            )
+            return
         if key is not None and path not in _PUBLIC_PATHS and not _key_matches(scope, key):
             error = ApiError(
                 401,
@@ -212,9 +221,36 @@ class GateMiddleware:
         await self.app(scope, receive, counting_send)
 
 
+def _foreign(scope: Scope, allowed_hosts: frozenset[str] | None) -> str | None:
+    """Why a request that a web page of another site sent is refused, or None. A page may post to this server
+    without a preflight (a form, or text/plain) and make it generate; its Origin then differs from the Host.
+    With `allowed_hosts` (a server on loopback), a Host of another name is a page that rebound its name to
+    this machine, which would then read the answers. Clients that are not browsers send no Origin."""
+    headers = dict(scope["headers"])
+    host = headers.get(b"host", b"").decode("latin-1")
+    if allowed_hosts is not None and _hostname(host) not in allowed_hosts:
+        return f"the Host {host!r} is not this server's; use http://127.0.0.1 or http://localhost"
+    origin = headers.get(b"origin")
+    if origin is not None and origin.decode("latin-1").partition("://")[2].rstrip("/") != host:
+        return "requests from another site's pages are refused; call the API from a program, or this server's page"
+    return None
+
+
+def _hostname(host: str) -> str:
+    """The name of a Host header without its port ("[::1]:8000" -> "::1")."""
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
 def _key_matches(scope: Scope, key: str) -> bool:
-    given = dict(scope["headers"]).get(b"authorization", b"")
-    return hmac.compare_digest(given, b"Bearer " + key.encode("utf-8"))
+    """One Authorization header, of the Bearer scheme (any case, as HTTP has schemes), holding the key.
+    Two headers are refused (the last one won: a wrong key then the right one passed)."""
+    given = [value for name, value in scope["headers"] if name == b"authorization"]
+    if len(given) != 1:
+        return False
+    scheme, _, token = given[0].strip().partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key.encode("utf-8"))
 
 
 # -- request bodies --------------------------------------------------------------------------------

@@ -13,3 +13,6 @@ class ServerSettings:
     retry_after_s: int = 1  # Retry-After of a 429 (queue full) or 503 (loading)
     model_alias: str = "metronome"  # accepted as the model name besides the served model's own id
     max_choices: int = 64  # prompts x n engine requests one API request may start
+    # Host header names a request may carry (a bound loopback address: its own names), None: any. A web page
+    # that rebinds its name to 127.0.0.1 sends its own name, and would read the answers
+    allowed_hosts: frozenset[str] | None = None

@@ -831,6 +831,9 @@ def test_serve_cli_with_api_key(tiny_hf):
             r = httpx.post(f"{url}/v1/chat/completions", headers=headers, json={"messages": MSG}, timeout=30)
             assert r.status_code == 401
         assert httpx.get(f"{url}/health", timeout=30).status_code == 200  # no key needed
+        # on loopback, a Host of another name (a rebound page's) is refused before the key is read
+        r = httpx.get(f"{url}/v1/models", headers={**good, "Host": "evil.example"}, timeout=30)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
         assert httpx.get(f"{url}/v1/models", headers=good, timeout=30).json()["data"][0]["id"] == tiny_hf("llama").name
         assert httpx.get(f"{url}/metrics", headers=good, timeout=30).status_code == 200
         r = httpx.post(f"{url}/v1/chat/completions", headers=good, json={"messages": MSG, "max_tokens": 3}, timeout=60)
@@ -840,6 +843,50 @@ def test_serve_cli_with_api_key(tiny_hf):
         out, _ = proc.communicate(timeout=60)
     assert f"chat page at {url}/" in out
     assert proc.returncode == 0 and "Traceback" not in out, out
+
+
+@pytest.mark.parametrize(
+    ("headers", "ok"),
+    [
+        ([(b"authorization", b"Bearer s3cret")], True),
+        ([(b"authorization", b"bearer s3cret")], True),  # HTTP's schemes are case-insensitive
+        ([(b"authorization", b"BEARER  s3cret ")], True),
+        ([(b"authorization", b"Basic s3cret")], False),
+        ([(b"authorization", b"s3cret")], False),
+        ([(b"authorization", b"Bearer wrong"), (b"authorization", b"Bearer s3cret")], False),  # the last one won
+        ([(b"authorization", b"Bearer s3cret"), (b"authorization", b"Bearer wrong")], False),
+        ([], False),
+    ],
+)
+def test_the_key_is_one_bearer_header(headers, ok):
+    """'bearer KEY' was refused (the scheme is case-insensitive), and of two Authorization headers the last
+    decided, so a wrong key then the right one passed."""
+    from metronome.serve.server import _key_matches
+
+    assert _key_matches({"headers": headers}, "s3cret") is ok
+
+
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+@pytest.mark.parametrize(
+    ("headers", "allowed", "refused"),
+    [
+        ({b"host": b"127.0.0.1:8000"}, LOOPBACK, False),
+        ({b"host": b"localhost:8000", b"origin": b"http://localhost:8000"}, LOOPBACK, False),  # the chat page
+        ({b"host": b"[::1]:8000"}, LOOPBACK, False),
+        ({b"host": b"evil.example:8000"}, LOOPBACK, True),  # a page that rebound its name to this machine
+        ({b"host": b"evil.example"}, None, False),  # bound beyond loopback: its names are not known here
+        ({b"host": b"127.0.0.1:8000", b"origin": b"https://evil.example"}, LOOPBACK, True),  # a form post
+        ({b"host": b"10.0.0.5:8000", b"origin": b"http://10.0.0.6:8000"}, None, True),
+    ],
+)
+def test_requests_from_other_sites_pages_are_refused(headers, allowed, refused):
+    """With no key (the default), any web page could make the server generate (a form or text/plain post
+    needs no preflight), and one that rebinds its name to 127.0.0.1 could read the answers."""
+    from metronome.serve.server import _foreign
+
+    assert (_foreign({"headers": list(headers.items())}, allowed) is not None) is refused
 
 
 def test_serve_cli_reports_a_missing_model_and_exits(tmp_path):

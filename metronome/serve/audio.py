@@ -50,6 +50,9 @@ class SpeechSettings:
     max_pending: int = 16  # requests in the speech path (uploading, decoding, queued, running); then 429
     # threads calling the transcriber at once: its plan batches their decoder rows in its slots (4 by default)
     workers: int = 4
+    # uploads decoded at once: a decode holds up to 4 bytes x 16,000 a second of audio (460 MB for two hours,
+    # which FLAC of silence holds in 1.6 MB), so 16 admitted at once could take gigabytes
+    decoders: int = 2
     timeout_s: float = 600.0  # the longest a request waits for its transcript (queue and run) before 504
     retry_after_s: int = 1
 
@@ -59,6 +62,7 @@ class SpeechSettings:
             ("max_seconds", self.max_seconds > 0),
             ("max_pending", self.max_pending >= 1),
             ("workers", self.workers >= 1),
+            ("decoders", self.decoders >= 1),
             ("timeout_s", self.timeout_s > 0),
         ):
             if not ok:
@@ -122,6 +126,7 @@ class SpeechService:
         self._lock = threading.Lock()
         self._pending = 0
         self._workers: list[threading.Thread] = []
+        self._decoding = threading.BoundedSemaphore(self.settings.decoders)
 
     @property
     def ready(self) -> bool:
@@ -132,6 +137,11 @@ class SpeechService:
         """Requests in the speech path now (admitted, not yet answered)."""
         with self._lock:
             return self._pending
+
+    def decode(self, data: bytes) -> DecodedAudio:
+        """An upload's samples (a blocking call, off the event loop), at most `decoders` at once."""
+        with self._decoding:
+            return decode_audio(data, self.settings.max_seconds)
 
     def names(self) -> tuple[str, str]:
         return (self.model_id, SPEECH_ALIAS)
@@ -429,7 +439,7 @@ async def _answer(request: Request, speech: SpeechService, task: str, ending: as
         )
     started = time.perf_counter()
     try:
-        audio: DecodedAudio = await asyncio.to_thread(decode_audio, form.data, speech.settings.max_seconds)
+        audio: DecodedAudio = await asyncio.to_thread(speech.decode, form.data)
     except AudioError as exc:
         raise ApiError(400, f"{form.filename}: {exc}", exc.param, code="invalid_audio") from None
     decoded = time.perf_counter()

@@ -539,3 +539,30 @@ def test_an_upload_that_trickles_in_is_refused_with_a_408(url, monkeypatch):
         answer = sock.recv(65536)
     assert answer.startswith(b"HTTP/1.1 408 ") and b"request_timeout" in answer, answer[:200]
     assert time.monotonic() - started < 5.0
+
+
+def test_uploads_are_decoded_a_few_at_a_time(beckett, monkeypatch):
+    """Each decode holds its audio's samples (460 MB for two hours of silence that FLAC packs in 1.6 MB), and
+    16 admitted uploads were decoded at once; `decoders` (2) bounds them."""
+    from metronome.serve import audio
+
+    inside, most, lock = [0], [0], threading.Lock()
+    real = audio.decode_audio
+
+    def counting(data, max_seconds):
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.2)
+        try:
+            return real(data, max_seconds)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    monkeypatch.setattr(audio, "decode_audio", counting)
+    service = SpeechService(SpeechSettings(decoders=2))
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        done = [pool.submit(service.decode, beckett) for _ in range(6)]
+        assert all(f.result(timeout=60).seconds > 1 for f in done)
+    assert most[0] == 2

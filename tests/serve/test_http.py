@@ -127,9 +127,13 @@ def test_a_large_body_is_validated_off_the_event_loop(tiny_hf, monkeypatch):
     with serving(load(tiny_hf("llama")), EngineConfig(slots=1, ctx=64)) as url:
         assert httpx.post(f"{url}/v1/chat/completions", json=small, timeout=60).status_code in (200, 400)
         assert httpx.post(f"{url}/v1/chat/completions", json=large, timeout=60).status_code == 400  # too long
-    on_loop, off_loop = seen
+        # the Responses route too (it validated 4 MB bodies on the loop): its body, then the chat body it makes
+        responses = {"input": [{"role": "user", "content": "w1"}] * 20_000, "max_output_tokens": 1}
+        assert httpx.post(f"{url}/v1/responses", json=responses, timeout=60).status_code == 400
+    on_loop, off_loop, responses_chat = seen
     assert not on_loop.startswith(("asyncio_", "uvloop_")), seen  # the loop thread (LiveServer runs it)
     assert off_loop.startswith(("asyncio_", "uvloop_")), seen  # the loop's default executor (to_thread)
+    assert responses_chat.startswith(("asyncio_", "uvloop_")), seen
 
 
 def test_a_request_past_the_connection_limit_is_a_503_in_the_api_error_shape():

@@ -37,7 +37,14 @@ from metronome.engine.request import (
 )
 from metronome.engine.sampler import Choice, RequestSampler, argmax_rows, scored
 from metronome.engine.scheduler import Batch, Scheduler
-from metronome.engine.speculate import Drafter, LookupOrModel, ModelDrafter, NgramDrafter, PayingDrafter
+from metronome.engine.speculate import (
+    Drafter,
+    LookupOrModel,
+    ModelDrafter,
+    NgramDrafter,
+    PayingDrafter,
+    check_draft_tokenizer,
+)
 from metronome.engine.text import TextStream
 from metronome.model.errors import ModelFileError, ModelNotFoundError
 from metronome.model.loader import LoadedModel, load
@@ -111,18 +118,6 @@ def resume_share(idle_s: float) -> float:
     return min(1.0, max(0.0, (idle_s - RESUME_FROM_S) / (RESUME_FULL_S - RESUME_FROM_S)))
 
 
-def _check_draft_tokenizer(draft: str, drafts: Tokenizer, target: Tokenizer) -> None:
-    """A draft model's ids mean the model's tokens only when both tokenizers have the same vocabulary: a
-    vocabulary of the same size but other tokens drafted nothing right (checked before either compile)."""
-    mine, theirs = drafts.vocabulary(), target.vocabulary()
-    if mine != theirs:
-        differ = sum(theirs.get(text) != i for text, i in mine.items()) + max(0, len(theirs) - len(mine))
-        raise ValueError(
-            f"draft={draft!r}: its tokenizer differs from the model's ({len(mine)} tokens against {len(theirs)}, "
-            f"{differ} of them not the same); a draft model must share the model's tokenizer"
-        )
-
-
 class Engine(PythonAPI):
     def __init__(
         self,
@@ -191,8 +186,7 @@ class Engine(PythonAPI):
                 raise  # names `draft` already
             except ModelFileError as exc:  # the file's own fault: say it is the draft model's
                 raise ModelFileError(f"draft={config.draft!r}: {exc}") from None
-        if draft_loaded is not None:
-            _check_draft_tokenizer(config.draft, Tokenizer(draft_loaded.tokenizer), tokenizer)
+            check_draft_tokenizer(config.draft, Tokenizer(draft_loaded.tokenizer), tokenizer)
         plan = compile_plan(loaded, config, calibrate=calibrate, progress=progress)
         drafter = None
         if draft_loaded is not None:

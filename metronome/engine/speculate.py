@@ -20,13 +20,16 @@ from __future__ import annotations
 import collections
 import statistics
 import time
-from typing import Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
 
 from metronome.compile import Plan
 from metronome.engine.sampler import argmax_row
+
+if TYPE_CHECKING:
+    from metronome.model.tokenizer import Tokenizer
 
 
 class Drafter(Protocol):
@@ -63,6 +66,18 @@ class NgramDrafter:
                 i = int(starts[-1])
                 return a[i + n : i + n + k].tolist()
         return []
+
+
+def check_draft_tokenizer(draft: str, drafts: Tokenizer, target: Tokenizer) -> None:
+    """A draft model's ids mean the model's tokens only when both tokenizers have the same vocabulary: a
+    vocabulary of the same size but other tokens drafted nothing right (checked before either compile)."""
+    mine, theirs = drafts.vocabulary(), target.vocabulary()
+    if mine != theirs:
+        differ = sum(theirs.get(text) != i for text, i in mine.items()) + max(0, len(theirs) - len(mine))
+        raise ValueError(
+            f"draft={draft!r}: its tokenizer differs from the model's ({len(mine)} tokens against {len(theirs)}, "
+            f"{differ} of them not the same); a draft model must share the model's tokenizer"
+        )
 
 
 class ModelDrafter:

@@ -213,11 +213,10 @@ class ResponseShape:
     def _chat_entry(self, c: Choice) -> Body:
         return token_logprob(self.tokenizer, c, self.top_logprobs)
 
-    def _legacy_token(self, token: int) -> str:
+    def _legacy_token(self, token: int, raw: bytes) -> str:
         """A token as the legacy lists name it: its text, or for a token holding part of a character (whose
-        text is U+FFFD) its bytes as OpenAI writes them, "bytes:\\xe6\\x97", so that no two alternatives
-        of top_logprobs (a dict keyed by these) fall on one key."""
-        raw = self.tokenizer.token_bytes(token)
+        text is U+FFFD) its bytes `raw` as OpenAI writes them, "bytes:\\xe6\\x97", so that no two
+        alternatives of top_logprobs (a dict keyed by these) fall on one key."""
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -225,21 +224,27 @@ class ResponseShape:
         return self.tokenizer.token_text(token)
 
     def _legacy(self, index: int, tokens: Sequence[Choice], prompt: Prompt | None = None) -> Body:
-        name = self._legacy_token
-        texts = [name(c.token) for c in tokens]
-        logprobs: list[float | None] = [c.logprob for c in tokens]
-        tops: list[Body | None] = [{name(t): lp for t, lp in c.top[: self.top_logprobs]} for c in tokens]
-        if prompt is not None:  # echo: the prompt's tokens first; nothing scores the first
-            scored = list(prompt.scored)
-            texts = [name(t) for t in (prompt.first, *(c.token for c in scored))] + texts
-            logprobs = [None, *(c.logprob for c in scored)] + logprobs
-            tops = [None, *({name(t): lp for t, lp in c.top[: self.top_logprobs]} for c in scored)] + tops
-        ids = [c.token for c in tokens]
-        if prompt is not None:
-            ids = [prompt.first, *(c.token for c in prompt.scored), *ids]
+        # echo: the prompt's tokens first; nothing scores the first
+        scored = list(prompt.scored) if prompt is not None else []
+        choices = [*scored, *tokens]
+        ids = ([prompt.first] if prompt is not None else []) + [c.token for c in choices]
+        logprobs: list[float | None] = ([None] if prompt is not None else []) + [c.logprob for c in choices]
+        tok = self.tokenizer
+
+        def name(t: int) -> str:
+            return self._legacy_token(t, tok.token_bytes(t))
+
+        tops: list[Body | None] = ([None] if prompt is not None else []) + [
+            {name(t): lp for t, lp in c.top[: self.top_logprobs]} for c in choices
+        ]
+        raws = [tok.token_bytes(t) for t in ids]
         counter = self._offsets.setdefault(index, _TextOffsets())
-        offsets = [counter.add(self.tokenizer.token_bytes(t)) for t in ids]
-        return {"tokens": texts, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
+        return {
+            "tokens": [self._legacy_token(t, raw) for t, raw in zip(ids, raws)],
+            "token_logprobs": logprobs,
+            "top_logprobs": tops,
+            "text_offset": [counter.add(raw) for raw in raws],
+        }
 
 
 def _tool_finish(finish_reason: str | None, called: bool) -> str | None:

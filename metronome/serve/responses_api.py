@@ -399,12 +399,13 @@ def add_responses_routes(app: FastAPI, state: ServerState) -> None:
             served = state.require()
             raw = await chat._read_body(request, state.settings.max_body_bytes)
             # megabytes validate for seconds: off the loop, as the chat route does, so other streams go on
-            body = await asyncio.to_thread(_parse, raw) if len(raw) > chat.PARSE_ON_LOOP_BYTES else _parse(raw)
+            off_loop = len(raw) > chat.PARSE_ON_LOOP_BYTES
+            body = await asyncio.to_thread(_parse, raw) if off_loop else _parse(raw)
             chat._check_model(body, served, state.settings.model_alias)
             refused = refusal(body)
             if refused is not None:
                 raise refused
-            chat_body = await asyncio.to_thread(as_chat, body) if len(raw) > chat.PARSE_ON_LOOP_BYTES else as_chat(body)
+            chat_body = await asyncio.to_thread(as_chat, body) if off_loop else as_chat(body)
             try:
                 prompt = await asyncio.to_thread(chat._chat_request, chat_body, served)
                 top = body.top_logprobs or 0

@@ -16,7 +16,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from importlib import resources
-from typing import Any, AsyncIterator, Iterator, Sequence
+from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -655,7 +655,14 @@ def create_app(
     `speech` serves /v1/audio/* (its transcriber may be attached later: 503 until then)."""
     state = ServerState(settings, speech)
     app = FastAPI(
-        title="metronome", version=metronome.__version__, docs_url=None, redoc_url=None, openapi_url=OPENAPI_PATH
+        title="metronome",
+        version=metronome.__version__,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=OPENAPI_PATH,
+        # "/v1/models/" is a 404, as OpenAI answers, not a redirect to a URL built from the client's Host
+        # header (whatever name it sent) that a client would then POST its body to again
+        redirect_slashes=False,
     )
     # what the handlers parse themselves, and the model names served once attached (serve/openapi.py)
     app.openapi = lambda: openapi_schema(
@@ -690,26 +697,40 @@ def create_app(
         state.metrics.requests.labels(path if path in _ENDPOINTS else "other", "500").inc()
         return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").response()
 
-    @app.get("/", response_class=HTMLResponse)
+    def get(path: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """A GET route that answers HEAD too (as Starlette's own routes do; monitors and `curl -I` send
+        HEAD, which was a 405): uvicorn sends the GET's headers without its body. HEAD stays out of the
+        OpenAPI document, which would otherwise hold two operations under one id."""
+
+        def register(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+            # GET first: a method neither answers gets a 405 whose Allow names the first route's methods,
+            # which must be the ones the OpenAPI document lists
+            routed = app.get(path, **kwargs)(endpoint)
+            app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False, **kwargs)
+            return routed
+
+        return register
+
+    @get("/", response_class=HTMLResponse)
     async def chat_page() -> HTMLResponse:
         return HTMLResponse(state.page)
 
-    @app.get("/health")
+    @get("/health")
     async def health() -> dict[str, Any]:
         served = state.require()
         return {"status": "ok", "model": served.identity.id, "system_fingerprint": served.fingerprint}
 
-    @app.get("/metrics")
+    @get("/metrics")
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/models")
+    @get("/v1/models")
     async def models() -> dict[str, Any]:
         served = state.require()
         speech = [speech_card(state.speech)] if state.speech is not None and state.speech.ready else []
         return {"object": "list", "data": [_model_card(served), *speech]}
 
-    @app.get("/v1/models/{model_id}")
+    @get("/v1/models/{model_id}")
     async def model(model_id: str) -> dict[str, Any]:
         served = state.require()
         if state.speech is not None and state.speech.ready and model_id in state.speech.names():

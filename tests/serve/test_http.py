@@ -176,3 +176,22 @@ def test_an_answered_request_whose_body_trickles_in_is_closed(url):
                 closed = True
                 break
         assert closed and time.monotonic() - started < 5.0
+
+
+def test_head_answers_where_get_does_and_a_trailing_slash_is_not_redirected(url):
+    """HEAD (monitors, `curl -I`) was a 405 on every GET route; a path with a trailing slash was a 307 to a
+    URL built from whatever Host the client sent. Now HEAD gets the GET's status and headers without a body,
+    HEAD stays out of the OpenAPI document, and "/metrics/" is a 404 in the API's error shape."""
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for path in ("/", "/metrics", "/health", "/v1/models", "/v1/models/x"):
+            get, head = client.get(path), client.head(path)
+            assert head.status_code == get.status_code != 405, (path, head.status_code, get.status_code)
+            assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"], path
+        operations = {method for item in client.get("/openapi.json").json()["paths"].values() for method in item}
+        assert "head" not in operations and "get" in operations
+        for method, path in (("GET", "/metrics/"), ("POST", "/v1/chat/completions/")):
+            r = client.request(method, path, headers={"Host": "evil.example"} if method == "GET" else {})
+            assert r.status_code in (403, 404) and "location" not in r.headers, (path, r.status_code, r.headers)
+            assert r.json()["error"]["message"], path
+        r = client.get("/metrics/")
+        assert r.status_code == 404 and "location" not in r.headers

@@ -95,19 +95,60 @@ _POOL_THREAD_NAME = "metronome-pool"  # what csrc/pool.cpp names its workers
 
 
 def cpu_seconds_by_thread(engine_thread: int | None, pid: int | None = None) -> dict[str, float]:
-    """CPU seconds (user + system) used so far by each role's threads of process `pid` (this one by
+    """CPU seconds (user + system) used so far by each role's live threads of process `pid` (this one by
     default): the engine's stepping thread, the kernels' pool workers, the main thread (a server's event
-    loop), and any other. Empty where /proc is not there."""
+    loop), and any other. Empty where /proc is not there. A thread that ends leaves the sum (ThreadCpu
+    keeps it)."""
+    live = _live_threads(engine_thread, pid)
+    if live is None:
+        return {}
+    totals = dict.fromkeys(THREAD_ROLES, 0.0)
+    for role, seconds in live.values():
+        totals[role] += seconds
+    return totals
+
+
+class ThreadCpu:
+    """cpu_seconds_by_thread as counters that never go down: the CPU of a thread that has ended since the
+    last read stays in its role's total (a thread per reflection, or per speech request, made /metrics'
+    "other" fall as each one ended, which Prometheus reads as a reset). What such a thread used between
+    the last read and its end is not seen. Reads may come from several threads (scrapes)."""
+
+    def __init__(self, pid: int | None = None) -> None:
+        self._pid = pid
+        self._lock = threading.Lock()
+        self._last: dict[int, tuple[str, float]] = {}  # the live threads at the last read: tid -> role, seconds
+        self._ended = dict.fromkeys(THREAD_ROLES, 0.0)
+
+    def read(self, engine_thread: int | None) -> dict[str, float]:
+        with self._lock:
+            live = _live_threads(engine_thread, self._pid)
+            if live is None:
+                return {}
+            for tid, (role, seconds) in self._last.items():
+                now = live.get(tid)
+                # gone, or its id taken by a new thread (less CPU than it had, or another role)
+                if now is None or now[0] != role or now[1] < seconds:
+                    self._ended[role] += seconds
+            self._last = live
+            totals = dict(self._ended)
+            for role, seconds in live.values():
+                totals[role] += seconds
+            return totals
+
+
+def _live_threads(engine_thread: int | None, pid: int | None) -> dict[int, tuple[str, float]] | None:
+    """Each live thread of `pid` as (role, CPU seconds), by thread id; None where /proc is not there."""
     import os
 
     pid = os.getpid() if pid is None else pid
     tick = os.sysconf("SC_CLK_TCK")
-    totals = dict.fromkeys(THREAD_ROLES, 0.0)
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return {}
-    for tid in tasks:
+        return None
+    live: dict[int, tuple[str, float]] = {}
+    for tid in map(int, tasks):
         try:
             with open(f"/proc/{pid}/task/{tid}/stat") as f:
                 stat = f.read()
@@ -116,13 +157,13 @@ def cpu_seconds_by_thread(engine_thread: int | None, pid: int | None = None) -> 
         name = stat[stat.index("(") + 1 : stat.rindex(")")]
         fields = stat[stat.rindex(")") + 2 :].split()
         seconds = (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14 and 15 of stat)
-        if engine_thread is not None and int(tid) == engine_thread:
+        if engine_thread is not None and tid == engine_thread:
             role = "engine"
         elif name == _POOL_THREAD_NAME:
             role = "kernel_pool"
-        elif int(tid) == pid:
+        elif tid == pid:
             role = "main"
         else:
             role = "other"
-        totals[role] += seconds
-    return totals
+        live[tid] = (role, seconds)
+    return live

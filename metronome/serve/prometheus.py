@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 
 from metronome.engine import Engine, Timings
 from metronome.engine.prefix_cache import PrefixCache
-from metronome.engine.profile import PHASES, cpu_seconds_by_thread
+from metronome.engine.profile import PHASES, ThreadCpu
 
 # Bucket edges in seconds: latencies of a request (queue, first token, first sentence, whole request)
 # span milliseconds to minutes on CPU; the gap between two tokens is one engine step.
@@ -67,6 +67,7 @@ class _EngineTotals:
 
     def __init__(self, metrics: "ServerMetrics") -> None:
         self.metrics = metrics
+        self.thread_cpu = ThreadCpu()
 
     def collect(self) -> Iterable[Metric]:
         engine = self.metrics._engine
@@ -101,6 +102,7 @@ class _StepCollector:
 
     def __init__(self, metrics: "ServerMetrics") -> None:
         self.metrics = metrics
+        self.thread_cpu = ThreadCpu()
 
     def collect(self) -> Iterable[Metric]:
         engine = self.metrics._engine
@@ -125,7 +127,7 @@ class _StepCollector:
         steps.add_metric((), float(profile.steps) if profile is not None else 0.0)
         rows.add_metric(("decode",), float(profile.decode_rows) if profile is not None else 0.0)
         rows.add_metric(("prompt",), float(profile.prompt_rows) if profile is not None else 0.0)
-        for role, seconds in cpu_seconds_by_thread(engine.thread_id if engine is not None else None).items():
+        for role, seconds in self.thread_cpu.read(engine.thread_id if engine is not None else None).items():
             cpu.add_metric((role,), seconds)
         return [phases, steps, rows, cpu]
 
@@ -136,13 +138,13 @@ class ServerMetrics:
         r = self.registry
         self.ttft = Histogram(
             "metronome_time_to_first_token_seconds",
-            "Request received to its first token.",
+            "An engine request's (a choice's) submit to its first token.",
             buckets=_REQUEST_BUCKETS,
             registry=r,
         )
         self.ttfs = Histogram(
             "metronome_time_to_first_sentence_seconds",
-            "Request received to the end of its first sentence.",
+            "An engine request's submit to the end of its first sentence.",
             buckets=_REQUEST_BUCKETS,
             registry=r,
         )
@@ -156,13 +158,20 @@ class ServerMetrics:
             "metronome_queue_time_seconds", "Time a request waited for a slot.", buckets=_REQUEST_BUCKETS, registry=r
         )
         self.e2e = Histogram(
-            "metronome_e2e_latency_seconds", "Request received to its last token.", buckets=_REQUEST_BUCKETS, registry=r
+            "metronome_e2e_latency_seconds",
+            "An engine request's submit to its last token.",
+            buckets=_REQUEST_BUCKETS,
+            registry=r,
         )
-        self.prompt_tokens = Counter("metronome_prompt_tokens", "Prompt tokens of admitted requests.", registry=r)
+        self.prompt_tokens = Counter(
+            "metronome_prompt_tokens",
+            "Prompt tokens of admitted engine requests (each of n choices runs its prompt).",
+            registry=r,
+        )
         self.generated_tokens = Counter("metronome_generation_tokens", "Tokens generated.", registry=r)
         self.cached_tokens = Counter(
             "metronome_prompt_cached_tokens",
-            "Prompt tokens of admitted requests copied from the prefix cache instead of computed.",
+            "Prompt tokens of admitted engine requests copied from the prefix cache instead of computed.",
             registry=r,
         )
         self.requests = Counter(

@@ -7,15 +7,19 @@ from metronome.engine.request import Timings
 
 def groq_timings(t: Timings) -> dict[str, float | None]:
     """Groq-style seconds: queue_time, prompt_time, completion_time, total_time, plus time_to_first_token
-    and time_to_first_sentence (None where the request never got there)."""
+    and time_to_first_sentence (None where the request never got there). queue + prompt + completion is
+    total_time: Groq's total counts the queue too."""
 
     def span(a: float | None, b: float | None) -> float | None:
         return None if a is None or b is None else round(b - a, 6)
 
+    # a request that ended before any token (max_tokens 0 scores its prompt, or it was cancelled in its
+    # prompt) spent its run on the prompt: the parts still add up to total_time
+    tokenless = t.first_token is None and t.admitted is not None and t.finished is not None
     return {
         "queue_time": span(t.submitted, t.admitted),
-        "prompt_time": span(t.admitted, t.first_token),
-        "completion_time": span(t.first_token, t.finished),
+        "prompt_time": span(t.admitted, t.finished if tokenless else t.first_token),
+        "completion_time": 0.0 if tokenless else span(t.first_token, t.finished),
         "total_time": span(t.submitted, t.finished),
         "time_to_first_token": span(t.submitted, t.first_token),
         "time_to_first_sentence": span(t.submitted, t.first_sentence),

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from metronome.engine.profile import cpu_seconds_by_thread
+from metronome.engine.profile import ThreadCpu, cpu_seconds_by_thread
 from metronome.kernels.ops import KernelBuildError, load_kernels
 
 
@@ -63,3 +63,27 @@ def test_the_kernel_pools_workers_are_charged_to_the_pool() -> None:
     finally:
         cpp.set_threads(before_threads)
     assert after["kernel_pool"] - before["kernel_pool"] >= 0.05, (before, after)
+
+
+def test_the_cpu_of_a_thread_that_ended_stays_counted() -> None:
+    """/metrics exposes these as counters, and a server starts a thread per reflection: as each ended, its
+    CPU left "other", which fell (Prometheus reads a fall as a reset). ThreadCpu keeps what it saw."""
+    account = ThreadCpu()
+    burnt, done = threading.Event(), threading.Event()
+
+    def worker() -> None:
+        _burn(0.3)
+        burnt.set()
+        done.wait(timeout=30)
+
+    before = account.read(None)["other"]
+    t = threading.Thread(target=worker)
+    t.start()
+    assert burnt.wait(timeout=30)
+    alive = account.read(None)["other"]
+    done.set()
+    t.join(timeout=30)
+    after = account.read(None)["other"]
+    assert alive - before >= 0.2, (before, alive)
+    assert after >= alive, (alive, after)
+    assert cpu_seconds_by_thread(None)["other"] < alive - 0.2  # the one-shot read lost it: what this guards

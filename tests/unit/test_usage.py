@@ -21,3 +21,15 @@ def test_a_choice_still_running_leaves_the_end_unknown():
     running = Timings(submitted=0.0, admitted=0.1, first_token=0.25)
     usage = groq_timings(merge_timings([done, running]))
     assert usage["completion_time"] is None and usage["total_time"] is None and usage["prompt_time"] == 0.1
+
+
+def test_a_request_without_tokens_spent_its_run_on_the_prompt():
+    """max_tokens 0 (a scoring client's window) ran its prompt for a second and reported prompt_time null,
+    so the parts did not add up to total_time."""
+    scored = Timings(submitted=1.0, admitted=1.25, finished=2.0)
+    usage = groq_timings(scored)
+    assert usage["prompt_time"] == 0.75 and usage["completion_time"] == 0.0 and usage["total_time"] == 1.0
+    assert usage["queue_time"] + usage["prompt_time"] + usage["completion_time"] == usage["total_time"]
+    assert usage["time_to_first_token"] is None
+    queued = groq_timings(Timings(submitted=1.0, finished=2.0))  # cancelled while it waited for a slot
+    assert queued["prompt_time"] is None and queued["completion_time"] is None and queued["total_time"] == 1.0

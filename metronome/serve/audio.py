@@ -419,7 +419,7 @@ async def answer(request: Request, state: ServerState, task: str) -> Response:
         raise busy(f"{exc}; retry shortly", speech.settings.retry_after_s) from None
     streaming = False
     try:
-        response = await _answer(request, speech, task, state.ending)
+        response = await _answer(request, speech, task, state.ending, state.metrics.observe_speech)
         streaming = isinstance(response, _SpeechStream)  # it releases the admission when it ends
         return response
     finally:
@@ -427,7 +427,14 @@ async def answer(request: Request, state: ServerState, task: str) -> Response:
             speech.release()
 
 
-async def _answer(request: Request, speech: SpeechService, task: str, ending: asyncio.Event) -> Response:
+async def _answer(
+    request: Request,
+    speech: SpeechService,
+    task: str,
+    ending: asyncio.Event,
+    observe: Callable[[dict[str, Any]], None],
+) -> Response:
+    """`observe` records each transcript delivered (ServerMetrics.observe_speech)."""
     form = await parse_form(request, speech.settings)
     if form.model is not None and form.model not in speech.names():
         raise ApiError(
@@ -445,13 +452,14 @@ async def _answer(request: Request, speech: SpeechService, task: str, ending: as
     decoded = time.perf_counter()
     options = dict(language=form.language, prompt=form.prompt, temperature=form.temperature, task=task)
     if form.stream:
-        return await _stream(speech, audio, options, started, decoded, ending)
+        return await _stream(speech, audio, options, started, decoded, ending, observe)
     try:
         result = await _unless_gone(request, speech.transcribe(audio.samples, **options), ending)
     except (TimeoutError, ValueError) as exc:
         raise _failed(exc, speech) from None
     total = time.perf_counter() - started
     usage = _usage(result, decoded - started, total)
+    observe(usage)
     body = render(result.transcript, form.response_format, usage)
     headers = {"Server-Timing": _server_timing(usage)}
     if isinstance(body, dict):
@@ -510,6 +518,7 @@ async def _stream(
     started: float,
     decoded: float,
     ending: asyncio.Event,
+    observe: Callable[[dict[str, Any]], None],
 ) -> Response:
     """OpenAI's streamed transcript: a `transcript.text.delta` event per segment as its window is decoded,
     then `transcript.text.done` with the whole text and the usage. The response starts with the first
@@ -573,6 +582,7 @@ async def _stream(
             yield _event({"type": "error", "error": _failed(exc, speech).body()["error"]})
             return
         usage = _usage(result, decoded - started, time.perf_counter() - started)
+        observe(usage)
         yield _event({"type": "transcript.text.done", "text": result.transcript.text, "usage": usage})
 
     def close() -> None:

@@ -226,6 +226,7 @@ class ServerMetrics:
         Gauge("metronome_requests_waiting", "Requests queued for a slot.", registry=r).set_function(self.waiting)
         Gauge("metronome_slot_occupancy", "Fraction of slots in use.", registry=r).set_function(self.occupancy)
         self._prefix_gauges(r)
+        self._speech_metrics(r)
         r.register(_StepCollector(self))
         r.register(_EngineTotals(self))
         self.slots = Gauge("metronome_slots", "Request slots of the plan (requests decoded together).", registry=r)
@@ -270,6 +271,40 @@ class ServerMetrics:
             ("pages_used", "Pages of the prefix cache holding a prompt's KV.", lambda c: c.used_pages),
         ):
             Gauge(f"metronome_prefix_cache_{name}", doc, registry=r).set_function(stat(read))
+
+    def _speech_metrics(self, r: CollectorRegistry) -> None:
+        """The speech endpoints' account (serve/audio.py): what is in their path now, the audio they
+        transcribed, and where a request's time went."""
+        self._speech_pending: Callable[[], int] | None = None  # read at scrape time; 0 with no speech service
+        Gauge(
+            "metronome_speech_requests_in_flight",
+            "Transcriptions and translations admitted and not answered yet (uploading, decoding, queued, running).",
+            registry=r,
+        ).set_function(lambda: float(self._speech_pending()) if self._speech_pending is not None else 0.0)
+        self.speech_audio = Counter(
+            "metronome_speech_audio_seconds", "Seconds of audio in transcripts delivered.", registry=r
+        )
+        self.speech_time = Histogram(
+            "metronome_speech_request_seconds",
+            "A transcript's time from its upload read to its last text (audio decode, queue, run).",
+            buckets=_REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.speech_queue = Histogram(
+            "metronome_speech_queue_time_seconds",
+            "Time a transcription waited for a speech worker.",
+            buckets=_REQUEST_BUCKETS,
+            registry=r,
+        )
+
+    def bind_speech(self, pending: Callable[[], int]) -> None:
+        self._speech_pending = pending
+
+    def observe_speech(self, usage: dict[str, float]) -> None:
+        """Record one transcript delivered, from its `usage` (serve/audio.py's _usage)."""
+        self.speech_audio.inc(usage["seconds"])
+        self.speech_time.observe(usage["total_time"])
+        self.speech_queue.observe(usage["queue_time"])
 
     def bind(self, engine: Engine) -> None:
         self._engine = engine

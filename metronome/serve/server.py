@@ -106,6 +106,8 @@ class ServerState:
         self.settings = settings
         self.speech = speech  # the speech-to-text model beside the chat model (serve/audio.py), or none
         self.metrics = ServerMetrics()
+        if speech is not None:
+            self.metrics.bind_speech(lambda: speech.pending)
         self.page = resources.files("metronome.serve").joinpath("static/chat.html").read_text(encoding="utf-8")
         self.served: Served | None = None
         self._settling: set[asyncio.Task[None]] = set()  # strong references until each task ends

@@ -566,3 +566,27 @@ def test_uploads_are_decoded_a_few_at_a_time(beckett, monkeypatch):
         done = [pool.submit(service.decode, beckett) for _ in range(6)]
         assert all(f.result(timeout=60).seconds > 1 for f in done)
     assert most[0] == 2
+
+
+def _metric(url: str, name: str) -> float:
+    match = re.search(rf"^{re.escape(name)} (\S+)$", httpx.get(f"{url}/metrics", timeout=30).text, re.M)
+    assert match is not None, name
+    return float(match.group(1))
+
+
+def test_metrics_count_the_transcripts_delivered(url, client, beckett, reference):
+    """The speech endpoints showed in /metrics only as HTTP statuses: no audio seconds, no time, nothing in
+    flight. A whole and a streamed transcript each add their audio and one observation of their time."""
+    names = ("metronome_speech_audio_seconds_total", "metronome_speech_request_seconds_count")
+    before = [_metric(url, n) for n in names]
+    client.audio.transcriptions.create(model="whisper-1", file=("beckett.wav", beckett))
+    list(client.audio.transcriptions.create(model="whisper-1", file=("beckett.wav", beckett), stream=True))
+    after = [_metric(url, n) for n in names]
+    assert after[0] - before[0] == pytest.approx(2 * reference.duration, abs=0.01)
+    assert after[1] - before[1] == 2
+    assert _metric(url, "metronome_speech_queue_time_seconds_count") >= 2
+    for _ in range(100):  # a stream releases its admission just after its last bytes
+        if _metric(url, "metronome_speech_requests_in_flight") == 0:
+            break
+        time.sleep(0.05)
+    assert _metric(url, "metronome_speech_requests_in_flight") == 0

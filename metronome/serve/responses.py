@@ -98,7 +98,8 @@ class ResponseShape:
         if self.chat and self.tools:
             parsed = parse_tool_calls(run.text, self.loose_calls)
             calls = parsed.calls
-            message: Body = {"role": "assistant", "content": parsed.content or (None if calls else "")}
+            # no text is null, as the stream's role chunk says it (a required call cut by max_tokens was "")
+            message: Body = {"role": "assistant", "content": parsed.content or None}
             if calls:
                 message["tool_calls"] = [c.openai() for c in calls]
             finish = _tool_finish(run.finish_reason, bool(calls))

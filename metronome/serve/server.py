@@ -367,9 +367,12 @@ def _chat_request(body: ChatBody, served: Served) -> ChatPrompt:
         # response_format beside tools (an agent with tools and an output type): with auto, the answer is that
         # JSON or calls; required or named, this turn's answer is calls and the format shapes a later one
         fmt, answer = body.response_format, None
-        if calling is not None and calling.mode == "auto" and fmt is not None and fmt.type != "text":
-            format_grammar(body, served)  # the schema's own refusals, naming response_format (ApiError)
-            answer = answer_schema(fmt)
+        if calling is not None and calling.constrained and fmt is not None and fmt.type != "text":
+            # the schema's own refusals, naming response_format (ApiError), in every mode: a format that shapes
+            # a later turn was refused only there, after an agent had run this turn's tools
+            format_grammar(body, served)
+            if calling.mode == "auto":
+                answer = answer_schema(fmt)
         messages, tools = template_messages(
             [m.as_template_message() for m in body.messages], calling, tok.template_reads_tools
         )

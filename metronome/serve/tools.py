@@ -52,6 +52,7 @@ _HEADER = re.compile(r'\{"name": "([A-Za-z0-9_.\-]+)", "arguments": ')
 # anything else stays text.
 FENCE = "```json"
 _FENCE_END = "```"
+JSON_SPACE = " \t\n\r"  # what JSON allows between tokens (RFC 8259): loose calls may be laid out with any of it
 NAME_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
 
 Mode = Literal["none", "auto", "required", "function"]
@@ -144,7 +145,9 @@ def tool_calling(
                 f"{p}tool_choice.function.name: {wanted!r} is not one of the tools ({', '.join(names)})",
                 f"{p}tool_choice.function.name",
             )
-        mode, allowed = "function", (wanted,)
+        # OpenAI's forced function is "call exactly one specific function", parallel calls or not (with
+        # them, Qwen wrote the call for four other cities too, and a budget cut it: finish_reason length)
+        mode, allowed, parallel = "function", (wanted,), False
     calling = ToolCalling(tuple(functions), mode, allowed, parallel)
     if calling.constrained:
         if grammars is None:
@@ -313,8 +316,8 @@ def _marker(grammars: Grammars, text: str) -> str:
 def tool_grammar(calling: ToolCalling, grammars: Grammars, answer: dict[str, Any] | None = None) -> Grammar | None:
     """The grammar of what the model may answer (None for tool_choice "none": no constraint).
 
-    required / a named function: one call (or, with parallel calls, one or more separated by newlines),
-    then the end. auto: free text (never containing `<tool_call>`) or calls; where the tags are special
+    required: one call (or, with parallel calls, one or more separated by newlines), then the end. A named
+    function: one call of it, then the end. auto: free text (never containing `<tool_call>`) or calls; where the tags are special
     tokens, text may also come before the calls; with `answer` (response_format's schema beside the tools,
     as an agent with tools and an output type sends), that JSON or calls. Each call is `<tool_call>\\n` +
     the call object of one allowed function (compact JSON, its arguments under the function's schema) +
@@ -535,7 +538,7 @@ def _loose_opening(buffer: str, names: Mapping[str, Any]) -> Literal["no", "mayb
         return "maybe"
 
     def skip(i: int) -> int:
-        while i < len(buffer) and buffer[i] in " \n":
+        while i < len(buffer) and buffer[i] in JSON_SPACE:
             i += 1
         return i
 
@@ -678,7 +681,7 @@ class ToolCallParser:
                 self._as_text()
             return  # not complete yet
         if fenced:
-            rest = self._buffer[end:].lstrip(" \n")
+            rest = self._buffer[end:].lstrip(JSON_SPACE)
             if not rest.startswith(_FENCE_END):
                 if (rest and not _FENCE_END.startswith(rest)) or final:
                     self._as_text()  # text after the object inside the fence
@@ -702,7 +705,7 @@ class ToolCallParser:
 
     def _loose_between(self) -> None:
         """After a loose call: another one, or the end. Text after loose calls is content."""
-        rest = self._buffer.lstrip(" \n")
+        rest = self._buffer.lstrip(JSON_SPACE)
         opening = _loose_opening(rest, self.loose.schemas) if rest and self.loose else "maybe"
         if opening == "yes":
             self._buffer, self._state = rest, "loose"

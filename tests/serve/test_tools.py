@@ -141,6 +141,13 @@ def test_loose_calls_are_read_only_as_whole_answers_of_valid_calls():
         ('```json\n{"name": "add", "arguments": {"a": 2', None, []),  # cut off by max_tokens
         ("```python\nprint(1)\n```", None, []),
         ("Sure: " + f"```json\n{pretty}\n```", None, []),  # after text: an example, not a call
+        # JSON's other whitespace, tabs and CR, lays a call out too (they left it as text)
+        (f"```json\r\n{pretty}\r\n```", "", [("get_weather", {"city": "Paris", "unit": "celsius"})]),
+        (
+            '{\t"name":\t"add", "arguments": {"a": 2, "b": 3}}\r\n\t{"name": "add", "arguments": {"a": 1, "b": 1}}',
+            "",
+            [("add", {"a": 2, "b": 3}), ("add", {"a": 1, "b": 1})],
+        ),
     ]
     for text, content, calls in cases:
         whole = parse_tool_calls(text, loose)
@@ -373,6 +380,13 @@ def test_a_format_beside_tools_gives_that_json_or_calls(smol_url):
     required = _ok(smol_url, response_format=fmt, tool_choice="required")
     assert required["finish_reason"] == "tool_calls"
     _valid_calls(required["message"]["tool_calls"], {"get_weather", "add"})
+    # a format constrained decoding cannot hold is refused in every mode: with required or a named function
+    # it was a 200, so an agent ran this turn's tools and got the 400 on its next turn
+    unusable = {"type": "json_schema", "json_schema": {"name": "r", "schema": {**report, "uniqueItems": True}}}
+    named = {"type": "function", "function": {"name": "add"}}
+    for choice in ("auto", "required", named):
+        r = _chat(smol_url, response_format=unusable, tool_choice=choice)
+        assert r.status_code == 400 and r.json()["error"]["param"].startswith("response_format"), (choice, r.text)
 
 
 def test_a_history_with_tool_results_renders_and_runs(smol_url):
@@ -605,6 +619,47 @@ def test_qwen_coder_calls_in_its_own_shape_are_tool_calls(qwen_url):
     assert (item["name"], json.loads(item["arguments"])) == _valid_calls(calls, {"get_weather"})[0]
     haiku = _ok(url, messages=[{"role": "user", "content": "Write a haiku about rain."}], tools=[WEATHER])
     assert haiku["finish_reason"] == "stop" and haiku["message"]["content"] and "tool_calls" not in haiku["message"]
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_a_named_function_is_called_exactly_once(qwen_url):
+    """OpenAI's forced function calls it exactly once. With parallel calls on (the default) Qwen wrote the
+    call for Tokyo, then New York, London and Sydney, and a smaller budget cut it (finish_reason length)."""
+    url, _engine = qwen_url
+    when = {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "description": "Current time in a timezone.",
+            "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}, "required": ["tz"]},
+        },
+    }
+    body = {
+        "messages": [{"role": "user", "content": "What time is it in Tokyo?"}],
+        "tools": [when],
+        "tool_choice": {"type": "function", "function": {"name": "get_time"}},
+        "max_tokens": 100,
+    }
+    choice = _ok(url, **body)
+    assert choice["finish_reason"] == "tool_calls" and len(choice["message"]["tool_calls"]) == 1, choice
+    assert json.loads(choice["message"]["tool_calls"][0]["function"]["arguments"])["tz"]
+    content, calls, finish = _streamed(url, **body)
+    assert finish == "tool_calls" and [c["function"] for c in calls] == [
+        c["function"] for c in choice["message"]["tool_calls"]
+    ]
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_a_call_cut_by_max_tokens_leaves_null_content_as_the_stream_does(qwen_url):
+    """Where the tag is a special token nothing of a cut call is text: the whole answer's content was "",
+    the stream's null (its role chunk, then nothing)."""
+    url, _engine = qwen_url
+    choice = _ok(url, tool_choice="required", max_tokens=4)
+    assert choice["finish_reason"] == "length" and "tool_calls" not in choice["message"], choice
+    assert choice["message"]["content"] is None
+    assert _streamed(url, tool_choice="required", max_tokens=4) == ("", [], "length")
 
 
 def test_schemas_too_large_or_malformed_are_400s_over_http(smol_url):

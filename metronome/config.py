@@ -249,8 +249,13 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         # a list given for a tuple field: stored as a tuple (the record stays hashable)
         for name in ("stop", "stop_token_ids"):
-            if not isinstance(getattr(self, name), tuple):
-                object.__setattr__(self, name, tuple(getattr(self, name)))
+            value = getattr(self, name)
+            if value is None:  # what OpenAI's clients send for none
+                object.__setattr__(self, name, ())
+            elif not isinstance(value, tuple):
+                if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+                    raise ParamError(name, f"{name} must be a list, not {type(value).__name__} ({value!r})")
+                object.__setattr__(self, name, tuple(value))
         object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
         self._check_types()
         self.validate()

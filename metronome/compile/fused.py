@@ -216,6 +216,9 @@ class FusedRunner:
     def read_kv(self, slot: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cache.read(slot, n)
 
+    def close(self) -> None:  # nothing beside this process
+        pass
+
     def decode(
         self, slots: list[int], tokens: list[int], positions: list[int], logit_rows: list[int] | None = None
     ) -> torch.Tensor:

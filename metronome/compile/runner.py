@@ -52,6 +52,9 @@ class Runner(Protocol):
         """A copy of `slot`'s KV at positions 0..n-1, every KV head (layers, kv_heads, n, head_dim): what
         `install_kv` takes (the prefix cache's pages for a prefill worker)."""
 
+    def close(self) -> None:
+        """Release what the runner started beside this process (a tensor-parallel plan's ranks)."""
+
 
 class TorchRunner:
     """The torch `Transformer` on static step buffers (filled in place each step; CUDA graphs replay them)."""
@@ -91,6 +94,9 @@ class TorchRunner:
 
     def read_kv(self, slot: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cache.read(slot, n)
+
+    def close(self) -> None:  # nothing beside this process
+        pass
 
     def decode(
         self, slots: list[int], tokens: list[int], positions: list[int], logit_rows: list[int] | None = None

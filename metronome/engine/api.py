@@ -4,6 +4,7 @@ engine's own thread does and the caller waits (never without a bound: a dead eng
 
 from __future__ import annotations
 
+import numbers
 import queue
 import threading
 from typing import TYPE_CHECKING, Iterator, Sequence
@@ -26,8 +27,18 @@ class PythonAPI:
         """A string through the chat template (when the model has one and `chat`), or raw; or a message list."""
         if isinstance(prompt, (list, tuple)) and not prompt:  # the template alone would make a prompt of nothing
             raise RequestError("the prompt is empty: send text, a message list with a message, or token ids", "prompt")
-        if isinstance(prompt, list):
-            return self.tokenizer.encode_chat(prompt)
+        if isinstance(prompt, (list, tuple)):
+            for i, m in enumerate(prompt):
+                if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+                    raise RequestError(
+                        f"message {i} is not a dict with a 'role' and a 'content': {str(m)[:80]!r}", f"prompt[{i}]"
+                    )
+            return self.tokenizer.encode_chat(list(prompt))
+        if not isinstance(prompt, str):
+            raise RequestError(
+                f"a prompt is text, a list of message dicts or a list of token ids (ints), not {type(prompt).__name__}",
+                "prompt",
+            )
         if chat and self.tokenizer.has_chat_template:
             return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
         return self.tokenizer.encode(prompt)
@@ -36,11 +47,12 @@ class PythonAPI:
         self: "Engine", prompt: Prompt, params: SamplingParams | None = None, chat: bool = True
     ) -> Iterator[Delta]:
         """Generate for one prompt, yielding a Delta per token (text may be '' while bytes are pending)."""
+        self._refuse_reentry("stream")
         if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], str):
             raise ValueError("stream takes one prompt (text, a message list or token ids); generate runs many")
-        ids = prompt if _is_ids(prompt) else self.encode_prompt(prompt, chat)
+        ids = _ids(prompt) if _is_ids(prompt) else self.encode_prompt(prompt, chat)
         events: "queue.Queue[Delta]" = queue.Queue()
-        req = self.submit(ids, params or SamplingParams(), events.put)
+        req = self.submit(ids, _params(params), events.put)
         try:
             while True:
                 if not self.running and events.empty():
@@ -62,15 +74,31 @@ class PythonAPI:
         self: "Engine", prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None, chat: bool = True
     ) -> Completion | list[Completion]:
         """Blocking generation for one prompt (returns a Completion) or many (a list, run together)."""
+        self._refuse_reentry("generate")
+        if isinstance(prompts, dict):  # iterated, a message's keys were two prompts ("role", "content")
+            raise RequestError("a chat prompt is a list of message dicts: pass [message], not the message", "prompts")
+        if not isinstance(prompts, (str, list, tuple)) and not _is_ids(prompts):
+            raise RequestError(
+                "prompts: text, a list of message dicts, token ids, or a list of those (to run several together), "
+                f"not {type(prompts).__name__}",
+                "prompts",
+            )
         single = (
             isinstance(prompts, str)
             or _is_ids(prompts)
-            or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
+            or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], dict))
         )
         batch = [prompts] if single else list(prompts)
         if not batch:
             return []
-        encoded = [p if _is_ids(p) else self.encode_prompt(p, chat) for p in batch]
+        params = _params(params)
+        if self.capacity is not None and len(batch) > self.capacity:  # it could never all be in at once
+            raise RequestError(
+                f"{len(batch)} prompts, but the engine holds at most {self.capacity} requests at once (slots + "
+                "max_queue): pass fewer per call, or build the engine with a larger max_queue",
+                "prompts",
+            )
+        encoded = [_ids(p) if _is_ids(p) else self.encode_prompt(p, chat) for p in batch]
         done = threading.Event()
         remaining = [len(encoded)]
 
@@ -83,7 +111,7 @@ class PythonAPI:
         reqs: list[Request] = []
         try:
             for ids in encoded:
-                reqs.append(self.submit(ids, params or SamplingParams(), on_event))
+                reqs.append(self.submit(ids, params, on_event))
             while not done.is_set():
                 if self.running:
                     if not done.wait(WAIT_SLICE_S):
@@ -100,7 +128,23 @@ class PythonAPI:
 
 
 def _is_ids(x) -> bool:
-    return isinstance(x, (list, tuple)) and len(x) > 0 and isinstance(x[0], int)
+    """Token ids: a list or tuple of integers (numpy's and torch's integer scalars too), or a 1-D integer
+    numpy array or tensor."""
+    if hasattr(x, "ndim") and hasattr(x, "tolist"):  # numpy array, torch tensor
+        return x.ndim == 1 and len(x) > 0 and isinstance(x.tolist()[0], int)
+    return isinstance(x, (list, tuple)) and len(x) > 0 and isinstance(x[0], numbers.Integral)
+
+
+def _ids(x) -> list[int]:
+    return [int(t) for t in (x.tolist() if hasattr(x, "tolist") else x)]
+
+
+def _params(params: SamplingParams | None) -> SamplingParams:
+    if params is None:
+        return SamplingParams()
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"params: a SamplingParams, e.g. SamplingParams(max_tokens=64), not {type(params).__name__}")
+    return params
 
 
 def _completion(r: Request) -> Completion:
@@ -115,4 +159,5 @@ def _completion(r: Request) -> Completion:
         r.sampler.seed,
         r.cached_tokens,
         tuple(r.prompt_choices),
+        r.error,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import logging
 import statistics
 import threading
 import time
@@ -50,6 +51,8 @@ from metronome.model.errors import ModelFileError, ModelNotFoundError
 from metronome.model.loader import LoadedModel, load
 from metronome.model.tokenizer import Tokenizer
 from metronome.parallel.disagg import KVShape, PrefillJob, PrefillWorker
+
+_LOG = logging.getLogger("metronome.engine")
 
 PROBE_ROWS = 128  # the prompt a new prefill worker runs first, to measure its time against the plan's price
 IDLE_WAKEUP_S = 1.0  # the stepping thread's longest sleep without work (bounds every wait)
@@ -146,6 +149,7 @@ class Engine(PythonAPI):
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stop = False
+        self._calling_back: int | None = None  # the thread handing events to callbacks now (_send_events)
         self.steps = 0
         self.profile = StepProfile()  # where the steps' time goes (profile.py)
         self.thread_id: int | None = None  # the stepping thread's OS id once it runs
@@ -387,7 +391,7 @@ class Engine(PythonAPI):
         with self._step_lock:
             try:
                 ran = self._step()
-            except Exception as exc:
+            except BaseException as exc:  # Ctrl-C too: a step cut midway left others' requests half-sampled
                 self._fail_running(exc)
                 self._send_events()
                 raise
@@ -401,10 +405,36 @@ class Engine(PythonAPI):
         sampled: a server's callbacks wake its event loop, whose work then runs while the plan runs in C++
         without the GIL, instead of taking the GIL from the step's own Python work (sampling, stop checks).
         An event waits for the next step's scheduling only (microseconds); with no next step to run, the
-        loop sends them at once (_loop). A callback that raises leaves the later events queued."""
-        while self._outgoing:
-            callback, delta = self._outgoing.popleft()
-            callback(delta)
+        loop sends them at once (_loop). A callback that raises fails its own request only: the request
+        is cancelled with the error noted on it and logged, and the other requests' events go on (raised
+        from here, it failed every request of the step, or reached whichever caller was stepping)."""
+        self._calling_back = threading.get_ident()
+        try:
+            while self._outgoing:
+                callback, delta = self._outgoing.popleft()
+                try:
+                    callback(delta)
+                except Exception as exc:
+                    self._callback_failed(delta, exc)
+        finally:
+            self._calling_back = None
+
+    def _callback_failed(self, delta: Delta, exc: Exception) -> None:
+        with self._lock:
+            live = [*self.scheduler.by_slot.values(), *self.scheduler.waiting]
+        request = next((r for r in live if r.id == delta.request_id), None)
+        if request is not None and request.finish_reason is None and not request.cancelled:
+            request.error = f"its callback raised {type(exc).__name__}: {exc}"
+            self.cancel(request)
+            _LOG.error("request %s: its callback raised; the request is cancelled", delta.request_id, exc_info=exc)
+
+    def _refuse_reentry(self, what: str) -> None:
+        """generate/stream from inside a callback would wait for the step that is calling it: a hang."""
+        if self._calling_back == threading.get_ident():
+            raise RuntimeError(
+                f"{what}() was called from an engine callback (on_event), which runs inside a step and would "
+                "wait for that step to end; submit() from the callback instead, or hand the work to another thread"
+            )
 
     def _step(self) -> int:
         """step() without sending its own events (they go before the next plan call, or when idle).
@@ -705,6 +735,7 @@ class Engine(PythonAPI):
         self, r: Request, reason: str, text: str = "", choices: tuple[Choice, ...] = (), error: str | None = None
     ) -> None:
         r.finish_reason = reason
+        r.error = error or r.error
         r.timings.finished = time.perf_counter()
         with self._lock:
             self.scheduler.release(r)
@@ -734,9 +765,15 @@ class Engine(PythonAPI):
     # -- running -----------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Step on a background thread whenever there is work."""
-        if self._thread is not None:
-            return
+        """Step on a background thread whenever there is work (again after stop(), or after the thread
+        died)."""
+        if self._thread is not None and self._thread.is_alive():
+            if not self._stop:
+                return
+            raise RuntimeError(
+                "the engine thread is still finishing its step after a stop() that timed out; call stop() again "
+                "(it waits for that step), then start()"
+            )
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="metronome-engine", daemon=True)
         self._thread.start()
@@ -775,12 +812,29 @@ class Engine(PythonAPI):
                         with self._lock:  # every live prompt is on the prefill worker: sleep until one comes back
                             if not self.prefiller.has_results and not self._stop:
                                 self._lock.wait(timeout=IDLE_WAKEUP_S)
-                except Exception as exc:  # a failed step (or callback) fails its requests; the engine goes on
+                except BaseException as exc:  # a failed step fails its requests; the engine goes on
                     self._fail_running(exc)
+                    if not isinstance(exc, Exception):  # SystemExit and the like end the thread (waiters are told)
+                        raise
         finally:
             self._send_events()
 
-    def _fail_running(self, exc: Exception) -> None:
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop stepping and release what the engine started beside it: a disaggregated layout's prefill
+        worker process, a tensor-parallel plan's other ranks. The engine runs no more after this (a `with`
+        block calls it at its end)."""
+        self.stop(timeout)
+        if self.prefiller is not None:
+            self.prefiller.close()
+        self.plan.runner.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def _fail_running(self, exc: BaseException) -> None:
         with self._lock:
             running = list(self.scheduler.by_slot.values())
         for r in running:
@@ -794,9 +848,13 @@ class Engine(PythonAPI):
 
     @property
     def running(self) -> bool:
-        return self._thread is not None
+        """Whether the engine's thread steps (callers wait) or not (callers step): once stopped, or asked to
+        stop, and ended, callers step, even before stop() has returned."""
+        thread = self._thread
+        return thread is not None and (thread.is_alive() or not self._stop)
 
     def check_alive(self) -> None:
-        """Raise if `start()` was called but the stepping thread is gone (waiters would wait forever)."""
-        if self._thread is not None and not self._thread.is_alive():
-            raise RuntimeError("the engine thread has stopped; no more steps will run")
+        """Raise if `start()` was called but the stepping thread died (waiters would wait forever)."""
+        thread = self._thread
+        if thread is not None and not thread.is_alive() and not self._stop:
+            raise RuntimeError("the engine thread has stopped; no more steps will run (start() starts another)")

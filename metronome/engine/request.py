@@ -64,6 +64,7 @@ class Completion:
     seed: int
     cached_tokens: int = 0  # prompt tokens copied from the prefix cache instead of computed
     prompt_choices: tuple[Choice, ...] = ()  # with prompt_logprobs: prompt tokens 1.. scored
+    error: str | None = None  # why it ended with "error" (or was cancelled for its callback's failure)
 
 
 class ConstraintError(RuntimeError):
@@ -103,6 +104,7 @@ class Request:
     constraint: Constraint | None = None
     slot: int | None = None
     cancelled: bool = False
+    error: str | None = None  # why it failed (the engine's error), or why its callback got it cancelled
     output_ids: list[int] = field(default_factory=list)
     choices: list[Choice] = field(default_factory=list)
     prompt_choices: list[Choice] = field(default_factory=list)  # with prompt_logprobs: scored as prefilled

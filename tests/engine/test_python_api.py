@@ -1,0 +1,161 @@
+"""The Python API used from threads and by hand (engine/api.py, Engine's start/stop/close): what a caller's
+callback may do to the others, Ctrl-C in the middle of a step, an engine whose thread ended, and inputs of
+the wrong shape. A tiny random llama, so each test runs in seconds."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from metronome.config import EngineConfig, ParamError, SamplingParams
+from metronome.engine import Engine
+from metronome.engine.request import RequestError
+
+PARAMS = SamplingParams(max_tokens=8, ignore_eos=True)
+SAMPLED = SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.9, seed=11)
+
+
+@pytest.fixture
+def engine(tiny_hf):
+    from metronome.model.loader import load
+
+    engine = Engine.from_model(config=EngineConfig(slots=2, ctx=128), loaded=load(tiny_hf("llama")), max_queue=2)
+    yield engine
+    engine.close()
+
+
+def test_generate_from_a_callback_is_refused_not_a_hang(engine):
+    """A callback runs inside the step: generate() there waited for that step (for ever, and with start()
+    every other caller behind it)."""
+    errors: list[BaseException] = []
+
+    def on_event(delta) -> None:
+        if delta.finish_reason is not None:
+            try:
+                engine.generate([5, 6], PARAMS)
+            except RuntimeError as exc:
+                errors.append(exc)
+
+    for started in (False, True):
+        if started:
+            engine.start()
+        errors.clear()
+        engine.submit([5, 6, 7], PARAMS, on_event)
+        done = threading.Event()
+        caller = threading.Thread(target=lambda done=done: (engine.generate([8, 9], PARAMS), done.set()))
+        caller.start()
+        assert done.wait(timeout=60), "a bystander's generate hung behind the callback"
+        caller.join(timeout=10)
+        assert len(errors) == 1 and "callback" in str(errors[0]), errors
+
+
+def test_a_callback_that_raises_fails_its_own_request_only(engine):
+    """A raising callback ended every request of the step with "error" (with start()), or raised in
+    whichever thread was stepping (without). Now its request is cancelled, with the reason noted, and the
+    others run exactly as alone."""
+    alone = engine.generate([8, 9, 10], SAMPLED).token_ids
+    for started in (False, True):
+        if started:
+            engine.start()
+
+        def broken(delta) -> None:
+            raise ValueError("a bug in someone else's callback")
+
+        bad = engine.submit([5, 6, 7], PARAMS, broken)
+        other = engine.generate([8, 9, 10], SAMPLED)
+        assert other.finish_reason == "length" and other.token_ids == alone
+        assert bad.cancelled and "a bug in someone else's callback" in bad.error
+
+
+def test_ctrl_c_in_a_step_ends_the_others_requests_rather_than_corrupting_them(engine, monkeypatch):
+    """Without start(), a KeyboardInterrupt inside a step (the caller's Ctrl-C) skipped the step's failure
+    handling: another thread's request was left half-sampled in its slot and went on to produce other
+    tokens, with no error. Now it ends with "error"."""
+    alone = engine.generate([8, 9, 10], SAMPLED).token_ids
+    real = engine.plan.decode
+    calls = [0]
+
+    def interrupted(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine.plan, "decode", interrupted)
+    events: list = []
+    other = engine.submit([8, 9, 10], SAMPLED, events.append)
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate([5, 6, 7], PARAMS)
+    monkeypatch.setattr(engine.plan, "decode", real)
+    while other.finish_reason is None:
+        engine.step()
+    assert other.finish_reason == "error", other.output_ids  # not tokens other than its own, silently
+    assert engine.scheduler.idle and engine.generate([8, 9, 10], SAMPLED).token_ids == alone
+
+
+def test_an_engine_whose_thread_ended_starts_again_and_reports_errors(engine, monkeypatch):
+    """After stop() timed out, start() did nothing and every later call failed; after the thread ended, a
+    generate() that failed returned finish_reason "error" with no word of why."""
+    engine.start()
+    real = engine.plan.decode
+    monkeypatch.setattr(engine.plan, "decode", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("simulated")))
+    failed = engine.generate([5, 6, 7], PARAMS)
+    assert failed.finish_reason == "error" and "simulated" in failed.error
+    monkeypatch.setattr(engine.plan, "decode", real)
+    gate, entered = threading.Event(), threading.Event()
+
+    def slow(*args, **kwargs):
+        entered.set()
+        gate.wait(timeout=30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine.plan, "decode", slow)
+    engine.submit([5, 6, 7], PARAMS, lambda d: None)
+    assert entered.wait(timeout=30)
+    with pytest.raises(TimeoutError):
+        engine.stop(timeout=0.05)
+    with pytest.raises(RuntimeError, match="stop\\(\\) again"):
+        engine.start()
+    gate.set()
+    monkeypatch.setattr(engine.plan, "decode", real)
+    engine.stop()
+    engine.start()
+    assert engine.generate([5, 6, 7], PARAMS).finish_reason == "length"
+
+
+def test_inputs_of_the_wrong_shape_are_refused_naming_them(engine):
+    ids = engine.generate([5, 6, 7], PARAMS).token_ids
+    # token ids as numpy or torch integers are token ids (they were read as chat text)
+    for given in (np.array([5, 6, 7]), [np.int64(5), np.int64(6), np.int64(7)], torch.tensor([5, 6, 7])):
+        assert engine.generate(given, PARAMS).token_ids == ids
+    # a message dict (not a list of them) was two prompts: "role" and "content"
+    with pytest.raises(RequestError, match="list of message dicts") as err:
+        engine.generate({"role": "user", "content": "hi"}, PARAMS)
+    assert err.value.param == "prompts"
+    with pytest.raises(RequestError) as err:
+        engine.generate([{"role": "user"}], PARAMS)
+    assert err.value.param == "prompt[0]"
+    with pytest.raises(RequestError, match="not NoneType"):
+        engine.generate(None, PARAMS)
+    with pytest.raises(TypeError, match="SamplingParams"):
+        engine.generate("x", {"max_tokens": 3})
+    assert SamplingParams(stop=None).stop == ()
+    with pytest.raises(ParamError) as perr:
+        SamplingParams(stop_token_ids=5)
+    assert perr.value.param == "stop_token_ids"
+    # more prompts than the engine ever holds could never run: refused up front, not "queue full, retry"
+    with pytest.raises(RequestError, match="at most 4") as err:
+        engine.generate(["a", "b", "c", "d", "e"], PARAMS)
+    assert err.value.param == "prompts" and engine.scheduler.idle
+
+
+def test_close_and_with_release_the_engine(tiny_hf):
+    from metronome.model.loader import load
+
+    with Engine.from_model(config=EngineConfig(slots=1, ctx=64), loaded=load(tiny_hf("llama"))) as engine:
+        engine.start()
+        assert engine.generate([5, 6], PARAMS).finish_reason == "length"
+    assert not engine.running and engine._thread is None

@@ -3,6 +3,7 @@ the same settings on the same machine and code (packed weights, decode shape, la
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -28,12 +29,12 @@ PLAN_CACHE_VERSION = 10
 
 def plan_cache_path(loaded: LoadedModel, config: EngineConfig, weights: str, ops: Ops, threads: int) -> Path:
     """Where a plan is cached: $METRONOME_PLAN_CACHE/<key>.pt (default ~/.cache/metronome/plans).
-    The key covers the model file (size, head and tail hash), every setting, the resolved weight format and
-    thread count, the code that packs and runs weights (every module of this package) and the kernel build
+    The key covers the model file (LoadedModel.fingerprint: every byte), every setting, the resolved weight
+    format and thread count, the code that reads, packs and runs weights (_code_files) and the kernel build
     (its sources, torch, Python and this CPU; calibrated latencies belong to a machine, so its name too)."""
     key = hashlib.sha256()
     kernel_build = build_directory().name if isinstance(ops, CppOps) else "torch-ops"
-    code = b"".join(p.read_bytes() for p in sorted(Path(__file__).parent.glob("*.py")))
+    code = b"".join(p.read_bytes() for p in _code_files())
     for part in (
         PLAN_CACHE_VERSION,
         loaded.fingerprint(),
@@ -51,6 +52,17 @@ def plan_cache_path(loaded: LoadedModel, config: EngineConfig, weights: str, ops
     return root / f"{key.hexdigest()[:24]}.pt"
 
 
+def _code_files() -> list[Path]:
+    """The modules whose change can change a plan's packed weights or what they compute: this package, the
+    model's readers (GGUF blocks, the un-permuted Q/K rows) and the kernels' Python face (kind codes). A
+    loader fix outside compile/ used to leave plans packed by the old code in use."""
+    package = Path(__file__).parent.parent
+    return sorted(p for folder in ("compile", "model", "kernels") for p in (package / folder).glob("*.py"))
+
+
+_SAVED_KEYS = frozenset({"version", "decode_mode", "invariance", "step_ms", "prompt_row_ms", "step_ms_far", "matrices"})
+
+
 def read_plan_cache(path: Path, say: Callable[[str], None]) -> dict | None:
     """The saved plan at `path`, or None (absent, damaged or of another version: compile afresh)."""
     if not path.is_file():
@@ -60,10 +72,16 @@ def read_plan_cache(path: Path, say: Callable[[str], None]) -> dict | None:
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
         say(f"ignoring an unreadable cached plan {path}: {exc}")
         return None
-    return saved if isinstance(saved, dict) and saved.get("version") == PLAN_CACHE_VERSION else None
+    if not isinstance(saved, dict) or saved.get("version") != PLAN_CACHE_VERSION:
+        return None
+    if not _SAVED_KEYS <= saved.keys():  # a file of this version missing a part (written by hand, or damaged)
+        say(f"ignoring an incomplete cached plan {path}: it lacks {', '.join(sorted(_SAVED_KEYS - saved.keys()))}")
+        return None
+    return saved
 
 
 def write_plan_cache(
+    say: Callable[[str], None],
     path: Path,
     decode_mode: str,
     invariance: str,
@@ -72,7 +90,9 @@ def write_plan_cache(
     step_ms_far: dict[int, float],
     matrices: list[list] | None,
 ) -> None:
-    """Atomically (write, then rename): a concurrent reader sees the old file or the new one."""
+    """Atomically (write, then rename): a concurrent reader sees the old file or the new one. A cache that
+    cannot be written (read-only, full) is said and skipped: the plan is ready, and it was a traceback
+    after the whole compile (and a partial file left on the full disk)."""
     saved = {
         "version": PLAN_CACHE_VERSION,
         "decode_mode": decode_mode,
@@ -82,7 +102,12 @@ def write_plan_cache(
         "step_ms_far": step_ms_far,
         "matrices": matrices,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(saved, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(saved, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+        with contextlib.suppress(OSError):  # a folder that is a file, or a read-only one, holds no tmp
+            tmp.unlink(missing_ok=True)
+        say(f"could not save the plan in the plan cache ({exc}); the next start compiles it again")

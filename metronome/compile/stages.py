@@ -112,6 +112,7 @@ def compile_plan(
             prompt_row_ms, prefill_row_ms, prompt_row_ms_far = c.prompt_row_ms, c.prefill_row_ms, c.prompt_row_ms_far
         if path is not None and calibrate:
             write_plan_cache(
+                say,
                 path,
                 runner.decode_mode,
                 invariance,

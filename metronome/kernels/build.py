@@ -14,6 +14,7 @@ import os
 import platform
 import sys
 import threading
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -42,6 +43,7 @@ LDFLAGS = ["-pthread"]
 AVX512_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c"})
 AVX2_CPU_FLAGS = frozenset({"avx2", "fma", "f16c"})
 EXTENSION_NAME = "metronome_kernels"
+STALE_LOCK_S = 1800.0  # a build lock older than this was left by a killed build (one takes a few minutes)
 
 
 class KernelBuildError(RuntimeError):
@@ -136,6 +138,21 @@ def instruction_set() -> str:
     )
 
 
+def _clear_stale_lock(lock: Path) -> None:
+    """torch's build lock is a file that the building process removes when it ends; a build killed midway
+    (out of memory, `docker stop`) left it, and every later process waited on it for ever, saying nothing.
+    A lock older than any build is removed; a younger one is said before torch waits on it."""
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        print(f"metronome: removing {lock}, left by a kernel build that ended {age / 60:.0f} min ago", file=sys.stderr)
+        lock.unlink(missing_ok=True)
+    else:
+        print(f"metronome: waiting for another process's build of the C++ kernels ({lock})", file=sys.stderr)
+
+
 def load_module(verbose: bool = False) -> ModuleType:
     """Build (once per machine and source version) and load the C++ extension module.
 
@@ -156,11 +173,14 @@ def load_module(verbose: bool = False) -> ModuleType:
         directory = build_directory()
         try:
             directory.mkdir(parents=True, exist_ok=True)
+            _clear_stale_lock(directory / "lock")
             module = cpp_extension.load(
                 name=EXTENSION_NAME,
                 sources=[str(p) for p in sources],
+                # a copy: torch appends its own flags to the list in place, which changed build_directory()'s
+                # key in the process that built (and the plan cache's keys with it)
                 extra_cflags=compile_flags(),
-                extra_ldflags=LDFLAGS,
+                extra_ldflags=list(LDFLAGS),
                 build_directory=str(directory),
                 verbose=verbose,
             )

@@ -15,7 +15,7 @@ import hashlib
 import json
 import math
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -93,7 +93,7 @@ class LoadedModel:
     file_bytes: int
 
     def fingerprint(self) -> str:
-        """A short hash of the model file(s): size, head and tail (cheap on large files)."""
+        """A short hash of every byte of the model file(s) (file_fingerprint; hashed once per file version)."""
         return file_fingerprint(self.path)
 
 
@@ -108,16 +108,47 @@ def default_model_path() -> Path:
 
 
 def file_fingerprint(path: Path) -> str:
+    """A hash of every byte of the model's files (a GGUF file, or an HF folder's weights and config): the
+    plan cache keeps packed weights under it, so a file changed anywhere must change it (the size and the
+    first and last MiB did not see a fine-tune of the same shapes: its plan ran the old weights)."""
     files = _safetensors_files(path) + [path / "config.json"] if path.is_dir() else [path]
     h = hashlib.sha256()
     for f in files:
-        size = f.stat().st_size
-        h.update(f.name.encode() + str(size).encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
-            fh.seek(max(0, size - (1 << 20)))
-            h.update(fh.read(1 << 20))
+        h.update(f.name.encode() + b"\0" + _file_digest(f).encode() + b"\0")
     return h.hexdigest()[:16]
+
+
+_STAMPED_BYTES = 64 << 20  # files from this size on keep their digest in a stamp (a smaller one hashes in ~50 ms)
+
+
+def _file_digest(f: Path) -> str:
+    """sha256 of `f`, read once per version of a large file: kept in a stamp in the cache, keyed by the
+    file's path, size, inode and modification time (a 1.1 GB file takes about a second to hash)."""
+    st = f.stat()
+    if st.st_size < _STAMPED_BYTES:
+        with open(f, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+    resolved = str(f.resolve())
+    version = f"{resolved}\0{st.st_size}\0{st.st_ino}\0{st.st_mtime_ns}"
+    root = Path(os.environ.get("METRONOME_CACHE_DIR") or Path.home() / ".cache" / "metronome")
+    stamp = root / "digests" / f"{hashlib.sha256(resolved.encode()).hexdigest()[:24]}.json"
+    try:
+        kept = json.loads(stamp.read_text())
+        if kept.get("version") == version and isinstance(kept.get("sha256"), str):
+            return kept["sha256"]
+    except (OSError, ValueError, AttributeError):
+        pass  # none yet, or unreadable: hash the file
+    with open(f, "rb") as fh:
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    tmp = stamp.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"version": version, "sha256": digest}))
+        os.replace(tmp, stamp)
+    except OSError:  # a read-only or full cache only costs the hash again next time
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+    return digest
 
 
 def load(

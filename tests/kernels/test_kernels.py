@@ -614,3 +614,23 @@ def test_a_failed_check_raises_its_message_without_a_cpp_stack(cpp: CppOps) -> N
     assert "raw must be the file's contiguous uint8 blocks" in messages[0]
     assert "rms_norm: weight must have shape (4,)" in messages[1]
     assert not any("Exception raised from" in m or "Traceback" in m for m in messages), messages
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_one_is_said(tmp_path, capsys):
+    """torch's build lock stays when a build is killed, and every later process waited on it for ever,
+    saying nothing."""
+    import os
+    import time
+
+    from metronome.kernels import build
+
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    build._clear_stale_lock(lock)
+    assert lock.exists() and "waiting for another process's build" in capsys.readouterr().err
+    old = time.time() - build.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    build._clear_stale_lock(lock)
+    assert not lock.exists() and "removing" in capsys.readouterr().err
+    build._clear_stale_lock(lock)  # none: nothing to say
+    assert capsys.readouterr().err == ""

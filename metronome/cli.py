@@ -368,6 +368,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: the command stops, as a shell tool does, without a traceback
         print(file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        from metronome.parallel.group import GroupError  # only now: it loads torch
+
+        if not isinstance(exc, GroupError):
+            raise
+        print(f"metronome: error: {exc}", file=sys.stderr)  # a rank or prefill worker: its message names it
+        return 1
     except BrokenPipeError:  # the reader left (`| head`): stop quietly, as other command-line tools do
         # stdout goes to /dev/null so that the interpreter's own flush at exit does not fail again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

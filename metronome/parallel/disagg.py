@@ -37,7 +37,7 @@ from typing import Any, Callable
 import torch
 
 from metronome.config import EngineConfig
-from metronome.parallel.group import Endpoint, GroupError, PairLink, free_port
+from metronome.parallel.group import Endpoint, GroupError, PairLink, await_joining, free_port
 
 COLLECTIVE_TIMEOUT_S = 30.0
 POLL_S = 0.5  # the transfer thread's longest sleep without work (bounds every wait)
@@ -99,7 +99,7 @@ class Backlog:
     slowdown: float
 
 
-def _worker_main(path: str, config: EngineConfig, endpoint: Endpoint, errors: Any, ready: Any) -> None:
+def _worker_main(path: str, config: EngineConfig, endpoint: Endpoint, errors: Any, joining: Any, ready: Any) -> None:
     """The prefill worker (rank 1): compile the plan with one slot, warm it up, say so (`ready`), then
     prefill what rank 0 sends."""
     from metronome.compile import compile_plan
@@ -108,6 +108,7 @@ def _worker_main(path: str, config: EngineConfig, endpoint: Endpoint, errors: An
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the engine ends us
     link = None
     try:
+        joining.set()
         link = PairLink(1, endpoint, COLLECTIVE_TIMEOUT_S)
         plan = compile_plan(load(path), config, calibrate=False, cache=False)
         k, v = plan.cache.k[:, 0], plan.cache.v[:, 0]  # the one slot: (layers, kv heads, ctx, head dim)
@@ -182,15 +183,16 @@ class PrefillWorker:
         """Start the worker and join its group; return once its plan is compiled and warm (a prompt sent
         earlier would wait for that, and its TTFT with it)."""
         endpoint = Endpoint("127.0.0.1", free_port())
-        ready = self._ctx.Event()
+        joining, ready = self._ctx.Event(), self._ctx.Event()
         self._process = self._ctx.Process(
             target=_worker_main,
-            args=(self.path, self.config, endpoint, self._errors, ready),
+            args=(self.path, self.config, endpoint, self._errors, joining, ready),
             daemon=True,
-            name="prefill",
+            name="prefill worker",
         )
         self._process.start()
         try:
+            await_joining([self._process], [joining])
             if self._link is None:
                 self._link = PairLink(0, endpoint, COLLECTIVE_TIMEOUT_S)
             else:

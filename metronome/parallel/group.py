@@ -19,10 +19,11 @@ import os
 import pickle
 import queue
 import socket
+import time
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -40,6 +41,32 @@ class Endpoint:
 
     addr: str
     port: int
+
+
+# The longest a spawned rank or prefill worker may take to reach its group's join: start Python, import torch,
+# load the model. Past the join, each collective has its own timeout (30 s); the start had only that, and a
+# 2-core machine under load took longer to import torch alone.
+START_S = 600.0
+JOIN_POLL_S = 0.5  # how often the wait for a join looks at whether the process still lives
+
+
+def await_joining(processes: Sequence[Any], joining: Sequence[Any], timeout_s: float = START_S) -> None:
+    """Wait until each process has set its `joining` event (a multiprocessing Event it sets just before it
+    joins the group), or raise GroupError as soon as one has died (its exit code), or at `timeout_s`. Joining
+    first would wait the collective timeout out for a process that was already dead (killed by the Ctrl-C that
+    stops the server while it imports torch, or out of memory) and then say only that it did not join."""
+    deadline = time.monotonic() + timeout_s
+    for process, event in zip(processes, joining):
+        while not event.wait(JOIN_POLL_S):
+            if not process.is_alive():
+                raise GroupError(
+                    f"{process.name} (pid {process.pid}) exited with code {process.exitcode} before joining"
+                )
+            if time.monotonic() > deadline:
+                raise GroupError(
+                    f"{process.name} (pid {process.pid}) did not reach its group within {timeout_s:.0f} s of its start "
+                    "(starting Python and torch and loading the model): is the machine overloaded?"
+                )
 
 
 def free_port() -> int:

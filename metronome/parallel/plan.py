@@ -33,7 +33,7 @@ from metronome.kernels.ops import KernelBuildError, TorchOps, load_kernels
 from metronome.model.loader import LoadedModel, load
 from metronome.model.transformer import build_model, use_ops
 from metronome.parallel.fused_tp import TPFusedRunner, rank_weights
-from metronome.parallel.group import Endpoint, GlooGroup, GroupError, env_rank, free_port
+from metronome.parallel.group import Endpoint, GlooGroup, GroupError, await_joining, env_rank, free_port
 from metronome.parallel.host import exchange_bytes
 from metronome.parallel.runner import Rank, TPPages, TPRunner, follow
 from metronome.parallel.tp import (
@@ -127,7 +127,9 @@ def _follow(loaded: LoadedModel, config: EngineConfig, layout: TPLayout, group: 
     return follow(Rank(runner, pages, group))
 
 
-def _worker(rank: int, path: str, config: EngineConfig, layout: TPLayout, endpoint: Endpoint, errors: Any) -> None:
+def _worker(
+    rank: int, path: str, config: EngineConfig, layout: TPLayout, endpoint: Endpoint, errors: Any, joining: Any
+) -> None:
     """Rank `rank` (>= 1): build, check the file against rank 0's, follow rank 0's calls until Stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: rank 0 ends us (Stop)
     torch.set_num_threads(config.threads or 1)
@@ -135,6 +137,7 @@ def _worker(rank: int, path: str, config: EngineConfig, layout: TPLayout, endpoi
     try:
         loaded = load(path)
         host_bytes = exchange_bytes(loaded.config, layout, config)
+        joining.set()
         group = GlooGroup(rank, layout.world, endpoint, COLLECTIVE_TIMEOUT_S, host_bytes)
         fingerprints = group.all_gather_objects(loaded.fingerprint())
         if len(set(fingerprints)) != 1:
@@ -171,15 +174,17 @@ class Ranks:
         # with --tp 2 --layout disaggregated stopped on SIGTERM (not examined further)
         self.errors = self._ctx.Queue() if layout.world > 1 else None
         self.workers: list = []
+        self.joining: list = []  # each worker's event, set just before it joins the group
         self.group: GlooGroup | None = None
         self.generation = 0  # how many times the group was formed
 
     def _spawn(self) -> Endpoint:
         endpoint = Endpoint("127.0.0.1", free_port())
+        self.joining = [self._ctx.Event() for _ in range(1, self.layout.world)]
         self.workers = [
             self._ctx.Process(
                 target=_worker,
-                args=(r, self.path, self.config, self.layout, endpoint, self.errors),
+                args=(r, self.path, self.config, self.layout, endpoint, self.errors, self.joining[r - 1]),
                 daemon=True,
                 name=f"tp-rank-{r}",
             )
@@ -196,6 +201,7 @@ class Ranks:
             f"tensor parallel: {self.layout.world} ranks on 127.0.0.1:{endpoint.port}, {self.layout.shards} shards"
         )
         try:
+            await_joining(self.workers, self.joining)
             if self.group is None:
                 host_bytes = exchange_bytes(self.loaded.config, self.layout, self.config)
                 self.group = GlooGroup(0, self.layout.world, endpoint, COLLECTIVE_TIMEOUT_S, host_bytes)

@@ -156,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
 
     from metronome.compile import PlanError
     from metronome.model.loader import ModelFileError
+    from metronome.parallel.group import GroupError
     from metronome.serve.audio import SpeechService
     from metronome.serve.server import create_app
 
@@ -241,6 +242,9 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(loader.error, FileNotFoundError):  # the speech model's folder or package
             print(f"metronome serve: --speech-model: {loader.error}", file=sys.stderr)
             return 2
+        if isinstance(loader.error, GroupError):  # a rank or the prefill worker did not start: it is named
+            print(f"metronome serve: {loader.error}", file=sys.stderr)
+            return 1
         raise loader.error
     return 0
 

@@ -131,6 +131,23 @@ def test_a_failing_rank_is_named():
         run_ranks(2, _fail_on_rank_one, timeout_s=60, collective_timeout_s=10)
 
 
+def test_a_rank_that_dies_before_joining_is_named_at_once(tiny_hf, tmp_path):
+    """Rank 0 joined first and waited the collective timeout out for a rank that was already dead (killed by
+    the Ctrl-C that stopped the server while it imported torch, or unable to load its file), then said only
+    that the group did not form. Now it sees the death while waiting, and says how the rank ended."""
+    from metronome.parallel.plan import Ranks
+
+    loaded = load(str(tiny_hf("llama")))
+    bogus = tmp_path / "not-a-model.gguf"
+    bogus.write_bytes(b"GGUF" + bytes(60))
+    config = EngineConfig(slots=1, ctx=64, tp=2, tp_shards=4, weights="f32")
+    ranks = Ranks(loaded, config, TPLayout(2, 0, 4), say=lambda _msg: None, path=str(bogus))
+    with pytest.raises(GroupError, match=r"tp-rank-1 \(pid \d+\) exited with code 0 before joining") as err:
+        ranks.form()
+    assert "not-a-model.gguf" in str(err.value)  # the rank's own error comes with it
+    assert not any(w.is_alive() for w in ranks.workers)
+
+
 def _engine(path: str, tp: int, weights: str = "f32") -> Engine:
     """f32: the torch path; int8: the fused C++ decoder (its Q8_0 blocks need K ranges of 32 columns)."""
     shards = 4

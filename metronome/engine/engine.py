@@ -149,6 +149,7 @@ class Engine(PythonAPI):
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stop = False
+        self._closed = False  # close() released the runner and the prefill worker: nothing may run again
         self._calling_back: int | None = None  # the thread handing events to callbacks now (_send_events)
         self.steps = 0
         self.profile = StepProfile()  # where the steps' time goes (profile.py)
@@ -244,6 +245,7 @@ class Engine(PythonAPI):
     ) -> Request:
         """Queue a request; refused at once (RequestError) if it cannot fit its slot. `params` were checked
         when they were built (SamplingParams is frozen and validates in __post_init__)."""
+        self._refuse_closed()
         prompt = list(prompt_ids)
         ctx = self.config.ctx
         if not prompt:
@@ -388,6 +390,8 @@ class Engine(PythonAPI):
         requests it ran with "error" (their slots free, as the engine's own thread does) and re-raises:
         left in their slots, every later step would have failed on them. Callers on several threads take
         turns (each waits for the step running to end)."""
+        self._refuse_reentry("step")
+        self._refuse_closed()
         with self._step_lock:
             try:
                 ran = self._step()
@@ -420,6 +424,8 @@ class Engine(PythonAPI):
             self._calling_back = None
 
     def _callback_failed(self, delta: Delta, exc: Exception) -> None:
+        """Logged always (a callback failing on a request's last event has nothing left to cancel, and
+        went unseen); a request still running is cancelled, with the reason on it."""
         with self._lock:
             live = [*self.scheduler.by_slot.values(), *self.scheduler.waiting]
         request = next((r for r in live if r.id == delta.request_id), None)
@@ -427,14 +433,21 @@ class Engine(PythonAPI):
             request.error = f"its callback raised {type(exc).__name__}: {exc}"
             self.cancel(request)
             _LOG.error("request %s: its callback raised; the request is cancelled", delta.request_id, exc_info=exc)
+        else:
+            _LOG.error("request %s: its callback raised on its last event", delta.request_id, exc_info=exc)
 
     def _refuse_reentry(self, what: str) -> None:
-        """generate/stream from inside a callback would wait for the step that is calling it: a hang."""
+        """generate/stream/step/close from inside a callback would wait for the step that is calling it:
+        a hang (and every other caller behind it)."""
         if self._calling_back == threading.get_ident():
             raise RuntimeError(
                 f"{what}() was called from an engine callback (on_event), which runs inside a step and would "
                 "wait for that step to end; submit() from the callback instead, or hand the work to another thread"
             )
+
+    def _refuse_closed(self) -> None:
+        if self._closed:
+            raise RuntimeError("this engine was closed (close() or the end of its `with` block); build another")
 
     def _step(self) -> int:
         """step() without sending its own events (they go before the next plan call, or when idle).
@@ -774,15 +787,19 @@ class Engine(PythonAPI):
                 "the engine thread is still finishing its step after a stop() that timed out; call stop() again "
                 "(it waits for that step), then start()"
             )
+        self._refuse_closed()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="metronome-engine", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 60.0) -> None:
-        """Stop stepping after the current step (waits up to `timeout` seconds for it)."""
+        """Stop stepping after the current step (waits up to `timeout` seconds for it; from a callback on
+        the engine's own thread, which cannot wait for itself, the thread ends when its step does)."""
         with self._lock:
             self._stop = True
             self._lock.notify()
+        if self._thread is threading.current_thread():
+            return
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
@@ -822,11 +839,16 @@ class Engine(PythonAPI):
     def close(self, timeout: float = 60.0) -> None:
         """Stop stepping and release what the engine started beside it: a disaggregated layout's prefill
         worker process, a tensor-parallel plan's other ranks. The engine runs no more after this (a `with`
-        block calls it at its end)."""
-        self.stop(timeout)
-        if self.prefiller is not None:
-            self.prefiller.close()
-        self.plan.runner.close()
+        block calls it at its end). The worker and ranks are released even when the step outlasts `timeout`
+        (the TimeoutError is raised after)."""
+        self._refuse_reentry("close")
+        self._closed = True
+        try:
+            self.stop(timeout)
+        finally:
+            if self.prefiller is not None:
+                self.prefiller.close()
+            self.plan.runner.close()
 
     def __enter__(self) -> "Engine":
         return self

@@ -28,16 +28,17 @@ def engine(tiny_hf):
 
 
 def test_generate_from_a_callback_is_refused_not_a_hang(engine):
-    """A callback runs inside the step: generate() there waited for that step (for ever, and with start()
-    every other caller behind it)."""
+    """A callback runs inside the step: generate(), step() or close() there waited for that step (for ever,
+    and with start() every other caller behind it)."""
     errors: list[BaseException] = []
 
     def on_event(delta) -> None:
         if delta.finish_reason is not None:
-            try:
-                engine.generate([5, 6], PARAMS)
-            except RuntimeError as exc:
-                errors.append(exc)
+            for call in (lambda: engine.generate([5, 6], PARAMS), engine.step, engine.close):
+                try:
+                    call()
+                except RuntimeError as exc:
+                    errors.append(exc)
 
     for started in (False, True):
         if started:
@@ -49,7 +50,7 @@ def test_generate_from_a_callback_is_refused_not_a_hang(engine):
         caller.start()
         assert done.wait(timeout=60), "a bystander's generate hung behind the callback"
         caller.join(timeout=10)
-        assert len(errors) == 1 and "callback" in str(errors[0]), errors
+        assert len(errors) == 3 and all("callback" in str(e) for e in errors), errors
 
 
 def test_a_callback_that_raises_fails_its_own_request_only(engine):
@@ -68,6 +69,22 @@ def test_a_callback_that_raises_fails_its_own_request_only(engine):
         other = engine.generate([8, 9, 10], SAMPLED)
         assert other.finish_reason == "length" and other.token_ids == alone
         assert bad.cancelled and "a bug in someone else's callback" in bad.error
+
+
+def test_a_callback_that_raises_on_the_last_event_is_logged(engine, caplog):
+    """With nothing left to cancel, the exception went nowhere: no log, nothing on the request."""
+
+    def broken_at_the_end(delta) -> None:
+        if delta.finish_reason is not None:
+            raise ValueError("a bug in the finish handler")
+
+    with caplog.at_level("ERROR", logger="metronome.engine"):
+        engine.submit([5, 6, 7], PARAMS, broken_at_the_end)
+        while engine.step():
+            pass
+    assert any("last event" in r.message and "finish handler" in str(r.exc_info[1]) for r in caplog.records), (
+        caplog.text
+    )
 
 
 def test_ctrl_c_in_a_step_ends_the_others_requests_rather_than_corrupting_them(engine, monkeypatch):
@@ -159,3 +176,32 @@ def test_close_and_with_release_the_engine(tiny_hf):
         engine.start()
         assert engine.generate([5, 6], PARAMS).finish_reason == "length"
     assert not engine.running and engine._thread is None
+    for call in (lambda: engine.submit([5], PARAMS), engine.start, engine.step):
+        with pytest.raises(RuntimeError, match="closed"):
+            call()
+
+
+def test_close_releases_the_runner_even_when_the_step_outlasts_it(tiny_hf, monkeypatch):
+    """close() raised stop()'s TimeoutError before releasing the ranks and the prefill worker."""
+    import time
+
+    from metronome.model.loader import load
+
+    engine = Engine.from_model(config=EngineConfig(slots=1, ctx=64), loaded=load(tiny_hf("llama")))
+    released: list[bool] = []
+    monkeypatch.setattr(engine.plan.runner, "close", lambda: released.append(True))
+    real, entered = engine.plan.decode, threading.Event()
+
+    def slow(*args, **kwargs):
+        entered.set()
+        time.sleep(1.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine.plan, "decode", slow)
+    engine.start()
+    engine.submit([5, 6], PARAMS)
+    assert entered.wait(timeout=30)
+    with pytest.raises(TimeoutError):
+        engine.close(timeout=0.05)
+    assert released == [True]
+    engine._thread.join(timeout=30)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 
 class ParamError(ValueError):
@@ -21,6 +23,12 @@ def _check(record: object, checks: list[tuple[str, bool, str]]) -> None:
     for name, ok, what in checks:
         if not ok:
             raise ParamError(name, f"{name}={getattr(record, name)!r}: {what}")
+
+
+def cache_root() -> Path:
+    """Where metronome keeps what it builds once per machine (kernels, model digests): $METRONOME_CACHE_DIR,
+    default ~/.cache/metronome."""
+    return Path(os.environ.get("METRONOME_CACHE_DIR") or Path.home() / ".cache" / "metronome")
 
 
 class StrChoice(enum.StrEnum):

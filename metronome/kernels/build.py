@@ -9,6 +9,8 @@ and the `ninja` package.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import platform
@@ -17,9 +19,11 @@ import threading
 import time
 from pathlib import Path
 from types import ModuleType
+from typing import Iterator
 
 import torch
 
+from metronome.config import cache_root
 from metronome.kernels import blocks
 
 __all__ = [
@@ -43,7 +47,8 @@ LDFLAGS = ["-pthread"]
 AVX512_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c"})
 AVX2_CPU_FLAGS = frozenset({"avx2", "fma", "f16c"})
 EXTENSION_NAME = "metronome_kernels"
-STALE_LOCK_S = 1800.0  # a build lock older than this was left by a killed build (one takes a few minutes)
+BUILD_WAIT_S = 1800.0  # how long a process waits for another's build (one takes a few minutes)
+BUILD_POLL_S = 0.5
 
 
 class KernelBuildError(RuntimeError):
@@ -106,8 +111,7 @@ def build_directory() -> Path:
     ):
         key.update(part)
         key.update(b"\0")
-    root = Path(os.environ.get("METRONOME_CACHE_DIR") or Path.home() / ".cache" / "metronome")
-    return root / f"kernels-{key.hexdigest()[:16]}"
+    return cache_root() / f"kernels-{key.hexdigest()[:16]}"
 
 
 _lock = threading.Lock()
@@ -138,19 +142,40 @@ def instruction_set() -> str:
     )
 
 
-def _clear_stale_lock(lock: Path) -> None:
-    """torch's build lock is a file that the building process removes when it ends; a build killed midway
-    (out of memory, `docker stop`) left it, and every later process waited on it for ever, saying nothing.
-    A lock older than any build is removed; a younger one is said before torch waits on it."""
-    try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return
-    if age > STALE_LOCK_S:
-        print(f"metronome: removing {lock}, left by a kernel build that ended {age / 60:.0f} min ago", file=sys.stderr)
-        lock.unlink(missing_ok=True)
-    else:
-        print(f"metronome: waiting for another process's build of the C++ kernels ({lock})", file=sys.stderr)
+@contextlib.contextmanager
+def _build_lock(directory: Path) -> Iterator[None]:
+    """Hold `directory`'s build to this process. torch's own lock is a file the building process removes
+    when it ends, so a build killed midway (out of memory, `docker stop`) left it and every later process
+    waited on it for ever, silently. Ours is an flock, which the kernel drops with the process that held
+    it: whoever holds it knows a torch lock file in the directory is such a leftover and removes it. A
+    live build is said once and waited for, up to BUILD_WAIT_S."""
+    with open(directory / "build.flock", "a") as fh:
+        deadline, said = time.monotonic() + BUILD_WAIT_S, False
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise KernelBuildError(
+                        f"another process has been building the C++ kernels in {directory} for over "
+                        f"{BUILD_WAIT_S / 60:.0f} min; stop it, or remove that directory"
+                    ) from None
+                if not said:
+                    print(
+                        f"metronome: waiting for another process's build of the C++ kernels ({directory})",
+                        file=sys.stderr,
+                    )
+                    said = True
+                time.sleep(BUILD_POLL_S)
+        try:
+            left = directory / "lock"
+            if left.exists():
+                print(f"metronome: removing {left}, left by a kernel build that was killed", file=sys.stderr)
+                left.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def load_module(verbose: bool = False) -> ModuleType:
@@ -173,17 +198,17 @@ def load_module(verbose: bool = False) -> ModuleType:
         directory = build_directory()
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            _clear_stale_lock(directory / "lock")
-            module = cpp_extension.load(
-                name=EXTENSION_NAME,
-                sources=[str(p) for p in sources],
-                # a copy: torch appends its own flags to the list in place, which changed build_directory()'s
-                # key in the process that built (and the plan cache's keys with it)
-                extra_cflags=compile_flags(),
-                extra_ldflags=list(LDFLAGS),
-                build_directory=str(directory),
-                verbose=verbose,
-            )
+            with _build_lock(directory):
+                module = cpp_extension.load(
+                    name=EXTENSION_NAME,
+                    sources=[str(p) for p in sources],
+                    # a copy: torch appends its own flags to the list in place, which changed
+                    # build_directory()'s key in the process that built (and the plan cache's keys with it)
+                    extra_cflags=compile_flags(),
+                    extra_ldflags=list(LDFLAGS),
+                    build_directory=str(directory),
+                    verbose=verbose,
+                )
         except (RuntimeError, OSError, ImportError) as e:
             raise KernelBuildError(f"could not build/load {SOURCE_DIR} in {directory}: {e}") from e
         try:

@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import time
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from metronome.config import ModelConfig, ParamError, RopeScaling
+from metronome.config import ModelConfig, ParamError, RopeScaling, cache_root
 from metronome.model import gguf_file
 from metronome.model.errors import ModelFileError  # re-exported: raised and caught under this name
 from metronome.model.registry import resolve
@@ -123,15 +124,17 @@ _STAMPED_BYTES = 64 << 20  # files from this size on keep their digest in a stam
 
 def _file_digest(f: Path) -> str:
     """sha256 of `f`, read once per version of a large file: kept in a stamp in the cache, keyed by the
-    file's path, size, inode and modification time (a 1.1 GB file takes about a second to hash)."""
+    file's device, inode, size and change times (a 1.1 GB file takes about a second to hash). The ctime is
+    in the key because copies that keep the mtime (`cp -p`, `rsync -t`, `touch -r`) still move it; a file
+    changed within the last seconds is not stamped, since a write in the same clock tick leaves its times
+    alone (as git treats a "racily clean" file)."""
     st = f.stat()
     if st.st_size < _STAMPED_BYTES:
         with open(f, "rb") as fh:
             return hashlib.file_digest(fh, "sha256").hexdigest()
     resolved = str(f.resolve())
-    version = f"{resolved}\0{st.st_size}\0{st.st_ino}\0{st.st_mtime_ns}"
-    root = Path(os.environ.get("METRONOME_CACHE_DIR") or Path.home() / ".cache" / "metronome")
-    stamp = root / "digests" / f"{hashlib.sha256(resolved.encode()).hexdigest()[:24]}.json"
+    stamp = cache_root() / "digests" / f"{hashlib.sha256(resolved.encode()).hexdigest()[:24]}.json"
+    version = _file_version(resolved, st)
     try:
         kept = json.loads(stamp.read_text())
         if kept.get("version") == version and isinstance(kept.get("sha256"), str):
@@ -140,6 +143,10 @@ def _file_digest(f: Path) -> str:
         pass  # none yet, or unreadable: hash the file
     with open(f, "rb") as fh:
         digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    after = f.stat()
+    settled = time.time() - max(after.st_mtime, after.st_ctime) > _RACY_S
+    if _file_version(resolved, after) != version or not settled:
+        return digest  # written while it was read, or too lately to trust its times: no stamp
     tmp = stamp.with_suffix(f".{os.getpid()}.tmp")
     try:
         stamp.parent.mkdir(parents=True, exist_ok=True)
@@ -149,6 +156,13 @@ def _file_digest(f: Path) -> str:
         with suppress(OSError):
             tmp.unlink(missing_ok=True)
     return digest
+
+
+_RACY_S = 2.0  # a file whose last change is this recent is hashed again next time (its times may not move)
+
+
+def _file_version(resolved: str, st: os.stat_result) -> str:
+    return f"{resolved}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
 
 
 def load(

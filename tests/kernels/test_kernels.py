@@ -616,21 +616,40 @@ def test_a_failed_check_raises_its_message_without_a_cpp_stack(cpp: CppOps) -> N
     assert not any("Exception raised from" in m or "Traceback" in m for m in messages), messages
 
 
-def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_one_is_said(tmp_path, capsys):
+def test_the_build_lock_removes_a_killed_builds_lock_and_never_a_live_one(tmp_path, capsys, monkeypatch):
     """torch's build lock stays when a build is killed, and every later process waited on it for ever,
-    saying nothing."""
-    import os
-    import time
+    saying nothing; removing it by its age raced with a live build (two processes read the old age, the
+    second removed the first's fresh lock, and both built in one directory)."""
+    import subprocess
+    import sys
+    import textwrap
 
     from metronome.kernels import build
 
-    lock = tmp_path / "lock"
-    lock.write_text("")
-    build._clear_stale_lock(lock)
-    assert lock.exists() and "waiting for another process's build" in capsys.readouterr().err
-    old = time.time() - build.STALE_LOCK_S - 60
-    os.utime(lock, (old, old))
-    build._clear_stale_lock(lock)
-    assert not lock.exists() and "removing" in capsys.readouterr().err
-    build._clear_stale_lock(lock)  # none: nothing to say
+    holder_code = textwrap.dedent(f"""
+        import fcntl, sys, time
+        fh = open({str(tmp_path / "build.flock")!r}, "a")
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        open({str(tmp_path / "lock")!r}, "w").close()  # torch's lock, as a live build holds it
+        print("held", flush=True)
+        time.sleep(60)
+    """)
+    holder = subprocess.Popen([sys.executable, "-c", holder_code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(build, "BUILD_WAIT_S", 1.0)
+        with pytest.raises(build.KernelBuildError, match="for over"):
+            with build._build_lock(tmp_path):
+                pass
+        assert (tmp_path / "lock").exists(), "a live build's lock was removed"
+        assert "waiting for another process's build" in capsys.readouterr().err
+        holder.kill()  # killed midway: its flock goes with it, torch's lock file stays
+        holder.wait(timeout=30)
+    finally:
+        holder.kill()
+    with build._build_lock(tmp_path):
+        assert not (tmp_path / "lock").exists()
+    assert "removing" in capsys.readouterr().err
+    with build._build_lock(tmp_path):  # nothing left over: nothing to say
+        pass
     assert capsys.readouterr().err == ""

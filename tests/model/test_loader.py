@@ -635,3 +635,33 @@ def test_gguf_rope_scaling_is_applied_or_refused(tmp_path):
         load(path)
     assert str(path) in str(err.value)
     assert load(_tiny_gguf(tmp_path / "none.gguf", meta={"rope.scaling.type": "none"})).config.rope_scaling is None
+
+
+def test_a_large_files_kept_digest_follows_every_change_of_the_file(tmp_path, monkeypatch):
+    """A large file's sha256 is kept in a stamp keyed by the file's version. Keyed by the mtime alone, a
+    copy that keeps it (`cp -p`, `rsync -t`, `touch -r`) over a changed file got the old digest back, and
+    the plan cache ran the old file's packed weights."""
+    import os
+    import time
+
+    from metronome.model import loader
+
+    monkeypatch.setattr(loader, "_STAMPED_BYTES", 1 << 20)
+    monkeypatch.setattr(loader, "_RACY_S", 0.3)
+    monkeypatch.setenv("METRONOME_CACHE_DIR", str(tmp_path / "cache"))
+    stamps = tmp_path / "cache" / "digests"
+    f = tmp_path / "model.gguf"
+    raw = bytearray(np.random.default_rng(0).integers(0, 256, 2 << 20, dtype=np.uint8).tobytes())
+    f.write_bytes(bytes(raw))
+    first = loader.file_fingerprint(f)
+    assert not stamps.exists(), "a file written this moment was stamped (its times may not move again)"
+    old = time.time() - 60
+    os.utime(f, (old, old))
+    time.sleep(0.4)  # the ctime, which utime set to now, settles
+    assert loader.file_fingerprint(f) == first and len(list(stamps.iterdir())) == 1
+    raw[len(raw) // 2] ^= 0x01  # one bit, in place, then the old times put back
+    with open(f, "r+b") as fh:
+        fh.write(bytes(raw))
+    os.utime(f, (old, old))
+    time.sleep(0.4)
+    assert loader.file_fingerprint(f) != first, "the stamp gave the old file's digest"

@@ -138,6 +138,7 @@ def _worker_main(path: str, config: EngineConfig, endpoint: Endpoint, errors: An
             link.send(logits.float().contiguous(), dst=0)
     except BaseException as exc:  # told to rank 0, which fails the prompt it was sending and restarts us
         errors.put(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+        raise SystemExit(1) from None  # said: the exit code shows it failed, without a second traceback
     finally:
         if link is not None:
             link.close()

@@ -69,6 +69,19 @@ def await_joining(processes: Sequence[Any], joining: Sequence[Any], timeout_s: f
                 )
 
 
+def await_go(go: Any, parent: int, timeout_s: float = START_S) -> None:
+    """A spawned rank that has set its `joining` event waits here for rank 0's `go` (set once every rank
+    has), so all ranks enter the group's join together: a rank that joined as soon as it was ready could
+    wait out the 30 s collective timeout for a slower one (three or more ranks on a loaded machine). Raises
+    GroupError if the parent process `parent` ends first, or at `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not go.wait(JOIN_POLL_S):
+        if os.getppid() != parent:
+            raise GroupError(f"rank 0 (pid {parent}) ended before the group formed")
+        if time.monotonic() > deadline:
+            raise GroupError(f"rank 0 did not form the group within {timeout_s:.0f} s")
+
+
 def free_port() -> int:
     """A TCP port free on loopback now (the group's rendezvous)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

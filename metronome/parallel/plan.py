@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing as mp
+import os
 import queue
 import signal
 import traceback
@@ -33,7 +34,7 @@ from metronome.kernels.ops import KernelBuildError, TorchOps, load_kernels
 from metronome.model.loader import LoadedModel, load
 from metronome.model.transformer import build_model, use_ops
 from metronome.parallel.fused_tp import TPFusedRunner, rank_weights
-from metronome.parallel.group import Endpoint, GlooGroup, GroupError, await_joining, env_rank, free_port
+from metronome.parallel.group import Endpoint, GlooGroup, GroupError, await_go, await_joining, env_rank, free_port
 from metronome.parallel.host import exchange_bytes
 from metronome.parallel.runner import Rank, TPPages, TPRunner, follow
 from metronome.parallel.tp import (
@@ -128,23 +129,36 @@ def _follow(loaded: LoadedModel, config: EngineConfig, layout: TPLayout, group: 
 
 
 def _worker(
-    rank: int, path: str, config: EngineConfig, layout: TPLayout, endpoint: Endpoint, errors: Any, joining: Any
+    rank: int,
+    path: str,
+    config: EngineConfig,
+    layout: TPLayout,
+    endpoint: Endpoint,
+    errors: Any,
+    joining: Any,
+    go: Any,
+    parent: int,
 ) -> None:
-    """Rank `rank` (>= 1): build, check the file against rank 0's, follow rank 0's calls until Stop."""
+    """Rank `rank` (>= 1): build, check the file against rank 0's, follow rank 0's calls until Stop. The
+    file's fingerprint is taken before the join (hashing a large file the first time takes seconds, which
+    inside the join's 30 s would count against it)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: rank 0 ends us (Stop)
     torch.set_num_threads(config.threads or 1)
     group = None
     try:
         loaded = load(path)
         host_bytes = exchange_bytes(loaded.config, layout, config)
+        fingerprint = loaded.fingerprint()
         joining.set()
+        await_go(go, parent)
         group = GlooGroup(rank, layout.world, endpoint, COLLECTIVE_TIMEOUT_S, host_bytes)
-        fingerprints = group.all_gather_objects(loaded.fingerprint())
+        fingerprints = group.all_gather_objects(fingerprint)
         if len(set(fingerprints)) != 1:
             return  # rank 0 reports it
         _follow(loaded, config, dataclasses.replace(layout, rank=rank), group)
     except BaseException as exc:  # told to the launcher (rank 0), which names this rank
         errors.put((rank, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+        raise SystemExit(1) from None  # said: the exit code shows it failed, without a second traceback
     finally:
         if group is not None:
             group.close()
@@ -174,17 +188,30 @@ class Ranks:
         # with --tp 2 --layout disaggregated stopped on SIGTERM (not examined further)
         self.errors = self._ctx.Queue() if layout.world > 1 else None
         self.workers: list = []
-        self.joining: list = []  # each worker's event, set just before it joins the group
+        self.joining: list = []  # each worker's event, set when it is ready to join the group
+        self.go: Any = None  # set by rank 0 once every worker is ready: all join at once
         self.group: GlooGroup | None = None
         self.generation = 0  # how many times the group was formed
 
     def _spawn(self) -> Endpoint:
         endpoint = Endpoint("127.0.0.1", free_port())
         self.joining = [self._ctx.Event() for _ in range(1, self.layout.world)]
+        self.go = self._ctx.Event()
+        parent = os.getpid()
         self.workers = [
             self._ctx.Process(
                 target=_worker,
-                args=(r, self.path, self.config, self.layout, endpoint, self.errors, self.joining[r - 1]),
+                args=(
+                    r,
+                    self.path,
+                    self.config,
+                    self.layout,
+                    endpoint,
+                    self.errors,
+                    self.joining[r - 1],
+                    self.go,
+                    parent,
+                ),
                 daemon=True,
                 name=f"tp-rank-{r}",
             )
@@ -196,18 +223,20 @@ class Ranks:
 
     def form(self) -> GlooGroup:
         """Start ranks 1.. and join them (rank 0): the group; GroupError naming what went wrong."""
+        fingerprint = self.loaded.fingerprint()  # before the join, as the workers take theirs
         endpoint = self._spawn()
         self.say(
             f"tensor parallel: {self.layout.world} ranks on 127.0.0.1:{endpoint.port}, {self.layout.shards} shards"
         )
         try:
             await_joining(self.workers, self.joining)
+            self.go.set()
             if self.group is None:
                 host_bytes = exchange_bytes(self.loaded.config, self.layout, self.config)
                 self.group = GlooGroup(0, self.layout.world, endpoint, COLLECTIVE_TIMEOUT_S, host_bytes)
             else:
                 self.group.reconnect(endpoint)
-            fingerprints = self.group.all_gather_objects(self.loaded.fingerprint())
+            fingerprints = self.group.all_gather_objects(fingerprint)
         except Exception as exc:
             self.stop()
             raise GroupError(f"the tensor-parallel group did not form: {exc}{self._worker_errors()}") from exc
@@ -280,8 +309,9 @@ def compile_tp_plan(
         rank, world, endpoint = launched
         if world != config.tp:
             raise PlanError(f"tp={config.tp} but torchrun started {world} ranks (WORLD_SIZE): pass --tp {world}", "tp")
+        fingerprint = loaded.fingerprint()  # before the join: a first hash of a large file takes seconds
         group = GlooGroup(rank, world, endpoint, COLLECTIVE_TIMEOUT_S, exchange_bytes(loaded.config, layout, config))
-        fingerprints = group.all_gather_objects(loaded.fingerprint())
+        fingerprints = group.all_gather_objects(fingerprint)
         if len(set(fingerprints)) != 1:
             group.close()
             raise GroupError(f"the model file differs between ranks (fingerprints by rank: {fingerprints})")

@@ -142,10 +142,38 @@ def test_a_rank_that_dies_before_joining_is_named_at_once(tiny_hf, tmp_path):
     bogus.write_bytes(b"GGUF" + bytes(60))
     config = EngineConfig(slots=1, ctx=64, tp=2, tp_shards=4, weights="f32")
     ranks = Ranks(loaded, config, TPLayout(2, 0, 4), say=lambda _msg: None, path=str(bogus))
-    with pytest.raises(GroupError, match=r"tp-rank-1 \(pid \d+\) exited with code 0 before joining") as err:
+    spawned, spawn = [], ranks._spawn
+
+    def spawn_and_keep():  # stop() forgets its processes: keep them to look at afterwards
+        endpoint = spawn()
+        spawned.extend(ranks.workers)
+        return endpoint
+
+    ranks._spawn = spawn_and_keep
+    with pytest.raises(GroupError, match=r"tp-rank-1 \(pid \d+\) exited with code 1 before joining") as err:
         ranks.form()
     assert "not-a-model.gguf" in str(err.value)  # the rank's own error comes with it
-    assert not any(w.is_alive() for w in ranks.workers)
+    assert spawned and not any(w.is_alive() for w in spawned)
+
+
+def test_a_ready_rank_waits_for_rank_zeros_go_and_not_for_ever():
+    """A rank joined the group as soon as it was ready, so with three or more ranks an early one waited out
+    the 30 s collective timeout for a slower one; now it waits for rank 0's go (given once every rank is
+    ready), and gives up if rank 0 is gone or at the start-up limit."""
+    import multiprocessing as mp
+    import os
+    import threading
+
+    from metronome.parallel.group import await_go
+
+    go = mp.get_context("spawn").Event()
+    threading.Timer(0.3, go.set).start()
+    await_go(go, os.getppid(), timeout_s=10)  # returns once go is set
+    go.clear()
+    with pytest.raises(GroupError, match="rank 0 .* ended before the group formed"):
+        await_go(go, os.getppid() + 1, timeout_s=10)  # another parent: as if ours had died
+    with pytest.raises(GroupError, match="did not form the group within"):
+        await_go(go, os.getppid(), timeout_s=0.6)
 
 
 def _engine(path: str, tp: int, weights: str = "f32") -> Engine:

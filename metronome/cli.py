@@ -369,9 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         print(file=sys.stderr)
         return 130
     except RuntimeError as exc:
-        from metronome.parallel.group import GroupError  # only now: it loads torch
-
-        if not isinstance(exc, GroupError):
+        group = sys.modules.get("metronome.parallel.group")  # not imported: loaded, it would load torch
+        if group is None or not isinstance(exc, group.GroupError):  # never imported: it cannot be one
             raise
         print(f"metronome: error: {exc}", file=sys.stderr)  # a rank or prefill worker: its message names it
         return 1

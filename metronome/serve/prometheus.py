@@ -67,7 +67,6 @@ class _EngineTotals:
 
     def __init__(self, metrics: "ServerMetrics") -> None:
         self.metrics = metrics
-        self.thread_cpu = ThreadCpu()
 
     def collect(self) -> Iterable[Metric]:
         engine = self.metrics._engine

@@ -374,10 +374,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"metronome: error: {exc}", file=sys.stderr)  # a rank or prefill worker: its message names it
         return 1
-    except BrokenPipeError:  # the reader left (`| head`): stop quietly, as other command-line tools do
-        # stdout goes to /dev/null so that the interpreter's own flush at exit does not fail again
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141  # 128 + SIGPIPE, what a shell reports for a tool the pipe ended
+    except BrokenPipeError:
+        return reader_left()
+
+
+def reader_left() -> int:
+    """The reader of stdout left (`| head`): stop quietly, as other command-line tools do. stdout goes to
+    /dev/null so that the interpreter's own flush at exit does not fail again. Returns 141 (128 + SIGPIPE,
+    what a shell reports for a tool the pipe ended)."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141
 
 
 if __name__ == "__main__":

@@ -154,7 +154,11 @@ class ModelConfig:
                 ("num_layers", self.num_layers >= 1, "must be positive"),
                 ("num_heads", self.num_heads >= 1, "must be positive"),
                 ("num_kv_heads", 1 <= self.num_kv_heads <= self.num_heads, "must be in [1, num_heads]"),
-                ("num_kv_heads", self.num_heads % self.num_kv_heads == 0, "must divide num_heads (grouped queries)"),
+                (
+                    "num_kv_heads",
+                    self.num_kv_heads >= 1 and self.num_heads % self.num_kv_heads == 0,  # (checks run at once)
+                    "must divide num_heads (grouped queries)",
+                ),
                 ("head_dim", self.head_dim >= 2 and self.head_dim % 2 == 0, "must be even and positive (RoPE pairs)"),
                 ("intermediate_size", self.intermediate_size >= (0 if self.num_experts else 1), "must be positive"),
                 ("max_position", self.max_position >= 1, "must be positive"),

@@ -119,16 +119,20 @@ def load_published(directory: Path = CATALOG_DIR) -> dict[str, list[dict]]:
 def with_prices(
     hardware: dict[str, Hardware], per_hour: dict[str, float], per_chip: dict[str, float]
 ) -> dict[str, Hardware]:
-    """A copy of `hardware` with price overrides applied (names must exist)."""
+    """A copy of `hardware` with price overrides applied (names must exist). A purchase price replaces an
+    hourly one the entry had (the measured machine's, a catalog's cloud price): it was silently kept."""
     for flag, table in (("--price-per-hour", per_hour), ("--price-per-chip", per_chip)):
         for name, price in table.items():
             if name not in hardware:
                 raise ValueError(f"{flag} {name}={price}: no hardware named {name!r}; known: {sorted(hardware)}")
             if not (math.isfinite(price) and price >= 0):
                 raise ValueError(f"{flag} {name}={price}: a price must be a number >= 0")
+    both = sorted(set(per_hour) & set(per_chip))
+    if both:
+        raise ValueError(f"{both[0]} has both --price-per-hour and --price-per-chip: give one price for it")
     out = dict(hardware)
-    for name, price in per_chip.items():
-        out[name] = dataclasses.replace(out[name], price_per_chip_usd=price)
+    for name, price in per_chip.items():  # a purchase price is what prices it now, over any hourly one it had
+        out[name] = dataclasses.replace(out[name], price_per_chip_usd=price, price_per_hour_usd=None)
     for name, price in per_hour.items():
         out[name] = dataclasses.replace(out[name], price_per_hour_usd=price)
     return out

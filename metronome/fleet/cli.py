@@ -33,6 +33,10 @@ from metronome.fleet.validation import validation_report
 DEFAULT_TARGETS = ("tsp-v1", "h100-sxm")
 
 
+_SVG_US = 100.0  # --svg-us's default (a value other than it needs --trace-svg)
+_ROUNDS = 3  # --rounds' default (a value other than it needs --measure)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", help="built-in name (e.g. llama-2-70b), a .gguf file or an HF model folder")
     p.add_argument("--tokens-per-s", type=float, help="decode speed each user must get (tokens/s)")
@@ -69,7 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="OUT.svg",
         help="with --trace: also draw the first 2 chips (and any GPU) over the first --svg-us microseconds",
     )
-    p.add_argument("--svg-us", type=float, default=100.0, help="time window of --trace-svg (default 100 us)")
+    p.add_argument("--svg-us", type=float, default=_SVG_US, help="time window of --trace-svg (default 100 us)")
     p.add_argument("--plot", type=Path, metavar="OUT.png", help="write the cost vs speed Pareto plot")
     p.add_argument("--table", type=Path, metavar="OUT.md", help="write the frontier as a Markdown table")
     p.add_argument(
@@ -87,7 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--rounds",
         type=int,
-        default=3,
+        default=_ROUNDS,
         help="with --calibrate --measure: alternate the machine terms and the engine this many times and report "
         "medians (default 3; this machine's bandwidth drifts from minute to minute)",
     )
@@ -143,6 +147,8 @@ def _calibrate(args: argparse.Namespace, out) -> None:
     if args.rounds < 1:
         raise ValueError(f"--rounds={args.rounds} must be at least 1")
     threads = args.threads or available_cores()
+    if args.rounds != _ROUNDS and not args.measure:
+        raise ValueError("--rounds repeats the --measure runs: give --measure too, or leave --rounds out")
     rounds = args.rounds if args.measure else 1  # the terms alone: one measurement
     terms, rows = calibrate_model(args.model, threads, measure=args.measure, device=args.device, rounds=rounds)
     print(calibration_table(terms, rows), file=out, end="")
@@ -185,8 +191,10 @@ def _check_outputs(args: argparse.Namespace) -> None:
     ):
         if path is not None and not path.parent.is_dir():
             raise ValueError(f"{flag} {path}: the folder {path.parent} does not exist")
-    if args.trace_svg is not None and not (math.isfinite(args.svg_us) and args.svg_us > 0):
+    if not (math.isfinite(args.svg_us) and args.svg_us > 0):
         raise ValueError(f"--svg-us={args.svg_us}: the drawing's window must be a positive number of microseconds")
+    if args.svg_us != _SVG_US and args.trace_svg is None:
+        raise ValueError("--svg-us sets the window of the --trace-svg drawing: give --trace-svg OUT.svg too")
     if args.plot is not None:
         from matplotlib.figure import Figure
 
@@ -216,6 +224,8 @@ def _plan(args: argparse.Namespace, out) -> int:
         catalog, _prices("--price-per-hour", args.price_per_hour), _prices("--price-per-chip", args.price_per_chip)
     )
     hardware = _hardware(args, catalog)
+    if args.trace is not None and not any(h.kind is HardwareKind.LPU for h in hardware):
+        raise ValueError("--trace draws an LPU schedule: name an LPU among the targets (e.g. --target tsp-v1)")
     cost = load_cost_model()
     table = load_calibration()
     cal = calibration_from_table(table)
@@ -262,14 +272,17 @@ def _plan(args: argparse.Namespace, out) -> int:
             file=out,
         )
     title = f"{shape.name}: prompt {workload.prompt}, output {workload.output}"
+    if not cands and (args.plot or args.table or args.trace):  # said above: nothing holds the model
+        print("nothing to write: no configuration holds the model", file=sys.stderr)
+        return 1
     if args.plot:
         plot_frontier(cands, args.plot, title)
         print(f"wrote {args.plot}", file=out)
     if args.table:
         args.table.write_text(f"# {title}\n\n" + markdown_table(pareto(cands)))
         print(f"wrote {args.table}", file=out)
-    if args.trace:
-        _write_trace(args.trace, winners, cands, out, args.trace_svg, args.svg_us)
+    if args.trace and not _write_trace(args.trace, winners, cands, out, args.trace_svg, args.svg_us):
+        return 1
     return 0 if winners else 1
 
 
@@ -288,11 +301,15 @@ def _why_none(kind: Kind, hardware: list[Hardware]) -> str:
 
 def _write_trace(
     path: Path, winners: list[Candidate], cands: list[Candidate], out, svg: Path | None, svg_us: float
-) -> None:
+) -> bool:
+    """The chosen LPU plan's schedule (and its drawing); False, said, where no LPU layout holds the model."""
     with_lpu = [c for c in winners if c.lpu_plan is not None]
     pool = with_lpu or [c for c in cands if c.lpu_plan is not None]
     if not pool:
-        raise ValueError("--trace needs an LPU target (e.g. --target tsp-v1)")
+        print(
+            f"--trace: no layout of the LPU targets holds the model, so {path} has no schedule to show", file=sys.stderr
+        )
+        return False
     pick = min(pool, key=lambda c: c.cost_per_mtok) if with_lpu else max(pool, key=lambda c: c.per_user_tokens_per_s)
     trace = chrome_trace(pick.lpu_plan, pick.handoff_events)
     path.write_text(json.dumps(trace))
@@ -302,6 +319,7 @@ def _write_trace(
         svg.write_text(trace_svg(trace, [*chips, GPU_PID], start + svg_us, from_us=start))
         print(f"wrote {svg}", file=out)
     print(f"wrote {path} ({pick.layout}, batch {pick.batch}; open in https://ui.perfetto.dev)", file=out)
+    return True
 
 
 def run(args: argparse.Namespace) -> int:

@@ -16,7 +16,7 @@ from functools import lru_cache
 from metronome.fleet.catalog import Hardware, HardwareKind
 from metronome.fleet.ops import Exchange, Offload, Op, Pattern, Step, embed_program, head_program, layer_program
 from metronome.fleet.schedule import GPU_PID, PIPELINE_PID, Contention, Event, Timeline, to_chrome_trace
-from metronome.fleet.shapes import ModelShape
+from metronome.fleet.shapes import ModelShape, experts_touched
 
 TOKEN_ID_BYTES = 4
 
@@ -141,7 +141,11 @@ def _op_work(op: Op, hw: Hardware, opts: LpuOptions, tp: int, p: Pass) -> tuple[
     """(unit time, SRAM-read time) of `op`'s share on one chip, without the fixed op latency: the larger of
     moving its bytes and computing its FLOPs."""
     shard = 1 if op.replicated else tp
-    read = (op.weights + op.gathered * p.rows) * opts.weight_bits / 8
+    weights = op.weights
+    if op.routed is not None:  # the experts this step's rows touch, as the GPU model counts them
+        experts, per_token = op.routed
+        weights = round(op.weights / per_token * experts_touched(experts, per_token, p.rows))
+    read = (weights + op.gathered * p.rows) * opts.weight_bits / 8
     read += (op.kv_reads * p.positions + op.kv_written) * p.seqs * opts.kv_bits / 8
     flops = (op.flops + op.kv_flops * p.positions) * p.rows
     sram = read / shard / hw.memory_bandwidth
@@ -387,12 +391,29 @@ def distribute_layers(
     return Partition(tp, tuple([0] * embed_alone + layers + [0] * head_alone))
 
 
-def tp_degrees(hw: Hardware) -> list[int]:
-    """Tensor-parallel group sizes: powers of two up to, and including, the node size."""
+def tp_degrees(hw: Hardware, shape: ModelShape) -> list[int]:
+    """Tensor-parallel group sizes: powers of two up to, and including, the node size, that cut the model's
+    KV heads (and so its query heads) evenly: the layer program has no exchange inside attention, so each
+    chip must hold whole KV heads. (A KV head split over chips had each chip count a fraction of a cache it
+    needs whole: Gemma 3 270M's one KV head at tp4 was counted 206 MB a chip where it needs 803 MB.)"""
     out = [1]
     while out[-1] * 2 <= hw.node_size:
         out.append(out[-1] * 2)
-    return sorted(set(out + [hw.node_size]))
+    return [t for t in sorted(set(out + [hw.node_size])) if cuts_heads(shape, t)]
+
+
+def cuts_heads(shape: ModelShape, tp: int) -> bool:
+    """`tp` chips each take whole KV heads and their query heads."""
+    c = shape.config
+    return c.num_kv_heads % tp == 0 and c.num_heads % tp == 0
+
+
+def _check_heads(shape: ModelShape, tp: int) -> None:
+    if not cuts_heads(shape, tp):
+        raise ValueError(
+            f"tp={tp} does not cut {shape.name}'s {shape.config.num_kv_heads} KV heads and "
+            f"{shape.config.num_heads} query heads evenly; use a tp that divides both"
+        )
 
 
 def partitions(
@@ -402,7 +423,7 @@ def partitions(
     cap = min(max_chips or hw.max_chips, hw.max_chips)
     out = []
     n = shape.config.num_layers
-    for t in [tp] if tp else tp_degrees(hw):
+    for t in [tp] if tp else tp_degrees(hw, shape):
         for stages in range(1, n + 3):
             if t * stages > cap:
                 break
@@ -614,6 +635,7 @@ def _prefill(shape: ModelShape, hw: Hardware, part: Partition, opts: LpuOptions)
 def plan_partition(shape: ModelShape, hw: Hardware, part: Partition, opts: LpuOptions) -> LpuPlan:
     """Time `part` for `opts`: decode step, pipelining (as many micro-batches as stages and SRAM allow), TTFT."""
     _check(hw, opts)
+    _check_heads(shape, part.tp)
     users = max_users(shape, hw, part, opts)
     if users < opts.batch:
         raise ValueError(
@@ -634,6 +656,8 @@ def compile_lpu(
 ) -> LpuPlan:
     """The layout within `chips` (default: any) with the fastest decode step; ties go to fewer chips."""
     _check(hw, opts)
+    if tp is not None:
+        _check_heads(shape, tp)
     fits = partitions(shape, hw, opts, chips, tp)
     if not fits:
         need = min_chips(shape, hw, opts)

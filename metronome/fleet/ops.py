@@ -44,6 +44,9 @@ class Op:
     replicated: bool = False  # every chip does all of it (work on the replicated hidden vector)
     axis: str | None = None  # streamed along this axis (see the module docstring); None: one piece
     off_path: bool = False  # nothing later in the layer waits for it
+    # (experts, per token) where `weights` are the routed experts a row runs: a step reads those its rows
+    # touch (all of them at a large batch), not `weights` once
+    routed: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -131,10 +134,11 @@ def _mlp(shape: ModelShape) -> list[Step]:
         mult = 1
     # gate/up, activation and down stream along f (down accumulates its partial sums chunk by chunk); the
     # all-reduce then streams the finished sums along d into the residual.
+    routed = (shape.num_experts, shape.experts_per_token) if shape.is_moe else None
     steps += [
-        Op("gate_up", Unit.MXM, weights=mult * 2 * d * f, flops=mult * 4 * d * f, axis="f"),
+        Op("gate_up", Unit.MXM, weights=mult * 2 * d * f, flops=mult * 4 * d * f, axis="f", routed=routed),
         Op("act", Unit.VXM, flops=mult * 4 * f, axis="f"),
-        Op("down", Unit.MXM, weights=mult * f * d, flops=mult * 2 * f * d, axis="f"),
+        Op("down", Unit.MXM, weights=mult * f * d, flops=mult * 2 * f * d, axis="f", routed=routed),
     ]
     if shape.is_moe and shape.shared_width:
         # the shared expert every token runs (Qwen2-MoE), beside the routed ones, and its sigmoid gate

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from metronome.config import ModelConfig, ParamError
+
+
+def experts_touched(experts: int, per_token: int, rows: int) -> float:
+    """Experts a step of `rows` token rows is expected to read, routing each row to `per_token` of
+    `experts` at random: each expert is missed by all rows with probability (1 - k/e)^rows."""
+    return experts * (1.0 - (1.0 - per_token / experts) ** rows)
 
 
 @dataclass(frozen=True)
@@ -57,8 +64,7 @@ class ModelShape:
         """MLP weights read by one step of `batch` tokens: the experts those tokens are expected to touch."""
         if not self.is_moe:
             return self.expert_params()
-        e, k = self.num_experts, self.experts_per_token
-        touched = e * (1.0 - (1.0 - k / e) ** batch)
+        touched = experts_touched(self.num_experts, self.experts_per_token, batch)
         return round(touched * self.expert_params()) + self.router_params() + self.shared_params()
 
     def layer_params_total(self) -> int:
@@ -263,7 +269,7 @@ def _gguf_shape(path: Path) -> ModelShape:
     )
     experts = int(get(f"{arch}.expert_count", 0))
     return ModelShape(
-        cfg,
+        _as_the_engine_reads(path, cfg),
         num_experts=experts,
         experts_per_token=int(get(f"{arch}.expert_used_count", 0)),
         expert_width=int(get(f"{arch}.expert_feed_forward_length", 0)),
@@ -277,6 +283,10 @@ def _hf_shape(path: Path) -> ModelShape:
         raw = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{file}: cannot read an HF config.json ({e}); pass a model folder or a built-in name") from e
+    if not isinstance(raw, dict) or not isinstance(raw.get("text_config", raw), dict):
+        raise ValueError(
+            f"{file}: config.json is not a JSON object of settings; pass a model folder or a built-in name"
+        )
     top = raw
     raw = raw.get("text_config", raw)  # multimodal wrappers (Gemma 3) nest the language model
     if "n_routed_experts" in raw or "kv_lora_rank" in raw:  # DeepSeek V2/V3: its experts under other names
@@ -306,14 +316,35 @@ def _hf_shape(path: Path) -> ModelShape:
         )
     except KeyError as e:
         raise ValueError(f"{file}: config.json lacks {e}; the planner needs it to size the model") from e
+    except ParamError:  # ModelConfig's own checks: load_shape names the model
+        raise
+    except (TypeError, ValueError) as e:  # null, a list or text where a number goes
+        raise ValueError(f"{file}: a size in config.json is not a number ({e}); fix the file") from e
     experts = int(raw.get("num_local_experts", raw.get("num_experts", 0)) or 0)
     return ModelShape(
-        cfg,
+        _as_the_engine_reads(path.parent if path.name == "config.json" else path, cfg),
         num_experts=experts,
         experts_per_token=int(raw.get("num_experts_per_tok", 0) or 0),
         expert_width=int(raw.get("moe_intermediate_size", 0) or 0),  # Mixtral's experts are intermediate_size wide
         shared_width=int(raw.get("shared_expert_intermediate_size", 0) or 0),
     )
+
+
+def _as_the_engine_reads(path: Path, cfg: ModelConfig) -> ModelConfig:
+    """The engine's own reading of a model it runs (its norms, biases, activation and rope as the loader
+    finds them), under the planner's name for it; `cfg` (the generic Llama-style reading above) for one it
+    does not run. A registered model planned by its short name was read with none of Gemma 3's QK and
+    sandwich norms, and got another plan than the same model by its built-in name."""
+    from metronome.model.errors import ModelFileError
+    from metronome.model.loader import read_config  # loads torch: only for a file or folder
+
+    try:
+        return dataclasses.replace(read_config(path), name=cfg.name)
+    except ModelFileError:
+        return cfg
+
+
+MAX_LAYERS = 512  # the deepest published models have about 130; 500 layers plan in about 40 s here
 
 
 def load_shape(spec: str) -> ModelShape:
@@ -354,4 +385,9 @@ def load_shape(spec: str) -> ModelShape:
     bad = {what: n for what, n in sizes.items() if n < 1}
     if bad:
         raise ValueError(f"{spec}: " + ", ".join(f"{what} {n}" for what, n in bad.items()) + ": must be at least 1")
+    if c.num_layers > MAX_LAYERS:
+        raise ValueError(
+            f"{spec}: {c.num_layers} layers; the planner sizes models of up to {MAX_LAYERS} (its search over "
+            "pipeline stages grows with the square of the layers: 2,000 ran for minutes without a word)"
+        )
     return shape

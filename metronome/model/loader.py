@@ -27,7 +27,7 @@ import torch
 from metronome.config import ModelConfig, ParamError, RopeScaling, cache_root
 from metronome.model import gguf_file
 from metronome.model.errors import ModelFileError  # re-exported: raised and caught under this name
-from metronome.model.registry import resolve
+from metronome.model.registry import file_version, resolve, verified_sha256
 
 
 @dataclass(frozen=True)
@@ -132,9 +132,12 @@ def _file_digest(f: Path) -> str:
     if st.st_size < _STAMPED_BYTES:
         with open(f, "rb") as fh:
             return hashlib.file_digest(fh, "sha256").hexdigest()
+    verified = verified_sha256(f)  # a registered model's file, verified at this version: hashed already
+    if verified is not None:
+        return verified
     resolved = str(f.resolve())
     stamp = cache_root() / "digests" / f"{hashlib.sha256(resolved.encode()).hexdigest()[:24]}.json"
-    version = _file_version(resolved, st)
+    version = file_version(f)
     try:
         kept = json.loads(stamp.read_text())
         if kept.get("version") == version and isinstance(kept.get("sha256"), str):
@@ -145,7 +148,7 @@ def _file_digest(f: Path) -> str:
         digest = hashlib.file_digest(fh, "sha256").hexdigest()
     after = f.stat()
     settled = time.time() - max(after.st_mtime, after.st_ctime) > _RACY_S
-    if _file_version(resolved, after) != version or not settled:
+    if file_version(f) != version or not settled:
         return digest  # written while it was read, or too lately to trust its times: no stamp
     tmp = stamp.with_suffix(f".{os.getpid()}.tmp")
     try:
@@ -159,10 +162,6 @@ def _file_digest(f: Path) -> str:
 
 
 _RACY_S = 2.0  # a file whose last change is this recent is hashed again next time (its times may not move)
-
-
-def _file_version(resolved: str, st: os.stat_result) -> str:
-    return f"{resolved}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
 
 
 def load(

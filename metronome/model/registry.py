@@ -22,6 +22,8 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -247,6 +249,7 @@ def assemble(m: RegisteredModel, cache: Path | None = None) -> Path:
     target = cache / m.filename
     sources = [part_path(p) for p in m.parts]
     digest, size = hashlib.sha256(), 0
+    _sweep_partials(m, cache)
     fd, tmp_name = tempfile.mkstemp(dir=cache, prefix=f".{m.filename}.", suffix=".partial")
     tmp = Path(tmp_name)
     try:
@@ -267,6 +270,17 @@ def assemble(m: RegisteredModel, cache: Path | None = None) -> Path:
         tmp.unlink(missing_ok=True)
     _write_stamp(m, target, cache)
     return target
+
+
+PARTIAL_STALE_S = 3600.0  # an assembly takes seconds; a partial file this old was left by a killed one
+
+
+def _sweep_partials(m: RegisteredModel, cache: Path) -> None:
+    """Remove what killed assemblies of `m` left (each as large as the model, hidden, never removed)."""
+    for left in cache.glob(f".{m.filename}.*.partial"):
+        with suppress(OSError):  # gone already, or not ours to remove: it only costs disk
+            if time.time() - left.stat().st_mtime > PARTIAL_STALE_S:
+                left.unlink()
 
 
 def verify(m: RegisteredModel, path: Path, cache: Path | None = None) -> None:

@@ -266,3 +266,19 @@ def test_a_file_changed_in_place_with_its_mtime_kept_is_verified_again(fake, tmp
     assert registry.verified_sha256(path) is None
     with pytest.raises(ModelInstallError, match="refused"):
         registry.resolve("fake-1b")
+
+
+def test_an_assembly_sweeps_what_killed_ones_left(fake, tmp_path):
+    """A killed assembly left a hidden .partial file as large as the model, never removed."""
+    import os
+    import time
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    old, fresh = cache / ".fake-1b.gguf.abc.partial", cache / ".fake-1b.gguf.def.partial"
+    for left in (old, fresh):
+        left.write_bytes(b"x" * 100)
+    then = time.time() - registry.PARTIAL_STALE_S - 60
+    os.utime(old, (then, then))
+    registry.resolve("fake-1b")
+    assert not old.exists() and fresh.exists()  # a recent one may be another process's, assembling now

@@ -270,7 +270,7 @@ class Engine(PythonAPI):
             raise RequestError(
                 f"the prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) exceeds the context "
                 f"of {ctx} tokens; shorten the prompt or lower max_tokens (or use a larger ctx: --ctx)",
-                param="max_tokens" if len(prompt) < ctx else "messages",
+                param="max_tokens" if len(prompt) < ctx else "prompt",
             )
         req = Request(
             id=request_id or f"req-{next(self._ids)}",

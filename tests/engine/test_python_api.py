@@ -167,6 +167,10 @@ def test_inputs_of_the_wrong_shape_are_refused_naming_them(engine):
     with pytest.raises(RequestError, match="at most 4") as err:
         engine.generate(["a", "b", "c", "d", "e"], PARAMS)
     assert err.value.param == "prompts" and engine.scheduler.idle
+    # a prompt that fills the context names the prompt (it said "messages", the chat route's name)
+    with pytest.raises(RequestError, match="exceeds the context") as err:
+        engine.generate([5] * 128, PARAMS)
+    assert err.value.param == "prompt"
 
 
 def test_close_and_with_release_the_engine(tiny_hf):

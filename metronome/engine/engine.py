@@ -684,7 +684,7 @@ class Engine(PythonAPI):
                     break
         except ConstraintError as exc:  # this request's grammar failed: it ends, and the step goes on (raised
             # further, the step failed every request in it: one client's schema ended everyone's answers)
-            self._finish(r, "error", "".join(out.text), tuple(out.choices), error=str(exc))
+            self._finish(r, "error", "".join(out.text), tuple(out.choices), error=str(exc), request_fault=True)
             return
         self._deliver(r, out)
         clock.lap("emit")
@@ -745,14 +745,22 @@ class Engine(PythonAPI):
             self._outgoing.append((r.on_event, delta))
 
     def _finish(
-        self, r: Request, reason: str, text: str = "", choices: tuple[Choice, ...] = (), error: str | None = None
+        self,
+        r: Request,
+        reason: str,
+        text: str = "",
+        choices: tuple[Choice, ...] = (),
+        error: str | None = None,
+        request_fault: bool = False,
     ) -> None:
         r.finish_reason = reason
         r.error = error or r.error
         r.timings.finished = time.perf_counter()
         with self._lock:
             self.scheduler.release(r)
-        delta = Delta(r.id, text, choices, reason, error, r.timings, len(r.output_ids), self._prompt_choices(r))
+        delta = Delta(
+            r.id, text, choices, reason, error, r.timings, len(r.output_ids), self._prompt_choices(r), request_fault
+        )
         self._outgoing.append((r.on_event, delta))
         if self.prefix_cache is not None and r.slot is not None and reason != "error":
             self._keep_prefix(r, self.prefix_cache)  # the slot is reused only by the next step's admissions

@@ -50,6 +50,8 @@ class Delta:
     completion_tokens: int = 0  # set on the final delta
     # with prompt_logprobs, on the request's first event: each prompt token after the first, scored
     prompt_choices: tuple[Choice, ...] = ()
+    # with "error": the request itself could not go on (its grammar failed: a client's error), not the engine
+    request_fault: bool = False
 
 
 @dataclass(frozen=True)

@@ -220,6 +220,7 @@ class Job:
                     delta.finish_reason,
                     predicted_ttft_ms=req.predicted_ttft_ms,
                     cached_tokens=req.cached_tokens,
+                    request_fault=delta.request_fault,
                 )
                 if not open_runs and self.account is not None:
                     self.account.end(outcome_of(r.finish_reason for r in self.runs))

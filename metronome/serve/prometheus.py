@@ -352,11 +352,13 @@ class ServerMetrics:
         reason: str,
         predicted_ttft_ms: float = float("nan"),
         cached_tokens: int = 0,
+        request_fault: bool = False,
     ) -> None:
-        """Record one engine request that ended (every submitted one ends: finished, cancelled or failed)."""
+        """Record one engine request that ended (every submitted one ends: finished, cancelled or failed).
+        `request_fault`: it failed for its own grammar, which is not the engine's error."""
         self.finished.labels(reason).inc()
         self._engine_in_flight -= 1
-        if reason == "error":
+        if reason == "error" and not request_fault:
             self.engine_errors.inc()
         self.generated_tokens.inc(generated)
         if timings.admitted is not None:

@@ -463,7 +463,8 @@ async def _stream(
         yield event("response.in_progress", response=shape.response("in_progress", []))
         async for _run, delta, tokens in job.deltas():
             if delta.finish_reason == "error":
-                error = {"code": "server_error", "message": chat._engine_failure(delta.error).message}
+                failure = chat._failure(delta)
+                error = {"code": failure.code or "server_error", "message": failure.message}
                 yield event("response.failed", response=shape.response("failed", out.items(), None, error))
                 return
             for line in out.feed(delta.text, event, entries(tokens)):

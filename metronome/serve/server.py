@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import metronome
 from metronome.config import ParamError, SamplingParams
-from metronome.engine import Engine
+from metronome.engine import Delta, Engine
 from metronome.engine.grammar import Grammar, GrammarError, Grammars
 from metronome.model.loader import LoadedModel
 from metronome.model.registry import names as registered_names
@@ -562,6 +562,19 @@ def _submit(state: ServerState, served: Served, spec: JobSpec, account: ApiReque
     return job
 
 
+def _failure(delta: Delta) -> ApiError:
+    """A choice that ended with "error": a 400 where its own grammar could not be followed (a schema past
+    llguidance's limits, met mid-answer: it was a 500 and counted an engine error), else the engine's."""
+    if delta.request_fault:
+        return ApiError(
+            400,
+            f"constrained decoding of this request failed mid-answer ({delta.error}); simplify its "
+            "response_format schema or its tools' parameters",
+            code="grammar_failed",
+        )
+    return _engine_failure(delta.error)
+
+
 def _engine_failure(message: str | None) -> ApiError:
     if message == SHUTTING_DOWN:  # not a failure of this request: the server stopped (ServerState.stop_generating)
         return shutting_down()
@@ -601,7 +614,7 @@ async def _run_whole(request: Request, state: ServerState, job: Job) -> None:
     try:
         async for _run, delta, _tokens in job.deltas():
             if delta.finish_reason == "error":
-                raise _engine_failure(delta.error)
+                raise _failure(delta)
     finally:
         gone = watcher.done() and not watcher.cancelled()
         watcher.cancel()
@@ -625,7 +638,7 @@ async def _stream(
                 yield _sse(_with_usage(shape.role_chunk(run.index), include_usage))
         async for run, delta, tokens in job.deltas():
             if delta.finish_reason == "error":
-                yield _sse(_engine_failure(delta.error).body())
+                yield _sse(_failure(delta).body())
                 break
             finish = delta.finish_reason if delta.finish_reason != "cancelled" else None
             for chunk in shape.delta_chunks(run, delta.text, tokens, finish):

@@ -164,3 +164,34 @@ def test_bad_schemas_are_400s_naming_the_parameter(http):
     r = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 5, "response_format": fmt({"not": {}})})
     assert r.status_code == 400 and r.json()["error"]["param"] == "response_format.json_schema.schema"
     assert chat(http, max_tokens=3)["choices"][0]["finish_reason"] in ("stop", "length")  # still serving
+
+
+def _engine_errors(http) -> float:
+    line = next(ln for ln in http.get("/metrics").text.splitlines() if ln.startswith("metronome_engine_errors_total"))
+    return float(line.split()[-1])
+
+
+def test_a_grammar_that_fails_mid_answer_is_the_clients_400_not_an_engine_error(http, monkeypatch):
+    """A schema past llguidance's limits, met a few tokens in, ended its request with a 500 engine_error and
+    counted in metronome_engine_errors_total, as if the server had failed."""
+    from metronome.engine.grammar import GrammarConstraint
+    from metronome.engine.request import ConstraintError
+
+    real = GrammarConstraint.allowed
+
+    def fails_at_the_third_mask(self, logits):
+        self.masks = getattr(self, "masks", 0) + 1
+        if self.masks == 3:
+            raise ConstraintError("the json_schema constraint failed: Too many items (limit 50000)")
+        return real(self, logits)
+
+    monkeypatch.setattr(GrammarConstraint, "allowed", fails_at_the_third_mask)
+    before = _engine_errors(http)
+    body = {"messages": ASK, "max_tokens": 40, "response_format": fmt(CITY)}
+    r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "grammar_failed" and "Too many items" in err["message"], err
+    lines = [ln for ln in http.post("/v1/chat/completions", json=body | {"stream": True}).text.splitlines() if ln]
+    assert json.loads(lines[-2][5:])["error"]["code"] == "grammar_failed" and lines[-1] == "data: [DONE]"
+    assert _engine_errors(http) == before

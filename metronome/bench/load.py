@@ -55,12 +55,15 @@ class LevelResult:
 _TOPICS = ("the sea", "a city at night", "mountains", "a library", "the first snow", "trains", "a market", "rain")
 
 
-def _texts(n: int) -> list[str]:
-    return [f"Write a long story about {_TOPICS[i % len(_TOPICS)]} ({i})." for i in range(n)]
+def _texts(n: int, salt: str = "") -> list[str]:
+    """A level's prompts. `salt` (the round and level) opens each, so that no level's prompt is served from
+    an earlier one's cached prefix: with the same texts every round, round 2's TTFT timed a prefix cache
+    copy, not a prompt (TTFT fell as users were added)."""
+    return [f"({salt}{i}) Write a long story about {_TOPICS[i % len(_TOPICS)]}." for i in range(n)]
 
 
-def _prompts(engine, n: int) -> list[list[int]]:
-    return [engine.encode_prompt(t) for t in _texts(n)]
+def _prompts(engine, n: int, salt: str = "") -> list[list[int]]:
+    return [engine.encode_prompt(t) for t in _texts(n, salt)]
 
 
 def step_ms_now(engine, live: int, position: int, steps: int = 9) -> float:
@@ -78,10 +81,10 @@ def _mean_position(prompts: list[list[int]], output_tokens: int) -> int:
     return round(statistics.mean(len(p) + output_tokens / 2 for p in prompts))
 
 
-def run_in_process(engine, users: int, output_tokens: int) -> tuple[LevelResult, str]:
+def run_in_process(engine, users: int, output_tokens: int, salt: str = "") -> tuple[LevelResult, str]:
     """`users` requests at once on the engine's own thread, held to the plan's step timed just before them;
-    returns the level and the step profile."""
-    prompts = _prompts(engine, users)
+    returns the level and the step profile. `salt`: see _texts."""
+    prompts = _prompts(engine, users, salt)
     mean_position = _mean_position(prompts, output_tokens)
     step_now = step_ms_now(engine, users, mean_position)
     params = SamplingParams(max_tokens=output_tokens, ignore_eos=True)
@@ -213,7 +216,7 @@ def _cpu_table(cpu: dict[str, float], tokens: int, wall_s: float) -> str:
 
 
 def run_served(
-    url: str, users: int, output_tokens: int, predicted_tps: float, compiled_tps: float
+    url: str, users: int, output_tokens: int, predicted_tps: float, compiled_tps: float, salt: str = ""
 ) -> tuple[LevelResult, str]:
     """`users` streaming clients at once against the server; returns the level and where its time went.
     `predicted_tps`: the promise, from the plan's step timed just before (on the bench's own copy of the
@@ -221,7 +224,7 @@ def run_served(
     before = _scrape(url)
     cpu0 = time.process_time()
     t0 = time.perf_counter()
-    runs = _run(_served_level(url, _texts(users), output_tokens))
+    runs = _run(_served_level(url, _texts(users, salt), output_tokens))
     wall = time.perf_counter() - t0
     client_cpu = time.process_time() - cpu0
     profile = served_profile(before, _scrape(url), client_cpu, wall, sum(n for _, n, _ in runs))
@@ -420,12 +423,13 @@ def main(
     try:
         for round_ in range(rounds):
             for users in levels:
-                result, profile = run_in_process(engine, users, output_tokens)
+                salt = f"r{round_ + 1}.u{users}."  # each level's own prompts, the same in process and served
+                result, profile = run_in_process(engine, users, output_tokens, salt)
                 runs.setdefault(("in process", users), []).append(result)
                 print(f"\nround {round_ + 1}, in process, {users} users: step profile\n{profile}")
                 if proc is not None:
                     step_now = step_ms_now(engine, users, _mean_position(_prompts(engine, users), output_tokens))
-                    level, profile = run_served(url, users, output_tokens, 1000.0 / step_now, result.compiled_tps)
+                    level, profile = run_served(url, users, output_tokens, 1000.0 / step_now, result.compiled_tps, salt)
                     runs.setdefault(("served", users), []).append(level)
                     ratios.setdefault(users, []).append(level.per_user_tps / result.per_user_tps)
                     print(f"\nround {round_ + 1}, served, {users} users: the server's step profile and CPU by thread")

@@ -2,24 +2,31 @@
 
 Definitions (all times from the moment the request is sent, i.e. its first byte is written):
 - TTFT: until the first chunk carrying content text.
-- output speed: (output tokens - 1) / (time of last content chunk - time of first).
-- time to first sentence: until the chunk holding the first ". ", "! " or "? " (any whitespace after
-  the mark, or the mark ending the whole text).
+- output speed: the output tokens after the first chunk / (time of last content chunk - time of first);
+  the first chunk's tokens are counted with --tokenizer, else placed as below (one, when every chunk
+  carries one token).
+- time to first sentence: until the chunk that shows the first sentence ended, by the rule the engine
+  stamps its own by (metronome/sentences.py): the chunk holding the whitespace after its mark (". ",
+  "! ", "? "), or the last chunk where the output ends first (a one-sentence answer).
 - end-to-end for 100 tokens: until the chunk holding the 100th output token; when a response is
   shorter it is projected as TTFT + 99 / output speed and flagged `e2e_100_projected`.
 - total: until the stream's end ([DONE]).
-Output tokens are the server's `usage.completion_tokens` when it sends usage, else the count of
-content chunks; when the two differ, token k is placed in chunk ceil(k * chunks / tokens).
+Output tokens are the server's `usage.completion_tokens` when it sends usage, else the text's tokens
+counted with --tokenizer, else the count of content chunks (flagged: a server that sends several tokens a
+chunk is under-counted); when tokens and chunks differ, token k is placed in chunk ceil(k * chunks / tokens).
 """
 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass, fields
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
-_SENTENCE_MARK = re.compile(r"[.!?](?=\s)")
+from metronome.sentences import sentence_end
+
+if TYPE_CHECKING:  # the bench's counters; this module stays free of the prompt machinery
+    from metronome.bench.workloads import TokenCounter
+
 _E2E_TOKENS = 100
 
 
@@ -55,7 +62,7 @@ class RequestResult:
     e2e_100_projected: bool
     chunks: int
     output_tokens: int
-    output_tokens_source: str  # "usage" or "chunks"
+    output_tokens_source: str  # "usage", "tokenizer" or "chunks"
     requested_output_tokens: int
     input_tokens: int
     input_tokens_source: str  # "usage", "tokenizer" or "estimate"
@@ -63,12 +70,13 @@ class RequestResult:
 
 
 def first_sentence_chunk(texts: Sequence[str]) -> int | None:
-    """Index of the chunk holding the end of the first complete sentence, or None."""
+    """Index of the chunk that shows the first sentence ended (sentences.py: the one holding the whitespace
+    after its mark; the last one where the output ends first), or None for an output with no text. The
+    chunk holding the mark itself was one token early: a client cannot tell "3." from "3.14" there."""
     full = "".join(texts)
-    match = _SENTENCE_MARK.search(full)
-    position = match.start() if match else (len(full) - 1 if full[-1:] in (".", "!", "?") else None)
+    position = sentence_end(full)
     if position is None:
-        return None
+        return len(texts) - 1 if full.strip() else None
     consumed = 0
     for index, text in enumerate(texts):
         consumed += len(text)
@@ -95,14 +103,20 @@ def derive_result(
     prompt_tokens: int,
     prompt_counted_by: str,
     prompt_chars: int,
+    counter: "TokenCounter | None" = None,
 ) -> RequestResult:
-    """The figures of one request from its trace. An empty successful stream counts as an error."""
+    """The figures of one request from its trace. An empty successful stream counts as an error. `counter`:
+    the bench's token counter; a real tokenizer counts the output where the server sends no usage, and the
+    first chunk's tokens, which the output speed leaves out."""
+    tokenizer = counter if counter is not None and counter.method == "tokenizer" else None
     chunks = len(trace.chunk_times)
     error_kind, error = trace.error_kind, trace.error
     if error_kind is None and chunks == 0:
         error_kind, error = "empty", "the server finished the stream without any content text"
     if trace.usage_completion_tokens is not None:
         output_tokens, output_source = trace.usage_completion_tokens, "usage"
+    elif tokenizer is not None and chunks:
+        output_tokens, output_source = max(chunks, tokenizer.count("".join(trace.chunk_texts))), "tokenizer"
     else:
         output_tokens, output_source = chunks, "chunks"
     if trace.usage_prompt_tokens is not None:
@@ -138,7 +152,14 @@ def derive_result(
     times = trace.chunk_times
     ttft = times[0]
     decode_s = times[-1] - times[0]
-    speed = (output_tokens - 1) / decode_s if output_tokens >= 2 and decode_s > 0 else None
+    # the tokens that came after the first chunk (its own arrived at TTFT: counted in, a server that sends
+    # its first five tokens at once read 1.3x faster than it streams)
+    if tokenizer is not None:
+        first = max(1, min(output_tokens, tokenizer.count(trace.chunk_texts[0])))
+    else:
+        first = sum(1 for k in range(1, output_tokens + 1) if token_chunk(k, output_tokens, chunks) == 0)
+    after = output_tokens - first
+    speed = after / decode_s if after >= 1 and decode_s > 0 else None
     sentence = first_sentence_chunk(trace.chunk_texts)
     projected = output_tokens < _E2E_TOKENS
     if not projected:
@@ -232,6 +253,7 @@ class Summary:
     errors: int
     error_kinds: tuple[tuple[str, int, str], ...]  # (kind, count, first message)
     short_outputs: int  # successful requests that returned fewer tokens than asked for
+    chunk_counted: int  # successful requests whose tokens were counted as chunks (no usage, no tokenizer)
     e2e_100_projected: int
     wall_s: float
     requests_per_s: float | None
@@ -265,6 +287,7 @@ def summarize(target: str, concurrency: int, windows: Sequence[Window]) -> Summa
         errors=len(requests) - len(good),
         error_kinds=tuple((kind, counts[kind], examples[kind]) for kind in sorted(counts)),
         short_outputs=sum(1 for r in good if r.output_tokens < r.requested_output_tokens),
+        chunk_counted=sum(1 for r in good if r.output_tokens_source == "chunks"),
         e2e_100_projected=sum(1 for r in good if r.e2e_100_projected),
         wall_s=wall,
         requests_per_s=len(good) / wall if wall > 0 else None,

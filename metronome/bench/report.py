@@ -220,6 +220,12 @@ def render_markdown(report: BenchReport) -> str:
         )
         for kind, count, example in summary.error_kinds:
             notes.append(f"- {summary.target} at concurrency {summary.concurrency}: {count} × {kind} (e.g. {example})")
+        if summary.chunk_counted:
+            notes.append(
+                f"- {summary.target} at concurrency {summary.concurrency}: {summary.chunk_counted} response(s) "
+                "sent no usage, so their tokens were counted as chunks (under-counted where a chunk carries "
+                "several; give --tokenizer to count them)"
+            )
         if summary.short_outputs:
             notes.append(
                 f"- {summary.target} at concurrency {summary.concurrency}: {summary.short_outputs} response(s) "

@@ -165,6 +165,7 @@ class _Sweep:
             prompt_tokens=prompt.input_tokens,
             prompt_counted_by=prompt.counted_by,
             prompt_chars=len(prompt.text),
+            counter=self.builder.counter,
         )
 
     async def _measure(self, target: Target, concurrency: int, round_index: int) -> None:

@@ -168,6 +168,11 @@ class PromptBuilder:
         self._seed = seed
         self._counter = counter
 
+    @property
+    def counter(self) -> TokenCounter:
+        """How this builder counts tokens (the bench counts outputs with it too)."""
+        return self._counter
+
     def build(self, key: str, tokens: int) -> Prompt:
         """A prompt of about `tokens` tokens (never fewer than its one-line header needs)."""
         if tokens < 1:

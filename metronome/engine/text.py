@@ -11,12 +11,10 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from metronome.model.tokenizer import StreamDecoder
-
-_SENTENCE_END = re.compile(r"[.!?\u3002\uff01\uff1f](\s)")
+from metronome.sentences import sentence_end
 
 
 @dataclass(frozen=True)
@@ -47,7 +45,7 @@ class TextStream:
         if not self.is_stop_token(token):
             self.held += self.decoder.push(token)
         out, stopped = self._release(final, stops)
-        ended = _SENTENCE_END.search(self.text[-1:] + out) or ((final or stopped) and (self.text + out).strip())
+        ended = sentence_end(self.text[-1:] + out) is not None or ((final or stopped) and (self.text + out).strip())
         if self.first_sentence_at is None and ended:
             self.first_sentence_at = now
         self.text += out

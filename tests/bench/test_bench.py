@@ -148,12 +148,49 @@ def test_prompt_lengths_with_a_tokenizer(tiny_llama: Path) -> None:
 # --- per-request figures ---------------------------------------------------------------------
 
 
+class _Words:
+    """A tokenizer whose tokens are words: counts the test can read off the texts."""
+
+    method = "tokenizer"
+
+    def count(self, text: str) -> int:
+        return len(text.split())
+
+    def truncate(self, text: str, tokens: int) -> str:
+        return " ".join(text.split()[:tokens])
+
+
+def test_the_output_speed_leaves_out_the_first_chunks_tokens_and_counts_without_usage() -> None:
+    """Speed counted every token after the first as arriving after the first chunk: a server sending its
+    first five at once read 25.3 tok/s where it streams at 20; and without usage each chunk counted one
+    token, whatever it held."""
+    from metronome.bench.metrics import StreamTrace, derive_result
+
+    times = (0.2, *(0.25 + 0.05 * i for i in range(15)))
+    texts = (" a b c d e", *(" w" for _ in range(15)))
+    args = dict(key="k", user=0, seq=0, started_s=0.0, requested_output_tokens=20, prompt_tokens=10)
+    args |= dict(prompt_counted_by="usage", prompt_chars=40)
+    with_usage = derive_result(StreamTrace(times, texts, 1.0, 10, 20), **args, counter=_Words())
+    assert with_usage.output_speed_tps == pytest.approx(15 / 0.75)
+    bare = StreamTrace(times, texts, 1.0)  # no usage sent
+    counted = derive_result(bare, **args, counter=_Words())
+    assert (counted.output_tokens, counted.output_tokens_source) == (20, "tokenizer")
+    assert counted.output_speed_tps == pytest.approx(15 / 0.75)
+    chunks = derive_result(bare, **args, counter=None)
+    assert (chunks.output_tokens, chunks.output_tokens_source) == (16, "chunks")
+    # four tokens a chunk, no tokenizer: the first chunk's are placed as the rest are
+    even = derive_result(StreamTrace((0.2, 0.3, 0.4), (" a b c d",) * 3, 1.0, 10, 12), **args)
+    assert even.output_speed_tps == pytest.approx(8 / 0.2)
+
+
 def test_first_sentence_and_token_placement() -> None:
-    assert first_sentence_chunk(["Hello", " world", ".", " Next"]) == 2
+    # the chunk with the whitespace after the mark, as the engine stamps it: at the mark's own chunk ("."),
+    # a client cannot yet tell "world." from "3.14" (it was one chunk early)
+    assert first_sentence_chunk(["Hello", " world", ".", " Next"]) == 3
     assert first_sentence_chunk(["Hello world.\nMore"]) == 0
-    assert first_sentence_chunk(["It", " ends!"]) == 1  # the mark ends the whole text
-    assert first_sentence_chunk(["pi is 3.14", " or so"]) is None
-    assert first_sentence_chunk(["no end", " here"]) is None
+    assert first_sentence_chunk(["It", " ends!"]) == 1  # the output ends: its last chunk
+    assert first_sentence_chunk(["pi is 3.14", " or so"]) == 1  # no sentence mark: the end of the output
+    assert first_sentence_chunk(["", " "]) is None  # no text at all
     assert [token_chunk(k, 6, 6) for k in (1, 6)] == [0, 5]
     assert [token_chunk(k, 120, 30) for k in (1, 4, 5, 100, 120)] == [0, 0, 1, 24, 29]
 

@@ -56,3 +56,17 @@ def test_stall_measures_the_streams_gaps_while_the_long_prompt_runs(tiny_hf):
     assert len(stall["stream_max_gap_per_repeat_ms"]) == len(stall["ttft_beside_over_alone_per_repeat"]) == 2
     for key in ("long_ttft_alone_ms", "long_ttft_beside_stream_ms", "stream_median_gap_ms", "step_ms_all_slots"):
         assert math.isfinite(stall[key]) and stall[key] > 0, key
+
+
+def test_each_round_and_level_opens_its_prompts_differently():
+    """Every level and round sent the same texts, so from round 2 (and the first user of each larger level)
+    the TTFT timed a prefix-cache copy of the prompt, and fell as users were added."""
+    from os.path import commonprefix
+
+    from metronome.bench.load import _texts
+
+    rounds = [_texts(4, f"r{r}.u4.") for r in (1, 2)] + [_texts(2, "r1.u2.")]
+    firsts = [texts[0] for texts in rounds]
+    assert len({t for texts in rounds for t in texts}) == 10
+    # they part within a few tokens of the user text, so they share no more than the chat template
+    assert all(len(commonprefix([a, b])) < 8 for a in firsts for b in firsts if a is not b)

@@ -102,3 +102,13 @@ def test_a_loop_that_hears_nothing_fails_and_an_unreachable_server_is_said_plain
     args = ["bench", "--voice", "--concurrency", "1", "--rounds", "1", "--output-tokens", "4", "--audio", str(clip)]
     assert main([*args, "--url", f"http://127.0.0.1:{port}"]) == 1
     assert "check that the server is running" in capsys.readouterr().err
+
+
+def test_a_levels_p90_is_the_percentile_the_other_benches_read():
+    """The voice bench took rank int(0.9 n): the slowest loop whenever there were 10 or fewer."""
+    from metronome.bench.voice import Level, Loop
+
+    loops = tuple(
+        Loop(i, True, None, 0.1, 0.2, 0.3, float(s), "") for i, s in enumerate([5, 1, 9, 3, 7, 2, 10, 4, 8, 6])
+    )
+    assert Level(10, 1.0, loops).p90("loop_s") == pytest.approx(9.1)

@@ -413,6 +413,7 @@ def _require(state: ServerState) -> SpeechService:
 async def answer(request: Request, state: ServerState, task: str) -> Response:
     """One transcription or translation request, admission to response."""
     speech = _require(state)
+    state.refuse_if_stopping()
     try:
         speech.admit()
     except SpeechBusy as exc:

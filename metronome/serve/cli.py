@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import errno
 import ipaddress
+import multiprocessing
 import os
 import signal
 import socket
@@ -120,7 +121,11 @@ class ModelLoader(threading.Thread):
             loaded = load(a.model)
             config = engine_config(a)  # ctx, threads None: resolved by the compile, as for Engine.from_model
             # calibrated (and cached on disk: the next start with the same settings skips it)
-            self.engine = Engine.from_model(config=config, max_queue=a.max_queue, loaded=loaded, calibrate=True)
+            # the compile's steps and warnings (a plan cache it cannot write, C++ kernels it cannot build),
+            # said as `metronome compile` says them: dropped here, they left a slow server unexplained
+            self.engine = Engine.from_model(
+                config=config, max_queue=a.max_queue, loaded=loaded, calibrate=True, progress=_say
+            )
             if self.server.should_exit:  # stopped while compiling: never ready (`serve` stops the engine)
                 return
             self.state.attach(self.engine, ModelIdentity.of(loaded, a.model))
@@ -129,11 +134,17 @@ class ModelLoader(threading.Thread):
                 megabytes(r.prefix_cache_bytes) if r.prefix_cache_bytes else r.prefix_cache_note
             )
             print(
-                f"metronome: {self.state.served.identity.id} ready ({self.state.served.fingerprint}; {kv})", flush=True
+                f"metronome: {self.state.served.identity.id} ready ({self.state.served.fingerprint}; {kv}; "
+                f"kernels {r.kernels})",
+                flush=True,
             )
         except BaseException as exc:  # reported by `run` once the server has stopped
             self.error = exc
             self.server.should_exit = True
+
+
+def _say(message: str) -> None:
+    print(f"metronome: {message}", flush=True)
 
 
 def megabytes(n: int) -> str:
@@ -191,7 +202,9 @@ def run(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     if ipaddress.ip_address(host).is_loopback:  # only this machine's names reach it
-        settings = dataclasses.replace(settings, allowed_hosts=LOOPBACK_NAMES)
+        # and the address and name it was given: 127.0.0.2, or a hostname that resolves to 127.0.1.1
+        # (Debian's), answered 403 to everything, /health too, sent to the address it was told to serve
+        settings = dataclasses.replace(settings, allowed_hosts=LOOPBACK_NAMES | {host, args.host})
     elif settings.api_key is None:
         print(
             f"metronome serve: warning: listening on {host}, beyond this machine, with no API key: anyone who "
@@ -222,16 +235,19 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # uvicorn shut down gracefully on Ctrl-C or SIGTERM, then re-raised it
         print("metronome: stopped", flush=True)
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        if loader.is_alive():  # a compile cannot be cut short: its processes (ranks, a worker) end with it
-            print("metronome: waiting for the model's compile to finish before exiting", flush=True)
-        loader.join()
-        app.state.server.detach()
-        if loader.engine is not None:
-            loader.engine.stop()
-        if speech is not None:
-            speech.stop()
-        sock.close()
+        try:
+            _await_loader(loader)
+            app.state.server.detach()
+            if loader.engine is not None:
+                try:
+                    loader.engine.close()  # its thread, and the ranks and prefill worker it started
+                except TimeoutError as exc:  # a step that outlasts it: said; the processes are released anyway
+                    print(f"metronome: {exc}", file=sys.stderr)
+        finally:
+            signal.signal(signal.SIGTERM, previous)  # only now: a SIGTERM above is Ctrl-C's, not a kill
+            if speech is not None:
+                speech.stop()
+            sock.close()
     if loader.error is not None:
         if isinstance(loader.error, ParamError):
             print(f"metronome serve: {param_message(loader.error)}", file=sys.stderr)
@@ -254,6 +270,7 @@ def run(args: argparse.Namespace) -> int:
 # the server first, so their clients get a clean end (ServerState.stop_generating) rather than a cut stream.
 SHUTDOWN_GRACE_S = 5.0
 STREAMS_END_S = 3.5
+FORCE_AFTER_S = 0.5  # a second Ctrl-C: the time the 503s of the generations it ends have to be written
 # Connections (or requests in progress) beyond this get a 503 at once (serve/http.py, in the API's error
 # shape): a server with a few slots has no use for more, and it keeps clear of the usual limit of 1,024 open
 # files per process.
@@ -262,19 +279,57 @@ LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 def _server(config: "uvicorn.Config") -> "uvicorn.Server":
-    """uvicorn's server, ending the app's running generations part-way through its graceful shutdown."""
+    """uvicorn's server, ending the app's running generations part-way through its graceful shutdown, and
+    at once on a second Ctrl-C."""
     import uvicorn
 
     class Server(uvicorn.Server):
+        _loop: asyncio.AbstractEventLoop | None = None
+
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            self._loop = asyncio.get_running_loop()
             state = self.config.app.state.server
-            ending = asyncio.get_running_loop().call_later(STREAMS_END_S, state.stop_generating)
+            ending = self._loop.call_later(STREAMS_END_S, state.stop_generating)
             try:
                 await super().shutdown(sockets)
             finally:
                 ending.cancel()
 
+        def handle_exit(self, sig: int, frame: object) -> None:
+            """A second Ctrl-C while shutting down quits without waiting for the connections, which uvicorn
+            does by cancelling their handlers: every stream cut without an end, a text/plain 500 for whole
+            answers, a traceback each. The generations are ended first (their clients get the 503), and the
+            quit follows FORCE_AFTER_S later, once those answers are written."""
+            loop = self._loop
+            if self.should_exit and sig == signal.SIGINT and loop is not None and not self.force_exit:
+                # (the first signal is what uvicorn raises again once it is done: Ctrl-C's exit as before)
+                loop.call_soon_threadsafe(self._force_soon, loop)
+                return
+            super().handle_exit(sig, frame)  # type: ignore[arg-type]
+
+        def _force_soon(self, loop: asyncio.AbstractEventLoop) -> None:
+            self.config.app.state.server.stop_generating()
+            loop.call_later(FORCE_AFTER_S, setattr, self, "force_exit", True)
+
     return Server(config)
+
+
+def _await_loader(loader: threading.Thread) -> None:
+    """Wait for the model's compile to end (it cannot be cut short: its processes end with it). Ctrl-C (or
+    SIGTERM) again while waiting quits at once: the compile's thread runs C++, and an interpreter that exits
+    around it aborts (a core dump, exit -6); the processes it started are killed first."""
+    if loader.is_alive():
+        print(
+            "metronome: waiting for the model's compile to finish before exiting (Ctrl-C again: quit now)", flush=True
+        )
+    while loader.is_alive():
+        try:
+            loader.join(timeout=0.5)
+        except KeyboardInterrupt:
+            for child in multiprocessing.active_children():  # ranks, a prefill worker: daemons os._exit skips
+                child.kill()
+            print("metronome: stopped during the compile", flush=True)
+            os._exit(130)
 
 
 def _interrupt(signum: int, frame: object) -> None:

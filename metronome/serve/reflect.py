@@ -229,6 +229,7 @@ def add_reflect_routes(app: FastAPI, state: "ServerState") -> None:
                 await asyncio.to_thread(check_fits, served.engine, body.task, settings, params)
             except ParamError as exc:
                 raise ApiError(400, str(exc), param=exc.param) from None
+            state.refuse_if_stopping()
             if len(state.reflections) >= MAX_PENDING:
                 raise busy(f"{MAX_PENDING} reflections are running; retry later", state.settings.retry_after_s)
             run = ReflectionRun(state, served.engine, body.task, settings, params)

@@ -165,6 +165,13 @@ class ServerState:
             run.halt(shutting_down())
         self.ending.set()
 
+    def refuse_if_stopping(self) -> None:
+        """A request that reaches its engine after stop_generating ran (a slow upload, a late handler) gets
+        the same 503 as those it ended: submitted anyway, it ran until uvicorn cut it at the end of the grace
+        period, a cut stream or a text/plain 500 and a traceback each."""
+        if self.ending.is_set():
+            raise shutting_down()
+
     def require(self) -> Served:
         if self.served is None:
             raise ApiError(
@@ -541,6 +548,7 @@ def _accounted(metrics: ServerMetrics, endpoint: str) -> Iterator[ApiRequest]:
 
 
 def _submit(state: ServerState, served: Served, spec: JobSpec, account: ApiRequest) -> Job:
+    state.refuse_if_stopping()
     if len(spec.prompts) * spec.n > state.settings.max_choices:
         raise ApiError(
             400,

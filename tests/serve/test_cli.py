@@ -263,3 +263,115 @@ def test_plan_output_into_a_closed_pipe_ends_quietly():
     proc.stdout.close()  # the reader leaves before the first line
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 141 and b"error" not in err, err[-2000:]
+
+
+def test_a_server_on_another_loopback_address_answers_there(tiny_hf):
+    """On 127.0.0.2 (or a hostname resolving to Debian's 127.0.1.1) every request was a 403, /health too:
+    only 127.0.0.1, localhost and ::1 were this server's names. Another name is still refused."""
+    import httpx
+    from helpers.live_server import wait_until_healthy
+
+    from metronome.parallel.group import free_port
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "metronome.serve.cli", "--model", str(tiny_hf("llama")), "--host", "127.0.0.2"]
+    proc = subprocess.Popen([*cmd, "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.2:{port}"
+    try:
+        wait_until_healthy(url, proc)
+        assert httpx.get(f"{url}/v1/models", timeout=30).status_code == 200
+        assert httpx.get(f"{url}/v1/models", headers={"Host": "evil.example"}, timeout=30).status_code == 403
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
+
+
+def test_serve_says_what_its_compile_says(tiny_hf, tmp_path):
+    """serve dropped the compile's messages: a plan cache it could not write (or C++ kernels it could not
+    build) left a server that compiled at every start, or ran slow, without a word."""
+    import os
+
+    import httpx
+    from helpers.live_server import wait_until_healthy
+
+    from metronome.parallel.group import free_port
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("where the plan cache's folder would be")
+    port = free_port()
+    cmd = [sys.executable, "-m", "metronome.serve.cli", "--model", str(tiny_hf("llama")), "--port", str(port)]
+    env = {**os.environ, "METRONOME_PLAN_CACHE": str(blocked / "plans")}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        wait_until_healthy(f"http://127.0.0.1:{port}", proc)
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).status_code == 200
+    finally:
+        proc.terminate()
+        log, _ = proc.communicate(timeout=60)
+    assert "could not save the plan in the plan cache" in log and "kernels " in log, log
+
+
+def test_a_second_ctrl_c_ends_the_streams_cleanly_then_quits(smollm_path):
+    """A second Ctrl-C made uvicorn quit without waiting, by cancelling every handler: streams cut without
+    an end, text/plain 500s, a traceback each. Now the generations end first (a 503 error event, [DONE])
+    and the quit follows at once."""
+    import json
+    import signal
+    import time
+
+    import httpx
+    from helpers.live_server import wait_until_healthy
+
+    from metronome.parallel.group import free_port
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "metronome.serve.cli", "--model", str(smollm_path), "--port", str(port)]
+    proc = subprocess.Popen([*cmd, "--spec-tokens", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    body = {"messages": [{"role": "user", "content": _STORY}], "ignore_eos": True, **_LONG, "stream": True}
+    lines: list[str] = []
+    try:
+        wait_until_healthy(url, proc)
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                lines.append(line)
+                if len(lines) == 8:
+                    stopped = time.monotonic()
+                    proc.send_signal(signal.SIGINT)
+                    time.sleep(0.3)
+                    proc.send_signal(signal.SIGINT)  # the impatient operator's second Ctrl-C
+        ended = time.monotonic() - stopped
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log, _ = proc.communicate(timeout=60)
+    data = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+    assert data[-1] == "[DONE]" and json.loads(data[-2])["error"]["code"] == "server_shutting_down", data[-3:]
+    assert ended < 2.0  # not the first Ctrl-C's 3.5 s
+    assert "Traceback" not in log and "CancelledError" not in log, log
+
+
+def test_a_second_ctrl_c_while_the_compile_runs_quits_at_once(smollm_path, tmp_path):
+    """serve waits for a compile it cannot cut short; a second Ctrl-C there was a KeyboardInterrupt
+    traceback, then 'terminate called without an active exception' and a core dump (exit -6)."""
+    import os
+    import signal
+    import time
+
+    from metronome.parallel.group import free_port
+
+    cmd = [sys.executable, "-m", "metronome.serve.cli", "--model", str(smollm_path), "--port", str(free_port())]
+    env = {**os.environ, "METRONOME_PLAN_CACHE": str(tmp_path / "plans")}  # a cold compile: seconds of it
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        assert "loading the model" in proc.stdout.readline()
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        log, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "stopped during the compile" in log, (proc.returncode, log)
+    assert "Traceback" not in log and "terminate called" not in log, log

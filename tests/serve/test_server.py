@@ -755,6 +755,32 @@ def test_the_queue_limit_counts_free_slots_and_refuses_what_never_fits(tiny):
         engine.stop()
 
 
+def test_a_request_arriving_after_the_server_ended_its_generations_gets_the_503(tiny):
+    """stop_generating (3.5 s into a shutdown's grace) ended the jobs running then; one whose body arrived
+    later was submitted anyway and ran until uvicorn cut it at 5 s: a cut stream or a text/plain 500, and
+    a traceback each."""
+    engine = Engine.from_model(config=EngineConfig(slots=2, ctx=64), loaded=tiny)
+    app = create_app(engine, ServerSettings(), ModelIdentity.of(tiny))
+    server = LiveServer(app)
+    try:
+        with server as url, httpx.Client(base_url=url, timeout=60) as http:
+            ready = threading.Event()
+            server.server.servers[0].get_loop().call_soon_threadsafe(
+                lambda: (app.state.server.stop_generating(), ready.set())
+            )
+            assert ready.wait(timeout=30)
+            for route, body in (
+                ("/v1/chat/completions", {"messages": MSG, "max_tokens": 4}),
+                ("/v1/chat/completions", {"messages": MSG, "max_tokens": 4, "stream": True}),
+                ("/v1/completions", {"prompt": "Hello", "max_tokens": 4}),
+            ):
+                r = http.post(route, json=body)
+                assert r.status_code == 503 and r.json()["error"]["code"] == "server_shutting_down", r.text
+            assert engine.scheduler.idle
+    finally:
+        engine.stop()
+
+
 def test_an_engine_failure_answers_that_client_and_counts(tiny):
     engine = Engine.from_model(config=EngineConfig(slots=2, ctx=64), loaded=tiny)
     real_decode = engine.plan.decode

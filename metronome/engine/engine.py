@@ -193,23 +193,39 @@ class Engine(PythonAPI):
                 raise ModelFileError(f"draft={config.draft!r}: {exc}") from None
             check_draft_tokenizer(config.draft, Tokenizer(draft_loaded.tokenizer), tokenizer)
         plan = compile_plan(loaded, config, calibrate=calibrate, progress=progress)
-        drafter = None
-        if draft_loaded is not None:
-            # the main plan's ctx; the draft model keeps no prefix pool (it catches up on prompts itself)
-            draft_config = dataclasses.replace(plan.config, spec_tokens=0, draft=None, prefix_cache_tokens=0)
-            draft_plan = compile_plan(draft_loaded, draft_config, calibrate=False, progress=progress)
-            try:
-                # prompt lookup while the text copies; where it does not, the draft model (lookup's guesses
-                # checked in its one call a step), paused where it does not pay
-                # (the draft model judged on its own steps, and both modes together: lookup's rows cost too)
-                model = PayingDrafter(ModelDrafter(draft_plan, plan.cfg.vocab_size, lookup=NgramDrafter()))
-                drafter = PayingDrafter(LookupOrModel(NgramDrafter(), model, slots=plan.config.slots))
-            except ValueError as exc:
-                raise ValueError(f"draft={config.draft!r}: {exc}") from None
-        engine = cls(plan, tokenizer, loaded.config.name or loaded.path.stem, max_queue, drafter)
-        if config.layout == Layout.DISAGGREGATED:
-            engine.attach_prefiller(str(loaded.path), prefill_threads)
+        engine = None
+        try:  # past the compile, a refusal releases the ranks the plan started (a retry could not form them)
+            drafter = None if draft_loaded is None else cls._drafter(config, plan, draft_loaded, progress)
+            engine = cls(plan, tokenizer, loaded.config.name or loaded.path.stem, max_queue, drafter)
+            if config.layout == Layout.DISAGGREGATED:
+                engine.attach_prefiller(str(loaded.path), prefill_threads)
+        except BaseException:
+            if engine is not None and engine.prefiller is not None:
+                engine.prefiller.close()
+            plan.runner.close()
+            raise
         return engine
+
+    @staticmethod
+    def _drafter(
+        config: EngineConfig, plan: Plan, draft_loaded: LoadedModel, progress: Callable[[str], None] | None
+    ) -> "PayingDrafter":
+        """The draft model's drafter, compiled with the main plan's ctx. In this process alone (tp 1, its own
+        cut): its drafts are checked by the main plan, so its bits need not match anything, and compiled with
+        the main plan's tp it formed a second process group (refused, and at tp 2 rank 1 was left running).
+        It keeps no prefix pool (it catches up on prompts itself)."""
+        draft_config = dataclasses.replace(
+            plan.config, spec_tokens=0, draft=None, prefix_cache_tokens=0, tp=1, tp_shards=None, layout=Layout.COLOCATED
+        )
+        draft_plan = compile_plan(draft_loaded, draft_config, calibrate=False, progress=progress)
+        try:
+            # prompt lookup while the text copies; where it does not, the draft model (lookup's guesses
+            # checked in its one call a step), paused where it does not pay
+            # (the draft model judged on its own steps, and both modes together: lookup's rows cost too)
+            model = PayingDrafter(ModelDrafter(draft_plan, plan.cfg.vocab_size, lookup=NgramDrafter()))
+            return PayingDrafter(LookupOrModel(NgramDrafter(), model, slots=plan.config.slots))
+        except ValueError as exc:
+            raise ValueError(f"draft={config.draft!r}: {exc}") from None
 
     def attach_prefiller(self, path: str, threads: int) -> None:
         """Run prompts on a prefill worker process (parallel/disagg.py) with `threads` threads; their KV
@@ -762,7 +778,7 @@ class Engine(PythonAPI):
             r.id, text, choices, reason, error, r.timings, len(r.output_ids), self._prompt_choices(r), request_fault
         )
         self._outgoing.append((r.on_event, delta))
-        if self.prefix_cache is not None and r.slot is not None and reason != "error":
+        if self.prefix_cache is not None and r.slot is not None and reason != "error" and not self._closed:
             self._keep_prefix(r, self.prefix_cache)  # the slot is reused only by the next step's admissions
 
     @staticmethod
@@ -853,6 +869,7 @@ class Engine(PythonAPI):
         self._closed = True
         try:
             self.stop(timeout)
+            self._end_all("the engine was closed")
         finally:
             if self.prefiller is not None:
                 self.prefiller.close()
@@ -863,6 +880,19 @@ class Engine(PythonAPI):
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+    def _end_all(self, why: str) -> None:
+        """Cancel every request still in (running or queued), each with its final event: closed with some in,
+        their callbacks never heard an end (finish_reason None)."""
+        with self._step_lock:
+            with self._lock:
+                live = [*self.scheduler.by_slot.values(), *self.scheduler.waiting]
+                self.scheduler.waiting.clear()
+            for r in live:
+                if r.finish_reason is None:
+                    r.cancelled = True
+                    self._finish(r, "cancelled", error=why)
+            self._send_events()
 
     def _fail_running(self, exc: BaseException) -> None:
         with self._lock:

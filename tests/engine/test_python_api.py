@@ -185,6 +185,20 @@ def test_close_and_with_release_the_engine(tiny_hf):
             call()
 
 
+def test_close_ends_the_requests_still_in_with_their_final_event(tiny_hf):
+    """Closed with requests in, their callbacks never heard an end: finish_reason stayed None."""
+    from metronome.model.loader import load
+
+    engine = Engine.from_model(config=EngineConfig(slots=1, ctx=64), loaded=load(tiny_hf("llama")))
+    ends: list = []
+    running = engine.submit([5, 6], PARAMS, lambda d: ends.append(d) if d.finish_reason else None)
+    queued = engine.submit([7, 8], PARAMS, lambda d: ends.append(d) if d.finish_reason else None)
+    engine.step()
+    engine.close()
+    assert [d.finish_reason for d in ends] == ["cancelled", "cancelled"]
+    assert running.finish_reason == queued.finish_reason == "cancelled" and "closed" in running.error
+
+
 def test_close_releases_the_runner_even_when_the_step_outlasts_it(tiny_hf, monkeypatch):
     """close() raised stop()'s TimeoutError before releasing the ranks and the prefill worker."""
     import time

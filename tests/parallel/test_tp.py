@@ -367,3 +367,27 @@ def test_a_rank_started_again_comes_with_an_empty_pool_which_the_prefix_cache_fo
         assert last.cached_tokens == 48 and _trace([last]) == _trace([want])
     finally:
         runner.close()
+
+
+def test_a_refused_tp_engine_releases_its_ranks_and_a_draft_model_runs_beside_them(tiny_hf, wide_llama):
+    """A refusal after the group formed (a disaggregated f32 plan, a draft model) left rank 1 running, and
+    the next tensor-parallel engine of the process could not form its group ('initialize the default
+    process group twice'); a draft model was compiled with the main plan's tp, and so never ran with one."""
+    import multiprocessing as mp
+
+    path = str(tiny_hf("llama"))
+    with pytest.raises(ValueError, match="needs the fused CPU decoder"):
+        Engine.from_model(
+            path, EngineConfig(slots=2, ctx=128, tp=2, tp_shards=4, weights="f32", layout="disaggregated")
+        )
+    assert not [p for p in mp.active_children() if p.name.startswith("tp-rank")]
+    plain = EngineConfig(slots=2, ctx=128, tp=2, tp_shards=4, weights="int8", spec_tokens=0)
+    with Engine.from_model(wide_llama, plain, calibrate=False) as engine:
+        expected = engine.generate("w1 w2 w3 w1 w2 w3 w1 w2", GREEDY, chat=False)
+    drafted = dataclasses.replace(plain, spec_tokens=4, draft=wide_llama)
+    with Engine.from_model(wide_llama, drafted, calibrate=False) as engine:
+        got = engine.generate("w1 w2 w3 w1 w2 w3 w1 w2", GREEDY, chat=False)
+        assert engine.spec.drafted > 0
+    assert got.token_ids == expected.token_ids
+    assert [c.logprob for c in got.choices] == [c.logprob for c in expected.choices]
+    assert not [p for p in mp.active_children() if p.name.startswith("tp-rank")]

@@ -42,7 +42,9 @@ class DecodedAudio:
 
 def decode_audio(data: bytes, max_seconds: float = MAX_SECONDS) -> DecodedAudio:
     """Decode `data` (a whole audio file) to float32 mono 16 kHz samples; AudioError for audio that
-    cannot be used, naming what is wrong and what to send instead."""
+    cannot be used, naming what is wrong and what to send instead. Damaged packets are skipped and a file
+    cut short keeps what it holds (a recording cut at upload was refused whole as a FLAC or MP3, and kept
+    as a WAV or Opus); only a file with no audio left to decode is refused as corrupt."""
     import av  # FFmpeg: loaded only where audio is decoded
 
     if not data:
@@ -69,25 +71,41 @@ def decode_audio(data: bytes, max_seconds: float = MAX_SECONDS) -> DecodedAudio:
         # 1.4 GB for two hours of silence that FLAC holds in 1.6 MB)
         pieces = bytearray()
         total = 0
+        damage: str | None = None  # the first damaged packet's error; the audio around it is kept
         try:
-            for frame in container.decode(stream):
-                frame.pts = None  # the resampler keeps its own clock; a container's odd timestamps must not stall it
-                for out in resampler.resample(frame):
-                    total += _append(pieces, out)
+            for packet in container.demux(stream):
+                try:
+                    frames = packet.decode()
+                except av.error.InvalidDataError as exc:  # a damaged packet: skipped, as faster-whisper does
+                    damage = damage or exc.strerror
+                    continue
+                for frame in frames:
+                    frame.pts = (
+                        None  # the resampler keeps its own clock; a container's odd timestamps must not stall it
+                    )
+                    for out in resampler.resample(frame):
+                        total += _append(pieces, out)
                 if total > limit:
                     raise AudioError(
                         f"the audio is longer than {max_seconds:g} s; split it and send the parts one by one"
                     )
+        except av.error.FFmpegError as exc:  # the container itself ends early (an upload cut short)
+            damage = damage or exc.strerror
+        if damage is not None and total == 0:
+            raise AudioError(f"the {codec} audio in this file is corrupt or truncated ({damage})")
+        try:
             for out in resampler.resample(None):  # flush what the resampler holds back
                 total += _append(pieces, out)
         except av.error.FFmpegError as exc:
-            raise AudioError(f"the {codec} audio in this file is corrupt or truncated ({exc.strerror})") from None
+            raise AudioError(f"the {codec} audio in this file is corrupt ({exc.strerror})") from None
         if total > limit:
             raise AudioError(f"the audio is longer than {max_seconds:g} s; split it and send the parts one by one")
         format_name = container.format.name
     if total == 0:
         raise AudioError(f"the {codec} stream of this file holds no samples: the recording is empty")
     samples = np.frombuffer(pieces, dtype=np.float32)
+    if not np.isfinite(samples).all():  # a float file's NaN or Inf spoilt every window's mel (its maximum)
+        samples = np.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0)  # as a 16-bit decode would hold them
     if float(np.max(np.abs(samples))) < SILENCE_PEAK:
         raise AudioError(f"the audio ({total / SAMPLE_RATE:.1f} s) is silent; check the microphone and record again")
     return DecodedAudio(np.ascontiguousarray(samples, dtype=np.float32), format_name, codec)

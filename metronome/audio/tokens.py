@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from metronome.config import ParamError
+
 # Whisper's language codes in the order of its language tokens (<|en|> first).
 LANGUAGES = (
     "en zh de es ru ko fr ja pt tr pl ca nl ar sv it id hi fi vi he uk el ms cs ro da hu ta no th ur hr bg lt la "
@@ -45,7 +47,9 @@ class WhisperTokens:
 
     def language_token(self, language: str) -> int:
         if language not in LANGUAGES:
-            raise ValueError(f"language {language!r} is not one of Whisper's language codes (e.g. 'en', 'fr')")
+            raise ParamError(
+                "language", f"language {language!r} is not one of Whisper's language codes (e.g. 'en', 'fr')"
+            )
         return self._id(f"<|{language}|>")
 
     def sot_sequence(self, language: str, task: str) -> list[int]:

@@ -11,6 +11,7 @@ transcription as faster-whisper runs it (the test reference).
 from __future__ import annotations
 
 import importlib.util
+import math
 import shutil
 import threading
 import time
@@ -50,7 +51,9 @@ class DecodeOptions:
     seed: int = 0  # sampling at temperature > 0 is seeded per window: the same audio gives the same text
 
     def temperatures(self, first: float) -> tuple[float, ...]:
-        n = int(round((1.0 - first) / self.temperature_step)) if first < 1.0 else 0
+        """`first`, then up by the step while at most 1.0, as Whisper's fallback (rounded, the count went one
+        past: 0.7 fell back to 1.1, 0.25 to 1.05)."""
+        n = int(math.floor((1.0 - first) / self.temperature_step + 1e-6)) if first < 1.0 else 0
         return tuple(round(first + i * self.temperature_step, 6) for i in range(n + 1))
 
 
@@ -256,13 +259,13 @@ class Transcriber:
 
     def _check(self, samples: np.ndarray, temperature: float, task: str) -> np.ndarray:
         if not isinstance(samples, np.ndarray) or samples.ndim != 1:
-            raise ValueError("samples must be a 1-D numpy array (mono, 16 kHz)")
+            raise ParamError("samples", "samples must be a 1-D numpy array (mono, 16 kHz)")
         if samples.size == 0:
-            raise ValueError("samples is empty: no audio to transcribe")
+            raise ParamError("samples", "samples is empty: no audio to transcribe")
         if not 0.0 <= temperature <= 1.0:
-            raise ValueError(f"temperature must be between 0 and 1, got {temperature}")
+            raise ParamError("temperature", f"temperature must be between 0 and 1, got {temperature}")
         if task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+            raise ParamError("task", f"task must be one of {TASKS}, got {task!r}")
         if task == "translate" and not self.tokens.multilingual:
             raise ParamError("model", f"task 'translate' needs a multilingual model; {self.name} is English-only")
         return np.ascontiguousarray(samples, dtype=np.float32)

@@ -246,7 +246,7 @@ class SpeechForm:
 
 
 async def _form(request: Request, settings: SpeechSettings) -> FormData:
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):  # any case (RFC 9110)
         raise ApiError(400, "send the audio as multipart/form-data with the recording in the field 'file'", "file")
     limit = settings.max_file_bytes + _FORM_SLACK
     declared = request.headers.get("content-length", "")
@@ -453,7 +453,7 @@ async def _answer(
     decoded = time.perf_counter()
     options = dict(language=form.language, prompt=form.prompt, temperature=form.temperature, task=task)
     if form.stream:
-        return await _stream(speech, audio, options, started, decoded, ending, observe)
+        return await _stream(request, speech, audio, options, started, decoded, ending, observe)
     try:
         result = await _unless_gone(request, speech.transcribe(audio.samples, **options), ending)
     except (TimeoutError, ValueError) as exc:
@@ -505,14 +505,18 @@ def _failed(exc: TimeoutError | ValueError, speech: SpeechService) -> ApiError:
             type="server_error",
             code="timeout",
         )
-    # an option this model cannot honour (translation on an English-only model)
-    return ApiError(400, str(exc), exc.param if isinstance(exc, ParamError) else None, code="unsupported_option")
+    if isinstance(exc, ParamError):  # an option this model cannot honour (translation on an English-only model)
+        return ApiError(400, str(exc), exc.param, code="unsupported_option")
+    # anything else is the transcriber's own failure, not the request's option (NaN samples were a 400
+    # "unsupported_option" with numpy's words)
+    return ApiError(500, f"the transcription failed ({exc}); retry it", type="server_error", code="transcription_error")
 
 
 _STREAMED = (ResponseFormat.JSON, ResponseFormat.TEXT)
 
 
 async def _stream(
+    request: Request,
     speech: SpeechService,
     audio: DecodedAudio,
     options: dict[str, Any],
@@ -555,8 +559,20 @@ async def _stream(
                 raise shutting_down()
         return segments.get_nowait() if not segments.empty() else None
 
+    # the first segment, or the client gone first (a long run's first window can take seconds: left alone,
+    # the run went on for nobody and held its admission until it ended)
+    first, gone = asyncio.ensure_future(next_segment()), asyncio.ensure_future(_disconnected(request))
     try:
-        head = await next_segment()
+        await asyncio.wait({first, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not first.done():
+            first.cancel()
+            run.cancel()  # the job is dropped at its next window
+    if first.cancelled():
+        raise ClientDisconnect()
+    try:
+        head = first.result()
     except BaseException:
         run.cancel()
         raise

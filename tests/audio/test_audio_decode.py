@@ -163,3 +163,21 @@ def test_a_recording_cut_before_its_first_frame_is_called_empty():
     with pytest.raises(AudioError, match="ends before its first audio frame") as info:
         decode_audio(header)
     assert info.value.param == "file"
+
+
+@pytest.mark.parametrize("fmt, codec", [("flac", "flac"), ("mp3", "mp3")])
+def test_a_recording_cut_short_or_damaged_keeps_the_audio_it_holds(fmt, codec):
+    """A FLAC or MP3 cut at upload, or with a damaged stretch, was refused whole as 'corrupt or truncated'
+    (a WAV or Opus cut the same way was kept, as faster-whisper keeps them); a file with nothing left to
+    decode is still refused."""
+    signal = _sine(440, 16000, 6.0)
+    data = _encode(fmt, codec, 16000, "mono", signal)
+    half = decode_audio(data[: len(data) // 2])
+    assert 2.0 < half.seconds < 4.0
+    damaged = bytearray(data)
+    damaged[len(data) // 3 : len(data) // 3 + 1500] = (
+        np.random.default_rng(0).integers(0, 256, 1500, np.uint8).tobytes()
+    )
+    assert decode_audio(bytes(damaged)).seconds > 5.0
+    with pytest.raises(AudioError):
+        decode_audio(data[:120])

@@ -301,6 +301,9 @@ def test_fallback_temperatures() -> None:
     assert DecodeOptions().temperatures(0.0) == (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
     assert DecodeOptions().temperatures(0.5) == (0.5, 0.7, 0.9)
     assert DecodeOptions().temperatures(1.0) == (1.0,)
+    # never past 1.0, as Whisper's fallback (the rounded count went one step over)
+    assert DecodeOptions().temperatures(0.7) == (0.7, 0.9)
+    assert DecodeOptions().temperatures(0.25) == (0.25, 0.45, 0.65, 0.85)
 
 
 def test_plan_rows_of_one_slot_are_causal() -> None:

@@ -27,6 +27,7 @@ from helpers.live_server import LiveServer
 from metronome.audio.decode import decode_audio
 from metronome.audio.formats import ResponseFormat, render
 from metronome.audio.types import Segment, Transcript, TranscriptionStopped
+from metronome.config import ParamError
 from metronome.serve.audio import SpeechService, SpeechSettings
 from metronome.serve.server import ServerSettings, create_app
 
@@ -453,6 +454,57 @@ def test_a_client_that_leaves_frees_its_place_and_stops_its_transcription(transc
         service.stop()
 
 
+def test_a_streamed_transcription_whose_client_leaves_before_its_first_segment_stops(transcriber, beckett):
+    """A stream waits for its first segment before its response starts, and that wait did not watch the
+    client: one that left then had its transcription run to the end for nobody, holding its admission."""
+    recorded = Recorded(transcriber)
+    service = SpeechService(SpeechSettings(max_pending=2, workers=1))
+    service.attach(recorded)
+    recorded.gate.clear()
+    try:
+        with LiveServer(create_app(None, ServerSettings(), speech=service)) as live:
+            form = {"stream": (None, "true"), "file": ("b.wav", beckett)}
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{live}/v1/audio/transcriptions", files=form, timeout=1.0)
+            assert recorded.entered.wait(timeout=60)
+            deadline = time.monotonic() + 10
+            while service.pending and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert service.pending == 0  # released while the gate is still shut
+            recorded.gate.set()
+            deadline = time.monotonic() + 30
+            while not recorded.ends and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert recorded.ends == ["stopped"]
+    finally:
+        recorded.gate.set()
+        service.stop()
+
+
+def test_a_transcription_failing_in_the_transcriber_is_a_500_and_nan_samples_are_heard(beckett):
+    """NaN samples in a float WAV spoilt every window's mel, and the failure ('Probabilities contain NaN')
+    was a 400 unsupported_option on no option; a 16-bit decode (faster-whisper's) holds them as zeros."""
+    import struct
+
+    from metronome.audio.decode import decode_audio
+    from metronome.serve.audio import _failed
+
+    samples = decode_audio(beckett).samples.copy()
+    samples[1000:1010] = np.nan
+    samples[2000] = np.inf
+    data = samples.astype("<f4").tobytes()
+    header = (
+        b"RIFF"
+        + struct.pack("<I", 36 + len(data))
+        + b"WAVEfmt "
+        + struct.pack("<IHHIIHH", 16, 3, 1, 16000, 64000, 4, 32)
+    )
+    decoded = decode_audio(header + b"data" + struct.pack("<I", len(data)) + data).samples
+    assert np.isfinite(decoded).all() and decoded[1005] == 0.0 and decoded[2000] == 1.0
+    assert _failed(ValueError("Probabilities contain NaN"), None).status == 500
+    assert _failed(ParamError("model", "English-only"), None).status == 400
+
+
 def test_a_transcription_past_the_timeout_answers_504(held, beckett):
     service = SpeechService(SpeechSettings(timeout_s=1.0))
     service.attach(held)
@@ -590,3 +642,12 @@ def test_metrics_count_the_transcripts_delivered(url, client, beckett, reference
             break
         time.sleep(0.05)
     assert _metric(url, "metronome_speech_requests_in_flight") == 0
+
+
+def test_a_multipart_content_type_in_any_case_is_read(url, beckett, reference):
+    """Media types are case-insensitive (RFC 9110); 'Multipart/Form-Data' was a 400 asking for multipart."""
+    sent = httpx.Request("POST", f"{url}/v1/audio/transcriptions", files={"file": ("b.wav", beckett)})
+    body = sent.read()
+    kind = sent.headers["content-type"].replace("multipart/form-data", "Multipart/Form-Data")
+    r = httpx.post(f"{url}/v1/audio/transcriptions", content=body, headers={"content-type": kind}, timeout=120)
+    assert r.status_code == 200 and r.json()["text"] == reference.text.strip(), r.text

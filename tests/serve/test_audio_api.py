@@ -309,6 +309,14 @@ def test_concurrent_requests_each_get_the_same_text(url, beckett, reference):
     assert texts == [reference.text.strip()] * 4
 
 
+def _until(condition, timeout_s: float = 10.0) -> bool:
+    """Whether `condition()` came true within `timeout_s` (looked at every 50 ms)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return bool(condition())
+
+
 def _post(url: str, audio: bytes) -> httpx.Response:
     return httpx.post(f"{url}/v1/audio/transcriptions", files={"file": ("b.wav", audio)}, timeout=120)
 
@@ -395,10 +403,7 @@ def test_a_stopping_server_ends_a_begun_transcript_stream_with_an_error_event(tr
                 rest = [json.loads(line[6:]) for line in lines]
             assert [e["type"] for e in rest] == ["error"], rest
             assert rest[0]["error"]["code"] == "server_shutting_down"
-            deadline = time.monotonic() + 10
-            while service.pending and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert service.pending == 0
+            assert _until(lambda: service.pending == 0)
     finally:
         first.gate.set()
         service.stop()
@@ -441,10 +446,7 @@ def test_a_client_that_leaves_frees_its_place_and_stops_its_transcription(transc
                 assert recorded.entered.wait(timeout=60)  # in the worker, held at the gate
                 queued = pool.submit(leave_after_1s)  # behind it in the queue
                 running.result(timeout=30), queued.result(timeout=30)
-            deadline = time.monotonic() + 10
-            while service.pending and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert service.pending == 0  # both admissions released while the gate is still shut
+            assert _until(lambda: service.pending == 0)  # both admissions released while the gate is still shut
             recorded.gate.set()
             r = _post(live, beckett)
             assert r.status_code == 200 and r.json()["text"] == reference.text.strip()
@@ -467,15 +469,9 @@ def test_a_streamed_transcription_whose_client_leaves_before_its_first_segment_s
             with pytest.raises(httpx.ReadTimeout):
                 httpx.post(f"{live}/v1/audio/transcriptions", files=form, timeout=1.0)
             assert recorded.entered.wait(timeout=60)
-            deadline = time.monotonic() + 10
-            while service.pending and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert service.pending == 0  # released while the gate is still shut
+            assert _until(lambda: service.pending == 0)  # released while the gate is still shut
             recorded.gate.set()
-            deadline = time.monotonic() + 30
-            while not recorded.ends and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert recorded.ends == ["stopped"]
+            assert _until(lambda: recorded.ends, 30) and recorded.ends == ["stopped"]
     finally:
         recorded.gate.set()
         service.stop()

@@ -89,9 +89,7 @@ def _cues(transcript: Transcript) -> list[Segment]:
 def _segment(s: Segment) -> dict[str, Any]:
     return {
         "id": s.id,
-        # OpenAI's `seek` is the offset (in 10-ms mel frames) of the window the segment was decoded in;
-        # the segment's own start frame is the closest thing a Segment records
-        "seek": int(round(s.start * 100)),
+        "seek": s.seek,  # the window's offset in 10-ms frames, as OpenAI's and faster-whisper's
         "start": round(s.start, 3),
         "end": round(s.end, 3),
         "text": s.text,

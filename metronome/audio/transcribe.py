@@ -215,6 +215,7 @@ class Transcriber:
             if silent:
                 seek += size
                 continue
+            window_at = seek
             pieces, seek = self._split(decoded.tokens, seek, size)
             for start, end, piece in pieces:
                 text = tok.decode(piece)
@@ -231,6 +232,7 @@ class Transcriber:
                     no_speech_prob=decoded.no_speech_prob,
                     temperature=decoded.temperature,
                     compression_ratio=decoded.compression_ratio,
+                    seek=window_at,
                 )
                 segments.append(segment)
                 if on_segment is not None:

@@ -21,6 +21,7 @@ class Segment:
     no_speech_prob: float
     temperature: float  # the temperature this segment's window was decoded at (fallback raises it)
     compression_ratio: float
+    seek: int = 0  # the offset, in 10-ms mel frames, of the 30-s window it was decoded in (OpenAI's `seek`)
 
 
 @dataclass(frozen=True)

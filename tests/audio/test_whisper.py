@@ -200,6 +200,8 @@ def _same_segments(ours, theirs) -> None:
         (round(s.start, 2), round(s.end, 2), s.text) for s in theirs
     ]
     assert [list(s.tokens) for s in ours] == [list(s.tokens) for s in theirs]
+    # OpenAI's `seek`: the offset of the window a segment was decoded in (it was the segment's own start)
+    assert [s.seek for s in ours] == [s.seek for s in theirs]
 
 
 @pytest.fixture(scope="module")

@@ -49,6 +49,7 @@ AVX2_CPU_FLAGS = frozenset({"avx2", "fma", "f16c"})
 EXTENSION_NAME = "metronome_kernels"
 BUILD_WAIT_S = 1800.0  # how long a process waits for another's build (one takes a few minutes)
 BUILD_POLL_S = 0.5
+BUILD_SAID_S = 2.0  # a wait longer than a load of the built module takes is said (ranks start together)
 
 
 class KernelBuildError(RuntimeError):
@@ -150,7 +151,8 @@ def _build_lock(directory: Path) -> Iterator[None]:
     it: whoever holds it knows a torch lock file in the directory is such a leftover and removes it. A
     live build is said once and waited for, up to BUILD_WAIT_S."""
     with open(directory / "build.flock", "a") as fh:
-        deadline, said = time.monotonic() + BUILD_WAIT_S, False
+        started = time.monotonic()
+        deadline, said = started + BUILD_WAIT_S, False
         while True:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -161,7 +163,7 @@ def _build_lock(directory: Path) -> Iterator[None]:
                         f"another process has been building the C++ kernels in {directory} for over "
                         f"{BUILD_WAIT_S / 60:.0f} min; stop it, or remove that directory"
                     ) from None
-                if not said:
+                if not said and time.monotonic() - started > BUILD_SAID_S:  # not a mere load beside ours
                     print(
                         f"metronome: waiting for another process's build of the C++ kernels ({directory})",
                         file=sys.stderr,

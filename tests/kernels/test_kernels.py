@@ -638,6 +638,7 @@ def test_the_build_lock_removes_a_killed_builds_lock_and_never_a_live_one(tmp_pa
     try:
         assert holder.stdout.readline().strip() == "held"
         monkeypatch.setattr(build, "BUILD_WAIT_S", 1.0)
+        monkeypatch.setattr(build, "BUILD_SAID_S", 0.2)
         with pytest.raises(build.KernelBuildError, match="for over"):
             with build._build_lock(tmp_path):
                 pass

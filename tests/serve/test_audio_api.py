@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import io
 import json
 import re
@@ -426,55 +427,55 @@ class Recorded(Held):
         return out
 
 
-def test_a_client_that_leaves_frees_its_place_and_stops_its_transcription(transcriber, beckett, reference):
-    """A transcription whose client went away ran to its end for nobody, holding its admission and its place
-    in the queue: clients still there waited behind it or got 429s. Now a queued one is skipped, a running
-    one stops before its next window, and both release their admission as the client leaves."""
+@contextlib.contextmanager
+def _gated(transcriber):
+    """A live server whose one speech worker runs `transcriber` recorded and held at a shut gate:
+    (url, the Recorded, the SpeechService)."""
     recorded = Recorded(transcriber)
     service = SpeechService(SpeechSettings(max_pending=2, workers=1))
     service.attach(recorded)
     recorded.gate.clear()
     try:
         with LiveServer(create_app(None, ServerSettings(), speech=service)) as live:
-
-            def leave_after_1s() -> None:
-                with pytest.raises(httpx.ReadTimeout):
-                    httpx.post(f"{live}/v1/audio/transcriptions", files={"file": ("b.wav", beckett)}, timeout=1.0)
-
-            with concurrent.futures.ThreadPoolExecutor(2) as pool:
-                running = pool.submit(leave_after_1s)
-                assert recorded.entered.wait(timeout=60)  # in the worker, held at the gate
-                queued = pool.submit(leave_after_1s)  # behind it in the queue
-                running.result(timeout=30), queued.result(timeout=30)
-            assert _until(lambda: service.pending == 0)  # both admissions released while the gate is still shut
-            recorded.gate.set()
-            r = _post(live, beckett)
-            assert r.status_code == 200 and r.json()["text"] == reference.text.strip()
-            assert recorded.ends == ["stopped", "done"]  # the queued one never ran
+            yield live, recorded, service
     finally:
         recorded.gate.set()
         service.stop()
+
+
+def test_a_client_that_leaves_frees_its_place_and_stops_its_transcription(transcriber, beckett, reference):
+    """A transcription whose client went away ran to its end for nobody, holding its admission and its place
+    in the queue: clients still there waited behind it or got 429s. Now a queued one is skipped, a running
+    one stops before its next window, and both release their admission as the client leaves."""
+    with _gated(transcriber) as (live, recorded, service):
+
+        def leave_after_1s() -> None:
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{live}/v1/audio/transcriptions", files={"file": ("b.wav", beckett)}, timeout=1.0)
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            running = pool.submit(leave_after_1s)
+            assert recorded.entered.wait(timeout=60)  # in the worker, held at the gate
+            queued = pool.submit(leave_after_1s)  # behind it in the queue
+            running.result(timeout=30), queued.result(timeout=30)
+        assert _until(lambda: service.pending == 0)  # both admissions released while the gate is still shut
+        recorded.gate.set()
+        r = _post(live, beckett)
+        assert r.status_code == 200 and r.json()["text"] == reference.text.strip()
+        assert recorded.ends == ["stopped", "done"]  # the queued one never ran
 
 
 def test_a_streamed_transcription_whose_client_leaves_before_its_first_segment_stops(transcriber, beckett):
     """A stream waits for its first segment before its response starts, and that wait did not watch the
     client: one that left then had its transcription run to the end for nobody, holding its admission."""
-    recorded = Recorded(transcriber)
-    service = SpeechService(SpeechSettings(max_pending=2, workers=1))
-    service.attach(recorded)
-    recorded.gate.clear()
-    try:
-        with LiveServer(create_app(None, ServerSettings(), speech=service)) as live:
-            form = {"stream": (None, "true"), "file": ("b.wav", beckett)}
-            with pytest.raises(httpx.ReadTimeout):
-                httpx.post(f"{live}/v1/audio/transcriptions", files=form, timeout=1.0)
-            assert recorded.entered.wait(timeout=60)
-            assert _until(lambda: service.pending == 0)  # released while the gate is still shut
-            recorded.gate.set()
-            assert _until(lambda: recorded.ends, 30) and recorded.ends == ["stopped"]
-    finally:
+    with _gated(transcriber) as (live, recorded, service):
+        form = {"stream": (None, "true"), "file": ("b.wav", beckett)}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{live}/v1/audio/transcriptions", files=form, timeout=1.0)
+        assert recorded.entered.wait(timeout=60)
+        assert _until(lambda: service.pending == 0)  # released while the gate is still shut
         recorded.gate.set()
-        service.stop()
+        assert _until(lambda: recorded.ends, 30) and recorded.ends == ["stopped"]
 
 
 def test_a_transcription_failing_in_the_transcriber_is_a_500_and_nan_samples_are_heard(beckett):

@@ -6,8 +6,8 @@ Checked on every answer: no server error (5xx), no hang (a per-request timeout),
 headers and body match the schema (every 4xx and 5xx body is OpenAI's {"error": {"message", "type",
 "param", "code"}}), invalid data is refused, an undeclared method gets 405 with Allow. Not checked:
 that every schema-valid body is accepted: the schema cannot know the model's vocabulary or what fits the
-context, which the server refuses with a 400. A body without max_tokens generates to the end of the
-context: serve the target with a small --ctx (the bench starts its own server with --ctx 256) so that
+context, which the server refuses with a 400. A chat body without max_tokens generates to the end of
+the context: serve the target with a small --ctx (the bench starts its own server with --ctx 256) so that
 every answer comes within the request timeout.
 """
 

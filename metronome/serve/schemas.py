@@ -27,6 +27,9 @@ from metronome.config import MAX_LOGIT_BIAS, MAX_STOP_CHARS, MIN_SAMPLING_FLOAT
 MAX_STOPS = 4
 MAX_TOP_LOGPROBS = 20
 MAX_N = 16
+# a legacy completion's length when max_tokens is not sent: OpenAI's documented default (vLLM's too); chat's
+# default is the rest of the context
+LEGACY_MAX_TOKENS = 16
 _INT64 = 2**63
 
 
@@ -218,6 +221,10 @@ class SamplingBody(_Body):
     def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
         return tuple((int(token), bias) for token, bias in self.logit_bias.items())
 
+    def unset_budget(self, room: int) -> int:
+        """The output length when the request names none, given the `room` its prompt leaves in the context."""
+        return room
+
 
 class ChatBody(SamplingBody):
     messages: list[Message] = Field(min_length=1)
@@ -257,7 +264,7 @@ class CompletionBody(SamplingBody):
     prompt: str | list[str] | list[Int] | list[list[Int]] = Field(json_schema_extra=_prompt_schema)
     # 0: the prompt only, as scoring clients send it with echo and logprobs (the text is the prompt's, the
     # finish_reason "length")
-    max_tokens: Int | None = Field(None, ge=0)
+    max_tokens: Int | None = Field(None, ge=0, json_schema_extra={"default": LEGACY_MAX_TOKENS})
     logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # legacy: how many alternatives per token
     # the prompt before the completion's text; with logprobs, its tokens' logprobs before the completion's
     # (the first token's None), as lm-evaluation-harness scores a continuation
@@ -291,6 +298,9 @@ class CompletionBody(SamplingBody):
     @property
     def token_budget(self) -> tuple[int | None, str]:
         return self.max_tokens, "max_tokens"
+
+    def unset_budget(self, room: int) -> int:
+        return min(LEGACY_MAX_TOKENS, room)
 
 
 _MODELS = (StreamOptions, ResponseFormat, JsonSchemaFormat, TextPart, Message, SamplingBody, ChatBody, CompletionBody)

@@ -506,7 +506,7 @@ def _sampling(
             param=budget_param,
             code="context_length_exceeded",
         )
-    max_tokens = budget if budget is not None else ctx - longest
+    max_tokens = budget if budget is not None else body.unset_budget(ctx - longest)
     try:  # SamplingParams checks its fields when built
         return SamplingParams(
             max_tokens=max_tokens,

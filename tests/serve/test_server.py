@@ -186,6 +186,19 @@ def test_chat_logprobs_in_openai_shape(client):
         assert [t.logprob for t in e.top_logprobs] == sorted((t.logprob for t in e.top_logprobs), reverse=True)
 
 
+def test_legacy_completions_default_to_sixteen_tokens_as_openai(client, smol_engine):
+    # OpenAI's (and vLLM's) legacy completions stop at 16 tokens when max_tokens is not sent; chat's
+    # default is the rest of the context
+    r = client.completions.create(model="metronome", prompt="One, two,", temperature=0, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 16 and r.choices[0].finish_reason == "length"
+    # a prompt with less room than that gets what is left, not a 400 about a max_tokens it never sent
+    ctx = smol_engine.config.ctx
+    room = client.completions.create(
+        model="metronome", prompt=[1] * (ctx - 5), temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert room.usage.completion_tokens == 5
+
+
 def test_completions_legacy_logprobs(client):
     r = client.completions.create(
         model="metronome", prompt="The sky is", max_tokens=5, temperature=0, logprobs=2, extra_body={"ignore_eos": True}

@@ -78,6 +78,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+CHAT_COMMANDS = "/reset clears the conversation, /exit or Ctrl-D quits, /help shows this"
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from metronome.engine import RequestError
     from metronome.serve.usage import groq_timings
@@ -92,21 +95,28 @@ def cmd_chat(args: argparse.Namespace) -> int:
     messages: list[dict] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
-    print(
-        f"metronome chat · {engine.model_name} · /reset clears the conversation, /exit or Ctrl-D quits", file=sys.stderr
-    )
+    print(f"metronome chat · {engine.model_name} · {CHAT_COMMANDS}", file=sys.stderr)
     while True:
         try:
             line = input("> ")
         except (EOFError, KeyboardInterrupt):
             print(file=sys.stderr)
             return 0
-        if line.strip() in ("/exit", "/quit"):
+        command = line.strip()
+        if command in ("/exit", "/quit"):
             return 0
-        if line.strip() == "/reset":
+        if command == "/reset":
             messages = messages[:1] if args.system else []
+            print("(a new conversation)", file=sys.stderr)
             continue
-        if not line.strip():
+        if not command:
+            continue
+        # one word after a slash is a command: an unknown one (a typo of /reset) must not reach the model
+        # as a message, where it would stay in the conversation
+        if command.startswith("/") and " " not in command:
+            if command not in ("/help", "/?"):
+                print(f"unknown command {command}", file=sys.stderr)
+            print(CHAT_COMMANDS, file=sys.stderr)
             continue
         messages.append({"role": "user", "content": line})
         reply, delta = [], None

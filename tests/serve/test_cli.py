@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -87,11 +88,14 @@ def test_generate_is_reproducible_with_a_seed(tiny_hf):
 
 def test_chat_keeps_the_conversation(tiny_hf):
     args = ("chat", "--model", str(tiny_hf("llama")), "--max-tokens", "4", "--weights", "f32", "--temperature", "0")
-    out = _metronome(*args, stdin="hello world\nthe cat is\n/exit\n")
+    # a mistyped command is neither sent nor kept in the conversation
+    out = _metronome(*args, stdin="hello world\n/rest\n/help\nthe cat is\n/exit\n")
     assert out.returncode == 0, out.stderr
     assert out.stderr.count("tokens/s") == 2
+    assert "unknown command /rest" in out.stderr and out.stderr.count("/reset clears") == 3
     # stdout: input()'s "> " prompt, then each reply on its own line
-    replies = [line.removeprefix("> ") for line in out.stdout.splitlines()][:2]
+    # (a command's line leaves its prompt on the line the next reply is written on)
+    replies = [re.sub(r"^(> )+", "", line) for line in out.stdout.splitlines()][:2]
     engine, params = _in_process(args)
     first = engine.generate([{"role": "user", "content": "hello world"}], params).text
     two_turns = [

@@ -119,6 +119,16 @@ def q4_blocks(t: QuantTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return torch.from_numpy(codes), torch.from_numpy(d), torch.from_numpy(zero)
 
 
+# torch's CPU int4 packing takes output rows in multiples of this (an odd vocabulary's head, such as GPT-2's
+# 50,257 rows, is refused with a RuntimeError); such a matrix runs as int8 per channel instead
+INT4_ROWS = 16
+
+
+def int4_packs(t: QuantTensor) -> bool:
+    """torch's int4 kernels can hold `t` (a Q4_0/Q4_1 matrix)."""
+    return t.shape[0] % INT4_ROWS == 0
+
+
 def int4_linear(t: QuantTensor, bias: torch.Tensor | None) -> Int4Linear:
     n, k = t.shape
     codes, d, zero = q4_blocks(t)
@@ -135,8 +145,8 @@ def int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
 
 
 def quantize(model: nn.Module, weights: dict[str, QuantTensor | torch.Tensor], mode: str, q8_ops=None) -> nn.Module:
-    """Replace every nn.Linear in `model` (in place): int4 where the file holds Q4_0/Q4_1 blocks and
-    mode is "int4"; the file's own Q8_0 blocks where `q8_ops` (ops with a fast `q8_0_linear`) is given;
+    """Replace every nn.Linear in `model` (in place): int4 where the file holds Q4_0/Q4_1 blocks, mode is
+    "int4" and torch's int4 kernels take its row count (`int4_packs`); the file's own Q8_0 blocks where `q8_ops` (ops with a fast `q8_0_linear`) is given;
     int8 per channel otherwise. `weights` are the loader's (possibly quantized) tensors."""
     from metronome.model.transformer import weight_sources
 
@@ -150,7 +160,7 @@ def quantize(model: nn.Module, weights: dict[str, QuantTensor | torch.Tensor], m
                 names = ["embed.weight"]  # tied
             source = QuantTensor.stack([weights[n] for n in names])
             bias = child.bias.detach() if child.bias is not None else None
-            if mode == "int4" and source is not None and source.qtype in ("Q4_0", "Q4_1"):
+            if mode == "int4" and source is not None and source.qtype in ("Q4_0", "Q4_1") and int4_packs(source):
                 new: nn.Module = int4_linear(source, bias)
             elif q8_ops is not None and bias is None and source is not None and source.qtype == "Q8_0":
                 blocks = torch.from_numpy(np.array(source.raw)).reshape(source.shape[0], -1)  # a writable copy

@@ -665,3 +665,20 @@ def test_a_large_files_kept_digest_follows_every_change_of_the_file(tmp_path, mo
     os.utime(f, (old, old))
     time.sleep(0.4)
     assert loader.file_fingerprint(f) != first, "the stamp gave the old file's digest"
+
+
+def test_a_q4_head_of_an_odd_vocabulary_runs_on_torch_int4(tmp_path):
+    """torch's int4 packing takes rows in multiples of 16: a Q4_0 file whose tied head has 301 rows (GPT-2's
+    vocabulary is 50,257) failed the compile with "expect N to be dividable by 16" on the torch kernels.
+    That matrix now runs as int8 per channel and the others stay int4."""
+    from metronome.bench.random_gguf import DenseShape, write_random_dense
+    from metronome.compile.quant import Int4Linear, Int8Linear
+
+    shape = DenseShape("odd-vocab", hidden=128, layers=1, heads=4, kv_heads=2, ffn=256, vocab=301)
+    path = str(write_random_dense(tmp_path / "v301.gguf", shape))
+    config = EngineConfig(slots=1, ctx=64, spec_tokens=0, kernels="torch", weights="int4")
+    engine = Engine.from_model(path, config)
+    model = engine.plan.runner.model
+    assert isinstance(model.head, Int8Linear) and isinstance(model.layers[0].attn.wo, Int4Linear)
+    logits = engine.plan.prefill([1, 2, 3], 0)
+    assert logits.shape[-1] == 301 and torch.isfinite(logits).all()

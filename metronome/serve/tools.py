@@ -161,7 +161,9 @@ def tool_calling(
 
 
 def _shown(choice: Any) -> str:
-    return repr(choice) if isinstance(choice, str) else json.dumps(choice)
+    """A tool_choice as words: its mode, or the function it names (not its JSON: the Responses API spells
+    a named choice differently from chat's, and both reach this check)."""
+    return repr(choice) if isinstance(choice, str) else f"naming the function {choice['function']['name']!r}"
 
 
 def _object_schema(schema: Any, param: str) -> dict[str, Any]:

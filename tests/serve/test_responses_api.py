@@ -365,3 +365,12 @@ def test_a_json_schema_format_gives_output_that_validates(client):
     )
     assert r.status == "completed" and r.text.format.type == "json_schema"
     jsonschema.validate(json.loads(r.output_text), schema)
+
+
+def test_a_named_tool_choice_without_tools_is_described_in_the_responses_words(url):
+    """The message showed the chat API's JSON ({"type": "function", "function": {"name": ...}}), a shape
+    the Responses client never sent."""
+    body = {"input": "hi", "tool_choice": {"type": "function", "name": "zz"}}
+    error = httpx.post(f"{url}/v1/responses", json=body, timeout=60).json()["error"]
+    assert error["param"] == "tool_choice" and "'zz'" in error["message"]
+    assert '"function": {' not in error["message"], error

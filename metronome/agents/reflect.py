@@ -18,7 +18,7 @@ from __future__ import annotations
 import queue
 import string
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from metronome.config import ParamError, SamplingParams
@@ -198,10 +198,13 @@ def check_fits(engine: "Engine", task: str, settings: ReflectSettings, params: S
         raise ParamError("model", "reflection needs a chat model (this one has no chat template)")
     need, ctx = worst_case_tokens(engine, task, settings, params), engine.config.ctx
     if need > ctx:
+        # fewer rounds help only if one round fits: else max_tokens (or the task) is what must shrink
+        one_round = worst_case_tokens(engine, task, replace(settings, rounds=1), params)
+        param, lower = ("rounds", "rounds or max_tokens") if one_round <= ctx else ("max_tokens", "max_tokens")
         raise ParamError(
-            "rounds",
+            param,
             f"rounds={settings.rounds} with max_tokens={params.max_tokens} per turn may need {need} tokens "
-            f"({settings.turns} turns) but the context holds {ctx}; lower rounds or max_tokens "
+            f"({settings.turns} turns) but the context holds {ctx}; lower {lower} "
             "(or run with a larger --ctx)",
         )
 

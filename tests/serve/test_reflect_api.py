@@ -89,7 +89,9 @@ def test_whole_body(served):
     [
         ({"task": TASK, "rounds": 0}, "rounds"),
         ({"task": TASK, "rounds": 2.5}, "rounds"),
-        ({"task": TASK, "rounds": 3}, "rounds"),  # 7 turns x 256 tokens cannot fit a context of 512
+        ({"task": TASK, "rounds": 3, "max_tokens": 100}, "rounds"),  # 7 turns x 100 tokens cannot fit 512
+        # nor can 3 turns x 256 (the default): fewer rounds cannot help, so the error names max_tokens
+        ({"task": TASK, "rounds": 1}, "max_tokens"),
         ({"task": TASK, "points": 0}, "points"),
         ({"task": TASK, "critique": "list {n} things"}, "critique"),
         ({"task": TASK, "max_tokens": 0}, "max_tokens"),

@@ -179,13 +179,31 @@ def quantize(model: nn.Module, weights: dict[str, QuantTensor | torch.Tensor], m
 def pack_16_rows(part: QuantTensor, ops: CppOps) -> tuple[torch.Tensor, int]:
     """A Q5_0, Q4_K, Q6_K, Q8_0, Q4_0 or Q4_1 tensor's blocks repacked 16 rows side by side (csrc/pack.cpp;
     the layouts are in csrc/blocks.cpp), with their block kind. Exact: the file's scales, minimums and codes
-    are moved, not recomputed (Q4_0 becomes Q4_1 with m = -8d, exact in fp16)."""
+    are moved, not recomputed (Q4_0 becomes Q4_1 with m = -8d, exact in fp16; where a scale is too large for
+    that, Q8_0 of the same weights)."""
     packed = {**PACKED_KINDS, "Q4_0": Q4_PACKED_KIND, "Q4_1": Q4_PACKED_KIND}
     if part.qtype not in packed:
         raise ValueError(f"pack_16_rows packs {', '.join(packed)} tensors, got {part.qtype}")
+    if part.qtype == "Q4_0" and np.abs(q4_fields(part)[0].astype(np.float32)).max(initial=0.0) > Q4_0_MAX_SCALE:
+        part = q4_0_as_q8_0(part)
     rows, k = part.shape
     kind = BLOCK_KINDS[packed[part.qtype]]
     return ops.pack_x16(file_view(part.raw, rows), kind, rows, k), kind
+
+
+# Q4_0's m = -8d is exact in fp16 only while 8|d| fits in it (fp16's largest is 65,504). A larger scale is
+# legal, if never seen in a real file; m overflowed to -inf and the whole row's output with it
+Q4_0_MAX_SCALE = 65504.0 / 8
+
+
+def q4_0_as_q8_0(part: QuantTensor) -> QuantTensor:
+    """Q4_0 blocks as Q8_0 blocks of the same weights, exactly: the same fp16 d, and each code q as the int8
+    q - 8 (34 bytes a block where Q4_0 has 18)."""
+    n, k = part.shape
+    d, _, qs = q4_fields(part)
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.int16) - 8  # low nibbles first
+    blocks = np.concatenate([d[..., None].view(np.uint8), codes.astype(np.int8).view(np.uint8)], axis=-1)
+    return QuantTensor(np.ascontiguousarray(blocks.reshape(n, -1)), "Q8_0", part.shape)
 
 
 def quantize_q8_0(w: torch.Tensor) -> torch.Tensor:

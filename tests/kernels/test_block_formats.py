@@ -237,3 +237,34 @@ def test_gguf_rows_are_the_gguf_packages_dequantization(qtype: str) -> None:
     assert torch.equal(got, _dequantized(raw[ids.numpy()], qtype, len(ids), k).float())
     with pytest.raises(ValueError, match="qtype"):
         OPS.gguf_rows(torch.from_numpy(raw), ids, "Q6_K")
+
+
+def test_q4_0_scales_too_large_for_q4_1s_minimum_pack_exactly() -> None:
+    """Q4_0 packs as Q4_1 with m = -8d, which fp16 holds only while |d| <= 8188: a (legal) d of 10,000 made
+    m -inf and the row's output with it. Such a matrix packs as Q8_0 blocks of the same weights."""
+    n, k = 16, 64
+    raw = _blocks("Q4_0X16", n, k, seed=3)
+    raw.reshape(n, k // 32, 18)[3, 1, 0:2] = np.array([10000.0], np.float16).view(np.uint8)  # one block's d
+    w = _dequantized(raw, "Q4_0X16", n, k)
+    x = torch.randn(2, k, generator=torch.Generator().manual_seed(4))
+    blocks, kind = pack_16_rows(QuantTensor(raw=raw, qtype="Q4_0", shape=(n, k)), OPS)
+    assert kind == BLOCK_KINDS["Q8_0X16"]
+    y = OPS.block_linear(x, blocks, kind, n).double()
+    scale = (x.double().abs() @ w.abs().T).max().item()
+    assert torch.isfinite(y).all() and (y - _int8_x(x, 32) @ w.T).abs().max().item() <= 1e-6 * scale
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0X16", "Q4_KX16", "Q5_1"])
+def test_activations_too_small_for_127_over_their_max_stay_finite(qtype: str) -> None:
+    """127 / max|x| overflows float32 below about 3.7e-37: x of 1e-38 (a normal float) became inf, every
+    code -128, and the product 20-30x the exact one. The block now quantizes against a floor of 1e-36."""
+    n, k = 16, 256
+    raw = _blocks(qtype, n, k, seed=5)
+    w = _dequantized(raw, qtype, n, k)
+    x = torch.randn(2, k, generator=torch.Generator().manual_seed(6)) * 1e-38
+    y = _linear(x, raw, qtype).double()
+    exact = x.double() @ w.T
+    # the codes are coarse at the floor (|x| / 1e-36 * 127, about 1 to 3 here) and the products fall among
+    # float32's subnormals: what is asked is an error of the size of |x| |w|, not 20-30x of it
+    scale = (x.double().abs() @ w.abs().T).max().item()
+    assert torch.isfinite(y).all() and (y - exact).abs().max().item() <= 0.5 * scale

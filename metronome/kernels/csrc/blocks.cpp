@@ -171,7 +171,7 @@ void quantize_32(const float* x, int64_t M, int64_t K, const XQuant& q) {
   const int64_t nb = K / 32;
   for (int64_t i = 0; i < M * nb; ++i) {
     const __m512 v0 = _mm512_loadu_ps(x + i * 32), v1 = _mm512_loadu_ps(x + i * 32 + 16);
-    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(abs_ps(v0), abs_ps(v1)));
+    const float amax = int8_amax(_mm512_reduce_max_ps(_mm512_max_ps(abs_ps(v0), abs_ps(v1))));
     const __m512 s = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
     const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, s)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, s));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q.x8 + i * 32), _mm512_cvtsepi32_epi8(q0));
@@ -197,7 +197,7 @@ void quantize_256(const float* x, int64_t M, int64_t K, const XQuant& q) {
     const float* xb = x + i * 256;
     __m512 mx = _mm512_setzero_ps();
     for (int j = 0; j < 16; ++j) mx = _mm512_max_ps(mx, abs_ps(_mm512_loadu_ps(xb + 16 * j)));
-    const float amax = _mm512_reduce_max_ps(mx);
+    const float amax = int8_amax(_mm512_reduce_max_ps(mx));
     const __m512 s = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
     q.dxk[i] = amax / 127.0f;
     for (int j = 0; j < 16; ++j) {

@@ -117,11 +117,17 @@ inline __m512 load_chunk(const int8_t* row, int64_t c, int64_t Dh) {
   std::memcpy(&d, row + Dh + 4 * c, sizeof d);
   return _mm512_mul_ps(load16(row + c * 16), _mm512_set1_ps(d));
 }
+// The least max|x| a block of values is quantized to int8 against: 127 / max|x| overflows float32 below
+// about 3.7e-37 (a normal float), and the infinite scale made every code -128. A block that small takes its
+// codes against this floor instead (coarse, but finite); every larger block keeps its bits.
+constexpr float kMinAmax = 1e-36f;
+inline float int8_amax(float amax) { return amax > 0.0f && amax < kMinAmax ? kMinAmax : amax; }
+
 // x (Dh floats, Dh a multiple of 16) into the row at `row` (int8_row_bytes(Dh) bytes).
 inline void quantize_int8_row(const float* x, int8_t* row, int64_t Dh) {
   for (int64_t c = 0; c < Dh / 16; ++c) {
     const __m512 v = _mm512_loadu_ps(x + c * 16);
-    const float m = _mm512_reduce_max_ps(_mm512_max_ps(v, _mm512_sub_ps(_mm512_setzero_ps(), v)));
+    const float m = int8_amax(_mm512_reduce_max_ps(_mm512_max_ps(v, _mm512_sub_ps(_mm512_setzero_ps(), v))));
     const float d = m / 127.0f;
     const __m512 id = _mm512_set1_ps(m > 0.0f ? 127.0f / m : 0.0f);  // cvtps: to nearest even (the default)
     _mm_storeu_si128(reinterpret_cast<__m128i*>(row + c * 16),

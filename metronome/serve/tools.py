@@ -193,7 +193,8 @@ def closed(schema: Any) -> Any:
     its keys (closed one by one, each would forbid the others' keys, and a document with the keys that
     two branches require would be impossible), and so do anyOf/oneOf branches beside properties of the
     object's own. Those branches stay open, and the object holding them is closed to the keys it and they
-    list. A branch that is a reference to a definition is read as a copy of it, opened the same way.
+    list. A branch that is a reference to a definition is read as a copy of it, opened the same way; so is
+    a reference beside the object's own properties (2020-12 applies both, as allOf would).
 
     GrammarError when the copies would pass MAX_SCHEMA_NODES: a definition referenced twice in each of a
     chain of definitions doubles at each link (a 1.3 KB schema grew a server by 700 MB)."""
@@ -213,6 +214,14 @@ def _closed(schema: Any, root: Any, inlined: frozenset[str], budget: list[int]) 
             "allOf/anyOf branches is copied at each use); simplify it"
         )
     out = dict(schema)
+    if isinstance(out.get("$ref"), str) and "properties" in out:
+        # a reference beside properties of the object's own applies with them (JSON Schema 2020-12), as an
+        # allOf branch would: closed apart, the definition forbade the own keys and the object the definition's
+        # (in the reference's place among the keys: llguidance orders an object's keys by where they appear)
+        branches = [{"$ref": out["$ref"]}, *(out["allOf"] if isinstance(out.get("allOf"), list) else [])]
+        out = {
+            ("allOf" if k == "$ref" else k): (branches if k == "$ref" else v) for k, v in out.items() if k != "allOf"
+        }
     parts = [key for key in ("allOf", "anyOf", "oneOf") if isinstance(out.get(key), list)]
     # the branches that describe parts of this object rather than whole alternatives of it
     shared = [key for key in parts if key == "allOf" or "properties" in out or "allOf" in parts]

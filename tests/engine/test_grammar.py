@@ -240,6 +240,12 @@ BOOL_B = {"type": "object", "properties": {"b": {"type": "boolean"}}, "required"
         ),
         ({"$defs": {"Base": INT_A}, "allOf": [{"$ref": "#/$defs/Base"}, BOOL_B]}, [{"a": 1, "b": True}], [{"b": True}]),
         ({"allOf": [{"allOf": [INT_A]}, BOOL_B]}, [{"a": 1, "b": True}], [{"a": 1, "b": True, "c": 1}]),
+        (  # a reference beside the object's own properties applies with them (2020-12): refused as
+            # unsatisfiable, the definition closed to a and the object to b
+            {"$defs": {"Base": INT_A}, "$ref": "#/$defs/Base", **BOOL_B},
+            [{"a": 1, "b": True}],
+            [{"b": True}, {"a": 1}, {"a": 1, "b": True, "c": 1}],
+        ),
         (  # alternatives beside the object's own properties
             {
                 **{"type": "object", "properties": {"kind": {"const": "k"}}, "required": ["kind"]},

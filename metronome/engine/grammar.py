@@ -58,6 +58,39 @@ STARTED_KEPT = 256
 JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
+# llguidance reads a schema's numbers as float64: a larger integer in const, enum or a bound became its
+# nearest double (2**53 + 1 became 2**53), and the grammar then held answers to a value the schema forbids
+EXACT_INT = 2**53
+_NUMBER_KEYWORDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
+
+
+def _inexact_number(schema: Any) -> int | None:
+    """An integer past ±2**53 among the values a schema compares answers with (const, enum, bounds)."""
+
+    def big(value: Any) -> int | None:  # in a const or enum value, however nested
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value if abs(value) > EXACT_INT else None
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        return next((found for item in items if (found := big(item)) is not None), None)
+
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        for key, value in node.items():
+            if key in ("const", "enum") or (key in _NUMBER_KEYWORDS and not isinstance(value, (dict, list))):
+                found = big(value)
+                if found is not None:
+                    return found
+            elif isinstance(value, (dict, list)):
+                stack.append(value)
+    return None
+
+
 class Grammars:
     """Grammars for one tokenizer, and matchers over them."""
 
@@ -90,6 +123,13 @@ class Grammars:
         """Outputs that validate against `schema` (response_format json_schema, a tool's parameters)."""
         if not isinstance(schema, dict):
             raise GrammarError(f"{param}: a JSON schema must be an object, got {type(schema).__name__}", param)
+        inexact = _inexact_number(schema)
+        if inexact is not None:
+            raise GrammarError(
+                f"{param}: the integer {inexact} cannot be enforced exactly: the grammar compares numbers as "
+                f"float64, which holds integers exactly only up to 2**53 ({EXACT_INT}); write it as a string",
+                param,
+            )
         try:
             text = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
         except ValueError as exc:

@@ -194,6 +194,10 @@ def test_a_budget_too_small_ends_with_length_and_a_prefix(engine, grammars, toke
         ({"type": "integer", "minimum": 5, "maximum": 1}, "Unsatisfiable"),
         ([1, 2], "must be an object"),
         ({"$ref": "#"}, "constraint failed"),  # passes validation, fails at its first mask: it was a 500
+        # integers past 2**53 became their nearest double: a const of 2**53 + 1 was answered with 2**53
+        ({"type": "object", "properties": {"v": {"const": 2**53 + 1}}}, "9007199254740993"),
+        ({"enum": [1, {"deep": [-(2**60)]}]}, "cannot be enforced exactly"),
+        ({"type": "integer", "minimum": 2**53 + 1, "maximum": 2**53 + 3}, "9007199254740993"),
     ],
 )
 def test_schemas_it_cannot_enforce_are_refused_naming_the_parameter(grammars, schema, says):
@@ -223,6 +227,11 @@ def _takes(grammars: Grammars, tokenizer: Tokenizer, schema: dict, doc) -> bool:
 
 INT_A = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
 BOOL_B = {"type": "object", "properties": {"b": {"type": "boolean"}}, "required": ["b"]}
+
+
+def test_integers_up_to_two_to_the_53_are_served(grammars, tokenizer):
+    schema = {"type": "object", "properties": {"v": {"const": -(2**53)}, "w": {"maximum": 2**53}}, "required": ["v"]}
+    assert _takes(grammars, tokenizer, schema, {"v": -(2**53)})
 
 
 @pytest.mark.parametrize(

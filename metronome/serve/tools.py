@@ -203,6 +203,19 @@ def closed(schema: Any) -> Any:
 
 MAX_SCHEMA_NODES = 20_000  # subschemas a closed schema may hold, copies of definitions included
 
+# RFC 3339's full-date with its calendar: 29 February only in leap years (divisible by 4, centuries by 400).
+# llguidance's own "date" lets any year's 29 February through, which JSON Schema's format (RFC 3339 5.7)
+# refuses; a string with one of these formats and no pattern of its own is given the exact pattern instead.
+_DAY_IN_MONTH = (
+    "(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)|02-(?:0[1-9]|1[0-9]|2[0-8])"
+)
+_LEAP_YEAR = "[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:[02468][048]|[13579][26])00"
+FULL_DATE = f"(?:[0-9]{{4}}-(?:{_DAY_IN_MONTH})|(?:{_LEAP_YEAR})-02-29)"
+FULL_TIME = (
+    "(?:[01][0-9]|2[0-3]):[0-5][0-9]:(?:[0-5][0-9]|60)(?:\\.[0-9]+)?(?:[zZ]|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+)
+EXACT_FORMATS = {"date": FULL_DATE, "date-time": f"{FULL_DATE}[tT]{FULL_TIME}"}
+
 
 def _closed(schema: Any, root: Any, inlined: frozenset[str], budget: list[int]) -> Any:
     if not isinstance(schema, dict):
@@ -243,6 +256,8 @@ def _closed(schema: Any, root: Any, inlined: frozenset[str], budget: list[int]) 
             out[key] = _closed(out[key], root, inlined, budget)
     if "properties" in out and listed and "additionalProperties" not in out and "patternProperties" not in out:
         out["additionalProperties"] = False
+    if isinstance(out.get("format"), str) and out["format"] in EXACT_FORMATS and "pattern" not in out:
+        out["pattern"] = f"^{EXACT_FORMATS[out.pop('format')]}$"
     return out
 
 

@@ -229,6 +229,32 @@ INT_A = {"type": "object", "properties": {"a": {"type": "integer"}}, "required":
 BOOL_B = {"type": "object", "properties": {"b": {"type": "boolean"}}, "required": ["b"]}
 
 
+@pytest.mark.parametrize(
+    "fmt, good, bad",
+    [
+        ("date", ["2024-02-29", "2000-02-29", "2021-02-28", "2021-12-31"], ["2021-02-29", "1900-02-29", "2021-04-31"]),
+        (
+            "date-time",
+            ["2024-02-29T10:00:00Z", "1996-12-19T16:39:57-08:00", "2021-01-01t23:59:60.5+01:00"],
+            ["2021-02-29T10:00:00Z", "2021-01-01T24:00:00Z", "2021-01-01T10:00:00"],
+        ),
+    ],
+)
+def test_dates_keep_the_calendar(grammars, tokenizer, fmt, good, bad):
+    """llguidance's date let 29 February through in any year; RFC 3339 (JSON Schema's format) does not.
+    jsonschema's own format checker agrees with every case."""
+    from metronome.serve.tools import closed
+
+    schema = {"type": "object", "properties": {"d": {"type": "string", "format": fmt}}, "required": ["d"]}
+    checker = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+    for text in good:
+        assert _takes(grammars, tokenizer, closed(schema), {"d": text}), text
+    for text in bad:
+        assert not _takes(grammars, tokenizer, closed(schema), {"d": text}), text
+    if fmt == "date":
+        assert all(checker.is_valid({"d": t}) for t in good) and not any(checker.is_valid({"d": t}) for t in bad)
+
+
 def test_integers_up_to_two_to_the_53_are_served(grammars, tokenizer):
     schema = {"type": "object", "properties": {"v": {"const": -(2**53)}, "w": {"maximum": 2**53}}, "required": ["v"]}
     assert _takes(grammars, tokenizer, schema, {"v": -(2**53)})

@@ -400,6 +400,13 @@ class Engine(PythonAPI):
 
     # -- the step --------------------------------------------------------------------------------
 
+    @property
+    def plan_call_s(self) -> float | None:
+        """How long the plan call running now has run, in seconds (None between calls): a stuck step shows
+        here (the server's /health reads it)."""
+        flight = self._in_flight
+        return None if flight is None else time.perf_counter() - flight.started
+
     def step(self) -> int:
         """One step of the score: schedule -> run plan -> sample -> emit. Returns the rows the plan ran.
         Every event of the step has reached its callback when this returns. A step that raises ends the

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -716,6 +717,31 @@ def test_health_is_503_until_an_engine_is_attached(tiny):
             assert r.status_code == 200 and r.json()["model"] == tiny.path.name
         finally:
             engine.stop()
+
+
+def test_health_is_503_while_a_step_is_stuck(tiny):
+    """A tensor-parallel rank that stopped answering held the step for the group's 30-s timeout while
+    /health said ok; here a gate holds the plan call past stalled_after_s."""
+    engine = Engine.from_model(config=EngineConfig(slots=1, ctx=64), loaded=tiny)
+    gate = Gate(engine)
+    app = create_app(engine, ServerSettings(stalled_after_s=0.3), ModelIdentity.of(tiny))
+    body = {"messages": MSG, "max_tokens": 2, "temperature": 0}
+    try:
+        with LiveServer(app) as url, httpx.Client(base_url=url, timeout=60) as http, ThreadPoolExecutor(1) as pool:
+            assert http.get("/health").status_code == 200
+            answer = pool.submit(http.post, "/v1/chat/completions", json=body)
+            for _ in range(300):  # bounded: 6 s
+                r = http.get("/health")
+                if r.status_code != 200:
+                    break
+                time.sleep(0.02)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "engine_stalled", r.text
+            gate.opened.set()
+            assert answer.result(timeout=60).status_code == 200
+            assert http.get("/health").status_code == 200
+    finally:
+        gate.opened.set()
+        engine.stop()
 
 
 def test_a_full_queue_answers_429_with_retry_after(tiny):

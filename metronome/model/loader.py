@@ -601,8 +601,16 @@ def _hf_settings(c: dict, path: Path) -> ModelConfig:
         # transformers gives these architectures' o_proj a bias with q/k/v's; metronome's attention has none
         # there (it was dropped silently: other logits)
         raise ModelFileError(f"{where}: attention_bias=true (biases on q/k/v and o_proj) is not supported for {arch}")
-    act = c.get("hidden_act") if arch != "gemma3" else None  # Gemma 3's is its GeGLU, below
-    if act not in (None, "silu", "swish"):
+    if c.get("mlp_bias"):  # Llama's option: biases on gate, up and down, which metronome's MLP has not
+        raise ModelFileError(f"{where}: mlp_bias=true (biases on the MLP's projections) is not supported for {arch}")
+    if arch == "gemma3":  # its GeGLU (below) is GELU's tanh form; transformers runs whatever the file names
+        act = c.get("hidden_activation") or c.get("hidden_act")
+        if act not in (None, "gelu_pytorch_tanh", "gelu_tanh"):
+            raise ModelFileError(f"{where}: hidden_activation={act!r} is not supported for gemma3 (GELU, tanh form)")
+        if c.get("use_bidirectional_attention"):  # EmbeddingGemma's encoder setting: every position sees every other
+            raise ModelFileError(f"{where}: use_bidirectional_attention=true is not supported (metronome is causal)")
+    elif c.get("hidden_act") not in (None, "silu", "swish"):
+        act = c.get("hidden_act")
         raise ModelFileError(f"{where}: hidden_act={act!r} is not supported for {arch} (its MLP runs SiLU)")
     window = _hf_sliding_window(arch, c)
     if window is not None and window < common["max_position"]:

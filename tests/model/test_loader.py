@@ -546,8 +546,10 @@ def _settings(arch: str, **changes) -> dict:
         "qwen2moe": T.Qwen2MoeConfig,
         "qwen3moe": T.Qwen3MoeConfig,
         "olmoe": T.OlmoeConfig,
+        "gemma3": T.Gemma3TextConfig,
     }
     names = {"qwen2moe": "Qwen2MoeForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
+    names["gemma3"] = "Gemma3ForCausalLM"
     name = names.get(arch, arch.capitalize() + "ForCausalLM")
     sizes = dict(vocab_size=32, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
     c = classes[arch](**sizes, num_key_value_heads=2, max_position_embeddings=512, **changes).to_dict()
@@ -564,6 +566,11 @@ def _settings(arch: str, **changes) -> dict:
         ("olmoe", {"attention_bias": True}, "attention_bias=true"),
         ("qwen3moe", {"quantization_config": {"quant_method": "fp8"}}, "quant_method 'fp8'"),
         ("qwen2moe", {"num_experts": 0}, "num_experts=0"),
+        # a sweep against transformers: the MLP's biases were dropped (0 of 16 greedy tokens alike), Gemma 3
+        # ran its GELU whatever hidden_activation said and causal attention where the file asked for both ways
+        ("llama", {"mlp_bias": True}, "mlp_bias=true"),
+        ("gemma3", {"hidden_activation": "silu"}, "hidden_activation='silu' is not supported for gemma3"),
+        ("gemma3", {"use_bidirectional_attention": True}, "use_bidirectional_attention=true"),
     ],
 )
 def test_hf_settings_metronome_does_not_run_are_refused_not_dropped(tmp_path, arch, changes, match):

@@ -19,7 +19,7 @@ import time
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -644,6 +644,20 @@ def _hf_settings(c: dict, path: Path) -> ModelConfig:
     return ModelConfig(**common)
 
 
+def _post_processor_bos(post: Any) -> str | None:
+    """The special token a tokenizer.json post-processor puts before a single text (TemplateProcessing
+    "<|begin_of_text|> $A", alone or in a Sequence), or None."""
+    if not isinstance(post, dict):
+        return None
+    if post.get("type") == "Sequence":
+        found = (_post_processor_bos(p) for p in post.get("processors") or [])
+        return next((token for token in found if token is not None), None)
+    single = post.get("single") if post.get("type") == "TemplateProcessing" else None
+    first = single[0] if isinstance(single, list) and single else None
+    special = first.get("SpecialToken") if isinstance(first, dict) else None
+    return special.get("id") if isinstance(special, dict) and isinstance(special.get("id"), str) else None
+
+
 def _hf_sliding_window(arch: str, c: dict) -> int | None:
     """The window of the layers transformers runs with sliding-window attention (not Gemma 3's), or None
     when none does: Mistral and Mixtral window every layer when sliding_window is set; the Qwen families
@@ -824,6 +838,13 @@ def _hf_tokenizer(path: Path) -> TokenizerData:
         return v.get("content", "") if isinstance(v, dict) else (v or "")
 
     bos_token, eos_token = token_text(tc.get("bos_token")), token_text(tc.get("eos_token"))
+    # Llama 3's folders say nothing of add_bos_token: tokenizer.json's post-processor writes <|begin_of_text|>
+    # before every text transformers encodes (metronome encodes without it, so a raw prompt lost its BOS)
+    leading = _post_processor_bos(tok_json.get("post_processor"))
+    add_bos = tc.get("add_bos_token")
+    if add_bos is None:
+        add_bos = leading is not None and leading in vocab and leading == (bos_token or leading)
+        bos_token = bos_token or (leading if add_bos else "")
     template = tc.get("chat_template")
     if template is None and (path / "chat_template.jinja").is_file():
         template = (path / "chat_template.jinja").read_text()
@@ -840,7 +861,7 @@ def _hf_tokenizer(path: Path) -> TokenizerData:
         tokenizer_json=str(tok_file),
         bos_id=vocab.get(bos_token),
         eos_ids=tuple(dict.fromkeys(int(e) for e in eos_ids)),
-        add_bos=bool(tc.get("add_bos_token", False)),
+        add_bos=bool(add_bos),
         chat_template=template,
         bos_token=bos_token,
         eos_token=eos_token,

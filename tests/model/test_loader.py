@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import gguf
@@ -689,3 +690,32 @@ def test_a_q4_head_of_an_odd_vocabulary_runs_on_torch_int4(tmp_path):
     assert isinstance(model.head, Int8Linear) and isinstance(model.layers[0].attn.wo, Int4Linear)
     logits = engine.plan.prefill([1, 2, 3], 0)
     assert logits.shape[-1] == 301 and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("config_says", [None, False])
+def test_a_bos_written_by_the_post_processor_is_added_as_transformers_adds_it(tmp_path, config_says):
+    """Llama 3's folders say nothing of add_bos_token: tokenizer.json's post-processor writes the BOS before
+    every text. metronome encoded without it, so a raw prompt (/v1/completions) ran without its BOS. An
+    explicit add_bos_token still wins."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers, processors
+    from transformers import AutoTokenizer
+
+    from metronome.model.loader import _hf_tokenizer
+
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(3, 40)]
+    tok = HFTokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(words[:3])
+    template = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=False), template])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    settings = {"bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "PreTrainedTokenizerFast"}
+    if config_says is not None:
+        settings["add_bos_token"] = config_says
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(settings))
+    ours = Tokenizer(_hf_tokenizer(tmp_path)).encode("w5 w9 w33")
+    theirs = AutoTokenizer.from_pretrained(str(tmp_path))("w5 w9 w33").input_ids
+    assert ours == ([1, 5, 9, 33] if config_says is None else [5, 9, 33])
+    if config_says is None:
+        assert ours == theirs

@@ -633,4 +633,8 @@ def _run_soak(args: argparse.Namespace, console) -> int:
         console.print(f"metronome bench: {what} interrupted before its end: no verdict", markup=False)
         return _EXIT_INTERRUPTED
     print(result.summary())
+    if args.out is not None or out_dir.is_dir():  # --out with --url: the summary is all the soak writes
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "soak-summary.txt").write_text(result.summary() + "\n", encoding="utf-8")
+        console.print(f"summary: {out_dir / 'soak-summary.txt'}", markup=False)
     return 0 if result.passed else 1

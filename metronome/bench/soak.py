@@ -242,6 +242,8 @@ class Client:
                     event = json.loads(line[6:])
                 except ValueError:
                     return "lost", f"a malformed event: {line[:200]!r}"
+                if not isinstance(event, dict):  # valid JSON, but not an event (it ended the whole soak)
+                    return "lost", f"an event that is not an object: {line[:200]!r}"
                 if "error" in event:
                     fake = httpx.Response(500, json=event)
                     shape = clean_error(fake)
@@ -298,8 +300,10 @@ def rss_of(pid: int) -> Callable[[], int | None]:
     return read
 
 
-def account_checks(before: dict[str, float], after: dict[str, float]) -> list[Check]:
-    """/metrics over the soak (after - before): each account adds up and nothing is left in flight."""
+def account_checks(before: dict[str, float], after: dict[str, float], tally: Tally) -> list[Check]:
+    """/metrics over the soak (after - before): each account adds up, nothing is left in flight, and the
+    server counted the requests the clients sent (all of them, but for those their client cancelled, which
+    may have gone before the server read them)."""
 
     def delta(key: str) -> float:
         return after.get(key, 0.0) - before.get(key, 0.0)
@@ -308,6 +312,14 @@ def account_checks(before: dict[str, float], after: dict[str, float]) -> list[Ch
     parts, received, ended = [], 0.0, 0.0
     for endpoint in ENDPOINTS:
         received += delta(f'metronome_api_requests_received_total{{endpoint="{endpoint}"}}')
+    sent, cancelled = sum(tally.outcomes.values()), tally.kinds["cancel"]
+    checks.append(
+        Check(
+            "/metrics counted the requests sent",
+            sent - cancelled <= received <= sent,
+            f"received {received:.0f} of {sent} sent ({cancelled} cancelled by their client, perhaps before sending)",
+        )
+    )
     for outcome in OUTCOMES:
         n = sum(delta(f'metronome_api_requests_ended_total{{endpoint="{e}",outcome="{outcome}"}}') for e in ENDPOINTS)
         ended += n
@@ -376,9 +388,12 @@ async def soak(
     limits = httpx.Limits(max_connections=config.users + 4, max_keepalive_connections=config.users + 4)
     timeout = httpx.Timeout(config.request_timeout_s, connect=30.0)
     async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as http:
-        models = (await http.get("/v1/models")).json()["data"]
+        try:
+            models = (await http.get("/v1/models")).json()["data"]
+            before = await scrape(http)
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            raise ConnectionError(f"cannot reach a metronome server at {url}: {type(exc).__name__}: {exc}") from None
         model = models[0]["id"]
-        before = await scrape(http)
         started = time.monotonic()
         deadline = started + config.duration_s
         samples: list[tuple[float, int]] = []
@@ -414,16 +429,28 @@ async def soak(
             for w in watchers:
                 w.cancel()
         elapsed = time.monotonic() - started
-        after = await _settled(http, config.settle_s)
-        final = await http.post(
-            ENDPOINTS[1], json={"model": model, "prompt": "One, two, three,", "max_tokens": 4}, timeout=120.0
-        )
+        # a server that died or stopped answering is the soak's verdict, not the bench's crash
+        try:
+            after: dict[str, float] | str = await _settled(http, config.settle_s)
+        except httpx.HTTPError as exc:
+            after = f"/metrics did not answer after the soak: {type(exc).__name__}: {exc}"
+        try:
+            final = await http.post(
+                ENDPOINTS[1], json={"model": model, "prompt": "One, two, three,", "max_tokens": 4}, timeout=120.0
+            )
+            served = (final.status_code == 200, f"a plain request answered HTTP {final.status_code}")
+        except httpx.HTTPError as exc:
+            served = (False, f"a plain request got no answer: {type(exc).__name__}: {exc}")
     o = tally.outcomes
     checks = [
         Check("no request lost or hung", o["lost"] == 0 and o["hung"] == 0, f"{o['lost']} lost, {o['hung']} hung"),
         Check("some requests completed", o["completed"] > 0, f"{o['completed']} completed"),
-        *account_checks(before, after),
-        Check("serves after the soak", final.status_code == 200, f"a plain request answered HTTP {final.status_code}"),
+        *(
+            account_checks(before, after, tally)
+            if isinstance(after, dict)
+            else [Check("/metrics add up", False, after)]
+        ),
+        Check("serves after the soak", *served),
     ]
     if rss is not None:
         checks.append(memory_check(samples, config.warmup_share * config.duration_s, config.rss_tolerance))

@@ -11,7 +11,7 @@ import sys
 import pytest
 from helpers.live_server import LiveServer
 
-from metronome.bench.soak import SoakConfig, parse_duration, rss_of, soak
+from metronome.bench.soak import Client, SoakConfig, Tally, account_checks, parse_duration, rss_of, soak
 from metronome.config import EngineConfig
 from metronome.engine import Engine
 from metronome.model.loader import load
@@ -73,6 +73,80 @@ def test_the_soak_fails_a_server_that_loses_requests(tiny_server):
     assert any(not c.ok and "add up" in c.name for c in result.checks), result.summary()
 
 
+def test_the_server_must_count_the_requests_the_clients_sent():
+    """The accounts were checked only against each other: a server whose /metrics counted no request (or
+    every one twice) passed. Now they must count what was sent, less at most what its clients cancelled."""
+    tally = Tally()
+    for outcome in ["completed"] * 10 + ["cancelled"] * 2:
+        tally.add(outcome, "")
+    tally.kinds["cancel"] = 2
+
+    def metrics(received: int) -> dict[str, float]:
+        ended = 'metronome_api_requests_ended_total{endpoint="/v1/completions",outcome="completed"}'
+        return {
+            'metronome_api_requests_received_total{endpoint="/v1/completions"}': received,
+            ended: received,
+            "metronome_api_requests_in_flight": 0,
+        }
+
+    def counted(received: int) -> bool:
+        return next(c for c in account_checks({}, metrics(received), tally) if "sent" in c.name).ok
+
+    assert [counted(n) for n in (0, 9, 10, 11, 12, 13, 24)] == [False, False, True, True, True, False, False]
+
+
+def test_a_stream_event_that_is_not_an_object_is_a_lost_request():
+    """`data: 5` raised a TypeError that ended the whole soak with a traceback and no verdict."""
+    import httpx
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, text="data: 5\n\ndata: [DONE]\n\n", headers={"content-type": "text/event-stream"})
+
+    async def talk() -> tuple[str, str]:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer), base_url="http://x") as http:
+            client = Client(http, "m", SoakConfig(duration_s=1, users=1), None)
+            return await client._talk("/v1/completions", {"stream": True}, None)
+
+    outcome, detail = asyncio.run(talk())
+    assert outcome == "lost" and "not an object" in detail
+
+
+def test_a_server_that_dies_mid_soak_gets_a_verdict(tiny_hf):
+    """The soak's end read /metrics with raise_for_status: a server gone by then ended the bench with an
+    httpx traceback, and no summary or verdict."""
+    import threading
+
+    loaded = load(tiny_hf("llama"))
+    engine = Engine.from_model(config=EngineConfig(slots=2, ctx=128), loaded=loaded)
+    server = LiveServer(create_app(engine, ServerSettings(), ModelIdentity.of(loaded)))
+    try:
+        with server as url:
+            threading.Timer(2.0, lambda: setattr(server.server, "should_exit", True)).start()
+            config = SoakConfig(duration_s=5, users=2, request_timeout_s=5, settle_s=1, **SHORT)
+            result = asyncio.run(soak(url, config))
+    finally:
+        engine.stop()
+    assert not result.passed
+    failed = {c.name for c in result.checks if not c.ok}
+    assert "serves after the soak" in failed and "/metrics add up" in failed, result.summary()
+
+
+def test_the_soak_command_writes_its_summary_to_out(tiny_server, tmp_path):
+    """--soak --url --out DIR was accepted and nothing was written there."""
+    url, _ = tiny_server
+    out = subprocess.run(
+        [sys.executable, "-m", "metronome.bench", "--soak", "3s", "--url", url, "--users", "2"]
+        + ["--output-tokens", "4", "--out", str(tmp_path / "o"), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = (tmp_path / "o" / "soak-summary.txt").read_text()
+    assert summary.rstrip().endswith("PASS") and "requests:" in summary
+
+
 @pytest.mark.slow
 def test_the_soak_command_on_the_default_model(tmp_path):
     """`metronome bench --soak 40s`: starts `metronome serve` (SmolLM2, its defaults), prints the summary,
@@ -88,8 +162,10 @@ def test_the_soak_command_on_the_default_model(tmp_path):
     assert "PASS" in out.stdout and "/metrics requests add up" in out.stdout
 
 
-def test_soak_on_an_unreachable_url_is_a_clean_error(tmp_path):
-    """--soak --url at a port nothing listens on: exit 2 naming the URL, not an httpx traceback."""
+@pytest.mark.parametrize("users", [[], ["--users", "2"]])
+def test_soak_on_an_unreachable_url_is_a_clean_error(tmp_path, users):
+    """--soak --url at a port nothing listens on: exit 2 naming the URL, not an httpx traceback (with
+    --users too, which skips asking the server for its slots)."""
     import socket
 
     with socket.socket() as s:
@@ -97,7 +173,7 @@ def test_soak_on_an_unreachable_url_is_a_clean_error(tmp_path):
         port = s.getsockname()[1]  # closed on leaving: nothing listens there
     out = subprocess.run(
         [sys.executable, "-m", "metronome.bench", "--soak", "5s", "--url", f"http://127.0.0.1:{port}"]
-        + ["--out", str(tmp_path), "--no-progress"],
+        + ["--out", str(tmp_path), "--no-progress", *users],
         capture_output=True,
         text=True,
         timeout=120,

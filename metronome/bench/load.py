@@ -400,6 +400,17 @@ def main(
 
     if rounds < 1:
         raise ValueError(f"--rounds must be at least 1, got {rounds}")
+    # checked before the model loads: each failed only after a level ran (a traceback, or "no median for
+    # empty data")
+    if max(levels, default=0) > config.slots:
+        raise ValueError(
+            f"--load {max(levels)}: more users than the engine's {config.slots} slots (--slots); each user "
+            "holds a slot, so a level can be at most --slots"
+        )
+    if output_tokens < 2:
+        raise ValueError(
+            f"--output-tokens {output_tokens}: --load times per-user speed between tokens; ask for 2 or more"
+        )
     engine = Engine.from_model(model, config=config, calibrate=True)
     print(f"plan: {engine.plan.report.step_ms} ms per step by live slots; ", end="")
     print(

@@ -5,6 +5,9 @@
 from __future__ import annotations
 
 import math
+import re
+
+import pytest
 
 from metronome.bench import load as bench_load
 from metronome.config import EngineConfig
@@ -70,3 +73,14 @@ def test_each_round_and_level_opens_its_prompts_differently():
     assert len({t for texts in rounds for t in texts}) == 10
     # they part within a few tokens of the user text, so they share no more than the chat template
     assert all(len(commonprefix([a, b])) < 8 for a in firsts for b in firsts if a is not b)
+
+
+@pytest.mark.parametrize(
+    "levels, output_tokens, says",
+    [([1, 3], 8, "--load 3: more users than the engine's 2 slots"), ([1], 1, "--output-tokens 1")],
+)
+def test_levels_that_cannot_run_are_refused_before_the_model_loads(levels, output_tokens, says):
+    """A level past --slots crashed in the plan (slots[2] out of range) after the model loaded, and one
+    token a user failed after the level ran ("no median for empty data")."""
+    with pytest.raises(ValueError, match=re.escape(says)):
+        bench_load.main("/no/such/model.gguf", EngineConfig(slots=2), levels, output_tokens, served=False, stall=False)

@@ -160,6 +160,7 @@ class Engine(PythonAPI):
         self.prefix_cache = PrefixCache(plan.pages) if plan.pages is not None else None
         self.prefiller: PrefillWorker | None = None  # disaggregated layout: where prompts run (attach_prefiller)
         self._in_flight: _InFlight | None = None  # set by the stepping thread around its plan call
+        self._step_started: float | None = None  # perf_counter() at the running step's start (step_s)
         # what requests that found the engine idle waited beyond their price (ms; _resume_ms, _learn_resume)
         self._resume_extras: collections.deque[float] = collections.deque(maxlen=RESUME_SAMPLES)
 
@@ -401,11 +402,11 @@ class Engine(PythonAPI):
     # -- the step --------------------------------------------------------------------------------
 
     @property
-    def plan_call_s(self) -> float | None:
-        """How long the plan call running now has run, in seconds (None between calls): a stuck step shows
-        here (the server's /health reads it)."""
-        flight = self._in_flight
-        return None if flight is None else time.perf_counter() - flight.started
+    def step_s(self) -> float | None:
+        """How long the step running now has run, in seconds (None between steps): a stuck step (a rank that
+        stopped answering) shows here; the server's /health reads it."""
+        started = self._step_started
+        return None if started is None else time.perf_counter() - started
 
     def step(self) -> int:
         """One step of the score: schedule -> run plan -> sample -> emit. Returns the rows the plan ran.
@@ -480,6 +481,13 @@ class Engine(PythonAPI):
         all-slots steps (or `prefill_chunk` rows), so no stream stalls for a whole prompt; a whole
         PREFILL_CHUNK when nobody does. Runners that cannot mix
         rows (`any_rows` False) run each new prompt whole, in its own call, before the decode rows."""
+        self._step_started = time.perf_counter()
+        try:
+            return self._step_timed()
+        finally:
+            self._step_started = None
+
+    def _step_timed(self) -> int:
         clock = PhaseClock(self.profile)
         batch = self._schedule()
         clock.lap("schedule")

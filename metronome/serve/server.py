@@ -744,12 +744,13 @@ def create_app(
     @get("/health")
     async def health() -> dict[str, Any]:
         served = state.require()
-        running_s = served.engine.plan_call_s
+        running_s = served.engine.step_s
         if running_s is not None and running_s > state.settings.stalled_after_s:
             raise ApiError(
                 503,
                 f"the engine's current step has run {running_s:.1f} s (over {state.settings.stalled_after_s:g} s): "
-                "it is stuck, and requests wait on it; the server log says why once the step fails",
+                "it may be stuck (a rank that stopped answering), and requests wait on it; the server log says why "
+                "if the step fails",
                 type="service_unavailable",
                 code="engine_stalled",
                 headers={"Retry-After": str(state.settings.retry_after_s)},

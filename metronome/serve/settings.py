@@ -16,7 +16,7 @@ class ServerSettings:
     # Host header names a request may carry (a bound loopback address: its own names), None: any. A web page
     # that rebinds its name to 127.0.0.1 sends its own name, and would read the answers
     allowed_hosts: frozenset[str] | None = None
-    # /health answers 503 "engine_stalled" while one plan call has run this long. A step runs a bounded prompt
+    # /health answers 503 "engine_stalled" while one engine step has run this long. A step runs a bounded prompt
     # chunk (milliseconds to about a second); a tensor-parallel rank that stopped answering held every step
     # for the group's 30-s timeout while /health said ok, and a load balancer kept sending requests
     stalled_after_s: float = 10.0

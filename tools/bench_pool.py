@@ -12,6 +12,7 @@ threads than free cores a spinning pool can take seconds per step: `--steps` is 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from pathlib import Path
@@ -57,7 +58,7 @@ def main() -> None:
     print("threads  live rows  median step ms  p90 step ms")
     for (t, m), ts in times.items():
         ts.sort()
-        print(f"{t:>7}  {m:>9}  {statistics.median(ts):>14.2f}  {ts[int(0.9 * (len(ts) - 1))]:>11.2f}")
+        print(f"{t:>7}  {m:>9}  {statistics.median(ts):>14.2f}  {ts[math.ceil(0.9 * len(ts)) - 1]:>11.2f}")
 
 
 if __name__ == "__main__":

@@ -302,10 +302,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=96, help="overhead: tokens per request (at most)")
     ap.add_argument("--rounds", type=int, default=5, help="overhead: interleaved rounds")
     ap.add_argument("--cases", type=int, default=240, help="validity: requests")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--slots", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0, help="validity: the random schemas' seed")
+    ap.add_argument("--slots", type=int, default=4, help="validity: engine slots (requests at once)")
     ap.add_argument("--json", default=None, help="validity: write every case and its reply here")
     args = ap.parse_args()
+    if args.what == "overhead" and (args.slots, args.seed) != (4, 0):
+        ap.error("--slots and --seed are validity's: overhead runs 1 and 4 users on 4 slots, greedy")
     overhead(args) if args.what == "overhead" else validity(args)
 
 

@@ -9,7 +9,7 @@ compiling with the default EngineConfig.
 
 from __future__ import annotations
 
-import sys
+import argparse
 import time
 
 from metronome.config import EngineConfig
@@ -28,10 +28,11 @@ def resident_mib() -> dict[str, int]:
 
 
 def main() -> None:
-    if len(sys.argv) != 2:
-        raise SystemExit(__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="a .gguf file, an HF folder or a registered model's name")
+    model = p.parse_args().model
     base = resident_mib()
-    loaded = load(sys.argv[1])
+    loaded = load(model)
     after_load = resident_mib()
     start = time.perf_counter()
     engine = Engine.from_model(config=EngineConfig(), loaded=loaded)

@@ -3,13 +3,15 @@
 python tools/stream_probe.py PORT
 """
 
+import argparse
 import json
-import sys
 import time
 
 import httpx
 
-port = sys.argv[1]
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("port", type=int, help="the server's port on 127.0.0.1")
+port = parser.parse_args().port
 rates = []
 for _ in range(3):
     body = {

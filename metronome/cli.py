@@ -180,7 +180,8 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
 
     path = Path(args.file)
     if not path.is_file():
-        print(f"metronome transcribe: {path}: no such file", file=sys.stderr)
+        why = "a folder, not an audio file" if path.is_dir() else "no such file"
+        print(f"metronome transcribe: {path}: {why}", file=sys.stderr)
         return 2
     audio = decode_audio(path.read_bytes())  # AudioError (a ValueError) names what is wrong with the file
     with loading_progress(sys.stderr.isatty()) as say:
@@ -334,7 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     t.add_argument("--format", default="text", choices=ResponseFormat.choices(), help="output (default text)")
     add_model_arg(t, help=SPEECH_MODEL_HELP)
-    t.add_argument("--language", default=None, help="the spoken language, e.g. en (default: detected)")
+    # as the API reads it (serve/audio.py): " EN " is en
+    t.add_argument(
+        "--language",
+        type=lambda s: s.strip().lower(),
+        default=None,
+        help="the spoken language, e.g. en (default: detected)",
+    )
     t.add_argument("--prompt", default=None, help="text that precedes the audio: names, spelling, style")
     t.add_argument("--temperature", type=float, default=0.0, help="0: greedy, with Whisper's fallback (default 0)")
     t.add_argument("--translate", action="store_true", help="translate to English (a multilingual model)")

@@ -569,7 +569,9 @@ async def _stream(
         if not first.done():
             first.cancel()
             run.cancel()  # the job is dropped at its next window
-    if first.cancelled():
+    # (a task asked to cancel is not cancelled() until it runs again: checking that, a client gone first
+    # read first.result() and ended as a 500 with InvalidStateError)
+    if not first.done() or first.cancelled():
         raise ClientDisconnect()
     try:
         head = first.result()

@@ -476,6 +476,10 @@ def test_a_streamed_transcription_whose_client_leaves_before_its_first_segment_s
         assert _until(lambda: service.pending == 0)  # released while the gate is still shut
         recorded.gate.set()
         assert _until(lambda: recorded.ends, 30) and recorded.ends == ["stopped"]
+        # counted as a client gone (499); it was a 500 with InvalidStateError in the log
+        metrics = httpx.get(f"{live}/metrics", timeout=30).text
+        assert 'endpoint="/v1/audio/transcriptions",status="499"' in metrics, metrics
+        assert 'endpoint="/v1/audio/transcriptions",status="500"' not in metrics
 
 
 def test_a_transcription_failing_in_the_transcriber_is_a_500_and_nan_samples_are_heard(beckett):
@@ -538,6 +542,11 @@ def test_metronome_transcribe_prints_the_format(capsys, reference):
     assert out == render(reference, ResponseFormat.SRT) and "real time" in err
     empty = _beckett_path().parent / "no-such.wav"
     assert main(["transcribe", str(empty)]) == 2
+    assert main(["transcribe", str(_beckett_path().parent)]) == 2
+    assert "a folder, not an audio file" in capsys.readouterr().err
+    # the language as the API reads it (EN was refused here and served there)
+    assert main(["transcribe", str(_beckett_path()), "--format", "srt", "--language", " EN "]) == 0
+    assert capsys.readouterr().out == render(reference, ResponseFormat.SRT)
 
 
 def test_metronome_transcribe_refuses_a_bad_file(tmp_path, capsys):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib.util
 import os
 import platform
 import sys
@@ -180,6 +181,25 @@ def _build_lock(directory: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _writable(directory: Path) -> bool:
+    """Whether this process may write in `directory` (tried: root passes os.access on a read-only mount)."""
+    try:
+        with open(directory / "build.flock", "a"):
+            return True
+    except OSError:
+        return False
+
+
+def _load_built(path: Path) -> ModuleType:
+    """The extension module already built at `path`, imported without building."""
+    spec = importlib.util.spec_from_file_location(EXTENSION_NAME, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{path} is not a loadable module")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_module(verbose: bool = False) -> ModuleType:
     """Build (once per machine and source version) and load the C++ extension module.
 
@@ -192,25 +212,32 @@ def load_module(verbose: bool = False) -> ModuleType:
         instruction_set()  # raises on a CPU the kernels cannot run on
         from torch.utils import cpp_extension
 
-        if not cpp_extension.is_ninja_available():
-            raise KernelBuildError("building metronome's C++ kernels needs ninja: pip install ninja")
         sources = [p for p in source_files() if p.suffix == ".cpp"]
         if not sources:
             raise KernelBuildError(f"{SOURCE_DIR} has no C++ sources: this metronome install lacks its package data")
         directory = build_directory()
+        built = directory / f"{EXTENSION_NAME}.so"
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-            with _build_lock(directory):
-                module = cpp_extension.load(
-                    name=EXTENSION_NAME,
-                    sources=[str(p) for p in sources],
-                    # a copy: torch appends its own flags to the list in place, which changed
-                    # build_directory()'s key in the process that built (and the plan cache's keys with it)
-                    extra_cflags=compile_flags(),
-                    extra_ldflags=list(LDFLAGS),
-                    build_directory=str(directory),
-                    verbose=verbose,
-                )
+            if built.is_file() and not _writable(directory):
+                # a prebuilt cache on a read-only file system (a container image's): its directory's key names
+                # these sources, so the module is loaded as it is (torch's loader rewrites build.ninja first,
+                # and the lock needs a file: both failed, and the plan fell back to torch's ops)
+                module = _load_built(built)
+            else:
+                if not cpp_extension.is_ninja_available():
+                    raise KernelBuildError("building metronome's C++ kernels needs ninja: pip install ninja")
+                directory.mkdir(parents=True, exist_ok=True)
+                with _build_lock(directory):
+                    module = cpp_extension.load(
+                        name=EXTENSION_NAME,
+                        sources=[str(p) for p in sources],
+                        # a copy: torch appends its own flags to the list in place, which changed
+                        # build_directory()'s key in the process that built (and the plan cache's keys with it)
+                        extra_cflags=compile_flags(),
+                        extra_ldflags=list(LDFLAGS),
+                        build_directory=str(directory),
+                        verbose=verbose,
+                    )
         except (RuntimeError, OSError, ImportError) as e:
             raise KernelBuildError(f"could not build/load {SOURCE_DIR} in {directory}: {e}") from e
         try:

@@ -654,3 +654,30 @@ def test_the_build_lock_removes_a_killed_builds_lock_and_never_a_live_one(tmp_pa
     with build._build_lock(tmp_path):  # nothing left over: nothing to say
         pass
     assert capsys.readouterr().err == ""
+
+
+def test_a_prebuilt_kernel_cache_on_a_read_only_file_system_loads(tmp_path):
+    """A container image's prebuilt cache, mounted read-only: the build lock's file and torch's loader
+    (which rewrites build.ninja) both failed, and the plan fell back to torch's ops, 4x slower and silently.
+    The module built for these sources is now loaded as it is. Run in a user and mount namespace
+    (`unshare -rm`), where the cache can be bind-mounted read-only; skipped where that is not allowed."""
+    import shutil
+    import subprocess
+    import sys
+
+    from metronome.kernels import build
+
+    build.load_module()  # built here first, where the cache is writable
+    built = build.build_directory() / f"{build.EXTENSION_NAME}.so"
+    cache = tmp_path / "cache"
+    relative = build.build_directory().relative_to(build.cache_root())
+    (cache / relative).mkdir(parents=True)
+    shutil.copy2(built, cache / relative / built.name)
+    probe = "from metronome.kernels.build import load_module; load_module(); print('loaded')"
+    script = f'mount --bind -o ro {cache} {cache} && exec {sys.executable} -c "{probe}"'
+    env = {**os.environ, "METRONOME_CACHE_DIR": str(cache)}
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"], check=False).returncode != 0:
+        pytest.skip("no user namespaces here (unshare -rm)")
+    out = subprocess.run(["unshare", "-rm", "sh", "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "loaded" in out.stdout, out.stderr[-3000:]
+    assert not (cache / relative / "build.ninja").exists()

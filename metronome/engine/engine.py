@@ -155,7 +155,8 @@ class Engine(PythonAPI):
         self.profile = StepProfile()  # where the steps' time goes (profile.py)
         self.thread_id: int | None = None  # the stepping thread's OS id once it runs
         # events made by the steps, not yet handed to their callbacks (see _send_events)
-        self._outgoing: collections.deque[tuple[Callable[[Delta], None], Delta]] = collections.deque()
+        # (the request, its event): the request itself, since ids may repeat (a caller's own request_id)
+        self._outgoing: collections.deque[tuple[Request, Delta]] = collections.deque()
         # prompts that begin like earlier ones copy that beginning's KV from the plan's pool (prefix_cache.py)
         self.prefix_cache = PrefixCache(plan.pages) if plan.pages is not None else None
         self.prefiller: PrefillWorker | None = None  # disaggregated layout: where prompts run (attach_prefiller)
@@ -305,6 +306,9 @@ class Engine(PythonAPI):
             constraint=constraint,
         )
         with self._lock:
+            # again under the lock close() takes to shut: checked only above, a submit racing close() queued its
+            # request after close() had ended the others, and it never ended
+            self._refuse_closed()
             if self.scheduler.queue_full:
                 raise QueueFullError(
                     f"{self.scheduler.holding} requests are in, the most {self.config.slots} slots and a queue of "
@@ -439,21 +443,19 @@ class Engine(PythonAPI):
         self._calling_back = threading.get_ident()
         try:
             while self._outgoing:
-                callback, delta = self._outgoing.popleft()
+                request, delta = self._outgoing.popleft()
                 try:
-                    callback(delta)
+                    request.on_event(delta)
                 except Exception as exc:
-                    self._callback_failed(delta, exc)
+                    self._callback_failed(request, delta, exc)
         finally:
             self._calling_back = None
 
-    def _callback_failed(self, delta: Delta, exc: Exception) -> None:
+    def _callback_failed(self, request: Request, delta: Delta, exc: Exception) -> None:
         """Logged always (a callback failing on a request's last event has nothing left to cancel, and
-        went unseen); a request still running is cancelled, with the reason on it."""
-        with self._lock:
-            live = [*self.scheduler.by_slot.values(), *self.scheduler.waiting]
-        request = next((r for r in live if r.id == delta.request_id), None)
-        if request is not None and request.finish_reason is None and not request.cancelled:
+        went unseen); a request still running is cancelled, with the reason on it. (The request itself,
+        not one found by its id: two requests a caller gave the same id, the other one was cancelled.)"""
+        if request.finish_reason is None and not request.cancelled:
             request.error = f"its callback raised {type(exc).__name__}: {exc}"
             self.cancel(request)
             _LOG.error("request %s: its callback raised; the request is cancelled", delta.request_id, exc_info=exc)
@@ -773,7 +775,7 @@ class Engine(PythonAPI):
             self._finish(r, out.finish, "".join(out.text), tuple(out.choices))
         elif out.choices:
             delta = Delta(r.id, "".join(out.text), tuple(out.choices), prompt_choices=self._prompt_choices(r))
-            self._outgoing.append((r.on_event, delta))
+            self._outgoing.append((r, delta))
 
     def _finish(
         self,
@@ -792,7 +794,7 @@ class Engine(PythonAPI):
         delta = Delta(
             r.id, text, choices, reason, error, r.timings, len(r.output_ids), self._prompt_choices(r), request_fault
         )
-        self._outgoing.append((r.on_event, delta))
+        self._outgoing.append((r, delta))
         if self.prefix_cache is not None and r.slot is not None and reason != "error" and not self._closed:
             self._keep_prefix(r, self.prefix_cache)  # the slot is reused only by the next step's admissions
 
@@ -874,14 +876,18 @@ class Engine(PythonAPI):
                         raise
         finally:
             self._send_events()
+            if self._closed:  # a close() that timed out waiting for this thread's last step left them in
+                self._end_all("the engine was closed")
 
     def close(self, timeout: float = 60.0) -> None:
         """Stop stepping and release what the engine started beside it: a disaggregated layout's prefill
         worker process, a tensor-parallel plan's other ranks. The engine runs no more after this (a `with`
-        block calls it at its end). The worker and ranks are released even when the step outlasts `timeout`
-        (the TimeoutError is raised after)."""
+        block calls it at its end). Every request still in ends with "cancelled": at once, or where the step
+        running outlasts `timeout`, when that step ends (the engine thread ends them on its way out). The
+        worker and ranks are released even then (the TimeoutError is raised after)."""
         self._refuse_reentry("close")
-        self._closed = True
+        with self._lock:  # (submit checks it under the same lock before it queues)
+            self._closed = True
         try:
             self.stop(timeout)
             self._end_all("the engine was closed")

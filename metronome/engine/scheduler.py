@@ -49,7 +49,7 @@ class Scheduler(Generic[R]):
     @property
     def holding(self) -> int:
         """Requests in: those in slots and those waiting for one (not the cancelled, which leave next step)."""
-        return len(self.by_slot) + sum(not r.cancelled for r in self.waiting)
+        return sum(not r.cancelled for r in self.by_slot.values()) + sum(not r.cancelled for r in self.waiting)
 
     def add(self, request: R) -> None:
         self.waiting.append(request)

@@ -217,9 +217,81 @@ def test_close_releases_the_runner_even_when_the_step_outlasts_it(tiny_hf, monke
 
     monkeypatch.setattr(engine.plan, "decode", slow)
     engine.start()
-    engine.submit([5, 6], PARAMS)
+    ends: list = []
+    request = engine.submit([5, 6], PARAMS, lambda d: ends.append(d.finish_reason) if d.finish_reason else None)
     assert entered.wait(timeout=30)
     with pytest.raises(TimeoutError):
         engine.close(timeout=0.05)
     assert released == [True]
     engine._thread.join(timeout=30)
+    # and the request in that step still ends, once the step does (close() gave up waiting, so the thread
+    # ends it on its way out): it stayed in its slot with no final event
+    assert ends == ["cancelled"] and request.finish_reason == "cancelled"
+
+
+def test_a_submit_racing_close_is_refused_or_ended(tiny_hf, monkeypatch):
+    """submit() checked `closed` before it built the request and queued it later: a close() between the two
+    ended the others, and this one stayed queued, never ending (nothing steps a closed engine). Here the
+    close() lands in that window, every time (building the request's text stream is slowed until it has)."""
+    from metronome.model.loader import load
+
+    engine = Engine.from_model(config=EngineConfig(slots=1, ctx=64), loaded=load(tiny_hf("llama")))
+    entered, closed = threading.Event(), threading.Event()
+    real = engine.tokenizer.stream_decoder
+
+    def slow_decoder(*args, **kwargs):
+        entered.set()  # past submit's first check
+        assert closed.wait(timeout=30)  # close() has run
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine.tokenizer, "stream_decoder", slow_decoder)
+    outcome: list = []
+
+    def submit() -> None:
+        try:
+            outcome.append(engine.submit([5, 6], PARAMS))
+        except RuntimeError as exc:
+            outcome.append(exc)
+
+    racer = threading.Thread(target=submit)
+    racer.start()
+    assert entered.wait(timeout=30)
+    engine.close()
+    closed.set()
+    racer.join(timeout=30)
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], RuntimeError) or outcome[0].finish_reason == "cancelled", outcome
+    assert engine.scheduler.idle
+
+
+def test_a_raising_callback_cancels_its_own_request_even_when_ids_repeat(tiny_hf):
+    """A callback that raised had its request looked up by id: of two requests a caller gave the same id,
+    the first one (whose callback was fine) was cancelled after one token, with the other's error."""
+    from metronome.model.loader import load
+
+    engine = Engine.from_model(config=EngineConfig(slots=2, ctx=64), loaded=load(tiny_hf("llama")))
+
+    def boom(_delta) -> None:
+        raise RuntimeError("boom")
+
+    fine = engine.submit([5, 6], PARAMS, request_id="job-1")
+    failing = engine.submit([7, 8], PARAMS, boom, request_id="job-1")
+    while not engine.scheduler.idle:
+        engine.step()
+    assert failing.finish_reason == "cancelled" and "boom" in failing.error
+    assert fine.finish_reason == "length" and fine.error is None
+
+
+def test_a_cancelled_request_leaves_room_in_the_queue_at_once(tiny_hf):
+    """`holding` counts "not the cancelled", but one cancelled in its slot still counted until the next step:
+    with one slot and no queue, the next submit was refused (QueueFullError)."""
+    from metronome.model.loader import load
+
+    engine = Engine.from_model(config=EngineConfig(slots=1, ctx=64), loaded=load(tiny_hf("llama")), max_queue=0)
+    first = engine.submit([5, 6], PARAMS)
+    engine.step()  # in its slot
+    engine.cancel(first)
+    second = engine.submit([7, 8], PARAMS)
+    while not engine.scheduler.idle:
+        engine.step()
+    assert first.finish_reason == "cancelled" and second.finish_reason == "length"

@@ -129,7 +129,9 @@ def _summary(done: ReflectionDone) -> dict[str, Any]:
 class ReflectionRun:
     """One reflection on its own thread; events onto the loop's queue, then None (or the exception).
     Its turns' engine requests are counted in the server's metrics as a chat request's choices are.
-    It is one of the server's running reflections (state.reflections) from construction to close()."""
+    It is one of the server's running reflections (state.reflections) from construction until its thread
+    ends: counted only until close(), a client that connected and left again and again got past
+    MAX_PENDING while the threads it left, and their queued turns, piled up (271 threads)."""
 
     def __init__(self, state: "ServerState", engine: "Engine", task: str, settings, params) -> None:
         self.events: asyncio.Queue[ReflectEvent | BaseException | None] = asyncio.Queue()
@@ -155,8 +157,16 @@ class ReflectionRun:
                 )
             )
 
+        def submitted(r: "Request") -> None:
+            self._turn = r  # what close() cancels
+            if self.stopping.is_set():  # closed while this turn was being submitted
+                engine.cancel(r)
+            on_loop(metrics.observe_submitted)
+
         # the metrics' in-flight counts belong to the loop's thread: the callbacks hop onto it
-        watch = TurnWatch(lambda _r: on_loop(metrics.observe_submitted), ended)
+        watch = TurnWatch(submitted, ended)
+        self._turn: "Request | None" = None
+        self._engine, self._on_loop = engine, on_loop
         self._args = (engine, task, settings, params, watch)
         self.thread = threading.Thread(target=self._main, name="metronome-reflect", daemon=True)
 
@@ -172,6 +182,7 @@ class ReflectionRun:
             self._outbox.put(self.events, exc)
         finally:
             loop_events.close()  # cancels a turn still running
+            self._on_loop(lambda: self._state.reflections.discard(self))
 
     def halt(self, error: ApiError) -> None:
         """End the reflection with `error` (the server is stopping): its client reads it next, and the loop's
@@ -180,9 +191,12 @@ class ReflectionRun:
         self.events.put_nowait(error)
 
     def close(self) -> None:
-        """The client is done with it (answered, or gone): the thread stops at its next event."""
+        """The client is done with it (answered, or gone): its turn is cancelled, and the thread stops at its
+        next event (the turn's end); the run leaves the server's count when the thread ends."""
         self.stopping.set()
-        self._state.reflections.discard(self)
+        turn = self._turn
+        if turn is not None and turn.finish_reason is None:
+            self._engine.cancel(turn)
 
     async def next(self) -> ReflectEvent | None:
         try:

@@ -266,3 +266,48 @@ def test_a_body_over_the_limit_is_refused_as_it_arrives(served):
     url, _ = served
     r = httpx.post(f"{url}/v1/reflections", content=b"x" * ((4 << 20) + 1), timeout=60)
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_clients_that_leave_do_not_get_past_the_limit_while_their_loops_run(smollm, monkeypatch):
+    """A streamed reflection whose client left was dropped from the running count at once, while its
+    thread went on to its next event (and a queued turn longer): a client connecting and leaving 200 times
+    never got a 429 (271 threads, 121 engine requests in). Now a run counts until its thread ends. Here the
+    loop's next event is held until the test lets it go."""
+    import threading
+
+    from metronome.agents.reflect import TurnStarted
+    from metronome.serve import reflect
+
+    release, ended = threading.Event(), threading.Event()
+
+    def held_loop(*_args, **_kwargs):
+        try:
+            yield TurnStarted(0, 0, "answer", 10)
+            assert release.wait(timeout=60)
+            yield TurnStarted(1, 1, "critique", 20)  # the next event: a run whose client left stops here
+        finally:
+            ended.set()
+
+    monkeypatch.setattr(reflect, "MAX_PENDING", 1)
+    monkeypatch.setattr(reflect, "reflect", held_loop)
+    engine = Engine.from_model(config=EngineConfig(slots=2, ctx=512), loaded=smollm)
+    app = create_app(engine, ServerSettings(), ModelIdentity.of(smollm))
+    body = {"task": TASK, "rounds": 1, "max_tokens": 8, "stream": True}
+    try:
+        with LiveServer(app) as url:
+            with httpx.stream("POST", f"{url}/v1/reflections", json=body, timeout=60) as r:
+                assert r.status_code == 200
+                assert next(r.iter_lines()).startswith("event: turn.started")
+            # its client is gone, its thread is not: the next one waits for a place
+            second = httpx.post(f"{url}/v1/reflections", json={**body, "stream": False}, timeout=60)
+            assert second.status_code == 429, second.text
+            release.set()
+            assert ended.wait(timeout=30)
+            for _ in range(200):  # bounded: the thread's end reaches the event loop
+                if not app.state.server.reflections:
+                    break
+                time.sleep(0.02)
+            assert not app.state.server.reflections
+    finally:
+        release.set()
+        engine.stop()

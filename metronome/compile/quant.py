@@ -115,8 +115,14 @@ def q4_blocks(t: QuantTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     d16, m16, qs = q4_fields(t)
     d = d16.astype(np.float32)
     zero = m16.astype(np.float32) + 8.0 * d if m16 is not None else np.zeros_like(d)
-    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(n, k).astype(np.int32)  # low nibbles first
+    codes = q4_codes(qs).reshape(n, k).astype(np.int32)
     return torch.from_numpy(codes), torch.from_numpy(d), torch.from_numpy(zero)
+
+
+def q4_codes(qs: np.ndarray) -> np.ndarray:
+    """A Q4 block's 16 code bytes (..., 16) as its 32 codes (..., 32) in [0, 16), in weight order: byte j
+    holds weight j in its low nibble and weight j + 16 in its high one."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
 
 
 # torch's CPU int4 packing takes output rows in multiples of this (an odd vocabulary's head, such as GPT-2's
@@ -146,8 +152,8 @@ def int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
 
 def quantize(model: nn.Module, weights: dict[str, QuantTensor | torch.Tensor], mode: str, q8_ops=None) -> nn.Module:
     """Replace every nn.Linear in `model` (in place): int4 where the file holds Q4_0/Q4_1 blocks, mode is
-    "int4" and torch's int4 kernels take its row count (`int4_packs`); the file's own Q8_0 blocks where `q8_ops` (ops with a fast `q8_0_linear`) is given;
-    int8 per channel otherwise. `weights` are the loader's (possibly quantized) tensors."""
+    "int4" and torch's int4 kernels take its row count (`int4_packs`); the file's own Q8_0 blocks where
+    `q8_ops` (ops with a fast `q8_0_linear`) is given; int8 per channel otherwise. `weights` are the loader's (possibly quantized) tensors."""
     from metronome.model.transformer import weight_sources
 
     for parent_name, parent in list(model.named_modules()):
@@ -201,7 +207,7 @@ def q4_0_as_q8_0(part: QuantTensor) -> QuantTensor:
     q - 8 (34 bytes a block where Q4_0 has 18)."""
     n, k = part.shape
     d, _, qs = q4_fields(part)
-    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.int16) - 8  # low nibbles first
+    codes = q4_codes(qs).astype(np.int16) - 8
     blocks = np.concatenate([d[..., None].view(np.uint8), codes.astype(np.int8).view(np.uint8)], axis=-1)
     return QuantTensor(np.ascontiguousarray(blocks.reshape(n, -1)), "Q8_0", part.shape)
 

@@ -19,7 +19,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Protocol
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Protocol, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -41,6 +41,7 @@ SPEECH_ALIAS = "whisper-1"  # OpenAI's name, accepted as the model name too
 TRANSCRIPTIONS, TRANSLATIONS = "/v1/audio/transcriptions", "/v1/audio/translations"
 GRANULARITIES = ("timestamp_granularities[]", "timestamp_granularities")  # the openai client sends the first
 _FORM_SLACK = 1 << 20  # the form's text fields and multipart framing, on top of the file
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -468,11 +469,12 @@ async def _answer(
     return PlainTextResponse(body, media_type=form.response_format.media_type, headers=headers)
 
 
-async def _unless_gone(request: Request, transcribing: Awaitable[SpeechResult], ending: asyncio.Event) -> SpeechResult:
+async def _unless_gone(request: Request, transcribing: Awaitable[T], ending: asyncio.Event) -> T:
     """`transcribing`'s result, or ClientDisconnect (a 499 nobody reads) as soon as the client goes away: the
     job is then dropped (SpeechService.transcribe), its place in the queue and its admission released, where
     it used to run to its end for nobody while the clients still there waited behind it or got 429s. The
-    server stopping (`ending`) drops it too, with a 503 to the client, where uvicorn cut the connection."""
+    server stopping (`ending`) drops it too, with a 503 to the client, where uvicorn cut the connection.
+    (A task asked to cancel is not cancelled() until it runs again: hence done() first.)"""
     run = asyncio.ensure_future(transcribing)
     gone = asyncio.ensure_future(_disconnected(request))
     stop = asyncio.ensure_future(ending.wait())
@@ -561,22 +563,10 @@ async def _stream(
 
     # the first segment, or the client gone first (a long run's first window can take seconds: left alone,
     # the run went on for nobody and held its admission until it ended)
-    first, gone = asyncio.ensure_future(next_segment()), asyncio.ensure_future(_disconnected(request))
     try:
-        await asyncio.wait({first, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not first.done():
-            first.cancel()
-            run.cancel()  # the job is dropped at its next window
-    # (a task asked to cancel is not cancelled() until it runs again: checking that, a client gone first
-    # read first.result() and ended as a 500 with InvalidStateError)
-    if not first.done() or first.cancelled():
-        raise ClientDisconnect()
-    try:
-        head = first.result()
+        head = await _unless_gone(request, next_segment(), ending)
     except BaseException:
-        run.cancel()
+        run.cancel()  # the job is dropped at its next window
         raise
     if head is None and run.exception() is not None:  # failed before any text: an ordinary error response
         exc = run.exception()

@@ -232,9 +232,12 @@ def _closed(schema: Any, root: Any, inlined: frozenset[str], budget: list[int]) 
         # allOf branch would: closed apart, the definition forbade the own keys and the object the definition's
         # (in the reference's place among the keys: llguidance orders an object's keys by where they appear)
         branches = [{"$ref": out["$ref"]}, *(out["allOf"] if isinstance(out.get("allOf"), list) else [])]
-        out = {
-            ("allOf" if k == "$ref" else k): (branches if k == "$ref" else v) for k, v in out.items() if k != "allOf"
-        }
+        keys, out = out, {}
+        for key, value in keys.items():
+            if key == "$ref":
+                out["allOf"] = branches
+            elif key != "allOf":
+                out[key] = value
     parts = [key for key in ("allOf", "anyOf", "oneOf") if isinstance(out.get(key), list)]
     # the branches that describe parts of this object rather than whole alternatives of it
     shared = [key for key in parts if key == "allOf" or "properties" in out or "allOf" in parts]

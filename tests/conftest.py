@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -17,7 +18,8 @@ from metronome.model.loader import default_model_path, load
 
 torch.set_num_threads(2)
 # Plans compiled by tests are cached in a directory of their own, never read from the user's cache.
-os.environ["METRONOME_PLAN_CACHE"] = tempfile.mkdtemp(prefix="metronome-test-plans-")
+TEST_PLAN_CACHE = tempfile.mkdtemp(prefix="metronome-test-plans-")
+os.environ["METRONOME_PLAN_CACHE"] = TEST_PLAN_CACHE
 
 TINY_VOCAB = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"] + [
     w
@@ -35,6 +37,12 @@ CHAT_TEMPLATE = (
 
 
 SHIPPED_MODEL_FIXTURES = frozenset({"smollm_path", "gemma_path"})
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """Remove this run's plan cache: each run's compiled plans (up to ~280 MB with the shipped models) used to
+    stay in /tmp, one folder a run."""
+    shutil.rmtree(TEST_PLAN_CACHE)
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -18,11 +18,30 @@ class ParamError(ValueError):
         self.param = param
 
 
-def _check(record: object, checks: list[tuple[str, bool, str]]) -> None:
-    """Raise ParamError for the first failed (name, ok, what) check."""
+def check_fields(record: object, checks: list[tuple[str, bool, str]]) -> None:
+    """Raise ParamError for the first failed (name, ok, what) check. The list is built before it is read:
+    check the fields' kinds in one call (is_integer, is_number) and their ranges in the next, or a range
+    check raises its own TypeError on a value of the wrong kind."""
     for name, ok, what in checks:
         if not ok:
             raise ParamError(name, f"{name}={getattr(record, name)!r}: {what}")
+
+
+def is_integer(x: object, optional: bool = False) -> bool:
+    """An int, and not a bool (True would pass as 1); None too when `optional`. A float such as 2.5 or 2.0
+    is refused: fields counted in units (slots, rounds, bytes) failed deep inside torch or a loop otherwise."""
+    return (optional and x is None) or (isinstance(x, int) and not isinstance(x, bool))
+
+
+def is_number(x: object, optional: bool = False) -> bool:
+    """A finite int or float, not a bool; None too when `optional`. NaN passes every `not x < y` test
+    and compares false with everything, so range checks alone let it through."""
+    return (optional and x is None) or (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x))
+
+
+def is_text(x: object, optional: bool = False) -> bool:
+    """A str with something besides whitespace in it; None too when `optional`."""
+    return (optional and x is None) or (isinstance(x, str) and x.strip() != "")
 
 
 def cache_root() -> Path:
@@ -100,6 +119,40 @@ class RopeScaling:
     original_max_position: int = 8192
     factors: tuple[float, ...] = ()
 
+    def __post_init__(self) -> None:
+        # read from a file's settings: a low_freq_factor of 0 divided by zero when the rope was built, and a
+        # negative factor ran as another network with no word said
+        check_fields(
+            self,
+            [
+                ("kind", self.kind in ("llama3", "linear", "factors"), "choose llama3, linear or factors"),
+                ("factor", is_number(self.factor) and self.factor > 0, "must be a finite positive number"),
+                ("factors", all(is_number(f) and f > 0 for f in self.factors), "must be finite positive divisors"),
+                ("factors", self.kind != "factors" or len(self.factors) > 0, "must list the divisors"),
+            ],
+        )
+        if self.kind == "llama3":
+            check_fields(
+                self,
+                [
+                    (
+                        "low_freq_factor",
+                        is_number(self.low_freq_factor) and self.low_freq_factor > 0,
+                        "must be a finite positive number",
+                    ),
+                    (
+                        "high_freq_factor",
+                        is_number(self.high_freq_factor) and self.high_freq_factor > self.low_freq_factor,
+                        "must be a finite number above low_freq_factor (the blend divides by their difference)",
+                    ),
+                    (
+                        "original_max_position",
+                        is_integer(self.original_max_position) and self.original_max_position >= 1,
+                        "must be a positive number of positions",
+                    ),
+                ],
+            )
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -146,7 +199,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         # what a network can be built from (a damaged or hostile file's metadata is read into these); the
         # loaders report a failure as the file's fault (ModelFileError)
-        _check(
+        check_fields(
             self,
             [
                 ("vocab_size", self.vocab_size >= 1, "must be positive"),
@@ -165,10 +218,35 @@ class ModelConfig:
                 ("rms_norm_eps", 0.0 < self.rms_norm_eps < 1.0, "must be in (0, 1)"),
                 ("rope_theta", math.isfinite(self.rope_theta) and self.rope_theta > 0, "must be finite and positive"),
                 ("num_experts", self.num_experts >= 0, "must be 0 (dense) or positive"),
+                # Gemma 3's: a negative scalar made the attention scale complex, a text softcap failed the first
+                # step, and a window of 0 attended to nothing
+                (
+                    "query_pre_attn_scalar",
+                    self.query_pre_attn_scalar is None
+                    or (is_number(self.query_pre_attn_scalar) and self.query_pre_attn_scalar > 0),
+                    "must be a finite positive number (or None: head_dim)",
+                ),
+                (
+                    "final_logit_softcap",
+                    self.final_logit_softcap is None
+                    or (is_number(self.final_logit_softcap) and self.final_logit_softcap >= 0),
+                    "must be a finite positive number (0 or None: no cap)",
+                ),
+                (
+                    "sliding_window",
+                    self.sliding_window is None or (is_integer(self.sliding_window) and self.sliding_window >= 1),
+                    "must be a positive number of positions (or None)",
+                ),
+                (
+                    "rope_local_theta",
+                    self.rope_local_theta is None or (is_number(self.rope_local_theta) and self.rope_local_theta > 0),
+                    "must be finite and positive (or None)",
+                ),
+                ("embed_scale", is_number(self.embed_scale) and self.embed_scale > 0, "must be finite and positive"),
             ],
         )
         if self.num_experts:
-            _check(
+            check_fields(
                 self,
                 [
                     ("experts_per_token", 1 <= self.experts_per_token <= self.num_experts, "must be in [1, experts]"),
@@ -276,34 +354,28 @@ class SamplingParams:
         """Each field of the kind it is declared: a top_k of 2.5 or a stop of 7 would otherwise fail inside
         an engine step, beside other requests, rather than here naming the field."""
 
-        def integer(x: object) -> bool:
-            return isinstance(x, int) and not isinstance(x, bool)
-
-        def number(x: object) -> bool:
-            return (isinstance(x, (int, float)) and not isinstance(x, bool)) and math.isfinite(x)
-
         kinds = (
-            (integer, "an integer", ("max_tokens", "top_k", "top_logprobs")),
-            (number, "a finite number", _FLOAT_FIELDS),
+            (is_integer, "an integer", ("max_tokens", "top_k", "top_logprobs")),
+            (is_number, "a finite number", _FLOAT_FIELDS),
             (lambda x: isinstance(x, bool), "True or False", ("ignore_eos", "logprobs", "prompt_logprobs")),
         )
         for ok, kind, names in kinds:
             for name in names:
                 if not ok(getattr(self, name)):
                     raise ParamError(name, f"{name}={getattr(self, name)!r}: must be {kind}")
-        if self.seed is not None and not (integer(self.seed) and -(2**63) <= self.seed < 2**63):
+        if self.seed is not None and not (is_integer(self.seed) and -(2**63) <= self.seed < 2**63):
             raise ParamError("seed", f"seed={self.seed!r}: must be an integer in [-2**63, 2**63) or None")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ParamError("stop", f"stop={self.stop!r}: stop strings must be non-empty strings")
         longest = max((len(s) for s in self.stop), default=0)
         if longest > MAX_STOP_CHARS:  # each token's text is checked against every stop's prefixes
             raise ParamError("stop", f"a stop string of {longest} characters: at most {MAX_STOP_CHARS} are allowed")
-        if not all(integer(t) and t >= 0 for t in self.stop_token_ids):
+        if not all(is_integer(t) and t >= 0 for t in self.stop_token_ids):
             raise ParamError("stop_token_ids", f"stop_token_ids={self.stop_token_ids!r}: must be token ids (>= 0)")
 
     def validate(self) -> None:
         """Raise ParamError naming the parameter if a value is out of range (also run when built)."""
-        _check(
+        check_fields(
             self,
             [
                 ("max_tokens", self.max_tokens >= 0, "must be at least 0 (0: run and score the prompt only)"),
@@ -338,16 +410,13 @@ _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presenc
 
 def _bias_pairs(value: object) -> tuple[tuple[int, float], ...]:
     """SamplingParams.logit_bias as (int id, float bias) pairs sorted by id, from pairs or a dict."""
-
-    def number(x: object) -> bool:  # bool is an int to Python: True is neither a token id nor a bias
-        return isinstance(x, (int, float)) and not isinstance(x, bool)
-
     try:
         pairs = [(t, b) for t, b in (value.items() if isinstance(value, dict) else value)]  # type: ignore[union-attr]
     except (TypeError, ValueError):
         pairs = None
-    if pairs is None or not all(number(t) and isinstance(t, int) and number(b) for t, b in pairs):
-        raise ParamError("logit_bias", f"logit_bias={value!r}: must map integer token ids to numbers")
+    # bool is an int to Python: True is neither a token id nor a bias
+    if pairs is None or not all(is_integer(t) and is_number(b) for t, b in pairs):
+        raise ParamError("logit_bias", f"logit_bias={value!r}: must map integer token ids to finite numbers")
     return tuple(sorted((t, float(b)) for t, b in pairs))
 
 
@@ -395,14 +464,11 @@ class EngineConfig:
         object.__setattr__(self, "layout", Layout.parse("layout", self.layout))
         object.__setattr__(self, "kv_cache", KvCache.parse("kv_cache", self.kv_cache))
 
-        def integer(x: object, optional: bool = False) -> bool:
-            return (optional and x is None) or (isinstance(x, int) and not isinstance(x, bool))
-
-        _check(  # kinds first: a slots of 2.5 or "8" failed deep in the compile (torch.zeros, the thread pool)
+        check_fields(  # kinds first: a slots of 2.5 or "8" failed deep in the compile (torch.zeros, the thread pool)
             self,
-            [(name, integer(getattr(self, name)), "must be an integer") for name in _ENGINE_INTS]
+            [(name, is_integer(getattr(self, name)), "must be an integer") for name in _ENGINE_INTS]
             + [
-                (name, integer(getattr(self, name), True), "must be an integer or None")
+                (name, is_integer(getattr(self, name), True), "must be an integer or None")
                 for name in _ENGINE_OPTIONAL_INTS
             ]
             + [
@@ -413,7 +479,7 @@ class EngineConfig:
                 )
             ],
         )
-        _check(
+        check_fields(
             self,
             [
                 (

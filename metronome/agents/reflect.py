@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from metronome.config import ParamError, SamplingParams
+from metronome.config import ParamError, SamplingParams, check_fields, is_integer
 
 if TYPE_CHECKING:
     from metronome.engine import Delta, Engine, Request
@@ -59,6 +59,18 @@ class ReflectSettings:
     system: str | None = None  # a system message before the task (None: the chat template's default)
 
     def __post_init__(self) -> None:
+        # kinds first: a rounds of 2.5 failed in the run's loop, and a points of 2.5 asked for "the 2.5 most
+        # important things"
+        check_fields(
+            self,
+            [
+                ("rounds", is_integer(self.rounds), "must be an integer"),
+                ("points", is_integer(self.points), "must be an integer"),
+                ("critique", isinstance(self.critique, str), "must be the critique turn's words"),
+                ("revision", isinstance(self.revision, str), "must be the revision turn's words"),
+                ("system", self.system is None or isinstance(self.system, str), "must be a system message or None"),
+            ],
+        )
         for name in ("critique", "revision"):
             text = getattr(self, name)
             if not text.strip():

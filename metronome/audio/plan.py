@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from metronome.audio.whisper import DecoderCache, Whisper
+from metronome.config import check_fields, is_integer
 
 # A step waits at most this long for the rows of every decoding slot, so that concurrent requests share
 # steps; a request between two tokens spends well under this in Python.
@@ -35,12 +36,19 @@ class PlanConfig:
     step_threads: int = 1
 
     def __post_init__(self) -> None:
-        if self.slots < 1:
-            raise ValueError(f"slots must be >= 1, got {self.slots}")
-        if self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
-        if not 1 <= self.step_threads <= self.threads:
-            raise ValueError(f"step_threads must be in 1..threads ({self.threads}), got {self.step_threads}")
+        # kinds first: a slots of 2.5 or True failed inside torch when the cache was allocated
+        check_fields(self, [(name, is_integer(getattr(self, name)), "must be an integer") for name in _PLAN_INTS])
+        check_fields(
+            self,
+            [
+                ("slots", self.slots >= 1, "must be at least 1"),
+                ("threads", self.threads >= 1, "must be at least 1"),
+                ("step_threads", 1 <= self.step_threads <= self.threads, "must be in [1, threads]"),
+            ],
+        )
+
+
+_PLAN_INTS = ("slots", "threads", "step_threads")
 
 
 @dataclass

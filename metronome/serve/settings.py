@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from metronome.config import check_fields, is_integer, is_number, is_text
+
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -22,5 +24,31 @@ class ServerSettings:
     stalled_after_s: float = 10.0
 
     def __post_init__(self) -> None:
-        if not self.stalled_after_s > 0:
-            raise ValueError(f"stalled_after_s={self.stalled_after_s}: must be a positive number of seconds")
+        # kinds first, then ranges: a max_choices of 0 refused every request as the client's fault ("n"), and a
+        # max_body_bytes of 0 answered every one 413
+        check_fields(
+            self,
+            [
+                ("api_key", is_text(self.api_key, optional=True), "must be a non-empty key (or None: no key)"),
+                ("max_body_bytes", is_integer(self.max_body_bytes), "must be an integer"),
+                ("retry_after_s", is_integer(self.retry_after_s), "must be an integer number of seconds"),
+                ("model_alias", is_text(self.model_alias), "must name the model (a non-empty string)"),
+                ("max_choices", is_integer(self.max_choices), "must be an integer"),
+                (
+                    "allowed_hosts",
+                    self.allowed_hosts is None
+                    or (isinstance(self.allowed_hosts, frozenset) and all(is_text(h) for h in self.allowed_hosts)),
+                    "must be a frozenset of host names (or None: any)",
+                ),
+                ("stalled_after_s", is_number(self.stalled_after_s), "must be a finite number of seconds"),
+            ],
+        )
+        check_fields(
+            self,
+            [
+                ("max_body_bytes", self.max_body_bytes >= 1, "must be a positive number of bytes"),
+                ("retry_after_s", self.retry_after_s >= 0, "must be 0 or more seconds"),
+                ("max_choices", self.max_choices >= 1, "must let a request start at least 1 generation"),
+                ("stalled_after_s", self.stalled_after_s > 0, "must be a positive number of seconds"),
+            ],
+        )

@@ -719,3 +719,37 @@ def test_a_bos_written_by_the_post_processor_is_added_as_transformers_adds_it(tm
     assert ours == ([1, 5, 9, 33] if config_says is None else [5, 9, 33])
     if config_says is None:
         assert ours == theirs
+
+
+@pytest.mark.parametrize(
+    "arch, patch, match",
+    [
+        # each once a traceback after the load (ZeroDivisionError building the rope, pybind's TypeError from a
+        # complex attention scale, a Tensor / str in the first step) or a different network with no word said
+        (
+            "llama",
+            {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 0}},
+            "low_freq_factor=0.0",
+        ),
+        ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": -8.0}}, "factor=-8.0: must be a finite positive"),
+        (
+            "llama",
+            {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 4.0}},
+            "high_freq_factor=4.0: must be a finite number above low_freq_factor",
+        ),
+        ("llama", {"rope_scaling": {"rope_type": "linear", "factor": float("nan")}}, "factor=nan"),
+        ("gemma3", {"query_pre_attn_scalar": -32}, "query_pre_attn_scalar=-32.0: must be a finite positive"),
+        ("gemma3", {"final_logit_softcapping": "abc"}, "final_logit_softcap='abc'"),
+    ],
+)
+def test_impossible_hf_numbers_are_the_files_fault(tmp_path, tiny_hf, arch, patch, match):
+    import json
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_hf(arch), folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **patch}))
+    with pytest.raises(ModelFileError, match=match) as err:
+        load(folder)
+    assert str(folder / "config.json") in str(err.value)

@@ -294,3 +294,69 @@ def test_the_command_line_starts_without_torch():
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]
+
+
+def _other_records() -> dict[str, tuple[type, dict[str, list[object]]]]:
+    """The records beside EngineConfig and SamplingParams, with values each once took: accepted and failed
+    later (a rounds of 2.5 in the run's loop, slots of True inside torch, a temperature_step of 0 dividing by
+    zero) or ran wrong (points=2.5 asked for "the 2.5 most important things"; max_choices=0 refused every
+    request as the client's fault)."""
+    from metronome.agents.reflect import ReflectSettings
+    from metronome.audio.plan import PlanConfig
+    from metronome.audio.transcribe import DecodeOptions
+    from metronome.serve.audio import SpeechSettings
+    from metronome.serve.settings import ServerSettings
+
+    nan, inf = float("nan"), float("inf")
+    return {
+        "ReflectSettings": (
+            ReflectSettings,
+            {"rounds": [2.5, True, "3", 0], "points": [2.5, None, 21], "critique": [None, 5, " "], "system": [5]},
+        ),
+        "PlanConfig": (PlanConfig, {"slots": [nan, 2.5, True, "4", 0], "threads": [2.5, 0], "step_threads": [3]}),
+        "ServerSettings": (
+            ServerSettings,
+            {
+                "max_body_bytes": [0, -1, 2.5],
+                "retry_after_s": [nan, "1", -1],
+                "model_alias": [None, ""],
+                "max_choices": [0, True],
+                "allowed_hosts": [["localhost"], frozenset({""})],
+                "api_key": ["", 5],
+                "stalled_after_s": ["10", nan, inf, 0],
+            },
+        ),
+        "SpeechSettings": (
+            SpeechSettings,
+            {
+                "workers": [2.5, True, 0],
+                "max_pending": [inf, 0],
+                "decoders": ["2"],
+                "max_file_bytes": [0.5],
+                "retry_after_s": [nan, [1], -1],
+                "timeout_s": [nan, 0],
+            },
+        ),
+        "DecodeOptions": (
+            DecodeOptions,
+            {
+                "temperature_step": [0, -0.2, nan, 2.0],
+                "no_speech_threshold": [1.5],
+                "seed": [1.5],
+                "logprob_threshold": [nan],
+            },
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "record", ["ReflectSettings", "PlanConfig", "ServerSettings", "SpeechSettings", "DecodeOptions"]
+)
+def test_other_records_name_the_bad_field(record):
+    cls, bad = _other_records()[record]
+    cls()  # the defaults pass
+    for field, values in bad.items():
+        for value in values:
+            with pytest.raises(ParamError) as err:
+                cls(**{field: value})
+            assert err.value.param == field and field in str(err.value), (record, field, value, err.value)

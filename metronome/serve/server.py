@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 import uuid
 from contextlib import contextmanager
@@ -598,6 +599,24 @@ def _engine_failure(message: str | None) -> ApiError:
 # -- answering ---------------------------------------------------------------------------------------
 
 
+ACCESS_LOG = logging.getLogger("uvicorn.access")  # uvicorn's own: the same format, level and handlers
+
+
+def log_access(scope: Scope, status: int) -> None:
+    """An access-log line for an answer uvicorn will not write, in its arguments' order (client, method, path
+    with query, HTTP version, status), which its access formatter reads."""
+    client = scope.get("client")
+    query = scope.get("query_string", b"").decode("latin-1")
+    ACCESS_LOG.info(
+        '%s - "%s %s HTTP/%s" %d',
+        f"{client[0]}:{client[1]}" if client else "-",
+        scope.get("method", "-"),
+        scope.get("path", "") + (f"?{query}" if query else ""),
+        scope.get("http_version", "1.1"),
+        status,
+    )
+
+
 def _sse(body: dict[str, Any]) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
@@ -712,8 +731,12 @@ def create_app(
         return ApiError(exc.status_code, f"{what}: {request.method} {request.url.path}", headers=exc.headers).response()
 
     @app.exception_handler(ClientDisconnect)
-    async def client_gone(_request: Request, _exc: ClientDisconnect) -> Response:
-        # the client left while sending its body: nobody reads an answer (499, nginx's "client closed request")
+    async def client_gone(request: Request, _exc: ClientDisconnect) -> Response:
+        # the client left (while sending its body, or before a whole answer was ready): nobody reads an answer
+        # (499, nginx's "client closed request"). uvicorn writes its access line as an answer starts and
+        # sends nothing to a client that left, so without this line a 499 was counted in /metrics and
+        # missing from the log
+        log_access(request.scope, 499)
         return Response(status_code=499)
 
     @app.exception_handler(Exception)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import signal
@@ -627,15 +628,35 @@ def test_a_whole_answer_whose_client_left_is_counted_499_not_200(smol_url, smol_
     labels = '{{endpoint="/v1/completions",status="{}"}}'
     ok, gone = (_metric(smol_url, "metronome_requests_total", labels.format(s)) for s in ("200", "499"))
     body = {"prompt": "Once upon a time", "max_tokens": 400, "temperature": 1.0, "seed": 3, "ignore_eos": True}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{smol_url}/v1/completions", json=body, timeout=0.5)
-    for _ in range(600):
-        if _metric(smol_url, "metronome_requests_total", labels.format("499")) == gone + 1:
-            break
-        time.sleep(0.05)
+    lines: list[logging.LogRecord] = []
+    access = logging.getLogger("uvicorn.access")  # the server's access log: the 499 was missing from it
+    handler, level = _Collect(lines), access.level
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{smol_url}/v1/completions?probe=1", json=body, timeout=0.5)
+        for _ in range(600):
+            if _metric(smol_url, "metronome_requests_total", labels.format("499")) == gone + 1:
+                break
+            time.sleep(0.05)
+    finally:
+        access.removeHandler(handler)
+        access.setLevel(level)
     assert _metric(smol_url, "metronome_requests_total", labels.format("499")) == gone + 1
     assert _metric(smol_url, "metronome_requests_total", labels.format("200")) == ok
     assert not smol_engine.scheduler.by_slot
+    said = [r.getMessage() for r in lines]
+    assert any(m.endswith('"POST /v1/completions?probe=1 HTTP/1.1" 499') for m in said), said
+
+
+class _Collect(logging.Handler):
+    def __init__(self, into: list[logging.LogRecord]) -> None:
+        super().__init__(logging.INFO)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.into.append(record)
 
 
 def test_metrics_expose_histograms_counters_and_gauges(smol_url):

@@ -311,7 +311,8 @@ def _hf_shape(path: Path) -> ModelShape:
             max_position=int(raw.get("max_position_embeddings", 2048)),
             rope_theta=float(raw.get("rope_theta", 10000.0)),
             tie_embeddings=bool(top.get("tie_word_embeddings", raw.get("tie_word_embeddings", True))),
-            sliding_window=raw.get("sliding_window"),
+            # 0 or null: no window (transformers writes either); a window with no pattern sizes nothing
+            sliding_window=int(raw["sliding_window"]) if raw.get("sliding_window") else None,
             sliding_window_pattern=int(raw.get("sliding_window_pattern", 0)),
         )
     except KeyError as e:

@@ -13,7 +13,7 @@ time) are imported, so that adding flags costs a command nothing.
 from __future__ import annotations
 
 import argparse
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from metronome.agents.reflect import ReflectSettings
 from metronome.config import (
@@ -296,13 +296,70 @@ def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {dest: getattr(args, dest) for dest in ENGINE_FLAGS if hasattr(args, dest)}
 
 
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least `low` (argparse names the flag in its error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"want an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type: a finite number above 0 (NaN passes a plain `> 0` test the other way round)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want a number of seconds, got {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+FLAGS_GIVEN = "flags_given"  # the Namespace attribute parse_noting_given records the named flags' dests in
+
+
+def parse_noting_given(build: Callable[[], argparse.ArgumentParser], argv: Sequence[str] | None) -> argparse.Namespace:
+    """`build().parse_args(argv)`, with the dests of the flags the command line named, whatever their values,
+    as `args.flags_given`: a flag a mode does not read is refused even when it was given its default value
+    (`--slots 8` beside `--decode-only --live 9` ran 9 slots without a word). Read by `was_given`."""
+    args = build().parse_args(argv)
+    bare = build()  # the same flags with no defaults: what the second parse holds is what was named
+    _suppress_defaults(bare)
+    setattr(args, FLAGS_GIVEN, frozenset(vars(bare.parse_args(argv))))
+    return args
+
+
+def _suppress_defaults(parser: argparse.ArgumentParser) -> None:
+    parser._defaults.clear()  # set_defaults' values (a command's func)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _suppress_defaults(sub)
+        elif not isinstance(action, argparse._HelpAction):
+            action.default = argparse.SUPPRESS
+
+
+def was_given(args: argparse.Namespace, dest: str, default: object) -> bool:
+    """Whether the command line set `dest`: from `flags_given` where the command recorded it, else (a Namespace
+    built by its own parse_args, as in tests) whether its value differs from `default`."""
+    given = getattr(args, FLAGS_GIVEN, None)
+    return dest in given if given is not None else getattr(args, dest, default) != default
+
+
 def engine_flags_set(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
-    """The engine flags among `names` (EngineConfig field names) that the parsed `args` set away from their
-    defaults: what a command that uses only some of them must refuse, or hand on to a child process."""
+    """The engine flags among `names` (EngineConfig field names) that the command line set (`was_given`): what
+    a command that uses only some of them must refuse, or hand on to a child process."""
     return {
         dest: getattr(args, dest)
         for dest in names
-        if hasattr(args, dest) and getattr(args, dest) != ENGINE_FLAGS[dest][1].get("default")
+        if hasattr(args, dest) and was_given(args, dest, ENGINE_FLAGS[dest][1].get("default"))
     }
 
 

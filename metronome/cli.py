@@ -17,6 +17,7 @@ from metronome.args import (
     add_sampling_args,
     engine_config,
     param_message,
+    parse_noting_given,
     reflect_settings,
     sampling_params,
 )
@@ -371,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_noting_given(build_parser, argv)
     try:
         return args.func(args)
     except ParamError as exc:  # a flag out of range: name the flag

@@ -10,13 +10,23 @@ import argparse
 import asyncio
 import contextlib
 import math
+import os
 import signal
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from metronome.args import ENGINE_FLAGS, add_engine_args, engine_argv, engine_config, engine_flags_set, param_message
+from metronome.args import (
+    ENGINE_FLAGS,
+    add_engine_args,
+    engine_argv,
+    engine_config,
+    engine_flags_set,
+    param_message,
+    parse_noting_given,
+    was_given,
+)
 from metronome.bench.workloads import PRESETS
 from metronome.config import ParamError
 
@@ -228,7 +238,7 @@ def _unread(args: argparse.Namespace) -> str | None:
     unread = [
         a.option_strings[0]
         for a in parser._actions
-        if a.dest not in (*_READS[mode], *_ENGINE, "no_progress") and getattr(args, a.dest) != a.default
+        if a.dest not in (*_READS[mode], *_ENGINE, "no_progress") and was_given(args, a.dest, a.default)
     ]
     if not unread:
         return None
@@ -247,9 +257,12 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m metronome.bench", description="metronome's load generator")
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    def parser() -> argparse.ArgumentParser:
+        built = argparse.ArgumentParser(prog="python -m metronome.bench", description="metronome's load generator")
+        add_arguments(built)
+        return built
+
+    return run(parse_noting_given(parser, argv))
 
 
 def _plan(args: argparse.Namespace) -> tuple[SweepConfig, TokenCounter, Path]:
@@ -259,6 +272,16 @@ def _plan(args: argparse.Namespace) -> tuple[SweepConfig, TokenCounter, Path]:
     from metronome.bench.runner import SweepConfig
     from metronome.bench.workloads import CharEstimate, TokenizerFileCounter, resolve_workload
 
+    if args.input_tokens is not None and args.output_tokens is not None:  # the whole workload is set: the
+        # preset and its scale would be dropped (the report still said "scale 0.5")
+        dropped = [
+            f for d, f, v in (("workload", "--workload", "short"), ("scale", "--scale", 1.0)) if was_given(args, d, v)
+        ]
+        if dropped:
+            raise ValueError(
+                f"--input-tokens and --output-tokens set the whole workload: {' and '.join(dropped)} would not be "
+                "used; leave them out, or give one of the two token counts"
+            )
     workload = resolve_workload(args.workload, args.scale, args.input_tokens, args.output_tokens)
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1 (got {args.threads})")
@@ -281,8 +304,7 @@ def _plan(args: argparse.Namespace) -> tuple[SweepConfig, TokenCounter, Path]:
         request_timeout_s=_request_timeout(args),
     )
     counter: TokenCounter = TokenizerFileCounter(args.tokenizer) if args.tokenizer else CharEstimate()
-    out_dir = args.out if args.out is not None else Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")
-    return config, counter, out_dir
+    return config, counter, _out_folder(args)
 
 
 async def _target(name: str, base_url: str, served_model: str | None, command: tuple[str, ...]) -> Target:
@@ -344,6 +366,22 @@ def _request_timeout(args: argparse.Namespace) -> float:
     return args.request_timeout if args.request_timeout is not None else REQUEST_TIMEOUT_S
 
 
+def _out_folder(args: argparse.Namespace) -> Path:
+    """The folder a mode writes its files to (--out, default bench-results/<time>), made now: a path that
+    cannot be one (under a file, or where the user may not write) was found when the files were written,
+    after the whole run, and the measurements were lost behind a traceback. ValueError names --out."""
+    out = args.out if args.out is not None else Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(
+            f"--out {out}: cannot make this folder ({exc.strerror}); name a folder you can write"
+        ) from None
+    if not os.access(out, os.W_OK):
+        raise ValueError(f"--out {out}: this folder is not writable; name one you can write")
+    return out
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -352,8 +390,6 @@ def _common_refusal(args: argparse.Namespace) -> str | None:
     """What every mode refuses alike, before it measures anything."""
     if args.output_tokens is not None and args.output_tokens < 1:  # two modes took 0 as "the default"
         return f"--output-tokens must be at least 1 (got {args.output_tokens})"
-    if args.out is not None and args.out.exists() and not args.out.is_dir():  # found after a whole sweep
-        return f"--out {args.out}: a file is there; name a folder"
     if args.load is not None and args.url is not None:
         return "--load runs the plan in process and serves it itself: --url is not used"
     if args.load is not None and args.out is not None:
@@ -522,7 +558,7 @@ def _run_voice(args: argparse.Namespace, console) -> int:
             raise FileNotFoundError(f"--audio {audio}: no such file")
         if args.rounds < 1 or max_tokens < 1:
             raise ValueError("--rounds and --output-tokens must be at least 1")
-        out_dir = args.out if args.out is not None else Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")
+        out_dir = _out_folder(args)
         with contextlib.ExitStack() as stack:
             if args.url is not None:
                 base_url = normalize_base_url(args.url)
@@ -573,7 +609,8 @@ def _run_soak(args: argparse.Namespace, console) -> int:
     try:
         duration = parse_duration(args.soak) if args.soak is not None else 0.0
         counter = TokenizerFileCounter(args.tokenizer) if args.tokenizer else CharEstimate()
-        out_dir = args.out if args.out is not None else Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")
+        # a soak against --url writes only its summary, and only with --out
+        out_dir = _out_folder(args) if args.out is not None or args.url is None or args.fuzz is not None else None
         with contextlib.ExitStack() as stack:
             pid = args.server_pid
             if args.url is not None:
@@ -586,7 +623,7 @@ def _run_soak(args: argparse.Namespace, console) -> int:
                 if args.model is not None:
                     argv += ["--model", str(args.model)]
                 argv += engine_argv(args, _ENGINE)
-                out_dir.mkdir(parents=True, exist_ok=True)
+                assert out_dir is not None  # made above: this soak starts its own server
                 log_path = out_dir / "soak-server.log"
                 log = stack.enter_context(open(log_path, "w", encoding="utf-8"))
                 console.print(f"starting: {' '.join(argv)} (log: {log_path})", markup=False)
@@ -633,8 +670,7 @@ def _run_soak(args: argparse.Namespace, console) -> int:
         console.print(f"metronome bench: {what} interrupted before its end: no verdict", markup=False)
         return _EXIT_INTERRUPTED
     print(result.summary())
-    if args.out is not None or out_dir.is_dir():  # --out with --url: the summary is all the soak writes
-        out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir is not None:  # --out with --url: the summary is all the soak writes
         (out_dir / "soak-summary.txt").write_text(result.summary() + "\n", encoding="utf-8")
         console.print(f"summary: {out_dir / 'soak-summary.txt'}", markup=False)
     return 0 if result.passed else 1

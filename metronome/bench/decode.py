@@ -109,6 +109,10 @@ def measure_decode(
     from metronome.model.loader import default_model_path, read_config
 
     ctx = min(ctx, read_config(default_model_path() if model is None else model).max_position)  # a short model's own
+    if tokens >= ctx:  # refused before the compile: its prompt needs positions too (checked exactly below)
+        raise ValueError(
+            f"--output-tokens {tokens}: the decode bench's plan holds {ctx} tokens, its prompt included; give fewer"
+        )
     # plain decoding (speculation off): the step the bound is about; `--speculation` measures drafting
     engine = Engine.from_model(
         None if model is None else str(model),

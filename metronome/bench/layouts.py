@@ -18,7 +18,9 @@ import time
 from dataclasses import dataclass
 from importlib import resources
 
-from metronome.config import EngineConfig, SamplingParams
+from metronome.args import at_least, positive_seconds
+from metronome.bench.metrics import percentile
+from metronome.config import EngineConfig, Layout, SamplingParams
 from metronome.engine import Engine, Request
 
 
@@ -35,8 +37,15 @@ class LayoutResult:
 
 
 def _pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+    """Interpolated, as the other benches' percentiles (metrics.percentile)."""
+    return percentile(sorted(values), 100 * q)
+
+
+def _layouts(text: str) -> list[str]:
+    try:
+        return [Layout.parse("--layouts", part.strip()).value for part in text.split(",")]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _spread(ratios: list[float]) -> str:
@@ -126,22 +135,23 @@ def run_layout(
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None)
-    p.add_argument("--bursts", type=int, default=4)
-    p.add_argument("--gap", type=float, default=4.0, help="seconds between bursts")
-    p.add_argument("--long-tokens", type=int, default=400, help="tokens of each burst's two long prompts")
-    p.add_argument("--output-tokens", type=int, default=48)
-    p.add_argument("--slots", type=int, default=8)
-    p.add_argument("--layouts", default="colocated,disaggregated")
-    a = p.parse_args()
+    # each checked here: 0 bursts ran 40 s and then blamed the gap, 0 output tokens raised a KeyError
+    p.add_argument("--bursts", type=at_least(1), default=4)
+    p.add_argument("--gap", type=positive_seconds, default=4.0, help="seconds between bursts")
+    p.add_argument("--long-tokens", type=at_least(1), default=400, help="tokens of each burst's two long prompts")
+    p.add_argument("--output-tokens", type=at_least(1), default=48)
+    p.add_argument("--slots", type=at_least(1), default=8)
+    p.add_argument("--layouts", type=_layouts, default="colocated,disaggregated")
+    a = p.parse_args(argv)
     print(
         "| layout | TTFT p50 (ms) | TTFT p99 (ms) | inter-token gap p99 (ms) | tokens | seconds "
         "| TTFT / predicted: p50 (p10-p90) | no prediction |"
     )
     print("|---|---:|---:|---:|---:|---:|---|---:|")
-    for layout in a.layouts.split(","):
+    for layout in a.layouts:
         r = run_layout(a.model, layout, a.bursts, a.gap, a.long_tokens, a.output_tokens, a.slots)
         print(
             f"| {r.layout} | {r.ttft_p50_ms:.0f} | {r.ttft_p99_ms:.0f} | {r.gap_p99_ms:.1f} | {r.tokens} "

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from metronome.args import at_least
 from metronome.bench.random_gguf import add_byte_vocabulary, random_q4_0
 from metronome.config import EngineConfig
 
@@ -280,9 +281,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--arch", choices=ARCHS, default="olmoe", help="the file's layout when written (qwen3moe: cuts for --tp)"
     )
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--runs", type=int, default=3)
+    # checked here: 0 runs ended in "no median for empty data", 0 tokens in a ZeroDivisionError
+    parser.add_argument("--threads", type=at_least(1), default=2)
+    parser.add_argument("--tokens", type=at_least(1), default=64)
+    parser.add_argument("--runs", type=at_least(1), default=3)
     parser.add_argument(
         "--peer", action="store_true", help="also decode the file with llama.cpp (llama-cpp-python), runs alternating"
     )

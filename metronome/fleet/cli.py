@@ -8,7 +8,7 @@ import math
 import sys
 from pathlib import Path
 
-from metronome.args import add_engine_args
+from metronome.args import add_engine_args, was_given
 from metronome.fleet.catalog import (
     Hardware,
     HardwareKind,
@@ -170,9 +170,7 @@ def _refuse_unused(args: argparse.Namespace, mode: str) -> None:
     """A flag the mode does not read is an error naming it (it used to be ignored without a word)."""
     defaults = argparse.ArgumentParser()
     add_arguments(defaults)
-    given = [
-        a for a in defaults._actions if a.dest not in ("help", mode) and getattr(args, a.dest, a.default) != a.default
-    ]
+    given = [a for a in defaults._actions if a.dest not in ("help", mode) and was_given(args, a.dest, a.default)]
     unused = [
         a.option_strings[0] if a.option_strings else a.dest.upper() for a in given if a.dest not in _MODE_FLAGS[mode]
     ]

@@ -181,6 +181,10 @@ def test_the_output_speed_leaves_out_the_first_chunks_tokens_and_counts_without_
     # four tokens a chunk, no tokenizer: the first chunk's are placed as the rest are
     even = derive_result(StreamTrace((0.2, 0.3, 0.4), (" a b c d",) * 3, 1.0, 10, 12), **args)
     assert even.output_speed_tps == pytest.approx(8 / 0.2)
+    # more chunks than tokens (a server splitting tokens): the first chunk still holds the first token, which
+    # the speed leaves out (it counted all 10 over the 19 gaps)
+    split = derive_result(StreamTrace(tuple(0.2 + 0.05 * i for i in range(20)), (" x",) * 20, 1.0, 10, 10), **args)
+    assert split.output_speed_tps == pytest.approx(9 / 0.95)
 
 
 def test_first_sentence_and_token_placement() -> None:
@@ -465,11 +469,16 @@ def test_engine_flags_reach_the_server_it_starts_and_unused_ones_are_refused(cap
         (["--voice", "--workload", "long"], "--voice does not use --workload"),
         (["--soak", "1s", "--concurrency", "2"], "--soak does not use --concurrency"),
         (["--fuzz", "2", "--users", "3"], "--fuzz does not use --users"),
+        # given at their default values: they were judged unset, and `--slots 8 --live 9` ran 9 slots
+        (["--decode-only", "--live", "9", "--slots", "8"], "--decode-only does not use --slots"),
+        (["--url", "http://127.0.0.1:9", "--spec-tokens", "4"], "does not use --spec-tokens"),
+        (["--load", "1", "--workload", "short"], "--load does not use --workload"),
     ],
 )
 def test_a_flag_the_mode_does_not_read_is_refused(capsys, argv, words) -> None:
     """Flags a mode never reads were dropped silently: `--load 1,4 --workload long` measured the default
-    200 tokens, `--decode-only --concurrency 1,2` one slot. Refused before anything starts."""
+    200 tokens, `--decode-only --concurrency 1,2` one slot. Refused before anything starts, also when given
+    their default value."""
     assert cli.main(argv) == 2
     assert words in capsys.readouterr().err
 
@@ -737,6 +746,15 @@ def test_llama_cpp_peer_serves_a_real_sweep(smollm_path: Path, tmp_path: Path) -
         (["--url", "http://127.0.0.1:9", "--temperature", "nan"], "--temperature must be in [0, 2]"),  # JSON's error
         (["--url", "http://127.0.0.1:9", "--temperature", "5"], "--temperature must be in [0, 2]"),  # all 400s
         (["--decode-only", "--threads", "0"], "(check --threads)"),  # the setting's message without its flag
+        # both token counts set the workload: the preset and scale were dropped while the report named the scale
+        (
+            ["--url", "http://127.0.0.1:9", "--input-tokens", "5", "--output-tokens", "5", "--scale", "0.5"],
+            "--scale would",
+        ),
+        (
+            ["--url", "http://127.0.0.1:9", "--input-tokens", "5", "--output-tokens", "5", "--workload", "short"],
+            "--workload",
+        ),
     ],
 )
 def test_options_a_mode_cannot_honour_are_refused_before_it_runs(argv, says, capsys) -> None:
@@ -744,9 +762,12 @@ def test_options_a_mode_cannot_honour_are_refused_before_it_runs(argv, says, cap
     assert says in " ".join(capsys.readouterr().err.split())  # rich wraps long lines
 
 
-def test_out_naming_a_file_is_refused_before_the_sweep(tmp_path: Path, capsys) -> None:
-    """It was found after the whole sweep, by a FileExistsError traceback, and every measurement was lost."""
+@pytest.mark.parametrize("mode", [[], ["--voice"], ["--fuzz", "2"]])
+def test_out_that_cannot_be_a_folder_is_refused_before_the_run(tmp_path: Path, capsys, mode) -> None:
+    """It was found when the files were written, after the whole run, by a FileExistsError or
+    NotADirectoryError traceback, and every measurement was lost."""
     taken = tmp_path / "afile"
     taken.write_text("")
-    assert cli.main(["--url", "http://127.0.0.1:9", "--out", str(taken)]) == 2
-    assert "a file is there; name a folder" in " ".join(capsys.readouterr().err.split())  # rich wraps lines
+    for out in (taken, taken / "sub"):
+        assert cli.main(["--url", "http://127.0.0.1:9", *mode, "--out", str(out)]) == 2
+        assert f"--out {out}: cannot make this folder" in " ".join(capsys.readouterr().err.split())

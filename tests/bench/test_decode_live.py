@@ -39,3 +39,14 @@ def test_a_model_shorter_than_the_bench_context_runs_in_its_own(tiny_hf) -> None
     refused with 'lower --ctx', a flag bench does not have."""
     [result] = measure_decode(tiny_hf("llama"), threads=1, tokens=3, runs=1)  # the default ctx, 1,024
     assert result.tokens_per_s > 0
+
+
+def test_more_output_tokens_than_the_plan_holds_are_refused_before_the_compile(tiny_hf, monkeypatch) -> None:
+    """It was refused after the model had loaded and calibrated (seconds, minutes for a large model)."""
+
+    def no_compile(*_args, **_kwargs):
+        raise AssertionError("the engine was built before the refusal")
+
+    monkeypatch.setattr(Engine, "from_model", no_compile)
+    with pytest.raises(ValueError, match="--output-tokens 2000: the decode bench's plan holds 512 tokens"):
+        measure_decode(tiny_hf("llama"), threads=1, tokens=2000, runs=1)  # a 512-token model

@@ -63,3 +63,27 @@ def test_the_qwen3moe_layout_cuts_for_tensor_parallel_and_keeps_its_tokens(tmp_p
     assert cfg.arch == "qwen3moe" and cfg.qk_norm and not cfg.qk_norm_full and default_shards(cfg) >= 2
     runs = fused_tp_outputs(path)
     assert runs[0] == runs[1] and len(runs[0][0]) == 6
+
+
+@pytest.mark.parametrize(
+    "main, argv, says",
+    [
+        # each ran first and then failed: "no median for empty data", a ZeroDivisionError, a ParamError traceback
+        ("moe", ["--runs", "0"], "argument --runs: must be at least 1"),
+        ("moe", ["--tokens", "0"], "argument --tokens: must be at least 1"),
+        ("moe", ["--threads", "0"], "argument --threads: must be at least 1"),
+        # 0 bursts ran 40 s and blamed the gap; 0 output tokens raised a KeyError; a layout's name a ParamError
+        ("layouts", ["--bursts", "0"], "argument --bursts: must be at least 1"),
+        ("layouts", ["--output-tokens", "0"], "argument --output-tokens: must be at least 1"),
+        ("layouts", ["--gap", "nan"], "argument --gap: must be a positive number of seconds"),
+        ("layouts", ["--layouts", "colocated,foo"], "choose one of colocated, disaggregated"),
+    ],
+)
+def test_the_moe_and_layouts_benches_refuse_bad_flags_before_they_run(main, argv, says, tmp_path, capsys):
+    from metronome.bench import layouts, moe
+
+    run = {"moe": lambda a: moe.main(["--out", str(tmp_path / "m.gguf"), *a]), "layouts": layouts.main}[main]
+    with pytest.raises(SystemExit) as exit:
+        run(argv)
+    assert exit.value.code == 2 and says in capsys.readouterr().err
+    assert not (tmp_path / "m.gguf").exists()  # refused before the file was written

@@ -25,7 +25,7 @@ from metronome.compile.probe import calibrate as calibrate_plan
 from metronome.compile.probe import choose_decode_mode, far_position, prompt_row_positions
 from metronome.compile.quant import dense, quantize
 from metronome.compile.runner import Runner, TorchRunner
-from metronome.config import DEFAULT_CTX, EngineConfig, KvCache, ModelConfig
+from metronome.config import DEFAULT_CTX, EngineConfig, KvCache, Layout, ModelConfig
 from metronome.kernels.ops import CppOps, KernelBuildError, Ops, StaticOps, TorchOps, load_kernels
 from metronome.model.loader import LoadedModel, QuantTensor
 from metronome.model.moe import use_dense_dispatch
@@ -84,6 +84,7 @@ def compile_plan(
     path = plan_cache_path(loaded, config, r.weights, r.ops, r.threads) if cache else None
     saved = read_plan_cache(path, say) if path is not None else None
     kv_dtype = kv_cache_dtype(config, r.weights, r.fused, r.kernels)
+    check_layout(config, r.fused, r.kernels)
     check_memory(loaded.config, config, kv_dtype, pooled=r.fused)
     kv = KVCache.allocate(loaded.config, config.slots, config.ctx, kv_dtype, config.device)
     runner = build(loaded, config, r, kv, saved, say)
@@ -249,6 +250,18 @@ def kv_cache_dtype(config: EngineConfig, weights: str, fused: bool, kernels: str
             )
         return torch.int8
     return DTYPES[weights]
+
+
+def check_layout(config: EngineConfig, fused: bool, kernels: str = "") -> None:
+    """A disaggregated layout's prefill worker must give prompt rows the engine's own bits: the fused decoder's
+    rows are independent wherever they run, the torch path's are not. Refused here, before the weights are
+    built (it was refused when the worker was attached, after the whole compile: 20-50 s, more with ranks)."""
+    if config.layout == Layout.DISAGGREGATED and not fused:
+        raise PlanError(
+            "layout='disaggregated' needs the fused CPU decoder (int4/int8 weights, C++ kernels); use --layout "
+            f"colocated with these settings{f' (this plan: {kernels})' if kernels else ''}",
+            "layout",
+        )
 
 
 def resolve_weights(loaded: LoadedModel, config: EngineConfig) -> str:

@@ -56,9 +56,13 @@ def _columns(w: Weight, lo: int, hi: int, name: str) -> Weight:
     dense = not isinstance(w, QuantTensor) or w.qtype in ("F32", "F16", "BF16")
     block, nbytes = (Q8_0_BLOCK, 0) if dense else gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[w.qtype]]
     if lo % block or hi % block:  # dense weights are quantized here, to Q8_0 blocks of 32
+        # what the user can do: a chunk count that cuts on blocks (it must also be a multiple of --tp), or the
+        # torch path. "Choose fewer tp_shards" could not be followed where --tp already equalled them
+        blocks = w.shape[1] // block
         raise ShardingError(
-            f"{name} is held in blocks of {block} weights, and its {hi - lo}-column chunks do not start on a "
-            "block: choose fewer tp_shards (no fewer than --tp), or cut dense weights on the torch path "
+            f"{name} is held in blocks of {block} weights ({blocks} a row), and its {hi - lo}-column chunks do "
+            f"not start on a block: the fused decoder cuts it into a number of chunks (--tp-shards, a multiple "
+            f"of --tp) that divides {blocks}; otherwise run the torch path, which cuts dense weights "
             "(--weights f32 or bf16)",
             "tp_shards",
         )

@@ -28,7 +28,14 @@ from metronome.compile.probe import calibrate as calibrate_plan
 from metronome.compile.probe import choose_decode_mode, far_position, prompt_row_positions
 from metronome.compile.quant import dense
 from metronome.compile.runner import Runner, TorchRunner
-from metronome.compile.stages import DTYPES, kv_cache_dtype, prefix_pool, resolve_settings, resolve_weights
+from metronome.compile.stages import (
+    DTYPES,
+    check_layout,
+    kv_cache_dtype,
+    prefix_pool,
+    resolve_settings,
+    resolve_weights,
+)
 from metronome.config import EngineConfig
 from metronome.kernels.ops import KernelBuildError, TorchOps, load_kernels
 from metronome.model.loader import LoadedModel, load
@@ -66,6 +73,7 @@ def tp_settings(loaded: LoadedModel, config: EngineConfig) -> tuple[EngineConfig
             "weights",
         )
     kv_cache_dtype(config, weights, fused)  # an int8 KV cache needs the fused decoder: raises here, before any rank
+    check_layout(config, fused)  # and so does a prefill worker
     try:
         shards = config.tp_shards or default_shards(loaded.config)
         if config.tp_shards is None and shards % config.tp:
@@ -196,7 +204,10 @@ class Ranks:
     def _spawn(self) -> Endpoint:
         endpoint = Endpoint("127.0.0.1", free_port())
         self.joining = [self._ctx.Event() for _ in range(1, self.layout.world)]
-        self.go = self._ctx.Event()
+        # none for a group of one (a prefill worker's chunked plan): an Event is 5 semaphores registered with
+        # the resource tracker that the whole process tree shares, and a worker killed with SIGKILL never
+        # unregistered them, so a server that replaced it reported "5 leaked semaphore objects" at its stop
+        self.go = self._ctx.Event() if self.layout.world > 1 else None
         parent = os.getpid()
         self.workers = [
             self._ctx.Process(
@@ -230,7 +241,8 @@ class Ranks:
         )
         try:
             await_joining(self.workers, self.joining)
-            self.go.set()
+            if self.go is not None:
+                self.go.set()
             if self.group is None:
                 host_bytes = exchange_bytes(self.loaded.config, self.layout, self.config)
                 self.group = GlooGroup(0, self.layout.world, endpoint, COLLECTIVE_TIMEOUT_S, host_bytes)

@@ -293,3 +293,57 @@ def _command(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
     except FileNotFoundError:
         return f"{pid} (ended)"
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_a_layout_without_the_fused_decoder_is_refused_before_the_weights_are_built(tiny_hf, monkeypatch, tp):
+    """f32 or bf16 weights run on the torch path, whose rows a prefill worker cannot reproduce: refused when the
+    worker was attached, after the whole compile (20-50 s on the real models, ranks spawned first)."""
+    from metronome.compile import stages
+    from metronome.compile.plan import PlanError
+    from metronome.parallel import plan as tp_plan
+
+    def no_build(*_args, **_kwargs):
+        raise AssertionError("the weights were built before the refusal")
+
+    monkeypatch.setattr(stages, "build", no_build)
+    monkeypatch.setattr(tp_plan, "rank_weights", no_build)
+    config = EngineConfig(slots=2, ctx=128, weights="f32", layout="disaggregated", tp=tp, tp_shards=2 * tp)
+    with pytest.raises(PlanError, match="layout='disaggregated' needs the fused CPU decoder") as err:
+        Engine.from_model(str(tiny_hf("llama")), config, calibrate=False)
+    assert err.value.param == "layout"
+
+
+_KILL_THE_WORKER = """
+import os, signal, sys, time
+from metronome.config import EngineConfig, SamplingParams
+from metronome.engine import Engine
+
+if __name__ == "__main__":
+    config = EngineConfig(slots=2, ctx=128, weights="int8", kernels="cpp", spec_tokens=0, layout="disaggregated",
+                          tp_shards=2, threads=1)
+    engine = Engine.from_model(sys.argv[1], config, calibrate=False)
+    worker = engine.prefiller
+    os.kill(worker._process.pid, signal.SIGKILL)
+    worker._process.join(timeout=10)
+    for _ in range(600):
+        if worker.restarts == 1:
+            break
+        time.sleep(0.05)
+    print("restarts", worker.restarts, flush=True)
+    engine.close()
+    worker.close()
+"""
+
+
+def test_a_chunked_prefill_worker_killed_and_replaced_leaks_no_semaphore(tiny_hf, tmp_path):
+    """A prefill worker running a chunked plan (tp_shards, as beside --tp 2) made a multiprocessing Event for a
+    group of one: its 5 semaphores, registered with the resource tracker the process tree shares, were never
+    unregistered by a worker killed with SIGKILL, and the server reported them leaked when it stopped."""
+    script = tmp_path / "kill_the_worker.py"
+    script.write_text(_KILL_THE_WORKER)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tiny_hf("llama"))], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and "restarts 1" in done.stdout, done.stdout + done.stderr[-3000:]
+    assert "leaked" not in done.stderr, done.stderr[-3000:]

@@ -391,3 +391,17 @@ def test_a_refused_tp_engine_releases_its_ranks_and_a_draft_model_runs_beside_th
     assert got.token_ids == expected.token_ids
     assert [c.logprob for c in got.choices] == [c.logprob for c in expected.choices]
     assert not [p for p in mp.active_children() if p.name.startswith("tp-rank")]
+
+
+def test_a_cut_that_splits_a_files_blocks_says_which_chunk_counts_would_not():
+    """Qwen2.5-0.5B's 4,864-wide down projection is 19 Q4_K blocks a row: at --tp 2 the message said "choose
+    fewer tp_shards (no fewer than --tp)", which no setting could follow."""
+    import numpy as np
+
+    from metronome.model.loader import QuantTensor
+    from metronome.parallel.fused_tp import _columns
+
+    down = QuantTensor(np.zeros((2, 19 * 144), np.uint8), "Q4_K", (2, 19 * 256))
+    with pytest.raises(ShardingError, match=r"\(19 a row\).*that divides 19; otherwise run the torch path"):
+        _columns(down, 0, 19 * 128, "layers.0.w_down")
+    assert _columns(down, 0, 19 * 256, "layers.0.w_down").shape == (2, 19 * 256)

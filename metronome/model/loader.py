@@ -278,6 +278,12 @@ def _gguf_settings(meta: dict, path: Path, tensors: dict, rope_freqs: tuple[floa
     hidden = int(key("embedding_length", required=True))
     heads = int(key("attention.head_count", required=True))
     head_dim = int(key("attention.key_length", 0) or key("rope.dimension_count", 0) or hidden // max(heads, 1))
+    rotated = key("rope.dimension_count")
+    if rotated is not None and int(rotated) != head_dim:  # llama.cpp refuses it too ("invalid n_rot")
+        raise ModelFileError(
+            f"{path}: rope.dimension_count {rotated} of a {head_dim}-wide head: partial rotary embeddings are not "
+            "supported (every dimension would be rotated: another network)"
+        )
     vocab = key("vocab_size")
     if vocab is None:
         tok = meta.get("tokenizer.ggml.tokens")
@@ -322,6 +328,11 @@ def _gguf_settings(meta: dict, path: Path, tensors: dict, rope_freqs: tuple[floa
     )
     if key("expert_count"):
         common.update(_gguf_moe(arch, key, tensors))
+    window = key("attention.sliding_window")
+    if arch == "mistral" and window and int(window) < common["max_position"]:
+        # every layer windowed (as the HF path reads Mistral's): the model runs exactly within a context cut to
+        # the window, and it ran past it attending to every position, other logits with no word said
+        common["max_position"] = int(window)
     if arch == "gemma3":
         # llama.cpp fixes these for Gemma 3 rather than storing them: 5 local layers then 1 global.
         common.update(
@@ -329,7 +340,10 @@ def _gguf_settings(meta: dict, path: Path, tensors: dict, rope_freqs: tuple[floa
             sliding_window=int(key("attention.sliding_window", 512)),
             sliding_window_pattern=6,
             rope_local_theta=10000.0,
-            query_pre_attn_scalar=float(head_dim),
+            # llama.cpp's rule, for the field the file does not store: Gemma 3 27B (62 layers) scales queries
+            # by hidden / heads (5376 / 32 = 168, its config's query_pre_attn_scalar), every other size by
+            # head_dim; with head_dim a 27B's file ran with a scale 15 % off
+            query_pre_attn_scalar=float(hidden // heads if common["num_layers"] == 62 else head_dim),
             embed_scale=float(hidden) ** 0.5,
             sandwich_norms=True,
             qk_norm=True,
@@ -369,8 +383,11 @@ def _load_gguf(path: Path, progress: Callable[[int, int], None] | None) -> Loade
     freqs = tensors.get("rope_freqs.weight")
     cfg = _gguf_config(meta, path, tensors, tuple(f.array(freqs).tolist()) if freqs is not None else ())
 
+    used = {"rope_freqs.weight"}  # read into the config above
+
     def tensor(name: str) -> QuantTensor:
         t = tensors.get(name)
+        used.add(name)
         if t is None:
             raise ModelFileError(f"{path}: tensor {name!r} is missing; the file is incomplete or of another model")
         if t.qtype in _NOT_WEIGHT_TYPES:
@@ -407,12 +424,21 @@ def _load_gguf(path: Path, progress: Callable[[int, int], None] | None) -> Loade
     if progress:
         progress(cfg.num_layers, cfg.num_layers)
     check_shapes(cfg, weights, path)  # before the un-permuting below, which indexes rows the config promises
+    unread = sorted(set(tensors) - used)
+    if unread:  # llama.cpp applies what it finds (an attn_output or ffn bias): left out, the network was another
+        more = f" and {len(unread) - 3} more" if len(unread) > 3 else ""
+        raise ModelFileError(
+            f"{path}: tensors {', '.join(unread[:3])}{more} are parts of the model metronome does not run for "
+            f"{cfg.arch}; without them its output would differ from the model's"
+        )
     if cfg.arch in ("llama", "mistral"):
-        # llama.cpp permuted these rows for interleaved RoPE; undo it for rotate-half.
+        # llama.cpp permuted these rows for interleaved RoPE; undo it for rotate-half. A q/k bias (a
+        # "llamafied" Qwen's) is permuted alike: left in the file's order it biased other dimensions
         for i in range(cfg.num_layers):
             for mname, n in (("wq", cfg.num_heads), ("wk", cfg.num_kv_heads)):
-                w = weights[f"layers.{i}.{mname}.weight"]
-                weights[f"layers.{i}.{mname}.weight"] = _unpermute_rows(w, n, cfg.head_dim)
+                for part in ("weight", "bias") if cfg.qkv_bias else ("weight",):
+                    w = weights[f"layers.{i}.{mname}.{part}"]
+                    weights[f"layers.{i}.{mname}.{part}"] = _unpermute_rows(w, n, cfg.head_dim)
     counts: dict[str, int] = {}
     for t in tensors.values():
         counts[t.qtype] = counts.get(t.qtype, 0) + 1

@@ -236,21 +236,26 @@ def _foreign(scope: Scope, allowed_hosts: frozenset[str] | None) -> str | None:
     without a preflight (a form, or text/plain) and make it generate; its Origin then differs from the Host.
     With `allowed_hosts` (a server on loopback), a Host of another name is a page that rebound its name to
     this machine, which would then read the answers. Clients that are not browsers send no Origin."""
-    headers = dict(scope["headers"])
-    host = headers.get(b"host", b"").decode("latin-1")
-    if allowed_hosts is not None and _hostname(host) not in allowed_hosts:
+    hosts = [value for name, value in scope["headers"] if name == b"host"]
+    origins = [value for name, value in scope["headers"] if name == b"origin"]
+    if len(hosts) > 1 or len(origins) > 1:  # one of each (RFC 9112): a dict kept the last, and the check read it
+        return "a request may carry one Host and at most one Origin header"
+    host = hosts[0].decode("latin-1") if hosts else ""
+    if allowed_hosts is not None and _hostname(host) not in {_hostname(h) for h in allowed_hosts}:
         return f"the Host {host!r} is not this server's; use http://127.0.0.1 or http://localhost"
-    origin = headers.get(b"origin")
-    if origin is not None and origin.decode("latin-1").partition("://")[2].rstrip("/") != host:
+    if origins and origins[0].decode("latin-1").partition("://")[2].rstrip("/") != host:
         return "requests from another site's pages are refused; call the API from a program, or this server's page"
     return None
 
 
 def _hostname(host: str) -> str:
-    """The name of a Host header without its port ("[::1]:8000" -> "::1")."""
+    """The name of a Host header without its port ("[::1]:8000" -> "::1"), as names compare: in lower case
+    and without a root's trailing dot (LOCALHOST and localhost. are localhost)."""
     if host.startswith("["):
-        return host[1 : host.find("]")] if "]" in host else host
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        name = host[1 : host.find("]")] if "]" in host else host
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    return name.lower().rstrip(".")
 
 
 def _key_matches(scope: Scope, key: str) -> bool:

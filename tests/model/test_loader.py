@@ -753,3 +753,63 @@ def test_impossible_hf_numbers_are_the_files_fault(tmp_path, tiny_hf, arch, patc
     with pytest.raises(ModelFileError, match=match) as err:
         load(folder)
     assert str(folder / "config.json") in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "case, meta, tensors, match",
+    [
+        # llama.cpp applies these; dropped without a word, the network was another (27 % of the logits' range)
+        ("out_bias", {}, {"blk.0.attn_output.bias": np.zeros(16, np.float32)}, "blk.0.attn_output.bias are parts"),
+        ("ffn_bias", {}, {"blk.0.ffn_up.bias": np.zeros(32, np.float32)}, "blk.0.ffn_up.bias are parts"),
+        # every dimension was rotated; llama.cpp refuses it ("invalid n_rot")
+        (
+            "partial_rope",
+            {"rope.dimension_count": 4, "attention.key_length": 8},
+            {},
+            "rope.dimension_count 4 of a 8-wide",
+        ),
+    ],
+)
+def test_what_a_gguf_holds_and_metronome_would_not_run_is_refused(tmp_path, case, meta, tensors, match):
+    path = _tiny_gguf(tmp_path / f"{case}.gguf", meta=meta, tensors=tensors)
+    with pytest.raises(ModelFileError, match=match) as err:
+        load(path)
+    assert str(path) in str(err.value)
+
+
+def test_a_llama_files_qk_biases_are_permuted_with_their_rows(tmp_path):
+    """llama.cpp stores a llama's q/k rows interleaved for its RoPE, and a "llamafied" Qwen's q/k biases with
+    them; the rows were put back in rotate-half order and the biases left as stored (14 % of the logits)."""
+    bias = {f"blk.0.attn_{n}.bias": np.arange(r, dtype=np.float32) for n, r in (("q", 16), ("k", 8), ("v", 8))}
+    m = load(_tiny_gguf(tmp_path / "bias.gguf", tensors=bias))
+    assert m.config.qkv_bias
+    half = np.arange(8).reshape(4, 2).T.reshape(-1)  # one head of 8: interleaved pairs -> halves
+    assert np.array_equal(np.asarray(m.weights["layers.0.wq.bias"].raw), np.concatenate([half, half + 8]))
+    assert np.array_equal(np.asarray(m.weights["layers.0.wk.bias"].raw), half)
+    assert np.array_equal(np.asarray(m.weights["layers.0.wv.bias"].raw), np.arange(8))  # v is not rotated
+
+
+def test_gguf_settings_llama_cpp_fixes_by_model_size(tmp_path):
+    """Settings the file does not store, as llama.cpp derives them: Gemma 3 27B (62 layers) scales its
+    queries by hidden / heads, not head_dim (15 % off before); a mistral file's sliding window cuts the context
+    to it, as the HF path does (it attended past the window)."""
+    from metronome.model.loader import _gguf_config
+
+    def config(arch: str, layers: int, extra: dict):
+        meta = {
+            "general.architecture": arch,
+            "tokenizer.ggml.tokens": ["a", "b"],
+            f"{arch}.embedding_length": 5376,
+            f"{arch}.attention.head_count": 32,
+            f"{arch}.attention.head_count_kv": 16,
+            f"{arch}.attention.key_length": 128,
+            f"{arch}.feed_forward_length": 21504,
+            f"{arch}.block_count": layers,
+            f"{arch}.context_length": 131072,
+        } | {f"{arch}.{k}": v for k, v in extra.items()}
+        return _gguf_config(meta, tmp_path / "x.gguf", {})
+
+    assert config("gemma3", 62, {}).query_pre_attn_scalar == 168.0
+    assert config("gemma3", 48, {}).query_pre_attn_scalar == 128.0
+    assert config("mistral", 2, {"attention.sliding_window": 4096}).max_position == 4096
+    assert config("llama", 2, {"attention.sliding_window": 4096}).max_position == 131072  # llama.cpp ignores it

@@ -975,6 +975,26 @@ def test_requests_from_other_sites_pages_are_refused(headers, allowed, refused):
     assert (_foreign({"headers": list(headers.items())}, allowed) is not None) is refused
 
 
+@pytest.mark.parametrize(
+    ("headers", "refused"),
+    [
+        # two Hosts: the check read the last one, so a rebound name first and 127.0.0.1 last passed
+        ([(b"host", b"evil.example"), (b"host", b"127.0.0.1:8000")], True),
+        (
+            [(b"host", b"127.0.0.1:8000"), (b"origin", b"http://evil.example"), (b"origin", b"http://127.0.0.1:8000")],
+            True,
+        ),
+        # names compare in lower case and without the root's dot: these were refused as another site's
+        ([(b"host", b"LOCALHOST:8000")], False),
+        ([(b"host", b"localhost.")], False),
+    ],
+)
+def test_a_host_is_one_header_and_compares_as_names_do(headers, refused):
+    from metronome.serve.server import _foreign
+
+    assert (_foreign({"headers": headers}, LOOPBACK) is not None) is refused
+
+
 def test_serve_cli_reports_a_missing_model_and_exits(tmp_path):
     missing = tmp_path / "nothing.gguf"
     proc = subprocess.run(

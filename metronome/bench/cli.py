@@ -442,9 +442,13 @@ def _run(args: argparse.Namespace) -> int:
             console.print(f"metronome bench: error: {_said(exc)}", markup=False)
             return 2
         model = str(args.model) if args.model is not None else None
-        return run_load(
-            model, config, args.load, args.output_tokens or 200, not args.in_process_only, args.stall, args.rounds
-        )
+        try:
+            return run_load(
+                model, config, args.load, args.output_tokens or 200, not args.in_process_only, args.stall, args.rounds
+            )
+        except ValueError as exc:  # said as every other mode's refusal (it reached `metronome: error:`)
+            console.print(f"metronome bench: error: {_said(exc)}", markup=False)
+            return 2
     if args.voice:
         return _run_voice(args, console)
     if args.soak is not None or args.fuzz is not None:

@@ -366,9 +366,12 @@ def speculation_verdict(results: list[SpecResult]) -> str:
     def names(rows: list[SpecResult]) -> str:
         return ", ".join(f"{r.workload} ({r.sampling}, {r.speedup:.2f}x, {_accepted(r)})" for r in rows)
 
-    paid = [r for r in results if r.speedup >= PAYS and r.tokens_per_step > 1.0]  # faster needs accepted drafts
-    cost = [r for r in results if r.speedup <= 1 / PAYS]
-    noise = [r for r in results if r.tokens_per_step <= 1.0 and r.speedup >= PAYS]
+    def shown(r: SpecResult) -> float:  # rows are judged as printed: 1.0498 is "1.05x", and it was "break-even"
+        return round(r.speedup, 2)
+
+    paid = [r for r in results if shown(r) >= PAYS and r.tokens_per_step > 1.0]  # faster needs accepted drafts
+    cost = [r for r in results if shown(r) <= round(1 / PAYS, 2)]
+    noise = [r for r in results if r.tokens_per_step <= 1.0 and shown(r) >= PAYS]
     even = [r for r in results if r not in paid and r not in cost and r not in noise]
     lines = []
     if paid:

@@ -771,3 +771,17 @@ def test_out_that_cannot_be_a_folder_is_refused_before_the_run(tmp_path: Path, c
     for out in (taken, taken / "sub"):
         assert cli.main(["--url", "http://127.0.0.1:9", *mode, "--out", str(out)]) == 2
         assert f"--out {out}: cannot make this folder" in " ".join(capsys.readouterr().err.split())
+
+
+def test_the_speculation_verdict_judges_rows_as_they_are_printed() -> None:
+    """A row printed "1.05x" (1.0498) was listed as break-even under a line that says paid means >= 1.05x."""
+    from metronome.bench.decode import SpecResult, speculation_verdict
+
+    def row(speedup: float) -> SpecResult:
+        return SpecResult(
+            "code edit", "greedy", True, 3, 100.0, 0, 80.0, 80.0 * speedup, speedup, 0.8, 2.5, 0.1, True, 90
+        )
+
+    said = speculation_verdict([row(1.0498), row(0.9549)])
+    assert "paid (>= 1.05x) on 1 of 2 rows: code edit (greedy, 1.05x" in said
+    assert "It cost (<= 0.95x) on 1: code edit (greedy, 0.95x" in said and "Break-even" not in said

@@ -84,3 +84,11 @@ def test_levels_that_cannot_run_are_refused_before_the_model_loads(levels, outpu
     token a user failed after the level ran ("no median for empty data")."""
     with pytest.raises(ValueError, match=re.escape(says)):
         bench_load.main("/no/such/model.gguf", EngineConfig(slots=2), levels, output_tokens, served=False, stall=False)
+
+
+def test_a_load_refusal_is_said_as_the_benchs_own(capsys):
+    """It reached the top level's "metronome: error:" where every other mode says "metronome bench: error:"."""
+    from metronome.bench import cli
+
+    assert cli.main(["--load", "1,3", "--slots", "2", "--model", "/no/such/model.gguf"]) == 2
+    assert "metronome bench: error: --load 3: more users" in " ".join(capsys.readouterr().err.split())

@@ -25,6 +25,10 @@ from metronome.model.loader import LoadedModel
 # 9: Q4_0/Q4_1 as Q4_1X16, which took the kind code of the four-row Q4X4 (removed); 10: Q5_0X16's fifth bits
 # as bit planes
 PLAN_CACHE_VERSION = 10
+# The plans kept, by bytes: a plan holds the model's packed weights (100 MB to 1.2 GB for the named models), and
+# every change of a setting, of the code or of the version makes a new one. Nothing was ever removed: a
+# developer's cache held 53 plans, 8.4 GB. After a write, the least recently used plans beyond this go.
+PLAN_CACHE_BYTES = 4 << 30
 
 
 def plan_cache_path(loaded: LoadedModel, config: EngineConfig, weights: str, ops: Ops, threads: int) -> Path:
@@ -77,6 +81,8 @@ def read_plan_cache(path: Path, say: Callable[[str], None]) -> dict | None:
     if not _SAVED_KEYS <= saved.keys():  # a file of this version missing a part (written by hand, or damaged)
         say(f"ignoring an incomplete cached plan {path}: it lacks {', '.join(sorted(_SAVED_KEYS - saved.keys()))}")
         return None
+    with contextlib.suppress(OSError):  # used now: the last to go (a read-only cache keeps its times)
+        os.utime(path)
     return saved
 
 
@@ -111,3 +117,32 @@ def write_plan_cache(
         with contextlib.suppress(OSError):  # a folder that is a file, or a read-only one, holds no tmp
             tmp.unlink(missing_ok=True)
         say(f"could not save the plan in the plan cache ({exc}); the next start compiles it again")
+        return
+    try:
+        removed = prune_plan_cache(path.parent, keep=path, budget=PLAN_CACHE_BYTES)
+    except OSError as exc:
+        say(f"could not remove old plans from the plan cache {path.parent} ({exc})")
+        return
+    if removed:
+        say(
+            f"removed {len(removed)} least recently used plan(s) from the plan cache (over {PLAN_CACHE_BYTES >> 30} GiB)"
+        )
+
+
+def prune_plan_cache(root: Path, keep: Path, budget: int = PLAN_CACHE_BYTES) -> list[Path]:
+    """Remove the least recently used plans in `root` (by modification time: a read touches it) past `budget`
+    bytes in all, never `keep` (the plan just written); return what was removed. A plan another process
+    removes first is skipped."""
+    plans = []
+    for p in root.glob("*.pt"):
+        with contextlib.suppress(FileNotFoundError):
+            st = p.stat()
+            plans.append((st.st_mtime, st.st_size, p))
+    plans.sort(key=lambda t: (t[2] != keep, -t[0]))  # the kept plan first, then the most recent
+    removed, total = [], 0
+    for _mtime, size, p in plans:
+        total += size
+        if total > budget and p != keep:
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed

@@ -1,0 +1,41 @@
+"""The plan cache keeps the plans last used within its byte budget (nothing was ever removed: 53 plans, 8.4 GB)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from metronome.compile.cache import prune_plan_cache, read_plan_cache, write_plan_cache
+
+
+def _plan(root: Path, name: str, size: int, mtime: float) -> Path:
+    p = root / f"{name}.pt"
+    p.write_bytes(b"x" * size)
+    os.utime(p, (mtime, mtime))
+    return p
+
+
+def test_the_least_recently_used_plans_past_the_budget_go(tmp_path):
+    old, mid, new = (_plan(tmp_path, n, 400, t) for n, t in (("old", 1_000), ("mid", 2_000), ("new", 3_000)))
+    other = tmp_path / "notes.txt"
+    other.write_text("not a plan")
+    assert prune_plan_cache(tmp_path, keep=new, budget=1_000) == [old]  # new + mid fit, old does not
+    assert new.exists() and mid.exists() and not old.exists() and other.exists()
+    # the plan just written is kept even when it alone is over the budget, and the rest go
+    assert sorted(prune_plan_cache(tmp_path, keep=mid, budget=100)) == [new]
+    assert mid.exists()
+
+
+def test_a_read_plan_is_used_now_and_a_written_one_prunes_the_rest(tmp_path, monkeypatch):
+    said: list[str] = []
+    steps = {1: 5.0}
+    write_plan_cache(said.append, tmp_path / "a.pt", "compact", "ok", steps, (1.0, 1.0, 1.0), steps, None)
+    first = tmp_path / "a.pt"
+    os.utime(first, (1_000, 1_000))
+    assert read_plan_cache(first, said.append) is not None
+    assert first.stat().st_mtime > 1_000  # touched: the last to go
+    stale = _plan(tmp_path, "stale", 10, 500)
+    monkeypatch.setattr("metronome.compile.cache.PLAN_CACHE_BYTES", first.stat().st_size * 2 + 5)
+    write_plan_cache(said.append, tmp_path / "b.pt", "compact", "ok", steps, (1.0, 1.0, 1.0), steps, None)
+    assert not stale.exists() and first.exists() and (tmp_path / "b.pt").exists()
+    assert any("removed 1 least recently used plan" in s for s in said), said

@@ -45,8 +45,9 @@ def is_text(x: object, optional: bool = False) -> bool:
 
 
 def cache_root() -> Path:
-    """Where metronome keeps what it builds once per machine (kernels, model digests): $METRONOME_CACHE_DIR,
-    default ~/.cache/metronome."""
+    """Where metronome keeps what it builds or assembles: $METRONOME_CACHE_DIR, default ~/.cache/metronome.
+    Everything lives under it (kernels, digests, plans/, models/, whisper-base/), so one variable moves it all;
+    METRONOME_PLAN_CACHE and METRONOME_MODEL_CACHE move the two largest on their own."""
     return Path(os.environ.get("METRONOME_CACHE_DIR") or Path.home() / ".cache" / "metronome")
 
 

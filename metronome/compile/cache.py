@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from metronome.config import EngineConfig
+from metronome.config import EngineConfig, cache_root
 from metronome.kernels.ops import CppOps, Ops, build_directory
 from metronome.model.loader import LoadedModel
 
@@ -32,7 +32,7 @@ PLAN_CACHE_BYTES = 4 << 30
 
 
 def plan_cache_path(loaded: LoadedModel, config: EngineConfig, weights: str, ops: Ops, threads: int) -> Path:
-    """Where a plan is cached: $METRONOME_PLAN_CACHE/<key>.pt (default ~/.cache/metronome/plans).
+    """Where a plan is cached: <plan_cache_root()>/<key>.pt.
     The key covers the model file (LoadedModel.fingerprint: every byte), every setting, the resolved weight
     format and thread count, the code that reads, packs and runs weights (_code_files) and the kernel build
     (its sources, torch, Python and this CPU; calibrated latencies belong to a machine, so its name too)."""
@@ -52,8 +52,12 @@ def plan_cache_path(loaded: LoadedModel, config: EngineConfig, weights: str, ops
     ):
         key.update(str(part).encode())
         key.update(b"\0")
-    root = Path(os.environ.get("METRONOME_PLAN_CACHE") or Path.home() / ".cache" / "metronome" / "plans")
-    return root / f"{key.hexdigest()[:24]}.pt"
+    return plan_cache_root() / f"{key.hexdigest()[:24]}.pt"
+
+
+def plan_cache_root() -> Path:
+    """$METRONOME_PLAN_CACHE, default plans/ under the cache root ($METRONOME_CACHE_DIR, ~/.cache/metronome)."""
+    return Path(os.environ.get("METRONOME_PLAN_CACHE") or cache_root() / "plans")
 
 
 def _code_files() -> list[Path]:

@@ -27,6 +27,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+from metronome.config import cache_root
 from metronome.model import gguf_file
 from metronome.model.errors import ModelInstallError, ModelNotFoundError
 
@@ -183,9 +184,9 @@ def names() -> list[str]:
 
 
 def cache_dir() -> Path:
-    """Where assembled files live: $METRONOME_MODEL_CACHE, default ~/.cache/metronome/models."""
+    """Where assembled files live: $METRONOME_MODEL_CACHE, default models/ under the cache root."""
     env = os.environ.get("METRONOME_MODEL_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "metronome" / "models"
+    return Path(env) if env else cache_root() / "models"
 
 
 def part_path(part: Part) -> Path | None:

@@ -39,3 +39,25 @@ def test_a_read_plan_is_used_now_and_a_written_one_prunes_the_rest(tmp_path, mon
     write_plan_cache(said.append, tmp_path / "b.pt", "compact", "ok", steps, (1.0, 1.0, 1.0), steps, None)
     assert not stale.exists() and first.exists() and (tmp_path / "b.pt").exists()
     assert any("removed 1 least recently used plan" in s for s in said), said
+
+
+def test_one_variable_moves_every_cache(tmp_path, monkeypatch):
+    """METRONOME_CACHE_DIR moved the kernels and digests only: plans (GBs) and assembled models stayed in
+    ~/.cache/metronome, so a user moving the cache off a small home disk still filled it."""
+    from metronome.audio import transcribe
+    from metronome.compile.cache import plan_cache_root
+    from metronome.model import registry
+
+    monkeypatch.delenv("METRONOME_PLAN_CACHE", raising=False)
+    monkeypatch.delenv("METRONOME_MODEL_CACHE", raising=False)
+    monkeypatch.setenv("METRONOME_CACHE_DIR", str(tmp_path))
+    assert plan_cache_root() == tmp_path / "plans"
+    assert registry.cache_dir() == tmp_path / "models"
+    seen: list[Path] = []
+    monkeypatch.setattr(transcribe, "_base_model_dir", lambda cache: seen.append(cache) or cache)
+    transcribe.resolve_model_dir("base")
+    assert seen == [tmp_path]
+    # the specific variables still win
+    monkeypatch.setenv("METRONOME_PLAN_CACHE", str(tmp_path / "p"))
+    monkeypatch.setenv("METRONOME_MODEL_CACHE", str(tmp_path / "m"))
+    assert (plan_cache_root(), registry.cache_dir()) == (tmp_path / "p", tmp_path / "m")

@@ -47,7 +47,10 @@ def load_engine(args: argparse.Namespace, calibrate: bool = False):
     with loading_progress(sys.stderr.isatty()) as say:
         say("reading model file")
         loaded = load(args.model)
-        return Engine.from_model(config=engine_config(args), loaded=loaded, calibrate=calibrate, progress=say)
+        engine = Engine.from_model(config=engine_config(args), loaded=loaded, calibrate=calibrate, progress=say)
+    for warning in engine.plan.report.warnings:  # the spinner is gone, or was never shown (piped)
+        print(f"metronome: warning: {warning}", file=sys.stderr, flush=True)
+    return engine
 
 
 def _stats(n_tokens: int, usage: dict) -> str:
@@ -72,6 +75,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(delta.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    sys.stdout.flush()  # before stderr's stats line: `2>&1 |` put it ahead of the answer's newline
     if delta.error:
         print(f"metronome: error: {delta.error}", file=sys.stderr)
         return 1
@@ -130,10 +134,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print("\n[interrupted]", file=sys.stderr)
         except ValueError as exc:  # e.g. the conversation outgrew the context
             messages.pop()
-            hint = "\n(/reset starts a new conversation)" if isinstance(exc, RequestError) else ""  # it will not shrink
+            # the conversation outgrew the context (it will not shrink); not a bad line, which is dropped above
+            outgrew = isinstance(exc, RequestError) and exc.param in ("prompt", "max_tokens")
+            hint = "\n(/reset starts a new conversation)" if outgrew else ""
             print(f"\nerror: {exc}{hint}", file=sys.stderr)
             continue
-        print()
+        print(flush=True)  # before the stats line on stderr
         messages.append({"role": "assistant", "content": "".join(reply)})
         if delta is not None and delta.timings is not None:
             print(_stats(delta.completion_tokens, groq_timings(delta.timings)), file=sys.stderr)

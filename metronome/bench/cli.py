@@ -135,7 +135,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--fuzz",
         type=int,
         metavar="CASES",
-        help="fuzz the HTTP API from its OpenAPI schema with schemathesis (pip install -e '.[test]'), CASES "
+        help="fuzz the HTTP API from its OpenAPI schema with schemathesis (pip install 'schemathesis==4.32.5'), CASES "
         "generated cases per endpoint beside its boundary cases (so more requests in all: minutes even at 2); fails "
         "on a 5xx, a hang (--request-timeout) or an answer outside the schema; on --url or a `metronome serve` "
         "started here",
@@ -611,6 +611,10 @@ def _run_soak(args: argparse.Namespace, console) -> int:
     from metronome.bench.workloads import CharEstimate, TokenizerFileCounter
 
     try:
+        if args.fuzz is not None:
+            from metronome.bench.fuzz import require_schemathesis
+
+            require_schemathesis()  # before a server starts and the --out folder is made
         duration = parse_duration(args.soak) if args.soak is not None else 0.0
         counter = TokenizerFileCounter(args.tokenizer) if args.tokenizer else CharEstimate()
         # a soak against --url writes only its summary, and only with --out

@@ -9,6 +9,8 @@ import hashlib
 import os
 import pickle
 import platform
+import shutil
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -99,10 +101,10 @@ def write_plan_cache(
     prompt_row_ms: tuple[float, float, float],  # beside decode rows, alone, beside deep into the prompt
     step_ms_far: dict[int, float],
     matrices: list[list] | None,
-) -> None:
+) -> str | None:
     """Atomically (write, then rename): a concurrent reader sees the old file or the new one. A cache that
-    cannot be written (read-only, full) is said and skipped: the plan is ready, and it was a traceback
-    after the whole compile (and a partial file left on the full disk)."""
+    cannot be written (read-only, full) is skipped, and the sentence returned is the plan's warning (the
+    plan is ready; it was a traceback after the whole compile, then a line only a spinner showed)."""
     saved = {
         "version": PLAN_CACHE_VERSION,
         "decode_mode": decode_mode,
@@ -120,23 +122,40 @@ def write_plan_cache(
     except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
         with contextlib.suppress(OSError):  # a folder that is a file, or a read-only one, holds no tmp
             tmp.unlink(missing_ok=True)
-        say(f"could not save the plan in the plan cache ({exc}); the next start compiles it again")
-        return
+        return f"could not save the plan in the plan cache {path.parent} ({exc}{_free_space(path.parent)}); the next start compiles it again"
     try:
         removed = prune_plan_cache(path.parent, keep=path, budget=PLAN_CACHE_BYTES)
     except OSError as exc:
-        say(f"could not remove old plans from the plan cache {path.parent} ({exc})")
-        return
+        return f"could not remove old plans from the plan cache {path.parent} ({exc})"
     if removed:
         say(
             f"removed {len(removed)} least recently used plan(s) from the plan cache (over {PLAN_CACHE_BYTES >> 30} GiB)"
         )
+    return None
+
+
+def _free_space(folder: Path) -> str:
+    """'; N MB free there' when the disk is the likely cause: torch.save says a full disk as 'unexpected
+    pos 31344768 vs 31344656'."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return ""
+    return f"; {free / 1e6:.0f} MB free there, the plan needs more" if free < 2 << 30 else ""
+
+
+# A plan's temporary file this old was left by a killed write (a write takes seconds, a minute for the largest)
+STALE_TMP_S = 3600.0
 
 
 def prune_plan_cache(root: Path, keep: Path, budget: int = PLAN_CACHE_BYTES) -> list[Path]:
     """Remove the least recently used plans in `root` (by modification time: a read touches it) past `budget`
     bytes in all, never `keep` (the plan just written); return what was removed. A plan another process
-    removes first is skipped."""
+    removes first is skipped. Temporary files that killed writes left (as large as a plan, never read) go too."""
+    for left in root.glob("*.tmp"):
+        with contextlib.suppress(OSError):  # gone already, or not ours to remove: it only costs disk
+            if time.time() - left.stat().st_mtime > STALE_TMP_S:
+                left.unlink()
     plans = []
     for p in root.glob("*.pt"):
         with contextlib.suppress(FileNotFoundError):

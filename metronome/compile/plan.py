@@ -55,6 +55,7 @@ class PlanReport:
     cached: bool = False  # read from the plan cache (no packing, probe or calibration this time)
     prefix_cache_bytes: int = 0  # the prefix cache's pool (Plan.pages), allocated once; 0: none
     prefix_cache_note: str = ""  # why there is none, where it was asked for
+    warnings: tuple[str, ...] = ()  # what a user should hear about: C++ kernels unavailable, a plan not saved
 
     def tokens_per_s(self, live: int, position: float | None = None) -> float:
         """Each live request's promised decode speed with `live` requests decoding (no prompt arriving),

@@ -65,6 +65,7 @@ class Resolved:
     fused: bool  # run on the fused C++ decoder
     kernels: str  # a sentence for the report: which ops, and why not fused when not
     threads: int  # compute threads of the plan
+    warnings: tuple[str, ...] = ()  # for PlanReport.warnings
 
 
 def compile_plan(
@@ -83,6 +84,7 @@ def compile_plan(
     r = resolve(loaded, config, say)
     path = plan_cache_path(loaded, config, r.weights, r.ops, r.threads) if cache else None
     saved = read_plan_cache(path, say) if path is not None else None
+    warnings = list(r.warnings)
     kv_dtype = kv_cache_dtype(config, r.weights, r.fused, r.kernels)
     check_layout(config, r.fused, r.kernels)
     check_memory(loaded.config, config, kv_dtype, pooled=r.fused)
@@ -112,7 +114,7 @@ def compile_plan(
             step_ms, step_ms_far = c.step_ms, c.step_ms_far
             prompt_row_ms, prefill_row_ms, prompt_row_ms_far = c.prompt_row_ms, c.prefill_row_ms, c.prompt_row_ms_far
         if path is not None and calibrate:
-            write_plan_cache(
+            not_saved = write_plan_cache(
                 say,
                 path,
                 runner.decode_mode,
@@ -122,6 +124,8 @@ def compile_plan(
                 step_ms_far,
                 runner.matrices if isinstance(runner, FusedRunner) else None,
             )
+            if not_saved:
+                warnings.append(not_saved)
     pool, note = prefix_pool(config, runner, kv)
     positions = prompt_row_positions(config.ctx, config.prefill_chunk)  # where prompt rows were calibrated
     report = PlanReport(
@@ -147,6 +151,7 @@ def compile_plan(
         cached=saved is not None,
         prefix_cache_bytes=pool.nbytes() if pool is not None else 0,
         prefix_cache_note=note,
+        warnings=tuple(warnings),
     )
     return Plan(runner, loaded.config, config, r.weights, kv, report, pages=pool)
 
@@ -212,7 +217,7 @@ def resolve(loaded: LoadedModel, config: EngineConfig, say: Say) -> Resolved:
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise PlanError(f"device={config.device!r} but no CUDA GPU is visible to torch; use --device cpu", "device")
     weights = resolve_weights(loaded, config)
-    ops, kernels = _choose_ops(config, say)
+    ops, kernels, fallback = _choose_ops(config, say)
     if isinstance(ops, CppOps) and cfg.head_dim % 16:  # every C++ attention kernel reads heads 16 floats at a time
         if config.kernels == "cpp":
             raise PlanError(
@@ -235,7 +240,7 @@ def resolve(loaded: LoadedModel, config: EngineConfig, say: Say) -> Resolved:
         if isinstance(ops, CppOps):
             ops.set_threads(threads)
             kernels += f" ({why_not})"
-    return Resolved(weights, ops, why_not is None, kernels, threads)
+    return Resolved(weights, ops, why_not is None, kernels, threads, (fallback,) if fallback else ())
 
 
 def kv_cache_dtype(config: EngineConfig, weights: str, fused: bool, kernels: str = "") -> torch.dtype:
@@ -293,19 +298,25 @@ def _why_not_fused(cfg: ModelConfig, weights: str, ops: Ops) -> str | None:
     return None
 
 
-def _choose_ops(config: EngineConfig, say: Say) -> tuple[Ops, str]:
-    """The C++ kernels on CPU when they build (config.kernels auto/cpp), else the torch reference ops."""
+def _choose_ops(config: EngineConfig, say: Say) -> tuple[Ops, str, str | None]:
+    """The C++ kernels on CPU when they build (config.kernels auto/cpp), else the torch reference ops; and
+    a warning when auto fell back (several times slower, and only `compile` and `serve` said so)."""
     if config.device != "cpu":
-        return StaticOps(), "torch, static shapes (CUDA graphs)"
+        return StaticOps(), "torch, static shapes (CUDA graphs)", None
     if config.kernels == "torch":
-        return TorchOps(), "torch"
-    say("building C++ kernels (once per machine)")
+        return TorchOps(), "torch", None
+    say("loading the C++ kernels (built once per machine)")
     try:
-        return load_kernels(), "cpp"
+        return load_kernels(), "cpp", None
     except KernelBuildError as exc:
         if config.kernels == "cpp":
             raise PlanError(f"kernels='cpp' but they cannot be used here: {exc}", "kernels") from exc
-        return TorchOps(), f"torch (C++ kernels unavailable: {exc})"
+        why = f"C++ kernels unavailable: {exc}"
+        return (
+            TorchOps(),
+            f"torch ({why})",
+            f"{why}; running on torch ops, several times slower (--kernels torch says this is meant)",
+        )
 
 
 # -- build ---------------------------------------------------------------------------------------------

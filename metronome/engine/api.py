@@ -33,6 +33,7 @@ class PythonAPI:
                     raise RequestError(
                         f"message {i} is not a dict with a 'role' and a 'content': {str(m)[:80]!r}", f"prompt[{i}]"
                     )
+                _unicode(m, f"prompt[{i}]")
             return self.tokenizer.encode_chat(list(prompt))
         if not isinstance(prompt, str):
             raise RequestError(
@@ -40,8 +41,8 @@ class PythonAPI:
                 "prompt",
             )
         if chat and self.tokenizer.has_chat_template:
-            return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
-        return self.tokenizer.encode(prompt)
+            return self.tokenizer.encode_chat([{"role": "user", "content": _unicode(prompt, "prompt")}])
+        return self.tokenizer.encode(_unicode(prompt, "prompt"))
 
     def stream(
         self: "Engine", prompt: Prompt, params: SamplingParams | None = None, chat: bool = True
@@ -161,3 +162,25 @@ def _completion(r: Request) -> Completion:
         tuple(r.prompt_choices),
         r.error,
     )
+
+
+def _unicode(value: object, param: str) -> object:
+    """`value`, refused when a string in it holds a lone surrogate: Python's stand-in for bytes that were
+    not UTF-8 (a command-line argument or a file read as-is). The tokenizer raised a TypeError after the load."""
+    if isinstance(value, dict):
+        for key, v in value.items():
+            _unicode(v, f"{param}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _unicode(v, f"{param}[{i}]")
+    elif isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            code = ord(value[exc.start])
+            what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+            raise RequestError(
+                f"{param} is not valid UTF-8: {what} at character {exc.start} (a lone surrogate); send UTF-8 text",
+                param,
+            ) from None
+    return value

@@ -190,6 +190,25 @@ def _writable(directory: Path) -> bool:
         return False
 
 
+def _stable_sources(directory: Path) -> list[Path]:
+    """csrc/ copied into the build directory (once: a file is rewritten only when its bytes differ), the
+    paths the build names. ninja rebuilds when a command or a source's time changes, and the directory is
+    keyed by the sources' bytes, not their place: two checkouts of the same code (a helper's clone, a
+    reinstalled wheel, whose files are new) rebuilt the same directory in turn, a minute or more each time,
+    and one process's build could run under another's load."""
+    copies = directory / "src"
+    copies.mkdir(exist_ok=True)
+    out = []
+    for path in source_files():
+        copy, data = copies / path.name, path.read_bytes()
+        if not copy.is_file() or copy.read_bytes() != data:
+            tmp = copy.with_suffix(copy.suffix + ".tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, copy)
+        out.append(copy)
+    return out
+
+
 def _load_built(path: Path) -> ModuleType:
     """The extension module already built at `path`, imported without building."""
     spec = importlib.util.spec_from_file_location(EXTENSION_NAME, path)
@@ -230,7 +249,7 @@ def load_module(verbose: bool = False) -> ModuleType:
                 with _build_lock(directory):
                     module = cpp_extension.load(
                         name=EXTENSION_NAME,
-                        sources=[str(p) for p in sources],
+                        sources=[str(p) for p in _stable_sources(directory) if p.suffix == ".cpp"],
                         # a copy: torch appends its own flags to the list in place, which changed
                         # build_directory()'s key in the process that built (and the plan cache's keys with it)
                         extra_cflags=compile_flags(),

@@ -133,6 +133,8 @@ class ModelLoader(threading.Thread):
             kv = f"KV cache {megabytes(r.kv_cache_bytes)} of {r.kv_cache_format}, prefix cache " + (
                 megabytes(r.prefix_cache_bytes) if r.prefix_cache_bytes else r.prefix_cache_note
             )
+            for warning in r.warnings:
+                print(f"metronome: warning: {warning}", flush=True)
             print(
                 f"metronome: {self.state.served.identity.id} ready ({self.state.served.fingerprint}; {kv}; "
                 f"kernels {r.kernels})",

@@ -227,3 +227,22 @@ def test_sigterm_stops_the_server_the_bench_started(tiny_hf, tmp_path):
         time.sleep(0.2)
     else:
         pytest.fail(f"the bench's server still listens on {port} after the bench ended")
+
+
+def test_fuzz_without_schemathesis_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    """schemathesis is a test extra. Without it the fuzzer's own ModuleNotFoundError ("No module named
+    'schemathesis'", in quotes) slipped past a check for the name without them: "0 cases ... FAIL", after
+    a server had been started for it. It is now refused first, naming the pin to install."""
+    import importlib.util
+
+    from metronome.bench import cli as bench_cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "schemathesis" else real(name, *a)
+    )
+    out = tmp_path / "fuzz-out"
+    assert bench_cli.main(["--fuzz", "5", "--url", "http://127.0.0.1:9", "--out", str(out), "--no-progress"]) == 2
+    said = capsys.readouterr()
+    assert "pip install 'schemathesis==4.32.5'" in said.out + said.err, said
+    assert not out.exists()  # refused before anything was made or started

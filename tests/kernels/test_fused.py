@@ -396,7 +396,7 @@ def test_the_plan_cache_key_sees_the_whole_file_and_the_loaders_code_and_a_bad_c
     loaded = load(tiny_hf("qwen2"))
     config = EngineConfig(slots=1, ctx=64, weights="int8")
     plan = compile_plan(loaded, config, calibrate=True, progress=said.append)
-    assert plan.report.step_ms and any("could not save the plan" in s for s in said), said
+    assert plan.report.step_ms and any("could not save the plan" in s for s in plan.report.warnings), said
     monkeypatch.setenv("METRONOME_PLAN_CACHE", str(tmp_path / "plans"))
     path = plan_cache_path(loaded, resolve_settings(loaded.config, config), "int8", OPS, available_cores())
     path.parent.mkdir()

@@ -572,6 +572,34 @@ def test_build_is_keyed_on_every_source_file(tmp_path, monkeypatch) -> None:
     assert build.build_directory() != first
 
 
+def test_two_checkouts_of_the_same_sources_build_once(tmp_path, monkeypatch) -> None:
+    """The build directory is keyed by the sources' bytes, but ninja rebuilds when a source's path or time
+    changes: a clone of the same code, or a reinstalled wheel, rebuilt the shared directory in turn (a
+    minute or more each time). The build names copies of csrc/ inside the directory, written once."""
+    from metronome.kernels import build
+
+    build.load_module()
+    directory = build.build_directory()
+    ninja = (directory / "build.ninja").read_text()
+    assert str(build.SOURCE_DIR) not in ninja and str(directory / "src" / "decoder.cpp") in ninja
+    clone = tmp_path / "clone-csrc"  # the same bytes, elsewhere and newer
+    clone.mkdir()
+    for f in build.source_files():
+        (clone / f.name).write_bytes(f.read_bytes())
+    monkeypatch.setattr(build, "SOURCE_DIR", clone)
+    assert build.build_directory() == directory
+    before = {p.name: p.stat().st_mtime_ns for p in (directory / "src").iterdir()}
+    copies = build._stable_sources(directory)
+    assert {p.name: p.stat().st_mtime_ns for p in copies} == before  # nothing rewritten: ninja sees no change
+    assert all(p.read_bytes() == (clone / p.name).read_bytes() for p in copies)
+    elsewhere = tmp_path / "build"
+    elsewhere.mkdir()
+    build._stable_sources(elsewhere)
+    (elsewhere / "src" / "simd.h").write_bytes(b"damaged")
+    build._stable_sources(elsewhere)
+    assert (elsewhere / "src" / "simd.h").read_bytes() == (clone / "simd.h").read_bytes()  # other bytes: rewritten
+
+
 def test_the_cpu_vendor_is_a_build_constant_and_part_of_the_build_key(monkeypatch) -> None:
     # the kernels' reads-ahead distances are constants chosen by vendor (csrc/simd.h kAmdCpu): an AMD and an
     # Intel CPU with the same flags must not share a build

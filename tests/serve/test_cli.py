@@ -67,6 +67,53 @@ def test_chat_refuses_max_tokens_zero_before_loading(tmp_path):
     assert out.returncode == 2 and "--max-tokens" in out.stderr and "at least 1 token" in out.stderr, out.stderr
 
 
+def test_generate_says_what_the_plan_could_not_do(tiny_hf, tmp_path):
+    """Piped, `generate` ran several times slower on torch ops when the C++ kernels could not build (a
+    read-only HOME or cache) without a word: the reason went only to the loading spinner, not shown when
+    piped. (A plan that cannot be saved is the other PlanReport.warnings; test_fused checks it is one.)"""
+    import os
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("where the cache's folder would be")
+    env = {**os.environ, "METRONOME_CACHE_DIR": str(blocked / "cache")}
+    cmd = [
+        sys.executable,
+        "-m",
+        "metronome.cli",
+        "generate",
+        "hi",
+        "--model",
+        str(tiny_hf("llama")),
+        "--max-tokens",
+        "2",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    warnings = [line for line in out.stderr.splitlines() if line.startswith("metronome: warning: ")]
+    assert len(warnings) == 1, out.stderr
+    assert "C++ kernels unavailable" in warnings[0] and "torch ops" in warnings[0], warnings
+
+
+def test_a_prompt_that_is_not_utf8_is_refused_by_name(tiny_hf):
+    """Bytes that are not UTF-8 in an argument (Python keeps them as lone surrogates) reached the tokenizer:
+    a TypeError traceback after the load, and in `chat` the conversation was lost with it."""
+    model = str(tiny_hf("llama"))
+    bad = b"caf\xe9".decode("utf-8", "surrogateescape")
+    out = _metronome("generate", bad, "--model", model, "--max-tokens", "2")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "prompt is not valid UTF-8: byte 0xe9 at character 3" in out.stderr, out.stderr
+    chat = subprocess.run(
+        [sys.executable, "-m", "metronome.cli", "chat", "--model", model, "--max-tokens", "2"],
+        input=b"caf\xe9\nhello\n",
+        capture_output=True,
+        timeout=300,
+    )
+    err = chat.stderr.decode("utf-8", "replace")
+    assert chat.returncode == 0 and "Traceback" not in err, err
+    assert "prompt[0].content is not valid UTF-8" in err and "(/reset starts" not in err, err
+    assert "[2 tokens" in err, err  # the next line was answered
+
+
 def test_generate_is_reproducible_with_a_seed(tiny_hf):
     args = (
         "generate",

@@ -61,3 +61,19 @@ def test_one_variable_moves_every_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("METRONOME_PLAN_CACHE", str(tmp_path / "p"))
     monkeypatch.setenv("METRONOME_MODEL_CACHE", str(tmp_path / "m"))
     assert (plan_cache_root(), registry.cache_dir()) == (tmp_path / "p", tmp_path / "m")
+
+
+def test_a_killed_writes_temporary_file_goes_once_stale(tmp_path):
+    """A write killed midway left <key>.<pid>.tmp, as large as a plan, which nothing read or removed (and
+    the 4 GiB budget did not count). One an hour old goes; a fresh one may be another process's write."""
+    import time
+
+    from metronome.compile.cache import STALE_TMP_S
+
+    keep = _plan(tmp_path, "new", 10, time.time())
+    stale, fresh = tmp_path / "a.123.tmp", tmp_path / "b.456.tmp"
+    for p, age in ((stale, STALE_TMP_S + 60), (fresh, 5)):
+        p.write_bytes(b"partial")
+        os.utime(p, (time.time() - age, time.time() - age))
+    prune_plan_cache(tmp_path, keep=keep, budget=1 << 20)
+    assert not stale.exists() and fresh.exists() and keep.exists()

@@ -14,9 +14,16 @@ MODEL_NAMES ?= qwen2.5-coder-0.5b qwen2.5-coder-1.5b
 
 .PHONY: install run test test-fast lint format bench-peers models
 
+# torch's CPU build: PyPI's torch==2.13.0 for Linux x86-64 is the CUDA build (5 GB with its nvidia packages);
+# the +cpu wheel comes from PyTorch's CPU index (a machine without it, such as CI's, uses a local copy of that
+# wheel if pip's find-links has one, after about 9 s of retries). --no-deps: only torch is looked up there (its
+# dependencies each retried it too, 1.5 min in all); `pip install -e` installs them next. TORCH_INDEX= : PyPI's.
+TORCH       ?= torch==2.13.0+cpu
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+
 $(BIN)/metronome: pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q --no-deps "$(TORCH)" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q --no-deps $(MODELS)
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@

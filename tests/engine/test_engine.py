@@ -329,6 +329,9 @@ def test_requests_that_cannot_fit_are_refused_up_front(smollm_engine):
     with pytest.raises(RequestError, match="exceeds the context of 512") as err:
         engine.submit([1] * 500, SamplingParams(max_tokens=20))
     assert err.value.param == "max_tokens"
+    with pytest.raises(RequestError, match="exceeds the context of 512") as err:  # no room for the prompt itself
+        engine.submit([1] * 513, SamplingParams(max_tokens=0))
+    assert err.value.param == "prompt"
     with pytest.raises(RequestError, match="empty"):
         engine.submit([], SamplingParams())
     with pytest.raises(ParamError, match="temperature"):  # out-of-range sampling: refused when built

@@ -134,6 +134,25 @@ def test_n_choices_use_seed_plus_index(client):
     assert [c.message.content for c in again.choices] == [c.message.content for c in two.choices]
 
 
+def test_usage_counts_each_prompt_once_and_every_choices_tokens(client):
+    """Billing's numbers with n > 1 and several prompts: a prompt counts once whatever its choices, and
+    completion_tokens is every choice's tokens (no test caught prompt_tokens x n, or the first choice only)."""
+    fixed = {"ignore_eos": True}
+    one = client.chat.completions.create(model="metronome", messages=HI, max_tokens=5, extra_body=fixed)
+    two = client.chat.completions.create(
+        model="metronome", messages=HI, max_tokens=5, temperature=1.0, seed=3, n=2, extra_body=fixed
+    )
+    assert (two.usage.prompt_tokens, two.usage.completion_tokens) == (one.usage.prompt_tokens, 10)
+    assert two.usage.total_tokens == two.usage.prompt_tokens + 10
+    alone = [
+        client.completions.create(model="metronome", prompt=p, max_tokens=2, extra_body=fixed)
+        for p in ("Red", "Blue sky")
+    ]
+    both = client.completions.create(model="metronome", prompt=["Red", "Blue sky"], n=2, max_tokens=2, extra_body=fixed)
+    assert len(both.choices) == 4 and both.usage.completion_tokens == 8
+    assert both.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+
+
 def test_choice_seeds_wrap_at_the_end_of_the_seed_range(client, smol_url):
     """seed 2**63 - 1 with n=2: the second choice's seed, 2**63, was a 500 after the first had been queued,
     and that one generated for nobody. The seeds wrap: choice 1's is -2**63."""

@@ -109,6 +109,16 @@ def test_sha256_mismatch_is_refused(fake, tmp_path, monkeypatch):
     assert not list((tmp_path / "cache").glob("*.partial"))
 
 
+def test_a_stamp_vouches_only_for_the_sha256_pinned_now(fake, tmp_path):
+    """A stamp remembers the sha256 a file was verified against. After an upgrade that pins another sha256,
+    the stamp left by the old pin must not let the unchanged (now wrong) file through unhashed."""
+    model, _ = fake
+    path = registry.resolve("fake-1b")  # verified, stamped under the current pin
+    registry.verify(model, path)  # the stamp vouches: no error
+    with pytest.raises(ModelInstallError, match="refused"):
+        registry.verify(replace(model, sha256="0" * 64), path)
+
+
 def test_header_mismatch_is_refused(fake, tmp_path, monkeypatch):
     model, _ = fake
     monkeypatch.setattr(registry, "MODELS", (replace(model, header=replace(HEADER, layers=24, vocab=151936)),))

@@ -55,6 +55,8 @@ def test_a_seed_gives_the_same_draws_and_another_seed_other_draws():
 
     assert draws(7) == draws(7)
     assert draws(7) != draws(8)
+    # seed 0 is a seed (a common choice, and choice 1's seed of an n=2 request seeded -1), not "no seed"
+    assert draws(0) == draws(0) and _sampler(temperature=1.0, seed=0).seed == 0
 
 
 def test_unfiltered_sampling_reaches_the_whole_vocabulary():
@@ -64,6 +66,9 @@ def test_unfiltered_sampling_reaches_the_whole_vocabulary():
 def test_top_k_keeps_the_k_best():
     logits = torch.arange(V, dtype=torch.float32) * 0.1  # nearly flat, so every kept token shows up
     assert _support(logits, temperature=1.0, top_k=3, seed=1) == {V - 1, V - 2, V - 3}
+    # one fewer than the vocabulary still drops the worst token; the whole vocabulary drops none
+    assert _support(logits, n=2000, temperature=1.0, top_k=V - 1, seed=1) == set(range(1, V))
+    assert _support(logits, n=2000, temperature=1.0, top_k=V, seed=1) == set(range(V))
 
 
 def test_top_p_keeps_the_smallest_set_reaching_the_mass():
@@ -133,6 +138,9 @@ def test_logit_bias_is_added_first_and_decides_the_choice():
     assert torch.equal(s.penalize(logits), expected)
     assert torch.equal(logits, before)  # the step's logits are never written
     assert not _sampler(logit_bias={9: -100}).plain_greedy  # the batched argmax would skip the bias
+    for penalty in ({"presence_penalty": 0.5}, {"frequency_penalty": 0.5}, {"repetition_penalty": 1.2}):
+        assert not _sampler(**penalty).plain_greedy, penalty  # ... and every penalty
+    assert _sampler().plain_greedy
     assert _sampler(logit_bias={4: -100}).choose(logits).token == 6
     assert _sampler(logit_bias={2: 100}).choose(logits).token == 2
     sampled = _sampler(temperature=1.0, seed=3, logit_bias={11: 100})

@@ -52,6 +52,15 @@ def test_a_stop_string_is_cut_and_never_half_emitted():
     assert out[2] == ""  # "E" held back: it could begin the stop string
 
 
+def test_of_several_stop_strings_the_earliest_cuts_and_the_longest_possible_start_is_held():
+    # "o" is held (it may begin "o wor"); then " wor" completes both stops: the cut is at the first to begin
+    out, ts, stopped = run([1, 2], stop=(" w", "o wor"))
+    assert stopped and ts.text == "Hell" and out == ["Hell", ""]
+    # a stop that cannot begin here must not release what another stop may begin with
+    out, ts, stopped = run([5, 7, 8, 1], stop=("ZZZ", "END"))
+    assert stopped and ts.text == " Next" and out[1] == ""
+
+
 def test_held_prefix_is_released_when_it_cannot_be_a_stop():
     out, ts, stopped = run([5, 7, 9], stop=("END",))
     assert not stopped and out == [" Next", "", "E!"] and ts.text == " NextE!"

@@ -124,6 +124,7 @@ def test_settings_are_checked_naming_the_parameter():
         (dict(rounds=0), "rounds"),
         (dict(rounds=33), "rounds"),
         (dict(points=0), "points"),
+        (dict(points=21), "points"),
         (dict(critique="  "), "critique"),
         (dict(revision="apply the {n} points"), "revision"),
         # a TypeError and an AttributeError traceback at format time; a gigabyte of padding
@@ -163,6 +164,53 @@ def test_a_template_that_renders_replies_otherwise_falls_back_to_its_own_encodin
     done = run_reflection(tiny_engine, "the cat", ReflectSettings(rounds=1), SamplingParams(max_tokens=4))
     assert [s.extends for s in done.turns] == [True, False, False]
     assert all(s.completion_tokens >= 1 for s in done.turns)
+
+
+def test_closing_the_loop_cancels_its_running_turn(tiny_engine):
+    """A client that leaves mid-turn (the HTTP route closes the generator): the turn's request must not go
+    on generating for nobody in its slot."""
+    with recorded_submits(tiny_engine) as requests:
+        loop = reflect(
+            tiny_engine, "the cat", ReflectSettings(rounds=1), SamplingParams(max_tokens=24, ignore_eos=True)
+        )
+        next(e for e in loop if isinstance(e, TurnDelta))
+        loop.close()
+    tiny_engine.step()
+    assert len(requests) == 1 and requests[0].finish_reason == "cancelled"
+    assert tiny_engine.scheduler.idle
+
+
+def test_a_turn_the_engine_fails_ends_the_loop_with_the_error(tiny_hf, monkeypatch):
+    """With the engine on its own thread a failed step is an "error" event, not an exception here: the
+    loop must stop with it, not take the cut turn as an answer and go on."""
+    engine = Engine.from_model(
+        config=EngineConfig(slots=1, ctx=128, prefix_cache_tokens=0), loaded=load(tiny_hf("llama"))
+    )
+    engine.start()
+    try:
+        monkeypatch.setattr(engine.plan, "decode", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("simulated")))
+        with pytest.raises(RuntimeError, match=r"failed during turn 0 \(answer\).*simulated"):
+            run_reflection(engine, "the cat", ReflectSettings(rounds=1), SamplingParams(max_tokens=4))
+    finally:
+        engine.stop()
+
+
+def test_the_system_message_opens_the_first_prompt(tiny_engine):
+    prompts = []
+    for system in (None, "the dog"):
+        with recorded_submits(tiny_engine) as requests:
+            run_reflection(
+                tiny_engine, "the cat", ReflectSettings(rounds=1, system=system), SamplingParams(max_tokens=2)
+            )
+        prompts.append(tiny_engine.tokenizer.decode(requests[0].prompt_ids, skip_special=False))
+    assert "the dog" not in prompts[0] and "the dog" in prompts[1], prompts
+
+
+def test_a_turns_speed_counts_the_tokens_after_the_first():
+    from metronome.agents.reflect import TurnStats
+
+    stats = TurnStats(1, 0, "answer", 10, 0, True, 5, "length", 0.0, 1.0, 1000.0, 0.0)
+    assert stats.tokens_per_s == 4.0  # 4 tokens in the second after the first one
 
 
 def _metronome(*args: str) -> subprocess.CompletedProcess:

@@ -646,3 +646,25 @@ def test_generate_from_several_threads_without_start_takes_turns(smollm_engine):
             t.join(timeout=120)
         assert not errors and not any(t.is_alive() for t in threads)
         assert results == alone
+
+
+def test_a_prompt_and_max_tokens_filling_the_context_exactly_run_and_every_token_is_text(tiny_hf):
+    """The context's last position is usable (prompt + max_tokens == ctx is accepted and runs to "length"),
+    and the streamed text is the whole text: the request's final event carries its token's text too."""
+    from metronome.model.loader import load
+
+    engine = Engine.from_model(config=EngineConfig(slots=1, ctx=128), loaded=load(tiny_hf("llama")))
+    try:
+        params = SamplingParams(max_tokens=8, ignore_eos=True)
+        done = engine.generate([5] * 120, params)
+        assert done.finish_reason == "length" and len(done.token_ids) == 8
+        with pytest.raises(RequestError, match="exceeds the context"):
+            engine.submit([5] * 121, params)
+        three = SamplingParams(max_tokens=3, ignore_eos=True)
+        deltas = list(engine.stream("a dog", three, chat=False))
+        whole = engine.generate("a dog", three, chat=False)
+        assert [c.token for d in deltas for c in d.choices] == list(whole.token_ids)
+        assert "".join(d.text for d in deltas) == whole.text and deltas[-1].text and whole.text.strip()
+        assert deltas[-1].finish_reason == "length"
+    finally:
+        engine.stop()

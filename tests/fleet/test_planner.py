@@ -827,3 +827,20 @@ def test_the_trace_drawing_shows_its_window_not_the_time_before_it():
     assert "prefill" not in widths  # it ended as the window began
     assert f'x="{LABEL_W + PLOT_W * 0.1:.2f}"' in svg  # qkv starts 10 us into the window
     assert ">40000.0 us</text>" in svg and ">40100.0 us</text>" in svg
+
+
+def test_a_slower_point_joins_the_frontier_only_if_it_saves_one_percent():
+    """Without the rule the frontier grew long flat tails of points a fraction of a percent cheaper."""
+    from types import SimpleNamespace
+
+    from metronome.fleet.frontier import PARETO_MIN_SAVING, pareto
+
+    assert PARETO_MIN_SAVING == 0.01
+
+    def point(speed: float, cost: float) -> SimpleNamespace:
+        return SimpleNamespace(per_user_tokens_per_s=speed, cost_per_mtok=cost)
+
+    fast = point(100, 1.0)
+    assert pareto([fast, point(90, 0.995)]) == [fast]  # 0.5 % cheaper: not worth 10 % of the speed
+    assert [p.cost_per_mtok for p in pareto([fast, point(90, 0.98)])] == [1.0, 0.98]
+    assert pareto([fast, point(90, 1.2)]) == [fast]  # slower and dearer: beaten

@@ -139,3 +139,16 @@ def test_lookup_or_model_calls_the_model_only_where_the_text_stops_copying():
     assert drafter.switches == 2
     drafter.reset(1)
     assert lookup.resets == model.resets == 1 and not drafter.modelled[1]
+
+
+def test_prompt_lookup_takes_the_longest_then_the_latest_match():
+    from metronome.engine.speculate import NgramDrafter
+
+    # the 3-gram "1 2 3" matches at 0 (followed by 9 5 2); the 2-gram "2 3" also at 5 (followed by 8): longest wins
+    assert NgramDrafter(3, 2).propose(0, [1, 2, 3, 9, 5, 2, 3, 8, 1, 2, 3], 3) == [9, 5, 2]
+    # "1 2" occurs at 0 and 3: what followed the latest is the better guess (the text is repeating it now)
+    assert NgramDrafter(2, 2).propose(0, [1, 2, 7, 1, 2, 8, 1, 2], 2) == [8, 1]
+    assert NgramDrafter(2, 2).propose(0, [1, 2, 3, 4], 2) == []  # nothing to quote: free, no drafts
+    for bad in ({"min_n": 0}, {"max_n": 2, "min_n": 3}):
+        with pytest.raises(ValueError, match="min_n"):
+            NgramDrafter(**bad)

@@ -77,3 +77,54 @@ def test_a_killed_writes_temporary_file_goes_once_stale(tmp_path):
         os.utime(p, (time.time() - age, time.time() - age))
     prune_plan_cache(tmp_path, keep=keep, budget=1 << 20)
     assert not stale.exists() and fresh.exists() and keep.exists()
+
+
+def test_the_key_covers_what_changes_a_plan_and_not_the_prefix_pool(tmp_path, monkeypatch):
+    """Each part of the key, dropped, would read back a plan packed or timed for something else: another
+    weight format or thread count, another machine's calibration, the packing code before a fix. The
+    prefix cache's pool is allocated, not calibrated: its size must not cost a recompile."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from metronome.compile import cache
+    from metronome.config import EngineConfig
+    from metronome.kernels.ops import TorchOps
+
+    loaded = SimpleNamespace(fingerprint=lambda: "file-digest")
+    config = EngineConfig(slots=2, ctx=128)
+
+    def key(**change) -> Path:
+        args = {"config": config, "weights": "int8", "threads": 2} | change
+        return cache.plan_cache_path(loaded, args["config"], args["weights"], TorchOps(), args["threads"])
+
+    base = key()
+    assert key() == base
+    assert key(config=dataclasses.replace(config, prefix_cache_tokens=1024)) == base
+    assert key(threads=3) != base and key(weights="int4") != base
+    assert key(config=dataclasses.replace(config, slots=4)) != base
+    monkeypatch.setattr(cache.platform, "node", lambda: "another-machine")
+    assert key() != base
+    monkeypatch.undo()
+    code = tmp_path / "packing.py"
+    code.write_text("# v1")
+    monkeypatch.setattr(cache, "_code_files", lambda: [code])
+    before = key()
+    code.write_text("# v2: a packing fix")
+    assert key() != before
+
+
+def test_a_plan_of_another_version_is_not_read_back(tmp_path):
+    import torch
+
+    from metronome.compile.cache import _SAVED_KEYS, PLAN_CACHE_VERSION
+
+    path = tmp_path / "old.pt"
+    torch.save({k: None for k in _SAVED_KEYS} | {"version": PLAN_CACHE_VERSION - 1}, path)
+    assert read_plan_cache(path, lambda _m: None) is None
+    torch.save({k: None for k in _SAVED_KEYS} | {"version": PLAN_CACHE_VERSION}, path)
+    assert read_plan_cache(path, lambda _m: None) is not None
+
+
+def test_plans_exactly_at_the_budget_stay(tmp_path):
+    a, b = _plan(tmp_path, "a", 400, 1_000), _plan(tmp_path, "b", 400, 2_000)
+    assert prune_plan_cache(tmp_path, keep=b, budget=800) == [] and a.exists()

@@ -355,3 +355,51 @@ def test_plan_rows_of_one_slot_are_causal() -> None:
         for pos, t in enumerate(tokens):
             step = dec.logits(dec.hidden(b, torch.tensor([0]), torch.tensor([t]), torch.tensor([pos])))
             torch.testing.assert_close(step[0], full[pos], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.model
+def test_a_silent_window_then_speech_as_faster_whisper(exact, reference, beckett: np.ndarray) -> None:
+    """32 s of digital silence before the speech: the same segments as faster-whisper, its hallucinated
+    " you" over the silence included (tiny.en's no-speech probability there is about 0.26, under 0.6)."""
+    audio = np.concatenate([np.zeros(32 * SR, dtype=np.float32), beckett])
+    out = exact.transcribe(audio)
+    _same_segments(out.segments, reference(audio))
+    assert "Ever tried" in out.text and out.segments[-1].seek == 3000
+
+
+@pytest.mark.model
+def test_a_window_judged_silent_gives_no_segment(exact, beckett: np.ndarray, monkeypatch) -> None:
+    """Whisper's rule: no speech likely (no_speech_prob over 0.6) and a doubtful decode (avg_logprob under
+    -1) means the window is skipped; a confident decode is kept whatever no_speech_prob says."""
+    from metronome.audio import transcribe
+
+    real = exact._decode_with_fallback
+    calls: list[float] = []
+
+    def judged(avg_logprob: float):
+        def fake(audio, prompt, first, seed):
+            d = real(audio, prompt, first, seed)
+            calls.append(avg_logprob)
+            return transcribe._Decoded(d.tokens, avg_logprob, 0.9, d.temperature, d.compression_ratio)
+
+        return fake
+
+    monkeypatch.setattr(exact, "_decode_with_fallback", judged(-2.0))
+    assert exact.transcribe(beckett).segments == ()
+    monkeypatch.setattr(exact, "_decode_with_fallback", judged(-0.5))
+    assert "Ever tried" in exact.transcribe(beckett).text
+    assert calls == [-2.0, -0.5]  # one window each
+
+
+def test_a_timestamped_decode_never_picks_no_timestamps(model_dir: Path) -> None:
+    """Once a window is decoded with timestamps, <|notimestamps|> must never win, at any step (at the first
+    the opening-timestamp rule hides it anyway; later only its own suppression does)."""
+    from metronome.audio.rules import apply_rules
+    from metronome.audio.tokens import WhisperTokens
+
+    tok = WhisperTokens(model_dir / "tokenizer.json", 51864)
+    logits = np.zeros(51864, dtype=np.float32)
+    logits[tok.no_timestamps] = 10.0
+    for generated in ([], [tok.timestamp_begin], [tok.timestamp_begin, 345]):
+        x = apply_rules(logits, generated, tok, timestamps=True, max_initial_timestamp=50)
+        assert x[tok.no_timestamps] == -np.inf and int(np.argmax(x)) != tok.no_timestamps, generated

@@ -668,3 +668,31 @@ def test_a_prompt_and_max_tokens_filling_the_context_exactly_run_and_every_token
         assert deltas[-1].finish_reason == "length"
     finally:
         engine.stop()
+
+
+def test_prompts_are_taken_oldest_first_beside_a_decoding_request(tiny_hf):
+    """Chunked prefill beside decode rows: the step's prompt budget goes to the request admitted first, so
+    a prompt that arrives later cannot overtake (and delay) one already part-way through."""
+    from metronome.model.loader import load
+
+    engine = Engine.from_model(
+        config=EngineConfig(slots=3, ctx=256, prefill_chunk=16), loaded=load(tiny_hf("llama")), calibrate=True
+    )
+    try:
+        params = SamplingParams(max_tokens=60, ignore_eos=True)
+        a = engine.submit([5, 6, 7], params)
+        while not a.output_ids:
+            engine.step()
+        b = engine.submit([1] + [9] * 120, SamplingParams(max_tokens=2, ignore_eos=True))
+        engine.step()
+        c = engine.submit([1] + [8] * 120, SamplingParams(max_tokens=2, ignore_eos=True))
+        for _ in range(200):  # bounded
+            if b.output_ids and c.output_ids:
+                break
+            engine.step()
+            assert b.prefilled >= c.prefilled or b.prefilled == len(b.prompt_ids), (b.prefilled, c.prefilled)
+        assert b.timings.first_token < c.timings.first_token
+        engine.cancel(a)
+        engine.step()
+    finally:
+        engine.stop()

@@ -80,3 +80,25 @@ def test_requests_that_find_the_engine_idle_teach_it_what_resuming_costs(tiny_hf
     run(second)
     third = engine.submit(_prompt(5, 10, vocab), ONE)  # microseconds after the last plan call
     assert not third.found_idle and third.resume_ms == 0.0
+
+
+def test_a_request_that_must_wait_for_a_slot_is_promised_nothing(tiny_hf):
+    """With every slot taken its TTFT depends on how long the others run: NaN, not a number the plan
+    cannot keep. One slot free: a number."""
+    import math
+
+    config = EngineConfig(slots=2, ctx=128, spec_tokens=0)
+    engine = Engine.from_model(config=config, loaded=load(tiny_hf("llama")))
+    engine.plan.report = dataclasses.replace(
+        engine.plan.report, step_ms={1: 4.0, 2: 5.0}, prompt_row_ms=1.5, prefill_row_ms=1.0
+    )
+    vocab = engine.plan.cfg.vocab_size
+    long = SamplingParams(max_tokens=50, ignore_eos=True)
+    first = engine.submit(_prompt(1, 8, vocab), long)
+    second = engine.submit(_prompt(2, 8, vocab), long)
+    third = engine.submit(_prompt(3, 8, vocab), ONE)
+    assert not math.isnan(second.predicted_ttft_ms) and math.isnan(third.predicted_ttft_ms)
+    for r in (first, second, third):
+        engine.cancel(r)
+    engine.step()
+    engine.stop()

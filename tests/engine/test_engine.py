@@ -696,3 +696,35 @@ def test_prompts_are_taken_oldest_first_beside_a_decoding_request(tiny_hf):
         engine.step()
     finally:
         engine.stop()
+
+
+def test_the_draft_length_grows_when_drafts_pay_and_halves_when_they_miss_and_drafting_is_for_a_lone_user(tiny_hf):
+    """spec_tokens is the most drafted per step: all right, one more next step (up to it); none right,
+    half (a wrong guess costs rows). Two users at once: no drafts at all (a full step is not memory-bound)."""
+    path = str(tiny_hf("llama"))
+    params = SamplingParams(max_tokens=40, ignore_eos=True)  # room for 4 steps of 4 drafts
+    engine = Engine.from_model(path, EngineConfig(slots=2, ctx=128, spec_tokens=4))
+    prompt = [1, 5, 9, 12, 30, 31, 7]
+    out = Engine.from_model(path, EngineConfig(slots=1, ctx=128, spec_tokens=0)).generate(prompt, params).token_ids
+    vocab = engine.plan.cfg.vocab_size
+
+    class Recorder:  # wrong (every draft) for its first `wrong` proposals, then the plain text itself
+        def __init__(self, wrong: int) -> None:
+            self.wrong, self.ks = wrong, []
+
+        def reset(self, slot: int) -> None:
+            pass
+
+        def propose(self, slot: int, ids, k: int) -> list[int]:
+            self.ks.append(k)
+            done = len(ids) - len(prompt)
+            guess = list(out[done : done + k])
+            return guess if len(self.ks) > self.wrong else [(t + 1) % vocab for t in guess]
+
+    for wrong, expected in ((99, [4, 2, 1, 1]), (0, [4, 4, 4, 4]), (2, [4, 2, 1, 2, 3, 4])):
+        engine.drafter = Recorder(wrong)
+        assert engine.generate(prompt, params).token_ids == out  # drafts never change the output
+        assert engine.drafter.ks[: len(expected)] == expected, (wrong, engine.drafter.ks)
+    engine.drafter = Recorder(0)
+    both = engine.generate([prompt, [1, 6, 6, 6]], params)
+    assert both[0].token_ids == out and engine.drafter.ks == []

@@ -97,6 +97,42 @@ def test_a_gap_of_several_steps_is_not_learned_from():
     assert sim.drafter.pauses == 0
 
 
+def test_drafting_that_pays_again_starts_the_next_pause_short():
+    """After long pauses, drafting that pays again (the text began to quote its prompt) resets the pause:
+    a later loss costs min_pause plain steps, not the max_pause the old losses had reached."""
+    sim = Sim(draft_s=0.3, plain_s=1.0, spec_s=1.1, accept=0).run(300)
+    assert sim.drafter.pause > sim.drafter.min_pause
+    sim.draft_s, sim.spec_s, sim.accept = 0.05, 1.05, 3
+    sim.run(sim.drafter.max_pause + 60)
+    assert sim.drafter.pause == sim.drafter.min_pause
+
+
+def test_a_step_of_another_slot_or_after_a_reset_is_not_timed():
+    """The time between two calls is one step of this request only if the same slot asked last and nothing
+    was reset between: otherwise it spans other requests' work and would be learned as a plain step."""
+    t = [0.0]
+
+    class Empty:
+        def reset(self, slot: int) -> None:
+            pass
+
+        def propose(self, slot: int, ids, k: int) -> list[int]:
+            return []
+
+    drafter = PayingDrafter(Empty(), clock=lambda: t[0])
+    drafter.propose(0, [1] * 10, 4)
+    t[0] += 1.0
+    drafter.propose(1, [1] * 11, 4)  # another slot
+    assert list(drafter.plain_times) == []
+    drafter.reset(1)
+    t[0] += 100.0
+    drafter.propose(1, [1] * 12, 4)  # after a reset
+    assert list(drafter.plain_times) == []
+    t[0] += 1.0
+    drafter.propose(1, [1] * 13, 4)  # the same slot, one token on: a plain step of 1 s
+    assert list(drafter.plain_times) == [1.0]
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="max_pause"):
         PayingDrafter(Sim(0, 1, 1, 0).drafter.inner, pause=10, max_pause=5)

@@ -374,3 +374,64 @@ def test_a_named_tool_choice_without_tools_is_described_in_the_responses_words(u
     error = httpx.post(f"{url}/v1/responses", json=body, timeout=60).json()["error"]
     assert error["param"] == "tool_choice" and "'zz'" in error["message"]
     assert '"function": {' not in error["message"], error
+
+
+def test_the_chat_request_carries_the_sampling_and_merges_calls_into_the_assistant_turn():
+    """Input items to chat messages: the assistant's text and the calls after it are one assistant message
+    (as a chat client sends it); top_p and seed reach sampling."""
+    from metronome.serve.responses_api import chat_request
+    from metronome.serve.responses_schemas import ResponsesBody
+
+    call = {"type": "function_call", "name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    body = ResponsesBody.model_validate(
+        {
+            "input": [
+                {"role": "user", "content": "Weather in Oslo and Bergen?"},
+                {"role": "assistant", "content": [{"type": "output_text", "text": "Checking."}]},
+                dict(call, call_id="c1"),
+                dict(call, call_id="c2", arguments='{"city": "Bergen"}'),
+                {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+                {"type": "function_call_output", "call_id": "c2", "output": "rain"},
+            ],
+            "top_p": 0.5,
+            "seed": 7,
+            "temperature": 0.9,
+        }
+    )
+    chat = chat_request(body)
+    assert (chat["top_p"], chat["seed"], chat["temperature"]) == (0.5, 7, 0.9)
+    messages = chat["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "tool"]
+    assert messages[1]["content"] == "Checking." and [c["id"] for c in messages[1]["tool_calls"]] == ["c1", "c2"]
+
+
+def test_text_before_a_call_stays_an_item_and_a_cut_answer_is_incomplete():
+    from metronome.serve.responses import _tool_finish
+    from metronome.serve.responses_api import _status
+    from metronome.serve.tools import call_block
+
+    events: list[dict] = []
+
+    def event(kind: str, **fields) -> str:
+        events.append({"type": kind, **fields})
+        return kind
+
+    out = Output(tools=True)
+    out.feed("Let me check.\n" + call_block("get_weather", {"city": "Oslo"}), event)
+    out.close("completed", event)
+    items = out.items()
+    assert [i["type"] for i in items] == ["message", "function_call"]
+    assert items[0]["content"][0]["text"].strip() == "Let me check." and items[0]["status"] == "completed"
+    added = [e for e in events if e["type"] == "response.output_item.added"]
+    assert [e["output_index"] for e in added] == [0, 1]
+    # an answer cut by max tokens after a call stays "length" (its last call may be cut too), and incomplete
+    assert (_tool_finish("length", True), _tool_finish("stop", True), _tool_finish("stop", False)) == (
+        "length",
+        "tool_calls",
+        "stop",
+    )
+    assert (_status("length"), _status("tool_calls"), _status("error")) == ("incomplete", "completed", "failed")
+    cut = Output(tools=False)
+    cut.feed("One, two", event)
+    cut.close("incomplete", event)
+    assert cut.items()[0]["status"] == "incomplete"

@@ -29,6 +29,7 @@ from metronome.serve.tools import (
     LooseCalls,
     ToolCalling,
     ToolCallParser,
+    ToolError,
     call_block,
     call_schema,
     parse_tool_calls,
@@ -673,3 +674,48 @@ def test_schemas_too_large_or_malformed_are_400s_over_http(smol_url):
     }
     r = _chat(smol_url, tools=[bad], tool_choice="required")
     assert r.status_code == 400 and r.json()["error"]["param"].startswith("tools[0]"), r.text
+
+
+def test_history_edge_cases_the_clients_send():
+    """Consecutive tool results are one user turn (the fallback template); empty arguments (sent for a
+    function without parameters) read as {}; arguments that are JSON but not an object are refused; two
+    calls with the same arguments but other names are two calls, not a repeat."""
+    calling = tool_calling(TOOLS, "none", True, None)
+    two_calls = [
+        {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a":2,"b":3}'}},
+        {"id": "c2", "type": "function", "function": {"name": "add", "arguments": ""}},
+    ]
+    history = [
+        *ASK,
+        {"role": "assistant", "content": "", "tool_calls": two_calls},
+        {"role": "tool", "tool_call_id": "c1", "content": "5"},
+        {"role": "tool", "tool_call_id": "c2", "content": "6"},
+    ]
+    messages, _ = template_messages(history, calling, template_knows_tools=False)
+    assert len(messages) == 4  # the fallback system message, the question, the calls, both results
+    assert messages[-2]["content"] == call_block("add", {"a": 2, "b": 3}) + "\n" + call_block("add", {})
+    assert messages[-1] == {
+        "role": "user",
+        "content": "<tool_response>\n5\n</tool_response>\n<tool_response>\n6\n</tool_response>",
+    }
+    messages, _ = template_messages(history, calling, template_knows_tools=True)
+    assert messages[-3]["tool_calls"][1]["function"]["arguments"] == {}
+    bad = [
+        *ASK,
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [dict(two_calls[0], function={"name": "add", "arguments": "[1, 2]"})],
+        },
+    ]
+    with pytest.raises(ToolError, match="must be a JSON object") as info:
+        template_messages(bad, calling, template_knows_tools=False)
+    assert info.value.param == "messages[1].tool_calls[0].function.arguments"
+    text = call_block("add", {"a": 2, "b": 3}) + "\n" + call_block("get_weather", {"a": 2, "b": 3})
+    assert [c.name for c in parse_tool_calls(text).calls] == ["add", "get_weather"]
+    assert not any(isinstance(e, CallRepeated) for e in ToolCallParser().feed(text))
+
+
+def test_parameters_without_a_type_are_an_object_schema():
+    untyped = {"type": "function", "function": {"name": "f", "parameters": {"properties": {"x": {"type": "integer"}}}}}
+    assert [f.name for f in tool_calling([untyped], "none", True, None).functions] == ["f"]

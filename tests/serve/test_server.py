@@ -153,6 +153,61 @@ def test_usage_counts_each_prompt_once_and_every_choices_tokens(client):
     assert both.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
 
 
+def test_answer_fields_a_client_reads(client, smol_url):
+    """What OpenAI's clients rely on beyond the text: a real `created` shared by a stream's chunks; with
+    include_usage, "usage": null on every chunk before the usage chunk (and no key without it); the
+    logprobs of an answer that ended on EOS are its text's tokens (the EOS is not text); the bytes of a
+    logprob are the token's own; max_completion_tokens wins over max_tokens; a context refusal names the
+    largest max_tokens that fits, and that value is accepted."""
+    whole = client.chat.completions.create(
+        model="metronome",
+        messages=[{"role": "user", "content": "Say hi."}],
+        max_tokens=40,
+        logprobs=True,
+        temperature=0,
+    )
+    assert abs(whole.created - time.time()) < 60
+    assert whole.choices[0].finish_reason == "stop", "the answer should end by itself"
+    content = whole.choices[0].logprobs.content
+    assert len(content) == whole.usage.completion_tokens - 1  # every token but the EOS
+    assert b"".join(bytes(e.bytes) for e in content).decode("utf-8") == whole.choices[0].message.content
+    body = {"messages": HI, "max_tokens": 3, "stream": True}
+    for include in (True, False):
+        lines = httpx.post(
+            f"{smol_url}/v1/chat/completions",
+            json=body | ({"stream_options": {"include_usage": True}} if include else {}),
+            timeout=60,
+        ).text.splitlines()
+        chunks = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
+        assert len({(c["id"], c["created"]) for c in chunks}) == 1 and abs(chunks[0]["created"] - time.time()) < 60
+        if include:
+            assert all("usage" in c and c["usage"] is None for c in chunks[:-1]) and chunks[-1]["usage"], chunks
+        else:
+            assert not any("usage" in c for c in chunks)
+    r = httpx.post(
+        f"{smol_url}/v1/chat/completions",
+        json={"messages": HI, "max_tokens": 2, "max_completion_tokens": 5, "ignore_eos": True},
+        timeout=60,
+    ).json()
+    assert r["usage"]["completion_tokens"] == 5
+    too_long = httpx.post(f"{smol_url}/v1/chat/completions", json={"messages": HI, "max_tokens": 600}, timeout=60)
+    assert too_long.status_code == 400
+    fits = int(re.search(r"at most (\d+)", too_long.json()["error"]["message"]).group(1))
+    ok = httpx.post(f"{smol_url}/v1/chat/completions", json={"messages": HI, "max_tokens": fits}, timeout=120)
+    assert ok.status_code == 200 and ok.json()["usage"]["prompt_tokens"] + fits == 512
+
+
+def test_a_body_of_exactly_the_limit_is_read(smol_url):
+    pad = {"messages": HI, "max_tokens": 1, "user": ""}
+    pad["user"] = "x" * (MAX_BODY - len(json.dumps(pad).encode()))
+    raw = json.dumps(pad).encode()
+    assert len(raw) == MAX_BODY
+    headers = {"content-type": "application/json"}
+    assert httpx.post(f"{smol_url}/v1/chat/completions", content=raw, headers=headers, timeout=60).status_code == 200
+    over = raw[:-1] + b" }"
+    assert httpx.post(f"{smol_url}/v1/chat/completions", content=over, headers=headers, timeout=60).status_code == 413
+
+
 def test_choice_seeds_wrap_at_the_end_of_the_seed_range(client, smol_url):
     """seed 2**63 - 1 with n=2: the second choice's seed, 2**63, was a 500 after the first had been queued,
     and that one generated for nobody. The seeds wrap: choice 1's is -2**63."""
@@ -412,6 +467,21 @@ BAD = [  # (what, path, body: dict | raw str, status, param)
         {"messages": [{"role": "wizard", "content": "x"}]},
         400,
         "messages[0].role",
+    ),
+    (  # only an assistant makes calls: the fallback template rendered this as an assistant turn
+        "tool_calls on a user message",
+        "/v1/chat/completions",
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": "x",
+                    "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{}"}}],
+                }
+            ]
+        },
+        400,
+        "messages[0]",
     ),
     (
         "content wrong type",

@@ -103,6 +103,7 @@ def test_metrics_count_every_outcome(tiny):
     assert [api(m, chat, o) for o in OUTCOMES] == [2, 1, 1, 1]
     assert [api(m, text, o) for o in OUTCOMES] == [1, 0, 0, 2]
     assert m['metronome_engine_requests_finished_total{reason="cancelled"}'] == 1
+    assert m["metronome_e2e_latency_seconds_count"] == 4  # 6 generations, less the cancelled and the failed
     assert m['metronome_engine_requests_finished_total{reason="error"}'] == 1
     assert m["metronome_engine_requests_submitted_total"] == 6  # 2 + 1 + 2 (n=2) + 1
     # the longest gap of every stream that produced two tokens or more

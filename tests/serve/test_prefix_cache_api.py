@@ -54,6 +54,16 @@ def test_cached_tokens_in_usage_and_metrics(served):
     assert _metric(url, "metronome_prefix_cache_pages") == engine.prefix_cache.pages == 512 // 16
 
 
+def test_a_prompt_with_several_choices_counts_its_cached_tokens_once(served):
+    """n choices of one prompt: cached_tokens is part of prompt_tokens, counted once (the most any choice
+    copied), not summed over the choices (it came out larger than the prompt)."""
+    url, _ = served
+    _chat(url, "the moon")  # its beginning is now cached
+    r = _chat(url, "the stars", n=2, temperature=1.0, seed=1).json()
+    cached, prompt = r["usage"]["prompt_tokens_details"]["cached_tokens"], r["usage"]["prompt_tokens"]
+    assert 0 < cached < prompt, r["usage"]
+
+
 def test_streamed_usage_and_completions_carry_cached_tokens(served):
     url, _engine = served
     _chat(url, "one")

@@ -818,7 +818,8 @@ def test_health_is_503_until_an_engine_is_attached(tiny):
         r = httpx.get(f"{url}/health", timeout=30)
         assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading" and r.headers["Retry-After"]
         assert httpx.post(f"{url}/v1/chat/completions", json={"messages": MSG}, timeout=30).status_code == 503
-        assert httpx.get(f"{url}/metrics", timeout=30).status_code == 200
+        ended = 'metronome_api_requests_ended_total{endpoint="/v1/chat/completions",outcome="%s"}'
+        assert (_metric(url, ended % "rejected"), _metric(url, ended % "failed")) == (1, 0)  # not a server fault
         engine = Engine.from_model(config=EngineConfig(slots=2, ctx=64), loaded=tiny)
         try:
             app.state.server.attach(engine, ModelIdentity.of(tiny))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
 import os
 import re
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +52,20 @@ def cache_root() -> Path:
     Everything lives under it (kernels, digests, plans/, models/, whisper-base/), so one variable moves it all;
     METRONOME_PLAN_CACHE and METRONOME_MODEL_CACHE move the two largest on their own."""
     return Path(os.environ.get("METRONOME_CACHE_DIR") or Path.home() / ".cache" / "metronome")
+
+
+# A temporary file in the cache this old was left by a killed write: a plan is written in seconds (a minute for
+# the largest), a model assembled in seconds. Each is as large as what it was becoming, and nothing reads it.
+STALE_PARTIAL_S = 3600.0
+
+
+def remove_stale_partials(files: Iterable[Path]) -> None:
+    """Remove those of `files` (a cache's temporary files) older than STALE_PARTIAL_S; a younger one may be
+    another process's write in progress."""
+    for left in files:
+        with contextlib.suppress(OSError):  # gone already, or not ours to remove: it only costs disk
+            if time.time() - left.stat().st_mtime > STALE_PARTIAL_S:
+                left.unlink()
 
 
 class StrChoice(enum.StrEnum):

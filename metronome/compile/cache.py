@@ -10,13 +10,12 @@ import os
 import pickle
 import platform
 import shutil
-import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from metronome.config import EngineConfig, cache_root
+from metronome.config import EngineConfig, cache_root, remove_stale_partials
 from metronome.kernels.ops import CppOps, Ops, build_directory
 from metronome.model.loader import LoadedModel
 
@@ -144,18 +143,11 @@ def _free_space(folder: Path) -> str:
     return f"; {free / 1e6:.0f} MB free there, the plan needs more" if free < 2 << 30 else ""
 
 
-# A plan's temporary file this old was left by a killed write (a write takes seconds, a minute for the largest)
-STALE_TMP_S = 3600.0
-
-
 def prune_plan_cache(root: Path, keep: Path, budget: int = PLAN_CACHE_BYTES) -> list[Path]:
     """Remove the least recently used plans in `root` (by modification time: a read touches it) past `budget`
     bytes in all, never `keep` (the plan just written); return what was removed. A plan another process
     removes first is skipped. Temporary files that killed writes left (as large as a plan, never read) go too."""
-    for left in root.glob("*.tmp"):
-        with contextlib.suppress(OSError):  # gone already, or not ours to remove: it only costs disk
-            if time.time() - left.stat().st_mtime > STALE_TMP_S:
-                left.unlink()
+    remove_stale_partials(root.glob("*.tmp"))
     plans = []
     for p in root.glob("*.pt"):
         with contextlib.suppress(FileNotFoundError):

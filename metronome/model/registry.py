@@ -22,12 +22,10 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
-from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from metronome.config import cache_root
+from metronome.config import cache_root, remove_stale_partials
 from metronome.model import gguf_file
 from metronome.model.errors import ModelInstallError, ModelNotFoundError
 
@@ -273,15 +271,9 @@ def assemble(m: RegisteredModel, cache: Path | None = None) -> Path:
     return target
 
 
-PARTIAL_STALE_S = 3600.0  # an assembly takes seconds; a partial file this old was left by a killed one
-
-
 def _sweep_partials(m: RegisteredModel, cache: Path) -> None:
     """Remove what killed assemblies of `m` left (each as large as the model, hidden, never removed)."""
-    for left in cache.glob(f".{m.filename}.*.partial"):
-        with suppress(OSError):  # gone already, or not ours to remove: it only costs disk
-            if time.time() - left.stat().st_mtime > PARTIAL_STALE_S:
-                left.unlink()
+    remove_stale_partials(cache.glob(f".{m.filename}.*.partial"))
 
 
 def verify(m: RegisteredModel, path: Path, cache: Path | None = None) -> None:

@@ -68,11 +68,11 @@ def test_a_killed_writes_temporary_file_goes_once_stale(tmp_path):
     the 4 GiB budget did not count). One an hour old goes; a fresh one may be another process's write."""
     import time
 
-    from metronome.compile.cache import STALE_TMP_S
+    from metronome.config import STALE_PARTIAL_S
 
     keep = _plan(tmp_path, "new", 10, time.time())
     stale, fresh = tmp_path / "a.123.tmp", tmp_path / "b.456.tmp"
-    for p, age in ((stale, STALE_TMP_S + 60), (fresh, 5)):
+    for p, age in ((stale, STALE_PARTIAL_S + 60), (fresh, 5)):
         p.write_bytes(b"partial")
         os.utime(p, (time.time() - age, time.time() - age))
     prune_plan_cache(tmp_path, keep=keep, budget=1 << 20)

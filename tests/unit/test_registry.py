@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from metronome.cli import main
-from metronome.config import ParamError
+from metronome.config import STALE_PARTIAL_S, ParamError
 from metronome.model import registry
 from metronome.model.errors import ModelFileError, ModelInstallError, ModelNotFoundError
 from metronome.model.loader import load
@@ -288,7 +288,7 @@ def test_an_assembly_sweeps_what_killed_ones_left(fake, tmp_path):
     old, fresh = cache / ".fake-1b.gguf.abc.partial", cache / ".fake-1b.gguf.def.partial"
     for left in (old, fresh):
         left.write_bytes(b"x" * 100)
-    then = time.time() - registry.PARTIAL_STALE_S - 60
+    then = time.time() - STALE_PARTIAL_S - 60
     os.utime(old, (then, then))
     registry.resolve("fake-1b")
     assert not old.exists() and fresh.exists()  # a recent one may be another process's, assembling now

@@ -378,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if sys.stdout is None:
+        return stdout_closed()
     args = parse_noting_given(build_parser, argv)
     try:
         return args.func(args)
@@ -400,6 +402,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except BrokenPipeError:
         return reader_left()
+
+
+def stdout_closed() -> int:
+    """Started with stdout closed (`>&-`), Python sets sys.stdout to None, and the first write anywhere (the
+    kernels' build, uvicorn's log formatter, an answer) was an AttributeError traceback after the model had
+    loaded. Said at once instead, with what to do."""
+    print(
+        "metronome: error: standard output is closed; send it somewhere (`> out.txt`, `> /dev/null`)", file=sys.stderr
+    )
+    return 2
 
 
 def reader_left() -> int:

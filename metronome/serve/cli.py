@@ -339,6 +339,10 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if sys.stdout is None:
+        from metronome.cli import stdout_closed
+
+        return stdout_closed()
     parser = argparse.ArgumentParser(
         prog="metronome serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -314,6 +315,21 @@ def test_plan_output_into_a_closed_pipe_ends_quietly():
     proc.stdout.close()  # the reader leaves before the first line
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 141 and b"error" not in err, err[-2000:]
+
+
+@pytest.mark.parametrize("module", ["metronome.cli generate hello", "metronome.serve.cli", "metronome.cli --help"])
+def test_a_closed_stdout_is_said_at_once(module):
+    """`metronome generate hi >&-` loaded the model, then ended in an AttributeError traceback (torch's build
+    flushes sys.stdout, which Python sets to None); `serve >&-` failed in uvicorn's log formatter."""
+    proc = subprocess.run(
+        [sys.executable, "-m", *module.split()],
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: os.close(1),
+    )
+    assert proc.returncode == 2 and "standard output is closed" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
 
 
 def test_a_server_on_another_loopback_address_answers_there(tiny_hf):

@@ -78,6 +78,31 @@ def test_a_long_catch_up_keeps_the_first_tokens_and_a_window(tiny_hf):
         ModelDrafter(whole.plan, vocab, catch_up=0)
 
 
+def test_drafts_the_text_did_not_take_are_run_again_and_a_short_text_is_not_cut(tiny_hf):
+    """The cache keeps only the drafts the text took: after a step that took none of them, the catch-up runs
+    every new token, not only those past the drafts' places (which held the rejected drafts). And a text no
+    longer than catch_up + sink is read whole: a window would repeat its first tokens."""
+    loaded = load(str(tiny_hf("llama")))
+    config = EngineConfig(slots=1, ctx=160, spec_tokens=0)
+    vocab = loaded.config.vocab_size
+    drafter = ModelDrafter(compile_plan(loaded, config, calibrate=False), vocab, catch_up=None)
+    fresh = ModelDrafter(compile_plan(loaded, config, calibrate=False), vocab, catch_up=None)
+    rows = []
+    decode = drafter.plan.decode
+    drafter.plan.decode = lambda s, t, p, logit_rows=None: rows.append(len(t)) or decode(s, t, p, logit_rows)
+    prompt = [(7 * i + 3) % 50 + 2 for i in range(20)]
+    drafts = drafter.propose(0, prompt, 4)
+    text = prompt + [(d + 1) % vocab for d in drafts] + [5]  # none of the drafts, then one more token
+    rows.clear()
+    again = drafter.propose(0, text, 4)
+    assert rows[0] == 5, rows  # the five new tokens
+    assert again == fresh.propose(0, text, 4)
+    short = ModelDrafter(fresh.plan, vocab, catch_up=8, sink=2)
+    short.reset(0)
+    short.propose(0, prompt[:10], 4)
+    assert short.cuts == 0 and short.cut[0] == 0
+
+
 def test_a_missing_draft_model_is_refused_before_the_target_compiles(tiny_hf, monkeypatch):
     import metronome.engine.engine as engine_module
 

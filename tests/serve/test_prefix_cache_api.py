@@ -88,3 +88,19 @@ def test_streamed_usage_and_completions_carry_cached_tokens(served):
     text = httpx.post(f"{url}/v1/completions", json={"prompt": SYSTEM, "max_tokens": 2}, timeout=60).json()
     repeat = httpx.post(f"{url}/v1/completions", json={"prompt": SYSTEM + " sun", "max_tokens": 2}, timeout=60).json()
     assert "prompt_tokens_details" in text["usage"] and repeat["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+
+
+def test_the_responses_api_carries_cached_tokens(served):
+    """`/v1/responses` reports the prefix cache's hit as `input_tokens_details.cached_tokens`, as chat does."""
+    url, engine = served
+    items = [{"role": "user", "content": SYSTEM}, {"role": "assistant", "content": "yes"}]
+    usages = [
+        httpx.post(
+            f"{url}/v1/responses",
+            json={"input": [*items, {"role": "user", "content": question}], "max_output_tokens": 3},
+            timeout=60,
+        ).json()["usage"]
+        for question in ("a green tree", "the blue dog")
+    ]
+    cached = usages[1]["input_tokens_details"]["cached_tokens"]
+    assert 0 < cached < usages[1]["input_tokens"] and cached % engine.prefix_cache.page == 0, usages

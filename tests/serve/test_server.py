@@ -905,6 +905,22 @@ def test_the_queue_limit_counts_free_slots_and_refuses_what_never_fits(tiny):
         engine.stop()
 
 
+def test_max_choices_bounds_prompts_times_n(tiny):
+    """--max-choices 4: two prompts with n=2 start exactly 4 generations and run; n=3 (6) is a 400 naming n."""
+    engine = Engine.from_model(config=EngineConfig(slots=2, ctx=64), loaded=tiny)
+    app = create_app(engine, ServerSettings(max_choices=4), ModelIdentity.of(tiny))
+    body = {"prompt": ["the cat", "a dog"], "max_tokens": 2, "temperature": 0}
+    try:
+        with LiveServer(app) as url:
+            fits = httpx.post(f"{url}/v1/completions", json=body | {"n": 2}, timeout=120)
+            assert fits.status_code == 200 and len(fits.json()["choices"]) == 4, fits.text
+            over = httpx.post(f"{url}/v1/completions", json=body | {"n": 3}, timeout=120)
+            assert over.status_code == 400 and over.json()["error"]["param"] == "n", over.text
+            assert "more than 4 generations" in over.json()["error"]["message"]
+    finally:
+        engine.stop()
+
+
 def test_a_request_arriving_after_the_server_ended_its_generations_gets_the_503(tiny):
     """stop_generating (3.5 s into a shutdown's grace) ended the jobs running then; one whose body arrived
     later was submitted anyway and ran until uvicorn cut it at 5 s: a cut stream or a text/plain 500, and

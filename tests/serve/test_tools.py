@@ -495,6 +495,7 @@ BAD = [
     ),
     ({"tools": [WEATHER, WEATHER]}, "tools[1].function.name"),
     ({"tools": [{"type": "function", "function": {"name": "has space"}}]}, "tools[0].function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "f" * 65}}]}, "tools[0].function.name"),
     ({"tools": [{"type": "retrieval"}]}, "tools[0].type"),
     ({"tool_choice": "sometimes"}, "tool_choice"),
     ({"messages": [*ASK, {"role": "tool", "content": "5"}]}, "messages[1]"),
@@ -526,6 +527,16 @@ BAD = [
         "response_format.json_schema.schema",
     ),
 ]
+
+
+def test_a_function_name_is_1_to_64_of_the_allowed_characters():
+    """OpenAI's rule, checked where the tools are read (the HTTP schema checks it too, before them)."""
+    for name in ("f" * 64, "a.b-c_9"):
+        assert tool_calling([{"type": "function", "function": {"name": name}}], "none", True, None) is not None
+    for name in ("f" * 65, "has space", "f(x)"):
+        with pytest.raises(ToolError) as err:
+            tool_calling([{"type": "function", "function": {"name": name}}], "none", True, None)
+        assert err.value.param == "tools[0].function.name"
 
 
 @pytest.mark.parametrize("body,param", BAD, ids=[p for _, p in BAD])

@@ -133,6 +133,33 @@ def test_a_step_of_another_slot_or_after_a_reset_is_not_timed():
     assert list(drafter.plain_times) == [1.0]
 
 
+def test_the_catch_up_after_a_pause_is_not_judged():
+    """A draft model that sat out a pause first catches up on the tokens it did not see, a slow call (here
+    50 s, the rest 0.05 s). Judged, that one call makes its window lose, and drafting that pays would pause
+    again after every probe."""
+    t, seen = [0.0], [0]
+
+    class CatchingUp:
+        def reset(self, slot: int) -> None:
+            pass
+
+        def propose(self, slot: int, ids, k: int) -> list[int]:
+            t[0] += 50.0 if len(ids) - seen[0] > k + 1 else 0.05 * k
+            seen[0] = len(ids)
+            return [7] * k
+
+    drafter = PayingDrafter(CatchingUp(), clock=lambda: t[0])
+    ids, plain_steps = [1, 2, 3], 0
+    seen[0] = len(ids)
+    for _ in range(400):
+        drafts = drafter.propose(0, ids, 4)
+        t[0] += 1.05 if drafts else 1.0
+        plain_steps += not drafts
+        ids = ids + [7] * (1 + len(drafts) // 4 * 3)  # 3 of 4 drafts accepted
+    assert drafter.pauses == 0, drafter.pauses
+    assert plain_steps <= drafter.probe * (1 + 400 // drafter.reprobe_after)  # the probes only
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="max_pause"):
         PayingDrafter(Sim(0, 1, 1, 0).drafter.inner, pause=10, max_pause=5)
@@ -188,3 +215,18 @@ def test_prompt_lookup_takes_the_longest_then_the_latest_match():
     for bad in ({"min_n": 0}, {"max_n": 2, "min_n": 3}):
         with pytest.raises(ValueError, match="min_n"):
             NgramDrafter(**bad)
+
+
+def test_an_empty_lookup_guess_never_counts_as_the_text_copying():
+    """Where lookup has no guess ([] each step), the slot stays with the draft model: an empty guess
+    matched the text vacuously, and 4 of them in a row sent the slot back to lookup, which had nothing."""
+    text = list(range(500))
+    lookup = Scripted(lambda ids, k: [])
+    model = Scripted(lambda ids, k: text[len(ids) : len(ids) + k])
+    drafter = LookupOrModel(lookup, model, slots=1)
+    ids = text[:10]
+    for _ in range(40):
+        drafts = drafter.propose(0, ids, 4)
+        ids = text[: len(ids) + len(drafts) + 1]
+    assert drafter.modelled[0] and drafter.switches == 1
+    assert model.calls == 40 - 5  # every step from the 6th miss on

@@ -440,6 +440,7 @@ def test_text_before_a_call_stays_an_item_and_a_cut_answer_is_incomplete():
 def test_an_answer_cut_by_its_length_says_why_and_a_stream_the_engine_fails_ends_failed(tiny_hf):
     """The incomplete response names its reason (the Agents SDK reads `incomplete_details.reason`), and a
     stream whose generation fails ends with `response.failed` carrying the engine's error, not a completion."""
+    from helpers.failing import FailingDecodes
     from helpers.live_server import LiveServer
 
     from metronome.engine import Engine
@@ -448,21 +449,13 @@ def test_an_answer_cut_by_its_length_says_why_and_a_stream_the_engine_fails_ends
 
     loaded = load(tiny_hf("llama"))
     engine = Engine.from_model(config=EngineConfig(slots=2, ctx=64), loaded=loaded)
-    real_decode, failures = engine.plan.decode, [0]
-
-    def decode(*args, **kwargs):
-        if failures[0] > 0:
-            failures[0] -= 1
-            raise RuntimeError("simulated kernel failure")
-        return real_decode(*args, **kwargs)
-
-    engine.plan.decode = decode
+    fails = FailingDecodes(engine)
     body = {"model": "metronome", "input": "the red cat", "max_output_tokens": 3, "temperature": 0}
     try:
         with LiveServer(create_app(engine, ServerSettings(), ModelIdentity.of(loaded))) as url:
             r = httpx.post(f"{url}/v1/responses", json=body, timeout=60).json()
             assert r.get("status") == "incomplete" and r["incomplete_details"] == {"reason": "max_output_tokens"}, r
-            failures[0] = 1
+            fails.next(1)
             text = httpx.post(f"{url}/v1/responses", json={**body, "stream": True}, timeout=60).text
             events = [json.loads(ln[5:]) for ln in text.splitlines() if ln.startswith("data:")]
             assert events[-1]["type"] == "response.failed", [e["type"] for e in events]

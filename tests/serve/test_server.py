@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from helpers.failing import FailingDecodes
 from helpers.gate import Gate
 from helpers.live_server import LiveServer, wait_until_healthy
 
@@ -949,16 +950,7 @@ def test_a_request_arriving_after_the_server_ended_its_generations_gets_the_503(
 
 def test_an_engine_failure_answers_that_client_and_counts(tiny):
     engine = Engine.from_model(config=EngineConfig(slots=2, ctx=64), loaded=tiny)
-    real_decode = engine.plan.decode
-    failures = [2]  # the next two decode steps fail
-
-    def failing_decode(*args, **kwargs):
-        if failures[0] > 0:
-            failures[0] -= 1
-            raise RuntimeError("simulated kernel failure")
-        return real_decode(*args, **kwargs)
-
-    engine.plan.decode = failing_decode
+    FailingDecodes(engine, count=2)  # the next two decode steps fail
     app = create_app(engine, ServerSettings(), ModelIdentity.of(tiny))
     body = {"messages": MSG, "max_tokens": 4, "temperature": 0}
     try:

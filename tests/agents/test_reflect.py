@@ -159,6 +159,32 @@ def test_a_loop_that_cannot_fit_the_context_is_refused_before_it_runs(tiny_engin
     assert tiny_engine.steps == 0  # nothing ran
 
 
+def test_the_fit_check_holds_at_exactly_the_context_and_names_what_to_lower(tiny_engine, monkeypatch):
+    """A loop whose worst case is exactly the context runs; one token more is refused. When even one round
+    cannot fit, fewer rounds would not help: the refusal names max_tokens. A model without a chat template
+    is refused by name."""
+    from metronome.agents.reflect import worst_case_tokens
+
+    one = ReflectSettings(rounds=1)
+    for task in ("the cat", "the cat the", "the cat the cat"):  # a task whose base leaves a multiple of 3 turns
+        base = worst_case_tokens(tiny_engine, task, one, SamplingParams(max_tokens=1)) - one.turns
+        if (tiny_engine.config.ctx - base) % one.turns == 0:
+            break
+    exact = (tiny_engine.config.ctx - base) // one.turns
+    assert worst_case_tokens(tiny_engine, task, one, SamplingParams(max_tokens=exact)) == tiny_engine.config.ctx
+    check_fits(tiny_engine, task, one, SamplingParams(max_tokens=exact))
+    with pytest.raises(ParamError) as info:
+        check_fits(tiny_engine, task, one, SamplingParams(max_tokens=exact + 1))
+    assert info.value.param == "max_tokens" and "lower max_tokens" in str(info.value)
+    with pytest.raises(ParamError) as info:
+        check_fits(tiny_engine, task, ReflectSettings(rounds=2), SamplingParams(max_tokens=exact))
+    assert info.value.param == "rounds" and "lower rounds or max_tokens" in str(info.value)
+    monkeypatch.setattr(type(tiny_engine.tokenizer), "has_chat_template", property(lambda self: False))
+    with pytest.raises(ParamError) as info:
+        check_fits(tiny_engine, "the cat", one, SamplingParams(max_tokens=8))
+    assert info.value.param == "model"
+
+
 def test_a_template_that_renders_replies_otherwise_falls_back_to_its_own_encoding(tiny_engine):
     # the tiny template writes "<|assistant|> reply </s>", not the reply's ids after "<|assistant|>"
     done = run_reflection(tiny_engine, "the cat", ReflectSettings(rounds=1), SamplingParams(max_tokens=4))

@@ -728,3 +728,7 @@ def test_the_draft_length_grows_when_drafts_pay_and_halves_when_they_miss_and_dr
     engine.drafter = Recorder(0)
     both = engine.generate([prompt, [1, 6, 6, 6]], params)
     assert both[0].token_ids == out and engine.drafter.ks == []
+    engine.drafter = Recorder(0)  # every draft right: 5 tokens a step, and the last step may use 1 draft
+    short = SamplingParams(max_tokens=8, ignore_eos=True)
+    assert engine.generate(prompt, short).token_ids == out[:8]
+    assert engine.drafter.ks == [4, 1]  # never more drafts than max_tokens leaves room for

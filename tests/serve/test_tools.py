@@ -323,6 +323,22 @@ def test_required_makes_calls_that_validate(smol_url, parallel):
     assert choice["message"]["content"] is None
 
 
+def test_a_named_function_is_one_call_whatever_parallel_tool_calls_says(smollm):
+    """OpenAI's forced function is exactly one call: with parallel calls allowed, Qwen wrote the call for four
+    other cities too, and the token budget cut it (finish_reason length). Only a slow test saw it."""
+    from metronome.engine.grammar import Grammars
+    from metronome.model.tokenizer import Tokenizer
+
+    grammars = Grammars(Tokenizer(smollm.tokenizer))
+    try:
+        for parallel in (True, False):
+            named = tool_calling(TOOLS, {"type": "function", "function": {"name": "add"}}, parallel, grammars)
+            assert named.mode == "function" and named.allowed == ("add",) and named.parallel is False
+        assert tool_calling(TOOLS, "required", True, grammars).parallel is True
+    finally:
+        grammars.close()
+
+
 def test_a_named_function_is_the_one_called(smol_url):
     for name in ("add", "get_weather"):
         choice = _ok(smol_url, tool_choice={"type": "function", "function": {"name": name}})

@@ -18,6 +18,7 @@ from typing import Iterator
 import httpx
 import jsonschema
 import pytest
+from helpers.sweeps import sweep_config
 
 from metronome.bench import cli, peers
 from metronome.bench.client import Api, RequestSpec, normalize_base_url, stream_request
@@ -67,23 +68,6 @@ class Recorder:
         if self.interrupt_after is not None and len(self.done) >= self.interrupt_after:
             time.sleep(0.3)  # the interrupt comes a while after the last request finished, as a person's does
             raise KeyboardInterrupt
-
-
-def sweep_config(**overrides: object) -> SweepConfig:
-    values: dict = dict(
-        workload=resolve_workload("short", input_tokens=40, output_tokens=120),
-        concurrency=(1,),
-        rounds=1,
-        requests_per_user=2,
-        warmup=1,
-        seed=0,
-        api=Api.COMPLETIONS,
-        ignore_eos=True,
-        temperature=0.0,
-        request_timeout_s=30.0,
-    )
-    values.update(overrides)
-    return SweepConfig(**values)
 
 
 def builder() -> PromptBuilder:

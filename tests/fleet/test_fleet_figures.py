@@ -220,3 +220,13 @@ def test_the_winner_is_the_cheapest_kind_that_meets_the_speed(capsys):
     costs = [float(line.split("$")[1].split("/M")[0].replace(",", "")) for line in out.splitlines() if "/M tok" in line]
     winner = float(next(line for line in out.splitlines() if line.startswith("winner:")).split("$")[1].split()[0])
     assert len(costs) >= 2 and winner == pytest.approx(min(costs), abs=1e-4)
+
+
+def test_a_validation_rows_ratio_is_against_the_middle_of_the_published_range():
+    """A published range (120-180 tok/s) is held at its middle, 150: a prediction of 150 is 1.00x, and the
+    band's ends are read against the same middle."""
+    from metronome.fleet.validation import ValidationRow
+
+    row = ValidationRow("lpu", "m", "hw", "1 chip", 150.0, 135.0, 165.0, 120.0, 180.0, "x", "s")
+    assert row.published == 150.0 and row.ratio == 1.0
+    assert row.band_ratio == (0.9, 1.1)

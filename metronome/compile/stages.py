@@ -212,8 +212,7 @@ def prefix_pool(config: EngineConfig, runner: Runner, kv: KVCache) -> tuple[Page
 def resolve(loaded: LoadedModel, config: EngineConfig, say: Say) -> Resolved:
     """Check the settings against the model and this machine; choose weights, ops and threads."""
     cfg = loaded.config
-    if config.ctx > cfg.max_position:
-        raise PlanError(f"ctx={config.ctx} is longer than the model's context ({cfg.max_position}); lower --ctx", "ctx")
+    check_ctx(cfg, config)
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise PlanError(f"device={config.device!r} but no CUDA GPU is visible to torch; use --device cpu", "device")
     weights = resolve_weights(loaded, config)
@@ -241,6 +240,13 @@ def resolve(loaded: LoadedModel, config: EngineConfig, say: Say) -> Resolved:
             ops.set_threads(threads)
             kernels += f" ({why_not})"
     return Resolved(weights, ops, why_not is None, kernels, threads, (fallback,) if fallback else ())
+
+
+def check_ctx(cfg: ModelConfig, config: EngineConfig) -> None:
+    """A plan's context must fit the model's (a sliding-window model's is cut to its window: past it, the
+    layers would attend where the model does not). Every plan checks it, tensor-parallel ones included."""
+    if config.ctx > cfg.max_position:
+        raise PlanError(f"ctx={config.ctx} is longer than the model's context ({cfg.max_position}); lower --ctx", "ctx")
 
 
 def kv_cache_dtype(config: EngineConfig, weights: str, fused: bool, kernels: str = "") -> torch.dtype:

@@ -30,6 +30,7 @@ from metronome.compile.quant import dense
 from metronome.compile.runner import Runner, TorchRunner
 from metronome.compile.stages import (
     DTYPES,
+    check_ctx,
     check_layout,
     kv_cache_dtype,
     prefix_pool,
@@ -62,6 +63,7 @@ def tp_settings(loaded: LoadedModel, config: EngineConfig) -> tuple[EngineConfig
     int4/int8 (the CPU default) run on the fused C++ decoder (parallel/fused_tp.py); f32/bf16 on the torch
     path (parallel/tp.py)."""
     config = resolve_settings(loaded.config, config)
+    check_ctx(loaded.config, config)  # as a plan of one process does (compile/stages.py `resolve`)
     if config.device != "cpu":
         raise PlanError(f"device={config.device!r}: tensor parallel runs on CPU ranks (gloo) for now", "device")
     weights = resolve_weights(loaded, config)

@@ -420,6 +420,23 @@ def test_a_head_dim_the_cpp_attention_cannot_read_runs_on_torch(tmp_path):
     assert err.value.param == "kernels"
 
 
+def test_plan_settings_the_model_or_the_device_cannot_take_are_refused_by_name(tmp_path):
+    """A context longer than the model's (64 here) is refused, its own length is not; int8 weights on a GPU
+    are refused before any CUDA check (this machine may have none)."""
+    from metronome.compile.stages import resolve_weights
+
+    path = str(_tiny_gguf(tmp_path / "ctx.gguf"))
+    with pytest.raises(PlanError, match="ctx=65 is longer than the model's context \\(64\\)") as err:
+        Engine.from_model(path, EngineConfig(slots=1, ctx=65, spec_tokens=0))
+    assert err.value.param == "ctx"
+    assert Engine.from_model(path, EngineConfig(slots=1, ctx=64, spec_tokens=0)).plan.config.ctx == 64
+    loaded = load(path)
+    with pytest.raises(PlanError, match="weights='int8' runs on CPU only for now") as err:
+        resolve_weights(loaded, EngineConfig(slots=1, ctx=64, device="cuda", weights="int8"))
+    assert err.value.param == "weights"
+    assert resolve_weights(loaded, EngineConfig(slots=1, ctx=64, device="cuda")) == "bf16"
+
+
 def test_truncated_gguf(tmp_path, smollm_path):
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(smollm_path.read_bytes()[:50_000_000])
@@ -572,6 +589,12 @@ def _settings(arch: str, **changes) -> dict:
         ("llama", {"mlp_bias": True}, "mlp_bias=true"),
         ("gemma3", {"hidden_activation": "silu"}, "hidden_activation='silu' is not supported for gemma3"),
         ("gemma3", {"use_bidirectional_attention": True}, "use_bidirectional_attention=true"),
+        # read as something else: no rope scaling at all, every layer sparse, every layer's pattern the first's,
+        # unclipped q/k/v
+        ("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope type 'dynamic' is not supported"),
+        ("qwen2moe", {"decoder_sparse_step": 2}, "dense layers between sparse ones"),
+        ("gemma3", {"layer_types": ["full_attention", "sliding_attention"]}, "layer_types must repeat"),
+        ("olmoe", {"clip_qkv": 8.0}, "clip_qkv=8.0 is not supported"),
     ],
 )
 def test_hf_settings_metronome_does_not_run_are_refused_not_dropped(tmp_path, arch, changes, match):

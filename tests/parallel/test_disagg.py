@@ -347,3 +347,18 @@ def test_a_chunked_prefill_worker_killed_and_replaced_leaks_no_semaphore(tiny_hf
     )
     assert done.returncode == 0 and "restarts 1" in done.stdout, done.stdout + done.stderr[-3000:]
     assert "leaked" not in done.stderr, done.stderr[-3000:]
+
+
+def test_a_job_whose_kv_is_not_its_cached_length_is_refused_before_the_wire():
+    """The worker receives exactly `cached` positions of keys and values: KV of another length would wait out
+    the pair's timeout on a receive of the wrong size and fail the worker. `submit` checks it first (on no
+    worker: the check needs none)."""
+    from metronome.parallel.disagg import PrefillWorker
+
+    ids = list(range(1, 21))
+    k = torch.zeros(2, 2, 8, 16)
+    worker = object.__new__(PrefillWorker)
+    with pytest.raises(ValueError, match="cached=16 needs the keys and values of that many positions"):
+        worker.submit(PrefillJob(None, ids, 16, k=k, v=k.clone()))
+    with pytest.raises(ValueError, match="cached=16 needs"):
+        worker.submit(PrefillJob(None, ids, 16, k=torch.zeros(2, 2, 16, 16), v=k))

@@ -128,3 +128,39 @@ def test_the_fused_decoder_gives_the_same_bits_through_shared_memory_gloo_and_on
     assert shm[0]["transport"].startswith("shared memory") and gloo[0]["transport"] == "gloo"
     for trace in (*shm, *gloo):
         assert torch.equal(trace["logits"], one["logits"])
+
+
+SLOT = 4096
+
+
+def _fitting(size: int) -> bytes:
+    """A bytes object whose pickle is `size` bytes long."""
+    import pickle
+
+    data = b"x" * size
+    return data[: size - (len(pickle.dumps(data)) - size)]
+
+
+def _edges(group) -> tuple[int, list[int], bool]:
+    """Broadcasts whose pickle is one byte short of a slot, a slot, and one byte more (a first byte says
+    which way the object comes: it must fit beside it); whether the exchange's file was unlinked once every
+    rank mapped it (its mapping reads "(deleted)"). Rank 0 answers last."""
+    import pickle
+
+    sizes = []
+    for size in (SLOT - 1, SLOT, SLOT + 1):
+        got = group.broadcast_object(_fitting(size) if group.rank == 0 else None)
+        sizes.append(len(pickle.dumps(got)))
+    with open("/proc/self/maps") as maps:
+        mapped = [line for line in maps if "metronome-tp-" in line]
+    if group.rank == 0:
+        time.sleep(0.5)  # the others' results come first
+    return group.rank, sizes, bool(mapped) and all(line.rstrip().endswith("(deleted)") for line in mapped)
+
+
+def test_broadcasts_at_a_slots_size_arrive_and_the_exchange_leaves_no_file():
+    results = run_ranks(2, _edges, timeout_s=120, collective_timeout_s=10, host_bytes=SLOT)
+    assert [rank for rank, *_ in results] == [0, 1]  # in rank order, whichever came first
+    for _rank, sizes, unlinked in results:
+        assert sizes == [SLOT - 1, SLOT, SLOT + 1]
+        assert unlinked  # nothing left in /dev/shm, whichever way the ranks end

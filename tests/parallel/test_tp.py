@@ -405,3 +405,144 @@ def test_a_cut_that_splits_a_files_blocks_says_which_chunk_counts_would_not():
     with pytest.raises(ShardingError, match=r"\(19 a row\).*that divides 19; otherwise run the torch path"):
         _columns(down, 0, 19 * 128, "layers.0.w_down")
     assert _columns(down, 0, 19 * 256, "layers.0.w_down").shape == (2, 19 * 256)
+
+
+def test_a_layout_and_its_chunk_counts_check_every_rank_and_width():
+    """A rank one past the last was taken as a layout (its chunks past the matrices' rows); a model with 8
+    heads and widths that cut in 8 gets 8 default chunks (the limit itself); a shared expert's width that
+    does not divide is refused like the experts' widths."""
+    from metronome.config import ModelConfig
+
+    with pytest.raises(ShardingError, match="rank=2 is outside 0..1"):
+        TPLayout(2, 2, 4)
+    assert TPLayout(2, 1, 4).chunks == range(2, 4)
+    cfg = ModelConfig(
+        arch="llama", vocab_size=100, hidden_size=256, intermediate_size=512, num_layers=1, num_heads=8,
+        num_kv_heads=8, head_dim=32, max_position=64,
+    )  # fmt: skip
+    assert default_shards(cfg) == 8
+    moe = dataclasses.replace(cfg, num_experts=4, experts_per_token=2, moe_intermediate_size=64, shared_expert_size=100)
+    with pytest.raises(ShardingError, match="tp_shards=8: this model cannot be cut in 8: a shared expert width of 100"):
+        check_shards(moe, 8)  # 8 divides the heads and the experts' 64, not the shared expert's 100
+    assert default_shards(moe) == 4
+
+
+def test_the_cut_embedding_gives_every_tokens_row_and_a_cut_needs_its_own_rank(tiny_hf):
+    """The vocabulary (117 words) cut in 4 chunks of 30 rows, the last short: every token's row comes from
+    its chunk (a chunk of 117 // 4 rows left the last token with zeros). A layout whose rank is not the
+    group's is refused before the model is cut."""
+    loaded = load(str(tiny_hf("llama")))
+    weights = {k: dense(v) for k, v in loaded.weights.items()}
+    model = build_model(loaded.config, weights, 64, torch.float32)
+    whole = model.embed.weight.detach().clone()
+    ids = torch.arange(loaded.config.vocab_size)[None]
+    assert loaded.config.vocab_size % 4
+    from metronome.parallel.tp import shard_model
+
+    shard_model(model, TPLayout(1, 0, 4), Solo())
+    assert torch.equal(model.embed(ids)[0], whole)
+    other = build_model(loaded.config, weights, 64, torch.float32)
+    with pytest.raises(ShardingError, match="the process group is rank 0 of 1, the layout rank 0 of 2"):
+        shard_model(other, TPLayout(2, 0, 4), Solo())
+
+
+def test_settings_a_tensor_parallel_plan_cannot_run_are_refused_before_any_rank(tiny_hf, monkeypatch):
+    """int8 weights with kernels='torch' (the tp path runs int4/int8 on the C++ kernels only), and a tp that
+    is not the WORLD_SIZE torchrun started: refused naming the setting, before a group is joined (a group of
+    3 that only 1 process joins waits out its 30 s timeout)."""
+    from metronome.compile.plan import PlanError
+    from metronome.parallel.plan import compile_tp_plan
+
+    loaded = load(str(tiny_hf("llama")))
+    with pytest.raises(PlanError, match="kernels='torch' with weights='int8'") as err:
+        tp_settings(loaded, EngineConfig(slots=1, ctx=64, tp=2, tp_shards=4, weights="int8", kernels="torch"))
+    assert err.value.param == "weights"
+    with pytest.raises(PlanError, match=r"ctx=1024 is longer than the model's context \(512\)") as err:
+        tp_settings(loaded, EngineConfig(slots=1, ctx=1024, tp=2, tp_shards=4, weights="f32"))
+    assert err.value.param == "ctx"
+    config = EngineConfig(slots=1, ctx=64, tp=2, tp_shards=4, weights="f32")
+    env = {"RANK": "0", "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    t0 = time.monotonic()
+    with pytest.raises(PlanError, match=r"tp=2 but torchrun started 3 ranks \(WORLD_SIZE\): pass --tp 3") as err:
+        compile_tp_plan(loaded, config, calibrate=False)
+    assert err.value.param == "tp" and time.monotonic() - t0 < 10
+
+
+class _Pool:
+    """A rank's prefix cache pool, as TPRunner and TPPages see it."""
+
+    page, pages = 16, 4
+
+    def __init__(self) -> None:
+        self.copies: list = []
+
+    def nbytes(self) -> int:
+        return 1000
+
+    def copy(self, slot, moves, into_pool) -> None:
+        self.copies.append((slot, moves, into_pool))
+
+
+class _Group:
+    rank, world, transport = 0, 2, "test"
+
+    def __init__(self) -> None:
+        self.sent: list = []
+
+    def broadcast_object(self, obj=None):
+        self.sent.append(obj)
+        return obj
+
+    def close(self) -> None:
+        pass
+
+
+class _Ranks:
+    def reform(self) -> None:
+        pass
+
+    def alive(self) -> bool:
+        return False  # no Stop at close
+
+    def stop(self) -> None:
+        pass
+
+
+def test_a_page_copy_asked_for_before_a_failure_runs_on_no_rank():
+    """The prefix cache asks for a copy at the failure count it saw; a failure since (new ranks, empty pools)
+    makes the copy run nowhere, and the pool's generation is that count. The pools of all ranks count in
+    its size."""
+    from metronome.parallel.runner import CopyPages, TPPages, TPRunner
+
+    class Local:
+        any_rows, weight_bytes, decode_mode = True, 0, "compact"
+
+    pool, group = _Pool(), _Group()
+    tp = TPRunner(Local(), group, _Ranks(), pool)
+    try:
+        pages = TPPages(tp, pool)
+        assert pages.nbytes() == 2 * pool.nbytes() and pages.generation == 0
+        assert pages.copy(0, [], True, generation=0) and len(pool.copies) == 1 and len(group.sent) == 1
+        tp.failures += 1  # as a failed call counts it
+        assert pages.generation == 1
+        assert not pages.copy(0, [], True, generation=0)
+        assert len(pool.copies) == 1 and len(group.sent) == 1  # neither sent to the other ranks nor run here
+        assert isinstance(group.sent[0], CopyPages)
+    finally:
+        tp.close()
+
+
+def test_a_tensor_parallel_plan_reports_the_kv_cache_of_every_rank(tiny_hf):
+    """Each rank holds its KV heads: the plan's report counts them all, as one process holding every head."""
+    path = str(tiny_hf("llama"))
+    sizes = []
+    for tp in (1, 2):
+        engine = _engine(path, tp)
+        try:
+            sizes.append(engine.plan.report.kv_cache_bytes)
+            assert engine.plan.cache.nbytes() * tp == sizes[-1]
+        finally:
+            engine.plan.runner.close()
+    assert sizes[0] == sizes[1]

@@ -82,6 +82,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             super().on_body(body)
 
     def on_message_complete(self) -> None:
+        # what comes next on the connection is the next request's headers: counted from its first read (it was
+        # counted from its second, so a kept-alive request's first read escaped the size bound, and one that
+        # stalled there was closed without its 408)
+        self._in_headers = True
+        self._header_bytes = 0
         if not self._oversized:
             super().on_message_complete()
 

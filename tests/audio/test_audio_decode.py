@@ -14,6 +14,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from helpers.wav import pcm_wav
 
 from metronome.audio.decode import SAMPLE_RATE, AudioError, decode_audio
 
@@ -26,14 +27,7 @@ def _sample() -> Path:
 
 
 def _wav(samples: np.ndarray, rate: int, channels: int = 1) -> bytes:
-    """16-bit PCM wav of int16 samples, shape (n,) or (n, channels), written by the stdlib."""
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(channels)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(np.ascontiguousarray(samples, dtype="<i2").tobytes())
-    return buf.getvalue()
+    return pcm_wav(samples, rate, channels)
 
 
 def _sine(freq: float, rate: int, seconds: float, amplitude: float = 0.5) -> np.ndarray:
@@ -181,3 +175,23 @@ def test_a_recording_cut_short_or_damaged_keeps_the_audio_it_holds(fmt, codec):
     assert decode_audio(bytes(damaged)).seconds > 5.0
     with pytest.raises(AudioError):
         decode_audio(data[:120])
+
+
+def test_too_long_audio_stops_decoding_once_past_the_limit(monkeypatch):
+    """A file past max_seconds is refused as soon as its decoded samples pass it, not once it is all decoded
+    (two hours of FLAC silence fit in 1.6 MB and decode to 460 MB; ten hours, to 2.3 GB)."""
+    from metronome.audio import decode
+
+    decoded = [0]
+    real = decode._append
+
+    def counting(pieces, frame):
+        n = real(pieces, frame)
+        decoded[0] += n
+        return n
+
+    monkeypatch.setattr(decode, "_append", counting)
+    data = _wav((_sine(300, SAMPLE_RATE, 30.0) * 32767).astype(np.int16), SAMPLE_RATE)
+    with pytest.raises(AudioError, match="longer than 2 s"):
+        decode_audio(data, max_seconds=2)
+    assert decoded[0] < 5 * SAMPLE_RATE, decoded[0] / SAMPLE_RATE

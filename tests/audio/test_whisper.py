@@ -297,6 +297,16 @@ def test_bad_input_names_the_problem(transcriber) -> None:
         transcriber.transcribe(np.zeros(1600, np.float32), language="xx")
 
 
+@pytest.mark.model
+def test_temperatures_at_both_ends_of_the_range_are_taken(transcriber, beckett: np.ndarray) -> None:
+    """The API takes temperature in [0, 1] (serve/audio.py), so the transcriber must too: 1.0 is a sampled
+    decode of its own, seeded, with no fallback past it."""
+    clip = beckett[: 3 * SR]
+    assert transcriber.transcribe(clip, temperature=0.0).segments
+    out = transcriber.transcribe(clip, temperature=1.0)
+    assert out.segments and all(s.temperature == 1.0 for s in out.segments), out.segments
+
+
 def test_fallback_temperatures() -> None:
     from metronome.audio.transcribe import DecodeOptions
 
@@ -403,3 +413,81 @@ def test_a_timestamped_decode_never_picks_no_timestamps(model_dir: Path) -> None
     for generated in ([], [tok.timestamp_begin], [tok.timestamp_begin, 345]):
         x = apply_rules(logits, generated, tok, timestamps=True, max_initial_timestamp=50)
         assert x[tok.no_timestamps] == -np.inf and int(np.argmax(x)) != tok.no_timestamps, generated
+
+
+class _OneSlot:
+    """The plan's slot bookkeeping, for a transcriber whose decodes are scripted."""
+
+    def __init__(self) -> None:
+        self.held = 0
+
+    def acquire(self) -> int:
+        self.held += 1
+        return 0
+
+    def release(self, slot: int) -> None:
+        self.held -= 1
+
+
+def _scripted(decodes: dict[float, tuple[float, float, float]]):
+    """A Transcriber whose window decode at each temperature gives (compression_ratio, avg_logprob,
+    no_speech_prob) from `decodes` (its tokens: [the temperature x 10]), and the temperatures it was asked for."""
+    from metronome.audio import transcribe
+
+    tr = transcribe.Transcriber.__new__(transcribe.Transcriber)
+    tr.options, tr.plan, tried = transcribe.DecodeOptions(), _OneSlot(), []
+
+    def decode(slot, audio, prompt, temperature, seed):
+        tried.append(temperature)
+        cr, logprob, no_speech = decodes[temperature]
+        return transcribe._Decoded([round(temperature * 10)], logprob, no_speech, temperature, cr)
+
+    tr._decode = decode
+    return tr, tried
+
+
+@pytest.mark.parametrize(
+    "decodes, tried, kept, temperature",
+    [
+        # the greedy decode is good: taken, nothing more tried
+        ({0.0: (1.5, -0.3, 0.1)}, [0.0], 0, 0.0),
+        # too repetitive (compression ratio over 2.4), then good
+        ({0.0: (2.6, -0.3, 0.1), 0.2: (1.5, -0.4, 0.1)}, [0.0, 0.2], 2, 0.2),
+        # too unlikely (average log probability under -1), then good
+        ({0.0: (1.5, -1.5, 0.1), 0.2: (1.5, -0.4, 0.1)}, [0.0, 0.2], 2, 0.2),
+        # unlikely but silence (no-speech probability over 0.6): nothing better to find, no fallback
+        ({0.0: (1.5, -1.5, 0.9)}, [0.0], 0, 0.0),
+        # every temperature fails: the likeliest of those not too repetitive (0.6's, not 0.0's more likely
+        # repetitive text), and the last temperature tried, which decides the next window's prompt
+        (
+            {
+                0.0: (3.0, -0.2, 0.1),
+                0.2: (2.0, -1.8, 0.1),
+                0.4: (2.5, -1.1, 0.1),
+                0.6: (2.0, -1.2, 0.1),
+                0.8: (2.0, -1.6, 0.1),
+                1.0: (2.0, -1.9, 0.1),
+            },
+            [0.0, 0.2, 0.4, 0.6, 0.8, 1.0],
+            6,
+            1.0,
+        ),
+        # every one too repetitive: the likeliest of all
+        ({t: (3.0, -0.5 - t, 0.1) for t in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)}, [0.0, 0.2, 0.4, 0.6, 0.8, 1.0], 0, 1.0),
+    ],
+)
+def test_the_fallback_follows_whispers_rules(decodes, tried, kept, temperature) -> None:
+    """Whisper's (and faster-whisper's) temperature fallback, on scripted decodes: which results send it to the
+    next temperature, which one it keeps when all fail, and the temperature it reports."""
+    tr, asked = _scripted(decodes)
+    out = tr._decode_with_fallback(None, [1], 0.0, seed=0)
+    assert asked == tried and out.tokens == [kept] and out.temperature == temperature
+    assert tr.plan.held == 0  # the slot is given back
+
+
+def test_fallback_temperatures_reach_one_from_any_start() -> None:
+    from metronome.audio.transcribe import DecodeOptions
+
+    # (1 - 0.4) / 0.2 is 2.9999999999999996 in floats: the last step, to 1.0, must not be lost to it
+    assert DecodeOptions().temperatures(0.4) == (0.4, 0.6, 0.8, 1.0)
+    assert DecodeOptions().temperatures(0.1) == (0.1, 0.3, 0.5, 0.7, 0.9)

@@ -355,3 +355,38 @@ def test_a_grammar_failing_mid_answer_ends_its_request_alone(engine, grammars, t
     assert ends["bad"].finish_reason == "error" and "Too many items" in ends["bad"].error
     assert len(bad.output_ids) == 2  # its first two tokens, then the failure
     assert ends["good"].finish_reason == "length" and good.output_ids == list(alone.token_ids)
+
+
+def test_masks_are_computed_on_the_callers_thread_once_the_grammars_is_closed(tokenizer):
+    """Closing the Grammars (the server stopping) cancels the masks queued on its thread and takes no more:
+    a constraint then computes its masks where they are asked for, the same masks, instead of failing."""
+    import threading
+
+    g = Grammars(tokenizer)
+    grammar = g.json_schema(PERSON, "schema")
+    release = threading.Event()
+    busy = g._worker.submit(release.wait, 10)  # the mask thread is busy: the next mask waits in its queue
+    queued = g.constraint(grammar)
+    g.close()  # cancels the queued mask
+    release.set()
+    busy.result(timeout=10)
+    after = g.constraint(grammar)  # nothing takes masks now
+    ids = tokenizer.encode(written(DOC), add_bos=False)
+    for c in (queued, after):
+        ref = inline(g, grammar)
+        for t in ids:
+            assert torch.equal(c.next_mask(), ref.next_mask())
+            c.accept(t)
+            ref.accept(t)
+        assert c.finished()
+
+
+def test_the_grammars_tried_once_are_remembered_up_to_a_bound(tokenizer, monkeypatch):
+    """Each grammar's first matcher is tried once and remembered (an agent sends the same schema call after
+    call), the latest STARTED_KEPT of them: a server fed distinct schemas for days must not grow for ever."""
+    from metronome.engine import grammar as module
+
+    monkeypatch.setattr(module, "STARTED_KEPT", 2)
+    g = Grammars(tokenizer, mask_thread=False)
+    made = [g.json_schema({"type": "object", "properties": {f"k{i}": {"type": "integer"}}}, "schema") for i in range(3)]
+    assert list(g._started) == [made[1].text, made[2].text]  # the oldest went first

@@ -15,7 +15,6 @@ import json
 import re
 import threading
 import time
-import wave
 from importlib import util
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import numpy as np
 import openai
 import pytest
 from helpers.live_server import LiveServer
+from helpers.wav import pcm_wav
 
 from metronome.audio.decode import decode_audio
 from metronome.audio.formats import ResponseFormat, render
@@ -208,23 +208,11 @@ def test_translations_endpoint(client, beckett, reference):
 
 
 def _silent_wav() -> bytes:
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes(bytes(32000))
-    return buf.getvalue()
+    return pcm_wav(np.zeros(16000, dtype=np.int16))
 
 
 def _long_wav(seconds: int) -> bytes:
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes((np.sin(np.arange(16000 * seconds) * 0.05) * 3000).astype("<i2").tobytes())
-    return buf.getvalue()
+    return pcm_wav(np.sin(np.arange(16000 * seconds) * 0.05) * 3000)
 
 
 @pytest.mark.parametrize(

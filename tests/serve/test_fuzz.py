@@ -46,6 +46,18 @@ def test_the_schema_describes_every_endpoint(tiny_url):
     assert model["anyOf"][0]["enum"] == [served, "metronome"]  # other names are a 404
 
 
+def test_the_schema_names_the_served_model_and_keeps_required_fields_required(tiny_url):
+    """A model id other than the served names is a 404, so the path parameter lists them; an explicit null
+    reads as the default for optional fields only: a required one (messages) does not accept null."""
+    doc = httpx.get(f"{tiny_url}/openapi.json", timeout=30).json()
+    served = httpx.get(f"{tiny_url}/v1/models", timeout=30).json()["data"][0]["id"]
+    (parameter,) = doc["paths"]["/v1/models/{model_id}"]["get"]["parameters"]
+    assert parameter["schema"]["enum"] == [served, "metronome"]
+    chat = doc["components"]["schemas"]["ChatBody"]
+    assert "messages" in chat["required"] and "anyOf" not in chat["properties"]["messages"]
+    assert {"type": "null"} in chat["properties"]["max_tokens"]["anyOf"]  # optional: null is its default
+
+
 def test_fuzzing_the_api_finds_no_server_error_and_no_hang(tiny_url, tmp_path):
     # an --out folder used before: an earlier run's report (with its 500) must not count in this run's
     (tmp_path / "vcr-earlier.yaml").write_text("response:\n  status:\n    code: '500'\n")

@@ -195,3 +195,42 @@ def test_head_answers_where_get_does_and_a_trailing_slash_is_not_redirected(url)
             assert r.json()["error"]["message"], path
         r = client.get("/metrics/")
         assert r.status_code == 404 and "location" not in r.headers
+
+
+def _response(sock: socket.socket) -> bytes:
+    """One whole response (its headers, then content-length bytes of body) from a kept-alive connection."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(
+        next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head
+
+
+def test_a_kept_alive_connection_gives_each_request_its_own_time_for_its_headers(url):
+    """The header timer ends with a request's headers; the next request on the connection gets its own, or a
+    client that sent one request and then half of another held the connection for good."""
+    with _connect(url) as sock:
+        sock.sendall(b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _response(sock).startswith(b"HTTP/1.1 404 ")
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # never the blank line
+        started = time.monotonic()
+        assert _read_all(sock).startswith(b"HTTP/1.1 408 ")  # it was closed without a word
+        assert time.monotonic() - started < 5.0
+
+
+def test_a_large_body_then_headers_in_three_reads_on_the_same_connection_are_not_a_431(url):
+    """The count of header bytes starts again with each request: a kept-alive request after one whose 60 KB
+    body came in the same read as its headers is judged on its own headers."""
+    with _connect(url) as sock:
+        body = b"x" * 60_000
+        sock.sendall(b"POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        assert _response(sock).startswith(b"HTTP/1.1 404 ")
+        for part in (b"GET /nowhere HTTP/1.1\r\nHost: x\r\n", b"X-Pad: " + b"p" * 10_000 + b"\r\n", b"\r\n"):
+            sock.sendall(part)
+            time.sleep(0.2)  # a read of its own: the headers are incomplete after the first two
+        assert _response(sock).startswith(b"HTTP/1.1 404 ")

@@ -1164,3 +1164,17 @@ def test_a_seed_out_of_range_is_told_its_range_exactly():
         with pytest.raises(pydantic.ValidationError, match=r"seed must be an integer in \[-2\*\*63, 2\*\*63\)"):
             SamplingBody(seed=seed)
     assert SamplingBody(seed=2**63 - 1).seed == 2**63 - 1
+
+
+def test_a_refused_key_names_its_scheme_and_is_counted():
+    """A 401 says which scheme it wants (WWW-Authenticate, RFC 9110) and shows in /metrics like every other
+    answer; /health and the OpenAPI document need no key."""
+    app = create_app(None, ServerSettings(api_key="s3cret"))
+    with LiveServer(app) as url:
+        r = httpx.get(f"{url}/v1/models", timeout=30)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert r.json()["error"]["code"] == "invalid_api_key"
+        for path in ("/health", "/openapi.json"):
+            assert httpx.get(f"{url}{path}", timeout=30).status_code != 401, path
+        metrics = httpx.get(f"{url}/metrics", headers={"Authorization": "Bearer s3cret"}, timeout=30).text
+    assert 'metronome_requests_total{endpoint="/v1/models",status="401"} 1.0' in metrics, metrics

@@ -33,3 +33,13 @@ def test_a_request_without_tokens_spent_its_run_on_the_prompt():
     assert usage["time_to_first_token"] is None
     queued = groq_timings(Timings(submitted=1.0, finished=2.0))  # cancelled while it waited for a slot
     assert queued["prompt_time"] is None and queued["completion_time"] is None and queued["total_time"] == 1.0
+
+
+def test_a_request_s_outcome_is_its_worst_choice_s():
+    """A choice that failed makes the request failed, even when another was cancelled (the client left after
+    the failure): failures are the server's to count, cancellations the client's."""
+    from metronome.serve.prometheus import outcome_of
+
+    assert outcome_of(["stop", "length"]) == "completed"
+    assert outcome_of(["stop", "cancelled"]) == outcome_of(["stop", None]) == "cancelled"
+    assert outcome_of(["error", "cancelled"]) == outcome_of(["cancelled", "error", None]) == "failed"

@@ -889,6 +889,42 @@ def test_a_full_queue_answers_429_with_retry_after(tiny):
         engine.stop()
 
 
+def test_a_request_the_queue_refuses_halfway_leaves_none_of_its_choices_queued(tiny):
+    """One slot held, one request waiting, room for one more: n=2 queues its first choice, then the queue is
+    full. The 429 must take that first choice back out, or it would run later for a client that has gone."""
+    engine = Engine.from_model(config=EngineConfig(slots=1, ctx=64), loaded=tiny, max_queue=2)
+    gate = Gate(engine)
+    app = create_app(engine, ServerSettings(), ModelIdentity.of(tiny))
+    body = {"messages": MSG, "max_tokens": 4, "temperature": 0}
+    try:
+        with LiveServer(app) as url:
+
+            async def run() -> tuple[list[httpx.Response], httpx.Response]:
+                async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+                    first = asyncio.create_task(http.post("/v1/chat/completions", json=body))
+                    for _ in range(600):  # until it holds the slot (stalled in decode)
+                        if engine.scheduler.by_slot:
+                            break
+                        await asyncio.sleep(0.02)
+                    second = asyncio.create_task(http.post("/v1/chat/completions", json=body))
+                    for _ in range(600):  # until it waits in the queue
+                        if engine.scheduler.waiting:
+                            break
+                        await asyncio.sleep(0.02)
+                    refused = await http.post("/v1/chat/completions", json=body | {"n": 2})
+                    gate.opened.set()
+                    return list(await asyncio.gather(first, second)), refused
+
+            served, refused = asyncio.run(run())
+            assert refused.status_code == 429, refused.text
+            assert [r.status_code for r in served] == [200, 200]
+            taken_back = gate.submitted[2]  # the refused request's first choice, queued before the refusal
+            assert taken_back.finish_reason == "cancelled" and taken_back.output_ids == []
+    finally:
+        gate.opened.set()
+        engine.stop()
+
+
 def test_the_queue_limit_counts_free_slots_and_refuses_what_never_fits(tiny):
     # slots 2 + queue 1: an idle server takes 3 generations at once (n=3 was refused with a 429 when every
     # request in counted as queued until the next step); 4 can never be in at once: a 400 naming n, not a retry

@@ -1,5 +1,7 @@
 """The API's Groq-style timings for a request of several choices (n > 1, or several prompts)."""
 
+import pytest
+
 from metronome.engine.request import Timings
 from metronome.serve.jobs import merge_timings
 from metronome.serve.usage import groq_timings
@@ -43,3 +45,25 @@ def test_a_request_s_outcome_is_its_worst_choice_s():
     assert outcome_of(["stop", "length"]) == "completed"
     assert outcome_of(["stop", "cancelled"]) == outcome_of(["stop", None]) == "cancelled"
     assert outcome_of(["error", "cancelled"]) == outcome_of(["cancelled", "error", None]) == "failed"
+
+
+def test_a_request_with_no_promise_is_not_held_to_one_and_a_never_admitted_ones_prompt_is_not_counted():
+    """The TTFT-over-prediction histogram takes only requests the engine promised a TTFT (NaN: uncalibrated,
+    or it waited for a slot; a NaN ratio lands in no bucket but the sum turns NaN for good). A request
+    cancelled before it was admitted computed none of its prompt: its tokens are not prompt tokens served."""
+    from metronome.serve.prometheus import ServerMetrics
+
+    def value(m: ServerMetrics, name: str) -> float:
+        return m.registry.get_sample_value(name) or 0.0
+
+    m = ServerMetrics()
+    for predicted in (float("nan"), 0.0, 20.0):
+        m.observe_submitted()
+        done = Timings(submitted=1.0, admitted=1.001, first_token=1.03, finished=1.1)
+        m.observe_request(done, 7, 3, [0.03, 0.04], "length", predicted_ttft_ms=predicted)
+    assert value(m, "metronome_ttft_over_prediction_ratio_count") == 1
+    assert value(m, "metronome_ttft_over_prediction_ratio_sum") == pytest.approx(30 / 20)
+    assert value(m, "metronome_prompt_tokens_total") == 21
+    m.observe_submitted()
+    m.observe_request(Timings(submitted=1.0, finished=1.5), 50, 0, [], "cancelled")
+    assert value(m, "metronome_prompt_tokens_total") == 21

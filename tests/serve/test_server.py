@@ -856,6 +856,31 @@ def test_health_is_503_while_a_step_is_stuck(tiny):
         engine.stop()
 
 
+def _one_held_one_waiting_then(
+    engine: Engine, gate: Gate, url: str, body: dict, last: dict
+) -> tuple[list[httpx.Response], httpx.Response]:
+    """A request that holds the slot (stalled in decode by `gate`), one that waits in the queue, then `last`;
+    the gate opens once `last` is answered. Returns the first two answers, and the last."""
+
+    async def run() -> tuple[list[httpx.Response], httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+            first = asyncio.create_task(http.post("/v1/chat/completions", json=body))
+            for _ in range(600):  # until it holds the slot (bounded: 12 s)
+                if engine.scheduler.by_slot:
+                    break
+                await asyncio.sleep(0.02)
+            second = asyncio.create_task(http.post("/v1/chat/completions", json=body))
+            for _ in range(600):  # until it waits in the queue
+                if engine.scheduler.waiting:
+                    break
+                await asyncio.sleep(0.02)
+            answer = await http.post("/v1/chat/completions", json=last)
+            gate.opened.set()
+            return list(await asyncio.gather(first, second)), answer
+
+    return asyncio.run(run())
+
+
 def test_a_full_queue_answers_429_with_retry_after(tiny):
     engine = Engine.from_model(config=EngineConfig(slots=1, ctx=64), loaded=tiny, max_queue=1)
     gate = Gate(engine)
@@ -863,24 +888,7 @@ def test_a_full_queue_answers_429_with_retry_after(tiny):
     body = {"messages": MSG, "max_tokens": 4, "temperature": 0}
     try:
         with LiveServer(app) as url:
-
-            async def run() -> tuple[list[httpx.Response], httpx.Response]:
-                async with httpx.AsyncClient(base_url=url, timeout=120) as http:
-                    first = asyncio.create_task(http.post("/v1/chat/completions", json=body))
-                    for _ in range(600):  # until it holds the slot (stalled in decode)
-                        if engine.scheduler.by_slot:
-                            break
-                        await asyncio.sleep(0.02)
-                    second = asyncio.create_task(http.post("/v1/chat/completions", json=body))
-                    for _ in range(600):  # until it waits in the queue
-                        if engine.scheduler.waiting:
-                            break
-                        await asyncio.sleep(0.02)
-                    refused = await http.post("/v1/chat/completions", json=body)
-                    gate.opened.set()
-                    return list(await asyncio.gather(first, second)), refused
-
-            served, refused = asyncio.run(run())
+            served, refused = _one_held_one_waiting_then(engine, gate, url, body, body)
             assert refused.status_code == 429 and refused.headers["Retry-After"] == "3"
             assert refused.json()["error"]["type"] == "rate_limit_error"
             assert [r.status_code for r in served] == [200, 200]
@@ -898,24 +906,7 @@ def test_a_request_the_queue_refuses_halfway_leaves_none_of_its_choices_queued(t
     body = {"messages": MSG, "max_tokens": 4, "temperature": 0}
     try:
         with LiveServer(app) as url:
-
-            async def run() -> tuple[list[httpx.Response], httpx.Response]:
-                async with httpx.AsyncClient(base_url=url, timeout=120) as http:
-                    first = asyncio.create_task(http.post("/v1/chat/completions", json=body))
-                    for _ in range(600):  # until it holds the slot (stalled in decode)
-                        if engine.scheduler.by_slot:
-                            break
-                        await asyncio.sleep(0.02)
-                    second = asyncio.create_task(http.post("/v1/chat/completions", json=body))
-                    for _ in range(600):  # until it waits in the queue
-                        if engine.scheduler.waiting:
-                            break
-                        await asyncio.sleep(0.02)
-                    refused = await http.post("/v1/chat/completions", json=body | {"n": 2})
-                    gate.opened.set()
-                    return list(await asyncio.gather(first, second)), refused
-
-            served, refused = asyncio.run(run())
+            served, refused = _one_held_one_waiting_then(engine, gate, url, body, body | {"n": 2})
             assert refused.status_code == 429, refused.text
             assert [r.status_code for r in served] == [200, 200]
             taken_back = gate.submitted[2]  # the refused request's first choice, queued before the refusal

@@ -744,9 +744,12 @@ def _hf_moe_weights(cfg: ModelConfig, i: int, raw: dict[str, torch.Tensor], path
     E, inter = cfg.num_experts, cfg.moe_intermediate_size
     if p + "experts.gate_up_proj" in raw:
         gate_up, down = raw[p + "experts.gate_up_proj"], raw.get(p + "experts.down_proj")
-        if down is None or gate_up.shape != (E, 2 * inter, cfg.hidden_size):
+        want_gate_up, want_down = (E, 2 * inter, cfg.hidden_size), (E, cfg.hidden_size, inter)
+        if down is None or gate_up.shape != want_gate_up or down.shape != want_down:
+            got = (tuple(gate_up.shape), None if down is None else tuple(down.shape))
             raise ModelFileError(
-                f"{path}: layer {i}: stacked experts must be gate_up_proj {(E, 2 * inter, cfg.hidden_size)} and down_proj"
+                f"{path}: layer {i}: stacked experts must be gate_up_proj {want_gate_up} and down_proj {want_down} "
+                f"(num_experts {E}, moe_intermediate_size {inter}); the file has {got[0]} and {got[1]}"
             )
         for e in range(E):
             out[f"layers.{i}.experts.{e}.w_gate.weight"] = gate_up[e, :inter]

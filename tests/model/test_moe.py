@@ -101,6 +101,27 @@ def test_routing_is_softmax_then_top_k_with_ties_to_the_lowest_id():
     assert torch.equal(ids, top_ids) and torch.equal(w, top)
 
 
+@pytest.mark.parametrize("tensor", ["gate_up_proj", "down_proj"])
+def test_stacked_experts_of_another_shape_are_refused_by_name(moe, tmp_path, tensor):
+    """One expert too many in gate_up_proj loaded the first num_experts silently; down_proj's shape was not
+    checked at all (one expert too few: an IndexError at the last expert)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from metronome.model.errors import ModelFileError
+
+    _hf, _flat, stacked, _gguf = moe("qwen2moe")
+    folder = shutil.copytree(stacked, tmp_path / "bad")
+    state = load_file(str(folder / "model.safetensors"))
+    name = next(k for k in state if k.endswith(f"layers.0.mlp.experts.{tensor}"))
+    t = state[name]
+    state[name] = torch.cat([t, t[:1]]) if tensor == "gate_up_proj" else t[:-1].contiguous()
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelFileError, match="layer 0: stacked experts must be gate_up_proj"):
+        load(folder)
+
+
 def test_moe_config_checks_its_fields():
     base = dict(
         arch="mixtral", vocab_size=8, hidden_size=32, intermediate_size=32, num_layers=1, num_heads=2,

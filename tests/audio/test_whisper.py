@@ -318,9 +318,10 @@ def test_fallback_temperatures() -> None:
     assert DecodeOptions().temperatures(0.25) == (0.25, 0.45, 0.65, 0.85)
 
 
-def test_plan_rows_of_one_slot_are_causal() -> None:
-    """A tiny random Whisper: a prompt prefilled in one call gives the same last logits as the same tokens
-    stepped one by one (attention within a run is causal), up to float rounding."""
+@pytest.mark.parametrize("tokens", [[3, 7, 11, 5], [3, 7]])  # [sot, <|notimestamps|>] is a 2-token prompt
+def test_plan_rows_of_one_slot_are_causal(tokens: list[int]) -> None:
+    """A tiny random Whisper: a prompt prefilled in one call gives the same logits as the same tokens
+    stepped one by one (attention within a run is causal, from 2 rows on), up to float rounding."""
     from metronome.audio.whisper import Decoder, DecoderCache, WhisperConfig
 
     cfg = WhisperConfig(
@@ -355,7 +356,6 @@ def test_plan_rows_of_one_slot_are_causal() -> None:
 
     dec = Decoder(_Fake(), cfg)  # type: ignore[arg-type]
     audio = torch.randn(6, 8, generator=g)
-    tokens = [3, 7, 11, 5]
     a, b = DecoderCache.allocate(cfg, 2), DecoderCache.allocate(cfg, 2)
     with torch.inference_mode():
         dec.set_audio(a, 1, audio)
@@ -491,3 +491,51 @@ def test_fallback_temperatures_reach_one_from_any_start() -> None:
     # (1 - 0.4) / 0.2 is 2.9999999999999996 in floats: the last step, to 1.0, must not be lost to it
     assert DecodeOptions().temperatures(0.4) == (0.4, 0.6, 0.8, 1.0)
     assert DecodeOptions().temperatures(0.1) == (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+_BIAS = b"a/bias\0" + struct.pack("<BI", 1, 2)  # the variable's name, rank 1, dimension 2: then its type id
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        (lambda raw: struct.pack("<I", 7) + raw[4:], "binary version 7 is not supported"),
+        (lambda raw: struct.pack("<I", 3) + raw[4:], "binary version 3 is not supported"),
+        (lambda raw: raw + b"\0", "1 trailing bytes"),
+        (lambda raw: raw.replace(b"a/bias\0", b"a/bias!"), "malformed string"),
+        (
+            lambda raw: raw.replace(_BIAS + b"\0", _BIAS + b"\6"),
+            "unknown type id 6",
+        ),
+        (
+            lambda raw: raw.replace(_BIAS + b"\0", _BIAS + b"\4"),
+            "has 8 bytes, its shape",
+        ),
+    ],
+    ids=["newer-version", "older-version", "trailing-bytes", "string-without-nul", "type-id", "size"],
+)
+def test_ct2_reader_refuses_what_it_cannot_read(tmp_path: Path, damage, match: str) -> None:
+    """Every way a file can be outside the format is a Ct2FormatError saying which (not a numpy error, and
+    not a model read wrong): versions outside 4..6, an unknown type id (6 is one past bfloat16), a size its
+    shape does not give, a string without its NUL, bytes after the alias table."""
+    raw = _model_bin([("a/bias", np.array([1.5, -2.0], np.float32), 0)], [])
+    assert read_model_bin(_write(tmp_path, raw)).get("a/bias").tolist() == [1.5, -2.0]
+    with pytest.raises(Ct2FormatError, match=match):
+        read_model_bin(_write(tmp_path, damage(raw)))
+
+
+def _write(tmp_path: Path, raw: bytes) -> Path:
+    path = tmp_path / "model.bin"
+    path.write_bytes(raw)
+    return path
+
+
+def test_a_whisper_config_with_a_width_its_heads_do_not_divide_is_refused() -> None:
+    from metronome.audio.whisper import WhisperConfig
+
+    sizes = dict(n_mels=80, n_audio_ctx=6, n_audio_head=2, n_audio_layer=1, n_vocab=50, n_text_ctx=10, n_text_layer=1)
+    WhisperConfig(**sizes, n_audio_state=8, n_text_state=8, n_text_head=2)
+    with pytest.raises(ValueError, match="n_audio_state=9 is not divisible by its head count 2"):
+        WhisperConfig(**sizes, n_audio_state=9, n_text_state=8, n_text_head=2)
+    with pytest.raises(ValueError, match="n_text_state=8 is not divisible by its head count 3"):
+        WhisperConfig(**sizes, n_audio_state=8, n_text_state=8, n_text_head=3)

@@ -7,7 +7,9 @@ import asyncio
 import os
 import subprocess
 import sys
+from typing import Callable
 
+import httpx
 import pytest
 from helpers.live_server import LiveServer
 
@@ -246,3 +248,123 @@ def test_fuzz_without_schemathesis_says_how_to_install_it(tmp_path, monkeypatch,
     said = capsys.readouterr()
     assert "pip install 'schemathesis==4.32.5'" in said.out + said.err, said
     assert not out.exists()  # refused before anything was made or started
+
+
+def test_memory_is_judged_after_the_warm_up_against_its_tolerance():
+    """The memory rule: the median of the last tenth of the samples after the warm-up against the median of
+    the first tenth; 5 % is the limit, growth inside the warm-up does not count, and a run with fewer than 4
+    samples after the warm-up cannot pass it."""
+    from metronome.bench.soak import memory_check
+
+    mib = 2**20
+
+    def samples(at: Callable[[int], float]) -> list[tuple[float, int]]:
+        return [(float(t), int(at(t) * mib)) for t in range(100)]  # one a second; the warm-up ends at 20 s
+
+    assert memory_check(samples(lambda t: 100 if t < 20 else 200), 20.0, 0.05).ok  # doubled in the warm-up
+    assert memory_check(samples(lambda t: 100 if t < 90 else 104), 20.0, 0.05).ok  # +4 %
+    grown = memory_check(samples(lambda t: 100 if t < 90 else 108), 20.0, 0.05)  # +8 %
+    assert not grown.ok and "+8.0%" in grown.text
+    few = memory_check([(0.0, 100 * mib), (21.0, 100 * mib), (22.0, 100 * mib), (23.0, 100 * mib)], 20.0, 0.05)
+    assert not few.ok and "only 3 memory samples" in few.text
+
+
+def test_the_accounts_fail_while_requests_are_in_flight_or_uncounted():
+    """Received = ended is not enough: a request still in flight (API or engine) fails its account; and a
+    stream its client dropped was sent, so it must have been received (only a cancelled one may not be)."""
+    tally = Tally()
+    for outcome in ["completed"] * 10 + ["cancelled"] * 2:
+        tally.add(outcome, "")
+    tally.kinds["disconnect"] = 2  # both dropped mid-stream: the server read them
+
+    def metrics(received: int, api_flying: int, engine_flying: int) -> dict[str, float]:
+        ended = 'metronome_api_requests_ended_total{endpoint="/v1/chat/completions",outcome="completed"}'
+        return {
+            'metronome_api_requests_received_total{endpoint="/v1/chat/completions"}': received,
+            ended: received,
+            "metronome_api_requests_in_flight": api_flying,
+            "metronome_engine_requests_submitted_total": received,
+            'metronome_engine_requests_finished_total{reason="stop"}': received,
+            "metronome_engine_requests_in_flight": engine_flying,
+        }
+
+    def verdicts(*args: int) -> list[bool]:
+        return [c.ok for c in account_checks({}, metrics(*args), tally)]
+
+    assert verdicts(12, 0, 0) == [True, True, True]
+    assert verdicts(12, 1, 0) == [True, False, True]
+    assert verdicts(12, 0, 1) == [True, True, False]
+    assert verdicts(10, 0, 0)[0] is False  # two dropped streams the server never counted
+
+
+def _talk_once(answer: Callable[[httpx.Request], httpx.Response], body: dict) -> tuple[str, str]:
+    async def talk() -> tuple[str, str]:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer), base_url="http://x") as http:
+            client = Client(http, "m", SoakConfig(duration_s=1, users=1), None)
+            return await client._talk("/v1/completions", body, None)
+
+    return asyncio.run(talk())
+
+
+def _sse(*events: str) -> Callable[[httpx.Request], httpx.Response]:
+    text = "".join(f"data: {e}\n\n" for e in events)
+    return lambda _request: httpx.Response(200, text=text, headers={"content-type": "text/event-stream"})
+
+
+@pytest.mark.parametrize(
+    "answer, body, outcome",
+    [
+        (_sse('{"choices": [{"text": "a", "finish_reason": "stop"}]}', "[DONE]"), {"stream": True}, "completed"),
+        (_sse('{"choices": [{"text": "a", "finish_reason": null}]}', "[DONE]"), {"stream": True}, "lost"),
+        (_sse('{"choices": [{"text": "a", "finish_reason": "stop"}]}'), {"stream": True}, "lost"),
+        (
+            lambda _r: httpx.Response(200, json={"choices": [{"finish_reason": "length"}]}),
+            {"stream": False},
+            "completed",
+        ),
+        (lambda _r: httpx.Response(200, json={"choices": [{"finish_reason": None}]}), {"stream": False}, "lost"),
+        (
+            lambda _r: httpx.Response(429, json={"error": {"message": "m", "type": "t", "param": None, "code": "c"}}),
+            {"stream": False},
+            "error",
+        ),
+        (lambda _r: httpx.Response(500, json={"error": {"message": "server fell over"}}), {"stream": False}, "lost"),
+    ],
+    ids=["streamed", "done-without-finish", "no-done", "whole", "whole-without-finish", "clean-error", "bad-error"],
+)
+def test_what_a_client_counts_as_completed_lost_or_a_clean_error(answer, body, outcome):
+    """A request counts as completed only with a finish reason (and `[DONE]` when streamed); an error counts
+    as clean only in OpenAI's error shape (message, type, param, code); anything else is lost."""
+    assert _talk_once(answer, body)[0] == outcome
+
+
+def test_a_soak_needs_a_user():
+    with pytest.raises(ValueError, match="at least 1 user"):
+        SoakConfig(duration_s=10, users=0)
+
+
+def test_a_lost_request_fails_the_soak_and_the_warm_ups_growth_is_not_counted(tiny_server, monkeypatch):
+    """One request the client saw lost fails the soak, whatever else went well; and memory is measured from
+    the end of the warm-up (warmup_share of the duration, in seconds): growth before it does not count."""
+    url, _ = tiny_server
+    real_talk, lost = Client._talk, []
+
+    async def talk(self, path, body, drop_after):
+        if not lost:
+            lost.append(path)
+            return "lost", "a 200 without choices (made up by the test)"
+        return await real_talk(self, path, body, drop_after)
+
+    monkeypatch.setattr(Client, "_talk", talk)
+    reads = []
+
+    def rss() -> int:  # sampled once a second from the start: grows until the 2nd sample, flat after
+        reads.append(1)
+        return (100 if len(reads) <= 2 else 200) * 2**20
+
+    config = SoakConfig(duration_s=8, users=2, warmup_share=0.25, **SHORT)  # the warm-up ends at 2 s
+    result = asyncio.run(soak(url, config, rss))
+    verdicts = {c.name: c.ok for c in result.checks}
+    assert not result.passed and not verdicts["no request lost or hung"], result.summary()
+    assert verdicts["server memory flat"], result.summary()
+    assert result.tally.outcomes["lost"] == 1 and any("made up by the test" in p for p in result.tally.problems)

@@ -112,3 +112,50 @@ def test_a_levels_p90_is_the_percentile_the_other_benches_read():
         Loop(i, True, None, 0.1, 0.2, 0.3, float(s), "") for i, s in enumerate([5, 1, 9, 3, 7, 2, 10, 4, 8, 6])
     )
     assert Level(10, 1.0, loops).p90("loop_s") == pytest.approx(9.1)
+
+
+def test_a_loop_is_timed_from_the_upload_to_the_answers_first_sentence(monkeypatch):
+    """A loop's times on a made-up clock: the transcript 2 s after the upload started, the chat request sent
+    0.5 s later, its first sentence shown by its third chunk (0.3 s after its send: the chunk holding the
+    space after the full stop). The loop is 2.5 + 0.3 s; TTFT and first sentence are the chat request's own."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import httpx
+
+    from metronome.bench import voice
+    from metronome.bench.metrics import StreamTrace
+
+    clock = iter([10.0, 12.0, 12.5])
+    monkeypatch.setattr(voice, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    sent = []
+
+    async def chat(_http, _base, _api, _model, spec, _timeout):
+        sent.append(spec.prompt)
+        return StreamTrace(chunk_times=(0.1, 0.2, 0.3, 0.4), chunk_texts=("Hi", " there.", " More", "."), end_s=0.5)
+
+    monkeypatch.setattr(voice, "stream_request", chat)
+    heard = httpx.MockTransport(lambda _request: httpx.Response(200, json={"text": " hello there "}))
+
+    async def one() -> voice.Loop:
+        async with httpx.AsyncClient(transport=heard) as http:
+            return await voice._one_loop(http, "http://x", "m", b"RIFF", "a.wav", 0, 8, 30.0)
+
+    loop = asyncio.run(one())
+    assert loop.ok and sent == ["hello there"] and loop.transcript == "hello there"
+    assert (loop.transcript_s, loop.ttft_s, loop.first_sentence_s) == (2.0, 0.1, 0.3)
+    assert loop.loop_s == pytest.approx(2.8)
+
+
+def test_a_level_counts_and_times_only_the_loops_that_worked(tmp_path):
+    """A loop that heard nothing has a transcript time but is no loop done: it is out of the medians and of
+    loops/s (1 loop done in 2 s is 0.50 loops/s, not 1.00)."""
+    from metronome.bench.voice import Level, Loop
+
+    done = Loop(0, True, None, 1.0, 0.2, 0.4, 1.5, "hello")
+    silent = Loop(1, False, "transcription: heard nothing (an empty transcript)", 9.0, None, None, None, "")
+    level = Level(2, 2.0, (done, silent))
+    assert level.median("transcript_s") == 1.0 and level.ok == 1
+    table = voice_markdown([level], tmp_path / "a.wav", 8)
+    assert "| 2 | 1/2 | 1.000 (1.000) | 0.200 | 0.400 | 1.500 (1.500) | 0.50 |" in table, table
+    assert "error: transcription: heard nothing" in table

@@ -268,3 +268,34 @@ def test_activations_too_small_for_127_over_their_max_stay_finite(qtype: str) ->
     # float32's subnormals: what is asked is an error of the size of |x| |w|, not 20-30x of it
     scale = (x.double().abs() @ w.abs().T).max().item()
     assert torch.isfinite(y).all() and (y - exact).abs().max().item() <= 0.5 * scale
+
+
+def test_block_matrix_keeps_q4_for_int4_reads_the_file_again_for_cached_views_and_keeps_a_q8_bias() -> None:
+    """Which format a matrix runs in: Q4 blocks are packed as Q4 only in int4 mode (int8 requantizes them to
+    Q8_0); a matrix the plan cache kept as a view of the file (None) is taken from the file again, not run as
+    None; and a Q8_0 matrix with a bias on the torch path keeps its bias."""
+    from torch import nn
+
+    from metronome.compile.quant import Q8_0_KIND, Q8Linear, block_matrix, cacheable, quantize
+
+    n, k = 16, 64
+    q4 = QuantTensor(raw=_blocks("Q4_0X16", n, k, seed=5), qtype="Q4_0", shape=(n, k))
+    assert block_matrix([q4], "int4", OPS)[0][1] == BLOCK_KINDS["Q4_1X16"]
+    assert block_matrix([q4], "int8", OPS)[0][1] == Q8_0_KIND
+    q51 = QuantTensor(raw=_blocks("Q5_1", n, k, seed=6), qtype="Q5_1", shape=(n, k))
+    ((blocks, kind, rows),) = block_matrix([q51], "int8", OPS)
+    assert kind == FILE_KINDS["Q5_1"] and cacheable([(blocks, kind, rows)])[0][0] is None
+    ((again, kind_again, _),) = block_matrix([q51], "int8", OPS, cached=cacheable([(blocks, kind, rows)]))
+    assert kind_again == kind and again is not None and torch.equal(again, blocks)
+
+    q8 = QuantTensor(raw=_blocks("Q8_0", n, k, seed=7), qtype="Q8_0", shape=(n, k))
+    model = nn.Sequential()
+    model.add_module("proj", nn.Linear(k, n, bias=True))
+    with torch.no_grad():
+        model.proj.weight.copy_(torch.from_numpy(q8.dequantize().numpy()))
+        model.proj.bias.copy_(torch.arange(n, dtype=torch.float32))
+    x = torch.randn(2, k, generator=torch.Generator().manual_seed(8))
+    want = model(x).double()
+    quantize(model, {"proj.weight": q8}, "int8", q8_ops=OPS)
+    assert not isinstance(model.proj, Q8Linear)  # the fused Q8_0 kernel takes no bias
+    assert (model(x).double() - want).abs().max().item() <= 0.02 * want.abs().max().item()

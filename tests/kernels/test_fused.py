@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -443,3 +444,56 @@ def test_the_fused_plans_head_is_callable(tiny_hf):
     logits = engine.plan.head(hidden[-1:])
     assert logits.shape[-1] >= engine.plan.cfg.vocab_size
     assert torch.equal(logits[0], engine.plan.runner.logits(hidden[-1:])[0])
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+def test_torch_int4_linear_runs_the_files_q4_weights(qtype):
+    """The torch int4 path (no fused decoder) maps a Q4 block x = d*q + m (Q4_0: d*(q-8)) onto torch's
+    int4pack group x = (q-8)*scale + zero: scale d, zero m + 8d. Only the bf16 roundings (scales, activations,
+    output) may move the result."""
+    from metronome.compile.quant import int4_linear
+
+    t = _q4_tensor(qtype, 32, 96, seed=7)
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(7))
+    y = int4_linear(t, None)(x).double()
+    w = t.dequantize().double()
+    ref = x.bfloat16().double() @ w.T
+    scale = (x.double().abs() @ w.abs().T).max().item()
+    assert y.shape == (3, 32) and (y - ref).abs().max().item() <= 2e-2 * scale
+
+
+def test_q8_0_quantization_is_the_gguf_formats():
+    """quantize_q8_0 writes GGUF Q8_0 blocks: per 32 weights the fp16 d = max|w|/127 (bit for bit gguf's),
+    then codes of w/d (a code may differ from gguf's by one: ours divide by the fp16 d, which is stored),
+    so a weight comes back within half a step; an all-zero block is d = 0 and codes 0."""
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(16, 128, generator=g) * 0.05
+    w[3, 32:64] = 0.0
+    ours = quantize_q8_0(w).numpy().reshape(16, 4, 34)
+    theirs = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q8_0).reshape(16, 4, 34)
+    assert np.array_equal(ours[..., :2], theirs[..., :2])
+    codes = ours[..., 2:].view(np.int8).astype(np.int32)
+    assert np.abs(codes - theirs[..., 2:].view(np.int8).astype(np.int32)).max() <= 1
+    assert not codes[3, 1].any() and not ours[3, 1, :2].any()
+    d = ours[..., :2].copy().view(np.float16).astype(np.float64)  # (16, 4, 1)
+    back = codes * d
+    assert (np.abs(back - w.double().numpy().reshape(16, 4, 32)) <= d / 2 + 1e-12).all()
+
+
+@pytest.mark.parametrize("change", [{"query_pre_attn_scalar": 128.0}, {"final_logit_softcap": 0.3}])
+def test_the_fused_decoder_takes_the_models_attention_scale_and_logit_cap(tiny_hf, change):
+    """Gemma 3 27B scales attention by query_pre_attn_scalar ** -0.5 (its 168 = hidden / heads), not by
+    head_dim ** -0.5; Gemma 2 caps its logits (tanh(x / cap) * cap). The tiny gemma3 has the scalar equal to
+    its head_dim and no cap, so here each is set apart; the fused decoder must follow the torch model."""
+    loaded = load(tiny_hf("gemma3"))
+    assert loaded.config.head_dim == 32 and not loaded.config.final_logit_softcap
+    loaded = dataclasses.replace(loaded, config=dataclasses.replace(loaded.config, **change))
+    fused = Engine.from_model(config=EngineConfig(slots=1, ctx=64, weights="int8", spec_tokens=0), loaded=loaded)
+    ref = Engine.from_model(config=EngineConfig(slots=1, ctx=64, weights="f32", kernels="torch"), loaded=loaded)
+    assert isinstance(fused.plan.runner, FusedRunner)
+    ids = [1] + [5 + (7 * i) % 100 for i in range(12)]
+    a = fused.plan.prefill(ids, 0, all_logits=True)
+    b = ref.plan.prefill(ids, 0, all_logits=True)
+    cap = change.get("final_logit_softcap")
+    assert cap is None or a.abs().max().item() < cap  # capped: the raw logits here reach about 0.6
+    assert (a - b).abs().max().item() <= 0.04 * (b.max() - b.min()).item()

@@ -311,3 +311,42 @@ def test_clients_that_leave_do_not_get_past_the_limit_while_their_loops_run(smol
     finally:
         release.set()
         engine.stop()
+
+
+def test_a_streamed_reflection_the_full_queue_ends_is_counted_rejected(served):
+    """A streamed reflection whose later turn the full queue refuses ends with a 429 error event: the client's
+    to retry, so /metrics count it rejected, as a chat request refused for the same reason, not failed."""
+    from metronome.engine.request import QueueFullError
+
+    url, engine = served
+    submit, calls = engine.submit, []
+
+    def refusing_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) >= 2:
+            raise QueueFullError("9 requests are in, the most 1 slot and a queue of 8 hold")
+        return submit(*args, **kwargs)
+
+    ended = 'metronome_api_requests_ended_total{{endpoint="/v1/reflections",outcome="{}"}}'
+    before = _metrics(url)
+    try:
+        engine.submit = refusing_the_second
+        events = _events(url, {"task": TASK, "rounds": 1, "max_tokens": 6})
+    finally:
+        del engine.submit
+    assert events[-2][1]["error"]["code"] == "queue_full"
+    deadline = time.monotonic() + 10
+    while (after := _metrics(url))["metronome_api_requests_in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    grew = {o: after.get(ended.format(o), 0.0) - before.get(ended.format(o), 0.0) for o in ("rejected", "failed")}
+    assert grew == {"rejected": 1, "failed": 0}
+
+
+def test_a_turn_of_one_token_has_no_rate_and_the_body_stays_json(served):
+    """A turn of one token has no decode rate (NaN in TurnStats): it is null in the JSON (NaN is no JSON, and
+    the whole body could not be written)."""
+    url, _ = served
+    r = httpx.post(f"{url}/v1/reflections", json={"task": TASK, "rounds": 1, "max_tokens": 1}, timeout=120)
+    assert r.status_code == 200, r.text
+    stats = [t["stats"] for t in json.loads(r.text, parse_constant=lambda c: pytest.fail(f"{c} in the body"))["turns"]]
+    assert [s["completion_tokens"] for s in stats] == [1, 1, 1] and [s["tokens_per_s"] for s in stats] == [None] * 3

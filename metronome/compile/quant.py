@@ -215,8 +215,8 @@ def q4_0_as_q8_0(part: QuantTensor) -> QuantTensor:
 def quantize_q8_0(w: torch.Tensor) -> torch.Tensor:
     """Dense (N, K) weights -> GGUF Q8_0 rows (N, K/32*34) uint8: per 32 weights an fp16 d = max|w|/127
     (the file format's scale, bit for bit) and round(w / d) as int8, divided by d as stored in fp16 where
-    llama.cpp's quantizer divides by the float32 d: about 0.7 % of codes differ by one from its, and they
-    dequantize slightly closer to w (squared error 0.018780 against 0.018802 on a random 256 x 1024 matrix)."""
+    llama.cpp's quantizer divides by the float32 d: 0.7 % of codes differ by one from its, and they dequantize
+    slightly closer to w (summed squared error 7.509 against 7.518 on torch.randn(256, 1024), seed 0)."""
     n, k = w.shape
     if k % GROUP:
         raise ValueError(f"Q8_0 needs the input dimension to be a multiple of {GROUP}, got {k}")

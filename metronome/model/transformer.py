@@ -307,6 +307,9 @@ def build_model(
         src = torch.cat([weights[n].to(torch.float32) for n in weight_sources(name)])
         with torch.no_grad():
             p.copy_(src.reshape(p.shape))
+    # norm weights stay float32 (tiny; exact Gemma scales), and so do MoE routers (they pick the experts):
+    # kept before `to(dtype)`, which would round them to `dtype` first
+    exact = {m: m.weight.data.clone() for m in model.modules() if isinstance(m, (RMSNorm, Router))}
     model = model.to(dtype)
     # RoPE tables stay float32 (rounded once, where they are applied).
     model.rope = Rope(cfg, cfg.rope_theta, ctx).to(device)
@@ -314,9 +317,8 @@ def build_model(
         model.rope_local = Rope(cfg, cfg.rope_local_theta, ctx, apply_scaling=False).to(device)
     if cfg.tie_embeddings:
         model.head.weight = model.embed.weight
-    for norm in [m for m in model.modules() if isinstance(m, (RMSNorm, Router))]:
-        # norm weights stay float32 (tiny; exact Gemma scales), and so do MoE routers (they pick the experts)
-        norm.weight.data = norm.weight.data.float()
+    for module, weight in exact.items():
+        module.weight.data = weight
     return model.eval().requires_grad_(False)
 
 

@@ -732,3 +732,15 @@ def test_the_draft_length_grows_when_drafts_pay_and_halves_when_they_miss_and_dr
     short = SamplingParams(max_tokens=8, ignore_eos=True)
     assert engine.generate(prompt, short).token_ids == out[:8]
     assert engine.drafter.ks == [4, 1]  # never more drafts than max_tokens leaves room for
+
+
+def test_a_torch_plans_weight_bytes_are_every_matrix_and_bias_once_and_one_embedding_row(tiny_hf):
+    """What one decode step reads (PlanReport.weight_bytes): the tiny qwen2 in float32 has per layer its q/k/v
+    rows with their biases, the output, gate, up and down matrices; the head (tied: the embedding table, read
+    once as the head) and one embedding row."""
+    engine = Engine.from_model(tiny_hf("qwen2"), EngineConfig(slots=1, ctx=32, weights="f32", kernels="torch"))
+    c = engine.plan.cfg
+    assert c.tie_embeddings and c.qkv_bias
+    d, f, qkv = c.hidden_size, c.intermediate_size, c.q_size + 2 * c.kv_size
+    layer = d * qkv + qkv + c.q_size * d + d * 2 * f + f * d
+    assert engine.plan.report.weight_bytes == 4 * (c.num_layers * layer + c.vocab_size * d + d)

@@ -536,6 +536,23 @@ def test_torch_ops_is_the_default_reference() -> None:
     assert REF.name == "torch"
 
 
+def test_the_reference_rms_norm_rounds_once_from_float32_math() -> None:
+    """bf16 activations and a float32 weight (kept float32: build_model): the norm and the weight's product
+    are float32, rounded to bf16 once, so almost every value is the exact result rounded."""
+    x = randn(4, 576, dtype=torch.bfloat16)
+    w = 1 + torch.randn(576, generator=torch.Generator().manual_seed(5)) / 3
+    exact = F.rms_norm(x.double(), (576,), w.double(), 1e-6)
+    got = REF.rms_norm(x, w, 1e-6)
+    assert got.dtype == torch.bfloat16
+    assert (got != exact.to(torch.bfloat16)).float().mean().item() < 0.01
+
+
+def test_the_q8_0_reference_refuses_rows_that_are_not_whole_blocks() -> None:
+    for bad in (torch.zeros(2, 35, dtype=torch.uint8), torch.zeros(68, dtype=torch.uint8), torch.zeros(2, 34)):
+        with pytest.raises(ValueError, match="multiple of 34 bytes per row"):
+            dequantize_q8_0(bad)
+
+
 def test_block_formats_match_the_cpp_export(cpp: CppOps) -> None:
     # kernels.blocks is the one Python copy of the block kinds (quant.py and ops.py use it); the C++ module
     # exports the real ones (csrc/blocks.h), and load_kernels refuses a build whose export differs.

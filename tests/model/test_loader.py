@@ -94,6 +94,61 @@ def test_types_round_trip_through_a_written_gguf(tmp_path, qtype, tol):
     assert (back - torch.from_numpy(x)).abs().max().item() <= tol
 
 
+def _gguf_bytes(kv: bytes = b"", n_kv: int = 0, tensors: bytes = b"", n_tensors: int = 0, version: int = 3) -> bytes:
+    """A GGUF header written by hand: magic, version, counts, then the given metadata and tensor records."""
+    import struct
+
+    return b"GGUF" + struct.pack("<IQQ", version, n_tensors, n_kv) + kv + tensors
+
+
+def _gguf_string(s: str) -> bytes:
+    import struct
+
+    return struct.pack("<Q", len(s)) + s.encode()
+
+
+def test_a_gguf_header_the_reader_cannot_trust_is_named_where_it_breaks(tmp_path):
+    """Each check of the header reader, on bytes written by hand: an unknown version, implausible counts, an
+    alignment that is not a power of two, a row that is not whole blocks, a string or array past the end."""
+    import struct
+
+    from metronome.model.gguf_file import GGUFFormatError, read
+
+    def fails(data: bytes, match: str) -> None:
+        path = tmp_path / "bad.gguf"
+        path.write_bytes(data)
+        with pytest.raises(GGUFFormatError, match=match):
+            read(path)
+
+    fails(_gguf_bytes(version=1), "GGUF version 1 is not supported")
+    fails(_gguf_bytes(n_tensors=2_000_000) + b"\0" * 64, "implausible counts")
+    align = _gguf_string("general.alignment") + struct.pack("<II", gguf.GGUFValueType.UINT32, 24)
+    fails(_gguf_bytes(align, n_kv=1), "general.alignment=24: must be a power of two")
+    q8 = _gguf_string("t") + struct.pack("<IQIQ", 1, 40, gguf.GGMLQuantizationType.Q8_0, 0)
+    fails(_gguf_bytes(tensors=q8, n_tensors=1) + b"\0" * 64, "40 values per row is not a whole number of Q8_0")
+    long_key = struct.pack("<Q", 1000) + b"key"
+    fails(_gguf_bytes(long_key, n_kv=1) + b"\0" * 64, "a string of 1000 bytes .* runs past the end")
+    array = _gguf_string("a") + struct.pack("<IIQ", gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32, 10**5)
+    fails(_gguf_bytes(array, n_kv=1) + b"\0" * 64, "an array of 100000 values .* runs past the end")
+
+
+def test_tensor_data_starts_at_the_next_aligned_byte_even_when_the_header_ends_on_one(tmp_path):
+    """A header of exactly 64 bytes (32-byte alignment): the data starts right after it, as gguf's reader says."""
+    import struct
+
+    from metronome.model.gguf_file import read
+
+    values = np.arange(1, 5, dtype=np.float32)
+    record = _gguf_string("abcdefgh") + struct.pack("<IQIQ", 1, 4, gguf.GGMLQuantizationType.F32, 0)
+    data = _gguf_bytes(tensors=record, n_tensors=1)
+    assert len(data) == 64
+    (tmp_path / "t.gguf").write_bytes(data + values.tobytes() + b"\0" * 16)
+    f = read(tmp_path / "t.gguf")
+    theirs = gguf.GGUFReader(tmp_path / "t.gguf").tensors[0]
+    assert f.tensors["abcdefgh"].offset == theirs.data_offset == 64
+    assert np.array_equal(f.array(f.tensors["abcdefgh"]), values)
+
+
 # -- tokenizers and templates ---------------------------------------------------------------------
 
 

@@ -211,3 +211,37 @@ def test_info_describes_the_experts(moe, capsys):
     out = capsys.readouterr().out
     assert f"{c.num_experts} of width {c.moe_intermediate_size}, {c.experts_per_token} per token" in out
     assert f"shared expert of width {c.shared_expert_size}" in out and "active parameters" in out
+
+
+def test_routers_and_norms_keep_the_files_float32_in_a_bf16_plan(moe):
+    """Routing decides which experts run: a bf16 plan keeps every router, shared-expert gate and norm weight
+    at the file's float32 bits (as llama.cpp does), whatever it rounds the matrices to. They were cast back to
+    float32 after the model's cast to bf16: float32 tensors holding bf16-rounded values."""
+    from metronome.model.moe import Router
+    from metronome.model.transformer import RMSNorm
+
+    _hf, flat, _stacked, _gguf = moe("qwen2moe")
+    loaded = load(flat)
+    config = EngineConfig(slots=1, ctx=32, weights="bf16", kernels="torch", spec_tokens=0)
+    model = Engine.from_model(config=config, loaded=loaded).plan.runner.model
+    kept = {name: m for name, m in model.named_modules() if isinstance(m, (Router, RMSNorm))}
+    assert {"layers.0.mlp.router", "layers.0.mlp.shared_gate", "layers.0.attn_norm"} <= set(kept)
+    for name, m in kept.items():
+        source = name.replace(".mlp.router", ".router").replace(".mlp.shared_gate", ".shared_gate")
+        assert m.weight.dtype == torch.float32, name
+        assert torch.equal(m.weight, loaded.weights[f"{source}.weight"].float()), name
+    assert model.layers[0].attn.wqkv.weight.dtype == torch.bfloat16
+
+
+def test_the_router_multiplies_in_float32_whatever_the_activations_dtype():
+    """bf16 activations are widened, not the router narrowed: the logits are x @ W.T in float32."""
+    from metronome.model.moe import Router
+
+    g = torch.Generator().manual_seed(3)
+    router = Router(8, 64)
+    router.weight.data = torch.randn(8, 64, generator=g) / 8
+    x = torch.randn(5, 64, generator=g).bfloat16()
+    logits = router(x)
+    want = (x.double() @ router.weight.double().T).float()
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, want, rtol=1e-6, atol=1e-6)

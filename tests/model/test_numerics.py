@@ -121,3 +121,30 @@ def test_tiny_config_is_read_from_the_folder(tiny_hf):
     llama = load(tiny_hf("llama")).config
     assert llama.rope_scaling is not None and llama.rope_scaling.kind == "llama3" and not llama.tie_embeddings
     assert load(tiny_hf("qwen2")).config.qkv_bias and load(tiny_hf("qwen3")).config.qk_norm
+
+
+def test_rope_scalings_give_the_frequencies_transformers_and_gguf_files_use(tiny_hf):
+    """Linear interpolation divides every frequency by the factor; a GGUF's rope_freqs divides each by its own
+    factor; llama3 as transformers computes it (the tiny llama's end-to-end check covers only llama3)."""
+    import dataclasses
+
+    import transformers as T
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from metronome.config import RopeScaling
+    from metronome.model.transformer import rope_frequencies
+
+    cfg = load(tiny_hf("llama")).config
+    d, theta = cfg.head_dim, cfg.rope_theta
+    plain = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    linear = dataclasses.replace(cfg, rope_scaling=RopeScaling(kind="linear", factor=4.0))
+    torch.testing.assert_close(rope_frequencies(linear, theta, True), (plain / 4.0).float())
+    assert torch.equal(rope_frequencies(linear, theta, False), plain.float())  # Gemma's local layers: unscaled
+    factors = tuple(1.0 + i for i in range(d // 2))
+    gguf_freqs = dataclasses.replace(cfg, rope_scaling=RopeScaling(kind="factors", factors=factors))
+    torch.testing.assert_close(
+        rope_frequencies(gguf_freqs, theta, True), (plain / torch.tensor(factors, dtype=torch.float64)).float()
+    )
+    hf = T.LlamaConfig.from_pretrained(tiny_hf("llama"))
+    inv, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
+    torch.testing.assert_close(rope_frequencies(cfg, theta, True), inv.float())

@@ -130,3 +130,73 @@ def test_a_prompt_chunk_larger_than_the_context_is_timed_as_what_fits(
     first, _, far = probe.prompt_row_positions(ctx, chunk)
     assert far + (min(chunk, ctx - 1) - 1) / 2 <= ctx - 1  # the rows the price assumes fit the cache too
     assert first <= far
+
+
+class ClockedCalls:
+    """A call that costs `ms` on a virtual clock, counted."""
+
+    def __init__(self, ms: float) -> None:
+        self.ms, self.now, self.calls = ms, 0.0, 0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def __call__(self) -> None:
+        self.calls += 1
+        self.now += self.ms / 1000
+
+
+def test_a_warm_up_stops_once_it_has_run_for_warm_ms(monkeypatch: pytest.MonkeyPatch) -> None:
+    slow = ClockedCalls(30.0)  # 2 untimed calls reach WARM_MS = 50 ms
+    monkeypatch.setattr(probe, "time", slow)
+    assert probe.time_warm(slow, torch.device("cpu"), calls=1) == [30.0]
+    assert slow.calls == 2 + 1
+    fast = ClockedCalls(1.0)  # at most WARM_CALLS untimed calls, whatever they cost
+    monkeypatch.setattr(probe, "time", fast)
+    assert len(probe.time_warm(fast, torch.device("cpu"), calls=2)) == 2
+    assert fast.calls == probe.WARM_CALLS + 2
+    with pytest.raises(ValueError, match="calls=0"):
+        probe.time_warm(fast, torch.device("cpu"), calls=0)
+
+
+def test_the_prompt_rows_positions_are_the_mean_positions_of_the_rows_timed() -> None:
+    # chunk 8 rows from position 256 (first), from 1024 (far); the alone prompt is rows 0..255
+    assert probe.prompt_row_positions(2048, 8) == (256 + 3.5, 127.5, 1024 + 3.5)
+    assert probe.calibrated_chunk(64, 4096) == 63  # a prompt is at most ctx - 1 rows
+    assert [far_position(ctx) for ctx in (66, 512, 4096)] == [65, 511, 1024]  # a position the cache holds
+
+
+def test_one_slot_has_no_prompt_rows_beside_decode_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = DriftingRunner()
+    monkeypatch.setattr(probe, "time", runner)
+    c = calibrate(runner, 1, CTX, torch.device("cpu"), CHUNK)
+    assert set(c.step_ms) == {1} and c.prompt_row_ms != c.prompt_row_ms  # NaN: nothing to mix with
+
+
+class ProbedRunner:
+    """Logits (rows, 3) from each row's (slot, token, position), plus `shift` where several rows share the batch
+    (a kernel whose bits change with the row count); a row past `ctx` is an error, as in a plan's cache."""
+
+    def __init__(self, ctx: int, shift: float = 0.0, value: float = 0.0) -> None:
+        self.ctx, self.shift, self.value = ctx, shift, value
+        self.decode_mode = "fixed"
+        self.seen: list[tuple[str, int]] = []
+
+    def decode(self, slots, tokens, positions, logit_rows=None):
+        if max(positions) >= self.ctx:
+            raise IndexError(f"position {max(positions)} past a {self.ctx}-position cache")
+        self.seen.append((self.decode_mode, len(slots)))
+        rows = torch.tensor([[s, t, p] for s, t, p in zip(slots, tokens, positions)], dtype=torch.float32)
+        return rows + self.value + (self.shift if len(slots) > 1 else 0.0)
+
+
+def test_the_probe_picks_compact_rows_only_where_each_row_is_bitwise_the_same_alone() -> None:
+    cfg = type("Cfg", (), {"vocab_size": 50})()  # the probe reads the vocabulary size only
+    same = ProbedRunner(ctx=8)
+    assert probe.choose_decode_mode(same, cfg, 4, 8)[0] == "compact" and same.decode_mode == "compact"
+    assert same.seen == [("compact", 4)] + [("compact", 1)] * 4  # every row checked alone, within ctx 8
+    differs = ProbedRunner(ctx=8, shift=1e-6)
+    mode, why = probe.choose_decode_mode(differs, cfg, 4, 8)
+    assert mode == "fixed" == differs.decode_mode and "slot 0" in why
+    with pytest.raises(probe.NonFiniteLogits, match="NaN or infinite"):
+        probe.choose_decode_mode(ProbedRunner(ctx=8, value=float("nan")), cfg, 4, 8)

@@ -168,3 +168,48 @@ def test_ttft_follows_the_plans_own_chunks():
         total += r.step_ms_with(2, [(queue[0][0], n)])
         queue = [(queue[0][0] + n, queue[0][1] - n)]
     assert abs(r.ttft_ms([(0, 300)], decoding=2, chunk=None, alone_chunk=256) - total) < 1e-9
+
+
+def test_tokens_per_s_is_one_step_per_token_for_each_live_request():
+    r = _report(**FAR)
+    assert r.tokens_per_s(2) == 1000.0 / 5.0
+    assert r.tokens_per_s(1, position=1024) == 1000.0 / (4.0 + 0.96)
+
+
+def test_a_far_step_cheaper_than_the_near_one_gives_no_negative_key_cost():
+    # a noisy calibration: the far step measured below the near one; attention never makes a row cheaper
+    r = _report(step_ms_far={1: 3.5}, far_position=1024)
+    assert r.key_ms == 0.0
+    assert r.prompt_rows_ms(1000, 1) == 1.5
+
+
+def test_prompt_rows_calibrated_at_one_position_fall_back_to_the_decode_slope():
+    # a small context: calibration's first and far prompt rows are the same rows (probe._far_prompt_row)
+    r = _report(**{**FAR, "prompt_row_ms_far": 2.0, "prompt_row_far_position": 100.0})
+    assert r.prompt_key_ms == r.key_ms == 0.001
+
+
+def test_a_prompt_row_before_the_calibrated_one_costs_at_least_a_tenth_of_it():
+    # 0.001 ms a token from the decode rows' slope; calibrated 2,000 tokens in, a row at 0 would cost 1.5 - 2.0
+    r = _report(**{**FAR, "prompt_row_position": 2000.0})
+    assert r.prompt_rows_ms(0, 1) == 0.1 * 1.5
+    assert r.prompt_rows_ms(0, 4) == 4 * 0.1 * 1.5
+
+
+def test_the_stall_bound_is_two_and_a_half_all_slots_steps():
+    # docs: a decoding user's gap while a prompt arrives stays within 3 steps, with half a step of room
+    assert STALL_STEPS == 2.5
+    assert _report().prompt_budget_ms(1) == 2.5 * 7.0 - 4.0
+
+
+def test_a_prompt_that_does_not_finish_in_its_step_holds_back_the_prompts_behind_it():
+    # the first prompt's late rows are dear (FAR: 1 µs a cached token); a later prompt's early rows are
+    # cheaper, but prompts take rows oldest first: nothing goes past one that has not finished
+    r = _report(**FAR)
+    taken = r.take_prompt_rows([(1500, 100), (0, 50)], 64, priced=True, budget_ms=20.0)
+    assert 0 < taken[0] < 100 and taken[1] == 0, taken
+
+
+def test_more_requests_decoding_than_slots_are_priced_as_all_slots():
+    r = _report()
+    assert r.ttft_ms([(0, 40)], decoding=9, chunk=16, alone_chunk=256) == 3 * 7.0 + 40 * 1.5

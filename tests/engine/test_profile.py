@@ -3,8 +3,10 @@ threads are the ones that burnt the CPU."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from typing import Iterator
 
 import pytest
 import torch
@@ -17,6 +19,26 @@ def _burn(seconds: float) -> None:
     end = time.thread_time() + seconds
     while time.thread_time() < end:
         pass
+
+
+@contextlib.contextmanager
+def _idle_after_burning(seconds: float) -> Iterator[None]:
+    """Inside the block, a live thread (role "other") that burnt `seconds` of CPU and now waits; it ends after."""
+    burnt, done = threading.Event(), threading.Event()
+
+    def worker() -> None:
+        _burn(seconds)
+        burnt.set()
+        done.wait(timeout=30)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    try:
+        assert burnt.wait(timeout=30)
+        yield
+    finally:
+        done.set()
+        t.join(timeout=30)
 
 
 def test_a_thread_is_charged_to_its_role() -> None:
@@ -69,21 +91,44 @@ def test_the_cpu_of_a_thread_that_ended_stays_counted() -> None:
     """/metrics exposes these as counters, and a server starts a thread per reflection: as each ended, its
     CPU left "other", which fell (Prometheus reads a fall as a reset). ThreadCpu keeps what it saw."""
     account = ThreadCpu()
-    burnt, done = threading.Event(), threading.Event()
-
-    def worker() -> None:
-        _burn(0.3)
-        burnt.set()
-        done.wait(timeout=30)
-
     before = account.read(None)["other"]
-    t = threading.Thread(target=worker)
-    t.start()
-    assert burnt.wait(timeout=30)
-    alive = account.read(None)["other"]
-    done.set()
-    t.join(timeout=30)
+    with _idle_after_burning(0.3):
+        alive = account.read(None)["other"]
     after = account.read(None)["other"]
     assert alive - before >= 0.2, (before, alive)
     assert after >= alive, (alive, after)
     assert cpu_seconds_by_thread(None)["other"] < alive - 0.2  # the one-shot read lost it: what this guards
+
+
+def test_an_idle_threads_cpu_is_not_counted_again_at_each_read() -> None:
+    """A live thread whose CPU did not move between two reads has not ended: counting it as ended added its
+    seconds to its role's total at every scrape."""
+    account = ThreadCpu()
+    with _idle_after_burning(0.3):
+        first = account.read(None)["other"]
+        second = account.read(None)["other"]
+        third = account.read(None)["other"]
+    assert first >= 0.2 and third - first < 0.1, (first, second, third)
+
+
+def test_step_profile_figures(monkeypatch) -> None:
+    """Each lap charges the time since the last one; the table's ms/step divides by steps and µs/token by
+    tokens; reset zeroes every count."""
+    import metronome.engine.profile as profile_module
+    from metronome.engine.profile import PhaseClock, StepProfile
+    from metronome.engine.request import SpecStats
+
+    now = iter([1.0, 3.0, 6.0])
+    monkeypatch.setattr(profile_module, "time", type("T", (), {"perf_counter": staticmethod(lambda: next(now))}))
+    p = StepProfile()
+    clock = PhaseClock(p)  # 1.0
+    clock.lap("plan")  # 3.0: 2 s of plan
+    clock.lap("sample")  # 6.0: 3 s of sample
+    assert p.seconds["plan"] == 2.0 and p.seconds["sample"] == 3.0 and p.busy_s == 5.0
+    monkeypatch.undo()
+    p.steps, p.tokens, p.decode_rows, p.prompt_rows = 4, 10, 8, 3
+    plan_line = next(line for line in p.table().splitlines() if line.startswith("plan"))
+    assert plan_line.split()[1:] == ["40.0%", "500.000", "200000.0"]
+    p.reset()
+    assert (p.steps, p.tokens, p.decode_rows, p.prompt_rows, p.busy_s) == (0, 0, 0, 0, 0.0)
+    assert SpecStats(steps=2, drafted=8, accepted=6).acceptance == 0.75 and SpecStats().acceptance == 0.0

@@ -891,3 +891,36 @@ def test_gguf_settings_llama_cpp_fixes_by_model_size(tmp_path):
     assert config("gemma3", 48, {}).query_pre_attn_scalar == 128.0
     assert config("mistral", 2, {"attention.sliding_window": 4096}).max_position == 4096
     assert config("llama", 2, {"attention.sliding_window": 4096}).max_position == 131072  # llama.cpp ignores it
+
+
+def test_a_template_that_writes_bos_gets_one_and_the_options_reach_it(tiny_hf):
+    """The tiny model's template starts with {{ bos_token }} and its tokenizer adds BOS: the prompt has one BOS
+    (a second shifted every position); add_generation_prompt and add_bos are the caller's; a special token's
+    text (logprobs' alternatives) is its own, not ''."""
+    tok = Tokenizer(load(tiny_hf("llama")).tokenizer)
+    user, assistant, hello = (tok.vocabulary()[t] for t in ("<|user|>", "<|assistant|>", "hello"))
+    messages = [{"role": "user", "content": "hello"}]
+    assert tok.encode_chat(messages) == [tok.bos_id, user, hello, assistant]
+    assert tok.encode_chat(messages, add_generation_prompt=False) == [tok.bos_id, user, hello]
+    assert tok.encode("hello", add_bos=False) == [hello] and tok.encode("hello") == [tok.bos_id, hello]
+    assert tok.token_text(tok.eos_ids[0]) == "</s>"
+
+
+def test_token_bytes_of_special_tokens_and_of_a_byte_level_tokenizer_json(smollm, tmp_path):
+    """A special token's bytes are its text's; a byte-level vocabulary read from a tokenizer.json (HF
+    checkpoints) spells its tokens in the byte alphabet too, which token_bytes undoes; a stream that ends
+    partway through a character gives what the decoder holds when it is flushed."""
+    import dataclasses
+
+    tok = Tokenizer(smollm.tokenizer)
+    end = tok.eos_ids[0]
+    assert tok.token_bytes(end) == tok.token_text(end).encode() == b"<|im_end|>"
+    path = tmp_path / "tokenizer.json"
+    path.write_text(tok.tokenizer_json())
+    hf = Tokenizer(dataclasses.replace(smollm.tokenizer, kind="hf-json", tokenizer_json=str(path)))
+    text = "Hello wörld 🙂 𓀀 ok"
+    ids = hf.encode(text, add_bos=False)
+    assert b"".join(hf.token_bytes(i) for i in ids) == text.encode("utf-8")
+    cut = next(n for n in range(1, len(ids)) if tok.decode(ids[:n]).endswith("\ufffd"))
+    dec = tok.stream_decoder()
+    assert "".join(dec.push(i) for i in ids[:cut]) + dec.flush() == tok.decode(ids[:cut])

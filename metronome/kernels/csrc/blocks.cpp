@@ -661,6 +661,15 @@ template <int MT>
 void q4k_sub_all_rows(const uint8_t* p, int j, const int32_t* x4, int64_t ldx, __m512i* acc);
 #endif
 
+#ifndef METRONOME_AVX2
+// lane i: the int16 pair (lo_i, hi_i) from the low halves of two int32 lanes (values that fit an int16)
+inline __m512i int16_pairs(__m512i lo, __m512i hi) {
+  return _mm512_mask_mov_epi16(lo, 0xAAAAAAAA, _mm512_slli_epi32(hi, 16));
+}
+#else  // declared so that the AVX2 build's discarded AVX-512 branches compile (no such masked move there)
+__m512i int16_pairs(__m512i lo, __m512i hi);
+#endif
+
 // AVX2 prompts: a pass over a group takes only 8 rows of x, so a prompt of M rows would unpack each
 // super-block's codes, scales and minimums M / 8 times over. Where there is more than one pass, x16_rows
 // unpacks the group once into Q4_KUnpacked records (one per super-block; the thread's own buffer) and every
@@ -678,7 +687,8 @@ struct Q4_KUnpacked {
 // per 256 (x8k, dxk). Row r, x row m, per super-block:
 //   isum = sum_j sc_j * (sum of sub-block j's q x8)    vpdpbusd per quad (exact) in two chains of 16 weights;
 //                                                     a chain's sum fits an int16 (|s| <= 16 * 15 * 127), so
-//                                                     vpdpwssd against the pair (sc_j, 0) adds sc_j * s exactly
+//                                                     vpdpwssd on the chains' pair (s0, s1) against (sc_j,
+//                                                     sc_j) adds sc_j * (s0 + s1) exactly
 //   imin = sum_j m_j * bs32_j                         vpdpwssd on (m_2k, m_2k+1) x (bs32_2k, bs32_2k+1)
 //   acc += float(isum) * (d_r * dx) - float(imin) * (dmin_r * dx)
 // |isum| <= 8 * 63 * 2 * 16 * 15 * 127 < 2^31. (A float step per sub-block, a conversion and a multiply-add
@@ -736,25 +746,28 @@ struct Q4_Kx16 {
           } else {
             q4k_sub_all_rows<MT>(p, j, xb, K / 4, isum);
           }
-          continue;
-        }
-        // lane r: sub-block j's scale of row r as the int16 pair (sc_j, 0)
-        const __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 64 + 16 * j)));
-        __m512i c[8];
-        for (int v = 0; v < 4; ++v) nibble_quads(p + 320 + 256 * j + 64 * v, c + 2 * v);
-        for (int m = 0; m < MT; ++m) {
-          const int32_t* xb = reinterpret_cast<const int32_t*>(xq.x8k + (m0 + m) * K + b * 256 + 32 * j);
-          // two chains of 4 (vpdpbusd's latency, not its throughput, would bound one chain of 8)
-          __m512i s0 = dpbusd_bcst_small(_mm512_setzero_si512(), c[0], xb);  // nibbles
-          __m512i s1 = dpbusd_bcst_small(_mm512_setzero_si512(), c[4], xb + 4);
-          for (int g = 1; g < 4; ++g) {
-            s0 = dpbusd_bcst_small(s0, c[g], xb + g);
-            s1 = dpbusd_bcst_small(s1, c[g + 4], xb + g + 4);
+        } else {
+          // lane r: sub-block j's scale of row r as the int16 pair (sc_j, sc_j)
+          const __m512i sc8 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 64 + 16 * j)));
+          const __m512i sc = _mm512_or_si512(sc8, _mm512_slli_epi32(sc8, 16));
+          __m512i c[8];
+          for (int v = 0; v < 4; ++v) nibble_quads(p + 320 + 256 * j + 64 * v, c + 2 * v);
+          for (int m = 0; m < MT; ++m) {
+            const int32_t* xb = reinterpret_cast<const int32_t*>(xq.x8k + (m0 + m) * K + b * 256 + 32 * j);
+            // two chains of 4 (vpdpbusd's latency, not its throughput, would bound one chain of 8)
+            __m512i s0 = dpbusd_bcst_small(_mm512_setzero_si512(), c[0], xb);  // nibbles
+            __m512i s1 = dpbusd_bcst_small(_mm512_setzero_si512(), c[4], xb + 4);
+            for (int g = 1; g < 4; ++g) {
+              s0 = dpbusd_bcst_small(s0, c[g], xb + g);
+              s1 = dpbusd_bcst_small(s1, c[g + 4], xb + g + 4);
+            }
+            // each chain sums 16 weights: |s| <= 16 * 15 * 127, an int16, so one vpdpwssd on the pair
+            // (s0, s1) against (sc_j, sc_j) adds (s0 + s1) * sc_j exactly. The VNNI ports are what this
+            // tile is short of, and the pairing's shift and masked move run beside them: two vpdpwssd,
+            // one per chain against (sc_j, 0), ran 1.05-1.10x slower at 8 to 256 rows of x on a Zen 4
+            // EPYC (tools/ab_blocks.py, docs/performance.md)
+            isum[m] = _mm512_dpwssd_epi32(isum[m], int16_pairs(s0, s1), sc);
           }
-          // each chain sums 16 weights: |s| <= 16 * 15 * 127, an int16 in the low half of its lane and
-          // the sign in the high half, so vpdpwssd against (sc_j, 0) adds s * sc_j exactly
-          isum[m] = _mm512_dpwssd_epi32(isum[m], s0, sc);
-          isum[m] = _mm512_dpwssd_epi32(isum[m], s1, sc);
         }
       }
       __m512i own_mn[4];

@@ -220,12 +220,21 @@ def test_stream_decoder_never_splits_characters(smollm):
     [
         ("{{ messages | tojson(separators=(',', ':'), sort_keys=True) }}", '[{"content":"Hi","role":"user"}]'),
         ("{% generation %}{{ messages[0].content }}{% endgeneration %}", "Hi"),
+        ("{{ 'Köln 🙂' | tojson }}", '"Köln 🙂"'),  # as transformers' tojson: ensure_ascii=False
         ("{{ 1 / 0 }}", None),
         ("{{ 'a' + messages[0].missing }}", None),
         ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", None),
         ("{{ raise_exception('no system role') }}", None),
     ],
-    ids=["tojson-arguments", "generation-tag", "zero-division", "none-added", "recursion", "raise_exception"],
+    ids=[
+        "tojson-arguments",
+        "generation-tag",
+        "tojson-non-ascii",
+        "zero-division",
+        "none-added",
+        "recursion",
+        "raise_exception",
+    ],
 )
 def test_chat_templates_render_as_transformers_does_or_fail_as_the_templates_error(smollm, template, rendered):
     """transformers' tojson arguments and {% generation %} tag failed to render (a 500, and a 400 on every
@@ -240,6 +249,18 @@ def test_chat_templates_render_as_transformers_does_or_fail_as_the_templates_err
         return
     with pytest.raises(ChatTemplateError, match="chat template"):
         tok.render_chat(messages)
+
+
+def test_chat_templates_can_ask_for_the_date(smollm):
+    """Llama 3's and others' templates write today's date with transformers' `strftime_now` global; without
+    it they fail to render (a 400 on every request)."""
+    import dataclasses
+    from datetime import date, timedelta
+
+    tok = Tokenizer(dataclasses.replace(smollm.tokenizer, chat_template="{{ strftime_now('%Y-%m-%d') }}"))
+    before = date.today()
+    rendered = tok.render_chat([{"role": "user", "content": "Hi"}], add_generation_prompt=False)
+    assert rendered in {str(before), str(before + timedelta(days=1))}  # a run across midnight
 
 
 def test_gemma_takes_runs_of_spaces_as_its_longest_space_tokens(gemma_path):
@@ -916,8 +937,15 @@ def test_token_bytes_of_special_tokens_and_of_a_byte_level_tokenizer_json(smollm
     end = tok.eos_ids[0]
     assert tok.token_bytes(end) == tok.token_text(end).encode() == b"<|im_end|>"
     path = tmp_path / "tokenizer.json"
-    path.write_text(tok.tokenizer_json())
+    spec = json.loads(tok.tokenizer_json())
+    added = len(tok.vocabulary())  # an added token spelled as text, with characters outside the byte alphabet
+    spec["added_tokens"].append(
+        {"id": added, "content": "<tool call ⟩", "single_word": False, "lstrip": False, "rstrip": False}
+        | {"normalized": False, "special": True}
+    )
+    path.write_text(json.dumps(spec))
     hf = Tokenizer(dataclasses.replace(smollm.tokenizer, kind="hf-json", tokenizer_json=str(path)))
+    assert hf.token_bytes(added) == "<tool call ⟩".encode()
     text = "Hello wörld 🙂 𓀀 ok"
     ids = hf.encode(text, add_bos=False)
     assert b"".join(hf.token_bytes(i) for i in ids) == text.encode("utf-8")

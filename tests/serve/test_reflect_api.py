@@ -218,6 +218,35 @@ def test_a_turn_that_ends_after_the_server_loop_closed_is_quiet():
     watch.ended(request, "cancelled", [])
 
 
+def test_a_turn_submitted_while_the_reflection_closes_is_cancelled():
+    """close() cancels the turn it knows of. A turn whose submit was under way on the reflection's thread
+    when the client left is not known to it yet, and would run to its end for nobody: its submit sees the
+    close and cancels it. A turn submitted before the close is cancelled by close() itself, once."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from metronome.serve.jobs import Outbox
+    from metronome.serve.reflect import ReflectionRun
+
+    loop = asyncio.new_event_loop()
+    try:
+        cancelled: list[str] = []
+        engine = SimpleNamespace(cancel=lambda r: cancelled.append(r.id))
+        metrics = SimpleNamespace(observe_submitted=lambda *a: None, observe_request=lambda *a, **k: None)
+        state = SimpleNamespace(outbox=lambda: Outbox(loop), reflections=set(), metrics=metrics)
+        run = ReflectionRun(state, engine, TASK, None, None)
+        watch = run._args[-1]
+        first = SimpleNamespace(id="first", finish_reason=None)
+        watch.submitted(first)  # the client still there: the turn runs
+        assert cancelled == []
+        run.close()  # the client leaves while that turn runs
+        assert cancelled == ["first"]
+        watch.submitted(SimpleNamespace(id="late", finish_reason=None))  # a submit already under way
+        assert cancelled == ["first", "late"]
+    finally:
+        loop.close()
+
+
 def _metrics(url: str) -> dict[str, float]:
     text = httpx.get(f"{url}/metrics", timeout=30).text
     return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(\S+) (\S+)$", text, re.M)}

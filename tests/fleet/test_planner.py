@@ -844,3 +844,55 @@ def test_a_slower_point_joins_the_frontier_only_if_it_saves_one_percent():
     assert pareto([fast, point(90, 0.995)]) == [fast]  # 0.5 % cheaper: not worth 10 % of the speed
     assert [p.cost_per_mtok for p in pareto([fast, point(90, 0.98)])] == [1.0, 0.98]
     assert pareto([fast, point(90, 1.2)]) == [fast]  # slower and dearer: beaten
+
+
+def test_compile_lpu_takes_the_fewest_chips_among_equally_fast_layouts(monkeypatch):
+    """compile_lpu's rule: the fastest decode step, and of layouts as fast, the one with fewer chips (the
+    same speed for less money). Timed steps never tie in practice, so here every layout is timed alike."""
+    import metronome.fleet.lpu as lpu
+
+    shape, opts = SHAPES["llama-2-7b"], LpuOptions(weight_bits=8, context=4096)
+    fits = lpu.partitions(shape, TSP, opts)
+    assert len({p.chips for p in fits}) > 1
+
+    def equal(shape, hw, part, opts, p):  # every layout 1 ms a step, its stages as many as it has
+        return lpu.StepTiming((1e-3,) + (0.0,) * (part.stages - 1), 0.0, 0.0)
+
+    monkeypatch.setattr(lpu, "step_timing", equal)
+    chosen = lpu.compile_lpu(shape, TSP, opts).partition
+    assert chosen.chips == min(p.chips for p in fits), (chosen, sorted(p.chips for p in fits))
+
+
+def test_a_tied_head_is_stored_again_only_on_a_last_stage_of_its_own():
+    """SRAM per stage: a tied head is the embedding table, so one stage holding both stores it once; with
+    two stages or more the head lives on the last stage, away from the embedding, and is stored again. An
+    untied head is stored wherever the last stage is."""
+    from metronome.fleet.lpu import Partition, _stage_fixed_bytes
+
+    opts = LpuOptions(weight_bits=8, context=4096)
+    tied, untied = SHAPES["smollm2-135m"], SHAPES["llama-2-7b"]
+    layer, emb, head = tied.layer_params_total(), tied.embedding_params(), tied.head_params()
+    n = tied.config.num_layers
+    assert _stage_fixed_bytes(tied, Partition(1, (n,)), 0, opts) == n * layer + emb  # bytes: 8-bit weights
+    two = Partition(1, (n - 10, 10))
+    assert _stage_fixed_bytes(tied, two, 0, opts) == (n - 10) * layer + emb
+    assert _stage_fixed_bytes(tied, two, 1, opts) == 10 * layer + head
+    m = untied.config.num_layers
+    alone = untied.embedding_params() + m * untied.layer_params_total() + untied.head_params()
+    assert _stage_fixed_bytes(untied, Partition(1, (m,)), 0, opts) == alone
+    assert _stage_fixed_bytes(tied, Partition(2, (n,)), 0, opts) == (n * layer + emb) / 2  # tp splits a stage
+
+
+def test_an_embedding_lookup_reads_one_row_per_token_row():
+    """The embed op reads a table row for every token row of the pass (and no weights beyond them): a
+    micro-batch of 8 rows reads 8 rows, whatever the context."""
+    from metronome.fleet.lpu import Pass, _op_work
+    from metronome.fleet.ops import embed_program
+
+    shape, opts = SHAPES["llama-2-7b"], LpuOptions(weight_bits=8, context=4096)
+    embed = embed_program(shape)[0]
+    row_s = shape.config.hidden_size * opts.weight_bits / 8 / TSP.memory_bandwidth
+    for rows in (1, 8):
+        unit_s, sram_s = _op_work(embed, TSP, opts, 1, Pass(rows, rows, 4096))
+        assert sram_s == pytest.approx(rows * row_s) and unit_s == pytest.approx(sram_s), rows
+    assert _op_work(embed, TSP, opts, 4, Pass(8, 8, 4096))[1] == pytest.approx(2 * row_s)  # split over 4 chips

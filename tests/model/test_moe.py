@@ -169,8 +169,10 @@ def test_torch_path_rows_are_independent(moe, arch, weights):
 
 def test_active_bytes_count_only_the_routed_experts(moe):
     """The plan's bytes per token: every non-expert matrix, the float32 router, and k of the E experts.
-    Checked against the same model with k = E (every expert read): the difference is (E - k) experts."""
-    _hf, flat, _stacked, _gguf = moe("qwen2moe")
+    Checked against the same model with k = E (every expert read): the difference is (E - k) experts; and
+    against the transformers model's own tensors: everything but the norms and the embedding table (one row
+    of it), the routers and the shared expert's gate included."""
+    hf, flat, _stacked, _gguf = moe("qwen2moe")
     loaded = load(flat)
     cfg = loaded.config
     config = EngineConfig(slots=1, ctx=32, weights="f32", kernels="torch", spec_tokens=0)
@@ -180,6 +182,11 @@ def test_active_bytes_count_only_the_routed_experts(moe):
     expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4  # float32 gate, up, down
     assert dense - sparse == cfg.num_layers * (cfg.num_experts - cfg.experts_per_token) * expert
     assert active_weight_bytes(1000, 800, cfg) == 200 + 800 * cfg.experts_per_token // cfg.num_experts
+    sizes = {name: p.numel() for name, p in hf.named_parameters()}
+    assert any(".mlp.gate." in n for n in sizes) and any("shared_expert_gate" in n for n in sizes)
+    experts = 4 * sum(v for n, v in sizes.items() if ".mlp.experts." in n)
+    read = sum(v for n, v in sizes.items() if "norm" not in n and "embed_tokens" not in n and ".experts." not in n)
+    assert sparse == active_weight_bytes(4 * read + experts, experts, cfg) + 4 * cfg.hidden_size
 
 
 @pytest.mark.parametrize("arch", tiny_moe.ARCHS)

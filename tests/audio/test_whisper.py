@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 import threading
+import time
 import wave
 from importlib import util
 from pathlib import Path
@@ -539,3 +540,73 @@ def test_a_whisper_config_with_a_width_its_heads_do_not_divide_is_refused() -> N
         WhisperConfig(**sizes, n_audio_state=9, n_text_state=8, n_text_head=2)
     with pytest.raises(ValueError, match="n_text_state=8 is not divisible by its head count 3"):
         WhisperConfig(**sizes, n_audio_state=8, n_text_state=8, n_text_head=3)
+
+
+class _StepRecorder:
+    """A WhisperPlan's stand-in for the model's decode step: records the rows of every step and answers row i
+    of a step with logits full of its token, so each caller can check it got its own row back."""
+
+    def __init__(self) -> None:
+        self.steps: list[list[tuple[int, int, int]]] = []
+
+    def run(self, rows, n: int) -> torch.Tensor:  # WhisperPlan._run's signature
+        self.steps.append([(r.slot, r.token, r.position) for r in rows])
+        return torch.tensor([[float(r.token)] * 4 for r in rows])
+
+
+def _recording_plan(monkeypatch, gather_s: float):
+    from metronome.audio import plan as plan_module
+    from metronome.audio.plan import PlanConfig, WhisperPlan
+    from metronome.audio.whisper import WhisperConfig
+
+    cfg = WhisperConfig(
+        n_mels=80, n_audio_ctx=6, n_audio_state=8, n_audio_head=2, n_audio_layer=1,
+        n_vocab=4, n_text_ctx=10, n_text_state=8, n_text_head=2, n_text_layer=1,
+    )  # fmt: skip
+    model = type("TinyWhisper", (), {"cfg": cfg})()
+    plan = WhisperPlan(model, PlanConfig(slots=2, threads=1))  # type: ignore[arg-type]
+    recorder = _StepRecorder()
+    monkeypatch.setattr(plan, "_run", recorder.run)
+    monkeypatch.setattr(plan_module, "GATHER_S", gather_s)
+    return plan, recorder
+
+
+def _wait_until(condition, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout} s")
+        time.sleep(0.001)
+
+
+def test_a_step_waits_for_every_decoding_slots_row(monkeypatch) -> None:
+    """The first caller leads the step and waits for the row of every other slot that is decoding, so two
+    requests share one step (the leader's gather; without it each would run a step of its own), and each
+    caller gets its own row's logits back."""
+    plan, recorder = _recording_plan(monkeypatch, gather_s=30.0)  # far longer than the test: only the row ends it
+    plan.begin_decoding(0)
+    plan.begin_decoding(1)
+    got: dict[int, torch.Tensor] = {}
+    first = threading.Thread(target=lambda: got.__setitem__(0, plan.step(0, token=2, position=5)), daemon=True)
+    first.start()
+    _wait_until(lambda: plan._stepping, "the first caller claiming the step")
+    got[1] = plan.step(1, token=3, position=7)
+    first.join(timeout=10)
+    assert not first.is_alive()
+    assert recorder.steps == [[(0, 2, 5), (1, 3, 7)]]
+    assert plan.most_rows == 2 and plan.steps == 1
+    assert got[0].tolist() == [2.0] * 4 and got[1].tolist() == [3.0] * 4
+
+
+def test_the_gather_is_bounded_when_a_decoding_slot_sends_no_row(monkeypatch) -> None:
+    """A slot marked decoding that never steps (its request busy elsewhere) holds the leader only for the
+    gather's bound: the step runs with the rows it has."""
+    plan, recorder = _recording_plan(monkeypatch, gather_s=0.05)
+    plan.begin_decoding(0)
+    plan.begin_decoding(1)
+    result: list[torch.Tensor] = []
+    caller = threading.Thread(target=lambda: result.append(plan.step(0, token=1, position=0)), daemon=True)
+    caller.start()
+    caller.join(timeout=10)
+    assert not caller.is_alive(), "the leader waited beyond the gather's bound for a row that never came"
+    assert recorder.steps == [[(0, 1, 0)]] and result[0].tolist() == [1.0] * 4

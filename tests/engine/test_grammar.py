@@ -390,3 +390,49 @@ def test_the_grammars_tried_once_are_remembered_up_to_a_bound(tokenizer, monkeyp
     g = Grammars(tokenizer, mask_thread=False)
     made = [g.json_schema({"type": "object", "properties": {f"k{i}": {"type": "integer"}}}, "schema") for i in range(3)]
     assert list(g._started) == [made[1].text, made[2].text]  # the oldest went first
+
+
+def test_a_token_accepted_while_its_mask_is_computing_waits_for_the_mask(tokenizer):
+    """The matcher is the mask thread's while it computes a mask (llguidance drops the GIL and writes through a
+    raw pointer), so a token accepted before anyone asked for that mask (a forced or drafted token) waits
+    for the computation to end before it changes the matcher. The matcher's calls are logged in order."""
+    import threading
+
+    log: list[str] = []
+
+    class Logged:
+        def __init__(self, inner: llguidance.LLMatcher) -> None:
+            self.inner = inner
+
+        def unsafe_compute_mask_ptr(self, ptr: int, size: int) -> None:
+            log.append("compute")
+            self.inner.unsafe_compute_mask_ptr(ptr, size)
+
+        def consume_token(self, token: int) -> bool:
+            log.append("consume")
+            return self.inner.consume_token(token)
+
+        def __getattr__(self, name: str):
+            return getattr(self.inner, name)
+
+    g = Grammars(tokenizer)
+    try:
+        grammar = g.json_schema(PERSON, "schema")
+        release = threading.Event()
+        busy = g._worker.submit(release.wait, 10)  # the mask thread is busy: the first mask waits in its queue
+        c = GrammarConstraint(Logged(llguidance.LLMatcher(g.ll, grammar.text)), g.vocab_size, grammar, g._worker)
+        first = tokenizer.encode(written(DOC), add_bos=False)[0]
+        accepting = threading.Thread(target=c.accept, args=(first,), daemon=True)
+        accepting.start()
+        accepting.join(timeout=0.3)  # time for a wrong accept to reach the matcher
+        assert log == [], "the token reached the matcher while its mask was still to be computed"
+        release.set()
+        busy.result(timeout=10)
+        accepting.join(timeout=10)
+        assert not accepting.is_alive()
+        ref = inline(g, grammar)
+        ref.accept(first)
+        assert torch.equal(c.next_mask(), ref.next_mask())
+        assert log == ["compute", "consume", "compute"]
+    finally:
+        g.close()

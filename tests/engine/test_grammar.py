@@ -436,3 +436,27 @@ def test_a_token_accepted_while_its_mask_is_computing_waits_for_the_mask(tokeniz
         assert log == ["compute", "consume", "compute"]
     finally:
         g.close()
+
+
+def test_what_llguidance_would_only_warn_about_is_refused(tokenizer, monkeypatch):
+    """A grammar llguidance accepts with warnings (something it would ignore) is refused, naming the parameter
+    and passing the warnings on, rather than enforced in part. No schema tried here reaches that branch with
+    today's llguidance (unsupported keywords come back as errors), so its answer is stood in for."""
+    g = Grammars(tokenizer, mask_thread=False)
+    monkeypatch.setattr(
+        llguidance.LLMatcher, "validate_grammar_with_warnings", staticmethod(lambda text, ll: (False, ["ignored x"]))
+    )
+    with pytest.raises(GrammarError, match="does not enforce: ignored x") as refused:
+        g.json_schema({"type": "object"}, "response_format.json_schema.schema")
+    assert refused.value.param == "response_format.json_schema.schema"
+
+
+def test_a_grammar_whose_first_mask_allows_nothing_is_refused(tokenizer, monkeypatch):
+    """A grammar that validates but whose first mask allows no token at all would leave its request nothing to
+    sample: it is refused up front, naming the parameter (its first mask stood in for as all False)."""
+    g = Grammars(tokenizer, mask_thread=False)
+    monkeypatch.setattr(GrammarConstraint, "next_mask", lambda self: torch.zeros(g.vocab_size, dtype=torch.bool))
+    with pytest.raises(GrammarError, match="allows no output at all") as refused:
+        g.json_schema({"type": "object"}, "tools[0].function.parameters")
+    assert refused.value.param == "tools[0].function.parameters"
+    assert not g._started  # not remembered as started: the next request is checked again

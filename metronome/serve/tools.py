@@ -745,7 +745,9 @@ class ToolCallParser:
 def _valid_loose(call: Any, loose: LooseCalls) -> bool:
     """A call object {"name", "arguments"} of a function in `loose`, its arguments valid under its schema,
     not a repeat of a call the conversation already made."""
-    if not isinstance(call, dict) or set(call) != {"name", "arguments"} or call["name"] not in loose.schemas:
+    if not isinstance(call, dict) or set(call) != {"name", "arguments"} or not isinstance(call["name"], str):
+        return False  # (a repeated "name" key leaves JSON's last value: a list or an object is unhashable)
+    if call["name"] not in loose.schemas:
         return False
     if (call["name"], LooseCalls.compact(call["arguments"])) in loose.answered:
         return False

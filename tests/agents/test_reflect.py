@@ -259,3 +259,85 @@ def test_metronome_reflect_streams_each_turn_and_reports_timings(tiny_hf):
     assert bad.returncode == 2 and "--rounds" in bad.stderr and "rounds=0" in bad.stderr
     too_many = _metronome("reflect", "the cat", *flags[:-2], "--rounds", "20")
     assert too_many.returncode == 2 and "context" in too_many.stderr and "--rounds" in too_many.stderr
+
+
+def test_each_turn_gets_its_own_instruction_and_an_instant_loop_has_no_share():
+    """The critique turn asks for the points and the revision applies them (swapped, each turn asked the
+    other's question); a loop timed at 0 ms reports no share of time outside decoding, not a ZeroDivisionError."""
+    import math
+
+    from metronome.agents.reflect import DEFAULT_CRITIQUE, DEFAULT_REVISION, ReflectionTotals
+
+    own = ReflectSettings(points=2, critique="Name {points} flaws.", revision="Fix those {points}.")
+    assert (own.instruction("critique"), own.instruction("revision")) == ("Name 2 flaws.", "Fix those 2.")
+    default = ReflectSettings()
+    assert default.instruction("critique") == DEFAULT_CRITIQUE.format(points=5)
+    assert default.instruction("revision") == DEFAULT_REVISION.format(points=5)
+    assert math.isnan(ReflectionTotals(0.0, 0.0, 0, 0, 0).outside_share)
+
+
+class _CharTokenizer:
+    """A stand-in tokenizer: one id per character, and 1 as the BOS it adds (as Llama's and Gemma's do)."""
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages)
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        return ([1] if add_bos else []) + [ord(c) for c in text]
+
+
+def test_the_first_prompt_is_encoded_whole_with_its_bos_and_later_ones_extend_it():
+    """The first turn encodes the rendered chat as a prompt (BOS included); the next appends only the new
+    text's ids (no BOS in the middle) after the reply's ids."""
+    from types import SimpleNamespace
+
+    from metronome.agents.reflect import _next_prompt, _Transcript
+
+    engine = SimpleNamespace(tokenizer=_CharTokenizer())
+    transcript = _Transcript([{"role": "user", "content": "hi"}])
+    assert _next_prompt(engine, transcript, None) is True
+    assert transcript.ids == [1, *map(ord, "<user>hi")] and transcript.text == "<user>hi"
+    reply = [ord(c) for c in "<assistant>yo"]
+    transcript.messages.append({"role": "assistant", "content": "yo"})
+    transcript.ids, transcript.text = transcript.ids + reply, transcript.text + "<assistant>yo"
+    assert _next_prompt(engine, transcript, "again") is True
+    assert transcript.ids == [1, *map(ord, "<user>hi<assistant>yo<user>again")]
+
+
+def test_the_watch_hears_each_turn_with_its_gaps_and_a_closed_loop_as_cancelled(tiny_engine):
+    """TurnWatch (the server's metrics): one gap per token after the first, and a turn the loop's closing
+    cut is reported "cancelled", not as an ordinary end. Each turn's queue time runs to its admission."""
+    from metronome.agents.reflect import TurnWatch
+
+    submitted: list = []
+    ended: list[tuple] = []
+    watch = TurnWatch(submitted.append, lambda r, reason, gaps: ended.append((r, reason, len(gaps))))
+    run = list(reflect(tiny_engine, "the cat", ReflectSettings(rounds=1), SamplingParams(max_tokens=4), watch))
+    assert isinstance(run[-1], ReflectionDone) and len(submitted) == 3
+    assert ended == [(r, r.finish_reason, len(r.output_ids) - 1) for r in submitted]
+    for stats, r in zip(run[-1].turns, submitted):  # queued from its submit until a slot took it
+        assert r.timings.admitted > r.timings.submitted
+        assert stats.queue_ms == pytest.approx((r.timings.admitted - r.timings.submitted) * 1000)
+    submitted.clear()
+    ended.clear()
+    loop = reflect(
+        tiny_engine, "the cat", ReflectSettings(rounds=1), SamplingParams(max_tokens=24, ignore_eos=True), watch
+    )
+    next(e for e in loop if isinstance(e, TurnDelta))
+    loop.close()
+    tiny_engine.step()
+    assert [reason for _r, reason, _n in ended] == ["cancelled"] and submitted[0].finish_reason == "cancelled"
+
+
+def test_a_turn_that_ended_before_its_first_token_has_stats_not_a_crash():
+    """A request ended before any token (never admitted, no first token) still has its stats: its wait up
+    to its end counts as time to first token, and it decoded for 0 ms."""
+    from types import SimpleNamespace
+
+    from metronome.agents.reflect import _stats
+
+    timings = SimpleNamespace(submitted=1.0, admitted=None, first_token=None, finished=1.25)
+    r = SimpleNamespace(timings=timings, prompt_ids=[5, 6], cached_tokens=0, output_ids=[], finish_reason=None)
+    stats = _stats(r, 1, 0, "answer", True, 0.0)
+    assert (stats.queue_ms, stats.ttft_ms, stats.decode_ms) == (0.0, 250.0, 0.0)
+    assert stats.finish_reason == "error" and stats.completion_tokens == 0

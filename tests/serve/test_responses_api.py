@@ -464,3 +464,73 @@ def test_an_answer_cut_by_its_length_says_why_and_a_stream_the_engine_fails_ends
             assert failed["error"]["code"] == "engine_error" and "simulated" in failed["error"]["message"]
     finally:
         engine.stop()
+
+
+def test_the_chat_request_carries_the_tools_their_choice_and_the_output_limits():
+    """The Responses parameters as the chat pipeline reads them: parallel_tool_calls false stays false (one
+    call), a named choice is chat's named function, max_output_tokens the completion budget, and a
+    json_schema format chat's response_format."""
+    from metronome.serve.responses_api import as_chat, chat_request
+    from metronome.serve.responses_schemas import ResponsesBody
+
+    body = ResponsesBody.model_validate(
+        {
+            "input": "Weather in Oslo?",
+            "tools": [WEATHER, {"type": "function", "name": "g"}],
+            "tool_choice": {"type": "function", "name": "get_weather"},
+            "parallel_tool_calls": False,
+            "max_output_tokens": 33,
+            "text": {"format": {"type": "json_schema", "name": "w", "schema": {"type": "object"}}},
+        }
+    )
+    chat = chat_request(body)
+    assert chat["parallel_tool_calls"] is False and as_chat(body).token_budget[0] == 33
+    assert chat["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+    assert [t["function"]["name"] for t in chat["tools"]] == ["get_weather", "g"]
+    assert chat["tools"][1]["function"]["parameters"] == {"type": "object", "properties": {}}
+    assert chat["response_format"]["json_schema"]["schema"] == {"type": "object"}
+    default = chat_request(ResponsesBody.model_validate({"input": "hi", "tools": [WEATHER]}))
+    assert default["parallel_tool_calls"] is True and default["tool_choice"] == "auto"
+
+
+def test_an_empty_answer_is_one_empty_message_and_the_response_says_when_it_completed():
+    """An answer with neither text nor calls (the model ended at once) is still one assistant message, as
+    OpenAI returns it (a client reading output[0] found nothing); completed_at and incomplete_details follow
+    the status; usage carries cached tokens and the timings beside the counts."""
+    from metronome.serve.responses_api import ResponseShape, _status, responses_usage
+    from metronome.serve.responses_schemas import ResponsesBody
+
+    events: list[dict] = []
+
+    def event(kind: str, **fields) -> str:
+        events.append({"type": kind, **fields})
+        return kind
+
+    for tools in (False, True):
+        out = Output(tools=tools)
+        events.clear()
+        out.feed("", event)
+        out.close("completed", event)
+        [message] = out.items()
+        assert message["type"] == "message" and message["status"] == "completed"
+        assert message["content"][0]["text"] == ""
+        # the item as added is in progress with no content yet (its part is added next), as OpenAI sends it
+        [added] = [e["item"] for e in events if e["type"] == "response.output_item.added"]
+        assert added["status"] == "in_progress" and added["content"] == []
+    shape = ResponseShape(ResponsesBody.model_validate({"input": "hi"}), "m")
+    done, cut = shape.response("completed", []), shape.response("incomplete", [])
+    assert isinstance(done["completed_at"], int) and done["incomplete_details"] is None
+    assert cut["completed_at"] is None and cut["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert _status("cancelled") == "cancelled"
+    usage = responses_usage(
+        {
+            "prompt_tokens": 7,
+            "completion_tokens": 3,
+            "total_tokens": 10,
+            "prompt_tokens_details": {"cached_tokens": 4},
+            "queue_time": 0.5,
+        }
+    )
+    assert usage["input_tokens_details"] == {"cached_tokens": 4} and usage["queue_time"] == 0.5
+    assert (usage["input_tokens"], usage["output_tokens"], usage["total_tokens"]) == (7, 3, 10)
+    assert "prompt_tokens" not in usage and "prompt_tokens_details" not in usage

@@ -13,6 +13,7 @@ import json
 import httpx
 import jsonschema
 import pytest
+import torch
 from helpers.live_server import LiveServer
 
 from metronome.config import EngineConfig
@@ -27,6 +28,7 @@ from metronome.serve.tools import (
     CallStarted,
     Function,
     LooseCalls,
+    RepeatGuard,
     ToolCalling,
     ToolCallParser,
     ToolError,
@@ -746,3 +748,196 @@ def test_history_edge_cases_the_clients_send():
 def test_parameters_without_a_type_are_an_object_schema():
     untyped = {"type": "function", "function": {"name": "f", "parameters": {"properties": {"x": {"type": "integer"}}}}}
     assert [f.name for f in tool_calling([untyped], "none", True, None).functions] == ["f"]
+
+
+def test_tools_for_a_tokenizer_that_cannot_be_constrained_are_refused_unless_none():
+    """`grammars` None (a tokenizer llguidance cannot read): a choice that constrains the answer is a 400
+    naming `tools`, not a crash where the grammar is built; "none" only describes them, and is served."""
+    for choice in ("auto", "required", {"type": "function", "function": {"name": "add"}}):
+        with pytest.raises(ToolError, match="cannot be constrained") as info:
+            tool_calling(TOOLS, choice, True, None)
+        assert info.value.param == "tools"
+    assert tool_calling(TOOLS, "none", True, None).mode == "none"
+
+
+@pytest.mark.parametrize("parameters", [[], "object", 5])
+def test_parameters_that_are_not_a_schema_object_name_the_parameter(parameters):
+    """The HTTP schema refuses these first; a Python caller of tool_calling gets the same ToolError, not an
+    AttributeError."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": parameters}}
+    with pytest.raises(ToolError, match="must be an object") as info:
+        tool_calling([WEATHER, tool], "none", True, None)
+    assert info.value.param == "tools[1].function.parameters"
+
+
+def test_a_date_with_its_own_pattern_keeps_it():
+    """Only a date (or date-time) without a pattern gets the calendar's exact pattern: a pattern the schema
+    gives is the schema's rule, and replacing it let dates through that the schema refuses."""
+    from metronome.serve.tools import closed
+
+    own = {"type": "string", "format": "date", "pattern": "^2024-"}
+    assert closed(own) == own
+    bare = closed({"type": "string", "format": "date"})
+    assert "format" not in bare and jsonschema.Draft202012Validator(bare).is_valid("2024-02-29")
+    assert not jsonschema.Draft202012Validator(bare).is_valid("2023-02-29")
+
+
+def test_references_to_draft_7_definitions_follow_them_to_the_root():
+    """Pydantic v1 and other draft-7 writers put definitions under "definitions": the call schema moves
+    them to its root, where their references point, as it does "$defs"."""
+    params = {
+        "type": "object",
+        "properties": {"where": {"$ref": "#/definitions/Point"}},
+        "required": ["where"],
+        "definitions": {"Point": {"type": "object", "properties": {"x": {"type": "number"}}, "required": ["x"]}},
+    }
+    schema = call_schema(Function("f", None, params))
+    arguments = schema["properties"]["arguments"]
+    assert "definitions" not in arguments and schema["definitions"]["Point"]["additionalProperties"] is False
+    assert arguments["properties"]["where"] == {"$ref": "#/definitions/Point"}
+    jsonschema.validate({"name": "f", "arguments": {"where": {"x": 1.5}}}, schema)
+    for bad in ({"where": {"x": "1"}}, {"where": {"x": 1, "y": 2}}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({"name": "f", "arguments": bad}, schema)
+
+
+class _Pieces:
+    """A stand-in tokenizer for RepeatGuard: token i decodes to pieces[i]; token 0 is the end of sequence."""
+
+    def __init__(self, pieces: list[str]) -> None:
+        self.pieces = pieces
+        self.eos_ids = (0,)
+
+    def stream_decoder(self) -> "_Pieces":
+        return self
+
+    def push(self, token: int) -> str:
+        return self.pieces[token]
+
+
+class _AllowAll:
+    """An inner constraint that allows every token but those in `refused`, and records what it accepted."""
+
+    def __init__(self, vocab: int, refused: tuple[int, ...] = ()) -> None:
+        self.vocab, self.refused = vocab, refused
+        self.accepted: list[int] = []
+
+    def allowed(self, logits: torch.Tensor) -> torch.Tensor:
+        mask = torch.ones(self.vocab, dtype=torch.bool)
+        mask[list(self.refused)] = False
+        return mask
+
+    def accept(self, token: int) -> None:
+        self.accepted.append(token)
+
+    def finished(self) -> bool:
+        return False
+
+
+def test_the_repeat_guard_ends_the_answer_at_the_first_repeated_call_and_stays_ended():
+    """After a call equal to an earlier one, only the end token may follow, for every later token too (a
+    newline after the repeat must not let the loop go on); where the grammar itself refuses the end token
+    there, the grammar's mask stands (an empty mask would fail the request). Stop strings never apply to a
+    JSON answer (free_text False), and in free text only until a call begins."""
+    add = call_block("add", {"a": 2, "b": 3})
+    pieces = ["", add, "\n", call_block("add", {"a": 1, "b": 1}), "Hi"]
+    logits = torch.zeros(len(pieces))
+    guard = RepeatGuard(_AllowAll(len(pieces)), _Pieces(pieces))
+    assert guard.stops_apply()
+    for token in (1, 2, 3, 2):  # two different calls: nothing repeated yet
+        guard.accept(token)
+        assert guard.allowed(logits).all()
+    assert not guard.stops_apply()  # inside the calls
+    guard.accept(1)  # the first call again
+    assert guard.repeated and guard.allowed(logits).tolist() == [True, False, False, False, False]
+    guard.accept(2)  # more text after the repeat: still only the end
+    assert guard.repeated and guard.allowed(logits).tolist() == [True, False, False, False, False]
+    assert guard.inner.accepted == [1, 2, 3, 2, 1, 2]
+    no_end = RepeatGuard(_AllowAll(len(pieces), refused=(0,)), _Pieces(pieces))
+    for token in (1, 2, 1):
+        no_end.accept(token)
+    assert no_end.repeated and no_end.allowed(logits).tolist() == [False, True, True, True, True]
+    shaped = RepeatGuard(_AllowAll(len(pieces)), _Pieces(pieces), free_text=False)
+    shaped.accept(4)
+    assert shaped.parser.in_text and not shaped.stops_apply()
+
+
+def test_text_after_loose_calls_is_not_free_text_for_stop_strings():
+    """Stop strings apply until a call begins: the word Qwen2.5-Coder writes after its loose call is content,
+    but a stop string in it must not cut the answer as if no call had been made."""
+    functions = tuple(Function(t["function"]["name"], None, t["function"]["parameters"]) for t in TOOLS)
+    parser = ToolCallParser(LooseCalls(ToolCalling(functions, "auto", ("get_weather", "add"), True).loose))
+    parser.feed('{"name": "add", "arguments": {"a": 2, "b": 3}}\nThat adds them')
+    assert [c.name for c in parser.calls] == ["add"] and parser.content == "That adds them"
+    assert not parser.in_text
+
+
+def test_a_function_without_a_description_is_described_without_one():
+    """No "description": null in the tools a template renders, nor in the fallback prompt's signatures."""
+    from metronome.serve.tools import fallback_section
+
+    bare = Function("f", None, {"type": "object", "properties": {}})
+    assert bare.openai() == {"type": "function", "function": {"name": "f", "parameters": bare.parameters}}
+    assert "null" not in fallback_section(ToolCalling((bare,), "none", (), True))
+    assert Function("g", "Does g.", {}).openai()["function"]["description"] == "Does g."
+
+
+@pytest.mark.parametrize("name", [["add"], {"add": 1}])
+def test_a_loose_call_whose_name_is_given_again_as_no_string_is_text(name):
+    """The opening reads `{"name": "add"`, but JSON keeps a repeated key's last value: a name that is a list
+    or an object was a TypeError (unhashable) in the parser, on text the model wrote."""
+    functions = tuple(Function(t["function"]["name"], None, t["function"]["parameters"]) for t in TOOLS)
+    loose = LooseCalls(ToolCalling(functions, "auto", ("get_weather", "add"), True).loose)
+    text = '{"name": "add", "arguments": {"a": 2, "b": 3}, "name": ' + json.dumps(name) + "}"
+    parsed = parse_tool_calls(text, loose)
+    assert parsed.calls == [] and parsed.content == text
+
+
+def test_an_object_whose_name_is_no_function_streams_as_text_at_once():
+    """`{"name": "` opens what may be a loose call, held until known; once the name can no longer be one of
+    the functions', the text is content at once (and stop strings apply), not held to its closing quote."""
+    functions = tuple(Function(t["function"]["name"], None, t["function"]["parameters"]) for t in TOOLS)
+    loose = LooseCalls(ToolCalling(functions, "auto", ("get_weather", "add"), True).loose)
+    held = ToolCallParser(loose)
+    assert held.feed('{"name": "ad') == [] and not held.in_text  # may be add's call
+    other = ToolCallParser(loose)
+    assert [e.text for e in other.feed('{"name": "Ada Lovel')] == ['{"name": "Ada Lovel'] and other.in_text
+
+
+def test_a_fenced_call_whose_fence_is_never_closed_is_the_answers_text():
+    """A loose call is read once its fence closes; an answer that ends inside the fence (max_tokens after
+    the object) is text, whole, not lost."""
+    functions = tuple(Function(t["function"]["name"], None, t["function"]["parameters"]) for t in TOOLS)
+    loose = LooseCalls(ToolCalling(functions, "auto", ("get_weather", "add"), True).loose)
+    for text in (
+        '```json\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n',
+        '```json\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n``',
+    ):
+        parsed = parse_tool_calls(text, loose)
+        assert (parsed.calls, parsed.content) == ([], text), text
+
+
+def test_qwen_may_write_text_before_its_calls():
+    """Where `<tool_call>` is one special token (Qwen2.5) free text can never open a call, so with "auto"
+    the grammar lets text come before the calls (with a text tag, SmolLM2's, it cannot)."""
+    if not registry.is_installed(QWEN):
+        pytest.skip("Qwen2.5-Coder-0.5B is not installed (metronome models install qwen2.5-coder-0.5b)")
+    from metronome.engine.grammar import Grammars
+    from metronome.model.tokenizer import Tokenizer
+    from metronome.serve.tools import tool_grammar
+
+    tokenizer = Tokenizer(load(registry.resolve(QWEN.name)).tokenizer)
+    grammars = Grammars(tokenizer, mask_thread=False)
+    grammar = tool_grammar(tool_calling(TOOLS, "auto", True, grammars), grammars)
+
+    def takes(text: str) -> bool:
+        c = grammars.constraint(grammar)
+        for t in tokenizer.encode(text, add_bos=False):
+            if not c.next_mask()[t]:
+                return False
+            c.accept(t)
+        return True
+
+    block = call_block("add", {"a": 2, "b": 3})
+    assert takes("Let me check.") and takes(block) and takes("Let me check.\n" + block + "\n" + block)
+    grammars.close()

@@ -1047,81 +1047,128 @@ void amx_rows(const uint8_t* w, int64_t nb, const XQuant& xq, float* y, int64_t 
   _tile_release();  // the thread's tile state is back to init: a context switch need not save 8 KB of it
 }
 
-// Q4_KX16 (see Q4_Kx16) by AMX: per super-block, one tile multiply per 32-weight sub-block j gives its sum
-// s_j of codes times x8 for 16 rows of x and 16 weight rows, and isum += sc_j * s_j in integers. That is the
-// integer the vector path builds from its two 16-weight chains (vpmulld here: s_j, up to 32 * 15 * 127, does
-// not fit the int16 that vpdpwssd takes). The minimum term and the float step are Q4_Kx16::tile's, op for op,
-// on accumulators kept in memory (acc: 16 rows of x, 16 floats each), so that a super-block's codes are
-// unpacked once for every tile of x rows.
-inline void amx_q4k_block(const uint8_t* p, const uint8_t* unpacked, const XQuant& xq, int64_t K, int64_t nb, int64_t b,
-                          int64_t m0, int32_t* sums, float* acc) {
-  constexpr int MT = 16;
-  const uint8_t* x = reinterpret_cast<const uint8_t*>(xq.x8k) + m0 * K + b * 256;  // sub-block j at x + 32 j
-  __m512i isum[MT];
-#pragma GCC unroll 16
-  for (int m = 0; m < MT; ++m) isum[m] = _mm512_setzero_si512();
-  auto add = [&](int j, const int32_t* s) {
-    const __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 64 + 16 * j)));
-#pragma GCC unroll 16
-    for (int m = 0; m < MT; ++m)
-      isum[m] = _mm512_add_epi32(isum[m], _mm512_mullo_epi32(_mm512_load_si512(s + 16 * m), sc));
-  };
-  METRONOME_AMX_START(0, 1, 2, unpacked, x, K);
-  for (int j = 0; j < 8; j += 2) {  // two sub-blocks in flight, in two sets of tiles
-    METRONOME_AMX_START(3, 4, 5, unpacked + 512 * (j + 1), x + 32 * (j + 1), K);
-    _tile_stored(0, sums, 64);
-    add(j, sums);
-    if (j + 2 < 8) METRONOME_AMX_START(0, 1, 2, unpacked + 512 * (j + 2), x + 32 * (j + 2), K);
-    _tile_stored(3, sums + MT * 16, 64);
-    add(j + 1, sums + MT * 16);
+// Q4_KX16 (see Q4_Kx16) by AMX. What the vector path builds per x row and 16 weight rows is the integer
+// isum = sum_j sc_j s_j, s_j the sum of codes times x8 over sub-block j (32 weights), sc_j its 6-bit scale.
+// Taking each s_j from its own tile and multiplying by sc_j with vector instructions (vpmulld and an add per x
+// row and sub-block) left the tile unit waiting on the vector unit. Here the scales go into the codes instead:
+// with sc = 16 hi + lo (lo < 16, hi < 4), lo * q and hi * q (q < 16) each fit a byte, so
+//   isum = sum_k x8_k (lo * q)_k + 16 sum_k x8_k (hi * q)_k
+// over the super-block's 256 weights, two sums the tile unit runs as 4 + 4 multiplies of 64 weights, leaving
+// the vector unit two tile stores per 16 x rows and a shift-and-add per x row and super-block. The same
+// integer, so the minimum term and the float step (Q4_Kx16::tile's, op for op) give the same bits. The scaled
+// codes are made once per super-block for every tile of x rows of a call, and a super-block ahead of the tile
+// loads that read them (a tile load right after the vector stores it reads waits for them).
+struct Q4KScaled {
+  alignas(64) uint8_t lo[4096];  // the super-block's 64 rows of 64 bytes (k-quad r, weight rows 0-15): lo * q
+  alignas(64) uint8_t hi[4096];  // the same for hi * q
+};
+
+inline void q4k_scale(const uint8_t* p, Q4KScaled& out) {
+  const __m512i low4 = _mm512_set1_epi16(0x000F);
+  for (int j = 0; j < 8; ++j) {
+    __m512i c[9];
+    Q4_Kx16::codes(p, j, c);  // c[8]: row r's sc_j in both int16 halves of lane r
+    const __m512i lo = _mm512_and_si512(c[8], low4), hi = _mm512_srli_epi16(c[8], 4);
+    // a 16-bit lane holds two codes of one weight row: (q1 << 8 | q0) * s = (q1 s) << 8 | q0 s, as q0 s < 256
+    for (int v = 0; v < 8; ++v) {
+      _mm512_store_si512(out.lo + 512 * j + 64 * v, _mm512_mullo_epi16(c[v], lo));
+      _mm512_store_si512(out.hi + 512 * j + 64 * v, _mm512_mullo_epi16(c[v], hi));
+    }
   }
+}
+
+// Every tile 16 rows of 64 bytes: the sums (two sets of lo and hi: 0-1, 2-3), x8 (4) and the scaled codes (5, 6).
+inline void load_q4k_tile_config() {
+  TileConfig cfg;
+  for (int t = 0; t < 7; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  _tile_loadconfig(&cfg);
+}
+
+// The tile unit's share of one x tile (16 rows at x, stride K) against one super-block's scaled codes s, into
+// sum tiles LO and HI (a macro: the tile instructions take their registers as literals).
+#define METRONOME_Q4K_TILES(LO, HI, x, K, s)  \
+  do {                                        \
+    _tile_zero(LO);                           \
+    _tile_zero(HI);                           \
+    for (int t_ = 0; t_ < 4; ++t_) {          \
+      _tile_loadd(4, (x) + 64 * t_, K);       \
+      _tile_loadd(5, (s).lo + 1024 * t_, 64); \
+      _tile_loadd(6, (s).hi + 1024 * t_, 64); \
+      _tile_dpbsud(LO, 4, 5);                 \
+      _tile_dpbsud(HI, 4, 6);                 \
+    }                                         \
+  } while (0)
+
+// The vector unit's share: isum from the two sums, then the minimum term and the float step into acc (16 x
+// rows of 16 floats).
+inline void q4k_finish(const uint8_t* p, const XQuant& xq, int64_t nb, int64_t b, int64_t m0, const int32_t* lo,
+                       const int32_t* hi, float* acc) {
   const __m512 d = fp16x16(p);
   const __m512 dmin = fp16x16(p + 32);
   __m512i mn[4];
-  for (int k = 0; k < 4; ++k)
-    mn[k] = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 192 + 32 * k)));
+  Q4_Kx16::minimums(p, mn);
 #pragma GCC unroll 16
-  for (int m = 0; m < MT; ++m) {
+  for (int m = 0; m < 16; ++m) {
     const int64_t i = (m0 + m) * nb + b;
+    const __m512i isum =
+        _mm512_add_epi32(_mm512_load_si512(lo + 16 * m), _mm512_slli_epi32(_mm512_load_si512(hi + 16 * m), 4));
     __m512i imin = dpwssd_bcst(_mm512_setzero_si512(), mn[0], xq.bs32p + i * 4);
     for (int k = 1; k < 4; ++k) imin = dpwssd_bcst(imin, mn[k], xq.bs32p + i * 4 + k);
     const __m512 dx = _mm512_set1_ps(xq.dxk[i]);
     __m512 a = _mm512_load_ps(acc + 16 * m);
-    a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[m]), _mm512_mul_ps(d, dx), a);
+    a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(d, dx), a);
     _mm512_store_ps(acc + 16 * m, _mm512_fnmadd_ps(_mm512_cvtepi32_ps(imin), _mm512_mul_ps(dmin, dx), a));
   }
 }
 
-// Groups [n_lo, n_hi) x rows [m_lo, m_hi) of x (whole tiles of 16 rows), up to 64 rows of x at a time.
+// Groups [n_lo, n_hi) x rows [m_lo, m_hi) of x (whole tiles of 16 rows), up to 64 rows of x at a time. The
+// work items (super-block b, x tile t) run in order, each one's tile multiplies issued before the previous
+// item's vector share, in the other set of sum tiles, so that the two units overlap.
 void amx_q4k_rows(const uint8_t* w, int64_t nb, const XQuant& xq, int64_t K, float* y, int64_t ldy, int64_t rows,
                   int64_t n_lo, int64_t n_hi, int64_t m_lo, int64_t m_hi) {
   constexpr int64_t kRows = 64;
-  load_tile_config();
-  alignas(64) uint8_t unpacked[8 * 512];
-  alignas(64) int32_t sums[2 * 16 * 16];
+  load_q4k_tile_config();
+  static thread_local Q4KScaled scaled[3];  // super-block b's in scaled[b % 3]: b's, b + 1's, and b - 1's in flight
+  alignas(64) int32_t sums[2][2][256];      // [set][lo, hi]: 16 x rows x 16 weight rows
   alignas(64) float acc[kRows * 16];
+  const int8_t* x8 = xq.x8k;
   for (int64_t ms = m_lo; ms < m_hi; ms += kRows) {
-    const int64_t me = std::min(m_hi, ms + kRows);
+    const int64_t tiles = (std::min(m_hi, ms + kRows) - ms) / 16, items = nb * tiles;
     for (int64_t n0 = n_lo; n0 < n_hi; n0 += 16) {
       const uint8_t* g = w + (n0 / 16) * nb * kQ4Kx16Bytes;
-      std::memset(acc, 0, sizeof(float) * 16 * (me - ms));
-      for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* p = g + b * kQ4Kx16Bytes;
-        prefetch_ahead<kQ4Kx16Bytes>(p);
-        for (int j = 0; j < 8; ++j)  // every sub-block's codes before the first tile loads them
-          for (int v = 0; v < 4; ++v) {
-            __m512i c[2];
-            nibble_quads(p + 320 + 256 * j + 64 * v, c);
-            _mm512_store_si512(unpacked + 512 * j + 128 * v, c[0]);
-            _mm512_store_si512(unpacked + 512 * j + 128 * v + 64, c[1]);
-          }
-        for (int64_t m0 = ms; m0 < me; m0 += 16)
-          amx_q4k_block(p, unpacked, xq, K, nb, b, m0, sums, acc + 16 * (m0 - ms));
+      std::memset(acc, 0, sizeof(float) * 256 * tiles);
+      q4k_scale(g, scaled[0]);
+      auto issue = [&](int64_t i) {  // item i's tile multiplies, into sum set i % 2
+        const int64_t b = i / tiles, t = i % tiles;
+        if (t == 0 && b + 1 < nb) {  // the next super-block's scaled codes, a super-block ahead
+          prefetch_ahead<kQ4Kx16Bytes>(g + (b + 1) * kQ4Kx16Bytes);
+          q4k_scale(g + (b + 1) * kQ4Kx16Bytes, scaled[(b + 1) % 3]);
+        }
+        const int8_t* x = x8 + (ms + 16 * t) * K + b * 256;
+        if (i % 2 == 0)
+          METRONOME_Q4K_TILES(0, 1, x, K, scaled[b % 3]);
+        else
+          METRONOME_Q4K_TILES(2, 3, x, K, scaled[b % 3]);
+      };
+      issue(0);
+      for (int64_t i = 0; i < items; ++i) {
+        if (i + 1 < items) issue(i + 1);
+        const int64_t b = i / tiles, t = i % tiles;
+        int32_t* lo = sums[i % 2][0];
+        int32_t* hi = sums[i % 2][1];
+        if (i % 2 == 0) {
+          _tile_stored(0, lo, 64);
+          _tile_stored(1, hi, 64);
+        } else {
+          _tile_stored(2, lo, 64);
+          _tile_stored(3, hi, 64);
+        }
+        q4k_finish(g + b * kQ4Kx16Bytes, xq, nb, b, ms + 16 * t, lo, hi, acc + 256 * t);
       }
       __m512 out[16];
-      for (int64_t m0 = ms; m0 < me; m0 += 16) {
-        for (int m = 0; m < 16; ++m) out[m] = _mm512_load_ps(acc + 16 * (m0 - ms + m));
-        store16<16>(out, y, ldy, rows, n0, m0);
+      for (int64_t t = 0; t < tiles; ++t) {
+        for (int m = 0; m < 16; ++m) out[m] = _mm512_load_ps(acc + 256 * t + 16 * m);
+        store16<16>(out, y, ldy, rows, n0, ms + 16 * t);
       }
     }
   }

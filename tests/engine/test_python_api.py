@@ -295,3 +295,51 @@ def test_a_cancelled_request_leaves_room_in_the_queue_at_once(tiny_hf):
     while not engine.scheduler.idle:
         engine.step()
     assert first.finish_reason == "cancelled" and second.finish_reason == "length"
+
+
+def test_prompts_are_read_as_the_caller_meant_them(engine):
+    """The edges of what generate and stream take: no prompts, one more than fits, text that is not UTF-8,
+    a batch given to stream, and chat=False."""
+    from metronome.engine.api import _params
+
+    assert engine.generate([], PARAMS) == []  # nothing to run: not a wait for requests that never come
+    assert _params(None) == SamplingParams()  # the defaults of the CLI and the server
+    # as many prompts as the engine holds (2 slots + max_queue 2) run together
+    assert [c.finish_reason for c in engine.generate(["a", "b", "c", "d"], PARAMS)] == ["length"] * 4
+    with pytest.raises(RequestError, match=r"pass \[message\], not the message"):
+        engine.generate({"role": "user", "content": "hi"}, PARAMS)
+    with pytest.raises(ValueError, match="stream takes one prompt"):
+        next(engine.stream(["a", "b"], PARAMS))
+    with pytest.raises(RequestError, match="the prompt is empty") as err:
+        next(engine.stream([], PARAMS))  # an empty message list: the chat template alone is no prompt
+    assert err.value.param == "prompt"
+    # a lone surrogate (bytes that were not UTF-8) is named where it is, with the byte it stood for
+    for prompt, param, byte in (
+        ("caf\udce9", "prompt", "byte 0xe9 at character 3"),
+        ("\udc80", "prompt", "byte 0x80 at character 0"),
+        ([{"role": "user", "content": "x\udcff"}], "prompt[0].content", "byte 0xff at character 1"),
+    ):
+        with pytest.raises(RequestError, match=byte) as err:
+            engine.generate(prompt, PARAMS)
+        assert err.value.param == param
+    with pytest.raises(RequestError, match="byte 0xe9") as err:
+        engine.generate("caf\udce9", PARAMS, chat=False)  # raw text, past the chat template, too
+    assert err.value.param == "prompt"
+    raw = engine.generate("hello", PARAMS, chat=False)
+    assert raw.prompt_tokens == len(engine.tokenizer.encode("hello"))
+    if engine.tokenizer.has_chat_template:  # through the template, the same text is a longer prompt
+        assert engine.generate("hello", PARAMS).prompt_tokens > raw.prompt_tokens
+
+
+def test_requests_a_call_leaves_behind_are_cancelled(engine):
+    """A generate() whose second prompt is refused, and a stream the caller stops reading, must not leave
+    their requests running unseen (holding a slot until max_tokens)."""
+    with pytest.raises(RequestError, match="exceeds the context"):
+        engine.generate([[5, 6, 7], [5] * 128], PARAMS)  # the first was submitted before the second failed
+    engine.step()
+    assert engine.scheduler.idle
+    tokens = engine.stream([5, 6, 7], PARAMS)
+    next(tokens)
+    tokens.close()  # the caller stopped reading after one token
+    engine.step()
+    assert engine.scheduler.idle

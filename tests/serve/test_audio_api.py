@@ -565,6 +565,7 @@ def test_speech_model_flag():
     add_speech_model_arg(parser)
     assert speech_model_path(parser.parse_args([])) == (True, None)  # the embedded tiny.en
     assert speech_model_path(parser.parse_args(["--speech-model", "none"])) == (False, None)
+    assert speech_model_path(parser.parse_args(["--speech-model", " None "])) == (False, None)  # as typed
     assert speech_model_path(parser.parse_args(["--speech-model", "/m/whisper-small"])) == (True, "/m/whisper-small")
 
 

@@ -442,3 +442,62 @@ def test_a_second_ctrl_c_while_the_compile_runs_quits_at_once(smollm_path, tmp_p
             proc.kill()
     assert proc.returncode == 130 and "stopped during the compile" in log, (proc.returncode, log)
     assert "Traceback" not in log and "terminate called" not in log, log
+
+
+def test_the_model_is_taken_from_one_place():
+    """`info` and `compile` take the model as MODEL or --model: either, or both when they agree."""
+    import argparse
+
+    from metronome.cli import _positional_model
+    from metronome.config import ParamError
+
+    def given(path, flag):
+        return _positional_model(argparse.Namespace(model_path=path, model=flag))
+
+    assert given("a.gguf", None) == "a.gguf" and given(None, "b.gguf") == "b.gguf" and given(None, None) is None
+    assert given("a.gguf", "a.gguf") == "a.gguf"
+    with pytest.raises(ParamError, match="given twice") as err:
+        given("a.gguf", "b.gguf")
+    assert err.value.param == "model"
+
+
+def test_the_stats_line_says_what_was_timed():
+    from metronome.cli import _stats
+
+    timed = {"time_to_first_token": 0.0, "completion_time": 0.5, "total_time": 0.5}
+    assert _stats(3, timed) == "[3 tokens · TTFT 0 ms · 4.0 tokens/s]"  # a TTFT of 0 ms is still a TTFT
+    assert _stats(1, timed) == "[1 tokens · TTFT 0 ms]"  # no rate from one token
+    prompt_only = {"time_to_first_token": None, "completion_time": None, "total_time": 0.25}
+    assert _stats(0, prompt_only) == "[0 tokens · 250 ms in all]"
+
+
+@pytest.mark.parametrize(
+    ("raised", "code"), [(ValueError("bad file"), 2), (KeyboardInterrupt(), 130), (BrokenPipeError(), 141)]
+)
+def test_main_ends_each_failure_with_its_exit_code(monkeypatch, capsys, raised, code):
+    """Ends in-process: a ValueError (a bad model file, a plan error) is one line and 2, Ctrl-C 130, a reader
+    that left the pipe 141 (what a shell reports for SIGPIPE)."""
+    from metronome import cli
+
+    def fail(args):
+        raise raised
+
+    monkeypatch.setattr(cli, "cmd_generate", fail)
+    monkeypatch.setattr(cli, "reader_left", lambda: 141)  # the real one redirects this process's stdout
+    assert cli.main(["generate", "hi"]) == code
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_engine_flags_are_checked_before_the_model_loads(monkeypatch):
+    """A --slots 0 was found only after the model had loaded (seconds to minutes for a large one)."""
+    import metronome.model.loader
+    from metronome.cli import load_engine
+    from metronome.config import ParamError
+
+    def no_load(path):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr(metronome.model.loader, "load", no_load)
+    with pytest.raises(ParamError) as err:
+        load_engine(build_parser().parse_args(["generate", "hi", "--slots", "0"]))
+    assert err.value.param == "slots"

@@ -343,3 +343,33 @@ def test_requests_a_call_leaves_behind_are_cancelled(engine):
     tokens.close()  # the caller stopped reading after one token
     engine.step()
     assert engine.scheduler.idle
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread's death is the case
+def test_a_call_waiting_on_an_engine_whose_thread_died_is_told_not_left_waiting(engine, monkeypatch):
+    """start() was called and its thread then died (a SystemExit in a step ends it): requests submitted after
+    that are never stepped, and nothing else will send their events, so a stream or a generate() waiting on
+    them raises (check_alive between waits) rather than waiting for ever."""
+    engine.start()
+    real = engine.plan.decode
+    monkeypatch.setattr(engine.plan, "decode", lambda *a, **k: (_ for _ in ()).throw(SystemExit("simulated")))
+    assert engine.generate([5, 6, 7], PARAMS).finish_reason == "error"
+    engine._thread.join(timeout=30)
+    assert not engine._thread.is_alive()
+    monkeypatch.setattr(engine.plan, "decode", real)
+    outcomes: dict[str, BaseException | None] = {}
+
+    def call(name: str, run) -> None:
+        try:
+            run()
+            outcomes[name] = None
+        except BaseException as exc:  # noqa: BLE001 - what the call ended with is what the test checks
+            outcomes[name] = exc
+
+    calls = {"stream": lambda: list(engine.stream([5, 6, 7], PARAMS)), "generate": lambda: engine.generate([5], PARAMS)}
+    for name, run in calls.items():
+        waiter = threading.Thread(target=call, args=(name, run), daemon=True)
+        waiter.start()
+        waiter.join(timeout=20)  # a few of WAIT_SLICE_S
+        assert not waiter.is_alive(), f"{name} is still waiting on an engine thread that died"
+        assert isinstance(outcomes[name], RuntimeError) and "engine thread has stopped" in str(outcomes[name])

@@ -72,6 +72,7 @@ def test_a_long_catch_up_keeps_the_first_tokens_and_a_window(tiny_hf):
             cut = windowed.cut[0]
             whole.reset(0)
             assert rows[-k] <= 2 + 8  # the catch-up ran the kept tokens only (then k-1 sequential drafts)
+            assert cut == t - 8  # the window is the text's last catch_up tokens
         assert drafts == whole.propose(0, seq[:2] + seq[cut:t], k), t
     assert windowed.cuts == 3  # at 40 (the prompt), at 70 and at 99
     with pytest.raises(ValueError, match="catch_up"):
@@ -101,6 +102,34 @@ def test_drafts_the_text_did_not_take_are_run_again_and_a_short_text_is_not_cut(
     short.reset(0)
     short.propose(0, prompt[:10], 4)
     assert short.cuts == 0 and short.cut[0] == 0
+
+
+def test_exactly_catch_up_missing_tokens_are_run_a_reset_forgets_the_window_and_drafts_stay_in_the_context(tiny_hf):
+    """A catch-up of exactly `catch_up` tokens runs them (only more start a new window); a new request in the
+    slot reads its own text whole, not through the last request's window; and no draft is made for a position
+    past the plan's context."""
+    loaded = load(str(tiny_hf("llama")))
+    config = EngineConfig(slots=1, ctx=160, spec_tokens=0)
+    vocab = loaded.config.vocab_size
+    drafter = ModelDrafter(compile_plan(loaded, config, calibrate=False), vocab, catch_up=8, sink=2)
+    fresh = ModelDrafter(drafter.plan, vocab, catch_up=8, sink=2)
+    rows = []
+    decode = drafter.plan.decode
+    drafter.plan.decode = lambda s, t, p, logit_rows=None: rows.append(len(t)) or decode(s, t, p, logit_rows)
+    prompt = [(7 * i + 3) % 50 + 2 for i in range(20)]
+    drafts = drafter.propose(0, prompt, 4)
+    assert drafter.cuts == 1 and drafter.cut[0] == 12
+    text = prompt + [(drafts[0] + 1) % vocab] + [(5 * i + 1) % 50 + 2 for i in range(7)]  # 8 new, not the drafts
+    rows.clear()
+    drafter.propose(0, text, 1)
+    assert drafter.cuts == 1 and rows == [8]
+    drafter.reset(0)
+    assert drafter.cut[0] == 0
+    fresh.reset(0)
+    assert drafter.propose(0, prompt[:6], 4) == fresh.propose(0, prompt[:6], 4)
+    whole = ModelDrafter(drafter.plan, vocab, catch_up=None)
+    whole.reset(0)
+    assert len(whole.propose(0, [(3 * i + 1) % 50 + 2 for i in range(158)], 4)) == 2  # positions 158 and 159
 
 
 def test_a_missing_draft_model_is_refused_before_the_target_compiles(tiny_hf, monkeypatch):

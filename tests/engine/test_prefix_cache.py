@@ -76,6 +76,8 @@ def test_a_page_stands_for_every_token_before_it():
     pc.store([1, 2, 3, 4, 5, 6, 7, 8], slot=0, valid=8)
     assert pc.peek([9, 9, 9, 9, 5, 6, 7, 8, 0]) == 0
     assert pc.peek([1, 2, 3, 4, 5, 6, 7, 9, 0]) == 4
+    # a cached first page later in a prompt is not its beginning: the chain stops at the first page missing
+    assert pc.peek([9, 9, 9, 9, 1, 2, 3, 4, 0]) == 0
 
 
 def test_least_recently_used_leaves_are_evicted_first():
@@ -91,6 +93,30 @@ def test_least_recently_used_leaves_are_evicted_first():
     pc.load(c + [0], 1)
     pc.store([5, 5, 5, 5], 0, 4)
     assert pc.peek(a + [0]) == 4 and pc.peek(c + [0]) == 4
+
+
+def test_storing_pages_already_there_marks_them_used():
+    """A prompt stored again (a second request with the same beginning) makes its pages the most recently
+    used: the next eviction takes another page, not the one just used."""
+    cache, pc = _pool(pages=2)
+    a, b, c = [1, 1, 1, 1], [2, 2, 2, 2], [3, 3, 3, 3]
+    pc.store(a, 0, 4)
+    pc.store(b, 0, 4)
+    assert pc.store(a, 0, 4) == 0  # already there
+    pc.store(c, 0, 4)
+    assert pc.peek(a + [0]) == 4 and pc.peek(b + [0]) == 0 and pc.peek(c + [0]) == 4
+
+
+def test_a_page_whose_continuation_was_evicted_is_a_leaf_again():
+    """Evicting a page's only continuation makes the page evictable: it then goes before pages used later,
+    least recently used first, instead of counting a child it no longer has."""
+    cache, pc = _pool(pages=2)
+    a = [1, 1, 1, 1, 2, 2, 2, 2]
+    pc.store(a, 0, 8)  # a0 -> a1
+    pc.store([3, 3, 3, 3], 0, 4)  # evicts the leaf a1
+    pc.store([4, 4, 4, 4], 0, 4)  # a0 is now the least recently used leaf
+    assert pc.peek(a + [0]) == 0 and pc.peek([3, 3, 3, 3, 0]) == 4 and pc.peek([4, 4, 4, 4, 0]) == 4
+    assert pc.stats.evicted_pages == 2
 
 
 def test_a_pool_too_small_for_a_prompt_keeps_its_beginning():
@@ -322,3 +348,47 @@ def test_every_cancelled_request_ends_when_pooling_one_of_them_fails(tiny_hf):
     assert [r.finish_reason for r in reqs] == ["cancelled"] * 3
     engine.step()
     assert engine.scheduler.idle
+
+
+class _LostOnStorePool(PagePool):
+    """A pool whose contents are lost as a copy into it starts (copy returns False: nothing copied)."""
+
+    def copy(self, slot, moves, into_pool, generation=0) -> bool:
+        return not into_pool and super().copy(slot, moves, into_pool, generation)
+
+
+def test_a_store_into_a_lost_pool_records_no_page():
+    """A copy into the pool that reports the pool lost stored nothing: no page may be counted, found or
+    loaded (they would hold whatever was there before)."""
+    cache = KVCache.allocate(TINY_SHAPE, 2, 32, torch.float32, "cpu")
+    pc = PrefixCache(_LostOnStorePool(cache, KVCache.allocate(TINY_SHAPE, 8, 4, torch.float32, "cpu")))
+    _fill(cache, 0, seed=1)
+    ids = list(range(1, 14))
+    assert pc.store(ids, slot=0, valid=13) == 0
+    assert pc.peek(ids) == 0 and pc.used_pages == 0 and pc.stats.stored_pages == 0
+    assert pc.load(ids, slot=1) == 0
+
+
+class _RestartedPool(PagePool):
+    """A pool that is lost and started again empty (a tensor-parallel rank replaced): its generation moves
+    on, and a copy asked for at an older generation does nothing."""
+
+    generation = 0
+
+    def copy(self, slot, moves, into_pool, generation=0) -> bool:
+        return generation == self.generation and super().copy(slot, moves, into_pool, generation)
+
+
+def test_pages_of_a_pool_that_started_again_are_forgotten_and_stored_anew():
+    """When the pool's generation changes, every page the cache knew of is gone: the next store copies the
+    pages again (it does not take them as already there) and a later prompt loads them."""
+    cache = KVCache.allocate(TINY_SHAPE, 2, 32, torch.float32, "cpu")
+    pool = _RestartedPool(cache, KVCache.allocate(TINY_SHAPE, 8, 4, torch.float32, "cpu"))
+    pc = PrefixCache(pool)
+    _fill(cache, 0, seed=1)
+    ids = list(range(1, 14))
+    assert pc.store(ids, slot=0, valid=13) == 3
+    pool.generation = 1
+    assert pc.store(ids, slot=0, valid=13) == 3  # stored again, into the new pool
+    assert pc.load(ids, slot=1) == 12
+    torch.testing.assert_close(cache.k[:, 1, :, :12], cache.k[:, 0, :, :12], rtol=0, atol=0)

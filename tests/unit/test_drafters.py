@@ -230,3 +230,51 @@ def test_an_empty_lookup_guess_never_counts_as_the_text_copying():
         ids = text[: len(ids) + len(drafts) + 1]
     assert drafter.modelled[0] and drafter.switches == 1
     assert model.calls == 40 - 5  # every step from the 6th miss on
+
+
+def test_a_window_probe_and_pause_last_exactly_their_lengths():
+    """Drafting that loses is judged after exactly `window` judged steps; the early probe is `probe` plain
+    steps and the pause that follows the losing window `pause` plain steps, not one fewer or more."""
+    sim = Sim(draft_s=0.3, plain_s=1.0, spec_s=1.1, accept=0)
+    drafter, plain_runs, run = sim.drafter, [], 0
+    for _ in range(40):
+        before = sim.steps_with_drafts
+        sim.run(1)
+        if sim.steps_with_drafts == before:
+            run += 1
+        elif run:
+            plain_runs.append(run)
+            run = 0
+        if drafter.pauses == 1 and not plain_runs[1:]:
+            assert drafter.drafting_steps == drafter.window
+    assert plain_runs[:2] == [drafter.probe, drafter.min_pause]
+
+
+def test_prompt_lookup_matches_the_whole_n_gram_within_the_window():
+    """An n-gram matches only where all n tokens are equal (not its first n-1), and only the last `window`
+    tokens of the text are searched."""
+    from metronome.engine.speculate import NgramDrafter
+
+    assert NgramDrafter(3, 3).propose(0, [1, 2, 7, 5, 1, 2, 3], 2) == []
+    assert NgramDrafter(3, 3).propose(0, [1, 2, 3, 5, 1, 2, 3], 2) == [5, 1]
+    text = [5, 6, 5, 6, 1, 2, 3, 1, 2]
+    assert NgramDrafter(2, 2, window=5).propose(0, text, 2) == [3, 1]
+    assert NgramDrafter(2, 2, window=4).propose(0, text, 2) == []  # the earlier "1 2" is outside the window
+
+
+def test_lookup_or_model_reset_starts_the_slot_with_lookup_and_bad_settings_are_refused():
+    """A new request in a slot starts with lookup alone, even if the last one ended in draft-model mode."""
+    lookup = Scripted(lambda ids, k: [])
+    model = Scripted(lambda ids, k: [7] * k)
+    drafter = LookupOrModel(lookup, model, slots=1, misses=2)
+    for n in range(10, 13):
+        drafter.propose(0, list(range(n)), 4)
+    assert drafter.modelled[0]
+    drafter.reset(0)
+    assert not drafter.modelled[0] and drafter.streak[0] == 0
+    calls = model.calls
+    drafter.propose(0, [1, 2, 3], 4)
+    assert model.calls == calls  # the first step after the reset asks lookup only
+    for bad in ({"slots": 0}, {"misses": 0}, {"hits": 0}):
+        with pytest.raises(ValueError, match="hits"):
+            LookupOrModel(lookup, model, **{"slots": 1, **bad})

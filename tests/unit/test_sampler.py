@@ -178,3 +178,46 @@ def test_temperature_scales_the_sampling_distribution(temperature):
     n = 4000
     share = sum(s.choose(logits).token == 1 for _ in range(n)) / n
     assert share == pytest.approx(1 / (1 + math.exp(-1 / temperature)), abs=0.03)
+
+
+def test_top_logprobs_alone_reports_the_alternatives():
+    """top_logprobs without logprobs still asks for the alternatives: such a request is not plain greedy (the
+    batched argmax reports no logprobs) and its choice carries the top list and the token's logprob."""
+    logits = _logits(7)
+    s = _sampler(top_logprobs=3)
+    assert not s.plain_greedy and not _sampler(logprobs=True).plain_greedy
+    c = s.choose(logits)
+    expected = torch.log_softmax(logits, -1)
+    values, ids = torch.topk(expected, 3)
+    assert c.token == int(logits.argmax()) and c.top == tuple(zip(ids.tolist(), values.tolist()))
+    assert c.logprob == expected[c.token].item()
+
+
+def test_a_padded_mask_is_cut_to_the_vocabulary_with_its_logits():
+    """A constraint's mask is as wide as the step's padded logits row: both are cut to the vocabulary, so a
+    mask the greedy argmax strays from, or any sampled row, is applied without a shape error."""
+    logits = torch.cat([_logits(8), torch.full((4,), 100.0)])
+    allowed = torch.zeros(V + 4, dtype=torch.bool)
+    allowed[[3, 9]] = True
+    best = 3 if logits[3] > logits[9] else 9
+    assert _sampler().choose(logits, allowed).token == best
+    assert {_sampler(temperature=1.0, seed=s).choose(logits, allowed).token for s in range(20)} <= {3, 9}
+
+
+def test_top_p_and_min_p_keep_their_boundaries():
+    """top-p keeps the smallest set whose mass reaches top_p: a token after the mass was reached exactly is
+    dropped. min-p drops tokens below the bound only: tokens tied with the best (min_p=1) all stay."""
+    logits = torch.full((V,), float("-inf"))
+    logits[2] = logits[5] = 0.0  # exactly 0.5 each
+    assert _support(logits, n=200, temperature=1.0, top_p=0.5, seed=9) == {2}
+    assert _support(logits, n=200, temperature=1.0, top_p=0.51, seed=9) == {2, 5}
+    assert _support(logits, n=200, temperature=1.0, min_p=1.0, seed=9) == {2, 5}
+
+
+def test_top_p_of_one_leaves_the_distribution_as_it_is():
+    """top_p=1 is off: the sampled distribution is the softmax itself. Run through the top-p pass, float
+    rounding makes the cumulative mass reach the total early and drops the tail."""
+    logits = torch.zeros(V)
+    logits[0] = 30.0
+    s = _sampler(temperature=1.0, seed=10)
+    assert torch.equal(s._truncated_probs(logits), torch.softmax(logits, -1))

@@ -131,3 +131,14 @@ def test_idle_only_when_nothing_waits_or_runs():
     assert not s.idle
     s.schedule()
     assert s.idle
+
+
+def test_a_queue_of_zero_holds_the_slots_only():
+    """max_queue=0 (the CLI's --max-queue 0) means no waiting beyond the slots, not "no limit"."""
+    s = Scheduler(slots=2, max_queue=0)
+    assert s.capacity == 2
+    a, b = _reqs("a", "b")
+    s.add(a)
+    assert not s.queue_full
+    s.add(b)
+    assert s.queue_full

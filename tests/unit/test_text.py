@@ -105,3 +105,21 @@ def test_a_long_stop_string_costs_what_the_held_text_can_match():
         SamplingParams(stop=("x" * (MAX_STOP_CHARS + 1),))
     assert err.value.param == "stop"
     assert SamplingParams(stop=("x" * MAX_STOP_CHARS,)).stop
+
+
+def test_the_longest_possible_start_of_one_stop_string_is_held():
+    """Held "EE" may begin "EEND" as "E" and as "EE": the longer is held, else the first "E" goes out and the
+    stop string, completed by "ND", was half emitted and never matched."""
+    out, ts, stopped = run([5, 7, 7, 8, 1], stop=("EEND",))
+    assert stopped and ts.text == " Next" and out == [" Next", "", "", ""]
+
+
+def test_the_first_sentence_stamp_at_a_stop_whitespace_and_a_second_sentence():
+    """Output cut by a stop string ends its sentence there; whitespace alone is not a sentence; the stamp is
+    the first end's and a later sentence does not move it."""
+    _, ts, stopped = run([1, 5, 7, 8], stop=("END",))
+    assert stopped and ts.first_sentence_at == 3.0
+    _, ts, _ = run([10, EOS])
+    assert ts.first_sentence_at is None
+    _, ts, _ = run([1, 4, 5, 9, 10, 1])
+    assert ts.first_sentence_at == 2.0 and ts.text == "Hello. Next!\nHello"

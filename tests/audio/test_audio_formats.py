@@ -70,3 +70,23 @@ def test_language_names_and_formats():
     assert ResponseFormat("vtt").media_type == "text/vtt" and ResponseFormat("srt").media_type == "text/plain"
     with pytest.raises(ValueError):
         ResponseFormat("csv")
+
+
+def test_verbose_json_carries_each_segments_own_fields_rounded_and_usage():
+    """Each segment's seek, scores and text as they are (text unstripped, as OpenAI's), times and the
+    duration rounded to the millisecond, `usage` when given, served as JSON."""
+    seg = Segment(0, 1.23456, 2.5, " Hi.", (1,), -0.25, 0.125, 0.4, 1.5, seek=3000)
+    t = Transcript(" Hi.", "en", 12.34567, (seg,), TranscriptTimings(12.3, 1.0, 2.0, 3.0, 6.5))
+    body = render(t, ResponseFormat.VERBOSE_JSON, {"type": "duration", "seconds": 12.3})
+    assert body["duration"] == 12.346 and body["usage"] == {"type": "duration", "seconds": 12.3}
+    s = body["segments"][0]
+    assert (s["seek"], s["start"], s["text"]) == (3000, 1.235, " Hi.")
+    assert (s["avg_logprob"], s["no_speech_prob"], s["temperature"], s["compression_ratio"]) == (-0.25, 0.125, 0.4, 1.5)
+    assert ResponseFormat.VERBOSE_JSON.media_type == "application/json"
+
+
+def test_a_clock_never_goes_negative():
+    """A segment start a rounding below zero prints as 00:00:00, not a negative clock."""
+    seg = Segment(0, -0.004, 1.0, " Hi.", (1,), -0.25, 0.1, 0.0, 1.0)
+    t = Transcript(" Hi.", "en", 1.0, (seg,), TranscriptTimings(1.0, 1.0, 2.0, 3.0, 6.5))
+    assert render(t, ResponseFormat.SRT) == "1\n00:00:00,000 --> 00:00:01,000\nHi.\n\n"

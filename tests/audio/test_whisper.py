@@ -610,3 +610,102 @@ def test_the_gather_is_bounded_when_a_decoding_slot_sends_no_row(monkeypatch) ->
     caller.join(timeout=10)
     assert not caller.is_alive(), "the leader waited beyond the gather's bound for a row that never came"
     assert recorder.steps == [[(0, 1, 0)]] and result[0].tolist() == [1.0] * 4
+
+
+def test_the_front_end_refuses_what_it_cannot_compute() -> None:
+    """Only Whisper's 80- or 128-bin front ends, only mono samples, and a window holds 1..frames frames."""
+    with pytest.raises(ValueError, match="80 or 128"):
+        LogMel(64)
+    with pytest.raises(ValueError, match="mono"):
+        LogMel()(np.zeros((2, 1600), np.float32))
+    feats = torch.ones(80, 10)
+    for length in (0, 3001):
+        with pytest.raises(ValueError, match="a window holds"):
+            window(feats, 0, length)
+
+
+def test_silence_is_the_log_floor() -> None:
+    """All-zero audio sits at the 1e-10 power floor: log10 gives -10, scaled (x + 4) / 4 to -1.5 everywhere."""
+    out = LogMel()(np.zeros(1600, np.float32))
+    assert out.shape == (80, 11) and torch.all(out == -1.5)
+
+
+def _rule_tokens():
+    """apply_rules' view of a vocabulary: text 0..9, eot 10, sot 11, <|notimestamps|> 12, timestamps 13..19."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        suppressed_array=np.array([11], dtype=np.int64), suppressed_at_start=(3, 10), eot=10, no_timestamps=12,
+        timestamp_begin=13,
+    )  # fmt: skip
+
+
+def test_whispers_decoding_rules_on_a_tiny_vocabulary() -> None:
+    """The rules one by one: the first token is never a bare space or the end; the opening timestamp is at
+    most max_initial_timestamp; after the opening timestamp text follows; after an open segment's end
+    timestamp only a later timestamp or the end; timestamps win ties only when they outweigh text; the
+    caller's logits are left as they were."""
+    from metronome.audio.rules import apply_rules
+
+    tok = _rule_tokens()
+    logits = np.zeros(20, dtype=np.float32)
+    kept = logits.copy()
+    x = apply_rules(logits, [], tok, timestamps=False, max_initial_timestamp=2)
+    assert np.isneginf(x[[3, 10, 11]]).all() and np.isfinite(x[[0, 12, 13]]).all()
+    assert np.array_equal(logits, kept)
+    x = apply_rules(logits, [], tok, timestamps=True, max_initial_timestamp=2)
+    assert np.isfinite(x).nonzero()[0].tolist() == [13, 14, 15]
+    x = apply_rules(logits, [13], tok, timestamps=True, max_initial_timestamp=2)  # <|0.00|> opened the window
+    assert np.isneginf(x[13:]).all() and np.isfinite(x[[0, 10]]).all()
+    end = logits.copy()
+    end[10] = 5.0  # the end likelier than the timestamps together: the probability rule keeps it
+    x = apply_rules(end, [13, 5, 15], tok, timestamps=True, max_initial_timestamp=2)  # a segment's end
+    assert np.isfinite(x).nonzero()[0].tolist() == [10, 15, 16, 17, 18, 19]
+    # one timestamp exactly as likely as the best text token: a tie is not "outweighs", text stays allowed
+    tie = np.full(20, -np.inf, dtype=np.float32)
+    tie[[0, 1, 16]] = [1.0, 0.0, 1.0]
+    x = apply_rules(tie, [13, 0], tok, timestamps=True, max_initial_timestamp=2)
+    assert x[0] == 1.0 and x[16] == 1.0
+    tie[16] = 1.01
+    assert np.isneginf(apply_rules(tie, [13, 0], tok, timestamps=True, max_initial_timestamp=2)[0])
+
+
+def _byte_vocabulary(tmp_path: Path, nospeech: str) -> Path:
+    """A byte-level tokenizer.json: the 256 bytes, one merge (' -'), and Whisper's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
+    vocab["Ġ-"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab, [("Ġ", "-")]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|fr|>", "<|translate|>", "<|transcribe|>"]
+    tok.add_special_tokens([*specials, "<|startoflm|>", "<|startofprev|>", nospeech, "<|notimestamps|>"])
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+def test_whisper_tokens_of_a_tiny_byte_vocabulary(tmp_path: Path) -> None:
+    """The special tokens, multilingual from 51865 tokens (its start sequence names language and task),
+    <|nospeech|> where the vocabulary has it, the suppressed set (non-speech symbols, the first byte of a
+    multi-byte music symbol, every control token) and the tokens never first (a bare space, the end)."""
+    from metronome.audio.tokens import WhisperTokens
+
+    path = _byte_vocabulary(tmp_path, "<|nospeech|>")
+    english = WhisperTokens(path, 51864)
+    assert not english.multilingual and english.sot_sequence("fr", "translate") == [english.sot]
+    many = WhisperTokens(path, 51865)
+    assert many.multilingual and many.timestamp_end == 51864
+    fr = many.language_token("fr")
+    assert many.sot_sequence("fr", "translate") == [many.sot, fr, many.translate]
+    assert many.sot_sequence("fr", "transcribe") == [many.sot, fr, many.transcribe]
+    assert many.no_speech == many.tokenizer.token_to_id("<|nospeech|>") and many.no_speech in many.suppressed
+    assert many.encode("♪")[0] in many.non_speech and len(many.encode("♪")) == 3  # its first byte
+    assert many.encode("#")[0] in many.suppressed and many.encode(" -")[0] in many.suppressed
+    assert many.suppressed_at_start == (many.encode(" ")[0], many.eot)
+    (tmp_path / "old").mkdir()
+    old = WhisperTokens(_byte_vocabulary(tmp_path / "old", "<|nocaptions|>"), 51864)  # the older checkpoints' name
+    assert old.no_speech == old.tokenizer.token_to_id("<|nocaptions|>")

@@ -392,3 +392,20 @@ def test_pages_of_a_pool_that_started_again_are_forgotten_and_stored_anew():
     assert pc.store(ids, slot=0, valid=13) == 3  # stored again, into the new pool
     assert pc.load(ids, slot=1) == 12
     torch.testing.assert_close(cache.k[:, 1, :, :12], cache.k[:, 0, :, :12], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"num_layers": 3}, {"num_kv_heads": 2}, {"head_dim": 8}, {"dtype": torch.bfloat16}],
+    ids=["layers", "kv_heads", "head_dim", "dtype"],
+)
+def test_a_pool_of_another_shape_than_the_cache_is_refused(change):
+    """A page copies a slot's rows as they are: a pool with other layers, KV heads, head size or dtype than
+    the KV cache is refused when made; its byte count is its keys' and values'."""
+    cache = KVCache.allocate(TINY_SHAPE, 2, 32, torch.float32, "cpu")
+    dtype = change.pop("dtype", torch.float32)
+    other = dataclasses.replace(TINY_SHAPE, **change)
+    with pytest.raises(ValueError, match="does not match the KV cache"):
+        PagePool(cache, KVCache.allocate(other, 4, 4, dtype, "cpu"))
+    pool = PagePool.allocate(cache, pages=4, page=4)
+    assert pool.nbytes() == pool.pool.k.nbytes + pool.pool.v.nbytes == 2 * 2 * 4 * 1 * 4 * 4 * 4

@@ -228,3 +228,36 @@ def test_fused_moe_prefill_decode_and_batching_are_one_computation(ggufs, arch):
     again = Engine.from_model(ggufs(arch)["Q4_0"], config, calibrate=True).plan
     assert again.report.cached and again.report.weight_bytes == plan.report.weight_bytes
     assert torch.equal(again.prefill(ids, 0, all_logits=True), prompt_rows)
+
+
+def test_fused_moe_layer_counts_its_bytes_and_builds_matrices_in_the_plan_caches_order():
+    """fused_moe_layer's byte counts feed the plan's bytes per token (expert matrices: every segment of
+    every expert's gate_up and down; floats: the router and the shared gate), and its matrices are built
+    in the order the plan cache stores them (each expert's gate_up then down, then the shared expert's)."""
+    from types import SimpleNamespace
+
+    from metronome.compile.moe import fused_moe_layer
+
+    cfg = ModelConfig(
+        arch="qwen2moe", vocab_size=8, hidden_size=D, intermediate_size=D, num_layers=1, num_heads=4,
+        num_kv_heads=2, head_dim=16, max_position=64, num_experts=3, experts_per_token=2,
+        moe_intermediate_size=W, norm_topk_prob=True, shared_expert_size=S,
+    )  # fmt: skip
+    built: list[tuple[str, ...]] = []
+
+    def matrix(*names):  # two segments per matrix, 10 bytes each per name
+        built.append(names)
+        return [(torch.zeros(10 * len(names), dtype=torch.uint8), Q8_0_KIND, 1)] * 2
+
+    weights = {"layers.0.router.weight": torch.zeros(3, D), "layers.0.shared_gate.weight": torch.zeros(1, D)}
+    ops = SimpleNamespace(moe_layer=lambda **kw: kw)
+    block, experts, floats = fused_moe_layer(ops, cfg, weights, 0, matrix)
+    assert experts == 3 * (2 * 20 + 2 * 10)  # per expert: gate_up (2 names) and down, two segments each
+    assert floats == 3 * D * 4 + D * 4
+    e = "layers.0.experts."
+    assert built == [
+        *[n for i in range(3) for n in ((f"{e}{i}.w_gate.weight", f"{e}{i}.w_up.weight"), (f"{e}{i}.w_down.weight",))],
+        ("layers.0.shared.w_gate.weight", "layers.0.shared.w_up.weight"),
+        ("layers.0.shared.w_down.weight",),
+    ]
+    assert block["top_k"] == 2 and block["shared_width"] == S and block["shared_gate"].shape == (D,)

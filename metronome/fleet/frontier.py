@@ -181,7 +181,7 @@ def pareto(cands: list[Candidate]) -> list[Candidate]:
     a slower one must be at least PARETO_MIN_SAVING cheaper (no long flat tails of equal cost)."""
     best: list[Candidate] = []
     for c in sorted(cands, key=lambda c: (-c.per_user_tokens_per_s, c.cost_per_mtok)):
-        if not best or c.cost_per_mtok < best[-1].cost_per_mtok * (1 - PARETO_MIN_SAVING):
+        if not best or c.cost_per_mtok <= best[-1].cost_per_mtok * (1 - PARETO_MIN_SAVING):
             best.append(c)
     return best
 

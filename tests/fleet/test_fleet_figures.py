@@ -230,3 +230,209 @@ def test_a_validation_rows_ratio_is_against_the_middle_of_the_published_range():
     row = ValidationRow("lpu", "m", "hw", "1 chip", 150.0, 135.0, 165.0, 120.0, 180.0, "x", "s")
     assert row.published == 150.0 and row.ratio == 1.0
     assert row.band_ratio == (0.9, 1.1)
+
+
+# ---- added by the mutation audit: figures each a mutant of the planner moved -----------------------------------
+
+
+def test_a_replicated_op_reads_its_whole_weights_on_every_chip():
+    """Norms work on the replicated hidden vector: each chip of a tensor-parallel group reads all of the
+    op's weights, not 1/tp (1 M 8-bit weights at 80 TB/s, at tp 2 as at tp 1)."""
+    op = Op("norm.scale", Unit.VXM, weights=1_000_000, replicated=True)
+    work, sram = _op_work(op, TSP, LpuOptions(weight_bits=8), 2, Pass(1, 1, 0))
+    assert work == sram == pytest.approx(1_000_000 / 80e12)
+
+
+def test_an_all_gather_sends_each_peer_one_share_and_an_all_reduce_picks_the_faster_form():
+    """The embedding row (4096 fp16 values) is split by columns over 8 chips: each chip sends its eighth to
+    every peer. An all-reduce of a small vector goes direct (the whole partial to every peer, one phase);
+    of a large one as reduce-scatter + all-gather (two phases of 1/tp each)."""
+    from metronome.fleet.lpu import _phases
+    from metronome.fleet.ops import Exchange, Pattern
+
+    opts = LpuOptions()
+    gather = Exchange("embed.allgather", Pattern.ALLGATHER, 4096)
+    assert _phases(gather, TSP, opts, 8, Pass(1, 1, 0)) == [4096 * 2 / 8]
+    assert _phases(gather, TSP, opts, 1, Pass(1, 1, 0)) == []  # one chip has nothing to exchange
+    reduce = Exchange("down.allreduce", Pattern.ALLREDUCE, 4096)
+    # 8 KB: 3 us + 0.59 us direct against 2 x (3 us + 0.07 us) split
+    assert _phases(reduce, TSP, opts, 8, Pass(1, 1, 0)) == [8192]
+    # 64 rows, 512 KB: 3 us + 37.4 us direct against 2 x (3 us + 4.7 us) split
+    assert _phases(reduce, TSP, opts, 8, Pass(64, 64, 0)) == [64 * 8192 / 8, 64 * 8192 / 8]
+
+
+def test_micro_batches_in_flight_are_the_batches_that_fit_not_the_sequences():
+    """Two stages of SmolLM2 hold 6 sequences of 2048 tokens (see the test above): at a batch of 4 only one
+    micro-batch of 4 fits, so one is in flight, not min(stages, 6) = 2."""
+    shape = SHAPES["smollm2-135m"]
+    plan = plan_partition(shape, TSP, distribute_layers(shape, 2, 1), LpuOptions(context=2048, batch=4))
+    assert plan.max_users == 6 and plan.micro_batches == 1
+    assert plan.aggregate_tokens_per_s == pytest.approx(4 / plan.period_s)
+
+
+def test_ttft_streams_the_prompt_in_chunks_and_takes_the_best_chunk(monkeypatch):
+    """TTFT = pass(chunk) + (chunks - 1) x beat(chunk), over chunks of n, n/2, ... 1 rows, each attending to
+    half the prompt. With a stage time of 1 ms + 0.1 ms a row + 1 us per attended position (4 stages, no
+    hops), a 16-token prompt gives: chunk 16: 4 x (1 + 1.6 + 0.008) = 10.432 ms; chunk 8: 4 x 1.808 + 1 x
+    1.808 = 9.04 ms, the best; chunk 4: 7 x 1.408 = 9.856; chunk 2: 11 x 1.208; chunk 1: 19 x 1.108."""
+    import metronome.fleet.lpu as lpu
+
+    seen = []
+
+    def fake(shape, hw, part, opts, p):
+        seen.append((p.rows, p.seqs, p.positions))
+        stage = 1e-3 + 0.1e-3 * p.rows + 1e-6 * p.positions
+        return StepTiming((stage,) * 4, 0.0, 0.0)
+
+    monkeypatch.setattr(lpu, "step_timing", fake)
+    shape = SHAPES["llama-2-7b"]
+    ttft, rate = lpu._prefill(shape, TSP, distribute_layers(shape, 4, 8), LpuOptions(context=2048, prompt=16))
+    assert seen == [(16, 1, 8), (8, 1, 8), (4, 1, 8), (2, 1, 8), (1, 1, 8)]
+    assert ttft == pytest.approx(5 * 1.808e-3)
+    assert rate == pytest.approx(16 / 2.608e-3)  # the largest chunk streams the most rows a beat
+
+
+def test_a_hybrid_stage_holds_the_gpu_port_for_every_chip_that_shares_it():
+    """Attention on 1 GPU for a group of 8 LPU chips: the one GPU port carries all 8 chips' q/k/v, 3 x 4096
+    fp16 values a row for Llama-2-7B (24,576 bytes at 31.5 GB/s), and their 4096-value results back. On 8
+    GPUs each port carries one chip's eighth."""
+    from metronome.fleet.lpu import Pass as LpuPass
+    from metronome.fleet.lpu import _stage_segments
+
+    shape = SHAPES["llama-2-7b"]
+    part = distribute_layers(shape, 8, 8)
+    for gpus, chips_per_port in ((1, 8), (8, 1)):
+        plan = attention_gpu_plan(shape, TSP, part, LpuOptions(context=2048), H100, gpus, CAL, HANDOFF)
+        segs = _stage_segments(shape, TSP, part, plan.options, LpuPass(1, 1, 2048), None)[1]
+        up = next(s for s in segs if s.name == "layer 4 q/k/v -> gpu")
+        down = next(s for s in segs if s.name == "layer 4 attn -> lpu")
+        assert up.occupy == pytest.approx(chips_per_port * 3 * 4096 * 2 / 8 / 31.5e9), gpus
+        assert down.occupy == pytest.approx(chips_per_port * 4096 * 2 / 8 / 31.5e9), gpus
+        assert up.latency == down.latency == 5e-6
+
+
+def test_lpu_options_and_chips_that_cannot_work_are_refused():
+    """A zero batch, context or chunk count, and a chip with too few links for a node plus the two pipeline
+    links (8 chips: 7 peers + 2 = 9), are refused before planning."""
+    shape = SHAPES["llama-2-7b"]
+    part = distribute_layers(shape, 8, 8)
+    for bad in ("batch", "context", "stream_chunks", "weight_bits", "kv_bits", "act_bytes"):
+        with pytest.raises(ValueError, match=f"{bad}=0 must be at least 1"):
+            plan_partition(shape, TSP, part, dataclasses.replace(LpuOptions(), **{bad: 0}))
+    with pytest.raises(ValueError, match="8 links cannot connect a node of 8"):
+        plan_partition(shape, dataclasses.replace(TSP, links=8), part, LpuOptions(context=1024))
+    assert plan_partition(shape, dataclasses.replace(TSP, links=9), part, LpuOptions(context=1024)).chips == 64
+
+
+def test_a_chip_budget_is_never_exceeded():
+    """`--chips N`: every layout the planner considers uses at most N chips (SmolLM2 at tp1 fits one chip,
+    so each budget from 1 to 12 allows exactly that many stage counts)."""
+    from metronome.fleet.lpu import partitions
+
+    shape, opts = SHAPES["smollm2-135m"], LpuOptions(context=1024)
+    for cap in (1, 2, 5, 12):
+        fits = partitions(shape, TSP, opts, cap)
+        assert fits and max(p.chips for p in fits) == cap, cap
+
+
+# ---- GPU figures the mutants moved --------------------------------------------------------------------------
+
+
+def test_a_tensor_parallel_prefill_splits_its_flops_over_the_gpus():
+    rows, positions = 1000, 4000
+    flops = 2 * LLAMA7_ACTIVE * rows + 4 * rows * positions * 4096 * 32
+    assert step_time(SHAPES["llama-2-7b"], H100, BOUND, 2, rows, 1, positions, 16) == pytest.approx(flops / 2 / 989e12)
+
+
+def test_a_decode_step_reads_every_sequences_kv_cache():
+    """8 sequences at 4096 positions: the bf16 weights (with one embedding row a token) plus 8 caches of
+    2.15 GB, at 3.35 TB/s (memory-bound by far)."""
+    weights = 2 * LLAMA7_ACTIVE + 8 * 4096 * 2
+    want = (weights + 8 * 4096 * LLAMA7_KV_PER_POSITION) / 3.35e12
+    assert step_time(SHAPES["llama-2-7b"], H100, BOUND, 1, 8, 8, 4096, 16) == pytest.approx(want)
+
+
+def test_a_moe_gpu_step_reads_the_experts_its_rows_touch():
+    """Mixtral (32 layers; attention 2 x 4096^2 + 2 x 4096 x 1024; 8 experts of 3 x 4096 x 14336; a router of
+    4096 x 8; a 32000 x 4096 head): 64 rows routed 2 of 8 at random touch 8 (1 - 0.75^64) experts a layer,
+    all 8 to 8 decimal places, where one row reads 2."""
+    d, layers = 4096, 32
+    attn, expert, router, head = 2 * d * d + 2 * d * 1024, 3 * d * 14336, d * 8, 32000 * d
+
+    def bytes_read(experts: float, rows: int) -> float:
+        return 2 * (layers * (attn + round(experts * expert) + router) + head) + rows * d * 2
+
+    mix = SHAPES["mixtral-8x7b"]
+    for rows, experts in ((1, 2.0), (64, 8 * (1 - 0.75**64))):
+        got = step_time(mix, H100, BOUND, 1, rows, rows, 0, 16)
+        assert got == pytest.approx(bytes_read(experts, rows) / 3.35e12, rel=1e-9), rows
+
+
+def test_a_gpu_prefill_attends_to_half_the_prompt_on_average():
+    """1000 prompt tokens in one compute-bound step: row i attends to about i positions, 500 on average."""
+    plan = plan_gpu(SHAPES["llama-2-7b"], H100, BOUND, 1, 1, 4096, 1000)
+    flops = 2 * LLAMA7_ACTIVE * 1000 + 4 * 1000 * 500 * 4096 * 32
+    assert plan.ttft_s == pytest.approx(flops / 989e12)
+
+
+def test_gpu_plans_refuse_an_lpu_target_and_an_empty_batch():
+    shape = SHAPES["llama-2-7b"]
+    with pytest.raises(ValueError, match="'tsp-v1' is an LPU"):
+        plan_gpu(shape, TSP, CAL, 1, 1, 4096, 100)
+    with pytest.raises(ValueError, match="batch=0 must both be at least 1"):
+        plan_gpu(shape, H100, CAL, 1, 0, 4096, 100)
+
+
+# ---- hybrids, candidates and workloads --------------------------------------------------------------------------
+
+
+def test_prefill_on_gpus_pays_for_and_powers_both_fleets():
+    """8 x 8 TSPs at $1/h and 300 W, one H100 at $2/h and 700 W; a batch of 2 per micro-batch: the KV
+    hand-off is shared by micro-batches x 2 users."""
+    shape = SHAPES["llama-2-7b"]
+    decode = plan_partition(shape, TSP, distribute_layers(shape, 8, 8), LpuOptions(context=2048, batch=2))
+    wl = Workload(1024, 256)
+    prefill = plan_gpu(shape, H100, CAL, 1, 1, wl.context, wl.prompt)
+    cand = prefill_gpu_decode_lpu(decode, prefill, HANDOFF, wl, 1.0, 2.0)
+    assert cand.usd_per_hour == 64 * 1.0 + 1 * 2.0 and cand.power_w == 64 * 300 + 700
+    users = decode.micro_batches * 2
+    gpu_s = 1024 / prefill.prefill_tokens_per_s + cand.handoff_s
+    lpu_s = 256 / decode.aggregate_tokens_per_s + cand.handoff_s / users
+    assert cand.cost_per_mtok == pytest.approx((2.0 * gpu_s + 64 * 1.0 * lpu_s) / 3600 / 256 * 1e6)
+
+
+def test_the_kv_handoff_moves_the_caches_bits_and_nothing_without_a_prompt():
+    """An 8-bit KV cache crosses the one GPU port in half the time of a 16-bit one (1024 tokens x 32 layers x
+    2 x 4096 values, 1 byte each, at 31.5 GB/s plus 5 us); with no prompt there is nothing to hand off and
+    the first token comes when the GPU's one step does."""
+    from metronome.fleet.hybrid import kv_handoff
+
+    shape = SHAPES["llama-2-7b"]
+    part = distribute_layers(shape, 8, 8)
+    decode = plan_partition(shape, TSP, part, LpuOptions(context=2048, kv_bits=8))
+    prefill = plan_gpu(shape, H100, CAL, 1, 1, 2048, 1024)
+    moved = kv_handoff(decode, prefill, HANDOFF, 1024)
+    assert moved.makespan_s - prefill.ttft_s == pytest.approx(1024 * 32 * 2 * 4096 / 31.5e9 + 5e-6)
+    empty = plan_gpu(shape, H100, CAL, 1, 1, 256, 0)
+    cand = prefill_gpu_decode_lpu(decode, empty, HANDOFF, Workload(0, 256), 1.0, 2.0)
+    assert cand.handoff_s == 0.0 and cand.ttft_s == empty.ttft_s
+
+
+def test_the_attention_hybrid_counts_its_gpus_power_and_its_pipelines_speed():
+    """64 TSPs at 300 W and 8 H100s at 700 W; the user's speed is the scheduled pipeline's (every stage
+    queues on the one GPU group), not one idle pass."""
+    shape = SHAPES["llama-2-7b"]
+    plan = attention_gpu_plan(
+        shape, TSP, distribute_layers(shape, 8, 8), LpuOptions(context=2048), H100, 8, CAL, HANDOFF
+    )
+    cand = attention_candidate(plan, Workload(1024, 256), 1.0, 2.0)
+    assert cand.power_w == 64 * 300 + 8 * 700
+    assert cand.per_user_tokens_per_s == pytest.approx(1 / plan.period_s)
+    assert plan.period_s > plan.decode.total_s  # so the two differ here
+
+
+def test_a_workload_needs_an_output_token_and_a_non_negative_prompt():
+    assert Workload(3, 5).context == 8 and Workload(0, 1).context == 1
+    for prompt, output in ((-1, 5), (3, 0)):
+        with pytest.raises(ValueError, match="the prompt must be >= 0 tokens and the output >= 1"):
+            Workload(prompt, output)

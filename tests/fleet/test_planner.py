@@ -24,7 +24,7 @@ from metronome.fleet.catalog import (
     with_prices,
 )
 from metronome.fleet.cli import add_cli
-from metronome.fleet.costs import Kind, Workload
+from metronome.fleet.costs import Candidate, Kind, Workload
 from metronome.fleet.frontier import SweepSpec, cheapest_meeting, markdown_table, pareto, plot_frontier, sweep
 from metronome.fleet.gpu import BOUND, calibration_from_table, min_gpus, plan_gpu, step_time
 from metronome.fleet.hybrid import Handoff, attention_gpu_plan, kv_handoff, prefill_gpu_decode_lpu
@@ -896,3 +896,176 @@ def test_an_embedding_lookup_reads_one_row_per_token_row():
         unit_s, sram_s = _op_work(embed, TSP, opts, 1, Pass(rows, rows, 4096))
         assert sram_s == pytest.approx(rows * row_s) and unit_s == pytest.approx(sram_s), rows
     assert _op_work(embed, TSP, opts, 4, Pass(8, 8, 4096))[1] == pytest.approx(2 * row_s)  # split over 4 chips
+
+
+# ---- added by the mutation audit -------------------------------------------------------------------------------
+
+CANDIDATE = Candidate(Kind.LPU, "tsp-v1 x8", 8, 0, 1, 100.0, 100.0, 0.25, 2400.0, 8.0, 1.0)
+
+
+def test_timeline_fills_gaps_that_fit_and_never_starts_before_the_inputs():
+    """A task goes to the earliest time at or after its inputs are ready when every resource it needs is
+    free for its whole duration: a gap exactly its length is filled, a shorter one is skipped, a finished
+    reservation does not pull it earlier, and two resources free at different times wait for both."""
+    tl = Timeline()
+    unit = ("unit", 0, "mxm")
+    tl.reserve(unit, 0.0, 1.0)
+    tl.reserve(unit, 2.0, 3.0)
+    assert tl.place("too long", (unit,), 0.0, 1.5) == 3.0
+    assert tl.place("fits", (unit,), 0.0, 1.0) == 1.0
+    assert tl.place("late", (unit,), 5.0, 1.0) == 5.0  # ready after every reservation ended (the last at 4.5)
+    sxm = ("unit", 2, "sxm")
+    tl.reserve(sxm, 3.0, 4.5)
+    tl.reserve(sxm, 5.5, 6.0)
+    assert tl.place("after the gap", (sxm,), 5.0, 1.0) == 6.0  # the gap 4.5-5.5 opens before it is ready
+    a, b = ("unit", 1, "vxm"), ("unit", 1, "mxm")
+    tl.reserve(a, 0.0, 1.0)
+    tl.reserve(b, 1.0, 2.0)
+    assert tl.place("both", (a, b), 0.0, 1.0) == 2.0  # a frees at 1, but b is busy then
+    tl.verify()
+
+
+def test_contention_names_only_the_busy_port():
+    """A send needs its chip's port and the GPU's; only the one that was busy is recorded as contended."""
+    tl = Timeline()
+    tl.reserve(("pcie", "gpu-in", 0), 0.0, 1.0)
+    assert tl.place("send", (("pcie", "lpu-out", 3), ("pcie", "gpu-in", 0)), 0.5, 0.5) == 1.0
+    assert [(c.resource, c.task, c.wait_s) for c in tl.contention] == [(("pcie", "gpu-in", 0), "send", 0.5)]
+
+
+def test_chrome_trace_times_are_microseconds():
+    from metronome.fleet.schedule import Event, to_chrome_trace
+
+    trace = to_chrome_trace([Event(0, "mxm", "qkv", 1.5e-6, 2.25e-6, "compute")], {0: "chip 0"})
+    (x,) = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert (x["ts"], x["dur"]) == (pytest.approx(1.5), pytest.approx(2.25))
+
+
+def test_a_hybrid_sharing_gpu_ports_schedules_as_it_times():
+    """The sweep times a hybrid layer on one mirrored chip holding its GPU port for every chip that shares it;
+    the full schedule lays out all 8 chips on 1 or 2 GPU ports. The two must agree."""
+    shape = SHAPES["llama-2-7b"]
+    part, opts = distribute_layers(shape, 4, 8), LpuOptions(context=1024)
+    for gpus in (1, 2):
+        plan = attention_gpu_plan(shape, TSP, part, opts, HW["h100-sxm"], gpus, CAL, HANDOFF)
+        assert build_schedule(plan).makespan_s == pytest.approx(plan.decode.total_s, rel=1e-9), gpus
+
+
+def test_the_gpu_sweep_tries_up_to_a_full_node_and_keeps_bf16_where_it_fits():
+    """Llama-2-7B fits one H100 in bf16: 1, 2, 4 and 8 GPUs, all 16-bit (8-bit only where bf16 fits nowhere);
+    the attention hybrid tries the same GPU counts."""
+    from metronome.fleet.frontier import _hybrids, sweep_gpu
+
+    shape, h100 = SHAPES["llama-2-7b"], HW["h100-sxm"]
+    spec = SweepSpec(Workload(256, 256), batches=(1, 4), stage_steps=1)
+    plans = sweep_gpu(shape, h100, CAL, spec)
+    assert {p.gpus for p in plans} == {1, 2, 4, 8} and {p.weight_bits for p in plans} == {16}
+    lpus = [plan_partition(shape, TSP, distribute_layers(shape, 8, 8), LpuOptions(context=512, prompt=256))]
+    cands = _hybrids(shape, TSP, h100, lpus, {"tsp-v1": 1.0, "h100-sxm": 2.0}, CAL, HANDOFF, spec)
+    assert {c.gpus for c in cands if c.kind is Kind.ATTENTION_GPU_PROJECTIONS_LPU} == {1, 2, 4, 8}
+
+
+def test_lpu_and_gpu_candidates_pay_for_the_prompt_too():
+    """$/M output tokens = rate x (prompt / prefill rate + output / aggregate rate) / output tokens."""
+    from metronome.fleet.frontier import gpu_candidate, lpu_candidate
+
+    shape, wl = SHAPES["llama-2-7b"], Workload(1024, 256)
+    lpu = plan_partition(shape, TSP, distribute_layers(shape, 8, 8), LpuOptions(context=wl.context, prompt=1024))
+    c = lpu_candidate(lpu, wl, 1.5)
+    seconds = 1024 / lpu.prefill_tokens_per_s + 256 / lpu.aggregate_tokens_per_s
+    assert c.cost_per_mtok == pytest.approx(64 * 1.5 / 3600 * seconds / 256 * 1e6)
+    gpu = plan_gpu(shape, HW["h100-sxm"], CAL, 2, 4, wl.context, wl.prompt)
+    g = gpu_candidate(gpu, wl, 2.5)
+    seconds = 1024 / gpu.prefill_tokens_per_s + 256 / gpu.aggregate_tokens_per_s
+    assert g.cost_per_mtok == pytest.approx(2 * 2.5 / 3600 * seconds / 256 * 1e6)
+
+
+def test_the_lpu_sweep_plans_at_the_asked_kv_width():
+    from metronome.fleet.frontier import sweep_lpu
+
+    spec = SweepSpec(Workload(128, 128), batches=(1,), kv_bits=8, stage_steps=2)
+    plans = sweep_lpu(SHAPES["smollm2-135m"], TSP, spec)
+    assert plans and {p.options.kv_bits for p in plans} == {8}
+
+
+def test_the_stage_spread_keeps_both_ends():
+    """About `steps` stage counts per tp degree, geometrically spaced, always the fewest and the most."""
+    from metronome.fleet.frontier import _spread
+    from metronome.fleet.lpu import Partition
+
+    parts = [Partition(1, (1,) * s) for s in range(1, 11)]
+    assert [p.stages for p in _spread(parts, 3)] == [1, 3, 10]
+
+
+def test_a_candidate_exactly_at_the_target_speed_meets_it():
+    def cand(speed: float, cost: float):
+        return dataclasses.replace(CANDIDATE, per_user_tokens_per_s=speed, cost_per_mtok=cost)
+
+    at, dear = cand(100.0, 1.0), cand(150.0, 2.0)
+    assert cheapest_meeting([dear, at, cand(99.9, 0.5)], 100.0)[Kind.LPU] is at
+
+
+def test_a_point_exactly_one_percent_cheaper_joins_the_frontier():
+    """ "A slower point joins a frontier only if it is at least 1 % cheaper": exactly 1 % is enough."""
+    fast = dataclasses.replace(CANDIDATE, per_user_tokens_per_s=100.0, cost_per_mtok=1.0)
+    slow = dataclasses.replace(CANDIDATE, per_user_tokens_per_s=90.0, cost_per_mtok=0.99)
+    assert pareto([fast, slow]) == [fast, slow]
+
+
+def test_the_measured_machine_counts_two_flops_a_multiply_add_and_restores_torch_threads(monkeypatch):
+    import torch
+
+    from metronome.fleet import machine
+
+    monkeypatch.setattr(machine, "_best_seconds", lambda fn, repeats: 0.5)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        m = machine.measure_machine(size_mib=1, matmul_n=16, repeats=1, threads=1)
+        assert torch.get_num_threads() == 2 and m.threads == 1
+    finally:
+        torch.set_num_threads(before)
+    assert m.bandwidth == 2**20 / 0.5 and m.matmul_flops == 2 * 16**3 / 0.5
+    hw = machine.machine_hardware(m)
+    assert (hw.memory_bandwidth, hw.matmul_flops, hw.memory_bytes) == (m.bandwidth, m.matmul_flops, m.memory_bytes)
+    with pytest.raises(ValueError, match="matmul_n >= 16"):
+        machine.measure_machine(size_mib=1, matmul_n=8, repeats=1)
+
+
+def test_the_machine_prediction_scales_with_its_efficiency_and_refuses_one_above_1():
+    cfg = SHAPES["smollm2-135m"].config
+    fixed = MachineMeasurement(bandwidth=20e9, matmul_flops=1e15, memory_bytes=1e10, threads=1)
+    assert predict_decode_tokens_per_s(cfg, 270e6, fixed, 0.5) == pytest.approx(0.5 * 20e9 / 270e6)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="must be in"):
+            predict_decode_tokens_per_s(cfg, 270e6, fixed, bad)
+
+
+def test_the_frontier_table_prints_ttft_in_ms_and_power_in_kw():
+    row = markdown_table([CANDIDATE]).splitlines()[2]
+    assert row == "| lpu | tsp-v1 x8 | 1 | 100.0 | 100 | 250.0 | 1.0000 | 2.4 |"
+
+
+def test_a_rows_single_fits_are_the_free_terms_at_both_ends_of_its_published_range():
+    """The band: each other row alone gives the free term at the low and the high end of its published time
+    (a row whose time is 1 ms + x gives x = 1 ms and 3 ms for 2-4 ms)."""
+    from metronome.fleet.validation import _Row, _single_fits
+
+    row = _Row(lambda x: 1e-3 + x, 2e-3, 4e-3)
+    assert _single_fits([row], 1e-2) == [pytest.approx(1e-3), pytest.approx(3e-3)]
+
+
+def test_a_fit_the_rows_do_not_constrain_is_refused():
+    """Rows slower than published even at a free term of 0 would fit 0: said, not printed as a fit."""
+    from metronome.fleet.validation import _fit, _Row
+
+    with pytest.raises(ValueError, match="do not constrain the free term"):
+        _fit([_Row(lambda x: 1.0 + x, 0.5, 0.5), _Row(lambda x: 2.0 + x, 0.5, 0.5)], 1.0)
+
+
+def test_lpu_rows_on_two_chips_are_refused():
+    """One free op latency is fitted for every LPU row, so they must all be on one chip."""
+    moved = {k: [dict(e) for e in v] for k, v in PUBLISHED.items()}
+    moved["lpu"][1]["hardware"] = "lp30"
+    with pytest.raises(ValueError, match="every \\[\\[lpu\\]\\] row must be on one chip"):
+        validation_rows(HW, moved, CAL, CAL_HIGH)

@@ -18,10 +18,11 @@ from typing import Iterator
 import httpx
 import jsonschema
 import pytest
+from helpers.scripted_server import HOLD, ScriptedServer, chunk, sse_head
 from helpers.sweeps import sweep_config
 
 from metronome.bench import cli, peers
-from metronome.bench.client import Api, RequestSpec, normalize_base_url, stream_request
+from metronome.bench.client import Api, RequestSpec, discover_model, normalize_base_url, stream_request
 from metronome.bench.metrics import RequestResult, describe, first_sentence_chunk, token_chunk
 from metronome.bench.report import Environment, build_report, load_schema, report_json, write_report
 from metronome.bench.runner import SweepConfig, SweepOutcome, Target, run_sweep
@@ -127,6 +128,38 @@ def test_prompt_lengths_with_a_tokenizer(tiny_llama: Path) -> None:
         assert tokens - 2 <= prompt.input_tokens <= tokens
     with pytest.raises(ValueError, match="--tokenizer"):
         TokenizerFileCounter(tiny_llama / "missing.json")
+
+
+def test_workload_edges() -> None:
+    """A scale rounds to the nearest token (0.29 x 100 is 29, not the float's 28.99 cut to 28) and never below
+    one token; an infinite or NaN scale is refused by name rather than failing inside round()."""
+    assert resolve_workload("short", scale=0.29).input_tokens == 29
+    assert (resolve_workload("short", scale=0.001).input_tokens, resolve_workload("short", 0.001).output_tokens) == (
+        1,
+        1,
+    )
+    for bad in (float("inf"), float("nan"), -0.5):
+        with pytest.raises(ValueError, match="--scale"):
+            resolve_workload("short", scale=bad)
+
+
+def test_prompt_edges_header_cutting_and_lengthening() -> None:
+    """The key heads every prompt (what makes two keys' prompts differ); one token still gives the whole
+    header; the estimate cuts at a word boundary when one is near and counts an exact fit as fitting; and a
+    counter that finds fewer tokens than the 4 chars/token guess gets a longer text, up to the count asked."""
+    prompt = builder().build("7.1.0.3", 50)
+    assert prompt.text.startswith("[7.1.0.3] Continue this passage:\n")
+    assert builder().build("k", 1).text == "[k] Continue this passage:"
+    with pytest.raises(ValueError, match="at least 1 token"):
+        builder().build("k", 0)
+    with pytest.raises(ValueError, match="two sentences"):
+        PromptBuilder("Only one sentence here.", seed=0, counter=CharEstimate())
+    estimate = CharEstimate()
+    assert estimate.truncate("abcde fg", 2) == "abcde fg"  # 8 characters are 2 tokens: nothing to cut
+    assert estimate.truncate("one two three", 2) == "one two"  # cut at the last space, not mid-way "one two "
+    assert estimate.truncate("abcdefghij", 2) == "abcdefgh"  # no space near the end: cut at the budget
+    words = PromptBuilder(load_corpus(), seed=0, counter=_Words()).build("w", 300)  # words run ~6 chars a token
+    assert words.input_tokens == 300 and words.counted_by == "tokenizer"
 
 
 # --- per-request figures ---------------------------------------------------------------------
@@ -276,6 +309,197 @@ def test_unreachable_server_is_counted() -> None:
     assert [r.error_kind for r in measurement.requests] == ["transport", "transport"]
 
 
+# --- the streaming client against scripted servers: what it sends, how each failure is named ----------------
+
+
+def _stream(url: str, api: Api = Api.COMPLETIONS, timeout_s: float = 10.0):
+    """One stream_request on a client with no timeouts of its own (so only stream_request's bounds the wait)."""
+
+    async def go():
+        async with httpx.AsyncClient(timeout=None) as http:
+            spec = RequestSpec("Say hi.", 5, True, 0.0)
+            return await asyncio.wait_for(stream_request(http, url, api, "m", spec, timeout_s), 20)
+
+    return asyncio.run(go())
+
+
+_EVENT = chunk(b'data: {"choices": [{"index": 0, "text": "Hi"}]}\n\n')
+_DONE = chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize(("api", "path"), [(Api.CHAT, b"/v1/chat/completions"), (Api.COMPLETIONS, b"/v1/completions")])
+def test_each_api_posts_its_body_to_its_own_path(api: Api, path: bytes) -> None:
+    """The chat API sends `messages` to /v1/chat/completions and the completions API `prompt` to
+    /v1/completions, streamed, usage asked for, ignore_eos when set."""
+    with ScriptedServer([sse_head(), _DONE]) as server:
+        trace = _stream(server.url, api)
+    assert trace.error_kind is None, trace.error
+    head, _, body = server.requests[0].partition(b"\r\n\r\n")
+    sent = json.loads(body)
+    assert head.split(b" ")[:2] == [b"POST", path]
+    assert (sent["stream"], sent["stream_options"], sent["ignore_eos"], sent["max_tokens"]) == (
+        True,
+        {"include_usage": True},
+        True,
+        5,
+    )
+    if api is Api.CHAT:
+        assert sent["messages"] == [{"role": "user", "content": "Say hi."}] and "prompt" not in sent
+    else:
+        assert sent["prompt"] == "Say hi." and "messages" not in sent
+
+
+def test_empty_role_chunks_are_not_content() -> None:
+    """A chat stream opens with a chunk whose delta has the role and empty content: it is not the first token
+    (it would have set the TTFT to the role chunk's time) and not a chunk of output."""
+    role = chunk(b'data: {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}\n\n')
+    words = [chunk(f'data: {{"choices": [{{"index": 0, "delta": {{"content": "{w}"}}}}]}}\n\n'.encode()) for w in "ab"]
+    usage = chunk(b'data: {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2}}\n\n')
+    with ScriptedServer([sse_head(), role, 0.2, *words, usage, _DONE]) as server:
+        trace = _stream(server.url, Api.CHAT)
+    assert trace.error_kind is None, trace.error
+    assert trace.chunk_texts == ("a", "b") and len(trace.chunk_times) == 2
+    assert trace.chunk_times[0] >= 0.2  # the first content came after the pause, not with the role chunk
+    assert (trace.usage_prompt_tokens, trace.usage_completion_tokens) == (7, 2)
+
+
+@pytest.mark.parametrize(
+    ("parts", "reset", "kind", "says"),
+    [
+        (
+            [sse_head(), _EVENT, chunk(b'data: {"error": {"message": "boom"}}\n\n'), _DONE],
+            False,
+            "server_error",
+            "boom",
+        ),
+        ([sse_head(), _EVENT, chunk(b"data: {not json\n\n"), _DONE], False, "bad_sse", "malformed"),
+        ([sse_head(), chunk(b"data: [1, 2]\n\n"), _DONE], False, "bad_sse", "not a JSON object"),
+        ([sse_head(), _EVENT, b"0\r\n\r\n"], False, "incomplete", "[DONE]"),  # a clean end, but no [DONE]
+        ([sse_head(), _EVENT, 0.2], True, "dropped", "ReadError"),  # the connection reset mid-stream
+        ([sse_head(), _EVENT, HOLD], False, "timeout", "within 0.5 s"),  # a hung server
+        ([b"HTTP/1.1 503 Busy\r\nContent-Length: 4\r\n\r\nbusy"], False, "http_503", "busy"),
+    ],
+)
+def test_each_failure_of_a_stream_is_counted_under_its_own_kind(parts, reset, kind, says) -> None:
+    """A request never raises: an error event, a body that is not SSE JSON, a stream that ends without
+    [DONE], a reset connection, a server that hangs past --request-timeout, a refusal: each comes back in the
+    trace under its kind, so that the report tells them apart (a hang was not "transport", an error event not
+    a success)."""
+    with ScriptedServer(parts, reset=reset) as server:
+        trace = _stream(server.url, timeout_s=0.5)
+    assert trace.error_kind == kind, trace.error
+    assert says in trace.error
+
+
+def test_the_model_is_discovered_or_defaulted_with_the_reason() -> None:
+    """GET /v1/models: its first id; a refusal or an empty list sends 'default' and says why."""
+
+    def answer(status: int, payload: object):
+        def handler(request: httpx.Request) -> httpx.Response:
+            assert request.url.path == "/v1/models"
+            return httpx.Response(status, json=payload)
+
+        return handler
+
+    async def found(status: int, payload: object):
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer(status, payload))) as http:
+            return await discover_model(http, "http://peer")
+
+    listed = asyncio.run(found(200, {"data": [{"id": "first"}, {"id": "second"}]}))
+    assert (listed.model, listed.how) == ("first", "first id from GET /v1/models")
+    refused = asyncio.run(found(404, {"data": [{"id": "ignored"}]}))
+    assert refused.model == "default" and "HTTP 404" in refused.how
+    empty = asyncio.run(found(200, {"data": []}))
+    assert empty.model == "default" and "IndexError" in empty.how
+
+
+# --- the sweep's order, keys, bodies and bookkeeping, against scripted servers ------------------------------
+
+
+def _scripted_stream() -> list[bytes]:
+    """A whole completions stream of two tokens with usage, as every scripted answer of the sweep tests."""
+    events = [b'{"choices": [{"index": 0, "text": " a"}]}', b'{"choices": [{"index": 0, "text": " b"}]}']
+    events.append(b'{"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}')
+    return [sse_head(), *(chunk(b"data: " + e + b"\n\n") for e in events), _DONE]
+
+
+def test_the_sweep_interleaves_targets_and_sends_each_round_fresh_prompts() -> None:
+    """For each round, each concurrency level, each target (A B A B, never all of A's levels first); every
+    request carries the configured max_tokens and temperature; and no prompt repeats within a target, across
+    rounds and levels too (a repeat would be served from the prefix cache)."""
+    with ScriptedServer(_scripted_stream()) as a, ScriptedServer(_scripted_stream()) as b:
+        targets = [Target("a", a.url, "m"), Target("b", b.url, "m")]
+        config = sweep_config(concurrency=(1, 2), rounds=2, requests_per_user=1, warmup=0, temperature=0.7)
+        recorder = Recorder()
+        outcome = run_sweep(targets, config, builder(), recorder)
+    assert recorder.started == [(t, c, r) for r in (0, 1) for c in (1, 2) for t in ("a", "b")]
+    assert all(m.complete and all(q.ok for q in m.requests) for m in outcome.measurements)
+    for server in (a, b):
+        bodies = [json.loads(raw.partition(b"\r\n\r\n")[2]) for raw in server.requests]
+        assert len(bodies) == 6 and len({body["prompt"] for body in bodies}) == 6
+        assert {(body["max_tokens"], body["temperature"]) for body in bodies} == {(120, 0.7)}
+    assert config.planned_requests(len(targets)) == 12 == len(recorder.done)
+    assert sweep_config(concurrency=(1, 3), rounds=2, requests_per_user=2).planned_requests(3) == 48
+
+
+def test_an_interrupt_before_a_measurements_first_answer_keeps_no_empty_measurement() -> None:
+    """Ctrl-C as a measurement starts: the finished ones are kept, the one with no request done is not added
+    (an empty measurement would be a row of zeros in the report)."""
+
+    class StopAtSecond(Recorder):
+        def measurement_started(self, target: Target, concurrency: int, round_index: int) -> None:
+            super().measurement_started(target, concurrency, round_index)
+            if len(self.started) == 2:
+                raise KeyboardInterrupt
+
+    with ScriptedServer(_scripted_stream()) as server:
+        config = sweep_config(concurrency=(1, 2), requests_per_user=1, warmup=0)
+        outcome = run_sweep([Target("s", server.url, "m")], config, builder(), StopAtSecond())
+    assert outcome.interrupted
+    assert [(m.concurrency, m.complete, len(m.requests)) for m in outcome.measurements] == [(1, True, 1)]
+
+
+def test_a_measurements_requests_are_listed_by_user_then_sequence() -> None:
+    """Requests finish in any order; the measurement lists them by (user, seq), so files compare run to run."""
+    from dataclasses import replace
+
+    from metronome.bench.metrics import StreamTrace, derive_result
+    from metronome.bench.runner import _OpenMeasurement
+
+    args = dict(key="k", user=0, seq=0, started_s=0.0, requested_output_tokens=1, prompt_tokens=1)
+    one = derive_result(StreamTrace((0.1,), ("a",), 0.2, 1, 1), **args, prompt_counted_by="usage", prompt_chars=4)
+    open_measurement = _OpenMeasurement(Target("t", "http://x", "m"), 2, 0)
+    open_measurement.requests = [replace(one, user=u, seq=q) for u, q in ((1, 1), (0, 1), (1, 0), (0, 0))]
+    closed = open_measurement.close(complete=False)
+    assert [(r.user, r.seq) for r in closed.requests] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+@pytest.mark.parametrize(
+    ("change", "flag"),
+    [
+        (dict(concurrency=()), "--concurrency"),
+        (dict(concurrency=(2, 0)), "--concurrency"),
+        (dict(requests_per_user=0), "--requests-per-user"),
+        (dict(warmup=-1), "--warmup"),
+        (dict(request_timeout_s=0.0), "--request-timeout"),
+        (dict(request_timeout_s=float("nan")), "--request-timeout"),
+    ],
+)
+def test_a_sweep_config_refuses_what_cannot_run(change: dict, flag: str) -> None:
+    """A level of 0 users, no request per user, a negative warm-up or a timeout that is not positive is
+    refused when the config is made, naming the option."""
+    with pytest.raises(ValueError, match=flag):
+        sweep_config(**change)
+
+
+def test_run_sweep_refuses_no_targets_and_twin_names() -> None:
+    """Two targets of one name would merge in the report; no target at all measures nothing."""
+    with pytest.raises(ValueError, match="nothing to measure"):
+        run_sweep([], sweep_config(), builder(), Recorder())
+    with pytest.raises(ValueError, match="must differ"):
+        run_sweep([Target("x", "http://a", "m"), Target("x", "http://b", "m")], sweep_config(), builder(), Recorder())
+
+
 # --- peers side by side, the report, the schema -------------------------------------------------
 
 
@@ -325,6 +549,34 @@ def test_cli_writes_json_markdown_and_plots(tmp_path: Path, capsys: pytest.Captu
     for name in ("speed_vs_throughput.png", "ttft_vs_concurrency.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_the_progress_bar_counts_requests_and_errors_where_the_sweep_is() -> None:
+    """The bar shows the target, level and round (counted from 1) of the measurement running, the requests
+    done of those planned, and how many failed; disabled (--no-progress) it prints nothing."""
+    import io
+
+    from rich.console import Console
+
+    from metronome.bench.metrics import StreamTrace, derive_result
+    from metronome.bench.progress import SweepProgress
+
+    args = dict(key="k", user=0, seq=0, started_s=0.0, requested_output_tokens=1, prompt_tokens=1)
+    args |= dict(prompt_counted_by="usage", prompt_chars=4)
+    ok = derive_result(StreamTrace((0.1,), ("a",), 0.2, 1, 1), **args)
+    failed = derive_result(StreamTrace((), (), 0.2, error_kind="http_500", error="HTTP 500"), **args)
+    target = Target("srv", "http://x", "m")
+    for enabled in (True, False):
+        shown = io.StringIO()
+        with SweepProgress(5, 3, Console(file=shown, width=120, force_terminal=False), enabled=enabled) as bar:
+            bar.measurement_started(target, 4, 1)
+            for result in (ok, failed, failed):
+                bar.request_done(target, result)
+        said = " ".join(shown.getvalue().split())
+        if enabled:
+            assert said.startswith("srv c=4 round 2/3, 2 error(s) ") and " 3/5 " in said, said
+        else:
+            assert said == ""
 
 
 def test_interrupt_from_a_hook_keeps_partial_results(tmp_path: Path) -> None:
@@ -381,6 +633,35 @@ def test_cli_rejects_bad_options(argv: list[str], needle: str, capsys: pytest.Ca
     assert needle in capsys.readouterr().err
 
 
+def test_cli_hands_its_options_to_the_sweep_and_fails_when_every_request_failed(tmp_path: Path) -> None:
+    """--no-ignore-eos, --request-timeout, --api and --temperature (2 is the API's top, allowed) reach the
+    requests and the report; a sweep whose every request failed exits 1, not 0."""
+    refusal = [b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\nnope"]
+    out = tmp_path / "run"
+    with ScriptedServer(refusal) as server:
+        code = cli.main(
+            ["--url", server.url, "--input-tokens", "8", "--output-tokens", "4", "--concurrency", "1", "--rounds", "1"]
+            + ["--requests-per-user", "1", "--warmup", "0", "--no-ignore-eos", "--request-timeout", "7"]
+            + ["--api", "completions", "--temperature", "2", "--out", str(out), "--no-progress"]
+        )
+    assert code == 1
+    config = json.loads((out / "results.json").read_text())["config"]
+    assert (config["ignore_eos"], config["request_timeout_s"], config["api"]) == (False, 7.0, "completions")
+    sent = json.loads(server.requests[-1].partition(b"\r\n\r\n")[2])
+    assert server.requests[-1].startswith(b"POST /v1/completions ") and "ignore_eos" not in sent
+    assert sent["temperature"] == 2.0
+
+
+def test_concurrency_levels_are_sorted_unique_and_at_least_one() -> None:
+    """`--concurrency 4,1,2,2` runs 1, 2, 4 once each; a level below 1 or a word is refused."""
+    import argparse
+
+    assert cli._levels("4,1,2,2") == (1, 2, 4) and cli._levels(" 3 ,") == (3,)
+    for bad in ("0,1", "-2", "two", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            cli._levels(bad)
+
+
 def test_cli_names_an_unreachable_url(capsys: pytest.CaptureFixture) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -392,8 +673,9 @@ def test_cli_names_an_unreachable_url(capsys: pytest.CaptureFixture) -> None:
 def test_url_normalization() -> None:
     assert normalize_base_url("http://127.0.0.1:8000/v1/") == "http://127.0.0.1:8000"
     assert normalize_base_url("https://h/api/v1") == "https://h/api"
-    with pytest.raises(ValueError, match="--url"):
-        normalize_base_url("127.0.0.1:8000")
+    for bad in ("127.0.0.1:8000", "http://", "http:///v1"):  # no scheme, or no host to reach
+        with pytest.raises(ValueError, match="--url"):
+            normalize_base_url(bad)
 
 
 def test_peer_names_commands_and_llama_cpp_absence(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -403,10 +685,12 @@ def test_peer_names_commands_and_llama_cpp_absence(monkeypatch: pytest.MonkeyPat
             peers.parse_peers(bad)
     assert peers.context_for(resolve_workload("short")) == 768  # 150 + 300 + 64, rounded up
     assert peers.context_for(resolve_workload("long")) >= 15_000 + 1500
+    assert peers.context_for(resolve_workload("short", input_tokens=1000, output_tokens=100)) == 1792  # 1664 up
     llama = peers.launch_spec(peers.Peer.LLAMA_CPP, Path("m.gguf"), 1234, 2, "float32", 512)
     assert llama.argv[1:3] == ("-m", "llama_cpp.server") and ("--n_threads", "2") == llama.argv[5:7]
     assert llama.argv[llama.argv.index("--n_ctx") + 1] == "512"
     assert ("--host", "127.0.0.1") == llama.argv[-4:-2] and llama.argv[-1] == "1234"
+    assert llama.ready_path == "/v1/models"  # llama-cpp-python's server has no /health
     hf = peers.launch_spec(peers.Peer.TRANSFORMERS, Path("m.gguf"), 1234, 3, "bfloat16", 512)
     assert "metronome.bench.hf_server" in hf.argv and hf.argv[hf.argv.index("--threads") + 1] == "3"
     real_find_spec = peers.importlib.util.find_spec
@@ -415,6 +699,66 @@ def test_peer_names_commands_and_llama_cpp_absence(monkeypatch: pytest.MonkeyPat
     )
     with pytest.raises(peers.PeerUnavailable, match=r"llama-cpp-python\[server\]==0.3.36"):
         peers.check_available(peers.Peer.LLAMA_CPP)
+    with pytest.raises(peers.PeerUnavailable, match="llama-cpp-python"):  # before any peer starts
+        with peers.running_peers([peers.Peer.LLAMA_CPP], Path("m.gguf"), 1, "float32", 512, Path("logs"), 5, print):
+            pass
+
+
+def _sleeper(code: str, log: Path) -> subprocess.Popen:
+    """A stand-in peer process running `code`, its output to `log`."""
+    with open(log, "w", encoding="utf-8") as out:
+        return subprocess.Popen([sys.executable, "-c", code], stdout=out, stderr=subprocess.STDOUT)
+
+
+def test_wait_ready_tells_ready_from_exited_from_never_ready(tmp_path: Path) -> None:
+    """Ready is a 200 from the readiness URL; a 503 (still loading) is not ready, and past the deadline it
+    says the last answer; a peer that exits is reported at once with its exit code and its log's tail
+    (it was found only at the deadline)."""
+    log = tmp_path / "peer.log"
+    waiting = _sleeper("import time; time.sleep(60)", log)
+    try:
+        with ScriptedServer([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]) as up:
+            peers.wait_ready(waiting, up.url + "/health", 10, log, "up", poll_s=0.05)
+        loading = [b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 7\r\n\r\nloading"]
+        with ScriptedServer(loading) as busy:
+            with pytest.raises(peers.PeerStartError, match=r"not ready .* after 0.5 s \(last: HTTP 503\)"):
+                peers.wait_ready(waiting, busy.url + "/health", 0.5, log, "busy", poll_s=0.05)
+    finally:
+        waiting.kill()
+        waiting.wait(timeout=10)
+    crashed = _sleeper("print('no such model file', flush=True); raise SystemExit(3)", log)
+    began = time.monotonic()
+    with pytest.raises(peers.PeerStartError, match=r"exited with code 3[\s\S]*no such model file"):
+        peers.wait_ready(crashed, "http://127.0.0.1:9/health", 60, log, "crashed", poll_s=0.05)
+    assert time.monotonic() - began < 30  # not the 60 s deadline
+
+
+@pytest.mark.timeout(60)
+def test_a_peer_that_ignores_sigterm_is_killed_after_its_grace(tmp_path: Path) -> None:
+    """Stopping a peer: SIGTERM, then SIGKILL once the grace is over, so the bench never waits on a stuck
+    peer forever; a peer that heeds SIGTERM is not killed."""
+    stuck = _sleeper(
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(60)",
+        tmp_path / "stuck.log",
+    )
+    deadline = time.monotonic() + 20
+    while "up" not in (tmp_path / "stuck.log").read_text() and time.monotonic() < deadline:
+        time.sleep(0.02)  # the handler is in place before it is stopped
+    peers._stop(stuck, grace_s=0.3)
+    assert stuck.returncode == -signal.SIGKILL
+    polite = _sleeper("import time; time.sleep(60)", tmp_path / "polite.log")
+    peers._stop(polite, grace_s=30)
+    assert polite.returncode == -signal.SIGTERM  # asked first: killed only past the grace
+
+
+def test_running_peers_refuses_a_missing_model_before_starting_anything(tmp_path: Path) -> None:
+    """A --model path that does not exist is named at once, before any peer starts or a log folder is made."""
+    with pytest.raises(FileNotFoundError, match="--model"):
+        with peers.running_peers(
+            [peers.Peer.METRONOME], tmp_path / "nope.gguf", 1, "float32", 256, tmp_path / "logs", 5, print
+        ):
+            pass
+    assert not (tmp_path / "logs").exists()
 
 
 def test_engine_flags_reach_the_server_it_starts_and_unused_ones_are_refused(capsys) -> None:
@@ -726,6 +1070,9 @@ def test_llama_cpp_peer_serves_a_real_sweep(smollm_path: Path, tmp_path: Path) -
         (["--fuzz", "0"], "--fuzz must be at least 1"),  # schemathesis's own complaint, and exit 1
         (["--fuzz", "2", "--soak", "10s"], "--soak and --fuzz are separate runs"),  # --soak was dropped
         (["--url", "http://127.0.0.1:9", "--request-timeout", "0"], "--request-timeout must be a positive number"),
+        (["--url", "http://127.0.0.1:9", "--request-timeout", "inf"], "--request-timeout must be a positive number"),
+        (["--model", "m.gguf", "--threads", "0"], "--threads must be at least 1"),  # before a peer is started
+        ([], "give --url URL or --model PATH"),  # a sweep needs a server
         (["--soak", "5s", "--startup-timeout", "nan"], "--startup-timeout must be a positive number"),  # "nan s"
         (["--url", "http://127.0.0.1:9", "--temperature", "nan"], "--temperature must be in [0, 2]"),  # JSON's error
         (["--url", "http://127.0.0.1:9", "--temperature", "5"], "--temperature must be in [0, 2]"),  # all 400s

@@ -4,10 +4,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import math
 import re
 
 import pytest
+from helpers.scripted_server import ScriptedServer, chunk, sse_head
 
 from metronome.bench import load as bench_load
 from metronome.config import EngineConfig
@@ -92,3 +95,54 @@ def test_a_load_refusal_is_said_as_the_benchs_own(capsys):
 
     assert cli.main(["--load", "1,3", "--slots", "2", "--model", "/no/such/model.gguf"]) == 2
     assert "metronome bench: error: --load 3: more users" in " ".join(capsys.readouterr().err.split())
+
+
+# --- the load bench's lean SSE client (bench/sse.py) against scripted servers --------------------------------
+
+
+def _events(port: int, timeout_s: float = 10.0) -> list[bytes]:
+    from metronome.bench.sse import post_events
+
+    async def go() -> list[bytes]:
+        return [d async for d in post_events("127.0.0.1", port, "/v1/chat/completions", {"stream": True})]
+
+    return asyncio.run(asyncio.wait_for(go(), timeout_s))
+
+
+def test_sse_events_are_read_whatever_the_framing() -> None:
+    """Events come out whole however the body is cut: an event split across two chunks, a chunk holding two
+    events, a chunk extension, `data:` without its space, a comment line, a close-delimited body; the request
+    is a JSON POST to the path given; [DONE] ends the stream and is not yielded."""
+    one, two, three = b'data: {"n": 1}\n\n', b'data:{"n": 2}\n\n', b': keep-alive\ndata: {"n": 3}\n\n'
+    head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: Chunked\r\n\r\n"  # header names and values in any case
+    chunked = [head, chunk(one[:9]), 0.05, chunk(one[9:] + two), b"5;ext=1\r\n" + three[:5] + b"\r\n"]
+    chunked += [chunk(three[5:]), chunk(b"data: [DONE]\n\n"), chunk(b'data: {"n": 4}\n\n'), b"0\r\n\r\n"]
+    plain = [sse_head(chunked=False), one[:9], 0.05, one[9:] + two + three, b"data: [DONE]\n\n"]
+    for parts in (chunked, plain):
+        with ScriptedServer(parts) as server:
+            assert _events(server.port) == [b'{"n": 1}', b'{"n": 2}', b'{"n": 3}']
+        head_sent, _, body = server.requests[0].partition(b"\r\n\r\n")
+        assert head_sent.startswith(b"POST /v1/chat/completions HTTP/1.1\r\n") and json.loads(body) == {"stream": True}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("parts", "says"),
+    [
+        ([b"HTTP/1.1 429 Too Many\r\nContent-Length: 9\r\n\r\nslow down"], "429 Too Many: slow down"),
+        ([sse_head(), chunk(b'data: {"n": 1}\n\n'), b"0\r\n\r\n"], "ended before its final 'data: [DONE]'"),
+        ([sse_head(chunked=False), b'data: {"n": 1}\n\n'], "ended before its final 'data: [DONE]'"),
+        ([sse_head(), b"40\r\ndata: {"], "malformed response body"),  # a chunk cut off by the close
+        ([sse_head(), b"zz\r\n"], "malformed response body"),  # not a chunk size
+        ([b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"], "ended before"),  # closed inside the headers
+    ],
+)
+def test_sse_answers_that_are_not_a_whole_stream_raise(parts, says) -> None:
+    """A refusal raises with its status line and body; a stream that ends without [DONE], a cut-off chunk, a
+    broken chunk size and a close inside the headers raise SseError too (not a bare IncompleteReadError, not a
+    success, not a loop that never ends)."""
+    from metronome.bench.sse import SseError
+
+    with ScriptedServer(parts) as server:
+        with pytest.raises(SseError, match=re.escape(says)):
+            _events(server.port)

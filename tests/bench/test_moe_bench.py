@@ -87,3 +87,15 @@ def test_the_moe_and_layouts_benches_refuse_bad_flags_before_they_run(main, argv
         run(argv)
     assert exit.value.code == 2 and says in capsys.readouterr().err
     assert not (tmp_path / "m.gguf").exists()  # refused before the file was written
+
+
+def test_the_layouts_summary_reads_percentiles_as_the_other_benches() -> None:
+    """The TTFT / predicted column: median with the p10-p90 spread, interpolated as metrics.percentile; "-"
+    when no burst request had a prediction; and --layouts keeps the order given."""
+    from metronome.bench import layouts
+
+    ratios = [float(v) for v in range(10, 0, -1)]  # unsorted on purpose
+    assert layouts._pct(ratios, 0.99) == pytest.approx(9.91) and layouts._pct(ratios, 0.1) == pytest.approx(1.9)
+    assert layouts._spread(ratios) == "5.50 (1.90-9.10)"
+    assert layouts._spread([]) == "-"
+    assert layouts._layouts("disaggregated, colocated") == ["disaggregated", "colocated"]

@@ -23,7 +23,14 @@ from helpers.sweeps import sweep_config
 
 from metronome.bench import cli, peers
 from metronome.bench.client import Api, RequestSpec, discover_model, normalize_base_url, stream_request
-from metronome.bench.metrics import RequestResult, describe, first_sentence_chunk, token_chunk
+from metronome.bench.metrics import (
+    RequestResult,
+    StreamTrace,
+    derive_result,
+    describe,
+    first_sentence_chunk,
+    token_chunk,
+)
 from metronome.bench.report import Environment, build_report, load_schema, report_json, write_report
 from metronome.bench.runner import SweepConfig, SweepOutcome, Target, run_sweep
 from metronome.bench.workloads import (
@@ -181,7 +188,6 @@ def test_the_output_speed_leaves_out_the_first_chunks_tokens_and_counts_without_
     """Speed counted every token after the first as arriving after the first chunk: a server sending its
     first five at once read 25.3 tok/s where it streams at 20; and without usage each chunk counted one
     token, whatever it held."""
-    from metronome.bench.metrics import StreamTrace, derive_result
 
     times = (0.2, *(0.25 + 0.05 * i for i in range(15)))
     texts = (" a b c d e", *(" w" for _ in range(15)))
@@ -459,15 +465,28 @@ def test_an_interrupt_before_a_measurements_first_answer_keeps_no_empty_measurem
     assert [(m.concurrency, m.complete, len(m.requests)) for m in outcome.measurements] == [(1, True, 1)]
 
 
+def _one_request(trace: StreamTrace) -> RequestResult:
+    """The result of a one-token request (user 0, sequence 0) whose stream was `trace`."""
+    return derive_result(
+        trace,
+        key="k",
+        user=0,
+        seq=0,
+        started_s=0.0,
+        requested_output_tokens=1,
+        prompt_tokens=1,
+        prompt_counted_by="usage",
+        prompt_chars=4,
+    )
+
+
 def test_a_measurements_requests_are_listed_by_user_then_sequence() -> None:
     """Requests finish in any order; the measurement lists them by (user, seq), so files compare run to run."""
     from dataclasses import replace
 
-    from metronome.bench.metrics import StreamTrace, derive_result
     from metronome.bench.runner import _OpenMeasurement
 
-    args = dict(key="k", user=0, seq=0, started_s=0.0, requested_output_tokens=1, prompt_tokens=1)
-    one = derive_result(StreamTrace((0.1,), ("a",), 0.2, 1, 1), **args, prompt_counted_by="usage", prompt_chars=4)
+    one = _one_request(StreamTrace((0.1,), ("a",), 0.2, 1, 1))
     open_measurement = _OpenMeasurement(Target("t", "http://x", "m"), 2, 0)
     open_measurement.requests = [replace(one, user=u, seq=q) for u, q in ((1, 1), (0, 1), (1, 0), (0, 0))]
     closed = open_measurement.close(complete=False)
@@ -558,13 +577,10 @@ def test_the_progress_bar_counts_requests_and_errors_where_the_sweep_is() -> Non
 
     from rich.console import Console
 
-    from metronome.bench.metrics import StreamTrace, derive_result
     from metronome.bench.progress import SweepProgress
 
-    args = dict(key="k", user=0, seq=0, started_s=0.0, requested_output_tokens=1, prompt_tokens=1)
-    args |= dict(prompt_counted_by="usage", prompt_chars=4)
-    ok = derive_result(StreamTrace((0.1,), ("a",), 0.2, 1, 1), **args)
-    failed = derive_result(StreamTrace((), (), 0.2, error_kind="http_500", error="HTTP 500"), **args)
+    ok = _one_request(StreamTrace((0.1,), ("a",), 0.2, 1, 1))
+    failed = _one_request(StreamTrace((), (), 0.2, error_kind="http_500", error="HTTP 500"))
     target = Target("srv", "http://x", "m")
     for enabled in (True, False):
         shown = io.StringIO()

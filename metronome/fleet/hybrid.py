@@ -81,7 +81,7 @@ def prefill_gpu_decode_lpu(
 
 def attention_options(opts: LpuOptions, gpu: Hardware, gpus: int, cal: GpuCalibration, handoff: Handoff) -> LpuOptions:
     """`opts` with the attention core (and the KV cache) moved to `gpus` GPUs; SRAM then holds weights only."""
-    ga = GpuAttention(gpu, gpus, cal.bandwidth_efficiency, handoff.bandwidth, handoff.latency_s)
+    ga = GpuAttention(gpu, gpus, cal.bandwidth_efficiency, handoff.bandwidth, handoff.latency_s, cal.flops_efficiency)
     return replace(opts, attention=ga)
 
 

@@ -27,9 +27,10 @@ class GpuAttention:
 
     hardware: Hardware
     gpus: int
-    bandwidth_efficiency: float
+    bandwidth_efficiency: float  # of the KV cache's reads, as a GPU decode step's (GpuCalibration)
     link_bandwidth: float
     link_latency_s: float
+    flops_efficiency: float  # of the attention's FLOPs, as a GPU prefill step's (GpuCalibration)
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,7 @@ def _offload_work(off: Offload, opts: LpuOptions, p: Pass) -> tuple[float, float
     g = ga.hardware
     gpu = max(
         kv / (ga.gpus * g.memory_bandwidth * ga.bandwidth_efficiency),
-        off.kv_flops * p.positions * p.rows / (ga.gpus * g.matmul_flops * ga.bandwidth_efficiency),
+        off.kv_flops * p.positions * p.rows / (ga.gpus * g.matmul_flops * ga.flops_efficiency),
     )
     return off.send_elems * p.rows * opts.act_bytes, gpu, off.recv_elems * p.rows * opts.act_bytes
 

@@ -951,6 +951,34 @@ def test_a_hybrid_sharing_gpu_ports_schedules_as_it_times():
         assert build_schedule(plan).makespan_s == pytest.approx(plan.decode.total_s, rel=1e-9), gpus
 
 
+def test_a_hybrid_times_its_gpu_attention_at_the_gpus_calibrated_efficiencies():
+    """The attention core on a hybrid's GPUs takes the longer of its KV reads at the decode steps' bandwidth
+    efficiency and its FLOPs at the prefill steps' FLOPs efficiency, as plan_gpu times the same GPUs."""
+    from metronome.fleet.hybrid import attention_options
+    from metronome.fleet.lpu import Pass, _offload_work
+    from metronome.fleet.ops import Offload
+
+    h100 = HW["h100-sxm"]
+    opts = attention_options(LpuOptions(kv_bits=16), h100, 2, CAL, HANDOFF)
+    off = Offload("attention@gpu", send_elems=4096, recv_elems=4096, kv_reads=2048, kv_flops=16384)
+
+    def bounds(p: Pass) -> tuple[float, float]:
+        kv_s = 2048 * p.positions * p.seqs * 2 / (2 * h100.memory_bandwidth * CAL.bandwidth_efficiency)
+        flops_s = 16384 * p.positions * p.rows / (2 * h100.matmul_flops * CAL.flops_efficiency)
+        return kv_s, flops_s
+
+    prompt = Pass(rows=2048, seqs=1, positions=2048)  # a prompt's rows share one cache: bound by FLOPs
+    kv_s, flops_s = bounds(prompt)
+    assert flops_s > 10 * kv_s
+    sent, gpu_s, received = _offload_work(off, opts, prompt)
+    assert gpu_s == pytest.approx(flops_s, rel=1e-12)
+    assert (sent, received) == (4096 * 2048 * 2, 4096 * 2048 * 2)  # fp16 activations each way
+    decode = Pass(rows=4, seqs=4, positions=4096)  # one row per sequence: bound by the KV reads
+    kv_s, flops_s = bounds(decode)
+    assert kv_s > 10 * flops_s
+    assert _offload_work(off, opts, decode)[1] == pytest.approx(kv_s, rel=1e-12)
+
+
 def test_the_gpu_sweep_tries_up_to_a_full_node_and_keeps_bf16_where_it_fits():
     """Llama-2-7B fits one H100 in bf16: 1, 2, 4 and 8 GPUs, all 16-bit (8-bit only where bf16 fits nowhere);
     the attention hybrid tries the same GPU counts."""

@@ -279,6 +279,7 @@ def _gguf_shape(path: Path) -> ModelShape:
 
 def _hf_shape(path: Path) -> ModelShape:
     file = path / "config.json" if path.is_dir() else path
+    folder = path if path.is_dir() else path.parent  # the model's name: its folder's, not "config.json"
     try:
         raw = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -300,7 +301,7 @@ def _hf_shape(path: Path) -> ModelShape:
             raise ValueError(f"{file}: hidden_size {d} and num_attention_heads {heads} must be at least 1")
         cfg = ModelConfig(
             arch=str(raw.get("model_type", top.get("model_type", "llama"))),
-            name=path.name,
+            name=folder.name,
             vocab_size=int(raw.get("vocab_size", top.get("vocab_size", 0))),
             hidden_size=d,
             intermediate_size=int(raw["intermediate_size"]),

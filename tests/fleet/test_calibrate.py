@@ -4,6 +4,7 @@ The 15 % agreement with the engine is a measurement (docs/planner.md), never ass
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 
@@ -202,3 +203,200 @@ def test_terms_refuse_a_value_in_the_wrong_field():
     with pytest.raises(TypeError, match="notes"):
         dataclasses.replace(TERMS, notes=(1.0,))
     assert TERMS.mean(TERMS).wake_s == TERMS.wake_s
+
+
+# ---- added by the mutation audit of fleet/calibrate.py --------------------------------------------------------
+
+
+def test_terms_past_the_last_measured_rows_scale_with_the_rows():
+    """A matmul or the logits' work past its last measured row count grows linearly with the rows (the
+    work is compute-bound there): QKV at 512 rows is twice its 256-row time, the logits at 16 twice 8's."""
+    assert TERMS.matmul(QKV, 512) == pytest.approx(2 * 900e-6)
+    with_logits = dataclasses.replace(TERMS, logits_s={1: 1e-4, 8: 5e-4})
+    assert with_logits.logits(16) == pytest.approx(2 * 5e-4) and with_logits.logits(4) == pytest.approx(
+        1e-4 + 3 / 7 * 4e-4
+    )
+
+
+def test_the_mean_of_two_measurements_averages_every_term():
+    """Terms measured before and after the engine ran are averaged field by field, each in its own field."""
+    other = Terms(
+        "cpu",
+        2,
+        {"Q8_0": {1: 3e-10, 8: 4e-10, 256: 8e-9}},
+        attention_s=3e-11,
+        call_s=5e-6,
+        region_s=4e-6,
+        wake_s=2e-5,
+        matmul_s={QKV: {1: 20e-6, 8: 50e-6, 256: 1100e-6}, DOWN: {1: 8e-6, 8: 20e-6, 256: 700e-6}},
+        collective_s=3e-5,
+        logits_s={1: 3e-4, 8: 7e-4},
+    )
+    first = dataclasses.replace(TERMS, wake_s=1e-5, collective_s=1e-5, logits_s={1: 1e-4, 8: 5e-4})
+    mean = first.mean(other)
+    assert mean.seconds_per_byte["Q8_0"] == pytest.approx({1: 2e-10, 8: 3e-10, 256: 6e-9})
+    assert (mean.attention_s, mean.call_s, mean.region_s, mean.wake_s, mean.collective_s) == pytest.approx(
+        (2e-11, 3e-6, 3e-6, 1.5e-5, 2e-5)
+    )
+    assert mean.matmul_s[QKV] == pytest.approx({1: 15e-6, 8: 40e-6, 256: 1000e-6})
+    assert set(mean.matmul_s) == {QKV, DOWN}  # HEAD was measured once only: not averaged with nothing
+    assert mean.logits_s == pytest.approx({1: 2e-4, 8: 6e-4})
+
+
+def test_a_term_is_the_median_batch_of_calls_after_the_warm_up(monkeypatch):
+    """_mean_s: `warm` calls untimed, then `batches` timed batches of `repeats` calls; the median batch's mean
+    is kept, so one batch another process interrupted (here 3 s) does not set the term."""
+    from types import SimpleNamespace
+
+    from metronome.fleet import calibrate
+
+    clock = iter([0.0, 0.2, 1.0, 1.4, 2.0, 5.0])  # three batches of 2 calls: 0.2, 0.4 and 3.0 s
+    monkeypatch.setattr(calibrate, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    calls = []
+    assert calibrate._mean_s(lambda: calls.append(1), repeats=2, warm=2, batches=3) == pytest.approx(0.2)
+    assert len(calls) == 2 + 3 * 2
+
+
+def test_a_shape_is_timed_on_a_ring_of_copies_sized_by_its_rows(monkeypatch):
+    """_matmul_seconds: few rows (up to 8, decode) cycle copies through `stream_bytes`, many rows through
+    COMPUTE_BYTES (8 MiB); at least 2 copies, at most RING_COPIES; each call's seconds are the ring's time
+    over its copies less one Python call per part (the decoder calls them from C++)."""
+    import torch
+
+    from metronome.fleet import calibrate
+
+    calls: list[tuple] = []
+    ops = SimpleNamespace(block_linear=lambda x, b, kind, n: calls.append((tuple(x.shape), kind, n)))
+    monkeypatch.setattr(calibrate, "_mean_s", lambda fn, repeats, warm=2, batches=3: (fn(), 1.0)[1])
+    q8 = BLOCK_KINDS["Q8_0"]
+    m = Matmul(((q8, 1024, 34), (q8, 1024, 34)))  # K = 32; two parts of 34 KiB: 68 KiB a copy
+    blocks = (torch.zeros(1024, 34, dtype=torch.uint8), torch.zeros(1024, 34, dtype=torch.uint8))
+    out = calibrate._matmul_seconds(ops, m, blocks, (1, 8, 256), 32 << 20, 1e-6, 1)
+    # 32 MiB / 68 KiB = 481.9 -> 482 copies at 1 and 8 rows; 8 MiB / 68 KiB = 120.5 -> 121 at 256
+    assert out == pytest.approx({1: 1 / 482 - 2e-6, 8: 1 / 482 - 2e-6, 256: 1 / 121 - 2e-6})
+    assert [c[0] for c in calls] == [(1, 32)] * 2 * 482 + [(8, 32)] * 2 * 482 + [(256, 32)] * 2 * 121
+    assert {(kind, n) for _, kind, n in calls} == {(q8, 1024)}
+    calls.clear()
+    tiny = (torch.zeros(2, 34, dtype=torch.uint8),)  # 68 bytes: 1 MiB would be 15,421 copies
+    assert calibrate._matmul_seconds(ops, Matmul(((q8, 2, 34),)), tiny, (1,), 1 << 20, 0.0, 1) == {1: 1 / 1024}
+    assert len(calls) == calibrate.RING_COPIES == 1024
+    calls.clear()
+    assert calibrate._matmul_seconds(ops, m, blocks, (1,), 1024, 0.0, 1) == {1: 1 / 2}  # larger than the ring
+    assert len(calls) == 2 * 2
+
+
+def test_the_pools_wake_up_is_priced_once_a_step():
+    woken = dataclasses.replace(TERMS, wake_s=5e-4)
+    for rows in (1, 8):
+        assert predict_step_s(COST, woken, rows, 64, 100) == pytest.approx(
+            predict_step_s(COST, TERMS, rows, 64, 100) + 5e-4
+        )
+
+
+def test_sandwich_norms_add_two_regions_a_layer(monkeypatch):
+    """plan_cost: 11 parallel regions a layer, 13 with sandwich norms (Gemma 3), plus 2 (docs/planner.md)."""
+    from metronome.fleet import calibrate
+
+    monkeypatch.setattr(calibrate, "count_step_ops", lambda engine, live: 10 * live)
+    cfg = SimpleNamespace(num_layers=18, sandwich_norms=True, q_size=1024)
+    plan = SimpleNamespace(cfg=cfg, device=SimpleNamespace(type="cuda"), report=SimpleNamespace(weight_bytes=1000))
+    plan.runner = object()  # not a fused runner: no shapes
+    cost = calibrate.plan_cost(SimpleNamespace(plan=plan, model_name="g"), None)
+    assert cost.regions == 13 * 18 + 2 and cost.engine_ops == {1: 10, 8: 80}
+    cfg.sandwich_norms = False
+    assert calibrate.plan_cost(SimpleNamespace(plan=plan, model_name="g"), None).regions == 11 * 18 + 2
+
+
+def test_the_head_is_timed_at_the_decode_rows_only():
+    """A prompt runs the head on its last row: the head's shape is timed at 1 and 8 rows, the layers' at 256 too."""
+    from metronome.fleet.calibrate import _timed_shapes
+
+    assert _timed_shapes({QKV: 2}, HEAD, {QKV: "a", HEAD: "b"}) == {QKV: ("a", (1, 8, 256)), HEAD: ("b", (1, 8))}
+
+
+def test_a_matrix_the_kernels_do_not_read_from_the_file_is_priced_as_q8_0():
+    """plan_formats: a float matrix is quantized to Q8_0 (34 bytes a block of 32 weights); the head's bytes
+    are kept apart from the layers'; the embedding table, not the head, is left out."""
+    import torch
+
+    from metronome.fleet.calibrate import plan_formats
+
+    weights = {
+        "layers.0.w": torch.zeros(64, 64),
+        "head.weight": torch.zeros(100, 64),
+        "embed.weight": torch.zeros(100, 64),
+    }
+    layers, samples, head = plan_formats(SimpleNamespace(weights=weights), "int8")
+    assert layers == {"Q8_0": 64 * 64 // 32 * 34} and head == ("Q8_0", 100 * 64 // 32 * 34) and samples == {}
+
+
+def test_a_steps_python_calls_count_builtins_too():
+    """count_step_ops counts every Python function and builtin (torch's ops among them) one step calls."""
+    from metronome.fleet.calibrate import count_step_ops
+
+    def engine(builtins: int) -> SimpleNamespace:
+        steps = iter(range(4))
+
+        def step() -> None:
+            if next(steps) == 2:  # the counted step
+                for _ in range(builtins):
+                    len(())
+
+        return SimpleNamespace(
+            encode_prompt=lambda text, chat: [1],
+            submit=lambda prompt, params, emit: object(),
+            cancel=lambda r: None,
+            step=step,
+        )
+
+    assert count_step_ops(engine(7), 2) - count_step_ops(engine(0), 2) == 7
+
+
+def test_the_table_reports_bandwidth_in_gb_s_and_compute_in_gflop_s():
+    """1e-10 s per byte of Q4_1X16 at one row is 10.0 GB/s; at 256 rows 4e-9 s per byte of 5-bit weights
+    (1.6 weights a byte, 2 FLOPs each) is 256 x 2 x 1.6 / 4e-9 = 204.8 GFLOP/s."""
+    from metronome.fleet.calibrate import CalibrationRow, calibration_table
+
+    terms = dataclasses.replace(TERMS, seconds_per_byte={"Q4_1X16": {1: 1e-10, 256: 4e-9}})
+    text = calibration_table(terms, [CalibrationRow("m", "decode, 1 live slot", 11.0, 10.0)])
+    assert "Q4_1X16 10.0 GB/s at 1 row, 205 GFLOP/s at 256 rows" in text and "2 threads" in text
+    assert "| m | decode, 1 live slot | 11.0 | 10.0 | 1.10 |" in text
+
+
+def test_a_rows_measurement_is_the_median_of_its_rounds():
+    from metronome.fleet.calibrate import _median_row
+
+    assert _median_row("m", "w", [1.0, 2.0, 9.0], [8.0, 9.0, 13.0]).measured == 9.0  # the mean would be 10
+
+
+def test_each_row_is_predicted_from_the_terms_at_its_rows_and_positions(tiny_hf, monkeypatch):
+    """calibrate_model's rows, with the machine terms fixed: decode at n live slots is 1 / step(n rows, 64
+    cached positions, the Python calls of n slots) per slot; the 256-token prompt is 256 / step(256 rows,
+    128 positions on average, one slot's calls, the head on its last row); at 3 threads the disaggregated
+    decode engine gets 2 (3 - 3 // 2, as Engine.from_model splits them); the plan's ring is its weights and
+    head."""
+    from metronome.fleet import calibrate
+
+    fixed = dataclasses.replace(TERMS, seconds_per_byte={"Q8_0": {1: 1e-9, 8: 2e-9, 256: 3e-8}}, wake_s=1e-5)
+    measured: list[tuple[int, int]] = []
+
+    def fake_terms(threads, device="cpu", repeats=5, stream_bytes=0, samples=None, shapes=None, file_pages=None):
+        measured.append((threads, stream_bytes))
+        return dataclasses.replace(fixed, threads=threads)
+
+    costs = []
+    real_cost = calibrate.plan_cost
+    monkeypatch.setattr(calibrate, "STREAM_BYTES", 4096)  # the floor below the tiny plan: its ring is its bytes
+    monkeypatch.setattr(calibrate, "measure_terms", fake_terms)
+    monkeypatch.setattr(calibrate, "logits_seconds", lambda vocab, softcap, rows: {1: 1e-4, 2: 3e-4})
+    monkeypatch.setattr(calibrate, "plan_cost", lambda *a: costs.append(real_cost(*a)) or costs[-1])
+    monkeypatch.setattr(calibrate, "tp_plan_cost", lambda *a, **k: None)  # no tp=2 row
+    _, rows = calibrate.calibrate_model(str(tiny_hf("llama")), 3, live=(1, 2))
+    (cost,) = costs
+    terms = dataclasses.replace(fixed, threads=3, logits_s={1: 1e-4, 2: 3e-4})
+    step = [predict_step_s(cost, terms, n, 64, cost.engine_ops[n]) for n in (1, 2)]
+    prompt = predict_step_s(cost, terms, 256, 128, cost.engine_ops[1], head_rows=1)
+    assert [r.predicted for r in rows[:3]] == pytest.approx([1 / step[0], 1 / step[1], 256 / prompt])
+    assert rows[3].what == "decode, 1 live slot, disaggregated (decode engine: 2 threads)" and len(rows) == 4
+    ring = sum(cost.weight_bytes.values()) + cost.head[1]  # the layers' matrices and the head
+    assert ring > 4096 and measured == [(3, ring), (2, ring)]

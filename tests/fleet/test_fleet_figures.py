@@ -436,3 +436,52 @@ def test_a_workload_needs_an_output_token_and_a_non_negative_prompt():
     for prompt, output in ((-1, 5), (3, 0)):
         with pytest.raises(ValueError, match="the prompt must be >= 0 tokens and the output >= 1"):
             Workload(prompt, output)
+
+
+# ---- added by the mutation audit of fleet/ops.py: a layer's program, counted by hand ------------------------------
+
+
+def test_a_layers_program_reads_every_weight_of_the_layer_once():
+    """llama-2-7b: q, k, v, o (4096 x 4096 each), gate, up, down (4096 x 11008 each) and two norms' scales
+    (4096 each); a Qwen2-style q/k/v bias adds q + 2 kv more, as attention_params counts it."""
+    from metronome.config import ModelConfig
+    from metronome.fleet.ops import layer_program
+    from metronome.fleet.shapes import ModelShape
+
+    weights = {s.name: s.weights for s in layer_program(SHAPES["llama-2-7b"]) if isinstance(s, Op)}
+    assert sum(weights.values()) == 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096
+    assert weights["attn_norm.scale"] == weights["mlp_norm.scale"] == 4096
+    # 896 wide, 14 heads of 64, 2 KV heads: q 896, k and v 128 each; the bias 896 + 2 x 128 = 1152
+    cfg = ModelConfig(
+        arch="qwen2", name="q", vocab_size=1000, hidden_size=896, intermediate_size=4864, num_layers=2,
+        num_heads=14, num_kv_heads=2, head_dim=64, max_position=4096, qkv_bias=True,
+    )  # fmt: skip
+    shape = ModelShape(cfg)
+    qkv = next(s for s in layer_program(shape) if s.name == "qkv")
+    assert qkv.weights == 896 * 1152 + 1152 and qkv.flops == 2 * qkv.weights
+    assert shape.attention_params() == qkv.weights + 896 * 896  # and o
+
+
+def test_attention_reads_each_cached_position_twice_at_two_flops_an_element():
+    """Per cached position: scores and attn_v each read the KV heads' k (v) and do 2 FLOPs a query element;
+    softmax's max, exp-sum (3) and normalize one FLOP each per head. llama-2-7b: q = 4096, 32 heads."""
+    from metronome.fleet.ops import layer_program
+
+    ops = {s.name: s for s in layer_program(SHAPES["llama-2-7b"]) if isinstance(s, Op)}
+    assert (ops["scores"].kv_flops, ops["attn_v"].kv_flops) == (2 * 4096, 2 * 4096)
+    assert sum(op.kv_flops for op in ops.values()) == 4 * 4096 + 5 * 32
+    assert sum(op.kv_reads for op in ops.values()) == 2 * 4096
+
+
+def test_the_dependency_chain_counts_every_op_but_the_cache_write():
+    """llama-2-7b: attention's 12 ops (2 norm, qkv, rope, kv_write, scores, 3 softmax, attn_v, o_proj,
+    residual) less the off-path kv_write, and the MLP's 6 (2 norm, gate_up, act, down, residual): 17.
+    Gemma 3 adds the QK norm and the sandwich norms after attention and after the MLP (2 ops each): 22."""
+    from metronome.fleet.ops import dependent_ops, layer_program
+
+    assert dependent_ops(layer_program(SHAPES["llama-2-7b"])) == 17
+    gemma = layer_program(SHAPES["gemma-3-270m"])
+    assert dependent_ops(gemma) == 22
+    names = [s.name for s in gemma]
+    assert names.index("post_attn_norm.scale") < names.index("attn_residual")
+    assert names.index("post_mlp_norm.scale") < names.index("mlp_residual")

@@ -174,6 +174,9 @@ def test_hf_config_json_including_moe(tmp_path):
     shape = load_shape(str(tmp_path))
     assert shape.total_params() == SHAPES["mixtral-8x7b"].total_params()
     assert (shape.num_experts, shape.experts_per_token) == (8, 2)
+    # the file itself gives the same shape, named after its folder as the folder is
+    by_file = load_shape(str(tmp_path / "config.json"))
+    assert by_file == shape and by_file.config.name == tmp_path.name
 
 
 def test_model_errors_say_what_to_do(tmp_path):
@@ -1097,3 +1100,215 @@ def test_lpu_rows_on_two_chips_are_refused():
     moved["lpu"][1]["hardware"] = "lp30"
     with pytest.raises(ValueError, match="every \\[\\[lpu\\]\\] row must be on one chip"):
         validation_rows(HW, moved, CAL, CAL_HIGH)
+
+
+# ---- added by the mutation audit of catalog.py, render.py, shapes.py and cli.py ----------------------------------
+
+
+def test_a_price_of_zero_is_a_price():
+    """`--price-per-hour HW=0` (hardware already paid for) is accepted and prices the chip at $0/hour; a
+    truthiness test fell back to the amortized purchase price, and `> 0` refused it."""
+    free = with_prices(HW, {"h100-sxm": 0.0}, {"tsp-v1": 0.0})
+    cost = load_cost_model()
+    assert hourly_price(free["h100-sxm"], cost) == 0.0
+    assert hourly_price(free["tsp-v1"], cost) == pytest.approx(0.3 * 0.10)  # electricity only: 300 W at $0.10/kWh
+
+
+def test_an_fp8_chip_multiplies_at_its_fp8_rate():
+    """LP30's matmuls run on its published fp8 datapath (1.2 PFLOP/s), the others' at fp16."""
+    assert HW["lp30"].matmul_flops == 1.2e15 and HW["h100-sxm"].matmul_flops == 989e12
+
+
+def test_the_builtin_contexts_are_the_model_cards():
+    """The context a built-in model allows (`--prompt` + `--output` beyond it is refused) is its card's."""
+    contexts = {name: shape.config.max_position for name, shape in SHAPES.items()}
+    assert contexts == {
+        "llama-2-7b": 4096,
+        "llama-2-70b": 4096,
+        "llama-3.1-8b": 131072,
+        "llama-3.1-70b": 131072,
+        "mixtral-8x7b": 32768,
+        "smollm2-135m": 8192,
+        "gemma-3-270m": 32768,
+    }
+
+
+def test_a_builtin_name_is_read_whatever_its_case():
+    assert load_shape("Llama-2-70B") is not None and load_shape("Llama-2-70B").name == "llama-2-70b"
+
+
+def test_hf_configs_are_read_as_transformers_writes_them(tmp_path):
+    """An explicit head_dim (Gemma's 256 at hidden 640 and 4 heads, not 160), a multimodal wrapper's
+    text_config, a null sliding window (transformers writes null for none) and every expert of a layer
+    running (4 of 4) are read, not refused or replaced by a default."""
+    text = {"hidden_size": 640, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256}
+    text |= {"intermediate_size": 2048, "num_hidden_layers": 18, "vocab_size": 1000, "sliding_window": None}
+    shape = load_shape(_config(tmp_path, "wrapped", text_config=text, model_type="gemma3"))
+    c = shape.config
+    assert (c.hidden_size, c.head_dim, c.num_layers, c.sliding_window) == (640, 256, 18, None)
+    assert shape.attention_params() == 640 * 1024 + 2 * 640 * 256 + 1024 * 640  # q (4 x 256), k, v (256), o
+    every = load_shape(_config(tmp_path, "every", num_local_experts=4, num_experts_per_tok=4))
+    assert (every.num_experts, every.experts_per_token) == (4, 4)
+
+
+def test_either_deepseek_key_alone_is_refused(tmp_path):
+    """A config with only multi-head latent attention (kv_lora_rank) or only routed experts is DeepSeek's too."""
+    for name, key, value in (("mla", "kv_lora_rank", 512), ("routed", "n_routed_experts", 64)):
+        with pytest.raises(ValueError, match="DeepSeek-style"):
+            load_shape(_config(tmp_path, name, **{key: value}))
+
+
+def test_a_model_of_exactly_the_layer_limit_is_sized(tmp_path):
+    """MAX_LAYERS (512) is the deepest model the planner sizes: 512 is accepted, 513 refused."""
+    assert load_shape(_config(tmp_path, "at", num_hidden_layers=512)).config.num_layers == 512
+    with pytest.raises(ValueError, match="513 layers"):
+        load_shape(_config(tmp_path, "over", num_hidden_layers=513))
+
+
+def test_the_trace_drawing_clips_bars_to_its_window_and_draws_only_the_asked_processes():
+    """A bar longer than the window is drawn from its left edge to its right one; a bar starting exactly at
+    the window's end is not drawn; a process not asked for is not drawn; rows follow the order of `pids`
+    and are labelled with the process and thread names."""
+    from metronome.fleet.render import LABEL_W, PLOT_W, trace_svg
+
+    meta = [{"ph": "M", "name": "process_name", "pid": p, "args": {"name": f"chip {p}"}} for p in (0, 1, 2)]
+    meta += [{"ph": "M", "name": "thread_name", "pid": p, "tid": 1, "args": {"name": "mxm"}} for p in (0, 1, 2)]
+    bars = [
+        {"ph": "X", "name": "long", "pid": 0, "tid": 1, "ts": 50.0, "dur": 500.0, "cat": "compute"},
+        {"ph": "X", "name": "late", "pid": 0, "tid": 1, "ts": 200.0, "dur": 10.0, "cat": "compute"},
+        {"ph": "X", "name": "other", "pid": 1, "tid": 1, "ts": 120.0, "dur": 10.0, "cat": "transfer"},
+        {"ph": "X", "name": "hidden", "pid": 2, "tid": 1, "ts": 120.0, "dur": 10.0, "cat": "compute"},
+    ]
+    svg = trace_svg({"traceEvents": meta + bars}, [1, 0], 200.0, from_us=100.0)
+    rect = re.compile(r'<rect x="([\d.]+)" y="(\d+)" width="([\d.]+)"[^>]*><title>(\w+)')
+    drawn = {m.group(4): (float(m.group(1)), int(m.group(2)), float(m.group(3))) for m in rect.finditer(svg)}
+    assert set(drawn) == {"long", "other"}  # "late" starts at the window's end; chip 2 was not asked for
+    assert drawn["long"][0] == pytest.approx(LABEL_W) and drawn["long"][2] == pytest.approx(PLOT_W)
+    assert drawn["other"][1] < drawn["long"][1]  # chip 1 first, as asked
+    assert svg.index("chip 1 / mxm") < svg.index("chip 0 / mxm")
+
+
+# CLI: every option reaches what it sets
+
+
+def _captured_sweep(monkeypatch) -> list:
+    """Replace the CLI's sweep by one that records its arguments and holds nothing (exit 1, no sweep run)."""
+    from metronome.fleet import cli
+
+    seen: list = []
+    monkeypatch.setattr(cli, "sweep", lambda shape, hardware, prices, cal, handoff, spec: seen.append(spec) or [])
+    return seen
+
+
+def test_cli_plan_options_reach_the_sweep(monkeypatch, capsys):
+    """--prompt, --output, --weight-bits and --gpu-weight-bits reach the sweep's spec each in its place; the
+    defaults are 1000 + 1000 tokens (docs/planner.md); 32 bits is the largest accepted width."""
+    seen = _captured_sweep(monkeypatch)
+    assert _run_cli(["llama-2-7b", "--tokens-per-s", "100"]) == 1
+    assert (seen[-1].workload.prompt, seen[-1].workload.output) == (1000, 1000)
+    argv = ["--prompt", "300", "--output", "20", "--weight-bits", "4", "--gpu-weight-bits", "32", "--chips", "9"]
+    assert _run_cli(["llama-2-7b", "--tokens-per-s", "100", *argv]) == 1, capsys.readouterr().err
+    spec = seen[-1]
+    assert (spec.workload.prompt, spec.workload.output) == (300, 20)
+    assert (spec.lpu_weight_bits, spec.gpu_weight_bits, spec.lpu_chips) == (4, 32, 9)
+
+
+def test_cli_plan_takes_a_request_of_exactly_the_models_context(monkeypatch, capsys):
+    """llama-2-7b holds 4096 tokens: a 4000 + 96 request is planned, 4000 + 97 refused; --chips 0 refused."""
+    seen = _captured_sweep(monkeypatch)
+    assert _run_cli(["llama-2-7b", "--tokens-per-s", "100", "--prompt", "4000", "--output", "96"]) == 1
+    assert seen[-1].workload.context == 4096
+    assert _run_cli(["llama-2-7b", "--tokens-per-s", "100", "--prompt", "4000", "--output", "97"]) == 2
+    assert "4097 tokens is more than llama-2-7b's context of 4096" in capsys.readouterr().err
+    assert _run_cli(["llama-2-7b", "--tokens-per-s", "100", "--chips", "0"]) == 2
+    assert "--chips=0 must be at least 1" in capsys.readouterr().err
+    assert len(seen) == 1
+
+
+def test_svg_us_without_trace_svg_is_refused_even_with_a_trace(tmp_path, capsys):
+    """--svg-us sets --trace-svg's window: with --trace but no --trace-svg nothing would use it."""
+    argv = ["llama-2-7b", "--tokens-per-s", "100", "--trace", str(tmp_path / "t.json"), "--svg-us", "5"]
+    assert _run_cli(argv) == 2
+    assert "give --trace-svg OUT.svg too" in capsys.readouterr().err
+
+
+def test_cli_calibrate_passes_its_options(monkeypatch, capsys):
+    """--threads, --measure, --device and --rounds reach calibrate_model (--rounds only with --measure: the
+    terms alone are measured once); --threads 1 is a thread count, 0 is refused."""
+    from metronome import compile as compile_pkg
+    from metronome.fleet import calibrate
+
+    calls: list[tuple] = []
+
+    def fake(model, threads, measure=False, device="cpu", rounds=1):
+        calls.append((model, threads, measure, device, rounds))
+        return TERMS, []
+
+    monkeypatch.setattr(calibrate, "calibrate_model", fake)
+    monkeypatch.setattr(compile_pkg, "available_cores", lambda: 7)
+    assert _run_cli(["--calibrate", "smollm2-135m", "--threads", "1"]) == 0
+    assert _run_cli(["--calibrate", "--measure", "--rounds", "5", "--device", "cuda"]) == 0
+    assert _run_cli(["--calibrate"]) == 0
+    assert calls == [("smollm2-135m", 1, False, "cpu", 1), (None, 7, True, "cuda", 5), (None, 7, False, "cpu", 1)]
+    assert _run_cli(["--calibrate", "--threads", "0"]) == 2
+    assert "--threads=0 must be at least 1" in capsys.readouterr().err
+
+
+def test_the_trace_shows_the_cheapest_lpu_winner_and_draws_from_its_first_event(tmp_path, monkeypatch):
+    """Among winners that hold an LPU plan the cheapest is traced (the fastest only when no winner has one);
+    the drawing's window starts at chip 0's first event, --svg-us long."""
+    from types import SimpleNamespace
+
+    from metronome.fleet import cli
+
+    def cand(name: str, cost: float, speed: float) -> SimpleNamespace:
+        plan = SimpleNamespace(chips=1, name=name)
+        return SimpleNamespace(
+            lpu_plan=plan, handoff_events=(), cost_per_mtok=cost, per_user_tokens_per_s=speed, layout=name, batch=1
+        )
+
+    def fake_trace(plan, handoff_events) -> dict:
+        meta = [{"ph": "M", "name": "process_name", "pid": 0, "args": {"name": plan.name}}]
+        bar = {"ph": "X", "name": "qkv", "pid": 0, "tid": 1, "ts": 5000.0, "dur": 20.0, "cat": "compute"}
+        return {"traceEvents": [*meta, bar]}
+
+    monkeypatch.setattr(cli, "chrome_trace", fake_trace)
+    cheap, fast = cand("cheap", 1.0, 100.0), cand("fast", 2.0, 300.0)
+    out, svg = tmp_path / "t.json", tmp_path / "t.svg"
+    assert cli._write_trace(out, [fast, cheap], [], sys.stdout, svg, 40.0)
+    assert json.loads(out.read_text())["traceEvents"][0]["args"]["name"] == "cheap"
+    assert ">5000.0 us</text>" in svg.read_text() and ">5040.0 us</text>" in svg.read_text()
+    assert cli._write_trace(out, [], [cheap, fast], sys.stdout, None, 40.0)  # no winner: the fastest
+    assert json.loads(out.read_text())["traceEvents"][0]["args"]["name"] == "fast"
+
+
+def test_the_measured_machine_counts_as_a_gpu_for_the_kinds_it_can_run():
+    """`--target this-machine` is costed like a GPU: a GPU kind without candidates then holds nothing, it
+    does not lack a GPU among the targets."""
+    from metronome.fleet.cli import _why_none
+    from metronome.fleet.machine import machine_hardware
+
+    cpu = machine_hardware(MachineMeasurement(bandwidth=20e9, matmul_flops=1e12, memory_bytes=1e10, threads=2))
+    assert _why_none(Kind.GPU, [cpu]).startswith("no configuration of the targets holds the model")
+    assert _why_none(Kind.LPU, [cpu]) == "not planned: needs an LPU among the targets (--target)"
+
+
+def test_gemma_3_attends_globally_on_every_sixth_layer():
+    """Gemma 3's sliding_window_pattern is 6: layers 5, 11 and 17 (0-based) keep every position, the other
+    15 the last 512 (a pattern of 5 also makes 3 global layers of 18, at 4, 9 and 14: the total alone
+    cannot tell them apart, and a pipeline stage's share of the cache can)."""
+    g = SHAPES["gemma-3-270m"]
+    assert [i for i in range(18) if g.kv_positions(i, 8192) == 8192] == [5, 11, 17]
+    assert g.kv_bytes(8192, 16, range(0, 6)) == pytest.approx((8192 + 5 * 512) * 2 * 256 * 2)
+
+
+def test_cli_table_writes_the_frontier_only(tmp_path, monkeypatch):
+    """--table writes the union Pareto frontier: a candidate slower and dearer than another is left out."""
+    from metronome.fleet import cli
+
+    fast = Candidate(Kind.LPU, "tsp-v1 x8 (fast)", 8, 0, 1, 300.0, 300.0, 0.01, 2400.0, 10.0, 1.0)
+    beaten = Candidate(Kind.GPU, "h100-sxm x1 (beaten)", 0, 1, 1, 100.0, 100.0, 0.01, 700.0, 20.0, 2.0)
+    monkeypatch.setattr(cli, "sweep", lambda *args: [fast, beaten])
+    table = tmp_path / "f.md"
+    assert _run_cli(["llama-2-7b", "--tokens-per-s", "50", "--table", str(table)]) == 0
+    assert "(fast)" in table.read_text() and "(beaten)" not in table.read_text()

@@ -744,3 +744,116 @@ def test_a_torch_plans_weight_bytes_are_every_matrix_and_bias_once_and_one_embed
     d, f, qkv = c.hidden_size, c.intermediate_size, c.q_size + 2 * c.kv_size
     layer = d * qkv + qkv + c.q_size * d + d * 2 * f + f * d
     assert engine.plan.report.weight_bytes == 4 * (c.num_layers * layer + c.vocab_size * d + d)
+
+
+def test_no_drafts_are_made_while_a_prompt_runs_beside_the_decoding_request(tiny_hf):
+    """Drafts are for a request that runs alone (its step memory-bound, extra rows nearly free): a step
+    that carries a prompt's chunk beside it is not that, so the drafter is not even asked; once the prompt
+    is in and only one request decodes again, it is."""
+    path = str(tiny_hf("llama"))
+    engine = Engine.from_model(path, EngineConfig(slots=2, ctx=256, spec_tokens=4, prefill_chunk=16))
+    asked: list[int] = []
+
+    class Recorder:
+        def reset(self, slot: int) -> None:
+            pass
+
+        def propose(self, slot: int, ids, k: int) -> list[int]:
+            asked.append(len(ids))
+            return []
+
+    engine.drafter = Recorder()
+    a = engine.submit([1, 5, 9, 12], SamplingParams(max_tokens=40, ignore_eos=True))
+    engine.step()  # a's prompt, alone: its first token
+    b = engine.submit([1] + [9] * 60, SamplingParams(max_tokens=1, ignore_eos=True))
+    asked.clear()
+    for _ in range(20):  # bounded: 61 rows in chunks of 16
+        before = len(a.output_ids)
+        engine.step()
+        assert len(a.output_ids) == before + 1  # a decodes in every step beside b's chunks
+        if b.prefilled == len(b.prompt_ids):
+            break
+    assert b.prefilled == len(b.prompt_ids) and asked == []
+    engine.step()  # b ended with its one token: a runs alone again and drafts
+    assert asked
+
+
+def test_a_right_draft_that_ends_the_request_is_its_last_token(tiny_hf):
+    """Drafts are checked row by row: a draft that is right but ends the request (a stop token) is the last
+    token; the rows after it (also right) are not taken, so the answer stops where it stops without drafts."""
+    path = str(tiny_hf("llama"))
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    prompt = [1, 5, 9, 12, 30, 31, 7]
+    out = Engine.from_model(path, EngineConfig(slots=1, ctx=128, spec_tokens=0)).generate(prompt, params).token_ids
+    # a token first seen at 2 or 3: the first decode step drafts out[1..4], so right rows follow it there
+    stop = next(t for i, t in enumerate(out) if i in (2, 3) and t not in out[:i])
+    end = out.index(stop)
+    engine = Engine.from_model(path, EngineConfig(slots=1, ctx=128, spec_tokens=4))
+
+    class Oracle:  # always the plain text's next tokens: every draft right
+        def reset(self, slot: int) -> None:
+            pass
+
+        def propose(self, slot: int, ids, k: int) -> list[int]:
+            done = len(ids) - len(prompt)
+            return list(out[done : done + k])
+
+    engine.drafter = Oracle()
+    got = engine.generate(prompt, dataclasses.replace(params, stop_token_ids=(stop,)))
+    assert got.finish_reason == "stop" and got.token_ids == out[: end + 1]
+
+
+def test_each_request_admitted_to_a_slot_starts_the_drafter_afresh_there(tiny_hf):
+    """A drafter keeps state per slot (a draft model's KV, a lookup's index): a new request in a slot resets
+    it, so nothing of the slot's last request is drafted from."""
+    engine = Engine.from_model(str(tiny_hf("llama")), EngineConfig(slots=2, ctx=128, spec_tokens=4))
+    resets: list[int] = []
+
+    class Recorder:
+        def reset(self, slot: int) -> None:
+            resets.append(slot)
+
+        def propose(self, slot: int, ids, k: int) -> list[int]:
+            return []
+
+    engine.drafter = Recorder()
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    engine.generate([1, 5, 9], params)
+    engine.generate([[1, 6, 6], [1, 7, 7]], params)
+    assert resets == [0, 0, 1]
+
+
+def test_a_sampled_request_beside_a_plain_greedy_one_samples_its_own_tokens(tiny_hf):
+    """A plain greedy request makes the step take every row's argmax at once; a request beside it that
+    samples (temperature, a seed) still draws from its own distribution: the tokens and logprobs it gets
+    alone, not the argmax of its rows."""
+    from metronome.model.loader import load
+
+    engine = Engine.from_model(config=EngineConfig(slots=2, ctx=128), loaded=load(tiny_hf("llama")))
+    sampled = SamplingParams(max_tokens=12, temperature=1.5, seed=3, logprobs=True, ignore_eos=True)
+    greedy = SamplingParams(max_tokens=12, ignore_eos=True)
+    prompt = [1, 5, 9, 12]
+    alone = engine.generate(prompt, sampled)
+    argmax = engine.generate(prompt, greedy)
+    assert alone.token_ids != argmax.token_ids  # the sampled text is not the greedy one
+    together = [engine.submit(prompt, sampled), engine.submit([1, 7, 7, 30], greedy)]
+    while not engine.scheduler.idle:
+        engine.step()
+    assert _trace(engine, together[0]) == tuple((c.token, c.logprob, c.top) for c in alone.choices)
+
+
+def test_a_torch_runner_returns_the_logits_of_the_rows_asked_for_in_their_order(tiny_hf):
+    """Runner.decode with `logit_rows`: only those rows' logits, in the order given; each the row the whole
+    step gives it. The rows run in the slots they name, whatever the runner's decode shape."""
+    engine = Engine.from_model(tiny_hf("llama"), EngineConfig(slots=3, ctx=32, weights="f32", kernels="torch"))
+    runner = engine.plan.runner
+    for slot, prompt in ((0, [1, 5, 9]), (2, [1, 7, 7, 30])):
+        runner.prefill(prompt, slot)
+    slots, tokens, positions = [2, 0], [11, 12], [4, 3]
+    every = runner.decode(slots, tokens, positions)
+    for slot, prompt in ((0, [1, 5, 9]), (2, [1, 7, 7, 30])):
+        runner.prefill(prompt, slot)  # the same KV again (the step above wrote one position more)
+    picked = runner.decode(slots, tokens, positions, logit_rows=[1])
+    assert every.shape[0] == 2 and picked.shape[0] == 1 and torch.equal(picked[0], every[1])
+    alone = runner.prefill([1, 7, 7, 30, 11], 1)  # slot 2's row, run as a prompt in another slot
+    torch.testing.assert_close(every[0], alone, rtol=1e-4, atol=1e-4)

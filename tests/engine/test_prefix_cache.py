@@ -203,20 +203,36 @@ def test_the_next_turn_reuses_the_transcript_prompt_and_reply(engines, turn1_tok
     assert _trace(second) == _trace(_run(plain, turn2, GREEDY))
 
 
+def _priced_rows(engine, prompt, params):
+    """(the (first row, rows) each TTFT prediction was given, the finished request) of one run. An
+    uncalibrated plan predicts NaN: the prompt rows the prediction is given are what the tests compare."""
+    seen = []
+    predict = engine._predict_ttft_ms
+    engine._predict_ttft_ms = lambda start, tokens: seen.append((start, tokens)) or predict(start, tokens)
+    try:
+        return seen, _run(engine, prompt, params)
+    finally:
+        del engine._predict_ttft_ms
+
+
 def test_predicted_ttft_counts_only_the_rows_that_still_run(engines):
     cached, _plain, vocab = engines
     prompt = _prompt(seed=31, n=120, vocab=vocab)
     _run(cached, prompt, GREEDY)
     assert cached.prefix_cache.peek(prompt) == 112
-    # an uncalibrated plan predicts NaN: compare the prompt lengths the prediction is given instead
-    seen = []
-    predict = cached._predict_ttft_ms
-    cached._predict_ttft_ms = lambda start, tokens: seen.append((start, tokens)) or predict(start, tokens)
-    try:
-        _run(cached, prompt, GREEDY)
-    finally:
-        del cached._predict_ttft_ms
+    seen, _ = _priced_rows(cached, prompt, GREEDY)
     assert seen == [(112, 120 - 112)]  # the rows still to run, from where the cached ones end
+
+
+def test_a_prompt_that_asks_for_its_logprobs_is_priced_as_run_whole(engines):
+    """Its cached beginning runs again (it is computed, not copied): its promised TTFT counts every prompt
+    row from the first, not only the rows past the cached pages."""
+    cached, _plain, vocab = engines
+    prompt = _prompt(seed=35, n=120, vocab=vocab)
+    _run(cached, prompt, GREEDY)
+    assert cached.prefix_cache.peek(prompt) == 112
+    seen, scored = _priced_rows(cached, prompt, dataclasses.replace(GREEDY, prompt_logprobs=True))
+    assert seen == [(0, 120)] and scored.cached_tokens == 0
 
 
 def test_the_queue_ahead_counts_only_its_uncached_rows(engines):

@@ -197,6 +197,7 @@ def test_close_ends_the_requests_still_in_with_their_final_event(tiny_hf):
     engine.close()
     assert [d.finish_reason for d in ends] == ["cancelled", "cancelled"]
     assert running.finish_reason == queued.finish_reason == "cancelled" and "closed" in running.error
+    assert engine.scheduler.idle  # the queued one left the queue too, not only its callback told
 
 
 def test_close_releases_the_runner_even_when_the_step_outlasts_it(tiny_hf, monkeypatch):
@@ -373,3 +374,103 @@ def test_a_call_waiting_on_an_engine_whose_thread_died_is_told_not_left_waiting(
         waiter.join(timeout=20)  # a few of WAIT_SLICE_S
         assert not waiter.is_alive(), f"{name} is still waiting on an engine thread that died"
         assert isinstance(outcomes[name], RuntimeError) and "engine thread has stopped" in str(outcomes[name])
+
+
+def test_stop_token_ids_and_logit_bias_outside_the_vocabulary_are_refused_naming_them(engine):
+    """The vocabulary's last id is a token; its size is not. A stop token or a biased token outside it is
+    refused at submit, naming its field, and nothing is queued."""
+    vocab = engine.plan.cfg.vocab_size
+    for field, inside, outside in (
+        ("stop_token_ids", (vocab - 1,), (vocab,)),
+        ("logit_bias", ((vocab - 1, 1.0),), ((vocab, 1.0),)),
+    ):
+        with pytest.raises(RequestError, match=f"outside the vocabulary \\[0, {vocab}\\)") as err:
+            engine.submit([5, 6, 7], SamplingParams(max_tokens=2, **{field: outside}))
+        assert err.value.param == field and engine.scheduler.idle
+        done = engine.generate([5, 6, 7], SamplingParams(max_tokens=2, **{field: inside}))
+        assert done.finish_reason in ("length", "stop")
+
+
+def test_a_full_queue_refuses_the_next_request_at_once(tiny_hf):
+    """Every slot busy and the queue at max_queue: the next submit raises QueueFullError (the server's 429)
+    instead of queueing it; once one ends, there is room again."""
+    from metronome.engine.request import QueueFullError
+    from metronome.model.loader import load
+
+    engine = Engine.from_model(config=EngineConfig(slots=1, ctx=64), loaded=load(tiny_hf("llama")), max_queue=1)
+    running = engine.submit([5, 6], PARAMS)
+    queued = engine.submit([7, 8], PARAMS)
+    with pytest.raises(QueueFullError, match="2 requests are in, the most 1 slots and a queue of 1 hold"):
+        engine.submit([9, 10], PARAMS)
+    assert engine.scheduler.holding == 2
+    while running.finish_reason is None:
+        engine.step()
+    later = engine.submit([9, 10], PARAMS)
+    while not engine.scheduler.idle:
+        engine.step()
+    assert (running.finish_reason, queued.finish_reason, later.finish_reason) == ("length",) * 3
+
+
+def test_a_step_that_raises_has_sent_its_requests_final_events_before_it_raises(engine, monkeypatch):
+    """step() ends the requests of a failed step with "error" and re-raises; as on success, every event of
+    the step has reached its callback by then (the caller stepping by hand sees the end at once)."""
+    ends: list = []
+    req = engine.submit(
+        [5, 6, 7], PARAMS, lambda d: ends.append((d.finish_reason, d.error)) if d.finish_reason else None
+    )
+    monkeypatch.setattr(engine.plan, "decode", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("simulated")))
+    with pytest.raises(RuntimeError, match="simulated"):
+        engine.step()
+    assert req.finish_reason == "error" and ends == [("error", "RuntimeError: simulated")]
+    assert engine.scheduler.idle
+
+
+def test_a_callback_that_cancels_its_request_and_then_raises_leaves_the_cancel_as_the_reason(engine):
+    """A callback that raises on a request its caller already cancelled (a client gone mid-stream, whose
+    handler then fails) has nothing left to cancel: the request ends "cancelled" with no error noted, and
+    the other requests go on."""
+    holder: list = []
+
+    def gone(delta) -> None:
+        engine.cancel(holder[0])
+        raise ConnectionError("the client went away")
+
+    holder.append(engine.submit([5, 6, 7], PARAMS, gone))
+    other = engine.submit([8, 9, 10], SAMPLED)
+    while not engine.scheduler.idle:
+        engine.step()
+    assert holder[0].finish_reason == "cancelled" and holder[0].error is None
+    assert other.finish_reason == "length"
+
+
+def test_stop_from_a_callback_on_the_engines_thread_returns_and_callers_step_on_by_hand(engine):
+    """stop() from a callback on the engine's own thread cannot wait for that thread: it returns at once and
+    the thread ends when its step does. The request whose callback asked is not failed by it, and a
+    generate() that was waiting on the thread is not told it died (it was stopped): it steps on by hand."""
+    import time
+
+    long = SamplingParams(max_tokens=40, ignore_eos=True)
+    outcomes: list = []
+    waited: list = []
+
+    def on_event(delta) -> None:
+        if not outcomes:
+            deadline = time.monotonic() + 30
+            while engine.scheduler.holding < 2 and time.monotonic() < deadline:  # the waiter's request is in
+                time.sleep(0.01)
+            try:
+                engine.stop()
+                outcomes.append("returned")
+            except BaseException as exc:  # noqa: BLE001 - reported by the assert below
+                outcomes.append(exc)
+
+    engine.start()
+    req = engine.submit([5, 6, 7], PARAMS, on_event)
+    waiter = threading.Thread(target=lambda: waited.append(engine.generate([8, 9, 10], long)), daemon=True)
+    waiter.start()
+    waiter.join(timeout=60)
+    assert not waiter.is_alive() and outcomes == ["returned"] and not engine.running
+    assert waited and waited[0].finish_reason == "length" and len(waited[0].token_ids) == long.max_tokens
+    while req.finish_reason is None:
+        engine.step()
+    assert req.finish_reason == "length" and req.error is None and len(req.output_ids) == PARAMS.max_tokens

@@ -236,6 +236,8 @@ def test_a_new_prefill_worker_measures_its_slowdown_before_any_request(tiny_hf):
     config = EngineConfig(slots=2, ctx=128, weights="int8", spec_tokens=0, layout="disaggregated", threads=2)
     engine = Engine.from_model(str(tiny_hf("llama")), config, calibrate=True)
     try:
+        # the configured cores are shared: half for the worker, the rest for the decode engine
+        assert (engine.config.threads, engine.prefiller.config.threads) == (1, 1)
         backlog = engine.prefiller.backlog()
         assert backlog.prices == [] and engine.prefiller.rows == 0
         assert backlog.slowdown != 1.0 and 0 < backlog.slowdown < 100
@@ -362,3 +364,15 @@ def test_a_job_whose_kv_is_not_its_cached_length_is_refused_before_the_wire():
         worker.submit(PrefillJob(None, ids, 16, k=k, v=k.clone()))
     with pytest.raises(ValueError, match="cached=16 needs"):
         worker.submit(PrefillJob(None, ids, 16, k=torch.zeros(2, 2, 16, 16), v=k))
+
+
+def test_a_context_shorter_than_the_probe_gets_a_probe_that_fits_it(tiny_hf):
+    """The new worker's probe prompt is PROBE_ROWS rows, or ctx - 1 where the context is shorter: a 64-token
+    engine starts, measures its worker's slowdown, and serves."""
+    config = EngineConfig(slots=2, ctx=64, weights="int8", spec_tokens=0, layout="disaggregated", threads=2)
+    engine = Engine.from_model(str(tiny_hf("llama")), config, calibrate=True)
+    try:
+        assert engine.prefiller.backlog().slowdown != 1.0
+        assert engine.generate([1, 5, 9], SamplingParams(max_tokens=3, ignore_eos=True)).finish_reason == "length"
+    finally:
+        engine.prefiller.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import socket
 import tempfile
 import time
 
@@ -164,3 +165,140 @@ def test_broadcasts_at_a_slots_size_arrive_and_the_exchange_leaves_no_file():
     for _rank, sizes, unlinked in results:
         assert sizes == [SLOT - 1, SLOT, SLOT + 1]
         assert unlinked  # nothing left in /dev/shm, whichever way the ranks end
+
+
+def test_the_exchange_slot_holds_the_largest_part_a_rank_sends_rounded_to_64_bytes():
+    """exchange_bytes: a rank's row-parallel partials (PREFILL_CHUNK rows of its chunks) or its share of the
+    logits (its chunks of the vocabulary, cut rounding up, for at least MIN_LOGIT_ROWS slots), whichever is
+    larger, in float32 bytes rounded up to a multiple of 64. Worked by hand: vocabulary 50,001 in 4 chunks
+    of 12,501 (not 12,500), 2 per rank = 25,002 columns."""
+    from metronome.config import EngineConfig, ModelConfig
+    from metronome.parallel.host import exchange_bytes
+    from metronome.parallel.tp import TPLayout
+
+    def cfg(vocab: int, hidden: int) -> ModelConfig:
+        return ModelConfig("llama", vocab, hidden, 2 * hidden, 1, 4, 2, hidden // 4, 512)
+
+    layout = TPLayout(world=2, rank=0, shards=4)
+    # 2 slots still reserve 8 rows of logits: 8 x 25,002 x 4 = 800,064 bytes (already a multiple of 64)
+    assert exchange_bytes(cfg(50_001, 64), layout, EngineConfig(slots=2)) == 800_064
+    # 9 slots: 9 x 25,002 x 4 = 900,072 bytes, rounded up to 900,096
+    assert exchange_bytes(cfg(50_001, 64), layout, EngineConfig(slots=9)) == 900_096
+    # a wide model's partials are larger: 256 rows x 2 chunks x 4,096 x 4 bytes
+    assert exchange_bytes(cfg(1_000, 4096), layout, EngineConfig(slots=2)) == 256 * 2 * 4096 * 4
+
+
+class _Exchange:
+    """A stand-in for the kernels' HostExchange: records what link_host asks of it (and the file it maps)."""
+
+    def __init__(self, fail: str = "") -> None:
+        self.fail, self.attached_to, self.detached = fail, None, False
+
+    @staticmethod
+    def header_bytes(world: int) -> int:
+        return 4096
+
+    def attach(self, path, rank, world, capacity, pids, timeout_s, spin_us) -> None:
+        self.attached_to = dict(path=path, size=os.path.getsize(path), rank=rank, world=world, pids=pids)
+        if self.fail:
+            raise RuntimeError(self.fail)
+
+    def detach(self) -> None:
+        self.detached = True
+
+
+class _Group:
+    """Rank `rank` of 2 whose other rank answers each all_gather_objects with the next of `answers`."""
+
+    def __init__(self, rank: int, answers: list) -> None:
+        self.rank, self.world, self.answers, self.gathers = rank, 2, list(answers), 0
+
+    def all_gather_objects(self, obj):
+        self.gathers += 1
+        other = self.answers.pop(0)
+        return [obj, other] if self.rank == 0 else [other, obj]
+
+
+def _here(problem: str = "") -> tuple:
+    """What a rank on this host (this boot) says at the first gather."""
+    from metronome.parallel.host import _boot_id
+
+    return (socket.gethostname(), _boot_id(), 4242, problem)
+
+
+@pytest.fixture
+def shm_dir(tmp_path, monkeypatch):
+    """link_host's files go to an empty folder of this test's, so what it leaves behind shows."""
+    monkeypatch.setattr("metronome.parallel.host.SHM_DIR", tmp_path)
+    return tmp_path
+
+
+def test_ranks_of_one_host_map_a_file_of_two_slots_each_and_rank_0_unlinks_it(shm_dir):
+    from metronome.parallel.host import link_host
+
+    exchange = _Exchange()
+    link = link_host(_Group(0, [_here(), ("", ""), ""]), exchange, 8192, 5.0)
+    assert link.exchange is exchange and link.transport == "shared memory (8 KiB slots)"
+    attached = exchange.attached_to
+    assert attached["size"] == 4096 + 2 * 2 * 8192  # header + two buffers of a slot per rank, reserved now
+    assert (attached["rank"], attached["world"], attached["pids"]) == (0, 2, [os.getpid(), 4242])
+    assert attached["path"].startswith(str(shm_dir)) and list(shm_dir.iterdir()) == []  # unlinked once mapped
+
+
+def test_rank_1_maps_rank_0s_file_and_leaves_it_to_rank_0(shm_dir):
+    from metronome.parallel.host import link_host
+
+    made = shm_dir / "metronome-tp-rank0"
+    made.write_bytes(bytes(4096 + 2 * 2 * 1024))
+    exchange = _Exchange()
+    link = link_host(_Group(1, [_here(), (str(made), ""), ""]), exchange, 1024, 5.0)
+    assert link.exchange is exchange and exchange.attached_to["path"] == str(made)
+    assert list(shm_dir.iterdir()) == [made]  # rank 1 made no file of its own, and unlinked nothing
+
+
+@pytest.mark.parametrize(
+    "peer, why",
+    [
+        (("elsewhere.example", "boot-a", 1, ""), "the ranks run on more than one host"),
+        ((socket.gethostname(), "another-boot", 1, ""), "the ranks run on more than one host"),  # a VM's clone
+        (None, "no C++ kernels here: not built"),
+    ],
+)
+def test_ranks_that_cannot_share_memory_stay_on_gloo_and_make_no_file(shm_dir, peer, why):
+    from metronome.parallel.host import link_host
+
+    exchange = _Exchange()
+    link = link_host(_Group(0, [peer or _here("no C++ kernels here: not built"), ("", ""), ""]), exchange, 1024, 5.0)
+    assert (link.exchange, link.transport) == (None, f"gloo ({why})")
+    assert exchange.attached_to is None and list(shm_dir.iterdir()) == []
+
+
+def test_no_slot_capacity_means_gloo_without_asking_the_group(shm_dir):
+    from metronome.parallel.host import link_host
+
+    group = _Group(0, [])
+    assert link_host(group, _Exchange(), 0, 5.0).transport == "gloo" and group.gathers == 0
+
+
+def test_a_rank_that_fails_to_attach_sends_every_rank_to_gloo_and_the_file_is_still_unlinked(shm_dir):
+    from metronome.parallel.host import link_host
+
+    exchange = _Exchange()
+    link = link_host(_Group(0, [_here(), ("", ""), "rank 1: cannot map"]), exchange, 1024, 5.0)
+    assert (link.exchange, link.transport) == (None, "gloo (rank 1: cannot map)")
+    assert exchange.detached and list(shm_dir.iterdir()) == []
+
+
+def test_a_file_rank_0_cannot_reserve_is_removed_and_every_rank_stays_on_gloo(shm_dir, monkeypatch):
+    """A full /dev/shm fails at the reservation (ENOSPC): the half-made file goes, and no rank maps anything."""
+    from metronome.parallel.host import link_host
+
+    def full(fd, offset, size):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    exchange = _Exchange()
+    link = link_host(_Group(0, [_here(), ("", ""), ""]), exchange, 1024, 5.0)
+    assert link.exchange is None and link.transport.startswith("gloo (cannot make a 8192-byte file in ")
+    assert "No space left on device" in link.transport
+    assert exchange.attached_to is None and list(shm_dir.iterdir()) == []

@@ -54,6 +54,61 @@ def test_tp_degrees_are_bit_identical(tiny_hf, arch):
     _check_degrees(path)
 
 
+def test_the_checks_trace_is_the_greedy_continuation_and_its_logits_are_the_models(tiny_hf):
+    """greedy_trace (what the tp check compares between degrees, so a fault of its own would pass unseen):
+    row 0 is the prompt's last position, each later row the decode step that feeds the previous row's argmax
+    at the next position; a whole-prompt run of the prompt and those tokens gives the same logits."""
+    path = str(tiny_hf("llama"))
+    trace = greedy_trace(Solo(), path, None, PROMPT, STEPS)
+    assert trace["logits"].shape[0] == STEPS + 1 and trace["transport"] == "none (one rank)"
+    tokens = [int(row.argmax()) for row in trace["logits"]]
+    loaded = load(path)
+    model = build_model(loaded.config, {k: dense(v) for k, v in loaded.weights.items()}, 64, torch.float32)
+    cache = KVCache.allocate(loaded.config, 1, 64, torch.float32, "cpu")
+    ids = PROMPT + tokens[:STEPS]
+    whole = model(
+        torch.tensor([ids]),
+        torch.arange(len(ids))[None],
+        cache,
+        Rows((0,), (0,), (0,)),
+        torch.tensor([0]),
+        all_logits=True,
+    )[0]
+    torch.testing.assert_close(trace["logits"], whole[len(PROMPT) - 1 :], rtol=1e-4, atol=1e-4)
+
+
+def test_the_check_command_reports_each_degree_against_the_first(monkeypatch, capsys):
+    """`python -m metronome.parallel.check --tp 1,2,4`: every degree's logits are compared with the first
+    degree's (tp=1 in one process, the others on their ranks), and a degree that differs says False."""
+    import sys
+
+    import metronome.parallel.check as check
+    import metronome.parallel.group as group
+
+    logits = {1: torch.zeros(3, 5), 2: torch.zeros(3, 5), 4: torch.ones(3, 5)}
+    trace = lambda tp: {"logits": logits[tp], "decode_s": 0.5, "transport": "test"}  # noqa: E731
+    calls = []
+
+    def one_rank(grp, model, shards, prompt, steps, weights="f32"):
+        calls.append((1, model, shards, steps))
+        return trace(1)
+
+    def ranks(tp, fn, args, timeout_s):
+        calls.append((tp, *args[:2], args[3]))
+        return [trace(tp)] * tp
+
+    monkeypatch.setattr(check, "greedy_trace", one_rank)
+    monkeypatch.setattr(group, "run_ranks", ranks)
+    monkeypatch.setattr(sys, "argv", ["check", "model.gguf", "--tp", "1,2,4", "--shards", "4", "--steps", "8"])
+    check.main()
+    assert calls == [(1, "model.gguf", 4, 8), (2, "model.gguf", 4, 8), (4, "model.gguf", 4, 8)]
+    assert capsys.readouterr().out.splitlines() == [
+        "tp=1: 16.0 tok/s, logits identical to tp=1: True",
+        "tp=2: 16.0 tok/s, logits identical to tp=1: True",
+        "tp=4: 16.0 tok/s, logits identical to tp=1: False",
+    ]
+
+
 @pytest.mark.parametrize("arch", ["qwen2moe", "mixtral"])
 def test_moe_tp_degrees_are_bit_identical(tmp_path_factory, arch):
     """Every expert's width (and the shared expert's) cut in 4 chunks: each rank routes every row and runs

@@ -50,3 +50,133 @@ def test_more_output_tokens_than_the_plan_holds_are_refused_before_the_compile(t
     monkeypatch.setattr(Engine, "from_model", no_compile)
     with pytest.raises(ValueError, match="--output-tokens 2000: the decode bench's plan holds 512 tokens"):
         measure_decode(tiny_hf("llama"), threads=1, tokens=2000, runs=1)  # a 512-token model
+
+
+def test_the_decode_figures_in_their_units() -> None:
+    """A level of 2 live slots: runs of 40, 50, 45 tokens/s (median 45, a 22.22 ms step), the plan's 20 ms
+    calibration 10 % under it; TTFT median 0.2 s is "200 ms"; 100,000,000 bytes a step "100.0 MB" (1e6);
+    at 10 GB/s the bound is 100 tokens/s, a 10.0 ms step, and 40/50/45 tokens/s are 40/50/45 % of it."""
+    from metronome.bench.decode import DecodeResult
+
+    r = DecodeResult(
+        "m", "int4", "compact", 2, 64, (40.0, 50.0, 45.0), (0.12, 0.30, 0.2), 20.0, 100_000_000, (10e9,) * 3, 2
+    )
+    table = r.markdown()
+    assert "| TTFT (median) | 200 ms |" in table
+    assert "| 20.00 ms / 22.22 ms (-10%) |" in table
+    assert "| weight bytes read per token | 100.0 MB |" in table
+    assert "| memory-bound decode (median bandwidth) | 100 tokens/s |" in table
+    assert live_markdown((r,)).endswith("\n| 2 | 45.0 | 22.2 / 20.0 | 10.0 | 10.0 | 45% (40%, 50%, 45%) |")
+
+
+def test_each_level_reports_its_users_rates_and_its_own_calibration(tiny_hf, monkeypatch) -> None:
+    """On a stand-in engine: a user's rate is its tokens after the first over the time after the first token
+    (11 tokens in 2 s: 5 tokens/s; 21 in 2 s: 10), the level's the median of its users'; TTFT the median
+    of its users' (0.1, 0.3, 0.5 s: 0.3); the calibrated step is the level's own (step_ms[3], not [1]);
+    --kv-cache reaches the plan."""
+    from types import SimpleNamespace
+
+    import metronome.fleet.machine
+    from metronome.engine.request import Timings
+
+    configs = []
+
+    class Stub:
+        model_name = "stub"
+        plan = SimpleNamespace(
+            report=SimpleNamespace(weights="int8", decode_mode="rows", weight_bytes=10**6, step_ms={1: 4.0, 3: 9.0})
+        )
+
+        def encode_prompt(self, text, chat):
+            return [1, 2, 3]
+
+        def generate(self, prompts, params):
+            users = [(11, 0.1), (21, 0.3), (21, 0.5)][: len(prompts)]
+            return [
+                SimpleNamespace(token_ids=list(range(n)), timings=Timings(0.0, 0.0, ttft, None, ttft + 2.0))
+                for n, ttft in users
+            ]
+
+    def from_model(model, config, calibrate):
+        configs.append(config)
+        return Stub()
+
+    monkeypatch.setattr(Engine, "from_model", from_model)
+    monkeypatch.setattr(metronome.fleet.machine, "read_bandwidth", lambda threads: 1e9)
+    one, three = measure_decode(tiny_hf("llama"), threads=1, tokens=5, runs=1, ctx=64, live=(1, 3), kv_cache="int8")
+    assert configs[0].kv_cache == "int8" and configs[0].slots == 3
+    assert (one.runs_tokens_per_s, one.ttft_s, one.predicted_step_ms) == ((5.0,), (0.1,), 4.0)
+    assert (three.runs_tokens_per_s, three.ttft_s, three.predicted_step_ms) == ((10.0,), (0.3,), 9.0)
+
+
+def test_output_tokens_the_plan_cannot_hold_are_refused_at_the_edge(tiny_hf, monkeypatch) -> None:
+    """One output token has no decode rate (refused); as many output tokens as the 512-token model's plan
+    holds leaves no position for the prompt (refused before the compile)."""
+
+    def no_compile(*_args, **_kwargs):
+        raise AssertionError("the engine was built before the refusal")
+
+    monkeypatch.setattr(Engine, "from_model", no_compile)
+    with pytest.raises(ValueError, match="--output-tokens >= 2"):
+        measure_decode(tiny_hf("llama"), threads=1, tokens=1, runs=1)
+    with pytest.raises(ValueError, match="--output-tokens 512: the decode bench's plan holds 512 tokens"):
+        measure_decode(tiny_hf("llama"), threads=1, tokens=512, runs=1)
+
+
+def test_speculation_rows_count_plain_endings_every_rounds_sameness_and_seed(monkeypatch) -> None:
+    """`bench --speculation` on stand-in engines, 3 rounds: "ended" counts the plain outputs that stopped on
+    their own (the speculative one runs to its length here, and must not count); "same output" needs every
+    round equal (round 0 differs); a sampled round r is seeded SAMPLED_SEED + r in both engines."""
+    from types import SimpleNamespace
+
+    from metronome.bench.decode import SAMPLED_SEED, measure_speculation
+    from metronome.engine.request import SpecStats, Timings
+
+    class Stub:
+        def __init__(self, finish, differ_in_round_0):
+            self.finish, self.differ, self.spec, self.seeds, self.calls = finish, differ_in_round_0, SpecStats(), [], 0
+
+        def generate(self, messages, params):
+            self.calls += 1
+            self.seeds.append(params.seed)
+            ids = tuple(range(10))
+            if self.differ and self.calls == 2:  # the warm-up, then round 0
+                ids = (99,) + ids[1:]
+            return SimpleNamespace(token_ids=ids, finish_reason=self.finish, timings=Timings(0.0, 0.0, 1.0, None, 2.0))
+
+    plain, spec = Stub("stop", False), Stub("length", True)
+    rows = measure_speculation(
+        None, 1, tokens=50, runs=3, workloads=(("w", "text", True),), engines={0: plain, 4: spec}
+    )
+    greedy, sampled = rows
+    assert (greedy.ended, sampled.ended) == (3, 3)
+    assert (greedy.identical, sampled.identical) == (False, True)
+    assert plain.seeds[-3:] == spec.seeds[-3:] == [SAMPLED_SEED, SAMPLED_SEED + 1, SAMPLED_SEED + 2]
+
+
+def test_the_verdict_at_its_edges() -> None:
+    """A 1.10x row with exactly one token per verify step accepted no draft: timing noise, not paid; a row of
+    exactly 50 % repeated 8-grams is not a loop (more than 50 % is); drafts made and all rejected read
+    "0% of 12", not "none drafted"."""
+    from metronome.bench.decode import SpecResult, speculation_markdown, speculation_verdict
+
+    def row(speedup, per_step, repeated, acceptance=0.0, drafted=12):
+        return SpecResult("w", "greedy", True, 3, 100.0, 3, 80.0, 80 * speedup, speedup, acceptance, per_step,
+                          repeated, True, drafted)  # fmt: skip
+
+    said = speculation_verdict([row(1.10, 1.0, 0.5)])
+    assert "paid (>= 1.05x) on none" in said and "without a single accepted draft on 1 rows" in said
+    assert "Loops" not in said and "Break-even" not in said
+    assert "Loops" in speculation_verdict([row(1.0, 1.0, 0.51)])
+    assert "| 0% of 12 | 1.00 |" in speculation_markdown([row(1.10, 1.0, 0.5)], 4, "prompt lookup")
+
+
+def test_a_prompt_and_output_one_past_the_plan_are_refused_in_bench_terms(tiny_hf, monkeypatch) -> None:
+    """A 3-token prompt and 62 output tokens need 65 positions of a 64-token plan: refused, naming the 61
+    the plan can give (3 + 61 = 64 exactly fits)."""
+    from types import SimpleNamespace
+
+    stub = SimpleNamespace(encode_prompt=lambda text, chat: [1, 2, 3])
+    monkeypatch.setattr(Engine, "from_model", lambda *a, **k: stub)
+    with pytest.raises(ValueError, match="--output-tokens 62: with its 3-token prompt .* holds at most 61"):
+        measure_decode(tiny_hf("llama"), threads=1, tokens=62, runs=1, ctx=64)

@@ -146,3 +146,115 @@ def test_sse_answers_that_are_not_a_whole_stream_raise(parts, says) -> None:
     with ScriptedServer(parts) as server:
         with pytest.raises(SseError, match=re.escape(says)):
             _events(server.port)
+
+
+class _Clock:
+    """time.perf_counter's stand-in: each call moves on by one second."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def test_the_served_profile_takes_the_levels_own_counts_in_its_units():
+    """The scrape before the level is subtracted: 100 steps and 0.5 s in the plan phase are 5.000 ms a step;
+    the engine thread's 1.0 s over 200 tokens is 5000.0 µs a token and 0.50 cores over 2 s; the client's
+    0.5 s is 2500.0 µs and 0.25 cores."""
+    before = {
+        ("metronome_engine_steps", ""): 10.0,
+        ("metronome_engine_step_phase_seconds", "plan"): 1.0,
+        ("metronome_thread_cpu_seconds", "engine"): 2.0,
+    }
+    after = {
+        ("metronome_engine_steps", ""): 110.0,
+        ("metronome_engine_step_phase_seconds", "plan"): 1.5,
+        ("metronome_thread_cpu_seconds", "engine"): 3.0,
+    }
+    text = bench_load.served_profile(before, after, client_cpu_s=0.5, wall_s=2.0, tokens=200)
+    lines = [" ".join(line.split()) for line in text.splitlines()]
+    assert "plan 5.000" in lines and "100 steps" in lines
+    assert "engine 5000.0 µs 0.50 cores" in lines and "client (this process) 2500.0 µs 0.25 cores" in lines
+
+
+def test_a_level_is_held_to_its_mean_decode_position():
+    """Prompts of 10 and 20 tokens decoding 8 tokens each: rows sit at 10 + 4 and 20 + 4 on average, 19."""
+    assert bench_load._mean_position([[0] * 10, [0] * 20], 8) == 19
+
+
+def test_the_step_timed_now_stays_inside_the_context(monkeypatch):
+    """A mean position past the plan's context is timed at its last position (63 of 64), on slots 0..live-1."""
+    from types import SimpleNamespace
+
+    calls = []
+    plan = SimpleNamespace(device="cpu", decode=lambda *args: calls.append(args))
+    engine = SimpleNamespace(config=SimpleNamespace(ctx=64), plan=plan)
+    monkeypatch.setattr(bench_load, "time_warm", lambda fn, device, calls: [fn(), 3.0, 1.0, 2.0][1:])
+    assert bench_load.step_ms_now(engine, 2, 100) == 2.0
+    assert calls == [([0, 1], [1, 1], [63, 63])]
+
+
+def test_an_in_process_level_reads_its_figures_from_the_stamps(monkeypatch):
+    """A stand-in engine that streams each of 2 users 3 one-token events, the clock a second a read: the
+    level starts at 1, user 0's tokens come at 2, 3, 4 and user 1's at 5, 6, 7, the level ends at 8. Per
+    user: 2 tokens after the first in 2 s, 1.0 tokens/s; in all 6 tokens in 7 s; TTFT 0.25 s is 250 ms.
+    The promise is 1000 / the 2-row step timed at the mean position (10 + 3/2, rounded to 12): 100 at
+    10 ms; the calibration is asked for 2 live slots."""
+    from types import SimpleNamespace
+
+    asked = []
+
+    class Engine_:
+        thread_id = 0
+        profile = SimpleNamespace(reset=lambda: None, snapshot=lambda: SimpleNamespace(table=lambda: "PROFILE"))
+        plan = SimpleNamespace(report=SimpleNamespace(tokens_per_s=lambda live, pos: asked.append((live, pos)) or 7.0))
+
+        def encode_prompt(self, text):
+            return [0] * 10
+
+        def submit(self, prompt, params, deliver):
+            for i in range(params.max_tokens):
+                deliver(SimpleNamespace(choices=[0], finish_reason="length" if i == params.max_tokens - 1 else None))
+            return SimpleNamespace(timings=SimpleNamespace(submitted=0.0, first_token=0.25), predicted_ttft_ms=30.0)
+
+    steps = []
+    monkeypatch.setattr(bench_load, "_WAIT_S", 5.0)
+    monkeypatch.setattr(bench_load.time, "perf_counter", _Clock())
+    monkeypatch.setattr(bench_load, "cpu_seconds_by_thread", lambda thread_id: {})
+    monkeypatch.setattr(bench_load, "step_ms_now", lambda engine, live, pos: steps.append((live, pos)) or 10.0)
+    level, profile = bench_load.run_in_process(Engine_(), users=2, output_tokens=3)
+    assert steps == [(2, 12)] and asked == [(2, 12)] and profile.startswith("PROFILE")
+    assert (level.users, level.per_user_tps, level.aggregate_tps) == (2, 1.0, pytest.approx(6 / 7))
+    assert (level.predicted_tps, level.compiled_tps, level.ttft_ms, level.predicted_ttft_ms) == (
+        100.0,
+        7.0,
+        250.0,
+        30.0,
+    )
+
+
+def test_a_served_level_reads_its_figures_from_the_streams(monkeypatch):
+    """A served user's rate is its completion tokens after the first over its first-to-last text event:
+    5 tokens over 2 s is 2.0, 9 over 4 s is 2.0; TTFT the median of the users' (40 and 60 ms: 50). A
+    stream's TTFT is from its request to its first text event: 1 s after on the stepping clock, 1000 ms."""
+    real_level = bench_load._served_level
+
+    async def fake_level(url, prompts, output_tokens):
+        return [([1.0, 2.0, 3.0], 5, 40.0), ([0.0, 4.0], 9, 60.0)]
+
+    monkeypatch.setattr(bench_load, "_scrape", lambda url: {})
+    monkeypatch.setattr(bench_load, "_served_level", fake_level)
+    level, _ = bench_load.run_served("http://127.0.0.1:9", 2, 8, predicted_tps=3.0, compiled_tps=4.0)
+    assert (level.per_user_tps, level.ttft_ms, level.predicted_tps, level.compiled_tps) == (2.0, 50.0, 3.0, 4.0)
+
+    async def events(host, port, path, body):
+        for text in ("a", "b", "c"):
+            yield json.dumps({"choices": [{"delta": {"content": text}}]})
+        yield json.dumps({"choices": [], "usage": {"completion_tokens": 3}})
+
+    monkeypatch.setattr(bench_load, "post_events", events)
+    monkeypatch.setattr(bench_load.time, "perf_counter", _Clock())
+    ((stamps, tokens, ttft),) = asyncio.run(real_level("http://127.0.0.1:9", ["hi"], 3))
+    assert (stamps, tokens, ttft) == ([2.0, 3.0, 4.0], 3, 1000.0)

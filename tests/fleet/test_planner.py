@@ -541,6 +541,28 @@ def test_validate_report_names_what_it_does_not_predict():
     assert "tokens per verification" in text
 
 
+def test_the_implied_acceptance_times_a_verification_of_every_draft_and_the_token_after():
+    """A verification step checks the draft_tokens drafts and the token after them: draft_tokens + 1 rows of
+    one sequence at the entry's context, on the planner's fastest layout at the op latency fitted on the LPU
+    rows. The published speed times that step is the mean tokens a verification gives, at most drafts + 1."""
+    from metronome.fleet.lpu import Pass, step_timing
+    from metronome.fleet.validation import implied_acceptance
+
+    e = PUBLISHED["speculative"][0]
+    hw = dataclasses.replace(TSP, op_latency_s=fit_op_latency(PUBLISHED["lpu"], TSP))
+    plain, accepted = implied_acceptance(e, TSP, hw.op_latency_s)
+    shape = SHAPES[e["model"]]
+    lpu = compile_lpu(shape, hw, LpuOptions(weight_bits=e["weight_bits"], context=e["context"]))
+    verify = step_timing(shape, hw, lpu.partition, lpu.options, Pass(e["draft_tokens"] + 1, 1, e["context"]))
+    shorter = step_timing(shape, hw, lpu.partition, lpu.options, Pass(e["draft_tokens"], 1, e["context"]))
+    assert verify.total_s > 1.01 * shorter.total_s  # the extra row shows in the figure
+    assert plain == pytest.approx(lpu.per_user_tokens_per_s, rel=1e-12)
+    assert accepted == pytest.approx(e["tokens_per_s"] * verify.total_s, rel=1e-12)
+    k = e["draft_tokens"]
+    text = validation_report(HW, PUBLISHED, TABLE)
+    assert f"implies {accepted:.1f} tokens per verification of {k} drafts (at most {k + 1})" in text
+
+
 def test_gpu_efficiency_comes_from_gpt_fast_against_the_datasheet():
     shape = SHAPES["llama-3.1-8b"]
     bound = 1 / step_time(shape, HW["h100-sxm"], BOUND, 1, 1, 1, 1, 16)

@@ -420,15 +420,19 @@ class Engine(PythonAPI):
         turns (each waits for the step running to end)."""
         self._refuse_reentry("step")
         self._refuse_closed()
-        with self._step_lock:
-            try:
-                ran = self._step()
-            except BaseException as exc:  # Ctrl-C too: a step cut midway left others' requests half-sampled
-                self._fail_running(exc)
+        try:
+            with self._step_lock:
+                try:
+                    ran = self._step()
+                except BaseException as exc:  # Ctrl-C too: a step cut midway left others' requests half-sampled
+                    self._fail_running(exc)
+                    self._send_events()
+                    raise
                 self._send_events()
-                raise
-            self._send_events()
-            return ran
+                return ran
+        finally:
+            if self._closed:  # a close() that gave up waiting for this step left its requests in: they end now
+                self._end_all("the engine was closed")
 
     def _send_events(self) -> None:
         """Hand the events made so far to their callbacks, in the order they were made.
@@ -883,14 +887,15 @@ class Engine(PythonAPI):
         """Stop stepping and release what the engine started beside it: a disaggregated layout's prefill
         worker process, a tensor-parallel plan's other ranks. The engine runs no more after this (a `with`
         block calls it at its end). Every request still in ends with "cancelled": at once, or where the step
-        running outlasts `timeout`, when that step ends (the engine thread ends them on its way out). The
-        worker and ranks are released even then (the TimeoutError is raised after)."""
+        running outlasts `timeout`, when that step ends (the engine thread, or the caller's step() running it,
+        ends them on its way out). The worker and ranks are released even then (the TimeoutError is raised
+        after)."""
         self._refuse_reentry("close")
         with self._lock:  # (submit checks it under the same lock before it queues)
             self._closed = True
         try:
             self.stop(timeout)
-            self._end_all("the engine was closed")
+            self._end_all("the engine was closed", timeout)
         finally:
             if self.prefiller is not None:
                 self.prefiller.close()
@@ -902,10 +907,16 @@ class Engine(PythonAPI):
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
-    def _end_all(self, why: str) -> None:
+    def _end_all(self, why: str, timeout: float = 60.0) -> None:
         """Cancel every request still in (running or queued), each with its final event: closed with some in,
-        their callbacks never heard an end (finish_reason None)."""
-        with self._step_lock:
+        their callbacks never heard an end (finish_reason None). Waits up to `timeout` seconds for a step
+        that a caller's thread is running (the requests it holds then end when it does: step() ends them)."""
+        if not self._step_lock.acquire(timeout=timeout):
+            raise TimeoutError(
+                f"a step running on another thread did not end within {timeout} s; the requests still in end "
+                "when it does"
+            )
+        try:
             with self._lock:
                 live = [*self.scheduler.by_slot.values(), *self.scheduler.waiting]
                 self.scheduler.waiting.clear()
@@ -914,6 +925,8 @@ class Engine(PythonAPI):
                     r.cancelled = True
                     self._finish(r, "cancelled", error=why)
             self._send_events()
+        finally:
+            self._step_lock.release()
 
     def _fail_running(self, exc: BaseException) -> None:
         with self._lock:

@@ -230,6 +230,40 @@ def test_close_releases_the_runner_even_when_the_step_outlasts_it(tiny_hf, monke
     assert ends == ["cancelled"] and request.finish_reason == "cancelled"
 
 
+def test_close_gives_up_on_a_callers_step_that_outlasts_it(tiny_hf, monkeypatch):
+    """Without the engine's thread, a caller's step() holds the engine: close() waited for it with no limit
+    (a stuck step hung the caller of close() for ever). It waits `timeout`, releases the runner, raises; the
+    request in that step ends once the step does, from that step() on its way out."""
+    from metronome.model.loader import load
+
+    engine = Engine.from_model(config=EngineConfig(slots=1, ctx=64), loaded=load(tiny_hf("llama")))
+    released: list[bool] = []
+    monkeypatch.setattr(engine.plan.runner, "close", lambda: released.append(True))
+    real, entered, go = engine.plan.decode, threading.Event(), threading.Event()
+
+    def stuck(*args, **kwargs):
+        entered.set()
+        go.wait(timeout=10)  # bounded: a close() that waits for this step returns (late), it cannot hang
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine.plan, "decode", stuck)
+    ends: list = []
+    request = engine.submit([5, 6], PARAMS, lambda d: ends.append(d.finish_reason) if d.finish_reason else None)
+    stepper = threading.Thread(target=engine.step)
+    stepper.start()
+    assert entered.wait(timeout=30)
+    try:
+        with pytest.raises(TimeoutError, match="did not end within"):
+            engine.close(timeout=0.05)
+        assert released == [True] and request.finish_reason is None  # still in the step that runs it
+    finally:
+        go.set()
+        stepper.join(timeout=30)
+    assert not stepper.is_alive()
+    assert ends == ["cancelled"] and request.finish_reason == "cancelled" and "closed" in request.error
+    assert engine.scheduler.idle
+
+
 def test_a_submit_racing_close_is_refused_or_ended(tiny_hf, monkeypatch):
     """submit() checked `closed` before it built the request and queued it later: a close() between the two
     ended the others, and this one stayed queued, never ending (nothing steps a closed engine). Here the

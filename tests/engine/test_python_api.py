@@ -230,6 +230,28 @@ def test_close_releases_the_runner_even_when_the_step_outlasts_it(tiny_hf, monke
     assert ends == ["cancelled"] and request.finish_reason == "cancelled"
 
 
+def test_an_idle_engine_thread_wakes_for_a_submit_and_for_close_not_on_its_timer(tiny_hf, monkeypatch):
+    """The engine's thread sleeps while it has no work; submit() and stop() wake it. Its sleep's timeout
+    (IDLE_WAKEUP_S) only bounds a lost wake-up, so with the timeout at 30 s here, a submit() or close() that
+    did not wake it would wait out the 30 s."""
+    import time
+
+    from metronome.engine import engine as engine_module
+    from metronome.model.loader import load
+
+    monkeypatch.setattr(engine_module, "IDLE_WAKEUP_S", 30.0)
+    engine = Engine.from_model(config=EngineConfig(slots=1, ctx=64), loaded=load(tiny_hf("llama")))
+    engine.start()
+    try:
+        time.sleep(0.3)  # the thread is asleep, with nothing to do
+        done = threading.Event()
+        engine.submit([5, 6], PARAMS, lambda d: done.set() if d.finish_reason else None)
+        assert done.wait(timeout=10), "the submit did not wake the idle engine"
+        time.sleep(0.3)  # asleep again
+    finally:
+        engine.close(timeout=10)  # TimeoutError if stop() did not wake it
+
+
 def test_close_gives_up_on_a_callers_step_that_outlasts_it(tiny_hf, monkeypatch):
     """Without the engine's thread, a caller's step() holds the engine: close() waited for it with no limit
     (a stuck step hung the caller of close() for ever). It waits `timeout`, releases the runner, raises; the

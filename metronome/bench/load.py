@@ -26,6 +26,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -331,20 +332,25 @@ def start_server(model: str | None, extra: Sequence[str]) -> tuple[subprocess.Po
     cmd = [sys.executable, "-m", "metronome.serve.cli", "--port", str(port), "--speech-model", "none", *extra]
     if model:
         cmd += ["--model", model]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + _WAIT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise TimeoutError(f"the server did not become ready within {_WAIT_S:.0f} s")
+    # Its stderr goes to a file, not a pipe: nobody reads a pipe while the levels run, and a server that
+    # wrote more than the pipe holds (64 KiB: warnings, tracebacks) would block in that write, mid-level.
+    with tempfile.TemporaryFile() as log:  # (closing it here leaves the child its own handle)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=dict(os.environ))
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + _WAIT_S
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"the server exited: {log.read().decode(errors='replace')[-2000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    return proc, url
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        proc.kill()
+        proc.wait(timeout=30)
+        raise TimeoutError(f"the server did not become ready within {_WAIT_S:.0f} s")
 
 
 def median_level(runs: list[LevelResult]) -> LevelResult:

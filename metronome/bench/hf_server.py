@@ -106,6 +106,14 @@ class IncrementalDecoder:
         self._emitted = text
         return delta
 
+    def flush(self) -> str:
+        """At the end of the output: the text held back, as the tokenizer decodes it (an output cut inside a
+        character ends in U+FFFD, as the ids say; dropping it lost that token's text, which the usage counts)."""
+        text = self._tokenizer.decode(self._ids, skip_special_tokens=True)
+        delta = text[len(self._emitted) :]
+        self._emitted = text
+        return delta
+
 
 class _Done:
     """End-of-generation marker on the token queue."""
@@ -274,6 +282,7 @@ async def _serve(backend: Backend, job: Generation, body: _Common, chat: bool) -
         except Exception as exc:
             _LOG.exception("generation failed")
             raise ApiError(500, f"generation failed: {type(exc).__name__}: {exc}") from exc
+        text += decoder.flush()
         finish = "length" if generated >= job.max_tokens else "stop"
         return JSONResponse(responder.whole(text, finish, usage(generated)))
 
@@ -293,6 +302,9 @@ async def _serve(backend: Backend, job: Generation, body: _Common, chat: bool) -
                 {"error": {"message": f"generation failed: {type(exc).__name__}: {exc}", "type": "server_error"}}
             )
             return
+        tail = decoder.flush()
+        if tail:
+            yield _sse(responder.chunk(tail, None))
         yield _sse(responder.chunk("", "length" if generated >= job.max_tokens else "stop"))
         if include_usage:
             yield _sse(responder.usage_chunk(usage(generated)))

@@ -124,7 +124,7 @@ def rank_weights(cfg: ModelConfig, weights: dict[str, Weight], layout: TPLayout)
         ]
         del out[p + "w_down.weight"]
     vocab_rows = -(-cfg.vocab_size // S)
-    first, last = local.start * vocab_rows, min(cfg.vocab_size, local.stop * vocab_rows)
+    first, last = min(cfg.vocab_size, local.start * vocab_rows), min(cfg.vocab_size, local.stop * vocab_rows)
     out["head.weight"] = _rows(weights.get("head.weight", weights["embed.weight"]), first, last)
     local_cfg = dataclasses.replace(
         cfg,

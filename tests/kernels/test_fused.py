@@ -497,3 +497,18 @@ def test_the_fused_decoder_takes_the_models_attention_scale_and_logit_cap(tiny_h
     cap = change.get("final_logit_softcap")
     assert cap is None or a.abs().max().item() < cap  # capped: the raw logits here reach about 0.6
     assert (a - b).abs().max().item() <= 0.04 * (b.max() - b.min()).item()
+
+
+def test_a_layers_add_layer_arguments_are_its_own_tensors_not_copies() -> None:
+    # The decoder keeps a reference to each tensor it is given: a copy would hold a second one of every
+    # weight (a view of the mapped file becomes resident memory).
+    from metronome.kernels.decoder import LayerWeights
+
+    blocks, norm, chunk = torch.zeros(4, 34, dtype=torch.uint8), torch.ones(32), torch.zeros(4, 34, dtype=torch.uint8)
+    layer = LayerWeights(
+        qkv=[(blocks, Q8_0_KIND, 4)], qkv_bias=torch.zeros(4), o=[], gate_up=[], down=[], attn_norm=norm,
+        mlp_norm=norm, o_chunks=[[(chunk, Q8_0_KIND, 4)]],
+    )  # fmt: skip
+    got = layer.kwargs()
+    assert got["qkv"][0][0] is blocks and got["attn_norm"] is norm and got["qkv_bias"] is layer.qkv_bias
+    assert got["o_chunks"][0][0][0] is chunk

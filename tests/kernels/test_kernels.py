@@ -575,6 +575,22 @@ def test_block_formats_match_the_cpp_export(cpp: CppOps) -> None:
     blocks.check_exports(m)
 
 
+@pytest.mark.parametrize("table", ["BLOCK_KINDS", "BLOCK_BYTES", "BLOCK_WEIGHTS", "BLOCK_GROUPS"])
+def test_an_export_that_differs_in_any_one_table_is_refused(table: str) -> None:
+    # Needs no compiler: a stand-in for the C++ module, equal to kernels.blocks but for one entry of one table.
+    from types import SimpleNamespace
+
+    from metronome.kernels import blocks
+
+    tables = {
+        name: dict(getattr(blocks, name)) for name in ("BLOCK_KINDS", "BLOCK_BYTES", "BLOCK_WEIGHTS", "BLOCK_GROUPS")
+    }
+    blocks.check_exports(SimpleNamespace(**tables))  # equal: accepted
+    tables[table]["Q6_K"] += 1
+    with pytest.raises(ValueError, match="differ from metronome/kernels/blocks.py"):
+        blocks.check_exports(SimpleNamespace(**tables))
+
+
 def test_build_is_keyed_on_every_source_file(tmp_path, monkeypatch) -> None:
     # Needs no compiler: the build directory's name changes with any file of csrc/, headers included.
     from metronome.kernels import build

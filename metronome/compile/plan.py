@@ -64,12 +64,18 @@ class PlanReport:
         return 1000.0 / ms
 
     def step_ms_at(self, live: int, position: float) -> float:
-        """Step latency with `live` decode rows at mean `position`: linear between the two calibrated
-        positions (attention's cost grows with the tokens each row reads; the rest does not)."""
+        """Step latency with `live` decode rows at mean `position`: on the line through the two calibrated
+        positions (attention's cost grows with the tokens each row reads; the rest does not), never falling
+        with position. Below the near position the line runs on toward the step without attention; where
+        its slope is so steep that it would reach zero there (noise in a tiny model's sub-millisecond steps:
+        a step priced below zero promised a negative speed), it holds at the near figure instead."""
         near, far = self.step_ms.get(live, float("nan")), self.step_ms_far.get(live, float("nan"))
-        if far != far:  # NaN: no far calibration
+        if far != far or self.far_position <= NEAR_POSITION:  # NaN: no far calibration
             return near
-        return near + (far - near) * (position - NEAR_POSITION) / (self.far_position - NEAR_POSITION)
+        slope = max(0.0, (far - near) / (self.far_position - NEAR_POSITION))
+        if near - slope * NEAR_POSITION <= 0:
+            position = max(position, NEAR_POSITION)
+        return near + slope * (position - NEAR_POSITION)
 
     @property
     def key_ms(self) -> float:

@@ -247,3 +247,88 @@ def test_served_over_in_process_is_taken_per_round(monkeypatch, capsys):
     assert bench_load.main("m", EngineConfig(slots=2), [2], 8, served=True, stall=False, rounds=2) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| served |"))
     assert row.rstrip(" |").endswith("0.65 (0.80, 0.50)")
+
+
+def test_load_table_shows_the_served_ratio_on_served_rows_only_as_the_median_of_its_rounds():
+    in_process = bench_load.LevelResult("in process", 2, 40.0, 30.0, 40.0, 60.0, 120.0, 80.4)
+    rows = bench_load.table([in_process, level("served", 30.0, 40.0, 60.0, 120.0)], {2: [0.5, 0.9, 0.6]})
+    first, second = ([c.strip() for c in line.split("|")[1:-1]] for line in rows.splitlines()[2:])
+    assert first[-2:] == ["80", ""]  # the engine's TTFT prediction; no served ratio on an in-process row
+    assert second[-2:] == ["-", "0.60 (0.50, 0.90, 0.60)"]
+
+
+def test_a_levels_rounds_take_the_median_of_aggregate_speed_and_predicted_ttft_too():
+    runs = [
+        bench_load.LevelResult("in process", 2, aggregate, 1.0, 1.0, 1.0, 1.0, predicted)
+        for aggregate, predicted in ((10.0, 5.0), (40.0, 9.0), (13.0, 7.0))
+    ]
+    med = bench_load.median_level(runs)
+    assert (med.where, med.users, med.aggregate_tps, med.predicted_ttft_ms) == ("in process", 2, 13.0, 7.0)
+
+
+def _main_stubs(monkeypatch, calls: dict):
+    """main's parts as stand-ins that record what they are given."""
+    report = SimpleNamespace(step_ms={2: 20.0}, prompt_row_ms=1.0, prefill_row_ms=1.0)
+    engine = SimpleNamespace(
+        plan=SimpleNamespace(report=report),
+        start=lambda: calls["engine"].append("start"),
+        stop=lambda: calls["engine"].append("stop"),
+    )
+    proc = SimpleNamespace(terminate=lambda: calls["proc"].append("terminate"), wait=lambda timeout: 0)
+    monkeypatch.setattr("metronome.engine.Engine.from_model", lambda *a, **k: engine)
+    monkeypatch.setattr(
+        bench_load, "start_server", lambda model, extra: calls["server"].append((model, extra)) or (proc, "URL")
+    )
+    monkeypatch.setattr(bench_load, "step_ms_now", lambda e, live, position: calls["step"].append(live) or 20.0)
+    monkeypatch.setattr(bench_load, "_prompts", lambda *a: [[1, 2]] * 2)
+    monkeypatch.setattr(bench_load, "measure_stall", lambda e, repeats: calls["stall"].append(repeats) or {})
+    return engine
+
+
+def test_main_starts_the_server_with_the_engines_config_and_holds_each_round_to_its_own_prompts(monkeypatch, capsys):
+    """The server gets the bench's slots, speculation, KV cache, prefill chunk and threads; every round and
+    level its own salt, in process and served alike; a served level is promised 1000 / the step timed now at
+    that many users (20 ms: 50 tok/s) and carries the in-process level's calibration; each row is the median of
+    3 rounds (in process per user 10, 30, 20: 20), and --stall runs once with a repeat a round."""
+    from metronome.config import EngineConfig
+
+    calls = {"engine": [], "proc": [], "server": [], "step": [], "stall": [], "in": [], "served": []}
+    _main_stubs(monkeypatch, calls)
+    per_user = iter([10.0, 10.0, 30.0, 30.0, 20.0, 20.0])
+
+    def in_process(engine, users, output_tokens, salt):
+        calls["in"].append((users, output_tokens, salt))
+        return bench_load.LevelResult("in process", users, 1.0, next(per_user), 1.0, 7.0 + users, 1.0, 1.0), ""
+
+    def served(url, users, output_tokens, predicted, compiled, salt):
+        calls["served"].append((url, users, predicted, compiled, salt))
+        return level("served", 5.0, predicted, compiled, 1.0), ""
+
+    monkeypatch.setattr(bench_load, "run_in_process", in_process)
+    monkeypatch.setattr(bench_load, "run_served", served)
+    config = EngineConfig(slots=2, spec_tokens=2, kv_cache="int8", prefill_chunk=8, threads=3)
+    assert bench_load.main("m", config, [1, 2], 8, served=True, stall=True, rounds=3) == 0
+    extra = ["--slots=2", "--spec-tokens=2", "--kv-cache=int8", "--prefill-chunk=8", "--threads=3"]
+    assert calls["server"] == [("m", extra)]
+    salts = [f"r{r}.u{u}." for r in (1, 2, 3) for u in (1, 2)]
+    assert calls["in"] == [(u, 8, s) for u, s in zip([1, 2] * 3, salts)]
+    assert calls["served"] == [("URL", u, 50.0, 7.0 + u, s) for u, s in zip([1, 2] * 3, salts)]
+    assert calls["step"] == [1, 2] * 3 and calls["stall"] == [3]
+    assert calls["engine"] == ["start", "stop"] and calls["proc"] == ["terminate"]
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| in process |")]
+    assert [cells.split("|")[4].strip() for cells in rows] == ["20.0", "20.0"]
+
+
+def test_main_stops_the_engine_and_the_server_when_a_level_fails(monkeypatch):
+    from metronome.config import EngineConfig
+
+    calls = {"engine": [], "proc": [], "server": [], "step": [], "stall": []}
+    _main_stubs(monkeypatch, calls)
+
+    def fails(*args):
+        raise RuntimeError("the level failed")
+
+    monkeypatch.setattr(bench_load, "run_in_process", fails)
+    with pytest.raises(RuntimeError, match="the level failed"):
+        bench_load.main("m", EngineConfig(slots=2), [1], 8, served=True, stall=False)
+    assert calls["engine"] == ["start", "stop"] and calls["proc"] == ["terminate"]

@@ -3,6 +3,8 @@ and every level is held to the same memory-bound step (a step reads the weights 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from metronome.bench.decode import live_markdown, measure_decode
@@ -180,3 +182,137 @@ def test_a_prompt_and_output_one_past_the_plan_are_refused_in_bench_terms(tiny_h
     monkeypatch.setattr(Engine, "from_model", lambda *a, **k: stub)
     with pytest.raises(ValueError, match="--output-tokens 62: with its 3-token prompt .* holds at most 61"):
         measure_decode(tiny_hf("llama"), threads=1, tokens=62, runs=1, ctx=64)
+
+
+def test_a_level_runs_plain_greedy_to_its_length_on_the_benchs_own_config(tiny_hf, monkeypatch) -> None:
+    """On a stand-in engine: the plan is built with speculation off, the weights and threads asked for; the
+    prompt is raw text (no chat template); the warm-up and the measured runs ignore EOS, the measured ones for
+    all 61 tokens that a 3-token prompt leaves in a 64-token plan; the bandwidth is read with the bench's
+    threads; TTFT is the median of the users' (0.1, 0.2, 0.9 s: 0.2, not their mean 0.4)."""
+    from types import SimpleNamespace
+
+    import metronome.fleet.machine
+    from metronome.engine.request import Timings
+
+    configs, prompts, params_seen, bandwidth_threads = [], [], [], []
+
+    class Stub:
+        model_name = "stub"
+        plan = SimpleNamespace(
+            report=SimpleNamespace(weights="int8", decode_mode="rows", weight_bytes=10**6, step_ms={3: 9.0})
+        )
+
+        def encode_prompt(self, text, chat):
+            prompts.append(chat)
+            return [1, 2, 3]
+
+        def generate(self, prompts, params):
+            params_seen.append(params)
+            return [
+                SimpleNamespace(token_ids=list(range(11)), timings=Timings(0.0, 0.0, ttft, None, ttft + 2.0))
+                for ttft in (0.1, 0.2, 0.9)[: len(prompts)]
+            ]
+
+    def from_model(model, config, calibrate):
+        configs.append(config)
+        return Stub()
+
+    monkeypatch.setattr(Engine, "from_model", from_model)
+    monkeypatch.setattr(
+        metronome.fleet.machine, "read_bandwidth", lambda threads: bandwidth_threads.append(threads) or 1e9
+    )
+    three, one = measure_decode(tiny_hf("llama"), threads=2, tokens=61, runs=2, ctx=64, weights="int8", live=(3, 1))
+    config = configs[0]
+    assert (config.slots, config.spec_tokens, config.weights, config.threads) == (3, 0, "int8", 2)
+    assert prompts == [False] and bandwidth_threads == [2] * 4
+    assert all(p.ignore_eos for p in params_seen)
+    assert [p.max_tokens for p in params_seen] == [4, 61, 61, 4, 61, 61]  # a warm-up, then the runs, a level
+    assert (three.live, three.ttft_s, three.runs_tokens_per_s) == (3, (0.2, 0.2), (5.0, 5.0))
+    assert (one.live, one.ttft_s) == (1, (0.1, 0.1))
+
+
+@pytest.mark.parametrize(
+    "kwargs, says", [(dict(runs=0), "--rounds >= 1"), (dict(live=()), "--live ()"), (dict(live=(2, 0)), "--live")]
+)
+def test_no_rounds_and_no_live_levels_are_refused_before_the_compile(tiny_hf, monkeypatch, kwargs, says) -> None:
+    def no_compile(*_args, **_kwargs):
+        raise AssertionError("the engine was built before the refusal")
+
+    monkeypatch.setattr(Engine, "from_model", no_compile)
+    with pytest.raises(ValueError, match=re.escape(says)):
+        measure_decode(tiny_hf("llama"), threads=1, **{"tokens": 5, "runs": 1, "ctx": 64, **kwargs})
+
+
+class _ScriptedEngine:
+    """A stand-in for `measure_speculation`: after the warm-up, each call answers the next (ids, seconds after
+    the first token, finish reason) of its script, round after round; `drafts` adds 10 verify steps, 40 drafted
+    and 20 accepted tokens a call."""
+
+    def __init__(self, script, drafts: bool) -> None:
+        from metronome.engine.request import SpecStats
+
+        self.script, self.drafts, self.spec, self.seen, self.calls = script, drafts, SpecStats(), [], 0
+
+    def generate(self, messages, params):
+        from types import SimpleNamespace
+
+        from metronome.engine.request import Timings
+
+        self.seen.append((messages[0]["content"], params.max_tokens))
+        self.calls += 1
+        ids, seconds, finish = ((0, 1), 1.0, "stop") if self.calls == 1 else self.script[(self.calls - 2) % 3]
+        if self.drafts:
+            self.spec.steps, self.spec.drafted, self.spec.accepted = (
+                self.spec.steps + 10,
+                self.spec.drafted + 40,
+                self.spec.accepted + 20,
+            )
+        return SimpleNamespace(token_ids=ids, finish_reason=finish, timings=Timings(0.0, 0.0, 1.0, None, 1.0 + seconds))
+
+
+def test_speculation_rows_summarize_rounds_from_the_plain_output_and_each_rounds_ratio() -> None:
+    """3 rounds. Plain: 11 tokens in 1 s, 11 in 1 s, a 41-token loop in 16 s (10, 10, 2.5 tok/s: median 10);
+    speculative: 21 tokens in 2 s, the same 11 in 0.5 s, 41 other tokens in 4 s (10, 20, 10). The speed-up is
+    the median of the rounds' own ratios (1, 2, 4: 2), not the ratio of the medians (1); length (11, 11, 41:
+    mean 21) and repeated 8-grams (0, 0, 31 of 34: mean 31/102) are the plain output's; each row counts only
+    its own drafts (3 calls of 40); of the plain outputs only the one that stopped
+    ended on its own (not the one cut at its length, nor the one that ended in an error); both engines are warmed up first."""
+    from metronome.bench.decode import measure_speculation
+
+    loop = (1, 2, 3) * 13 + (1, 2)
+    plain = _ScriptedEngine(
+        [(tuple(range(11)), 1.0, "stop"), (tuple(range(11)), 1.0, "error"), (loop, 16.0, "length")], False
+    )
+    spec = _ScriptedEngine([(tuple(range(21)), 2.0, "stop"), (tuple(range(11)), 0.5, "stop"), (tuple(range(41)), 4.0, "stop")], True)  # fmt: skip
+    greedy, sampled = measure_speculation(
+        None, 1, tokens=50, runs=3, workloads=(("w", "text", True),), engines={0: plain, 4: spec}
+    )
+    assert (greedy.plain_tokens_per_s, greedy.spec_tokens_per_s) == (10.0, 10.0)
+    assert greedy.speedup == pytest.approx(2.0)
+    assert greedy.mean_tokens == pytest.approx(21.0) and greedy.repeated_8grams == pytest.approx(31 / 102)
+    assert (greedy.ended, greedy.identical) == (1, False)  # only a stop ended on its own
+    assert (greedy.drafted, sampled.drafted) == (120, 120) and greedy.tokens_per_step == pytest.approx(3.0)
+    assert plain.seen[0] == spec.seen[0] == ("Hello.", 16)
+
+
+def test_a_one_token_round_has_no_speed_up_and_an_idle_drafter_one_token_a_step() -> None:
+    """A plain output of one token has no decode rate: no ratio is taken (not a division by zero), and a
+    speed-up with no ratio at all is NaN; a drafter that never drafted emitted one token per step."""
+    import math
+
+    from metronome.bench.decode import measure_speculation
+
+    plain = _ScriptedEngine([((7,), 1.0, "stop")] * 3, False)
+    spec = _ScriptedEngine([((7,), 1.0, "stop")] * 3, False)
+    (row,) = measure_speculation(
+        None, 1, tokens=50, runs=1, workloads=(("w", "text", True),), engines={0: plain, 4: spec}
+    )[:1]
+    assert math.isnan(row.speedup) and row.tokens_per_step == 1.0 and row.drafted == 0
+
+
+@pytest.mark.parametrize("kwargs", [dict(spec_tokens=0), dict(runs=0), dict(tokens=1)])
+def test_speculation_without_drafts_rounds_or_a_rate_is_refused(kwargs) -> None:
+    from metronome.bench.decode import measure_speculation
+
+    with pytest.raises(ValueError, match="--speculation needs"):
+        measure_speculation(None, 1, **{"tokens": 50, "runs": 1, "spec_tokens": 4, "engines": {}, **kwargs})

@@ -258,3 +258,171 @@ def test_a_served_level_reads_its_figures_from_the_streams(monkeypatch):
     monkeypatch.setattr(bench_load.time, "perf_counter", _Clock())
     ((stamps, tokens, ttft),) = asyncio.run(real_level("http://127.0.0.1:9", ["hi"], 3))
     assert (stamps, tokens, ttft) == ([2.0, 3.0, 4.0], 3, 1000.0)
+
+
+class _StallEngine:
+    """A stand-in engine for `measure_stall` on a clock it moves itself: the streaming user's events come one
+    per poll of the bench's wait (time.sleep) until 20 tokens have arrived, the rest while the long prompt
+    runs (inside `generate`); `repeats` scripts, each (alone TTFT s, events before, long prompt's submitted
+    and first-token times, events during), an event (time, tokens)."""
+
+    def __init__(self, scripts, finishes: bool = True) -> None:
+        from types import SimpleNamespace
+
+        self.now, self.scripts, self.finishes = 0.0, list(scripts), finishes
+        self.fillers: list[list[int]] = []
+        self.steps: list[tuple] = []
+        self.priced: list[tuple] = []
+        self.pending: list[tuple[float, int]] = []
+        self.deliver = None
+        self.tokenizer = SimpleNamespace(encode=lambda text: list(range(len(text.split()))))
+        self.config = SimpleNamespace(slots=4, prefill_chunk=16)
+        report = SimpleNamespace(step_ms={1: 2.0, 4: 6.0}, prefill_steps_ms=self._price)
+        self.plan = SimpleNamespace(cfg=SimpleNamespace(vocab_size=1000), report=report)
+        self.calls = 0
+
+    def _price(self, *args):
+        self.priced.append(args)
+        return [3.0, 7.0, 5.0]
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return [0] * 12
+
+    def sleep(self, _seconds: float) -> None:
+        if self.pending:
+            self.now, tokens = self.pending.pop(0)
+            self.deliver(self._event(tokens, last=False))
+        else:
+            self.now += 1.0
+
+    @staticmethod
+    def _event(tokens: int, last: bool):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(choices=[None] * tokens, finish_reason="length" if last else None)
+
+    def submit(self, prompt, params, deliver) -> None:
+        self.deliver = deliver
+        self.pending = list(self.scripts[0][1])
+
+    def generate(self, prompt, params, chat):
+        from types import SimpleNamespace
+
+        self.fillers.append(list(prompt))
+        self.calls += 1
+        if self.calls == 1:  # the warm-up
+            return SimpleNamespace(timings=SimpleNamespace(submitted=0.0, first_token=0.5))
+        if self.calls % 2 == 0:  # alone
+            return SimpleNamespace(timings=SimpleNamespace(submitted=0.0, first_token=self.scripts[0][0]))
+        alone_s, _, (submitted, first_token), during = self.scripts.pop(0)
+        for k, (t, tokens) in enumerate(during):
+            self.now = t
+            self.deliver(self._event(tokens, last=self.finishes and k == len(during) - 1))
+        return SimpleNamespace(timings=SimpleNamespace(submitted=submitted, first_token=first_token))
+
+
+def _stall_scripts():
+    ten_ms = [(2.0 + 0.01 * i, 3) for i in range(7)]  # 21 tokens in events of 3, 10 ms apart
+    return [
+        # 20 one-token events (a 500 ms gap, then 20 ms gaps); the prompt arrives after the last, at 0.86; its
+        # first token at 1.32: gaps inside the window are 400 (arrival to the next event), 50 and 130 ms
+        (0.2, [(0.0, 1), (0.5, 1)] + [(0.52 + 0.02 * i, 1) for i in range(18)],
+         (0.87, 1.32), [(1.26, 2), (1.31, 1), (1.44, 1), (2.04, 1)]),
+        # from 2.06: 190, 50 and 300 ms (the gap across the prompt's first token), then 1000 ms after it
+        (0.1, ten_ms, (2.2, 2.35), [(2.25, 1), (2.3, 1), (2.6, 1), (3.6, 1)]),
+        (0.6, [(t + 2.0, n) for t, n in ten_ms], (4.2, 4.35), [(4.25, 1), (4.3, 1), (4.6, 1), (5.6, 1)]),
+    ]  # fmt: skip
+
+
+def _stall(monkeypatch, engine):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(bench_load, "time", SimpleNamespace(perf_counter=lambda: engine.now, sleep=engine.sleep))
+    monkeypatch.setattr(
+        bench_load, "step_ms_now", lambda e, live, position: engine.steps.append((live, position)) or 8.0
+    )
+    return bench_load.measure_stall(engine, long_tokens=40, output_tokens=40, repeats=3)
+
+
+def test_the_stall_figures_come_from_the_streams_gaps_inside_the_prompts_window(monkeypatch):
+    """Three pairs on a scripted engine. The worst gap of each repeat is the longest between the prompt's
+    arrival and its first token, counting the gap that straddles either edge and none wholly outside: 400,
+    300, 300 ms (the 500 ms gap before and the 600 and 1000 ms gaps after do not count); the stream's median gap
+    is between events (the 3 tokens of one event share a stamp): 20, 10, 10 ms, median 10. The long prompt's
+    TTFT: 200, 100, 600 ms alone (median 200), 450, 150, 150 beside (median 150); ratios 2.25, 1.5, 0.25 (median
+    1.5). The step is timed at all 4 slots at the stream's mid position (12 + 40 / 2); the plan prices the
+    40-token prompt beside 1 row at 12 + 40 / 4, its worst of 3 steps 7 ms; the calibration is its 4-slot step."""
+    from metronome.compile.fused import PREFILL_CHUNK
+
+    engine = _StallEngine(_stall_scripts())
+    got = _stall(monkeypatch, engine)
+    approx = pytest.approx
+    assert got["stream_max_gap_per_repeat_ms"] == [400.0, 300.0, 300.0]
+    assert got["stream_max_gap_during_prompt_ms"] == approx(400.0)
+    assert got["stream_median_gap_ms"] == approx(10.0)
+    assert (got["long_ttft_alone_ms"], got["long_ttft_beside_stream_ms"]) == (approx(200.0), approx(150.0))
+    assert got["ttft_beside_over_alone_per_repeat"] == [2.25, 1.5, 0.25]
+    assert got["ttft_beside_over_alone"] == approx(1.5)
+    assert engine.steps == [(4, 32)] and got["step_ms_all_slots"] == 8.0
+    assert engine.priced == [([(0, 40)], 1, 16, PREFILL_CHUNK, 22)]
+    assert (got["predicted_max_gap_ms"], got["predicted_prompt_steps"], got["step_ms_all_slots_calibrated"]) == (
+        7.0,
+        3,
+        6.0,
+    )
+    # the warm-up, 3 alone and 3 beside: each its own 40-token prompt, none another's prefix
+    assert len(engine.fillers) == 7 and all(len(f) == 40 for f in engine.fillers)
+    assert len({f[1] for f in engine.fillers}) == 7
+
+
+def test_a_stream_that_never_finishes_is_a_timeout_not_figures(monkeypatch):
+    engine = _StallEngine(_stall_scripts(), finishes=False)
+    monkeypatch.setattr(bench_load, "_WAIT_S", 0.05)
+    with pytest.raises(TimeoutError, match="the streaming user did not finish"):
+        _stall(monkeypatch, engine)
+
+
+def test_zero_rounds_are_refused_before_the_model_loads():
+    with pytest.raises(ValueError, match="--rounds must be at least 1, got 0"):
+        bench_load.main("/no/such/model.gguf", EngineConfig(slots=2), [1], 8, served=False, stall=False, rounds=0)
+
+
+def test_a_server_that_exits_is_said_with_its_own_words(monkeypatch):
+    """The child's stderr is read back (the wait is cut to 60 s, which a bench that kept polling a dead server
+    would run out instead of saying why)."""
+    monkeypatch.setattr(bench_load, "_WAIT_S", 60.0)
+    with pytest.raises(RuntimeError, match=r"the server exited: (?s:.*)no/such/model"):
+        bench_load.start_server("/no/such/model.gguf", ["--slots=1"])
+
+
+def test_a_server_that_never_becomes_healthy_is_killed_and_a_timeout(monkeypatch):
+    """The child is `metronome serve` on the chosen port with no speech model, the model and the bench's own
+    flags; polled on a port where nothing listens, the wait (cut to 1 s) ends in a kill and TimeoutError."""
+    started = []
+
+    class Proc:
+        stderr = None
+        killed = False
+
+        def __init__(self, cmd, **kwargs):
+            started.append(cmd)
+
+        def poll(self):
+            return None
+
+        def kill(self):
+            Proc.killed = True
+
+        def wait(self, timeout=None):
+            assert Proc.killed and timeout is not None  # reaped after the kill, within a bound
+            return -9
+
+    monkeypatch.setattr(bench_load, "_WAIT_S", 1.0)
+    monkeypatch.setattr(bench_load.subprocess, "Popen", Proc)
+    with pytest.raises(TimeoutError, match="did not become ready"):
+        bench_load.start_server("model.gguf", ["--slots=2"])
+    ((python, *cmd),) = started
+    port = cmd[cmd.index("--port") + 1]
+    assert cmd[:2] == ["-m", "metronome.serve.cli"] and int(port) > 0
+    assert " ".join(cmd).endswith(f"--port {port} --speech-model none --slots=2 --model model.gguf")
+    assert Proc.killed

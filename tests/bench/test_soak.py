@@ -368,3 +368,133 @@ def test_a_lost_request_fails_the_soak_and_the_warm_ups_growth_is_not_counted(ti
     assert not result.passed and not verdicts["no request lost or hung"], result.summary()
     assert verdicts["server memory flat"], result.summary()
     assert result.tally.outcomes["lost"] == 1 and any("made up by the test" in p for p in result.tally.problems)
+
+
+@pytest.mark.parametrize(
+    "fields", [dict(min_prompt_tokens=20, max_prompt_tokens=10), dict(min_prompt_tokens=0), dict(max_output_tokens=0)]
+)
+def test_a_soak_needs_prompt_lengths_in_order_and_an_output_token(fields):
+    with pytest.raises(ValueError, match="prompt lengths need 1 <= min <= max, and at least 1 output token"):
+        SoakConfig(duration_s=10, users=1, **fields)
+
+
+def test_the_tally_keeps_the_first_20_problems_and_counts_clean_errors_by_kind():
+    tally = Tally()
+    for i in range(25):
+        tally.add("lost", f"request {i}")
+    for detail in ("429 busy", "429 busy", "400 bad"):
+        tally.add("error", detail)
+    assert tally.problems == [f"lost: request {i}" for i in range(20)]
+    assert tally.errors == {"429 busy": 2, "400 bad": 1} and tally.outcomes == {"lost": 25, "error": 3}
+
+
+def test_a_clean_error_is_named_by_its_code_else_its_type():
+    from metronome.bench.soak import clean_error
+
+    def error(code):
+        return httpx.Response(429, json={"error": {"message": "m", "type": "busy", "param": None, "code": code}})
+
+    assert (clean_error(error("too_many")), clean_error(error(None))) == ("429 too_many", "429 busy")
+
+
+ERROR = '{"error": {"message": "m", "type": "t", "param": null, "code": "c"}}'
+OPEN = '{"choices": [{"text": "a", "finish_reason": null}]}'
+DONE = '{"choices": [{"text": "a", "finish_reason": "stop"}]}'
+
+
+@pytest.mark.parametrize(
+    "events, drop_after, outcome, says",
+    [
+        ([OPEN, OPEN, DONE, "[DONE]"], 2, "cancelled", "dropped mid-stream"),  # dropped at its 2nd event
+        ([OPEN, DONE, "[DONE]"], 2, "completed", ""),  # finished by then: not dropped
+        ([DONE, '{"choices": [], "usage": {}}', "[DONE]"], None, "completed", ""),  # a usage event after the finish
+        ([OPEN, ERROR], None, "error", "streamed 500 c"),
+        (["{nope", "[DONE]"], None, "lost", "a malformed event"),
+    ],
+    ids=["dropped", "finished-before-the-drop", "usage-after-finish", "streamed-error", "malformed"],
+)
+def test_what_a_streaming_client_counts(events, drop_after, outcome, says):
+    """A client drops its stream at its `drop_after`-th event unless the answer has finished; a finish reason
+    stays seen through a later usage event; an error event in OpenAI's shape is a clean error; a malformed
+    event is a lost request."""
+
+    async def talk() -> tuple[str, str]:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(_sse(*events)), base_url="http://x") as http:
+            client = Client(http, "m", SoakConfig(duration_s=1, users=1), None)
+            return await client._talk("/v1/completions", {"stream": True}, drop_after)
+
+    got, detail = asyncio.run(talk())
+    assert got == outcome and says in detail
+
+
+def test_a_refused_stream_is_a_clean_error_and_a_whole_answer_without_choices_is_lost():
+    refusal = '{"error": {"message": "m", "type": "t", "param": null, "code": "busy"}}'
+
+    def refuse(_request):
+        return httpx.Response(429, text=refusal, headers={"content-type": "application/json"})
+
+    assert _talk_once(refuse, {"stream": True}) == ("error", "429 busy")
+    outcome, detail = _talk_once(lambda _r: httpx.Response(200, json={"choices": []}), {"stream": False})
+    assert outcome == "lost" and "a 200 without choices" in detail
+
+
+def test_the_engines_account_must_add_up_and_missing_gauges_fail():
+    """The engine's submitted requests must all have finished (12 submitted, 11 finished fails); a /metrics
+    without the in-flight gauges cannot say that nothing is in flight, so the accounts fail."""
+    tally = Tally()
+    for _ in range(12):
+        tally.add("completed", "")
+    received = 'metronome_api_requests_received_total{endpoint="/v1/completions"}'
+    ended = 'metronome_api_requests_ended_total{endpoint="/v1/completions",outcome="completed"}'
+    metrics = {
+        received: 12,
+        ended: 12,
+        "metronome_api_requests_in_flight": 0,
+        "metronome_engine_requests_submitted_total": 12,
+        'metronome_engine_requests_finished_total{reason="stop"}': 11,
+        'metronome_engine_requests_finished_total{reason="length"}': 0,
+        "metronome_engine_requests_in_flight": 0,
+    }
+    checks = account_checks({}, metrics, tally)
+    assert [c.ok for c in checks] == [True, True, False]
+    assert checks[2].text == "submitted 12 = length 0 + stop 11 (+ 0 in flight)"
+    metrics['metronome_engine_requests_finished_total{reason="stop"}'] = 12
+    assert [c.ok for c in account_checks({}, metrics, tally)] == [True, True, True]
+    del metrics["metronome_api_requests_in_flight"], metrics["metronome_engine_requests_in_flight"]
+    assert [c.ok for c in account_checks({}, metrics, tally)] == [True, False, False]
+
+
+def test_memory_at_the_edges_of_the_rule():
+    """Growth of exactly the tolerance passes (100 to 125 MiB at 25 %, and 100 to 105 MiB at the soak's own
+    5 %, where 105 / 100 - 1 comes out just over 0.05 in floating point: it failed, saying "+5.0%, limit
+    +5%"); the sample taken at the warm-up's end counts as after it (4 samples from 20 s pass, 3 do not); a
+    short run still takes the median of 2 samples at each end: 100, 100 then 100, 108 is +4 %, not the last
+    sample's +8 %."""
+    from metronome.bench.soak import memory_check
+
+    mib = 2**20
+    exact = [(float(t), (100 if t < 90 else 125) * mib) for t in range(20, 100)]
+    assert memory_check(exact, 20.0, 0.25).ok
+    assert memory_check([(float(t), (100 if t < 90 else 105) * mib) for t in range(20, 100)], 20.0, 0.05).ok
+    assert not memory_check([(float(t), (100 if t < 90 else 106) * mib) for t in range(20, 100)], 20.0, 0.05).ok
+    assert memory_check([(float(t), 100 * mib) for t in (19, 20, 21, 22, 23)], 20.0, 0.05).ok
+    short = memory_check([(float(t), (108 if t == 24 else 100) * mib) for t in range(20, 25)], 20.0, 0.05)
+    assert short.ok and "100.0 MiB after the warm-up (20 s), 104.0 MiB at the end (+4.0%" in short.text
+
+
+def test_a_soak_needs_a_positive_duration():
+    with pytest.raises(ValueError, match="a positive duration"):
+        SoakConfig(duration_s=0, users=1)
+
+
+def test_the_summary_gives_the_p99_latency_and_fails_with_any_check():
+    """101 completed requests of 0.00 to 1.00 s: the median 0.50 s, the p99 the 100th of them (0.99 s, not the
+    slowest); one failed check makes the verdict FAIL."""
+    from metronome.bench.soak import Check, SoakResult
+
+    tally = Tally()
+    tally.latencies_s = [i / 100 for i in range(101)]
+    checks = [Check("some requests completed", True, "101"), Check("serves after the soak", False, "HTTP 500")]
+    text = SoakResult(SoakConfig(duration_s=10, users=1), "http://x", tally, checks, 10.0).summary()
+    assert "completed requests: median 0.50 s, p99 0.99 s" in text
+    assert "FAIL serves after the soak: HTTP 500" in text and text.splitlines()[-1] == "FAIL"

@@ -176,6 +176,20 @@ def test_tokens_per_s_is_one_step_per_token_for_each_live_request():
     assert r.tokens_per_s(1, position=1024) == 1000.0 / (4.0 + 0.96)
 
 
+def test_a_step_is_never_priced_at_zero_or_below_nor_cheaper_further_into_the_context():
+    """The line through the two calibrated steps ran on past them: a tiny model's steps (1 ms at 64 tokens, 20
+    at 128) put a step 10 tokens in at -15 ms, and `bench --load` printed the plan's promise as -89,756 tok/s;
+    a far step measured below the near one made steps deep in the context cheaper, down through zero."""
+    steep = _report(step_ms={2: 1.0}, step_ms_far={2: 20.0}, far_position=128)
+    assert steep.step_ms_at(2, 10) == 1.0  # held at the near figure below it
+    assert steep.tokens_per_s(2, 10) == 1000.0
+    assert steep.step_ms_at(2, 96) == 10.5 and steep.step_ms_at(2, 256) == 58.0  # the line itself, and on past it
+    noisy = _report(step_ms={2: 5.0}, step_ms_far={2: 4.0}, far_position=1024)
+    assert noisy.step_ms_at(2, 8000) == noisy.step_ms_at(2, 500) == 5.0
+    gentle = _report(**FAR)  # a real model's slope still runs below the near position (attention costs less)
+    assert gentle.step_ms_at(1, 0) == 4.0 - 0.001 * 64
+
+
 def test_a_far_step_cheaper_than_the_near_one_gives_no_negative_key_cost():
     # a noisy calibration: the far step measured below the near one; attention never makes a row cheaper
     r = _report(step_ms_far={1: 3.5}, far_position=1024)

@@ -498,3 +498,43 @@ def test_the_summary_gives_the_p99_latency_and_fails_with_any_check():
     text = SoakResult(SoakConfig(duration_s=10, users=1), "http://x", tally, checks, 10.0).summary()
     assert "completed requests: median 0.50 s, p99 0.99 s" in text
     assert "FAIL serves after the soak: HTTP 500" in text and text.splitlines()[-1] == "FAIL"
+
+
+def test_the_metrics_are_read_once_nothing_is_in_flight_in_the_api_or_the_engine():
+    """The checks compare counters once every request has ended: the API answered its last one while the
+    engine still held one, so /metrics is read again (either gauge alone at 0 is not settled)."""
+    from metronome.bench.soak import _settled
+
+    pages = iter(
+        [
+            "metronome_api_requests_in_flight 0\nmetronome_engine_requests_in_flight 1\n",
+            "metronome_api_requests_in_flight 1\nmetronome_engine_requests_in_flight 0\n",
+            "metronome_api_requests_in_flight 0\nmetronome_engine_requests_in_flight 0\nmetronome_x 7\n",
+        ]
+    )
+
+    async def read() -> dict[str, float]:
+        transport = httpx.MockTransport(lambda request: httpx.Response(200, text=next(pages)))
+        async with httpx.AsyncClient(transport=transport, base_url="http://soak.test") as http:
+            return await _settled(http, settle_s=30.0)
+
+    assert asyncio.run(read())["metronome_x"] == 7
+
+
+@pytest.mark.parametrize("page", ["metronome_slots 0\n", "other_gauge 8\n"])
+def test_a_server_without_slots_in_its_metrics_is_refused_naming_the_fix(monkeypatch, page):
+    from metronome.bench import soak as soak_module
+
+    real = httpx.Client
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, text=page))
+    monkeypatch.setattr(soak_module.httpx, "Client", lambda **kw: real(transport=transport, **kw))
+    with pytest.raises(ValueError, match="no metronome_slots: not a metronome server\\? give --concurrency"):
+        soak_module.server_slots("http://soak.test")
+    monkeypatch.setattr(
+        soak_module.httpx,
+        "Client",
+        lambda **kw: real(
+            transport=httpx.MockTransport(lambda r: httpx.Response(200, text="metronome_slots 8\n")), **kw
+        ),
+    )
+    assert soak_module.server_slots("http://soak.test") == 8

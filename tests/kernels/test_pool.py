@@ -117,3 +117,40 @@ def test_the_others_take_over_a_held_threads_share(cpp: CppOps, pool_size, threa
     assert not timed_out, f"the held chunk of {held} items waited 5 s for the others ({others} done)"
     assert held + others == items
     assert held <= items // (2 * threads), f"the held chunk has {held} of {items} items at {threads} threads"
+
+
+# SIGALRM every 100 us: each one that lands while the caller sleeps on its futex ends that sleep early (EINTR)
+SIGNALLED = """
+import signal
+import torch
+from metronome.kernels.ops import load_kernels
+
+k = load_kernels()
+x = torch.randn(64, 1 << 16, generator=torch.Generator().manual_seed(0))  # 8 to 16 chunks of 1 MiB rows
+w = torch.rand(1 << 16, generator=torch.Generator().manual_seed(1)) + 0.5
+k.set_threads(1)
+ref = k.rms_norm(x, w, 1e-5)
+signal.signal(signal.SIGALRM, lambda *_: None)
+signal.setitimer(signal.ITIMER_REAL, 0.0001, 0.0001)
+for n in {sizes}:
+    k.set_threads(n)
+    for i in range({rounds}):
+        out = k.rms_norm(x, w, 1e-5)
+        assert torch.equal(out, ref), f"{{n}} threads, job {{i}}: other results"
+signal.setitimer(signal.ITIMER_REAL, 0, 0)
+print("done", flush=True)
+"""
+
+
+def test_a_signal_never_ends_the_callers_wait_before_the_workers_are_done() -> None:
+    """The caller's sleep (and a worker's) can end early: a signal (EINTR), a spurious wake-up, the 100 ms
+    timeout. After each it must look again and sleep on until every worker has checked in; returning at the
+    first wake-up would hand back an output a worker is still writing (and start the next job under it)."""
+    code = textwrap.dedent(SIGNALLED.format(sizes=(2, *OVERSUBSCRIBED), rounds=60))
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, check=False
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"jobs under a stream of signals took over {CHILD_TIMEOUT_S} s")
+    assert out.returncode == 0 and "done" in out.stdout, (out.returncode, out.stderr[-3000:])

@@ -8,8 +8,12 @@ import multiprocessing as mp
 import os
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import pytest
 import torch
@@ -302,3 +306,95 @@ def test_a_file_rank_0_cannot_reserve_is_removed_and_every_rank_stays_on_gloo(sh
     assert link.exchange is None and link.transport.startswith("gloo (cannot make a 8192-byte file in ")
     assert "No space left on device" in link.transport
     assert exchange.attached_to is None and list(shm_dir.iterdir()) == []
+
+
+def _shm_file(size: int) -> str:
+    fd, path = tempfile.mkstemp(prefix="metronome-test-", dir="/dev/shm")
+    os.posix_fallocate(fd, 0, size)
+    os.close(fd)
+    return path
+
+
+def _as_ranks(*calls):
+    """Each rank's call on a thread of its own (the exchange releases the GIL while it waits), their results
+    in rank order; every wait is bounded by the exchange's own timeout_s, and the threads' by 30 s."""
+    pool = ThreadPoolExecutor(len(calls))
+    try:
+        futures = [pool.submit(call) for call in calls]
+        return [future.result(timeout=30) for future in futures]
+    finally:
+        pool.shutdown(wait=False)
+
+
+def test_an_exchange_attached_again_starts_at_exchange_0_like_a_fresh_rank():
+    """parallel/host.py reuses a rank's HostExchange across reconnects: attached to the group's new file, it
+    starts at exchange 0 again, as the fresh exchange of a rank that was restarted does. Counting on from
+    before, it would wait for an exchange the fresh rank never makes, and the fresh rank would read the
+    other buffer. Two ranks of this process, one thread each."""
+    kernels = load_kernels()
+    capacity = 1024
+    size = kernels.host_exchange().header_bytes(2) + 2 * 2 * capacity
+    pids = [os.getpid(), os.getpid()]
+    reused, first_peer, fresh_peer = (kernels.host_exchange() for _ in range(3))
+    paths = [_shm_file(size), _shm_file(size)]
+    try:
+        for path, peer in zip(paths, (first_peer, fresh_peer), strict=True):
+            reused.attach(path, 0, 2, capacity, pids, 2.0, 50.0)
+            peer.attach(path, 1, 2, capacity, pids, 2.0, 50.0)
+            for i in range(3):  # an odd count: the group formed again would start in the other buffer
+                got = _as_ranks(
+                    partial(reused.all_gather, torch.full((4,), float(i))),
+                    partial(peer.all_gather, torch.full((4,), 100.0 + i)),
+                )
+                want = torch.tensor([[float(i)] * 4, [100.0 + i] * 4])
+                assert all(torch.equal(g, want) for g in got), f"{path}, exchange {i}: {got}"
+    finally:
+        for exchange in (reused, first_peer, fresh_peer):
+            exchange.detach()
+        for path in paths:
+            os.unlink(path)
+
+
+DETACH_WHILE_WAITING = """
+import os, tempfile, threading, time
+import torch
+from metronome.kernels.ops import load_kernels
+
+exchange = load_kernels().host_exchange()
+capacity = 1024
+fd, path = tempfile.mkstemp(prefix="metronome-test-", dir="/dev/shm")
+os.posix_fallocate(fd, 0, exchange.header_bytes(2) + 2 * 2 * capacity)
+os.close(fd)
+# rank 1 (this process too, so it counts as running) never sends: rank 0's gather waits out its 1 s timeout
+exchange.attach(path, 0, 2, capacity, [os.getpid(), os.getpid()], 1.0, 50.0)
+os.unlink(path)
+errors = []
+
+def gather():
+    try:
+        exchange.all_gather(torch.zeros(4))
+    except RuntimeError as e:
+        errors.append(str(e))
+
+waiting = threading.Thread(target=gather)
+waiting.start()
+time.sleep(0.3)  # the gather is asleep in its wait by now (if not, it finds the exchange detached)
+exchange.detach()  # waits for the gather in flight instead of unmapping the file under it
+waiting.join(10)
+assert not waiting.is_alive() and not exchange.attached
+assert len(errors) == 1 and ("sent nothing for 1" in errors[0] or "not attached" in errors[0]), errors
+print("done", flush=True)
+"""
+
+
+def test_detach_waits_for_the_exchange_in_flight():
+    """detach from one thread while another waits in an exchange: the file stays mapped until that wait ends
+    (here at its timeout), instead of being unmapped under it (a crash). In a child process, so that a crash
+    or a hang fails the test."""
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", DETACH_WHILE_WAITING], capture_output=True, text=True, timeout=120, check=False
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("detaching while an exchange waits hung for 120 s")
+    assert out.returncode == 0 and "done" in out.stdout, (out.returncode, out.stderr[-3000:])

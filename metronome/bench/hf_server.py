@@ -99,17 +99,17 @@ class IncrementalDecoder:
 
     def push(self, ids: Sequence[int]) -> str:
         self._ids.extend(ids)
-        text = self._tokenizer.decode(self._ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""
-        delta = text[len(self._emitted) :]
-        self._emitted = text
-        return delta
+        return self._delta(hold=True)
 
     def flush(self) -> str:
         """At the end of the output: the text held back, as the tokenizer decodes it (an output cut inside a
         character ends in U+FFFD, as the ids say; dropping it lost that token's text, which the usage counts)."""
+        return self._delta(hold=False)
+
+    def _delta(self, hold: bool) -> str:
         text = self._tokenizer.decode(self._ids, skip_special_tokens=True)
+        if hold and text.endswith("\ufffd"):
+            return ""
         delta = text[len(self._emitted) :]
         self._emitted = text
         return delta

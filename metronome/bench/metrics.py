@@ -71,8 +71,9 @@ class RequestResult:
 
 def first_sentence_chunk(texts: Sequence[str]) -> int | None:
     """Index of the chunk that shows the first sentence ended (sentences.py: the one holding the whitespace
-    after its mark; the last one where the output ends first), or None for an output with no text. The
-    chunk holding the mark itself was one token early: a client cannot tell "3." from "3.14" there."""
+    after its mark, or the line break after a line of text; the last one where the output ends first), or
+    None for an output with no text. The chunk holding the mark itself was one token early: a client cannot
+    tell "3." from "3.14" there."""
     full = "".join(texts)
     position = sentence_end(full)
     if position is None:

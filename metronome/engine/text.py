@@ -5,8 +5,9 @@
 - EOS and stop-token filtering: those tokens end the request and are not text;
 - stop strings: emitted text is cut at the first stop string, and text that could be the start of one is
   held back until it cannot (so a stop string is never half-emitted);
-- the first-sentence stamp: when the emitted text first ends a sentence (punctuation then whitespace,
-  or the end of a non-empty output), the time a voice pipeline could start speaking.
+- the first-sentence stamp: when the emitted text first ends a sentence (punctuation then whitespace, a
+  line of text ended, or the end of a non-empty output: sentences.py), the time a voice pipeline could
+  start speaking.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from metronome.model.tokenizer import StreamDecoder
-from metronome.sentences import sentence_end
+from metronome.sentences import carried, sentence_end
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,9 @@ class TextStream:
         if not self.is_stop_token(token):
             self.held += self.decoder.push(token)
         out, stopped = self._release(final, stops)
-        ended = sentence_end(self.text[-1:] + out) is not None or ((final or stopped) and (self.text + out).strip())
-        if self.first_sentence_at is None and ended:
+        if self.first_sentence_at is None and (
+            sentence_end(carried(self.text) + out) is not None or ((final or stopped) and (self.text + out).strip())
+        ):
             self.first_sentence_at = now
         self.text += out
         return Piece(out, stopped)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from metronome.engine.text import TextStream
 
 PIECES = {1: "Hello", 2: " wor", 3: "ld", 4: ".", 5: " Next", 6: " END", 7: "E", 8: "ND", 9: "!", 10: "\n", 0: ""}
+PIECES |= {11: ":", 12: " "}
 EOS = 99
 
 
@@ -123,3 +124,12 @@ def test_the_first_sentence_stamp_at_a_stop_whitespace_and_a_second_sentence():
     assert ts.first_sentence_at is None
     _, ts, _ = run([1, 4, 5, 9, 10, 1])
     assert ts.first_sentence_at == 2.0 and ts.text == "Hello. Next!\nHello"
+
+
+def test_a_line_of_text_ended_by_a_later_token_stamps_the_first_sentence():
+    """Hello, ":" then a space then a line break, four tokens: the line ends (and the stamp is taken) at the
+    line break's token, though the text before it ended in a space."""
+    _, ts, _ = run([1, 11, 12, 10, 1])
+    assert ts.first_sentence_at == 3.0
+    _, ts, _ = run([10, 10, 1, 10])
+    assert ts.first_sentence_at == 3.0  # blank lines first are no sentence; the line after them is

@@ -251,6 +251,12 @@ class CppOps:
         held, others, timed_out = self._m.hold_first_chunk(items, grain, timeout_ms)
         return held, others, bool(timed_out)
 
+    def throw_in_chunk(self, items: int, grain: int, at: int) -> tuple[bool, int, int]:
+        """The pool's test of a chunk that throws (csrc/pool.h): (whether the job rethrew it to its caller,
+        items in the chunk that threw, items the other chunks did)."""
+        rethrown, thrower, others = self._m.throw_in_chunk(items, grain, at)
+        return bool(rethrown), thrower, others
+
     # The fused decoder's pieces (C++ only; see plan.FusedModel).
 
     def block_linear(self, x: Tensor, blocks: Tensor, kind: int, rows: int, bias: Tensor | None = None) -> Tensor:

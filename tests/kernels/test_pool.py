@@ -119,6 +119,25 @@ def test_the_others_take_over_a_held_threads_share(cpp: CppOps, pool_size, threa
     assert held <= items // (2 * threads), f"the held chunk has {held} of {items} items at {threads} threads"
 
 
+@pytest.mark.parametrize("threads", (2, 3))
+def test_a_chunk_that_throws_fails_its_job_only(cpp: CppOps, pool_size, threads: int) -> None:
+    """An exception inside a chunk, on whichever thread ran it, reaches the job's caller once every other
+    chunk has run; the next job starts clean (the error is not thrown again). No kernel throws inside a chunk
+    today; one that did and was swallowed would leave its rows unwritten and report success."""
+    cpp.set_threads(threads)
+    items = 64
+    for at in (0, 1, 17, 40, 63):  # the job's first, middle and last chunks, taken in turn by every thread
+        rethrown, thrower, others = cpp.throw_in_chunk(items, grain=1, at=at)
+        assert rethrown, f"the chunk holding item {at} threw and the job returned as if it had not"
+        assert 0 < thrower <= items // threads and others == items - thrower, (at, thrower, others)
+        assert cpp.throw_in_chunk(items, grain=1, at=-1) == (False, 0, items), "a clean job rethrew the last error"
+    x = torch.randn(512, 576, generator=torch.Generator().manual_seed(0))
+    w = torch.rand(576, generator=torch.Generator().manual_seed(1)) + 0.5
+    out = cpp.rms_norm(x, w, 1e-5)  # and the pool still runs real work, with the same bits as one thread
+    cpp.set_threads(1)
+    assert torch.equal(out, cpp.rms_norm(x, w, 1e-5))
+
+
 # SIGALRM every 100 us: each one that lands while the caller sleeps on its futex ends that sleep early (EINTR)
 SIGNALLED = """
 import signal

@@ -62,6 +62,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hold_first_chunk", &metronome::hold_first_chunk,
         "pool test: a job whose chunk holding item 0 waits for every other item (pool.h)", py::arg("items"),
         py::arg("grain"), py::arg("timeout_ms"), py::call_guard<py::gil_scoped_release>());
+  m.def("throw_in_chunk", &metronome::throw_in_chunk,
+        "pool test: a job whose chunk holding item `at` throws; (rethrown here, its items, the others') (pool.h)",
+        py::arg("items"), py::arg("grain"), py::arg("at"), py::call_guard<py::gil_scoped_release>());
 
   // The block formats of block_linear and Decoder.add_layer (blocks.h), for metronome/kernels/blocks.py.
   py::dict kinds, bytes, weights, groups;

@@ -14,6 +14,8 @@
 
 #include <chrono>
 #include <climits>
+#include <stdexcept>
+#include <string>
 
 namespace metronome {
 
@@ -198,6 +200,24 @@ std::tuple<int64_t, int64_t, int64_t> hold_first_chunk(int64_t items, int64_t gr
     }
   });
   return {held.load(), others.load(), timed_out.load() ? 1 : 0};
+}
+
+std::tuple<int64_t, int64_t, int64_t> throw_in_chunk(int64_t items, int64_t grain, int64_t at) {
+  TORCH_CHECK(items >= 1 && grain >= 1, "throw_in_chunk: items and grain must be >= 1");
+  std::atomic<int64_t> thrower{0}, others{0};
+  int64_t rethrown = 0;
+  try {
+    parallel_for(0, items, grain, [&](int64_t lo, int64_t hi) {
+      if (lo <= at && at < hi) {
+        thrower.store(hi - lo);
+        throw std::runtime_error("throw_in_chunk: the chunk holding item " + std::to_string(at));
+      }
+      others.fetch_add(hi - lo);
+    });
+  } catch (const std::runtime_error&) {
+    rethrown = 1;
+  }
+  return {rethrown, thrower.load(), others.load()};
 }
 
 }  // namespace metronome

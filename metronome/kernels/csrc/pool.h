@@ -99,6 +99,11 @@ void set_threads(int64_t n);  // resizes the pool (n >= 1)
 // chunk, items the other chunks did, 1 if the wait timed out). With one fixed share per thread, the held
 // share is half the job at 2 threads; with chunks taken in turn it is a few items and the others do the rest.
 std::tuple<int64_t, int64_t, int64_t> hold_first_chunk(int64_t items, int64_t grain, int64_t timeout_ms);
+// For the pool's tests: a job of `items` items whose chunk holding item `at` throws (none throws for an `at`
+// outside [0, items)). Returns (1 if parallel_for rethrew it on this thread, items in the chunk that threw,
+// items the other chunks did): every chunk but the thrower's still runs, and the next job starts without
+// the last one's error.
+std::tuple<int64_t, int64_t, int64_t> throw_in_chunk(int64_t items, int64_t grain, int64_t at);
 int64_t get_threads();  // the pool's size (starting it at torch's thread count if it has not started)
 
 // Rows of work per parallel task so that a task holds at least ~`min_elems` elements: small calls stay

@@ -4,6 +4,7 @@ its own logits, history and generator, never on its batch neighbours."""
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -99,7 +100,9 @@ class RequestSampler:
         else:
             if allowed is not None:
                 logits = logits.masked_fill(~allowed, float("-inf"))
-            token = int(torch.multinomial(self._truncated_probs(logits), 1, generator=self.generator))
+            kept, weights = self._truncated(logits)
+            token = draw(weights, self.generator)
+            token = token if kept is None else int(kept[token])
         if logprobs is None:
             return Choice(token, None, ())
         top: tuple[tuple[int, float], ...] = ()
@@ -108,20 +111,25 @@ class RequestSampler:
             top = tuple(zip(ids.tolist(), values.tolist()))
         return Choice(token, float(logprobs[token]), top)
 
-    def _truncated_probs(self, logits: torch.Tensor) -> torch.Tensor:
+    def _truncated(self, logits: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The tokens a sampled row may draw and their probabilities: (ids, probs), ids None for the whole
+        vocabulary (probs then the full row), else the top-p nucleus alone, most likely first (sorting and
+        drawing a few hundred tokens, not the vocabulary)."""
         p = self.params
         logits = logits / p.temperature
         if p.top_k and p.top_k < logits.shape[-1]:
             kth = torch.topk(logits, p.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
+        ids = None
         # top-p, then min-p, as transformers, vLLM and llama.cpp order them: top-p's mass is the whole
-        # distribution's, not what min-p left (min-p's bound, a share of the top token's, is the same after)
+        # distribution's, not what min-p left (min-p's bound, a share of the top token's, is the same after:
+        # the nucleus always holds the top token)
         if p.top_p < 1.0:
-            probs = _top_p(probs, p.top_p)
+            ids, probs = nucleus(probs, p.top_p)
         if p.min_p > 0.0:
             probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-        return probs
+        return ids, probs
 
 
 def argmax_row(row: torch.Tensor) -> int:
@@ -140,16 +148,37 @@ def argmax_rows(logits: torch.Tensor) -> list[int]:
     return logits.argmax(dim=-1).tolist()
 
 
-def _top_p(probs: torch.Tensor, top_p: float, candidates: int = 1024) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose mass reaches top_p (of the total).
+def nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The smallest set of most likely tokens whose mass reaches top_p (of the total), most likely first,
+    ties in the order of their ids: (ids, their probs).
 
-    Sorting the whole vocabulary is the slow part; the top `candidates` usually hold the mass already, and
-    then every token outside them is dropped anyway, so the result equals the full sort's."""
-    total = probs.sum()
-    k = min(candidates, probs.shape[-1])
-    sorted_probs, order = torch.topk(probs, k)  # descending
-    if k < probs.shape[-1] and sorted_probs.sum() < top_p * total:
-        sorted_probs, order = torch.sort(probs, descending=True)
+    Sorting the whole vocabulary is the slow part (topk of 1,024 candidates took 0.2 ms a row over 49k
+    tokens here). The tokens at or above a bound are the first ones in the descending order, ties and all,
+    so when they hold the mass already every token below it is dropped anyway: only they are sorted, and the
+    result is the full sort's. The bound is the top probability over 2^10, then 2^20, then none (a flat
+    distribution's nucleus may be most of the vocabulary)."""
+    goal = top_p * probs.sum()
+    top = probs.max()
+    for shift in (10, 20, None):
+        ids = torch.nonzero(probs >= top * 2.0**-shift).squeeze(1) if shift is not None else None
+        if ids is None or probs[ids].sum() >= goal:
+            break
+    candidates = probs if ids is None else probs[ids]
+    sorted_probs, order = torch.sort(candidates, descending=True, stable=True)
     before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass strictly above each token
-    kept = sorted_probs.masked_fill(before >= top_p * total, 0.0)
-    return torch.zeros_like(probs).scatter(0, order, kept)
+    n = int((before < goal).sum())  # before only grows: the kept tokens are the first n
+    order = order[:n] if ids is None else ids[order[:n]]
+    return order, sorted_probs[:n]
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """One token from `probs` (V,), weights >= 0 with a positive sum, by the request's generator: the first
+    token whose cumulative weight passes one uniform number times the total (a token of weight 0 is never
+    drawn). torch.multinomial drew the same distribution in about 0.9 ms a row over a 49k vocabulary, with
+    or without replacement, a quarter of SmolLM2's one-user step; this takes about 60 us."""
+    cumulative = torch.cumsum(probs, 0, dtype=torch.float64)
+    total = float(cumulative[-1]) if len(cumulative) else 0.0
+    if not math.isfinite(total) or total <= 0.0:
+        raise ValueError(f"cannot sample from these token weights: their sum is {total}")
+    u = torch.rand((), generator=generator, dtype=torch.float64)
+    return int(torch.searchsorted(cumulative, u * total, right=True))

@@ -530,14 +530,34 @@ def test_background_thread_serves_concurrent_streams(smollm):
 
 
 def test_top_p_shortcut_equals_the_full_sort():
-    from metronome.engine.sampler import _top_p
+    """Only the tokens at or above a bound are sorted when they hold the mass: the nucleus (its ids, most
+    likely first, and their probabilities) is the full stable sort's, on peaked to flat distributions (the
+    bound taken at 2^-10, at 2^-20, and not at all), with ties at the cut kept in the order of their ids."""
+    from metronome.engine.sampler import nucleus
+
+    def full_sort(probs: torch.Tensor, top_p: float) -> tuple[list[int], torch.Tensor]:
+        sorted_probs, order = torch.sort(probs, descending=True, stable=True)
+        before = torch.cumsum(sorted_probs, -1) - sorted_probs
+        n = int((before < top_p * probs.sum()).sum())
+        return order[:n].tolist(), sorted_probs[:n]
+
+    def same(probs: torch.Tensor, top_p: float) -> bool:
+        ids, kept = nucleus(probs, top_p)
+        want_ids, want = full_sort(probs, top_p)
+        return ids.tolist() == want_ids and torch.equal(kept, want)
 
     g = torch.Generator().manual_seed(0)
-    for temperature in (0.3, 1.0, 5.0):  # peaked to flat distributions: shortcut taken and not
+    for temperature in (0.3, 1.0, 5.0, 50.0):  # peaked to flat distributions
         probs = torch.softmax(torch.randn(49152, generator=g) * 4 / temperature, -1)
         for top_p in (0.1, 0.5, 0.9, 0.99):
-            full = _top_p(probs, top_p, candidates=probs.shape[-1])
-            assert torch.equal(_top_p(probs, top_p), full)
+            assert same(probs, top_p), (temperature, top_p)
+    for top, rest in ((0.3, 1e-5), (0.999, 1e-9)):  # the mass below the bound of 2^-10 (then of 2^-20) counts
+        probs = torch.full((49152,), rest)
+        probs[17] = top
+        for top_p in (0.5, 0.9, 0.99, 0.9999, 0.99999):
+            assert same(probs, top_p), (top, top_p)
+    tied = torch.tensor([0.125] * 6 + [0.25])  # the cut falls inside the tie: the lower ids stay
+    assert same(tied, 0.5) and nucleus(tied, 0.5)[0].tolist() == [6, 0, 1]
 
 
 def test_a_steps_events_go_out_together_before_the_next_plan_call(tiny_hf):

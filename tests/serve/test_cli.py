@@ -207,17 +207,24 @@ def test_the_ready_line_gives_a_tiny_cache_its_size_not_zero():
     assert megabytes(377_500_000) == "378 MB"
 
 
-# sampled, so that it does not fall into a loop that ends early; 1,900 tokens take several seconds here
-_LONG = {"stream": True, "max_tokens": 1900, "temperature": 1.0, "seed": 1}
+# Sampled, so that it does not fall into a loop that ends early, and long: the server ends what still runs
+# STREAMS_END_S (3.5 s) after the signal, so a generation that could finish by then would pass the stop by.
+# 1,900 tokens took 9 s here until sampling a row got cheap (2026-12-07), then 4 s; and a reflection of 3
+# turns of up to 500 tokens ended in 4.3 s. With 8,192 tokens of context (2 slots), 8,000 tokens and 3 turns
+# of up to 2,400 take well over a minute; the test still ends 3.5 s after its signal.
+_LONG = {"stream": True, "temperature": 1.0, "seed": 1}
 _STORY = "Tell me a long story."
 
 
 @pytest.mark.parametrize(
     "path, body",
     [
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": _STORY}], "ignore_eos": True, **_LONG}),
-        # a reflection's thread was left to uvicorn's cut; 3 turns of up to 500 tokens fit the 2,048 context
-        ("/v1/reflections", {"task": _STORY, "rounds": 1, **_LONG, "max_tokens": 500}),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": _STORY}], "ignore_eos": True, "max_tokens": 8000, **_LONG},
+        ),
+        # a reflection's thread was left to uvicorn's cut
+        ("/v1/reflections", {"task": _STORY, "rounds": 1, "max_tokens": 2400, **_LONG}),
     ],
 )
 def test_a_stopped_server_ends_its_streams_cleanly(smollm_path, path, body):
@@ -237,7 +244,8 @@ def test_a_stopped_server_ends_its_streams_cleanly(smollm_path, path, body):
 
     port = free_port()
     cmd = [sys.executable, "-m", "metronome.serve.cli", "--model", str(smollm_path), "--port", str(port)]
-    proc = subprocess.Popen([*cmd, "--spec-tokens", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    argv = [*cmd, "--spec-tokens", "0", "--slots", "2", "--ctx", "8192"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     lines: list[str] = []
     try:

@@ -349,8 +349,11 @@ def test_a_named_function_is_the_one_called(smol_url):
 
 
 def test_sampled_calls_validate_too(smol_url):
+    """Sampled at temperature 1, one call each. With parallel calls allowed, SmolLM2 writes three or four
+    calls for some seeds and the 160-token budget cuts them (13 of 82 seeds, with the sampler's draw before
+    2026-12-07 and after it alike): which seeds do is the draw's chance, not the grammar's fault."""
     for seed in range(4):
-        choice = _ok(smol_url, tool_choice="required", temperature=1.0, seed=seed)
+        choice = _ok(smol_url, tool_choice="required", temperature=1.0, seed=seed, parallel_tool_calls=False)
         assert choice["finish_reason"] == "tool_calls"
         _valid_calls(choice["message"]["tool_calls"], {"get_weather", "add"})
 
@@ -387,8 +390,8 @@ def test_a_format_beside_tools_gives_that_json_or_calls(smol_url):
     }
     fmt = {"type": "json_schema", "json_schema": {"name": "report", "schema": report, "strict": True}}
     ends = set()
-    for seed in range(6):
-        choice = _ok(smol_url, response_format=fmt, temperature=1.0, seed=seed, stop=[","])  # no stop cuts it
+    for seed in range(6):  # one call at most: with parallel calls, some seeds' three or four calls ran out of tokens
+        choice = _ok(smol_url, response_format=fmt, temperature=1.0, seed=seed, stop=[","], parallel_tool_calls=False)
         ends.add(choice["finish_reason"])
         if choice["finish_reason"] == "tool_calls":
             _valid_calls(choice["message"]["tool_calls"], {"get_weather", "add"})

@@ -220,4 +220,31 @@ def test_top_p_of_one_leaves_the_distribution_as_it_is():
     logits = torch.zeros(V)
     logits[0] = 30.0
     s = _sampler(temperature=1.0, seed=10)
-    assert torch.equal(s._truncated_probs(logits), torch.softmax(logits, -1))
+    kept, probs = s._truncated(logits)
+    assert kept is None and torch.equal(probs, torch.softmax(logits, -1))
+
+
+def test_draw_takes_tokens_in_proportion_to_their_weights_and_never_a_zero_weight():
+    """The sampler's draw (the inverse of the cumulative weights at one uniform number): zero-weight tokens at
+    the start, the middle and the end are never drawn, the shares follow the weights, and the same generator
+    state gives the same token."""
+    from metronome.engine.sampler import draw
+
+    weights = torch.tensor([0.0, 0.0, 1.0, 0.0, 3.0, 0.0, 0.0, 6.0, 0.0])
+    g = torch.Generator().manual_seed(11)
+    n = 20_000
+    counts = torch.bincount(torch.tensor([draw(weights, g) for _ in range(n)]), minlength=len(weights))
+    assert counts[weights == 0].sum() == 0
+    for token, share in ((2, 0.1), (4, 0.3), (7, 0.6)):
+        assert counts[token] / n == pytest.approx(share, abs=0.015), (token, counts.tolist())
+    one, two = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert [draw(weights, one) for _ in range(50)] == [draw(weights, two) for _ in range(50)]
+    assert draw(torch.tensor([0.0, 0.0, 2.0]), g) == 2  # the last token, alone
+
+
+@pytest.mark.parametrize("weights", [[0.0, 0.0], [float("nan"), 1.0], [float("inf"), 1.0], []])
+def test_draw_refuses_weights_that_are_no_distribution(weights):
+    from metronome.engine.sampler import draw
+
+    with pytest.raises(ValueError, match="cannot sample"):
+        draw(torch.tensor(weights), torch.Generator().manual_seed(0))

@@ -180,5 +180,7 @@ def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
     total = float(cumulative[-1]) if len(cumulative) else 0.0
     if not math.isfinite(total) or total <= 0.0:
         raise ValueError(f"cannot sample from these token weights: their sum is {total}")
-    u = torch.rand((), generator=generator, dtype=torch.float64)
+    # the uniform number as a Python float: the generator is the request's own (a CPU one) whatever device the
+    # row is on, where torch.multinomial wanted a generator on the row's device
+    u = float(torch.rand((), generator=generator, dtype=torch.float64))
     return int(torch.searchsorted(cumulative, u * total, right=True))

@@ -13,6 +13,7 @@ from metronome.compile.pages import Pages
 from metronome.compile.probe import DEFAULT_PREFILL_CHUNK, NEAR_POSITION
 from metronome.compile.runner import Runner
 from metronome.config import EngineConfig, ModelConfig
+from metronome.kernels.ops import DrawRows
 from metronome.model.transformer import KVCache
 
 # When the plan chooses how many prompt rows run beside decode rows (EngineConfig.prefill_chunk None), a
@@ -237,7 +238,7 @@ PREFIX_PAGE_TOKENS = 16
 class Plan:
     """The compiled model: `prefill` one request into its slot, `decode` one token for the live slots.
     `pages`: the pool of KV pages for the engine's prefix cache (compile/pages.py, engine/prefix_cache.py),
-    or None."""
+    or None. `draw_rows`: the kernel the engine's samplers draw sampled CPU rows with, or None (torch)."""
 
     def __init__(
         self,
@@ -248,10 +249,12 @@ class Plan:
         cache: KVCache,
         report: PlanReport,
         pages: Pages | None = None,
+        draw_rows: DrawRows | None = None,
     ) -> None:
         self.runner, self.cfg, self.config = runner, cfg, config
         self.weights, self.cache, self.report = weights, cache, report
         self.pages = pages
+        self.draw_rows = draw_rows  # the C++ kernel that draws sampled rows (None: torch draws them)
         self.device = torch.device(config.device)
         self.last_call = time.perf_counter()  # when a call last ended: the engine's idle time (Engine._resume_ms)
 

@@ -153,7 +153,8 @@ def compile_plan(
         prefix_cache_note=note,
         warnings=tuple(warnings),
     )
-    return Plan(runner, loaded.config, config, r.weights, kv, report, pages=pool)
+    draw_rows = r.ops.sample_rows if isinstance(r.ops, CppOps) else None
+    return Plan(runner, loaded.config, config, r.weights, kv, report, pages=pool, draw_rows=draw_rows)
 
 
 def available_memory() -> int | None:

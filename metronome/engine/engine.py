@@ -36,7 +36,7 @@ from metronome.engine.request import (
     SpecStats,
     Timings,
 )
-from metronome.engine.sampler import Choice, RequestSampler, argmax_rows, scored
+from metronome.engine.sampler import Choice, RequestSampler, argmax_rows, draw_settings, scored
 from metronome.engine.scheduler import Batch, Scheduler
 from metronome.engine.speculate import (
     Drafter,
@@ -294,7 +294,7 @@ class Engine(PythonAPI):
             id=request_id or f"req-{next(self._ids)}",
             prompt_ids=prompt,
             params=params,
-            sampler=RequestSampler(params, prompt, self.plan.cfg.vocab_size),
+            sampler=RequestSampler(params, prompt, self.plan.cfg.vocab_size, self.plan.draw_rows),
             text=TextStream(
                 self.tokenizer.stream_decoder(prompt),
                 params.stop,
@@ -534,10 +534,10 @@ class Engine(PythonAPI):
         clock.lap("plan")
         self.profile.decode_rows += len(rows.slots) - rows.prompt_rows
         self.profile.prompt_rows += rows.prompt_rows
-        greedy = self._greedy_tokens(logits, decoding, chunks)
+        picks = self._picks(logits, decoding, drafts, chunks)
         first = 0
         for r, d in zip(decoding, drafts):
-            self._verify(r, d, logits[first : first + 1 + len(d)], greedy, first, clock)
+            self._verify(r, d, logits[first : first + 1 + len(d)], picks, first, clock)
             first += 1 + len(d)
         for r, lo, hi in chunks:
             r.prefilled = hi
@@ -545,7 +545,7 @@ class Engine(PythonAPI):
                 self._score_prompt(r, logits[first : first + hi - lo], lo)
                 first += hi - lo - (hi == len(r.prompt_ids))  # up to the last row, which samples
             if hi == len(r.prompt_ids):  # the prompt is in the cache: its last row gives the first token
-                self._verify(r, [], logits[first : first + 1], greedy, first, clock)
+                self._verify(r, [], logits[first : first + 1], picks, first, clock)
                 first += 1
                 if self.prefix_cache is not None and r.finish_reason is None:  # after its first token is out:
                     self.prefix_cache.store(r.prompt_ids, r.slot, hi)  # for requests sharing its beginning
@@ -683,21 +683,60 @@ class Engine(PythonAPI):
         room = min(r.draft_k, r.params.max_tokens - len(r.output_ids) - 1, self.config.ctx - 1 - r.position)
         return [self.drafter.propose(r.slot, r.prompt_ids + r.output_ids, room) if room > 0 else []]
 
-    def _greedy_tokens(
-        self, logits: torch.Tensor, decoding: list[Request], chunks: list[tuple[Request, int, int]]
-    ) -> list[int] | None:
-        """Every row's argmax in one call when some request samples greedily with nothing else to apply
-        (the common case): the same token its own sampler would pick, without a per-row Python call."""
-        if not any(r.argmax_only for r in decoding + [c[0] for c in chunks]):
-            return None
-        return argmax_rows(logits[:, : self.plan.cfg.vocab_size])
+    def _picks(
+        self,
+        logits: torch.Tensor,
+        decoding: list[Request],
+        drafts: list[list[int]],
+        chunks: list[tuple[Request, int, int]],
+    ) -> list[int | None]:
+        """The tokens of the step's rows that can be chosen for all rows at once, by logits row (None: the
+        row's request samples it itself): every row of a plainly greedy request (one argmax over all rows),
+        and the one row of a plainly sampled request without drafts (one DrawRows call for all of them). Each
+        is the token the request's own sampler would choose, without a per-row Python call; a sampled row
+        takes its request's next uniform number here, as the sampler would have."""
+        picks: list[int | None] = [None] * len(logits)
+        greedy: list[tuple[int, int]] = []  # (first row, rows) of each plainly greedy request
+        sampled: list[tuple[int, Request]] = []
+        first = 0
+        for r, d in zip(decoding, drafts):
+            self._pick_row(r, first, 1 + len(d), greedy, sampled)
+            first += 1 + len(d)
+        for r, lo, hi in chunks:  # as _run walks them: scored prompt rows, then the last row, which samples
+            if r.params.prompt_logprobs:
+                first += hi - lo - (hi == len(r.prompt_ids))
+            if hi == len(r.prompt_ids):
+                self._pick_row(r, first, 1, greedy, sampled)
+                first += 1
+        if greedy:
+            tokens = argmax_rows(logits[:, : self.plan.cfg.vocab_size])
+            for row, n in greedy:
+                picks[row : row + n] = tokens[row : row + n]
+        if sampled and self.plan.draw_rows is not None:
+            rows = torch.tensor([row for row, _ in sampled], dtype=torch.long)
+            settings = draw_settings([r.sampler for _, r in sampled])
+            drawn = self.plan.draw_rows(logits, rows, self.plan.cfg.vocab_size, *settings)
+            for (row, _), token in zip(sampled, drawn):
+                picks[row] = token if token >= 0 else None  # nothing to draw: the sampler's own call says why
+        return picks
+
+    @staticmethod
+    def _pick_row(
+        r: Request, first: int, n: int, greedy: list[tuple[int, int]], sampled: list[tuple[int, Request]]
+    ) -> None:
+        """Where _picks chooses request r's rows [first, first + n): all of them by argmax when it is plainly
+        greedy; its one row by the batched draw when it samples plainly, unconstrained and without drafts."""
+        if r.argmax_only:
+            greedy.append((first, n))
+        elif n == 1 and r.constraint is None and r.sampler.plain_sampled and r.params.max_tokens > 0:
+            sampled.append((first, r))
 
     def _verify(
         self,
         r: Request,
         drafts: list[int],
         logits: torch.Tensor,
-        greedy: list[int] | None,
+        picks: list[int | None] | None,
         first: int,
         clock: PhaseClock,
     ) -> None:
@@ -710,7 +749,7 @@ class Engine(PythonAPI):
         out = _StepOutput()
         try:
             for j, row in enumerate(logits):
-                known = greedy[first + j] if greedy is not None and r.argmax_only else None
+                known = picks[first + j] if picks is not None else None  # None: nothing picked for the step
                 choice = self._sample(r, row, known)
                 clock.lap("sample")
                 token = self._take(r, choice, out)
@@ -737,7 +776,7 @@ class Engine(PythonAPI):
 
     def _sample(self, r: Request, logits: torch.Tensor, known: int | None = None) -> Choice:
         """The request's next token: its constraint's mask, its own seeded sampler, its penalty counts.
-        `known`: the token already picked for this row by the step's batched argmax (plain greedy)."""
+        `known`: the token already picked for this row by the step (`_picks`: a batched argmax or draw)."""
         if known is not None:
             choice = Choice(known, None, ())
         else:

@@ -1,6 +1,12 @@
 """Choosing the next token of one request: penalties, temperature, top-k/top-p/min-p, a per-request
 seeded generator, and logprobs. Each request is sampled on its own row, so its choice depends only on
-its own logits, history and generator, never on its batch neighbours."""
+its own logits, history and generator, never on its batch neighbours.
+
+On CPU with the C++ kernels a sampled row is drawn by `DrawRows` (csrc/sample.cpp): the engine draws the
+rows of a step's plainly sampled requests in one call (`Engine._picks`), and `RequestSampler.choose` sends
+every other sampled row of the same requests through the same kernel, one row at a time, so a request's
+tokens never depend on which way its row went. Elsewhere (torch ops, a GPU) `_truncated` and `draw` below
+do it in torch."""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from metronome.config import SamplingParams
+from metronome.kernels.ops import DrawRows
 
 
 @dataclass(frozen=True)
@@ -36,13 +43,17 @@ def scored(logits: torch.Tensor, tokens: list[int], top_logprobs: int) -> list[C
 
 
 class RequestSampler:
-    """Sampling state of one request: its generator and the counts its penalties need."""
+    """Sampling state of one request: its generator and the counts its penalties need. `draw_rows`: the
+    kernel that draws its sampled CPU rows (None: torch draws them)."""
 
-    def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int) -> None:
+    def __init__(
+        self, params: SamplingParams, prompt_ids: list[int], vocab_size: int, draw_rows: DrawRows | None = None
+    ) -> None:
         self.params = params
         self.seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         self.generator = torch.Generator().manual_seed(self.seed)
         self.vocab_size = vocab_size
+        self.draw_rows = draw_rows
         # greedy with nothing to apply but argmax (no penalties, no logprobs): the step may pick this row's
         # token in one batched argmax over all rows (engine._greedy_tokens); params are frozen, so once
         self.plain_greedy = (
@@ -52,6 +63,18 @@ class RequestSampler:
             and not params.presence_penalty
             and not params.frequency_penalty
             and not params.logit_bias
+        )
+        # sampled with nothing to apply to the row before the draw (no penalties, bias, top-k or logprobs): the
+        # step may draw this row with the others' in one kernel call (Engine._picks) when draw_rows is set
+        self.plain_sampled = (
+            draw_rows is not None
+            and params.temperature > 0.0
+            and not (params.logprobs or params.top_logprobs)
+            and params.repetition_penalty == 1.0
+            and not params.presence_penalty
+            and not params.frequency_penalty
+            and not params.logit_bias
+            and not (params.top_k and params.top_k < vocab_size)
         )
         # logit_bias as two small tensors, built once: added to a row's few entries, not a vocabulary-wide add
         self._bias_ids = torch.tensor([t for t, _ in params.logit_bias], dtype=torch.long)
@@ -100,9 +123,12 @@ class RequestSampler:
         else:
             if allowed is not None:
                 logits = logits.masked_fill(~allowed, float("-inf"))
-            kept, weights = self._truncated(logits)
-            token = draw(weights, self.generator)
-            token = token if kept is None else int(kept[token])
+            if self.draw_rows is not None and logits.device.type == "cpu":
+                token = self._kernel_draw(logits, self.draw_rows)
+            else:
+                kept, weights = self._truncated(logits)
+                token = draw(weights, self.generator)
+                token = token if kept is None else int(kept[token])
         if logprobs is None:
             return Choice(token, None, ())
         top: tuple[tuple[int, float], ...] = ()
@@ -110,6 +136,24 @@ class RequestSampler:
             values, ids = torch.topk(logprobs, p.top_logprobs)
             top = tuple(zip(ids.tolist(), values.tolist()))
         return Choice(token, float(logprobs[token]), top)
+
+    def uniform(self) -> float:
+        """The request's next uniform number in [0, 1): one per sampled row, whichever way the row is drawn."""
+        return float(torch.rand((), generator=self.generator, dtype=torch.float64))
+
+    def _kernel_draw(self, logits: torch.Tensor, draw_rows: DrawRows) -> int:
+        """One row (V,) drawn by the kernel, as the step draws a plain row: top-k first (the kernel has none),
+        then the kernel's temperature, top-p and min-p."""
+        p = self.params
+        if p.top_k and p.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, p.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        row = logits.float().contiguous()[None]
+        settings = draw_settings([self])
+        token = draw_rows(row, torch.zeros(1, dtype=torch.long), row.shape[1], *settings)[0]
+        if token < 0:
+            raise ValueError("cannot sample from these logits: they hold a NaN or +inf, or every token is -inf")
+        return token
 
     def _truncated(self, logits: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The tokens a sampled row may draw and their probabilities: (ids, probs), ids None for the whole
@@ -130,6 +174,16 @@ class RequestSampler:
         if p.min_p > 0.0:
             probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
         return ids, probs
+
+
+def draw_settings(samplers: list[RequestSampler]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What `DrawRows` takes for these requests' rows, one each: (inv_temp, top_p, min_p, u), and each
+    request's next uniform number taken from its generator."""
+    inv_temp = torch.tensor([1.0 / s.params.temperature for s in samplers], dtype=torch.float32)
+    top_p = torch.tensor([s.params.top_p for s in samplers], dtype=torch.float32)
+    min_p = torch.tensor([s.params.min_p for s in samplers], dtype=torch.float32)
+    u = torch.tensor([s.uniform() for s in samplers], dtype=torch.float64)
+    return inv_temp, top_p, min_p, u
 
 
 def argmax_row(row: torch.Tensor) -> int:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,11 @@ __all__ = [
 GGUF_ROW_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
 
 Q8_0_BLOCK = BLOCK_WEIGHTS["Q8_0"]  # weights per Q8_0 block (Q8_0_BYTES bytes: fp16 scale + 32 int8)
+
+
+# Tokens drawn from rows of CPU logits in one call, CppOps.sample_rows's signature: (logits, rows, vocab,
+# inv_temp, top_p, min_p, u) -> a token per row, -1 where the row has nothing to draw.
+DrawRows = Callable[[Tensor, Tensor, int, Tensor, Tensor, Tensor, Tensor], list[int]]
 
 
 class Ops(Protocol):
@@ -256,6 +261,22 @@ class CppOps:
         items in the chunk that threw, items the other chunks did)."""
         rethrown, thrower, others = self._m.throw_in_chunk(items, grain, at)
         return bool(rethrown), thrower, others
+
+    def sample_rows(
+        self,
+        logits: Tensor,
+        rows: Tensor,
+        vocab: int,
+        inv_temp: Tensor,
+        top_p: Tensor,
+        min_p: Tensor,
+        u: Tensor,
+    ) -> list[int]:
+        """The token drawn from each row `rows[i]` of logits (R, W) float32 (its first `vocab` entries): weights
+        e^((x - max) * inv_temp[i]), top_p[i]'s nucleus, then min_p[i]'s cut, inverted at u[i] in [0, 1)
+        (csrc/sample.cpp has the arithmetic); -1 for a row with nothing to draw (all -inf, a NaN, a +inf).
+        rows (n,) int64, inv_temp/top_p/min_p (n,) float32, u (n,) float64; rows run in parallel."""
+        return self._m.sample_rows(logits, rows, vocab, inv_temp, top_p, min_p, u).tolist()
 
     # The fused decoder's pieces (C++ only; see plan.FusedModel).
 

@@ -374,4 +374,5 @@ def compile_tp_plan(
         kernels=f"{'cpp, fused decoder' if config.kernels == 'cpp' else 'torch'}, tensor parallel: "
         f"tp={layout.world} ranks x {config.threads} threads, {layout.shards} shards, exchanges: {group.transport}",
     )
-    return Plan(tp, loaded.config, config, weights, runner.cache, report, pages=pages)
+    draw_rows = load_kernels().sample_rows if config.kernels == "cpp" else None  # as a one-process plan draws
+    return Plan(tp, loaded.config, config, weights, runner.cache, report, pages=pages, draw_rows=draw_rows)

@@ -862,6 +862,39 @@ def test_a_sampled_request_beside_a_plain_greedy_one_samples_its_own_tokens(tiny
     assert _trace(engine, together[0]) == tuple((c.token, c.logprob, c.top) for c in alone.choices)
 
 
+def test_plainly_sampled_rows_drawn_together_are_what_each_request_draws_alone(smollm_engine, monkeypatch):
+    """Requests that sample with nothing but temperature, top-p and min-p (no logprobs, penalties, bias or
+    top-k) have their rows drawn in one kernel call a step (Engine._picks): each gets the tokens it gets
+    alone (where its rows, drafted or not, go through its sampler's own call), and those its twin gets with
+    logprobs asked (every row through its sampler, one at a time); each draws its own, not its neighbour's."""
+    engine = smollm_engine
+    assert engine.plan.draw_rows is not None  # the default CPU plan draws with the C++ kernel
+    kernel, rows_a_call = engine.plan.draw_rows, []
+
+    def counted(logits, rows, *args):
+        rows_a_call.append(len(rows))
+        return kernel(logits, rows, *args)
+
+    monkeypatch.setattr(engine.plan, "draw_rows", counted)  # the samplers submitted from here on take it too
+    settings = [(1.0, 1.0, 0.0, 5), (0.7, 0.9, 0.0, 6), (1.3, 1.0, 0.05, 7), (0.9, 0.8, 0.1, 5), (1.0, 1.0, 0.0, 8)]
+    params = [
+        SamplingParams(max_tokens=24, temperature=t, top_p=p, min_p=m, seed=s, ignore_eos=True)
+        for t, p, m, s in settings
+    ]
+    prompts = [engine.encode_prompt(q) for q in ("Name a river.", "Why is the sky blue?", "Hi", "Count.", "Go!")]
+    together = [engine.submit(pr, pa) for pr, pa in zip(prompts, params)]
+    while not engine.scheduler.idle:
+        engine.step()
+    assert max(rows_a_call) == len(params)  # drawn together
+    texts = set()
+    for pr, pa, req in zip(prompts, params, together):
+        alone = engine.generate(pr, pa).token_ids
+        per_row = engine.generate(pr, dataclasses.replace(pa, logprobs=True)).token_ids
+        assert tuple(req.output_ids) == tuple(alone) == tuple(per_row), pa
+        texts.add(tuple(alone))
+    assert len(texts) == len(params)  # five different answers (two of the same seed among them)
+
+
 def test_a_torch_runner_returns_the_logits_of_the_rows_asked_for_in_their_order(tiny_hf):
     """Runner.decode with `logit_rows`: only those rows' logits, in the order given; each the row the whole
     step gives it. The rows run in the slots they name, whatever the runner's decode shape."""

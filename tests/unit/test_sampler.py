@@ -1,5 +1,6 @@
 """The per-request sampler alone, on hand-made logits: greedy, seeding, the truncation filters, the
-penalties and the logprobs. No model."""
+penalties and the logprobs. No model. Every test runs twice where the C++ kernels build: with torch's draw
+(a GPU row's, or a plan without the kernels) and with the kernel's (DrawRows, every CPU plan's)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,26 @@ import torch
 
 from metronome.config import SamplingParams
 from metronome.engine.sampler import RequestSampler, argmax_row, argmax_rows
+from metronome.kernels.ops import DrawRows, KernelBuildError, load_kernels
 
 V = 16
 
+try:
+    KERNEL_DRAW: DrawRows | None = load_kernels().sample_rows
+except KernelBuildError:  # pragma: no cover - every CI machine has AVX-512 or AVX2
+    KERNEL_DRAW = None
+DRAW: DrawRows | None = None  # the draw `_sampler` gives its samplers: the fixture below sets it per run
+
+
+@pytest.fixture(autouse=True, params=["torch", "kernel"])
+def _draw(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if request.param == "kernel" and KERNEL_DRAW is None:  # pragma: no cover
+        pytest.skip("no C++ kernels here")
+    monkeypatch.setitem(globals(), "DRAW", KERNEL_DRAW if request.param == "kernel" else None)
+
 
 def _sampler(prompt: list[int] | None = None, **kw) -> RequestSampler:
-    return RequestSampler(SamplingParams(**kw), prompt or [], V)
+    return RequestSampler(SamplingParams(**kw), prompt or [], V, DRAW)
 
 
 def _logits(seed: int = 0) -> torch.Tensor:

@@ -12,6 +12,7 @@
 #include "moe.h"
 #include "ops.h"
 #include "pool.h"
+#include "sample.h"
 
 using metronome::Decoder;
 using metronome::Tensor;
@@ -65,6 +66,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("throw_in_chunk", &metronome::throw_in_chunk,
         "pool test: a job whose chunk holding item `at` throws; (rethrown here, its items, the others') (pool.h)",
         py::arg("items"), py::arg("grain"), py::arg("at"), py::call_guard<py::gil_scoped_release>());
+
+  m.def("sample_rows", &metronome::sample_rows,
+        "the token drawn from each of logits' rows `rows` at its inverse temperature, top-p, min-p and uniform "
+        "number u (-1: nothing to draw) (sample.h)",
+        py::arg("logits"), py::arg("rows"), py::arg("vocab"), py::arg("inv_temp"), py::arg("top_p"), py::arg("min_p"),
+        py::arg("u"), py::call_guard<py::gil_scoped_release>());
 
   // The block formats of block_linear and Decoder.add_layer (blocks.h), for metronome/kernels/blocks.py.
   py::dict kinds, bytes, weights, groups;

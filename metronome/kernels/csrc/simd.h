@@ -20,6 +20,7 @@
 //   ops.h, ops.cpp          norms, RoPE, gated activations, decode attention
 //   blocks.h, blocks.cpp    block matmuls: GGUF Q8_0 rows and packed Q4 groups (the block kinds)
 //   decoder.h, decoder.cpp  the fused decoder: every layer of a plan in one call
+//   sample.h, sample.cpp    the token drawn from each sampled row (temperature, top-p, min-p)
 //   bindings.cpp            the Python module (pybind11; functions take and return torch.Tensor)
 
 #pragma once

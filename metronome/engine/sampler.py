@@ -55,7 +55,7 @@ class RequestSampler:
         self.vocab_size = vocab_size
         self.draw_rows = draw_rows
         # greedy with nothing to apply but argmax (no penalties, no logprobs): the step may pick this row's
-        # token in one batched argmax over all rows (engine._greedy_tokens); params are frozen, so once
+        # token in one batched argmax over all rows (Engine._picks); params are frozen, so once
         self.plain_greedy = (
             params.temperature == 0.0
             and not (params.logprobs or params.top_logprobs)
@@ -64,8 +64,8 @@ class RequestSampler:
             and not params.frequency_penalty
             and not params.logit_bias
         )
-        # sampled with nothing to apply to the row before the draw (no penalties, bias, top-k or logprobs): the
-        # step may draw this row with the others' in one kernel call (Engine._picks) when draw_rows is set
+        # sampled with nothing to apply to the row before the draw (no penalties, bias or logprobs): the step
+        # may draw this row with the others' in one kernel call (Engine._picks) when draw_rows is set
         self.plain_sampled = (
             draw_rows is not None
             and params.temperature > 0.0
@@ -74,7 +74,6 @@ class RequestSampler:
             and not params.presence_penalty
             and not params.frequency_penalty
             and not params.logit_bias
-            and not (params.top_k and params.top_k < vocab_size)
         )
         # logit_bias as two small tensors, built once: added to a row's few entries, not a vocabulary-wide add
         self._bias_ids = torch.tensor([t for t, _ in params.logit_bias], dtype=torch.long)
@@ -142,12 +141,7 @@ class RequestSampler:
         return float(torch.rand((), generator=self.generator, dtype=torch.float64))
 
     def _kernel_draw(self, logits: torch.Tensor, draw_rows: DrawRows) -> int:
-        """One row (V,) drawn by the kernel, as the step draws a plain row: top-k first (the kernel has none),
-        then the kernel's temperature, top-p and min-p."""
-        p = self.params
-        if p.top_k and p.top_k < logits.shape[-1]:
-            kth = torch.topk(logits, p.top_k).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
+        """One row (V,) drawn by the kernel, as the step draws a plain row (temperature, top-k, top-p, min-p)."""
         row = logits.float().contiguous()[None]
         settings = draw_settings([self])
         token = draw_rows(row, torch.zeros(1, dtype=torch.long), row.shape[1], *settings)[0]
@@ -176,14 +170,15 @@ class RequestSampler:
         return ids, probs
 
 
-def draw_settings(samplers: list[RequestSampler]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What `DrawRows` takes for these requests' rows, one each: (inv_temp, top_p, min_p, u), and each
-    request's next uniform number taken from its generator."""
+def draw_settings(samplers: list[RequestSampler]) -> tuple[torch.Tensor, ...]:
+    """What `DrawRows` takes for these requests' rows, one each: (inv_temp, top_k, top_p, min_p, u), with
+    each request's next uniform number taken from its generator."""
     inv_temp = torch.tensor([1.0 / s.params.temperature for s in samplers], dtype=torch.float32)
+    top_k = torch.tensor([s.params.top_k for s in samplers], dtype=torch.long)
     top_p = torch.tensor([s.params.top_p for s in samplers], dtype=torch.float32)
     min_p = torch.tensor([s.params.min_p for s in samplers], dtype=torch.float32)
     u = torch.tensor([s.uniform() for s in samplers], dtype=torch.float64)
-    return inv_temp, top_p, min_p, u
+    return inv_temp, top_k, top_p, min_p, u
 
 
 def argmax_row(row: torch.Tensor) -> int:

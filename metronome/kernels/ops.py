@@ -51,8 +51,8 @@ Q8_0_BLOCK = BLOCK_WEIGHTS["Q8_0"]  # weights per Q8_0 block (Q8_0_BYTES bytes: 
 
 
 # Tokens drawn from rows of CPU logits in one call, CppOps.sample_rows's signature: (logits, rows, vocab,
-# inv_temp, top_p, min_p, u) -> a token per row, -1 where the row has nothing to draw.
-DrawRows = Callable[[Tensor, Tensor, int, Tensor, Tensor, Tensor, Tensor], list[int]]
+# inv_temp, top_k, top_p, min_p, u) -> a token per row, -1 where the row has nothing to draw.
+DrawRows = Callable[[Tensor, Tensor, int, Tensor, Tensor, Tensor, Tensor, Tensor], list[int]]
 
 
 class Ops(Protocol):
@@ -268,15 +268,17 @@ class CppOps:
         rows: Tensor,
         vocab: int,
         inv_temp: Tensor,
+        top_k: Tensor,
         top_p: Tensor,
         min_p: Tensor,
         u: Tensor,
     ) -> list[int]:
         """The token drawn from each row `rows[i]` of logits (R, W) float32 (its first `vocab` entries): weights
-        e^((x - max) * inv_temp[i]), top_p[i]'s nucleus, then min_p[i]'s cut, inverted at u[i] in [0, 1)
-        (csrc/sample.cpp has the arithmetic); -1 for a row with nothing to draw (all -inf, a NaN, a +inf).
-        rows (n,) int64, inv_temp/top_p/min_p (n,) float32, u (n,) float64; rows run in parallel."""
-        return self._m.sample_rows(logits, rows, vocab, inv_temp, top_p, min_p, u).tolist()
+        e^((x - max) * inv_temp[i]), top_k[i]'s cut (0: none), top_p[i]'s nucleus, then min_p[i]'s cut,
+        inverted at u[i] in [0, 1) (csrc/sample.cpp has the arithmetic); -1 for a row with nothing to draw
+        (all -inf, a NaN, a +inf). rows/top_k (n,) int64, inv_temp/top_p/min_p (n,) float32, u (n,) float64;
+        rows run in parallel."""
+        return self._m.sample_rows(logits, rows, vocab, inv_temp, top_k, top_p, min_p, u).tolist()
 
     # The fused decoder's pieces (C++ only; see plan.FusedModel).
 

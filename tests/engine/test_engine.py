@@ -863,8 +863,8 @@ def test_a_sampled_request_beside_a_plain_greedy_one_samples_its_own_tokens(tiny
 
 
 def test_plainly_sampled_rows_drawn_together_are_what_each_request_draws_alone(smollm_engine, monkeypatch):
-    """Requests that sample with nothing but temperature, top-p and min-p (no logprobs, penalties, bias or
-    top-k) have their rows drawn in one kernel call a step (Engine._picks): each gets the tokens it gets
+    """Requests that sample with nothing but temperature, top-k, top-p and min-p (no logprobs, penalties or
+    bias) have their rows drawn in one kernel call a step (Engine._picks): each gets the tokens it gets
     alone (where its rows, drafted or not, go through its sampler's own call), and those its twin gets with
     logprobs asked (every row through its sampler, one at a time); each draws its own, not its neighbour's."""
     engine = smollm_engine
@@ -876,10 +876,11 @@ def test_plainly_sampled_rows_drawn_together_are_what_each_request_draws_alone(s
         return kernel(logits, rows, *args)
 
     monkeypatch.setattr(engine.plan, "draw_rows", counted)  # the samplers submitted from here on take it too
-    settings = [(1.0, 1.0, 0.0, 5), (0.7, 0.9, 0.0, 6), (1.3, 1.0, 0.05, 7), (0.9, 0.8, 0.1, 5), (1.0, 1.0, 0.0, 8)]
+    settings = [(1.0, 1.0, 0.0, 0, 5), (0.7, 0.9, 0.0, 0, 6), (1.3, 1.0, 0.05, 0, 7), (0.9, 0.8, 0.1, 0, 5)]
+    settings.append((1.2, 0.95, 0.0, 40, 8))
     params = [
-        SamplingParams(max_tokens=24, temperature=t, top_p=p, min_p=m, seed=s, ignore_eos=True)
-        for t, p, m, s in settings
+        SamplingParams(max_tokens=24, temperature=t, top_p=p, min_p=m, top_k=k, seed=s, ignore_eos=True)
+        for t, p, m, k, s in settings
     ]
     prompts = [engine.encode_prompt(q) for q in ("Name a river.", "Why is the sky blue?", "Hi", "Count.", "Go!")]
     together = [engine.submit(pr, pa) for pr, pa in zip(prompts, params)]

@@ -52,7 +52,7 @@ def test_greedy_is_the_argmax():
 
 
 def test_the_batched_argmax_picks_each_rows_first_maximum_as_the_row_argmax_does():
-    """The step's batched greedy pick (engine._greedy_tokens) must be the token the request's own sampler
+    """The step's batched greedy pick (Engine._picks) must be the token the request's own sampler
     picks: ties go to the lowest index, over a strided view (the padded logits cut to the vocabulary) too."""
     logits = torch.randn(6, V + 3, generator=torch.Generator().manual_seed(3))
     logits[1, [2, 9]] = 50.0  # a tie: index 2 wins

@@ -68,10 +68,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("items"), py::arg("grain"), py::arg("at"), py::call_guard<py::gil_scoped_release>());
 
   m.def("sample_rows", &metronome::sample_rows,
-        "the token drawn from each of logits' rows `rows` at its inverse temperature, top-p, min-p and uniform "
+        "the token drawn from each of logits' rows `rows` at its inverse temperature, top-k, top-p, min-p and uniform "
         "number u (-1: nothing to draw) (sample.h)",
-        py::arg("logits"), py::arg("rows"), py::arg("vocab"), py::arg("inv_temp"), py::arg("top_p"), py::arg("min_p"),
-        py::arg("u"), py::call_guard<py::gil_scoped_release>());
+        py::arg("logits"), py::arg("rows"), py::arg("vocab"), py::arg("inv_temp"), py::arg("top_k"), py::arg("top_p"),
+        py::arg("min_p"), py::arg("u"), py::call_guard<py::gil_scoped_release>());
 
   // The block formats of block_linear and Decoder.add_layer (blocks.h), for metronome/kernels/blocks.py.
   py::dict kinds, bytes, weights, groups;

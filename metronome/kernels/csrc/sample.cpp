@@ -9,6 +9,8 @@
 //   - no cut: every token, by id. The walk adds whole chunks until the running sum would pass u * S, then
 //     that chunk's weights one by one (where rounding leaves the target past the chunk's last token, its
 //     last token of positive weight is drawn; past the row's end, the row's last such token).
+//   - top_k > 0: the tokens at or above the k-th largest weight (ties with it too); top-p and min-p then apply
+//     to them, top-p to their mass.
 //   - top_p < 1: the most likely tokens, by weight descending and ties by id, up to and including the first
 //     whose preceding mass reaches top_p * S; min-p applies to what is left.
 //   - min_p > 0: tokens below min_p times the top token's weight (1) are dropped.
@@ -44,6 +46,7 @@ struct RowScratch {
   std::vector<float> chunk;                     // each 16-token chunk's sum
   std::vector<std::pair<float, int32_t>> kept;  // (weight, id) of the tokens a cut keeps
   std::vector<uint64_t> keys;                   // top-p's sort keys
+  std::vector<float> top;                       // top-k's candidate weights
 };
 
 inline __mmask16 lanes_below(int64_t left) {
@@ -69,6 +72,21 @@ double collect(const RowScratch& sc, int64_t V, float bound, std::vector<std::pa
   return mass;
 }
 
+// The k-th largest weight of the row (0 where fewer than k are positive). Most of a model's row is far below
+// its top weight, so the weights at or above 2^-10 of it (then 2^-20, then all) are searched when there
+// are k of them.
+float kth_weight(RowScratch& sc, int64_t V, int64_t k) {
+  for (const float bound : {0x1p-10f, 0x1p-20f, 0.0f}) {
+    sc.top.clear();
+    for (int64_t i = 0; i < V; ++i)
+      if (sc.w[i] >= bound && sc.w[i] > 0.0f) sc.top.push_back(sc.w[i]);
+    if (static_cast<int64_t>(sc.top.size()) >= k) break;
+  }
+  if (static_cast<int64_t>(sc.top.size()) < k) return 0.0f;
+  std::nth_element(sc.top.begin(), sc.top.begin() + (k - 1), sc.top.end(), std::greater<float>());
+  return sc.top[k - 1];
+}
+
 // The first kept token whose running sum passes u times the kept total (the last one, where rounding
 // leaves the target past it).
 int64_t draw_kept(const std::vector<std::pair<float, int32_t>>& kept, double u) {
@@ -83,7 +101,8 @@ int64_t draw_kept(const std::vector<std::pair<float, int32_t>>& kept, double u) 
   return kept.back().second;
 }
 
-int64_t sample_row(const float* x, int64_t V, float s, float top_p, float min_p, double u, RowScratch& sc) {
+int64_t sample_row(const float* x, int64_t V, float s, int64_t top_k, float top_p, float min_p, double u,
+                   RowScratch& sc) {
   const int64_t nc = (V + 15) / 16;
   // the largest logit; a NaN anywhere leaves nothing to draw from
   __m512 vm = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
@@ -113,10 +132,16 @@ int64_t sample_row(const float* x, int64_t V, float s, float top_p, float min_p,
     S += sc.chunk[c];
   }
 
+  // top-k: the tokens at or above the k-th largest weight, ties with it included (as masking the logits
+  // below the k-th does), by id; the cuts below then read their total, not the row's
+  const bool cut_k = top_k > 0 && top_k < V;
+  const double total = cut_k ? collect(sc, V, kth_weight(sc, V, top_k), sc.kept) : S;
   if (top_p < 1.0f) {
-    const double goal = static_cast<double>(top_p) * S;
-    for (const float bound : {0x1p-10f, 0x1p-20f, 0.0f}) {
-      if (collect(sc, V, bound, sc.kept) >= goal || bound == 0.0f) break;
+    const double goal = static_cast<double>(top_p) * total;
+    if (!cut_k) {
+      for (const float bound : {0x1p-10f, 0x1p-20f, 0.0f}) {
+        if (collect(sc, V, bound, sc.kept) >= goal || bound == 0.0f) break;
+      }
     }
     // by weight descending, ties by id: one 64-bit key a token (a positive float's bits order as its value),
     // which sorted a flat row's 49k tokens 2x faster than a stable sort of the pairs
@@ -136,6 +161,8 @@ int64_t sample_row(const float* x, int64_t V, float s, float top_p, float min_p,
     size_t n = 0;
     while (n < sc.kept.size() && before < goal) before += sc.kept[n++].first;
     sc.kept.resize(n);  // n >= 1: goal > 0 (S >= 1, top_p > 0)
+  } else if (cut_k) {
+    // kept as collected
   } else if (min_p > 0.0f) {
     collect(sc, V, min_p, sc.kept);
   } else {
@@ -169,8 +196,8 @@ int64_t sample_row(const float* x, int64_t V, float s, float top_p, float min_p,
 
 }  // namespace
 
-Tensor sample_rows(const Tensor& logits, const Tensor& rows, int64_t vocab, const Tensor& inv_temp, const Tensor& top_p,
-                   const Tensor& min_p, const Tensor& u) {
+Tensor sample_rows(const Tensor& logits, const Tensor& rows, int64_t vocab, const Tensor& inv_temp, const Tensor& top_k,
+                   const Tensor& top_p, const Tensor& min_p, const Tensor& u) {
   constexpr const char* op = "sample_rows";
   check_cpu(op, "logits", logits);
   TORCH_CHECK_VALUE(logits.scalar_type() == at::kFloat && logits.dim() == 2 && logits.stride(1) == 1, op,
@@ -180,23 +207,24 @@ Tensor sample_rows(const Tensor& logits, const Tensor& rows, int64_t vocab, cons
                     vocab);
   const int64_t n = rows.numel();
   const std::pair<const Tensor*, const char*> per_row[] = {
-      {&rows, "rows"}, {&inv_temp, "inv_temp"}, {&top_p, "top_p"}, {&min_p, "min_p"}, {&u, "u"}};
+      {&rows, "rows"}, {&inv_temp, "inv_temp"}, {&top_k, "top_k"}, {&top_p, "top_p"}, {&min_p, "min_p"}, {&u, "u"}};
   for (const auto& [t, name] : per_row) {
     check_cpu(op, name, *t);
     TORCH_CHECK_VALUE(t->dim() == 1 && t->numel() == n && t->is_contiguous(), op, ": ", name,
                       " must be a contiguous 1-D tensor of one entry per row (", n, "), got ", t->sizes());
   }
-  TORCH_CHECK_VALUE(rows.scalar_type() == at::kLong && u.scalar_type() == at::kDouble &&
-                        inv_temp.scalar_type() == at::kFloat && top_p.scalar_type() == at::kFloat &&
-                        min_p.scalar_type() == at::kFloat,
-                    op, ": rows must be int64, u float64, inv_temp/top_p/min_p float32");
-  const int64_t* r = rows.data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(rows.scalar_type() == at::kLong && top_k.scalar_type() == at::kLong &&
+                        u.scalar_type() == at::kDouble && inv_temp.scalar_type() == at::kFloat &&
+                        top_p.scalar_type() == at::kFloat && min_p.scalar_type() == at::kFloat,
+                    op, ": rows and top_k must be int64, u float64, inv_temp/top_p/min_p float32");
+  const int64_t *r = rows.data_ptr<int64_t>(), *k = top_k.data_ptr<int64_t>();
   const float *s = inv_temp.data_ptr<float>(), *p = top_p.data_ptr<float>(), *mp = min_p.data_ptr<float>();
   const double* uu = u.data_ptr<double>();
   for (int64_t i = 0; i < n; ++i) {
     TORCH_CHECK_INDEX(r[i] >= 0 && r[i] < logits.size(0), op, ": rows[", i, "] = ", r[i], " is not a row of logits (",
                       logits.size(0), ")");
     TORCH_CHECK_VALUE(std::isfinite(s[i]) && s[i] > 0.0f, op, ": inv_temp[", i, "] must be positive, got ", s[i]);
+    TORCH_CHECK_VALUE(k[i] >= 0, op, ": top_k[", i, "] must be 0 (off) or positive, got ", k[i]);
     TORCH_CHECK_VALUE(p[i] > 0.0f && p[i] <= 1.0f, op, ": top_p[", i, "] must be in (0, 1], got ", p[i]);
     TORCH_CHECK_VALUE(mp[i] >= 0.0f && mp[i] <= 1.0f, op, ": min_p[", i, "] must be in [0, 1], got ", mp[i]);
     TORCH_CHECK_VALUE(uu[i] >= 0.0 && uu[i] < 1.0, op, ": u[", i, "] must be in [0, 1), got ", uu[i]);
@@ -208,7 +236,8 @@ Tensor sample_rows(const Tensor& logits, const Tensor& rows, int64_t vocab, cons
   // a row is one unit of work, whole on one thread
   parallel_for(0, n, 1, [&](int64_t lo, int64_t hi) {
     thread_local RowScratch scratch;
-    for (int64_t i = lo; i < hi; ++i) o[i] = sample_row(base + r[i] * ld, vocab, s[i], p[i], mp[i], uu[i], scratch);
+    for (int64_t i = lo; i < hi; ++i)
+      o[i] = sample_row(base + r[i] * ld, vocab, s[i], k[i], p[i], mp[i], uu[i], scratch);
   });
   return out;
 }

@@ -78,8 +78,15 @@ double collect(const RowScratch& sc, int64_t V, float bound, std::vector<std::pa
 float kth_weight(RowScratch& sc, int64_t V, int64_t k) {
   for (const float bound : {0x1p-10f, 0x1p-20f, 0.0f}) {
     sc.top.clear();
-    for (int64_t i = 0; i < V; ++i)
-      if (sc.w[i] >= bound && sc.w[i] > 0.0f) sc.top.push_back(sc.w[i]);
+    const __m512 b = _mm512_set1_ps(bound);
+    for (int64_t c = 0; c * 16 < V; ++c) {  // a chunk at a time: most hold no candidate
+      const __m512 v = _mm512_loadu_ps(sc.w.data() + c * 16);
+      unsigned hit = bound > 0.0f ? _mm512_cmp_ps_mask(v, b, _CMP_GE_OQ) : _mm512_cmp_ps_mask(v, b, _CMP_GT_OQ);
+      while (hit) {
+        sc.top.push_back(sc.w[c * 16 + __builtin_ctz(hit)]);
+        hit &= hit - 1;
+      }
+    }
     if (static_cast<int64_t>(sc.top.size()) >= k) break;
   }
   if (static_cast<int64_t>(sc.top.size()) < k) return 0.0f;

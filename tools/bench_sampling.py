@@ -5,7 +5,8 @@
 
 Each level submits `users` prompts at once (`ignore_eos`, seeded) to one engine on its own thread and
 prints the median tokens/s per user (first to last token) and the step profile's "sample" phase in ms a
-step, for greedy, T=1 (the API's default) and T=0.7 with top_p 0.9. Every level runs once unmeasured first.
+step, for greedy, T=1 (the API's default), T=0.7 with top_p 0.9, and T=0.8 with presence and frequency
+penalties of 0.3. Every level runs once unmeasured first.
 To compare two builds, run it under each (an earlier commit checked out with `git worktree add` and put
 first on PYTHONPATH, from another directory), alternating (docs/performance.md, "Sampling a row").
 """
@@ -26,6 +27,7 @@ SAMPLINGS = {
     "greedy": {"temperature": 0.0},
     "T=1": {"temperature": 1.0},
     "T=0.7 top_p=0.9": {"temperature": 0.7, "top_p": 0.9},
+    "T=0.8 penalties": {"temperature": 0.8, "presence_penalty": 0.3, "frequency_penalty": 0.3},
 }
 
 

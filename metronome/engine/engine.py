@@ -36,7 +36,7 @@ from metronome.engine.request import (
     SpecStats,
     Timings,
 )
-from metronome.engine.sampler import Choice, RequestSampler, argmax_rows, draw_settings, scored
+from metronome.engine.sampler import Choice, RequestSampler, argmax_rows, draw_settings, scored, uniforms
 from metronome.engine.scheduler import Batch, Scheduler
 from metronome.engine.speculate import (
     Drafter,
@@ -714,8 +714,9 @@ class Engine(PythonAPI):
                 picks[row : row + n] = tokens[row : row + n]
         if sampled and self.plan.draw_rows is not None:
             rows = torch.tensor([row for row, _ in sampled], dtype=torch.long)
-            settings = draw_settings([r.sampler for _, r in sampled])
-            drawn = self.plan.draw_rows(logits, rows, self.plan.cfg.vocab_size, *settings)
+            samplers = [r.sampler for _, r in sampled]
+            settings = draw_settings(samplers)
+            drawn = self.plan.draw_rows(logits, rows, self.plan.cfg.vocab_size, *settings, uniforms(samplers))
             for (row, _), token in zip(sampled, drawn):
                 picks[row] = token if token >= 0 else None  # nothing to draw: the sampler's own call says why
         return picks

@@ -54,6 +54,9 @@ class RequestSampler:
         self.generator = torch.Generator().manual_seed(self.seed)
         self.vocab_size = vocab_size
         self.draw_rows = draw_rows
+        self._row_settings: tuple[torch.Tensor, ...] | None = (
+            None  # _kernel_draw's (rows, inv_temp, top_k, top_p, min_p)
+        )
         # greedy with nothing to apply but argmax (no penalties, no logprobs): the step may pick this row's
         # token in one batched argmax over all rows (Engine._picks); params are frozen, so once
         self.plain_greedy = (
@@ -79,30 +82,42 @@ class RequestSampler:
         self._bias_ids = torch.tensor([t for t, _ in params.logit_bias], dtype=torch.long)
         self._bias = torch.tensor([b for _, b in params.logit_bias], dtype=torch.float32)
         self._penalized = bool(params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty)
-        self._counts = torch.zeros(vocab_size, dtype=torch.float32)  # generated tokens only
-        self._seen = torch.zeros(vocab_size, dtype=torch.bool)  # prompt + generated (repetition penalty)
-        if params.repetition_penalty != 1.0 and prompt_ids:
-            self._seen[torch.tensor([t for t in prompt_ids if t < vocab_size], dtype=torch.long)] = True
+        # the penalties' state as the few tokens it names, not vocabulary-wide tensors: a penalty then touches
+        # those entries only (a penalized row took ~150 us of whole-row ops over a 49k vocabulary, and
+        # observing a token ~45 us of tensor writes)
+        self._counts: dict[int, int] = {}  # generated tokens only
+        self._seen: set[int] = set()  # prompt + generated (repetition penalty)
+        if params.repetition_penalty != 1.0:
+            self._seen.update(t for t in prompt_ids if t < vocab_size)
 
     def observe(self, token: int) -> None:
-        """Record a token that was emitted (for penalties; nothing to do without them: two tensor writes
-        cost ~45 µs a token, a percent of a 1-user step)."""
+        """Record a token that was emitted (for penalties)."""
         if not self._penalized:
             return
-        self._counts[token] += 1
-        self._seen[token] = True
+        self._counts[token] = self._counts.get(token, 0) + 1
+        self._seen.add(token)
 
     def penalize(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits (V,) float32 after logit_bias, then repetition/presence/frequency penalties (OpenAI and HF
-        semantics; the bias first, as llama.cpp's sampler chain adds it). Never writes into `logits`."""
+        semantics; the bias first, as llama.cpp's sampler chain adds it). Never writes into `logits`. Each
+        penalty is the same elementwise formula as over the whole row, on the entries it changes only:
+        repetition x / r where x > 0, else x * r, on the tokens seen; x - f * count - p on the generated
+        ones (the others' x - f * 0 - p * 0 is x)."""
         p = self.params
         if p.logit_bias:
             logits = logits.index_add(0, self._bias_ids, self._bias)
-        if p.repetition_penalty != 1.0:
-            scaled = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
-            logits = torch.where(self._seen, scaled, logits)
-        if p.presence_penalty or p.frequency_penalty:
-            logits = logits - p.frequency_penalty * self._counts - p.presence_penalty * (self._counts > 0).float()
+        if not self._penalized:
+            return logits
+        logits = logits.clone()
+        if p.repetition_penalty != 1.0 and self._seen:
+            ids = torch.tensor(sorted(self._seen), dtype=torch.long)
+            x = logits[ids]
+            logits[ids] = torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and self._counts:
+            ids = torch.tensor(list(self._counts), dtype=torch.long)
+            counts = torch.tensor(list(self._counts.values()), dtype=torch.float32)
+            x = logits[ids]
+            logits[ids] = x - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).float()
         return logits
 
     def choose(self, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> Choice:
@@ -143,8 +158,9 @@ class RequestSampler:
     def _kernel_draw(self, logits: torch.Tensor, draw_rows: DrawRows) -> int:
         """One row (V,) drawn by the kernel, as the step draws a plain row (temperature, top-k, top-p, min-p)."""
         row = logits.float().contiguous()[None]
-        settings = draw_settings([self])
-        token = draw_rows(row, torch.zeros(1, dtype=torch.long), row.shape[1], *settings)[0]
+        if self._row_settings is None:  # a request's settings do not change: built for its first row alone
+            self._row_settings = (torch.zeros(1, dtype=torch.long), *draw_settings([self]))
+        token = draw_rows(row, self._row_settings[0], row.shape[1], *self._row_settings[1:], uniforms([self]))[0]
         if token < 0:
             raise ValueError("cannot sample from these logits: they hold a NaN or +inf, or every token is -inf")
         return token
@@ -170,15 +186,19 @@ class RequestSampler:
         return ids, probs
 
 
-def draw_settings(samplers: list[RequestSampler]) -> tuple[torch.Tensor, ...]:
-    """What `DrawRows` takes for these requests' rows, one each: (inv_temp, top_k, top_p, min_p, u), with
-    each request's next uniform number taken from its generator."""
+def draw_settings(samplers: list[RequestSampler]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What `DrawRows` takes for these requests' rows, one each, but the uniform numbers (`uniforms`):
+    (inv_temp, top_k, top_p, min_p)."""
     inv_temp = torch.tensor([1.0 / s.params.temperature for s in samplers], dtype=torch.float32)
     top_k = torch.tensor([s.params.top_k for s in samplers], dtype=torch.long)
     top_p = torch.tensor([s.params.top_p for s in samplers], dtype=torch.float32)
     min_p = torch.tensor([s.params.min_p for s in samplers], dtype=torch.float32)
-    u = torch.tensor([s.uniform() for s in samplers], dtype=torch.float64)
-    return inv_temp, top_k, top_p, min_p, u
+    return inv_temp, top_k, top_p, min_p
+
+
+def uniforms(samplers: list[RequestSampler]) -> torch.Tensor:
+    """Each request's next uniform number, from its own generator: the u of its row's draw."""
+    return torch.tensor([s.uniform() for s in samplers], dtype=torch.float64)
 
 
 def argmax_row(row: torch.Tensor) -> int:

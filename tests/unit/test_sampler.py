@@ -143,6 +143,40 @@ def test_presence_and_frequency_penalties_follow_the_generated_counts():
     assert torch.equal(_sampler(prompt=[7]).penalize(logits), logits)  # defaults: no change
 
 
+@pytest.mark.parametrize(
+    "penalties",
+    [
+        {"repetition_penalty": 1.3},
+        {"repetition_penalty": 0.7},
+        {"presence_penalty": 0.6, "frequency_penalty": -0.35},
+        {"repetition_penalty": 1.1, "presence_penalty": -0.2, "frequency_penalty": 0.45},
+    ],
+)
+def test_penalties_on_the_tokens_they_name_are_the_whole_row_formula_bit_for_bit(penalties):
+    """The sampler keeps the penalties' state as the tokens they name and changes those entries only; each
+    entry is what the formula over the whole row gives it (repetition where(x > 0, x / r, x * r) on the seen
+    tokens, then x - f * count - p * (count > 0)), on a real vocabulary's width."""
+    vocab = 49_152
+    g = torch.Generator().manual_seed(12)
+    logits = torch.randn(vocab, generator=g) * 5
+    prompt = torch.randint(0, vocab, (300,), generator=g).tolist()
+    generated = torch.randint(0, vocab, (200,), generator=g).tolist() + [7, 7, 7, prompt[0]]
+    s = RequestSampler(SamplingParams(**penalties), prompt, vocab, DRAW)
+    for t in generated:
+        s.observe(t)
+    r = penalties.get("repetition_penalty", 1.0)
+    f, p = penalties.get("frequency_penalty", 0.0), penalties.get("presence_penalty", 0.0)
+    seen = torch.zeros(vocab, dtype=torch.bool)
+    seen[torch.tensor(prompt + generated)] = r != 1.0
+    counts = torch.bincount(torch.tensor(generated), minlength=vocab).float()
+    expected = torch.where(seen, torch.where(logits > 0, logits / r, logits * r), logits)
+    if f or p:
+        expected = expected - f * counts - p * (counts > 0).float()
+    out = s.penalize(logits)
+    assert torch.equal(out, expected)
+    assert (out != logits).sum() > 100  # the penalties did act
+
+
 def test_logit_bias_is_added_first_and_decides_the_choice():
     logits = torch.zeros(V)
     logits[4], logits[6] = 1.0, 0.9

@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -97,6 +98,7 @@ float kth_weight(RowScratch& sc, int64_t V, int64_t k) {
 // The first kept token whose running sum passes u times the kept total (the last one, where rounding
 // leaves the target past it).
 int64_t draw_kept(const std::vector<std::pair<float, int32_t>>& kept, double u) {
+  if (kept.empty()) return -1;  // never here: every cut keeps the top token (weight 1)
   double total = 0.0;
   for (const auto& k : kept) total += k.first;
   const double t = u * total;

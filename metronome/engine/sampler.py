@@ -54,34 +54,18 @@ class RequestSampler:
         self.generator = torch.Generator().manual_seed(self.seed)
         self.vocab_size = vocab_size
         self.draw_rows = draw_rows
-        self._row_settings: tuple[torch.Tensor, ...] | None = (
-            None  # _kernel_draw's (rows, inv_temp, top_k, top_p, min_p)
-        )
-        # greedy with nothing to apply but argmax (no penalties, no logprobs): the step may pick this row's
-        # token in one batched argmax over all rows (Engine._picks); params are frozen, so once
-        self.plain_greedy = (
-            params.temperature == 0.0
-            and not (params.logprobs or params.top_logprobs)
-            and params.repetition_penalty == 1.0
-            and not params.presence_penalty
-            and not params.frequency_penalty
-            and not params.logit_bias
-        )
-        # sampled with nothing to apply to the row before the draw (no penalties, bias or logprobs): the step
-        # may draw this row with the others' in one kernel call (Engine._picks) when draw_rows is set
-        self.plain_sampled = (
-            draw_rows is not None
-            and params.temperature > 0.0
-            and not (params.logprobs or params.top_logprobs)
-            and params.repetition_penalty == 1.0
-            and not params.presence_penalty
-            and not params.frequency_penalty
-            and not params.logit_bias
-        )
+        # _kernel_draw's (rows, inv_temp, top_k, top_p, min_p), built for the request's first such row
+        self._row_settings: tuple[torch.Tensor, ...] | None = None
+        self._penalized = bool(params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty)
+        # nothing to apply to the row but the choice itself (no penalties, bias or logprobs): the step may choose
+        # it with the other rows' (Engine._picks), greedy in one batched argmax, sampled in one kernel call
+        # when draw_rows is set; params are frozen, so decided once
+        bare = not (params.logprobs or params.top_logprobs or self._penalized or params.logit_bias)
+        self.plain_greedy = bare and params.temperature == 0.0
+        self.plain_sampled = bare and params.temperature > 0.0 and draw_rows is not None
         # logit_bias as two small tensors, built once: added to a row's few entries, not a vocabulary-wide add
         self._bias_ids = torch.tensor([t for t, _ in params.logit_bias], dtype=torch.long)
         self._bias = torch.tensor([b for _, b in params.logit_bias], dtype=torch.float32)
-        self._penalized = bool(params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty)
         # the penalties' state as the few tokens it names, not vocabulary-wide tensors: a penalty then touches
         # those entries only (a penalized row took ~150 us of whole-row ops over a 49k vocabulary, and
         # observing a token ~45 us of tensor writes)

@@ -239,15 +239,37 @@ def _engine(path: str, tp: int, weights: str = "f32") -> Engine:
 
 
 def test_fused_decoder_tp2_gives_the_tp1_tokens_and_logprobs(wide_llama):
+    """Greedy and seeded sampled requests get the same tokens and logprobs at tp=1, 2 and 4 (every rank
+    holds the whole logits; rank 0 draws). The plan draws with the C++ kernel at every degree, and each
+    request draws its own row: sampled together, each gets what it gets alone."""
     path = wide_llama
-    runs = []
+    runs, sampled_runs = [], []
+    # seeded sampled requests, drawn by the C++ kernel as a one-process plan draws them: two plainly sampled
+    # (one call for both rows) and one with logprobs (its own sampler's call)
+    sampled = [
+        SamplingParams(max_tokens=10, temperature=1.0, seed=3, ignore_eos=True),
+        SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=4, ignore_eos=True),
+        SamplingParams(max_tokens=10, temperature=1.2, top_k=5, seed=5, logprobs=True, ignore_eos=True),
+    ]
     for tp in (1, 2, 4):
         engine = _engine(path, tp, "int8")
         assert "fused decoder" in engine.plan.report.kernels and engine.plan.runner.any_rows
+        assert engine.plan.draw_rows is not None
         done = engine.generate(["w1 w2 w3", "w7 w5"], GREEDY, chat=False)
         runs.append([(c.token_ids, [x.logprob for x in c.choices]) for c in done])
+        prompts = [engine.encode_prompt(p, chat=False) for p in ("w1 w2 w3", "w7 w5", "w4 w4 w9 w2")]
+        together = [engine.submit(pr, pa) for pr, pa in zip(prompts, sampled)]
+        while not engine.scheduler.idle:
+            engine.step()
+        sampled_runs.append([(tuple(r.output_ids), [x.logprob for x in r.choices]) for r in together])
+        if tp == 1:  # each drew its own row: what it draws alone (a call of its row only)
+            alone = [tuple(engine.generate(pr, pa).token_ids) for pr, pa in zip(prompts, sampled)]
+            assert alone == [t for t, _ in sampled_runs[0]]
         engine.plan.runner.close()
     assert runs[0] == runs[1] == runs[2]
+    assert sampled_runs[0] == sampled_runs[1] == sampled_runs[2]
+    # three different answers: sampled by their seeds, not one greedy continuation
+    assert len({tuple(t) for t, _ in sampled_runs[0]}) == 3
 
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, logprobs=True, ignore_eos=True)

@@ -166,59 +166,70 @@ XQuant carve(uint8_t* scratch, int64_t M, int64_t K) {
 
 inline __m512 abs_ps(__m512 v) { return _mm512_and_ps(v, _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF))); }
 
+// Elements of x per parallel chunk of a quantization. A prompt chunk's activations are quantized before every
+// matmul, four times a layer; on the calling thread alone that was ~5 % of a 256-row chunk of SmolLM2 while
+// the other threads spun (perf, docs/performance.md). Smaller chunks than the plain ops' cost more in hand-offs
+// than they save (at 4,096 elements an 8-row decode step ran 3-5 % slower). Blocks are independent, so the split
+// never changes a bit.
+constexpr int64_t kQuantizeGrainElems = kMinParallelElems;
+
 // x (M, K) -> q.x8, q.dx, q.sx, q.bs, q.o16, q.o128.
 void quantize_32(const float* x, int64_t M, int64_t K, const XQuant& q) {
   const int64_t nb = K / 32;
-  for (int64_t i = 0; i < M * nb; ++i) {
-    const __m512 v0 = _mm512_loadu_ps(x + i * 32), v1 = _mm512_loadu_ps(x + i * 32 + 16);
-    const float amax = int8_amax(_mm512_reduce_max_ps(_mm512_max_ps(abs_ps(v0), abs_ps(v1))));
-    const __m512 s = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
-    const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, s)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, s));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q.x8 + i * 32), _mm512_cvtsepi32_epi8(q0));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q.x8 + i * 32 + 16), _mm512_cvtsepi32_epi8(q1));
-    q.dx[i] = amax / 127.0f;
-    q.bs[i] = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));  // exact integer sum
-    q.sx[i] = q.dx[i] * static_cast<float>(q.bs[i]);
-    q.o16[i] = -16 * q.bs[i];
-    q.o128[i] = -128 * q.bs[i];
-    uint8_t* r = q.xr + (i % nb) * q.xr_block + (i / nb) * kRecordBytes;
-    std::memcpy(r, q.x8 + i * 32, 32);
-    std::memcpy(r + kRecordO16, q.o16 + i, 4);
-    std::memcpy(r + kRecordO128, q.o128 + i, 4);
-    std::memcpy(r + kRecordDx, q.dx + i, 4);
-    std::memcpy(r + kRecordSx, q.sx + i, 4);
-  }
+  parallel_for(0, M * nb, grain_for(32, kQuantizeGrainElems), [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const __m512 v0 = _mm512_loadu_ps(x + i * 32), v1 = _mm512_loadu_ps(x + i * 32 + 16);
+      const float amax = int8_amax(_mm512_reduce_max_ps(_mm512_max_ps(abs_ps(v0), abs_ps(v1))));
+      const __m512 s = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+      const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, s)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, s));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q.x8 + i * 32), _mm512_cvtsepi32_epi8(q0));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q.x8 + i * 32 + 16), _mm512_cvtsepi32_epi8(q1));
+      q.dx[i] = amax / 127.0f;
+      q.bs[i] = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));  // exact integer sum
+      q.sx[i] = q.dx[i] * static_cast<float>(q.bs[i]);
+      q.o16[i] = -16 * q.bs[i];
+      q.o128[i] = -128 * q.bs[i];
+      uint8_t* r = q.xr + (i % nb) * q.xr_block + (i / nb) * kRecordBytes;
+      std::memcpy(r, q.x8 + i * 32, 32);
+      std::memcpy(r + kRecordO16, q.o16 + i, 4);
+      std::memcpy(r + kRecordO128, q.o128 + i, 4);
+      std::memcpy(r + kRecordDx, q.dx + i, 4);
+      std::memcpy(r + kRecordSx, q.sx + i, 4);
+    }
+  });
 }
 
 // x (M, K) -> q.x8k, q.x8kp, q.dxk, q.bs32, q.bs16, q.bs32p, q.o32, q.mk, q.m6 (K a multiple of 256).
 void quantize_256(const float* x, int64_t M, int64_t K, const XQuant& q) {
   const int64_t nb = K / 256;
-  for (int64_t i = 0; i < M * nb; ++i) {
-    const float* xb = x + i * 256;
-    __m512 mx = _mm512_setzero_ps();
-    for (int j = 0; j < 16; ++j) mx = _mm512_max_ps(mx, abs_ps(_mm512_loadu_ps(xb + 16 * j)));
-    const float amax = int8_amax(_mm512_reduce_max_ps(mx));
-    const __m512 s = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
-    q.dxk[i] = amax / 127.0f;
-    for (int j = 0; j < 16; ++j) {
-      const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + 16 * j), s));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q.x8k + i * 256 + 16 * j), _mm512_cvtsepi32_epi8(v));
-      q.bs16[i * 16 + j] = _mm512_reduce_add_epi32(v);
+  parallel_for(0, M * nb, grain_for(256, kQuantizeGrainElems), [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const float* xb = x + i * 256;
+      __m512 mx = _mm512_setzero_ps();
+      for (int j = 0; j < 16; ++j) mx = _mm512_max_ps(mx, abs_ps(_mm512_loadu_ps(xb + 16 * j)));
+      const float amax = int8_amax(_mm512_reduce_max_ps(mx));
+      const __m512 s = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+      q.dxk[i] = amax / 127.0f;
+      for (int j = 0; j < 16; ++j) {
+        const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + 16 * j), s));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q.x8k + i * 256 + 16 * j), _mm512_cvtsepi32_epi8(v));
+        q.bs16[i * 16 + j] = _mm512_reduce_add_epi32(v);
+      }
+      for (int j = 0; j < 8; ++j) q.bs32[i * 8 + j] = q.bs16[i * 16 + 2 * j] + q.bs16[i * 16 + 2 * j + 1];
+      for (int j = 0; j < 4; ++j)  // |bs32| <= 32 * 127: an int16 each
+        q.bs32p[i * 4 + j] = static_cast<int32_t>((static_cast<uint32_t>(q.bs32[i * 8 + 2 * j]) & 0xFFFFu) |
+                                                  (static_cast<uint32_t>(q.bs32[i * 8 + 2 * j + 1]) << 16));
+      for (int j = 0; j < 16; ++j) q.o32[i * 16 + j] = -32 * q.bs16[i * 16 + j];
+      const __m256 mk =
+          _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.bs32 + i * 8))),
+                        _mm256_set1_ps(q.dxk[i]));
+      _mm512_storeu_ps(q.mk + i * 16, _mm512_zextps256_ps512(mk));
+      _mm512_storeu_ps(q.m6 + i * 16, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(q.bs16 + i * 16)),
+                                                    _mm512_set1_ps(q.dxk[i])));
+      constexpr int kOrder[8] = {0, 2, 1, 3, 4, 6, 5, 7};
+      for (int j = 0; j < 8; ++j) std::memcpy(q.x8kp + i * 256 + 32 * j, q.x8k + i * 256 + 32 * kOrder[j], 32);
     }
-    for (int j = 0; j < 8; ++j) q.bs32[i * 8 + j] = q.bs16[i * 16 + 2 * j] + q.bs16[i * 16 + 2 * j + 1];
-    for (int j = 0; j < 4; ++j)  // |bs32| <= 32 * 127: an int16 each
-      q.bs32p[i * 4 + j] = static_cast<int32_t>((static_cast<uint32_t>(q.bs32[i * 8 + 2 * j]) & 0xFFFFu) |
-                                                (static_cast<uint32_t>(q.bs32[i * 8 + 2 * j + 1]) << 16));
-    for (int j = 0; j < 16; ++j) q.o32[i * 16 + j] = -32 * q.bs16[i * 16 + j];
-    const __m256 mk =
-        _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.bs32 + i * 8))),
-                      _mm256_set1_ps(q.dxk[i]));
-    _mm512_storeu_ps(q.mk + i * 16, _mm512_zextps256_ps512(mk));
-    _mm512_storeu_ps(q.m6 + i * 16,
-                     _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(q.bs16 + i * 16)), _mm512_set1_ps(q.dxk[i])));
-    constexpr int kOrder[8] = {0, 2, 1, 3, 4, 6, 5, 7};
-    for (int j = 0; j < 8; ++j) std::memcpy(q.x8kp + i * 256 + 32 * j, q.x8k + i * 256 + 32 * kOrder[j], 32);
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -250,7 +250,8 @@ void attend(const float* qf, float* of, const TC* kb, const TC* vb, int64_t kstr
   int64_t lmin = L[0], lmax = L[0];
   for (int i = 1; i < NQ; ++i) lmin = std::min(lmin, L[i]), lmax = std::max(lmax, L[i]);
   // query i's scores at i * lmax, then pass 2's p in whole blocks of 16 keys
-  scores.resize(static_cast<size_t>(NQ * lmax + NQ * 16 * ((lmax + 15) / 16)));
+  const size_t need = static_cast<size_t>(NQ * lmax + NQ * 16 * ((lmax + 15) / 16));
+  if (scores.size() < need) scores.resize(need);  // grown, never shrunk: shrinking and growing again zero-fills
   // Pass 1, keys 16 at a time: every query's (key) accumulator is kept, then hsum16 sums a query's 16 (the
   // bits hsum gives each one, in a third of the instructions). Keys past a query's end (the tail of a
   // tile of rows) are computed for all and never stored.
@@ -429,7 +430,11 @@ void attention_rows(const TQ* q, TQ* out, const TC* kc, const TC* vc, const int6
   // at most the pool's chunks, so that one chunk is one bin (a chunk of several bins would hold the costliest)
   const int64_t bins = std::min({units, (units + grain - 1) / grain, threads * kChunksPerThread});
   parallel_for(0, bins, 1, [&](int64_t bin_lo, int64_t bin_hi) {
-    std::vector<float> qbuf(kMaxQueries * Dh + 16), of(kMaxQueries * Dh), scores;
+    // per thread, grown, never shrunk: allocated per job, the scores (156 KB for a tile at 1,300 keys) were
+    // zero-filled and page-faulted in again in every layer (1-2 % of a 16-row prompt step, perf)
+    thread_local std::vector<float> qbuf, of, scores;
+    if (qbuf.size() < static_cast<size_t>(kMaxQueries * Dh + 16)) qbuf.resize(kMaxQueries * Dh + 16);
+    if (of.size() < static_cast<size_t>(kMaxQueries * Dh)) of.resize(kMaxQueries * Dh);
     float* qf = qbuf.data() + (16 - reinterpret_cast<uintptr_t>(qbuf.data()) / 4 % 16) % 16;  // 64-byte aligned
     int64_t L[kMaxQueries];
     for (int64_t bin = bin_lo; bin < bin_hi; ++bin)

@@ -9,6 +9,7 @@ from typing import Callable, Protocol
 import torch
 
 from metronome.config import SamplingParams
+from metronome.engine.prefix_cache import StoreCursor
 from metronome.engine.sampler import Choice, RequestSampler
 from metronome.engine.text import TextStream
 
@@ -114,6 +115,7 @@ class Request:
     finish_reason: str | None = None
     draft_k: int = 0  # tokens to draft next step (adapts to how many were accepted)
     prefilled: int = 0  # prompt tokens already in the KV cache (a prompt runs in chunks, beside decode rows)
+    stored: StoreCursor = field(default_factory=StoreCursor)  # its pages in the prefix cache's pool so far
     cached_tokens: int = 0  # prompt tokens copied from the prefix cache at admission instead of computed
     expected_cached: int = 0  # the prefix cache's match at submit: what the TTFT predictions behind it assume
     remote_prefill: bool = False  # its prompt is on the prefill worker (disaggregated layout): no rows here yet

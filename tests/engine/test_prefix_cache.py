@@ -11,9 +11,10 @@ import torch
 
 from metronome.compile.pages import PagePool
 from metronome.compile.plan import PREFIX_PAGE_TOKENS
+from metronome.compile.probe import DEFAULT_PREFILL_CHUNK
 from metronome.config import EngineConfig, ModelConfig, ParamError, SamplingParams
 from metronome.engine import Engine
-from metronome.engine.prefix_cache import PrefixCache
+from metronome.engine.prefix_cache import PrefixCache, StoreCursor
 from metronome.model.loader import load
 from metronome.model.transformer import KVCache
 
@@ -119,10 +120,39 @@ def test_a_page_whose_continuation_was_evicted_is_a_leaf_again():
     assert pc.stats.evicted_pages == 2
 
 
+class _CountingPool(PagePool):
+    """A pool that records the moves of every copy into it."""
+
+    def copy(self, slot, moves, into_pool, generation=0) -> bool:
+        if into_pool:
+            self.copies.append(list(moves))
+        return super().copy(slot, moves, into_pool, generation)
+
+
+def test_a_cursor_stores_only_the_pages_after_it_and_starts_over_once_its_last_page_was_evicted():
+    """A request's stores continue from its cursor (copying only the new pages, without walking its chain
+    again); where its last page went to another prompt meanwhile, the store starts from the first page, and
+    the chain it leaves is the request's own (continued from the other prompt's page, it was unreachable)."""
+    cache, pc = _pool(pages=3)
+    pc.pool.__class__, pc.pool.copies = _CountingPool, []
+    _fill(cache, 0, seed=3)
+    a, cursor = [1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3], StoreCursor()
+    assert pc.store(a, 0, 4, cursor) == 1 and cursor.pages == 1
+    assert pc.store(a, 0, 8, cursor) == 1 and cursor.pages == 2
+    assert pc.pool.copies == [[(0, 0)], [(1, 4)]]  # the second store copied its new page only
+    pc.store([4, 4, 4, 4], 0, 4)  # the pool is full
+    pc.store([5, 5, 5, 5], 0, 4)  # evicts the least recently used leaf, a's second page, and takes its place
+    assert cursor.last == 1 and pc.peek(a + [0]) == 4
+    assert pc.store(a, 0, 12, cursor) == 2 and cursor.pages == 3
+    assert pc.peek(a + [0]) == 12
+
+
 def test_a_pool_too_small_for_a_prompt_keeps_its_beginning():
     cache, pc = _pool(pages=1)
-    assert pc.store(list(range(12)), 0, 12) == 1  # its second page would have to evict its own first
+    cursor = StoreCursor()
+    assert pc.store(list(range(12)), 0, 12, cursor) == 1  # its second page would have to evict its own first
     assert pc.peek(list(range(12))) == 4 and pc.used_pages == 1
+    assert cursor.pages == 1 and cursor.full  # the engine stops storing the request's pages until its end
 
 
 def test_prefix_cache_tokens_is_checked():
@@ -187,6 +217,36 @@ def test_prompts_sharing_a_system_prompt_while_others_decode(engines):
     for req, p, s in zip([first, *rest], prompts, params):
         assert _trace(req) == _trace(_run(plain, p, s))
     assert [r.cached_tokens for r in rest] == [48, 48, 48]
+
+
+def test_pages_are_pooled_as_they_fill_a_page_or_two_a_step(engines):
+    """A prompt's pages go to the pool as its chunks run beside a decoding request, and that request's
+    output pages as it decodes: no copy holds more pages than one step fills. Pooled only once the prompt
+    was in, a long prompt's pages were one copy between two steps (6 ms for 1,300 tokens of SmolLM2), which
+    every stream's next token waited for. The pages hold the KV the request computed: a prompt served from
+    them gives the uncached engine's tokens."""
+    cached, plain, vocab = engines
+    pool = cached.prefix_cache.pool
+    pool.__class__, pool.copies = _CountingPool, []
+    try:
+        streaming = cached.submit(_prompt(seed=31, n=20, vocab=vocab), dataclasses.replace(GREEDY, max_tokens=120))
+        cached.step()
+        prompt = _prompt(seed=32, n=150, vocab=vocab)
+        arriving = cached.submit(prompt, GREEDY)
+        while arriving.prefilled < len(prompt):
+            cached.step()
+            assert cached.prefix_cache.peek(prompt) == min(arriving.prefilled, len(prompt) - 1) // P * P
+            assert streaming.finish_reason is None  # decoding beside the chunks
+        while streaming.finish_reason is None:
+            seen = streaming.prompt_ids + streaming.output_ids
+            assert cached.prefix_cache.peek(seen) == streaming.position // P * P
+            cached.step()
+        assert max(len(moves) for moves in pool.copies) <= -(-DEFAULT_PREFILL_CHUNK // P)
+        again = _run(cached, prompt, GREEDY)
+    finally:
+        pool.__class__ = PagePool
+    assert again.cached_tokens == (150 - 1) // P * P
+    assert _trace(again) == _trace(arriving) == _trace(_run(plain, prompt, GREEDY))
 
 
 # (prompt, reply) lengths: 45 + 8 - 1 tokens in the cache fill 3 pages; 40 + 24 = 64 ends on a page boundary,
@@ -356,6 +416,8 @@ def test_every_cancelled_request_ends_when_pooling_one_of_them_fails(tiny_hf):
     for _ in range(30):  # past the prompts' pages: each holds new full pages to pool
         engine.step()
     assert all(r.finish_reason is None and len(r.output_ids) > 16 for r in reqs)
+    # their full pages are pooled as they fill: forgotten, each request's end has all of them to pool again
+    engine.prefix_cache._forget()
     for r in reqs:
         engine.cancel(r)
     pool.fail_next = True

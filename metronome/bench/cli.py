@@ -448,7 +448,14 @@ def _run(args: argparse.Namespace) -> int:
         model = str(args.model) if args.model is not None else None
         try:
             return run_load(
-                model, config, args.load, args.output_tokens or 200, not args.in_process_only, args.stall, args.rounds
+                model,
+                config,
+                args.load,
+                args.output_tokens or 200,
+                not args.in_process_only,
+                args.stall,
+                args.rounds,
+                freeze_heap=True,
             )
         except ValueError as exc:  # said as every other mode's refusal (it reached `metronome: error:`)
             console.print(f"metronome bench: error: {_said(exc)}", markup=False)

@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 from metronome.bench.sse import post_events
 from metronome.compile.probe import time_warm
 from metronome.config import EngineConfig, SamplingParams
+from metronome.engine.heap import freeze_startup_heap
 from metronome.engine.profile import PHASES, THREAD_ROLES, cpu_seconds_by_thread
 
 _WAIT_S = 600.0  # the longest any level may take before the bench gives up on it
@@ -398,10 +399,13 @@ def main(
     served: bool,
     stall: bool,
     rounds: int = 1,
+    freeze_heap: bool = False,
 ) -> int:
     """In process and served side by side: each round runs every level in process, then served (the
     engine idles while the server runs, and the other way round), so slow and fast minutes of a noisy
-    machine fall on both; each row is the median over `rounds`, and served ÷ in process is taken per round."""
+    machine fall on both; each row is the median over `rounds`, and served ÷ in process is taken per round.
+    `freeze_heap`: once the engine is built, set this process's start-up objects aside from the collector,
+    as `serve` does (engine/heap.py; the command's own process, not a caller's)."""
     from metronome.engine import Engine
 
     if rounds < 1:
@@ -418,6 +422,8 @@ def main(
             f"--output-tokens {output_tokens}: --load times per-user speed between tokens; ask for 2 or more"
         )
     engine = Engine.from_model(model, config=config, calibrate=True)
+    if freeze_heap:  # a full collection here (94 ms once) held up the in-process engine and the client
+        freeze_startup_heap()
     print(f"plan: {engine.plan.report.step_ms} ms per step by live slots; ", end="")
     print(
         f"prompt row beside decode {engine.plan.report.prompt_row_ms:.2f} ms, alone {engine.plan.report.prefill_row_ms:.2f} ms"

@@ -100,14 +100,21 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
 class ModelLoader(threading.Thread):
     """Loads and compiles the model, then attaches it to the app; a failure stops the server."""
 
-    def __init__(self, args: argparse.Namespace, state: ServerState, server: uvicorn.Server) -> None:
+    def __init__(
+        self, args: argparse.Namespace, state: ServerState, server: uvicorn.Server, freeze_heap: bool = False
+    ) -> None:
+        """`freeze_heap`: once the model is attached, set what start-up made aside from the cyclic collector
+        (engine/heap.py): for the server's own process, not for a caller's (a test's) whose heap it would
+        keep."""
         super().__init__(name="metronome-loader", daemon=True)
         self.args, self.state, self.server = args, state, server
+        self.freeze_heap = freeze_heap
         self.engine: Engine | None = None
         self.error: BaseException | None = None
 
     def run(self) -> None:
         from metronome.engine import Engine
+        from metronome.engine.heap import freeze_startup_heap
         from metronome.model.loader import load
         from metronome.serve.server import ModelIdentity
 
@@ -129,6 +136,8 @@ class ModelLoader(threading.Thread):
             if self.server.should_exit:  # stopped while compiling: never ready (`serve` stops the engine)
                 return
             self.state.attach(self.engine, ModelIdentity.of(loaded, a.model))
+            if self.freeze_heap:  # a full collection of what start-up made stalled every stream for 60-90 ms
+                freeze_startup_heap()
             r = self.engine.plan.report
             kv = f"KV cache {megabytes(r.kv_cache_bytes)} of {r.kv_cache_format}, prefix cache " + (
                 megabytes(r.prefix_cache_bytes) if r.prefix_cache_bytes else r.prefix_cache_note
@@ -225,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
         limit_concurrency=MAX_CONNECTIONS,
     )
     server = _server(config)
-    loader = ModelLoader(args, app.state.server, server)
+    loader = ModelLoader(args, app.state.server, server, freeze_heap=True)
     print(f"metronome: chat page at {url}/  (API at {url}/v1; loading the model...)", flush=True)
     loader.start()
     # uvicorn stops gracefully on SIGINT and SIGTERM, then raises the signal again with the handler it

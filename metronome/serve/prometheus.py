@@ -10,10 +10,12 @@ Two accounts that add up at every scrape:
 
 from __future__ import annotations
 
+import gc
 from typing import Callable, Iterable, Sequence
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.gc_collector import GCCollector
 
 from metronome.engine import Engine, Timings
 from metronome.engine.prefix_cache import PrefixCache
@@ -225,6 +227,13 @@ class ServerMetrics:
         Gauge("metronome_requests_waiting", "Requests queued for a slot.", registry=r).set_function(self.waiting)
         Gauge("metronome_slot_occupancy", "Fraction of slots in use.", registry=r).set_function(self.occupancy)
         self._prefix_gauges(r)
+        GCCollector(registry=r)  # python_gc_collections_total by generation: how often the collector held the GIL
+        Gauge(
+            "metronome_gc_frozen_objects",
+            "Objects set aside from the cyclic collector once the model was attached (engine/heap.py): a full "
+            "collection scans only what came after.",
+            registry=r,
+        ).set_function(gc.get_freeze_count)
         self._speech_metrics(r)
         r.register(_StepCollector(self))
         r.register(_EngineTotals(self))

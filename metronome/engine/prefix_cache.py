@@ -44,7 +44,7 @@ class PrefixStats:
     stored_pages: int = 0  # pages copied into the pool
     evicted_pages: int = 0  # pages dropped to make room
     load_s: float = 0.0  # seconds the stepping thread spent copying pages into slots (in the requests' TTFT)
-    store_s: float = 0.0  # ... and into the pool (after a request's first token, or its end)
+    store_s: float = 0.0  # ... and into the pool (as a request's pages fill, and at its end)
 
 
 @dataclass
@@ -138,7 +138,7 @@ class PrefixCache:
         first, parent = 0, _ROOT
         if cursor is not None and cursor.pages and self._key[cursor.last] == cursor.key:
             first, parent = cursor.pages, cursor.last  # pages before it are its ancestors: never evicted first
-        key, done, moves = None, first, []
+        done, moves = first, []
         for i in range(first, min(valid, len(ids)) // self.page):
             lo = i * self.page
             key = (parent, tuple(ids[lo : lo + self.page]))

@@ -63,13 +63,20 @@ SCORE_ROWS = 256
 
 @dataclass
 class StepRows:
-    """The rows of one plan call: (slot, token, position) each, and which rows' logits the step needs."""
+    """The rows of one plan call: (slot, token, position) each, and which rows' logits the step needs.
+    `firsts`: where each request's rows begin in the logits the call returns, the decoding requests' first
+    and then the prompt chunks', in the step's order (one place that counts them, for _picks and _run)."""
 
-    slots: list[int]
-    tokens: list[int]
-    positions: list[int]
-    logit_rows: list[int]
-    prompt_rows: int
+    slots: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    logit_rows: list[int] = field(default_factory=list)
+    prompt_rows: int = 0
+    firsts: list[int] = field(default_factory=list)
+
+    def begin(self) -> None:
+        """The next rows added are the next request's."""
+        self.firsts.append(len(self.logit_rows))
 
     def add(self, slot: int, token: int, position: int, logits: bool) -> None:
         if logits:
@@ -77,6 +84,15 @@ class StepRows:
         self.slots.append(slot)
         self.tokens.append(token)
         self.positions.append(position)
+
+
+def _sampling_row(r: Request, lo: int, hi: int, first: int) -> int | None:
+    """The logits row from which prompt chunk [lo, hi) of `r` samples the first output token, given where its
+    rows begin (`first`): its last row, when the chunk ends the prompt (after its scored rows, with
+    prompt_logprobs, where every row has logits); None when the prompt goes on."""
+    if hi != len(r.prompt_ids):
+        return None
+    return first + (hi - lo - 1 if r.params.prompt_logprobs else 0)
 
 
 @dataclass
@@ -534,19 +550,16 @@ class Engine(PythonAPI):
         clock.lap("plan")
         self.profile.decode_rows += len(rows.slots) - rows.prompt_rows
         self.profile.prompt_rows += rows.prompt_rows
-        picks = self._picks(logits, decoding, drafts, chunks)
-        first = 0
-        for r, d in zip(decoding, drafts):
+        picks = self._picks(logits, rows.firsts, decoding, drafts, chunks)
+        for r, d, first in zip(decoding, drafts, rows.firsts):
             self._verify(r, d, logits[first : first + 1 + len(d)], picks, first, clock)
-            first += 1 + len(d)
-        for r, lo, hi in chunks:
+        for (r, lo, hi), first in zip(chunks, rows.firsts[len(decoding) :]):
             r.prefilled = hi
             if r.params.prompt_logprobs:  # every row had logits: row p scores prompt token p + 1
                 self._score_prompt(r, logits[first : first + hi - lo], lo)
-                first += hi - lo - (hi == len(r.prompt_ids))  # up to the last row, which samples
-            if hi == len(r.prompt_ids):  # the prompt is in the cache: its last row gives the first token
-                self._verify(r, [], logits[first : first + 1], picks, first, clock)
-                first += 1
+            last = _sampling_row(r, lo, hi, first)
+            if last is not None:  # the prompt is in the cache: its last row gives the first token
+                self._verify(r, [], logits[last : last + 1], picks, last, clock)
         if self.prefix_cache is not None:
             self._pool_filled_pages(decoding, chunks, self.prefix_cache)
         self.profile.steps += 1
@@ -664,11 +677,13 @@ class Engine(PythonAPI):
     ) -> StepRows:
         """The plan's rows for this step: each decoding request's last token (and drafts), then prompt chunks.
         Logits are wanted for every decode row and for the last row of each prompt that ends this step."""
-        rows = StepRows([], [], [], [], 0)
+        rows = StepRows()
         for r, d in zip(decoding, drafts):
+            rows.begin()
             for j, token in enumerate([r.output_ids[-1], *d]):
                 rows.add(r.slot, token, r.position + j, logits=True)
         for r, lo, hi in chunks:
+            rows.begin()
             for p in range(lo, hi):
                 rows.add(r.slot, r.prompt_ids[p], p, logits=r.params.prompt_logprobs or p == len(r.prompt_ids) - 1)
             rows.prompt_rows += hi - lo
@@ -686,6 +701,7 @@ class Engine(PythonAPI):
     def _picks(
         self,
         logits: torch.Tensor,
+        firsts: list[int],
         decoding: list[Request],
         drafts: list[list[int]],
         chunks: list[tuple[Request, int, int]],
@@ -694,20 +710,16 @@ class Engine(PythonAPI):
         row's request samples it itself): every row of a plainly greedy request (one argmax over all rows),
         and the one row of a plainly sampled request without drafts (one DrawRows call for all of them). Each
         is the token the request's own sampler would choose, without a per-row Python call; a sampled row
-        takes its request's next uniform number here, as the sampler would have."""
+        takes its request's next uniform number here, as the sampler would have. `firsts`: StepRows.firsts."""
         picks: list[int | None] = [None] * len(logits)
         greedy: list[tuple[int, int]] = []  # (first row, rows) of each plainly greedy request
         sampled: list[tuple[int, Request]] = []
-        first = 0
-        for r, d in zip(decoding, drafts):
+        for r, d, first in zip(decoding, drafts, firsts):
             self._pick_row(r, first, 1 + len(d), greedy, sampled)
-            first += 1 + len(d)
-        for r, lo, hi in chunks:  # as _run walks them: scored prompt rows, then the last row, which samples
-            if r.params.prompt_logprobs:
-                first += hi - lo - (hi == len(r.prompt_ids))
-            if hi == len(r.prompt_ids):
-                self._pick_row(r, first, 1, greedy, sampled)
-                first += 1
+        for (r, lo, hi), first in zip(chunks, firsts[len(decoding) :]):
+            last = _sampling_row(r, lo, hi, first)
+            if last is not None:
+                self._pick_row(r, last, 1, greedy, sampled)
         if greedy:
             tokens = argmax_rows(logits[:, : self.plan.cfg.vocab_size])
             for row, n in greedy:

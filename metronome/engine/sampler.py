@@ -122,7 +122,7 @@ class RequestSampler:
             if allowed is not None:
                 logits = logits.masked_fill(~allowed, float("-inf"))
             if self.draw_rows is not None and logits.device.type == "cpu":
-                token = self._kernel_draw(logits, self.draw_rows)
+                token = self._kernel_draw(logits)
             else:
                 kept, weights = self._truncated(logits)
                 token = draw(weights, self.generator)
@@ -139,12 +139,14 @@ class RequestSampler:
         """The request's next uniform number in [0, 1): one per sampled row, whichever way the row is drawn."""
         return float(torch.rand((), generator=self.generator, dtype=torch.float64))
 
-    def _kernel_draw(self, logits: torch.Tensor, draw_rows: DrawRows) -> int:
-        """One row (V,) drawn by the kernel, as the step draws a plain row (temperature, top-k, top-p, min-p)."""
+    def _kernel_draw(self, logits: torch.Tensor) -> int:
+        """One row (V,) drawn by the kernel (`draw_rows`, set), as the step draws a plain row (temperature,
+        top-k, top-p, min-p)."""
+        assert self.draw_rows is not None  # choose() calls it only then
         row = logits.float().contiguous()[None]
         if self._row_settings is None:  # a request's settings do not change: built for its first row alone
             self._row_settings = (torch.zeros(1, dtype=torch.long), *draw_settings([self]))
-        token = draw_rows(row, self._row_settings[0], row.shape[1], *self._row_settings[1:], uniforms([self]))[0]
+        token = self.draw_rows(row, self._row_settings[0], row.shape[1], *self._row_settings[1:], uniforms([self]))[0]
         if token < 0:
             raise ValueError("cannot sample from these logits: they hold a NaN or +inf, or every token is -inf")
         return token

@@ -125,7 +125,10 @@ def run_in_process(engine, users: int, output_tokens: int, salt: str = "") -> tu
         statistics.median(predicted),
     )
     profile = engine.profile.snapshot().table()
-    return result, f"{profile}\n{_cpu_table(cpu, sum(len(s) for s in stamps), wall)}"
+    pace = (
+        f"the engine's pace (its promises over the plan's prices): {engine.pace.factor:.2f} ({engine.pace.steps} steps)"
+    )
+    return result, f"{profile}\n{_cpu_table(cpu, sum(len(s) for s in stamps), wall)}\n{pace}"
 
 
 async def _served_level(url: str, prompts: list[str], output_tokens: int) -> list[tuple[list[float], int, float]]:

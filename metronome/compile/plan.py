@@ -134,17 +134,48 @@ class PlanReport:
         chunk: int | None,
         alone_chunk: int,
         position: float | None = None,
+        slack_ms: Sequence[float] | None = None,
     ) -> list[int]:
         """The engine's rule for how many rows each prompt of `queue` (as in `take_prompt_rows`) runs in a
         step beside `live` decode rows at mean `position`. Nobody decoding: whole `alone_chunk`s. A `chunk`:
         that many rows' worth at a prompt's start. None: the plan's choice, what `prompt_budget_ms` leaves,
-        at most `alone_chunk` rows; DEFAULT_PREFILL_CHUNK rows where the plan was not calibrated."""
+        at most `alone_chunk` rows; DEFAULT_PREFILL_CHUNK rows where the plan was not calibrated. With
+        `slack_ms`, no prompt's rows join the step where that would break an earlier one's promise
+        (`keep_promises`)."""
         if not live:
-            return self.take_prompt_rows(queue, alone_chunk, priced=False)
-        budget = self.prompt_budget_ms(live, position) if chunk is None else float("nan")
-        if budget != budget:
-            return self.take_prompt_rows(queue, chunk or DEFAULT_PREFILL_CHUNK, priced=True)
-        return self.take_prompt_rows(queue, alone_chunk, priced=True, budget_ms=budget)
+            taken = self.take_prompt_rows(queue, alone_chunk, priced=False)
+        else:
+            budget = self.prompt_budget_ms(live, position) if chunk is None else float("nan")
+            if budget != budget:
+                taken = self.take_prompt_rows(queue, chunk or DEFAULT_PREFILL_CHUNK, priced=True)
+            else:
+                taken = self.take_prompt_rows(queue, alone_chunk, priced=True, budget_ms=budget)
+        return taken if slack_ms is None else self.keep_promises(queue, taken, live, position, slack_ms)
+
+    def keep_promises(
+        self,
+        queue: Sequence[tuple[int, int]],
+        taken: list[int],
+        live: int,
+        position: float | None,
+        slack_ms: Sequence[float],
+    ) -> list[int]:
+        """`taken` (take_step_prompts' rows for each prompt of `queue`) cut back so that the step ends within
+        the promise of every prompt it finishes. A prompt's rows join a step only after every prompt ahead
+        of it has its last rows there (take_prompt_rows), so each prompt beyond the first lengthens a step
+        that ends those prompts: it is left for a later step where the step, priced with its rows, would run
+        past the time left to one of them (`slack_ms`, plan ms; NaN or infinite where there is no promise).
+        The first prompt always runs, and a promise whose time has passed holds back no one: under overload,
+        holding every later prompt back for it would leave one prompt a step, and the queue would grow for
+        want of the rows it left out."""
+        for i in range(1, len(taken)):
+            if not taken[i]:
+                break
+            live_promises = [slack for slack in slack_ms[:i] if slack > 0]  # False for NaN: no promise there
+            rows = [(start, n) for (start, _), n in zip(queue[: i + 1], taken[: i + 1])]
+            if live_promises and self.step_ms_with(live, rows, position) > min(live_promises):  # NaN: no price
+                return taken[:i] + [0] * (len(taken) - i)
+        return taken
 
     def take_prompt_rows(
         self, queue: Sequence[tuple[int, int]], budget_rows: int, priced: bool, budget_ms: float | None = None
@@ -201,20 +232,28 @@ class PlanReport:
         chunk: int | None,
         alone_chunk: int,
         position: float | None = None,
+        slack_ms: Sequence[float] | None = None,
     ) -> list[float]:
         """The predicted latency of each step until the last of `prompts` ((next position, rows left) per
         prompt, in the order the engine runs them: the queue ahead, then this request) is in the cache, while
         `decoding` requests decode, their rows at mean `position` (None: the calibration's near position):
         the steps that chunked prefill takes (`take_step_prompts`, as the engine takes them), each priced by
-        `step_ms_with`. A prompt that completes joins the decode rows. NaN prices without calibration."""
+        `step_ms_with`. A prompt that completes joins the decode rows. NaN prices without calibration.
+        `slack_ms`: each prompt's time left to its promised first token (plan ms; see `keep_promises`),
+        which shrinks by each step's price as the steps go by."""
         steps, live = [], min(decoding, self.slots)
-        queue = [(start, rows) for start, rows in prompts if rows > 0]
-        while queue:
-            taken = self.take_step_prompts(queue, live, chunk, alone_chunk, position)
-            steps.append(self.step_ms_with(live, [(start, n) for (start, _), n in zip(queue, taken) if n], position))
-            queue = [(start + n, rows - n) for (start, rows), n in zip(queue, taken)]
-            finished = sum(1 for _, rows in queue if rows == 0)
-            queue = [q for q in queue if q[1] > 0]
+        entries = [
+            (start, rows, slack) for (start, rows), slack in zip(prompts, _slacks(prompts, slack_ms)) if rows > 0
+        ]
+        while entries:
+            queue = [(start, rows) for start, rows, _ in entries]
+            slacks = [slack for _, _, slack in entries]
+            taken = self.take_step_prompts(queue, live, chunk, alone_chunk, position, slacks)
+            price = self.step_ms_with(live, [(start, n) for (start, _), n in zip(queue, taken) if n], position)
+            steps.append(price)
+            entries = [(start + n, rows - n, slack - price) for (start, rows, slack), n in zip(entries, taken)]
+            finished = sum(1 for _, rows, _ in entries if rows == 0)
+            entries = [e for e in entries if e[1] > 0]
             live = min(self.slots, live + finished)
         return steps
 
@@ -225,9 +264,19 @@ class PlanReport:
         chunk: int | None,
         alone_chunk: int,
         position: float | None = None,
+        slack_ms: Sequence[float] | None = None,
     ) -> float:
         """Predicted time to the first token of the last of `prompts`: its `prefill_steps_ms`, summed."""
-        return sum(self.prefill_steps_ms(prompts, decoding, chunk, alone_chunk, position), 0.0)
+        return sum(self.prefill_steps_ms(prompts, decoding, chunk, alone_chunk, position, slack_ms), 0.0)
+
+
+def _slacks(prompts: Sequence[tuple[int, int]], slack_ms: Sequence[float] | None) -> list[float]:
+    """One slack per prompt: `slack_ms`, or none promised (infinite) where it is not given."""
+    if slack_ms is None:
+        return [float("inf")] * len(prompts)
+    if len(slack_ms) != len(prompts):
+        raise ValueError(f"slack_ms has {len(slack_ms)} entries for {len(prompts)} prompts: give one per prompt")
+    return list(slack_ms)
 
 
 # Tokens per page of the prefix cache's pool: a prompt is reused in whole pages. Smaller pages reuse more of

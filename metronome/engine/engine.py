@@ -24,6 +24,7 @@ from metronome.compile.fused import PREFILL_CHUNK
 from metronome.compile.stages import resolve_settings
 from metronome.config import EngineConfig, Layout, SamplingParams
 from metronome.engine.api import PythonAPI
+from metronome.engine.pace import Pace
 from metronome.engine.prefix_cache import PrefixCache
 from metronome.engine.profile import PhaseClock, StepProfile
 from metronome.engine.request import (
@@ -122,6 +123,15 @@ def _mean_position(requests: Sequence[Request]) -> float | None:
     return sum(r.position for r in requests) / len(requests) if requests else None
 
 
+def _slack_ms(r: Request, now: float, pace: float) -> float:
+    """The time from `now` (perf_counter) to `r`'s promised first token, in the plan's ms (real ms over the
+    engine's `pace`, as the plan's prices are compared with it); infinite where `r` was promised nothing."""
+    promised = r.predicted_ttft_ms
+    if promised != promised:  # NaN: uncalibrated, or it waited for a slot
+        return float("inf")
+    return (1000 * (r.timings.submitted - now) + promised) / pace
+
+
 # A request that finds the engine idle waits longer than its price: SmolLM2's new prompts of 10, 40 and 200
 # tokens took under 1 ms more after the engine idled 20 ms, 9-11 ms more after 100 ms and 12-17 ms more after
 # 1 s, about the same whatever the prompt; and the extra moved from 4 to 48 ms between minutes on these VMs
@@ -180,6 +190,9 @@ class Engine(PythonAPI):
         self._step_started: float | None = None  # perf_counter() at the running step's start (step_s)
         # what requests that found the engine idle waited beyond their price (ms; _resume_ms, _learn_resume)
         self._resume_extras: collections.deque[float] = collections.deque(maxlen=RESUME_SAMPLES)
+        # how much longer than the plan's prices the priced steps take now: every TTFT promise is multiplied
+        # by it (pace.py); measured from the step's start to its last token sampled
+        self.pace = Pace()
 
     @classmethod
     def from_model(
@@ -343,19 +356,26 @@ class Engine(PythonAPI):
     def _predict_ttft_ms(self, cached: int, prompt_tokens: int) -> float:
         """The plan's TTFT for a prompt submitted now (call under the lock): the prompt rows ahead of it
         (admitted prompts not yet in the cache, then the queue, less what each found in the prefix cache at
-        its submit), then its own, at the calibrated step costs, the decode rows beside them priced at their
-        mean position; in the disaggregated layout, the prefill worker's queue (_predict_remote_ttft_ms).
+        its submit), then its own, at the calibrated step costs times the engine's pace (pace.py), the decode
+        rows beside them priced at their mean position; in the disaggregated layout, the prefill worker's queue (_predict_remote_ttft_ms).
         NaN when it would wait for a slot to free (that depends on how long others run)."""
         sched = self.scheduler
         if len(sched.by_slot) + len(sched.waiting) >= self.config.slots:
             return float("nan")
-        running = sorted(sched.by_slot.values(), key=lambda r: r.timings.admitted or 0.0)
+        # A request the stepping thread has just given a slot, outside this lock, is given its prefix cache's
+        # beginning and then stamped `admitted` a moment later (_schedule): until then it comes after those
+        # admitted before it (by_slot holds them in the order they took their slots) and starts where its
+        # submit found the cache, as it will. Read as admitted at 0 and from token 0, a burst's first prompt was
+        # priced behind the others, and every later arrival's promise with it (twice its TTFT).
+        running = sorted(sched.by_slot.values(), key=lambda r: r.timings.admitted or float("inf"))
         # a step in flight has its rows already: the prompts it carries stand where it leaves them, and
         # what is left of it comes first (requests that arrive together land mostly in such a step's time)
         flight = self._in_flight
-        wait_ms, after = 0.0, {r.slot: r.prefilled for r in running}
+        pace = self.pace.factor
+        wait_ms = 0.0
+        after = {r.slot: r.prefilled if r.timings.admitted else max(r.prefilled, r.expected_cached) for r in running}
         if flight is not None and self.prefiller is None:
-            price = self.plan.report.step_ms_with(flight.decoding, flight.prompts, flight.position)
+            price = pace * self.plan.report.step_ms_with(flight.decoding, flight.prompts, flight.position)
             wait_ms = max(0.0, price - 1000 * (time.perf_counter() - flight.started)) if price == price else 0.0
             after.update((slot, at) for slot, at in flight.prefilled.items() if slot in after)
         prefilling = [r for r in running if after[r.slot] < len(r.prompt_ids)]
@@ -368,7 +388,11 @@ class Engine(PythonAPI):
         ahead = [(after[r.slot], len(r.prompt_ids) - after[r.slot]) for r in prefilling] + waiting
         chunk = self.config.prefill_chunk if self.plan.runner.any_rows else PREFILL_CHUNK
         queue = [*ahead, (cached, prompt_tokens)]
-        return wait_ms + self.plan.report.ttft_ms(queue, decoding, chunk, PREFILL_CHUNK, position)
+        # the steps keep the promises of the prompts ahead (_prompt_chunks), so the prediction does too:
+        # their time left once the step in flight has ended
+        now = time.perf_counter() + wait_ms / 1000
+        slack = [_slack_ms(r, now, pace) for r in [*prefilling, *sched.waiting]] + [float("inf")]
+        return wait_ms + pace * self.plan.report.ttft_ms(queue, decoding, chunk, PREFILL_CHUNK, position, slack)
 
     def _resume_ms(self, req: Request) -> float:
         """What `req` will wait beyond its price because the engine is idle (call under the lock, before
@@ -530,12 +554,22 @@ class Engine(PythonAPI):
             return 0
         prompts = [(lo, hi - lo) for _r, lo, hi in chunks]
         prefilled = {r.slot: hi for r, _lo, hi in chunks}
-        self._in_flight = _InFlight(time.perf_counter(), len(decoding), prompts, _mean_position(decoding), prefilled)
+        flight = _InFlight(time.perf_counter(), len(decoding), prompts, _mean_position(decoding), prefilled)
+        self._in_flight = flight
         try:
             self._run(rows, decoding, drafts, chunks, clock)
         finally:
             self._in_flight = None  # every prompt's `prefilled` now says where the step left it
+        if self._priced(drafts):
+            price = self.plan.report.step_ms_with(flight.decoding, flight.prompts, flight.position)
+            self.pace.record(price, 1000 * (time.perf_counter() - self._step_started))
         return len(rows.slots)
+
+    def _priced(self, drafts: list[list[int]]) -> bool:
+        """Whether the plan's price is the whole of this step: the step ran no draft rows (the price counts
+        none), and all of its work was this plan's calls (a disaggregated engine's steps also install the
+        worker's KV, which the price leaves out). Only such steps set the pace."""
+        return self.prefiller is None and self.plan.runner.any_rows and not any(drafts)
 
     def _run(
         self,
@@ -588,12 +622,15 @@ class Engine(PythonAPI):
         if failed is not None:
             raise failed
         for r in batch.admitted:
-            r.timings.admitted = time.perf_counter()
+            admitted = time.perf_counter()
             r.draft_k = self.config.spec_tokens
             if self.drafter is not None:
                 self.drafter.reset(r.slot)
             if self.prefix_cache is not None and not r.params.prompt_logprobs:  # prefill starts after the copy
                 r.prefilled = r.cached_tokens = self.prefix_cache.load(r.prompt_ids, r.slot)
+            # stamped once its cached beginning is in: a prediction reads a stamped prompt's `prefilled` as
+            # where it starts, and an unstamped one's `expected_cached` (_predict_ttft_ms)
+            r.timings.admitted = admitted
             if self.prefiller is not None:
                 self._route_prompt(r, self.prefiller)
         return batch
@@ -667,8 +704,14 @@ class Engine(PythonAPI):
             key=lambda r: r.timings.admitted or 0.0,
         )
         queue = [(r.prefilled, len(r.prompt_ids) - r.prefilled) for r in waiting]
+        now, pace = time.perf_counter(), self.pace.factor
         taken = self.plan.report.take_step_prompts(
-            queue, len(decoding), self.config.prefill_chunk, PREFILL_CHUNK, _mean_position(decoding)
+            queue,
+            len(decoding),
+            self.config.prefill_chunk,
+            PREFILL_CHUNK,
+            _mean_position(decoding),
+            [_slack_ms(r, now, pace) for r in waiting],
         )
         return [(r, r.prefilled, r.prefilled + n) for r, n in zip(waiting, taken) if n]
 

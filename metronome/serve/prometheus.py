@@ -226,6 +226,13 @@ class ServerMetrics:
         Gauge("metronome_requests_running", "Requests holding a slot.", registry=r).set_function(self.running)
         Gauge("metronome_requests_waiting", "Requests queued for a slot.", registry=r).set_function(self.waiting)
         Gauge("metronome_slot_occupancy", "Fraction of slots in use.", registry=r).set_function(self.occupancy)
+        Gauge(
+            "metronome_engine_pace_ratio",
+            "The engine's recent steps' measured time over the plan's price (median of the last 32; 1 until 8 "
+            "have run, or without calibration): how much slower than its calibration (above 1) this machine "
+            "runs the plan now. Each TTFT promise is the plan's price times this (engine/pace.py).",
+            registry=r,
+        ).set_function(self.pace)
         self._prefix_gauges(r)
         GCCollector(registry=r)  # python_gc_collections_total by generation: how often the collector held the GIL
         Gauge(
@@ -348,6 +355,9 @@ class ServerMetrics:
 
     def waiting(self) -> float:
         return float(len(self._engine.scheduler.waiting)) if self._engine is not None else 0.0
+
+    def pace(self) -> float:
+        return self._engine.pace.factor if self._engine is not None else 1.0
 
     def occupancy(self) -> float:
         return self.running() / self._engine.config.slots if self._engine is not None else 0.0

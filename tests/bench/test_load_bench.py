@@ -210,6 +210,7 @@ def test_an_in_process_level_reads_its_figures_from_the_stamps(monkeypatch):
         thread_id = 0
         profile = SimpleNamespace(reset=lambda: None, snapshot=lambda: SimpleNamespace(table=lambda: "PROFILE"))
         plan = SimpleNamespace(report=SimpleNamespace(tokens_per_s=lambda live, pos: asked.append((live, pos)) or 7.0))
+        pace = SimpleNamespace(factor=1.25, steps=32)
 
         def encode_prompt(self, text):
             return [0] * 10
@@ -226,6 +227,7 @@ def test_an_in_process_level_reads_its_figures_from_the_stamps(monkeypatch):
     monkeypatch.setattr(bench_load, "step_ms_now", lambda engine, live, pos: steps.append((live, pos)) or 10.0)
     level, profile = bench_load.run_in_process(Engine_(), users=2, output_tokens=3)
     assert steps == [(2, 12)] and asked == [(2, 12)] and profile.startswith("PROFILE")
+    assert profile.endswith("the engine's pace (its promises over the plan's prices): 1.25 (32 steps)")
     assert (level.users, level.per_user_tps, level.aggregate_tps) == (2, 1.0, pytest.approx(6 / 7))
     assert (level.predicted_tps, level.compiled_tps, level.ttft_ms, level.predicted_ttft_ms) == (
         100.0,

@@ -305,7 +305,7 @@ def test_the_queue_ahead_counts_only_its_uncached_rows(engines):
     seen = []
 
     class Recorder:  # stands in for the plan's report while the two requests are submitted
-        def ttft_ms(self, prompts, decoding, chunk, alone_chunk, position=None):
+        def ttft_ms(self, prompts, decoding, chunk, alone_chunk, position=None, slack_ms=None):
             seen.append(list(prompts))
             return 0.0
 
@@ -317,6 +317,40 @@ def test_the_queue_ahead_counts_only_its_uncached_rows(engines):
     while any(r.finish_reason is None for r in reqs):
         cached.step()
     assert seen == [[(112, 8)], [(112, 8), (112, 8)]]
+
+
+def test_a_prompt_just_given_a_slot_is_priced_from_its_cached_beginning_and_in_its_turn(engines):
+    """The stepping thread gives waiting requests their slots under the engine's lock, then, outside it,
+    stamps them admitted and copies in their cached beginnings. A submit in between priced such a prompt
+    from token 0 and behind every other prompt (its `admitted` read as 0): a burst's later promises
+    counted the first prompt twice over."""
+    cached, _plain, vocab = engines
+    prompt = _prompt(seed=34, n=120, vocab=vocab)
+    _run(cached, prompt, GREEDY)
+    decoding = cached.submit(_prompt(seed=35, n=5, vocab=vocab), GREEDY)
+    cached.step()
+    earlier = cached.submit(_prompt(seed=36, n=150, vocab=vocab), GREEDY)  # admitted before `first`
+    cached.step()  # beside the decode row, its first chunk (32 rows: the plan is not calibrated)
+    assert earlier.timings.admitted is not None and earlier.prefilled == 32
+    first = cached.submit(prompt, GREEDY)
+    with cached._lock:
+        cached.scheduler.schedule()  # the step's admission, caught before its stamp and its copy
+    assert first.slot is not None and first.timings.admitted is None and first.prefilled == 0
+    seen = []
+
+    class Recorder:
+        def ttft_ms(self, prompts, decoding, chunk, alone_chunk, position=None, slack_ms=None):
+            seen.append(list(prompts))
+            return 0.0
+
+    report, cached.plan.report = cached.plan.report, Recorder()
+    try:
+        second = cached.submit(prompt, GREEDY)
+    finally:
+        cached.plan.report = report
+    while any(r.finish_reason is None for r in (decoding, earlier, first, second)):
+        cached.step()
+    assert seen == [[(32, 118), (112, 8), (112, 8)]]
 
 
 def test_a_pool_smaller_than_a_page_is_no_pool(tiny_hf):

@@ -102,3 +102,98 @@ def test_a_request_that_must_wait_for_a_slot_is_promised_nothing(tiny_hf):
         engine.cancel(r)
     engine.step()
     engine.stop()
+
+
+class _Always:
+    """A drafter that always proposes `k` copies of token 5: every decode step carries draft rows."""
+
+    def reset(self, slot: int) -> None:
+        pass
+
+    def propose(self, slot: int, ids, k: int) -> list[int]:
+        return [5] * k
+
+
+def test_promises_follow_the_pace_the_machine_runs_the_plan_at(tiny_hf):
+    """A machine that runs the plan slower than its calibration (here every plan call sleeps 20 ms beyond a
+    4 ms price) is promised TTFTs at that pace once the engine has seen enough steps; before that, the
+    plan's prices as they are. Steps with draft rows, which the price does not count, set no pace."""
+    import time
+
+    config = EngineConfig(slots=2, ctx=128, spec_tokens=0, prefill_chunk=32)
+    engine = Engine.from_model(config=config, loaded=load(tiny_hf("llama")))
+    engine.plan.report = dataclasses.replace(
+        engine.plan.report, step_ms={1: 4.0, 2: 5.0}, prompt_row_ms=0.5, prefill_row_ms=0.25
+    )
+    vocab = engine.plan.cfg.vocab_size
+    decode = engine.plan.decode
+
+    def slow(*args, **kwargs):
+        time.sleep(0.02)
+        return decode(*args, **kwargs)
+
+    engine.plan.decode = slow
+    try:
+        price = engine.plan.report.ttft_ms([(0, 12)], 0, 32, 32)  # alone: a one-row step and 12 prompt rows
+        first = engine.submit(_prompt(1, 12, vocab), ONE)
+        assert first.predicted_ttft_ms == pytest.approx(price)  # no step has run: the calibration's price
+        long = engine.submit(_prompt(2, 12, vocab), SamplingParams(max_tokens=12, ignore_eos=True))
+        while long.finish_reason is None:
+            engine.step()
+        assert engine.pace.steps == engine.steps >= engine.pace.least
+        assert engine.pace.factor >= 20.0 / 5.0  # no step took less than its sleep; each was priced 5 ms or less
+        second = engine.submit(_prompt(3, 12, vocab), ONE)
+        assert second.predicted_ttft_ms == pytest.approx(engine.pace.factor * price)
+    finally:
+        del engine.plan.decode
+
+
+def test_steps_with_draft_rows_set_no_pace(tiny_hf):
+    """The plan prices a step by its decode and prompt rows; draft rows are more rows it does not count."""
+    config = EngineConfig(slots=2, ctx=128, spec_tokens=3)
+    plain = Engine.from_model(config=config, loaded=load(tiny_hf("llama")))
+    plain.plan.report = dataclasses.replace(plain.plan.report, step_ms={1: 4.0, 2: 5.0}, prefill_row_ms=0.25)
+    engine = Engine(plain.plan, plain.tokenizer, drafter=_Always())
+    assert engine.drafter is not None
+    vocab = engine.plan.cfg.vocab_size
+    req = engine.submit(_prompt(4, 12, vocab), SamplingParams(max_tokens=12, ignore_eos=True))
+    while req.finish_reason is None:
+        engine.step()
+    assert engine.spec.drafted > 0
+    assert 0 < engine.pace.steps < engine.steps  # the prompt's step is priced; the drafted ones are not
+
+
+def test_requests_that_arrive_together_keep_the_first_ones_promise(tiny_hf):
+    """Three prompts submitted before the engine's next step. The first was promised a step of its own
+    (4 + 20 x 1 ms); with the others beside it (4 + 60 x 1) it would end 40 ms late, so it runs alone and
+    the others follow beside it decoding, as their own promises counted on. Before, every prompt waiting
+    joined the first step, and the first user's TTFT was the whole burst's. (Beside decode rows a chunk is
+    20 rows here, one prompt: the tiny model runs far faster than these prices, so a promise's time left,
+    which the engine reads from the clock, would let more in than the prediction's priced steps did.)"""
+    config = EngineConfig(slots=4, ctx=128, spec_tokens=0, prefill_chunk=20)
+    engine = Engine.from_model(config=config, loaded=load(tiny_hf("llama")))
+    engine.plan.report = dataclasses.replace(
+        engine.plan.report, step_ms={1: 4.0, 2: 5.0, 3: 6.0, 4: 7.0}, prompt_row_ms=1.5, prefill_row_ms=1.0
+    )
+    vocab = engine.plan.cfg.vocab_size
+    reqs = [engine.submit(_prompt(10 + i, 20, vocab), ONE) for i in range(3)]
+    calls = []
+    decode = engine.plan.decode
+
+    def record(slots, *args, **kwargs):
+        calls.append(sorted(set(slots)))
+        return decode(slots, *args, **kwargs)
+
+    engine.plan.decode = record
+    try:
+        while any(r.finish_reason is None for r in reqs):
+            engine.step()
+    finally:
+        del engine.plan.decode
+    first, second, third = (r.slot for r in reqs)
+    assert calls[0] == [first]  # its own step, as promised
+    assert calls[1] == sorted([first, second])  # the second's 20 rows beside the first's decode row
+    assert third in calls[2] and first not in calls[2]  # the first has its two tokens
+    # each promise was the steps the engine then ran: 24; + 4 + 20 x 1.5; + 5 + 20 x 1.5 (two decoding)
+    predicted = [r.predicted_ttft_ms for r in reqs]
+    assert predicted == pytest.approx([24.0, 58.0, 93.0], abs=2.0)  # less the microseconds since each submit

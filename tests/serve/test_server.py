@@ -30,6 +30,7 @@ from helpers.live_server import LiveServer, wait_until_healthy
 
 from metronome.config import EngineConfig, SamplingParams
 from metronome.engine import Engine
+from metronome.engine.pace import Pace
 from metronome.model.loader import load
 from metronome.serve.server import ModelIdentity, ServerSettings, create_app
 
@@ -749,7 +750,7 @@ class _Collect(logging.Handler):
         self.into.append(record)
 
 
-def test_metrics_expose_histograms_counters_and_gauges(smol_url):
+def test_metrics_expose_histograms_counters_and_gauges(smol_url, smol_engine):
     def count(name: str) -> float:
         return _metric(smol_url, name)
 
@@ -787,6 +788,13 @@ def test_metrics_expose_histograms_counters_and_gauges(smol_url):
     for gauge in ("metronome_requests_running", "metronome_requests_waiting", "metronome_slot_occupancy"):
         assert re.search(rf"^{gauge} 0\.0$", text, re.M), gauge  # idle now
     assert re.search(r'^metronome_plan_tokens_per_second\{live_slots="1"\} \d', text, re.M)
+    kept = smol_engine.pace  # the engine's pace, read at each scrape (a pace of its own for a moment)
+    try:
+        smol_engine.pace = Pace(least=1)
+        smol_engine.pace.record(2.0, 3.0)
+        assert _metric(smol_url, "metronome_engine_pace_ratio") == 1.5
+    finally:
+        smol_engine.pace = kept
     # running totals are counters (they were gauges, which rate() and increase() misread)
     for total in (
         "spec_drafted_tokens",

@@ -3,6 +3,8 @@ decode rows, and the TTFT of a prompt behind a queue (chunked prefill)."""
 
 import math
 
+import pytest
+
 from metronome.compile.plan import STALL_STEPS, PlanReport
 from metronome.compile.probe import DEFAULT_PREFILL_CHUNK
 
@@ -227,3 +229,42 @@ def test_a_prompt_that_does_not_finish_in_its_step_holds_back_the_prompts_behind
 def test_more_requests_decoding_than_slots_are_priced_as_all_slots():
     r = _report()
     assert r.ttft_ms([(0, 40)], decoding=9, chunk=16, alone_chunk=256) == 3 * 7.0 + 40 * 1.5
+
+
+def test_a_prompt_joins_a_step_only_where_the_prompts_it_ends_keep_their_promises():
+    """Nobody decoding, two prompts of 10 and 20 rows: together they cost 4 + 30 x 1 = 34 ms, the first
+    alone 14. With 14 ms left to the first one's promise the second waits; with 34 it joins."""
+    r = _report()
+    queue = [(0, 10), (0, 20)]
+    assert r.take_step_prompts(queue, 0, 16, 256) == [10, 20]  # no promises given: rows as before
+    assert r.take_step_prompts(queue, 0, 16, 256, slack_ms=[14.0, float("inf")]) == [10, 0]
+    assert r.take_step_prompts(queue, 0, 16, 256, slack_ms=[34.0, float("inf")]) == [10, 20]
+    assert r.take_step_prompts(queue, 0, 16, 256, slack_ms=[float("nan"), 1.0]) == [10, 20]  # no promise there
+    # the oldest prompt always runs, even past its promise; a promise whose time has passed holds back no one
+    assert r.take_step_prompts([(0, 10), (0, 2), (0, 2)], 0, 16, 256, slack_ms=[-5.0, 99.0, 99.0]) == [10, 2, 2]
+    assert r.take_step_prompts([(0, 10), (0, 2), (0, 2)], 0, 16, 256, slack_ms=[-5.0, 16.0, 99.0]) == [10, 2, 0]
+    assert r.take_step_prompts([(0, 10), (0, 2)], 0, 16, 256, slack_ms=[1.0, 99.0]) == [10, 0]  # late, not past
+    # beside a decoder (16-row chunks): the first prompt's last 4 rows and 12 of ours would cost 4 + 16 x 1.5
+    assert r.take_step_prompts([(16, 4), (0, 20)], 1, 16, 256, slack_ms=[9.9, float("inf")]) == [4, 0]
+    assert r.take_step_prompts([(16, 4), (0, 20)], 1, 16, 256, slack_ms=[28.0, float("inf")]) == [4, 12]
+    uncalibrated = _report(step_ms={}, prompt_row_ms=float("nan"), prefill_row_ms=float("nan"))
+    assert uncalibrated.take_step_prompts(queue, 0, 16, 256, slack_ms=[0.0, 0.0]) == [10, 20]  # nothing to price
+
+
+def test_a_prediction_runs_the_steps_that_keep_the_promises_ahead_of_it():
+    """The simulation takes each step as the engine does, the time left to each promise shrinking by each
+    step's price: a prompt whose rows would make an earlier one late runs after it, beside it decoding."""
+    r = _report()
+    queue = [(0, 10), (0, 20)]
+    assert r.prefill_steps_ms(queue, 0, 16, 256) == [4.0 + 30 * 1.0]  # both alone in one step
+    # the first was promised its own step (14 ms): ours runs next, beside it decoding, in 16-row chunks
+    kept = r.prefill_steps_ms(queue, 0, 16, 256, slack_ms=[14.0, float("inf")])
+    assert kept == [4.0 + 10 * 1.0, 4.0 + 16 * 1.5, 4.0 + 4 * 1.5]
+    # three prompts: the second joins the first's step only if both promises hold; the slack is spent step by step
+    three = [(0, 10), (0, 2), (0, 40)]
+    assert r.prefill_steps_ms(three, 0, 16, 256, slack_ms=[16.0, 16.0, float("inf")]) == [16.0, 5.0 + 16 * 1.5] + [
+        5.0 + 16 * 1.5,
+        5.0 + 8 * 1.5,
+    ]
+    with pytest.raises(ValueError, match="slack_ms has 1 entries for 2 prompts"):
+        r.prefill_steps_ms(queue, 0, 16, 256, slack_ms=[1.0])

@@ -1,0 +1,49 @@
+"""How fast this machine runs the plan now, against the plan's calibration.
+
+The plan prices a step from figures it timed when it was compiled (compile/probe.py), and the engine
+promises each request a TTFT from those prices. A shared VM's speed drifts: on the 2-core Xeon the same
+plan ran its one-row step at 0.7x its calibration an hour after the calibration was taken, and every
+promise was then short by that much (docs/performance.md, "The promise at the machine's pace"). So the
+engine keeps what its recent steps took against what the plan priced them at, and its promises are the
+plan's prices times the median of those ratios.
+
+The median of a window, not a mean: one step that waited for a garbage collection or a page fault must not
+move every promise after it, and a lasting change of the machine's speed moves it within half a window.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+WINDOW = 32  # the steps the pace is the median of
+LEAST = 8  # fewer priced steps than this: the plan's prices as they are (a pace of 1)
+
+
+class Pace:
+    """The median of measured ÷ priced over the last `window` priced steps; 1 until `least` have run.
+
+    `record` runs on the stepping thread and `factor` on any thread (a submit): the ratios are a tuple,
+    replaced whole by each record, so a reader never sees one being changed."""
+
+    def __init__(self, window: int = WINDOW, least: int = LEAST) -> None:
+        if window < 1 or not 1 <= least <= window:
+            raise ValueError(f"window ({window}) must be at least 1 and least ({least}) within [1, window]")
+        self.window, self.least = window, least
+        self._ratios: tuple[float, ...] = ()
+
+    def record(self, priced_ms: float, measured_ms: float) -> None:
+        """One step the plan priced at `priced_ms` took `measured_ms`. A step without a positive price
+        (an uncalibrated plan's NaN, a zero) says nothing about the pace and is not kept."""
+        if priced_ms > 0 and measured_ms >= 0:  # False for NaN as well
+            self._ratios = (*self._ratios, measured_ms / priced_ms)[-self.window :]
+
+    @property
+    def steps(self) -> int:
+        """How many priced steps the pace is taken over now (at most `window`)."""
+        return len(self._ratios)
+
+    @property
+    def factor(self) -> float:
+        """What to multiply the plan's prices by: how much longer (above 1) or shorter a step takes now."""
+        ratios = self._ratios
+        return statistics.median(ratios) if len(ratios) >= self.least else 1.0

@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 from urllib.parse import urlsplit
 
 from metronome.bench.sse import post_events
@@ -51,7 +51,7 @@ class LevelResult:
     predicted_tps: float  # the plan's promise per user at this many live slots, its step timed before the level
     compiled_tps: float  # ... from the plan's own calibration (compile time, or the plan cache)
     ttft_ms: float  # median
-    predicted_ttft_ms: float  # median of the engine's predictions (in process only)
+    predicted_ttft_ms: float  # median of the engine's predictions (served: from each answer's usage)
 
 
 _TOPICS = ("the sea", "a city at night", "mountains", "a library", "the first snow", "trains", "a market", "rain")
@@ -131,11 +131,20 @@ def run_in_process(engine, users: int, output_tokens: int, salt: str = "") -> tu
     return result, f"{profile}\n{_cpu_table(cpu, sum(len(s) for s in stamps), wall)}\n{pace}"
 
 
-async def _served_level(url: str, prompts: list[str], output_tokens: int) -> list[tuple[list[float], int, float]]:
+class ServedStream(NamedTuple):
+    """What one served user's stream gave the bench."""
+
+    stamps: list[float]  # perf_counter() at each event that carried text
+    tokens: int  # completion tokens, from the usage chunk
+    ttft_ms: float  # from the request to its first text event
+    promised_ms: float = float("nan")  # the engine's TTFT promise at submit (usage's predicted_time_to_first_token)
+
+
+async def _served_level(url: str, prompts: list[str], output_tokens: int) -> list[ServedStream]:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
 
-    async def one(prompt: str) -> tuple[list[float], int, float]:
+    async def one(prompt: str) -> ServedStream:
         body = {
             "messages": [{"role": "user", "content": prompt}],
             "max_tokens": output_tokens,
@@ -145,16 +154,18 @@ async def _served_level(url: str, prompts: list[str], output_tokens: int) -> lis
             "temperature": 0,
         }
         stamps: list[float] = []  # one per event that carried text
-        tokens = 0
+        tokens, promised = 0, float("nan")
         t0 = time.perf_counter()
         async for data in post_events(host, port, "/v1/chat/completions", body):
             now = time.perf_counter()
             chunk = json.loads(data)
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
+                seconds = chunk["usage"].get("predicted_time_to_first_token")
+                promised = float("nan") if seconds is None else 1000 * seconds
             if any(c.get("delta", {}).get("content") for c in chunk.get("choices", ())):
                 stamps.append(now)
-        return stamps, tokens, 1000 * ((stamps[0] if stamps else t0) - t0)
+        return ServedStream(stamps, tokens, 1000 * ((stamps[0] if stamps else t0) - t0), promised)
 
     async with asyncio.timeout(_WAIT_S):
         return list(await asyncio.gather(*(one(p) for p in prompts)))
@@ -232,17 +243,21 @@ def run_served(
     runs = _run(_served_level(url, _texts(users, salt), output_tokens))
     wall = time.perf_counter() - t0
     client_cpu = time.process_time() - cpu0
-    profile = served_profile(before, _scrape(url), client_cpu, wall, sum(n for _, n, _ in runs))
-    per_user = [(n - 1) / (s[-1] - s[0]) for s, n, _ in runs if len(s) > 1 and s[-1] > s[0]]
+    tokens = sum(r.tokens for r in runs)
+    profile = served_profile(before, _scrape(url), client_cpu, wall, tokens)
+    per_user = [
+        (r.tokens - 1) / (r.stamps[-1] - r.stamps[0]) for r in runs if len(r.stamps) > 1 and r.stamps[-1] > r.stamps[0]
+    ]
+    promised = [r.promised_ms for r in runs if r.promised_ms >= 0]  # NaN: no promise (uncalibrated, or no free slot)
     level = LevelResult(
         "served",
         users,
-        sum(n for _, n, _ in runs) / wall,
+        tokens / wall,
         statistics.median(per_user) if per_user else float("nan"),
         predicted_tps,
         compiled_tps,
-        statistics.median(t for _, _, t in runs),
-        float("nan"),
+        statistics.median(r.ttft_ms for r in runs),
+        statistics.median(promised) if promised else float("nan"),
     )
     return level, profile
 

@@ -259,12 +259,14 @@ class Job:
         # each prompt counts once in prompt_tokens, so its cached tokens do too: the most any of its choices
         # copied from the prefix cache (choices admitted in one step all compute it; later ones may hit)
         cached = sum(max(r.cached_tokens for r in reqs[i : i + n]) for i in range(0, len(reqs), n))
+        # the first token is the earliest choice's (merge_timings): so is its promise
+        promised = min((r.predicted_ttft_ms for r in reqs if r.predicted_ttft_ms >= 0), default=float("nan"))
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached},
-            **groq_timings(merge_timings([r.timings for r in reqs])),
+            **groq_timings(merge_timings([r.timings for r in reqs]), promised),
         }
 
 

@@ -170,7 +170,11 @@ def test_a_levels_rounds_are_medians_of_each_figure():
 
 def test_served_per_user_speed_counts_the_tokens_after_the_first(monkeypatch):
     # (event stamps, tokens from usage, TTFT ms) of three users
-    runs = [([0.0, 0.1, 0.2, 0.5], 10, 30.0), ([1.0, 2.0], 5, 50.0), ([0.0, 1.0], 3, 40.0)]
+    runs = [
+        bench_load.ServedStream([0.0, 0.1, 0.2, 0.5], 10, 30.0, 12.0),
+        bench_load.ServedStream([1.0, 2.0], 5, 50.0),  # promised nothing: it waited for a slot
+        bench_load.ServedStream([0.0, 1.0], 3, 40.0, 20.0),
+    ]
 
     async def served(url, prompts, output_tokens):
         return runs
@@ -180,6 +184,7 @@ def test_served_per_user_speed_counts_the_tokens_after_the_first(monkeypatch):
     got, _ = bench_load.run_served("http://127.0.0.1:1", 3, 10, 12.0, 15.0)
     # 9 / 0.5 = 18, 4 / 1 = 4, 2 / 1 = 2: the median is 4; TTFT: the median of 30, 50, 40
     assert (got.per_user_tps, got.ttft_ms, got.predicted_tps, got.compiled_tps) == (4.0, 40.0, 12.0, 15.0)
+    assert got.predicted_ttft_ms == 16.0  # the median of the promises made (12 and 20)
 
 
 class _Clock:
@@ -204,6 +209,7 @@ def test_in_process_per_user_speed_and_ttft(monkeypatch):
         thread_id = threading.get_ident()
         profile = SimpleNamespace(reset=lambda: None, snapshot=lambda: SimpleNamespace(table=lambda: "profile"))
         plan = SimpleNamespace(report=SimpleNamespace(tokens_per_s=lambda users, position: 33.0))
+        pace = SimpleNamespace(factor=1.0, steps=0)
 
         def __init__(self) -> None:
             self.submitted = 0

@@ -34,8 +34,8 @@ def test_load_levels_in_process_and_served_side_by_side(tiny_hf, capsys):
         aggregate, per_user, promise = (float(c) for c in cells[2:5])
         assert aggregate > 0 and per_user > 0 and promise > 0, row
     served_2 = [c.strip() for c in rows[3].split("|")[1:-1]]
-    # TTFT predicted at submit: a number in process, "-" served (the prediction stays in the server)
-    assert float(cells_of(rows[0])[8]) >= 0 and cells_of(rows[2])[8] == "-"
+    # TTFT predicted at submit: in process read from the requests, served from each answer's usage
+    assert float(cells_of(rows[0])[8]) >= 0 and float(cells_of(rows[2])[8]) >= 0
     assert len(served_2[-1].split("(")[1].split(",")) == 2, "served ÷ in process: one ratio per round"
     # the server's own profile, scraped from /metrics around each served level: steps ran, 2 users x 12 tokens
     assert out.count("the server's step profile and CPU by thread") == 4
@@ -244,7 +244,7 @@ def test_a_served_level_reads_its_figures_from_the_streams(monkeypatch):
     real_level = bench_load._served_level
 
     async def fake_level(url, prompts, output_tokens):
-        return [([1.0, 2.0, 3.0], 5, 40.0), ([0.0, 4.0], 9, 60.0)]
+        return [bench_load.ServedStream([1.0, 2.0, 3.0], 5, 40.0), bench_load.ServedStream([0.0, 4.0], 9, 60.0)]
 
     monkeypatch.setattr(bench_load, "_scrape", lambda url: {})
     monkeypatch.setattr(bench_load, "_served_level", fake_level)
@@ -254,12 +254,12 @@ def test_a_served_level_reads_its_figures_from_the_streams(monkeypatch):
     async def events(host, port, path, body):
         for text in ("a", "b", "c"):
             yield json.dumps({"choices": [{"delta": {"content": text}}]})
-        yield json.dumps({"choices": [], "usage": {"completion_tokens": 3}})
+        yield json.dumps({"choices": [], "usage": {"completion_tokens": 3, "predicted_time_to_first_token": 0.25}})
 
     monkeypatch.setattr(bench_load, "post_events", events)
     monkeypatch.setattr(bench_load.time, "perf_counter", _Clock())
-    ((stamps, tokens, ttft),) = asyncio.run(real_level("http://127.0.0.1:9", ["hi"], 3))
-    assert (stamps, tokens, ttft) == ([2.0, 3.0, 4.0], 3, 1000.0)
+    ((stamps, tokens, ttft, promised),) = asyncio.run(real_level("http://127.0.0.1:9", ["hi"], 3))
+    assert (stamps, tokens, ttft, promised) == ([2.0, 3.0, 4.0], 3, 1000.0, 250.0)
 
 
 class _StallEngine:

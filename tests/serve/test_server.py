@@ -99,6 +99,9 @@ def test_chat_completion_with_usage_timings_and_fingerprint(client, smollm, mode
     for f in TIMING_FIELDS:
         assert isinstance(usage[f], float) and usage[f] >= 0, f
     assert usage["total_time"] >= usage["time_to_first_token"] >= usage["queue_time"]
+    # what the engine promised at submit (a calibrated plan, a slot free): in seconds, as the times it got
+    promised = usage["predicted_time_to_first_token"]
+    assert isinstance(promised, float) and 0 < promised < 10 * usage["time_to_first_token"] + 1, usage
     fp = r.system_fingerprint
     assert smollm.fingerprint() in fp and "s4" in fp and "c512" in fp and "_v0." in fp
 

@@ -18,6 +18,13 @@ def test_choices_timings_merge_into_spans_that_add_up():
     assert usage["time_to_first_token"] == 1.0 and usage["time_to_first_sentence"] == 1.4
 
 
+def test_the_promised_ttft_rides_along_in_seconds_and_is_null_where_none_was_made():
+    t = Timings(submitted=1.0, admitted=1.1, first_token=1.2, finished=1.5)
+    assert groq_timings(t, 123.4567891)["predicted_time_to_first_token"] == 0.123457
+    assert groq_timings(t)["predicted_time_to_first_token"] is None  # NaN: uncalibrated, or it waited for a slot
+    assert groq_timings(t, float("nan"))["predicted_time_to_first_token"] is None
+
+
 def test_a_choice_still_running_leaves_the_end_unknown():
     done = Timings(submitted=0.0, admitted=0.1, first_token=0.2, finished=0.3)
     running = Timings(submitted=0.0, admitted=0.1, first_token=0.25)

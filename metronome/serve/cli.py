@@ -135,6 +135,9 @@ class ModelLoader(threading.Thread):
             )
             if self.server.should_exit:  # stopped while compiling: never ready (`serve` stops the engine)
                 return
+            template_error = self.engine.tokenizer.compile_chat_template()
+            if template_error is not None:
+                print(f"metronome: warning: {template_error}", flush=True)
             self.state.attach(self.engine, ModelIdentity.of(loaded, a.model))
             if self.freeze_heap:  # a full collection of what start-up made stalled every stream for 60-90 ms
                 freeze_startup_heap()

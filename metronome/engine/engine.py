@@ -357,16 +357,18 @@ class Engine(PythonAPI):
         """The plan's TTFT for a prompt submitted now (call under the lock): the prompt rows ahead of it
         (admitted prompts not yet in the cache, then the queue, less what each found in the prefix cache at
         its submit), then its own, at the calibrated step costs times the engine's pace (pace.py), the decode
-        rows beside them priced at their mean position; in the disaggregated layout, the prefill worker's queue (_predict_remote_ttft_ms).
-        NaN when it would wait for a slot to free (that depends on how long others run)."""
+        rows beside them priced at their mean position, each step keeping the promises of the prompts ahead
+        (`PlanReport.keep_promises`); in the disaggregated layout, the prefill worker's queue
+        (_predict_remote_ttft_ms). NaN when it would wait for a slot to free (that depends on how long
+        others run)."""
         sched = self.scheduler
         if len(sched.by_slot) + len(sched.waiting) >= self.config.slots:
             return float("nan")
         # A request the stepping thread has just given a slot, outside this lock, is given its prefix cache's
         # beginning and then stamped `admitted` a moment later (_schedule): until then it comes after those
         # admitted before it (by_slot holds them in the order they took their slots) and starts where its
-        # submit found the cache, as it will. Read as admitted at 0 and from token 0, a burst's first prompt was
-        # priced behind the others, and every later arrival's promise with it (twice its TTFT).
+        # submit found the cache, as it will. Read as admitted at 0 and from token 0, a burst's first prompt
+        # was priced behind the others, and every later arrival's promise with it (twice its TTFT).
         running = sorted(sched.by_slot.values(), key=lambda r: r.timings.admitted or float("inf"))
         # a step in flight has its rows already: the prompts it carries stand where it leaves them, and
         # what is left of it comes first (requests that arrive together land mostly in such a step's time)

@@ -33,8 +33,9 @@ class Pace:
 
     def record(self, priced_ms: float, measured_ms: float) -> None:
         """One step the plan priced at `priced_ms` took `measured_ms`. A step without a positive price
-        (an uncalibrated plan's NaN, a zero) says nothing about the pace and is not kept."""
-        if priced_ms > 0 and measured_ms >= 0:  # False for NaN as well
+        (an uncalibrated plan's NaN, a zero) or time says nothing about the pace and is not kept: the pace
+        stays above 0, as the engine divides by it."""
+        if priced_ms > 0 and measured_ms > 0:  # False for NaN as well
             self._ratios = (*self._ratios, measured_ms / priced_ms)[-self.window :]
 
     @property

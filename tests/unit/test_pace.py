@@ -28,6 +28,7 @@ def test_a_step_without_a_price_says_nothing_about_the_pace():
     for priced in (float("nan"), 0.0, -1.0):
         pace.record(priced, 5.0)
     pace.record(2.0, float("nan"))
+    pace.record(2.0, 0.0)
     assert pace.steps == 0 and pace.factor == 1.0
     pace.record(2.0, 5.0)
     assert pace.factor == 2.5

@@ -107,14 +107,12 @@ class _StepOutput:
 
 @dataclass(frozen=True)
 class _InFlight:
-    """The step the plan is running: when its call began, its rows (priced only when a request is submitted
-    meanwhile, which then waits for it before anything of its own runs), and where each prompt it carries
-    stands once it ends (by slot)."""
+    """The step the plan is running: when its call began, the plan's price of its rows (what a request
+    submitted meanwhile waits for before anything of its own runs, and what the step's time is held to for
+    the engine's pace), and where each prompt it carries stands once it ends (by slot)."""
 
     started: float  # time.perf_counter()
-    decoding: int
-    prompts: list[tuple[int, int]]  # (first position, rows) of each prompt chunk
-    position: float | None  # the decode rows' mean position
+    price_ms: float  # PlanReport.step_ms_with its decode rows and prompt chunks (NaN: no calibration)
     prefilled: dict[int, int]
 
 
@@ -377,7 +375,7 @@ class Engine(PythonAPI):
         wait_ms = 0.0
         after = {r.slot: r.prefilled if r.timings.admitted else max(r.prefilled, r.expected_cached) for r in running}
         if flight is not None and self.prefiller is None:
-            price = pace * self.plan.report.step_ms_with(flight.decoding, flight.prompts, flight.position)
+            price = pace * flight.price_ms
             wait_ms = max(0.0, price - 1000 * (time.perf_counter() - flight.started)) if price == price else 0.0
             after.update((slot, at) for slot, at in flight.prefilled.items() if slot in after)
         prefilling = [r for r in running if after[r.slot] < len(r.prompt_ids)]
@@ -556,15 +554,15 @@ class Engine(PythonAPI):
             return 0
         prompts = [(lo, hi - lo) for _r, lo, hi in chunks]
         prefilled = {r.slot: hi for r, _lo, hi in chunks}
-        flight = _InFlight(time.perf_counter(), len(decoding), prompts, _mean_position(decoding), prefilled)
+        price = self.plan.report.step_ms_with(len(decoding), prompts, _mean_position(decoding))
+        flight = _InFlight(time.perf_counter(), price, prefilled)
         self._in_flight = flight
         try:
             self._run(rows, decoding, drafts, chunks, clock)
         finally:
             self._in_flight = None  # every prompt's `prefilled` now says where the step left it
         if self._priced(drafts):
-            price = self.plan.report.step_ms_with(flight.decoding, flight.prompts, flight.position)
-            self.pace.record(price, 1000 * (time.perf_counter() - self._step_started))
+            self.pace.record(flight.price_ms, 1000 * (time.perf_counter() - self._step_started))
         return len(rows.slots)
 
     def _priced(self, drafts: list[list[int]]) -> bool:

@@ -72,6 +72,16 @@ ENGINE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
             type=int, default=_E.threads, metavar="N", help="compute threads (default: every core this process may use)"
         ),
     ),
+    "pin_threads": (
+        "--pin-threads",
+        dict(
+            action=argparse.BooleanOptionalAction,
+            default=_E.pin_threads,
+            help="each compute thread on a core of its own, the engine's on the first, where --threads fit the "
+            "cores this process may use (one process, colocated layout); --no-pin-threads leaves placement to "
+            "the OS, for a machine whose cores other work shares (default: on)",
+        ),
+    ),
     "kernels": (
         "--kernels",
         dict(

@@ -475,6 +475,10 @@ class EngineConfig:
     tp_shards: int | None = None  # chunks each split matrix is cut in (None: the model's default; parallel/tp.py)
     layout: Layout = Layout.COLOCATED  # a str is accepted too ("disaggregated"): stored as the member
     kv_cache: KvCache = KvCache.AUTO  # a str is accepted too ("int8"): stored as the member
+    # each compute thread on a core of its own (the engine's thread on the first), where the plan's threads fit
+    # the cores this process may use (one process, colocated layout): threads that the OS let share a core
+    # after an idle spell waited on each other for several steps (docs/performance.md)
+    pin_threads: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weights", Weights.parse("weights", self.weights))
@@ -494,7 +498,8 @@ class EngineConfig:
                     "draft",
                     self.draft is None or (isinstance(self.draft, str) and self.draft.strip() != ""),
                     "must name a model",
-                )
+                ),
+                ("pin_threads", isinstance(self.pin_threads, bool), "must be True or False"),
             ],
         )
         check_fields(

@@ -53,6 +53,9 @@ class PlanReport:
     prompt_row_far_position: float = 0.0
     invariance: str = ""
     kernels: str = ""  # which ops run the glue (and why, when the C++ kernels were not used)
+    # the CPUs the compute threads are pinned to, one each: the calling thread's first (the engine pins its own
+    # thread there), the kernels' pool workers on the rest; (): placed by the OS (compile/stages.py)
+    cpus: tuple[int, ...] = ()
     cached: bool = False  # read from the plan cache (no packing, probe or calibration this time)
     prefix_cache_bytes: int = 0  # the prefix cache's pool (Plan.pages), allocated once; 0: none
     prefix_cache_note: str = ""  # why there is none, where it was asked for

@@ -56,6 +56,27 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def thread_placement(config: EngineConfig, threads: int) -> tuple[int, ...]:
+    """The CPUs a plan's `threads` compute threads are pinned to, one each, the engine's thread on the first;
+    () to leave them to the OS.
+
+    Why pin: a step's threads meet hundreds of times per step, so two of them on one core wait on each other.
+    Left to itself, Linux put the engine's thread and the pool's worker on one core after the engine had idled
+    for a second or so (the Intel Xeon VM: dozens of involuntary context switches in the next steps, which ran
+    at a third of their speed), so a request arriving after a pause got its first token about twice as late
+    (docs/performance.md, "Threads pinned to cores").
+
+    Only where the placement is this process's to make: `pin_threads`, one process (not tensor parallel), the
+    colocated layout (a disaggregated prefill worker shares the cores), at least two threads, and no more
+    threads than the cores this thread may use (a pinned thread could not step aside for the others)."""
+    if not config.pin_threads or config.layout != Layout.COLOCATED or config.tp > 1 or threads < 2:
+        return ()
+    if not hasattr(os, "sched_getaffinity"):
+        return ()
+    allowed = sorted(os.sched_getaffinity(0))
+    return tuple(allowed[:threads]) if threads <= len(allowed) else ()
+
+
 @dataclass(frozen=True)
 class Resolved:
     """What the resolve stage decided: everything the later stages need to know about the settings."""
@@ -66,6 +87,7 @@ class Resolved:
     kernels: str  # a sentence for the report: which ops, and why not fused when not
     threads: int  # compute threads of the plan
     warnings: tuple[str, ...] = ()  # for PlanReport.warnings
+    cpus: tuple[int, ...] = ()  # for PlanReport.cpus: where the threads are pinned (thread_placement)
 
 
 def compile_plan(
@@ -148,6 +170,7 @@ def compile_plan(
         prompt_row_far_position=positions[2],
         invariance=invariance,
         kernels=r.kernels,
+        cpus=r.cpus,
         cached=saved is not None,
         prefix_cache_bytes=pool.nbytes() if pool is not None else 0,
         prefix_cache_note=note,
@@ -227,10 +250,15 @@ def resolve(loaded: LoadedModel, config: EngineConfig, say: Say) -> Resolved:
         ops, kernels = TorchOps(), f"torch (the C++ attention needs a head_dim multiple of 16, not {cfg.head_dim})"
     why_not = _why_not_fused(cfg, weights, ops)
     threads = config.threads or available_cores()  # resolved already when called from compile_plan
+    cpus: tuple[int, ...] = ()
     if why_not is None:
         # The decoder computes on its own pool; torch keeps one thread for the small glue around it. Its OpenMP
         # team would otherwise spin between steps on the same cores (docs/performance.md).
-        ops.set_threads(threads)
+        cpus = thread_placement(config, threads) if isinstance(ops, CppOps) else ()
+        if cpus:
+            ops.place_threads(cpus)
+        else:
+            ops.set_threads(threads)
         torch.set_num_threads(1)
         kernels = "cpp, fused decoder (every layer in one call)"
         if isinstance(ops, CppOps) and ops.amx():
@@ -240,7 +268,7 @@ def resolve(loaded: LoadedModel, config: EngineConfig, say: Say) -> Resolved:
         if isinstance(ops, CppOps):
             ops.set_threads(threads)
             kernels += f" ({why_not})"
-    return Resolved(weights, ops, why_not is None, kernels, threads, (fallback,) if fallback else ())
+    return Resolved(weights, ops, why_not is None, kernels, threads, (fallback,) if fallback else (), cpus)
 
 
 def check_ctx(cfg: ModelConfig, config: EngineConfig) -> None:

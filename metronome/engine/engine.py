@@ -11,6 +11,7 @@ import collections
 import dataclasses
 import itertools
 import logging
+import os
 import statistics
 import threading
 import time
@@ -244,7 +245,14 @@ class Engine(PythonAPI):
         the main plan's tp it formed a second process group (refused, and at tp 2 rank 1 was left running).
         It keeps no prefix pool (it catches up on prompts itself)."""
         draft_config = dataclasses.replace(
-            plan.config, spec_tokens=0, draft=None, prefix_cache_tokens=0, tp=1, tp_shards=None, layout=Layout.COLOCATED
+            plan.config,
+            spec_tokens=0,
+            draft=None,
+            prefix_cache_tokens=0,
+            tp=1,
+            tp_shards=None,
+            layout=Layout.COLOCATED,
+            pin_threads=bool(plan.report.cpus),  # the kernels' pool is the process's: placed as the main plan's
         )
         draft_plan = compile_plan(draft_loaded, draft_config, calibrate=False, progress=progress)
         try:
@@ -962,6 +970,11 @@ class Engine(PythonAPI):
 
     def _loop(self) -> None:
         self.thread_id = threading.get_native_id()  # the OS thread, for per-thread CPU accounts (profile.py)
+        if self.plan.report.cpus:  # this thread runs a share of every plan call: on its own core (PlanReport.cpus)
+            try:
+                os.sched_setaffinity(0, {self.plan.report.cpus[0]})
+            except OSError as exc:  # the process's CPUs changed since the compile (a cgroup's): the OS places it
+                _LOG.warning("the engine thread stays unpinned: CPU %d refused (%s)", self.plan.report.cpus[0], exc)
         try:
             while True:
                 with self._lock:

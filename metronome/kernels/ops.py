@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -235,6 +235,16 @@ class CppOps:
     def set_threads(self, n: int) -> None:
         """Threads of the kernels' own pool (shared by every plan in this process)."""
         self._m.set_threads(n)
+
+    def place_threads(self, cpus: Sequence[int]) -> None:
+        """One thread of the kernels' own pool per CPU in `cpus` (distinct ones this thread may run on), each
+        worker pinned to its own: worker i to cpus[i]. cpus[0] is for the thread that submits the work, which
+        the pool does not pin (the engine pins its own thread there: Engine, `Plan.cpus`)."""
+        self._m.place_threads(list(cpus))
+
+    def thread_cpus(self) -> tuple[int, ...]:
+        """The CPUs the pool's threads were placed on (`place_threads`), the submitter's first; () if unpinned."""
+        return tuple(self._m.thread_cpus())
 
     def threads(self) -> int:
         """The size of the kernels' own pool (shared by every plan in this process)."""

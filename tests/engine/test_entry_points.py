@@ -22,7 +22,8 @@ def _plans(path: str, flags: list[str], config: EngineConfig):
 
     def seen(engine: Engine):
         r = engine.plan.report
-        return engine.plan.config, r.weights, r.kernels, r.decode_mode, load_kernels().threads()  # the one pool
+        # the one pool, and where its threads run
+        return engine.plan.config, r.weights, r.kernels, r.decode_mode, r.cpus, load_kernels().threads()
 
     api = Engine.from_model(path, config)
     out = {"python": seen(api)}
@@ -46,6 +47,7 @@ def _plans(path: str, flags: list[str], config: EngineConfig):
     [
         ([], EngineConfig()),
         (["--slots", "3", "--threads", "1", "--spec-tokens", "0"], EngineConfig(slots=3, threads=1, spec_tokens=0)),
+        (["--no-pin-threads"], EngineConfig(pin_threads=False)),
     ],
 )
 def test_python_cli_and_serve_compile_the_same_plan(tiny_hf, flags, config):

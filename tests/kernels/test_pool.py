@@ -14,6 +14,7 @@ import time
 
 import pytest
 import torch
+from helpers.threads import workers_cpus
 
 from metronome.kernels.ops import CppOps, KernelBuildError, load_kernels
 
@@ -34,10 +35,44 @@ def cpp() -> CppOps:
 
 @pytest.fixture
 def pool_size(cpp: CppOps):
-    """Restores the pool's size after the test (the pool is shared by the whole process)."""
-    before = cpp.threads()
+    """Restores the pool's size and placement after the test (the pool is shared by the whole process)."""
+    before, placed = cpp.threads(), cpp.thread_cpus()
     yield
-    cpp.set_threads(before)
+    if placed:
+        cpp.place_threads(placed)
+    else:
+        cpp.set_threads(before)
+
+
+@pytest.mark.skipif(CORES < 2, reason="placing two threads needs two CPUs")
+def test_placed_workers_run_each_on_its_own_cpu_and_a_resize_frees_them(cpp: CppOps, pool_size) -> None:
+    """place_threads pins worker i to cpus[i] (cpus[0] is the submitter's, left to it); set_threads then
+    restarts the workers free to run anywhere. The bits do not depend on where threads run."""
+    allowed = sorted(os.sched_getaffinity(0))
+    x = torch.randn(512, 576, generator=torch.Generator().manual_seed(0))
+    w = torch.rand(576, generator=torch.Generator().manual_seed(1)) + 0.5
+    cpp.set_threads(1)
+    ref = cpp.rms_norm(x, w, 1e-5)
+    placement = (allowed[-1], allowed[0])  # the reverse of the default's order: worker 1 on the first CPU
+    cpp.place_threads(placement)
+    assert torch.equal(cpp.rms_norm(x, w, 1e-5), ref)  # every worker checks in for a job: it has started
+    assert cpp.threads() == 2 and cpp.thread_cpus() == placement
+    assert workers_cpus() == [{allowed[0]}]
+    assert os.sched_getaffinity(0) == set(allowed), "the submitting thread was pinned too"
+    cpp.set_threads(2)
+    assert torch.equal(cpp.rms_norm(x, w, 1e-5), ref)
+    assert cpp.thread_cpus() == () and workers_cpus() == [set(allowed)]
+
+
+def test_a_placement_names_cpus_this_process_may_use_once_each(cpp: CppOps, pool_size) -> None:
+    allowed = sorted(os.sched_getaffinity(0))
+    outside = max(allowed) + 1
+    with pytest.raises(RuntimeError, match=f"CPU {outside} is not one this thread may run on"):
+        cpp.place_threads((allowed[0], outside))
+    with pytest.raises(RuntimeError, match=f"CPU {allowed[0]} named twice"):
+        cpp.place_threads((allowed[0], allowed[0]))
+    with pytest.raises(RuntimeError, match="at least one CPU"):
+        cpp.place_threads(())
 
 
 # rms_norm of 512 x 576 splits into ~10 chunks (grain: 2^15 elements), so every pool size runs every worker.

@@ -334,6 +334,12 @@ def test_the_same_flags_give_the_same_config_everywhere():
 def test_every_engine_command_has_every_engine_flag():
     every = {flag for flag, _ in ENGINE_FLAGS.values()}
     assert {f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(EngineConfig)} == every
+    # a yes/no setting (--pin-threads) has its --no- form too
+    every |= {
+        f"--no-{flag[2:]}"
+        for flag, kwargs in ENGINE_FLAGS.values()
+        if kwargs.get("action") is argparse.BooleanOptionalAction
+    }
     for command, parser in _parsers().items():
         group = next(g for g in parser._action_groups if g.title == "engine")
         have = {s for a in group._group_actions for s in a.option_strings}

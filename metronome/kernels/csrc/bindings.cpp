@@ -55,6 +55,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_threads", &metronome::set_threads,
         "threads of the kernels' own pool (default: torch's thread count at first use)", py::arg("n"));
   m.def("get_threads", &metronome::get_threads, "threads of the kernels' own pool");
+  m.def("place_threads", &metronome::place_threads,
+        "one pool thread per CPU, worker i pinned to cpus[i] (cpus[0]: the submitting thread's, not pinned here)",
+        py::arg("cpus"));
+  m.def("thread_cpus", &metronome::thread_cpus, "the CPUs the pool's threads were placed on (empty: unpinned)");
   m.def("set_amx", &metronome::set_amx,
         "packed Q4_1/Q5_0/Q8_0/Q4_K matmuls on AMX, 16 rows of x at a time (same bits either way); "
         "returns whether AMX is in use",

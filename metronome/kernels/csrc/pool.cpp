@@ -72,26 +72,35 @@ int64_t Pool::threads() {
   int64_t n = threads_.load(std::memory_order_acquire);
   if (n == 0) {
     std::lock_guard<std::mutex> job(job_mutex_);
-    if (threads_.load() == 0) start(std::max(1, at::get_num_threads()));
+    if (threads_.load() == 0) start(std::max(1, at::get_num_threads()), {});
     n = threads_.load();
   }
   return n;
 }
 
-void Pool::resize(int64_t n) {
+void Pool::resize(int64_t n, const std::vector<int64_t>& cpus) {
   std::lock_guard<std::mutex> job(job_mutex_);
   n = std::max<int64_t>(1, n);
-  if (n != threads_.load()) start(n);
+  if (n != threads_.load() || cpus != cpus_) start(n, cpus);
 }
 
-void Pool::start(int64_t n) {  // under job_mutex_
+std::vector<int64_t> Pool::cpus() {
+  std::lock_guard<std::mutex> job(job_mutex_);
+  return cpus_;
+}
+
+void Pool::start(int64_t n, const std::vector<int64_t>& cpus) {  // under job_mutex_
   stop_workers();
   threads_.store(n);
+  cpus_ = cpus;
   spin_ = n <= cores();
   // Each worker starts from the generation of now, under the job lock: a job submitted before the
   // worker's thread first runs is still one it has not seen, so it cannot miss it.
   const uint32_t now = generation_.load();
-  for (int64_t id = 1; id < n; ++id) workers_.emplace_back([this, now] { work(now); });
+  for (int64_t id = 1; id < n; ++id) {
+    const int64_t cpu = cpus.empty() ? -1 : cpus[id];
+    workers_.emplace_back([this, now, cpu] { work(now, cpu); });
+  }
 }
 
 Pool::~Pool() {
@@ -144,10 +153,16 @@ void Pool::run_task(int64_t id) {
   }
 }
 
-void Pool::work(uint32_t seen) {
+void Pool::work(uint32_t seen, int64_t cpu) {
   in_worker_ = true;
   // named so that a per-thread CPU account (/proc/<pid>/task/*/comm) can tell the kernels' workers apart
   pthread_setname_np(pthread_self(), "metronome-pool");
+  if (cpu >= 0) {  // place_threads checked that this process may run on it: a refusal would leave it unpinned
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    CPU_SET(static_cast<int>(cpu), &one);
+    pthread_setaffinity_np(pthread_self(), sizeof(one), &one);
+  }
   while (true) {
     const auto idle = [&] { return generation_.load(std::memory_order_acquire) == seen; };
     if (!spin_while(spin_, idle)) {
@@ -177,6 +192,22 @@ void set_threads(int64_t n) {
   TORCH_CHECK(n >= 1, "set_threads: need at least 1 thread, got ", n);
   Pool::get().resize(n);
 }
+
+void place_threads(const std::vector<int64_t>& cpus) {
+  TORCH_CHECK(!cpus.empty(), "place_threads: need at least one CPU");
+  cpu_set_t allowed;
+  TORCH_CHECK(sched_getaffinity(0, sizeof(allowed), &allowed) == 0, "place_threads: cannot read this thread's CPUs");
+  std::vector<int64_t> seen;
+  for (const int64_t cpu : cpus) {
+    TORCH_CHECK(cpu >= 0 && cpu < CPU_SETSIZE && CPU_ISSET(static_cast<int>(cpu), &allowed), "place_threads: CPU ", cpu,
+                " is not one this thread may run on");
+    TORCH_CHECK(std::find(seen.begin(), seen.end(), cpu) == seen.end(), "place_threads: CPU ", cpu, " named twice");
+    seen.push_back(cpu);
+  }
+  Pool::get().resize(static_cast<int64_t>(cpus.size()), cpus);
+}
+
+std::vector<int64_t> thread_cpus() { return Pool::get().cpus(); }
 
 int64_t get_threads() { return Pool::get().threads(); }
 

@@ -18,6 +18,10 @@
 // docs/performance.md, "Served vs in process": no measured gain yet). Which thread runs which chunk never changes
 // results: every kernel here is row-independent. Any thread may submit, one job at a time; a chunk that throws is
 // rethrown on the caller once every worker is done with the job.
+//
+// Placement: place_threads pins each worker to a CPU of its own (the plan decides which, compile/stages.py
+// thread_placement). Left to the OS, a worker and the submitting thread woken after an idle spell could share
+// one core, and every hand-off between them then waited for the other to be scheduled.
 
 #pragma once
 
@@ -43,7 +47,11 @@ class Pool {
 
   int64_t threads();  // the pool's size: torch's thread count at first use unless resized
 
-  void resize(int64_t n);
+  // n threads (the submitting thread and n - 1 workers). `cpus`: empty, or one CPU per thread, the first
+  // the submitter's: worker i then runs on cpus[i] only (the pool never pins the submitter; Engine pins its
+  // own thread). A different size or placement restarts the workers.
+  void resize(int64_t n, const std::vector<int64_t>& cpus = {});
+  std::vector<int64_t> cpus();  // the placement the workers were started with (empty: unpinned)
 
   template <typename F>
   void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
@@ -63,8 +71,8 @@ class Pool {
  private:
   // Splits [begin, end) into min(threads, most) chunks and runs them; takes the job lock.
   void run(int64_t begin, int64_t end, int64_t most, const std::function<void(int64_t, int64_t)>& f);
-  void start(int64_t n);  // (re)starts n - 1 workers, under job_mutex_
-  void work(uint32_t seen);
+  void start(int64_t n, const std::vector<int64_t>& cpus);  // (re)starts n - 1 workers, under job_mutex_
+  void work(uint32_t seen, int64_t cpu);                    // cpu: the one the worker is pinned to, or -1
   void run_task(int64_t id);
   void take_tasks();  // runs the job's next untaken chunk until none is left
   void stop_workers();
@@ -72,7 +80,8 @@ class Pool {
   std::atomic<int64_t> threads_{0};
   bool spin_ = true;  // false while the pool has more threads than this process has cores
   std::vector<std::thread> workers_;
-  std::mutex job_mutex_;  // one job (or resize) at a time
+  std::vector<int64_t> cpus_;  // the workers' placement (resize), under job_mutex_
+  std::mutex job_mutex_;       // one job (or resize) at a time
   // The current job, written by the submitter under job_mutex_ before generation_ is bumped.
   const std::function<void(int64_t, int64_t)>* f_ = nullptr;
   int64_t begin_ = 0, end_ = 0, chunk_ = 0, tasks_ = 0;
@@ -92,7 +101,11 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
   Pool::get().parallel_for(begin, end, grain, f);
 }
 
-void set_threads(int64_t n);  // resizes the pool (n >= 1)
+void set_threads(int64_t n);  // resizes the pool (n >= 1), its workers free to run on any core
+// Resizes the pool to one thread per CPU of `cpus` (distinct CPUs this process may use), worker i pinned to
+// cpus[i]; cpus[0] is for the submitting thread, which the caller pins itself (see Pool::resize).
+void place_threads(const std::vector<int64_t>& cpus);
+std::vector<int64_t> thread_cpus();  // the pool's placement: empty where its workers are not pinned
 
 // For the pool's tests: a job of `items` items in which the chunk holding item 0 waits (up to `timeout_ms`)
 // until every item outside it is done, as a thread the OS preempted would. Returns (items in the held

@@ -90,6 +90,18 @@ def close_to(value: float | None, expected: float, tolerance: float = 0.05) -> b
     return value is not None and abs(value - expected) <= tolerance * expected
 
 
+# How late the stub's first token may reach the harness. After half a second of waiting, the stub's first send
+# and the client's first read run through pages neither process touched since, and on the Intel Xeon VM such
+# first work after a pause came 25-50 ms late (a plain httpx client timed the stub's 0.5 s TTFT at 527-555
+# ms; docs/performance.md, "Threads pinned to cores"), while the tokens after it kept the stub's schedule.
+FIRST_TOKEN_SLACK_S = 0.1
+
+
+def first_token_near(value: float | None, expected: float) -> bool:
+    """A first token's time: never before the stub sent it, at most FIRST_TOKEN_SLACK_S after."""
+    return value is not None and 0.99 * expected <= value <= expected + FIRST_TOKEN_SLACK_S
+
+
 # --- workloads and prompts -------------------------------------------------------------------
 
 
@@ -251,7 +263,7 @@ def test_figures_match_the_stub_within_5_percent() -> None:
         assert summary.errors == 0 and summary.ok == 2 * c
         stats = summary.stats
         assert stats.output_tokens.p50 == tokens
-        assert close_to(stats.ttft_s.p50, ttft), stats.ttft_s
+        assert first_token_near(stats.ttft_s.p50, ttft), stats.ttft_s
         assert close_to(stats.output_speed_tps.p50, 1 / interval), stats.output_speed_tps
         assert close_to(stats.first_sentence_s.p50, ttft + 7 * interval), stats.first_sentence_s
         assert close_to(stats.e2e_100_s.p50, ttft + 99 * interval), stats.e2e_100_s
@@ -274,7 +286,7 @@ def test_counts_without_usage_and_with_multi_token_chunks() -> None:
     result = grouped.measurements[0].requests[0]
     assert (result.output_tokens, result.output_tokens_source, result.chunks) == (120, "usage", 30)
     assert close_to(result.e2e_100_s, ttft + 99 * interval)  # token 100 rides in chunk 25
-    assert close_to(result.ttft_s, ttft + 3 * interval)  # the first chunk carries tokens 1-4
+    assert first_token_near(result.ttft_s, ttft + 3 * interval)  # the first chunk carries tokens 1-4
 
 
 def test_server_errors_are_counted_not_fatal() -> None:

@@ -239,7 +239,7 @@ class CppOps:
     def place_threads(self, cpus: Sequence[int]) -> None:
         """One thread of the kernels' own pool per CPU in `cpus` (distinct ones this thread may run on), each
         worker pinned to its own: worker i to cpus[i]. cpus[0] is for the thread that submits the work, which
-        the pool does not pin (the engine pins its own thread there: Engine, `Plan.cpus`)."""
+        the pool does not pin (the engine pins its own thread there: `PlanReport.cpus`)."""
         self._m.place_threads(list(cpus))
 
     def thread_cpus(self) -> tuple[int, ...]:

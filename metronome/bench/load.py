@@ -5,10 +5,12 @@ tokens at the same moment, in process (the Engine's own thread, callbacks on it)
 serve` child process on 127.0.0.1, streaming clients in this process). Per-user speed is a user's tokens
 after the first over the time from its first token to its last; the plan's promise is 1000 / step_ms at that
 many live slots (the calibration every plan takes of itself), and its TTFT prediction is the one the engine
-made at submit (`Request.predicted_ttft_ms`). On a machine whose speed drifts (these VMs' 1-row step moved
-between 3.4 and 10 ms from one minute to the next, 2026-12-01), a calibration taken at compile time says
-little about a level run minutes later, so each level is also held to the plan's step timed just before it
-(`step_ms_now`): per user ÷ that promise is what the work outside the plan call costs. `--stall` streams one
+made at submit (`Request.predicted_ttft_ms`), its speed promise the one made with each user's first token
+(`Request.promised_tps`: the plan's price times the engine's pace, so it follows the machine). On a machine
+whose speed drifts (these VMs' 1-row step moved between 3.4 and 10 ms from one minute to the next,
+2026-12-01), a calibration taken at compile time says little about a level run minutes later, so each level
+is also held to the plan's step timed just before it (`step_ms_now`): per user ÷ that promise is what the
+work outside the plan call costs. `--stall` streams one
 user, then sends a long prompt from another: the streaming user's longest inter-token gap, and the long
 prompt's TTFT against the same-length prompt sent alone.
 
@@ -52,6 +54,9 @@ class LevelResult:
     compiled_tps: float  # ... from the plan's own calibration (compile time, or the plan cache)
     ttft_ms: float  # median
     predicted_ttft_ms: float  # median of the engine's predictions (served: from each answer's usage)
+    # median of the decode speeds the engine promised with each user's first token (Request.promised_tps;
+    # served: usage's predicted_output_tokens_per_second); NaN where it promised none
+    promised_tps: float = float("nan")
 
 
 _TOPICS = ("the sea", "a city at night", "mountains", "a library", "the first snow", "trains", "a market", "rain")
@@ -76,6 +81,12 @@ def step_ms_now(engine, live: int, position: int, steps: int = 9) -> float:
     slots, tokens, positions = list(range(live)), [1] * live, [min(position, engine.config.ctx - 1)] * live
     times = time_warm(lambda: engine.plan.decode(slots, tokens, positions), engine.plan.device, calls=steps)
     return statistics.median(times)
+
+
+def _median_promise(values: Sequence[float]) -> float:
+    """The median of the promises made (NaN, or None from a usage, where the engine made none)."""
+    made = [v for v in values if v is not None and v > 0]
+    return statistics.median(made) if made else float("nan")
 
 
 def _mean_position(prompts: list[list[int]], output_tokens: int) -> int:
@@ -123,6 +134,7 @@ def run_in_process(engine, users: int, output_tokens: int, salt: str = "") -> tu
         engine.plan.report.tokens_per_s(users, mean_position),
         statistics.median(ttft),
         statistics.median(predicted),
+        _median_promise([r.promised_tps for r in reqs]),
     )
     profile = engine.profile.snapshot().table()
     pace = (
@@ -138,6 +150,7 @@ class ServedStream(NamedTuple):
     tokens: int  # completion tokens, from the usage chunk
     ttft_ms: float  # from the request to its first text event
     promised_ms: float = float("nan")  # the engine's TTFT promise at submit (usage's predicted_time_to_first_token)
+    promised_tps: float = float("nan")  # ... and its speed promise (usage's predicted_output_tokens_per_second)
 
 
 async def _served_level(url: str, prompts: list[str], output_tokens: int) -> list[ServedStream]:
@@ -154,7 +167,7 @@ async def _served_level(url: str, prompts: list[str], output_tokens: int) -> lis
             "temperature": 0,
         }
         stamps: list[float] = []  # one per event that carried text
-        tokens, promised = 0, float("nan")
+        tokens, promised, speed = 0, float("nan"), float("nan")
         t0 = time.perf_counter()
         async for data in post_events(host, port, "/v1/chat/completions", body):
             now = time.perf_counter()
@@ -163,9 +176,10 @@ async def _served_level(url: str, prompts: list[str], output_tokens: int) -> lis
                 tokens = chunk["usage"]["completion_tokens"]
                 seconds = chunk["usage"].get("predicted_time_to_first_token")
                 promised = float("nan") if seconds is None else 1000 * seconds
+                speed = chunk["usage"].get("predicted_output_tokens_per_second") or float("nan")
             if any(c.get("delta", {}).get("content") for c in chunk.get("choices", ())):
                 stamps.append(now)
-        return ServedStream(stamps, tokens, 1000 * ((stamps[0] if stamps else t0) - t0), promised)
+        return ServedStream(stamps, tokens, 1000 * ((stamps[0] if stamps else t0) - t0), promised, speed)
 
     async with asyncio.timeout(_WAIT_S):
         return list(await asyncio.gather(*(one(p) for p in prompts)))
@@ -258,6 +272,7 @@ def run_served(
         compiled_tps,
         statistics.median(r.ttft_ms for r in runs),
         statistics.median(promised) if promised else float("nan"),
+        _median_promise([r.promised_tps for r in runs]),
     )
     return level, profile
 
@@ -384,6 +399,7 @@ def median_level(runs: list[LevelResult]) -> LevelResult:
         med(r.compiled_tps for r in runs),
         med(r.ttft_ms for r in runs),
         med(r.predicted_ttft_ms for r in runs),
+        _median_promise([r.promised_tps for r in runs]),
     )
 
 
@@ -391,8 +407,9 @@ def table(results: list[LevelResult], ratios: dict[int, list[float]] | None = No
     """The levels as a markdown table; `ratios`: served ÷ in process per user, per round, by users."""
     lines = [
         "| where | users | aggregate tok/s | per user tok/s | plan's step timed before → tok/s | per user ÷ that "
+        "| engine's promise → tok/s | per user ÷ promise "
         "| plan's calibration → tok/s | TTFT ms | predicted TTFT ms | served ÷ in process (rounds) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         ratio = ""
@@ -401,9 +418,15 @@ def table(results: list[LevelResult], ratios: dict[int, list[float]] | None = No
             ratio = f"{statistics.median(each):.2f} ({', '.join(f'{x:.2f}' for x in each)})"
         # the engine predicts TTFT at submit; a served request's prediction stays in the server (NaN here)
         predicted_ttft = "-" if math.isnan(r.predicted_ttft_ms) else f"{r.predicted_ttft_ms:.0f}"
+        # the speed the engine promised with each user's first token (none: an uncalibrated plan)
+        promise, kept = (
+            ("-", "-")
+            if math.isnan(r.promised_tps)
+            else (f"{r.promised_tps:.1f}", f"{r.per_user_tps / r.promised_tps:.2f}")
+        )
         lines.append(
             f"| {r.where} | {r.users} | {r.aggregate_tps:.1f} | {r.per_user_tps:.1f} | {r.predicted_tps:.1f} | "
-            f"{r.per_user_tps / r.predicted_tps:.2f} | {r.compiled_tps:.1f} | {r.ttft_ms:.0f} | "
+            f"{r.per_user_tps / r.predicted_tps:.2f} | {promise} | {kept} | {r.compiled_tps:.1f} | {r.ttft_ms:.0f} | "
             f"{predicted_ttft} | {ratio} |"
         )
     return "\n".join(lines)

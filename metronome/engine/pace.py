@@ -48,3 +48,27 @@ class Pace:
         """What to multiply the plan's prices by: how much longer (above 1) or shorter a step takes now."""
         ratios = self._ratios
         return statistics.median(ratios) if len(ratios) >= self.least else 1.0
+
+
+class PaceByRows:
+    """A Pace for each number of decode rows, over the steps that ran decode rows only: what a decoding
+    user's next token costs at that load now, against the plan's price for it.
+
+    One pace for every step mixes loads whose calibrations are off by different amounts: on the 2-core Xeon a
+    cached plan's eight-row step ran at 1.2x its price while its one-row step ran at 0.9x (2026-12-07), so a
+    speed promised from the overall pace was 20 % short for one user and 25 % over for eight
+    (docs/performance.md, "A decode speed promised with the first token"). Used by one thread (the engine's
+    stepping thread records and reads it)."""
+
+    def __init__(self, window: int = WINDOW, least: int = LEAST) -> None:
+        self.window, self.least = window, least
+        self._by_rows: dict[int, Pace] = {}
+
+    def record(self, rows: int, priced_ms: float, measured_ms: float) -> None:
+        """A step of `rows` decode rows and nothing else, priced `priced_ms`, took `measured_ms`."""
+        self._by_rows.setdefault(rows, Pace(self.window, self.least)).record(priced_ms, measured_ms)
+
+    def factor(self, rows: int, otherwise: float) -> float:
+        """The pace of steps of `rows` decode rows, once `least` of them have run; until then `otherwise`."""
+        pace = self._by_rows.get(rows)
+        return pace.factor if pace is not None and pace.steps >= pace.least else otherwise

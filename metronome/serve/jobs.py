@@ -219,6 +219,7 @@ class Job:
                     run.token_gaps,
                     delta.finish_reason,
                     predicted_ttft_ms=req.predicted_ttft_ms,
+                    promised_tps=req.promised_tps,
                     cached_tokens=req.cached_tokens,
                     request_fault=delta.request_fault,
                 )
@@ -261,12 +262,15 @@ class Job:
         cached = sum(max(r.cached_tokens for r in reqs[i : i + n]) for i in range(0, len(reqs), n))
         # the first token is the earliest choice's (merge_timings): so is its promise
         promised = min((r.predicted_ttft_ms for r in reqs if r.predicted_ttft_ms >= 0), default=float("nan"))
+        # the choices decode in the same steps: the speed promised with the earliest first token
+        started = [r for r in reqs if r.timings.first_token is not None]
+        speed = min(started, key=lambda r: r.timings.first_token).promised_tps if started else float("nan")
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached},
-            **groq_timings(merge_timings([r.timings for r in reqs]), promised),
+            **groq_timings(merge_timings([r.timings for r in reqs]), promised, speed),
         }
 
 

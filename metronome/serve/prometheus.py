@@ -230,7 +230,7 @@ class ServerMetrics:
             "metronome_engine_pace_ratio",
             "The engine's recent steps' measured time over the plan's price (median of the last 32; 1 until 8 "
             "have run, or without calibration): how much slower than its calibration (above 1) this machine "
-            "runs the plan now. Each TTFT promise is the plan's price times this (engine/pace.py).",
+            "runs the plan now. Each TTFT and decode-speed promise is the plan's price times this (engine/pace.py).",
             registry=r,
         ).set_function(self.pace)
         self._prefix_gauges(r)
@@ -261,6 +261,13 @@ class ServerMetrics:
             "metronome_ttft_over_prediction_ratio",
             "Each request's measured time to first token over the plan's prediction at submit (1 is on time).",
             buckets=(0.5, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0),
+            registry=r,
+        )
+        self.speed_vs_promise = Histogram(
+            "metronome_decode_speed_over_promise_ratio",
+            "Each request's decode speed, first token to last, over the speed the engine promised with its first "
+            "token (1 is as promised; above 1 where speculation's accepted drafts added tokens).",
+            buckets=(0.5, 0.8, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25, 1.5, 2.0, 3.0),
             registry=r,
         )
         self.predicted_step = Gauge(
@@ -372,9 +379,11 @@ class ServerMetrics:
         predicted_ttft_ms: float = float("nan"),
         cached_tokens: int = 0,
         request_fault: bool = False,
+        promised_tps: float = float("nan"),
     ) -> None:
         """Record one engine request that ended (every submitted one ends: finished, cancelled or failed).
-        `request_fault`: it failed for its own grammar, which is not the engine's error."""
+        `request_fault`: it failed for its own grammar, which is not the engine's error. `promised_tps`: the
+        decode speed the engine promised with its first token (Request.promised_tps)."""
         self.finished.labels(reason).inc()
         self._engine_in_flight -= 1
         if reason == "error" and not request_fault:
@@ -389,7 +398,10 @@ class ServerMetrics:
             if predicted_ttft_ms > 0:  # NaN (no promise: uncalibrated, or it waited for a slot) is skipped
                 self.ttft_vs_plan.observe((timings.first_token - timings.submitted) * 1000 / predicted_ttft_ms)
             if timings.finished is not None and generated > 1 and timings.finished > timings.first_token:
-                self.decode_speed.observe((generated - 1) / (timings.finished - timings.first_token))
+                speed = (generated - 1) / (timings.finished - timings.first_token)
+                self.decode_speed.observe(speed)
+                if promised_tps > 0:  # NaN (no promise: an uncalibrated plan) is skipped
+                    self.speed_vs_promise.observe(speed / promised_tps)
         if timings.first_sentence is not None:
             self.ttfs.observe(timings.first_sentence - timings.submitted)
         if timings.finished is not None and reason in ("stop", "length"):

@@ -154,6 +154,7 @@ class ReflectionRun:
                     reason,
                     predicted_ttft_ms=r.predicted_ttft_ms,
                     cached_tokens=r.cached_tokens,
+                    promised_tps=r.promised_tps,
                 )
             )
 

@@ -3,6 +3,7 @@ below is worked out by hand from the definitions in metrics.py, report.py and lo
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from types import SimpleNamespace
 
@@ -159,7 +160,20 @@ def level(where: str, per_user: float, predicted: float, compiled: float, ttft: 
 def test_load_table_holds_per_user_to_the_step_timed_before_and_takes_the_median_ratio():
     row = bench_load.table([level("served", 30.0, 40.0, 60.0, 120.0)], {2: [0.6, 0.5, 0.9]})
     cells = [c.strip() for c in row.splitlines()[-1].split("|")[1:-1]]
-    assert cells == ["served", "2", "40.0", "30.0", "40.0", "0.75", "60.0", "120", "-", "0.60 (0.60, 0.50, 0.90)"]
+    assert cells == [
+        "served",
+        "2",
+        "40.0",
+        "30.0",
+        "40.0",
+        "0.75",
+        "-",
+        "-",
+        "60.0",
+        "120",
+        "-",
+        "0.60 (0.60, 0.50, 0.90)",
+    ]
 
 
 def test_a_levels_rounds_are_medians_of_each_figure():
@@ -225,7 +239,7 @@ def test_in_process_per_user_speed_and_ttft(monkeypatch):
                 callback(SimpleNamespace(choices=[None], finish_reason="length" if k == len(schedule[i]) - 1 else None))
             clock.now = 2.0
             timings = SimpleNamespace(submitted=10.0, first_token=10.0 + first_after[i])
-            return SimpleNamespace(timings=timings, predicted_ttft_ms=70.0 + 20 * i)
+            return SimpleNamespace(timings=timings, predicted_ttft_ms=70.0 + 20 * i, promised_tps=float("nan"))
 
     got, _ = bench_load.run_in_process(Engine(), 2, 5)
     # per user: (3 - 1) / 1 s = 2 and (5 - 1) / 1 s = 4, median 3; TTFT: median of 50 and 150 ms
@@ -263,6 +277,19 @@ def test_load_table_shows_the_served_ratio_on_served_rows_only_as_the_median_of_
     assert second[-2:] == ["-", "0.60 (0.50, 0.90, 0.60)"]
 
 
+def test_the_load_table_holds_each_user_to_the_engine_s_speed_promise():
+    """The promise the engine made with each user's first token, and per user over it; "-" where none was
+    made (an uncalibrated plan)."""
+    promised = bench_load.LevelResult("in process", 2, 40.0, 30.0, 40.0, 60.0, 120.0, 80.4, promised_tps=25.0)
+    none = bench_load.LevelResult("served", 2, 40.0, 30.0, 40.0, 60.0, 120.0, 80.4)
+    rows = bench_load.table([promised, none])
+    header = [c.strip() for c in rows.splitlines()[0].split("|")[1:-1]]
+    first, second = ([c.strip() for c in line.split("|")[1:-1]] for line in rows.splitlines()[2:])
+    at = header.index("engine's promise → tok/s")
+    assert header[at + 1] == "per user ÷ promise" and len(header) == len(first) == len(second)
+    assert first[at : at + 2] == ["25.0", "1.20"] and second[at : at + 2] == ["-", "-"]
+
+
 def test_a_levels_rounds_take_the_median_of_aggregate_speed_and_predicted_ttft_too():
     runs = [
         bench_load.LevelResult("in process", 2, aggregate, 1.0, 1.0, 1.0, 1.0, predicted)
@@ -270,6 +297,8 @@ def test_a_levels_rounds_take_the_median_of_aggregate_speed_and_predicted_ttft_t
     ]
     med = bench_load.median_level(runs)
     assert (med.where, med.users, med.aggregate_tps, med.predicted_ttft_ms) == ("in process", 2, 13.0, 7.0)
+    promised = [dataclasses.replace(r, promised_tps=p) for r, p in zip(runs, (30.0, float("nan"), 10.0))]
+    assert bench_load.median_level(promised).promised_tps == 20.0  # the rounds that had a promise
 
 
 def _main_stubs(monkeypatch, calls: dict):

@@ -213,12 +213,17 @@ def test_an_in_process_level_reads_its_figures_from_the_stamps(monkeypatch):
         pace = SimpleNamespace(factor=1.25, steps=32)
 
         def encode_prompt(self, text):
-            return [0] * 10
+            prompt = [0] * 10
+            self.first = getattr(self, "first", prompt)
+            return prompt
 
         def submit(self, prompt, params, deliver):
             for i in range(params.max_tokens):
                 deliver(SimpleNamespace(choices=[0], finish_reason="length" if i == params.max_tokens - 1 else None))
-            return SimpleNamespace(timings=SimpleNamespace(submitted=0.0, first_token=0.25), predicted_ttft_ms=30.0)
+            promised = 40.0 if prompt is self.first else float("nan")  # the second user was promised no speed
+            return SimpleNamespace(
+                timings=SimpleNamespace(submitted=0.0, first_token=0.25), predicted_ttft_ms=30.0, promised_tps=promised
+            )
 
     steps = []
     monkeypatch.setattr(bench_load, "_WAIT_S", 5.0)
@@ -235,6 +240,7 @@ def test_an_in_process_level_reads_its_figures_from_the_stamps(monkeypatch):
         250.0,
         30.0,
     )
+    assert level.promised_tps == 40.0  # the median of the promises made: a NaN is none
 
 
 def test_a_served_level_reads_its_figures_from_the_streams(monkeypatch):
@@ -244,22 +250,31 @@ def test_a_served_level_reads_its_figures_from_the_streams(monkeypatch):
     real_level = bench_load._served_level
 
     async def fake_level(url, prompts, output_tokens):
-        return [bench_load.ServedStream([1.0, 2.0, 3.0], 5, 40.0), bench_load.ServedStream([0.0, 4.0], 9, 60.0)]
+        return [
+            bench_load.ServedStream([1.0, 2.0, 3.0], 5, 40.0, promised_tps=1.5),
+            bench_load.ServedStream([0.0, 4.0], 9, 60.0, promised_tps=2.5),
+        ]
 
     monkeypatch.setattr(bench_load, "_scrape", lambda url: {})
     monkeypatch.setattr(bench_load, "_served_level", fake_level)
     level, _ = bench_load.run_served("http://127.0.0.1:9", 2, 8, predicted_tps=3.0, compiled_tps=4.0)
     assert (level.per_user_tps, level.ttft_ms, level.predicted_tps, level.compiled_tps) == (2.0, 50.0, 3.0, 4.0)
+    assert level.promised_tps == 2.0
 
     async def events(host, port, path, body):
         for text in ("a", "b", "c"):
             yield json.dumps({"choices": [{"delta": {"content": text}}]})
-        yield json.dumps({"choices": [], "usage": {"completion_tokens": 3, "predicted_time_to_first_token": 0.25}})
+        usage = {
+            "completion_tokens": 3,
+            "predicted_time_to_first_token": 0.25,
+            "predicted_output_tokens_per_second": 80.5,
+        }
+        yield json.dumps({"choices": [], "usage": usage})
 
     monkeypatch.setattr(bench_load, "post_events", events)
     monkeypatch.setattr(bench_load.time, "perf_counter", _Clock())
-    ((stamps, tokens, ttft, promised),) = asyncio.run(real_level("http://127.0.0.1:9", ["hi"], 3))
-    assert (stamps, tokens, ttft, promised) == ([2.0, 3.0, 4.0], 3, 1000.0, 250.0)
+    ((stamps, tokens, ttft, promised, speed),) = asyncio.run(real_level("http://127.0.0.1:9", ["hi"], 3))
+    assert (stamps, tokens, ttft, promised, speed) == ([2.0, 3.0, 4.0], 3, 1000.0, 250.0, 80.5)
 
 
 class _StallEngine:

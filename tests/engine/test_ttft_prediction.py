@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+from helpers.slow_plan import slowed_plan
 
 from metronome.config import EngineConfig, SamplingParams
 from metronome.engine import Engine
@@ -118,22 +119,13 @@ def test_promises_follow_the_pace_the_machine_runs_the_plan_at(tiny_hf):
     """A machine that runs the plan slower than its calibration (here every plan call sleeps 20 ms beyond a
     4 ms price) is promised TTFTs at that pace once the engine has seen enough steps; before that, the
     plan's prices as they are. Steps with draft rows, which the price does not count, set no pace."""
-    import time
-
     config = EngineConfig(slots=2, ctx=128, spec_tokens=0, prefill_chunk=32)
     engine = Engine.from_model(config=config, loaded=load(tiny_hf("llama")))
     engine.plan.report = dataclasses.replace(
         engine.plan.report, step_ms={1: 4.0, 2: 5.0}, prompt_row_ms=0.5, prefill_row_ms=0.25
     )
     vocab = engine.plan.cfg.vocab_size
-    decode = engine.plan.decode
-
-    def slow(*args, **kwargs):
-        time.sleep(0.02)
-        return decode(*args, **kwargs)
-
-    engine.plan.decode = slow
-    try:
+    with slowed_plan(engine, 0.02):
         price = engine.plan.report.ttft_ms([(0, 12)], 0, 32, 32)  # alone: a one-row step and 12 prompt rows
         first = engine.submit(_prompt(1, 12, vocab), ONE)
         assert first.predicted_ttft_ms == pytest.approx(price)  # no step has run: the calibration's price
@@ -144,8 +136,6 @@ def test_promises_follow_the_pace_the_machine_runs_the_plan_at(tiny_hf):
         assert engine.pace.factor >= 20.0 / 5.0  # no step took less than its sleep; each was priced 5 ms or less
         second = engine.submit(_prompt(3, 12, vocab), ONE)
         assert second.predicted_ttft_ms == pytest.approx(engine.pace.factor * price)
-    finally:
-        del engine.plan.decode
 
 
 def test_steps_with_draft_rows_set_no_pace(tiny_hf):

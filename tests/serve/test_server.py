@@ -102,6 +102,9 @@ def test_chat_completion_with_usage_timings_and_fingerprint(client, smollm, mode
     # what the engine promised at submit (a calibrated plan, a slot free): in seconds, as the times it got
     promised = usage["predicted_time_to_first_token"]
     assert isinstance(promised, float) and 0 < promised < 10 * usage["time_to_first_token"] + 1, usage
+    # and the decode speed it promised with the first token, a token a step (SmolLM2 here: tens to hundreds)
+    speed = usage["predicted_output_tokens_per_second"]
+    assert isinstance(speed, float) and 1 < speed < 10_000, usage
     fp = r.system_fingerprint
     assert smollm.fingerprint() in fp and "s4" in fp and "c512" in fp and "_v0." in fp
 
@@ -767,6 +770,7 @@ def test_metrics_expose_histograms_counters_and_gauges(smol_url, smol_engine):
         "metronome_generation_tokens_total",
         "metronome_ttft_over_prediction_ratio_count",
         "metronome_request_decode_tokens_per_second_count",
+        "metronome_decode_speed_over_promise_ratio_count",
     )
     before = {n: count(n) for n in names}
     ok_before = _metric(smol_url, "metronome_requests_total", '{endpoint="/v1/completions",status="200"}')
@@ -784,8 +788,8 @@ def test_metrics_expose_histograms_counters_and_gauges(smol_url, smol_engine):
         after["metronome_prompt_tokens_total"] == before["metronome_prompt_tokens_total"] + r["usage"]["prompt_tokens"]
     )
     assert after["metronome_generation_tokens_total"] == before["metronome_generation_tokens_total"] + 5
-    for n in ("metronome_ttft_over_prediction_ratio_count", "metronome_request_decode_tokens_per_second_count"):
-        assert after[n] == before[n] + 1, n  # the plan's promise, checked per request
+    for n in names[-3:]:
+        assert after[n] == before[n] + 1, n  # the plan's promises, checked per request
     assert _metric(smol_url, "metronome_requests_total", '{endpoint="/v1/completions",status="200"}') == ok_before + 1
     text = httpx.get(f"{smol_url}/metrics", timeout=30).text
     for gauge in ("metronome_requests_running", "metronome_requests_waiting", "metronome_slot_occupancy"):

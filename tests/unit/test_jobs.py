@@ -26,7 +26,13 @@ def test_a_choice_that_ended_is_not_ended_again_by_the_engines_own_end():
         timings = Timings(submitted=0.0)
         for i in range(2):
             request = SimpleNamespace(
-                id=f"r{i}", timings=timings, prompt_ids=[1, 2], output_ids=[], cached_tokens=0, predicted_ttft_ms=0.0
+                id=f"r{i}",
+                timings=timings,
+                prompt_ids=[1, 2],
+                output_ids=[],
+                cached_tokens=0,
+                predicted_ttft_ms=0.0,
+                promised_tps=float("nan"),
             )
             job.runs.append(ChoiceRun(i, request))
         for index, finish in ((0, "error"), (0, "cancelled"), (1, None), (1, "length")):

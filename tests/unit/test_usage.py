@@ -25,6 +25,13 @@ def test_the_promised_ttft_rides_along_in_seconds_and_is_null_where_none_was_mad
     assert groq_timings(t, float("nan"))["predicted_time_to_first_token"] is None
 
 
+def test_the_promised_speed_rides_along_and_is_null_where_none_was_made():
+    t = Timings(submitted=1.0, admitted=1.1, first_token=1.2, finished=1.5)
+    assert groq_timings(t, 20.0, 123.45678)["predicted_output_tokens_per_second"] == 123.457
+    assert groq_timings(t, 20.0)["predicted_output_tokens_per_second"] is None  # no token, or uncalibrated
+    assert groq_timings(t, 20.0, float("nan"))["predicted_output_tokens_per_second"] is None
+
+
 def test_a_choice_still_running_leaves_the_end_unknown():
     done = Timings(submitted=0.0, admitted=0.1, first_token=0.2, finished=0.3)
     running = Timings(submitted=0.0, admitted=0.1, first_token=0.25)
@@ -71,6 +78,21 @@ def test_a_request_with_no_promise_is_not_held_to_one_and_a_never_admitted_ones_
     assert value(m, "metronome_ttft_over_prediction_ratio_count") == 1
     assert value(m, "metronome_ttft_over_prediction_ratio_sum") == pytest.approx(30 / 20)
     assert value(m, "metronome_prompt_tokens_total") == 21
+    assert value(m, "metronome_decode_speed_over_promise_ratio_count") == 0  # no speed promised to any of them
     m.observe_submitted()
     m.observe_request(Timings(submitted=1.0, finished=1.5), 50, 0, [], "cancelled")
     assert value(m, "metronome_prompt_tokens_total") == 21
+
+
+def test_each_request_s_decode_speed_is_held_to_the_speed_promised_with_its_first_token():
+    """Tokens after the first over the time from the first to the last, over the promise; a request promised
+    nothing (NaN: an uncalibrated plan) or with one token only is left out."""
+    from metronome.serve.prometheus import ServerMetrics
+
+    m = ServerMetrics()
+    done = Timings(submitted=1.0, admitted=1.001, first_token=1.02, finished=1.12)  # 4 more tokens in 0.1 s
+    for promised, generated in ((50.0, 5), (float("nan"), 5), (50.0, 1)):
+        m.observe_submitted()
+        m.observe_request(done, 7, generated, [], "length", predicted_ttft_ms=20.0, promised_tps=promised)
+    assert m.registry.get_sample_value("metronome_decode_speed_over_promise_ratio_count") == 1
+    assert m.registry.get_sample_value("metronome_decode_speed_over_promise_ratio_sum") == pytest.approx(40 / 50)

@@ -6,11 +6,11 @@ serve` child process on 127.0.0.1, streaming clients in this process). Per-user 
 after the first over the time from its first token to its last; the plan's promise is 1000 / step_ms at that
 many live slots (the calibration every plan takes of itself), and its TTFT prediction is the one the engine
 made at submit (`Request.predicted_ttft_ms`), its speed promise the one made with each user's first token
-(`Request.promised_tps`: the plan's price times the engine's pace, so it follows the machine). On a machine
-whose speed drifts (these VMs' 1-row step moved between 3.4 and 10 ms from one minute to the next,
-2026-12-01), a calibration taken at compile time says little about a level run minutes later, so each level
-is also held to the plan's step timed just before it (`step_ms_now`): per user ÷ that promise is what the
-work outside the plan call costs. `--stall` streams one
+(`Request.promised_tps`: the plan's price times the pace of recent steps at that load, so it follows the
+machine). On a machine whose speed drifts (these VMs' 1-row step moved between 3.4 and 10 ms from one minute
+to the next, 2026-12-01), a calibration taken at compile time says little about a level run minutes later,
+so each level is also held to the plan's step timed just before it (`step_ms_now`): per user ÷ that promise
+is what the work outside the plan call costs. `--stall` streams one
 user, then sends a long prompt from another: the streaming user's longest inter-token gap, and the long
 prompt's TTFT against the same-length prompt sent alone.
 
@@ -84,8 +84,8 @@ def step_ms_now(engine, live: int, position: int, steps: int = 9) -> float:
 
 
 def _median_promise(values: Sequence[float]) -> float:
-    """The median of the promises made (NaN, or None from a usage, where the engine made none)."""
-    made = [v for v in values if v is not None and v > 0]
+    """The median of the promises made (NaN where the engine made none)."""
+    made = [v for v in values if v > 0]
     return statistics.median(made) if made else float("nan")
 
 

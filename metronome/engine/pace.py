@@ -54,10 +54,9 @@ class PaceByRows:
     """A Pace for each number of decode rows, over the steps that ran decode rows only: what a decoding
     user's next token costs at that load now, against the plan's price for it.
 
-    One pace for every step mixes loads whose calibrations are off by different amounts: on the 2-core Xeon a
-    cached plan's eight-row step ran at 1.2x its price while its one-row step ran at 0.9x (2026-12-07), so a
-    speed promised from the overall pace was 20 % short for one user and 25 % over for eight
-    (docs/performance.md, "A decode speed promised with the first token"). Used by one thread (the engine's
+    One pace for every step mixes loads whose calibrations are off by different amounts: on the 2-core Xeon,
+    with speeds promised from the overall pace, one user got 1.14-1.20x its promise and each of eight users
+    0.77-0.79x (2026-12-07; docs/performance.md, "A decode speed promised with the first token"). Used by one thread (the engine's
     stepping thread records and reads it)."""
 
     def __init__(self, window: int = WINDOW, least: int = LEAST) -> None:

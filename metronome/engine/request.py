@@ -123,7 +123,7 @@ class Request:
     resume_ms: float = 0.0  # the part of that promise for an engine that had been idle (Engine._resume_ms)
     found_idle: bool = False  # submitted to an engine idle for RESUME_FULL_S or more: its TTFT teaches resume_ms
     # its decode speed (tokens a second after the first) promised with its first token (Engine._promise_tps):
-    # one token a step at the plan's price for the slots held then, times the engine's pace; NaN: uncalibrated
+    # one token a step at the plan's price for the slots held then, times the pace at that load; NaN: uncalibrated
     promised_tps: float = float("nan")
 
     @property

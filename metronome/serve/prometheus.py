@@ -230,7 +230,8 @@ class ServerMetrics:
             "metronome_engine_pace_ratio",
             "The engine's recent steps' measured time over the plan's price (median of the last 32; 1 until 8 "
             "have run, or without calibration): how much slower than its calibration (above 1) this machine "
-            "runs the plan now. Each TTFT and decode-speed promise is the plan's price times this (engine/pace.py).",
+            "runs the plan now. Each TTFT promise is the plan's price times this, and each decode-speed promise until "
+            "steps at its own load have run (engine/pace.py).",
             registry=r,
         ).set_function(self.pace)
         self._prefix_gauges(r)

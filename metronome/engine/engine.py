@@ -190,10 +190,10 @@ class Engine(PythonAPI):
         # what requests that found the engine idle waited beyond their price (ms; _resume_ms, _learn_resume)
         self._resume_extras: collections.deque[float] = collections.deque(maxlen=RESUME_SAMPLES)
         # how much longer than the plan's prices the priced steps take now: every TTFT promise is multiplied
-        # by it (pace.py); measured from the step's start to its last token sampled
+        # by it (pace.py); measured from the step's start to its last token sampled, less a draft model's time
         self.pace = Pace()
-        # ... and by how many decode rows a step of decode rows alone ran: each speed promise is multiplied by
-        # the pace at its own load (_promise_tps)
+        # ... and by how many decode rows a step without prompt rows ran (a lone user's drafts are priced as
+        # more rows of its slot): each speed promise is multiplied by the pace at its own load (_promise_tps)
         self.decode_pace = PaceByRows()
 
     @classmethod
@@ -577,7 +577,9 @@ class Engine(PythonAPI):
                 self._prefill_whole(r, clock)
         decoding = [r for r in batch.running if r.finish_reason is None and r.prefilled == len(r.prompt_ids)]
         chunks = self._prompt_chunks(batch.running, decoding)
+        drafting = time.perf_counter()
         drafts = self._drafts(decoding) if not chunks else [[] for _ in decoding]
+        drafting = time.perf_counter() - drafting  # a draft model's own steps, which the plan's price leaves out
         clock.lap("draft")
         self._send_events()  # the last step's events: the loop that takes them runs beside this plan call
         clock.lap("emit")
@@ -585,27 +587,34 @@ class Engine(PythonAPI):
         if not rows.slots:
             self.steps += 1
             return 0
+        # a request's drafts are more rows of its slot after its decode row, priced as a prompt's rows beside
+        # the decode rows (on the Xeon, SmolLM2's steps of 1-4 drafts took 0.79-0.85 of that price, against
+        # 0.80 for a step without; docs/performance.md, "The pace of a speculating user")
+        drafted = [(r.position + 1, len(d)) for r, d in zip(decoding, drafts) if d]
         prompts = [(lo, hi - lo) for _r, lo, hi in chunks]
         prefilled = {r.slot: hi for r, _lo, hi in chunks}
-        price = self.plan.report.step_ms_with(len(decoding), prompts, _mean_position(decoding))
+        price = self.plan.report.step_ms_with(len(decoding), prompts + drafted, _mean_position(decoding))
         flight = _InFlight(time.perf_counter(), price, prefilled)
         self._in_flight = flight
         try:
             self._run(rows, decoding, drafts, chunks, clock)
         finally:
             self._in_flight = None  # every prompt's `prefilled` now says where the step left it
-        if self._priced(drafts):
-            measured_ms = 1000 * (time.perf_counter() - self._step_started)
+        if self._priced():
+            # every priced step sets the pace, drafting or not: while one user speculates, many of its steps
+            # carry drafts, and a pace of the others alone went stale (with another process taking a core
+            # as such a user ran, a request that arrived waited 1.6-2.1x the TTFT it was promised)
+            measured_ms = 1000 * (time.perf_counter() - self._step_started - drafting)
             self.pace.record(flight.price_ms, measured_ms)
             if not chunks:
                 self.decode_pace.record(len(decoding), flight.price_ms, measured_ms)
         return len(rows.slots)
 
-    def _priced(self, drafts: list[list[int]]) -> bool:
-        """Whether the plan's price is the whole of this step: the step ran no draft rows (the price counts
-        none), and all of its work was this plan's calls (a disaggregated engine's steps also install the
-        worker's KV, which the price leaves out). Only such steps set the pace."""
-        return self.prefiller is None and self.plan.runner.any_rows and not any(drafts)
+    def _priced(self) -> bool:
+        """Whether the plan's price is the whole of this step, but for a draft model's time: all of its
+        work was this plan's calls (a disaggregated engine's steps also install the worker's KV, which the
+        price leaves out). Only such steps set the pace."""
+        return self.prefiller is None and self.plan.runner.any_rows
 
     def _run(
         self,

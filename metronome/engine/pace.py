@@ -51,8 +51,9 @@ class Pace:
 
 
 class PaceByRows:
-    """A Pace for each number of decode rows, over the steps that ran decode rows only: what a decoding
-    user's next token costs at that load now, against the plan's price for it.
+    """A Pace for each number of decode rows, over the steps that ran no prompt rows (a lone user's drafts,
+    priced as more rows of its slot, included): what a decoding user's next token costs at that load now,
+    against the plan's price for it.
 
     One pace for every step mixes loads whose calibrations are off by different amounts: on the 2-core Xeon,
     with speeds promised from the overall pace, one user got 1.14-1.20x its promise and each of eight users

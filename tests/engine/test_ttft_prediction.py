@@ -4,6 +4,7 @@ arrive together mostly arrive while a step runs, and that step's rows are alread
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 import torch
@@ -105,20 +106,25 @@ def test_a_request_that_must_wait_for_a_slot_is_promised_nothing(tiny_hf):
     engine.stop()
 
 
-class _Always:
-    """A drafter that always proposes `k` copies of token 5: every decode step carries draft rows."""
+class _SlowDraftModel:
+    """A drafter that always proposes `k` copies of token 5, taking `seconds` to do it (a draft model's own
+    steps): every decode step carries draft rows."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
 
     def reset(self, slot: int) -> None:
         pass
 
     def propose(self, slot: int, ids, k: int) -> list[int]:
+        time.sleep(self.seconds)
         return [5] * k
 
 
 def test_promises_follow_the_pace_the_machine_runs_the_plan_at(tiny_hf):
     """A machine that runs the plan slower than its calibration (here every plan call sleeps 20 ms beyond a
     4 ms price) is promised TTFTs at that pace once the engine has seen enough steps; before that, the
-    plan's prices as they are. Steps with draft rows, which the price does not count, set no pace."""
+    plan's prices as they are."""
     config = EngineConfig(slots=2, ctx=128, spec_tokens=0, prefill_chunk=32)
     engine = Engine.from_model(config=config, loaded=load(tiny_hf("llama")))
     engine.plan.report = dataclasses.replace(
@@ -138,19 +144,33 @@ def test_promises_follow_the_pace_the_machine_runs_the_plan_at(tiny_hf):
         assert second.predicted_ttft_ms == pytest.approx(engine.pace.factor * price)
 
 
-def test_steps_with_draft_rows_set_no_pace(tiny_hf):
-    """The plan prices a step by its decode and prompt rows; draft rows are more rows it does not count."""
+def test_steps_with_draft_rows_set_the_pace_priced_with_their_drafts_and_without_the_draft_models_time(tiny_hf):
+    """A speculating user's steps mostly carry drafts; a pace of the others alone went stale while it
+    spoke. A step's drafts are priced as a prompt's rows beside its decode row (4 ms + 1.5 ms a draft
+    here), and what the drafter took (a draft model's steps, 30 ms here) is not the plan's: the pace is
+    the plan calls' 20 ms sleep over their price, not the drafter's time as well."""
     config = EngineConfig(slots=2, ctx=128, spec_tokens=3)
     plain = Engine.from_model(config=config, loaded=load(tiny_hf("llama")))
-    plain.plan.report = dataclasses.replace(plain.plan.report, step_ms={1: 4.0, 2: 5.0}, prefill_row_ms=0.25)
-    engine = Engine(plain.plan, plain.tokenizer, drafter=_Always())
+    plain.plan.report = dataclasses.replace(
+        plain.plan.report, step_ms={1: 4.0, 2: 5.0}, prompt_row_ms=1.5, prefill_row_ms=0.25
+    )
+    engine = Engine(plain.plan, plain.tokenizer, drafter=_SlowDraftModel(0.03))
     assert engine.drafter is not None
+    priced: list[float] = []
+    record = engine.pace.record
+    engine.pace.record = lambda price, measured: (priced.append(price), record(price, measured))
     vocab = engine.plan.cfg.vocab_size
     req = engine.submit(_prompt(4, 12, vocab), SamplingParams(max_tokens=12, ignore_eos=True))
-    while req.finish_reason is None:
-        engine.step()
+    with slowed_plan(engine, 0.02):
+        while req.finish_reason is None:
+            engine.step()
     assert engine.spec.drafted > 0
-    assert 0 < engine.pace.steps < engine.steps  # the prompt's step is priced; the drafted ones are not
+    assert engine.pace.steps == engine.steps == len(priced)  # every step, drafting or not
+    assert 4.0 + 3 * 1.5 in priced  # a decode row and three drafts
+    assert set(priced[1:]) <= {4.0 + k * 1.5 for k in range(4)}  # after the prompt's step: 0-3 drafts
+    # each plan call slept 20 ms against a price of at most 8.5 ms; with the drafter's 30 ms counted too,
+    # no step would be under 50 / 8.5
+    assert 20.0 / 8.5 <= engine.pace.factor < 50.0 / 8.5, engine.pace.factor
 
 
 def test_requests_that_arrive_together_keep_the_first_ones_promise(tiny_hf):

@@ -123,14 +123,19 @@ def _metric(url: str, name: str) -> float:
 CANCELLED = 'metronome_api_requests_ended_total{endpoint="/v1/chat/completions",outcome="cancelled"}'
 
 
+def _start_a_long_answer(page, shown: int) -> None:
+    """Ask for a 400-token story; return once `shown` characters of it are on the page."""
+    page.fill("#max-tokens", "400")
+    page.fill("#prompt", "Tell me a long story about a lighthouse keeper and the sea.")
+    page.press("#prompt", "Enter")
+    page.wait_for_function(f"document.querySelector('.turn .answer').textContent.length >= {shown}", timeout=120_000)
+
+
 def test_new_chat_cancels_the_answer_streaming_and_starts_empty(page, chat_url):
     """New chat while an answer streamed left it generating on the server, Send disabled until it ended, and
     the old answer was then put at the head of the new conversation."""
     cancelled = _metric(chat_url, CANCELLED)
-    page.fill("#max-tokens", "400")
-    page.fill("#prompt", "Tell me a long story about a lighthouse keeper and the sea.")
-    page.press("#prompt", "Enter")
-    page.wait_for_function("document.querySelector('.turn .answer').textContent.length > 0", timeout=120_000)
+    _start_a_long_answer(page, shown=1)
     page.click("#new-chat")
     page.wait_for_function("!document.getElementById('send').disabled", timeout=30_000)
     assert page.evaluate("conversation.length") == 0 and page.locator(".turn").count() == 0
@@ -142,6 +147,19 @@ def test_new_chat_cancels_the_answer_streaming_and_starts_empty(page, chat_url):
     _ask(page, "Say hi.")
     assert page.evaluate("conversation.map(m => m.role)") == ["user", "assistant"]
     assert page.evaluate("conversation[0].content") == "Say hi."
+
+
+def test_stop_keeps_what_was_answered_and_says_it_stopped(page):
+    """The answer is redrawn at most every 50 ms while it streams: Stop draws what had come first, and a
+    redraw still due must not wipe the "[stopped]" after it."""
+    _start_a_long_answer(page, shown=20)
+    page.click("#stop")
+    page.wait_for_function("!document.getElementById('send').disabled", timeout=30_000)
+    time.sleep(0.3)  # past any redraw that was due
+    shown = page.locator(".turn .answer").first.text_content()
+    kept = page.evaluate("conversation[conversation.length - 1]")
+    assert kept["role"] == "assistant" and kept["content"], kept
+    assert shown == kept["content"] + "[stopped]", (shown, kept)
 
 
 def test_a_long_unbroken_line_wraps_inside_its_card(page):
@@ -191,6 +209,25 @@ USAGE = {"prompt_tokens": 5, "completion_tokens": 51, "total_tokens": 56, "compl
             "Hello there.",
             "100.0 tok/s",
         ),
+        (  # the engine's promises beside what was measured; none where the usage carries none ("burst")
+            "\n\n".join(
+                [
+                    _chunk("Hi."),
+                    _chunk(finish="stop"),
+                    _chunk(
+                        usage={
+                            **USAGE,
+                            "predicted_time_to_first_token": 0.12,
+                            "predicted_output_tokens_per_second": 97.46,
+                        }
+                    ),
+                    "data: [DONE]",
+                ]
+            )
+            + "\n\n",
+            "Hi.",
+            "(promised 0.12 s) · 100.0 tok/s (promised 97.5) · first sentence",
+        ),
         (  # lines ended with CRLF (the SSE spec allows it), the last event without its blank line
             "\r\n\r\n".join([_chunk("Hi"), _chunk("!", "stop"), _chunk(usage=USAGE), "data: [DONE]"]),
             "Hi!",
@@ -205,7 +242,7 @@ USAGE = {"prompt_tokens": 5, "completion_tokens": 51, "total_tokens": 56, "compl
         ),
         ('data: {"choices": [oops\n\n', "Error:", None),
     ],
-    ids=["burst", "crlf", "cut-short", "empty", "malformed"],
+    ids=["burst", "promise", "crlf", "cut-short", "empty", "malformed"],
 )
 def test_the_stream_is_read_whatever_its_line_ends_and_an_answer_cut_short_is_an_error(page, body, answer, timing):
     """The page split events on LF only (a CRLF stream showed a blank answer), dropped a last event without
@@ -215,7 +252,9 @@ def test_the_stream_is_read_whatever_its_line_ends_and_an_answer_cut_short_is_an
     _served(page, body)
     _ask(page, "Anything.")
     assert answer in page.locator(".turn .answer").first.text_content()
+    shown = page.locator(".turn .timing").first.text_content()
     if timing is not None:
-        assert timing in page.locator(".turn .timing").first.text_content()
+        assert timing in shown
+    assert ("promised" in shown) == ("predicted_" in body), shown
     whole = not answer.startswith("Error")
     assert page.evaluate("conversation.length") == (2 if whole else 0)  # a failed turn is left out, to retry

@@ -577,9 +577,9 @@ class Engine(PythonAPI):
                 self._prefill_whole(r, clock)
         decoding = [r for r in batch.running if r.finish_reason is None and r.prefilled == len(r.prompt_ids)]
         chunks = self._prompt_chunks(batch.running, decoding)
-        drafting = time.perf_counter()
+        drafting_from = time.perf_counter()
         drafts = self._drafts(decoding) if not chunks else [[] for _ in decoding]
-        drafting = time.perf_counter() - drafting  # a draft model's own steps, which the plan's price leaves out
+        drafting_s = time.perf_counter() - drafting_from  # a draft model's own steps: no price counts them
         clock.lap("draft")
         self._send_events()  # the last step's events: the loop that takes them runs beside this plan call
         clock.lap("emit")
@@ -604,7 +604,7 @@ class Engine(PythonAPI):
             # every priced step sets the pace, drafting or not: while one user speculates, many of its steps
             # carry drafts, and a pace of the others alone went stale (with another process taking a core
             # as such a user ran, a request that arrived waited 1.6-2.1x the TTFT it was promised)
-            measured_ms = 1000 * (time.perf_counter() - self._step_started - drafting)
+            measured_ms = 1000 * (time.perf_counter() - self._step_started - drafting_s)
             self.pace.record(flight.price_ms, measured_ms)
             if not chunks:
                 self.decode_pace.record(len(decoding), flight.price_ms, measured_ms)

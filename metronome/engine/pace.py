@@ -57,15 +57,16 @@ class PaceByRows:
 
     One pace for every step mixes loads whose calibrations are off by different amounts: on the 2-core Xeon,
     with speeds promised from the overall pace, one user got 1.14-1.20x its promise and each of eight users
-    0.77-0.79x (2026-12-07; docs/performance.md, "A decode speed promised with the first token"). Used by one thread (the engine's
-    stepping thread records and reads it)."""
+    0.77-0.79x (2026-12-07; docs/performance.md, "A decode speed promised with the first token"). Used by
+    one thread (the engine's stepping thread records and reads it)."""
 
     def __init__(self, window: int = WINDOW, least: int = LEAST) -> None:
         self.window, self.least = window, least
         self._by_rows: dict[int, Pace] = {}
 
     def record(self, rows: int, priced_ms: float, measured_ms: float) -> None:
-        """A step of `rows` decode rows and nothing else, priced `priced_ms`, took `measured_ms`."""
+        """A step of `rows` decode rows (their drafts priced with them) and no prompt rows, priced `priced_ms`,
+        took `measured_ms`."""
         self._by_rows.setdefault(rows, Pace(self.window, self.least)).record(priced_ms, measured_ms)
 
     def factor(self, rows: int, otherwise: float) -> float:

@@ -71,6 +71,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     params = sampling_params(args)
     engine = load_engine(args)
+    if not args.raw and not engine.tokenizer.has_chat_template:  # as --raw, which the user did not ask for
+        print(
+            f"metronome: note: {engine.model_name} has no chat template (a base model): the prompt goes in as "
+            "plain text to continue, as with --raw",
+            file=sys.stderr,
+        )
     for delta in engine.stream(args.prompt, params, chat=not args.raw):
         sys.stdout.write(delta.text)
         sys.stdout.flush()
@@ -100,6 +106,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
     messages: list[dict] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
+    # the shortest conversation (the system message and an empty line) must leave a reply its max_tokens:
+    # else every line failed on the context, and /reset, which the error suggested, could not help
+    shortest = len(engine.encode_prompt([*messages, {"role": "user", "content": ""}]))
+    if shortest + params.max_tokens > engine.config.ctx:
+        raise ParamError(
+            "max_tokens",
+            f"max_tokens={params.max_tokens}: with the shortest prompt ({shortest} tokens, the chat template"
+            f"{' and --system' if args.system else ''}) a reply would not fit the context of {engine.config.ctx} "
+            f"tokens; lower --max-tokens to {engine.config.ctx - shortest} or less, or raise --ctx",
+        )
     print(f"metronome chat · {engine.model_name} · {CHAT_COMMANDS}", file=sys.stderr)
     while True:
         try:
@@ -136,7 +152,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             messages.pop()
             # the conversation outgrew the context (it will not shrink); not a bad line, which is dropped above
             outgrew = isinstance(exc, RequestError) and exc.param in ("prompt", "max_tokens")
-            hint = "\n(/reset starts a new conversation)" if outgrew else ""
+            earlier = len(messages) > (1 if args.system else 0)  # turns /reset would drop
+            hint = "\n(/reset starts a new conversation)" if outgrew and earlier else ""
             print(f"\nerror: {exc}{hint}", file=sys.stderr)
             continue
         print(flush=True)  # before the stats line on stderr

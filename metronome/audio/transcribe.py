@@ -199,6 +199,12 @@ class Transcriber:
         samples = self._check(samples, temperature, task)
         if language is not None:
             self.tokens.language_token(language)  # raises on an unknown code
+            if language != "en" and not self.tokens.multilingual:  # as translate: it was decoded as English
+                raise ParamError(
+                    "language",
+                    f"language {language!r} needs a multilingual model; {self.name} is English-only "
+                    "(leave the language out, or give 'en')",
+                )
         if not self.tokens.multilingual:
             language, task = "en", "transcribe"
         features = self.mel(samples)

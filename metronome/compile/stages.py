@@ -250,6 +250,13 @@ def resolve(loaded: LoadedModel, config: EngineConfig, say: Say) -> Resolved:
         ops, kernels = TorchOps(), f"torch (the C++ attention needs a head_dim multiple of 16, not {cfg.head_dim})"
     why_not = _why_not_fused(cfg, weights, ops)
     threads = config.threads or available_cores()  # resolved already when called from compile_plan
+    warnings = [fallback] if fallback else []
+    if threads > available_cores():  # said, not refused: the cores a container is given can change
+        warnings.append(
+            f"threads={threads} is more than the {available_cores()} cores this process may run on: a step's "
+            "threads wait on each other, and steps run several times slower; "
+            "leave --threads out to use every core"
+        )
     cpus: tuple[int, ...] = ()
     if why_not is None:
         # The decoder computes on its own pool; torch keeps one thread for the small glue around it. Its OpenMP
@@ -268,14 +275,16 @@ def resolve(loaded: LoadedModel, config: EngineConfig, say: Say) -> Resolved:
         if isinstance(ops, CppOps):
             ops.set_threads(threads)
             kernels += f" ({why_not})"
-    return Resolved(weights, ops, why_not is None, kernels, threads, (fallback,) if fallback else (), cpus)
+    return Resolved(weights, ops, why_not is None, kernels, threads, tuple(warnings), cpus)
 
 
 def check_ctx(cfg: ModelConfig, config: EngineConfig) -> None:
     """A plan's context must fit the model's (a sliding-window model's is cut to its window: past it, the
     layers would attend where the model does not). Every plan checks it, tensor-parallel ones included."""
     if config.ctx > cfg.max_position:
-        raise PlanError(f"ctx={config.ctx} is longer than the model's context ({cfg.max_position}); lower --ctx", "ctx")
+        raise PlanError(
+            f"ctx={config.ctx} is longer than the model's context ({cfg.max_position}); lower ctx (--ctx)", "ctx"
+        )
 
 
 def kv_cache_dtype(config: EngineConfig, weights: str, fused: bool, kernels: str = "") -> torch.dtype:

@@ -28,13 +28,15 @@ class PythonAPI:
         if isinstance(prompt, (list, tuple)) and not prompt:  # the template alone would make a prompt of nothing
             raise RequestError("the prompt is empty: send text, a message list with a message, or token ids", "prompt")
         if isinstance(prompt, (list, tuple)):
+            messages = []
             for i, m in enumerate(prompt):
                 if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
                     raise RequestError(
                         f"message {i} is not a dict with a 'role' and a 'content': {str(m)[:80]!r}", f"prompt[{i}]"
                     )
                 _unicode(m, f"prompt[{i}]")
-            return self.tokenizer.encode_chat(list(prompt))
+                messages.append(m | {"content": _content_text(m["content"], f"prompt[{i}].content")})
+            return self.tokenizer.encode_chat(messages)
         if not isinstance(prompt, str):
             raise RequestError(
                 f"a prompt is text, a list of message dicts or a list of token ids (ints), not {type(prompt).__name__}",
@@ -161,6 +163,25 @@ def _completion(r: Request) -> Completion:
         r.cached_tokens,
         tuple(r.prompt_choices),
         r.error,
+    )
+
+
+def _content_text(content: object, param: str) -> str:
+    """A message's content as the chat template reads it, text: OpenAI's forms of it taken as the server
+    takes them (None, an assistant message that only calls tools: no text; a list of {"type": "text",
+    "text": ...} parts: their texts joined). Anything else failed inside the template, naming nothing."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, (list, tuple)) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+    ):
+        return "".join(p["text"] for p in content)
+    raise RequestError(
+        f"a message's content is text, None or a list of {{'type': 'text', 'text': ...}} parts, "
+        f"not {str(content)[:80]!r}",
+        param,
     )
 
 

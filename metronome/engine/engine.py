@@ -39,7 +39,7 @@ from metronome.engine.request import (
     Timings,
 )
 from metronome.engine.sampler import Choice, RequestSampler, argmax_rows, draw_settings, scored, uniforms
-from metronome.engine.scheduler import Batch, Scheduler
+from metronome.engine.scheduler import Batch, Scheduler, check_max_queue
 from metronome.engine.speculate import (
     Drafter,
     LookupOrModel,
@@ -207,6 +207,14 @@ class Engine(PythonAPI):
         progress: Callable[[str], None] | None = None,
     ) -> "Engine":
         """Load a GGUF file or HF folder (default: the embedded SmolLM2) and compile its plan."""
+        # checked before the load and the compile (seconds to minutes), which failed on them from deep inside
+        if config is not None and not isinstance(config, EngineConfig):
+            raise TypeError(
+                f"config: expected an EngineConfig (e.g. EngineConfig(slots=2)), got {type(config).__name__}"
+            )
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path: expected a model name or a file/folder path (str), got {type(path).__name__}")
+        check_max_queue(max_queue)
         config = config or EngineConfig()
         loaded = loaded or load(path)
         tokenizer = Tokenizer(loaded.tokenizer)  # a vocabulary it cannot build is reported before the compile
@@ -325,7 +333,7 @@ class Engine(PythonAPI):
         if len(prompt) + params.max_tokens > ctx:
             raise RequestError(
                 f"the prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) exceeds the context "
-                f"of {ctx} tokens; shorten the prompt or lower max_tokens (or use a larger ctx: --ctx)",
+                f"of {ctx} tokens; shorten the prompt or lower max_tokens (or give the engine a larger ctx, --ctx)",
                 param="max_tokens" if len(prompt) < ctx else "prompt",
             )
         req = Request(
@@ -516,11 +524,14 @@ class Engine(PythonAPI):
         An event waits for the next step's scheduling only (microseconds); with no next step to run, the
         loop sends them at once (_loop). A callback that raises fails its own request only: the request
         is cancelled with the error noted on it and logged, and the other requests' events go on (raised
-        from here, it failed every request of the step, or reached whichever caller was stepping)."""
+        from here, it failed every request of the step, or reached whichever caller was stepping); of that
+        request's events still to come, only its end is sent."""
         self._calling_back = threading.get_ident()
         try:
             while self._outgoing:
                 request, delta = self._outgoing.popleft()
+                if request.callback_failed and delta.finish_reason is None:
+                    continue  # the tokens of steps that ran before its cancel took effect: only its end goes out
                 try:
                     request.on_event(delta)
                 except Exception as exc:
@@ -533,6 +544,7 @@ class Engine(PythonAPI):
         went unseen); a request still running is cancelled, with the reason on it. (The request itself,
         not one found by its id: two requests a caller gave the same id, the other one was cancelled.)"""
         if request.finish_reason is None and not request.cancelled:
+            request.callback_failed = True
             request.error = f"its callback raised {type(exc).__name__}: {exc}"
             self.cancel(request)
             _LOG.error("request %s: its callback raised; the request is cancelled", delta.request_id, exc_info=exc)

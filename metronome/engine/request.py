@@ -108,6 +108,7 @@ class Request:
     slot: int | None = None
     cancelled: bool = False
     error: str | None = None  # why it failed (the engine's error), or why its callback got it cancelled
+    callback_failed: bool = False  # its callback raised: it is cancelled, and only its end event is still sent
     output_ids: list[int] = field(default_factory=list)
     choices: list[Choice] = field(default_factory=list)
     prompt_choices: list[Choice] = field(default_factory=list)  # with prompt_logprobs: scored as prefilled

@@ -9,6 +9,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
+from metronome.config import ParamError
+
 
 class Schedulable(Protocol):
     slot: int | None
@@ -25,8 +27,18 @@ class Batch(Generic[R]):
     running: list[R]  # every request holding a slot after admission, by slot
 
 
+def check_max_queue(max_queue: int | None) -> None:
+    """`max_queue` is how many requests may wait beyond the slots: None (no limit) or a count, 0 or more
+    (a negative one made a capacity below the slots, which refused requests a free slot would take)."""
+    if max_queue is not None and (isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0):
+        raise ParamError(
+            "max_queue", f"max_queue={max_queue!r}: must be a whole number, 0 or more (or None: no limit on the queue)"
+        )
+
+
 class Scheduler(Generic[R]):
     def __init__(self, slots: int, max_queue: int | None = None) -> None:
+        check_max_queue(max_queue)
         self.slots = slots
         self.max_queue = max_queue
         self.waiting: deque[R] = deque()

@@ -561,7 +561,7 @@ def _submit(state: ServerState, served: Served, spec: JobSpec, account: ApiReque
             400,
             f"{len(spec.prompts)} prompts x n={spec.n} would start more than "
             f"{state.settings.max_choices} generations; send fewer",
-            param="n",
+            param="n" if spec.n > 1 else "prompt",
         )
     request_id = f"req-{uuid.uuid4().hex[:12]}"
     job = Job(served.engine, spec, state.metrics, request_id, state.outbox(), served.grammars)

@@ -16,6 +16,7 @@ import torch
 
 from metronome.audio.ct2 import Ct2FormatError, read_model_bin
 from metronome.audio.mel import LogMel, mel_filters, window
+from metronome.config import ParamError
 
 SR = 16000
 
@@ -296,6 +297,10 @@ def test_bad_input_names_the_problem(transcriber) -> None:
         transcriber.transcribe(np.zeros(1600, np.float32), task="summarize")
     with pytest.raises(ValueError, match="language"):
         transcriber.transcribe(np.zeros(1600, np.float32), language="xx")
+    if not transcriber.tokens.multilingual:  # tiny.en: French was decoded as English, and said "english"
+        with pytest.raises(ParamError, match="English-only") as caught:
+            transcriber.transcribe(np.zeros(1600, np.float32), language="fr")
+        assert caught.value.param == "language"
 
 
 @pytest.mark.model

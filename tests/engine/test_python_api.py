@@ -87,6 +87,28 @@ def test_a_callback_that_raises_on_the_last_event_is_logged(engine, caplog):
     )
 
 
+def test_a_callback_that_raised_gets_no_more_tokens_only_its_end(engine, caplog):
+    """The engine's thread hands a step's events over after the next step's schedule, so the cancel took
+    effect a step late and that step made one more token, which was handed to the callback that had raised
+    (raising again, logged as its "last event")."""
+    seen: list[str | None] = []
+    ended = threading.Event()
+
+    def broken(delta) -> None:
+        seen.append(delta.finish_reason)
+        if delta.finish_reason is not None:
+            ended.set()
+        raise ValueError("a bug in the token handler")
+
+    engine.start()
+    with caplog.at_level("ERROR", logger="metronome.engine"):
+        bad = engine.submit([5, 6, 7], PARAMS, broken)
+        assert ended.wait(timeout=60)
+    assert seen == [None, "cancelled"] and bad.finish_reason == "cancelled", seen
+    logged = [r.message for r in caplog.records]
+    assert sum("the request is cancelled" in m for m in logged) == 1 and sum("last event" in m for m in logged) == 1
+
+
 def test_ctrl_c_in_a_step_ends_the_others_requests_rather_than_corrupting_them(engine, monkeypatch):
     """Without start(), a KeyboardInterrupt inside a step (the caller's Ctrl-C) skipped the step's failure
     handling: another thread's request was left half-sampled in its slot and went on to produce other
@@ -379,6 +401,17 @@ def test_prompts_are_read_as_the_caller_meant_them(engine):
         with pytest.raises(RequestError, match=byte) as err:
             engine.generate(prompt, PARAMS)
         assert err.value.param == param
+    # a message's content in OpenAI's other forms reads as the server reads it; anything else is named (an
+    # int or a None failed inside the chat template: "can only concatenate str", no parameter)
+    parts = [{"type": "text", "text": "hi"}, {"type": "text", "text": " there"}]
+    said = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": ""}]
+    assert engine.encode_prompt([said[0] | {"content": parts}, said[1] | {"content": None}]) == engine.encode_prompt(
+        said
+    )
+    for content in (5, [{"type": "image_url", "image_url": "x"}], {"text": "hi"}):
+        with pytest.raises(RequestError, match="a message's content is text") as err:
+            engine.generate([said[0], said[1] | {"content": content}], PARAMS)
+        assert err.value.param == "prompt[1].content"
     with pytest.raises(RequestError, match="byte 0xe9") as err:
         engine.generate("caf\udce9", PARAMS, chat=False)  # raw text, past the chat template, too
     assert err.value.param == "prompt"
@@ -530,3 +563,26 @@ def test_stop_from_a_callback_on_the_engines_thread_returns_and_callers_step_on_
     while req.finish_reason is None:
         engine.step()
     assert req.finish_reason == "length" and req.error is None and len(req.output_ids) == PARAMS.max_tokens
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "names"),
+    [
+        ({"max_queue": -5}, ParamError, "max_queue"),  # was a capacity of slots - 5: every request refused
+        ({"max_queue": 1.5}, ParamError, "max_queue"),
+        ({"config": {"slots": 2}}, TypeError, "config"),  # was an AttributeError from inside from_model
+        ({"path": 5}, TypeError, "path"),  # was a TypeError from pathlib
+    ],
+)
+def test_from_model_refuses_arguments_of_the_wrong_kind_by_name_before_loading(kwargs, error, names, monkeypatch):
+    """Checked before the model loads and compiles: the error names the argument and what it takes."""
+
+    def no_load(*_args, **_kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr("metronome.engine.engine.load", no_load)
+    with pytest.raises(error) as caught:
+        Engine.from_model(**kwargs)
+    assert str(caught.value).startswith(names)
+    if error is ParamError:
+        assert caught.value.param == names

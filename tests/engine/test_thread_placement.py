@@ -65,3 +65,20 @@ def test_threads_are_left_to_the_os_where_the_placement_is_not_this_process_s(co
 def test_pin_threads_is_a_bool() -> None:
     with pytest.raises(ValueError, match="pin_threads"):
         EngineConfig(pin_threads="no")  # type: ignore[arg-type]
+
+
+def test_more_threads_than_cores_is_said_with_what_to_do(tiny_hf) -> None:
+    """--threads 64 on 2 cores ran several times slower than --threads 2, without a word (steps' threads
+    wait on each other); it is a warning the CLI and `serve` print, not a refusal."""
+    over = len(ALLOWED) + 1
+    engine = Engine.from_model(str(tiny_hf("llama")), EngineConfig(slots=1, ctx=64, threads=over, spec_tokens=0))
+    try:
+        [said] = [w for w in engine.plan.report.warnings if "cores" in w]
+        assert f"threads={over}" in said and f"the {len(ALLOWED)} cores" in said and "--threads" in said
+    finally:
+        engine.close()
+    engine = Engine.from_model(str(tiny_hf("llama")), EngineConfig(slots=1, ctx=64, threads=len(ALLOWED)))
+    try:
+        assert not [w for w in engine.plan.report.warnings if "cores" in w]
+    finally:
+        engine.close()

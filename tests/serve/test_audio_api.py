@@ -228,6 +228,7 @@ def _long_wav(seconds: int) -> bytes:
         ("temperature not a number", "beckett", {"temperature": "warm"}, 400, "temperature", "not a number"),
         ("temperature out of range", "beckett", {"temperature": "1.5"}, 400, "temperature", "[0, 1]"),
         ("language unknown", "beckett", {"language": "xx"}, 400, "language", "ISO-639-1"),
+        ("language on an English-only model", "beckett", {"language": "fr"}, 400, "language", "English-only"),
         ("bad response_format", "beckett", {"response_format": "csv"}, 400, "response_format", "verbose_json"),
         ("unknown model", "beckett", {"model": "gpt-4o-transcribe"}, 404, "model", "whisper-tiny.en"),
         ("stream not a boolean", "beckett", {"stream": "yes"}, 400, "stream", "true or false"),

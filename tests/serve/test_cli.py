@@ -158,6 +158,35 @@ def test_chat_keeps_the_conversation(tiny_hf):
     assert len(engine.encode_prompt(two_turns)) > len(engine.encode_prompt(two_turns[:1])) + 4
 
 
+def test_chat_refuses_a_max_tokens_no_reply_fits_and_offers_reset_only_with_turns_to_drop(tiny_hf):
+    """--max-tokens near --ctx failed every line on the context, each error suggesting /reset, which could
+    not help: it is refused at the start now, naming the most that fits. A first line too long for the
+    context gets the error without the /reset hint; a later one, with turns behind it, gets the hint."""
+    model = ("--model", str(tiny_hf("llama")), "--weights", "f32", "--temperature", "0", "--ctx", "64")
+    out = _metronome("chat", *model, "--max-tokens", "63", stdin="hi\n")
+    assert out.returncode == 2 and "--max-tokens" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    most = int(re.search(r"lower --max-tokens to (\d+)", out.stderr).group(1))
+    fits = _metronome("chat", *model, "--max-tokens", str(most), stdin="/exit\n")
+    assert fits.returncode == 0, fits.stderr
+    long_line = " ".join(["cat"] * 70)
+    out = _metronome("chat", *model, "--max-tokens", "8", stdin=f"{long_line}\nhi\n{long_line}\n")
+    assert out.returncode == 0, out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and out.stderr.count("/reset starts a new conversation") == 1, out.stderr
+    assert out.stderr.rindex("/reset starts") > out.stderr.index("tokens/s")  # the hint came after a turn
+
+
+def test_generate_on_a_base_model_says_the_prompt_goes_in_as_plain_text(gemma_path):
+    """Without --raw, a model with no chat template continued the prompt as --raw does, without a word
+    (chat and reflect refuse such a model)."""
+    args = ("generate", "The sky is", "--model", str(gemma_path), "--max-tokens", "2", "--temperature", "0")
+    out = _metronome(*args)
+    assert out.returncode == 0 and "has no chat template" in out.stderr and "as with --raw" in out.stderr, out.stderr
+    raw = _metronome(*args, "--raw")
+    assert raw.returncode == 0 and "chat template" not in raw.stderr, raw.stderr
+    assert raw.stdout == out.stdout  # the same answer: the note says what happened, it changes nothing
+
+
 def test_info_describes_the_default_model():
     out = _metronome("info")
     assert out.returncode == 0, out.stderr

@@ -949,7 +949,8 @@ def test_the_queue_limit_counts_free_slots_and_refuses_what_never_fits(tiny):
 
 
 def test_max_choices_bounds_prompts_times_n(tiny):
-    """--max-choices 4: two prompts with n=2 start exactly 4 generations and run; n=3 (6) is a 400 naming n."""
+    """--max-choices 4: two prompts with n=2 start exactly 4 generations and run; n=3 (6) is a 400 naming n,
+    and five prompts with n=1 a 400 naming the prompt (there is no n to lower)."""
     engine = Engine.from_model(config=EngineConfig(slots=2, ctx=64), loaded=tiny)
     app = create_app(engine, ServerSettings(max_choices=4), ModelIdentity.of(tiny))
     body = {"prompt": ["the cat", "a dog"], "max_tokens": 2, "temperature": 0}
@@ -960,6 +961,8 @@ def test_max_choices_bounds_prompts_times_n(tiny):
             over = httpx.post(f"{url}/v1/completions", json=body | {"n": 3}, timeout=120)
             assert over.status_code == 400 and over.json()["error"]["param"] == "n", over.text
             assert "more than 4 generations" in over.json()["error"]["message"]
+            many = httpx.post(f"{url}/v1/completions", json=body | {"prompt": ["the cat"] * 5}, timeout=120)
+            assert many.status_code == 400 and many.json()["error"]["param"] == "prompt", many.text
     finally:
         engine.stop()
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
+
+from metronome.config import ParamError
 from metronome.engine.scheduler import Scheduler
 
 
@@ -142,3 +145,12 @@ def test_a_queue_of_zero_holds_the_slots_only():
     assert not s.queue_full
     s.add(b)
     assert s.queue_full
+
+
+@pytest.mark.parametrize("max_queue", [-1, -5, 2.0, True])
+def test_a_queue_limit_below_zero_or_not_a_count_is_refused_by_name(max_queue):
+    """max_queue=-5 with 2 slots made a capacity of -3: every request was refused with a message about it."""
+    with pytest.raises(ParamError) as caught:
+        Scheduler(slots=2, max_queue=max_queue)
+    assert caught.value.param == "max_queue"
+    assert Scheduler(slots=2, max_queue=0).capacity == 2

@@ -128,7 +128,9 @@ class PlanReport:
             full, own = self.step_ms.get(self.slots, float("nan")), self.step_ms.get(live, float("nan"))
         else:
             full, own = self.step_ms_at(self.slots, position), self.step_ms_at(live, position)
-        return STALL_STEPS * full - own
+        # every slot's step costs at least one with fewer: a calibration that says otherwise (another process
+        # on the cores, compile/probe.py's calibration_problem) left no budget, and a prompt one row a step
+        return STALL_STEPS * max(full, own) - own
 
     def take_step_prompts(
         self,

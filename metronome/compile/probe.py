@@ -160,6 +160,58 @@ def calibrate(
     )
 
 
+# A step with more live slots costs at least one with fewer, and deep into a conversation at least what it
+# costs near its start. A calibration that broke this by more than MIN_CONSISTENT (and CONSISTENT_SLACK_MS,
+# the timer's and the scheduler's noise on sub-millisecond steps) was taken while something else held the
+# cores: on 2026-12-08 two metronome processes compiled on the 2-core Xeon VM at once, and one plan priced
+# SmolLM2's step at 20.4 ms for one live slot and 7.7 ms for eight. Saved, it stayed wrong on every later
+# start, and the engine, which sizes a prompt's chunk beside decode rows by those figures' ratio, gave a
+# second user's prompt one row a step (its first token waited for the first user's whole answer). Quiet
+# calibrations on these VMs kept every such ratio at 0.94 or more (the plan cache's files, 2026-12-07).
+MIN_CONSISTENT = 0.8
+CONSISTENT_SLACK_MS = 0.5
+CALIBRATION_TRIES = 3
+
+
+def calibration_problem(step_ms: dict[int, float], step_ms_far: dict[int, float]) -> str | None:
+    """What makes a calibration's step times unbelievable (more slots timed faster than fewer, far faster
+    than near, beyond noise), in a sentence; None where they hold together."""
+
+    def below(more: float, fewer: float) -> bool:
+        return more < MIN_CONSISTENT * fewer - CONSISTENT_SLACK_MS
+
+    for where, figures in (("near the context's start", step_ms), ("deep into the context", step_ms_far)):
+        live = sorted(figures)
+        for i, fewer in enumerate(live):
+            for more in live[i + 1 :]:
+                if below(figures[more], figures[fewer]):
+                    return (
+                        f"{more} live slots timed {figures[more]:.1f} ms a step and {fewer} "
+                        f"{figures[fewer]:.1f} ms ({where})"
+                    )
+    for live in sorted(step_ms.keys() & step_ms_far.keys()):
+        if below(step_ms_far[live], step_ms[live]):
+            return (
+                f"{live} live slots timed {step_ms_far[live]:.1f} ms a step deep into the context and "
+                f"{step_ms[live]:.1f} ms near its start"
+            )
+    return None
+
+
+def calibrate_consistent(
+    runner: Runner, slots: int, ctx: int, device: torch.device, chunk: int | None, say: Callable[[str], None]
+) -> tuple[Calibration, str | None]:
+    """`calibrate`, again while its figures do not hold together (`calibration_problem`), up to
+    CALIBRATION_TRIES times: the last calibration, and its problem (None: it holds together)."""
+    for attempt in range(1, CALIBRATION_TRIES + 1):
+        c = calibrate(runner, slots, ctx, device, chunk)
+        problem = calibration_problem(c.step_ms, c.step_ms_far)
+        if problem is None or attempt == CALIBRATION_TRIES:
+            return c, problem
+        say(f"calibrating again: {problem} (another process on these cores?)")
+    raise AssertionError("unreachable: the last try returns")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()

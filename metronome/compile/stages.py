@@ -21,8 +21,13 @@ from metronome.compile.cache import plan_cache_path, read_plan_cache, write_plan
 from metronome.compile.fused import FusedRunner
 from metronome.compile.pages import PagePool
 from metronome.compile.plan import PREFIX_PAGE_TOKENS, Plan, PlanError, PlanReport
-from metronome.compile.probe import calibrate as calibrate_plan
-from metronome.compile.probe import choose_decode_mode, far_position, prompt_row_positions
+from metronome.compile.probe import (
+    calibrate_consistent,
+    calibration_problem,
+    choose_decode_mode,
+    far_position,
+    prompt_row_positions,
+)
 from metronome.compile.quant import dense, quantize
 from metronome.compile.runner import Runner, TorchRunner
 from metronome.config import DEFAULT_CTX, EngineConfig, KvCache, Layout, ModelConfig
@@ -106,6 +111,9 @@ def compile_plan(
     r = resolve(loaded, config, say)
     path = plan_cache_path(loaded, config, r.weights, r.ops, r.threads) if cache else None
     saved = read_plan_cache(path, say) if path is not None else None
+    if saved is not None and (problem := calibration_problem(saved["step_ms"], saved["step_ms_far"])):
+        say(f"compiling afresh: the cached plan's calibration does not hold together ({problem})")
+        saved = None  # written before that check, or by hand: its prices would misjudge every step
     warnings = list(r.warnings)
     kv_dtype = kv_cache_dtype(config, r.weights, r.fused, r.kernels)
     check_layout(config, r.fused, r.kernels)
@@ -131,11 +139,16 @@ def compile_plan(
     if saved is None:
         step_ms, step_ms_far = {}, {}
         prompt_row_ms = prefill_row_ms = prompt_row_ms_far = float("nan")
+        problem = None
         if calibrate:
-            c = calibrate_plan(runner, config.slots, config.ctx, torch.device(config.device), config.prefill_chunk)
+            c, problem = calibrate_consistent(
+                runner, config.slots, config.ctx, torch.device(config.device), config.prefill_chunk, say
+            )
             step_ms, step_ms_far = c.step_ms, c.step_ms_far
             prompt_row_ms, prefill_row_ms, prompt_row_ms_far = c.prompt_row_ms, c.prefill_row_ms, c.prompt_row_ms_far
-        if path is not None and calibrate:
+            if problem is not None:
+                warnings.append(inconsistent_calibration(problem))
+        if path is not None and calibrate and problem is None:  # a calibration that does not hold: not kept
             not_saved = write_plan_cache(
                 say,
                 path,
@@ -231,6 +244,15 @@ def prefix_pool(config: EngineConfig, runner: Runner, kv: KVCache) -> tuple[Page
 
 
 # -- resolve -------------------------------------------------------------------------------------------
+
+
+def inconsistent_calibration(problem: str) -> str:
+    """The plan's warning when its calibration still did not hold together after CALIBRATION_TRIES tries."""
+    return (
+        f"the plan's calibration does not hold together ({problem}), so something else was using these "
+        "cores; its TTFT and speed promises, and the prompt chunks it sizes beside decode rows, are unreliable, "
+        "and the plan was not saved: start again on a quiet machine"
+    )
 
 
 def resolve(loaded: LoadedModel, config: EngineConfig, say: Say) -> Resolved:

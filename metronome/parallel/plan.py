@@ -24,14 +24,14 @@ from typing import Any, Callable
 import torch
 
 from metronome.compile.plan import Plan, PlanError, PlanReport
-from metronome.compile.probe import calibrate as calibrate_plan
-from metronome.compile.probe import choose_decode_mode, far_position, prompt_row_positions
+from metronome.compile.probe import calibrate_consistent, choose_decode_mode, far_position, prompt_row_positions
 from metronome.compile.quant import dense
 from metronome.compile.runner import Runner, TorchRunner
 from metronome.compile.stages import (
     DTYPES,
     check_ctx,
     check_layout,
+    inconsistent_calibration,
     kv_cache_dtype,
     prefix_pool,
     resolve_settings,
@@ -344,11 +344,12 @@ def compile_tp_plan(
     pages = TPPages(tp, local_pages) if local_pages is not None else None  # the ranks' pools, as one
     say("checking batch invariance of the decode step")
     _, invariance = choose_decode_mode(tp, loaded.config, config.slots, config.ctx)
-    step_ms, step_ms_far, rows = {}, {}, (float("nan"),) * 3
+    step_ms, step_ms_far, rows, warnings = {}, {}, (float("nan"),) * 3, ()
     if calibrate:
-        c = calibrate_plan(tp, config.slots, config.ctx, torch.device("cpu"), config.prefill_chunk)
+        c, problem = calibrate_consistent(tp, config.slots, config.ctx, torch.device("cpu"), config.prefill_chunk, say)
         step_ms, step_ms_far = c.step_ms, c.step_ms_far
         rows = (c.prompt_row_ms, c.prefill_row_ms, c.prompt_row_ms_far)
+        warnings = () if problem is None else (inconsistent_calibration(problem),)
     positions = prompt_row_positions(config.ctx, config.prefill_chunk)  # where prompt rows were calibrated
     report = PlanReport(
         weights=weights,
@@ -373,6 +374,7 @@ def compile_tp_plan(
         prefix_cache_note=prefix_note,
         kernels=f"{'cpp, fused decoder' if config.kernels == 'cpp' else 'torch'}, tensor parallel: "
         f"tp={layout.world} ranks x {config.threads} threads, {layout.shards} shards, exchanges: {group.transport}",
+        warnings=warnings,
     )
     draw_rows = load_kernels().sample_rows if config.kernels == "cpp" else None  # as a one-process plan draws
     return Plan(tp, loaded.config, config, weights, runner.cache, report, pages=pages, draw_rows=draw_rows)

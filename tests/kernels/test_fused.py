@@ -415,6 +415,46 @@ def test_the_plan_cache_key_sees_the_whole_file_and_the_loaders_code_and_a_bad_c
     assert compile_plan(loaded, config, calibrate=True).report.cached  # and the file was written afresh
 
 
+def test_a_calibration_that_does_not_hold_together_is_said_and_never_kept(tiny_hf, tmp_path, monkeypatch):
+    """Calibrated beside another process, a plan priced more live slots below fewer (SmolLM2: 20.4 ms for
+    one, 7.7 for eight); saved, that stayed on every later start. Now it is timed again, and one that still
+    does not hold together is a warning and not saved; a saved one such (written before the check) is
+    compiled afresh."""
+    from metronome.compile import compile_plan, probe, stages
+
+    monkeypatch.setenv("METRONOME_PLAN_CACHE", str(tmp_path / "plans"))
+    loaded = load(tiny_hf("qwen2"))
+    config = EngineConfig(slots=2, ctx=64, weights="int8")
+    real = probe.calibrate
+    tries: list[int] = []
+
+    def contended(*args, **kwargs):  # the real figures, but two slots timed far below one
+        tries.append(1)
+        c = real(*args, **kwargs)
+        return dataclasses.replace(c, step_ms={1: 20.4, 2: 7.7}, step_ms_far={1: 20.6, 2: 7.9})
+
+    monkeypatch.setattr(probe, "calibrate", contended)
+    said: list[str] = []
+    plan = compile_plan(loaded, config, calibrate=True, progress=said.append)
+    assert len(tries) == probe.CALIBRATION_TRIES and sum("calibrating again" in s for s in said) == 2, said
+    assert any("does not hold together" in w and "not saved" in w for w in plan.report.warnings)
+    assert not list((tmp_path / "plans").glob("*.pt"))  # so the next start calibrates again
+    # a contended plan saved before the check existed: read back, it is compiled afresh
+    monkeypatch.setattr(probe, "calibration_problem", lambda *_figures: None)
+    compile_plan(loaded, config, calibrate=True)
+    assert len(list((tmp_path / "plans").glob("*.pt"))) == 1
+    monkeypatch.undo()
+    monkeypatch.setenv("METRONOME_PLAN_CACHE", str(tmp_path / "plans"))
+    said.clear()
+    again = compile_plan(loaded, config, calibrate=True, progress=said.append)
+    assert not again.report.cached and any("compiling afresh" in s for s in said), said
+    assert (
+        again.report.step_ms[2] != 7.7
+        and stages.calibration_problem(again.report.step_ms, again.report.step_ms_far) is None
+    )
+    assert compile_plan(loaded, config, calibrate=True).report.cached  # the fresh one was kept
+
+
 def test_static_decode_attention_matches_the_reference():
     """The CUDA-graph path's attention (whole cache, masked), checked on CPU against the per-row slices."""
     from metronome.kernels.ops import StaticOps, TorchOps

@@ -200,3 +200,63 @@ def test_the_probe_picks_compact_rows_only_where_each_row_is_bitwise_the_same_al
     assert mode == "fixed" == differs.decode_mode and "slot 0" in why
     with pytest.raises(probe.NonFiniteLogits, match="NaN or infinite"):
         probe.choose_decode_mode(ProbedRunner(ctx=8, value=float("nan")), cfg, 4, 8)
+
+
+def test_step_times_that_do_not_hold_together_are_named() -> None:
+    """More live slots timed faster than fewer, or a step deep into the context faster than near its start,
+    beyond 20 % and half a millisecond of noise: the figures of a plan calibrated beside another process."""
+    quiet = {1: 3.8, 2: 3.8, 3: 4.6, 4: 5.6, 5: 5.7, 6: 6.5, 7: 7.2, 8: 8.1}  # a quiet VM, 2026-12-07
+    far = {1: 5.6, 2: 7.4, 3: 9.0, 4: 10.6, 5: 12.6, 6: 14.5, 7: 16.5, 8: 18.6}
+    assert probe.calibration_problem(quiet, far) is None
+    contended = {1: 20.4, 2: 20.9, 3: 20.8, 4: 22.5, 5: 22.0, 6: 22.9, 7: 7.6, 8: 7.7}  # 2026-12-08
+    said = probe.calibration_problem(contended, {k: v * 1.1 for k, v in contended.items()})
+    assert said == "7 live slots timed 7.6 ms a step and 1 20.4 ms (near the context's start)"
+    assert "(deep into the context)" in probe.calibration_problem(quiet, {**far, 2: 3.0})
+    said = probe.calibration_problem(quiet, {k: v / 2 for k, v in quiet.items()})
+    assert said == "1 live slots timed 1.9 ms a step deep into the context and 3.8 ms near its start"
+    tiny = {1: 0.30, 2: 0.21}  # a test model's sub-millisecond steps: noise, not a contended machine
+    assert probe.calibration_problem(tiny, tiny) is None
+
+
+class ContendedRunner(DriftingRunner):
+    """A DriftingRunner whose steps of fewer than all slots take five times as long during its first
+    `contended` calibrations (another process's pinned threads on these cores), then run as they should."""
+
+    def __init__(self, contended: int) -> None:
+        super().__init__()
+        self.contended, self.calibrations = contended, 0
+
+    def decode(self, slots, tokens, positions, logit_rows=None):
+        factor = 5.0 if self.calibrations < self.contended and len(slots) < SLOTS else 1.0
+        self._spend(factor * (2 + len(slots) + sum(positions) / 1024), ("decode", len(slots), positions[-1]))
+
+
+def _counting_calibrate(monkeypatch: pytest.MonkeyPatch, runner: ContendedRunner) -> None:
+    real = probe.calibrate
+
+    def counted(*args, **kwargs):
+        try:
+            return real(*args, **kwargs)
+        finally:
+            runner.calibrations += 1
+
+    monkeypatch.setattr(probe, "calibrate", counted)
+    monkeypatch.setattr(probe, "time", runner)  # calibration's clock: the runner's virtual one
+
+
+def test_a_calibration_that_does_not_hold_together_is_taken_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = ContendedRunner(contended=1)
+    _counting_calibrate(monkeypatch, runner)
+    said: list[str] = []
+    c, problem = probe.calibrate_consistent(runner, SLOTS, CTX, torch.device("cpu"), CHUNK, said.append)
+    assert problem is None and runner.calibrations == 2
+    assert c.step_ms[1] == pytest.approx(expected_step(1, probe.NEAR_POSITION))
+    assert len(said) == 1 and said[0].startswith("calibrating again: 2 live slots timed")
+
+
+def test_a_calibration_that_never_holds_together_is_returned_with_its_problem(monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = ContendedRunner(contended=probe.CALIBRATION_TRIES)
+    _counting_calibrate(monkeypatch, runner)
+    c, problem = probe.calibrate_consistent(runner, SLOTS, CTX, torch.device("cpu"), CHUNK, lambda _m: None)
+    assert runner.calibrations == probe.CALIBRATION_TRIES and problem is not None and "2 live slots" in problem
+    assert c.step_ms[1] > c.step_ms[2]

@@ -218,6 +218,15 @@ def test_the_stall_bound_is_two_and_a_half_all_slots_steps():
     assert _report().prompt_budget_ms(1) == 2.5 * 7.0 - 4.0
 
 
+def test_a_calibration_with_more_slots_timed_faster_still_leaves_a_prompt_its_rows():
+    """A plan calibrated while another process held the cores priced SmolLM2's one-slot step at 20.4 ms
+    and its all-slots step at 7.7: the budget, 2.5 all-slots steps less the decode rows' own, went
+    negative, and a second user's prompt ran one row a step beside the first user's stream."""
+    r = _report(step_ms={1: 20.4, 2: 20.9, 3: 7.6, 4: 7.7}, prompt_row_ms=0.4)
+    assert r.prompt_budget_ms(1) == 2.5 * 20.4 - 20.4  # as if every slot's step cost what one slot's did
+    assert r.take_step_prompts([(16, 29)], live=1, chunk=None, alone_chunk=256) == [29]
+
+
 def test_a_prompt_that_does_not_finish_in_its_step_holds_back_the_prompts_behind_it():
     # the first prompt's late rows are dear (FAR: 1 µs a cached token); a later prompt's early rows are
     # cheaper, but prompts take rows oldest first: nothing goes past one that has not finished

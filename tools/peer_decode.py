@@ -47,7 +47,12 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=1000)
     a = p.parse_args()
-    from llama_cpp import Llama
+    try:
+        from llama_cpp import Llama
+    except ModuleNotFoundError:  # was a traceback, after the arguments were read
+        raise SystemExit(
+            "tools/peer_decode.py needs llama-cpp-python, the llama.cpp peer: `make bench-peers`"
+        ) from None
 
     torch.set_num_threads(a.threads)
     loaded = load(a.model)

@@ -354,10 +354,18 @@ def run(args: argparse.Namespace) -> int:
     # SIGTERM (`timeout`, CI, systemd) is taken as Ctrl-C: its default ended the process at once, leaving the
     # servers it had started (each in its own session) running, orphaned, and the measurements unwritten
     previous = signal.signal(signal.SIGTERM, _interrupt)
+    # ... which needs a SIGINT handler to hand it to: a script's `bench ... &` (and nohup) starts with SIGINT
+    # ignored, so SIGTERM did nothing, the caller's SIGKILL followed, and the bench's server was orphaned.
+    # Python's own handler, for the run: asyncio.run then installs its runner's, as in a terminal.
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return _run(args)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _request_timeout(args: argparse.Namespace) -> float:
@@ -643,7 +651,7 @@ def _run_soak(args: argparse.Namespace, console) -> int:
                     argv += ["--model", str(args.model)]
                 argv += engine_argv(args, _ENGINE)
                 assert out_dir is not None  # made above: this soak starts its own server
-                log_path = out_dir / "soak-server.log"
+                log_path = out_dir / ("fuzz-server.log" if args.fuzz is not None else "soak-server.log")
                 log = stack.enter_context(open(log_path, "w", encoding="utf-8"))
                 console.print(f"starting: {' '.join(argv)} (log: {log_path})", markup=False)
                 process = subprocess.Popen(

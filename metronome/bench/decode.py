@@ -67,7 +67,7 @@ class DecodeResult:
             (
                 f"step latency: calibrated at compile ({self.live} live) / measured in this decode",
                 f"{self.predicted_step_ms:.2f} ms / {self.measured_step_ms:.2f} ms "
-                f"({self.predicted_step_ms / self.measured_step_ms - 1:+.0%})",
+                f"(measured {self.measured_step_ms / self.predicted_step_ms - 1:+.0%})",
             ),
             ("weight bytes read per token", f"{self.weight_bytes / 1e6:.1f} MB"),
             (
@@ -163,7 +163,7 @@ def live_markdown(results: tuple[DecodeResult, ...]) -> str:
         f"{first.model}, {first.weights} / {first.decode_mode}, {first.threads} threads, {first.tokens} tokens "
         f"per user, {len(first.runs_tokens_per_s)} runs per level; {first.weight_bytes / 1e6:.1f} MB of weights "
         "read per step whatever the rows\n\n"
-        "| live slots | tok/s per user (median) | step ms: measured / calibrated | read GB/s (median) "
+        "| live slots | tok/s per user (median) | step ms: measured / calibrated | memory read GB/s, timed before each run (median) "
         "| memory-bound step ms | fraction of the bound (median; runs) |\n|---:|---:|---:|---:|---:|---:|\n"
     )
     rows = [

@@ -465,7 +465,8 @@ def main(
     engine = Engine.from_model(model, config=config, calibrate=True)
     if freeze_heap:  # a full collection here (94 ms once) held up the in-process engine and the client
         freeze_startup_heap()
-    print(f"plan: {engine.plan.report.step_ms} ms per step by live slots; ", end="")
+    steps = ", ".join(f"{live}: {ms:.2f}" for live, ms in sorted(engine.plan.report.step_ms.items()))
+    print(f"plan: ms per step by live slots {{{steps}}}; ", end="")
     print(
         f"prompt row beside decode {engine.plan.report.prompt_row_ms:.2f} ms, alone {engine.plan.report.prefill_row_ms:.2f} ms"
     )

@@ -53,6 +53,9 @@ class PlanReport:
     prompt_row_far_position: float = 0.0
     invariance: str = ""
     kernels: str = ""  # which ops run the glue (and why, when the C++ kernels were not used)
+    # the chunks each matrix is cut in (tensor parallel, or --tp-shards at tp=1): the order of its sums, so
+    # its outputs' bits; 1: the plain one-process plan
+    shards: int = 1
     # the CPUs the compute threads are pinned to, one each: the calling thread's first (the engine pins its own
     # thread there), the kernels' pool workers on the rest; (): placed by the OS (compile/stages.py)
     cpus: tuple[int, ...] = ()

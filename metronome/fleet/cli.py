@@ -189,6 +189,8 @@ def _check_outputs(args: argparse.Namespace) -> None:
     ):
         if path is not None and not path.parent.is_dir():
             raise ValueError(f"{flag} {path}: the folder {path.parent} does not exist")
+        if path is not None and path.is_dir():  # was an IsADirectoryError after the whole sweep, naming no flag
+            raise ValueError(f"{flag} {path}: this is a folder; name a file in it (e.g. {path / 'plan.md'})")
     if not (math.isfinite(args.svg_us) and args.svg_us > 0):
         raise ValueError(f"--svg-us={args.svg_us}: the drawing's window must be a positive number of microseconds")
     if args.svg_us != _SVG_US and args.trace_svg is None:

@@ -81,12 +81,19 @@ def tp_settings(loaded: LoadedModel, config: EngineConfig) -> tuple[EngineConfig
         if config.tp_shards is None and shards % config.tp:
             try:  # what stops a cut in tp (the heads, the widths, an MoE's experts, a QK norm over them all)
                 check_shards(loaded.config, config.tp)
-                why = f"tp={config.tp} does not divide them"
             except ShardingError as exc:
                 why = str(exc).rsplit(": ", 1)[-1]
+                raise ShardingError(
+                    f"tp={config.tp}: this model cuts into at most {shards} equal chunk(s) ({why}); "
+                    + (f"choose a tp dividing {shards}" if shards > 1 else "it runs at tp=1 only"),
+                    "tp",
+                ) from None
+            # it does cut in tp, just not in the default count (the largest power of two it takes, so that
+            # tp=1, 2, 4... give the same answers): SmolLM2's 9 heads at tp=3 were refused as "at most 1 chunk"
             raise ShardingError(
-                f"tp={config.tp}: this model cuts into at most {shards} equal chunk(s) ({why}); "
-                + (f"choose a tp dividing {shards}" if shards > 1 else "it runs at tp=1 only"),
+                f"tp={config.tp}: the default cut is the largest power of two this model takes ({shards} "
+                f"chunk(s)), which {config.tp} ranks do not divide; the model also cuts into {config.tp} chunks: "
+                f"add --tp-shards {config.tp} (its answers are those of --tp-shards {config.tp} at any tp)",
                 "tp",
             )
         layout = TPLayout(config.tp, 0, shards)
@@ -375,6 +382,7 @@ def compile_tp_plan(
         kernels=f"{'cpp, fused decoder' if config.kernels == 'cpp' else 'torch'}, tensor parallel: "
         f"tp={layout.world} ranks x {config.threads} threads, {layout.shards} shards, exchanges: {group.transport}",
         warnings=warnings,
+        shards=layout.shards,
     )
     draw_rows = load_kernels().sample_rows if config.kernels == "cpp" else None  # as a one-process plan draws
     return Plan(tp, loaded.config, config, weights, runner.cache, report, pages=pages, draw_rows=draw_rows)

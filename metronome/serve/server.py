@@ -82,10 +82,16 @@ class ModelIdentity:
 
 
 def system_fingerprint(identity: ModelIdentity, engine: Engine) -> str:
-    """Model file hash, engine version and plan settings: equal fingerprints give equal outputs for a seed."""
-    c = engine.config
-    mode = engine.plan.decode_mode
-    return f"fp_{identity.file_hash}_v{metronome.__version__}_{engine.plan.weights}_s{c.slots}_c{c.ctx}_{mode}"
+    """Model file hash, engine version and plan settings: equal fingerprints give equal outputs for a seed.
+    So it names what changes a token's bits: the weights' and the KV cache's formats, the device, the fused
+    decoder or torch's ops, and the chunks a tensor-parallel plan cuts each matrix in (`--tp 2` and the plain
+    plan gave the same fingerprint and different answers); slots, ctx and the decode shape besides."""
+    c, report = engine.config, engine.plan.report
+    ops = "rows" if engine.plan.runner.any_rows else "torch"  # the row-independent decoder, or torch's ops
+    return (
+        f"fp_{identity.file_hash}_v{metronome.__version__}_{engine.plan.weights}_kv-{report.kv_cache_format}"
+        f"_{report.device}_{ops}_x{report.shards}_s{c.slots}_c{c.ctx}_{engine.plan.decode_mode}"
+    )
 
 
 @dataclass(frozen=True)

@@ -185,13 +185,19 @@ def test_soak_on_an_unreachable_url_is_a_clean_error(tmp_path, users):
     assert "cannot reach" in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
 
 
-def test_sigterm_stops_the_server_the_bench_started(tiny_hf, tmp_path):
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
+def test_sigterm_stops_the_server_the_bench_started(tiny_hf, tmp_path, sigint):
     """`timeout` (SIGTERM) on a bench that started its own server: SIGTERM's default ended the bench at once
-    and left the server (in a session of its own) running, orphaned. Now it stops it, as Ctrl-C does."""
+    and left the server (in a session of its own) running, orphaned. Now it stops it, as Ctrl-C does. Also
+    where the bench started with SIGINT ignored (a script's `bench ... &`, nohup): SIGTERM, handed to Ctrl-C's
+    handler, did nothing there, and the SIGKILL that followed orphaned the server."""
     import re
     import signal
     import socket
     import time
+
+    def ignore_sigint() -> None:  # in the child before it starts Python, as a non-interactive shell's `&` does
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     argv = [sys.executable, "-m", "metronome.bench", "--soak", "5m", "--model", str(tiny_hf("llama"))]
     from metronome.bench.peers import _metronome_command
@@ -206,6 +212,7 @@ def test_sigterm_stops_the_server_the_bench_started(tiny_hf, tmp_path):
         text=True,
         start_new_session=True,
         env={**os.environ, "COLUMNS": str(columns)},
+        preexec_fn=ignore_sigint if sigint == "ignored" else None,
     )
     try:
         port = None

@@ -784,6 +784,7 @@ def test_cli_errors_are_actionable(capsys):
         (["--tokens-per-s", "100", "--price-per-chip", "h100-sxm=nan"], "a price must be a number >= 0"),
         (["--tokens-per-s", "100", "--prompt", "100000"], "more than llama-2-7b's context of 4096"),
         (["--tokens-per-s", "100", "--table", "/nonexistent/x.md"], "--table /nonexistent/x.md: the folder"),
+        (["--tokens-per-s", "100", "--table", "/tmp"], "--table /tmp: this is a folder; name a file in it"),
         (["--tokens-per-s", "100", "--trace", "t.json", "--trace-svg", "t.svg", "--svg-us", "0"], "--svg-us=0.0"),
         (["--tokens-per-s", "100", "--plot", "x.txt"], "--plot x.txt: name a file ending in one of"),
         (["--tokens-per-s", "100", "--measure"], "planning a fleet does not use --measure"),

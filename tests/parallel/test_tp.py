@@ -175,6 +175,18 @@ def test_a_model_that_cannot_be_cut_says_what_stops_it(tmp_path):
         tp_settings(loaded, EngineConfig(slots=1, ctx=64, tp=2, weights="f32"))
 
 
+def test_a_tp_the_model_takes_outside_the_default_cut_names_tp_shards(smollm):
+    """SmolLM2 (9 heads, 3 KV heads) cuts into 3 chunks but into no power of two, the default cut: --tp 3
+    was refused as "at most 1 equal chunk(s) ... it runs at tp=1 only", while --tp-shards 3 runs it."""
+    from metronome.compile.plan import PlanError
+
+    with pytest.raises(PlanError, match=r"add --tp-shards 3") as caught:
+        tp_settings(smollm, EngineConfig(slots=1, ctx=64, tp=3))
+    assert "tp=1 only" not in str(caught.value) and caught.value.param == "tp"
+    resolved, layout, _weights = tp_settings(smollm, EngineConfig(slots=1, ctx=64, tp=3, tp_shards=3))
+    assert (layout.world, layout.shards, resolved.tp_shards) == (3, 3, 3)
+
+
 def _fail_on_rank_one(group, *_args):
     if group.rank == 1:
         raise ValueError("model file differs")

@@ -1223,3 +1223,35 @@ def test_a_refused_key_names_its_scheme_and_is_counted():
             assert httpx.get(f"{url}{path}", timeout=30).status_code != 401, path
         metrics = httpx.get(f"{url}/metrics", headers={"Authorization": "Bearer s3cret"}, timeout=30).text
     assert 'metronome_requests_total{endpoint="/v1/models",status="401"} 1.0' in metrics, metrics
+
+
+def test_the_fingerprint_tells_apart_plans_whose_answers_differ(tiny_hf):
+    """`--tp 2` and the plain plan of Gemma 3 answered a seeded request differently under one fingerprint:
+    the shards a matrix is cut in order its sums. The KV cache's format and the ops change bits too."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from metronome.serve.server import system_fingerprint
+
+    loaded = load(tiny_hf("llama"))
+    identity = ModelIdentity.of(loaded)
+    prints = []
+    for kv_cache in ("auto", "int8"):
+        engine = Engine.from_model(config=EngineConfig(slots=2, ctx=64, kv_cache=kv_cache), loaded=loaded)
+        try:
+            prints.append(system_fingerprint(identity, engine))
+            assert system_fingerprint(identity, engine) == prints[-1]  # the same plan, the same print
+            sharded = SimpleNamespace(
+                config=engine.config,
+                plan=SimpleNamespace(
+                    report=dataclasses.replace(engine.plan.report, shards=4),
+                    runner=engine.plan.runner,
+                    weights=engine.plan.weights,
+                    decode_mode=engine.plan.decode_mode,
+                ),
+            )
+            prints.append(system_fingerprint(identity, sharded))
+        finally:
+            engine.close()
+    assert len(set(prints)) == 4, prints
+    assert all(p.startswith(f"fp_{loaded.fingerprint()}_v") for p in prints)

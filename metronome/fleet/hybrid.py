@@ -3,6 +3,7 @@ projections on LPUs (the KV cache lives in HBM, the weights in SRAM, q/k/v cross
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from metronome.fleet.catalog import Hardware
@@ -52,27 +53,36 @@ def kv_handoff(decode: LpuPlan, prefill: GpuPlan, handoff: Handoff, prompt: int)
 def prefill_gpu_decode_lpu(
     decode: LpuPlan, prefill: GpuPlan, handoff: Handoff, workload: Workload, lpu_price: float, gpu_price: float
 ) -> Candidate:
-    """The GPU group computes the prompt and ships its KV cache to the LPU pipeline, which decodes. TTFT is
-    prefill plus the scheduled hand-off. Cost: the GPUs are held through prefill and hand-off; the LPU
-    fleet is charged its share per user of decoding, plus the user's pipeline slot while its KV arrives."""
+    """GPU groups compute the prompts and ship their KV caches to the LPU pipeline, which decodes. TTFT is
+    prefill plus the scheduled hand-off. The GPU groups are as many as keep up with the requests the
+    pipeline finishes, each request holding a group through its prefill and hand-off (sized as one group, a
+    fleet prefilled a fraction of the prompts its LPUs decoded; docs/planner.md). Cost: the GPU groups' hours
+    over the requests they serve; the LPU fleet its share per user of decoding, plus the user's pipeline
+    slot while its KV arrives."""
     moved = kv_handoff(decode, prefill, handoff, workload.prompt)
     handoff_s = moved.makespan_s - prefill.ttft_s
     gpu_s = workload.prompt / prefill.prefill_tokens_per_s + handoff_s
     users = decode.micro_batches * decode.options.batch
     lpu_s = workload.output / decode.aggregate_tokens_per_s + handoff_s / users
-    gpu_rate, lpu_rate = prefill.gpus * gpu_price, decode.chips * lpu_price
+    requests_per_s = decode.aggregate_tokens_per_s / workload.output if workload.output else 0.0
+    groups = max(1, math.ceil(requests_per_s * gpu_s * (1 - 1e-9)))  # whole groups (a hair for rounding)
+    gpu_rate, lpu_rate = groups * prefill.gpus * gpu_price, decode.chips * lpu_price
+    gpu_share = (1 / requests_per_s) if requests_per_s > 0 else gpu_s  # a request's share of the groups' hours
+    gpus = groups * prefill.gpus
     return Candidate(
         kind=Kind.PREFILL_GPU_DECODE_LPU,
-        layout=f"{prefill.hardware.name} x{prefill.gpus} prefill -> {_lpu_layout(decode)}",
+        layout=f"{prefill.hardware.name} x{gpus} prefill"
+        + (f" ({groups} groups of {prefill.gpus})" if groups > 1 else "")
+        + f" -> {_lpu_layout(decode)}",
         lpu_chips=decode.chips,
-        gpus=prefill.gpus,
+        gpus=gpus,
         batch=decode.options.batch,
         per_user_tokens_per_s=decode.per_user_tokens_per_s,
         aggregate_tokens_per_s=decode.aggregate_tokens_per_s,
         ttft_s=moved.makespan_s,
-        power_w=decode.power_w + prefill.power_w,
+        power_w=decode.power_w + groups * prefill.power_w,
         usd_per_hour=gpu_rate + lpu_rate,
-        cost_per_mtok=cost_per_million([(gpu_rate, gpu_s), (lpu_rate, lpu_s)], workload.output),
+        cost_per_mtok=cost_per_million([(gpu_rate, gpu_share), (lpu_rate, lpu_s)], workload.output),
         lpu_plan=decode,
         handoff_s=handoff_s,
         handoff_events=tuple(moved.events),

@@ -140,7 +140,11 @@ def test_prefill_on_gpus_charges_the_decode_fleet_each_users_share_of_the_handof
     users = decode.micro_batches * decode.options.batch
     gpu_s = 1024 / prefill.prefill_tokens_per_s + cand.handoff_s
     lpu_s = 256 / decode.aggregate_tokens_per_s + cand.handoff_s / users
-    assert cand.cost_per_mtok == pytest.approx((2.0 * gpu_s + 64 * 1.0 * lpu_s) / 3600 / 256 * 1e6)
+    # the GPUs: whole one-GPU groups, as many as the requests the pipeline finishes keep busy, over those requests
+    requests_per_s = decode.aggregate_tokens_per_s / 256
+    groups = math.ceil(requests_per_s * gpu_s)
+    assert cand.gpus == groups == 1 and "x1 prefill ->" in cand.layout  # batch 1: one GPU keeps up
+    assert cand.cost_per_mtok == pytest.approx((2.0 * groups / requests_per_s + 64 * 1.0 * lpu_s) / 3600 / 256 * 1e6)
 
 
 # ---- this machine and the printout ---------------------------------------------------------------------------
@@ -394,11 +398,19 @@ def test_prefill_on_gpus_pays_for_and_powers_both_fleets():
     wl = Workload(1024, 256)
     prefill = plan_gpu(shape, H100, CAL, 1, 1, wl.context, wl.prompt)
     cand = prefill_gpu_decode_lpu(decode, prefill, HANDOFF, wl, 1.0, 2.0)
-    assert cand.usd_per_hour == 64 * 1.0 + 1 * 2.0 and cand.power_w == 64 * 300 + 700
     users = decode.micro_batches * 2
     gpu_s = 1024 / prefill.prefill_tokens_per_s + cand.handoff_s
+    requests_per_s = decode.aggregate_tokens_per_s / 256
+    groups = math.ceil(requests_per_s * gpu_s)  # one H100 each: enough to prefill what the LPUs decode
+    assert groups * 1024 / gpu_s >= requests_per_s * 1024 > (groups - 1) * 1024 / gpu_s
+    assert cand.usd_per_hour == 64 * 1.0 + groups * 2.0 and cand.power_w == 64 * 300 + groups * 700
+    assert cand.gpus == groups
+    # answers of 8 tokens: the pipeline finishes requests 32x as often, and one GPU no longer keeps up
+    short = prefill_gpu_decode_lpu(decode, prefill, HANDOFF, Workload(1024, 8), 1.0, 2.0)
+    busy = math.ceil(decode.aggregate_tokens_per_s / 8 * gpu_s)
+    assert busy > 1 and short.gpus == busy and f"x{busy} prefill ({busy} groups of 1)" in short.layout
     lpu_s = 256 / decode.aggregate_tokens_per_s + cand.handoff_s / users
-    assert cand.cost_per_mtok == pytest.approx((2.0 * gpu_s + 64 * 1.0 * lpu_s) / 3600 / 256 * 1e6)
+    assert cand.cost_per_mtok == pytest.approx((2.0 * groups / requests_per_s + 64 * 1.0 * lpu_s) / 3600 / 256 * 1e6)
 
 
 def test_the_kv_handoff_moves_the_caches_bits_and_nothing_without_a_prompt():

@@ -13,13 +13,15 @@ cut in the same chunks. docs/parallel.md says what it costs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing as mp
 import os
 import queue
 import signal
+import threading
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -56,6 +58,22 @@ from metronome.parallel.tp import (
 )
 
 COLLECTIVE_TIMEOUT_S = 30.0  # a collective that waits longer fails (a rank is gone or stuck)
+
+
+@contextlib.contextmanager
+def _sigint_ignored_by_children() -> Iterator[None]:
+    """Ranks start with Ctrl-C ignored (rank 0 ends them; `_worker` ignores it too, once it runs): a spawned
+    rank imports torch and the model code for seconds first, and a Ctrl-C then printed its KeyboardInterrupt
+    traceback. A spawned process keeps an ignored SIGINT from its parent; the parent's handler is back as soon
+    as they have started. Only the main thread may set handlers (elsewhere, as before)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def tp_settings(loaded: LoadedModel, config: EngineConfig) -> tuple[EngineConfig, TPLayout, str]:
@@ -237,8 +255,9 @@ class Ranks:
             )
             for r in range(1, self.layout.world)
         ]
-        for w in self.workers:
-            w.start()
+        with _sigint_ignored_by_children():
+            for w in self.workers:
+                w.start()
         return endpoint
 
     def form(self) -> GlooGroup:

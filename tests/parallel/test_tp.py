@@ -187,6 +187,35 @@ def test_a_tp_the_model_takes_outside_the_default_cut_names_tp_shards(smollm):
     assert (layout.world, layout.shards, resolved.tp_shards) == (3, 3, 3)
 
 
+def _report_sigint(answers) -> None:
+    import signal
+
+    answers.put(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)
+
+
+def test_ranks_start_with_ctrl_c_ignored_and_the_parent_keeps_its_handler():
+    """A Ctrl-C while a rank still imported torch printed that rank's KeyboardInterrupt traceback (rank 0
+    ends the ranks; they ignore it once running): they now start with it ignored."""
+    import multiprocessing as mp
+    import signal
+
+    from metronome.parallel.plan import _sigint_ignored_by_children
+
+    ctx = mp.get_context("spawn")
+    answers = ctx.Queue()
+    before = signal.getsignal(signal.SIGINT)
+    for ignored in (True, False):
+        child = ctx.Process(target=_report_sigint, args=(answers,))
+        if ignored:
+            with _sigint_ignored_by_children():
+                child.start()
+        else:
+            child.start()
+        assert answers.get(timeout=60) is ignored
+        child.join(timeout=60)
+        assert signal.getsignal(signal.SIGINT) is before
+
+
 def _fail_on_rank_one(group, *_args):
     if group.rank == 1:
         raise ValueError("model file differs")

@@ -163,11 +163,11 @@ def calibrate(
 # A step with more live slots costs at least one with fewer, and deep into a conversation at least what it
 # costs near its start. A calibration that broke this by more than MIN_CONSISTENT (and CONSISTENT_SLACK_MS,
 # the timer's and the scheduler's noise on sub-millisecond steps) was taken while something else held the
-# cores: on 2026-12-08 two metronome processes compiled on the 2-core Xeon VM at once, and one plan priced
+# cores: on 2026-12-08 a plan compiled on the 2-core Xeon VM while other metronome processes ran there priced
 # SmolLM2's step at 20.4 ms for one live slot and 7.7 ms for eight. Saved, it stayed wrong on every later
 # start, and the engine, which sizes a prompt's chunk beside decode rows by those figures' ratio, gave a
 # second user's prompt one row a step (its first token waited for the first user's whole answer). Quiet
-# calibrations on these VMs kept every such ratio at 0.94 or more (the plan cache's files, 2026-12-07).
+# calibrations on these VMs kept every such ratio at 0.94 or more (docs/performance.md, 2026-12-08).
 MIN_CONSISTENT = 0.8
 CONSISTENT_SLACK_MS = 0.5
 CALIBRATION_TRIES = 3

@@ -198,6 +198,15 @@ def calibration_problem(step_ms: dict[int, float], step_ms_far: dict[int, float]
     return None
 
 
+def inconsistent_calibration(problem: str) -> str:
+    """The plan's warning when its calibration still did not hold together after CALIBRATION_TRIES tries."""
+    return (
+        f"the plan's calibration does not hold together ({problem}), so something else was using these "
+        "cores; its TTFT and speed promises, and the prompt chunks it sizes beside decode rows, are unreliable, "
+        "and the plan was not saved: start again on a quiet machine"
+    )
+
+
 def calibrate_consistent(
     runner: Runner, slots: int, ctx: int, device: torch.device, chunk: int | None, say: Callable[[str], None]
 ) -> tuple[Calibration, str | None]:

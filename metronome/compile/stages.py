@@ -26,6 +26,7 @@ from metronome.compile.probe import (
     calibration_problem,
     choose_decode_mode,
     far_position,
+    inconsistent_calibration,
     prompt_row_positions,
 )
 from metronome.compile.quant import dense, quantize
@@ -244,15 +245,6 @@ def prefix_pool(config: EngineConfig, runner: Runner, kv: KVCache) -> tuple[Page
 
 
 # -- resolve -------------------------------------------------------------------------------------------
-
-
-def inconsistent_calibration(problem: str) -> str:
-    """The plan's warning when its calibration still did not hold together after CALIBRATION_TRIES tries."""
-    return (
-        f"the plan's calibration does not hold together ({problem}), so something else was using these "
-        "cores; its TTFT and speed promises, and the prompt chunks it sizes beside decode rows, are unreliable, "
-        "and the plan was not saved: start again on a quiet machine"
-    )
 
 
 def resolve(loaded: LoadedModel, config: EngineConfig, say: Say) -> Resolved:

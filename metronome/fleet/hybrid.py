@@ -66,9 +66,9 @@ def prefill_gpu_decode_lpu(
     lpu_s = workload.output / decode.aggregate_tokens_per_s + handoff_s / users
     requests_per_s = decode.aggregate_tokens_per_s / workload.output if workload.output else 0.0
     groups = max(1, math.ceil(requests_per_s * gpu_s * (1 - 1e-9)))  # whole groups (a hair for rounding)
-    gpu_rate, lpu_rate = groups * prefill.gpus * gpu_price, decode.chips * lpu_price
-    gpu_share = (1 / requests_per_s) if requests_per_s > 0 else gpu_s  # a request's share of the groups' hours
     gpus = groups * prefill.gpus
+    gpu_rate, lpu_rate = gpus * gpu_price, decode.chips * lpu_price
+    gpu_share = (1 / requests_per_s) if requests_per_s > 0 else gpu_s  # a request's share of the groups' hours
     return Candidate(
         kind=Kind.PREFILL_GPU_DECODE_LPU,
         layout=f"{prefill.hardware.name} x{gpus} prefill"

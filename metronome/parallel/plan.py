@@ -26,14 +26,19 @@ from typing import Any, Callable, Iterator
 import torch
 
 from metronome.compile.plan import Plan, PlanError, PlanReport
-from metronome.compile.probe import calibrate_consistent, choose_decode_mode, far_position, prompt_row_positions
+from metronome.compile.probe import (
+    calibrate_consistent,
+    choose_decode_mode,
+    far_position,
+    inconsistent_calibration,
+    prompt_row_positions,
+)
 from metronome.compile.quant import dense
 from metronome.compile.runner import Runner, TorchRunner
 from metronome.compile.stages import (
     DTYPES,
     check_ctx,
     check_layout,
-    inconsistent_calibration,
     kv_cache_dtype,
     prefix_pool,
     resolve_settings,
